@@ -1,0 +1,682 @@
+//! The [`Executor`] trait every agent backend implements, the request it receives, the events it
+//! streams and the result it returns, and the [`ExecutorRegistry`] that names executors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::JobId;
+
+/// The longest timeout a request may carry (30 days): beyond it deadlines overflow on some
+/// platforms and the value is almost certainly a unit mistake.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Token usage as agents report it. Fields an agent does not report stay 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Prompt tokens read from the cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
+    /// Prompt tokens written to the cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+}
+
+impl Usage {
+    /// Usage with the given input and output token counts.
+    #[must_use]
+    pub fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Field-wise sum (saturating).
+    #[must_use]
+    pub fn add(self, other: Usage) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
+            cache_read_input_tokens: self
+                .cache_read_input_tokens
+                .saturating_add(other.cache_read_input_tokens),
+            cache_creation_input_tokens: self
+                .cache_creation_input_tokens
+                .saturating_add(other.cache_creation_input_tokens),
+        }
+    }
+}
+
+/// Which output stream a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Something an agent did, streamed while it runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AgentEvent {
+    /// The agent started a session.
+    Init {
+        /// The session id, when the agent has sessions.
+        session_id: Option<String>,
+        /// The model in use.
+        model: Option<String>,
+        /// The tools it may use.
+        tools: Vec<String>,
+    },
+    /// Text the agent wrote.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The agent called a tool.
+    ToolUse {
+        /// The call's id.
+        id: Option<String>,
+        /// The tool's name.
+        name: String,
+        /// The tool's input.
+        input: serde_json::Value,
+    },
+    /// A tool answered.
+    ToolResult {
+        /// The call this answers.
+        tool_use_id: Option<String>,
+        /// What the tool returned (text, or the JSON the agent gave).
+        content: serde_json::Value,
+        /// Whether the tool failed.
+        is_error: bool,
+    },
+    /// Cost and token usage so far (or final).
+    Usage {
+        /// Cost in US dollars.
+        cost_usd: Option<f64>,
+        /// Tokens.
+        usage: Usage,
+    },
+    /// A line of process output that is not structured.
+    Log {
+        /// Where it came from.
+        stream: LogStream,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// Output the executor did not recognise, kept as is.
+    Raw {
+        /// The JSON value (or a string for a line that was not JSON).
+        value: serde_json::Value,
+    },
+}
+
+/// Where an executor sends its [`AgentEvent`]s. Cheap to clone; sending never blocks and never
+/// fails (events sent after the receiver is gone are dropped).
+#[derive(Clone)]
+pub struct EventSink {
+    tx: Option<mpsc::UnboundedSender<AgentEvent>>,
+}
+
+impl EventSink {
+    /// A sink and the receiver that gets its events.
+    #[must_use]
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<AgentEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx: Some(tx) }, rx)
+    }
+
+    /// A sink that drops everything (for tests and one-off calls).
+    #[must_use]
+    pub fn discard() -> Self {
+        Self { tx: None }
+    }
+
+    /// Sends one event.
+    pub fn emit(&self, event: AgentEvent) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+impl fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSink")
+            .field(
+                "connected",
+                &self.tx.as_ref().is_some_and(|t| !t.is_closed()),
+            )
+            .finish()
+    }
+}
+
+/// Why an [`AgentRequest`] is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// Neither a prompt nor a command was given.
+    #[error("the request has an empty prompt")]
+    EmptyPrompt,
+    /// A command request whose argument vector is empty.
+    #[error("the request has an empty command")]
+    EmptyCommand,
+    /// A timeout of zero.
+    #[error("the request's timeout is zero")]
+    ZeroTimeout,
+    /// A timeout past [`MAX_TIMEOUT`].
+    #[error("the request's timeout of {0:?} exceeds the maximum of 30 days")]
+    TimeoutTooLarge(Duration),
+}
+
+/// One agent run: a step of a job.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct AgentRequest {
+    /// The job this run belongs to.
+    pub job_id: JobId,
+    /// The step's name.
+    pub step: String,
+    /// The rendered prompt (empty for command steps).
+    pub prompt: String,
+    /// For command executors: the rendered argument vector, each element one argument.
+    pub command: Option<Vec<String>>,
+    /// The job's project directory (canonical, inside the configured root).
+    pub project_path: PathBuf,
+    /// How long the run may take. The engine enforces it too, by cancelling.
+    pub timeout: Duration,
+    /// A session to continue (the previous step's, for `resume: true`).
+    pub resume_session: Option<String>,
+    /// The job's parameters (for executors that want them, e.g. as environment).
+    pub params: BTreeMap<String, String>,
+}
+
+impl AgentRequest {
+    /// A prompt run in `project_path` with a 5 minute timeout.
+    #[must_use]
+    pub fn new(prompt: impl Into<String>, project_path: impl Into<PathBuf>) -> Self {
+        Self {
+            job_id: JobId::new(),
+            step: "main".to_owned(),
+            prompt: prompt.into(),
+            command: None,
+            project_path: project_path.into(),
+            timeout: Duration::from_secs(300),
+            resume_session: None,
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// A command run (argument vector) in `project_path`.
+    #[must_use]
+    pub fn command(argv: Vec<String>, project_path: impl Into<PathBuf>) -> Self {
+        let mut req = Self::new(String::new(), project_path);
+        req.command = Some(argv);
+        req
+    }
+
+    /// Sets the timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Continues `session`.
+    #[must_use]
+    pub fn with_resume(mut self, session: impl Into<String>) -> Self {
+        self.resume_session = Some(session.into());
+        self
+    }
+
+    /// Sets the job and step this run belongs to.
+    #[must_use]
+    pub fn with_step(mut self, job_id: JobId, step: impl Into<String>) -> Self {
+        self.job_id = job_id;
+        self.step = step.into();
+        self
+    }
+
+    /// Sets the parameters.
+    #[must_use]
+    pub fn with_params(mut self, params: BTreeMap<String, String>) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Checks the request: a prompt (or a non-empty command) and a timeout in `(0, 30 days]`.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        match &self.command {
+            Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                return Err(RequestError::EmptyCommand)
+            }
+            Some(_) => {}
+            None if self.prompt.trim().is_empty() => return Err(RequestError::EmptyPrompt),
+            None => {}
+        }
+        if self.timeout.is_zero() {
+            return Err(RequestError::ZeroTimeout);
+        }
+        if self.timeout > MAX_TIMEOUT {
+            return Err(RequestError::TimeoutTooLarge(self.timeout));
+        }
+        Ok(())
+    }
+}
+
+/// What an agent run produced.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AgentResult {
+    /// The final text (or the command's standard output).
+    pub output: String,
+    /// The session the run ended in.
+    pub session_id: Option<String>,
+    /// Cost in US dollars.
+    pub cost_usd: Option<f64>,
+    /// Tokens used.
+    pub usage: Option<Usage>,
+    /// The process exit code, for process-based agents.
+    pub exit_code: Option<i32>,
+    /// Agent turns.
+    pub num_turns: Option<u32>,
+}
+
+impl AgentResult {
+    /// A result with `output` and nothing else.
+    #[must_use]
+    pub fn text(output: impl Into<String>) -> Self {
+        Self {
+            output: output.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the session id.
+    #[must_use]
+    pub fn with_session(mut self, session: impl Into<String>) -> Self {
+        self.session_id = Some(session.into());
+        self
+    }
+
+    /// Sets cost and usage.
+    #[must_use]
+    pub fn with_cost(mut self, cost_usd: f64, usage: Usage) -> Self {
+        self.cost_usd = Some(cost_usd);
+        self.usage = Some(usage);
+        self
+    }
+
+    /// Sets the exit code.
+    #[must_use]
+    pub fn with_exit_code(mut self, code: i32) -> Self {
+        self.exit_code = Some(code);
+        self
+    }
+
+    /// Sets the number of turns.
+    #[must_use]
+    pub fn with_turns(mut self, turns: u32) -> Self {
+        self.num_turns = Some(turns);
+        self
+    }
+}
+
+/// Why an agent run did not produce a result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecutorError {
+    /// The request was not valid.
+    #[error("invalid agent request: {0}")]
+    InvalidRequest(#[from] RequestError),
+    /// The cancellation token fired and the run was stopped.
+    #[error("the agent run was cancelled")]
+    Cancelled,
+    /// The executor's own deadline passed (the engine's timeouts arrive as cancellation).
+    #[error("the agent run timed out after {0:?}")]
+    TimedOut(Duration),
+    /// No output for longer than the idle limit; the run was killed.
+    #[error("the agent produced no output for {0:?} and was stopped")]
+    Idle(Duration),
+    /// The agent could not be started (binary missing, server unreachable, …).
+    #[error("could not start the agent: {0}")]
+    Spawn(String),
+    /// The agent ran and reported failure.
+    #[error("the agent failed: {message}")]
+    Failed {
+        /// What went wrong (for processes, with the tail of stderr).
+        message: String,
+        /// The exit code, if a process exited.
+        exit_code: Option<i32>,
+    },
+    /// An HTTP agent answered with an error status.
+    #[error("the agent server answered {status}: {body}")]
+    Http {
+        /// The status code.
+        status: u16,
+        /// The start of the response body.
+        body: String,
+    },
+    /// The agent spoke something the executor did not understand.
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    /// The executor is not available (e.g. every pool member's circuit is open).
+    #[error("the agent is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ExecutorError {
+    /// A failure with a message and no exit code.
+    #[must_use]
+    pub fn failed(message: impl Into<String>) -> Self {
+        ExecutorError::Failed {
+            message: message.into(),
+            exit_code: None,
+        }
+    }
+
+    /// A stable machine-readable kind, used as the job error kind.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExecutorError::InvalidRequest(_) => "invalid_request",
+            ExecutorError::Cancelled => "cancelled",
+            ExecutorError::TimedOut(_) => "timed_out",
+            ExecutorError::Idle(_) => "idle",
+            ExecutorError::Spawn(_) => "spawn_failed",
+            ExecutorError::Failed { .. } => "agent_failed",
+            ExecutorError::Http { .. } => "http_error",
+            ExecutorError::Protocol(_) => "protocol_error",
+            ExecutorError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Whether another attempt might succeed (invalid requests never do).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            ExecutorError::InvalidRequest(_) | ExecutorError::Cancelled
+        )
+    }
+}
+
+/// What an executor can do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// It can continue a previous session (`resume: true` steps).
+    pub resume: bool,
+    /// It streams events while it runs.
+    pub streaming: bool,
+    /// It reports cost and usage.
+    pub cost: bool,
+}
+
+impl Capabilities {
+    /// Capabilities with the three flags.
+    #[must_use]
+    pub fn new(resume: bool, streaming: bool, cost: bool) -> Self {
+        Self {
+            resume,
+            streaming,
+            cost,
+        }
+    }
+}
+
+/// A circuit breaker's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Calls go through.
+    Closed,
+    /// Calls are refused until the cool-down ends.
+    Open,
+    /// One probe call is allowed.
+    HalfOpen,
+}
+
+/// One member of a composite executor (a pool) as health reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct BackendHealth {
+    /// The member's name.
+    pub name: String,
+    /// Whether its last health check passed.
+    pub healthy: bool,
+    /// Its circuit breaker.
+    pub circuit: CircuitState,
+}
+
+impl BackendHealth {
+    /// A member's health.
+    #[must_use]
+    pub fn new(name: impl Into<String>, healthy: bool, circuit: CircuitState) -> Self {
+        Self {
+            name: name.into(),
+            healthy,
+            circuit,
+        }
+    }
+}
+
+/// The answer to a health check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether the executor can take work.
+    pub healthy: bool,
+    /// Why not, or anything worth saying.
+    pub detail: Option<String>,
+    /// The overall circuit state, for executors with a breaker.
+    pub circuit: Option<CircuitState>,
+    /// Members, for composite executors.
+    pub backends: Vec<BackendHealth>,
+}
+
+impl Health {
+    /// Healthy, nothing to add.
+    #[must_use]
+    pub fn healthy() -> Self {
+        Self {
+            healthy: true,
+            detail: None,
+            circuit: None,
+            backends: Vec::new(),
+        }
+    }
+
+    /// Unhealthy because of `detail`.
+    #[must_use]
+    pub fn unhealthy(detail: impl Into<String>) -> Self {
+        Self {
+            healthy: false,
+            detail: Some(detail.into()),
+            circuit: None,
+            backends: Vec::new(),
+        }
+    }
+
+    /// Adds a circuit state and members.
+    #[must_use]
+    pub fn with_backends(mut self, circuit: CircuitState, backends: Vec<BackendHealth>) -> Self {
+        self.circuit = Some(circuit);
+        self.backends = backends;
+        self
+    }
+}
+
+/// An agent backend.
+///
+/// `execute` runs one step. It streams what the agent does into `events`, and it must return
+/// promptly once `cancel` fires, after everything it started (processes, remote sessions) is
+/// stopped: the engine relies on that to report a cancel or a timeout only when nothing is left
+/// running. Timeouts reach executors as cancellation; `request.timeout` is informative.
+///
+/// With the `test-util` feature, `MockExecutor` (generated by mockall) implements this trait.
+#[cfg_attr(any(test, feature = "test-util"), mockall::automock)]
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Runs one agent request to its end.
+    async fn execute(
+        &self,
+        request: AgentRequest,
+        events: EventSink,
+        cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError>;
+
+    /// What this executor supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// A short name of the backend kind (`claude-code`, `opencode`, `command`, `pool`, …).
+    fn kind(&self) -> &'static str;
+
+    /// Whether the backend can take work now.
+    async fn health(&self) -> Health;
+}
+
+/// Executors by name. Thread-safe and cheap to clone; the first registered is the default.
+#[derive(Clone, Default)]
+pub struct ExecutorRegistry {
+    inner: Arc<RwLock<Vec<(String, Arc<dyn Executor>)>>>,
+}
+
+impl ExecutorRegistry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) `name`.
+    pub fn register(&self, name: impl Into<String>, executor: Arc<dyn Executor>) {
+        let name = name.into();
+        let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = all.iter_mut().find(|(n, _)| *n == name) {
+            slot.1 = executor;
+        } else {
+            all.push((name, executor));
+        }
+    }
+
+    /// The executor called `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Executor>> {
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| Arc::clone(e))
+    }
+
+    /// The first registered executor and its name.
+    #[must_use]
+    pub fn default_executor(&self) -> Option<(String, Arc<dyn Executor>)> {
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        all.first().map(|(n, e)| (n.clone(), Arc::clone(e)))
+    }
+
+    /// The names, in registration order.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        all.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Every (name, executor) pair, in registration order.
+    #[must_use]
+    pub fn entries(&self) -> Vec<(String, Arc<dyn Executor>)> {
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .collect()
+    }
+}
+
+impl fmt::Debug for ExecutorRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecutorRegistry")
+            .field("names", &self.names())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_validation_errors_are_distinct() {
+        let ok = AgentRequest::new("hi", "/tmp");
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(
+            AgentRequest::new("  ", "/tmp").validate(),
+            Err(RequestError::EmptyPrompt)
+        );
+        assert_eq!(
+            ok.clone().with_timeout(Duration::ZERO).validate(),
+            Err(RequestError::ZeroTimeout)
+        );
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            ok.with_timeout(huge).validate(),
+            Err(RequestError::TimeoutTooLarge(huge))
+        );
+        assert_eq!(
+            AgentRequest::command(vec![], "/tmp").validate(),
+            Err(RequestError::EmptyCommand)
+        );
+        assert_eq!(
+            AgentRequest::command(vec!["ls".into()], "/tmp").validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn registry_first_is_default_and_replace_keeps_order() {
+        let reg = ExecutorRegistry::new();
+        assert!(reg.default_executor().is_none());
+        let a: Arc<dyn Executor> = Arc::new(MockExecutor::new());
+        let b: Arc<dyn Executor> = Arc::new(MockExecutor::new());
+        reg.register("a", Arc::clone(&a));
+        reg.register("b", b);
+        reg.register("a", Arc::new(MockExecutor::new()));
+        assert_eq!(reg.names(), ["a", "b"]);
+        assert_eq!(reg.default_executor().unwrap().0, "a");
+        assert!(reg.get("c").is_none());
+        assert!(!Arc::ptr_eq(&reg.get("a").unwrap(), &a));
+    }
+
+    #[test]
+    fn usage_adds_saturating() {
+        let u = Usage::new(u64::MAX, 1).add(Usage::new(1, 2));
+        assert_eq!(u.input_tokens, u64::MAX);
+        assert_eq!(u.output_tokens, 3);
+    }
+
+    #[test]
+    fn agent_events_serialise_with_a_type_tag() {
+        let v = serde_json::to_value(AgentEvent::Text { text: "x".into() }).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "text", "text": "x"}));
+    }
+}

@@ -1,0 +1,471 @@
+//! The job model: identifiers, statuses and the one transition table, progress, results and
+//! trigger metadata.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::executor::Usage;
+
+/// A job's identifier: a UUID v7, so ids sort by creation time.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The underlying UUID.
+    #[must_use]
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for JobId {
+    fn from(value: Uuid) -> Self {
+        Self(value)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobId({})", self.0)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting for a worker (new, or back for another attempt).
+    Queued,
+    /// A worker holds its lease and runs its steps.
+    Running,
+    /// Every step succeeded.
+    Completed,
+    /// A step failed and no attempts are left (or the failure is not retryable).
+    Failed,
+    /// Cancelled by a caller or by shutdown.
+    Cancelled,
+    /// A step or the whole job ran past its timeout.
+    TimedOut,
+}
+
+impl JobStatus {
+    /// Every status, in life-cycle order.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+        JobStatus::TimedOut,
+    ];
+
+    /// The wire name (`queued`, `timed_out`, …).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::TimedOut => "timed_out",
+        }
+    }
+
+    /// True for the statuses a job never leaves.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+
+    /// The transition table. This is the only place that decides which changes are legal:
+    ///
+    /// | from | to |
+    /// |---|---|
+    /// | `queued` | `running`, `cancelled`, `failed` (refused before it ran) |
+    /// | `running` | `completed`, `failed`, `cancelled`, `timed_out`, `queued` (retry or lost lease) |
+    /// | terminal | nothing |
+    #[must_use]
+    pub fn can_transition_to(self, to: JobStatus) -> bool {
+        use JobStatus::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Cancelled | Failed)
+                | (Running, Completed | Failed | Cancelled | TimedOut | Queued)
+        )
+    }
+
+    /// Checks a transition against [`can_transition_to`](Self::can_transition_to).
+    pub fn check_transition(self, to: JobStatus) -> Result<(), IllegalTransition> {
+        if self.can_transition_to(to) {
+            Ok(())
+        } else {
+            Err(IllegalTransition { from: self, to })
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// A status name that is not one of the six.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job status `{0}` (expected queued, running, completed, failed, cancelled or timed_out)")]
+pub struct UnknownStatus(pub String);
+
+/// A status change the transition table forbids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("illegal job transition from {from} to {to}")]
+pub struct IllegalTransition {
+    /// The current status.
+    pub from: JobStatus,
+    /// The status asked for.
+    pub to: JobStatus,
+}
+
+/// One entry of a job's status history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// The new status.
+    pub status: JobStatus,
+    /// When it changed.
+    pub at: DateTime<Utc>,
+    /// The attempt the change belongs to.
+    pub attempt: u32,
+    /// Why, when there is more to say than the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The workflow's steps split by where the job is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// Steps that finished successfully in the current attempt.
+    pub completed: Vec<String>,
+    /// The step running now (at most one).
+    pub in_progress: Vec<String>,
+    /// Steps not started yet.
+    pub pending: Vec<String>,
+}
+
+impl Progress {
+    /// Everything pending.
+    #[must_use]
+    pub fn pending(steps: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            completed: Vec::new(),
+            in_progress: Vec::new(),
+            pending: steps.into_iter().collect(),
+        }
+    }
+
+    /// Moves `step` from pending to in progress.
+    pub fn start(&mut self, step: &str) {
+        self.pending.retain(|s| s != step);
+        self.in_progress.retain(|s| s != step);
+        self.in_progress.push(step.to_owned());
+    }
+
+    /// Moves `step` from in progress to completed.
+    pub fn finish(&mut self, step: &str) {
+        self.in_progress.retain(|s| s != step);
+        self.pending.retain(|s| s != step);
+        if !self.completed.iter().any(|s| s == step) {
+            self.completed.push(step.to_owned());
+        }
+    }
+}
+
+/// What started a job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TriggerInfo {
+    /// `api`, `github`, `gitlab`, `slack`, `discord`, `gitea`, `bitbucket`, `generic`.
+    pub source: String,
+    /// Who asked (login, user name or API key name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The platform's delivery id, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_id: Option<String>,
+    /// Repository full name (`org/repo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Pull or merge request number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr: Option<u64>,
+    /// Issue number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue: Option<u64>,
+    /// Anything else the trigger wants to keep (`head_sha`, `response_url`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl TriggerInfo {
+    /// A trigger from `source` (e.g. `"api"`).
+    #[must_use]
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The value of `{{trigger.<field>}}` in templates.
+    #[must_use]
+    pub fn field(&self, name: &str) -> Option<String> {
+        match name {
+            "source" => Some(self.source.clone()),
+            "actor" => self.actor.clone(),
+            "delivery_id" => self.delivery_id.clone(),
+            "repo" => self.repo.clone(),
+            "pr" => self.pr.map(|n| n.to_string()),
+            "issue" => self.issue.map(|n| n.to_string()),
+            other => self.extra.get(other).cloned(),
+        }
+    }
+}
+
+/// The outcome of one step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StepResult {
+    /// The step's name.
+    pub name: String,
+    /// The agent that ran it.
+    pub agent: String,
+    /// The agent's final text (or the command's output).
+    pub output: String,
+    /// The agent session, when the agent has sessions.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Cost reported by the agent.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+    /// Exit code for process-based agents.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Wall time of the step.
+    pub duration_ms: u64,
+}
+
+/// The result of a finished job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobResult {
+    /// The last step's output.
+    pub summary: String,
+    /// The last session id reported.
+    pub session_id: Option<String>,
+    /// Total cost over all steps that reported one.
+    pub cost_usd: Option<f64>,
+    /// Token usage summed over the steps.
+    #[schema(value_type = Object)]
+    pub usage: Option<Usage>,
+    /// Each step's outcome, in order.
+    pub steps: Vec<StepResult>,
+}
+
+/// Why a job did not complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobError {
+    /// A stable machine-readable kind: `agent_failed`, `timed_out`, `cancelled`, `unknown_agent`,
+    /// `lease_lost`, `shutdown`, `invalid_request`, `panic`.
+    pub kind: String,
+    /// Human-readable detail (never a secret).
+    pub message: String,
+}
+
+impl JobError {
+    /// An error of `kind` with `message`.
+    #[must_use]
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Job {
+    /// The id.
+    pub id: JobId,
+    /// The workflow's name.
+    pub workflow: String,
+    /// The resolved, canonical project directory.
+    pub project_path: String,
+    /// Parameters after defaults were applied.
+    pub params: BTreeMap<String, String>,
+    /// Free text for the agent.
+    pub guidance: Option<String>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Current status.
+    pub status: JobStatus,
+    /// The attempt number (0 before the first run, 1 during the first).
+    pub attempt: u32,
+    /// How many attempts the job may have.
+    pub max_attempts: u32,
+    /// Whole-job timeout.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When the current (or last) attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the job reached a terminal status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When a queued retry becomes eligible.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Step progress.
+    pub progress: Progress,
+    /// The result, once completed (partial results are kept on failure).
+    pub result: Option<JobResult>,
+    /// The error, once failed, cancelled or timed out.
+    pub error: Option<JobError>,
+    /// True when the job failed with no attempts left.
+    pub dead_letter: bool,
+    /// What started it.
+    pub trigger: TriggerInfo,
+    /// Every status it had, in order.
+    pub history: Vec<StatusChange>,
+    /// Set when a cancel was asked for while it was running.
+    pub cancel_requested: bool,
+    /// The idempotency key it was created with.
+    pub idempotency_key: Option<String>,
+}
+
+impl Job {
+    /// True once the job reached a status it never leaves.
+    #[must_use]
+    pub fn is_terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+}
+
+/// Serialises a [`Duration`] as whole milliseconds.
+pub(crate) mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table_is_exactly_the_documented_one() {
+        use JobStatus::*;
+        let allowed = [
+            (Queued, Running),
+            (Queued, Cancelled),
+            (Queued, Failed),
+            (Running, Completed),
+            (Running, Failed),
+            (Running, Cancelled),
+            (Running, TimedOut),
+            (Running, Queued),
+        ];
+        for from in JobStatus::ALL {
+            for to in JobStatus::ALL {
+                let expected = allowed.contains(&(from, to));
+                assert_eq!(from.can_transition_to(to), expected, "{from} -> {to}");
+                assert_eq!(
+                    from.check_transition(to).is_ok(),
+                    expected,
+                    "{from} -> {to}"
+                );
+            }
+        }
+        for st in JobStatus::ALL {
+            assert_eq!(st.is_terminal(), !matches!(st, Queued | Running));
+            if st.is_terminal() {
+                assert!(JobStatus::ALL.iter().all(|to| !st.can_transition_to(*to)));
+            }
+        }
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for st in JobStatus::ALL {
+            assert_eq!(st.as_str().parse::<JobStatus>().unwrap(), st);
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+        assert!("done".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn job_ids_are_v7_and_time_ordered() {
+        let a = JobId::new();
+        let b = JobId::new();
+        assert_eq!(a.as_uuid().get_version_num(), 7);
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
+    }
+
+    #[test]
+    fn progress_moves_steps() {
+        let mut p = Progress::pending(["a".to_owned(), "b".to_owned()]);
+        p.start("a");
+        assert_eq!(p.in_progress, ["a"]);
+        p.finish("a");
+        p.start("b");
+        assert_eq!(p.completed, ["a"]);
+        assert_eq!(p.pending, Vec::<String>::new());
+        assert_eq!(p.in_progress, ["b"]);
+    }
+}

@@ -1,0 +1,121 @@
+//! [`JobRequest`]: what every trigger (HTTP call, forge comment, chat command) turns into.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::TriggerInfo;
+
+/// A request to run a workflow. The HTTP API, the platform webhooks and host code all submit
+/// one of these to [`Engine::submit`](crate::Engine::submit).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobRequest {
+    /// The workflow's name.
+    pub workflow: String,
+    /// An explicit project directory (absolute, or relative to the project root).
+    pub project_path: Option<String>,
+    /// A project key (repository name or keyword) resolved through the mapping rules.
+    pub project: Option<String>,
+    /// Free text for the agent (`{{guidance}}`).
+    pub guidance: Option<String>,
+    /// Parameter values.
+    pub params: BTreeMap<String, String>,
+    /// Overrides the workflow's priority (higher runs first).
+    pub priority: Option<i32>,
+    /// Same key and same request → the same job; same key, other request → a conflict.
+    pub idempotency_key: Option<String>,
+    /// What started it.
+    pub trigger: TriggerInfo,
+}
+
+impl JobRequest {
+    /// A request to run `workflow`, triggered through the API.
+    #[must_use]
+    pub fn new(workflow: impl Into<String>) -> Self {
+        Self {
+            workflow: workflow.into(),
+            trigger: TriggerInfo::new("api"),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the project directory.
+    #[must_use]
+    pub fn project_path(mut self, path: impl Into<String>) -> Self {
+        self.project_path = Some(path.into());
+        self
+    }
+
+    /// Sets the project key (resolved through the mapping rules).
+    #[must_use]
+    pub fn project(mut self, key: impl Into<String>) -> Self {
+        self.project = Some(key.into());
+        self
+    }
+
+    /// Sets the guidance.
+    #[must_use]
+    pub fn guidance(mut self, text: impl Into<String>) -> Self {
+        self.guidance = Some(text.into());
+        self
+    }
+
+    /// Adds a parameter.
+    #[must_use]
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the priority.
+    #[must_use]
+    pub fn priority(mut self, p: i32) -> Self {
+        self.priority = Some(p);
+        self
+    }
+
+    /// Sets the idempotency key.
+    #[must_use]
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Sets the trigger metadata.
+    #[must_use]
+    pub fn trigger(mut self, trigger: TriggerInfo) -> Self {
+        self.trigger = trigger;
+        self
+    }
+
+    /// A stable fingerprint of what the request asks for (everything but the idempotency key
+    /// and the delivery metadata), used to tell a replay from a conflicting reuse of a key.
+    #[must_use]
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!({
+            "workflow": self.workflow,
+            "project_path": self.project_path,
+            "project": self.project,
+            "guidance": self.guidance,
+            "params": self.params,
+            "priority": self.priority,
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_and_trigger_but_not_content() {
+        let a = JobRequest::new("w").param("x", "1").idempotency_key("k");
+        let mut b = a.clone().idempotency_key("other");
+        b.trigger.actor = Some("someone".into());
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), a.clone().param("x", "2").fingerprint());
+    }
+}
