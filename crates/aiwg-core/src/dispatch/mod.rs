@@ -1,0 +1,1 @@
+//! Outbound webhooks (filled by the dispatcher issue).

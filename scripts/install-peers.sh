@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the pinned real peers the tests talk to into the git-ignored .peers/ folder:
+#   - the Claude Code CLI        (.peers/node_modules/.bin/claude)
+#   - the OpenCode server        (.peers/node_modules/opencode-linux-x64*/bin/opencode)
+#   - GitHub's example payloads  (.peers/node_modules/@octokit/webhooks-examples)
+# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE and AIWG_TEST_OCTOKIT_EXAMPLES.
+# Idempotent: a second run with everything present does nothing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+peers="$root/.peers"
+mkdir -p "$peers"
+cd "$peers"
+[ -f package.json ] || echo '{"name":"aiwg-peers","private":true}' > package.json
+
+want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @octokit/webhooks-examples@7.6.1)
+need=0
+[ -x node_modules/.bin/claude ] || need=1
+[ -d node_modules/opencode-ai ] || need=1
+[ -f node_modules/@octokit/webhooks-examples/api.github.com/index.json ] || need=1
+if [ "$need" = 1 ]; then
+  npm install --no-audit --no-fund --loglevel=error "${want[@]}" >&2
+fi
+
+claude="$peers/node_modules/.bin/claude"
+opencode=""
+for cand in opencode-linux-x64 opencode-linux-x64-baseline; do
+  bin="$peers/node_modules/$cand/bin/opencode"
+  if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then opencode="$bin"; break; fi
+done
+examples="$peers/node_modules/@octokit/webhooks-examples/api.github.com/index.json"
+
+"$claude" --version >&2
+[ -n "$opencode" ] || { echo "no runnable opencode binary was installed" >&2; exit 1; }
+echo "opencode $("$opencode" --version)" >&2
+[ -f "$examples" ] || { echo "octokit examples missing" >&2; exit 1; }
+
+cat > "$peers/env" <<ENV
+export AIWG_TEST_CLAUDE="$claude"
+export AIWG_TEST_OPENCODE="$opencode"
+export AIWG_TEST_OCTOKIT_EXAMPLES="$examples"
+ENV
+echo "peers ready: $peers/env" >&2
