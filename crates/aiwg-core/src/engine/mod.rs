@@ -1,0 +1,739 @@
+//! The [`Engine`]: validates requests, stores jobs, schedules them onto a worker pool, runs their
+//! steps on executors, records every event, and publishes it to subscribers and observers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::Stream;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::event::JobEvent;
+use crate::executor::ExecutorRegistry;
+use crate::job::{Job, JobId, JobStatus, Progress, TriggerInfo};
+use crate::policy::{PolicyError, ProjectPolicy};
+use crate::request::JobRequest;
+use crate::store::{
+    CancelOutcome, Created, JobPage, JobQuery, JobStore, MemoryStore, NewJob, QueueCounts,
+    StoreError,
+};
+use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
+
+mod subscribe;
+mod worker;
+
+/// The longest guidance accepted (64 KiB).
+pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;
+
+/// Why a job was not accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// No workflow by that name.
+    #[error("unknown workflow `{0}`")]
+    UnknownWorkflow(String),
+    /// Parameters do not fit the workflow.
+    #[error(transparent)]
+    Params(#[from] ParamError),
+    /// The project path was refused.
+    #[error(transparent)]
+    Project(#[from] PolicyError),
+    /// Something else about the request is wrong.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The idempotency key was used with a different request.
+    #[error("idempotency key already used for job {existing} with a different request")]
+    IdempotencyConflict {
+        /// The job that key created.
+        existing: JobId,
+    },
+    /// The queue is full; try again later.
+    #[error("the queue is full ({capacity} jobs)")]
+    QueueFull {
+        /// The configured capacity.
+        capacity: usize,
+    },
+    /// The engine is shutting down.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// Why an engine call other than submit failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// No job with that id.
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The job had already finished.
+    #[error("job {id} already finished with status {status}")]
+    AlreadyFinished {
+        /// The job.
+        id: JobId,
+        /// Its final status.
+        status: JobStatus,
+    },
+    /// Waiting for the job took longer than allowed.
+    #[error("timed out waiting for job {0}")]
+    WaitTimeout(JobId),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why an engine could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A workflow is invalid or names an unknown agent.
+    #[error(transparent)]
+    Workflow(#[from] WorkflowError),
+    /// A setting is out of range.
+    #[error("invalid engine setting `{key}`: {reason}")]
+    Setting {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `build` was called outside a tokio runtime.
+    #[error("Engine::build must be called inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// Something that wants to hear about every job event after it is stored (the outbound webhook
+/// dispatcher is one). Called in order per job; a slow observer slows that job's worker.
+#[async_trait]
+pub trait JobObserver: Send + Sync + 'static {
+    /// Called with the job as it was right after the event.
+    async fn on_event(&self, job: &Job, event: &JobEvent);
+}
+
+/// Retry backoff: `base * 2^(attempt-1)`, capped at `max`, with ±20 % jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt + 1` after attempt `attempt` failed.
+    #[must_use]
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
+        let factor = 0.8 + rand::random::<f64>() * 0.4;
+        raw.mul_f64(factor)
+    }
+}
+
+/// Engine settings (see [`EngineBuilder`] for defaults).
+#[derive(Clone, Debug)]
+struct Settings {
+    workers: usize,
+    queue_capacity: usize,
+    per_project_concurrency: Option<usize>,
+    default_timeout: Duration,
+    default_max_attempts: u32,
+    lease_ttl: Duration,
+    poll_interval: Duration,
+    backoff: Backoff,
+    instance: String,
+}
+
+/// Queue figures for the status endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct QueueStats {
+    /// Jobs waiting (store-wide).
+    pub queued: usize,
+    /// Jobs running (store-wide).
+    pub running: usize,
+    /// Workers of this instance.
+    pub workers: usize,
+    /// Workers of this instance running a job now.
+    pub busy: usize,
+}
+
+/// Why a running job's token was cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopReason {
+    User,
+    Shutdown,
+    LeaseLost,
+}
+
+struct RunningJob {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+    done: CancellationToken,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn JobStore>,
+    catalog: WorkflowCatalog,
+    registry: ExecutorRegistry,
+    policy: ProjectPolicy,
+    settings: Settings,
+    bus: broadcast::Sender<JobEvent>,
+    wake: Notify,
+    running: Mutex<HashMap<JobId, RunningJob>>,
+    observers: Vec<Arc<dyn JobObserver>>,
+    stop_claiming: CancellationToken,
+    tracker: TaskTracker,
+    busy: AtomicUsize,
+    started: Instant,
+}
+
+/// The job engine. A cheap-to-clone handle: clone it into every handler.
+///
+/// ```
+/// use std::sync::Arc;
+/// use aiwg_core::{Engine, JobRequest, Workflow, Step};
+/// use aiwg_core::test_util::ScriptedExecutor;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let engine = Engine::builder()
+///     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+///     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "Say {{guidance}}")))
+///     .build()
+///     .unwrap();
+/// let job = engine.submit(JobRequest::new("hello").guidance("hi")).await.unwrap();
+/// let done = engine.wait(job.id, std::time::Duration::from_secs(5)).await.unwrap();
+/// assert_eq!(done.result.unwrap().summary, "done");
+/// engine.shutdown(std::time::Duration::from_secs(1)).await;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("workflows", &self.inner.catalog.len())
+            .field("executors", &self.inner.registry.names())
+            .field("workers", &self.inner.settings.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Engine`].
+#[must_use]
+pub struct EngineBuilder {
+    store: Option<Arc<dyn JobStore>>,
+    registry: ExecutorRegistry,
+    workflows: Vec<crate::workflow::Workflow>,
+    policy: Option<ProjectPolicy>,
+    observers: Vec<Arc<dyn JobObserver>>,
+    settings: Settings,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            registry: ExecutorRegistry::new(),
+            workflows: Vec::new(),
+            policy: None,
+            observers: Vec::new(),
+            settings: Settings {
+                workers: 4,
+                queue_capacity: 1000,
+                per_project_concurrency: None,
+                default_timeout: Duration::from_secs(300),
+                default_max_attempts: 1,
+                lease_ttl: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(250),
+                backoff: Backoff {
+                    base: Duration::from_secs(2),
+                    max: Duration::from_secs(300),
+                },
+                instance: format!("aiwg-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
+            },
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// The store (default: a fresh [`MemoryStore`]).
+    pub fn store(mut self, store: Arc<dyn JobStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Registers an executor; the first one is the default for steps that name no agent.
+    pub fn executor(self, name: impl Into<String>, executor: Arc<dyn crate::Executor>) -> Self {
+        self.registry.register(name, executor);
+        self
+    }
+
+    /// Uses an existing registry (replacing executors added so far).
+    pub fn registry(mut self, registry: ExecutorRegistry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Adds a workflow.
+    pub fn workflow(mut self, workflow: crate::workflow::Workflow) -> Self {
+        self.workflows.push(workflow);
+        self
+    }
+
+    /// Adds workflows.
+    pub fn workflows(mut self, w: impl IntoIterator<Item = crate::workflow::Workflow>) -> Self {
+        self.workflows.extend(w);
+        self
+    }
+
+    /// The project policy (default: the current directory as the only root).
+    pub fn policy(mut self, policy: ProjectPolicy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Adds an observer of every job event.
+    pub fn observer(mut self, observer: Arc<dyn JobObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Number of workers (default 4).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.settings.workers = n;
+        self
+    }
+
+    /// Maximum number of queued jobs (default 1000).
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.settings.queue_capacity = n;
+        self
+    }
+
+    /// Maximum jobs running at once in one project (default unlimited).
+    pub fn per_project_concurrency(mut self, n: usize) -> Self {
+        self.settings.per_project_concurrency = Some(n);
+        self
+    }
+
+    /// Timeout of workflows that set none (default 5 minutes).
+    pub fn default_timeout(mut self, t: Duration) -> Self {
+        self.settings.default_timeout = t;
+        self
+    }
+
+    /// Attempts of workflows that set none (default 1).
+    pub fn default_max_attempts(mut self, n: u32) -> Self {
+        self.settings.default_max_attempts = n;
+        self
+    }
+
+    /// Lease duration; heartbeats run at a third of it (default 30 s).
+    pub fn lease_ttl(mut self, t: Duration) -> Self {
+        self.settings.lease_ttl = t;
+        self
+    }
+
+    /// How often idle workers look for due retries and recover expired leases (default 250 ms).
+    pub fn poll_interval(mut self, t: Duration) -> Self {
+        self.settings.poll_interval = t;
+        self
+    }
+
+    /// Retry backoff (default 2 s doubling up to 5 min, ±20 % jitter).
+    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.settings.backoff = Backoff { base, max };
+        self
+    }
+
+    /// This instance's name in leases (default `aiwg-<random>`).
+    pub fn instance_name(mut self, name: impl Into<String>) -> Self {
+        self.settings.instance = name.into();
+        self
+    }
+
+    /// Validates everything and starts the workers on the current tokio runtime.
+    pub fn build(self) -> Result<Engine, BuildError> {
+        let s = &self.settings;
+        let setting = |key: &'static str, reason: &str| BuildError::Setting {
+            key,
+            reason: reason.to_owned(),
+        };
+        if s.workers == 0 {
+            return Err(setting("workers", "must be at least 1"));
+        }
+        if s.queue_capacity == 0 {
+            return Err(setting("queue_capacity", "must be at least 1"));
+        }
+        if s.per_project_concurrency == Some(0) {
+            return Err(setting("per_project_concurrency", "must be at least 1"));
+        }
+        if s.default_timeout.is_zero() || s.default_timeout > crate::executor::MAX_TIMEOUT {
+            return Err(setting(
+                "default_timeout",
+                "must be between 1 ms and 30 days",
+            ));
+        }
+        if s.lease_ttl < Duration::from_millis(30) {
+            return Err(setting("lease_ttl", "must be at least 30 ms"));
+        }
+        if s.default_max_attempts == 0 {
+            return Err(setting("default_max_attempts", "must be at least 1"));
+        }
+        let catalog = WorkflowCatalog::new(self.workflows)?;
+        let default_agent = self.registry.default_executor().map(|(n, _)| n);
+        for wf in catalog.iter() {
+            for step in &wf.steps {
+                let agent = step.agent.clone().or_else(|| default_agent.clone());
+                let known = agent
+                    .as_deref()
+                    .is_some_and(|a| self.registry.get(a).is_some());
+                if !known {
+                    return Err(WorkflowError::UnknownAgent {
+                        workflow: wf.name.clone(),
+                        step: step.name.clone(),
+                        agent: agent.unwrap_or_else(|| "(default)".into()),
+                    }
+                    .into());
+                }
+            }
+        }
+        let policy = match self.policy {
+            Some(p) => p,
+            None => ProjectPolicy::builder()
+                .root(".")
+                .build()
+                .map_err(|e| setting("projects.root", &e.to_string()))?,
+        };
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        let (bus, _) = broadcast::channel(4096);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                catalog,
+                registry: self.registry,
+                policy,
+                settings: self.settings,
+                bus,
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+                observers: self.observers,
+                stop_claiming: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                busy: AtomicUsize::new(0),
+                started: Instant::now(),
+            }),
+        };
+        for n in 0..engine.inner.settings.workers {
+            let e = engine.clone();
+            engine
+                .inner
+                .tracker
+                .spawn_on(async move { worker::run(e, n).await }, &handle);
+        }
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    /// A builder with defaults: in-memory store, 4 workers, queue of 1000, 5 minute timeout.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The workflows.
+    #[must_use]
+    pub fn catalog(&self) -> &WorkflowCatalog {
+        &self.inner.catalog
+    }
+
+    /// The executors.
+    #[must_use]
+    pub fn registry(&self) -> &ExecutorRegistry {
+        &self.inner.registry
+    }
+
+    /// The project policy.
+    #[must_use]
+    pub fn policy(&self) -> &ProjectPolicy {
+        &self.inner.policy
+    }
+
+    /// The store.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.inner.store
+    }
+
+    /// How long the engine has been running.
+    #[must_use]
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Validates and queues a job. With an idempotency key that was seen before, returns the job
+    /// created then (same request) or [`SubmitError::IdempotencyConflict`] (different request).
+    pub async fn submit(&self, request: JobRequest) -> Result<Job, SubmitError> {
+        if self.inner.stop_claiming.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let wf = self
+            .inner
+            .catalog
+            .get(&request.workflow)
+            .ok_or_else(|| SubmitError::UnknownWorkflow(request.workflow.clone()))?;
+        let params = wf.resolve_params(&request.params)?;
+        if let Some(g) = &request.guidance {
+            if g.len() > MAX_GUIDANCE_BYTES {
+                return Err(SubmitError::Invalid(format!(
+                    "guidance is {} bytes; the limit is {MAX_GUIDANCE_BYTES}",
+                    g.len()
+                )));
+            }
+            if g.contains('\0') {
+                return Err(SubmitError::Invalid("guidance contains a NUL byte".into()));
+            }
+        }
+        if let Some(k) = &request.idempotency_key {
+            if k.is_empty() || k.len() > 255 {
+                return Err(SubmitError::Invalid(
+                    "the idempotency key must be 1 to 255 characters".into(),
+                ));
+            }
+        }
+        let project = self
+            .inner
+            .policy
+            .resolve(request.project_path.as_deref(), request.project.as_deref())?;
+        let fingerprint = request.fingerprint();
+        let now = chrono::Utc::now();
+        let job = Job {
+            id: JobId::new(),
+            workflow: wf.name.clone(),
+            project_path: project.display().to_string(),
+            params,
+            guidance: request.guidance,
+            priority: request.priority.or(wf.priority).unwrap_or(0),
+            status: JobStatus::Queued,
+            attempt: 0,
+            max_attempts: wf
+                .max_attempts
+                .unwrap_or(self.inner.settings.default_max_attempts),
+            timeout: wf.timeout.unwrap_or(self.inner.settings.default_timeout),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            retry_at: None,
+            progress: Progress::pending(wf.step_names()),
+            result: None,
+            error: None,
+            dead_letter: false,
+            trigger: if request.trigger.source.is_empty() {
+                TriggerInfo::new("api")
+            } else {
+                request.trigger
+            },
+            history: vec![crate::job::StatusChange {
+                status: JobStatus::Queued,
+                at: now,
+                attempt: 0,
+                reason: None,
+            }],
+            cancel_requested: false,
+            idempotency_key: request.idempotency_key,
+        };
+        let new = NewJob::new(job)
+            .fingerprint(fingerprint)
+            .capacity(self.inner.settings.queue_capacity);
+        match self.inner.store.create(new).await {
+            Ok(Created::New(job, event)) => {
+                self.publish(&job, &event).await;
+                self.inner.wake.notify_one();
+                Ok(job)
+            }
+            Ok(Created::Existing(job)) => Ok(job),
+            Err(StoreError::IdempotencyConflict { existing }) => {
+                Err(SubmitError::IdempotencyConflict { existing })
+            }
+            Err(StoreError::QueueFull { capacity }) => Err(SubmitError::QueueFull { capacity }),
+            Err(e) => Err(SubmitError::Store(e)),
+        }
+    }
+
+    /// Reads a job.
+    pub async fn get(&self, id: JobId) -> Result<Job, EngineError> {
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(EngineError::NotFound(id))
+    }
+
+    /// Lists jobs, newest first.
+    pub async fn list(&self, query: &JobQuery) -> Result<JobPage, EngineError> {
+        Ok(self.inner.store.list(query).await?)
+    }
+
+    /// Queue figures.
+    pub async fn queue_stats(&self) -> Result<QueueStats, EngineError> {
+        let QueueCounts { queued, running } = self.inner.store.counts().await?;
+        Ok(QueueStats {
+            queued,
+            running,
+            workers: self.inner.settings.workers,
+            busy: self.inner.busy.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Cancels a job. A queued job is cancelled at once; a running one is stopped through its
+    /// cancellation token, and this returns once its executor has returned (for a job running
+    /// on another instance sharing the store: once that instance reports it, up to `30 s`).
+    pub async fn cancel(&self, id: JobId) -> Result<Job, EngineError> {
+        match self
+            .inner
+            .store
+            .request_cancel(id, "cancelled by request")
+            .await
+        {
+            Ok(CancelOutcome::Cancelled(job, event)) => {
+                self.publish(&job, &event).await;
+                Ok(job)
+            }
+            Ok(CancelOutcome::AlreadyFinished(job)) => Err(EngineError::AlreadyFinished {
+                id,
+                status: job.status,
+            }),
+            Ok(CancelOutcome::Requested(_)) => {
+                let local = {
+                    let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+                    running.get(&id).map(|r| {
+                        r.reason
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(StopReason::User);
+                        r.token.cancel();
+                        r.done.clone()
+                    })
+                };
+                match local {
+                    Some(done) => done.cancelled().await,
+                    None => {
+                        self.wait(id, Duration::from_secs(30)).await?;
+                    }
+                }
+                self.get(id).await
+            }
+            Err(StoreError::NotFound(_)) => Err(EngineError::NotFound(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until the job reaches a terminal status (or `timeout` passes).
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<Job, EngineError> {
+        use futures_util::StreamExt;
+        let mut events = self.subscribe(id, 0).await?;
+        let waited = tokio::time::timeout(timeout, async {
+            while let Some(ev) = events.next().await {
+                if ev.is_terminal() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let job = self.get(id).await?;
+        if waited.is_err() && !job.is_terminal() {
+            return Err(EngineError::WaitTimeout(id));
+        }
+        Ok(job)
+    }
+
+    /// One job's events with `seq > after`: history first, then live, ending after the
+    /// terminal event.
+    pub async fn subscribe(
+        &self,
+        id: JobId,
+        after: u64,
+    ) -> Result<Pin<Box<dyn Stream<Item = JobEvent> + Send>>, EngineError> {
+        subscribe::job_stream(self.clone(), id, after).await
+    }
+
+    /// Every job's events, live (no history). A receiver that falls more than 4096 events behind
+    /// sees `Lagged` and should re-read from the store.
+    #[must_use]
+    pub fn subscribe_all(&self) -> broadcast::Receiver<JobEvent> {
+        self.inner.bus.subscribe()
+    }
+
+    /// Publishes an event recorded by another instance sharing the store (used by stores with
+    /// cross-instance notification, e.g. PostgreSQL LISTEN/NOTIFY). Local subscribers see it;
+    /// observers are not called (the producing instance called its own).
+    pub fn publish_remote(&self, event: JobEvent) {
+        let _ = self.inner.bus.send(event);
+    }
+
+    /// Wakes idle workers (e.g. after another instance queued a job).
+    pub fn wake(&self) {
+        self.inner.wake.notify_waiters();
+        self.inner.wake.notify_one();
+    }
+
+    /// Asks a job running here to stop because another instance received a cancel for it.
+    pub fn cancel_local(&self, id: JobId) {
+        let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = running.get(&id) {
+            r.reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(StopReason::User);
+            r.token.cancel();
+        }
+    }
+
+    /// Stops taking work, lets running jobs finish for up to `grace`, then cancels the rest
+    /// (they end `cancelled` with kind `shutdown`) and waits for the workers to exit.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stop_claiming.cancel();
+        self.inner.tracker.close();
+        self.wake();
+        if tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            {
+                let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+                for r in running.values() {
+                    r.reason
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(StopReason::Shutdown);
+                    r.token.cancel();
+                }
+            }
+            self.inner.tracker.wait().await;
+        }
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    #[must_use]
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.stop_claiming.is_cancelled()
+    }
+
+    pub(crate) async fn publish(&self, job: &Job, event: &JobEvent) {
+        let _ = self.inner.bus.send(event.clone());
+        for o in &self.inner.observers {
+            o.on_event(job, event).await;
+        }
+    }
+}

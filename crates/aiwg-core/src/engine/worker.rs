@@ -1,0 +1,470 @@
+//! One worker: claim a job, run its steps, record the outcome.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Engine, RunningJob, StopReason};
+use crate::event::JobEventKind;
+use crate::executor::{AgentRequest, EventSink, ExecutorError, Usage};
+use crate::job::{Job, JobError, JobResult, StepResult};
+use crate::store::{ClaimRequest, Claimed, Finish, Lease, StoreError};
+use crate::workflow::{render, TemplateContext};
+
+pub(super) async fn run(engine: Engine, n: usize) {
+    let inner = &engine.inner;
+    let owner = format!("{}/{n}", inner.settings.instance);
+    let mut last_recovery = Instant::now();
+    loop {
+        if inner.stop_claiming.is_cancelled() {
+            break;
+        }
+        // One worker at a time sweeps expired leases, at most once per poll interval.
+        if n == 0 && last_recovery.elapsed() >= inner.settings.poll_interval {
+            last_recovery = Instant::now();
+            match inner.store.recover_expired(Utc::now()).await {
+                Ok(recovered) => {
+                    for (job, ev) in recovered {
+                        engine.publish(&job, &ev).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "recovering expired leases failed"),
+            }
+        }
+        let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
+        req.per_project_limit = inner.settings.per_project_concurrency;
+        match inner.store.claim(&req).await {
+            Ok(Some(claimed)) => {
+                // Chain-wake another worker: there may be more work.
+                inner.wake.notify_one();
+                inner.busy.fetch_add(1, Ordering::Relaxed);
+                run_job(&engine, claimed).await;
+                inner.busy.fetch_sub(1, Ordering::Relaxed);
+                // A project slot may have freed up.
+                inner.wake.notify_one();
+            }
+            Ok(None) => {
+                tokio::select! {
+                    () = inner.wake.notified() => {}
+                    () = tokio::time::sleep(inner.settings.poll_interval) => {}
+                    () = inner.stop_claiming.cancelled() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming a job failed");
+                tokio::select! {
+                    () = tokio::time::sleep(inner.settings.poll_interval) => {}
+                    () = inner.stop_claiming.cancelled() => {}
+                }
+            }
+        }
+    }
+}
+
+/// What ended an attempt early.
+enum Stop {
+    Failed(JobError, bool),
+    Cancelled(JobError),
+    TimedOut(JobError),
+    LeaseLost,
+}
+
+async fn run_job(engine: &Engine, claimed: Claimed) {
+    let inner = &engine.inner;
+    let Claimed { job, lease, event } = claimed;
+    engine.publish(&job, &event).await;
+    let id = job.id;
+    let token = CancellationToken::new();
+    let reason = Arc::new(Mutex::new(None));
+    let done = CancellationToken::new();
+    inner
+        .running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            id,
+            RunningJob {
+                token: token.clone(),
+                reason: Arc::clone(&reason),
+                done: done.clone(),
+            },
+        );
+    if job.cancel_requested {
+        reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(StopReason::User);
+        token.cancel();
+    }
+
+    // Heartbeats keep the lease; losing it stops the job without further writes.
+    let lease_cell = Arc::new(Mutex::new(lease.clone()));
+    let hb = {
+        let store = Arc::clone(&inner.store);
+        let ttl = inner.settings.lease_ttl;
+        let token = token.clone();
+        let reason = Arc::clone(&reason);
+        let lease_cell = Arc::clone(&lease_cell);
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop2.cancelled() => break,
+                }
+                let current = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match store.heartbeat(&current, ttl).await {
+                    Ok(hb) => {
+                        *lease_cell.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
+                        if hb.cancel_requested {
+                            reason
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(StopReason::User);
+                            token.cancel();
+                        }
+                    }
+                    Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_)) => {
+                        reason
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(StopReason::LeaseLost);
+                        token.cancel();
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, job = %current.job_id, "heartbeat failed"),
+                }
+            }
+        });
+        (stop, handle)
+    };
+
+    let outcome = run_steps(engine, &job, &lease_cell, &token, &reason).await;
+    hb.0.cancel();
+    let _ = hb.1.await;
+    let lease = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+    let finish = match outcome {
+        (Ok(()), result) => Some(Finish::Completed(result)),
+        (Err(Stop::LeaseLost), _) => None,
+        (Err(Stop::Cancelled(error)), result) => Some(Finish::Cancelled {
+            error,
+            result: Some(result),
+        }),
+        (Err(Stop::TimedOut(error)), result) => Some(Finish::TimedOut {
+            error,
+            result: Some(result),
+        }),
+        (Err(Stop::Failed(error, retryable)), result) => {
+            let retry_at = (retryable
+                && job.attempt < job.max_attempts
+                && !inner.stop_claiming.is_cancelled())
+            .then(|| {
+                let delay = inner.settings.backoff.delay(job.attempt);
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
+            });
+            Some(Finish::Failed {
+                error,
+                result: Some(result),
+                retry_at,
+            })
+        }
+    };
+    if let Some(finish) = finish {
+        match inner.store.finish(&lease, finish).await {
+            Ok((job, ev)) => engine.publish(&job, &ev).await,
+            Err(e) => tracing::warn!(error = %e, job = %id, "could not record the job's outcome"),
+        }
+    } else {
+        tracing::warn!(job = %id, "lease lost; another worker may take the job over");
+    }
+    inner
+        .running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    done.cancel();
+}
+
+async fn append(
+    engine: &Engine,
+    lease: &Mutex<Lease>,
+    job: &Job,
+    kind: JobEventKind,
+) -> Result<(), Stop> {
+    let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match engine.inner.store.append(&current, kind).await {
+        Ok(ev) => {
+            let _ = engine.inner.bus.send(ev.clone());
+            if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
+                && !engine.inner.observers.is_empty()
+            {
+                let snapshot = engine.inner.store.get(job.id).await.ok().flatten();
+                let j = snapshot.as_ref().unwrap_or(job);
+                for o in &engine.inner.observers {
+                    o.on_event(j, &ev).await;
+                }
+            }
+            Ok(())
+        }
+        Err(StoreError::LeaseLost(_)) => Err(Stop::LeaseLost),
+        Err(e) => {
+            tracing::warn!(error = %e, job = %job.id, "could not record an event");
+            Ok(())
+        }
+    }
+}
+
+fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
+    match *reason.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(StopReason::User) => Some(Stop::Cancelled(JobError::new(
+            "cancelled",
+            "cancelled by request",
+        ))),
+        Some(StopReason::Shutdown) => Some(Stop::Cancelled(JobError::new(
+            "shutdown",
+            "the server shut down before the job finished",
+        ))),
+        Some(StopReason::LeaseLost) => Some(Stop::LeaseLost),
+        None => None,
+    }
+}
+
+async fn run_steps(
+    engine: &Engine,
+    job: &Job,
+    lease: &Mutex<Lease>,
+    token: &CancellationToken,
+    reason: &Mutex<Option<StopReason>>,
+) -> (Result<(), Stop>, JobResult) {
+    let inner = &engine.inner;
+    let mut result = JobResult::default();
+    let Some(wf) = inner.catalog.get(&job.workflow) else {
+        let e = JobError::new(
+            "unknown_workflow",
+            format!("workflow `{}` is no longer configured", job.workflow),
+        );
+        return (Err(Stop::Failed(e, false)), result);
+    };
+    let deadline = tokio::time::Instant::now() + job.timeout;
+    let mut outputs: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_session: Option<String> = None;
+    let mut usage: Option<Usage> = None;
+
+    for step in &wf.steps {
+        if let Some(stop) = stop_for(reason) {
+            return (Err(stop), result);
+        }
+        let agent_name = step
+            .agent
+            .clone()
+            .or_else(|| inner.registry.default_executor().map(|(n, _)| n))
+            .unwrap_or_default();
+        let Some(executor) = inner.registry.get(&agent_name) else {
+            let e = JobError::new(
+                "unknown_agent",
+                format!("agent `{agent_name}` is not registered"),
+            );
+            return (Err(Stop::Failed(e, false)), result);
+        };
+        let ctx = TemplateContext {
+            guidance: job.guidance.as_deref(),
+            project_path: &job.project_path,
+            params: &job.params,
+            trigger: &job.trigger,
+            step_outputs: &outputs,
+        };
+        let rendered = match (&step.prompt, &step.command) {
+            (_, Some(argv)) => argv
+                .iter()
+                .map(|a| render(a, &ctx))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| AgentRequest::command(v, PathBuf::from(&job.project_path))),
+            (Some(p), None) => {
+                render(p, &ctx).map(|p| AgentRequest::new(p, PathBuf::from(&job.project_path)))
+            }
+            (None, None) => Ok(AgentRequest::new(
+                String::new(),
+                PathBuf::from(&job.project_path),
+            )),
+        };
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let step_timeout = step.timeout.map_or(remaining, |t| t.min(remaining));
+        let job_bound = step.timeout.is_none_or(|t| t >= remaining);
+        let mut request = match rendered {
+            Ok(r) => r
+                .with_step(job.id, step.name.clone())
+                .with_timeout(step_timeout.max(Duration::from_millis(1)))
+                .with_params(job.params.clone()),
+            Err(e) => {
+                return (
+                    Err(Stop::Failed(
+                        JobError::new("invalid_request", e.to_string()),
+                        false,
+                    )),
+                    result,
+                )
+            }
+        };
+        if step.resume {
+            request.resume_session = last_session.clone();
+        }
+        if let Err(e) = request.validate() {
+            return (
+                Err(Stop::Failed(
+                    JobError::new("invalid_request", e.to_string()),
+                    false,
+                )),
+                result,
+            );
+        }
+        if step_timeout.is_zero() {
+            let e = JobError::new(
+                "timed_out",
+                format!("the job ran past its timeout of {:?}", job.timeout),
+            );
+            return (Err(Stop::TimedOut(e)), result);
+        }
+        if let Err(stop) = append(
+            engine,
+            lease,
+            job,
+            JobEventKind::StepStarted {
+                step: step.name.clone(),
+                agent: agent_name.clone(),
+                attempt: job.attempt,
+            },
+        )
+        .await
+        {
+            return (Err(stop), result);
+        }
+
+        let started = Instant::now();
+        let step_token = token.child_token();
+        let (sink, mut rx) = EventSink::channel();
+        let exec = executor.execute(request, sink, step_token.clone());
+        tokio::pin!(exec);
+        let timer = tokio::time::sleep(step_timeout);
+        tokio::pin!(timer);
+        let mut timed_out = false;
+        let mut lost = false;
+        let outcome = loop {
+            tokio::select! {
+                r = &mut exec => break r,
+                Some(ev) = rx.recv() => {
+                    let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
+                    if append(engine, lease, job, kind).await.is_err() && !lost {
+                        lost = true;
+                        reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(StopReason::LeaseLost);
+                        step_token.cancel();
+                    }
+                }
+                () = &mut timer, if !timed_out => {
+                    timed_out = true;
+                    step_token.cancel();
+                }
+            }
+        };
+        while let Ok(ev) = rx.try_recv() {
+            let kind = JobEventKind::Agent {
+                step: step.name.clone(),
+                event: ev,
+            };
+            let _ = append(engine, lease, job, kind).await;
+        }
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+        let checked = match (stop_for(reason), timed_out, outcome) {
+            (Some(stop), _, _) => Err(stop),
+            (None, true, _) => {
+                let msg = if job_bound {
+                    format!(
+                        "the job ran past its timeout of {}",
+                        humantime::format_duration(job.timeout)
+                    )
+                } else {
+                    format!(
+                        "step `{}` ran past its timeout of {}",
+                        step.name,
+                        humantime::format_duration(step_timeout)
+                    )
+                };
+                Err(Stop::TimedOut(JobError::new("timed_out", msg)))
+            }
+            (None, false, Ok(out)) => Ok(out),
+            (None, false, Err(e)) => Err(match e {
+                ExecutorError::Cancelled => {
+                    Stop::Cancelled(JobError::new("cancelled", e.to_string()))
+                }
+                ExecutorError::TimedOut(_) => {
+                    Stop::TimedOut(JobError::new("timed_out", e.to_string()))
+                }
+                e => Stop::Failed(JobError::new(e.kind(), e.to_string()), e.is_retryable()),
+            }),
+        };
+        let out = match checked {
+            Ok(out) => out,
+            Err(stop) => {
+                let error = match &stop {
+                    Stop::Failed(e, _) | Stop::Cancelled(e) | Stop::TimedOut(e) => Some(e.clone()),
+                    Stop::LeaseLost => return (Err(stop), result),
+                };
+                let kind = JobEventKind::StepFinished {
+                    step: step.name.clone(),
+                    ok: false,
+                    duration_ms,
+                    error,
+                };
+                let _ = append(engine, lease, job, kind).await;
+                return (Err(stop), result);
+            }
+        };
+        if let Err(stop) = append(
+            engine,
+            lease,
+            job,
+            JobEventKind::StepFinished {
+                step: step.name.clone(),
+                ok: true,
+                duration_ms,
+                error: None,
+            },
+        )
+        .await
+        {
+            return (Err(stop), result);
+        }
+        if out.session_id.is_some() {
+            last_session.clone_from(&out.session_id);
+        }
+        if let Some(c) = out.cost_usd {
+            result.cost_usd = Some(result.cost_usd.unwrap_or(0.0) + c);
+        }
+        if let Some(u) = out.usage {
+            usage = Some(usage.unwrap_or_default().add(u));
+        }
+        outputs.insert(step.name.clone(), out.output.clone());
+        result.summary.clone_from(&out.output);
+        result.session_id.clone_from(&last_session);
+        result.usage = usage;
+        result.steps.push(StepResult {
+            name: step.name.clone(),
+            agent: agent_name,
+            output: out.output,
+            session_id: out.session_id,
+            cost_usd: out.cost_usd,
+            exit_code: out.exit_code,
+            duration_ms,
+        });
+    }
+    (Ok(()), result)
+}

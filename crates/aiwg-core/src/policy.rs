@@ -1,0 +1,365 @@
+//! Project path policy: which directories a job may run in.
+//!
+//! A job's project is given as a path (absolute, or relative to the first root) or as a key
+//! (a repository name or keyword) that the mapping rules turn into a path. The result must
+//! exist and, after canonicalisation with symlinks followed, lie inside one of the configured
+//! roots and outside every forbidden path. Each refusal is its own [`PolicyError`] variant.
+
+use std::path::{Component, Path, PathBuf};
+
+use regex::Regex;
+
+/// Why a project path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// No root is configured, so no path can be accepted.
+    #[error("no project root is configured")]
+    NoRoot,
+    /// The path is empty or contains a NUL byte.
+    #[error("the project path is empty or malformed")]
+    Malformed,
+    /// The path does not exist (or cannot be read).
+    #[error("project path `{0}` does not exist")]
+    NotFound(String),
+    /// The path is not a directory.
+    #[error("project path `{0}` is not a directory")]
+    NotADirectory(String),
+    /// `..` components lead outside the root.
+    #[error("project path `{0}` escapes the project root through `..`")]
+    DotDotEscape(String),
+    /// The path lies inside the root as written, but a symlink leads outside.
+    #[error("project path `{0}` escapes the project root through a symlink")]
+    SymlinkEscape(String),
+    /// An absolute path outside every root.
+    #[error("project path `{0}` is outside the project root")]
+    OutsideRoot(String),
+    /// The path is, or is inside, a forbidden path.
+    #[error("project path `{0}` is forbidden")]
+    Forbidden(String),
+    /// A project key that no mapping rule matches.
+    #[error("no project mapping matches `{0}`")]
+    NoMapping(String),
+    /// A mapping rule's pattern is not a valid regular expression.
+    #[error("invalid mapping pattern `{pattern}`: {reason}")]
+    BadPattern {
+        /// The pattern.
+        pattern: String,
+        /// The regex error.
+        reason: String,
+    },
+}
+
+/// The directories jobs may use. Build one with [`ProjectPolicy::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct ProjectPolicy {
+    roots: Vec<PathBuf>,
+    forbidden: Vec<PathBuf>,
+    mapping: Vec<(Regex, String)>,
+}
+
+/// Builder for [`ProjectPolicy`].
+#[derive(Debug, Default)]
+#[must_use]
+pub struct ProjectPolicyBuilder {
+    roots: Vec<PathBuf>,
+    forbidden: Vec<PathBuf>,
+    mapping: Vec<(String, String)>,
+}
+
+impl ProjectPolicyBuilder {
+    /// Adds a root directory (the first one anchors relative paths).
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.roots.push(root.into());
+        self
+    }
+
+    /// Forbids a path and everything under it (`~` expands to `$HOME`).
+    pub fn forbid(mut self, path: impl Into<PathBuf>) -> Self {
+        self.forbidden.push(path.into());
+        self
+    }
+
+    /// Adds a mapping rule: a key fully matching `pattern` (a regex) maps to `path`; `$1`-style
+    /// references to capture groups are expanded. The first matching rule wins.
+    pub fn map(mut self, pattern: impl Into<String>, path: impl Into<String>) -> Self {
+        self.mapping.push((pattern.into(), path.into()));
+        self
+    }
+
+    /// Canonicalises the roots (they must exist) and compiles the mapping patterns.
+    pub fn build(self) -> Result<ProjectPolicy, PolicyError> {
+        let roots = self
+            .roots
+            .iter()
+            .map(|r| {
+                std::fs::canonicalize(r).map_err(|_| PolicyError::NotFound(r.display().to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let forbidden = self
+            .forbidden
+            .iter()
+            .map(|f| {
+                let expanded = match (f.strip_prefix("~"), &home) {
+                    (Ok(rest), Some(h)) => h.join(rest),
+                    _ => f.clone(),
+                };
+                // Forbidden paths that exist are compared canonically; others lexically.
+                std::fs::canonicalize(&expanded).unwrap_or(expanded)
+            })
+            .collect();
+        let mapping = self
+            .mapping
+            .into_iter()
+            .map(|(pattern, path)| {
+                Regex::new(&format!("^(?:{pattern})$"))
+                    .map(|re| (re, path))
+                    .map_err(|e| PolicyError::BadPattern {
+                        pattern,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ProjectPolicy {
+            roots,
+            forbidden,
+            mapping,
+        })
+    }
+}
+
+impl ProjectPolicy {
+    /// A builder.
+    pub fn builder() -> ProjectPolicyBuilder {
+        ProjectPolicyBuilder::default()
+    }
+
+    /// The canonical roots.
+    #[must_use]
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    /// Maps a project key through the rules (first match wins).
+    pub fn map_key(&self, key: &str) -> Result<String, PolicyError> {
+        for (re, path) in &self.mapping {
+            if let Some(caps) = re.captures(key) {
+                let mut out = String::new();
+                caps.expand(path, &mut out);
+                return Ok(out);
+            }
+        }
+        Err(PolicyError::NoMapping(key.to_owned()))
+    }
+
+    /// Resolves a job's project: an explicit path wins, then a key through the mapping, then the
+    /// first root itself.
+    pub fn resolve(&self, path: Option<&str>, key: Option<&str>) -> Result<PathBuf, PolicyError> {
+        match (path, key) {
+            (Some(p), _) => self.check(p),
+            (None, Some(k)) => self.check(&self.map_key(k)?),
+            (None, None) => self
+                .roots
+                .first()
+                .cloned()
+                .ok_or(PolicyError::NoRoot)
+                .and_then(|r| self.check_canonical(&r, &r.display().to_string())),
+        }
+    }
+
+    /// Checks one path (absolute, or relative to the first root).
+    pub fn check(&self, input: &str) -> Result<PathBuf, PolicyError> {
+        if input.trim().is_empty() || input.contains('\0') {
+            return Err(PolicyError::Malformed);
+        }
+        let first = self.roots.first().ok_or(PolicyError::NoRoot)?;
+        let given = Path::new(input);
+        let joined = if given.is_absolute() {
+            given.to_path_buf()
+        } else {
+            first.join(given)
+        };
+        let lexical = normalize(&joined);
+        let lexically_inside = self.roots.iter().any(|r| lexical.starts_with(r));
+        let has_dotdot = given.components().any(|c| c == Component::ParentDir);
+
+        let canonical = match std::fs::canonicalize(&joined) {
+            Ok(c) => c,
+            Err(_) if has_dotdot && !lexically_inside => {
+                return Err(PolicyError::DotDotEscape(input.to_owned()))
+            }
+            Err(_) => return Err(PolicyError::NotFound(input.to_owned())),
+        };
+        if !self.roots.iter().any(|r| canonical.starts_with(r)) {
+            return Err(if lexically_inside {
+                PolicyError::SymlinkEscape(input.to_owned())
+            } else if has_dotdot {
+                PolicyError::DotDotEscape(input.to_owned())
+            } else {
+                PolicyError::OutsideRoot(input.to_owned())
+            });
+        }
+        self.check_canonical(&canonical, input)
+    }
+
+    fn check_canonical(&self, canonical: &Path, input: &str) -> Result<PathBuf, PolicyError> {
+        if self.forbidden.iter().any(|f| canonical.starts_with(f)) {
+            return Err(PolicyError::Forbidden(input.to_owned()));
+        }
+        if !canonical.is_dir() {
+            return Err(PolicyError::NotADirectory(input.to_owned()));
+        }
+        Ok(canonical.to_path_buf())
+    }
+}
+
+/// Removes `.` and folds `..` without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let root = base.join("root");
+        let outside = base.join("outside");
+        fs::create_dir_all(root.join("repo/sub")).unwrap();
+        fs::create_dir_all(root.join("secret")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(root.join("file.txt"), "x").unwrap();
+        symlink(&outside, root.join("escape")).unwrap();
+        symlink(root.join("repo"), root.join("alias")).unwrap();
+        Fixture {
+            _tmp: tmp,
+            root,
+            outside,
+        }
+    }
+
+    fn policy(f: &Fixture) -> ProjectPolicy {
+        ProjectPolicy::builder()
+            .root(&f.root)
+            .forbid(f.root.join("secret"))
+            .map("org/(.+)", "$1")
+            .map("special", "repo/sub")
+            .map(".*", "repo")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn accepts_paths_inside_the_root() {
+        let f = fixture();
+        let p = policy(&f);
+        assert_eq!(p.check("repo").unwrap(), f.root.join("repo"));
+        assert_eq!(p.check("repo/sub/..").unwrap(), f.root.join("repo"));
+        assert_eq!(
+            p.check(f.root.join("repo/sub").to_str().unwrap()).unwrap(),
+            f.root.join("repo/sub")
+        );
+        // A symlink that stays inside is fine and resolves to its target.
+        assert_eq!(p.check("alias").unwrap(), f.root.join("repo"));
+        assert_eq!(p.resolve(None, None).unwrap(), f.root);
+    }
+
+    #[test]
+    fn each_refusal_is_distinct() {
+        let f = fixture();
+        let p = policy(&f);
+        assert!(matches!(
+            p.check("../outside"),
+            Err(PolicyError::DotDotEscape(_))
+        ));
+        assert!(matches!(
+            p.check("repo/../../outside"),
+            Err(PolicyError::DotDotEscape(_))
+        ));
+        assert!(matches!(
+            p.check("../nowhere"),
+            Err(PolicyError::DotDotEscape(_))
+        ));
+        assert!(matches!(
+            p.check("escape"),
+            Err(PolicyError::SymlinkEscape(_))
+        ));
+        assert!(matches!(
+            p.check(f.outside.to_str().unwrap()),
+            Err(PolicyError::OutsideRoot(_))
+        ));
+        assert!(matches!(p.check("/etc"), Err(PolicyError::OutsideRoot(_))));
+        assert!(matches!(p.check("secret"), Err(PolicyError::Forbidden(_))));
+        assert!(matches!(p.check("missing"), Err(PolicyError::NotFound(_))));
+        assert!(matches!(
+            p.check("file.txt"),
+            Err(PolicyError::NotADirectory(_))
+        ));
+        assert!(matches!(p.check(""), Err(PolicyError::Malformed)));
+        assert!(matches!(p.check("a\0b"), Err(PolicyError::Malformed)));
+        let none = ProjectPolicy::builder().build().unwrap();
+        assert_eq!(none.check("x"), Err(PolicyError::NoRoot));
+        assert_eq!(none.resolve(None, None), Err(PolicyError::NoRoot));
+    }
+
+    #[test]
+    fn mapping_first_match_wins_with_fallback() {
+        let f = fixture();
+        let p = policy(&f);
+        assert_eq!(p.map_key("org/repo").unwrap(), "repo");
+        assert_eq!(p.map_key("special").unwrap(), "repo/sub");
+        assert_eq!(p.map_key("anything").unwrap(), "repo");
+        assert_eq!(
+            p.resolve(None, Some("org/repo")).unwrap(),
+            f.root.join("repo")
+        );
+        assert!(matches!(
+            p.resolve(None, Some("org/escape")),
+            Err(PolicyError::SymlinkEscape(_))
+        ));
+        let strict = ProjectPolicy::builder()
+            .root(&f.root)
+            .map("org/repo", "repo")
+            .build()
+            .unwrap();
+        assert!(matches!(
+            strict.map_key("org/repo2"),
+            Err(PolicyError::NoMapping(_))
+        ));
+        assert!(matches!(
+            ProjectPolicy::builder().map("(", "x").build(),
+            Err(PolicyError::BadPattern { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_root_is_refused_at_build() {
+        assert!(matches!(
+            ProjectPolicy::builder()
+                .root("/definitely/not/here")
+                .build(),
+            Err(PolicyError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,348 @@
+//! The in-memory [`JobStore`]: one mutex over ordered maps. Same lease semantics as a durable
+//! store; nothing survives a restart.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{
+    apply, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery,
+    JobStore, Lease, NewJob, QueueCounts, StoreError,
+};
+use crate::event::{JobEvent, JobEventKind};
+use crate::job::{Job, JobId, JobStatus};
+
+/// Ready-queue order: priority descending, then enqueue order.
+type ReadyKey = (Reverse<i32>, u64, JobId);
+
+struct Entry {
+    job: Job,
+    events: Vec<JobEvent>,
+    lease: Option<Lease>,
+    ready_key: Option<ReadyKey>,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<JobId, Entry>,
+    ready: BTreeSet<ReadyKey>,
+    idempotency: HashMap<String, (String, JobId)>,
+    running_per_project: HashMap<String, usize>,
+    enqueue_seq: u64,
+    lease_seq: u64,
+    running: usize,
+}
+
+impl State {
+    fn enqueue(&mut self, id: JobId) {
+        self.enqueue_seq += 1;
+        let seq = self.enqueue_seq;
+        if let Some(e) = self.jobs.get_mut(&id) {
+            let key = (Reverse(e.job.priority), seq, id);
+            e.ready_key = Some(key);
+            self.ready.insert(key);
+        }
+    }
+
+    fn dequeue(&mut self, id: JobId) {
+        if let Some(key) = self.jobs.get_mut(&id).and_then(|e| e.ready_key.take()) {
+            self.ready.remove(&key);
+        }
+    }
+
+    fn release(&mut self, id: JobId) {
+        if let Some(e) = self.jobs.get_mut(&id) {
+            if e.lease.take().is_some() {
+                self.running -= 1;
+                if let Some(n) = self.running_per_project.get_mut(&e.job.project_path) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.running_per_project.remove(&e.job.project_path);
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> JobEvent {
+        apply::progress(&mut entry.job, &kind);
+        let ev = JobEvent {
+            job_id: entry.job.id,
+            seq: entry.events.len() as u64 + 1,
+            at: now,
+            kind,
+        };
+        entry.events.push(ev.clone());
+        ev
+    }
+
+    fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
+        let entry = self
+            .jobs
+            .get_mut(&lease.job_id)
+            .ok_or(StoreError::NotFound(lease.job_id))?;
+        match &entry.lease {
+            Some(held) if held.token == lease.token && held.expires_at > now => Ok(entry),
+            _ => Err(StoreError::LeaseLost(lease.job_id)),
+        }
+    }
+}
+
+/// A [`JobStore`] in memory. Cheap to create; share it behind an `Arc`.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("jobs", &s.jobs.len())
+            .field("ready", &s.ready.len())
+            .field("running", &s.running)
+            .finish()
+    }
+}
+
+fn ttl(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+#[async_trait]
+impl JobStore for MemoryStore {
+    async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        let mut s = self.lock();
+        if let Some(key) = &new.job.idempotency_key {
+            if let Some((fp, existing)) = s.idempotency.get(key) {
+                let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
+                return if same {
+                    Ok(Created::Existing(s.jobs[existing].job.clone()))
+                } else {
+                    Err(StoreError::IdempotencyConflict {
+                        existing: *existing,
+                    })
+                };
+            }
+        }
+        if let Some(capacity) = new.queue_capacity {
+            if s.ready.len() >= capacity {
+                return Err(StoreError::QueueFull { capacity });
+            }
+        }
+        let job = new.job;
+        if job.status != JobStatus::Queued {
+            return Err(StoreError::IllegalTransition(
+                crate::job::IllegalTransition {
+                    from: job.status,
+                    to: JobStatus::Queued,
+                },
+            ));
+        }
+        let id = job.id;
+        if let Some(key) = &job.idempotency_key {
+            s.idempotency
+                .insert(key.clone(), (new.fingerprint.unwrap_or_default(), id));
+        }
+        let now = job.created_at;
+        let mut entry = Entry {
+            events: Vec::new(),
+            lease: None,
+            ready_key: None,
+            job,
+        };
+        let kind = apply::created(&entry.job);
+        let ev = State::record(&mut entry, kind, now);
+        let job = entry.job.clone();
+        s.jobs.insert(id, entry);
+        s.enqueue(id);
+        Ok(Created::New(job, ev))
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        Ok(self.lock().jobs.get(&id).map(|e| e.job.clone()))
+    }
+
+    async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
+        let s = self.lock();
+        let size = query.page_size();
+        let iter: Box<dyn Iterator<Item = (&JobId, &Entry)>> = match query.cursor {
+            Some(c) => Box::new(s.jobs.range(..c).rev()),
+            None => Box::new(s.jobs.iter().rev()),
+        };
+        let mut jobs: Vec<Job> = iter
+            .filter(|(_, e)| query.status.is_none_or(|st| e.job.status == st))
+            .filter(|(_, e)| {
+                query
+                    .workflow
+                    .as_deref()
+                    .is_none_or(|w| e.job.workflow == w)
+            })
+            .take(size + 1)
+            .map(|(_, e)| e.job.clone())
+            .collect();
+        let next_cursor = if jobs.len() > size {
+            jobs.truncate(size);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_cursor })
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        let mut s = self.lock();
+        let now = request.now;
+        let found = s.ready.iter().copied().find(|key| {
+            let job = &s.jobs[&key.2].job;
+            apply::is_due(job, now)
+                && request.per_project_limit.is_none_or(|limit| {
+                    s.running_per_project
+                        .get(&job.project_path)
+                        .copied()
+                        .unwrap_or(0)
+                        < limit
+                })
+        });
+        let Some(key) = found else { return Ok(None) };
+        let id = key.2;
+        s.dequeue(id);
+        s.lease_seq += 1;
+        let token = s.lease_seq;
+        let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let kind = apply::claim(&mut entry.job, now)?;
+        let lease = Lease {
+            job_id: id,
+            owner: request.owner.clone(),
+            attempt: entry.job.attempt,
+            token,
+            expires_at: now + ttl(request.lease_ttl),
+        };
+        entry.lease = Some(lease.clone());
+        let event = State::record(entry, kind, now);
+        let job = entry.job.clone();
+        let project = job.project_path.clone();
+        *s.running_per_project.entry(project).or_default() += 1;
+        s.running += 1;
+        Ok(Some(Claimed { job, lease, event }))
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl_: Duration) -> Result<Heartbeat, StoreError> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        let mut renewed = lease.clone();
+        renewed.expires_at = now + ttl(ttl_);
+        entry.lease = Some(renewed.clone());
+        Ok(Heartbeat {
+            lease: renewed,
+            cancel_requested: entry.job.cancel_requested,
+        })
+    }
+
+    async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        if matches!(kind, JobEventKind::Status { .. }) {
+            return Err(StoreError::Backend(
+                "status events are written by the store itself".into(),
+            ));
+        }
+        Ok(State::record(entry, kind, now))
+    }
+
+    async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        let kind = apply::finish(&mut entry.job, finish, now)?;
+        let ev = State::record(entry, kind, now);
+        entry.job.cancel_requested = false;
+        let job = entry.job.clone();
+        s.release(lease.job_id);
+        if job.status == JobStatus::Queued {
+            s.enqueue(job.id);
+        }
+        Ok((job, ev))
+    }
+
+    async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        match entry.job.status {
+            JobStatus::Queued => {
+                let kind = apply::cancel_queued(&mut entry.job, reason, now)?;
+                let ev = State::record(entry, kind, now);
+                let job = entry.job.clone();
+                s.dequeue(id);
+                Ok(CancelOutcome::Cancelled(job, ev))
+            }
+            JobStatus::Running => {
+                entry.job.cancel_requested = true;
+                Ok(CancelOutcome::Requested(entry.job.clone()))
+            }
+            _ => Ok(CancelOutcome::AlreadyFinished(entry.job.clone())),
+        }
+    }
+
+    async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+        let s = self.lock();
+        let entry = s.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entry.events.len());
+        Ok(entry.events[start..].to_vec())
+    }
+
+    async fn recover_expired(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let mut s = self.lock();
+        let expired: Vec<JobId> = s
+            .jobs
+            .values()
+            .filter(|e| e.lease.as_ref().is_some_and(|l| l.expires_at <= now))
+            .map(|e| e.job.id)
+            .collect();
+        let mut out = Vec::new();
+        for id in expired {
+            s.release(id);
+            let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+            let kind = apply::expire(&mut entry.job, now)?;
+            let ev = State::record(entry, kind, now);
+            let job = entry.job.clone();
+            if job.status == JobStatus::Queued {
+                s.enqueue(id);
+            }
+            out.push((job, ev));
+        }
+        Ok(out)
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let s = self.lock();
+        Ok(QueueCounts {
+            queued: s.ready.len(),
+            running: s.running,
+        })
+    }
+}

@@ -1,0 +1,493 @@
+//! Job storage: the [`JobStore`] trait, its lease semantics, and the in-memory store.
+//!
+//! A worker that claims a job gets a [`Lease`] (owner, attempt, fencing token, expiry). Every
+//! write a worker makes afterwards — events, heartbeats, the final outcome — presents the lease,
+//! and the store refuses it with [`StoreError::LeaseLost`] once the lease expired or another
+//! worker holds the job. That fencing is what lets several engine instances share one store: a
+//! worker that stalled past its lease can never overwrite the job its successor is running.
+//!
+//! Status changes happen only inside the store, together with the event that records them, and
+//! always through [`JobStatus::check_transition`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{JobEvent, JobEventKind};
+use crate::job::{IllegalTransition, Job, JobError, JobId, JobResult, JobStatus};
+
+mod memory;
+pub use memory::MemoryStore;
+
+/// Proof that a worker owns a running job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The job.
+    pub job_id: JobId,
+    /// Who holds it (an engine instance's worker id).
+    pub owner: String,
+    /// The attempt it was claimed for.
+    pub attempt: u32,
+    /// A number that changes with every claim; writes carrying an older token are refused.
+    pub token: u64,
+    /// When it lapses unless extended by a heartbeat.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Why a store call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No job with that id.
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The lease expired or belongs to someone else now.
+    #[error("the lease on job {0} is no longer held")]
+    LeaseLost(JobId),
+    /// The change is not allowed by the transition table.
+    #[error(transparent)]
+    IllegalTransition(#[from] IllegalTransition),
+    /// The idempotency key was used before with a different request.
+    #[error("idempotency key already used for job {existing} with a different request")]
+    IdempotencyConflict {
+        /// The job created with that key.
+        existing: JobId,
+    },
+    /// The queue already holds `capacity` jobs.
+    #[error("the queue is full ({capacity} jobs)")]
+    QueueFull {
+        /// The configured capacity.
+        capacity: usize,
+    },
+    /// The backend failed (connection, query, serialisation).
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// A job to insert.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NewJob {
+    /// The job, in status `queued`.
+    pub job: Job,
+    /// The request fingerprint, compared when the idempotency key was seen before.
+    pub fingerprint: Option<String>,
+    /// Refuse with [`StoreError::QueueFull`] when this many jobs are queued already.
+    pub queue_capacity: Option<usize>,
+}
+
+impl NewJob {
+    /// A new job with no idempotency and no capacity check.
+    #[must_use]
+    pub fn new(job: Job) -> Self {
+        Self {
+            job,
+            fingerprint: None,
+            queue_capacity: None,
+        }
+    }
+
+    /// Sets the fingerprint used with the job's idempotency key.
+    #[must_use]
+    pub fn fingerprint(mut self, fp: impl Into<String>) -> Self {
+        self.fingerprint = Some(fp.into());
+        self
+    }
+
+    /// Sets the queue capacity.
+    #[must_use]
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = Some(capacity);
+        self
+    }
+}
+
+/// The result of [`JobStore::create`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Created {
+    /// A new job, with its `queued` event.
+    New(Job, JobEvent),
+    /// The idempotency key was seen with the same request: the job created then.
+    Existing(Job),
+}
+
+/// Filters for [`JobStore::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobQuery {
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs of this workflow.
+    pub workflow: Option<String>,
+    /// Page size (clamped to 1..=500, default 50).
+    pub limit: Option<usize>,
+    /// Continue after this job (the previous page's `next_cursor`).
+    pub cursor: Option<JobId>,
+}
+
+impl JobQuery {
+    /// The effective page size.
+    #[must_use]
+    pub fn page_size(&self) -> usize {
+        self.limit.unwrap_or(50).clamp(1, 500)
+    }
+
+    /// Filter by status.
+    #[must_use]
+    pub fn status(mut self, s: JobStatus) -> Self {
+        self.status = Some(s);
+        self
+    }
+
+    /// Filter by workflow.
+    #[must_use]
+    pub fn workflow(mut self, w: impl Into<String>) -> Self {
+        self.workflow = Some(w.into());
+        self
+    }
+
+    /// Page size.
+    #[must_use]
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Continue after `cursor`.
+    #[must_use]
+    pub fn after(mut self, cursor: JobId) -> Self {
+        self.cursor = Some(cursor);
+        self
+    }
+}
+
+/// One page of jobs, newest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobPage {
+    /// The jobs.
+    pub jobs: Vec<Job>,
+    /// Where the next page starts, if there is one.
+    pub next_cursor: Option<JobId>,
+}
+
+/// A request for the next job to run.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClaimRequest {
+    /// The claiming worker.
+    pub owner: String,
+    /// How long the lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// Skip projects that already run this many jobs (across every instance).
+    pub per_project_limit: Option<usize>,
+    /// "Now", for `retry_at` and lease expiry.
+    pub now: DateTime<Utc>,
+}
+
+impl ClaimRequest {
+    /// A claim by `owner` for `lease_ttl`, at the current time.
+    #[must_use]
+    pub fn new(owner: impl Into<String>, lease_ttl: Duration) -> Self {
+        Self {
+            owner: owner.into(),
+            lease_ttl,
+            per_project_limit: None,
+            now: Utc::now(),
+        }
+    }
+
+    /// Sets the per-project limit.
+    #[must_use]
+    pub fn per_project(mut self, limit: usize) -> Self {
+        self.per_project_limit = Some(limit);
+        self
+    }
+}
+
+/// A claimed job: now `running` under `lease`, with the event that says so.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claimed {
+    /// The job as it is now.
+    pub job: Job,
+    /// The lease.
+    pub lease: Lease,
+    /// The `running` status event.
+    pub event: JobEvent,
+}
+
+/// The outcome of an attempt, written with [`JobStore::finish`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Finish {
+    /// Every step succeeded.
+    Completed(JobResult),
+    /// The attempt failed. With `retry_at`, the job goes back to `queued`; without it, it ends
+    /// `failed` (dead letter).
+    Failed {
+        /// What went wrong.
+        error: JobError,
+        /// What the steps that did run produced.
+        result: Option<JobResult>,
+        /// When to try again.
+        retry_at: Option<DateTime<Utc>>,
+    },
+    /// Stopped on request.
+    Cancelled {
+        /// Why (user, shutdown).
+        error: JobError,
+        /// Partial results.
+        result: Option<JobResult>,
+    },
+    /// Ran past a timeout.
+    TimedOut {
+        /// Which timeout.
+        error: JobError,
+        /// Partial results.
+        result: Option<JobResult>,
+    },
+}
+
+impl Finish {
+    /// The status the job gets.
+    #[must_use]
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Finish::Completed(_) => JobStatus::Completed,
+            Finish::Failed {
+                retry_at: Some(_), ..
+            } => JobStatus::Queued,
+            Finish::Failed { .. } => JobStatus::Failed,
+            Finish::Cancelled { .. } => JobStatus::Cancelled,
+            Finish::TimedOut { .. } => JobStatus::TimedOut,
+        }
+    }
+}
+
+/// The result of [`JobStore::request_cancel`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum CancelOutcome {
+    /// It was queued and is now cancelled, with the event.
+    Cancelled(Job, JobEvent),
+    /// It is running: `cancel_requested` is set, and its worker must stop it.
+    Requested(Job),
+    /// It had already finished.
+    AlreadyFinished(Job),
+}
+
+/// What a heartbeat learns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    /// The extended lease.
+    pub lease: Lease,
+    /// Whether someone asked (possibly on another instance) to cancel the job.
+    pub cancel_requested: bool,
+}
+
+/// Jobs by status, for the status endpoint and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    /// Waiting jobs (including retries not yet due).
+    pub queued: usize,
+    /// Jobs under a lease.
+    pub running: usize,
+}
+
+/// Where jobs and their events live. Implementations: [`MemoryStore`] and, with the `postgres`
+/// feature, `PgStore`. Every implementation passes `test_util::store_suite`.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Inserts a queued job (or finds the one its idempotency key created).
+    async fn create(&self, new: NewJob) -> Result<Created, StoreError>;
+
+    /// Reads a job.
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+
+    /// Lists jobs newest first.
+    async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError>;
+
+    /// Claims the next runnable job: highest priority first, oldest first within a priority,
+    /// `retry_at` due, project under its limit. The job becomes `running` with `attempt + 1`.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError>;
+
+    /// Extends a lease.
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError>;
+
+    /// Appends an event to a running job (fenced by the lease). Step events also move the job's
+    /// progress.
+    async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError>;
+
+    /// Ends an attempt (fenced by the lease) and releases the lease.
+    async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError>;
+
+    /// Cancels a queued job at once, or marks a running one for its worker to stop.
+    async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// A job's events with `seq > after`, in order.
+    async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// Requeues (or fails, when out of attempts) running jobs whose lease expired before `now`.
+    async fn recover_expired(&self, now: DateTime<Utc>)
+        -> Result<Vec<(Job, JobEvent)>, StoreError>;
+
+    /// Counts of queued and running jobs.
+    async fn counts(&self) -> Result<QueueCounts, StoreError>;
+}
+
+/// Pure state changes shared by every store, so they agree on what a claim, an event or a
+/// finish does to a job. Each returns the event to record (without its sequence number).
+pub mod apply {
+    use super::*;
+    use crate::job::{Progress, StatusChange};
+
+    fn set_status(
+        job: &mut Job,
+        to: JobStatus,
+        now: DateTime<Utc>,
+        reason: Option<String>,
+        error: Option<JobError>,
+    ) -> Result<JobEventKind, StoreError> {
+        let from = job.status;
+        from.check_transition(to)?;
+        job.status = to;
+        job.history.push(StatusChange {
+            status: to,
+            at: now,
+            attempt: job.attempt,
+            reason: reason.clone(),
+        });
+        if to.is_terminal() {
+            job.finished_at = Some(now);
+        }
+        Ok(JobEventKind::Status {
+            from: Some(from),
+            to,
+            attempt: job.attempt,
+            reason,
+            error,
+        })
+    }
+
+    /// The event of a new job (it is created `queued`).
+    #[must_use]
+    pub fn created(job: &Job) -> JobEventKind {
+        JobEventKind::status(None, JobStatus::Queued, job.attempt)
+    }
+
+    /// Whether a queued job may be claimed at `now`.
+    #[must_use]
+    pub fn is_due(job: &Job, now: DateTime<Utc>) -> bool {
+        job.status == JobStatus::Queued && job.retry_at.is_none_or(|t| t <= now)
+    }
+
+    /// Claim: `queued` → `running`, next attempt, progress reset.
+    pub fn claim(job: &mut Job, now: DateTime<Utc>) -> Result<JobEventKind, StoreError> {
+        job.attempt = job.attempt.saturating_add(1);
+        let ev = set_status(job, JobStatus::Running, now, None, None);
+        if ev.is_err() {
+            job.attempt -= 1;
+            return ev;
+        }
+        job.started_at = Some(now);
+        job.retry_at = None;
+        let p = std::mem::take(&mut job.progress);
+        job.progress = Progress::pending(
+            p.completed
+                .into_iter()
+                .chain(p.in_progress)
+                .chain(p.pending),
+        );
+        ev
+    }
+
+    /// Moves progress for step events.
+    pub fn progress(job: &mut Job, kind: &JobEventKind) {
+        match kind {
+            JobEventKind::StepStarted { step, .. } => job.progress.start(step),
+            JobEventKind::StepFinished { step, ok: true, .. } => job.progress.finish(step),
+            _ => {}
+        }
+    }
+
+    /// Ends an attempt.
+    pub fn finish(
+        job: &mut Job,
+        finish: Finish,
+        now: DateTime<Utc>,
+    ) -> Result<JobEventKind, StoreError> {
+        let to = finish.status();
+        job.status.check_transition(to)?;
+        let (result, error, retry_at) = match finish {
+            Finish::Completed(r) => (Some(r), None, None),
+            Finish::Failed {
+                error,
+                result,
+                retry_at,
+            } => (result, Some(error), retry_at),
+            Finish::Cancelled { error, result } | Finish::TimedOut { error, result } => {
+                (result, Some(error), None)
+            }
+        };
+        if result.is_some() || to != JobStatus::Queued {
+            job.result = result;
+        }
+        job.retry_at = retry_at;
+        job.dead_letter = to == JobStatus::Failed;
+        let reason = match (to, &error) {
+            (JobStatus::Queued, Some(e)) => Some(format!("retry after {}: {}", e.kind, e.message)),
+            (_, Some(e)) => Some(e.message.clone()),
+            _ => None,
+        };
+        job.error = error.clone();
+        set_status(job, to, now, reason, error)
+    }
+
+    /// A cancel of a queued job.
+    pub fn cancel_queued(
+        job: &mut Job,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<JobEventKind, StoreError> {
+        let error = JobError::new("cancelled", reason);
+        job.error = Some(error.clone());
+        set_status(
+            job,
+            JobStatus::Cancelled,
+            now,
+            Some(reason.to_owned()),
+            Some(error),
+        )
+    }
+
+    /// A running job whose lease lapsed: back to `queued`, or `failed` when out of attempts.
+    pub fn expire(job: &mut Job, now: DateTime<Utc>) -> Result<JobEventKind, StoreError> {
+        let error = JobError::new(
+            "lease_lost",
+            format!(
+                "the worker running attempt {} stopped renewing its lease",
+                job.attempt
+            ),
+        );
+        if job.attempt < job.max_attempts {
+            job.retry_at = None;
+            set_status(
+                job,
+                JobStatus::Queued,
+                now,
+                Some(error.message.clone()),
+                Some(error),
+            )
+        } else {
+            job.error = Some(error.clone());
+            job.dead_letter = true;
+            set_status(
+                job,
+                JobStatus::Failed,
+                now,
+                Some(error.message.clone()),
+                Some(error),
+            )
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The store conformance suite: every [`JobStore`] runs it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::event::JobEventKind;
+use crate::job::{Job, JobError, JobId, JobResult, JobStatus, Progress, StatusChange, TriggerInfo};
+use crate::store::{
+    CancelOutcome, ClaimRequest, Created, Finish, JobQuery, JobStore, NewJob, StoreError,
+};
+
+/// A queued job for store tests.
+#[must_use]
+pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
+    let now = Utc::now();
+    Job {
+        id: JobId::new(),
+        workflow: workflow.to_owned(),
+        project_path: project.to_owned(),
+        params: Default::default(),
+        guidance: None,
+        priority,
+        status: JobStatus::Queued,
+        attempt: 0,
+        max_attempts: 2,
+        timeout: Duration::from_secs(60),
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        retry_at: None,
+        progress: Progress::pending(["a".to_owned(), "b".to_owned()]),
+        result: None,
+        error: None,
+        dead_letter: false,
+        trigger: TriggerInfo::new("test"),
+        history: vec![StatusChange {
+            status: JobStatus::Queued,
+            at: now,
+            attempt: 0,
+            reason: None,
+        }],
+        cancel_requested: false,
+        idempotency_key: None,
+    }
+}
+
+async fn create(store: &dyn JobStore, job: Job) -> Job {
+    match store.create(NewJob::new(job)).await.expect("create") {
+        Created::New(job, ev) => {
+            assert_eq!(ev.seq, 1);
+            job
+        }
+        Created::Existing(_) => panic!("a fresh job was reported as existing"),
+    }
+}
+
+fn claim_req(owner: &str) -> ClaimRequest {
+    ClaimRequest::new(owner, Duration::from_secs(60))
+}
+
+/// Runs every store check against fresh stores from `make`. Panics on the first failure.
+pub async fn store_suite<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn JobStore>>,
+{
+    create_get_and_events(&*make().await).await;
+    idempotency(&*make().await).await;
+    queue_capacity(&*make().await).await;
+    claim_order(&*make().await).await;
+    retry_and_dead_letter(&*make().await).await;
+    per_project_limit(&*make().await).await;
+    fencing_and_recovery(&*make().await).await;
+    cancel(&*make().await).await;
+    listing(&*make().await).await;
+    progress_and_counts(&*make().await).await;
+}
+
+async fn create_get_and_events(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let got = store.get(job.id).await.unwrap().expect("stored");
+    assert_eq!(got.id, job.id);
+    assert_eq!(got.status, JobStatus::Queued);
+    let evs = store.events(job.id, 0).await.unwrap();
+    assert_eq!(evs.len(), 1);
+    assert!(matches!(
+        evs[0].kind,
+        JobEventKind::Status {
+            to: JobStatus::Queued,
+            from: None,
+            ..
+        }
+    ));
+    assert!(store.events(job.id, 1).await.unwrap().is_empty());
+    assert!(store.get(JobId::new()).await.unwrap().is_none());
+    assert!(matches!(
+        store.events(JobId::new(), 0).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let mut running = sample_job("w", "/p", 0);
+    running.status = JobStatus::Running;
+    assert!(
+        store.create(NewJob::new(running)).await.is_err(),
+        "only queued jobs may be created"
+    );
+}
+
+async fn idempotency(store: &dyn JobStore) {
+    let mut a = sample_job("w", "/p", 0);
+    a.idempotency_key = Some("key-1".into());
+    let first = match store
+        .create(NewJob::new(a.clone()).fingerprint("fp1"))
+        .await
+        .unwrap()
+    {
+        Created::New(j, _) => j,
+        Created::Existing(_) => panic!("first use is new"),
+    };
+    let mut again = sample_job("w", "/p", 0);
+    again.idempotency_key = Some("key-1".into());
+    match store
+        .create(NewJob::new(again.clone()).fingerprint("fp1"))
+        .await
+        .unwrap()
+    {
+        Created::Existing(j) => assert_eq!(j.id, first.id),
+        Created::New(..) => panic!("same key and fingerprint must return the first job"),
+    }
+    assert_eq!(
+        store.create(NewJob::new(again).fingerprint("fp2")).await,
+        Err(StoreError::IdempotencyConflict { existing: first.id })
+    );
+    assert_eq!(store.counts().await.unwrap().queued, 1);
+}
+
+async fn queue_capacity(store: &dyn JobStore) {
+    for _ in 0..2 {
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)).capacity(2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)).capacity(2))
+            .await,
+        Err(StoreError::QueueFull { capacity: 2 })
+    );
+    // A claimed job frees a queue slot.
+    store.claim(&claim_req("w1")).await.unwrap().expect("claim");
+    store
+        .create(NewJob::new(sample_job("w", "/p", 0)).capacity(2))
+        .await
+        .unwrap();
+}
+
+async fn claim_order(store: &dyn JobStore) {
+    let low = create(store, sample_job("w", "/a", 0)).await;
+    let high1 = create(store, sample_job("w", "/b", 5)).await;
+    let high2 = create(store, sample_job("w", "/c", 5)).await;
+    let mut order = Vec::new();
+    while let Some(c) = store.claim(&claim_req("w1")).await.unwrap() {
+        assert_eq!(c.job.status, JobStatus::Running);
+        assert_eq!(c.job.attempt, 1);
+        assert_eq!(c.lease.attempt, 1);
+        assert_eq!(c.lease.owner, "w1");
+        assert!(matches!(
+            c.event.kind,
+            JobEventKind::Status {
+                to: JobStatus::Running,
+                ..
+            }
+        ));
+        order.push(c.job.id);
+    }
+    assert_eq!(
+        order,
+        [high1.id, high2.id, low.id],
+        "priority first, FIFO within a priority"
+    );
+}
+
+async fn retry_and_dead_letter(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(3600);
+    let (j, ev) = store
+        .finish(
+            &c.lease,
+            Finish::Failed {
+                error: JobError::new("agent_failed", "boom"),
+                result: None,
+                retry_at: Some(later),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.status, JobStatus::Queued);
+    assert!(!j.dead_letter);
+    assert!(matches!(
+        ev.kind,
+        JobEventKind::Status {
+            from: Some(JobStatus::Running),
+            to: JobStatus::Queued,
+            ..
+        }
+    ));
+    // Not due yet.
+    assert!(store.claim(&claim_req("w1")).await.unwrap().is_none());
+    let mut due = claim_req("w1");
+    due.now = later + chrono::Duration::seconds(1);
+    let c2 = store.claim(&due).await.unwrap().expect("due retry");
+    assert_eq!(c2.job.id, job.id);
+    assert_eq!(c2.job.attempt, 2);
+    let (j, _) = store
+        .finish(
+            &c2.lease,
+            Finish::Failed {
+                error: JobError::new("agent_failed", "boom again"),
+                result: Some(JobResult::default()),
+                retry_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.status, JobStatus::Failed);
+    assert!(j.dead_letter);
+    assert_eq!(j.error.as_ref().unwrap().message, "boom again");
+    assert!(j.finished_at.is_some());
+    // Finishing again is refused: the lease is gone.
+    assert_eq!(
+        store
+            .finish(&c2.lease, Finish::Completed(JobResult::default()))
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(job.id))
+    );
+    let statuses: Vec<_> = j.history.iter().map(|h| h.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Failed
+        ]
+    );
+}
+
+async fn per_project_limit(store: &dyn JobStore) {
+    let a1 = create(store, sample_job("w", "/same", 0)).await;
+    let _a2 = create(store, sample_job("w", "/same", 0)).await;
+    let b = create(store, sample_job("w", "/other", 0)).await;
+    let req = claim_req("w1").per_project(1);
+    let c1 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c1.job.id, a1.id);
+    let c2 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c2.job.id, b.id, "the second /same job must wait");
+    assert!(store.claim(&req).await.unwrap().is_none());
+    store
+        .finish(&c1.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let c3 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c3.job.project_path, "/same");
+}
+
+async fn fencing_and_recovery(store: &dyn JobStore) {
+    let mut job = sample_job("w", "/p", 0);
+    job.max_attempts = 2;
+    let job = create(store, job).await;
+    let mut req = ClaimRequest::new("w1", Duration::from_millis(200));
+    let c = store.claim(&req).await.unwrap().unwrap();
+    // Heartbeat extends and reports no cancel.
+    let hb = store
+        .heartbeat(&c.lease, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(!hb.cancel_requested);
+    assert!(hb.lease.expires_at >= c.lease.expires_at);
+    let ev = store
+        .append(
+            &hb.lease,
+            JobEventKind::Log {
+                level: "info".into(),
+                message: "hi".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ev.seq, 3);
+    // A forged token is refused.
+    let mut forged = hb.lease.clone();
+    forged.token = forged.token.wrapping_add(1000);
+    assert_eq!(
+        store
+            .append(
+                &forged,
+                JobEventKind::Log {
+                    level: "info".into(),
+                    message: "x".into()
+                }
+            )
+            .await,
+        Err(StoreError::LeaseLost(job.id))
+    );
+    // Status events cannot be appended directly.
+    assert!(store
+        .append(
+            &hb.lease,
+            JobEventKind::status(None, JobStatus::Completed, 1)
+        )
+        .await
+        .is_err());
+    // After expiry, recovery requeues and the old worker is fenced out.
+    let after = hb.lease.expires_at + chrono::Duration::milliseconds(1);
+    let recovered = store.recover_expired(after).await.unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(recovered[0].0.status, JobStatus::Queued);
+    assert!(store.recover_expired(after).await.unwrap().is_empty());
+    req.now = after;
+    req.owner = "w2".into();
+    let c2 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c2.job.attempt, 2);
+    assert_ne!(c2.lease.token, c.lease.token);
+    assert_eq!(
+        store
+            .finish(&hb.lease, Finish::Completed(JobResult::default()))
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(job.id))
+    );
+    assert_eq!(
+        store
+            .heartbeat(&hb.lease, Duration::from_secs(1))
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(job.id))
+    );
+    let (done, _) = store
+        .finish(
+            &c2.lease,
+            Finish::Completed(JobResult {
+                summary: "ok".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(done.result.unwrap().summary, "ok");
+    // Out of attempts: an expired lease fails the job.
+    let mut once = sample_job("w", "/p", 0);
+    once.max_attempts = 1;
+    let once = create(store, once).await;
+    let mut r = ClaimRequest::new("w1", Duration::from_millis(100));
+    r.now = after;
+    let c = store.claim(&r).await.unwrap().unwrap();
+    assert_eq!(c.job.id, once.id);
+    let rec = store
+        .recover_expired(c.lease.expires_at + chrono::Duration::milliseconds(1))
+        .await
+        .unwrap();
+    assert_eq!(rec[0].0.status, JobStatus::Failed);
+    assert!(rec[0].0.dead_letter);
+    assert_eq!(rec[0].0.error.as_ref().unwrap().kind, "lease_lost");
+}
+
+async fn cancel(store: &dyn JobStore) {
+    let queued = create(store, sample_job("w", "/p", 0)).await;
+    match store.request_cancel(queued.id, "stop").await.unwrap() {
+        CancelOutcome::Cancelled(j, ev) => {
+            assert_eq!(j.status, JobStatus::Cancelled);
+            assert!(ev.is_terminal());
+        }
+        other => panic!("queued job should be cancelled at once, got {other:?}"),
+    }
+    assert!(
+        store.claim(&claim_req("w1")).await.unwrap().is_none(),
+        "a cancelled job is not claimable"
+    );
+    assert!(matches!(
+        store.request_cancel(queued.id, "again").await.unwrap(),
+        CancelOutcome::AlreadyFinished(j) if j.status == JobStatus::Cancelled
+    ));
+    let running = create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    assert_eq!(c.job.id, running.id);
+    assert!(matches!(
+        store.request_cancel(running.id, "stop").await.unwrap(),
+        CancelOutcome::Requested(_)
+    ));
+    assert!(
+        store
+            .heartbeat(&c.lease, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    let (j, _) = store
+        .finish(
+            &c.lease,
+            Finish::Cancelled {
+                error: JobError::new("cancelled", "stop"),
+                result: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.status, JobStatus::Cancelled);
+    assert!(matches!(
+        store.request_cancel(JobId::new(), "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn listing(store: &dyn JobStore) {
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let wf = if i % 2 == 0 { "even" } else { "odd" };
+        ids.push(create(store, sample_job(wf, "/p", 0)).await.id);
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let mut q = JobQuery::default().limit(3);
+        q.cursor = cursor;
+        let page = store.list(&q).await.unwrap();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "newest first, every job once");
+    let odd = store
+        .list(&JobQuery::default().workflow("odd"))
+        .await
+        .unwrap();
+    assert_eq!(odd.jobs.len(), 3);
+    assert!(odd.jobs.iter().all(|j| j.workflow == "odd"));
+    store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    let running = store
+        .list(&JobQuery::default().status(JobStatus::Running))
+        .await
+        .unwrap();
+    assert_eq!(running.jobs.len(), 1);
+    let queued = store
+        .list(&JobQuery::default().status(JobStatus::Queued))
+        .await
+        .unwrap();
+    assert_eq!(queued.jobs.len(), 6);
+}
+
+async fn progress_and_counts(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    assert_eq!(c.job.id, job.id);
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (1, 1));
+    store
+        .append(
+            &c.lease,
+            JobEventKind::StepStarted {
+                step: "a".into(),
+                agent: "x".into(),
+                attempt: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let j = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(j.progress.in_progress, ["a"]);
+    assert_eq!(j.progress.pending, ["b"]);
+    store
+        .append(
+            &c.lease,
+            JobEventKind::StepFinished {
+                step: "a".into(),
+                ok: true,
+                duration_ms: 1,
+                error: None,
+            },
+        )
+        .await
+        .unwrap();
+    let j = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(j.progress.completed, ["a"]);
+    assert!(j.progress.in_progress.is_empty());
+    let evs = store.events(job.id, 0).await.unwrap();
+    let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    store
+        .finish(&c.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (1, 0));
+}

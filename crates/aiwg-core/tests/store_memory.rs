@@ -1,0 +1,11 @@
+//! The store conformance suite on the in-memory store.
+
+use std::sync::Arc;
+
+use aiwg_core::test_util::store_suite;
+use aiwg_core::{JobStore, MemoryStore};
+
+#[tokio::test]
+async fn memory_store_passes_the_store_suite() {
+    store_suite(|| async { Arc::new(MemoryStore::new()) as Arc<dyn JobStore> }).await;
+}
