@@ -1,0 +1,607 @@
+//! The engine with scripted and mock executors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::engine::EngineError;
+use aiwg_core::test_util::{MockExecutor, ScriptedExecutor};
+use aiwg_core::{
+    AgentEvent, AgentResult, Capabilities, Engine, EngineBuilder, Health, JobEventKind, JobRequest,
+    JobStatus, Parameter, PolicyError, ProjectPolicy, Step, SubmitError, Usage, Workflow,
+};
+use futures_util::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Env {
+    _dir: tempfile::TempDir,
+    policy: ProjectPolicy,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    for p in ["a", "b", "c"] {
+        std::fs::create_dir(dir.path().join(p)).unwrap();
+    }
+    let policy = ProjectPolicy::builder().root(dir.path()).build().unwrap();
+    Env { _dir: dir, policy }
+}
+
+fn builder(env: &Env) -> EngineBuilder {
+    Engine::builder()
+        .policy(env.policy.clone())
+        .poll_interval(Duration::from_millis(10))
+        .retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
+}
+
+fn one_step(name: &str, agent: &str) -> Workflow {
+    Workflow::new(name).step(Step::prompt("run", agent, "do {{guidance}}"))
+}
+
+#[tokio::test]
+async fn a_two_step_job_completes_with_rendered_prompts_events_and_result() {
+    let env = env();
+    let exec = ScriptedExecutor::succeeding("step output")
+        .session("ses-1")
+        .cost(0.5, Usage::new(10, 20))
+        .emit(AgentEvent::Text {
+            text: "thinking".into(),
+        });
+    let engine = builder(&env)
+        .executor("agent", Arc::new(exec.clone()))
+        .workflow(
+            Workflow::new("review")
+                .param(Parameter::new("target").required())
+                .param(Parameter::new("depth").with_default("2"))
+                .step(Step::prompt("draft", "agent", "Review {{target}} at {{depth}}: {{guidance}} in {{project_path}} for {{trigger.source}}"))
+                .step(Step::prompt("check", "agent", "Check: {{steps.draft.output}}").resuming()),
+        )
+        .build()
+        .unwrap();
+    let job = engine
+        .submit(
+            JobRequest::new("review")
+                .project_path("a")
+                .param("target", "api")
+                .guidance("be strict $(rm -rf /)"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.params["depth"], "2");
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    assert_eq!(done.attempt, 1);
+    let result = done.result.clone().unwrap();
+    assert_eq!(result.summary, "step output");
+    assert_eq!(result.steps.len(), 2);
+    assert_eq!(result.cost_usd, Some(1.0));
+    assert_eq!(result.usage.unwrap().output_tokens, 40);
+    assert_eq!(result.session_id.as_deref(), Some("ses-1"));
+    assert_eq!(done.progress.completed, ["draft", "check"]);
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+
+    let reqs = exec.requests();
+    let project = std::fs::canonicalize(env.policy.roots()[0].join("a")).unwrap();
+    assert_eq!(
+        reqs[0].prompt,
+        format!(
+            "Review api at 2: be strict $(rm -rf /) in {} for api",
+            project.display()
+        )
+    );
+    assert_eq!(reqs[0].resume_session, None);
+    assert_eq!(reqs[1].prompt, "Check: step output");
+    assert_eq!(reqs[1].resume_session.as_deref(), Some("ses-1"));
+    assert_eq!(reqs[0].project_path, project);
+
+    let events: Vec<_> = engine.subscribe(job.id, 0).await.unwrap().collect().await;
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let names: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "status",
+            "status",
+            "step.started",
+            "agent",
+            "step.finished",
+            "step.started",
+            "agent",
+            "step.finished",
+            "status"
+        ]
+    );
+    assert!(events.last().unwrap().is_terminal());
+    // Replay from a sequence number skips what the client has.
+    let tail: Vec<_> = engine.subscribe(job.id, 7).await.unwrap().collect().await;
+    assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 9]);
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_live_subscriber_sees_history_then_live_events_and_the_end() {
+    let env = env();
+    let exec = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .executor("h", Arc::new(exec.clone()))
+        .workflow(one_step("w", "h"))
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(exec.wait_started(1, WAIT).await);
+    let mut stream = engine.subscribe(job.id, 0).await.unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(
+            tokio::time::timeout(WAIT, stream.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .kind
+                .name(),
+        );
+    }
+    assert_eq!(kinds, ["status", "status", "step.started"]);
+    let canceller = engine.clone();
+    tokio::spawn(async move { canceller.cancel(job.id).await });
+    let rest: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let last = rest.last().unwrap();
+    assert!(matches!(
+        last.kind,
+        JobEventKind::Status {
+            to: JobStatus::Cancelled,
+            ..
+        }
+    ));
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn higher_priority_runs_first_and_fifo_within_a_priority() {
+    let env = env();
+    let blocker = ScriptedExecutor::hanging();
+    let worker = ScriptedExecutor::succeeding("ok");
+    let engine = builder(&env)
+        .workers(1)
+        .executor("block", Arc::new(blocker.clone()))
+        .executor("work", Arc::new(worker.clone()))
+        .workflow(one_step("block", "block"))
+        .workflow(one_step("work", "work"))
+        .build()
+        .unwrap();
+    let b = engine.submit(JobRequest::new("block")).await.unwrap();
+    assert!(blocker.wait_started(1, WAIT).await);
+    let mut ids = Vec::new();
+    for (g, p) in [("low", 0), ("high-1", 10), ("mid", 5), ("high-2", 10)] {
+        ids.push((
+            g,
+            engine
+                .submit(JobRequest::new("work").guidance(g).priority(p))
+                .await
+                .unwrap()
+                .id,
+        ));
+    }
+    engine.cancel(b.id).await.unwrap();
+    for (_, id) in &ids {
+        assert_eq!(
+            engine.wait(*id, WAIT).await.unwrap().status,
+            JobStatus::Completed
+        );
+    }
+    let order: Vec<String> = worker.requests().iter().map(|r| r.prompt.clone()).collect();
+    assert_eq!(order, ["do high-1", "do high-2", "do mid", "do low"]);
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn per_project_concurrency_is_enforced_while_other_projects_run() {
+    let env = env();
+    let exec = ScriptedExecutor::succeeding("ok").delay(Duration::from_millis(30));
+    let other = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .workers(4)
+        .per_project_concurrency(1)
+        .executor("x", Arc::new(exec.clone()))
+        .executor("h", Arc::new(other.clone()))
+        .workflow(one_step("w", "x"))
+        .workflow(one_step("hang", "h"))
+        .build()
+        .unwrap();
+    // A job that hangs in project b does not block project a.
+    let hang = engine
+        .submit(JobRequest::new("hang").project_path("b"))
+        .await
+        .unwrap();
+    assert!(other.wait_started(1, WAIT).await);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            engine
+                .submit(JobRequest::new("w").project_path("a"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in ids {
+        assert_eq!(
+            engine.wait(id, WAIT).await.unwrap().status,
+            JobStatus::Completed
+        );
+    }
+    assert_eq!(
+        exec.max_running(),
+        1,
+        "project a ran more than one job at once"
+    );
+    assert_eq!(exec.calls(), 4);
+    engine.cancel(hang.id).await.unwrap();
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn step_timeout_and_job_timeout_end_timed_out_with_the_executor_cancelled() {
+    let env = env();
+    let exec = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .executor("h", Arc::new(exec.clone()))
+        .workflow(
+            Workflow::new("step")
+                .step(Step::prompt("s", "h", "x").with_timeout(Duration::from_millis(50))),
+        )
+        .workflow(
+            Workflow::new("job")
+                .with_timeout(Duration::from_millis(60))
+                .step(Step::prompt("s", "h", "x")),
+        )
+        .build()
+        .unwrap();
+    let a = engine.submit(JobRequest::new("step")).await.unwrap();
+    let a = engine.wait(a.id, WAIT).await.unwrap();
+    assert_eq!(a.status, JobStatus::TimedOut);
+    assert!(
+        a.error.as_ref().unwrap().message.contains("step `s`"),
+        "{:?}",
+        a.error
+    );
+    let b = engine.submit(JobRequest::new("job")).await.unwrap();
+    let b = engine.wait(b.id, WAIT).await.unwrap();
+    assert_eq!(b.status, JobStatus::TimedOut);
+    assert!(
+        b.error.as_ref().unwrap().message.contains("job ran past"),
+        "{:?}",
+        b.error
+    );
+    assert!(!b.dead_letter);
+    assert_eq!(
+        exec.cancelled(),
+        2,
+        "the executor must see the cancellation"
+    );
+    assert_eq!(exec.running(), 0);
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn failures_retry_with_backoff_then_dead_letter() {
+    let env = env();
+    let flaky = ScriptedExecutor::succeeding("ok").fail_times(2);
+    let broken = ScriptedExecutor::succeeding("never").fail_times(usize::MAX);
+    let engine = builder(&env)
+        .executor("flaky", Arc::new(flaky.clone()))
+        .executor("broken", Arc::new(broken.clone()))
+        .workflow(one_step("flaky", "flaky").with_max_attempts(3))
+        .workflow(one_step("broken", "broken").with_max_attempts(3))
+        .build()
+        .unwrap();
+    let f = engine.submit(JobRequest::new("flaky")).await.unwrap();
+    let f = engine.wait(f.id, WAIT).await.unwrap();
+    assert_eq!(f.status, JobStatus::Completed);
+    assert_eq!(f.attempt, 3);
+    assert!(!f.dead_letter);
+    assert_eq!(flaky.calls(), 3);
+
+    let b = engine.submit(JobRequest::new("broken")).await.unwrap();
+    let b = engine.wait(b.id, WAIT).await.unwrap();
+    assert_eq!(b.status, JobStatus::Failed);
+    assert!(b.dead_letter);
+    assert_eq!(b.attempt, 3);
+    assert_eq!(broken.calls(), 3);
+    assert_eq!(b.error.as_ref().unwrap().kind, "agent_failed");
+    let statuses: Vec<_> = b.history.iter().map(|h| h.status).collect();
+    use JobStatus::*;
+    assert_eq!(
+        statuses,
+        [Queued, Running, Queued, Running, Queued, Running, Failed]
+    );
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn cancel_of_queued_running_finished_and_unknown_jobs() {
+    let env = env();
+    let exec = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .workers(1)
+        .executor("h", Arc::new(exec.clone()))
+        .workflow(one_step("w", "h"))
+        .build()
+        .unwrap();
+    let running = engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(exec.wait_started(1, WAIT).await);
+    let queued = engine.submit(JobRequest::new("w")).await.unwrap();
+
+    let q = engine.cancel(queued.id).await.unwrap();
+    assert_eq!(q.status, JobStatus::Cancelled);
+
+    let r = engine.cancel(running.id).await.unwrap();
+    assert_eq!(r.status, JobStatus::Cancelled);
+    assert_eq!(
+        exec.cancelled(),
+        1,
+        "the running executor saw the cancellation"
+    );
+    assert_eq!(
+        exec.running(),
+        0,
+        "cancel returned only after the executor returned"
+    );
+    assert_eq!(exec.calls(), 1, "the cancelled queued job never ran");
+
+    assert!(matches!(
+        engine.cancel(running.id).await,
+        Err(EngineError::AlreadyFinished {
+            status: JobStatus::Cancelled,
+            ..
+        })
+    ));
+    assert!(matches!(
+        engine.cancel(aiwg_core::JobId::new()).await,
+        Err(EngineError::NotFound(_))
+    ));
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_same_job_or_conflict() {
+    let env = env();
+    let engine = builder(&env)
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(one_step("w", "x"))
+        .build()
+        .unwrap();
+    let req = JobRequest::new("w").guidance("g").idempotency_key("abc");
+    let a = engine.submit(req.clone()).await.unwrap();
+    let b = engine.submit(req.clone()).await.unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(
+        engine.submit(req.guidance("other")).await,
+        Err(SubmitError::IdempotencyConflict { existing: a.id })
+    );
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_is_a_distinct_error() {
+    let env = env();
+    let exec = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .workers(1)
+        .queue_capacity(2)
+        .executor("h", Arc::new(exec.clone()))
+        .workflow(one_step("w", "h"))
+        .build()
+        .unwrap();
+    engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(exec.wait_started(1, WAIT).await);
+    engine.submit(JobRequest::new("w")).await.unwrap();
+    engine.submit(JobRequest::new("w")).await.unwrap();
+    assert_eq!(
+        engine.submit(JobRequest::new("w")).await,
+        Err(SubmitError::QueueFull { capacity: 2 })
+    );
+    let stats = engine.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats.queued, stats.running, stats.workers, stats.busy),
+        (2, 1, 1, 1)
+    );
+    engine.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn submit_rejects_bad_requests_with_distinct_errors() {
+    let env = env();
+    let engine = builder(&env)
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(
+            Workflow::new("w")
+                .param(Parameter::new("need").required())
+                .step(Step::prompt("s", "x", "{{need}}")),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(
+        engine.submit(JobRequest::new("nope")).await,
+        Err(SubmitError::UnknownWorkflow("nope".into()))
+    );
+    assert!(matches!(
+        engine.submit(JobRequest::new("w")).await,
+        Err(SubmitError::Params(aiwg_core::ParamError::Missing { .. }))
+    ));
+    assert!(matches!(
+        engine
+            .submit(JobRequest::new("w").param("need", "1").param("extra", "2"))
+            .await,
+        Err(SubmitError::Params(aiwg_core::ParamError::Unknown { .. }))
+    ));
+    assert!(matches!(
+        engine
+            .submit(
+                JobRequest::new("w")
+                    .param("need", "1")
+                    .project_path("../..")
+            )
+            .await,
+        Err(SubmitError::Project(PolicyError::DotDotEscape(_)))
+    ));
+    assert!(matches!(
+        engine
+            .submit(JobRequest::new("w").param("need", "1").project_path("/etc"))
+            .await,
+        Err(SubmitError::Project(PolicyError::OutsideRoot(_)))
+    ));
+    assert!(matches!(
+        engine
+            .submit(
+                JobRequest::new("w")
+                    .param("need", "1")
+                    .guidance("x".repeat(70_000))
+            )
+            .await,
+        Err(SubmitError::Invalid(_))
+    ));
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn build_refuses_unknown_agents_and_bad_settings() {
+    let env = env();
+    let err = builder(&env)
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("")))
+        .workflow(one_step("w", "ghost"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("ghost"), "{err}");
+    let err = builder(&env).workers(0).build().unwrap_err();
+    assert!(err.to_string().contains("workers"), "{err}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_short_jobs_finish_and_cancels_the_rest() {
+    let env = env();
+    let short = ScriptedExecutor::succeeding("ok").delay(Duration::from_millis(50));
+    let hang = ScriptedExecutor::hanging();
+    let engine = builder(&env)
+        .workers(2)
+        .executor("short", Arc::new(short.clone()))
+        .executor("hang", Arc::new(hang.clone()))
+        .workflow(one_step("short", "short"))
+        .workflow(one_step("hang", "hang"))
+        .build()
+        .unwrap();
+    let s = engine.submit(JobRequest::new("short")).await.unwrap();
+    let h = engine.submit(JobRequest::new("hang")).await.unwrap();
+    assert!(short.wait_started(1, WAIT).await && hang.wait_started(1, WAIT).await);
+    engine.shutdown(Duration::from_millis(300)).await;
+    assert_eq!(engine.get(s.id).await.unwrap().status, JobStatus::Completed);
+    let h = engine.get(h.id).await.unwrap();
+    assert_eq!(h.status, JobStatus::Cancelled);
+    assert_eq!(h.error.unwrap().kind, "shutdown");
+    assert_eq!(hang.running(), 0);
+    assert_eq!(
+        engine.submit(JobRequest::new("short")).await,
+        Err(SubmitError::ShuttingDown)
+    );
+}
+
+#[tokio::test]
+async fn a_mock_executor_sees_the_rendered_request() {
+    let env = env();
+    let mut mock = MockExecutor::new();
+    mock.expect_execute()
+        .withf(|req, _, _| req.prompt == "do the thing" && req.step == "run")
+        .times(1)
+        .returning(|_, events, _| {
+            events.emit(AgentEvent::Text {
+                text: "hello".into(),
+            });
+            Ok(AgentResult::text("mocked").with_exit_code(0))
+        });
+    mock.expect_capabilities().returning(Capabilities::default);
+    mock.expect_kind().return_const("mock");
+    mock.expect_health().returning(Health::healthy);
+    let engine = builder(&env)
+        .executor("m", Arc::new(mock))
+        .workflow(one_step("w", "m"))
+        .build()
+        .unwrap();
+    let job = engine
+        .submit(JobRequest::new("w").guidance("the thing"))
+        .await
+        .unwrap();
+    let job = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(job.result.unwrap().steps[0].exit_code, Some(0));
+    let events = engine.store().events(job.id, 0).await.unwrap();
+    assert!(events.iter().any(|e| matches!(&e.kind, JobEventKind::Agent { event: AgentEvent::Text { text }, .. } if text == "hello")));
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_noop_jobs_each_finish_exactly_once() {
+    let env = env();
+    let exec = ScriptedExecutor::succeeding("");
+    let engine = builder(&env)
+        .workers(16)
+        .queue_capacity(20_000)
+        .executor("noop", Arc::new(exec.clone()))
+        .workflow(one_step("noop", "noop"))
+        .build()
+        .unwrap();
+    let mut all = engine.subscribe_all();
+    let counter = tokio::spawn(async move {
+        let mut terminal = std::collections::HashMap::<aiwg_core::JobId, u32>::new();
+        let mut total = 0;
+        while total < 10_000 {
+            match all.recv().await {
+                Ok(ev) if ev.is_terminal() => {
+                    *terminal.entry(ev.job_id).or_default() += 1;
+                    total += 1;
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        terminal
+    });
+    let mut handles = Vec::new();
+    for _ in 0..10_000 {
+        let e = engine.clone();
+        handles.push(tokio::spawn(async move {
+            e.submit(JobRequest::new("noop").guidance("x"))
+                .await
+                .unwrap()
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.push(h.await.unwrap());
+    }
+    for id in &ids {
+        let job = engine.wait(*id, Duration::from_secs(120)).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed);
+        assert_eq!(job.attempt, 1);
+        let terminal = engine
+            .store()
+            .events(*id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.is_terminal())
+            .count();
+        assert_eq!(terminal, 1);
+    }
+    assert_eq!(exec.calls(), 10_000, "every job ran exactly once");
+    // The live bus may drop events under lag, but never duplicates a terminal one.
+    if let Ok(Ok(seen)) = tokio::time::timeout(Duration::from_secs(5), counter).await {
+        assert!(seen.values().all(|n| *n == 1));
+    }
+    engine.shutdown(Duration::from_secs(1)).await;
+}
