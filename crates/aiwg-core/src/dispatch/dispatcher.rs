@@ -1,0 +1,782 @@
+//! The [`Dispatcher`] handle, its builder, the management API and the worker pool.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{broadcast, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::config::DispatchConfig;
+use super::event::{OutboundEvent, EVENT_TYPES};
+use super::memory::MemoryStore;
+use super::retry::RetryPolicy;
+use super::sender::Sender;
+use super::sign::SigningSecret;
+use super::ssrf::{literal_host, IpNet, TargetPolicy};
+use super::store::{
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery,
+    DeliveryId, DispatchStore, NewDelivery, RequeueOutcome, StoreError,
+};
+use super::subscription::{
+    validate_filters, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,
+    Subscription, SubscriptionChange, SubscriptionId, SubscriptionList, UpdateSubscription,
+    WebhookSubscription,
+};
+use super::DispatchError;
+
+type Result<T, E = DispatchError> = std::result::Result<T, E>;
+
+/// An operational event about a subscription (also logged with `tracing::warn!`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DispatchNotice {
+    /// The dispatcher disabled a subscription.
+    SubscriptionDisabled {
+        /// The subscription.
+        subscription_id: SubscriptionId,
+        /// Its URL.
+        url: String,
+        /// Why (`410 Gone` or the failing window).
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+/// One page of a subscription's delivery log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct DeliveryPage {
+    /// Deliveries, newest first, each with its attempts.
+    pub deliveries: Vec<Delivery>,
+    /// Pass as `cursor` for the next (older) page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Builds a [`Dispatcher`]. Every setting has a default.
+#[must_use]
+pub struct DispatcherBuilder {
+    store: Option<Arc<dyn DispatchStore>>,
+    retry: RetryPolicy,
+    workers: usize,
+    per_subscription_cap: usize,
+    connect_timeout: Duration,
+    timeout: Duration,
+    allow_private: bool,
+    subnets: Vec<String>,
+    max_payload: usize,
+    disable_after: Duration,
+    rotation_grace: Duration,
+    retry_after_max: Duration,
+    poll_interval: Duration,
+    instance_id: Option<String>,
+}
+
+impl fmt::Debug for DispatcherBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("retry", &self.retry)
+            .field("workers", &self.workers)
+            .field("per_subscription_cap", &self.per_subscription_cap)
+            .field("allow_private", &self.allow_private)
+            .field("subnets", &self.subnets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DispatcherBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            retry: RetryPolicy::long(),
+            workers: 10,
+            per_subscription_cap: 5,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            allow_private: false,
+            subnets: Vec::new(),
+            max_payload: 256 * 1024,
+            disable_after: Duration::from_secs(5 * 86_400),
+            rotation_grace: Duration::from_secs(86_400),
+            retry_after_max: Duration::from_secs(3600),
+            poll_interval: Duration::from_secs(1),
+            instance_id: None,
+        }
+    }
+}
+
+impl DispatcherBuilder {
+    /// The store (default: a fresh [`MemoryStore`]).
+    pub fn store(mut self, store: Arc<dyn DispatchStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The retry schedule (default [`RetryPolicy::long`]).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Worker tasks (default 10).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Concurrent attempts per subscription (default 5).
+    pub fn max_in_flight_per_subscription(mut self, n: usize) -> Self {
+        self.per_subscription_cap = n;
+        self
+    }
+
+    /// Connect timeout (default 5 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Whole-attempt timeout (default 15 s).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Allow private, loopback, link-local… targets (default false).
+    pub fn allow_private_targets(mut self, allow: bool) -> Self {
+        self.allow_private = allow;
+        self
+    }
+
+    /// Allow one network although it is not public (`"10.1.0.0/16"`); checked by `build`.
+    pub fn allow_subnet(mut self, cidr: impl Into<String>) -> Self {
+        self.subnets.push(cidr.into());
+        self
+    }
+
+    /// Largest event body in bytes (default 256 KiB).
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload = n;
+        self
+    }
+
+    /// Disable a subscription whose attempts keep failing for this long (default 5 days).
+    pub fn disable_after(mut self, d: Duration) -> Self {
+        self.disable_after = d;
+        self
+    }
+
+    /// How long the previous secret keeps signing after a rotation (default 24 h).
+    pub fn rotation_grace(mut self, d: Duration) -> Self {
+        self.rotation_grace = d;
+        self
+    }
+
+    /// The longest `Retry-After` honoured (default 1 h).
+    pub fn retry_after_max(mut self, d: Duration) -> Self {
+        self.retry_after_max = d;
+        self
+    }
+
+    /// How often idle workers look at the store for work another instance queued
+    /// (default 1 s; local publishes and retries wake them at once).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+
+    /// This instance's name in leases (default: a random UUID).
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Applies the `webhooks:` configuration section.
+    pub fn config(mut self, c: &DispatchConfig) -> Self {
+        if let Some(r) = &c.retry {
+            self.retry = r.clone();
+        }
+        if let Some(n) = c.workers {
+            self.workers = n;
+        }
+        if let Some(n) = c.max_in_flight_per_subscription {
+            self.per_subscription_cap = n;
+        }
+        if let Some(b) = c.allow_private_targets {
+            self.allow_private = b;
+        }
+        self.subnets.extend(c.allowed_subnets.iter().cloned());
+        if let Some(d) = c.connect_timeout {
+            self.connect_timeout = d;
+        }
+        if let Some(d) = c.timeout {
+            self.timeout = d;
+        }
+        if let Some(n) = c.max_payload_bytes {
+            self.max_payload = n;
+        }
+        if let Some(d) = c.disable_after {
+            self.disable_after = d;
+        }
+        if let Some(d) = c.rotation_grace {
+            self.rotation_grace = d;
+        }
+        if let Some(d) = c.retry_after_max {
+            self.retry_after_max = d;
+        }
+        self
+    }
+
+    /// Checks the settings and builds the handle (nothing runs until
+    /// [`Dispatcher::start`]).
+    pub fn build(self) -> Result<Dispatcher> {
+        let positive = |name: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(DispatchError::Invalid(format!("webhooks.{name} must be positive")))
+            }
+        };
+        positive("workers", self.workers > 0)?;
+        positive(
+            "max_in_flight_per_subscription",
+            self.per_subscription_cap > 0,
+        )?;
+        positive("connect_timeout", !self.connect_timeout.is_zero())?;
+        positive("timeout", !self.timeout.is_zero())?;
+        positive("max_payload_bytes", self.max_payload > 0)?;
+        positive("poll_interval", !self.poll_interval.is_zero())?;
+        let allowed = self
+            .subnets
+            .iter()
+            .map(|s| s.parse::<IpNet>())
+            .collect::<Result<Vec<_>>>()?;
+        let policy = Arc::new(TargetPolicy {
+            allow_private: self.allow_private,
+            allowed,
+        });
+        let sender = Sender::new(policy.clone(), self.connect_timeout, self.timeout)?;
+        let (notices, _) = broadcast::channel(64);
+        Ok(Dispatcher {
+            inner: Arc::new(Inner {
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                retry: self.retry,
+                workers: self.workers,
+                per_subscription_cap: self.per_subscription_cap,
+                lease_for: self.timeout + Duration::from_secs(30),
+                max_payload: self.max_payload,
+                disable_after: self.disable_after,
+                rotation_grace: self.rotation_grace,
+                retry_after_max: self.retry_after_max,
+                poll_interval: self.poll_interval,
+                owner: self
+                    .instance_id
+                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                policy,
+                sender,
+                wake: Notify::new(),
+                notices,
+                running: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+/// The outbound webhook dispatcher: a cheap-clone handle. See the [module docs](super).
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn DispatchStore>,
+    retry: RetryPolicy,
+    workers: usize,
+    per_subscription_cap: usize,
+    lease_for: Duration,
+    max_payload: usize,
+    disable_after: Duration,
+    rotation_grace: Duration,
+    retry_after_max: Duration,
+    poll_interval: Duration,
+    owner: String,
+    policy: Arc<TargetPolicy>,
+    sender: Sender,
+    wake: Notify,
+    notices: broadcast::Sender<DispatchNotice>,
+    running: Mutex<Option<(CancellationToken, Vec<JoinHandle<()>>)>>,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("owner", &self.inner.owner)
+            .field("workers", &self.inner.workers)
+            .field("retry", &self.inner.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Dispatcher {
+    /// A builder with the defaults.
+    pub fn builder() -> DispatcherBuilder {
+        DispatcherBuilder::default()
+    }
+
+    /// The store behind the dispatcher.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn DispatchStore> {
+        &self.inner.store
+    }
+
+    /// Spawns the worker pool on the current tokio runtime. Calling it again while running does
+    /// nothing; after [`shutdown`](Self::shutdown) it starts a new pool.
+    pub fn start(&self) -> Result<()> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            DispatchError::Invalid("Dispatcher::start needs a tokio runtime".into())
+        })?;
+        let mut running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if running.is_some() {
+            return Ok(());
+        }
+        let cancel = CancellationToken::new();
+        let tasks = (0..self.inner.workers)
+            .map(|_| handle.spawn(worker(self.inner.clone(), cancel.clone())))
+            .collect();
+        *running = Some((cancel, tasks));
+        Ok(())
+    }
+
+    /// Stops the worker pool: an attempt in flight is abandoned and its delivery released for
+    /// a later attempt (at least once). Waits for the workers to end.
+    pub async fn shutdown(&self) {
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((cancel, tasks)) = running {
+            cancel.cancel();
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+
+    /// Operational notices (a subscription was disabled…). Slow receivers miss old notices.
+    #[must_use]
+    pub fn notices(&self) -> broadcast::Receiver<DispatchNotice> {
+        self.inner.notices.subscribe()
+    }
+
+    /// Writes one delivery per enabled subscription matching the event, before any attempt;
+    /// returns how many. [`DispatchError::PayloadTooLarge`] beyond the cap,
+    /// [`DispatchError::Invalid`] for an unknown event type.
+    pub async fn publish(&self, event: OutboundEvent) -> Result<usize> {
+        if !EVENT_TYPES.contains(&event.event_type.as_str()) {
+            return Err(DispatchError::Invalid(format!(
+                "unknown event type `{}`",
+                event.event_type
+            )));
+        }
+        let body = event.body();
+        if body.len() > self.inner.max_payload {
+            return Err(DispatchError::PayloadTooLarge {
+                size: body.len(),
+                limit: self.inner.max_payload,
+            });
+        }
+        let now = Utc::now();
+        let batch: Vec<NewDelivery> = self
+            .inner
+            .store
+            .subscriptions()
+            .await?
+            .iter()
+            .filter(|s| s.enabled && s.matches(&event.event_type))
+            .map(|s| NewDelivery::new(s.id, event.event_type.clone(), body.clone(), now))
+            .collect();
+        if !batch.is_empty() {
+            self.inner.store.enqueue(&batch).await?;
+            self.inner.wake.notify_waiters();
+        }
+        Ok(batch.len())
+    }
+
+    /// Open (`pending` or `retrying`) deliveries, for the status endpoint.
+    pub async fn pending_deliveries(&self) -> Result<usize> {
+        Ok(self.inner.store.pending_count().await?)
+    }
+
+    fn validate_url(&self, url: &str) -> Result<String> {
+        let url = url.trim();
+        if url.len() > 2048 {
+            return Err(DispatchError::Invalid("`url` is longer than 2048 bytes".into()));
+        }
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| DispatchError::Invalid(format!("`url` is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(DispatchError::Invalid(format!(
+                "`url` must use http or https, not `{}`",
+                parsed.scheme()
+            )));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(DispatchError::Invalid("`url` has no host".into()));
+        }
+        if let Some(ip) = literal_host(&parsed) {
+            self.inner.policy.check(ip).map_err(DispatchError::Invalid)?;
+        }
+        Ok(parsed.to_string())
+    }
+
+    /// Creates a subscription; the answer carries the secret (shown only now and on rotation).
+    pub async fn create(&self, req: CreateSubscription) -> Result<CreatedSubscription> {
+        let url = self.validate_url(&req.url)?;
+        let events = validate_filters(&req.events)?;
+        let secret = match req.secret.as_deref() {
+            Some(s) => SigningSecret::parse(s)?,
+            None => SigningSecret::generate(),
+        };
+        let description = req.description.filter(|d| !d.trim().is_empty());
+        let sub = Subscription::new(url, events, description, secret.clone(), Utc::now());
+        self.inner.store.insert_subscription(&sub).await?;
+        Ok(CreatedSubscription {
+            subscription: sub.view(),
+            secret: secret.expose().to_owned(),
+        })
+    }
+
+    /// Every subscription, oldest first.
+    pub async fn list(&self) -> Result<SubscriptionList> {
+        Ok(SubscriptionList {
+            webhooks: self
+                .inner
+                .store
+                .subscriptions()
+                .await?
+                .iter()
+                .map(Subscription::view)
+                .collect(),
+        })
+    }
+
+    /// One subscription.
+    pub async fn get(&self, id: SubscriptionId) -> Result<WebhookSubscription> {
+        self.inner
+            .store
+            .subscription(id)
+            .await?
+            .map(|s| s.view())
+            .ok_or(DispatchError::NotFound)
+    }
+
+    /// Changes a subscription. Enabling it clears its failure record and lets its waiting
+    /// deliveries go.
+    pub async fn update(
+        &self,
+        id: SubscriptionId,
+        req: UpdateSubscription,
+    ) -> Result<WebhookSubscription> {
+        let mut change = SubscriptionChange::at(Utc::now());
+        if let Some(url) = &req.url {
+            change = change.url(self.validate_url(url)?);
+        }
+        if let Some(events) = &req.events {
+            change = change.events(validate_filters(events)?);
+        }
+        if let Some(enabled) = req.enabled {
+            change = change.enabled(enabled);
+        }
+        if let Some(d) = req.description {
+            change = change.description(Some(d).filter(|d| !d.trim().is_empty()));
+        }
+        let sub = self
+            .inner
+            .store
+            .update_subscription(id, &change)
+            .await?
+            .ok_or(DispatchError::NotFound)?;
+        if req.enabled == Some(true) {
+            self.inner.wake.notify_waiters();
+        }
+        Ok(sub.view())
+    }
+
+    /// Deletes a subscription and its delivery log.
+    pub async fn delete(&self, id: SubscriptionId) -> Result<()> {
+        if self.inner.store.delete_subscription(id).await? {
+            Ok(())
+        } else {
+            Err(DispatchError::NotFound)
+        }
+    }
+
+    /// A new secret; the current one keeps signing alongside it for the rotation grace.
+    pub async fn rotate_secret(&self, id: SubscriptionId) -> Result<RotatedSecret> {
+        let now = Utc::now();
+        let sub = self
+            .inner
+            .store
+            .subscription(id)
+            .await?
+            .ok_or(DispatchError::NotFound)?;
+        let until = now + to_chrono(self.inner.rotation_grace);
+        let secret = SigningSecret::generate();
+        let mut keys = vec![SigningKey {
+            secret: secret.clone(),
+            expires_at: None,
+        }];
+        keys.extend(sub.keys.into_iter().filter(|k| k.is_live(now)).map(|k| SigningKey {
+            expires_at: Some(k.expires_at.map_or(until, |at| at.min(until))),
+            ..k
+        }));
+        self.inner
+            .store
+            .update_subscription(id, &SubscriptionChange::at(now).keys(keys))
+            .await?
+            .ok_or(DispatchError::NotFound)?;
+        Ok(RotatedSecret {
+            id,
+            secret: secret.expose().to_owned(),
+            previous_expires_at: until,
+        })
+    }
+
+    /// A subscription's deliveries, newest first, `limit` (1 to 100) per page, after the
+    /// `cursor` of the previous page.
+    pub async fn deliveries(
+        &self,
+        id: SubscriptionId,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<DeliveryPage> {
+        let limit = limit.clamp(1, 100);
+        let before = cursor
+            .map(|c| c.parse::<DeliveryId>())
+            .transpose()
+            .map_err(|_| DispatchError::Invalid("`cursor` is not a delivery id".into()))?;
+        if self.inner.store.subscription(id).await?.is_none() {
+            return Err(DispatchError::NotFound);
+        }
+        let mut deliveries = self.inner.store.deliveries(id, limit + 1, before).await?;
+        let next_cursor = if deliveries.len() > limit {
+            deliveries.truncate(limit);
+            deliveries.last().map(|d| d.id.to_string())
+        } else {
+            None
+        };
+        Ok(DeliveryPage {
+            deliveries,
+            next_cursor,
+        })
+    }
+
+    /// One delivery with its attempts.
+    pub async fn delivery(&self, id: SubscriptionId, delivery_id: DeliveryId) -> Result<Delivery> {
+        self.inner
+            .store
+            .delivery(id, delivery_id)
+            .await?
+            .ok_or(DispatchError::NotFound)
+    }
+
+    /// Queues a manual attempt of a delivery with the same `webhook-id`.
+    /// [`DispatchError::Conflict`] while an attempt is in flight or the subscription is disabled.
+    pub async fn retry_delivery(&self, id: SubscriptionId, delivery_id: DeliveryId) -> Result<()> {
+        let sub = self
+            .inner
+            .store
+            .subscription(id)
+            .await?
+            .ok_or(DispatchError::NotFound)?;
+        if !sub.enabled {
+            return Err(DispatchError::Conflict(
+                "the subscription is disabled; enable it first".into(),
+            ));
+        }
+        match self.inner.store.requeue(id, delivery_id, Utc::now()).await? {
+            RequeueOutcome::Requeued => {
+                self.inner.wake.notify_waiters();
+                Ok(())
+            }
+            RequeueOutcome::InFlight => Err(DispatchError::Conflict(
+                "an attempt of this delivery is in flight".into(),
+            )),
+            _ => Err(DispatchError::NotFound),
+        }
+    }
+}
+
+async fn worker(inner: Arc<Inner>, cancel: CancellationToken) {
+    loop {
+        let wake = inner.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let req = ClaimRequest::new(
+            Utc::now(),
+            1,
+            inner.owner.clone(),
+            inner.lease_for,
+            inner.per_subscription_cap,
+        );
+        let claimed = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            r = inner.store.claim_due(&req) => r,
+        };
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook dispatcher: claiming deliveries failed");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(inner.poll_interval) => continue,
+                }
+            }
+        };
+        if claimed.is_empty() {
+            let wait = match inner.store.next_due_at().await {
+                Ok(Some(at)) => (at - Utc::now())
+                    .to_std()
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .map_or(inner.poll_interval, |d| d.min(inner.poll_interval)),
+                _ => inner.poll_interval,
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = &mut wake => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        for task in claimed {
+            let lease = task.lease.clone();
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    if let Err(e) = inner.store.release(&lease).await {
+                        tracing::debug!(error = %e, "webhook dispatcher: release on shutdown");
+                    }
+                    return;
+                }
+                () = attempt(&inner, task) => {}
+            }
+        }
+    }
+}
+
+async fn attempt(inner: &Inner, task: ClaimedDelivery) {
+    let r = inner.sender.send(&task).await;
+    let sub = &task.subscription;
+    let code = r.status_code;
+    let now = Utc::now();
+    let record = Attempt {
+        status_code: code,
+        duration_ms: u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
+        response_body: r.body,
+        error: r.error,
+        at: r.at,
+        trigger: task.trigger,
+    };
+    let success = (200..300).contains(&code);
+    let (outcome, label) = if success {
+        (AttemptOutcome::Succeeded, "succeeded")
+    } else if code == 410 {
+        (AttemptOutcome::Failed, "gone")
+    } else {
+        let made = match task.trigger {
+            AttemptTrigger::Scheduled => task.scheduled_attempts.saturating_add(1),
+            _ => task.scheduled_attempts.max(1),
+        };
+        let honour = code == 429 || code >= 500;
+        let delay = inner.retry.delay_after(made).map(|d| match r.retry_after {
+            Some(ra) if honour => d.max(ra.min(inner.retry_after_max)),
+            _ => d,
+        });
+        match delay {
+            Some(d) => (
+                AttemptOutcome::Retry {
+                    at: now + to_chrono(d),
+                },
+                "retrying",
+            ),
+            None => (AttemptOutcome::Failed, "failed"),
+        }
+    };
+    metrics::counter!("aiwg_deliveries_total", "outcome" => label).increment(1);
+    tracing::debug!(
+        delivery = %task.id, subscription = %sub.id, status = code, outcome = label,
+        "webhook attempt"
+    );
+    match inner.store.finish_attempt(&task.lease, &record, outcome).await {
+        Ok(()) => {}
+        Err(StoreError::LeaseLost) => {
+            tracing::warn!(delivery = %task.id, "webhook attempt finished after its lease was lost; not recorded");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(delivery = %task.id, error = %e, "webhook dispatcher: recording an attempt failed");
+            return;
+        }
+    }
+    // Wake idle workers: a retry changed the next due time, or a per-subscription slot freed.
+    inner.wake.notify_waiters();
+    let health = if success {
+        inner.store.endpoint_succeeded(sub.id).await.map(|()| None)
+    } else if code == 410 {
+        Ok(Some("the endpoint answered 410 Gone".to_owned()))
+    } else {
+        inner.store.endpoint_failed(sub.id, now).await.map(|f| {
+            f.filter(|f| now - f.failing_since >= to_chrono(inner.disable_after))
+                .map(|f| {
+                    format!(
+                        "failing continuously since {} ({} failed attempts)",
+                        f.failing_since.to_rfc3339(),
+                        f.consecutive_failures
+                    )
+                })
+        })
+    };
+    match health {
+        Ok(Some(reason)) => disable(inner, sub, &reason, now).await,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(subscription = %sub.id, error = %e, "webhook dispatcher: recording endpoint health failed");
+        }
+    }
+}
+
+async fn disable(inner: &Inner, sub: &Subscription, reason: &str, now: DateTime<Utc>) {
+    match inner.store.disable_subscription(sub.id, reason, now).await {
+        Ok(true) => {
+            tracing::warn!(subscription = %sub.id, url = %sub.url, reason, "webhook subscription disabled");
+            let _ = inner.notices.send(DispatchNotice::SubscriptionDisabled {
+                subscription_id: sub.id,
+                url: sub.url.clone(),
+                reason: reason.to_owned(),
+                at: now,
+            });
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(subscription = %sub.id, error = %e, "webhook dispatcher: disabling failed");
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The in-memory [`DispatchStore`]: everything behind one mutex, with an index of due deliveries
+//! so a claim does not scan the whole outbox.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::store::{
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery,
+    DeliveryId, DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery,
+    RequeueOutcome, StoreError, StoreResult,
+};
+use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
+
+/// Subscriptions and deliveries in memory. Lost on restart; for tests and single-process hosts.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subs: BTreeMap<SubscriptionId, Subscription>,
+    rows: HashMap<DeliveryId, Row>,
+    by_sub: HashMap<SubscriptionId, BTreeSet<DeliveryId>>,
+    /// Open, unleased deliveries by due time.
+    due: BTreeSet<(DateTime<Utc>, DeliveryId)>,
+    /// Deliveries under a lease (expired or not).
+    leased: HashMap<DeliveryId, Lease>,
+}
+
+#[derive(Debug)]
+struct Row {
+    delivery: Delivery,
+    manual: bool,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every method updates in an
+        // order that keeps the indexes valid), so poisoning is ignored.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn check_lease(&self, lease: &Lease) -> StoreResult<()> {
+        match self.leased.get(&lease.delivery_id) {
+            Some(held) if held.token == lease.token => Ok(()),
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+#[async_trait]
+impl DispatchStore for MemoryStore {
+    async fn insert_subscription(&self, sub: &Subscription) -> StoreResult<()> {
+        let mut st = self.lock();
+        if st.subs.contains_key(&sub.id) {
+            return Err(StoreError::Duplicate);
+        }
+        st.subs.insert(sub.id, sub.clone());
+        Ok(())
+    }
+
+    async fn subscription(&self, id: SubscriptionId) -> StoreResult<Option<Subscription>> {
+        Ok(self.lock().subs.get(&id).cloned())
+    }
+
+    async fn subscriptions(&self) -> StoreResult<Vec<Subscription>> {
+        let st = self.lock();
+        let mut all: Vec<_> = st.subs.values().cloned().collect();
+        all.sort_by_key(|s| (s.created_at, s.id));
+        Ok(all)
+    }
+
+    async fn update_subscription(
+        &self,
+        id: SubscriptionId,
+        change: &SubscriptionChange,
+    ) -> StoreResult<Option<Subscription>> {
+        let mut st = self.lock();
+        Ok(st.subs.get_mut(&id).map(|sub| {
+            change.apply(sub);
+            sub.clone()
+        }))
+    }
+
+    async fn delete_subscription(&self, id: SubscriptionId) -> StoreResult<bool> {
+        let mut st = self.lock();
+        if st.subs.remove(&id).is_none() {
+            return Ok(false);
+        }
+        for did in st.by_sub.remove(&id).unwrap_or_default() {
+            if let Some(row) = st.rows.remove(&did) {
+                if let Some(at) = row.delivery.next_attempt_at {
+                    st.due.remove(&(at, did));
+                }
+            }
+            st.leased.remove(&did);
+        }
+        Ok(true)
+    }
+
+    async fn endpoint_failed(
+        &self,
+        id: SubscriptionId,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<EndpointFailure>> {
+        let mut st = self.lock();
+        Ok(st.subs.get_mut(&id).map(|sub| {
+            let since = *sub.failing_since.get_or_insert(at);
+            sub.consecutive_failures = sub.consecutive_failures.saturating_add(1);
+            EndpointFailure {
+                failing_since: since,
+                consecutive_failures: sub.consecutive_failures,
+            }
+        }))
+    }
+
+    async fn endpoint_succeeded(&self, id: SubscriptionId) -> StoreResult<()> {
+        if let Some(sub) = self.lock().subs.get_mut(&id) {
+            sub.failing_since = None;
+            sub.consecutive_failures = 0;
+        }
+        Ok(())
+    }
+
+    async fn disable_subscription(
+        &self,
+        id: SubscriptionId,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut st = self.lock();
+        match st.subs.get_mut(&id) {
+            Some(sub) if sub.enabled => {
+                sub.enabled = false;
+                sub.disabled_reason = Some(reason.to_owned());
+                sub.updated_at = at;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn enqueue(&self, deliveries: &[NewDelivery]) -> StoreResult<()> {
+        let mut st = self.lock();
+        for d in deliveries {
+            if st.rows.contains_key(&d.id) {
+                return Err(StoreError::Duplicate);
+            }
+        }
+        for d in deliveries {
+            let delivery = Delivery {
+                id: d.id,
+                subscription_id: d.subscription_id,
+                event_type: d.event_type.clone(),
+                payload: d.payload.clone(),
+                state: DeliveryState::Pending,
+                created_at: d.created_at,
+                next_attempt_at: Some(d.created_at),
+                scheduled_attempts: 0,
+                attempts: Vec::new(),
+            };
+            st.due.insert((d.created_at, d.id));
+            st.by_sub.entry(d.subscription_id).or_default().insert(d.id);
+            st.rows.insert(
+                d.id,
+                Row {
+                    delivery,
+                    manual: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn claim_due(&self, req: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // Expired leases go back to the due index.
+        let expired: Vec<DeliveryId> = st
+            .leased
+            .iter()
+            .filter(|(_, l)| l.expires_at <= req.now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            st.leased.remove(&id);
+            if let Some(at) = st.rows.get(&id).and_then(|r| r.delivery.next_attempt_at) {
+                st.due.insert((at, id));
+            }
+        }
+        let mut in_flight: HashMap<SubscriptionId, usize> = HashMap::new();
+        for id in st.leased.keys() {
+            if let Some(row) = st.rows.get(id) {
+                *in_flight.entry(row.delivery.subscription_id).or_default() += 1;
+            }
+        }
+        let mut picked = Vec::new();
+        for &(at, id) in &st.due {
+            if picked.len() >= req.limit || at > req.now {
+                break;
+            }
+            let Some(row) = st.rows.get(&id) else { continue };
+            let sid = row.delivery.subscription_id;
+            let Some(sub) = st.subs.get(&sid) else { continue };
+            if !sub.enabled {
+                continue;
+            }
+            let n = in_flight.entry(sid).or_default();
+            if *n >= req.per_subscription_cap {
+                continue;
+            }
+            *n += 1;
+            picked.push((at, id));
+        }
+        let lease_for = chrono::Duration::from_std(req.lease_for)
+            .unwrap_or_else(|_| chrono::Duration::days(1));
+        let mut out = Vec::with_capacity(picked.len());
+        for key in picked {
+            st.due.remove(&key);
+            let id = key.1;
+            let lease = Lease {
+                delivery_id: id,
+                token: Uuid::now_v7(),
+                owner: req.owner.clone(),
+                expires_at: req.now + lease_for,
+            };
+            st.leased.insert(id, lease.clone());
+            let row = &st.rows[&id];
+            let sub = &st.subs[&row.delivery.subscription_id];
+            out.push(ClaimedDelivery {
+                lease,
+                id,
+                event_type: row.delivery.event_type.clone(),
+                payload: row.delivery.payload.clone(),
+                scheduled_attempts: row.delivery.scheduled_attempts,
+                trigger: if row.manual {
+                    AttemptTrigger::Manual
+                } else {
+                    AttemptTrigger::Scheduled
+                },
+                subscription: sub.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn finish_attempt(
+        &self,
+        lease: &Lease,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> StoreResult<()> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.check_lease(lease)?;
+        st.leased.remove(&lease.delivery_id);
+        let Some(row) = st.rows.get_mut(&lease.delivery_id) else {
+            return Err(StoreError::LeaseLost);
+        };
+        let d = &mut row.delivery;
+        d.attempts.push(attempt.clone());
+        if attempt.trigger == AttemptTrigger::Scheduled {
+            d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
+        }
+        row.manual = false;
+        match outcome {
+            AttemptOutcome::Succeeded => {
+                d.state = DeliveryState::Succeeded;
+                d.next_attempt_at = None;
+            }
+            AttemptOutcome::Failed => {
+                d.state = DeliveryState::Failed;
+                d.next_attempt_at = None;
+            }
+            AttemptOutcome::Retry { at } => {
+                d.state = DeliveryState::Retrying;
+                d.next_attempt_at = Some(at);
+                st.due.insert((at, lease.delivery_id));
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, lease: &Lease) -> StoreResult<()> {
+        let mut st = self.lock();
+        st.check_lease(lease)?;
+        st.leased.remove(&lease.delivery_id);
+        if let Some(at) = st
+            .rows
+            .get(&lease.delivery_id)
+            .and_then(|r| r.delivery.next_attempt_at)
+        {
+            st.due.insert((at, lease.delivery_id));
+        }
+        Ok(())
+    }
+
+    async fn delivery(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+    ) -> StoreResult<Option<Delivery>> {
+        Ok(self
+            .lock()
+            .rows
+            .get(&id)
+            .filter(|r| r.delivery.subscription_id == subscription)
+            .map(|r| r.delivery.clone()))
+    }
+
+    async fn deliveries(
+        &self,
+        subscription: SubscriptionId,
+        limit: usize,
+        before: Option<DeliveryId>,
+    ) -> StoreResult<Vec<Delivery>> {
+        let st = self.lock();
+        let Some(ids) = st.by_sub.get(&subscription) else {
+            return Ok(Vec::new());
+        };
+        let iter: Box<dyn Iterator<Item = &DeliveryId>> = match before {
+            Some(b) => Box::new(ids.range(..b).rev()),
+            None => Box::new(ids.iter().rev()),
+        };
+        Ok(iter
+            .take(limit)
+            .filter_map(|id| st.rows.get(id).map(|r| r.delivery.clone()))
+            .collect())
+    }
+
+    async fn requeue(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RequeueOutcome> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.rows.get(&id) {
+            Some(r) if r.delivery.subscription_id == subscription => {}
+            _ => return Ok(RequeueOutcome::NotFound),
+        }
+        if let Some(l) = st.leased.get(&id) {
+            if l.expires_at > now {
+                return Ok(RequeueOutcome::InFlight);
+            }
+            st.leased.remove(&id);
+        }
+        let Some(row) = st.rows.get_mut(&id) else {
+            return Ok(RequeueOutcome::NotFound);
+        };
+        if let Some(at) = row.delivery.next_attempt_at {
+            st.due.remove(&(at, id));
+        }
+        row.manual = true;
+        row.delivery.state = DeliveryState::Pending;
+        row.delivery.next_attempt_at = Some(now);
+        st.due.insert((now, id));
+        Ok(RequeueOutcome::Requeued)
+    }
+
+    async fn pending_count(&self) -> StoreResult<usize> {
+        Ok(self
+            .lock()
+            .rows
+            .values()
+            .filter(|r| r.delivery.state.is_open())
+            .count())
+    }
+
+    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {
+        let st = self.lock();
+        let due = st
+            .due
+            .iter()
+            .find(|(_, id)| {
+                st.rows
+                    .get(id)
+                    .and_then(|r| st.subs.get(&r.delivery.subscription_id))
+                    .is_some_and(|s| s.enabled)
+            })
+            .map(|(at, _)| *at);
+        let lease = st.leased.values().map(|l| l.expires_at).min();
+        Ok(match (due, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_passes_the_suite() {
+        crate::dispatch::store_suite(|| async {
+            Arc::new(MemoryStore::new()) as Arc<dyn DispatchStore>
+        })
+        .await;
+    }
+}
