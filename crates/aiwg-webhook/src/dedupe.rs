@@ -1,0 +1,275 @@
+//! Delivery de-duplication: a redelivered event maps to the job it created the first time and
+//! starts nothing.
+//!
+//! [`DeliveryStore`] is shaped for a shared database as well as memory: [`claim`] is an atomic
+//! insert-if-absent (`INSERT … ON CONFLICT DO NOTHING`), a pending claim carries a lease so a
+//! crashed claimant does not block a redelivery forever, [`complete`] records the job id,
+//! [`release`] forgets a claim whose submission failed (so a redelivery may try again), and
+//! [`wait`] lets a concurrent duplicate wait for the first one's outcome (the default
+//! implementation polls, the memory store is woken directly).
+//!
+//! [`claim`]: DeliveryStore::claim
+//! [`complete`]: DeliveryStore::complete
+//! [`release`]: DeliveryStore::release
+//! [`wait`]: DeliveryStore::wait
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aiwg_core::JobId;
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::DeliveryStoreError;
+
+/// The state of a delivery key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// First time seen: the caller owns the claim and must [`complete`](DeliveryStore::complete)
+    /// or [`release`](DeliveryStore::release) it.
+    Fresh,
+    /// Already handled: the job it created.
+    Done(JobId),
+    /// Another request with the same key is being handled right now.
+    Pending,
+}
+
+/// Where seen delivery ids are kept.
+#[async_trait]
+pub trait DeliveryStore: Send + Sync {
+    /// Atomically claims `key` unless it is known. A pending claim older than `lease` is taken
+    /// over (its owner is presumed dead); a done key is kept for `ttl`.
+    async fn claim(&self, key: &str, lease: Duration, ttl: Duration) -> Result<Claim, DeliveryStoreError>;
+
+    /// Records the job created for a claimed key; the key is remembered for `ttl`.
+    async fn complete(&self, key: &str, job: JobId, ttl: Duration) -> Result<(), DeliveryStoreError>;
+
+    /// Forgets a claimed key (its submission failed).
+    async fn release(&self, key: &str) -> Result<(), DeliveryStoreError>;
+
+    /// The job recorded for `key`, if it is done.
+    async fn get(&self, key: &str) -> Result<Option<JobId>, DeliveryStoreError>;
+
+    /// Waits up to `timeout` for a pending `key` to settle; returns its job if it completed,
+    /// `None` if it was released or is still pending. The default polls [`get`](Self::get).
+    async fn wait(&self, key: &str, timeout: Duration) -> Result<Option<JobId>, DeliveryStoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(job) = self.get(key).await? {
+                return Ok(Some(job));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep_until((Instant::now() + Duration::from_millis(50)).min(deadline)).await;
+        }
+    }
+}
+
+enum State {
+    Pending { notify: Arc<Notify>, until: Instant },
+    Done { job: JobId, until: Instant },
+}
+
+/// An in-memory [`DeliveryStore`] with a TTL per entry (one process only).
+#[derive(Default)]
+pub struct MemoryDeliveryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<String, State>,
+    claims_since_purge: usize,
+}
+
+impl std::fmt::Debug for MemoryDeliveryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryDeliveryStore")
+            .field("entries", &self.len())
+            .finish()
+    }
+}
+
+impl MemoryDeliveryStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many keys are held (expired ones included until the next purge).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether no key is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl DeliveryStore for MemoryDeliveryStore {
+    async fn claim(&self, key: &str, lease: Duration, _ttl: Duration) -> Result<Claim, DeliveryStoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.claims_since_purge += 1;
+        if inner.claims_since_purge >= 256 {
+            inner.claims_since_purge = 0;
+            inner.map.retain(|_, s| match s {
+                State::Pending { until, .. } | State::Done { until, .. } => *until > now,
+            });
+        }
+        let claim = match inner.map.get(key) {
+            Some(State::Done { job, until }) if *until > now => Claim::Done(*job),
+            Some(State::Pending { until, .. }) if *until > now => Claim::Pending,
+            _ => Claim::Fresh,
+        };
+        if claim == Claim::Fresh {
+            let notify = Arc::new(Notify::new());
+            if let Some(State::Pending { notify: old, .. }) = inner.map.insert(
+                key.to_owned(),
+                State::Pending {
+                    notify,
+                    until: now + lease,
+                },
+            ) {
+                old.notify_waiters();
+            }
+        }
+        Ok(claim)
+    }
+
+    async fn complete(&self, key: &str, job: JobId, ttl: Duration) -> Result<(), DeliveryStoreError> {
+        let until = Instant::now() + ttl;
+        let old = self.lock().map.insert(key.to_owned(), State::Done { job, until });
+        if let Some(State::Pending { notify, .. }) = old {
+            notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn release(&self, key: &str) -> Result<(), DeliveryStoreError> {
+        let mut inner = self.lock();
+        if let Some(State::Pending { notify, .. }) = inner.map.get(key) {
+            notify.notify_waiters();
+            inner.map.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<JobId>, DeliveryStoreError> {
+        let now = Instant::now();
+        Ok(match self.lock().map.get(key) {
+            Some(State::Done { job, until }) if *until > now => Some(*job),
+            _ => None,
+        })
+    }
+
+    async fn wait(&self, key: &str, timeout: Duration) -> Result<Option<JobId>, DeliveryStoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notify = {
+                let inner = self.lock();
+                match inner.map.get(key) {
+                    Some(State::Done { job, .. }) => return Ok(Some(*job)),
+                    Some(State::Pending { notify, .. }) => Arc::clone(notify),
+                    None => return Ok(None),
+                }
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check: the state may have changed before we registered.
+            {
+                let inner = self.lock();
+                match inner.map.get(key) {
+                    Some(State::Done { job, .. }) => return Ok(Some(*job)),
+                    Some(State::Pending { notify: n, .. }) if Arc::ptr_eq(n, &notify) => {}
+                    Some(State::Pending { .. }) => continue,
+                    None => return Ok(None),
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const TTL: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn claim_complete_replay_and_expiry() {
+        let s = MemoryDeliveryStore::new();
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Pending));
+        let job = JobId::new();
+        s.complete("k", job, TTL).await.expect("complete");
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Done(job)));
+        assert_eq!(s.get("k").await, Ok(Some(job)));
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        assert_eq!(s.get("k").await, Ok(None));
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_pending_claim_is_taken_over_and_release_forgets() {
+        let s = MemoryDeliveryStore::new();
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        s.release("k").await.expect("release");
+        assert!(s.is_empty());
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiter_is_woken_by_complete_and_times_out_otherwise() {
+        let s = Arc::new(MemoryDeliveryStore::new());
+        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        let waiter = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.wait("k", Duration::from_secs(3600)).await })
+        };
+        tokio::task::yield_now().await;
+        let job = JobId::new();
+        s.complete("k", job, TTL).await.expect("complete");
+        assert_eq!(waiter.await.expect("joins"), Ok(Some(job)));
+
+        assert_eq!(s.claim("other", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.wait("other", Duration::from_secs(5)).await, Ok(None));
+        assert_eq!(s.wait("unknown", Duration::from_secs(5)).await, Ok(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purge_drops_expired_entries() {
+        let s = MemoryDeliveryStore::new();
+        for i in 0..10 {
+            s.complete(&format!("old{i}"), JobId::new(), Duration::from_secs(1))
+                .await
+                .expect("complete");
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for i in 0..256 {
+            s.claim(&format!("new{i}"), LEASE, TTL).await.expect("claim");
+        }
+        assert_eq!(s.len(), 256);
+    }
+}
