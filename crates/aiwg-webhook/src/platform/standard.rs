@@ -134,10 +134,16 @@ mod tests {
             verify(&key, &h, body, 1_649_367_553 - 301),
             Err(VerifyError::FutureTimestamp)
         );
-        let truncated = headers("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "1649367553", &sig[..20]);
+        // Truncated: still valid base64 (15 bytes) → mismatch; not base64 → malformed.
+        let truncated = headers("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "1649367553", &sig[..23]);
         assert_eq!(
             verify(&key, &truncated, body, 1_649_367_553),
             Err(VerifyError::Mismatch)
+        );
+        let truncated = headers("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "1649367553", &sig[..20]);
+        assert_eq!(
+            verify(&key, &truncated, body, 1_649_367_553),
+            Err(VerifyError::MalformedSignature)
         );
         let mut missing = h.clone();
         missing.remove("webhook-id");
