@@ -1,0 +1,859 @@
+//! The PostgreSQL [`JobStore`] (feature `postgres`): several engine instances share one
+//! database.
+//!
+//! # Layout
+//!
+//! Two tables (migration `0001_jobs.sql`): `aiwg_jobs` keeps every job as JSONB plus copies of
+//! the fields queries filter and sort on (status, priority, project, workflow, enqueue order,
+//! `retry_at`) and the lease (owner, token, expiry); `aiwg_job_events` keeps the event history,
+//! keyed by `(job_id, seq)`. The copies are written from the same [`Job`] value in the same
+//! statement, so they never disagree with the JSON.
+//!
+//! # Concurrency
+//!
+//! - Claims take the next queued job with `FOR UPDATE SKIP LOCKED`, highest priority first and
+//!   then in enqueue order, so concurrent claimers never wait for each other nor take the same
+//!   job.
+//! - The per-project limit counts running jobs of the project whose lease is still live. The
+//!   count and the claim happen under a transaction-scoped advisory lock on the project (a hash of
+//!   the schema and the path), so two instances cannot both see "one slot left" and both take it.
+//!   The lock is taken only when a limit is set and lives only as long as the claim's
+//!   transaction, so a crashed instance can never leave a project locked.
+//! - Lease tokens come from a sequence. Every fenced write (`append`, `heartbeat`, `finish`)
+//!   checks the token, the `running` status and the expiry in the same statement (or under the
+//!   row lock of the same transaction) as the write.
+//! - Event numbers come from the job row's `last_seq`, incremented by the statement that inserts
+//!   the event, which holds the row lock: no gaps, no duplicates.
+//! - Time comparisons use the later of the caller's clock and the database's, so the caller's
+//!   `now` (used by tests to move time forward) is honoured while instances with a slow clock
+//!   still agree with the database on which leases expired.
+//!
+//! # Notifications
+//!
+//! Every event insert and every cancel request of a running job sends a `NOTIFY` on a channel
+//! named after the schema, in the same transaction. [`PgStore::listen`] turns those into
+//! [`Engine::publish_remote`], [`Engine::wake`] and [`Engine::cancel_local`] calls on another
+//! instance. Use one `PgStore` per engine: events are tagged with the store's instance id and a
+//! listener skips the ones its own store wrote (its engine published those already).
+//!
+//! # Migrations
+//!
+//! [`PgStore::connect`] runs the embedded migrations (a PostgreSQL advisory lock makes that safe
+//! when several instances start at once). Hosts that run migrations themselves use
+//! [`PgStore::connect_without_migrations`] or [`PgStore::from_pool`] and
+//! [`PgStore::migrator`]. sqlx records applied migrations in `_sqlx_migrations`; a host that
+//! uses sqlx migrations of its own should give aiwg its own schema (`search_path`), because both
+//! would share that table.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    apply, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery,
+    JobStore, Lease, NewJob, QueueCounts, StoreError,
+};
+use crate::event::{JobEvent, JobEventKind};
+use crate::job::{IllegalTransition, Job, JobId, JobStatus};
+
+mod listen;
+
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// Kind JSON longer than this is not sent inline in a notification (the listener reads the
+/// event row instead): `NOTIFY` payloads are limited to 8000 bytes, and the JSONB text form can
+/// be up to half again as long as the compact form.
+const INLINE_KIND_MAX: usize = 5000;
+
+/// Jobs recovered per transaction by [`JobStore::recover_expired`].
+const RECOVER_BATCH: i64 = 100;
+
+/// How often a claim retries with another project after finding one at its limit.
+const CLAIM_ROUNDS: usize = 16;
+
+/// The longest lease accepted (longer TTLs are clamped): about 100 years.
+const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
+
+/// A [`JobStore`] in PostgreSQL, shared by every engine instance that connects to the same
+/// database and schema.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), aiwg_core::store::StoreError> {
+/// use std::sync::Arc;
+/// use aiwg_core::store::PgStore;
+/// use aiwg_core::Engine;
+///
+/// let store = Arc::new(PgStore::connect("postgres://aiwg@db.internal/aiwg").await?);
+/// let engine = Engine::builder().store(store.clone()).build().unwrap();
+/// // Wake on jobs queued elsewhere, follow their events, obey remote cancels.
+/// let _listener = store.listen(&engine).await?;
+/// # Ok(()) }
+/// ```
+pub struct PgStore {
+    pool: PgPool,
+    channel: String,
+    instance: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("channel", &self.channel)
+            .field("instance", &self.instance)
+            .field("pool_size", &self.pool.size())
+            .finish()
+    }
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Backend(format!("postgres: job JSON: {e}"))
+}
+
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+fn now() -> DateTime<Utc> {
+    micros(Utc::now())
+}
+
+fn ttl_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(MAX_TTL_MICROS)
+}
+
+/// A 64-bit key for `pg_advisory_xact_lock`.
+fn lock_key(scope: &str, name: &str) -> i64 {
+    let mut h = Sha256::new();
+    h.update(scope.as_bytes());
+    h.update([0]);
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+/// The notification channel for a schema (at most 63 bytes, PostgreSQL's identifier limit).
+fn channel_for(schema: &str) -> String {
+    let name = format!("aiwg_{schema}");
+    if name.len() <= 63 && !name.contains(['\0', '"']) {
+        name
+    } else {
+        let d = Sha256::digest(schema.as_bytes());
+        format!("aiwg_{}", hex::encode(&d[..12]))
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A job read with its row.
+fn job_of(row: &PgRow) -> Result<Job, StoreError> {
+    let Json(job): Json<Job> = row.try_get("job").map_err(db)?;
+    Ok(job)
+}
+
+/// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
+/// `seq = u.last_seq` and notifies listeners, selecting `u`'s columns. Parameters `$p` to
+/// `$p+4`: event time, kind JSON text, whether to inline the kind, channel, instance.
+fn event_tail(p: usize) -> String {
+    format!(
+        ", e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+             SELECT id, last_seq, ${p}, ${k}::jsonb FROM u) \
+         SELECT u.*, (pg_notify(${c}, json_build_object('i', ${i}::text, 'j', u.id, \
+             's', u.last_seq, 'a', ${p}, \
+             'k', CASE WHEN ${inl} THEN ${k}::json END)::text) IS NULL) AS notified \
+         FROM u",
+        k = p + 1,
+        inl = p + 2,
+        c = p + 3,
+        i = p + 4,
+    )
+}
+
+/// An event about to be written.
+struct NewEvent {
+    at: DateTime<Utc>,
+    kind: JobEventKind,
+    text: String,
+}
+
+impl NewEvent {
+    fn new(kind: JobEventKind, at: DateTime<Utc>) -> Result<Self, StoreError> {
+        let text = serde_json::to_string(&kind).map_err(json_err)?;
+        Ok(Self { at, kind, text })
+    }
+
+    fn into_event(self, job_id: JobId, seq: i64) -> JobEvent {
+        JobEvent {
+            job_id,
+            seq: to_u64(seq),
+            at: self.at,
+            kind: self.kind,
+        }
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+impl PgStore {
+    /// Connects (a pool of up to 10 connections) and runs the embedded migrations.
+    ///
+    /// The URL may carry `options=-c search_path=<schema>` to keep aiwg's tables in their own
+    /// schema. Errors never contain the URL.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_without_migrations(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without running migrations (the host runs them, see [`PgStore::migrator`]).
+    pub async fn connect_without_migrations(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|_| StoreError::Backend("postgres: invalid database URL".into()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool. Runs no migrations: call [`migrate`](Self::migrate) or run
+    /// [`migrator`](Self::migrator) yourself. The tables live in the pool's current schema (the
+    /// first existing schema of its `search_path`).
+    pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(&pool)
+            .await
+            .map_err(db)?;
+        let schema = schema.ok_or_else(|| {
+            StoreError::Backend(
+                "postgres: no schema selected (the search_path names no existing schema)".into(),
+            )
+        })?;
+        Ok(Self {
+            pool,
+            channel: channel_for(&schema),
+            instance: Uuid::now_v7().simple().to_string(),
+        })
+    }
+
+    /// Runs the embedded migrations (idempotent; safe when several instances start at once).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("postgres: migration failed: {e}")))
+    }
+
+    /// The embedded migrations (from `crates/aiwg-core/migrations`), for hosts that run them
+    /// with their own tooling.
+    #[must_use]
+    pub fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel (derived from the schema, so stores in different schemas
+    /// of one database do not hear each other).
+    #[must_use]
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// This store's instance id, sent with its notifications.
+    #[must_use]
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    fn bind_event<'q>(&'q self, q: PgQuery<'q>, ev: &'q NewEvent) -> PgQuery<'q> {
+        q.bind(ev.at)
+            .bind(&ev.text)
+            .bind(ev.text.len() <= INLINE_KIND_MAX)
+            .bind(&self.channel)
+            .bind(&self.instance)
+    }
+
+    /// Tells a missing job from a lost lease after a fenced write matched no row.
+    async fn lost<'e, E>(&self, exec: E, id: JobId) -> StoreError
+    where
+        E: sqlx::Executor<'e, Database = Postgres>,
+    {
+        match sqlx::query("SELECT 1 FROM aiwg_jobs WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(exec)
+            .await
+        {
+            Ok(Some(_)) => StoreError::LeaseLost(id),
+            Ok(None) => StoreError::NotFound(id),
+            Err(e) => db(e),
+        }
+    }
+
+    /// Reads and locks a running job if `lease` still holds it.
+    async fn lock_fenced(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        lease: &Lease,
+        at: DateTime<Utc>,
+    ) -> Result<Job, StoreError> {
+        let row = sqlx::query(
+            "SELECT job FROM aiwg_jobs WHERE id = $1 AND status = 'running' \
+             AND lease_token = $2 AND lease_expires_at > GREATEST($3::timestamptz, now()) \
+             FOR UPDATE",
+        )
+        .bind(lease.job_id.as_uuid())
+        .bind(to_i64(lease.token))
+        .bind(at)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        match row {
+            Some(row) => job_of(&row),
+            None => Err(self.lost(&mut **tx, lease.job_id).await),
+        }
+    }
+
+    /// Writes a locked job after a state change together with its event, in `tx`. `queued`
+    /// jobs get a new enqueue number; the lease is dropped unless the job is `running`.
+    async fn write_changed(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        job: &Job,
+        ev: &NewEvent,
+    ) -> Result<i64, StoreError> {
+        let sql = format!(
+            "WITH u AS (UPDATE aiwg_jobs SET status = $2, \
+                 queue_seq = CASE WHEN $2 = 'queued' THEN nextval('aiwg_queue_seq') END, \
+                 retry_at = $3, cancel_requested = $4, job = $5, last_seq = last_seq + 1, \
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                 updated_at = now() \
+             WHERE id = $1 RETURNING id, last_seq){}",
+            event_tail(6)
+        );
+        let q = sqlx::query(&sql)
+            .bind(job.id.as_uuid())
+            .bind(job.status.as_str())
+            .bind(job.retry_at)
+            .bind(job.cancel_requested)
+            .bind(Json(job));
+        let row = self
+            .bind_event(q, ev)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db)?;
+        row.try_get("last_seq").map_err(db)
+    }
+
+    async fn find_by_key(&self, key: &str) -> Result<Option<(String, Job)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(fingerprint, '') AS fingerprint, job FROM aiwg_jobs \
+             WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|r| Ok((r.try_get("fingerprint").map_err(db)?, job_of(&r)?)))
+            .transpose()
+    }
+
+    /// One attempt at inserting: `Ok(None)` when the idempotency key was taken meanwhile.
+    async fn try_insert(
+        &self,
+        new: &NewJob,
+    ) -> Result<Option<Result<Created, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if let Some(capacity) = new.queue_capacity {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(lock_key(&self.channel, "queue capacity"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let queued: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM aiwg_jobs WHERE status = 'queued'")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if usize::try_from(queued).unwrap_or(usize::MAX) >= capacity {
+                return Ok(Some(Err(StoreError::QueueFull { capacity })));
+            }
+        }
+        let job = &new.job;
+        if job.status != JobStatus::Queued {
+            return Ok(Some(Err(StoreError::IllegalTransition(
+                IllegalTransition {
+                    from: job.status,
+                    to: JobStatus::Queued,
+                },
+            ))));
+        }
+        let ev = NewEvent::new(apply::created(job), micros(job.created_at))?;
+        let sql = format!(
+            "WITH u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+                 queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
+             VALUES ($1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, $9) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq){}",
+            event_tail(10)
+        );
+        let q = sqlx::query(&sql)
+            .bind(job.id.as_uuid())
+            .bind(job.priority)
+            .bind(&job.project_path)
+            .bind(&job.workflow)
+            .bind(job.retry_at)
+            .bind(job.created_at)
+            .bind(job.idempotency_key.as_deref())
+            .bind(
+                job.idempotency_key
+                    .as_ref()
+                    .map(|_| new.fingerprint.clone().unwrap_or_default()),
+            )
+            .bind(Json(job));
+        let row = self
+            .bind_event(q, &ev)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let seq: i64 = row.try_get("last_seq").map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Ok(Created::New(
+            job.clone(),
+            ev.into_event(job.id, seq),
+        ))))
+    }
+
+    /// Picks and locks the next claimable job in `tx`, or `None`.
+    async fn pick(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        request: &ClaimRequest,
+        at: DateTime<Utc>,
+        full: &[String],
+    ) -> Result<Option<Job>, StoreError> {
+        let limit = request
+            .per_project_limit
+            .map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        let row = sqlx::query(
+            "SELECT j.job FROM aiwg_jobs j \
+             WHERE j.status = 'queued' \
+               AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
+               AND NOT (j.project_path = ANY($2)) \
+               AND ($3::bigint IS NULL OR (SELECT count(*) FROM aiwg_jobs r \
+                    WHERE r.status = 'running' AND r.project_path = j.project_path \
+                      AND r.lease_expires_at > GREATEST($1::timestamptz, now())) < $3) \
+             ORDER BY j.priority DESC, j.queue_seq \
+             LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+        )
+        .bind(at)
+        .bind(full)
+        .bind(limit)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(job_of).transpose()
+    }
+
+    /// Whether the project has a free slot; serialises claimers of the project until `tx` ends.
+    async fn project_has_room(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        project: &str,
+        limit: usize,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(&self.channel, project))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        // A new statement takes a new snapshot: it sees every claim committed by whoever held
+        // the lock before.
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM aiwg_jobs WHERE status = 'running' AND project_path = $1 \
+             AND lease_expires_at > GREATEST($2::timestamptz, now())",
+        )
+        .bind(project)
+        .bind(at)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(usize::try_from(running).unwrap_or(usize::MAX) < limit)
+    }
+}
+
+#[async_trait]
+impl JobStore for PgStore {
+    async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        // Twice at most: a concurrent insert with the same key makes the first try find nothing
+        // to insert, and the second finds that job.
+        for _ in 0..3 {
+            if let Some(key) = &new.job.idempotency_key {
+                if let Some((fp, existing)) = self.find_by_key(key).await? {
+                    let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
+                    return if same {
+                        Ok(Created::Existing(existing))
+                    } else {
+                        Err(StoreError::IdempotencyConflict {
+                            existing: existing.id,
+                        })
+                    };
+                }
+            }
+            if let Some(done) = self.try_insert(&new).await? {
+                return done;
+            }
+        }
+        Err(StoreError::Backend(
+            "postgres: the idempotency key kept changing hands".into(),
+        ))
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(job_of).transpose()
+    }
+
+    async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
+        let size = query.page_size();
+        let mut qb: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new("SELECT job FROM aiwg_jobs WHERE TRUE");
+        if let Some(status) = query.status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(wf) = &query.workflow {
+            qb.push(" AND workflow = ").push_bind(wf.as_str());
+        }
+        if let Some(cursor) = query.cursor {
+            qb.push(" AND id < ").push_bind(*cursor.as_uuid());
+        }
+        qb.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::try_from(size + 1).unwrap_or(i64::MAX));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(db)?;
+        let mut jobs = rows.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if jobs.len() > size {
+            jobs.truncate(size);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_cursor })
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        let at = micros(request.now);
+        let mut full: Vec<String> = Vec::new();
+        for _ in 0..CLAIM_ROUNDS {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let Some(mut job) = self.pick(&mut tx, request, at, &full).await? else {
+                return Ok(None);
+            };
+            if let Some(limit) = request.per_project_limit {
+                if !self
+                    .project_has_room(&mut tx, &job.project_path, limit, at)
+                    .await?
+                {
+                    // Roll back (releasing the row and the project lock) and look elsewhere.
+                    drop(tx);
+                    full.push(job.project_path);
+                    continue;
+                }
+            }
+            let kind = apply::claim(&mut job, at)?;
+            apply::progress(&mut job, &kind);
+            let ev = NewEvent::new(kind, at)?;
+            let sql = format!(
+                "WITH u AS (UPDATE aiwg_jobs SET status = 'running', queue_seq = NULL, \
+                     retry_at = NULL, lease_owner = $2, \
+                     lease_token = nextval('aiwg_lease_token_seq'), \
+                     lease_expires_at = GREATEST($3::timestamptz, now()) \
+                         + $4 * interval '1 microsecond', \
+                     job = $5, last_seq = last_seq + 1, updated_at = now() \
+                 WHERE id = $1 RETURNING id, last_seq, lease_token, lease_expires_at){}",
+                event_tail(6)
+            );
+            let q = sqlx::query(&sql)
+                .bind(job.id.as_uuid())
+                .bind(&request.owner)
+                .bind(at)
+                .bind(ttl_micros(request.lease_ttl))
+                .bind(Json(&job));
+            let row = self
+                .bind_event(q, &ev)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            let seq: i64 = row.try_get("last_seq").map_err(db)?;
+            let token: i64 = row.try_get("lease_token").map_err(db)?;
+            let expires_at: DateTime<Utc> = row.try_get("lease_expires_at").map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            let lease = Lease {
+                job_id: job.id,
+                owner: request.owner.clone(),
+                attempt: job.attempt,
+                token: to_u64(token),
+                expires_at,
+            };
+            let event = ev.into_event(job.id, seq);
+            return Ok(Some(Claimed { job, lease, event }));
+        }
+        Ok(None)
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {
+        let row = sqlx::query(
+            "UPDATE aiwg_jobs SET lease_expires_at = GREATEST($3::timestamptz, now()) \
+                 + $4 * interval '1 microsecond', updated_at = now() \
+             WHERE id = $1 AND status = 'running' AND lease_token = $2 \
+               AND lease_expires_at > GREATEST($3::timestamptz, now()) \
+             RETURNING lease_expires_at, cancel_requested",
+        )
+        .bind(lease.job_id.as_uuid())
+        .bind(to_i64(lease.token))
+        .bind(now())
+        .bind(ttl_micros(ttl))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Err(self.lost(&self.pool, lease.job_id).await);
+        };
+        let mut renewed = lease.clone();
+        renewed.expires_at = row.try_get("lease_expires_at").map_err(db)?;
+        Ok(Heartbeat {
+            lease: renewed,
+            cancel_requested: row.try_get("cancel_requested").map_err(db)?,
+        })
+    }
+
+    async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
+        if matches!(kind, JobEventKind::Status { .. }) {
+            return Err(StoreError::Backend(
+                "status events are written by the store itself".into(),
+            ));
+        }
+        let at = now();
+        let moves_progress = matches!(
+            kind,
+            JobEventKind::StepStarted { .. } | JobEventKind::StepFinished { ok: true, .. }
+        );
+        let ev = NewEvent::new(kind, at)?;
+        if !moves_progress {
+            // One statement: fence, number, insert, notify.
+            let sql = format!(
+                "WITH u AS (UPDATE aiwg_jobs SET last_seq = last_seq + 1 \
+                 WHERE id = $1 AND status = 'running' AND lease_token = $2 \
+                   AND lease_expires_at > GREATEST($3::timestamptz, now()) \
+                 RETURNING id, last_seq){}",
+                event_tail(3)
+            );
+            let q = sqlx::query(&sql)
+                .bind(lease.job_id.as_uuid())
+                .bind(to_i64(lease.token));
+            let row = self
+                .bind_event(q, &ev)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Err(self.lost(&self.pool, lease.job_id).await);
+            };
+            let seq: i64 = row.try_get("last_seq").map_err(db)?;
+            return Ok(ev.into_event(lease.job_id, seq));
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut job = self.lock_fenced(&mut tx, lease, at).await?;
+        apply::progress(&mut job, &ev.kind);
+        let sql = format!(
+            "WITH u AS (UPDATE aiwg_jobs SET job = $2, last_seq = last_seq + 1, \
+                 updated_at = now() WHERE id = $1 RETURNING id, last_seq){}",
+            event_tail(3)
+        );
+        let q = sqlx::query(&sql).bind(job.id.as_uuid()).bind(Json(&job));
+        let row = self
+            .bind_event(q, &ev)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let seq: i64 = row.try_get("last_seq").map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(ev.into_event(lease.job_id, seq))
+    }
+
+    async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
+        let at = now();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut job = self.lock_fenced(&mut tx, lease, at).await?;
+        let kind = apply::finish(&mut job, finish, at)?;
+        apply::progress(&mut job, &kind);
+        job.cancel_requested = false;
+        let ev = NewEvent::new(kind, at)?;
+        let seq = self.write_changed(&mut tx, &job, &ev).await?;
+        tx.commit().await.map_err(db)?;
+        let id = job.id;
+        Ok((job, ev.into_event(id, seq)))
+    }
+
+    async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
+        let at = now();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut job = match row {
+            Some(row) => job_of(&row)?,
+            None => return Err(StoreError::NotFound(id)),
+        };
+        match job.status {
+            JobStatus::Queued => {
+                let kind = apply::cancel_queued(&mut job, reason, at)?;
+                apply::progress(&mut job, &kind);
+                let ev = NewEvent::new(kind, at)?;
+                let seq = self.write_changed(&mut tx, &job, &ev).await?;
+                tx.commit().await.map_err(db)?;
+                Ok(CancelOutcome::Cancelled(job, ev.into_event(id, seq)))
+            }
+            JobStatus::Running => {
+                job.cancel_requested = true;
+                sqlx::query(
+                    "UPDATE aiwg_jobs SET cancel_requested = TRUE, job = $2, updated_at = now() \
+                     WHERE id = $1",
+                )
+                .bind(id.as_uuid())
+                .bind(Json(&job))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                sqlx::query(
+                    "SELECT pg_notify($1, json_build_object('i', $2::text, 'c', $3::uuid)::text)",
+                )
+                .bind(&self.channel)
+                .bind(&self.instance)
+                .bind(id.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(CancelOutcome::Requested(job))
+            }
+            _ => Ok(CancelOutcome::AlreadyFinished(job)),
+        }
+    }
+
+    async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind FROM aiwg_job_events WHERE job_id = $1 AND seq > $2 \
+             ORDER BY seq",
+        )
+        .bind(id.as_uuid())
+        .bind(to_i64(after))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        if rows.is_empty() && self.get(id).await?.is_none() {
+            return Err(StoreError::NotFound(id));
+        }
+        rows.iter()
+            .map(|r| {
+                let Json(kind): Json<JobEventKind> = r.try_get("kind").map_err(db)?;
+                Ok(JobEvent {
+                    job_id: id,
+                    seq: to_u64(r.try_get("seq").map_err(db)?),
+                    at: r.try_get("at").map_err(db)?,
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    async fn recover_expired(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let at = micros(now);
+        let mut out = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let rows = sqlx::query(
+                "SELECT job FROM aiwg_jobs WHERE status = 'running' \
+                   AND lease_expires_at <= GREATEST($1::timestamptz, now()) \
+                 ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(at)
+            .bind(RECOVER_BATCH)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let n = rows.len();
+            let mut batch = Vec::with_capacity(n);
+            for row in rows {
+                let mut job = job_of(&row)?;
+                let kind = apply::expire(&mut job, at)?;
+                apply::progress(&mut job, &kind);
+                let ev = NewEvent::new(kind, at)?;
+                let seq = self.write_changed(&mut tx, &job, &ev).await?;
+                let id = job.id;
+                batch.push((job, ev.into_event(id, seq)));
+            }
+            tx.commit().await.map_err(db)?;
+            out.extend(batch);
+            if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) FILTER (WHERE status = 'queued') AS queued, \
+                    count(*) FILTER (WHERE status = 'running') AS running \
+             FROM aiwg_jobs WHERE status IN ('queued', 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let n = |c: &str| -> Result<usize, StoreError> {
+            let v: i64 = row.try_get(c).map_err(db)?;
+            Ok(usize::try_from(v).unwrap_or(0))
+        };
+        Ok(QueueCounts {
+            queued: n("queued")?,
+            running: n("running")?,
+        })
+    }
+}
