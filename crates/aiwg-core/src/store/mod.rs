@@ -20,6 +20,10 @@ use crate::job::{IllegalTransition, Job, JobError, JobId, JobResult, JobStatus};
 
 mod memory;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
 
 /// Proof that a worker owns a running job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
