@@ -18,8 +18,8 @@ use super::sender::Sender;
 use super::sign::SigningSecret;
 use super::ssrf::{literal_host, IpNet, TargetPolicy};
 use super::store::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery,
-    DeliveryId, DispatchStore, NewDelivery, RequeueOutcome, StoreError,
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
+    DispatchStore, NewDelivery, RequeueOutcome, StoreError,
 };
 use super::subscription::{
     validate_filters, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,
@@ -238,7 +238,9 @@ impl DispatcherBuilder {
             if ok {
                 Ok(())
             } else {
-                Err(DispatchError::Invalid(format!("webhooks.{name} must be positive")))
+                Err(DispatchError::Invalid(format!(
+                    "webhooks.{name} must be positive"
+                )))
             }
         };
         positive("workers", self.workers > 0)?;
@@ -263,9 +265,7 @@ impl DispatcherBuilder {
         let (notices, _) = broadcast::channel(64);
         Ok(Dispatcher {
             inner: Arc::new(Inner {
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 retry: self.retry,
                 workers: self.workers,
                 per_subscription_cap: self.per_subscription_cap,
@@ -426,7 +426,9 @@ impl Dispatcher {
     fn validate_url(&self, url: &str) -> Result<String> {
         let url = url.trim();
         if url.len() > 2048 {
-            return Err(DispatchError::Invalid("`url` is longer than 2048 bytes".into()));
+            return Err(DispatchError::Invalid(
+                "`url` is longer than 2048 bytes".into(),
+            ));
         }
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| DispatchError::Invalid(format!("`url` is not a URL: {e}")))?;
@@ -440,7 +442,10 @@ impl Dispatcher {
             return Err(DispatchError::Invalid("`url` has no host".into()));
         }
         if let Some(ip) = literal_host(&parsed) {
-            self.inner.policy.check(ip).map_err(DispatchError::Invalid)?;
+            self.inner
+                .policy
+                .check(ip)
+                .map_err(DispatchError::Invalid)?;
         }
         Ok(parsed.to_string())
     }
@@ -542,10 +547,15 @@ impl Dispatcher {
             secret: secret.clone(),
             expires_at: None,
         }];
-        keys.extend(sub.keys.into_iter().filter(|k| k.is_live(now)).map(|k| SigningKey {
-            expires_at: Some(k.expires_at.map_or(until, |at| at.min(until))),
-            ..k
-        }));
+        keys.extend(
+            sub.keys
+                .into_iter()
+                .filter(|k| k.is_live(now))
+                .map(|k| SigningKey {
+                    expires_at: Some(k.expires_at.map_or(until, |at| at.min(until))),
+                    ..k
+                }),
+        );
         self.inner
             .store
             .update_subscription(id, &SubscriptionChange::at(now).keys(keys))
@@ -610,7 +620,12 @@ impl Dispatcher {
                 "the subscription is disabled; enable it first".into(),
             ));
         }
-        match self.inner.store.requeue(id, delivery_id, Utc::now()).await? {
+        match self
+            .inner
+            .store
+            .requeue(id, delivery_id, Utc::now())
+            .await?
+        {
             RequeueOutcome::Requeued => {
                 self.inner.wake.notify_waiters();
                 Ok(())
@@ -725,7 +740,11 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
         delivery = %task.id, subscription = %sub.id, status = code, outcome = label,
         "webhook attempt"
     );
-    match inner.store.finish_attempt(&task.lease, &record, outcome).await {
+    match inner
+        .store
+        .finish_attempt(&task.lease, &record, outcome)
+        .await
+    {
         Ok(()) => {}
         Err(StoreError::LeaseLost) => {
             tracing::warn!(delivery = %task.id, "webhook attempt finished after its lease was lost; not recorded");

@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::store::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery,
-    DeliveryId, DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery,
-    RequeueOutcome, StoreError, StoreResult,
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
+    DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery, RequeueOutcome, StoreError,
+    StoreResult,
 };
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
@@ -214,9 +214,13 @@ impl DispatchStore for MemoryStore {
             if picked.len() >= req.limit || at > req.now {
                 break;
             }
-            let Some(row) = st.rows.get(&id) else { continue };
+            let Some(row) = st.rows.get(&id) else {
+                continue;
+            };
             let sid = row.delivery.subscription_id;
-            let Some(sub) = st.subs.get(&sid) else { continue };
+            let Some(sub) = st.subs.get(&sid) else {
+                continue;
+            };
             if !sub.enabled {
                 continue;
             }
@@ -227,8 +231,8 @@ impl DispatchStore for MemoryStore {
             *n += 1;
             picked.push((at, id));
         }
-        let lease_for = chrono::Duration::from_std(req.lease_for)
-            .unwrap_or_else(|_| chrono::Duration::days(1));
+        let lease_for =
+            chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
         let mut out = Vec::with_capacity(picked.len());
         for key in picked {
             st.due.remove(&key);

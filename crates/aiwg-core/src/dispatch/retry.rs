@@ -28,9 +28,7 @@ impl RetryPolicy {
     pub fn long() -> Self {
         const M: u64 = 60;
         const H: u64 = 3600;
-        Self::from_delays(
-            [5, 5 * M, 30 * M, 2 * H, 5 * H, 10 * H, 10 * H].map(Duration::from_secs),
-        )
+        Self::from_delays([5, 5 * M, 30 * M, 2 * H, 5 * H, 10 * H, 10 * H].map(Duration::from_secs))
     }
 
     /// The original design's schedule: 3 attempts in all, 5 s initial wait, doubling (5 s, 10 s).
@@ -100,7 +98,9 @@ impl RetryPolicy {
     /// Scheduled attempts in all (the first plus one per delay).
     #[must_use]
     pub fn max_attempts(&self) -> u32 {
-        u32::try_from(self.delays.len()).unwrap_or(u32::MAX).saturating_add(1)
+        u32::try_from(self.delays.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
     }
 
     /// The wait after `attempts_made` scheduled attempts failed, with jitter applied, or `None`
@@ -146,7 +146,9 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
@@ -162,7 +164,10 @@ mod tests {
         assert_eq!(long.delays()[6], Duration::from_secs(36_000));
         let short = RetryPolicy::short();
         assert_eq!(short.max_attempts(), 3);
-        assert_eq!(short.delays(), [Duration::from_secs(5), Duration::from_secs(10)]);
+        assert_eq!(
+            short.delays(),
+            [Duration::from_secs(5), Duration::from_secs(10)]
+        );
         assert_eq!(RetryPolicy::parse("long").unwrap(), long);
     }
 
@@ -171,10 +176,17 @@ mod tests {
         let p = RetryPolicy::parse("1s, 30s,5m").unwrap();
         assert_eq!(
             p.delays(),
-            [Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(300)]
+            [
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_secs(300)
+            ]
         );
         let p: RetryPolicy = serde_json::from_str(r#"["20ms", "2"]"#).unwrap();
-        assert_eq!(p.delays(), [Duration::from_millis(20), Duration::from_secs(2)]);
+        assert_eq!(
+            p.delays(),
+            [Duration::from_millis(20), Duration::from_secs(2)]
+        );
         let p: RetryPolicy = serde_json::from_str(r#""short""#).unwrap();
         assert_eq!(p, RetryPolicy::short());
         assert!(RetryPolicy::parse("soon").is_err());
@@ -189,7 +201,10 @@ mod tests {
         let mut seen_high = false;
         for _ in 0..2000 {
             let d = p.delay_after(1).unwrap();
-            assert!(d >= Duration::from_secs(80) && d <= Duration::from_secs(120), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(80) && d <= Duration::from_secs(120),
+                "{d:?}"
+            );
             seen_low |= d < Duration::from_secs(95);
             seen_high |= d > Duration::from_secs(105);
         }
@@ -205,7 +220,10 @@ mod tests {
         let now = DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:30:00 GMT", now),
             Some(Duration::from_secs(120))

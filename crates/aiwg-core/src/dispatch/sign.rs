@@ -39,9 +39,9 @@ impl SigningSecret {
         let b64 = text.strip_prefix(PREFIX).ok_or_else(|| {
             DispatchError::Invalid("`secret` must look like `whsec_<base64>`".into())
         })?;
-        let key = STANDARD
-            .decode(b64)
-            .map_err(|_| DispatchError::Invalid("`secret` is not valid base64 after `whsec_`".into()))?;
+        let key = STANDARD.decode(b64).map_err(|_| {
+            DispatchError::Invalid("`secret` is not valid base64 after `whsec_`".into())
+        })?;
         if !(24..=64).contains(&key.len()) {
             return Err(DispatchError::Invalid(format!(
                 "`secret` must decode to 24 to 64 bytes, not {}",
@@ -136,7 +136,11 @@ mod tests {
     fn official_vectors() {
         let s = SigningSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(
-            s.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, br#"{"test": 2432232314}"#),
+            s.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                br#"{"test": 2432232314}"#
+            ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
         let s = SigningSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
@@ -151,7 +155,12 @@ mod tests {
             body,
             "v1,bogus v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
         ));
-        assert!(!s.verify("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", 1_649_367_554, body, "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="));
+        assert!(!s.verify(
+            "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+            1_649_367_554,
+            body,
+            "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
+        ));
     }
 
     #[test]
@@ -167,7 +176,11 @@ mod tests {
 
     #[test]
     fn bad_secrets_are_refused() {
-        for bad in ["MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_!!!", "whsec_c2hvcnQ="] {
+        for bad in [
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_!!!",
+            "whsec_c2hvcnQ=",
+        ] {
             assert!(matches!(
                 SigningSecret::parse(bad),
                 Err(DispatchError::Invalid(_))

@@ -27,11 +27,15 @@ impl IpNet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -208,9 +212,8 @@ impl Resolve for GuardedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = resolved
                 .iter()
                 .copied()
@@ -321,9 +324,18 @@ mod tests {
 
     #[test]
     fn networks_parse() {
-        assert_eq!("10.0.0.0/8".parse::<IpNet>().unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!("127.0.0.1".parse::<IpNet>().unwrap().to_string(), "127.0.0.1/32");
-        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().contains(ip("8.8.8.8")));
+        assert_eq!(
+            "10.0.0.0/8".parse::<IpNet>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            "127.0.0.1".parse::<IpNet>().unwrap().to_string(),
+            "127.0.0.1/32"
+        );
+        assert!("0.0.0.0/0"
+            .parse::<IpNet>()
+            .unwrap()
+            .contains(ip("8.8.8.8")));
         for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
@@ -332,10 +344,16 @@ mod tests {
     #[test]
     fn literal_hosts_are_found() {
         let u = |s: &str| reqwest::Url::parse(s).unwrap();
-        assert_eq!(literal_host(&u("http://127.0.0.1:8080/x")), Some(ip("127.0.0.1")));
+        assert_eq!(
+            literal_host(&u("http://127.0.0.1:8080/x")),
+            Some(ip("127.0.0.1"))
+        );
         assert_eq!(literal_host(&u("http://[::1]/x")), Some(ip("::1")));
         // WHATWG URL parsing normalises odd IPv4 spellings.
-        assert_eq!(literal_host(&u("http://2130706433/")), Some(ip("127.0.0.1")));
+        assert_eq!(
+            literal_host(&u("http://2130706433/")),
+            Some(ip("127.0.0.1"))
+        );
         assert_eq!(literal_host(&u("http://0x7f.1/")), Some(ip("127.0.0.1")));
         assert_eq!(literal_host(&u("http://example.com/")), None);
         assert!(TargetPolicy::default()
@@ -355,7 +373,11 @@ mod tests {
             allow_private: true,
             allowed: vec![],
         }));
-        let addrs: Vec<_> = open.resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        let addrs: Vec<_> = open
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
     }
 }

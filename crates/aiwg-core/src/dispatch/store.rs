@@ -552,14 +552,8 @@ mod suite {
             .unwrap();
         assert_eq!(f3.failing_since, now + secs(20), "a success resets the run");
         assert_eq!(f3.consecutive_failures, 1);
-        assert!(store
-            .disable_subscription(a.id, "gone", now)
-            .await
-            .unwrap());
-        assert!(!store
-            .disable_subscription(a.id, "gone", now)
-            .await
-            .unwrap());
+        assert!(store.disable_subscription(a.id, "gone", now).await.unwrap());
+        assert!(!store.disable_subscription(a.id, "gone", now).await.unwrap());
         let s = store.subscription(a.id).await.unwrap().unwrap();
         assert!(!s.enabled);
         assert_eq!(s.disabled_reason.as_deref(), Some("gone"));
@@ -595,11 +589,14 @@ mod suite {
         assert_eq!(got.state, DeliveryState::Pending);
         assert_eq!(got.payload, r#"{"x":1}"#);
         assert!(got.attempts.is_empty());
-        assert!(store
-            .claim_due(&req(now - secs(1), 10, "a"))
-            .await
-            .unwrap()
-            .is_empty(), "not due yet");
+        assert!(
+            store
+                .claim_due(&req(now - secs(1), 10, "a"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "not due yet"
+        );
         let claimed = store.claim_due(&req(now, 10, "a")).await.unwrap();
         assert_eq!(claimed.len(), 1);
         let c = &claimed[0];
@@ -612,13 +609,20 @@ mod suite {
         assert_eq!(c.subscription.keys, a.keys);
         assert_eq!(c.lease.owner, "a");
         assert!(c.lease.expires_at > now);
-        assert!(store
-            .claim_due(&req(now, 10, "b"))
-            .await
-            .unwrap()
-            .is_empty(), "leased rows are not claimed twice");
+        assert!(
+            store
+                .claim_due(&req(now, 10, "b"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "leased rows are not claimed twice"
+        );
         store
-            .finish_attempt(&c.lease, &attempt(now, 200, AttemptTrigger::Scheduled), AttemptOutcome::Succeeded)
+            .finish_attempt(
+                &c.lease,
+                &attempt(now, 200, AttemptTrigger::Scheduled),
+                AttemptOutcome::Succeeded,
+            )
             .await
             .unwrap();
         let got = store.delivery(a.id, d.id).await.unwrap().unwrap();
@@ -628,13 +632,29 @@ mod suite {
         assert_eq!(got.next_attempt_at, None);
         assert_eq!(store.pending_count().await.unwrap(), 0);
         assert_eq!(store.next_due_at().await.unwrap(), None);
-        assert!(matches!(
+        assert!(
+            matches!(
+                store
+                    .finish_attempt(
+                        &c.lease,
+                        &attempt(now, 200, AttemptTrigger::Scheduled),
+                        AttemptOutcome::Succeeded
+                    )
+                    .await,
+                Err(StoreError::LeaseLost)
+            ),
+            "a finished lease cannot be used twice"
+        );
+        assert_eq!(
             store
-                .finish_attempt(&c.lease, &attempt(now, 200, AttemptTrigger::Scheduled), AttemptOutcome::Succeeded)
-                .await,
-            Err(StoreError::LeaseLost)
-        ), "a finished lease cannot be used twice");
-        assert_eq!(store.delivery(a.id, d.id).await.unwrap().unwrap().attempts.len(), 1);
+                .delivery(a.id, d.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .attempts
+                .len(),
+            1
+        );
         assert_eq!(
             store.delivery(SubscriptionId::new(), d.id).await.unwrap(),
             None,
@@ -656,7 +676,10 @@ mod suite {
             tasks.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 loop {
-                    let got = store.claim_due(&req(now, 3, &format!("w{w}"))).await.unwrap();
+                    let got = store
+                        .claim_due(&req(now, 3, &format!("w{w}")))
+                        .await
+                        .unwrap();
                     if got.is_empty() {
                         break mine;
                     }
@@ -693,7 +716,11 @@ mod suite {
         assert_ne!(second.lease.token, first.lease.token);
         assert!(matches!(
             store
-                .finish_attempt(&first.lease, &attempt(now, 200, AttemptTrigger::Scheduled), AttemptOutcome::Succeeded)
+                .finish_attempt(
+                    &first.lease,
+                    &attempt(now, 200, AttemptTrigger::Scheduled),
+                    AttemptOutcome::Succeeded
+                )
                 .await,
             Err(StoreError::LeaseLost)
         ));
@@ -728,7 +755,11 @@ mod suite {
         assert!(store.claim_due(&capped).await.unwrap().is_empty());
         let one = got.iter().find(|c| c.subscription.id == a.id).unwrap();
         store
-            .finish_attempt(&one.lease, &attempt(now, 200, AttemptTrigger::Scheduled), AttemptOutcome::Succeeded)
+            .finish_attempt(
+                &one.lease,
+                &attempt(now, 200, AttemptTrigger::Scheduled),
+                AttemptOutcome::Succeeded,
+            )
             .await
             .unwrap();
         assert_eq!(store.claim_due(&capped).await.unwrap().len(), 1);
@@ -743,9 +774,17 @@ mod suite {
             .await
             .unwrap();
         store.disable_subscription(a.id, "test", now).await.unwrap();
-        assert!(store.claim_due(&req(now, 10, "a")).await.unwrap().is_empty());
+        assert!(store
+            .claim_due(&req(now, 10, "a"))
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(store.next_due_at().await.unwrap(), None);
-        assert_eq!(store.pending_count().await.unwrap(), 1, "it waits, it is not dropped");
+        assert_eq!(
+            store.pending_count().await.unwrap(),
+            1,
+            "it waits, it is not dropped"
+        );
         store
             .update_subscription(a.id, &SubscriptionChange::at(now).enabled(true))
             .await
@@ -761,7 +800,11 @@ mod suite {
         store.enqueue(std::slice::from_ref(&d)).await.unwrap();
         let c = store.claim_due(&req(now, 1, "a")).await.unwrap().remove(0);
         store
-            .finish_attempt(&c.lease, &attempt(now, 503, AttemptTrigger::Scheduled), AttemptOutcome::Retry { at: now + secs(60) })
+            .finish_attempt(
+                &c.lease,
+                &attempt(now, 503, AttemptTrigger::Scheduled),
+                AttemptOutcome::Retry { at: now + secs(60) },
+            )
             .await
             .unwrap();
         let got = store.delivery(a.id, d.id).await.unwrap().unwrap();
@@ -769,11 +812,23 @@ mod suite {
         assert_eq!(got.next_attempt_at, Some(now + secs(60)));
         assert_eq!(store.next_due_at().await.unwrap(), Some(now + secs(60)));
         assert_eq!(store.pending_count().await.unwrap(), 1);
-        assert!(store.claim_due(&req(now + secs(59), 1, "a")).await.unwrap().is_empty());
-        let c = store.claim_due(&req(now + secs(60), 1, "a")).await.unwrap().remove(0);
+        assert!(store
+            .claim_due(&req(now + secs(59), 1, "a"))
+            .await
+            .unwrap()
+            .is_empty());
+        let c = store
+            .claim_due(&req(now + secs(60), 1, "a"))
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!(c.scheduled_attempts, 1);
         store
-            .finish_attempt(&c.lease, &attempt(now + secs(60), 0, AttemptTrigger::Scheduled), AttemptOutcome::Failed)
+            .finish_attempt(
+                &c.lease,
+                &attempt(now + secs(60), 0, AttemptTrigger::Scheduled),
+                AttemptOutcome::Failed,
+            )
             .await
             .unwrap();
         let got = store.delivery(a.id, d.id).await.unwrap().unwrap();
@@ -796,11 +851,18 @@ mod suite {
             RequeueOutcome::InFlight
         );
         store
-            .finish_attempt(&c.lease, &attempt(now, 500, AttemptTrigger::Scheduled), AttemptOutcome::Failed)
+            .finish_attempt(
+                &c.lease,
+                &attempt(now, 500, AttemptTrigger::Scheduled),
+                AttemptOutcome::Failed,
+            )
             .await
             .unwrap();
         assert_eq!(
-            store.requeue(SubscriptionId::new(), d.id, now).await.unwrap(),
+            store
+                .requeue(SubscriptionId::new(), d.id, now)
+                .await
+                .unwrap(),
             RequeueOutcome::NotFound
         );
         assert_eq!(
@@ -815,16 +877,27 @@ mod suite {
         let got = store.delivery(a.id, d.id).await.unwrap().unwrap();
         assert_eq!(got.state, DeliveryState::Pending);
         assert_eq!(got.next_attempt_at, Some(later));
-        let c = store.claim_due(&req(later, 1, "a")).await.unwrap().remove(0);
+        let c = store
+            .claim_due(&req(later, 1, "a"))
+            .await
+            .unwrap()
+            .remove(0);
         assert_eq!(c.id, d.id);
         assert_eq!(c.trigger, AttemptTrigger::Manual);
         store
-            .finish_attempt(&c.lease, &attempt(later, 200, AttemptTrigger::Manual), AttemptOutcome::Succeeded)
+            .finish_attempt(
+                &c.lease,
+                &attempt(later, 200, AttemptTrigger::Manual),
+                AttemptOutcome::Succeeded,
+            )
             .await
             .unwrap();
         let got = store.delivery(a.id, d.id).await.unwrap().unwrap();
         assert_eq!(got.state, DeliveryState::Succeeded);
-        assert_eq!(got.scheduled_attempts, 1, "manual attempts are not scheduled ones");
+        assert_eq!(
+            got.scheduled_attempts, 1,
+            "manual attempts are not scheduled ones"
+        );
         assert_eq!(
             got.attempts.iter().map(|a| a.trigger).collect::<Vec<_>>(),
             [AttemptTrigger::Scheduled, AttemptTrigger::Manual]
@@ -841,7 +914,10 @@ mod suite {
         for i in 0..7 {
             let d = NewDelivery::new(a.id, "job.queued", "{}", now + secs(i));
             ids.push(d.id);
-            store.enqueue(&[d, NewDelivery::new(b.id, "job.queued", "{}", now)]).await.unwrap();
+            store
+                .enqueue(&[d, NewDelivery::new(b.id, "job.queued", "{}", now)])
+                .await
+                .unwrap();
         }
         ids.reverse();
         let page1 = store.deliveries(a.id, 3, None).await.unwrap();
@@ -861,7 +937,11 @@ mod suite {
         store.enqueue(std::slice::from_ref(&d)).await.unwrap();
         assert!(store.delete_subscription(a.id).await.unwrap());
         assert_eq!(store.pending_count().await.unwrap(), 0);
-        assert!(store.claim_due(&req(now, 10, "a")).await.unwrap().is_empty());
+        assert!(store
+            .claim_due(&req(now, 10, "a"))
+            .await
+            .unwrap()
+            .is_empty());
         assert!(store.deliveries(a.id, 10, None).await.unwrap().is_empty());
     }
 }
@@ -874,7 +954,10 @@ mod tests {
     fn delivery_ids_are_webhook_ids() {
         let id = DeliveryId::new();
         let s = id.to_string();
-        assert!(s.starts_with("msg_") && !s.contains('.') && s.len() == 36, "{s}");
+        assert!(
+            s.starts_with("msg_") && !s.contains('.') && s.len() == 36,
+            "{s}"
+        );
         assert_eq!(s.parse::<DeliveryId>().unwrap(), id);
         assert_eq!(serde_json::to_value(id).unwrap(), s);
         assert!("msg_nope".parse::<DeliveryId>().is_err());

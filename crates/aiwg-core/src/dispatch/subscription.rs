@@ -490,12 +490,21 @@ mod tests {
     #[test]
     fn live_keys_drop_expired_ones() {
         let now = Utc::now();
-        let mut sub = Subscription::new("http://x", vec!["*".into()], None, SigningSecret::generate(), now);
+        let mut sub = Subscription::new(
+            "http://x",
+            vec!["*".into()],
+            None,
+            SigningSecret::generate(),
+            now,
+        );
         sub.keys.push(SigningKey {
             secret: SigningSecret::generate(),
             expires_at: Some(now + chrono::Duration::seconds(10)),
         });
         assert_eq!(sub.live_keys(now).count(), 2);
-        assert_eq!(sub.live_keys(now + chrono::Duration::seconds(11)).count(), 1);
+        assert_eq!(
+            sub.live_keys(now + chrono::Duration::seconds(11)).count(),
+            1
+        );
     }
 }
