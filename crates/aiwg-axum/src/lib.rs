@@ -1,1 +1,138 @@
-//! placeholder
+//! # aiwg-axum
+//!
+//! The aiwg HTTP API as an [`axum::Router`] you mount in your own app. Everything the API
+//! decides (authentication, status codes, problem documents, SSE framing) lives in
+//! [`aiwg_core::http`]; this crate only translates between axum and that module.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use aiwg_core::http::{Api, ApiKey, Scope};
+//! use aiwg_core::{Engine, Step, Workflow};
+//! use aiwg_core::test_util::ScriptedExecutor;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let engine = Engine::builder()
+//!     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+//!     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "hi")))
+//!     .build()?;
+//! let api = Api::builder(engine)
+//!     .key(ApiKey::plain("ci", &std::env::var("AIWG_API_KEY")?, vec![Scope::Admin])?)
+//!     .build()?;
+//!
+//! // Your app, with aiwg under /aiwg.
+//! let app = axum::Router::new()
+//!     .route("/", axum::routing::get(|| async { "my service" }))
+//!     .nest("/aiwg", aiwg_axum::router(api));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3100").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Serve with `into_make_service_with_connect_info::<SocketAddr>()` so per-address rate limits
+//! see the client address. Request bodies are limited to [`Api::body_limit`] before they are
+//! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route, ROUTES};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
+use axum::response::Response;
+use axum::routing::any;
+use axum::Router;
+use futures_util::StreamExt;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderName, HeaderValue, Method};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// The aiwg API as a router: `nest` it under a prefix or `merge` it at the root.
+pub fn router<S>(api: Api) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let mut router = Router::new();
+    for (pattern, route) in ROUTES {
+        let api = api.clone();
+        let (pattern, route) = (*pattern, *route);
+        router = router.route(
+            pattern,
+            any(move |req: Request| serve(api.clone(), route, pattern, req)),
+        );
+    }
+    let request_id = HeaderName::from_static("x-request-id");
+    router
+        .layer(cors(&api))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+fn cors(api: &Api) -> CorsLayer {
+    let origins = api.cors_origins();
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+}
+
+async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let params = RawPathParams::from_request_parts(&mut parts, &())
+        .await
+        .map(|p| p.iter().map(|(_, v)| v.to_owned()).collect())
+        .unwrap_or_default();
+    let base_path = parts
+        .extensions
+        .get::<MatchedPath>()
+        .and_then(|m| m.as_str().strip_suffix(pattern))
+        .unwrap_or("")
+        .to_owned();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let limit = api.body_limit();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return into_response(api.payload_too_large());
+    }
+    let Ok(body) = axum::body::to_bytes(body, limit).await else {
+        return into_response(api.payload_too_large());
+    };
+    let request = ApiRequest::new(route, parts.method)
+        .with_params(params)
+        .with_query(parts.uri.query().map(str::to_owned))
+        .with_headers(parts.headers)
+        .with_body(body)
+        .with_peer(peer)
+        .with_base_path(base_path);
+    into_response(api.handle(request).await)
+}
+
+fn into_response(res: ApiResponse) -> Response {
+    let body = match res.body {
+        ApiBody::Full(bytes) => Body::from(bytes),
+        ApiBody::Stream(stream) => Body::from_stream(stream.map(Ok::<_, Infallible>)),
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = res.status;
+    *out.headers_mut() = res.headers;
+    out
+}

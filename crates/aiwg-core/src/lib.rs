@@ -6,6 +6,7 @@
 pub mod dispatch;
 pub mod engine;
 pub mod event;
+pub mod http;
 pub mod executor;
 pub mod job;
 pub mod policy;

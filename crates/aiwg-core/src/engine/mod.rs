@@ -153,7 +153,17 @@ struct Settings {
 }
 
 /// Queue figures for the status endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct QueueStats {
     /// Jobs waiting (store-wide).
     pub queued: usize,
@@ -193,6 +203,7 @@ pub(crate) struct Inner {
     tracker: TaskTracker,
     busy: AtomicUsize,
     started: Instant,
+    durations: Mutex<HashMap<String, (u64, f64)>>,
 }
 
 /// The job engine. A cheap-to-clone handle: clone it into every handler.
@@ -433,6 +444,7 @@ impl EngineBuilder {
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
                 started: Instant::now(),
+                durations: Mutex::new(HashMap::new()),
             }),
         };
         for n in 0..engine.inner.settings.workers {
@@ -730,7 +742,42 @@ impl Engine {
         self.inner.stop_claiming.is_cancelled()
     }
 
+    /// The mean run time of completed jobs of `workflow` on this instance, once one completed.
+    #[must_use]
+    pub fn estimated_duration(&self, workflow: &str) -> Option<Duration> {
+        let d = self
+            .inner
+            .durations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        d.get(workflow)
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, total)| Duration::from_secs_f64(total / *n as f64))
+    }
+
     pub(crate) async fn publish(&self, job: &Job, event: &JobEvent) {
+        if event.is_terminal() {
+            let secs = match (job.started_at, job.finished_at) {
+                (Some(s), Some(f)) => (f - s).to_std().unwrap_or_default().as_secs_f64(),
+                _ => 0.0,
+            };
+            metrics::histogram!(
+                "aiwg_job_duration_seconds",
+                "workflow" => job.workflow.clone(),
+                "status" => job.status.as_str()
+            )
+            .record(secs);
+            if job.status == JobStatus::Completed {
+                let mut d = self
+                    .inner
+                    .durations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let e = d.entry(job.workflow.clone()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += secs;
+            }
+        }
         let _ = self.inner.bus.send(event.clone());
         for o in &self.inner.observers {
             o.on_event(job, event).await;

@@ -39,6 +39,7 @@ use crate::executor::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError, Health,
 };
 
+pub mod conformance;
 mod store_suite;
 pub use store_suite::{sample_job, store_suite};
 

@@ -1,0 +1,239 @@
+//! API keys with scopes, compared in constant time, and per-key / per-address rate limits.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// What a key may do. `admin` implies every other scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Start jobs.
+    Trigger,
+    /// Read jobs, events, workflows, status and metrics.
+    Read,
+    /// Cancel jobs.
+    Cancel,
+    /// Everything, including webhook subscriptions.
+    Admin,
+}
+
+impl FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "trigger" => Ok(Scope::Trigger),
+            "read" => Ok(Scope::Read),
+            "cancel" => Ok(Scope::Cancel),
+            "admin" => Ok(Scope::Admin),
+            other => Err(format!(
+                "unknown scope `{other}` (expected trigger, read, cancel or admin)"
+            )),
+        }
+    }
+}
+
+/// A key that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The plain key is shorter than 16 characters.
+    #[error("API key `{0}` is shorter than 16 characters")]
+    TooShort(String),
+    /// The SHA-256 form is not 64 hex digits.
+    #[error("API key `{0}` has a sha256 that is not 64 hex digits")]
+    BadHash(String),
+    /// The key has no scopes.
+    #[error("API key `{0}` has no scopes")]
+    NoScopes(String),
+}
+
+/// An API key: a name, the SHA-256 of the secret, and scopes. The secret itself is never kept.
+#[derive(Clone)]
+pub struct ApiKey {
+    name: String,
+    hash: [u8; 32],
+    scopes: Vec<Scope>,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiKey {
+    /// A key from its plain secret (at least 16 characters).
+    pub fn plain(
+        name: impl Into<String>,
+        secret: &str,
+        scopes: Vec<Scope>,
+    ) -> Result<Self, KeyError> {
+        let name = name.into();
+        if secret.chars().count() < 16 {
+            return Err(KeyError::TooShort(name));
+        }
+        Self::checked(name, Sha256::digest(secret.as_bytes()).into(), scopes)
+    }
+
+    /// A key from the hex SHA-256 of its secret, so the configuration never holds the secret.
+    pub fn sha256(
+        name: impl Into<String>,
+        hex_digest: &str,
+        scopes: Vec<Scope>,
+    ) -> Result<Self, KeyError> {
+        let name = name.into();
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hex_digest.trim(), &mut hash)
+            .map_err(|_| KeyError::BadHash(name.clone()))?;
+        Self::checked(name, hash, scopes)
+    }
+
+    fn checked(name: String, hash: [u8; 32], scopes: Vec<Scope>) -> Result<Self, KeyError> {
+        if scopes.is_empty() {
+            return Err(KeyError::NoScopes(name));
+        }
+        Ok(Self { name, hash, scopes })
+    }
+
+    /// The key's name (used as the actor and the rate-limit bucket).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the key grants `scope`.
+    #[must_use]
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == scope || *s == Scope::Admin)
+    }
+}
+
+/// Finds the key matching a presented secret. Every configured key is compared, in constant
+/// time, whatever matches, so timing says nothing about which or how many keys exist.
+pub(crate) fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found = None;
+    for k in keys {
+        if bool::from(k.hash.ct_eq(&digest)) {
+            found = Some(k);
+        }
+    }
+    found
+}
+
+/// Requests per minute with a burst, per key and per client address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Sustained requests per minute.
+    pub per_minute: u32,
+    /// Requests allowed at once.
+    pub burst: u32,
+}
+
+pub(crate) struct Limiter {
+    keys: DefaultKeyedRateLimiter<String>,
+    addrs: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Limiter {
+    pub(crate) fn new(limit: RateLimit) -> Result<Self, String> {
+        let per_minute =
+            NonZeroU32::new(limit.per_minute).ok_or("per_minute must be at least 1")?;
+        let burst = NonZeroU32::new(limit.burst).ok_or("burst must be at least 1")?;
+        let quota = Quota::per_minute(per_minute).allow_burst(burst);
+        Ok(Self {
+            keys: DefaultKeyedRateLimiter::keyed(quota),
+            addrs: DefaultKeyedRateLimiter::keyed(quota),
+        })
+    }
+
+    /// `Err(wait)` when the key is over its limit.
+    pub(crate) fn check_key(&self, key: &str) -> Result<(), Duration> {
+        self.keys
+            .check_key(&key.to_owned())
+            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// `Err(wait)` when the address is over its limit.
+    pub(crate) fn check_addr(&self, addr: IpAddr) -> Result<(), Duration> {
+        self.addrs
+            .check_key(&addr)
+            .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_by_hash_and_scopes_imply() {
+        let plain = ApiKey::plain("ci", "0123456789abcdef-secret", vec![Scope::Trigger]).unwrap();
+        let hex = hex::encode(Sha256::digest(b"another-long-secret-value"));
+        let hashed = ApiKey::sha256("ops", &hex, vec![Scope::Admin]).unwrap();
+        let keys = vec![plain, hashed];
+        assert_eq!(
+            find_key(&keys, "0123456789abcdef-secret").unwrap().name(),
+            "ci"
+        );
+        assert_eq!(
+            find_key(&keys, "another-long-secret-value").unwrap().name(),
+            "ops"
+        );
+        assert!(find_key(&keys, "0123456789abcdef-secreT").is_none());
+        assert!(find_key(&keys, "").is_none());
+        assert!(keys[0].allows(Scope::Trigger) && !keys[0].allows(Scope::Read));
+        assert!(keys[1].allows(Scope::Read) && keys[1].allows(Scope::Cancel));
+        assert!(!format!("{:?}", keys[0]).contains("secret"));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        assert_eq!(
+            ApiKey::plain("a", "short", vec![Scope::Read]).unwrap_err(),
+            KeyError::TooShort("a".into())
+        );
+        assert_eq!(
+            ApiKey::sha256("b", "zz", vec![Scope::Read]).unwrap_err(),
+            KeyError::BadHash("b".into())
+        );
+        assert_eq!(
+            ApiKey::plain("c", "0123456789abcdef", vec![]).unwrap_err(),
+            KeyError::NoScopes("c".into())
+        );
+        assert!("root".parse::<Scope>().is_err());
+    }
+
+    #[test]
+    fn limiter_refuses_past_the_burst_with_a_wait() {
+        let l = Limiter::new(RateLimit {
+            per_minute: 60,
+            burst: 2,
+        })
+        .unwrap();
+        assert!(l.check_key("k").is_ok());
+        assert!(l.check_key("k").is_ok());
+        let wait = l.check_key("k").unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(l.check_key("other").is_ok());
+        assert!(Limiter::new(RateLimit {
+            per_minute: 0,
+            burst: 1
+        })
+        .is_err());
+    }
+}

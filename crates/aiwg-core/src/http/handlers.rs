@@ -1,0 +1,707 @@
+//! The endpoints: from an [`ApiRequest`] to an [`ApiResponse`].
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::auth::{find_key, ApiKey, Scope};
+use super::types::{
+    AgentStatus, CancelAnswer, HealthAnswer, JobList, ServerStatus, StatusDocument,
+    TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+};
+use super::{parse_query, sse, Api, ApiRequest, ApiResponse, Problem, Route};
+use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
+use crate::engine::{EngineError, SubmitError};
+use crate::job::{JobId, JobStatus};
+use crate::policy::PolicyError;
+use crate::request::JobRequest;
+use crate::store::JobQuery;
+
+type Answer = Result<ApiResponse, Problem>;
+
+/// The process-wide Prometheus recorder, installed on first use unless another recorder is.
+pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("aiwg_job_duration_seconds".into()),
+                    &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
+                )
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+fn allowed(methods: &[Method], req: &ApiRequest) -> Result<(), Problem> {
+    if methods.contains(&req.method) {
+        Ok(())
+    } else {
+        let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+        let mut p = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            format!(
+                "{} is not allowed here; use {}",
+                req.method,
+                list.join(", ")
+            ),
+        );
+        p.job_id = None;
+        Err(p)
+    }
+}
+
+fn allow_header(methods: &[Method]) -> HeaderValue {
+    let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("GET"))
+}
+
+fn route_methods(route: Route) -> &'static [Method] {
+    match route {
+        Route::Trigger
+        | Route::Cancel
+        | Route::WebhookRotate
+        | Route::WebhookRetry
+        | Route::Hook => &[Method::POST],
+        Route::Webhooks => &[Method::GET, Method::POST],
+        Route::Webhook => &[Method::GET, Method::PATCH, Method::DELETE],
+        _ => &[Method::GET],
+    }
+}
+
+/// Which scope a route needs (`None`: public).
+fn route_scope(api: &Api, route: Route) -> Option<Scope> {
+    match route {
+        Route::Trigger => Some(Scope::Trigger),
+        Route::Cancel => Some(Scope::Cancel),
+        Route::Available | Route::Status | Route::Events | Route::Jobs | Route::ServerStatus => {
+            Some(Scope::Read)
+        }
+        Route::Metrics if api.inner.metrics_public => None,
+        Route::Metrics => Some(Scope::Read),
+        Route::Webhooks
+        | Route::Webhook
+        | Route::WebhookRotate
+        | Route::WebhookDeliveries
+        | Route::WebhookRetry => Some(Scope::Admin),
+        Route::Hook | Route::Health | Route::OpenApi => None,
+    }
+}
+
+fn too_many(wait: Duration) -> Problem {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "too many requests; slow down",
+    )
+    .retry_after(secs)
+}
+
+fn authenticate<'a>(api: &'a Api, req: &ApiRequest, scope: Scope) -> Result<&'a ApiKey, Problem> {
+    let unauthorized = |detail: &str| {
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail).bearer_challenge()
+    };
+    let presented = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let Some(token) = presented else {
+        return Err(unauthorized("missing bearer token"));
+    };
+    let Some(key) = find_key(&api.inner.keys, token) else {
+        return Err(unauthorized("invalid API key"));
+    };
+    if !key.allows(scope) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the API key `{}` lacks the `{}` scope",
+                key.name(),
+                scope_name(scope)
+            ),
+        ));
+    }
+    Ok(key)
+}
+
+fn scope_name(s: Scope) -> &'static str {
+    match s {
+        Scope::Trigger => "trigger",
+        Scope::Read => "read",
+        Scope::Cancel => "cancel",
+        Scope::Admin => "admin",
+    }
+}
+
+pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
+    let route = req.route;
+    let methods = route_methods(route);
+    let answer = async {
+        allowed(methods, &req)?;
+        let actor = match route_scope(api, route) {
+            Some(scope) => {
+                // Failed authentication counts against the client's address, so guessing keys
+                // is rate limited too.
+                let key = match authenticate(api, &req, scope) {
+                    Ok(k) => k,
+                    Err(p) => {
+                        if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
+                            l.check_addr(ip).map_err(too_many)?;
+                        }
+                        return Err(p);
+                    }
+                };
+                if let Some(l) = &api.inner.limiter {
+                    l.check_key(key.name()).map_err(too_many)?;
+                }
+                Some(key.name().to_owned())
+            }
+            None => {
+                if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
+                    if route != Route::Health {
+                        l.check_addr(ip).map_err(too_many)?;
+                    }
+                }
+                None
+            }
+        };
+        dispatch(api, &req, actor).await
+    }
+    .await;
+    let mut res = answer.unwrap_or_else(Problem::into_response);
+    if res.status == StatusCode::METHOD_NOT_ALLOWED {
+        res.headers
+            .insert(http::header::ALLOW, allow_header(methods));
+    }
+    res
+}
+
+async fn dispatch(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
+    match req.route {
+        Route::Trigger => trigger(api, req, actor).await,
+        Route::Available => Ok(available(api)),
+        Route::Status => status(api, req).await,
+        Route::Cancel => cancel(api, req).await,
+        Route::Events => events(api, req).await,
+        Route::Jobs => jobs(api, req).await,
+        Route::Webhooks
+        | Route::Webhook
+        | Route::WebhookRotate
+        | Route::WebhookDeliveries
+        | Route::WebhookRetry => webhooks(api, req).await,
+        Route::Hook => match &api.inner.hooks {
+            Some(h) => Ok(h
+                .handle(param(req, 0), &req.headers, req.body.clone())
+                .await),
+            None => Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "no platform webhooks are configured",
+            )),
+        },
+        Route::Health => Ok(ApiResponse::json(
+            StatusCode::OK,
+            &HealthAnswer {
+                status: "ok".into(),
+            },
+        )),
+        Route::ServerStatus => server_status(api).await,
+        Route::Metrics => metrics_text(api).await,
+        Route::OpenApi => Ok(ApiResponse::json(
+            StatusCode::OK,
+            &super::openapi::document(),
+        )),
+    }
+}
+
+fn param(req: &ApiRequest, i: usize) -> &str {
+    req.params.get(i).map_or("", String::as_str)
+}
+
+fn job_id(req: &ApiRequest) -> Result<JobId, Problem> {
+    param(req, 0).parse().map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-job-id",
+            format!("`{}` is not a job id", param(req, 0)),
+        )
+    })
+}
+
+fn json_body<T: DeserializeOwned>(req: &ApiRequest) -> Result<T, Problem> {
+    let ct = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if !(essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json"))
+    {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "the body must be application/json",
+        ));
+    }
+    serde_json::from_slice(&req.body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+fn submit_problem(e: SubmitError) -> Problem {
+    match e {
+        SubmitError::UnknownWorkflow(w) => Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-workflow",
+            format!("unknown workflow `{w}`"),
+        ),
+        SubmitError::Params(p) => {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-params", p.to_string())
+        }
+        SubmitError::Project(
+            p @ (PolicyError::NotFound(_) | PolicyError::NotADirectory(_) | PolicyError::Malformed),
+        ) => Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string()),
+        SubmitError::Project(p @ PolicyError::NoMapping(_)) => {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string())
+        }
+        SubmitError::Project(p) => {
+            Problem::new(StatusCode::FORBIDDEN, "project-forbidden", p.to_string())
+        }
+        SubmitError::Invalid(m) => Problem::new(StatusCode::BAD_REQUEST, "invalid-request", m),
+        SubmitError::IdempotencyConflict { existing } => Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-conflict",
+            "this idempotency key was used with a different request",
+        )
+        .job(existing.to_string(), "exists"),
+        SubmitError::QueueFull { capacity } => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue-full",
+            format!("the queue is full ({capacity} jobs); try again later"),
+        )
+        .retry_after(5),
+        SubmitError::ShuttingDown => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "the server is shutting down",
+        )
+        .retry_after(5),
+        SubmitError::Store(e) => internal(&e),
+    }
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "internal error");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error; see the server log",
+    )
+}
+
+fn engine_problem(e: EngineError) -> Problem {
+    match e {
+        EngineError::NotFound(id) => Problem::new(
+            StatusCode::NOT_FOUND,
+            "job-not-found",
+            format!("no job {id}"),
+        ),
+        EngineError::AlreadyFinished { id, status } => Problem::new(
+            StatusCode::CONFLICT,
+            "job-finished",
+            format!("job {id} already finished with status {status}"),
+        )
+        .job(id.to_string(), status.as_str()),
+        EngineError::WaitTimeout(id) => Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "wait-timeout",
+            format!("job {id} did not finish in time; poll its status"),
+        ),
+        other => internal(&other),
+    }
+}
+
+fn param_value(name: &str, v: serde_json::Value) -> Result<String, Problem> {
+    match v {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-params",
+            format!("parameter `{name}` must be a string, number or boolean"),
+        )),
+    }
+}
+
+async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
+    let body: TriggerBody = json_body(req)?;
+    let header_key = req
+        .headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str().map(str::to_owned).map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-request",
+                    "the Idempotency-Key header is not text",
+                )
+            })
+        })
+        .transpose()?;
+    let idempotency_key = match (header_key, body.idempotency_key) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-request",
+                "the Idempotency-Key header and the body's idempotency_key differ",
+            ))
+        }
+        (h, b) => h.or(b),
+    };
+    let mut params = BTreeMap::new();
+    for (k, v) in body.params.unwrap_or_default() {
+        let v = param_value(&k, v)?;
+        params.insert(k, v);
+    }
+    let mut request = JobRequest::new(body.workflow);
+    request.project_path = body.project_path;
+    request.project = body.project;
+    request.guidance = body.guidance;
+    request.params = params;
+    request.priority = body.priority;
+    request.idempotency_key = idempotency_key;
+    request.trigger.actor = actor;
+    let engine = api.engine();
+    let job = engine.submit(request).await.map_err(submit_problem)?;
+    if body.is_async == Some(false) {
+        let bound = job.timeout + Duration::from_secs(5);
+        let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;
+        return Ok(ApiResponse::json(
+            StatusCode::OK,
+            &StatusDocument::from(&done),
+        ));
+    }
+    let base = &req.base_path;
+    let accepted = TriggerAccepted {
+        job_id: job.id.to_string(),
+        status: job.status,
+        estimated_duration: engine
+            .estimated_duration(&job.workflow)
+            .map(|d| d.as_secs().max(1)),
+        status_url: format!("{base}/workflows/{}/status", job.id),
+        events_url: format!("{base}/workflows/{}/events", job.id),
+    };
+    let location = HeaderValue::from_str(&accepted.status_url).ok();
+    let mut res = ApiResponse::json(StatusCode::ACCEPTED, &accepted);
+    if let Some(l) = location {
+        res.headers.insert(http::header::LOCATION, l);
+    }
+    Ok(res)
+}
+
+fn available(api: &Api) -> ApiResponse {
+    let workflows = api
+        .engine()
+        .catalog()
+        .iter()
+        .map(|w| WorkflowInfo::from(&**w))
+        .collect();
+    ApiResponse::json(StatusCode::OK, &WorkflowList { workflows })
+}
+
+async fn status(api: &Api, req: &ApiRequest) -> Answer {
+    let id = job_id(req)?;
+    let job = api.engine().get(id).await.map_err(engine_problem)?;
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &StatusDocument::from(&job),
+    ))
+}
+
+async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
+    let id = job_id(req)?;
+    let job = api.engine().cancel(id).await.map_err(engine_problem)?;
+    if job.status != JobStatus::Cancelled {
+        // It finished some other way while the cancel was on its way.
+        return Err(engine_problem(EngineError::AlreadyFinished {
+            id,
+            status: job.status,
+        }));
+    }
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &CancelAnswer {
+            job_id: id.to_string(),
+            status: job.status,
+        },
+    ))
+}
+
+async fn events(api: &Api, req: &ApiRequest) -> Answer {
+    let id = job_id(req)?;
+    let query = parse_query(req.query.as_deref());
+    let last = req
+        .headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query.get("last_event_id").cloned());
+    let after = match last {
+        None => 0,
+        Some(s) => s.trim().parse::<u64>().map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-last-event-id",
+                "Last-Event-ID must be a sequence number",
+            )
+        })?,
+    };
+    let stream = api
+        .engine()
+        .subscribe(id, after)
+        .await
+        .map_err(engine_problem)?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(ApiResponse {
+        status: StatusCode::OK,
+        headers,
+        body: super::ApiBody::Stream(sse::stream(stream, api.inner.keep_alive)),
+    })
+}
+
+async fn jobs(api: &Api, req: &ApiRequest) -> Answer {
+    let q = parse_query(req.query.as_deref());
+    let bad = |what: &str| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", what.to_owned());
+    let mut query = JobQuery::default();
+    for (k, v) in &q {
+        match k.as_str() {
+            "status" => {
+                query.status = Some(
+                    v.parse()
+                        .map_err(|e: crate::job::UnknownStatus| bad(&e.to_string()))?,
+                )
+            }
+            "workflow" => query.workflow = Some(v.clone()),
+            "limit" => {
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| bad("limit must be a number from 1 to 500"))?;
+                if !(1..=500).contains(&n) {
+                    return Err(bad("limit must be a number from 1 to 500"));
+                }
+                query.limit = Some(n);
+            }
+            "cursor" => query.cursor = Some(v.parse().map_err(|_| bad("cursor is not valid"))?),
+            other => return Err(bad(&format!("unknown query parameter `{other}`"))),
+        }
+    }
+    let page = api.engine().list(&query).await.map_err(engine_problem)?;
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &JobList {
+            jobs: page.jobs.iter().map(StatusDocument::from).collect(),
+            next_cursor: page.next_cursor.map(|c| c.to_string()),
+        },
+    ))
+}
+
+fn dispatch_problem(e: DispatchError) -> Problem {
+    match e {
+        DispatchError::NotFound => Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such webhook or delivery",
+        ),
+        DispatchError::Invalid(m) => Problem::new(StatusCode::BAD_REQUEST, "invalid-request", m),
+        DispatchError::Conflict(m) => Problem::new(StatusCode::CONFLICT, "conflict", m),
+        e @ DispatchError::PayloadTooLarge { .. } => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            e.to_string(),
+        ),
+        other => internal(&other),
+    }
+}
+
+async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
+    let Some(d) = api.dispatcher() else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "outbound webhooks are not configured",
+        ));
+    };
+    let sub_id = || {
+        param(req, 0)
+            .parse()
+            .map_err(|_| dispatch_problem(DispatchError::NotFound))
+    };
+    let ok = |status, v: &dyn erased::Json| {
+        Ok(ApiResponse::bytes(status, "application/json", v.to_json()))
+    };
+    match (req.route, &req.method) {
+        (Route::Webhooks, &Method::GET) => {
+            ok(StatusCode::OK, &d.list().await.map_err(dispatch_problem)?)
+        }
+        (Route::Webhooks, _) => {
+            let body: CreateSubscription = json_body(req)?;
+            ok(
+                StatusCode::CREATED,
+                &d.create(body).await.map_err(dispatch_problem)?,
+            )
+        }
+        (Route::Webhook, &Method::GET) => ok(
+            StatusCode::OK,
+            &d.get(sub_id()?).await.map_err(dispatch_problem)?,
+        ),
+        (Route::Webhook, &Method::PATCH) => {
+            let body: UpdateSubscription = json_body(req)?;
+            ok(
+                StatusCode::OK,
+                &d.update(sub_id()?, body).await.map_err(dispatch_problem)?,
+            )
+        }
+        (Route::Webhook, _) => {
+            d.delete(sub_id()?).await.map_err(dispatch_problem)?;
+            Ok(ApiResponse::empty(StatusCode::NO_CONTENT))
+        }
+        (Route::WebhookRotate, _) => ok(
+            StatusCode::OK,
+            &d.rotate_secret(sub_id()?).await.map_err(dispatch_problem)?,
+        ),
+        (Route::WebhookDeliveries, _) => {
+            let q = parse_query(req.query.as_deref());
+            let limit = match q.get("limit") {
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=500).contains(n))
+                    .ok_or_else(|| {
+                        Problem::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid-query",
+                            "limit must be 1 to 500",
+                        )
+                    })?,
+                None => 50,
+            };
+            let page = d
+                .deliveries(sub_id()?, limit, q.get("cursor").map(String::as_str))
+                .await
+                .map_err(dispatch_problem)?;
+            ok(StatusCode::OK, &page)
+        }
+        (Route::WebhookRetry, _) => {
+            let delivery = param(req, 1)
+                .parse()
+                .map_err(|_| dispatch_problem(DispatchError::NotFound))?;
+            d.retry_delivery(sub_id()?, delivery)
+                .await
+                .map_err(dispatch_problem)?;
+            Ok(ApiResponse::json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"status": "retrying"}),
+            ))
+        }
+        _ => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such endpoint",
+        )),
+    }
+}
+
+/// Object-safe JSON serialisation for the webhook answers.
+mod erased {
+    pub(super) trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+        }
+    }
+}
+
+async fn server_status(api: &Api) -> Answer {
+    let engine = api.engine();
+    let queue = engine.queue_stats().await.map_err(engine_problem)?;
+    let mut agents = Vec::new();
+    for (name, exec) in engine.registry().entries() {
+        let health = tokio::time::timeout(Duration::from_secs(5), exec.health())
+            .await
+            .unwrap_or_else(|_| crate::Health::unhealthy("health check timed out"));
+        agents.push(AgentStatus {
+            name,
+            kind: exec.kind().to_owned(),
+            healthy: health.healthy,
+            circuit: health.circuit,
+            detail: health.detail,
+            backends: health.backends,
+        });
+    }
+    let pending_deliveries = match api.dispatcher() {
+        Some(d) => d.pending_deliveries().await.map_err(dispatch_problem)? as u64,
+        None => 0,
+    };
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &ServerStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: engine.uptime().as_secs(),
+            queue,
+            agents,
+            pending_deliveries,
+        },
+    ))
+}
+
+async fn metrics_text(api: &Api) -> Answer {
+    let Some(handle) = &api.inner.metrics else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "metrics are unavailable: another metrics recorder is installed in this process",
+        ));
+    };
+    if let Ok(q) = api.engine().queue_stats().await {
+        metrics::gauge!("aiwg_queue_length").set(q.queued as f64);
+        metrics::gauge!("aiwg_workers_busy").set(q.busy as f64);
+    }
+    Ok(ApiResponse::bytes(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        handle.render(),
+    ))
+}

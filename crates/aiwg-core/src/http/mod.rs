@@ -1,0 +1,544 @@
+//! Framework-neutral HTTP handling.
+//!
+//! Everything the HTTP API decides — authentication, scopes, rate limits, parsing, status codes,
+//! problem documents, SSE framing, idempotency — is decided here, so the axum and actix-web
+//! adapters only translate: they register the paths of [`ROUTES`], buffer the body up to
+//! [`Api::body_limit`] (answering [`Api::payload_too_large`] beyond it, before buffering more),
+//! build an [`ApiRequest`] and write back the [`ApiResponse`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+use crate::dispatch::Dispatcher;
+use crate::engine::Engine;
+
+mod auth;
+mod handlers;
+pub mod openapi;
+mod problem;
+mod sse;
+pub mod types;
+
+pub use auth::{ApiKey, KeyError, RateLimit, Scope};
+pub use problem::Problem;
+
+/// The endpoints of the API. Adapters register each path of [`ROUTES`] for every method and
+/// hand the matched [`Route`] and path parameters to [`Api::handle`], which answers 405 for
+/// methods a route does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Route {
+    /// `POST /workflows/trigger`
+    Trigger,
+    /// `GET /workflows/available`
+    Available,
+    /// `GET /workflows/{job_id}/status`
+    Status,
+    /// `POST /workflows/{job_id}/cancel`
+    Cancel,
+    /// `GET /workflows/{job_id}/events`
+    Events,
+    /// `GET /jobs`
+    Jobs,
+    /// `GET|POST /webhooks`
+    Webhooks,
+    /// `GET|PATCH|DELETE /webhooks/{id}`
+    Webhook,
+    /// `POST /webhooks/{id}/rotate-secret`
+    WebhookRotate,
+    /// `GET /webhooks/{id}/deliveries`
+    WebhookDeliveries,
+    /// `POST /webhooks/{id}/deliveries/{delivery_id}/retry`
+    WebhookRetry,
+    /// `POST /hooks/{platform}`
+    Hook,
+    /// `GET /health`
+    Health,
+    /// `GET /status`
+    ServerStatus,
+    /// `GET /metrics`
+    Metrics,
+    /// `GET /openapi.json`
+    OpenApi,
+}
+
+/// Every path of the API (relative to where the host mounts it, `{name}` for parameters, in the
+/// syntax both axum 0.8 and actix-web use) and its route.
+pub const ROUTES: &[(&str, Route)] = &[
+    ("/workflows/trigger", Route::Trigger),
+    ("/workflows/available", Route::Available),
+    ("/workflows/{job_id}/status", Route::Status),
+    ("/workflows/{job_id}/cancel", Route::Cancel),
+    ("/workflows/{job_id}/events", Route::Events),
+    ("/jobs", Route::Jobs),
+    ("/webhooks", Route::Webhooks),
+    ("/webhooks/{id}", Route::Webhook),
+    ("/webhooks/{id}/rotate-secret", Route::WebhookRotate),
+    ("/webhooks/{id}/deliveries", Route::WebhookDeliveries),
+    (
+        "/webhooks/{id}/deliveries/{delivery_id}/retry",
+        Route::WebhookRetry,
+    ),
+    ("/hooks/{platform}", Route::Hook),
+    ("/health", Route::Health),
+    ("/status", Route::ServerStatus),
+    ("/metrics", Route::Metrics),
+    ("/openapi.json", Route::OpenApi),
+];
+
+/// One HTTP request, as an adapter hands it over.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ApiRequest {
+    /// Which endpoint matched.
+    pub route: Route,
+    /// The method.
+    pub method: Method,
+    /// Path parameters in the order of the route's pattern.
+    pub params: Vec<String>,
+    /// The raw query string (without `?`).
+    pub query: Option<String>,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// The body, already limited to [`Api::body_limit`].
+    pub body: Bytes,
+    /// The client's address, for per-address rate limits.
+    pub peer: Option<IpAddr>,
+    /// Where the router is mounted (e.g. `/aiwg`; empty at the root), for the URLs in answers.
+    pub base_path: String,
+}
+
+impl ApiRequest {
+    /// A request for `route` with `method`; fill the rest with the `with_*` methods.
+    #[must_use]
+    pub fn new(route: Route, method: Method) -> Self {
+        Self {
+            route,
+            method,
+            params: Vec::new(),
+            query: None,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            peer: None,
+            base_path: String::new(),
+        }
+    }
+
+    /// Sets the path parameters.
+    #[must_use]
+    pub fn with_params(mut self, params: Vec<String>) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Sets the query string.
+    #[must_use]
+    pub fn with_query(mut self, query: Option<String>) -> Self {
+        self.query = query;
+        self
+    }
+
+    /// Sets the headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the body.
+    #[must_use]
+    pub fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Sets the client address.
+    #[must_use]
+    pub fn with_peer(mut self, peer: Option<IpAddr>) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    /// Sets the mount prefix.
+    #[must_use]
+    pub fn with_base_path(mut self, base: impl Into<String>) -> Self {
+        self.base_path = base.into().trim_end_matches('/').to_owned();
+        self
+    }
+}
+
+/// A response body: bytes, or a stream of chunks (SSE).
+pub enum ApiBody {
+    /// The whole body.
+    Full(Bytes),
+    /// A stream of chunks, flushed as they come.
+    Stream(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
+}
+
+impl fmt::Debug for ApiBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiBody::Full(b) => f.debug_tuple("Full").field(&b.len()).finish(),
+            ApiBody::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// One HTTP response, for an adapter to write.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ApiResponse {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: ApiBody,
+}
+
+impl ApiResponse {
+    /// A JSON response.
+    #[must_use]
+    pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Self {
+        let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Self {
+            status,
+            headers,
+            body: ApiBody::Full(Bytes::from(body)),
+        }
+    }
+
+    /// A response with a body of `content_type`.
+    #[must_use]
+    pub fn bytes(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        Self {
+            status,
+            headers,
+            body: ApiBody::Full(body.into()),
+        }
+    }
+
+    /// An empty response.
+    #[must_use]
+    pub fn empty(status: StatusCode) -> Self {
+        Self {
+            status,
+            headers: HeaderMap::new(),
+            body: ApiBody::Full(Bytes::new()),
+        }
+    }
+
+    /// Adds a header.
+    #[must_use]
+    pub fn header(mut self, name: http::header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// The full body (empty for streams), for tests and logging.
+    #[must_use]
+    pub fn body_bytes(&self) -> Option<&Bytes> {
+        match &self.body {
+            ApiBody::Full(b) => Some(b),
+            ApiBody::Stream(_) => None,
+        }
+    }
+}
+
+/// Handles `/hooks/{platform}` (implemented by `aiwg-webhook`). It receives the raw body and
+/// answers as the platform expects; the API has already applied the body limit and the
+/// per-address rate limit.
+#[async_trait]
+pub trait HookHandler: Send + Sync + 'static {
+    /// Verifies, parses and acts on one platform delivery.
+    async fn handle(&self, platform: &str, headers: &HeaderMap, body: Bytes) -> ApiResponse;
+}
+
+struct Inner {
+    engine: Engine,
+    keys: Vec<ApiKey>,
+    limiter: Option<auth::Limiter>,
+    dispatcher: Option<Dispatcher>,
+    hooks: Option<Arc<dyn HookHandler>>,
+    body_limit: usize,
+    keep_alive: Duration,
+    metrics_public: bool,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    cors_origins: Vec<String>,
+}
+
+/// The HTTP API over an [`Engine`]. Cheap to clone; build it with [`Api::builder`].
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Api {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Api")
+            .field("keys", &self.inner.keys.len())
+            .field("body_limit", &self.inner.body_limit)
+            .field("hooks", &self.inner.hooks.is_some())
+            .field("dispatcher", &self.inner.dispatcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Api`].
+#[must_use]
+pub struct ApiBuilder {
+    engine: Engine,
+    keys: Vec<ApiKey>,
+    rate_limit: Option<RateLimit>,
+    dispatcher: Option<Dispatcher>,
+    hooks: Option<Arc<dyn HookHandler>>,
+    body_limit: usize,
+    keep_alive: Duration,
+    metrics_public: bool,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    cors_origins: Vec<String>,
+}
+
+/// Why an [`Api`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// A setting is out of range.
+    #[error("invalid API setting `{key}`: {reason}")]
+    Setting {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ApiBuilder {
+    /// Adds an API key.
+    pub fn key(mut self, key: ApiKey) -> Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// Adds API keys.
+    pub fn keys(mut self, keys: impl IntoIterator<Item = ApiKey>) -> Self {
+        self.keys.extend(keys);
+        self
+    }
+
+    /// Rate limit per key and per client address (default: none).
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// The outbound webhook dispatcher behind `/webhooks` (without one those routes answer 404).
+    pub fn dispatcher(mut self, dispatcher: Dispatcher) -> Self {
+        self.dispatcher = Some(dispatcher);
+        self
+    }
+
+    /// The platform webhook handler behind `/hooks/*` (without one they answer 404).
+    pub fn hooks(mut self, hooks: Arc<dyn HookHandler>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// Largest accepted request body (default 1 MiB).
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// Interval of SSE keep-alive comments (default 15 s).
+    pub fn keep_alive(mut self, every: Duration) -> Self {
+        self.keep_alive = every;
+        self
+    }
+
+    /// Serve `/metrics` without a key (default: `read` scope required).
+    pub fn public_metrics(mut self, public: bool) -> Self {
+        self.metrics_public = public;
+        self
+    }
+
+    /// The Prometheus handle `/metrics` renders (default: the process-wide recorder aiwg
+    /// installs on first use, if no other recorder is installed).
+    pub fn metrics_handle(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// Origins allowed by CORS (adapters read them with [`Api::cors_origins`]).
+    pub fn cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
+    }
+
+    /// Builds the API.
+    pub fn build(self) -> Result<Api, ApiError> {
+        if self.body_limit == 0 {
+            return Err(ApiError::Setting {
+                key: "server.body_limit",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if self.keep_alive.is_zero() {
+            return Err(ApiError::Setting {
+                key: "keep_alive",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        let limiter = self
+            .rate_limit
+            .map(auth::Limiter::new)
+            .transpose()
+            .map_err(|reason| ApiError::Setting {
+                key: "auth.rate_limit",
+                reason,
+            })?;
+        let metrics = self.metrics.or_else(handlers::global_metrics);
+        Ok(Api {
+            inner: Arc::new(Inner {
+                engine: self.engine,
+                keys: self.keys,
+                limiter,
+                dispatcher: self.dispatcher,
+                hooks: self.hooks,
+                body_limit: self.body_limit,
+                keep_alive: self.keep_alive,
+                metrics_public: self.metrics_public,
+                metrics,
+                cors_origins: self.cors_origins,
+            }),
+        })
+    }
+}
+
+impl Api {
+    /// A builder over `engine`: no keys (every protected route answers 401 until one is
+    /// added), no rate limit, 1 MiB bodies.
+    pub fn builder(engine: Engine) -> ApiBuilder {
+        ApiBuilder {
+            engine,
+            keys: Vec::new(),
+            rate_limit: None,
+            dispatcher: None,
+            hooks: None,
+            body_limit: 1024 * 1024,
+            keep_alive: Duration::from_secs(15),
+            metrics_public: false,
+            metrics: None,
+            cors_origins: Vec::new(),
+        }
+    }
+
+    /// The engine.
+    #[must_use]
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The dispatcher, if any.
+    #[must_use]
+    pub fn dispatcher(&self) -> Option<&Dispatcher> {
+        self.inner.dispatcher.as_ref()
+    }
+
+    /// The largest body adapters may buffer.
+    #[must_use]
+    pub fn body_limit(&self) -> usize {
+        self.inner.body_limit
+    }
+
+    /// CORS origins from the configuration (`*` allows any).
+    #[must_use]
+    pub fn cors_origins(&self) -> &[String] {
+        &self.inner.cors_origins
+    }
+
+    /// The answer for a body over the limit (413 problem).
+    #[must_use]
+    pub fn payload_too_large(&self) -> ApiResponse {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!(
+                "the request body exceeds the limit of {} bytes",
+                self.inner.body_limit
+            ),
+        )
+        .into_response()
+    }
+
+    /// The answer for a path no route matches (404 problem), for adapters' fallbacks.
+    #[must_use]
+    pub fn not_found(&self) -> ApiResponse {
+        Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint").into_response()
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: ApiRequest) -> ApiResponse {
+        handlers::handle(self, request).await
+    }
+}
+
+/// Parses a query string into a map (last value wins).
+pub(crate) fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
+    query
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,205 @@
+//! The JSON documents of the HTTP API (request and response bodies).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::engine::QueueStats;
+use crate::executor::{BackendHealth, CircuitState};
+use crate::job::{Job, JobError, JobResult, JobStatus, Progress, TriggerInfo};
+use crate::workflow::{Parameter, Workflow};
+
+/// Body of `POST /workflows/trigger`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerBody {
+    /// The workflow to run.
+    pub workflow: String,
+    /// Project directory (absolute, or relative to the root).
+    #[serde(default)]
+    pub project_path: Option<String>,
+    /// Project key resolved through the mapping rules.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Free text for the agent.
+    #[serde(default)]
+    pub guidance: Option<String>,
+    /// Parameter values (strings, numbers or booleans).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: Option<BTreeMap<String, serde_json::Value>>,
+    /// `false` waits for the job to end and answers with its status document.
+    #[serde(default, rename = "async")]
+    pub is_async: Option<bool>,
+    /// Overrides the workflow's priority.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Same key and body → the same job; same key, other body → 409.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Answer of an accepted trigger (202).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TriggerAccepted {
+    /// The job.
+    pub job_id: String,
+    /// Its status (`queued`, or later for a replayed idempotency key).
+    pub status: JobStatus,
+    /// Seconds jobs of this workflow took on average, when known.
+    pub estimated_duration: Option<u64>,
+    /// Where to poll.
+    pub status_url: String,
+    /// Where to stream events.
+    pub events_url: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StatusDocument {
+    /// The job's id.
+    pub job_id: String,
+    /// The workflow.
+    pub workflow: String,
+    /// Current status.
+    pub status: JobStatus,
+    /// The project directory.
+    pub project_path: String,
+    /// Parameters after defaults.
+    pub params: BTreeMap<String, String>,
+    /// Priority.
+    pub priority: i32,
+    /// Current attempt (0 before the first run).
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Reached a terminal status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Step progress.
+    pub progress: Progress,
+    /// Result (on completion; partial on failure).
+    pub result: Option<JobResult>,
+    /// Error (failed, cancelled, timed out).
+    pub error: Option<JobError>,
+    /// Failed with no attempts left.
+    pub dead_letter: bool,
+    /// What started it.
+    pub trigger: TriggerInfo,
+}
+
+impl From<&Job> for StatusDocument {
+    fn from(j: &Job) -> Self {
+        Self {
+            job_id: j.id.to_string(),
+            workflow: j.workflow.clone(),
+            status: j.status,
+            project_path: j.project_path.clone(),
+            params: j.params.clone(),
+            priority: j.priority,
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            created_at: j.created_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            progress: j.progress.clone(),
+            result: j.result.clone(),
+            error: j.error.clone(),
+            dead_letter: j.dead_letter,
+            trigger: j.trigger.clone(),
+        }
+    }
+}
+
+/// Answer of a successful cancel.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CancelAnswer {
+    /// The job.
+    pub job_id: String,
+    /// `cancelled`.
+    pub status: JobStatus,
+}
+
+/// One workflow in `GET /workflows/available`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkflowInfo {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Parameters.
+    pub parameters: Vec<Parameter>,
+    /// Step names in order.
+    pub steps: Vec<String>,
+}
+
+impl From<&Workflow> for WorkflowInfo {
+    fn from(w: &Workflow) -> Self {
+        Self {
+            name: w.name.clone(),
+            description: w.description.clone(),
+            parameters: w.parameters.clone(),
+            steps: w.step_names(),
+        }
+    }
+}
+
+/// `GET /workflows/available`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkflowList {
+    /// Every workflow, by name.
+    pub workflows: Vec<WorkflowInfo>,
+}
+
+/// `GET /jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    /// Jobs, newest first.
+    pub jobs: Vec<StatusDocument>,
+    /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthAnswer {
+    /// `ok`.
+    pub status: String,
+}
+
+/// One agent in `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentStatus {
+    /// Registered name.
+    pub name: String,
+    /// Backend kind.
+    pub kind: String,
+    /// Health check result.
+    pub healthy: bool,
+    /// Circuit breaker state, for pools.
+    pub circuit: Option<CircuitState>,
+    /// Detail from the health check.
+    pub detail: Option<String>,
+    /// Pool members.
+    pub backends: Vec<BackendHealth>,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerStatus {
+    /// aiwg version.
+    pub version: String,
+    /// Seconds since the engine started.
+    pub uptime_secs: u64,
+    /// Queue figures.
+    pub queue: QueueStats,
+    /// Agents.
+    pub agents: Vec<AgentStatus>,
+    /// Outbound deliveries not yet settled.
+    pub pending_deliveries: u64,
+}

@@ -1,0 +1,1279 @@
+//! The HTTP conformance suite: one set of checks that every router adapter (axum, actix-web)
+//! passes over real HTTP on loopback.
+//!
+//! An adapter's test implements [`Serve`] — put an [`Api`] on a loopback port under a prefix —
+//! and calls [`conformance_suite`]. The suite builds its own engines with scripted executors,
+//! so it needs no agent and no network beyond 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use super::ScriptedExecutor;
+use crate::dispatch::Dispatcher;
+use crate::http::{Api, ApiKey, RateLimit, Scope};
+use crate::{AgentEvent, Engine, ProjectPolicy, Step, Workflow};
+
+/// A running server; dropping it (or calling `stop`) shuts it down.
+pub struct Served {
+    /// `http://127.0.0.1:<port><prefix>` (no trailing slash).
+    pub base_url: String,
+    stop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Served {
+    /// A server at `base_url`; `stop` is called on drop.
+    pub fn new(base_url: impl Into<String>, stop: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            stop: Some(Box::new(stop)),
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
+
+/// What an adapter test provides: serve `api` on `127.0.0.1:0`, mounted under `prefix` (`""`
+/// for the root, or e.g. `"/aiwg"`, inside a host app that has routes of its own).
+pub trait Serve: Send + Sync {
+    /// Starts the server.
+    fn serve(&self, api: Api, prefix: &str) -> Pin<Box<dyn Future<Output = Served> + Send + '_>>;
+}
+
+/// The admin key of the suite's servers.
+pub const ADMIN_KEY: &str = "suite-admin-key-0123456789";
+/// A key with only the `trigger` scope.
+pub const TRIGGER_KEY: &str = "suite-trigger-key-0123456789";
+/// A key with only the `read` scope.
+pub const READ_KEY: &str = "suite-read-key-0123456789";
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The suite's fixture: an engine with scripted executors, its project folder and its API.
+pub struct Fixture {
+    /// The engine.
+    pub engine: Engine,
+    /// The executor behind workflow `hang` (hangs until cancelled).
+    pub hang: ScriptedExecutor,
+    /// The executor behind workflow `echo`.
+    pub echo: ScriptedExecutor,
+    /// The project root (holds a `proj` folder).
+    pub root: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fixture").finish_non_exhaustive()
+    }
+}
+
+/// Options for [`fixture`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FixtureOptions {
+    /// Queue capacity (default 1000).
+    pub queue_capacity: Option<usize>,
+    /// Workers (default 2).
+    pub workers: Option<usize>,
+}
+
+/// An engine with workflows `echo` (param `who`, default `world`) and `hang`, executors of the
+/// same names, and a project root with a `proj` folder.
+pub fn fixture(opts: FixtureOptions) -> Fixture {
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("proj")).expect("mkdir");
+    let echo = ScriptedExecutor::succeeding("done").emit(AgentEvent::Text {
+        text: "working".into(),
+    });
+    let hang = ScriptedExecutor::hanging();
+    let engine = Engine::builder()
+        .policy(
+            ProjectPolicy::builder()
+                .root(root.path())
+                .build()
+                .expect("policy"),
+        )
+        .executor("echo", Arc::new(echo.clone()))
+        .executor("hang", Arc::new(hang.clone()))
+        .workflow(
+            Workflow::new("echo")
+                .describe("Says hello")
+                .param(crate::Parameter::new("who").with_default("world"))
+                .step(Step::prompt("greet", "echo", "hello {{who}} {{guidance}}")),
+        )
+        .workflow(
+            Workflow::new("hang")
+                .describe("Never ends")
+                .step(Step::prompt("wait", "hang", "wait")),
+        )
+        .workers(opts.workers.unwrap_or(2))
+        .queue_capacity(opts.queue_capacity.unwrap_or(1000))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .expect("engine");
+    Fixture {
+        engine,
+        hang,
+        echo,
+        root,
+    }
+}
+
+/// The suite's API builder over `engine`: the three keys, 64 KiB bodies, 200 ms keep-alive.
+pub fn api_builder(engine: Engine) -> crate::http::ApiBuilder {
+    Api::builder(engine)
+        .key(ApiKey::plain("admin", ADMIN_KEY, vec![Scope::Admin]).expect("key"))
+        .key(ApiKey::plain("ci", TRIGGER_KEY, vec![Scope::Trigger]).expect("key"))
+        .key(ApiKey::plain("viewer", READ_KEY, vec![Scope::Read]).expect("key"))
+        .body_limit(64 * 1024)
+        .keep_alive(Duration::from_millis(200))
+}
+
+/// A small HTTP client for the suite.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers (lower-case names).
+    pub headers: BTreeMap<String, String>,
+    /// Body text.
+    pub text: String,
+}
+
+impl Reply {
+    /// The body as JSON (panics if it is not).
+    #[must_use]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// A header.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// Asserts a problem+json answer with `status`.
+    pub fn assert_problem(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "body: {}", self.text);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "status {status} must be problem+json"
+        );
+        let v = self.json();
+        assert_eq!(v["status"], status);
+        assert!(v["type"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(v["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(v["detail"].as_str().is_some());
+        v
+    }
+}
+
+impl Client {
+    /// A client for the server at `base`.
+    #[must_use]
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            base: base.to_owned(),
+        }
+    }
+
+    /// Sends a request; `key` adds a bearer token; `body` is sent as JSON when it is a
+    /// [`Value`], raw otherwise.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Body>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        match body {
+            Some(Body::Json(v)) => rb = rb.json(&v),
+            Some(Body::Raw(ct, bytes)) => rb = rb.header("content-type", ct).body(bytes),
+            None => {}
+        }
+        let res = rb.send().await.expect("request");
+        let status = res.status().as_u16();
+        let headers = res
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let text = res.text().await.unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// Reads an SSE stream until it ends (or `WAIT`), returning the frames.
+    pub async fn sse(
+        &self,
+        path: &str,
+        key: &str,
+        last_event_id: Option<u64>,
+    ) -> (Reply, Vec<SseFrame>) {
+        let mut rb = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(id) = last_event_id {
+            rb = rb.header("last-event-id", id.to_string());
+        }
+        let res = rb.send().await.expect("request");
+        let status = res.status().as_u16();
+        let headers: BTreeMap<String, String> = res
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let text = tokio::time::timeout(WAIT, res.text())
+            .await
+            .expect("stream ended")
+            .unwrap_or_default();
+        let frames = parse_sse(&text);
+        (
+            Reply {
+                status,
+                headers,
+                text,
+            },
+            frames,
+        )
+    }
+
+    /// Opens an SSE stream and returns frames as they arrive.
+    pub async fn sse_live(&self, path: &str, key: &str) -> SseLive {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status().as_u16(), 200);
+        SseLive {
+            stream: Box::pin(res.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+}
+
+/// A request body.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// JSON.
+    Json(Value),
+    /// Raw bytes with a content type.
+    Raw(&'static str, Vec<u8>),
+}
+
+/// One SSE frame.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseFrame {
+    /// `id:`.
+    pub id: Option<String>,
+    /// `event:`.
+    pub event: Option<String>,
+    /// `data:` (joined).
+    pub data: String,
+    /// Whether the frame was only a comment.
+    pub comment: bool,
+}
+
+/// Parses SSE text into frames (comments included, flagged).
+#[must_use]
+pub fn parse_sse(text: &str) -> Vec<SseFrame> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        if block.trim().is_empty() {
+            continue;
+        }
+        let mut f = SseFrame::default();
+        let mut only_comments = true;
+        for line in block.lines() {
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line
+                .split_once(':')
+                .map_or((line, ""), |(a, b)| (a, b.trim_start()));
+            match field {
+                "id" => f.id = Some(value.to_owned()),
+                "event" => f.event = Some(value.to_owned()),
+                "data" => {
+                    if !f.data.is_empty() {
+                        f.data.push('\n');
+                    }
+                    f.data.push_str(value);
+                }
+                _ => {}
+            }
+            if field != "retry" {
+                only_comments = false;
+            }
+        }
+        f.comment = only_comments;
+        out.push(f);
+    }
+    out
+}
+
+/// A live SSE stream.
+pub struct SseLive {
+    stream: Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl std::fmt::Debug for SseLive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseLive").finish_non_exhaustive()
+    }
+}
+
+impl SseLive {
+    /// Waits for the next frame with an `event:` (skipping comments), or `None` at the end.
+    pub async fn next_event(&mut self) -> Option<SseFrame> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                let frames = parse_sse(&block);
+                if let Some(f) = frames.into_iter().find(|f| f.event.is_some()) {
+                    return Some(f);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .ok()??
+                .ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Waits for the next comment-only frame (keep-alive).
+    pub async fn next_comment(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                if block
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .all(|l| l.starts_with(':') || l.starts_with("retry:"))
+                    && block.contains("keep-alive")
+                {
+                    return Some(block);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .ok()??
+                .ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+fn trigger(workflow: &str) -> Option<Body> {
+    Some(Body::Json(
+        json!({ "workflow": workflow, "project_path": "proj" }),
+    ))
+}
+
+/// Runs every check against `server`. Panics on the first failure, naming it.
+pub async fn conformance_suite(server: &dyn Serve) {
+    public_endpoints(server).await;
+    auth_on_every_protected_route(server).await;
+    trigger_status_events_completion(server, "").await;
+    trigger_status_events_completion(server, "/aiwg").await;
+    synchronous_trigger(server).await;
+    cancel_running_and_finished(server).await;
+    idempotency(server).await;
+    bad_requests_are_problems(server).await;
+    body_limit(server).await;
+    rate_limit(server).await;
+    queue_full(server).await;
+    listing_and_status(server).await;
+    keep_alive_and_replay(server).await;
+    webhook_subscriptions(server).await;
+}
+
+/// The method and path of every protected route, with the scope it needs.
+pub const PROTECTED: &[(&str, &str, Scope)] = &[
+    ("POST", "/workflows/trigger", Scope::Trigger),
+    ("GET", "/workflows/available", Scope::Read),
+    ("GET", "/workflows/00000000-0000-7000-8000-000000000000/status", Scope::Read),
+    ("POST", "/workflows/00000000-0000-7000-8000-000000000000/cancel", Scope::Cancel),
+    ("GET", "/workflows/00000000-0000-7000-8000-000000000000/events", Scope::Read),
+    ("GET", "/jobs", Scope::Read),
+    ("GET", "/status", Scope::Read),
+    ("GET", "/metrics", Scope::Read),
+    ("GET", "/webhooks", Scope::Admin),
+    ("POST", "/webhooks", Scope::Admin),
+    ("GET", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
+    ("PATCH", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
+    ("DELETE", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
+    ("POST", "/webhooks/00000000-0000-7000-8000-000000000000/rotate-secret", Scope::Admin),
+    ("GET", "/webhooks/00000000-0000-7000-8000-000000000000/deliveries", Scope::Admin),
+    (
+        "POST",
+        "/webhooks/00000000-0000-7000-8000-000000000000/deliveries/msg_00000000000070008000000000000000/retry",
+        Scope::Admin,
+    ),
+];
+
+async fn public_endpoints(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let r = c.send("GET", "/health", None, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"status": "ok"}));
+    let r = c.send("GET", "/openapi.json", None, None).await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "OpenAPI 3.1"
+    );
+    for (path, _) in crate::http::ROUTES {
+        assert!(
+            doc["paths"].get(*path).is_some(),
+            "openapi.json lacks {path}"
+        );
+    }
+    let r = c.send("GET", "/no-such-thing", None, None).await;
+    assert_eq!(r.status, 404, "unknown paths are 404");
+    let r = c.send("DELETE", "/health", None, None).await;
+    r.assert_problem(405);
+    assert!(r.header("allow").is_some_and(|a| a.contains("GET")));
+    let r = c.send("GET", "/hooks/github", None, None).await;
+    r.assert_problem(405);
+}
+
+async fn auth_on_every_protected_route(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    for (method, path, scope) in PROTECTED {
+        let r = c.send(method, path, None, None).await;
+        r.assert_problem(401);
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|h| h.starts_with("Bearer")),
+            "{method} {path}: 401 without WWW-Authenticate"
+        );
+        let r = c
+            .send(method, path, Some("wrong-key-wrong-key-wrong"), None)
+            .await;
+        r.assert_problem(401);
+        let other = match scope {
+            Scope::Trigger => READ_KEY,
+            _ => TRIGGER_KEY,
+        };
+        let r = c.send(method, path, Some(other), None).await;
+        let p = r.assert_problem(403);
+        assert!(
+            !p["detail"].as_str().unwrap().contains("0123456789"),
+            "a problem leaked a key"
+        );
+    }
+    // The right scope passes authentication (whatever the route then answers).
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200);
+    let r = c.send("GET", "/jobs", None, None).await;
+    assert!(!r.text.contains(ADMIN_KEY));
+}
+
+async fn trigger_status_events_completion(server: &dyn Serve, prefix: &str) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), prefix)
+        .await;
+    assert!(s.base_url.ends_with(prefix));
+    let c = Client::new(&s.base_url);
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(json!({"workflow": "echo", "project_path": "proj", "guidance": "now", "params": {"who": "you"}}))),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let v = r.json();
+    let id = v["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["status_url"], format!("{prefix}/workflows/{id}/status"));
+    assert_eq!(v["events_url"], format!("{prefix}/workflows/{id}/events"));
+    assert!(v.get("estimated_duration").is_some());
+
+    let (res, frames) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
+        .await;
+    assert_eq!(res.status, 200);
+    assert!(res
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream")));
+    let events: Vec<&SseFrame> = frames.iter().filter(|f| !f.comment).collect();
+    let ids: Vec<u64> = events
+        .iter()
+        .map(|f| f.id.as_ref().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "ids are the sequence numbers"
+    );
+    let kinds: Vec<&str> = events.iter().map(|f| f.event.as_deref().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "status",
+            "status",
+            "step.started",
+            "agent",
+            "step.finished",
+            "status"
+        ]
+    );
+    let last: Value = serde_json::from_str(&events.last().unwrap().data).unwrap();
+    assert_eq!(last["to"], "completed");
+
+    let r = c
+        .send(
+            "GET",
+            &format!("/workflows/{id}/status"),
+            Some(READ_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert_eq!(doc["job_id"], id);
+    assert_eq!(doc["status"], "completed");
+    assert_eq!(doc["workflow"], "echo");
+    assert_eq!(doc["params"]["who"], "you");
+    assert_eq!(doc["progress"]["completed"], json!(["greet"]));
+    assert_eq!(doc["result"]["summary"], "done");
+    assert_eq!(doc["error"], Value::Null);
+    assert_eq!(doc["dead_letter"], false);
+    assert_eq!(doc["trigger"]["source"], "api");
+    assert_eq!(doc["trigger"]["actor"], "ci");
+    for field in [
+        "project_path",
+        "priority",
+        "attempt",
+        "max_attempts",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ] {
+        assert!(doc.get(field).is_some(), "status lacks {field}");
+    }
+    assert_eq!(fx.echo.requests()[0].prompt, "hello you now");
+}
+
+async fn synchronous_trigger(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "proj", "async": false}),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["status"], "completed");
+    assert_eq!(r.json()["result"]["summary"], "done");
+}
+
+async fn cancel_running_and_finished(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("hang"),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    let mut live = c
+        .sse_live(&format!("/workflows/{id}/events"), READ_KEY)
+        .await;
+    loop {
+        let f = live
+            .next_event()
+            .await
+            .expect("stream ended before the step started");
+        if f.event.as_deref() == Some("step.started") {
+            break;
+        }
+    }
+    let r = c
+        .send(
+            "POST",
+            &format!("/workflows/{id}/cancel"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json(), json!({"job_id": id, "status": "cancelled"}));
+    assert_eq!(
+        fx.hang.running(),
+        0,
+        "the agent was stopped before the answer"
+    );
+    assert_eq!(fx.hang.cancelled(), 1);
+    let mut last = None;
+    while let Some(f) = live.next_event().await {
+        last = Some(f);
+    }
+    let last: Value = serde_json::from_str(&last.expect("terminal event").data).unwrap();
+    assert_eq!(last["to"], "cancelled");
+    let r = c
+        .send(
+            "POST",
+            &format!("/workflows/{id}/cancel"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    let p = r.assert_problem(409);
+    assert_eq!(p["job_status"], "cancelled");
+    let r = c
+        .send(
+            "POST",
+            "/workflows/00000000-0000-7000-8000-000000000000/cancel",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    r.assert_problem(404);
+    let r = c
+        .send("POST", "/workflows/not-a-job/cancel", Some(ADMIN_KEY), None)
+        .await;
+    r.assert_problem(400);
+    let r = c
+        .send(
+            "GET",
+            "/workflows/00000000-0000-7000-8000-000000000000/status",
+            Some(READ_KEY),
+            None,
+        )
+        .await;
+    r.assert_problem(404);
+    let r = c
+        .send(
+            "GET",
+            "/workflows/00000000-0000-7000-8000-000000000000/events",
+            Some(READ_KEY),
+            None,
+        )
+        .await;
+    r.assert_problem(404);
+}
+
+async fn idempotency(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let body = json!({"workflow": "echo", "project_path": "proj", "idempotency_key": "k-1"});
+    let a = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(body.clone())),
+        )
+        .await;
+    let b = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(body)),
+        )
+        .await;
+    assert_eq!(a.status, 202);
+    assert_eq!(b.status, 202);
+    assert_eq!(a.json()["job_id"], b.json()["job_id"]);
+    let other = json!({"workflow": "echo", "project_path": "proj", "idempotency_key": "k-1", "guidance": "different"});
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(other)),
+        )
+        .await;
+    r.assert_problem(409);
+    // The header form works the same way.
+    let res = reqwest::Client::new()
+        .post(format!("{}/workflows/trigger", s.base_url))
+        .bearer_auth(TRIGGER_KEY)
+        .header("idempotency-key", "k-1")
+        .json(&json!({"workflow": "echo", "project_path": "proj"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["job_id"], a.json()["job_id"]);
+    assert!(fx.echo.calls() <= 1);
+}
+
+async fn bad_requests_are_problems(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let k = Some(ADMIN_KEY);
+    let cases: Vec<(Option<Body>, u16)> = vec![
+        (
+            Some(Body::Raw("application/json", b"{not json".to_vec())),
+            400,
+        ),
+        (Some(Body::Raw("application/json", b"".to_vec())), 400),
+        (Some(Body::Raw("application/json", b"[]".to_vec())), 400),
+        (Some(Body::Json(json!({"workflow": 5}))), 400),
+        (
+            Some(Body::Json(json!({"workflow": "echo", "unknown_field": 1}))),
+            400,
+        ),
+        (
+            Some(Body::Json(json!({"workflow": "echo", "priority": 1e300}))),
+            400,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "priority": 99999999999999i64}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "params": {"who": {"nested": true}}}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "params": {"nope": "x"}}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "missing"}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "../.."}),
+            )),
+            403,
+        ),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "/etc"}),
+            )),
+            403,
+        ),
+        (Some(Body::Json(json!({"workflow": "ghost"}))), 404),
+        (
+            Some(Body::Raw("text/plain", b"{\"workflow\":\"echo\"}".to_vec())),
+            415,
+        ),
+        (None, 415),
+    ];
+    for (body, status) in cases {
+        let desc = format!("{body:?}");
+        let r = c.send("POST", "/workflows/trigger", k, body).await;
+        assert_eq!(r.status, status, "{desc}: {}", r.text);
+        r.assert_problem(status);
+    }
+    for (m, p) in [
+        ("GET", "/workflows/trigger"),
+        ("PUT", "/jobs"),
+        ("POST", "/workflows/available"),
+        ("PATCH", "/webhooks"),
+    ] {
+        let r = c.send(m, p, k, None).await;
+        r.assert_problem(405);
+    }
+    for q in [
+        "?status=done",
+        "?limit=abc",
+        "?limit=0",
+        "?limit=100000000000000000000",
+        "?cursor=xyz",
+        "?bogus=1",
+    ] {
+        let r = c.send("GET", &format!("/jobs{q}"), k, None).await;
+        r.assert_problem(400);
+    }
+    let r = c.send("GET", "/workflows/xyz/status", k, None).await;
+    r.assert_problem(400);
+    assert_eq!(fx.echo.calls(), 0, "no bad request started a job");
+}
+
+async fn body_limit(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .body_limit(1024)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = Client::new(&s.base_url);
+    let big = json!({"workflow": "echo", "guidance": "x".repeat(4096)});
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(big)),
+        )
+        .await;
+    r.assert_problem(413);
+    // Without a Content-Length (chunked), the limit still holds.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b' '; 512])).collect();
+    let res = reqwest::Client::new()
+        .post(format!("{}/workflows/trigger", s.base_url))
+        .bearer_auth(TRIGGER_KEY)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 413);
+    let small = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("echo"),
+        )
+        .await;
+    assert_eq!(small.status, 202);
+}
+
+async fn rate_limit(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .rate_limit(RateLimit {
+            per_minute: 1,
+            burst: 2,
+        })
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = Client::new(&s.base_url);
+    assert_eq!(
+        c.send("GET", "/jobs", Some(READ_KEY), None).await.status,
+        200
+    );
+    assert_eq!(
+        c.send("GET", "/jobs", Some(READ_KEY), None).await.status,
+        200
+    );
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    r.assert_problem(429);
+    let secs: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!(secs >= 1);
+    // Another key has its own bucket.
+    assert_eq!(
+        c.send("GET", "/jobs", Some(ADMIN_KEY), None).await.status,
+        200
+    );
+    // Unauthenticated routes are limited per client address.
+    let mut limited = false;
+    for _ in 0..3 {
+        if c.send("GET", "/openapi.json", None, None).await.status == 429 {
+            limited = true;
+        }
+    }
+    assert!(limited, "per-address limit on public routes");
+}
+
+async fn queue_full(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions {
+        queue_capacity: Some(1),
+        workers: Some(1),
+    });
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    assert_eq!(
+        c.send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("hang")
+        )
+        .await
+        .status,
+        202
+    );
+    assert!(fx.hang.wait_started(1, WAIT).await);
+    assert_eq!(
+        c.send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("hang")
+        )
+        .await
+        .status,
+        202
+    );
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("hang"),
+        )
+        .await;
+    r.assert_problem(503);
+    assert!(r.header("retry-after").is_some());
+    fx.engine.shutdown(Duration::ZERO).await;
+}
+
+async fn listing_and_status(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = c
+            .send(
+                "POST",
+                "/workflows/trigger",
+                Some(ADMIN_KEY),
+                Some(Body::Json(
+                    json!({"workflow": "echo", "project_path": "proj", "async": false}),
+                )),
+            )
+            .await;
+        ids.push(r.json()["job_id"].as_str().unwrap().to_owned());
+    }
+    let r = c
+        .send(
+            "GET",
+            "/jobs?limit=2&workflow=echo&status=completed",
+            Some(READ_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["jobs"][0]["job_id"], ids[2], "newest first");
+    let cursor = v["next_cursor"].as_str().expect("a next page").to_owned();
+    let v = c
+        .send(
+            "GET",
+            &format!("/jobs?limit=2&cursor={cursor}"),
+            Some(READ_KEY),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(v["jobs"][0]["job_id"], ids[0]);
+    assert_eq!(v["next_cursor"], Value::Null);
+    let v = c
+        .send("GET", "/jobs?status=running", Some(READ_KEY), None)
+        .await
+        .json();
+    assert_eq!(v["jobs"], json!([]));
+
+    let v = c
+        .send("GET", "/workflows/available", Some(READ_KEY), None)
+        .await
+        .json();
+    let echo = v["workflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "echo")
+        .expect("echo listed");
+    assert_eq!(echo["description"], "Says hello");
+    assert_eq!(echo["steps"], json!(["greet"]));
+    assert_eq!(echo["parameters"][0]["name"], "who");
+    assert_eq!(echo["parameters"][0]["default"], "world");
+    assert_eq!(echo["parameters"][0]["required"], false);
+
+    let v = c.send("GET", "/status", Some(READ_KEY), None).await.json();
+    assert!(v["version"].as_str().is_some());
+    assert!(v["uptime_secs"].as_u64().is_some());
+    assert_eq!(v["queue"]["workers"], 2);
+    for f in ["queued", "running", "busy"] {
+        assert!(v["queue"][f].as_u64().is_some(), "queue.{f}");
+    }
+    let names: Vec<&str> = v["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "hang"]);
+    assert_eq!(v["agents"][0]["healthy"], true);
+    assert_eq!(v["agents"][0]["kind"], "scripted");
+    assert!(v["pending_deliveries"].as_u64().is_some());
+
+    let r = c.send("GET", "/metrics", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain")));
+    for m in [
+        "aiwg_job_duration_seconds",
+        "aiwg_queue_length",
+        "aiwg_workers_busy",
+    ] {
+        assert!(r.text.contains(m), "/metrics lacks {m}");
+    }
+}
+
+async fn keep_alive_and_replay(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = Client::new(&s.base_url);
+    let id = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("hang"),
+        )
+        .await
+        .json()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut live = c
+        .sse_live(&format!("/workflows/{id}/events"), READ_KEY)
+        .await;
+    assert!(
+        live.next_comment().await.is_some(),
+        "keep-alive comments on an idle stream"
+    );
+    let r = c
+        .send(
+            "POST",
+            &format!("/workflows/{id}/cancel"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let (_, all) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
+        .await;
+    let all: Vec<_> = all.into_iter().filter(|f| !f.comment).collect();
+    assert!(all.len() >= 3);
+    let (_, tail) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, Some(2))
+        .await;
+    let tail_ids: Vec<String> = tail
+        .into_iter()
+        .filter(|f| !f.comment)
+        .filter_map(|f| f.id)
+        .collect();
+    let expected: Vec<String> = all.iter().skip(2).filter_map(|f| f.id.clone()).collect();
+    assert_eq!(tail_ids, expected, "Last-Event-ID resumes after that event");
+    let (r, _) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
+        .await;
+    assert_eq!(r.status, 200);
+    let bad = reqwest::Client::new()
+        .get(format!("{}/workflows/{id}/events", s.base_url))
+        .bearer_auth(READ_KEY)
+        .header("last-event-id", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+}
+
+async fn webhook_subscriptions(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let c404 = {
+        let s = server
+            .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+            .await;
+        Client::new(&s.base_url)
+            .send("GET", "/webhooks", Some(ADMIN_KEY), None)
+            .await
+    };
+    c404.assert_problem(404);
+    let dispatcher = Dispatcher::builder().build().expect("dispatcher");
+    let api = api_builder(fx.engine.clone())
+        .dispatcher(dispatcher)
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = Client::new(&s.base_url);
+    let r = c
+        .send("POST", "/webhooks", Some(ADMIN_KEY), Some(Body::Json(json!({"url": "https://example.com/hook", "events": ["job.completed", "job.*"], "description": "ci"}))))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let created = r.json();
+    let sub = if created.get("subscription").is_some() {
+        created["subscription"].clone()
+    } else {
+        created.clone()
+    };
+    let id = sub["id"].as_str().unwrap().to_owned();
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    let listed = c.send("GET", "/webhooks", Some(ADMIN_KEY), None).await;
+    assert_eq!(listed.status, 200);
+    assert!(listed.text.contains(&id));
+    assert!(
+        !listed.text.contains("whsec_"),
+        "a listing never shows secrets"
+    );
+    let got = c
+        .send("GET", &format!("/webhooks/{id}"), Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(got.status, 200);
+    assert!(!got.text.contains("whsec_"));
+    let r = c
+        .send(
+            "PATCH",
+            &format!("/webhooks/{id}"),
+            Some(ADMIN_KEY),
+            Some(Body::Json(json!({"enabled": false}))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["enabled"], false);
+    let r = c
+        .send(
+            "POST",
+            &format!("/webhooks/{id}/rotate-secret"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("whsec_"));
+    let r = c
+        .send(
+            "GET",
+            &format!("/webhooks/{id}/deliveries"),
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = c
+        .send(
+            "POST",
+            "/webhooks",
+            Some(ADMIN_KEY),
+            Some(Body::Json(
+                json!({"url": "ftp://example.com", "events": ["job.completed"]}),
+            )),
+        )
+        .await;
+    r.assert_problem(400);
+    let r = c
+        .send(
+            "POST",
+            "/webhooks",
+            Some(ADMIN_KEY),
+            Some(Body::Json(
+                json!({"url": "https://example.com", "events": ["job.nope"]}),
+            )),
+        )
+        .await;
+    r.assert_problem(400);
+    let r = c
+        .send("DELETE", &format!("/webhooks/{id}"), Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(r.status, 204);
+    c.send("GET", &format!("/webhooks/{id}"), Some(ADMIN_KEY), None)
+        .await
+        .assert_problem(404);
+    c.send("GET", "/webhooks/not-an-id", Some(ADMIN_KEY), None)
+        .await
+        .assert_problem(404);
+}
