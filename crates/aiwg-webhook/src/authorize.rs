@@ -63,14 +63,25 @@ impl fmt::Display for IgnoreReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotAddressed => f.write_str("no command addressed to us"),
-            Self::NoRule { event, action: Some(a) } => write!(f, "no rule for event `{event}` ({a})"),
-            Self::NoRule { event, action: None } => write!(f, "no rule for event `{event}`"),
+            Self::NoRule {
+                event,
+                action: Some(a),
+            } => write!(f, "no rule for event `{event}` ({a})"),
+            Self::NoRule {
+                event,
+                action: None,
+            } => write!(f, "no rule for event `{event}`"),
             Self::OtherCommand(c) => write!(f, "not our command: `{c}`"),
             Self::Bot(who) => write!(f, "sender `{who}` is a bot"),
             Self::IgnoredUser(who) => write!(f, "sender `{who}` is ignored"),
-            Self::UserNotAllowed(who) => write!(f, "sender `{who}` is not allowed to trigger workflows"),
+            Self::UserNotAllowed(who) => {
+                write!(f, "sender `{who}` is not allowed to trigger workflows")
+            }
             Self::AssociationNotAllowed(Some(a)) => {
-                write!(f, "author association `{a}` is not allowed to trigger workflows")
+                write!(
+                    f,
+                    "author association `{a}` is not allowed to trigger workflows"
+                )
             }
             Self::AssociationNotAllowed(None) => f.write_str("author association unknown"),
             Self::RoleNotAllowed => f.write_str("member has no allowed role"),
@@ -113,9 +124,8 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 fn names(actor: &Actor, list: &[String]) -> bool {
-    list.iter().any(|u| {
-        same(u, &actor.login) || actor.name.as_deref().is_some_and(|n| same(u, n))
-    })
+    list.iter()
+        .any(|u| same(u, &actor.login) || actor.name.as_deref().is_some_and(|n| same(u, n)))
 }
 
 /// Checks the actor (steps 1–4). `skip_association` is set for label rules.
@@ -148,7 +158,9 @@ pub(crate) fn authorize_actor(
             .as_deref()
             .is_some_and(|a| policy.allowed_associations.iter().any(|x| same(x, a)));
         if !ok {
-            return Err(IgnoreReason::AssociationNotAllowed(actor.association.clone()));
+            return Err(IgnoreReason::AssociationNotAllowed(
+                actor.association.clone(),
+            ));
         }
     }
     if !allowed_roles.is_empty() && !actor.roles.iter().any(|r| allowed_roles.contains(r)) {

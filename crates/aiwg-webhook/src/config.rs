@@ -354,7 +354,14 @@ delivery_ttl: 1h
         assert_eq!(gh.rules[0].action, vec!["opened", "reopened"]);
         assert_eq!(gh.rules[1].action, vec!["labeled"]);
         assert_eq!(gh.fork_policy, ForkPolicy::Refuse);
-        assert_eq!(c.gitlab.as_ref().expect("gitlab").allowed_associations.len(), 3);
+        assert_eq!(
+            c.gitlab
+                .as_ref()
+                .expect("gitlab")
+                .allowed_associations
+                .len(),
+            3
+        );
         assert_eq!(c.slack.as_ref().expect("slack").command, "/aiwg");
         assert_eq!(c.discord.as_ref().expect("discord").command, "aiwg");
         assert_eq!(c.delivery_ttl, Some(Duration::from_secs(3600)));

@@ -42,10 +42,20 @@ pub enum Claim {
 pub trait DeliveryStore: Send + Sync {
     /// Atomically claims `key` unless it is known. A pending claim older than `lease` is taken
     /// over (its owner is presumed dead); a done key is kept for `ttl`.
-    async fn claim(&self, key: &str, lease: Duration, ttl: Duration) -> Result<Claim, DeliveryStoreError>;
+    async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<Claim, DeliveryStoreError>;
 
     /// Records the job created for a claimed key; the key is remembered for `ttl`.
-    async fn complete(&self, key: &str, job: JobId, ttl: Duration) -> Result<(), DeliveryStoreError>;
+    async fn complete(
+        &self,
+        key: &str,
+        job: JobId,
+        ttl: Duration,
+    ) -> Result<(), DeliveryStoreError>;
 
     /// Forgets a claimed key (its submission failed).
     async fn release(&self, key: &str) -> Result<(), DeliveryStoreError>;
@@ -55,7 +65,11 @@ pub trait DeliveryStore: Send + Sync {
 
     /// Waits up to `timeout` for a pending `key` to settle; returns its job if it completed,
     /// `None` if it was released or is still pending. The default polls [`get`](Self::get).
-    async fn wait(&self, key: &str, timeout: Duration) -> Result<Option<JobId>, DeliveryStoreError> {
+    async fn wait(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<JobId>, DeliveryStoreError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(job) = self.get(key).await? {
@@ -64,7 +78,8 @@ pub trait DeliveryStore: Send + Sync {
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            tokio::time::sleep_until((Instant::now() + Duration::from_millis(50)).min(deadline)).await;
+            tokio::time::sleep_until((Instant::now() + Duration::from_millis(50)).min(deadline))
+                .await;
         }
     }
 }
@@ -115,13 +130,20 @@ impl MemoryDeliveryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the map half-updated.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 #[async_trait]
 impl DeliveryStore for MemoryDeliveryStore {
-    async fn claim(&self, key: &str, lease: Duration, _ttl: Duration) -> Result<Claim, DeliveryStoreError> {
+    async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        _ttl: Duration,
+    ) -> Result<Claim, DeliveryStoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.claims_since_purge += 1;
@@ -151,9 +173,17 @@ impl DeliveryStore for MemoryDeliveryStore {
         Ok(claim)
     }
 
-    async fn complete(&self, key: &str, job: JobId, ttl: Duration) -> Result<(), DeliveryStoreError> {
+    async fn complete(
+        &self,
+        key: &str,
+        job: JobId,
+        ttl: Duration,
+    ) -> Result<(), DeliveryStoreError> {
         let until = Instant::now() + ttl;
-        let old = self.lock().map.insert(key.to_owned(), State::Done { job, until });
+        let old = self
+            .lock()
+            .map
+            .insert(key.to_owned(), State::Done { job, until });
         if let Some(State::Pending { notify, .. }) = old {
             notify.notify_waiters();
         }
@@ -177,7 +207,11 @@ impl DeliveryStore for MemoryDeliveryStore {
         })
     }
 
-    async fn wait(&self, key: &str, timeout: Duration) -> Result<Option<JobId>, DeliveryStoreError> {
+    async fn wait(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<JobId>, DeliveryStoreError> {
         let deadline = Instant::now() + timeout;
         loop {
             let notify = {
@@ -268,7 +302,9 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         for i in 0..256 {
-            s.claim(&format!("new{i}"), LEASE, TTL).await.expect("claim");
+            s.claim(&format!("new{i}"), LEASE, TTL)
+                .await
+                .expect("claim");
         }
         assert_eq!(s.len(), 256);
     }

@@ -199,7 +199,12 @@ pub struct InboundEvent {
 }
 
 impl InboundEvent {
-    pub(crate) fn new(platform: Platform, kind: EventKind, event: &str, platform_event: &str) -> Self {
+    pub(crate) fn new(
+        platform: Platform,
+        kind: EventKind,
+        event: &str,
+        platform_event: &str,
+    ) -> Self {
         Self {
             platform,
             delivery_id: None,

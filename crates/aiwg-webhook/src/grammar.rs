@@ -186,10 +186,9 @@ fn find_mention<'a>(text: &'a str, mention: &str) -> Option<&'a str> {
         while let Some(i) = lower[from..].find(&lower_mention) {
             let at = from + i;
             let end = at + lower_mention.len();
-            let before_ok = line[..at]
-                .chars()
-                .next_back()
-                .is_none_or(|c| !(c.is_alphanumeric() || c == '@' || c == '_' || c == '-' || c == '/'));
+            let before_ok = line[..at].chars().next_back().is_none_or(|c| {
+                !(c.is_alphanumeric() || c == '@' || c == '_' || c == '-' || c == '/')
+            });
             let after_ok = line[end..]
                 .chars()
                 .next()
@@ -216,7 +215,9 @@ fn valid_workflow(s: &str) -> bool {
 fn valid_option(s: &str) -> bool {
     let mut chars = s.chars();
     s.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
@@ -360,7 +361,9 @@ mod tests {
 
     #[test]
     fn quotes_single_double_typographic() {
-        let c = run("@aiwg w --a 'x y' --b \"p \\\"q\\\"\" --c “left right” --d ‘s t’ --e „de“ --f «fr»");
+        let c = run(
+            "@aiwg w --a 'x y' --b \"p \\\"q\\\"\" --c “left right” --d ‘s t’ --e „de“ --f «fr»",
+        );
         assert_eq!(c.params["a"], "x y");
         assert_eq!(c.params["b"], "p \"q\"");
         assert_eq!(c.params["c"], "left right");
@@ -381,7 +384,10 @@ mod tests {
 
     #[test]
     fn whole_quoted_guidance_is_unquoted() {
-        assert_eq!(run("@aiwg w \"focus on auth\"").guidance.as_deref(), Some("focus on auth"));
+        assert_eq!(
+            run("@aiwg w \"focus on auth\"").guidance.as_deref(),
+            Some("focus on auth")
+        );
         assert_eq!(
             run("@aiwg w \"a\" and \"b\"").guidance.as_deref(),
             Some("\"a\" and \"b\"")
@@ -404,8 +410,14 @@ mod tests {
         assert_eq!(parse_comment("", "@aiwg"), Ok(Parsed::NotAddressed));
         assert_eq!(parse_comment("   ", "@aiwg"), Ok(Parsed::NotAddressed));
         assert_eq!(parse_command(""), Ok(Parsed::Help));
-        assert_eq!(parse_comment("mail me at x@aiwg.dev", "@aiwg"), Ok(Parsed::NotAddressed));
-        assert_eq!(parse_comment("@aiwg-bot review", "@aiwg"), Ok(Parsed::NotAddressed));
+        assert_eq!(
+            parse_comment("mail me at x@aiwg.dev", "@aiwg"),
+            Ok(Parsed::NotAddressed)
+        );
+        assert_eq!(
+            parse_comment("@aiwg-bot review", "@aiwg"),
+            Ok(Parsed::NotAddressed)
+        );
         assert_eq!(parse_comment("@aiwg review", ""), Ok(Parsed::NotAddressed));
     }
 
@@ -453,14 +465,20 @@ mod tests {
     fn shell_looking_text_stays_text() {
         let c = run("@aiwg w --file '$(cat /etc/passwd)' ; rm -rf / && `reboot` | tee >x");
         assert_eq!(c.params["file"], "$(cat /etc/passwd)");
-        assert_eq!(c.guidance.as_deref(), Some("; rm -rf / && `reboot` | tee >x"));
+        assert_eq!(
+            c.guidance.as_deref(),
+            Some("; rm -rf / && `reboot` | tee >x")
+        );
     }
 
     #[test]
     fn ten_thousand_characters_of_guidance() {
         let long = "é".repeat(10_000);
         let c = run(&format!("@aiwg w {long}"));
-        assert_eq!(c.guidance.as_deref().map(|g| g.chars().count()), Some(10_000));
+        assert_eq!(
+            c.guidance.as_deref().map(|g| g.chars().count()),
+            Some(10_000)
+        );
     }
 
     #[test]

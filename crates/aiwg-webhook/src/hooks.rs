@@ -145,7 +145,10 @@ impl HooksBuilder {
         };
         if let Some(g) = &c.github {
             #[cfg(feature = "github")]
-            setups.push((Platform::GitHub, setup(Verifier::GitHub(g.secret.clone()), g.policy())));
+            setups.push((
+                Platform::GitHub,
+                setup(Verifier::GitHub(g.secret.clone()), g.policy()),
+            ));
             #[cfg(not(feature = "github"))]
             {
                 let _ = g;
@@ -158,7 +161,13 @@ impl HooksBuilder {
                 let signing = signing_key(&g.signing_secret, "gitlab.signing_secret")?;
                 setups.push((
                     Platform::GitLab,
-                    setup(Verifier::GitLab { token: g.token.clone(), signing }, g.policy()),
+                    setup(
+                        Verifier::GitLab {
+                            token: g.token.clone(),
+                            signing,
+                        },
+                        g.policy(),
+                    ),
                 ));
             }
             #[cfg(not(feature = "gitlab"))]
@@ -191,12 +200,14 @@ impl HooksBuilder {
                 let key = if d.public_key.trim().is_empty() {
                     None
                 } else {
-                    Some(platform::discord::public_key(&d.public_key).map_err(|reason| {
-                        BuildError::InvalidKey {
-                            key: "discord.public_key".to_owned(),
-                            reason,
-                        }
-                    })?)
+                    Some(
+                        platform::discord::public_key(&d.public_key).map_err(|reason| {
+                            BuildError::InvalidKey {
+                                key: "discord.public_key".to_owned(),
+                                reason,
+                            }
+                        })?,
+                    )
                 };
                 let mut s = setup(
                     Verifier::Discord {
@@ -216,7 +227,10 @@ impl HooksBuilder {
         }
         if let Some(g) = &c.gitea {
             #[cfg(feature = "gitea")]
-            setups.push((Platform::Gitea, setup(Verifier::Gitea(g.secret.clone()), g.policy())));
+            setups.push((
+                Platform::Gitea,
+                setup(Verifier::Gitea(g.secret.clone()), g.policy()),
+            ));
             #[cfg(not(feature = "gitea"))]
             {
                 let _ = g;
@@ -241,7 +255,13 @@ impl HooksBuilder {
                 let key = signing_key(&g.secret, "generic.secret")?;
                 setups.push((
                     Platform::Generic,
-                    setup(Verifier::Generic { key, token: g.token.clone() }, g.policy()),
+                    setup(
+                        Verifier::Generic {
+                            key,
+                            token: g.token.clone(),
+                        },
+                        g.policy(),
+                    ),
                 ));
             }
             #[cfg(not(feature = "generic"))]
@@ -332,7 +352,10 @@ impl Hooks {
         body: &[u8],
         submitter: &dyn JobSubmitter,
     ) -> HookResponse {
-        let parsed = platform.parse::<Platform>().ok().filter(|p| compiled_in(*p));
+        let parsed = platform
+            .parse::<Platform>()
+            .ok()
+            .filter(|p| compiled_in(*p));
         let label = parsed.map_or("unknown", Platform::as_str);
         metrics::counter!("aiwg_webhook_requests_total", "platform" => label).increment(1);
         let outcome = match parsed {
@@ -433,7 +456,8 @@ impl Hooks {
                         let mut cmd = Command::new(rule.workflow.clone());
                         cmd.params.clone_from(&rule.params);
                         cmd.guidance.clone_from(&rule.guidance);
-                        let label = event.action.as_deref() == Some("labeled") && rule.label.is_some();
+                        let label =
+                            event.action.as_deref() == Some("labeled") && rule.label.is_some();
                         Ok((cmd, Origin::Rule { label }))
                     }
                     None => ignore(IgnoreReason::NoRule {
@@ -480,8 +504,9 @@ impl Hooks {
         submitter: &dyn JobSubmitter,
     ) -> HookOutcome {
         let skip_association = matches!(origin, Origin::Rule { label: true });
-        if let Err(r) = authorize_actor(&setup.policy, &setup.allowed_roles, event, skip_association)
-            .and_then(|()| authorize_command(&setup.policy, event, &command))
+        if let Err(r) =
+            authorize_actor(&setup.policy, &setup.allowed_roles, event, skip_association)
+                .and_then(|()| authorize_command(&setup.policy, event, &command))
         {
             return HookOutcome::Ignored(r);
         }
@@ -542,13 +567,11 @@ impl Hooks {
                         }
                     };
                 }
-                Ok(Claim::Pending) => {
-                    match store.wait(&key, self.inner.duplicate_wait).await {
-                        Ok(Some(job)) => return submitted(job, true),
-                        Ok(None) => {}
-                        Err(e) => return HookOutcome::StoreUnavailable(e),
-                    }
-                }
+                Ok(Claim::Pending) => match store.wait(&key, self.inner.duplicate_wait).await {
+                    Ok(Some(job)) => return submitted(job, true),
+                    Ok(None) => {}
+                    Err(e) => return HookOutcome::StoreUnavailable(e),
+                },
             }
         }
         HookOutcome::DuplicateInProgress
@@ -599,7 +622,12 @@ fn match_rule<'a>(rules: &'a [RuleConfig], event: &InboundEvent) -> Option<&'a R
 }
 
 #[allow(unused_variables)]
-fn verify(verifier: &Verifier, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError> {
+fn verify(
+    verifier: &Verifier,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(), VerifyError> {
     match verifier {
         #[cfg(feature = "github")]
         Verifier::GitHub(secret) => platform::github::verify(secret, headers, body),
@@ -643,7 +671,9 @@ fn parse(platform: Platform, headers: &HeaderMap, body: &[u8]) -> Result<Inbound
         #[cfg(feature = "generic")]
         Platform::Generic => platform::generic::parse(headers, body),
         #[allow(unreachable_patterns)]
-        _ => Err(ParseError::Unsupported("platform not compiled in".to_owned())),
+        _ => Err(ParseError::Unsupported(
+            "platform not compiled in".to_owned(),
+        )),
     }
 }
 

@@ -119,7 +119,12 @@ impl HookResponse {
     }
 }
 
-fn respond(status: u16, content_type: &'static str, body: &serde_json::Value, outcome: HookOutcome) -> HookResponse {
+fn respond(
+    status: u16,
+    content_type: &'static str,
+    body: &serde_json::Value,
+    outcome: HookOutcome,
+) -> HookResponse {
     HookResponse {
         status,
         content_type,
@@ -216,7 +221,12 @@ fn forge(outcome: HookOutcome) -> HookResponse {
             "this delivery is already being handled".to_owned(),
             outcome,
         ),
-        _ => problem(500, "Internal Server Error", "unexpected outcome".to_owned(), outcome),
+        _ => problem(
+            500,
+            "Internal Server Error",
+            "unexpected outcome".to_owned(),
+            outcome,
+        ),
     }
 }
 
@@ -261,7 +271,11 @@ fn discord(outcome: HookOutcome) -> HookResponse {
 
 fn chat_text(outcome: &HookOutcome) -> String {
     match outcome {
-        HookOutcome::Submitted { job_id, workflow, replayed: _ } => {
+        HookOutcome::Submitted {
+            job_id,
+            workflow,
+            replayed: _,
+        } => {
             format!("Started `{workflow}`: job `{job_id}`.")
         }
         HookOutcome::Ignored(reason) => format!("Nothing started: {reason}."),

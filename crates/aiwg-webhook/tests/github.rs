@@ -8,8 +8,7 @@ use std::sync::Arc;
 use aiwg_core::{JobId, JobRequest};
 use aiwg_webhook::platform::github;
 use aiwg_webhook::{
-    HookOutcome, IgnoreReason, JobSubmitter, MockJobSubmitter, Secret, SubmitRejection,
-    VerifyError,
+    HookOutcome, IgnoreReason, JobSubmitter, MockJobSubmitter, Secret, SubmitRejection, VerifyError,
 };
 use common::*;
 use http::HeaderMap;
@@ -74,10 +73,17 @@ fn peers_vector_and_negatives() {
     let h = headers(&[("x-hub-signature-256", good)]);
     assert_eq!(github::verify(&secret, &h, b"Hello, World!"), Ok(()));
     // tampered body
-    assert_eq!(github::verify(&secret, &h, b"Hello, World"), Err(VerifyError::Mismatch));
+    assert_eq!(
+        github::verify(&secret, &h, b"Hello, World"),
+        Err(VerifyError::Mismatch)
+    );
     // wrong secret
     assert_eq!(
-        github::verify(&Secret::new("It's a secret to everybody"), &h, b"Hello, World!"),
+        github::verify(
+            &Secret::new("It's a secret to everybody"),
+            &h,
+            b"Hello, World!"
+        ),
         Err(VerifyError::Mismatch)
     );
     // truncated signature
@@ -88,7 +94,10 @@ fn peers_vector_and_negatives() {
     );
     // no prefix, or the SHA-1 header only
     let bare = headers(&[("x-hub-signature-256", &good[7..])]);
-    assert_eq!(github::verify(&secret, &bare, b"Hello, World!"), Err(VerifyError::MalformedSignature));
+    assert_eq!(
+        github::verify(&secret, &bare, b"Hello, World!"),
+        Err(VerifyError::MalformedSignature)
+    );
     let sha1 = headers(&[("x-hub-signature", "sha1=0123")]);
     assert_eq!(
         github::verify(&secret, &sha1, b"Hello, World!"),
@@ -119,14 +128,29 @@ async fn comment_submits_the_expected_request() {
         "MEMBER",
     );
     let (sub, seen) = capturing(1);
-    let r = hooks.handle("github", &signed("issue_comment", "d-100", &body), &body, &sub).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "d-100", &body),
+            &body,
+            &sub,
+        )
+        .await;
     assert_eq!(r.status, 202, "{:?}", r.outcome);
     assert_eq!(r.content_type, "application/json");
-    let HookOutcome::Submitted { job_id, workflow, replayed } = &r.outcome else {
+    let HookOutcome::Submitted {
+        job_id,
+        workflow,
+        replayed,
+    } = &r.outcome
+    else {
         panic!("{:?}", r.outcome)
     };
     assert_eq!((workflow.as_str(), *replayed), ("review", false));
-    assert_eq!(r.json().expect("json"), json!({ "job_id": job_id.to_string() }));
+    assert_eq!(
+        r.json().expect("json"),
+        json!({ "job_id": job_id.to_string() })
+    );
 
     let req = seen.lock().expect("lock").pop().expect("one request");
     assert_eq!(req.workflow, "review");
@@ -160,10 +184,20 @@ async fn redelivery_returns_the_same_job_and_submits_nothing() {
     assert_eq!(first.status, 202);
     assert_eq!(second.status, 202);
     assert_eq!(first.body, second.body);
-    assert!(matches!(second.outcome, HookOutcome::Submitted { replayed: true, .. }));
+    assert!(matches!(
+        second.outcome,
+        HookOutcome::Submitted { replayed: true, .. }
+    ));
     // another delivery id is a new job
     let (sub2, _) = capturing(1);
-    let third = hooks.handle("github", &signed("issue_comment", "d-other", &body), &body, &sub2).await;
+    let third = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "d-other", &body),
+            &body,
+            &sub2,
+        )
+        .await;
     assert_eq!(third.status, 202);
     assert_ne!(third.body, first.body);
 }
@@ -239,27 +273,56 @@ async fn engine_refusals_are_ignored_with_the_reason() {
     m.expect_submit()
         .times(1)
         .returning(|r| Err(SubmitRejection::UnknownWorkflow(r.workflow)));
-    let r = hooks.handle("github", &signed("issue_comment", "d-unk", &body), &body, &m).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "d-unk", &body),
+            &body,
+            &m,
+        )
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json().expect("json")["ignored"], "unknown workflow: nosuch");
+    assert_eq!(
+        r.json().expect("json")["ignored"],
+        "unknown workflow: nosuch"
+    );
 }
 
 #[tokio::test]
 async fn ping_help_and_not_addressed() {
     let hooks = hooks(CONFIG);
     let ping = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
-    let r = hooks.handle("github", &signed("ping", "p", ping), ping, &never()).await;
+    let r = hooks
+        .handle("github", &signed("ping", "p", ping), ping, &never())
+        .await;
     assert_eq!((r.status, &r.outcome), (200, &HookOutcome::Pong));
 
     let body = comment("@aiwg help", "alice", "User", "OWNER");
-    let r = hooks.handle("github", &signed("issue_comment", "h", &body), &body, &never()).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "h", &body),
+            &body,
+            &never(),
+        )
+        .await;
     assert_eq!(r.status, 200);
     let j = r.json().expect("json");
     assert_eq!(j["ignored"], "help");
-    assert_eq!(j["workflows"][0], json!({ "name": "review", "description": "Review a pull request" }));
+    assert_eq!(
+        j["workflows"][0],
+        json!({ "name": "review", "description": "Review a pull request" })
+    );
 
     let body = comment("just a normal comment", "alice", "User", "OWNER");
-    let r = hooks.handle("github", &signed("issue_comment", "n", &body), &body, &never()).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "n", &body),
+            &body,
+            &never(),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.outcome, HookOutcome::Ignored(IgnoreReason::NotAddressed));
 }
@@ -268,20 +331,40 @@ async fn ping_help_and_not_addressed() {
 async fn authorization_refusals() {
     let hooks = hooks(CONFIG);
     let cases = [
-        (comment("@aiwg fix", "dependabot[bot]", "Bot", "NONE"), "bot"),
+        (
+            comment("@aiwg fix", "dependabot[bot]", "Bot", "NONE"),
+            "bot",
+        ),
         (comment("@aiwg fix", "renovate", "Bot", "MEMBER"), "bot"),
         (comment("@aiwg fix", "aiwg-app", "User", "OWNER"), "ignored"),
-        (comment("@aiwg fix", "mallory", "User", "CONTRIBUTOR"), "CONTRIBUTOR"),
+        (
+            comment("@aiwg fix", "mallory", "User", "CONTRIBUTOR"),
+            "CONTRIBUTOR",
+        ),
         (comment("@aiwg fix", "mallory", "User", "NONE"), "NONE"),
-        (comment("@aiwg fix --project other/repo", "alice", "User", "OWNER"), "--project"),
-        (comment("@aiwg fix --a 'unterminated", "alice", "User", "OWNER"), "unterminated"),
+        (
+            comment("@aiwg fix --project other/repo", "alice", "User", "OWNER"),
+            "--project",
+        ),
+        (
+            comment("@aiwg fix --a 'unterminated", "alice", "User", "OWNER"),
+            "unterminated",
+        ),
     ];
     for (i, (body, reason)) in cases.iter().enumerate() {
         let r = hooks
-            .handle("github", &signed("issue_comment", &format!("a-{i}"), body), body, &never())
+            .handle(
+                "github",
+                &signed("issue_comment", &format!("a-{i}"), body),
+                body,
+                &never(),
+            )
             .await;
         assert_eq!(r.status, 200, "case {i}");
-        let ignored = r.json().expect("json")["ignored"].as_str().expect("reason").to_owned();
+        let ignored = r.json().expect("json")["ignored"]
+            .as_str()
+            .expect("reason")
+            .to_owned();
         assert!(ignored.contains(reason), "case {i}: {ignored}");
     }
 
@@ -289,21 +372,47 @@ async fn authorization_refusals() {
         "github: { secret: \"It's a Secret to Everybody\", allowed_workflows: [review], allowed_associations: [OWNER] }",
     );
     let body = comment("@aiwg deploy now", "alice", "User", "OWNER");
-    let r = restricted.handle("github", &signed("issue_comment", "w", &body), &body, &never()).await;
+    let r = restricted
+        .handle(
+            "github",
+            &signed("issue_comment", "w", &body),
+            &body,
+            &never(),
+        )
+        .await;
     assert_eq!(
         r.outcome,
         HookOutcome::Ignored(IgnoreReason::WorkflowNotAllowed("deploy".into()))
     );
     let body = comment("@aiwg review", "carol", "User", "MEMBER");
-    let r = restricted.handle("github", &signed("issue_comment", "m", &body), &body, &never()).await;
+    let r = restricted
+        .handle(
+            "github",
+            &signed("issue_comment", "m", &body),
+            &body,
+            &never(),
+        )
+        .await;
     assert_eq!(
         r.outcome,
         HookOutcome::Ignored(IgnoreReason::AssociationNotAllowed(Some("MEMBER".into())))
     );
     // help lists only the allowed workflows
     let body = comment("@aiwg help", "alice", "User", "OWNER");
-    let r = restricted.handle("github", &signed("issue_comment", "hh", &body), &body, &never()).await;
-    assert_eq!(r.json().expect("json")["workflows"].as_array().map(Vec::len), Some(1));
+    let r = restricted
+        .handle(
+            "github",
+            &signed("issue_comment", "hh", &body),
+            &body,
+            &never(),
+        )
+        .await;
+    assert_eq!(
+        r.json().expect("json")["workflows"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
 }
 
 #[tokio::test]
@@ -311,7 +420,14 @@ async fn rules_map_events_and_refuse_forks() {
     let hooks = hooks(CONFIG);
     let body = pull_request("opened", "octo/app", "MEMBER");
     let (sub, seen) = capturing(1);
-    let r = hooks.handle("github", &signed("pull_request", "pr-1", &body), &body, &sub).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("pull_request", "pr-1", &body),
+            &body,
+            &sub,
+        )
+        .await;
     assert_eq!(r.status, 202, "{:?}", r.outcome);
     let req = seen.lock().expect("lock").pop().expect("request");
     assert_eq!(req.workflow, "review");
@@ -322,24 +438,61 @@ async fn rules_map_events_and_refuse_forks() {
     assert_eq!(req.trigger.extra["base_ref"], "main");
 
     let fork = pull_request("opened", "mallory/app", "MEMBER");
-    let r = hooks.handle("github", &signed("pull_request", "pr-2", &fork), &fork, &never()).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("pull_request", "pr-2", &fork),
+            &fork,
+            &never(),
+        )
+        .await;
     assert_eq!(r.outcome, HookOutcome::Ignored(IgnoreReason::ForkRefused));
 
     let stranger = pull_request("opened", "octo/app", "FIRST_TIME_CONTRIBUTOR");
-    let r = hooks.handle("github", &signed("pull_request", "pr-3", &stranger), &stranger, &never()).await;
-    assert!(matches!(r.outcome, HookOutcome::Ignored(IgnoreReason::AssociationNotAllowed(_))));
+    let r = hooks
+        .handle(
+            "github",
+            &signed("pull_request", "pr-3", &stranger),
+            &stranger,
+            &never(),
+        )
+        .await;
+    assert!(matches!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::AssociationNotAllowed(_))
+    ));
 
     let closed = pull_request("closed", "octo/app", "MEMBER");
-    let r = hooks.handle("github", &signed("pull_request", "pr-4", &closed), &closed, &never()).await;
-    assert_eq!(r.json().expect("json")["ignored"], "no rule for event `pull_request` (closed)");
+    let r = hooks
+        .handle(
+            "github",
+            &signed("pull_request", "pr-4", &closed),
+            &closed,
+            &never(),
+        )
+        .await;
+    assert_eq!(
+        r.json().expect("json")["ignored"],
+        "no rule for event `pull_request` (closed)"
+    );
 
     let allow = common::hooks(
         "github: { secret: \"It's a Secret to Everybody\", fork_policy: allow, rules: [ { event: pull_request, action: opened, workflow: review } ] }",
     );
     let (sub, seen) = capturing(1);
-    let r = allow.handle("github", &signed("pull_request", "pr-5", &fork), &fork, &sub).await;
+    let r = allow
+        .handle(
+            "github",
+            &signed("pull_request", "pr-5", &fork),
+            &fork,
+            &sub,
+        )
+        .await;
     assert_eq!(r.status, 202);
-    assert_eq!(seen.lock().expect("lock")[0].trigger.extra["head_repo"], "mallory/app");
+    assert_eq!(
+        seen.lock().expect("lock")[0].trigger.extra["head_repo"],
+        "mallory/app"
+    );
 
     // a label rule: only triagers can label, so the issue author's association is not checked
     let labeled = json!({
@@ -349,7 +502,14 @@ async fn rules_map_events_and_refuse_forks() {
     })
     .to_string();
     let (sub, seen) = capturing(1);
-    let r = hooks.handle("github", &signed("issues", "l-1", labeled.as_bytes()), labeled.as_bytes(), &sub).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issues", "l-1", labeled.as_bytes()),
+            labeled.as_bytes(),
+            &sub,
+        )
+        .await;
     assert_eq!(r.status, 202, "{:?}", r.outcome);
     let req = seen.lock().expect("lock").pop().expect("request");
     assert_eq!((req.workflow.as_str(), req.trigger.issue), ("fix", Some(8)));
@@ -363,38 +523,80 @@ async fn bad_requests_and_fail_closed() {
     let mut h = signed("issue_comment", "x", &body);
     h.remove("x-github-event");
     let r = hooks.handle("github", &h, &body, &never()).await;
-    assert_eq!((r.status, r.content_type), (400, "application/problem+json"));
+    assert_eq!(
+        (r.status, r.content_type),
+        (400, "application/problem+json")
+    );
     h.insert("x-github-event", "".parse().expect("value"));
-    assert_eq!(hooks.handle("github", &h, &body, &never()).await.status, 400);
+    assert_eq!(
+        hooks.handle("github", &h, &body, &never()).await.status,
+        400
+    );
     // unparseable payload after a good signature → 400
     let junk = b"{not json";
-    let r = hooks.handle("github", &signed("issue_comment", "j", junk), junk, &never()).await;
+    let r = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "j", junk),
+            junk,
+            &never(),
+        )
+        .await;
     assert_eq!(r.status, 400);
     // missing signature → 401 problem
     let mut h = signed("issue_comment", "x", &body);
     h.remove("x-hub-signature-256");
     let r = hooks.handle("github", &h, &body, &never()).await;
-    assert_eq!((r.status, r.content_type), (401, "application/problem+json"));
+    assert_eq!(
+        (r.status, r.content_type),
+        (401, "application/problem+json")
+    );
     let j = r.json().expect("json");
     assert_eq!(j["status"], 401);
     assert_eq!(j["title"], "Unauthorized");
     assert!(j["type"].is_string() && j["detail"].is_string());
     // empty secret, and no section at all → 401
     let empty = common::hooks("github: { secret: \"\" }");
-    let r = empty.handle("github", &signed("issue_comment", "x", &body), &body, &never()).await;
-    assert_eq!(r.outcome, HookOutcome::Unauthorized(VerifyError::NotConfigured));
+    let r = empty
+        .handle(
+            "github",
+            &signed("issue_comment", "x", &body),
+            &body,
+            &never(),
+        )
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Unauthorized(VerifyError::NotConfigured)
+    );
     let none = common::hooks("slack: { signing_secret: x }");
-    assert_eq!(none.handle("github", &signed("issue_comment", "x", &body), &body, &never()).await.status, 401);
+    assert_eq!(
+        none.handle(
+            "github",
+            &signed("issue_comment", "x", &body),
+            &body,
+            &never()
+        )
+        .await
+        .status,
+        401
+    );
     // unknown platform → 404 problem
-    let r = hooks.handle("gitgud", &HeaderMap::new(), b"", &never()).await;
-    assert_eq!((r.status, r.content_type), (404, "application/problem+json"));
+    let r = hooks
+        .handle("gitgud", &HeaderMap::new(), b"", &never())
+        .await;
+    assert_eq!(
+        (r.status, r.content_type),
+        (404, "application/problem+json")
+    );
     assert_eq!(r.outcome, HookOutcome::UnknownPlatform);
 }
 
 #[tokio::test]
 async fn form_encoded_deliveries_are_accepted() {
     let hooks = hooks(CONFIG);
-    let json_body = String::from_utf8(comment("@aiwg fix it", "alice", "User", "OWNER")).expect("utf8");
+    let json_body =
+        String::from_utf8(comment("@aiwg fix it", "alice", "User", "OWNER")).expect("utf8");
     let mut form = String::from("payload=");
     for b in json_body.bytes() {
         if b.is_ascii_alphanumeric() {
@@ -404,29 +606,55 @@ async fn form_encoded_deliveries_are_accepted() {
         }
     }
     let mut h = signed("issue_comment", "f-1", form.as_bytes());
-    h.insert("content-type", "application/x-www-form-urlencoded".parse().expect("value"));
+    h.insert(
+        "content-type",
+        "application/x-www-form-urlencoded".parse().expect("value"),
+    );
     let (sub, seen) = capturing(1);
     let r = hooks.handle("github", &h, form.as_bytes(), &sub).await;
     assert_eq!(r.status, 202, "{:?}", r.outcome);
-    assert_eq!(seen.lock().expect("lock")[0].guidance.as_deref(), Some("it"));
+    assert_eq!(
+        seen.lock().expect("lock")[0].guidance.as_deref(),
+        Some("it")
+    );
 }
 
 #[test]
 fn metrics_are_counted() {
     let capture = Capture::default();
     let hooks = hooks(CONFIG);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
     metrics::with_local_recorder(&capture, || {
         rt.block_on(async {
             let body = comment("@aiwg fix", "alice", "User", "OWNER");
             let (sub, _) = capturing(1);
-            hooks.handle("github", &signed("issue_comment", "m-1", &body), &body, &sub).await;
-            hooks.handle("github", &HeaderMap::new(), &body, &never()).await;
-            hooks.handle("nope", &HeaderMap::new(), &body, &never()).await;
+            hooks
+                .handle(
+                    "github",
+                    &signed("issue_comment", "m-1", &body),
+                    &body,
+                    &sub,
+                )
+                .await;
+            hooks
+                .handle("github", &HeaderMap::new(), &body, &never())
+                .await;
+            hooks
+                .handle("nope", &HeaderMap::new(), &body, &never())
+                .await;
         });
     });
-    assert_eq!(capture.get("aiwg_webhook_requests_total{platform=github}"), 2);
-    assert_eq!(capture.get("aiwg_webhook_requests_total{platform=unknown}"), 1);
+    assert_eq!(
+        capture.get("aiwg_webhook_requests_total{platform=github}"),
+        2
+    );
+    assert_eq!(
+        capture.get("aiwg_webhook_requests_total{platform=unknown}"),
+        1
+    );
     assert_eq!(
         capture.get("aiwg_webhook_errors_total{platform=github,reason=missing_header}"),
         1

@@ -154,8 +154,16 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
             let src_repo = src_repo.and_then(repository);
             ev.pull_request = Some(PullRequest {
                 number,
-                head_ref: pr.source.as_ref().and_then(|s| s.branch.as_ref()).and_then(|b| b.name.clone()),
-                head_sha: pr.source.as_ref().and_then(|s| s.commit.as_ref()).and_then(|c| c.hash.clone()),
+                head_ref: pr
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.branch.as_ref())
+                    .and_then(|b| b.name.clone()),
+                head_sha: pr
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.commit.as_ref())
+                    .and_then(|c| c.hash.clone()),
                 head_repo: src_repo.as_ref().map(|r| r.full_name.clone()),
                 head_clone_url: src_repo.and_then(|r| r.clone_url),
                 base_ref: pr

@@ -32,7 +32,8 @@ pub fn verify(key: &VerifyingKey, headers: &HeaderMap, body: &[u8]) -> Result<()
         return Err(VerifyError::MalformedSignature);
     }
     let sig = hex::decode(sig_hex).map_err(|_| VerifyError::MalformedSignature)?;
-    let sig = ed25519_dalek::Signature::from_slice(&sig).map_err(|_| VerifyError::MalformedSignature)?;
+    let sig =
+        ed25519_dalek::Signature::from_slice(&sig).map_err(|_| VerifyError::MalformedSignature)?;
     let mut message = Vec::with_capacity(ts.len() + body.len());
     message.extend_from_slice(ts.as_bytes());
     message.extend_from_slice(body);
@@ -111,7 +112,14 @@ fn command_from_options(options: &[Opt]) -> EventKind {
     }
     if let Some(w) = options.iter().find(|o| o.name == "workflow") {
         let mut cmd = Command::new(value_text(w.value.as_ref()));
-        fill(&mut cmd, options.iter().filter(|o| o.name != "workflow").collect::<Vec<_>>().into_iter());
+        fill(
+            &mut cmd,
+            options
+                .iter()
+                .filter(|o| o.name != "workflow")
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
         return EventKind::Structured(cmd);
     }
     EventKind::ChatCommand
@@ -138,7 +146,8 @@ pub fn parse(_headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErr
         2 => {
             let data = i.data.as_ref().ok_or(ParseError::MissingField("data"))?;
             let kind = command_from_options(&data.options);
-            let mut ev = InboundEvent::new(Platform::Discord, kind, "command", "APPLICATION_COMMAND");
+            let mut ev =
+                InboundEvent::new(Platform::Discord, kind, "command", "APPLICATION_COMMAND");
             if ev.kind == EventKind::ChatCommand {
                 let text = data
                     .options

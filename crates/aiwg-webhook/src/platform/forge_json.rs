@@ -157,7 +157,11 @@ fn strict(event: &str) -> bool {
     )
 }
 
-pub(crate) fn parse(platform: Platform, event: &str, body: &[u8]) -> Result<InboundEvent, ParseError> {
+pub(crate) fn parse(
+    platform: Platform,
+    event: &str,
+    body: &[u8],
+) -> Result<InboundEvent, ParseError> {
     let p: Payload = match serde_json::from_slice(body) {
         Ok(p) => p,
         Err(e) if strict(event) => return Err(ParseError::json(&e)),

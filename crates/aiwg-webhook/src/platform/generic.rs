@@ -74,9 +74,19 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
                 other => (k, other.to_string()),
             })
             .collect();
-        InboundEvent::new(Platform::Generic, EventKind::Structured(cmd), "command", "command")
+        InboundEvent::new(
+            Platform::Generic,
+            EventKind::Structured(cmd),
+            "command",
+            "command",
+        )
     } else if let Some(text) = p.text {
-        let mut ev = InboundEvent::new(Platform::Generic, EventKind::ChatCommand, "command", "command");
+        let mut ev = InboundEvent::new(
+            Platform::Generic,
+            EventKind::ChatCommand,
+            "command",
+            "command",
+        );
         ev.text = Some(text);
         ev
     } else {

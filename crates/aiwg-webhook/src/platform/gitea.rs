@@ -28,7 +28,9 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
         .ok_or(ParseError::MissingHeader("X-Gitea-Event"))?;
     let mut ev = if is_form(headers, body) {
         let form = form_decode(body)?;
-        let payload = form.get("payload").ok_or(ParseError::MissingField("payload"))?;
+        let payload = form
+            .get("payload")
+            .ok_or(ParseError::MissingField("payload"))?;
         forge_json::parse(Platform::Gitea, event, payload.as_bytes())?
     } else {
         forge_json::parse(Platform::Gitea, event, body)?

@@ -25,10 +25,13 @@ pub fn verify(secret: &Secret, headers: &HeaderMap, body: &[u8]) -> Result<(), V
 
 /// Parses a verified delivery.
 pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
-    let event = header(headers, "x-github-event").ok_or(ParseError::MissingHeader("X-GitHub-Event"))?;
+    let event =
+        header(headers, "x-github-event").ok_or(ParseError::MissingHeader("X-GitHub-Event"))?;
     let mut ev = if is_form(headers, body) {
         let form = form_decode(body)?;
-        let payload = form.get("payload").ok_or(ParseError::MissingField("payload"))?;
+        let payload = form
+            .get("payload")
+            .ok_or(ParseError::MissingField("payload"))?;
         forge_json::parse(Platform::GitHub, event, payload.as_bytes())?
     } else {
         forge_json::parse(Platform::GitHub, event, body)?

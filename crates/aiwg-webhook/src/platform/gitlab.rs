@@ -76,12 +76,12 @@ struct LastCommit {
 #[derive(Deserialize)]
 struct Attributes {
     id: Option<u64>,
-    iid: Option<u64>,
     note: Option<String>,
     noteable_type: Option<String>,
     url: Option<String>,
     action: Option<String>,
     oldrev: Option<String>,
+    /// `iid`, branches, commits: the merge request fields (also the issue's `iid`).
     #[serde(flatten)]
     mr: MergeRequest,
 }
@@ -130,7 +130,10 @@ fn merge_request(mr: &MergeRequest) -> Option<PullRequest> {
         number,
         head_ref: mr.source_branch.clone(),
         head_sha: mr.last_commit.as_ref().and_then(|c| c.id.clone()),
-        head_repo: mr.source.as_ref().and_then(|p| p.path_with_namespace.clone()),
+        head_repo: mr
+            .source
+            .as_ref()
+            .and_then(|p| p.path_with_namespace.clone()),
         head_clone_url: mr.source.as_ref().and_then(|p| p.git_http_url.clone()),
         base_ref: mr.target_branch.clone(),
         from_fork,
@@ -154,7 +157,10 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
             // Hooks we do not act on may carry fields of other shapes: keep only the name.
             let loose: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_slice(body).map_err(|_| ParseError::json(&e))?;
-            let kind = loose.get("object_kind").and_then(|v| v.as_str()).unwrap_or("");
+            let kind = loose
+                .get("object_kind")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
             if matches!(kind, "note" | "merge_request" | "issue") {
                 return Err(ParseError::json(&e));
             }
@@ -256,7 +262,7 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
             if kind == "merge_request" {
                 ev.pull_request = merge_request(&attrs.mr);
             } else {
-                ev.issue = attrs.iid;
+                ev.issue = attrs.mr.iid;
             }
         }
         "push" => {

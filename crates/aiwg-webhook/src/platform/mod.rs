@@ -59,7 +59,8 @@ pub(crate) fn required<'a>(
 
 /// HMAC-SHA256 over the concatenation of `parts`.
 pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     for part in parts {
         mac.update(part);
     }
@@ -67,7 +68,11 @@ pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
 }
 
 /// Checks a hex HMAC-SHA256 signature in constant time.
-pub(crate) fn verify_hex_hmac(key: &[u8], parts: &[&[u8]], hex_sig: &str) -> Result<(), VerifyError> {
+pub(crate) fn verify_hex_hmac(
+    key: &[u8],
+    parts: &[&[u8]],
+    hex_sig: &str,
+) -> Result<(), VerifyError> {
     let expected_len = 32;
     if hex_sig.len() != expected_len * 2 {
         return Err(VerifyError::MalformedSignature);
@@ -90,19 +95,27 @@ pub(crate) fn check_window(ts: i64, now: i64) -> Result<(), VerifyError> {
 }
 
 /// Whether the body is declared (or looks like) `application/x-www-form-urlencoded`.
-#[cfg_attr(not(any(feature = "github", feature = "gitea", feature = "slack")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "github", feature = "gitea", feature = "slack")),
+    allow(dead_code)
+)]
 pub(crate) fn is_form(headers: &HeaderMap, body: &[u8]) -> bool {
     match header(headers, "content-type") {
         Some(ct) => ct
             .to_ascii_lowercase()
             .starts_with("application/x-www-form-urlencoded"),
-        None => !body.first().is_some_and(|b| matches!(b, b'{' | b'[' | b' ' | b'\n')),
+        None => !body
+            .first()
+            .is_some_and(|b| matches!(b, b'{' | b'[' | b' ' | b'\n')),
     }
 }
 
 /// Decodes `application/x-www-form-urlencoded` (`+` is a space, `%XX` a byte, UTF-8 required).
 /// A repeated key keeps its first value.
-#[cfg_attr(not(any(feature = "github", feature = "gitea", feature = "slack")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "github", feature = "gitea", feature = "slack")),
+    allow(dead_code)
+)]
 pub(crate) fn form_decode(body: &[u8]) -> Result<BTreeMap<String, String>, ParseError> {
     fn decode(raw: &[u8]) -> Result<String, ParseError> {
         let mut out = Vec::with_capacity(raw.len());
@@ -115,7 +128,8 @@ pub(crate) fn form_decode(body: &[u8]) -> Result<BTreeMap<String, String>, Parse
                         .get(i + 1..i + 3)
                         .ok_or(ParseError::Form("truncated percent escape"))?;
                     let s = std::str::from_utf8(hex).map_err(|_| ParseError::Form("bad escape"))?;
-                    let b = u8::from_str_radix(s, 16).map_err(|_| ParseError::Form("bad escape"))?;
+                    let b =
+                        u8::from_str_radix(s, 16).map_err(|_| ParseError::Form("bad escape"))?;
                     out.push(b);
                     i += 2;
                 }

@@ -31,7 +31,9 @@ pub fn verify(
         .parse()
         .map_err(|_| VerifyError::MalformedHeader("x-slack-request-timestamp"))?;
     check_window(ts, now)?;
-    let hex_sig = sig.strip_prefix("v0=").ok_or(VerifyError::MalformedSignature)?;
+    let hex_sig = sig
+        .strip_prefix("v0=")
+        .ok_or(VerifyError::MalformedSignature)?;
     verify_hex_hmac(
         secret.expose().as_bytes(),
         &[b"v0:", ts_text.as_bytes(), b":", body],
@@ -99,10 +101,17 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
             } else {
                 EventKind::Other
             };
-            let neutral = if is_mention { "command" } else { event_type.as_str() };
+            let neutral = if is_mention {
+                "command"
+            } else {
+                event_type.as_str()
+            };
             let mut ev = InboundEvent::new(Platform::Slack, kind, neutral, &event_type);
             ev.delivery_id = env.event_id;
-            ev.text = event.text.as_deref().map(|t| strip_user_mention(t).to_owned());
+            ev.text = event
+                .text
+                .as_deref()
+                .map(|t| strip_user_mention(t).to_owned());
             let is_bot = event.bot_id.is_some() || event.subtype.as_deref() == Some("bot_message");
             ev.actor = event.user.clone().map(|login| Actor {
                 login,
@@ -120,7 +129,10 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
                 ("slack_channel", event.channel),
                 ("slack_thread_ts", event.thread_ts.or(event.ts)),
                 ("slack_team", env.team_id),
-                ("slack_retry_num", header(headers, "x-slack-retry-num").map(str::to_owned)),
+                (
+                    "slack_retry_num",
+                    header(headers, "x-slack-retry-num").map(str::to_owned),
+                ),
             ] {
                 if let Some(v) = v {
                     ev.reply.insert(k.to_owned(), v);
@@ -128,7 +140,12 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
             }
             Ok(ev)
         }
-        other => Ok(InboundEvent::new(Platform::Slack, EventKind::Other, other, other)),
+        other => Ok(InboundEvent::new(
+            Platform::Slack,
+            EventKind::Other,
+            other,
+            other,
+        )),
     }
 }
 
@@ -143,9 +160,18 @@ fn parse_form(body: &[u8]) -> Result<InboundEvent, ParseError> {
             "interactive",
         ));
     }
-    let command = form.remove("command").ok_or(ParseError::MissingField("command"))?;
-    let user_id = form.remove("user_id").ok_or(ParseError::MissingField("user_id"))?;
-    let mut ev = InboundEvent::new(Platform::Slack, EventKind::ChatCommand, "command", "slash_command");
+    let command = form
+        .remove("command")
+        .ok_or(ParseError::MissingField("command"))?;
+    let user_id = form
+        .remove("user_id")
+        .ok_or(ParseError::MissingField("user_id"))?;
+    let mut ev = InboundEvent::new(
+        Platform::Slack,
+        EventKind::ChatCommand,
+        "command",
+        "slash_command",
+    );
     ev.text = Some(form.remove("text").unwrap_or_default());
     ev.delivery_id = form.get("trigger_id").cloned();
     ev.actor = Some(Actor {

@@ -67,7 +67,10 @@ pub fn verify(
         .parse()
         .map_err(|_| VerifyError::MalformedHeader("webhook-timestamp"))?;
     check_window(ts, now)?;
-    let mac = hmac_sha256(&key.0, &[id.as_bytes(), b".", ts_text.as_bytes(), b".", body]);
+    let mac = hmac_sha256(
+        &key.0,
+        &[id.as_bytes(), b".", ts_text.as_bytes(), b".", body],
+    );
     let mut any_v1 = false;
     for entry in signatures.split_ascii_whitespace() {
         let Some(b64) = entry.strip_prefix("v1,") else {
@@ -105,7 +108,10 @@ mod tests {
         let key = SigningKey::from_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("key");
         let body = br#"{"test": 2432232314}"#;
         let sig = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
-        assert_eq!(key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body), sig);
+        assert_eq!(
+            key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
+            sig
+        );
         let h = headers("msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", sig);
         assert_eq!(verify(&key, &h, body, 1_614_265_330), Ok(()));
 

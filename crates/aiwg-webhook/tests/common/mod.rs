@@ -34,7 +34,10 @@ pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
 
 pub fn hooks(yaml: &str) -> Hooks {
     let config: TriggersConfig = serde_norway::from_str(yaml).expect("config");
-    Hooks::builder(config).clock(|| NOW).build().expect("builds")
+    Hooks::builder(config)
+        .clock(|| NOW)
+        .build()
+        .expect("builds")
 }
 
 /// A submitter that must never be called.
@@ -83,9 +86,27 @@ impl Capture {
 }
 
 impl metrics::Recorder for Capture {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
         let mut labels: Vec<String> = key
             .labels()
@@ -99,7 +120,11 @@ impl metrics::Recorder for Capture {
     fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
         metrics::Gauge::noop()
     }
-    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
         metrics::Histogram::noop()
     }
 }
