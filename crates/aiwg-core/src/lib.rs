@@ -3,6 +3,7 @@
 //! The engine behind aiwg: jobs, workflows, executors, stores, events.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod config;
 pub mod dispatch;
 pub mod engine;
 pub mod event;

@@ -1,0 +1,666 @@
+//! Configuration: the YAML file of DESIGN §5, `${VAR}` expansion, environment overrides, and
+//! errors that name the key.
+//!
+//! ```
+//! use aiwg_core::config::Config;
+//!
+//! let yaml = r#"
+//! server: { bind: "127.0.0.1:3100", body_limit: "512KiB" }
+//! engine: { workers: 2, default_timeout: "2m" }
+//! agents:
+//!   sh: { kind: command }
+//! workflows:
+//!   repo-files:
+//!     description: List the files of the project
+//!     steps:
+//!       - { name: list, agent: sh, command: ["git", "ls-files"] }
+//! "#;
+//! let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+//! assert_eq!(config.server.body_limit_bytes().unwrap(), 512 * 1024);
+//! assert_eq!(config.workflows()[0].name, "repo-files");
+//!
+//! let err = Config::from_yaml_with_env("engine: { workers: many }", |_| None).unwrap_err();
+//! assert!(err.to_string().contains("engine.workers"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::dispatch::DispatchConfig;
+use crate::http::{ApiKey, RateLimit, Scope};
+use crate::workflow::Workflow;
+
+/// A configuration error, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config error at `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The key path (`engine.workers`), or `(file)` for the whole document.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// An error at `key`.
+    #[must_use]
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `server:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address (default `127.0.0.1:3100`).
+    pub bind: String,
+    /// CORS origins (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// Largest request body (`"1MiB"`, `"64KB"`, or bytes).
+    pub body_limit: Value,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:3100".into(),
+            cors_origins: Vec::new(),
+            body_limit: Value::String("1MiB".into()),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The body limit in bytes.
+    pub fn body_limit_bytes(&self) -> Result<usize, ConfigError> {
+        let err = |r: &str| ConfigError::new("server.body_limit", r);
+        match &self.body_limit {
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| err("must be a positive number of bytes")),
+            Value::String(s) => parse_size(s).map_err(|e| err(&e)),
+            _ => Err(err("must be a size like \"1MiB\"")),
+        }
+    }
+}
+
+/// Parses `"1MiB"`, `"512KB"`, `"100"` into bytes.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "kib" => 1024,
+        "mb" | "m" => 1_000_000,
+        "mib" => 1024 * 1024,
+        "gb" | "g" => 1_000_000_000,
+        "gib" => 1024 * 1024 * 1024,
+        other => return Err(format!("unknown size unit `{other}`")),
+    };
+    n.checked_mul(mult)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("`{s}` is out of range"))
+}
+
+/// One API key in `auth.api_keys`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key's name.
+    pub name: String,
+    /// The secret (usually `${AIWG_API_KEY}`); empty means "not configured".
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The hex SHA-256 of the secret, instead of `key`.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Scopes.
+    pub scopes: Vec<Scope>,
+}
+
+/// `auth:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys.
+    pub api_keys: Vec<KeyConfig>,
+    /// Rate limit per key and per client address.
+    pub rate_limit: Option<RateLimit>,
+    /// Serve `/metrics` without a key.
+    pub public_metrics: bool,
+}
+
+impl AuthConfig {
+    /// The usable keys (keys whose secret expanded to nothing are skipped).
+    pub fn keys(&self) -> Result<Vec<ApiKey>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, k) in self.api_keys.iter().enumerate() {
+            let at = |f: &str| format!("auth.api_keys[{i}].{f}");
+            let key = match (k.key.as_deref().filter(|s| !s.is_empty()), &k.key_sha256) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        at("key"),
+                        "give `key` or `key_sha256`, not both",
+                    ))
+                }
+                (Some(secret), None) => ApiKey::plain(&k.name, secret, k.scopes.clone()),
+                (None, Some(hash)) => ApiKey::sha256(&k.name, hash, k.scopes.clone()),
+                (None, None) => continue,
+            };
+            out.push(key.map_err(|e| ConfigError::new(at("key"), e.to_string()))?);
+        }
+        Ok(out)
+    }
+}
+
+/// One mapping rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// A regex that must match the whole key.
+    pub pattern: String,
+    /// The path (relative to the root), `$1` for captures.
+    pub path: String,
+}
+
+/// `projects:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectsConfig {
+    /// The root jobs must stay inside (default: the current directory).
+    pub root: Option<String>,
+    /// More roots.
+    pub extra_roots: Vec<String>,
+    /// Mapping rules, first match wins.
+    pub mapping: Vec<MappingConfig>,
+    /// Paths refused even inside the root.
+    pub forbidden_paths: Vec<String>,
+}
+
+impl ProjectsConfig {
+    /// The policy.
+    pub fn policy(&self) -> Result<crate::ProjectPolicy, ConfigError> {
+        let mut b = crate::ProjectPolicy::builder();
+        let root = self
+            .root
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .unwrap_or(".");
+        b = b.root(root);
+        for r in &self.extra_roots {
+            b = b.root(r);
+        }
+        for f in &self.forbidden_paths {
+            b = b.forbid(f);
+        }
+        for m in &self.mapping {
+            b = b.map(&m.pattern, &m.path);
+        }
+        b.build()
+            .map_err(|e| ConfigError::new("projects", e.to_string()))
+    }
+}
+
+/// `engine:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Workers (default 4).
+    pub workers: usize,
+    /// Queue capacity (default 1000).
+    pub queue_capacity: usize,
+    /// Jobs at once per project (default 1).
+    pub per_project_concurrency: usize,
+    /// Timeout of workflows without one (default 5 m).
+    #[serde(with = "crate::util::opt_duration")]
+    pub default_timeout: Option<Duration>,
+    /// Lease duration (default 30 s).
+    #[serde(with = "crate::util::opt_duration")]
+    pub lease_ttl: Option<Duration>,
+    /// First retry delay (default 2 s).
+    #[serde(with = "crate::util::opt_duration")]
+    pub retry_base: Option<Duration>,
+    /// Longest retry delay (default 5 m).
+    #[serde(with = "crate::util::opt_duration")]
+    pub retry_max: Option<Duration>,
+    /// Grace period for running jobs at shutdown (default 30 s).
+    #[serde(with = "crate::util::opt_duration")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            queue_capacity: 1000,
+            per_project_concurrency: 1,
+            default_timeout: None,
+            lease_ttl: None,
+            retry_base: None,
+            retry_max: None,
+            shutdown_grace: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Applies these settings to an engine builder.
+    pub fn apply(&self, mut b: crate::EngineBuilder) -> crate::EngineBuilder {
+        b = b
+            .workers(self.workers)
+            .queue_capacity(self.queue_capacity)
+            .per_project_concurrency(self.per_project_concurrency);
+        if let Some(t) = self.default_timeout {
+            b = b.default_timeout(t);
+        }
+        if let Some(t) = self.lease_ttl {
+            b = b.lease_ttl(t);
+        }
+        if self.retry_base.is_some() || self.retry_max.is_some() {
+            b = b.retry_backoff(
+                self.retry_base.unwrap_or(Duration::from_secs(2)),
+                self.retry_max.unwrap_or(Duration::from_secs(300)),
+            );
+        }
+        b
+    }
+}
+
+/// `storage:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `memory` (default) or `postgres`.
+    pub kind: StorageKind,
+    /// The database URL for `postgres`.
+    pub url: Option<String>,
+}
+
+/// Where jobs are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// In memory.
+    #[default]
+    Memory,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// One agent in `agents:`: its kind and the kind's own options.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentConfig {
+    /// `claude-code`, `opencode`, `command`, `pool`, or a kind the host registers.
+    pub kind: String,
+    /// Everything else, interpreted by the agent kind.
+    #[serde(flatten)]
+    pub options: BTreeMap<String, Value>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `server:`.
+    pub server: ServerConfig,
+    /// `auth:`.
+    pub auth: AuthConfig,
+    /// `projects:`.
+    pub projects: ProjectsConfig,
+    /// `engine:`.
+    pub engine: EngineConfig,
+    /// `storage:`.
+    pub storage: StorageConfig,
+    /// `agents:`, by name (in file order is not kept; the default agent is the first by name
+    /// unless steps name one).
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// `workflows:`, by name.
+    pub workflows: BTreeMap<String, Workflow>,
+    /// `triggers:` (read by `aiwg-webhook`).
+    pub triggers: Value,
+    /// `webhooks:` (the outbound dispatcher).
+    pub webhooks: DispatchConfig,
+}
+
+impl Config {
+    /// Parses YAML, expanding `${VAR}` from the process environment and applying the
+    /// environment overrides.
+    pub fn from_yaml(yaml: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_env(yaml, |k| std::env::var(k).ok())
+    }
+
+    /// Like [`from_yaml`](Self::from_yaml) with an explicit environment (for tests).
+    pub fn from_yaml_with_env(
+        yaml: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: Value = if yaml.trim().is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_norway::from_str(yaml).map_err(|e| ConfigError::new("(file)", e.to_string()))?
+        };
+        if raw.is_null() {
+            raw = Value::Object(Default::default());
+        }
+        expand(&mut raw, &env, "")?;
+        let mut config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(
+                if path == "." { "(file)".into() } else { path },
+                e.into_inner().to_string(),
+            )
+        })?;
+        config.apply_env(&env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(port) = env("AIWG_API_PORT").filter(|p| !p.is_empty()) {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| ConfigError::new("AIWG_API_PORT", "must be a port number"))?;
+            let host = self
+                .server
+                .bind
+                .rsplit_once(':')
+                .map_or("127.0.0.1", |(h, _)| h)
+                .to_owned();
+            self.server.bind = format!("{host}:{port}");
+        }
+        if let Some(key) = env("AIWG_API_KEY").filter(|k| !k.is_empty()) {
+            if !self
+                .auth
+                .api_keys
+                .iter()
+                .any(|k| k.key.as_deref().is_some_and(|s| !s.is_empty()))
+            {
+                self.auth.api_keys.push(KeyConfig {
+                    name: "default".into(),
+                    key: Some(key),
+                    key_sha256: None,
+                    scopes: vec![Scope::Admin],
+                });
+            }
+        }
+        if let Some(root) = env("AIWG_PROJECT_ROOT").filter(|r| !r.is_empty()) {
+            if self.projects.root.as_deref().is_none_or(str::is_empty) {
+                self.projects.root = Some(root);
+            }
+        }
+        if let Some(url) = env("AIWG_DATABASE_URL").filter(|u| !u.is_empty()) {
+            if self.storage.url.as_deref().is_none_or(str::is_empty) {
+                self.storage.url = Some(url);
+            }
+        }
+        if let Some(path) = env("AIWG_CLAUDE_PATH").filter(|p| !p.is_empty()) {
+            for a in self.agents.values_mut().filter(|a| a.kind == "claude-code") {
+                let empty = a
+                    .options
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty);
+                if empty {
+                    a.options.insert("path".into(), Value::String(path.clone()));
+                }
+            }
+        }
+        for (var, platform, field) in [
+            ("GITHUB_WEBHOOK_SECRET", "github", "secret"),
+            ("SLACK_SIGNING_SECRET", "slack", "signing_secret"),
+            ("DISCORD_PUBLIC_KEY", "discord", "public_key"),
+        ] {
+            if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+                if !self.triggers.is_object() {
+                    self.triggers = Value::Object(Default::default());
+                }
+                let t = self
+                    .triggers
+                    .as_object_mut()
+                    .and_then(|m| {
+                        m.entry(platform)
+                            .or_insert_with(|| Value::Object(Default::default()))
+                            .as_object_mut()
+                    })
+                    .ok_or_else(|| {
+                        ConfigError::new(format!("triggers.{platform}"), "must be a mapping")
+                    })?;
+                let empty = t
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty);
+                if empty {
+                    t.insert(field.into(), Value::String(v));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.server.body_limit_bytes()?;
+        self.auth.keys()?;
+        if self.engine.workers == 0 {
+            return Err(ConfigError::new("engine.workers", "must be at least 1"));
+        }
+        if self.engine.queue_capacity == 0 {
+            return Err(ConfigError::new(
+                "engine.queue_capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.engine.per_project_concurrency == 0 {
+            return Err(ConfigError::new(
+                "engine.per_project_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.storage.kind == StorageKind::Postgres
+            && self.storage.url.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ConfigError::new(
+                "storage.url",
+                "postgres storage needs a url (or AIWG_DATABASE_URL)",
+            ));
+        }
+        for wf in self.workflows() {
+            wf.validate()
+                .map_err(|e| ConfigError::new(format!("workflows.{}", wf.name), e.to_string()))?;
+            for (i, step) in wf.steps.iter().enumerate() {
+                if let Some(agent) = &step.agent {
+                    if !self.agents.contains_key(agent) {
+                        return Err(ConfigError::new(
+                            format!("workflows.{}.steps[{i}].agent", wf.name),
+                            format!("agent `{agent}` is not defined under `agents`"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The workflows with their names filled in from the keys.
+    #[must_use]
+    pub fn workflows(&self) -> Vec<Workflow> {
+        self.workflows
+            .iter()
+            .map(|(name, w)| {
+                let mut w = w.clone();
+                w.name.clone_from(name);
+                w
+            })
+            .collect()
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in every string value.
+fn expand(
+    v: &mut Value,
+    env: &impl Fn(&str) -> Option<String>,
+    path: &str,
+) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after.find('}').ok_or_else(|| {
+                    ConfigError::new(path.trim_start_matches('.'), "unclosed `${`")
+                })?;
+                let expr = &after[..end];
+                let (name, default) = match expr.split_once(":-") {
+                    Some((n, d)) => (n, Some(d)),
+                    None => (expr, None),
+                };
+                let value = env(name)
+                    .filter(|v| !v.is_empty())
+                    .or(default.map(str::to_owned));
+                out.push_str(value.as_deref().unwrap_or(""));
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand(item, env, &format!("{path}[{i}]"))?;
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map.iter_mut() {
+                expand(item, env, &format!("{path}.{k}"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN: &str = r#"
+server:   { bind: "127.0.0.1:3100", cors_origins: [], body_limit: "1MiB" }
+auth:     { api_keys: [ { name: ci, key: "${AIWG_API_KEY}", scopes: [trigger, read] } ],
+            rate_limit: { per_minute: 100, burst: 20 } }
+projects: { root: "${AIWG_PROJECT_ROOT}", mapping: [ { pattern: "org/repo", path: "repo" } ],
+            forbidden_paths: ["/etc", "~/.ssh"] }
+engine:   { workers: 4, queue_capacity: 1000, per_project_concurrency: 1, default_timeout: "5m" }
+storage:  { kind: memory }
+agents:
+  claude: { kind: claude-code, path: "${AIWG_CLAUDE_PATH}", model: sonnet,
+            permission_mode: acceptEdits, allowed_tools: [], max_turns: 30, env: { } }
+  oc:     { kind: opencode, url: "http://127.0.0.1:4096", password: "${OPENCODE_SERVER_PASSWORD}" }
+  sh:     { kind: command }
+workflows:
+  repo-files:
+    description: List the files of the project
+    steps:
+      - { name: list, agent: sh, command: ["git", "ls-files"] }
+  flow-security-review-cycle:
+    description: Security validation workflow
+    parameters: [ { name: guidance }, { name: iteration, default: "1" } ]
+    timeout: 10m
+    max_attempts: 2
+    steps:
+      - { name: primary-draft,   agent: claude, prompt: "draft {{guidance}}" }
+      - { name: security-review, agent: claude, prompt: "review", resume: true }
+triggers:
+  github:  { secret: "${GITHUB_WEBHOOK_SECRET}", mention: "@aiwg", allowed_associations: [OWNER, MEMBER, COLLABORATOR] }
+  slack:   { signing_secret: "${SLACK_SIGNING_SECRET}", command: "/aiwg" }
+webhooks: { retry: long, workers: 10, allow_private_targets: false }
+"#;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_design_example_parses_with_expansion_and_overrides() {
+        let c = Config::from_yaml_with_env(
+            DESIGN,
+            env(&[
+                ("AIWG_API_KEY", "a-very-long-api-key-123"),
+                ("AIWG_CLAUDE_PATH", "/opt/claude"),
+                ("AIWG_API_PORT", "4000"),
+                ("GITHUB_WEBHOOK_SECRET", "gh-secret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.bind, "127.0.0.1:4000");
+        assert_eq!(c.auth.keys().unwrap().len(), 1);
+        assert_eq!(c.agents["claude"].options["path"], "/opt/claude");
+        assert_eq!(c.triggers["github"]["secret"], "gh-secret");
+        assert_eq!(c.workflows().len(), 2);
+        assert_eq!(c.workflows()[0].name, "flow-security-review-cycle");
+        assert_eq!(c.workflows()[0].timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.engine.default_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.webhooks.workers, Some(10));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("engine: { workers: many }", "engine.workers"),
+            ("engine: { workers: 0 }", "engine.workers"),
+            ("server: { body_limit: \"1 parsec\" }", "server.body_limit"),
+            ("servr: {}", "servr"),
+            ("storage: { kind: postgres }", "storage.url"),
+            ("auth: { api_keys: [ { name: x, key: short, scopes: [read] } ] }", "auth.api_keys[0].key"),
+            ("agents: { sh: { kind: command } }\nworkflows: { w: { steps: [ { name: s, agent: nope, prompt: p } ] } }", "workflows.w.steps[0].agent"),
+            ("workflows: { w: { steps: [] } }", "workflows.w"),
+            ("projects: { root: \"${X\" }", "projects.root"),
+            ("engine: { default_timeout: soon }", "engine.default_timeout"),
+            (": : :", "(file)"),
+        ];
+        for (yaml, key) in cases {
+            let e = Config::from_yaml_with_env(yaml, |_| None).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn unset_variables_expand_to_nothing_or_their_default() {
+        let c = Config::from_yaml_with_env(
+            "server: { bind: \"${HOST:-0.0.0.0}:${PORT:-9}\" }\nauth: { api_keys: [ { name: a, key: \"${NOPE}\", scopes: [admin] } ] }",
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(c.server.bind, "0.0.0.0:9");
+        assert!(
+            c.auth.keys().unwrap().is_empty(),
+            "an empty key is not a key"
+        );
+        assert_eq!(parse_size("64KB").unwrap(), 64_000);
+        assert_eq!(parse_size("2MiB").unwrap(), 2 * 1024 * 1024);
+        assert!(parse_size("0").is_err());
+    }
+}
