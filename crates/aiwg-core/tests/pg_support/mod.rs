@@ -1,0 +1,120 @@
+//! Test databases for the PostgreSQL tests: one fresh schema per store, dropped at the end.
+//!
+//! The URL comes from `AIWG_TEST_DATABASE_URL`; without it, `postgres://postgres@127.0.0.1:5432/test`
+//! is tried. When no database answers the tests print why and pass, except under `CI=true` (or
+//! with an explicit URL), where they fail.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aiwg_core::store::PgStore;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A reachable database and the schemas made in it.
+pub struct TestDb {
+    admin: PgPool,
+    url: String,
+    schemas: Mutex<Vec<String>>,
+}
+
+/// The test database, or `None` (after saying why) when there is none and that is allowed.
+pub async fn test_db() -> Option<TestDb> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let (url, explicit) = match std::env::var("AIWG_TEST_DATABASE_URL") {
+        Ok(u) if !u.trim().is_empty() => (u, true),
+        _ => (DEFAULT_URL.to_owned(), false),
+    };
+    let options = match PgConnectOptions::from_str(&url) {
+        Ok(o) => o,
+        Err(_) => panic!("AIWG_TEST_DATABASE_URL is not a valid PostgreSQL URL"),
+    };
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await;
+    match admin {
+        Ok(admin) => Some(TestDb {
+            admin,
+            url,
+            schemas: Mutex::new(Vec::new()),
+        }),
+        Err(e) if ci || explicit => {
+            panic!("the PostgreSQL test database is not reachable: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "skipping: no PostgreSQL at the default test URL ({e}); \
+                 set AIWG_TEST_DATABASE_URL to run these tests"
+            );
+            None
+        }
+    }
+}
+
+impl TestDb {
+    /// The admin pool (default schema).
+    pub fn admin(&self) -> &PgPool {
+        &self.admin
+    }
+
+    /// The database URL (tests only; never printed).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Creates a fresh, empty schema (dropped by [`cleanup`](Self::cleanup)).
+    pub async fn schema(&self) -> String {
+        let name = format!("aiwg_test_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&self.admin)
+            .await
+            .expect("create schema");
+        self.schemas.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// A pool whose `search_path` is `schema`.
+    pub async fn pool(&self, schema: &str, max: u32) -> PgPool {
+        let options = PgConnectOptions::from_str(&self.url)
+            .unwrap()
+            .options([("search_path", schema)]);
+        PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .expect("connect")
+    }
+
+    /// A migrated store in `schema` (pool of `max` connections).
+    pub async fn store_in(&self, schema: &str, max: u32) -> PgStore {
+        let store = PgStore::from_pool(self.pool(schema, max).await)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
+    /// A migrated store in a fresh schema.
+    pub async fn fresh_store(&self) -> PgStore {
+        let schema = self.schema().await;
+        self.store_in(&schema, 4).await
+    }
+
+    /// Drops every schema made through this handle.
+    pub async fn cleanup(&self) {
+        let schemas = std::mem::take(&mut *self.schemas.lock().unwrap());
+        for s in schemas {
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
+                .execute(&self.admin)
+                .await
+                .expect("drop schema");
+        }
+    }
+}

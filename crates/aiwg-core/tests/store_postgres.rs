@@ -1,0 +1,266 @@
+//! The PostgreSQL store: the store conformance suite, connecting and migrating, and the
+//! concurrency guarantees (claims, the per-project limit and event numbering across stores).
+//!
+//! Run with `cargo test -p aiwg-core --features postgres,test-util --test store_postgres`.
+#![cfg(all(feature = "postgres", feature = "test-util"))]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::job::JobResult;
+use aiwg_core::store::{ClaimRequest, Created, Finish, JobStore, NewJob, PgStore, StoreError};
+use aiwg_core::test_util::{sample_job, store_suite};
+use aiwg_core::{JobEventKind, JobStatus};
+
+mod pg_support;
+use pg_support::test_db;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_passes_the_store_suite() {
+    let Some(db) = test_db().await else { return };
+    store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn JobStore> }).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_runs_migrations_and_errors_hide_the_password() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let sep = if db.url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-c%20search_path%3D{schema}", db.url());
+    let store = PgStore::connect(&url).await.expect("connect");
+    assert!(store.channel().contains(&schema));
+    // Running the migrations again is a no-op.
+    store.migrate().await.expect("migrate twice");
+    assert!(PgStore::migrator().iter().any(|m| m.version == 1));
+    let job = sample_job("w", "/p", 0);
+    let id = job.id;
+    assert!(matches!(
+        store.create(NewJob::new(job)).await.unwrap(),
+        Created::New(..)
+    ));
+    assert_eq!(store.get(id).await.unwrap().unwrap().id, id);
+    // The tables landed in the schema named by the URL.
+    let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.aiwg_jobs"))
+        .fetch_one(db.admin())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    // A store without migrations in an empty schema fails on use, with a backend error.
+    let empty = db.schema().await;
+    let url = format!("{}{sep}options=-c%20search_path%3D{empty}", db.url());
+    let bare = PgStore::connect_without_migrations(&url).await.unwrap();
+    assert!(matches!(
+        bare.get(id).await,
+        Err(StoreError::Backend(msg)) if msg.contains("aiwg_jobs")
+    ));
+
+    // The server refuses (no such role or database): the message names neither URL nor password.
+    let rest = db.url().split_once("://").unwrap().1;
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let bad = format!("postgres://aiwg_nobody:s3cret-pw@{host}/aiwg_no_such_database");
+    let err = PgStore::connect(&bad).await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)));
+    assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+    let err = PgStore::connect("postgres://aiwg:s3cret-pw@[bad/none")
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_from_two_stores_take_each_job_once() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    let mut ids = HashSet::new();
+    for i in 0..60 {
+        let job = sample_job("w", &format!("/p{}", i % 7), i % 3);
+        ids.insert(job.id);
+        a.create(NewJob::new(job)).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let req = ClaimRequest::new(format!("w{n}"), Duration::from_secs(60));
+            while let Some(c) = store.claim(&req).await.unwrap() {
+                store
+                    .finish(&c.lease, Finish::Completed(JobResult::default()))
+                    .await
+                    .unwrap();
+                mine.push(c.job.id);
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    assert_eq!(claimed.len(), 60, "every job claimed exactly once");
+    assert_eq!(claimed.iter().copied().collect::<HashSet<_>>(), ids);
+    let counts = b.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 0));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_project_limit_holds_under_concurrent_claims() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    for _ in 0..20 {
+        a.create(NewJob::new(sample_job("w", "/same", 0)))
+            .await
+            .unwrap();
+    }
+    let other = sample_job("w", "/other", 0);
+    let other_id = other.id;
+    a.create(NewJob::new(other)).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let req = ClaimRequest::new(format!("w{n}"), Duration::from_secs(60)).per_project(2);
+            let mut mine = Vec::new();
+            while let Some(c) = store.claim(&req).await.unwrap() {
+                mine.push(c);
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let same = claimed
+        .iter()
+        .filter(|c| c.job.project_path == "/same")
+        .count();
+    assert_eq!(same, 2, "two /same jobs at most, across both stores");
+    assert!(claimed.iter().any(|c| c.job.id == other_id));
+    assert_eq!(claimed.len(), 3);
+    // An expired lease no longer counts against the project.
+    let short = ClaimRequest::new("w9", Duration::from_secs(60)).per_project(2);
+    assert!(a.claim(&short).await.unwrap().is_none());
+    let mut later = short.clone();
+    let last_expiry = claimed.iter().map(|c| c.lease.expires_at).max().unwrap();
+    later.now = last_expiry + chrono::Duration::seconds(1);
+    let c = b
+        .claim(&later)
+        .await
+        .unwrap()
+        .expect("a slot freed by expiry");
+    assert_eq!(c.job.project_path, "/same");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_gapless_unique_sequence_numbers() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    let job = sample_job("w", "/p", 0);
+    let id = job.id;
+    a.create(NewJob::new(job)).await.unwrap();
+    let c = a
+        .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let lease = c.lease.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                // Mix plain events with step events (which also move progress).
+                let kind = if i % 5 == 0 {
+                    JobEventKind::StepStarted {
+                        step: format!("s{n}-{i}"),
+                        agent: "x".into(),
+                        attempt: 1,
+                    }
+                } else {
+                    JobEventKind::Log {
+                        level: "info".into(),
+                        message: format!("{n}/{i}"),
+                    }
+                };
+                seqs.push(store.append(&lease, kind).await.unwrap().seq);
+            }
+            seqs
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.extend(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (3..=102).collect::<Vec<u64>>());
+    let stored: Vec<u64> = a
+        .events(id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, (1..=102).collect::<Vec<u64>>());
+    let (done, ev) = b
+        .finish(&c.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    assert_eq!(ev.seq, 103);
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(
+        done.progress.in_progress.len(),
+        20,
+        "every step start was kept"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_and_clock_truncation_round_trip() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let job = sample_job("w", "/p", 0);
+    let id = job.id;
+    store.create(NewJob::new(job)).await.unwrap();
+    let c = store
+        .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    // Longer than a NOTIFY payload may be: stored whole, announced by reference.
+    let big = "x".repeat(20_000);
+    let ev = store
+        .append(
+            &c.lease,
+            JobEventKind::Log {
+                level: "info".into(),
+                message: big.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let stored = store.events(id, 2).await.unwrap();
+    assert_eq!(
+        stored,
+        vec![ev.clone()],
+        "what append returns is what is stored"
+    );
+    assert!(matches!(&stored[0].kind, JobEventKind::Log { message, .. } if *message == big));
+    assert_eq!(store.events(id, 0).await.unwrap()[1], c.event);
+    db.cleanup().await;
+}
