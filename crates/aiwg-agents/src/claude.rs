@@ -1,0 +1,452 @@
+//! [`ClaudeCode`]: the Claude Code CLI in print mode with `stream-json` output.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aiwg_core::{
+    AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
+    Health, LogStream,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{self, OutputLine, ResourceLimits, Supervision};
+use crate::stream_json::{parse_line, ClaudeResult};
+use crate::ConfigError;
+
+/// The environment variable naming the `claude` binary when the builder is not given a path.
+pub const CLAUDE_PATH_ENV: &str = "AIWG_CLAUDE_PATH";
+
+/// Runs `claude -p --output-format stream-json --verbose [options] -- <prompt>` in the job's
+/// project directory and turns its output into [`AgentEvent`]s as it arrives.
+///
+/// The prompt is passed after `--`, so text starting with `-` can never become an option. A
+/// request with `resume_session` adds `--resume <id>`; the result carries the session id the
+/// CLI reports (which may differ from the one resumed). A run whose `result` line reports an
+/// error, or that exits without one, is an [`ExecutorError::Failed`] carrying the CLI's message
+/// or the tail of its standard error.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use aiwg_agents::ClaudeCode;
+/// use aiwg_core::{AgentRequest, EventSink, Executor};
+/// use tokio_util::sync::CancellationToken;
+/// use std::time::Duration;
+///
+/// let claude = ClaudeCode::builder()
+///     .model("sonnet")
+///     .permission_mode("acceptEdits")
+///     .allowed_tools(["Read", "Write"])
+///     .max_turns(30)
+///     .idle_timeout(Duration::from_secs(120))
+///     .build()?;
+/// let (events, mut rx) = EventSink::channel();
+/// let run = claude.execute(
+///     AgentRequest::new("Fix the failing test", "/srv/projects/app"),
+///     events,
+///     CancellationToken::new(),
+/// );
+/// let result = run.await?;
+/// while let Ok(ev) = rx.try_recv() {
+///     println!("{ev:?}");
+/// }
+/// println!("{} (session {:?}, ${:?})", result.output, result.session_id, result.cost_usd);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ClaudeCode {
+    binary: PathBuf,
+    args: Vec<String>,
+    sup: Supervision,
+}
+
+/// Builds a [`ClaudeCode`] executor.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct ClaudeCodeBuilder {
+    binary: Option<PathBuf>,
+    model: Option<String>,
+    permission_mode: Option<String>,
+    allowed_tools: Vec<String>,
+    disallowed_tools: Vec<String>,
+    max_turns: Option<u32>,
+    max_budget_usd: Option<f64>,
+    append_system_prompt: Option<String>,
+    mcp_config: Option<String>,
+    sup: Supervision,
+}
+
+impl ClaudeCode {
+    /// A builder with the defaults: the binary from `AIWG_CLAUDE_PATH` or `claude` on the
+    /// `PATH`, no extra options, the default environment allow-list, a 5 s grace period.
+    pub fn builder() -> ClaudeCodeBuilder {
+        ClaudeCodeBuilder::default()
+    }
+
+    /// The arguments before the prompt (for a request without resume).
+    #[must_use]
+    pub fn base_args(&self) -> &[String] {
+        &self.args
+    }
+
+    fn argv(&self, request: &AgentRequest) -> Result<Vec<String>, ExecutorError> {
+        let mut argv = self.args.clone();
+        if let Some(session) = &request.resume_session {
+            if session.is_empty()
+                || session.starts_with('-')
+                || !session
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ExecutorError::Spawn(
+                    "the session to resume is not a valid session id".into(),
+                ));
+            }
+            argv.push("--resume".into());
+            argv.push(session.clone());
+        }
+        argv.push("--".into());
+        argv.push(request.prompt.clone());
+        Ok(argv)
+    }
+}
+
+fn check_tool(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.starts_with('-') || name.contains(',') {
+        return Err(ConfigError::new(
+            "allowed_tools",
+            "a tool name is empty, starts with '-' or contains ','",
+        ));
+    }
+    Ok(())
+}
+
+fn check_option(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.starts_with('-') {
+        return Err(ConfigError::new(key, "must not be empty or start with '-'"));
+    }
+    Ok(())
+}
+
+impl ClaudeCodeBuilder {
+    /// The `claude` binary.
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// `--model`.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// `--permission-mode` (`default`, `acceptEdits`, `plan`, `bypassPermissions`, …).
+    pub fn permission_mode(mut self, mode: impl Into<String>) -> Self {
+        self.permission_mode = Some(mode.into());
+        self
+    }
+
+    /// `--allowedTools`.
+    pub fn allowed_tools<I, S>(mut self, tools: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.allowed_tools = tools.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `--disallowedTools`.
+    pub fn disallowed_tools<I, S>(mut self, tools: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.disallowed_tools = tools.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `--max-turns`.
+    pub fn max_turns(mut self, turns: u32) -> Self {
+        self.max_turns = Some(turns);
+        self
+    }
+
+    /// `--max-budget-usd`.
+    pub fn max_budget_usd(mut self, usd: f64) -> Self {
+        self.max_budget_usd = Some(usd);
+        self
+    }
+
+    /// `--append-system-prompt`.
+    pub fn append_system_prompt(mut self, text: impl Into<String>) -> Self {
+        self.append_system_prompt = Some(text.into());
+        self
+    }
+
+    /// `--mcp-config` (a file path or a JSON string).
+    pub fn mcp_config(mut self, config: impl Into<String>) -> Self {
+        self.mcp_config = Some(config.into());
+        self
+    }
+
+    /// Sets a variable in the child's environment (e.g. `ANTHROPIC_BASE_URL`).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.sup.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Lets the child inherit `name` from the server's environment (e.g. `ANTHROPIC_API_KEY`).
+    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
+        self.sup.env_allow.push(name.into());
+        self
+    }
+
+    /// Replaces the allow-list of inherited variables.
+    pub fn env_allow_list<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.sup.env_allow = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Stops a run that printed nothing for `idle` ([`ExecutorError::Idle`]).
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.sup.idle_timeout = Some(idle);
+        self
+    }
+
+    /// Time between `SIGTERM` and `SIGKILL` when stopping a run.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.sup.grace = grace;
+        self
+    }
+
+    /// Resource limits for the child.
+    pub fn limits(mut self, limits: ResourceLimits) -> Self {
+        self.sup.limits = limits;
+        self
+    }
+
+    /// Checks the options and fixes the argument vector.
+    pub fn build(self) -> Result<ClaudeCode, ConfigError> {
+        let binary = self
+            .binary
+            .or_else(|| std::env::var_os(CLAUDE_PATH_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("claude"));
+        if binary.as_os_str().is_empty() {
+            return Err(ConfigError::new("path", "the claude binary path is empty"));
+        }
+        let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if let Some(m) = self.model {
+            check_option("model", &m)?;
+            args.extend(["--model".into(), m]);
+        }
+        if let Some(m) = self.permission_mode {
+            check_option("permission_mode", &m)?;
+            args.extend(["--permission-mode".into(), m]);
+        }
+        if !self.allowed_tools.is_empty() {
+            for t in &self.allowed_tools {
+                check_tool(t)?;
+            }
+            args.extend(["--allowedTools".into(), self.allowed_tools.join(",")]);
+        }
+        if !self.disallowed_tools.is_empty() {
+            for t in &self.disallowed_tools {
+                check_tool(t).map_err(|_| {
+                    ConfigError::new(
+                        "disallowed_tools",
+                        "a tool name is empty, starts with '-' or contains ','",
+                    )
+                })?;
+            }
+            args.extend(["--disallowedTools".into(), self.disallowed_tools.join(",")]);
+        }
+        if let Some(n) = self.max_turns {
+            if n == 0 {
+                return Err(ConfigError::new("max_turns", "must be at least 1"));
+            }
+            args.extend(["--max-turns".into(), n.to_string()]);
+        }
+        if let Some(b) = self.max_budget_usd {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(ConfigError::new("max_budget_usd", "must be a positive number"));
+            }
+            args.extend(["--max-budget-usd".into(), b.to_string()]);
+        }
+        if let Some(p) = self.append_system_prompt {
+            // `--flag=value` keeps a value starting with '-' a value.
+            args.push(format!("--append-system-prompt={p}"));
+        }
+        if let Some(c) = self.mcp_config {
+            check_option("mcp_config", &c)?;
+            args.push(format!("--mcp-config={c}"));
+        }
+        if self.sup.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("idle_timeout", "must be more than zero"));
+        }
+        Ok(ClaudeCode {
+            binary,
+            args,
+            sup: self.sup,
+        })
+    }
+}
+
+#[async_trait]
+impl Executor for ClaudeCode {
+    async fn execute(
+        &self,
+        request: AgentRequest,
+        events: EventSink,
+        cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError> {
+        request.validate()?;
+        let argv = self.argv(&request)?;
+        let mut final_result: Option<ClaudeResult> = None;
+        let mut last_session: Option<String> = None;
+        let mut texts: Vec<String> = Vec::new();
+        let finished = process::run(
+            &self.binary,
+            &argv,
+            &request.project_path,
+            &self.sup,
+            &cancel,
+            request.timeout,
+            |line| match line {
+                OutputLine::Stdout(l) => {
+                    let parsed = parse_line(&l);
+                    if parsed.session_id.is_some() {
+                        last_session = parsed.session_id;
+                    }
+                    for ev in parsed.events {
+                        if let AgentEvent::Text { text } = &ev {
+                            texts.push(text.clone());
+                        }
+                        events.emit(ev);
+                    }
+                    if parsed.result.is_some() {
+                        final_result = parsed.result;
+                    }
+                }
+                OutputLine::Stderr(l) => events.emit(AgentEvent::Log {
+                    stream: LogStream::Stderr,
+                    line: l,
+                }),
+            },
+        )
+        .await?;
+        let Some(res) = final_result else {
+            let mut message = format!(
+                "claude exited (code {}) without a result line",
+                finished
+                    .exit_code
+                    .map_or_else(|| "unknown".to_owned(), |c| c.to_string())
+            );
+            if !finished.stderr_tail.is_empty() {
+                message.push_str("; stderr: ");
+                message.push_str(&finished.stderr_tail);
+            }
+            return Err(ExecutorError::Failed {
+                message,
+                exit_code: finished.exit_code,
+            });
+        };
+        if !res.is_success() {
+            let mut message = format!("claude reported {}", res.subtype);
+            if let Some(text) = res.result.as_deref().filter(|t| !t.is_empty()) {
+                message.push_str(": ");
+                message.push_str(text);
+            } else if !finished.stderr_tail.is_empty() {
+                message.push_str("; stderr: ");
+                message.push_str(&finished.stderr_tail);
+            }
+            return Err(ExecutorError::Failed {
+                message,
+                exit_code: finished.exit_code,
+            });
+        }
+        let mut out = AgentResult::text(res.result.unwrap_or_else(|| texts.join("\n")));
+        out.session_id = res.session_id.or(last_session);
+        out.cost_usd = res.total_cost_usd;
+        out.usage = res.usage;
+        out.num_turns = res.num_turns;
+        out.exit_code = finished.exit_code;
+        Ok(out)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true, true)
+    }
+
+    fn kind(&self) -> &'static str {
+        "claude-code"
+    }
+
+    async fn health(&self) -> Health {
+        let path = process::resolve_program(&self.binary);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Health::healthy(),
+            Ok(_) => Health::unhealthy(format!("{} is not a file", path.display())),
+            Err(e) => Health::unhealthy(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_arguments_and_the_prompt_follows_double_dash() {
+        let c = ClaudeCode::builder()
+            .binary("/bin/claude")
+            .model("sonnet")
+            .permission_mode("acceptEdits")
+            .allowed_tools(["Read", "Write"])
+            .disallowed_tools(["Bash"])
+            .max_turns(3)
+            .max_budget_usd(1.5)
+            .append_system_prompt("-be brief")
+            .build()
+            .unwrap();
+        let req = AgentRequest::new("--dangerously-skip-permissions", "/tmp").with_resume("abc-1");
+        let argv = c.argv(&req).unwrap();
+        let n = argv.len();
+        assert_eq!(argv[n - 2..], ["--".to_owned(), "--dangerously-skip-permissions".to_owned()]);
+        assert!(argv.windows(2).any(|w| w == ["--resume", "abc-1"]));
+        assert!(argv.windows(2).any(|w| w == ["--allowedTools", "Read,Write"]));
+        assert!(argv.windows(2).any(|w| w == ["--max-turns", "3"]));
+        assert!(argv.contains(&"--append-system-prompt=-be brief".to_owned()));
+    }
+
+    #[test]
+    fn bad_options_and_sessions_are_refused() {
+        assert_eq!(
+            ClaudeCode::builder().model("--x").build().unwrap_err().key,
+            "model"
+        );
+        assert_eq!(
+            ClaudeCode::builder().max_turns(0).build().unwrap_err().key,
+            "max_turns"
+        );
+        assert_eq!(
+            ClaudeCode::builder()
+                .allowed_tools(["a,b"])
+                .build()
+                .unwrap_err()
+                .key,
+            "allowed_tools"
+        );
+        let c = ClaudeCode::builder().binary("/bin/claude").build().unwrap();
+        let req = AgentRequest::new("x", "/tmp").with_resume("--help");
+        assert!(matches!(c.argv(&req), Err(ExecutorError::Spawn(_))));
+    }
+}

@@ -1,0 +1,805 @@
+//! [`OpenCode`]: a client for `opencode serve`, and [`OpenCodeServer`], a supervised local one.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aiwg_core::{
+    AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
+    Health, Usage,
+};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{self, Supervision, Tree};
+use crate::ConfigError;
+
+/// The environment variable naming the `opencode` binary for [`OpenCodeServer`].
+pub const OPENCODE_PATH_ENV: &str = "AIWG_OPENCODE_PATH";
+
+const BODY_LIMIT: usize = 2000;
+
+/// Runs prompts as sessions of an `opencode serve` server.
+///
+/// A run subscribes to the server's event stream (`GET /event`), creates a session in the job's
+/// project directory (or reuses `resume_session`), sends the prompt with
+/// `POST /session/{id}/prompt_async` and follows the events of that session: text parts become
+/// [`AgentEvent::Text`], tool parts [`AgentEvent::ToolUse`] and [`AgentEvent::ToolResult`],
+/// `step-finish` parts [`AgentEvent::Usage`]; `session.idle` ends the run, `session.error` fails
+/// it. Cancel, the request's timeout and the idle watchdog abort the session
+/// (`POST /session/{id}/abort`) and wait until the server reports it idle. An HTTP error status
+/// is an [`ExecutorError::Http`] with the start of the body.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use aiwg_agents::OpenCode;
+/// use aiwg_core::{AgentRequest, EventSink, Executor};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let oc = OpenCode::builder("http://127.0.0.1:4096").password("s3cret").build()?;
+/// let res = oc
+///     .execute(AgentRequest::new("Summarise the README", "/srv/app"), EventSink::discard(), CancellationToken::new())
+///     .await?;
+/// println!("{} (session {:?})", res.output, res.session_id);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct OpenCode {
+    base: String,
+    username: String,
+    password: Option<String>,
+    model: Option<(String, String)>,
+    agent: Option<String>,
+    idle_timeout: Option<Duration>,
+    abort_wait: Duration,
+    client: reqwest::Client,
+}
+
+/// Builds an [`OpenCode`] client.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct OpenCodeBuilder {
+    url: String,
+    username: String,
+    password: Option<String>,
+    model: Option<String>,
+    agent: Option<String>,
+    idle_timeout: Option<Duration>,
+    abort_wait: Duration,
+    connect_timeout: Duration,
+}
+
+impl OpenCode {
+    /// A builder for the server at `url` (e.g. `http://127.0.0.1:4096`).
+    pub fn builder(url: impl Into<String>) -> OpenCodeBuilder {
+        OpenCodeBuilder {
+            url: url.into(),
+            username: "opencode".into(),
+            password: None,
+            model: None,
+            agent: None,
+            idle_timeout: None,
+            abort_wait: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The server's base URL.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str, dir: &Path) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .query(&[("directory", dir.to_string_lossy().as_ref())]);
+        if let Some(p) = &self.password {
+            r = r.basic_auth(&self.username, Some(p));
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, ExecutorError> {
+        let resp = r.send().await.map_err(|e| {
+            ExecutorError::Spawn(format!("cannot reach opencode at {}: {e}", self.base))
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let mut body = resp.text().await.unwrap_or_default();
+        if body.len() > BODY_LIMIT {
+            let mut cut = BODY_LIMIT;
+            while !body.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            body.truncate(cut);
+        }
+        Err(ExecutorError::Http { status, body })
+    }
+
+    async fn json(&self, r: reqwest::RequestBuilder) -> Result<Value, ExecutorError> {
+        let resp = self.send(r).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ExecutorError::Protocol(format!("reading opencode's answer: {e}")))?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ExecutorError::Protocol(format!("opencode answered invalid JSON: {e}")))
+    }
+
+    async fn abort(&self, session: &str, dir: &Path) {
+        let r = self.req(
+            reqwest::Method::POST,
+            &format!("/session/{session}/abort"),
+            dir,
+        );
+        if let Err(e) = self.send(r).await {
+            tracing::warn!(session, error = %e, "aborting an opencode session failed");
+        }
+    }
+
+    /// Whether the server reports `session` busy (`GET /session/status`).
+    async fn is_busy(&self, session: &str, dir: &Path) -> bool {
+        let r = self.req(reqwest::Method::GET, "/session/status", dir);
+        match self.json(r).await {
+            Ok(v) => v
+                .get(session)
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .is_some_and(|t| t != "idle"),
+            Err(_) => false,
+        }
+    }
+}
+
+impl OpenCodeBuilder {
+    /// The basic-auth password (`OPENCODE_SERVER_PASSWORD` on the server).
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into()).filter(|p: &String| !p.is_empty());
+        self
+    }
+
+    /// The basic-auth user name (default `opencode`).
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.username = username.into();
+        self
+    }
+
+    /// The model as `provider/model` (e.g. `anthropic/claude-sonnet-4-5`); the server's default
+    /// otherwise.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// The OpenCode agent (e.g. `build`, `plan`).
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(agent.into());
+        self
+    }
+
+    /// Aborts a run whose session showed no activity for `idle`.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// How long to wait for the session to go idle after an abort.
+    pub fn abort_wait(mut self, wait: Duration) -> Self {
+        self.abort_wait = wait;
+        self
+    }
+
+    /// The connect timeout of HTTP calls.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Checks the configuration.
+    pub fn build(self) -> Result<OpenCode, ConfigError> {
+        let base = self.url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ConfigError::new("url", "must be an http:// or https:// URL"));
+        }
+        if base.contains('@') {
+            return Err(ConfigError::new(
+                "url",
+                "put credentials in `password`, not in the URL",
+            ));
+        }
+        let model = match self.model {
+            None => None,
+            Some(m) => match m.split_once('/') {
+                Some((p, id)) if !p.is_empty() && !id.is_empty() => {
+                    Some((p.to_owned(), id.to_owned()))
+                }
+                _ => return Err(ConfigError::new("model", "must be `provider/model`")),
+            },
+        };
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("idle_timeout", "must be more than zero"));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ConfigError::new("url", format!("cannot build an HTTP client: {e}")))?;
+        Ok(OpenCode {
+            base,
+            username: self.username,
+            password: self.password,
+            model,
+            agent: self.agent,
+            idle_timeout: self.idle_timeout,
+            abort_wait: self.abort_wait,
+            client,
+        })
+    }
+}
+
+/// Server-sent events: `data:` lines joined, dispatched on a blank line.
+struct Sse<S> {
+    stream: S,
+    buf: Vec<u8>,
+    data: String,
+}
+
+impl<S, E> Sse<S>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+{
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+            data: String::new(),
+        }
+    }
+
+    /// The next event's data, or `None` when the stream ends.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                let line = String::from_utf8_lossy(&line);
+                if line.is_empty() {
+                    if !self.data.is_empty() {
+                        return Some(std::mem::take(&mut self.data));
+                    }
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    if !self.data.is_empty() {
+                        self.data.push('\n');
+                    }
+                    self.data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+/// What the event stream told about the run so far.
+#[derive(Default)]
+struct RunState {
+    roles: HashMap<String, String>,
+    /// Assistant messages in order, each with its text parts in order.
+    texts: Vec<(String, Vec<(String, String)>)>,
+    emitted_text: HashSet<String>,
+    tools_started: HashSet<String>,
+    tools_done: HashSet<String>,
+    cost: f64,
+    usage: Usage,
+    saw_cost: bool,
+    busy: bool,
+}
+
+enum Step {
+    Continue,
+    Idle,
+    Error(String),
+}
+
+fn session_of(props: &Value) -> Option<&str> {
+    props
+        .get("sessionID")
+        .or_else(|| props.get("part").and_then(|p| p.get("sessionID")))
+        .or_else(|| props.get("info").and_then(|p| p.get("sessionID")))
+        .and_then(Value::as_str)
+}
+
+impl RunState {
+    fn handle(&mut self, ev: &Value, session: &str, events: &EventSink) -> (bool, Step) {
+        let kind = ev.get("type").and_then(Value::as_str).unwrap_or("");
+        let props = ev.get("properties").unwrap_or(&Value::Null);
+        if session_of(props) != Some(session) {
+            return (false, Step::Continue);
+        }
+        match kind {
+            "message.updated" => {
+                let info = &props["info"];
+                if let (Some(id), Some(role)) =
+                    (info["id"].as_str(), info["role"].as_str())
+                {
+                    self.roles.insert(id.to_owned(), role.to_owned());
+                }
+            }
+            "message.part.updated" => self.part(&props["part"], events),
+            "session.status" => match props["status"]["type"].as_str() {
+                Some("busy" | "retry") => self.busy = true,
+                Some("idle") if self.busy => return (true, Step::Idle),
+                _ => {}
+            },
+            "session.idle" => return (true, Step::Idle),
+            "session.error" => {
+                let err = &props["error"];
+                let name = err["name"].as_str().unwrap_or("error");
+                let msg = err["data"]["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| err.to_string());
+                return (true, Step::Error(format!("{name}: {msg}")));
+            }
+            _ => {}
+        }
+        (true, Step::Continue)
+    }
+
+    fn part(&mut self, part: &Value, events: &EventSink) {
+        let id = part["id"].as_str().unwrap_or_default().to_owned();
+        let msg = part["messageID"].as_str().unwrap_or_default().to_owned();
+        let assistant = self.roles.get(&msg).is_some_and(|r| r == "assistant");
+        match part["type"].as_str() {
+            Some("text") if assistant => {
+                let text = part["text"].as_str().unwrap_or_default().to_owned();
+                let done = part["time"].get("end").is_some();
+                if done && !self.emitted_text.contains(&id) && !text.is_empty() {
+                    self.emitted_text.insert(id.clone());
+                    events.emit(AgentEvent::Text { text: text.clone() });
+                }
+                let entry = match self.texts.iter_mut().find(|(m, _)| *m == msg) {
+                    Some(e) => e,
+                    None => {
+                        self.texts.push((msg.clone(), Vec::new()));
+                        self.texts.last_mut().expect("just pushed")
+                    }
+                };
+                match entry.1.iter_mut().find(|(p, _)| *p == id) {
+                    Some(p) => p.1 = text,
+                    None => entry.1.push((id, text)),
+                }
+            }
+            Some("tool") => {
+                let state = &part["state"];
+                let status = state["status"].as_str().unwrap_or("");
+                let call = part["callID"].as_str().map(str::to_owned);
+                if matches!(status, "running" | "completed" | "error")
+                    && self.tools_started.insert(id.clone())
+                {
+                    events.emit(AgentEvent::ToolUse {
+                        id: call.clone(),
+                        name: part["tool"].as_str().unwrap_or_default().to_owned(),
+                        input: state.get("input").cloned().unwrap_or(Value::Null),
+                    });
+                }
+                if matches!(status, "completed" | "error") && self.tools_done.insert(id) {
+                    let is_error = status == "error";
+                    let content = if is_error {
+                        state.get("error").cloned()
+                    } else {
+                        state.get("output").cloned()
+                    };
+                    events.emit(AgentEvent::ToolResult {
+                        tool_use_id: call,
+                        content: content.unwrap_or(Value::Null),
+                        is_error,
+                    });
+                }
+            }
+            Some("step-finish") => {
+                let t = &part["tokens"];
+                let mut u = Usage::new(
+                    t["input"].as_u64().unwrap_or(0),
+                    t["output"].as_u64().unwrap_or(0),
+                );
+                u.cache_read_input_tokens = t["cache"]["read"].as_u64().unwrap_or(0);
+                u.cache_creation_input_tokens = t["cache"]["write"].as_u64().unwrap_or(0);
+                let cost = part["cost"].as_f64();
+                if let Some(c) = cost {
+                    self.cost += c;
+                    self.saw_cost = true;
+                }
+                self.usage = self.usage.add(u);
+                events.emit(AgentEvent::Usage {
+                    cost_usd: cost,
+                    usage: u,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn output(&self) -> String {
+        self.texts
+            .last()
+            .map(|(_, parts)| {
+                parts
+                    .iter()
+                    .map(|(_, t)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Executor for OpenCode {
+    async fn execute(
+        &self,
+        request: AgentRequest,
+        events: EventSink,
+        cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError> {
+        request.validate()?;
+        let dir = request.project_path.as_path();
+        // Subscribe first so that nothing the session does is missed.
+        let stream = self
+            .send(
+                self.req(reqwest::Method::GET, "/event", dir)
+                    .header("accept", "text/event-stream"),
+            )
+            .await?;
+        let mut sse = Sse::new(stream.bytes_stream());
+        let session = match &request.resume_session {
+            Some(s) => {
+                if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(ExecutorError::Spawn(
+                        "the session to resume is not a valid opencode session id".into(),
+                    ));
+                }
+                s.clone()
+            }
+            None => {
+                let created = self
+                    .json(
+                        self.req(reqwest::Method::POST, "/session", dir)
+                            .json(&json!({})),
+                    )
+                    .await?;
+                created["id"]
+                    .as_str()
+                    .ok_or_else(|| {
+                        ExecutorError::Protocol("opencode created a session without an id".into())
+                    })?
+                    .to_owned()
+            }
+        };
+        let mut body = json!({"parts": [{"type": "text", "text": request.prompt}]});
+        if let Some((provider, model)) = &self.model {
+            body["model"] = json!({"providerID": provider, "modelID": model});
+        }
+        if let Some(agent) = &self.agent {
+            body["agent"] = json!(agent);
+        }
+        self.send(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/session/{session}/prompt_async"),
+                dir,
+            )
+            .json(&body),
+        )
+        .await?;
+
+        let mut st = RunState::default();
+        let deadline = Instant::now() + request.timeout;
+        let mut idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+        let stop = loop {
+            let idle_sleep = async {
+                match idle_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break ExecutorError::Cancelled,
+                () = tokio::time::sleep_until(deadline) => break ExecutorError::TimedOut(request.timeout),
+                () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
+                data = sse.next() => {
+                    let Some(data) = data else {
+                        break ExecutorError::Protocol("opencode's event stream ended during the run".into());
+                    };
+                    let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
+                    let (ours, step) = st.handle(&ev, &session, &events);
+                    if ours {
+                        idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+                    }
+                    match step {
+                        Step::Continue => {}
+                        Step::Idle => {
+                            let mut out = AgentResult::text(st.output()).with_session(session.clone());
+                            if st.saw_cost {
+                                out = out.with_cost(st.cost, st.usage);
+                            } else if st.usage != Usage::default() {
+                                out.usage = Some(st.usage);
+                            }
+                            return Ok(out);
+                        }
+                        Step::Error(message) => {
+                            return Err(ExecutorError::Failed { message, exit_code: None });
+                        }
+                    }
+                }
+            }
+        };
+        // Stop the remote run and wait until the server says the session is idle.
+        self.abort(&session, dir).await;
+        let until = Instant::now() + self.abort_wait;
+        let mut idle = !self.is_busy(&session, dir).await;
+        while !idle {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                data = sse.next() => {
+                    let Some(data) = data else { break };
+                    if let Ok(ev) = serde_json::from_str::<Value>(&data) {
+                        if let (true, Step::Idle) = st.handle(&ev, &session, &EventSink::discard()) {
+                            idle = true;
+                        }
+                    }
+                }
+            }
+        }
+        if !idle {
+            idle = !self.is_busy(&session, dir).await;
+        }
+        if !idle {
+            tracing::warn!(session = %session, "an aborted opencode session did not become idle");
+        }
+        Err(stop)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true, true)
+    }
+
+    fn kind(&self) -> &'static str {
+        "opencode"
+    }
+
+    async fn health(&self) -> Health {
+        let mut r = self.client.get(format!("{}/path", self.base));
+        if let Some(p) = &self.password {
+            r = r.basic_auth(&self.username, Some(p));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.send(r)).await {
+            Ok(Ok(_)) => Health::healthy(),
+            Ok(Err(e)) => Health::unhealthy(e.to_string()),
+            Err(_) => Health::unhealthy("opencode did not answer within 5 s"),
+        }
+    }
+}
+
+/// A local `opencode serve` started and supervised by aiwg: own process group, scrubbed
+/// environment, readiness check, killed (`SIGKILL`: it ignores `SIGTERM`) on
+/// [`shutdown`](OpenCodeServer::shutdown) or drop.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use aiwg_agents::OpenCodeServer;
+///
+/// let server = OpenCodeServer::builder("/srv/app").password("s3cret").start().await?;
+/// let client = server.client().build()?;
+/// // … register `client` as an executor …
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct OpenCodeServer {
+    url: String,
+    password: Option<String>,
+    child: tokio::process::Child,
+    tree: Tree,
+}
+
+impl std::fmt::Debug for OpenCodeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeServer")
+            .field("url", &self.url)
+            .field("pid", &self.child.id())
+            .finish()
+    }
+}
+
+/// Builds and starts an [`OpenCodeServer`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct OpenCodeServerBuilder {
+    binary: Option<PathBuf>,
+    dir: PathBuf,
+    port: u16,
+    password: Option<String>,
+    startup_timeout: Duration,
+    sup: Supervision,
+}
+
+impl OpenCodeServer {
+    /// A builder for a server whose working directory is `dir` (where `opencode.json` is read).
+    pub fn builder(dir: impl Into<PathBuf>) -> OpenCodeServerBuilder {
+        OpenCodeServerBuilder {
+            binary: None,
+            dir: dir.into(),
+            port: 0,
+            password: None,
+            startup_timeout: Duration::from_secs(60),
+            sup: Supervision::default(),
+        }
+    }
+
+    /// The server's base URL.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The server's process id.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// A client builder for this server (URL and password filled in).
+    pub fn client(&self) -> OpenCodeBuilder {
+        let b = OpenCode::builder(self.url.clone());
+        match &self.password {
+            Some(p) => b.password(p.clone()),
+            None => b,
+        }
+    }
+
+    /// Kills the server and everything it started, and waits until they are gone.
+    pub async fn shutdown(mut self) {
+        process::terminate(&mut self.child, &mut self.tree, Duration::ZERO).await;
+    }
+}
+
+impl OpenCodeServerBuilder {
+    /// The `opencode` binary (default: `AIWG_OPENCODE_PATH`, else `opencode` on the `PATH`).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// The port (default 0: the server picks one and reports it).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Requires basic auth with this password (`OPENCODE_SERVER_PASSWORD`).
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// How long to wait for the server to answer.
+    pub fn startup_timeout(mut self, t: Duration) -> Self {
+        self.startup_timeout = t;
+        self
+    }
+
+    /// Sets a variable in the server's environment (e.g. `HOME`).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.sup.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Lets the server inherit `name` from this process's environment.
+    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
+        self.sup.env_allow.push(name.into());
+        self
+    }
+
+    /// Starts the server and waits until it answers.
+    pub async fn start(self) -> Result<OpenCodeServer, ExecutorError> {
+        let binary = self
+            .binary
+            .or_else(|| std::env::var_os(OPENCODE_PATH_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("opencode"));
+        let mut sup = self.sup;
+        if let Some(p) = &self.password {
+            sup.env.insert("OPENCODE_SERVER_PASSWORD".into(), p.clone());
+        }
+        let args = vec![
+            "serve".to_owned(),
+            "--port".to_owned(),
+            self.port.to_string(),
+            "--hostname".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        let (mut child, tree) = process::spawn(&binary, &args, &self.dir, &sup)?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let mut server = OpenCodeServer {
+            url: String::new(),
+            password: self.password,
+            child,
+            tree,
+        };
+        let until = Instant::now() + self.startup_timeout;
+        let (url_tx, mut url_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        // Keep reading both pipes for the server's whole life so that it never blocks on them.
+        if let Some(out) = stdout {
+            let tx = url_tx.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if let Some(pos) = l.find("http://") {
+                        let _ = tx.send(l[pos..].trim().to_owned());
+                    }
+                    tracing::debug!(target: "aiwg_agents::opencode", "{l}");
+                }
+            });
+        }
+        if let Some(err) = stderr {
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    tracing::debug!(target: "aiwg_agents::opencode", "{l}");
+                }
+            });
+        }
+        drop(url_tx);
+        let url = match tokio::time::timeout_at(until, url_rx.recv()).await {
+            Ok(Some(u)) => u.trim_end_matches('/').to_owned(),
+            Ok(None) => {
+                let code = server.child.try_wait().ok().flatten();
+                server.shutdown().await;
+                return Err(ExecutorError::Spawn(format!(
+                    "opencode serve ended before it listened ({code:?})"
+                )));
+            }
+            Err(_) => {
+                server.shutdown().await;
+                return Err(ExecutorError::Spawn(
+                    "opencode serve did not report its address in time".into(),
+                ));
+            }
+        };
+        server.url = url;
+        // Ready when an API call answers.
+        let client = server
+            .client()
+            .build()
+            .map_err(|e| ExecutorError::Spawn(e.to_string()))?;
+        loop {
+            if client.health().await.healthy {
+                return Ok(server);
+            }
+            if Instant::now() >= until {
+                server.shutdown().await;
+                return Err(ExecutorError::Spawn(
+                    "opencode serve did not become ready in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
