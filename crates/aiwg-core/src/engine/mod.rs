@@ -25,8 +25,11 @@ use crate::store::{
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
+mod outbound;
 mod subscribe;
 mod worker;
+
+pub use outbound::outbound_event;
 
 /// The longest guidance accepted (64 KiB).
 pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;

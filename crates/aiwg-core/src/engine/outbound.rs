@@ -1,0 +1,48 @@
+//! The outbound webhook dispatcher as a [`JobObserver`]: job events become `job.*` deliveries.
+
+use async_trait::async_trait;
+
+use super::JobObserver;
+use crate::dispatch::{event_type_for_status, Dispatcher, OutboundEvent};
+use crate::event::{JobEvent, JobEventKind};
+use crate::job::Job;
+
+/// The outbound event a job event announces, if any: status changes become `job.queued`,
+/// `job.started`, `job.completed`, `job.failed`, `job.cancelled`, `job.timed_out`; a step that
+/// finished successfully becomes `job.step.completed`.
+#[must_use]
+pub fn outbound_event(job: &Job, event: &JobEvent) -> Option<OutboundEvent> {
+    match &event.kind {
+        JobEventKind::Status { to, .. } => {
+            let agent = job
+                .result
+                .as_ref()
+                .and_then(|r| r.steps.last())
+                .map(|s| s.agent.as_str());
+            Some(OutboundEvent::for_job(
+                event_type_for_status(*to),
+                job,
+                agent,
+            ))
+        }
+        JobEventKind::StepFinished { step, ok: true, .. } => {
+            let mut ev = OutboundEvent::for_job("job.step.completed", job, None);
+            if let Some(data) = ev.data.as_object_mut() {
+                data.insert("step".into(), serde_json::Value::String(step.clone()));
+            }
+            Some(ev)
+        }
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl JobObserver for Dispatcher {
+    async fn on_event(&self, job: &Job, event: &JobEvent) {
+        if let Some(out) = outbound_event(job, event) {
+            if let Err(e) = self.publish(out).await {
+                tracing::warn!(error = %e, job = %job.id, "could not queue outbound webhooks");
+            }
+        }
+    }
+}
