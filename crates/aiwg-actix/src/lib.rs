@@ -1,1 +1,255 @@
-//! placeholder
+//! # aiwg-actix
+//!
+//! The aiwg HTTP API as an actix-web service configuration you mount in your own app. Everything
+//! the API decides (authentication, scopes, rate limits, status codes, problem documents, SSE
+//! framing, `405` with `Allow`) lives in [`aiwg_core::http`]; this crate only translates between
+//! actix-web and that module, so an actix app answers byte for byte what the `aiwg-axum` router
+//! answers.
+//!
+//! ## 1. Build an engine and an API
+//!
+//! An [`Engine`](aiwg_core::Engine) runs workflows; an [`Api`] puts keys, limits and the
+//! outbound webhook dispatcher in front of it. Both are cheap handles: clone them freely.
+//!
+//! ## 2. Mount it
+//!
+//! [`configure`] returns a closure for [`App::configure`](actix_web::App::configure) or
+//! [`Scope::configure`](actix_web::Scope::configure). Mount it at the root, or under a prefix
+//! next to your own routes and state; the URLs in answers (`status_url`, `events_url`) carry
+//! the prefix. `HttpServer` builds one app per worker, so clone the closure (or the `Api`) into
+//! the app factory.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use actix_web::{web, App, HttpServer, Responder};
+//! use aiwg_core::http::{Api, ApiKey, Scope};
+//! use aiwg_core::{Engine, Step, Workflow};
+//! use aiwg_core::test_util::ScriptedExecutor;
+//!
+//! /// The host app's own state.
+//! struct Greeting(String);
+//!
+//! async fn index(greeting: web::Data<Greeting>) -> impl Responder {
+//!     greeting.0.clone()
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let engine = Engine::builder()
+//!     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+//!     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "hi")))
+//!     .build()?;
+//! let api = Api::builder(engine)
+//!     .key(ApiKey::plain("ci", &std::env::var("AIWG_API_KEY")?, vec![Scope::Admin])?)
+//!     .build()?;
+//!
+//! // Your app, with its own state and routes, and aiwg under /aiwg.
+//! let greeting = web::Data::new(Greeting("my service".into()));
+//! let aiwg = aiwg_actix::configure(api);
+//! HttpServer::new(move || {
+//!     App::new()
+//!         .app_data(greeting.clone())
+//!         .route("/", web::get().to(index))
+//!         .service(web::scope("/aiwg").configure(aiwg.clone()))
+//! })
+//! .bind(("127.0.0.1", 3100))?
+//! .run()
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## 3. What the adapter does for you
+//!
+//! - **Body limit before buffering.** A declared `Content-Length` over [`Api::body_limit`] is
+//!   refused at once with [`Api::payload_too_large`]; otherwise the body is read chunk by chunk
+//!   and refused as soon as it passes the limit (chunked bodies too). actix's own
+//!   `PayloadConfig` is not involved.
+//! - **SSE streaming.** `GET /workflows/{job_id}/events` is streamed chunk by chunk, keep-alive
+//!   comments included; nothing is buffered.
+//! - **Headers copied exactly**, both ways; actix adds only `content-length` (or chunked
+//!   framing) and `date`.
+//! - **`x-request-id`.** An incoming `x-request-id` is kept, otherwise one is made; the API sees
+//!   it and the response carries it.
+//! - **CORS** follows [`Api::cors_origins`] (nothing is added when it is empty).
+//! - **Client address** from the connection ([`HttpRequest::peer_addr`]), for per-address rate
+//!   limits on unauthenticated routes. Behind a proxy the address is the proxy's.
+//!
+//! ## 4. Testing your app
+//!
+//! Start your app with `HttpServer` on `127.0.0.1:0` (one worker is plenty), read the bound
+//! address from [`HttpServer::addrs`](actix_web::HttpServer::addrs), spawn the server on the
+//! test's tokio runtime and talk to it with any HTTP client; stop it with
+//! [`ServerHandle::stop`](actix_web::dev::ServerHandle::stop). This crate's own tests run the
+//! shared conformance suite of `aiwg_core::test_util::conformance` that way, and compare its
+//! answers with the axum router's.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use actix_web::body::{BodyStream, BoxBody};
+use actix_web::http::header as ax_header;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route, ROUTES};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+
+mod cors;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// The aiwg API as an actix-web service configuration: pass it to
+/// [`App::configure`](actix_web::App::configure) or
+/// [`Scope::configure`](actix_web::Scope::configure). Every path of [`ROUTES`] is registered for
+/// every method; the API itself answers `405` (with `Allow`) for methods a route does not take.
+/// Paths outside [`ROUTES`] are left to the host app (its default service answers them).
+pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
+    move |cfg: &mut web::ServiceConfig| {
+        for (pattern, route) in ROUTES {
+            let (pattern, route) = (*pattern, *route);
+            let names: Vec<&'static str> = param_names(pattern).collect();
+            let cors = cors::cors(api.cors_origins());
+            let api = api.clone();
+            let handler = move |req: HttpRequest, payload: web::Payload| {
+                let api = api.clone();
+                let names = names.clone();
+                async move { serve(api, route, pattern, &names, req, payload).await }
+            };
+            cfg.service(
+                web::resource(pattern)
+                    .route(web::route().to(handler))
+                    .wrap(cors),
+            );
+        }
+    }
+}
+
+/// The `{name}`s of a pattern, in order.
+fn param_names(pattern: &'static str) -> impl Iterator<Item = &'static str> {
+    pattern
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+}
+
+async fn serve(
+    api: Api,
+    route: Route,
+    pattern: &'static str,
+    names: &[&'static str],
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
+        .unwrap_or_else(new_request_id);
+    let res = translate(&api, route, pattern, names, &req, payload, &request_id).await;
+    let mut res = into_response(res);
+    let id_name = ax_header::HeaderName::from_static(REQUEST_ID);
+    if !res.headers().contains_key(&id_name) {
+        if let Ok(v) = ax_header::HeaderValue::from_bytes(request_id.as_bytes()) {
+            res.headers_mut().insert(id_name, v);
+        }
+    }
+    res
+}
+
+fn new_request_id() -> http::HeaderValue {
+    http::HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+        .unwrap_or_else(|_| http::HeaderValue::from_static("-"))
+}
+
+async fn translate(
+    api: &Api,
+    route: Route,
+    pattern: &'static str,
+    names: &[&'static str],
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    request_id: &http::HeaderValue,
+) -> ApiResponse {
+    let limit = api.body_limit();
+    let declared = req
+        .headers()
+        .get(ax_header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return api.payload_too_large();
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        // Like the axum adapter: a body that cannot be read whole within the limit is refused.
+        let Ok(chunk) = chunk else {
+            return api.payload_too_large();
+        };
+        if body.len() + chunk.len() > limit {
+            return api.payload_too_large();
+        }
+        body.extend_from_slice(&chunk);
+    }
+
+    // Percent-decoded like actix's `web::Path` (and axum) decode them, picked by name so that
+    // parameters of an enclosing scope do not shift them.
+    let info = req.match_info();
+    let values: Vec<String> = info.load().unwrap_or_default();
+    let by_name: HashMap<&str, String> = info.iter().map(|(k, _)| k).zip(values).collect();
+    let params = names
+        .iter()
+        .map(|n| by_name.get(n).cloned().unwrap_or_default())
+        .collect();
+    let base_path = req
+        .match_pattern()
+        .and_then(|full| full.strip_suffix(pattern).map(str::to_owned))
+        .unwrap_or_default();
+    let mut headers = headers_in(req.headers());
+    if !headers.contains_key(REQUEST_ID) {
+        headers.insert(REQUEST_ID, request_id.clone());
+    }
+    // Both crates validate methods as the same RFC 9110 tokens, so this conversion holds.
+    let method = http::Method::from_bytes(req.method().as_str().as_bytes())
+        .unwrap_or(http::Method::OPTIONS);
+    let request = ApiRequest::new(route, method)
+        .with_params(params)
+        .with_query(req.uri().query().map(str::to_owned))
+        .with_headers(headers)
+        .with_body(body.freeze())
+        .with_peer(req.peer_addr().map(|a| a.ip()))
+        .with_base_path(base_path);
+    api.handle(request).await
+}
+
+/// actix-web's (`http` 0.2) headers as `http` 1.x headers, every value kept.
+fn headers_in(src: &ax_header::HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::with_capacity(src.len());
+    for (name, value) in src {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            out.append(n, v);
+        }
+    }
+    out
+}
+
+/// Writes an [`ApiResponse`] as it is: status, every header, the body (streamed for SSE).
+fn into_response(res: ApiResponse) -> HttpResponse {
+    let status =
+        StatusCode::from_u16(res.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = match res.body {
+        ApiBody::Full(bytes) => BoxBody::new(bytes),
+        ApiBody::Stream(stream) => BoxBody::new(BodyStream::new(stream.map(Ok::<_, Infallible>))),
+    };
+    let mut out = HttpResponse::with_body(status, body);
+    let headers = out.headers_mut();
+    for (name, value) in &res.headers {
+        if let (Ok(n), Ok(v)) = (
+            ax_header::HeaderName::from_bytes(name.as_str().as_bytes()),
+            ax_header::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    out
+}

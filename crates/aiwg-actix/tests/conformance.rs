@@ -1,0 +1,10 @@
+//! aiwg-actix passes the shared conformance suite over real HTTP on loopback.
+
+mod support;
+
+use aiwg_core::test_util::conformance::conformance_suite;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actix_service_passes_the_conformance_suite() {
+    conformance_suite(&support::Actix).await;
+}
