@@ -214,18 +214,19 @@ fn build_agent(
             Ok(Ok(Arc::new(b.build().map_err(bad)?)))
         }
         "pool" => {
-            let strategy =
-                match opt_str(o, "strategy").unwrap_or("round-robin") {
-                    "round-robin" => Strategy::RoundRobin,
-                    "least-connections" => Strategy::LeastConnections,
-                    "weighted" => Strategy::Weighted,
-                    other => return Err(ConfigError::new(
+            let strategy = match opt_str(o, "strategy").unwrap_or("round-robin") {
+                "round-robin" => Strategy::RoundRobin,
+                "least-connections" => Strategy::LeastConnections,
+                "weighted" => Strategy::Weighted,
+                other => {
+                    return Err(ConfigError::new(
                         format!("{at}.strategy"),
                         format!(
                             "unknown strategy `{other}` (round-robin, least-connections, weighted)"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let mut b = Pool::builder().strategy(strategy);
             let members = o
                 .get("members")
@@ -407,3 +408,8 @@ async fn listen(
 async fn listen(_: &Config, _: &Arc<dyn JobStore>, _: &Engine) -> Result<(), AppError> {
     Ok(())
 }
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
