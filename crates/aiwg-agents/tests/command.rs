@@ -1,0 +1,328 @@
+//! The command executor against real programs (`sh`, `echo`, `printf`, `sleep`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aiwg_agents::{CommandExecutor, ResourceLimits};
+use aiwg_core::{AgentEvent, AgentRequest, EventSink, Executor, ExecutorError, LogStream};
+use tokio_util::sync::CancellationToken;
+
+fn argv(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<AgentEvent>) -> Vec<AgentEvent> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn output_exit_code_and_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder().build().unwrap();
+    let (sink, mut rx) = EventSink::channel();
+    let req = AgentRequest::command(
+        argv(&["sh", "-c", "echo out1; echo err1 >&2; echo out2; pwd"]),
+        dir.path(),
+    );
+    let res = exec
+        .execute(req, sink, CancellationToken::new())
+        .await
+        .unwrap();
+    let cwd = dir.path().canonicalize().unwrap();
+    assert_eq!(res.output, format!("out1\nout2\n{}\n", cwd.display()));
+    assert_eq!(res.exit_code, Some(0));
+    let events = drain(&mut rx);
+    assert!(events.contains(&AgentEvent::Log {
+        stream: LogStream::Stderr,
+        line: "err1".into()
+    }));
+    assert!(events.contains(&AgentEvent::Log {
+        stream: LogStream::Stdout,
+        line: "out2".into()
+    }));
+}
+
+#[tokio::test]
+async fn non_zero_exit_is_an_error_with_code_and_stderr_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = argv(&["sh", "-c", "echo broken >&2; exit 7"]);
+    let exec = CommandExecutor::builder().build().unwrap();
+    let err = exec
+        .execute(
+            AgentRequest::command(cmd.clone(), dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        ExecutorError::Failed { message, exit_code } => {
+            assert_eq!(exit_code, Some(7));
+            assert!(message.contains("broken"), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let lenient = CommandExecutor::builder().allow_failure(true).build().unwrap();
+    let res = lenient
+        .execute(
+            AgentRequest::command(cmd, dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.exit_code, Some(7));
+}
+
+#[tokio::test]
+async fn hostile_arguments_are_passed_literally() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary");
+    std::fs::write(&canary, "still here").unwrap();
+    let exec = CommandExecutor::builder().build().unwrap();
+    let hostile = [
+        "; rm -rf ~",
+        "$(id)",
+        "`id`",
+        "&& rm canary",
+        "| cat /etc/passwd",
+        "--help",
+        "a\nb",
+    ];
+    let mut cmd = argv(&["printf", "[%s]\\n"]);
+    cmd.extend(hostile.iter().map(|s| (*s).to_owned()));
+    let res = exec
+        .execute(
+            AgentRequest::command(cmd, dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let expected: String = hostile.iter().map(|h| format!("[{h}]\n")).collect();
+    assert_eq!(res.output, expected);
+    assert!(canary.exists());
+}
+
+#[tokio::test]
+async fn template_arguments_come_from_params_one_element_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .template(["printf", "<%s>", "--name={{name}}", "{{ file }}"])
+        .build()
+        .unwrap();
+    let mut params = BTreeMap::new();
+    params.insert("name".to_owned(), "$(id)".to_owned());
+    params.insert("file".to_owned(), "a b; rm -rf ~".to_owned());
+    let mut req = AgentRequest::new("unused", dir.path()).with_params(params);
+    req.command = None;
+    let res = exec
+        .execute(req, EventSink::discard(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(res.output, "<--name=$(id)><a b; rm -rf ~>\n");
+
+    let missing = AgentRequest::new("unused", dir.path());
+    let err = exec
+        .execute(missing, EventSink::discard(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`name`"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_program_is_a_spawn_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder().build().unwrap();
+    let err = exec
+        .execute(
+            AgentRequest::command(argv(&["/nonexistent/aiwg-no-such-program"]), dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExecutorError::Spawn(_)), "{err:?}");
+}
+
+async fn run_and_stop(
+    exec: CommandExecutor,
+    req: AgentRequest,
+    marker: &str,
+    cancel: CancellationToken,
+    fire: bool,
+) -> (Result<aiwg_core::AgentResult, ExecutorError>, Vec<i32>) {
+    let dir = req.project_path.clone();
+    let (stop_watch, watched) = common::watch_dir(dir.clone());
+    let c = cancel.clone();
+    let run = tokio::spawn(async move { exec.execute(req, EventSink::discard(), c).await });
+    assert!(
+        common::wait_for(Duration::from_secs(20), || common::pids_with_cmdline(marker).len() >= 2)
+            .await,
+        "the command did not start its processes"
+    );
+    let mut pids = common::pids_with_cmdline(marker);
+    if fire {
+        cancel.cancel();
+    }
+    let res = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("execute returned")
+        .unwrap();
+    let _ = stop_watch.send(());
+    pids.extend(watched.await.unwrap());
+    (res, pids)
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .grace(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    // A background child and a foreground child: both must be gone afterwards.
+    let req = AgentRequest::command(
+        argv(&["sh", "-c", "sleep 311 & sleep 311; echo never"]),
+        dir.path(),
+    );
+    let (res, pids) = run_and_stop(exec, req, "sleep 311", CancellationToken::new(), true).await;
+    assert_eq!(res.unwrap_err(), ExecutorError::Cancelled);
+    assert!(pids.len() >= 3, "sh and two sleeps: {pids:?}");
+    for pid in pids {
+        assert!(!aiwg_agents::process_alive(pid), "pid {pid} survived the cancel");
+    }
+    assert!(common::pids_with_cmdline("sleep 311").is_empty());
+}
+
+#[tokio::test]
+async fn processes_in_their_own_group_are_found_and_killed_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .grace(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    // `setsid` puts the inner sleep into a new session and group, as tools of agents do.
+    let req = AgentRequest::command(
+        argv(&["sh", "-c", "setsid sleep 312 & sleep 312"]),
+        dir.path(),
+    )
+    .with_timeout(Duration::from_secs(600));
+    let (res, pids) = run_and_stop(exec, req, "sleep 312", CancellationToken::new(), true).await;
+    assert_eq!(res.unwrap_err(), ExecutorError::Cancelled);
+    for pid in pids {
+        assert!(!aiwg_agents::process_alive(pid), "pid {pid} survived");
+    }
+    assert!(common::pids_with_cmdline("sleep 312").is_empty());
+}
+
+#[tokio::test]
+async fn request_timeout_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .grace(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let req = AgentRequest::command(argv(&["sh", "-c", "sleep 313 & sleep 313"]), dir.path())
+        .with_timeout(Duration::from_secs(3));
+    let (res, pids) = run_and_stop(exec, req, "sleep 313", CancellationToken::new(), false).await;
+    assert_eq!(res.unwrap_err(), ExecutorError::TimedOut(Duration::from_secs(3)));
+    for pid in pids {
+        assert!(!aiwg_agents::process_alive(pid), "pid {pid} survived the timeout");
+    }
+}
+
+#[tokio::test]
+async fn idle_watchdog_stops_a_silent_run_and_output_keeps_it_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .idle_timeout(Duration::from_secs(2))
+        .grace(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let req = AgentRequest::command(argv(&["sh", "-c", "echo hi; sleep 314 & sleep 314"]), dir.path());
+    let (res, pids) = run_and_stop(exec.clone(), req, "sleep 314", CancellationToken::new(), false).await;
+    assert_eq!(res.unwrap_err(), ExecutorError::Idle(Duration::from_secs(2)));
+    for pid in pids {
+        assert!(!aiwg_agents::process_alive(pid));
+    }
+    // Output more often than the idle limit: it completes although it runs longer than it.
+    let chatty = AgentRequest::command(
+        argv(&["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.5; done"]),
+        dir.path(),
+    );
+    let res = exec
+        .execute(chatty, EventSink::discard(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(res.output, "1\n2\n3\n4\n5\n6\n");
+}
+
+#[tokio::test]
+async fn leftover_background_processes_are_killed_after_a_normal_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .grace(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    // The shell exits at once, leaving a sleep that holds no pipe.
+    let req = AgentRequest::command(
+        argv(&["sh", "-c", "sleep 315 >/dev/null 2>&1 </dev/null & echo started"]),
+        dir.path(),
+    );
+    let res = exec
+        .execute(req, EventSink::discard(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(res.output, "started\n");
+    assert!(common::pids_with_cmdline("sleep 315").is_empty());
+    assert!(common::pids_in_dir(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn resource_limits_apply_to_the_child() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var("CI").is_err(), "prlimit (util-linux) is missing");
+        eprintln!("skipping: prlimit is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .limits(ResourceLimits::new().cpu_time(7).address_space(1 << 30))
+        .build()
+        .unwrap();
+    let res = exec
+        .execute(
+            AgentRequest::command(argv(&["sh", "-c", "ulimit -t; ulimit -v"]), dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.output, format!("7\n{}\n", (1u64 << 30) / 1024));
+}
+
+#[tokio::test]
+async fn non_utf8_and_unterminated_output_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder().build().unwrap();
+    let res = exec
+        .execute(
+            AgentRequest::command(argv(&["printf", "ok\\n\\377\\nlast"]), dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.output, "ok\n\u{fffd}\nlast\n");
+}
