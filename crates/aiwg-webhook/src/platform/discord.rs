@@ -112,14 +112,7 @@ fn command_from_options(options: &[Opt]) -> EventKind {
     }
     if let Some(w) = options.iter().find(|o| o.name == "workflow") {
         let mut cmd = Command::new(value_text(w.value.as_ref()));
-        fill(
-            &mut cmd,
-            options
-                .iter()
-                .filter(|o| o.name != "workflow")
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
+        fill(&mut cmd, options.iter().filter(|o| o.name != "workflow"));
         return EventKind::Structured(cmd);
     }
     EventKind::ChatCommand
