@@ -1,0 +1,230 @@
+//! The real `opencode serve` (`AIWG_TEST_OPENCODE`) against the scripted fake Anthropic server.
+
+mod common;
+
+use std::time::Duration;
+
+use aiwg_agents::testing::{FakeAnthropic, Reply};
+use aiwg_agents::{OpenCode, OpenCodeServer};
+use aiwg_core::{AgentEvent, AgentRequest, EventSink, Executor, ExecutorError};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+struct Setup {
+    fake: FakeAnthropic,
+    server: OpenCodeServer,
+    project: tempfile::TempDir,
+    _home: tempfile::TempDir,
+}
+
+async fn setup(script: Vec<Reply>, password: Option<&str>) -> Option<Setup> {
+    let bin = common::peer("AIWG_TEST_OPENCODE")?;
+    let fake = FakeAnthropic::start(script).await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("opencode.json"),
+        serde_json::to_vec_pretty(&fake.opencode_config()).unwrap(),
+    )
+    .unwrap();
+    let mut b = OpenCodeServer::builder(project.path())
+        .binary(bin)
+        .startup_timeout(LIMIT)
+        .env("HOME", home.path().to_string_lossy())
+        .env("XDG_CONFIG_HOME", home.path().join(".config").to_string_lossy())
+        .env("XDG_DATA_HOME", home.path().join(".data").to_string_lossy())
+        .env("XDG_CACHE_HOME", home.path().join(".cache").to_string_lossy())
+        .env("XDG_STATE_HOME", home.path().join(".state").to_string_lossy())
+        .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+        .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+        .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+        .env("OPENCODE_DISABLE_SHARE", "1");
+    if let Some(p) = password {
+        b = b.password(p);
+    }
+    let server = b.start().await.unwrap();
+    Some(Setup {
+        fake,
+        server,
+        project,
+        _home: home,
+    })
+}
+
+#[tokio::test]
+async fn completes_a_job_and_the_server_goes_away_on_shutdown() {
+    let Some(s) = setup(vec![Reply::text("Hello from the fake model")], Some("pw-123")).await
+    else {
+        return;
+    };
+    let exec = s.server.client().build().unwrap();
+    assert!(exec.health().await.healthy);
+    // Without the password the server refuses, and the error carries the status.
+    let anon = OpenCode::builder(s.server.url()).build().unwrap();
+    let err = anon
+        .execute(
+            AgentRequest::new("hi", s.project.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExecutorError::Http { status: 401, .. }), "{err:?}");
+
+    let (sink, mut rx) = EventSink::channel();
+    let res = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("say hello", s.project.path()),
+            sink,
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(res.output, "Hello from the fake model");
+    assert!(res.session_id.as_deref().is_some_and(|id| id.starts_with("ses")));
+    assert!(res.cost_usd.is_some());
+    assert_eq!(res.usage.map(|u| (u.input_tokens, u.output_tokens)), Some((10, 5)));
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    assert!(events.contains(&AgentEvent::Text {
+        text: "Hello from the fake model".into()
+    }));
+    assert!(events.iter().any(|e| matches!(e, AgentEvent::Usage { .. })));
+    // The prompt went to the model.
+    assert!(s
+        .fake
+        .turns()
+        .iter()
+        .any(|t| t.body.to_string().contains("say hello")));
+
+    let pid = s.server.pid().unwrap() as i32;
+    s.server.shutdown().await;
+    assert!(!aiwg_agents::process_alive(pid));
+}
+
+#[tokio::test]
+async fn tool_calls_and_resume_work() {
+    let Some(s) = setup(vec![], None).await else {
+        return;
+    };
+    let target = s.project.path().join("made-by-opencode.txt");
+    s.fake.push([
+        Reply::tool_use(
+            "write",
+            json!({"filePath": target.to_string_lossy(), "content": "hello\n"}),
+        ),
+        Reply::text("file written"),
+        Reply::text("second step"),
+    ]);
+    let exec = s.server.client().build().unwrap();
+    let (sink, mut rx) = EventSink::channel();
+    let first = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("write the file", s.project.path()),
+            sink,
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.output, "file written");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "hello\n");
+    let mut saw_use = false;
+    let mut saw_result = false;
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            AgentEvent::ToolUse { name, .. } if name == "write" => saw_use = true,
+            AgentEvent::ToolResult { is_error: false, .. } => saw_result = true,
+            _ => {}
+        }
+    }
+    assert!(saw_use && saw_result);
+
+    let session = first.session_id.unwrap();
+    let second = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("and now review", s.project.path()).with_resume(session.clone()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(second.output, "second step");
+    assert_eq!(second.session_id.as_deref(), Some(session.as_str()));
+    let last = s.fake.turns().last().unwrap().body["messages"].to_string();
+    assert!(last.contains("write the file") && last.contains("and now review"));
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
+    let Some(s) = setup(vec![Reply::Hang], None).await else {
+        return;
+    };
+    let exec = s.server.client().build().unwrap();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let dir = s.project.path().to_path_buf();
+    let e2 = exec.clone();
+    let run = tokio::spawn(async move {
+        e2.execute(AgentRequest::new("never ends", dir), EventSink::discard(), c)
+            .await
+    });
+    assert!(s.fake.wait_for_turns(1, LIMIT).await, "the model was never called");
+    cancel.cancel();
+    let err = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(err, ExecutorError::Cancelled);
+    // The server reports no busy session any more.
+    let status: serde_json::Value = reqwest::get(format!(
+        "{}/session/status?directory={}",
+        s.server.url(),
+        s.project.path().display()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        status
+            .as_object()
+            .is_none_or(|m| m.values().all(|v| v["type"] == "idle")),
+        "{status}"
+    );
+    s.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_spawn_error_and_unhealthy() {
+    // A port nothing listens on: bind one, then drop it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let exec = OpenCode::builder(format!("http://127.0.0.1:{port}"))
+        .build()
+        .unwrap();
+    assert!(!exec.health().await.healthy);
+    let err = exec
+        .execute(
+            AgentRequest::new("hi", "/tmp"),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExecutorError::Spawn(_)), "{err:?}");
+}
