@@ -1,0 +1,454 @@
+//! Two engines on one PostgreSQL database, in one process: work spreads, nothing runs twice,
+//! cancels and events cross instances through LISTEN/NOTIFY, expired leases are recovered, and
+//! the per-project limit holds across instances.
+//!
+//! Run with `cargo test -p aiwg-core --features postgres,test-util --test pg_engines`.
+#![cfg(all(feature = "postgres", feature = "test-util"))]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::store::{ClaimRequest, Finish, NewJob, PgStore, StoreError};
+use aiwg_core::test_util::{sample_job, ScriptedExecutor};
+use aiwg_core::{
+    AgentEvent, AgentRequest, AgentResult, Capabilities, Engine, EventSink, Executor,
+    ExecutorError, Health, JobEventKind, JobRequest, JobResult, JobStatus, JobStore, ProjectPolicy,
+    Step, Workflow,
+};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod pg_support;
+use pg_support::test_db;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Env {
+    _dir: tempfile::TempDir,
+    policy: ProjectPolicy,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    for p in ["a", "b", "c", "d"] {
+        std::fs::create_dir(dir.path().join(p)).unwrap();
+    }
+    let policy = ProjectPolicy::builder().root(dir.path()).build().unwrap();
+    Env { _dir: dir, policy }
+}
+
+struct Node {
+    engine: Engine,
+    store: Arc<PgStore>,
+    listener: JoinHandle<()>,
+}
+
+impl Node {
+    async fn stop(self) {
+        self.engine.shutdown(Duration::from_secs(5)).await;
+        self.listener.abort();
+    }
+}
+
+/// An engine on `store`, listening, with `exec` as agent `agent` and workflow `w` (one step).
+async fn node(
+    env: &Env,
+    store: PgStore,
+    exec: Arc<dyn Executor>,
+    configure: impl FnOnce(aiwg_core::EngineBuilder) -> aiwg_core::EngineBuilder,
+) -> Node {
+    let store = Arc::new(store);
+    let builder = Engine::builder()
+        .store(store.clone())
+        .policy(env.policy.clone())
+        .executor("agent", exec)
+        .workflow(Workflow::new("w").step(Step::prompt("run", "agent", "do {{guidance}}")))
+        .queue_capacity(10_000)
+        .poll_interval(Duration::from_millis(50));
+    let engine = configure(builder).build().unwrap();
+    let listener = store.listen(&engine).await.expect("listen");
+    Node {
+        engine,
+        store,
+        listener,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_spread_over_two_engines_and_a_cancel_on_one_stops_a_job_on_the_other() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let ea = ScriptedExecutor::hanging();
+    let eb = ScriptedExecutor::hanging();
+    // Heartbeats every 40 s: within the waits below, only NOTIFY can carry the cancel.
+    let cfg = |b: aiwg_core::EngineBuilder| b.workers(2).lease_ttl(Duration::from_secs(120));
+    let a = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(ea.clone()),
+        cfg,
+    )
+    .await;
+    let b = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(eb.clone()),
+        cfg,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let job = a
+            .engine
+            .submit(
+                JobRequest::new("w")
+                    .project_path("a")
+                    .guidance(format!("{i}")),
+            )
+            .await
+            .unwrap();
+        ids.push(job.id);
+    }
+    // Each engine has two workers and every job hangs: all four run only if both take two.
+    assert!(ea.wait_started(2, WAIT).await, "engine A took its share");
+    assert!(eb.wait_started(2, WAIT).await, "engine B took its share");
+    let on_b = eb.requests()[0].job_id;
+    assert!(ids.contains(&on_b));
+    let cancelled = tokio::time::timeout(WAIT, a.engine.cancel(on_b))
+        .await
+        .expect("cancel returned")
+        .expect("cancel succeeded");
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    assert_eq!(eb.cancelled(), 1, "the executor on B was stopped");
+    assert_eq!(ea.cancelled(), 0);
+    for id in ids.iter().filter(|id| **id != on_b) {
+        let job = a.engine.cancel(*id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Cancelled);
+    }
+    assert_eq!((ea.calls(), eb.calls()), (2, 2), "nothing ran twice");
+    assert_eq!((ea.cancelled(), eb.cancelled()), (2, 2));
+    for id in &ids {
+        let job = b.engine.get(*id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Cancelled);
+        assert_eq!(job.attempt, 1);
+    }
+    a.stop().await;
+    b.stop().await;
+    db.cleanup().await;
+}
+
+/// Emits "before", waits for the gate, emits "after", succeeds.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<Semaphore>,
+    started: Arc<Notify>,
+}
+
+#[async_trait]
+impl Executor for Gated {
+    async fn execute(
+        &self,
+        _request: AgentRequest,
+        events: EventSink,
+        cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError> {
+        events.emit(AgentEvent::Text {
+            text: "before".into(),
+        });
+        self.started.notify_one();
+        tokio::select! {
+            permit = self.gate.acquire() => drop(permit),
+            () = cancel.cancelled() => return Err(ExecutorError::Cancelled),
+        }
+        events.emit(AgentEvent::Text {
+            text: "after".into(),
+        });
+        Ok(AgentResult::text("done"))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(false, true, false)
+    }
+
+    fn kind(&self) -> &'static str {
+        "gated"
+    }
+
+    async fn health(&self) -> Health {
+        Health::healthy()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_engine_sees_events_produced_on_the_other() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let gated = Gated {
+        gate: Arc::new(Semaphore::new(0)),
+        started: Arc::new(Notify::new()),
+    };
+    let b = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(gated.clone()),
+        |b| b.workers(1),
+    )
+    .await;
+    let job = b
+        .engine
+        .submit(JobRequest::new("w").project_path("b"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, gated.started.notified())
+        .await
+        .expect("started on B");
+    // Engine A starts after the job is running on B, so it cannot run it.
+    let ea = ScriptedExecutor::hanging();
+    let a = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(ea.clone()),
+        |b| b.workers(1),
+    )
+    .await;
+    let mut all = a.engine.subscribe_all();
+    let stream = a.engine.subscribe(job.id, 0).await.unwrap();
+    gated.gate.add_permits(1);
+    // The stream only ends after the terminal event, which only NOTIFY can bring to A.
+    let events: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>())
+        .await
+        .expect("A's subscriber reached the end");
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let last = events.last().unwrap();
+    assert!(matches!(
+        last.kind,
+        JobEventKind::Status {
+            to: JobStatus::Completed,
+            ..
+        }
+    ));
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        JobEventKind::Agent { event: AgentEvent::Text { text }, .. } if text == "after"
+    )));
+    // Every event written on B after A listened arrived on A's bus, once, in order.
+    let stored = a.store.events(job.id, 0).await.unwrap();
+    let mut live = Vec::new();
+    while let Ok(ev) = all.try_recv() {
+        live.push(ev);
+    }
+    let after_gate: Vec<u64> = live.iter().map(|e| e.seq).collect();
+    assert!(!after_gate.is_empty());
+    assert_eq!(
+        after_gate,
+        ((after_gate[0])..=stored.last().unwrap().seq).collect::<Vec<_>>()
+    );
+    assert_eq!(ea.calls(), 0, "engine A ran nothing");
+    a.stop().await;
+    b.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_recovered_by_another_engine() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    // The "crashed" instance: claims through the store and never heartbeats.
+    let ghost = db.store_in(&schema, 2).await;
+    let project = env.policy.roots()[0].join("c").display().to_string();
+    let mut job = sample_job("w", &project, 0);
+    job.max_attempts = 2;
+    job.progress = aiwg_core::Progress::pending(["run".to_owned()]);
+    let id = job.id;
+    ghost.create(NewJob::new(job)).await.unwrap();
+    let lost = ghost
+        .claim(&ClaimRequest::new("ghost/0", Duration::from_millis(300)))
+        .await
+        .unwrap()
+        .expect("ghost claims");
+    assert_eq!(lost.job.id, id);
+
+    let exec = ScriptedExecutor::succeeding("recovered");
+    let b = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(exec.clone()),
+        |b| b.workers(2).lease_ttl(Duration::from_secs(10)),
+    )
+    .await;
+    let done = b.engine.wait(id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    assert_eq!(done.attempt, 2);
+    assert_eq!(done.result.unwrap().summary, "recovered");
+    assert_eq!(exec.calls(), 1);
+    let statuses: Vec<_> = done.history.iter().map(|h| h.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Completed
+        ]
+    );
+    let events = b.store.events(id, 0).await.unwrap();
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        JobEventKind::Status { to: JobStatus::Queued, error: Some(err), .. } if err.kind == "lease_lost"
+    )));
+    // The crashed worker is fenced out.
+    assert_eq!(
+        ghost
+            .finish(&lost.lease, Finish::Completed(JobResult::default()))
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(id))
+    );
+    assert_eq!(
+        ghost
+            .append(
+                &lost.lease,
+                JobEventKind::Log {
+                    level: "info".into(),
+                    message: "late".into()
+                }
+            )
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(id))
+    );
+    assert_eq!(
+        ghost
+            .heartbeat(&lost.lease, Duration::from_secs(1))
+            .await
+            .map(|_| ()),
+        Err(StoreError::LeaseLost(id))
+    );
+    assert_eq!(b.store.events(id, 0).await.unwrap(), events);
+    b.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_project_limit_holds_across_engines() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    // One executor shared by both engines: `max_running` is global.
+    let exec = ScriptedExecutor::succeeding("ok").delay(Duration::from_millis(20));
+    let cfg = |b: aiwg_core::EngineBuilder| b.workers(3).per_project_concurrency(1);
+    let a = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(exec.clone()),
+        cfg,
+    )
+    .await;
+    let b = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(exec.clone()),
+        cfg,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        ids.push(
+            node.engine
+                .submit(JobRequest::new("w").project_path("d"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in &ids {
+        let job = a.engine.wait(*id, WAIT).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed);
+    }
+    assert_eq!(exec.calls(), 8);
+    assert_eq!(exec.max_running(), 1, "one job of the project at a time");
+    a.stop().await;
+    b.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_jobs_over_two_engines_end_exactly_once() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let ea = ScriptedExecutor::succeeding("a");
+    let eb = ScriptedExecutor::succeeding("b");
+    let cfg = |b: aiwg_core::EngineBuilder| b.workers(4);
+    let a = node(
+        &env,
+        db.store_in(&schema, 6).await,
+        Arc::new(ea.clone()),
+        cfg,
+    )
+    .await;
+    let b = node(
+        &env,
+        db.store_in(&schema, 6).await,
+        Arc::new(eb.clone()),
+        cfg,
+    )
+    .await;
+    const N: usize = 2000;
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let project = ["a", "b", "c", "d"][i % 4];
+        ids.push(
+            node.engine
+                .submit(JobRequest::new("w").project_path(project))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let node = if i % 2 == 0 { &b } else { &a };
+        let job = node.engine.wait(*id, WAIT).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed, "{:?}", job.error);
+        assert_eq!(job.attempt, 1);
+    }
+    assert_eq!(ea.calls() + eb.calls(), N, "every job ran exactly once");
+    assert!(
+        ea.calls() > 0 && eb.calls() > 0,
+        "both engines worked: {} / {}",
+        ea.calls(),
+        eb.calls()
+    );
+    let counts = a.store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 0));
+    let pool = a.store.pool();
+    let terminal: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM aiwg_job_events WHERE kind->>'kind' = 'status' \
+         AND kind->>'to' IN ('completed', 'failed', 'cancelled', 'timed_out')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(terminal, N as i64, "one terminal event per job");
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM aiwg_jobs j WHERE last_seq <> \
+         (SELECT count(*) FROM aiwg_job_events e WHERE e.job_id = j.id)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(gaps, 0, "event numbers have no gaps");
+    a.stop().await;
+    b.stop().await;
+    db.cleanup().await;
+}
