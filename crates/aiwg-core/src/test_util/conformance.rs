@@ -434,6 +434,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     listing_and_status(server).await;
     keep_alive_and_replay(server).await;
     webhook_subscriptions(server).await;
+    robustness(server).await;
 }
 
 /// The method and path of every protected route, with the scope it needs.
@@ -1276,4 +1277,77 @@ async fn webhook_subscriptions(server: &dyn Serve) {
     c.send("GET", "/webhooks/not-an-id", Some(ADMIN_KEY), None)
         .await
         .assert_problem(404);
+}
+
+/// Every route, every method, and bodies that are malformed, mistyped, huge-numbered or carry
+/// unknown fields: always a 4xx problem (or a normal answer), never a 5xx.
+async fn robustness(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let dispatcher = Dispatcher::builder().build().expect("dispatcher");
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .dispatcher(dispatcher)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = Client::new(&s.base_url);
+    let bodies: Vec<Option<Body>> = vec![
+        None,
+        Some(Body::Raw("application/json", b"{".to_vec())),
+        Some(Body::Raw("application/json", b"null".to_vec())),
+        Some(Body::Raw("application/json", br#""text""#.to_vec())),
+        Some(Body::Raw(
+            "application/json",
+            b"{\"workflow\": \"echo\", \"priority\": 123456789012345678901234567890}".to_vec(),
+        )),
+        Some(Body::Raw("application/json", vec![0xff, 0xfe, 0x00])),
+        Some(Body::Json(json!({"workflow": ["echo"], "params": "x"}))),
+        Some(Body::Json(
+            json!({"workflow": "echo", "priority": -1e308, "async": "no"}),
+        )),
+        Some(Body::Json(
+            json!({"url": 12, "events": "job.*", "enabled": "yes", "bogus": true}),
+        )),
+        Some(Body::Json(
+            json!({"workflow": "echo", "params": {"who": 1.7e308}, "extra": {}}),
+        )),
+        Some(Body::Raw(
+            "application/x-www-form-urlencoded",
+            b"a=1&b=%zz".to_vec(),
+        )),
+    ];
+    let ids = [
+        "00000000-0000-7000-8000-000000000000",
+        "x",
+        "%00",
+        "..%2F..%2Fetc",
+        &"9".repeat(300),
+    ];
+    for (pattern, _) in crate::http::ROUTES {
+        for id in ids {
+            let path = pattern
+                .replace("{job_id}", id)
+                .replace("{id}", id)
+                .replace("{delivery_id}", id)
+                .replace("{platform}", id);
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                for body in &bodies {
+                    let r = c.send(method, &path, Some(ADMIN_KEY), body.clone()).await;
+                    assert!(
+                        r.status < 500,
+                        "{method} {path} with {body:?} answered {}: {}",
+                        r.status,
+                        r.text
+                    );
+                    if r.status >= 400 && r.status != 404 {
+                        r.assert_problem(r.status);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(fx.echo.calls(), 0, "no malformed request ran a job");
 }
