@@ -207,8 +207,8 @@ async fn translate(
         headers.insert(REQUEST_ID, request_id.clone());
     }
     // Both crates validate methods as the same RFC 9110 tokens, so this conversion holds.
-    let method = http::Method::from_bytes(req.method().as_str().as_bytes())
-        .unwrap_or(http::Method::OPTIONS);
+    let method =
+        http::Method::from_bytes(req.method().as_str().as_bytes()).unwrap_or(http::Method::OPTIONS);
     let request = ApiRequest::new(route, method)
         .with_params(params)
         .with_query(req.uri().query().map(str::to_owned))

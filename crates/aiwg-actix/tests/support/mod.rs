@@ -25,8 +25,11 @@ impl Serve for Actix {
                 if scope.is_empty() {
                     app.configure(aiwg.clone())
                 } else {
-                    app.route("/", web::get().to(|| async { HttpResponse::Ok().body("host app") }))
-                        .service(web::scope(&scope).configure(aiwg.clone()))
+                    app.route(
+                        "/",
+                        web::get().to(|| async { HttpResponse::Ok().body("host app") }),
+                    )
+                    .service(web::scope(&scope).configure(aiwg.clone()))
                 }
             })
             .workers(1)
