@@ -1,0 +1,345 @@
+//! The PostgreSQL job store under load: burn-down throughput (jobs/s from a full queue to an
+//! empty one, no-op executor) with one and with two engines sharing one database, and the
+//! enqueue → start latency (p50/p99) — beside the raw sqlx round trip they are built on, an
+//! `INSERT` plus an `UPDATE … FOR UPDATE SKIP LOCKED` claim, as the baseline.
+//!
+//! `cargo bench -p aiwg-benches --bench pg_queue`. The database comes from
+//! `AIWG_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); without one the
+//! bench prints why and does nothing. Everything runs in a fresh schema dropped at the end.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aiwg_core::store::{JobStore, NewJob, PgStore};
+use aiwg_core::test_util::{sample_job, ScriptedExecutor};
+use aiwg_core::{Engine, JobRequest, Progress, Step, Workflow};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// Jobs per burn-down batch.
+const BATCH: usize = 300;
+/// Workers per engine (and claimers in the baseline).
+const WORKERS: usize = 4;
+/// Latency samples per configuration.
+const LATENCY_SAMPLES: usize = 200;
+
+struct Db {
+    admin: PgPool,
+    url: String,
+    schema: String,
+}
+
+async fn database() -> Option<Db> {
+    let url = std::env::var("AIWG_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let Ok(options) = PgConnectOptions::from_str(&url) else {
+        println!("pg_queue: skipped (AIWG_TEST_DATABASE_URL is not a valid URL)");
+        return None;
+    };
+    let admin = match PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            println!("pg_queue: skipped (no PostgreSQL: {e})");
+            return None;
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let schema = format!("aiwg_bench_{}_{nanos}", std::process::id());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    Some(Db { admin, url, schema })
+}
+
+impl Db {
+    async fn pool(&self, max: u32) -> PgPool {
+        let options = PgConnectOptions::from_str(&self.url)
+            .expect("url")
+            .options([("search_path", self.schema.as_str())]);
+        PgPoolOptions::new()
+            .max_connections(max)
+            .connect_with(options)
+            .await
+            .expect("connect")
+    }
+
+    async fn store(&self) -> Arc<PgStore> {
+        let store = PgStore::from_pool(self.pool(WORKERS as u32 + 4).await)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        Arc::new(store)
+    }
+}
+
+struct Node {
+    engine: Engine,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+async fn node(store: &Arc<PgStore>, exec: &ScriptedExecutor) -> Node {
+    let engine = Engine::builder()
+        .store(store.clone())
+        .executor("noop", Arc::new(exec.clone()))
+        .workflow(Workflow::new("noop").step(Step::prompt("run", "noop", "x")))
+        .workers(WORKERS)
+        .queue_capacity(BATCH * 10)
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .expect("engine");
+    let listener = store.listen(&engine).await.expect("listen");
+    Node { engine, listener }
+}
+
+async fn stop(nodes: Vec<Node>) {
+    for n in nodes {
+        n.engine.shutdown(Duration::from_secs(5)).await;
+        n.listener.abort();
+    }
+}
+
+/// Fills the queue with `BATCH` jobs, then times engines on `stores` draining it.
+async fn burn_down(stores: &[Arc<PgStore>]) -> Duration {
+    let project = std::env::current_dir()
+        .expect("cwd")
+        .canonicalize()
+        .expect("cwd")
+        .display()
+        .to_string();
+    for _ in 0..BATCH {
+        let mut job = sample_job("noop", &project, 0);
+        job.progress = Progress::pending(["run".to_owned()]);
+        stores[0].create(NewJob::new(job)).await.expect("create");
+    }
+    let exec = ScriptedExecutor::succeeding("");
+    let start = Instant::now();
+    let mut nodes = Vec::new();
+    for s in stores {
+        nodes.push(node(s, &exec).await);
+    }
+    // Polling the counts is good enough for a measurement (5 ms resolution on a ~1 s run).
+    loop {
+        let c = stores[0].counts().await.expect("counts");
+        if c.queued == 0 && c.running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = start.elapsed();
+    assert_eq!(exec.calls(), BATCH, "every job ran once");
+    stop(nodes).await;
+    took
+}
+
+/// The baseline: `BATCH` inserts, then `WORKERS` claimers taking rows with
+/// `UPDATE … FOR UPDATE SKIP LOCKED` until none is left.
+async fn baseline(pool: &PgPool) -> Duration {
+    let start = Instant::now();
+    for i in 0..BATCH {
+        sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, $1)")
+            .bind(format!("job {i}"))
+            .execute(pool)
+            .await
+            .expect("insert");
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            while claim_one(&pool).await.is_some() {}
+        }));
+    }
+    for t in tasks {
+        t.await.expect("claimer");
+    }
+    start.elapsed()
+}
+
+async fn claim_one(pool: &PgPool) -> Option<i64> {
+    sqlx::query_scalar(
+        "UPDATE bench_queue SET taken = true WHERE id = (SELECT id FROM bench_queue \
+         WHERE NOT taken ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+         RETURNING id",
+    )
+    .fetch_optional(pool)
+    .await
+    .expect("claim")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn report_latency(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
+    println!("{name:<40} p50 {p50:>10.2?}  p99 {p99:>10.2?}");
+    (p50, p99)
+}
+
+/// Enqueue → the executor starts, on idle engines (`nodes` engines on `stores`).
+async fn engine_latency(stores: &[Arc<PgStore>]) -> Vec<Duration> {
+    let exec = ScriptedExecutor::succeeding("");
+    let mut nodes = Vec::new();
+    for s in stores {
+        nodes.push(node(s, &exec).await);
+    }
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let engine = &nodes[i % nodes.len()].engine;
+        let start = Instant::now();
+        let job = engine
+            .submit(JobRequest::new("noop"))
+            .await
+            .expect("submit");
+        assert!(
+            exec.wait_started(i + 1, Duration::from_secs(30)).await,
+            "job started"
+        );
+        samples.push(start.elapsed());
+        engine
+            .wait(job.id, Duration::from_secs(30))
+            .await
+            .expect("done");
+    }
+    stop(nodes).await;
+    samples
+}
+
+/// The baseline: one `INSERT`, then one `UPDATE … SKIP LOCKED` claim of it.
+async fn baseline_latency(pool: &PgPool) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let start = Instant::now();
+        sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, $1)")
+            .bind(format!("latency {i}"))
+            .execute(pool)
+            .await
+            .expect("insert");
+        claim_one(pool).await.expect("claimed");
+        samples.push(start.elapsed());
+    }
+    samples
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let Some(db) = rt.block_on(database()) else {
+        return;
+    };
+    let (one, two, raw) = rt.block_on(async {
+        let a = db.store().await;
+        let b = db.store().await;
+        let raw = db.pool(WORKERS as u32 + 1).await;
+        sqlx::query(
+            "CREATE TABLE bench_queue (id bigserial PRIMARY KEY, priority int NOT NULL, \
+             payload text NOT NULL, taken boolean NOT NULL DEFAULT false)",
+        )
+        .execute(&raw)
+        .await
+        .expect("baseline table");
+        sqlx::query("CREATE INDEX ON bench_queue (priority DESC, id) WHERE NOT taken")
+            .execute(&raw)
+            .await
+            .expect("baseline index");
+        (vec![a.clone()], vec![a, b], raw)
+    });
+
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut group = c.benchmark_group("pg_burn_down");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("baseline_insert_then_skip_locked", |bch| {
+        bch.to_async(&rt).iter_custom(|iters| {
+            let raw = raw.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += baseline(&raw).await;
+                }
+                total
+            }
+        })
+    });
+    for (name, stores) in [("engines", &one), ("engines", &two)] {
+        group.bench_with_input(
+            BenchmarkId::new(name, stores.len()),
+            stores,
+            |bch, stores| {
+                bch.to_async(&rt).iter_custom(|iters| async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += burn_down(stores).await;
+                    }
+                    total
+                })
+            },
+        );
+    }
+    group.finish();
+
+    // One more timed run of each for the summary (criterion's own report is above).
+    rt.block_on(async {
+        let base = baseline(&raw).await;
+        let t1 = burn_down(&one).await;
+        let t2 = burn_down(&two).await;
+        let rate = |d: Duration| BATCH as f64 / d.as_secs_f64();
+        println!();
+        println!("burn-down of {BATCH} jobs, {WORKERS} workers per engine:");
+        println!(
+            "  baseline INSERT + SKIP LOCKED  {:>9.0} items/s",
+            rate(base)
+        );
+        println!(
+            "  1 engine                      {:>9.0} jobs/s  ({:.2} x baseline)",
+            rate(t1),
+            rate(t1) / rate(base)
+        );
+        println!(
+            "  2 engines                     {:>9.0} jobs/s  ({:.2} x baseline)",
+            rate(t2),
+            rate(t2) / rate(base)
+        );
+        println!();
+        println!("enqueue -> start latency ({LATENCY_SAMPLES} samples each):");
+        let (b50, b99) = report_latency(
+            "  baseline INSERT + SKIP LOCKED",
+            baseline_latency(&raw).await,
+        );
+        let (l50, l99) = report_latency("  1 engine", engine_latency(&one).await);
+        let (m50, m99) = report_latency("  2 engines", engine_latency(&two).await);
+        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        println!(
+            "  ratio to baseline: 1 engine p50 {:.1}x p99 {:.1}x; 2 engines p50 {:.1}x p99 {:.1}x",
+            ratio(l50, b50),
+            ratio(l99, b99),
+            ratio(m50, b50),
+            ratio(m99, b99)
+        );
+        drop(raw);
+        sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))
+            .execute(&db.admin)
+            .await
+            .expect("drop schema");
+    });
+    c.final_summary();
+}
