@@ -568,7 +568,7 @@ impl Dispatcher {
         })
     }
 
-    /// A subscription's deliveries, newest first, `limit` (1 to 100) per page, after the
+    /// A subscription's deliveries, newest first, `limit` (1 to 500) per page, after the
     /// `cursor` of the previous page.
     pub async fn deliveries(
         &self,
@@ -576,7 +576,7 @@ impl Dispatcher {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<DeliveryPage> {
-        let limit = limit.clamp(1, 100);
+        let limit = limit.clamp(1, 500);
         let before = cursor
             .map(|c| c.parse::<DeliveryId>())
             .transpose()
@@ -755,8 +755,9 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
             return;
         }
     }
-    // Wake idle workers: a retry changed the next due time, or a per-subscription slot freed.
-    inner.wake.notify_waiters();
+    // Wake an idle worker: a retry changed the next due time, or a per-subscription slot
+    // freed. One is enough: it claims, and a worker that finds work wakes no one else.
+    inner.wake.notify_one();
     let health = if success {
         inner.store.endpoint_succeeded(sub.id).await.map(|()| None)
     } else if code == 410 {

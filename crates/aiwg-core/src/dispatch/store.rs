@@ -427,8 +427,14 @@ pub trait DispatchStore: Send + Sync + 'static {
 /// The conformance suite: every [`DispatchStore`] must pass it. `make` returns a fresh, empty
 /// store each time it is called.
 ///
-/// ```ignore
-/// aiwg_core::dispatch::store_suite(|| async { Arc::new(MemoryStore::new()) as Arc<dyn DispatchStore> }).await;
+/// ```
+/// use std::sync::Arc;
+/// use aiwg_core::dispatch::{store_suite, DispatchStore, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// store_suite(|| async { Arc::new(MemoryStore::new()) as Arc<dyn DispatchStore> }).await;
+/// # }
 /// ```
 #[cfg(any(test, feature = "test-util"))]
 pub async fn store_suite<F, Fut>(make: F)
