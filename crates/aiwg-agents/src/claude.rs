@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aiwg_core::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
     Health, LogStream,
 };
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, OutputLine, ResourceLimits, Supervision};
@@ -277,7 +277,10 @@ impl ClaudeCodeBuilder {
         }
         if let Some(b) = self.max_budget_usd {
             if !(b.is_finite() && b > 0.0) {
-                return Err(ConfigError::new("max_budget_usd", "must be a positive number"));
+                return Err(ConfigError::new(
+                    "max_budget_usd",
+                    "must be a positive number",
+                ));
             }
             args.extend(["--max-budget-usd".into(), b.to_string()]);
         }
@@ -420,9 +423,14 @@ mod tests {
         let req = AgentRequest::new("--dangerously-skip-permissions", "/tmp").with_resume("abc-1");
         let argv = c.argv(&req).unwrap();
         let n = argv.len();
-        assert_eq!(argv[n - 2..], ["--".to_owned(), "--dangerously-skip-permissions".to_owned()]);
+        assert_eq!(
+            argv[n - 2..],
+            ["--".to_owned(), "--dangerously-skip-permissions".to_owned()]
+        );
         assert!(argv.windows(2).any(|w| w == ["--resume", "abc-1"]));
-        assert!(argv.windows(2).any(|w| w == ["--allowedTools", "Read,Write"]));
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["--allowedTools", "Read,Write"]));
         assert!(argv.windows(2).any(|w| w == ["--max-turns", "3"]));
         assert!(argv.contains(&"--append-system-prompt=-be brief".to_owned()));
     }

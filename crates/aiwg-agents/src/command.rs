@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aiwg_core::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
     Health, LogStream,
 };
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, OutputLine, ResourceLimits, Supervision};
@@ -124,7 +124,10 @@ impl CommandExecutorBuilder {
     pub fn build(self) -> Result<CommandExecutor, ConfigError> {
         if let Some(t) = &self.template {
             if t.first().is_none_or(String::is_empty) {
-                return Err(ConfigError::new("template", "the command template is empty"));
+                return Err(ConfigError::new(
+                    "template",
+                    "the command template is empty",
+                ));
             }
         }
         if self.sup.idle_timeout.is_some_and(|d| d.is_zero()) {
@@ -249,7 +252,10 @@ mod tests {
     fn templates_fill_each_argument_alone() {
         let mut p = BTreeMap::new();
         p.insert("file".to_owned(), "a b; rm -rf ~".to_owned());
-        assert_eq!(render_arg("--f={{ file }}", &p).unwrap(), "--f=a b; rm -rf ~");
+        assert_eq!(
+            render_arg("--f={{ file }}", &p).unwrap(),
+            "--f=a b; rm -rf ~"
+        );
         assert_eq!(render_arg("{{missing}}", &p), Err("missing".to_owned()));
         assert_eq!(render_arg("{{open", &p).unwrap(), "{{open");
     }

@@ -119,7 +119,9 @@ pub use command::{CommandExecutor, CommandExecutorBuilder};
 #[cfg(feature = "opencode")]
 mod opencode;
 #[cfg(feature = "opencode")]
-pub use opencode::{OpenCode, OpenCodeBuilder, OpenCodeServer, OpenCodeServerBuilder, OPENCODE_PATH_ENV};
+pub use opencode::{
+    OpenCode, OpenCodeBuilder, OpenCodeServer, OpenCodeServerBuilder, OPENCODE_PATH_ENV,
+};
 
 #[cfg(feature = "pool")]
 mod pool;
@@ -141,6 +143,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    #[allow(dead_code)] // unused when no executor feature is enabled
     pub(crate) fn new(key: &'static str, reason: impl Into<String>) -> Self {
         Self {
             key,

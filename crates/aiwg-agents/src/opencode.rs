@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aiwg_core::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
     Health, Usage,
 };
+use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
@@ -210,7 +210,10 @@ impl OpenCodeBuilder {
     pub fn build(self) -> Result<OpenCode, ConfigError> {
         let base = self.url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ConfigError::new("url", "must be an http:// or https:// URL"));
+            return Err(ConfigError::new(
+                "url",
+                "must be an http:// or https:// URL",
+            ));
         }
         if base.contains('@') {
             return Err(ConfigError::new(
@@ -335,9 +338,7 @@ impl RunState {
         match kind {
             "message.updated" => {
                 let info = &props["info"];
-                if let (Some(id), Some(role)) =
-                    (info["id"].as_str(), info["role"].as_str())
-                {
+                if let (Some(id), Some(role)) = (info["id"].as_str(), info["role"].as_str()) {
                     self.roles.insert(id.to_owned(), role.to_owned());
                 }
             }

@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aiwg_core::{
     AgentRequest, AgentResult, BackendHealth, Capabilities, CircuitState, EventSink, Executor,
     ExecutorError, Health,
 };
+use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -203,7 +203,10 @@ impl PoolBuilder {
     /// Checks the configuration.
     pub fn build(self) -> Result<Pool, ConfigError> {
         if self.members.is_empty() {
-            return Err(ConfigError::new("members", "a pool needs at least one member"));
+            return Err(ConfigError::new(
+                "members",
+                "a pool needs at least one member",
+            ));
         }
         if self.failure_threshold == 0 {
             return Err(ConfigError::new("failure_threshold", "must be at least 1"));
@@ -278,7 +281,9 @@ impl PoolInner {
     fn pick(&self) -> Option<usize> {
         let _guard = self.pick_lock.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.members.len();
-        let avail: Vec<usize> = (0..n).filter(|&i| self.available(&self.members[i])).collect();
+        let avail: Vec<usize> = (0..n)
+            .filter(|&i| self.available(&self.members[i]))
+            .collect();
         if avail.is_empty() {
             return None;
         }

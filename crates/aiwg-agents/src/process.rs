@@ -10,9 +10,15 @@
 //! Limits of the tracking: a descendant that is started, detaches (double fork) and leaves the
 //! child's process group between two scans (every 100 ms) cannot be found afterwards.
 
+// With only the `opencode` feature, the run loop is unused (only spawning is).
+#![cfg_attr(
+    not(any(feature = "claude-code", feature = "command")),
+    allow(dead_code)
+)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -257,11 +263,13 @@ pub(crate) fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| {
-        ExecutorError::Spawn(format!("{}: {e}", program.display()))
-    })?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| ExecutorError::Spawn(format!("{}: {e}", program.display())))?;
     let Some(pid) = child.id() else {
-        return Err(ExecutorError::Spawn("the child exited before it could be tracked".into()));
+        return Err(ExecutorError::Spawn(
+            "the child exited before it could be tracked".into(),
+        ));
     };
     let tree = Tree::new(pid as i32);
     Ok((child, tree))
@@ -269,9 +277,7 @@ pub(crate) fn spawn(
 
 fn exit_code(status: &std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
+    status.code().or_else(|| status.signal().map(|s| 128 + s))
 }
 
 /// Reads lines (lossy UTF-8) from a pipe; cancel-safe because the partial line stays in `buf`.
@@ -379,7 +385,13 @@ impl Tree {
     fn new(root: i32) -> Self {
         let mut known = BTreeMap::new();
         if let Some(s) = read_stat(root) {
-            known.insert(root, Proc { pid: root, start: s.start });
+            known.insert(
+                root,
+                Proc {
+                    pid: root,
+                    start: s.start,
+                },
+            );
         }
         Self {
             root,
@@ -402,13 +414,15 @@ impl Tree {
         loop {
             let before = self.known.len();
             all.retain(|(pid, s)| {
-                let ours = s.pgrp == self.root
-                    || self
-                        .known
-                        .get(&s.ppid)
-                        .is_some();
+                let ours = s.pgrp == self.root || self.known.contains_key(&s.ppid);
                 if ours && !self.known.contains_key(pid) {
-                    self.known.insert(*pid, Proc { pid: *pid, start: s.start });
+                    self.known.insert(
+                        *pid,
+                        Proc {
+                            pid: *pid,
+                            start: s.start,
+                        },
+                    );
                 }
                 !ours
             });
@@ -484,8 +498,9 @@ pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duratio
     tree.finished = true;
 }
 
+#[cfg(feature = "claude-code")]
 /// Resolves a program: a path with a slash is used as is, a bare name is looked up in `PATH`.
-pub(crate) fn resolve_program(program: &Path) -> PathBuf {
+pub(crate) fn resolve_program(program: &Path) -> std::path::PathBuf {
     if program.components().count() > 1 {
         return program.to_path_buf();
     }

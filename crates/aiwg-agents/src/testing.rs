@@ -215,7 +215,10 @@ impl FakeAnthropic {
         vec![
             ("ANTHROPIC_BASE_URL".into(), self.url()),
             ("ANTHROPIC_API_KEY".into(), "test".into()),
-            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()),
+            (
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
+                "1".into(),
+            ),
             ("DISABLE_AUTOUPDATER".into(), "1".into()),
             ("HOME".into(), home.to_string_lossy().into_owned()),
         ]
@@ -349,7 +352,10 @@ fn sse_response(reply: Reply, model: String, stop: CancellationToken) -> Respons
         }
         Reply::ToolUse { name, input } => {
             // Unique per call, as the real API's ids are.
-            let id = format!("toolu_fake_{}", NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let id = format!(
+                "toolu_fake_{}",
+                NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
             events.push(json!({"type": "content_block_start", "index": 0,
                 "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}));
             events.push(json!({"type": "content_block_delta", "index": 0,

@@ -111,9 +111,13 @@ async fn a_tool_use_makes_claude_write_a_file_in_the_project() {
     assert!(events
         .iter()
         .any(|e| matches!(e, AgentEvent::ToolUse { name, .. } if name == "Write")));
-    assert!(events
-        .iter()
-        .any(|e| matches!(e, AgentEvent::ToolResult { is_error: false, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        AgentEvent::ToolResult {
+            is_error: false,
+            ..
+        }
+    )));
     // The second turn carried the tool result back to the model.
     let turns = s.fake.turns();
     assert_eq!(turns.len(), 2);
@@ -149,7 +153,9 @@ async fn a_resumed_step_continues_the_session() {
     assert!(body.contains("draft the plan"), "{body}");
     assert!(body.contains("first answer: the plan is X"), "{body}");
     assert!(body.contains("review the plan"), "{body}");
-    assert!(!turns[0].body["messages"].to_string().contains("review the plan"));
+    assert!(!turns[0].body["messages"]
+        .to_string()
+        .contains("review the plan"));
 }
 
 #[tokio::test]
@@ -167,7 +173,10 @@ async fn an_api_error_is_a_failure_not_a_hang() {
     let (res, _) = run(&exec, AgentRequest::new("fail please", s.dir())).await;
     match res.unwrap_err() {
         ExecutorError::Failed { message, .. } => {
-            assert!(message.contains("fake refuses") || message.contains("400"), "{message}");
+            assert!(
+                message.contains("fake refuses") || message.contains("400"),
+                "{message}"
+            );
         }
         other => panic!("expected Failed, got {other:?}"),
     }
@@ -210,12 +219,18 @@ async fn stop_mid_run(
         );
         cancel.cancel();
     }
-    let res = tokio::time::timeout(LIMIT, run).await.expect("returned").unwrap();
+    let res = tokio::time::timeout(LIMIT, run)
+        .await
+        .expect("returned")
+        .unwrap();
     let _ = stop_watch.send(());
     let pids = watched.await.unwrap();
     assert!(!pids.is_empty(), "no process of the run was seen");
     for pid in &pids {
-        assert!(!aiwg_agents::process_alive(*pid), "pid {pid} outlived the run");
+        assert!(
+            !aiwg_agents::process_alive(*pid),
+            "pid {pid} outlived the run"
+        );
     }
     assert!(common::pids_with_cmdline(&needle).is_empty());
     assert!(common::pids_in_dir(s.dir()).is_empty());

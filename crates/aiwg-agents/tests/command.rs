@@ -68,7 +68,10 @@ async fn non_zero_exit_is_an_error_with_code_and_stderr_unless_allowed() {
         }
         other => panic!("expected Failed, got {other:?}"),
     }
-    let lenient = CommandExecutor::builder().allow_failure(true).build().unwrap();
+    let lenient = CommandExecutor::builder()
+        .allow_failure(true)
+        .build()
+        .unwrap();
     let res = lenient
         .execute(
             AgentRequest::command(cmd, dir.path()),
@@ -163,8 +166,12 @@ async fn run_and_stop(
     let c = cancel.clone();
     let run = tokio::spawn(async move { exec.execute(req, EventSink::discard(), c).await });
     assert!(
-        common::wait_for(Duration::from_secs(20), || common::pids_with_cmdline(marker).len() >= 2)
-            .await,
+        common::wait_for(Duration::from_secs(20), || common::pids_with_cmdline(
+            marker
+        )
+        .len()
+            >= 2)
+        .await,
         "the command did not start its processes"
     );
     let mut pids = common::pids_with_cmdline(marker);
@@ -196,7 +203,10 @@ async fn cancel_kills_the_whole_process_group() {
     assert_eq!(res.unwrap_err(), ExecutorError::Cancelled);
     assert!(pids.len() >= 3, "sh and two sleeps: {pids:?}");
     for pid in pids {
-        assert!(!aiwg_agents::process_alive(pid), "pid {pid} survived the cancel");
+        assert!(
+            !aiwg_agents::process_alive(pid),
+            "pid {pid} survived the cancel"
+        );
     }
     assert!(common::pids_with_cmdline("sleep 311").is_empty());
 }
@@ -232,9 +242,15 @@ async fn request_timeout_stops_the_run() {
     let req = AgentRequest::command(argv(&["sh", "-c", "sleep 313 & sleep 313"]), dir.path())
         .with_timeout(Duration::from_secs(3));
     let (res, pids) = run_and_stop(exec, req, "sleep 313", CancellationToken::new(), false).await;
-    assert_eq!(res.unwrap_err(), ExecutorError::TimedOut(Duration::from_secs(3)));
+    assert_eq!(
+        res.unwrap_err(),
+        ExecutorError::TimedOut(Duration::from_secs(3))
+    );
     for pid in pids {
-        assert!(!aiwg_agents::process_alive(pid), "pid {pid} survived the timeout");
+        assert!(
+            !aiwg_agents::process_alive(pid),
+            "pid {pid} survived the timeout"
+        );
     }
 }
 
@@ -246,15 +262,32 @@ async fn idle_watchdog_stops_a_silent_run_and_output_keeps_it_alive() {
         .grace(Duration::from_millis(500))
         .build()
         .unwrap();
-    let req = AgentRequest::command(argv(&["sh", "-c", "echo hi; sleep 314 & sleep 314"]), dir.path());
-    let (res, pids) = run_and_stop(exec.clone(), req, "sleep 314", CancellationToken::new(), false).await;
-    assert_eq!(res.unwrap_err(), ExecutorError::Idle(Duration::from_secs(2)));
+    let req = AgentRequest::command(
+        argv(&["sh", "-c", "echo hi; sleep 314 & sleep 314"]),
+        dir.path(),
+    );
+    let (res, pids) = run_and_stop(
+        exec.clone(),
+        req,
+        "sleep 314",
+        CancellationToken::new(),
+        false,
+    )
+    .await;
+    assert_eq!(
+        res.unwrap_err(),
+        ExecutorError::Idle(Duration::from_secs(2))
+    );
     for pid in pids {
         assert!(!aiwg_agents::process_alive(pid));
     }
     // Output more often than the idle limit: it completes although it runs longer than it.
     let chatty = AgentRequest::command(
-        argv(&["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.5; done"]),
+        argv(&[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6; do echo $i; sleep 0.5; done",
+        ]),
         dir.path(),
     );
     let res = exec
@@ -273,7 +306,11 @@ async fn leftover_background_processes_are_killed_after_a_normal_exit() {
         .unwrap();
     // The shell exits at once, leaving a sleep that holds no pipe.
     let req = AgentRequest::command(
-        argv(&["sh", "-c", "sleep 315 >/dev/null 2>&1 </dev/null & echo started"]),
+        argv(&[
+            "sh",
+            "-c",
+            "sleep 315 >/dev/null 2>&1 </dev/null & echo started",
+        ]),
         dir.path(),
     );
     let res = exec
@@ -292,7 +329,10 @@ async fn resource_limits_apply_to_the_child() {
         .output()
         .is_err()
     {
-        assert!(std::env::var("CI").is_err(), "prlimit (util-linux) is missing");
+        assert!(
+            std::env::var("CI").is_err(),
+            "prlimit (util-linux) is missing"
+        );
         eprintln!("skipping: prlimit is not installed");
         return;
     }

@@ -40,7 +40,11 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
         .await
         .unwrap();
     for (k, v) in SECRETS {
-        assert!(!res.output.contains(k) && !res.output.contains(v), "{k} leaked:\n{}", res.output);
+        assert!(
+            !res.output.contains(k) && !res.output.contains(v),
+            "{k} leaked:\n{}",
+            res.output
+        );
     }
     assert!(res.output.contains("AIWG_TEST_PASSED_ON=passed-on-4"));
     assert!(res.output.contains("EXTRA=extra-5"));
@@ -52,7 +56,10 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
     };
     let home = tempfile::tempdir().unwrap();
     let fake = FakeAnthropic::start([
-        Reply::tool_use("Bash", json!({"command": "env", "description": "print env"})),
+        Reply::tool_use(
+            "Bash",
+            json!({"command": "env", "description": "print env"}),
+        ),
         Reply::text("printed"),
     ])
     .await
@@ -65,7 +72,11 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
     let (sink, mut rx) = EventSink::channel();
     let res = tokio::time::timeout(
         Duration::from_secs(120),
-        exec.execute(AgentRequest::new("print your environment", dir.path()), sink, CancellationToken::new()),
+        exec.execute(
+            AgentRequest::new("print your environment", dir.path()),
+            sink,
+            CancellationToken::new(),
+        ),
     )
     .await
     .unwrap()
@@ -77,8 +88,14 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
             tool_output.push_str(&content.to_string());
         }
     }
-    assert!(tool_output.contains("ANTHROPIC_BASE_URL"), "no env output: {tool_output}");
+    assert!(
+        tool_output.contains("ANTHROPIC_BASE_URL"),
+        "no env output: {tool_output}"
+    );
     for (k, v) in SECRETS {
-        assert!(!tool_output.contains(k) && !tool_output.contains(v), "{k} leaked to claude");
+        assert!(
+            !tool_output.contains(k) && !tool_output.contains(v),
+            "{k} leaked to claude"
+        );
     }
 }

@@ -33,10 +33,19 @@ async fn setup(script: Vec<Reply>, password: Option<&str>) -> Option<Setup> {
         .binary(bin)
         .startup_timeout(LIMIT)
         .env("HOME", home.path().to_string_lossy())
-        .env("XDG_CONFIG_HOME", home.path().join(".config").to_string_lossy())
+        .env(
+            "XDG_CONFIG_HOME",
+            home.path().join(".config").to_string_lossy(),
+        )
         .env("XDG_DATA_HOME", home.path().join(".data").to_string_lossy())
-        .env("XDG_CACHE_HOME", home.path().join(".cache").to_string_lossy())
-        .env("XDG_STATE_HOME", home.path().join(".state").to_string_lossy())
+        .env(
+            "XDG_CACHE_HOME",
+            home.path().join(".cache").to_string_lossy(),
+        )
+        .env(
+            "XDG_STATE_HOME",
+            home.path().join(".state").to_string_lossy(),
+        )
         .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
         .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
         .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
@@ -55,7 +64,11 @@ async fn setup(script: Vec<Reply>, password: Option<&str>) -> Option<Setup> {
 
 #[tokio::test]
 async fn completes_a_job_and_the_server_goes_away_on_shutdown() {
-    let Some(s) = setup(vec![Reply::text("Hello from the fake model")], Some("pw-123")).await
+    let Some(s) = setup(
+        vec![Reply::text("Hello from the fake model")],
+        Some("pw-123"),
+    )
+    .await
     else {
         return;
     };
@@ -71,7 +84,10 @@ async fn completes_a_job_and_the_server_goes_away_on_shutdown() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, ExecutorError::Http { status: 401, .. }), "{err:?}");
+    assert!(
+        matches!(err, ExecutorError::Http { status: 401, .. }),
+        "{err:?}"
+    );
 
     let (sink, mut rx) = EventSink::channel();
     let res = tokio::time::timeout(
@@ -86,9 +102,15 @@ async fn completes_a_job_and_the_server_goes_away_on_shutdown() {
     .unwrap()
     .unwrap();
     assert_eq!(res.output, "Hello from the fake model");
-    assert!(res.session_id.as_deref().is_some_and(|id| id.starts_with("ses")));
+    assert!(res
+        .session_id
+        .as_deref()
+        .is_some_and(|id| id.starts_with("ses")));
     assert!(res.cost_usd.is_some());
-    assert_eq!(res.usage.map(|u| (u.input_tokens, u.output_tokens)), Some((10, 5)));
+    assert_eq!(
+        res.usage.map(|u| (u.input_tokens, u.output_tokens)),
+        Some((10, 5))
+    );
     let mut events = Vec::new();
     while let Ok(e) = rx.try_recv() {
         events.push(e);
@@ -143,7 +165,9 @@ async fn tool_calls_and_resume_work() {
     while let Ok(e) = rx.try_recv() {
         match e {
             AgentEvent::ToolUse { name, .. } if name == "write" => saw_use = true,
-            AgentEvent::ToolResult { is_error: false, .. } => saw_result = true,
+            AgentEvent::ToolResult {
+                is_error: false, ..
+            } => saw_result = true,
             _ => {}
         }
     }
@@ -179,12 +203,23 @@ async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
     let dir = s.project.path().to_path_buf();
     let e2 = exec.clone();
     let run = tokio::spawn(async move {
-        e2.execute(AgentRequest::new("never ends", dir), EventSink::discard(), c)
-            .await
+        e2.execute(
+            AgentRequest::new("never ends", dir),
+            EventSink::discard(),
+            c,
+        )
+        .await
     });
-    assert!(s.fake.wait_for_turns(1, LIMIT).await, "the model was never called");
+    assert!(
+        s.fake.wait_for_turns(1, LIMIT).await,
+        "the model was never called"
+    );
     cancel.cancel();
-    let err = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap().unwrap_err();
+    let err = tokio::time::timeout(LIMIT, run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err, ExecutorError::Cancelled);
     // The server reports no busy session any more.
     let status: serde_json::Value = reqwest::get(format!(

@@ -10,9 +10,13 @@ pub fn peer(var: &str) -> Option<PathBuf> {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
         _ => {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{var} is not set; run `bash scripts/install-peers.sh` and `source .peers/env`");
+                panic!(
+                    "{var} is not set; run `bash scripts/install-peers.sh` and `source .peers/env`"
+                );
             }
-            eprintln!("skipping: {var} is not set (run scripts/install-peers.sh, source .peers/env)");
+            eprintln!(
+                "skipping: {var} is not set (run scripts/install-peers.sh, source .peers/env)"
+            );
             None
         }
     }
@@ -67,7 +71,12 @@ pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool
 }
 
 /// Records every live process seen in `dir` until the returned sender is dropped or fired.
-pub fn watch_dir(dir: PathBuf) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Vec<i32>>) {
+pub fn watch_dir(
+    dir: PathBuf,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<i32>>,
+) {
     let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut seen = std::collections::BTreeSet::new();
