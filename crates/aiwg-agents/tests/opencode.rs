@@ -238,6 +238,40 @@ async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
             .is_none_or(|m| m.values().all(|v| v["type"] == "idle")),
         "{status}"
     );
+
+    // The request's timeout and the idle watchdog stop a hung session the same way.
+    s.fake.push([Reply::Hang, Reply::Hang]);
+    let err = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("hang until the timeout", s.project.path())
+                .with_timeout(Duration::from_secs(5)),
+            EventSink::discard(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(err, ExecutorError::TimedOut(Duration::from_secs(5)));
+    let watched = s
+        .server
+        .client()
+        .idle_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let err = tokio::time::timeout(
+        LIMIT,
+        watched.execute(
+            AgentRequest::new("hang until idle", s.project.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(err, ExecutorError::Idle(Duration::from_secs(3)));
     s.server.shutdown().await;
 }
 
