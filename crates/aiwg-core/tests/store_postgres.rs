@@ -264,3 +264,11 @@ async fn large_events_and_clock_truncation_round_trip() {
     assert_eq!(store.events(id, 0).await.unwrap()[1], c.event);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_passes_the_dispatch_store_suite() {
+    use aiwg_core::dispatch::{store_suite, DispatchStore};
+    let Some(db) = test_db().await else { return };
+    store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn DispatchStore> }).await;
+    db.cleanup().await;
+}

@@ -63,6 +63,7 @@ use super::{
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{IllegalTransition, Job, JobId, JobStatus};
 
+mod dispatch;
 mod listen;
 
 static MIGRATOR: Migrator = sqlx::migrate!();

@@ -1,0 +1,649 @@
+//! [`DispatchStore`] on PostgreSQL (migration `0002_webhook_deliveries.sql`): subscriptions and
+//! the delivery outbox, shared by every instance.
+//!
+//! Claims are `FOR UPDATE SKIP LOCKED` over open, due deliveries of enabled subscriptions, so
+//! two instances never take the same delivery. When a per-subscription cap is set, the in-flight
+//! count of each subscription is re-read under a transaction-scoped advisory lock on the
+//! subscription (taken in id order, so claimers never deadlock), which makes the cap hold
+//! across instances. Completion and release are fenced by the lease token. Times are stored as
+//! Unix nanoseconds so they round-trip exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{lock_key, PgStore};
+use crate::dispatch::{
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
+    DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery, RequeueOutcome, SigningKey,
+    SigningSecret, StoreError, StoreResult, Subscription, SubscriptionChange, SubscriptionId,
+};
+
+fn db(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => StoreError::Duplicate,
+        _ => StoreError::Backend(format!("postgres: {e}")),
+    }
+}
+
+fn ns(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
+
+fn at(n: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(n)
+}
+
+fn count(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn ucount(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// A signing key as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    secret: String,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+const SUB_COLUMNS: &str = "id, url, events, description, enabled, disabled_reason, keys, \
+     created_at_ns, updated_at_ns, failing_since_ns, consecutive_failures";
+
+const DELIVERY_COLUMNS: &str = "id, subscription_id, event_type, payload, state, created_at_ns, \
+     next_attempt_at_ns, scheduled_attempts, attempts";
+
+fn keys_json(sub: &Subscription) -> Json<Vec<StoredKey>> {
+    Json(
+        sub.keys
+            .iter()
+            .map(|k| StoredKey {
+                secret: k.secret.expose().to_owned(),
+                expires_at: k.expires_at,
+            })
+            .collect(),
+    )
+}
+
+fn subscription_of(row: &PgRow) -> StoreResult<Subscription> {
+    let Json(events): Json<Vec<String>> = row.try_get("events").map_err(db)?;
+    let Json(keys): Json<Vec<StoredKey>> = row.try_get("keys").map_err(db)?;
+    let keys = keys
+        .into_iter()
+        .map(|k| {
+            SigningSecret::parse(&k.secret)
+                .map(|secret| SigningKey {
+                    secret,
+                    expires_at: k.expires_at,
+                })
+                .map_err(|_| {
+                    StoreError::Backend("postgres: a stored signing key is invalid".into())
+                })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let id: Uuid = row.try_get("id").map_err(db)?;
+    Ok(Subscription {
+        id: id.into(),
+        url: row.try_get("url").map_err(db)?,
+        events,
+        description: row.try_get("description").map_err(db)?,
+        enabled: row.try_get("enabled").map_err(db)?,
+        disabled_reason: row.try_get("disabled_reason").map_err(db)?,
+        keys,
+        created_at: at(row.try_get("created_at_ns").map_err(db)?),
+        updated_at: at(row.try_get("updated_at_ns").map_err(db)?),
+        failing_since: row
+            .try_get::<Option<i64>, _>("failing_since_ns")
+            .map_err(db)?
+            .map(at),
+        consecutive_failures: ucount(row.try_get("consecutive_failures").map_err(db)?),
+    })
+}
+
+fn state_of(s: &str) -> StoreResult<DeliveryState> {
+    Ok(match s {
+        "pending" => DeliveryState::Pending,
+        "succeeded" => DeliveryState::Succeeded,
+        "failed" => DeliveryState::Failed,
+        "retrying" => DeliveryState::Retrying,
+        other => {
+            return Err(StoreError::Backend(format!(
+                "postgres: unknown delivery state `{other}`"
+            )))
+        }
+    })
+}
+
+fn delivery_of(row: &PgRow) -> StoreResult<Delivery> {
+    let id: Uuid = row.try_get("id").map_err(db)?;
+    let sub: Uuid = row.try_get("subscription_id").map_err(db)?;
+    let state: String = row.try_get("state").map_err(db)?;
+    let Json(attempts): Json<Vec<Attempt>> = row.try_get("attempts").map_err(db)?;
+    Ok(Delivery {
+        id: id.into(),
+        subscription_id: sub.into(),
+        event_type: row.try_get("event_type").map_err(db)?,
+        payload: row.try_get("payload").map_err(db)?,
+        state: state_of(&state)?,
+        created_at: at(row.try_get("created_at_ns").map_err(db)?),
+        next_attempt_at: row
+            .try_get::<Option<i64>, _>("next_attempt_at_ns")
+            .map_err(db)?
+            .map(at),
+        scheduled_attempts: ucount(row.try_get("scheduled_attempts").map_err(db)?),
+        attempts,
+    })
+}
+
+impl PgStore {
+    async fn write_subscription(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        sub: &Subscription,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE aiwg_webhook_subscriptions SET url = $2, events = $3, description = $4, \
+                 enabled = $5, disabled_reason = $6, keys = $7, created_at_ns = $8, \
+                 updated_at_ns = $9, failing_since_ns = $10, consecutive_failures = $11 \
+             WHERE id = $1",
+        )
+        .bind(sub.id.as_uuid())
+        .bind(&sub.url)
+        .bind(Json(&sub.events))
+        .bind(sub.description.as_deref())
+        .bind(sub.enabled)
+        .bind(sub.disabled_reason.as_deref())
+        .bind(keys_json(sub))
+        .bind(ns(sub.created_at))
+        .bind(ns(sub.updated_at))
+        .bind(sub.failing_since.map(ns))
+        .bind(count(sub.consecutive_failures))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DispatchStore for PgStore {
+    async fn insert_subscription(&self, sub: &Subscription) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO aiwg_webhook_subscriptions ({SUB_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        ))
+        .bind(sub.id.as_uuid())
+        .bind(&sub.url)
+        .bind(Json(&sub.events))
+        .bind(sub.description.as_deref())
+        .bind(sub.enabled)
+        .bind(sub.disabled_reason.as_deref())
+        .bind(keys_json(sub))
+        .bind(ns(sub.created_at))
+        .bind(ns(sub.updated_at))
+        .bind(sub.failing_since.map(ns))
+        .bind(count(sub.consecutive_failures))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn subscription(&self, id: SubscriptionId) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(subscription_of).transpose()
+    }
+
+    async fn subscriptions(&self) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions ORDER BY created_at_ns, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(subscription_of).collect()
+    }
+
+    async fn update_subscription(
+        &self,
+        id: SubscriptionId,
+        change: &SubscriptionChange,
+    ) -> StoreResult<Option<Subscription>> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(&format!(
+            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut sub = subscription_of(&row)?;
+        change.apply(&mut sub);
+        self.write_subscription(&mut tx, &sub).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Some(sub))
+    }
+
+    async fn delete_subscription(&self, id: SubscriptionId) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let gone = sqlx::query("DELETE FROM aiwg_webhook_subscriptions WHERE id = $1")
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        sqlx::query("DELETE FROM aiwg_webhook_deliveries WHERE subscription_id = $1")
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(gone > 0)
+    }
+
+    async fn endpoint_failed(
+        &self,
+        id: SubscriptionId,
+        at_: DateTime<Utc>,
+    ) -> StoreResult<Option<EndpointFailure>> {
+        let row = sqlx::query(
+            "UPDATE aiwg_webhook_subscriptions \
+             SET failing_since_ns = COALESCE(failing_since_ns, $2), \
+                 consecutive_failures = LEAST(consecutive_failures::bigint + 1, 2147483647) \
+             WHERE id = $1 RETURNING failing_since_ns, consecutive_failures",
+        )
+        .bind(id.as_uuid())
+        .bind(ns(at_))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|r| {
+            Ok(EndpointFailure {
+                failing_since: at(r.try_get("failing_since_ns").map_err(db)?),
+                consecutive_failures: ucount(r.try_get("consecutive_failures").map_err(db)?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn endpoint_succeeded(&self, id: SubscriptionId) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE aiwg_webhook_subscriptions SET failing_since_ns = NULL, \
+             consecutive_failures = 0 WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn disable_subscription(
+        &self,
+        id: SubscriptionId,
+        reason: &str,
+        at_: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE aiwg_webhook_subscriptions SET enabled = FALSE, disabled_reason = $2, \
+             updated_at_ns = $3 WHERE id = $1 AND enabled",
+        )
+        .bind(id.as_uuid())
+        .bind(reason)
+        .bind(ns(at_))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn enqueue(&self, deliveries: &[NewDelivery]) -> StoreResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = deliveries.iter().map(|d| *d.id.as_uuid()).collect();
+        let subs: Vec<Uuid> = deliveries
+            .iter()
+            .map(|d| *d.subscription_id.as_uuid())
+            .collect();
+        let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
+        let payloads: Vec<&str> = deliveries.iter().map(|d| d.payload.as_str()).collect();
+        let created: Vec<i64> = deliveries.iter().map(|d| ns(d.created_at)).collect();
+        // One statement: all rows or none.
+        sqlx::query(
+            "INSERT INTO aiwg_webhook_deliveries (id, subscription_id, event_type, payload, \
+                 state, created_at_ns, next_attempt_at_ns) \
+             SELECT id, sub, et, pl, 'pending', c, c \
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[]) \
+                 AS t(id, sub, et, pl, c)",
+        )
+        .bind(&ids)
+        .bind(&subs)
+        .bind(&types)
+        .bind(&payloads)
+        .bind(&created)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn claim_due(&self, req: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+        if req.limit == 0 || req.per_subscription_cap == 0 {
+            return Ok(Vec::new());
+        }
+        let now = ns(req.now);
+        // A cap this large cannot bind: skip the per-subscription locks.
+        let capped = req.per_subscription_cap < 1_000_000;
+        let cap = i64::try_from(req.per_subscription_cap).unwrap_or(i64::MAX);
+        let fetch = if capped {
+            req.limit.saturating_mul(2).min(1000)
+        } else {
+            req.limit.min(1000)
+        };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT d.id, d.subscription_id FROM aiwg_webhook_deliveries d \
+             JOIN aiwg_webhook_subscriptions s ON s.id = d.subscription_id \
+             WHERE d.state IN ('pending', 'retrying') AND d.next_attempt_at_ns <= $1 \
+               AND (d.lease_token IS NULL OR d.lease_expires_at_ns <= $1) AND s.enabled \
+               AND ($2::bigint IS NULL OR (SELECT count(*) FROM aiwg_webhook_deliveries l \
+                    WHERE l.subscription_id = d.subscription_id AND l.lease_token IS NOT NULL \
+                      AND l.lease_expires_at_ns > $1) < $2) \
+             ORDER BY d.next_attempt_at_ns, d.id \
+             LIMIT $3 FOR UPDATE OF d SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(capped.then_some(cap))
+        .bind(i64::try_from(fetch).unwrap_or(1000))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut candidates = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: Uuid = r.try_get("id").map_err(db)?;
+            let sub: Uuid = r.try_get("subscription_id").map_err(db)?;
+            candidates.push((id, sub));
+        }
+        if capped {
+            // Room per subscription, read under its lock (ids in order: no deadlocks).
+            let subs: BTreeSet<Uuid> = candidates.iter().map(|c| c.1).collect();
+            let mut room: BTreeMap<Uuid, i64> = BTreeMap::new();
+            for sub in subs {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(lock_key(
+                        &self.channel,
+                        &format!("webhook subscription {sub}"),
+                    ))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                let in_flight: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM aiwg_webhook_deliveries WHERE subscription_id = $1 \
+                     AND lease_token IS NOT NULL AND lease_expires_at_ns > $2",
+                )
+                .bind(sub)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+                room.insert(sub, cap.saturating_sub(in_flight));
+            }
+            candidates.retain(|(_, sub)| match room.get_mut(sub) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            });
+        }
+        candidates.truncate(req.limit);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = candidates.iter().map(|c| c.0).collect();
+        let tokens: Vec<Uuid> = ids.iter().map(|_| Uuid::now_v7()).collect();
+        let lease_for =
+            chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
+        let expires_at = req.now + lease_for;
+        let rows = sqlx::query(
+            "UPDATE aiwg_webhook_deliveries d SET lease_token = u.tok, lease_owner = $3, \
+                 lease_expires_at_ns = $4 \
+             FROM unnest($1::uuid[], $2::uuid[]) AS u(id, tok) WHERE d.id = u.id \
+             RETURNING d.id, d.subscription_id, d.event_type, d.payload, \
+                 d.scheduled_attempts, d.manual, d.lease_token",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&req.owner)
+        .bind(ns(expires_at))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let sub_ids: Vec<Uuid> = candidates
+            .iter()
+            .map(|c| c.1)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let sub_rows = sqlx::query(&format!(
+            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = ANY($1)"
+        ))
+        .bind(&sub_ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let mut subs = BTreeMap::new();
+        for r in &sub_rows {
+            let s = subscription_of(r)?;
+            subs.insert(*s.id.as_uuid(), s);
+        }
+        let mut by_id = BTreeMap::new();
+        for r in &rows {
+            let id: Uuid = r.try_get("id").map_err(db)?;
+            by_id.insert(id, r);
+        }
+        let mut out = Vec::with_capacity(candidates.len());
+        for (id, sub) in candidates {
+            let (Some(r), Some(subscription)) = (by_id.get(&id), subs.get(&sub)) else {
+                continue;
+            };
+            let manual: bool = r.try_get("manual").map_err(db)?;
+            out.push(ClaimedDelivery {
+                lease: Lease {
+                    delivery_id: id.into(),
+                    token: r.try_get("lease_token").map_err(db)?,
+                    owner: req.owner.clone(),
+                    expires_at,
+                },
+                id: id.into(),
+                event_type: r.try_get("event_type").map_err(db)?,
+                payload: r.try_get("payload").map_err(db)?,
+                scheduled_attempts: ucount(r.try_get("scheduled_attempts").map_err(db)?),
+                trigger: if manual {
+                    AttemptTrigger::Manual
+                } else {
+                    AttemptTrigger::Scheduled
+                },
+                subscription: subscription.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn finish_attempt(
+        &self,
+        lease: &Lease,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> StoreResult<()> {
+        let (state, next) = match outcome {
+            AttemptOutcome::Succeeded => (DeliveryState::Succeeded, None),
+            AttemptOutcome::Failed => (DeliveryState::Failed, None),
+            AttemptOutcome::Retry { at: when } => (DeliveryState::Retrying, Some(ns(when))),
+        };
+        let scheduled = i32::from(attempt.trigger == AttemptTrigger::Scheduled);
+        let n = sqlx::query(
+            "UPDATE aiwg_webhook_deliveries SET attempts = attempts || jsonb_build_array($3::jsonb), \
+                 scheduled_attempts = scheduled_attempts + $4, manual = FALSE, state = $5, \
+                 next_attempt_at_ns = $6, lease_token = NULL, lease_owner = NULL, \
+                 lease_expires_at_ns = NULL \
+             WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(lease.delivery_id.as_uuid())
+        .bind(lease.token)
+        .bind(Json(attempt))
+        .bind(scheduled)
+        .bind(state.as_str())
+        .bind(next)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn release(&self, lease: &Lease) -> StoreResult<()> {
+        let n = sqlx::query(
+            "UPDATE aiwg_webhook_deliveries SET lease_token = NULL, lease_owner = NULL, \
+             lease_expires_at_ns = NULL WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(lease.delivery_id.as_uuid())
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn delivery(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+    ) -> StoreResult<Option<Delivery>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM aiwg_webhook_deliveries \
+             WHERE id = $1 AND subscription_id = $2"
+        ))
+        .bind(id.as_uuid())
+        .bind(subscription.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(delivery_of).transpose()
+    }
+
+    async fn deliveries(
+        &self,
+        subscription: SubscriptionId,
+        limit: usize,
+        before: Option<DeliveryId>,
+    ) -> StoreResult<Vec<Delivery>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM aiwg_webhook_deliveries \
+             WHERE subscription_id = $1 AND ($2::uuid IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(subscription.as_uuid())
+        .bind(before.map(|b| *b.as_uuid()))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(delivery_of).collect()
+    }
+
+    async fn requeue(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RequeueOutcome> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(
+            "SELECT lease_token, lease_expires_at_ns FROM aiwg_webhook_deliveries \
+             WHERE id = $1 AND subscription_id = $2 FOR UPDATE",
+        )
+        .bind(id.as_uuid())
+        .bind(subscription.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(RequeueOutcome::NotFound);
+        };
+        let token: Option<Uuid> = row.try_get("lease_token").map_err(db)?;
+        let expires: Option<i64> = row.try_get("lease_expires_at_ns").map_err(db)?;
+        if token.is_some() && expires.is_some_and(|e| e > ns(now)) {
+            return Ok(RequeueOutcome::InFlight);
+        }
+        sqlx::query(
+            "UPDATE aiwg_webhook_deliveries SET lease_token = NULL, lease_owner = NULL, \
+                 lease_expires_at_ns = NULL, manual = TRUE, state = 'pending', \
+                 next_attempt_at_ns = $2 WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .bind(ns(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(RequeueOutcome::Requeued)
+    }
+
+    async fn pending_count(&self) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM aiwg_webhook_deliveries WHERE state IN ('pending', 'retrying')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT LEAST( \
+                 (SELECT min(d.next_attempt_at_ns) FROM aiwg_webhook_deliveries d \
+                  JOIN aiwg_webhook_subscriptions s ON s.id = d.subscription_id \
+                  WHERE d.state IN ('pending', 'retrying') AND d.lease_token IS NULL \
+                    AND s.enabled), \
+                 (SELECT min(lease_expires_at_ns) FROM aiwg_webhook_deliveries \
+                  WHERE lease_token IS NOT NULL))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(n.map(at))
+    }
+}
