@@ -190,6 +190,7 @@ async fn stop_mid_run(
     idle: Option<Duration>,
     reply: Option<Reply>,
     fire_cancel: bool,
+    grace: Duration,
 ) -> Option<ExecutorError> {
     let s = setup(vec![reply.unwrap_or_else(|| {
         Reply::tool_use(
@@ -198,10 +199,7 @@ async fn stop_mid_run(
         )
     })])
     .await?;
-    let mut b = s
-        .builder()
-        .allowed_tools(["Bash"])
-        .grace(Duration::from_secs(2));
+    let mut b = s.builder().allowed_tools(["Bash"]).grace(grace);
     if let Some(i) = idle {
         b = b.idle_timeout(i);
     }
@@ -240,7 +238,16 @@ async fn stop_mid_run(
 
 #[tokio::test]
 async fn cancel_mid_run_leaves_no_process() {
-    if let Some(err) = stop_mid_run("321", LIMIT, None, None, true).await {
+    if let Some(err) = stop_mid_run("321", LIMIT, None, None, true, Duration::from_secs(2)).await {
+        assert_eq!(err, ExecutorError::Cancelled);
+    }
+}
+
+#[tokio::test]
+async fn without_a_grace_period_the_tool_process_groups_are_still_killed() {
+    // SIGKILL follows SIGTERM at once, so claude cannot clean up its Bash tool's process group
+    // (a group of its own): the executor has to find and kill it.
+    if let Some(err) = stop_mid_run("323", LIMIT, None, None, true, Duration::ZERO).await {
         assert_eq!(err, ExecutorError::Cancelled);
     }
 }
@@ -248,7 +255,16 @@ async fn cancel_mid_run_leaves_no_process() {
 #[tokio::test]
 async fn request_timeout_leaves_no_process() {
     // The sleep lasts far longer than the timeout, so only the timeout can end the run.
-    if let Some(err) = stop_mid_run("322", Duration::from_secs(8), None, None, false).await {
+    if let Some(err) = stop_mid_run(
+        "322",
+        Duration::from_secs(8),
+        None,
+        None,
+        false,
+        Duration::from_secs(2),
+    )
+    .await
+    {
         assert_eq!(err, ExecutorError::TimedOut(Duration::from_secs(8)));
     }
 }
@@ -261,6 +277,7 @@ async fn idle_watchdog_stops_a_model_that_streams_forever() {
         Some(Duration::from_secs(4)),
         Some(Reply::Hang),
         false,
+        Duration::from_secs(2),
     )
     .await
     {
