@@ -45,6 +45,7 @@
 //! uses sqlx migrations of its own should give aiwg its own schema (`search_path`), because both
 //! would share that table.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -64,6 +65,7 @@ use crate::event::{JobEvent, JobEventKind};
 use crate::job::{IllegalTransition, Job, JobId, JobStatus};
 
 mod dispatch;
+mod inbound;
 mod listen;
 
 static MIGRATOR: Migrator = sqlx::migrate!();
@@ -101,6 +103,7 @@ pub struct PgStore {
     pool: PgPool,
     channel: String,
     instance: String,
+    inbound_claims: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -256,6 +259,7 @@ impl PgStore {
             pool,
             channel: channel_for(&schema),
             instance: Uuid::now_v7().simple().to_string(),
+            inbound_claims: AtomicU64::new(0),
         })
     }
 
