@@ -1,0 +1,197 @@
+//! The outbound webhook dispatcher on PostgreSQL: two dispatchers sharing one database never
+//! send a delivery twice, and a new instance picks up the retries and the abandoned attempts of
+//! one that went away.
+//!
+//! Run with `cargo test -p aiwg-core --features postgres,test-util --test pg_dispatch`.
+#![cfg(all(feature = "postgres", feature = "test-util"))]
+
+#[path = "dispatch_support.rs"]
+mod support;
+
+mod pg_support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::dispatch::{
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, CreateSubscription, DeliveryState,
+    DispatchStore, Dispatcher, OutboundEvent, RetryPolicy, StoreError, SubscriptionId,
+};
+use aiwg_core::store::PgStore;
+use chrono::Utc;
+use pg_support::test_db;
+use serde_json::json;
+use support::{wait_until, Receiver, Reply};
+
+fn dispatcher(store: PgStore, instance: &str) -> Dispatcher {
+    Dispatcher::builder()
+        .store(Arc::new(store))
+        .allow_private_targets(true)
+        .retry(RetryPolicy::from_delays(vec![Duration::from_millis(20); 5]).with_jitter(0.0))
+        .workers(4)
+        .poll_interval(Duration::from_millis(20))
+        .instance_id(instance)
+        .build()
+        .unwrap()
+}
+
+async fn subscribe(d: &Dispatcher, url: String) -> SubscriptionId {
+    d.create(CreateSubscription {
+        url,
+        events: vec!["job.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .subscription
+    .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_on_one_database_send_each_delivery_once() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let r = Receiver::ok().await;
+    let a = dispatcher(db.store_in(&schema, 5).await, "a");
+    let b = dispatcher(db.store_in(&schema, 5).await, "b");
+    a.start().unwrap();
+    b.start().unwrap();
+    let sub = subscribe(&a, r.url("/hook")).await;
+    const N: usize = 100;
+    for i in 0..N {
+        let d = if i % 2 == 0 { &a } else { &b };
+        let n = d
+            .publish(OutboundEvent::new("job.completed", json!({ "i": i })))
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "B sees the subscription A created");
+    }
+    r.wait_for(N).await;
+    wait_until("every delivery finished", || async {
+        (a.pending_deliveries().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    let ids: HashSet<String> = r
+        .requests()
+        .iter()
+        .map(|q| q.header("webhook-id").to_owned())
+        .collect();
+    assert_eq!(r.count(), N, "no delivery was sent twice");
+    assert_eq!(ids.len(), N);
+    let page = b.deliveries(sub, 500, None).await.unwrap();
+    assert_eq!(page.deliveries.len(), N);
+    assert!(page
+        .deliveries
+        .iter()
+        .all(|d| d.state == DeliveryState::Succeeded && d.attempts.len() == 1));
+    a.shutdown().await;
+    b.shutdown().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let r = Receiver::start(|_, _| Reply::status(200)).await;
+    // The instance that goes away: never started, it acts through its store.
+    let old_store = Arc::new(db.store_in(&schema, 3).await);
+    let old = Dispatcher::builder()
+        .store(old_store.clone())
+        .allow_private_targets(true)
+        .build()
+        .unwrap();
+    let sub = subscribe(&old, r.url("/hook")).await;
+    old.publish(OutboundEvent::new("job.completed", json!({ "n": 1 })))
+        .await
+        .unwrap();
+    old.publish(OutboundEvent::new("job.completed", json!({ "n": 2 })))
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let claim = |lease: Duration| {
+        let store = old_store.clone();
+        async move {
+            let mut got = store
+                .claim_due(&ClaimRequest::new(Utc::now(), 1, "old", lease, usize::MAX))
+                .await
+                .unwrap();
+            assert_eq!(got.len(), 1);
+            got.remove(0)
+        }
+    };
+    let first = claim(Duration::from_secs(60)).await;
+    // The second was being attempted when the instance died: its lease lapses.
+    let abandoned = claim(Duration::from_millis(300)).await;
+    assert_ne!(abandoned.id, first.id);
+    // The first one's attempt failed with a 503 and a retry is due now.
+    old_store
+        .finish_attempt(
+            &first.lease,
+            &Attempt {
+                status_code: 503,
+                duration_ms: 3,
+                response_body: String::new(),
+                error: None,
+                at: now,
+                trigger: AttemptTrigger::Scheduled,
+            },
+            AttemptOutcome::Retry { at: now },
+        )
+        .await
+        .unwrap();
+
+    let new = dispatcher(db.store_in(&schema, 5).await, "new");
+    new.start().unwrap();
+    let got = r.wait_for(2).await;
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|q| q.header("webhook-id").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        HashSet::from([first.id.to_string(), abandoned.id.to_string()])
+    );
+    let retried = wait_until("the retry succeeded", || async {
+        let d = new.delivery(sub, first.id).await.unwrap();
+        (d.state == DeliveryState::Succeeded).then_some(d)
+    })
+    .await;
+    assert_eq!(retried.scheduled_attempts, 2);
+    assert_eq!(
+        retried
+            .attempts
+            .iter()
+            .map(|a| a.status_code)
+            .collect::<Vec<_>>(),
+        [503, 200]
+    );
+    let taken_over = wait_until("the abandoned delivery succeeded", || async {
+        let d = new.delivery(sub, abandoned.id).await.unwrap();
+        (d.state == DeliveryState::Succeeded).then_some(d)
+    })
+    .await;
+    assert_eq!(taken_over.attempts.len(), 1);
+    // The old instance cannot record anything for it any more.
+    assert!(matches!(
+        old_store
+            .finish_attempt(
+                &abandoned.lease,
+                &Attempt {
+                    status_code: 200,
+                    duration_ms: 1,
+                    response_body: String::new(),
+                    error: None,
+                    at: Utc::now(),
+                    trigger: AttemptTrigger::Scheduled,
+                },
+                AttemptOutcome::Succeeded,
+            )
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert_eq!(r.count(), 2);
+    new.shutdown().await;
+    db.cleanup().await;
+}
