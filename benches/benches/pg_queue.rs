@@ -75,10 +75,11 @@ impl Db {
             .expect("connect")
     }
 
-    async fn store(&self) -> Arc<PgStore> {
+    async fn store(&self, relaxed: bool) -> Arc<PgStore> {
         let store = PgStore::from_pool(self.pool(WORKERS as u32 + 4).await)
             .await
-            .expect("store");
+            .expect("store")
+            .with_relaxed_event_commits(relaxed);
         store.migrate().await.expect("migrate");
         Arc::new(store)
     }
@@ -243,9 +244,10 @@ fn main() {
     let Some(db) = rt.block_on(database()) else {
         return;
     };
-    let (one, two, raw) = rt.block_on(async {
-        let a = db.store().await;
-        let b = db.store().await;
+    let (one, two, relaxed, raw) = rt.block_on(async {
+        let a = db.store(false).await;
+        let b = db.store(false).await;
+        let r = db.store(true).await;
         let raw = db.pool(WORKERS as u32 + 1).await;
         sqlx::query(
             "CREATE TABLE bench_queue (id bigserial PRIMARY KEY, priority int NOT NULL, \
@@ -258,7 +260,7 @@ fn main() {
             .execute(&raw)
             .await
             .expect("baseline index");
-        (vec![a.clone()], vec![a, b], raw)
+        (vec![a.clone()], vec![a, b], vec![r], raw)
     });
 
     let mut c = Criterion::default()
@@ -280,7 +282,11 @@ fn main() {
             }
         })
     });
-    for (name, stores) in [("engines", &one), ("engines", &two)] {
+    for (name, stores) in [
+        ("engines", &one),
+        ("engines", &two),
+        ("relaxed_event_commits", &relaxed),
+    ] {
         group.bench_with_input(
             BenchmarkId::new(name, stores.len()),
             stores,
@@ -302,6 +308,7 @@ fn main() {
         let base = baseline(&raw).await;
         let t1 = burn_down(&one).await;
         let t2 = burn_down(&two).await;
+        let tr = burn_down(&relaxed).await;
         let rate = |d: Duration| BATCH as f64 / d.as_secs_f64();
         println!();
         println!("burn-down of {BATCH} jobs, {WORKERS} workers per engine:");
@@ -319,6 +326,11 @@ fn main() {
             rate(t2),
             rate(t2) / rate(base)
         );
+        println!(
+            "  1 engine, relaxed event commits {:>6.0} jobs/s  ({:.2} x baseline)",
+            rate(tr),
+            rate(tr) / rate(base)
+        );
         println!();
         println!("enqueue -> start latency ({LATENCY_SAMPLES} samples each):");
         let (b50, b99) = report_latency(
@@ -327,6 +339,10 @@ fn main() {
         );
         let (l50, l99) = report_latency("  1 engine", engine_latency(&one).await);
         let (m50, m99) = report_latency("  2 engines", engine_latency(&two).await);
+        report_latency(
+            "  1 engine, relaxed event commits",
+            engine_latency(&relaxed).await,
+        );
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
         println!(
             "  ratio to baseline: 1 engine p50 {:.1}x p99 {:.1}x; 2 engines p50 {:.1}x p99 {:.1}x",

@@ -24,6 +24,16 @@ async fn pg_store_passes_the_store_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_with_relaxed_event_commits_passes_the_store_suite() {
+    let Some(db) = test_db().await else { return };
+    store_suite(|| async {
+        Arc::new(db.fresh_store().await.with_relaxed_event_commits(true)) as Arc<dyn JobStore>
+    })
+    .await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_runs_migrations_and_errors_hide_the_password() {
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
