@@ -302,7 +302,8 @@ async fn an_expired_lease_is_recovered_by_another_engine() {
     let events = b.store.events(id, 0).await.unwrap();
     assert!(events.iter().any(|e| matches!(
         &e.kind,
-        JobEventKind::Status { to: JobStatus::Queued, error: Some(err), .. } if err.kind == "lease_lost"
+        JobEventKind::Status { to: JobStatus::Queued, error: Some(err), .. }
+            if err.kind == "lease_lost"
     )));
     // The crashed worker is fenced out.
     assert_eq!(

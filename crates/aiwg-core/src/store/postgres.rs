@@ -1,49 +1,4 @@
-//! The PostgreSQL [`JobStore`] (feature `postgres`): several engine instances share one
-//! database.
-//!
-//! # Layout
-//!
-//! Two tables (migration `0001_jobs.sql`): `aiwg_jobs` keeps every job as JSONB plus copies of
-//! the fields queries filter and sort on (status, priority, project, workflow, enqueue order,
-//! `retry_at`) and the lease (owner, token, expiry); `aiwg_job_events` keeps the event history,
-//! keyed by `(job_id, seq)`. The copies are written from the same [`Job`] value in the same
-//! statement, so they never disagree with the JSON.
-//!
-//! # Concurrency
-//!
-//! - Claims take the next queued job with `FOR UPDATE SKIP LOCKED`, highest priority first and
-//!   then in enqueue order, so concurrent claimers never wait for each other nor take the same
-//!   job.
-//! - The per-project limit counts running jobs of the project whose lease is still live. The
-//!   count and the claim happen under a transaction-scoped advisory lock on the project (a hash of
-//!   the schema and the path), so two instances cannot both see "one slot left" and both take it.
-//!   The lock is taken only when a limit is set and lives only as long as the claim's
-//!   transaction, so a crashed instance can never leave a project locked.
-//! - Lease tokens come from a sequence. Every fenced write (`append`, `heartbeat`, `finish`)
-//!   checks the token, the `running` status and the expiry in the same statement (or under the
-//!   row lock of the same transaction) as the write.
-//! - Event numbers come from the job row's `last_seq`, incremented by the statement that inserts
-//!   the event, which holds the row lock: no gaps, no duplicates.
-//! - Time comparisons use the later of the caller's clock and the database's, so the caller's
-//!   `now` (used by tests to move time forward) is honoured while instances with a slow clock
-//!   still agree with the database on which leases expired.
-//!
-//! # Notifications
-//!
-//! Every event insert and every cancel request of a running job sends a `NOTIFY` on a channel
-//! named after the schema, in the same transaction. [`PgStore::listen`] turns those into
-//! [`Engine::publish_remote`], [`Engine::wake`] and [`Engine::cancel_local`] calls on another
-//! instance. Use one `PgStore` per engine: events are tagged with the store's instance id and a
-//! listener skips the ones its own store wrote (its engine published those already).
-//!
-//! # Migrations
-//!
-//! [`PgStore::connect`] runs the embedded migrations (a PostgreSQL advisory lock makes that safe
-//! when several instances start at once). Hosts that run migrations themselves use
-//! [`PgStore::connect_without_migrations`] or [`PgStore::from_pool`] and
-//! [`PgStore::migrator`]. sqlx records applied migrations in `_sqlx_migrations`; a host that
-//! uses sqlx migrations of its own should give aiwg its own schema (`search_path`), because both
-//! would share that table.
+//! The PostgreSQL store (feature `postgres`): see [`PgStore`].
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -86,6 +41,66 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 
 /// A [`JobStore`] in PostgreSQL, shared by every engine instance that connects to the same
 /// database and schema.
+///
+/// # Layout
+///
+/// Jobs (migration `0001_jobs.sql`): `aiwg_jobs` keeps every job as JSONB plus copies of
+/// the fields queries filter and sort on (status, priority, project, workflow, enqueue order,
+/// `retry_at`) and the lease (owner, token, expiry); `aiwg_job_events` keeps the event history,
+/// keyed by `(job_id, seq)`. The copies are written from the same [`Job`] value in the same
+/// statement, so they never disagree with the JSON. The same store also implements
+/// [`DispatchStore`](crate::dispatch::DispatchStore) (webhook subscriptions and the delivery
+/// outbox, `0002_webhook_deliveries.sql`) and keeps inbound de-duplication keys
+/// ([`inbound_claim`](Self::inbound_claim) and friends, `0003_inbound_dedup.sql`). All tables
+/// live in the pool's current schema.
+///
+/// # Concurrency
+///
+/// - Claims take the next queued job with `FOR UPDATE SKIP LOCKED`, highest priority first and
+///   then in enqueue order, so concurrent claimers never wait for each other nor take the same
+///   job.
+/// - The per-project limit counts running jobs of the project whose lease is still live. The
+///   count and the claim happen under a transaction-scoped advisory lock on the project (a hash
+///   of the schema and the path), so two instances cannot both see "one slot left" and both
+///   take it.
+///   The lock is taken only when a limit is set and lives only as long as the claim's
+///   transaction, so a crashed instance can never leave a project locked.
+/// - Lease tokens come from a sequence. Every fenced write (`append`, `heartbeat`, `finish`)
+///   checks the token, the `running` status and the expiry in the same statement (or under the
+///   row lock of the same transaction) as the write.
+/// - Event numbers come from the job row's `last_seq`, incremented by the statement that inserts
+///   the event, which holds the row lock: no gaps, no duplicates.
+/// - Time comparisons use the later of the caller's clock and the database's, so the caller's
+///   `now` (used by tests to move time forward) is honoured while instances with a slow clock
+///   still agree with the database on which leases expired.
+///
+/// # Notifications
+///
+/// Every event insert and every cancel request of a running job sends a `NOTIFY` on a channel
+/// named after the schema, in the same transaction. [`Self::listen`] turns those into
+/// [`Engine::publish_remote`](crate::Engine::publish_remote),
+/// [`Engine::wake`](crate::Engine::wake) and
+/// [`Engine::cancel_local`](crate::Engine::cancel_local) calls on another instance. Use one
+/// `PgStore` per engine: events are tagged with the store's instance id and a
+/// listener skips the ones its own store wrote (its engine published those already).
+///
+/// # Migrations
+///
+/// [`Self::connect`] runs the embedded migrations (a PostgreSQL advisory lock makes that safe
+/// when several instances start at once). Hosts that run migrations themselves use
+/// [`Self::connect_without_migrations`] or [`Self::from_pool`] and
+/// [`Self::migrator`]. sqlx records applied migrations in `_sqlx_migrations`; a host that
+/// uses sqlx migrations of its own should give aiwg its own schema (`search_path`), because
+/// both would share that table.
+///
+/// # Durability and speed
+///
+/// Every state change is one transaction and, by default, one flush to disk: about five per
+/// one-step job (create, claim, step started, step finished, finish), which bounds throughput
+/// on slow disks. [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the
+/// progress events skip the flush.
+///
+/// # Example
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), aiwg_core::store::StoreError> {

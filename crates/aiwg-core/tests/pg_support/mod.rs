@@ -1,8 +1,8 @@
 //! Test databases for the PostgreSQL tests: one fresh schema per store, dropped at the end.
 //!
-//! The URL comes from `AIWG_TEST_DATABASE_URL`; without it, `postgres://postgres@127.0.0.1:5432/test`
-//! is tried. When no database answers the tests print why and pass, except under `CI=true` (or
-//! with an explicit URL), where they fail.
+//! The URL comes from `AIWG_TEST_DATABASE_URL`; without it,
+//! `postgres://postgres@127.0.0.1:5432/test` is tried. When no database answers the tests
+//! print why and pass, except under `CI=true` (or with an explicit URL), where they fail.
 
 #![allow(dead_code, unreachable_pub)]
 

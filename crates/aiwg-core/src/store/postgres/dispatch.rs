@@ -507,7 +507,8 @@ impl DispatchStore for PgStore {
         };
         let scheduled = i32::from(attempt.trigger == AttemptTrigger::Scheduled);
         let n = sqlx::query(
-            "UPDATE aiwg_webhook_deliveries SET attempts = attempts || jsonb_build_array($3::jsonb), \
+            "UPDATE aiwg_webhook_deliveries \
+             SET attempts = attempts || jsonb_build_array($3::jsonb), \
                  scheduled_attempts = scheduled_attempts + $4, manual = FALSE, state = $5, \
                  next_attempt_at_ns = $6, lease_token = NULL, lease_owner = NULL, \
                  lease_expires_at_ns = NULL \

@@ -21,7 +21,8 @@ impl PgStore {
     ///
     /// - `Continue(())`: first time seen (or the previous claim's `lease` lapsed, or the key
     ///   was forgotten): the caller owns the claim and must call
-    ///   [`inbound_complete`](Self::inbound_complete) or [`inbound_release`](Self::inbound_release);
+    ///   [`inbound_complete`](Self::inbound_complete) or
+    ///   [`inbound_release`](Self::inbound_release);
     /// - `Break(Some(job))`: already handled, it created `job`;
     /// - `Break(None)`: another request with that key is being handled right now.
     ///
