@@ -683,3 +683,41 @@ async fn subscriptions_in_the_store_are_signed_with_their_keys() {
     verify(secret.expose(), &req).unwrap();
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_same_store_loses_nothing() {
+    // The first instance writes the outbox and goes away before sending anything; a new
+    // instance on the same store delivers everything, with the ids written the first time.
+    let r = Receiver::ok().await;
+    let store: std::sync::Arc<dyn aiwg_core::dispatch::DispatchStore> =
+        std::sync::Arc::new(aiwg_core::dispatch::MemoryStore::new());
+    let first = local().store(store.clone()).build().unwrap();
+    let (sub, secret) = subscribe(&first, r.url("/"), &["*"]).await;
+    for i in 0..10 {
+        first
+            .publish(OutboundEvent::new("job.queued", json!({ "i": i })))
+            .await
+            .unwrap();
+    }
+    let written: HashSet<String> = first
+        .deliveries(sub, 100, None)
+        .await
+        .unwrap()
+        .deliveries
+        .iter()
+        .map(|x| x.id.to_string())
+        .collect();
+    drop(first);
+    let second = local().store(store).build().unwrap();
+    second.start().unwrap();
+    let reqs = r.wait_for(10).await;
+    let got: HashSet<String> = reqs
+        .iter()
+        .map(|q| q.header("webhook-id").to_owned())
+        .collect();
+    assert_eq!(got, written);
+    for q in &reqs {
+        verify(&secret, q).unwrap();
+    }
+    second.shutdown().await;
+}
