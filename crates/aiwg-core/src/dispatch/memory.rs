@@ -1,7 +1,7 @@
 //! The in-memory [`DispatchStore`]: everything behind one mutex, with an index of due deliveries
 //! so a claim does not scan the whole outbox.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -16,9 +16,23 @@ use super::store::{
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
 /// Subscriptions and deliveries in memory. Lost on restart; for tests and single-process hosts.
-#[derive(Debug, Default)]
+///
+/// Open deliveries are always kept; finished ones (succeeded or failed) are kept up to a
+/// retention per subscription (10 000 by default, see [`with_retention`](Self::with_retention)),
+/// the oldest finished being dropped first, so a long-running process does not grow forever.
+#[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    retention: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            retention: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -30,12 +44,17 @@ struct State {
     due: BTreeSet<(DateTime<Utc>, DeliveryId)>,
     /// Deliveries under a lease (expired or not).
     leased: HashMap<DeliveryId, Lease>,
+    /// Finished deliveries per subscription in the order they finished, with the sequence
+    /// number of that finish (a redelivered one finishes again under a new number).
+    finished: HashMap<SubscriptionId, VecDeque<(u64, DeliveryId)>>,
+    finish_seq: u64,
 }
 
 #[derive(Debug)]
 struct Row {
     delivery: Delivery,
     manual: bool,
+    finished_seq: Option<u64>,
 }
 
 impl MemoryStore {
@@ -43,6 +62,13 @@ impl MemoryStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps at most `finished` succeeded or failed deliveries per subscription (at least 1).
+    #[must_use]
+    pub fn with_retention(mut self, finished: usize) -> Self {
+        self.retention = finished.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -55,6 +81,36 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Records that `id` finished and drops the oldest finished deliveries past `retention`.
+    fn finished(&mut self, sub: SubscriptionId, id: DeliveryId, retention: usize) {
+        self.finish_seq += 1;
+        let seq = self.finish_seq;
+        if let Some(row) = self.rows.get_mut(&id) {
+            row.finished_seq = Some(seq);
+        }
+        let queue = self.finished.entry(sub).or_default();
+        queue.push_back((seq, id));
+        let mut dropped = Vec::new();
+        while queue.len() > retention {
+            if let Some(old) = queue.pop_front() {
+                dropped.push(old);
+            }
+        }
+        for (seq, old) in dropped {
+            // Only if it is still that finish (not redelivered and open or finished again).
+            let current = self
+                .rows
+                .get(&old)
+                .is_some_and(|r| r.finished_seq == Some(seq) && !r.delivery.state.is_open());
+            if current {
+                self.rows.remove(&old);
+                if let Some(ids) = self.by_sub.get_mut(&sub) {
+                    ids.remove(&old);
+                }
+            }
+        }
+    }
+
     fn check_lease(&self, lease: &Lease) -> StoreResult<()> {
         match self.leased.get(&lease.delivery_id) {
             Some(held) if held.token == lease.token => Ok(()),
@@ -102,6 +158,7 @@ impl DispatchStore for MemoryStore {
         if st.subs.remove(&id).is_none() {
             return Ok(false);
         }
+        st.finished.remove(&id);
         for did in st.by_sub.remove(&id).unwrap_or_default() {
             if let Some(row) = st.rows.remove(&did) {
                 if let Some(at) = row.delivery.next_attempt_at {
@@ -181,6 +238,7 @@ impl DispatchStore for MemoryStore {
                 Row {
                     delivery,
                     manual: false,
+                    finished_seq: None,
                 },
             );
         }
@@ -282,14 +340,16 @@ impl DispatchStore for MemoryStore {
             d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
         }
         row.manual = false;
+        let sub = d.subscription_id;
         match outcome {
-            AttemptOutcome::Succeeded => {
-                d.state = DeliveryState::Succeeded;
+            AttemptOutcome::Succeeded | AttemptOutcome::Failed => {
+                d.state = if outcome == AttemptOutcome::Succeeded {
+                    DeliveryState::Succeeded
+                } else {
+                    DeliveryState::Failed
+                };
                 d.next_attempt_at = None;
-            }
-            AttemptOutcome::Failed => {
-                d.state = DeliveryState::Failed;
-                d.next_attempt_at = None;
+                st.finished(sub, lease.delivery_id, self.retention);
             }
             AttemptOutcome::Retry { at } => {
                 d.state = DeliveryState::Retrying;
@@ -372,6 +432,7 @@ impl DispatchStore for MemoryStore {
             st.due.remove(&(at, id));
         }
         row.manual = true;
+        row.finished_seq = None;
         row.delivery.state = DeliveryState::Pending;
         row.delivery.next_attempt_at = Some(now);
         st.due.insert((now, id));
@@ -410,8 +471,73 @@ impl DispatchStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
+    use crate::dispatch::sign::SigningSecret;
+
+    #[tokio::test]
+    async fn finished_deliveries_beyond_the_retention_are_dropped() {
+        let store = MemoryStore::new().with_retention(3);
+        let now = Utc::now();
+        let sub = Subscription::new(
+            "http://x/",
+            vec!["*".into()],
+            None,
+            SigningSecret::generate(),
+            now,
+        );
+        store.insert_subscription(&sub).await.unwrap();
+        let batch: Vec<_> = (0..6)
+            .map(|_| NewDelivery::new(sub.id, "job.queued", "{}", now))
+            .collect();
+        store.enqueue(&batch).await.unwrap();
+        let attempt = Attempt {
+            status_code: 200,
+            duration_ms: 1,
+            response_body: String::new(),
+            error: None,
+            at: now,
+            trigger: AttemptTrigger::Scheduled,
+        };
+        let req = ClaimRequest::new(now, 10, "t", Duration::from_secs(30), 100);
+        let claimed = store.claim_due(&req).await.unwrap();
+        // Five finish, one stays open.
+        for c in &claimed[..5] {
+            store
+                .finish_attempt(&c.lease, &attempt, AttemptOutcome::Succeeded)
+                .await
+                .unwrap();
+        }
+        let ids: Vec<_> = store
+            .deliveries(sub.id, 100, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids.len(), 4, "3 finished kept + 1 open");
+        assert!(
+            ids.contains(&claimed[5].id),
+            "open deliveries are never dropped"
+        );
+        assert!(!ids.contains(&claimed[0].id) && !ids.contains(&claimed[1].id));
+        // A redelivered one is not dropped because of its earlier finish.
+        assert_eq!(
+            store.requeue(sub.id, claimed[2].id, now).await.unwrap(),
+            RequeueOutcome::Requeued
+        );
+        store
+            .finish_attempt(&claimed[5].lease, &attempt, AttemptOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(store
+            .delivery(sub.id, claimed[2].id)
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(store.pending_count().await.unwrap(), 1);
+    }
 
     #[tokio::test]
     async fn memory_store_passes_the_suite() {
