@@ -154,6 +154,7 @@ pub fn parse_command(text: &str) -> Result<Parsed, GrammarError> {
         }
     }
     let free = free.filter(|f| !f.is_empty());
+    let guidance_opt = guidance_opt.filter(|g| !g.trim().is_empty());
     cmd.guidance = match (guidance_opt, free) {
         (Some(g), Some(f)) => Some(format!("{g}\n\n{f}")),
         (g, f) => g.or(f),
@@ -487,5 +488,10 @@ mod tests {
         assert_eq!(c.project.as_deref(), Some("org/repo"));
         assert_eq!(c.guidance.as_deref(), Some("be brief\n\nand more"));
         assert!(c.params.is_empty());
+        assert_eq!(run("@aiwg w --guidance ''").guidance, None);
+        assert_eq!(
+            run("@aiwg w --guidance= text").guidance.as_deref(),
+            Some("text")
+        );
     }
 }

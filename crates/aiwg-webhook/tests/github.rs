@@ -72,6 +72,7 @@ fn peers_vector_and_negatives() {
     let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
     let h = headers(&[("x-hub-signature-256", good)]);
     assert_eq!(github::verify(&secret, &h, b"Hello, World!"), Ok(()));
+    assert_eq!(github::sign(SECRET, b"Hello, World!"), good);
     // tampered body
     assert_eq!(
         github::verify(&secret, &h, b"Hello, World"),

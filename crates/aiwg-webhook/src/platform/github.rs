@@ -23,6 +23,16 @@ pub fn verify(secret: &Secret, headers: &HeaderMap, body: &[u8]) -> Result<(), V
     verify_hex_hmac(secret.expose().as_bytes(), &[body], hex_sig)
 }
 
+/// The `X-Hub-Signature-256` value GitHub would send for `body` (for tests of routers and
+/// hosts).
+#[must_use]
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    format!(
+        "sha256={}",
+        hex::encode(super::hmac_sha256_bytes(secret.as_bytes(), body))
+    )
+}
+
 /// Parses a verified delivery.
 pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
     let event =

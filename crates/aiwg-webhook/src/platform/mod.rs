@@ -67,6 +67,13 @@ pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     mac
 }
 
+/// HMAC-SHA256 of `message` with `key`: the primitive behind the GitHub, GitLab-signing, Slack,
+/// Gitea, Bitbucket and Standard Webhooks schemes (for senders, tests and benchmarks).
+#[must_use]
+pub fn hmac_sha256_bytes(key: &[u8], message: &[u8]) -> [u8; 32] {
+    hmac_sha256(key, &[message]).finalize().into_bytes().into()
+}
+
 /// Checks a hex HMAC-SHA256 signature in constant time.
 pub(crate) fn verify_hex_hmac(
     key: &[u8],
