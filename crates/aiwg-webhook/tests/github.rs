@@ -665,3 +665,28 @@ fn metrics_are_counted() {
         1
     );
 }
+
+#[tokio::test]
+async fn handle_is_send_and_responses_convert_to_http() {
+    fn assert_send<T: Send>(t: T) -> T {
+        t
+    }
+    fn assert_clone_send_sync<T: Clone + Send + Sync + 'static>() {}
+    assert_clone_send_sync::<aiwg_webhook::Hooks>();
+
+    let hooks = hooks(CONFIG);
+    let body = comment("@aiwg fix", "alice", "User", "OWNER");
+    let h = signed("issue_comment", "s", &body);
+    let mut busy = MockJobSubmitter::new();
+    busy.expect_submit()
+        .times(1)
+        .returning(|_| Err(SubmitRejection::QueueFull("full".into())));
+    // axum and actix need the future to be Send.
+    let r = assert_send(hooks.handle("github", &h, &body, &busy)).await;
+    let http = r.into_http();
+    assert_eq!(http.status(), 503);
+    assert_eq!(http.headers()["content-type"], "application/problem+json");
+    assert_eq!(http.headers()["retry-after"], "30");
+    let problem: serde_json::Value = serde_json::from_slice(http.body()).expect("json");
+    assert_eq!(problem["status"], 503);
+}
