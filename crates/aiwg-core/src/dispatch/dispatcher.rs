@@ -759,7 +759,13 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
     // freed. One is enough: it claims, and a worker that finds work wakes no one else.
     inner.wake.notify_one();
     let health = if success {
-        inner.store.endpoint_succeeded(sub.id).await.map(|()| None)
+        // Skip the write when the claim's snapshot shows a healthy endpoint (the common case);
+        // a failure recorded since then is reset by the next success.
+        if sub.failing_since.is_some() || sub.consecutive_failures > 0 {
+            inner.store.endpoint_succeeded(sub.id).await.map(|()| None)
+        } else {
+            Ok(None)
+        }
     } else if code == 410 {
         Ok(Some("the endpoint answered 410 Gone".to_owned()))
     } else {
