@@ -49,6 +49,7 @@ impl Usage {
 
     /// Field-wise sum (saturating).
     #[must_use]
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, other: Usage) -> Usage {
         Usage {
             input_tokens: self.input_tokens.saturating_add(other.input_tokens),
@@ -556,10 +557,13 @@ pub trait Executor: Send + Sync + 'static {
     async fn health(&self) -> Health;
 }
 
+/// Registered executors, in order.
+type Entries = Vec<(String, Arc<dyn Executor>)>;
+
 /// Executors by name. Thread-safe and cheap to clone; the first registered is the default.
 #[derive(Clone, Default)]
 pub struct ExecutorRegistry {
-    inner: Arc<RwLock<Vec<(String, Arc<dyn Executor>)>>>,
+    inner: Arc<RwLock<Entries>>,
 }
 
 impl ExecutorRegistry {

@@ -113,8 +113,10 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
         let handle = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / 3);
-            tick.tick().await;
+            // The first beat is a third of a lease away (an immediate first tick would cost a
+            // timer turn on every job).
+            let period = ttl / 3;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}

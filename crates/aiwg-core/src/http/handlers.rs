@@ -47,7 +47,7 @@ fn allowed(methods: &[Method], req: &ApiRequest) -> Result<(), Problem> {
         Ok(())
     } else {
         let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-        let mut p = Problem::new(
+        Err(Problem::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method-not-allowed",
             format!(
@@ -55,9 +55,7 @@ fn allowed(methods: &[Method], req: &ApiRequest) -> Result<(), Problem> {
                 req.method,
                 list.join(", ")
             ),
-        );
-        p.job_id = None;
-        Err(p)
+        ))
     }
 }
 

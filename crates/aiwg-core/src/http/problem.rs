@@ -1,48 +1,70 @@
 //! RFC 9457 problem documents.
 
 use http::{HeaderValue, StatusCode};
-use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 
 use super::ApiResponse;
 
-/// An `application/problem+json` error: `type`, `title`, `status`, `detail`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+/// An `application/problem+json` error: `type` (`urn:aiwg:problem:<slug>`), `title`, `status`,
+/// `detail`, and for answers about a job its `job_id` and `job_status`.
+#[derive(Debug, Clone, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(example = json!({"type": "urn:aiwg:problem:unknown-workflow", "title": "Not Found", "status": 404, "detail": "unknown workflow `x`"}))]
 pub struct Problem {
-    /// A URI naming the kind of problem (`urn:aiwg:problem:<slug>`).
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The status code's reason phrase.
-    pub title: String,
-    /// The status code.
-    pub status: u16,
-    /// What went wrong, for a person.
-    pub detail: String,
-    /// Set on 409 answers about a job: its current status.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job_status: Option<String>,
-    /// Set when the problem concerns an existing job.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job_id: Option<String>,
-    #[serde(skip)]
+    #[schema(value_type = String, rename = "type")]
+    slug: &'static str,
+    #[schema(value_type = String)]
+    title: &'static str,
+    status: u16,
+    detail: String,
+    #[schema(value_type = Option<Object>)]
+    job: Option<Box<(String, String)>>,
+    #[schema(ignore)]
     retry_after: Option<u64>,
-    #[serde(skip)]
+    #[schema(ignore)]
     www_authenticate: bool,
+}
+
+impl Serialize for Problem {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("type", &format!("urn:aiwg:problem:{}", self.slug))?;
+        m.serialize_entry("title", self.title)?;
+        m.serialize_entry("status", &self.status)?;
+        m.serialize_entry("detail", &self.detail)?;
+        if let Some(job) = &self.job {
+            m.serialize_entry("job_id", &job.0)?;
+            m.serialize_entry("job_status", &job.1)?;
+        }
+        m.end()
+    }
 }
 
 impl Problem {
     /// A problem with status, slug and detail.
     #[must_use]
-    pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
         Self {
-            kind: format!("urn:aiwg:problem:{slug}"),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            slug,
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: detail.into(),
-            job_status: None,
-            job_id: None,
+            job: None,
             retry_after: None,
             www_authenticate: false,
         }
+    }
+
+    /// The status code.
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The detail text.
+    #[must_use]
+    pub fn detail(&self) -> &str {
+        &self.detail
     }
 
     /// Adds a `Retry-After` header (seconds, at least 1).
@@ -62,8 +84,7 @@ impl Problem {
     /// Names the job and its status.
     #[must_use]
     pub fn job(mut self, id: impl Into<String>, status: impl Into<String>) -> Self {
-        self.job_id = Some(id.into());
-        self.job_status = Some(status.into());
+        self.job = Some(Box::new((id.into(), status.into())));
         self
     }
 
@@ -84,5 +105,26 @@ impl Problem {
             );
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_serialise_as_rfc_9457() {
+        let p = Problem::new(StatusCode::CONFLICT, "job-finished", "done").job("j1", "completed");
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "urn:aiwg:problem:job-finished", "title": "Conflict", "status": 409,
+                "detail": "done", "job_id": "j1", "job_status": "completed"})
+        );
+        let res = Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "slow")
+            .retry_after(0)
+            .into_response();
+        assert_eq!(res.headers[http::header::RETRY_AFTER], "1");
+        assert!(std::mem::size_of::<Problem>() <= 128);
     }
 }

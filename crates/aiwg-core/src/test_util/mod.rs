@@ -241,6 +241,8 @@ impl Executor for ScriptedExecutor {
         let wait = async {
             match self.behaviour {
                 Behaviour::Hang => std::future::pending::<()>().await,
+                // A zero delay must not touch the timer: `sleep(0)` waits for the next tick.
+                Behaviour::Succeed if self.delay.is_zero() => {}
                 Behaviour::Succeed => tokio::time::sleep(self.delay).await,
             }
         };
