@@ -21,8 +21,6 @@ use aiwg_core::http::{Api, ApiKey, Scope};
 use aiwg_core::{Engine, Executor, JobStore, MemoryStore};
 use serde_json::Value;
 
-pub mod glue;
-
 /// The default configuration of the example server.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
 
@@ -348,7 +346,10 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         let hooks = aiwg_webhook::Hooks::builder(triggers)
             .build()
             .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
-        api = api.hooks(Arc::new(glue::EngineHooks::new(hooks, engine.clone())));
+        api = api.hooks(Arc::new(aiwg_webhook::EngineHooks::new(
+            hooks,
+            engine.clone(),
+        )));
     }
     let api = api
         .build()

@@ -174,6 +174,7 @@
 pub mod authorize;
 pub mod config;
 pub mod dedupe;
+mod engine;
 mod error;
 pub mod event;
 pub mod grammar;
@@ -186,6 +187,7 @@ mod submit;
 pub use authorize::IgnoreReason;
 pub use config::{ForkPolicy, PolicyConfig, RuleConfig, TriggersConfig};
 pub use dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
+pub use engine::EngineHooks;
 pub use error::{BuildError, DeliveryStoreError, ParseError, VerifyError};
 pub use event::{Actor, EventKind, InboundEvent, Platform, PullRequest, Repository};
 pub use hooks::{Hooks, HooksBuilder, DEFAULT_DELIVERY_TTL};

@@ -1,4 +1,15 @@
-//! Wiring `aiwg-webhook` to the engine and to the HTTP API.
+//! Wiring to the engine and the HTTP API: [`Engine`] is a [`JobSubmitter`], and [`EngineHooks`]
+//! serves `/hooks/{platform}` for `aiwg_core::http::Api` (and so for both routers).
+//!
+//! ```no_run
+//! # async fn doc(engine: aiwg_core::Engine, triggers: aiwg_webhook::TriggersConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! let hooks = aiwg_webhook::Hooks::builder(triggers).build()?;
+//! let api = aiwg_core::http::Api::builder(engine.clone())
+//!     .hooks(Arc::new(aiwg_webhook::EngineHooks::new(hooks, engine)))
+//!     .build()?;
+//! # let _ = api; Ok(()) }
+//! ```
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -6,17 +17,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use aiwg_core::http::{ApiResponse, HookHandler};
 use aiwg_core::{Engine, JobId, JobRequest, SubmitError};
-use aiwg_webhook::{Hooks, JobSubmitter, SubmitRejection};
 
-/// Submits platform triggers to an [`Engine`].
-#[derive(Clone, Debug)]
-pub struct EngineSubmitter(pub Engine);
+use crate::{Hooks, JobSubmitter, SubmitRejection};
 
 #[async_trait]
-impl JobSubmitter for EngineSubmitter {
+impl JobSubmitter for Engine {
     async fn submit(&self, request: JobRequest) -> Result<JobId, SubmitRejection> {
-        self.0
-            .submit(request)
+        Engine::submit(self, request)
             .await
             .map(|job| job.id)
             .map_err(|e| match e {
@@ -31,29 +38,25 @@ impl JobSubmitter for EngineSubmitter {
     }
 
     fn workflows(&self) -> Vec<(String, String)> {
-        self.0
-            .catalog()
+        self.catalog()
             .iter()
             .map(|w| (w.name.clone(), w.description.clone()))
             .collect()
     }
 }
 
-/// Serves `/hooks/{platform}` with [`Hooks`] over an engine.
+/// Serves `/hooks/{platform}`: [`Hooks`] submitting to an [`Engine`].
 #[derive(Debug)]
 pub struct EngineHooks {
     hooks: Hooks,
-    submitter: EngineSubmitter,
+    engine: Engine,
 }
 
 impl EngineHooks {
     /// Platform hooks submitting to `engine`.
     #[must_use]
     pub fn new(hooks: Hooks, engine: Engine) -> Self {
-        Self {
-            hooks,
-            submitter: EngineSubmitter(engine),
-        }
+        Self { hooks, engine }
     }
 }
 
@@ -62,7 +65,7 @@ impl HookHandler for EngineHooks {
     async fn handle(&self, platform: &str, headers: &HeaderMap, body: Bytes) -> ApiResponse {
         let res = self
             .hooks
-            .handle(platform, headers, &body, &self.submitter)
+            .handle(platform, headers, &body, &self.engine)
             .await;
         let status = StatusCode::from_u16(res.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut out = ApiResponse::bytes(status, res.content_type, res.body);
