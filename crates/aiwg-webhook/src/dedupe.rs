@@ -242,6 +242,93 @@ impl DeliveryStore for MemoryDeliveryStore {
     }
 }
 
+/// The behaviour every [`DeliveryStore`] must have, as one async check a store's tests call
+/// (feature `test-util`). Keys are prefixed with `prefix` so runs against a shared database do
+/// not collide. Panics on the first deviation.
+#[cfg(any(test, feature = "test-util"))]
+pub async fn store_suite(store: Arc<dyn DeliveryStore>, prefix: &str) {
+    let lease = Duration::from_secs(60);
+    let ttl = Duration::from_secs(3600);
+    let key = |k: &str| format!("{prefix}{k}");
+
+    // First claim wins; a second sees it pending; completion makes it done.
+    assert_eq!(
+        store.claim(&key("a"), lease, ttl).await,
+        Ok(Claim::Fresh),
+        "first claim"
+    );
+    assert_eq!(
+        store.claim(&key("a"), lease, ttl).await,
+        Ok(Claim::Pending),
+        "second claim"
+    );
+    assert_eq!(store.get(&key("a")).await, Ok(None), "pending is not done");
+    let job = JobId::new();
+    store.complete(&key("a"), job, ttl).await.expect("complete");
+    assert_eq!(
+        store.claim(&key("a"), lease, ttl).await,
+        Ok(Claim::Done(job)),
+        "replay"
+    );
+    assert_eq!(store.get(&key("a")).await, Ok(Some(job)), "get");
+    assert_eq!(
+        store.wait(&key("a"), Duration::ZERO).await,
+        Ok(Some(job)),
+        "wait on done"
+    );
+
+    // Released claims can be claimed again.
+    assert_eq!(store.claim(&key("b"), lease, ttl).await, Ok(Claim::Fresh));
+    store.release(&key("b")).await.expect("release");
+    assert_eq!(
+        store.claim(&key("b"), lease, ttl).await,
+        Ok(Claim::Fresh),
+        "after release"
+    );
+    store.release(&key("b")).await.expect("release");
+    assert_eq!(store.get(&key("b")).await, Ok(None));
+
+    // A waiter sees the completion.
+    assert_eq!(store.claim(&key("c"), lease, ttl).await, Ok(Claim::Fresh));
+    let waiter = {
+        let store = Arc::clone(&store);
+        let k = key("c");
+        tokio::spawn(async move { store.wait(&k, Duration::from_secs(30)).await })
+    };
+    let job = JobId::new();
+    store.complete(&key("c"), job, ttl).await.expect("complete");
+    assert_eq!(waiter.await.expect("joins"), Ok(Some(job)), "waiter");
+
+    // Concurrent claims: exactly one wins.
+    let claims = futures_join_all(
+        (0..16)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                let k = key("d");
+                tokio::spawn(async move { store.claim(&k, lease, ttl).await })
+            })
+            .collect(),
+    )
+    .await;
+    let fresh = claims.iter().filter(|c| **c == Ok(Claim::Fresh)).count();
+    assert_eq!(fresh, 1, "exactly one concurrent claim wins: {claims:?}");
+
+    // Keys are independent.
+    assert_eq!(store.claim(&key("e"), lease, ttl).await, Ok(Claim::Fresh));
+    assert_eq!(store.get(&key("a")).await.map(|j| j.is_some()), Ok(true));
+}
+
+#[cfg(any(test, feature = "test-util"))]
+async fn futures_join_all(
+    handles: Vec<tokio::task::JoinHandle<Result<Claim, DeliveryStoreError>>>,
+) -> Vec<Result<Claim, DeliveryStoreError>> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("joins"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +377,11 @@ mod tests {
         assert_eq!(s.claim("other", LEASE, TTL).await, Ok(Claim::Fresh));
         assert_eq!(s.wait("other", Duration::from_secs(5)).await, Ok(None));
         assert_eq!(s.wait("unknown", Duration::from_secs(5)).await, Ok(None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_store_passes_the_suite() {
+        store_suite(Arc::new(MemoryDeliveryStore::new()), "suite:").await;
     }
 
     #[tokio::test(start_paused = true)]
