@@ -39,11 +39,14 @@ pub async fn test_db() -> Option<TestDb> {
         .connect_with(options)
         .await;
     match admin {
-        Ok(admin) => Some(TestDb {
-            admin,
-            url,
-            schemas: Mutex::new(Vec::new()),
-        }),
+        Ok(admin) => {
+            drop_stale_schemas(&admin).await;
+            Some(TestDb {
+                admin,
+                url,
+                schemas: Mutex::new(Vec::new()),
+            })
+        }
         Err(e) if ci || explicit => {
             panic!("the PostgreSQL test database is not reachable: {e}")
         }
@@ -53,6 +56,34 @@ pub async fn test_db() -> Option<TestDb> {
                  set AIWG_TEST_DATABASE_URL to run these tests"
             );
             None
+        }
+    }
+}
+
+/// Drops test schemas left behind by runs that panicked more than an hour ago (their names
+/// carry a UUID v7, whose first 48 bits are the creation time in milliseconds).
+async fn drop_stale_schemas(admin: &PgPool) {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'aiwg\\_test\\_%'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap_or_default();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    for name in names {
+        let Some(hex) = name.strip_prefix("aiwg_test_").and_then(|h| h.get(..12)) else {
+            continue;
+        };
+        let Ok(created_ms) = u128::from_str_radix(hex, 16) else {
+            continue;
+        };
+        if now_ms.saturating_sub(created_ms) > 3_600_000 {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(admin)
+                .await;
         }
     }
 }
