@@ -146,6 +146,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! ## For router authors
+//!
+//! `POST /hooks/{platform}`, after the body limit (413 beyond it) and buffering:
+//!
+//! ```text
+//! let response = hooks.handle(&platform, &headers, &body, &engine).await;   // never fails
+//! // status: response.status, content-type: response.content_type,
+//! // extra headers: response.headers (Retry-After on 503), body: response.body
+//! // or, with http 1.x types: response.into_http() -> http::Response<Bytes>
+//! ```
+//!
+//! An unknown platform is a 404 problem, a known one without configuration a 401 problem:
+//! nothing is left to the router. [`Hooks`] is a cheap `Clone` handle and the future of
+//! `handle` is `Send`.
+//!
 //! ## Metrics
 //!
 //! Through the `metrics` facade: `aiwg_webhook_requests_total{platform}` for every request and
