@@ -488,6 +488,36 @@ mod tests {
     }
 
     #[test]
+    fn openapi_schema_of_the_create_answer_has_every_field() {
+        use utoipa::{PartialSchema as _, ToSchema as _};
+        let created = serde_json::to_string(&CreatedSubscription::schema()).unwrap();
+        assert!(created.contains("\"secret\""), "{created}");
+        assert!(
+            created.contains("#/components/schemas/WebhookSubscription"),
+            "{created}"
+        );
+        // The referenced schema travels with it (utoipa collects it into the components).
+        let mut deps = Vec::new();
+        CreatedSubscription::schemas(&mut deps);
+        let (name, sub) = deps
+            .iter()
+            .find(|(n, _)| n == "WebhookSubscription")
+            .expect("WebhookSubscription collected");
+        assert_eq!(name, "WebhookSubscription");
+        let sub = serde_json::to_string(sub).unwrap();
+        for field in [
+            "\"id\"",
+            "\"url\"",
+            "\"events\"",
+            "\"enabled\"",
+            "\"created_at\"",
+        ] {
+            assert!(sub.contains(field), "{field} missing from {sub}");
+        }
+        assert!(!sub.contains("\"secret\""));
+    }
+
+    #[test]
     fn live_keys_drop_expired_ones() {
         let now = Utc::now();
         let mut sub = Subscription::new(
