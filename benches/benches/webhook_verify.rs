@@ -10,10 +10,15 @@ use std::hint::black_box;
 
 use aiwg_webhook::platform::{self, github};
 use aiwg_webhook::Secret;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use axum::http::HeaderMap;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const SECRET: &str = "bench-webhook-secret";
+
+/// The `*_url` templates of a GitHub repository object.
+const URL_KEYS: &str = "forks keys collaborators teams hooks issue_events events assignees branches tags blobs git_tags \
+    git_refs trees statuses languages stargazers contributors subscribers subscription commits git_commits comments issue_comment \
+    contents compare merges archive downloads issues pulls milestones notifications labels releases deployments";
 
 fn user(login: &str, id: u64) -> String {
     let api = format!("https://api.github.com/users/{login}");
@@ -27,13 +32,7 @@ fn user(login: &str, id: u64) -> String {
 fn issue_comment(target: usize) -> Vec<u8> {
     let api = "https://api.github.com/repos/octo-org/octo-app";
     let mut urls = String::new();
-    for key in [
-        "forks", "keys", "collaborators", "teams", "hooks", "issue_events", "events", "assignees",
-        "branches", "tags", "blobs", "git_tags", "git_refs", "trees", "statuses", "languages",
-        "stargazers", "contributors", "subscribers", "subscription", "commits", "git_commits",
-        "comments", "issue_comment", "contents", "compare", "merges", "archive", "downloads",
-        "issues", "pulls", "milestones", "notifications", "labels", "releases", "deployments",
-    ] {
+    for key in URL_KEYS.split_whitespace() {
         urls.push_str(&format!(r#","{key}_url":"{api}/{key}{{/id}}""#));
     }
     let owner = user("octo-org", 1);
@@ -54,9 +53,17 @@ fn bench(c: &mut Criterion) {
     let body = issue_comment(8 * 1024);
     let mut headers = HeaderMap::new();
     headers.insert("x-github-event", "issue_comment".parse().expect("header"));
-    headers.insert("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958".parse().expect("header"));
+    headers.insert(
+        "x-github-delivery",
+        "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+            .parse()
+            .expect("header"),
+    );
     headers.insert("content-type", "application/json".parse().expect("header"));
-    headers.insert("x-hub-signature-256", github::sign(SECRET, &body).parse().expect("header"));
+    headers.insert(
+        "x-hub-signature-256",
+        github::sign(SECRET, &body).parse().expect("header"),
+    );
     let secret = Secret::new(SECRET);
     // Sanity: the delivery verifies and parses into the command we expect.
     github::verify(&secret, &headers, &body).expect("verifies");
@@ -77,14 +84,17 @@ fn bench(c: &mut Criterion) {
             github::parse(black_box(&headers), black_box(&body)).expect("parses")
         });
     });
-    group.bench_function(format!("github_verify_parse_grammar_{}B", body.len()), |b| {
-        b.iter(|| {
-            github::verify(&secret, black_box(&headers), black_box(&body)).expect("verifies");
-            let ev = github::parse(black_box(&headers), black_box(&body)).expect("parses");
-            aiwg_webhook::grammar::parse_comment(ev.text.as_deref().unwrap_or(""), "@aiwg")
-                .expect("grammar")
-        });
-    });
+    group.bench_function(
+        format!("github_verify_parse_grammar_{}B", body.len()),
+        |b| {
+            b.iter(|| {
+                github::verify(&secret, black_box(&headers), black_box(&body)).expect("verifies");
+                let ev = github::parse(black_box(&headers), black_box(&body)).expect("parses");
+                aiwg_webhook::grammar::parse_comment(ev.text.as_deref().unwrap_or(""), "@aiwg")
+                    .expect("grammar")
+            });
+        },
+    );
     group.finish();
 }
 
