@@ -167,6 +167,10 @@ impl Executor for Gated {
         events.emit(AgentEvent::Text {
             text: "after".into(),
         });
+        // Too long for a NOTIFY payload: the listener reads it from the table.
+        events.emit(AgentEvent::Text {
+            text: "x".repeat(9000),
+        });
         Ok(AgentResult::text("done"))
     }
 
@@ -236,6 +240,10 @@ async fn a_subscriber_on_one_engine_sees_events_produced_on_the_other() {
     assert!(events.iter().any(|e| matches!(
         &e.kind,
         JobEventKind::Agent { event: AgentEvent::Text { text }, .. } if text == "after"
+    )));
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        JobEventKind::Agent { event: AgentEvent::Text { text }, .. } if text.len() == 9000
     )));
     // Every event written on B after A listened arrived on A's bus, once, in order.
     let stored = a.store.events(job.id, 0).await.unwrap();
