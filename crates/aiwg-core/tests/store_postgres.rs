@@ -357,3 +357,46 @@ async fn inbound_dedup_claims_once_across_stores() {
     assert_eq!(fresh, 1);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_finished_deletes_only_finished_jobs_and_their_events() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let job = sample_job("w", "/p", 0);
+        ids.push(job.id);
+        store.create(NewJob::new(job)).await.unwrap();
+    }
+    let req = ClaimRequest::new("w", Duration::from_secs(60));
+    let done = store.claim(&req).await.unwrap().unwrap();
+    store
+        .finish(&done.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let running = store.claim(&req).await.unwrap().unwrap();
+    let before = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(store.purge_finished(before).await.unwrap(), 1);
+    assert!(store.get(done.job.id).await.unwrap().is_none());
+    assert!(matches!(
+        store.events(done.job.id, 0).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM aiwg_job_events WHERE job_id = $1")
+        .bind(done.job.id.as_uuid())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "events go with their job");
+    assert!(store.get(running.job.id).await.unwrap().is_some());
+    assert_eq!(store.counts().await.unwrap().queued, 1);
+    // A job that finished just now is kept by a cut-off an hour ago.
+    store
+        .finish(&running.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let long_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(store.purge_finished(long_ago).await.unwrap(), 0);
+    assert!(store.get(running.job.id).await.unwrap().is_some());
+    db.cleanup().await;
+}

@@ -314,6 +314,31 @@ impl PgStore {
         &self.instance
     }
 
+    /// Deletes jobs that finished before `before` (by the database's clock), with their events;
+    /// returns how many. Queued
+    /// and running jobs are never touched. Nothing calls this by itself: hosts that keep the
+    /// database small run it now and then (any instance; concurrent calls are harmless).
+    pub async fn purge_finished(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM aiwg_jobs WHERE id IN (SELECT id FROM aiwg_jobs \
+                 WHERE status NOT IN ('queued', 'running') \
+                   AND updated_at < $1 \
+                 LIMIT 1000 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?
+            .rows_affected();
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Commits progress events (everything [`JobStore::append`] writes: step, agent and log
     /// events) without waiting for the disk (`synchronous_commit = off` for those transactions
     /// only). Claims, finishes, cancels, recoveries and new jobs stay durable.
