@@ -206,9 +206,10 @@ async fn translate(
     if !headers.contains_key(REQUEST_ID) {
         headers.insert(REQUEST_ID, request_id.clone());
     }
-    // Both crates validate methods as the same RFC 9110 tokens, so this conversion holds.
-    let method =
-        http::Method::from_bytes(req.method().as_str().as_bytes()).unwrap_or(http::Method::OPTIONS);
+    let Ok(method) = http::Method::from_bytes(req.method().as_str().as_bytes()) else {
+        // Not reached: both `http` versions accept exactly the RFC 9110 method tokens.
+        return ApiResponse::empty(http::StatusCode::BAD_REQUEST);
+    };
     let request = ApiRequest::new(route, method)
         .with_params(params)
         .with_query(req.uri().query().map(str::to_owned))

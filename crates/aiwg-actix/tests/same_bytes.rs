@@ -43,8 +43,13 @@ enum Req {
     None,
     Json(Value),
     Raw(&'static str, Vec<u8>),
-    /// Sent chunked, without a Content-Length.
-    Chunked(&'static str, usize, usize),
+    /// `n` bytes of JSON whitespace over the limit, written whole on a fresh connection before
+    /// the answer is read (with a Content-Length, or chunked), so that no client-side race
+    /// with the early 413 can lose the answer.
+    Oversized {
+        n: usize,
+        chunked: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -169,11 +174,17 @@ fn script() -> Vec<Step> {
             .raw("text/plain", b"{\"workflow\":\"echo\"}"),
         step("no body", "POST", "/workflows/trigger", Some(TRIGGER_KEY)),
         Step {
-            body: Req::Json(trig(json!({"guidance": "x".repeat(4096)}))),
+            body: Req::Oversized {
+                n: 4096,
+                chunked: false,
+            },
             ..step("too large", "POST", "/workflows/trigger", Some(TRIGGER_KEY))
         },
         Step {
-            body: Req::Chunked("application/json", 8, 512),
+            body: Req::Oversized {
+                n: 4096,
+                chunked: true,
+            },
             ..step("too large, chunked", "POST", "/workflows/trigger", Some(TRIGGER_KEY))
         },
         step("bad last-event-id", "GET", &format!("/workflows/{ZERO}/events"), Some(READ_KEY))
@@ -227,17 +238,19 @@ fn script() -> Vec<Step> {
 
 async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
     let fx = fixture(FixtureOptions::default());
-    // A small limit, so that the over-limit bodies fit in the loopback socket buffers and the
-    // client can finish sending before it reads the early 413.
+    // A small limit, so that the over-limit bodies stay small.
     let api = api_builder(fx.engine.clone())
         .body_limit(1024)
         .dispatcher(Dispatcher::builder().build().expect("dispatcher"))
         .build()
         .expect("api");
     let served = server.serve(api, prefix).await;
+    // A fresh connection per request: no answer depends on how a stack treats the connection
+    // after the previous one.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     let mut vars: HashMap<&str, String> = HashMap::new();
@@ -246,6 +259,10 @@ async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
         let mut path = s.path.clone();
         for (name, value) in &vars {
             path = path.replace(&format!("{{{name}}}"), value);
+        }
+        if let Req::Oversized { n, chunked } = s.body {
+            out.push(raw_oversized(&served.base_url, &path, s.key, n, chunked).await);
+            continue;
         }
         let method = reqwest::Method::from_bytes(s.method.as_bytes()).unwrap();
         let mut rb = http.request(method, format!("{}{path}", served.base_url));
@@ -256,17 +273,9 @@ async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
             rb = rb.header(*n, *v);
         }
         rb = match &s.body {
-            Req::None => rb,
+            Req::None | Req::Oversized { .. } => rb,
             Req::Json(v) => rb.json(v),
             Req::Raw(ct, b) => rb.header("content-type", *ct).body(b.clone()),
-            Req::Chunked(ct, n, size) => {
-                let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-                    (0..*n).map(|_| Ok(vec![b' '; *size])).collect();
-                rb.header("content-type", *ct)
-                    .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-                        chunks,
-                    )))
-            }
         };
         let res = rb
             .send()
@@ -302,6 +311,92 @@ async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
     drop(served);
     fx.engine.shutdown(Duration::ZERO).await;
     out
+}
+
+/// POSTs `n` bytes over raw TCP, all of them before reading, and reads the answer (head and
+/// Content-Length body).
+async fn raw_oversized(
+    base_url: &str,
+    path: &str,
+    key: Option<&str>,
+    n: usize,
+    chunked: bool,
+) -> Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = base_url.trim_start_matches("http://");
+    let (addr, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut req = format!(
+        "POST {prefix}{path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n"
+    );
+    if let Some(k) = key {
+        req.push_str(&format!("authorization: Bearer {k}\r\n"));
+    }
+    let mut bytes = if chunked {
+        req.push_str("transfer-encoding: chunked\r\n\r\n");
+        let mut b = req.into_bytes();
+        for _ in 0..n / 512 {
+            b.extend_from_slice(b"200\r\n");
+            b.extend_from_slice(&[b' '; 512]);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"0\r\n\r\n");
+        b
+    } else {
+        req.push_str(&format!("content-length: {n}\r\n\r\n"));
+        let mut b = req.into_bytes();
+        b.extend(std::iter::repeat_n(b' ', n));
+        b
+    };
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    bytes.clear();
+    let mut buf = [0u8; 4096];
+    let (head, body_start) = loop {
+        let got = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(got > 0, "connection closed before the answer's head");
+        bytes.extend_from_slice(&buf[..got]);
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break (String::from_utf8_lossy(&bytes[..end]).into_owned(), end + 4);
+        }
+    };
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for line in lines {
+        let (k, v) = line.split_once(':').unwrap();
+        let v = v.trim().to_owned();
+        headers
+            .entry(k.to_ascii_lowercase())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let len: usize = headers["content-length"].parse().unwrap();
+    while bytes.len() < body_start + len {
+        let got = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+            .await
+            .expect("the answer's body")
+            .unwrap();
+        assert!(got > 0, "connection closed within the answer's body");
+        bytes.extend_from_slice(&buf[..got]);
+    }
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes[body_start..body_start + len]).into_owned(),
+    }
 }
 
 /// Replaces what naturally differs between two runs: ids become `<id1>`, `<id2>`… in order of
