@@ -461,3 +461,80 @@ async fn two_thousand_jobs_over_two_engines_end_exactly_once() {
     b.stop().await;
     db.cleanup().await;
 }
+
+/// Backends listening on `channel`.
+async fn listeners(pool: &sqlx::PgPool, channel: &str) -> Vec<i32> {
+    // `LISTEN "…"` at first, `LISTEN "…";` after a reconnection.
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE query IN ($1, $1 || ';') ORDER BY pid",
+    )
+    .bind(format!("LISTEN \"{channel}\""))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_reconnects_after_losing_its_connection() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let gated = Gated {
+        gate: Arc::new(Semaphore::new(0)),
+        started: Arc::new(Notify::new()),
+    };
+    let b = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(gated.clone()),
+        |b| b.workers(1),
+    )
+    .await;
+    let job = b
+        .engine
+        .submit(JobRequest::new("w").project_path("a"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, gated.started.notified())
+        .await
+        .expect("started on B");
+    let a = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(ScriptedExecutor::hanging()),
+        |b| b.workers(1),
+    )
+    .await;
+    let channel = a.store.channel().to_owned();
+    let before = listeners(db.admin(), &channel).await;
+    assert_eq!(before.len(), 2, "both engines listen");
+    for pid in &before {
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(db.admin())
+            .await
+            .unwrap();
+        assert!(killed);
+    }
+    // Both listeners come back on new connections (a condition wait, bounded).
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let now = listeners(db.admin(), &channel).await;
+            if now.len() == 2 && now.iter().all(|p| !before.contains(p)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the listeners reconnected");
+    let stream = a.engine.subscribe(job.id, 0).await.unwrap();
+    gated.gate.add_permits(1);
+    let events: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>())
+        .await
+        .expect("A still hears B after reconnecting");
+    assert!(events.last().unwrap().is_terminal());
+    a.stop().await;
+    b.stop().await;
+    db.cleanup().await;
+}

@@ -44,6 +44,7 @@ impl PgStore {
     /// - a cancel requested elsewhere for a job running here stops it ([`Engine::cancel_local`]).
     ///
     /// Returns once `LISTEN` is in place, so everything committed afterwards is seen. The task
+    /// holds one connection of the store's pool while it runs (size the pool accordingly). The task
     /// reconnects after a lost connection (notifications sent meanwhile are lost; the engine's
     /// polling picks up queued work, and subscribers catch up at the next event of their job),
     /// and ends when the pool is closed, at the first notification after the engine was
