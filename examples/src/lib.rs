@@ -301,14 +301,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     }
     builder = builder.policy(config.projects.policy()?);
 
-    let store: Arc<dyn JobStore> = match config.storage.kind {
-        StorageKind::Memory => Arc::new(MemoryStore::new()),
-        StorageKind::Postgres => postgres_store(config).await?,
-    };
-    builder = builder.store(Arc::clone(&store));
+    let storage = Storage::open(config).await?;
+    builder = builder.store(storage.jobs());
 
-    let dispatcher = Dispatcher::builder()
-        .config(&config.webhooks)
+    let dispatcher = storage
+        .dispatch(Dispatcher::builder().config(&config.webhooks))
         .build()
         .map_err(|e| ConfigError::new("webhooks", e.to_string()))?;
     dispatcher
@@ -318,7 +315,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let engine = builder
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
-    listen(config, &store, &engine).await?;
+    storage.listen(&engine).await?;
 
     let mut keys = config.auth.keys()?;
     let mut generated_key = None;
@@ -368,46 +365,70 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     })
 }
 
-#[cfg(feature = "postgres")]
-async fn postgres_store(config: &Config) -> Result<Arc<dyn JobStore>, AppError> {
-    let url = config.storage.url.as_deref().unwrap_or_default();
-    let store = aiwg_core::store::PgStore::connect(url)
-        .await
-        .map_err(|e| AppError::Start(format!("storage: {e}")))?;
-    Ok(Arc::new(store))
+/// The configured storage: memory, or one PostgreSQL pool shared by the job store, the
+/// dispatcher's outbox and the cross-instance notifications.
+enum Storage {
+    Memory,
+    #[cfg(feature = "postgres")]
+    Postgres(Arc<aiwg_core::store::PgStore>),
 }
 
-#[cfg(not(feature = "postgres"))]
-async fn postgres_store(_: &Config) -> Result<Arc<dyn JobStore>, AppError> {
-    Err(ConfigError::new(
-        "storage.kind",
-        "this build has no PostgreSQL support (build with `--features postgres`)",
-    )
-    .into())
-}
-
-#[cfg(feature = "postgres")]
-async fn listen(
-    config: &Config,
-    store: &Arc<dyn JobStore>,
-    engine: &Engine,
-) -> Result<(), AppError> {
-    if config.storage.kind == StorageKind::Postgres {
-        let url = config.storage.url.as_deref().unwrap_or_default();
-        let pg = aiwg_core::store::PgStore::connect_without_migrations(url)
-            .await
-            .map_err(|e| AppError::Start(format!("storage: {e}")))?;
-        let _ = store;
-        pg.listen(engine)
-            .await
-            .map_err(|e| AppError::Start(format!("storage: {e}")))?;
+impl Storage {
+    async fn open(config: &Config) -> Result<Self, AppError> {
+        match config.storage.kind {
+            StorageKind::Memory => Ok(Storage::Memory),
+            #[cfg(feature = "postgres")]
+            StorageKind::Postgres => {
+                let url = config.storage.url.as_deref().unwrap_or_default();
+                let store = aiwg_core::store::PgStore::connect(url)
+                    .await
+                    .map_err(|e| AppError::Start(format!("storage: {e}")))?;
+                Ok(Storage::Postgres(Arc::new(store)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            StorageKind::Postgres => Err(ConfigError::new(
+                "storage.kind",
+                "this build has no PostgreSQL support (build with `--features postgres`)",
+            )
+            .into()),
+        }
     }
-    Ok(())
-}
 
-#[cfg(not(feature = "postgres"))]
-async fn listen(_: &Config, _: &Arc<dyn JobStore>, _: &Engine) -> Result<(), AppError> {
-    Ok(())
+    fn jobs(&self) -> Arc<dyn JobStore> {
+        match self {
+            Storage::Memory => Arc::new(MemoryStore::new()),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pg) => Arc::clone(pg) as Arc<dyn JobStore>,
+        }
+    }
+
+    fn dispatch(
+        &self,
+        builder: aiwg_core::dispatch::DispatcherBuilder,
+    ) -> aiwg_core::dispatch::DispatcherBuilder {
+        match self {
+            Storage::Memory => builder,
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pg) => {
+                builder.store(Arc::clone(pg) as Arc<dyn aiwg_core::dispatch::DispatchStore>)
+            }
+        }
+    }
+
+    async fn listen(&self, engine: &Engine) -> Result<(), AppError> {
+        match self {
+            Storage::Memory => {
+                let _ = engine;
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pg) => pg
+                .listen(engine)
+                .await
+                .map(drop)
+                .map_err(|e| AppError::Start(format!("storage: {e}"))),
+        }
+    }
 }
 
 /// The README's code blocks, compiled and run as doctests.
