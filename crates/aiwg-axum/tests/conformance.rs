@@ -43,3 +43,8 @@ impl Serve for Axum {
 async fn axum_router_passes_the_conformance_suite() {
     conformance_suite(&Axum).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_router_passes_the_hooks_suite() {
+    aiwg_webhook::testing::hooks_suite(&Axum).await;
+}

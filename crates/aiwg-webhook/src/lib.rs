@@ -198,6 +198,9 @@ pub mod platform;
 mod response;
 mod secret;
 mod submit;
+/// The platform-hooks conformance suite for routers.
+#[cfg(all(feature = "test-util", feature = "github", feature = "slack", feature = "discord"))]
+pub mod testing;
 
 pub use authorize::IgnoreReason;
 pub use config::{ForkPolicy, PolicyConfig, RuleConfig, TriggersConfig};
