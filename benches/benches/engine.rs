@@ -4,6 +4,9 @@
 //! `cargo bench -p aiwg-benches --bench engine` — criterion reports both as elements/s; the
 //! ratio is engine throughput / baseline throughput for the same batch.
 
+// `criterion_group!` generates an undocumented public function.
+#![allow(missing_docs)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -340,7 +340,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         let triggers: aiwg_webhook::TriggersConfig =
             serde_json::from_value(config.triggers.clone())
                 .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
-        let hooks = aiwg_webhook::Hooks::builder(triggers)
+        let hooks = storage
+            .dedupe(aiwg_webhook::Hooks::builder(triggers))
             .build()
             .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
         api = api.hooks(Arc::new(aiwg_webhook::EngineHooks::new(
@@ -411,6 +412,16 @@ impl Storage {
             #[cfg(feature = "postgres")]
             Storage::Postgres(pg) => {
                 builder.store(Arc::clone(pg) as Arc<dyn aiwg_core::dispatch::DispatchStore>)
+            }
+        }
+    }
+
+    fn dedupe(&self, builder: aiwg_webhook::HooksBuilder) -> aiwg_webhook::HooksBuilder {
+        match self {
+            Storage::Memory => builder,
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pg) => {
+                builder.delivery_store(Arc::new(aiwg_webhook::PgDeliveryStore::new(Arc::clone(pg))))
             }
         }
     }

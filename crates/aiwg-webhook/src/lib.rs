@@ -198,6 +198,10 @@ pub mod platform;
 mod response;
 mod secret;
 mod submit;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PgDeliveryStore;
 /// The platform-hooks conformance suite for routers.
 #[cfg(all(feature = "test-util", feature = "github", feature = "slack", feature = "discord"))]
 pub mod testing;
