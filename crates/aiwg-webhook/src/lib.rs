@@ -195,15 +195,20 @@ pub mod event;
 pub mod grammar;
 mod hooks;
 pub mod platform;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod response;
 mod secret;
 mod submit;
 #[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "postgres")]
 pub use postgres::PgDeliveryStore;
 /// The platform-hooks conformance suite for routers.
-#[cfg(all(feature = "test-util", feature = "github", feature = "slack", feature = "discord"))]
+#[cfg(all(
+    feature = "test-util",
+    feature = "github",
+    feature = "slack",
+    feature = "discord"
+))]
 pub mod testing;
 
 pub use authorize::IgnoreReason;
