@@ -1,7 +1,9 @@
 //! Requests per second through the trigger path (`POST /workflows/trigger`, no-op scripted
 //! executor) served by the actix-web adapter, beside a bare actix-web handler that reads the body
 //! and answers the same 202 JSON; the same pair for axum. One client (reqwest, keep-alive
-//! pool), the same concurrency and batch for all four, on loopback.
+//! pool), the same concurrency and batch for all four, on loopback. The client runs on a tokio
+//! runtime of its own; the engines and the axum servers on a second one (2 threads); actix-web
+//! runs its 2 workers on threads of its own.
 //!
 //! `cargo bench -p aiwg-benches --bench http_actix` — criterion reports each as elements/s
 //! (one element = one request); the ratio is adapter throughput / bare throughput.
@@ -120,15 +122,21 @@ async fn batch(client: &reqwest::Client, url: &str) -> Duration {
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("server runtime");
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()
         .expect("client");
-    let targets = rt.block_on(async {
+    let targets = server_rt.block_on(async {
         vec![
             ("actix_bare", actix_server(false)),
             ("actix_aiwg_trigger", actix_server(true)),

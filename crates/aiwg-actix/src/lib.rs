@@ -106,13 +106,11 @@ pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
         for (pattern, route) in ROUTES {
             let (pattern, route) = (*pattern, *route);
-            let names: Vec<&'static str> = param_names(pattern).collect();
             let cors = cors::cors(api.cors_origins());
             let api = api.clone();
             let handler = move |req: HttpRequest, payload: web::Payload| {
                 let api = api.clone();
-                let names = names.clone();
-                async move { serve(api, route, pattern, &names, req, payload).await }
+                async move { serve(api, route, pattern, req, payload).await }
             };
             cfg.service(
                 web::resource(pattern)
@@ -134,7 +132,6 @@ async fn serve(
     api: Api,
     route: Route,
     pattern: &'static str,
-    names: &[&'static str],
     req: HttpRequest,
     payload: web::Payload,
 ) -> HttpResponse {
@@ -143,7 +140,7 @@ async fn serve(
         .get(REQUEST_ID)
         .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(new_request_id);
-    let res = translate(&api, route, pattern, names, &req, payload, &request_id).await;
+    let res = translate(&api, route, pattern, &req, payload, &request_id).await;
     let mut res = into_response(res);
     let id_name = ax_header::HeaderName::from_static(REQUEST_ID);
     if !res.headers().contains_key(&id_name) {
@@ -163,7 +160,6 @@ async fn translate(
     api: &Api,
     route: Route,
     pattern: &'static str,
-    names: &[&'static str],
     req: &HttpRequest,
     mut payload: web::Payload,
     request_id: &http::HeaderValue,
@@ -177,7 +173,8 @@ async fn translate(
     if declared.is_some_and(|n| n > limit as u64) {
         return api.payload_too_large();
     }
-    let mut body = BytesMut::new();
+    // At most `limit` bytes are ever held.
+    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(chunk) = payload.next().await {
         // Like the axum adapter: a body that cannot be read whole within the limit is refused.
         let Ok(chunk) = chunk else {
@@ -191,13 +188,16 @@ async fn translate(
 
     // Percent-decoded like actix's `web::Path` (and axum) decode them, picked by name so that
     // parameters of an enclosing scope do not shift them.
-    let info = req.match_info();
-    let values: Vec<String> = info.load().unwrap_or_default();
-    let by_name: HashMap<&str, String> = info.iter().map(|(k, _)| k).zip(values).collect();
-    let params = names
-        .iter()
-        .map(|n| by_name.get(n).cloned().unwrap_or_default())
-        .collect();
+    let params = if pattern.contains('{') {
+        let info = req.match_info();
+        let values: Vec<String> = info.load().unwrap_or_default();
+        let by_name: HashMap<&str, String> = info.iter().map(|(k, _)| k).zip(values).collect();
+        param_names(pattern)
+            .map(|n| by_name.get(n).cloned().unwrap_or_default())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let base_path = req
         .match_pattern()
         .and_then(|full| full.strip_suffix(pattern).map(str::to_owned))
