@@ -16,11 +16,6 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const SECRET: &str = "bench-webhook-secret";
 
-/// The `*_url` templates of a GitHub repository object.
-const URL_KEYS: &str = "forks keys collaborators teams hooks issue_events events assignees branches tags blobs git_tags \
-    git_refs trees statuses languages stargazers contributors subscribers subscription commits git_commits comments issue_comment \
-    contents compare merges archive downloads issues pulls milestones notifications labels releases deployments";
-
 fn bench(c: &mut Criterion) {
     let body = issue_comment(8 * 1024);
     let mut headers = HeaderMap::new();
