@@ -8,3 +8,8 @@ use aiwg_core::test_util::conformance::conformance_suite;
 async fn actix_service_passes_the_conformance_suite() {
     conformance_suite(&support::Actix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actix_service_passes_the_hooks_suite() {
+    aiwg_webhook::testing::hooks_suite(&support::Actix).await;
+}

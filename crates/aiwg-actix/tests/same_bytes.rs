@@ -16,6 +16,22 @@ use regex::{Captures, Regex};
 use serde_json::{json, Value};
 
 const ZERO: &str = "00000000-0000-7000-8000-000000000000";
+const GITHUB_SECRET: &str = "same-bytes-github-secret";
+const PING: &[u8] =
+    br#"{"zen":"Keep it logically awesome.","hook_id":1,"repository":{"full_name":"octo/app"}}"#;
+/// HMAC-SHA256 of [`PING`] under [`GITHUB_SECRET`].
+const PING_SIGNATURE: &str =
+    "sha256=bda9f763166511148e08abaefc920998c82371807a605fff68d5dfcca616cea6";
+const PING_CHANGED: [u8; PING.len()] = {
+    let mut b = [0u8; PING.len()];
+    let mut i = 0;
+    while i < PING.len() {
+        b[i] = PING[i];
+        i += 1;
+    }
+    b[9] = b'k'; // "Keep" -> "keep"
+    b
+};
 
 /// Headers that are compared value for value. Everything else the API sets is compared too,
 /// except what the HTTP stacks add on their own (see [`STACK_HEADERS`]).
@@ -150,7 +166,7 @@ fn script() -> Vec<Step> {
         step("unknown job cancel", "POST", &format!("/workflows/{ZERO}/cancel"), Some(ADMIN_KEY)),
         step("unknown workflow", "POST", "/workflows/trigger", Some(TRIGGER_KEY))
             .json(json!({"workflow": "ghost"})),
-        step("no hook handler", "POST", "/hooks/github", None).raw("application/json", b"{}"),
+        step("unknown platform", "POST", "/hooks/nowhere", None).raw("application/json", b"{}"),
         step("delete health", "DELETE", "/health", None),
         step("head health", "HEAD", "/health", None),
         step("health with a query", "GET", "/health?x=1&y", None),
@@ -216,6 +232,26 @@ fn script() -> Vec<Step> {
         step("cancel finished", "POST", "/workflows/{job}/cancel", Some(ADMIN_KEY)),
         step("listing", "GET", "/jobs?workflow=echo&status=completed", Some(READ_KEY)),
         step("listing page", "GET", "/jobs?limit=1", Some(READ_KEY)),
+        // Platform hooks: signatures over the raw bytes.
+        step("unsigned GitHub delivery", "POST", "/hooks/github", None)
+            .header("x-github-event", "ping")
+            .header("x-github-delivery", "d-1")
+            .raw("application/json", PING),
+        step("badly signed GitHub delivery", "POST", "/hooks/github", None)
+            .header("x-github-event", "ping")
+            .header("x-github-delivery", "d-1")
+            .header("x-hub-signature-256", "sha256=00")
+            .raw("application/json", PING),
+        step("GitHub ping", "POST", "/hooks/github", None)
+            .header("x-github-event", "ping")
+            .header("x-github-delivery", "d-1")
+            .header("x-hub-signature-256", PING_SIGNATURE)
+            .raw("application/json", PING),
+        step("GitHub ping, one byte changed", "POST", "/hooks/github", None)
+            .header("x-github-event", "ping")
+            .header("x-github-delivery", "d-2")
+            .header("x-hub-signature-256", PING_SIGNATURE)
+            .raw("application/json", &PING_CHANGED),
         // Outbound webhook subscriptions.
         step("create hook", "POST", "/webhooks", Some(ADMIN_KEY))
             .json(json!({"url": "https://example.com/hook", "events": ["job.completed", "job.*"], "description": "ci"}))
@@ -243,7 +279,17 @@ fn script() -> Vec<Step> {
 async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
     let fx = fixture(FixtureOptions::default());
     // A small limit, so that the over-limit bodies stay small.
+    let triggers: aiwg_webhook::TriggersConfig =
+        serde_json::from_value(json!({"github": {"secret": GITHUB_SECRET, "mention": "@aiwg"}}))
+            .expect("triggers");
+    let hooks = aiwg_webhook::Hooks::builder(triggers)
+        .build()
+        .expect("hooks");
     let api = api_builder(fx.engine.clone())
+        .hooks(std::sync::Arc::new(aiwg_webhook::EngineHooks::new(
+            hooks,
+            fx.engine.clone(),
+        )))
         .body_limit(1024)
         .dispatcher(Dispatcher::builder().build().expect("dispatcher"))
         .build()
@@ -524,6 +570,9 @@ fn expect_statuses(steps: &[Step], answers: &[Answer]) {
     assert!(by_name["events"].body.contains("event: status"));
     assert!(by_name["delete health"].headers.contains_key("allow"));
     assert!(by_name["no key"].headers.contains_key("www-authenticate"));
+    assert_eq!(by_name["unsigned GitHub delivery"].status, 401);
+    assert_eq!(by_name["GitHub ping"].status, 200);
+    assert_eq!(by_name["GitHub ping, one byte changed"].status, 401);
 }
 
 async fn same_answers(prefix: &str) {
