@@ -79,8 +79,8 @@
 //! address from [`HttpServer::addrs`](actix_web::HttpServer::addrs), spawn the server on the
 //! test's tokio runtime and talk to it with any HTTP client; stop it with
 //! [`ServerHandle::stop`](actix_web::dev::ServerHandle::stop). This crate's own tests run the
-//! shared conformance suite of `aiwg_core::test_util::conformance` that way, and compare its
-//! answers with the axum router's.
+//! shared conformance suite of `aiwg_core::test_util::conformance` and the platform-hooks
+//! suite of `aiwg_webhook::testing` that way, and compare its answers with the axum router's.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
