@@ -6,8 +6,9 @@
 //! - `cargo run -p aiwg-examples --bin server` — the config-driven server (the README's main
 //!   command). Without `--config` it uses `examples/config/default.yaml`, whose demo workflows
 //!   run plain commands over the project folder, so they need no API key.
+//! - `--bin actix_server` — the same server on actix-web (`aiwg-actix`).
 //! - `--bin mount` — aiwg nested under `/aiwg` in an app with routes and state of its own.
-//! - `--bin custom_executor` — writing an [`Executor`](aiwg_core::Executor) for your own backend.
+//! - `--bin custom_executor` — writing an [`Executor`] for your own backend.
 //! - `--bin mock_testing` — testing your code against aiwg with scripted and mock executors.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,8 @@ use aiwg_core::dispatch::Dispatcher;
 use aiwg_core::http::{Api, ApiKey, Scope};
 use aiwg_core::{Engine, Executor, JobStore, MemoryStore};
 use serde_json::Value;
+
+pub mod cli;
 
 /// The default configuration of the example server.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");

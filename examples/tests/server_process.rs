@@ -26,10 +26,10 @@ impl Drop for Server {
     }
 }
 
-fn start(config: &str, dir: &std::path::Path) -> Server {
+fn start(bin: &str, config: &str, dir: &std::path::Path) -> Server {
     let path = dir.join("aiwg.yaml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
+    let mut child = Command::new(bin)
         .arg("--config")
         .arg(&path)
         .env("AIWG_API_KEY", KEY)
@@ -84,9 +84,18 @@ workflows:
 }
 
 #[tokio::test]
-async fn the_server_runs_a_job_and_stops_cleanly_on_sigterm() {
+async fn the_axum_server_runs_a_job_and_stops_cleanly_on_sigterm() {
+    runs_a_job_and_stops_cleanly_on_sigterm(env!("CARGO_BIN_EXE_server")).await;
+}
+
+#[tokio::test]
+async fn the_actix_server_runs_a_job_and_stops_cleanly_on_sigterm() {
+    runs_a_job_and_stops_cleanly_on_sigterm(env!("CARGO_BIN_EXE_actix_server")).await;
+}
+
+async fn runs_a_job_and_stops_cleanly_on_sigterm(bin: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(&config(dir.path()), dir.path());
+    let mut server = start(bin, &config(dir.path()), dir.path());
     let http = reqwest::Client::new();
     let res = http
         .post(format!("{}/workflows/trigger", server.base))

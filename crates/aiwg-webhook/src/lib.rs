@@ -202,7 +202,6 @@ mod secret;
 mod submit;
 #[cfg(feature = "postgres")]
 pub use postgres::PgDeliveryStore;
-/// The platform-hooks conformance suite for routers.
 #[cfg(all(
     feature = "test-util",
     feature = "github",

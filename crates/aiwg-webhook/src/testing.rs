@@ -3,7 +3,7 @@
 //! parsing, the grammar, a job that runs and completes, replay protection, and refusals.
 //!
 //! A router's test calls [`hooks_suite`] with the same
-//! [`Serve`](aiwg_core::test_util::conformance::Serve) it gives the core suite.
+//! [`Serve`] it gives the core suite.
 
 use std::sync::Arc;
 use std::time::Duration;

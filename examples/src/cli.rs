@@ -1,0 +1,89 @@
+//! What the server binaries share: reading the configuration from `--config` / `AIWG_CONFIG`
+//! (or the embedded defaults), logging, the start-up banner, and waiting for SIGINT/SIGTERM.
+
+use aiwg_core::config::Config;
+
+use crate::App;
+
+/// The configuration and where it came from: `--config PATH`, `AIWG_CONFIG`, or the embedded
+/// defaults. `bin` names the program in the usage text.
+pub fn load_config(bin: &str) -> Result<(String, Config), String> {
+    let mut args = std::env::args().skip(1);
+    let mut path = std::env::var("AIWG_CONFIG").ok().filter(|p| !p.is_empty());
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => path = Some(args.next().ok_or("--config needs a path")?),
+            a if a.starts_with("--config=") => path = Some(a["--config=".len()..].to_owned()),
+            "--help" | "-h" => {
+                println!("usage: {bin} [--config PATH]   (or AIWG_CONFIG=PATH)");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument `{other}` (try --help)")),
+        }
+    }
+    match path {
+        Some(p) => Config::from_file(std::path::Path::new(&p))
+            .map(|c| (p, c))
+            .map_err(|e| e.to_string()),
+        None => Config::from_yaml(crate::DEFAULT_CONFIG)
+            .map(|c| ("(embedded defaults)".to_owned(), c))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .init();
+}
+
+/// Prints the address, the development key (when one was generated) and a `curl` line that
+/// runs a demo workflow; logs what was skipped.
+pub fn print_banner(app: &App, addr: &str, framework: &str, source: &str) {
+    for s in &app.skipped {
+        tracing::warn!("{s}");
+    }
+    println!("aiwg listening on http://{addr} ({framework}, config: {source})");
+    let key_hint = match &app.generated_key {
+        Some(k) => {
+            println!("development API key (admin): {k}");
+            k.clone()
+        }
+        None => "$AIWG_API_KEY".to_owned(),
+    };
+    let workflows: Vec<String> = app
+        .engine
+        .catalog()
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
+    println!("workflows: {}", workflows.join(", "));
+    if let Some(demo) = workflows
+        .iter()
+        .find(|w| *w == "repo-files")
+        .or(workflows.first())
+    {
+        println!(
+            "try: curl -s -X POST http://{addr}/workflows/trigger -H 'Authorization: Bearer {key_hint}' -H 'Content-Type: application/json' -d '{{\"workflow\":\"{demo}\",\"async\":false}}'"
+        );
+    }
+}
+
+/// Resolves at SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
