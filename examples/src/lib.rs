@@ -315,6 +315,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .start()
         .map_err(|e| AppError::Start(e.to_string()))?;
     builder = builder.observer(Arc::new(dispatcher.clone()));
+    // Jobs started from Slack or Discord report their outcome back to the conversation.
+    let replies = aiwg_webhook::PlatformReplies::builder()
+        .build()
+        .map_err(|e| AppError::Start(e.to_string()))?;
+    builder = builder.observer(Arc::new(replies));
     let engine = builder
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;

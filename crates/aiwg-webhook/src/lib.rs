@@ -197,6 +197,7 @@ mod hooks;
 pub mod platform;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod replies;
 mod response;
 mod secret;
 mod submit;
@@ -217,6 +218,7 @@ pub use engine::EngineHooks;
 pub use error::{BuildError, DeliveryStoreError, ParseError, VerifyError};
 pub use event::{Actor, EventKind, InboundEvent, Platform, PullRequest, Repository};
 pub use hooks::{Hooks, HooksBuilder, DEFAULT_DELIVERY_TTL};
+pub use replies::{outcome_text, PlatformReplies, PlatformRepliesBuilder, RepliesError};
 pub use response::{HookOutcome, HookResponse, JSON, PROBLEM_JSON};
 pub use secret::Secret;
 #[cfg(any(test, feature = "test-util"))]

@@ -1,0 +1,169 @@
+//! Jobs started from Slack and Discord report their outcome back: a real HTTP receiver on
+//! loopback stands in for Discord's API and Slack's response_url.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::{Engine, JobRequest, Step, TriggerInfo, Workflow};
+use aiwg_webhook::PlatformReplies;
+use axum::extract::State;
+use axum::http::Method;
+use axum::http::Uri;
+use axum::routing::any;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+type Seen = mpsc::UnboundedSender<(Method, String, Value)>;
+
+async fn record(State(tx): State<Seen>, method: Method, uri: Uri, body: String) -> &'static str {
+    let _ = tx.send((
+        method,
+        uri.path().to_owned(),
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    ));
+    "ok"
+}
+
+async fn receiver() -> (String, mpsc::UnboundedReceiver<(Method, String, Value)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new().fallback(any(record)).with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), rx)
+}
+
+fn engine(replies: PlatformReplies, fail: bool) -> Engine {
+    let exec = if fail {
+        ScriptedExecutor::succeeding("never").fail_times(usize::MAX)
+    } else {
+        ScriptedExecutor::succeeding("all tests pass")
+    };
+    Engine::builder()
+        .executor("x", Arc::new(exec))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .observer(Arc::new(replies))
+        .build()
+        .unwrap()
+}
+
+fn trigger(source: &str, extra: &[(&str, String)]) -> TriggerInfo {
+    let mut t = TriggerInfo::new(source);
+    for (k, v) in extra {
+        t.extra.insert((*k).to_owned(), v.clone());
+    }
+    t
+}
+
+async fn next(
+    rx: &mut mpsc::UnboundedReceiver<(Method, String, Value)>,
+) -> (Method, String, Value) {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a reply arrives")
+        .expect("open")
+}
+
+#[tokio::test]
+async fn discord_commands_get_their_deferred_message_edited() {
+    let (base, mut rx) = receiver().await;
+    let replies = PlatformReplies::builder()
+        .discord_api(format!("{base}/api"))
+        .build()
+        .unwrap();
+    let engine = engine(replies, false);
+    let t = trigger(
+        "discord",
+        &[
+            ("discord_application_id", "2200".into()),
+            ("discord_token", "tok-1".into()),
+        ],
+    );
+    let job = engine
+        .submit(JobRequest::new("check").trigger(t))
+        .await
+        .unwrap();
+    let (method, path, body) = next(&mut rx).await;
+    assert_eq!(method, Method::PATCH);
+    assert_eq!(path, "/api/webhooks/2200/tok-1/messages/@original");
+    let content = body["content"].as_str().unwrap();
+    assert!(
+        content.contains(&job.id.to_string())
+            && content.contains("completed")
+            && content.contains("all tests pass"),
+        "{content}"
+    );
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn slack_commands_get_an_ephemeral_message_with_the_error() {
+    let (base, mut rx) = receiver().await;
+    let replies = PlatformReplies::builder()
+        .slack_hosts(vec![])
+        .build()
+        .unwrap();
+    let engine = engine(replies, true);
+    let t = trigger(
+        "slack",
+        &[("slack_response_url", format!("{base}/commands/T1/1/x"))],
+    );
+    engine
+        .submit(JobRequest::new("check").trigger(t))
+        .await
+        .unwrap();
+    let (method, path, body) = next(&mut rx).await;
+    assert_eq!((method, path.as_str()), (Method::POST, "/commands/T1/1/x"));
+    assert_eq!(body["response_type"], "ephemeral");
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.contains("failed") && text.contains("scripted failure"),
+        "{text}"
+    );
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_slack_response_url_outside_the_allowed_hosts_is_not_called() {
+    let (base, mut rx) = receiver().await;
+    // Default hosts: only https://hooks.slack.com. The loopback URL must be refused, while the
+    // Discord reply (allowed) still arrives, proving the observer ran for both jobs in order.
+    let replies = PlatformReplies::builder()
+        .discord_api(format!("{base}/api"))
+        .build()
+        .unwrap();
+    let engine = Engine::builder()
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .observer(Arc::new(replies))
+        .workers(1)
+        .build()
+        .unwrap();
+    let slack = trigger("slack", &[("slack_response_url", format!("{base}/evil"))]);
+    let first = engine
+        .submit(JobRequest::new("check").trigger(slack))
+        .await
+        .unwrap();
+    engine
+        .wait(first.id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let discord = trigger(
+        "discord",
+        &[
+            ("discord_application_id", "1".into()),
+            ("discord_token", "t".into()),
+        ],
+    );
+    engine
+        .submit(JobRequest::new("check").trigger(discord))
+        .await
+        .unwrap();
+    let (_, path, _) = next(&mut rx).await;
+    assert_eq!(
+        path, "/api/webhooks/1/t/messages/@original",
+        "the first request seen is Discord's, not the refused Slack one"
+    );
+    engine.shutdown(Duration::from_secs(1)).await;
+}
