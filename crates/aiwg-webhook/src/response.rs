@@ -134,8 +134,11 @@ fn respond(
     }
 }
 
-fn problem(status: u16, title: &str, detail: String, outcome: HookOutcome) -> HookResponse {
-    let body = json!({ "type": "about:blank", "title": title, "status": status, "detail": detail });
+/// An RFC 9457 problem in the same shape as the rest of the API (`urn:aiwg:problem:<slug>`).
+fn problem(status: u16, slug: &'static str, detail: String, outcome: HookOutcome) -> HookResponse {
+    let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    let body = serde_json::to_value(aiwg_core::http::Problem::new(code, slug, detail))
+        .unwrap_or_else(|_| json!({ "status": status }));
     let mut r = respond(status, PROBLEM_JSON, &body, outcome);
     if status == 503 {
         r.headers.push(("retry-after", "30".to_owned()));
@@ -148,21 +151,21 @@ fn errors(outcome: HookOutcome) -> Result<HookResponse, HookOutcome> {
     Ok(match &outcome {
         HookOutcome::Unauthorized(e) => {
             let d = e.to_string();
-            problem(401, "Unauthorized", d, outcome)
+            problem(401, "invalid-signature", d, outcome)
         }
         HookOutcome::BadRequest(e) => {
             let d = e.to_string();
-            problem(400, "Bad Request", d, outcome)
+            problem(400, "invalid-payload", d, outcome)
         }
         HookOutcome::UnknownPlatform => problem(
             404,
-            "Not Found",
+            "unknown-platform",
             "no such platform hook".to_owned(),
             outcome,
         ),
         HookOutcome::StoreUnavailable(e) => {
             let d = e.to_string();
-            problem(503, "Service Unavailable", d, outcome)
+            problem(503, "unavailable", d, outcome)
         }
         _ => return Err(outcome),
     })
@@ -213,17 +216,17 @@ fn forge(outcome: HookOutcome) -> HookResponse {
         }
         HookOutcome::Unavailable(r) => {
             let d = r.to_string();
-            problem(503, "Service Unavailable", d, outcome)
+            problem(503, "unavailable", d, outcome)
         }
         HookOutcome::DuplicateInProgress => problem(
             409,
-            "Conflict",
+            "duplicate-in-progress",
             "this delivery is already being handled".to_owned(),
             outcome,
         ),
         _ => problem(
             500,
-            "Internal Server Error",
+            "internal",
             "unexpected outcome".to_owned(),
             outcome,
         ),
