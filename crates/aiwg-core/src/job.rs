@@ -17,31 +17,7 @@ use crate::executor::Usage;
 #[serde(transparent)]
 pub struct JobId(Uuid);
 
-impl JobId {
-    /// A fresh, time-ordered id.
-    #[must_use]
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// The underlying UUID.
-    #[must_use]
-    pub fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-}
-
-impl Default for JobId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl From<Uuid> for JobId {
-    fn from(value: Uuid) -> Self {
-        Self(value)
-    }
-}
+crate::util::uuid_v7_id!(JobId);
 
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

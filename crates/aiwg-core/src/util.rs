@@ -43,6 +43,40 @@ pub(crate) mod opt_duration {
     }
 }
 
+/// Gives a `struct Name(Uuid)` identifier `new` (a fresh, time-ordered UUID v7), `as_uuid`,
+/// `Default` and `From<Uuid>`. Display, parsing and serde stay with each type, since their wire
+/// forms differ (`msg_…` for deliveries).
+macro_rules! uuid_v7_id {
+    ($name:ident) => {
+        impl $name {
+            /// A fresh, time-ordered id.
+            #[must_use]
+            pub fn new() -> Self {
+                Self(uuid::Uuid::now_v7())
+            }
+
+            /// The underlying UUID.
+            #[must_use]
+            pub fn as_uuid(&self) -> &uuid::Uuid {
+                &self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl From<uuid::Uuid> for $name {
+            fn from(value: uuid::Uuid) -> Self {
+                Self(value)
+            }
+        }
+    };
+}
+pub(crate) use uuid_v7_id;
+
 #[cfg(test)]
 mod tests {
     use super::*;

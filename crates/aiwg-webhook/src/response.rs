@@ -224,12 +224,7 @@ fn forge(outcome: HookOutcome) -> HookResponse {
             "this delivery is already being handled".to_owned(),
             outcome,
         ),
-        _ => problem(
-            500,
-            "internal",
-            "unexpected outcome".to_owned(),
-            outcome,
-        ),
+        _ => problem(500, "internal", "unexpected outcome".to_owned(), outcome),
     }
 }
 

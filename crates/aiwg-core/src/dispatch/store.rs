@@ -25,31 +25,7 @@ use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeliveryId(Uuid);
 
-impl DeliveryId {
-    /// A fresh, time-ordered id.
-    #[must_use]
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// The underlying UUID.
-    #[must_use]
-    pub fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-}
-
-impl Default for DeliveryId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl From<Uuid> for DeliveryId {
-    fn from(value: Uuid) -> Self {
-        Self(value)
-    }
-}
+crate::util::uuid_v7_id!(DeliveryId);
 
 impl fmt::Display for DeliveryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

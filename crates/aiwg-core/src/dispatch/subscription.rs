@@ -16,31 +16,7 @@ use super::DispatchError;
 #[serde(transparent)]
 pub struct SubscriptionId(Uuid);
 
-impl SubscriptionId {
-    /// A fresh, time-ordered id.
-    #[must_use]
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// The underlying UUID.
-    #[must_use]
-    pub fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-}
-
-impl Default for SubscriptionId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl From<Uuid> for SubscriptionId {
-    fn from(value: Uuid) -> Self {
-        Self(value)
-    }
-}
+crate::util::uuid_v7_id!(SubscriptionId);
 
 impl fmt::Display for SubscriptionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
