@@ -69,7 +69,8 @@
 //!   framing) and `date`.
 //! - **`x-request-id`.** An incoming `x-request-id` is kept, otherwise one is made; the API sees
 //!   it and the response carries it.
-//! - **CORS** follows [`Api::cors_origins`] (nothing is added when it is empty).
+//! - **CORS** follows [`Api::cors_origins`]; the API answers preflights and adds the headers
+//!   itself, exactly as under axum (nothing is added when it is empty).
 //! - **Client address** from the connection ([`HttpRequest::peer_addr`]), for per-address rate
 //!   limits on unauthenticated routes. Behind a proxy the address is the proxy's.
 //!
@@ -93,8 +94,6 @@ use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route, ROUTES};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
-mod cors;
-
 const REQUEST_ID: &str = "x-request-id";
 
 /// The aiwg API as an actix-web service configuration: pass it to
@@ -106,17 +105,12 @@ pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
         for (pattern, route) in ROUTES {
             let (pattern, route) = (*pattern, *route);
-            let cors = cors::cors(api.cors_origins());
             let api = api.clone();
             let handler = move |req: HttpRequest, payload: web::Payload| {
                 let api = api.clone();
                 async move { serve(api, route, pattern, req, payload).await }
             };
-            cfg.service(
-                web::resource(pattern)
-                    .route(web::route().to(handler))
-                    .wrap(cors),
-            );
+            cfg.service(web::resource(pattern).route(web::route().to(handler)));
         }
     }
 }

@@ -186,13 +186,11 @@ async fn cors_follows_the_configured_origins() {
         .send()
         .await
         .unwrap();
-    assert_eq!(preflight.status().as_u16(), 200);
+    assert_eq!(preflight.status().as_u16(), 204);
     let h = preflight.headers();
     assert_eq!(h["access-control-allow-origin"], "https://app.example");
-    let methods = h["access-control-allow-methods"].to_str().unwrap();
-    for m in ["GET", "POST", "PATCH", "DELETE"] {
-        assert!(methods.contains(m), "{methods}");
-    }
+    // Exactly the methods the route takes.
+    assert_eq!(h["access-control-allow-methods"], "GET");
     let allowed = h["access-control-allow-headers"]
         .to_str()
         .unwrap()

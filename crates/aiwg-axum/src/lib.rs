@@ -30,7 +30,8 @@
 //!
 //! Serve with `into_make_service_with_connect_info::<SocketAddr>()` so per-address rate limits
 //! see the client address. Request bodies are limited to [`Api::body_limit`] before they are
-//! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`].
+//! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`] (decided by
+//! the API itself, identically for both routers).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,8 +44,7 @@ use axum::routing::any;
 use axum::Router;
 use futures_util::StreamExt;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use http::HeaderName;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -64,28 +64,9 @@ where
     }
     let request_id = HeaderName::from_static("x-request-id");
     router
-        .layer(cors(&api))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http())
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-}
-
-fn cors(api: &Api) -> CorsLayer {
-    let origins = api.cors_origins();
-    let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
-    };
-    CorsLayer::new()
-        .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
-        .allow_headers([
-            http::header::AUTHORIZATION,
-            http::header::CONTENT_TYPE,
-            HeaderName::from_static("idempotency-key"),
-            HeaderName::from_static("last-event-id"),
-        ])
 }
 
 async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> Response {

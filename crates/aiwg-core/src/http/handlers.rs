@@ -150,6 +150,10 @@ fn scope_name(s: Scope) -> &'static str {
 pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     let route = req.route;
     let methods = route_methods(route);
+    let allow_origin = super::cors::allow_origin(api, &req.headers);
+    if super::cors::is_preflight(api, &req.method, &req.headers) {
+        return super::cors::preflight(allow_origin, methods);
+    }
     let answer = async {
         allowed(methods, &req)?;
         let actor = match route_scope(api, route) {
@@ -187,6 +191,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
         res.headers
             .insert(http::header::ALLOW, allow_header(methods));
     }
+    super::cors::decorate(&mut res, allow_origin, !api.cors_origins().is_empty());
     res
 }
 

@@ -22,6 +22,7 @@ use crate::dispatch::Dispatcher;
 use crate::engine::Engine;
 
 mod auth;
+mod cors;
 mod handlers;
 pub mod openapi;
 mod problem;
@@ -470,7 +471,8 @@ impl Api {
         self.inner.body_limit
     }
 
-    /// CORS origins from the configuration (`*` allows any).
+    /// CORS origins from the configuration (`*` allows any); the API answers preflights and
+    /// adds the CORS headers itself, so adapters need no CORS middleware.
     #[must_use]
     pub fn cors_origins(&self) -> &[String] {
         &self.inner.cors_origins

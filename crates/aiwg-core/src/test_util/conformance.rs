@@ -435,6 +435,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     keep_alive_and_replay(server).await;
     webhook_subscriptions(server).await;
     robustness(server).await;
+    cors(server).await;
 }
 
 /// The method and path of every protected route, with the scope it needs.
@@ -1350,4 +1351,102 @@ async fn robustness(server: &dyn Serve) {
         }
     }
     assert_eq!(fx.echo.calls(), 0, "no malformed request ran a job");
+}
+
+/// CORS is decided by the API: preflights for allowed origins, `Access-Control-Allow-Origin` on
+/// answers to them, nothing for other origins (they still get their answer), `*` for any.
+async fn cors(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .cors_origins(vec!["https://app.example".into()])
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let http = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, format!("{}/jobs", s.base_url))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert_eq!(ok.status().as_u16(), 204);
+    let h = ok.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("GET"));
+    assert!(h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    let denied = preflight("https://evil.example").await.unwrap();
+    assert_eq!(denied.status().as_u16(), 204);
+    assert!(denied
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    for (origin, allowed) in [
+        ("https://app.example", true),
+        ("https://evil.example", false),
+    ] {
+        let res = http
+            .get(format!("{}/jobs", s.base_url))
+            .bearer_auth(READ_KEY)
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        assert_eq!(
+            res.headers().get("access-control-allow-origin").is_some(),
+            allowed,
+            "{origin}"
+        );
+    }
+    // A 401 to an allowed origin carries the header too, so the browser shows the problem.
+    let res = http
+        .get(format!("{}/jobs", s.base_url))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+
+    let any = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .cors_origins(vec!["*".into()])
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let res = http
+        .get(format!("{}/health", any.base_url))
+        .header("origin", "https://x.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+
+    // Without configured origins nothing is added, and OPTIONS is just a method no route takes.
+    let none = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let res = http
+        .request(reqwest::Method::OPTIONS, format!("{}/jobs", none.base_url))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 405);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
 }
