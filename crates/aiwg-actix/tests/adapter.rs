@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use aiwg_core::http::Api;
 use aiwg_core::test_util::conformance::{
-    api_builder, fixture, Client, FixtureOptions, Serve, Served, ADMIN_KEY, READ_KEY, TRIGGER_KEY,
+    api_builder, fixture, Client, FixtureOptions, Serve, ADMIN_KEY, READ_KEY, TRIGGER_KEY,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,86 +163,6 @@ async fn sse_is_streamed_live_with_keep_alives() {
     }
     let last: Value = serde_json::from_str(&last.expect("terminal event").data).unwrap();
     assert_eq!(last["to"], "cancelled");
-}
-
-async fn cors_server(origins: &[&str]) -> (Served, aiwg_core::test_util::conformance::Fixture) {
-    let fx = fixture(FixtureOptions::default());
-    let api = api_builder(fx.engine.clone())
-        .cors_origins(origins.iter().map(|o| (*o).to_owned()).collect())
-        .build()
-        .unwrap();
-    (support::Actix.serve(api, "").await, fx)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cors_follows_the_configured_origins() {
-    let (s, _fx) = cors_server(&["https://app.example"]).await;
-    let http = reqwest::Client::new();
-    let preflight = http
-        .request(reqwest::Method::OPTIONS, format!("{}/jobs", s.base_url))
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "GET")
-        .header("access-control-request-headers", "authorization")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(preflight.status().as_u16(), 204);
-    let h = preflight.headers();
-    assert_eq!(h["access-control-allow-origin"], "https://app.example");
-    // Exactly the methods the route takes.
-    assert_eq!(h["access-control-allow-methods"], "GET");
-    let allowed = h["access-control-allow-headers"]
-        .to_str()
-        .unwrap()
-        .to_ascii_lowercase();
-    assert!(allowed.contains("authorization"), "{allowed}");
-
-    let get = http
-        .get(format!("{}/jobs", s.base_url))
-        .bearer_auth(READ_KEY)
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(get.status().as_u16(), 200);
-    assert_eq!(
-        get.headers()["access-control-allow-origin"],
-        "https://app.example"
-    );
-
-    // Another origin gets the answer without CORS headers (the browser enforces the policy);
-    // non-browser clients that send an Origin keep working.
-    let other = http
-        .get(format!("{}/jobs", s.base_url))
-        .bearer_auth(READ_KEY)
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(other.status().as_u16(), 200);
-    assert!(other.headers().get("access-control-allow-origin").is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wildcard_origin_allows_any_and_no_origins_allow_none() {
-    let (s, _fx) = cors_server(&["*"]).await;
-    let res = reqwest::Client::new()
-        .get(format!("{}/health", s.base_url))
-        .header("origin", "https://anything.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.headers()["access-control-allow-origin"], "*");
-
-    let (s, _fx) = cors_server(&[]).await;
-    let res = reqwest::Client::new()
-        .get(format!("{}/health", s.base_url))
-        .header("origin", "https://anything.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 200);
-    assert!(res.headers().get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
