@@ -557,6 +557,10 @@ fn dispatch_problem(e: DispatchError) -> Problem {
     }
 }
 
+fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Answer {
+    Ok(ApiResponse::json(status, value))
+}
+
 async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
     let Some(d) = api.dispatcher() else {
         return Err(Problem::new(
@@ -570,27 +574,24 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
             .parse()
             .map_err(|_| dispatch_problem(DispatchError::NotFound))
     };
-    let ok = |status, v: &dyn erased::Json| {
-        Ok(ApiResponse::bytes(status, "application/json", v.to_json()))
-    };
     match (req.route, &req.method) {
         (Route::Webhooks, &Method::GET) => {
-            ok(StatusCode::OK, &d.list().await.map_err(dispatch_problem)?)
+            json_ok(StatusCode::OK, &d.list().await.map_err(dispatch_problem)?)
         }
         (Route::Webhooks, _) => {
             let body: CreateSubscription = json_body(req)?;
-            ok(
+            json_ok(
                 StatusCode::CREATED,
                 &d.create(body).await.map_err(dispatch_problem)?,
             )
         }
-        (Route::Webhook, &Method::GET) => ok(
+        (Route::Webhook, &Method::GET) => json_ok(
             StatusCode::OK,
             &d.get(sub_id()?).await.map_err(dispatch_problem)?,
         ),
         (Route::Webhook, &Method::PATCH) => {
             let body: UpdateSubscription = json_body(req)?;
-            ok(
+            json_ok(
                 StatusCode::OK,
                 &d.update(sub_id()?, body).await.map_err(dispatch_problem)?,
             )
@@ -599,7 +600,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
             d.delete(sub_id()?).await.map_err(dispatch_problem)?;
             Ok(ApiResponse::empty(StatusCode::NO_CONTENT))
         }
-        (Route::WebhookRotate, _) => ok(
+        (Route::WebhookRotate, _) => json_ok(
             StatusCode::OK,
             &d.rotate_secret(sub_id()?).await.map_err(dispatch_problem)?,
         ),
@@ -623,7 +624,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
                 .deliveries(sub_id()?, limit, q.get("cursor").map(String::as_str))
                 .await
                 .map_err(dispatch_problem)?;
-            ok(StatusCode::OK, &page)
+            json_ok(StatusCode::OK, &page)
         }
         (Route::WebhookRetry, _) => {
             let delivery = param(req, 1)
@@ -642,18 +643,6 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
             "not-found",
             "no such endpoint",
         )),
-    }
-}
-
-/// Object-safe JSON serialisation for the webhook answers.
-mod erased {
-    pub(super) trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
-        }
     }
 }
 
