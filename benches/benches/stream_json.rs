@@ -3,7 +3,7 @@
 //! merely parsing each line into a generic JSON tree, without producing events).
 //!
 //! The input is a multi-megabyte stream generated from a real capture of
-//! `claude -p … --output-format stream-json --verbose` (crates/aiwg-agents/tests/fixtures):
+//! `claude -p … --output-format stream-json --verbose` (aiwg-agents/tests/fixtures):
 //! the capture's init line once, then its assistant / tool-use / tool-result / text lines
 //! repeated with fresh ids and larger tool outputs, and a result line per turn.
 //!
@@ -15,7 +15,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-const CAPTURE: &str = include_str!("../../crates/aiwg-agents/tests/fixtures/claude-tool-use.jsonl");
+const CAPTURE: &str = include_str!("../../aiwg-agents/tests/fixtures/claude-tool-use.jsonl");
 
 /// About `target` bytes of stream, one JSON object per line.
 fn recorded_stream(target: usize) -> Vec<String> {

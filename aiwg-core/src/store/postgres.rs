@@ -288,7 +288,7 @@ impl PgStore {
             .map_err(|e| StoreError::Backend(format!("postgres: migration failed: {e}")))
     }
 
-    /// The embedded migrations (from `crates/aiwg-core/migrations`), for hosts that run them
+    /// The embedded migrations (from `aiwg-core/migrations`), for hosts that run them
     /// with their own tooling.
     #[must_use]
     pub fn migrator() -> &'static Migrator {
