@@ -13,56 +13,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::JobId;
+pub use crate::job::Usage;
 
 /// The longest timeout a request may carry (30 days): beyond it deadlines overflow on some
 /// platforms and the value is almost certainly a unit mistake.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// Token usage as agents report it. Fields an agent does not report stay 0.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Usage {
-    /// Prompt tokens.
-    #[serde(default)]
-    pub input_tokens: u64,
-    /// Completion tokens.
-    #[serde(default)]
-    pub output_tokens: u64,
-    /// Prompt tokens read from the cache.
-    #[serde(default)]
-    pub cache_read_input_tokens: u64,
-    /// Prompt tokens written to the cache.
-    #[serde(default)]
-    pub cache_creation_input_tokens: u64,
-}
-
-impl Usage {
-    /// Usage with the given input and output token counts.
-    #[must_use]
-    pub fn new(input_tokens: u64, output_tokens: u64) -> Self {
-        Self {
-            input_tokens,
-            output_tokens,
-            ..Self::default()
-        }
-    }
-
-    /// Field-wise sum (saturating).
-    #[must_use]
-    #[allow(clippy::should_implement_trait)]
-    pub fn add(self, other: Usage) -> Usage {
-        Usage {
-            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
-            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
-            cache_read_input_tokens: self
-                .cache_read_input_tokens
-                .saturating_add(other.cache_read_input_tokens),
-            cache_creation_input_tokens: self
-                .cache_creation_input_tokens
-                .saturating_add(other.cache_creation_input_tokens),
-        }
-    }
-}
 
 /// Which output stream a log line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

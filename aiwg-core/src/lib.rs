@@ -76,6 +76,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod engine;
+mod error;
 pub mod event;
 pub mod executor;
 pub mod http;
@@ -89,6 +90,7 @@ pub mod util;
 pub mod workflow;
 
 pub use engine::{Engine, EngineBuilder, EngineError, JobObserver, SubmitError};
+pub use error::BackendError;
 pub use event::{JobEvent, JobEventKind};
 #[cfg(any(test, feature = "test-util"))]
 pub use executor::MockExecutor;

@@ -77,6 +77,21 @@ macro_rules! uuid_v7_id {
 }
 pub(crate) use uuid_v7_id;
 
+/// A 64-bit key for PostgreSQL's `pg_advisory_xact_lock`, from a scope (the schema's channel)
+/// and a name, so locks of different schemas and concepts never collide.
+#[cfg(feature = "postgres")]
+pub(crate) fn advisory_lock_key(scope: &str, name: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(scope.as_bytes());
+    h.update([0]);
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,3 +104,4 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 }
+

@@ -546,7 +546,7 @@ async fn outbox_is_written_before_any_attempt() {
 async fn two_dispatchers_on_one_store_send_each_delivery_once() {
     let r = Receiver::ok().await;
     let store: std::sync::Arc<dyn aiwg_core::dispatch::DispatchStore> =
-        std::sync::Arc::new(aiwg_core::dispatch::MemoryStore::new());
+        std::sync::Arc::new(aiwg_core::dispatch::MemoryDispatchStore::new());
     let a = local()
         .store(store.clone())
         .instance_id("a")
@@ -690,7 +690,7 @@ async fn a_restart_on_the_same_store_loses_nothing() {
     // instance on the same store delivers everything, with the ids written the first time.
     let r = Receiver::ok().await;
     let store: std::sync::Arc<dyn aiwg_core::dispatch::DispatchStore> =
-        std::sync::Arc::new(aiwg_core::dispatch::MemoryStore::new());
+        std::sync::Arc::new(aiwg_core::dispatch::MemoryDispatchStore::new());
     let first = local().store(store.clone()).build().unwrap();
     let (sub, secret) = subscribe(&first, r.url("/"), &["*"]).await;
     for i in 0..10 {

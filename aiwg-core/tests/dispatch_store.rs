@@ -3,11 +3,15 @@
 
 use std::sync::Arc;
 
-use aiwg_core::dispatch::{store_suite, DispatchStore, MemoryStore};
+use aiwg_core::dispatch::{DispatchStore, MemoryDispatchStore};
+use aiwg_core::test_util::dispatch_store_suite;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_conformance() {
-    store_suite(|| async { Arc::new(MemoryStore::new()) as Arc<dyn DispatchStore> }).await;
+    dispatch_store_suite(|| async {
+        Arc::new(MemoryDispatchStore::new()) as Arc<dyn DispatchStore>
+    })
+    .await;
 }
 
 #[cfg(feature = "postgres")]
@@ -19,6 +23,7 @@ async fn pg_store_conformance() {
     let Some(db) = pg_support::test_db().await else {
         return;
     };
-    store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn DispatchStore> }).await;
+    dispatch_store_suite(|| async { Arc::new(db.fresh_outbox().await) as Arc<dyn DispatchStore> })
+        .await;
     db.cleanup().await;
 }

@@ -379,10 +379,10 @@ async fn idempotency_keys_return_the_same_job_or_conflict() {
     let a = engine.submit(req.clone()).await.unwrap();
     let b = engine.submit(req.clone()).await.unwrap();
     assert_eq!(a.id, b.id);
-    assert_eq!(
+    assert!(matches!(
         engine.submit(req.guidance("other")).await,
-        Err(SubmitError::IdempotencyConflict { existing: a.id })
-    );
+        Err(SubmitError::IdempotencyConflict { existing }) if existing == a.id
+    ));
     engine.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -401,10 +401,10 @@ async fn a_full_queue_is_a_distinct_error() {
     assert!(exec.wait_started(1, WAIT).await);
     engine.submit(JobRequest::new("w")).await.unwrap();
     engine.submit(JobRequest::new("w")).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         engine.submit(JobRequest::new("w")).await,
         Err(SubmitError::QueueFull { capacity: 2 })
-    );
+    ));
     let stats = engine.queue_stats().await.unwrap();
     assert_eq!(
         (stats.queued, stats.running, stats.workers, stats.busy),
@@ -425,10 +425,10 @@ async fn submit_rejects_bad_requests_with_distinct_errors() {
         )
         .build()
         .unwrap();
-    assert_eq!(
+    assert!(matches!(
         engine.submit(JobRequest::new("nope")).await,
-        Err(SubmitError::UnknownWorkflow("nope".into()))
-    );
+        Err(SubmitError::UnknownWorkflow(w)) if w == "nope"
+    ));
     assert!(matches!(
         engine.submit(JobRequest::new("w")).await,
         Err(SubmitError::Params(aiwg_core::ParamError::Missing { .. }))
@@ -503,10 +503,10 @@ async fn graceful_shutdown_lets_short_jobs_finish_and_cancels_the_rest() {
     assert_eq!(h.status, JobStatus::Cancelled);
     assert_eq!(h.error.unwrap().kind, "shutdown");
     assert_eq!(hang.running(), 0);
-    assert_eq!(
+    assert!(matches!(
         engine.submit(JobRequest::new("short")).await,
         Err(SubmitError::ShuttingDown)
-    );
+    ));
 }
 
 #[tokio::test]

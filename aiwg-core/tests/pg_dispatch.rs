@@ -14,17 +14,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_core::dispatch::PgDispatchStore;
 use aiwg_core::dispatch::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, CreateSubscription, DeliveryState,
-    DispatchStore, Dispatcher, OutboundEvent, RetryPolicy, StoreError, SubscriptionId,
+    Attempt, AttemptOutcome, AttemptTrigger, CreateSubscription, DeliveryClaimRequest,
+    DeliveryState, DispatchStore, DispatchStoreError, Dispatcher, OutboundEvent, RetryPolicy,
+    SubscriptionId,
 };
-use aiwg_core::store::PgStore;
 use chrono::Utc;
 use pg_support::test_db;
 use serde_json::json;
 use support::{wait_until, Receiver, Reply};
 
-fn dispatcher(store: PgStore, instance: &str) -> Dispatcher {
+fn dispatcher(store: PgDispatchStore, instance: &str) -> Dispatcher {
     Dispatcher::builder()
         .store(Arc::new(store))
         .allow_private_targets(true)
@@ -53,8 +54,8 @@ async fn two_dispatchers_on_one_database_send_each_delivery_once() {
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
     let r = Receiver::ok().await;
-    let a = dispatcher(db.store_in(&schema, 5).await, "a");
-    let b = dispatcher(db.store_in(&schema, 5).await, "b");
+    let a = dispatcher(db.outbox_in(&schema, 5).await, "a");
+    let b = dispatcher(db.outbox_in(&schema, 5).await, "b");
     a.start().unwrap();
     b.start().unwrap();
     let sub = subscribe(&a, r.url("/hook")).await;
@@ -96,7 +97,7 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
     let schema = db.schema().await;
     let r = Receiver::start(|_, _| Reply::status(200)).await;
     // The instance that goes away: never started, it acts through its store.
-    let old_store = Arc::new(db.store_in(&schema, 3).await);
+    let old_store = Arc::new(db.outbox_in(&schema, 3).await);
     let old = Dispatcher::builder()
         .store(old_store.clone())
         .allow_private_targets(true)
@@ -114,7 +115,13 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
         let store = old_store.clone();
         async move {
             let mut got = store
-                .claim_due(&ClaimRequest::new(Utc::now(), 1, "old", lease, usize::MAX))
+                .claim_due(&DeliveryClaimRequest::new(
+                    Utc::now(),
+                    1,
+                    "old",
+                    lease,
+                    usize::MAX,
+                ))
                 .await
                 .unwrap();
             assert_eq!(got.len(), 1);
@@ -142,7 +149,7 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
         .await
         .unwrap();
 
-    let new = dispatcher(db.store_in(&schema, 5).await, "new");
+    let new = dispatcher(db.outbox_in(&schema, 5).await, "new");
     new.start().unwrap();
     let got = r.wait_for(2).await;
     let ids: HashSet<String> = got
@@ -189,7 +196,7 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
                 AttemptOutcome::Succeeded,
             )
             .await,
-        Err(StoreError::LeaseLost)
+        Err(DispatchStoreError::LeaseLost)
     ));
     assert_eq!(r.count(), 2);
     new.shutdown().await;

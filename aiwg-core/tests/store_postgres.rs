@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use aiwg_core::job::JobResult;
 use aiwg_core::store::{ClaimRequest, Created, Finish, JobStore, NewJob, PgStore, StoreError};
-use aiwg_core::test_util::{sample_job, store_suite};
+use aiwg_core::test_util::{job_store_suite, sample_job};
 use aiwg_core::{JobEventKind, JobStatus};
 
 mod pg_support;
@@ -19,14 +19,14 @@ use pg_support::test_db;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_store_passes_the_store_suite() {
     let Some(db) = test_db().await else { return };
-    store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn JobStore> }).await;
+    job_store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn JobStore> }).await;
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_store_with_relaxed_event_commits_passes_the_store_suite() {
     let Some(db) = test_db().await else { return };
-    store_suite(|| async {
+    job_store_suite(|| async {
         Arc::new(db.fresh_store().await.with_relaxed_event_commits(true)) as Arc<dyn JobStore>
     })
     .await;
@@ -64,7 +64,8 @@ async fn connect_runs_migrations_and_errors_hide_the_password() {
     let bare = PgStore::connect_without_migrations(&url).await.unwrap();
     assert!(matches!(
         bare.get(id).await,
-        Err(StoreError::Backend(msg)) if msg.contains("aiwg_jobs")
+        Err(StoreError::Backend(e)) if e.to_string().contains("aiwg_jobs")
+            && std::error::Error::source(&e).is_some()
     ));
 
     // The server refuses (no such role or database): the message names neither URL nor password.
@@ -272,89 +273,6 @@ async fn large_events_and_clock_truncation_round_trip() {
     );
     assert!(matches!(&stored[0].kind, JobEventKind::Log { message, .. } if *message == big));
     assert_eq!(store.events(id, 0).await.unwrap()[1], c.event);
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pg_store_passes_the_dispatch_store_suite() {
-    use aiwg_core::dispatch::{store_suite, DispatchStore};
-    let Some(db) = test_db().await else { return };
-    store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn DispatchStore> }).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_dedup_claims_once_across_stores() {
-    use std::ops::ControlFlow;
-    let Some(db) = test_db().await else { return };
-    let schema = db.schema().await;
-    let a = Arc::new(db.store_in(&schema, 5).await);
-    let b = Arc::new(db.store_in(&schema, 5).await);
-    let lease = Duration::from_secs(30);
-    let ttl = Duration::from_secs(3600);
-
-    assert_eq!(
-        a.inbound_claim("gh:1", lease, ttl).await.unwrap(),
-        ControlFlow::Continue(())
-    );
-    assert_eq!(
-        b.inbound_claim("gh:1", lease, ttl).await.unwrap(),
-        ControlFlow::Break(None),
-        "pending elsewhere"
-    );
-    assert_eq!(b.inbound_get("gh:1").await.unwrap(), None);
-    let job = aiwg_core::JobId::new();
-    a.inbound_complete("gh:1", job, ttl).await.unwrap();
-    assert_eq!(
-        b.inbound_claim("gh:1", lease, ttl).await.unwrap(),
-        ControlFlow::Break(Some(job))
-    );
-    assert_eq!(b.inbound_get("gh:1").await.unwrap(), Some(job));
-    // Releasing a done key keeps it.
-    b.inbound_release("gh:1").await.unwrap();
-    assert_eq!(a.inbound_get("gh:1").await.unwrap(), Some(job));
-
-    // A released claim may be taken again; a lapsed one is taken over.
-    assert_eq!(
-        a.inbound_claim("gh:2", lease, ttl).await.unwrap(),
-        ControlFlow::Continue(())
-    );
-    a.inbound_release("gh:2").await.unwrap();
-    assert_eq!(
-        b.inbound_claim("gh:2", Duration::ZERO, ttl).await.unwrap(),
-        ControlFlow::Continue(())
-    );
-    assert_eq!(
-        a.inbound_claim("gh:2", lease, ttl).await.unwrap(),
-        ControlFlow::Continue(()),
-        "the first claim's lease lapsed"
-    );
-    // A key remembered for no time is forgotten, and purged.
-    a.inbound_complete("gh:3", aiwg_core::JobId::new(), Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(a.inbound_get("gh:3").await.unwrap(), None);
-    assert!(a.inbound_purge().await.unwrap() >= 1);
-    assert_eq!(
-        a.inbound_claim("gh:3", lease, ttl).await.unwrap(),
-        ControlFlow::Continue(())
-    );
-
-    // Many concurrent claims of one key from two stores: exactly one wins.
-    let mut tasks = Vec::new();
-    for n in 0..16 {
-        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
-        tasks.push(tokio::spawn(async move {
-            store.inbound_claim("gh:race", lease, ttl).await.unwrap()
-        }));
-    }
-    let mut fresh = 0;
-    for t in tasks {
-        if t.await.unwrap() == ControlFlow::Continue(()) {
-            fresh += 1;
-        }
-    }
-    assert_eq!(fresh, 1);
     db.cleanup().await;
 }
 

@@ -96,10 +96,10 @@ pub enum BuildError {
 }
 
 /// A failure of a [`DeliveryStore`](crate::DeliveryStore) backend.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[derive(Clone, Debug, Error)]
 #[non_exhaustive]
 pub enum DeliveryStoreError {
-    /// The backend failed (connection lost, …).
+    /// The backend failed (connection lost, …); the cause is its source.
     #[error("delivery store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] aiwg_core::BackendError),
 }

@@ -570,7 +570,7 @@ impl Hooks {
         let mut request = Some(request);
         for _ in 0..3 {
             match store.claim(&key, self.inner.lease, self.inner.ttl).await {
-                Err(e) => return HookOutcome::StoreUnavailable(e),
+                Err(e) => return store_unavailable(&key, &e),
                 Ok(Claim::Done(job)) => return submitted(job, true),
                 Ok(Claim::Fresh) => {
                     let Some(request) = request.take() else { break };
@@ -592,12 +592,18 @@ impl Hooks {
                 Ok(Claim::Pending) => match store.wait(&key, self.inner.duplicate_wait).await {
                     Ok(Some(job)) => return submitted(job, true),
                     Ok(None) => {}
-                    Err(e) => return HookOutcome::StoreUnavailable(e),
+                    Err(e) => return store_unavailable(&key, &e),
                 },
             }
         }
         HookOutcome::DuplicateInProgress
     }
+}
+
+/// Logs a delivery-store failure with its cause; the answer says only "try again later".
+fn store_unavailable(key: &str, e: &crate::DeliveryStoreError) -> HookOutcome {
+    tracing::warn!(key, error = %e, source = ?std::error::Error::source(e), "delivery store failed");
+    HookOutcome::StoreUnavailable
 }
 
 fn compiled_in(p: Platform) -> bool {

@@ -195,14 +195,12 @@ pub mod event;
 pub mod grammar;
 mod hooks;
 pub mod platform;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod replies;
 mod response;
 mod secret;
 mod submit;
 #[cfg(feature = "postgres")]
-pub use postgres::PgDeliveryStore;
+pub use dedupe::PgDeliveryStore;
 #[cfg(all(
     feature = "test-util",
     feature = "github",

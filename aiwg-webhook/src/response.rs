@@ -5,7 +5,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::authorize::IgnoreReason;
-use crate::error::{DeliveryStoreError, ParseError, VerifyError};
+use crate::error::{ParseError, VerifyError};
 use crate::event::Platform;
 use crate::submit::SubmitRejection;
 
@@ -45,8 +45,9 @@ pub enum HookOutcome {
     Unavailable(SubmitRejection),
     /// The same delivery is still being handled by another request: 409.
     DuplicateInProgress,
-    /// The delivery store failed: 503.
-    StoreUnavailable(DeliveryStoreError),
+    /// The delivery store failed: 503. The cause is logged where it happened; its text never
+    /// reaches the platform (or the person in a chat).
+    StoreUnavailable,
 }
 
 impl HookOutcome {
@@ -59,7 +60,7 @@ impl HookOutcome {
             Self::UnknownPlatform => "unknown_platform",
             Self::Unavailable(r) => r.reason(),
             Self::DuplicateInProgress => "duplicate_in_progress",
-            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Ignored(r @ (IgnoreReason::Rejected(_) | IgnoreReason::InvalidCommand(_))) => {
                 r.label()
             }
@@ -163,10 +164,12 @@ fn errors(outcome: HookOutcome) -> Result<HookResponse, HookOutcome> {
             "no such platform hook".to_owned(),
             outcome,
         ),
-        HookOutcome::StoreUnavailable(e) => {
-            let d = e.to_string();
-            problem(503, "unavailable", d, outcome)
-        }
+        HookOutcome::StoreUnavailable => problem(
+            503,
+            "unavailable",
+            "the delivery could not be recorded; try again later".to_owned(),
+            outcome,
+        ),
         _ => return Err(outcome),
     })
 }

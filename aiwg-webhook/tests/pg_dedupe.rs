@@ -1,38 +1,133 @@
-//! The delivery-store suite against PostgreSQL (feature `postgres`).
+//! Inbound de-duplication in PostgreSQL (feature `postgres`): the shared dedup-store suite, and
+//! two stores on one database claiming the same keys.
 #![cfg(all(feature = "postgres", feature = "test-util"))]
 
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use aiwg_core::store::PgStore;
-use aiwg_webhook::dedupe::store_suite;
+use aiwg_core::JobId;
+use aiwg_webhook::dedupe::{dedup_store_suite, Claim, DeliveryStore};
 use aiwg_webhook::PgDeliveryStore;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
 
-#[tokio::test]
-async fn pg_delivery_store_passes_the_suite() {
+/// A pool on a fresh schema of the test database, or `None` (after saying why) outside CI.
+async fn fresh_pool() -> Option<(PgPool, PgPool, String)> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let url = std::env::var("AIWG_TEST_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
-    let store = match PgStore::connect(&url).await {
-        Ok(s) => s,
+    let options = PgConnectOptions::from_str(&url).expect("a PostgreSQL URL");
+    let admin = match PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.clone())
+        .await
+    {
+        Ok(p) => p,
         Err(e) if ci => panic!("PostgreSQL is required in CI: {e}"),
         Err(e) => {
             eprintln!("skipping: no PostgreSQL ({e}); set AIWG_TEST_DATABASE_URL");
-            return;
+            return None;
         }
     };
-    let prefix = format!("suite-{}-", uuid_prefix());
-    store_suite(Arc::new(PgDeliveryStore::new(Arc::new(store))), &prefix).await;
+    let schema = format!("aiwg_test_{}", uuid_suffix());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .connect_with(options.options([("search_path", schema.as_str())]))
+        .await
+        .expect("connect");
+    Some((admin, pool, schema))
 }
 
-fn uuid_prefix() -> String {
-    format!(
-        "{:x}{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-        std::process::id()
-    )
+fn uuid_suffix() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+async fn drop_schema(admin: &PgPool, schema: &str) {
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(admin)
+        .await
+        .expect("drop schema");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_delivery_store_passes_the_dedup_store_suite() {
+    let Some((admin, pool, schema)) = fresh_pool().await else {
+        return;
+    };
+    let store = PgDeliveryStore::new(pool);
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrations are idempotent");
+    dedup_store_suite(Arc::new(store), "suite:").await;
+    drop_schema(&admin, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_database_claim_once() {
+    let Some((admin, pool, schema)) = fresh_pool().await else {
+        return;
+    };
+    let a = Arc::new(PgDeliveryStore::new(pool.clone()));
+    a.migrate().await.expect("migrate");
+    let b = Arc::new(PgDeliveryStore::new(pool));
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_secs(3600);
+
+    assert_eq!(a.claim("gh:1", lease, ttl).await.unwrap(), Claim::Fresh);
+    assert_eq!(
+        b.claim("gh:1", lease, ttl).await.unwrap(),
+        Claim::Pending,
+        "pending elsewhere"
+    );
+    assert_eq!(b.get("gh:1").await.unwrap(), None);
+    let job = JobId::new();
+    a.complete("gh:1", job, ttl).await.unwrap();
+    assert_eq!(b.claim("gh:1", lease, ttl).await.unwrap(), Claim::Done(job));
+    assert_eq!(b.get("gh:1").await.unwrap(), Some(job));
+    // Releasing a done key keeps it.
+    b.release("gh:1").await.unwrap();
+    assert_eq!(a.get("gh:1").await.unwrap(), Some(job));
+
+    // A released claim may be taken again; a lapsed one is taken over.
+    assert_eq!(a.claim("gh:2", lease, ttl).await.unwrap(), Claim::Fresh);
+    a.release("gh:2").await.unwrap();
+    assert_eq!(
+        b.claim("gh:2", Duration::ZERO, ttl).await.unwrap(),
+        Claim::Fresh
+    );
+    assert_eq!(
+        a.claim("gh:2", lease, ttl).await.unwrap(),
+        Claim::Fresh,
+        "the first claim's lease lapsed"
+    );
+    // A key remembered for no time is forgotten, and purged.
+    a.complete("gh:3", JobId::new(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(a.get("gh:3").await.unwrap(), None);
+    assert!(a.purge().await.unwrap() >= 1);
+    assert_eq!(a.claim("gh:3", lease, ttl).await.unwrap(), Claim::Fresh);
+
+    // Many concurrent claims of one key from two stores: exactly one wins.
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            store.claim("gh:race", lease, ttl).await.unwrap()
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        if t.await.unwrap() == Claim::Fresh {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+    drop_schema(&admin, &schema).await;
 }

@@ -100,7 +100,10 @@ async fn node(store: &Arc<PgStore>, exec: &ScriptedExecutor) -> Node {
         .poll_interval(Duration::from_millis(200))
         .build()
         .expect("engine");
-    let listener = store.listen(&engine).await.expect("listen");
+    let listener = store
+        .listen(engine.cluster_listener())
+        .await
+        .expect("listen");
     Node { engine, listener }
 }
 

@@ -379,7 +379,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
 enum Storage {
     Memory,
     #[cfg(feature = "postgres")]
-    Postgres(Arc<aiwg_core::store::PgStore>),
+    Postgres {
+        jobs: Arc<aiwg_core::store::PgStore>,
+        outbox: Arc<aiwg_core::dispatch::PgDispatchStore>,
+        dedup: aiwg_webhook::PgDeliveryStore,
+    },
 }
 
 impl Storage {
@@ -389,10 +393,23 @@ impl Storage {
             #[cfg(feature = "postgres")]
             StorageKind::Postgres => {
                 let url = config.storage.url.as_deref().unwrap_or_default();
-                let store = aiwg_core::store::PgStore::connect(url)
+                let start = |e: &dyn std::fmt::Display| AppError::Start(format!("storage: {e}"));
+                // One pool for jobs, the outbox and de-duplication; each concept runs its own
+                // migrations.
+                let jobs = aiwg_core::store::PgStore::connect(url)
                     .await
-                    .map_err(|e| AppError::Start(format!("storage: {e}")))?;
-                Ok(Storage::Postgres(Arc::new(store)))
+                    .map_err(|e| start(&e))?;
+                let outbox = aiwg_core::dispatch::PgDispatchStore::from_pool(jobs.pool().clone())
+                    .await
+                    .map_err(|e| start(&e))?;
+                outbox.migrate().await.map_err(|e| start(&e))?;
+                let dedup = aiwg_webhook::PgDeliveryStore::new(jobs.pool().clone());
+                dedup.migrate().await.map_err(|e| start(&e))?;
+                Ok(Storage::Postgres {
+                    jobs: Arc::new(jobs),
+                    outbox: Arc::new(outbox),
+                    dedup,
+                })
             }
             #[cfg(not(feature = "postgres"))]
             StorageKind::Postgres => Err(ConfigError::new(
@@ -407,7 +424,7 @@ impl Storage {
         match self {
             Storage::Memory => Arc::new(MemoryStore::new()),
             #[cfg(feature = "postgres")]
-            Storage::Postgres(pg) => Arc::clone(pg) as Arc<dyn JobStore>,
+            Storage::Postgres { jobs, .. } => Arc::clone(jobs) as Arc<dyn JobStore>,
         }
     }
 
@@ -418,8 +435,8 @@ impl Storage {
         match self {
             Storage::Memory => builder,
             #[cfg(feature = "postgres")]
-            Storage::Postgres(pg) => {
-                builder.store(Arc::clone(pg) as Arc<dyn aiwg_core::dispatch::DispatchStore>)
+            Storage::Postgres { outbox, .. } => {
+                builder.store(Arc::clone(outbox) as Arc<dyn aiwg_core::dispatch::DispatchStore>)
             }
         }
     }
@@ -428,9 +445,7 @@ impl Storage {
         match self {
             Storage::Memory => builder,
             #[cfg(feature = "postgres")]
-            Storage::Postgres(pg) => {
-                builder.delivery_store(Arc::new(aiwg_webhook::PgDeliveryStore::new(Arc::clone(pg))))
-            }
+            Storage::Postgres { dedup, .. } => builder.delivery_store(Arc::new(dedup.clone())),
         }
     }
 
@@ -441,8 +456,8 @@ impl Storage {
                 Ok(())
             }
             #[cfg(feature = "postgres")]
-            Storage::Postgres(pg) => pg
-                .listen(engine)
+            Storage::Postgres { jobs, .. } => jobs
+                .listen(engine.cluster_listener())
                 .await
                 .map(drop)
                 .map_err(|e| AppError::Start(format!("storage: {e}"))),

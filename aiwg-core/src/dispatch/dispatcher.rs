@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::DispatchConfig;
 use super::event::{OutboundEvent, EVENT_TYPES};
-use super::memory::MemoryStore;
+use super::memory::MemoryDispatchStore;
 use super::retry::RetryPolicy;
 use super::sender::Sender;
 use super::sign::SigningSecret;
 use super::ssrf::{literal_host, IpNet, TargetPolicy};
 use super::store::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
-    DispatchStore, NewDelivery, RequeueOutcome, StoreError,
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
+    DeliveryId, DispatchStore, DispatchStoreError, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{
     validate_filters, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,
@@ -110,7 +110,7 @@ impl Default for DispatcherBuilder {
 }
 
 impl DispatcherBuilder {
-    /// The store (default: a fresh [`MemoryStore`]).
+    /// The store (default: a fresh [`MemoryDispatchStore`]).
     pub fn store(mut self, store: Arc<dyn DispatchStore>) -> Self {
         self.store = Some(store);
         self
@@ -265,7 +265,9 @@ impl DispatcherBuilder {
         let (notices, _) = broadcast::channel(64);
         Ok(Dispatcher {
             inner: Arc::new(Inner {
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryDispatchStore::new())),
                 retry: self.retry,
                 workers: self.workers,
                 per_subscription_cap: self.per_subscription_cap,
@@ -643,7 +645,7 @@ async fn worker(inner: Arc<Inner>, cancel: CancellationToken) {
         let wake = inner.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let req = ClaimRequest::new(
+        let req = DeliveryClaimRequest::new(
             Utc::now(),
             1,
             inner.owner.clone(),
@@ -746,7 +748,7 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
         .await
     {
         Ok(()) => {}
-        Err(StoreError::LeaseLost) => {
+        Err(DispatchStoreError::LeaseLost) => {
             tracing::warn!(delivery = %task.id, "webhook attempt finished after its lease was lost; not recorded");
             return;
         }

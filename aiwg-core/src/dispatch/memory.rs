@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::store::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
-    DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery, RequeueOutcome, StoreError,
-    StoreResult,
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
+    DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
+    DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
@@ -21,12 +21,12 @@ use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 /// retention per subscription (10 000 by default, see [`with_retention`](Self::with_retention)),
 /// the oldest finished being dropped first, so a long-running process does not grow forever.
 #[derive(Debug)]
-pub struct MemoryStore {
+pub struct MemoryDispatchStore {
     state: Mutex<State>,
     retention: usize,
 }
 
-impl Default for MemoryStore {
+impl Default for MemoryDispatchStore {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
@@ -43,7 +43,7 @@ struct State {
     /// Open, unleased deliveries by due time.
     due: BTreeSet<(DateTime<Utc>, DeliveryId)>,
     /// Deliveries under a lease (expired or not).
-    leased: HashMap<DeliveryId, Lease>,
+    leased: HashMap<DeliveryId, DeliveryLease>,
     /// Finished deliveries per subscription in the order they finished, with the sequence
     /// number of that finish (a redelivered one finishes again under a new number).
     finished: HashMap<SubscriptionId, VecDeque<(u64, DeliveryId)>>,
@@ -57,7 +57,7 @@ struct Row {
     finished_seq: Option<u64>,
 }
 
-impl MemoryStore {
+impl MemoryDispatchStore {
     /// An empty store.
     #[must_use]
     pub fn new() -> Self {
@@ -111,30 +111,30 @@ impl State {
         }
     }
 
-    fn check_lease(&self, lease: &Lease) -> StoreResult<()> {
+    fn check_lease(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
         match self.leased.get(&lease.delivery_id) {
             Some(held) if held.token == lease.token => Ok(()),
-            _ => Err(StoreError::LeaseLost),
+            _ => Err(DispatchStoreError::LeaseLost),
         }
     }
 }
 
 #[async_trait]
-impl DispatchStore for MemoryStore {
-    async fn insert_subscription(&self, sub: &Subscription) -> StoreResult<()> {
+impl DispatchStore for MemoryDispatchStore {
+    async fn insert_subscription(&self, sub: &Subscription) -> DispatchStoreResult<()> {
         let mut st = self.lock();
         if st.subs.contains_key(&sub.id) {
-            return Err(StoreError::Duplicate);
+            return Err(DispatchStoreError::Duplicate);
         }
         st.subs.insert(sub.id, sub.clone());
         Ok(())
     }
 
-    async fn subscription(&self, id: SubscriptionId) -> StoreResult<Option<Subscription>> {
+    async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>> {
         Ok(self.lock().subs.get(&id).cloned())
     }
 
-    async fn subscriptions(&self) -> StoreResult<Vec<Subscription>> {
+    async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
         let st = self.lock();
         let mut all: Vec<_> = st.subs.values().cloned().collect();
         all.sort_by_key(|s| (s.created_at, s.id));
@@ -145,7 +145,7 @@ impl DispatchStore for MemoryStore {
         &self,
         id: SubscriptionId,
         change: &SubscriptionChange,
-    ) -> StoreResult<Option<Subscription>> {
+    ) -> DispatchStoreResult<Option<Subscription>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
             change.apply(sub);
@@ -153,7 +153,7 @@ impl DispatchStore for MemoryStore {
         }))
     }
 
-    async fn delete_subscription(&self, id: SubscriptionId) -> StoreResult<bool> {
+    async fn delete_subscription(&self, id: SubscriptionId) -> DispatchStoreResult<bool> {
         let mut st = self.lock();
         if st.subs.remove(&id).is_none() {
             return Ok(false);
@@ -174,7 +174,7 @@ impl DispatchStore for MemoryStore {
         &self,
         id: SubscriptionId,
         at: DateTime<Utc>,
-    ) -> StoreResult<Option<EndpointFailure>> {
+    ) -> DispatchStoreResult<Option<EndpointFailure>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
             let since = *sub.failing_since.get_or_insert(at);
@@ -186,7 +186,7 @@ impl DispatchStore for MemoryStore {
         }))
     }
 
-    async fn endpoint_succeeded(&self, id: SubscriptionId) -> StoreResult<()> {
+    async fn endpoint_succeeded(&self, id: SubscriptionId) -> DispatchStoreResult<()> {
         if let Some(sub) = self.lock().subs.get_mut(&id) {
             sub.failing_since = None;
             sub.consecutive_failures = 0;
@@ -199,7 +199,7 @@ impl DispatchStore for MemoryStore {
         id: SubscriptionId,
         reason: &str,
         at: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    ) -> DispatchStoreResult<bool> {
         let mut st = self.lock();
         match st.subs.get_mut(&id) {
             Some(sub) if sub.enabled => {
@@ -212,11 +212,11 @@ impl DispatchStore for MemoryStore {
         }
     }
 
-    async fn enqueue(&self, deliveries: &[NewDelivery]) -> StoreResult<()> {
+    async fn enqueue(&self, deliveries: &[NewDelivery]) -> DispatchStoreResult<()> {
         let mut st = self.lock();
         for d in deliveries {
             if st.rows.contains_key(&d.id) {
-                return Err(StoreError::Duplicate);
+                return Err(DispatchStoreError::Duplicate);
             }
         }
         for d in deliveries {
@@ -245,7 +245,10 @@ impl DispatchStore for MemoryStore {
         Ok(())
     }
 
-    async fn claim_due(&self, req: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+    async fn claim_due(
+        &self,
+        req: &DeliveryClaimRequest,
+    ) -> DispatchStoreResult<Vec<ClaimedDelivery>> {
         let mut guard = self.lock();
         let st = &mut *guard;
         // Expired leases go back to the due index.
@@ -295,7 +298,7 @@ impl DispatchStore for MemoryStore {
         for key in picked {
             st.due.remove(&key);
             let id = key.1;
-            let lease = Lease {
+            let lease = DeliveryLease {
                 delivery_id: id,
                 token: Uuid::now_v7(),
                 owner: req.owner.clone(),
@@ -323,16 +326,16 @@ impl DispatchStore for MemoryStore {
 
     async fn finish_attempt(
         &self,
-        lease: &Lease,
+        lease: &DeliveryLease,
         attempt: &Attempt,
         outcome: AttemptOutcome,
-    ) -> StoreResult<()> {
+    ) -> DispatchStoreResult<()> {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.check_lease(lease)?;
         st.leased.remove(&lease.delivery_id);
         let Some(row) = st.rows.get_mut(&lease.delivery_id) else {
-            return Err(StoreError::LeaseLost);
+            return Err(DispatchStoreError::LeaseLost);
         };
         let d = &mut row.delivery;
         d.attempts.push(attempt.clone());
@@ -360,7 +363,7 @@ impl DispatchStore for MemoryStore {
         Ok(())
     }
 
-    async fn release(&self, lease: &Lease) -> StoreResult<()> {
+    async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
         let mut st = self.lock();
         st.check_lease(lease)?;
         st.leased.remove(&lease.delivery_id);
@@ -378,7 +381,7 @@ impl DispatchStore for MemoryStore {
         &self,
         subscription: SubscriptionId,
         id: DeliveryId,
-    ) -> StoreResult<Option<Delivery>> {
+    ) -> DispatchStoreResult<Option<Delivery>> {
         Ok(self
             .lock()
             .rows
@@ -392,7 +395,7 @@ impl DispatchStore for MemoryStore {
         subscription: SubscriptionId,
         limit: usize,
         before: Option<DeliveryId>,
-    ) -> StoreResult<Vec<Delivery>> {
+    ) -> DispatchStoreResult<Vec<Delivery>> {
         let st = self.lock();
         let Some(ids) = st.by_sub.get(&subscription) else {
             return Ok(Vec::new());
@@ -412,7 +415,7 @@ impl DispatchStore for MemoryStore {
         subscription: SubscriptionId,
         id: DeliveryId,
         now: DateTime<Utc>,
-    ) -> StoreResult<RequeueOutcome> {
+    ) -> DispatchStoreResult<RequeueOutcome> {
         let mut guard = self.lock();
         let st = &mut *guard;
         match st.rows.get(&id) {
@@ -439,7 +442,7 @@ impl DispatchStore for MemoryStore {
         Ok(RequeueOutcome::Requeued)
     }
 
-    async fn pending_count(&self) -> StoreResult<usize> {
+    async fn pending_count(&self) -> DispatchStoreResult<usize> {
         Ok(self
             .lock()
             .rows
@@ -448,7 +451,7 @@ impl DispatchStore for MemoryStore {
             .count())
     }
 
-    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {
+    async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
         let st = self.lock();
         let due = st
             .due
@@ -478,7 +481,7 @@ mod tests {
 
     #[tokio::test]
     async fn finished_deliveries_beyond_the_retention_are_dropped() {
-        let store = MemoryStore::new().with_retention(3);
+        let store = MemoryDispatchStore::new().with_retention(3);
         let now = Utc::now();
         let sub = Subscription::new(
             "http://x/",
@@ -500,7 +503,7 @@ mod tests {
             at: now,
             trigger: AttemptTrigger::Scheduled,
         };
-        let req = ClaimRequest::new(now, 10, "t", Duration::from_secs(30), 100);
+        let req = DeliveryClaimRequest::new(now, 10, "t", Duration::from_secs(30), 100);
         let claimed = store.claim_due(&req).await.unwrap();
         // Five finish, one stays open.
         for c in &claimed[..5] {
@@ -541,8 +544,8 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_passes_the_suite() {
-        crate::dispatch::store_suite(|| async {
-            Arc::new(MemoryStore::new()) as Arc<dyn DispatchStore>
+        crate::test_util::dispatch_store_suite(|| async {
+            Arc::new(MemoryDispatchStore::new()) as Arc<dyn DispatchStore>
         })
         .await;
     }

@@ -102,13 +102,16 @@
 //!
 //! # 8. Stores
 //!
-//! [`MemoryStore`] keeps everything in memory. A durable store implements [`DispatchStore`]
-//! and must pass [`store_suite`] (feature `test-util`).
+//! [`MemoryDispatchStore`] keeps everything in memory. A durable store implements [`DispatchStore`]
+//! and must pass [`dispatch_store_suite`] (feature `test-util`).
 
 mod config;
 mod dispatcher;
 mod event;
 mod memory;
+mod observer;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod retry;
 mod sender;
 mod sign;
@@ -122,17 +125,18 @@ pub use event::{
     event_type_for_status, OutboundEvent, EVENT_TYPES, JOB_CANCELLED, JOB_COMPLETED, JOB_FAILED,
     JOB_QUEUED, JOB_STARTED, JOB_STEP_COMPLETED, JOB_TIMED_OUT,
 };
-pub use memory::MemoryStore;
+pub use memory::MemoryDispatchStore;
+pub use observer::outbound_event;
+#[cfg(feature = "postgres")]
+pub use postgres::PgDispatchStore;
 pub use retry::{parse_retry_after, RetryPolicy};
 pub use sender::{RESPONSE_BODY_LIMIT, USER_AGENT_VALUE};
 pub use sign::{signature_header, SigningSecret};
 pub use ssrf::{is_public, IpNet, TargetPolicy};
-#[cfg(any(test, feature = "test-util"))]
-pub use store::store_suite;
 pub use store::{
-    Attempt, AttemptOutcome, AttemptTrigger, BadDeliveryId, ClaimRequest, ClaimedDelivery,
-    Delivery, DeliveryId, DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery,
-    RequeueOutcome, StoreError, StoreResult,
+    Attempt, AttemptOutcome, AttemptTrigger, BadDeliveryId, ClaimedDelivery, Delivery,
+    DeliveryClaimRequest, DeliveryId, DeliveryLease, DeliveryState, DispatchStore,
+    DispatchStoreError, DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
 };
 pub use subscription::{
     filter_matches, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,
@@ -164,7 +168,7 @@ pub enum DispatchError {
     },
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] DispatchStoreError),
 }
 
 impl From<BadDeliveryId> for DispatchError {

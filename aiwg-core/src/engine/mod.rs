@@ -20,22 +20,19 @@ use crate::job::{Job, JobId, JobStatus, Progress, TriggerInfo};
 use crate::policy::{PolicyError, ProjectPolicy};
 use crate::request::JobRequest;
 use crate::store::{
-    CancelOutcome, Created, JobPage, JobQuery, JobStore, MemoryStore, NewJob, QueueCounts,
-    StoreError,
+    CancelOutcome, ClusterListener, Created, JobPage, JobQuery, JobStore, MemoryStore, NewJob,
+    QueueCounts, StoreError,
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
-mod outbound;
 mod subscribe;
 mod worker;
-
-pub use outbound::outbound_event;
 
 /// The longest guidance accepted (64 KiB).
 pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;
 
 /// Why a job was not accepted.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum SubmitError {
     /// No workflow by that name.
@@ -71,7 +68,7 @@ pub enum SubmitError {
 }
 
 /// Why an engine call other than submit failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
     /// No job with that id.
@@ -207,6 +204,28 @@ pub(crate) struct Inner {
     busy: AtomicUsize,
     started: Instant,
     durations: Mutex<HashMap<String, (u64, f64)>>,
+}
+
+impl ClusterListener for Inner {
+    fn wake(&self) {
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    fn remote_event(&self, event: JobEvent) {
+        let _ = self.bus.send(event);
+    }
+
+    fn remote_cancel(&self, id: JobId) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = running.get(&id) {
+            r.reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(StopReason::User);
+            r.token.cancel();
+        }
+    }
 }
 
 /// The job engine. A cheap-to-clone handle: clone it into every handler.
@@ -694,25 +713,26 @@ impl Engine {
     /// cross-instance notification, e.g. PostgreSQL LISTEN/NOTIFY). Local subscribers see it;
     /// observers are not called (the producing instance called its own).
     pub fn publish_remote(&self, event: JobEvent) {
-        let _ = self.inner.bus.send(event);
+        self.inner.remote_event(event);
     }
 
     /// Wakes idle workers (e.g. after another instance queued a job).
     pub fn wake(&self) {
-        self.inner.wake.notify_waiters();
-        self.inner.wake.notify_one();
+        self.inner.wake();
     }
 
     /// Asks a job running here to stop because another instance received a cancel for it.
     pub fn cancel_local(&self, id: JobId) {
-        let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = running.get(&id) {
-            r.reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(StopReason::User);
-            r.token.cancel();
-        }
+        self.inner.remote_cancel(id);
+    }
+
+    /// This engine as the receiving end of a store's cross-instance notifications (for
+    /// example `PgStore::listen`). The handle is weak: it does not keep the engine alive, and
+    /// the store's listener ends once the engine is gone.
+    #[must_use]
+    pub fn cluster_listener(&self) -> std::sync::Weak<dyn ClusterListener> {
+        let weak: std::sync::Weak<Inner> = Arc::downgrade(&self.inner);
+        weak
     }
 
     /// Stops taking work, lets running jobs finish for up to `grace`, then cancels the rest

@@ -261,8 +261,8 @@ impl JobStore for MemoryStore {
         let now = Utc::now();
         let entry = s.fenced(lease, now)?;
         if matches!(kind, JobEventKind::Status { .. }) {
-            return Err(StoreError::Backend(
-                "status events are written by the store itself".into(),
+            return Err(StoreError::backend(
+                "status events are written by the store itself",
             ));
         }
         Ok(State::record(entry, kind, now))

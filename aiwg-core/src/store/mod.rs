@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::error::BackendError;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{IllegalTransition, Job, JobError, JobId, JobResult, JobStatus};
 
@@ -40,8 +41,8 @@ pub struct Lease {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Why a store call failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a store call failed. Compare errors by [`kind`](Self::kind).
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// No job with that id.
@@ -65,9 +66,63 @@ pub enum StoreError {
         /// The configured capacity.
         capacity: usize,
     },
-    /// The backend failed (connection, query, serialisation).
+    /// The backend failed (connection, query, serialisation); the cause is its source.
     #[error("store backend error: {0}")]
-    Backend(String),
+    Backend(#[source] BackendError),
+}
+
+/// What kind of [`StoreError`] happened, for callers and tests that branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// [`StoreError::NotFound`].
+    NotFound,
+    /// [`StoreError::LeaseLost`].
+    LeaseLost,
+    /// [`StoreError::IllegalTransition`].
+    IllegalTransition,
+    /// [`StoreError::IdempotencyConflict`].
+    IdempotencyConflict,
+    /// [`StoreError::QueueFull`].
+    QueueFull,
+    /// [`StoreError::Backend`].
+    Backend,
+}
+
+impl StoreError {
+    /// A backend failure without an underlying error.
+    #[must_use]
+    pub fn backend(context: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        Self::Backend(BackendError::new(context))
+    }
+
+    /// A backend failure caused by `source`.
+    #[must_use]
+    pub fn backend_from(
+        context: impl Into<std::borrow::Cow<'static, str>>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Backend(BackendError::with_source(context, source))
+    }
+
+    /// The kind of failure.
+    #[must_use]
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            Self::NotFound(_) => StoreErrorKind::NotFound,
+            Self::LeaseLost(_) => StoreErrorKind::LeaseLost,
+            Self::IllegalTransition(_) => StoreErrorKind::IllegalTransition,
+            Self::IdempotencyConflict { .. } => StoreErrorKind::IdempotencyConflict,
+            Self::QueueFull { .. } => StoreErrorKind::QueueFull,
+            Self::Backend(_) => StoreErrorKind::Backend,
+        }
+    }
+
+    /// Whether the backend failed (a retry later may succeed).
+    #[must_use]
+    pub fn is_backend(&self) -> bool {
+        matches!(self, Self::Backend(_))
+    }
 }
 
 /// A job to insert.
@@ -298,8 +353,20 @@ pub struct QueueCounts {
     pub running: usize,
 }
 
+/// The receiving end of a store's cross-instance notifications: a store whose database is
+/// shared by several instances (PostgreSQL) tells each instance's engine what happened
+/// elsewhere. [`Engine::cluster_listener`](crate::Engine::cluster_listener) gives the engine's.
+pub trait ClusterListener: Send + Sync + 'static {
+    /// A job was queued (or a project slot freed) elsewhere: idle workers should look again.
+    fn wake(&self);
+    /// An event recorded by another instance, for this instance's live subscribers.
+    fn remote_event(&self, event: JobEvent);
+    /// Another instance received a cancel for `job`; stop it if it runs here.
+    fn remote_cancel(&self, job: JobId);
+}
+
 /// Where jobs and their events live. Implementations: [`MemoryStore`] and, with the `postgres`
-/// feature, `PgStore`. Every implementation passes `test_util::store_suite`.
+/// feature, `PgStore`. Every implementation passes `test_util::job_store_suite`.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Inserts a queued job (or finds the one its idempotency key created).

@@ -1,6 +1,8 @@
 //! Test support (feature `test-util`): a [`ScriptedExecutor`] that plays a script instead of
-//! running an agent, `MockExecutor` (mockall) re-exported, and the [`store_suite`] every
-//! [`JobStore`](crate::JobStore) implementation runs.
+//! running an agent, `MockExecutor` (mockall) re-exported, and the store conformance
+//! suites: [`job_store_suite`] for every [`JobStore`](crate::JobStore), [`dispatch_store_suite`]
+//! for every [`DispatchStore`](crate::dispatch::DispatchStore) (the third, for inbound
+//! de-duplication stores, is `aiwg_webhook::testing::dedup_store_suite`).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -40,8 +42,10 @@ use crate::executor::{
 };
 
 pub mod conformance;
-mod store_suite;
-pub use store_suite::{sample_job, store_suite};
+mod dispatch_store_suite;
+mod job_store_suite;
+pub use dispatch_store_suite::dispatch_store_suite;
+pub use job_store_suite::{job_store_suite, sample_job};
 
 #[derive(Default)]
 struct Shared {

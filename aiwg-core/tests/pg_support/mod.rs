@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use aiwg_core::dispatch::PgDispatchStore;
 use aiwg_core::store::PgStore;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
@@ -137,6 +138,21 @@ impl TestDb {
     pub async fn fresh_store(&self) -> PgStore {
         let schema = self.schema().await;
         self.store_in(&schema, 4).await
+    }
+
+    /// A migrated outbox in `schema` (pool of `max` connections).
+    pub async fn outbox_in(&self, schema: &str, max: u32) -> PgDispatchStore {
+        let store = PgDispatchStore::from_pool(self.pool(schema, max).await)
+            .await
+            .expect("outbox");
+        store.migrate().await.expect("migrate outbox");
+        store
+    }
+
+    /// A migrated outbox in a fresh schema.
+    pub async fn fresh_outbox(&self) -> PgDispatchStore {
+        let schema = self.schema().await;
+        self.outbox_in(&schema, 4).await
     }
 
     /// Drops every schema made through this handle.

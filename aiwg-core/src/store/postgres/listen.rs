@@ -1,6 +1,6 @@
 //! Cross-instance notification: `LISTEN` on the store's channel and tell the local engine.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,10 +11,9 @@ use sqlx::Row;
 use tokio::task::JoinHandle;
 
 use super::{db, to_i64, PgStore};
-use crate::engine::{Engine, Inner};
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{JobId, JobStatus};
-use crate::store::StoreError;
+use crate::store::{ClusterListener, StoreError};
 
 /// A notification payload. Events: `i` (instance), `j` (job), `s` (seq), `a` (time) and `k`
 /// (the kind, left out when too long). Cancel requests: `i` and `c` (the job).
@@ -34,14 +33,16 @@ struct Note {
 }
 
 impl PgStore {
-    /// Subscribes to this store's channel and starts a task that keeps `engine` in step with
-    /// the other instances sharing the database:
+    /// Subscribes to this store's channel and starts a task that keeps the local engine (its
+    /// [`cluster_listener`](crate::Engine::cluster_listener)) in step with the other instances
+    /// sharing the database:
     ///
     /// - a job queued (or re-queued) elsewhere, or a job that finished elsewhere and so freed a
-    ///   project slot, wakes the engine's idle workers ([`Engine::wake`]);
+    ///   project slot, wakes the engine's idle workers ([`ClusterListener::wake`]);
     /// - every event recorded elsewhere reaches the engine's subscribers
-    ///   ([`Engine::publish_remote`]);
-    /// - a cancel requested elsewhere for a job running here stops it ([`Engine::cancel_local`]).
+    ///   ([`ClusterListener::remote_event`]);
+    /// - a cancel requested elsewhere for a job running here stops it
+    ///   ([`ClusterListener::remote_cancel`]).
     ///
     /// Returns once `LISTEN` is in place, so everything committed afterwards is seen. The task
     /// holds one connection of the store's pool while it runs (size the pool accordingly). The task
@@ -49,27 +50,34 @@ impl PgStore {
     /// polling picks up queued work, and subscribers catch up at the next event of their job),
     /// and ends when the pool is closed, at the first notification after the engine was
     /// dropped, or when aborted (abort it when the engine shuts down).
-    pub async fn listen(&self, engine: &Engine) -> Result<JoinHandle<()>, StoreError> {
+    pub async fn listen(
+        &self,
+        engine: Weak<dyn ClusterListener>,
+    ) -> Result<JoinHandle<()>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
         listener.listen(&self.channel).await.map_err(db)?;
-        let weak = Arc::downgrade(&engine.inner);
+        let weak = engine;
         let pool = self.pool.clone();
         let instance = self.instance.clone();
         Ok(tokio::spawn(run(listener, weak, pool, instance)))
     }
 }
 
-async fn run(mut listener: PgListener, engine: Weak<Inner>, pool: PgPool, instance: String) {
+async fn run(
+    mut listener: PgListener,
+    engine: Weak<dyn ClusterListener>,
+    pool: PgPool,
+    instance: String,
+) {
     loop {
         // `try_recv` is not cancelled half-way (no `select!`), so no message is lost to a
         // partial read.
         let received = listener.try_recv().await;
-        let Some(inner) = engine.upgrade() else {
+        let Some(engine) = engine.upgrade() else {
             return;
         };
-        let engine = Engine { inner };
         match received {
-            Ok(Some(n)) => handle(&engine, &pool, &instance, n.payload()).await,
+            Ok(Some(n)) => handle(&*engine, &pool, &instance, n.payload()).await,
             Ok(None) => {
                 tracing::warn!("postgres listener lost its connection; reconnecting");
                 // Whatever was queued meanwhile is not announced again.
@@ -84,7 +92,7 @@ async fn run(mut listener: PgListener, engine: Weak<Inner>, pool: PgPool, instan
     }
 }
 
-async fn handle(engine: &Engine, pool: &PgPool, instance: &str, payload: &str) {
+async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, payload: &str) {
     let note: Note = match serde_json::from_str(payload) {
         Ok(n) => n,
         Err(e) => {
@@ -97,7 +105,7 @@ async fn handle(engine: &Engine, pool: &PgPool, instance: &str, payload: &str) {
         return;
     }
     if let Some(id) = note.c {
-        engine.cancel_local(id);
+        engine.remote_cancel(id);
         return;
     }
     let (Some(job_id), Some(seq)) = (note.j, note.s) else {
@@ -124,7 +132,7 @@ async fn handle(engine: &Engine, pool: &PgPool, instance: &str, payload: &str) {
         JobEventKind::Status { from, to, .. }
             if *to == JobStatus::Queued || *from == Some(JobStatus::Running)
     );
-    engine.publish_remote(event);
+    engine.remote_event(event);
     if wake {
         engine.wake();
     }

@@ -1,6 +1,5 @@
 //! The PostgreSQL store (feature `postgres`): see [`PgStore`].
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,11 +18,16 @@ use super::{
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{IllegalTransition, Job, JobId, JobStatus};
 
-mod dispatch;
-mod inbound;
 mod listen;
 
-static MIGRATOR: Migrator = sqlx::migrate!();
+/// The jobs' migrations. Each concept of aiwg that keeps data in PostgreSQL (jobs here, the
+/// webhook outbox in [`dispatch`](crate::dispatch), inbound de-duplication in `aiwg-webhook`)
+/// owns its migrations, with versions unique across aiwg, so they compose on one database:
+/// missing versions (the other concepts') are ignored.
+static MIGRATOR: Migrator = Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("migrations/jobs")
+};
 
 /// Kind JSON longer than this is not sent inline in a notification (the listener reads the
 /// event row instead): `NOTIFY` payloads are limited to 8000 bytes, and the JSONB text form can
@@ -48,11 +52,11 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// the fields queries filter and sort on (status, priority, project, workflow, enqueue order,
 /// `retry_at`) and the lease (owner, token, expiry); `aiwg_job_events` keeps the event history,
 /// keyed by `(job_id, seq)`. The copies are written from the same [`Job`] value in the same
-/// statement, so they never disagree with the JSON. The same store also implements
-/// [`DispatchStore`](crate::dispatch::DispatchStore) (webhook subscriptions and the delivery
-/// outbox, `0002_webhook_deliveries.sql`) and keeps inbound de-duplication keys
-/// ([`inbound_claim`](Self::inbound_claim) and friends, `0003_inbound_dedup.sql`). All tables
-/// live in the pool's current schema.
+/// statement, so they never disagree with the JSON. All tables live in the pool's current
+/// schema. The outbound webhook outbox
+/// ([`PgDispatchStore`](crate::dispatch::PgDispatchStore)) and inbound de-duplication
+/// (`aiwg_webhook::PgDeliveryStore`) are separate stores with their own tables and
+/// migrations; all three can share one pool ([`Self::pool`]).
 ///
 /// # Concurrency
 ///
@@ -77,10 +81,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// # Notifications
 ///
 /// Every event insert and every cancel request of a running job sends a `NOTIFY` on a channel
-/// named after the schema, in the same transaction. [`Self::listen`] turns those into
-/// [`Engine::publish_remote`](crate::Engine::publish_remote),
-/// [`Engine::wake`](crate::Engine::wake) and
-/// [`Engine::cancel_local`](crate::Engine::cancel_local) calls on another instance. Use one
+/// named after the schema, in the same transaction. [`Self::listen`] hands those to another
+/// instance's engine through its [`ClusterListener`](crate::store::ClusterListener). Use one
 /// `PgStore` per engine: events are tagged with the store's instance id and a
 /// listener skips the ones its own store wrote (its engine published those already).
 ///
@@ -89,9 +91,10 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// [`Self::connect`] runs the embedded migrations (a PostgreSQL advisory lock makes that safe
 /// when several instances start at once). Hosts that run migrations themselves use
 /// [`Self::connect_without_migrations`] or [`Self::from_pool`] and
-/// [`Self::migrator`]. sqlx records applied migrations in `_sqlx_migrations`; a host that
-/// uses sqlx migrations of its own should give aiwg its own schema (`search_path`), because
-/// both would share that table.
+/// [`Self::migrator`]. sqlx records applied migrations in `_sqlx_migrations`; aiwg's
+/// migrators ignore versions they do not know (the other aiwg concepts' migrations share that
+/// table), but a host that uses sqlx migrations of its own should still give aiwg its own
+/// schema (`search_path`) so version numbers cannot collide.
 ///
 /// # Durability and speed
 ///
@@ -111,14 +114,13 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// let store = Arc::new(PgStore::connect("postgres://aiwg@db.internal/aiwg").await?);
 /// let engine = Engine::builder().store(store.clone()).build().unwrap();
 /// // Wake on jobs queued elsewhere, follow their events, obey remote cancels.
-/// let _listener = store.listen(&engine).await?;
+/// let _listener = store.listen(engine.cluster_listener()).await?;
 /// # Ok(()) }
 /// ```
 pub struct PgStore {
     pool: PgPool,
     channel: String,
     instance: String,
-    inbound_claims: AtomicU64,
     relaxed_events: bool,
 }
 
@@ -133,11 +135,11 @@ impl std::fmt::Debug for PgStore {
 }
 
 fn db(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(format!("postgres: {e}"))
+    StoreError::backend_from("postgres", e)
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
-    StoreError::Backend(format!("postgres: job JSON: {e}"))
+    StoreError::backend_from("postgres: job JSON", e)
 }
 
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -152,18 +154,6 @@ fn ttl_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros())
         .unwrap_or(i64::MAX)
         .min(MAX_TTL_MICROS)
-}
-
-/// A 64-bit key for `pg_advisory_xact_lock`.
-fn lock_key(scope: &str, name: &str) -> i64 {
-    let mut h = Sha256::new();
-    h.update(scope.as_bytes());
-    h.update([0]);
-    h.update(name.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    i64::from_be_bytes(b)
 }
 
 /// The notification channel for a schema (at most 63 bytes, PostgreSQL's identifier limit).
@@ -249,7 +239,7 @@ impl PgStore {
     pub async fn connect_without_migrations(url: &str) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url
             .parse()
-            .map_err(|_| StoreError::Backend("postgres: invalid database URL".into()))?;
+            .map_err(|_| StoreError::backend("postgres: invalid database URL"))?;
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect_with(options)
@@ -267,15 +257,14 @@ impl PgStore {
             .await
             .map_err(db)?;
         let schema = schema.ok_or_else(|| {
-            StoreError::Backend(
-                "postgres: no schema selected (the search_path names no existing schema)".into(),
+            StoreError::backend(
+                "postgres: no schema selected (the search_path names no existing schema)",
             )
         })?;
         Ok(Self {
             pool,
             channel: channel_for(&schema),
             instance: Uuid::now_v7().simple().to_string(),
-            inbound_claims: AtomicU64::new(0),
             relaxed_events: false,
         })
     }
@@ -285,10 +274,10 @@ impl PgStore {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| StoreError::Backend(format!("postgres: migration failed: {e}")))
+            .map_err(|e| StoreError::backend_from("postgres: migration failed", e))
     }
 
-    /// The embedded migrations (from `aiwg-core/migrations`), for hosts that run them
+    /// The jobs' embedded migrations (from `aiwg-core/migrations/jobs`), for hosts that run them
     /// with their own tooling.
     #[must_use]
     pub fn migrator() -> &'static Migrator {
@@ -464,7 +453,10 @@ impl PgStore {
         let mut tx = self.pool.begin().await.map_err(db)?;
         if let Some(capacity) = new.queue_capacity {
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(lock_key(&self.channel, "queue capacity"))
+                .bind(crate::util::advisory_lock_key(
+                    &self.channel,
+                    "queue capacity",
+                ))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -564,7 +556,7 @@ impl PgStore {
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_key(&self.channel, project))
+            .bind(crate::util::advisory_lock_key(&self.channel, project))
             .execute(&mut **tx)
             .await
             .map_err(db)?;
@@ -605,8 +597,8 @@ impl JobStore for PgStore {
                 return done;
             }
         }
-        Err(StoreError::Backend(
-            "postgres: the idempotency key kept changing hands".into(),
+        Err(StoreError::backend(
+            "postgres: the idempotency key kept changing hands",
         ))
     }
 
@@ -733,8 +725,8 @@ impl JobStore for PgStore {
 
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
         if matches!(kind, JobEventKind::Status { .. }) {
-            return Err(StoreError::Backend(
-                "status events are written by the store itself".into(),
+            return Err(StoreError::backend(
+                "status events are written by the store itself",
             ));
         }
         let at = now();

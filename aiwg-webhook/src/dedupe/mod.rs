@@ -24,6 +24,11 @@ use tokio::time::Instant;
 
 use crate::error::DeliveryStoreError;
 
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PgDeliveryStore;
+
 /// The state of a delivery key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -246,50 +251,60 @@ impl DeliveryStore for MemoryDeliveryStore {
 /// (feature `test-util`). Keys are prefixed with `prefix` so runs against a shared database do
 /// not collide. Panics on the first deviation.
 #[cfg(any(test, feature = "test-util"))]
-pub async fn store_suite(store: Arc<dyn DeliveryStore>, prefix: &str) {
+pub async fn dedup_store_suite(store: Arc<dyn DeliveryStore>, prefix: &str) {
     let lease = Duration::from_secs(60);
     let ttl = Duration::from_secs(3600);
     let key = |k: &str| format!("{prefix}{k}");
 
     // First claim wins; a second sees it pending; completion makes it done.
     assert_eq!(
-        store.claim(&key("a"), lease, ttl).await,
-        Ok(Claim::Fresh),
+        store.claim(&key("a"), lease, ttl).await.unwrap(),
+        Claim::Fresh,
         "first claim"
     );
     assert_eq!(
-        store.claim(&key("a"), lease, ttl).await,
-        Ok(Claim::Pending),
+        store.claim(&key("a"), lease, ttl).await.unwrap(),
+        Claim::Pending,
         "second claim"
     );
-    assert_eq!(store.get(&key("a")).await, Ok(None), "pending is not done");
+    assert_eq!(
+        store.get(&key("a")).await.unwrap(),
+        None,
+        "pending is not done"
+    );
     let job = JobId::new();
     store.complete(&key("a"), job, ttl).await.expect("complete");
     assert_eq!(
-        store.claim(&key("a"), lease, ttl).await,
-        Ok(Claim::Done(job)),
+        store.claim(&key("a"), lease, ttl).await.unwrap(),
+        Claim::Done(job),
         "replay"
     );
-    assert_eq!(store.get(&key("a")).await, Ok(Some(job)), "get");
+    assert_eq!(store.get(&key("a")).await.unwrap(), Some(job), "get");
     assert_eq!(
-        store.wait(&key("a"), Duration::ZERO).await,
-        Ok(Some(job)),
+        store.wait(&key("a"), Duration::ZERO).await.unwrap(),
+        Some(job),
         "wait on done"
     );
 
     // Released claims can be claimed again.
-    assert_eq!(store.claim(&key("b"), lease, ttl).await, Ok(Claim::Fresh));
+    assert_eq!(
+        store.claim(&key("b"), lease, ttl).await.unwrap(),
+        Claim::Fresh
+    );
     store.release(&key("b")).await.expect("release");
     assert_eq!(
-        store.claim(&key("b"), lease, ttl).await,
-        Ok(Claim::Fresh),
+        store.claim(&key("b"), lease, ttl).await.unwrap(),
+        Claim::Fresh,
         "after release"
     );
     store.release(&key("b")).await.expect("release");
-    assert_eq!(store.get(&key("b")).await, Ok(None));
+    assert_eq!(store.get(&key("b")).await.unwrap(), None);
 
     // A waiter sees the completion.
-    assert_eq!(store.claim(&key("c"), lease, ttl).await, Ok(Claim::Fresh));
+    assert_eq!(
+        store.claim(&key("c"), lease, ttl).await.unwrap(),
+        Claim::Fresh
+    );
     let waiter = {
         let store = Arc::clone(&store);
         let k = key("c");
@@ -297,7 +312,7 @@ pub async fn store_suite(store: Arc<dyn DeliveryStore>, prefix: &str) {
     };
     let job = JobId::new();
     store.complete(&key("c"), job, ttl).await.expect("complete");
-    assert_eq!(waiter.await.expect("joins"), Ok(Some(job)), "waiter");
+    assert_eq!(waiter.await.expect("joins").unwrap(), Some(job), "waiter");
 
     // Concurrent claims: exactly one wins.
     let claims = futures_join_all(
@@ -310,12 +325,18 @@ pub async fn store_suite(store: Arc<dyn DeliveryStore>, prefix: &str) {
             .collect(),
     )
     .await;
-    let fresh = claims.iter().filter(|c| **c == Ok(Claim::Fresh)).count();
+    let fresh = claims
+        .iter()
+        .filter(|c| matches!(c, Ok(Claim::Fresh)))
+        .count();
     assert_eq!(fresh, 1, "exactly one concurrent claim wins: {claims:?}");
 
     // Keys are independent.
-    assert_eq!(store.claim(&key("e"), lease, ttl).await, Ok(Claim::Fresh));
-    assert_eq!(store.get(&key("a")).await.map(|j| j.is_some()), Ok(true));
+    assert_eq!(
+        store.claim(&key("e"), lease, ttl).await.unwrap(),
+        Claim::Fresh
+    );
+    assert!(store.get(&key("a")).await.unwrap().is_some());
 }
 
 #[cfg(any(test, feature = "test-util"))]
@@ -339,32 +360,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn claim_complete_replay_and_expiry() {
         let s = MemoryDeliveryStore::new();
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Pending));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Pending);
         let job = JobId::new();
         s.complete("k", job, TTL).await.expect("complete");
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Done(job)));
-        assert_eq!(s.get("k").await, Ok(Some(job)));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Done(job));
+        assert_eq!(s.get("k").await.unwrap(), Some(job));
         tokio::time::advance(TTL + Duration::from_secs(1)).await;
-        assert_eq!(s.get("k").await, Ok(None));
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.get("k").await.unwrap(), None);
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
     }
 
     #[tokio::test(start_paused = true)]
     async fn stale_pending_claim_is_taken_over_and_release_forgets() {
         let s = MemoryDeliveryStore::new();
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
         tokio::time::advance(LEASE + Duration::from_secs(1)).await;
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
         s.release("k").await.expect("release");
         assert!(s.is_empty());
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiter_is_woken_by_complete_and_times_out_otherwise() {
         let s = Arc::new(MemoryDeliveryStore::new());
-        assert_eq!(s.claim("k", LEASE, TTL).await, Ok(Claim::Fresh));
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
         let waiter = {
             let s = Arc::clone(&s);
             tokio::spawn(async move { s.wait("k", Duration::from_secs(3600)).await })
@@ -372,16 +393,19 @@ mod tests {
         tokio::task::yield_now().await;
         let job = JobId::new();
         s.complete("k", job, TTL).await.expect("complete");
-        assert_eq!(waiter.await.expect("joins"), Ok(Some(job)));
+        assert_eq!(waiter.await.expect("joins").unwrap(), Some(job));
 
-        assert_eq!(s.claim("other", LEASE, TTL).await, Ok(Claim::Fresh));
-        assert_eq!(s.wait("other", Duration::from_secs(5)).await, Ok(None));
-        assert_eq!(s.wait("unknown", Duration::from_secs(5)).await, Ok(None));
+        assert_eq!(s.claim("other", LEASE, TTL).await.unwrap(), Claim::Fresh);
+        assert_eq!(s.wait("other", Duration::from_secs(5)).await.unwrap(), None);
+        assert_eq!(
+            s.wait("unknown", Duration::from_secs(5)).await.unwrap(),
+            None
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn memory_store_passes_the_suite() {
-        store_suite(Arc::new(MemoryDeliveryStore::new()), "suite:").await;
+        dedup_store_suite(Arc::new(MemoryDeliveryStore::new()), "suite:").await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,5 +1,6 @@
-//! [`DispatchStore`] on PostgreSQL (migration `0002_webhook_deliveries.sql`): subscriptions and
-//! the delivery outbox, shared by every instance.
+//! [`PgDispatchStore`]: the outbox on PostgreSQL (feature `postgres`; migration
+//! `migrations/outbox/0002_webhook_deliveries.sql`): subscriptions and the delivery outbox,
+//! shared by every instance.
 //!
 //! Claims are `FOR UPDATE SKIP LOCKED` over open, due deliveries of enabled subscriptions, so
 //! two instances never take the same delivery. When a per-subscription cap is set, the in-flight
@@ -18,17 +19,102 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{lock_key, PgStore};
+use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+
 use crate::dispatch::{
-    Attempt, AttemptOutcome, AttemptTrigger, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
-    DeliveryState, DispatchStore, EndpointFailure, Lease, NewDelivery, RequeueOutcome, SigningKey,
-    SigningSecret, StoreError, StoreResult, Subscription, SubscriptionChange, SubscriptionId,
+    Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
+    DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
+    DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome, SigningKey, SigningSecret,
+    Subscription, SubscriptionChange, SubscriptionId,
 };
 
-fn db(e: sqlx::Error) -> StoreError {
+/// The outbox's migrations (versions unique across aiwg, so they compose with the jobs' and
+/// the de-duplication's on one database).
+static MIGRATOR: Migrator = Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("migrations/outbox")
+};
+
+/// A [`DispatchStore`] in PostgreSQL: subscriptions and the delivery outbox, shared by every
+/// instance that connects to the same database and schema.
+///
+/// Claims are `FOR UPDATE SKIP LOCKED`, so two instances never take the same delivery; a
+/// per-subscription in-flight cap is re-read under a transaction-scoped advisory lock, so it
+/// holds across instances; completion and release are fenced by the lease token.
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), aiwg_core::dispatch::DispatchStoreError> {
+/// use std::sync::Arc;
+/// use aiwg_core::dispatch::{Dispatcher, PgDispatchStore};
+///
+/// let outbox = PgDispatchStore::from_pool(pool).await?;
+/// outbox.migrate().await?;
+/// let dispatcher = Dispatcher::builder().store(Arc::new(outbox)).build();
+/// # let _ = dispatcher; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgDispatchStore {
+    pool: PgPool,
+    /// The scope of advisory-lock keys: the schema, so two schemas never share locks.
+    scope: String,
+}
+
+impl std::fmt::Debug for PgDispatchStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDispatchStore")
+            .field("scope", &self.scope)
+            .field("pool_size", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgDispatchStore {
+    /// The outbox in `pool`'s current schema (the first existing schema of its `search_path`).
+    /// Runs no migrations: call [`migrate`](Self::migrate) or run [`migrator`](Self::migrator)
+    /// yourself. Share the pool with `PgStore` to keep one set of connections.
+    pub async fn from_pool(pool: PgPool) -> DispatchStoreResult<Self> {
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(&pool)
+            .await
+            .map_err(db)?;
+        let scope = schema.ok_or_else(|| {
+            DispatchStoreError::backend(
+                "postgres: no schema selected (the search_path names no existing schema)",
+            )
+        })?;
+        Ok(Self { pool, scope })
+    }
+
+    /// Runs the outbox's embedded migrations (idempotent; safe when several instances start
+    /// at once).
+    pub async fn migrate(&self) -> DispatchStoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| DispatchStoreError::backend_from("postgres: migration failed", e))
+    }
+
+    /// The outbox's embedded migrations (from `aiwg-core/migrations/outbox`), for hosts that
+    /// run them with their own tooling.
+    #[must_use]
+    pub fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn db(e: sqlx::Error) -> DispatchStoreError {
     match &e {
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => StoreError::Duplicate,
-        _ => StoreError::Backend(format!("postgres: {e}")),
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => {
+            DispatchStoreError::Duplicate
+        }
+        _ => DispatchStoreError::backend_from("postgres", e),
     }
 }
 
@@ -77,7 +163,7 @@ fn keys_json(sub: &Subscription) -> Json<Vec<StoredKey>> {
     )
 }
 
-fn subscription_of(row: &PgRow) -> StoreResult<Subscription> {
+fn subscription_of(row: &PgRow) -> DispatchStoreResult<Subscription> {
     let Json(events): Json<Vec<String>> = row.try_get("events").map_err(db)?;
     let Json(keys): Json<Vec<StoredKey>> = row.try_get("keys").map_err(db)?;
     let keys = keys
@@ -89,10 +175,10 @@ fn subscription_of(row: &PgRow) -> StoreResult<Subscription> {
                     expires_at: k.expires_at,
                 })
                 .map_err(|_| {
-                    StoreError::Backend("postgres: a stored signing key is invalid".into())
+                    DispatchStoreError::backend("postgres: a stored signing key is invalid")
                 })
         })
-        .collect::<StoreResult<Vec<_>>>()?;
+        .collect::<DispatchStoreResult<Vec<_>>>()?;
     let id: Uuid = row.try_get("id").map_err(db)?;
     Ok(Subscription {
         id: id.into(),
@@ -112,21 +198,21 @@ fn subscription_of(row: &PgRow) -> StoreResult<Subscription> {
     })
 }
 
-fn state_of(s: &str) -> StoreResult<DeliveryState> {
+fn state_of(s: &str) -> DispatchStoreResult<DeliveryState> {
     Ok(match s {
         "pending" => DeliveryState::Pending,
         "succeeded" => DeliveryState::Succeeded,
         "failed" => DeliveryState::Failed,
         "retrying" => DeliveryState::Retrying,
         other => {
-            return Err(StoreError::Backend(format!(
+            return Err(DispatchStoreError::backend(format!(
                 "postgres: unknown delivery state `{other}`"
             )))
         }
     })
 }
 
-fn delivery_of(row: &PgRow) -> StoreResult<Delivery> {
+fn delivery_of(row: &PgRow) -> DispatchStoreResult<Delivery> {
     let id: Uuid = row.try_get("id").map_err(db)?;
     let sub: Uuid = row.try_get("subscription_id").map_err(db)?;
     let state: String = row.try_get("state").map_err(db)?;
@@ -147,12 +233,12 @@ fn delivery_of(row: &PgRow) -> StoreResult<Delivery> {
     })
 }
 
-impl PgStore {
+impl PgDispatchStore {
     async fn write_subscription(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         sub: &Subscription,
-    ) -> StoreResult<()> {
+    ) -> DispatchStoreResult<()> {
         sqlx::query(
             "UPDATE aiwg_webhook_subscriptions SET url = $2, events = $3, description = $4, \
                  enabled = $5, disabled_reason = $6, keys = $7, created_at_ns = $8, \
@@ -178,8 +264,8 @@ impl PgStore {
 }
 
 #[async_trait]
-impl DispatchStore for PgStore {
-    async fn insert_subscription(&self, sub: &Subscription) -> StoreResult<()> {
+impl DispatchStore for PgDispatchStore {
+    async fn insert_subscription(&self, sub: &Subscription) -> DispatchStoreResult<()> {
         sqlx::query(&format!(
             "INSERT INTO aiwg_webhook_subscriptions ({SUB_COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -201,7 +287,7 @@ impl DispatchStore for PgStore {
         Ok(())
     }
 
-    async fn subscription(&self, id: SubscriptionId) -> StoreResult<Option<Subscription>> {
+    async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>> {
         let row = sqlx::query(&format!(
             "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = $1"
         ))
@@ -212,7 +298,7 @@ impl DispatchStore for PgStore {
         row.as_ref().map(subscription_of).transpose()
     }
 
-    async fn subscriptions(&self) -> StoreResult<Vec<Subscription>> {
+    async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
         let rows = sqlx::query(&format!(
             "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions ORDER BY created_at_ns, id"
         ))
@@ -226,7 +312,7 @@ impl DispatchStore for PgStore {
         &self,
         id: SubscriptionId,
         change: &SubscriptionChange,
-    ) -> StoreResult<Option<Subscription>> {
+    ) -> DispatchStoreResult<Option<Subscription>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let row = sqlx::query(&format!(
             "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = $1 FOR UPDATE"
@@ -245,7 +331,7 @@ impl DispatchStore for PgStore {
         Ok(Some(sub))
     }
 
-    async fn delete_subscription(&self, id: SubscriptionId) -> StoreResult<bool> {
+    async fn delete_subscription(&self, id: SubscriptionId) -> DispatchStoreResult<bool> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let gone = sqlx::query("DELETE FROM aiwg_webhook_subscriptions WHERE id = $1")
             .bind(id.as_uuid())
@@ -266,7 +352,7 @@ impl DispatchStore for PgStore {
         &self,
         id: SubscriptionId,
         at_: DateTime<Utc>,
-    ) -> StoreResult<Option<EndpointFailure>> {
+    ) -> DispatchStoreResult<Option<EndpointFailure>> {
         let row = sqlx::query(
             "UPDATE aiwg_webhook_subscriptions \
              SET failing_since_ns = COALESCE(failing_since_ns, $2), \
@@ -287,7 +373,7 @@ impl DispatchStore for PgStore {
         .transpose()
     }
 
-    async fn endpoint_succeeded(&self, id: SubscriptionId) -> StoreResult<()> {
+    async fn endpoint_succeeded(&self, id: SubscriptionId) -> DispatchStoreResult<()> {
         sqlx::query(
             "UPDATE aiwg_webhook_subscriptions SET failing_since_ns = NULL, \
              consecutive_failures = 0 WHERE id = $1",
@@ -304,7 +390,7 @@ impl DispatchStore for PgStore {
         id: SubscriptionId,
         reason: &str,
         at_: DateTime<Utc>,
-    ) -> StoreResult<bool> {
+    ) -> DispatchStoreResult<bool> {
         let n = sqlx::query(
             "UPDATE aiwg_webhook_subscriptions SET enabled = FALSE, disabled_reason = $2, \
              updated_at_ns = $3 WHERE id = $1 AND enabled",
@@ -319,7 +405,7 @@ impl DispatchStore for PgStore {
         Ok(n > 0)
     }
 
-    async fn enqueue(&self, deliveries: &[NewDelivery]) -> StoreResult<()> {
+    async fn enqueue(&self, deliveries: &[NewDelivery]) -> DispatchStoreResult<()> {
         if deliveries.is_empty() {
             return Ok(());
         }
@@ -350,7 +436,10 @@ impl DispatchStore for PgStore {
         Ok(())
     }
 
-    async fn claim_due(&self, req: &ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
+    async fn claim_due(
+        &self,
+        req: &DeliveryClaimRequest,
+    ) -> DispatchStoreResult<Vec<ClaimedDelivery>> {
         if req.limit == 0 || req.per_subscription_cap == 0 {
             return Ok(Vec::new());
         }
@@ -393,8 +482,8 @@ impl DispatchStore for PgStore {
             let mut room: BTreeMap<Uuid, i64> = BTreeMap::new();
             for sub in subs {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(lock_key(
-                        &self.channel,
+                    .bind(crate::util::advisory_lock_key(
+                        &self.scope,
                         &format!("webhook subscription {sub}"),
                     ))
                     .execute(&mut *tx)
@@ -473,7 +562,7 @@ impl DispatchStore for PgStore {
             };
             let manual: bool = r.try_get("manual").map_err(db)?;
             out.push(ClaimedDelivery {
-                lease: Lease {
+                lease: DeliveryLease {
                     delivery_id: id.into(),
                     token: r.try_get("lease_token").map_err(db)?,
                     owner: req.owner.clone(),
@@ -496,10 +585,10 @@ impl DispatchStore for PgStore {
 
     async fn finish_attempt(
         &self,
-        lease: &Lease,
+        lease: &DeliveryLease,
         attempt: &Attempt,
         outcome: AttemptOutcome,
-    ) -> StoreResult<()> {
+    ) -> DispatchStoreResult<()> {
         let (state, next) = match outcome {
             AttemptOutcome::Succeeded => (DeliveryState::Succeeded, None),
             AttemptOutcome::Failed => (DeliveryState::Failed, None),
@@ -525,12 +614,12 @@ impl DispatchStore for PgStore {
         .map_err(db)?
         .rows_affected();
         if n == 0 {
-            return Err(StoreError::LeaseLost);
+            return Err(DispatchStoreError::LeaseLost);
         }
         Ok(())
     }
 
-    async fn release(&self, lease: &Lease) -> StoreResult<()> {
+    async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
         let n = sqlx::query(
             "UPDATE aiwg_webhook_deliveries SET lease_token = NULL, lease_owner = NULL, \
              lease_expires_at_ns = NULL WHERE id = $1 AND lease_token = $2",
@@ -542,7 +631,7 @@ impl DispatchStore for PgStore {
         .map_err(db)?
         .rows_affected();
         if n == 0 {
-            return Err(StoreError::LeaseLost);
+            return Err(DispatchStoreError::LeaseLost);
         }
         Ok(())
     }
@@ -551,7 +640,7 @@ impl DispatchStore for PgStore {
         &self,
         subscription: SubscriptionId,
         id: DeliveryId,
-    ) -> StoreResult<Option<Delivery>> {
+    ) -> DispatchStoreResult<Option<Delivery>> {
         let row = sqlx::query(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM aiwg_webhook_deliveries \
              WHERE id = $1 AND subscription_id = $2"
@@ -569,7 +658,7 @@ impl DispatchStore for PgStore {
         subscription: SubscriptionId,
         limit: usize,
         before: Option<DeliveryId>,
-    ) -> StoreResult<Vec<Delivery>> {
+    ) -> DispatchStoreResult<Vec<Delivery>> {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM aiwg_webhook_deliveries \
              WHERE subscription_id = $1 AND ($2::uuid IS NULL OR id < $2) \
@@ -589,7 +678,7 @@ impl DispatchStore for PgStore {
         subscription: SubscriptionId,
         id: DeliveryId,
         now: DateTime<Utc>,
-    ) -> StoreResult<RequeueOutcome> {
+    ) -> DispatchStoreResult<RequeueOutcome> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let row = sqlx::query(
             "SELECT lease_token, lease_expires_at_ns FROM aiwg_webhook_deliveries \
@@ -622,7 +711,7 @@ impl DispatchStore for PgStore {
         Ok(RequeueOutcome::Requeued)
     }
 
-    async fn pending_count(&self) -> StoreResult<usize> {
+    async fn pending_count(&self) -> DispatchStoreResult<usize> {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM aiwg_webhook_deliveries WHERE state IN ('pending', 'retrying')",
         )
@@ -632,7 +721,7 @@ impl DispatchStore for PgStore {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
-    async fn next_due_at(&self) -> StoreResult<Option<DateTime<Utc>>> {
+    async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
         let n: Option<i64> = sqlx::query_scalar(
             "SELECT LEAST( \
                  (SELECT min(d.next_attempt_at_ns) FROM aiwg_webhook_deliveries d \

@@ -62,7 +62,7 @@ fn claim_req(owner: &str) -> ClaimRequest {
 }
 
 /// Runs every store check against fresh stores from `make`. Panics on the first failure.
-pub async fn store_suite<F, Fut>(make: F)
+pub async fn job_store_suite<F, Fut>(make: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Arc<dyn JobStore>>,
@@ -130,8 +130,12 @@ async fn idempotency(store: &dyn JobStore) {
         Created::New(..) => panic!("same key and fingerprint must return the first job"),
     }
     assert_eq!(
-        store.create(NewJob::new(again).fingerprint("fp2")).await,
-        Err(StoreError::IdempotencyConflict { existing: first.id })
+        store
+            .create(NewJob::new(again).fingerprint("fp2"))
+            .await
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::IdempotencyConflict { existing: first.id }.to_string())
     );
     assert_eq!(store.counts().await.unwrap().queued, 1);
 }
@@ -146,8 +150,10 @@ async fn queue_capacity(store: &dyn JobStore) {
     assert_eq!(
         store
             .create(NewJob::new(sample_job("w", "/p", 0)).capacity(2))
-            .await,
-        Err(StoreError::QueueFull { capacity: 2 })
+            .await
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::QueueFull { capacity: 2 }.to_string())
     );
     // A claimed job frees a queue slot.
     store.claim(&claim_req("w1")).await.unwrap().expect("claim");
@@ -235,8 +241,10 @@ async fn retry_and_dead_letter(store: &dyn JobStore) {
         store
             .finish(&c2.lease, Finish::Completed(JobResult::default()))
             .await
-            .map(|_| ()),
-        Err(StoreError::LeaseLost(job.id))
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::LeaseLost(job.id).to_string())
     );
     let statuses: Vec<_> = j.history.iter().map(|h| h.status).collect();
     assert_eq!(
@@ -305,8 +313,10 @@ async fn fencing_and_recovery(store: &dyn JobStore) {
                     message: "x".into()
                 }
             )
-            .await,
-        Err(StoreError::LeaseLost(job.id))
+            .await
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::LeaseLost(job.id).to_string())
     );
     // Status events cannot be appended directly.
     assert!(store
@@ -331,15 +341,19 @@ async fn fencing_and_recovery(store: &dyn JobStore) {
         store
             .finish(&hb.lease, Finish::Completed(JobResult::default()))
             .await
-            .map(|_| ()),
-        Err(StoreError::LeaseLost(job.id))
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::LeaseLost(job.id).to_string())
     );
     assert_eq!(
         store
             .heartbeat(&hb.lease, Duration::from_secs(1))
             .await
-            .map(|_| ()),
-        Err(StoreError::LeaseLost(job.id))
+            .map(|_| ())
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::LeaseLost(job.id).to_string())
     );
     let (done, _) = store
         .finish(

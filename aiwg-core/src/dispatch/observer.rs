@@ -1,9 +1,11 @@
-//! The outbound webhook dispatcher as a [`JobObserver`]: job events become `job.*` deliveries.
+//! The dispatcher as a [`JobObserver`]: job events become `job.*` deliveries. This is the one
+//! place where the engine's events meet the dispatcher; the engine itself knows nothing of it.
 
 use async_trait::async_trait;
 
-use super::JobObserver;
-use crate::dispatch::{event_type_for_status, Dispatcher, OutboundEvent};
+use super::event::{event_type_for_status, OutboundEvent};
+use super::Dispatcher;
+use crate::engine::JobObserver;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::Job;
 
