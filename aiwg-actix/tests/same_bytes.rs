@@ -282,14 +282,11 @@ async fn run(server: &dyn Serve, prefix: &str, steps: &[Step]) -> Vec<Answer> {
     let triggers: aiwg_webhook::TriggersConfig =
         serde_json::from_value(json!({"github": {"secret": GITHUB_SECRET, "mention": "@aiwg"}}))
             .expect("triggers");
-    let hooks = aiwg_webhook::Hooks::builder(triggers)
+    let hooks = aiwg_webhook::Hooks::builder(triggers, fx.engine.clone())
         .build()
         .expect("hooks");
     let api = api_builder(fx.engine.clone())
-        .hooks(std::sync::Arc::new(aiwg_webhook::EngineHooks::new(
-            hooks,
-            fx.engine.clone(),
-        )))
+        .hooks(std::sync::Arc::new(hooks))
         .body_limit(1024)
         .dispatcher(Dispatcher::builder().build().expect("dispatcher"))
         .build()

@@ -54,6 +54,52 @@ impl ConfigError {
     }
 }
 
+/// Deserializes one section of the configuration (`at` is its key, e.g. `triggers`, or empty
+/// for the whole file) with errors that name the full key of what is wrong: a value of the
+/// wrong type names its key (`engine.workers`), an unknown key names itself
+/// (`agents.sbx.sandboxx: unknown key`). Sections owned by other crates (agents, triggers)
+/// are typed there and read through this.
+///
+/// ```
+/// #[derive(serde::Deserialize, Debug)]
+/// #[serde(deny_unknown_fields)]
+/// struct Sandbox { sandbox: String }
+///
+/// let err = aiwg_core::config::section::<Sandbox>(
+///     "agents.sbx",
+///     serde_json::json!({ "sandboxx": "bwrap" }),
+/// )
+/// .unwrap_err();
+/// assert_eq!(err.key, "agents.sbx.sandboxx");
+/// assert!(err.reason.starts_with("unknown key"), "{}", err.reason);
+/// ```
+pub fn section<T: serde::de::DeserializeOwned>(at: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let mut key = match (at.is_empty(), path == ".") {
+            (true, true) => String::new(),
+            (true, false) => path,
+            (false, true) => at.to_owned(),
+            (false, false) => format!("{at}.{path}"),
+        };
+        let reason = e.into_inner().to_string();
+        // serde reports an unknown field at its parent; name the field itself.
+        if let Some(rest) = reason.strip_prefix("unknown field `") {
+            if let Some((field, expected)) = rest.split_once('`') {
+                if key != field && !key.ends_with(&format!(".{field}")) {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(field);
+                }
+                let expected = expected.trim_start_matches(", ");
+                return ConfigError::new(key, format!("unknown key ({expected})"));
+            }
+        }
+        ConfigError::new(if key.is_empty() { "(file)".into() } else { key }, reason)
+    })
+}
+
 /// `server:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -355,13 +401,7 @@ impl Config {
             raw = Value::Object(Default::default());
         }
         expand(&mut raw, &env, "")?;
-        let mut config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::new(
-                if path == "." { "(file)".into() } else { path },
-                e.into_inner().to_string(),
-            )
-        })?;
+        let mut config: Config = section("", raw)?;
         config.apply_env(&env)?;
         config.validate()?;
         Ok(config)

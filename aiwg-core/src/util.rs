@@ -104,4 +104,3 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 }
-

@@ -18,7 +18,7 @@ use std::fmt;
 use crate::config::{ForkPolicy, PolicyConfig};
 use crate::event::{Actor, InboundEvent};
 use crate::grammar::{Command, GrammarError};
-use crate::submit::SubmitRejection;
+use aiwg_core::http::Problem;
 
 /// Why a verified, understood delivery starts nothing (answered 200 by forges).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +55,9 @@ pub enum IgnoreReason {
     ProjectNotAccepted,
     /// The command could not be parsed.
     InvalidCommand(GrammarError),
-    /// The engine refused the request for a reason that asking again will not fix.
-    Rejected(SubmitRejection),
+    /// The engine refused the request for a reason that asking again will not fix (unknown
+    /// workflow, invalid parameters, project refused…): the same problem the HTTP API answers.
+    Rejected(Problem),
 }
 
 impl fmt::Display for IgnoreReason {
@@ -92,7 +93,7 @@ impl fmt::Display for IgnoreReason {
                 f.write_str("`--project` is not accepted here: the repository is the project")
             }
             Self::InvalidCommand(e) => write!(f, "invalid command: {e}"),
-            Self::Rejected(r) => r.fmt(f),
+            Self::Rejected(p) => f.write_str(p.detail()),
         }
     }
 }
@@ -114,7 +115,7 @@ impl IgnoreReason {
             Self::ForkRefused => "fork",
             Self::ProjectNotAccepted => "project_option",
             Self::InvalidCommand(_) => "invalid_command",
-            Self::Rejected(r) => r.reason(),
+            Self::Rejected(p) => p.slug(),
         }
     }
 }

@@ -333,6 +333,23 @@ pub struct TriggersConfig {
     pub delivery_ttl: Option<Duration>,
 }
 
+impl TriggersConfig {
+    /// Every platform section: its key, its platform, and whether it is present.
+    #[must_use]
+    pub fn sections(&self) -> [(&'static str, crate::Platform, bool); 7] {
+        use crate::Platform as P;
+        [
+            ("github", P::GitHub, self.github.is_some()),
+            ("gitlab", P::GitLab, self.gitlab.is_some()),
+            ("slack", P::Slack, self.slack.is_some()),
+            ("discord", P::Discord, self.discord.is_some()),
+            ("gitea", P::Gitea, self.gitea.is_some()),
+            ("bitbucket", P::Bitbucket, self.bitbucket.is_some()),
+            ("generic", P::Generic, self.generic.is_some()),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,65 +23,35 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aiwg_core::{JobRequest, TriggerInfo};
+use aiwg_core::http::{ApiResponse, HookHandler, Problem};
+use aiwg_core::{Engine, JobRequest, TriggerInfo};
+use async_trait::async_trait;
+use bytes::Bytes;
 use http::HeaderMap;
 
 use crate::authorize::{authorize_actor, authorize_command, IgnoreReason};
 use crate::config::{PolicyConfig, RuleConfig, TriggersConfig};
 use crate::dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
-use crate::error::{BuildError, ParseError, VerifyError};
+use crate::error::{BuildError, VerifyError};
 use crate::event::{EventKind, InboundEvent, Platform};
 use crate::grammar::{self, Command, Parsed};
-use crate::platform;
-use crate::response::{HookOutcome, HookResponse};
-use crate::secret::Secret;
-use crate::submit::JobSubmitter;
+use crate::platform::{self, Endpoint};
+use crate::response::{HookOutcome, HookReply};
 
 /// Default time delivery ids are remembered: 72 h.
 pub const DEFAULT_DELIVERY_TTL: Duration = Duration::from_secs(72 * 3600);
 
 type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// The key material of one platform, decoded once at build time.
-#[derive(Clone)]
-enum Verifier {
-    /// Never built: keeps the enum inhabited whatever the features.
-    #[allow(dead_code)]
-    Disabled,
-    #[cfg(feature = "github")]
-    GitHub(Secret),
-    #[cfg(feature = "gitlab")]
-    GitLab {
-        token: Secret,
-        signing: Option<platform::standard::SigningKey>,
-    },
-    #[cfg(feature = "slack")]
-    Slack { secret: Secret, command: String },
-    #[cfg(feature = "discord")]
-    Discord {
-        key: Option<platform::discord::VerifyingKey>,
-        command: String,
-    },
-    #[cfg(feature = "gitea")]
-    Gitea(Secret),
-    #[cfg(feature = "bitbucket")]
-    Bitbucket(Secret),
-    #[cfg(feature = "generic")]
-    Generic {
-        key: Option<platform::standard::SigningKey>,
-        token: Secret,
-    },
-}
-
-#[derive(Clone)]
+/// One configured platform: its endpoint and its trigger policy.
 struct Setup {
-    verifier: Verifier,
+    endpoint: Box<dyn Endpoint>,
     policy: PolicyConfig,
-    allowed_roles: Vec<String>,
 }
 
 struct Inner {
-    setups: Vec<(Platform, Setup)>,
+    setups: Vec<Setup>,
+    engine: Engine,
     store: Arc<dyn DeliveryStore>,
     ttl: Duration,
     lease: Duration,
@@ -89,10 +59,12 @@ struct Inner {
     clock: Clock,
 }
 
-/// Verifies, parses, authorizes, de-duplicates and submits platform webhooks.
+/// `POST /hooks/{platform}`: verifies, parses, authorizes, de-duplicates and submits platform
+/// webhooks to an [`Engine`], and answers as the platform expects.
 ///
-/// A cheap `Clone` handle. Build it with [`Hooks::builder`]; call [`Hooks::handle`] from the
-/// router with the raw body.
+/// A cheap `Clone` handle. Build it with [`Hooks::builder`] and give it to the HTTP API
+/// (`aiwg_core::http::ApiBuilder::hooks`): it is the API's [`HookHandler`], so both routers
+/// serve it. [`Hooks::handle`] is the same call with the typed outcome, for tests.
 #[derive(Clone)]
 pub struct Hooks {
     inner: Arc<Inner>,
@@ -100,7 +72,12 @@ pub struct Hooks {
 
 impl fmt::Debug for Hooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let platforms: Vec<&str> = self.inner.setups.iter().map(|(p, _)| p.as_str()).collect();
+        let platforms: Vec<&str> = self
+            .inner
+            .setups
+            .iter()
+            .map(|s| s.endpoint.platform().as_str())
+            .collect();
         f.debug_struct("Hooks")
             .field("platforms", &platforms)
             .field("delivery_ttl", &self.inner.ttl)
@@ -112,6 +89,7 @@ impl fmt::Debug for Hooks {
 #[must_use]
 pub struct HooksBuilder {
     config: TriggersConfig,
+    engine: Engine,
     store: Option<Arc<dyn DeliveryStore>>,
     clock: Option<Clock>,
     lease: Duration,
@@ -161,138 +139,47 @@ impl HooksBuilder {
     pub fn build(self) -> Result<Hooks, BuildError> {
         let c = self.config;
         let mut setups = Vec::new();
-        let not_compiled = |key: &str| BuildError::Invalid {
-            key: key.to_owned(),
-            reason: "support for this platform is not compiled in (cargo feature)".to_owned(),
-        };
+        // One line per platform: its module builds its endpoint from its section.
+        #[cfg(feature = "github")]
         if let Some(g) = &c.github {
-            #[cfg(feature = "github")]
-            setups.push((
-                Platform::GitHub,
-                setup(Verifier::GitHub(g.secret.clone()), g.policy()),
-            ));
-            #[cfg(not(feature = "github"))]
-            {
-                let _ = g;
-                return Err(not_compiled("github"));
-            }
+            setups.push(Setup::new(platform::github::GitHub::new(g), g.policy()));
         }
+        #[cfg(feature = "gitlab")]
         if let Some(g) = &c.gitlab {
-            #[cfg(feature = "gitlab")]
-            {
-                let signing = signing_key(&g.signing_secret, "gitlab.signing_secret")?;
-                setups.push((
-                    Platform::GitLab,
-                    setup(
-                        Verifier::GitLab {
-                            token: g.token.clone(),
-                            signing,
-                        },
-                        g.policy(),
-                    ),
-                ));
-            }
-            #[cfg(not(feature = "gitlab"))]
-            {
-                let _ = g;
-                return Err(not_compiled("gitlab"));
-            }
+            setups.push(Setup::new(platform::gitlab::GitLab::new(g)?, g.policy()));
         }
+        #[cfg(feature = "slack")]
         if let Some(s) = &c.slack {
-            #[cfg(feature = "slack")]
-            setups.push((
-                Platform::Slack,
-                setup(
-                    Verifier::Slack {
-                        secret: s.signing_secret.clone(),
-                        command: s.command.clone(),
-                    },
-                    s.policy(),
-                ),
-            ));
-            #[cfg(not(feature = "slack"))]
-            {
-                let _ = s;
-                return Err(not_compiled("slack"));
-            }
+            setups.push(Setup::new(platform::slack::Slack::new(s), s.policy()));
         }
+        #[cfg(feature = "discord")]
         if let Some(d) = &c.discord {
-            #[cfg(feature = "discord")]
-            {
-                let key = if d.public_key.trim().is_empty() {
-                    None
-                } else {
-                    Some(
-                        platform::discord::public_key(&d.public_key).map_err(|reason| {
-                            BuildError::InvalidKey {
-                                key: "discord.public_key".to_owned(),
-                                reason,
-                            }
-                        })?,
-                    )
-                };
-                let mut s = setup(
-                    Verifier::Discord {
-                        key,
-                        command: d.command.clone(),
-                    },
-                    d.policy(),
-                );
-                s.allowed_roles.clone_from(&d.allowed_roles);
-                setups.push((Platform::Discord, s));
-            }
-            #[cfg(not(feature = "discord"))]
-            {
-                let _ = d;
-                return Err(not_compiled("discord"));
-            }
+            setups.push(Setup::new(platform::discord::Discord::new(d)?, d.policy()));
         }
+        #[cfg(feature = "gitea")]
         if let Some(g) = &c.gitea {
-            #[cfg(feature = "gitea")]
-            setups.push((
-                Platform::Gitea,
-                setup(Verifier::Gitea(g.secret.clone()), g.policy()),
-            ));
-            #[cfg(not(feature = "gitea"))]
-            {
-                let _ = g;
-                return Err(not_compiled("gitea"));
-            }
+            setups.push(Setup::new(platform::gitea::Gitea::new(g), g.policy()));
         }
+        #[cfg(feature = "bitbucket")]
         if let Some(b) = &c.bitbucket {
-            #[cfg(feature = "bitbucket")]
-            setups.push((
-                Platform::Bitbucket,
-                setup(Verifier::Bitbucket(b.secret.clone()), b.policy()),
+            setups.push(Setup::new(
+                platform::bitbucket::Bitbucket::new(b),
+                b.policy(),
             ));
-            #[cfg(not(feature = "bitbucket"))]
-            {
-                let _ = b;
-                return Err(not_compiled("bitbucket"));
-            }
         }
+        #[cfg(feature = "generic")]
         if let Some(g) = &c.generic {
-            #[cfg(feature = "generic")]
-            {
-                let key = signing_key(&g.secret, "generic.secret")?;
-                setups.push((
-                    Platform::Generic,
-                    setup(
-                        Verifier::Generic {
-                            key,
-                            token: g.token.clone(),
-                        },
-                        g.policy(),
-                    ),
-                ));
-            }
-            #[cfg(not(feature = "generic"))]
-            {
-                let _ = g;
-                return Err(not_compiled("generic"));
+            setups.push(Setup::new(platform::generic::Generic::new(g)?, g.policy()));
+        }
+        for (name, platform, configured) in c.sections() {
+            if configured && !compiled_in(platform) {
+                return Err(BuildError::Invalid {
+                    key: name.to_owned(),
+                    reason: "support for this platform is not compiled in (cargo feature)"
+                        .to_owned(),
+                });
             }
         }
-        let _ = not_compiled;
         let clock = self.clock.unwrap_or_else(|| {
             Arc::new(|| {
                 std::time::SystemTime::now()
@@ -303,6 +190,7 @@ impl HooksBuilder {
         Ok(Hooks {
             inner: Arc::new(Inner {
                 setups,
+                engine: self.engine,
                 store: self
                     .store
                     .unwrap_or_else(|| Arc::new(MemoryDeliveryStore::new())),
@@ -315,28 +203,13 @@ impl HooksBuilder {
     }
 }
 
-fn setup(verifier: Verifier, policy: PolicyConfig) -> Setup {
-    Setup {
-        verifier,
-        policy,
-        allowed_roles: Vec::new(),
+impl Setup {
+    fn new(endpoint: impl Endpoint, policy: PolicyConfig) -> Self {
+        Self {
+            endpoint: Box::new(endpoint),
+            policy,
+        }
     }
-}
-
-#[cfg(any(feature = "gitlab", feature = "generic"))]
-fn signing_key(
-    secret: &Secret,
-    key: &str,
-) -> Result<Option<platform::standard::SigningKey>, BuildError> {
-    if !secret.is_configured() {
-        return Ok(None);
-    }
-    platform::standard::SigningKey::from_secret(secret.expose())
-        .map(Some)
-        .map_err(|reason| BuildError::InvalidKey {
-            key: key.to_owned(),
-            reason,
-        })
 }
 
 /// What a rule or a command asks for, before authorization.
@@ -346,10 +219,11 @@ enum Origin {
 }
 
 impl Hooks {
-    /// A builder over the `triggers:` configuration.
-    pub fn builder(config: TriggersConfig) -> HooksBuilder {
+    /// A builder over the `triggers:` configuration, submitting to `engine`.
+    pub fn builder(config: TriggersConfig, engine: Engine) -> HooksBuilder {
         HooksBuilder {
             config,
+            engine,
             store: None,
             clock: None,
             lease: Duration::from_secs(60),
@@ -360,36 +234,40 @@ impl Hooks {
     /// The platforms that have a configuration section.
     #[must_use]
     pub fn platforms(&self) -> Vec<Platform> {
-        self.inner.setups.iter().map(|(p, _)| *p).collect()
+        self.inner
+            .setups
+            .iter()
+            .map(|s| s.endpoint.platform())
+            .collect()
     }
 
     /// Handles `POST /hooks/{platform}` with the raw (already size-limited) body.
     ///
     /// Never fails: every outcome, including a bad signature or an unknown platform, is a
-    /// [`HookResponse`] to send as is.
-    pub async fn handle(
-        &self,
-        platform: &str,
-        headers: &HeaderMap,
-        body: &[u8],
-        submitter: &dyn JobSubmitter,
-    ) -> HookResponse {
+    /// [`HookReply`] whose response is sent as is.
+    pub async fn handle(&self, platform: &str, headers: &HeaderMap, body: &[u8]) -> HookReply {
         let parsed = platform
             .parse::<Platform>()
             .ok()
             .filter(|p| compiled_in(*p));
         let label = parsed.map_or("unknown", Platform::as_str);
         metrics::counter!("aiwg_webhook_requests_total", "platform" => label).increment(1);
-        let outcome = match parsed {
-            None => HookOutcome::UnknownPlatform,
-            Some(p) => self.process(p, headers, body, submitter).await,
+        let setup = parsed.and_then(|p| self.setup(p));
+        let outcome = match (parsed, setup) {
+            (None, _) => HookOutcome::UnknownPlatform,
+            (Some(_), None) => HookOutcome::Unauthorized(VerifyError::NotConfigured),
+            (Some(_), Some(setup)) => self.process(setup, headers, body).await,
         };
         if let Some(reason) = outcome.error_reason() {
             metrics::counter!("aiwg_webhook_errors_total", "platform" => label, "reason" => reason)
                 .increment(1);
         }
         tracing::debug!(platform = label, ?outcome, "webhook handled");
-        HookResponse::render(parsed, outcome)
+        let response = match setup {
+            Some(setup) => setup.endpoint.answer(&outcome),
+            None => crate::response::forge(&outcome),
+        };
+        HookReply { outcome, response }
     }
 
     /// Verification and parsing only (no authorization, no submission).
@@ -409,35 +287,39 @@ impl Hooks {
         let setup = self
             .setup(platform)
             .ok_or(HookOutcome::Unauthorized(VerifyError::NotConfigured))?;
-        let now = (self.inner.clock)();
-        verify(&setup.verifier, headers, body, now).map_err(HookOutcome::Unauthorized)?;
-        parse(platform, headers, body).map_err(HookOutcome::BadRequest)
+        Self::verified(setup, headers, body, (self.inner.clock)())
+    }
+
+    fn verified(
+        setup: &Setup,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<InboundEvent, HookOutcome> {
+        setup
+            .endpoint
+            .verify(headers, body, now)
+            .map_err(HookOutcome::Unauthorized)?;
+        setup
+            .endpoint
+            .parse(headers, body)
+            .map_err(HookOutcome::BadRequest)
     }
 
     fn setup(&self, platform: Platform) -> Option<&Setup> {
         self.inner
             .setups
             .iter()
-            .find(|(p, _)| *p == platform)
-            .map(|(_, s)| s)
+            .find(|s| s.endpoint.platform() == platform)
     }
 
-    async fn process(
-        &self,
-        platform: Platform,
-        headers: &HeaderMap,
-        body: &[u8],
-        submitter: &dyn JobSubmitter,
-    ) -> HookOutcome {
-        let event = match self.verify_and_parse(platform, headers, body) {
+    async fn process(&self, setup: &Setup, headers: &HeaderMap, body: &[u8]) -> HookOutcome {
+        let event = match Self::verified(setup, headers, body, (self.inner.clock)()) {
             Ok(ev) => ev,
             Err(outcome) => return outcome,
         };
-        let Some(setup) = self.setup(platform) else {
-            return HookOutcome::Unauthorized(VerifyError::NotConfigured);
-        };
-        match self.decide(setup, &event, submitter) {
-            Ok((command, origin)) => self.run(setup, &event, command, origin, submitter).await,
+        match self.decide(setup, &event) {
+            Ok((command, origin)) => self.run(setup, &event, command, origin).await,
             Err(outcome) => outcome,
         }
     }
@@ -447,7 +329,6 @@ impl Hooks {
         &self,
         setup: &Setup,
         event: &InboundEvent,
-        submitter: &dyn JobSubmitter,
     ) -> Result<(Command, Origin), HookOutcome> {
         let ignore = |r| Err(HookOutcome::Ignored(r));
         let parsed = match &event.kind {
@@ -492,16 +373,19 @@ impl Hooks {
         match parsed {
             Ok(Parsed::NotAddressed) => ignore(IgnoreReason::NotAddressed),
             Err(e) => {
-                authorize_actor(&setup.policy, &setup.allowed_roles, event, false)
+                authorize_actor(&setup.policy, setup.endpoint.allowed_roles(), event, false)
                     .map_err(HookOutcome::Ignored)?;
                 ignore(IgnoreReason::InvalidCommand(e))
             }
             Ok(Parsed::Help) => {
-                authorize_actor(&setup.policy, &setup.allowed_roles, event, false)
+                authorize_actor(&setup.policy, setup.endpoint.allowed_roles(), event, false)
                     .map_err(HookOutcome::Ignored)?;
-                let list = submitter
-                    .workflows()
-                    .into_iter()
+                let list = self
+                    .inner
+                    .engine
+                    .catalog()
+                    .iter()
+                    .map(|w| (w.name.clone(), w.description.clone()))
                     .filter(|(name, _)| {
                         setup
                             .policy
@@ -523,12 +407,15 @@ impl Hooks {
         event: &InboundEvent,
         command: Command,
         origin: Origin,
-        submitter: &dyn JobSubmitter,
     ) -> HookOutcome {
         let skip_association = matches!(origin, Origin::Rule { label: true });
-        if let Err(r) =
-            authorize_actor(&setup.policy, &setup.allowed_roles, event, skip_association)
-                .and_then(|()| authorize_command(&setup.policy, event, &command))
+        if let Err(r) = authorize_actor(
+            &setup.policy,
+            setup.endpoint.allowed_roles(),
+            event,
+            skip_association,
+        )
+        .and_then(|()| authorize_command(&setup.policy, event, &command))
         {
             return HookOutcome::Ignored(r);
         }
@@ -538,7 +425,7 @@ impl Hooks {
             .as_ref()
             .map(|id| format!("{}:{id}", event.platform));
         let request = job_request(event, command, key.clone());
-        self.submit_once(key, request, workflow, submitter).await
+        self.submit_once(key, request, workflow).await
     }
 
     async fn submit_once(
@@ -546,22 +433,25 @@ impl Hooks {
         key: Option<String>,
         request: JobRequest,
         workflow: String,
-        submitter: &dyn JobSubmitter,
     ) -> HookOutcome {
         let submitted = |job_id, replayed| HookOutcome::Submitted {
             job_id,
             workflow: workflow.clone(),
             replayed,
         };
-        let rejected = |r: crate::SubmitRejection| {
-            if r.is_transient() {
-                HookOutcome::Unavailable(r)
+        // The API's own answer to the same refusal: transient ones are 503 (the platform
+        // redelivers), the others are reported and not retried.
+        let rejected = |e: aiwg_core::SubmitError| {
+            let problem = Problem::from(&e);
+            if e.is_transient() {
+                HookOutcome::Unavailable(problem)
             } else {
-                HookOutcome::Ignored(IgnoreReason::Rejected(r))
+                HookOutcome::Ignored(IgnoreReason::Rejected(problem))
             }
         };
+        let engine = &self.inner.engine;
         let Some(key) = key else {
-            return match submitter.submit(request).await {
+            return match engine.submit(request).await.map(|job| job.id) {
                 Ok(job) => submitted(job, false),
                 Err(r) => rejected(r),
             };
@@ -574,7 +464,7 @@ impl Hooks {
                 Ok(Claim::Done(job)) => return submitted(job, true),
                 Ok(Claim::Fresh) => {
                     let Some(request) = request.take() else { break };
-                    return match submitter.submit(request).await {
+                    return match engine.submit(request).await.map(|job| job.id) {
                         Ok(job) => {
                             if let Err(e) = store.complete(&key, job, self.inner.ttl).await {
                                 tracing::warn!(key, error = %e, "could not record a delivery");
@@ -619,16 +509,12 @@ fn compiled_in(p: Platform) -> bool {
 }
 
 /// The slash/application command name, when it is not ours.
-#[allow(unused_variables)]
 fn other_command(setup: &Setup, event: &InboundEvent) -> Option<String> {
-    let (given, ours): (&String, &String) = match &setup.verifier {
-        #[cfg(feature = "slack")]
-        Verifier::Slack { command, .. } => (event.reply.get("slack_command")?, command),
-        #[cfg(feature = "discord")]
-        Verifier::Discord { command, .. } => (event.reply.get("discord_command")?, command),
-        #[allow(unreachable_patterns)]
-        _ => return None,
-    };
+    let ours = setup.endpoint.command()?;
+    let given = event
+        .reply
+        .get("slack_command")
+        .or_else(|| event.reply.get("discord_command"))?;
     let norm = |s: &str| s.trim().trim_start_matches('/').to_ascii_lowercase();
     (norm(given) != norm(ours)).then(|| given.clone())
 }
@@ -647,63 +533,6 @@ fn match_rule<'a>(rules: &'a [RuleConfig], event: &InboundEvent) -> Option<&'a R
             .is_none_or(|l| event.labels.iter().any(|x| x == l));
         event_ok && action_ok && label_ok
     })
-}
-
-#[allow(unused_variables)]
-fn verify(
-    verifier: &Verifier,
-    headers: &HeaderMap,
-    body: &[u8],
-    now: i64,
-) -> Result<(), VerifyError> {
-    match verifier {
-        Verifier::Disabled => Err(VerifyError::NotConfigured),
-        #[cfg(feature = "github")]
-        Verifier::GitHub(secret) => platform::github::verify(secret, headers, body),
-        #[cfg(feature = "gitlab")]
-        Verifier::GitLab { token, signing } => {
-            platform::gitlab::verify(token, signing.as_ref(), headers, body, now)
-        }
-        #[cfg(feature = "slack")]
-        Verifier::Slack { secret, .. } => platform::slack::verify(secret, headers, body, now),
-        #[cfg(feature = "discord")]
-        Verifier::Discord { key, .. } => match key {
-            Some(key) => platform::discord::verify(key, headers, body),
-            None => Err(VerifyError::NotConfigured),
-        },
-        #[cfg(feature = "gitea")]
-        Verifier::Gitea(secret) => platform::gitea::verify(secret, headers, body),
-        #[cfg(feature = "bitbucket")]
-        Verifier::Bitbucket(secret) => platform::bitbucket::verify(secret, headers, body),
-        #[cfg(feature = "generic")]
-        Verifier::Generic { key, token } => {
-            platform::generic::verify(key.as_ref(), token, headers, body, now)
-        }
-    }
-}
-
-#[allow(unused_variables)]
-fn parse(platform: Platform, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
-    match platform {
-        #[cfg(feature = "github")]
-        Platform::GitHub => platform::github::parse(headers, body),
-        #[cfg(feature = "gitlab")]
-        Platform::GitLab => platform::gitlab::parse(headers, body),
-        #[cfg(feature = "slack")]
-        Platform::Slack => platform::slack::parse(headers, body),
-        #[cfg(feature = "discord")]
-        Platform::Discord => platform::discord::parse(headers, body),
-        #[cfg(feature = "gitea")]
-        Platform::Gitea => platform::gitea::parse(headers, body),
-        #[cfg(feature = "bitbucket")]
-        Platform::Bitbucket => platform::bitbucket::parse(headers, body),
-        #[cfg(feature = "generic")]
-        Platform::Generic => platform::generic::parse(headers, body),
-        #[allow(unreachable_patterns)]
-        _ => Err(ParseError::Unsupported(
-            "platform not compiled in".to_owned(),
-        )),
-    }
 }
 
 /// The request submitted for an authorized command. `project` is the repository's full name
@@ -755,4 +584,11 @@ fn job_request(event: &InboundEvent, command: Command, key: Option<String>) -> J
     request.project = project;
     request.idempotency_key = key;
     request
+}
+
+#[async_trait]
+impl HookHandler for Hooks {
+    async fn handle(&self, platform: &str, headers: &HeaderMap, body: Bytes) -> ApiResponse {
+        Hooks::handle(self, platform, headers, &body).await.response
+    }
 }

@@ -2,11 +2,15 @@
 //!
 //! Inbound platform webhooks for aiwg: a GitHub or GitLab comment, a Slack slash command, a
 //! Discord command, a Gitea, Bitbucket or Standard Webhooks delivery becomes a
-//! [`JobRequest`](aiwg_core::JobRequest) handed to a [`JobSubmitter`] (the engine).
+//! [`JobRequest`](aiwg_core::JobRequest) submitted to the [`Engine`](aiwg_core::Engine).
 //!
-//! The routers (`aiwg-axum`, `aiwg-actix`) stay thin: for `POST /hooks/{platform}` they buffer
-//! the body (after enforcing the size limit), call [`Hooks::handle`] and send back the
-//! [`HookResponse`] as is: status, content type, body and headers are all decided here.
+//! The path of a delivery is one way: router (`aiwg-axum`, `aiwg-actix`: body limit, buffering)
+//! → the neutral HTTP layer (`aiwg_core::http::Api`, which hands `POST /hooks/{platform}` to its
+//! [`HookHandler`](aiwg_core::http::HookHandler)) → [`Hooks`] (this crate: verify, parse,
+//! authorize, de-duplicate) → [`Engine::submit`](aiwg_core::Engine::submit). The outcome is
+//! one [`HookOutcome`], rendered once, in the platform's shape, into the
+//! [`ApiResponse`](aiwg_core::http::ApiResponse) the router writes as is. Each platform is one
+//! module of [`platform`] that supplies its verifier, its parser and its answer shapes.
 //!
 //! This tour follows a delivery through the pipeline, in order.
 //!
@@ -71,44 +75,43 @@
 //!
 //! ## 6. Submit
 //!
-//! The request goes to the [`JobSubmitter`]: `project` is the repository's full name on forges
+//! The request goes to [`Engine::submit`](aiwg_core::Engine::submit): `project` is the
+//! repository's full name on forges
 //! (the engine's mapping rules turn it into a directory) or `--project` on chat platforms,
 //! `trigger` carries the platform, actor, delivery id, repository, pull request, issue and the
 //! reply handles in `trigger.extra`. Forges get 202 `{"job_id"}`, Slack an ephemeral message
 //! naming the job, Discord a deferred response (`{"type": 5}`). A refusal by the engine is
-//! shown to the person who asked; a full queue is 503 with `Retry-After`.
+//! shown to the person who asked (the same problem the HTTP API would answer); a full queue, a
+//! shutdown or a store failure is 503 with `Retry-After`, so the platform redelivers.
 //!
 //! ## All together
 //!
 //! ```
-//! use std::collections::BTreeMap;
+//! use std::sync::Arc;
 //!
-//! use aiwg_core::{JobId, JobRequest};
-//! use aiwg_webhook::{Hooks, HookOutcome, JobSubmitter, SubmitRejection, TriggersConfig};
+//! use aiwg_core::test_util::ScriptedExecutor;
+//! use aiwg_core::{Engine, Parameter, ProjectPolicy, Step, Workflow};
+//! use aiwg_webhook::{Hooks, HookOutcome, TriggersConfig};
 //! use hmac::{Hmac, Mac};
 //!
-//! /// A stand-in for the engine.
-//! struct Engine;
-//!
-//! #[async_trait::async_trait]
-//! impl JobSubmitter for Engine {
-//!     async fn submit(&self, request: JobRequest) -> Result<JobId, SubmitRejection> {
-//!         assert_eq!(request.workflow, "review");
-//!         assert_eq!(request.project.as_deref(), Some("octo/app"));
-//!         assert_eq!(request.params.get("depth").map(String::as_str), Some("2"));
-//!         assert_eq!(request.guidance.as_deref(), Some("mind the auth code"));
-//!         Ok(JobId::new())
-//!     }
-//!     fn workflows(&self) -> Vec<(String, String)> {
-//!         vec![("review".into(), "Review a pull request".into())]
-//!     }
-//! }
-//!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! // An engine with a `review` workflow; every repository maps to one checkout.
+//! let checkout = tempfile::tempdir()?;
+//! let engine = Engine::builder()
+//!     .executor("agent", Arc::new(ScriptedExecutor::succeeding("looks good")))
+//!     .workflow(
+//!         Workflow::new("review")
+//!             .describe("Review a pull request")
+//!             .param(Parameter::new("depth").with_default("1"))
+//!             .step(Step::prompt("review", "agent", "Review at depth {{depth}}: {{guidance}}")),
+//!     )
+//!     .policy(ProjectPolicy::builder().root(checkout.path()).map(".*", ".").build()?)
+//!     .build()?;
+//!
 //! let config: TriggersConfig = serde_norway::from_str(r#"
 //! github: { secret: "s3cret", mention: "@aiwg" }
 //! "#)?;
-//! let hooks = Hooks::builder(config).build()?;
+//! let hooks = Hooks::builder(config, engine.clone()).build()?;
 //!
 //! let body = serde_json::json!({
 //!     "action": "created",
@@ -128,19 +131,23 @@
 //! headers.insert("x-github-delivery", "d-1".parse()?);
 //! headers.insert("x-hub-signature-256", signature.parse()?);
 //!
-//! let response = hooks.handle("github", &headers, body.as_bytes(), &Engine).await;
-//! assert_eq!(response.status, 202);
-//! assert_eq!(response.content_type, "application/json");
-//! let HookOutcome::Submitted { job_id, .. } = &response.outcome else { panic!() };
-//! assert_eq!(response.json()?["job_id"], job_id.to_string());
+//! let reply = hooks.handle("github", &headers, body.as_bytes()).await;
+//! assert_eq!(reply.status, 202);
+//! let HookOutcome::Submitted { job_id, .. } = reply.outcome else { panic!() };
+//! assert_eq!(reply.json()?["job_id"], job_id.to_string());
+//! let job = engine.get(job_id).await?;
+//! assert_eq!(job.params["depth"], "2");
+//! assert_eq!(job.guidance.as_deref(), Some("mind the auth code"));
+//! assert_eq!(job.trigger.repo.as_deref(), Some("octo/app"));
 //!
 //! // Redelivered: the same job, nothing submitted.
-//! let again = hooks.handle("github", &headers, body.as_bytes(), &Engine).await;
-//! assert_eq!(again.body, response.body);
+//! let again = hooks.handle("github", &headers, body.as_bytes()).await;
+//! assert_eq!(again.json()?, reply.json()?);
 //!
 //! // Tampered: 401 problem+json.
-//! let bad = hooks.handle("github", &headers, b"{}", &Engine).await;
-//! assert_eq!((bad.status, bad.content_type), (401, "application/problem+json"));
+//! let bad = hooks.handle("github", &headers, b"{}").await;
+//! assert_eq!(bad.status, 401);
+//! assert_eq!(bad.header("content-type"), Some("application/problem+json"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # })?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -148,17 +155,10 @@
 //!
 //! ## For router authors
 //!
-//! `POST /hooks/{platform}`, after the body limit (413 beyond it) and buffering:
-//!
-//! ```text
-//! let response = hooks.handle(&platform, &headers, &body, &engine).await;   // never fails
-//! // status: response.status, content-type: response.content_type,
-//! // extra headers: response.headers (Retry-After on 503), body: response.body
-//! // or, with http 1.x types: response.into_http() -> http::Response<Bytes>
-//! ```
-//!
-//! An unknown platform is a 404 problem, a known one without configuration a 401 problem:
-//! nothing is left to the router. [`Hooks`] is a cheap `Clone` handle and the future of
+//! Nothing: give [`Hooks`] to the API (`Api::builder(engine).hooks(Arc::new(hooks))`), which
+//! serves `POST /hooks/{platform}` for both routers after the body limit (413 beyond it). An
+//! unknown platform is a 404 problem, a known one without configuration a 401 problem: nothing
+//! is left to the router. [`Hooks`] is a cheap `Clone` handle and the future of
 //! `handle` is `Send`.
 //!
 //! ## Metrics
@@ -170,7 +170,8 @@
 //! ## Features
 //!
 //! One per platform (`github`, `gitlab`, `slack`, `discord`, `gitea`, `bitbucket`, `generic`,
-//! all on by default) and `test-util` for `MockJobSubmitter`.
+//! all on by default), `postgres` for [`PgDeliveryStore`], and `test-util` for the
+//! [dedup-store suite](dedupe::dedup_store_suite) and the router suite (`testing`).
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 // With some platform features off, shared helpers have fewer (or no) callers.
 #![cfg_attr(
@@ -189,7 +190,6 @@
 pub mod authorize;
 pub mod config;
 pub mod dedupe;
-mod engine;
 mod error;
 pub mod event;
 pub mod grammar;
@@ -198,7 +198,6 @@ pub mod platform;
 mod replies;
 mod response;
 mod secret;
-mod submit;
 #[cfg(feature = "postgres")]
 pub use dedupe::PgDeliveryStore;
 #[cfg(all(
@@ -212,13 +211,9 @@ pub mod testing;
 pub use authorize::IgnoreReason;
 pub use config::{ForkPolicy, PolicyConfig, RuleConfig, TriggersConfig};
 pub use dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
-pub use engine::EngineHooks;
 pub use error::{BuildError, DeliveryStoreError, ParseError, VerifyError};
 pub use event::{Actor, EventKind, InboundEvent, Platform, PullRequest, Repository};
 pub use hooks::{Hooks, HooksBuilder, DEFAULT_DELIVERY_TTL};
 pub use replies::{outcome_text, PlatformReplies, PlatformRepliesBuilder, RepliesError};
-pub use response::{HookOutcome, HookResponse, JSON, PROBLEM_JSON};
+pub use response::{HookOutcome, HookReply, JSON, PROBLEM_JSON};
 pub use secret::Secret;
-#[cfg(any(test, feature = "test-util"))]
-pub use submit::MockJobSubmitter;
-pub use submit::{JobSubmitter, SubmitRejection};

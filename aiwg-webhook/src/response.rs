@@ -1,13 +1,16 @@
-//! [`HookResponse`]: what the router sends back, decided entirely here.
+//! [`HookOutcome`]: what happened to a delivery, and [`HookReply`]: the outcome rendered once
+//! into the platform's answer (an [`ApiResponse`] the routers write as is). Each platform's
+//! [`Endpoint`](crate::platform) decides its shape; the forges share the one here.
 
+use std::ops::Deref;
+
+use aiwg_core::http::{ApiResponse, Problem};
 use aiwg_core::JobId;
-use bytes::Bytes;
+use http::StatusCode;
 use serde_json::json;
 
 use crate::authorize::IgnoreReason;
 use crate::error::{ParseError, VerifyError};
-use crate::event::Platform;
-use crate::submit::SubmitRejection;
 
 /// `application/json`.
 pub const JSON: &str = "application/json";
@@ -41,8 +44,9 @@ pub enum HookOutcome {
     BadRequest(ParseError),
     /// `/hooks/{name}` for a platform that does not exist or is not compiled in: 404.
     UnknownPlatform,
-    /// The engine could not take the job now (queue full, …): 503.
-    Unavailable(SubmitRejection),
+    /// The engine could not take the job now (queue full, shutting down, store failure): 503,
+    /// with the problem the HTTP API gives for the same refusal.
+    Unavailable(Problem),
     /// The same delivery is still being handled by another request: 409.
     DuplicateInProgress,
     /// The delivery store failed: 503. The cause is logged where it happened; its text never
@@ -58,7 +62,7 @@ impl HookOutcome {
             Self::Unauthorized(e) => e.reason(),
             Self::BadRequest(_) => "bad_payload",
             Self::UnknownPlatform => "unknown_platform",
-            Self::Unavailable(r) => r.reason(),
+            Self::Unavailable(p) => p.slug(),
             Self::DuplicateInProgress => "duplicate_in_progress",
             Self::StoreUnavailable => "store_unavailable",
             Self::Ignored(r @ (IgnoreReason::Rejected(_) | IgnoreReason::InvalidCommand(_))) => {
@@ -69,108 +73,84 @@ impl HookOutcome {
     }
 }
 
-/// The answer to a delivery: status, content type, body and extra headers (`Retry-After`).
-/// Routers copy these verbatim; [`into_http`](Self::into_http) does it for `http` 1.x.
-#[derive(Clone, Debug)]
+/// A delivery's answer: the [`ApiResponse`] to send (it derefs to it) and what happened.
+#[derive(Debug)]
 #[non_exhaustive]
-pub struct HookResponse {
-    /// The HTTP status.
-    pub status: u16,
-    /// The `content-type`.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: Bytes,
-    /// Extra headers to send.
-    pub headers: Vec<(&'static str, String)>,
+pub struct HookReply {
     /// What happened, typed.
     pub outcome: HookOutcome,
+    /// The answer, in the platform's shape.
+    pub response: ApiResponse,
 }
 
-impl HookResponse {
+impl HookReply {
     /// The body as JSON (every body this crate produces is JSON).
     ///
     /// # Errors
-    /// Never for responses built here.
+    /// Never for answers built here.
     pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::from_slice(&self.body)
+        serde_json::from_slice(self.response.body_bytes().map_or(&[][..], |b| &b[..]))
     }
 
-    /// An `http::Response` with the status, content type, extra headers and body.
+    /// A header of the answer, as text.
     #[must_use]
-    pub fn into_http(self) -> http::Response<Bytes> {
-        let mut builder = http::Response::builder()
-            .status(self.status)
-            .header(http::header::CONTENT_TYPE, self.content_type);
-        for (name, value) in &self.headers {
-            builder = builder.header(*name, value.as_str());
-        }
-        builder.body(self.body).unwrap_or_else(|_| {
-            let mut r = http::Response::new(Bytes::new());
-            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-            r
-        })
-    }
-
-    pub(crate) fn render(platform: Option<Platform>, outcome: HookOutcome) -> Self {
-        match platform {
-            Some(Platform::Slack) => slack(outcome),
-            Some(Platform::Discord) => discord(outcome),
-            _ => forge(outcome),
-        }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.response
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
     }
 }
 
-fn respond(
-    status: u16,
-    content_type: &'static str,
-    body: &serde_json::Value,
-    outcome: HookOutcome,
-) -> HookResponse {
-    HookResponse {
-        status,
-        content_type,
-        body: Bytes::from(body.to_string()),
-        headers: Vec::new(),
-        outcome,
+impl Deref for HookReply {
+    type Target = ApiResponse;
+    fn deref(&self) -> &ApiResponse {
+        &self.response
     }
+}
+
+impl From<HookReply> for ApiResponse {
+    fn from(reply: HookReply) -> Self {
+        reply.response
+    }
+}
+
+/// A JSON answer.
+pub(crate) fn json(status: u16, body: &serde_json::Value) -> ApiResponse {
+    ApiResponse::json(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body)
 }
 
 /// An RFC 9457 problem in the same shape as the rest of the API (`urn:aiwg:problem:<slug>`).
-fn problem(status: u16, slug: &'static str, detail: String, outcome: HookOutcome) -> HookResponse {
-    let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
-    let body = serde_json::to_value(aiwg_core::http::Problem::new(code, slug, detail))
-        .unwrap_or_else(|_| json!({ "status": status }));
-    let mut r = respond(status, PROBLEM_JSON, &body, outcome);
-    if status == 503 {
-        r.headers.push(("retry-after", "30".to_owned()));
+fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> ApiResponse {
+    let p = Problem::new(status, slug, detail);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        p.retry_after(30).into_response()
+    } else {
+        p.into_response()
     }
-    r
 }
 
-/// Shared by every platform: the error answers.
-fn errors(outcome: HookOutcome) -> Result<HookResponse, HookOutcome> {
-    Ok(match &outcome {
+/// The error answers every platform shares (401, 400, 404, 503 for the delivery store), or
+/// `None` for outcomes a platform answers in its own shape.
+pub(crate) fn errors(outcome: &HookOutcome) -> Option<ApiResponse> {
+    Some(match outcome {
         HookOutcome::Unauthorized(e) => {
-            let d = e.to_string();
-            problem(401, "invalid-signature", d, outcome)
+            problem(StatusCode::UNAUTHORIZED, "invalid-signature", e.to_string())
         }
         HookOutcome::BadRequest(e) => {
-            let d = e.to_string();
-            problem(400, "invalid-payload", d, outcome)
+            problem(StatusCode::BAD_REQUEST, "invalid-payload", e.to_string())
         }
         HookOutcome::UnknownPlatform => problem(
-            404,
+            StatusCode::NOT_FOUND,
             "unknown-platform",
-            "no such platform hook".to_owned(),
-            outcome,
+            "no such platform hook",
         ),
         HookOutcome::StoreUnavailable => problem(
-            503,
+            StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            "the delivery could not be recorded; try again later".to_owned(),
-            outcome,
+            "the delivery could not be recorded; try again later",
         ),
-        _ => return Err(outcome),
+        _ => return None,
     })
 }
 
@@ -194,95 +174,48 @@ fn workflows_text(list: &[(String, String)]) -> String {
     s
 }
 
-fn forge(outcome: HookOutcome) -> HookResponse {
-    let outcome = match errors(outcome) {
-        Ok(r) => return r,
-        Err(o) => o,
-    };
-    match &outcome {
+/// The forges' answers (GitHub, GitLab, Gitea, Bitbucket, generic): 202 `{"job_id"}`, 200
+/// `{"ignored": "<reason>"}`, 200 `{"pong": true}`, or a problem.
+pub(crate) fn forge(outcome: &HookOutcome) -> ApiResponse {
+    if let Some(r) = errors(outcome) {
+        return r;
+    }
+    match outcome {
         HookOutcome::Submitted { job_id, .. } => {
-            let body = json!({ "job_id": job_id.to_string() });
-            respond(202, JSON, &body, outcome)
+            json(202, &json!({ "job_id": job_id.to_string() }))
         }
-        HookOutcome::Ignored(reason) => {
-            let body = json!({ "ignored": reason.to_string() });
-            respond(200, JSON, &body, outcome)
-        }
-        HookOutcome::Help(list) => {
-            let body = json!({ "ignored": "help", "workflows": workflows_json(list) });
-            respond(200, JSON, &body, outcome)
-        }
-        HookOutcome::Pong => respond(200, JSON, &json!({ "pong": true }), outcome),
-        HookOutcome::Challenge(c) => {
-            let body = json!({ "challenge": c });
-            respond(200, JSON, &body, outcome)
-        }
-        HookOutcome::Unavailable(r) => {
-            let d = r.to_string();
-            problem(503, "unavailable", d, outcome)
-        }
-        HookOutcome::DuplicateInProgress => problem(
-            409,
-            "duplicate-in-progress",
-            "this delivery is already being handled".to_owned(),
-            outcome,
+        HookOutcome::Ignored(reason) => json(200, &json!({ "ignored": reason.to_string() })),
+        HookOutcome::Help(list) => json(
+            200,
+            &json!({ "ignored": "help", "workflows": workflows_json(list) }),
         ),
-        _ => problem(500, "internal", "unexpected outcome".to_owned(), outcome),
+        HookOutcome::Pong => json(200, &json!({ "pong": true })),
+        HookOutcome::Challenge(c) => json(200, &json!({ "challenge": c })),
+        HookOutcome::Unavailable(p) => p.clone().retry_after(30).into_response(),
+        HookOutcome::DuplicateInProgress => problem(
+            StatusCode::CONFLICT,
+            "duplicate-in-progress",
+            "this delivery is already being handled",
+        ),
+        // Every other outcome is answered by `errors` above.
+        _ => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected outcome",
+        ),
     }
 }
 
-fn slack_text(text: String, outcome: HookOutcome) -> HookResponse {
-    let body = json!({ "response_type": "ephemeral", "text": text });
-    respond(200, JSON, &body, outcome)
-}
-
-fn slack(outcome: HookOutcome) -> HookResponse {
-    let outcome = match errors(outcome) {
-        Ok(r) => return r,
-        Err(o) => o,
-    };
-    match &outcome {
-        HookOutcome::Challenge(c) => {
-            let body = json!({ "challenge": c });
-            respond(200, JSON, &body, outcome)
-        }
-        _ => {
-            let text = chat_text(&outcome);
-            slack_text(text, outcome)
-        }
-    }
-}
-
-fn discord(outcome: HookOutcome) -> HookResponse {
-    let outcome = match errors(outcome) {
-        Ok(r) => return r,
-        Err(o) => o,
-    };
-    match &outcome {
-        HookOutcome::Pong => respond(200, JSON, &json!({ "type": 1 }), outcome),
-        HookOutcome::Submitted { .. } => respond(200, JSON, &json!({ "type": 5 }), outcome),
-        _ => {
-            // Type 4: a message shown only to the person who asked (flag 64: ephemeral).
-            let text = chat_text(&outcome);
-            let body = json!({ "type": 4, "data": { "content": text, "flags": 64 } });
-            respond(200, JSON, &body, outcome)
-        }
-    }
-}
-
-fn chat_text(outcome: &HookOutcome) -> String {
+/// The text of a chat answer (Slack, Discord) for the person who asked.
+pub(crate) fn chat_text(outcome: &HookOutcome) -> String {
     match outcome {
         HookOutcome::Submitted {
-            job_id,
-            workflow,
-            replayed: _,
-        } => {
-            format!("Started `{workflow}`: job `{job_id}`.")
-        }
+            job_id, workflow, ..
+        } => format!("Started `{workflow}`: job `{job_id}`."),
         HookOutcome::Ignored(reason) => format!("Nothing started: {reason}."),
         HookOutcome::Help(list) => workflows_text(list),
         HookOutcome::Pong => "pong".to_owned(),
-        HookOutcome::Unavailable(r) => format!("Busy, try again later: {r}."),
+        HookOutcome::Unavailable(p) => format!("Busy, try again later: {}.", p.detail()),
         HookOutcome::DuplicateInProgress => "This request is already being handled.".to_owned(),
         _ => "Something went wrong.".to_owned(),
     }

@@ -16,7 +16,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::{EngineHooks, Hooks, TriggersConfig};
+use crate::{Hooks, TriggersConfig};
 
 const GITHUB_SECRET: &str = "hooks-suite-github-secret";
 const SLACK_SECRET: &str = "hooks-suite-slack-signing-secret";
@@ -82,9 +82,11 @@ async fn serve(server: &dyn Serve, setup: &Setup) -> aiwg_core::test_util::confo
         "discord": {"public_key": DISCORD_PUBLIC},
     }))
     .expect("triggers");
-    let hooks = Hooks::builder(triggers).build().expect("hooks");
+    let hooks = Hooks::builder(triggers, setup.engine.clone())
+        .build()
+        .expect("hooks");
     let api = api_builder(setup.engine.clone())
-        .hooks(Arc::new(EngineHooks::new(hooks, setup.engine.clone())))
+        .hooks(Arc::new(hooks))
         .build()
         .expect("api");
     server.serve(api, "").await

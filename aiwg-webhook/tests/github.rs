@@ -2,14 +2,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use aiwg_core::{JobId, JobRequest};
 use aiwg_webhook::platform::github;
-use aiwg_webhook::{
-    HookOutcome, IgnoreReason, JobSubmitter, MockJobSubmitter, Secret, SubmitRejection, VerifyError,
-};
+use aiwg_webhook::{HookOutcome, IgnoreReason, Secret, VerifyError};
 use common::*;
 use http::HeaderMap;
 use serde_json::json;
@@ -137,8 +134,11 @@ async fn comment_submits_the_expected_request() {
             &sub,
         )
         .await;
-    assert_eq!(r.status, 202, "{:?}", r.outcome);
-    assert_eq!(r.content_type, "application/json");
+    assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
+    assert_eq!(
+        r.header("content-type").unwrap_or_default(),
+        "application/json"
+    );
     let HookOutcome::Submitted {
         job_id,
         workflow,
@@ -156,7 +156,6 @@ async fn comment_submits_the_expected_request() {
     let req = seen.lock().expect("lock").pop().expect("one request");
     assert_eq!(req.workflow, "review");
     assert_eq!(req.project.as_deref(), Some("octo/app"));
-    assert_eq!(req.project_path, None);
     assert_eq!(req.params["depth"], "2");
     assert_eq!(req.params["focus"], "auth flow");
     assert_eq!(req.guidance.as_deref(), Some("please check the tokens"));
@@ -182,9 +181,9 @@ async fn redelivery_returns_the_same_job_and_submits_nothing() {
     let (sub, _) = capturing(1); // a second submit would fail the mock
     let first = hooks.handle("github", &h, &body, &sub).await;
     let second = hooks.handle("github", &h, &body, &sub).await;
-    assert_eq!(first.status, 202);
-    assert_eq!(second.status, 202);
-    assert_eq!(first.body, second.body);
+    assert_eq!(first.status.as_u16(), 202);
+    assert_eq!(second.status.as_u16(), 202);
+    assert_eq!(first.json().expect("json"), second.json().expect("json"));
     assert!(matches!(
         second.outcome,
         HookOutcome::Submitted { replayed: true, .. }
@@ -199,28 +198,8 @@ async fn redelivery_returns_the_same_job_and_submits_nothing() {
             &sub2,
         )
         .await;
-    assert_eq!(third.status, 202);
-    assert_ne!(third.body, first.body);
-}
-
-/// Blocks in `submit` until released, counting calls.
-struct Gated {
-    calls: AtomicUsize,
-    entered: tokio::sync::Notify,
-    release: tokio::sync::Semaphore,
-}
-
-#[async_trait::async_trait]
-impl JobSubmitter for Gated {
-    async fn submit(&self, _request: JobRequest) -> Result<JobId, SubmitRejection> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.entered.notify_one();
-        let _permit = self.release.acquire().await.expect("open");
-        Ok(JobId::new())
-    }
-    fn workflows(&self) -> Vec<(String, String)> {
-        Vec::new()
-    }
+    assert_eq!(third.status.as_u16(), 202);
+    assert_ne!(third.json().expect("json"), first.json().expect("json"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,25 +207,22 @@ async fn concurrent_duplicates_submit_once() {
     let hooks = hooks(CONFIG);
     let body = comment("@aiwg fix", "alice", "User", "OWNER");
     let h = signed("issue_comment", "d-race", &body);
-    let gated = Arc::new(Gated {
-        calls: AtomicUsize::new(0),
-        entered: tokio::sync::Notify::new(),
-        release: tokio::sync::Semaphore::new(0),
-    });
+    let gate = Arc::new(Gate::default());
+    let gated = Arc::new(common::gated(Arc::clone(&gate)));
     let first = {
         let (hooks, h, body, gated) = (hooks.clone(), h.clone(), body.clone(), Arc::clone(&gated));
-        tokio::spawn(async move { hooks.handle("github", &h, &body, &*gated).await })
+        tokio::spawn(async move { hooks.handle("github", &h, &body, &gated).await })
     };
-    gated.entered.notified().await; // the first request is inside submit, holding the claim
+    gate.entered.notified().await; // the first request is inside submit, holding the claim
     let second = {
         let (hooks, h, body, gated) = (hooks.clone(), h.clone(), body.clone(), Arc::clone(&gated));
-        tokio::spawn(async move { hooks.handle("github", &h, &body, &*gated).await })
+        tokio::spawn(async move { hooks.handle("github", &h, &body, &gated).await })
     };
-    gated.release.add_permits(10);
+    gate.release.add_permits(10);
     let (a, b) = (first.await.expect("joins"), second.await.expect("joins"));
-    assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
-    assert_eq!((a.status, b.status), (202, 202));
-    assert_eq!(a.body, b.body);
+    assert_eq!(gate.calls.load(Ordering::SeqCst), 1);
+    assert_eq!((a.status.as_u16(), b.status.as_u16()), (202, 202));
+    assert_eq!(a.json().expect("json"), b.json().expect("json"));
 }
 
 #[tokio::test]
@@ -254,26 +230,26 @@ async fn transient_rejection_is_not_remembered() {
     let hooks = hooks(CONFIG);
     let body = comment("@aiwg fix", "alice", "User", "OWNER");
     let h = signed("issue_comment", "d-busy", &body);
-    let mut busy = MockJobSubmitter::new();
-    busy.expect_submit()
-        .times(1)
-        .returning(|_| Err(SubmitRejection::QueueFull("1000 jobs queued".into())));
+    let busy = common::busy().await;
     let r = hooks.handle("github", &h, &body, &busy).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.content_type, "application/problem+json");
-    assert!(r.headers.iter().any(|(k, _)| *k == "retry-after"));
+    assert_eq!(r.status.as_u16(), 503);
+    assert_eq!(
+        r.header("content-type").unwrap_or_default(),
+        "application/problem+json"
+    );
+    assert!(r.header("retry-after").is_some());
     let (ok, _) = capturing(1);
-    assert_eq!(hooks.handle("github", &h, &body, &ok).await.status, 202);
+    assert_eq!(
+        hooks.handle("github", &h, &body, &ok).await.status.as_u16(),
+        202
+    );
 }
 
 #[tokio::test]
 async fn engine_refusals_are_ignored_with_the_reason() {
     let hooks = hooks(CONFIG);
     let body = comment("@aiwg nosuch", "alice", "User", "OWNER");
-    let mut m = MockJobSubmitter::new();
-    m.expect_submit()
-        .times(1)
-        .returning(|r| Err(SubmitRejection::UnknownWorkflow(r.workflow)));
+    let m = never();
     let r = hooks
         .handle(
             "github",
@@ -282,10 +258,10 @@ async fn engine_refusals_are_ignored_with_the_reason() {
             &m,
         )
         .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status.as_u16(), 200);
     assert_eq!(
         r.json().expect("json")["ignored"],
-        "unknown workflow: nosuch"
+        "unknown workflow `nosuch`"
     );
 }
 
@@ -296,7 +272,7 @@ async fn ping_help_and_not_addressed() {
     let r = hooks
         .handle("github", &signed("ping", "p", ping), ping, &never())
         .await;
-    assert_eq!((r.status, &r.outcome), (200, &HookOutcome::Pong));
+    assert_eq!((r.status.as_u16(), &r.outcome), (200, &HookOutcome::Pong));
 
     let body = comment("@aiwg help", "alice", "User", "OWNER");
     let r = hooks
@@ -307,11 +283,11 @@ async fn ping_help_and_not_addressed() {
             &never(),
         )
         .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status.as_u16(), 200);
     let j = r.json().expect("json");
     assert_eq!(j["ignored"], "help");
     assert_eq!(
-        j["workflows"][0],
+        j["workflows"][2],
         json!({ "name": "review", "description": "Review a pull request" })
     );
 
@@ -324,7 +300,7 @@ async fn ping_help_and_not_addressed() {
             &never(),
         )
         .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status.as_u16(), 200);
     assert_eq!(r.outcome, HookOutcome::Ignored(IgnoreReason::NotAddressed));
 }
 
@@ -361,7 +337,7 @@ async fn authorization_refusals() {
                 &never(),
             )
             .await;
-        assert_eq!(r.status, 200, "case {i}");
+        assert_eq!(r.status.as_u16(), 200, "case {i}");
         let ignored = r.json().expect("json")["ignored"]
             .as_str()
             .expect("reason")
@@ -429,7 +405,7 @@ async fn rules_map_events_and_refuse_forks() {
             &sub,
         )
         .await;
-    assert_eq!(r.status, 202, "{:?}", r.outcome);
+    assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
     let req = seen.lock().expect("lock").pop().expect("request");
     assert_eq!(req.workflow, "review");
     assert_eq!(req.params["depth"], "1");
@@ -489,7 +465,7 @@ async fn rules_map_events_and_refuse_forks() {
             &sub,
         )
         .await;
-    assert_eq!(r.status, 202);
+    assert_eq!(r.status.as_u16(), 202);
     assert_eq!(
         seen.lock().expect("lock")[0].trigger.extra["head_repo"],
         "mallory/app"
@@ -511,7 +487,7 @@ async fn rules_map_events_and_refuse_forks() {
             &sub,
         )
         .await;
-    assert_eq!(r.status, 202, "{:?}", r.outcome);
+    assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
     let req = seen.lock().expect("lock").pop().expect("request");
     assert_eq!((req.workflow.as_str(), req.trigger.issue), ("fix", Some(8)));
 }
@@ -525,12 +501,19 @@ async fn bad_requests_and_fail_closed() {
     h.remove("x-github-event");
     let r = hooks.handle("github", &h, &body, &never()).await;
     assert_eq!(
-        (r.status, r.content_type),
+        (
+            r.status.as_u16(),
+            r.header("content-type").unwrap_or_default()
+        ),
         (400, "application/problem+json")
     );
     h.insert("x-github-event", "".parse().expect("value"));
     assert_eq!(
-        hooks.handle("github", &h, &body, &never()).await.status,
+        hooks
+            .handle("github", &h, &body, &never())
+            .await
+            .status
+            .as_u16(),
         400
     );
     // unparseable payload after a good signature → 400
@@ -543,13 +526,16 @@ async fn bad_requests_and_fail_closed() {
             &never(),
         )
         .await;
-    assert_eq!(r.status, 400);
+    assert_eq!(r.status.as_u16(), 400);
     // missing signature → 401 problem
     let mut h = signed("issue_comment", "x", &body);
     h.remove("x-hub-signature-256");
     let r = hooks.handle("github", &h, &body, &never()).await;
     assert_eq!(
-        (r.status, r.content_type),
+        (
+            r.status.as_u16(),
+            r.header("content-type").unwrap_or_default()
+        ),
         (401, "application/problem+json")
     );
     let j = r.json().expect("json");
@@ -579,7 +565,8 @@ async fn bad_requests_and_fail_closed() {
             &never()
         )
         .await
-        .status,
+        .status
+        .as_u16(),
         401
     );
     // unknown platform → 404 problem
@@ -587,7 +574,10 @@ async fn bad_requests_and_fail_closed() {
         .handle("gitgud", &HeaderMap::new(), b"", &never())
         .await;
     assert_eq!(
-        (r.status, r.content_type),
+        (
+            r.status.as_u16(),
+            r.header("content-type").unwrap_or_default()
+        ),
         (404, "application/problem+json")
     );
     assert_eq!(r.outcome, HookOutcome::UnknownPlatform);
@@ -613,7 +603,7 @@ async fn form_encoded_deliveries_are_accepted() {
     );
     let (sub, seen) = capturing(1);
     let r = hooks.handle("github", &h, form.as_bytes(), &sub).await;
-    assert_eq!(r.status, 202, "{:?}", r.outcome);
+    assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
     assert_eq!(
         seen.lock().expect("lock")[0].guidance.as_deref(),
         Some("it")
@@ -677,16 +667,14 @@ async fn handle_is_send_and_responses_convert_to_http() {
     let hooks = hooks(CONFIG);
     let body = comment("@aiwg fix", "alice", "User", "OWNER");
     let h = signed("issue_comment", "s", &body);
-    let mut busy = MockJobSubmitter::new();
-    busy.expect_submit()
-        .times(1)
-        .returning(|_| Err(SubmitRejection::QueueFull("full".into())));
+    let busy = common::busy().await;
     // axum and actix need the future to be Send.
-    let r = assert_send(hooks.handle("github", &h, &body, &busy)).await;
-    let http = r.into_http();
-    assert_eq!(http.status(), 503);
-    assert_eq!(http.headers()["content-type"], "application/problem+json");
-    assert_eq!(http.headers()["retry-after"], "30");
-    let problem: serde_json::Value = serde_json::from_slice(http.body()).expect("json");
+    let r = assert_send(hooks.build(&busy).handle("github", &h, &body)).await;
+    assert_eq!(r.status.as_u16(), 503);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.header("retry-after"), Some("30"));
+    let problem = r.json().expect("json");
     assert_eq!(problem["status"], 503);
+    let response: aiwg_core::http::ApiResponse = r.into();
+    assert_eq!(response.status.as_u16(), 503);
 }

@@ -45,12 +45,14 @@ fn n(v: &Value, pointer: &str) -> Option<u64> {
     v.pointer(pointer).and_then(Value::as_u64)
 }
 
-#[test]
-fn every_example_verifies_and_parses() {
+#[tokio::test]
+async fn every_example_verifies_and_parses() {
     let Some(events) = examples() else { return };
     let config: TriggersConfig =
         serde_norway::from_str("github: { secret: octokit-test }").expect("config");
-    let hooks = Hooks::builder(config).build().expect("builds");
+    let hooks = Hooks::builder(config, common::engine().engine.clone())
+        .build()
+        .expect("builds");
     let mut count = 0;
     for event in &events {
         let name = event["name"].as_str().expect("name");

@@ -142,15 +142,12 @@ fn main() {
             serde_json::json!({"github": {"secret": SECRET, "mention": "@aiwg"}}),
         )
         .expect("triggers");
-        let hooks = aiwg_webhook::Hooks::builder(triggers)
+        let hooks = aiwg_webhook::Hooks::builder(triggers, engine.clone())
             .build()
             .expect("hooks");
         let api = Api::builder(engine.clone())
             .key(ApiKey::plain("load", KEY, vec![Scope::Admin]).expect("key"))
-            .hooks(Arc::new(aiwg_webhook::EngineHooks::new(
-                hooks,
-                engine.clone(),
-            )))
+            .hooks(Arc::new(hooks))
             .build()
             .expect("api");
         let aiwg = serve(aiwg_axum::router(api)).await;

@@ -346,16 +346,12 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     }
     if !config.triggers.is_null() {
         let triggers: aiwg_webhook::TriggersConfig =
-            serde_json::from_value(config.triggers.clone())
-                .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
+            aiwg_core::config::section("triggers", config.triggers.clone())?;
         let hooks = storage
-            .dedupe(aiwg_webhook::Hooks::builder(triggers))
+            .dedupe(aiwg_webhook::Hooks::builder(triggers, engine.clone()))
             .build()
             .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
-        api = api.hooks(Arc::new(aiwg_webhook::EngineHooks::new(
-            hooks,
-            engine.clone(),
-        )));
+        api = api.hooks(Arc::new(hooks));
     }
     let api = api
         .build()

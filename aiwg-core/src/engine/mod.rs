@@ -67,6 +67,19 @@ pub enum SubmitError {
     Store(StoreError),
 }
 
+impl SubmitError {
+    /// Whether asking again later may succeed (a full queue, a shutdown, a store failure), as
+    /// opposed to a refusal of the request itself. Platform hooks answer transient refusals
+    /// with 503 so the platform redelivers, and remember nothing about them.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::QueueFull { .. } | Self::ShuttingDown | Self::Store(_)
+        )
+    }
+}
+
 /// Why an engine call other than submit failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

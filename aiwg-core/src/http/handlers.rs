@@ -14,9 +14,8 @@ use super::types::{
 };
 use super::{parse_query, sse, Api, ApiRequest, ApiResponse, Problem, Route};
 use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
-use crate::engine::{EngineError, SubmitError};
+use crate::engine::EngineError;
 use crate::job::{JobId, JobStatus};
-use crate::policy::PolicyError;
 use crate::request::JobRequest;
 use crate::store::JobQuery;
 
@@ -272,48 +271,6 @@ fn json_body<T: DeserializeOwned>(req: &ApiRequest) -> Result<T, Problem> {
     })
 }
 
-fn submit_problem(e: SubmitError) -> Problem {
-    match e {
-        SubmitError::UnknownWorkflow(w) => Problem::new(
-            StatusCode::NOT_FOUND,
-            "unknown-workflow",
-            format!("unknown workflow `{w}`"),
-        ),
-        SubmitError::Params(p) => {
-            Problem::new(StatusCode::BAD_REQUEST, "invalid-params", p.to_string())
-        }
-        SubmitError::Project(
-            p @ (PolicyError::NotFound(_) | PolicyError::NotADirectory(_) | PolicyError::Malformed),
-        ) => Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string()),
-        SubmitError::Project(p @ PolicyError::NoMapping(_)) => {
-            Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string())
-        }
-        SubmitError::Project(p) => {
-            Problem::new(StatusCode::FORBIDDEN, "project-forbidden", p.to_string())
-        }
-        SubmitError::Invalid(m) => Problem::new(StatusCode::BAD_REQUEST, "invalid-request", m),
-        SubmitError::IdempotencyConflict { existing } => Problem::new(
-            StatusCode::CONFLICT,
-            "idempotency-conflict",
-            "this idempotency key was used with a different request",
-        )
-        .job(existing.to_string(), "exists"),
-        SubmitError::QueueFull { capacity } => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue-full",
-            format!("the queue is full ({capacity} jobs); try again later"),
-        )
-        .retry_after(5),
-        SubmitError::ShuttingDown => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting-down",
-            "the server is shutting down",
-        )
-        .retry_after(5),
-        SubmitError::Store(e) => internal(&e),
-    }
-}
-
 fn internal(e: &dyn std::fmt::Display) -> Problem {
     tracing::error!(error = %e, "internal error");
     Problem::new(
@@ -397,7 +354,10 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
     request.idempotency_key = idempotency_key;
     request.trigger.actor = actor;
     let engine = api.engine();
-    let job = engine.submit(request).await.map_err(submit_problem)?;
+    let job = engine
+        .submit(request)
+        .await
+        .map_err(|e| Problem::from(&e))?;
     if body.is_async == Some(false) {
         let bound = job.timeout + Duration::from_secs(5);
         let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;

@@ -5,6 +5,8 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::ApiResponse;
+use crate::engine::SubmitError;
+use crate::policy::PolicyError;
 
 /// An `application/problem+json` error: `type` (`urn:aiwg:problem:<slug>`), `title`, `status`,
 /// `detail`, and for answers about a job its `job_id` and `job_status`.
@@ -61,6 +63,12 @@ impl Problem {
         self.status
     }
 
+    /// The slug of its `type` (`urn:aiwg:problem:<slug>`), e.g. `queue-full`.
+    #[must_use]
+    pub fn slug(&self) -> &'static str {
+        self.slug
+    }
+
     /// The detail text.
     #[must_use]
     pub fn detail(&self) -> &str {
@@ -105,6 +113,66 @@ impl Problem {
             );
         }
         res
+    }
+}
+
+impl From<&SubmitError> for Problem {
+    /// The one mapping of a refused submission to HTTP, for the API and the platform hooks
+    /// alike: refusals of the request itself are 4xx; a full queue, a shutdown or a store
+    /// failure ([`SubmitError::is_transient`]) 503 with `Retry-After`, a store failure's text
+    /// only in the log.
+    fn from(e: &SubmitError) -> Self {
+        match e {
+            SubmitError::UnknownWorkflow(w) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "unknown-workflow",
+                format!("unknown workflow `{w}`"),
+            ),
+            SubmitError::Params(p) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-params", p.to_string())
+            }
+            SubmitError::Project(
+                p @ (PolicyError::NotFound(_)
+                | PolicyError::NotADirectory(_)
+                | PolicyError::Malformed),
+            ) => Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string()),
+            SubmitError::Project(p @ PolicyError::NoMapping(_)) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-project", p.to_string())
+            }
+            SubmitError::Project(p) => {
+                Problem::new(StatusCode::FORBIDDEN, "project-forbidden", p.to_string())
+            }
+            SubmitError::Invalid(m) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-request", m.clone())
+            }
+            SubmitError::IdempotencyConflict { existing } => Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency-conflict",
+                "this idempotency key was used with a different request",
+            )
+            .job(existing.to_string(), "exists"),
+            SubmitError::QueueFull { capacity } => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue-full",
+                format!("the queue is full ({capacity} jobs); try again later"),
+            )
+            .retry_after(5),
+            SubmitError::ShuttingDown => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "the server is shutting down",
+            )
+            .retry_after(5),
+            SubmitError::Store(e) => {
+                tracing::error!(error = %e, "job store failed");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the job could not be stored; try again later",
+                )
+                .retry_after(5)
+            }
+        }
     }
 }
 

@@ -40,11 +40,12 @@ fn micros(d: Duration) -> i64 {
 /// several instances receiving the same delivery exactly one starts its job.
 ///
 /// ```no_run
-/// # async fn run(pool: sqlx::PgPool) -> Result<(), aiwg_webhook::DeliveryStoreError> {
+/// # async fn run(pool: sqlx::PgPool, engine: aiwg_core::Engine) -> Result<(), Box<dyn std::error::Error>> {
 /// let dedup = aiwg_webhook::PgDeliveryStore::new(pool);
 /// dedup.migrate().await?;
-/// let hooks = aiwg_webhook::Hooks::builder(Default::default())
-///     .delivery_store(std::sync::Arc::new(dedup));
+/// let hooks = aiwg_webhook::Hooks::builder(Default::default(), engine)
+///     .delivery_store(std::sync::Arc::new(dedup))
+///     .build()?;
 /// # let _ = hooks; Ok(()) }
 /// ```
 #[derive(Clone)]

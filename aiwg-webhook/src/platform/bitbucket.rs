@@ -186,3 +186,28 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
     }
     Ok(ev)
 }
+
+/// Bitbucket Cloud's [`Endpoint`](super::Endpoint).
+pub(crate) struct Bitbucket {
+    secret: Secret,
+}
+
+impl Bitbucket {
+    pub(crate) fn new(config: &crate::config::BitbucketConfig) -> Self {
+        Self {
+            secret: config.secret.clone(),
+        }
+    }
+}
+
+impl super::Endpoint for Bitbucket {
+    fn platform(&self) -> Platform {
+        Platform::Bitbucket
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], _now: i64) -> Result<(), VerifyError> {
+        verify(&self.secret, headers, body)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+}

@@ -185,3 +185,70 @@ pub fn parse(_headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErr
     }
     Ok(ev)
 }
+
+/// Discord's [`Endpoint`](super::Endpoint): PING is answered `{"type": 1}`, a started job
+/// with a deferred answer (`{"type": 5}`, edited when the job ends), anything else with an
+/// ephemeral message.
+pub(crate) struct Discord {
+    key: Option<VerifyingKey>,
+    command: String,
+    allowed_roles: Vec<String>,
+}
+
+impl Discord {
+    pub(crate) fn new(config: &crate::config::DiscordConfig) -> Result<Self, crate::BuildError> {
+        let key = if config.public_key.trim().is_empty() {
+            None
+        } else {
+            Some(public_key(&config.public_key).map_err(|reason| {
+                crate::BuildError::InvalidKey {
+                    key: "discord.public_key".to_owned(),
+                    reason,
+                }
+            })?)
+        };
+        Ok(Self {
+            key,
+            command: config.command.clone(),
+            allowed_roles: config.allowed_roles.clone(),
+        })
+    }
+}
+
+impl super::Endpoint for Discord {
+    fn platform(&self) -> Platform {
+        Platform::Discord
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], _now: i64) -> Result<(), VerifyError> {
+        match &self.key {
+            Some(key) => verify(key, headers, body),
+            None => Err(VerifyError::NotConfigured),
+        }
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+    fn command(&self) -> Option<&str> {
+        Some(&self.command)
+    }
+    fn allowed_roles(&self) -> &[String] {
+        &self.allowed_roles
+    }
+    fn answer(&self, outcome: &crate::HookOutcome) -> aiwg_core::http::ApiResponse {
+        use crate::response::{chat_text, errors, json};
+        use crate::HookOutcome;
+        use serde_json::json as j;
+        if let Some(r) = errors(outcome) {
+            return r;
+        }
+        match outcome {
+            HookOutcome::Pong => json(200, &j!({ "type": 1 })),
+            HookOutcome::Submitted { .. } => json(200, &j!({ "type": 5 })),
+            // Type 4: a message shown only to the person who asked (flag 64: ephemeral).
+            _ => json(
+                200,
+                &j!({ "type": 4, "data": { "content": chat_text(outcome), "flags": 64 } }),
+            ),
+        }
+    }
+}

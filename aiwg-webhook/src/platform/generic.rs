@@ -106,3 +106,30 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
     });
     Ok(ev)
 }
+
+/// The generic [`Endpoint`](super::Endpoint): Standard Webhooks or a bearer token.
+pub(crate) struct Generic {
+    key: Option<standard::SigningKey>,
+    token: Secret,
+}
+
+impl Generic {
+    pub(crate) fn new(config: &crate::config::GenericConfig) -> Result<Self, crate::BuildError> {
+        Ok(Self {
+            key: standard::signing_key(&config.secret, "generic.secret")?,
+            token: config.token.clone(),
+        })
+    }
+}
+
+impl super::Endpoint for Generic {
+    fn platform(&self) -> Platform {
+        Platform::Generic
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError> {
+        verify(self.key.as_ref(), &self.token, headers, body, now)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+}

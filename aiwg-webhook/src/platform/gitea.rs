@@ -40,3 +40,28 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
         .map(str::to_owned);
     Ok(ev)
 }
+
+/// Gitea's and Forgejo's [`Endpoint`](super::Endpoint).
+pub(crate) struct Gitea {
+    secret: Secret,
+}
+
+impl Gitea {
+    pub(crate) fn new(config: &crate::config::GiteaConfig) -> Self {
+        Self {
+            secret: config.secret.clone(),
+        }
+    }
+}
+
+impl super::Endpoint for Gitea {
+    fn platform(&self) -> Platform {
+        Platform::Gitea
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], _now: i64) -> Result<(), VerifyError> {
+        verify(&self.secret, headers, body)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+}

@@ -49,3 +49,28 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
     ev.delivery_id = header(headers, "x-github-delivery").map(str::to_owned);
     Ok(ev)
 }
+
+/// GitHub's [`Endpoint`](super::Endpoint).
+pub(crate) struct GitHub {
+    secret: Secret,
+}
+
+impl GitHub {
+    pub(crate) fn new(config: &crate::config::GitHubConfig) -> Self {
+        Self {
+            secret: config.secret.clone(),
+        }
+    }
+}
+
+impl super::Endpoint for GitHub {
+    fn platform(&self) -> Platform {
+        Platform::GitHub
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], _now: i64) -> Result<(), VerifyError> {
+        verify(&self.secret, headers, body)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+}

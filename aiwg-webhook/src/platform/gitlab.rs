@@ -284,3 +284,30 @@ fn delivery_id(headers: &HeaderMap) -> Option<String> {
         .or_else(|| header(headers, "webhook-id"))
         .map(str::to_owned)
 }
+
+/// GitLab's [`Endpoint`](super::Endpoint).
+pub(crate) struct GitLab {
+    token: Secret,
+    signing: Option<standard::SigningKey>,
+}
+
+impl GitLab {
+    pub(crate) fn new(config: &crate::config::GitLabConfig) -> Result<Self, crate::BuildError> {
+        Ok(Self {
+            token: config.token.clone(),
+            signing: standard::signing_key(&config.signing_secret, "gitlab.signing_secret")?,
+        })
+    }
+}
+
+impl super::Endpoint for GitLab {
+    fn platform(&self) -> Platform {
+        Platform::GitLab
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError> {
+        verify(&self.token, self.signing.as_ref(), headers, body, now)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+}

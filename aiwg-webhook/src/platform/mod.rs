@@ -1,8 +1,10 @@
 //! One module per platform: `verify` on the raw bytes, then `parse` into an
-//! [`InboundEvent`](crate::InboundEvent).
+//! [`InboundEvent`](crate::InboundEvent), and the platform's [`Endpoint`]: its verifier with
+//! the keys of its configuration section, its parser, and the shape of its answers.
 //!
 //! The verifiers are plain functions (the clock is a parameter) so they can be fuzzed and
-//! tested on their own; [`Hooks`](crate::Hooks) calls them with the configured secrets.
+//! tested on their own. Adding a platform means adding a module here that implements
+//! [`Endpoint`], and one line in [`Hooks`](crate::Hooks)' builder that registers it.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +12,11 @@ use hmac::{Hmac, Mac};
 use http::HeaderMap;
 use sha2::Sha256;
 
+use aiwg_core::http::ApiResponse;
+
 use crate::error::{ParseError, VerifyError};
+use crate::event::{InboundEvent, Platform};
+use crate::response::HookOutcome;
 
 #[cfg(feature = "bitbucket")]
 pub mod bitbucket;
@@ -29,6 +35,31 @@ pub mod gitlab;
 #[cfg(feature = "slack")]
 pub mod slack;
 pub mod standard;
+
+/// What one platform contributes to [`Hooks`](crate::Hooks): built from its configuration
+/// section, it verifies and parses deliveries and renders outcomes in the platform's shape.
+pub(crate) trait Endpoint: Send + Sync + 'static {
+    /// Which platform this is.
+    fn platform(&self) -> Platform;
+    /// Checks the signature (or token) on the raw bytes at `now` (Unix seconds). Fails closed
+    /// when no key is configured.
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError>;
+    /// Parses a verified delivery.
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError>;
+    /// The slash or application command this platform answers to (Slack, Discord); deliveries
+    /// for other commands are ignored.
+    fn command(&self) -> Option<&str> {
+        None
+    }
+    /// Roles whose members may trigger (Discord).
+    fn allowed_roles(&self) -> &[String] {
+        &[]
+    }
+    /// The answer to `outcome` (default: the forges' JSON answers).
+    fn answer(&self, outcome: &HookOutcome) -> ApiResponse {
+        crate::response::forge(outcome)
+    }
+}
 
 /// The tolerance, both ways, for signed timestamps (Slack, Standard Webhooks): 300 s.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 300;

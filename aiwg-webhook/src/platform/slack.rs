@@ -193,6 +193,51 @@ fn parse_form(body: &[u8]) -> Result<InboundEvent, ParseError> {
     Ok(ev)
 }
 
+/// Slack's [`Endpoint`](super::Endpoint): answers are ephemeral messages to the person who
+/// asked (`url_verification` echoes its challenge).
+pub(crate) struct Slack {
+    secret: Secret,
+    command: String,
+}
+
+impl Slack {
+    pub(crate) fn new(config: &crate::config::SlackConfig) -> Self {
+        Self {
+            secret: config.signing_secret.clone(),
+            command: config.command.clone(),
+        }
+    }
+}
+
+impl super::Endpoint for Slack {
+    fn platform(&self) -> Platform {
+        Platform::Slack
+    }
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError> {
+        verify(&self.secret, headers, body, now)
+    }
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseError> {
+        parse(headers, body)
+    }
+    fn command(&self) -> Option<&str> {
+        Some(&self.command)
+    }
+    fn answer(&self, outcome: &crate::HookOutcome) -> aiwg_core::http::ApiResponse {
+        use crate::response::{chat_text, errors, json};
+        use crate::HookOutcome;
+        if let Some(r) = errors(outcome) {
+            return r;
+        }
+        match outcome {
+            HookOutcome::Challenge(c) => json(200, &serde_json::json!({ "challenge": c })),
+            _ => json(
+                200,
+                &serde_json::json!({ "response_type": "ephemeral", "text": chat_text(outcome) }),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,22 @@ pub fn verify(
     })
 }
 
+/// The signing key of a `whsec_` secret, or `None` when the secret is not configured.
+pub(crate) fn signing_key(
+    secret: &crate::secret::Secret,
+    key: &str,
+) -> Result<Option<SigningKey>, crate::BuildError> {
+    if !secret.is_configured() {
+        return Ok(None);
+    }
+    SigningKey::from_secret(secret.expose())
+        .map(Some)
+        .map_err(|reason| crate::BuildError::InvalidKey {
+            key: key.to_owned(),
+            reason,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
