@@ -1,4 +1,4 @@
-//! Configuration: the YAML file of DESIGN §5, `${VAR}` expansion, environment overrides, and
+//! Configuration: the YAML file of the example server (see the README), `${VAR}` expansion, environment overrides, and
 //! errors that name the key.
 //!
 //! ```

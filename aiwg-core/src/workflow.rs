@@ -6,15 +6,37 @@
 //! Substituted values are never scanned again, so a guidance containing `{{x}}` stays literal.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::job::TriggerInfo;
 
-/// A parameter a workflow accepts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// The longest parameter value accepted when a parameter sets no `max_length`: 1 KiB.
+pub const DEFAULT_PARAM_MAX_LENGTH: usize = 1024;
+
+/// A parameter a workflow accepts, and what its values may be.
+///
+/// Every value given by a trigger is checked before a job is created: at most `max_length`
+/// bytes (default [`DEFAULT_PARAM_MAX_LENGTH`]), no control characters, one of `choices` when
+/// set, matching `pattern` as a whole when set, and never starting with `-` unless the
+/// `pattern` admits it — so a value can never turn into an option of the command it is
+/// passed to (`git log {{rev}}` with `rev = --output=/etc/x`).
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use aiwg_core::{Parameter, Step, Workflow, ParamError};
+///
+/// let wf = Workflow::new("log")
+///     .param(Parameter::new("rev").with_default("HEAD").with_pattern(r"[A-Za-z0-9._/~^-]+"))
+///     .step(Step::command("log", "sh", ["git", "log", "-1", "{{rev}}"]));
+/// let given = |v: &str| BTreeMap::from([("rev".to_owned(), v.to_owned())]);
+/// assert_eq!(wf.resolve_params(&given("main~2")).unwrap()["rev"], "main~2");
+/// let err = wf.resolve_params(&given("--output=/tmp/x")).unwrap_err();
+/// assert!(matches!(err, ParamError::Invalid { ref name, .. } if name == "rev"));
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Parameter {
     /// Its name (`[A-Za-z_][A-Za-z0-9_-]*`).
@@ -28,7 +50,34 @@ pub struct Parameter {
     /// The value used when a trigger gives none.
     #[serde(default)]
     pub default: Option<String>,
+    /// A regular expression the whole value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// The values accepted (any, when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
+    /// The longest value accepted, in bytes (default [`DEFAULT_PARAM_MAX_LENGTH`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// `pattern`, compiled once (anchored at both ends).
+    #[serde(skip)]
+    #[schema(ignore)]
+    compiled: OnceLock<Result<regex::Regex, String>>,
 }
+
+impl PartialEq for Parameter {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.description == other.description
+            && self.required == other.required
+            && self.default == other.default
+            && self.pattern == other.pattern
+            && self.choices == other.choices
+            && self.max_length == other.max_length
+    }
+}
+
+impl Eq for Parameter {}
 
 impl Parameter {
     /// An optional parameter with no default.
@@ -39,6 +88,10 @@ impl Parameter {
             description: String::new(),
             required: false,
             default: None,
+            pattern: None,
+            choices: Vec::new(),
+            max_length: None,
+            compiled: OnceLock::new(),
         }
     }
 
@@ -61,6 +114,71 @@ impl Parameter {
     pub fn describe(mut self, text: impl Into<String>) -> Self {
         self.description = text.into();
         self
+    }
+
+    /// Values must match `pattern` as a whole.
+    #[must_use]
+    pub fn with_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.pattern = Some(pattern.into());
+        self.compiled = OnceLock::new();
+        self
+    }
+
+    /// Values must be one of `choices`.
+    #[must_use]
+    pub fn with_choices<I, S>(mut self, choices: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.choices = choices.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Values may be at most `bytes` long.
+    #[must_use]
+    pub fn with_max_length(mut self, bytes: usize) -> Self {
+        self.max_length = Some(bytes);
+        self
+    }
+
+    fn regex(&self) -> Option<&Result<regex::Regex, String>> {
+        let pattern = self.pattern.as_ref()?;
+        Some(self.compiled.get_or_init(|| {
+            regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Checks one value; the error says why it was refused (never repeating the value).
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        let max = self.max_length.unwrap_or(DEFAULT_PARAM_MAX_LENGTH);
+        if value.len() > max {
+            return Err(format!("is {} bytes long; the limit is {max}", value.len()));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err("contains a control character".into());
+        }
+        if !self.choices.is_empty() && !self.choices.iter().any(|c| c == value) {
+            return Err(format!("must be one of: {}", self.choices.join(", ")));
+        }
+        match self.regex() {
+            Some(Ok(re)) if !re.is_match(value) => {
+                Err("does not match the parameter's pattern".into())
+            }
+            Some(Err(e)) => Err(format!("has an invalid pattern: {e}")),
+            Some(Ok(_)) => Ok(()),
+            None if value.starts_with('-') => Err(
+                "starts with `-` (a value may not look like an option; set a `pattern` that admits it)"
+                    .into(),
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -256,6 +374,16 @@ impl Workflow {
             if !params.insert(p.name.as_str()) {
                 return Err(err(format!("parameter `{}` is declared twice", p.name)));
             }
+            if let Some(Err(e)) = p.regex() {
+                return Err(err(format!(
+                    "parameter `{}` has an invalid pattern: {e}",
+                    p.name
+                )));
+            }
+            if let Some(d) = &p.default {
+                p.check(d)
+                    .map_err(|why| err(format!("the default of parameter `{}` {why}", p.name)))?;
+            }
         }
         let mut earlier: HashSet<&str> = HashSet::new();
         for (i, step) in self.steps.iter().enumerate() {
@@ -338,6 +466,10 @@ impl Workflow {
         for p in &self.parameters {
             match (given.get(&p.name), &p.default) {
                 (Some(v), _) => {
+                    p.check(v).map_err(|reason| ParamError::Invalid {
+                        name: p.name.clone(),
+                        reason,
+                    })?;
                     out.insert(p.name.clone(), v.clone());
                 }
                 (None, Some(d)) => {
@@ -406,6 +538,15 @@ pub enum ParamError {
     Missing {
         /// The parameter.
         name: String,
+    },
+    /// A value the parameter does not accept (too long, not a choice, not matching its pattern,
+    /// looking like an option).
+    #[error("parameter `{name}` {reason}")]
+    Invalid {
+        /// The parameter.
+        name: String,
+        /// Why (never repeating the value).
+        reason: String,
     },
 }
 
@@ -610,6 +751,97 @@ mod tests {
         assert!(
             matches!(w.resolve_params(&given), Err(ParamError::Unknown { name, .. }) if name == "bogus")
         );
+    }
+
+    #[test]
+    fn parameter_values_are_checked() {
+        let w = Workflow::new("w")
+            .param(Parameter::new("rev").with_pattern(r"[A-Za-z0-9._/~^-]+"))
+            .param(Parameter::new("level").with_choices(["low", "high"]))
+            .param(Parameter::new("note").with_max_length(8))
+            .param(Parameter::new("free"))
+            .param(Parameter::new("flag").with_pattern("--[a-z]+"))
+            .step(Step::command("s", "sh", ["git", "log", "{{rev}}"]));
+        w.validate().unwrap();
+        let check = |name: &str, value: &str| {
+            let given = BTreeMap::from([(name.to_owned(), value.to_owned())]);
+            w.resolve_params(&given).map(|_| ()).map_err(|e| match e {
+                ParamError::Invalid { name, reason } => (name, reason),
+                other => panic!("{other}"),
+            })
+        };
+        // Accepted.
+        assert_eq!(check("rev", "main~2"), Ok(()));
+        assert_eq!(check("rev", "a-b"), Ok(()));
+        assert_eq!(check("level", "high"), Ok(()));
+        assert_eq!(check("note", "12345678"), Ok(()));
+        assert_eq!(check("free", "any text, with spaces"), Ok(()));
+        assert_eq!(
+            check("flag", "--verbose"),
+            Ok(()),
+            "a pattern may admit a dash"
+        );
+        // Refused, each with the parameter's name and a reason that does not echo the value.
+        for (name, value, why) in [
+            ("rev", "--output=/tmp/x", "pattern"),
+            ("rev", "main;rm", "pattern"),
+            ("rev", "", "pattern"),
+            ("level", "medium", "one of: low, high"),
+            ("note", "123456789", "limit is 8"),
+            ("free", "-x", "starts with `-`"),
+            ("free", "--output=/etc/passwd", "starts with `-`"),
+            ("free", "a\u{0}b", "control character"),
+            (
+                "free",
+                &"x".repeat(DEFAULT_PARAM_MAX_LENGTH + 1),
+                "limit is 1024",
+            ),
+            ("flag", "-v", "pattern"),
+        ] {
+            let (n, reason) = check(name, value).expect_err(value);
+            assert_eq!(n, name);
+            assert!(reason.contains(why), "{name}={value:?}: {reason}");
+            if value.len() > 3 {
+                assert!(!reason.contains(value), "{reason}");
+            }
+        }
+        let err = w
+            .resolve_params(&BTreeMap::from([("free".into(), "-x".into())]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("parameter `free` starts with `-`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_patterns_and_defaults_are_workflow_errors() {
+        let bad = Workflow::new("w")
+            .param(Parameter::new("p").with_pattern("("))
+            .step(Step::prompt("s", "a", "x"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("invalid pattern"));
+        let bad = Workflow::new("w")
+            .param(Parameter::new("p").with_default("-rf"))
+            .step(Step::prompt("s", "a", "x"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default of parameter `p`"));
+        let ok: Workflow = serde_norway::from_str(
+            "{ name: w, parameters: [{ name: p, pattern: '[a-z]+', choices: [a, b], max_length: 4 }], steps: [{ name: s, prompt: x }] }",
+        )
+        .unwrap();
+        assert_eq!(ok.parameters[0].choices, ["a", "b"]);
+        assert!(serde_norway::from_str::<Workflow>(
+            "{ name: w, parameters: [{ name: p, patern: x }], steps: [{ name: s, prompt: x }] }"
+        )
+        .is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Configuration: the `triggers:` section of the aiwg config file (DESIGN.md §5).
+//! Configuration: the `triggers:` section of the aiwg config file (see the README).
 //!
 //! ```yaml
 //! triggers:

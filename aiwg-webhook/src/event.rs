@@ -199,6 +199,32 @@ pub struct InboundEvent {
 }
 
 impl InboundEvent {
+    /// The de-duplication key of this event, taken from what the signature covers, so the same
+    /// signed body sent again under any delivery header starts nothing new:
+    ///
+    /// - a forge comment: its id and action (`github:comment:9001:created`), so even two
+    ///   deliveries of one comment event count once;
+    /// - Slack (`trigger_id` / `event_id`), Discord (the interaction id) and Standard Webhooks
+    ///   (`webhook-id`, part of what is signed): the delivery id, which lives in the signed
+    ///   content there;
+    /// - any other event: a hash of the signed body.
+    #[must_use]
+    pub fn replay_key(&self, body: &[u8]) -> String {
+        let p = self.platform;
+        if p.is_forge() {
+            if let Some(id) = self.reply.get("comment_id") {
+                let action = self.action.as_deref().unwrap_or("");
+                return format!("{p}:comment:{id}:{action}");
+            }
+        } else if let Some(id) = &self.delivery_id {
+            return format!("{p}:{id}");
+        }
+        use sha2::Digest;
+        format!("{p}:body:{}", hex::encode(sha2::Sha256::digest(body)))
+    }
+}
+
+impl InboundEvent {
     pub(crate) fn new(
         platform: Platform,
         kind: EventKind,

@@ -1,4 +1,4 @@
-//! The command grammar of DESIGN.md §6.
+//! The command grammar of comments and chat commands.
 //!
 //! ```text
 //! @aiwg <workflow> [--param value | --param=value]... [free text]

@@ -319,7 +319,7 @@ impl Hooks {
             Err(outcome) => return outcome,
         };
         match self.decide(setup, &event) {
-            Ok((command, origin)) => self.run(setup, &event, command, origin).await,
+            Ok((command, origin)) => self.run(setup, &event, body, command, origin).await,
             Err(outcome) => outcome,
         }
     }
@@ -405,6 +405,7 @@ impl Hooks {
         &self,
         setup: &Setup,
         event: &InboundEvent,
+        body: &[u8],
         command: Command,
         origin: Origin,
     ) -> HookOutcome {
@@ -420,10 +421,7 @@ impl Hooks {
             return HookOutcome::Ignored(r);
         }
         let workflow = command.workflow.clone();
-        let key = event
-            .delivery_id
-            .as_ref()
-            .map(|id| format!("{}:{id}", event.platform));
+        let key = Some(event.replay_key(body));
         let request = job_request(event, command, key.clone());
         self.submit_once(key, request, workflow).await
     }

@@ -50,7 +50,7 @@
 //!
 //! ## 3. Grammar
 //!
-//! Comments and chat commands go through the [`grammar`] of DESIGN.md §6:
+//! Comments and chat commands go through the [`grammar`]:
 //! `@aiwg <workflow> [--param value | --param=value]... [free text]`, with shell-style quoting
 //! (typographic quotes included) and nothing ever executed. Free text becomes `guidance`;
 //! `help` answers with the workflow list (forges: 200 `{"ignored": "help", "workflows":

@@ -26,9 +26,9 @@ const MAX_TEXT: usize = 1800;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RepliesError {
-    /// The HTTP client could not be built.
-    #[error("could not build the HTTP client: {0}")]
-    Client(String),
+    /// The HTTP client could not be built; the cause is its source.
+    #[error("could not build the HTTP client")]
+    Client(#[source] reqwest::Error),
 }
 
 /// Builds [`PlatformReplies`].
@@ -67,7 +67,7 @@ impl PlatformRepliesBuilder {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("aiwg/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| RepliesError::Client(e.to_string()))?;
+            .map_err(RepliesError::Client)?;
         Ok(PlatformReplies {
             http,
             discord_api: self.discord_api,

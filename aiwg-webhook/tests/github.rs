@@ -1,4 +1,4 @@
-//! GitHub: the PEERS.md vector, negatives, and the whole pipeline through `Hooks::handle`.
+//! GitHub: GitHub's published test vector, negatives, and the whole pipeline through `Hooks::handle`.
 
 mod common;
 
@@ -159,7 +159,10 @@ async fn comment_submits_the_expected_request() {
     assert_eq!(req.params["depth"], "2");
     assert_eq!(req.params["focus"], "auth flow");
     assert_eq!(req.guidance.as_deref(), Some("please check the tokens"));
-    assert_eq!(req.idempotency_key.as_deref(), Some("github:d-100"));
+    assert_eq!(
+        req.idempotency_key.as_deref(),
+        Some("github:comment:9001:created")
+    );
     let t = &req.trigger;
     assert_eq!(t.source, "github");
     assert_eq!(t.actor.as_deref(), Some("alice"));
@@ -188,18 +191,36 @@ async fn redelivery_returns_the_same_job_and_submits_nothing() {
         second.outcome,
         HookOutcome::Submitted { replayed: true, .. }
     ));
-    // another delivery id is a new job
-    let (sub2, _) = capturing(1);
+    // The same signed body under a fresh delivery header: still the same job, nothing new.
     let third = hooks
         .handle(
             "github",
             &signed("issue_comment", "d-other", &body),
             &body,
-            &sub2,
+            &never(),
         )
         .await;
     assert_eq!(third.status.as_u16(), 202);
-    assert_ne!(third.json().expect("json"), first.json().expect("json"));
+    assert_eq!(third.json().expect("json"), first.json().expect("json"));
+    assert!(matches!(
+        third.outcome,
+        HookOutcome::Submitted { replayed: true, .. }
+    ));
+    // Another comment (another id) is a new job.
+    let mut other: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    other["comment"]["id"] = json!(9002);
+    let other = other.to_string().into_bytes();
+    let (sub2, _) = capturing(1);
+    let fourth = hooks
+        .handle(
+            "github",
+            &signed("issue_comment", "d-other", &other),
+            &other,
+            &sub2,
+        )
+        .await;
+    assert_eq!(fourth.status.as_u16(), 202);
+    assert_ne!(fourth.json().expect("json"), first.json().expect("json"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

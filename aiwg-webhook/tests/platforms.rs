@@ -384,7 +384,7 @@ fn slack_peers_vector_and_negatives() {
 
 #[tokio::test]
 async fn slack_slash_command() {
-    // The PEERS.md request: command /webhook-collect with empty text → help, ephemeral.
+    // Slack's documented example request: command /webhook-collect with empty text → help, ephemeral.
     let hooks = slack_hooks("/webhook-collect");
     let r = hooks
         .handle(
@@ -611,6 +611,20 @@ async fn discord_ping_and_commands() {
         (r.status.as_u16(), r.json().expect("json")),
         (200, json!({ "type": 1 }))
     );
+    // A signed interaction replayed outside the ±5 minute window: 401.
+    let stale = hooks
+        .handle(
+            "discord",
+            &discord_headers(ping, "1699999000"),
+            ping,
+            &never(),
+        )
+        .await;
+    assert_eq!(stale.status.as_u16(), 401);
+    assert_eq!(
+        stale.outcome,
+        HookOutcome::Unauthorized(VerifyError::StaleTimestamp)
+    );
     // Discord's probe: a bad signature must be 401.
     let mut bad = discord_headers(ping, "1700000000");
     bad.insert("x-signature-timestamp", "1700000099".parse().expect("v"));
@@ -683,7 +697,7 @@ async fn discord_ping_and_commands() {
     let r = hooks
         .handle(
             "discord",
-            &discord_headers(text.as_bytes(), "1"),
+            &discord_headers(text.as_bytes(), "1700000000"),
             text.as_bytes(),
             &never(),
         )
@@ -696,7 +710,7 @@ async fn discord_ping_and_commands() {
     let ev = hooks
         .verify_and_parse(
             Platform::Discord,
-            &discord_headers(text.as_bytes(), "1"),
+            &discord_headers(text.as_bytes(), "1700000000"),
             text.as_bytes(),
         )
         .expect("parses");
@@ -716,7 +730,11 @@ async fn discord_bad_public_key_fails_the_build() {
     assert!(matches!(err, BuildError::InvalidKey { ref key, .. } if key == "discord.public_key"));
     // Empty key: builds, refuses everything.
     let hooks = hooks("discord: { public_key: \"\" }");
-    let r = hooks.verify_and_parse(Platform::Discord, &discord_headers(b"{}", "1"), b"{}");
+    let r = hooks.verify_and_parse(
+        Platform::Discord,
+        &discord_headers(b"{}", "1700000000"),
+        b"{}",
+    );
     assert_eq!(
         r.err(),
         Some(HookOutcome::Unauthorized(VerifyError::NotConfigured))
@@ -750,6 +768,9 @@ async fn gitea_and_forgejo() {
             (event_header, "issue_comment"),
             (delivery_header, sig_header),
         ]);
+        // A fresh store per header flavour: the second is the same signed comment, which one
+        // store would (rightly) take for a replay.
+        let hooks = hooks_clone_fresh(&hooks);
         let (sub, seen) = capturing(1);
         let r = hooks.handle("forgejo", &h, body.as_bytes(), &sub).await;
         assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);

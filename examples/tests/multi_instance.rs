@@ -362,8 +362,10 @@ async fn five_thousand_jobs_across_two_instances_each_end_exactly_once() {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(res.status().as_u16(), 200);
-                docs.push(res.json::<Value>().await.unwrap());
+                let status = res.status().as_u16();
+                let doc = res.json::<Value>().await.unwrap();
+                assert_eq!(status, 200, "{doc}");
+                docs.push(doc);
             }
         }));
     }

@@ -197,3 +197,109 @@ fn a_config_error_names_the_key_and_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("engine.workers"), "{err}");
 }
+
+/// A parameter value that looks like an option never reaches the command: `git log -1
+/// {{rev}}` with `rev = --output=<file>` is refused with 400 `invalid-params` naming `rev`, and
+/// the file is not written; a value the parameter's pattern admits runs.
+#[tokio::test]
+async fn flag_like_parameter_values_are_refused_naming_the_parameter() {
+    let dir = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let ok = Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["commit", "-q", "--allow-empty", "-m", "first"]);
+    let config = format!(
+        r#"
+server: {{ bind: "127.0.0.1:0" }}
+projects: {{ root: "{}" }}
+agents:
+  sh: {{ kind: command }}
+workflows:
+  log:
+    parameters:
+      - {{ name: rev, default: HEAD }}
+      - {{ name: level, choices: [low, high], default: low }}
+      - {{ name: path, pattern: "[a-z/]+", default: src }}
+    steps:
+      - {{ name: log, agent: sh, command: ["git", "log", "-1", "--format=%s", "{{{{rev}}}}"] }}
+"#,
+        dir.path().display()
+    );
+    let server = start(env!("CARGO_BIN_EXE_server"), &config, dir.path());
+    let http = reqwest::Client::new();
+    let target = dir.path().join("written-by-git");
+    let trigger = |params: Value| {
+        http.post(format!("{}/workflows/trigger", server.base))
+            .bearer_auth(KEY)
+            .json(&json!({"workflow": "log", "params": params, "async": false}))
+            .send()
+    };
+    for (params, name, why) in [
+        (
+            json!({"rev": format!("--output={}", target.display())}),
+            "rev",
+            "starts with `-`",
+        ),
+        (json!({"level": "medium"}), "level", "one of: low, high"),
+        (json!({"path": "../etc"}), "path", "pattern"),
+        (json!({"rev": "x".repeat(2000)}), "rev", "limit is 1024"),
+    ] {
+        let res = trigger(params.clone()).await.unwrap();
+        assert_eq!(res.status().as_u16(), 400, "{params}");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(
+            problem["type"], "urn:aiwg:problem:invalid-params",
+            "{problem}"
+        );
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(&format!("`{name}`")), "{detail}");
+        assert!(detail.contains(why), "{detail}");
+    }
+    assert!(!target.exists(), "git wrote the file named by a parameter");
+    let doc: Value = trigger(json!({"rev": "HEAD"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["status"], "completed", "{doc}");
+    assert_eq!(doc["result"]["summary"].as_str().unwrap().trim(), "first");
+}
+
+/// An unknown key anywhere, including the sections other crates own, is refused naming it.
+#[test]
+fn unknown_config_keys_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, key) in [
+        ("engine: { workerz: 2 }\n", "engine.workerz"),
+        ("triggers: { github: { secrett: x } }\n", "triggers.github.secrett"),
+        ("triggers: { gitlabb: {} }\n", "triggers.gitlabb"),
+        (
+            "workflows: { w: { steps: [{ name: s, command: [x] }], parameters: [{ name: p, patern: x }] } }\n",
+            "workflows.w.parameters[0].patern",
+        ),
+    ] {
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_server"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{yaml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
+        assert!(err.contains("unknown key"), "{yaml}: {err}");
+    }
+}

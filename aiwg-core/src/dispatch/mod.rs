@@ -11,7 +11,7 @@
 //! # 1. Build and start a dispatcher
 //!
 //! [`Dispatcher::builder`] gives a `#[must_use]` builder; every setting has the default of
-//! DESIGN §4 (10 workers, connect 5 s / total 15 s, the `long` retry schedule, 256 KiB payload
+//! the contract (10 workers, connect 5 s / total 15 s, the `long` retry schedule, 256 KiB payload
 //! cap, private targets refused). [`Dispatcher::start`] spawns the worker pool on the current
 //! tokio runtime and [`Dispatcher::shutdown`] stops it. The handle is a cheap `Clone`.
 //!

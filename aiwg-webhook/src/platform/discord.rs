@@ -41,6 +41,22 @@ pub fn verify(key: &VerifyingKey, headers: &HeaderMap, body: &[u8]) -> Result<()
         .map_err(|_| VerifyError::Mismatch)
 }
 
+/// [`verify`], and the signed timestamp within
+/// [`TIMESTAMP_TOLERANCE_SECS`](super::TIMESTAMP_TOLERANCE_SECS) of `now` (Unix seconds), both
+/// ways, as for Slack: an old signed interaction replayed later is refused.
+pub fn verify_at(
+    key: &VerifyingKey,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(), VerifyError> {
+    verify(key, headers, body)?;
+    let ts: i64 = required(headers, "x-signature-timestamp")?
+        .parse()
+        .map_err(|_| VerifyError::MalformedHeader("x-signature-timestamp"))?;
+    super::check_window(ts, now)
+}
+
 #[derive(Deserialize)]
 struct Interaction {
     #[serde(rename = "type")]
@@ -219,9 +235,9 @@ impl super::Endpoint for Discord {
     fn platform(&self) -> Platform {
         Platform::Discord
     }
-    fn verify(&self, headers: &HeaderMap, body: &[u8], _now: i64) -> Result<(), VerifyError> {
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), VerifyError> {
         match &self.key {
-            Some(key) => verify(key, headers, body),
+            Some(key) => verify_at(key, headers, body, now),
             None => Err(VerifyError::NotConfigured),
         }
     }

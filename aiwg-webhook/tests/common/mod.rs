@@ -50,6 +50,14 @@ pub fn hooks_at(yaml: &str, now: i64) -> TestHooks {
     }
 }
 
+/// The same configuration and clock with an empty delivery store.
+pub fn hooks_clone_fresh(h: &TestHooks) -> TestHooks {
+    TestHooks {
+        store: Arc::new(MemoryDeliveryStore::new()),
+        ..h.clone()
+    }
+}
+
 /// A `triggers:` configuration, a clock and a delivery store.
 #[derive(Clone)]
 pub struct TestHooks {
