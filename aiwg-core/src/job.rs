@@ -261,9 +261,61 @@ pub struct TriggerInfo {
     /// Issue number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issue: Option<u64>,
-    /// Anything else the trigger wants to keep (`head_sha`, `response_url`, …).
+    /// Anything else the trigger wants to keep and show (`head_sha`, `comment_id`, …). Never
+    /// a capability: those go to [`Job::reply_credentials`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
+}
+
+/// What lets its holder act as the bot on a platform (a Slack `response_url`, a Discord
+/// interaction token, a forge token): kept with the job, privately, for the job's own replies.
+///
+/// The store persists them with the job (a reply may be sent by another instance), but they
+/// are never part of a status document, a job list, an SSE event, an outbound webhook payload,
+/// a log line or an error: nothing renders a job's capabilities, and their `Debug` shows only
+/// their names.
+///
+/// ```
+/// use aiwg_core::ReplyCredentials;
+/// let mut caps = ReplyCredentials::default();
+/// caps.insert("slack_response_url", "https://hooks.slack.com/commands/T/1/secret");
+/// assert_eq!(caps.get("slack_response_url"), Some("https://hooks.slack.com/commands/T/1/secret"));
+/// assert!(!format!("{caps:?}").contains("secret"));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReplyCredentials(BTreeMap<String, String>);
+
+impl ReplyCredentials {
+    /// Keeps `value` under `name`.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    /// The capability called `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Their names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+impl fmt::Debug for ReplyCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ReplyCredentials")
+            .field(&self.0.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl TriggerInfo {
@@ -399,6 +451,9 @@ pub struct Job {
     pub cancel_requested: bool,
     /// The idempotency key it was created with.
     pub idempotency_key: Option<String>,
+    /// What lets the job reply as the bot (never shown; see [`ReplyCredentials`]).
+    #[serde(default, skip_serializing_if = "ReplyCredentials::is_empty")]
+    pub reply_credentials: ReplyCredentials,
 }
 
 impl Job {

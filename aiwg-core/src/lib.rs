@@ -99,7 +99,8 @@ pub use executor::{
     Executor, ExecutorError, ExecutorRegistry, Health, LogStream, RequestError, Usage,
 };
 pub use job::{
-    Job, JobError, JobId, JobResult, JobStatus, Progress, StatusChange, StepResult, TriggerInfo,
+    Job, JobError, JobId, JobResult, JobStatus, Progress, ReplyCredentials, StatusChange,
+    StepResult, TriggerInfo,
 };
 pub use policy::{PolicyError, ProjectPolicy};
 pub use request::JobRequest;

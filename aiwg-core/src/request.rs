@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::TriggerInfo;
+use crate::job::{ReplyCredentials, TriggerInfo};
 
 /// A request to run a workflow. The HTTP API, the platform webhooks and host code all submit
 /// one of these to [`Engine::submit`](crate::Engine::submit).
@@ -27,6 +27,10 @@ pub struct JobRequest {
     pub idempotency_key: Option<String>,
     /// What started it.
     pub trigger: TriggerInfo,
+    /// What lets the job reply as the bot (set by platform hooks; never deserialized from a
+    /// request body, never shown). See [`ReplyCredentials`].
+    #[serde(skip)]
+    pub reply_credentials: ReplyCredentials,
 }
 
 impl JobRequest {
@@ -65,6 +69,14 @@ impl JobRequest {
     #[must_use]
     pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.params.insert(name.into(), value.into());
+        self
+    }
+
+    /// Keeps a reply credential (a Slack `response_url`, a Discord interaction token) with the
+    /// job, privately.
+    #[must_use]
+    pub fn reply_credential(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.reply_credentials.insert(name, value);
         self
     }
 

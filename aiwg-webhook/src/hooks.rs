@@ -570,6 +570,13 @@ fn job_request(event: &InboundEvent, command: Command, key: Option<String>) -> J
     if !event.labels.is_empty() {
         extra.insert("labels".to_owned(), event.labels.join(","));
     }
+    // What lets its holder post as the bot stays private to the job.
+    let mut credentials = aiwg_core::ReplyCredentials::default();
+    for name in REPLY_CREDENTIALS {
+        if let Some(value) = extra.remove(*name) {
+            credentials.insert(*name, value);
+        }
+    }
     trigger.extra = extra;
     let project = if event.platform.is_forge() {
         trigger.repo.clone()
@@ -581,8 +588,13 @@ fn job_request(event: &InboundEvent, command: Command, key: Option<String>) -> J
     request.guidance = command.guidance;
     request.project = project;
     request.idempotency_key = key;
+    request.reply_credentials = credentials;
     request
 }
+
+/// The reply handles that let their holder act as the bot: kept in the job's
+/// [`ReplyCredentials`](aiwg_core::ReplyCredentials), never in `trigger.extra`.
+pub(crate) const REPLY_CREDENTIALS: &[&str] = &["slack_response_url", "discord_token"];
 
 #[async_trait]
 impl HookHandler for Hooks {

@@ -111,6 +111,8 @@ impl PlatformReplies {
                 tracing::warn!(job = %job.id, platform, status = res.status().as_u16(), "the platform refused the job's reply")
             }
             Err(e) => {
+                // The URL is a capability (Slack response_url, Discord token): never logged.
+                let e = e.without_url();
                 tracing::warn!(job = %job.id, platform, error = %e, "could not send the job's reply")
             }
         }
@@ -147,11 +149,12 @@ impl JobObserver for PlatformReplies {
             return;
         }
         let extra = &job.trigger.extra;
+        let credentials = &job.reply_credentials;
         match job.trigger.source.as_str() {
             "discord" => {
                 let (Some(app), Some(token)) = (
                     extra.get("discord_application_id"),
-                    extra.get("discord_token"),
+                    credentials.get("discord_token"),
                 ) else {
                     return;
                 };
@@ -166,7 +169,7 @@ impl JobObserver for PlatformReplies {
                 self.send(req, job, "discord").await;
             }
             "slack" => {
-                let Some(url) = extra
+                let Some(url) = credentials
                     .get("slack_response_url")
                     .and_then(|u| reqwest::Url::parse(u).ok())
                 else {

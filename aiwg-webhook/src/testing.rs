@@ -129,11 +129,13 @@ pub async fn hooks_suite(server: &dyn Serve) {
     discord(server).await;
 }
 
+/// A comment event; like on GitHub, each comment (text) has its own id.
 fn github_comment(text: &str) -> Vec<u8> {
+    let id = 9000 + text.bytes().map(u64::from).sum::<u64>();
     json!({
         "action": "created",
         "issue": { "number": 42, "pull_request": { "url": "https://api.github.com/repos/octo/app/pulls/42" } },
-        "comment": { "id": 9001, "body": text, "user": { "login": "bob", "type": "User" }, "author_association": "MEMBER" },
+        "comment": { "id": id, "body": text, "user": { "login": "bob", "type": "User" }, "author_association": "MEMBER" },
         "repository": { "full_name": "octo/app", "clone_url": "https://github.com/octo/app.git", "default_branch": "main" },
         "sender": { "login": "bob", "type": "User" }
     })
@@ -333,6 +335,44 @@ async fn slack(server: &dyn Serve) {
     let job = completed(&setup.engine, &job[0].id.to_string()).await;
     assert_eq!(job.trigger.source, "slack");
     assert_eq!(job.params["who"], "slack");
+    // The response_url lets its holder post as the bot: it is kept with the job for the reply
+    // and shown nowhere, not to a reader's key, not in the event stream, not to subscribers.
+    let capability = "hooks.slack.com/commands/T1/1/x";
+    assert_eq!(
+        job.reply_credentials.get("slack_response_url"),
+        Some("https://hooks.slack.com/commands/T1/1/x")
+    );
+    let id = job.id.to_string();
+    for path in [
+        format!("/workflows/{id}/status"),
+        "/jobs".to_owned(),
+        format!("/workflows/{id}/events"),
+    ] {
+        let res = c
+            .get(format!("{}{path}", s.base_url))
+            .bearer_auth(READ_KEY)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status().as_u16(), 200, "{path}");
+        let text = res.text().await.expect("body");
+        assert!(text.contains(&id), "{path}: {text}");
+        assert!(
+            !text.contains(capability),
+            "{path} shows the response_url: {text}"
+        );
+    }
+    let events: Vec<_> = futures_util::StreamExt::collect(
+        setup.engine.subscribe(job.id, 0).await.expect("subscribe"),
+    )
+    .await;
+    assert!(events.len() >= 2);
+    for event in events {
+        if let Some(out) = aiwg_core::dispatch::outbound_event(&job, &event) {
+            let payload = out.body();
+            assert!(!payload.contains(capability), "{payload}");
+        }
+    }
     // Stale timestamps and bad signatures are refused.
     let (status, _, _) = post(
         &c,

@@ -448,8 +448,12 @@ async fn slack_slash_command() {
     assert_eq!(req.guidance.as_deref(), Some("the login bug"));
     assert_eq!(req.trigger.actor.as_deref(), Some("U2CERLKJA"));
     assert_eq!(
-        req.trigger.extra["slack_response_url"],
-        "https://hooks.slack.com/commands/T1DC2JH3J/397700885554/96rGlfmibIGlgcZRskXaIFfN"
+        req.reply_credentials.get("slack_response_url"),
+        Some("https://hooks.slack.com/commands/T1DC2JH3J/397700885554/96rGlfmibIGlgcZRskXaIFfN")
+    );
+    assert!(
+        !req.trigger.extra.contains_key("slack_response_url"),
+        "a capability is never public trigger data"
     );
     assert_eq!(
         req.trigger.delivery_id.as_deref(),
@@ -663,7 +667,11 @@ async fn discord_ping_and_commands() {
     assert_eq!(req.project.as_deref(), Some("octo/app"));
     assert_eq!(req.guidance.as_deref(), Some("be thorough"));
     assert_eq!(req.trigger.actor.as_deref(), Some("77"));
-    assert_eq!(req.trigger.extra["discord_token"], "interaction-token");
+    assert_eq!(
+        req.reply_credentials.get("discord_token"),
+        Some("interaction-token")
+    );
+    assert!(!req.trigger.extra.contains_key("discord_token"));
     assert_eq!(req.trigger.extra["discord_application_id"], "2200");
     assert_eq!(req.trigger.delivery_id.as_deref(), Some("1100"));
 

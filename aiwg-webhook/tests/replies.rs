@@ -48,12 +48,19 @@ fn engine(replies: PlatformReplies, fail: bool) -> Engine {
         .unwrap()
 }
 
-fn trigger(source: &str, extra: &[(&str, String)]) -> TriggerInfo {
+/// A request from `source` with these reply handles: the credentials (`slack_response_url`,
+/// `discord_token`) privately, the rest in `trigger.extra`, as the platform hooks keep them.
+fn request(source: &str, handles: &[(&str, String)]) -> JobRequest {
     let mut t = TriggerInfo::new(source);
-    for (k, v) in extra {
-        t.extra.insert((*k).to_owned(), v.clone());
+    let mut r = JobRequest::new("check");
+    for (k, v) in handles {
+        if matches!(*k, "slack_response_url" | "discord_token") {
+            r = r.reply_credential(*k, v.clone());
+        } else {
+            t.extra.insert((*k).to_owned(), v.clone());
+        }
     }
-    t
+    r.trigger(t)
 }
 
 async fn next(
@@ -73,17 +80,14 @@ async fn discord_commands_get_their_deferred_message_edited() {
         .build()
         .unwrap();
     let engine = engine(replies, false);
-    let t = trigger(
+    let t = request(
         "discord",
         &[
             ("discord_application_id", "2200".into()),
             ("discord_token", "tok-1".into()),
         ],
     );
-    let job = engine
-        .submit(JobRequest::new("check").trigger(t))
-        .await
-        .unwrap();
+    let job = engine.submit(t).await.unwrap();
     let (method, path, body) = next(&mut rx).await;
     assert_eq!(method, Method::PATCH);
     assert_eq!(path, "/api/webhooks/2200/tok-1/messages/@original");
@@ -105,14 +109,11 @@ async fn slack_commands_get_an_ephemeral_message_with_the_error() {
         .build()
         .unwrap();
     let engine = engine(replies, true);
-    let t = trigger(
+    let t = request(
         "slack",
         &[("slack_response_url", format!("{base}/commands/T1/1/x"))],
     );
-    engine
-        .submit(JobRequest::new("check").trigger(t))
-        .await
-        .unwrap();
+    engine.submit(t).await.unwrap();
     let (method, path, body) = next(&mut rx).await;
     assert_eq!((method, path.as_str()), (Method::POST, "/commands/T1/1/x"));
     assert_eq!(body["response_type"], "ephemeral");
@@ -140,26 +141,20 @@ async fn a_slack_response_url_outside_the_allowed_hosts_is_not_called() {
         .workers(1)
         .build()
         .unwrap();
-    let slack = trigger("slack", &[("slack_response_url", format!("{base}/evil"))]);
-    let first = engine
-        .submit(JobRequest::new("check").trigger(slack))
-        .await
-        .unwrap();
+    let slack = request("slack", &[("slack_response_url", format!("{base}/evil"))]);
+    let first = engine.submit(slack).await.unwrap();
     engine
         .wait(first.id, Duration::from_secs(20))
         .await
         .unwrap();
-    let discord = trigger(
+    let discord = request(
         "discord",
         &[
             ("discord_application_id", "1".into()),
             ("discord_token", "t".into()),
         ],
     );
-    engine
-        .submit(JobRequest::new("check").trigger(discord))
-        .await
-        .unwrap();
+    engine.submit(discord).await.unwrap();
     let (_, path, _) = next(&mut rx).await;
     assert_eq!(
         path, "/api/webhooks/1/t/messages/@original",

@@ -599,6 +599,7 @@ impl Engine {
             }],
             cancel_requested: false,
             idempotency_key: request.idempotency_key,
+            reply_credentials: request.reply_credentials,
         };
         let new = NewJob::new(job)
             .fingerprint(fingerprint)

@@ -44,6 +44,7 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
         }],
         cancel_requested: false,
         idempotency_key: None,
+        reply_credentials: Default::default(),
     }
 }
 

@@ -110,6 +110,7 @@ pub struct Req {
     /// The project the mapping resolved, relative to the test root (`octo/app`).
     pub project: Option<String>,
     pub idempotency_key: Option<String>,
+    pub reply_credentials: aiwg_core::ReplyCredentials,
 }
 
 /// The jobs an engine accepted, in order.
@@ -157,6 +158,7 @@ impl JobObserver for JobCapture {
             trigger: job.trigger.clone(),
             project,
             idempotency_key: job.idempotency_key.clone(),
+            reply_credentials: job.reply_credentials.clone(),
         });
         if let Some(gate) = &self.gate {
             gate.calls.fetch_add(1, Ordering::SeqCst);
