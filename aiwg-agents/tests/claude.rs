@@ -327,3 +327,34 @@ async fn health_reports_a_missing_binary() {
         assert!(ok.health().await.healthy);
     }
 }
+
+#[tokio::test]
+async fn a_prompt_larger_than_argv_allows_reaches_the_model_through_stdin() {
+    let Some(s) = setup(vec![Reply::text("read it all")]).await else {
+        return;
+    };
+    // 300 KiB, more than Linux accepts as one argument (128 KiB); starts with a dash and ends
+    // with a marker so that the model's copy can be checked whole.
+    let mut prompt = String::from("--not-an-option ");
+    while prompt.len() < 300 * 1024 {
+        prompt.push_str("all work and no play makes jack a dull boy. ");
+    }
+    prompt.push_str("END-OF-THE-LONG-PROMPT");
+    assert!(prompt.len() > aiwg_agents::MAX_ARGV_PROMPT);
+    let exec = s.builder().build().unwrap();
+    let (res, _) = run(&exec, AgentRequest::new(prompt.clone(), s.dir())).await;
+    assert_eq!(res.unwrap().output, "read it all");
+    let turns = s.fake.turns();
+    assert_eq!(turns.len(), 1);
+    let body = turns[0].body["messages"].to_string();
+    assert!(
+        body.contains("END-OF-THE-LONG-PROMPT"),
+        "the end of the prompt is missing"
+    );
+    assert!(body.contains("--not-an-option all work"));
+    let expected = serde_json::to_string(&prompt).unwrap();
+    assert!(
+        body.contains(expected.trim_matches('"')),
+        "the prompt did not arrive whole"
+    );
+}
