@@ -480,10 +480,10 @@ pub(crate) async fn run(
                 }
             }
             st = spawned.child.wait(), if status.is_none() => {
-                // Before the child is reaped its pid (and so its process group) cannot be
-                // reused; scan once more while that holds.
-                spawned.tree.scan().await;
+                // Reaped: from now on the root's group id is trusted only while a verified
+                // member holds it (recorded before any await, so a drop cannot act on it).
                 spawned.tree.reaped();
+                spawned.tree.scan().await;
                 status = Some(st.map_err(|e| ExecutorError::from(AgentError::Wait(e)))?);
                 exited_at = Some(Instant::now());
             }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aiwg_agents::testing::{FakeAnthropic, Reply};
-use aiwg_agents::{ClaudeCode, CommandExecutor, ProcessOptions, Sandbox};
+use aiwg_agents::{ClaudeCode, CommandExecutor, OpenCodeServer, ProcessOptions, Sandbox};
 use aiwg_core::{AgentRequest, EventSink, Executor};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -189,8 +189,13 @@ async fn sandboxed_claude_code_sees_nothing_and_writes_only_the_project() {
     // The tool's output went back to the model with the second turn.
     let turns = fake.turns();
     assert_eq!(turns.len(), 2);
-    let messages = &turns[1].body["messages"];
-    let report: String = messages
+    let report = tool_results(&turns[1].body);
+    check(&report, project.path(), &marker);
+}
+
+/// The text of every `tool_result` in a Messages API request body.
+fn tool_results(body: &serde_json::Value) -> String {
+    body["messages"]
         .as_array()
         .unwrap()
         .iter()
@@ -209,6 +214,88 @@ async fn sandboxed_claude_code_sees_nothing_and_writes_only_the_project() {
                 })
                 .unwrap_or_default(),
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_sandboxed_opencode_server_sees_nothing_and_writes_only_the_project() {
+    if !common::bwrap() {
+        return;
+    }
+    let Some(bin) = common::peer("AIWG_TEST_OPENCODE") else {
+        return;
+    };
+    std::env::set_var(SECRET.0, SECRET.1);
+    let project = tempfile::tempdir().unwrap();
+    let marker = format!("opencode-{}", std::process::id());
+    let fake = FakeAnthropic::start([
+        Reply::tool_use(
+            "bash",
+            json!({"command": probe(project.path(), &marker), "description": "probe"}),
+        ),
+        Reply::text("probed"),
+    ])
+    .await
+    .unwrap();
+    // opencode asks before a command touches paths outside the project: allow it here, the
+    // sandbox is what says no.
+    let mut oc_config = fake.opencode_config();
+    oc_config["permission"] =
+        json!({"bash": "allow", "external_directory": "allow", "edit": "allow"});
+    std::fs::write(
+        project.path().join("opencode.json"),
+        serde_json::to_vec_pretty(&oc_config).unwrap(),
+    )
+    .unwrap();
+    // HOME (and so every XDG directory) is the sandbox's temporary one.
+    let server = OpenCodeServer::builder(project.path())
+        .binary(bin)
+        .startup_timeout(LIMIT)
+        .process(
+            ProcessOptions::new()
+                .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+                .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+                .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+                .env("OPENCODE_DISABLE_SHARE", "1")
+                .sandbox(Sandbox::Bwrap),
+        )
+        .start()
+        .await
+        .unwrap();
+    let exec = server.client().build().unwrap();
+    let res = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("probe the sandbox", project.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        let reqs: Vec<String> = fake
+            .requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} scripted={} {}",
+                    r.method,
+                    r.path,
+                    r.scripted,
+                    tool_results(&r.body).chars().take(3000).collect::<String>()
+                )
+            })
+            .collect();
+        panic!("opencode did not finish in time; the model saw: {reqs:#?}")
+    })
+    .unwrap();
+    assert_eq!(res.output, "probed");
+    let turns = fake.turns();
+    let report = tool_results(&turns.last().unwrap().body);
+    let pid = server.pid().unwrap() as i32;
+    server.shutdown().await;
+    assert!(!aiwg_agents::process_alive(pid));
+    // The home directory is removed with the server, so check it after the shutdown.
     check(&report, project.path(), &marker);
 }
