@@ -14,6 +14,8 @@
 //!   claude: { kind: claude-code, path: claude, model: sonnet, permission_mode: acceptEdits,
 //!             max_turns: 30, pass_env: [ANTHROPIC_API_KEY], sandbox: bwrap }
 //!   oc:     { kind: opencode, url: "http://127.0.0.1:4096", password: "${OPENCODE_SERVER_PASSWORD}" }
+//!   local:  { kind: opencode, model: anthropic/claude-sonnet-4-5,
+//!             serve: { dir: /srv/app, sandbox: bwrap, pass_env: [ANTHROPIC_API_KEY] } }
 //!   both:   { kind: pool, strategy: least-connections, members: [claude, { agent: oc, weight: 2 }] }
 //! ```
 //!
@@ -47,8 +49,8 @@ use serde_json::{Map, Value};
 
 use crate::process::find_program;
 use crate::{
-    ClaudeCode, CommandExecutor, ConfigError, OpenCode, Pool, ProcessOptions, ResourceLimits,
-    Sandbox, Strategy,
+    ClaudeCode, CommandExecutor, ConfigError, OpenCode, OpenCodeBuilder, OpenCodeServer, Pool,
+    ProcessOptions, ResourceLimits, Sandbox, Strategy,
 };
 
 /// A duration: `"30s"`, `"5m"`, `"1h 30m"` (humantime) or whole seconds.
@@ -223,7 +225,27 @@ pub struct ClaudeCodeConfig {
     pub mcp_config: Option<String>,
 }
 
-/// `kind: opencode`: a client of an `opencode serve` server.
+/// `serve:` of an `opencode` agent: aiwg starts `opencode serve` itself, supervises it (the
+/// [`ProcessConfig`] keys sit next to these, `sandbox` among them) and talks to it; the server
+/// is killed with the agent. Needs [`AgentsConfig::start`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServeConfig {
+    /// The `opencode` binary (default: `AIWG_OPENCODE_PATH`, else `opencode` on `PATH`). When it
+    /// is not found the agent is skipped, not an error.
+    pub binary: Option<String>,
+    /// The server's working directory, where it reads `opencode.json` (required).
+    pub dir: PathBuf,
+    /// The port (default: any free one).
+    pub port: Option<u16>,
+    /// How long the server may take to answer.
+    #[serde(default, deserialize_with = "duration")]
+    pub startup_timeout: Option<Duration>,
+}
+
+/// `kind: opencode`: a client of an `opencode serve` server, which aiwg starts itself when the
+/// entry has a `serve:` section ([`ServeConfig`]).
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -328,8 +350,8 @@ pub enum AgentConfig {
     Command(CommandConfig, ProcessConfig),
     /// `kind: claude-code`.
     ClaudeCode(ClaudeCodeConfig, ProcessConfig),
-    /// `kind: opencode`.
-    OpenCode(OpenCodeConfig),
+    /// `kind: opencode`, with its `serve:` section if it has one.
+    OpenCode(OpenCodeConfig, Option<(ServeConfig, ProcessConfig)>),
     /// `kind: pool`.
     Pool(PoolConfig),
 }
@@ -341,7 +363,7 @@ impl AgentConfig {
         match self {
             AgentConfig::Command(..) => "command",
             AgentConfig::ClaudeCode(..) => "claude-code",
-            AgentConfig::OpenCode(_) => "opencode",
+            AgentConfig::OpenCode(..) => "opencode",
             AgentConfig::Pool(_) => "pool",
         }
     }
@@ -379,8 +401,32 @@ impl AgentConfig {
                 AgentConfig::ClaudeCode(read(rest, &at)?, p)
             }
             "opencode" => {
+                let serve = map.remove("serve");
                 let (_, rest) = split(map, field_names::<OpenCodeConfig>(), &[], &at)?;
-                AgentConfig::OpenCode(read(rest, &at)?)
+                let client: OpenCodeConfig = read(rest, &at)?;
+                let serve = match serve {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(m)) => {
+                        let at = format!("{at}.serve");
+                        if client.url.as_deref().is_some_and(|u| !u.is_empty()) {
+                            return Err(ConfigError::new(
+                                at.clone(),
+                                "give either `url` (a running server) or `serve` (aiwg starts one)",
+                            ));
+                        }
+                        let (process, own) = split(
+                            m,
+                            field_names::<ServeConfig>(),
+                            field_names::<ProcessConfig>(),
+                            &at,
+                        )?;
+                        Some((read(own, &at)?, read(process, &at)?))
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::new(format!("{at}.serve"), "must be a mapping"))
+                    }
+                };
+                AgentConfig::OpenCode(client, serve)
             }
             "pool" => {
                 let (_, rest) = split(map, field_names::<PoolConfig>(), &[], &at)?;
@@ -434,6 +480,11 @@ fn read<T: DeserializeOwned>(value: Value, at: &str) -> Result<T, ConfigError> {
         } else {
             format!("{at}.{path}")
         };
+        if let Some(rest) = message.strip_prefix("missing field `") {
+            if let Some(name) = rest.split('`').next() {
+                return ConfigError::new(format!("{key}.{name}"), "missing").with_source(inner);
+            }
+        }
         if let Some(rest) = message.strip_prefix("unknown field `") {
             // The path already ends with the key; make sure it does.
             if let Some(name) = rest.split('`').next() {
@@ -555,8 +606,71 @@ impl AgentsConfig {
     /// Builds every agent: the others first, then the pools (whose members must be agents of
     /// this configuration). A `claude-code` agent whose binary is missing is skipped with the
     /// reason, and so is a pool with a skipped member; everything else wrong is an error naming
-    /// the key (`agents.sbx.sandbox` when `bwrap` is not installed, …).
+    /// the key (`agents.sbx.sandbox` when `bwrap` is not installed, …). An `opencode` agent with
+    /// `serve:` needs [`start`](Self::start) instead.
     pub fn build(&self) -> Result<BuiltAgents, ConfigError> {
+        self.assemble(BTreeMap::new(), Vec::new())
+    }
+
+    /// Like [`build`](Self::build), and first starts the `opencode serve` servers of the
+    /// `opencode` agents that have a `serve:` section (skipped with the reason when the binary
+    /// is missing). A server that does not come up is an error at `agents.<name>.serve`; the
+    /// servers already started are stopped again when building fails.
+    pub async fn start(&self) -> Result<BuiltAgents, ConfigError> {
+        let mut started = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (name, cfg) in &self.agents {
+            let AgentConfig::OpenCode(client, Some((serve, process))) = cfg else {
+                continue;
+            };
+            let at = format!("agents.{name}.serve");
+            let binary = serve
+                .binary
+                .clone()
+                .filter(|b| !b.is_empty())
+                .or_else(|| {
+                    std::env::var(crate::OPENCODE_PATH_ENV)
+                        .ok()
+                        .filter(|b| !b.is_empty())
+                })
+                .unwrap_or_else(|| "opencode".to_owned());
+            let Some(binary) = find_program(&binary) else {
+                skipped.push((
+                    name.clone(),
+                    format!("agent `{name}` (opencode) skipped: `{binary}` was not found (set AIWG_OPENCODE_PATH)"),
+                ));
+                continue;
+            };
+            let mut b = OpenCodeServer::builder(&serve.dir)
+                .binary(binary)
+                .process(process.options());
+            if let Some(p) = serve.port {
+                b = b.port(p);
+            }
+            if let Some(t) = serve.startup_timeout {
+                b = b.startup_timeout(t);
+            }
+            if let Some(p) = client.password.as_deref().filter(|p| !p.is_empty()) {
+                b = b.password(p);
+            }
+            let server = b.start().await.map_err(|e| match e {
+                crate::AgentError::Config(c) => c.within(&at),
+                other => {
+                    ConfigError::new(at.clone(), "the server did not start").with_source(other)
+                }
+            })?;
+            let exec = opencode(client, server.into_client())
+                .map_err(|e| e.within(&format!("agents.{name}")))?;
+            started.insert(name.clone(), Arc::new(exec) as Arc<dyn Executor>);
+        }
+        self.assemble(started, skipped)
+    }
+
+    fn assemble(
+        &self,
+        mut started: BTreeMap<String, Arc<dyn Executor>>,
+        pre_skipped: Vec<(String, String)>,
+    ) -> Result<BuiltAgents, ConfigError> {
         let mut executors: Vec<(String, Arc<dyn Executor>)> = Vec::new();
         let mut skipped = Vec::new();
         let mut skipped_names: Vec<&str> = Vec::new();
@@ -595,7 +709,31 @@ impl AgentsConfig {
                     };
                     Arc::new(claude(c, binary, p.options()).map_err(|e| e.within(&at))?)
                 }
-                AgentConfig::OpenCode(c) => Arc::new(opencode(c).map_err(|e| e.within(&at))?),
+                AgentConfig::OpenCode(_, Some(_)) => {
+                    if let Some((_, reason)) = pre_skipped.iter().find(|(n, _)| n == name) {
+                        skipped.push(reason.clone());
+                        skipped_names.push(name);
+                        continue;
+                    }
+                    started.remove(name).ok_or_else(|| {
+                        ConfigError::new(
+                            format!("{at}.serve"),
+                            "a supervised server is started by `AgentsConfig::start`, not `build`",
+                        )
+                    })?
+                }
+                AgentConfig::OpenCode(c, None) => {
+                    let url = c
+                        .url
+                        .as_deref()
+                        .filter(|u| !u.is_empty())
+                        .unwrap_or("http://127.0.0.1:4096");
+                    let mut b = OpenCode::builder(url);
+                    if let Some(p) = &c.password {
+                        b = b.password(p.clone());
+                    }
+                    Arc::new(opencode(c, b).map_err(|e| e.within(&at))?)
+                }
                 AgentConfig::Pool(c) => {
                     let mut b = Pool::builder().strategy(match c.strategy {
                         StrategyConfig::RoundRobin => Strategy::RoundRobin,
@@ -681,16 +819,8 @@ fn claude(
     b.build()
 }
 
-fn opencode(c: &OpenCodeConfig) -> Result<OpenCode, ConfigError> {
-    let url = c
-        .url
-        .as_deref()
-        .filter(|u| !u.is_empty())
-        .unwrap_or("http://127.0.0.1:4096");
-    let mut b = OpenCode::builder(url);
-    if let Some(p) = &c.password {
-        b = b.password(p.clone());
-    }
+/// Applies the client options of `c` (all but `url` and `password`) to `b`.
+fn opencode(c: &OpenCodeConfig, mut b: OpenCodeBuilder) -> Result<OpenCode, ConfigError> {
     if let Some(u) = c.username.as_deref().filter(|u| !u.is_empty()) {
         b = b.username(u);
     }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::{
@@ -57,6 +58,8 @@ pub struct OpenCode {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     client: reqwest::Client,
+    /// A supervised server this client owns: it runs as long as a clone of the client does.
+    server: Option<Arc<OpenCodeServer>>,
 }
 
 impl std::fmt::Debug for OpenCode {
@@ -68,6 +71,7 @@ impl std::fmt::Debug for OpenCode {
             .field("model", &self.model)
             .field("agent", &self.agent)
             .field("idle_timeout", &self.idle_timeout)
+            .field("supervised", &self.server.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +88,7 @@ pub struct OpenCodeBuilder {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     connect_timeout: Duration,
+    server: Option<Arc<OpenCodeServer>>,
 }
 
 impl std::fmt::Debug for OpenCodeBuilder {
@@ -110,6 +115,7 @@ impl OpenCode {
             idle_timeout: None,
             abort_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            server: None,
         }
     }
 
@@ -278,6 +284,7 @@ impl OpenCodeBuilder {
             idle_timeout: self.idle_timeout,
             abort_wait: self.abort_wait,
             client,
+            server: self.server,
         })
     }
 }
@@ -706,6 +713,14 @@ impl OpenCodeServer {
             Some(p) => b.password(p.clone()),
             None => b,
         }
+    }
+
+    /// A client builder for this server that owns it: the server keeps running as long as the
+    /// client built from it (or a clone) lives, and is killed with the last one.
+    pub fn into_client(self) -> OpenCodeBuilder {
+        let mut b = self.client();
+        b.server = Some(Arc::new(self));
+        b
     }
 
     /// Kills the server and everything it started, and waits until they are gone.

@@ -158,3 +158,33 @@ fn aiwg_agents_has_bwrap() -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("bwrap").is_file()))
 }
+
+#[test]
+fn the_serve_section_of_opencode_is_checked_too() {
+    let e = err(json!({"oc": {"kind": "opencode", "serve": {"dir": "/tmp", "sandboxx": "bwrap"}}}));
+    assert_eq!(e.key, "agents.oc.serve.sandboxx");
+    let e = err(json!({"oc": {"kind": "opencode", "serve": {"port": 1}}}));
+    assert_eq!(e.key, "agents.oc.serve.dir");
+    let e = err(json!({"oc": {"kind": "opencode", "url": "http://x", "serve": {"dir": "/tmp"}}}));
+    assert_eq!(e.key, "agents.oc.serve");
+    let e = err(json!({"oc": {"kind": "opencode", "serve": {"dir": "/tmp", "grace": "never"}}}));
+    assert_eq!(e.key, "agents.oc.serve.grace");
+    // Parsed fine, but only `start` starts servers.
+    let e = err(json!({"oc": {"kind": "opencode", "serve": {"dir": "/tmp", "sandbox": "none"}}}));
+    assert_eq!(e.key, "agents.oc.serve");
+}
+
+#[tokio::test]
+async fn start_skips_a_supervised_opencode_whose_binary_is_missing() {
+    let agents = AgentsConfig::from_value(&json!({
+        "oc": {"kind": "opencode", "serve": {"dir": "/tmp", "binary": "/nonexistent/opencode"}},
+        "p": {"kind": "pool", "members": ["oc"]},
+        "sh": {"kind": "command"},
+    }))
+    .unwrap();
+    let built = agents.start().await.unwrap();
+    let names: Vec<&str> = built.executors.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["sh"]);
+    assert_eq!(built.skipped.len(), 2, "{:?}", built.skipped);
+    assert!(built.skipped[0].contains("/nonexistent/opencode"));
+}

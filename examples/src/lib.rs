@@ -65,17 +65,23 @@ impl App {
     }
 }
 
-/// Builds every configured agent (typed, unknown keys refused; pools last). Errors name the
-/// full key (`agents.sh.sandboxx`).
-fn build_agents(config: &Config) -> Result<aiwg_agents::config::BuiltAgents, ConfigError> {
-    aiwg_agents::config::AgentsConfig::from_core(&config.agents)
-        .and_then(|agents| agents.build())
-        .map_err(|e| ConfigError::new(e.key, e.reason))
+/// Builds every configured agent (typed, unknown keys refused; pools last; supervised
+/// `opencode serve` servers started). Errors name the full key (`agents.sh.sandboxx`).
+async fn build_agents(config: &Config) -> Result<aiwg_agents::config::BuiltAgents, ConfigError> {
+    let agents = aiwg_agents::config::AgentsConfig::from_core(&config.agents)
+        .map_err(|e| ConfigError::new(e.key, e.reason))?;
+    agents.start().await.map_err(|e| {
+        let mut reason = e.reason.clone();
+        if let Some(source) = std::error::Error::source(&e) {
+            reason = format!("{reason}: {source}");
+        }
+        ConfigError::new(e.key, reason)
+    })
 }
 
 /// Builds everything from `config` on the current tokio runtime.
 pub async fn build(config: &Config) -> Result<App, AppError> {
-    let agents = build_agents(config)?;
+    let agents = build_agents(config).await?;
     let mut skipped = agents.skipped;
     let built: BTreeMap<String, Arc<dyn Executor>> = agents.executors.into_iter().collect();
     let mut builder = config.engine.apply(Engine::builder());
