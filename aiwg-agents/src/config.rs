@@ -494,6 +494,12 @@ fn read<T: DeserializeOwned>(value: Value, at: &str) -> Result<T, ConfigError> {
                 return ConfigError::new(key, "unknown key").with_source(inner);
             }
         }
+        // serde quotes the offending value ("invalid type: integer `1234`"): never for a value
+        // that may be a secret.
+        let secret = path == "password" || path.starts_with("env.");
+        if secret {
+            return ConfigError::new(key, "invalid value (a string is expected)");
+        }
         ConfigError::new(key, message).with_source(inner)
     })
 }
@@ -877,6 +883,18 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.key, "agents.x.limits.cpu");
         assert_eq!(err.reason, "unknown key");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_error_messages() {
+        for entry in [
+            json!({"kind": "opencode", "password": 98765431}),
+            json!({"kind": "command", "env": {"TOKEN": 98765431}}),
+        ] {
+            let err = AgentConfig::from_value("x", &entry).unwrap_err();
+            let all = format!("{err} {err:?}");
+            assert!(!all.contains("98765431"), "{all}");
+        }
     }
 
     #[test]
