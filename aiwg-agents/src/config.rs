@@ -10,7 +10,8 @@
 //!
 //! ```yaml
 //! agents:
-//!   sh:     { kind: command, sandbox: bwrap, network: false, idle_timeout: 2m }
+//!   sh:     { kind: command, sandbox: bwrap, network: false, idle_timeout: 2m,
+//!             hide: [/etc/aiwg/aiwg.yaml, /var/lib/aiwg] }
 //!   claude: { kind: claude-code, path: claude, model: sonnet, permission_mode: acceptEdits,
 //!             max_turns: 30, pass_env: [ANTHROPIC_API_KEY], sandbox: bwrap }
 //!   oc:     { kind: opencode, url: "http://127.0.0.1:4096", password: "${OPENCODE_SERVER_PASSWORD}" }
@@ -128,6 +129,10 @@ pub struct ProcessConfig {
     pub sandbox: SandboxConfig,
     /// Kill the child with the server (`setpriv --pdeathsig KILL`; default `true`).
     pub die_with_server: Option<bool>,
+    /// Paths a sandboxed child must not see (emptied): the server's configuration file, its
+    /// data directory… Needs `sandbox: bwrap`.
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ProcessConfig {
@@ -142,6 +147,7 @@ impl std::fmt::Debug for ProcessConfig {
             .field("limits", &self.limits)
             .field("sandbox", &self.sandbox)
             .field("die_with_server", &self.die_with_server)
+            .field("hide", &self.hide)
             .finish()
     }
 }
@@ -178,6 +184,9 @@ impl ProcessConfig {
         }
         if let Some(d) = self.die_with_server {
             o = o.die_with_server(d);
+        }
+        for p in &self.hide {
+            o = o.hide(p.clone());
         }
         o
     }

@@ -118,9 +118,9 @@
 //!   capabilities, a new session (no terminal injection), and the sandbox dies with its parent;
 //! - the network stays, unless [`ProcessOptions::network`] is `false` (`--unshare-net`).
 //!
-//! The server's files are bound read-only, not hidden: keep the configuration file and the data
-//! readable only by the server's user, and run the server as another user than the one owning
-//! them where that matters.
+//! The rest of the system is visible read-only, the server's files included: name the server's
+//! configuration file and data directory in [`ProcessOptions::hide`] (`hide:` in the
+//! configuration) and the sandbox sees them empty.
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), aiwg_agents::ConfigError> {
@@ -128,7 +128,12 @@
 //!
 //! // A config error naming `sandbox` when bwrap is not installed.
 //! let offline = CommandExecutor::builder()
-//!     .process(ProcessOptions::new().sandbox(Sandbox::Bwrap).network(false))
+//!     .process(
+//!         ProcessOptions::new()
+//!             .sandbox(Sandbox::Bwrap)
+//!             .network(false)
+//!             .hide("/etc/aiwg/aiwg.yaml"),
+//!     )
 //!     .build()?;
 //! # Ok(()) }
 //! ```

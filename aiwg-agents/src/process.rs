@@ -140,6 +140,7 @@ pub struct ProcessOptions {
     sandbox: Sandbox,
     network: bool,
     die_with_server: bool,
+    hide: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ProcessOptions {
@@ -154,6 +155,7 @@ impl std::fmt::Debug for ProcessOptions {
             .field("sandbox", &self.sandbox)
             .field("network", &self.network)
             .field("die_with_server", &self.die_with_server)
+            .field("hide", &self.hide)
             .finish()
     }
 }
@@ -172,6 +174,7 @@ impl Default for ProcessOptions {
             sandbox: Sandbox::None,
             network: true,
             die_with_server: true,
+            hide: Vec::new(),
         }
     }
 }
@@ -248,6 +251,14 @@ impl ProcessOptions {
         self
     }
 
+    /// Hides `path` from a sandboxed child: a directory becomes an empty one, a file an empty
+    /// one (e.g. the server's configuration file and data directory). Requires
+    /// [`Sandbox::Bwrap`]; a path that does not exist when a run starts is ignored.
+    pub fn hide(mut self, path: impl Into<PathBuf>) -> Self {
+        self.hide.push(path.into());
+        self
+    }
+
     /// With `true` (the default) the child runs under `setpriv --pdeathsig KILL` (util-linux)
     /// so that the kernel kills it when the server dies, whatever the signal.
     pub fn die_with_server(mut self, die: bool) -> Self {
@@ -271,6 +282,15 @@ impl ProcessOptions {
             return Err(ConfigError::new(
                 "network",
                 "`network: false` needs `sandbox: bwrap`",
+            ));
+        }
+        if !self.hide.is_empty() && self.sandbox != Sandbox::Bwrap {
+            return Err(ConfigError::new("hide", "`hide` needs `sandbox: bwrap`"));
+        }
+        if let Some(p) = self.hide.iter().find(|p| !p.is_absolute()) {
+            return Err(ConfigError::new(
+                "hide",
+                format!("`{}` is not an absolute path", p.display()),
             ));
         }
         let bwrap = match self.sandbox {
@@ -559,6 +579,19 @@ fn command_line(
         );
         if !sup.opts.network {
             argv.push("--unshare-net".into());
+        }
+        for hidden in &sup.opts.hide {
+            match std::fs::metadata(hidden) {
+                Ok(m) if m.is_dir() => {
+                    argv.push("--tmpfs".into());
+                    argv.push(hidden.into());
+                }
+                Ok(_) => {
+                    argv.extend(["--ro-bind", "/dev/null"].map(OsString::from));
+                    argv.push(hidden.into());
+                }
+                Err(_) => {}
+            }
         }
         for path in [dir, cwd] {
             argv.push("--bind".into());

@@ -104,6 +104,56 @@ async fn a_sandboxed_command_sees_nothing_and_writes_only_the_project() {
 }
 
 #[tokio::test]
+async fn hidden_paths_are_empty_in_the_sandbox() {
+    if !common::bwrap() {
+        return;
+    }
+    let server = tempfile::tempdir().unwrap();
+    let config = server.path().join("aiwg.yaml");
+    std::fs::write(&config, "api_key: sk-hidden-1").unwrap();
+    let data = server.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("jobs.db"), "sk-hidden-2").unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .allow_failure(true)
+        .process(
+            ProcessOptions::new()
+                .sandbox(Sandbox::Bwrap)
+                .hide(&config)
+                .hide(&data),
+        )
+        .build()
+        .unwrap();
+    let script = format!(
+        "cat {c}; ls -A {d}; cat {d}/jobs.db; echo done",
+        c = config.display(),
+        d = data.display()
+    );
+    let res = exec
+        .execute(
+            AgentRequest::command(vec!["sh".into(), "-c".into(), script], project.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(!res.output.contains("sk-hidden"), "{}", res.output);
+    assert_eq!(res.output.trim(), "done");
+    // Outside the sandbox nothing changed.
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "api_key: sk-hidden-1"
+    );
+    // `hide` without a sandbox is refused, naming the option.
+    let err = CommandExecutor::builder()
+        .process(ProcessOptions::new().hide(&config))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.key, "hide");
+}
+
+#[tokio::test]
 async fn network_false_leaves_only_loopback() {
     if !common::bwrap() {
         return;
