@@ -337,17 +337,6 @@ pub(crate) struct Supervision {
     prlimit: Option<PathBuf>,
 }
 
-impl Default for Supervision {
-    fn default() -> Self {
-        Self {
-            opts: ProcessOptions::new().die_with_server(false),
-            bwrap: None,
-            setpriv: None,
-            prlimit: None,
-        }
-    }
-}
-
 impl Supervision {
     /// The environment a child gets.
     pub(crate) fn child_env(&self) -> Vec<(OsString, OsString)> {
@@ -372,6 +361,7 @@ impl Supervision {
     }
 
     /// Sets a variable after the check (used for values only known at start, e.g. a password).
+    #[cfg_attr(not(feature = "opencode"), allow(dead_code))]
     pub(crate) fn set_env(&mut self, name: impl Into<String>, value: impl Into<String>) {
         self.opts.env.insert(name.into(), value.into());
     }
@@ -432,6 +422,7 @@ pub(crate) enum Input {
     #[default]
     Null,
     /// These bytes, then end of file.
+    #[cfg_attr(not(feature = "claude-code"), allow(dead_code))]
     Bytes(Vec<u8>),
 }
 
@@ -500,8 +491,8 @@ pub(crate) async fn run(
                 }
             }
             st = spawned.child.wait(), if status.is_none() => {
-                // Reaped: from now on the root's group id is trusted only while a verified
-                // member holds it (recorded before any await, so a drop cannot act on it).
+                // Reaped: the root's group id is no longer signalled blindly (recorded before
+                // any await, so a drop cannot do it either); one last scan adopts its members.
                 spawned.tree.reaped();
                 spawned.tree.scan().await;
                 status = Some(st.map_err(|e| ExecutorError::from(AgentError::Wait(e)))?);
@@ -794,6 +785,10 @@ struct TreeState {
     root: i32,
     /// The root was reaped: its pid, and so its process-group id, may be reused.
     root_reaped: bool,
+    /// The next scan still adopts the members of the root's group: it runs right after the
+    /// reap, while the members that kept the group id alive are the run's own (Linux does not
+    /// hand out a pid that is still some process's group id).
+    adopt_group_once: bool,
     known: BTreeMap<i32, Proc>,
     own_pgrp: i32,
 }
@@ -817,6 +812,7 @@ impl TreeState {
                 .is_some_and(|p| starts.get(&pid) == Some(&p.start))
         };
         let group_exists = !self.root_reaped
+            || std::mem::take(&mut self.adopt_group_once)
             || all
                 .iter()
                 .any(|(pid, s)| s.pgrp == self.root && is_known(&self.known, *pid));
@@ -909,6 +905,7 @@ impl Tree {
             state: Arc::new(Mutex::new(TreeState {
                 root,
                 root_reaped: false,
+                adopt_group_once: false,
                 known,
                 own_pgrp: nix::unistd::getpgrp().as_raw(),
             })),
@@ -936,10 +933,11 @@ impl Tree {
 
     /// The root was reaped (its pid may be reused from now on).
     pub(crate) fn reaped(&self) {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .root_reaped = true;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.root_reaped {
+            st.root_reaped = true;
+            st.adopt_group_once = true;
+        }
     }
 }
 
