@@ -780,7 +780,10 @@ impl AgentsConfig {
                         let Some((_, exec)) = executors.iter().find(|(n, _)| n == member) else {
                             return Err(ConfigError::new(
                                 format!("{at}.members[{i}]"),
-                                format!("`{member}` is not an agent of this configuration"),
+                                format!(
+                                    "`{member}` is not an agent of this configuration (a pool may name \
+                                     another pool only if that one comes first by name)"
+                                ),
                             ));
                         };
                         b = b.member(member, Arc::clone(exec), weight);
