@@ -4,8 +4,19 @@
 #   - the OpenCode server        (.peers/node_modules/opencode-linux-x64*/bin/opencode)
 #   - GitHub's example payloads  (.peers/node_modules/@octokit/webhooks-examples)
 # and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE and AIWG_TEST_OCTOKIT_EXAMPLES.
+# It also installs bubblewrap (`bwrap`, for `sandbox: bwrap`) with apt-get when it is missing.
 # Idempotent: a second run with everything present does nothing.
 set -euo pipefail
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y bubblewrap >&2 || { $sudo apt-get update >&2 && $sudo apt-get install -y bubblewrap >&2; }
+  else
+    echo "bwrap (bubblewrap) is missing and apt-get is not available: install it by hand" >&2
+    exit 1
+  fi
+fi
+bwrap --version >&2
 root=$(cd "$(dirname "$0")/.." && pwd)
 peers="$root/.peers"
 mkdir -p "$peers"

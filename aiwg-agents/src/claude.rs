@@ -1,7 +1,6 @@
 //! [`ClaudeCode`]: the Claude Code CLI in print mode with `stream-json` output.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use aiwg_core::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
@@ -10,17 +9,23 @@ use aiwg_core::{
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, OutputLine, ResourceLimits, Supervision};
+use crate::process::{self, Input, OutputLine, ProcessOptions, Supervision};
 use crate::stream_json::{parse_line, ClaudeResult};
 use crate::ConfigError;
 
 /// The environment variable naming the `claude` binary when the builder is not given a path.
 pub const CLAUDE_PATH_ENV: &str = "AIWG_CLAUDE_PATH";
 
+/// Prompts longer than this many bytes go to `claude` on its standard input instead of its
+/// argument vector (Linux refuses a single argument longer than 128 KiB).
+pub const MAX_ARGV_PROMPT: usize = 100 * 1024;
+
 /// Runs `claude -p --output-format stream-json --verbose [options] -- <prompt>` in the job's
 /// project directory and turns its output into [`AgentEvent`]s as it arrives.
 ///
-/// The prompt is passed after `--`, so text starting with `-` can never become an option. A
+/// The prompt is passed after `--`, so text starting with `-` can never become an option; a
+/// prompt longer than [`MAX_ARGV_PROMPT`] bytes is written to the CLI's standard input instead
+/// (`claude -p` reads its prompt from there when none is given). A
 /// request with `resume_session` adds `--resume <id>`; the result carries the session id the
 /// CLI reports (which may differ from the one resumed). A run whose `result` line reports an
 /// error, or that exits without one, is an [`ExecutorError::Failed`] carrying the CLI's message
@@ -28,7 +33,7 @@ pub const CLAUDE_PATH_ENV: &str = "AIWG_CLAUDE_PATH";
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use aiwg_agents::ClaudeCode;
+/// use aiwg_agents::{ClaudeCode, ProcessOptions};
 /// use aiwg_core::{AgentRequest, EventSink, Executor};
 /// use tokio_util::sync::CancellationToken;
 /// use std::time::Duration;
@@ -38,7 +43,7 @@ pub const CLAUDE_PATH_ENV: &str = "AIWG_CLAUDE_PATH";
 ///     .permission_mode("acceptEdits")
 ///     .allowed_tools(["Read", "Write"])
 ///     .max_turns(30)
-///     .idle_timeout(Duration::from_secs(120))
+///     .process(ProcessOptions::new().idle_timeout(Duration::from_secs(120)))
 ///     .build()?;
 /// let (events, mut rx) = EventSink::channel();
 /// let run = claude.execute(
@@ -73,12 +78,12 @@ pub struct ClaudeCodeBuilder {
     max_budget_usd: Option<f64>,
     append_system_prompt: Option<String>,
     mcp_config: Option<String>,
-    sup: Supervision,
+    process: ProcessOptions,
 }
 
 impl ClaudeCode {
     /// A builder with the defaults: the binary from `AIWG_CLAUDE_PATH` or `claude` on the
-    /// `PATH`, no extra options, the default environment allow-list, a 5 s grace period.
+    /// `PATH`, no extra options, the default [`ProcessOptions`].
     pub fn builder() -> ClaudeCodeBuilder {
         ClaudeCodeBuilder::default()
     }
@@ -89,7 +94,8 @@ impl ClaudeCode {
         &self.args
     }
 
-    fn argv(&self, request: &AgentRequest) -> Result<Vec<String>, ExecutorError> {
+    /// The arguments for `request`, and what the CLI reads on its standard input.
+    fn argv(&self, request: &AgentRequest) -> Result<(Vec<String>, Input), ExecutorError> {
         let mut argv = self.args.clone();
         if let Some(session) = &request.resume_session {
             if session.is_empty()
@@ -105,9 +111,12 @@ impl ClaudeCode {
             argv.push("--resume".into());
             argv.push(session.clone());
         }
+        if request.prompt.len() > MAX_ARGV_PROMPT {
+            return Ok((argv, Input::Bytes(request.prompt.clone().into_bytes())));
+        }
         argv.push("--".into());
         argv.push(request.prompt.clone());
-        Ok(argv)
+        Ok((argv, Input::Null))
     }
 }
 
@@ -191,43 +200,9 @@ impl ClaudeCodeBuilder {
         self
     }
 
-    /// Sets a variable in the child's environment (e.g. `ANTHROPIC_BASE_URL`).
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.sup.env.insert(name.into(), value.into());
-        self
-    }
-
-    /// Lets the child inherit `name` from the server's environment (e.g. `ANTHROPIC_API_KEY`).
-    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
-        self.sup.env_allow.push(name.into());
-        self
-    }
-
-    /// Replaces the allow-list of inherited variables.
-    pub fn env_allow_list<I, S>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.sup.env_allow = names.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Stops a run that printed nothing for `idle` ([`ExecutorError::Idle`]).
-    pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.sup.idle_timeout = Some(idle);
-        self
-    }
-
-    /// Time between `SIGTERM` and `SIGKILL` when stopping a run.
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.sup.grace = grace;
-        self
-    }
-
-    /// Resource limits for the child.
-    pub fn limits(mut self, limits: ResourceLimits) -> Self {
-        self.sup.limits = limits;
+    /// Environment, watchdogs, limits and sandbox of the CLI's process.
+    pub fn process(mut self, options: ProcessOptions) -> Self {
+        self.process = options;
         self
     }
 
@@ -292,14 +267,8 @@ impl ClaudeCodeBuilder {
             check_option("mcp_config", &c)?;
             args.push(format!("--mcp-config={c}"));
         }
-        if self.sup.idle_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::new("idle_timeout", "must be more than zero"));
-        }
-        Ok(ClaudeCode {
-            binary,
-            args,
-            sup: self.sup,
-        })
+        let sup = self.process.check()?;
+        Ok(ClaudeCode { binary, args, sup })
     }
 }
 
@@ -312,7 +281,7 @@ impl Executor for ClaudeCode {
         cancel: CancellationToken,
     ) -> Result<AgentResult, ExecutorError> {
         request.validate()?;
-        let argv = self.argv(&request)?;
+        let (argv, input) = self.argv(&request)?;
         let mut final_result: Option<ClaudeResult> = None;
         let mut last_session: Option<String> = None;
         let mut texts: Vec<String> = Vec::new();
@@ -321,6 +290,7 @@ impl Executor for ClaudeCode {
             &argv,
             &request.project_path,
             &self.sup,
+            input,
             &cancel,
             request.timeout,
             |line| match line {
@@ -421,7 +391,8 @@ mod tests {
             .build()
             .unwrap();
         let req = AgentRequest::new("--dangerously-skip-permissions", "/tmp").with_resume("abc-1");
-        let argv = c.argv(&req).unwrap();
+        let (argv, input) = c.argv(&req).unwrap();
+        assert!(matches!(input, Input::Null));
         let n = argv.len();
         assert_eq!(
             argv[n - 2..],
@@ -456,5 +427,17 @@ mod tests {
         let c = ClaudeCode::builder().binary("/bin/claude").build().unwrap();
         let req = AgentRequest::new("x", "/tmp").with_resume("--help");
         assert!(matches!(c.argv(&req), Err(ExecutorError::Spawn(_))));
+    }
+
+    #[test]
+    fn a_prompt_too_long_for_argv_goes_to_stdin() {
+        let c = ClaudeCode::builder().binary("/bin/claude").build().unwrap();
+        let prompt = "-x".repeat(MAX_ARGV_PROMPT);
+        let (argv, input) = c.argv(&AgentRequest::new(prompt.clone(), "/tmp")).unwrap();
+        assert!(!argv.iter().any(|a| a == "--" || a.len() > 1000));
+        match input {
+            Input::Bytes(b) => assert_eq!(b, prompt.into_bytes()),
+            Input::Null => panic!("the prompt must go to stdin"),
+        }
     }
 }

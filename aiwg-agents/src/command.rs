@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use aiwg_core::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError,
@@ -11,7 +10,7 @@ use aiwg_core::{
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, OutputLine, ResourceLimits, Supervision};
+use crate::process::{self, Input, OutputLine, ProcessOptions, Supervision};
 use crate::ConfigError;
 
 /// How much standard output is kept as the result's `output` (the first MiB).
@@ -51,12 +50,12 @@ pub struct CommandExecutor {
 #[must_use]
 pub struct CommandExecutorBuilder {
     template: Option<Vec<String>>,
-    sup: Supervision,
+    process: ProcessOptions,
     allow_failure: bool,
 }
 
 impl CommandExecutor {
-    /// A builder with the defaults: no template, default environment allow-list, 5 s grace.
+    /// A builder with the defaults: no template, the default [`ProcessOptions`].
     pub fn builder() -> CommandExecutorBuilder {
         CommandExecutorBuilder::default()
     }
@@ -74,43 +73,9 @@ impl CommandExecutorBuilder {
         self
     }
 
-    /// Sets a variable in the child's environment.
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.sup.env.insert(name.into(), value.into());
-        self
-    }
-
-    /// Lets the child inherit `name` from the server's environment (added to the allow-list).
-    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
-        self.sup.env_allow.push(name.into());
-        self
-    }
-
-    /// Replaces the allow-list of inherited variables.
-    pub fn env_allow_list<I, S>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.sup.env_allow = names.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Stops a run that printed nothing for `idle`.
-    pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.sup.idle_timeout = Some(idle);
-        self
-    }
-
-    /// Time between `SIGTERM` and `SIGKILL` when stopping.
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.sup.grace = grace;
-        self
-    }
-
-    /// Resource limits for the child.
-    pub fn limits(mut self, limits: ResourceLimits) -> Self {
-        self.sup.limits = limits;
+    /// Environment, watchdogs, limits and sandbox of the command's process.
+    pub fn process(mut self, options: ProcessOptions) -> Self {
+        self.process = options;
         self
     }
 
@@ -130,12 +95,9 @@ impl CommandExecutorBuilder {
                 ));
             }
         }
-        if self.sup.idle_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::new("idle_timeout", "must be more than zero"));
-        }
         Ok(CommandExecutor {
             template: self.template,
-            sup: self.sup,
+            sup: self.process.check()?,
             allow_failure: self.allow_failure,
         })
     }
@@ -196,6 +158,7 @@ impl Executor for CommandExecutor {
             &argv[1..],
             &req.project_path,
             &self.sup,
+            Input::Null,
             &cancel,
             req.timeout,
             |line| match line {

@@ -44,15 +44,18 @@
 //!
 //! # 2. Run Claude Code
 //!
-//! [`ClaudeCode`] starts the CLI with an argument vector (the prompt after `--`), in its own
-//! process group, with an environment scrubbed to an allow-list ([`DEFAULT_ENV_ALLOW_LIST`])
-//! plus what you name: the server's API keys and webhook secrets never reach it. Its
-//! `stream-json` output is parsed line by line as it arrives ([`stream_json`]).
+//! [`ClaudeCode`] starts the CLI with an argument vector (the prompt after `--`, or on standard
+//! input when it is longer than [`MAX_ARGV_PROMPT`]), in its own process group, with an
+//! environment scrubbed to an allow-list ([`DEFAULT_ENV_ALLOW_LIST`]) plus what you name: the
+//! server's API keys and webhook secrets never reach it. Its `stream-json` output is parsed line
+//! by line as it arrives ([`stream_json`]). How the process runs — environment, idle watchdog,
+//! grace period, resource limits, sandbox — is one [`ProcessOptions`] value, the same for every
+//! process-based executor.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use aiwg_agents::ClaudeCode;
+//! use aiwg_agents::{ClaudeCode, ProcessOptions};
 //! use aiwg_core::{AgentRequest, EventSink, Executor};
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -60,8 +63,11 @@
 //!     .binary("/usr/local/bin/claude")
 //!     .permission_mode("acceptEdits")
 //!     .max_turns(20)
-//!     .pass_env("ANTHROPIC_API_KEY") // named explicitly, so it is passed on
-//!     .idle_timeout(Duration::from_secs(300))
+//!     .process(
+//!         ProcessOptions::new()
+//!             .pass_env("ANTHROPIC_API_KEY") // named explicitly, so it is passed on
+//!             .idle_timeout(Duration::from_secs(300)),
+//!     )
 //!     .build()?;
 //! let first = claude
 //!     .execute(AgentRequest::new("Draft the fix", "/srv/app"), EventSink::discard(), CancellationToken::new())
@@ -82,17 +88,97 @@
 //! Cancelling the token, the request's timeout and the idle watchdog all stop the run the same
 //! way: `SIGTERM` to the child's process group and to the groups of everything it started,
 //! `SIGKILL` after the grace period, and `execute` returns only when every process is gone.
+//! Processes are told apart by pid *and* start time, so a recycled pid is never signalled, and
+//! `/proc` is read on tokio's blocking pool.
 //!
-//! # 3. Talk to OpenCode
+//! No agent outlives the server either: every child starts under util-linux
+//! `setpriv --pdeathsig KILL`, so the kernel kills it when the server dies, even by `kill -9`
+//! ([`ProcessOptions::die_with_server`]). The kernel sends that signal when the *thread* that
+//! started the child ends; executors start children from the task that runs them, on a tokio
+//! worker thread, which lives as long as the runtime (so do not call `execute` from
+//! `spawn_blocking`). The signal reaches the agent process; what an *unsandboxed* agent started
+//! and detached from it is not covered (a sandbox is: its PID namespace dies as a whole). A
+//! server should also make itself non-dumpable at start
+//! (`nix::sys::prctl::set_dumpable(false)`, as the example server does) so that an unsandboxed
+//! child cannot read `/proc/<server>/environ` or attach a debugger to it (unless it is root).
+//!
+//! # 3. Sandbox an agent
+//!
+//! With [`Sandbox::Bwrap`] the child runs under bubblewrap (`bwrap`, Debian package
+//! `bubblewrap`):
+//!
+//! - new PID, IPC and UTS namespaces: it sees only its own processes, so neither the server's
+//!   `/proc/<pid>/environ` nor any other process is visible;
+//! - the whole system read-only (`--ro-bind / /`), a fresh `/dev` and `/proc`;
+//! - writable: the project directory and a per-run temporary directory that is its `HOME` and
+//!   `TMPDIR`, removed after the run (so a `resume: true` step of a sandboxed Claude Code agent
+//!   does not find the previous step's session files);
+//! - the environment is exactly the allow-list plus what you named (bwrap itself is started with
+//!   that environment and nothing else, so the values never appear on a command line), no
+//!   capabilities, a new session (no terminal injection), and the sandbox dies with its parent;
+//! - the network stays, unless [`ProcessOptions::network`] is `false` (`--unshare-net`).
+//!
+//! The rest of the system is visible read-only, the server's files included: name the server's
+//! configuration file and data directory in [`ProcessOptions::hide`] (`hide:` in the
+//! configuration) and the sandbox sees them empty.
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), aiwg_agents::ConfigError> {
+//! use aiwg_agents::{CommandExecutor, ProcessOptions, Sandbox};
+//!
+//! // A config error naming `sandbox` when bwrap is not installed.
+//! let offline = CommandExecutor::builder()
+//!     .process(
+//!         ProcessOptions::new()
+//!             .sandbox(Sandbox::Bwrap)
+//!             .network(false)
+//!             .hide("/etc/aiwg/aiwg.yaml"),
+//!     )
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! # 4. Talk to OpenCode
 //!
 //! [`OpenCode`] drives an `opencode serve` server: it creates (or resumes) a session in the
 //! project directory, sends the prompt asynchronously and follows the server's event stream
 //! until the session is idle. [`OpenCodeServer`] can start and supervise a local server.
 //!
-//! # 4. Balance over several backends
+//! # 5. Balance over several backends
 //!
 //! [`Pool`] puts several executors behind one name, with a circuit breaker per member whose
 //! state shows in [`Executor::health`](aiwg_core::Executor::health).
+//!
+//! # 6. Build the agents from configuration
+//!
+//! With the `config` feature (on by default), [`config::AgentsConfig`] reads the `agents:`
+//! section of a configuration file into one typed struct per kind that refuses unknown keys
+//! (`agents.sh.sandboxx: unknown key`), and [`config::AgentsConfig::build`] makes every
+//! executor, pools last, reporting the agents it had to skip (a `claude` binary that is not
+//! installed):
+//!
+//! ```
+//! # fn main() -> Result<(), aiwg_agents::ConfigError> {
+//! use aiwg_agents::config::AgentsConfig;
+//!
+//! let agents = AgentsConfig::from_value(&serde_json::json!({
+//!     "sh": {"kind": "command", "idle_timeout": "2m", "grace": "1s"},
+//!     "claude": {"kind": "claude-code", "path": "/nonexistent/claude", "model": "sonnet"},
+//! }))?;
+//! let built = agents.build()?;
+//! assert_eq!(built.executors.len(), 1);
+//! assert!(built.skipped[0].contains("claude"));
+//! # Ok(()) }
+//! ```
+//!
+//! # Errors
+//!
+//! Builders refuse bad options with a [`ConfigError`] naming the key. Backend failures are
+//! [`AgentError`]s that keep their cause (an `io::Error`, a `reqwest::Error`, a
+//! `serde_json::Error`); compare their [`AgentError::kind`]. Executors return
+//! [`ExecutorError`](aiwg_core::ExecutorError)s, into which an `AgentError` turns with its whole
+//! chain of causes in the message. No error and no `Debug` output carries a secret: passwords
+//! and environment values are redacted.
 //!
 //! # Testing
 //!
@@ -101,15 +187,21 @@
 
 pub mod stream_json;
 
+mod error;
+pub use error::{AgentError, AgentErrorKind, ConfigError};
+
+#[cfg(feature = "config")]
+pub mod config;
+
 #[cfg(feature = "process")]
 mod process;
 #[cfg(feature = "process")]
-pub use process::{process_alive, ResourceLimits, DEFAULT_ENV_ALLOW_LIST};
+pub use process::{process_alive, ProcessOptions, ResourceLimits, Sandbox, DEFAULT_ENV_ALLOW_LIST};
 
 #[cfg(feature = "claude-code")]
 mod claude;
 #[cfg(feature = "claude-code")]
-pub use claude::{ClaudeCode, ClaudeCodeBuilder, CLAUDE_PATH_ENV};
+pub use claude::{ClaudeCode, ClaudeCodeBuilder, CLAUDE_PATH_ENV, MAX_ARGV_PROMPT};
 
 #[cfg(feature = "command")]
 mod command;
@@ -130,24 +222,3 @@ pub use pool::{HealthChecks, Pool, PoolBuilder, Strategy};
 
 #[cfg(feature = "test-util")]
 pub mod testing;
-
-/// A configuration value an executor builder refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid executor configuration `{key}`: {reason}")]
-#[non_exhaustive]
-pub struct ConfigError {
-    /// The configuration key.
-    pub key: &'static str,
-    /// Why it was refused.
-    pub reason: String,
-}
-
-impl ConfigError {
-    #[allow(dead_code)] // unused when no executor feature is enabled
-    pub(crate) fn new(key: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            key,
-            reason: reason.into(),
-        }
-    }
-}

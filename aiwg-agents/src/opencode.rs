@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::{
@@ -15,8 +16,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, Supervision, Tree};
-use crate::ConfigError;
+use crate::process::{self, Input, ProcessOptions, Tree};
+use crate::{AgentError, ConfigError};
 
 /// The environment variable naming the `opencode` binary for [`OpenCodeServer`].
 pub const OPENCODE_PATH_ENV: &str = "AIWG_OPENCODE_PATH";
@@ -47,7 +48,7 @@ const BODY_LIMIT: usize = 2000;
 /// println!("{} (session {:?})", res.output, res.session_id);
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct OpenCode {
     base: String,
     username: String,
@@ -57,10 +58,26 @@ pub struct OpenCode {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     client: reqwest::Client,
+    /// A supervised server this client owns: it runs as long as a clone of the client does.
+    server: Option<Arc<OpenCodeServer>>,
+}
+
+impl std::fmt::Debug for OpenCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCode")
+            .field("url", &self.base)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .field("agent", &self.agent)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("supervised", &self.server.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds an [`OpenCode`] client.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct OpenCodeBuilder {
     url: String,
@@ -71,6 +88,19 @@ pub struct OpenCodeBuilder {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     connect_timeout: Duration,
+    server: Option<Arc<OpenCodeServer>>,
+}
+
+impl std::fmt::Debug for OpenCodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeBuilder")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OpenCode {
@@ -85,6 +115,7 @@ impl OpenCode {
             idle_timeout: None,
             abort_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            server: None,
         }
     }
 
@@ -106,8 +137,9 @@ impl OpenCode {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, ExecutorError> {
-        let resp = r.send().await.map_err(|e| {
-            ExecutorError::Spawn(format!("cannot reach opencode at {}: {e}", self.base))
+        let resp = r.send().await.map_err(|source| AgentError::Connect {
+            url: self.base.clone(),
+            source,
         })?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -126,15 +158,20 @@ impl OpenCode {
 
     async fn json(&self, r: reqwest::RequestBuilder) -> Result<Value, ExecutorError> {
         let resp = self.send(r).await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ExecutorError::Protocol(format!("reading opencode's answer: {e}")))?;
+        let bytes = resp.bytes().await.map_err(|source| AgentError::Read {
+            url: self.base.clone(),
+            source,
+        })?;
         if bytes.is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ExecutorError::Protocol(format!("opencode answered invalid JSON: {e}")))
+        serde_json::from_slice(&bytes).map_err(|source| {
+            AgentError::Json {
+                what: "opencode's answer",
+                source,
+            }
+            .into()
+        })
     }
 
     async fn abort(&self, session: &str, dir: &Path) {
@@ -237,7 +274,7 @@ impl OpenCodeBuilder {
             .connect_timeout(self.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| ConfigError::new("url", format!("cannot build an HTTP client: {e}")))?;
+            .map_err(|e| ConfigError::new("url", "cannot build an HTTP client").with_source(e))?;
         Ok(OpenCode {
             base,
             username: self.username,
@@ -247,6 +284,7 @@ impl OpenCodeBuilder {
             idle_timeout: self.idle_timeout,
             abort_wait: self.abort_wait,
             client,
+            server: self.server,
         })
     }
 }
@@ -600,7 +638,8 @@ impl Executor for OpenCode {
 }
 
 /// A local `opencode serve` started and supervised by aiwg: own process group, scrubbed
-/// environment, readiness check, killed (`SIGKILL`: it ignores `SIGTERM`) on
+/// environment and the rest of its [`ProcessOptions`] (a sandbox among them), readiness check,
+/// killed (`SIGKILL`: it ignores `SIGTERM`) on
 /// [`shutdown`](OpenCodeServer::shutdown) or drop.
 ///
 /// ```no_run
@@ -618,6 +657,7 @@ pub struct OpenCodeServer {
     password: Option<String>,
     child: tokio::process::Child,
     tree: Tree,
+    _run_dir: Option<tempfile::TempDir>,
 }
 
 impl std::fmt::Debug for OpenCodeServer {
@@ -638,7 +678,7 @@ pub struct OpenCodeServerBuilder {
     port: u16,
     password: Option<String>,
     startup_timeout: Duration,
-    sup: Supervision,
+    process: ProcessOptions,
 }
 
 impl OpenCodeServer {
@@ -650,7 +690,7 @@ impl OpenCodeServer {
             port: 0,
             password: None,
             startup_timeout: Duration::from_secs(60),
-            sup: Supervision::default(),
+            process: ProcessOptions::default(),
         }
     }
 
@@ -673,6 +713,14 @@ impl OpenCodeServer {
             Some(p) => b.password(p.clone()),
             None => b,
         }
+    }
+
+    /// A client builder for this server that owns it: the server keeps running as long as the
+    /// client built from it (or a clone) lives, and is killed with the last one.
+    pub fn into_client(self) -> OpenCodeBuilder {
+        let mut b = self.client();
+        b.server = Some(Arc::new(self));
+        b
     }
 
     /// Kills the server and everything it started, and waits until they are gone.
@@ -706,27 +754,22 @@ impl OpenCodeServerBuilder {
         self
     }
 
-    /// Sets a variable in the server's environment (e.g. `HOME`).
-    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.sup.env.insert(name.into(), value.into());
-        self
-    }
-
-    /// Lets the server inherit `name` from this process's environment.
-    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
-        self.sup.env_allow.push(name.into());
+    /// Environment, limits and sandbox of the server's process (its idle watchdog is unused).
+    /// In a sandbox, the server's working directory is the writable project directory.
+    pub fn process(mut self, options: ProcessOptions) -> Self {
+        self.process = options;
         self
     }
 
     /// Starts the server and waits until it answers.
-    pub async fn start(self) -> Result<OpenCodeServer, ExecutorError> {
+    pub async fn start(self) -> Result<OpenCodeServer, AgentError> {
         let binary = self
             .binary
             .or_else(|| std::env::var_os(OPENCODE_PATH_ENV).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("opencode"));
-        let mut sup = self.sup;
+        let mut sup = self.process.check()?;
         if let Some(p) = &self.password {
-            sup.env.insert("OPENCODE_SERVER_PASSWORD".into(), p.clone());
+            sup.set_env("OPENCODE_SERVER_PASSWORD", p.clone());
         }
         let args = vec![
             "serve".to_owned(),
@@ -735,14 +778,16 @@ impl OpenCodeServerBuilder {
             "--hostname".to_owned(),
             "127.0.0.1".to_owned(),
         ];
-        let (mut child, tree) = process::spawn(&binary, &args, &self.dir, &sup)?;
+        let spawned = process::spawn(&binary, &args, &self.dir, &sup, Input::Null)?;
+        let mut child = spawned.child;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let mut server = OpenCodeServer {
             url: String::new(),
             password: self.password,
             child,
-            tree,
+            tree: spawned.tree,
+            _run_dir: spawned.run_dir,
         };
         let until = Instant::now() + self.startup_timeout;
         let (url_tx, mut url_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -773,30 +818,33 @@ impl OpenCodeServerBuilder {
             Ok(None) => {
                 let code = server.child.try_wait().ok().flatten();
                 server.shutdown().await;
-                return Err(ExecutorError::Spawn(format!(
+                return Err(AgentError::Server(format!(
                     "opencode serve ended before it listened ({code:?})"
                 )));
             }
             Err(_) => {
                 server.shutdown().await;
-                return Err(ExecutorError::Spawn(
+                return Err(AgentError::Server(
                     "opencode serve did not report its address in time".into(),
                 ));
             }
         };
         server.url = url;
         // Ready when an API call answers.
-        let client = server
-            .client()
-            .build()
-            .map_err(|e| ExecutorError::Spawn(e.to_string()))?;
+        let client = match server.client().build() {
+            Ok(c) => c,
+            Err(e) => {
+                server.shutdown().await;
+                return Err(e.into());
+            }
+        };
         loop {
             if client.health().await.healthy {
                 return Ok(server);
             }
             if Instant::now() >= until {
                 server.shutdown().await;
-                return Err(ExecutorError::Spawn(
+                return Err(AgentError::Server(
                     "opencode serve did not become ready in time".into(),
                 ));
             }

@@ -1,14 +1,31 @@
 //! Subprocess supervision shared by the process-based executors.
 //!
 //! A child is started from an argument vector (never a shell) in its own process group, with a
-//! scrubbed environment. While it runs, its descendants are tracked by reading `/proc` (a tool
-//! such as Claude Code's `Bash` puts its commands into process groups of their own, so killing
-//! the child's group alone would leave them behind). Stopping sends `SIGTERM` to every known
-//! group, waits a grace period, then sends `SIGKILL`, and returns only when every known process is
-//! gone.
+//! scrubbed environment, optionally inside a bubblewrap sandbox ([`Sandbox::Bwrap`]) and always
+//! (unless turned off) under util-linux `setpriv --pdeathsig KILL`, so that it dies with the
+//! server even when the server is killed with `SIGKILL`.
+//!
+//! While a child runs, its descendants are tracked by reading `/proc` on tokio's blocking pool
+//! (a tool such as Claude Code's `Bash` puts its commands into process groups of their own, so
+//! killing the child's group alone would leave them behind). Each tracked process is known by
+//! its pid *and* its start time, and a signal is only sent to a pid or a process group after the
+//! start time read from `/proc/<pid>/stat` matched, so a recycled pid is never signalled. Stopping
+//! sends `SIGTERM` to every known group, waits a grace period, then sends `SIGKILL`, and returns
+//! only when every known process is gone.
 //!
 //! Limits of the tracking: a descendant that is started, detaches (double fork) and leaves the
-//! child's process group between two scans (every 100 ms) cannot be found afterwards.
+//! child's process group between two scans (every 100 ms) cannot be found afterwards; inside a
+//! sandbox it cannot escape the sandbox's PID namespace, which dies as a whole.
+//!
+//! About `PDEATHSIG`: the kernel delivers it when the *thread* that started the child exits, not
+//! the process. Children are started from the task that runs the executor, i.e. from a tokio
+//! worker thread (or the thread of a current-thread runtime), and those live as long as the
+//! runtime, which for a server is as long as the process. Do not run an executor from a thread
+//! that ends before the run does (e.g. inside `spawn_blocking`, whose threads retire when idle).
+//! `PDEATHSIG` reaches the agent process itself; processes the agent starts in turn are covered
+//! by the sandbox (its PID namespace is torn down with it) or, unsandboxed, by the normal stop
+//! path — a process an unsandboxed agent started survives a `kill -9` of the server only if it
+//! detached from the agent first.
 
 // With only the `opencode` feature, the run loop is unused (only spawning is).
 #![cfg_attr(
@@ -18,17 +35,20 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aiwg_core::ExecutorError;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::{AgentError, ConfigError};
 
 /// Variables a child inherits from the server when they are set (everything else is dropped).
 pub const DEFAULT_ENV_ALLOW_LIST: &[&str] = &[
@@ -74,23 +94,73 @@ impl ResourceLimits {
     }
 }
 
-/// How a child is supervised: environment, limits, watchdogs.
-#[derive(Clone, Debug)]
+/// Where a child runs: directly, or inside a bubblewrap sandbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub(crate) struct Supervision {
-    /// Variables copied from the server's environment when set.
-    pub(crate) env_allow: Vec<String>,
-    /// Variables set explicitly (after the allow-list; they win).
-    pub(crate) env: BTreeMap<String, String>,
-    /// Stop a run that printed nothing for this long.
-    pub(crate) idle_timeout: Option<Duration>,
-    /// Time between `SIGTERM` and `SIGKILL`.
-    pub(crate) grace: Duration,
-    /// Resource limits.
-    pub(crate) limits: ResourceLimits,
+pub enum Sandbox {
+    /// No sandbox (the default): the child sees the system as the server does, minus the
+    /// server's environment.
+    #[default]
+    None,
+    /// Under bubblewrap (`bwrap`, Debian package `bubblewrap`): new PID, IPC and UTS namespaces,
+    /// the whole system read-only, a fresh `/dev` and `/proc`, a per-run temporary directory as
+    /// `HOME` and `TMPDIR` (removed afterwards), the project directory the only other writable
+    /// path, no capabilities, a new session, and the sandbox killed with its parent. The network
+    /// stays unless [`ProcessOptions::network`] is `false`.
+    Bwrap,
 }
 
-impl Default for Supervision {
+/// How a child process is started and supervised: its environment, watchdogs, resource limits
+/// and sandbox. One type shared by [`ClaudeCode`](crate::ClaudeCode),
+/// [`CommandExecutor`](crate::CommandExecutor) and [`OpenCodeServer`](crate::OpenCodeServer);
+/// give it to their builders' `process` method.
+///
+/// ```
+/// use std::time::Duration;
+/// use aiwg_agents::{ProcessOptions, ResourceLimits, Sandbox};
+///
+/// let opts = ProcessOptions::new()
+///     .env("ANTHROPIC_BASE_URL", "http://127.0.0.1:8080")
+///     .pass_env("ANTHROPIC_API_KEY")
+///     .idle_timeout(Duration::from_secs(300))
+///     .grace(Duration::from_secs(2))
+///     .limits(ResourceLimits::new().cpu_time(600))
+///     .sandbox(Sandbox::None);
+/// // Values set with `env` never show in Debug output: they may be secrets.
+/// assert!(!format!("{opts:?}").contains("127.0.0.1"));
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct ProcessOptions {
+    env_allow: Vec<String>,
+    env: BTreeMap<String, String>,
+    idle_timeout: Option<Duration>,
+    grace: Duration,
+    limits: ResourceLimits,
+    sandbox: Sandbox,
+    network: bool,
+    die_with_server: bool,
+    hide: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for ProcessOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only the names of explicit variables: their values may be secrets.
+        f.debug_struct("ProcessOptions")
+            .field("env_allow", &self.env_allow)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("idle_timeout", &self.idle_timeout)
+            .field("grace", &self.grace)
+            .field("limits", &self.limits)
+            .field("sandbox", &self.sandbox)
+            .field("network", &self.network)
+            .field("die_with_server", &self.die_with_server)
+            .field("hide", &self.hide)
+            .finish()
+    }
+}
+
+impl Default for ProcessOptions {
     fn default() -> Self {
         Self {
             env_allow: DEFAULT_ENV_ALLOW_LIST
@@ -101,24 +171,229 @@ impl Default for Supervision {
             idle_timeout: None,
             grace: Duration::from_secs(5),
             limits: ResourceLimits::default(),
+            sandbox: Sandbox::None,
+            network: true,
+            die_with_server: true,
+            hide: Vec::new(),
         }
     }
+}
+
+impl ProcessOptions {
+    /// The defaults: [`DEFAULT_ENV_ALLOW_LIST`], no idle watchdog, a 5 s grace period, no
+    /// limits, no sandbox, network on, the child dies with the server.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets a variable in the child's environment (after the allow-list; it wins).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets several variables (see [`env`](Self::env)).
+    pub fn envs<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Lets the child inherit `name` from the server's environment (added to the allow-list).
+    pub fn pass_env(mut self, name: impl Into<String>) -> Self {
+        self.env_allow.push(name.into());
+        self
+    }
+
+    /// Replaces the allow-list of inherited variables.
+    pub fn env_allow_list<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.env_allow = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Stops a run that printed nothing for `idle` ([`ExecutorError::Idle`]).
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// Time between `SIGTERM` and `SIGKILL` when stopping a run (default 5 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Resource limits for the child.
+    pub fn limits(mut self, limits: ResourceLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Runs the child in a sandbox (default [`Sandbox::None`]).
+    pub fn sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
+        self
+    }
+
+    /// With `false`, a sandboxed child gets a network namespace of its own with nothing but a
+    /// loopback interface (`bwrap --unshare-net`). Requires [`Sandbox::Bwrap`].
+    pub fn network(mut self, network: bool) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// Hides `path` from a sandboxed child: a directory becomes an empty one, a file an empty
+    /// one (e.g. the server's configuration file and data directory). Requires
+    /// [`Sandbox::Bwrap`]; a path that does not exist when a run starts is ignored.
+    pub fn hide(mut self, path: impl Into<PathBuf>) -> Self {
+        self.hide.push(path.into());
+        self
+    }
+
+    /// With `true` (the default) the child runs under `setpriv --pdeathsig KILL` (util-linux)
+    /// so that the kernel kills it when the server dies, whatever the signal.
+    pub fn die_with_server(mut self, die: bool) -> Self {
+        self.die_with_server = die;
+        self
+    }
+
+    /// The sandbox chosen.
+    #[must_use]
+    pub fn sandbox_kind(&self) -> Sandbox {
+        self.sandbox
+    }
+
+    /// Checks the options and finds the helper programs they need (`bwrap`, `setpriv`,
+    /// `prlimit`). Errors name the option (`sandbox`, `idle_timeout`, …).
+    pub(crate) fn check(self) -> Result<Supervision, ConfigError> {
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("idle_timeout", "must be more than zero"));
+        }
+        if !self.network && self.sandbox != Sandbox::Bwrap {
+            return Err(ConfigError::new(
+                "network",
+                "`network: false` needs `sandbox: bwrap`",
+            ));
+        }
+        if !self.hide.is_empty() && self.sandbox != Sandbox::Bwrap {
+            return Err(ConfigError::new("hide", "`hide` needs `sandbox: bwrap`"));
+        }
+        if let Some(p) = self.hide.iter().find(|p| !p.is_absolute()) {
+            return Err(ConfigError::new(
+                "hide",
+                format!("`{}` is not an absolute path", p.display()),
+            ));
+        }
+        let bwrap = match self.sandbox {
+            Sandbox::None => None,
+            Sandbox::Bwrap => Some(find_program("bwrap").ok_or_else(|| {
+                ConfigError::new(
+                    "sandbox",
+                    "`bwrap` (bubblewrap) is not installed (Debian: apt-get install bubblewrap)",
+                )
+            })?),
+        };
+        let setpriv = if self.die_with_server {
+            Some(find_program("setpriv").ok_or_else(|| {
+                ConfigError::new(
+                    "die_with_server",
+                    "`setpriv` (util-linux) is not installed; install it or set `die_with_server: false`",
+                )
+            })?)
+        } else {
+            None
+        };
+        let prlimit = if self.limits.is_empty() {
+            None
+        } else {
+            Some(find_program("prlimit").ok_or_else(|| {
+                ConfigError::new("limits", "`prlimit` (util-linux) is not installed")
+            })?)
+        };
+        Ok(Supervision {
+            opts: self,
+            bwrap,
+            setpriv,
+            prlimit,
+        })
+    }
+}
+
+/// Checked [`ProcessOptions`] with the helper programs found.
+#[derive(Clone, Debug)]
+pub(crate) struct Supervision {
+    pub(crate) opts: ProcessOptions,
+    bwrap: Option<PathBuf>,
+    setpriv: Option<PathBuf>,
+    prlimit: Option<PathBuf>,
 }
 
 impl Supervision {
     /// The environment a child gets.
     pub(crate) fn child_env(&self) -> Vec<(OsString, OsString)> {
         let mut out: BTreeMap<OsString, OsString> = BTreeMap::new();
-        for name in &self.env_allow {
+        for name in &self.opts.env_allow {
             if let Some(v) = std::env::var_os(name) {
                 out.insert(name.into(), v);
             }
         }
-        for (k, v) in &self.env {
+        for (k, v) in &self.opts.env {
             out.insert(k.into(), v.into());
         }
         out.into_iter().collect()
     }
+
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.opts.idle_timeout
+    }
+
+    pub(crate) fn grace(&self) -> Duration {
+        self.opts.grace
+    }
+
+    /// Sets a variable after the check (used for values only known at start, e.g. a password).
+    #[cfg_attr(not(feature = "opencode"), allow(dead_code))]
+    pub(crate) fn set_env(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.opts.env.insert(name.into(), value.into());
+    }
+}
+
+/// Finds `name` on the server's `PATH` (or checks an explicit path).
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|c| c.is_file())
+    })
+}
+
+/// Finds the executable `program` would run: a path with a slash (relative to `cwd`), or a
+/// name looked up in `path`.
+fn locate(program: &Path, cwd: &Path, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 || program.is_absolute() {
+        let full = cwd.join(program);
+        return runnable(&full).then_some(full);
+    }
+    std::env::split_paths(path?)
+        .map(|d| cwd.join(d).join(program))
+        .find(|c| runnable(c))
 }
 
 /// One line a child printed.
@@ -140,24 +415,38 @@ pub(crate) struct Finished {
 const STDERR_TAIL_LINES: usize = 20;
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 
+/// What a run reads on its standard input.
+#[derive(Debug, Default)]
+pub(crate) enum Input {
+    /// Nothing (`/dev/null`).
+    #[default]
+    Null,
+    /// These bytes, then end of file.
+    #[cfg_attr(not(feature = "claude-code"), allow(dead_code))]
+    Bytes(Vec<u8>),
+}
+
 /// Runs `program args…` in `cwd` under `sup`, feeding each output line to `on_line`, until it
 /// exits, `cancel` fires, `timeout` passes or the idle watchdog fires. On any of the last three
 /// every process of the run is stopped before the error is returned.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     program: &Path,
     args: &[String],
     cwd: &Path,
     sup: &Supervision,
+    input: Input,
     cancel: &CancellationToken,
     timeout: Duration,
     mut on_line: impl FnMut(OutputLine),
 ) -> Result<Finished, ExecutorError> {
-    let (mut child, mut tree) = spawn(program, args, cwd, sup)?;
-    let mut stdout = LineReader::new(child.stdout.take());
-    let mut stderr = LineReader::new(child.stderr.take());
+    let mut spawned = spawn(program, args, cwd, sup, input)?;
+    let mut stdout = LineReader::new(spawned.child.stdout.take());
+    let mut stderr = LineReader::new(spawned.child.stderr.take());
     let mut tail: VecDeque<String> = VecDeque::with_capacity(STDERR_TAIL_LINES);
     let deadline = Instant::now() + timeout;
-    let mut idle_deadline = sup.idle_timeout.map(|d| Instant::now() + d);
+    let idle_timeout = sup.idle_timeout();
+    let mut idle_deadline = idle_timeout.map(|d| Instant::now() + d);
     let mut scan = tokio::time::interval(SCAN_EVERY);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = None;
@@ -184,16 +473,16 @@ pub(crate) async fn run(
             biased;
             () = cancel.cancelled() => break Some(ExecutorError::Cancelled),
             () = tokio::time::sleep_until(deadline) => break Some(ExecutorError::TimedOut(timeout)),
-            () = idle_sleep => break Some(ExecutorError::Idle(sup.idle_timeout.unwrap_or_default())),
+            () = idle_sleep => break Some(ExecutorError::Idle(idle_timeout.unwrap_or_default())),
             line = stdout.next(), if !stdout.done => {
                 if let Some(l) = line {
-                    idle_deadline = sup.idle_timeout.map(|d| Instant::now() + d);
+                    idle_deadline = idle_timeout.map(|d| Instant::now() + d);
                     on_line(OutputLine::Stdout(l));
                 }
             }
             line = stderr.next(), if !stderr.done => {
                 if let Some(l) = line {
-                    idle_deadline = sup.idle_timeout.map(|d| Instant::now() + d);
+                    idle_deadline = idle_timeout.map(|d| Instant::now() + d);
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
                     }
@@ -201,28 +490,32 @@ pub(crate) async fn run(
                     on_line(OutputLine::Stderr(l));
                 }
             }
-            st = child.wait(), if status.is_none() => {
-                tree.scan();
-                status = Some(st.map_err(|e| ExecutorError::Spawn(format!("waiting for the child: {e}")))?);
+            st = spawned.child.wait(), if status.is_none() => {
+                // Reaped: the root's group id is no longer signalled blindly (recorded before
+                // any await, so a drop cannot do it either); one last scan adopts its members.
+                spawned.tree.reaped();
+                spawned.tree.scan().await;
+                status = Some(st.map_err(|e| ExecutorError::from(AgentError::Wait(e)))?);
                 exited_at = Some(Instant::now());
             }
             () = drain_sleep => {
                 // Something the child left behind keeps its output open: stop it.
-                terminate(&mut child, &mut tree, sup.grace).await;
+                terminate(&mut spawned.child, &mut spawned.tree, sup.grace()).await;
                 exited_at = None;
                 stdout.done = true;
                 stderr.done = true;
             }
             _ = scan.tick() => {
                 if status.is_none() {
-                    tree.scan();
+                    spawned.tree.scan().await;
                 }
             }
         }
     };
 
     // Stopped or exited: either way nothing of the run may outlive it.
-    terminate(&mut child, &mut tree, sup.grace).await;
+    terminate(&mut spawned.child, &mut spawned.tree, sup.grace()).await;
+    drop(spawned.run_dir);
     if let Some(err) = stop {
         return Err(err);
     }
@@ -233,46 +526,161 @@ pub(crate) async fn run(
     })
 }
 
-/// Starts `program args…` in `cwd` in a new process group with the scrubbed environment, stdin
-/// closed and stdout/stderr piped.
+/// A started child: the process, what is known of its descendants, and the sandbox's
+/// temporary directory (removed when dropped).
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) tree: Tree,
+    pub(crate) run_dir: Option<tempfile::TempDir>,
+}
+
+/// The argument vector that starts `program args…` under `sup` (helpers first).
+fn command_line(
+    program: &Path,
+    args: &[String],
+    cwd: &Path,
+    sup: &Supervision,
+    run_dir: Option<&Path>,
+) -> (PathBuf, Vec<OsString>) {
+    let mut argv: Vec<OsString> = Vec::new();
+    if let Some(setpriv) = &sup.setpriv {
+        argv.push(setpriv.into());
+        argv.extend(["--pdeathsig", "KILL", "--"].map(OsString::from));
+    }
+    if let (Some(bwrap), Some(dir)) = (&sup.bwrap, run_dir) {
+        argv.push(bwrap.into());
+        argv.extend(
+            [
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--die-with-parent",
+                "--new-session",
+                "--cap-drop",
+                "ALL",
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+            ]
+            .map(OsString::from),
+        );
+        if !sup.opts.network {
+            argv.push("--unshare-net".into());
+        }
+        for hidden in &sup.opts.hide {
+            match std::fs::metadata(hidden) {
+                Ok(m) if m.is_dir() => {
+                    argv.push("--tmpfs".into());
+                    argv.push(hidden.into());
+                }
+                Ok(_) => {
+                    argv.extend(["--ro-bind", "/dev/null"].map(OsString::from));
+                    argv.push(hidden.into());
+                }
+                Err(_) => {}
+            }
+        }
+        for path in [dir, cwd] {
+            argv.push("--bind".into());
+            argv.push(path.into());
+            argv.push(path.into());
+        }
+        argv.push("--chdir".into());
+        argv.push(cwd.into());
+        argv.push("--".into());
+    }
+    if let Some(prlimit) = &sup.prlimit {
+        argv.push(prlimit.into());
+        if let Some(b) = sup.opts.limits.address_space_bytes {
+            argv.push(format!("--as={b}").into());
+        }
+        if let Some(s) = sup.opts.limits.cpu_seconds {
+            argv.push(format!("--cpu={s}").into());
+        }
+        argv.push("--".into());
+    }
+    argv.push(program.into());
+    argv.extend(args.iter().map(OsString::from));
+    let first = PathBuf::from(argv.remove(0));
+    (first, argv)
+}
+
+/// Starts `program args…` in `cwd` in a new process group with the scrubbed environment,
+/// stdout/stderr piped and stdin from `input`, under the sandbox and helpers `sup` names.
 pub(crate) fn spawn(
     program: &Path,
     args: &[String],
     cwd: &Path,
     sup: &Supervision,
-) -> Result<(Child, Tree), ExecutorError> {
-    let mut cmd = if sup.limits.is_empty() {
-        Command::new(program)
+    input: Input,
+) -> Result<Spawned, AgentError> {
+    let run_dir = if sup.bwrap.is_some() {
+        Some(
+            tempfile::Builder::new()
+                .prefix("aiwg-run-")
+                .tempdir()
+                .map_err(AgentError::RunDir)?,
+        )
     } else {
-        let mut c = Command::new("prlimit");
-        if let Some(b) = sup.limits.address_space_bytes {
-            c.arg(format!("--as={b}"));
-        }
-        if let Some(s) = sup.limits.cpu_seconds {
-            c.arg(format!("--cpu={s}"));
-        }
-        c.arg("--").arg(program);
-        c
+        None
     };
-    cmd.args(args)
+    let mut env = sup.child_env();
+    // Found here, with the child's PATH, so that a missing program is a spawn error and not the
+    // exit status of a helper (`setpriv`, `bwrap`, `prlimit`) that could not run it.
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    let program = locate(program, cwd, path.as_deref()).ok_or_else(|| AgentError::Spawn {
+        program: program.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such program"),
+    })?;
+    let (first, rest) = command_line(&program, args, cwd, sup, run_dir.as_ref().map(|d| d.path()));
+    if let Some(dir) = &run_dir {
+        // The sandbox's own HOME and TMPDIR; nothing else of the host is writable.
+        env.retain(|(k, _)| k != "HOME" && k != "TMPDIR");
+        env.push(("HOME".into(), dir.path().into()));
+        env.push(("TMPDIR".into(), dir.path().into()));
+    }
+    let mut cmd = Command::new(&first);
+    // The environment travels in the environment (never in argv, which every local user can
+    // read in /proc/<pid>/cmdline); bwrap passes it on unchanged.
+    cmd.args(&rest)
         .current_dir(cwd)
         .env_clear()
-        .envs(sup.child_env())
-        .stdin(Stdio::null())
+        .envs(env)
+        .stdin(match input {
+            Input::Null => Stdio::null(),
+            Input::Bytes(_) => Stdio::piped(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .map_err(|e| ExecutorError::Spawn(format!("{}: {e}", program.display())))?;
+    let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
     let Some(pid) = child.id() else {
-        return Err(ExecutorError::Spawn(
-            "the child exited before it could be tracked".into(),
-        ));
+        return Err(AgentError::ExitedEarly);
     };
+    if let (Input::Bytes(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+        tokio::spawn(async move {
+            // A child that exits without reading everything closes the pipe: not our error.
+            let _ = stdin.write_all(&bytes).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
     let tree = Tree::new(pid as i32);
-    Ok((child, tree))
+    Ok(Spawned {
+        child,
+        tree,
+        run_dir,
+    })
 }
 
 fn exit_code(status: &std::process::ExitStatus) -> Option<i32> {
@@ -340,6 +748,12 @@ struct Stat {
     start: u64,
 }
 
+impl Stat {
+    fn live(&self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
 fn read_stat(pid: i32) -> Option<Stat> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
@@ -353,30 +767,124 @@ fn read_stat(pid: i32) -> Option<Stat> {
     })
 }
 
-/// Whether `pid` is a live (non-zombie) process, optionally with the given start time.
+/// Whether `pid` is a live (non-zombie) process. This reads `/proc/<pid>/stat`, a blocking call
+/// (cheap, but do not call it in a loop on an async runtime thread).
 #[must_use]
 pub fn process_alive(pid: i32) -> bool {
-    read_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+    read_stat(pid).is_some_and(|s| s.live())
 }
 
-fn alive(p: Proc) -> bool {
-    read_stat(p.pid).is_some_and(|s| s.state != 'Z' && s.state != 'X' && s.start == p.start)
+/// `p` is still the same live process (same start time).
+fn verified(p: Proc) -> Option<Stat> {
+    read_stat(p.pid).filter(|s| s.live() && s.start == p.start)
+}
+
+/// What is known of a run's processes. Only touched on the blocking pool (or in `Drop`).
+#[derive(Debug)]
+struct TreeState {
+    root: i32,
+    /// The root was reaped: its pid, and so its process-group id, may be reused.
+    root_reaped: bool,
+    /// The next scan still adopts the members of the root's group: it runs right after the
+    /// reap, while the members that kept the group id alive are the run's own (Linux does not
+    /// hand out a pid that is still some process's group id).
+    adopt_group_once: bool,
+    known: BTreeMap<i32, Proc>,
+    own_pgrp: i32,
+}
+
+impl TreeState {
+    /// Adds every process whose (verified) parent is known, and while the root's process group
+    /// provably exists, every member of it.
+    fn scan(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut all: Vec<(i32, Stat)> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(|pid| read_stat(pid).map(|s| (pid, s)))
+            .filter(|(_, s)| s.live())
+            .collect();
+        let starts: BTreeMap<i32, u64> = all.iter().map(|(p, s)| (*p, s.start)).collect();
+        let is_known = |known: &BTreeMap<i32, Proc>, pid: i32| {
+            known
+                .get(&pid)
+                .is_some_and(|p| starts.get(&pid) == Some(&p.start))
+        };
+        let group_exists = !self.root_reaped
+            || std::mem::take(&mut self.adopt_group_once)
+            || all
+                .iter()
+                .any(|(pid, s)| s.pgrp == self.root && is_known(&self.known, *pid));
+        loop {
+            let before = self.known.len();
+            all.retain(|(pid, s)| {
+                let ours = is_known(&self.known, s.ppid) || (group_exists && s.pgrp == self.root);
+                if ours && !is_known(&self.known, *pid) {
+                    self.known.insert(
+                        *pid,
+                        Proc {
+                            pid: *pid,
+                            start: s.start,
+                        },
+                    );
+                }
+                !ours
+            });
+            if self.known.len() == before {
+                break;
+            }
+        }
+        self.known.retain(|_, p| verified(*p).is_some());
+    }
+
+    /// Signals every verified live process and its process group (never ours, never init's).
+    fn signal(&self, sig: Signal) {
+        if !self.root_reaped {
+            // The unreaped root holds its pid, so this group id is still the run's.
+            let _ = killpg(Pid::from_raw(self.root), sig);
+        }
+        let me = std::process::id() as i32;
+        for p in self.known.values() {
+            let Some(s) = verified(*p) else { continue };
+            if s.pgrp > 1 && s.pgrp != self.own_pgrp {
+                // A live member (checked just now) keeps the group id from being reused.
+                let _ = killpg(Pid::from_raw(s.pgrp), sig);
+            }
+            if p.pid != me {
+                let _ = kill(Pid::from_raw(p.pid), sig);
+            }
+        }
+    }
+
+    /// Nothing of the run is alive (after a fresh scan).
+    fn nothing_left(&mut self) -> bool {
+        self.scan();
+        self.known.is_empty()
+    }
 }
 
 /// The child and everything it started, as far as `/proc` showed. Dropped before the run was
 /// stopped properly (the executor's future was dropped), it kills everything it knows.
 pub(crate) struct Tree {
-    root: i32,
-    known: BTreeMap<i32, Proc>,
-    own_pgrp: i32,
+    state: Arc<Mutex<TreeState>>,
     finished: bool,
 }
 
 impl Drop for Tree {
     fn drop(&mut self) {
-        if !self.finished {
-            self.scan();
-            self.signal(Signal::SIGKILL);
+        if self.finished {
+            return;
+        }
+        let state = Arc::clone(&self.state);
+        let kill_all = move || {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.scan();
+            st.signal(Signal::SIGKILL);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(kill_all)),
+            Err(_) => kill_all(),
         }
     }
 }
@@ -394,85 +902,59 @@ impl Tree {
             );
         }
         Self {
-            root,
-            known,
-            own_pgrp: nix::unistd::getpgrp().as_raw(),
+            state: Arc::new(Mutex::new(TreeState {
+                root,
+                root_reaped: false,
+                adopt_group_once: false,
+                known,
+                own_pgrp: nix::unistd::getpgrp().as_raw(),
+            })),
             finished: false,
         }
     }
 
-    /// Adds every process whose parent is known or that is in the child's process group.
-    pub(crate) fn scan(&mut self) {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let mut all: Vec<(i32, Stat)> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter_map(|pid| read_stat(pid).map(|s| (pid, s)))
-            .filter(|(_, s)| s.state != 'Z')
-            .collect();
-        loop {
-            let before = self.known.len();
-            all.retain(|(pid, s)| {
-                let ours = s.pgrp == self.root || self.known.contains_key(&s.ppid);
-                if ours && !self.known.contains_key(pid) {
-                    self.known.insert(
-                        *pid,
-                        Proc {
-                            pid: *pid,
-                            start: s.start,
-                        },
-                    );
-                }
-                !ours
-            });
-            if self.known.len() == before {
-                break;
-            }
+    /// Runs `f` on the state on tokio's blocking pool.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut TreeState) -> R + Send + 'static,
+    ) -> R {
+        let state = Arc::clone(&self.state);
+        let job = move || f(&mut state.lock().unwrap_or_else(|e| e.into_inner()));
+        match tokio::task::spawn_blocking(job).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 
-    fn living(&self) -> Vec<Proc> {
-        self.known.values().copied().filter(|p| alive(*p)).collect()
+    /// Looks for new descendants.
+    pub(crate) async fn scan(&self) {
+        self.blocking(TreeState::scan).await;
     }
 
-    fn signal(&self, sig: Signal) {
-        let _ = killpg(Pid::from_raw(self.root), sig);
-        for p in self.living() {
-            if let Some(s) = read_stat(p.pid) {
-                // Never our own group (a descendant may join it), never init's.
-                if s.pgrp > 1 && s.pgrp != self.root && s.pgrp != self.own_pgrp {
-                    let _ = killpg(Pid::from_raw(s.pgrp), sig);
-                }
-            }
-            if p.pid != std::process::id() as i32 {
-                let _ = kill(Pid::from_raw(p.pid), sig);
-            }
+    /// The root was reaped (its pid may be reused from now on).
+    pub(crate) fn reaped(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.root_reaped {
+            st.root_reaped = true;
+            st.adopt_group_once = true;
         }
     }
 }
 
-fn group_has_live_member(pgid: i32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(read_stat)
-        .any(|s| s.pgrp == pgid && s.state != 'Z' && s.state != 'X')
+/// Reaps the child if it exited (without blocking), and records it.
+fn try_reap(child: &mut Child, tree: &Tree) {
+    if let Ok(Some(_)) = child.try_wait() {
+        tree.reaped();
+    }
 }
 
 /// SIGTERM to every known group and process, SIGKILL after `grace`, then wait until all are gone.
 pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duration) {
-    tree.scan();
-    let nothing_left = |tree: &Tree| tree.living().is_empty() && !group_has_live_member(tree.root);
-    if !nothing_left(tree) {
-        tree.signal(Signal::SIGTERM);
+    if !tree.blocking(TreeState::nothing_left).await {
+        tree.blocking(|st| st.signal(Signal::SIGTERM)).await;
         let until = Instant::now() + grace;
         while Instant::now() < until {
-            if child.try_wait().ok().flatten().is_none() {
-                tree.scan();
-            }
-            if nothing_left(tree) {
+            if tree.blocking(TreeState::nothing_left).await {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -481,36 +963,74 @@ pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duratio
     // Everything still there is killed; repeat until nothing is left (bounded).
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        if child.try_wait().ok().flatten().is_none() {
-            tree.scan();
-        }
-        if nothing_left(tree) {
+        if tree.blocking(TreeState::nothing_left).await {
             break;
         }
-        tree.signal(Signal::SIGKILL);
+        tree.blocking(|st| st.signal(Signal::SIGKILL)).await;
+        try_reap(child, tree);
         if Instant::now() >= until {
-            tracing::warn!(pid = tree.root, "processes of a run survived SIGKILL");
+            let root = tree.blocking(|st| st.root).await;
+            tracing::warn!(pid = root, "processes of a run survived SIGKILL");
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = child.wait().await;
+    tree.reaped();
     tree.finished = true;
 }
 
-#[cfg(feature = "claude-code")]
 /// Resolves a program: a path with a slash is used as is, a bare name is looked up in `PATH`.
-pub(crate) fn resolve_program(program: &Path) -> std::path::PathBuf {
-    if program.components().count() > 1 {
-        return program.to_path_buf();
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let cand = dir.join(program);
-            if cand.is_file() {
-                return cand;
-            }
+#[cfg(feature = "claude-code")]
+pub(crate) fn resolve_program(program: &Path) -> PathBuf {
+    program
+        .to_str()
+        .and_then(find_program)
+        .unwrap_or_else(|| program.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_command_line_has_every_isolation_flag() {
+        let sup = Supervision {
+            opts: ProcessOptions::new()
+                .sandbox(Sandbox::Bwrap)
+                .network(false)
+                .limits(ResourceLimits::new().cpu_time(3)),
+            bwrap: Some("/usr/bin/bwrap".into()),
+            setpriv: Some("/usr/bin/setpriv".into()),
+            prlimit: Some("/usr/bin/prlimit".into()),
+        };
+        let (first, rest) = command_line(
+            Path::new("sleep"),
+            &["1".into()],
+            Path::new("/srv/p"),
+            &sup,
+            Some(Path::new("/tmp/run")),
+        );
+        assert_eq!(first, Path::new("/usr/bin/setpriv"));
+        let rest: Vec<String> = rest.into_iter().map(|s| s.into_string().unwrap()).collect();
+        let joined = rest.join(" ");
+        for flag in [
+            "--pdeathsig KILL -- /usr/bin/bwrap",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-net",
+            "--die-with-parent",
+            "--new-session",
+            "--ro-bind / /",
+            "--dev /dev",
+            "--proc /proc",
+            "--bind /tmp/run /tmp/run",
+            "--bind /srv/p /srv/p",
+            "--chdir /srv/p",
+            "-- /usr/bin/prlimit --cpu=3 -- sleep 1",
+        ] {
+            assert!(joined.contains(flag), "{flag} missing in {joined}");
         }
     }
-    program.to_path_buf()
 }

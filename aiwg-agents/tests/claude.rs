@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aiwg_agents::testing::{FakeAnthropic, Reply};
-use aiwg_agents::{ClaudeCode, ClaudeCodeBuilder};
+use aiwg_agents::{ClaudeCode, ClaudeCodeBuilder, ProcessOptions};
 use aiwg_core::{AgentEvent, AgentRequest, AgentResult, EventSink, Executor, ExecutorError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +31,14 @@ async fn setup(script: Vec<Reply>) -> Option<Setup> {
 }
 
 impl Setup {
+    fn process(&self) -> ProcessOptions {
+        ProcessOptions::new().envs(self.fake.claude_env(self.home.path()))
+    }
+
     fn builder(&self) -> ClaudeCodeBuilder {
-        let mut b = ClaudeCode::builder().binary(&self.claude);
-        for (k, v) in self.fake.claude_env(self.home.path()) {
-            b = b.env(k, v);
-        }
-        b
+        ClaudeCode::builder()
+            .binary(&self.claude)
+            .process(self.process())
     }
 
     fn dir(&self) -> &Path {
@@ -199,11 +201,16 @@ async fn stop_mid_run(
         )
     })])
     .await?;
-    let mut b = s.builder().allowed_tools(["Bash"]).grace(grace);
+    let mut opts = s.process().grace(grace);
     if let Some(i) = idle {
-        b = b.idle_timeout(i);
+        opts = opts.idle_timeout(i);
     }
-    let exec = b.build().unwrap();
+    let exec = s
+        .builder()
+        .allowed_tools(["Bash"])
+        .process(opts)
+        .build()
+        .unwrap();
     let cancel = CancellationToken::new();
     let (stop_watch, watched) = common::watch_dir(s.dir().to_path_buf());
     let req = AgentRequest::new("wait a while", s.dir()).with_timeout(timeout);
@@ -239,7 +246,7 @@ async fn stop_mid_run(
 #[tokio::test]
 async fn cancel_mid_run_leaves_no_process() {
     if let Some(err) = stop_mid_run("321", LIMIT, None, None, true, Duration::from_secs(2)).await {
-        assert_eq!(err, ExecutorError::Cancelled);
+        assert_eq!(err.kind(), "cancelled");
     }
 }
 
@@ -248,7 +255,7 @@ async fn without_a_grace_period_the_tool_process_groups_are_still_killed() {
     // SIGKILL follows SIGTERM at once, so claude cannot clean up its Bash tool's process group
     // (a group of its own): the executor has to find and kill it.
     if let Some(err) = stop_mid_run("323", LIMIT, None, None, true, Duration::ZERO).await {
-        assert_eq!(err, ExecutorError::Cancelled);
+        assert_eq!(err.kind(), "cancelled");
     }
 }
 
@@ -265,7 +272,7 @@ async fn request_timeout_leaves_no_process() {
     )
     .await
     {
-        assert_eq!(err, ExecutorError::TimedOut(Duration::from_secs(8)));
+        assert_eq!(err.kind(), "timed_out");
     }
 }
 
@@ -281,7 +288,7 @@ async fn idle_watchdog_stops_a_model_that_streams_forever() {
     )
     .await
     {
-        assert_eq!(err, ExecutorError::Idle(Duration::from_secs(4)));
+        assert_eq!(err.kind(), "idle");
     }
 }
 
@@ -319,4 +326,35 @@ async fn health_reports_a_missing_binary() {
         let ok = ClaudeCode::builder().binary(claude).build().unwrap();
         assert!(ok.health().await.healthy);
     }
+}
+
+#[tokio::test]
+async fn a_prompt_larger_than_argv_allows_reaches_the_model_through_stdin() {
+    let Some(s) = setup(vec![Reply::text("read it all")]).await else {
+        return;
+    };
+    // 300 KiB, more than Linux accepts as one argument (128 KiB); starts with a dash and ends
+    // with a marker so that the model's copy can be checked whole.
+    let mut prompt = String::from("--not-an-option ");
+    while prompt.len() < 300 * 1024 {
+        prompt.push_str("all work and no play makes jack a dull boy. ");
+    }
+    prompt.push_str("END-OF-THE-LONG-PROMPT");
+    assert!(prompt.len() > aiwg_agents::MAX_ARGV_PROMPT);
+    let exec = s.builder().build().unwrap();
+    let (res, _) = run(&exec, AgentRequest::new(prompt.clone(), s.dir())).await;
+    assert_eq!(res.unwrap().output, "read it all");
+    let turns = s.fake.turns();
+    assert_eq!(turns.len(), 1);
+    let body = turns[0].body["messages"].to_string();
+    assert!(
+        body.contains("END-OF-THE-LONG-PROMPT"),
+        "the end of the prompt is missing"
+    );
+    assert!(body.contains("--not-an-option all work"));
+    let expected = serde_json::to_string(&prompt).unwrap();
+    assert!(
+        body.contains(expected.trim_matches('"')),
+        "the prompt did not arrive whole"
+    );
 }

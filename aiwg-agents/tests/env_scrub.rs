@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use aiwg_agents::testing::{FakeAnthropic, Reply};
-use aiwg_agents::{ClaudeCode, CommandExecutor};
+use aiwg_agents::{ClaudeCode, CommandExecutor, ProcessOptions};
 use aiwg_core::{AgentEvent, AgentRequest, EventSink, Executor};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +27,11 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
 
     // The command executor: only the allow-list, what it names, and what it sets.
     let exec = CommandExecutor::builder()
-        .pass_env("AIWG_TEST_PASSED_ON")
-        .env("EXTRA", "extra-5")
+        .process(
+            ProcessOptions::new()
+                .pass_env("AIWG_TEST_PASSED_ON")
+                .env("EXTRA", "extra-5"),
+        )
         .build()
         .unwrap();
     let res = exec
@@ -64,11 +67,12 @@ async fn secrets_do_not_reach_children_but_named_variables_do() {
     ])
     .await
     .unwrap();
-    let mut b = ClaudeCode::builder().binary(claude).allowed_tools(["Bash"]);
-    for (k, v) in fake.claude_env(home.path()) {
-        b = b.env(k, v);
-    }
-    let exec = b.build().unwrap();
+    let exec = ClaudeCode::builder()
+        .binary(claude)
+        .allowed_tools(["Bash"])
+        .process(ProcessOptions::new().envs(fake.claude_env(home.path())))
+        .build()
+        .unwrap();
     let (sink, mut rx) = EventSink::channel();
     let res = tokio::time::timeout(
         Duration::from_secs(120),

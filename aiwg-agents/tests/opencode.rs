@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use aiwg_agents::testing::{FakeAnthropic, Reply};
-use aiwg_agents::{OpenCode, OpenCodeServer};
+use aiwg_agents::{OpenCode, OpenCodeServer, ProcessOptions};
 use aiwg_core::{AgentEvent, AgentRequest, EventSink, Executor, ExecutorError};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,8 @@ async fn setup(script: Vec<Reply>, password: Option<&str>) -> Option<Setup> {
     .unwrap();
     let mut b = OpenCodeServer::builder(project.path())
         .binary(bin)
-        .startup_timeout(LIMIT)
+        .startup_timeout(LIMIT);
+    let opts = ProcessOptions::new()
         .env("HOME", home.path().to_string_lossy())
         .env(
             "XDG_CONFIG_HOME",
@@ -50,6 +51,7 @@ async fn setup(script: Vec<Reply>, password: Option<&str>) -> Option<Setup> {
         .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
         .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
         .env("OPENCODE_DISABLE_SHARE", "1");
+    b = b.process(opts);
     if let Some(p) = password {
         b = b.password(p);
     }
@@ -220,7 +222,7 @@ async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
         .unwrap()
         .unwrap()
         .unwrap_err();
-    assert_eq!(err, ExecutorError::Cancelled);
+    assert_eq!(err.kind(), "cancelled");
     // The server reports no busy session any more.
     let status: serde_json::Value = reqwest::get(format!(
         "{}/session/status?directory={}",
@@ -253,7 +255,7 @@ async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
     .await
     .unwrap()
     .unwrap_err();
-    assert_eq!(err, ExecutorError::TimedOut(Duration::from_secs(5)));
+    assert_eq!(err.kind(), "timed_out");
     let watched = s
         .server
         .client()
@@ -271,7 +273,7 @@ async fn cancel_aborts_the_session_and_waits_until_it_is_idle() {
     .await
     .unwrap()
     .unwrap_err();
-    assert_eq!(err, ExecutorError::Idle(Duration::from_secs(3)));
+    assert_eq!(err.kind(), "idle");
     s.server.shutdown().await;
 }
 
@@ -296,4 +298,61 @@ async fn an_unreachable_server_is_a_spawn_error_and_unhealthy() {
         .await
         .unwrap_err();
     assert!(matches!(err, ExecutorError::Spawn(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_serve_section_in_the_config_starts_a_supervised_server_that_dies_with_the_agent() {
+    let Some(bin) = common::peer("AIWG_TEST_OPENCODE") else {
+        return;
+    };
+    let fake = FakeAnthropic::start([Reply::text("served")]).await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("opencode.json"),
+        serde_json::to_vec_pretty(&fake.opencode_config()).unwrap(),
+    )
+    .unwrap();
+    let h = |sub: &str| home.path().join(sub).to_string_lossy().into_owned();
+    let agents = aiwg_agents::config::AgentsConfig::from_value(&json!({
+        "oc": {
+            "kind": "opencode",
+            "password": "pw-serve",
+            "idle_timeout": "2m",
+            "serve": {
+                "binary": bin,
+                "dir": project.path(),
+                "startup_timeout": "2m",
+                "grace": "1s",
+                "env": {
+                    "HOME": h(""), "XDG_CONFIG_HOME": h(".config"), "XDG_DATA_HOME": h(".data"),
+                    "XDG_CACHE_HOME": h(".cache"), "XDG_STATE_HOME": h(".state"),
+                    "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_MODELS_FETCH": "1",
+                    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1", "OPENCODE_DISABLE_SHARE": "1",
+                },
+            },
+        },
+    }))
+    .unwrap();
+    let built = agents.start().await.unwrap();
+    let (name, exec) = &built.executors[0];
+    assert_eq!(name, "oc");
+    let res = tokio::time::timeout(
+        LIMIT,
+        exec.execute(
+            AgentRequest::new("hello", project.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(res.output, "served");
+    assert!(!common::pids_in_dir(project.path()).is_empty());
+    drop(built);
+    assert!(
+        common::wait_for(LIMIT, || common::pids_in_dir(project.path()).is_empty()).await,
+        "the server outlived its agent"
+    );
 }

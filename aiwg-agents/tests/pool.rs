@@ -374,7 +374,7 @@ async fn cancelled_runs_do_not_count_as_failures() {
         .build()
         .unwrap();
     for _ in 0..3 {
-        assert_eq!(call(&pool).await.unwrap_err(), ExecutorError::Cancelled);
+        assert_eq!(call(&pool).await.unwrap_err().kind(), "cancelled");
     }
     assert_eq!(pool.circuit("m"), Some(CircuitState::Closed));
 }

@@ -31,6 +31,16 @@ pub fn load_config(bin: &str) -> Result<(String, Config), String> {
     }
 }
 
+/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core dumps, and a process
+/// of the same user — an agent run without a sandbox, say — can no longer read
+/// `/proc/<server>/environ`, `/proc/<server>/mem` or attach a debugger to the server. Call it
+/// first thing at start, before any secret is read.
+pub fn make_non_dumpable() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("aiwg: cannot make the process non-dumpable: {e}");
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     tracing_subscriber::fmt()

@@ -15,12 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aiwg_agents::{ClaudeCode, CommandExecutor, OpenCode, Pool, Strategy};
-use aiwg_core::config::{AgentConfig, Config, ConfigError, StorageKind};
+use aiwg_core::config::{Config, ConfigError, StorageKind};
 use aiwg_core::dispatch::Dispatcher;
 use aiwg_core::http::{Api, ApiKey, Scope};
 use aiwg_core::{Engine, Executor, JobStore, MemoryStore};
-use serde_json::Value;
 
 pub mod cli;
 
@@ -67,223 +65,25 @@ impl App {
     }
 }
 
-fn opt_str<'a>(o: &'a BTreeMap<String, Value>, k: &str) -> Option<&'a str> {
-    o.get(k).and_then(Value::as_str).filter(|s| !s.is_empty())
-}
-
-fn opt_strs(o: &BTreeMap<String, Value>, k: &str) -> Vec<String> {
-    o.get(k)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn opt_env(o: &BTreeMap<String, Value>) -> Vec<(String, String)> {
-    o.get("env")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn opt_duration(
-    o: &BTreeMap<String, Value>,
-    k: &str,
-    at: &str,
-) -> Result<Option<Duration>, ConfigError> {
-    match o.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_u64().map(Duration::from_secs)),
-        Some(Value::String(s)) => aiwg_core::util::parse_duration(s)
-            .map(Some)
-            .map_err(|e| ConfigError::new(format!("{at}.{k}"), e)),
-        Some(_) => Err(ConfigError::new(
-            format!("{at}.{k}"),
-            "must be a duration like \"30s\"",
-        )),
-    }
-}
-
-/// Finds `name` on `PATH` (or checks an explicit path).
-fn find_binary(name: &str) -> Option<std::path::PathBuf> {
-    let p = std::path::Path::new(name);
-    if p.components().count() > 1 {
-        return p.is_file().then(|| p.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|c| c.is_file())
+/// Builds every configured agent (typed, unknown keys refused; pools last; supervised
+/// `opencode serve` servers started). Errors name the full key (`agents.sh.sandboxx`).
+async fn build_agents(config: &Config) -> Result<aiwg_agents::config::BuiltAgents, ConfigError> {
+    let agents = aiwg_agents::config::AgentsConfig::from_core(&config.agents)
+        .map_err(|e| ConfigError::new(e.key, e.reason))?;
+    agents.start().await.map_err(|e| {
+        let mut reason = e.reason.clone();
+        if let Some(source) = std::error::Error::source(&e) {
+            reason = format!("{reason}: {source}");
+        }
+        ConfigError::new(e.key, reason)
     })
-}
-
-/// Builds one executor from its `agents:` entry. `Ok(None)` means "not available here" (the
-/// reason is in the error string of the second element).
-fn build_agent(
-    name: &str,
-    cfg: &AgentConfig,
-    built: &BTreeMap<String, Arc<dyn Executor>>,
-) -> Result<Result<Arc<dyn Executor>, String>, ConfigError> {
-    let at = format!("agents.{name}");
-    let o = &cfg.options;
-    let bad = |e: aiwg_agents::ConfigError| ConfigError::new(format!("{at}.{}", e.key), e.reason);
-    match cfg.kind.as_str() {
-        "command" => {
-            let mut b = CommandExecutor::builder();
-            for (k, v) in opt_env(o) {
-                b = b.env(k, v);
-            }
-            if let Some(d) = opt_duration(o, "idle_timeout", &at)? {
-                b = b.idle_timeout(d);
-            }
-            if let Some(allow) = o.get("allow_failure").and_then(Value::as_bool) {
-                b = b.allow_failure(allow);
-            }
-            let argv = opt_strs(o, "command");
-            if !argv.is_empty() {
-                b = b.template(argv);
-            }
-            Ok(Ok(Arc::new(b.build().map_err(bad)?)))
-        }
-        "claude-code" => {
-            let path = opt_str(o, "path").unwrap_or("claude");
-            let Some(binary) = find_binary(path) else {
-                return Ok(Err(format!(
-                    "agent `{name}` (claude-code) skipped: `{path}` was not found (set AIWG_CLAUDE_PATH)"
-                )));
-            };
-            let mut b = ClaudeCode::builder().binary(binary);
-            if let Some(m) = opt_str(o, "model") {
-                b = b.model(m);
-            }
-            if let Some(m) = opt_str(o, "permission_mode") {
-                b = b.permission_mode(m);
-            }
-            let allowed = opt_strs(o, "allowed_tools");
-            if !allowed.is_empty() {
-                b = b.allowed_tools(allowed);
-            }
-            let disallowed = opt_strs(o, "disallowed_tools");
-            if !disallowed.is_empty() {
-                b = b.disallowed_tools(disallowed);
-            }
-            if let Some(n) = o.get("max_turns").and_then(Value::as_u64) {
-                b = b.max_turns(
-                    u32::try_from(n)
-                        .map_err(|_| ConfigError::new(format!("{at}.max_turns"), "too large"))?,
-                );
-            }
-            if let Some(n) = o.get("max_budget_usd").and_then(Value::as_f64) {
-                b = b.max_budget_usd(n);
-            }
-            if let Some(s) = opt_str(o, "append_system_prompt") {
-                b = b.append_system_prompt(s);
-            }
-            if let Some(s) = opt_str(o, "mcp_config") {
-                b = b.mcp_config(s);
-            }
-            for (k, v) in opt_env(o) {
-                b = b.env(k, v);
-            }
-            for k in opt_strs(o, "pass_env") {
-                b = b.pass_env(k);
-            }
-            if let Some(d) = opt_duration(o, "idle_timeout", &at)? {
-                b = b.idle_timeout(d);
-            }
-            Ok(Ok(Arc::new(b.build().map_err(bad)?)))
-        }
-        "opencode" => {
-            let url = opt_str(o, "url").unwrap_or("http://127.0.0.1:4096");
-            let mut b = OpenCode::builder(url);
-            if let Some(p) = opt_str(o, "password") {
-                b = b.password(p);
-            }
-            if let Some(m) = opt_str(o, "model") {
-                b = b.model(m);
-            }
-            if let Some(d) = opt_duration(o, "idle_timeout", &at)? {
-                b = b.idle_timeout(d);
-            }
-            Ok(Ok(Arc::new(b.build().map_err(bad)?)))
-        }
-        "pool" => {
-            let strategy = match opt_str(o, "strategy").unwrap_or("round-robin") {
-                "round-robin" => Strategy::RoundRobin,
-                "least-connections" => Strategy::LeastConnections,
-                "weighted" => Strategy::Weighted,
-                other => {
-                    return Err(ConfigError::new(
-                        format!("{at}.strategy"),
-                        format!(
-                            "unknown strategy `{other}` (round-robin, least-connections, weighted)"
-                        ),
-                    ))
-                }
-            };
-            let mut b = Pool::builder().strategy(strategy);
-            let members = o
-                .get("members")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            if members.is_empty() {
-                return Err(ConfigError::new(
-                    format!("{at}.members"),
-                    "a pool needs members",
-                ));
-            }
-            for (i, m) in members.iter().enumerate() {
-                let (member, weight) = match m {
-                    Value::String(s) => (s.clone(), 1),
-                    Value::Object(obj) => (
-                        obj.get("agent")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_owned(),
-                        obj.get("weight").and_then(Value::as_u64).unwrap_or(1) as u32,
-                    ),
-                    _ => (String::new(), 1),
-                };
-                let Some(exec) = built.get(&member) else {
-                    return Err(ConfigError::new(
-                        format!("{at}.members[{i}]"),
-                        format!("`{member}` is not an agent defined before the pool"),
-                    ));
-                };
-                b = b.member(member, Arc::clone(exec), weight);
-            }
-            Ok(Ok(Arc::new(b.build().map_err(bad)?)))
-        }
-        other => Err(ConfigError::new(
-            format!("{at}.kind"),
-            format!("unknown agent kind `{other}` (claude-code, opencode, command, pool)"),
-        )),
-    }
 }
 
 /// Builds everything from `config` on the current tokio runtime.
 pub async fn build(config: &Config) -> Result<App, AppError> {
-    let mut skipped = Vec::new();
-    // Agents: pools last, so their members exist.
-    let mut built: BTreeMap<String, Arc<dyn Executor>> = BTreeMap::new();
-    let (pools, plain): (Vec<_>, Vec<_>) =
-        config.agents.iter().partition(|(_, a)| a.kind == "pool");
-    for (name, cfg) in plain.into_iter().chain(pools) {
-        match build_agent(name, cfg, &built)? {
-            Ok(exec) => {
-                built.insert(name.clone(), exec);
-            }
-            Err(reason) => skipped.push(reason),
-        }
-    }
+    let agents = build_agents(config).await?;
+    let mut skipped = agents.skipped;
+    let built: BTreeMap<String, Arc<dyn Executor>> = agents.executors.into_iter().collect();
     let mut builder = config.engine.apply(Engine::builder());
     for (name, exec) in &built {
         builder = builder.executor(name.clone(), Arc::clone(exec));

@@ -303,3 +303,26 @@ fn unknown_config_keys_are_refused_naming_the_key() {
         assert!(err.contains("unknown key"), "{yaml}: {err}");
     }
 }
+
+#[test]
+fn an_unknown_agent_key_names_it_and_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad-agent.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "projects: {{ root: \"{}\" }}\nagents:\n  sbx: {{ kind: command, sandboxx: bwrap }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agents.sbx.sandboxx"), "{err}");
+    assert!(err.contains("unknown key"), "{err}");
+}

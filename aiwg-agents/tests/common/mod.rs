@@ -91,3 +91,16 @@ pub fn watch_dir(
     });
     (tx, task)
 }
+
+/// Whether bubblewrap is installed. Missing: false with a note, or a panic under CI.
+pub fn bwrap() -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("bwrap").is_file()));
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("bwrap is not installed; run `bash scripts/install-peers.sh`");
+        }
+        eprintln!("skipping: bwrap is not installed (apt-get install bubblewrap)");
+    }
+    found
+}

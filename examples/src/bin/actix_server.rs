@@ -16,6 +16,7 @@ use aiwg_examples::cli;
 // dispatcher and the signal handling run on this tokio runtime.
 #[tokio::main]
 async fn main() -> ExitCode {
+    cli::make_non_dumpable();
     cli::init_tracing();
     let (source, config) = match cli::load_config("actix_server") {
         Ok(c) => c,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    cli::make_non_dumpable();
     cli::init_tracing();
     let (source, config) = match cli::load_config("server") {
         Ok(c) => c,
