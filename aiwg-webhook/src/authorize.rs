@@ -47,6 +47,11 @@ pub enum IgnoreReason {
     RoleNotAllowed,
     /// The event has no actor while the policy needs one.
     NoActor,
+    /// The platform gives no author association and no rule says who may trigger
+    /// (`allowed_users` is not set): GitLab, Gitea/Forgejo and Bitbucket fail closed.
+    NotAuthorized,
+    /// The chat channel, workspace or server is not in the platform's allow-list.
+    PlaceNotAllowed(String),
     /// The workflow may not be started from this platform.
     WorkflowNotAllowed(String),
     /// A pull request from a fork, refused by the fork policy.
@@ -87,6 +92,10 @@ impl fmt::Display for IgnoreReason {
             Self::AssociationNotAllowed(None) => f.write_str("author association unknown"),
             Self::RoleNotAllowed => f.write_str("member has no allowed role"),
             Self::NoActor => f.write_str("the event names no sender"),
+            Self::NotAuthorized => f.write_str("not authorized"),
+            Self::PlaceNotAllowed(place) => {
+                write!(f, "{place} is not allowed to trigger workflows")
+            }
             Self::WorkflowNotAllowed(w) => write!(f, "workflow `{w}` may not be started from here"),
             Self::ForkRefused => f.write_str("pull requests from forks are refused"),
             Self::ProjectNotAccepted => {
@@ -110,6 +119,8 @@ impl IgnoreReason {
             Self::UserNotAllowed(_)
             | Self::AssociationNotAllowed(_)
             | Self::RoleNotAllowed
+            | Self::NotAuthorized
+            | Self::PlaceNotAllowed(_)
             | Self::NoActor => "not_allowed",
             Self::WorkflowNotAllowed(_) => "workflow_not_allowed",
             Self::ForkRefused => "fork",
@@ -136,6 +147,11 @@ pub(crate) fn authorize_actor(
     event: &InboundEvent,
     skip_association: bool,
 ) -> Result<(), IgnoreReason> {
+    // Forges whose payloads carry no author association: only an explicit list of users may
+    // trigger (fail closed), for comments and rules alike.
+    if event.platform.needs_allowed_users() && policy.allowed_users.is_empty() {
+        return Err(IgnoreReason::NotAuthorized);
+    }
     let needs_actor = !policy.allowed_users.is_empty() || !allowed_roles.is_empty();
     let Some(actor) = &event.actor else {
         return if needs_actor || event.platform.is_forge() && !skip_association {
@@ -181,11 +197,15 @@ pub(crate) fn authorize_command(
             return Err(IgnoreReason::WorkflowNotAllowed(command.workflow.clone()));
         }
     }
+    // A pull request whose origin the payload does not establish counts as a fork (fail
+    // closed), except GitHub's comment events, which never carry it and are gated by the
+    // author's association instead.
+    let unknown_is_fork = event.platform != crate::event::Platform::GitHub;
     if policy.fork_policy == ForkPolicy::Refuse
         && event
             .pull_request
             .as_ref()
-            .is_some_and(|pr| pr.from_fork == Some(true))
+            .is_some_and(|pr| pr.from_fork.unwrap_or(unknown_is_fork))
     {
         return Err(IgnoreReason::ForkRefused);
     }

@@ -254,6 +254,12 @@ platform_config! {
         /// The slash command (default `/aiwg`); other commands are ignored.
         #[serde(default = "default_slack_command")]
         command: String = default_slack_command(),
+        /// When not empty, only these channel ids may trigger.
+        #[serde(default)]
+        allowed_channels: Vec<String> = Vec::new(),
+        /// When not empty, only these workspace (team) ids may trigger.
+        #[serde(default)]
+        allowed_teams: Vec<String> = Vec::new(),
     }
 }
 
@@ -269,6 +275,9 @@ platform_config! {
         /// When not empty, only members having one of these role ids may trigger.
         #[serde(default)]
         allowed_roles: Vec<String> = Vec::new(),
+        /// When not empty, only these servers (guild ids) may trigger.
+        #[serde(default)]
+        allowed_guilds: Vec<String> = Vec::new(),
     }
 }
 

@@ -52,6 +52,13 @@ impl Platform {
         }
     }
 
+    /// Whether its payloads carry no author association, so that `allowed_users` must say who
+    /// may trigger (GitLab, Gitea/Forgejo, Bitbucket).
+    #[must_use]
+    pub fn needs_allowed_users(self) -> bool {
+        matches!(self, Self::GitLab | Self::Gitea | Self::Bitbucket)
+    }
+
     /// Whether this platform hosts repositories (and so answers like a forge).
     #[must_use]
     pub fn is_forge(self) -> bool {

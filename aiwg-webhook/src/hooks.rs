@@ -171,6 +171,14 @@ impl HooksBuilder {
         if let Some(g) = &c.generic {
             setups.push(Setup::new(platform::generic::Generic::new(g)?, g.policy()));
         }
+        for setup in &setups {
+            let platform = setup.endpoint.platform();
+            if platform.needs_allowed_users() && setup.policy.allowed_users.is_empty() {
+                tracing::warn!(
+                    "triggers.{platform}: comments and rules from {platform} are ignored (\"not authorized\") until triggers.{platform}.allowed_users names who may trigger"
+                );
+            }
+        }
         for (name, platform, configured) in c.sections() {
             if configured && !compiled_in(platform) {
                 return Err(BuildError::Invalid {
@@ -209,6 +217,22 @@ impl Setup {
             endpoint: Box::new(endpoint),
             policy,
         }
+    }
+
+    /// Who may trigger: the section's policy, then the platform's own allow-lists.
+    fn authorize_actor(
+        &self,
+        event: &InboundEvent,
+        skip_association: bool,
+    ) -> Result<(), HookOutcome> {
+        authorize_actor(
+            &self.policy,
+            self.endpoint.allowed_roles(),
+            event,
+            skip_association,
+        )
+        .and_then(|()| self.endpoint.authorize(event))
+        .map_err(HookOutcome::Ignored)
     }
 }
 
@@ -373,13 +397,11 @@ impl Hooks {
         match parsed {
             Ok(Parsed::NotAddressed) => ignore(IgnoreReason::NotAddressed),
             Err(e) => {
-                authorize_actor(&setup.policy, setup.endpoint.allowed_roles(), event, false)
-                    .map_err(HookOutcome::Ignored)?;
+                setup.authorize_actor(event, false)?;
                 ignore(IgnoreReason::InvalidCommand(e))
             }
             Ok(Parsed::Help) => {
-                authorize_actor(&setup.policy, setup.endpoint.allowed_roles(), event, false)
-                    .map_err(HookOutcome::Ignored)?;
+                setup.authorize_actor(event, false)?;
                 let list = self
                     .inner
                     .engine
@@ -410,14 +432,10 @@ impl Hooks {
         origin: Origin,
     ) -> HookOutcome {
         let skip_association = matches!(origin, Origin::Rule { label: true });
-        if let Err(r) = authorize_actor(
-            &setup.policy,
-            setup.endpoint.allowed_roles(),
-            event,
-            skip_association,
-        )
-        .and_then(|()| authorize_command(&setup.policy, event, &command))
-        {
+        if let Err(outcome) = setup.authorize_actor(event, skip_association) {
+            return outcome;
+        }
+        if let Err(r) = authorize_command(&setup.policy, event, &command) {
             return HookOutcome::Ignored(r);
         }
         let workflow = command.workflow.clone();

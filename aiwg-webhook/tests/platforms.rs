@@ -753,7 +753,11 @@ async fn discord_bad_public_key_fails_the_build() {
 
 #[tokio::test]
 async fn gitea_and_forgejo() {
-    let hooks = hooks("gitea: { secret: gt-secret, allowed_associations: [] }");
+    // Gitea's comment payloads name no author association and not the pull request's origin:
+    // by default nobody may trigger, and an unknown origin counts as a fork.
+    let outsider_check = hooks("gitea: { secret: gt-secret }");
+    let fork_check = hooks("gitea: { secret: gt-secret, allowed_users: [alice] }");
+    let hooks = hooks("gitea: { secret: gt-secret, allowed_users: [alice], fork_policy: allow }");
     let body = json!({
         "action": "created", "is_pull": true,
         "issue": { "number": 4, "pull_request": { "merged": false }, "user": { "login": "alice" } },
@@ -763,6 +767,23 @@ async fn gitea_and_forgejo() {
     })
     .to_string();
     let sig = hmac_hex(b"gt-secret", &[body.as_bytes()]);
+    let h = headers(&[
+        ("x-gitea-signature", &sig),
+        ("x-gitea-event", "issue_comment"),
+        ("x-gitea-delivery", "g-0"),
+    ]);
+    let r = outsider_check
+        .handle("gitea", &h, body.as_bytes(), &never())
+        .await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert_eq!(
+        r.json().expect("json"),
+        json!({ "ignored": "not authorized" })
+    );
+    let r = fork_check
+        .handle("gitea", &h, body.as_bytes(), &never())
+        .await;
+    assert_eq!(r.outcome, HookOutcome::Ignored(IgnoreReason::ForkRefused));
     for (sig_header, event_header, delivery_header) in [
         ("x-gitea-signature", "x-gitea-event", "x-gitea-delivery"),
         (
@@ -817,7 +838,9 @@ async fn gitea_and_forgejo() {
 
 #[tokio::test]
 async fn bitbucket_comment() {
-    let hooks = hooks("bitbucket: { secret: bb-secret }");
+    let hooks = hooks("bitbucket: { secret: bb-secret, allowed_users: [alice] }");
+    let closed = common::hooks("bitbucket: { secret: bb-secret }");
+    let outsider = common::hooks("bitbucket: { secret: bb-secret, allowed_users: [bob] }");
     let body = json!({
         "actor": { "display_name": "Alice", "nickname": "alice", "account_id": "557058:1", "type": "user" },
         "repository": { "full_name": "team/repo", "links": { "html": { "href": "https://bitbucket.org/team/repo" } }, "mainbranch": { "name": "main" } },
@@ -833,6 +856,20 @@ async fn bitbucket_comment() {
         ("x-event-key", "pullrequest:comment_created"),
         ("x-request-uuid", "bb-1"),
     ]);
+    let r = closed
+        .handle("bitbucket", &h, body.as_bytes(), &never())
+        .await;
+    assert_eq!(
+        r.json().expect("json"),
+        json!({ "ignored": "not authorized" })
+    );
+    let r = outsider
+        .handle("bitbucket", &h, body.as_bytes(), &never())
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::UserNotAllowed("alice".into()))
+    );
     let (sub, seen) = capturing(1);
     let r = hooks.handle("bitbucket", &h, body.as_bytes(), &sub).await;
     assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
@@ -1033,4 +1070,117 @@ async fn no_secret_in_debug_display_or_responses() {
             "leaked the expected signature in {text}"
         );
     }
+}
+
+// ---------------------------------------------------------------- who may trigger
+
+#[tokio::test]
+async fn forges_without_associations_fail_closed_without_allowed_users() {
+    // GitLab with only its token: nobody is authorized, comments and rules alike.
+    let closed = hooks("gitlab: { token: gl-secret-token, rules: [ { event: pull_request, action: opened, workflow: review } ] }");
+    let body = gl_note_on_mr("@aiwg review", "mallory", 15);
+    let h = gl_headers("Note Hook", "gl-secret-token", "uuid-x");
+    let r = closed.handle("gitlab", &h, &body, &never()).await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert_eq!(
+        r.json().expect("json"),
+        json!({ "ignored": "not authorized" })
+    );
+    // The allowed user is accepted once the rule names them; an outsider is still ignored.
+    let open = hooks(GL);
+    let (sub, _) = capturing(1);
+    let ok = gl_note_on_mr("@aiwg review", "alice", 15);
+    let r = open
+        .handle(
+            "gitlab",
+            &gl_headers("Note Hook", "gl-secret-token", "uuid-y"),
+            &ok,
+            &sub,
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 202, "{:?}", r.outcome);
+    let r = open.handle("gitlab", &h, &body, &never()).await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::UserNotAllowed("mallory".into()))
+    );
+}
+
+#[tokio::test]
+async fn slack_channels_teams_and_discord_servers_can_be_restricted() {
+    let body = "token=x&team_id=T1&channel_id=C1&user_id=U1&command=%2Faiwg&text=fix&response_url=https%3A%2F%2Fhooks.slack.com%2Fx&trigger_id=9.9.9";
+    let slack = |extra: &str| TestHooks {
+        config: serde_norway::from_str(&format!(
+            "slack: {{ signing_secret: \"{SLACK_SECRET}\", command: /aiwg, {extra} }}"
+        ))
+        .expect("config"),
+        ..hooks_at("{}", SLACK_TS + 10)
+    };
+    let h = slack_headers(body.as_bytes(), SLACK_TS);
+    for (extra, refused) in [
+        (
+            "allowed_channels: [C2]",
+            Some("channel `C1` is not allowed to trigger workflows"),
+        ),
+        (
+            "allowed_teams: [T2]",
+            Some("workspace `T1` is not allowed to trigger workflows"),
+        ),
+        (
+            "allowed_users: [U2]",
+            Some("sender `U1` is not allowed to trigger workflows"),
+        ),
+        (
+            "allowed_channels: [C1], allowed_teams: [T1], allowed_users: [U1]",
+            None,
+        ),
+    ] {
+        let hooks = slack(extra);
+        match refused {
+            Some(why) => {
+                let r = hooks.handle("slack", &h, body.as_bytes(), &never()).await;
+                let text = r.json().expect("json")["text"]
+                    .as_str()
+                    .expect("text")
+                    .to_owned();
+                assert!(text.contains(why), "{extra}: {text}");
+            }
+            None => {
+                let (sub, _) = capturing(1);
+                let r = hooks.handle("slack", &h, body.as_bytes(), &sub).await;
+                assert!(
+                    matches!(r.outcome, HookOutcome::Submitted { .. }),
+                    "{extra}: {:?}",
+                    r.outcome
+                );
+            }
+        }
+    }
+
+    let command = json!({ "type": 2, "id": "5500", "application_id": "2200", "token": "t",
+        "guild_id": "G1", "channel_id": "C1",
+        "member": { "user": { "id": "77" }, "roles": ["42"] },
+        "data": { "name": "aiwg", "options": [ { "name": "text", "type": 3, "value": "fix" } ] } })
+    .to_string();
+    let h = discord_headers(command.as_bytes(), "1700000000");
+    let guarded = hooks(&format!(
+        "discord: {{ public_key: \"{RFC8032_PUBLIC}\", allowed_guilds: [\"G2\"] }}"
+    ));
+    let r = guarded
+        .handle("discord", &h, command.as_bytes(), &never())
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::PlaceNotAllowed("server `G1`".into()))
+    );
+    let open = hooks(&format!(
+        "discord: {{ public_key: \"{RFC8032_PUBLIC}\", allowed_guilds: [\"G1\"] }}"
+    ));
+    let (sub, _) = capturing(1);
+    let r = open.handle("discord", &h, command.as_bytes(), &sub).await;
+    assert!(
+        matches!(r.outcome, HookOutcome::Submitted { .. }),
+        "{:?}",
+        r.outcome
+    );
 }

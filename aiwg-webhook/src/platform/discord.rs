@@ -209,6 +209,7 @@ pub(crate) struct Discord {
     key: Option<VerifyingKey>,
     command: String,
     allowed_roles: Vec<String>,
+    allowed_guilds: Vec<String>,
 }
 
 impl Discord {
@@ -227,6 +228,7 @@ impl Discord {
             key,
             command: config.command.clone(),
             allowed_roles: config.allowed_roles.clone(),
+            allowed_guilds: config.allowed_guilds.clone(),
         })
     }
 }
@@ -249,6 +251,9 @@ impl super::Endpoint for Discord {
     }
     fn allowed_roles(&self) -> &[String] {
         &self.allowed_roles
+    }
+    fn authorize(&self, event: &InboundEvent) -> Result<(), crate::IgnoreReason> {
+        super::allowed_place(event, "discord_guild", "server", &self.allowed_guilds)
     }
     fn answer(&self, outcome: &crate::HookOutcome) -> aiwg_core::http::ApiResponse {
         use crate::response::{chat_text, errors, json};

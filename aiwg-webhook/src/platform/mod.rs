@@ -55,9 +55,35 @@ pub(crate) trait Endpoint: Send + Sync + 'static {
     fn allowed_roles(&self) -> &[String] {
         &[]
     }
+    /// Platform-specific allow-lists (Slack channels and workspaces, Discord servers), checked
+    /// with the rest of the trigger policy.
+    fn authorize(&self, _event: &InboundEvent) -> Result<(), crate::IgnoreReason> {
+        Ok(())
+    }
     /// The answer to `outcome` (default: the forges' JSON answers).
     fn answer(&self, outcome: &HookOutcome) -> ApiResponse {
         crate::response::forge(outcome)
+    }
+}
+
+/// `Ok` when `list` is empty or holds `value` of the event's `reply` field `field`.
+pub(crate) fn allowed_place(
+    event: &InboundEvent,
+    field: &str,
+    what: &str,
+    list: &[String],
+) -> Result<(), crate::IgnoreReason> {
+    if list.is_empty() {
+        return Ok(());
+    }
+    match event.reply.get(field) {
+        Some(v) if list.iter().any(|a| a == v) => Ok(()),
+        Some(v) => Err(crate::IgnoreReason::PlaceNotAllowed(format!(
+            "{what} `{v}`"
+        ))),
+        None => Err(crate::IgnoreReason::PlaceNotAllowed(format!(
+            "an unknown {what}"
+        ))),
     }
 }
 

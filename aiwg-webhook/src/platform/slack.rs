@@ -198,6 +198,8 @@ fn parse_form(body: &[u8]) -> Result<InboundEvent, ParseError> {
 pub(crate) struct Slack {
     secret: Secret,
     command: String,
+    allowed_channels: Vec<String>,
+    allowed_teams: Vec<String>,
 }
 
 impl Slack {
@@ -205,6 +207,8 @@ impl Slack {
         Self {
             secret: config.signing_secret.clone(),
             command: config.command.clone(),
+            allowed_channels: config.allowed_channels.clone(),
+            allowed_teams: config.allowed_teams.clone(),
         }
     }
 }
@@ -221,6 +225,10 @@ impl super::Endpoint for Slack {
     }
     fn command(&self) -> Option<&str> {
         Some(&self.command)
+    }
+    fn authorize(&self, event: &InboundEvent) -> Result<(), crate::IgnoreReason> {
+        super::allowed_place(event, "slack_team", "workspace", &self.allowed_teams)?;
+        super::allowed_place(event, "slack_channel", "channel", &self.allowed_channels)
     }
     fn answer(&self, outcome: &crate::HookOutcome) -> aiwg_core::http::ApiResponse {
         use crate::response::{chat_text, errors, json};
