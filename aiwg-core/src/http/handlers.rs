@@ -12,7 +12,7 @@ use super::types::{
     AgentStatus, CancelAnswer, HealthAnswer, JobList, ServerStatus, StatusDocument,
     TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
-use super::{parse_query, sse, Api, ApiRequest, ApiResponse, Problem, Route};
+use super::{parse_query, sse, Access, Api, ApiRequest, ApiResponse, Problem, Route, RouteSpec};
 use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
 use crate::engine::{EngineError, SubmitError};
 use crate::job::{JobId, JobStatus};
@@ -42,57 +42,26 @@ pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::Prometheus
         .clone()
 }
 
-fn allowed(methods: &[Method], req: &ApiRequest) -> Result<(), Problem> {
-    if methods.contains(&req.method) {
-        Ok(())
-    } else {
-        let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-        Err(Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            format!(
-                "{} is not allowed here; use {}",
-                req.method,
-                list.join(", ")
-            ),
-        ))
-    }
+fn method_not_allowed(spec: &RouteSpec, req: &ApiRequest) -> Problem {
+    let list: Vec<&str> = spec.methods.iter().map(Method::as_str).collect();
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!(
+            "{} is not allowed here; use {}",
+            req.method,
+            list.join(", ")
+        ),
+    )
 }
 
-fn allow_header(methods: &[Method]) -> HeaderValue {
-    let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("GET"))
-}
-
-fn route_methods(route: Route) -> &'static [Method] {
-    match route {
-        Route::Trigger
-        | Route::Cancel
-        | Route::WebhookRotate
-        | Route::WebhookRetry
-        | Route::Hook => &[Method::POST],
-        Route::Webhooks => &[Method::GET, Method::POST],
-        Route::Webhook => &[Method::GET, Method::PATCH, Method::DELETE],
-        _ => &[Method::GET],
-    }
-}
-
-/// Which scope a route needs (`None`: public).
-fn route_scope(api: &Api, route: Route) -> Option<Scope> {
-    match route {
-        Route::Trigger => Some(Scope::Trigger),
-        Route::Cancel => Some(Scope::Cancel),
-        Route::Available | Route::Status | Route::Events | Route::Jobs | Route::ServerStatus => {
-            Some(Scope::Read)
-        }
-        Route::Metrics if api.inner.metrics_public => None,
-        Route::Metrics => Some(Scope::Read),
-        Route::Webhooks
-        | Route::Webhook
-        | Route::WebhookRotate
-        | Route::WebhookDeliveries
-        | Route::WebhookRetry => Some(Scope::Admin),
-        Route::Hook | Route::Health | Route::OpenApi => None,
+/// Which scope a route needs (`None`: no key), from the route table.
+fn required_scope(api: &Api, spec: &RouteSpec) -> Option<Scope> {
+    match spec.access {
+        Access::Key(scope) => Some(scope),
+        Access::Configurable(_) if api.inner.metrics_public => None,
+        Access::Configurable(scope) => Some(scope),
+        Access::Public | Access::Unlimited | Access::Signature => None,
     }
 }
 
@@ -148,15 +117,16 @@ fn scope_name(s: Scope) -> &'static str {
 }
 
 pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
-    let route = req.route;
-    let methods = route_methods(route);
+    let spec = req.route.spec();
     let allow_origin = super::cors::allow_origin(api, &req.headers);
     if super::cors::is_preflight(api, &req.method, &req.headers) {
-        return super::cors::preflight(allow_origin, methods);
+        return super::cors::preflight(allow_origin, spec);
     }
     let answer = async {
-        allowed(methods, &req)?;
-        let actor = match route_scope(api, route) {
+        if !spec.allows(&req.method) {
+            return Err(method_not_allowed(spec, &req));
+        }
+        let actor = match required_scope(api, spec) {
             Some(scope) => {
                 // Failed authentication counts against the client's address, so guessing keys
                 // is rate limited too.
@@ -176,7 +146,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
             }
             None => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
-                    if route != Route::Health {
+                    if spec.access != Access::Unlimited {
                         l.check_addr(ip).map_err(too_many)?;
                     }
                 }
@@ -188,8 +158,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     .await;
     let mut res = answer.unwrap_or_else(Problem::into_response);
     if res.status == StatusCode::METHOD_NOT_ALLOWED {
-        res.headers
-            .insert(http::header::ALLOW, allow_header(methods));
+        res.headers.insert(http::header::ALLOW, spec.allow_header());
     }
     super::cors::decorate(&mut res, allow_origin, !api.cors_origins().is_empty());
     res
