@@ -232,6 +232,15 @@ fn json_body<T: DeserializeOwned>(req: &ApiRequest) -> Result<T, Problem> {
             "the body must be application/json",
         ));
     }
+    // Every body of the API is a JSON object; serde would also read a struct from an array.
+    let first = req.body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "invalid JSON body: expected an object",
+        ));
+    }
     serde_json::from_slice(&req.body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
@@ -526,6 +535,31 @@ fn dispatch_problem(e: DispatchError) -> Problem {
     }
 }
 
+/// A subscription's `url` and `events` as the OpenAPI document describes them, so that the
+/// document says exactly what is accepted; the dispatcher then applies its own checks.
+fn check_subscription(url: Option<&str>, events: Option<&[String]>) -> Result<(), Problem> {
+    let bad = |detail: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-request", detail);
+    if let Some(url) = url {
+        if !super::openapi::subscription_url_ok(url) {
+            return Err(bad(format!(
+                "`url` must be an http or https URL with a host name (not an address), at most {} bytes",
+                super::openapi::SUBSCRIPTION_URL_MAX
+            )));
+        }
+    }
+    if let Some(bad_filter) = events
+        .unwrap_or_default()
+        .iter()
+        .find(|e| !super::openapi::event_filter_ok(e))
+    {
+        return Err(bad(format!(
+            "unknown event filter `{bad_filter}` (expected `*`, `job.*` or one of {})",
+            crate::dispatch::EVENT_TYPES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Answer {
     Ok(ApiResponse::json(status, value))
 }
@@ -549,6 +583,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
         }
         (Route::Webhooks, _) => {
             let body: CreateSubscription = json_body(req)?;
+            check_subscription(Some(&body.url), Some(&body.events))?;
             json_ok(
                 StatusCode::CREATED,
                 &d.create(body).await.map_err(dispatch_problem)?,
@@ -560,6 +595,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
         ),
         (Route::Webhook, &Method::PATCH) => {
             let body: UpdateSubscription = json_body(req)?;
+            check_subscription(body.url.as_deref(), body.events.as_deref())?;
             json_ok(
                 StatusCode::OK,
                 &d.update(sub_id()?, body).await.map_err(dispatch_problem)?,

@@ -1547,6 +1547,15 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["enabled"], false);
+    // A struct is never read from an array (serde would): bodies are JSON objects.
+    c.send(
+        "PATCH",
+        &format!("/webhooks/{id}"),
+        Some(ADMIN_KEY),
+        Some(Body::Raw("application/json", b"[null, null]".to_vec())),
+    )
+    .await
+    .assert_problem(400);
     let r = c
         .send(
             "POST",
