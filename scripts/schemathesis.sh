@@ -58,7 +58,9 @@ for _ in $(seq 1 150); do
 done
 
 status=0
-SCHEMATHESIS_HOOKS=scripts/schemathesis_hooks.py "$venv/bin/st" run "$base/openapi.json" \
+repo=$(pwd)
+# Run from the scratch folder, so schemathesis' and Hypothesis' caches stay out of the tree.
+(cd "$work" && SCHEMATHESIS_HOOKS="$repo/scripts/schemathesis_hooks.py" "$repo/$venv/bin/st" run "$base/openapi.json" \
     --header "Authorization: Bearer $key" \
     --checks all \
     --workers 1 \
@@ -66,7 +68,7 @@ SCHEMATHESIS_HOOKS=scripts/schemathesis_hooks.py "$venv/bin/st" run "$base/opena
     --request-timeout 20 \
     --seed 1 \
     --no-color \
-    "$@" || status=$?
+    "$@") || status=$?
 if [ "$status" -ne 0 ]; then
     echo "schemathesis failed (exit $status); server log:" >&2
     tail -n 50 "$work/server.log" >&2
