@@ -5,7 +5,7 @@
 //! and calls [`conformance_suite`]. The suite talks to what it serves through a [`Transport`]:
 //! over HTTP for a [`Served::new`] server, or straight to the [`Api`] for [`InProcess`], which
 //! runs the same checks against the framework-neutral layer alone (`ApiRequest` in,
-//! `ApiResponse` out, SSE read from [`ApiBody::Stream`](crate::http::ApiBody::Stream)), like
+//! `ApiResponse` out, SSE read from [`ApiBody::Stream`]), like
 //! juniper's `http::tests` run one suite against every integration. The suite builds its own
 //! engines with scripted executors, so it needs no agent and no network beyond 127.0.0.1.
 //!
