@@ -361,6 +361,16 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
         }
         (h, b) => h.or(b),
     };
+    if idempotency_key
+        .as_deref()
+        .is_some_and(|k| !super::openapi::idempotency_key_ok(k))
+    {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+            "the idempotency key must be 1 to 255 printable ASCII characters",
+        ));
+    }
     let mut params = BTreeMap::new();
     for (k, v) in body.params.unwrap_or_default() {
         let v = param_value(&k, v)?;

@@ -114,6 +114,15 @@ pub(super) fn subscription_url_ok(url: &str) -> bool {
             .is_some_and(|re| re.is_match(url))
 }
 
+/// What an idempotency key (header or body) must look like: 1 to 255 printable ASCII
+/// characters ([`idempotency_key_ok`]).
+const IDEMPOTENCY_KEY: &str = "^[ -~]{1,255}$";
+
+/// Whether `key` is an idempotency key as the document describes it.
+pub(super) fn idempotency_key_ok(key: &str) -> bool {
+    (1..=255).contains(&key.len()) && key.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
 /// Whether `filter` is an event filter as the document describes it (exactly; no spaces).
 pub(super) fn event_filter_ok(filter: &str) -> bool {
     filter == "*" || filter == "job.*" || EVENT_TYPES.contains(&filter)
@@ -145,6 +154,10 @@ fn refinements() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "JobResult",
+            json!({"properties": {"usage": {"type": ["object", "null"]}}}),
+        ),
+        (
             "TriggerBody",
             json!({
                 "additionalProperties": false,
@@ -153,9 +166,10 @@ fn refinements() -> Vec<(&'static str, Value)> {
                     "guidance": {"pattern": "^[^\\u0000]*$",
                         "description": "Free text for the agent: at most 64 KiB, no NUL."},
                     "params": {"type": ["object", "null"],
+                        "description": "Parameter values; the names and values each workflow takes are listed by `GET /workflows/available`.",
                         "additionalProperties": {"type": ["string", "number", "boolean"]}},
                     "priority": {"minimum": i32::MIN, "maximum": i32::MAX},
-                    "idempotency_key": {"pattern": "^[!-~]{1,255}$"},
+                    "idempotency_key": {"pattern": IDEMPOTENCY_KEY},
                 },
             }),
         ),
@@ -336,7 +350,7 @@ fn details(route: Route, method: &http::Method) -> Value {
             "tags": ["jobs"],
             "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false,
                 "description": "Same key and body → the same job (also `idempotency_key` in the body; both must agree)",
-                "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}}],
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY}}],
             "requestBody": json_body("TriggerBody"),
             "responses": body_errors(json!({
                 "202": links(with_header(json_response("Queued", schema("TriggerAccepted")),
@@ -390,8 +404,18 @@ fn details(route: Route, method: &http::Method) -> Value {
                     json!({"type": "integer", "minimum": 0, "maximum": i64::MAX})),
             ],
             "responses": {
-                "200": {"description": "`id:` the sequence number, `event:` the kind, `data:` the JSON event; history first, then live, until the terminal event",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "200": {"description": "Server-sent events: history first, then live, until the terminal event; keep-alive comments between",
+                    "content": {"text/event-stream": {"schema": {
+                        "description": "One event (OpenAPI 3.1: the schema of each event of the stream)",
+                        "type": "object",
+                        "required": ["id", "event", "data"],
+                        "properties": {
+                            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The event's sequence number"},
+                            "event": {"type": "string", "description": "Its kind (`status`, `step.started`, `agent`, …)"},
+                            "data": {"type": "string", "contentMediaType": "application/json", "description": "The event as JSON"},
+                            "retry": {"type": "integer", "minimum": 0},
+                        },
+                    }}}},
                 "400": problem("Not a job id, or a malformed Last-Event-ID"),
                 "404": problem("No such job"),
             },
