@@ -960,6 +960,19 @@ async fn synchronous_trigger(server: &dyn Serve) {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["status"], "completed");
     assert_eq!(r.json()["result"]["summary"], "done");
+    // JSON Schema counts 5.0 as an integer, so the server does too.
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "proj", "async": false, "priority": 5.0}),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["priority"], 5);
 }
 
 async fn cancel_running_and_finished(server: &dyn Serve) {
@@ -1166,6 +1179,16 @@ async fn bad_requests_are_problems(server: &dyn Serve) {
             403,
         ),
         (Some(Body::Json(json!({"workflow": "ghost"}))), 404),
+        (
+            Some(Body::Json(
+                json!({"workflow": "echo", "idempotency_key": "clé"}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(json!({"workflow": "echo", "priority": 5.5}))),
+            400,
+        ),
         (
             Some(Body::Raw("text/plain", b"{\"workflow\":\"echo\"}".to_vec())),
             415,
@@ -1597,6 +1620,16 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         )
         .await;
     r.assert_problem(400);
+    // URLs and filters exactly as the OpenAPI document describes them.
+    for body in [
+        json!({"url": "https://10.0.0.1/hook", "events": ["job.*"]}),
+        json!({"url": " https://example.com/hook", "events": ["job.*"]}),
+        json!({"url": "https://example.com/hook", "events": [" job.*"]}),
+    ] {
+        c.send("POST", "/webhooks", Some(ADMIN_KEY), Some(Body::Json(body)))
+            .await
+            .assert_problem(400);
+    }
     let r = c
         .send("DELETE", &format!("/webhooks/{id}"), Some(ADMIN_KEY), None)
         .await;
