@@ -52,6 +52,11 @@ struct Doc;
 /// The OpenAPI 3.1 document, as `GET /openapi.json` serves it.
 #[must_use]
 pub fn document() -> Value {
+    static DOCUMENT: OnceLock<Value> = OnceLock::new();
+    DOCUMENT.get_or_init(assemble).clone()
+}
+
+fn assemble() -> Value {
     let mut base = Doc::openapi();
     base.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let mut doc = serde_json::to_value(base).unwrap_or_else(|_| json!({}));
