@@ -7,9 +7,9 @@
 #   bash scripts/schemathesis.sh [extra `st run` options]
 #
 # One worker: schemathesis' generation is not thread safe on every Python (CPython 3.11 raised
-# "AST constructor recursion depth mismatch" with two). The run takes about a minute.
+# "AST constructor recursion depth mismatch" with two). The run takes one to three minutes, depending on the load.
 #
-# Environment: ST_MAX_EXAMPLES (default 100) cases per operation and phase; ST_PROFILE=release
+# Environment: ST_MAX_EXAMPLES (default 50) cases per operation and phase; ST_PROFILE=release
 # builds the server with --release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,7 @@ repo=$(pwd)
     --header "Authorization: Bearer $key" \
     --checks all \
     --workers 1 \
-    --max-examples "${ST_MAX_EXAMPLES:-100}" \
+    --max-examples "${ST_MAX_EXAMPLES:-50}" \
     --request-timeout 20 \
     --seed 1 \
     --no-color \
