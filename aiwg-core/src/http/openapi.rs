@@ -290,10 +290,6 @@ fn operation(spec: &RouteSpec, method: &http::Method) -> Value {
         op["parameters"] = Value::Array(params);
     }
     let mut responses = op["responses"].take();
-    if spec.param_names().next().is_some() && responses.get("400").is_none() {
-        // Not reachable with well-formed parameters; malformed ones are refused.
-        responses["400"] = problem("Malformed path parameter");
-    }
     let body = op.get("requestBody").is_some();
     if body {
         responses["413"] = problem("The body is larger than the server's limit");
@@ -346,6 +342,7 @@ fn details(route: Route, method: &http::Method) -> Value {
         responses["415"] = problem("The body is not `application/json`");
         responses
     };
+    // A malformed subscription id is no subscription: 404, not 400.
     let no_dispatcher = "No such subscription, or outbound webhooks are not configured";
     match (route, method.as_str()) {
         (Route::Trigger, _) => json!({
@@ -474,7 +471,6 @@ fn details(route: Route, method: &http::Method) -> Value {
                 "200": json_response("The subscription", schema("WebhookSubscription")),
                 "400": problem("Bad URL or filters"),
                 "404": problem(no_dispatcher),
-                "409": problem("The change conflicts with the subscription's state"),
             })),
         }),
         (Route::Webhook, "DELETE") => json!({
@@ -502,7 +498,6 @@ fn details(route: Route, method: &http::Method) -> Value {
             "responses": {
                 "200": json_response("The new secret", schema("RotatedSecret")),
                 "404": problem(no_dispatcher),
-                "409": problem("The subscription cannot rotate now"),
             },
         }),
         (Route::WebhookDeliveries, _) => json!({
