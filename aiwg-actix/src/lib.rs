@@ -90,7 +90,7 @@ use actix_web::body::{BodyStream, BoxBody};
 use actix_web::http::header as ax_header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route, ROUTES};
+use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, RouteSpec, ROUTES};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
@@ -103,29 +103,20 @@ const REQUEST_ID: &str = "x-request-id";
 /// Paths outside [`ROUTES`] are left to the host app (its default service answers them).
 pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
-        for (pattern, route) in ROUTES {
-            let (pattern, route) = (*pattern, *route);
+        for spec in ROUTES {
             let api = api.clone();
             let handler = move |req: HttpRequest, payload: web::Payload| {
                 let api = api.clone();
-                async move { serve(api, route, pattern, req, payload).await }
+                async move { serve(api, spec, req, payload).await }
             };
-            cfg.service(web::resource(pattern).route(web::route().to(handler)));
+            cfg.service(web::resource(spec.path).route(web::route().to(handler)));
         }
     }
 }
 
-/// The `{name}`s of a pattern, in order.
-fn param_names(pattern: &'static str) -> impl Iterator<Item = &'static str> {
-    pattern
-        .split('/')
-        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
-}
-
 async fn serve(
     api: Api,
-    route: Route,
-    pattern: &'static str,
+    spec: &'static RouteSpec,
     req: HttpRequest,
     payload: web::Payload,
 ) -> HttpResponse {
@@ -134,7 +125,7 @@ async fn serve(
         .get(REQUEST_ID)
         .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(new_request_id);
-    let res = translate(&api, route, pattern, &req, payload, &request_id).await;
+    let res = translate(&api, spec, &req, payload, &request_id).await;
     let mut res = into_response(res);
     let id_name = ax_header::HeaderName::from_static(REQUEST_ID);
     if !res.headers().contains_key(&id_name) {
@@ -152,8 +143,7 @@ fn new_request_id() -> http::HeaderValue {
 
 async fn translate(
     api: &Api,
-    route: Route,
-    pattern: &'static str,
+    spec: &'static RouteSpec,
     req: &HttpRequest,
     mut payload: web::Payload,
     request_id: &http::HeaderValue,
@@ -182,11 +172,12 @@ async fn translate(
 
     // Percent-decoded like actix's `web::Path` (and axum) decode them, picked by name so that
     // parameters of an enclosing scope do not shift them.
+    let pattern = spec.path;
     let params = if pattern.contains('{') {
         let info = req.match_info();
         let values: Vec<String> = info.load().unwrap_or_default();
         let by_name: HashMap<&str, String> = info.iter().map(|(k, _)| k).zip(values).collect();
-        param_names(pattern)
+        spec.param_names()
             .map(|n| by_name.get(n).cloned().unwrap_or_default())
             .collect()
     } else {
@@ -204,7 +195,7 @@ async fn translate(
         // Not reached: both `http` versions accept exactly the RFC 9110 method tokens.
         return ApiResponse::empty(http::StatusCode::BAD_REQUEST);
     };
-    let request = ApiRequest::new(route, method)
+    let request = ApiRequest::new(spec.route, method)
         .with_params(params)
         .with_query(req.uri().query().map(str::to_owned))
         .with_headers(headers)

@@ -54,9 +54,9 @@ where
     S: Clone + Send + Sync + 'static,
 {
     let mut router = Router::new();
-    for (pattern, route) in ROUTES {
+    for spec in ROUTES {
         let api = api.clone();
-        let (pattern, route) = (*pattern, *route);
+        let (pattern, route) = (spec.path, spec.route);
         router = router.route(
             pattern,
             any(move |req: Request| serve(api.clone(), route, pattern, req)),

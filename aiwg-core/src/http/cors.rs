@@ -10,7 +10,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use super::{Api, ApiResponse};
+use super::{Api, ApiResponse, RouteSpec};
 
 const ALLOW_HEADERS: &str = "authorization, content-type, idempotency-key, last-event-id";
 const EXPOSE_HEADERS: &str = "location, retry-after, www-authenticate, x-request-id";
@@ -37,8 +37,9 @@ pub(super) fn is_preflight(api: &Api, method: &Method, headers: &HeaderMap) -> b
         && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// `204` with the policy for `methods`; without allow headers when the origin is not allowed.
-pub(super) fn preflight(allow: Option<HeaderValue>, methods: &[Method]) -> ApiResponse {
+/// `204` with the policy for the route's methods; without allow headers when the origin is not
+/// allowed.
+pub(super) fn preflight(allow: Option<HeaderValue>, spec: &RouteSpec) -> ApiResponse {
     let mut res = ApiResponse::empty(StatusCode::NO_CONTENT);
     res.headers.insert(
         VARY,
@@ -47,11 +48,9 @@ pub(super) fn preflight(allow: Option<HeaderValue>, methods: &[Method]) -> ApiRe
         ),
     );
     if let Some(origin) = allow {
-        let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
         res.headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
-            res.headers.insert(ACCESS_CONTROL_ALLOW_METHODS, v);
-        }
+        res.headers
+            .insert(ACCESS_CONTROL_ALLOW_METHODS, spec.allow_header());
         res.headers.insert(
             ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static(ALLOW_HEADERS),

@@ -12,7 +12,7 @@ use super::types::{
     AgentStatus, CancelAnswer, HealthAnswer, JobList, ServerStatus, StatusDocument,
     TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
-use super::{parse_query, sse, Api, ApiRequest, ApiResponse, Problem, Route};
+use super::{parse_query, sse, Access, Api, ApiRequest, ApiResponse, Problem, Route, RouteSpec};
 use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
 use crate::engine::EngineError;
 use crate::job::{JobId, JobStatus};
@@ -41,57 +41,26 @@ pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::Prometheus
         .clone()
 }
 
-fn allowed(methods: &[Method], req: &ApiRequest) -> Result<(), Problem> {
-    if methods.contains(&req.method) {
-        Ok(())
-    } else {
-        let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-        Err(Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method-not-allowed",
-            format!(
-                "{} is not allowed here; use {}",
-                req.method,
-                list.join(", ")
-            ),
-        ))
-    }
+fn method_not_allowed(spec: &RouteSpec, req: &ApiRequest) -> Problem {
+    let list: Vec<&str> = spec.methods.iter().map(Method::as_str).collect();
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        format!(
+            "{} is not allowed here; use {}",
+            req.method,
+            list.join(", ")
+        ),
+    )
 }
 
-fn allow_header(methods: &[Method]) -> HeaderValue {
-    let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
-    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("GET"))
-}
-
-fn route_methods(route: Route) -> &'static [Method] {
-    match route {
-        Route::Trigger
-        | Route::Cancel
-        | Route::WebhookRotate
-        | Route::WebhookRetry
-        | Route::Hook => &[Method::POST],
-        Route::Webhooks => &[Method::GET, Method::POST],
-        Route::Webhook => &[Method::GET, Method::PATCH, Method::DELETE],
-        _ => &[Method::GET],
-    }
-}
-
-/// Which scope a route needs (`None`: public).
-fn route_scope(api: &Api, route: Route) -> Option<Scope> {
-    match route {
-        Route::Trigger => Some(Scope::Trigger),
-        Route::Cancel => Some(Scope::Cancel),
-        Route::Available | Route::Status | Route::Events | Route::Jobs | Route::ServerStatus => {
-            Some(Scope::Read)
-        }
-        Route::Metrics if api.inner.metrics_public => None,
-        Route::Metrics => Some(Scope::Read),
-        Route::Webhooks
-        | Route::Webhook
-        | Route::WebhookRotate
-        | Route::WebhookDeliveries
-        | Route::WebhookRetry => Some(Scope::Admin),
-        Route::Hook | Route::Health | Route::OpenApi => None,
+/// Which scope a route needs (`None`: no key), from the route table.
+fn required_scope(api: &Api, spec: &RouteSpec) -> Option<Scope> {
+    match spec.access {
+        Access::Key(scope) => Some(scope),
+        Access::Configurable(_) if api.inner.metrics_public => None,
+        Access::Configurable(scope) => Some(scope),
+        Access::Public | Access::Unlimited | Access::Signature => None,
     }
 }
 
@@ -147,15 +116,16 @@ fn scope_name(s: Scope) -> &'static str {
 }
 
 pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
-    let route = req.route;
-    let methods = route_methods(route);
+    let spec = req.route.spec();
     let allow_origin = super::cors::allow_origin(api, &req.headers);
     if super::cors::is_preflight(api, &req.method, &req.headers) {
-        return super::cors::preflight(allow_origin, methods);
+        return super::cors::preflight(allow_origin, spec);
     }
     let answer = async {
-        allowed(methods, &req)?;
-        let actor = match route_scope(api, route) {
+        if !spec.allows(&req.method) {
+            return Err(method_not_allowed(spec, &req));
+        }
+        let actor = match required_scope(api, spec) {
             Some(scope) => {
                 // Failed authentication counts against the client's address, so guessing keys
                 // is rate limited too.
@@ -175,7 +145,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
             }
             None => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
-                    if route != Route::Health {
+                    if spec.access != Access::Unlimited {
                         l.check_addr(ip).map_err(too_many)?;
                     }
                 }
@@ -187,8 +157,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     .await;
     let mut res = answer.unwrap_or_else(Problem::into_response);
     if res.status == StatusCode::METHOD_NOT_ALLOWED {
-        res.headers
-            .insert(http::header::ALLOW, allow_header(methods));
+        res.headers.insert(http::header::ALLOW, spec.allow_header());
     }
     super::cors::decorate(&mut res, allow_origin, !api.cors_origins().is_empty());
     res
@@ -260,6 +229,15 @@ fn json_body<T: DeserializeOwned>(req: &ApiRequest) -> Result<T, Problem> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported-media-type",
             "the body must be application/json",
+        ));
+    }
+    // Every body of the API is a JSON object; serde would also read a struct from an array.
+    let first = req.body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "invalid JSON body: expected an object",
         ));
     }
     serde_json::from_slice(&req.body).map_err(|e| {
@@ -340,6 +318,16 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
         }
         (h, b) => h.or(b),
     };
+    if idempotency_key
+        .as_deref()
+        .is_some_and(|k| !super::openapi::idempotency_key_ok(k))
+    {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+            "the idempotency key must be 1 to 255 printable ASCII characters",
+        ));
+    }
     let mut params = BTreeMap::new();
     for (k, v) in body.params.unwrap_or_default() {
         let v = param_value(&k, v)?;
@@ -517,6 +505,31 @@ fn dispatch_problem(e: DispatchError) -> Problem {
     }
 }
 
+/// A subscription's `url` and `events` as the OpenAPI document describes them, so that the
+/// document says exactly what is accepted; the dispatcher then applies its own checks.
+fn check_subscription(url: Option<&str>, events: Option<&[String]>) -> Result<(), Problem> {
+    let bad = |detail: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-request", detail);
+    if let Some(url) = url {
+        if !super::openapi::subscription_url_ok(url) {
+            return Err(bad(format!(
+                "`url` must be an http or https URL with a host name (not an address), at most {} bytes",
+                super::openapi::SUBSCRIPTION_URL_MAX
+            )));
+        }
+    }
+    if let Some(bad_filter) = events
+        .unwrap_or_default()
+        .iter()
+        .find(|e| !super::openapi::event_filter_ok(e))
+    {
+        return Err(bad(format!(
+            "unknown event filter `{bad_filter}` (expected `*`, `job.*` or one of {})",
+            crate::dispatch::EVENT_TYPES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Answer {
     Ok(ApiResponse::json(status, value))
 }
@@ -540,6 +553,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
         }
         (Route::Webhooks, _) => {
             let body: CreateSubscription = json_body(req)?;
+            check_subscription(Some(&body.url), Some(&body.events))?;
             json_ok(
                 StatusCode::CREATED,
                 &d.create(body).await.map_err(dispatch_problem)?,
@@ -551,6 +565,7 @@ async fn webhooks(api: &Api, req: &ApiRequest) -> Answer {
         ),
         (Route::Webhook, &Method::PATCH) => {
             let body: UpdateSubscription = json_body(req)?;
+            check_subscription(body.url.as_deref(), body.events.as_deref())?;
             json_ok(
                 StatusCode::OK,
                 &d.update(sub_id()?, body).await.map_err(dispatch_problem)?,

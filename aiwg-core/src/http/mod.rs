@@ -2,7 +2,8 @@
 //!
 //! Everything the HTTP API decides — authentication, scopes, rate limits, parsing, status codes,
 //! problem documents, SSE framing, idempotency — is decided here, so the axum and actix-web
-//! adapters only translate: they register the paths of [`ROUTES`], buffer the body up to
+//! adapters only translate: they register the paths of the route table [`ROUTES`] (the one
+//! place that names each endpoint's path, methods and access), buffer the body up to
 //! [`Api::body_limit`] (answering [`Api::payload_too_large`] beyond it, before buffering more),
 //! build an [`ApiRequest`] and write back the [`ApiResponse`].
 
@@ -26,75 +27,13 @@ mod cors;
 mod handlers;
 pub mod openapi;
 mod problem;
+mod routes;
 mod sse;
 pub mod types;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
 pub use problem::Problem;
-
-/// The endpoints of the API. Adapters register each path of [`ROUTES`] for every method and
-/// hand the matched [`Route`] and path parameters to [`Api::handle`], which answers 405 for
-/// methods a route does not take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Route {
-    /// `POST /workflows/trigger`
-    Trigger,
-    /// `GET /workflows/available`
-    Available,
-    /// `GET /workflows/{job_id}/status`
-    Status,
-    /// `POST /workflows/{job_id}/cancel`
-    Cancel,
-    /// `GET /workflows/{job_id}/events`
-    Events,
-    /// `GET /jobs`
-    Jobs,
-    /// `GET|POST /webhooks`
-    Webhooks,
-    /// `GET|PATCH|DELETE /webhooks/{id}`
-    Webhook,
-    /// `POST /webhooks/{id}/rotate-secret`
-    WebhookRotate,
-    /// `GET /webhooks/{id}/deliveries`
-    WebhookDeliveries,
-    /// `POST /webhooks/{id}/deliveries/{delivery_id}/retry`
-    WebhookRetry,
-    /// `POST /hooks/{platform}`
-    Hook,
-    /// `GET /health`
-    Health,
-    /// `GET /status`
-    ServerStatus,
-    /// `GET /metrics`
-    Metrics,
-    /// `GET /openapi.json`
-    OpenApi,
-}
-
-/// Every path of the API (relative to where the host mounts it, `{name}` for parameters, in the
-/// syntax both axum 0.8 and actix-web use) and its route.
-pub const ROUTES: &[(&str, Route)] = &[
-    ("/workflows/trigger", Route::Trigger),
-    ("/workflows/available", Route::Available),
-    ("/workflows/{job_id}/status", Route::Status),
-    ("/workflows/{job_id}/cancel", Route::Cancel),
-    ("/workflows/{job_id}/events", Route::Events),
-    ("/jobs", Route::Jobs),
-    ("/webhooks", Route::Webhooks),
-    ("/webhooks/{id}", Route::Webhook),
-    ("/webhooks/{id}/rotate-secret", Route::WebhookRotate),
-    ("/webhooks/{id}/deliveries", Route::WebhookDeliveries),
-    (
-        "/webhooks/{id}/deliveries/{delivery_id}/retry",
-        Route::WebhookRetry,
-    ),
-    ("/hooks/{platform}", Route::Hook),
-    ("/health", Route::Health),
-    ("/status", Route::ServerStatus),
-    ("/metrics", Route::Metrics),
-    ("/openapi.json", Route::OpenApi),
-];
+pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
 
 /// One HTTP request, as an adapter hands it over.
 #[derive(Debug, Clone)]

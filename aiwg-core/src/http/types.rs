@@ -33,12 +33,33 @@ pub struct TriggerBody {
     /// `false` waits for the job to end and answers with its status document.
     #[serde(default, rename = "async")]
     pub is_async: Option<bool>,
-    /// Overrides the workflow's priority.
-    #[serde(default)]
+    /// Overrides the workflow's priority (an integer; `5.0` counts as `5`, as in JSON Schema).
+    #[serde(default, deserialize_with = "integral_i32")]
     pub priority: Option<i32>,
     /// Same key and body → the same job; same key, other body → 409.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+}
+
+/// An optional `i32` that also accepts a JSON number with a zero fraction (`5.0`), since JSON
+/// Schema (and so the OpenAPI document) counts it as an integer.
+fn integral_i32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let value = match (n.as_i64(), n.as_f64()) {
+        (Some(i), _) => i32::try_from(i).ok(),
+        (None, Some(f))
+            if f.fract() == 0.0 && f >= f64::from(i32::MIN) && f <= f64::from(i32::MAX) =>
+        {
+            Some(f as i32)
+        }
+        _ => None,
+    };
+    value
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("priority {n} is not a 32-bit integer")))
 }
 
 /// Answer of an accepted trigger (202).

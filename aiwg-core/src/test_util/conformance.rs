@@ -1,38 +1,321 @@
-//! The HTTP conformance suite: one set of checks that every router adapter (axum, actix-web)
-//! passes over real HTTP on loopback.
+//! The HTTP conformance suite: one set of checks that the HTTP layer passes in process and that
+//! every router adapter (axum, actix-web) passes over real HTTP on loopback.
 //!
 //! An adapter's test implements [`Serve`] — put an [`Api`] on a loopback port under a prefix —
-//! and calls [`conformance_suite`]. The suite builds its own engines with scripted executors,
-//! so it needs no agent and no network beyond 127.0.0.1.
+//! and calls [`conformance_suite`]. The suite talks to what it serves through a [`Transport`]:
+//! over HTTP for a [`Served::new`] server, or straight to the [`Api`] for [`InProcess`], which
+//! runs the same checks against the framework-neutral layer alone (`ApiRequest` in,
+//! `ApiResponse` out, SSE read from [`ApiBody::Stream`]), like
+//! juniper's `http::tests` run one suite against every integration. The suite builds its own
+//! engines with scripted executors, so it needs no agent and no network beyond 127.0.0.1.
+//!
+//! ```
+//! use aiwg_core::test_util::conformance::{conformance_suite, InProcess};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)] async fn main() {
+//! # if false {
+//! conformance_suite(&InProcess).await;
+//! # }
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::{json, Value};
 
 use super::ScriptedExecutor;
 use crate::dispatch::Dispatcher;
-use crate::http::{Api, ApiKey, RateLimit, Scope};
+use crate::http::{Access, Api, ApiBody, ApiKey, ApiRequest, RateLimit, Scope, ROUTES};
 use crate::{AgentEvent, Engine, ProjectPolicy, Step, Workflow};
+
+/// A body as it arrives: chunks, in order, as they are flushed.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// One request of the suite, relative to the served base (`/jobs?limit=2`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TransportRequest {
+    /// The method.
+    pub method: Method,
+    /// Path and query, relative to the base (starts with `/`).
+    pub path: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The body (empty for none).
+    pub body: Bytes,
+    /// Send the body in chunks without a `Content-Length`.
+    pub chunked: bool,
+}
+
+impl TransportRequest {
+    /// A request without headers or body.
+    #[must_use]
+    pub fn new(method: Method, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            chunked: false,
+        }
+    }
+
+    /// Adds a header (panics on an invalid name or value: this is test code).
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.append(
+            HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            HeaderValue::from_str(value).expect("header value"),
+        );
+        self
+    }
+
+    /// Sets the body.
+    #[must_use]
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Sends the body in chunks, without a `Content-Length`.
+    #[must_use]
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
+        self
+    }
+}
+
+/// An answer: status and headers at once, the body as it streams.
+#[non_exhaustive]
+pub struct TransportResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers (lower-case names; the last value of a repeated header).
+    pub headers: BTreeMap<String, String>,
+    /// The body.
+    pub body: BodyStream,
+}
+
+impl std::fmt::Debug for TransportResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransportResponse {
+    /// An answer from its parts.
+    #[must_use]
+    pub fn new(status: u16, headers: BTreeMap<String, String>, body: BodyStream) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+/// How the suite reaches what it tests: send one request, get the status and headers, then the
+/// body as a stream (SSE answers never end on their own before the job does).
+pub trait Transport: Send + Sync {
+    /// Sends `request`.
+    fn send(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = TransportResponse> + Send + '_>>;
+}
+
+/// Real HTTP to a server at a base URL (`http://127.0.0.1:<port><prefix>`).
+#[derive(Clone, Debug)]
+pub struct HttpTransport {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl HttpTransport {
+    /// A transport to the server at `base`.
+    #[must_use]
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
+impl Transport for HttpTransport {
+    fn send(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = TransportResponse> + Send + '_>> {
+        Box::pin(async move {
+            let url = format!("{}{}", self.base, request.path);
+            let mut rb = self
+                .http
+                .request(request.method, url)
+                .headers(request.headers);
+            if request.chunked {
+                let chunks: Vec<Result<Bytes, std::io::Error>> = request
+                    .body
+                    .chunks(512)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                rb = rb.body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    chunks,
+                )));
+            } else if !request.body.is_empty() {
+                rb = rb.body(request.body);
+            }
+            let res = rb.send().await.expect("request");
+            let status = res.status().as_u16();
+            let headers = header_map(res.headers());
+            // A transport error ends the body, as a closed connection would.
+            let body = res
+                .bytes_stream()
+                .take_while(|chunk| std::future::ready(chunk.is_ok()))
+                .filter_map(|chunk| std::future::ready(chunk.ok()));
+            TransportResponse::new(status, headers, Box::pin(body))
+        })
+    }
+}
+
+/// The [`Api`] itself, mounted under a prefix: requests are routed with
+/// [`match_route`](crate::http::match_route), bodies over [`Api::body_limit`] answered with
+/// [`Api::payload_too_large`], and the [`ApiResponse`](crate::http::ApiResponse) read back as it
+/// is, streams included. Paths are relative to the mount point, as they are to a
+/// [`Served::base_url`]; the prefix only shows in the URLs of answers.
+#[derive(Clone, Debug)]
+pub struct ApiTransport {
+    api: Api,
+    prefix: String,
+}
+
+impl ApiTransport {
+    /// A transport to `api` mounted under `prefix` (`""` for the root).
+    #[must_use]
+    pub fn new(api: Api, prefix: &str) -> Self {
+        Self {
+            api,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    async fn answer(&self, request: TransportRequest) -> crate::http::ApiResponse {
+        let (path, query) = match request.path.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (request.path.as_str(), None),
+        };
+        let Some((spec, raw)) = crate::http::match_route(path) else {
+            return self.api.not_found();
+        };
+        if request.body.len() > self.api.body_limit() {
+            return self.api.payload_too_large();
+        }
+        let params = raw.into_iter().map(percent_decode).collect();
+        let request = ApiRequest::new(spec.route, request.method)
+            .with_params(params)
+            .with_query(query)
+            .with_headers(request.headers)
+            .with_body(request.body)
+            .with_peer(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .with_base_path(self.prefix.clone());
+        self.api.handle(request).await
+    }
+}
+
+/// Decodes `%XX` escapes of a path segment (`+` stays `+`), as the routers decode parameters.
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Transport for ApiTransport {
+    fn send(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = TransportResponse> + Send + '_>> {
+        Box::pin(async move {
+            let res = self.answer(request).await;
+            let body: BodyStream = match res.body {
+                ApiBody::Full(bytes) => Box::pin(futures_util::stream::once(async { bytes })),
+                ApiBody::Stream(stream) => stream,
+            };
+            TransportResponse::new(res.status.as_u16(), header_map(&res.headers), body)
+        })
+    }
+}
 
 /// A running server; dropping it (or calling `stop`) shuts it down.
 pub struct Served {
-    /// `http://127.0.0.1:<port><prefix>` (no trailing slash).
+    /// `http://127.0.0.1:<port><prefix>` (no trailing slash); for an in-process API, a
+    /// placeholder URL ending in the prefix.
     pub base_url: String,
+    transport: Arc<dyn Transport>,
     stop: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Served {
-    /// A server at `base_url`; `stop` is called on drop.
+    /// A server at `base_url`, reached over HTTP; `stop` is called on drop.
     pub fn new(base_url: impl Into<String>, stop: impl FnOnce() + Send + 'static) -> Self {
+        let base_url = base_url.into().trim_end_matches('/').to_owned();
+        let transport = Arc::new(HttpTransport::new(&base_url));
         Self {
-            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            base_url,
+            transport,
             stop: Some(Box::new(stop)),
         }
+    }
+
+    /// `api` under `prefix`, reached in process through an [`ApiTransport`].
+    pub fn in_process(api: Api, prefix: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/');
+        Self {
+            base_url: format!("http://in-process{prefix}"),
+            transport: Arc::new(ApiTransport::new(api, prefix)),
+            stop: None,
+        }
+    }
+
+    /// A client for this server, over its transport.
+    #[must_use]
+    pub fn client(&self) -> Client {
+        Client::with_transport(self.transport.clone())
     }
 }
 
@@ -57,6 +340,18 @@ impl std::fmt::Debug for Served {
 pub trait Serve: Send + Sync {
     /// Starts the server.
     fn serve(&self, api: Api, prefix: &str) -> Pin<Box<dyn Future<Output = Served> + Send + '_>>;
+}
+
+/// Serves an [`Api`] in process ([`Served::in_process`]): the suite then tests the
+/// framework-neutral HTTP layer on its own, with no router and no socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InProcess;
+
+impl Serve for InProcess {
+    fn serve(&self, api: Api, prefix: &str) -> Pin<Box<dyn Future<Output = Served> + Send + '_>> {
+        let served = Served::in_process(api, prefix);
+        Box::pin(async move { served })
+    }
 }
 
 /// The admin key of the suite's servers.
@@ -147,11 +442,16 @@ pub fn api_builder(engine: Engine) -> crate::http::ApiBuilder {
         .keep_alive(Duration::from_millis(200))
 }
 
-/// A small HTTP client for the suite.
-#[derive(Clone, Debug)]
+/// A small client for the suite, over any [`Transport`].
+#[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
-    base: String,
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
 }
 
 /// A response read in full.
@@ -195,17 +495,46 @@ impl Reply {
     }
 }
 
+/// Reads a body to its end, at most [`WAIT`] long.
+async fn read_all(mut body: BodyStream) -> String {
+    let mut buf = Vec::new();
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            buf.extend_from_slice(&chunk);
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("stream ended");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 impl Client {
-    /// A client for the server at `base`.
+    /// A client for the server at `base`, over HTTP.
     #[must_use]
     pub fn new(base: &str) -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("client"),
-            base: base.to_owned(),
+        Self::with_transport(Arc::new(HttpTransport::new(base)))
+    }
+
+    /// A client over `transport`.
+    #[must_use]
+    pub fn with_transport(transport: Arc<dyn Transport>) -> Self {
+        Self { transport }
+    }
+
+    /// Sends a request and returns the answer as it starts (the body still streaming).
+    pub async fn start(&self, request: TransportRequest) -> TransportResponse {
+        self.transport.send(request).await
+    }
+
+    /// Sends a request and reads the answer in full.
+    pub async fn request(&self, request: TransportRequest) -> Reply {
+        let res = self.start(request).await;
+        let text = read_all(res.body).await;
+        Reply {
+            status: res.status,
+            headers: res.headers,
+            text,
         }
     }
 
@@ -218,29 +547,21 @@ impl Client {
         key: Option<&str>,
         body: Option<Body>,
     ) -> Reply {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut rb = self.http.request(method, format!("{}{path}", self.base));
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = TransportRequest::new(method, path);
         if let Some(k) = key {
-            rb = rb.bearer_auth(k);
+            req = req.header("authorization", &format!("Bearer {k}"));
         }
         match body {
-            Some(Body::Json(v)) => rb = rb.json(&v),
-            Some(Body::Raw(ct, bytes)) => rb = rb.header("content-type", ct).body(bytes),
+            Some(Body::Json(v)) => {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&v).expect("JSON"));
+            }
+            Some(Body::Raw(ct, bytes)) => req = req.header("content-type", ct).body(bytes),
             None => {}
         }
-        let res = rb.send().await.expect("request");
-        let status = res.status().as_u16();
-        let headers = res
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let text = res.text().await.unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            text,
-        }
+        self.request(req).await
     }
 
     /// Reads an SSE stream until it ends (or `WAIT`), returning the frames.
@@ -250,47 +571,27 @@ impl Client {
         key: &str,
         last_event_id: Option<u64>,
     ) -> (Reply, Vec<SseFrame>) {
-        let mut rb = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(key);
+        let mut req = TransportRequest::new(Method::GET, path)
+            .header("authorization", &format!("Bearer {key}"));
         if let Some(id) = last_event_id {
-            rb = rb.header("last-event-id", id.to_string());
+            req = req.header("last-event-id", &id.to_string());
         }
-        let res = rb.send().await.expect("request");
-        let status = res.status().as_u16();
-        let headers: BTreeMap<String, String> = res
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let text = tokio::time::timeout(WAIT, res.text())
-            .await
-            .expect("stream ended")
-            .unwrap_or_default();
-        let frames = parse_sse(&text);
-        (
-            Reply {
-                status,
-                headers,
-                text,
-            },
-            frames,
-        )
+        let reply = self.request(req).await;
+        let frames = parse_sse(&reply.text);
+        (reply, frames)
     }
 
     /// Opens an SSE stream and returns frames as they arrive.
     pub async fn sse_live(&self, path: &str, key: &str) -> SseLive {
         let res = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(res.status().as_u16(), 200);
+            .start(
+                TransportRequest::new(Method::GET, path)
+                    .header("authorization", &format!("Bearer {key}")),
+            )
+            .await;
+        assert_eq!(res.status, 200);
         SseLive {
-            stream: Box::pin(res.bytes_stream()),
+            stream: res.body,
             buf: String::new(),
         }
     }
@@ -358,7 +659,7 @@ pub fn parse_sse(text: &str) -> Vec<SseFrame> {
 
 /// A live SSE stream.
 pub struct SseLive {
-    stream: Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    stream: BodyStream,
     buf: String,
 }
 
@@ -382,8 +683,7 @@ impl SseLive {
             }
             let chunk = tokio::time::timeout(WAIT, self.stream.next())
                 .await
-                .ok()??
-                .ok()?;
+                .ok()??;
             self.buf.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
@@ -405,8 +705,7 @@ impl SseLive {
             }
             let chunk = tokio::time::timeout(WAIT, self.stream.next())
                 .await
-                .ok()??
-                .ok()?;
+                .ok()??;
             self.buf.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
@@ -438,36 +737,41 @@ pub async fn conformance_suite(server: &dyn Serve) {
     cors(server).await;
 }
 
-/// The method and path of every protected route, with the scope it needs.
-pub const PROTECTED: &[(&str, &str, Scope)] = &[
-    ("POST", "/workflows/trigger", Scope::Trigger),
-    ("GET", "/workflows/available", Scope::Read),
-    ("GET", "/workflows/00000000-0000-7000-8000-000000000000/status", Scope::Read),
-    ("POST", "/workflows/00000000-0000-7000-8000-000000000000/cancel", Scope::Cancel),
-    ("GET", "/workflows/00000000-0000-7000-8000-000000000000/events", Scope::Read),
-    ("GET", "/jobs", Scope::Read),
-    ("GET", "/status", Scope::Read),
-    ("GET", "/metrics", Scope::Read),
-    ("GET", "/webhooks", Scope::Admin),
-    ("POST", "/webhooks", Scope::Admin),
-    ("GET", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
-    ("PATCH", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
-    ("DELETE", "/webhooks/00000000-0000-7000-8000-000000000000", Scope::Admin),
-    ("POST", "/webhooks/00000000-0000-7000-8000-000000000000/rotate-secret", Scope::Admin),
-    ("GET", "/webhooks/00000000-0000-7000-8000-000000000000/deliveries", Scope::Admin),
-    (
-        "POST",
-        "/webhooks/00000000-0000-7000-8000-000000000000/deliveries/msg_00000000000070008000000000000000/retry",
-        Scope::Admin,
-    ),
-];
+/// A concrete path for a route pattern: every parameter replaced by `id`.
+#[must_use]
+pub fn concrete_path(pattern: &str, id: &str) -> String {
+    pattern
+        .replace("{job_id}", id)
+        .replace("{id}", id)
+        .replace("{delivery_id}", id)
+        .replace("{platform}", id)
+}
+
+/// The method, a concrete path and the scope of every route of the table that needs a key
+/// (with the suite's [`api_builder`], `/metrics` needs one too).
+#[must_use]
+pub fn protected() -> Vec<(Method, String, Scope)> {
+    const ZERO: &str = "00000000-0000-7000-8000-000000000000";
+    let mut out = Vec::new();
+    for spec in ROUTES {
+        let scope = match spec.access {
+            Access::Key(scope) | Access::Configurable(scope) => scope,
+            _ => continue,
+        };
+        let path = concrete_path(spec.path, ZERO);
+        for method in spec.methods {
+            out.push((method.clone(), path.clone(), scope));
+        }
+    }
+    out
+}
 
 async fn public_endpoints(server: &dyn Serve) {
     let fx = fixture(FixtureOptions::default());
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let r = c.send("GET", "/health", None, None).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), json!({"status": "ok"}));
@@ -478,11 +782,17 @@ async fn public_endpoints(server: &dyn Serve) {
         doc["openapi"].as_str().unwrap().starts_with("3.1"),
         "OpenAPI 3.1"
     );
-    for (path, _) in crate::http::ROUTES {
-        assert!(
-            doc["paths"].get(*path).is_some(),
-            "openapi.json lacks {path}"
-        );
+    for spec in ROUTES {
+        let item = &doc["paths"][spec.path];
+        assert!(item.is_object(), "openapi.json lacks {}", spec.path);
+        for m in spec.methods {
+            let m = m.as_str().to_ascii_lowercase();
+            assert!(
+                item.get(&m).is_some(),
+                "openapi.json lacks {m} {}",
+                spec.path
+            );
+        }
     }
     let r = c.send("GET", "/no-such-thing", None, None).await;
     assert_eq!(r.status, 404, "unknown paths are 404");
@@ -491,6 +801,18 @@ async fn public_endpoints(server: &dyn Serve) {
     assert!(r.header("allow").is_some_and(|a| a.contains("GET")));
     let r = c.send("GET", "/hooks/github", None, None).await;
     r.assert_problem(405);
+    // Every route answers a method it does not take with 405 and exactly its table methods.
+    for spec in ROUTES {
+        let path = concrete_path(spec.path, "x");
+        let r = c.send("PUT", &path, Some(ADMIN_KEY), None).await;
+        r.assert_problem(405);
+        assert_eq!(
+            r.header("allow"),
+            spec.allow_header().to_str().ok(),
+            "Allow of {}",
+            spec.path
+        );
+    }
 }
 
 async fn auth_on_every_protected_route(server: &dyn Serve) {
@@ -498,8 +820,9 @@ async fn auth_on_every_protected_route(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
-    for (method, path, scope) in PROTECTED {
+    let c = s.client();
+    for (method, path, scope) in protected() {
+        let (method, path) = (method.as_str(), path.as_str());
         let r = c.send(method, path, None, None).await;
         r.assert_problem(401);
         assert!(
@@ -535,7 +858,7 @@ async fn trigger_status_events_completion(server: &dyn Serve, prefix: &str) {
         .serve(api_builder(fx.engine.clone()).build().unwrap(), prefix)
         .await;
     assert!(s.base_url.ends_with(prefix));
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let r = c
         .send(
             "POST",
@@ -623,7 +946,7 @@ async fn synchronous_trigger(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let r = c
         .send(
             "POST",
@@ -637,6 +960,19 @@ async fn synchronous_trigger(server: &dyn Serve) {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["status"], "completed");
     assert_eq!(r.json()["result"]["summary"], "done");
+    // JSON Schema counts 5.0 as an integer, so the server does too.
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "proj", "async": false, "priority": 5.0}),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["priority"], 5);
 }
 
 async fn cancel_running_and_finished(server: &dyn Serve) {
@@ -644,7 +980,7 @@ async fn cancel_running_and_finished(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let r = c
         .send(
             "POST",
@@ -737,7 +1073,7 @@ async fn idempotency(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let body = json!({"workflow": "echo", "project_path": "proj", "idempotency_key": "k-1"});
     let a = c
         .send(
@@ -769,17 +1105,17 @@ async fn idempotency(server: &dyn Serve) {
         .await;
     r.assert_problem(409);
     // The header form works the same way.
-    let res = reqwest::Client::new()
-        .post(format!("{}/workflows/trigger", s.base_url))
-        .bearer_auth(TRIGGER_KEY)
-        .header("idempotency-key", "k-1")
-        .json(&json!({"workflow": "echo", "project_path": "proj"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 202);
-    let v: Value = res.json().await.unwrap();
-    assert_eq!(v["job_id"], a.json()["job_id"]);
+    let res = c
+        .request(
+            TransportRequest::new(Method::POST, "/workflows/trigger")
+                .header("authorization", &format!("Bearer {TRIGGER_KEY}"))
+                .header("idempotency-key", "k-1")
+                .header("content-type", "application/json")
+                .body(json!({"workflow": "echo", "project_path": "proj"}).to_string()),
+        )
+        .await;
+    assert_eq!(res.status, 202);
+    assert_eq!(res.json()["job_id"], a.json()["job_id"]);
     assert!(fx.echo.calls() <= 1);
 }
 
@@ -788,7 +1124,7 @@ async fn bad_requests_are_problems(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let k = Some(ADMIN_KEY);
     let cases: Vec<(Option<Body>, u16)> = vec![
         (
@@ -844,6 +1180,16 @@ async fn bad_requests_are_problems(server: &dyn Serve) {
         ),
         (Some(Body::Json(json!({"workflow": "ghost"}))), 404),
         (
+            Some(Body::Json(
+                json!({"workflow": "echo", "idempotency_key": "clé"}),
+            )),
+            400,
+        ),
+        (
+            Some(Body::Json(json!({"workflow": "echo", "priority": 5.5}))),
+            400,
+        ),
+        (
             Some(Body::Raw("text/plain", b"{\"workflow\":\"echo\"}".to_vec())),
             415,
         ),
@@ -891,7 +1237,7 @@ async fn body_limit(server: &dyn Serve) {
             "",
         )
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let big = json!({"workflow": "echo", "guidance": "x".repeat(4096)});
     let r = c
         .send(
@@ -903,19 +1249,16 @@ async fn body_limit(server: &dyn Serve) {
         .await;
     r.assert_problem(413);
     // Without a Content-Length (chunked), the limit still holds.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..8).map(|_| Ok(vec![b' '; 512])).collect();
-    let res = reqwest::Client::new()
-        .post(format!("{}/workflows/trigger", s.base_url))
-        .bearer_auth(TRIGGER_KEY)
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 413);
+    let res = c
+        .request(
+            TransportRequest::new(Method::POST, "/workflows/trigger")
+                .header("authorization", &format!("Bearer {TRIGGER_KEY}"))
+                .header("content-type", "application/json")
+                .body(vec![b' '; 8 * 512])
+                .chunked(),
+        )
+        .await;
+    assert_eq!(res.status, 413);
     let small = c
         .send(
             "POST",
@@ -937,7 +1280,7 @@ async fn rate_limit(server: &dyn Serve) {
         .build()
         .unwrap();
     let s = server.serve(api, "").await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     assert_eq!(
         c.send("GET", "/jobs", Some(READ_KEY), None).await.status,
         200
@@ -977,7 +1320,7 @@ async fn queue_full(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     assert_eq!(
         c.send(
             "POST",
@@ -1019,7 +1362,7 @@ async fn listing_and_status(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let mut ids = Vec::new();
     for _ in 0..3 {
         let r = c
@@ -1117,7 +1460,7 @@ async fn keep_alive_and_replay(server: &dyn Serve) {
     let s = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let id = c
         .send(
             "POST",
@@ -1165,14 +1508,14 @@ async fn keep_alive_and_replay(server: &dyn Serve) {
         .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
         .await;
     assert_eq!(r.status, 200);
-    let bad = reqwest::Client::new()
-        .get(format!("{}/workflows/{id}/events", s.base_url))
-        .bearer_auth(READ_KEY)
-        .header("last-event-id", "abc")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status().as_u16(), 400);
+    let bad = c
+        .request(
+            TransportRequest::new(Method::GET, format!("/workflows/{id}/events"))
+                .header("authorization", &format!("Bearer {READ_KEY}"))
+                .header("last-event-id", "abc"),
+        )
+        .await;
+    bad.assert_problem(400);
 }
 
 async fn webhook_subscriptions(server: &dyn Serve) {
@@ -1181,7 +1524,7 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         let s = server
             .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
             .await;
-        Client::new(&s.base_url)
+        s.client()
             .send("GET", "/webhooks", Some(ADMIN_KEY), None)
             .await
     };
@@ -1192,7 +1535,7 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         .build()
         .unwrap();
     let s = server.serve(api, "").await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let r = c
         .send("POST", "/webhooks", Some(ADMIN_KEY), Some(Body::Json(json!({"url": "https://example.com/hook", "events": ["job.completed", "job.*"], "description": "ci"}))))
         .await;
@@ -1227,6 +1570,15 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["enabled"], false);
+    // A struct is never read from an array (serde would): bodies are JSON objects.
+    c.send(
+        "PATCH",
+        &format!("/webhooks/{id}"),
+        Some(ADMIN_KEY),
+        Some(Body::Raw("application/json", b"[null, null]".to_vec())),
+    )
+    .await
+    .assert_problem(400);
     let r = c
         .send(
             "POST",
@@ -1268,6 +1620,16 @@ async fn webhook_subscriptions(server: &dyn Serve) {
         )
         .await;
     r.assert_problem(400);
+    // URLs and filters exactly as the OpenAPI document describes them.
+    for body in [
+        json!({"url": "https://10.0.0.1/hook", "events": ["job.*"]}),
+        json!({"url": " https://example.com/hook", "events": ["job.*"]}),
+        json!({"url": "https://example.com/hook", "events": [" job.*"]}),
+    ] {
+        c.send("POST", "/webhooks", Some(ADMIN_KEY), Some(Body::Json(body)))
+            .await
+            .assert_problem(400);
+    }
     let r = c
         .send("DELETE", &format!("/webhooks/{id}"), Some(ADMIN_KEY), None)
         .await;
@@ -1294,7 +1656,7 @@ async fn robustness(server: &dyn Serve) {
             "",
         )
         .await;
-    let c = Client::new(&s.base_url);
+    let c = s.client();
     let bodies: Vec<Option<Body>> = vec![
         None,
         Some(Body::Raw("application/json", b"{".to_vec())),
@@ -1327,13 +1689,9 @@ async fn robustness(server: &dyn Serve) {
         "..%2F..%2Fetc",
         &"9".repeat(300),
     ];
-    for (pattern, _) in crate::http::ROUTES {
+    for spec in ROUTES {
         for id in ids {
-            let path = pattern
-                .replace("{job_id}", id)
-                .replace("{id}", id)
-                .replace("{delivery_id}", id)
-                .replace("{platform}", id);
+            let path = concrete_path(spec.path, id);
             for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
                 for body in &bodies {
                     let r = c.send(method, &path, Some(ADMIN_KEY), body.clone()).await;
@@ -1362,61 +1720,58 @@ async fn cors(server: &dyn Serve) {
         .build()
         .unwrap();
     let s = server.serve(api, "").await;
-    let http = reqwest::Client::new();
+    let c = s.client();
     let preflight = |origin: &'static str| {
-        http.request(reqwest::Method::OPTIONS, format!("{}/jobs", s.base_url))
-            .header("origin", origin)
-            .header("access-control-request-method", "GET")
-            .header("access-control-request-headers", "authorization")
-            .send()
+        c.request(
+            TransportRequest::new(Method::OPTIONS, "/jobs")
+                .header("origin", origin)
+                .header("access-control-request-method", "GET")
+                .header("access-control-request-headers", "authorization"),
+        )
     };
-    let ok = preflight("https://app.example").await.unwrap();
-    assert_eq!(ok.status().as_u16(), 204);
-    let h = ok.headers();
-    assert_eq!(h["access-control-allow-origin"], "https://app.example");
-    assert!(h["access-control-allow-methods"]
-        .to_str()
-        .unwrap()
-        .contains("GET"));
-    assert!(h["access-control-allow-headers"]
-        .to_str()
+    let ok = preflight("https://app.example").await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-methods"),
+        Some("GET"),
+        "the route's methods, from the route table"
+    );
+    assert!(ok
+        .header("access-control-allow-headers")
         .unwrap()
         .contains("authorization"));
-    let denied = preflight("https://evil.example").await.unwrap();
-    assert_eq!(denied.status().as_u16(), 204);
-    assert!(denied
-        .headers()
-        .get("access-control-allow-origin")
-        .is_none());
+    let denied = preflight("https://evil.example").await;
+    assert_eq!(denied.status, 204);
+    assert!(denied.header("access-control-allow-origin").is_none());
+    let get_jobs = |origin: &'static str, key: Option<&'static str>| {
+        let mut req = TransportRequest::new(Method::GET, "/jobs").header("origin", origin);
+        if let Some(k) = key {
+            req = req.header("authorization", &format!("Bearer {k}"));
+        }
+        c.request(req)
+    };
     for (origin, allowed) in [
         ("https://app.example", true),
         ("https://evil.example", false),
     ] {
-        let res = http
-            .get(format!("{}/jobs", s.base_url))
-            .bearer_auth(READ_KEY)
-            .header("origin", origin)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status().as_u16(), 200);
+        let res = get_jobs(origin, Some(READ_KEY)).await;
+        assert_eq!(res.status, 200);
         assert_eq!(
-            res.headers().get("access-control-allow-origin").is_some(),
+            res.header("access-control-allow-origin").is_some(),
             allowed,
             "{origin}"
         );
     }
     // A 401 to an allowed origin carries the header too, so the browser shows the problem.
-    let res = http
-        .get(format!("{}/jobs", s.base_url))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 401);
+    let res = get_jobs("https://app.example", None).await;
+    assert_eq!(res.status, 401);
     assert_eq!(
-        res.headers()["access-control-allow-origin"],
-        "https://app.example"
+        res.header("access-control-allow-origin"),
+        Some("https://app.example")
     );
 
     let any = server
@@ -1428,25 +1783,44 @@ async fn cors(server: &dyn Serve) {
             "",
         )
         .await;
-    let res = http
-        .get(format!("{}/health", any.base_url))
-        .header("origin", "https://x.example")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    let res = any
+        .client()
+        .request(
+            TransportRequest::new(Method::GET, "/health").header("origin", "https://x.example"),
+        )
+        .await;
+    assert_eq!(res.header("access-control-allow-origin"), Some("*"));
 
     // Without configured origins nothing is added, and OPTIONS is just a method no route takes.
     let none = server
         .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
         .await;
-    let res = http
-        .request(reqwest::Method::OPTIONS, format!("{}/jobs", none.base_url))
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "GET")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 405);
-    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let res = none
+        .client()
+        .request(
+            TransportRequest::new(Method::OPTIONS, "/jobs")
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "GET"),
+        )
+        .await;
+    assert_eq!(res.status, 405);
+    assert!(res.header("access-control-allow-origin").is_none());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The framework-neutral HTTP layer passes the suite on its own, with no router.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_api_passes_the_conformance_suite_in_process() {
+        conformance_suite(&InProcess).await;
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded_like_the_routers_do() {
+        assert_eq!(percent_decode("..%2F..%2Fetc"), "../../etc");
+        assert_eq!(percent_decode("a+b%20c%zz%4"), "a+b c%zz%4");
+        assert_eq!(percent_decode("%00"), "\0");
+    }
 }
