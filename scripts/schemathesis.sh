@@ -33,9 +33,14 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 key="schemathesis-admin-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 work=$(mktemp -d)
 mkdir -p "$work/project"
+# The embedded defaults, with private webhook targets allowed: the dispatcher's refusal of a
+# private address is a rule of the deployment the OpenAPI document cannot state.
+sed 's/allow_private_targets: false/allow_private_targets: true/' examples/config/default.yaml \
+    >"$work/aiwg.yaml"
+grep -q 'allow_private_targets: true' "$work/aiwg.yaml"
 
-AIWG_CONFIG='' AIWG_API_KEY="$key" AIWG_API_PORT="$port" AIWG_PROJECT_ROOT="$work/project" \
-    "$server" >"$work/server.log" 2>&1 &
+AIWG_API_KEY="$key" AIWG_API_PORT="$port" AIWG_PROJECT_ROOT="$work/project" \
+    "$server" --config "$work/aiwg.yaml" >"$work/server.log" 2>&1 &
 pid=$!
 stop() {
     kill "$pid" 2>/dev/null || true

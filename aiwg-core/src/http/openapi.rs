@@ -102,10 +102,13 @@ fn merge(target: &mut Value, patch: Value) {
 }
 
 const UUID: &str = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
-/// What `url` of a subscription must look like: `http` or `https`, a host name (no address
-/// literal, which could be a private target), an optional port, path and query. The server
-/// checks the same pattern ([`subscription_url_ok`]) before the dispatcher's own checks.
-pub(super) const SUBSCRIPTION_URL: &str = "^https?://([A-Za-z0-9]+(-[A-Za-z0-9]+)*\\.)+[A-Za-z]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/([A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?(\\?([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
+/// What `url` of a subscription must look like: `http` or `https`, a host name (a single label
+/// such as `localhost` included) or an IPv4 address, an optional port, path and query. The
+/// server checks the same pattern ([`subscription_url_ok`]) before the dispatcher's own checks,
+/// which refuse private, loopback and link-local targets unless `allow_private_targets` is set
+/// (a refusal the document cannot state, so schemathesis runs against a server that allows
+/// them).
+pub(super) const SUBSCRIPTION_URL: &str = "^https?://(([A-Za-z0-9]+(-[A-Za-z0-9]+)*\\.)*[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*|(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/([A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?(\\?([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
 /// The longest subscription URL.
 pub(super) const SUBSCRIPTION_URL_MAX: usize = 2048;
 
@@ -673,6 +676,9 @@ mod tests {
             "http://a-b.example.org:8080/x/y?z=1&w=%20",
             "https://HOOKS.Example.IO/a/b/",
             "https://x.y:65535",
+            "http://127.0.0.1:9000/hook",
+            "https://10.0.0.1/",
+            "http://localhost:8080/",
         ] {
             assert!(subscription_url_ok(ok), "{ok}");
             let parsed = reqwest::Url::parse(ok).unwrap();
@@ -682,8 +688,8 @@ mod tests {
             "ftp://example.com",
             " https://example.com",
             "https://example.com\n",
-            "https://10.0.0.1/",
-            "https://localhost/",
+            "https://256.0.0.1/",
+            "https://1.2.3/",
             "https://example.com:65536/",
             "https://xn--a.com/",
             "https://example.com/#frag",
