@@ -688,7 +688,13 @@ fn exit_code(status: &std::process::ExitStatus) -> Option<i32> {
     status.code().or_else(|| status.signal().map(|s| 128 + s))
 }
 
-/// Reads lines (lossy UTF-8) from a pipe; cancel-safe because the partial line stays in `buf`.
+/// The longest line read from a child's output: a longer one (or output without newlines) is
+/// handed on in pieces of this size, so a child can never make the server buffer an unbounded
+/// line.
+pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Reads lines (lossy UTF-8) from a pipe, at most [`MAX_LINE_BYTES`] at a time; cancel-safe
+/// because the partial line stays in `buf` and nothing is consumed across an await.
 struct LineReader<R> {
     inner: Option<BufReader<R>>,
     buf: Vec<u8>,
@@ -707,16 +713,27 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     async fn next(&mut self) -> Option<String> {
         let inner = self.inner.as_mut()?;
-        match inner.read_until(b'\n', &mut self.buf).await {
-            Ok(0) | Err(_) => {
-                self.done = true;
-                if self.buf.is_empty() {
-                    None
-                } else {
-                    Some(take_line(&mut self.buf))
+        loop {
+            let chunk = match inner.fill_buf().await {
+                Ok(c) if !c.is_empty() => c,
+                _ => {
+                    self.done = true;
+                    return (!self.buf.is_empty()).then(|| take_line(&mut self.buf));
                 }
+            };
+            let room = MAX_LINE_BYTES - self.buf.len();
+            let window = &chunk[..chunk.len().min(room)];
+            if let Some(i) = window.iter().position(|b| *b == b'\n') {
+                self.buf.extend_from_slice(&window[..=i]);
+                inner.consume(i + 1);
+                return Some(take_line(&mut self.buf));
             }
-            Ok(_) => Some(take_line(&mut self.buf)),
+            let n = window.len();
+            self.buf.extend_from_slice(window);
+            inner.consume(n);
+            if self.buf.len() >= MAX_LINE_BYTES {
+                return Some(take_line(&mut self.buf));
+            }
         }
     }
 }
@@ -992,6 +1009,21 @@ pub(crate) fn resolve_program(program: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lines_are_read_in_bounded_pieces() {
+        let mut input = vec![b'a'; MAX_LINE_BYTES * 2 + 10];
+        input.extend_from_slice(b"\nshort\r\nlast");
+        let mut r = LineReader::new(Some(&input[..]));
+        let mut lines = Vec::new();
+        while let Some(l) = r.next().await {
+            lines.push(l);
+        }
+        let lens: Vec<usize> = lines.iter().map(String::len).collect();
+        assert_eq!(lens, [MAX_LINE_BYTES, MAX_LINE_BYTES, 10, 5, 4]);
+        assert_eq!((lines[3].as_str(), lines[4].as_str()), ("short", "last"));
+        assert!(r.done);
+    }
 
     #[test]
     fn the_sandbox_command_line_has_every_isolation_flag() {

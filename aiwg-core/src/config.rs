@@ -284,6 +284,28 @@ pub struct EngineConfig {
     /// Grace period for running jobs at shutdown (default 30 s).
     #[serde(with = "crate::util::opt_duration")]
     pub shutdown_grace: Option<Duration>,
+    /// Agent output one job may produce (`"16MiB"`, the default, or bytes); past it output is
+    /// dropped and one `output_truncated` event recorded.
+    #[serde(deserialize_with = "opt_size")]
+    pub max_output_bytes: Option<usize>,
+    /// The longest text or log line kept of agent output (default `"64KiB"`).
+    #[serde(deserialize_with = "opt_size")]
+    pub max_line_bytes: Option<usize>,
+}
+
+/// A size as bytes or text (`"16MiB"`).
+fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom("must be a positive number of bytes")),
+        Some(Value::String(s)) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+        Some(_) => Err(serde::de::Error::custom("must be a size like \"16MiB\"")),
+    }
 }
 
 impl Default for EngineConfig {
@@ -297,6 +319,8 @@ impl Default for EngineConfig {
             retry_base: None,
             retry_max: None,
             shutdown_grace: None,
+            max_output_bytes: None,
+            max_line_bytes: None,
         }
     }
 }
@@ -313,6 +337,12 @@ impl EngineConfig {
         }
         if let Some(t) = self.lease_ttl {
             b = b.lease_ttl(t);
+        }
+        if let Some(n) = self.max_output_bytes {
+            b = b.max_output_bytes(n);
+        }
+        if let Some(n) = self.max_line_bytes {
+            b = b.max_line_bytes(n);
         }
         if self.retry_base.is_some() || self.retry_max.is_some() {
             b = b.retry_backoff(

@@ -76,6 +76,14 @@ pub enum JobEventKind {
         /// The agent's event.
         event: AgentEvent,
     },
+    /// The job's output budget (`engine.max_output_bytes`) was spent: further agent output of
+    /// this job was dropped. Recorded once per attempt.
+    OutputTruncated {
+        /// The step that hit the limit.
+        step: String,
+        /// The budget, in bytes.
+        limit_bytes: u64,
+    },
     /// A log line from the engine.
     Log {
         /// `info`, `warn` or `error`.
@@ -86,7 +94,8 @@ pub enum JobEventKind {
 }
 
 impl JobEventKind {
-    /// The SSE `event:` name: `status`, `step.started`, `step.finished`, `agent`, `log`.
+    /// The SSE `event:` name: `status`, `step.started`, `step.finished`, `agent`,
+    /// `output_truncated`, `log`.
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
@@ -94,6 +103,7 @@ impl JobEventKind {
             JobEventKind::StepStarted { .. } => "step.started",
             JobEventKind::StepFinished { .. } => "step.finished",
             JobEventKind::Agent { .. } => "agent",
+            JobEventKind::OutputTruncated { .. } => "output_truncated",
             JobEventKind::Log { .. } => "log",
         }
     }

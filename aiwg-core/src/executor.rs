@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -89,30 +90,157 @@ pub enum AgentEvent {
 
 /// Where an executor sends its [`AgentEvent`]s. Cheap to clone; sending never blocks and never
 /// fails (events sent after the receiver is gone are dropped).
+///
+/// A sink made by [`EventSink::bounded`] also bounds what a run can make the server hold: a
+/// text, a log line, a tool input or a tool result longer than the line cap is cut (with a
+/// marker saying how much was left out), and once the output budget is spent further output is
+/// dropped at the source and [`truncated`](Self::truncated) turns true. Events without output
+/// (`Init`, `Usage`) always pass.
+///
+/// ```
+/// use aiwg_core::{AgentEvent, EventSink, LogStream};
+///
+/// let (sink, mut rx) = EventSink::bounded(1_000, 100);
+/// sink.emit(AgentEvent::Log { stream: LogStream::Stdout, line: "x".repeat(500) });
+/// let AgentEvent::Log { line, .. } = rx.try_recv().unwrap() else { panic!() };
+/// assert!(line.len() < 200 && line.ends_with("[400 more bytes cut]"), "{line}");
+/// for _ in 0..100 {
+///     sink.emit(AgentEvent::Text { text: "y".into() });
+/// }
+/// assert!(sink.truncated());
+/// ```
 #[derive(Clone)]
 pub struct EventSink {
     tx: Option<mpsc::UnboundedSender<AgentEvent>>,
+    limits: Option<Arc<SinkLimits>>,
 }
 
+/// The bounds of a [`EventSink::bounded`] sink, shared by its clones.
+struct SinkLimits {
+    budget: usize,
+    max_line: usize,
+    used: AtomicUsize,
+    truncated: AtomicBool,
+}
+
+/// What one event costs against the budget besides its text: its share of the queue and the
+/// stored history (an enum, a sequence number, a time stamp).
+const EVENT_OVERHEAD: usize = 128;
+
 impl EventSink {
-    /// A sink and the receiver that gets its events.
+    /// A sink and the receiver that gets its events, without bounds.
     #[must_use]
     pub fn channel() -> (Self, mpsc::UnboundedReceiver<AgentEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx: Some(tx) }, rx)
+        (
+            Self {
+                tx: Some(tx),
+                limits: None,
+            },
+            rx,
+        )
+    }
+
+    /// A sink that cuts any text longer than `max_line` bytes and drops output once `budget`
+    /// bytes (texts plus a fixed cost per event) were sent.
+    #[must_use]
+    pub fn bounded(budget: usize, max_line: usize) -> (Self, mpsc::UnboundedReceiver<AgentEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                tx: Some(tx),
+                limits: Some(Arc::new(SinkLimits {
+                    budget,
+                    max_line: max_line.max(64),
+                    used: AtomicUsize::new(0),
+                    truncated: AtomicBool::new(false),
+                })),
+            },
+            rx,
+        )
     }
 
     /// A sink that drops everything (for tests and one-off calls).
     #[must_use]
     pub fn discard() -> Self {
-        Self { tx: None }
+        Self {
+            tx: None,
+            limits: None,
+        }
     }
 
-    /// Sends one event.
-    pub fn emit(&self, event: AgentEvent) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(event);
+    /// Sends one event (cut to the line cap, or dropped past the budget).
+    pub fn emit(&self, mut event: AgentEvent) {
+        let Some(tx) = &self.tx else { return };
+        if let Some(l) = &self.limits {
+            let size = cut(&mut event, l.max_line);
+            if size > 0 {
+                let used = l.used.fetch_add(size + EVENT_OVERHEAD, Ordering::Relaxed);
+                if used + size + EVENT_OVERHEAD > l.budget {
+                    l.truncated.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
         }
+        let _ = tx.send(event);
+    }
+
+    /// Whether output was dropped because the budget was spent.
+    #[must_use]
+    pub fn truncated(&self) -> bool {
+        self.limits
+            .as_ref()
+            .is_some_and(|l| l.truncated.load(Ordering::Relaxed))
+    }
+
+    /// How many bytes of output were sent or dropped (0 for unbounded sinks).
+    #[must_use]
+    pub fn output_bytes(&self) -> usize {
+        self.limits
+            .as_ref()
+            .map_or(0, |l| l.used.load(Ordering::Relaxed))
+    }
+}
+
+/// Cuts the event's text to `max` bytes (at a character boundary, with a marker) and returns
+/// the size of its output (0 for events without output).
+fn cut(event: &mut AgentEvent, max: usize) -> usize {
+    fn text(s: &mut String, max: usize) -> usize {
+        if s.len() > max {
+            let mut end = max;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            let left = s.len() - end;
+            s.truncate(end);
+            s.push_str(&format!("… [{left} more bytes cut]"));
+        }
+        s.len()
+    }
+    fn value(v: &mut serde_json::Value, max: usize) -> usize {
+        match v {
+            serde_json::Value::String(s) => text(s, max),
+            serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {
+                8
+            }
+            other => {
+                let len = other.to_string().len();
+                if len > max {
+                    *other = serde_json::Value::String(format!("[{len} bytes of JSON cut]"));
+                    32
+                } else {
+                    len
+                }
+            }
+        }
+    }
+    match event {
+        AgentEvent::Text { text: t } => text(t, max),
+        AgentEvent::Log { line, .. } => text(line, max),
+        AgentEvent::ToolUse { input, name, .. } => value(input, max) + name.len(),
+        AgentEvent::ToolResult { content, .. } => value(content, max),
+        AgentEvent::Raw { value: v } => value(v, max),
+        AgentEvent::Init { .. } | AgentEvent::Usage { .. } => 0,
     }
 }
 

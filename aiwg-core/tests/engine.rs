@@ -605,3 +605,68 @@ async fn ten_thousand_concurrent_noop_jobs_each_finish_exactly_once() {
     }
     engine.shutdown(Duration::from_secs(1)).await;
 }
+
+/// An agent that floods its sink: the job's output is cut at `max_output_bytes`, long lines
+/// are cut at `max_line_bytes`, and one `output_truncated` event says so.
+#[tokio::test]
+async fn a_flooding_agent_is_cut_at_the_output_budget() {
+    let env = env();
+    let mut mock = MockExecutor::new();
+    mock.expect_execute().times(1).returning(|_, events, _| {
+        events.emit(AgentEvent::Log {
+            stream: aiwg_core::LogStream::Stdout,
+            line: "z".repeat(10_000),
+        });
+        for i in 0..200_000 {
+            events.emit(AgentEvent::Log {
+                stream: aiwg_core::LogStream::Stdout,
+                line: format!("y {i}"),
+            });
+        }
+        Ok(AgentResult::text("flooded").with_exit_code(0))
+    });
+    mock.expect_capabilities().returning(Capabilities::default);
+    mock.expect_kind().return_const("mock");
+    mock.expect_health().returning(Health::healthy);
+    let budget = 256 * 1024;
+    let engine = builder(&env)
+        .executor("m", Arc::new(mock))
+        .workflow(one_step("w", "m"))
+        .max_output_bytes(budget)
+        .max_line_bytes(1024)
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("w")).await.unwrap();
+    let job = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    let events = engine.store().events(job.id, 0).await.unwrap();
+    let logs: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            JobEventKind::Agent {
+                event: AgentEvent::Log { line, .. },
+                ..
+            } => Some(line.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        logs[0].len() < 1100 && logs[0].ends_with("[8976 more bytes cut]"),
+        "{}",
+        logs[0].len()
+    );
+    assert!(
+        logs.len() < 3_000,
+        "{} output events kept of 200 001",
+        logs.len()
+    );
+    let kept: usize = logs.iter().map(|l| l.len()).sum();
+    assert!(kept <= budget, "{kept} bytes kept");
+    let truncated: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e.kind, JobEventKind::OutputTruncated { .. }))
+        .collect();
+    assert_eq!(truncated.len(), 1);
+    assert_eq!(truncated[0].kind.name(), "output_truncated");
+    engine.shutdown(Duration::from_secs(1)).await;
+}

@@ -326,3 +326,76 @@ fn an_unknown_agent_key_names_it_and_refuses_to_start() {
     assert!(err.contains("agents.sbx.sandboxx"), "{err}");
     assert!(err.contains("unknown key"), "{err}");
 }
+
+/// The peak resident memory of a process, from `/proc/<pid>/status` (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+/// `yes` for a few seconds: output beyond the job's budget is dropped where it is produced,
+/// so the server's peak memory stays bounded and the status document small.
+#[tokio::test]
+async fn an_output_flood_keeps_the_server_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+server: {{ bind: "127.0.0.1:0" }}
+projects: {{ root: "{}" }}
+agents:
+  sh: {{ kind: command }}
+workflows:
+  flood:
+    timeout: 4s
+    steps:
+      - {{ name: yes, agent: sh, command: ["yes", "a line of output that repeats"] }}
+"#,
+        dir.path().display()
+    );
+    let server = start(env!("CARGO_BIN_EXE_server"), &config, dir.path());
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/workflows/trigger", server.base))
+        .bearer_auth(KEY)
+        .json(&json!({"workflow": "flood", "async": false}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let body = res.bytes().await.unwrap();
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["status"], "timed_out", "{doc}");
+    assert!(
+        body.len() < 2 * 1024 * 1024,
+        "status document of {} bytes",
+        body.len()
+    );
+    let id = doc["job_id"].as_str().unwrap();
+    let events = http
+        .get(format!("{}/workflows/{id}/events", server.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        events.matches("event: output_truncated").count(),
+        1,
+        "one output_truncated event"
+    );
+    let peak = peak_rss(server.child.id());
+    assert!(
+        peak < 300 * 1024 * 1024,
+        "the server peaked at {} MiB",
+        peak / 1024 / 1024
+    );
+    println!("flood: server peak {} MiB", peak / 1024 / 1024);
+}

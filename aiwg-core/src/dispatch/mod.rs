@@ -102,8 +102,10 @@
 //!
 //! # 8. Stores
 //!
-//! [`MemoryDispatchStore`] keeps everything in memory. A durable store implements [`DispatchStore`]
-//! and must pass [`dispatch_store_suite`] (feature `test-util`).
+//! [`MemoryDispatchStore`] keeps everything in memory; `PgDispatchStore` (feature `postgres`)
+//! keeps subscriptions and the outbox in PostgreSQL, shared by every instance. A durable store
+//! implements [`DispatchStore`] and must pass `aiwg_core::test_util::dispatch_store_suite`
+//! (feature `test-util`).
 
 mod config;
 mod dispatcher;

@@ -163,7 +163,14 @@ struct Settings {
     poll_interval: Duration,
     backoff: Backoff,
     instance: String,
+    max_output_bytes: usize,
+    max_line_bytes: usize,
 }
+
+/// The default output budget of a job: 16 MiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// The default longest line (text, log line, tool result) kept of agent output: 64 KiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Queue figures for the status endpoint.
 #[derive(
@@ -302,6 +309,8 @@ impl Default for EngineBuilder {
                 default_max_attempts: 1,
                 lease_ttl: Duration::from_secs(30),
                 poll_interval: Duration::from_millis(250),
+                max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+                max_line_bytes: DEFAULT_MAX_LINE_BYTES,
                 backoff: Backoff {
                     base: Duration::from_secs(2),
                     max: Duration::from_secs(300),
@@ -388,6 +397,22 @@ impl EngineBuilder {
     /// Lease duration; heartbeats run at a third of it (default 30 s).
     pub fn lease_ttl(mut self, t: Duration) -> Self {
         self.settings.lease_ttl = t;
+        self
+    }
+
+    /// How much agent output one job may produce, in bytes (texts plus a small fixed cost per
+    /// event; default [`DEFAULT_MAX_OUTPUT_BYTES`]). Past it further output is dropped where it
+    /// is produced and one `output_truncated` event is recorded: a flooding agent cannot grow
+    /// the server's memory or the job's stored history without bound.
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.settings.max_output_bytes = bytes;
+        self
+    }
+
+    /// The longest text, log line or tool result kept of agent output (default
+    /// [`DEFAULT_MAX_LINE_BYTES`]); longer ones are cut with a marker.
+    pub fn max_line_bytes(mut self, bytes: usize) -> Self {
+        self.settings.max_line_bytes = bytes;
         self
     }
 

@@ -9,7 +9,9 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use super::{Engine, EngineError};
 use crate::event::JobEvent;
 use crate::job::JobId;
-use crate::store::StoreError;
+
+/// How many stored events a stream reads at a time while it catches up.
+const PAGE: usize = 256;
 
 struct State {
     engine: Engine,
@@ -17,14 +19,25 @@ struct State {
     rx: broadcast::Receiver<JobEvent>,
     buf: VecDeque<JobEvent>,
     last: u64,
+    /// Still reading stored history (at the start, after a lag or a gap).
+    backlog: bool,
+    /// The job had ended when the stream began: once the history is read, nothing is left.
+    ended: bool,
     done: bool,
 }
 
 impl State {
-    /// Re-reads what the store has after `last` (after a lag or a gap).
-    async fn refill(&mut self) -> bool {
-        match self.engine.inner.store.events(self.id, self.last).await {
+    /// Reads the next page of stored events after `last`; `false` when the store failed.
+    async fn page(&mut self) -> bool {
+        match self
+            .engine
+            .inner
+            .store
+            .events_page(self.id, self.last, PAGE)
+            .await
+        {
             Ok(evs) => {
+                self.backlog = evs.len() == PAGE;
                 self.buf.extend(evs);
                 true
             }
@@ -48,19 +61,26 @@ impl State {
             if self.done {
                 return None;
             }
+            if self.backlog {
+                if !self.page().await {
+                    return None;
+                }
+                continue;
+            }
+            if self.ended {
+                return None;
+            }
             match self.rx.recv().await {
                 Ok(ev) if ev.job_id == self.id && ev.seq > self.last => {
-                    if ev.seq > self.last + 1 && self.refill().await {
+                    if ev.seq > self.last + 1 {
+                        // A gap: catch up from the store (the live event comes with it).
+                        self.backlog = true;
                         continue;
                     }
                     self.buf.push_back(ev);
                 }
                 Ok(_) => {}
-                Err(RecvError::Lagged(_)) => {
-                    if !self.refill().await {
-                        return None;
-                    }
-                }
+                Err(RecvError::Lagged(_)) => self.backlog = true,
                 Err(RecvError::Closed) => return None,
             }
         }
@@ -75,22 +95,15 @@ pub(super) async fn job_stream(
     // Subscribe before reading history so nothing falls between the two.
     let rx = engine.inner.bus.subscribe();
     let job = engine.get(id).await?;
-    let history = engine
-        .inner
-        .store
-        .events(id, after)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound(id) => EngineError::NotFound(id),
-            e => EngineError::Store(e),
-        })?;
     let state = State {
         engine,
         id,
         rx,
-        done: job.is_terminal() && !history.iter().any(JobEvent::is_terminal),
-        buf: history.into(),
+        buf: VecDeque::new(),
         last: after,
+        backlog: true,
+        ended: job.is_terminal(),
+        done: false,
     };
     Ok(Box::pin(futures_util::stream::unfold(
         state,

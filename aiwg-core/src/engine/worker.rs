@@ -260,6 +260,8 @@ async fn run_steps(
     let mut outputs: BTreeMap<String, String> = BTreeMap::new();
     let mut last_session: Option<String> = None;
     let mut usage: Option<Usage> = None;
+    let mut output_used = 0usize;
+    let mut truncation_recorded = false;
 
     for step in &wf.steps {
         if let Some(stop) = stop_for(reason) {
@@ -352,7 +354,9 @@ async fn run_steps(
 
         let started = Instant::now();
         let step_token = token.child_token();
-        let (sink, mut rx) = EventSink::channel();
+        let budget = inner.settings.max_output_bytes.saturating_sub(output_used);
+        let (sink, mut rx) = EventSink::bounded(budget, inner.settings.max_line_bytes);
+        let probe = sink.clone();
         let exec = executor.execute(request, sink, step_token.clone());
         tokio::pin!(exec);
         let timer = tokio::time::sleep(step_timeout);
@@ -380,6 +384,15 @@ async fn run_steps(
             let kind = JobEventKind::Agent {
                 step: step.name.clone(),
                 event: ev,
+            };
+            let _ = append(engine, lease, job, kind).await;
+        }
+        output_used = output_used.saturating_add(probe.output_bytes());
+        if probe.truncated() && !truncation_recorded {
+            truncation_recorded = true;
+            let kind = JobEventKind::OutputTruncated {
+                step: step.name.clone(),
+                limit_bytes: u64::try_from(inner.settings.max_output_bytes).unwrap_or(u64::MAX),
             };
             let _ = append(engine, lease, job, kind).await;
         }

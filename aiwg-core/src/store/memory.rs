@@ -312,6 +312,21 @@ impl JobStore for MemoryStore {
         Ok(entry.events[start..].to_vec())
     }
 
+    async fn events_page(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        let s = self.lock();
+        let entry = s.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entry.events.len());
+        let end = start.saturating_add(limit).min(entry.events.len());
+        Ok(entry.events[start..end].to_vec())
+    }
+
     async fn recover_expired(
         &self,
         now: DateTime<Utc>,

@@ -398,6 +398,20 @@ pub trait JobStore: Send + Sync + 'static {
     /// A job's events with `seq > after`, in order.
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError>;
 
+    /// At most `limit` of a job's events with `seq > after`, in order: what event streams
+    /// replay history with, a page at a time, so a subscriber never holds a whole history. The
+    /// default reads everything and keeps the first `limit`; stores override it.
+    async fn events_page(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        let mut all = self.events(id, after).await?;
+        all.truncate(limit);
+        Ok(all)
+    }
+
     /// Requeues (or fails, when out of attempts) running jobs whose lease expired before `now`.
     async fn recover_expired(&self, now: DateTime<Utc>)
         -> Result<Vec<(Job, JobEvent)>, StoreError>;

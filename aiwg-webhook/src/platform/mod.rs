@@ -1,10 +1,11 @@
 //! One module per platform: `verify` on the raw bytes, then `parse` into an
-//! [`InboundEvent`](crate::InboundEvent), and the platform's [`Endpoint`]: its verifier with
-//! the keys of its configuration section, its parser, and the shape of its answers.
+//! [`InboundEvent`], and the platform's endpoint (the crate's `Endpoint` trait): its verifier
+//! with the keys of its configuration section, its parser, its own allow-lists and the shape
+//! of its answers.
 //!
 //! The verifiers are plain functions (the clock is a parameter) so they can be fuzzed and
-//! tested on their own. Adding a platform means adding a module here that implements
-//! [`Endpoint`], and one line in [`Hooks`](crate::Hooks)' builder that registers it.
+//! tested on their own. Adding a platform means adding a module here that implements the
+//! endpoint, and one line in [`Hooks`](crate::Hooks)' builder that registers it.
 
 use std::collections::BTreeMap;
 

@@ -842,12 +842,22 @@ impl JobStore for PgStore {
     }
 
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+        self.events_page(id, after, usize::MAX).await
+    }
+
+    async fn events_page(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at, kind FROM aiwg_job_events WHERE job_id = $1 AND seq > $2 \
-             ORDER BY seq",
+             ORDER BY seq LIMIT $3",
         )
         .bind(id.as_uuid())
         .bind(to_i64(after))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
