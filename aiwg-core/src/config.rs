@@ -362,6 +362,58 @@ pub struct StorageConfig {
     pub kind: StorageKind,
     /// The database URL for `postgres`.
     pub url: Option<String>,
+    /// How long and how many finished jobs are kept.
+    pub retention: RetentionConfig,
+}
+
+/// `storage.retention`: finished jobs are forgotten after `finished_for` (default `24h`); the
+/// memory store also keeps at most `max_finished` (default 10 000). PostgreSQL purges finished
+/// jobs with their events, finished deliveries and expired de-duplication keys every
+/// `purge_every` (default `1h`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How long finished jobs are kept.
+    #[serde(with = "crate::util::opt_duration")]
+    pub finished_for: Option<Duration>,
+    /// How many finished jobs the memory store keeps.
+    pub max_finished: usize,
+    /// How often PostgreSQL is purged.
+    #[serde(with = "crate::util::opt_duration")]
+    pub purge_every: Option<Duration>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            finished_for: None,
+            max_finished: 10_000,
+            purge_every: None,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The memory store's retention.
+    #[must_use]
+    pub fn memory(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            finished_for: self.finished_for(),
+            max_finished: self.max_finished,
+        }
+    }
+
+    /// How long finished jobs are kept (default 24 h).
+    #[must_use]
+    pub fn finished_for(&self) -> Duration {
+        self.finished_for.unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    /// How often PostgreSQL is purged (default 1 h).
+    #[must_use]
+    pub fn purge_every(&self) -> Duration {
+        self.purge_every.unwrap_or(Duration::from_secs(3600))
+    }
 }
 
 /// Where jobs are stored.

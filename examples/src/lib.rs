@@ -105,7 +105,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     builder = builder.policy(config.projects.policy()?);
 
     let storage = Storage::open(config).await?;
-    builder = builder.store(storage.jobs());
+    builder = builder.store(storage.jobs(&config.storage.retention));
 
     let dispatcher = storage
         .dispatch(Dispatcher::builder().config(&config.webhooks))
@@ -124,6 +124,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
     storage.listen(&engine).await?;
+    storage.purge_on_schedule(&config.storage.retention);
 
     let mut keys = config.auth.keys()?;
     let mut generated_key = None;
@@ -216,9 +217,9 @@ impl Storage {
         }
     }
 
-    fn jobs(&self) -> Arc<dyn JobStore> {
+    fn jobs(&self, retention: &aiwg_core::config::RetentionConfig) -> Arc<dyn JobStore> {
         match self {
-            Storage::Memory => Arc::new(MemoryStore::new()),
+            Storage::Memory => Arc::new(MemoryStore::with_retention(retention.memory())),
             #[cfg(feature = "postgres")]
             Storage::Postgres { jobs, .. } => Arc::clone(jobs) as Arc<dyn JobStore>,
         }
@@ -257,6 +258,53 @@ impl Storage {
                 .await
                 .map(drop)
                 .map_err(|e| AppError::Start(format!("storage: {e}"))),
+        }
+    }
+
+    /// PostgreSQL keeps everything until purged: every `purge_every`, finished jobs older than
+    /// `finished_for` go with their events, finished deliveries too, and expired
+    /// de-duplication keys. Any instance may purge; concurrent purges are harmless. (The
+    /// memory store forgets by itself.)
+    fn purge_on_schedule(&self, retention: &aiwg_core::config::RetentionConfig) {
+        match self {
+            Storage::Memory => {
+                let _ = retention;
+            }
+            #[cfg(feature = "postgres")]
+            Storage::Postgres {
+                jobs,
+                outbox,
+                dedup,
+            } => {
+                let (jobs, outbox, dedup) = (Arc::clone(jobs), Arc::clone(outbox), dedup.clone());
+                let keep = retention.finished_for();
+                let every = retention.purge_every();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        let before = chrono::Utc::now()
+                            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                        let jobs_gone = jobs.purge_finished(before).await;
+                        let deliveries_gone = outbox.purge_finished(before).await;
+                        let keys_gone = dedup.purge().await;
+                        match (jobs_gone, deliveries_gone, keys_gone) {
+                            (Ok(j), Ok(d), Ok(k)) => tracing::info!(
+                                jobs = j,
+                                deliveries = d,
+                                dedup_keys = k,
+                                "purged finished jobs, deliveries and expired keys"
+                            ),
+                            (j, d, k) => tracing::warn!(
+                                jobs = ?j.err(),
+                                deliveries = ?d.err(),
+                                dedup_keys = ?k.err(),
+                                "a purge failed; retrying at the next one"
+                            ),
+                        }
+                    }
+                });
+            }
         }
     }
 }

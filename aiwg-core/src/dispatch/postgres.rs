@@ -107,6 +107,20 @@ impl PgDispatchStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Deletes finished deliveries (`succeeded` or `failed`) created before `before`, with their
+    /// attempts; returns how many. Open deliveries are never touched. Any instance may run it.
+    pub async fn purge_finished(&self, before: DateTime<Utc>) -> DispatchStoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM aiwg_webhook_deliveries \
+             WHERE state IN ('succeeded', 'failed') AND created_at_ns < $1",
+        )
+        .bind(ns(before))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected())
+    }
 }
 
 fn db(e: sqlx::Error) -> DispatchStoreError {

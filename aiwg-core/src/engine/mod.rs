@@ -218,6 +218,9 @@ pub(crate) struct Inner {
     bus: broadcast::Sender<JobEvent>,
     wake: Notify,
     running: Mutex<HashMap<JobId, RunningJob>>,
+    /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
+    /// after `running`): the worker honours them as it registers the job.
+    pending_cancels: Mutex<std::collections::HashSet<JobId>>,
     observers: Vec<Arc<dyn JobObserver>>,
     stop_claiming: CancellationToken,
     tracker: TaskTracker,
@@ -499,6 +502,7 @@ impl EngineBuilder {
                 bus,
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
+                pending_cancels: Mutex::default(),
                 observers: self.observers,
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -690,19 +694,35 @@ impl Engine {
             Ok(CancelOutcome::Requested(_)) => {
                 let local = {
                     let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-                    running.get(&id).map(|r| {
+                    let local = running.get(&id).map(|r| {
                         r.reason
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get_or_insert(StopReason::User);
                         r.token.cancel();
                         r.done.clone()
-                    })
+                    });
+                    if local.is_none() {
+                        // Claimed here a moment ago but not registered yet, or running on
+                        // another instance: a worker of this one honours it as it registers.
+                        self.inner
+                            .pending_cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id);
+                    }
+                    local
                 };
                 match local {
                     Some(done) => done.cancelled().await,
                     None => {
-                        self.wait(id, Duration::from_secs(30)).await?;
+                        let waited = self.wait(id, Duration::from_secs(30)).await;
+                        self.inner
+                            .pending_cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                        waited?;
                     }
                 }
                 self.get(id).await

@@ -82,11 +82,9 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
     let token = CancellationToken::new();
     let reason = Arc::new(Mutex::new(None));
     let done = CancellationToken::new();
-    inner
-        .running
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(
+    let cancelled_meanwhile = {
+        let mut running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(
             id,
             RunningJob {
                 token: token.clone(),
@@ -94,7 +92,14 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
                 done: done.clone(),
             },
         );
-    if job.cancel_requested {
+        // A cancel that arrived between the claim and now is honoured at once.
+        inner
+            .pending_cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+    };
+    if job.cancel_requested || cancelled_meanwhile {
         reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -117,14 +122,32 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
             // timer turn on every job).
             let period = ttl / 3;
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            // Self-fencing: the lease is only known to be ours until `ttl` after the last beat
+            // that succeeded was sent. A third of a lease before that, without a successful beat
+            // (store down, slow, unreachable), the job is stopped here, so its agent is gone
+            // before another instance may claim the job.
+            let margin = ttl / 3;
+            let mut fence_at = tokio::time::Instant::now() + ttl.saturating_sub(margin);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    () = tokio::time::sleep_until(fence_at) => {
+                        fence(&reason, &token);
+                        break;
+                    }
                     () = stop2.cancelled() => break,
                 }
                 let current = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match store.heartbeat(&current, ttl).await {
-                    Ok(hb) => {
+                let sent = tokio::time::Instant::now();
+                let beat = tokio::time::timeout_at(fence_at, store.heartbeat(&current, ttl)).await;
+                match beat {
+                    Err(_elapsed) => {
+                        tracing::warn!(job = %current.job_id, "no heartbeat succeeded within the lease; stopping the job");
+                        fence(&reason, &token);
+                        break;
+                    }
+                    Ok(Ok(hb)) => {
+                        fence_at = sent + ttl.saturating_sub(margin);
                         *lease_cell.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
                         if hb.cancel_requested {
                             reason
@@ -134,15 +157,13 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
                             token.cancel();
                         }
                     }
-                    Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_)) => {
-                        reason
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(StopReason::LeaseLost);
-                        token.cancel();
+                    Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) => {
+                        fence(&reason, &token);
                         break;
                     }
-                    Err(e) => tracing::warn!(error = %e, job = %current.job_id, "heartbeat failed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, job = %current.job_id, "heartbeat failed");
+                    }
                 }
             }
         });
@@ -194,6 +215,15 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     done.cancel();
+}
+
+/// Stops a job whose lease is (or may be) no longer ours: no further write is attempted.
+fn fence(reason: &Mutex<Option<StopReason>>, token: &CancellationToken) {
+    reason
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert(StopReason::LeaseLost);
+    token.cancel();
 }
 
 async fn append(

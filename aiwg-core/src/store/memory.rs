@@ -2,7 +2,7 @@
 //! store; nothing survives a restart.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ struct State {
     enqueue_seq: u64,
     lease_seq: u64,
     running: usize,
+    /// Finished jobs, oldest first, for retention.
+    finished: VecDeque<(DateTime<Utc>, JobId)>,
 }
 
 impl State {
@@ -80,6 +82,26 @@ impl State {
         ev
     }
 
+    /// Notes that `id` just finished and forgets the finished jobs that retention no longer
+    /// keeps (with their events and idempotency keys).
+    fn finished(&mut self, id: JobId, now: DateTime<Utc>, retention: &Retention) {
+        self.finished.push_back((now, id));
+        let horizon = now - ttl(retention.finished_for);
+        while let Some(&(at, old)) = self.finished.front() {
+            if self.finished.len() <= retention.max_finished && at >= horizon {
+                break;
+            }
+            self.finished.pop_front();
+            if let Some(e) = self.jobs.remove(&old) {
+                if let Some(key) = &e.job.idempotency_key {
+                    if self.idempotency.get(key).is_some_and(|(_, j)| *j == old) {
+                        self.idempotency.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
         let entry = self
             .jobs
@@ -92,17 +114,64 @@ impl State {
     }
 }
 
+/// How long and how many finished jobs the [`MemoryStore`] keeps (`storage.retention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished jobs older than this are forgotten (default 24 h).
+    pub finished_for: Duration,
+    /// At most this many finished jobs are kept, the oldest forgotten first (default 10 000).
+    pub max_finished: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            finished_for: Duration::from_secs(24 * 3600),
+            max_finished: 10_000,
+        }
+    }
+}
+
 /// A [`JobStore`] in memory. Cheap to create; share it behind an `Arc`.
+///
+/// Finished jobs are kept as [`Retention`] says (by default a day, and at most 10 000), so a
+/// server that runs jobs forever holds steady memory; queued and running jobs are never
+/// dropped.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    retention: Retention,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store with the default [`Retention`].
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping finished jobs as `retention` says.
+    #[must_use]
+    pub fn with_retention(retention: Retention) -> Self {
+        Self {
+            state: Mutex::default(),
+            retention: Retention {
+                max_finished: retention.max_finished.max(1),
+                ..retention
+            },
+        }
+    }
+
+    /// How many jobs (of any status) the store holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Whether it holds no job.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -279,6 +348,8 @@ impl JobStore for MemoryStore {
         s.release(lease.job_id);
         if job.status == JobStatus::Queued {
             s.enqueue(job.id);
+        } else if job.is_terminal() {
+            s.finished(job.id, now, &self.retention);
         }
         Ok((job, ev))
     }
@@ -293,6 +364,7 @@ impl JobStore for MemoryStore {
                 let ev = State::record(entry, kind, now);
                 let job = entry.job.clone();
                 s.dequeue(id);
+                s.finished(id, now, &self.retention);
                 Ok(CancelOutcome::Cancelled(job, ev))
             }
             JobStatus::Running => {
@@ -347,6 +419,8 @@ impl JobStore for MemoryStore {
             let job = entry.job.clone();
             if job.status == JobStatus::Queued {
                 s.enqueue(id);
+            } else if job.is_terminal() {
+                s.finished(id, now, &self.retention);
             }
             out.push((job, ev));
         }

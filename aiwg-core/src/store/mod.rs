@@ -20,7 +20,7 @@ use crate::event::{JobEvent, JobEventKind};
 use crate::job::{IllegalTransition, Job, JobError, JobId, JobResult, JobStatus};
 
 mod memory;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, Retention};
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
