@@ -104,9 +104,9 @@ impl ClaudeCode {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                return Err(ExecutorError::Spawn(
-                    "the session to resume is not a valid session id".into(),
-                ));
+                return Err(ExecutorError::Spawn(aiwg_core::BackendError::from(
+                    "the session to resume is not a valid session id",
+                )));
             }
             argv.push("--resume".into());
             argv.push(session.clone());

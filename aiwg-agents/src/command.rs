@@ -138,9 +138,9 @@ impl Executor for CommandExecutor {
                 .map(|a| render_arg(a, &request.params))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|name| {
-                    ExecutorError::Spawn(format!(
+                    ExecutorError::Spawn(aiwg_core::BackendError::from(format!(
                         "the command template names the parameter `{name}`, which the job does not have"
-                    ))
+                    )))
                 })?,
             (None, None) => {
                 return Err(ExecutorError::InvalidRequest(

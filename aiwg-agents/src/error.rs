@@ -157,24 +157,15 @@ impl AgentError {
     }
 }
 
-/// `error: cause: cause…`
-pub(crate) fn chain(e: &dyn StdError) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
-
 impl From<AgentError> for ExecutorError {
     fn from(e: AgentError) -> Self {
-        let message = chain(&e);
-        match e.kind() {
-            AgentErrorKind::Read | AgentErrorKind::Json => ExecutorError::Protocol(message),
-            _ => ExecutorError::Spawn(message),
+        // The cause is kept as the executor error's source (its text is shown with it).
+        let protocol = matches!(e.kind(), AgentErrorKind::Read | AgentErrorKind::Json);
+        let e = aiwg_core::BackendError::from_source(e);
+        if protocol {
+            ExecutorError::Protocol(e)
+        } else {
+            ExecutorError::Spawn(e)
         }
     }
 }
@@ -194,6 +185,14 @@ mod tests {
         let ex = ExecutorError::from(e);
         assert_eq!(ex.kind(), "spawn_failed");
         assert!(ex.to_string().contains("not found"), "{ex}");
+        // The cause stays reachable as the executor error's source, down to the io error.
+        let mut depth = 0;
+        let mut cur = StdError::source(&ex);
+        while let Some(c) = cur {
+            depth += 1;
+            cur = c.source();
+        }
+        assert!(depth >= 2, "{depth}");
     }
 
     #[test]

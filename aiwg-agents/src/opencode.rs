@@ -510,9 +510,9 @@ impl Executor for OpenCode {
         let session = match &request.resume_session {
             Some(s) => {
                 if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(ExecutorError::Spawn(
-                        "the session to resume is not a valid opencode session id".into(),
-                    ));
+                    return Err(ExecutorError::Spawn(aiwg_core::BackendError::from(
+                        "the session to resume is not a valid opencode session id",
+                    )));
                 }
                 s.clone()
             }
@@ -526,7 +526,9 @@ impl Executor for OpenCode {
                 created["id"]
                     .as_str()
                     .ok_or_else(|| {
-                        ExecutorError::Protocol("opencode created a session without an id".into())
+                        ExecutorError::Protocol(aiwg_core::BackendError::from(
+                            "opencode created a session without an id",
+                        ))
                     })?
                     .to_owned()
             }
@@ -565,7 +567,7 @@ impl Executor for OpenCode {
                 () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
                 data = sse.next() => {
                     let Some(data) = data else {
-                        break ExecutorError::Protocol("opencode's event stream ended during the run".into());
+                        break ExecutorError::Protocol(aiwg_core::BackendError::from("opencode's event stream ended during the run"));
                     };
                     let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
                     let (ours, step) = st.handle(&ev, &session, &events);

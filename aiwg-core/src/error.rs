@@ -48,10 +48,41 @@ impl BackendError {
         }
     }
 
+    /// The failure `source`, said by itself (no context of its own).
+    #[must_use]
+    pub fn from_source(source: impl Error + Send + Sync + 'static) -> Self {
+        Self {
+            context: Cow::Borrowed(""),
+            source: Some(Arc::new(source)),
+        }
+    }
+
     /// What was being done.
     #[must_use]
     pub fn context(&self) -> &str {
         &self.context
+    }
+}
+
+impl From<String> for BackendError {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&'static str> for BackendError {
+    fn from(message: &'static str) -> Self {
+        Self::new(message)
+    }
+}
+
+/// Two backend errors are equal when they say the same: the same context and causes with the
+/// same text (an error's cause has no equality of its own).
+impl PartialEq for BackendError {
+    fn eq(&self, other: &Self) -> bool {
+        self.context == other.context
+            && self.source.as_ref().map(ToString::to_string)
+                == other.source.as_ref().map(ToString::to_string)
     }
 }
 
@@ -61,7 +92,16 @@ impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.context)?;
         if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
+            if !self.context.is_empty() {
+                f.write_str(": ")?;
+            }
+            // The whole chain, so a log line that prints only this error says what happened.
+            write!(f, "{source}")?;
+            let mut cause = source.source();
+            while let Some(c) = cause {
+                write!(f, ": {c}")?;
+                cause = c.source();
+            }
         }
         Ok(())
     }

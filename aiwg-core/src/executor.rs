@@ -442,9 +442,10 @@ pub enum ExecutorError {
     /// No output for longer than the idle limit; the run was killed.
     #[error("the agent produced no output for {0:?} and was stopped")]
     Idle(Duration),
-    /// The agent could not be started (binary missing, server unreachable, …).
+    /// The agent could not be started (binary missing, server unreachable, …); the cause is
+    /// its source.
     #[error("could not start the agent: {0}")]
-    Spawn(String),
+    Spawn(#[source] crate::BackendError),
     /// The agent ran and reported failure.
     #[error("the agent failed: {message}")]
     Failed {
@@ -461,9 +462,9 @@ pub enum ExecutorError {
         /// The start of the response body.
         body: String,
     },
-    /// The agent spoke something the executor did not understand.
+    /// The agent spoke something the executor did not understand; the cause is its source.
     #[error("agent protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[source] crate::BackendError),
     /// The executor is not available (e.g. every pool member's circuit is open).
     #[error("the agent is unavailable: {0}")]
     Unavailable(String),

@@ -9,7 +9,7 @@
 //! - `--bin actix_server` — the same server on actix-web (`aiwg-actix`).
 //! - `--bin mount` — aiwg nested under `/aiwg` in an app with routes and state of its own.
 //! - `--bin custom_executor` — writing an [`Executor`] for your own backend.
-//! - `--bin mock_testing` — testing your code against aiwg with scripted and mock executors.
+//! - `--features test-util --bin mock_testing` — testing your code against aiwg with scripted and mock executors.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! and a `ScriptedExecutor` that fails once, so the retry path runs too.
 //!
 //! ```text
-//! cargo run -p aiwg-examples --bin mock_testing
+//! cargo run -p aiwg-examples --features test-util --bin mock_testing
 //! ```
 
 use std::sync::Arc;
