@@ -157,8 +157,9 @@ async fn translate(
     if declared.is_some_and(|n| n > limit as u64) {
         return api.payload_too_large();
     }
-    // At most `limit` bytes are ever held.
-    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    // At most `limit` bytes are ever held, and memory follows the bytes that arrive: a declared
+    // length reserves at most 64 KiB before any of it is there.
+    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| n as usize).min(64 * 1024));
     while let Some(chunk) = payload.next().await {
         // Like the axum adapter: a body that cannot be read whole within the limit is refused.
         let Ok(chunk) = chunk else {

@@ -123,6 +123,21 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Whether `bind` is a loopback address (`127.0.0.1`, `[::1]`, `localhost`).
+    #[must_use]
+    pub fn loopback_only(&self) -> bool {
+        let host = self
+            .bind
+            .rsplit_once(':')
+            .map_or(self.bind.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// The body limit in bytes.
     pub fn body_limit_bytes(&self) -> Result<usize, ConfigError> {
         let err = |r: &str| ConfigError::new("server.body_limit", r);
@@ -225,7 +240,8 @@ pub struct MappingConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProjectsConfig {
-    /// The root jobs must stay inside (default: the current directory).
+    /// The root jobs must stay inside. Required when the server listens beyond loopback;
+    /// a loopback-only server without one uses the current directory.
     pub root: Option<String>,
     /// More roots.
     pub extra_roots: Vec<String>,
@@ -581,6 +597,18 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.server.body_limit_bytes()?;
+        // Without a root the working directory would be one (`/` under a service manager):
+        // acceptable only for a server nobody else can reach.
+        if self.projects.root.as_deref().is_none_or(str::is_empty) && !self.server.loopback_only() {
+            return Err(ConfigError::new(
+                "projects.root",
+                format!(
+                    "required when the server listens beyond loopback (server.bind is `{}`); \
+                     set it (or AIWG_PROJECT_ROOT) to the folder that holds the projects",
+                    self.server.bind
+                ),
+            ));
+        }
         self.auth.keys()?;
         if self.engine.workers == 0 {
             return Err(ConfigError::new("engine.workers", "must be at least 1"));
@@ -770,9 +798,34 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
     }
 
     #[test]
+    fn a_server_beyond_loopback_needs_a_project_root() {
+        let e =
+            Config::from_yaml_with_env("server: { bind: \"0.0.0.0:3100\" }", |_| None).unwrap_err();
+        assert_eq!(e.key, "projects.root");
+        let e = Config::from_yaml_with_env(
+            "server: { bind: \"0.0.0.0:3100\" }\nprojects: { root: \"${AIWG_PROJECT_ROOT}\" }",
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "projects.root", "an empty root is no root");
+        for bind in ["127.0.0.1:3100", "[::1]:3100", "localhost:3100"] {
+            let yaml = format!("server: {{ bind: \"{bind}\" }}");
+            assert!(
+                Config::from_yaml_with_env(&yaml, |_| None).is_ok(),
+                "{bind}"
+            );
+        }
+        assert!(Config::from_yaml_with_env(
+            "server: { bind: \"0.0.0.0:3100\" }\nprojects: { root: /srv }",
+            |_| None
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn unset_variables_expand_to_nothing_or_their_default() {
         let c = Config::from_yaml_with_env(
-            "server: { bind: \"${HOST:-0.0.0.0}:${PORT:-9}\" }\nauth: { api_keys: [ { name: a, key: \"${NOPE}\", scopes: [admin] } ] }",
+            "server: { bind: \"${HOST:-0.0.0.0}:${PORT:-9}\" }\nprojects: { root: /srv }\nauth: { api_keys: [ { name: a, key: \"${NOPE}\", scopes: [admin] } ] }",
             |_| None,
         )
         .unwrap();

@@ -34,7 +34,7 @@ pub enum PolicyError {
     /// An absolute path outside every root.
     #[error("project path `{0}` is outside the project root")]
     OutsideRoot(String),
-    /// The path is, or is inside, a forbidden path.
+    /// The path is, is inside, or contains a forbidden path.
     #[error("project path `{0}` is forbidden")]
     Forbidden(String),
     /// A project key that no mapping rule matches.
@@ -204,7 +204,13 @@ impl ProjectPolicy {
     }
 
     fn check_canonical(&self, canonical: &Path, input: &str) -> Result<PathBuf, PolicyError> {
-        if self.forbidden.iter().any(|f| canonical.starts_with(f)) {
+        // Forbidden: the path is, or is inside, a forbidden path, or contains one (a project of
+        // `$HOME` would hand `~/.ssh` to the agent).
+        if self
+            .forbidden
+            .iter()
+            .any(|f| canonical.starts_with(f) || f.starts_with(canonical))
+        {
             return Err(PolicyError::Forbidden(input.to_owned()));
         }
         if !canonical.is_dir() {
@@ -282,7 +288,11 @@ mod tests {
         );
         // A symlink that stays inside is fine and resolves to its target.
         assert_eq!(p.check("alias").unwrap(), f.root.join("repo"));
-        assert_eq!(p.resolve(None, None).unwrap(), f.root);
+        // The root itself holds the forbidden `secret`: it is no project.
+        assert!(matches!(
+            p.resolve(None, None),
+            Err(PolicyError::Forbidden(_))
+        ));
     }
 
     #[test]
@@ -361,5 +371,25 @@ mod tests {
                 .build(),
             Err(PolicyError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_path_that_contains_a_forbidden_one_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().canonicalize().unwrap();
+        fs::create_dir_all(home.join(".ssh")).unwrap();
+        fs::create_dir_all(home.join("code/app")).unwrap();
+        let p = ProjectPolicy::builder()
+            .root(&home)
+            .forbid(home.join(".ssh"))
+            .build()
+            .unwrap();
+        // The root itself holds `.ssh`: refused, as is `.ssh`; a project beside it is fine.
+        assert!(matches!(
+            p.resolve(None, None),
+            Err(PolicyError::Forbidden(_))
+        ));
+        assert!(matches!(p.check(".ssh"), Err(PolicyError::Forbidden(_))));
+        assert_eq!(p.check("code/app").unwrap(), home.join("code/app"));
     }
 }

@@ -66,6 +66,50 @@ struct Body<'a> {
 }
 
 impl OutboundEvent {
+    /// The event cut to fit `limit` bytes of body: long texts in `data.result` and
+    /// `data.error` are cut (each with a marker of what was left out), and as a last resort
+    /// `result` is dropped; `data.truncated` is then `true`.
+    #[must_use]
+    pub fn truncated(mut self, limit: usize) -> Self {
+        fn cut(v: &mut Value, max: usize) {
+            match v {
+                Value::String(s) if s.len() > max => {
+                    let mut end = max;
+                    while !s.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    let left = s.len() - end;
+                    s.truncate(end);
+                    s.push_str(&format!("… [{left} more bytes cut]"));
+                }
+                Value::Array(a) => a.iter_mut().for_each(|v| cut(v, max)),
+                Value::Object(o) => o.values_mut().for_each(|v| cut(v, max)),
+                _ => {}
+            }
+        }
+        if let Some(data) = self.data.as_object_mut() {
+            data.insert("truncated".into(), Value::Bool(true));
+        }
+        for max in [16 * 1024, 2 * 1024, 256, 32] {
+            if self.body().len() <= limit {
+                return self;
+            }
+            if let Some(data) = self.data.as_object_mut() {
+                for key in ["result", "error"] {
+                    if let Some(v) = data.get_mut(key) {
+                        cut(v, max);
+                    }
+                }
+            }
+        }
+        if self.body().len() > limit {
+            if let Some(data) = self.data.as_object_mut() {
+                data.remove("result");
+            }
+        }
+        self
+    }
+
     /// An event of `event_type` now with `data`.
     #[must_use]
     pub fn new(event_type: impl Into<String>, data: Value) -> Self {
@@ -193,6 +237,34 @@ mod tests {
         assert_eq!(body["event"], "job.failed");
         assert!(DateTime::parse_from_rfc3339(body["timestamp"].as_str().unwrap()).is_ok());
         assert_eq!(body["data"], ev.data);
+    }
+
+    #[test]
+    fn a_too_large_event_is_cut_with_a_marker() {
+        let mut job = job();
+        if let Some(r) = job.result.as_mut() {
+            r.summary = "é".repeat(300_000);
+        }
+        let ev = OutboundEvent::for_job(JOB_FAILED, &job, Some("sh"));
+        assert!(ev.body().len() > 256 * 1024);
+        let cut = ev.truncated(64 * 1024);
+        assert!(cut.body().len() <= 64 * 1024, "{}", cut.body().len());
+        let d = &cut.data;
+        assert_eq!(d["truncated"], true);
+        assert_eq!(d["job_id"], job.id.to_string());
+        assert_eq!(d["status"], "failed");
+        let summary = d["result"]["summary"].as_str().unwrap();
+        assert!(
+            summary.ends_with("more bytes cut]"),
+            "{}",
+            &summary[summary.len() - 40..]
+        );
+        // Already small enough: only the marker changes.
+        let small = OutboundEvent::for_job(JOB_FAILED, &self::job(), Some("sh"));
+        assert_eq!(
+            small.clone().truncated(64 * 1024).data["result"],
+            small.data["result"]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::event::{event_type_for_status, OutboundEvent};
-use super::Dispatcher;
+use super::{DispatchError, Dispatcher};
 use crate::engine::JobObserver;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::Job;
@@ -41,10 +41,19 @@ pub fn outbound_event(job: &Job, event: &JobEvent) -> Option<OutboundEvent> {
 #[async_trait]
 impl JobObserver for Dispatcher {
     async fn on_event(&self, job: &Job, event: &JobEvent) {
-        if let Some(out) = outbound_event(job, event) {
-            if let Err(e) = self.publish(out).await {
-                tracing::warn!(error = %e, job = %job.id, "could not queue outbound webhooks");
+        let Some(out) = outbound_event(job, event) else {
+            return;
+        };
+        let result = match self.publish(out.clone()).await {
+            // Too large for the outbox (a huge summary or step output): delivered cut, with a
+            // marker, never dropped silently.
+            Err(DispatchError::PayloadTooLarge { limit, .. }) => {
+                self.publish(out.truncated(limit)).await
             }
+            other => other,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, job = %job.id, "could not queue outbound webhooks");
         }
     }
 }
