@@ -541,3 +541,73 @@ async fn a_listener_reconnects_after_losing_its_connection() {
     b.stop().await;
     db.cleanup().await;
 }
+
+/// A database outage during a run: the jobs table is locked by another session, so the
+/// worker's heartbeats hang. The worker stops its agent before its lease runs out (measured by
+/// the database's clock against the lease it holds), so no other instance can run the job
+/// while this one still does; once the database answers again the job is recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_stops_the_agent_before_the_lease_ends() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let agent = ScriptedExecutor::hanging();
+    let a = node(
+        &env,
+        db.store_in(&schema, 4).await,
+        Arc::new(agent.clone()),
+        |b| {
+            b.lease_ttl(Duration::from_secs(4))
+                // Recovery by this instance would be another instance's job: keep it out.
+                .poll_interval(Duration::from_secs(3600))
+        },
+    )
+    .await;
+    let job = a.engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(agent.wait_started(1, WAIT).await);
+    let lease_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(&format!(
+        "SELECT lease_expires_at FROM {schema}.aiwg_jobs WHERE id = $1"
+    ))
+    .bind(job.id.as_uuid())
+    .fetch_one(db.admin())
+    .await
+    .unwrap();
+
+    // The outage: every write to the jobs table now waits.
+    let mut blocker = db.admin().begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {schema}.aiwg_jobs IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while agent.cancelled() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent was never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(db.admin())
+        .await
+        .unwrap();
+    blocker.rollback().await.unwrap();
+    // The last lease the worker held (it may have renewed it before the outage) ended after
+    // the agent stopped.
+    let held: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
+        "SELECT lease_expires_at FROM {schema}.aiwg_jobs WHERE id = $1"
+    ))
+    .bind(job.id.as_uuid())
+    .fetch_one(db.admin())
+    .await
+    .unwrap();
+    let held = held.unwrap_or(lease_end).max(lease_end);
+    assert!(
+        stopped < held,
+        "the agent stopped at {stopped}, after its lease ended at {held}"
+    );
+    a.stop().await;
+    db.cleanup().await;
+}
