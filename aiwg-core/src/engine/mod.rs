@@ -28,6 +28,10 @@ use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 mod subscribe;
 mod worker;
 
+/// The longest idempotency key the engine accepts (the HTTP API takes 255 characters from a
+/// client and prefixes them with the API key's name).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+
 /// The longest guidance accepted (64 KiB).
 pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;
 
@@ -582,10 +586,10 @@ impl Engine {
             }
         }
         if let Some(k) = &request.idempotency_key {
-            if k.is_empty() || k.len() > 255 {
-                return Err(SubmitError::Invalid(
-                    "the idempotency key must be 1 to 255 characters".into(),
-                ));
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(SubmitError::Invalid(format!(
+                    "the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+                )));
             }
         }
         let project = self

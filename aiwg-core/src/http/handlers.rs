@@ -339,7 +339,9 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
     request.guidance = body.guidance;
     request.params = params;
     request.priority = body.priority;
-    request.idempotency_key = idempotency_key;
+    // Namespaced per API key: one client's key never finds (or collides with) another's job.
+    request.idempotency_key =
+        idempotency_key.map(|k| format!("api:{}:{k}", actor.as_deref().unwrap_or("")));
     request.trigger.actor = actor;
     let engine = api.engine();
     let job = engine

@@ -1104,6 +1104,20 @@ async fn idempotency(server: &dyn Serve) {
         )
         .await;
     r.assert_problem(409);
+    // Keys are namespaced per API key: another key's `k-1` is its own job, and the first
+    // key's job is not revealed to it.
+    let other_key = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(ADMIN_KEY),
+            Some(Body::Json(
+                json!({"workflow": "echo", "project_path": "proj", "idempotency_key": "k-1"}),
+            )),
+        )
+        .await;
+    assert_eq!(other_key.status, 202);
+    assert_ne!(other_key.json()["job_id"], a.json()["job_id"]);
     // The header form works the same way.
     let res = c
         .request(
