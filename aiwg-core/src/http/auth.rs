@@ -147,7 +147,14 @@ pub struct RateLimit {
 pub(crate) struct Limiter {
     keys: DefaultKeyedRateLimiter<String>,
     addrs: DefaultKeyedRateLimiter<IpAddr>,
+    checks: std::sync::atomic::AtomicU64,
+    /// Addresses whose failed platform verifications ran over the limit, until when.
+    blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
 }
+
+/// Every this many address checks, addresses whose budget is full again are forgotten, so
+/// rotating client addresses cannot grow the limiter's memory without bound.
+const PRUNE_EVERY: u64 = 4096;
 
 impl Limiter {
     pub(crate) fn new(limit: RateLimit) -> Result<Self, String> {
@@ -158,6 +165,8 @@ impl Limiter {
         Ok(Self {
             keys: DefaultKeyedRateLimiter::keyed(quota),
             addrs: DefaultKeyedRateLimiter::keyed(quota),
+            checks: std::sync::atomic::AtomicU64::new(0),
+            blocked: std::sync::Mutex::default(),
         })
     }
 
@@ -170,15 +179,85 @@ impl Limiter {
 
     /// `Err(wait)` when the address is over its limit.
     pub(crate) fn check_addr(&self, addr: IpAddr) -> Result<(), Duration> {
+        let n = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            self.prune();
+        }
         self.addrs
             .check_key(&addr)
             .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
     }
 }
 
+impl Limiter {
+    /// Platform deliveries: only failed verifications count against an address, so verified
+    /// deliveries are never starved by others' floods. `Err(wait)` while the address is
+    /// blocked for failing too often (answered before any signature is computed).
+    pub(crate) fn check_blocked(&self, addr: IpAddr) -> Result<(), Duration> {
+        let now = std::time::Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match blocked.get(&addr) {
+            Some(until) if *until > now => Err(*until - now),
+            Some(_) => {
+                blocked.remove(&addr);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one failed platform verification from `addr`; past the limit the address is
+    /// blocked for the wait the limiter names.
+    pub(crate) fn failed_verification(&self, addr: IpAddr) {
+        if let Err(wait) = self.check_addr(addr) {
+            let now = std::time::Instant::now();
+            let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            if blocked.len() >= 65_536 {
+                blocked.retain(|_, until| *until > now);
+            }
+            blocked.insert(addr, now + wait.max(Duration::from_millis(1)));
+        }
+    }
+
+    /// Forgets addresses and keys whose budget is full again (they would start fresh anyway).
+    pub(crate) fn prune(&self) {
+        self.addrs.retain_recent();
+        self.addrs.shrink_to_fit();
+        self.keys.retain_recent();
+        self.keys.shrink_to_fit();
+    }
+
+    /// How many addresses the limiter remembers.
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        self.addrs.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotating_addresses_do_not_grow_the_limiter_without_bound() {
+        // A budget that is full again within microseconds, so pruning can forget at once.
+        let l = Limiter::new(RateLimit {
+            per_minute: 60_000_000,
+            burst: 1,
+        })
+        .unwrap();
+        for i in 0..20_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.check_addr(ip).is_ok());
+        }
+        // Pruned every 4096 checks: far fewer than 20 000 addresses are remembered.
+        assert!(l.addresses() < 10_000, "{}", l.addresses());
+        std::thread::sleep(Duration::from_millis(5));
+        l.prune();
+        assert_eq!(l.addresses(), 0);
+    }
 
     #[test]
     fn keys_match_by_hash_and_scopes_imply() {

@@ -145,14 +145,28 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
             }
             None => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
-                    if spec.access != Access::Unlimited {
-                        l.check_addr(ip).map_err(too_many)?;
+                    match spec.access {
+                        Access::Unlimited => {}
+                        // Only failed verifications count (below): a flood of forged
+                        // deliveries from other addresses never starves the platform's own.
+                        Access::Signature => l.check_blocked(ip).map_err(too_many)?,
+                        _ => l.check_addr(ip).map_err(too_many)?,
                     }
                 }
                 None
             }
         };
-        dispatch(api, &req, actor).await
+        let res = dispatch(api, &req, actor).await;
+        if spec.access == Access::Signature {
+            let failed = match &res {
+                Ok(r) => r.status == StatusCode::UNAUTHORIZED,
+                Err(p) => p.status() == 401,
+            };
+            if let (true, Some(l), Some(ip)) = (failed, &api.inner.limiter, req.peer) {
+                l.failed_verification(ip);
+            }
+        }
+        res
     }
     .await;
     let mut res = answer.unwrap_or_else(Problem::into_response);
