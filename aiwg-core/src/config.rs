@@ -110,6 +110,9 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body (`"1MiB"`, `"64KB"`, or bytes).
     pub body_limit: Value,
+    /// Proxies (CIDRs, `10.0.0.0/8`, or addresses) whose `X-Forwarded-For` / `Forwarded` is
+    /// believed for the client's address; nobody's by default.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -117,12 +120,26 @@ impl Default for ServerConfig {
         Self {
             bind: "127.0.0.1:3100".into(),
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             body_limit: Value::String("1MiB".into()),
         }
     }
 }
 
 impl ServerConfig {
+    /// The trusted proxies, parsed.
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::dispatch::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.parse().map_err(|e: crate::dispatch::DispatchError| {
+                    ConfigError::new(format!("server.trusted_proxies[{i}]"), e.to_string())
+                })
+            })
+            .collect()
+    }
+
     /// Whether `bind` is a loopback address (`127.0.0.1`, `[::1]`, `localhost`).
     #[must_use]
     pub fn loopback_only(&self) -> bool {
@@ -597,6 +614,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.server.body_limit_bytes()?;
+        self.server.trusted_proxies()?;
         // Without a root the working directory would be one (`/` under a service manager):
         // acceptable only for a server nobody else can reach.
         if self.projects.root.as_deref().is_none_or(str::is_empty) && !self.server.loopback_only() {

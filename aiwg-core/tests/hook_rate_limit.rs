@@ -70,3 +70,51 @@ async fn forged_floods_are_cut_off_and_verified_deliveries_are_not() {
     // The attacker stays blocked even with a valid signature until its wait is over.
     assert_eq!(api.handle(delivery(attacker, "good")).await.status, 429);
 }
+
+/// `X-Forwarded-For` / `Forwarded` are believed only from trusted proxies, and then the last
+/// address that is not a trusted proxy is the client.
+#[tokio::test]
+async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+    let engine = Engine::builder()
+        .executor("a", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .build()
+        .unwrap();
+    let api = Api::builder(engine)
+        .trusted_proxies(vec!["10.0.0.0/8".parse().unwrap()])
+        .build()
+        .unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let headers = |pairs: &[(&'static str, &str)]| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    };
+    let xff = headers(&[("x-forwarded-for", "198.51.100.7, 203.0.113.5, 10.1.1.1")]);
+    // From a trusted proxy: the last untrusted hop.
+    assert_eq!(
+        api.client_address(Some(ip("10.0.0.2")), &xff),
+        Some(ip("203.0.113.5"))
+    );
+    // From anyone else: the headers are ignored.
+    assert_eq!(
+        api.client_address(Some(ip("192.0.2.1")), &xff),
+        Some(ip("192.0.2.1"))
+    );
+    // `Forwarded`, with quoting, ports and IPv6.
+    let fwd = headers(&[(
+        "forwarded",
+        "for=\"[2001:db8::1]:4711\";proto=https, for=10.2.2.2",
+    )]);
+    assert_eq!(
+        api.client_address(Some(ip("10.0.0.2")), &fwd),
+        Some(ip("2001:db8::1"))
+    );
+    // Nothing usable: the proxy itself.
+    let junk = headers(&[("x-forwarded-for", "unknown, nonsense")]);
+    assert_eq!(
+        api.client_address(Some(ip("10.0.0.2")), &junk),
+        Some(ip("10.0.0.2"))
+    );
+}

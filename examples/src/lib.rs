@@ -140,6 +140,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .keys(keys)
         .body_limit(config.server.body_limit_bytes()?)
         .cors_origins(config.server.cors_origins.clone())
+        .trusted_proxies(config.server.trusted_proxies()?)
         .public_metrics(config.auth.public_metrics)
         .dispatcher(dispatcher.clone());
     if let Some(limit) = config.auth.rate_limit {

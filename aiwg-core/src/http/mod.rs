@@ -224,6 +224,7 @@ struct Inner {
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
+    trusted_proxies: Vec<crate::dispatch::IpNet>,
 }
 
 /// The HTTP API over an [`Engine`]. Cheap to clone; build it with [`Api::builder`].
@@ -256,6 +257,7 @@ pub struct ApiBuilder {
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
+    trusted_proxies: Vec<crate::dispatch::IpNet>,
 }
 
 /// Why an [`Api`] could not be built.
@@ -334,6 +336,15 @@ impl ApiBuilder {
         self
     }
 
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed (`server.
+    /// trusted_proxies`). A request from one of them is attributed to the last address in
+    /// those headers that is not itself a trusted proxy; from anyone else the headers are
+    /// ignored, so a client cannot choose the address its rate limit is counted against.
+    pub fn trusted_proxies(mut self, proxies: Vec<crate::dispatch::IpNet>) -> Self {
+        self.trusted_proxies = proxies;
+        self
+    }
+
     /// Builds the API.
     pub fn build(self) -> Result<Api, ApiError> {
         if self.body_limit == 0 {
@@ -369,6 +380,7 @@ impl ApiBuilder {
                 metrics_public: self.metrics_public,
                 metrics,
                 cors_origins: self.cors_origins,
+                trusted_proxies: self.trusted_proxies,
             }),
         })
     }
@@ -389,6 +401,7 @@ impl Api {
             metrics_public: false,
             metrics: None,
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -438,8 +451,51 @@ impl Api {
     }
 
     /// Answers one request.
-    pub async fn handle(&self, request: ApiRequest) -> ApiResponse {
+    pub async fn handle(&self, mut request: ApiRequest) -> ApiResponse {
+        request.peer = self.client_address(request.peer, &request.headers);
         handlers::handle(self, request).await
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the last address
+    /// of `X-Forwarded-For` (else `Forwarded: for=`) that is not a trusted proxy.
+    #[must_use]
+    pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let trusted = |ip: IpAddr| self.inner.trusted_proxies.iter().any(|n| n.contains(ip));
+        let peer = peer?;
+        if !trusted(peer) {
+            return Some(peer);
+        }
+        let mut hops: Vec<IpAddr> = Vec::new();
+        for v in headers.get_all("x-forwarded-for") {
+            if let Ok(v) = v.to_str() {
+                hops.extend(v.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()));
+            }
+        }
+        if hops.is_empty() {
+            for v in headers.get_all("forwarded") {
+                if let Ok(v) = v.to_str() {
+                    hops.extend(v.split([',', ';']).filter_map(|part| {
+                        let (k, val) = part.trim().split_once('=')?;
+                        if !k.trim().eq_ignore_ascii_case("for") {
+                            return None;
+                        }
+                        let val = val.trim().trim_matches('"');
+                        let val = val
+                            .strip_prefix('[')
+                            .map_or(val, |v| v.split_once(']').map_or(v, |(ip, _)| ip));
+                        val.parse::<IpAddr>()
+                            .ok()
+                            .or_else(|| val.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()))
+                    }));
+                }
+            }
+        }
+        Some(
+            hops.into_iter()
+                .rev()
+                .find(|ip| !trusted(*ip))
+                .unwrap_or(peer),
+        )
     }
 }
 
