@@ -89,6 +89,23 @@ pub enum SandboxConfig {
     None,
     /// bubblewrap ([`Sandbox::Bwrap`]).
     Bwrap,
+    /// bubblewrap when `bwrap` is installed, none otherwise (what the example server's default
+    /// configuration uses; the server says at start which it got).
+    Auto,
+}
+
+impl SandboxConfig {
+    /// `auto` resolved against this machine.
+    #[must_use]
+    pub fn resolve(self) -> SandboxConfig {
+        match self {
+            SandboxConfig::Auto if crate::process::find_program("bwrap").is_some() => {
+                SandboxConfig::Bwrap
+            }
+            SandboxConfig::Auto => SandboxConfig::None,
+            other => other,
+        }
+    }
 }
 
 /// `limits:` of a process.
@@ -124,7 +141,7 @@ pub struct ProcessConfig {
     pub grace: Option<Duration>,
     /// Resource limits.
     pub limits: Option<LimitsConfig>,
-    /// `none` (default) or `bwrap`.
+    /// `none` (default), `bwrap`, or `auto` (bwrap when installed).
     #[serde(default)]
     pub sandbox: SandboxConfig,
     /// Kill the child with the server (`setpriv --pdeathsig KILL`; default `true`).
@@ -179,7 +196,7 @@ impl ProcessConfig {
             }
             o = o.limits(r);
         }
-        if self.sandbox == SandboxConfig::Bwrap {
+        if self.sandbox.resolve() == SandboxConfig::Bwrap {
             o = o.sandbox(Sandbox::Bwrap);
         }
         if let Some(d) = self.die_with_server {
@@ -397,7 +414,7 @@ impl AgentConfig {
             "command" => {
                 let (rest, p) = with_process(field_names::<CommandConfig>())?;
                 let c: CommandConfig = read(rest, &at)?;
-                if c.network == Some(false) && p.sandbox != SandboxConfig::Bwrap {
+                if c.network == Some(false) && p.sandbox.resolve() != SandboxConfig::Bwrap {
                     return Err(ConfigError::new(
                         format!("{at}.network"),
                         "`network: false` needs `sandbox: bwrap`",
@@ -575,6 +592,30 @@ impl std::fmt::Debug for BuiltAgents {
 }
 
 impl AgentsConfig {
+    /// One line per process-based agent saying how it runs: sandboxed by bubblewrap, or not
+    /// (and, for `sandbox: auto`, why not). For the server to say at start.
+    #[must_use]
+    pub fn sandbox_report(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, agent) in &self.agents {
+            let process = match agent {
+                AgentConfig::Command(_, p) | AgentConfig::ClaudeCode(_, p) => p,
+                AgentConfig::OpenCode(_, Some((_, p))) => p,
+                AgentConfig::OpenCode(_, None) | AgentConfig::Pool(_) => continue,
+            };
+            out.push(match (process.sandbox, process.sandbox.resolve()) {
+                (_, SandboxConfig::Bwrap) => {
+                    format!("agent `{name}`: sandboxed by bubblewrap")
+                }
+                (SandboxConfig::Auto, _) => format!(
+                    "agent `{name}`: `sandbox: auto` but bwrap is not installed: not sandboxed"
+                ),
+                _ => format!("agent `{name}`: not sandboxed"),
+            });
+        }
+        out
+    }
+
     /// Reads the `agents:` mapping (a JSON object of `name: { kind, … }`).
     pub fn from_value(value: &Value) -> Result<Self, ConfigError> {
         match value {

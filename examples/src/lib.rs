@@ -70,6 +70,9 @@ impl App {
 async fn build_agents(config: &Config) -> Result<aiwg_agents::config::BuiltAgents, ConfigError> {
     let agents = aiwg_agents::config::AgentsConfig::from_core(&config.agents)
         .map_err(|e| ConfigError::new(e.key, e.reason))?;
+    for line in agents.sandbox_report() {
+        tracing::info!("{line}");
+    }
     agents.start().await.map_err(|e| {
         let mut reason = e.reason.clone();
         if let Some(source) = std::error::Error::source(&e) {
