@@ -903,6 +903,32 @@ fn opencode(c: &OpenCodeConfig, mut b: OpenCodeBuilder) -> Result<OpenCode, Conf
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sandbox_auto_means_bwrap_exactly_when_it_is_installed() {
+        let installed = crate::process::find_program("bwrap").is_some();
+        let want = if installed {
+            SandboxConfig::Bwrap
+        } else {
+            SandboxConfig::None
+        };
+        assert_eq!(SandboxConfig::Auto.resolve(), want);
+        assert_eq!(SandboxConfig::None.resolve(), SandboxConfig::None);
+        let cfg = AgentsConfig::from_value(&serde_json::json!({
+            "sh": { "kind": "command", "sandbox": "auto" },
+            "cl": { "kind": "claude-code" }
+        }))
+        .unwrap();
+        let report = cfg.sandbox_report();
+        assert_eq!(report.len(), 2);
+        assert!(report.contains(&"agent `cl`: not sandboxed".to_owned()));
+        assert_eq!(
+            report.iter().any(|l| l == "agent `sh`: sandboxed by bubblewrap"),
+            installed,
+            "{report:?}"
+        );
+    }
+
     use super::*;
     use serde_json::json;
 
