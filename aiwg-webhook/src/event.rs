@@ -210,7 +210,8 @@ impl InboundEvent {
     /// signed body sent again under any delivery header starts nothing new:
     ///
     /// - a forge comment: its id and action (`github:comment:9001:created`), so even two
-    ///   deliveries of one comment event count once;
+    ///   deliveries of one comment event count once (nothing from the headers, which the
+    ///   signature does not cover, goes into the key);
     /// - Slack (`trigger_id` / `event_id`), Discord (the interaction id) and Standard Webhooks
     ///   (`webhook-id`, part of what is signed): the delivery id, which lives in the signed
     ///   content there;
