@@ -923,7 +923,9 @@ mod tests {
         assert_eq!(report.len(), 2);
         assert!(report.contains(&"agent `cl`: not sandboxed".to_owned()));
         assert_eq!(
-            report.iter().any(|l| l == "agent `sh`: sandboxed by bubblewrap"),
+            report
+                .iter()
+                .any(|l| l == "agent `sh`: sandboxed by bubblewrap"),
             installed,
             "{report:?}"
         );
