@@ -8,8 +8,36 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{Engine, JobRequest, JobStatus, Step, Workflow};
+use aiwg_core::{
+    AgentRequest, AgentResult, Capabilities, Engine, EventSink, Executor, ExecutorError, Health,
+    JobRequest, JobStatus, Step, Workflow,
+};
+use tokio_util::sync::CancellationToken;
+
+/// An agent that does nothing and remembers nothing (the scripted executor of the test
+/// utilities records every request, which would be the only thing growing here).
+struct Noop;
+
+#[async_trait::async_trait]
+impl Executor for Noop {
+    async fn execute(
+        &self,
+        _request: AgentRequest,
+        _events: EventSink,
+        _cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError> {
+        Ok(AgentResult::text("ok"))
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    fn kind(&self) -> &'static str {
+        "noop"
+    }
+    async fn health(&self) -> Health {
+        Health::healthy()
+    }
+}
 
 /// Resident set size in bytes, from /proc/self/statm.
 fn rss() -> usize {
@@ -34,7 +62,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let engine = Engine::builder()
-            .executor("noop", Arc::new(ScriptedExecutor::succeeding("ok")))
+            .executor("noop", Arc::new(Noop))
             .workflow(Workflow::new("w").step(Step::prompt("s", "noop", "{{guidance}}")))
             .workers(4)
             .queue_capacity(10_000)
