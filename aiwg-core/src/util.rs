@@ -92,6 +92,21 @@ pub(crate) fn advisory_lock_key(scope: &str, name: &str) -> i64 {
     i64::from_be_bytes(b)
 }
 
+/// The pool's current schema (the first existing schema of its `search_path`), which scopes
+/// every PostgreSQL store's tables, locks and channel.
+#[cfg(feature = "postgres")]
+pub(crate) async fn current_schema(pool: &sqlx::PgPool) -> Result<String, crate::BackendError> {
+    let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| crate::BackendError::with_source("postgres", e))?;
+    schema.ok_or_else(|| {
+        crate::BackendError::new(
+            "postgres: no schema selected (the search_path names no existing schema)",
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -581,14 +581,10 @@ async fn a_database_outage_stops_the_agent_before_the_lease_ends() {
     .execute(&mut *blocker)
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while agent.cancelled() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent was never stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        agent.wait_cancelled(1, WAIT).await,
+        "the agent was never stopped"
+    );
     let stopped: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(db.admin())
         .await

@@ -96,15 +96,11 @@ async fn a_worker_without_heartbeats_stops_its_agent_before_the_lease_ends() {
 
     // The agent is stopped, and at that moment the lease it ran under is still unexpired:
     // nobody else could have claimed the job yet.
-    let mut stopped_at = None;
-    for _ in 0..200 {
-        if agent.cancelled() == 1 {
-            stopped_at = Some(Utc::now());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stopped_at = stopped_at.expect("the agent was stopped");
+    assert!(
+        agent.wait_cancelled(1, Duration::from_secs(20)).await,
+        "the agent was stopped"
+    );
+    let stopped_at = Utc::now();
     let held = store.inner.get(job.id).await.unwrap().unwrap();
     assert_eq!(held.status, JobStatus::Running, "no outcome was written");
     let claim = store

@@ -74,15 +74,9 @@ impl PgDispatchStore {
     /// Runs no migrations: call [`migrate`](Self::migrate) or run [`migrator`](Self::migrator)
     /// yourself. Share the pool with `PgStore` to keep one set of connections.
     pub async fn from_pool(pool: PgPool) -> DispatchStoreResult<Self> {
-        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()::text")
-            .fetch_one(&pool)
+        let scope = crate::util::current_schema(&pool)
             .await
-            .map_err(db)?;
-        let scope = schema.ok_or_else(|| {
-            DispatchStoreError::backend(
-                "postgres: no schema selected (the search_path names no existing schema)",
-            )
-        })?;
+            .map_err(DispatchStoreError::Backend)?;
         Ok(Self { pool, scope })
     }
 

@@ -416,7 +416,7 @@ fn details(route: Route, method: &http::Method) -> Value {
                         "required": ["id", "event", "data"],
                         "properties": {
                             "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The event's sequence number"},
-                            "event": {"type": "string", "description": "Its kind (`status`, `step.started`, `agent`, …)"},
+                            "event": {"type": "string", "description": "Its kind: `status`, `step.started`, `step.finished`, `agent`, `output_truncated` or `log`"},
                             "data": {"type": "string", "contentMediaType": "application/json", "description": "The event as JSON"},
                             "retry": {"type": "integer", "minimum": 0},
                         },

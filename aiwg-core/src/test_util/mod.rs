@@ -56,6 +56,7 @@ struct Shared {
     max_running: AtomicUsize,
     requests: Mutex<Vec<AgentRequest>>,
     started: Notify,
+    stopped: Notify,
 }
 
 #[derive(Clone)]
@@ -197,10 +198,19 @@ impl ScriptedExecutor {
 
     /// Waits (up to `timeout`) until at least `n` calls have started.
     pub async fn wait_started(&self, n: usize, timeout: Duration) -> bool {
+        Self::wait_for(&self.shared.started, || self.calls() >= n, timeout).await
+    }
+
+    /// Waits (up to `timeout`) until at least `n` calls were stopped by their token.
+    pub async fn wait_cancelled(&self, n: usize, timeout: Duration) -> bool {
+        Self::wait_for(&self.shared.stopped, || self.cancelled() >= n, timeout).await
+    }
+
+    async fn wait_for(notify: &Notify, done: impl Fn() -> bool, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, async {
             loop {
-                let notified = self.shared.started.notified();
-                if self.calls() >= n {
+                let notified = notify.notified();
+                if done() {
                     return;
                 }
                 notified.await;
@@ -254,6 +264,7 @@ impl Executor for ScriptedExecutor {
             () = wait => {}
             () = cancel.cancelled() => {
                 s.cancelled.fetch_add(1, Ordering::SeqCst);
+                s.stopped.notify_waiters();
                 return Err(ExecutorError::Cancelled);
             }
         }

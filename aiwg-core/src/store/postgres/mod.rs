@@ -252,15 +252,9 @@ impl PgStore {
     /// [`migrator`](Self::migrator) yourself. The tables live in the pool's current schema (the
     /// first existing schema of its `search_path`).
     pub async fn from_pool(pool: PgPool) -> Result<Self, StoreError> {
-        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()::text")
-            .fetch_one(&pool)
+        let schema = crate::util::current_schema(&pool)
             .await
-            .map_err(db)?;
-        let schema = schema.ok_or_else(|| {
-            StoreError::backend(
-                "postgres: no schema selected (the search_path names no existing schema)",
-            )
-        })?;
+            .map_err(StoreError::Backend)?;
         Ok(Self {
             pool,
             channel: channel_for(&schema),
