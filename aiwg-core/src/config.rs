@@ -400,9 +400,10 @@ pub struct StorageConfig {
 }
 
 /// `storage.retention`: finished jobs are forgotten after `finished_for` (default `24h`); the
-/// memory store also keeps at most `max_finished` (default 10 000). PostgreSQL purges finished
-/// jobs with their events, finished deliveries and expired de-duplication keys every
-/// `purge_every` (default `1h`).
+/// memory store also keeps at most `max_finished` (default 10 000). The audit trail keeps
+/// entries for `audit_for` (default `30d`; in memory at most `max_audit`, default 100 000).
+/// PostgreSQL purges finished jobs with their events, finished deliveries, expired
+/// de-duplication keys and old audit entries every `purge_every` (default `1h`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
@@ -414,6 +415,11 @@ pub struct RetentionConfig {
     /// How often PostgreSQL is purged.
     #[serde(with = "crate::util::opt_duration")]
     pub purge_every: Option<Duration>,
+    /// How long audit entries are kept.
+    #[serde(with = "crate::util::opt_duration")]
+    pub audit_for: Option<Duration>,
+    /// How many audit entries the memory store keeps.
+    pub max_audit: usize,
 }
 
 impl Default for RetentionConfig {
@@ -422,6 +428,8 @@ impl Default for RetentionConfig {
             finished_for: None,
             max_finished: 10_000,
             purge_every: None,
+            audit_for: None,
+            max_audit: 100_000,
         }
     }
 }
@@ -440,6 +448,19 @@ impl RetentionConfig {
     #[must_use]
     pub fn finished_for(&self) -> Duration {
         self.finished_for.unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    /// How long audit entries are kept (default 30 days).
+    #[must_use]
+    pub fn audit_for(&self) -> Duration {
+        self.audit_for
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    /// The memory audit store's retention.
+    #[must_use]
+    pub fn audit_memory(&self) -> crate::audit::AuditRetention {
+        crate::audit::AuditRetention::new(self.audit_for(), self.max_audit)
     }
 
     /// How often PostgreSQL is purged (default 1 h).

@@ -318,3 +318,19 @@ async fn purge_finished_deletes_only_finished_jobs_and_their_events() {
     assert!(store.get(running.job.id).await.unwrap().is_some());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_audit_store_passes_the_audit_store_suite() {
+    use aiwg_core::audit::{AuditStore, PgAuditStore};
+    let Some(db) = test_db().await else { return };
+    aiwg_core::test_util::audit_store_suite(|| async {
+        let schema = db.schema().await;
+        let store = PgAuditStore::new(db.pool(&schema, 2).await);
+        store.migrate().await.expect("migrate audit");
+        // A second run (another instance starting) is a no-op.
+        store.migrate().await.expect("migrate audit twice");
+        Arc::new(store) as Arc<dyn AuditStore>
+    })
+    .await;
+    db.cleanup().await;
+}

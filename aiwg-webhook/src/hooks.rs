@@ -23,6 +23,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_core::audit::{AuditRecord, Decision};
 use aiwg_core::http::{ApiResponse, HookHandler, Problem};
 use aiwg_core::{Engine, JobRequest, TriggerInfo};
 use async_trait::async_trait;
@@ -277,11 +278,20 @@ impl Hooks {
         let label = parsed.map_or("unknown", Platform::as_str);
         metrics::counter!("aiwg_webhook_requests_total", "platform" => label).increment(1);
         let setup = parsed.and_then(|p| self.setup(p));
+        let mut attempt = AuditRecord::new(label, Decision::Refused);
         let outcome = match (parsed, setup) {
             (None, _) => HookOutcome::UnknownPlatform,
             (Some(_), None) => HookOutcome::Unauthorized(VerifyError::NotConfigured),
-            (Some(_), Some(setup)) => self.process(setup, headers, body).await,
+            (Some(_), Some(setup)) => self.process(setup, headers, body, &mut attempt).await,
         };
+        if let Some((decision, reason)) = audit_decision(&outcome) {
+            attempt.decision = decision;
+            attempt.reason = reason;
+            if let HookOutcome::Submitted { job_id, .. } = &outcome {
+                attempt.job_id = Some(*job_id);
+            }
+            self.inner.engine.audit().record(attempt).await;
+        }
         if let Some(reason) = outcome.error_reason() {
             metrics::counter!("aiwg_webhook_errors_total", "platform" => label, "reason" => reason)
                 .increment(1);
@@ -337,13 +347,26 @@ impl Hooks {
             .find(|s| s.endpoint.platform() == platform)
     }
 
-    async fn process(&self, setup: &Setup, headers: &HeaderMap, body: &[u8]) -> HookOutcome {
+    /// Verify → decide → run; `attempt` collects who asked and for what, for the audit trail.
+    async fn process(
+        &self,
+        setup: &Setup,
+        headers: &HeaderMap,
+        body: &[u8],
+        attempt: &mut AuditRecord,
+    ) -> HookOutcome {
         let event = match Self::verified(setup, headers, body, (self.inner.clock)()) {
             Ok(ev) => ev,
             Err(outcome) => return outcome,
         };
+        attempt.actor = event.actor.as_ref().map(|a| a.login.clone());
+        attempt.delivery_id.clone_from(&event.delivery_id);
+        attempt.repo = event.repository.as_ref().map(|r| r.full_name.clone());
         match self.decide(setup, &event) {
-            Ok((command, origin)) => self.run(setup, &event, body, command, origin).await,
+            Ok((command, origin)) => {
+                attempt.workflow = Some(command.workflow.clone());
+                self.run(setup, &event, body, command, origin).await
+            }
             Err(outcome) => outcome,
         }
     }
@@ -503,6 +526,40 @@ impl Hooks {
             }
         }
         HookOutcome::DuplicateInProgress
+    }
+}
+
+/// What the audit trail records for `outcome`: `None` for deliveries that were no trigger
+/// attempt (a comment not addressed to us, an event no rule matches, another bot's command, a
+/// ping, a URL check, `help`, an unknown platform).
+fn audit_decision(outcome: &HookOutcome) -> Option<(Decision, Option<String>)> {
+    let refused = |reason: String| Some((Decision::Refused, Some(reason)));
+    match outcome {
+        HookOutcome::Submitted {
+            replayed: false, ..
+        } => Some((Decision::Accepted, None)),
+        HookOutcome::Submitted { replayed: true, .. } => Some((
+            Decision::Duplicate,
+            Some("delivered before: the same job, nothing new started".into()),
+        )),
+        HookOutcome::DuplicateInProgress => Some((
+            Decision::Duplicate,
+            Some("the same delivery is being handled".into()),
+        )),
+        HookOutcome::Ignored(
+            IgnoreReason::NotAddressed
+            | IgnoreReason::NoRule { .. }
+            | IgnoreReason::OtherCommand(_),
+        )
+        | HookOutcome::Help(_)
+        | HookOutcome::Pong
+        | HookOutcome::Challenge(_)
+        | HookOutcome::UnknownPlatform => None,
+        HookOutcome::Ignored(reason) => refused(reason.to_string()),
+        HookOutcome::Unauthorized(e) => refused(e.to_string()),
+        HookOutcome::BadRequest(e) => refused(e.to_string()),
+        HookOutcome::Unavailable(p) => refused(p.detail().to_owned()),
+        HookOutcome::StoreUnavailable => refused("the delivery store is unavailable".into()),
     }
 }
 

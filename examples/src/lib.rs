@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_core::audit::AuditLog;
 use aiwg_core::config::{Config, ConfigError, StorageKind};
 use aiwg_core::dispatch::Dispatcher;
 use aiwg_core::http::{Api, ApiKey, Scope};
@@ -108,7 +109,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     builder = builder.policy(config.projects.policy()?);
 
     let storage = Storage::open(config).await?;
-    builder = builder.store(storage.jobs(&config.storage.retention));
+    builder = builder
+        .store(storage.jobs(&config.storage.retention))
+        .audit(storage.audit(&config.storage.retention));
 
     let dispatcher = storage
         .dispatch(Dispatcher::builder().config(&config.webhooks))
@@ -184,6 +187,7 @@ enum Storage {
         jobs: Arc<aiwg_core::store::PgStore>,
         outbox: Arc<aiwg_core::dispatch::PgDispatchStore>,
         dedup: aiwg_webhook::PgDeliveryStore,
+        audit: Arc<aiwg_core::audit::PgAuditStore>,
     },
 }
 
@@ -206,10 +210,13 @@ impl Storage {
                 outbox.migrate().await.map_err(|e| start(&e))?;
                 let dedup = aiwg_webhook::PgDeliveryStore::new(jobs.pool().clone());
                 dedup.migrate().await.map_err(|e| start(&e))?;
+                let audit = aiwg_core::audit::PgAuditStore::new(jobs.pool().clone());
+                audit.migrate().await.map_err(|e| start(&e))?;
                 Ok(Storage::Postgres {
                     jobs: Arc::new(jobs),
                     outbox: Arc::new(outbox),
                     dedup,
+                    audit: Arc::new(audit),
                 })
             }
             #[cfg(not(feature = "postgres"))]
@@ -226,6 +233,18 @@ impl Storage {
             Storage::Memory => Arc::new(MemoryStore::with_retention(retention.memory())),
             #[cfg(feature = "postgres")]
             Storage::Postgres { jobs, .. } => Arc::clone(jobs) as Arc<dyn JobStore>,
+        }
+    }
+
+    fn audit(&self, retention: &aiwg_core::config::RetentionConfig) -> AuditLog {
+        match self {
+            Storage::Memory => AuditLog::new(Arc::new(
+                aiwg_core::audit::MemoryAuditStore::with_retention(retention.audit_memory()),
+            )),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres { audit, .. } => {
+                AuditLog::new(Arc::clone(audit) as Arc<dyn aiwg_core::audit::AuditStore>)
+            }
         }
     }
 
@@ -279,9 +298,12 @@ impl Storage {
                 jobs,
                 outbox,
                 dedup,
+                audit,
             } => {
                 let (jobs, outbox, dedup) = (Arc::clone(jobs), Arc::clone(outbox), dedup.clone());
+                let audit = Arc::clone(audit);
                 let keep = retention.finished_for();
+                let keep_audit = retention.audit_for();
                 let every = retention.purge_every();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(every);
@@ -292,17 +314,24 @@ impl Storage {
                         let jobs_gone = jobs.purge_finished(before).await;
                         let deliveries_gone = outbox.purge_finished(before).await;
                         let keys_gone = dedup.purge().await;
-                        match (jobs_gone, deliveries_gone, keys_gone) {
-                            (Ok(j), Ok(d), Ok(k)) => tracing::info!(
+                        let audit_before = chrono::Utc::now()
+                            - chrono::Duration::from_std(keep_audit)
+                                .unwrap_or(chrono::Duration::MAX);
+                        let audit_gone =
+                            aiwg_core::audit::AuditStore::purge(&*audit, audit_before).await;
+                        match (jobs_gone, deliveries_gone, keys_gone, audit_gone) {
+                            (Ok(j), Ok(d), Ok(k), Ok(a)) => tracing::info!(
                                 jobs = j,
                                 deliveries = d,
                                 dedup_keys = k,
-                                "purged finished jobs, deliveries and expired keys"
+                                audit_entries = a,
+                                "purged finished jobs, deliveries, expired keys and old audit entries"
                             ),
-                            (j, d, k) => tracing::warn!(
+                            (j, d, k, a) => tracing::warn!(
                                 jobs = ?j.err(),
                                 deliveries = ?d.err(),
                                 dedup_keys = ?k.err(),
+                                audit_entries = ?a.err(),
                                 "a purge failed; retrying at the next one"
                             ),
                         }

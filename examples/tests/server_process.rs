@@ -130,6 +130,20 @@ async fn runs_a_job_and_stops_cleanly_on_sigterm(bin: &str) {
     );
     assert!(!out.contains(KEY), "the API key leaked into the agent");
 
+    // A path outside the API is a 404 problem document, not an empty body.
+    let res = http
+        .get(format!("{}/no/such/path", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 404);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["status"], 404);
+
     // A long job is running when SIGTERM arrives: it is cancelled after the grace period and
     // the process exits 0.
     let slow: Value = http

@@ -35,6 +35,16 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
 /// The longest guidance accepted (64 KiB).
 pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;
 
+/// What [`Engine::submission`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Submission {
+    /// The job.
+    pub job: Job,
+    /// `true` when this call created it; `false` when its idempotency key found it.
+    pub created: bool,
+}
+
 /// Why a job was not accepted.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -215,6 +225,7 @@ struct RunningJob {
 
 pub(crate) struct Inner {
     store: Arc<dyn JobStore>,
+    audit: crate::audit::AuditLog,
     catalog: WorkflowCatalog,
     registry: ExecutorRegistry,
     policy: ProjectPolicy,
@@ -297,6 +308,7 @@ pub struct EngineBuilder {
     workflows: Vec<crate::workflow::Workflow>,
     policy: Option<ProjectPolicy>,
     observers: Vec<Arc<dyn JobObserver>>,
+    audit: Option<crate::audit::AuditLog>,
     settings: Settings,
 }
 
@@ -308,6 +320,7 @@ impl Default for EngineBuilder {
             workflows: Vec::new(),
             policy: None,
             observers: Vec::new(),
+            audit: None,
             settings: Settings {
                 workers: 4,
                 queue_capacity: 1000,
@@ -329,6 +342,13 @@ impl Default for EngineBuilder {
 }
 
 impl EngineBuilder {
+    /// Where trigger decisions are recorded (default: an [`AuditLog`](crate::audit::AuditLog)
+    /// over a fresh [`MemoryAuditStore`](crate::audit::MemoryAuditStore)).
+    pub fn audit(mut self, audit: crate::audit::AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
     /// The store (default: a fresh [`MemoryStore`]).
     pub fn store(mut self, store: Arc<dyn JobStore>) -> Self {
         self.store = Some(store);
@@ -508,6 +528,7 @@ impl EngineBuilder {
                 running: Mutex::new(HashMap::new()),
                 pending_cancels: Mutex::default(),
                 observers: self.observers,
+                audit: self.audit.unwrap_or_default(),
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
@@ -530,6 +551,13 @@ impl Engine {
     /// A builder with defaults: in-memory store, 4 workers, queue of 1000, 5 minute timeout.
     pub fn builder() -> EngineBuilder {
         EngineBuilder::default()
+    }
+
+    /// The audit trail of trigger decisions: the HTTP API and the platform hooks record every
+    /// trigger attempt here.
+    #[must_use]
+    pub fn audit(&self) -> &crate::audit::AuditLog {
+        &self.inner.audit
     }
 
     /// The workflows.
@@ -565,6 +593,12 @@ impl Engine {
     /// Validates and queues a job. With an idempotency key that was seen before, returns the job
     /// created then (same request) or [`SubmitError::IdempotencyConflict`] (different request).
     pub async fn submit(&self, request: JobRequest) -> Result<Job, SubmitError> {
+        self.submission(request).await.map(|s| s.job)
+    }
+
+    /// [`submit`](Self::submit), also telling whether the job is new or was found by its
+    /// idempotency key (what the audit trail records as `accepted` or `duplicate`).
+    pub async fn submission(&self, request: JobRequest) -> Result<Submission, SubmitError> {
         if self.inner.stop_claiming.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -641,9 +675,12 @@ impl Engine {
             Ok(Created::New(job, event)) => {
                 self.publish(&job, &event).await;
                 self.inner.wake.notify_one();
-                Ok(job)
+                Ok(Submission { job, created: true })
             }
-            Ok(Created::Existing(job)) => Ok(job),
+            Ok(Created::Existing(job)) => Ok(Submission {
+                job,
+                created: false,
+            }),
             Err(StoreError::IdempotencyConflict { existing }) => {
                 Err(SubmitError::IdempotencyConflict { existing })
             }

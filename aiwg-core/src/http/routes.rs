@@ -47,6 +47,8 @@ pub enum Route {
     Metrics,
     /// `GET /openapi.json`
     OpenApi,
+    /// `GET /audit`
+    Audit,
 }
 
 /// Who may call a route.
@@ -229,6 +231,7 @@ pub const ROUTES: &[RouteSpec] = &[
         Access::Configurable(Scope::Read),
     ),
     RouteSpec::new("/openapi.json", Route::OpenApi, GET, Access::Public),
+    RouteSpec::new("/audit", Route::Audit, GET, Access::Key(Scope::Admin)),
 ];
 
 // `Route::spec` indexes the table by variant.

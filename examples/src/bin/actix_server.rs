@@ -33,10 +33,20 @@ async fn main() -> ExitCode {
         }
     };
     let aiwg = aiwg_actix::configure(app.api.clone());
-    let server = match HttpServer::new(move || App::new().configure(aiwg.clone()))
-        .disable_signals()
-        .shutdown_timeout(5)
-        .bind(&app.bind)
+    // Paths outside the API get its 404 problem document, not an empty body.
+    let fallback = app.api.clone();
+    let server = match HttpServer::new(move || {
+        let fallback = fallback.clone();
+        App::new()
+            .configure(aiwg.clone())
+            .default_service(actix_web::web::to(move || {
+                let res = aiwg_actix::not_found(&fallback);
+                async move { res }
+            }))
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(&app.bind)
     {
         Ok(s) => s,
         Err(e) => {

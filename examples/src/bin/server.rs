@@ -45,7 +45,12 @@ async fn main() -> ExitCode {
 
     let stop = CancellationToken::new();
     let server_stop = stop.clone();
-    let router = aiwg_axum::router(app.api.clone());
+    // Paths outside the API get its 404 problem document, not an empty body.
+    let fallback = app.api.clone();
+    let router = aiwg_axum::router(app.api.clone()).fallback(move || {
+        let res = aiwg_axum::not_found(&fallback);
+        async move { res }
+    });
     let server = tokio::spawn(async move {
         axum::serve(
             listener,
