@@ -85,6 +85,7 @@ pub mod http;
 pub mod job;
 pub mod policy;
 pub mod request;
+pub mod secrets;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;

@@ -199,15 +199,31 @@ impl Storage {
             StorageKind::Postgres => {
                 let url = config.storage.url.as_deref().unwrap_or_default();
                 let start = |e: &dyn std::fmt::Display| AppError::Start(format!("storage: {e}"));
+                // Secrets (subscription secrets, chat reply credentials) are sealed before
+                // they reach the database; without a key the server does not start.
+                let keyring = aiwg_core::secrets::SecretKeyring::from_env()
+                    .map_err(|e| start(&e))?
+                    .ok_or_else(|| start(&aiwg_core::secrets::SecretError::NoKey))?;
                 // One pool for jobs, the outbox and de-duplication; each concept runs its own
                 // migrations.
                 let jobs = aiwg_core::store::PgStore::connect(url)
                     .await
-                    .map_err(|e| start(&e))?;
+                    .map_err(|e| start(&e))?
+                    .with_keyring(keyring.clone());
                 let outbox = aiwg_core::dispatch::PgDispatchStore::from_pool(jobs.pool().clone())
                     .await
-                    .map_err(|e| start(&e))?;
+                    .map_err(|e| start(&e))?
+                    .with_keyring(keyring);
                 outbox.migrate().await.map_err(|e| start(&e))?;
+                // Secrets stored in the clear by an older version, or under a key that is no
+                // longer the first of AIWG_SECRET_KEY, are sealed again with the current one.
+                let resealed = outbox.reseal_secrets().await.map_err(|e| start(&e))?;
+                if resealed > 0 {
+                    tracing::info!(
+                        subscriptions = resealed,
+                        "sealed subscription secrets with the current key"
+                    );
+                }
                 let dedup = aiwg_webhook::PgDeliveryStore::new(jobs.pool().clone());
                 dedup.migrate().await.map_err(|e| start(&e))?;
                 let audit = aiwg_core::audit::PgAuditStore::new(jobs.pool().clone());

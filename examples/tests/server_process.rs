@@ -413,3 +413,66 @@ workflows:
     );
     println!("flood: server peak {} MiB", peak / 1024 / 1024);
 }
+
+/// `server hash-key` reads the key from standard input (never argv) and prints the SHA-256
+/// that `key_sha256` takes; `server gen-secret-key` prints a usable `AIWG_SECRET_KEY` entry.
+#[test]
+fn the_helper_commands_hash_a_key_and_make_a_secret_key() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a-key-of-twenty-chars\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        aiwg_core::http::ApiKey::hash_hex("a-key-of-twenty-chars")
+    );
+    // A hashed key from it is accepted where the plain one would be.
+    let hashed = aiwg_core::http::ApiKey::sha256(
+        "ops",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        vec![aiwg_core::http::Scope::Admin],
+    );
+    assert!(hashed.is_ok());
+    // Too short a key is refused.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"short\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["gen-secret-key", "prod1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let entry = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(entry.starts_with("prod1:"), "{entry}");
+    let keyring = aiwg_core::secrets::SecretKeyring::parse(&entry).unwrap();
+    assert_eq!(keyring.current_id(), "prod1");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("gen-secret-key")
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        entry,
+        "a fresh key each time"
+    );
+}

@@ -465,22 +465,23 @@ async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
 async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
-    let last = req
-        .headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| query.get("last_event_id").cloned());
-    let after = match last {
-        None => 0,
-        Some(s) => s.trim().parse::<u64>().map_err(|_| {
+    let seq = |s: &str| {
+        s.trim().parse::<u64>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
                 "invalid-last-event-id",
                 "Last-Event-ID must be a sequence number",
             )
-        })?,
+        })
     };
+    // Both are checked; the header wins when both are given.
+    let from_query = query.get("last_event_id").map(|s| seq(s)).transpose()?;
+    let from_header = req
+        .headers
+        .get("last-event-id")
+        .map(|v| seq(v.to_str().unwrap_or("-")))
+        .transpose()?;
+    let after = from_header.or(from_query).unwrap_or(0);
     let stream = api
         .engine()
         .subscribe(id, after)

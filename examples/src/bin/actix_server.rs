@@ -17,6 +17,9 @@ use aiwg_examples::cli;
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::make_non_dumpable();
+    if let Some(code) = cli::helper_command() {
+        return code;
+    }
     cli::init_tracing();
     let (source, config) = match cli::load_config("actix_server") {
         Ok(c) => c,

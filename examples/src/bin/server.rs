@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::make_non_dumpable();
+    if let Some(code) = cli::helper_command() {
+        return code;
+    }
     cli::init_tracing();
     let (source, config) = match cli::load_config("server") {
         Ok(c) => c,

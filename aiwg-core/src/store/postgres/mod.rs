@@ -122,6 +122,7 @@ pub struct PgStore {
     channel: String,
     instance: String,
     relaxed_events: bool,
+    keyring: Option<crate::secrets::SecretKeyring>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -175,10 +176,8 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// A job read with its row.
-fn job_of(row: &PgRow) -> Result<Job, StoreError> {
-    let Json(job): Json<Job> = row.try_get("job").map_err(db)?;
-    Ok(job)
+fn secret_err(e: crate::secrets::SecretError) -> StoreError {
+    StoreError::backend_from("postgres: job credentials", e)
 }
 
 /// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
@@ -260,7 +259,51 @@ impl PgStore {
             channel: channel_for(&schema),
             instance: Uuid::now_v7().simple().to_string(),
             relaxed_events: false,
+            keyring: None,
         })
+    }
+
+    /// Seals each job's [`ReplyCredentials`](crate::ReplyCredentials) (a Slack `response_url`,
+    /// a Discord interaction token) with `keyring` before writing it (see [`crate::secrets`]).
+    /// Without a keyring, creating a job that carries credentials fails with
+    /// [`SecretError::NoKey`](crate::secrets::SecretError::NoKey), which names the variable
+    /// to set: they are never written in the clear.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: crate::secrets::SecretKeyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// The job as it is written: its credentials sealed.
+    fn sealed<'a>(&self, job: &'a Job) -> Result<std::borrow::Cow<'a, Job>, StoreError> {
+        let creds = &job.reply_credentials;
+        if creds.is_empty() || creds.is_sealed() {
+            return Ok(std::borrow::Cow::Borrowed(job));
+        }
+        let keyring = self
+            .keyring
+            .as_ref()
+            .ok_or_else(|| secret_err(crate::secrets::SecretError::NoKey))?;
+        let mut sealed = job.clone();
+        sealed.reply_credentials = creds.sealed(keyring, job.id.as_uuid().as_bytes());
+        Ok(std::borrow::Cow::Owned(sealed))
+    }
+
+    /// A job read with its row, its credentials opened. Credentials that do not open (no key,
+    /// a key dropped from the keyring too early, a damaged value) are left out with a warning:
+    /// the job stays readable and runnable, only its chat reply is lost.
+    fn job_of(&self, row: &PgRow) -> Result<Job, StoreError> {
+        let Json(mut job): Json<Job> = row.try_get("job").map_err(db)?;
+        if job.reply_credentials.is_sealed() {
+            job.reply_credentials = job
+                .reply_credentials
+                .opened(self.keyring.as_ref(), job.id.as_uuid().as_bytes())
+                .unwrap_or_else(|e| {
+                    tracing::warn!(job = %job.id, error = %e, "the job's reply credentials do not open; it will not reply");
+                    crate::ReplyCredentials::default()
+                });
+        }
+        Ok(job)
     }
 
     /// Runs the embedded migrations (idempotent; safe when several instances start at once).
@@ -390,7 +433,7 @@ impl PgStore {
         .await
         .map_err(db)?;
         match row {
-            Some(row) => job_of(&row),
+            Some(row) => self.job_of(&row),
             None => Err(self.lost(&mut **tx, lease.job_id).await),
         }
     }
@@ -417,7 +460,7 @@ impl PgStore {
             .bind(job.status.as_str())
             .bind(job.retry_at)
             .bind(job.cancel_requested)
-            .bind(Json(job));
+            .bind(Json(self.sealed(job)?));
         let row = self
             .bind_event(q, ev)
             .fetch_one(&mut **tx)
@@ -435,7 +478,7 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        row.map(|r| Ok((r.try_get("fingerprint").map_err(db)?, job_of(&r)?)))
+        row.map(|r| Ok((r.try_get("fingerprint").map_err(db)?, self.job_of(&r)?)))
             .transpose()
     }
 
@@ -493,7 +536,7 @@ impl PgStore {
                     .as_ref()
                     .map(|_| new.fingerprint.clone().unwrap_or_default()),
             )
-            .bind(Json(job));
+            .bind(Json(self.sealed(job)?));
         let row = self
             .bind_event(q, &ev)
             .fetch_optional(&mut *tx)
@@ -538,7 +581,7 @@ impl PgStore {
         .fetch_optional(&mut **tx)
         .await
         .map_err(db)?;
-        row.as_ref().map(job_of).transpose()
+        row.as_ref().map(|r| self.job_of(r)).transpose()
     }
 
     /// Whether the project has a free slot; serialises claimers of the project until `tx` ends.
@@ -602,7 +645,7 @@ impl JobStore for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.as_ref().map(job_of).transpose()
+        row.as_ref().map(|r| self.job_of(r)).transpose()
     }
 
     async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
@@ -621,7 +664,10 @@ impl JobStore for PgStore {
         qb.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::try_from(size + 1).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(db)?;
-        let mut jobs = rows.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| self.job_of(r))
+            .collect::<Result<Vec<_>, _>>()?;
         let next_cursor = if jobs.len() > size {
             jobs.truncate(size);
             jobs.last().map(|j| j.id)
@@ -668,7 +714,7 @@ impl JobStore for PgStore {
                 .bind(&request.owner)
                 .bind(at)
                 .bind(ttl_micros(request.lease_ttl))
-                .bind(Json(&job));
+                .bind(Json(self.sealed(&job)?));
             let row = self
                 .bind_event(q, &ev)
                 .fetch_one(&mut *tx)
@@ -762,7 +808,9 @@ impl JobStore for PgStore {
             self.event_commit(),
             event_tail(3)
         );
-        let q = sqlx::query(&sql).bind(job.id.as_uuid()).bind(Json(&job));
+        let q = sqlx::query(&sql)
+            .bind(job.id.as_uuid())
+            .bind(Json(self.sealed(&job)?));
         let row = self
             .bind_event(q, &ev)
             .fetch_one(&mut *tx)
@@ -796,7 +844,7 @@ impl JobStore for PgStore {
             .await
             .map_err(db)?;
         let mut job = match row {
-            Some(row) => job_of(&row)?,
+            Some(row) => self.job_of(&row)?,
             None => return Err(StoreError::NotFound(id)),
         };
         match job.status {
@@ -815,7 +863,7 @@ impl JobStore for PgStore {
                      WHERE id = $1",
                 )
                 .bind(id.as_uuid())
-                .bind(Json(&job))
+                .bind(Json(self.sealed(&job)?))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -892,7 +940,7 @@ impl JobStore for PgStore {
             let n = rows.len();
             let mut batch = Vec::with_capacity(n);
             for row in rows {
-                let mut job = job_of(&row)?;
+                let mut job = self.job_of(&row)?;
                 let kind = apply::expire(&mut job, at)?;
                 apply::progress(&mut job, &kind);
                 let ev = NewEvent::new(kind, at)?;
