@@ -242,6 +242,20 @@ platform_config! {
         /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`) are required and verified.
         #[serde(default)]
         signing_secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url`.
+        #[serde(default)]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 
@@ -287,6 +301,20 @@ platform_config! {
         /// The webhook secret (`X-Gitea-Signature` / `X-Forgejo-Signature`).
         #[serde(default)]
         secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url` (also accepted as `token`).
+        #[serde(default, alias = "token")]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 
@@ -296,6 +324,20 @@ platform_config! {
         /// The webhook secret (`X-Hub-Signature: sha256=…`).
         #[serde(default)]
         secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url` (also accepted as `token`).
+        #[serde(default, alias = "token")]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 

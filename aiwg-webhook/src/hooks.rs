@@ -30,11 +30,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::authorize::{authorize_actor, authorize_command, IgnoreReason};
+use crate::authorize::{authorize_actor, authorize_command, ActorCheck, IgnoreReason};
 use crate::config::{PolicyConfig, RuleConfig, TriggersConfig};
 use crate::dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
 use crate::error::{BuildError, VerifyError};
 use crate::event::{EventKind, InboundEvent, Platform};
+use crate::forge::PermissionLookup;
 use crate::grammar::{self, Command, Parsed};
 use crate::platform::{self, Endpoint};
 use crate::response::{HookOutcome, HookReply};
@@ -48,6 +49,8 @@ type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 struct Setup {
     endpoint: Box<dyn Endpoint>,
     policy: PolicyConfig,
+    /// Asks the forge who may trigger (GitLab, Gitea, Bitbucket with `api_url`).
+    lookup: Option<PermissionLookup>,
 }
 
 struct Inner {
@@ -147,7 +150,14 @@ impl HooksBuilder {
         }
         #[cfg(feature = "gitlab")]
         if let Some(g) = &c.gitlab {
-            setups.push(Setup::new(platform::gitlab::GitLab::new(g)?, g.policy()));
+            setups.push(
+                Setup::new(platform::gitlab::GitLab::new(g)?, g.policy()).lookup(
+                    "triggers.gitlab",
+                    g.api_url.as_ref(),
+                    &g.api_token,
+                    g.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "slack")]
         if let Some(s) = &c.slack {
@@ -159,14 +169,25 @@ impl HooksBuilder {
         }
         #[cfg(feature = "gitea")]
         if let Some(g) = &c.gitea {
-            setups.push(Setup::new(platform::gitea::Gitea::new(g), g.policy()));
+            setups.push(
+                Setup::new(platform::gitea::Gitea::new(g), g.policy()).lookup(
+                    "triggers.gitea",
+                    g.api_url.as_ref(),
+                    &g.api_token,
+                    g.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "bitbucket")]
         if let Some(b) = &c.bitbucket {
-            setups.push(Setup::new(
-                platform::bitbucket::Bitbucket::new(b),
-                b.policy(),
-            ));
+            setups.push(
+                Setup::new(platform::bitbucket::Bitbucket::new(b), b.policy()).lookup(
+                    "triggers.bitbucket",
+                    b.api_url.as_ref(),
+                    &b.api_token,
+                    b.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "generic")]
         if let Some(g) = &c.generic {
@@ -174,9 +195,12 @@ impl HooksBuilder {
         }
         for setup in &setups {
             let platform = setup.endpoint.platform();
-            if platform.needs_allowed_users() && setup.policy.allowed_users.is_empty() {
+            if platform.needs_allowed_users()
+                && setup.policy.allowed_users.is_empty()
+                && setup.lookup.is_none()
+            {
                 tracing::warn!(
-                    "triggers.{platform}: comments and rules from {platform} are ignored (\"not authorized\") until triggers.{platform}.allowed_users names who may trigger"
+                    "triggers.{platform}: comments and rules from {platform} are ignored (\"not authorized\") until triggers.{platform}.allowed_users names who may trigger, or triggers.{platform}.api_url and api_token let the server ask {platform} for each sender's permission"
                 );
             }
         }
@@ -217,23 +241,73 @@ impl Setup {
         Self {
             endpoint: Box::new(endpoint),
             policy,
+            lookup: None,
         }
     }
 
-    /// Who may trigger: the section's policy, then the platform's own allow-lists.
-    fn authorize_actor(
+    /// With a permission lookup when the section names `api_url`.
+    fn lookup(
+        mut self,
+        key: &str,
+        api_url: Option<&String>,
+        token: &crate::Secret,
+        min: Option<&String>,
+    ) -> Result<Self, BuildError> {
+        if let Some(url) = api_url {
+            let platform = self.endpoint.platform();
+            self.lookup = Some(PermissionLookup::new(
+                key,
+                platform,
+                url,
+                token.clone(),
+                min.map(String::as_str),
+            )?);
+        }
+        Ok(self)
+    }
+
+    /// Who may trigger: the section's policy, the platform's own allow-lists, then (for a
+    /// sender not in `allowed_users` on a forge without author associations) the forge's
+    /// permission on the repository.
+    async fn authorize_actor(
         &self,
         event: &InboundEvent,
         skip_association: bool,
     ) -> Result<(), HookOutcome> {
-        authorize_actor(
+        let check = authorize_actor(
             &self.policy,
             self.endpoint.allowed_roles(),
             event,
             skip_association,
+            self.lookup.is_some(),
         )
-        .and_then(|()| self.endpoint.authorize(event))
-        .map_err(HookOutcome::Ignored)
+        .map_err(HookOutcome::Ignored)?;
+        self.endpoint
+            .authorize(event)
+            .map_err(HookOutcome::Ignored)?;
+        if let (ActorCheck::AskForge, Some(lookup)) = (check, &self.lookup) {
+            let user = event
+                .actor
+                .as_ref()
+                .map(|a| a.login.clone())
+                .unwrap_or_default();
+            match lookup.check(event).await {
+                Ok(Ok(())) => {}
+                Ok(Err(level)) => {
+                    return Err(HookOutcome::Ignored(IgnoreReason::PermissionTooLow {
+                        user,
+                        level,
+                        min: lookup.min_permission(),
+                    }))
+                }
+                Err(e) => {
+                    return Err(HookOutcome::Ignored(IgnoreReason::PermissionUnknown(
+                        e.to_string(),
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -362,7 +436,7 @@ impl Hooks {
         attempt.actor = event.actor.as_ref().map(|a| a.login.clone());
         attempt.delivery_id.clone_from(&event.delivery_id);
         attempt.repo = event.repository.as_ref().map(|r| r.full_name.clone());
-        match self.decide(setup, &event) {
+        match self.decide(setup, &event).await {
             Ok((command, origin)) => {
                 attempt.workflow = Some(command.workflow.clone());
                 self.run(setup, &event, body, command, origin).await
@@ -372,7 +446,7 @@ impl Hooks {
     }
 
     /// Grammar (or rules): what is asked for.
-    fn decide(
+    async fn decide(
         &self,
         setup: &Setup,
         event: &InboundEvent,
@@ -420,11 +494,11 @@ impl Hooks {
         match parsed {
             Ok(Parsed::NotAddressed) => ignore(IgnoreReason::NotAddressed),
             Err(e) => {
-                setup.authorize_actor(event, false)?;
+                setup.authorize_actor(event, false).await?;
                 ignore(IgnoreReason::InvalidCommand(e))
             }
             Ok(Parsed::Help) => {
-                setup.authorize_actor(event, false)?;
+                setup.authorize_actor(event, false).await?;
                 let list = self
                     .inner
                     .engine
@@ -455,7 +529,7 @@ impl Hooks {
         origin: Origin,
     ) -> HookOutcome {
         let skip_association = matches!(origin, Origin::Rule { label: true });
-        if let Err(outcome) = setup.authorize_actor(event, skip_association) {
+        if let Err(outcome) = setup.authorize_actor(event, skip_association).await {
             return outcome;
         }
         if let Err(r) = authorize_command(&setup.policy, event, &command) {

@@ -192,6 +192,7 @@ pub mod config;
 pub mod dedupe;
 mod error;
 pub mod event;
+pub mod forge;
 pub mod grammar;
 mod hooks;
 pub mod platform;
