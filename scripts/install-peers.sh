@@ -3,7 +3,9 @@
 #   - the Claude Code CLI        (.peers/node_modules/.bin/claude)
 #   - the OpenCode server        (.peers/node_modules/opencode-linux-x64*/bin/opencode)
 #   - GitHub's example payloads  (.peers/node_modules/@octokit/webhooks-examples)
-# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE and AIWG_TEST_OCTOKIT_EXAMPLES.
+#   - GitHub's OpenAPI description (.peers/node_modules/@octokit/openapi)
+# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE, AIWG_TEST_OCTOKIT_EXAMPLES and
+# AIWG_TEST_GITHUB_OPENAPI.
 # It also installs bubblewrap (`bwrap`, for `sandbox: bwrap`) with apt-get when it is missing.
 # Idempotent: a second run with everything present does nothing.
 set -euo pipefail
@@ -23,11 +25,12 @@ mkdir -p "$peers"
 cd "$peers"
 [ -f package.json ] || echo '{"name":"aiwg-peers","private":true}' > package.json
 
-want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @octokit/webhooks-examples@7.6.1)
+want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @octokit/webhooks-examples@7.6.1 @octokit/openapi@23.0.2)
 need=0
 [ -x node_modules/.bin/claude ] || need=1
 [ -d node_modules/opencode-ai ] || need=1
 [ -f node_modules/@octokit/webhooks-examples/api.github.com/index.json ] || need=1
+[ -f node_modules/@octokit/openapi/generated/api.github.com.deref.json ] || need=1
 if [ "$need" = 1 ]; then
   npm install --no-audit --no-fund --loglevel=error "${want[@]}" >&2
 fi
@@ -39,15 +42,18 @@ for cand in opencode-linux-x64 opencode-linux-x64-baseline; do
   if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then opencode="$bin"; break; fi
 done
 examples="$peers/node_modules/@octokit/webhooks-examples/api.github.com/index.json"
+openapi="$peers/node_modules/@octokit/openapi/generated/api.github.com.deref.json"
 
 "$claude" --version >&2
 [ -n "$opencode" ] || { echo "no runnable opencode binary was installed" >&2; exit 1; }
 echo "opencode $("$opencode" --version)" >&2
 [ -f "$examples" ] || { echo "octokit examples missing" >&2; exit 1; }
+[ -f "$openapi" ] || { echo "GitHub's OpenAPI description is missing" >&2; exit 1; }
 
 cat > "$peers/env" <<ENV
 export AIWG_TEST_CLAUDE="$claude"
 export AIWG_TEST_OPENCODE="$opencode"
 export AIWG_TEST_OCTOKIT_EXAMPLES="$examples"
+export AIWG_TEST_GITHUB_OPENAPI="$openapi"
 ENV
 echo "peers ready: $peers/env" >&2

@@ -35,7 +35,7 @@ use crate::config::{PolicyConfig, RuleConfig, TriggersConfig};
 use crate::dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
 use crate::error::{BuildError, VerifyError};
 use crate::event::{EventKind, InboundEvent, Platform};
-use crate::forge::PermissionLookup;
+use crate::forge::{ForgeClient, PermissionLookup};
 use crate::grammar::{self, Command, Parsed};
 use crate::platform::{self, Endpoint};
 use crate::response::{HookOutcome, HookReply};
@@ -51,6 +51,8 @@ struct Setup {
     policy: PolicyConfig,
     /// Asks the forge who may trigger (GitLab, Gitea, Bitbucket with `api_url`).
     lookup: Option<PermissionLookup>,
+    /// The forge's REST client, to learn the bot's own identity.
+    client: Option<Arc<ForgeClient>>,
 }
 
 struct Inner {
@@ -193,6 +195,14 @@ impl HooksBuilder {
         if let Some(g) = &c.generic {
             setups.push(Setup::new(platform::generic::Generic::new(g)?, g.policy()));
         }
+        for client in c.forge_clients()? {
+            if let Some(setup) = setups
+                .iter_mut()
+                .find(|s| s.endpoint.platform() == client.platform())
+            {
+                setup.client = Some(client);
+            }
+        }
         for setup in &setups {
             let platform = setup.endpoint.platform();
             if platform.needs_allowed_users()
@@ -242,6 +252,7 @@ impl Setup {
             endpoint: Box::new(endpoint),
             policy,
             lookup: None,
+            client: None,
         }
     }
 
@@ -285,6 +296,14 @@ impl Setup {
         self.endpoint
             .authorize(event)
             .map_err(HookOutcome::Ignored)?;
+        // Our own comments and edits never start a job: the bot's login comes from the API.
+        if let (Some(client), Some(actor)) = (&self.client, &event.actor) {
+            if let Some(me) = client.identity().await {
+                if me.eq_ignore_ascii_case(&actor.login) {
+                    return Err(HookOutcome::Ignored(IgnoreReason::Bot(actor.login.clone())));
+                }
+            }
+        }
         if let (ActorCheck::AskForge, Some(lookup)) = (check, &self.lookup) {
             let user = event
                 .actor
@@ -318,6 +337,17 @@ enum Origin {
 }
 
 impl Hooks {
+    /// The forge clients of the configured sections (for a [`Tracker`](crate::Tracker)
+    /// answering on the same forges).
+    #[must_use]
+    pub fn forge_clients(&self) -> Vec<Arc<ForgeClient>> {
+        self.inner
+            .setups
+            .iter()
+            .filter_map(|s| s.client.clone())
+            .collect()
+    }
+
     /// A builder over the `triggers:` configuration, submitting to `engine`.
     pub fn builder(config: TriggersConfig, engine: Engine) -> HooksBuilder {
         HooksBuilder {
@@ -456,7 +486,12 @@ impl Hooks {
             EventKind::Ping => return Err(HookOutcome::Pong),
             EventKind::Challenge(c) => return Err(HookOutcome::Challenge(c.clone())),
             EventKind::Comment => {
-                grammar::parse_comment(event.text.as_deref().unwrap_or(""), &setup.policy.mention)
+                let text = event.text.as_deref().unwrap_or("");
+                // A tracking comment of ours, whoever the forge says wrote it.
+                if text.contains(crate::tracking::MARKER) {
+                    return ignore(IgnoreReason::Bot("aiwg".into()));
+                }
+                grammar::parse_comment(text, &setup.policy.mention)
             }
             EventKind::ChatCommand => {
                 if let Some(other) = other_command(setup, event) {

@@ -121,11 +121,33 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .start()
         .map_err(|e| AppError::Start(e.to_string()))?;
     builder = builder.observer(Arc::new(dispatcher.clone()));
-    // Jobs started from Slack or Discord report their outcome back to the conversation.
+    // Jobs answer where they were asked: a tracking comment on the forges whose sections have
+    // API access, the outcome in the Slack or Discord conversation.
+    let triggers: Option<aiwg_webhook::TriggersConfig> = if config.triggers.is_null() {
+        None
+    } else {
+        Some(aiwg_core::config::section(
+            "triggers",
+            config.triggers.clone(),
+        )?)
+    };
     let replies = aiwg_webhook::PlatformReplies::builder()
         .build()
         .map_err(|e| AppError::Start(e.to_string()))?;
-    builder = builder.observer(Arc::new(replies));
+    let mut tracker = aiwg_webhook::Tracker::builder().chat(replies);
+    if let Some(t) = &triggers {
+        for client in t
+            .forge_clients()
+            .map_err(|e| ConfigError::new("triggers", e.to_string()))?
+        {
+            tracker = tracker.forge(client);
+        }
+    }
+    if let Some(url) = &config.server.public_url {
+        tracker = tracker.status_base(url.clone());
+    }
+    let tracker = storage.tracking(tracker).build();
+    builder = builder.observer(Arc::new(tracker));
     let engine = builder
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
@@ -152,9 +174,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     if let Some(limit) = config.auth.rate_limit {
         api = api.rate_limit(limit);
     }
-    if !config.triggers.is_null() {
-        let triggers: aiwg_webhook::TriggersConfig =
-            aiwg_core::config::section("triggers", config.triggers.clone())?;
+    if let Some(triggers) = triggers {
         let hooks = storage
             .dedupe(aiwg_webhook::Hooks::builder(triggers, engine.clone()))
             .build()
@@ -188,6 +208,7 @@ enum Storage {
         outbox: Arc<aiwg_core::dispatch::PgDispatchStore>,
         dedup: aiwg_webhook::PgDeliveryStore,
         audit: Arc<aiwg_core::audit::PgAuditStore>,
+        tracking: aiwg_webhook::tracking::PgTrackingStore,
     },
 }
 
@@ -228,11 +249,14 @@ impl Storage {
                 dedup.migrate().await.map_err(|e| start(&e))?;
                 let audit = aiwg_core::audit::PgAuditStore::new(jobs.pool().clone());
                 audit.migrate().await.map_err(|e| start(&e))?;
+                let tracking = aiwg_webhook::tracking::PgTrackingStore::new(jobs.pool().clone());
+                tracking.migrate().await.map_err(|e| start(&e))?;
                 Ok(Storage::Postgres {
                     jobs: Arc::new(jobs),
                     outbox: Arc::new(outbox),
                     dedup,
                     audit: Arc::new(audit),
+                    tracking,
                 })
             }
             #[cfg(not(feature = "postgres"))]
@@ -277,6 +301,14 @@ impl Storage {
         }
     }
 
+    fn tracking(&self, builder: aiwg_webhook::TrackerBuilder) -> aiwg_webhook::TrackerBuilder {
+        match self {
+            Storage::Memory => builder,
+            #[cfg(feature = "postgres")]
+            Storage::Postgres { tracking, .. } => builder.store(Arc::new(tracking.clone())),
+        }
+    }
+
     fn dedupe(&self, builder: aiwg_webhook::HooksBuilder) -> aiwg_webhook::HooksBuilder {
         match self {
             Storage::Memory => builder,
@@ -315,6 +347,7 @@ impl Storage {
                 outbox,
                 dedup,
                 audit,
+                ..
             } => {
                 let (jobs, outbox, dedup) = (Arc::clone(jobs), Arc::clone(outbox), dedup.clone());
                 let audit = Arc::clone(audit);

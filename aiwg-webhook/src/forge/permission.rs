@@ -251,7 +251,7 @@ impl PermissionLookup {
     }
 
     async fn fetch(&self, repo: &str, user: &str) -> Result<u8, LookupError> {
-        let enc = |s: &str| form_path(s);
+        let enc = super::client::seg;
         let request = match self.platform {
             Platform::GitLab => self
                 .http
@@ -335,19 +335,6 @@ impl PermissionLookup {
     }
 }
 
-/// Percent-encodes one path segment (GitLab takes `group/project` as one, encoded).
-fn form_path(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +377,9 @@ mod tests {
         assert_eq!(gitlab_rank(30), 3);
         assert_eq!(gitlab_rank(50), 5);
         assert_eq!(gitlab_rank(5), 0);
-        assert_eq!(form_path("group/sub proj"), "group%2Fsub%20proj");
+        assert_eq!(
+            super::super::client::seg("group/sub proj"),
+            "group%2Fsub%20proj"
+        );
     }
 }
