@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::github_app::GitHubApp;
-use super::send::send;
+use super::send::{send, ATTEMPTS};
 use crate::error::BuildError;
 use crate::event::Platform;
 use crate::secret::Secret;
@@ -123,7 +123,8 @@ pub struct ForgeClient {
     auth: ForgeAuth,
     http: reqwest::Client,
     retry_base: Duration,
-    identity: tokio::sync::OnceCell<Option<String>>,
+    /// The bot's login, and when it was asked (a failed lookup is asked again after a while).
+    identity: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
 }
 
 impl fmt::Debug for ForgeClient {
@@ -193,7 +194,7 @@ impl ForgeClient {
             auth,
             http,
             retry_base: Duration::from_secs(1),
-            identity: tokio::sync::OnceCell::new(),
+            identity: std::sync::Mutex::new(None),
         })
     }
 
@@ -233,7 +234,20 @@ impl ForgeClient {
         token: &str,
         body: Option<&Value>,
     ) -> Result<Value, ForgeError> {
-        let res = send(self.platform, what, self.retry_base, || {
+        self.json_tries(what, method, url, token, body, ATTEMPTS)
+            .await
+    }
+
+    async fn json_tries(
+        &self,
+        what: &'static str,
+        method: reqwest::Method,
+        url: String,
+        token: &str,
+        body: Option<&Value>,
+        attempts: u32,
+    ) -> Result<Value, ForgeError> {
+        let res = send(self.platform, what, self.retry_base, attempts, || {
             let mut rb = self.authed(self.http.request(method.clone(), &url), token);
             if let Some(b) = body {
                 rb = rb.json(b);
@@ -479,19 +493,37 @@ impl ForgeClient {
     }
 
     /// The bot's own login, asked of the forge once (a GitHub App: `<slug>[bot]`; a token: its
-    /// user), so our own comments never start a job. `None` when the forge does not say.
+    /// user), so our own comments never start a job. `None` when the forge does not say; then
+    /// it is asked again at most every five minutes. One quick try: a webhook is never held up
+    /// by a forge that is down.
     pub async fn identity(&self) -> Option<String> {
-        self.identity
-            .get_or_init(|| async {
-                let found = self.fetch_identity().await;
-                match &found {
-                    Ok(login) => tracing::info!(platform = %self.platform, login, "the bot's identity on the forge"),
-                    Err(e) => tracing::warn!(platform = %self.platform, error = %e, "could not learn the bot's identity; relying on ignore_users"),
-                }
-                found.ok()
-            })
-            .await
+        const RETRY_AFTER: Duration = Duration::from_secs(300);
+        if let Some((at, known)) = self
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+        {
+            if known.is_some() || at.elapsed() < RETRY_AFTER {
+                return known;
+            }
+        }
+        let found = self.fetch_identity().await;
+        match &found {
+            Ok(login) => {
+                tracing::info!(platform = %self.platform, login, "the bot's identity on the forge")
+            }
+            Err(e) => {
+                tracing::warn!(platform = %self.platform, error = %e, "could not learn the bot's identity; relying on ignore_users and the comment marker")
+            }
+        }
+        let found = found.ok();
+        *self
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), found.clone()));
+        found
     }
 
     async fn fetch_identity(&self) -> Result<String, ForgeError> {
@@ -503,12 +535,13 @@ impl ForgeClient {
         if let ForgeAuth::App(app) = &self.auth {
             let jwt = app.jwt(chrono::Utc::now());
             let v = self
-                .json(
+                .json_tries(
                     what,
                     reqwest::Method::GET,
                     format!("{}/app", self.base),
                     &jwt,
                     None,
+                    1,
                 )
                 .await?;
             return v["slug"]
@@ -518,12 +551,13 @@ impl ForgeClient {
         }
         let token = self.token(None).await?;
         let v = self
-            .json(
+            .json_tries(
                 what,
                 reqwest::Method::GET,
                 format!("{}/user", self.base),
                 &token,
                 None,
+                1,
             )
             .await?;
         let field = match self.platform {

@@ -51,15 +51,17 @@ fn rate_limit_wait(res: &reqwest::Response, now_unix: i64) -> Option<Duration> {
 ///
 /// # Errors
 /// [`ForgeError`] once the forge refused for good (4xx other than a rate limit), a rate limit
-/// asks for longer than [`MAX_WAIT`], or [`ATTEMPTS`] transient failures.
+/// asks for longer than [`MAX_WAIT`], or `attempts` transient failures.
 pub(crate) async fn send(
     platform: Platform,
     what: &'static str,
     base_delay: Duration,
+    attempts: u32,
     mut make: impl FnMut() -> reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, ForgeError> {
     let mut last = ForgeError::Unreachable { platform, what };
-    for n in 0..ATTEMPTS {
+    for n in 0..attempts {
+        let last_try = n + 1 == attempts;
         match make().send().await {
             Ok(res) if res.status().is_success() => return Ok(res),
             Ok(res) => {
@@ -100,7 +102,9 @@ pub(crate) async fn send(
             Err(e) => {
                 tracing::debug!(%platform, what, error = %e.without_url(), "forge request failed");
                 last = ForgeError::Unreachable { platform, what };
-                tokio::time::sleep(backoff(n, base_delay)).await;
+                if !last_try {
+                    tokio::time::sleep(backoff(n, base_delay)).await;
+                }
             }
         }
     }
