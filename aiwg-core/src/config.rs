@@ -270,6 +270,68 @@ pub struct ProjectsConfig {
     pub mapping: Vec<MappingConfig>,
     /// Paths refused even inside the root.
     pub forbidden_paths: Vec<String>,
+    /// Jobs about pull requests run in a worktree at the request's head.
+    pub workspace: Option<WorkspaceConfig>,
+}
+
+/// `projects.workspace`: `{ kind: worktree, cache: <dir>, keep_failed_for: 1h,
+/// credentials: { github.com: "${GITHUB_TOKEN}" }, protocols: [https] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceConfig {
+    /// `worktree` (or `none`: jobs run in the project directory).
+    pub kind: String,
+    /// Where mirrors and worktrees live.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// How long a failed job's worktree is kept (default `1h`).
+    #[serde(default, with = "crate::util::opt_duration")]
+    pub keep_failed_for: Option<Duration>,
+    /// Tokens per host, for private repositories.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
+    /// URL schemes git may fetch (default `[https]`).
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+}
+
+impl WorkspaceConfig {
+    /// The engine's settings; `None` for `kind: none`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `projects.workspace.kind` or `.cache`.
+    pub fn settings(&self) -> Result<Option<crate::workspace::WorkspaceSettings>, ConfigError> {
+        match self.kind.as_str() {
+            "none" => Ok(None),
+            "worktree" => {
+                let cache = self
+                    .cache
+                    .as_deref()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "projects.workspace.cache",
+                            "is required with kind: worktree",
+                        )
+                    })?;
+                let mut s = crate::workspace::WorkspaceSettings::new(cache);
+                if let Some(d) = self.keep_failed_for {
+                    s = s.keep_failed_for(d);
+                }
+                for (host, token) in &self.credentials {
+                    s = s.credential(host.clone(), token.clone());
+                }
+                if let Some(p) = &self.protocols {
+                    s = s.protocols(p.clone());
+                }
+                Ok(Some(s))
+            }
+            other => Err(ConfigError::new(
+                "projects.workspace.kind",
+                format!("`{other}` is not a workspace kind (worktree, none)"),
+            )),
+        }
+    }
 }
 
 impl ProjectsConfig {

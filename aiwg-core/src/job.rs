@@ -382,6 +382,10 @@ impl TriggerInfo {
             "repo" => self.repo.clone(),
             "pr" => self.pr.map(|n| n.to_string()),
             "issue" => self.issue.map(|n| n.to_string()),
+            // The pull request's head commit and branch, and its base branch.
+            "sha" => self.extra.get("head_sha").cloned(),
+            "branch" => self.extra.get("head_ref").cloned(),
+            "base" => self.extra.get("base_ref").cloned(),
             other => self.extra.get(other).cloned(),
         }
     }

@@ -91,6 +91,7 @@ pub mod store;
 pub mod test_util;
 pub mod util;
 pub mod workflow;
+pub mod workspace;
 
 pub use engine::{Engine, EngineBuilder, EngineError, JobObserver, Submission, SubmitError};
 pub use error::BackendError;

@@ -107,6 +107,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         }
     }
     builder = builder.policy(config.projects.policy()?);
+    if let Some(ws) = &config.projects.workspace {
+        if let Some(settings) = ws.settings()? {
+            builder = builder.workspace(settings);
+        }
+    }
 
     let storage = Storage::open(config).await?;
     builder = builder

@@ -225,6 +225,7 @@ struct RunningJob {
 
 pub(crate) struct Inner {
     store: Arc<dyn JobStore>,
+    workspaces: Option<Arc<crate::workspace::Workspaces>>,
     audit: crate::audit::AuditLog,
     catalog: WorkflowCatalog,
     registry: ExecutorRegistry,
@@ -309,6 +310,7 @@ pub struct EngineBuilder {
     policy: Option<ProjectPolicy>,
     observers: Vec<Arc<dyn JobObserver>>,
     audit: Option<crate::audit::AuditLog>,
+    workspace: Option<crate::workspace::WorkspaceSettings>,
     settings: Settings,
 }
 
@@ -321,6 +323,7 @@ impl Default for EngineBuilder {
             policy: None,
             observers: Vec::new(),
             audit: None,
+            workspace: None,
             settings: Settings {
                 workers: 4,
                 queue_capacity: 1000,
@@ -346,6 +349,13 @@ impl EngineBuilder {
     /// over a fresh [`MemoryAuditStore`](crate::audit::MemoryAuditStore)).
     pub fn audit(mut self, audit: crate::audit::AuditLog) -> Self {
         self.audit = Some(audit);
+        self
+    }
+
+    /// Runs jobs about pull requests in a git worktree at the request's head (see
+    /// [`crate::workspace`]); default: every job runs in its project directory.
+    pub fn workspace(mut self, settings: crate::workspace::WorkspaceSettings) -> Self {
+        self.workspace = Some(settings);
         self
     }
 
@@ -529,6 +539,9 @@ impl EngineBuilder {
                 pending_cancels: Mutex::default(),
                 observers: self.observers,
                 audit: self.audit.unwrap_or_default(),
+                workspaces: self
+                    .workspace
+                    .map(|w| Arc::new(crate::workspace::Workspaces::new(w))),
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
