@@ -502,6 +502,10 @@ pub struct Job {
     /// What lets the job reply as the bot (never shown; see [`ReplyCredentials`]).
     #[serde(default, skip_serializing_if = "ReplyCredentials::is_empty")]
     pub reply_credentials: ReplyCredentials,
+    /// Its workflow's concurrency group, rendered when it was submitted: at most one job of a
+    /// group runs at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_group: Option<String>,
 }
 
 impl Job {

@@ -109,4 +109,6 @@ pub use job::{
 pub use policy::{PolicyError, ProjectPolicy};
 pub use request::JobRequest;
 pub use store::{JobStore, MemoryStore};
-pub use workflow::{ParamError, Parameter, Step, Workflow, WorkflowCatalog, WorkflowError};
+pub use workflow::{
+    Concurrency, OnConflict, ParamError, Parameter, Step, Workflow, WorkflowCatalog, WorkflowError,
+};

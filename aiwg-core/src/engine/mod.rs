@@ -1,7 +1,7 @@
 //! The [`Engine`]: validates requests, stores jobs, schedules them onto a worker pool, runs their
 //! steps on executors, records every event, and publishes it to subscribers and observers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -212,7 +212,8 @@ pub struct QueueStats {
 /// Why a running job's token was cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopReason {
-    User,
+    /// A cancel, with the message the job's error carries.
+    User(&'static str),
     Shutdown,
     LeaseLost,
 }
@@ -261,7 +262,7 @@ impl ClusterListener for Inner {
             r.reason
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(StopReason::User);
+                .get_or_insert(StopReason::User("cancelled by request"));
             r.token.cancel();
         }
     }
@@ -644,6 +645,24 @@ impl Engine {
             .policy
             .resolve(request.project_path.as_deref(), request.project.as_deref())?;
         let fingerprint = request.fingerprint();
+        let trigger = if request.trigger.source.is_empty() {
+            TriggerInfo::new("api")
+        } else {
+            request.trigger
+        };
+        let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
+            let ctx = crate::workflow::TemplateContext {
+                guidance: request.guidance.as_deref(),
+                project_path: &project.display().to_string(),
+                params: &params,
+                trigger: &trigger,
+                step_outputs: &BTreeMap::new(),
+            };
+            crate::workflow::render(&c.group, &ctx)
+                .ok()
+                .map(|g| g.trim().to_owned())
+                .filter(|g| !g.is_empty())
+        });
         let now = chrono::Utc::now();
         let job = Job {
             id: JobId::new(),
@@ -666,11 +685,7 @@ impl Engine {
             result: None,
             error: None,
             dead_letter: false,
-            trigger: if request.trigger.source.is_empty() {
-                TriggerInfo::new("api")
-            } else {
-                request.trigger
-            },
+            trigger,
             history: vec![crate::job::StatusChange {
                 status: JobStatus::Queued,
                 at: now,
@@ -680,6 +695,7 @@ impl Engine {
             cancel_requested: false,
             idempotency_key: request.idempotency_key,
             reply_credentials: request.reply_credentials,
+            concurrency_group,
         };
         let new = NewJob::new(job)
             .fingerprint(fingerprint)
@@ -687,6 +703,9 @@ impl Engine {
         match self.inner.store.create(new).await {
             Ok(Created::New(job, event)) => {
                 self.publish(&job, &event).await;
+                if let (Some(group), Some(c)) = (&job.concurrency_group, &wf.concurrency) {
+                    self.resolve_conflict(&job, group, c.on_conflict).await;
+                }
                 self.inner.wake.notify_one();
                 Ok(Submission { job, created: true })
             }
@@ -731,12 +750,46 @@ impl Engine {
     /// cancellation token, and this returns once its executor has returned (for a job running
     /// on another instance sharing the store: once that instance reports it, up to `30 s`).
     pub async fn cancel(&self, id: JobId) -> Result<Job, EngineError> {
-        match self
-            .inner
-            .store
-            .request_cancel(id, "cancelled by request")
-            .await
-        {
+        self.cancel_because(id, "cancelled by request").await
+    }
+
+    /// A new job of `group` arrived: cancel what its `on_conflict` says (in the background: the
+    /// new job waits for the group anyway).
+    async fn resolve_conflict(&self, new: &Job, group: &str, on_conflict: crate::OnConflict) {
+        let statuses: &[JobStatus] = match on_conflict {
+            crate::OnConflict::Queue => return,
+            crate::OnConflict::ReplaceQueued => &[JobStatus::Queued],
+            crate::OnConflict::CancelRunning => &[JobStatus::Queued, JobStatus::Running],
+        };
+        for status in statuses {
+            let query = JobQuery {
+                status: Some(*status),
+                concurrency_group: Some(group.to_owned()),
+                limit: Some(500),
+                ..JobQuery::default()
+            };
+            let Ok(page) = self.inner.store.list(&query).await else {
+                continue;
+            };
+            for old in page
+                .jobs
+                .into_iter()
+                .filter(|j| j.id != new.id && j.id < new.id)
+            {
+                let engine = self.clone();
+                let reason = match status {
+                    JobStatus::Queued => "replaced by a newer job of its concurrency group",
+                    _ => "cancelled by a newer job of its concurrency group",
+                };
+                tokio::spawn(async move {
+                    let _ = engine.cancel_because(old.id, reason).await;
+                });
+            }
+        }
+    }
+
+    async fn cancel_because(&self, id: JobId, reason: &'static str) -> Result<Job, EngineError> {
+        match self.inner.store.request_cancel(id, reason).await {
             Ok(CancelOutcome::Cancelled(job, event)) => {
                 self.publish(&job, &event).await;
                 Ok(job)
@@ -752,7 +805,7 @@ impl Engine {
                         r.reason
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(StopReason::User);
+                            .get_or_insert(StopReason::User(reason));
                         r.token.cancel();
                         r.done.clone()
                     });

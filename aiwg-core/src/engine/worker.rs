@@ -103,7 +103,7 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(StopReason::User);
+            .get_or_insert(StopReason::User("cancelled by request"));
         token.cancel();
     }
 
@@ -153,7 +153,7 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
                             reason
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(StopReason::User);
+                                .get_or_insert(StopReason::User("cancelled by request"));
                             token.cancel();
                         }
                     }
@@ -303,10 +303,7 @@ async fn append(
 
 fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
     match *reason.lock().unwrap_or_else(|e| e.into_inner()) {
-        Some(StopReason::User) => Some(Stop::Cancelled(JobError::new(
-            "cancelled",
-            "cancelled by request",
-        ))),
+        Some(StopReason::User(why)) => Some(Stop::Cancelled(JobError::new("cancelled", why))),
         Some(StopReason::Shutdown) => Some(Stop::Cancelled(JobError::new(
             "shutdown",
             "the server shut down before the job finished",

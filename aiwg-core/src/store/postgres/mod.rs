@@ -560,6 +560,7 @@ impl PgStore {
         request: &ClaimRequest,
         at: DateTime<Utc>,
         full: &[String],
+        busy_groups: &[String],
     ) -> Result<Option<Job>, StoreError> {
         let limit = request
             .per_project_limit
@@ -572,12 +573,18 @@ impl PgStore {
                AND ($3::bigint IS NULL OR (SELECT count(*) FROM aiwg_jobs r \
                     WHERE r.status = 'running' AND r.project_path = j.project_path \
                       AND r.lease_expires_at > GREATEST($1::timestamptz, now())) < $3) \
+               AND (j.job->>'concurrency_group' IS NULL \
+                    OR NOT (j.job->>'concurrency_group' = ANY($4)) \
+                    AND NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
+                      AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
+                      AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
              ORDER BY j.priority DESC, j.queue_seq \
              LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
         )
         .bind(at)
         .bind(full)
         .bind(limit)
+        .bind(busy_groups)
         .fetch_optional(&mut **tx)
         .await
         .map_err(db)?;
@@ -585,6 +592,35 @@ impl PgStore {
     }
 
     /// Whether the project has a free slot; serialises claimers of the project until `tx` ends.
+    /// Whether no job of `group` runs, under a transaction-scoped lock on the group, so two
+    /// instances never start two jobs of one group.
+    async fn group_is_free(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        group: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::util::advisory_lock_key(
+                &self.channel,
+                &format!("concurrency:{group}"),
+            ))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM aiwg_jobs WHERE status = 'running' \
+             AND job->>'concurrency_group' = $1 \
+             AND lease_expires_at > GREATEST($2::timestamptz, now())",
+        )
+        .bind(group)
+        .bind(at)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(running == 0)
+    }
+
     async fn project_has_room(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -661,6 +697,10 @@ impl JobStore for PgStore {
         if let Some(cursor) = query.cursor {
             qb.push(" AND id < ").push_bind(*cursor.as_uuid());
         }
+        if let Some(group) = &query.concurrency_group {
+            qb.push(" AND job->>'concurrency_group' = ")
+                .push_bind(group.as_str());
+        }
         qb.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::try_from(size + 1).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(db)?;
@@ -680,11 +720,19 @@ impl JobStore for PgStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
         let at = micros(request.now);
         let mut full: Vec<String> = Vec::new();
+        let mut busy_groups: Vec<String> = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
             let mut tx = self.pool.begin().await.map_err(db)?;
-            let Some(mut job) = self.pick(&mut tx, request, at, &full).await? else {
+            let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
                 return Ok(None);
             };
+            if let Some(group) = &job.concurrency_group {
+                if !self.group_is_free(&mut tx, group, at).await? {
+                    drop(tx);
+                    busy_groups.push(group.clone());
+                    continue;
+                }
+            }
             if let Some(limit) = request.per_project_limit {
                 if !self
                     .project_has_room(&mut tx, &job.project_path, limit, at)
