@@ -399,3 +399,187 @@ async fn a_github_app_signs_its_jwt_and_caches_installation_tokens() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Verified OK"));
     fake.assert_conforms();
 }
+
+/// A recording fake for GitLab, Gitea and Bitbucket: answers a created comment with an id.
+async fn recording_forge() -> (
+    String,
+    Arc<std::sync::Mutex<Vec<(String, String, Value, String)>>>,
+) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, Method, Uri};
+    type Log = Arc<std::sync::Mutex<Vec<(String, String, Value, String)>>>;
+    async fn handle(
+        State(log): State<Log>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> (axum::http::StatusCode, String) {
+        let auth = ["private-token", "authorization"]
+            .iter()
+            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+            .unwrap_or("")
+            .to_owned();
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let path = uri.path().to_owned();
+        log.lock()
+            .unwrap()
+            .push((method.to_string(), path.clone(), v, auth));
+        if method == Method::POST && path.ends_with("/comments") || path.ends_with("/notes") {
+            (axum::http::StatusCode::CREATED, r#"{"id": 4242}"#.into())
+        } else if method == Method::GET {
+            (
+                axum::http::StatusCode::OK,
+                r#"{"login": "bot", "username": "bot", "nickname": "bot"}"#.into(),
+            )
+        } else {
+            (axum::http::StatusCode::OK, "{}".into())
+        }
+    }
+    let log: Log = Arc::default();
+    let app = axum::Router::new().fallback(handle).with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), log)
+}
+
+/// The same tracking on GitLab (merge request notes, award emoji), Gitea (issue comments,
+/// reactions) and Bitbucket (pull request comments, no reactions), each with its own
+/// authentication, at the documented paths.
+#[tokio::test]
+async fn gitlab_gitea_and_bitbucket_get_the_same_tracking_at_their_paths() {
+    use aiwg_core::{Job, JobEvent, JobEventKind, JobObserver, TriggerInfo};
+
+    let (base, log) = recording_forge().await;
+    let cases = [
+        (
+            Platform::GitLab,
+            "group/sub/app",
+            "PRIVATE-TOKEN-VALUE",
+            "PRIVATE-TOKEN-VALUE",
+            vec![
+                (
+                    "POST",
+                    "/projects/group%2Fsub%2Fapp/merge_requests/7/notes/55/award_emoji",
+                ),
+                ("POST", "/projects/group%2Fsub%2Fapp/merge_requests/7/notes"),
+                (
+                    "PUT",
+                    "/projects/group%2Fsub%2Fapp/merge_requests/7/notes/4242",
+                ),
+            ],
+        ),
+        (
+            Platform::Gitea,
+            "org/repo",
+            "gitea-token",
+            "token gitea-token",
+            vec![
+                ("POST", "/repos/org/repo/issues/comments/55/reactions"),
+                ("POST", "/repos/org/repo/issues/7/comments"),
+                ("PATCH", "/repos/org/repo/issues/comments/4242"),
+            ],
+        ),
+        (
+            Platform::Bitbucket,
+            "team/repo",
+            "bb-token",
+            "Bearer bb-token",
+            vec![
+                ("POST", "/repositories/team/repo/pullrequests/7/comments"),
+                (
+                    "PUT",
+                    "/repositories/team/repo/pullrequests/7/comments/4242",
+                ),
+            ],
+        ),
+    ];
+    for (platform, repo, token, auth, want) in cases {
+        log.lock().unwrap().clear();
+        let c = Arc::new(
+            ForgeClient::new(
+                "t",
+                platform,
+                Some(&base),
+                ForgeAuth::Token(Secret::new(token)),
+            )
+            .unwrap()
+            .retry_base(Duration::from_millis(10)),
+        );
+        let t = Tracker::builder()
+            .forge(c)
+            .min_edit_interval(Duration::from_millis(10))
+            .build();
+        let mut trigger = TriggerInfo::new(platform.as_str());
+        trigger.repo = Some(repo.into());
+        trigger.pr = Some(7);
+        trigger.extra.insert("comment_id".into(), "55".into());
+        let mut job: Job = serde_json::from_value(json!({
+            "id": JobId::new().to_string(), "workflow": "review", "project_path": "/p",
+            "params": {}, "guidance": null, "priority": 0, "status": "queued", "attempt": 0,
+            "max_attempts": 1, "timeout": 60000, "created_at": chrono::Utc::now(),
+            "started_at": null, "finished_at": null, "retry_at": null,
+            "progress": {"completed": [], "in_progress": [], "pending": ["draft"]},
+            "result": null, "error": null, "dead_letter": false, "trigger": trigger,
+            "history": [], "cancel_requested": false, "idempotency_key": null
+        }))
+        .unwrap_or_else(|e| panic!("a job: {e}"));
+        let ev = |seq: u64, to: JobStatus| JobEvent {
+            job_id: job.id,
+            seq,
+            at: chrono::Utc::now(),
+            kind: JobEventKind::Status {
+                from: None,
+                to,
+                attempt: 1,
+                reason: None,
+                error: None,
+            },
+        };
+        t.on_event(&job, &ev(1, JobStatus::Queued)).await;
+        // Wait for the comment to exist, so the end is an edit (sooner, the two would be
+        // coalesced into one comment made at the end).
+        let made = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let created = log.lock().unwrap().iter().any(|(m, p, _, _)| {
+                    m == "POST" && (p.ends_with("/comments") || p.ends_with("/notes"))
+                });
+                if created {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(made.is_ok(), "{platform}: no comment was made");
+        job.status = JobStatus::Completed;
+        job.progress.completed = vec!["draft".into()];
+        job.progress.pending.clear();
+        t.on_event(&job, &ev(2, JobStatus::Completed)).await;
+        assert!(t.idle(Duration::from_secs(10)).await);
+        let seen = log.lock().unwrap().clone();
+        let got: Vec<(&str, &str)> = seen
+            .iter()
+            .map(|(m, p, _, _)| (m.as_str(), p.as_str()))
+            .collect();
+        assert_eq!(got, want, "{platform}");
+        for (_, _, body, a) in &seen {
+            assert_eq!(a, auth, "{platform}");
+            let text = match platform {
+                Platform::Bitbucket => body["content"]["raw"].as_str(),
+                _ => body["body"]
+                    .as_str()
+                    .or(body["name"].as_str())
+                    .or(body["content"].as_str()),
+            };
+            assert!(text.is_some(), "{platform}: {body}");
+        }
+        let last = &seen.last().unwrap().2;
+        let last = last["body"]
+            .as_str()
+            .or(last["content"]["raw"].as_str())
+            .unwrap();
+        assert!(last.contains("✅ completed"), "{platform}: {last}");
+    }
+}
