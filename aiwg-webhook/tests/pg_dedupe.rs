@@ -131,3 +131,29 @@ async fn two_stores_on_one_database_claim_once() {
     assert_eq!(fresh, 1);
     drop_schema(&admin, &schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_tracking_store_passes_the_tracking_store_suite() {
+    use aiwg_webhook::tracking::{tracking_store_suite, PgTrackingStore, TrackingStore};
+    let Some((admin, pool, schema)) = fresh_pool().await else {
+        return;
+    };
+    tracking_store_suite(|| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("DROP TABLE IF EXISTS aiwg_tracking_comments")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 5")
+                .execute(&pool)
+                .await
+                .ok();
+            let store = PgTrackingStore::new(pool);
+            store.migrate().await.expect("migrate");
+            Arc::new(store) as Arc<dyn TrackingStore>
+        }
+    })
+    .await;
+    drop_schema(&admin, &schema).await;
+}

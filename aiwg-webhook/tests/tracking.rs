@@ -583,3 +583,11 @@ async fn gitlab_gitea_and_bitbucket_get_the_same_tracking_at_their_paths() {
         assert!(last.contains("✅ completed"), "{platform}: {last}");
     }
 }
+
+#[tokio::test]
+async fn the_memory_tracking_store_passes_the_suite() {
+    aiwg_webhook::tracking::tracking_store_suite(|| async {
+        Arc::new(MemoryTrackingStore::new()) as Arc<dyn aiwg_webhook::tracking::TrackingStore>
+    })
+    .await;
+}

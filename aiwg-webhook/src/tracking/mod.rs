@@ -37,6 +37,8 @@ mod render;
 mod store;
 
 pub use render::{render, MARKER};
+#[cfg(feature = "test-util")]
+pub use store::tracking_store_suite;
 #[cfg(feature = "postgres")]
 pub use store::PgTrackingStore;
 pub use store::{MemoryTrackingStore, TrackClaim, TrackingStore};

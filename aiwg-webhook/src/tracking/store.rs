@@ -289,3 +289,58 @@ mod postgres {
         }
     }
 }
+
+/// Checks a [`TrackingStore`] (feature `test-util`): the first claimant creates, the others
+/// wait then find the comment, a stale claim is taken over, a released claim is free again.
+/// `make` must give an empty store each call.
+///
+/// # Panics
+/// On the first check that fails.
+#[cfg(feature = "test-util")]
+pub async fn tracking_store_suite<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::sync::Arc<dyn TrackingStore>>,
+{
+    let long = Duration::from_secs(3600);
+    let s = make().await;
+    let job = JobId::new();
+    assert_eq!(s.claim(job, "a", long).await.unwrap(), TrackClaim::Mine);
+    assert_eq!(s.claim(job, "b", long).await.unwrap(), TrackClaim::Pending);
+    // The claimant asking again (a retry) still holds it.
+    assert_eq!(s.claim(job, "a", long).await.unwrap(), TrackClaim::Mine);
+    s.set(job, "c-1").await.unwrap();
+    for owner in ["a", "b"] {
+        assert_eq!(
+            s.claim(job, owner, long).await.unwrap(),
+            TrackClaim::Existing("c-1".into())
+        );
+    }
+    // A claim that never got its comment is taken over once stale.
+    let stale = JobId::new();
+    assert_eq!(s.claim(stale, "a", long).await.unwrap(), TrackClaim::Mine);
+    assert_eq!(
+        s.claim(stale, "b", long).await.unwrap(),
+        TrackClaim::Pending
+    );
+    assert_eq!(
+        s.claim(stale, "b", Duration::ZERO).await.unwrap(),
+        TrackClaim::Mine
+    );
+    // A released claim is free; only its holder releases it.
+    let released = JobId::new();
+    assert_eq!(
+        s.claim(released, "a", long).await.unwrap(),
+        TrackClaim::Mine
+    );
+    s.release(released, "b").await.unwrap();
+    assert_eq!(
+        s.claim(released, "b", long).await.unwrap(),
+        TrackClaim::Pending
+    );
+    s.release(released, "a").await.unwrap();
+    assert_eq!(
+        s.claim(released, "b", long).await.unwrap(),
+        TrackClaim::Mine
+    );
+}
