@@ -352,10 +352,10 @@ impl Storage {
                 outbox,
                 dedup,
                 audit,
-                ..
+                tracking,
             } => {
                 let (jobs, outbox, dedup) = (Arc::clone(jobs), Arc::clone(outbox), dedup.clone());
-                let audit = Arc::clone(audit);
+                let (audit, tracking) = (Arc::clone(audit), tracking.clone());
                 let keep = retention.finished_for();
                 let keep_audit = retention.audit_for();
                 let every = retention.purge_every();
@@ -373,6 +373,9 @@ impl Storage {
                                 .unwrap_or(chrono::Duration::MAX);
                         let audit_gone =
                             aiwg_core::audit::AuditStore::purge(&*audit, audit_before).await;
+                        if let Err(e) = tracking.purge(before).await {
+                            tracing::warn!(error = %e, "could not purge tracking comments");
+                        }
                         match (jobs_gone, deliveries_gone, keys_gone, audit_gone) {
                             (Ok(j), Ok(d), Ok(k), Ok(a)) => tracing::info!(
                                 jobs = j,
