@@ -111,4 +111,5 @@ pub use request::JobRequest;
 pub use store::{JobStore, MemoryStore};
 pub use workflow::{
     Concurrency, OnConflict, ParamError, Parameter, Step, Workflow, WorkflowCatalog, WorkflowError,
+    WorkspaceMode,
 };

@@ -283,6 +283,20 @@ pub struct Workflow {
     /// At most one job of a group runs at a time (GitHub Actions' `concurrency`).
     #[serde(default)]
     pub concurrency: Option<Concurrency>,
+    /// Where its pull-request jobs run, overriding `projects.workspace`: `worktree` (needs the
+    /// engine's workspace settings) or `none` (the project directory).
+    #[serde(default)]
+    pub workspace: Option<WorkspaceMode>,
+}
+
+/// A workflow's choice of workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceMode {
+    /// A worktree at the pull request's head.
+    Worktree,
+    /// The project directory.
+    None,
 }
 
 /// A workflow's concurrency group: `{ group: "{{trigger.repo}}#{{trigger.pr}}", on_conflict:
@@ -326,7 +340,15 @@ impl Workflow {
             max_attempts: None,
             priority: None,
             concurrency: None,
+            workspace: None,
         }
+    }
+
+    /// Sets where its pull-request jobs run.
+    #[must_use]
+    pub fn with_workspace(mut self, mode: WorkspaceMode) -> Self {
+        self.workspace = Some(mode);
+        self
     }
 
     /// Sets the concurrency group.

@@ -547,6 +547,10 @@ workflows:
     steps:
       - {{ name: head, agent: sh, command: ["git", "rev-parse", "HEAD"] }}
       - {{ name: file, agent: sh, command: ["cat", "README"] }}
+  here:
+    workspace: none
+    steps:
+      - {{ name: pwd, agent: sh, command: ["pwd"] }}
 triggers:
   github: {{ secret: "{secret}" }}
 "#,
@@ -555,11 +559,11 @@ triggers:
     );
     let server = start(env!("CARGO_BIN_EXE_server"), &config, dir.path());
     let http = reqwest::Client::new();
-    let post = |pr: u64, comment_id: u64| {
+    let post = |pr: u64, comment_id: u64, workflow: &str| {
         let body = json!({
             "action": "created",
             "issue": { "number": pr, "pull_request": { "url": "https://api.github.com/repos/o/r/pulls/7" } },
-            "comment": { "id": comment_id, "body": "@aiwg head", "user": { "login": "bob", "type": "User" }, "author_association": "MEMBER" },
+            "comment": { "id": comment_id, "body": format!("@aiwg {workflow}"), "user": { "login": "bob", "type": "User" }, "author_association": "MEMBER" },
             "repository": { "full_name": "o/r", "clone_url": format!("file://{}", origin.display()), "default_branch": "main" },
             "sender": { "login": "bob", "type": "User" }
         })
@@ -603,7 +607,7 @@ triggers:
         }
     };
 
-    let res = post(7, 1).await.unwrap();
+    let res = post(7, 1, "head").await.unwrap();
     assert_eq!(res.status().as_u16(), 202);
     let id = res.json::<Value>().await.unwrap()["job_id"]
         .as_str()
@@ -624,7 +628,7 @@ triggers:
     // The project directory itself was never touched.
     assert!(!dir.path().join("README").exists());
 
-    let res = post(8, 2).await.unwrap();
+    let res = post(8, 2, "head").await.unwrap();
     let id = res.json::<Value>().await.unwrap()["job_id"]
         .as_str()
         .unwrap()
@@ -638,5 +642,19 @@ triggers:
             .unwrap()
             .contains("could not be fetched"),
         "{doc}"
+    );
+
+    // A workflow with `workspace: none` runs in the project directory.
+    let res = post(7, 3, "here").await.unwrap();
+    let id = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = wait(id).await;
+    assert_eq!(doc["status"], "completed", "{doc}");
+    let pwd = doc["result"]["summary"].as_str().unwrap().trim().to_owned();
+    assert_eq!(
+        std::path::Path::new(&pwd),
+        dir.path().canonicalize().unwrap()
     );
 }

@@ -501,6 +501,20 @@ impl EngineBuilder {
             return Err(setting("default_max_attempts", "must be at least 1"));
         }
         let catalog = WorkflowCatalog::new(self.workflows)?;
+        if self.workspace.is_none() {
+            if let Some(wf) = catalog
+                .iter()
+                .find(|w| w.workspace == Some(crate::workflow::WorkspaceMode::Worktree))
+            {
+                return Err(BuildError::Setting {
+                    key: "workspace",
+                    reason: format!(
+                        "workflow `{}` asks for a worktree but no workspace cache is configured (projects.workspace)",
+                        wf.name
+                    ),
+                });
+            }
+        }
         let default_agent = self.registry.default_executor().map(|(n, _)| n);
         for wf in catalog.iter() {
             for step in &wf.steps {

@@ -171,7 +171,9 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
     };
 
     // A job about a pull request runs in a worktree at its head (when workspaces are on).
-    let workspace = match &inner.workspaces {
+    let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
+        != Some(crate::workflow::WorkspaceMode::None);
+    let workspace = match inner.workspaces.as_ref().filter(|_| wants_worktree) {
         Some(ws) => tokio::select! {
             r = ws.prepare(&job) => Some(r),
             () = token.cancelled() => None,
