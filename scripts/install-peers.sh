@@ -2,8 +2,10 @@
 # Installs the pinned real peers the tests talk to into the git-ignored .peers/ folder:
 #   - the Claude Code CLI        (.peers/node_modules/.bin/claude)
 #   - the OpenCode server        (.peers/node_modules/opencode-linux-x64*/bin/opencode)
+#   - the Codex CLI              (.peers/node_modules/.bin/codex)
 #   - GitHub's example payloads  (.peers/node_modules/@octokit/webhooks-examples)
-# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE and AIWG_TEST_OCTOKIT_EXAMPLES.
+# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE, AIWG_TEST_CODEX and
+# AIWG_TEST_OCTOKIT_EXAMPLES.
 # It also installs bubblewrap (`bwrap`, for `sandbox: bwrap`) with apt-get when it is missing.
 # Idempotent: a second run with everything present does nothing.
 set -euo pipefail
@@ -23,16 +25,18 @@ mkdir -p "$peers"
 cd "$peers"
 [ -f package.json ] || echo '{"name":"aiwg-peers","private":true}' > package.json
 
-want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @octokit/webhooks-examples@7.6.1)
+want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @openai/codex@0.169.0 @octokit/webhooks-examples@7.6.1)
 need=0
 [ -x node_modules/.bin/claude ] || need=1
 [ -d node_modules/opencode-ai ] || need=1
+[ -x node_modules/.bin/codex ] || need=1
 [ -f node_modules/@octokit/webhooks-examples/api.github.com/index.json ] || need=1
 if [ "$need" = 1 ]; then
   npm install --no-audit --no-fund --loglevel=error "${want[@]}" >&2
 fi
 
 claude="$peers/node_modules/.bin/claude"
+codex="$peers/node_modules/.bin/codex"
 opencode=""
 for cand in opencode-linux-x64 opencode-linux-x64-baseline; do
   bin="$peers/node_modules/$cand/bin/opencode"
@@ -41,6 +45,7 @@ done
 examples="$peers/node_modules/@octokit/webhooks-examples/api.github.com/index.json"
 
 "$claude" --version >&2
+"$codex" --version >&2
 [ -n "$opencode" ] || { echo "no runnable opencode binary was installed" >&2; exit 1; }
 echo "opencode $("$opencode" --version)" >&2
 [ -f "$examples" ] || { echo "octokit examples missing" >&2; exit 1; }
@@ -48,6 +53,7 @@ echo "opencode $("$opencode" --version)" >&2
 cat > "$peers/env" <<ENV
 export AIWG_TEST_CLAUDE="$claude"
 export AIWG_TEST_OPENCODE="$opencode"
+export AIWG_TEST_CODEX="$codex"
 export AIWG_TEST_OCTOKIT_EXAMPLES="$examples"
 ENV
 echo "peers ready: $peers/env" >&2
