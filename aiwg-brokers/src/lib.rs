@@ -16,7 +16,7 @@
 //!    attempt is recorded in the engine's audit trail with the broker as its source.
 //! 3. **Acknowledge.** Only once the job is stored. A refusal that retrying cannot cure (bad
 //!    JSON, unknown workflow, invalid parameters, a project outside the roots) is acknowledged
-//!    and its [`Problem`](aiwg_core::http::Problem) document — the body the HTTP API would have
+//!    and its [`Problem`] document — the body the HTTP API would have
 //!    answered — is published to the dead-letter subject / routing key / stream, so a message
 //!    is never retried forever. A transient refusal (queue full, shutting down, a store
 //!    failure) is negatively acknowledged and redelivered after [`retry_delay`](NatsConfig::retry_delay).
