@@ -102,6 +102,8 @@ pub struct RecordedRequest {
     /// the next scripted reply; other calls (title generation, token counting) get canned
     /// answers.
     pub scripted: bool,
+    /// The `Authorization` header, if any (recorded by [`FakeResponses`]).
+    pub authorization: Option<String>,
 }
 
 struct Inner {
@@ -279,6 +281,7 @@ async fn handle(
             path,
             body: json,
             scripted,
+            authorization: None,
         });
     inner.changed.notify_waiters();
 
@@ -602,6 +605,7 @@ async fn handle_responses(
     State(inner): State<Arc<ResponsesInner>>,
     method: Method,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if !(method == Method::POST && uri.path() == "/v1/responses") {
@@ -623,6 +627,10 @@ async fn handle_responses(
             path: uri.path().to_owned(),
             body: json,
             scripted: true,
+            authorization: headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         });
     inner.changed.notify_waiters();
     if let ResponsesReply::Error { status, message } = &reply {

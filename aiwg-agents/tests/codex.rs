@@ -203,6 +203,11 @@ async fn the_provider_can_come_from_aiwgs_base_url() {
     assert_eq!(res.unwrap().output, "via base_url");
     let req = &s.fake.requests()[0];
     assert_eq!(req.body["model"], "gpt-5");
+    // The key from aiwg's config, through the child's environment only.
+    assert_eq!(
+        req.authorization.as_deref(),
+        Some("Bearer key-from-aiwg-config")
+    );
 }
 
 #[tokio::test]
