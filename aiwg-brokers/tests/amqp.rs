@@ -256,3 +256,36 @@ async fn messages_published_while_aiwg_is_disconnected_are_consumed_once_after()
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let (engine, running) = start_tight(config(&name)).await;
+    for i in 0..3 {
+        publish(
+            &ch,
+            &name,
+            r#"{"workflow": "check"}"#,
+            Some(&format!("q{i}")),
+        )
+        .await;
+    }
+    full_queue_redelivers(&engine, "amqp").await;
+    running.shutdown().await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger.dead").as_str().into(),
+            Default::default(),
+        )
+        .await;
+}

@@ -245,3 +245,24 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
     running.shutdown().await;
     drop(server);
 }
+
+#[tokio::test]
+async fn a_full_queue_naks_the_message_until_its_job_is_stored() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let (engine, running) = start_tight(config(url, &name)).await;
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    for _ in 0..3 {
+        js.publish(format!("{name}.trigger"), r#"{"workflow": "check"}"#.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    full_queue_redelivers(&engine, "nats").await;
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}

@@ -240,3 +240,26 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         })
         .ok_or(())
 }
+
+#[tokio::test]
+async fn a_full_queue_leaves_the_entry_pending_until_its_job_is_stored() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let (engine, running) = start_tight(config(url, &name)).await;
+    let mut c = con(url).await;
+    for _ in 0..3 {
+        let _: String = c
+            .xadd(
+                format!("{name}:trigger"),
+                "*",
+                &[("body", r#"{"workflow": "check"}"#)],
+            )
+            .await
+            .unwrap();
+    }
+    full_queue_redelivers(&engine, "redis").await;
+    running.shutdown().await;
+}

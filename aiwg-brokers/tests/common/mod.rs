@@ -98,3 +98,42 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+/// Like [`start`], with one worker, room for one queued job and an agent that never finishes:
+/// the third trigger finds the queue full.
+pub async fn start_tight(config: serde_json::Value) -> (Engine, RunningBrokers) {
+    let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
+    let engine = Engine::builder()
+        .executor("x", Arc::new(ScriptedExecutor::hanging()))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .observer(brokers.observer())
+        .workers(1)
+        .queue_capacity(1)
+        .build()
+        .unwrap();
+    let running = brokers.start(engine.clone()).await.unwrap();
+    (engine, running)
+}
+
+/// After three triggers were published to a [`start_tight`] engine: a full queue refuses one
+/// for now, the broker brings it again, and once jobs are cancelled (room in the queue) all three
+/// are stored, each exactly once.
+pub async fn full_queue_redelivers(engine: &Engine, source: &str) {
+    wait_until("a trigger refused for now", || async {
+        decisions(engine, source, Decision::Refused).await >= 1
+    })
+    .await;
+    assert!(jobs(engine).await.len() < 3);
+    wait_until("all three jobs stored", || async {
+        for j in jobs(engine).await {
+            let _ = engine.cancel(j.id).await;
+        }
+        jobs(engine).await.len() == 3
+    })
+    .await;
+    for j in jobs(engine).await {
+        let _ = engine.cancel(j.id).await;
+    }
+    assert_eq!(decisions(engine, source, Decision::Accepted).await, 3);
+    assert_eq!(jobs(engine).await.len(), 3);
+}
