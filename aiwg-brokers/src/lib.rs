@@ -488,6 +488,7 @@ impl Brokers {
     /// streams, queues and consumers, and starts consuming triggers and publishing events.
     pub async fn start(mut self, engine: Engine) -> Result<RunningBrokers, BrokerError> {
         let cancel = CancellationToken::new();
+        #[allow(unused_mut)] // without any broker feature nothing is pushed
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();
         #[allow(unused_variables, unused_mut)]
         let mut take = |name: &str| {
