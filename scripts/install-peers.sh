@@ -2,10 +2,11 @@
 # Installs the pinned real peers the tests talk to into the git-ignored .peers/ folder:
 #   - the Claude Code CLI        (.peers/node_modules/.bin/claude)
 #   - the OpenCode server        (.peers/node_modules/opencode-linux-x64*/bin/opencode)
+#   - the Codex CLI              (.peers/node_modules/.bin/codex)
 #   - GitHub's example payloads  (.peers/node_modules/@octokit/webhooks-examples)
 #   - GitHub's OpenAPI description (.peers/node_modules/@octokit/openapi)
-# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE, AIWG_TEST_OCTOKIT_EXAMPLES and
-# AIWG_TEST_GITHUB_OPENAPI.
+# and writes .peers/env with AIWG_TEST_CLAUDE, AIWG_TEST_OPENCODE, AIWG_TEST_CODEX,
+# AIWG_TEST_OCTOKIT_EXAMPLES and AIWG_TEST_GITHUB_OPENAPI.
 # It also installs bubblewrap (`bwrap`, for `sandbox: bwrap`) with apt-get when it is missing.
 # Idempotent: a second run with everything present does nothing.
 set -euo pipefail
@@ -25,10 +26,11 @@ mkdir -p "$peers"
 cd "$peers"
 [ -f package.json ] || echo '{"name":"aiwg-peers","private":true}' > package.json
 
-want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @octokit/webhooks-examples@7.6.1 @octokit/openapi@23.0.2)
+want=(@anthropic-ai/claude-code@2.1.197 opencode-ai@1.18.33 @openai/codex@0.169.0 @octokit/webhooks-examples@7.6.1 @octokit/openapi@23.0.2)
 need=0
 [ -x node_modules/.bin/claude ] || need=1
 [ -d node_modules/opencode-ai ] || need=1
+[ -x node_modules/.bin/codex ] || need=1
 [ -f node_modules/@octokit/webhooks-examples/api.github.com/index.json ] || need=1
 [ -f node_modules/@octokit/openapi/generated/api.github.com.deref.json ] || need=1
 if [ "$need" = 1 ]; then
@@ -36,6 +38,7 @@ if [ "$need" = 1 ]; then
 fi
 
 claude="$peers/node_modules/.bin/claude"
+codex="$peers/node_modules/.bin/codex"
 opencode=""
 for cand in opencode-linux-x64 opencode-linux-x64-baseline; do
   bin="$peers/node_modules/$cand/bin/opencode"
@@ -45,6 +48,7 @@ examples="$peers/node_modules/@octokit/webhooks-examples/api.github.com/index.js
 openapi="$peers/node_modules/@octokit/openapi/generated/api.github.com.deref.json"
 
 "$claude" --version >&2
+"$codex" --version >&2
 [ -n "$opencode" ] || { echo "no runnable opencode binary was installed" >&2; exit 1; }
 echo "opencode $("$opencode" --version)" >&2
 [ -f "$examples" ] || { echo "octokit examples missing" >&2; exit 1; }
@@ -53,6 +57,7 @@ echo "opencode $("$opencode" --version)" >&2
 cat > "$peers/env" <<ENV
 export AIWG_TEST_CLAUDE="$claude"
 export AIWG_TEST_OPENCODE="$opencode"
+export AIWG_TEST_CODEX="$codex"
 export AIWG_TEST_OCTOKIT_EXAMPLES="$examples"
 export AIWG_TEST_GITHUB_OPENAPI="$openapi"
 ENV

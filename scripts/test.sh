@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (the README's second quick-start command): installs the pinned real
-# peers (claude, opencode, GitHub example payloads), makes sure PostgreSQL runs, then runs every
+# peers (claude, codex, opencode, GitHub example payloads), makes sure PostgreSQL and the message
+# brokers (NATS, RabbitMQ, Redis) run, then runs every
 # test of the workspace with every feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,5 @@ bash scripts/install-peers.sh
 source .peers/env
 AIWG_TEST_DATABASE_URL=$(bash scripts/ensure-postgres.sh)
 export AIWG_TEST_DATABASE_URL
+bash scripts/ensure-brokers.sh
 cargo test --workspace --all-features "$@"

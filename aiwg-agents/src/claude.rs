@@ -16,9 +16,7 @@ use crate::ConfigError;
 /// The environment variable naming the `claude` binary when the builder is not given a path.
 pub const CLAUDE_PATH_ENV: &str = "AIWG_CLAUDE_PATH";
 
-/// Prompts longer than this many bytes go to `claude` on its standard input instead of its
-/// argument vector (Linux refuses a single argument longer than 128 KiB).
-pub const MAX_ARGV_PROMPT: usize = 100 * 1024;
+use crate::process::MAX_ARGV_PROMPT;
 
 /// Runs `claude -p --output-format stream-json --verbose [options] -- <prompt>` in the job's
 /// project directory and turns its output into [`AgentEvent`]s as it arrives.

@@ -4,7 +4,7 @@
 //! a struct of its own that refuses unknown keys, so a typo such as `sandboxx: bwrap` stops the
 //! server with `agents.<name>.sandboxx: unknown key` instead of being ignored. The process
 //! options ([`ProcessConfig`]: `env`, `pass_env`, `idle_timeout`, `grace`, `limits`, `sandbox`,
-//! …) sit next to the kind's own keys for `command` and `claude-code`, and under `serve:` for a
+//! …) sit next to the kind's own keys for `command`, `claude-code` and `codex`, and under `serve:` for a
 //! supervised `opencode` server. Durations are humantime strings (`"30s"`, `"5m"`) or whole
 //! seconds.
 //!
@@ -14,6 +14,8 @@
 //!             hide: [/etc/aiwg/aiwg.yaml, /var/lib/aiwg] }
 //!   claude: { kind: claude-code, path: claude, model: sonnet, permission_mode: acceptEdits,
 //!             max_turns: 30, pass_env: [ANTHROPIC_API_KEY], sandbox: bwrap }
+//!   codex:  { kind: codex, path: codex, model: gpt-5, base_url: "http://127.0.0.1:8080/v1",
+//!             sandbox_mode: workspace-write, approval_policy: never, codex_home: /var/lib/aiwg/codex }
 //!   oc:     { kind: opencode, url: "http://127.0.0.1:4096", password: "${OPENCODE_SERVER_PASSWORD}" }
 //!   local:  { kind: opencode, model: anthropic/claude-sonnet-4-5,
 //!             serve: { dir: /srv/app, sandbox: bwrap, pass_env: [ANTHROPIC_API_KEY] } }
@@ -50,8 +52,8 @@ use serde_json::{Map, Value};
 
 use crate::process::find_program;
 use crate::{
-    ClaudeCode, CommandExecutor, ConfigError, OpenCode, OpenCodeBuilder, OpenCodeServer, Pool,
-    ProcessOptions, ResourceLimits, Sandbox, Strategy,
+    ClaudeCode, Codex, CommandExecutor, ConfigError, OpenCode, OpenCodeBuilder, OpenCodeServer,
+    Pool, ProcessOptions, ResourceLimits, Sandbox, Strategy,
 };
 
 /// A duration: `"30s"`, `"5m"`, `"1h 30m"` (humantime) or whole seconds.
@@ -251,6 +253,49 @@ pub struct ClaudeCodeConfig {
     pub mcp_config: Option<String>,
 }
 
+/// `kind: codex`, plus the [`ProcessConfig`] keys (see [`Codex`]).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CodexConfig {
+    /// The `codex` binary (a path, or a name looked up on `PATH`; default `AIWG_CODEX_PATH`,
+    /// else `codex`). When it is not found the agent is skipped, not an error.
+    pub path: Option<String>,
+    /// The model.
+    pub model: Option<String>,
+    /// The CLI's own sandbox: `read-only`, `workspace-write`, `danger-full-access`.
+    pub sandbox_mode: Option<String>,
+    /// `untrusted`, `on-failure`, `on-request`, `never`.
+    pub approval_policy: Option<String>,
+    /// A Responses-API server (`http://host:port/v1`) used as the model provider; without it
+    /// the provider comes from `config.toml` in `CODEX_HOME`.
+    pub base_url: Option<String>,
+    /// The API key for `base_url`. Never printed.
+    pub api_key: Option<String>,
+    /// The CLI's home (`CODEX_HOME`), created when missing, writable in the sandbox.
+    pub codex_home: Option<PathBuf>,
+    /// `--skip-git-repo-check` (default `true`).
+    pub skip_git_repo_check: Option<bool>,
+    /// Further `-c key=value` overrides.
+    #[serde(default)]
+    pub config: BTreeMap<String, Value>,
+}
+
+impl std::fmt::Debug for CodexConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodexConfig")
+            .field("path", &self.path)
+            .field("model", &self.model)
+            .field("sandbox_mode", &self.sandbox_mode)
+            .field("approval_policy", &self.approval_policy)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("codex_home", &self.codex_home)
+            .field("config", &self.config.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
 /// `serve:` of an `opencode` agent: aiwg starts `opencode serve` itself, supervises it (the
 /// [`ProcessConfig`] keys sit next to these, `sandbox` among them) and talks to it; the server
 /// is killed with the agent. Needs [`AgentsConfig::start`].
@@ -376,6 +421,8 @@ pub enum AgentConfig {
     Command(CommandConfig, ProcessConfig),
     /// `kind: claude-code`.
     ClaudeCode(ClaudeCodeConfig, ProcessConfig),
+    /// `kind: codex`.
+    Codex(CodexConfig, ProcessConfig),
     /// `kind: opencode`, with its `serve:` section if it has one.
     OpenCode(OpenCodeConfig, Option<(ServeConfig, ProcessConfig)>),
     /// `kind: pool`.
@@ -389,6 +436,7 @@ impl AgentConfig {
         match self {
             AgentConfig::Command(..) => "command",
             AgentConfig::ClaudeCode(..) => "claude-code",
+            AgentConfig::Codex(..) => "codex",
             AgentConfig::OpenCode(..) => "opencode",
             AgentConfig::Pool(_) => "pool",
         }
@@ -426,6 +474,10 @@ impl AgentConfig {
                 let (rest, p) = with_process(field_names::<ClaudeCodeConfig>())?;
                 AgentConfig::ClaudeCode(read(rest, &at)?, p)
             }
+            "codex" => {
+                let (rest, p) = with_process(field_names::<CodexConfig>())?;
+                AgentConfig::Codex(read(rest, &at)?, p)
+            }
             "opencode" => {
                 let serve = map.remove("serve");
                 let (_, rest) = split(map, field_names::<OpenCodeConfig>(), &[], &at)?;
@@ -461,7 +513,9 @@ impl AgentConfig {
             other => {
                 return Err(ConfigError::new(
                     format!("{at}.kind"),
-                    format!("unknown agent kind `{other}` (command, claude-code, opencode, pool)"),
+                    format!(
+                        "unknown agent kind `{other}` (command, claude-code, codex, opencode, pool)"
+                    ),
                 ))
             }
         })
@@ -522,7 +576,7 @@ fn read<T: DeserializeOwned>(value: Value, at: &str) -> Result<T, ConfigError> {
         }
         // serde quotes the offending value ("invalid type: integer `1234`"): never for a value
         // that may be a secret.
-        let secret = path == "password" || path.starts_with("env.");
+        let secret = path == "password" || path == "api_key" || path.starts_with("env.");
         if secret {
             return ConfigError::new(key, "invalid value (a string is expected)");
         }
@@ -599,7 +653,9 @@ impl AgentsConfig {
         let mut out = Vec::new();
         for (name, agent) in &self.agents {
             let process = match agent {
-                AgentConfig::Command(_, p) | AgentConfig::ClaudeCode(_, p) => p,
+                AgentConfig::Command(_, p)
+                | AgentConfig::ClaudeCode(_, p)
+                | AgentConfig::Codex(_, p) => p,
                 AgentConfig::OpenCode(_, Some((_, p))) => p,
                 AgentConfig::OpenCode(_, None) | AgentConfig::Pool(_) => continue,
             };
@@ -765,6 +821,26 @@ impl AgentsConfig {
                     };
                     Arc::new(claude(c, binary, p.options()).map_err(|e| e.within(&at))?)
                 }
+                AgentConfig::Codex(c, p) => {
+                    let path = c
+                        .path
+                        .clone()
+                        .filter(|p| !p.is_empty())
+                        .or_else(|| {
+                            std::env::var(crate::CODEX_PATH_ENV)
+                                .ok()
+                                .filter(|p| !p.is_empty())
+                        })
+                        .unwrap_or_else(|| "codex".to_owned());
+                    let Some(binary) = find_program(&path) else {
+                        skipped.push(format!(
+                            "agent `{name}` (codex) skipped: `{path}` was not found (set AIWG_CODEX_PATH)"
+                        ));
+                        skipped_names.push(name);
+                        continue;
+                    };
+                    Arc::new(codex(c, binary, p.options()).map_err(|e| e.within(&at))?)
+                }
                 AgentConfig::OpenCode(_, Some(_)) => {
                     if let Some((_, reason)) = pre_skipped.iter().find(|(n, _)| n == name) {
                         skipped.push(reason.clone());
@@ -878,6 +954,35 @@ fn claude(
     b.build()
 }
 
+fn codex(c: &CodexConfig, binary: PathBuf, process: ProcessOptions) -> Result<Codex, ConfigError> {
+    let mut b = Codex::builder().binary(binary).process(process);
+    if let Some(m) = &c.model {
+        b = b.model(m.clone());
+    }
+    if let Some(m) = &c.sandbox_mode {
+        b = b.sandbox_mode(m.clone());
+    }
+    if let Some(p) = &c.approval_policy {
+        b = b.approval_policy(p.clone());
+    }
+    if let Some(u) = c.base_url.as_deref().filter(|u| !u.is_empty()) {
+        b = b.base_url(u);
+    }
+    if let Some(k) = c.api_key.as_deref().filter(|k| !k.is_empty()) {
+        b = b.api_key(k);
+    }
+    if let Some(h) = &c.codex_home {
+        b = b.codex_home(h.clone());
+    }
+    if let Some(s) = c.skip_git_repo_check {
+        b = b.skip_git_repo_check(s);
+    }
+    for (k, v) in &c.config {
+        b = b.config(k.clone(), v.clone());
+    }
+    b.build()
+}
+
 /// Applies the client options of `c` (all but `url` and `password`) to `b`.
 fn opencode(c: &OpenCodeConfig, mut b: OpenCodeBuilder) -> Result<OpenCode, ConfigError> {
     if let Some(u) = c.username.as_deref().filter(|u| !u.is_empty()) {
@@ -933,6 +1038,44 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_codex_entry_is_typed_and_its_key_stays_secret() {
+        let a = AgentConfig::from_value(
+            "cx",
+            &json!({"kind": "codex", "model": "gpt-5", "base_url": "http://127.0.0.1:1/v1",
+                "api_key": "hunter2-hunter2", "sandbox_mode": "workspace-write",
+                "approval_policy": "never", "idle_timeout": "2m", "config": {"model_reasoning_effort": "low"}}),
+        )
+        .unwrap();
+        assert_eq!(a.kind(), "codex");
+        assert!(!format!("{a:?}").contains("hunter2"));
+        let AgentConfig::Codex(c, p) = &a else {
+            panic!()
+        };
+        assert_eq!(c.sandbox_mode.as_deref(), Some("workspace-write"));
+        assert_eq!(p.idle_timeout, Some(Duration::from_secs(120)));
+        let err = AgentConfig::from_value("cx", &json!({"kind": "codex", "sandbox_modee": "x"}))
+            .unwrap_err();
+        assert_eq!(err.key, "agents.cx.sandbox_modee");
+        let err = AgentConfig::from_value("cx", &json!({"kind": "codex", "api_key": 98765431}))
+            .unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("98765431"));
+        // A bad value is refused when building, naming the full key.
+        let cfg = AgentsConfig::from_value(&json!({
+            "cx": {"kind": "codex", "path": "/bin/sh", "approval_policy": "sometimes"}
+        }))
+        .unwrap();
+        assert_eq!(cfg.build().unwrap_err().key, "agents.cx.approval_policy");
+        // A missing binary skips the agent.
+        let cfg = AgentsConfig::from_value(&json!({
+            "cx": {"kind": "codex", "path": "/nonexistent/codex"}
+        }))
+        .unwrap();
+        let built = cfg.build().unwrap();
+        assert!(built.executors.is_empty());
+        assert!(built.skipped[0].contains("codex"), "{:?}", built.skipped);
+    }
 
     #[test]
     fn field_names_are_read_from_the_derived_impls() {

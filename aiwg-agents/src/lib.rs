@@ -12,6 +12,7 @@
 //! | type | feature | runs |
 //! |---|---|---|
 //! | [`ClaudeCode`] | `claude-code` | the Claude Code CLI, `claude -p … --output-format stream-json` |
+//! | [`Codex`] | `codex` | the OpenAI Codex CLI, `codex exec --json` |
 //! | [`OpenCode`] | `opencode` | a session on an `opencode serve` server, over HTTP and SSE |
 //! | [`CommandExecutor`] | `command` | a plain argument vector (`git ls-files`, a test runner) |
 //! | [`Pool`] | `pool` | one of several executors: round-robin, least-connections, weighted |
@@ -196,12 +197,21 @@ pub mod config;
 #[cfg(feature = "process")]
 mod process;
 #[cfg(feature = "process")]
-pub use process::{process_alive, ProcessOptions, ResourceLimits, Sandbox, DEFAULT_ENV_ALLOW_LIST};
+pub use process::{
+    process_alive, ProcessOptions, ResourceLimits, Sandbox, DEFAULT_ENV_ALLOW_LIST, MAX_ARGV_PROMPT,
+};
 
 #[cfg(feature = "claude-code")]
 mod claude;
 #[cfg(feature = "claude-code")]
-pub use claude::{ClaudeCode, ClaudeCodeBuilder, CLAUDE_PATH_ENV, MAX_ARGV_PROMPT};
+pub use claude::{ClaudeCode, ClaudeCodeBuilder, CLAUDE_PATH_ENV};
+
+pub mod codex_json;
+
+#[cfg(feature = "codex")]
+mod codex;
+#[cfg(feature = "codex")]
+pub use codex::{Codex, CodexBuilder, CODEX_API_KEY_ENV, CODEX_PATH_ENV, CODEX_PROVIDER};
 
 #[cfg(feature = "command")]
 mod command;

@@ -29,7 +29,7 @@
 
 // With only the `opencode` feature, the run loop is unused (only spawning is).
 #![cfg_attr(
-    not(any(feature = "claude-code", feature = "command")),
+    not(any(feature = "claude-code", feature = "codex", feature = "command")),
     allow(dead_code)
 )]
 
@@ -49,6 +49,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{AgentError, ConfigError};
+
+/// Prompts longer than this many bytes go to an agent CLI (`claude`, `codex`) on its standard
+/// input instead of its argument vector (Linux refuses a single argument longer than 128 KiB).
+pub const MAX_ARGV_PROMPT: usize = 100 * 1024;
 
 /// Variables a child inherits from the server when they are set (everything else is dropped).
 pub const DEFAULT_ENV_ALLOW_LIST: &[&str] = &[
@@ -141,6 +145,7 @@ pub struct ProcessOptions {
     network: bool,
     die_with_server: bool,
     hide: Vec<PathBuf>,
+    writable: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ProcessOptions {
@@ -156,6 +161,7 @@ impl std::fmt::Debug for ProcessOptions {
             .field("network", &self.network)
             .field("die_with_server", &self.die_with_server)
             .field("hide", &self.hide)
+            .field("writable", &self.writable)
             .finish()
     }
 }
@@ -175,6 +181,7 @@ impl Default for ProcessOptions {
             network: true,
             die_with_server: true,
             hide: Vec::new(),
+            writable: Vec::new(),
         }
     }
 }
@@ -259,6 +266,15 @@ impl ProcessOptions {
         self
     }
 
+    /// Makes `path` (a directory that exists when a run starts) writable inside the sandbox,
+    /// besides the project directory and the run's temporary home: e.g. the `CODEX_HOME` where
+    /// the Codex CLI keeps the sessions a later step resumes. Without a sandbox it changes
+    /// nothing (the child can write what the server can).
+    pub fn writable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.writable.push(path.into());
+        self
+    }
+
     /// With `true` (the default) the child runs under `setpriv --pdeathsig KILL` (util-linux)
     /// so that the kernel kills it when the server dies, whatever the signal.
     pub fn die_with_server(mut self, die: bool) -> Self {
@@ -286,6 +302,12 @@ impl ProcessOptions {
         }
         if !self.hide.is_empty() && self.sandbox != Sandbox::Bwrap {
             return Err(ConfigError::new("hide", "`hide` needs `sandbox: bwrap`"));
+        }
+        if let Some(p) = self.writable.iter().find(|p| !p.is_absolute()) {
+            return Err(ConfigError::new(
+                "writable",
+                format!("`{}` is not an absolute path", p.display()),
+            ));
         }
         if let Some(p) = self.hide.iter().find(|p| !p.is_absolute()) {
             return Err(ConfigError::new(
@@ -422,7 +444,7 @@ pub(crate) enum Input {
     #[default]
     Null,
     /// These bytes, then end of file.
-    #[cfg_attr(not(feature = "claude-code"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "claude-code", feature = "codex")), allow(dead_code))]
     Bytes(Vec<u8>),
 }
 
@@ -584,7 +606,8 @@ fn command_line(
                 Err(_) => {}
             }
         }
-        for path in [dir, cwd] {
+        let extra = sup.opts.writable.iter().filter(|p| p.is_dir());
+        for path in [dir, cwd].into_iter().chain(extra.map(PathBuf::as_path)) {
             argv.push("--bind".into());
             argv.push(path.into());
             argv.push(path.into());
@@ -998,7 +1021,7 @@ pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duratio
 }
 
 /// Resolves a program: a path with a slash is used as is, a bare name is looked up in `PATH`.
-#[cfg(feature = "claude-code")]
+#[cfg(any(feature = "claude-code", feature = "codex"))]
 pub(crate) fn resolve_program(program: &Path) -> PathBuf {
     program
         .to_str()

@@ -580,6 +580,8 @@ pub struct Config {
     pub triggers: Value,
     /// `webhooks:` (the outbound dispatcher).
     pub webhooks: DispatchConfig,
+    /// `brokers:` (`nats`, `amqp`, `redis`; read by `aiwg-brokers`).
+    pub brokers: Value,
 }
 
 impl Config {

@@ -55,12 +55,17 @@ pub struct App {
     pub shutdown_grace: Duration,
     /// Agents and workflows left out, with the reason (e.g. `claude` not installed).
     pub skipped: Vec<String>,
+    /// The message-broker consumers and publishers (`brokers:`), when configured.
+    pub brokers: tokio::sync::Mutex<Option<aiwg_brokers::RunningBrokers>>,
 }
 
 impl App {
     /// Stops taking work, lets running jobs finish within the grace period, then stops the
     /// dispatcher.
     pub async fn shutdown(&self) {
+        if let Some(brokers) = self.brokers.lock().await.take() {
+            brokers.shutdown().await;
+        }
         self.engine.shutdown(self.shutdown_grace).await;
         self.dispatcher.shutdown().await;
     }
@@ -153,11 +158,34 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     }
     let tracker = storage.tracking(tracker).build();
     builder = builder.observer(Arc::new(tracker));
+    // Message brokers: every job event is published (observer); triggers are consumed once the
+    // engine runs. A broker without its cargo feature is a config error naming it.
+    let brokers_config = aiwg_brokers::BrokersConfig::from_value(config.brokers.clone())?;
+    let brokers = if brokers_config.is_empty() {
+        None
+    } else {
+        let b = aiwg_brokers::Brokers::new(brokers_config).map_err(|e| match e {
+            aiwg_brokers::BrokerError::Config(c) => AppError::Config(c),
+            other => AppError::Start(other.to_string()),
+        })?;
+        builder = builder.observer(b.observer());
+        Some(b)
+    };
     let engine = builder
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
     storage.listen(&engine).await?;
     storage.purge_on_schedule(&config.storage.retention);
+    let brokers = match brokers {
+        Some(b) => Some(b.start(engine.clone()).await.map_err(|e| {
+            let mut reason = e.to_string();
+            if let Some(source) = std::error::Error::source(&e) {
+                reason = format!("{reason}: {source}");
+            }
+            AppError::Start(reason)
+        })?),
+        None => None,
+    };
 
     let mut keys = config.auth.keys()?;
     let mut generated_key = None;
@@ -200,6 +228,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
             .shutdown_grace
             .unwrap_or(Duration::from_secs(30)),
         skipped,
+        brokers: tokio::sync::Mutex::new(brokers),
     })
 }
 

@@ -40,10 +40,9 @@ fn start(config: &str, dir: &std::path::Path) -> Server {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Drained to the end: a server writing into a closed pipe dies (its println panics).
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let base = loop {

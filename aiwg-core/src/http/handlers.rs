@@ -1,6 +1,5 @@
 //! The endpoints: from an [`ApiRequest`] to an [`ApiResponse`].
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use crate::audit::{AuditQuery, AuditRecord, Decision};
 use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
 use crate::engine::EngineError;
 use crate::job::{JobId, JobStatus};
-use crate::request::JobRequest;
 use crate::store::JobQuery;
 
 type Answer = Result<ApiResponse, Problem>;
@@ -252,22 +250,7 @@ fn json_body<T: DeserializeOwned>(req: &ApiRequest) -> Result<T, Problem> {
             "the body must be application/json",
         ));
     }
-    // Every body of the API is a JSON object; serde would also read a struct from an array.
-    let first = req.body.iter().find(|b| !b.is_ascii_whitespace());
-    if first.is_some_and(|b| *b != b'{') {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-body",
-            "invalid JSON body: expected an object",
-        ));
-    }
-    serde_json::from_slice(&req.body).map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-body",
-            format!("invalid JSON body: {e}"),
-        )
-    })
+    super::trigger::json_object(&req.body)
 }
 
 fn internal(e: &dyn std::fmt::Display) -> Problem {
@@ -301,19 +284,6 @@ fn engine_problem(e: EngineError) -> Problem {
     }
 }
 
-fn param_value(name: &str, v: serde_json::Value) -> Result<String, Problem> {
-    match v {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        serde_json::Value::Bool(b) => Ok(b.to_string()),
-        _ => Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-params",
-            format!("parameter `{name}` must be a string, number or boolean"),
-        )),
-    }
-}
-
 /// `POST /workflows/trigger`, with its decision recorded in the audit trail.
 async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
     let mut record = AuditRecord::new("api", Decision::Refused);
@@ -334,7 +304,7 @@ async fn submit_trigger(
     actor: Option<String>,
     record: &mut AuditRecord,
 ) -> Answer {
-    let body: TriggerBody = json_body(req)?;
+    let mut body: TriggerBody = json_body(req)?;
     record.workflow = Some(body.workflow.clone());
     let header_key = req
         .headers
@@ -349,7 +319,7 @@ async fn submit_trigger(
             })
         })
         .transpose()?;
-    let idempotency_key = match (header_key, body.idempotency_key) {
+    let idempotency_key = match (header_key, body.idempotency_key.take()) {
         (Some(h), Some(b)) if h != b => {
             return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -370,17 +340,8 @@ async fn submit_trigger(
             "the idempotency key must be 1 to 255 printable ASCII characters",
         ));
     }
-    let mut params = BTreeMap::new();
-    for (k, v) in body.params.unwrap_or_default() {
-        let v = param_value(&k, v)?;
-        params.insert(k, v);
-    }
-    let mut request = JobRequest::new(body.workflow);
-    request.project_path = body.project_path;
-    request.project = body.project;
-    request.guidance = body.guidance;
-    request.params = params;
-    request.priority = body.priority;
+    let is_async = body.is_async;
+    let mut request = body.into_job_request()?;
     // Namespaced per API key: one client's key never finds (or collides with) another's job.
     request.idempotency_key =
         idempotency_key.map(|k| format!("api:{}:{k}", actor.as_deref().unwrap_or("")));
@@ -398,7 +359,7 @@ async fn submit_trigger(
         record.reason = Some("idempotency key seen before: the same job".into());
         Decision::Duplicate
     };
-    if body.is_async == Some(false) {
+    if is_async == Some(false) {
         let bound = job.timeout + Duration::from_secs(5);
         let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;
         return Ok(ApiResponse::json(

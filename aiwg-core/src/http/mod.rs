@@ -29,11 +29,13 @@ pub mod openapi;
 mod problem;
 mod routes;
 mod sse;
+mod trigger;
 pub mod types;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
 pub use problem::Problem;
 pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
+pub use trigger::trigger_body;
 
 /// One HTTP request, as an adapter hands it over.
 #[derive(Debug, Clone)]

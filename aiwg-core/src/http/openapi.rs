@@ -126,8 +126,10 @@ pub(super) fn subscription_url_ok(url: &str) -> bool {
 /// characters ([`idempotency_key_ok`]).
 const IDEMPOTENCY_KEY: &str = "^[ -~]{1,255}$";
 
-/// Whether `key` is an idempotency key as the document describes it.
-pub(super) fn idempotency_key_ok(key: &str) -> bool {
+/// Whether `key` is an idempotency key as the document describes it (1 to 255 printable ASCII
+/// characters).
+#[must_use]
+pub fn idempotency_key_ok(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| (b' '..=b'~').contains(&b))
 }
 

@@ -1,0 +1,265 @@
+//! RabbitMQ (AMQP 0.9.1) with lapin: a durable queue for triggers; events and dead letters
+//! published persistent, with publisher confirms.
+
+use std::time::Duration;
+
+use aiwg_core::Engine;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    pause, problem_document, reconnect_delay, submit_message, AmqpConfig, BrokerError,
+    EventMessage, Verdict,
+};
+
+const BROKER: &str = "amqp";
+
+fn dead_key(cfg: &AmqpConfig) -> String {
+    cfg.dead_letter_routing_key
+        .clone()
+        .unwrap_or_else(|| format!("{}.dead", cfg.queue))
+}
+
+/// Connects and declares what the configuration names.
+async fn open(cfg: &AmqpConfig) -> lapin::Result<(Connection, Channel)> {
+    let conn = Connection::connect(
+        &cfg.url,
+        ConnectionProperties::default().with_connection_name("aiwg".into()),
+    )
+    .await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    ch.queue_declare(
+        cfg.queue.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
+    if cfg.dead_letter_exchange.is_empty() {
+        ch.queue_declare(
+            dead_key(cfg).as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    if let Some(x) = &cfg.events_exchange {
+        ch.exchange_declare(
+            x.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok((conn, ch))
+}
+
+pub(crate) async fn start(
+    cfg: AmqpConfig,
+    engine: Engine,
+    events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+    // Fail fast when the server is not reachable at start.
+    let (conn, _) = tokio::time::timeout(Duration::from_secs(10), open(&cfg))
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))?
+        .map_err(|e| BrokerError::setup(BROKER, "cannot connect or declare", e))?;
+    let _ = conn.close(200, "set up".into()).await;
+    let mut tasks = vec![tokio::spawn(consume(cfg.clone(), engine, cancel.clone()))];
+    if let Some(exchange) = cfg.events_exchange.clone() {
+        tasks.push(tokio::spawn(publish_events(cfg, exchange, events, cancel)));
+    }
+    Ok(tasks)
+}
+
+async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let opened = async {
+            let (conn, ch) = open(&cfg).await?;
+            ch.basic_qos(cfg.prefetch.unwrap_or(16), BasicQosOptions::default())
+                .await?;
+            let consumer = ch
+                .basic_consume(
+                    cfg.queue.as_str().into(),
+                    "aiwg".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((conn, ch, consumer))
+        };
+        let (conn, ch, mut consumer) = match opened.await {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "amqp: cannot consume; retrying");
+                if !pause(reconnect_delay(failures), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => {
+                    let _ = conn.close(200, "shutting down".into()).await;
+                    return;
+                }
+                n = consumer.next() => n,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    failures = 0;
+                    let id = delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.as_str().to_owned())
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| format!("tag:{}", delivery.delivery_tag));
+                    let verdict =
+                        submit_message(&engine, BROKER, &cfg.queue, &id, &delivery.data).await;
+                    let done = match verdict {
+                        Verdict::Stored { .. } => Ok(true),
+                        Verdict::Refused(problem) => {
+                            dead_letter(&ch, &cfg, &id, &problem_document(&problem)).await
+                        }
+                        Verdict::Retry(e) => {
+                            tracing::info!(error = %e, "amqp: trigger refused for now; requeueing");
+                            pause(cfg.retry_delay.unwrap_or(Duration::from_secs(5)), &cancel).await;
+                            Ok(false)
+                        }
+                    };
+                    let acked = match done {
+                        Ok(true) => delivery.ack(BasicAckOptions::default()).await,
+                        Ok(false) | Err(_) => {
+                            delivery
+                                .nack(BasicNackOptions {
+                                    requeue: true,
+                                    ..Default::default()
+                                })
+                                .await
+                        }
+                    };
+                    if let Err(e) = acked {
+                        tracing::warn!(error = %e, "amqp: acknowledgement failed; reconnecting");
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "amqp: consumer error; reconnecting");
+                    break;
+                }
+                None => break,
+            }
+        }
+        failures += 1;
+        if !pause(reconnect_delay(failures), &cancel).await {
+            return;
+        }
+    }
+}
+
+/// Publishes the problem document of a refused message; `Ok(true)` once confirmed.
+async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> lapin::Result<bool> {
+    let mut headers = FieldTable::default();
+    headers.insert("aiwg-message-id".into(), AMQPValue::LongString(id.into()));
+    let confirm = ch
+        .basic_publish(
+            cfg.dead_letter_exchange.as_str().into(),
+            dead_key(cfg).as_str().into(),
+            BasicPublishOptions::default(),
+            doc.as_bytes(),
+            BasicProperties::default()
+                .with_content_type("application/problem+json".into())
+                .with_delivery_mode(2)
+                .with_correlation_id(id.into())
+                .with_headers(headers),
+        )
+        .await?
+        .await?;
+    Ok(confirm.is_ack())
+}
+
+async fn publish_events(
+    cfg: AmqpConfig,
+    exchange: String,
+    mut events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) {
+    let mut open_conn: Option<(Connection, Channel)> = None;
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => return,
+            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+        };
+        let mut failures = 0u32;
+        loop {
+            if open_conn.is_none() {
+                match open(&cfg).await {
+                    Ok(c) => open_conn = Some(c),
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, "amqp: cannot publish events; retrying");
+                        if !pause(reconnect_delay(failures), &cancel).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let (_, ch) = open_conn.as_ref().expect("just opened");
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "aiwg-job-id".into(),
+                AMQPValue::LongString(ev.job_id.as_str().into()),
+            );
+            let sent = async {
+                ch.basic_publish(
+                    exchange.as_str().into(),
+                    ev.event_type.as_str().into(),
+                    BasicPublishOptions::default(),
+                    ev.body.as_bytes(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_type(ev.event_type.as_str().into())
+                        .with_headers(headers),
+                )
+                .await?
+                .await
+            }
+            .await;
+            match sent {
+                Ok(c) if c.is_ack() => break,
+                other => {
+                    if let Err(e) = other {
+                        tracing::warn!(error = %e, event = %ev.event_type, "amqp: event not published yet; retrying");
+                    }
+                    open_conn = None;
+                    failures += 1;
+                    if !pause(reconnect_delay(failures), &cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

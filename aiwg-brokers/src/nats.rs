@@ -1,0 +1,231 @@
+//! NATS JetStream: a durable pull consumer for triggers; events and dead letters published
+//! with JetStream acknowledgement.
+
+use std::time::Duration;
+
+use aiwg_core::Engine;
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::HeaderMap;
+use futures_util::StreamExt;
+use sha2::Digest;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    pause, problem_document, reconnect_delay, submit_message, BrokerError, EventMessage,
+    NatsConfig, Verdict,
+};
+
+const BROKER: &str = "nats";
+
+pub(crate) async fn start(
+    cfg: NatsConfig,
+    engine: Engine,
+    events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("aiwg")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(cfg.url.as_str())
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, "cannot connect", e))?;
+    let js = jetstream::new(client);
+    // Fail fast when the server is not reachable at start.
+    tokio::time::timeout(Duration::from_secs(10), setup_consumer(&js, &cfg))
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))??;
+    let consume = tokio::spawn(consume(js.clone(), cfg.clone(), engine, cancel.clone()));
+    let publish = tokio::spawn(publish_events(js, cfg, events, cancel));
+    Ok(vec![consume, publish])
+}
+
+async fn setup_consumer(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BrokerError> {
+    let mut subjects = vec![cfg.trigger_subject.clone()];
+    for s in [&cfg.events_subject, &cfg.dead_letter_subject] {
+        if !subjects.contains(s) {
+            subjects.push(s.clone());
+        }
+    }
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, format!("stream `{}`", cfg.stream), e))?;
+    stream
+        .get_or_create_consumer(
+            &cfg.consumer,
+            pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                filter_subject: cfg.trigger_subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: cfg.ack_wait.unwrap_or(Duration::from_secs(30)),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, format!("consumer `{}`", cfg.consumer), e))
+}
+
+async fn consume(
+    js: jetstream::Context,
+    cfg: NatsConfig,
+    engine: Engine,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        // (Re)created each time: it may have been deleted or the server restarted.
+        let messages = match setup_consumer(&js, &cfg).await {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "nats: cannot consume; retrying");
+                failures += 1;
+                if !pause(reconnect_delay(failures), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return,
+                n = messages.next() => n,
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "nats: consumer stream error");
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    failures = 0;
+                    handle(&js, &cfg, &engine, msg).await;
+                }
+            }
+        }
+        failures += 1;
+        if !pause(reconnect_delay(failures), &cancel).await {
+            return;
+        }
+    }
+}
+
+async fn handle(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+    engine: &Engine,
+    msg: jetstream::Message,
+) {
+    let id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_owned())
+        .filter(|v| !v.is_empty())
+        .or_else(|| {
+            msg.info()
+                .ok()
+                .map(|i| format!("seq:{}", i.stream_sequence))
+        })
+        .unwrap_or_default();
+    match submit_message(engine, BROKER, &cfg.stream, &id, &msg.payload).await {
+        Verdict::Stored { .. } => {
+            if let Err(e) = msg.double_ack().await {
+                // Redelivered later and found by its key.
+                tracing::warn!(error = %e, "nats: ack failed");
+            }
+        }
+        Verdict::Refused(problem) => {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("dead:{id}").as_str());
+            headers.insert("Aiwg-Message-Id", id.as_str());
+            headers.insert("Content-Type", "application/problem+json");
+            let doc = problem_document(&problem);
+            let sent = match js
+                .publish_with_headers(cfg.dead_letter_subject.clone(), headers, doc.into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => {
+                    let _ = msg.double_ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "nats: dead letter not published; redelivering");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(
+                            cfg.retry_delay.unwrap_or(Duration::from_secs(5)),
+                        )))
+                        .await;
+                }
+            }
+        }
+        Verdict::Retry(e) => {
+            tracing::info!(error = %e, "nats: trigger refused for now; redelivering");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(
+                    cfg.retry_delay.unwrap_or(Duration::from_secs(5)),
+                )))
+                .await;
+        }
+    }
+}
+
+async fn publish_events(
+    js: jetstream::Context,
+    cfg: NatsConfig,
+    mut events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => return,
+            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+        };
+        // The same id on every attempt: JetStream drops a copy whose first ack was lost.
+        let msg_id = hex::encode(&sha2::Sha256::digest(ev.body.as_bytes())[..16]);
+        let mut failures = 0u32;
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            headers.insert("Aiwg-Event-Type", ev.event_type.as_str());
+            headers.insert("Aiwg-Job-Id", ev.job_id.as_str());
+            headers.insert("Content-Type", "application/json");
+            let sent = match js
+                .publish_with_headers(cfg.events_subject.clone(), headers, ev.body.clone().into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, event = %ev.event_type, "nats: event not published yet; retrying");
+                    if !pause(reconnect_delay(failures), &cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Redis Streams: a consumer group for triggers (its own pending entries first after a
+//! reconnect, entries idle with a departed consumer claimed), `XADD` for events and dead letters.
+
+use std::time::Duration;
+
+use aiwg_core::Engine;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamReadReply};
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    pause, problem_document, reconnect_delay, submit_message, BrokerError, EventMessage,
+    RedisConfig, Verdict,
+};
+
+const BROKER: &str = "redis";
+
+pub(crate) async fn start(
+    cfg: RedisConfig,
+    engine: Engine,
+    events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+    let client = redis::Client::open(cfg.url.as_str())
+        .map_err(|e| BrokerError::setup(BROKER, "invalid url", e))?;
+    let mut con = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))?
+    .map_err(|e| BrokerError::setup(BROKER, "cannot connect", e))?;
+    ensure_group(&mut con, &cfg)
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, format!("group `{}`", cfg.group), e))?;
+    let mut tasks = vec![tokio::spawn(consume(
+        client.clone(),
+        cfg.clone(),
+        engine,
+        cancel.clone(),
+    ))];
+    if let Some(stream) = cfg.events_stream.clone() {
+        tasks.push(tokio::spawn(publish_events(client, stream, events, cancel)));
+    }
+    Ok(tasks)
+}
+
+async fn ensure_group(
+    con: &mut MultiplexedConnection,
+    cfg: &RedisConfig,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = con
+        .xgroup_create_mkstream(&cfg.stream, &cfg.group, "$")
+        .await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+fn consumer_name(cfg: &RedisConfig) -> String {
+    cfg.consumer
+        .clone()
+        .unwrap_or_else(|| format!("aiwg-{}", std::process::id()))
+}
+
+fn dead_stream(cfg: &RedisConfig) -> String {
+    cfg.dead_letter_stream
+        .clone()
+        .unwrap_or_else(|| format!("{}:dead", cfg.stream))
+}
+
+async fn consume(
+    client: redis::Client,
+    cfg: RedisConfig,
+    engine: Engine,
+    cancel: CancellationToken,
+) {
+    let me = consumer_name(&cfg);
+    let claim_idle = cfg.claim_idle.unwrap_or(Duration::from_secs(60));
+    let retry_delay = cfg.retry_delay.unwrap_or(Duration::from_secs(5));
+    let mut failures = 0u32;
+    'connect: loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        // One connection blocks in XREADGROUP, the other acknowledges and publishes.
+        let cons = async {
+            let mut read = client.get_multiplexed_async_connection().await?;
+            let write = client.get_multiplexed_async_connection().await?;
+            ensure_group(&mut read, &cfg).await?;
+            Ok::<_, redis::RedisError>((read, write))
+        };
+        let (mut read, mut write) = match cons.await {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "redis: cannot consume; retrying");
+                if !pause(reconnect_delay(failures), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Our own pending entries first (delivered before a restart, never acknowledged).
+        let mut pending = true;
+        let mut next_claim = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            if Instant::now() >= next_claim {
+                next_claim = Instant::now() + claim_idle / 2;
+                let claimed: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
+                    .arg(&cfg.stream)
+                    .arg(&cfg.group)
+                    .arg(&me)
+                    .arg(claim_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(100)
+                    .query_async(&mut write)
+                    .await;
+                if claimed.is_ok() {
+                    pending = true;
+                }
+            }
+            let start = if pending { "0" } else { ">" };
+            let read_cmd = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&cfg.group)
+                .arg(&me)
+                .arg("COUNT")
+                .arg(16)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&cfg.stream)
+                .arg(start)
+                .to_owned();
+            let reply: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = read_cmd.query_async(&mut read) => r,
+            };
+            let entries: Vec<StreamId> = match reply {
+                Ok(r) => r
+                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                    .unwrap_or_default(),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "redis: read failed; reconnecting");
+                    if !pause(reconnect_delay(failures), &cancel).await {
+                        return;
+                    }
+                    continue 'connect;
+                }
+            };
+            failures = 0;
+            if pending && entries.is_empty() {
+                pending = false;
+                continue;
+            }
+            let mut retry = false;
+            for entry in entries {
+                match handle(&mut write, &cfg, &engine, &entry).await {
+                    Ok(true) => {}
+                    Ok(false) => retry = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "redis: acknowledgement failed; reconnecting");
+                        continue 'connect;
+                    }
+                }
+            }
+            if retry {
+                // Left pending; read again from our pending list after the delay.
+                pending = true;
+                if !pause(retry_delay, &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Handles one entry; `Ok(false)` when it stays pending for a retry.
+async fn handle(
+    write: &mut MultiplexedConnection,
+    cfg: &RedisConfig,
+    engine: &Engine,
+    entry: &StreamId,
+) -> redis::RedisResult<bool> {
+    let body: Vec<u8> = entry.get("body").unwrap_or_default();
+    match submit_message(engine, BROKER, &cfg.stream, &entry.id, &body).await {
+        Verdict::Stored { .. } => {}
+        Verdict::Refused(problem) => {
+            let _: String = write
+                .xadd(
+                    dead_stream(cfg),
+                    "*",
+                    &[
+                        ("problem", problem_document(&problem).into_bytes()),
+                        ("message_id", entry.id.clone().into_bytes()),
+                        ("body", body),
+                    ],
+                )
+                .await?;
+        }
+        Verdict::Retry(e) => {
+            tracing::info!(error = %e, "redis: trigger refused for now; will retry");
+            return Ok(false);
+        }
+    }
+    let _: i64 = write.xack(&cfg.stream, &cfg.group, &[&entry.id]).await?;
+    Ok(true)
+}
+
+async fn publish_events(
+    client: redis::Client,
+    stream: String,
+    mut events: mpsc::Receiver<EventMessage>,
+    cancel: CancellationToken,
+) {
+    let mut con: Option<MultiplexedConnection> = None;
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => return,
+            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+        };
+        let mut failures = 0u32;
+        loop {
+            let sent = async {
+                if con.is_none() {
+                    con = Some(client.get_multiplexed_async_connection().await?);
+                }
+                let c = con.as_mut().expect("just connected");
+                let _: String = c
+                    .xadd(
+                        &stream,
+                        "*",
+                        &[
+                            ("type", ev.event_type.as_str()),
+                            ("job_id", ev.job_id.as_str()),
+                            ("body", ev.body.as_str()),
+                        ],
+                    )
+                    .await?;
+                Ok::<_, redis::RedisError>(())
+            }
+            .await;
+            match sent {
+                Ok(()) => break,
+                Err(e) => {
+                    con = None;
+                    failures += 1;
+                    tracing::warn!(error = %e, event = %ev.event_type, "redis: event not published yet; retrying");
+                    if !pause(reconnect_delay(failures), &cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! RabbitMQ against the real server on 127.0.0.1:5672 (guest/guest). The shared broker is not
+//! restarted: the interruption is aiwg's own connections going away and coming back (the
+//! brokers stopped and started again) while messages keep arriving.
+#![cfg(feature = "amqp")]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use aiwg_core::audit::Decision;
+use common::*;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn config(name: &str) -> Value {
+    json!({"amqp": {"url": URL, "queue": format!("{name}.trigger"),
+        "events_exchange": format!("{name}.events"),
+        "dead_letter_routing_key": format!("{name}.dead"), "retry_delay": "200ms"}})
+}
+
+async fn channel() -> (Connection, Channel) {
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, ch)
+}
+
+/// A queue bound to every event of the exchange (declared before anything is published).
+async fn events_queue(ch: &Channel, name: &str) -> String {
+    let q = format!("{name}.test-events");
+    ch.exchange_declare(
+        format!("{name}.events").as_str().into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        format!("{name}.events").as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    q
+}
+
+async fn publish(ch: &Channel, name: &str, body: &str, id: Option<&str>) {
+    let mut props = BasicProperties::default().with_delivery_mode(2);
+    if let Some(id) = id {
+        props = props.with_message_id(id.into());
+    }
+    let c = ch
+        .basic_publish(
+            "".into(),
+            format!("{name}.trigger").as_str().into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(c.is_ack());
+}
+
+/// Takes every message waiting in `queue`.
+async fn drain(ch: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push(m);
+    }
+    out
+}
+
+fn completed_ids(msgs: &[lapin::message::BasicGetMessage]) -> BTreeSet<String> {
+    msgs.iter()
+        .filter(|m| m.delivery.routing_key.as_str() == "job.completed")
+        .map(|m| {
+            let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            assert_eq!(body["type"], "job.completed");
+            body["data"]["job_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dead_lettered() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let events = events_queue(&ch, &name).await;
+    let (engine, running) = start(config(&name)).await;
+    publish(&ch, &name, r#"{"workflow": "check"}"#, Some("msg-1")).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until("job.completed on the events exchange", || {
+        let ch = ch.clone();
+        let events = events.clone();
+        let seen = seen.clone();
+        async move {
+            let got = drain(&ch, &events).await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(got);
+            completed_ids(&seen).len() == 1
+        }
+    })
+    .await;
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].trigger.source, "amqp");
+    assert_eq!(
+        completed_ids(&seen),
+        BTreeSet::from([all[0].id.to_string()])
+    );
+    assert_eq!(seen[0].delivery.routing_key.as_str(), "job.queued");
+
+    // The same message again (a publisher's retry, a redelivery): nothing new.
+    publish(&ch, &name, r#"{"workflow": "check"}"#, Some("msg-1")).await;
+    wait_until("the redelivered message", || async {
+        decisions(&engine, "amqp", Decision::Duplicate).await == 1
+    })
+    .await;
+    assert_eq!(jobs(&engine).await.len(), 1, "a redelivery started a job");
+
+    // Malformed and refused: acknowledged, the problem document dead-lettered.
+    publish(&ch, &name, "not json", Some("bad-1")).await;
+    publish(&ch, &name, r#"{"workflow": "nope"}"#, Some("bad-2")).await;
+    let dead = format!("{name}.dead");
+    let letters = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until("two dead letters", || {
+        let ch = ch.clone();
+        let dead = dead.clone();
+        let letters = letters.clone();
+        async move {
+            let got = drain(&ch, &dead).await;
+            let mut letters = letters.lock().unwrap();
+            letters.extend(got);
+            letters.len() == 2
+        }
+    })
+    .await;
+    let letters = std::mem::take(&mut *letters.lock().unwrap());
+    let first: Value = serde_json::from_slice(&letters[0].delivery.data).unwrap();
+    assert_eq!(first["status"], 400);
+    assert!(
+        first["type"].as_str().unwrap().ends_with("invalid-body"),
+        "{first}"
+    );
+    assert_eq!(
+        letters[0]
+            .delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("bad-1")
+    );
+    let second: Value = serde_json::from_slice(&letters[1].delivery.data).unwrap();
+    assert_eq!(second["status"], 404, "{second}");
+    assert_eq!(jobs(&engine).await.len(), 1);
+    running.shutdown().await;
+    for q in [format!("{name}.trigger"), dead] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+}
+
+#[tokio::test]
+async fn messages_published_while_aiwg_is_disconnected_are_consumed_once_after() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let (engine, running) = start(config(&name)).await;
+    for i in 0..5 {
+        publish(
+            &ch,
+            &name,
+            r#"{"workflow": "check"}"#,
+            Some(&format!("m{i}")),
+        )
+        .await;
+    }
+    wait_until("the first five jobs", || async {
+        jobs(&engine).await.len() == 5
+    })
+    .await;
+    // aiwg's connections go away; messages keep arriving (and the first five come again).
+    running.shutdown().await;
+    for i in 0..10 {
+        publish(
+            &ch,
+            &name,
+            r#"{"workflow": "check"}"#,
+            Some(&format!("m{i}")),
+        )
+        .await;
+    }
+    // Reconnected on the same engine: every message id exactly once.
+    let brokers =
+        aiwg_brokers::Brokers::new(aiwg_brokers::BrokersConfig::from_value(config(&name)).unwrap())
+            .unwrap();
+    let running = brokers.start(engine.clone()).await.unwrap();
+    wait_until("ten jobs and five duplicates", || async {
+        jobs(&engine).await.len() == 10
+            && decisions(&engine, "amqp", Decision::Duplicate).await == 5
+    })
+    .await;
+    assert_eq!(decisions(&engine, "amqp", Decision::Accepted).await, 10);
+    running.shutdown().await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger.dead").as_str().into(),
+            Default::default(),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let (engine, running) = start_tight(config(&name)).await;
+    for i in 0..3 {
+        publish(
+            &ch,
+            &name,
+            r#"{"workflow": "check"}"#,
+            Some(&format!("q{i}")),
+        )
+        .await;
+    }
+    full_queue_redelivers(&engine, "amqp").await;
+    running.shutdown().await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    let _ = ch
+        .queue_delete(
+            format!("{name}.trigger.dead").as_str().into(),
+            Default::default(),
+        )
+        .await;
+}

@@ -1,0 +1,139 @@
+//! Helpers shared by the broker tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_brokers::{Brokers, BrokersConfig, RunningBrokers};
+use aiwg_core::audit::{AuditQuery, Decision};
+use aiwg_core::store::JobQuery;
+use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::{Engine, Job, Step, Workflow};
+
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+/// Whether a broker listens on 127.0.0.1:`port`. Missing: false with a note, or a panic under CI.
+pub fn reachable(name: &str, port: u16) -> bool {
+    let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{name} is not running on 127.0.0.1:{port}; run scripts/ensure-brokers.sh");
+        }
+        eprintln!(
+            "skipping: {name} is not running on 127.0.0.1:{port} (scripts/ensure-brokers.sh)"
+        );
+    }
+    ok
+}
+
+/// A name no other test run uses.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t{}x{}", std::process::id(), nanos % 1_000_000_000_000)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An engine with a workflow `check` (one step that succeeds), observed by the brokers, and the
+/// brokers started on it.
+pub async fn start(config: serde_json::Value) -> (Engine, RunningBrokers) {
+    let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
+    let engine = Engine::builder()
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .observer(brokers.observer())
+        .workers(2)
+        .build()
+        .unwrap();
+    let running = brokers.start(engine.clone()).await.unwrap();
+    (engine, running)
+}
+
+pub async fn jobs(engine: &Engine) -> Vec<Job> {
+    let mut q = JobQuery::default();
+    q.limit = Some(500);
+    engine.list(&q).await.unwrap().jobs
+}
+
+/// How many trigger attempts from `source` ended with `decision`.
+pub async fn decisions(engine: &Engine, source: &str, decision: Decision) -> usize {
+    let mut q = AuditQuery::default();
+    q.source = Some(source.to_owned());
+    q.decision = Some(decision);
+    q.limit = Some(500);
+    engine.audit().store().list(&q).await.unwrap().entries.len()
+}
+
+/// Polls `cond` until it holds; panics naming `what` after [`LIMIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(LIMIT, async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// A child process killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Like [`start`], with one worker, room for one queued job and an agent that never finishes:
+/// the third trigger finds the queue full.
+pub async fn start_tight(config: serde_json::Value) -> (Engine, RunningBrokers) {
+    let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
+    let engine = Engine::builder()
+        .executor("x", Arc::new(ScriptedExecutor::hanging()))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .observer(brokers.observer())
+        .workers(1)
+        .queue_capacity(1)
+        .build()
+        .unwrap();
+    let running = brokers.start(engine.clone()).await.unwrap();
+    (engine, running)
+}
+
+/// After three triggers were published to a [`start_tight`] engine: a full queue refuses one
+/// for now, the broker brings it again, and once jobs are cancelled (room in the queue) all three
+/// are stored, each exactly once.
+pub async fn full_queue_redelivers(engine: &Engine, source: &str) {
+    wait_until("a trigger refused for now", || async {
+        decisions(engine, source, Decision::Refused).await >= 1
+    })
+    .await;
+    assert!(jobs(engine).await.len() < 3);
+    wait_until("all three jobs stored", || async {
+        for j in jobs(engine).await {
+            let _ = engine.cancel(j.id).await;
+        }
+        jobs(engine).await.len() == 3
+    })
+    .await;
+    for j in jobs(engine).await {
+        let _ = engine.cancel(j.id).await;
+    }
+    assert_eq!(decisions(engine, source, Decision::Accepted).await, 3);
+    assert_eq!(jobs(engine).await.len(), 3);
+}

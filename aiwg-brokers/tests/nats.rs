@@ -1,0 +1,268 @@
+//! NATS JetStream against the real server on 127.0.0.1:4222 (and a private `nats-server` that
+//! is restarted mid-stream).
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use aiwg_core::audit::Decision;
+use async_nats::jetstream::{self, consumer::pull};
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+fn config(url: &str, name: &str) -> Value {
+    json!({"nats": {"url": url, "stream": format!("AIWG_{name}"), "consumer": "aiwg",
+        "trigger_subject": format!("{name}.trigger"), "events_subject": format!("{name}.events"),
+        "dead_letter_subject": format!("{name}.dead"), "retry_delay": "200ms"}})
+}
+
+/// Every message stored on `subject` of the stream (read by an ephemeral consumer).
+async fn stored(js: &jetstream::Context, name: &str, subject: &str) -> Vec<async_nats::Message> {
+    let stream = js.get_stream(format!("AIWG_{name}")).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_owned(),
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pending = consumer.cached_info().num_pending as usize;
+    if pending == 0 {
+        return Vec::new();
+    }
+    let mut batch = consumer
+        .fetch()
+        .max_messages(pending)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = batch.next().await {
+        out.push(m.unwrap().message);
+        if out.len() == pending {
+            break;
+        }
+    }
+    out
+}
+
+async fn completed(js: &jetstream::Context, name: &str) -> BTreeSet<String> {
+    stored(js, name, &format!("{name}.events"))
+        .await
+        .into_iter()
+        .filter_map(|m| {
+            let body: Value = serde_json::from_slice(&m.payload).unwrap();
+            let t = m
+                .headers
+                .as_ref()?
+                .get("Aiwg-Event-Type")?
+                .as_str()
+                .to_owned();
+            assert_eq!(body["type"], t.as_str());
+            (t == "job.completed").then(|| body["data"]["job_id"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dead_lettered() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let (engine, running) = start(config(url, &name)).await;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    js.publish(format!("{name}.trigger"), r#"{"workflow": "check"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_until("job.completed on the events subject", || async {
+        completed(&js, &name).await.len() == 1
+    })
+    .await;
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].trigger.source, "nats");
+    assert_eq!(all[0].trigger.delivery_id.as_deref(), Some("seq:1"));
+    assert_eq!(
+        completed(&js, &name).await,
+        BTreeSet::from([all[0].id.to_string()])
+    );
+
+    // Redelivery: the durable consumer is deleted, aiwg makes it again and gets every
+    // message of the stream once more.
+    js.get_stream(format!("AIWG_{name}"))
+        .await
+        .unwrap()
+        .delete_consumer("aiwg")
+        .await
+        .unwrap();
+    wait_until("the redelivered message", || async {
+        decisions(&engine, "nats", Decision::Duplicate).await >= 1
+    })
+    .await;
+    assert_eq!(jobs(&engine).await.len(), 1, "a redelivery started a job");
+
+    // Malformed and refused messages: acknowledged, answered with the problem document.
+    for body in ["not json", r#"{"workflow": "nope"}"#] {
+        js.publish(format!("{name}.trigger"), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = format!("{name}.dead");
+    wait_until("two dead letters", || async {
+        stored(&js, &name, &dead).await.len() == 2
+    })
+    .await;
+    let letters = stored(&js, &name, &dead).await;
+    let first: Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(first["status"], 400);
+    assert!(
+        first["type"].as_str().unwrap().ends_with("invalid-body"),
+        "{first}"
+    );
+    let second: Value = serde_json::from_slice(&letters[1].payload).unwrap();
+    assert_eq!(second["status"], 404, "{second}");
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(format!("AIWG_{name}"))
+        .await
+        .unwrap()
+        .get_consumer("aiwg")
+        .await
+        .unwrap();
+    wait_until("every message acknowledged", || {
+        let mut c = consumer.clone();
+        async move {
+            let info = c.info().await.unwrap();
+            info.num_ack_pending == 0 && info.num_pending == 0
+        }
+    })
+    .await;
+    assert_eq!(jobs(&engine).await.len(), 1);
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_loses_nothing() {
+    let bin = [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).is_file());
+    let Some(bin) = bin else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("nats-server is not installed");
+        }
+        eprintln!("skipping: nats-server is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let spawn = || {
+        Child(
+            std::process::Command::new(bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut server = spawn();
+    wait_until("the private nats-server", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let name = unique();
+    let (engine, running) = start(config(&url, &name)).await;
+    let publish = |n: usize, from: usize| {
+        let url = url.clone();
+        let subject = format!("{name}.trigger");
+        async move {
+            let js = jetstream::new(async_nats::connect(url).await.unwrap());
+            for i in from..from + n {
+                let body = json!({"workflow": "check", "guidance": format!("n{i}")}).to_string();
+                js.publish(subject.clone(), body.into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    publish(5, 0).await;
+    wait_until("the first five jobs", || async {
+        jobs(&engine).await.len() == 5
+    })
+    .await;
+    drop(server);
+    server = spawn();
+    wait_until("the restarted nats-server", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    // JetStream may need a moment after the port opens; the publisher retries.
+    wait_until("the stream back", || {
+        let url = url.clone();
+        let name = name.clone();
+        async move {
+            let Ok(c) = async_nats::connect(url).await else {
+                return false;
+            };
+            jetstream::new(c)
+                .get_stream(format!("AIWG_{name}"))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    publish(5, 5).await;
+    let js = jetstream::new(async_nats::connect(url.clone()).await.unwrap());
+    wait_until("ten completed jobs on the events subject", || async {
+        completed(&js, &name).await.len() == 10
+    })
+    .await;
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 10, "every message exactly once");
+    assert_eq!(decisions(&engine, "nats", Decision::Accepted).await, 10);
+    let ids: BTreeSet<String> = all.iter().map(|j| j.id.to_string()).collect();
+    assert_eq!(completed(&js, &name).await, ids);
+    running.shutdown().await;
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_full_queue_naks_the_message_until_its_job_is_stored() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let (engine, running) = start_tight(config(url, &name)).await;
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    for _ in 0..3 {
+        js.publish(format!("{name}.trigger"), r#"{"workflow": "check"}"#.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    full_queue_redelivers(&engine, "nats").await;
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}

@@ -1,0 +1,265 @@
+//! Redis Streams against the real Redis on 127.0.0.1:6379 (and a private `redis-server` that
+//! is restarted mid-stream).
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use aiwg_core::audit::Decision;
+use common::*;
+use redis::streams::StreamRangeReply;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+async fn con(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Every entry of `stream` as (field → text) maps.
+async fn entries(url: &str, stream: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut c = con(url).await;
+    let r: StreamRangeReply = c.xrange_all(stream).await.unwrap();
+    r.ids
+        .into_iter()
+        .map(|id| {
+            id.map
+                .keys()
+                .map(|k| (k.clone(), id.get::<String>(k).unwrap_or_default()))
+                .collect()
+        })
+        .collect()
+}
+
+fn config(url: &str, name: &str) -> Value {
+    json!({"redis": {"url": url, "stream": format!("{name}:trigger"), "group": "aiwg",
+        "events_stream": format!("{name}:events"), "dead_letter_stream": format!("{name}:dead"),
+        "retry_delay": "200ms"}})
+}
+
+/// The job ids whose `job.completed` event is in the events stream.
+async fn completed(url: &str, name: &str) -> BTreeSet<String> {
+    entries(url, &format!("{name}:events"))
+        .await
+        .into_iter()
+        .filter(|e| e.get("type").map(String::as_str) == Some("job.completed"))
+        .map(|e| {
+            let body: Value = serde_json::from_str(&e["body"]).unwrap();
+            assert_eq!(body["type"], "job.completed");
+            body["data"]["job_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_entries_are_dead_lettered() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let (engine, running) = start(config(url, &name)).await;
+    let mut c = con(url).await;
+    let trigger = format!("{name}:trigger");
+    let id: String = c
+        .xadd(
+            &trigger,
+            "*",
+            &[("body", r#"{"workflow": "check", "guidance": "hi"}"#)],
+        )
+        .await
+        .unwrap();
+    // The job runs and its events arrive on the events stream.
+    wait_until("job.completed on the events stream", || async {
+        completed(url, &name).await.len() == 1
+    })
+    .await;
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].trigger.source, "redis");
+    assert_eq!(all[0].trigger.delivery_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        completed(url, &name).await,
+        BTreeSet::from([all[0].id.to_string()])
+    );
+    let types: Vec<String> = entries(url, &format!("{name}:events"))
+        .await
+        .into_iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(
+        types.first().map(String::as_str),
+        Some("job.queued"),
+        "{types:?}"
+    );
+
+    // Redelivery: the group reads the stream from the start again.
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(&trigger)
+        .arg("aiwg")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    wait_until("the redelivered entry", || async {
+        decisions(&engine, "redis", Decision::Duplicate).await == 1
+    })
+    .await;
+    assert_eq!(jobs(&engine).await.len(), 1, "a redelivery started a job");
+
+    // Malformed and refused entries: acknowledged, answered with the API's problem document.
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", "not json")])
+        .await
+        .unwrap();
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "nope"}"#)])
+        .await
+        .unwrap();
+    let dead = format!("{name}:dead");
+    wait_until("two dead letters", || async {
+        entries(url, &dead).await.len() == 2
+    })
+    .await;
+    let letters = entries(url, &dead).await;
+    let first: Value = serde_json::from_str(&letters[0]["problem"]).unwrap();
+    assert_eq!(first["status"], 400);
+    assert!(
+        first["type"].as_str().unwrap().ends_with("invalid-body"),
+        "{first}"
+    );
+    assert_eq!(letters[0]["body"], "not json");
+    let second: Value = serde_json::from_str(&letters[1]["problem"]).unwrap();
+    assert_eq!(second["status"], 404, "{second}");
+    // Nothing is left pending (they are not retried forever), no job started.
+    let (pending, ..): (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&trigger)
+        .arg("aiwg")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    assert_eq!(jobs(&engine).await.len(), 1);
+    assert_eq!(decisions(&engine, "redis", Decision::Refused).await, 2);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_mid_stream_loses_nothing() {
+    let Ok(bin) = which("redis-server") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("redis-server is not installed");
+        }
+        eprintln!("skipping: redis-server is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let spawn = || {
+        Child(
+            std::process::Command::new(&bin)
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--dir",
+                ])
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut server = spawn();
+    wait_until("the private redis", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let name = unique();
+    let (engine, running) = start(config(&url, &name)).await;
+    let trigger = format!("{name}:trigger");
+    let publish = |n: usize| {
+        let url = url.clone();
+        let trigger = trigger.clone();
+        async move {
+            let mut c = con(&url).await;
+            for i in 0..n {
+                let body = json!({"workflow": "check", "guidance": format!("n{i}")}).to_string();
+                let _: String = c.xadd(&trigger, "*", &[("body", body)]).await.unwrap();
+            }
+        }
+    };
+    publish(5).await;
+    wait_until("the first five jobs", || async {
+        jobs(&engine).await.len() == 5
+    })
+    .await;
+    // Restart the broker while aiwg is connected (the AOF keeps the streams).
+    drop(server);
+    server = spawn();
+    wait_until("the restarted redis", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    publish(5).await;
+    wait_until("ten completed jobs on the events stream", || async {
+        completed(&url, &name).await.len() == 10
+    })
+    .await;
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 10, "every entry exactly once");
+    assert_eq!(decisions(&engine, "redis", Decision::Accepted).await, 10);
+    let ids: BTreeSet<String> = all.iter().map(|j| j.id.to_string()).collect();
+    assert_eq!(completed(&url, &name).await, ids);
+    running.shutdown().await;
+    drop(server);
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
+        .or_else(|| {
+            Some(std::path::PathBuf::from(format!("/usr/bin/{name}"))).filter(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
+#[tokio::test]
+async fn a_full_queue_leaves_the_entry_pending_until_its_job_is_stored() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let (engine, running) = start_tight(config(url, &name)).await;
+    let mut c = con(url).await;
+    for _ in 0..3 {
+        let _: String = c
+            .xadd(
+                format!("{name}:trigger"),
+                "*",
+                &[("body", r#"{"workflow": "check"}"#)],
+            )
+            .await
+            .unwrap();
+    }
+    full_queue_redelivers(&engine, "redis").await;
+    running.shutdown().await;
+}
