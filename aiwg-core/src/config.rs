@@ -113,6 +113,9 @@ pub struct ServerConfig {
     /// Proxies (CIDRs, `10.0.0.0/8`, or addresses) whose `X-Forwarded-For` / `Forwarded` is
     /// believed for the client's address; nobody's by default.
     pub trusted_proxies: Vec<String>,
+    /// Serve the dashboard at `ui/` (default true; see
+    /// [`ApiBuilder::dashboard`](crate::http::ApiBuilder::dashboard)).
+    pub dashboard: bool,
 }
 
 impl Default for ServerConfig {
@@ -122,6 +125,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             body_limit: Value::String("1MiB".into()),
+            dashboard: true,
         }
     }
 }

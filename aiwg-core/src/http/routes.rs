@@ -47,6 +47,16 @@ pub enum Route {
     Metrics,
     /// `GET /openapi.json`
     OpenApi,
+    /// `GET /events`: every job's events (the engine's [feed](crate::Engine::feed)) as SSE
+    AllEvents,
+    /// `GET /whoami`: the presented key's name and scopes
+    Whoami,
+    /// `GET /ui/`: the dashboard's page (when [`ApiBuilder::dashboard`](super::ApiBuilder::dashboard) is on)
+    Dashboard,
+    /// `GET /ui/{asset}`: the dashboard's scripts, styles and icon
+    DashboardAsset,
+    /// `GET /ui`: a redirect to `ui/`, where the page's relative URLs resolve
+    DashboardRedirect,
 }
 
 /// Who may call a route.
@@ -59,6 +69,8 @@ pub enum Access {
     Unlimited,
     /// An API key with this scope (`admin` implies every scope).
     Key(Scope),
+    /// Any valid API key, whatever its scopes (`/whoami`).
+    AnyKey,
     /// An API key with this scope, unless the API serves the route publicly
     /// ([`ApiBuilder::public_metrics`](super::ApiBuilder::public_metrics)).
     Configurable(Scope),
@@ -229,6 +241,11 @@ pub const ROUTES: &[RouteSpec] = &[
         Access::Configurable(Scope::Read),
     ),
     RouteSpec::new("/openapi.json", Route::OpenApi, GET, Access::Public),
+    RouteSpec::new("/events", Route::AllEvents, GET, Access::Key(Scope::Read)),
+    RouteSpec::new("/whoami", Route::Whoami, GET, Access::AnyKey),
+    RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Public),
+    RouteSpec::new("/ui/{asset}", Route::DashboardAsset, GET, Access::Public),
+    RouteSpec::new("/ui", Route::DashboardRedirect, GET, Access::Public),
 ];
 
 // `Route::spec` indexes the table by variant.
@@ -272,6 +289,19 @@ mod tests {
         assert!(match_route("/workflows//status").is_none());
         assert!(match_route("/nope").is_none());
         assert!(match_route("/health/").is_none());
+        let (spec, params) = match_route("/ui/").unwrap();
+        assert_eq!((spec.route, params.len()), (Route::Dashboard, 0));
+        let (spec, params) = match_route("/ui/app.js").unwrap();
+        assert_eq!(
+            (spec.route, params),
+            (Route::DashboardAsset, vec!["app.js"])
+        );
+        assert_eq!(
+            match_route("/ui").unwrap().0.route,
+            Route::DashboardRedirect
+        );
+        assert!(match_route("/ui/a/b").is_none());
+        assert_eq!(match_route("/events").unwrap().0.route, Route::AllEvents);
         assert_eq!(
             Route::Webhook.spec().allow_header(),
             HeaderValue::from_static("GET, PATCH, DELETE")
