@@ -166,7 +166,12 @@ export function follow(path, { onEvent, onState = () => {}, lastEventId = null, 
             let data = text;
             try { data = JSON.parse(text); } catch { /* keep the text */ }
             const item = { id: lastId, event: ev.event, data };
-            onEvent(item);
+            try {
+              onEvent(item);
+            } catch (err) {
+              // A bug of the page, not of the connection: say so, and go on.
+              console.error('aiwg: an event could not be shown', err);
+            }
             if (endOn && endOn(item)) done = true;
           }
           ev = { id: null, event: 'message', data: [] };

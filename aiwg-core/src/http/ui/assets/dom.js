@@ -19,8 +19,8 @@ export function h(tag, attrs, ...children) {
   return el;
 }
 
-/** Appends children: nodes as they are, anything else as text. */
-export function append(el, children) {
+/** Appends children (nested arrays too): nodes as they are, anything else as text. */
+export function append(el, ...children) {
   for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     el.append(c instanceof Node ? c : String(c));

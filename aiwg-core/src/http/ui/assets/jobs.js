@@ -41,7 +41,7 @@ function row(job) {
     h('td', {}, badge(job.status, { 'data-testid': 'job-status' })),
     h('td', { class: 'wide-only' }, triggerText(job.trigger)),
     h('td', { class: 'wide-only' }, time(job.created_at)),
-    h('td', { class: 'num dur' }, job.started_at ? between(job.started_at, job.finished_at) : '—'),
+    h('td', { class: 'num dur wide-only' }, job.started_at ? between(job.started_at, job.finished_at) : '—'),
     h('td', { class: 'num wide-only' }, `${job.attempt}/${job.max_attempts}`));
 }
 
@@ -73,7 +73,7 @@ export function renderJobs(ctx) {
     ['Job', 'Workflow', 'Status',
       h('th', { scope: 'col', class: 'wide-only' }, 'Trigger'),
       h('th', { scope: 'col', class: 'wide-only' }, 'Created'),
-      h('th', { scope: 'col', class: 'num' }, 'Duration'),
+      h('th', { scope: 'col', class: 'num wide-only' }, 'Duration'),
       h('th', { scope: 'col', class: 'num wide-only' }, 'Attempt')],
     [], 'Jobs, newest first');
   tableEl.querySelector('tbody').replaceWith(tbody);

@@ -78,14 +78,14 @@ export function renderWebhooks(ctx) {
         fill(listBox, notice('info', 'No subscriptions yet.'), table('subscriptions-table', ['URL', 'Events', 'State', 'Failures', 'Created'], [], 'Subscriptions'));
         return;
       }
-      fill(listBox, table('subscriptions-table', ['URL', 'Events', 'State', h('th', { scope: 'col', class: 'num' }, 'Failures'), h('th', { scope: 'col', class: 'wide-only' }, 'Created')],
+      fill(listBox, table('subscriptions-table', ['URL', 'Events', 'State', h('th', { scope: 'col', class: 'num wide-only' }, 'Failures'), h('th', { scope: 'col', class: 'wide-only' }, 'Created')],
         list.webhooks.map((s) => h('tr', { 'data-webhook-id': s.id },
           h('td', { class: 'url-cell' },
             h('a', { href: `#/webhooks/${encodeURIComponent(s.id)}`, class: 'mono' }, s.url),
             s.description ? h('div', { class: 'muted' }, s.description) : null),
           h('td', {}, s.events.join(', ')),
           h('td', {}, stateBadge(s), s.disabled_reason ? h('div', { class: 'muted' }, s.disabled_reason) : null),
-          h('td', { class: 'num' }, String(s.consecutive_failures)),
+          h('td', { class: 'num wide-only' }, String(s.consecutive_failures)),
           h('td', { class: 'wide-only' }, time(s.created_at)))),
         'Subscriptions'));
     } catch (e) {
@@ -152,11 +152,13 @@ export function renderWebhook(ctx, id) {
   const settings = h('div', {});
   const deliveriesBox = h('div', {});
   const pager = h('nav', { class: 'pager', 'aria-label': 'Delivery pages' });
-  fill(main, h('p', { class: 'crumbs' }, h('a', { href: '#/webhooks' }, '← Webhooks')), head, message, settings,
+  const actionsBox = h('div', {});
+  fill(main, h('p', { class: 'crumbs' }, h('a', { href: '#/webhooks' }, '← Webhooks')), head, message, actionsBox,
     h('section', { class: 'card', 'aria-labelledby': 'h-deliveries' },
       h('div', { class: 'section-head' }, h('h2', { id: 'h-deliveries' }, 'Deliveries'),
         h('button', { type: 'button', class: 'quiet', onclick: () => { shown = ''; loadDeliveries(); } }, 'Refresh')),
-      deliveriesBox, pager));
+      deliveriesBox, pager),
+    settings);
 
   let alive = true;
   let sub = null;
@@ -243,9 +245,9 @@ export function renderWebhook(ctx, id) {
         del.disabled = false;
       }
     });
-    fill(settings, h('div', { class: 'actions spaced' }, toggle, rotate, del),
-      sub.disabled_reason ? notice('error', `Disabled by the dispatcher: ${sub.disabled_reason}`) : null,
-      form);
+    fill(actionsBox, h('div', { class: 'actions spaced' }, toggle, rotate, del),
+      sub.disabled_reason ? notice('error', `Disabled by the dispatcher: ${sub.disabled_reason}`) : null);
+    fill(settings, form);
   }
 
   async function loadDeliveries() {
