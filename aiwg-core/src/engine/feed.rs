@@ -151,6 +151,56 @@ impl std::io::Write for Count {
     }
 }
 
+/// About what an event weighs in memory and as JSON: its fixed part and its text (JSON values
+/// of tools are measured exactly; they are rare next to the text and status events).
+fn approx_bytes(event: &JobEvent) -> usize {
+    use crate::event::JobEventKind as K;
+    use crate::executor::AgentEvent as A;
+    fn json(v: &serde_json::Value) -> usize {
+        let mut count = Count(0);
+        let _ = serde_json::to_writer(&mut count, v);
+        count.0
+    }
+    let error =
+        |e: &Option<crate::job::JobError>| e.as_ref().map_or(0, |e| e.kind.len() + e.message.len());
+    let text = match &event.kind {
+        K::Status {
+            reason, error: e, ..
+        } => reason.as_ref().map_or(0, String::len) + error(e),
+        K::StepStarted { step, agent, .. } => step.len() + agent.len(),
+        K::StepFinished { step, error: e, .. } => step.len() + error(e),
+        K::OutputTruncated { step, .. } => step.len(),
+        K::Log { level, message } => level.len() + message.len(),
+        K::Agent { step, event } => {
+            step.len()
+                + match event {
+                    A::Init {
+                        session_id,
+                        model,
+                        tools,
+                    } => {
+                        session_id.as_ref().map_or(0, String::len)
+                            + model.as_ref().map_or(0, String::len)
+                            + tools.iter().map(|t| t.len() + 8).sum::<usize>()
+                    }
+                    A::Text { text } => text.len(),
+                    A::ToolUse { id, name, input } => {
+                        id.as_ref().map_or(0, String::len) + name.len() + json(input)
+                    }
+                    A::ToolResult {
+                        tool_use_id,
+                        content,
+                        ..
+                    } => tool_use_id.as_ref().map_or(0, String::len) + json(content),
+                    A::Usage { .. } => 128,
+                    A::Log { line, .. } => line.len(),
+                    A::Raw { value } => json(value),
+                }
+        }
+    };
+    256 + text
+}
+
 enum Read {
     Events(Vec<FeedItem>),
     Reset(FeedCursor, ResetReason),
@@ -182,9 +232,7 @@ impl Feed {
 
     /// Appends an event (called wherever the engine broadcasts one).
     pub(crate) fn push(&self, event: JobEvent) {
-        let mut count = Count(0);
-        let _ = serde_json::to_writer(&mut count, &event);
-        let bytes = count.0 + 64;
+        let bytes = approx_bytes(&event);
         let seq = {
             let mut ring = self.lock();
             if ring.closed {

@@ -65,7 +65,8 @@ pub enum Route {
 pub enum Access {
     /// Anyone; limited per client address when a rate limit is configured.
     Public,
-    /// Anyone, never rate limited (`/health`, for load balancers and probes).
+    /// Anyone, never rate limited (`/health`, for load balancers and probes; the dashboard's
+    /// embedded files, a dozen of which make one page load).
     Unlimited,
     /// An API key with this scope (`admin` implies every scope).
     Key(Scope),
@@ -243,9 +244,9 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new("/openapi.json", Route::OpenApi, GET, Access::Public),
     RouteSpec::new("/events", Route::AllEvents, GET, Access::Key(Scope::Read)),
     RouteSpec::new("/whoami", Route::Whoami, GET, Access::AnyKey),
-    RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Public),
-    RouteSpec::new("/ui/{asset}", Route::DashboardAsset, GET, Access::Public),
-    RouteSpec::new("/ui", Route::DashboardRedirect, GET, Access::Public),
+    RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Unlimited),
+    RouteSpec::new("/ui/{asset}", Route::DashboardAsset, GET, Access::Unlimited),
+    RouteSpec::new("/ui", Route::DashboardRedirect, GET, Access::Unlimited),
 ];
 
 // `Route::spec` indexes the table by variant.

@@ -1370,6 +1370,10 @@ async fn rate_limit(server: &dyn Serve) {
         }
     }
     assert!(limited, "per-address limit on public routes");
+    // The dashboard's files are not: one page load fetches a dozen of them.
+    for _ in 0..6 {
+        assert_eq!(c.send("GET", "/ui/app.js", None, None).await.status, 200);
+    }
 }
 
 async fn queue_full(server: &dyn Serve) {

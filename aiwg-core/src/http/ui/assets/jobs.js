@@ -95,27 +95,37 @@ export function renderJobs(ctx) {
     }
   }).catch(() => {});
 
-  const rows = new Map();
+  const rows = new Map(); // job id -> {el, json}
   let loaded = false;
-  let buffered = [];
   let generation = 0;
+  let lastLoad = 0;
+  let reloadTimer = null;
 
-  function setRow(job) {
-    const el = row(job);
-    const old = rows.get(job.job_id);
-    rows.set(job.job_id, el);
-    if (old) {
-      old.replaceWith(el);
-      return;
+  /** Puts the page's jobs in the table, touching only rows that changed. */
+  function show(jobs) {
+    const keep = new Set(jobs.map((j) => j.job_id));
+    for (const [id, r] of rows) {
+      if (!keep.has(id)) {
+        r.el.remove();
+        rows.delete(id);
+      }
     }
-    // Newest first: a UUID v7 sorts by creation time.
-    const after = [...tbody.children].find((tr) => tr.dataset.jobId < job.job_id);
-    tbody.insertBefore(el, after || null);
-    message.replaceChildren();
+    jobs.forEach((job, i) => {
+      const text = JSON.stringify(job);
+      let r = rows.get(job.job_id);
+      if (!r || r.json !== text) {
+        const el = row(job);
+        if (r) r.el.replaceWith(el);
+        r = { el, json: text };
+        rows.set(job.job_id, r);
+      }
+      if (tbody.children[i] !== r.el) tbody.insertBefore(r.el, tbody.children[i] || null);
+    });
   }
 
   async function load() {
     const mine = ++generation;
+    lastLoad = Date.now();
     const q = new URLSearchParams({ limit: String(PAGE) });
     if (status) q.set('status', status);
     if (workflow) q.set('workflow', workflow);
@@ -123,9 +133,7 @@ export function renderJobs(ctx) {
     try {
       const page = await call('GET', `jobs?${q}`);
       if (mine !== generation) return;
-      rows.clear();
-      tbody.replaceChildren();
-      for (const job of page.jobs) setRow(job);
+      show(page.jobs);
       message.replaceChildren();
       if (!page.jobs.length) {
         message.append(notice('info', status || workflow ? 'No jobs match these filters.' : 'No jobs yet.'));
@@ -140,39 +148,37 @@ export function renderJobs(ctx) {
           onclick: () => { pageStack.push(cursor); ctx.navigate(hashFor(status, workflow, page.next_cursor)); },
         }, 'Older →') : null);
       loaded = true;
-      const pending = buffered;
-      buffered = [];
-      for (const ev of pending) apply(ev);
     } catch (e) {
       if (mine !== generation) return;
       fill(message, notice('error', `The jobs could not be loaded: ${e.message}`));
     }
   }
 
-  function matches(job) {
-    return (!status || job.status === status) && (!workflow || job.workflow === workflow);
+  /** Reads the page again soon: at most once a second, however many jobs change. */
+  function reloadSoon() {
+    if (reloadTimer) return;
+    const wait = Math.max(0, 1000 - (Date.now() - lastLoad));
+    reloadTimer = setTimeout(() => {
+      reloadTimer = null;
+      load();
+    }, wait);
   }
 
-  async function apply(ev) {
-    if (!loaded) {
-      buffered.push(ev);
-      return;
-    }
+  function apply(ev) {
     if (ev.event === 'reset') {
+      // Events may have been missed: what the page shows is read again.
       load();
       return;
     }
     if (ev.event !== 'status' || !ev.data || !ev.data.job_id) return;
-    const id = ev.data.job_id;
-    const known = rows.has(id);
-    // Only the first page shows jobs that were not there before.
-    if (!known && cursor) return;
-    try {
-      const job = await call('GET', `workflows/${encodeURIComponent(id)}/status`);
-      if (rows.has(id) || matches(job)) setRow(job);
-    } catch {
-      // Gone (retention) or not readable: nothing to show.
+    // The row's badge at once; the rest (new jobs, times, filters) with the next read.
+    const r = rows.get(ev.data.job_id);
+    if (r && loaded) {
+      r.el.dataset.status = ev.data.to;
+      const b = r.el.querySelector('[data-testid="job-status"]');
+      if (b) b.replaceWith(badge(ev.data.to, { 'data-testid': 'job-status' }));
     }
+    reloadSoon();
   }
 
   // The stream first, the list once it is open: whatever changes in between comes through
@@ -206,6 +212,7 @@ export function renderJobs(ctx) {
   return () => {
     generation += 1;
     clearInterval(ticker);
+    clearTimeout(reloadTimer);
     stream.stop();
   };
 }
