@@ -6,7 +6,8 @@
 //! `completed`, cancel, live list, lost streams resumed with `Last-Event-ID`, subscriptions and
 //! deliveries, a read-only key, markup shown as text, screenshots of every page at 1280 and
 //! 390 px under `target/ui-screenshots/`, no console errors); the actix-web server the part
-//! that proves it serves the same page and streams.
+//! that proves it serves the same page and streams, with the page under `/aiwg/` (the script's
+//! proxy mounts it there, as a reverse proxy would) so its relative URLs are put to the test.
 //!
 //! Without node, chromium or playwright-core the tests say so and pass, except in CI
 //! (`CI=true`), where that is a failure.

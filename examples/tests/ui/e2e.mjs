@@ -42,28 +42,48 @@ function check(cond, what) {
 // The proxy between the browser and the server.
 
 const upstream = new URL(BASE);
+// The smoke run puts the dashboard under /aiwg, as a host (or a reverse proxy) mounting the
+// router there would: the page must reach its files and the API by relative URLs.
+const PREFIX = SUITE === 'full' ? '' : '/aiwg';
 const sockets = new Set();
 const requests = []; // {method, path, lastEventId}
 const proxy = net.createServer((client) => {
   const server = net.connect(Number(upstream.port), upstream.hostname);
   sockets.add(client);
   sockets.add(server);
-  let head = '';
+  // Requests are forwarded head by head (the path rewritten below PREFIX), bodies as they are.
+  let buf = Buffer.alloc(0);
+  let body = 0;
   client.on('data', (chunk) => {
-    head += chunk.toString('latin1');
-    let end;
-    while ((end = head.indexOf('\r\n\r\n')) !== -1) {
-      const block = head.slice(0, end);
-      head = head.slice(end + 4);
-      const m = /^(GET|POST|PATCH|DELETE|PUT|OPTIONS|HEAD) (\S+) HTTP\/1\.[01]/.exec(block);
-      if (!m) continue;
-      const lei = /\r\nlast-event-id: *([^\r\n]*)/i.exec(block);
-      const len = /\r\ncontent-length: *(\d+)/i.exec(block);
-      requests.push({ method: m[1], path: m[2], lastEventId: lei ? lei[1] : null });
-      if (len) head = head.slice(Math.min(head.length, Number(len[1])));
+    buf = Buffer.concat([buf, chunk]);
+    for (;;) {
+      if (body > 0) {
+        const n = Math.min(body, buf.length);
+        if (n === 0) return;
+        server.write(buf.subarray(0, n));
+        buf = buf.subarray(n);
+        body -= n;
+        continue;
+      }
+      const end = buf.indexOf('\r\n\r\n');
+      if (end === -1) return;
+      let head = buf.subarray(0, end + 4).toString('latin1');
+      buf = buf.subarray(end + 4);
+      const m = /^([A-Z]+) (\S+) (HTTP\/1\.[01])\r\n/.exec(head);
+      if (m) {
+        let target = m[2];
+        if (PREFIX) {
+          target = target === PREFIX || target.startsWith(`${PREFIX}/`) ? target.slice(PREFIX.length) || '/' : '/outside-the-mount';
+          head = `${m[1]} ${target} ${m[3]}\r\n${head.slice(m[0].length)}`;
+        }
+        const lei = /\r\nlast-event-id: *([^\r\n]*)/i.exec(head);
+        requests.push({ method: m[1], path: target, lastEventId: lei ? lei[1] : null });
+      }
+      const len = /\r\ncontent-length: *(\d+)/i.exec(head);
+      body = len ? Number(len[1]) : 0;
+      server.write(Buffer.from(head, 'latin1'));
     }
   });
-  client.pipe(server);
   server.pipe(client);
   const close = () => {
     client.destroy();
@@ -193,7 +213,7 @@ async function shoot(page, name, widths = [1280, 390]) {
 async function main() {
   const proxyPort = await listen(proxy);
   const receiverPort = await listen(receiver);
-  origin = `http://127.0.0.1:${proxyPort}`;
+  origin = `http://127.0.0.1:${proxyPort}${PREFIX}`;
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'aiwg-e2e-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: env('AIWG_TEST_CHROMIUM'),
@@ -214,6 +234,10 @@ async function main() {
       'the page is served with a strict Content-Security-Policy');
     await page.locator('[data-testid="login-key"]').waitFor();
     await shoot(page, 'login');
+    // Without the slash: redirected to ui/, under the mount point.
+    await page.goto(`${origin}/ui`);
+    await page.locator('[data-testid="login-key"]').waitFor();
+    check(page.url() === `${origin}/ui/`, `ui redirects to ui/ (${page.url()})`);
 
     // A wrong key: a clear message, and the form again.
     await expecting([/status of 401/], async () => {
