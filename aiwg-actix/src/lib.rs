@@ -116,6 +116,24 @@ pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
     }
 }
 
+/// The API's `404` problem document, for the host app's default service: paths the API does
+/// not serve then get the same `application/problem+json` answer as an unknown job.
+///
+/// ```no_run
+/// # fn app(api: aiwg_core::http::Api) {
+/// use actix_web::{web, App};
+/// let (aiwg, fallback) = (aiwg_actix::configure(api.clone()), api);
+/// let _app = App::new().configure(aiwg).default_service(web::to(move || {
+///     let res = aiwg_actix::not_found(&fallback);
+///     async move { res }
+/// }));
+/// # }
+/// ```
+#[must_use]
+pub fn not_found(api: &Api) -> HttpResponse {
+    into_response(api.not_found())
+}
+
 async fn serve(
     api: Api,
     spec: &'static RouteSpec,

@@ -109,6 +109,23 @@ async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> R
     into_response(api.handle(request).await)
 }
 
+/// The API's `404` problem document, for a fallback of your own: paths the aiwg router does not
+/// serve then get the same `application/problem+json` answer as an unknown job.
+///
+/// ```no_run
+/// # fn app(api: aiwg_core::http::Api) -> axum::Router {
+/// let fallback = api.clone();
+/// aiwg_axum::router(api).fallback(move || {
+///     let res = aiwg_axum::not_found(&fallback);
+///     async move { res }
+/// })
+/// # }
+/// ```
+#[must_use]
+pub fn not_found(api: &Api) -> Response {
+    into_response(api.not_found())
+}
+
 fn into_response(res: ApiResponse) -> Response {
     let body = match res.body {
         ApiBody::Full(bytes) => Body::from(bytes),

@@ -113,6 +113,9 @@ pub struct ServerConfig {
     /// Proxies (CIDRs, `10.0.0.0/8`, or addresses) whose `X-Forwarded-For` / `Forwarded` is
     /// believed for the client's address; nobody's by default.
     pub trusted_proxies: Vec<String>,
+    /// Where clients reach the API from outside (`https://ci.example.com/aiwg`): tracking
+    /// comments on forges link to `{public_url}/workflows/{id}/status`.
+    pub public_url: Option<String>,
     /// Serve the dashboard at `ui/` (default true; see
     /// [`ApiBuilder::dashboard`](crate::http::ApiBuilder::dashboard)).
     pub dashboard: bool,
@@ -125,6 +128,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             body_limit: Value::String("1MiB".into()),
+            public_url: None,
             dashboard: true,
         }
     }
@@ -270,6 +274,68 @@ pub struct ProjectsConfig {
     pub mapping: Vec<MappingConfig>,
     /// Paths refused even inside the root.
     pub forbidden_paths: Vec<String>,
+    /// Jobs about pull requests run in a worktree at the request's head.
+    pub workspace: Option<WorkspaceConfig>,
+}
+
+/// `projects.workspace`: `{ kind: worktree, cache: <dir>, keep_failed_for: 1h,
+/// credentials: { github.com: "${GITHUB_TOKEN}" }, protocols: [https] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceConfig {
+    /// `worktree` (or `none`: jobs run in the project directory).
+    pub kind: String,
+    /// Where mirrors and worktrees live.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// How long a failed job's worktree is kept (default `1h`).
+    #[serde(default, with = "crate::util::opt_duration")]
+    pub keep_failed_for: Option<Duration>,
+    /// Tokens per host, for private repositories.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
+    /// URL schemes git may fetch (default `[https]`).
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+}
+
+impl WorkspaceConfig {
+    /// The engine's settings; `None` for `kind: none`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `projects.workspace.kind` or `.cache`.
+    pub fn settings(&self) -> Result<Option<crate::workspace::WorkspaceSettings>, ConfigError> {
+        match self.kind.as_str() {
+            "none" => Ok(None),
+            "worktree" => {
+                let cache = self
+                    .cache
+                    .as_deref()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "projects.workspace.cache",
+                            "is required with kind: worktree",
+                        )
+                    })?;
+                let mut s = crate::workspace::WorkspaceSettings::new(cache);
+                if let Some(d) = self.keep_failed_for {
+                    s = s.keep_failed_for(d);
+                }
+                for (host, token) in &self.credentials {
+                    s = s.credential(host.clone(), token.clone());
+                }
+                if let Some(p) = &self.protocols {
+                    s = s.protocols(p.clone());
+                }
+                Ok(Some(s))
+            }
+            other => Err(ConfigError::new(
+                "projects.workspace.kind",
+                format!("`{other}` is not a workspace kind (worktree, none)"),
+            )),
+        }
+    }
 }
 
 impl ProjectsConfig {
@@ -404,9 +470,10 @@ pub struct StorageConfig {
 }
 
 /// `storage.retention`: finished jobs are forgotten after `finished_for` (default `24h`); the
-/// memory store also keeps at most `max_finished` (default 10 000). PostgreSQL purges finished
-/// jobs with their events, finished deliveries and expired de-duplication keys every
-/// `purge_every` (default `1h`).
+/// memory store also keeps at most `max_finished` (default 10 000). The audit trail keeps
+/// entries for `audit_for` (default `30d`; in memory at most `max_audit`, default 100 000).
+/// PostgreSQL purges finished jobs with their events, finished deliveries, expired
+/// de-duplication keys and old audit entries every `purge_every` (default `1h`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
@@ -418,6 +485,11 @@ pub struct RetentionConfig {
     /// How often PostgreSQL is purged.
     #[serde(with = "crate::util::opt_duration")]
     pub purge_every: Option<Duration>,
+    /// How long audit entries are kept.
+    #[serde(with = "crate::util::opt_duration")]
+    pub audit_for: Option<Duration>,
+    /// How many audit entries the memory store keeps.
+    pub max_audit: usize,
 }
 
 impl Default for RetentionConfig {
@@ -426,6 +498,8 @@ impl Default for RetentionConfig {
             finished_for: None,
             max_finished: 10_000,
             purge_every: None,
+            audit_for: None,
+            max_audit: 100_000,
         }
     }
 }
@@ -444,6 +518,19 @@ impl RetentionConfig {
     #[must_use]
     pub fn finished_for(&self) -> Duration {
         self.finished_for.unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    /// How long audit entries are kept (default 30 days).
+    #[must_use]
+    pub fn audit_for(&self) -> Duration {
+        self.audit_for
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    /// The memory audit store's retention.
+    #[must_use]
+    pub fn audit_memory(&self) -> crate::audit::AuditRetention {
+        crate::audit::AuditRetention::new(self.audit_for(), self.max_audit)
     }
 
     /// How often PostgreSQL is purged (default 1 h).

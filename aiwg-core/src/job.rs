@@ -308,7 +308,51 @@ impl ReplyCredentials {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
     }
+
+    /// Whether these are sealed (see [`sealed`](Self::sealed)).
+    #[must_use]
+    pub fn is_sealed(&self) -> bool {
+        self.0.len() == 1 && self.0.contains_key(SEALED_CREDENTIALS)
+    }
+
+    /// These credentials sealed with `keyring` for the record `context` (a store does this
+    /// before writing them; see [`crate::secrets`]): one entry holding the sealed JSON of all.
+    /// Empty and already sealed credentials are returned as they are.
+    #[must_use]
+    pub fn sealed(&self, keyring: &crate::secrets::SecretKeyring, context: &[u8]) -> Self {
+        if self.is_empty() || self.is_sealed() {
+            return self.clone();
+        }
+        let json = serde_json::to_vec(&self.0).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        out.insert(SEALED_CREDENTIALS.to_owned(), keyring.seal(&json, context));
+        Self(out)
+    }
+
+    /// Sealed credentials opened with `keyring` (credentials that are not sealed are returned
+    /// as they are).
+    ///
+    /// # Errors
+    /// [`SecretError::NoKey`](crate::secrets::SecretError::NoKey) for sealed credentials
+    /// without a keyring, or why they do not open.
+    pub fn opened(
+        &self,
+        keyring: Option<&crate::secrets::SecretKeyring>,
+        context: &[u8],
+    ) -> Result<Self, crate::secrets::SecretError> {
+        let Some(sealed) = self.0.get(SEALED_CREDENTIALS).filter(|_| self.0.len() == 1) else {
+            return Ok(self.clone());
+        };
+        let keyring = keyring.ok_or(crate::secrets::SecretError::NoKey)?;
+        let json = keyring.open(sealed, context)?;
+        serde_json::from_slice(&json)
+            .map(Self)
+            .map_err(|_| crate::secrets::SecretError::Corrupt)
+    }
 }
+
+/// The one entry of sealed [`ReplyCredentials`].
+const SEALED_CREDENTIALS: &str = "$sealed";
 
 impl fmt::Debug for ReplyCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -338,6 +382,10 @@ impl TriggerInfo {
             "repo" => self.repo.clone(),
             "pr" => self.pr.map(|n| n.to_string()),
             "issue" => self.issue.map(|n| n.to_string()),
+            // The pull request's head commit and branch, and its base branch.
+            "sha" => self.extra.get("head_sha").cloned(),
+            "branch" => self.extra.get("head_ref").cloned(),
+            "base" => self.extra.get("base_ref").cloned(),
             other => self.extra.get(other).cloned(),
         }
     }
@@ -454,6 +502,10 @@ pub struct Job {
     /// What lets the job reply as the bot (never shown; see [`ReplyCredentials`]).
     #[serde(default, skip_serializing_if = "ReplyCredentials::is_empty")]
     pub reply_credentials: ReplyCredentials,
+    /// Its workflow's concurrency group, rendered when it was submitted: at most one job of a
+    /// group runs at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_group: Option<String>,
 }
 
 impl Job {

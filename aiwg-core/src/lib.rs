@@ -34,7 +34,8 @@
 //!    webhook [`dispatch::Dispatcher`], which signs and retries deliveries (Standard Webhooks).
 //!
 //! Around it: [`http`] decides every status code, header and body of the HTTP API for both
-//! routers; [`config`] reads the YAML configuration; `test_util` (feature `test-util`) has the
+//! routers; [`audit`] records every trigger attempt, accepted or refused, for `GET /audit`;
+//! [`config`] reads the YAML configuration; `test_util` (feature `test-util`) has the
 //! [`ScriptedExecutor`](test_util::ScriptedExecutor), mockall's `MockExecutor`, and the store and
 //! HTTP conformance suites.
 //!
@@ -73,6 +74,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod audit;
 pub mod config;
 pub mod dispatch;
 pub mod engine;
@@ -83,13 +85,15 @@ pub mod http;
 pub mod job;
 pub mod policy;
 pub mod request;
+pub mod secrets;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod util;
 pub mod workflow;
+pub mod workspace;
 
-pub use engine::{Engine, EngineBuilder, EngineError, JobObserver, SubmitError};
+pub use engine::{Engine, EngineBuilder, EngineError, JobObserver, Submission, SubmitError};
 pub use error::BackendError;
 pub use event::{JobEvent, JobEventKind};
 #[cfg(any(test, feature = "test-util"))]
@@ -105,4 +109,6 @@ pub use job::{
 pub use policy::{PolicyError, ProjectPolicy};
 pub use request::JobRequest;
 pub use store::{JobStore, MemoryStore};
-pub use workflow::{ParamError, Parameter, Step, Workflow, WorkflowCatalog, WorkflowError};
+pub use workflow::{
+    Concurrency, OnConflict, ParamError, Parameter, Step, Workflow, WorkflowCatalog, WorkflowError,
+};

@@ -280,6 +280,37 @@ pub struct Workflow {
     /// Default priority of its jobs (default 0).
     #[serde(default)]
     pub priority: Option<i32>,
+    /// At most one job of a group runs at a time (GitHub Actions' `concurrency`).
+    #[serde(default)]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A workflow's concurrency group: `{ group: "{{trigger.repo}}#{{trigger.pr}}", on_conflict:
+/// queue | cancel_running | replace_queued }`. The group is rendered from the job's trigger
+/// and parameters when it is submitted; jobs whose group renders empty belong to none. At most
+/// one job of a group runs at a time, across every instance sharing a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// The group's template.
+    pub group: String,
+    /// What a new job does when its group is busy (default `queue`).
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+}
+
+/// What a new job does when its concurrency group is busy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// Wait behind the running and queued jobs of the group.
+    #[default]
+    Queue,
+    /// Cancel the group's running job (and replace its queued ones); run next.
+    CancelRunning,
+    /// Replace the group's queued jobs (cancelled with reason `replaced`); the running one
+    /// finishes first.
+    ReplaceQueued,
 }
 
 impl Workflow {
@@ -294,7 +325,18 @@ impl Workflow {
             timeout: None,
             max_attempts: None,
             priority: None,
+            concurrency: None,
         }
+    }
+
+    /// Sets the concurrency group.
+    #[must_use]
+    pub fn with_concurrency(mut self, group: impl Into<String>, on_conflict: OnConflict) -> Self {
+        self.concurrency = Some(Concurrency {
+            group: group.into(),
+            on_conflict,
+        });
+        self
     }
 
     /// Sets the description.

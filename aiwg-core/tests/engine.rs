@@ -671,6 +671,100 @@ async fn a_flooding_agent_is_cut_at_the_output_budget() {
     engine.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Waits until `id` has the status `want` (following its events), or panics after `WAIT`.
+async fn reaches(engine: &Engine, id: aiwg_core::JobId, want: JobStatus) {
+    let mut events = engine.subscribe(id, 0).await.unwrap();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev.kind, JobEventKind::Status { to, .. } if to == want) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(found, "job {id} never reached {want}");
+}
+
+fn on_pr(workflow: &str, pr: u64) -> JobRequest {
+    let mut t = aiwg_core::TriggerInfo::new("github");
+    t.repo = Some("octo/app".into());
+    t.pr = Some(pr);
+    JobRequest::new(workflow).trigger(t)
+}
+
+/// `concurrency: { group: "{{trigger.repo}}#{{trigger.pr}}" }` with each `on_conflict`.
+#[tokio::test]
+async fn concurrency_groups_queue_cancel_running_or_replace_queued() {
+    use aiwg_core::OnConflict;
+
+    let env = env();
+    let agent = ScriptedExecutor::hanging();
+    let group = "{{trigger.repo}}#{{trigger.pr}}";
+    let engine = builder(&env)
+        .workers(4)
+        .executor("a", Arc::new(agent.clone()))
+        .workflow(one_step("queue", "a").with_concurrency(group, OnConflict::Queue))
+        .workflow(one_step("cancel", "a").with_concurrency(group, OnConflict::CancelRunning))
+        .workflow(one_step("replace", "a").with_concurrency(group, OnConflict::ReplaceQueued))
+        .build()
+        .unwrap();
+
+    // queue: the second job of PR 1 waits while the first runs; PR 2 is another group.
+    let q1 = engine.submit(on_pr("queue", 1)).await.unwrap();
+    assert_eq!(q1.concurrency_group.as_deref(), Some("octo/app#1"));
+    reaches(&engine, q1.id, JobStatus::Running).await;
+    let q2 = engine.submit(on_pr("queue", 1)).await.unwrap();
+    let other = engine.submit(on_pr("queue", 2)).await.unwrap();
+    reaches(&engine, other.id, JobStatus::Running).await;
+    assert_eq!(engine.get(q2.id).await.unwrap().status, JobStatus::Queued);
+    engine.cancel(q1.id).await.unwrap();
+    reaches(&engine, q2.id, JobStatus::Running).await;
+    engine.cancel(q2.id).await.unwrap();
+    engine.cancel(other.id).await.unwrap();
+
+    // cancel_running: a new job of PR 3 cancels the running one and runs.
+    let c1 = engine.submit(on_pr("cancel", 3)).await.unwrap();
+    reaches(&engine, c1.id, JobStatus::Running).await;
+    let c2 = engine.submit(on_pr("cancel", 3)).await.unwrap();
+    reaches(&engine, c1.id, JobStatus::Cancelled).await;
+    let c1_done = engine.get(c1.id).await.unwrap();
+    assert!(
+        c1_done
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("concurrency group"),
+        "{:?}",
+        c1_done.error
+    );
+    reaches(&engine, c2.id, JobStatus::Running).await;
+    engine.cancel(c2.id).await.unwrap();
+
+    // replace_queued: the running job of PR 4 goes on; the queued one is replaced.
+    let r1 = engine.submit(on_pr("replace", 4)).await.unwrap();
+    reaches(&engine, r1.id, JobStatus::Running).await;
+    let r2 = engine.submit(on_pr("replace", 4)).await.unwrap();
+    let r3 = engine.submit(on_pr("replace", 4)).await.unwrap();
+    reaches(&engine, r2.id, JobStatus::Cancelled).await;
+    assert!(engine
+        .get(r2.id)
+        .await
+        .unwrap()
+        .error
+        .unwrap()
+        .message
+        .contains("replaced"));
+    assert_eq!(engine.get(r1.id).await.unwrap().status, JobStatus::Running);
+    assert_eq!(engine.get(r3.id).await.unwrap().status, JobStatus::Queued);
+    engine.cancel(r1.id).await.unwrap();
+    reaches(&engine, r3.id, JobStatus::Running).await;
+    engine.cancel(r3.id).await.unwrap();
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
 /// The feed (`GET /events`): every job's events in one order; a subscriber that reads too
 /// slowly holds nothing but its cursor and gets a reset instead of growing memory; a cursor
 /// resumes exactly; the feed ends at shutdown.

@@ -68,3 +68,57 @@ async fn the_memory_store_keeps_finished_jobs_as_retention_says() {
     assert!(!ids.contains(&again.id));
     engine.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn memory_audit_store_passes_the_audit_store_suite() {
+    use aiwg_core::audit::{AuditStore, MemoryAuditStore};
+    aiwg_core::test_util::audit_store_suite(|| async {
+        Arc::new(MemoryAuditStore::new()) as Arc<dyn AuditStore>
+    })
+    .await;
+}
+
+/// The memory trail holds at most `max_entries`, the oldest forgotten first, and forgets
+/// entries older than `keep_for` as new ones arrive.
+#[tokio::test]
+async fn the_memory_audit_store_keeps_what_its_retention_says() {
+    use std::time::Duration;
+
+    use aiwg_core::audit::{
+        AuditQuery, AuditRecord, AuditRetention, AuditStore, Decision, MemoryAuditStore,
+    };
+
+    let store = MemoryAuditStore::with_retention(AuditRetention::new(Duration::from_secs(3600), 5));
+    for i in 0..20 {
+        store
+            .record(AuditRecord::new("api", Decision::Refused).workflow(format!("w{i}")))
+            .await
+            .unwrap();
+    }
+    let page = store.list(&AuditQuery::default()).await.unwrap();
+    let kept: Vec<_> = page
+        .entries
+        .iter()
+        .map(|e| e.workflow.clone().unwrap())
+        .collect();
+    assert_eq!(kept, ["w19", "w18", "w17", "w16", "w15"]);
+    // An entry from two hours ago is forgotten at the next record.
+    store
+        .record(
+            AuditRecord::new("api", Decision::Refused)
+                .workflow("old")
+                .at(chrono::Utc::now() - chrono::Duration::hours(2)),
+        )
+        .await
+        .unwrap();
+    store
+        .record(AuditRecord::new("api", Decision::Accepted).workflow("new"))
+        .await
+        .unwrap();
+    let page = store.list(&AuditQuery::default()).await.unwrap();
+    assert!(page
+        .entries
+        .iter()
+        .all(|e| e.workflow.as_deref() != Some("old")));
+    assert_eq!(page.entries[0].workflow.as_deref(), Some("new"));
+}

@@ -318,3 +318,78 @@ async fn purge_finished_deletes_only_finished_jobs_and_their_events() {
     assert!(store.get(running.job.id).await.unwrap().is_some());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_audit_store_passes_the_audit_store_suite() {
+    use aiwg_core::audit::{AuditStore, PgAuditStore};
+    let Some(db) = test_db().await else { return };
+    aiwg_core::test_util::audit_store_suite(|| async {
+        let schema = db.schema().await;
+        let store = PgAuditStore::new(db.pool(&schema, 2).await);
+        store.migrate().await.expect("migrate audit");
+        // A second run (another instance starting) is a no-op.
+        store.migrate().await.expect("migrate audit twice");
+        Arc::new(store) as Arc<dyn AuditStore>
+    })
+    .await;
+    db.cleanup().await;
+}
+
+/// Eight claimers on two stores: one job of a concurrency group runs at a time, whatever the
+/// interleaving; jobs outside the group are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_group_runs_one_job_across_stores() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    for n in 0..20 {
+        // Different projects: only the group holds them back.
+        let mut job = sample_job("w", &format!("/p{n}"), 0);
+        job.concurrency_group = Some("octo/app#7".into());
+        a.create(NewJob::new(job)).await.unwrap();
+    }
+    let free = sample_job("w", "/free", 0);
+    let free_id = free.id;
+    b.create(NewJob::new(free)).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let req = ClaimRequest::new(format!("w{n}"), Duration::from_secs(60));
+            let mut mine = Vec::new();
+            while let Some(c) = store.claim(&req).await.unwrap() {
+                mine.push(c);
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let grouped = claimed
+        .iter()
+        .filter(|c| c.job.concurrency_group.is_some())
+        .count();
+    assert_eq!(
+        grouped, 1,
+        "one job of the group at a time, across both stores"
+    );
+    assert!(claimed.iter().any(|c| c.job.id == free_id));
+    // When it finishes, the next one of the group may start.
+    let running = claimed
+        .iter()
+        .find(|c| c.job.concurrency_group.is_some())
+        .unwrap();
+    a.finish(&running.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let next = b
+        .claim(&ClaimRequest::new("w9", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("the group is free");
+    assert_eq!(next.job.concurrency_group.as_deref(), Some("octo/app#7"));
+    db.cleanup().await;
+}

@@ -50,6 +50,18 @@ pub enum IgnoreReason {
     /// The platform gives no author association and no rule says who may trigger
     /// (`allowed_users` is not set): GitLab, Gitea/Forgejo and Bitbucket fail closed.
     NotAuthorized,
+    /// The forge says the sender's permission on the repository is below `min_permission`.
+    PermissionTooLow {
+        /// The sender.
+        user: String,
+        /// Their level (`none` when they are no member).
+        level: &'static str,
+        /// The level needed.
+        min: &'static str,
+    },
+    /// The permission lookup gave no answer (the forge is down, refused the token, …): the
+    /// trigger is refused (fail closed).
+    PermissionUnknown(String),
     /// The chat channel, workspace or server is not in the platform's allow-list.
     PlaceNotAllowed(String),
     /// The workflow may not be started from this platform.
@@ -93,6 +105,13 @@ impl fmt::Display for IgnoreReason {
             Self::RoleNotAllowed => f.write_str("member has no allowed role"),
             Self::NoActor => f.write_str("the event names no sender"),
             Self::NotAuthorized => f.write_str("not authorized"),
+            Self::PermissionTooLow { user, level, min } => write!(
+                f,
+                "sender `{user}` has `{level}` permission on the repository; `{min}` is needed to trigger workflows"
+            ),
+            Self::PermissionUnknown(why) => {
+                write!(f, "not authorized: the sender's permission could not be checked ({why})")
+            }
             Self::PlaceNotAllowed(place) => {
                 write!(f, "{place} is not allowed to trigger workflows")
             }
@@ -120,6 +139,8 @@ impl IgnoreReason {
             | Self::AssociationNotAllowed(_)
             | Self::RoleNotAllowed
             | Self::NotAuthorized
+            | Self::PermissionTooLow { .. }
+            | Self::PermissionUnknown(_)
             | Self::PlaceNotAllowed(_)
             | Self::NoActor => "not_allowed",
             Self::WorkflowNotAllowed(_) => "workflow_not_allowed",
@@ -140,24 +161,36 @@ fn names(actor: &Actor, list: &[String]) -> bool {
         .any(|u| same(u, &actor.login) || actor.name.as_deref().is_some_and(|n| same(u, n)))
 }
 
-/// Checks the actor (steps 1–4). `skip_association` is set for label rules.
+/// What [`authorize_actor`] leaves to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActorCheck {
+    /// Nothing: the actor may trigger.
+    Allowed,
+    /// Ask the forge for the actor's permission (they are not in `allowed_users`).
+    AskForge,
+}
+
+/// Checks the actor (steps 1–4). `skip_association` is set for label rules; `lookup` says
+/// whether the section can ask the forge for a permission.
 pub(crate) fn authorize_actor(
     policy: &PolicyConfig,
     allowed_roles: &[String],
     event: &InboundEvent,
     skip_association: bool,
-) -> Result<(), IgnoreReason> {
-    // Forges whose payloads carry no author association: only an explicit list of users may
-    // trigger (fail closed), for comments and rules alike.
-    if event.platform.needs_allowed_users() && policy.allowed_users.is_empty() {
+    lookup: bool,
+) -> Result<ActorCheck, IgnoreReason> {
+    // Forges whose payloads carry no author association: only an explicit list of users, or
+    // the forge's own permissions, may trigger (fail closed), for comments and rules alike.
+    let gated = event.platform.needs_allowed_users();
+    if gated && policy.allowed_users.is_empty() && !lookup {
         return Err(IgnoreReason::NotAuthorized);
     }
-    let needs_actor = !policy.allowed_users.is_empty() || !allowed_roles.is_empty();
+    let needs_actor = gated || !policy.allowed_users.is_empty() || !allowed_roles.is_empty();
     let Some(actor) = &event.actor else {
         return if needs_actor || event.platform.is_forge() && !skip_association {
             Err(IgnoreReason::NoActor)
         } else {
-            Ok(())
+            Ok(ActorCheck::Allowed)
         };
     };
     if actor.is_bot {
@@ -166,8 +199,13 @@ pub(crate) fn authorize_actor(
     if names(actor, &policy.ignore_users) {
         return Err(IgnoreReason::IgnoredUser(actor.login.clone()));
     }
-    if !policy.allowed_users.is_empty() && !names(actor, &policy.allowed_users) {
-        return Err(IgnoreReason::UserNotAllowed(actor.login.clone()));
+    let mut check = ActorCheck::Allowed;
+    if (gated || !policy.allowed_users.is_empty()) && !names(actor, &policy.allowed_users) {
+        if gated && lookup {
+            check = ActorCheck::AskForge;
+        } else {
+            return Err(IgnoreReason::UserNotAllowed(actor.login.clone()));
+        }
     }
     if event.platform == crate::event::Platform::GitHub && !skip_association {
         let ok = actor
@@ -183,7 +221,7 @@ pub(crate) fn authorize_actor(
     if !allowed_roles.is_empty() && !actor.roles.iter().any(|r| allowed_roles.contains(r)) {
         return Err(IgnoreReason::RoleNotAllowed);
     }
-    Ok(())
+    Ok(check)
 }
 
 /// Checks the request (steps 5–7).

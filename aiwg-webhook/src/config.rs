@@ -229,6 +229,21 @@ platform_config! {
         /// The webhook secret (`X-Hub-Signature-256`).
         #[serde(default)]
         secret: Secret = Secret::default(),
+        /// The REST API (default `https://api.github.com`; GitHub Enterprise:
+        /// `https://github.example.com/api/v3`).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// A token for the REST API (a bot account's or a fine-grained token): jobs answer on
+        /// the pull request (see [`crate::Tracker`]).
+        #[serde(default)]
+        token: Secret = Secret::default(),
+        /// A GitHub App's id: with `private_key`, the app's installation tokens are used
+        /// instead of `token`.
+        #[serde(default)]
+        app_id: Option<String> = None,
+        /// The GitHub App's private key (PEM).
+        #[serde(default)]
+        private_key: Secret = Secret::default(),
     }
 }
 
@@ -242,6 +257,20 @@ platform_config! {
         /// (`webhook-id`, `webhook-timestamp`, `webhook-signature`) are required and verified.
         #[serde(default)]
         signing_secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url`.
+        #[serde(default)]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 
@@ -287,6 +316,20 @@ platform_config! {
         /// The webhook secret (`X-Gitea-Signature` / `X-Forgejo-Signature`).
         #[serde(default)]
         secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url` (also accepted as `token`).
+        #[serde(default, alias = "token")]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 
@@ -296,6 +339,20 @@ platform_config! {
         /// The webhook secret (`X-Hub-Signature: sha256=…`).
         #[serde(default)]
         secret: Secret = Secret::default(),
+        /// The platform's REST API (`https://gitlab.example.com/api/v4`,
+        /// `https://gitea.example.com/api/v1`, `https://api.bitbucket.org/2.0`): with
+        /// `api_token`, whoever is not in `allowed_users` may trigger when their permission on
+        /// the repository is at least `min_permission` (see [`crate::forge`]).
+        #[serde(default)]
+        api_url: Option<String> = None,
+        /// The API token for `api_url` (also accepted as `token`).
+        #[serde(default, alias = "token")]
+        api_token: Secret = Secret::default(),
+        /// The lowest permission that may trigger (GitLab: `guest`, `reporter`, `developer`
+        /// (default), `maintainer`, `owner`; Gitea/Forgejo: `read`, `write` (default), `admin`,
+        /// `owner`; Bitbucket: `read`, `write` (default), `admin`).
+        #[serde(default)]
+        min_permission: Option<String> = None,
     }
 }
 
@@ -343,6 +400,73 @@ pub struct TriggersConfig {
 }
 
 impl TriggersConfig {
+    /// The REST clients the sections configure (GitHub: `token` or `app_id` +
+    /// `private_key`; GitLab, Gitea, Bitbucket: `api_url` + `api_token`), for
+    /// [`Tracker`](crate::Tracker) and for recognising the bot's own comments.
+    ///
+    /// # Errors
+    /// [`BuildError::Invalid`](crate::BuildError::Invalid) naming the key of a bad URL, key
+    /// or token.
+    pub fn forge_clients(
+        &self,
+    ) -> Result<Vec<std::sync::Arc<crate::forge::ForgeClient>>, crate::BuildError> {
+        use crate::forge::{ForgeAuth, ForgeClient, GitHubApp};
+        use crate::Platform as P;
+        let mut out = Vec::new();
+        if let Some(g) = &self.github {
+            let auth = match &g.app_id {
+                Some(app) => {
+                    let app =
+                        GitHubApp::new(app.clone(), g.private_key.expose()).map_err(|reason| {
+                            crate::BuildError::Invalid {
+                                key: "triggers.github.private_key".into(),
+                                reason,
+                            }
+                        })?;
+                    Some(ForgeAuth::App(std::sync::Arc::new(app)))
+                }
+                None if g.token.is_configured() => Some(ForgeAuth::Token(g.token.clone())),
+                None => None,
+            };
+            if let Some(auth) = auth {
+                out.push(ForgeClient::new(
+                    "triggers.github",
+                    P::GitHub,
+                    g.api_url.as_deref(),
+                    auth,
+                )?);
+            }
+        }
+        let token_sections = [
+            (
+                "triggers.gitlab",
+                P::GitLab,
+                self.gitlab.as_ref().map(|c| (&c.api_url, &c.api_token)),
+            ),
+            (
+                "triggers.gitea",
+                P::Gitea,
+                self.gitea.as_ref().map(|c| (&c.api_url, &c.api_token)),
+            ),
+            (
+                "triggers.bitbucket",
+                P::Bitbucket,
+                self.bitbucket.as_ref().map(|c| (&c.api_url, &c.api_token)),
+            ),
+        ];
+        for (key, platform, section) in token_sections {
+            if let Some((Some(url), token)) = section {
+                out.push(ForgeClient::new(
+                    key,
+                    platform,
+                    Some(url),
+                    ForgeAuth::Token(token.clone()),
+                )?);
+            }
+        }
+        Ok(out.into_iter().map(std::sync::Arc::new).collect())
+    }
+
     /// Every platform section: its key, its platform, and whether it is present.
     #[must_use]
     pub fn sections(&self) -> [(&'static str, crate::Platform, bool); 7] {

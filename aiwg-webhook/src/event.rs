@@ -123,6 +123,9 @@ pub enum EventKind {
 pub struct Actor {
     /// Login, user name or user id.
     pub login: String,
+    /// The platform's stable user id, when the payload has one (GitLab's numeric user id,
+    /// Bitbucket's `{uuid}`): what permission lookups ask about.
+    pub id: Option<String>,
     /// A display or user name, when it differs from `login` (Slack `user_name`, …).
     pub name: Option<String>,
     /// GitHub's `author_association` (`OWNER`, `MEMBER`, …) when the platform has one.

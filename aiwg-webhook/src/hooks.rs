@@ -23,17 +23,19 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_core::audit::{AuditRecord, Decision};
 use aiwg_core::http::{ApiResponse, HookHandler, Problem};
 use aiwg_core::{Engine, JobRequest, TriggerInfo};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::authorize::{authorize_actor, authorize_command, IgnoreReason};
+use crate::authorize::{authorize_actor, authorize_command, ActorCheck, IgnoreReason};
 use crate::config::{PolicyConfig, RuleConfig, TriggersConfig};
 use crate::dedupe::{Claim, DeliveryStore, MemoryDeliveryStore};
 use crate::error::{BuildError, VerifyError};
 use crate::event::{EventKind, InboundEvent, Platform};
+use crate::forge::{ForgeClient, PermissionLookup};
 use crate::grammar::{self, Command, Parsed};
 use crate::platform::{self, Endpoint};
 use crate::response::{HookOutcome, HookReply};
@@ -47,6 +49,10 @@ type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 struct Setup {
     endpoint: Box<dyn Endpoint>,
     policy: PolicyConfig,
+    /// Asks the forge who may trigger (GitLab, Gitea, Bitbucket with `api_url`).
+    lookup: Option<PermissionLookup>,
+    /// The forge's REST client, to learn the bot's own identity.
+    client: Option<Arc<ForgeClient>>,
 }
 
 struct Inner {
@@ -146,7 +152,14 @@ impl HooksBuilder {
         }
         #[cfg(feature = "gitlab")]
         if let Some(g) = &c.gitlab {
-            setups.push(Setup::new(platform::gitlab::GitLab::new(g)?, g.policy()));
+            setups.push(
+                Setup::new(platform::gitlab::GitLab::new(g)?, g.policy()).lookup(
+                    "triggers.gitlab",
+                    g.api_url.as_ref(),
+                    &g.api_token,
+                    g.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "slack")]
         if let Some(s) = &c.slack {
@@ -158,24 +171,46 @@ impl HooksBuilder {
         }
         #[cfg(feature = "gitea")]
         if let Some(g) = &c.gitea {
-            setups.push(Setup::new(platform::gitea::Gitea::new(g), g.policy()));
+            setups.push(
+                Setup::new(platform::gitea::Gitea::new(g), g.policy()).lookup(
+                    "triggers.gitea",
+                    g.api_url.as_ref(),
+                    &g.api_token,
+                    g.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "bitbucket")]
         if let Some(b) = &c.bitbucket {
-            setups.push(Setup::new(
-                platform::bitbucket::Bitbucket::new(b),
-                b.policy(),
-            ));
+            setups.push(
+                Setup::new(platform::bitbucket::Bitbucket::new(b), b.policy()).lookup(
+                    "triggers.bitbucket",
+                    b.api_url.as_ref(),
+                    &b.api_token,
+                    b.min_permission.as_ref(),
+                )?,
+            );
         }
         #[cfg(feature = "generic")]
         if let Some(g) = &c.generic {
             setups.push(Setup::new(platform::generic::Generic::new(g)?, g.policy()));
         }
+        for client in c.forge_clients()? {
+            if let Some(setup) = setups
+                .iter_mut()
+                .find(|s| s.endpoint.platform() == client.platform())
+            {
+                setup.client = Some(client);
+            }
+        }
         for setup in &setups {
             let platform = setup.endpoint.platform();
-            if platform.needs_allowed_users() && setup.policy.allowed_users.is_empty() {
+            if platform.needs_allowed_users()
+                && setup.policy.allowed_users.is_empty()
+                && setup.lookup.is_none()
+            {
                 tracing::warn!(
-                    "triggers.{platform}: comments and rules from {platform} are ignored (\"not authorized\") until triggers.{platform}.allowed_users names who may trigger"
+                    "triggers.{platform}: comments and rules from {platform} are ignored (\"not authorized\") until triggers.{platform}.allowed_users names who may trigger, or triggers.{platform}.api_url and api_token let the server ask {platform} for each sender's permission"
                 );
             }
         }
@@ -216,23 +251,82 @@ impl Setup {
         Self {
             endpoint: Box::new(endpoint),
             policy,
+            lookup: None,
+            client: None,
         }
     }
 
-    /// Who may trigger: the section's policy, then the platform's own allow-lists.
-    fn authorize_actor(
+    /// With a permission lookup when the section names `api_url`.
+    fn lookup(
+        mut self,
+        key: &str,
+        api_url: Option<&String>,
+        token: &crate::Secret,
+        min: Option<&String>,
+    ) -> Result<Self, BuildError> {
+        if let Some(url) = api_url {
+            let platform = self.endpoint.platform();
+            self.lookup = Some(PermissionLookup::new(
+                key,
+                platform,
+                url,
+                token.clone(),
+                min.map(String::as_str),
+            )?);
+        }
+        Ok(self)
+    }
+
+    /// Who may trigger: the section's policy, the platform's own allow-lists, then (for a
+    /// sender not in `allowed_users` on a forge without author associations) the forge's
+    /// permission on the repository.
+    async fn authorize_actor(
         &self,
         event: &InboundEvent,
         skip_association: bool,
     ) -> Result<(), HookOutcome> {
-        authorize_actor(
+        let check = authorize_actor(
             &self.policy,
             self.endpoint.allowed_roles(),
             event,
             skip_association,
+            self.lookup.is_some(),
         )
-        .and_then(|()| self.endpoint.authorize(event))
-        .map_err(HookOutcome::Ignored)
+        .map_err(HookOutcome::Ignored)?;
+        self.endpoint
+            .authorize(event)
+            .map_err(HookOutcome::Ignored)?;
+        // Our own comments and edits never start a job: the bot's login comes from the API.
+        if let (Some(client), Some(actor)) = (&self.client, &event.actor) {
+            if let Some(me) = client.identity().await {
+                if me.eq_ignore_ascii_case(&actor.login) {
+                    return Err(HookOutcome::Ignored(IgnoreReason::Bot(actor.login.clone())));
+                }
+            }
+        }
+        if let (ActorCheck::AskForge, Some(lookup)) = (check, &self.lookup) {
+            let user = event
+                .actor
+                .as_ref()
+                .map(|a| a.login.clone())
+                .unwrap_or_default();
+            match lookup.check(event).await {
+                Ok(Ok(())) => {}
+                Ok(Err(level)) => {
+                    return Err(HookOutcome::Ignored(IgnoreReason::PermissionTooLow {
+                        user,
+                        level,
+                        min: lookup.min_permission(),
+                    }))
+                }
+                Err(e) => {
+                    return Err(HookOutcome::Ignored(IgnoreReason::PermissionUnknown(
+                        e.to_string(),
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -243,6 +337,17 @@ enum Origin {
 }
 
 impl Hooks {
+    /// The forge clients of the configured sections (for a [`Tracker`](crate::Tracker)
+    /// answering on the same forges).
+    #[must_use]
+    pub fn forge_clients(&self) -> Vec<Arc<ForgeClient>> {
+        self.inner
+            .setups
+            .iter()
+            .filter_map(|s| s.client.clone())
+            .collect()
+    }
+
     /// A builder over the `triggers:` configuration, submitting to `engine`.
     pub fn builder(config: TriggersConfig, engine: Engine) -> HooksBuilder {
         HooksBuilder {
@@ -277,11 +382,20 @@ impl Hooks {
         let label = parsed.map_or("unknown", Platform::as_str);
         metrics::counter!("aiwg_webhook_requests_total", "platform" => label).increment(1);
         let setup = parsed.and_then(|p| self.setup(p));
+        let mut attempt = AuditRecord::new(label, Decision::Refused);
         let outcome = match (parsed, setup) {
             (None, _) => HookOutcome::UnknownPlatform,
             (Some(_), None) => HookOutcome::Unauthorized(VerifyError::NotConfigured),
-            (Some(_), Some(setup)) => self.process(setup, headers, body).await,
+            (Some(_), Some(setup)) => self.process(setup, headers, body, &mut attempt).await,
         };
+        if let Some((decision, reason)) = audit_decision(&outcome) {
+            attempt.decision = decision;
+            attempt.reason = reason;
+            if let HookOutcome::Submitted { job_id, .. } = &outcome {
+                attempt.job_id = Some(*job_id);
+            }
+            self.inner.engine.audit().record(attempt).await;
+        }
         if let Some(reason) = outcome.error_reason() {
             metrics::counter!("aiwg_webhook_errors_total", "platform" => label, "reason" => reason)
                 .increment(1);
@@ -337,19 +451,32 @@ impl Hooks {
             .find(|s| s.endpoint.platform() == platform)
     }
 
-    async fn process(&self, setup: &Setup, headers: &HeaderMap, body: &[u8]) -> HookOutcome {
+    /// Verify → decide → run; `attempt` collects who asked and for what, for the audit trail.
+    async fn process(
+        &self,
+        setup: &Setup,
+        headers: &HeaderMap,
+        body: &[u8],
+        attempt: &mut AuditRecord,
+    ) -> HookOutcome {
         let event = match Self::verified(setup, headers, body, (self.inner.clock)()) {
             Ok(ev) => ev,
             Err(outcome) => return outcome,
         };
-        match self.decide(setup, &event) {
-            Ok((command, origin)) => self.run(setup, &event, body, command, origin).await,
+        attempt.actor = event.actor.as_ref().map(|a| a.login.clone());
+        attempt.delivery_id.clone_from(&event.delivery_id);
+        attempt.repo = event.repository.as_ref().map(|r| r.full_name.clone());
+        match self.decide(setup, &event).await {
+            Ok((command, origin)) => {
+                attempt.workflow = Some(command.workflow.clone());
+                self.run(setup, &event, body, command, origin).await
+            }
             Err(outcome) => outcome,
         }
     }
 
     /// Grammar (or rules): what is asked for.
-    fn decide(
+    async fn decide(
         &self,
         setup: &Setup,
         event: &InboundEvent,
@@ -359,7 +486,12 @@ impl Hooks {
             EventKind::Ping => return Err(HookOutcome::Pong),
             EventKind::Challenge(c) => return Err(HookOutcome::Challenge(c.clone())),
             EventKind::Comment => {
-                grammar::parse_comment(event.text.as_deref().unwrap_or(""), &setup.policy.mention)
+                let text = event.text.as_deref().unwrap_or("");
+                // A tracking comment of ours, whoever the forge says wrote it.
+                if text.contains(crate::tracking::MARKER) {
+                    return ignore(IgnoreReason::Bot("aiwg".into()));
+                }
+                grammar::parse_comment(text, &setup.policy.mention)
             }
             EventKind::ChatCommand => {
                 if let Some(other) = other_command(setup, event) {
@@ -397,11 +529,11 @@ impl Hooks {
         match parsed {
             Ok(Parsed::NotAddressed) => ignore(IgnoreReason::NotAddressed),
             Err(e) => {
-                setup.authorize_actor(event, false)?;
+                setup.authorize_actor(event, false).await?;
                 ignore(IgnoreReason::InvalidCommand(e))
             }
             Ok(Parsed::Help) => {
-                setup.authorize_actor(event, false)?;
+                setup.authorize_actor(event, false).await?;
                 let list = self
                     .inner
                     .engine
@@ -432,7 +564,7 @@ impl Hooks {
         origin: Origin,
     ) -> HookOutcome {
         let skip_association = matches!(origin, Origin::Rule { label: true });
-        if let Err(outcome) = setup.authorize_actor(event, skip_association) {
+        if let Err(outcome) = setup.authorize_actor(event, skip_association).await {
             return outcome;
         }
         if let Err(r) = authorize_command(&setup.policy, event, &command) {
@@ -503,6 +635,40 @@ impl Hooks {
             }
         }
         HookOutcome::DuplicateInProgress
+    }
+}
+
+/// What the audit trail records for `outcome`: `None` for deliveries that were no trigger
+/// attempt (a comment not addressed to us, an event no rule matches, another bot's command, a
+/// ping, a URL check, `help`, an unknown platform).
+fn audit_decision(outcome: &HookOutcome) -> Option<(Decision, Option<String>)> {
+    let refused = |reason: String| Some((Decision::Refused, Some(reason)));
+    match outcome {
+        HookOutcome::Submitted {
+            replayed: false, ..
+        } => Some((Decision::Accepted, None)),
+        HookOutcome::Submitted { replayed: true, .. } => Some((
+            Decision::Duplicate,
+            Some("delivered before: the same job, nothing new started".into()),
+        )),
+        HookOutcome::DuplicateInProgress => Some((
+            Decision::Duplicate,
+            Some("the same delivery is being handled".into()),
+        )),
+        HookOutcome::Ignored(
+            IgnoreReason::NotAddressed
+            | IgnoreReason::NoRule { .. }
+            | IgnoreReason::OtherCommand(_),
+        )
+        | HookOutcome::Help(_)
+        | HookOutcome::Pong
+        | HookOutcome::Challenge(_)
+        | HookOutcome::UnknownPlatform => None,
+        HookOutcome::Ignored(reason) => refused(reason.to_string()),
+        HookOutcome::Unauthorized(e) => refused(e.to_string()),
+        HookOutcome::BadRequest(e) => refused(e.to_string()),
+        HookOutcome::Unavailable(p) => refused(p.detail().to_owned()),
+        HookOutcome::StoreUnavailable => refused("the delivery store is unavailable".into()),
     }
 }
 

@@ -192,12 +192,14 @@ pub mod config;
 pub mod dedupe;
 mod error;
 pub mod event;
+pub mod forge;
 pub mod grammar;
 mod hooks;
 pub mod platform;
 mod replies;
 mod response;
 mod secret;
+pub mod tracking;
 #[cfg(feature = "postgres")]
 pub use dedupe::PgDeliveryStore;
 #[cfg(all(
@@ -217,3 +219,4 @@ pub use hooks::{Hooks, HooksBuilder, DEFAULT_DELIVERY_TTL};
 pub use replies::{outcome_text, PlatformReplies, PlatformRepliesBuilder, RepliesError};
 pub use response::{HookOutcome, HookReply, JSON, PROBLEM_JSON};
 pub use secret::Secret;
+pub use tracking::{Tracker, TrackerBuilder};

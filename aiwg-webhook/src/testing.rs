@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aiwg_core::test_util::conformance::{api_builder, Client, Serve, READ_KEY};
+use aiwg_core::test_util::conformance::{api_builder, Client, Serve, ADMIN_KEY, READ_KEY};
 use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::{Engine, JobId, JobStatus, Parameter, ProjectPolicy, Step, Workflow};
 use ed25519_dalek::{Signer, SigningKey};
@@ -281,6 +281,44 @@ async fn github(server: &dyn Serve) {
     )
     .await;
     assert_eq!(status, 413);
+
+    // The audit trail: every trigger attempt, newest first; the ping and the comment that did
+    // not address us were no attempts.
+    let audit = Client::new(&s.base_url)
+        .send("GET", "/audit?source=github", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(audit.status, 200, "{}", audit.text);
+    assert!(!audit.text.contains(GITHUB_SECRET));
+    let entries = audit.json()["entries"].as_array().unwrap().clone();
+    let seen: Vec<(&str, Option<&str>)> = entries
+        .iter()
+        .map(|e| (e["decision"].as_str().unwrap(), e["delivery_id"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("refused", Some("d-6")),
+            ("refused", None),
+            ("refused", None),
+            ("refused", None),
+            ("duplicate", Some("d-1")),
+            ("accepted", Some("d-1")),
+        ],
+        "{}",
+        audit.text
+    );
+    let accepted = &entries[5];
+    assert_eq!(accepted["actor"], "bob");
+    assert_eq!(accepted["repo"], "octo/app");
+    assert_eq!(accepted["workflow"], "echo");
+    assert_eq!(accepted["job_id"], id.as_str());
+    assert!(accepted["key_name"].is_null());
+    assert_eq!(entries[0]["workflow"], "no-such-workflow");
+    assert!(entries[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-workflow"));
+    assert!(entries[1]["reason"].as_str().unwrap().contains("signature"));
 }
 
 fn slack_headers(body: &[u8], ts: i64) -> Vec<(&'static str, String)> {

@@ -5,6 +5,54 @@ use aiwg_core::config::Config;
 
 use crate::App;
 
+/// The server's helper commands, run instead of the server when the first argument names one:
+///
+/// - `hash-key`: reads an API key from standard input (never from the command line, where
+///   other users see it) and prints its hex SHA-256, for `key_sha256` in `auth.api_keys`;
+/// - `gen-secret-key [ID]`: prints a new `AIWG_SECRET_KEY` entry (`ID:<base64 of 32 random
+///   bytes>`, `ID` defaulting to `k` and today's date) for sealing secrets in PostgreSQL.
+///
+/// Returns the exit code when a command ran, `None` when the server should start.
+#[must_use]
+pub fn helper_command() -> Option<std::process::ExitCode> {
+    use std::io::BufRead;
+    use std::process::ExitCode;
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("hash-key") => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+                eprintln!("aiwg: cannot read the key from standard input: {e}");
+                return Some(ExitCode::from(2));
+            }
+            let key = line.trim_end_matches(['\r', '\n']);
+            if key.chars().count() < 16 {
+                eprintln!(
+                    "aiwg: an API key must be at least 16 characters (give it on standard input)"
+                );
+                return Some(ExitCode::from(2));
+            }
+            println!("{}", aiwg_core::http::ApiKey::hash_hex(key));
+            Some(ExitCode::SUCCESS)
+        }
+        Some("gen-secret-key") => {
+            let id = args
+                .get(1)
+                .cloned()
+                .unwrap_or_else(|| format!("k{}", chrono::Utc::now().format("%Y%m%d")));
+            let entry = aiwg_core::secrets::SecretKeyring::generate(&id);
+            if let Err(e) = aiwg_core::secrets::SecretKeyring::parse(&entry) {
+                eprintln!("aiwg: {e}");
+                return Some(ExitCode::from(2));
+            }
+            println!("{entry}");
+            Some(ExitCode::SUCCESS)
+        }
+        _ => None,
+    }
+}
+
 /// The configuration and where it came from: `--config PATH`, `AIWG_CONFIG`, or the embedded
 /// defaults. `bin` names the program in the usage text.
 pub fn load_config(bin: &str) -> Result<(String, Config), String> {
@@ -15,7 +63,11 @@ pub fn load_config(bin: &str) -> Result<(String, Config), String> {
             "--config" | "-c" => path = Some(args.next().ok_or("--config needs a path")?),
             a if a.starts_with("--config=") => path = Some(a["--config=".len()..].to_owned()),
             "--help" | "-h" => {
-                println!("usage: {bin} [--config PATH]   (or AIWG_CONFIG=PATH)");
+                println!(
+                    "usage: {bin} [--config PATH]   (or AIWG_CONFIG=PATH)\n       \
+                     {bin} hash-key              (the API key on standard input; prints its SHA-256)\n       \
+                     {bin} gen-secret-key [ID]   (prints a new AIWG_SECRET_KEY entry)"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),

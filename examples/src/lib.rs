@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_core::audit::AuditLog;
 use aiwg_core::config::{Config, ConfigError, StorageKind};
 use aiwg_core::dispatch::Dispatcher;
 use aiwg_core::http::{Api, ApiKey, Scope};
@@ -106,9 +107,16 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         }
     }
     builder = builder.policy(config.projects.policy()?);
+    if let Some(ws) = &config.projects.workspace {
+        if let Some(settings) = ws.settings()? {
+            builder = builder.workspace(settings);
+        }
+    }
 
     let storage = Storage::open(config).await?;
-    builder = builder.store(storage.jobs(&config.storage.retention));
+    builder = builder
+        .store(storage.jobs(&config.storage.retention))
+        .audit(storage.audit(&config.storage.retention));
 
     let dispatcher = storage
         .dispatch(Dispatcher::builder().config(&config.webhooks))
@@ -118,11 +126,33 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .start()
         .map_err(|e| AppError::Start(e.to_string()))?;
     builder = builder.observer(Arc::new(dispatcher.clone()));
-    // Jobs started from Slack or Discord report their outcome back to the conversation.
+    // Jobs answer where they were asked: a tracking comment on the forges whose sections have
+    // API access, the outcome in the Slack or Discord conversation.
+    let triggers: Option<aiwg_webhook::TriggersConfig> = if config.triggers.is_null() {
+        None
+    } else {
+        Some(aiwg_core::config::section(
+            "triggers",
+            config.triggers.clone(),
+        )?)
+    };
     let replies = aiwg_webhook::PlatformReplies::builder()
         .build()
         .map_err(|e| AppError::Start(e.to_string()))?;
-    builder = builder.observer(Arc::new(replies));
+    let mut tracker = aiwg_webhook::Tracker::builder().chat(replies);
+    if let Some(t) = &triggers {
+        for client in t
+            .forge_clients()
+            .map_err(|e| ConfigError::new("triggers", e.to_string()))?
+        {
+            tracker = tracker.forge(client);
+        }
+    }
+    if let Some(url) = &config.server.public_url {
+        tracker = tracker.status_base(url.clone());
+    }
+    let tracker = storage.tracking(tracker).build();
+    builder = builder.observer(Arc::new(tracker));
     let engine = builder
         .build()
         .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
@@ -150,9 +180,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     if let Some(limit) = config.auth.rate_limit {
         api = api.rate_limit(limit);
     }
-    if !config.triggers.is_null() {
-        let triggers: aiwg_webhook::TriggersConfig =
-            aiwg_core::config::section("triggers", config.triggers.clone())?;
+    if let Some(triggers) = triggers {
         let hooks = storage
             .dedupe(aiwg_webhook::Hooks::builder(triggers, engine.clone()))
             .build()
@@ -185,6 +213,8 @@ enum Storage {
         jobs: Arc<aiwg_core::store::PgStore>,
         outbox: Arc<aiwg_core::dispatch::PgDispatchStore>,
         dedup: aiwg_webhook::PgDeliveryStore,
+        audit: Arc<aiwg_core::audit::PgAuditStore>,
+        tracking: aiwg_webhook::tracking::PgTrackingStore,
     },
 }
 
@@ -196,21 +226,43 @@ impl Storage {
             StorageKind::Postgres => {
                 let url = config.storage.url.as_deref().unwrap_or_default();
                 let start = |e: &dyn std::fmt::Display| AppError::Start(format!("storage: {e}"));
+                // Secrets (subscription secrets, chat reply credentials) are sealed before
+                // they reach the database; without a key the server does not start.
+                let keyring = aiwg_core::secrets::SecretKeyring::from_env()
+                    .map_err(|e| start(&e))?
+                    .ok_or_else(|| start(&aiwg_core::secrets::SecretError::NoKey))?;
                 // One pool for jobs, the outbox and de-duplication; each concept runs its own
                 // migrations.
                 let jobs = aiwg_core::store::PgStore::connect(url)
                     .await
-                    .map_err(|e| start(&e))?;
+                    .map_err(|e| start(&e))?
+                    .with_keyring(keyring.clone());
                 let outbox = aiwg_core::dispatch::PgDispatchStore::from_pool(jobs.pool().clone())
                     .await
-                    .map_err(|e| start(&e))?;
+                    .map_err(|e| start(&e))?
+                    .with_keyring(keyring);
                 outbox.migrate().await.map_err(|e| start(&e))?;
+                // Secrets stored in the clear by an older version, or under a key that is no
+                // longer the first of AIWG_SECRET_KEY, are sealed again with the current one.
+                let resealed = outbox.reseal_secrets().await.map_err(|e| start(&e))?;
+                if resealed > 0 {
+                    tracing::info!(
+                        subscriptions = resealed,
+                        "sealed subscription secrets with the current key"
+                    );
+                }
                 let dedup = aiwg_webhook::PgDeliveryStore::new(jobs.pool().clone());
                 dedup.migrate().await.map_err(|e| start(&e))?;
+                let audit = aiwg_core::audit::PgAuditStore::new(jobs.pool().clone());
+                audit.migrate().await.map_err(|e| start(&e))?;
+                let tracking = aiwg_webhook::tracking::PgTrackingStore::new(jobs.pool().clone());
+                tracking.migrate().await.map_err(|e| start(&e))?;
                 Ok(Storage::Postgres {
                     jobs: Arc::new(jobs),
                     outbox: Arc::new(outbox),
                     dedup,
+                    audit: Arc::new(audit),
+                    tracking,
                 })
             }
             #[cfg(not(feature = "postgres"))]
@@ -230,6 +282,18 @@ impl Storage {
         }
     }
 
+    fn audit(&self, retention: &aiwg_core::config::RetentionConfig) -> AuditLog {
+        match self {
+            Storage::Memory => AuditLog::new(Arc::new(
+                aiwg_core::audit::MemoryAuditStore::with_retention(retention.audit_memory()),
+            )),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres { audit, .. } => {
+                AuditLog::new(Arc::clone(audit) as Arc<dyn aiwg_core::audit::AuditStore>)
+            }
+        }
+    }
+
     fn dispatch(
         &self,
         builder: aiwg_core::dispatch::DispatcherBuilder,
@@ -240,6 +304,14 @@ impl Storage {
             Storage::Postgres { outbox, .. } => {
                 builder.store(Arc::clone(outbox) as Arc<dyn aiwg_core::dispatch::DispatchStore>)
             }
+        }
+    }
+
+    fn tracking(&self, builder: aiwg_webhook::TrackerBuilder) -> aiwg_webhook::TrackerBuilder {
+        match self {
+            Storage::Memory => builder,
+            #[cfg(feature = "postgres")]
+            Storage::Postgres { tracking, .. } => builder.store(Arc::new(tracking.clone())),
         }
     }
 
@@ -280,9 +352,13 @@ impl Storage {
                 jobs,
                 outbox,
                 dedup,
+                audit,
+                ..
             } => {
                 let (jobs, outbox, dedup) = (Arc::clone(jobs), Arc::clone(outbox), dedup.clone());
+                let audit = Arc::clone(audit);
                 let keep = retention.finished_for();
+                let keep_audit = retention.audit_for();
                 let every = retention.purge_every();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(every);
@@ -293,17 +369,24 @@ impl Storage {
                         let jobs_gone = jobs.purge_finished(before).await;
                         let deliveries_gone = outbox.purge_finished(before).await;
                         let keys_gone = dedup.purge().await;
-                        match (jobs_gone, deliveries_gone, keys_gone) {
-                            (Ok(j), Ok(d), Ok(k)) => tracing::info!(
+                        let audit_before = chrono::Utc::now()
+                            - chrono::Duration::from_std(keep_audit)
+                                .unwrap_or(chrono::Duration::MAX);
+                        let audit_gone =
+                            aiwg_core::audit::AuditStore::purge(&*audit, audit_before).await;
+                        match (jobs_gone, deliveries_gone, keys_gone, audit_gone) {
+                            (Ok(j), Ok(d), Ok(k), Ok(a)) => tracing::info!(
                                 jobs = j,
                                 deliveries = d,
                                 dedup_keys = k,
-                                "purged finished jobs, deliveries and expired keys"
+                                audit_entries = a,
+                                "purged finished jobs, deliveries, expired keys and old audit entries"
                             ),
-                            (j, d, k) => tracing::warn!(
+                            (j, d, k, a) => tracing::warn!(
                                 jobs = ?j.err(),
                                 deliveries = ?d.err(),
                                 dedup_keys = ?k.err(),
+                                audit_entries = ?a.err(),
                                 "a purge failed; retrying at the next one"
                             ),
                         }

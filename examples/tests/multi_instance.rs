@@ -19,6 +19,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 
 const KEY: &str = "multi-instance-key-0123456789";
+/// The instances' `AIWG_SECRET_KEY`.
+const SECRET_KEY: &str = "mi1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// A database of its own for one test, dropped at the end.
 struct Db {
@@ -123,6 +125,7 @@ fn start(db: &str, dir: &std::path::Path, name: &'static str) -> Server {
         .arg("--config")
         .arg(&path)
         .env("AIWG_API_KEY", KEY)
+        .env("AIWG_SECRET_KEY", SECRET_KEY)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -201,6 +204,89 @@ fn who_ran(events: &[Value], step: &str) -> Option<String> {
                 .to_owned()
         })
     })
+}
+
+/// On PostgreSQL the server needs `AIWG_SECRET_KEY` to seal secrets: without it (or with a
+/// malformed one) it refuses to start and names the variable; with it, a subscription secret
+/// created through the API is stored sealed and still signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_sealed_in_the_database_and_the_key_is_required() {
+    let Some(db) = Db::create().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.yaml");
+    std::fs::write(&path, config(&db.url, dir.path(), "a")).unwrap();
+    for (value, want) in [
+        (None, "set AIWG_SECRET_KEY"),
+        (Some("k1:tooshort"), "AIWG_SECRET_KEY: key `k1` is"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_server"));
+        cmd.arg("--config")
+            .arg(&path)
+            .env("AIWG_API_KEY", KEY)
+            .env_remove("AIWG_SECRET_KEY");
+        if let Some(v) = value {
+            cmd.env("AIWG_SECRET_KEY", v);
+        }
+        let out = cmd.output().expect("run the server");
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+        assert!(!err.contains("tooshort"), "the key is never printed: {err}");
+    }
+
+    let a = start(&db.url, dir.path(), "a");
+    let c = reqwest::Client::new();
+    let created: Value = c
+        .post(format!("{}/webhooks", a.base))
+        .bearer_auth(KEY)
+        .json(&json!({"url": "https://example.com/hook", "events": ["job.*"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"]
+        .as_str()
+        .expect("the secret, once")
+        .to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let options = PgConnectOptions::from_str(&db.url).unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let stored: String = sqlx::query_scalar("SELECT keys::text FROM aiwg_webhook_subscriptions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !stored.contains(secret.trim_start_matches("whsec_")),
+        "{stored}"
+    );
+    assert!(stored.contains("aiwg:v1:mi1:"), "{stored}");
+    // Rotating through the API keeps both keys sealed.
+    let id = created["id"].as_str().unwrap();
+    let rotated: Value = c
+        .post(format!("{}/webhooks/{id}/rotate-secret", a.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap();
+    let stored: String = sqlx::query_scalar("SELECT keys::text FROM aiwg_webhook_subscriptions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!stored.contains(new_secret.trim_start_matches("whsec_")));
+    assert_eq!(stored.matches("aiwg:v1:mi1:").count(), 2, "{stored}");
+    pool.close().await;
+    drop(a);
+    db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

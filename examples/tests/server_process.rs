@@ -82,6 +82,20 @@ async fn runs_a_job_and_stops_cleanly_on_sigterm(bin: &str) {
     );
     assert!(!out.contains(KEY), "the API key leaked into the agent");
 
+    // A path outside the API is a 404 problem document, not an empty body.
+    let res = http
+        .get(format!("{}/no/such/path", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 404);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["status"], 404);
+
     // A long job is running when SIGTERM arrives: it is cancelled after the grace period and
     // the process exits 0.
     let slow: Value = http
@@ -350,4 +364,231 @@ workflows:
         peak / 1024 / 1024
     );
     println!("flood: server peak {} MiB", peak / 1024 / 1024);
+}
+
+/// `server hash-key` reads the key from standard input (never argv) and prints the SHA-256
+/// that `key_sha256` takes; `server gen-secret-key` prints a usable `AIWG_SECRET_KEY` entry.
+#[test]
+fn the_helper_commands_hash_a_key_and_make_a_secret_key() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a-key-of-twenty-chars\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        aiwg_core::http::ApiKey::hash_hex("a-key-of-twenty-chars")
+    );
+    // A hashed key from it is accepted where the plain one would be.
+    let hashed = aiwg_core::http::ApiKey::sha256(
+        "ops",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        vec![aiwg_core::http::Scope::Admin],
+    );
+    assert!(hashed.is_ok());
+    // Too short a key is refused.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"short\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["gen-secret-key", "prod1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let entry = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(entry.starts_with("prod1:"), "{entry}");
+    let keyring = aiwg_core::secrets::SecretKeyring::parse(&entry).unwrap();
+    assert_eq!(keyring.current_id(), "prod1");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("gen-secret-key")
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        entry,
+        "a fresh key each time"
+    );
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A signed GitHub comment on pull request 7 of a real repository (a bare one over
+/// `file://`, whose `refs/pull/7/head` differs from `main`): the job's step runs
+/// `git rev-parse HEAD` in its workspace and sees the pull request's head; the worktree is
+/// gone afterwards. A pull request the repository does not have fails the job with
+/// `workspace_failed`.
+#[tokio::test]
+async fn a_pull_request_job_runs_in_a_worktree_at_its_head() {
+    use hmac::{Hmac, Mac};
+
+    let dir = tempfile::tempdir().unwrap();
+    let origin = dir.path().join("origin.git");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(
+        dir.path(),
+        &["init", "--bare", "-q", origin.to_str().unwrap()],
+    );
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("README"), "main\n").unwrap();
+    git(&work, &["add", "README"]);
+    git(&work, &["commit", "-q", "-m", "main"]);
+    let main_sha = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["push", "-q", origin.to_str().unwrap(), "main"]);
+    std::fs::write(work.join("README"), "the pull request\n").unwrap();
+    git(&work, &["commit", "-q", "-am", "pr"]);
+    let pr_sha = git(&work, &["rev-parse", "HEAD"]);
+    git(
+        &work,
+        &[
+            "push",
+            "-q",
+            origin.to_str().unwrap(),
+            "HEAD:refs/pull/7/head",
+        ],
+    );
+    assert_ne!(main_sha, pr_sha);
+
+    let cache = dir.path().join("cache");
+    let secret = "workspace-webhook-secret";
+    let config = format!(
+        r#"
+server: {{ bind: "127.0.0.1:0" }}
+projects: {{ root: "{root}", mapping: [ {{ pattern: ".*", path: "." }} ],
+            workspace: {{ kind: worktree, cache: "{cache}", protocols: [file], keep_failed_for: 0s }} }}
+engine: {{ workers: 2, shutdown_grace: "200ms" }}
+agents:
+  sh: {{ kind: command }}
+workflows:
+  head:
+    steps:
+      - {{ name: head, agent: sh, command: ["git", "rev-parse", "HEAD"] }}
+      - {{ name: file, agent: sh, command: ["cat", "README"] }}
+triggers:
+  github: {{ secret: "{secret}" }}
+"#,
+        root = dir.path().display(),
+        cache = cache.display()
+    );
+    let server = start(env!("CARGO_BIN_EXE_server"), &config, dir.path());
+    let http = reqwest::Client::new();
+    let post = |pr: u64, comment_id: u64| {
+        let body = json!({
+            "action": "created",
+            "issue": { "number": pr, "pull_request": { "url": "https://api.github.com/repos/o/r/pulls/7" } },
+            "comment": { "id": comment_id, "body": "@aiwg head", "user": { "login": "bob", "type": "User" }, "author_association": "MEMBER" },
+            "repository": { "full_name": "o/r", "clone_url": format!("file://{}", origin.display()), "default_branch": "main" },
+            "sender": { "login": "bob", "type": "User" }
+        })
+        .to_string();
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        http.post(format!("{}/hooks/github", server.base))
+            .header("x-github-event", "issue_comment")
+            .header("x-github-delivery", format!("ws-{comment_id}"))
+            .header("x-hub-signature-256", sig)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let wait = |id: String| {
+        let http = http.clone();
+        let base = server.base.clone();
+        async move {
+            let res = http
+                .get(format!("{base}/workflows/{id}/events"))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .unwrap();
+            let mut stream = res.bytes_stream();
+            let read = async { while let Some(Ok(_)) = stream.next().await {} };
+            tokio::time::timeout(Duration::from_secs(60), read)
+                .await
+                .expect("the job ends");
+            let doc: Value = http
+                .get(format!("{base}/workflows/{id}/status"))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            doc
+        }
+    };
+
+    let res = post(7, 1).await.unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let id = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = wait(id.clone()).await;
+    assert_eq!(doc["status"], "completed", "{doc}");
+    let steps = doc["result"]["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["output"].as_str().unwrap().trim(), pr_sha);
+    assert_eq!(
+        steps[1]["output"].as_str().unwrap().trim(),
+        "the pull request"
+    );
+    assert!(
+        !cache.join("worktrees").join(&id).exists(),
+        "the worktree is removed"
+    );
+    // The project directory itself was never touched.
+    assert!(!dir.path().join("README").exists());
+
+    let res = post(8, 2).await.unwrap();
+    let id = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = wait(id).await;
+    assert_eq!(doc["status"], "failed", "{doc}");
+    assert_eq!(doc["error"]["kind"], "workspace_failed", "{doc}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be fetched"),
+        "{doc}"
+    );
 }

@@ -22,6 +22,8 @@ use uuid::Uuid;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
+use crate::secrets::{self, SecretError, SecretKeyring};
+
 use crate::dispatch::{
     Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
     DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
@@ -48,7 +50,11 @@ static MIGRATOR: Migrator = Migrator {
 /// use std::sync::Arc;
 /// use aiwg_core::dispatch::{Dispatcher, PgDispatchStore};
 ///
-/// let outbox = PgDispatchStore::from_pool(pool).await?;
+/// use aiwg_core::secrets::SecretKeyring;
+///
+/// // Subscription secrets are sealed with the keyring from AIWG_SECRET_KEY.
+/// let keyring = SecretKeyring::from_env().ok().flatten().expect("AIWG_SECRET_KEY");
+/// let outbox = PgDispatchStore::from_pool(pool).await?.with_keyring(keyring);
 /// outbox.migrate().await?;
 /// let dispatcher = Dispatcher::builder().store(Arc::new(outbox)).build();
 /// # let _ = dispatcher; Ok(()) }
@@ -58,6 +64,8 @@ pub struct PgDispatchStore {
     pool: PgPool,
     /// The scope of advisory-lock keys: the schema, so two schemas never share locks.
     scope: String,
+    /// Seals subscription secrets; without one, storing a secret fails.
+    keyring: Option<SecretKeyring>,
 }
 
 impl std::fmt::Debug for PgDispatchStore {
@@ -65,6 +73,7 @@ impl std::fmt::Debug for PgDispatchStore {
         f.debug_struct("PgDispatchStore")
             .field("scope", &self.scope)
             .field("pool_size", &self.pool.size())
+            .field("keyring", &self.keyring)
             .finish_non_exhaustive()
     }
 }
@@ -77,7 +86,21 @@ impl PgDispatchStore {
         let scope = crate::util::current_schema(&pool)
             .await
             .map_err(DispatchStoreError::Backend)?;
-        Ok(Self { pool, scope })
+        Ok(Self {
+            pool,
+            scope,
+            keyring: None,
+        })
+    }
+
+    /// Seals subscription secrets with `keyring` before writing them (see
+    /// [`crate::secrets`]). Without a keyring, creating or changing a subscription fails with
+    /// [`SecretError::NoKey`], which names the variable to set: secrets are never written in
+    /// the clear.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: SecretKeyring) -> Self {
+        self.keyring = Some(keyring);
+        self
     }
 
     /// Runs the outbox's embedded migrations (idempotent; safe when several instances start
@@ -159,35 +182,102 @@ const SUB_COLUMNS: &str = "id, url, events, description, enabled, disabled_reaso
 const DELIVERY_COLUMNS: &str = "id, subscription_id, event_type, payload, state, created_at_ns, \
      next_attempt_at_ns, scheduled_attempts, attempts";
 
-fn keys_json(sub: &Subscription) -> Json<Vec<StoredKey>> {
-    Json(
-        sub.keys
-            .iter()
-            .map(|k| StoredKey {
-                secret: k.secret.expose().to_owned(),
-                expires_at: k.expires_at,
-            })
-            .collect(),
-    )
+/// The associated data a subscription's secrets are sealed with: they open only in its row.
+fn secret_context(id: &Uuid) -> Vec<u8> {
+    format!("aiwg:subscription:{id}").into_bytes()
 }
 
-fn subscription_of(row: &PgRow) -> DispatchStoreResult<Subscription> {
-    let Json(events): Json<Vec<String>> = row.try_get("events").map_err(db)?;
-    let Json(keys): Json<Vec<StoredKey>> = row.try_get("keys").map_err(db)?;
-    let keys = keys
-        .into_iter()
-        .map(|k| {
-            SigningSecret::parse(&k.secret)
-                .map(|secret| SigningKey {
-                    secret,
+fn secret_err(e: SecretError) -> DispatchStoreError {
+    DispatchStoreError::backend_from("postgres: subscription secret", e)
+}
+
+impl PgDispatchStore {
+    /// The signing keys as stored: each secret sealed with the keyring.
+    fn keys_json(&self, sub: &Subscription) -> DispatchStoreResult<Json<Vec<StoredKey>>> {
+        let keyring = self
+            .keyring
+            .as_ref()
+            .ok_or_else(|| secret_err(SecretError::NoKey))?;
+        let context = secret_context(sub.id.as_uuid());
+        Ok(Json(
+            sub.keys
+                .iter()
+                .map(|k| StoredKey {
+                    secret: keyring.seal(k.secret.expose().as_bytes(), &context),
                     expires_at: k.expires_at,
                 })
-                .map_err(|_| {
-                    DispatchStoreError::backend("postgres: a stored signing key is invalid")
-                })
-        })
-        .collect::<DispatchStoreResult<Vec<_>>>()?;
-    let id: Uuid = row.try_get("id").map_err(db)?;
+                .collect(),
+        ))
+    }
+
+    /// A subscription read with its row, its secrets opened (a secret stored in the clear by
+    /// a version without encryption reads as it is, and is sealed at its next write).
+    fn subscription_of(&self, row: &PgRow) -> DispatchStoreResult<Subscription> {
+        let id: Uuid = row.try_get("id").map_err(db)?;
+        let context = secret_context(&id);
+        let Json(events): Json<Vec<String>> = row.try_get("events").map_err(db)?;
+        let Json(keys): Json<Vec<StoredKey>> = row.try_get("keys").map_err(db)?;
+        let keys = keys
+            .into_iter()
+            .map(|k| {
+                let plain = if secrets::is_sealed(&k.secret) {
+                    let keyring = self
+                        .keyring
+                        .as_ref()
+                        .ok_or_else(|| secret_err(SecretError::NoKey))?;
+                    let bytes = keyring.open(&k.secret, &context).map_err(secret_err)?;
+                    String::from_utf8(bytes).map_err(|_| secret_err(SecretError::Corrupt))?
+                } else {
+                    k.secret
+                };
+                SigningSecret::parse(&plain)
+                    .map(|secret| SigningKey {
+                        secret,
+                        expires_at: k.expires_at,
+                    })
+                    .map_err(|_| {
+                        DispatchStoreError::backend("postgres: a stored signing key is invalid")
+                    })
+            })
+            .collect::<DispatchStoreResult<Vec<_>>>()?;
+        subscription_row(row, id, events, keys)
+    }
+
+    /// Seals again every subscription secret that is stored in the clear or under a key other
+    /// than the keyring's sealing one (after a rotation of `AIWG_SECRET_KEY`); returns how many
+    /// subscriptions were rewritten. Idempotent; any instance may run it (the example server
+    /// does at start).
+    pub async fn reseal_secrets(&self) -> DispatchStoreResult<u64> {
+        let Some(keyring) = &self.keyring else {
+            return Err(secret_err(SecretError::NoKey));
+        };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions ORDER BY id FOR UPDATE"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut n = 0;
+        for row in &rows {
+            let Json(stored): Json<Vec<StoredKey>> = row.try_get("keys").map_err(db)?;
+            if stored.iter().any(|k| keyring.is_stale(&k.secret)) {
+                let sub = self.subscription_of(row)?;
+                self.write_subscription(&mut tx, &sub).await?;
+                n += 1;
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(n)
+    }
+}
+
+fn subscription_row(
+    row: &PgRow,
+    id: Uuid,
+    events: Vec<String>,
+    keys: Vec<SigningKey>,
+) -> DispatchStoreResult<Subscription> {
     Ok(Subscription {
         id: id.into(),
         url: row.try_get("url").map_err(db)?,
@@ -259,7 +349,7 @@ impl PgDispatchStore {
         .bind(sub.description.as_deref())
         .bind(sub.enabled)
         .bind(sub.disabled_reason.as_deref())
-        .bind(keys_json(sub))
+        .bind(self.keys_json(sub)?)
         .bind(ns(sub.created_at))
         .bind(ns(sub.updated_at))
         .bind(sub.failing_since.map(ns))
@@ -284,7 +374,7 @@ impl DispatchStore for PgDispatchStore {
         .bind(sub.description.as_deref())
         .bind(sub.enabled)
         .bind(sub.disabled_reason.as_deref())
-        .bind(keys_json(sub))
+        .bind(self.keys_json(sub)?)
         .bind(ns(sub.created_at))
         .bind(ns(sub.updated_at))
         .bind(sub.failing_since.map(ns))
@@ -303,7 +393,7 @@ impl DispatchStore for PgDispatchStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        row.as_ref().map(subscription_of).transpose()
+        row.as_ref().map(|r| self.subscription_of(r)).transpose()
     }
 
     async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
@@ -313,7 +403,7 @@ impl DispatchStore for PgDispatchStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter().map(subscription_of).collect()
+        rows.iter().map(|r| self.subscription_of(r)).collect()
     }
 
     async fn update_subscription(
@@ -332,7 +422,7 @@ impl DispatchStore for PgDispatchStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let mut sub = subscription_of(&row)?;
+        let mut sub = self.subscription_of(&row)?;
         change.apply(&mut sub);
         self.write_subscription(&mut tx, &sub).await?;
         tx.commit().await.map_err(db)?;
@@ -555,7 +645,7 @@ impl DispatchStore for PgDispatchStore {
         tx.commit().await.map_err(db)?;
         let mut subs = BTreeMap::new();
         for r in &sub_rows {
-            let s = subscription_of(r)?;
+            let s = self.subscription_of(r)?;
             subs.insert(*s.id.as_uuid(), s);
         }
         let mut by_id = BTreeMap::new();

@@ -1,7 +1,7 @@
 //! The [`Engine`]: validates requests, stores jobs, schedules them onto a worker pool, runs their
 //! steps on executors, records every event, and publishes it to subscribers and observers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +39,16 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
 
 /// The longest guidance accepted (64 KiB).
 pub const MAX_GUIDANCE_BYTES: usize = 64 * 1024;
+
+/// What [`Engine::submission`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Submission {
+    /// The job.
+    pub job: Job,
+    /// `true` when this call created it; `false` when its idempotency key found it.
+    pub created: bool,
+}
 
 /// Why a job was not accepted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -209,7 +219,8 @@ pub struct QueueStats {
 /// Why a running job's token was cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopReason {
-    User,
+    /// A cancel, with the message the job's error carries.
+    User(&'static str),
     Shutdown,
     LeaseLost,
 }
@@ -222,6 +233,8 @@ struct RunningJob {
 
 pub(crate) struct Inner {
     store: Arc<dyn JobStore>,
+    workspaces: Option<Arc<crate::workspace::Workspaces>>,
+    audit: crate::audit::AuditLog,
     catalog: WorkflowCatalog,
     registry: ExecutorRegistry,
     policy: ProjectPolicy,
@@ -266,7 +279,7 @@ impl ClusterListener for Inner {
             r.reason
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(StopReason::User);
+                .get_or_insert(StopReason::User("cancelled by request"));
             r.token.cancel();
         }
     }
@@ -314,6 +327,8 @@ pub struct EngineBuilder {
     workflows: Vec<crate::workflow::Workflow>,
     policy: Option<ProjectPolicy>,
     observers: Vec<Arc<dyn JobObserver>>,
+    audit: Option<crate::audit::AuditLog>,
+    workspace: Option<crate::workspace::WorkspaceSettings>,
     settings: Settings,
 }
 
@@ -325,6 +340,8 @@ impl Default for EngineBuilder {
             workflows: Vec::new(),
             policy: None,
             observers: Vec::new(),
+            audit: None,
+            workspace: None,
             settings: Settings {
                 workers: 4,
                 queue_capacity: 1000,
@@ -348,6 +365,20 @@ impl Default for EngineBuilder {
 }
 
 impl EngineBuilder {
+    /// Where trigger decisions are recorded (default: an [`AuditLog`](crate::audit::AuditLog)
+    /// over a fresh [`MemoryAuditStore`](crate::audit::MemoryAuditStore)).
+    pub fn audit(mut self, audit: crate::audit::AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Runs jobs about pull requests in a git worktree at the request's head (see
+    /// [`crate::workspace`]); default: every job runs in its project directory.
+    pub fn workspace(mut self, settings: crate::workspace::WorkspaceSettings) -> Self {
+        self.workspace = Some(settings);
+        self
+    }
+
     /// The store (default: a fresh [`MemoryStore`]).
     pub fn store(mut self, store: Arc<dyn JobStore>) -> Self {
         self.store = Some(store);
@@ -539,6 +570,10 @@ impl EngineBuilder {
                 running: Mutex::new(HashMap::new()),
                 pending_cancels: Mutex::default(),
                 observers: self.observers,
+                audit: self.audit.unwrap_or_default(),
+                workspaces: self
+                    .workspace
+                    .map(|w| Arc::new(crate::workspace::Workspaces::new(w))),
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
@@ -561,6 +596,13 @@ impl Engine {
     /// A builder with defaults: in-memory store, 4 workers, queue of 1000, 5 minute timeout.
     pub fn builder() -> EngineBuilder {
         EngineBuilder::default()
+    }
+
+    /// The audit trail of trigger decisions: the HTTP API and the platform hooks record every
+    /// trigger attempt here.
+    #[must_use]
+    pub fn audit(&self) -> &crate::audit::AuditLog {
+        &self.inner.audit
     }
 
     /// The workflows.
@@ -596,6 +638,12 @@ impl Engine {
     /// Validates and queues a job. With an idempotency key that was seen before, returns the job
     /// created then (same request) or [`SubmitError::IdempotencyConflict`] (different request).
     pub async fn submit(&self, request: JobRequest) -> Result<Job, SubmitError> {
+        self.submission(request).await.map(|s| s.job)
+    }
+
+    /// [`submit`](Self::submit), also telling whether the job is new or was found by its
+    /// idempotency key (what the audit trail records as `accepted` or `duplicate`).
+    pub async fn submission(&self, request: JobRequest) -> Result<Submission, SubmitError> {
         if self.inner.stop_claiming.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -628,6 +676,24 @@ impl Engine {
             .policy
             .resolve(request.project_path.as_deref(), request.project.as_deref())?;
         let fingerprint = request.fingerprint();
+        let trigger = if request.trigger.source.is_empty() {
+            TriggerInfo::new("api")
+        } else {
+            request.trigger
+        };
+        let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
+            let ctx = crate::workflow::TemplateContext {
+                guidance: request.guidance.as_deref(),
+                project_path: &project.display().to_string(),
+                params: &params,
+                trigger: &trigger,
+                step_outputs: &BTreeMap::new(),
+            };
+            crate::workflow::render(&c.group, &ctx)
+                .ok()
+                .map(|g| g.trim().to_owned())
+                .filter(|g| !g.is_empty())
+        });
         let now = chrono::Utc::now();
         let job = Job {
             id: JobId::new(),
@@ -650,11 +716,7 @@ impl Engine {
             result: None,
             error: None,
             dead_letter: false,
-            trigger: if request.trigger.source.is_empty() {
-                TriggerInfo::new("api")
-            } else {
-                request.trigger
-            },
+            trigger,
             history: vec![crate::job::StatusChange {
                 status: JobStatus::Queued,
                 at: now,
@@ -664,6 +726,7 @@ impl Engine {
             cancel_requested: false,
             idempotency_key: request.idempotency_key,
             reply_credentials: request.reply_credentials,
+            concurrency_group,
         };
         let new = NewJob::new(job)
             .fingerprint(fingerprint)
@@ -671,10 +734,16 @@ impl Engine {
         match self.inner.store.create(new).await {
             Ok(Created::New(job, event)) => {
                 self.publish(&job, &event).await;
+                if let (Some(group), Some(c)) = (&job.concurrency_group, &wf.concurrency) {
+                    self.resolve_conflict(&job, group, c.on_conflict).await;
+                }
                 self.inner.wake.notify_one();
-                Ok(job)
+                Ok(Submission { job, created: true })
             }
-            Ok(Created::Existing(job)) => Ok(job),
+            Ok(Created::Existing(job)) => Ok(Submission {
+                job,
+                created: false,
+            }),
             Err(StoreError::IdempotencyConflict { existing }) => {
                 Err(SubmitError::IdempotencyConflict { existing })
             }
@@ -712,12 +781,46 @@ impl Engine {
     /// cancellation token, and this returns once its executor has returned (for a job running
     /// on another instance sharing the store: once that instance reports it, up to `30 s`).
     pub async fn cancel(&self, id: JobId) -> Result<Job, EngineError> {
-        match self
-            .inner
-            .store
-            .request_cancel(id, "cancelled by request")
-            .await
-        {
+        self.cancel_because(id, "cancelled by request").await
+    }
+
+    /// A new job of `group` arrived: cancel what its `on_conflict` says (in the background: the
+    /// new job waits for the group anyway).
+    async fn resolve_conflict(&self, new: &Job, group: &str, on_conflict: crate::OnConflict) {
+        let statuses: &[JobStatus] = match on_conflict {
+            crate::OnConflict::Queue => return,
+            crate::OnConflict::ReplaceQueued => &[JobStatus::Queued],
+            crate::OnConflict::CancelRunning => &[JobStatus::Queued, JobStatus::Running],
+        };
+        for status in statuses {
+            let query = JobQuery {
+                status: Some(*status),
+                concurrency_group: Some(group.to_owned()),
+                limit: Some(500),
+                ..JobQuery::default()
+            };
+            let Ok(page) = self.inner.store.list(&query).await else {
+                continue;
+            };
+            for old in page
+                .jobs
+                .into_iter()
+                .filter(|j| j.id != new.id && j.id < new.id)
+            {
+                let engine = self.clone();
+                let reason = match status {
+                    JobStatus::Queued => "replaced by a newer job of its concurrency group",
+                    _ => "cancelled by a newer job of its concurrency group",
+                };
+                tokio::spawn(async move {
+                    let _ = engine.cancel_because(old.id, reason).await;
+                });
+            }
+        }
+    }
+
+    async fn cancel_because(&self, id: JobId, reason: &'static str) -> Result<Job, EngineError> {
+        match self.inner.store.request_cancel(id, reason).await {
             Ok(CancelOutcome::Cancelled(job, event)) => {
                 self.publish(&job, &event).await;
                 Ok(job)
@@ -733,7 +836,7 @@ impl Engine {
                         r.reason
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(StopReason::User);
+                            .get_or_insert(StopReason::User(reason));
                         r.token.cancel();
                         r.done.clone()
                     });

@@ -103,7 +103,7 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(StopReason::User);
+            .get_or_insert(StopReason::User("cancelled by request"));
         token.cancel();
     }
 
@@ -153,7 +153,7 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
                             reason
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(StopReason::User);
+                                .get_or_insert(StopReason::User("cancelled by request"));
                             token.cancel();
                         }
                     }
@@ -170,7 +170,53 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         (stop, handle)
     };
 
-    let outcome = run_steps(engine, &job, &lease_cell, &token, &reason).await;
+    // A job about a pull request runs in a worktree at its head (when workspaces are on).
+    let workspace = match &inner.workspaces {
+        Some(ws) => tokio::select! {
+            r = ws.prepare(&job) => Some(r),
+            () = token.cancelled() => None,
+        },
+        None => Some(Ok(None)),
+    };
+    let (outcome, worktree) = match workspace {
+        None => (
+            (
+                Err(stop_for(&reason).unwrap_or_else(|| {
+                    Stop::Cancelled(JobError::new(
+                        "cancelled",
+                        "cancelled before the workspace was ready",
+                    ))
+                })),
+                JobResult::default(),
+            ),
+            None,
+        ),
+        Some(Err(e)) => (
+            (
+                Err(Stop::Failed(
+                    JobError::new("workspace_failed", e.to_string()),
+                    false,
+                )),
+                JobResult::default(),
+            ),
+            None,
+        ),
+        Some(Ok(None)) => (
+            run_steps(engine, &job, &lease_cell, &token, &reason).await,
+            None,
+        ),
+        Some(Ok(Some(wt))) => {
+            let mut at_head = job.clone();
+            at_head.project_path = wt.path.display().to_string();
+            (
+                run_steps(engine, &at_head, &lease_cell, &token, &reason).await,
+                Some(wt),
+            )
+        }
+    };
+    if let (Some(ws), Some(wt)) = (&inner.workspaces, worktree) {
+        ws.release(wt, outcome.0.is_ok()).await;
+    }
     hb.0.cancel();
     let _ = hb.1.await;
     let lease = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -257,10 +303,7 @@ async fn append(
 
 fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
     match *reason.lock().unwrap_or_else(|e| e.into_inner()) {
-        Some(StopReason::User) => Some(Stop::Cancelled(JobError::new(
-            "cancelled",
-            "cancelled by request",
-        ))),
+        Some(StopReason::User(why)) => Some(Stop::Cancelled(JobError::new("cancelled", why))),
         Some(StopReason::Shutdown) => Some(Stop::Cancelled(JobError::new(
             "shutdown",
             "the server shut down before the job finished",

@@ -100,6 +100,14 @@ impl ApiKey {
         Self::checked(name, hash, scopes)
     }
 
+    /// The hex SHA-256 of a key's secret: what `key_sha256` in the configuration (and
+    /// [`ApiKey::sha256`]) takes, so the configuration never holds the secret. The example
+    /// server prints it with `server hash-key` (the key read from standard input).
+    #[must_use]
+    pub fn hash_hex(secret: &str) -> String {
+        hex::encode(Sha256::digest(secret.as_bytes()))
+    }
+
     fn checked(name: String, hash: [u8; 32], scopes: Vec<Scope>) -> Result<Self, KeyError> {
         if scopes.is_empty() {
             return Err(KeyError::NoScopes(name));
@@ -270,6 +278,7 @@ mod tests {
         let plain = ApiKey::plain("ci", "0123456789abcdef-secret", vec![Scope::Trigger]).unwrap();
         let hex = hex::encode(Sha256::digest(b"another-long-secret-value"));
         let hashed = ApiKey::sha256("ops", &hex, vec![Scope::Admin]).unwrap();
+        assert_eq!(ApiKey::hash_hex("another-long-secret-value"), hex);
         let keys = vec![plain, hashed];
         assert_eq!(
             find_key(&keys, "0123456789abcdef-secret").unwrap().name(),

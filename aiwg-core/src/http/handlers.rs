@@ -9,10 +9,11 @@ use serde::de::DeserializeOwned;
 
 use super::auth::{find_key, ApiKey, Scope};
 use super::types::{
-    AgentStatus, CancelAnswer, HealthAnswer, JobList, ServerStatus, StatusDocument,
-    TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, ServerStatus,
+    StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
 use super::{parse_query, sse, Access, Api, ApiRequest, ApiResponse, Problem, Route, RouteSpec};
+use crate::audit::{AuditQuery, AuditRecord, Decision};
 use crate::dispatch::{CreateSubscription, DispatchError, UpdateSubscription};
 use crate::engine::EngineError;
 use crate::job::{JobId, JobStatus};
@@ -144,6 +145,11 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                         if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
                             l.check_addr(ip).map_err(too_many)?;
                         }
+                        if req.route == Route::Trigger {
+                            let record = AuditRecord::new("api", Decision::Refused)
+                                .reason(p.detail().to_owned());
+                            api.engine().audit().record(record).await;
+                        }
                         return Err(p);
                     }
                 };
@@ -222,6 +228,7 @@ async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&ApiKey>) -> Answer {
             StatusCode::OK,
             &super::openapi::document(),
         )),
+        Route::Audit => audit(api, req).await,
         Route::AllEvents => all_events(api, req),
         Route::Whoami => whoami(key),
         Route::Dashboard => Ok(super::ui::page()),
@@ -322,8 +329,28 @@ fn param_value(name: &str, v: serde_json::Value) -> Result<String, Problem> {
     }
 }
 
+/// `POST /workflows/trigger`, with its decision recorded in the audit trail.
 async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
+    let mut record = AuditRecord::new("api", Decision::Refused);
+    if let Some(name) = &actor {
+        record = record.key_name(name.clone()).actor(name.clone());
+    }
+    let answer = submit_trigger(api, req, actor, &mut record).await;
+    if let Err(p) = &answer {
+        record = record.reason(p.detail().to_owned());
+    }
+    api.engine().audit().record(record).await;
+    answer
+}
+
+async fn submit_trigger(
+    api: &Api,
+    req: &ApiRequest,
+    actor: Option<String>,
+    record: &mut AuditRecord,
+) -> Answer {
     let body: TriggerBody = json_body(req)?;
+    record.workflow = Some(body.workflow.clone());
     let header_key = req
         .headers
         .get("idempotency-key")
@@ -347,6 +374,7 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
         }
         (h, b) => h.or(b),
     };
+    record.delivery_id.clone_from(&idempotency_key);
     if idempotency_key
         .as_deref()
         .is_some_and(|k| !super::openapi::idempotency_key_ok(k))
@@ -373,10 +401,18 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
         idempotency_key.map(|k| format!("api:{}:{k}", actor.as_deref().unwrap_or("")));
     request.trigger.actor = actor;
     let engine = api.engine();
-    let job = engine
-        .submit(request)
+    let submission = engine
+        .submission(request)
         .await
         .map_err(|e| Problem::from(&e))?;
+    let job = submission.job;
+    record.job_id = Some(job.id);
+    record.decision = if submission.created {
+        Decision::Accepted
+    } else {
+        record.reason = Some("idempotency key seen before: the same job".into());
+        Decision::Duplicate
+    };
     if body.is_async == Some(false) {
         let bound = job.timeout + Duration::from_secs(5);
         let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;
@@ -441,15 +477,6 @@ async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
     ))
 }
 
-/// The client's `Last-Event-ID` header, else its `last_event_id` query parameter.
-fn last_event_id(req: &ApiRequest, query: &BTreeMap<String, String>) -> Option<String> {
-    req.headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| query.get("last_event_id").cloned())
-}
-
 fn event_stream_headers() -> http::HeaderMap {
     let mut headers = http::HeaderMap::new();
     headers.insert(
@@ -464,20 +491,35 @@ fn event_stream_headers() -> http::HeaderMap {
     headers
 }
 
+/// The client's position in a stream: its `Last-Event-ID` header and its `last_event_id` query
+/// parameter are both checked with `parse`; the header wins when both are given.
+fn last_event_id<T>(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+    parse: impl Fn(&str) -> Result<T, Problem>,
+) -> Result<Option<T>, Problem> {
+    let from_query = query.get("last_event_id").map(|s| parse(s)).transpose()?;
+    let from_header = req
+        .headers
+        .get("last-event-id")
+        .map(|v| parse(v.to_str().unwrap_or("-")))
+        .transpose()?;
+    Ok(from_header.or(from_query))
+}
+
 async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
-    let last = last_event_id(req, &query);
-    let after = match last {
-        None => 0,
-        Some(s) => s.trim().parse::<u64>().map_err(|_| {
+    let seq = |s: &str| {
+        s.trim().parse::<u64>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
                 "invalid-last-event-id",
                 "Last-Event-ID must be a sequence number",
             )
-        })?,
+        })
     };
+    let after = last_event_id(req, &query, seq)?.unwrap_or(0);
     let stream = api
         .engine()
         .subscribe(id, after)
@@ -521,16 +563,15 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
             other => return Err(bad(format!("unknown query parameter `{other}`"))),
         }
     }
-    let after = match last_event_id(req, &query) {
-        None => None,
-        Some(s) => Some(s.parse::<crate::engine::FeedCursor>().map_err(|_| {
+    let after = last_event_id(req, &query, |s| {
+        s.parse::<crate::engine::FeedCursor>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
                 "invalid-last-event-id",
                 "Last-Event-ID must be an id of this stream (`<16 hex digits>-<number>`)",
             )
-        })?),
-    };
+        })
+    })?;
     let engine = api.engine();
     // Without a cursor the stream starts now, and its opening names that position, so a
     // client that reconnects before any event arrived still misses nothing.
@@ -605,6 +646,59 @@ async fn jobs(api: &Api, req: &ApiRequest) -> Answer {
         StatusCode::OK,
         &JobList {
             jobs: page.jobs.iter().map(StatusDocument::from).collect(),
+            next_cursor: page.next_cursor.map(|c| c.to_string()),
+        },
+    ))
+}
+
+/// `GET /audit?since=&source=&decision=&limit=&cursor=`.
+async fn audit(api: &Api, req: &ApiRequest) -> Answer {
+    let bad = |what: &str| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", what.to_owned());
+    let mut query = AuditQuery::default();
+    for (k, v) in &parse_query(req.query.as_deref()) {
+        match k.as_str() {
+            "since" => {
+                let at = chrono::DateTime::parse_from_rfc3339(v)
+                    .map_err(|_| bad("since must be an RFC 3339 time (2026-12-02T08:00:00Z)"))?;
+                query.since = Some(at.with_timezone(&chrono::Utc));
+            }
+            "source" => query.source = Some(v.clone()),
+            "decision" => {
+                query.decision = Some(
+                    v.parse()
+                        .map_err(|e: crate::audit::UnknownDecision| bad(&e.to_string()))?,
+                );
+            }
+            "limit" => {
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| bad("limit must be a number from 1 to 500"))?;
+                if !(1..=500).contains(&n) {
+                    return Err(bad("limit must be a number from 1 to 500"));
+                }
+                query.limit = Some(n);
+            }
+            "cursor" => {
+                let c: i64 = v.parse().map_err(|_| bad("cursor is not valid"))?;
+                if c < 1 {
+                    return Err(bad("cursor is not valid"));
+                }
+                query.cursor = Some(c);
+            }
+            other => return Err(bad(&format!("unknown query parameter `{other}`"))),
+        }
+    }
+    let page = api
+        .engine()
+        .audit()
+        .store()
+        .list(&query)
+        .await
+        .map_err(|e| internal(&e))?;
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &AuditList {
+            entries: page.entries.iter().map(AuditEntryDoc::from).collect(),
             next_cursor: page.next_cursor.map(|c| c.to_string()),
         },
     ))

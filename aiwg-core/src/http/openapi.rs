@@ -16,8 +16,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::routes::{Access, Route, RouteSpec, ROUTES};
 use super::types::{
-    AgentStatus, CancelAnswer, HealthAnswer, JobList, KeyInfo, ServerStatus, StatusDocument,
-    TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, KeyInfo,
+    ServerStatus, StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
 use super::Problem;
 use crate::dispatch::{
@@ -44,7 +44,7 @@ impl Modify for Bearer {
     components(schemas(TriggerBody, TriggerAccepted, StatusDocument, CancelAnswer, WorkflowInfo,
         WorkflowList, JobList, HealthAnswer, AgentStatus, ServerStatus, Problem,
         CreateSubscription, CreatedSubscription, UpdateSubscription, WebhookSubscription,
-        SubscriptionList, RotatedSecret, DeliveryPage, KeyInfo)),
+        SubscriptionList, RotatedSecret, DeliveryPage, AuditEntryDoc, AuditList, KeyInfo)),
     modifiers(&Bearer)
 )]
 struct Doc;
@@ -458,6 +458,26 @@ fn details(route: Route, method: &http::Method) -> Value {
                 },
             })
         }
+        (Route::Audit, _) => json!({
+            "operationId": "listAudit",
+            "summary": "Every trigger attempt, accepted or refused, newest first",
+            "tags": ["audit"],
+            "parameters": [
+                query("since", "Only entries at or after this time (RFC 3339)",
+                    json!({"type": "string", "format": "date-time"})),
+                query("source", "Only entries of this source (`api`, `github`, `slack`, …)",
+                    json!({"type": "string"})),
+                query("decision", "Only entries with this decision",
+                    json!({"type": "string", "enum": ["accepted", "duplicate", "refused"]})),
+                limit(),
+                query("cursor", "`next_cursor` of the previous page",
+                    json!({"type": "string", "pattern": "^[1-9][0-9]{0,17}$"})),
+            ],
+            "responses": {
+                "200": json_response("A page of entries", schema("AuditList")),
+                "400": problem("A malformed or unknown query parameter"),
+            },
+        }),
         (Route::Webhooks, "POST") => json!({
             "operationId": "createWebhook",
             "summary": "Subscribe to job events",

@@ -47,6 +47,8 @@ pub enum Route {
     Metrics,
     /// `GET /openapi.json`
     OpenApi,
+    /// `GET /audit`
+    Audit,
     /// `GET /events`: every job's events (the engine's [feed](crate::Engine::feed)) as SSE
     AllEvents,
     /// `GET /whoami`: the presented key's name and scopes
@@ -242,6 +244,7 @@ pub const ROUTES: &[RouteSpec] = &[
         Access::Configurable(Scope::Read),
     ),
     RouteSpec::new("/openapi.json", Route::OpenApi, GET, Access::Public),
+    RouteSpec::new("/audit", Route::Audit, GET, Access::Key(Scope::Admin)),
     RouteSpec::new("/events", Route::AllEvents, GET, Access::Key(Scope::Read)),
     RouteSpec::new("/whoami", Route::Whoami, GET, Access::AnyKey),
     RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Unlimited),

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::audit::{AuditEntry, Decision};
 use crate::engine::QueueStats;
 use crate::executor::{BackendHealth, CircuitState};
 use crate::job::{Job, JobError, JobResult, JobStatus, Progress, TriggerInfo};
@@ -186,6 +187,60 @@ pub struct JobList {
     /// Jobs, newest first.
     pub jobs: Vec<StatusDocument>,
     /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// One entry of `GET /audit`: a trigger attempt and what became of it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryDoc {
+    /// The entry's id (larger is newer).
+    pub id: i64,
+    /// When it was decided.
+    pub at: DateTime<Utc>,
+    /// `api`, or the platform (`github`, `gitlab`, `slack`, …).
+    pub source: String,
+    /// The API key's name, for `api`.
+    pub key_name: Option<String>,
+    /// Who asked.
+    pub actor: Option<String>,
+    /// The platform's delivery id, or the API's idempotency key.
+    pub delivery_id: Option<String>,
+    /// The repository, when there is one.
+    pub repo: Option<String>,
+    /// The workflow asked for.
+    pub workflow: Option<String>,
+    /// `accepted`, `duplicate` or `refused`.
+    pub decision: Decision,
+    /// Why (refusals and duplicates).
+    pub reason: Option<String>,
+    /// The job created or answered.
+    pub job_id: Option<String>,
+}
+
+impl From<&AuditEntry> for AuditEntryDoc {
+    fn from(e: &AuditEntry) -> Self {
+        Self {
+            id: e.id,
+            at: e.at,
+            source: e.source.clone(),
+            key_name: e.key_name.clone(),
+            actor: e.actor.clone(),
+            delivery_id: e.delivery_id.clone(),
+            repo: e.repo.clone(),
+            workflow: e.workflow.clone(),
+            decision: e.decision,
+            reason: e.reason.clone(),
+            job_id: e.job_id.map(|j| j.to_string()),
+        }
+    }
+}
+
+/// `GET /audit`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditList {
+    /// Entries, newest first.
+    pub entries: Vec<AuditEntryDoc>,
+    /// Pass as `cursor` for the next (older) page.
     pub next_cursor: Option<String>,
 }
 

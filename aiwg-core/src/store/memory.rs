@@ -32,6 +32,8 @@ struct State {
     ready: BTreeSet<ReadyKey>,
     idempotency: HashMap<String, (String, JobId)>,
     running_per_project: HashMap<String, usize>,
+    /// Concurrency groups with a running job.
+    busy_groups: HashMap<String, JobId>,
     enqueue_seq: u64,
     lease_seq: u64,
     running: usize,
@@ -64,6 +66,11 @@ impl State {
                     *n -= 1;
                     if *n == 0 {
                         self.running_per_project.remove(&e.job.project_path);
+                    }
+                }
+                if let Some(g) = &e.job.concurrency_group {
+                    if self.busy_groups.get(g) == Some(&id) {
+                        self.busy_groups.remove(g);
                     }
                 }
             }
@@ -263,6 +270,12 @@ impl JobStore for MemoryStore {
                     .as_deref()
                     .is_none_or(|w| e.job.workflow == w)
             })
+            .filter(|(_, e)| {
+                query
+                    .concurrency_group
+                    .as_ref()
+                    .is_none_or(|g| e.job.concurrency_group.as_ref() == Some(g))
+            })
             .take(size + 1)
             .map(|(_, e)| e.job.clone())
             .collect();
@@ -281,6 +294,10 @@ impl JobStore for MemoryStore {
         let found = s.ready.iter().copied().find(|key| {
             let job = &s.jobs[&key.2].job;
             apply::is_due(job, now)
+                && job
+                    .concurrency_group
+                    .as_ref()
+                    .is_none_or(|g| !s.busy_groups.contains_key(g))
                 && request.per_project_limit.is_none_or(|limit| {
                     s.running_per_project
                         .get(&job.project_path)
@@ -307,6 +324,9 @@ impl JobStore for MemoryStore {
         let event = State::record(entry, kind, now);
         let job = entry.job.clone();
         let project = job.project_path.clone();
+        if let Some(g) = &job.concurrency_group {
+            s.busy_groups.insert(g.clone(), id);
+        }
         *s.running_per_project.entry(project).or_default() += 1;
         s.running += 1;
         Ok(Some(Claimed { job, lease, event }))

@@ -184,6 +184,8 @@ pub struct JobQuery {
     pub limit: Option<usize>,
     /// Continue after this job (the previous page's `next_cursor`).
     pub cursor: Option<JobId>,
+    /// Only jobs of this concurrency group.
+    pub concurrency_group: Option<String>,
 }
 
 impl JobQuery {

@@ -766,6 +766,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     synchronous_trigger(server).await;
     cancel_running_and_finished(server).await;
     idempotency(server).await;
+    audit_trail(server).await;
     bad_requests_are_problems(server).await;
     body_limit(server).await;
     rate_limit(server).await;
@@ -1177,6 +1178,151 @@ async fn idempotency(server: &dyn Serve) {
     assert_eq!(res.json()["job_id"], a.json()["job_id"]);
     // Two jobs at most: the first key's and the other key's.
     assert!(fx.echo.calls() <= 2);
+}
+
+/// Every trigger attempt lands in `GET /audit`: accepted, duplicate and refused ones (wrong
+/// key, missing scope, unknown workflow, bad parameters), newest first, filtered and paged,
+/// and no key ever appears in it.
+async fn audit_trail(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    let post = |key: Option<&'static str>, body: Value| {
+        let c = &c;
+        async move {
+            c.send("POST", "/workflows/trigger", key, Some(Body::Json(body)))
+                .await
+        }
+    };
+    let ok = json!({"workflow": "echo", "project_path": "proj", "idempotency_key": "audit-1"});
+    let accepted = post(Some(TRIGGER_KEY), ok.clone()).await;
+    assert_eq!(accepted.status, 202);
+    let job_id = accepted.json()["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(post(Some(TRIGGER_KEY), ok).await.status, 202);
+    post(Some("wrong-key"), json!({"workflow": "echo"}))
+        .await
+        .assert_problem(401);
+    post(Some(READ_KEY), json!({"workflow": "echo"}))
+        .await
+        .assert_problem(403);
+    post(
+        Some(TRIGGER_KEY),
+        json!({"workflow": "nope", "project_path": "proj"}),
+    )
+    .await
+    .assert_problem(404);
+    post(
+        Some(TRIGGER_KEY),
+        json!({"workflow": "echo", "project_path": "proj", "params": {"x": [1]}}),
+    )
+    .await
+    .assert_problem(400);
+
+    let audit = |query: &str| {
+        let c = &c;
+        let path = format!("/audit{query}");
+        async move { c.send("GET", &path, Some(ADMIN_KEY), None).await }
+    };
+    let all = audit("").await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    for secret in [TRIGGER_KEY, READ_KEY, ADMIN_KEY, "wrong-key"] {
+        assert!(!all.text.contains(secret), "a key in the audit trail");
+    }
+    let entries = all.json()["entries"].as_array().unwrap().clone();
+    let decisions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+            "duplicate",
+            "accepted"
+        ],
+        "newest first: {}",
+        all.text
+    );
+    let accepted = &entries[5];
+    assert_eq!(accepted["source"], "api");
+    assert_eq!(accepted["key_name"], "ci");
+    assert_eq!(accepted["actor"], "ci");
+    assert_eq!(accepted["workflow"], "echo");
+    assert_eq!(accepted["delivery_id"], "audit-1");
+    assert_eq!(accepted["job_id"], job_id.as_str());
+    assert_eq!(entries[4]["job_id"], job_id.as_str());
+    assert!(entries[4]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("idempotency"));
+    let reasons: Vec<&str> = entries[..4]
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons[0].contains("`x`"), "{reasons:?}");
+    assert!(reasons[1].contains("nope"), "{reasons:?}");
+    assert!(reasons[2].contains("scope"), "{reasons:?}");
+    assert_eq!(reasons[3], "invalid API key");
+    assert!(entries[3]["key_name"].is_null());
+    assert!(entries[0]["at"].as_str().unwrap().contains('T'));
+
+    // Filters and pages.
+    let refused = audit("?decision=refused&source=api").await.json();
+    assert_eq!(refused["entries"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        audit("?source=github").await.json()["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let first = audit("?limit=4").await.json();
+    assert_eq!(first["entries"].as_array().unwrap().len(), 4);
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let second = audit(&format!("?limit=4&cursor={cursor}")).await.json();
+    assert_eq!(
+        second["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["decision"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["duplicate", "accepted"]
+    );
+    assert!(second["next_cursor"].is_null());
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let none = audit(&format!("?since={future}")).await.json();
+    assert_eq!(none["entries"].as_array().unwrap().len(), 0);
+    for bad in [
+        "?decision=maybe",
+        "?since=yesterday",
+        "?cursor=abc",
+        "?cursor=0",
+        "?limit=0",
+        "?colour=red",
+    ] {
+        audit(bad).await.assert_problem(400);
+    }
+    // Admin only; reading the trail is no trigger attempt.
+    c.send("GET", "/audit", Some(READ_KEY), None)
+        .await
+        .assert_problem(403);
+    c.send("GET", "/audit", None, None)
+        .await
+        .assert_problem(401);
+    assert_eq!(
+        audit("").await.json()["entries"].as_array().unwrap().len(),
+        6
+    );
 }
 
 async fn bad_requests_are_problems(server: &dyn Serve) {

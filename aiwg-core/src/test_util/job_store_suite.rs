@@ -45,6 +45,7 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
         cancel_requested: false,
         idempotency_key: None,
         reply_credentials: Default::default(),
+        concurrency_group: None,
     }
 }
 
@@ -74,6 +75,7 @@ where
     claim_order(&*make().await).await;
     retry_and_dead_letter(&*make().await).await;
     per_project_limit(&*make().await).await;
+    concurrency_groups(&*make().await).await;
     fencing_and_recovery(&*make().await).await;
     cancel(&*make().await).await;
     listing(&*make().await).await;
@@ -258,6 +260,46 @@ async fn retry_and_dead_letter(store: &dyn JobStore) {
             JobStatus::Failed
         ]
     );
+}
+
+/// At most one job of a concurrency group runs; the others wait in order, and jobs of other
+/// groups (or none) pass them.
+async fn concurrency_groups(store: &dyn JobStore) {
+    let grouped = |n: i32| {
+        let mut j = sample_job("w", &format!("/g{n}"), 0);
+        j.concurrency_group = Some("octo/app#7".into());
+        j
+    };
+    let g1 = create(store, grouped(1)).await;
+    let g2 = create(store, grouped(2)).await;
+    let free = create(store, sample_job("w", "/free", 0)).await;
+    let req = claim_req("w1");
+    let c1 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c1.job.id, g1.id);
+    assert_eq!(c1.job.concurrency_group.as_deref(), Some("octo/app#7"));
+    let c2 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c2.job.id, free.id, "the second job of the group waits");
+    assert!(store.claim(&req).await.unwrap().is_none());
+    // The group is listed.
+    let q = JobQuery {
+        concurrency_group: Some("octo/app#7".into()),
+        ..JobQuery::default()
+    };
+    let listed: Vec<_> = store
+        .list(&q)
+        .await
+        .unwrap()
+        .jobs
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(listed, [g2.id, g1.id]);
+    store
+        .finish(&c1.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let c3 = store.claim(&req).await.unwrap().unwrap();
+    assert_eq!(c3.job.id, g2.id, "the group is free again");
 }
 
 async fn per_project_limit(store: &dyn JobStore) {

@@ -1,7 +1,8 @@
 //! Test support (feature `test-util`): a [`ScriptedExecutor`] that plays a script instead of
 //! running an agent, `MockExecutor` (mockall) re-exported, and the store conformance
 //! suites: [`job_store_suite`] for every [`JobStore`](crate::JobStore), [`dispatch_store_suite`]
-//! for every [`DispatchStore`](crate::dispatch::DispatchStore) (the third, for inbound
+//! for every [`DispatchStore`](crate::dispatch::DispatchStore), [`audit_store_suite`] for every
+//! [`AuditStore`](crate::audit::AuditStore) (the fourth, for inbound
 //! de-duplication stores, is `aiwg_webhook::testing::dedup_store_suite`).
 //!
 //! ```
@@ -41,9 +42,11 @@ use crate::executor::{
     AgentEvent, AgentRequest, AgentResult, Capabilities, EventSink, Executor, ExecutorError, Health,
 };
 
+mod audit_store_suite;
 pub mod conformance;
 mod dispatch_store_suite;
 mod job_store_suite;
+pub use audit_store_suite::audit_store_suite;
 pub use dispatch_store_suite::dispatch_store_suite;
 pub use job_store_suite::{job_store_suite, sample_job};
 

@@ -16,6 +16,14 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// The keyring the test stores seal secrets with (`AIWG_SECRET_KEY` syntax).
+pub const TEST_KEYRING: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// [`TEST_KEYRING`], parsed.
+pub fn keyring() -> aiwg_core::secrets::SecretKeyring {
+    aiwg_core::secrets::SecretKeyring::parse(TEST_KEYRING).expect("keyring")
+}
+
 /// A reachable database and the schemas made in it.
 pub struct TestDb {
     admin: PgPool,
@@ -129,7 +137,8 @@ impl TestDb {
     pub async fn store_in(&self, schema: &str, max: u32) -> PgStore {
         let store = PgStore::from_pool(self.pool(schema, max).await)
             .await
-            .expect("store");
+            .expect("store")
+            .with_keyring(keyring());
         store.migrate().await.expect("migrate");
         store
     }
@@ -144,7 +153,8 @@ impl TestDb {
     pub async fn outbox_in(&self, schema: &str, max: u32) -> PgDispatchStore {
         let store = PgDispatchStore::from_pool(self.pool(schema, max).await)
             .await
-            .expect("outbox");
+            .expect("outbox")
+            .with_keyring(keyring());
         store.migrate().await.expect("migrate outbox");
         store
     }

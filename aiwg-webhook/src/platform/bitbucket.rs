@@ -135,9 +135,11 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
     ev.delivery_id = header(headers, "x-request-uuid").map(str::to_owned);
     ev.repository = p.repository.as_ref().and_then(repository);
     ev.actor = p.actor.and_then(|u| {
+        let id = u.uuid.clone();
         let login = u.nickname.or(u.account_id).or(u.uuid)?;
         Some(Actor {
             login,
+            id,
             name: u.display_name,
             is_bot: matches!(u.kind.as_deref(), Some("app_user" | "team")),
             ..Actor::default()

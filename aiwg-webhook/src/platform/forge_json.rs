@@ -25,6 +25,13 @@ struct Payload {
     after: Option<String>,
     /// Gitea: whether an `issue_comment` is on a pull request.
     is_pull: Option<bool>,
+    /// GitHub Apps: the installation that delivered the event.
+    installation: Option<Installation>,
+}
+
+#[derive(Deserialize)]
+struct Installation {
+    id: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +238,9 @@ pub(crate) fn parse(
         if event == "issues" {
             ev.actor = actor(p.sender.as_ref(), issue.author_association.as_ref());
         }
+    }
+    if let Some(id) = p.installation.as_ref().and_then(|i| i.id) {
+        ev.reply.insert("installation_id".into(), id.to_string());
     }
     if let Some(c) = &p.comment {
         ev.text = c.body.clone();

@@ -57,6 +57,7 @@ struct Payload {
 
 #[derive(Deserialize)]
 struct User {
+    id: Option<u64>,
     username: Option<String>,
     name: Option<String>,
 }
@@ -204,6 +205,11 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<InboundEvent, ParseErro
     });
     if let Some(a) = ev.actor.as_mut() {
         a.name = value.user.as_ref().and_then(|u| u.name.clone());
+        a.id = value
+            .user
+            .as_ref()
+            .and_then(|u| u.id)
+            .map(|id| id.to_string());
     }
     let added_labels: Vec<String> = value
         .changes

@@ -17,6 +17,9 @@ use aiwg_examples::cli;
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::make_non_dumpable();
+    if let Some(code) = cli::helper_command() {
+        return code;
+    }
     cli::init_tracing();
     let (source, config) = match cli::load_config("actix_server") {
         Ok(c) => c,
@@ -33,10 +36,20 @@ async fn main() -> ExitCode {
         }
     };
     let aiwg = aiwg_actix::configure(app.api.clone());
-    let server = match HttpServer::new(move || App::new().configure(aiwg.clone()))
-        .disable_signals()
-        .shutdown_timeout(5)
-        .bind(&app.bind)
+    // Paths outside the API get its 404 problem document, not an empty body.
+    let fallback = app.api.clone();
+    let server = match HttpServer::new(move || {
+        let fallback = fallback.clone();
+        App::new()
+            .configure(aiwg.clone())
+            .default_service(actix_web::web::to(move || {
+                let res = aiwg_actix::not_found(&fallback);
+                async move { res }
+            }))
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(&app.bind)
     {
         Ok(s) => s,
         Err(e) => {

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::make_non_dumpable();
+    if let Some(code) = cli::helper_command() {
+        return code;
+    }
     cli::init_tracing();
     let (source, config) = match cli::load_config("server") {
         Ok(c) => c,
@@ -45,7 +48,12 @@ async fn main() -> ExitCode {
 
     let stop = CancellationToken::new();
     let server_stop = stop.clone();
-    let router = aiwg_axum::router(app.api.clone());
+    // Paths outside the API get its 404 problem document, not an empty body.
+    let fallback = app.api.clone();
+    let router = aiwg_axum::router(app.api.clone()).fallback(move || {
+        let res = aiwg_axum::not_found(&fallback);
+        async move { res }
+    });
     let server = tokio::spawn(async move {
         axum::serve(
             listener,

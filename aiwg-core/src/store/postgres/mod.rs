@@ -122,6 +122,7 @@ pub struct PgStore {
     channel: String,
     instance: String,
     relaxed_events: bool,
+    keyring: Option<crate::secrets::SecretKeyring>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -175,10 +176,8 @@ fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// A job read with its row.
-fn job_of(row: &PgRow) -> Result<Job, StoreError> {
-    let Json(job): Json<Job> = row.try_get("job").map_err(db)?;
-    Ok(job)
+fn secret_err(e: crate::secrets::SecretError) -> StoreError {
+    StoreError::backend_from("postgres: job credentials", e)
 }
 
 /// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
@@ -260,7 +259,51 @@ impl PgStore {
             channel: channel_for(&schema),
             instance: Uuid::now_v7().simple().to_string(),
             relaxed_events: false,
+            keyring: None,
         })
+    }
+
+    /// Seals each job's [`ReplyCredentials`](crate::ReplyCredentials) (a Slack `response_url`,
+    /// a Discord interaction token) with `keyring` before writing it (see [`crate::secrets`]).
+    /// Without a keyring, creating a job that carries credentials fails with
+    /// [`SecretError::NoKey`](crate::secrets::SecretError::NoKey), which names the variable
+    /// to set: they are never written in the clear.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: crate::secrets::SecretKeyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// The job as it is written: its credentials sealed.
+    fn sealed<'a>(&self, job: &'a Job) -> Result<std::borrow::Cow<'a, Job>, StoreError> {
+        let creds = &job.reply_credentials;
+        if creds.is_empty() || creds.is_sealed() {
+            return Ok(std::borrow::Cow::Borrowed(job));
+        }
+        let keyring = self
+            .keyring
+            .as_ref()
+            .ok_or_else(|| secret_err(crate::secrets::SecretError::NoKey))?;
+        let mut sealed = job.clone();
+        sealed.reply_credentials = creds.sealed(keyring, job.id.as_uuid().as_bytes());
+        Ok(std::borrow::Cow::Owned(sealed))
+    }
+
+    /// A job read with its row, its credentials opened. Credentials that do not open (no key,
+    /// a key dropped from the keyring too early, a damaged value) are left out with a warning:
+    /// the job stays readable and runnable, only its chat reply is lost.
+    fn job_of(&self, row: &PgRow) -> Result<Job, StoreError> {
+        let Json(mut job): Json<Job> = row.try_get("job").map_err(db)?;
+        if job.reply_credentials.is_sealed() {
+            job.reply_credentials = job
+                .reply_credentials
+                .opened(self.keyring.as_ref(), job.id.as_uuid().as_bytes())
+                .unwrap_or_else(|e| {
+                    tracing::warn!(job = %job.id, error = %e, "the job's reply credentials do not open; it will not reply");
+                    crate::ReplyCredentials::default()
+                });
+        }
+        Ok(job)
     }
 
     /// Runs the embedded migrations (idempotent; safe when several instances start at once).
@@ -390,7 +433,7 @@ impl PgStore {
         .await
         .map_err(db)?;
         match row {
-            Some(row) => job_of(&row),
+            Some(row) => self.job_of(&row),
             None => Err(self.lost(&mut **tx, lease.job_id).await),
         }
     }
@@ -417,7 +460,7 @@ impl PgStore {
             .bind(job.status.as_str())
             .bind(job.retry_at)
             .bind(job.cancel_requested)
-            .bind(Json(job));
+            .bind(Json(self.sealed(job)?));
         let row = self
             .bind_event(q, ev)
             .fetch_one(&mut **tx)
@@ -435,7 +478,7 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        row.map(|r| Ok((r.try_get("fingerprint").map_err(db)?, job_of(&r)?)))
+        row.map(|r| Ok((r.try_get("fingerprint").map_err(db)?, self.job_of(&r)?)))
             .transpose()
     }
 
@@ -493,7 +536,7 @@ impl PgStore {
                     .as_ref()
                     .map(|_| new.fingerprint.clone().unwrap_or_default()),
             )
-            .bind(Json(job));
+            .bind(Json(self.sealed(job)?));
         let row = self
             .bind_event(q, &ev)
             .fetch_optional(&mut *tx)
@@ -517,6 +560,7 @@ impl PgStore {
         request: &ClaimRequest,
         at: DateTime<Utc>,
         full: &[String],
+        busy_groups: &[String],
     ) -> Result<Option<Job>, StoreError> {
         let limit = request
             .per_project_limit
@@ -529,19 +573,54 @@ impl PgStore {
                AND ($3::bigint IS NULL OR (SELECT count(*) FROM aiwg_jobs r \
                     WHERE r.status = 'running' AND r.project_path = j.project_path \
                       AND r.lease_expires_at > GREATEST($1::timestamptz, now())) < $3) \
+               AND (j.job->>'concurrency_group' IS NULL \
+                    OR NOT (j.job->>'concurrency_group' = ANY($4)) \
+                    AND NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
+                      AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
+                      AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
              ORDER BY j.priority DESC, j.queue_seq \
              LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
         )
         .bind(at)
         .bind(full)
         .bind(limit)
+        .bind(busy_groups)
         .fetch_optional(&mut **tx)
         .await
         .map_err(db)?;
-        row.as_ref().map(job_of).transpose()
+        row.as_ref().map(|r| self.job_of(r)).transpose()
     }
 
     /// Whether the project has a free slot; serialises claimers of the project until `tx` ends.
+    /// Whether no job of `group` runs, under a transaction-scoped lock on the group, so two
+    /// instances never start two jobs of one group.
+    async fn group_is_free(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        group: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::util::advisory_lock_key(
+                &self.channel,
+                &format!("concurrency:{group}"),
+            ))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM aiwg_jobs WHERE status = 'running' \
+             AND job->>'concurrency_group' = $1 \
+             AND lease_expires_at > GREATEST($2::timestamptz, now())",
+        )
+        .bind(group)
+        .bind(at)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(running == 0)
+    }
+
     async fn project_has_room(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -602,7 +681,7 @@ impl JobStore for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.as_ref().map(job_of).transpose()
+        row.as_ref().map(|r| self.job_of(r)).transpose()
     }
 
     async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
@@ -618,10 +697,17 @@ impl JobStore for PgStore {
         if let Some(cursor) = query.cursor {
             qb.push(" AND id < ").push_bind(*cursor.as_uuid());
         }
+        if let Some(group) = &query.concurrency_group {
+            qb.push(" AND job->>'concurrency_group' = ")
+                .push_bind(group.as_str());
+        }
         qb.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::try_from(size + 1).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(db)?;
-        let mut jobs = rows.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| self.job_of(r))
+            .collect::<Result<Vec<_>, _>>()?;
         let next_cursor = if jobs.len() > size {
             jobs.truncate(size);
             jobs.last().map(|j| j.id)
@@ -634,11 +720,19 @@ impl JobStore for PgStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
         let at = micros(request.now);
         let mut full: Vec<String> = Vec::new();
+        let mut busy_groups: Vec<String> = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
             let mut tx = self.pool.begin().await.map_err(db)?;
-            let Some(mut job) = self.pick(&mut tx, request, at, &full).await? else {
+            let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
                 return Ok(None);
             };
+            if let Some(group) = &job.concurrency_group {
+                if !self.group_is_free(&mut tx, group, at).await? {
+                    drop(tx);
+                    busy_groups.push(group.clone());
+                    continue;
+                }
+            }
             if let Some(limit) = request.per_project_limit {
                 if !self
                     .project_has_room(&mut tx, &job.project_path, limit, at)
@@ -668,7 +762,7 @@ impl JobStore for PgStore {
                 .bind(&request.owner)
                 .bind(at)
                 .bind(ttl_micros(request.lease_ttl))
-                .bind(Json(&job));
+                .bind(Json(self.sealed(&job)?));
             let row = self
                 .bind_event(q, &ev)
                 .fetch_one(&mut *tx)
@@ -762,7 +856,9 @@ impl JobStore for PgStore {
             self.event_commit(),
             event_tail(3)
         );
-        let q = sqlx::query(&sql).bind(job.id.as_uuid()).bind(Json(&job));
+        let q = sqlx::query(&sql)
+            .bind(job.id.as_uuid())
+            .bind(Json(self.sealed(&job)?));
         let row = self
             .bind_event(q, &ev)
             .fetch_one(&mut *tx)
@@ -796,7 +892,7 @@ impl JobStore for PgStore {
             .await
             .map_err(db)?;
         let mut job = match row {
-            Some(row) => job_of(&row)?,
+            Some(row) => self.job_of(&row)?,
             None => return Err(StoreError::NotFound(id)),
         };
         match job.status {
@@ -815,7 +911,7 @@ impl JobStore for PgStore {
                      WHERE id = $1",
                 )
                 .bind(id.as_uuid())
-                .bind(Json(&job))
+                .bind(Json(self.sealed(&job)?))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -892,7 +988,7 @@ impl JobStore for PgStore {
             let n = rows.len();
             let mut batch = Vec::with_capacity(n);
             for row in rows {
-                let mut job = job_of(&row)?;
+                let mut job = self.job_of(&row)?;
                 let kind = apply::expire(&mut job, at)?;
                 apply::progress(&mut job, &kind);
                 let ev = NewEvent::new(kind, at)?;

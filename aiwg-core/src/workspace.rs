@@ -1,0 +1,360 @@
+//! Workspaces at the pull request's head: a job about a pull/merge request runs in its own git
+//! worktree at the request's head commit, not in the shared project directory.
+//!
+//! With [`WorkspaceSettings`] on the engine (`projects.workspace: { kind: worktree, cache }` in
+//! the example server), a job whose trigger names a pull request (`trigger.pr`) and a clone
+//! URL (`trigger.clone_url`) gets, before its first step:
+//!
+//! 1. a bare mirror of the repository under `cache/mirrors/` (made once, shared by every job
+//!    of the repository; fetches into one mirror are serialised);
+//! 2. the request's head fetched into it: `refs/pull/N/head` (GitHub, Gitea/Forgejo),
+//!    `refs/merge-requests/N/head` (GitLab), the source branch of the source repository
+//!    (Bitbucket), and the base branch when it is known;
+//! 3. `git worktree add --detach` at the head commit (the one the event named when the
+//!    mirror has it, else the fetched head) under `cache/worktrees/<job id>`.
+//!
+//! The job's steps run there (`{{project_path}}` is the worktree; `{{trigger.sha}}`,
+//! `{{trigger.branch}}`, `{{trigger.base}}` name the commit and branches). Afterwards the
+//! worktree is removed — or, when the job did not complete, kept for `keep_failed_for` for
+//! inspection. A workspace that cannot be made (the request is gone, the fetch is refused, the
+//! disk is full) fails the job at once with kind `workspace_failed`.
+//!
+//! Credentials never reach an argument vector or a log: a token configured for a host is
+//! handed to git as an `http.<url>.extraHeader` through `GIT_CONFIG_*` environment variables
+//! of the git process only, and git's error text is scrubbed of it. Only the URL schemes in
+//! `protocols` (default `https`) are fetched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::job::Job;
+
+/// Where and how workspaces are made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkspaceSettings {
+    /// The directory holding the mirrors and the worktrees.
+    pub cache: PathBuf,
+    /// How long the worktree of a job that did not complete is kept (default 1 h).
+    pub keep_failed_for: Duration,
+    /// Tokens per host (`github.com` → token), sent to git as a basic-auth header.
+    pub credentials: BTreeMap<String, String>,
+    /// The URL schemes git may fetch (default `https`; tests add `file`).
+    pub protocols: Vec<String>,
+    /// The git program (default `git`).
+    pub git: PathBuf,
+}
+
+impl WorkspaceSettings {
+    /// Worktrees under `cache`, with the defaults.
+    #[must_use]
+    pub fn new(cache: impl Into<PathBuf>) -> Self {
+        Self {
+            cache: cache.into(),
+            keep_failed_for: Duration::from_secs(3600),
+            credentials: BTreeMap::new(),
+            protocols: vec!["https".into()],
+            git: PathBuf::from("git"),
+        }
+    }
+
+    /// Keeps failed jobs' worktrees this long.
+    #[must_use]
+    pub fn keep_failed_for(mut self, d: Duration) -> Self {
+        self.keep_failed_for = d;
+        self
+    }
+
+    /// A token for `host`.
+    #[must_use]
+    pub fn credential(mut self, host: impl Into<String>, token: impl Into<String>) -> Self {
+        self.credentials.insert(host.into(), token.into());
+        self
+    }
+
+    /// The URL schemes git may fetch.
+    #[must_use]
+    pub fn protocols(mut self, protocols: Vec<String>) -> Self {
+        self.protocols = protocols;
+        self
+    }
+}
+
+/// Why a workspace could not be made (the job fails with kind `workspace_failed`). Never
+/// carries a credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkspaceError(String);
+
+/// A job's worktree.
+#[derive(Debug)]
+pub(crate) struct Worktree {
+    pub(crate) path: PathBuf,
+    mirror: PathBuf,
+}
+
+/// Makes and removes worktrees; one per engine.
+pub(crate) struct Workspaces {
+    settings: WorkspaceSettings,
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn valid_ref_part(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('-')
+        && !s.contains("..")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'+'))
+}
+
+impl Workspaces {
+    pub(crate) fn new(settings: WorkspaceSettings) -> Self {
+        Self {
+            settings,
+            locks: Mutex::default(),
+        }
+    }
+
+    fn lock_for(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(mirror.to_path_buf()).or_default())
+    }
+
+    /// The git command with a clean environment and the credentials for `url`'s host.
+    fn git(&self, url: Option<&str>) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.settings.git);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.settings.cache)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_ALLOW_PROTOCOL", self.settings.protocols.join(":"))
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null());
+        let host = url
+            .and_then(|u| u.split_once("://"))
+            .map(|(_, rest)| rest.split(['/', ':', '@']).next().unwrap_or(""));
+        if let Some(token) = host.and_then(|h| self.settings.credentials.get(h)) {
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            let scope = format!("https://{}/", host.unwrap_or_default());
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", format!("http.{scope}.extraHeader"))
+                .env(
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: Basic {basic}"),
+                );
+        }
+        cmd
+    }
+
+    /// Runs git; its error text (scrubbed of credentials) on failure.
+    async fn run(&self, url: Option<&str>, args: &[&str]) -> Result<String, WorkspaceError> {
+        let out = self
+            .git(url)
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| WorkspaceError(format!("git could not be started: {e}")))?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        }
+        let mut err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        for token in self.settings.credentials.values() {
+            if !token.is_empty() {
+                err = err.replace(token.as_str(), "***");
+            }
+        }
+        err.truncate(err.char_indices().nth(500).map_or(err.len(), |(i, _)| i));
+        Err(WorkspaceError(format!("git {}: {err}", args[0])))
+    }
+
+    /// The worktree for `job`, when it is about a pull request with a clone URL.
+    pub(crate) async fn prepare(&self, job: &Job) -> Result<Option<Worktree>, WorkspaceError> {
+        let t = &job.trigger;
+        let (Some(pr), Some(url)) = (t.pr, t.extra.get("clone_url")) else {
+            return Ok(None);
+        };
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        if !self.settings.protocols.iter().any(|p| p == scheme) || url.starts_with('-') {
+            return Err(WorkspaceError(format!(
+                "the repository URL's scheme `{scheme}` is not allowed (projects.workspace.protocols)"
+            )));
+        }
+        let (fetch_url, head_ref) = match t.source.as_str() {
+            "gitlab" => (url.clone(), format!("refs/merge-requests/{pr}/head")),
+            "bitbucket" => match (t.extra.get("head_clone_url"), t.extra.get("head_ref")) {
+                (Some(u), Some(b)) if valid_ref_part(b) && !u.starts_with('-') => {
+                    (u.clone(), format!("refs/heads/{b}"))
+                }
+                _ => {
+                    return Err(WorkspaceError(
+                        "the pull request names no source branch".into(),
+                    ))
+                }
+            },
+            _ => (url.clone(), format!("refs/pull/{pr}/head")),
+        };
+        let digest = hex::encode(Sha256::digest(url.as_bytes()));
+        let mirror = self
+            .settings
+            .cache
+            .join("mirrors")
+            .join(format!("{}.git", &digest[..24]));
+        let worktree = self
+            .settings
+            .cache
+            .join("worktrees")
+            .join(job.id.to_string());
+        let io = |what: &str, e: std::io::Error| WorkspaceError(format!("{what}: {e}"));
+        std::fs::create_dir_all(self.settings.cache.join("worktrees"))
+            .map_err(|e| io("cannot create the workspace cache", e))?;
+        let lock = self.lock_for(&mirror);
+        let _held = lock.lock().await;
+        self.prune_expired(&mirror).await;
+        let m = mirror.to_string_lossy().into_owned();
+        if !mirror.join("HEAD").exists() {
+            std::fs::create_dir_all(&mirror).map_err(|e| io("cannot create the mirror", e))?;
+            self.run(None, &["init", "--bare", "-q", &m]).await?;
+        }
+        let local = format!("refs/aiwg/pr/{pr}");
+        let mut refspecs = vec![format!("+{head_ref}:{local}")];
+        if let Some(base) = t.extra.get("base_ref").filter(|b| valid_ref_part(b)) {
+            refspecs.push(format!("+refs/heads/{base}:refs/aiwg/base/{base}"));
+        }
+        let mut args: Vec<&str> = vec![
+            "-C",
+            &m,
+            "fetch",
+            "--no-tags",
+            "--force",
+            "-q",
+            "--",
+            &fetch_url,
+        ];
+        args.extend(refspecs.iter().map(String::as_str));
+        if let Err(e) = self.run(Some(&fetch_url), &args).await {
+            // The base branch may be gone; the head is what matters.
+            let head_only = [
+                "-C",
+                &m,
+                "fetch",
+                "--no-tags",
+                "--force",
+                "-q",
+                "--",
+                &fetch_url,
+                &refspecs[0],
+            ];
+            self.run(Some(&fetch_url), &head_only).await.map_err(|_| {
+                WorkspaceError(format!(
+                    "the pull request's head could not be fetched ({e})"
+                ))
+            })?;
+        }
+        let fetched = self
+            .run(
+                None,
+                &[
+                    "-C",
+                    &m,
+                    "rev-parse",
+                    "--verify",
+                    "-q",
+                    &format!("{local}^{{commit}}"),
+                ],
+            )
+            .await?;
+        // The commit the event named, when the mirror has it; else the fetched head.
+        let sha = match t
+            .extra
+            .get("head_sha")
+            .filter(|s| s.len() >= 7 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            Some(s)
+                if self
+                    .run(
+                        None,
+                        &["-C", &m, "cat-file", "-e", &format!("{s}^{{commit}}")],
+                    )
+                    .await
+                    .is_ok() =>
+            {
+                s.clone()
+            }
+            _ => fetched,
+        };
+        let w = worktree.to_string_lossy().into_owned();
+        self.run(
+            None,
+            &[
+                "-C", &m, "worktree", "add", "--detach", "-f", "-q", &w, &sha,
+            ],
+        )
+        .await?;
+        Ok(Some(Worktree {
+            path: worktree,
+            mirror,
+        }))
+    }
+
+    /// Removes the worktree now, or after `keep_failed_for` when the job did not complete.
+    pub(crate) async fn release(self: &Arc<Self>, wt: Worktree, completed: bool) {
+        if completed || self.settings.keep_failed_for.is_zero() {
+            self.remove(&wt).await;
+            return;
+        }
+        let me = Arc::clone(self);
+        let keep = self.settings.keep_failed_for;
+        tokio::spawn(async move {
+            tokio::time::sleep(keep).await;
+            me.remove(&wt).await;
+        });
+    }
+
+    async fn remove(&self, wt: &Worktree) {
+        let lock = self.lock_for(&wt.mirror);
+        let _held = lock.lock().await;
+        let (m, w) = (
+            wt.mirror.to_string_lossy().into_owned(),
+            wt.path.to_string_lossy().into_owned(),
+        );
+        if let Err(e) = self
+            .run(None, &["-C", &m, "worktree", "remove", "--force", &w])
+            .await
+        {
+            tracing::warn!(worktree = %w, error = %e, "could not remove a worktree");
+            let _ = std::fs::remove_dir_all(&wt.path);
+            let _ = self.run(None, &["-C", &m, "worktree", "prune"]).await;
+        }
+    }
+
+    /// Removes worktrees kept past `keep_failed_for` (a restart forgets the timers).
+    async fn prune_expired(&self, mirror: &Path) {
+        let dir = self.settings.cache.join("worktrees");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let keep = self.settings.keep_failed_for.max(Duration::from_secs(60));
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > keep);
+            if old {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        if mirror.join("HEAD").exists() {
+            let m = mirror.to_string_lossy().into_owned();
+            let _ = self.run(None, &["-C", &m, "worktree", "prune"]).await;
+        }
+    }
+}

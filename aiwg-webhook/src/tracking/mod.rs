@@ -1,0 +1,377 @@
+//! Closing the loop: every job started from a platform answers where it was asked for.
+//!
+//! [`Tracker`] is a [`JobObserver`]; register it on the engine (the example server does). For
+//! a job started by a comment or a rule on a forge whose section has an API client
+//! (`api_url`/`api_token`, or a GitHub App):
+//!
+//! 1. when the job is accepted, the triggering comment gets a 👀 reaction (GitHub and Gitea
+//!    reactions, a GitLab award emoji) and the pull request or issue gets **one** tracking
+//!    comment: the workflow's steps as a checklist and a link to the job;
+//! 2. as steps start and finish, that same comment is edited in place — edits coalesced, at
+//!    most one per `min_edit_interval` (1 s);
+//! 3. when the job ends it shows the status, the summary (cut to the platform's limit), the
+//!    duration, the cost, and the error's kind when it failed, timed out or was cancelled.
+//!
+//! Exactly one comment per job, across retries and instances: the instance that first claims
+//! the job in the [`TrackingStore`] makes the comment; every other edits it. Nothing here ever
+//! blocks or fails the job: forge calls run in the background, retried through rate limits and
+//! 5xx answers, and given up with a logged reason.
+//!
+//! Slack and Discord jobs are answered through the same observer: when they end, the Slack
+//! `response_url` gets an ephemeral message and the deferred Discord answer is edited
+//! ([`PlatformReplies`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aiwg_core::{Job, JobEvent, JobId, JobObserver};
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::event::Platform;
+use crate::forge::{CommentTarget, ForgeClient};
+use crate::replies::PlatformReplies;
+
+mod render;
+mod store;
+
+pub use render::{render, MARKER};
+#[cfg(feature = "postgres")]
+pub use store::PgTrackingStore;
+pub use store::{MemoryTrackingStore, TrackClaim, TrackingStore};
+
+/// How long another instance's claim on a comment is waited for before it is taken over.
+const STALE_CLAIM: Duration = Duration::from_secs(60);
+
+/// Builds a [`Tracker`].
+#[must_use]
+pub struct TrackerBuilder {
+    clients: HashMap<Platform, Arc<ForgeClient>>,
+    store: Option<Arc<dyn TrackingStore>>,
+    status_base: Option<String>,
+    min_edit_interval: Duration,
+    chat: Option<PlatformReplies>,
+    owner: String,
+}
+
+impl std::fmt::Debug for TrackerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackerBuilder")
+            .field("platforms", &self.clients.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrackerBuilder {
+    /// Answers jobs from `client`'s platform through it.
+    pub fn forge(mut self, client: Arc<ForgeClient>) -> Self {
+        self.clients.insert(client.platform(), client);
+        self
+    }
+
+    /// Where tracking comments are claimed (default: in memory; use `PgTrackingStore` when
+    /// several instances share a database).
+    pub fn store(mut self, store: Arc<dyn TrackingStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The public URL of the API (`https://ci.example.com/aiwg`): comments link to
+    /// `{base}/workflows/{id}/status`. Without it they name the job id.
+    pub fn status_base(mut self, base: impl Into<String>) -> Self {
+        self.status_base = Some(base.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// The shortest time between two edits of one comment (default 1 s).
+    pub fn min_edit_interval(mut self, every: Duration) -> Self {
+        self.min_edit_interval = every;
+        self
+    }
+
+    /// Answers Slack and Discord jobs too.
+    pub fn chat(mut self, replies: PlatformReplies) -> Self {
+        self.chat = Some(replies);
+        self
+    }
+
+    /// This instance's name in comment claims (default: random).
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.owner = name.into();
+        self
+    }
+
+    /// Builds the observer.
+    pub fn build(self) -> Tracker {
+        Tracker {
+            inner: Arc::new(Inner {
+                clients: self.clients,
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryTrackingStore::new())),
+                status_base: self.status_base,
+                min_edit_interval: self.min_edit_interval,
+                chat: self.chat,
+                owner: self.owner,
+                jobs: Mutex::default(),
+                idle: Notify::new(),
+            }),
+        }
+    }
+}
+
+struct Inner {
+    clients: HashMap<Platform, Arc<ForgeClient>>,
+    store: Arc<dyn TrackingStore>,
+    status_base: Option<String>,
+    min_edit_interval: Duration,
+    chat: Option<PlatformReplies>,
+    owner: String,
+    /// Jobs with a comment writer running on this instance.
+    jobs: Mutex<HashMap<JobId, Arc<Latest>>>,
+    /// Notified whenever a writer finishes (for [`Tracker::idle`]).
+    idle: Notify,
+}
+
+/// The newest text for one job's comment, and a wake-up for its writer.
+#[derive(Default)]
+struct Latest {
+    text: Mutex<Option<(String, bool)>>,
+    wake: Notify,
+}
+
+/// Answers jobs on the platform that started them; see the [module docs](self).
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("platforms", &self.inner.clients.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a job's comment goes, from its trigger.
+fn target_of(job: &Job) -> Option<CommentTarget> {
+    let t = &job.trigger;
+    let repo = t.repo.clone()?;
+    let (number, pull_request) = match (t.pr, t.issue) {
+        (Some(n), _) => (n, true),
+        (None, Some(n)) => (n, false),
+        _ => return None,
+    };
+    let installation = t.extra.get("installation_id").and_then(|i| i.parse().ok());
+    Some(CommentTarget::new(repo, number, pull_request).installation(installation))
+}
+
+impl Tracker {
+    /// A builder without forges.
+    pub fn builder() -> TrackerBuilder {
+        TrackerBuilder {
+            clients: HashMap::new(),
+            store: None,
+            status_base: None,
+            min_edit_interval: Duration::from_secs(1),
+            chat: None,
+            owner: format!("aiwg-{}", JobId::new()),
+        }
+    }
+
+    /// The forge client for `platform`, if one is configured.
+    #[must_use]
+    pub fn client(&self, platform: Platform) -> Option<&Arc<ForgeClient>> {
+        self.inner.clients.get(&platform)
+    }
+
+    /// Waits until no comment writer runs on this instance (tests and shutdown), or `timeout`.
+    /// Returns whether it is idle.
+    pub async fn idle(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.inner.idle.notified();
+                if self.inner.jobs.lock().map(|j| j.is_empty()).unwrap_or(true) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    fn status_url(&self, job: &Job) -> Option<String> {
+        self.inner
+            .status_base
+            .as_ref()
+            .map(|b| format!("{b}/workflows/{}/status", job.id))
+    }
+}
+
+#[async_trait]
+impl JobObserver for Tracker {
+    async fn on_event(&self, job: &Job, event: &JobEvent) {
+        let _ = event;
+        let source = job.trigger.source.as_str();
+        if matches!(source, "slack" | "discord") {
+            if let (Some(chat), true) = (&self.inner.chat, job.is_terminal()) {
+                let (chat, job, event) = (chat.clone(), job.clone(), event.clone());
+                tokio::spawn(async move { chat.on_event(&job, &event).await });
+            }
+            return;
+        }
+        let Ok(platform) = source.parse::<Platform>() else {
+            return;
+        };
+        let Some(client) = self.inner.clients.get(&platform).cloned() else {
+            return;
+        };
+        let Some(target) = target_of(job) else {
+            return;
+        };
+        let text = render(job, platform, self.status_url(job).as_deref());
+        let terminal = job.is_terminal();
+        let (latest, fresh) = {
+            let mut jobs = self
+                .inner
+                .jobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match jobs.get(&job.id) {
+                Some(l) => (Arc::clone(l), false),
+                None => {
+                    let l = Arc::new(Latest::default());
+                    jobs.insert(job.id, Arc::clone(&l));
+                    (l, true)
+                }
+            }
+        };
+        *latest
+            .text
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, terminal));
+        latest.wake.notify_one();
+        if fresh {
+            let writer = Writer {
+                tracker: self.clone(),
+                client,
+                target,
+                job: job.id,
+                trigger_comment: job.trigger.extra.get("comment_id").cloned(),
+                review_comment: job.trigger.extra.get("platform_event").map(String::as_str)
+                    == Some("pull_request_review_comment"),
+                latest,
+            };
+            tokio::spawn(writer.run());
+        }
+    }
+}
+
+/// Writes one job's comment on this instance until the job ends.
+struct Writer {
+    tracker: Tracker,
+    client: Arc<ForgeClient>,
+    target: CommentTarget,
+    job: JobId,
+    trigger_comment: Option<String>,
+    review_comment: bool,
+    latest: Arc<Latest>,
+}
+
+impl Writer {
+    async fn run(self) {
+        let inner = &self.tracker.inner;
+        let mut comment: Option<String> = None;
+        let mut written: Option<String> = None;
+        loop {
+            self.latest.wake.notified().await;
+            let Some((text, terminal)) = self
+                .latest
+                .text
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            else {
+                continue;
+            };
+            if comment.is_none() {
+                match self.comment_id(&text).await {
+                    Ok((id, created)) => {
+                        if created {
+                            written = Some(text.clone());
+                        }
+                        comment = Some(id);
+                    }
+                    Err(why) => {
+                        tracing::warn!(job = %self.job, platform = %self.client.platform(), reason = %why, "could not make the tracking comment");
+                    }
+                }
+            }
+            if let Some(id) = &comment {
+                if written.as_deref() != Some(text.as_str()) {
+                    match self.client.edit_comment(&self.target, id, &text).await {
+                        Ok(()) => written = Some(text),
+                        Err(e) => {
+                            tracing::warn!(job = %self.job, error = %e, "could not edit the tracking comment")
+                        }
+                    }
+                }
+            }
+            if terminal {
+                break;
+            }
+            tokio::time::sleep(inner.min_edit_interval).await;
+        }
+        inner
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.job);
+        inner.idle.notify_waiters();
+    }
+
+    /// The job's comment: made now (`true`) when this instance wins the claim, else the one
+    /// another instance made (waited for while it is being made).
+    async fn comment_id(&self, text: &str) -> Result<(String, bool), String> {
+        let inner = &self.tracker.inner;
+        for _ in 0..120 {
+            let claim = inner
+                .store
+                .claim(self.job, &inner.owner, STALE_CLAIM)
+                .await
+                .map_err(|e| e.to_string())?;
+            match claim {
+                TrackClaim::Existing(id) => return Ok((id, false)),
+                TrackClaim::Pending => tokio::time::sleep(Duration::from_millis(500)).await,
+                TrackClaim::Mine => {
+                    if let Some(c) = &self.trigger_comment {
+                        if let Err(e) = self
+                            .client
+                            .react(&self.target, c, self.review_comment)
+                            .await
+                        {
+                            tracing::info!(job = %self.job, error = %e, "could not react to the triggering comment");
+                        }
+                    }
+                    return match self.client.create_comment(&self.target, text).await {
+                        Ok(id) => {
+                            inner
+                                .store
+                                .set(self.job, &id)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            Ok((id, true))
+                        }
+                        Err(e) => {
+                            let _ = inner.store.release(self.job, &inner.owner).await;
+                            Err(e.to_string())
+                        }
+                    };
+                }
+            }
+        }
+        Err("another instance never finished making the comment".into())
+    }
+}

@@ -1,0 +1,401 @@
+//! Closing the loop on GitHub: a job started by a comment reacts 👀, makes exactly one
+//! tracking comment, edits it in place as steps finish, and ends with the status and summary;
+//! rate limits and 5xx answers are waited out; our own comments never start a job; a GitHub
+//! App's JWT (checked by `openssl`, an independent verifier) buys installation tokens that are
+//! cached until they expire. Every request is checked against GitHub's OpenAPI description.
+
+#[path = "support/fake_github.rs"]
+mod fake_github;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::{Engine, JobId, JobStatus, ProjectPolicy, Step, Workflow};
+use aiwg_webhook::forge::{ForgeAuth, ForgeClient, GitHubApp};
+use aiwg_webhook::tracking::MemoryTrackingStore;
+use aiwg_webhook::{HookOutcome, Hooks, IgnoreReason, Platform, Secret, Tracker, TriggersConfig};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+
+const SECRET: &str = "tracking-webhook-secret";
+const TOKEN: &str = "ghp_tracking_token_0123456789";
+const STATUS_BASE: &str = "https://ci.example.com/aiwg";
+
+struct Rig {
+    engine: Engine,
+    hooks: Hooks,
+    trackers: Vec<Tracker>,
+    _root: tempfile::TempDir,
+}
+
+fn client(base: &str, auth: ForgeAuth) -> Arc<ForgeClient> {
+    Arc::new(
+        ForgeClient::new("triggers.github", Platform::GitHub, Some(base), auth)
+            .unwrap()
+            .retry_base(Duration::from_millis(20)),
+    )
+}
+
+/// An engine running a two-step workflow `review`, observed by `trackers`, behind hooks for
+/// GitHub whose API client is `client`.
+fn rig(fake_base: &str, trackers: Vec<Tracker>, steps_output: &str) -> Rig {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("app")).unwrap();
+    let agent = ScriptedExecutor::succeeding(steps_output);
+    let mut builder = Engine::builder()
+        .executor("echo", Arc::new(agent))
+        .workflow(
+            Workflow::new("review")
+                .step(Step::prompt("draft", "echo", "draft"))
+                .step(Step::prompt("check", "echo", "check")),
+        )
+        .policy(
+            ProjectPolicy::builder()
+                .root(root.path())
+                .map(".*", "app")
+                .build()
+                .unwrap(),
+        )
+        .poll_interval(Duration::from_millis(20));
+    for t in &trackers {
+        builder = builder.observer(Arc::new(t.clone()));
+    }
+    let engine = builder.build().unwrap();
+    let triggers: TriggersConfig = serde_json::from_value(json!({
+        "github": {"secret": SECRET, "token": TOKEN, "api_url": fake_base}
+    }))
+    .unwrap();
+    let hooks = Hooks::builder(triggers, engine.clone()).build().unwrap();
+    Rig {
+        engine,
+        hooks,
+        trackers,
+        _root: root,
+    }
+}
+
+fn tracker(client: Arc<ForgeClient>, store: Option<Arc<MemoryTrackingStore>>) -> Tracker {
+    let mut b = Tracker::builder()
+        .forge(client)
+        .min_edit_interval(Duration::from_millis(50))
+        .status_base(STATUS_BASE);
+    if let Some(s) = store {
+        b = b.store(s);
+    }
+    b.build()
+}
+
+fn comment(text: &str, login: &str, comment_id: u64, installation: Option<u64>) -> Vec<u8> {
+    let mut v = json!({
+        "action": "created",
+        "issue": { "number": 42, "pull_request": { "url": "https://api.github.com/repos/octo/app/pulls/42" } },
+        "comment": { "id": comment_id, "body": text, "user": { "login": login, "type": "User" }, "author_association": "MEMBER" },
+        "repository": { "full_name": "octo/app", "clone_url": "https://github.com/octo/app.git", "default_branch": "main" },
+        "sender": { "login": login, "type": "User" }
+    });
+    if let Some(i) = installation {
+        v["installation"] = json!({ "id": i });
+    }
+    v.to_string().into_bytes()
+}
+
+fn signed(body: &[u8], delivery: &str) -> http::HeaderMap {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let mut h = http::HeaderMap::new();
+    h.insert("x-github-event", "issue_comment".parse().unwrap());
+    h.insert("x-github-delivery", delivery.parse().unwrap());
+    h.insert("x-hub-signature-256", sig.parse().unwrap());
+    h
+}
+
+/// Triggers `review` by a comment and waits for the job and every tracker to finish.
+async fn run_job(rig: &Rig, comment_id: u64, installation: Option<u64>) -> JobId {
+    let body = comment("@aiwg review", "bob", comment_id, installation);
+    let reply = rig
+        .hooks
+        .handle("github", &signed(&body, &format!("d-{comment_id}")), &body)
+        .await;
+    let HookOutcome::Submitted { job_id, .. } = reply.outcome else {
+        panic!("{:?}", reply.outcome);
+    };
+    let job = rig
+        .engine
+        .wait(job_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    for t in &rig.trackers {
+        assert!(
+            t.idle(Duration::from_secs(20)).await,
+            "the tracker finished"
+        );
+    }
+    job_id
+}
+
+#[tokio::test]
+async fn a_comment_gets_eyes_and_one_tracking_comment_edited_to_the_end() {
+    let fake = fake_github::start("aiwg-bot").await;
+    // The first creation is rate limited and the first edit fails with 502: both are waited
+    // out, and still exactly one comment is made.
+    fake.behaviour.rate_limit_creates.store(1, Ordering::SeqCst);
+    fake.behaviour.fail_edits.store(1, Ordering::SeqCst);
+    let t = tracker(
+        client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))),
+        None,
+    );
+    let rig = rig(&fake.base, vec![t], "All good: <b>3 findings</b>");
+    let job = run_job(&rig, 9001, None).await;
+
+    let creates = fake.of("POST", "/repos/octo/app/issues/42/comments");
+    assert_eq!(creates.len(), 2, "one rate-limited try, then the comment");
+    let reactions = fake.of("POST", "/repos/octo/app/issues/comments/9001/reactions");
+    assert_eq!(reactions.len(), 1);
+    assert_eq!(reactions[0].body, json!({"content": "eyes"}));
+    let first = creates[1].body["body"].as_str().unwrap().to_owned();
+    assert!(first.contains("`review`"), "{first}");
+    assert!(
+        first.contains("- [ ] `draft`") || first.contains("- [x] `draft`"),
+        "{first}"
+    );
+    assert!(
+        first.contains(&format!("{STATUS_BASE}/workflows/{job}/status")),
+        "{first}"
+    );
+    // Every edit goes to that one comment (the fake numbers comments from 1000).
+    let edits = fake.of("PATCH", "/repos/octo/app/issues/comments/");
+    assert!(!edits.is_empty());
+    let ids: std::collections::BTreeSet<_> = edits.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let last = edits.last().unwrap().body["body"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(last.contains("✅ completed"), "{last}");
+    assert!(
+        last.contains("- [x] `draft`") && last.contains("- [x] `check`"),
+        "{last}"
+    );
+    assert!(last.contains("All good: <b>3 findings</b>"), "{last}");
+    assert!(last.contains("⏱"), "{last}");
+    assert!(last.contains(&format!("<!-- aiwg:job:{job} -->")), "{last}");
+    // Coalesced: far fewer edits than events.
+    assert!(edits.len() <= 8, "{} edits", edits.len());
+    for s in fake.seen() {
+        if s.path != "/user" {
+            assert_eq!(
+                s.authorization,
+                format!("Bearer {TOKEN}"),
+                "{} {}",
+                s.method,
+                s.path
+            );
+        }
+    }
+    fake.assert_conforms();
+}
+
+#[tokio::test]
+async fn our_own_comments_never_start_a_job() {
+    let fake = fake_github::start("aiwg-bot").await;
+    let c = client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN)));
+    let t = tracker(c, None);
+    let rig = rig(&fake.base, vec![t], "ok");
+    // The bot's identity comes from the API (`GET /user`), not from ignore_users.
+    let body = comment("@aiwg review", "aiwg-bot", 1, None);
+    let r = rig
+        .hooks
+        .handle("github", &signed(&body, "own-1"), &body)
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::Bot("aiwg-bot".into()))
+    );
+    // A tracking comment (its marker) never triggers, whoever the forge says wrote it.
+    let body = comment(
+        "@aiwg review\n\n<!-- aiwg:job:01900000-0000-7000-8000-000000000000 -->",
+        "bob",
+        2,
+        None,
+    );
+    let r = rig
+        .hooks
+        .handle("github", &signed(&body, "own-2"), &body)
+        .await;
+    assert!(
+        matches!(r.outcome, HookOutcome::Ignored(IgnoreReason::Bot(_))),
+        "{:?}",
+        r.outcome
+    );
+    assert_eq!(
+        fake.of("GET", "/user").len(),
+        1,
+        "the identity is asked once"
+    );
+    assert!(fake.of("POST", "/comments").is_empty());
+}
+
+#[tokio::test]
+async fn two_instances_make_exactly_one_comment() {
+    let fake = fake_github::start("aiwg-bot").await;
+    let store = Arc::new(MemoryTrackingStore::new());
+    // Two trackers (two instances) see every event of the job and share the claims.
+    let a = tracker(
+        client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))),
+        Some(store.clone()),
+    );
+    let b = tracker(
+        client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))),
+        Some(store),
+    );
+    let rig = rig(&fake.base, vec![a, b], "done");
+    run_job(&rig, 7, None).await;
+    assert_eq!(fake.of("POST", "/issues/42/comments").len(), 1);
+    assert_eq!(fake.of("POST", "/reactions").len(), 1);
+    let edits = fake.of("PATCH", "/issues/comments/");
+    assert!(edits
+        .iter()
+        .any(|e| e.body["body"].as_str().unwrap().contains("✅ completed")));
+    fake.assert_conforms();
+}
+
+#[tokio::test]
+async fn a_forge_that_is_down_never_fails_the_job() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}/api");
+    let t = tracker(client(&base, ForgeAuth::Token(Secret::new(TOKEN))), None);
+    let rig = rig(&base, vec![t], "fine");
+    // run_job asserts the job completed and the tracker gave up (idle) by itself.
+    run_job(&rig, 5, None).await;
+}
+
+fn openssl(args: &[&str]) -> std::process::Output {
+    Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl")
+}
+
+#[tokio::test]
+async fn a_github_app_signs_its_jwt_and_caches_installation_tokens() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(std::env::var("CI").is_err(), "openssl is required in CI");
+        eprintln!("skipping: no openssl to verify the JWT with");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("pub.pem");
+    let key_s = key.to_str().unwrap();
+    assert!(openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key_s
+    ])
+    .status
+    .success());
+    assert!(openssl(&[
+        "pkey",
+        "-in",
+        key_s,
+        "-pubout",
+        "-out",
+        public.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let app = Arc::new(GitHubApp::new("123", &pem).unwrap());
+    assert!(GitHubApp::new("123", "not a key").is_err());
+
+    let fake = fake_github::start("unused").await;
+    // Tokens that expire within a minute are not reused: each job buys a new one.
+    fake.behaviour.token_ttl_secs.store(30, Ordering::SeqCst);
+    let t = tracker(client(&fake.base, ForgeAuth::App(app)), None);
+    let rig = rig(&fake.base, vec![t], "ok");
+    run_job(&rig, 11, Some(555)).await;
+    run_job(&rig, 12, Some(555)).await;
+    let tokens = fake.of("POST", "/app/installations/555/access_tokens");
+    let uses = fake
+        .seen()
+        .iter()
+        .filter(|s| s.path.starts_with("/repos/octo/app/issues"))
+        .count();
+    assert_eq!(
+        tokens.len(),
+        uses,
+        "a token about to expire is replaced before each use"
+    );
+    // An hour-long token is cached: the next two jobs buy one between them.
+    fake.behaviour.token_ttl_secs.store(3600, Ordering::SeqCst);
+    run_job(&rig, 13, Some(555)).await;
+    run_job(&rig, 14, Some(555)).await;
+    assert_eq!(
+        fake.of("POST", "/app/installations/555/access_tokens")
+            .len(),
+        uses + 1
+    );
+    // Comments are made with installation tokens, never with the JWT.
+    for c in fake.of("POST", "/issues/42/comments") {
+        assert!(
+            c.authorization.starts_with("Bearer ghs_installation_555_"),
+            "{}",
+            c.authorization
+        );
+    }
+
+    // The JWT, verified by openssl with the public key.
+    let jwt = tokens[0]
+        .authorization
+        .strip_prefix("Bearer ")
+        .unwrap()
+        .to_owned();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    let claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(claims["iss"], "123");
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    let now = chrono::Utc::now().timestamp();
+    assert!(iat <= now && exp > now && exp - iat <= 600, "{claims}");
+    std::fs::write(
+        dir.path().join("data"),
+        format!("{}.{}", parts[0], parts[1]),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("sig"), b64.decode(parts[2]).unwrap()).unwrap();
+    let out = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        public.to_str().unwrap(),
+        "-signature",
+        dir.path().join("sig").to_str().unwrap(),
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Verified OK"));
+    fake.assert_conforms();
+}
