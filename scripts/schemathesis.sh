@@ -64,6 +64,10 @@ done
 
 status=0
 repo=$(pwd)
+# `GET /events` follows every job's events until the server stops: an answer that never ends,
+# which schemathesis would wait on until its timeout. Its framing, cursors, filters and errors
+# are checked by the HTTP conformance suite over both routers (aiwg_core::test_util::conformance).
+
 # Run from the scratch folder, so schemathesis' and Hypothesis' caches stay out of the tree.
 (cd "$work" && SCHEMATHESIS_HOOKS="$repo/scripts/schemathesis_hooks.py" "$repo/$venv/bin/st" run "$base/openapi.json" \
     --header "Authorization: Bearer $key" \
@@ -73,6 +77,7 @@ repo=$(pwd)
     --request-timeout 20 \
     --seed 1 \
     --no-color \
+    --exclude-path /events \
     "$@") || status=$?
 if [ "$status" -ne 0 ]; then
     echo "schemathesis failed (exit $status); server log:" >&2

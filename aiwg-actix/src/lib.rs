@@ -90,7 +90,7 @@ use actix_web::body::{BodyStream, BoxBody};
 use actix_web::http::header as ax_header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, RouteSpec, ROUTES};
+use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, RouteSpec};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
@@ -98,12 +98,14 @@ const REQUEST_ID: &str = "x-request-id";
 
 /// The aiwg API as an actix-web service configuration: pass it to
 /// [`App::configure`](actix_web::App::configure) or
-/// [`Scope::configure`](actix_web::Scope::configure). Every path of [`ROUTES`] is registered for
-/// every method; the API itself answers `405` (with `Allow`) for methods a route does not take.
-/// Paths outside [`ROUTES`] are left to the host app (its default service answers them).
+/// [`Scope::configure`](actix_web::Scope::configure). Every path the API serves
+/// ([`Api::routes`]: the route table [`ROUTES`](aiwg_core::http::ROUTES), with the dashboard's
+/// `ui/` paths when [`ApiBuilder::dashboard`](aiwg_core::http::ApiBuilder::dashboard) is on) is
+/// registered for every method; the API itself answers `405` (with `Allow`) for methods a route
+/// does not take. Other paths are left to the host app (its default service answers them).
 pub fn configure(api: Api) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
-        for spec in ROUTES {
+        for spec in api.routes() {
             let api = api.clone();
             let handler = move |req: HttpRequest, payload: web::Payload| {
                 let api = api.clone();

@@ -43,6 +43,9 @@ const MATTER: &[&str] = &[
     "location",
     "cache-control",
     "x-accel-buffering",
+    "content-security-policy",
+    "x-content-type-options",
+    "referrer-policy",
 ];
 
 /// Added by hyper or actix-http themselves, or differing by design (`x-request-id`).
@@ -273,6 +276,19 @@ fn script() -> Vec<Step> {
         step("delete hook", "DELETE", "/webhooks/{hook}", Some(ADMIN_KEY)),
         step("deleted hook", "GET", "/webhooks/{hook}", Some(ADMIN_KEY)),
         step("hook not an id", "GET", "/webhooks/not-an-id", Some(ADMIN_KEY)),
+        // The key's scopes, the feed's refusals, the dashboard.
+        step("whoami", "GET", "/whoami", Some(READ_KEY)),
+        step("whoami without a key", "GET", "/whoami", None),
+        step("feed, bad last-event-id", "GET", "/events", Some(READ_KEY))
+            .header("last-event-id", "7"),
+        step("feed, unknown kind", "GET", "/events?kinds=nope", Some(READ_KEY)),
+        step("feed, no scope", "GET", "/events", Some(TRIGGER_KEY)),
+        step("dashboard", "GET", "/ui/", None),
+        step("dashboard script", "GET", "/ui/app.js", None),
+        step("dashboard styles", "GET", "/ui/style.css", None),
+        step("dashboard, no such file", "GET", "/ui/nope.js", None),
+        step("dashboard redirect", "GET", "/ui", None),
+        step("dashboard, wrong method", "DELETE", "/ui/", None),
     ]
 }
 

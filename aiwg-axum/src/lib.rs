@@ -36,7 +36,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route, ROUTES};
+use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
 use axum::response::Response;
@@ -48,13 +48,15 @@ use http::HeaderName;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-/// The aiwg API as a router: `nest` it under a prefix or `merge` it at the root.
+/// The aiwg API as a router: `nest` it under a prefix or `merge` it at the root. Every path
+/// the API serves ([`Api::routes`]: the route table, with the dashboard's `ui/` paths when
+/// [`ApiBuilder::dashboard`](aiwg_core::http::ApiBuilder::dashboard) is on) is registered.
 pub fn router<S>(api: Api) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     let mut router = Router::new();
-    for spec in ROUTES {
+    for spec in api.routes() {
         let api = api.clone();
         let (pattern, route) = (spec.path, spec.route);
         router = router.route(

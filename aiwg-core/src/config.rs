@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// Where clients reach the API from outside (`https://ci.example.com/aiwg`): tracking
     /// comments on forges link to `{public_url}/workflows/{id}/status`.
     pub public_url: Option<String>,
+    /// Serve the dashboard at `ui/` (default true; see
+    /// [`ApiBuilder::dashboard`](crate::http::ApiBuilder::dashboard)).
+    pub dashboard: bool,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +129,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             body_limit: Value::String("1MiB".into()),
             public_url: None,
+            dashboard: true,
         }
     }
 }

@@ -94,6 +94,16 @@ pub enum JobEventKind {
 }
 
 impl JobEventKind {
+    /// Every [`name`](Self::name), in the order of the variants.
+    pub const NAMES: &'static [&'static str] = &[
+        "status",
+        "step.started",
+        "step.finished",
+        "agent",
+        "output_truncated",
+        "log",
+    ];
+
     /// The SSE `event:` name: `status`, `step.started`, `step.finished`, `agent`,
     /// `output_truncated`, `log`.
     #[must_use]

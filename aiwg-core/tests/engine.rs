@@ -764,3 +764,80 @@ async fn concurrency_groups_queue_cancel_running_or_replace_queued() {
     engine.cancel(r3.id).await.unwrap();
     engine.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The feed (`GET /events`): every job's events in one order; a subscriber that reads too
+/// slowly holds nothing but its cursor and gets a reset instead of growing memory; a cursor
+/// resumes exactly; the feed ends at shutdown.
+#[tokio::test]
+async fn the_feed_resumes_resets_a_slow_reader_and_ends_at_shutdown() {
+    use aiwg_core::engine::{FeedItem, ResetReason};
+    let env = env();
+    let engine = builder(&env)
+        .executor("e", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(one_step("w", "e"))
+        .feed_capacity(8, 1024 * 1024)
+        .build()
+        .unwrap();
+    let start = engine.feed_cursor();
+    let mut slow = engine.feed(None);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let job = engine.submit(JobRequest::new("w")).await.unwrap();
+        engine.wait(job.id, WAIT).await.unwrap();
+        ids.push(job.id);
+    }
+    // Four jobs of five events each: twenty events, of which the feed keeps the last eight.
+    let now = engine.feed_cursor();
+    assert_eq!(now.seq, start.seq + 20);
+    let first = tokio::time::timeout(WAIT, slow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        FeedItem::Reset {
+            cursor: now,
+            reason: ResetReason::Expired
+        },
+        "the slow reader is told to reload"
+    );
+    // From the reset's cursor on, nothing is missed or repeated.
+    let job = engine.submit(JobRequest::new("w")).await.unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        match tokio::time::timeout(WAIT, slow.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            FeedItem::Event { cursor, event } => {
+                assert_eq!(event.job_id, job.id);
+                assert_eq!(cursor.seq, now.seq + seqs.len() as u64 + 1);
+                seqs.push(event.seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    // A cursor still in the ring resumes after it.
+    let kept = aiwg_core::engine::FeedCursor {
+        seq: now.seq - 3,
+        ..now
+    };
+    let mut resumed = engine.feed(Some(kept));
+    let Some(FeedItem::Event { cursor, event }) = resumed.next().await else {
+        panic!("an event")
+    };
+    assert_eq!(cursor.seq, now.seq - 2);
+    assert_eq!(event.job_id, ids[3]);
+    // Shutdown ends every feed once it is read.
+    engine.shutdown(Duration::from_secs(1)).await;
+    let rest: Vec<_> = tokio::time::timeout(WAIT, resumed.collect::<Vec<_>>())
+        .await
+        .expect("the feed ends at shutdown");
+    assert_eq!(
+        rest.len(),
+        7,
+        "the two other events of job 4 and the five of job 5"
+    );
+}

@@ -224,6 +224,7 @@ async fn a_subscriber_on_one_engine_sees_events_produced_on_the_other() {
     )
     .await;
     let mut all = a.engine.subscribe_all();
+    let mut feed = a.engine.feed(None);
     let stream = a.engine.subscribe(job.id, 0).await.unwrap();
     gated.gate.add_permits(1);
     // The stream only ends after the terminal event, which only NOTIFY can bring to A.
@@ -260,6 +261,21 @@ async fn a_subscriber_on_one_engine_sees_events_produced_on_the_other() {
         after_gate,
         ((after_gate[0])..=stored.last().unwrap().seq).collect::<Vec<_>>()
     );
+    // A's feed (`GET /events`) carries the same events of B's job, in order, with growing
+    // cursors.
+    let mut fed = Vec::new();
+    while let Some(Some(item)) = futures_util::FutureExt::now_or_never(feed.next()) {
+        match item {
+            aiwg_core::engine::FeedItem::Event { cursor, event } => fed.push((cursor, event)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        fed.iter().map(|(_, e)| e.seq).collect::<Vec<_>>(),
+        after_gate,
+        "A's feed has B's events"
+    );
+    assert!(fed.windows(2).all(|w| w[0].0.seq < w[1].0.seq));
     assert_eq!(ea.calls(), 0, "engine A ran nothing");
     a.stop().await;
     b.stop().await;

@@ -110,6 +110,9 @@ pub fn print_banner(app: &App, addr: &str, framework: &str, source: &str) {
         tracing::warn!("{s}");
     }
     println!("aiwg listening on http://{addr} ({framework}, config: {source})");
+    if app.api.serves(aiwg_core::http::Route::Dashboard) {
+        println!("dashboard: http://{addr}/ui/");
+    }
     let key_hint = match &app.generated_key {
         Some(k) => {
             println!("development API key (admin): {k}");

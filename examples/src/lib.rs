@@ -203,6 +203,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .cors_origins(config.server.cors_origins.clone())
         .trusted_proxies(config.server.trusted_proxies()?)
         .public_metrics(config.auth.public_metrics)
+        .dashboard(config.server.dashboard)
         .dispatcher(dispatcher.clone());
     if let Some(limit) = config.auth.rate_limit {
         api = api.rate_limit(limit);

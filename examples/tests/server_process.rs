@@ -1,64 +1,16 @@
 //! The example server as a real process: a config in a temporary folder, a job triggered over
 //! real HTTP and completed, a clean shutdown on SIGTERM, and a config error that names the key.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod support;
+
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-
-const KEY: &str = "process-test-key-0123456789";
-
-struct Server {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(bin: &str, config: &str, dir: &std::path::Path) -> Server {
-    let path = dir.join("aiwg.yaml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(&path)
-        .env("AIWG_API_KEY", KEY)
-        .env("AIWG_PROJECT_ROOT", dir)
-        .env("AIWG_API_PORT", "0")
-        .env("SECRET_THAT_MUST_NOT_LEAK", "hunter2-hunter2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the server");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let base = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server prints its address");
-        if let Some(rest) = line.strip_prefix("aiwg listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    Server { child, lines, base }
-}
+use support::{start, KEY};
 
 fn config(dir: &std::path::Path) -> String {
     format!(

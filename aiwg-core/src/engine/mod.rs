@@ -25,8 +25,13 @@ use crate::store::{
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
+mod feed;
 mod subscribe;
 mod worker;
+
+pub use feed::{
+    BadCursor, FeedCursor, FeedItem, ResetReason, DEFAULT_FEED_BYTES, DEFAULT_FEED_EVENTS,
+};
 
 /// The longest idempotency key the engine accepts (the HTTP API takes 255 characters from a
 /// client and prefixes them with the API key's name).
@@ -179,6 +184,8 @@ struct Settings {
     instance: String,
     max_output_bytes: usize,
     max_line_bytes: usize,
+    feed_events: usize,
+    feed_bytes: usize,
 }
 
 /// The default output budget of a job: 16 MiB.
@@ -233,6 +240,8 @@ pub(crate) struct Inner {
     policy: ProjectPolicy,
     settings: Settings,
     bus: broadcast::Sender<JobEvent>,
+    /// Every event in order, resumable ([`Engine::feed`]).
+    feed: feed::Feed,
     wake: Notify,
     running: Mutex<HashMap<JobId, RunningJob>>,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
@@ -246,6 +255,14 @@ pub(crate) struct Inner {
     durations: Mutex<HashMap<String, (u64, f64)>>,
 }
 
+impl Inner {
+    /// Hands a stored event to live subscribers: the per-job streams and the feed.
+    fn broadcast(&self, event: JobEvent) {
+        self.feed.push(event.clone());
+        let _ = self.bus.send(event);
+    }
+}
+
 impl ClusterListener for Inner {
     fn wake(&self) {
         self.wake.notify_waiters();
@@ -253,7 +270,7 @@ impl ClusterListener for Inner {
     }
 
     fn remote_event(&self, event: JobEvent) {
-        let _ = self.bus.send(event);
+        self.broadcast(event);
     }
 
     fn remote_cancel(&self, id: JobId) {
@@ -335,6 +352,8 @@ impl Default for EngineBuilder {
                 poll_interval: Duration::from_millis(250),
                 max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
                 max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+                feed_events: DEFAULT_FEED_EVENTS,
+                feed_bytes: DEFAULT_FEED_BYTES,
                 backoff: Backoff {
                     base: Duration::from_secs(2),
                     max: Duration::from_secs(300),
@@ -454,6 +473,16 @@ impl EngineBuilder {
         self
     }
 
+    /// How much of the [feed](Engine::feed) is kept for subscribers that reconnect: at most
+    /// `events` events and about `bytes` bytes of their JSON (defaults
+    /// [`DEFAULT_FEED_EVENTS`], [`DEFAULT_FEED_BYTES`]). A subscriber whose cursor is older
+    /// than what is kept gets a [`FeedItem::Reset`].
+    pub fn feed_capacity(mut self, events: usize, bytes: usize) -> Self {
+        self.settings.feed_events = events;
+        self.settings.feed_bytes = bytes;
+        self
+    }
+
     /// How often idle workers look for due retries and recover expired leases (default 250 ms).
     pub fn poll_interval(mut self, t: Duration) -> Self {
         self.settings.poll_interval = t;
@@ -541,6 +570,7 @@ impl EngineBuilder {
         };
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         let (bus, _) = broadcast::channel(4096);
+        let feed = feed::Feed::new(self.settings.feed_events, self.settings.feed_bytes);
         let engine = Engine {
             inner: Arc::new(Inner {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
@@ -549,6 +579,7 @@ impl EngineBuilder {
                 policy,
                 settings: self.settings,
                 bus,
+                feed,
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
                 pending_cancels: Mutex::default(),
@@ -889,6 +920,46 @@ impl Engine {
         self.inner.bus.subscribe()
     }
 
+    /// Every job's events as one ordered, resumable stream: the events after `after` (or,
+    /// without a cursor, from now on), live, until [`shutdown`](Self::shutdown). Events of other
+    /// instances sharing the store are included once their notification arrives. Each item
+    /// carries its [`FeedCursor`]; pass the last one back to resume without missing anything.
+    /// When that is impossible (the cursor is older than what the feed keeps, or belongs to
+    /// another process or instance) the stream starts with a [`FeedItem::Reset`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use aiwg_core::engine::FeedItem;
+    /// use aiwg_core::test_util::ScriptedExecutor;
+    /// use aiwg_core::{Engine, JobRequest, Step, Workflow};
+    /// use futures_util::StreamExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let engine = Engine::builder()
+    ///     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+    ///     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "hi")))
+    ///     .build()
+    ///     .unwrap();
+    /// let mut feed = engine.feed(None);
+    /// let job = engine.submit(JobRequest::new("hello")).await.unwrap();
+    /// let Some(FeedItem::Event { cursor, event }) = feed.next().await else { panic!() };
+    /// assert_eq!((event.job_id, event.seq), (job.id, 1));
+    /// // Later, a reconnecting client resumes after the last cursor it saw.
+    /// let mut resumed = engine.feed(Some(cursor));
+    /// let Some(FeedItem::Event { event, .. }) = resumed.next().await else { panic!() };
+    /// assert_eq!((event.job_id, event.seq), (job.id, 2));
+    /// # }
+    /// ```
+    pub fn feed(&self, after: Option<FeedCursor>) -> Pin<Box<dyn Stream<Item = FeedItem> + Send>> {
+        feed::subscribe(Arc::clone(&self.inner), after)
+    }
+
+    /// The feed's current position: a [`feed`](Self::feed) from it yields what happens next.
+    #[must_use]
+    pub fn feed_cursor(&self) -> FeedCursor {
+        self.inner.feed.cursor()
+    }
+
     /// Publishes an event recorded by another instance sharing the store (used by stores with
     /// cross-instance notification, e.g. PostgreSQL LISTEN/NOTIFY). Local subscribers see it;
     /// observers are not called (the producing instance called its own).
@@ -937,6 +1008,8 @@ impl Engine {
             }
             self.inner.tracker.wait().await;
         }
+        // Every job has its last event: feed subscribers read what is left and end.
+        self.inner.feed.close();
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.
@@ -981,7 +1054,7 @@ impl Engine {
                 e.1 += secs;
             }
         }
-        let _ = self.inner.bus.send(event.clone());
+        self.inner.broadcast(event.clone());
         for o in &self.inner.observers {
             o.on_event(job, event).await;
         }

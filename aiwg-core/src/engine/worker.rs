@@ -283,7 +283,7 @@ async fn append(
     let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
     match engine.inner.store.append(&current, kind).await {
         Ok(ev) => {
-            let _ = engine.inner.bus.send(ev.clone());
+            engine.inner.broadcast(ev.clone());
             if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
                 && !engine.inner.observers.is_empty()
             {

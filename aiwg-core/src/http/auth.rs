@@ -121,6 +121,12 @@ impl ApiKey {
         &self.name
     }
 
+    /// The scopes it was given (`admin` implies the others).
+    #[must_use]
+    pub fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+
     /// Whether the key grants `scope`.
     #[must_use]
     pub fn allows(&self, scope: Scope) -> bool {

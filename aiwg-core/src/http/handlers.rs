@@ -1,5 +1,6 @@
 //! The endpoints: from an [`ApiRequest`] to an [`ApiResponse`].
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -53,12 +54,14 @@ fn method_not_allowed(spec: &RouteSpec, req: &ApiRequest) -> Problem {
     )
 }
 
-/// Which scope a route needs (`None`: no key), from the route table.
-fn required_scope(api: &Api, spec: &RouteSpec) -> Option<Scope> {
+/// Whether a route needs a key (`None`: no key) and which scope (`Some(None)`: any valid
+/// key), from the route table.
+fn required_scope(api: &Api, spec: &RouteSpec) -> Option<Option<Scope>> {
     match spec.access {
-        Access::Key(scope) => Some(scope),
+        Access::Key(scope) => Some(Some(scope)),
+        Access::AnyKey => Some(None),
         Access::Configurable(_) if api.inner.metrics_public => None,
-        Access::Configurable(scope) => Some(scope),
+        Access::Configurable(scope) => Some(Some(scope)),
         Access::Public | Access::Unlimited | Access::Signature => None,
     }
 }
@@ -73,7 +76,11 @@ fn too_many(wait: Duration) -> Problem {
     .retry_after(secs)
 }
 
-fn authenticate<'a>(api: &'a Api, req: &ApiRequest, scope: Scope) -> Result<&'a ApiKey, Problem> {
+fn authenticate<'a>(
+    api: &'a Api,
+    req: &ApiRequest,
+    scope: Option<Scope>,
+) -> Result<&'a ApiKey, Problem> {
     let unauthorized = |detail: &str| {
         Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail).bearer_challenge()
     };
@@ -90,6 +97,9 @@ fn authenticate<'a>(api: &'a Api, req: &ApiRequest, scope: Scope) -> Result<&'a 
     };
     let Some(key) = find_key(&api.inner.keys, token) else {
         return Err(unauthorized("invalid API key"));
+    };
+    let Some(scope) = scope else {
+        return Ok(key);
     };
     if !key.allows(scope) {
         return Err(Problem::new(
@@ -124,7 +134,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
         if !spec.allows(&req.method) {
             return Err(method_not_allowed(spec, &req));
         }
-        let actor = match required_scope(api, spec) {
+        let actor: Option<&ApiKey> = match required_scope(api, spec) {
             Some(scope) => {
                 // Failed authentication counts against the client's address, so guessing keys
                 // is rate limited too.
@@ -145,7 +155,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                 if let Some(l) = &api.inner.limiter {
                     l.check_key(key.name()).map_err(too_many)?;
                 }
-                Some(key.name().to_owned())
+                Some(key)
             }
             None => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
@@ -181,7 +191,8 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     res
 }
 
-async fn dispatch(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
+async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&ApiKey>) -> Answer {
+    let actor = key.map(|k| k.name().to_owned());
     match req.route {
         Route::Trigger => trigger(api, req, actor).await,
         Route::Available => Ok(available(api)),
@@ -217,6 +228,11 @@ async fn dispatch(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer 
             &super::openapi::document(),
         )),
         Route::Audit => audit(api, req).await,
+        Route::AllEvents => all_events(api, req),
+        Route::Whoami => whoami(key),
+        Route::Dashboard => Ok(super::ui::page()),
+        Route::DashboardAsset => super::ui::asset(param(req, 0)),
+        Route::DashboardRedirect => Ok(super::ui::redirect()),
     }
 }
 
@@ -423,6 +439,36 @@ async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
     ))
 }
 
+fn event_stream_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers
+}
+
+/// The client's position in a stream: its `Last-Event-ID` header and its `last_event_id` query
+/// parameter are both checked with `parse`; the header wins when both are given.
+fn last_event_id<T>(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+    parse: impl Fn(&str) -> Result<T, Problem>,
+) -> Result<Option<T>, Problem> {
+    let from_query = query.get("last_event_id").map(|s| parse(s)).transpose()?;
+    let from_header = req
+        .headers
+        .get("last-event-id")
+        .map(|v| parse(v.to_str().unwrap_or("-")))
+        .transpose()?;
+    Ok(from_header.or(from_query))
+}
+
 async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
@@ -435,34 +481,100 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
             )
         })
     };
-    // Both are checked; the header wins when both are given.
-    let from_query = query.get("last_event_id").map(|s| seq(s)).transpose()?;
-    let from_header = req
-        .headers
-        .get("last-event-id")
-        .map(|v| seq(v.to_str().unwrap_or("-")))
-        .transpose()?;
-    let after = from_header.or(from_query).unwrap_or(0);
+    let after = last_event_id(req, &query, seq)?.unwrap_or(0);
     let stream = api
         .engine()
         .subscribe(id, after)
         .await
         .map_err(engine_problem)?;
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(ApiResponse {
         status: StatusCode::OK,
-        headers,
+        headers: event_stream_headers(),
         body: super::ApiBody::Stream(sse::stream(stream, api.inner.keep_alive)),
     })
+}
+
+/// `GET /events`: the engine's feed from the client's cursor (or from now), optionally only
+/// some kinds of event.
+fn all_events(api: &Api, req: &ApiRequest) -> Answer {
+    let query = parse_query(req.query.as_deref());
+    let bad = |what: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", what);
+    let mut kinds: Option<Vec<&'static str>> = None;
+    for (k, v) in &query {
+        match k.as_str() {
+            "last_event_id" => {}
+            "kinds" => {
+                let mut names = Vec::new();
+                for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let known = crate::event::JobEventKind::NAMES
+                        .iter()
+                        .find(|k| **k == name)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "unknown event kind `{name}` (expected any of {})",
+                                crate::event::JobEventKind::NAMES.join(", ")
+                            ))
+                        })?;
+                    names.push(*known);
+                }
+                if names.is_empty() {
+                    return Err(bad("kinds names no event kind".into()));
+                }
+                kinds = Some(names);
+            }
+            other => return Err(bad(format!("unknown query parameter `{other}`"))),
+        }
+    }
+    let after = last_event_id(req, &query, |s| {
+        s.parse::<crate::engine::FeedCursor>().map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-last-event-id",
+                "Last-Event-ID must be an id of this stream (`<16 hex digits>-<number>`)",
+            )
+        })
+    })?;
+    let engine = api.engine();
+    // Without a cursor the stream starts now, and its opening names that position, so a
+    // client that reconnects before any event arrived still misses nothing.
+    let (start, opening_id) = match after {
+        Some(c) => (c, None),
+        None => {
+            let now = engine.feed_cursor();
+            (now, Some(now))
+        }
+    };
+    let feed = engine.feed(Some(start));
+    Ok(ApiResponse {
+        status: StatusCode::OK,
+        headers: event_stream_headers(),
+        body: super::ApiBody::Stream(sse::feed_stream(
+            feed,
+            kinds,
+            opening_id,
+            api.inner.keep_alive,
+        )),
+    })
+}
+
+/// `GET /whoami`: the key's name and scopes, so a client (the dashboard) offers only what the
+/// key may do.
+fn whoami(key: Option<&ApiKey>) -> Answer {
+    let Some(key) = key else {
+        return Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token",
+        )
+        .bearer_challenge());
+    };
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &super::types::KeyInfo {
+            name: key.name().to_owned(),
+            scopes: key.scopes().to_vec(),
+        },
+    ))
 }
 
 async fn jobs(api: &Api, req: &ApiRequest) -> Answer {

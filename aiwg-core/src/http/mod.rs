@@ -3,9 +3,42 @@
 //! Everything the HTTP API decides — authentication, scopes, rate limits, parsing, status codes,
 //! problem documents, SSE framing, idempotency — is decided here, so the axum and actix-web
 //! adapters only translate: they register the paths of the route table [`ROUTES`] (the one
-//! place that names each endpoint's path, methods and access), buffer the body up to
-//! [`Api::body_limit`] (answering [`Api::payload_too_large`] beyond it, before buffering more),
-//! build an [`ApiRequest`] and write back the [`ApiResponse`].
+//! place that names each endpoint's path, methods and access) that the API serves
+//! ([`Api::routes`]), buffer the body up to [`Api::body_limit`] (answering
+//! [`Api::payload_too_large`] beyond it, before buffering more), build an [`ApiRequest`] and
+//! write back the [`ApiResponse`].
+//!
+//! ## The dashboard
+//!
+//! With [`ApiBuilder::dashboard`] on, the API also serves a dashboard at `ui/` under wherever
+//! the router is mounted: a page (HTML, CSS and JavaScript embedded in this crate — nothing is
+//! fetched from anywhere else, and nothing needs building) that shows jobs with their live
+//! logs, workflows with a form that triggers them, outbound webhook subscriptions with their
+//! deliveries, and the server's status. The page itself needs no key; it asks the operator for
+//! one, keeps it in the browser tab's `sessionStorage`, and calls this same API with it, so
+//! what the key's scopes do not allow is not offered. It is served with a strict
+//! Content-Security-Policy (only its own scripts and styles, no inline code, Trusted Types), and
+//! it inserts every piece of data as text, never as markup. Live updates come from
+//! `GET /events`, every job's events as server-sent events ([`Engine::feed`](crate::Engine::feed)),
+//! which the page reads with `fetch` (so the key travels in the `Authorization` header, never
+//! in a URL) and resumes with `Last-Event-ID` after a lost connection.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use aiwg_core::http::{Api, Route};
+//! # use aiwg_core::{Engine, Step, Workflow};
+//! # use aiwg_core::test_util::ScriptedExecutor;
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # let engine = Engine::builder()
+//! #     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+//! #     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "hi")))
+//! #     .build()
+//! #     .unwrap();
+//! let api = Api::builder(engine).dashboard(true).build().unwrap();
+//! assert!(api.serves(Route::Dashboard));
+//! // Mounted at /aiwg, the page is at /aiwg/ui/.
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +64,7 @@ mod routes;
 mod sse;
 mod trigger;
 pub mod types;
+mod ui;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
 pub use problem::Problem;
@@ -227,6 +261,7 @@ struct Inner {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
     trusted_proxies: Vec<crate::dispatch::IpNet>,
+    dashboard: bool,
 }
 
 /// The HTTP API over an [`Engine`]. Cheap to clone; build it with [`Api::builder`].
@@ -260,6 +295,7 @@ pub struct ApiBuilder {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
     trusted_proxies: Vec<crate::dispatch::IpNet>,
+    dashboard: bool,
 }
 
 /// Why an [`Api`] could not be built.
@@ -347,6 +383,15 @@ impl ApiBuilder {
         self
     }
 
+    /// Serve the dashboard at `ui/` (default: off). Off, the routes [`Route::Dashboard`],
+    /// [`Route::DashboardAsset`] and [`Route::DashboardRedirect`] are not among
+    /// [`Api::routes`], so the adapters leave `ui/` to the host app (and [`Api::handle`]
+    /// answers them 404).
+    pub fn dashboard(mut self, on: bool) -> Self {
+        self.dashboard = on;
+        self
+    }
+
     /// Builds the API.
     pub fn build(self) -> Result<Api, ApiError> {
         if self.body_limit == 0 {
@@ -383,6 +428,7 @@ impl ApiBuilder {
                 metrics,
                 cors_origins: self.cors_origins,
                 trusted_proxies: self.trusted_proxies,
+                dashboard: self.dashboard,
             }),
         })
     }
@@ -404,6 +450,7 @@ impl Api {
             metrics: None,
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            dashboard: false,
         }
     }
 
@@ -411,6 +458,23 @@ impl Api {
     #[must_use]
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// Whether this API serves `route` (the dashboard's routes only with
+    /// [`ApiBuilder::dashboard`]).
+    #[must_use]
+    pub fn serves(&self, route: Route) -> bool {
+        match route {
+            Route::Dashboard | Route::DashboardAsset | Route::DashboardRedirect => {
+                self.inner.dashboard
+            }
+            _ => true,
+        }
+    }
+
+    /// The rows of [`ROUTES`] this API serves: what an adapter registers.
+    pub fn routes(&self) -> impl Iterator<Item = &'static RouteSpec> + '_ {
+        ROUTES.iter().filter(|spec| self.serves(spec.route))
     }
 
     /// The dispatcher, if any.
@@ -454,6 +518,9 @@ impl Api {
 
     /// Answers one request.
     pub async fn handle(&self, mut request: ApiRequest) -> ApiResponse {
+        if !self.serves(request.route) {
+            return self.not_found();
+        }
         request.peer = self.client_address(request.peer, &request.headers);
         handlers::handle(self, request).await
     }

@@ -16,8 +16,8 @@ use utoipa::{Modify, OpenApi};
 
 use super::routes::{Access, Route, RouteSpec, ROUTES};
 use super::types::{
-    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, ServerStatus,
-    StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, KeyInfo,
+    ServerStatus, StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
 use super::Problem;
 use crate::dispatch::{
@@ -44,7 +44,7 @@ impl Modify for Bearer {
     components(schemas(TriggerBody, TriggerAccepted, StatusDocument, CancelAnswer, WorkflowInfo,
         WorkflowList, JobList, HealthAnswer, AgentStatus, ServerStatus, Problem,
         CreateSubscription, CreatedSubscription, UpdateSubscription, WebhookSubscription,
-        SubscriptionList, RotatedSecret, DeliveryPage, AuditEntryDoc, AuditList)),
+        SubscriptionList, RotatedSecret, DeliveryPage, AuditEntryDoc, AuditList, KeyInfo)),
     modifiers(&Bearer)
 )]
 struct Doc;
@@ -262,6 +262,10 @@ fn path_param(name: &str) -> Value {
             "The delivery's id (`msg_…`, the `webhook-id` it was sent with)",
             json!({"type": "string", "pattern": "^msg_[0-9a-fA-F]{32}$"}),
         ),
+        "asset" => (
+            "A file of the dashboard",
+            json!({"type": "string", "enum": super::ui::asset_names().collect::<Vec<_>>()}),
+        ),
         "platform" => (
             "The platform",
             json!({"type": "string",
@@ -305,6 +309,16 @@ fn operation(spec: &RouteSpec, method: &http::Method) -> Value {
             scope,
             " (unless the server is configured to serve it without a key)",
         )),
+        Access::AnyKey => {
+            op["security"] = json!([{"bearer": []}]);
+            responses["401"] = with_header(
+                problem("Missing or wrong API key"),
+                "WWW-Authenticate",
+                "The scheme to authenticate with",
+                json!({"type": "string", "pattern": "^Bearer"}),
+            );
+            None
+        }
         Access::Public | Access::Unlimited | Access::Signature => None,
     };
     if let Some((scope, unless)) = scope {
@@ -600,8 +614,88 @@ fn details(route: Route, method: &http::Method) -> Value {
             "tags": ["server"],
             "responses": {"200": json_response("OpenAPI 3.1", json!({"type": "object"}))},
         }),
+        (Route::AllEvents, _) => {
+            let kinds = crate::event::JobEventKind::NAMES
+                .join("|")
+                .replace('.', "\\.");
+            json!({
+                "operationId": "allEvents",
+                "summary": "Every job's events as server-sent events",
+                "description": "Live, from now (or after `Last-Event-ID`), until the server shuts down; keep-alive comments between events. Ids are feed cursors (`<epoch>-<seq>`); the opening of a stream started without one carries an `id:` line naming where it starts. A `reset` event (its `data` names the `reason`, `expired` or `other_feed`, and the `cursor` to go on from) says events may have been missed: reload what you show (`GET /jobs`).",
+                "tags": ["jobs"],
+                "parameters": [
+                    {"name": "Last-Event-ID", "in": "header", "required": false,
+                        "description": "Resume after this cursor",
+                        "schema": {"type": "string", "pattern": FEED_CURSOR}},
+                    query("last_event_id", "Resume after this cursor (when the header is absent)",
+                        json!({"type": "string", "pattern": FEED_CURSOR})),
+                    query("kinds", "Only these kinds of event, comma separated (`reset` events always come)",
+                        json!({"type": "string", "pattern": format!("^({kinds})(,({kinds}))*$")})),
+                ],
+                "responses": {
+                    "200": {"description": "Server-sent events",
+                        "content": {"text/event-stream": {"schema": {
+                            "description": "One event (OpenAPI 3.1: the schema of each event of the stream)",
+                            "type": "object",
+                            "properties": {
+                                "id": {"type": "string", "pattern": FEED_CURSOR, "description": "The event's feed cursor"},
+                                "event": {"type": "string", "description": "Its kind: `status`, `step.started`, `step.finished`, `agent`, `output_truncated`, `log`, or `reset`"},
+                                "data": {"type": "string", "contentMediaType": "application/json", "description": "The event as JSON (as in a job's own stream)"},
+                                "retry": {"type": "integer", "minimum": 0},
+                            },
+                        }}}},
+                    "400": problem("A malformed Last-Event-ID, an unknown kind or query parameter"),
+                },
+            })
+        }
+        (Route::Whoami, _) => json!({
+            "operationId": "whoami",
+            "summary": "The presented key's name and scopes",
+            "tags": ["server"],
+            "responses": {"200": json_response("The key", schema("KeyInfo"))},
+        }),
+        (Route::Dashboard, _) => json!({
+            "operationId": "dashboard",
+            "summary": "The dashboard (it asks for a key)",
+            "tags": ["dashboard"],
+            "responses": {
+                "200": {"description": "The page", "headers": {"Content-Security-Policy":
+                        {"description": "The page's policy", "required": true, "schema": {"type": "string"}}},
+                    "content": {"text/html": {"schema": {"type": "string"}}}},
+                "404": problem("The dashboard is off"),
+            },
+        }),
+        (Route::DashboardAsset, _) => {
+            let mut content = Map::new();
+            for ct in super::ui::content_types() {
+                let essence = ct.split(';').next().unwrap_or(ct);
+                content.insert(essence.to_owned(), json!({"schema": {"type": "string"}}));
+            }
+            json!({
+                "operationId": "dashboardAsset",
+                "summary": "A script, style sheet or icon of the dashboard",
+                "tags": ["dashboard"],
+                "responses": {
+                    "200": {"description": "The file", "content": content},
+                    "404": problem("No such file, or the dashboard is off"),
+                },
+            })
+        }
+        (Route::DashboardRedirect, _) => json!({
+            "operationId": "dashboardRedirect",
+            "summary": "To the dashboard (`ui/`)",
+            "tags": ["dashboard"],
+            "responses": {
+                "308": with_header(json!({"description": "The dashboard is at `ui/`"}),
+                    "Location", "`ui/`, relative to this URL", json!({"type": "string", "const": "ui/"})),
+                "404": problem("The dashboard is off"),
+            },
+        }),
     }
 }
+
+/// A feed cursor: `<16 hex digits>-<sequence number>`.
+const FEED_CURSOR: &str = "^[0-9a-fA-F]{16}-[0-9]{1,19}$";
 
 #[cfg(test)]
 mod tests {
@@ -628,7 +722,10 @@ mod tests {
                 let label = format!("{method} {}", spec.path);
                 let responses = op["responses"].as_object().unwrap();
                 assert!(responses.contains_key("405"), "{label}");
-                let keyed = matches!(spec.access, Access::Key(_) | Access::Configurable(_));
+                let keyed = matches!(
+                    spec.access,
+                    Access::Key(_) | Access::Configurable(_) | Access::AnyKey
+                );
                 let signed = spec.access == Access::Signature;
                 assert_eq!(responses.contains_key("401"), keyed || signed, "{label}");
                 assert_eq!(op.get("security").is_some(), keyed, "{label}");

@@ -49,6 +49,16 @@ pub enum Route {
     OpenApi,
     /// `GET /audit`
     Audit,
+    /// `GET /events`: every job's events (the engine's [feed](crate::Engine::feed)) as SSE
+    AllEvents,
+    /// `GET /whoami`: the presented key's name and scopes
+    Whoami,
+    /// `GET /ui/`: the dashboard's page (when [`ApiBuilder::dashboard`](super::ApiBuilder::dashboard) is on)
+    Dashboard,
+    /// `GET /ui/{asset}`: the dashboard's scripts, styles and icon
+    DashboardAsset,
+    /// `GET /ui`: a redirect to `ui/`, where the page's relative URLs resolve
+    DashboardRedirect,
 }
 
 /// Who may call a route.
@@ -57,10 +67,13 @@ pub enum Route {
 pub enum Access {
     /// Anyone; limited per client address when a rate limit is configured.
     Public,
-    /// Anyone, never rate limited (`/health`, for load balancers and probes).
+    /// Anyone, never rate limited (`/health`, for load balancers and probes; the dashboard's
+    /// embedded files, a dozen of which make one page load).
     Unlimited,
     /// An API key with this scope (`admin` implies every scope).
     Key(Scope),
+    /// Any valid API key, whatever its scopes (`/whoami`).
+    AnyKey,
     /// An API key with this scope, unless the API serves the route publicly
     /// ([`ApiBuilder::public_metrics`](super::ApiBuilder::public_metrics)).
     Configurable(Scope),
@@ -232,6 +245,11 @@ pub const ROUTES: &[RouteSpec] = &[
     ),
     RouteSpec::new("/openapi.json", Route::OpenApi, GET, Access::Public),
     RouteSpec::new("/audit", Route::Audit, GET, Access::Key(Scope::Admin)),
+    RouteSpec::new("/events", Route::AllEvents, GET, Access::Key(Scope::Read)),
+    RouteSpec::new("/whoami", Route::Whoami, GET, Access::AnyKey),
+    RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Unlimited),
+    RouteSpec::new("/ui/{asset}", Route::DashboardAsset, GET, Access::Unlimited),
+    RouteSpec::new("/ui", Route::DashboardRedirect, GET, Access::Unlimited),
 ];
 
 // `Route::spec` indexes the table by variant.
@@ -275,6 +293,19 @@ mod tests {
         assert!(match_route("/workflows//status").is_none());
         assert!(match_route("/nope").is_none());
         assert!(match_route("/health/").is_none());
+        let (spec, params) = match_route("/ui/").unwrap();
+        assert_eq!((spec.route, params.len()), (Route::Dashboard, 0));
+        let (spec, params) = match_route("/ui/app.js").unwrap();
+        assert_eq!(
+            (spec.route, params),
+            (Route::DashboardAsset, vec!["app.js"])
+        );
+        assert_eq!(
+            match_route("/ui").unwrap().0.route,
+            Route::DashboardRedirect
+        );
+        assert!(match_route("/ui/a/b").is_none());
+        assert_eq!(match_route("/events").unwrap().0.route, Route::AllEvents);
         assert_eq!(
             Route::Webhook.spec().allow_header(),
             HeaderValue::from_static("GET, PATCH, DELETE")

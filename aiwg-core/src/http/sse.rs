@@ -1,5 +1,11 @@
 //! Server-sent events framing: `id:`, `event:`, `data:` per job event, keep-alive comments, and
 //! the end of the stream after the terminal event.
+//!
+//! Two streams share the framing: a job's own (`GET /workflows/{job_id}/events`, ids are the
+//! job's sequence numbers) and the feed of every job (`GET /events`, ids are
+//! [`FeedCursor`]s). The feed's opening may carry an `id:` line without data: it names the
+//! position the stream starts from, which a client sends back as `Last-Event-ID` if it has to
+//! reconnect before any event arrived (an EventSource records it without dispatching anything).
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -7,45 +13,88 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
+use crate::engine::{FeedCursor, FeedItem};
 use crate::event::JobEvent;
 
 /// Frames one event.
 pub(crate) fn frame(event: &JobEvent) -> Bytes {
+    frame_with_id(&event.seq, event)
+}
+
+fn frame_with_id(id: &dyn std::fmt::Display, event: &JobEvent) -> Bytes {
     let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
     Bytes::from(format!(
-        "id: {}\nevent: {}\ndata: {}\n\n",
-        event.seq,
+        "id: {id}\nevent: {}\ndata: {data}\n\n",
         event.kind.name(),
-        data
     ))
 }
+
+/// An opening comment and the client's reconnection delay.
+const OPENING: &[u8] = b": aiwg event stream\nretry: 2000\n\n";
 
 /// Turns a job's event stream into SSE bytes with a keep-alive comment every `keep_alive`.
 pub(crate) fn stream(
     events: Pin<Box<dyn Stream<Item = JobEvent> + Send>>,
     keep_alive: Duration,
 ) -> Pin<Box<dyn Stream<Item = Bytes> + Send>> {
+    framed(
+        events.map(|ev| frame(&ev)),
+        Bytes::from_static(OPENING),
+        keep_alive,
+    )
+}
+
+/// Turns the engine's feed into SSE bytes: events of the `kinds` asked for (all without a
+/// filter), `reset` events, keep-alive comments.
+pub(crate) fn feed_stream(
+    feed: Pin<Box<dyn Stream<Item = FeedItem> + Send>>,
+    kinds: Option<Vec<&'static str>>,
+    opening_id: Option<FeedCursor>,
+    keep_alive: Duration,
+) -> Pin<Box<dyn Stream<Item = Bytes> + Send>> {
+    let opening = match opening_id {
+        Some(id) => Bytes::from(format!(": aiwg event stream\nretry: 2000\nid: {id}\n\n")),
+        None => Bytes::from_static(OPENING),
+    };
+    let frames = feed.filter_map(move |item| {
+        let framed = match item {
+            FeedItem::Event { cursor, event } => kinds
+                .as_ref()
+                .is_none_or(|k| k.contains(&event.kind.name()))
+                .then(|| frame_with_id(&cursor, &event)),
+            FeedItem::Reset { cursor, reason } => Some(Bytes::from(format!(
+                "id: {cursor}\nevent: reset\ndata: {}\n\n",
+                serde_json::json!({"reason": reason.as_str(), "cursor": cursor.to_string()})
+            ))),
+        };
+        std::future::ready(framed)
+    });
+    framed(frames, opening, keep_alive)
+}
+
+/// Sends `opening`, then the frames, with a keep-alive comment whenever `keep_alive` passes
+/// without one.
+fn framed(
+    frames: impl Stream<Item = Bytes> + Send + 'static,
+    opening: Bytes,
+    keep_alive: Duration,
+) -> Pin<Box<dyn Stream<Item = Bytes> + Send>> {
     struct St {
-        events: Pin<Box<dyn Stream<Item = JobEvent> + Send>>,
+        frames: Pin<Box<dyn Stream<Item = Bytes> + Send>>,
         keep_alive: Duration,
-        opened: bool,
+        opening: Option<Bytes>,
     }
     let st = St {
-        events,
+        frames: Box::pin(frames),
         keep_alive,
-        opened: false,
+        opening: Some(opening),
     };
     Box::pin(futures_util::stream::unfold(st, |mut st| async move {
-        if !st.opened {
-            st.opened = true;
-            // An opening comment and the client's reconnection delay.
-            return Some((
-                Bytes::from_static(b": aiwg event stream\nretry: 2000\n\n"),
-                st,
-            ));
+        if let Some(opening) = st.opening.take() {
+            return Some((opening, st));
         }
-        match tokio::time::timeout(st.keep_alive, st.events.next()).await {
-            Ok(Some(ev)) => Some((frame(&ev), st)),
+        match tokio::time::timeout(st.keep_alive, st.frames.next()).await {
+            Ok(Some(frame)) => Some((frame, st)),
             Ok(None) => None,
             Err(_) => Some((Bytes::from_static(b": keep-alive\n\n"), st)),
         }

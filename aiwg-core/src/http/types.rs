@@ -91,6 +91,8 @@ pub struct StatusDocument {
     pub project_path: String,
     /// Parameters after defaults.
     pub params: BTreeMap<String, String>,
+    /// The free text given to the agent, if any (so the job can be run again as it was).
+    pub guidance: Option<String>,
     /// Priority.
     pub priority: i32,
     /// Current attempt (0 before the first run).
@@ -123,6 +125,7 @@ impl From<&Job> for StatusDocument {
             status: j.status,
             project_path: j.project_path.clone(),
             params: j.params.clone(),
+            guidance: j.guidance.clone(),
             priority: j.priority,
             attempt: j.attempt,
             max_attempts: j.max_attempts,
@@ -278,4 +281,14 @@ pub struct ServerStatus {
     pub agents: Vec<AgentStatus>,
     /// Outbound deliveries not yet settled.
     pub pending_deliveries: u64,
+}
+
+/// `GET /whoami`: the presented key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyInfo {
+    /// The key's name (the actor of the jobs it triggers).
+    pub name: String,
+    /// Its scopes as configured (`admin` implies every other).
+    #[schema(value_type = Vec<String>)]
+    pub scopes: Vec<crate::http::Scope>,
 }

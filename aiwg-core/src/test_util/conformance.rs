@@ -33,7 +33,8 @@ use serde_json::{json, Value};
 
 use super::ScriptedExecutor;
 use crate::dispatch::Dispatcher;
-use crate::http::{Access, Api, ApiBody, ApiKey, ApiRequest, RateLimit, Scope, ROUTES};
+use crate::engine::FeedCursor;
+use crate::http::{Access, Api, ApiBody, ApiKey, ApiRequest, RateLimit, Route, Scope, ROUTES};
 use crate::{AgentEvent, Engine, ProjectPolicy, Step, Workflow};
 
 /// A body as it arrives: chunks, in order, as they are flushed.
@@ -229,6 +230,10 @@ impl ApiTransport {
         let Some((spec, raw)) = crate::http::match_route(path) else {
             return self.api.not_found();
         };
+        // A router registers only the routes the API serves ([`Api::routes`]).
+        if !self.api.serves(spec.route) {
+            return self.api.not_found();
+        }
         if request.body.len() > self.api.body_limit() {
             return self.api.payload_too_large();
         }
@@ -432,9 +437,11 @@ pub fn fixture(opts: FixtureOptions) -> Fixture {
     }
 }
 
-/// The suite's API builder over `engine`: the three keys, 64 KiB bodies, 200 ms keep-alive.
+/// The suite's API builder over `engine`: the three keys, 64 KiB bodies, 200 ms keep-alive,
+/// the dashboard on.
 pub fn api_builder(engine: Engine) -> crate::http::ApiBuilder {
     Api::builder(engine)
+        .dashboard(true)
         .key(ApiKey::plain("admin", ADMIN_KEY, vec![Scope::Admin]).expect("key"))
         .key(ApiKey::plain("ci", TRIGGER_KEY, vec![Scope::Trigger]).expect("key"))
         .key(ApiKey::plain("viewer", READ_KEY, vec![Scope::Read]).expect("key"))
@@ -583,13 +590,25 @@ impl Client {
 
     /// Opens an SSE stream and returns frames as they arrive.
     pub async fn sse_live(&self, path: &str, key: &str) -> SseLive {
-        let res = self
-            .start(
-                TransportRequest::new(Method::GET, path)
-                    .header("authorization", &format!("Bearer {key}")),
-            )
-            .await;
-        assert_eq!(res.status, 200);
+        self.sse_resume(path, key, None).await
+    }
+
+    /// Opens an SSE stream with an optional `Last-Event-ID` and returns frames as they arrive.
+    pub async fn sse_resume(&self, path: &str, key: &str, last_event_id: Option<&str>) -> SseLive {
+        let mut req = TransportRequest::new(Method::GET, path)
+            .header("authorization", &format!("Bearer {key}"));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let res = self.start(req).await;
+        assert_eq!(res.status, 200, "{path}");
+        assert!(
+            res.headers
+                .get("content-type")
+                .is_some_and(|t| t.starts_with("text/event-stream")),
+            "{path}: {:?}",
+            res.headers
+        );
         SseLive {
             stream: res.body,
             buf: String::new(),
@@ -688,6 +707,27 @@ impl SseLive {
         }
     }
 
+    /// Waits for the next frame that is not only a comment: an event, or an `id:` line alone
+    /// (the opening of `GET /events`).
+    pub async fn next_frame(&mut self) -> Option<SseFrame> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                if let Some(f) = parse_sse(&block)
+                    .into_iter()
+                    .find(|f| f.event.is_some() || f.id.is_some())
+                {
+                    return Some(f);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .ok()??;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
     /// Waits for the next comment-only frame (keep-alive).
     pub async fn next_comment(&mut self) -> Option<String> {
         loop {
@@ -736,6 +776,10 @@ pub async fn conformance_suite(server: &dyn Serve) {
     webhook_subscriptions(server).await;
     robustness(server).await;
     cors(server).await;
+    whoami(server).await;
+    all_events(server).await;
+    all_events_resets(server).await;
+    dashboard(server).await;
 }
 
 /// A concrete path for a route pattern: every parameter replaced by `id`.
@@ -746,6 +790,7 @@ pub fn concrete_path(pattern: &str, id: &str) -> String {
         .replace("{id}", id)
         .replace("{delivery_id}", id)
         .replace("{platform}", id)
+        .replace("{asset}", id)
 }
 
 /// The method, a concrete path and the scope of every route of the table that needs a key
@@ -1471,6 +1516,10 @@ async fn rate_limit(server: &dyn Serve) {
         }
     }
     assert!(limited, "per-address limit on public routes");
+    // The dashboard's files are not: one page load fetches a dozen of them.
+    for _ in 0..6 {
+        assert_eq!(c.send("GET", "/ui/app.js", None, None).await.status, 200);
+    }
 }
 
 async fn queue_full(server: &dyn Serve) {
@@ -1854,6 +1903,10 @@ async fn robustness(server: &dyn Serve) {
         for id in ids {
             let path = concrete_path(spec.path, id);
             for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                if spec.route == Route::AllEvents && method == "GET" {
+                    // A stream that never ends by itself: `all_events` covers it.
+                    continue;
+                }
                 for body in &bodies {
                     let r = c.send(method, &path, Some(ADMIN_KEY), body.clone()).await;
                     assert!(
@@ -1966,6 +2019,309 @@ async fn cors(server: &dyn Serve) {
         .await;
     assert_eq!(res.status, 405);
     assert!(res.header("access-control-allow-origin").is_none());
+}
+
+/// `GET /whoami` answers any valid key with its name and scopes, and nothing else.
+async fn whoami(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    for (key, name, scope) in [
+        (READ_KEY, "viewer", "read"),
+        (TRIGGER_KEY, "ci", "trigger"),
+        (ADMIN_KEY, "admin", "admin"),
+    ] {
+        let r = c.send("GET", "/whoami", Some(key), None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json(), json!({"name": name, "scopes": [scope]}));
+    }
+    for key in [None, Some("wrong-key-wrong-key-wrong")] {
+        let r = c.send("GET", "/whoami", key, None).await;
+        r.assert_problem(401);
+        assert!(r
+            .header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer")));
+    }
+}
+
+/// Reads frames of a live stream until `done` says stop, at most `limit` frames.
+async fn frames_until(
+    live: &mut SseLive,
+    limit: usize,
+    mut done: impl FnMut(&SseFrame) -> bool,
+) -> Vec<SseFrame> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let f = live.next_event().await.expect("the stream goes on");
+        let stop = done(&f);
+        out.push(f);
+        if stop {
+            break;
+        }
+    }
+    out
+}
+
+fn cursor_of(f: &SseFrame) -> FeedCursor {
+    f.id.as_deref()
+        .expect("an id")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a feed cursor: {f:?}"))
+}
+
+/// `GET /events`: every job's events in one stream, ids that resume it, the opening position,
+/// the `kinds` filter, keep-alives and the errors.
+async fn all_events(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    let mut live = c.sse_live("/events", READ_KEY).await;
+    let opening = live.next_frame().await.expect("the opening");
+    assert!(opening.event.is_none(), "{opening:?}");
+    let start = cursor_of(&opening);
+    assert!(
+        live.next_comment().await.is_some(),
+        "keep-alive comments on an idle stream"
+    );
+    let trigger_job = |workflow: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .send(
+                    "POST",
+                    "/workflows/trigger",
+                    Some(TRIGGER_KEY),
+                    trigger(workflow),
+                )
+                .await;
+            assert_eq!(r.status, 202, "{}", r.text);
+            r.json()["job_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let id = trigger_job("echo").await;
+    let frames = frames_until(&mut live, 50, |f| {
+        f.data.contains(r#""to":"completed""#) && f.data.contains(&id)
+    })
+    .await;
+    let frames: Vec<&SseFrame> = frames.iter().filter(|f| f.data.contains(&id)).collect();
+    let kinds: Vec<&str> = frames.iter().map(|f| f.event.as_deref().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "status",
+            "status",
+            "step.started",
+            "agent",
+            "step.finished",
+            "status"
+        ]
+    );
+    let cursors: Vec<FeedCursor> = frames.iter().map(|f| cursor_of(f)).collect();
+    assert!(cursors.iter().all(|c| c.epoch == start.epoch));
+    assert!(
+        cursors.windows(2).all(|w| w[0].seq < w[1].seq),
+        "ids grow: {cursors:?}"
+    );
+    assert!(cursors[0].seq > start.seq);
+    for (n, f) in frames.iter().enumerate() {
+        let data: Value = serde_json::from_str(&f.data).unwrap();
+        assert_eq!(data["job_id"], id);
+        assert_eq!(data["seq"], n as u64 + 1, "the job's own sequence number");
+        assert_eq!(data["kind"], f.event.as_deref().unwrap().replace('.', "_"));
+    }
+
+    // Resuming after the second event gives the rest, exactly.
+    let mut resumed = c
+        .sse_resume("/events", READ_KEY, Some(&cursors[1].to_string()))
+        .await;
+    let rest = frames_until(&mut resumed, 4, |_| false).await;
+    let rest: Vec<FeedCursor> = rest.iter().map(cursor_of).collect();
+    assert_eq!(rest, cursors[2..], "Last-Event-ID resumes after that event");
+    // So does the opening position of a stream that saw nothing yet: nothing is missed.
+    let mut quiet = c.sse_live("/events", READ_KEY).await;
+    let quiet_start = cursor_of(&quiet.next_frame().await.expect("opening"));
+    drop(quiet);
+    let second = trigger_job("echo").await;
+    let mut back = c
+        .sse_resume("/events", READ_KEY, Some(&quiet_start.to_string()))
+        .await;
+    let first = back.next_event().await.expect("an event");
+    let data: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(
+        (data["job_id"].as_str(), data["seq"].as_u64()),
+        (Some(second.as_str()), Some(1))
+    );
+
+    // Only the kinds asked for.
+    let mut statuses = c
+        .sse_resume("/events?kinds=status", READ_KEY, Some(&start.to_string()))
+        .await;
+    let got = frames_until(&mut statuses, 6, |f| {
+        f.data.contains(&second) && f.data.contains(r#""to":"completed""#)
+    })
+    .await;
+    assert!(
+        got.iter().all(|f| f.event.as_deref() == Some("status")),
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 6, "three status changes of each job");
+
+    for (path, last) in [
+        ("/events", Some("abc")),
+        ("/events", Some("5")),
+        ("/events?last_event_id=x-1", None),
+        ("/events?kinds=status,bogus", None),
+        ("/events?kinds=", None),
+        ("/events?limit=1", None),
+    ] {
+        let mut req = TransportRequest::new(Method::GET, path)
+            .header("authorization", &format!("Bearer {READ_KEY}"));
+        if let Some(l) = last {
+            req = req.header("last-event-id", l);
+        }
+        c.request(req).await.assert_problem(400);
+    }
+    c.send("GET", "/events", Some(TRIGGER_KEY), None)
+        .await
+        .assert_problem(403);
+}
+
+/// A cursor the feed cannot resume from (another process's, or older than what the feed keeps)
+/// starts the stream with a `reset` event naming where it goes on from.
+async fn all_events_resets(server: &dyn Serve) {
+    let echo = ScriptedExecutor::succeeding("done");
+    let engine = Engine::builder()
+        .executor("echo", Arc::new(echo))
+        .workflow(Workflow::new("echo").step(Step::prompt("say", "echo", "hi")))
+        .feed_capacity(4, 1024 * 1024)
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .expect("engine");
+    let s = server
+        .serve(api_builder(engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    let before = engine.feed_cursor();
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            Some(Body::Json(json!({"workflow": "echo", "async": false}))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let now = engine.feed_cursor();
+    assert!(now.seq >= before.seq + 5, "a job makes five events");
+    // Events after `before` are gone from a ring of four.
+    let other = FeedCursor {
+        epoch: now.epoch ^ 1,
+        seq: 3,
+    };
+    for (from, reason) in [(before, "expired"), (other, "other_feed")] {
+        let mut live = c
+            .sse_resume("/events", READ_KEY, Some(&from.to_string()))
+            .await;
+        let f = live.next_event().await.expect("a reset");
+        assert_eq!(f.event.as_deref(), Some("reset"), "{f:?}");
+        let data: Value = serde_json::from_str(&f.data).unwrap();
+        assert_eq!(data["reason"], reason);
+        assert_eq!(cursor_of(&f), now);
+        assert_eq!(data["cursor"], now.to_string());
+    }
+    // The newest events are still there: no reset.
+    let kept = FeedCursor {
+        epoch: now.epoch,
+        seq: now.seq - 2,
+    };
+    let mut live = c
+        .sse_resume("/events", READ_KEY, Some(&kept.to_string()))
+        .await;
+    let f = live.next_event().await.expect("an event");
+    assert_eq!(cursor_of(&f).seq, now.seq - 1);
+    engine.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The dashboard: its page and files without a key, with a strict policy; unknown files 404;
+/// `ui` redirects to `ui/`; off, nothing is served.
+async fn dashboard(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    for prefix in ["", "/aiwg"] {
+        let s = server
+            .serve(api_builder(fx.engine.clone()).build().unwrap(), prefix)
+            .await;
+        let c = s.client();
+        let page = c.send("GET", "/ui/", None, None).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        assert_eq!(
+            page.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        let csp = page.header("content-security-policy").expect("a CSP");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+            "require-trusted-types-for 'script'",
+        ] {
+            assert!(csp.contains(directive), "the CSP lacks {directive}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
+        // Relative URLs: the page works wherever the router is mounted.
+        assert!(page.text.contains(r#"src="app.js""#), "{}", page.text);
+        assert!(page.text.contains(r#"href="style.css""#));
+        for (file, ct) in [
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("api.js", "text/javascript; charset=utf-8"),
+            ("style.css", "text/css; charset=utf-8"),
+            ("favicon.svg", "image/svg+xml"),
+        ] {
+            let r = c.send("GET", &format!("/ui/{file}"), None, None).await;
+            assert_eq!(r.status, 200, "{file}");
+            assert_eq!(r.header("content-type"), Some(ct), "{file}");
+            assert_eq!(r.header("content-security-policy"), Some(csp), "{file}");
+            assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        }
+        c.send("GET", "/ui/nope.js", None, None)
+            .await
+            .assert_problem(404);
+        // Whatever a router makes of these (decoded, normalised), nothing outside the
+        // embedded files is served.
+        for missing in ["/ui/..%2Fmod.rs", "/ui/%2e%2e", "/ui/..%2F..%2FCargo.toml"] {
+            let r = c.send("GET", missing, None, None).await;
+            assert_eq!(r.status, 404, "{missing}: {}", r.text);
+        }
+        let r = c.send("GET", "/ui", None, None).await;
+        assert_eq!(r.status, 308);
+        assert_eq!(r.header("location"), Some("ui/"));
+        let r = c.send("POST", "/ui/", Some(ADMIN_KEY), None).await;
+        r.assert_problem(405);
+        assert_eq!(r.header("allow"), Some("GET"));
+    }
+    let off = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .dashboard(false)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = off.client();
+    for path in ["/ui/", "/ui/app.js", "/ui"] {
+        assert_eq!(c.send("GET", path, None, None).await.status, 404, "{path}");
+    }
+    assert_eq!(c.send("GET", "/health", None, None).await.status, 200);
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! cargo run -p aiwg-examples --bin mount
 //! curl http://127.0.0.1:3200/              # the host app
 //! curl http://127.0.0.1:3200/aiwg/health   # aiwg
+//! # the dashboard: http://127.0.0.1:3200/aiwg/ui/
 //! ```
 
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("AIWG_API_KEY").unwrap_or_else(|_| "mount-example-key-change-me".into());
     let api = Api::builder(engine.clone())
         .key(ApiKey::plain("example", &key, vec![Scope::Admin])?)
+        .dashboard(true)
         .build()?;
 
     // The host's router has its own state type; aiwg's router adapts to it.
@@ -52,7 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3200").await?;
     println!(
-        "host app on http://{}/ , aiwg on /aiwg (key: {key})",
+        "host app on http://{}/ , aiwg on /aiwg, its dashboard on /aiwg/ui/ (key: {key})",
         listener.local_addr()?
     );
     axum::serve(
