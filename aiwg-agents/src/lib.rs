@@ -103,6 +103,34 @@
 //! (`nix::sys::prctl::set_dumpable(false)`, as the example server does) so that an unsandboxed
 //! child cannot read `/proc/<server>/environ` or attach a debugger to it (unless it is root).
 //!
+//! [`Codex`] runs the OpenAI Codex CLI (`codex exec --json`) the same way, under the same
+//! [`ProcessOptions`]; its JSONL events are mapped by [`codex_json`], a step with
+//! `resume_session` continues the thread (`codex exec resume`), and its model provider is either
+//! aiwg's [`base_url`](CodexBuilder::base_url) or the `config.toml` in its
+//! [`codex_home`](CodexBuilder::codex_home):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use aiwg_agents::Codex;
+//! use aiwg_core::{AgentRequest, EventSink, Executor};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let codex = Codex::builder()
+//!     .base_url("http://127.0.0.1:8080/v1")
+//!     .model("gpt-5")
+//!     .approval_policy("never")
+//!     .sandbox_mode("workspace-write")
+//!     .codex_home("/var/lib/aiwg/codex")
+//!     .build()?;
+//! let first = codex
+//!     .execute(AgentRequest::new("Fix the test", "/srv/app"), EventSink::discard(), CancellationToken::new())
+//!     .await?;
+//! let thread = first.session_id.unwrap_or_default();
+//! let review = AgentRequest::new("Review your fix", "/srv/app").with_resume(thread);
+//! codex.execute(review, EventSink::discard(), CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # 3. Sandbox an agent
 //!
 //! With [`Sandbox::Bwrap`] the child runs under bubblewrap (`bwrap`, Debian package
@@ -184,7 +212,8 @@
 //! # Testing
 //!
 //! With the `test-util` feature, [`testing::FakeAnthropic`] is a scripted Anthropic Messages API
-//! server on loopback that the real `claude` and `opencode` programs can talk to.
+//! server on loopback that the real `claude` and `opencode` programs can talk to, and
+//! [`testing::FakeResponses`] a scripted OpenAI Responses API server for the real `codex`.
 
 pub mod stream_json;
 

@@ -488,27 +488,43 @@ impl Brokers {
     /// streams, queues and consumers, and starts consuming triggers and publishing events.
     pub async fn start(mut self, engine: Engine) -> Result<RunningBrokers, BrokerError> {
         let cancel = CancellationToken::new();
-        #[allow(unused_mut)] // without any broker feature nothing is pushed
-        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        #[allow(unused_mut)] // without any broker feature nothing is started
+        let mut running = RunningBrokers {
+            cancel: cancel.clone(),
+            tasks: Vec::new(),
+        };
         #[allow(unused_variables, unused_mut)]
         let mut take = |name: &str| {
             let i = self.receivers.iter().position(|(n, _)| *n == name)?;
             Some(self.receivers.remove(i).1)
         };
+        // A broker that cannot start stops the ones already started.
+        #[allow(unused_macros)]
+        macro_rules! launch {
+            ($started:expr) => {
+                match $started.await {
+                    Ok(tasks) => running.tasks.extend(tasks),
+                    Err(e) => {
+                        running.shutdown().await;
+                        return Err(e);
+                    }
+                }
+            };
+        }
         #[cfg(feature = "nats")]
         if let (Some(cfg), Some(rx)) = (self.config.nats.clone(), take("nats")) {
-            tasks.extend(nats::start(cfg, engine.clone(), rx, cancel.clone()).await?);
+            launch!(nats::start(cfg, engine.clone(), rx, cancel.clone()));
         }
         #[cfg(feature = "amqp")]
         if let (Some(cfg), Some(rx)) = (self.config.amqp.clone(), take("amqp")) {
-            tasks.extend(amqp::start(cfg, engine.clone(), rx, cancel.clone()).await?);
+            launch!(amqp::start(cfg, engine.clone(), rx, cancel.clone()));
         }
         #[cfg(feature = "redis")]
         if let (Some(cfg), Some(rx)) = (self.config.redis.clone(), take("redis")) {
-            tasks.extend(redis::start(cfg, engine.clone(), rx, cancel.clone()).await?);
+            launch!(redis::start(cfg, engine.clone(), rx, cancel.clone()));
         }
-        let _ = &engine;
-        Ok(RunningBrokers { cancel, tasks })
+        let _ = (&engine, &cancel);
+        Ok(running)
     }
 }
 

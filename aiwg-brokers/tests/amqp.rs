@@ -289,3 +289,53 @@ async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
         )
         .await;
 }
+
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn an_unreachable_broker_fails_the_start_and_stops_the_others() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let name = unique();
+    let port = free_port();
+    let config = json!({
+        "nats": {"url": "nats://127.0.0.1:4222", "stream": format!("AIWG_{name}"),
+            "trigger_subject": format!("{name}.trigger"), "events_subject": format!("{name}.events"),
+            "dead_letter_subject": format!("{name}.dead")},
+        "amqp": {"url": format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), "queue": "q"},
+    });
+    let brokers =
+        aiwg_brokers::Brokers::new(aiwg_brokers::BrokersConfig::from_value(config).unwrap())
+            .unwrap();
+    let engine = aiwg_core::Engine::builder()
+        .executor(
+            "x",
+            std::sync::Arc::new(aiwg_core::test_util::ScriptedExecutor::succeeding("ok")),
+        )
+        .workflow(
+            aiwg_core::Workflow::new("check").step(aiwg_core::Step::prompt("run", "x", "check")),
+        )
+        .build()
+        .unwrap();
+    let err = brokers.start(engine.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, aiwg_brokers::BrokerError::Setup { broker: "amqp", .. }),
+        "{err:?}"
+    );
+    // The NATS consumer started first is stopped: a trigger published now starts nothing.
+    let js =
+        async_nats::jetstream::new(async_nats::connect("nats://127.0.0.1:4222").await.unwrap());
+    js.publish(format!("{name}.trigger"), r#"{"workflow": "check"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut stream = js.get_stream(format!("AIWG_{name}")).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("aiwg").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_pending, 1, "nobody consumes the trigger");
+    assert!(jobs(&engine).await.is_empty());
+    let _ = stream.info().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
