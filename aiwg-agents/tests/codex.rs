@@ -54,7 +54,10 @@ impl Setup {
             .binary(&self.codex)
             .codex_home(self.codex_home.path())
             .approval_policy("never")
-            .sandbox_mode("workspace-write")
+            // Codex's own `workspace-write` sandbox refuses to start its helper when the
+            // checkout lives under /tmp (a clean clone often does); aiwg's process supervision
+            // is what these tests check.
+            .sandbox_mode("danger-full-access")
             .process(self.process())
     }
 

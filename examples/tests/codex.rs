@@ -59,7 +59,7 @@ agents:
     path: "{codex}"
     model: gpt-5
     base_url: "{url}"
-    sandbox_mode: workspace-write
+    sandbox_mode: danger-full-access
     approval_policy: never
     codex_home: "{codex_home}"
     grace: 2s
