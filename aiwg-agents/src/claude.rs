@@ -109,6 +109,25 @@ impl ClaudeCode {
             argv.push("--resume".into());
             argv.push(session.clone());
         }
+        if let Some(left) = request.max_budget_usd {
+            // What is left of the job's cap; a smaller cap of the agent's own config stays.
+            let configured = self
+                .args
+                .iter()
+                .position(|a| a == "--max-budget-usd")
+                .and_then(|i| self.args.get(i + 1))
+                .and_then(|v| v.parse::<f64>().ok());
+            if configured.is_none_or(|c| left < c) {
+                if let Some(i) = argv.iter().position(|a| a == "--max-budget-usd") {
+                    argv.drain(i..=i + 1);
+                }
+                // A cap already spent still has to stop the CLI at its first turn.
+                argv.push(format!("--max-budget-usd={}", left.max(0.000_001)));
+            }
+        }
+        if let Some(schema) = &request.output_schema {
+            argv.push(format!("--json-schema={schema}"));
+        }
         if request.prompt.len() > MAX_ARGV_PROMPT {
             return Ok((argv, Input::Bytes(request.prompt.clone().into_bytes())));
         }
@@ -330,6 +349,25 @@ impl Executor for ClaudeCode {
                 exit_code: finished.exit_code,
             });
         };
+        let limit = match res.subtype.as_str() {
+            "error_max_turns" => Some(aiwg_core::AgentLimit::Turns),
+            "error_max_budget_usd" => Some(aiwg_core::AgentLimit::Budget),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            // The work done up to the limit is kept, with the session to resume it.
+            let mut partial =
+                AgentResult::text(res.result.clone().unwrap_or_else(|| texts.join("\n")));
+            partial.session_id = res.session_id.clone().or(last_session);
+            partial.cost_usd = res.total_cost_usd;
+            partial.usage = res.usage;
+            partial.num_turns = res.num_turns;
+            partial.exit_code = finished.exit_code;
+            return Err(ExecutorError::Limit {
+                limit,
+                partial: Box::new(partial),
+            });
+        }
         if !res.is_success() {
             let mut message = format!("claude reported {}", res.subtype);
             if let Some(text) = res.result.as_deref().filter(|t| !t.is_empty()) {
@@ -350,6 +388,7 @@ impl Executor for ClaudeCode {
         out.usage = res.usage;
         out.num_turns = res.num_turns;
         out.exit_code = finished.exit_code;
+        out.structured = res.structured_output;
         Ok(out)
     }
 

@@ -44,6 +44,8 @@ pub struct ClaudeResult {
     pub num_turns: Option<u32>,
     /// Wall time the CLI reports.
     pub duration_ms: Option<u64>,
+    /// The answer validated against `--json-schema`, when one was given.
+    pub structured_output: Option<serde_json::Value>,
 }
 
 impl ClaudeResult {
@@ -92,6 +94,8 @@ struct Line<'a> {
     num_turns: Option<u32>,
     #[serde(default)]
     duration_ms: Option<u64>,
+    #[serde(default)]
+    structured_output: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +305,7 @@ pub fn parse_line(line: &str) -> ParsedLine {
                 usage,
                 num_turns: parsed.num_turns,
                 duration_ms: parsed.duration_ms,
+                structured_output: parsed.structured_output,
             };
             if result.total_cost_usd.is_some() || usage.is_some() {
                 out.events.push(AgentEvent::Usage {

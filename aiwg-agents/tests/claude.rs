@@ -358,3 +358,69 @@ async fn a_prompt_larger_than_argv_allows_reaches_the_model_through_stdin() {
         "the prompt did not arrive whole"
     );
 }
+
+#[tokio::test]
+async fn an_output_schema_makes_claude_return_its_structured_answer() {
+    let Some(s) = setup(vec![]).await else {
+        return;
+    };
+    s.fake.push([
+        Reply::tool_use(
+            "StructuredOutput",
+            json!({"verdict": "approve", "issues": 0}),
+        ),
+        Reply::text("Done."),
+    ]);
+    let exec = s.builder().build().unwrap();
+    let schema = json!({
+        "type": "object",
+        "properties": {"verdict": {"type": "string"}, "issues": {"type": "integer"}},
+        "required": ["verdict", "issues"]
+    });
+    let mut req = AgentRequest::new("review", s.dir());
+    req.output_schema = Some(schema.clone());
+    let (res, _) = run(&exec, req).await;
+    let res = res.unwrap();
+    assert_eq!(
+        res.structured,
+        Some(json!({"verdict": "approve", "issues": 0})),
+        "{res:?}"
+    );
+    // The schema reached the model as the structured-output tool's input schema.
+    let first = s.fake.turns()[0].body.to_string();
+    assert!(first.contains("StructuredOutput"), "{first}");
+    assert!(first.contains("\"verdict\""), "{first}");
+}
+
+#[tokio::test]
+async fn a_budget_stops_claude_and_keeps_its_partial_work() {
+    let Some(s) = setup(vec![]).await else {
+        return;
+    };
+    let target = s.dir().join("a.txt");
+    s.fake.push([
+        Reply::tool_use(
+            "Write",
+            json!({"file_path": target.to_string_lossy(), "content": "first\n"}),
+        ),
+        Reply::text("never reached"),
+    ]);
+    let exec = s.builder().permission_mode("acceptEdits").build().unwrap();
+    let mut req = AgentRequest::new("write a.txt then continue", s.dir());
+    // One turn of the fake model costs more than this.
+    req.max_budget_usd = Some(0.000_01);
+    let (res, events) = run(&exec, req).await;
+    let Err(ExecutorError::Limit { limit, partial }) = res else {
+        panic!("expected a budget limit, got {res:?}; events {events:?}");
+    };
+    assert_eq!(limit, aiwg_core::AgentLimit::Budget);
+    assert!(partial.session_id.is_some(), "{partial:?}");
+    assert!(
+        partial.cost_usd.is_some_and(|c| c > 0.000_01),
+        "{partial:?}"
+    );
+    // The CLI stops as soon as the cap is passed: after the first turn, before running the
+    // tool that turn asked for.
+    assert_eq!(s.fake.turns().len(), 1);
+    assert!(!target.exists());
+}

@@ -293,6 +293,13 @@ pub struct AgentRequest {
     pub resume_session: Option<String>,
     /// The job's parameters (for executors that want them, e.g. as environment).
     pub params: BTreeMap<String, String>,
+    /// What is left of the job's spending cap, in US dollars: an executor that can stop
+    /// itself at a cost (claude-code's `--max-budget-usd`) should.
+    pub max_budget_usd: Option<f64>,
+    /// The JSON Schema the answer must satisfy (the step's `output_schema`): an executor that
+    /// can enforce it (claude-code's `--json-schema`) should, and return the parsed answer as
+    /// [`AgentResult::structured`]. The engine validates the answer either way.
+    pub output_schema: Option<serde_json::Value>,
 }
 
 impl AgentRequest {
@@ -308,6 +315,8 @@ impl AgentRequest {
             timeout: Duration::from_secs(300),
             resume_session: None,
             params: BTreeMap::new(),
+            max_budget_usd: None,
+            output_schema: None,
         }
     }
 
@@ -384,6 +393,10 @@ pub struct AgentResult {
     pub exit_code: Option<i32>,
     /// Agent turns.
     pub num_turns: Option<u32>,
+    /// The answer as JSON, when the agent produced structured output (see
+    /// [`AgentRequest::output_schema`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured: Option<serde_json::Value>,
 }
 
 impl AgentResult {
@@ -468,6 +481,35 @@ pub enum ExecutorError {
     /// The executor is not available (e.g. every pool member's circuit is open).
     #[error("the agent is unavailable: {0}")]
     Unavailable(String),
+    /// The agent stopped at one of its limits before it finished; `partial` is what it had
+    /// produced (text so far, session id, cost), so the work is not lost and the session can
+    /// be resumed.
+    #[error("the agent stopped at its {limit} limit")]
+    Limit {
+        /// Which limit.
+        limit: AgentLimit,
+        /// What the run produced up to then.
+        partial: Box<AgentResult>,
+    },
+}
+
+/// A limit an agent stops itself at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentLimit {
+    /// Its maximum number of turns.
+    Turns,
+    /// Its spending cap.
+    Budget,
+}
+
+impl fmt::Display for AgentLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AgentLimit::Turns => "turn",
+            AgentLimit::Budget => "budget",
+        })
+    }
 }
 
 impl ExecutorError {
@@ -493,6 +535,14 @@ impl ExecutorError {
             ExecutorError::Http { .. } => "http_error",
             ExecutorError::Protocol(_) => "protocol_error",
             ExecutorError::Unavailable(_) => "unavailable",
+            ExecutorError::Limit {
+                limit: AgentLimit::Turns,
+                ..
+            } => "max_turns",
+            ExecutorError::Limit {
+                limit: AgentLimit::Budget,
+                ..
+            } => "budget_exceeded",
         }
     }
 
@@ -501,7 +551,9 @@ impl ExecutorError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            ExecutorError::InvalidRequest(_) | ExecutorError::Cancelled
+            ExecutorError::InvalidRequest(_)
+                | ExecutorError::Cancelled
+                | ExecutorError::Limit { .. }
         )
     }
 }

@@ -90,6 +90,9 @@ pub enum JobStatus {
     Queued,
     /// A worker holds its lease and runs its steps.
     Running,
+    /// Paused before a step with `approval: required`: no worker holds it until someone
+    /// approves (back to `queued`, resuming at that step) or rejects it (`cancelled`).
+    AwaitingApproval,
     /// Every step succeeded.
     Completed,
     /// A step failed and no attempts are left (or the failure is not retryable).
@@ -102,9 +105,10 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in life-cycle order.
-    pub const ALL: [JobStatus; 6] = [
+    pub const ALL: [JobStatus; 7] = [
         JobStatus::Queued,
         JobStatus::Running,
+        JobStatus::AwaitingApproval,
         JobStatus::Completed,
         JobStatus::Failed,
         JobStatus::Cancelled,
@@ -117,6 +121,7 @@ impl JobStatus {
         match self {
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
+            JobStatus::AwaitingApproval => "awaiting_approval",
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
@@ -127,7 +132,10 @@ impl JobStatus {
     /// True for the statuses a job never leaves.
     #[must_use]
     pub fn is_terminal(self) -> bool {
-        !matches!(self, JobStatus::Queued | JobStatus::Running)
+        !matches!(
+            self,
+            JobStatus::Queued | JobStatus::Running | JobStatus::AwaitingApproval
+        )
     }
 
     /// The transition table. This is the only place that decides which changes are legal:
@@ -135,7 +143,8 @@ impl JobStatus {
     /// | from | to |
     /// |---|---|
     /// | `queued` | `running`, `cancelled`, `failed` (refused before it ran) |
-    /// | `running` | `completed`, `failed`, `cancelled`, `timed_out`, `queued` (retry or lost lease) |
+    /// | `running` | `completed`, `failed`, `cancelled`, `timed_out`, `queued` (retry or lost lease), `awaiting_approval` (before a gated step) |
+    /// | `awaiting_approval` | `queued` (approved), `cancelled` (rejected, timed out or cancelled) |
     /// | terminal | nothing |
     #[must_use]
     pub fn can_transition_to(self, to: JobStatus) -> bool {
@@ -143,7 +152,11 @@ impl JobStatus {
         matches!(
             (self, to),
             (Queued, Running | Cancelled | Failed)
-                | (Running, Completed | Failed | Cancelled | TimedOut | Queued)
+                | (
+                    Running,
+                    Completed | Failed | Cancelled | TimedOut | Queued | AwaitingApproval
+                )
+                | (AwaitingApproval, Queued | Cancelled)
         )
     }
 
@@ -173,9 +186,9 @@ impl FromStr for JobStatus {
     }
 }
 
-/// A status name that is not one of the six.
+/// A status name that is not one of the seven.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown job status `{0}` (expected queued, running, completed, failed, cancelled or timed_out)")]
+#[error("unknown job status `{0}` (expected queued, running, awaiting_approval, completed, failed, cancelled or timed_out)")]
 pub struct UnknownStatus(pub String);
 
 /// A status change the transition table forbids.
@@ -411,6 +424,80 @@ pub struct StepResult {
     pub exit_code: Option<i32>,
     /// Wall time of the step.
     pub duration_ms: u64,
+    /// The step's answer parsed as JSON and valid against its `output_schema`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub structured: Option<serde_json::Value>,
+    /// True when the step did not finish (a timeout, a turn or budget limit, a cancel, an
+    /// invalid answer): `output` and `session_id` are what it had produced so far, and a
+    /// later job can resume that session.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+/// A pause before a step with `approval: required`, and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct Approval {
+    /// The step that waits for it.
+    pub step: String,
+    /// When the job paused.
+    pub requested_at: DateTime<Utc>,
+    /// When it ends `cancelled` (reason `approval_timeout`) unless decided before.
+    pub expires_at: DateTime<Utc>,
+    /// The decision, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<ApprovalDecision>,
+}
+
+impl Approval {
+    /// A request for `step`, open until `expires_at`.
+    #[must_use]
+    pub fn new(
+        step: impl Into<String>,
+        requested_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            step: step.into(),
+            requested_at,
+            expires_at,
+            decision: None,
+        }
+    }
+
+    /// Whether it was granted.
+    #[must_use]
+    pub fn is_approved(&self) -> bool {
+        self.decision.as_ref().is_some_and(|d| d.approved)
+    }
+}
+
+/// Who decided an [`Approval`], how and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[non_exhaustive]
+pub struct ApprovalDecision {
+    /// `true` to continue, `false` to stop the job.
+    pub approved: bool,
+    /// Who decided: an API key's (or token's) name, a forge login, or `aiwg` for a timeout.
+    pub by: String,
+    /// Through what: `api`, a platform name (`github`, …) or `timeout`.
+    pub via: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl ApprovalDecision {
+    /// A decision by `by` through `via`, now.
+    #[must_use]
+    pub fn new(approved: bool, by: impl Into<String>, via: impl Into<String>) -> Self {
+        Self {
+            approved,
+            by: by.into(),
+            via: via.into(),
+            at: Utc::now(),
+        }
+    }
 }
 
 /// The result of a finished job.
@@ -433,7 +520,8 @@ pub struct JobResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// A stable machine-readable kind: `agent_failed`, `timed_out`, `cancelled`, `unknown_agent`,
-    /// `lease_lost`, `shutdown`, `invalid_request`, `panic`.
+    /// `lease_lost`, `shutdown`, `invalid_request`, `panic`, `budget_exceeded`, `invalid_output`,
+    /// `approval_timeout`, `rejected`.
     pub kind: String,
     /// Human-readable detail (never a secret).
     pub message: String,
@@ -506,6 +594,18 @@ pub struct Job {
     /// group runs at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_group: Option<String>,
+    /// The spending cap of the whole job in US dollars (the workflow's `max_budget_usd`, or
+    /// its trigger source's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    /// Every approval it asked for, in order; the last one is open while the job is
+    /// `awaiting_approval`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+    /// Set when an approval sent the job back to `queued`: its next run continues at the
+    /// approved step with the results of the steps before it, in the same attempt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_after_approval: bool,
 }
 
 impl Job {
@@ -513,6 +613,22 @@ impl Job {
     #[must_use]
     pub fn is_terminal(&self) -> bool {
         self.status.is_terminal()
+    }
+
+    /// The approval the job waits for, while it is `awaiting_approval`.
+    #[must_use]
+    pub fn pending_approval(&self) -> Option<&Approval> {
+        self.approvals
+            .last()
+            .filter(|a| a.decision.is_none() && self.status == JobStatus::AwaitingApproval)
+    }
+
+    /// Whether `step` was approved (an approval holds for every later attempt of the job).
+    #[must_use]
+    pub fn step_approved(&self, step: &str) -> bool {
+        self.approvals
+            .iter()
+            .any(|a| a.step == step && a.is_approved())
     }
 }
 
@@ -546,6 +662,9 @@ mod tests {
             (Running, Cancelled),
             (Running, TimedOut),
             (Running, Queued),
+            (Running, AwaitingApproval),
+            (AwaitingApproval, Queued),
+            (AwaitingApproval, Cancelled),
         ];
         for from in JobStatus::ALL {
             for to in JobStatus::ALL {
@@ -559,7 +678,10 @@ mod tests {
             }
         }
         for st in JobStatus::ALL {
-            assert_eq!(st.is_terminal(), !matches!(st, Queued | Running));
+            assert_eq!(
+                st.is_terminal(),
+                !matches!(st, Queued | Running | AwaitingApproval)
+            );
             if st.is_terminal() {
                 assert!(JobStatus::ALL.iter().all(|to| !st.can_transition_to(*to)));
             }

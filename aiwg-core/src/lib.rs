@@ -85,6 +85,7 @@ pub mod http;
 pub mod job;
 pub mod policy;
 pub mod request;
+pub mod schedule;
 pub mod secrets;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
@@ -99,12 +100,12 @@ pub use event::{JobEvent, JobEventKind};
 #[cfg(any(test, feature = "test-util"))]
 pub use executor::MockExecutor;
 pub use executor::{
-    AgentEvent, AgentRequest, AgentResult, BackendHealth, Capabilities, CircuitState, EventSink,
-    Executor, ExecutorError, ExecutorRegistry, Health, LogStream, RequestError, Usage,
+    AgentEvent, AgentLimit, AgentRequest, AgentResult, BackendHealth, Capabilities, CircuitState,
+    EventSink, Executor, ExecutorError, ExecutorRegistry, Health, LogStream, RequestError, Usage,
 };
 pub use job::{
-    Job, JobError, JobId, JobResult, JobStatus, Progress, ReplyCredentials, StatusChange,
-    StepResult, TriggerInfo,
+    Approval, ApprovalDecision, Job, JobError, JobId, JobResult, JobStatus, Progress,
+    ReplyCredentials, StatusChange, StepResult, TriggerInfo,
 };
 pub use policy::{PolicyError, ProjectPolicy};
 pub use request::JobRequest;

@@ -31,6 +31,11 @@ pub struct JobRequest {
     /// request body, never shown). See [`ReplyCredentials`].
     #[serde(skip)]
     pub reply_credentials: ReplyCredentials,
+    /// The spending cap its trigger source sets by default (a platform section's
+    /// `max_budget_usd`); the workflow's own `max_budget_usd` wins. Never read from a request
+    /// body: a caller cannot raise a cap.
+    #[serde(skip)]
+    pub max_budget_usd: Option<f64>,
 }
 
 impl JobRequest {
@@ -77,6 +82,13 @@ impl JobRequest {
     #[must_use]
     pub fn reply_credential(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.reply_credentials.insert(name, value);
+        self
+    }
+
+    /// Sets the default spending cap (see [`max_budget_usd`](Self::max_budget_usd)).
+    #[must_use]
+    pub fn default_budget_usd(mut self, usd: f64) -> Self {
+        self.max_budget_usd = Some(usd);
         self
     }
 

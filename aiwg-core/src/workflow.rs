@@ -204,6 +204,27 @@ pub struct Step {
     /// Continue the previous step's agent session.
     #[serde(default)]
     pub resume: bool,
+    /// `required`: the job pauses before this step (`awaiting_approval`) until someone with
+    /// the `approve` scope (or an allowed forge user) approves it.
+    #[serde(default)]
+    pub approval: ApprovalGate,
+    /// A JSON Schema the step's answer must satisfy: passed to agents that can enforce it
+    /// (claude-code's `--json-schema`), then checked here; the parsed answer is the step's
+    /// `structured` result, and `{{steps.<name>.structured.<field>}}` reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<serde_json::Value>,
+}
+
+/// Whether a step waits for a human before it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ApprovalGate {
+    /// It runs when its turn comes.
+    #[default]
+    None,
+    /// The job pauses before it until approved.
+    Required,
 }
 
 impl Step {
@@ -221,6 +242,8 @@ impl Step {
             command: None,
             timeout: None,
             resume: false,
+            approval: ApprovalGate::None,
+            output_schema: None,
         }
     }
 
@@ -238,6 +261,8 @@ impl Step {
             command: Some(argv.into_iter().map(Into::into).collect()),
             timeout: None,
             resume: false,
+            approval: ApprovalGate::None,
+            output_schema: None,
         }
     }
 
@@ -252,6 +277,20 @@ impl Step {
     #[must_use]
     pub fn resuming(mut self) -> Self {
         self.resume = true;
+        self
+    }
+
+    /// Makes the job wait for an approval before this step.
+    #[must_use]
+    pub fn requiring_approval(mut self) -> Self {
+        self.approval = ApprovalGate::Required;
+        self
+    }
+
+    /// Sets the JSON Schema its answer must satisfy.
+    #[must_use]
+    pub fn with_output_schema(mut self, schema: serde_json::Value) -> Self {
+        self.output_schema = Some(schema);
         self
     }
 }
@@ -287,6 +326,18 @@ pub struct Workflow {
     /// engine's workspace settings) or `none` (the project directory).
     #[serde(default)]
     pub workspace: Option<WorkspaceMode>,
+    /// The spending cap of one job in US dollars: claude-code steps get what is left
+    /// (`--max-budget-usd`), and no step starts once the job's cost reached it (the job ends
+    /// `failed`, kind `budget_exceeded`, keeping every finished step's result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    /// How long a job waits for an approval before it ends `cancelled` (kind
+    /// `approval_timeout`); default 24 hours.
+    #[serde(default, with = "crate::util::opt_duration")]
+    pub approval_timeout: Option<Duration>,
+    /// Runs on a timer: one job per tick of each schedule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<crate::schedule::Schedule>,
 }
 
 /// A workflow's choice of workspace.
@@ -341,7 +392,31 @@ impl Workflow {
             priority: None,
             concurrency: None,
             workspace: None,
+            max_budget_usd: None,
+            approval_timeout: None,
+            schedules: Vec::new(),
         }
+    }
+
+    /// Sets the spending cap of one job, in US dollars.
+    #[must_use]
+    pub fn with_max_budget_usd(mut self, usd: f64) -> Self {
+        self.max_budget_usd = Some(usd);
+        self
+    }
+
+    /// Sets how long a job waits for an approval.
+    #[must_use]
+    pub fn with_approval_timeout(mut self, t: Duration) -> Self {
+        self.approval_timeout = Some(t);
+        self
+    }
+
+    /// Adds a schedule.
+    #[must_use]
+    pub fn with_schedule(mut self, schedule: crate::schedule::Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
     }
 
     /// Sets where its pull-request jobs run.
@@ -430,6 +505,20 @@ impl Workflow {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(err("timeout must be greater than zero".into()));
         }
+        if self
+            .max_budget_usd
+            .is_some_and(|b| !b.is_finite() || b <= 0.0)
+        {
+            return Err(err("max_budget_usd must be a positive number".into()));
+        }
+        if self.approval_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(err("approval_timeout must be greater than zero".into()));
+        }
+        for (i, schedule) in self.schedules.iter().enumerate() {
+            schedule
+                .validate()
+                .map_err(|why| err(format!("schedule {}: {why}", i + 1)))?;
+        }
         let mut params = HashSet::new();
         for p in &self.parameters {
             if !valid_name(&p.name) || p.name == "guidance" && p.required {
@@ -450,7 +539,16 @@ impl Workflow {
             }
         }
         let mut earlier: HashSet<&str> = HashSet::new();
+        let mut structured: HashSet<&str> = HashSet::new();
         for (i, step) in self.steps.iter().enumerate() {
+            if let Some(schema) = &step.output_schema {
+                jsonschema::validator_for(schema).map_err(|e| {
+                    err(format!(
+                        "step `{}` has an invalid output_schema: {e}",
+                        step.name
+                    ))
+                })?;
+            }
             if !valid_name(&step.name) {
                 return Err(err(format!(
                     "step {} has an invalid name `{}`",
@@ -491,15 +589,16 @@ impl Workflow {
                     let ok = match ph {
                         "guidance" | "project_path" => true,
                         _ if ph.starts_with("trigger.") => ph.len() > "trigger.".len(),
-                        _ if ph.starts_with("steps.") => ph
-                            .strip_prefix("steps.")
-                            .and_then(|r| r.strip_suffix(".output"))
-                            .is_some_and(|s| earlier.contains(s)),
+                        _ if ph.starts_with("steps.") => match step_placeholder(ph) {
+                            Some((s, None)) => earlier.contains(s),
+                            Some((s, Some(_))) => structured.contains(s),
+                            None => false,
+                        },
                         other => params.contains(other),
                     };
                     if !ok {
                         return Err(err(format!(
-                            "step `{}` uses `{{{{{ph}}}}}`, which is neither a parameter, guidance, project_path, trigger.<field> nor the output of an earlier step",
+                            "step `{}` uses `{{{{{ph}}}}}`, which is neither a parameter, guidance, project_path, trigger.<field>, the output of an earlier step nor a field of an earlier step's structured output (which needs an output_schema)",
                             step.name
                         )));
                     }
@@ -507,6 +606,9 @@ impl Workflow {
             }
             if !earlier.insert(step.name.as_str()) {
                 return Err(err(format!("step `{}` is declared twice", step.name)));
+            }
+            if step.output_schema.is_some() {
+                structured.insert(step.name.as_str());
             }
         }
         Ok(())
@@ -648,6 +750,37 @@ pub struct TemplateContext<'a> {
     pub trigger: &'a TriggerInfo,
     /// `{{steps.<name>.output}}`.
     pub step_outputs: &'a BTreeMap<String, String>,
+    /// `{{steps.<name>.structured.<field>}}`: the steps' structured answers.
+    pub step_structured: &'a BTreeMap<String, serde_json::Value>,
+}
+
+/// `steps.<name>.output` → `(name, None)`; `steps.<name>.structured.<path>` →
+/// `(name, Some(path))`.
+fn step_placeholder(ph: &str) -> Option<(&str, Option<&str>)> {
+    let rest = ph.strip_prefix("steps.")?;
+    if let Some(step) = rest.strip_suffix(".output") {
+        return Some((step, None));
+    }
+    let (step, path) = rest.split_once(".structured.")?;
+    (!path.is_empty() && !step.is_empty()).then_some((step, Some(path)))
+}
+
+/// The value at a dotted `path` (`a.b.0`) of `value`, as template text: strings as they are,
+/// anything else as JSON.
+fn structured_field(value: &serde_json::Value, path: &str) -> Option<String> {
+    let mut v = value;
+    for key in path.split('.') {
+        v = match v {
+            serde_json::Value::Object(m) => m.get(key)?,
+            serde_json::Value::Array(a) => a.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    })
 }
 
 /// Fills a template in one pass. Unknown placeholders and missing values render as empty text;
@@ -667,11 +800,14 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, Templ
             _ => {
                 if let Some(field) = name.strip_prefix("trigger.") {
                     ctx.trigger.field(field)
-                } else if let Some(step) = name
-                    .strip_prefix("steps.")
-                    .and_then(|r| r.strip_suffix(".output"))
-                {
-                    ctx.step_outputs.get(step).cloned()
+                } else if let Some((step, path)) = step_placeholder(name) {
+                    match path {
+                        None => ctx.step_outputs.get(step).cloned(),
+                        Some(path) => ctx
+                            .step_structured
+                            .get(step)
+                            .and_then(|v| structured_field(v, path)),
+                    }
                 } else {
                     ctx.params.get(name).cloned()
                 }
@@ -922,6 +1058,7 @@ mod tests {
             params: &params,
             trigger: &trigger,
             step_outputs: &outputs,
+            step_structured: &BTreeMap::new(),
         };
         let s = render(&wf().steps[0].prompt.clone().unwrap(), &ctx).unwrap();
         assert_eq!(

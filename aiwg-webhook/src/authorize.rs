@@ -75,6 +75,10 @@ pub enum IgnoreReason {
     /// The engine refused the request for a reason that asking again will not fix (unknown
     /// workflow, invalid parameters, project refused…): the same problem the HTTP API answers.
     Rejected(Problem),
+    /// `approve` / `reject` on a thread where no job waits for an approval.
+    NothingAwaitingApproval,
+    /// `approve` / `reject` on a thread where several jobs wait: the comment must name one.
+    SeveralAwaitingApproval(usize),
 }
 
 impl fmt::Display for IgnoreReason {
@@ -122,6 +126,13 @@ impl fmt::Display for IgnoreReason {
             }
             Self::InvalidCommand(e) => write!(f, "invalid command: {e}"),
             Self::Rejected(p) => f.write_str(p.detail()),
+            Self::NothingAwaitingApproval => {
+                f.write_str("no job started here is waiting for an approval")
+            }
+            Self::SeveralAwaitingApproval(n) => write!(
+                f,
+                "{n} jobs started here wait for an approval; name one: `approve <job id>`"
+            ),
         }
     }
 }
@@ -148,6 +159,7 @@ impl IgnoreReason {
             Self::ProjectNotAccepted => "project_option",
             Self::InvalidCommand(_) => "invalid_command",
             Self::Rejected(p) => p.slug(),
+            Self::NothingAwaitingApproval | Self::SeveralAwaitingApproval(_) => "no_waiting_job",
         }
     }
 }

@@ -550,7 +550,88 @@ impl Hooks {
                     .collect();
                 Err(HookOutcome::Help(list))
             }
+            Ok(Parsed::Run(cmd))
+                if matches!(event.kind, EventKind::Comment)
+                    && (cmd.workflow.eq_ignore_ascii_case("approve")
+                        || cmd.workflow.eq_ignore_ascii_case("reject")) =>
+            {
+                let approve = cmd.workflow.eq_ignore_ascii_case("approve");
+                Err(self.approval_comment(setup, event, approve, &cmd).await)
+            }
             Ok(Parsed::Run(cmd)) => Ok((cmd, Origin::Command)),
+        }
+    }
+
+    /// `@aiwg approve` / `@aiwg reject` (optionally followed by a job id) on a forge thread:
+    /// decides the job started on that thread that waits for an approval, when the sender is
+    /// someone the platform's trigger policy admits. `approve` and `reject` are therefore not
+    /// usable as workflow names in comments.
+    async fn approval_comment(
+        &self,
+        setup: &Setup,
+        event: &InboundEvent,
+        approve: bool,
+        cmd: &Command,
+    ) -> HookOutcome {
+        if let Err(refused) = setup.authorize_actor(event, false).await {
+            return refused;
+        }
+        let Some(login) = event.actor.as_ref().map(|a| a.login.clone()) else {
+            return HookOutcome::Ignored(IgnoreReason::NoActor);
+        };
+        let named = cmd
+            .guidance
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let repo = event.repository.as_ref().map(|r| r.full_name.as_str());
+        let number = event.pull_request.as_ref().map(|p| p.number).or(event.issue);
+        let query = aiwg_core::store::JobQuery::default()
+            .status(aiwg_core::JobStatus::AwaitingApproval)
+            .limit(500);
+        let engine = &self.inner.engine;
+        let waiting: Vec<_> = match engine.list(&query).await {
+            Ok(page) => page
+                .jobs
+                .into_iter()
+                .filter(|j| {
+                    j.trigger.source == event.platform.as_str()
+                        && j.trigger.repo.as_deref() == repo
+                        && repo.is_some()
+                        && j.trigger.pr.or(j.trigger.issue) == number
+                        && number.is_some()
+                        && named.is_none_or(|n| j.id.to_string().starts_with(n))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing jobs awaiting approval failed");
+                return HookOutcome::StoreUnavailable;
+            }
+        };
+        let job = match waiting.as_slice() {
+            [] => return HookOutcome::Ignored(IgnoreReason::NothingAwaitingApproval),
+            [job] => job.id,
+            many => return HookOutcome::Ignored(IgnoreReason::SeveralAwaitingApproval(many.len())),
+        };
+        let via = event.platform.as_str();
+        let decided = if approve {
+            engine.approve(job, &login, via).await
+        } else {
+            engine.reject(job, &login, via).await
+        };
+        match decided {
+            Ok(_) => HookOutcome::Decided {
+                job_id: job,
+                approved: approve,
+            },
+            // Decided by someone else a moment ago.
+            Err(aiwg_core::engine::EngineError::NotAwaitingApproval { .. }) => {
+                HookOutcome::Ignored(IgnoreReason::NothingAwaitingApproval)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, job = %job, "recording an approval failed");
+                HookOutcome::StoreUnavailable
+            }
         }
     }
 
@@ -647,6 +728,13 @@ fn audit_decision(outcome: &HookOutcome) -> Option<(Decision, Option<String>)> {
         HookOutcome::Submitted {
             replayed: false, ..
         } => Some((Decision::Accepted, None)),
+        HookOutcome::Decided { job_id, approved } => Some((
+            Decision::Accepted,
+            Some(format!(
+                "{} job {job_id}",
+                if *approved { "approved" } else { "rejected" }
+            )),
+        )),
         HookOutcome::Submitted { replayed: true, .. } => Some((
             Decision::Duplicate,
             Some("delivered before: the same job, nothing new started".into()),

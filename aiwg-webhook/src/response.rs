@@ -52,6 +52,13 @@ pub enum HookOutcome {
     /// The delivery store failed: 503. The cause is logged where it happened; its text never
     /// reaches the platform (or the person in a chat).
     StoreUnavailable,
+    /// `@aiwg approve` / `@aiwg reject` from an allowed user decided a waiting job: 200.
+    Decided {
+        /// The job.
+        job_id: JobId,
+        /// Approved (it continues) or rejected (it ends `cancelled`).
+        approved: bool,
+    },
 }
 
 impl HookOutcome {
@@ -190,6 +197,13 @@ pub(crate) fn forge(outcome: &HookOutcome) -> ApiResponse {
             &json!({ "ignored": "help", "workflows": workflows_json(list) }),
         ),
         HookOutcome::Pong => json(200, &json!({ "pong": true })),
+        HookOutcome::Decided { job_id, approved } => json(
+            200,
+            &json!({
+                "job_id": job_id.to_string(),
+                "decision": if *approved { "approved" } else { "rejected" },
+            }),
+        ),
         HookOutcome::Challenge(c) => json(200, &json!({ "challenge": c })),
         HookOutcome::Unavailable(p) => p.clone().retry_after(30).into_response(),
         HookOutcome::DuplicateInProgress => problem(
@@ -215,6 +229,10 @@ pub(crate) fn chat_text(outcome: &HookOutcome) -> String {
         HookOutcome::Ignored(reason) => format!("Nothing started: {reason}."),
         HookOutcome::Help(list) => workflows_text(list),
         HookOutcome::Pong => "pong".to_owned(),
+        HookOutcome::Decided { job_id, approved } => format!(
+            "Job `{job_id}` {}.",
+            if *approved { "approved" } else { "rejected" }
+        ),
         HookOutcome::Unavailable(p) => format!("Busy, try again later: {}.", p.detail()),
         HookOutcome::DuplicateInProgress => "This request is already being handled.".to_owned(),
         _ => "Something went wrong.".to_owned(),

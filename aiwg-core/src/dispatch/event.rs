@@ -20,11 +20,14 @@ pub const JOB_FAILED: &str = "job.failed";
 pub const JOB_CANCELLED: &str = "job.cancelled";
 /// `job.timed_out`: the job ran past its timeout.
 pub const JOB_TIMED_OUT: &str = "job.timed_out";
+/// `job.awaiting_approval`: the job paused before a step that needs an approval.
+pub const JOB_AWAITING_APPROVAL: &str = "job.awaiting_approval";
 
 /// Every event a subscription can name.
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 8] = [
     JOB_QUEUED,
     JOB_STARTED,
+    JOB_AWAITING_APPROVAL,
     JOB_STEP_COMPLETED,
     JOB_COMPLETED,
     JOB_FAILED,
@@ -38,6 +41,7 @@ pub fn event_type_for_status(status: JobStatus) -> &'static str {
     match status {
         JobStatus::Queued => JOB_QUEUED,
         JobStatus::Running => JOB_STARTED,
+        JobStatus::AwaitingApproval => JOB_AWAITING_APPROVAL,
         JobStatus::Completed => JOB_COMPLETED,
         JobStatus::Failed => JOB_FAILED,
         JobStatus::Cancelled => JOB_CANCELLED,
@@ -123,7 +127,7 @@ impl OutboundEvent {
     /// The event about `job`: `data` holds `job_id`, `workflow`, `project`, `agent`, `status`,
     /// `exit_code` (the last step that reported one), `duration_ms` (from the start of the
     /// current attempt to its end, or to now while it runs), `trigger`, and `result` / `error`
-    /// when the job has them.
+    /// / `approval` (the open one, while it waits) when the job has them.
     #[must_use]
     pub fn for_job(event_type: impl Into<String>, job: &Job, agent: Option<&str>) -> Self {
         let now = Utc::now();
@@ -151,6 +155,12 @@ impl OutboundEvent {
             data.insert(
                 "result".into(),
                 serde_json::to_value(result).unwrap_or(Value::Null),
+            );
+        }
+        if let Some(approval) = job.pending_approval() {
+            data.insert(
+                "approval".into(),
+                serde_json::to_value(approval).unwrap_or(Value::Null),
             );
         }
         if let Some(error) = &job.error {

@@ -20,12 +20,13 @@ use crate::job::{Job, JobId, JobStatus, Progress, TriggerInfo};
 use crate::policy::{PolicyError, ProjectPolicy};
 use crate::request::JobRequest;
 use crate::store::{
-    CancelOutcome, ClusterListener, Created, JobPage, JobQuery, JobStore, MemoryStore, NewJob,
-    QueueCounts, StoreError,
+    ApprovalOutcome, CancelOutcome, ClusterListener, Created, JobPage, JobQuery, JobStore,
+    MemoryStore, NewJob, QueueCounts, StoreError,
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
 mod feed;
+mod scheduler;
 mod subscribe;
 mod worker;
 
@@ -117,6 +118,15 @@ pub enum EngineError {
     /// Waiting for the job took longer than allowed.
     #[error("timed out waiting for job {0}")]
     WaitTimeout(JobId),
+    /// An approval or a rejection for a job that is not `awaiting_approval` (never paused,
+    /// already decided, or finished).
+    #[error("job {id} is not awaiting approval (status {status})")]
+    NotAwaitingApproval {
+        /// The job.
+        id: JobId,
+        /// Its status now.
+        status: JobStatus,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -186,7 +196,12 @@ struct Settings {
     max_line_bytes: usize,
     feed_events: usize,
     feed_bytes: usize,
+    approval_timeout: Duration,
+    run_schedules: bool,
 }
+
+/// How long a job waits for an approval by default: 24 hours.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The default output budget of a job: 16 MiB.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
@@ -354,6 +369,8 @@ impl Default for EngineBuilder {
                 max_line_bytes: DEFAULT_MAX_LINE_BYTES,
                 feed_events: DEFAULT_FEED_EVENTS,
                 feed_bytes: DEFAULT_FEED_BYTES,
+                approval_timeout: DEFAULT_APPROVAL_TIMEOUT,
+                run_schedules: true,
                 backoff: Backoff {
                     base: Duration::from_secs(2),
                     max: Duration::from_secs(300),
@@ -483,7 +500,23 @@ impl EngineBuilder {
         self
     }
 
-    /// How often idle workers look for due retries and recover expired leases (default 250 ms).
+    /// How long a job waits for an approval when its workflow does not say
+    /// (`approval_timeout`; default [`DEFAULT_APPROVAL_TIMEOUT`], 24 hours).
+    pub fn approval_timeout(mut self, t: Duration) -> Self {
+        self.settings.approval_timeout = t;
+        self
+    }
+
+    /// Whether this engine starts the jobs of workflows' `schedules` (default `true`). Turn it
+    /// off on instances that should only run jobs; with several instances on one store, every
+    /// instance may keep it on: each tick still starts one job.
+    pub fn run_schedules(mut self, on: bool) -> Self {
+        self.settings.run_schedules = on;
+        self
+    }
+
+    /// How often idle workers look for work they were not woken for, and expired leases and
+    /// approvals are swept (default 250 ms).
     pub fn poll_interval(mut self, t: Duration) -> Self {
         self.settings.poll_interval = t;
         self
@@ -528,6 +561,9 @@ impl EngineBuilder {
         }
         if s.default_max_attempts == 0 {
             return Err(setting("default_max_attempts", "must be at least 1"));
+        }
+        if s.approval_timeout.is_zero() {
+            return Err(setting("approval_timeout", "must be greater than zero"));
         }
         let catalog = WorkflowCatalog::new(self.workflows)?;
         if self.workspace.is_none() {
@@ -601,6 +637,15 @@ impl EngineBuilder {
                 .inner
                 .tracker
                 .spawn_on(async move { worker::run(e, n).await }, &handle);
+        }
+        if engine.inner.settings.run_schedules {
+            for (workflow, index) in scheduler::schedules(&engine.inner.catalog) {
+                let e = engine.clone();
+                engine.inner.tracker.spawn_on(
+                    async move { scheduler::run(e, workflow, index).await },
+                    &handle,
+                );
+            }
         }
         Ok(engine)
     }
@@ -702,6 +747,7 @@ impl Engine {
                 params: &params,
                 trigger: &trigger,
                 step_outputs: &BTreeMap::new(),
+                step_structured: &BTreeMap::new(),
             };
             crate::workflow::render(&c.group, &ctx)
                 .ok()
@@ -741,6 +787,9 @@ impl Engine {
             idempotency_key: request.idempotency_key,
             reply_credentials: request.reply_credentials,
             concurrency_group,
+            max_budget_usd: wf.max_budget_usd.or(request.max_budget_usd),
+            approvals: Vec::new(),
+            resume_after_approval: false,
         };
         let new = NewJob::new(job)
             .fingerprint(fingerprint)
@@ -881,6 +930,76 @@ impl Engine {
             }
             Err(StoreError::NotFound(_)) => Err(EngineError::NotFound(id)),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Approves the step a job waits for (see [`Step::approval`](crate::Step::approval)): the
+    /// job goes back to `queued` and any instance's worker continues it at that step, with
+    /// the results of the steps before it. `by` is who approved (a key's name, a login) and
+    /// `via` how (`api`, `github`, …); both are recorded in the job's `approvals`.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], or [`EngineError::NotAwaitingApproval`] for a job that is
+    /// not waiting (including one approved or rejected a moment ago).
+    pub async fn approve(&self, id: JobId, by: &str, via: &str) -> Result<Job, EngineError> {
+        self.decide(id, crate::job::ApprovalDecision::new(true, by, via))
+            .await
+    }
+
+    /// Rejects the step a job waits for: the job ends `cancelled` (error kind `rejected`),
+    /// keeping the results of the steps that ran.
+    ///
+    /// # Errors
+    /// As [`approve`](Self::approve).
+    pub async fn reject(&self, id: JobId, by: &str, via: &str) -> Result<Job, EngineError> {
+        self.decide(id, crate::job::ApprovalDecision::new(false, by, via))
+            .await
+    }
+
+    async fn decide(
+        &self,
+        id: JobId,
+        decision: crate::job::ApprovalDecision,
+    ) -> Result<Job, EngineError> {
+        let approved = decision.approved;
+        match self.inner.store.decide_approval(id, decision).await {
+            Ok(ApprovalOutcome::Decided(job, event)) => {
+                metrics::counter!(
+                    "aiwg_approval_decisions_total",
+                    "workflow" => job.workflow.clone(),
+                    "decision" => if approved { "approved" } else { "rejected" }
+                )
+                .increment(1);
+                self.publish(&job, &event).await;
+                if approved {
+                    self.inner.wake.notify_one();
+                }
+                Ok(job)
+            }
+            Ok(ApprovalOutcome::NotWaiting(job)) => Err(EngineError::NotAwaitingApproval {
+                id,
+                status: job.status,
+            }),
+            Err(StoreError::NotFound(_)) => Err(EngineError::NotFound(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Ends the jobs whose approval expired (done by a worker every poll interval).
+    pub(crate) async fn expire_approvals(&self) {
+        match self.inner.store.expire_approvals(chrono::Utc::now()).await {
+            Ok(expired) => {
+                for (job, ev) in expired {
+                    metrics::counter!(
+                        "aiwg_approval_decisions_total",
+                        "workflow" => job.workflow.clone(),
+                        "decision" => "timed_out"
+                    )
+                    .increment(1);
+                    self.publish(&job, &ev).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring approvals failed"),
         }
     }
 
@@ -1043,6 +1162,12 @@ impl Engine {
                 "status" => job.status.as_str()
             )
             .record(secs);
+            if let Some(cost) = job.result.as_ref().and_then(|r| r.cost_usd) {
+                // A float counter: Prometheus counters may be fractional; the `metrics` crate
+                // only has integer counters, so this is a gauge that only grows.
+                metrics::gauge!("aiwg_job_cost_usd_total", "workflow" => job.workflow.clone())
+                    .increment(cost);
+            }
             if job.status == JobStatus::Completed {
                 let mut d = self
                     .inner

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Engine, RunningJob, StopReason};
 use crate::event::JobEventKind;
-use crate::executor::{AgentRequest, EventSink, ExecutorError, Usage};
-use crate::job::{Job, JobError, JobResult, StepResult};
+use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
+use crate::job::{Approval, Job, JobError, JobResult, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
 
@@ -35,6 +35,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 }
                 Err(e) => tracing::warn!(error = %e, "recovering expired leases failed"),
             }
+            engine.expire_approvals().await;
         }
         let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
         req.per_project_limit = inner.settings.per_project_concurrency;
@@ -72,6 +73,8 @@ enum Stop {
     Cancelled(JobError),
     TimedOut(JobError),
     LeaseLost,
+    /// Paused before this step until someone approves it.
+    AwaitingApproval(String),
 }
 
 async fn run_job(engine: &Engine, claimed: Claimed) {
@@ -217,7 +220,8 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         }
     };
     if let (Some(ws), Some(wt)) = (&inner.workspaces, worktree) {
-        ws.release(wt, outcome.0.is_ok()).await;
+        let ok = matches!(outcome.0, Ok(()) | Err(Stop::AwaitingApproval(_)));
+        ws.release(wt, ok).await;
     }
     hb.0.cancel();
     let _ = hb.1.await;
@@ -234,6 +238,22 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
             error,
             result: Some(result),
         }),
+        (Err(Stop::AwaitingApproval(step)), result) => {
+            let timeout = inner
+                .catalog
+                .get(&job.workflow)
+                .and_then(|wf| wf.approval_timeout)
+                .unwrap_or(inner.settings.approval_timeout);
+            let now = Utc::now();
+            let expires_at =
+                now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+            metrics::counter!("aiwg_approval_requests_total", "workflow" => job.workflow.clone())
+                .increment(1);
+            Some(Finish::AwaitingApproval {
+                result,
+                approval: Approval::new(step, now, expires_at),
+            })
+        }
         (Err(Stop::Failed(error, retryable)), result) => {
             let retry_at = (retryable
                 && job.attempt < job.max_attempts
@@ -333,14 +353,50 @@ async fn run_steps(
     };
     let deadline = tokio::time::Instant::now() + job.timeout;
     let mut outputs: BTreeMap<String, String> = BTreeMap::new();
+    let mut structured: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut last_session: Option<String> = None;
     let mut usage: Option<Usage> = None;
     let mut output_used = 0usize;
     let mut truncation_recorded = false;
 
+    // A job resuming after an approval continues with the results of the steps it ran.
+    if job.resume_after_approval {
+        if let Some(done) = &job.result {
+            result = done.clone();
+            result.steps.retain(|s| !s.partial);
+            for s in &result.steps {
+                outputs.insert(s.name.clone(), s.output.clone());
+                if let Some(v) = &s.structured {
+                    structured.insert(s.name.clone(), v.clone());
+                }
+            }
+            last_session.clone_from(&result.session_id);
+            usage = result.usage;
+        }
+    }
+
     for step in &wf.steps {
         if let Some(stop) = stop_for(reason) {
             return (Err(stop), result);
+        }
+        if result.steps.iter().any(|s| s.name == step.name) {
+            continue;
+        }
+        let spent = result.cost_usd.unwrap_or(0.0);
+        if let Some(cap) = job.max_budget_usd.filter(|cap| spent >= *cap) {
+            let e = JobError::new(
+                "budget_exceeded",
+                format!(
+                    "the job spent ${spent:.4} of its ${cap:.4} budget before step `{}`",
+                    step.name
+                ),
+            );
+            return (Err(Stop::Failed(e, false)), result);
+        }
+        if step.approval == crate::workflow::ApprovalGate::Required
+            && !job.step_approved(&step.name)
+        {
+            return (Err(Stop::AwaitingApproval(step.name.clone())), result);
         }
         let agent_name = step
             .agent
@@ -360,6 +416,7 @@ async fn run_steps(
             params: &job.params,
             trigger: &job.trigger,
             step_outputs: &outputs,
+            step_structured: &structured,
         };
         let rendered = match (&step.prompt, &step.command) {
             (_, Some(argv)) => argv
@@ -396,6 +453,8 @@ async fn run_steps(
         if step.resume {
             request.resume_session = last_session.clone();
         }
+        request.max_budget_usd = job.max_budget_usd.map(|cap| cap - spent);
+        request.output_schema.clone_from(&step.output_schema);
         if let Err(e) = request.validate() {
             return (
                 Err(Stop::Failed(
@@ -438,10 +497,12 @@ async fn run_steps(
         tokio::pin!(timer);
         let mut timed_out = false;
         let mut lost = false;
+        let mut partial = Partial::default();
         let outcome = loop {
             tokio::select! {
                 r = &mut exec => break r,
                 Some(ev) = rx.recv() => {
+                    partial.note(&ev);
                     let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
                     if append(engine, lease, job, kind).await.is_err() && !lost {
                         lost = true;
@@ -456,6 +517,7 @@ async fn run_steps(
             }
         };
         while let Ok(ev) = rx.try_recv() {
+            partial.note(&ev);
             let kind = JobEventKind::Agent {
                 step: step.name.clone(),
                 event: ev,
@@ -498,16 +560,51 @@ async fn run_steps(
                 ExecutorError::TimedOut(_) => {
                     Stop::TimedOut(JobError::new("timed_out", e.to_string()))
                 }
+                ExecutorError::Limit {
+                    partial: ref got, ..
+                } => {
+                    partial.absorb(got);
+                    Stop::Failed(JobError::new(e.kind(), e.to_string()), false)
+                }
                 e => Stop::Failed(JobError::new(e.kind(), e.to_string()), e.is_retryable()),
             }),
+        };
+        let checked = match checked {
+            Ok(mut out) => match check_structured(step, &mut out) {
+                Ok(()) => Ok(out),
+                Err(e) => {
+                    partial.absorb(&out);
+                    Err(Stop::Failed(e, false))
+                }
+            },
+            Err(stop) => Err(stop),
         };
         let out = match checked {
             Ok(out) => out,
             Err(stop) => {
                 let error = match &stop {
                     Stop::Failed(e, _) | Stop::Cancelled(e) | Stop::TimedOut(e) => Some(e.clone()),
-                    Stop::LeaseLost => return (Err(stop), result),
+                    Stop::LeaseLost | Stop::AwaitingApproval(_) => return (Err(stop), result),
                 };
+                // The work done so far is kept: what the agent wrote, its session (to resume
+                // later) and what it cost.
+                if let Some(c) = partial.cost_usd {
+                    result.cost_usd = Some(result.cost_usd.unwrap_or(0.0) + c);
+                }
+                if partial.session_id.is_some() {
+                    result.session_id.clone_from(&partial.session_id);
+                }
+                result.steps.push(StepResult {
+                    name: step.name.clone(),
+                    agent: agent_name.clone(),
+                    output: partial.text,
+                    session_id: partial.session_id,
+                    cost_usd: partial.cost_usd,
+                    exit_code: None,
+                    duration_ms,
+                    structured: None,
+                    partial: true,
+                });
                 let kind = JobEventKind::StepFinished {
                     step: step.name.clone(),
                     ok: false,
@@ -554,7 +651,116 @@ async fn run_steps(
             cost_usd: out.cost_usd,
             exit_code: out.exit_code,
             duration_ms,
+            structured: out.structured.clone(),
+            partial: false,
         });
+        if let Some(v) = out.structured {
+            structured.insert(step.name.clone(), v);
+        }
     }
     (Ok(()), result)
+}
+
+/// The most text of a stopped step kept in its partial result.
+const MAX_PARTIAL_TEXT: usize = 64 * 1024;
+
+/// What a running step produced so far, from its events: kept when the step stops early.
+#[derive(Default)]
+struct Partial {
+    text: String,
+    session_id: Option<String>,
+    cost_usd: Option<f64>,
+}
+
+impl Partial {
+    fn note(&mut self, ev: &AgentEvent) {
+        match ev {
+            AgentEvent::Init {
+                session_id: Some(id),
+                ..
+            } => self.session_id = Some(id.clone()),
+            AgentEvent::Text { text } => {
+                if !self.text.is_empty() {
+                    self.text.push('\n');
+                }
+                self.text.push_str(text);
+                if self.text.len() > MAX_PARTIAL_TEXT {
+                    let mut cut = self.text.len() - MAX_PARTIAL_TEXT;
+                    while !self.text.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    self.text.drain(..cut);
+                }
+            }
+            AgentEvent::Usage {
+                cost_usd: Some(c), ..
+            } => self.cost_usd = Some(*c),
+            _ => {}
+        }
+    }
+
+    /// Takes what an executor returned with its error (or an invalid answer) over what the
+    /// events said.
+    fn absorb(&mut self, got: &AgentResult) {
+        if !got.output.is_empty() {
+            self.text.clone_from(&got.output);
+        }
+        if got.session_id.is_some() {
+            self.session_id.clone_from(&got.session_id);
+        }
+        if got.cost_usd.is_some() {
+            self.cost_usd = got.cost_usd;
+        }
+    }
+}
+
+/// Checks a step's answer against its `output_schema`: the agent's structured answer, or its
+/// text parsed as JSON. A missing or invalid answer fails the step (`invalid_output`, not
+/// retried), keeping the raw answer.
+fn check_structured(step: &crate::workflow::Step, out: &mut AgentResult) -> Result<(), JobError> {
+    let Some(schema) = &step.output_schema else {
+        return Ok(());
+    };
+    let invalid = |why: String| {
+        Err(JobError::new(
+            "invalid_output",
+            format!("step `{}` answered {why}", step.name),
+        ))
+    };
+    let value = match out.structured.take() {
+        Some(v) => v,
+        None => match serde_json::from_str::<serde_json::Value>(strip_fence(&out.output)) {
+            Ok(v) => v,
+            Err(e) => return invalid(format!("something that is not JSON ({e})")),
+        },
+    };
+    let validator = match jsonschema::validator_for(schema) {
+        Ok(v) => v,
+        Err(e) => return invalid(format!("but its output_schema is invalid: {e}")),
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .take(5)
+        .map(|e| format!("{} at `{}`", e, e.instance_path()))
+        .collect();
+    if !errors.is_empty() {
+        if out.output.is_empty() {
+            out.output = value.to_string();
+        }
+        return invalid(format!(
+            "JSON that does not match its output_schema: {}",
+            errors.join("; ")
+        ));
+    }
+    out.structured = Some(value);
+    Ok(())
+}
+
+/// The JSON inside a Markdown code fence, or the text itself.
+fn strip_fence(text: &str) -> &str {
+    let t = text.trim();
+    t.strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|r| r.strip_suffix("```"))
+        .map_or(t, str::trim)
 }

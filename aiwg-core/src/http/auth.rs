@@ -22,6 +22,8 @@ pub enum Scope {
     Read,
     /// Cancel jobs.
     Cancel,
+    /// Approve or reject a job waiting before a step with `approval: required`.
+    Approve,
     /// Everything, including webhook subscriptions.
     Admin,
 }
@@ -33,9 +35,10 @@ impl FromStr for Scope {
             "trigger" => Ok(Scope::Trigger),
             "read" => Ok(Scope::Read),
             "cancel" => Ok(Scope::Cancel),
+            "approve" => Ok(Scope::Approve),
             "admin" => Ok(Scope::Admin),
             other => Err(format!(
-                "unknown scope `{other}` (expected trigger, read, cancel or admin)"
+                "unknown scope `{other}` (expected trigger, read, cancel, approve or admin)"
             )),
         }
     }

@@ -120,6 +120,7 @@ fn scope_name(s: Scope) -> &'static str {
         Scope::Trigger => "trigger",
         Scope::Read => "read",
         Scope::Cancel => "cancel",
+        Scope::Approve => "approve",
         Scope::Admin => "admin",
     }
 }
@@ -198,6 +199,8 @@ async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&ApiKey>) -> Answer {
         Route::Available => Ok(available(api)),
         Route::Status => status(api, req).await,
         Route::Cancel => cancel(api, req).await,
+        Route::Approve => decide(api, req, true, actor).await,
+        Route::Reject => decide(api, req, false, actor).await,
         Route::Events => events(api, req).await,
         Route::Jobs => jobs(api, req).await,
         Route::Webhooks
@@ -289,6 +292,12 @@ fn engine_problem(e: EngineError) -> Problem {
             StatusCode::CONFLICT,
             "job-finished",
             format!("job {id} already finished with status {status}"),
+        )
+        .job(id.to_string(), status.as_str()),
+        EngineError::NotAwaitingApproval { id, status } => Problem::new(
+            StatusCode::CONFLICT,
+            "not-awaiting-approval",
+            format!("job {id} is not awaiting approval; its status is {status}"),
         )
         .job(id.to_string(), status.as_str()),
         EngineError::WaitTimeout(id) => Problem::new(
@@ -436,6 +445,24 @@ async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
             job_id: id.to_string(),
             status: job.status,
         },
+    ))
+}
+
+/// `POST /workflows/{job_id}/approve` and `/reject`: the decision is recorded with the key's
+/// name.
+async fn decide(api: &Api, req: &ApiRequest, approve: bool, actor: Option<String>) -> Answer {
+    let id = job_id(req)?;
+    let by = actor.unwrap_or_else(|| "anonymous".to_owned());
+    let engine = api.engine();
+    let job = if approve {
+        engine.approve(id, &by, "api").await
+    } else {
+        engine.reject(id, &by, "api").await
+    }
+    .map_err(engine_problem)?;
+    Ok(ApiResponse::json(
+        StatusCode::OK,
+        &StatusDocument::from(&job),
     ))
 }
 

@@ -17,7 +17,8 @@ use utoipa::{Modify, OpenApi};
 use super::routes::{Access, Route, RouteSpec, ROUTES};
 use super::types::{
     AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, KeyInfo,
-    ServerStatus, StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+    PendingApproval, ScheduleInfo, ServerStatus, StatusDocument, TriggerAccepted, TriggerBody,
+    WorkflowInfo, WorkflowList,
 };
 use super::Problem;
 use crate::dispatch::{
@@ -25,6 +26,7 @@ use crate::dispatch::{
     UpdateSubscription, WebhookSubscription, EVENT_TYPES,
 };
 use crate::job::JobStatus;
+use crate::job::{Approval, ApprovalDecision};
 
 struct Bearer;
 
@@ -41,7 +43,7 @@ impl Modify for Bearer {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "aiwg", description = "Run AI coding-agent workflows as tracked jobs."),
-    components(schemas(TriggerBody, TriggerAccepted, StatusDocument, CancelAnswer, WorkflowInfo,
+    components(schemas(TriggerBody, TriggerAccepted, StatusDocument, PendingApproval, Approval, ApprovalDecision, ScheduleInfo, CancelAnswer, WorkflowInfo,
         WorkflowList, JobList, HealthAnswer, AgentStatus, ServerStatus, Problem,
         CreateSubscription, CreatedSubscription, UpdateSubscription, WebhookSubscription,
         SubscriptionList, RotatedSecret, DeliveryPage, AuditEntryDoc, AuditList, KeyInfo)),
@@ -681,6 +683,29 @@ fn details(route: Route, method: &http::Method) -> Value {
                 },
             })
         }
+        (Route::Approve, _) => json!({
+            "operationId": "approveJob",
+            "summary": "Approve the step a job waits for; it continues at that step",
+            "description": "For a job in `awaiting_approval` (a step with `approval: required`). The job goes back to `queued` and continues where it paused, with the results of the steps before; the approval is recorded with the key's name in `approvals`.",
+            "tags": ["jobs"],
+            "responses": {
+                "200": json_response("Approved: the job is queued again", schema("StatusDocument")),
+                "400": problem("Not a job id"),
+                "404": problem("No such job"),
+                "409": problem("Not awaiting approval (never paused, already decided, or finished); `job_status` names its status"),
+            },
+        }),
+        (Route::Reject, _) => json!({
+            "operationId": "rejectJob",
+            "summary": "Reject the step a job waits for; the job ends cancelled",
+            "tags": ["jobs"],
+            "responses": {
+                "200": json_response("Rejected: the job is cancelled (error kind `rejected`)", schema("StatusDocument")),
+                "400": problem("Not a job id"),
+                "404": problem("No such job"),
+                "409": problem("Not awaiting approval (never paused, already decided, or finished); `job_status` names its status"),
+            },
+        }),
         (Route::DashboardRedirect, _) => json!({
             "operationId": "dashboardRedirect",
             "summary": "To the dashboard (`ui/`)",

@@ -59,6 +59,10 @@ pub enum Route {
     DashboardAsset,
     /// `GET /ui`: a redirect to `ui/`, where the page's relative URLs resolve
     DashboardRedirect,
+    /// `POST /workflows/{job_id}/approve`: continue a job waiting for an approval
+    Approve,
+    /// `POST /workflows/{job_id}/reject`: end a job waiting for an approval
+    Reject,
 }
 
 /// Who may call a route.
@@ -250,6 +254,18 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new("/ui/", Route::Dashboard, GET, Access::Unlimited),
     RouteSpec::new("/ui/{asset}", Route::DashboardAsset, GET, Access::Unlimited),
     RouteSpec::new("/ui", Route::DashboardRedirect, GET, Access::Unlimited),
+    RouteSpec::new(
+        "/workflows/{job_id}/approve",
+        Route::Approve,
+        POST,
+        Access::Key(Scope::Approve),
+    ),
+    RouteSpec::new(
+        "/workflows/{job_id}/reject",
+        Route::Reject,
+        POST,
+        Access::Key(Scope::Approve),
+    ),
 ];
 
 // `Route::spec` indexes the table by variant.

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use crate::audit::{AuditEntry, Decision};
 use crate::engine::QueueStats;
 use crate::executor::{BackendHealth, CircuitState};
-use crate::job::{Job, JobError, JobResult, JobStatus, Progress, TriggerInfo};
+use crate::job::{Approval, Job, JobError, JobResult, JobStatus, Progress, TriggerInfo};
 use crate::workflow::{Parameter, Workflow};
 
 /// Body of `POST /workflows/trigger`.
@@ -115,6 +115,59 @@ pub struct StatusDocument {
     pub dead_letter: bool,
     /// What started it.
     pub trigger: TriggerInfo,
+    /// What the job has cost so far, in US dollars (every step that reported a cost,
+    /// including one stopped early).
+    pub cost_usd: Option<f64>,
+    /// The job's spending cap, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    /// While `awaiting_approval`: the step it waits for, until when, and who may decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<PendingApproval>,
+    /// Every approval asked for and what became of it (who approved or rejected, how, when).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+}
+
+/// The approval a job waits for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PendingApproval {
+    /// The step that waits.
+    pub step: String,
+    /// When the job paused.
+    pub requested_at: DateTime<Utc>,
+    /// When it ends `cancelled` (kind `approval_timeout`) unless decided before.
+    pub expires_at: DateTime<Utc>,
+    /// Who may approve or reject, in words.
+    pub who_may_approve: String,
+    /// Where to approve (`POST`), relative to the API's root.
+    pub approve_url: String,
+    /// Where to reject (`POST`), relative to the API's root.
+    pub reject_url: String,
+}
+
+impl PendingApproval {
+    fn of(job: &Job) -> Option<Self> {
+        let a = job.pending_approval()?;
+        let mut who = "an API key with the `approve` (or `admin`) scope".to_owned();
+        if matches!(
+            job.trigger.source.as_str(),
+            "github" | "gitlab" | "gitea" | "bitbucket"
+        ) {
+            who.push_str(&format!(
+                ", or a {} user the trigger policy admits, commenting `@<bot> approve` or `@<bot> reject` on the thread that started it",
+                job.trigger.source
+            ));
+        }
+        Some(Self {
+            step: a.step.clone(),
+            requested_at: a.requested_at,
+            expires_at: a.expires_at,
+            who_may_approve: who,
+            approve_url: format!("workflows/{}/approve", job.id),
+            reject_url: format!("workflows/{}/reject", job.id),
+        })
+    }
 }
 
 impl From<&Job> for StatusDocument {
@@ -137,6 +190,10 @@ impl From<&Job> for StatusDocument {
             error: j.error.clone(),
             dead_letter: j.dead_letter,
             trigger: j.trigger.clone(),
+            cost_usd: j.result.as_ref().and_then(|r| r.cost_usd),
+            max_budget_usd: j.max_budget_usd,
+            approval: PendingApproval::of(j),
+            approvals: j.approvals.clone(),
         }
     }
 }
@@ -161,15 +218,59 @@ pub struct WorkflowInfo {
     pub parameters: Vec<Parameter>,
     /// Step names in order.
     pub steps: Vec<String>,
+    /// The steps a job pauses before until someone approves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approval_steps: Vec<String>,
+    /// The spending cap of one job, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    /// Its schedules, each with its next run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleInfo>,
+}
+
+/// A workflow's schedule in `GET /workflows/available`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleInfo {
+    /// The cron expression.
+    pub cron: String,
+    /// The time zone it is read in.
+    pub timezone: String,
+    /// `skip` or `allow`.
+    pub overlap: String,
+    /// The next tick, if there is one.
+    pub next_run: Option<DateTime<Utc>>,
 }
 
 impl From<&Workflow> for WorkflowInfo {
     fn from(w: &Workflow) -> Self {
+        let now = Utc::now();
         Self {
             name: w.name.clone(),
             description: w.description.clone(),
             parameters: w.parameters.clone(),
             steps: w.step_names(),
+            approval_steps: w
+                .steps
+                .iter()
+                .filter(|s| s.approval == crate::workflow::ApprovalGate::Required)
+                .map(|s| s.name.clone())
+                .collect(),
+            max_budget_usd: w.max_budget_usd,
+            schedules: w
+                .schedules
+                .iter()
+                .map(|s| ScheduleInfo {
+                    cron: s.cron.clone(),
+                    timezone: s.timezone.clone().unwrap_or_else(|| "UTC".to_owned()),
+                    overlap: match s.overlap {
+                        crate::schedule::Overlap::Allow => "allow",
+                        _ => "skip",
+                    }
+                    .to_owned(),
+                    next_run: s.next_after(now),
+                })
+                .collect(),
         }
     }
 }

@@ -10,11 +10,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    apply, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery,
-    JobStore, Lease, NewJob, QueueCounts, StoreError,
+    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat,
+    JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
-use crate::job::{Job, JobId, JobStatus};
+use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 
 /// Ready-queue order: priority descending, then enqueue order.
 type ReadyKey = (Reverse<i32>, u64, JobId);
@@ -39,6 +39,8 @@ struct State {
     running: usize,
     /// Finished jobs, oldest first, for retention.
     finished: VecDeque<(DateTime<Utc>, JobId)>,
+    /// Jobs `awaiting_approval` (so expiry does not scan every job).
+    waiting: BTreeSet<JobId>,
 }
 
 impl State {
@@ -368,6 +370,8 @@ impl JobStore for MemoryStore {
         s.release(lease.job_id);
         if job.status == JobStatus::Queued {
             s.enqueue(job.id);
+        } else if job.status == JobStatus::AwaitingApproval {
+            s.waiting.insert(job.id);
         } else if job.is_terminal() {
             s.finished(job.id, now, &self.retention);
         }
@@ -379,11 +383,12 @@ impl JobStore for MemoryStore {
         let now = Utc::now();
         let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         match entry.job.status {
-            JobStatus::Queued => {
+            JobStatus::Queued | JobStatus::AwaitingApproval => {
                 let kind = apply::cancel_queued(&mut entry.job, reason, now)?;
                 let ev = State::record(entry, kind, now);
                 let job = entry.job.clone();
                 s.dequeue(id);
+                s.waiting.remove(&id);
                 s.finished(id, now, &self.retention);
                 Ok(CancelOutcome::Cancelled(job, ev))
             }
@@ -393,6 +398,57 @@ impl JobStore for MemoryStore {
             }
             _ => Ok(CancelOutcome::AlreadyFinished(entry.job.clone())),
         }
+    }
+
+    async fn decide_approval(
+        &self,
+        id: JobId,
+        decision: ApprovalDecision,
+    ) -> Result<ApprovalOutcome, StoreError> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let Some(kind) = apply::decide(&mut entry.job, decision, now) else {
+            return Ok(ApprovalOutcome::NotWaiting(entry.job.clone()));
+        };
+        let ev = State::record(entry, kind, now);
+        let job = entry.job.clone();
+        s.waiting.remove(&id);
+        if job.status == JobStatus::Queued {
+            s.enqueue(id);
+        } else {
+            s.finished(id, now, &self.retention);
+        }
+        Ok(ApprovalOutcome::Decided(job, ev))
+    }
+
+    async fn expire_approvals(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let mut s = self.lock();
+        let expired: Vec<JobId> = s
+            .waiting
+            .iter()
+            .filter(|id| {
+                s.jobs
+                    .get(id)
+                    .is_some_and(|e| apply::approval_expired(&e.job, now))
+            })
+            .copied()
+            .collect();
+        let mut out = Vec::with_capacity(expired.len());
+        for id in expired {
+            s.waiting.remove(&id);
+            let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+            let decision = ApprovalDecision::new(false, "aiwg", "timeout");
+            if let Some(kind) = apply::decide(&mut entry.job, decision, now) {
+                let ev = State::record(entry, kind, now);
+                out.push((entry.job.clone(), ev));
+                s.finished(id, now, &self.retention);
+            }
+        }
+        Ok(out)
     }
 
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BackendError;
 use crate::event::{JobEvent, JobEventKind};
-use crate::job::{IllegalTransition, Job, JobError, JobId, JobResult, JobStatus};
+use crate::job::{
+    Approval, ApprovalDecision, IllegalTransition, Job, JobError, JobId, JobResult, JobStatus,
+};
 
 mod memory;
 pub use memory::{MemoryStore, Retention};
@@ -308,6 +310,14 @@ pub enum Finish {
         /// Partial results.
         result: Option<JobResult>,
     },
+    /// Paused before a step with `approval: required`: the job becomes `awaiting_approval`,
+    /// holding no lease, with the results of the steps before it kept for when it resumes.
+    AwaitingApproval {
+        /// The steps that ran.
+        result: JobResult,
+        /// What it waits for.
+        approval: Approval,
+    },
 }
 
 impl Finish {
@@ -322,8 +332,19 @@ impl Finish {
             Finish::Failed { .. } => JobStatus::Failed,
             Finish::Cancelled { .. } => JobStatus::Cancelled,
             Finish::TimedOut { .. } => JobStatus::TimedOut,
+            Finish::AwaitingApproval { .. } => JobStatus::AwaitingApproval,
         }
     }
+}
+
+/// The result of [`JobStore::decide_approval`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ApprovalOutcome {
+    /// The job was waiting: approved, it is `queued` again; rejected, it is `cancelled`.
+    Decided(Job, JobEvent),
+    /// The job is not `awaiting_approval` (never was, already decided, or finished).
+    NotWaiting(Job),
 }
 
 /// The result of [`JobStore::request_cancel`].
@@ -331,7 +352,8 @@ impl Finish {
 pub enum CancelOutcome {
     /// It was queued and is now cancelled, with the event.
     Cancelled(Job, JobEvent),
-    /// It is running: `cancel_requested` is set, and its worker must stop it.
+    /// It is running: `cancel_requested` is set, and its worker must stop it. (A job
+    /// `awaiting_approval` holds no worker and is cancelled at once, as `Cancelled`.)
     Requested(Job),
     /// It had already finished.
     AlreadyFinished(Job),
@@ -394,8 +416,36 @@ pub trait JobStore: Send + Sync + 'static {
     /// Ends an attempt (fenced by the lease) and releases the lease.
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError>;
 
-    /// Cancels a queued job at once, or marks a running one for its worker to stop.
+    /// Cancels a queued (or `awaiting_approval`) job at once, or marks a running one for its
+    /// worker to stop.
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// Records a decision on the approval a job waits for: approved, the job goes back to
+    /// `queued` and its next run resumes at the approved step (same attempt); rejected, it ends
+    /// `cancelled` (kind `rejected`). Atomic: of two concurrent decisions exactly one is
+    /// `Decided`, the other sees `NotWaiting`.
+    ///
+    /// The default refuses: a store written before approvals existed cannot keep a waiting job.
+    async fn decide_approval(
+        &self,
+        id: JobId,
+        decision: ApprovalDecision,
+    ) -> Result<ApprovalOutcome, StoreError> {
+        let _ = (id, decision);
+        Err(StoreError::backend(
+            "this job store does not support approvals",
+        ))
+    }
+
+    /// Ends every job whose approval expired before `now`: `cancelled`, kind
+    /// `approval_timeout`. Each such job is returned once, whichever instance asks.
+    async fn expire_approvals(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let _ = now;
+        Ok(Vec::new())
+    }
 
     /// A job's events with `seq > after`, in order.
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError>;
@@ -470,14 +520,24 @@ pub mod apply {
 
     /// Claim: `queued` → `running`, next attempt, progress reset.
     pub fn claim(job: &mut Job, now: DateTime<Utc>) -> Result<JobEventKind, StoreError> {
-        job.attempt = job.attempt.saturating_add(1);
-        let ev = set_status(job, JobStatus::Running, now, None, None);
+        // A job resuming after an approval continues its attempt where it paused.
+        let resuming = job.resume_after_approval;
+        if !resuming {
+            job.attempt = job.attempt.saturating_add(1);
+        }
+        let reason = resuming.then(|| "resumed after approval".to_owned());
+        let ev = set_status(job, JobStatus::Running, now, reason, None);
         if ev.is_err() {
-            job.attempt -= 1;
+            if !resuming {
+                job.attempt -= 1;
+            }
+            return ev;
+        }
+        job.retry_at = None;
+        if resuming {
             return ev;
         }
         job.started_at = Some(now);
-        job.retry_at = None;
         let p = std::mem::take(&mut job.progress);
         job.progress = Progress::pending(
             p.completed
@@ -515,7 +575,16 @@ pub mod apply {
             Finish::Cancelled { error, result } | Finish::TimedOut { error, result } => {
                 (result, Some(error), None)
             }
+            Finish::AwaitingApproval { result, approval } => {
+                let reason = format!("waiting for approval of step `{}`", approval.step);
+                job.approvals.push(approval);
+                job.result = Some(result);
+                job.retry_at = None;
+                job.resume_after_approval = false;
+                return set_status(job, to, now, Some(reason), None);
+            }
         };
+        job.resume_after_approval = false;
         if result.is_some() || to != JobStatus::Queued {
             job.result = result;
         }
@@ -547,8 +616,43 @@ pub mod apply {
         )
     }
 
+    /// Records `decision` on the approval `job` waits for (see
+    /// [`JobStore::decide_approval`]). `None` when the job is not waiting.
+    pub fn decide(
+        job: &mut Job,
+        decision: ApprovalDecision,
+        now: DateTime<Utc>,
+    ) -> Option<JobEventKind> {
+        job.pending_approval()?;
+        let approval = job.approvals.last_mut()?;
+        let step = approval.step.clone();
+        let approved = decision.approved;
+        let (kind, what) = match decision.via.as_str() {
+            "timeout" => ("approval_timeout", "was not approved in time".to_owned()),
+            _ if approved => ("", format!("approved by {}", decision.by)),
+            _ => ("rejected", format!("rejected by {}", decision.by)),
+        };
+        approval.decision = Some(decision);
+        let reason = format!("step `{step}` {what}");
+        if approved {
+            job.resume_after_approval = true;
+            job.retry_at = None;
+            return set_status(job, JobStatus::Queued, now, Some(reason), None).ok();
+        }
+        let error = JobError::new(kind, reason.clone());
+        job.error = Some(error.clone());
+        set_status(job, JobStatus::Cancelled, now, Some(reason), Some(error)).ok()
+    }
+
+    /// Whether the approval `job` waits for expired at `now`.
+    #[must_use]
+    pub fn approval_expired(job: &Job, now: DateTime<Utc>) -> bool {
+        job.pending_approval().is_some_and(|a| a.expires_at <= now)
+    }
+
     /// A running job whose lease lapsed: back to `queued`, or `failed` when out of attempts.
     pub fn expire(job: &mut Job, now: DateTime<Utc>) -> Result<JobEventKind, StoreError> {
+        job.resume_after_approval = false;
         let error = JobError::new(
             "lease_lost",
             format!(

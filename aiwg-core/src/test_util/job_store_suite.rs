@@ -46,6 +46,9 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
         idempotency_key: None,
         reply_credentials: Default::default(),
         concurrency_group: None,
+        max_budget_usd: None,
+        approvals: Vec::new(),
+        resume_after_approval: false,
     }
 }
 
@@ -78,6 +81,7 @@ where
     concurrency_groups(&*make().await).await;
     fencing_and_recovery(&*make().await).await;
     cancel(&*make().await).await;
+    approvals(&*make().await).await;
     listing(&*make().await).await;
     progress_and_counts(&*make().await).await;
 }
@@ -425,6 +429,139 @@ async fn fencing_and_recovery(store: &dyn JobStore) {
     assert_eq!(rec[0].0.status, JobStatus::Failed);
     assert!(rec[0].0.dead_letter);
     assert_eq!(rec[0].0.error.as_ref().unwrap().kind, "lease_lost");
+}
+
+/// Pauses `job` (claimed by `owner`) before step `b`, after step `a`, for `wait`.
+async fn pause(store: &dyn JobStore, owner: &str, wait: chrono::Duration) -> (Job, u32) {
+    let c = store
+        .claim(&claim_req(owner))
+        .await
+        .unwrap()
+        .expect("a job");
+    let attempt = c.job.attempt;
+    let mut result = JobResult::default();
+    result.steps.push(crate::job::StepResult {
+        name: "a".into(),
+        output: "did a".into(),
+        ..Default::default()
+    });
+    let now = Utc::now();
+    let (job, ev) = store
+        .finish(
+            &c.lease,
+            Finish::AwaitingApproval {
+                result,
+                approval: crate::job::Approval::new("b", now, now + wait),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::AwaitingApproval);
+    assert!(!ev.is_terminal());
+    assert_eq!(job.pending_approval().map(|a| a.step.as_str()), Some("b"));
+    (job, attempt)
+}
+
+async fn approvals(store: &dyn JobStore) {
+    use crate::job::ApprovalDecision;
+    use crate::store::ApprovalOutcome;
+    // A waiting job holds no lease and is not claimable.
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let (_, attempt) = pause(store, "w1", chrono::Duration::hours(1)).await;
+    assert!(store.claim(&claim_req("w2")).await.unwrap().is_none());
+    assert_eq!(store.counts().await.unwrap().running, 0);
+    // Approving puts it back in the queue; the next claim resumes the same attempt with the
+    // results so far.
+    let ApprovalOutcome::Decided(approved, ev) = store
+        .decide_approval(job.id, ApprovalDecision::new(true, "alice", "api"))
+        .await
+        .unwrap()
+    else {
+        panic!("a waiting job is decided");
+    };
+    assert_eq!(approved.status, JobStatus::Queued);
+    assert!(approved.resume_after_approval);
+    assert!(matches!(
+        ev.kind,
+        crate::event::JobEventKind::Status {
+            to: JobStatus::Queued,
+            ..
+        }
+    ));
+    assert!(approved.step_approved("b"));
+    assert_eq!(approved.approvals[0].decision.as_ref().unwrap().by, "alice");
+    // A second decision finds nothing waiting.
+    assert!(matches!(
+        store
+            .decide_approval(job.id, ApprovalDecision::new(true, "bob", "api"))
+            .await
+            .unwrap(),
+        ApprovalOutcome::NotWaiting(j) if j.status == JobStatus::Queued
+    ));
+    let c = store
+        .claim(&claim_req("w2"))
+        .await
+        .unwrap()
+        .expect("resumed");
+    assert_eq!(c.job.id, job.id);
+    assert_eq!(c.job.attempt, attempt, "resuming is not a new attempt");
+    assert_eq!(c.job.result.as_ref().unwrap().steps[0].output, "did a");
+    let (done, _) = store
+        .finish(&c.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    assert!(!done.resume_after_approval);
+
+    // Rejecting ends it cancelled, with the results so far.
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    pause(store, "w1", chrono::Duration::hours(1)).await;
+    let ApprovalOutcome::Decided(rejected, ev) = store
+        .decide_approval(job.id, ApprovalDecision::new(false, "carol", "github"))
+        .await
+        .unwrap()
+    else {
+        panic!("a waiting job is decided");
+    };
+    assert_eq!(rejected.status, JobStatus::Cancelled);
+    assert!(ev.is_terminal());
+    assert_eq!(rejected.error.as_ref().unwrap().kind, "rejected");
+    assert_eq!(rejected.result.as_ref().unwrap().steps.len(), 1);
+
+    // A cancel ends a waiting job at once.
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    pause(store, "w1", chrono::Duration::hours(1)).await;
+    assert!(matches!(
+        store.request_cancel(job.id, "stop").await.unwrap(),
+        CancelOutcome::Cancelled(j, _) if j.status == JobStatus::Cancelled
+    ));
+
+    // An expired approval ends the job once, whoever sweeps.
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    pause(store, "w1", chrono::Duration::milliseconds(1)).await;
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let expired = store.expire_approvals(later).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].0.id, job.id);
+    assert_eq!(expired[0].0.status, JobStatus::Cancelled);
+    assert_eq!(
+        expired[0].0.error.as_ref().unwrap().kind,
+        "approval_timeout"
+    );
+    assert!(store.expire_approvals(later).await.unwrap().is_empty());
+    // A job that is not waiting is not decided, and an unknown one is not found.
+    assert!(matches!(
+        store
+            .decide_approval(job.id, ApprovalDecision::new(true, "x", "api"))
+            .await
+            .unwrap(),
+        ApprovalOutcome::NotWaiting(_)
+    ));
+    assert!(matches!(
+        store
+            .decide_approval(JobId::new(), ApprovalDecision::new(true, "x", "api"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn cancel(store: &dyn JobStore) {

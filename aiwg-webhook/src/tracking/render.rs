@@ -22,6 +22,7 @@ fn status_line(status: JobStatus) -> &'static str {
     match status {
         JobStatus::Queued => "⏳ queued",
         JobStatus::Running => "🏃 running",
+        JobStatus::AwaitingApproval => "✋ awaiting approval",
         JobStatus::Completed => "✅ completed",
         JobStatus::Failed => "❌ failed",
         JobStatus::Cancelled => "🚫 cancelled",
@@ -72,6 +73,13 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
         ));
     }
     out.push('\n');
+    if let Some(a) = job.pending_approval() {
+        out.push_str(&format!(
+            "\n✋ Step `{}` waits for an approval until {} UTC: an allowed user comments `approve` or `reject`, addressed to the bot as for any command.\n",
+            a.step,
+            a.expires_at.format("%Y-%m-%d %H:%M")
+        ));
+    }
     if job.is_terminal() {
         let mut facts = Vec::new();
         if let (Some(start), Some(end)) = (job.started_at, job.finished_at) {

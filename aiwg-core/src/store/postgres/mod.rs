@@ -12,11 +12,11 @@ use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    apply, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery,
-    JobStore, Lease, NewJob, QueueCounts, StoreError,
+    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat,
+    JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
-use crate::job::{IllegalTransition, Job, JobId, JobStatus};
+use crate::job::{ApprovalDecision, IllegalTransition, Job, JobId, JobStatus};
 
 mod listen;
 
@@ -451,16 +451,17 @@ impl PgStore {
                  queue_seq = CASE WHEN $2 = 'queued' THEN nextval('aiwg_queue_seq') END, \
                  retry_at = $3, cancel_requested = $4, job = $5, last_seq = last_seq + 1, \
                  lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
-                 updated_at = now() \
+                 approval_expires_at = $6, updated_at = now() \
              WHERE id = $1 RETURNING id, last_seq){}",
-            event_tail(6)
+            event_tail(7)
         );
         let q = sqlx::query(&sql)
             .bind(job.id.as_uuid())
             .bind(job.status.as_str())
             .bind(job.retry_at)
             .bind(job.cancel_requested)
-            .bind(Json(self.sealed(job)?));
+            .bind(Json(self.sealed(job)?))
+            .bind(job.pending_approval().map(|a| a.expires_at));
         let row = self
             .bind_event(q, ev)
             .fetch_one(&mut **tx)
@@ -896,7 +897,7 @@ impl JobStore for PgStore {
             None => return Err(StoreError::NotFound(id)),
         };
         match job.status {
-            JobStatus::Queued => {
+            JobStatus::Queued | JobStatus::AwaitingApproval => {
                 let kind = apply::cancel_queued(&mut job, reason, at)?;
                 apply::progress(&mut job, &kind);
                 let ev = NewEvent::new(kind, at)?;
@@ -928,6 +929,70 @@ impl JobStore for PgStore {
                 Ok(CancelOutcome::Requested(job))
             }
             _ => Ok(CancelOutcome::AlreadyFinished(job)),
+        }
+    }
+
+    async fn decide_approval(
+        &self,
+        id: JobId,
+        decision: ApprovalDecision,
+    ) -> Result<ApprovalOutcome, StoreError> {
+        let at = now();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut job = match row {
+            Some(row) => self.job_of(&row)?,
+            None => return Err(StoreError::NotFound(id)),
+        };
+        let Some(kind) = apply::decide(&mut job, decision, at) else {
+            return Ok(ApprovalOutcome::NotWaiting(job));
+        };
+        let ev = NewEvent::new(kind, at)?;
+        let seq = self.write_changed(&mut tx, &job, &ev).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(ApprovalOutcome::Decided(job, ev.into_event(id, seq)))
+    }
+
+    async fn expire_approvals(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let at = micros(now);
+        let mut out = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let rows = sqlx::query(
+                "SELECT job FROM aiwg_jobs WHERE status = 'awaiting_approval' \
+                   AND approval_expires_at <= GREATEST($1::timestamptz, now()) \
+                 ORDER BY approval_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(at)
+            .bind(RECOVER_BATCH)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let n = rows.len();
+            let mut batch = Vec::with_capacity(n);
+            for row in rows {
+                let mut job = self.job_of(&row)?;
+                let decision = ApprovalDecision::new(false, "aiwg", "timeout");
+                let Some(kind) = apply::decide(&mut job, decision, at) else {
+                    continue;
+                };
+                let ev = NewEvent::new(kind, at)?;
+                let seq = self.write_changed(&mut tx, &job, &ev).await?;
+                let id = job.id;
+                batch.push((job, ev.into_event(id, seq)));
+            }
+            tx.commit().await.map_err(db)?;
+            out.extend(batch);
+            if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
+                return Ok(out);
+            }
         }
     }
 

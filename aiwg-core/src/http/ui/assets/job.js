@@ -184,6 +184,27 @@ export function renderJob(ctx, id) {
       });
       actions.append(b);
     }
+    if (session.can('approve') && job.status === 'awaiting_approval' && job.approval) {
+      actions.append(h('span', { class: 'muted', 'data-testid': 'approval-step' },
+        `Waiting for approval of step “${job.approval.step}” until ${time(job.approval.expires_at)}`));
+      for (const [verb, label, cls] of [['approve', 'Approve', ''], ['reject', 'Reject', 'danger']]) {
+        const b = h('button', { type: 'button', class: cls, 'data-testid': `${verb}-job` }, label);
+        b.addEventListener('click', async () => {
+          b.disabled = true;
+          actionMessage.replaceChildren();
+          try {
+            const answer = await call('POST', `workflows/${encodeURIComponent(id)}/${verb}`);
+            job.status = answer.status;
+            statusBadge.replaceChildren(badge(answer.status, { 'data-testid': 'job-status' }));
+            refresh();
+          } catch (e) {
+            fill(actionMessage, notice('error', `Not ${verb}d: ${e.message}`));
+            refresh();
+          }
+        });
+        actions.append(b);
+      }
+    }
     if (session.can('trigger')) {
       const again = h('button', { type: 'button', 'data-testid': 'run-again' }, 'Run again');
       again.addEventListener('click', async () => {

@@ -1,0 +1,366 @@
+//! Issue 17 in the engine: approval gates, budgets, partial work at limits, structured output
+//! and schedules, with scripted executors and the memory store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiwg_core::engine::EngineError;
+use aiwg_core::schedule::Schedule;
+use aiwg_core::store::JobQuery;
+use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::{
+    AgentEvent, AgentLimit, AgentResult, Engine, EngineBuilder, ExecutorError, JobEventKind,
+    JobRequest, JobStatus, ProjectPolicy, Step, Usage, Workflow,
+};
+use futures_util::StreamExt;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn builder(dir: &tempfile::TempDir) -> EngineBuilder {
+    Engine::builder()
+        .policy(ProjectPolicy::builder().root(dir.path()).build().unwrap())
+        .poll_interval(Duration::from_millis(10))
+}
+
+/// Waits until the job has `status` (by its event stream, not by polling).
+async fn wait_for(engine: &Engine, id: aiwg_core::JobId, status: JobStatus) -> aiwg_core::Job {
+    let mut events = engine.subscribe(id, 0).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev.kind, JobEventKind::Status { to, .. } if to == status) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job did not reach {status}"));
+    engine.get(id).await.unwrap()
+}
+
+fn gated() -> Workflow {
+    Workflow::new("gated")
+        .step(Step::prompt("plan", "agent", "plan"))
+        .step(Step::prompt("apply", "agent", "apply {{steps.plan.output}}").requiring_approval())
+}
+
+#[tokio::test]
+async fn an_approved_job_continues_at_the_gated_step_in_the_same_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = ScriptedExecutor::succeeding("out").cost(0.25, Usage::new(1, 1));
+    let engine = builder(&dir)
+        .executor("agent", Arc::new(exec.clone()))
+        .workflow(gated())
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("gated")).await.unwrap();
+    let waiting = wait_for(&engine, job.id, JobStatus::AwaitingApproval).await;
+    assert_eq!(exec.calls(), 1, "only the step before the gate ran");
+    assert_eq!(waiting.pending_approval().unwrap().step, "apply");
+    assert_eq!(waiting.progress.completed, ["plan"]);
+    // No worker is held while it waits.
+    assert_eq!(engine.queue_stats().await.unwrap().busy, 0);
+    let approved = engine.approve(job.id, "alice", "api").await.unwrap();
+    assert_eq!(approved.status, JobStatus::Queued);
+    // Approving twice is refused with the current status.
+    assert!(matches!(
+        engine.approve(job.id, "alice", "api").await,
+        Err(EngineError::NotAwaitingApproval { .. })
+    ));
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(
+        exec.calls(),
+        2,
+        "the step before the gate did not run again"
+    );
+    assert_eq!(done.attempt, 1);
+    let result = done.result.unwrap();
+    assert_eq!(
+        result
+            .steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["plan", "apply"]
+    );
+    assert_eq!(result.cost_usd, Some(0.5), "both steps' cost is summed");
+    // The second step saw the first one's output, kept across the pause.
+    assert_eq!(exec.requests()[1].prompt, "apply out");
+    let decision = done.approvals[0].decision.clone().unwrap();
+    assert_eq!(
+        (decision.by.as_str(), decision.via.as_str()),
+        ("alice", "api")
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_or_expired_approval_cancels_the_job_and_keeps_what_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = ScriptedExecutor::succeeding("out");
+    let engine = builder(&dir)
+        .executor("agent", Arc::new(exec.clone()))
+        .workflow(gated())
+        .workflow(gated_with_timeout())
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("gated")).await.unwrap();
+    wait_for(&engine, job.id, JobStatus::AwaitingApproval).await;
+    let rejected = engine.reject(job.id, "bob", "github").await.unwrap();
+    assert_eq!(rejected.status, JobStatus::Cancelled);
+    assert_eq!(rejected.error.unwrap().kind, "rejected");
+    assert_eq!(rejected.result.unwrap().steps.len(), 1);
+    assert!(matches!(
+        engine.approve(job.id, "bob", "api").await,
+        Err(EngineError::NotAwaitingApproval {
+            status: JobStatus::Cancelled,
+            ..
+        })
+    ));
+
+    let job = engine
+        .submit(JobRequest::new("gated-briefly"))
+        .await
+        .unwrap();
+    let expired = wait_for(&engine, job.id, JobStatus::Cancelled).await;
+    assert_eq!(expired.error.unwrap().kind, "approval_timeout");
+    assert!(expired
+        .history
+        .iter()
+        .any(|h| h.status == JobStatus::AwaitingApproval));
+
+    // Cancelling a waiting job ends it at once.
+    let job = engine.submit(JobRequest::new("gated")).await.unwrap();
+    wait_for(&engine, job.id, JobStatus::AwaitingApproval).await;
+    assert_eq!(
+        engine.cancel(job.id).await.unwrap().status,
+        JobStatus::Cancelled
+    );
+    // A job that never paused cannot be approved; an unknown one is not found.
+    assert!(matches!(
+        engine.approve(aiwg_core::JobId::new(), "x", "api").await,
+        Err(EngineError::NotFound(_))
+    ));
+}
+
+fn gated_with_timeout() -> Workflow {
+    Workflow::new("gated-briefly")
+        .step(Step::prompt("plan", "agent", "plan"))
+        .step(Step::prompt("apply", "agent", "apply").requiring_approval())
+        .with_approval_timeout(Duration::from_millis(50))
+}
+
+#[tokio::test]
+async fn a_budget_stops_the_job_before_the_next_step_and_keeps_the_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = ScriptedExecutor::succeeding("out").cost(0.6, Usage::new(1, 1));
+    let engine = builder(&dir)
+        .executor("agent", Arc::new(exec.clone()))
+        .workflow(
+            Workflow::new("capped")
+                .step(Step::prompt("one", "agent", "1"))
+                .step(Step::prompt("two", "agent", "2"))
+                .step(Step::prompt("three", "agent", "3"))
+                .with_max_budget_usd(1.0),
+        )
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("capped")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Failed);
+    let error = done.error.unwrap();
+    assert_eq!(error.kind, "budget_exceeded");
+    assert!(error.message.contains("three"), "{}", error.message);
+    assert!(!done.dead_letter || done.attempt == done.max_attempts);
+    assert_eq!(exec.calls(), 2);
+    // Each step was offered what was left of the cap.
+    let offered: Vec<_> = exec.requests().iter().map(|r| r.max_budget_usd).collect();
+    assert_eq!(offered[0], Some(1.0));
+    assert!((offered[1].unwrap() - 0.4).abs() < 1e-9);
+    let result = done.result.unwrap();
+    assert_eq!(result.steps.len(), 2);
+    assert_eq!(result.cost_usd, Some(1.2));
+}
+
+#[tokio::test]
+async fn a_step_stopped_at_a_limit_or_timeout_keeps_its_partial_output_and_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut partial = AgentResult::text("half done");
+    partial.session_id = Some("ses-limit".into());
+    partial.cost_usd = Some(0.3);
+    let limited = ScriptedExecutor::succeeding("never")
+        .fail_times(1)
+        .fail_with(ExecutorError::Limit {
+            limit: AgentLimit::Turns,
+            partial: Box::new(partial),
+        });
+    let slow = ScriptedExecutor::hanging()
+        .emit(AgentEvent::Init {
+            session_id: Some("ses-slow".into()),
+            model: None,
+            tools: Vec::new(),
+        })
+        .emit(AgentEvent::Text {
+            text: "started the work".into(),
+        });
+    let engine = builder(&dir)
+        .executor("limited", Arc::new(limited))
+        .executor("slow", Arc::new(slow))
+        .workflow(Workflow::new("turns").step(Step::prompt("go", "limited", "go")))
+        .workflow(
+            Workflow::new("slow")
+                .step(Step::prompt("go", "slow", "go"))
+                .with_timeout(Duration::from_millis(300)),
+        )
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("turns")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Failed);
+    assert_eq!(done.error.as_ref().unwrap().kind, "max_turns");
+    let result = done.result.unwrap();
+    assert_eq!(result.session_id.as_deref(), Some("ses-limit"));
+    assert_eq!(result.cost_usd, Some(0.3));
+    let step = &result.steps[0];
+    assert!(step.partial);
+    assert_eq!(step.output, "half done");
+
+    let job = engine.submit(JobRequest::new("slow")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::TimedOut);
+    let result = done.result.unwrap();
+    let step = &result.steps[0];
+    assert!(step.partial);
+    assert_eq!(step.output, "started the work");
+    assert_eq!(step.session_id.as_deref(), Some("ses-slow"));
+}
+
+#[tokio::test]
+async fn structured_output_is_validated_and_reaches_later_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = json!({
+        "type": "object",
+        "properties": {"verdict": {"enum": ["approve", "reject"]}, "files": {"type": "array"}},
+        "required": ["verdict"]
+    });
+    let good = ScriptedExecutor::succeeding(r#"{"verdict": "approve", "files": ["a.rs"]}"#);
+    let bad = ScriptedExecutor::succeeding(r#"{"verdict": "maybe"}"#);
+    let prose = ScriptedExecutor::succeeding("I think it is fine");
+    let next = ScriptedExecutor::succeeding("ok");
+    let wf = |name: &str, agent: &str| {
+        Workflow::new(name)
+            .step(Step::prompt("review", agent, "review").with_output_schema(schema.clone()))
+            .step(Step::prompt(
+                "report",
+                "next",
+                "verdict {{steps.review.structured.verdict}} on {{steps.review.structured.files.0}}",
+            ))
+    };
+    let engine = builder(&dir)
+        .executor("good", Arc::new(good))
+        .executor("bad", Arc::new(bad))
+        .executor("prose", Arc::new(prose))
+        .executor("next", Arc::new(next.clone()))
+        .workflow(wf("good", "good"))
+        .workflow(wf("bad", "bad"))
+        .workflow(wf("prose", "prose"))
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("good")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    let steps = done.result.unwrap().steps;
+    assert_eq!(
+        steps[0].structured,
+        Some(json!({"verdict": "approve", "files": ["a.rs"]}))
+    );
+    assert_eq!(next.requests()[0].prompt, "verdict approve on a.rs");
+
+    for (name, why) in [("bad", "does not match"), ("prose", "not JSON")] {
+        let job = engine.submit(JobRequest::new(name)).await.unwrap();
+        let done = engine.wait(job.id, WAIT).await.unwrap();
+        assert_eq!(done.status, JobStatus::Failed, "{name}");
+        let error = done.error.unwrap();
+        assert_eq!(error.kind, "invalid_output");
+        assert!(error.message.contains(why), "{}", error.message);
+        let step = &done.result.unwrap().steps[0];
+        assert!(step.partial);
+        assert!(!step.output.is_empty(), "the raw answer is kept");
+    }
+    // A schema that is not a schema is refused when the workflow is built.
+    let e = Engine::builder()
+        .executor("good", Arc::new(ScriptedExecutor::succeeding("x")))
+        .workflow(Workflow::new("w").step(
+            Step::prompt("s", "good", "x").with_output_schema(json!({"type": "no-such-type"})),
+        ))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("output_schema"), "{e}");
+}
+
+#[tokio::test]
+async fn a_six_field_schedule_starts_one_job_per_tick_and_skips_while_one_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let quick = ScriptedExecutor::succeeding("tick");
+    let slow = ScriptedExecutor::hanging();
+    let engine = builder(&dir)
+        .executor("quick", Arc::new(quick.clone()))
+        .executor("slow", Arc::new(slow.clone()))
+        .workflow(
+            Workflow::new("every-second")
+                .step(Step::prompt("s", "quick", "{{guidance}}"))
+                .with_schedule(Schedule::new("* * * * * *").guidance("from the schedule")),
+        )
+        .workflow(
+            Workflow::new("overlapping")
+                .step(Step::prompt("s", "slow", "x"))
+                .with_schedule(Schedule::new("* * * * * *")),
+        )
+        .build()
+        .unwrap();
+    let mut feed = engine.feed(None);
+    // Wait for three completed scheduled jobs.
+    let mut completed = 0;
+    tokio::time::timeout(WAIT, async {
+        while let Some(aiwg_core::engine::FeedItem::Event { event, .. }) = feed.next().await {
+            if matches!(
+                event.kind,
+                JobEventKind::Status {
+                    to: JobStatus::Completed,
+                    ..
+                }
+            ) {
+                completed += 1;
+                if completed == 3 {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("three ticks");
+    let page = engine
+        .list(&JobQuery::default().workflow("every-second").limit(100))
+        .await
+        .unwrap();
+    let mut ticks: Vec<_> = page
+        .jobs
+        .iter()
+        .map(|j| {
+            assert_eq!(j.trigger.source, "schedule");
+            assert_eq!(j.guidance.as_deref(), Some("from the schedule"));
+            j.trigger.extra["tick"].clone()
+        })
+        .collect();
+    let n = ticks.len();
+    ticks.sort();
+    ticks.dedup();
+    assert_eq!(ticks.len(), n, "one job per tick");
+    // The overlapping workflow's first job never ends, so later ticks started nothing.
+    let overlapping = engine
+        .list(&JobQuery::default().workflow("overlapping").limit(100))
+        .await
+        .unwrap();
+    assert_eq!(overlapping.jobs.len(), 1, "overlap: skip");
+    assert_eq!(slow.calls(), 1);
+}
