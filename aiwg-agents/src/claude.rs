@@ -368,7 +368,10 @@ impl Executor for ClaudeCode {
                 partial: Box::new(partial),
             });
         }
-        if !res.is_success() {
+        // The model never produced an answer matching `--json-schema`: the engine's own check
+        // fails the step (`invalid_output`) with the text it wrote instead.
+        let no_structured = res.subtype == "error_max_structured_output_retries";
+        if !res.is_success() && !no_structured {
             let mut message = format!("claude reported {}", res.subtype);
             if let Some(text) = res.result.as_deref().filter(|t| !t.is_empty()) {
                 message.push_str(": ");

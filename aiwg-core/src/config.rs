@@ -394,6 +394,11 @@ pub struct EngineConfig {
     /// The longest text or log line kept of agent output (default `"64KiB"`).
     #[serde(deserialize_with = "opt_size")]
     pub max_line_bytes: Option<usize>,
+    /// How long a job waits for an approval when its workflow does not say (default 24 h).
+    #[serde(with = "crate::util::opt_duration")]
+    pub approval_timeout: Option<Duration>,
+    /// Whether this instance starts the jobs of workflows' `schedules` (default `true`).
+    pub schedules: bool,
 }
 
 /// A size as bytes or text (`"16MiB"`).
@@ -424,6 +429,8 @@ impl Default for EngineConfig {
             shutdown_grace: None,
             max_output_bytes: None,
             max_line_bytes: None,
+            approval_timeout: None,
+            schedules: true,
         }
     }
 }
@@ -447,6 +454,10 @@ impl EngineConfig {
         if let Some(n) = self.max_line_bytes {
             b = b.max_line_bytes(n);
         }
+        if let Some(t) = self.approval_timeout {
+            b = b.approval_timeout(t);
+        }
+        b = b.run_schedules(self.schedules);
         if self.retry_base.is_some() || self.retry_max.is_some() {
             b = b.retry_backoff(
                 self.retry_base.unwrap_or(Duration::from_secs(2)),

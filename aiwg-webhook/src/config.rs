@@ -138,6 +138,38 @@ pub struct PolicyConfig {
     pub fork_policy: ForkPolicy,
     /// Event → workflow rules, first match wins.
     pub rules: Vec<RuleConfig>,
+    /// The spending cap of the jobs this platform starts, for workflows without their own
+    /// `max_budget_usd`.
+    pub max_budget_usd: Option<Usd>,
+}
+
+/// An amount of US dollars: finite and greater than zero.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Usd(f64);
+
+impl Usd {
+    /// The amount, or `None` unless it is finite and greater than zero.
+    #[must_use]
+    pub fn new(amount: f64) -> Option<Self> {
+        (amount.is_finite() && amount > 0.0).then_some(Self(amount))
+    }
+
+    /// The amount.
+    #[must_use]
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+// Never NaN (see `new`), so equality is total.
+impl Eq for Usd {}
+
+impl<'de> Deserialize<'de> for Usd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = f64::deserialize(d)?;
+        Usd::new(n)
+            .ok_or_else(|| serde::de::Error::custom("must be a positive number of US dollars"))
+    }
 }
 
 impl Default for PolicyConfig {
@@ -150,6 +182,7 @@ impl Default for PolicyConfig {
             allowed_workflows: None,
             fork_policy: ForkPolicy::Refuse,
             rules: Vec::new(),
+            max_budget_usd: None,
         }
     }
 }
@@ -187,6 +220,9 @@ macro_rules! platform_config {
             /// See [`PolicyConfig::rules`].
             #[serde(default)]
             pub rules: Vec<RuleConfig>,
+            /// See [`PolicyConfig::max_budget_usd`].
+            #[serde(default)]
+            pub max_budget_usd: Option<Usd>,
         }
 
         impl Default for $name {
@@ -201,6 +237,7 @@ macro_rules! platform_config {
                     allowed_workflows: p.allowed_workflows,
                     fork_policy: p.fork_policy,
                     rules: p.rules,
+                    max_budget_usd: p.max_budget_usd,
                 }
             }
         }
@@ -217,6 +254,7 @@ macro_rules! platform_config {
                     allowed_workflows: self.allowed_workflows.clone(),
                     fork_policy: self.fork_policy,
                     rules: self.rules.clone(),
+                    max_budget_usd: self.max_budget_usd,
                 }
             }
         }

@@ -585,7 +585,11 @@ impl Hooks {
             .map(str::trim)
             .filter(|t| !t.is_empty());
         let repo = event.repository.as_ref().map(|r| r.full_name.as_str());
-        let number = event.pull_request.as_ref().map(|p| p.number).or(event.issue);
+        let number = event
+            .pull_request
+            .as_ref()
+            .map(|p| p.number)
+            .or(event.issue);
         let query = aiwg_core::store::JobQuery::default()
             .status(aiwg_core::JobStatus::AwaitingApproval)
             .limit(500);
@@ -653,7 +657,8 @@ impl Hooks {
         }
         let workflow = command.workflow.clone();
         let key = Some(event.replay_key(body));
-        let request = job_request(event, command, key.clone());
+        let mut request = job_request(event, command, key.clone());
+        request.max_budget_usd = setup.policy.max_budget_usd.map(crate::config::Usd::get);
         self.submit_once(key, request, workflow).await
     }
 

@@ -7,75 +7,21 @@
 //! without one the tests say why and pass, except under `CI=true`, where they fail.
 #![cfg(feature = "postgres")]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::ConnectOptions;
+use std::str::FromStr;
+use support::Db;
 
 const KEY: &str = "multi-instance-key-0123456789";
 /// The instances' `AIWG_SECRET_KEY`.
 const SECRET_KEY: &str = "mi1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-/// A database of its own for one test, dropped at the end.
-struct Db {
-    admin: sqlx::PgPool,
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn create() -> Option<Db> {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        let base = std::env::var("AIWG_TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
-        let options = PgConnectOptions::from_str(&base).expect("a PostgreSQL URL");
-        let admin = match PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
-            .await
-        {
-            Ok(p) => p,
-            Err(e) if ci => panic!("PostgreSQL is required in CI: {e}"),
-            Err(e) => {
-                eprintln!("skipping: no PostgreSQL ({e}); set AIWG_TEST_DATABASE_URL");
-                return None;
-            }
-        };
-        let name = format!("aiwg_mi_{}", uuid_like());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("create database");
-        let url = options.database(&name).to_url_lossy().to_string();
-        Some(Db { admin, name, url })
-    }
-
-    async fn drop(self) {
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&self.admin)
-        .await;
-    }
-}
-
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{:x}_{}", nanos, std::process::id())
-}
 
 struct Server {
     child: Child,
@@ -164,34 +110,9 @@ async fn follow(
     c: &reqwest::Client,
     s: &Server,
     id: &str,
-    mut pred: impl FnMut(&Value) -> bool,
+    pred: impl FnMut(&Value) -> bool,
 ) -> Vec<Value> {
-    let res = c
-        .get(format!("{}/workflows/{id}/events", s.base))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("events");
-    let mut stream = res.bytes_stream();
-    let mut buf = String::new();
-    let mut seen = Vec::new();
-    loop {
-        while let Some(pos) = buf.find("\n\n") {
-            let block: String = buf.drain(..pos + 2).collect();
-            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
-                let v: Value = serde_json::from_str(data).unwrap();
-                let stop = pred(&v);
-                seen.push(v);
-                if stop {
-                    return seen;
-                }
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
-            Ok(Some(Ok(chunk))) => buf.push_str(&String::from_utf8_lossy(&chunk)),
-            _ => return seen,
-        }
-    }
+    support::follow(c, &s.base, KEY, id, pred).await
 }
 
 fn who_ran(events: &[Value], step: &str) -> Option<String> {
