@@ -171,7 +171,10 @@ async fn approvals_over_http_survive_a_restart_of_the_instance() {
     let doc = get(&c, &second, &format!("workflows/{id}/status")).await;
     let steps = doc["result"]["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 2, "{doc}");
-    assert_eq!(steps[1]["output"].as_str().unwrap().trim(), "applied the plan");
+    assert_eq!(
+        steps[1]["output"].as_str().unwrap().trim(),
+        "applied the plan"
+    );
     assert_eq!(doc["attempt"], 1, "resuming is not a new attempt");
     assert_eq!(doc["approvals"][0]["decision"]["by"], "approver");
     assert_eq!(doc["approvals"][0]["decision"]["via"], "api");
@@ -387,4 +390,106 @@ async fn a_budget_and_structured_output_with_the_real_claude() {
         .as_str()
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forge_comment_approves_for_an_allowed_user_and_not_for_others() {
+    use hmac::{Hmac, Mac};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "gates-webhook-secret";
+    let config = format!(
+        r#"
+server: {{ bind: "127.0.0.1:0" }}
+{keys}
+projects: {{ root: "{root}", mapping: [ {{ pattern: ".*", path: "." }} ] }}
+engine: {{ workers: 2, shutdown_grace: "200ms" }}
+agents:
+  sh: {{ kind: command }}
+workflows:
+  gated:
+    steps:
+      - {{ name: plan, agent: sh, command: ["true"] }}
+      - {{ name: apply, agent: sh, command: ["true"], approval: required }}
+triggers:
+  github: {{ secret: "{secret}" }}
+"#,
+        keys = keys(),
+        root = dir.path().display()
+    );
+    let server = start(env!("CARGO_BIN_EXE_server"), &config, dir.path());
+    let c = reqwest::Client::new();
+    let comment = |id: u64, issue: u64, text: &str, login: &str, association: &str| {
+        let body = json!({
+            "action": "created",
+            "issue": { "number": issue },
+            "comment": { "id": id, "body": text, "user": { "login": login, "type": "User" }, "author_association": association },
+            "repository": { "full_name": "o/r" },
+            "sender": { "login": login, "type": "User" }
+        })
+        .to_string();
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let request = c
+            .post(format!("{}/hooks/github", server.base))
+            .header("x-github-event", "issue_comment")
+            .header("x-github-delivery", format!("d-{id}"))
+            .header("x-hub-signature-256", sig)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let res = request.send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = comment(1, 5, "@aiwg gated", "bob", "MEMBER").await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_owned();
+    until_status(&c, &server, &id, "awaiting_approval").await;
+    let doc = get(&c, &server, &format!("workflows/{id}/status")).await;
+    assert!(doc["approval"]["who_may_approve"]
+        .as_str()
+        .unwrap()
+        .contains("github user"));
+
+    // Someone the trigger policy does not admit: refused, the job still waits.
+    let (status, v) = comment(2, 5, "@aiwg approve", "mallory", "NONE").await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["ignored"].as_str().unwrap().contains("association"),
+        "{v}"
+    );
+    let doc = get(&c, &server, &format!("workflows/{id}/status")).await;
+    assert_eq!(doc["status"], "awaiting_approval");
+    // On another thread nothing waits.
+    let (_, v) = comment(3, 6, "@aiwg approve", "bob", "MEMBER").await;
+    assert!(v["ignored"].as_str().unwrap().contains("waiting"), "{v}");
+    // An allowed user on the job's thread: approved, recorded with their login.
+    let (status, v) = comment(4, 5, "@aiwg approve", "alice", "OWNER").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["decision"], "approved", "{v}");
+    assert_eq!(v["job_id"], id.as_str());
+    until_status(&c, &server, &id, "completed").await;
+    let doc = get(&c, &server, &format!("workflows/{id}/status")).await;
+    assert_eq!(doc["approvals"][0]["decision"]["by"], "alice");
+    assert_eq!(doc["approvals"][0]["decision"]["via"], "github");
+    // The audit trail has the refusal and the approval.
+    let audit = get(&c, &server, "audit?source=github").await;
+    let reasons: Vec<String> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {}", e["decision"], e["reason"]))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("approved job")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("refused") && r.contains("association")),
+        "{reasons:?}"
+    );
 }
