@@ -561,6 +561,25 @@ delivery_ttl: 1h
     }
 
     #[test]
+    fn a_platform_budget_is_a_positive_amount() {
+        let c: TriggersConfig =
+            serde_norway::from_str("github: { secret: s, max_budget_usd: 0.5 }").expect("parses");
+        let policy = c.github.expect("github").policy();
+        assert_eq!(policy.max_budget_usd.map(Usd::get), Some(0.5));
+        for bad in ["0", "-1", ".nan", "free"] {
+            let err = serde_norway::from_str::<TriggersConfig>(&format!(
+                "gitlab: {{ token: t, max_budget_usd: {bad} }}"
+            ))
+            .expect_err(bad);
+            assert!(
+                err.to_string().contains("max_budget_usd")
+                    || err.to_string().contains("US dollars"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let err = serde_norway::from_str::<TriggersConfig>("github: { secert: x }")
             .expect_err("typo must fail");

@@ -118,6 +118,24 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
             out.push_str("\n\n</details>\n");
         }
     }
+    // A step stopped early (timeout, a turn or budget limit, an invalid answer): what it did.
+    if let Some(step) = job
+        .result
+        .as_ref()
+        .and_then(|r| r.steps.last())
+        .filter(|s| s.partial && job.is_terminal())
+    {
+        let room = limit(platform).saturating_sub(out.len() + 400).min(4000);
+        let (text, _) = cut(step.output.trim(), room);
+        out.push_str(&format!(
+            "\n<details><summary>What step `{}` did before it stopped</summary>\n\n{text}\n",
+            step.name
+        ));
+        if let Some(session) = &step.session_id {
+            out.push_str(&format!("\nSession `{session}` can be resumed.\n"));
+        }
+        out.push_str("\n</details>\n");
+    }
     out.push_str(&format!("\n{MARKER}{} -->", job.id));
     out
 }
