@@ -58,6 +58,7 @@ use crate::engine::Engine;
 mod auth;
 mod cors;
 mod handlers;
+mod jwt;
 pub mod openapi;
 mod problem;
 mod routes;
@@ -67,6 +68,7 @@ pub mod types;
 mod ui;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
+pub use jwt::{JwtConfigError, JwtError, JwtIdentity, JwtVerifier, JwtVerifierBuilder};
 pub use problem::Problem;
 pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
 pub use trigger::trigger_body;
@@ -252,6 +254,7 @@ pub trait HookHandler: Send + Sync + 'static {
 struct Inner {
     engine: Engine,
     keys: Vec<ApiKey>,
+    jwt: Option<JwtVerifier>,
     limiter: Option<auth::Limiter>,
     dispatcher: Option<Dispatcher>,
     hooks: Option<Arc<dyn HookHandler>>,
@@ -286,6 +289,7 @@ impl fmt::Debug for Api {
 pub struct ApiBuilder {
     engine: Engine,
     keys: Vec<ApiKey>,
+    jwt: Option<JwtVerifier>,
     rate_limit: Option<RateLimit>,
     dispatcher: Option<Dispatcher>,
     hooks: Option<Arc<dyn HookHandler>>,
@@ -322,6 +326,15 @@ impl ApiBuilder {
     /// Adds API keys.
     pub fn keys(mut self, keys: impl IntoIterator<Item = ApiKey>) -> Self {
         self.keys.extend(keys);
+        self
+    }
+
+    /// Accept JWTs verified by `verifier` as bearer tokens beside the API keys (`auth.jwt`).
+    /// A bearer value that matches a key is that key; one shaped like a JWT is verified as a
+    /// token, and refused with `WWW-Authenticate: Bearer error="invalid_token",
+    /// error_description="…"` when it fails.
+    pub fn jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
         self
     }
 
@@ -419,6 +432,7 @@ impl ApiBuilder {
             inner: Arc::new(Inner {
                 engine: self.engine,
                 keys: self.keys,
+                jwt: self.jwt,
                 limiter,
                 dispatcher: self.dispatcher,
                 hooks: self.hooks,
@@ -441,6 +455,7 @@ impl Api {
         ApiBuilder {
             engine,
             keys: Vec::new(),
+            jwt: None,
             rate_limit: None,
             dispatcher: None,
             hooks: None,

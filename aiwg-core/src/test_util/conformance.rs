@@ -780,6 +780,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     all_events(server).await;
     all_events_resets(server).await;
     dashboard(server).await;
+    jwt_bearer_tokens(server).await;
 }
 
 /// A concrete path for a route pattern: every parameter replaced by `id`.
@@ -2322,6 +2323,216 @@ async fn dashboard(server: &dyn Serve) {
         assert_eq!(c.send("GET", path, None, None).await.status, 404, "{path}");
     }
     assert_eq!(c.send("GET", "/health", None, None).await.status, 200);
+}
+
+/// Asserts a 401 whose `WWW-Authenticate` is `Bearer … error="invalid_token"` with an
+/// `error_description` containing `why`.
+fn assert_invalid_token(r: &Reply, why: &str) {
+    r.assert_problem(401);
+    let h = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        h.starts_with("Bearer ") && h.contains("error=\"invalid_token\""),
+        "{why}: {h}"
+    );
+    let desc = h
+        .split_once("error_description=\"")
+        .map(|(_, d)| d.trim_end_matches('"'))
+        .unwrap_or_default();
+    assert!(desc.contains(why), "expected `{why}` in: {desc}");
+}
+
+async fn jwt_bearer_tokens(server: &dyn Serve) {
+    use super::jwt::{now, JwksServer, KeyKind, TestIssuer, AUDIENCE, ISSUER};
+    let issuer = TestIssuer::generate();
+    let jwks = JwksServer::start(json!({"keys": [
+        issuer.jwk(KeyKind::Rsa, "rsa-1"),
+        issuer.jwk(KeyKind::Ec, "ec-1"),
+    ]}))
+    .await;
+    let verifier = crate::http::JwtVerifier::builder(ISSUER, AUDIENCE)
+        .jwks_url(jwks.url())
+        .unwrap()
+        .refresh_cooldown(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .jwt(verifier)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = s.client();
+
+    // RS256 from the JWKS: the subject and the scopes of the `scope` claim.
+    let alice = issuer.sign(
+        KeyKind::Rsa,
+        Some("rsa-1"),
+        &issuer.claims("alice", "openid read trigger"),
+    );
+    let r = c.send("GET", "/whoami", Some(&alice), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({"name": "alice", "scopes": ["read", "trigger"]})
+    );
+    assert_eq!(jwks.hits(), 1, "the JWKS is fetched once, then cached");
+    let r = c
+        .send("POST", "/workflows/trigger", Some(&alice), trigger("echo"))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    let done = fx
+        .engine
+        .wait(id.parse().unwrap(), WAIT)
+        .await
+        .expect("job ends");
+    assert_eq!(done.trigger.actor.as_deref(), Some("alice"));
+    // `cancel` is not among alice's scopes.
+    let r = c
+        .send(
+            "POST",
+            &format!("/workflows/{id}/cancel"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    let p = r.assert_problem(403);
+    assert!(p["detail"].as_str().unwrap().contains("alice"), "{p}");
+
+    // ES256 from the same JWKS, scopes as an array; unknown names are ignored.
+    let mut claims = issuer.claims("bob", "");
+    claims["scope"] = json!(["read", "approve-everything"]);
+    let bob = issuer.sign(KeyKind::Ec, Some("ec-1"), &claims);
+    let r = c.send("GET", "/jobs", Some(&bob), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = c.send("GET", "/whoami", Some(&bob), None).await;
+    assert_eq!(r.json()["scopes"], json!(["read"]));
+    // A token without a known scope authenticates, and may do nothing.
+    let nobody = issuer.sign(
+        KeyKind::Rsa,
+        Some("rsa-1"),
+        &issuer.claims("carol", "openid"),
+    );
+    let r = c.send("GET", "/jobs", Some(&nobody), None).await;
+    r.assert_problem(403);
+
+    // API keys keep working beside tokens.
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200);
+
+    // Every refusal: 401 with a precise `invalid_token` description.
+    let good = issuer.claims("mallory", "admin");
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (TestIssuer::unsigned(&good), "alg `none`"),
+        (
+            issuer.confused(KeyKind::Rsa, Some("rsa-1"), &good),
+            "shared-secret algorithm",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("exp", json!(now() - 3600)),
+            ),
+            "expired",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("nbf", json!(now() + 3600)),
+            ),
+            "not valid yet",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Ec,
+                Some("ec-1"),
+                &with("aud", json!("someone-else")),
+            ),
+            "audience",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("iss", json!("https://evil.test/")),
+            ),
+            "issuer",
+        ),
+        (
+            {
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("sub");
+                issuer.sign(KeyKind::Rsa, Some("rsa-1"), &c)
+            },
+            "`sub`",
+        ),
+        (
+            {
+                // alice's signature over mallory's claims.
+                let forged = issuer.sign(KeyKind::Rsa, Some("rsa-1"), &good);
+                let mut parts: Vec<&str> = forged.split('.').collect();
+                let sig = alice.rsplit('.').next().unwrap();
+                parts[2] = sig;
+                parts.join(".")
+            },
+            "signature is invalid",
+        ),
+    ];
+    for (token, why) in &cases {
+        let r = c.send("GET", "/jobs", Some(token), None).await;
+        assert_invalid_token(&r, why);
+        assert!(
+            !r.text.contains(token.as_str()),
+            "a problem echoed the token"
+        );
+    }
+    assert_eq!(jwks.hits(), 1, "refusals fetched nothing");
+
+    // A key the JWKS did not hold yet: an unknown `kid` fetches it again, once.
+    jwks.set(json!({"keys": [
+        issuer.jwk(KeyKind::Rsa, "rsa-1"),
+        issuer.jwk(KeyKind::Ec, "ec-1"),
+        issuer.jwk(KeyKind::Ed, "ed-1"),
+    ]}));
+    let dave = issuer.sign(KeyKind::Ed, Some("ed-1"), &issuer.claims("dave", "read"));
+    let r = c.send("GET", "/jobs", Some(&dave), None).await;
+    assert_eq!(r.status, 200, "EdDSA after a refresh: {}", r.text);
+    assert_eq!(jwks.hits(), 2);
+    // Within the cooldown, further unknown key ids fetch nothing; nor does a key id used
+    // with another key's algorithm (the EC key's signature under the RSA key's id).
+    let mut unknown: Vec<String> = ["ghost-1", "ghost-2", "ghost-3"]
+        .iter()
+        .map(|kid| issuer.sign(KeyKind::Ed, Some(kid), &issuer.claims("eve", "read")))
+        .collect();
+    unknown.push(issuer.sign(KeyKind::Ec, Some("rsa-1"), &good));
+    for t in &unknown {
+        let r = c.send("GET", "/jobs", Some(t), None).await;
+        assert_invalid_token(&r, "no signing key matches");
+    }
+    assert_eq!(jwks.hits(), 2, "unknown key ids are rate limited");
+    // Audit records name the token's subject.
+    let r = c.send("GET", "/audit", Some(ADMIN_KEY), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let entries = r.json();
+    let mine = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["actor"] == "alice")
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit entry for alice: {entries}"));
+    assert_eq!(mine["key_name"], "jwt:alice");
 }
 
 #[cfg(test)]
