@@ -259,6 +259,12 @@ async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&Caller>) -> Answer {
         Route::Dashboard => Ok(super::ui::page()),
         Route::DashboardAsset => super::ui::asset(param(req, 0)),
         Route::DashboardRedirect => Ok(super::ui::redirect()),
+        Route::JobWebSocket | Route::AllWebSocket => {
+            super::ws::target_check(req)?;
+            Ok(super::ws::upgrade_required()
+                .into_response()
+                .header(http::header::UPGRADE, HeaderValue::from_static("websocket")))
+        }
     }
 }
 
@@ -266,7 +272,7 @@ fn param(req: &ApiRequest, i: usize) -> &str {
     req.params.get(i).map_or("", String::as_str)
 }
 
-fn job_id(req: &ApiRequest) -> Result<JobId, Problem> {
+pub(super) fn job_id(req: &ApiRequest) -> Result<JobId, Problem> {
     param(req, 0).parse().map_err(|_| {
         Problem::new(
             StatusCode::BAD_REQUEST,
@@ -496,9 +502,11 @@ fn last_event_id<T>(
     Ok(from_header.or(from_query))
 }
 
-async fn events(api: &Api, req: &ApiRequest) -> Answer {
-    let id = job_id(req)?;
-    let query = parse_query(req.query.as_deref());
+/// Where a job's stream resumes: after `Last-Event-ID` / `?last_event_id=` (0: from the start).
+pub(super) fn job_position(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+) -> Result<u64, Problem> {
     let seq = |s: &str| {
         s.trim().parse::<u64>().map_err(|_| {
             Problem::new(
@@ -508,7 +516,13 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
             )
         })
     };
-    let after = last_event_id(req, &query, seq)?.unwrap_or(0);
+    Ok(last_event_id(req, query, seq)?.unwrap_or(0))
+}
+
+async fn events(api: &Api, req: &ApiRequest) -> Answer {
+    let id = job_id(req)?;
+    let query = parse_query(req.query.as_deref());
+    let after = job_position(req, &query)?;
     let stream = api
         .engine()
         .subscribe(id, after)
@@ -521,13 +535,15 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
     })
 }
 
-/// `GET /events`: the engine's feed from the client's cursor (or from now), optionally only
-/// some kinds of event.
-fn all_events(api: &Api, req: &ApiRequest) -> Answer {
-    let query = parse_query(req.query.as_deref());
+/// The feed's resume point (`Last-Event-ID` / `?last_event_id=`) and `?kinds=` filter; any
+/// other query parameter is refused.
+pub(super) fn feed_position(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+) -> Result<(Option<crate::engine::FeedCursor>, Option<Vec<&'static str>>), Problem> {
     let bad = |what: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", what);
     let mut kinds: Option<Vec<&'static str>> = None;
-    for (k, v) in &query {
+    for (k, v) in query {
         match k.as_str() {
             "last_event_id" => {}
             "kinds" => {
@@ -552,7 +568,7 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
             other => return Err(bad(format!("unknown query parameter `{other}`"))),
         }
     }
-    let after = last_event_id(req, &query, |s| {
+    let after = last_event_id(req, query, |s| {
         s.parse::<crate::engine::FeedCursor>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -561,6 +577,12 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
             )
         })
     })?;
+    Ok((after, kinds))
+}
+
+fn all_events(api: &Api, req: &ApiRequest) -> Answer {
+    let query = parse_query(req.query.as_deref());
+    let (after, kinds) = feed_position(req, &query)?;
     let engine = api.engine();
     // Without a cursor the stream starts now, and its opening names that position, so a
     // client that reconnects before any event arrived still misses nothing.

@@ -66,12 +66,14 @@ mod sse;
 mod trigger;
 pub mod types;
 mod ui;
+pub mod ws;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
 pub use jwt::{JwtConfigError, JwtError, JwtIdentity, JwtVerifier, JwtVerifierBuilder};
 pub use problem::Problem;
 pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
 pub use trigger::trigger_body;
+pub use ws::{is_websocket_upgrade, WsClose, WsMessage, WsSession};
 
 /// One HTTP request, as an adapter hands it over.
 #[derive(Debug, Clone)]
@@ -260,6 +262,7 @@ struct Inner {
     hooks: Option<Arc<dyn HookHandler>>,
     body_limit: usize,
     keep_alive: Duration,
+    ws_auth_timeout: Duration,
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
@@ -295,6 +298,7 @@ pub struct ApiBuilder {
     hooks: Option<Arc<dyn HookHandler>>,
     body_limit: usize,
     keep_alive: Duration,
+    ws_auth_timeout: Duration,
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
@@ -362,9 +366,17 @@ impl ApiBuilder {
         self
     }
 
-    /// Interval of SSE keep-alive comments (default 15 s).
+    /// Interval of SSE keep-alive comments and WebSocket pings (default 15 s).
     pub fn keep_alive(mut self, every: Duration) -> Self {
         self.keep_alive = every;
+        self
+    }
+
+    /// How long a WebSocket client without an `Authorization` header has to send its
+    /// `{"type": "auth", "token": "..."}` message (default 10 s); past it the socket is
+    /// closed with 4401.
+    pub fn ws_auth_timeout(mut self, timeout: Duration) -> Self {
+        self.ws_auth_timeout = timeout;
         self
     }
 
@@ -413,6 +425,12 @@ impl ApiBuilder {
                 reason: "must be greater than zero".into(),
             });
         }
+        if self.ws_auth_timeout.is_zero() {
+            return Err(ApiError::Setting {
+                key: "ws_auth_timeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
         if self.keep_alive.is_zero() {
             return Err(ApiError::Setting {
                 key: "keep_alive",
@@ -438,6 +456,7 @@ impl ApiBuilder {
                 hooks: self.hooks,
                 body_limit: self.body_limit,
                 keep_alive: self.keep_alive,
+                ws_auth_timeout: self.ws_auth_timeout,
                 metrics_public: self.metrics_public,
                 metrics,
                 cors_origins: self.cors_origins,
@@ -461,6 +480,7 @@ impl Api {
             hooks: None,
             body_limit: 1024 * 1024,
             keep_alive: Duration::from_secs(15),
+            ws_auth_timeout: ws::AUTH_TIMEOUT,
             metrics_public: false,
             metrics: None,
             cors_origins: Vec::new(),

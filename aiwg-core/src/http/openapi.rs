@@ -648,6 +648,53 @@ fn details(route: Route, method: &http::Method) -> Value {
                 },
             })
         }
+        (Route::JobWebSocket | Route::AllWebSocket, _) => {
+            let job = route == Route::JobWebSocket;
+            let kinds = crate::event::JobEventKind::NAMES
+                .join("|")
+                .replace('.', "\\.");
+            let mut parameters = vec![if job {
+                query(
+                    "last_event_id",
+                    "Resume after this sequence number",
+                    json!({"type": "integer", "minimum": 0, "maximum": i64::MAX}),
+                )
+            } else {
+                query(
+                    "last_event_id",
+                    "Resume after this cursor",
+                    json!({"type": "string", "pattern": FEED_CURSOR}),
+                )
+            }];
+            if !job {
+                parameters.push(query(
+                    "kinds",
+                    "Only these kinds of event, comma separated (`reset` events always come)",
+                    json!({"type": "string", "pattern": format!("^({kinds})(,({kinds}))*$")}),
+                ));
+            }
+            json!({
+                "operationId": if job { "jobEventsWebSocket" } else { "allEventsWebSocket" },
+                "summary": if job { "A job's events over a WebSocket" } else { "Every job's events over a WebSocket" },
+                "description": concat!(
+                    "The events of the matching SSE stream (`GET /workflows/{job_id}/events`, `GET /events`) over a WebSocket. ",
+                    "Authenticate with `Authorization: Bearer` on the upgrade request, or (browsers) with a first text message ",
+                    "`{\"type\": \"auth\", \"token\": \"<key or JWT>\"}` within 10 s; the `read` scope is needed. ",
+                    "The server then sends `{\"event\": \"ready\", \"data\": {\"name\", \"scopes\"}}` (on `/ws` without `last_event_id` with `\"id\"`: the cursor it starts from), ",
+                    "then one text message per event, `{\"id\": \"<sequence number or cursor>\", \"event\": \"<kind>\", \"data\": {...}}` with the SSE frame's id, event and data. ",
+                    "Pings every keep-alive interval; three unanswered close the socket. Close codes: 1000 after a job's terminal event (or the client closed), ",
+                    "1003 a binary message, 1008 an unexpected message, 1011 a server failure, 1013 a JWT's keys unavailable, 4401 no or refused credentials, ",
+                    "4403 no `read` scope, 4404 no such job, 4408 pings unanswered, 4429 rate limited. Without an upgrade the request is answered 426."),
+                "tags": ["jobs"],
+                "parameters": parameters,
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol"},
+                    "400": problem(if job { "Not a job id, or a malformed last_event_id" } else { "A malformed last_event_id, an unknown kind or query parameter" }),
+                    "426": with_header(problem("Not a WebSocket upgrade request"), "Upgrade", "The protocol to upgrade to",
+                        json!({"type": "string", "const": "websocket"})),
+                },
+            })
+        }
         (Route::Whoami, _) => json!({
             "operationId": "whoami",
             "summary": "The presented key's name and scopes",
