@@ -390,27 +390,27 @@ impl ApiTransport {
     async fn answer(&self, request: TransportRequest) -> crate::http::ApiResponse {
         match self.api_request(request) {
             Ok(request) => self.api.handle(request).await,
-            Err(res) => res,
+            Err(res) => *res,
         }
     }
 
     fn api_request(
         &self,
         request: TransportRequest,
-    ) -> Result<ApiRequest, crate::http::ApiResponse> {
+    ) -> Result<ApiRequest, Box<crate::http::ApiResponse>> {
         let (path, query) = match request.path.split_once('?') {
             Some((p, q)) => (p, Some(q.to_owned())),
             None => (request.path.as_str(), None),
         };
         let Some((spec, raw)) = crate::http::match_route(path) else {
-            return Err(self.api.not_found());
+            return Err(Box::new(self.api.not_found()));
         };
         // A router registers only the routes the API serves ([`Api::routes`]).
         if !self.api.serves(spec.route) {
-            return Err(self.api.not_found());
+            return Err(Box::new(self.api.not_found()));
         }
         if request.body.len() > self.api.body_limit() {
-            return Err(self.api.payload_too_large());
+            return Err(Box::new(self.api.payload_too_large()));
         }
         let params = raw.into_iter().map(percent_decode).collect();
         let request = ApiRequest::new(spec.route, request.method)
@@ -472,7 +472,7 @@ impl Transport for ApiTransport {
                 };
                 TransportResponse::new(res.status.as_u16(), header_map(&res.headers), body)
             };
-            let request = self.api_request(request).map_err(refused)?;
+            let request = self.api_request(request).map_err(|r| refused(*r))?;
             let session = self.api.websocket(request).await.map_err(refused)?;
             let (client, from_client, to_client) = ws_channels();
             // Like a real client, answer the server's pings.
