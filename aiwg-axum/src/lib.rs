@@ -30,7 +30,7 @@
 //!
 //! Serve with `into_make_service_with_connect_info::<SocketAddr>()` so per-address rate limits
 //! see the client address. The WebSocket routes (`GET /workflows/{job_id}/ws`, `GET /ws`) are
-//! upgraded with axum's own [`WebSocketUpgrade`](axum::extract::ws::WebSocketUpgrade); the
+//! upgraded with axum's own [`WebSocketUpgrade`]; the
 //! protocol itself is [`aiwg_core::http::ws`], this crate only carries its frames. Request bodies are limited to [`Api::body_limit`] before they are
 //! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`] (decided by
 //! the API itself, identically for both routers).

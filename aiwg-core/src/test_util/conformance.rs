@@ -168,7 +168,7 @@ impl WsClient {
     }
 
     /// The next message from the server (pings and pongs included), `None` once the
-    /// connection is gone (or after [`WAIT`]).
+    /// connection is gone (or after 20 s of silence).
     pub async fn next(&mut self) -> Option<WsMessage> {
         tokio::time::timeout(WAIT, self.rx.recv()).await.ok()?
     }
