@@ -46,6 +46,9 @@ use super::auth::Scope;
 /// The algorithms a token may be signed with.
 const ACCEPTED: &str = "RS256, ES256 and EdDSA";
 
+/// After a failed JWKS fetch, none is tried for this long, whatever the tokens presented.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+
 /// The largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
@@ -162,6 +165,8 @@ struct JwksState {
     fetched_at: Option<Instant>,
     /// The last fetch an unknown key id caused.
     forced_at: Option<Instant>,
+    /// The last failed fetch: none is tried again within [`FAILURE_BACKOFF`].
+    failed_at: Option<Instant>,
     fetches: u64,
 }
 
@@ -518,6 +523,16 @@ impl Jwks {
         if fresh && known {
             return Ok(st.keys.clone());
         }
+        if st.failed_at.is_some_and(|t| t.elapsed() < FAILURE_BACKOFF) {
+            // The provider failed a moment ago: use what is held, fetch nothing.
+            return if st.fetched_at.is_some() {
+                Ok(st.keys.clone())
+            } else {
+                Err(JwtError::KeysUnavailable(
+                    "the last JWKS fetch failed moments ago".into(),
+                ))
+            };
+        }
         if fresh {
             // Unknown key id: refetch only past the cooldown.
             if st.forced_at.is_some_and(|t| t.elapsed() < self.cooldown) {
@@ -533,14 +548,17 @@ impl Jwks {
             Ok(keys) => {
                 st.keys = Arc::new(keys);
                 st.fetched_at = Some(Instant::now());
+                st.failed_at = None;
                 Ok(st.keys.clone())
             }
             // Keys fetched before stay in use while the provider is unreachable.
             Err(e) if st.fetched_at.is_some() => {
+                st.failed_at = Some(Instant::now());
                 tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping the keys held");
                 Ok(st.keys.clone())
             }
             Err(e) => {
+                st.failed_at = Some(Instant::now());
                 tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
                 Err(JwtError::KeysUnavailable(e))
             }

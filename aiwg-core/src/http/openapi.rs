@@ -31,10 +31,16 @@ struct Bearer;
 impl Modify for Bearer {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        let mut http = Http::new(HttpAuthScheme::Bearer);
+        http.description = Some(
+            "An API key, or (with `auth.jwt`) a JWT signed with RS256, ES256 or EdDSA by the \
+             configured issuer's keys; its `scope` claim (or the configured claim) names the \
+             scopes. A refused credential is answered 401 with `WWW-Authenticate: Bearer \
+             realm=\"aiwg\", error=\"invalid_token\", error_description=\"...\"`; a JWT whose \
+             signing keys could not be fetched, 503."
+                .into(),
         );
+        components.add_security_scheme("bearer", SecurityScheme::Http(http));
     }
 }
 

@@ -342,7 +342,7 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
                                 }
                                 return Some(WsMessage::Text(text));
                             }
-                            None => self.close(close::INTERNAL, "the event stream ended"),
+                            None => self.stream_ended().await,
                         },
                         m = self.incoming.next() => match m {
                             None => return None,
@@ -364,6 +364,19 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
                 }
             }
         }
+    }
+
+    /// The followed stream ended without a terminal event: a job's stream resumed after its
+    /// last event ends normally; anything else is a failure.
+    async fn stream_ended(&mut self) {
+        if let Target::Job { id, .. } = &self.target {
+            if let Ok(job) = self.api.engine().get(*id).await {
+                if job.is_terminal() {
+                    return self.close(close::NORMAL, "the job has finished");
+                }
+            }
+        }
+        self.close(close::INTERNAL, "the event stream ended");
     }
 
     /// Pings, pongs, binary messages and the client's close.

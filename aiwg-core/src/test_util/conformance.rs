@@ -2756,6 +2756,34 @@ async fn jwt_bearer_tokens(server: &dyn Serve) {
         .cloned()
         .unwrap_or_else(|| panic!("no audit entry for alice: {entries}"));
     assert_eq!(mine["key_name"], "jwt:alice");
+
+    // A provider whose JWKS cannot be read: 503 (the token could not be checked, it is not
+    // refused), and no fetch again within the backoff, whatever comes in.
+    let broken = JwksServer::start(json!("not a JWKS")).await;
+    let verifier = crate::http::JwtVerifier::builder(ISSUER, AUDIENCE)
+        .jwks_url(broken.url())
+        .unwrap()
+        .build()
+        .unwrap();
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .jwt(verifier)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = s.client();
+    for _ in 0..3 {
+        let r = c.send("GET", "/jobs", Some(&alice), None).await;
+        let p = r.assert_problem(503);
+        assert_eq!(p["type"], "urn:aiwg:problem:jwks-unavailable");
+        assert!(r.header("retry-after").is_some());
+    }
+    assert_eq!(broken.hits(), 1, "failed fetches are not retried at once");
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200, "keys work while the provider is down");
 }
 
 impl Client {
@@ -2862,6 +2890,16 @@ async fn websockets(server: &dyn Serve) {
     assert_eq!(msgs[0]["data"]["name"], "viewer");
     assert_eq!(msgs[1..], sse[3..], "resumed after event 3");
     assert_eq!(close.code, 1000);
+    // Resumed after the last event: nothing more, and a normal close.
+    let mut ws = ws_open(
+        &c,
+        &format!("/workflows/{id}/ws?last_event_id=6"),
+        Some(READ_KEY),
+    )
+    .await;
+    let (msgs, close) = ws.until_close().await;
+    assert_eq!(msgs.len(), 1, "only ready: {msgs:?}");
+    assert_eq!(close.code, 1000, "{close:?}");
 
     // `/ws` and `GET /events` give the same sequence for the job.
     let mut ws_events = Vec::new();
