@@ -507,14 +507,19 @@ pub(super) fn job_position(
     req: &ApiRequest,
     query: &BTreeMap<String, String>,
 ) -> Result<u64, Problem> {
+    // Sequence numbers are stored as PostgreSQL `bigint`s: at most `i64::MAX`.
     let seq = |s: &str| {
-        s.trim().parse::<u64>().map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-last-event-id",
-                "Last-Event-ID must be a sequence number",
-            )
-        })
+        s.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| i64::try_from(*n).is_ok())
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-last-event-id",
+                    "Last-Event-ID must be a sequence number",
+                )
+            })
     };
     Ok(last_event_id(req, query, seq)?.unwrap_or(0))
 }

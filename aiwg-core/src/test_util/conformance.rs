@@ -3031,6 +3031,7 @@ async fn websocket_refusals(server: &dyn Serve) {
     // Before the upgrade: malformed parameters are 400 problems.
     for path in [
         "/workflows/not-a-job/ws",
+        "/workflows/00000000-0000-7000-8000-000000000000/ws?last_event_id=9223372036854775808",
         "/ws?last_event_id=nope",
         "/ws?kinds=nope",
         "/ws?x=1",
