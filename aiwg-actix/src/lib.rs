@@ -65,6 +65,10 @@
 //!   `PayloadConfig` is not involved.
 //! - **SSE streaming.** `GET /workflows/{job_id}/events` is streamed chunk by chunk, keep-alive
 //!   comments included; nothing is buffered.
+//! - **WebSockets.** Upgrade requests to `GET /workflows/{job_id}/ws` and `GET /ws` are
+//!   accepted with [`actix-ws`](actix_ws) once [`Api::websocket`] agrees, and the session of
+//!   [`aiwg_core::http::ws`] (authentication, events, pings, close codes) runs on the worker's
+//!   runtime; this crate only carries its frames.
 //! - **Headers copied exactly**, both ways; actix adds only `content-length` (or chunked
 //!   framing) and `date`.
 //! - **`x-request-id`.** An incoming `x-request-id` is kept, otherwise one is made; the API sees
@@ -90,7 +94,9 @@ use actix_web::body::{BodyStream, BoxBody};
 use actix_web::http::header as ax_header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, RouteSpec};
+use aiwg_core::http::{
+    Api, ApiBody, ApiRequest, ApiResponse, RouteSpec, WsClose, WsMessage, WsSession,
+};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
@@ -145,8 +151,13 @@ async fn serve(
         .get(REQUEST_ID)
         .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(new_request_id);
-    let res = translate(&api, spec, &req, payload, &request_id).await;
-    let mut res = into_response(res);
+    let mut res = if spec.route.is_websocket()
+        && aiwg_core::http::is_websocket_upgrade(&headers_in(req.headers()))
+    {
+        websocket(&api, spec, &req, payload, &request_id).await
+    } else {
+        into_response(translate(&api, spec, &req, payload, &request_id).await)
+    };
     let id_name = ax_header::HeaderName::from_static(REQUEST_ID);
     if !res.headers().contains_key(&id_name) {
         if let Ok(v) = ax_header::HeaderValue::from_bytes(request_id.as_bytes()) {
@@ -191,6 +202,97 @@ async fn translate(
         body.extend_from_slice(&chunk);
     }
 
+    let Some(request) = request_for(spec, req, request_id) else {
+        return ApiResponse::empty(http::StatusCode::BAD_REQUEST);
+    };
+    api.handle(request.with_body(body.freeze())).await
+}
+
+/// The largest WebSocket message a client may send (its auth message).
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// An upgrade request: the API decides, actix-ws does the handshake, and the session runs on
+/// this worker's runtime.
+async fn websocket(
+    api: &Api,
+    spec: &'static RouteSpec,
+    req: &HttpRequest,
+    payload: web::Payload,
+    request_id: &http::HeaderValue,
+) -> HttpResponse {
+    let Some(request) = request_for(spec, req, request_id) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let session = match api.websocket(request).await {
+        Ok(session) => session,
+        Err(res) => return into_response(res),
+    };
+    let (response, socket, stream) = match actix_ws::handle(req, payload) {
+        Ok(parts) => parts,
+        Err(e) => return actix_web::ResponseError::error_response(e.as_response_error()),
+    };
+    let stream = stream
+        .max_frame_size(MAX_MESSAGE)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_MESSAGE);
+    actix_web::rt::spawn(run_socket(session, socket, stream));
+    response
+}
+
+/// Carries a session's frames over the socket until either side is done.
+async fn run_socket(
+    session: WsSession,
+    mut socket: actix_ws::Session,
+    stream: actix_ws::AggregatedMessageStream,
+) {
+    let incoming = stream
+        .take_while(|m| std::future::ready(m.is_ok()))
+        .filter_map(|m| std::future::ready(m.ok().and_then(message_in)));
+    let out = session.run(incoming);
+    futures_util::pin_mut!(out);
+    while let Some(m) = out.next().await {
+        let sent = match m {
+            WsMessage::Text(t) => socket.text(t).await,
+            WsMessage::Binary(b) => socket.binary(b).await,
+            WsMessage::Ping(p) => socket.ping(&p).await,
+            WsMessage::Pong(p) => socket.pong(&p).await,
+            WsMessage::Close(c) => {
+                let reason = c.map(|c| actix_ws::CloseReason {
+                    code: actix_ws::CloseCode::from(c.code),
+                    description: Some(c.reason),
+                });
+                let _ = socket.close(reason).await;
+                return;
+            }
+            // A message kind added to the core later: nothing to send for it here.
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+    let _ = socket.close(None).await;
+}
+
+fn message_in(m: actix_ws::AggregatedMessage) -> Option<WsMessage> {
+    use actix_ws::AggregatedMessage as M;
+    Some(match m {
+        M::Text(t) => WsMessage::Text(t.to_string()),
+        M::Binary(b) => WsMessage::Binary(b),
+        M::Ping(p) => WsMessage::Ping(p),
+        M::Pong(p) => WsMessage::Pong(p),
+        M::Close(c) => WsMessage::Close(
+            c.map(|c| WsClose::new(u16::from(c.code), c.description.unwrap_or_default())),
+        ),
+    })
+}
+
+/// The [`ApiRequest`] of an actix request, without its body.
+fn request_for(
+    spec: &'static RouteSpec,
+    req: &HttpRequest,
+    request_id: &http::HeaderValue,
+) -> Option<ApiRequest> {
     // Percent-decoded like actix's `web::Path` (and axum) decode them, picked by name so that
     // parameters of an enclosing scope do not shift them.
     let pattern = spec.path;
@@ -212,18 +314,16 @@ async fn translate(
     if !headers.contains_key(REQUEST_ID) {
         headers.insert(REQUEST_ID, request_id.clone());
     }
-    let Ok(method) = http::Method::from_bytes(req.method().as_str().as_bytes()) else {
-        // Not reached: both `http` versions accept exactly the RFC 9110 method tokens.
-        return ApiResponse::empty(http::StatusCode::BAD_REQUEST);
-    };
-    let request = ApiRequest::new(spec.route, method)
-        .with_params(params)
-        .with_query(req.uri().query().map(str::to_owned))
-        .with_headers(headers)
-        .with_body(body.freeze())
-        .with_peer(req.peer_addr().map(|a| a.ip()))
-        .with_base_path(base_path);
-    api.handle(request).await
+    // Not `None` in practice: both `http` versions accept exactly the RFC 9110 method tokens.
+    let method = http::Method::from_bytes(req.method().as_str().as_bytes()).ok()?;
+    Some(
+        ApiRequest::new(spec.route, method)
+            .with_params(params)
+            .with_query(req.uri().query().map(str::to_owned))
+            .with_headers(headers)
+            .with_peer(req.peer_addr().map(|a| a.ip()))
+            .with_base_path(base_path),
+    )
 }
 
 /// actix-web's (`http` 0.2) headers as `http` 1.x headers, every value kept.

@@ -29,20 +29,26 @@
 //! ```
 //!
 //! Serve with `into_make_service_with_connect_info::<SocketAddr>()` so per-address rate limits
-//! see the client address. Request bodies are limited to [`Api::body_limit`] before they are
+//! see the client address. The WebSocket routes (`GET /workflows/{job_id}/ws`, `GET /ws`) are
+//! upgraded with axum's own [`WebSocketUpgrade`]; the
+//! protocol itself is [`aiwg_core::http::ws`], this crate only carries its frames. Request bodies are limited to [`Api::body_limit`] before they are
 //! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`] (decided by
 //! the API itself, identically for both routers).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-use aiwg_core::http::{Api, ApiBody, ApiRequest, ApiResponse, Route};
+use aiwg_core::http::{
+    Api, ApiBody, ApiRequest, ApiResponse, Route, WsClose, WsMessage, WsSession,
+};
 use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::any;
 use axum::Router;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use http::header::CONTENT_LENGTH;
 use http::HeaderName;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -87,6 +93,25 @@ async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> R
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
+    if route.is_websocket() && aiwg_core::http::is_websocket_upgrade(&parts.headers) {
+        let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(u) => u,
+            Err(rejection) => return rejection.into_response(),
+        };
+        let request = ApiRequest::new(route, parts.method)
+            .with_params(params)
+            .with_query(parts.uri.query().map(str::to_owned))
+            .with_headers(parts.headers)
+            .with_peer(peer)
+            .with_base_path(base_path);
+        return match api.websocket(request).await {
+            Ok(session) => upgrade
+                .max_message_size(MAX_MESSAGE)
+                .max_frame_size(MAX_MESSAGE)
+                .on_upgrade(move |socket| run_socket(session, socket)),
+            Err(res) => into_response(res),
+        };
+    }
     let limit = api.body_limit();
     let declared = parts
         .headers
@@ -107,6 +132,55 @@ async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> R
         .with_peer(peer)
         .with_base_path(base_path);
     into_response(api.handle(request).await)
+}
+
+/// The largest WebSocket message a client may send (its auth message).
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Carries a session's frames over the socket until either side is done.
+async fn run_socket(session: WsSession, socket: WebSocket) {
+    let (mut sink, source) = socket.split();
+    let incoming = source
+        .take_while(|m| std::future::ready(m.is_ok()))
+        .filter_map(|m| std::future::ready(m.ok().and_then(message_in)));
+    let out = session.run(incoming);
+    futures_util::pin_mut!(out);
+    while let Some(m) = out.next().await {
+        let last = matches!(m, WsMessage::Close(_));
+        if sink.send(message_out(m)).await.is_err() || last {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+fn message_in(m: Message) -> Option<WsMessage> {
+    Some(match m {
+        Message::Text(t) => WsMessage::Text(t.as_str().to_owned()),
+        Message::Binary(b) => WsMessage::Binary(b),
+        Message::Ping(p) => WsMessage::Ping(p),
+        Message::Pong(p) => WsMessage::Pong(p),
+        Message::Close(c) => WsMessage::Close(c.map(|c| WsClose::new(c.code, c.reason.as_str()))),
+    })
+}
+
+fn message_out(m: WsMessage) -> Message {
+    match m {
+        WsMessage::Text(t) => Message::Text(t.into()),
+        WsMessage::Binary(b) => Message::Binary(b),
+        WsMessage::Ping(p) => Message::Ping(p),
+        WsMessage::Pong(p) => Message::Pong(p),
+        WsMessage::Close(c) => Message::Close(c.map(|c| CloseFrame {
+            code: c.code,
+            reason: c.reason.into(),
+        })),
+        // A message kind added to the core later: nothing to send for it here.
+        _ => Message::Pong(bytes_empty()),
+    }
+}
+
+fn bytes_empty() -> axum::body::Bytes {
+    axum::body::Bytes::new()
 }
 
 /// The API's `404` problem document, for a fallback of your own: paths the aiwg router does not

@@ -226,6 +226,60 @@ pub struct AuthConfig {
     pub rate_limit: Option<RateLimit>,
     /// Serve `/metrics` without a key.
     pub public_metrics: bool,
+    /// JWT / OIDC bearer tokens beside the keys.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `auth.jwt`: `{ issuer, audience, jwks_url | public_keys, scopes_claim, leeway }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` tokens must carry, exactly.
+    pub issuer: String,
+    /// The value `aud` must contain.
+    pub audience: String,
+    /// The identity provider's JWKS document (its `jwks_uri`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Public keys in PEM (RSA, EC P-256, Ed25519), instead of or beside `jwks_url`.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// The claim holding the scopes (default `scope`).
+    #[serde(default)]
+    pub scopes_claim: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default `60s`).
+    #[serde(default, with = "crate::util::opt_duration")]
+    pub leeway: Option<Duration>,
+}
+
+impl JwtConfig {
+    /// The verifier this section describes; errors name the key at fault.
+    pub fn verifier(&self) -> Result<crate::http::JwtVerifier, ConfigError> {
+        use crate::http::{JwtConfigError, JwtVerifier};
+        let err = |e: JwtConfigError| {
+            let key = match &e {
+                JwtConfigError::Empty(k) => format!("auth.jwt.{k}"),
+                JwtConfigError::NoKeys => "auth.jwt".into(),
+                JwtConfigError::Url(_) => "auth.jwt.jwks_url".into(),
+                JwtConfigError::Pem(i) => format!("auth.jwt.public_keys[{i}]"),
+            };
+            ConfigError::new(key, e.to_string())
+        };
+        let mut b = JwtVerifier::builder(&self.issuer, &self.audience);
+        if let Some(url) = self.jwks_url.as_deref().filter(|u| !u.is_empty()) {
+            b = b.jwks_url(url).map_err(err)?;
+        }
+        for pem in &self.public_keys {
+            b = b.public_key_pem(pem).map_err(err)?;
+        }
+        if let Some(claim) = &self.scopes_claim {
+            b = b.scopes_claim(claim.clone());
+        }
+        if let Some(leeway) = self.leeway {
+            b = b.leeway(leeway);
+        }
+        b.build().map_err(err)
+    }
 }
 
 impl AuthConfig {
@@ -732,6 +786,9 @@ impl Config {
             ));
         }
         self.auth.keys()?;
+        if let Some(jwt) = &self.auth.jwt {
+            jwt.verifier()?;
+        }
         if self.engine.workers == 0 {
             return Err(ConfigError::new("engine.workers", "must be at least 1"));
         }
@@ -911,6 +968,12 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             ("workflows: { w: { steps: [] } }", "workflows.w"),
             ("projects: { root: \"${X\" }", "projects.root"),
             ("engine: { default_timeout: soon }", "engine.default_timeout"),
+            ("auth: { jwt: { issuer: i, audience: a } }", "auth.jwt"),
+            ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"ftp://x\" } }", "auth.jwt.jwks_url"),
+            ("auth: { jwt: { issuer: i, audience: a, public_keys: [nope] } }", "auth.jwt.public_keys[0]"),
+            ("auth: { jwt: { issuer: \"\", audience: a, jwks_url: \"http://127.0.0.1/k\" } }", "auth.jwt.issuer"),
+            ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"http://127.0.0.1/k\", leeway: soon } }", "auth.jwt.leeway"),
+            ("auth: { jwt: { issuer: i, audience: a, jwks_uri: \"http://127.0.0.1/k\" } }", "auth.jwt.jwks_uri"),
             (": : :", "(file)"),
         ];
         for (yaml, key) in cases {

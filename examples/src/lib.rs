@@ -189,7 +189,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
 
     let mut keys = config.auth.keys()?;
     let mut generated_key = None;
-    if keys.is_empty() {
+    // A server that takes JWTs needs no generated key.
+    if keys.is_empty() && config.auth.jwt.is_none() {
         let secret = format!("aiwg_dev_{}", hex::encode(rand::random::<[u8; 24]>()));
         keys.push(
             ApiKey::plain("dev", &secret, vec![Scope::Admin])
@@ -207,6 +208,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .dispatcher(dispatcher.clone());
     if let Some(limit) = config.auth.rate_limit {
         api = api.rate_limit(limit);
+    }
+    if let Some(jwt) = &config.auth.jwt {
+        api = api.jwt(jwt.verifier()?);
     }
     if let Some(triggers) = triggers {
         let hooks = storage

@@ -252,6 +252,10 @@ fn unknown_config_keys_are_refused_naming_the_key() {
         ("triggers: { github: { secrett: x } }\n", "triggers.github.secrett"),
         ("triggers: { gitlabb: {} }\n", "triggers.gitlabb"),
         (
+            "auth: { jwt: { issuer: i, audience: a, jwks_uri: \"http://127.0.0.1:9/k\" } }\n",
+            "auth.jwt.jwks_uri",
+        ),
+        (
             "workflows: { w: { steps: [{ name: s, command: [x] }], parameters: [{ name: p, patern: x }] } }\n",
             "workflows.w.parameters[0].patern",
         ),

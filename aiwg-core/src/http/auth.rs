@@ -139,6 +139,68 @@ impl ApiKey {
     }
 }
 
+/// Who made a request: an API key, or the subject of a verified JWT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Caller {
+    name: String,
+    scopes: Vec<Scope>,
+    jwt: bool,
+}
+
+impl Caller {
+    pub(crate) fn key(key: &ApiKey) -> Self {
+        Self {
+            name: key.name.clone(),
+            scopes: key.scopes.clone(),
+            jwt: false,
+        }
+    }
+
+    pub(crate) fn jwt(id: super::jwt::JwtIdentity) -> Self {
+        Self {
+            name: id.subject,
+            scopes: id.scopes,
+            jwt: true,
+        }
+    }
+
+    /// The key's name or the token's `sub`: the actor of the jobs it triggers.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its scopes (`admin` implies the others).
+    pub(crate) fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+
+    /// What keys its rate limit, idempotency keys and audit records: the key's name, or
+    /// `jwt:<sub>` so a token's subject never shares them with a key of the same name.
+    pub(crate) fn bucket(&self) -> String {
+        if self.jwt {
+            format!("jwt:{}", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    /// What the caller is, for messages: "the API key `ci`" or "the token of `alice`".
+    pub(crate) fn describe(&self) -> String {
+        if self.jwt {
+            format!("the token of `{}`", self.name)
+        } else {
+            format!("the API key `{}`", self.name)
+        }
+    }
+
+    /// Whether it grants `scope`.
+    pub(crate) fn allows(&self, scope: Scope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == scope || *s == Scope::Admin)
+    }
+}
+
 /// Finds the key matching a presented secret. Every configured key is compared, in constant
 /// time, whatever matches, so timing says nothing about which or how many keys exist.
 pub(crate) fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::auth::{find_key, ApiKey, Scope};
+use super::auth::{find_key, Caller, Scope};
 use super::types::{
     AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, ServerStatus,
     StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
@@ -76,43 +76,70 @@ fn too_many(wait: Duration) -> Problem {
     .retry_after(secs)
 }
 
-fn authenticate<'a>(
-    api: &'a Api,
-    req: &ApiRequest,
-    scope: Option<Scope>,
-) -> Result<&'a ApiKey, Problem> {
-    let unauthorized = |detail: &str| {
-        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail).bearer_challenge()
-    };
-    let presented = req
-        .headers
+/// The bearer token of a request's `Authorization` header.
+pub(super) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    let Some(token) = presented else {
-        return Err(unauthorized("missing bearer token"));
+        })
+}
+
+/// Authenticates a bearer token — an API key, or a JWT when `auth.jwt` is configured — and
+/// checks `scope` (`None`: any valid credentials). Every key is compared whatever the token.
+pub(super) async fn authenticate(
+    api: &Api,
+    token: Option<&str>,
+    scope: Option<Scope>,
+) -> Result<Caller, Problem> {
+    let unauthorized =
+        |detail: &str| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Err(unauthorized("missing bearer token").bearer_challenge());
     };
-    let Some(key) = find_key(&api.inner.keys, token) else {
-        return Err(unauthorized("invalid API key"));
+    let caller = if let Some(key) = find_key(&api.inner.keys, token) {
+        Caller::key(key)
+    } else {
+        match &api.inner.jwt {
+            Some(jwt) if super::jwt::looks_like_jwt(token) => match jwt.verify(token).await {
+                Ok(id) => Caller::jwt(id),
+                Err(e) if e.is_invalid_token() => {
+                    let why = e.description();
+                    return Err(unauthorized(&format!("invalid token: {why}")).invalid_token(&why));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a JWT could not be checked");
+                    return Err(Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "jwks-unavailable",
+                        "the token's signing keys could not be fetched; try again later",
+                    )
+                    .retry_after(5));
+                }
+            },
+            _ => {
+                return Err(unauthorized("invalid API key")
+                    .invalid_token("the token is not a valid API key"))
+            }
+        }
     };
     let Some(scope) = scope else {
-        return Ok(key);
+        return Ok(caller);
     };
-    if !key.allows(scope) {
+    if !caller.allows(scope) {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
-                "the API key `{}` lacks the `{}` scope",
-                key.name(),
+                "{} lacks the `{}` scope",
+                caller.describe(),
                 scope_name(scope)
             ),
         ));
     }
-    Ok(key)
+    Ok(caller)
 }
 
 fn scope_name(s: Scope) -> &'static str {
@@ -135,11 +162,11 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
         if !spec.allows(&req.method) {
             return Err(method_not_allowed(spec, &req));
         }
-        let actor: Option<&ApiKey> = match required_scope(api, spec) {
+        let actor: Option<Caller> = match required_scope(api, spec) {
             Some(scope) => {
                 // Failed authentication counts against the client's address, so guessing keys
                 // is rate limited too.
-                let key = match authenticate(api, &req, scope) {
+                let key = match authenticate(api, bearer(&req.headers), scope).await {
                     Ok(k) => k,
                     Err(p) => {
                         if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
@@ -154,7 +181,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                     }
                 };
                 if let Some(l) = &api.inner.limiter {
-                    l.check_key(key.name()).map_err(too_many)?;
+                    l.check_key(&key.bucket()).map_err(too_many)?;
                 }
                 Some(key)
             }
@@ -171,7 +198,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                 None
             }
         };
-        let res = dispatch(api, &req, actor).await;
+        let res = dispatch(api, &req, actor.as_ref()).await;
         if spec.access == Access::Signature {
             let failed = match &res {
                 Ok(r) => r.status == StatusCode::UNAUTHORIZED,
@@ -192,15 +219,14 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     res
 }
 
-async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&ApiKey>) -> Answer {
-    let actor = key.map(|k| k.name().to_owned());
+async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&Caller>) -> Answer {
     match req.route {
-        Route::Trigger => trigger(api, req, actor).await,
+        Route::Trigger => trigger(api, req, key).await,
         Route::Available => Ok(available(api)),
         Route::Status => status(api, req).await,
         Route::Cancel => cancel(api, req).await,
-        Route::Approve => decide(api, req, true, actor).await,
-        Route::Reject => decide(api, req, false, actor).await,
+        Route::Approve => decide(api, req, true, key.map(|k| k.name().to_owned())).await,
+        Route::Reject => decide(api, req, false, key.map(|k| k.name().to_owned())).await,
         Route::Events => events(api, req).await,
         Route::Jobs => jobs(api, req).await,
         Route::Webhooks
@@ -236,6 +262,12 @@ async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&ApiKey>) -> Answer {
         Route::Dashboard => Ok(super::ui::page()),
         Route::DashboardAsset => super::ui::asset(param(req, 0)),
         Route::DashboardRedirect => Ok(super::ui::redirect()),
+        Route::JobWebSocket | Route::AllWebSocket => {
+            super::ws::target_check(req)?;
+            Ok(super::ws::upgrade_required()
+                .into_response()
+                .header(http::header::UPGRADE, HeaderValue::from_static("websocket")))
+        }
     }
 }
 
@@ -243,7 +275,7 @@ fn param(req: &ApiRequest, i: usize) -> &str {
     req.params.get(i).map_or("", String::as_str)
 }
 
-fn job_id(req: &ApiRequest) -> Result<JobId, Problem> {
+pub(super) fn job_id(req: &ApiRequest) -> Result<JobId, Problem> {
     param(req, 0).parse().map_err(|_| {
         Problem::new(
             StatusCode::BAD_REQUEST,
@@ -310,12 +342,12 @@ fn engine_problem(e: EngineError) -> Problem {
 }
 
 /// `POST /workflows/trigger`, with its decision recorded in the audit trail.
-async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
+async fn trigger(api: &Api, req: &ApiRequest, caller: Option<&Caller>) -> Answer {
     let mut record = AuditRecord::new("api", Decision::Refused);
-    if let Some(name) = &actor {
-        record = record.key_name(name.clone()).actor(name.clone());
+    if let Some(c) = caller {
+        record = record.key_name(c.bucket()).actor(c.name().to_owned());
     }
-    let answer = submit_trigger(api, req, actor, &mut record).await;
+    let answer = submit_trigger(api, req, caller, &mut record).await;
     if let Err(p) = &answer {
         record = record.reason(p.detail().to_owned());
     }
@@ -326,7 +358,7 @@ async fn trigger(api: &Api, req: &ApiRequest, actor: Option<String>) -> Answer {
 async fn submit_trigger(
     api: &Api,
     req: &ApiRequest,
-    actor: Option<String>,
+    caller: Option<&Caller>,
     record: &mut AuditRecord,
 ) -> Answer {
     let mut body: TriggerBody = json_body(req)?;
@@ -367,10 +399,11 @@ async fn submit_trigger(
     }
     let is_async = body.is_async;
     let mut request = body.into_job_request()?;
-    // Namespaced per API key: one client's key never finds (or collides with) another's job.
-    request.idempotency_key =
-        idempotency_key.map(|k| format!("api:{}:{k}", actor.as_deref().unwrap_or("")));
-    request.trigger.actor = actor;
+    // Namespaced per API key (or token subject): one client never finds (or collides with)
+    // another's job.
+    let bucket = caller.map(Caller::bucket).unwrap_or_default();
+    request.idempotency_key = idempotency_key.map(|k| format!("api:{bucket}:{k}"));
+    request.trigger.actor = caller.map(|c| c.name().to_owned());
     let engine = api.engine();
     let submission = engine
         .submission(request)
@@ -496,19 +529,32 @@ fn last_event_id<T>(
     Ok(from_header.or(from_query))
 }
 
+/// Where a job's stream resumes: after `Last-Event-ID` / `?last_event_id=` (0: from the start).
+pub(super) fn job_position(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+) -> Result<u64, Problem> {
+    // Sequence numbers are stored as PostgreSQL `bigint`s: at most `i64::MAX`.
+    let seq = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| i64::try_from(*n).is_ok())
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-last-event-id",
+                    "Last-Event-ID must be a sequence number",
+                )
+            })
+    };
+    Ok(last_event_id(req, query, seq)?.unwrap_or(0))
+}
+
 async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
-    let seq = |s: &str| {
-        s.trim().parse::<u64>().map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-last-event-id",
-                "Last-Event-ID must be a sequence number",
-            )
-        })
-    };
-    let after = last_event_id(req, &query, seq)?.unwrap_or(0);
+    let after = job_position(req, &query)?;
     let stream = api
         .engine()
         .subscribe(id, after)
@@ -521,13 +567,15 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
     })
 }
 
-/// `GET /events`: the engine's feed from the client's cursor (or from now), optionally only
-/// some kinds of event.
-fn all_events(api: &Api, req: &ApiRequest) -> Answer {
-    let query = parse_query(req.query.as_deref());
+/// The feed's resume point (`Last-Event-ID` / `?last_event_id=`) and `?kinds=` filter; any
+/// other query parameter is refused.
+pub(super) fn feed_position(
+    req: &ApiRequest,
+    query: &BTreeMap<String, String>,
+) -> Result<(Option<crate::engine::FeedCursor>, Option<Vec<&'static str>>), Problem> {
     let bad = |what: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", what);
     let mut kinds: Option<Vec<&'static str>> = None;
-    for (k, v) in &query {
+    for (k, v) in query {
         match k.as_str() {
             "last_event_id" => {}
             "kinds" => {
@@ -552,7 +600,7 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
             other => return Err(bad(format!("unknown query parameter `{other}`"))),
         }
     }
-    let after = last_event_id(req, &query, |s| {
+    let after = last_event_id(req, query, |s| {
         s.parse::<crate::engine::FeedCursor>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -561,6 +609,12 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
             )
         })
     })?;
+    Ok((after, kinds))
+}
+
+fn all_events(api: &Api, req: &ApiRequest) -> Answer {
+    let query = parse_query(req.query.as_deref());
+    let (after, kinds) = feed_position(req, &query)?;
     let engine = api.engine();
     // Without a cursor the stream starts now, and its opening names that position, so a
     // client that reconnects before any event arrived still misses nothing.
@@ -586,7 +640,7 @@ fn all_events(api: &Api, req: &ApiRequest) -> Answer {
 
 /// `GET /whoami`: the key's name and scopes, so a client (the dashboard) offers only what the
 /// key may do.
-fn whoami(key: Option<&ApiKey>) -> Answer {
+fn whoami(key: Option<&Caller>) -> Answer {
     let Some(key) = key else {
         return Err(Problem::new(
             StatusCode::UNAUTHORIZED,

@@ -58,6 +58,7 @@ use crate::engine::Engine;
 mod auth;
 mod cors;
 mod handlers;
+mod jwt;
 pub mod openapi;
 mod problem;
 mod routes;
@@ -65,11 +66,14 @@ mod sse;
 mod trigger;
 pub mod types;
 mod ui;
+pub mod ws;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
+pub use jwt::{JwtConfigError, JwtError, JwtIdentity, JwtVerifier, JwtVerifierBuilder};
 pub use problem::Problem;
 pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
 pub use trigger::trigger_body;
+pub use ws::{is_websocket_upgrade, WsClose, WsMessage, WsSession};
 
 /// One HTTP request, as an adapter hands it over.
 #[derive(Debug, Clone)]
@@ -252,11 +256,13 @@ pub trait HookHandler: Send + Sync + 'static {
 struct Inner {
     engine: Engine,
     keys: Vec<ApiKey>,
+    jwt: Option<JwtVerifier>,
     limiter: Option<auth::Limiter>,
     dispatcher: Option<Dispatcher>,
     hooks: Option<Arc<dyn HookHandler>>,
     body_limit: usize,
     keep_alive: Duration,
+    ws_auth_timeout: Duration,
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
@@ -286,11 +292,13 @@ impl fmt::Debug for Api {
 pub struct ApiBuilder {
     engine: Engine,
     keys: Vec<ApiKey>,
+    jwt: Option<JwtVerifier>,
     rate_limit: Option<RateLimit>,
     dispatcher: Option<Dispatcher>,
     hooks: Option<Arc<dyn HookHandler>>,
     body_limit: usize,
     keep_alive: Duration,
+    ws_auth_timeout: Duration,
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
@@ -325,6 +333,15 @@ impl ApiBuilder {
         self
     }
 
+    /// Accept JWTs verified by `verifier` as bearer tokens beside the API keys (`auth.jwt`).
+    /// A bearer value that matches a key is that key; one shaped like a JWT is verified as a
+    /// token, and refused with `WWW-Authenticate: Bearer error="invalid_token",
+    /// error_description="…"` when it fails.
+    pub fn jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
+        self
+    }
+
     /// Rate limit per key and per client address (default: none).
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
@@ -349,9 +366,17 @@ impl ApiBuilder {
         self
     }
 
-    /// Interval of SSE keep-alive comments (default 15 s).
+    /// Interval of SSE keep-alive comments and WebSocket pings (default 15 s).
     pub fn keep_alive(mut self, every: Duration) -> Self {
         self.keep_alive = every;
+        self
+    }
+
+    /// How long a WebSocket client without an `Authorization` header has to send its
+    /// `{"type": "auth", "token": "..."}` message (default 10 s); past it the socket is
+    /// closed with 4401.
+    pub fn ws_auth_timeout(mut self, timeout: Duration) -> Self {
+        self.ws_auth_timeout = timeout;
         self
     }
 
@@ -400,6 +425,12 @@ impl ApiBuilder {
                 reason: "must be greater than zero".into(),
             });
         }
+        if self.ws_auth_timeout.is_zero() {
+            return Err(ApiError::Setting {
+                key: "ws_auth_timeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
         if self.keep_alive.is_zero() {
             return Err(ApiError::Setting {
                 key: "keep_alive",
@@ -419,11 +450,13 @@ impl ApiBuilder {
             inner: Arc::new(Inner {
                 engine: self.engine,
                 keys: self.keys,
+                jwt: self.jwt,
                 limiter,
                 dispatcher: self.dispatcher,
                 hooks: self.hooks,
                 body_limit: self.body_limit,
                 keep_alive: self.keep_alive,
+                ws_auth_timeout: self.ws_auth_timeout,
                 metrics_public: self.metrics_public,
                 metrics,
                 cors_origins: self.cors_origins,
@@ -441,11 +474,13 @@ impl Api {
         ApiBuilder {
             engine,
             keys: Vec::new(),
+            jwt: None,
             rate_limit: None,
             dispatcher: None,
             hooks: None,
             body_limit: 1024 * 1024,
             keep_alive: Duration::from_secs(15),
+            ws_auth_timeout: ws::AUTH_TIMEOUT,
             metrics_public: false,
             metrics: None,
             cors_origins: Vec::new(),

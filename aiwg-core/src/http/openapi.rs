@@ -33,10 +33,16 @@ struct Bearer;
 impl Modify for Bearer {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        let mut http = Http::new(HttpAuthScheme::Bearer);
+        http.description = Some(
+            "An API key, or (with `auth.jwt`) a JWT signed with RS256, ES256 or EdDSA by the \
+             configured issuer's keys; its `scope` claim (or the configured claim) names the \
+             scopes. A refused credential is answered 401 with `WWW-Authenticate: Bearer \
+             realm=\"aiwg\", error=\"invalid_token\", error_description=\"...\"`; a JWT whose \
+             signing keys could not be fetched, 503."
+                .into(),
         );
+        components.add_security_scheme("bearer", SecurityScheme::Http(http));
     }
 }
 
@@ -647,6 +653,53 @@ fn details(route: Route, method: &http::Method) -> Value {
                             },
                         }}}},
                     "400": problem("A malformed Last-Event-ID, an unknown kind or query parameter"),
+                },
+            })
+        }
+        (Route::JobWebSocket | Route::AllWebSocket, _) => {
+            let job = route == Route::JobWebSocket;
+            let kinds = crate::event::JobEventKind::NAMES
+                .join("|")
+                .replace('.', "\\.");
+            let mut parameters = vec![if job {
+                query(
+                    "last_event_id",
+                    "Resume after this sequence number",
+                    json!({"type": "integer", "minimum": 0, "maximum": i64::MAX}),
+                )
+            } else {
+                query(
+                    "last_event_id",
+                    "Resume after this cursor",
+                    json!({"type": "string", "pattern": FEED_CURSOR}),
+                )
+            }];
+            if !job {
+                parameters.push(query(
+                    "kinds",
+                    "Only these kinds of event, comma separated (`reset` events always come)",
+                    json!({"type": "string", "pattern": format!("^({kinds})(,({kinds}))*$")}),
+                ));
+            }
+            json!({
+                "operationId": if job { "jobEventsWebSocket" } else { "allEventsWebSocket" },
+                "summary": if job { "A job's events over a WebSocket" } else { "Every job's events over a WebSocket" },
+                "description": concat!(
+                    "The events of the matching SSE stream (`GET /workflows/{job_id}/events`, `GET /events`) over a WebSocket. ",
+                    "Authenticate with `Authorization: Bearer` on the upgrade request, or (browsers) with a first text message ",
+                    "`{\"type\": \"auth\", \"token\": \"<key or JWT>\"}` within 10 s; the `read` scope is needed. ",
+                    "The server then sends `{\"event\": \"ready\", \"data\": {\"name\", \"scopes\"}}` (on `/ws` without `last_event_id` with `\"id\"`: the cursor it starts from), ",
+                    "then one text message per event, `{\"id\": \"<sequence number or cursor>\", \"event\": \"<kind>\", \"data\": {...}}` with the SSE frame's id, event and data. ",
+                    "Pings every keep-alive interval; three unanswered close the socket. Close codes: 1000 after a job's terminal event (or the client closed), ",
+                    "1003 a binary message, 1008 an unexpected message, 1011 a server failure, 1013 a JWT's keys unavailable, 4401 no or refused credentials, ",
+                    "4403 no `read` scope, 4404 no such job, 4408 pings unanswered, 4429 rate limited. Without an upgrade the request is answered 426."),
+                "tags": ["jobs"],
+                "parameters": parameters,
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol"},
+                    "400": problem(if job { "Not a job id, or a malformed last_event_id" } else { "A malformed last_event_id, an unknown kind or query parameter" }),
+                    "426": with_header(problem("Not a WebSocket upgrade request"), "Upgrade", "The protocol to upgrade to",
+                        json!({"type": "string", "const": "websocket"})),
                 },
             })
         }

@@ -24,7 +24,7 @@ pub struct Problem {
     #[schema(ignore)]
     retry_after: Option<u64>,
     #[schema(ignore)]
-    www_authenticate: bool,
+    www_authenticate: Option<Box<str>>,
 }
 
 impl Serialize for Problem {
@@ -53,7 +53,7 @@ impl Problem {
             detail: detail.into(),
             job: None,
             retry_after: None,
-            www_authenticate: false,
+            www_authenticate: None,
         }
     }
 
@@ -82,11 +82,40 @@ impl Problem {
         self
     }
 
-    /// Adds `WWW-Authenticate: Bearer`.
+    /// Adds `WWW-Authenticate: Bearer realm="aiwg"` (no credentials were presented).
     #[must_use]
     pub fn bearer_challenge(mut self) -> Self {
-        self.www_authenticate = true;
+        self.www_authenticate = Some("Bearer realm=\"aiwg\"".into());
         self
+    }
+
+    /// Adds `WWW-Authenticate: Bearer realm="aiwg", error="invalid_token",
+    /// error_description="<description>"` (RFC 6750 §3.1): the credentials presented were
+    /// refused, and why. Characters RFC 6750 does not allow in the description (quotes,
+    /// backslashes, anything outside printable ASCII) become `'` or `?`.
+    #[must_use]
+    pub fn invalid_token(mut self, description: &str) -> Self {
+        let clean: String = description
+            .chars()
+            .map(|c| match c {
+                '"' | '\\' => '\'',
+                ' '..='~' => c,
+                _ => '?',
+            })
+            .collect();
+        self.www_authenticate = Some(
+            format!(
+                "Bearer realm=\"aiwg\", error=\"invalid_token\", error_description=\"{clean}\""
+            )
+            .into(),
+        );
+        self
+    }
+
+    /// The `WWW-Authenticate` value this problem carries, if any.
+    #[must_use]
+    pub fn challenge(&self) -> Option<&str> {
+        self.www_authenticate.as_deref()
     }
 
     /// Names the job and its status.
@@ -106,11 +135,13 @@ impl Problem {
             res.headers
                 .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if self.www_authenticate {
-            res.headers.insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"aiwg\""),
-            );
+        if let Some(challenge) = self
+            .www_authenticate
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            res.headers
+                .insert(http::header::WWW_AUTHENTICATE, challenge);
         }
         res
     }
@@ -194,5 +225,12 @@ mod tests {
             .into_response();
         assert_eq!(res.headers[http::header::RETRY_AFTER], "1");
         assert!(std::mem::size_of::<Problem>() <= 128);
+        let res = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "x")
+            .invalid_token("bad \"quote\" \\ é")
+            .into_response();
+        assert_eq!(
+            res.headers[http::header::WWW_AUTHENTICATE],
+            "Bearer realm=\"aiwg\", error=\"invalid_token\", error_description=\"bad 'quote' ' ?\""
+        );
     }
 }

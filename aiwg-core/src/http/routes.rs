@@ -63,6 +63,10 @@ pub enum Route {
     Approve,
     /// `POST /workflows/{job_id}/reject`: end a job waiting for an approval
     Reject,
+    /// `GET /workflows/{job_id}/ws`: a job's events over a WebSocket ([`ws`](super::ws))
+    JobWebSocket,
+    /// `GET /ws`: every job's events over a WebSocket
+    AllWebSocket,
 }
 
 /// Who may call a route.
@@ -160,6 +164,14 @@ impl RouteSpec {
 }
 
 impl Route {
+    /// Whether the route speaks WebSocket: adapters hand its upgrade requests to
+    /// [`Api::websocket`](super::Api::websocket) (other requests to [`Api::handle`](super::Api::handle),
+    /// which answers `426 Upgrade Required` once the key is checked).
+    #[must_use]
+    pub const fn is_websocket(self) -> bool {
+        matches!(self, Route::JobWebSocket | Route::AllWebSocket)
+    }
+
     /// This route's row of [`ROUTES`].
     #[must_use]
     pub const fn spec(self) -> &'static RouteSpec {
@@ -266,6 +278,13 @@ pub const ROUTES: &[RouteSpec] = &[
         POST,
         Access::Key(Scope::Approve),
     ),
+    RouteSpec::new(
+        "/workflows/{job_id}/ws",
+        Route::JobWebSocket,
+        GET,
+        Access::Key(Scope::Read),
+    ),
+    RouteSpec::new("/ws", Route::AllWebSocket, GET, Access::Key(Scope::Read)),
 ];
 
 // `Route::spec` indexes the table by variant.
@@ -321,6 +340,11 @@ mod tests {
             Route::DashboardRedirect
         );
         assert!(match_route("/ui/a/b").is_none());
+        let (spec, params) = match_route("/workflows/j/ws").unwrap();
+        assert_eq!((spec.route, params), (Route::JobWebSocket, vec!["j"]));
+        assert!(spec.route.is_websocket() && Route::AllWebSocket.is_websocket());
+        assert_eq!(match_route("/ws").unwrap().0.route, Route::AllWebSocket);
+        assert!(!Route::Events.is_websocket());
         assert_eq!(match_route("/events").unwrap().0.route, Route::AllEvents);
         assert_eq!(
             Route::Webhook.spec().allow_header(),

@@ -34,7 +34,9 @@ use serde_json::{json, Value};
 use super::ScriptedExecutor;
 use crate::dispatch::Dispatcher;
 use crate::engine::FeedCursor;
-use crate::http::{Access, Api, ApiBody, ApiKey, ApiRequest, RateLimit, Route, Scope, ROUTES};
+use crate::http::{
+    Access, Api, ApiBody, ApiKey, ApiRequest, RateLimit, Route, Scope, WsClose, WsMessage, ROUTES,
+};
 use crate::{AgentEvent, Engine, ProjectPolicy, Step, Workflow};
 
 /// A body as it arrives: chunks, in order, as they are flushed.
@@ -134,6 +136,112 @@ pub trait Transport: Send + Sync {
         &self,
         request: TransportRequest,
     ) -> Pin<Box<dyn Future<Output = TransportResponse> + Send + '_>>;
+
+    /// Opens a WebSocket with `request`'s path and headers (a `GET` upgrade): the connection,
+    /// or the HTTP answer that refused the upgrade.
+    fn websocket(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WsClient, TransportResponse>> + Send + '_>>;
+}
+
+/// A WebSocket connection of the suite, its messages as [`WsMessage`]s whatever the
+/// transport (a real client, tokio-tungstenite, over HTTP; the [`WsSession`](crate::http::WsSession)
+/// itself in process).
+#[derive(Debug)]
+pub struct WsClient {
+    tx: tokio::sync::mpsc::UnboundedSender<WsMessage>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<WsMessage>,
+}
+
+impl WsClient {
+    /// Sends a message to the server.
+    pub fn send(&self, message: WsMessage) {
+        let _ = self.tx.send(message);
+    }
+
+    /// Sends `{"type": "auth", "token": token}`.
+    pub fn auth(&self, token: &str) {
+        self.send(WsMessage::Text(
+            json!({"type": "auth", "token": token}).to_string(),
+        ));
+    }
+
+    /// The next message from the server (pings and pongs included), `None` once the
+    /// connection is gone (or after 20 s of silence).
+    pub async fn next(&mut self) -> Option<WsMessage> {
+        tokio::time::timeout(WAIT, self.rx.recv()).await.ok()?
+    }
+
+    /// The next text message as JSON, skipping pings and pongs; `Err` with the close frame
+    /// (`None` without one) when the connection closes instead.
+    pub async fn next_json(&mut self) -> Result<Value, Option<WsClose>> {
+        loop {
+            match self.next().await {
+                Some(WsMessage::Text(t)) => {
+                    return Ok(
+                        serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"))
+                    )
+                }
+                Some(WsMessage::Close(c)) => return Err(c),
+                None => return Err(None),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Reads until the server closes, returning every text message as JSON and the close
+    /// frame (panics if the connection ends without one).
+    pub async fn until_close(&mut self) -> (Vec<Value>, WsClose) {
+        let mut out = Vec::new();
+        loop {
+            match self.next_json().await {
+                Ok(v) => out.push(v),
+                Err(Some(c)) => return (out, c),
+                Err(None) => panic!("the connection ended without a close frame after {out:?}"),
+            }
+        }
+    }
+}
+
+/// A pair of channels standing for a socket: what the client sends, what it receives.
+fn ws_channels() -> (
+    WsClient,
+    tokio::sync::mpsc::UnboundedReceiver<WsMessage>,
+    tokio::sync::mpsc::UnboundedSender<WsMessage>,
+) {
+    let (tx, from_client) = tokio::sync::mpsc::unbounded_channel();
+    let (to_client, rx) = tokio::sync::mpsc::unbounded_channel();
+    (WsClient { tx, rx }, from_client, to_client)
+}
+
+fn tungstenite_in(m: tokio_tungstenite::tungstenite::Message) -> Option<WsMessage> {
+    use tokio_tungstenite::tungstenite::Message as M;
+    Some(match m {
+        M::Text(t) => WsMessage::Text(t.as_str().to_owned()),
+        M::Binary(b) => WsMessage::Binary(b),
+        M::Ping(p) => WsMessage::Ping(p),
+        M::Pong(p) => WsMessage::Pong(p),
+        M::Close(c) => {
+            WsMessage::Close(c.map(|c| WsClose::new(u16::from(c.code), c.reason.as_str())))
+        }
+        M::Frame(_) => return None,
+    })
+}
+
+fn tungstenite_out(m: WsMessage) -> tokio_tungstenite::tungstenite::Message {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message as M;
+    match m {
+        WsMessage::Text(t) => M::text(t),
+        WsMessage::Binary(b) => M::Binary(b),
+        WsMessage::Ping(p) => M::Ping(p),
+        WsMessage::Pong(p) => M::Pong(p),
+        WsMessage::Close(c) => M::Close(c.map(|c| CloseFrame {
+            code: c.code.into(),
+            reason: c.reason.into(),
+        })),
+    }
 }
 
 /// Real HTTP to a server at a base URL (`http://127.0.0.1:<port><prefix>`).
@@ -199,6 +307,63 @@ impl Transport for HttpTransport {
             TransportResponse::new(status, headers, Box::pin(body))
         })
     }
+
+    fn websocket(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WsClient, TransportResponse>> + Send + '_>> {
+        Box::pin(async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let url = format!("ws{}{}", self.base.trim_start_matches("http"), request.path);
+            let mut req = url
+                .as_str()
+                .into_client_request()
+                .expect("a WebSocket request");
+            for (k, v) in &request.headers {
+                req.headers_mut().append(k.clone(), v.clone());
+            }
+            let stream = match tokio_tungstenite::connect_async(req).await {
+                Ok((stream, _)) => stream,
+                Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+                    let body = Bytes::from(res.body().clone().unwrap_or_default());
+                    return Err(TransportResponse::new(
+                        res.status().as_u16(),
+                        header_map(res.headers()),
+                        Box::pin(futures_util::stream::once(async { body })),
+                    ));
+                }
+                Err(e) => panic!("WebSocket connection to {url}: {e}"),
+            };
+            let (client, mut from_client, to_client) = ws_channels();
+            let (mut sink, mut source) = stream.split();
+            tokio::spawn(async move {
+                use futures_util::SinkExt;
+                loop {
+                    tokio::select! {
+                        m = source.next() => match m.and_then(Result::ok) {
+                            Some(m) => {
+                                if let Some(m) = tungstenite_in(m) {
+                                    if to_client.send(m).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            None => break,
+                        },
+                        m = from_client.recv() => match m {
+                            Some(m) => {
+                                if sink.send(tungstenite_out(m)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+            });
+            Ok(client)
+        })
+    }
 }
 
 /// The [`Api`] itself, mounted under a prefix: requests are routed with
@@ -223,19 +388,29 @@ impl ApiTransport {
     }
 
     async fn answer(&self, request: TransportRequest) -> crate::http::ApiResponse {
+        match self.api_request(request) {
+            Ok(request) => self.api.handle(request).await,
+            Err(res) => *res,
+        }
+    }
+
+    fn api_request(
+        &self,
+        request: TransportRequest,
+    ) -> Result<ApiRequest, Box<crate::http::ApiResponse>> {
         let (path, query) = match request.path.split_once('?') {
             Some((p, q)) => (p, Some(q.to_owned())),
             None => (request.path.as_str(), None),
         };
         let Some((spec, raw)) = crate::http::match_route(path) else {
-            return self.api.not_found();
+            return Err(Box::new(self.api.not_found()));
         };
         // A router registers only the routes the API serves ([`Api::routes`]).
         if !self.api.serves(spec.route) {
-            return self.api.not_found();
+            return Err(Box::new(self.api.not_found()));
         }
         if request.body.len() > self.api.body_limit() {
-            return self.api.payload_too_large();
+            return Err(Box::new(self.api.payload_too_large()));
         }
         let params = raw.into_iter().map(percent_decode).collect();
         let request = ApiRequest::new(spec.route, request.method)
@@ -245,7 +420,7 @@ impl ApiTransport {
             .with_body(request.body)
             .with_peer(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
             .with_base_path(self.prefix.clone());
-        self.api.handle(request).await
+        Ok(request)
     }
 }
 
@@ -282,6 +457,42 @@ impl Transport for ApiTransport {
                 ApiBody::Stream(stream) => stream,
             };
             TransportResponse::new(res.status.as_u16(), header_map(&res.headers), body)
+        })
+    }
+
+    fn websocket(
+        &self,
+        request: TransportRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WsClient, TransportResponse>> + Send + '_>> {
+        Box::pin(async move {
+            let refused = |res: crate::http::ApiResponse| {
+                let body: BodyStream = match res.body {
+                    ApiBody::Full(bytes) => Box::pin(futures_util::stream::once(async { bytes })),
+                    ApiBody::Stream(stream) => stream,
+                };
+                TransportResponse::new(res.status.as_u16(), header_map(&res.headers), body)
+            };
+            let request = self.api_request(request).map_err(|r| refused(*r))?;
+            let session = self.api.websocket(request).await.map_err(refused)?;
+            let (client, from_client, to_client) = ws_channels();
+            // Like a real client, answer the server's pings.
+            let pong = client.tx.clone();
+            let incoming = futures_util::stream::unfold(from_client, |mut rx| async move {
+                rx.recv().await.map(|m| (m, rx))
+            });
+            tokio::spawn(async move {
+                let out = session.run(incoming);
+                futures_util::pin_mut!(out);
+                while let Some(m) = out.next().await {
+                    if let WsMessage::Ping(p) = &m {
+                        let _ = pong.send(WsMessage::Pong(p.clone()));
+                    }
+                    if to_client.send(m).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(client)
         })
     }
 }
@@ -780,6 +991,9 @@ pub async fn conformance_suite(server: &dyn Serve) {
     all_events(server).await;
     all_events_resets(server).await;
     dashboard(server).await;
+    jwt_bearer_tokens(server).await;
+    websockets(server).await;
+    websocket_refusals(server).await;
 }
 
 /// A concrete path for a route pattern: every parameter replaced by `id`.
@@ -2322,6 +2536,519 @@ async fn dashboard(server: &dyn Serve) {
         assert_eq!(c.send("GET", path, None, None).await.status, 404, "{path}");
     }
     assert_eq!(c.send("GET", "/health", None, None).await.status, 200);
+}
+
+/// Asserts a 401 whose `WWW-Authenticate` is `Bearer … error="invalid_token"` with an
+/// `error_description` containing `why`.
+fn assert_invalid_token(r: &Reply, why: &str) {
+    r.assert_problem(401);
+    let h = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        h.starts_with("Bearer ") && h.contains("error=\"invalid_token\""),
+        "{why}: {h}"
+    );
+    let desc = h
+        .split_once("error_description=\"")
+        .map(|(_, d)| d.trim_end_matches('"'))
+        .unwrap_or_default();
+    assert!(desc.contains(why), "expected `{why}` in: {desc}");
+}
+
+async fn jwt_bearer_tokens(server: &dyn Serve) {
+    use super::jwt::{now, JwksServer, KeyKind, TestIssuer, AUDIENCE, ISSUER};
+    let issuer = TestIssuer::generate();
+    let jwks = JwksServer::start(json!({"keys": [
+        issuer.jwk(KeyKind::Rsa, "rsa-1"),
+        issuer.jwk(KeyKind::Ec, "ec-1"),
+    ]}))
+    .await;
+    let verifier = crate::http::JwtVerifier::builder(ISSUER, AUDIENCE)
+        .jwks_url(jwks.url())
+        .unwrap()
+        .refresh_cooldown(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .jwt(verifier)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = s.client();
+
+    // RS256 from the JWKS: the subject and the scopes of the `scope` claim.
+    let alice = issuer.sign(
+        KeyKind::Rsa,
+        Some("rsa-1"),
+        &issuer.claims("alice", "openid read trigger"),
+    );
+    let r = c.send("GET", "/whoami", Some(&alice), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json(),
+        json!({"name": "alice", "scopes": ["read", "trigger"]})
+    );
+    assert_eq!(jwks.hits(), 1, "the JWKS is fetched once, then cached");
+    let r = c
+        .send("POST", "/workflows/trigger", Some(&alice), trigger("echo"))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    let done = fx
+        .engine
+        .wait(id.parse().unwrap(), WAIT)
+        .await
+        .expect("job ends");
+    assert_eq!(done.trigger.actor.as_deref(), Some("alice"));
+    // `cancel` is not among alice's scopes.
+    let r = c
+        .send(
+            "POST",
+            &format!("/workflows/{id}/cancel"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    let p = r.assert_problem(403);
+    assert!(p["detail"].as_str().unwrap().contains("alice"), "{p}");
+
+    // ES256 from the same JWKS, scopes as an array; unknown names are ignored.
+    let mut claims = issuer.claims("bob", "");
+    claims["scope"] = json!(["read", "approve-everything"]);
+    let bob = issuer.sign(KeyKind::Ec, Some("ec-1"), &claims);
+    let r = c.send("GET", "/jobs", Some(&bob), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = c.send("GET", "/whoami", Some(&bob), None).await;
+    assert_eq!(r.json()["scopes"], json!(["read"]));
+    // A token without a known scope authenticates, and may do nothing.
+    let nobody = issuer.sign(
+        KeyKind::Rsa,
+        Some("rsa-1"),
+        &issuer.claims("carol", "openid"),
+    );
+    let r = c.send("GET", "/jobs", Some(&nobody), None).await;
+    r.assert_problem(403);
+
+    // API keys keep working beside tokens.
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200);
+
+    // Every refusal: 401 with a precise `invalid_token` description.
+    let good = issuer.claims("mallory", "admin");
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (TestIssuer::unsigned(&good), "alg `none`"),
+        (
+            issuer.confused(KeyKind::Rsa, Some("rsa-1"), &good),
+            "shared-secret algorithm",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("exp", json!(now() - 3600)),
+            ),
+            "expired",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("nbf", json!(now() + 3600)),
+            ),
+            "not valid yet",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Ec,
+                Some("ec-1"),
+                &with("aud", json!("someone-else")),
+            ),
+            "audience",
+        ),
+        (
+            issuer.sign(
+                KeyKind::Rsa,
+                Some("rsa-1"),
+                &with("iss", json!("https://evil.test/")),
+            ),
+            "issuer",
+        ),
+        (
+            {
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("sub");
+                issuer.sign(KeyKind::Rsa, Some("rsa-1"), &c)
+            },
+            "`sub`",
+        ),
+        (
+            {
+                // alice's signature over mallory's claims.
+                let forged = issuer.sign(KeyKind::Rsa, Some("rsa-1"), &good);
+                let mut parts: Vec<&str> = forged.split('.').collect();
+                let sig = alice.rsplit('.').next().unwrap();
+                parts[2] = sig;
+                parts.join(".")
+            },
+            "signature is invalid",
+        ),
+    ];
+    for (token, why) in &cases {
+        let r = c.send("GET", "/jobs", Some(token), None).await;
+        assert_invalid_token(&r, why);
+        assert!(
+            !r.text.contains(token.as_str()),
+            "a problem echoed the token"
+        );
+    }
+    assert_eq!(jwks.hits(), 1, "refusals fetched nothing");
+
+    // A key the JWKS did not hold yet: an unknown `kid` fetches it again, once.
+    jwks.set(json!({"keys": [
+        issuer.jwk(KeyKind::Rsa, "rsa-1"),
+        issuer.jwk(KeyKind::Ec, "ec-1"),
+        issuer.jwk(KeyKind::Ed, "ed-1"),
+    ]}));
+    let dave = issuer.sign(KeyKind::Ed, Some("ed-1"), &issuer.claims("dave", "read"));
+    let r = c.send("GET", "/jobs", Some(&dave), None).await;
+    assert_eq!(r.status, 200, "EdDSA after a refresh: {}", r.text);
+    assert_eq!(jwks.hits(), 2);
+    // Within the cooldown, further unknown key ids fetch nothing; nor does a key id used
+    // with another key's algorithm (the EC key's signature under the RSA key's id).
+    let mut unknown: Vec<String> = ["ghost-1", "ghost-2", "ghost-3"]
+        .iter()
+        .map(|kid| issuer.sign(KeyKind::Ed, Some(kid), &issuer.claims("eve", "read")))
+        .collect();
+    unknown.push(issuer.sign(KeyKind::Ec, Some("rsa-1"), &good));
+    for t in &unknown {
+        let r = c.send("GET", "/jobs", Some(t), None).await;
+        assert_invalid_token(&r, "no signing key matches");
+    }
+    assert_eq!(jwks.hits(), 2, "unknown key ids are rate limited");
+    // A token works on a WebSocket too, sent as the first message.
+    let mut ws = ws_open(&c, "/ws", None).await;
+    ws.auth(&dave);
+    let ready = ws.next_json().await.expect("ready");
+    assert_eq!(ready["data"], json!({"name": "dave", "scopes": ["read"]}));
+    let mut ws = ws_open(&c, "/ws", None).await;
+    ws.auth(&cases[2].0);
+    let close = ws.until_close().await.1;
+    assert_eq!(close.code, 4401);
+    assert!(close.reason.contains("expired"), "{close:?}");
+    // Audit records name the token's subject.
+    let r = c.send("GET", "/audit", Some(ADMIN_KEY), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let entries = r.json();
+    let mine = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["actor"] == "alice")
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit entry for alice: {entries}"));
+    assert_eq!(mine["key_name"], "jwt:alice");
+
+    // A provider whose JWKS cannot be read: 503 (the token could not be checked, it is not
+    // refused), and no fetch again within the backoff, whatever comes in.
+    let broken = JwksServer::start(json!("not a JWKS")).await;
+    let verifier = crate::http::JwtVerifier::builder(ISSUER, AUDIENCE)
+        .jwks_url(broken.url())
+        .unwrap()
+        .build()
+        .unwrap();
+    let s = server
+        .serve(
+            api_builder(fx.engine.clone())
+                .jwt(verifier)
+                .build()
+                .unwrap(),
+            "",
+        )
+        .await;
+    let c = s.client();
+    for _ in 0..3 {
+        let r = c.send("GET", "/jobs", Some(&alice), None).await;
+        let p = r.assert_problem(503);
+        assert_eq!(p["type"], "urn:aiwg:problem:jwks-unavailable");
+        assert!(r.header("retry-after").is_some());
+    }
+    assert_eq!(broken.hits(), 1, "failed fetches are not retried at once");
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    assert_eq!(r.status, 200, "keys work while the provider is down");
+}
+
+impl Client {
+    /// Opens a WebSocket at `path`; `key` goes in the `Authorization` header when given.
+    pub async fn websocket(&self, path: &str, key: Option<&str>) -> Result<WsClient, Reply> {
+        let mut req = TransportRequest::new(Method::GET, path);
+        if let Some(k) = key {
+            req = req.header("authorization", &format!("Bearer {k}"));
+        }
+        match self.transport.websocket(req).await {
+            Ok(ws) => Ok(ws),
+            Err(res) => {
+                let text = read_all(res.body).await;
+                Err(Reply {
+                    status: res.status,
+                    headers: res.headers,
+                    text,
+                })
+            }
+        }
+    }
+}
+
+/// An SSE frame as the WebSocket carries it: `{"id", "event", "data"}` with `data` as JSON.
+fn sse_as_json(f: &SseFrame) -> Value {
+    json!({
+        "id": f.id.clone().expect("an id"),
+        "event": f.event.clone().expect("an event"),
+        "data": serde_json::from_str::<Value>(&f.data).expect("JSON data"),
+    })
+}
+
+/// A WebSocket that must open.
+async fn ws_open(c: &Client, path: &str, key: Option<&str>) -> WsClient {
+    match c.websocket(path, key).await {
+        Ok(ws) => ws,
+        Err(r) => panic!(
+            "{path}: the upgrade was refused with {}: {}",
+            r.status, r.text
+        ),
+    }
+}
+
+/// The WebSocket streams carry what the SSE streams carry, in the same order, with the same
+/// ids and the same JSON; they resume after `last_event_id`, ping, and close with 1000 after a
+/// job's terminal event.
+async fn websockets(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "/aiwg")
+        .await;
+    let c = s.client();
+
+    // `/ws` first, so that it sees the job from its start (header authentication).
+    let mut all = ws_open(&c, "/ws", Some(READ_KEY)).await;
+    let ready = all.next_json().await.expect("ready");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    assert_eq!(ready["data"], json!({"name": "viewer", "scopes": ["read"]}));
+    let start: FeedCursor = ready["id"]
+        .as_str()
+        .expect("the starting cursor")
+        .parse()
+        .unwrap();
+    let mut feed = c
+        .sse_resume("/events", READ_KEY, Some(&start.to_string()))
+        .await;
+
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("echo"),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+
+    // The job's own streams: SSE, then the WebSocket (history, then the close).
+    let (_, frames) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
+        .await;
+    let sse: Vec<Value> = frames
+        .iter()
+        .filter(|f| !f.comment)
+        .map(sse_as_json)
+        .collect();
+    assert_eq!(sse.len(), 6, "{sse:?}");
+    let mut ws = ws_open(&c, &format!("/workflows/{id}/ws"), Some(READ_KEY)).await;
+    let (msgs, close) = ws.until_close().await;
+    assert_eq!(msgs[0]["event"], "ready");
+    assert!(msgs[0].get("id").is_none(), "a job's ready names no cursor");
+    assert_eq!(
+        msgs[1..],
+        sse[..],
+        "the WebSocket carries the SSE stream's events"
+    );
+    assert_eq!(close.code, 1000, "{close:?}");
+
+    // Resume after the third event, authenticating by message as a browser does.
+    let mut ws = ws_open(&c, &format!("/workflows/{id}/ws?last_event_id=3"), None).await;
+    ws.auth(READ_KEY);
+    let (msgs, close) = ws.until_close().await;
+    assert_eq!(msgs[0]["data"]["name"], "viewer");
+    assert_eq!(msgs[1..], sse[3..], "resumed after event 3");
+    assert_eq!(close.code, 1000);
+    // Resumed after the last event: nothing more, and a normal close.
+    let mut ws = ws_open(
+        &c,
+        &format!("/workflows/{id}/ws?last_event_id=6"),
+        Some(READ_KEY),
+    )
+    .await;
+    let (msgs, close) = ws.until_close().await;
+    assert_eq!(msgs.len(), 1, "only ready: {msgs:?}");
+    assert_eq!(close.code, 1000, "{close:?}");
+
+    // `/ws` and `GET /events` give the same sequence for the job.
+    let mut ws_events = Vec::new();
+    while !ws_events
+        .iter()
+        .any(|v: &Value| v["data"]["to"] == "completed")
+    {
+        match all.next_json().await {
+            Ok(v) => ws_events.push(v),
+            Err(c) => panic!("/ws closed: {c:?}"),
+        }
+    }
+    let sse_feed: Vec<Value> =
+        frames_until(&mut feed, 50, |f| f.data.contains(r#""to":"completed""#))
+            .await
+            .iter()
+            .map(sse_as_json)
+            .collect();
+    assert_eq!(ws_events, sse_feed, "/ws carries what GET /events carries");
+    assert_eq!(ws_events.len(), 6);
+    assert!(ws_events.iter().all(|v| v["data"]["job_id"] == id.as_str()));
+    // Resume `/ws` after its second event: the rest, exactly.
+    let second = ws_events[1]["id"].as_str().unwrap().to_owned();
+    let mut resumed = ws_open(&c, &format!("/ws?last_event_id={second}"), Some(READ_KEY)).await;
+    let ready = resumed.next_json().await.expect("ready");
+    assert!(
+        ready.get("id").is_none(),
+        "a resumed stream names no new start: {ready}"
+    );
+    let mut rest = Vec::new();
+    for _ in 2..ws_events.len() {
+        rest.push(resumed.next_json().await.expect("an event"));
+    }
+    assert_eq!(rest[..], ws_events[2..]);
+    // `?kinds=` as on `GET /events`.
+    let mut statuses = ws_open(
+        &c,
+        &format!("/ws?last_event_id={start}&kinds=status"),
+        Some(READ_KEY),
+    )
+    .await;
+    statuses.next_json().await.expect("ready");
+    for expected in ws_events.iter().filter(|v| v["event"] == "status") {
+        assert_eq!(&statuses.next_json().await.expect("a status"), expected);
+    }
+
+    // Keep-alive: an idle socket is pinged, and stays open while the client answers (more
+    // pings than the three a silent client is allowed).
+    let mut pings = 0;
+    while pings < 5 {
+        match all.next().await {
+            Some(WsMessage::Ping(_)) => pings += 1,
+            Some(WsMessage::Pong(_)) => {}
+            other => panic!("an idle /ws sent {other:?}"),
+        }
+    }
+    // The server answers a client's ping.
+    all.send(WsMessage::Ping(Bytes::from_static(b"hi")));
+    loop {
+        match all.next().await {
+            Some(WsMessage::Pong(p)) if p == "hi" => break,
+            Some(WsMessage::Ping(_) | WsMessage::Pong(_)) => {}
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+    // A message after authentication is a policy violation.
+    all.send(WsMessage::Text("hello".into()));
+    let (_, close) = all.until_close().await;
+    assert_eq!(close.code, 1008, "{close:?}");
+}
+
+/// Every refusal of a WebSocket: HTTP answers before the upgrade, close codes after it.
+async fn websocket_refusals(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .ws_auth_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = s.client();
+    let code = |path: &'static str, key: Option<&'static str>, message: Option<WsMessage>| {
+        let c = c.clone();
+        async move {
+            let mut ws = ws_open(&c, path, key).await;
+            if let Some(m) = message {
+                ws.send(m);
+            }
+            let (msgs, close) = ws.until_close().await;
+            assert!(msgs.is_empty(), "{path}: {msgs:?}");
+            close
+        }
+    };
+    const ZERO: &str = "/workflows/00000000-0000-7000-8000-000000000000/ws";
+    let auth = |k: &str| {
+        Some(WsMessage::Text(
+            json!({"type": "auth", "token": k}).to_string(),
+        ))
+    };
+    // Bad credentials, by header or by message: 4401 naming why.
+    let close = code("/ws", Some("wrong-key-wrong-key-wrong"), None).await;
+    assert_eq!(close.code, 4401, "{close:?}");
+    assert!(close.reason.contains("invalid API key"), "{close:?}");
+    let close = code("/ws", None, auth("wrong-key-wrong-key-wrong")).await;
+    assert_eq!(close.code, 4401, "{close:?}");
+    // No credentials by the deadline.
+    let close = code("/ws", None, None).await;
+    assert_eq!(close.code, 4401, "{close:?}");
+    assert!(close.reason.contains("no credentials"), "{close:?}");
+    // A key without `read`.
+    let close = code("/ws", Some(TRIGGER_KEY), None).await;
+    assert_eq!(close.code, 4403, "{close:?}");
+    assert!(close.reason.contains("read"), "{close:?}");
+    let close = code(ZERO, None, auth(TRIGGER_KEY)).await;
+    assert_eq!(close.code, 4403, "{close:?}");
+    // No such job.
+    let close = code(ZERO, Some(READ_KEY), None).await;
+    assert_eq!(close.code, 4404, "{close:?}");
+    // Something else than the auth message first.
+    let close = code("/ws", None, Some(WsMessage::Text("hello".into()))).await;
+    assert_eq!(close.code, 1008, "{close:?}");
+    let close = code(
+        "/ws",
+        None,
+        Some(WsMessage::Binary(Bytes::from_static(b"\x00"))),
+    )
+    .await;
+    assert_eq!(close.code, 1003, "{close:?}");
+
+    // Before the upgrade: malformed parameters are 400 problems.
+    for path in [
+        "/workflows/not-a-job/ws",
+        "/workflows/00000000-0000-7000-8000-000000000000/ws?last_event_id=9223372036854775808",
+        "/ws?last_event_id=nope",
+        "/ws?kinds=nope",
+        "/ws?x=1",
+    ] {
+        let r = c
+            .websocket(path, Some(READ_KEY))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{path} upgraded"));
+        r.assert_problem(400);
+    }
+    // Without an upgrade: authenticated like any request, then 426.
+    let r = c.send("GET", "/ws", Some(READ_KEY), None).await;
+    r.assert_problem(426);
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    let r = c.send("GET", ZERO, None, None).await;
+    r.assert_problem(401);
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ mod audit_store_suite;
 pub mod conformance;
 mod dispatch_store_suite;
 mod job_store_suite;
+pub mod jwt;
 pub use audit_store_suite::audit_store_suite;
 pub use dispatch_store_suite::dispatch_store_suite;
 pub use job_store_suite::{job_store_suite, sample_job};

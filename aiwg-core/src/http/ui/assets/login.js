@@ -15,7 +15,7 @@ export function renderLogin(main, { message, done }) {
   const form = h('form', { class: 'login card', novalidate: true },
     h('h1', {}, 'Sign in to aiwg'),
     h('p', { class: 'muted' },
-      'Enter an API key. It is kept in this browser tab only, and forgotten when the tab closes.'),
+      'Enter an API key, or a bearer token (JWT) from your identity provider. It is kept in this browser tab only, and forgotten when the tab closes.'),
     field('API key', input),
     submit,
     status);
