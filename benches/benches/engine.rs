@@ -2,7 +2,8 @@
 //! beside a baseline of the same number of bare `tokio::spawn` + channel round trips.
 //!
 //! `cargo bench -p aiwg-benches --bench engine` — criterion reports both as elements/s; the
-//! ratio is engine throughput / baseline throughput for the same batch.
+//! ratio is engine throughput / baseline throughput for the same batch. The last lines are
+//! `ratio <name> <value>` (median of a few more timed batches of each, run side by side).
 
 // `criterion_group!` generates an undocumented public function.
 #![allow(missing_docs)]
@@ -38,6 +39,24 @@ async fn run_batch(engine: &Engine) -> Duration {
                 .id,
         );
     }
+    for id in ids {
+        engine
+            .wait(id, Duration::from_secs(60))
+            .await
+            .expect("terminal");
+    }
+    start.elapsed()
+}
+
+/// The same batch through [`Engine::submit_many`].
+async fn run_batch_many(engine: &Engine) -> Duration {
+    let start = Instant::now();
+    let ids: Vec<_> = engine
+        .submit_many((0..BATCH).map(|_| JobRequest::new("noop")))
+        .await
+        .into_iter()
+        .map(|r| r.expect("submit").id)
+        .collect();
     for id in ids {
         engine
             .wait(id, Duration::from_secs(60))
@@ -102,6 +121,32 @@ fn bench(c: &mut Criterion) {
         rt.block_on(engine.shutdown(Duration::from_secs(5)));
     }
     group.finish();
+
+    // The summary: median of side-by-side rounds, 4 workers (the default).
+    let engine4 = rt.block_on(async { engine(4) });
+    let (mut base, mut ours, mut many) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        base.push(rt.block_on(baseline_batch()));
+        ours.push(rt.block_on(run_batch(&engine4)));
+        many.push(rt.block_on(run_batch_many(&engine4)));
+    }
+    rt.block_on(engine4.shutdown(Duration::from_secs(5)));
+    let rate = |d: Duration| BATCH as f64 / d.as_secs_f64();
+    let (b, o, m) = (rate(median(base)), rate(median(ours)), rate(median(many)));
+    println!(
+        "submit -> terminal, {BATCH} jobs, 4 workers: engine {o:.0} jobs/s \
+         (submit_many {m:.0}), bare spawn + oneshot {b:.0}/s"
+    );
+    println!("ratio engine_vs_spawn {:.3}", o / b);
+    println!("ratio engine_submit_many_vs_spawn {:.3}", m / b);
+}
+
+/// Side-by-side rounds of the summary.
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
 }
 
 criterion_group!(benches, bench);

@@ -305,6 +305,7 @@ fn main() {
         );
     }
     group.finish();
+    c.final_summary();
 
     // One more timed run of each for the summary (criterion's own report is above).
     rt.block_on(async {
@@ -354,11 +355,19 @@ fn main() {
             ratio(m50, b50),
             ratio(m99, b99)
         );
+        // Higher is better: throughput ours / baseline, latency baseline / ours.
+        println!();
+        println!("ratio pg_burn_down_1_engine {:.3}", rate(t1) / rate(base));
+        println!("ratio pg_burn_down_2_engines {:.3}", rate(t2) / rate(base));
+        println!("ratio pg_burn_down_relaxed {:.3}", rate(tr) / rate(base));
+        println!("ratio pg_latency_p50_1_engine {:.3}", ratio(b50, l50));
+        println!("ratio pg_latency_p99_1_engine {:.3}", ratio(b99, l99));
+        println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
+        println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
         drop(raw);
         sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))
             .execute(&db.admin)
             .await
             .expect("drop schema");
     });
-    c.final_summary();
 }

@@ -231,7 +231,7 @@ impl Feed {
     }
 
     /// Appends an event (called wherever the engine broadcasts one).
-    pub(crate) fn push(&self, event: JobEvent) {
+    pub(crate) fn push(&self, event: Arc<JobEvent>) {
         let bytes = approx_bytes(&event);
         let seq = {
             let mut ring = self.lock();
@@ -240,11 +240,7 @@ impl Feed {
             }
             ring.last += 1;
             let seq = ring.last;
-            ring.entries.push_back(Entry {
-                seq,
-                event: Arc::new(event),
-                bytes,
-            });
+            ring.entries.push_back(Entry { seq, event, bytes });
             ring.bytes += bytes;
             while ring.entries.len() > self.max_events
                 || (ring.bytes > self.max_bytes && ring.entries.len() > 1)
@@ -432,7 +428,7 @@ mod tests {
     fn the_ring_is_bounded_by_count_and_bytes_and_says_when_a_cursor_expired() {
         let feed = Feed::new(3, usize::MAX);
         for n in 1..=5 {
-            feed.push(event(n));
+            feed.push(Arc::new(event(n)));
         }
         assert_eq!(feed.cursor().seq, 5);
         assert!(matches!(
@@ -460,7 +456,7 @@ mod tests {
 
         let small = Feed::new(1000, 500);
         for n in 1..=20 {
-            small.push(event(n));
+            small.push(Arc::new(event(n)));
         }
         let kept = small.lock().entries.len();
         assert!(

@@ -254,10 +254,19 @@ pub(crate) struct Inner {
     registry: ExecutorRegistry,
     policy: ProjectPolicy,
     settings: Settings,
+    /// Every job's events, for [`Engine::subscribe_all`] (written to only while it has
+    /// receivers).
     bus: broadcast::Sender<JobEvent>,
+    /// Each followed job's own live channel ([`Engine::subscribe`]).
+    channels: subscribe::JobChannels,
     /// Every event in order, resumable ([`Engine::feed`]).
     feed: feed::Feed,
     wake: Notify,
+    /// Jobs a worker claimed for other idle workers (see `worker::run`); each is counted in
+    /// `busy` from its claim.
+    handoff: Mutex<std::collections::VecDeque<crate::store::Claimed>>,
+    /// Held by the one worker claiming at a time.
+    claiming: tokio::sync::Mutex<()>,
     running: Mutex<HashMap<JobId, RunningJob>>,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
@@ -271,10 +280,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// Hands a stored event to live subscribers: the per-job streams and the feed.
-    fn broadcast(&self, event: JobEvent) {
-        self.feed.push(event.clone());
-        let _ = self.bus.send(event);
+    /// Hands a stored event to live subscribers: its job's streams, the feed and (when anyone
+    /// listens) [`Engine::subscribe_all`]. The event is shared, never copied per subscriber.
+    fn broadcast(&self, event: &Arc<JobEvent>) {
+        self.channels.publish(event);
+        self.feed.push(Arc::clone(event));
+        if self.bus.receiver_count() > 0 {
+            let _ = self.bus.send(JobEvent::clone(event));
+        }
     }
 }
 
@@ -285,7 +298,7 @@ impl ClusterListener for Inner {
     }
 
     fn remote_event(&self, event: JobEvent) {
-        self.broadcast(event);
+        self.broadcast(&Arc::new(event));
     }
 
     fn remote_cancel(&self, id: JobId) {
@@ -615,8 +628,11 @@ impl EngineBuilder {
                 policy,
                 settings: self.settings,
                 bus,
+                channels: subscribe::JobChannels::new(),
                 feed,
                 wake: Notify::new(),
+                handoff: Mutex::default(),
+                claiming: tokio::sync::Mutex::new(()),
                 running: Mutex::new(HashMap::new()),
                 pending_cancels: Mutex::default(),
                 observers: self.observers,
@@ -703,6 +719,104 @@ impl Engine {
     /// [`submit`](Self::submit), also telling whether the job is new or was found by its
     /// idempotency key (what the audit trail records as `accepted` or `duplicate`).
     pub async fn submission(&self, request: JobRequest) -> Result<Submission, SubmitError> {
+        let new = self.prepare(request)?;
+        let created = self.inner.store.create(new).await;
+        self.created(created).await
+    }
+
+    /// Validates and queues several jobs with one store call (PostgreSQL inserts them with one
+    /// statement). The answers come in the order of the requests, each what
+    /// [`submit`](Self::submit) would have answered for it: a request that is refused does not
+    /// stop the others, and past the queue's capacity the rest are refused with
+    /// [`SubmitError::QueueFull`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use aiwg_core::{Engine, JobRequest, Workflow, Step};
+    /// use aiwg_core::test_util::ScriptedExecutor;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let engine = Engine::builder()
+    ///     .executor("echo", Arc::new(ScriptedExecutor::succeeding("done")))
+    ///     .workflow(Workflow::new("hello").step(Step::prompt("say", "echo", "hi")))
+    ///     .build()
+    ///     .unwrap();
+    /// let answers = engine
+    ///     .submit_many([JobRequest::new("hello"), JobRequest::new("nope"), JobRequest::new("hello")])
+    ///     .await;
+    /// assert!(answers[0].is_ok() && answers[2].is_ok());
+    /// assert!(matches!(answers[1], Err(aiwg_core::SubmitError::UnknownWorkflow(_))));
+    /// # }
+    /// ```
+    pub async fn submit_many(
+        &self,
+        requests: impl IntoIterator<Item = JobRequest>,
+    ) -> Vec<Result<Job, SubmitError>> {
+        let mut answers: Vec<Option<Result<Job, SubmitError>>> = Vec::new();
+        let mut news = Vec::new();
+        let mut slots = Vec::new();
+        for request in requests {
+            match self.prepare(request) {
+                Ok(new) => {
+                    slots.push(answers.len());
+                    news.push(new);
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        if !news.is_empty() {
+            let created = self.inner.store.create_many(news).await;
+            for (slot, outcome) in slots.iter().zip(created) {
+                answers[*slot] = Some(self.created(outcome).await.map(|s| s.job));
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(SubmitError::Store(StoreError::backend(
+                        "the store answered for fewer jobs than it was given",
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    /// What follows the store's answer to a create: publish, resolve the concurrency group,
+    /// wake a worker.
+    async fn created(
+        &self,
+        outcome: Result<Created, StoreError>,
+    ) -> Result<Submission, SubmitError> {
+        match outcome {
+            Ok(Created::New(job, event)) => {
+                self.publish(&job, event).await;
+                let conflict = self
+                    .inner
+                    .catalog
+                    .get(&job.workflow)
+                    .and_then(|wf| wf.concurrency.as_ref().map(|c| c.on_conflict));
+                if let (Some(group), Some(on_conflict)) = (&job.concurrency_group, conflict) {
+                    self.resolve_conflict(&job, group, on_conflict).await;
+                }
+                self.inner.wake.notify_one();
+                Ok(Submission { job, created: true })
+            }
+            Ok(Created::Existing(job)) => Ok(Submission {
+                job,
+                created: false,
+            }),
+            Err(StoreError::IdempotencyConflict { existing }) => {
+                Err(SubmitError::IdempotencyConflict { existing })
+            }
+            Err(StoreError::QueueFull { capacity }) => Err(SubmitError::QueueFull { capacity }),
+            Err(e) => Err(SubmitError::Store(e)),
+        }
+    }
+
+    /// Validates a request and makes the job to store.
+    fn prepare(&self, request: JobRequest) -> Result<NewJob, SubmitError> {
         if self.inner.stop_claiming.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -734,7 +848,11 @@ impl Engine {
             .inner
             .policy
             .resolve(request.project_path.as_deref(), request.project.as_deref())?;
-        let fingerprint = request.fingerprint();
+        // Only a request with an idempotency key is ever compared with another.
+        let fingerprint = request
+            .idempotency_key
+            .is_some()
+            .then(|| request.fingerprint());
         let trigger = if request.trigger.source.is_empty() {
             TriggerInfo::new("api")
         } else {
@@ -791,28 +909,9 @@ impl Engine {
             approvals: Vec::new(),
             resume_after_approval: false,
         };
-        let new = NewJob::new(job)
-            .fingerprint(fingerprint)
-            .capacity(self.inner.settings.queue_capacity);
-        match self.inner.store.create(new).await {
-            Ok(Created::New(job, event)) => {
-                self.publish(&job, &event).await;
-                if let (Some(group), Some(c)) = (&job.concurrency_group, &wf.concurrency) {
-                    self.resolve_conflict(&job, group, c.on_conflict).await;
-                }
-                self.inner.wake.notify_one();
-                Ok(Submission { job, created: true })
-            }
-            Ok(Created::Existing(job)) => Ok(Submission {
-                job,
-                created: false,
-            }),
-            Err(StoreError::IdempotencyConflict { existing }) => {
-                Err(SubmitError::IdempotencyConflict { existing })
-            }
-            Err(StoreError::QueueFull { capacity }) => Err(SubmitError::QueueFull { capacity }),
-            Err(e) => Err(SubmitError::Store(e)),
-        }
+        let mut new = NewJob::new(job).capacity(self.inner.settings.queue_capacity);
+        new.fingerprint = fingerprint;
+        Ok(new)
     }
 
     /// Reads a job.
@@ -885,7 +984,7 @@ impl Engine {
     async fn cancel_because(&self, id: JobId, reason: &'static str) -> Result<Job, EngineError> {
         match self.inner.store.request_cancel(id, reason).await {
             Ok(CancelOutcome::Cancelled(job, event)) => {
-                self.publish(&job, &event).await;
+                self.publish(&job, event).await;
                 Ok(job)
             }
             Ok(CancelOutcome::AlreadyFinished(job)) => Err(EngineError::AlreadyFinished {
@@ -970,7 +1069,7 @@ impl Engine {
                     "decision" => if approved { "approved" } else { "rejected" }
                 )
                 .increment(1);
-                self.publish(&job, &event).await;
+                self.publish(&job, event).await;
                 if approved {
                     self.inner.wake.notify_one();
                 }
@@ -996,7 +1095,7 @@ impl Engine {
                         "decision" => "timed_out"
                     )
                     .increment(1);
-                    self.publish(&job, &ev).await;
+                    self.publish(&job, ev).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "expiring approvals failed"),
@@ -1030,6 +1129,16 @@ impl Engine {
         after: u64,
     ) -> Result<Pin<Box<dyn Stream<Item = JobEvent> + Send>>, EngineError> {
         subscribe::job_stream(self.clone(), id, after).await
+    }
+
+    /// [`subscribe`](Self::subscribe), each event shared rather than copied: what a server
+    /// fanning one job out to many clients should use.
+    pub async fn subscribe_shared(
+        &self,
+        id: JobId,
+        after: u64,
+    ) -> Result<Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>>, EngineError> {
+        subscribe::shared_job_stream(self.clone(), id, after).await
     }
 
     /// Every job's events, live (no history). A receiver that falls more than 4096 events behind
@@ -1150,7 +1259,7 @@ impl Engine {
             .map(|(n, total)| Duration::from_secs_f64(total / *n as f64))
     }
 
-    pub(crate) async fn publish(&self, job: &Job, event: &JobEvent) {
+    pub(crate) async fn publish(&self, job: &Job, event: JobEvent) {
         if event.is_terminal() {
             let secs = match (job.started_at, job.finished_at) {
                 (Some(s), Some(f)) => (f - s).to_std().unwrap_or_default().as_secs_f64(),
@@ -1179,9 +1288,10 @@ impl Engine {
                 e.1 += secs;
             }
         }
-        self.inner.broadcast(event.clone());
+        let event = Arc::new(event);
+        self.inner.broadcast(&event);
         for o in &self.inner.observers {
-            o.on_event(job, event).await;
+            o.on_event(job, &event).await;
         }
     }
 }

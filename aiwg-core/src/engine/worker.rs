@@ -16,11 +16,28 @@ use crate::job::{Approval, Job, JobError, JobResult, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
 
+/// The most jobs one worker claims at once for itself and the other idle workers.
+const MAX_CLAIM_BATCH: usize = 64;
+
 pub(super) async fn run(engine: Engine, n: usize) {
     let inner = &engine.inner;
     let owner = format!("{}/{n}", inner.settings.instance);
     let mut last_recovery = Instant::now();
     loop {
+        // A job another worker claimed for this one comes first (even during a shutdown: it
+        // is claimed, so it runs, or is cancelled by the shutdown like any running job).
+        let handed = inner
+            .handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        if let Some(claimed) = handed {
+            // `busy` was counted for it when it was claimed.
+            run_job(&engine, claimed).await;
+            inner.busy.fetch_sub(1, Ordering::Relaxed);
+            inner.wake.notify_one();
+            continue;
+        }
         if inner.stop_claiming.is_cancelled() {
             break;
         }
@@ -30,33 +47,70 @@ pub(super) async fn run(engine: Engine, n: usize) {
             match inner.store.recover_expired(Utc::now()).await {
                 Ok(recovered) => {
                     for (job, ev) in recovered {
-                        engine.publish(&job, &ev).await;
+                        engine.publish(&job, ev).await;
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "recovering expired leases failed"),
             }
             engine.expire_approvals().await;
         }
+        // One worker at a time claims, for itself and for every other idle worker, in one
+        // store call. Another one waits for that call to end, then looks at what it was
+        // handed before claiming itself.
+        let claiming = match inner.claiming.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                let guard = inner.claiming.lock().await;
+                let handed = !inner
+                    .handoff
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty();
+                if handed || inner.stop_claiming.is_cancelled() {
+                    continue;
+                }
+                guard
+            }
+        };
         let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
         req.per_project_limit = inner.settings.per_project_concurrency;
-        match inner.store.claim(&req).await {
-            Ok(Some(claimed)) => {
-                // Chain-wake another worker: there may be more work.
+        let idle = inner
+            .settings
+            .workers
+            .saturating_sub(inner.busy.load(Ordering::Relaxed));
+        let want = idle.clamp(1, MAX_CLAIM_BATCH);
+        let claimed = inner.store.claim_many(&req, want).await;
+        match claimed {
+            Ok(batch) if !batch.is_empty() => {
+                // Counted busy at once, so that the next claim does not count them as idle.
+                inner.busy.fetch_add(batch.len(), Ordering::Relaxed);
+                let mut batch = batch.into_iter();
+                let mine = batch.next();
+                let others = batch.len();
+                if others > 0 {
+                    inner
+                        .handoff
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(batch);
+                }
+                drop(claiming);
+                // Wake the workers the jobs are for, and one more: there may be more work.
+                inner.wake.notify_waiters();
                 inner.wake.notify_one();
-                inner.busy.fetch_add(1, Ordering::Relaxed);
-                run_job(&engine, claimed).await;
-                inner.busy.fetch_sub(1, Ordering::Relaxed);
+                if let Some(claimed) = mine {
+                    run_job(&engine, claimed).await;
+                    inner.busy.fetch_sub(1, Ordering::Relaxed);
+                }
                 // A project slot may have freed up.
                 inner.wake.notify_one();
             }
-            Ok(None) => {
-                tokio::select! {
-                    () = inner.wake.notified() => {}
-                    () = tokio::time::sleep(inner.settings.poll_interval) => {}
-                    () = inner.stop_claiming.cancelled() => {}
-                }
+            Ok(_) => {
+                drop(claiming);
+                wait(inner).await;
             }
             Err(e) => {
+                drop(claiming);
                 tracing::warn!(error = %e, "claiming a job failed");
                 tokio::select! {
                     () = tokio::time::sleep(inner.settings.poll_interval) => {}
@@ -64,6 +118,28 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 }
             }
         }
+    }
+}
+
+/// An idle worker waits for a wake-up (new work, a job handed over), the poll interval, or
+/// the shutdown.
+async fn wait(inner: &super::Inner) {
+    let woken = inner.wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    // A job handed over between the last look and `enable` would not wake this worker.
+    if !inner
+        .handoff
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_empty()
+    {
+        return;
+    }
+    tokio::select! {
+        () = woken => {}
+        () = tokio::time::sleep(inner.settings.poll_interval) => {}
+        () = inner.stop_claiming.cancelled() => {}
     }
 }
 
@@ -80,7 +156,7 @@ enum Stop {
 async fn run_job(engine: &Engine, claimed: Claimed) {
     let inner = &engine.inner;
     let Claimed { job, lease, event } = claimed;
-    engine.publish(&job, &event).await;
+    engine.publish(&job, event).await;
     let id = job.id;
     let token = CancellationToken::new();
     let reason = Arc::new(Mutex::new(None));
@@ -271,7 +347,7 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
     };
     if let Some(finish) = finish {
         match inner.store.finish(&lease, finish).await {
-            Ok((job, ev)) => engine.publish(&job, &ev).await,
+            Ok((job, ev)) => engine.publish(&job, ev).await,
             Err(e) => tracing::warn!(error = %e, job = %id, "could not record the job's outcome"),
         }
     } else {
@@ -303,7 +379,8 @@ async fn append(
     let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
     match engine.inner.store.append(&current, kind).await {
         Ok(ev) => {
-            engine.inner.broadcast(ev.clone());
+            let ev = Arc::new(ev);
+            engine.inner.broadcast(&ev);
             if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
                 && !engine.inner.observers.is_empty()
             {

@@ -1,5 +1,11 @@
 //! The in-memory [`JobStore`]: one mutex over ordered maps. Same lease semantics as a durable
 //! store; nothing survives a restart.
+//!
+//! Layout: each job lives in its own allocation (`Box<Entry>`), so the ordered map's nodes stay
+//! small however large a job is, and a queued job holds only what it needs: the job, its one
+//! event (in a vector allocated for exactly one), its place in the ready queue (a number) and,
+//! once running, its lease's token and expiry. About 1 KiB per queued job (the `engine_memory`
+//! bench).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -19,16 +25,32 @@ use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 /// Ready-queue order: priority descending, then enqueue order.
 type ReadyKey = (Reverse<i32>, u64, JobId);
 
+/// What the store keeps of a lease to fence writes with.
+#[derive(Clone, Copy)]
+struct Held {
+    token: u64,
+    expires_at: DateTime<Utc>,
+}
+
 struct Entry {
     job: Job,
     events: Vec<JobEvent>,
-    lease: Option<Lease>,
-    ready_key: Option<ReadyKey>,
+    lease: Option<Held>,
+    /// The enqueue number of a queued job (its [`ReadyKey`] is made of it, the job's priority
+    /// and id).
+    ready_seq: Option<u64>,
+}
+
+impl Entry {
+    fn ready_key(&self) -> Option<ReadyKey> {
+        self.ready_seq
+            .map(|seq| (Reverse(self.job.priority), seq, self.job.id))
+    }
 }
 
 #[derive(Default)]
 struct State {
-    jobs: BTreeMap<JobId, Entry>,
+    jobs: BTreeMap<JobId, Box<Entry>>,
     ready: BTreeSet<ReadyKey>,
     idempotency: HashMap<String, (String, JobId)>,
     running_per_project: HashMap<String, usize>,
@@ -48,15 +70,19 @@ impl State {
         self.enqueue_seq += 1;
         let seq = self.enqueue_seq;
         if let Some(e) = self.jobs.get_mut(&id) {
-            let key = (Reverse(e.job.priority), seq, id);
-            e.ready_key = Some(key);
-            self.ready.insert(key);
+            e.ready_seq = Some(seq);
+            if let Some(key) = e.ready_key() {
+                self.ready.insert(key);
+            }
         }
     }
 
     fn dequeue(&mut self, id: JobId) {
-        if let Some(key) = self.jobs.get_mut(&id).and_then(|e| e.ready_key.take()) {
-            self.ready.remove(&key);
+        if let Some(e) = self.jobs.get_mut(&id) {
+            if let Some(key) = e.ready_key() {
+                e.ready_seq = None;
+                self.ready.remove(&key);
+            }
         }
     }
 
@@ -111,13 +137,110 @@ impl State {
         }
     }
 
+    fn create(&mut self, new: NewJob) -> Result<Created, StoreError> {
+        let s = self;
+        if let Some(key) = &new.job.idempotency_key {
+            if let Some((fp, existing)) = s.idempotency.get(key) {
+                let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
+                return if same {
+                    Ok(Created::Existing(s.jobs[existing].job.clone()))
+                } else {
+                    Err(StoreError::IdempotencyConflict {
+                        existing: *existing,
+                    })
+                };
+            }
+        }
+        if let Some(capacity) = new.queue_capacity {
+            if s.ready.len() >= capacity {
+                return Err(StoreError::QueueFull { capacity });
+            }
+        }
+        let job = new.job;
+        if job.status != JobStatus::Queued {
+            return Err(StoreError::IllegalTransition(
+                crate::job::IllegalTransition {
+                    from: job.status,
+                    to: JobStatus::Queued,
+                },
+            ));
+        }
+        let id = job.id;
+        if let Some(key) = &job.idempotency_key {
+            s.idempotency
+                .insert(key.clone(), (new.fingerprint.unwrap_or_default(), id));
+        }
+        let now = job.created_at;
+        let mut entry = Box::new(Entry {
+            // Room for exactly the one event a queued job has (a first push would make room
+            // for four).
+            events: Vec::with_capacity(1),
+            lease: None,
+            ready_seq: None,
+            job,
+        });
+        let kind = apply::created(&entry.job);
+        let ev = State::record(&mut entry, kind, now);
+        let job = entry.job.clone();
+        s.jobs.insert(id, entry);
+        s.enqueue(id);
+        Ok(Created::New(job, ev))
+    }
+
+    fn claim(&mut self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        let s = self;
+        let now = request.now;
+        let found = s.ready.iter().copied().find(|key| {
+            let job = &s.jobs[&key.2].job;
+            apply::is_due(job, now)
+                && job
+                    .concurrency_group
+                    .as_ref()
+                    .is_none_or(|g| !s.busy_groups.contains_key(g))
+                && request.per_project_limit.is_none_or(|limit| {
+                    s.running_per_project
+                        .get(&job.project_path)
+                        .copied()
+                        .unwrap_or(0)
+                        < limit
+                })
+        });
+        let Some(key) = found else { return Ok(None) };
+        let id = key.2;
+        s.dequeue(id);
+        s.lease_seq += 1;
+        let token = s.lease_seq;
+        let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let kind = apply::claim(&mut entry.job, now)?;
+        let lease = Lease {
+            job_id: id,
+            owner: request.owner.clone(),
+            attempt: entry.job.attempt,
+            token,
+            expires_at: now + ttl(request.lease_ttl),
+        };
+        entry.lease = Some(Held {
+            token,
+            expires_at: lease.expires_at,
+        });
+        let event = State::record(entry, kind, now);
+        let job = entry.job.clone();
+        let project = job.project_path.clone();
+        if let Some(g) = &job.concurrency_group {
+            s.busy_groups.insert(g.clone(), id);
+        }
+        *s.running_per_project.entry(project).or_default() += 1;
+        s.running += 1;
+        Ok(Some(Claimed { job, lease, event }))
+    }
+
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
         let entry = self
             .jobs
             .get_mut(&lease.job_id)
             .ok_or(StoreError::NotFound(lease.job_id))?;
         match &entry.lease {
-            Some(held) if held.token == lease.token && held.expires_at > now => Ok(entry),
+            Some(held) if held.token == lease.token && held.expires_at > now => Ok(&mut **entry),
             _ => Err(StoreError::LeaseLost(lease.job_id)),
         }
     }
@@ -206,51 +329,12 @@ fn ttl(d: Duration) -> chrono::Duration {
 #[async_trait]
 impl JobStore for MemoryStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        self.lock().create(new)
+    }
+
+    async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
         let mut s = self.lock();
-        if let Some(key) = &new.job.idempotency_key {
-            if let Some((fp, existing)) = s.idempotency.get(key) {
-                let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
-                return if same {
-                    Ok(Created::Existing(s.jobs[existing].job.clone()))
-                } else {
-                    Err(StoreError::IdempotencyConflict {
-                        existing: *existing,
-                    })
-                };
-            }
-        }
-        if let Some(capacity) = new.queue_capacity {
-            if s.ready.len() >= capacity {
-                return Err(StoreError::QueueFull { capacity });
-            }
-        }
-        let job = new.job;
-        if job.status != JobStatus::Queued {
-            return Err(StoreError::IllegalTransition(
-                crate::job::IllegalTransition {
-                    from: job.status,
-                    to: JobStatus::Queued,
-                },
-            ));
-        }
-        let id = job.id;
-        if let Some(key) = &job.idempotency_key {
-            s.idempotency
-                .insert(key.clone(), (new.fingerprint.unwrap_or_default(), id));
-        }
-        let now = job.created_at;
-        let mut entry = Entry {
-            events: Vec::new(),
-            lease: None,
-            ready_key: None,
-            job,
-        };
-        let kind = apply::created(&entry.job);
-        let ev = State::record(&mut entry, kind, now);
-        let job = entry.job.clone();
-        s.jobs.insert(id, entry);
-        s.enqueue(id);
-        Ok(Created::New(job, ev))
+        new.into_iter().map(|n| s.create(n)).collect()
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -260,7 +344,7 @@ impl JobStore for MemoryStore {
     async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
         let s = self.lock();
         let size = query.page_size();
-        let iter: Box<dyn Iterator<Item = (&JobId, &Entry)>> = match query.cursor {
+        let iter: Box<dyn Iterator<Item = (&JobId, &Box<Entry>)>> = match query.cursor {
             Some(c) => Box::new(s.jobs.range(..c).rev()),
             None => Box::new(s.jobs.iter().rev()),
         };
@@ -291,47 +375,23 @@ impl JobStore for MemoryStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        self.lock().claim(request)
+    }
+
+    async fn claim_many(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
         let mut s = self.lock();
-        let now = request.now;
-        let found = s.ready.iter().copied().find(|key| {
-            let job = &s.jobs[&key.2].job;
-            apply::is_due(job, now)
-                && job
-                    .concurrency_group
-                    .as_ref()
-                    .is_none_or(|g| !s.busy_groups.contains_key(g))
-                && request.per_project_limit.is_none_or(|limit| {
-                    s.running_per_project
-                        .get(&job.project_path)
-                        .copied()
-                        .unwrap_or(0)
-                        < limit
-                })
-        });
-        let Some(key) = found else { return Ok(None) };
-        let id = key.2;
-        s.dequeue(id);
-        s.lease_seq += 1;
-        let token = s.lease_seq;
-        let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        let kind = apply::claim(&mut entry.job, now)?;
-        let lease = Lease {
-            job_id: id,
-            owner: request.owner.clone(),
-            attempt: entry.job.attempt,
-            token,
-            expires_at: now + ttl(request.lease_ttl),
-        };
-        entry.lease = Some(lease.clone());
-        let event = State::record(entry, kind, now);
-        let job = entry.job.clone();
-        let project = job.project_path.clone();
-        if let Some(g) = &job.concurrency_group {
-            s.busy_groups.insert(g.clone(), id);
+        let mut out = Vec::with_capacity(max.min(64));
+        while out.len() < max {
+            match s.claim(request)? {
+                Some(c) => out.push(c),
+                None => break,
+            }
         }
-        *s.running_per_project.entry(project).or_default() += 1;
-        s.running += 1;
-        Ok(Some(Claimed { job, lease, event }))
+        Ok(out)
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl_: Duration) -> Result<Heartbeat, StoreError> {
@@ -340,7 +400,10 @@ impl JobStore for MemoryStore {
         let entry = s.fenced(lease, now)?;
         let mut renewed = lease.clone();
         renewed.expires_at = now + ttl(ttl_);
-        entry.lease = Some(renewed.clone());
+        entry.lease = Some(Held {
+            token: renewed.token,
+            expires_at: renewed.expires_at,
+        });
         Ok(Heartbeat {
             lease: renewed,
             cancel_requested: entry.job.cancel_requested,

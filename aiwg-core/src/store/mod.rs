@@ -396,6 +396,18 @@ pub trait JobStore: Send + Sync + 'static {
     /// Inserts a queued job (or finds the one its idempotency key created).
     async fn create(&self, new: NewJob) -> Result<Created, StoreError>;
 
+    /// Inserts several queued jobs: each gets the outcome [`create`](Self::create) would have
+    /// given it, in order (a full queue refuses the jobs past its capacity; an idempotency key
+    /// seen before finds its job). The default creates them one at a time; stores override it
+    /// to write a batch at once.
+    async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
+        let mut out = Vec::with_capacity(new.len());
+        for n in new {
+            out.push(self.create(n).await);
+        }
+        out
+    }
+
     /// Reads a job.
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
@@ -405,6 +417,25 @@ pub trait JobStore: Send + Sync + 'static {
     /// Claims the next runnable job: highest priority first, oldest first within a priority,
     /// `retry_at` due, project under its limit. The job becomes `running` with `attempt + 1`.
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError>;
+
+    /// Claims up to `max` runnable jobs at once, in the order [`claim`](Self::claim) would
+    /// take them and under the same rules, each with its own lease. An engine calls it for its
+    /// idle workers: one round trip instead of one per worker. The default claims one at a
+    /// time; stores override it.
+    async fn claim_many(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.claim(request).await? {
+                Some(c) => out.push(c),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
 
     /// Extends a lease.
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError>;

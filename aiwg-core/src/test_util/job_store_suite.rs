@@ -84,6 +84,7 @@ where
     approvals(&*make().await).await;
     listing(&*make().await).await;
     progress_and_counts(&*make().await).await;
+    batches(&*make().await).await;
 }
 
 async fn create_get_and_events(store: &dyn JobStore) {
@@ -697,4 +698,120 @@ async fn progress_and_counts(store: &dyn JobStore) {
         .unwrap();
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.queued, counts.running), (1, 0));
+}
+
+/// `create_many` answers each job as `create` would (capacity, idempotency, order), and
+/// `claim_many` takes jobs in claim order, each under its own lease, one per concurrency group.
+async fn batches(store: &dyn JobStore) {
+    let mut keyed = sample_job("w", "/p", 0);
+    keyed.idempotency_key = Some("batch-key".into());
+    let first = create(store, keyed.clone()).await;
+    let mut again = sample_job("w", "/p", 0);
+    again.idempotency_key = Some("batch-key".into());
+    let grouped = |n: i32| {
+        let mut j = sample_job("w", &format!("/g{n}"), 0);
+        j.concurrency_group = Some("batch-group".into());
+        j
+    };
+    let jobs = vec![
+        sample_job("w", "/a", 0),
+        grouped(1),
+        grouped(2),
+        sample_job("w", "/b", 0),
+        sample_job("w", "/c", 0),
+    ];
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let mut batch: Vec<NewJob> = jobs
+        .into_iter()
+        .map(|j| NewJob::new(j).capacity(5))
+        .collect();
+    batch.insert(1, NewJob::new(again).capacity(5));
+    let answers = store.create_many(batch).await;
+    assert_eq!(answers.len(), 6);
+    match &answers[1] {
+        Ok(Created::Existing(j)) => assert_eq!(j.id, first.id),
+        other => panic!("a known key finds its job, got {other:?}"),
+    }
+    // One job was queued before: four more fit in a capacity of five, the last is refused.
+    for answer in [&answers[0], &answers[2], &answers[3], &answers[4]] {
+        match answer {
+            Ok(Created::New(job, ev)) => {
+                assert_eq!(ev.seq, 1);
+                assert_eq!(ev.job_id, job.id);
+                assert_eq!(job.status, JobStatus::Queued);
+            }
+            other => panic!("expected a new job, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(answers[5], Err(StoreError::QueueFull { capacity: 5 })),
+        "{:?}",
+        answers[5]
+    );
+    assert!(
+        store.get(ids[4]).await.unwrap().is_none(),
+        "a refused job is not stored"
+    );
+    for id in &ids[..4] {
+        let evs = store.events(*id, 0).await.unwrap();
+        assert_eq!(evs.len(), 1, "one queued event each");
+    }
+
+    // Claim order: the keyed job, then the batch in order; one job of the group.
+    let claimed = store.claim_many(&claim_req("w1"), 10).await.unwrap();
+    let order: Vec<JobId> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(order, [first.id, ids[0], ids[1], ids[3]]);
+    let mut tokens: Vec<u64> = claimed.iter().map(|c| c.lease.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 4, "every claim has its own lease");
+    for c in &claimed {
+        assert_eq!(c.job.status, JobStatus::Running);
+        assert_eq!((c.job.attempt, c.lease.attempt), (1, 1));
+        assert_eq!(c.lease.job_id, c.job.id);
+        assert_eq!(c.event.seq, 2);
+        let stored = store.get(c.job.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, JobStatus::Running);
+    }
+    assert!(
+        store
+            .claim_many(&claim_req("w2"), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the group's second job waits"
+    );
+    // Each lease fences its own job only.
+    assert!(matches!(
+        store
+            .append(
+                &crate::store::Lease {
+                    job_id: claimed[1].job.id,
+                    ..claimed[2].lease.clone()
+                },
+                JobEventKind::Log {
+                    level: "info".into(),
+                    message: "x".into()
+                }
+            )
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .finish(&claimed[2].lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let next = store.claim_many(&claim_req("w2"), 10).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        [ids[2]],
+        "the group is free again"
+    );
+    assert_eq!(store.counts().await.unwrap().queued, 0);
+    create(store, sample_job("w", "/d", 0)).await;
+    assert!(store
+        .claim_many(&claim_req("w2"), 0)
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::types::Json;
 use sqlx::Row;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{db, to_i64, PgStore};
@@ -15,11 +16,123 @@ use crate::event::{JobEvent, JobEventKind};
 use crate::job::{JobId, JobStatus};
 use crate::store::{ClusterListener, StoreError};
 
-/// A notification payload. Events: `i` (instance), `j` (job), `s` (seq), `a` (time) and `k`
-/// (the kind, left out when too long). Cancel requests: `i` and `c` (the job).
+/// The longest notification payload the notifier sends (PostgreSQL's limit is 8000 bytes).
+const MAX_PAYLOAD: usize = 7600;
+
+/// An event committed by this store, for the other instances.
+pub(super) struct Announce {
+    pub(super) job: JobId,
+    pub(super) seq: u64,
+    pub(super) at: DateTime<Utc>,
+    /// The kind's JSON, when short enough to send along.
+    pub(super) kind: Option<String>,
+}
+
+impl Announce {
+    /// The event's entry in a batch payload: `{"j", "s", "a", "k"?}`.
+    fn entry(&self, with_kind: bool) -> String {
+        let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "null".into());
+        match self.kind.as_deref().filter(|_| with_kind) {
+            Some(k) => format!(
+                r#"{{"j":"{}","s":{},"a":{at},"k":{k}}}"#,
+                self.job, self.seq
+            ),
+            None => format!(r#"{{"j":"{}","s":{},"a":{at}}}"#, self.job, self.seq),
+        }
+    }
+}
+
+/// The store's notifier: a task that sends the events this store committed as few `NOTIFY`s
+/// as it can (every event written while the previous one was on its way goes into the next).
+pub(super) struct Notifier {
+    tx: mpsc::UnboundedSender<Announce>,
+}
+
+impl Notifier {
+    /// Starts the task; it ends when the store (the last sender) is dropped, after sending what
+    /// is left.
+    pub(super) fn start(pool: PgPool, channel: String, instance: String) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(notify_loop(pool, channel, instance, rx));
+        Self { tx }
+    }
+
+    pub(super) fn announce(&self, a: Announce) {
+        let _ = self.tx.send(a);
+    }
+}
+
+async fn notify_loop(
+    pool: PgPool,
+    channel: String,
+    instance: String,
+    mut rx: mpsc::UnboundedReceiver<Announce>,
+) {
+    let head = format!(
+        r#"{{"i":{},"b":["#,
+        serde_json::to_string(&instance).unwrap_or_else(|_| "\"\"".into())
+    );
+    let mut carried: Option<Announce> = None;
+    loop {
+        let first = match carried.take() {
+            Some(a) => a,
+            None => match rx.recv().await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        let mut payload = head.clone();
+        let entry = first
+            .entry(head.len() + 200 + first.kind.as_ref().map_or(0, String::len) < MAX_PAYLOAD);
+        payload.push_str(&entry);
+        while let Ok(next) = rx.try_recv() {
+            let mut entry = next.entry(true);
+            if payload.len() + entry.len() + 3 > MAX_PAYLOAD {
+                entry = next.entry(false);
+            }
+            if payload.len() + entry.len() + 3 > MAX_PAYLOAD {
+                carried = Some(next);
+                break;
+            }
+            payload.push(',');
+            payload.push_str(&entry);
+        }
+        payload.push_str("]}");
+        // A notification alone needs no flush to disk: a crash loses it either way.
+        let sent =
+            sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+                .bind(&channel)
+                .bind(&payload)
+                .execute(&pool)
+                .await;
+        match sent {
+            Ok(_) => {}
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not notify the other instances of new events")
+            }
+        }
+    }
+}
+
+/// One event of a batch notification.
+#[derive(Debug, Deserialize)]
+struct Entry {
+    j: JobId,
+    s: u64,
+    a: DateTime<Utc>,
+    #[serde(default)]
+    k: Option<JobEventKind>,
+}
+
+/// A notification payload. Batches of events: `i` (instance) and `b` (the events: `j` job,
+/// `s` seq, `a` time, `k` the kind, left out when too long). Cancel requests: `i` and `c` (the
+/// job). Single events (what earlier versions sent): `i`, `j`, `s`, `a`, `k`.
 #[derive(Debug, Deserialize)]
 struct Note {
     i: String,
+    #[serde(default)]
+    b: Option<Vec<Entry>>,
     #[serde(default)]
     c: Option<JobId>,
     #[serde(default)]
@@ -108,10 +221,29 @@ async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, pay
         engine.remote_cancel(id);
         return;
     }
+    if let Some(batch) = note.b {
+        for e in batch {
+            event(engine, pool, e.j, e.s, Some(e.a), e.k).await;
+        }
+        return;
+    }
     let (Some(job_id), Some(seq)) = (note.j, note.s) else {
         return;
     };
-    let event = match (note.a, note.k) {
+    event(engine, pool, job_id, seq, note.a, note.k).await;
+}
+
+/// Hands one remote event to the engine (reading it from the table when its kind was left
+/// out), and wakes idle workers when it may have made work claimable.
+async fn event(
+    engine: &dyn ClusterListener,
+    pool: &PgPool,
+    job_id: JobId,
+    seq: u64,
+    at: Option<DateTime<Utc>>,
+    kind: Option<JobEventKind>,
+) {
+    let event = match (at, kind) {
         (Some(at), Some(kind)) => JobEvent {
             job_id,
             seq,

@@ -34,6 +34,25 @@ static MIGRATOR: Migrator = Migrator {
 /// be up to half again as long as the compact form.
 const INLINE_KIND_MAX: usize = 5000;
 
+/// The progress of a job after `StepStarted` of step `$5`, computed from the stored JSON as
+/// [`Progress::start`](crate::job::Progress::start) does: out of `pending`, the only one in
+/// `in_progress`.
+const PROGRESS_STARTED: &str = "jsonb_build_object(\
+    'completed', COALESCE(job->'progress'->'completed', '[]'::jsonb), \
+    'in_progress', (COALESCE(job->'progress'->'in_progress', '[]'::jsonb) - $5::text) \
+        || jsonb_build_array($5::text), \
+    'pending', COALESCE(job->'progress'->'pending', '[]'::jsonb) - $5::text)";
+
+/// The progress after a successful `StepFinished` of step `$5`, as
+/// [`Progress::finish`](crate::job::Progress::finish): out of `in_progress` and `pending`,
+/// into `completed` once.
+const PROGRESS_FINISHED: &str = "jsonb_build_object(\
+    'completed', CASE WHEN COALESCE(job->'progress'->'completed', '[]'::jsonb) ? $5::text \
+        THEN job->'progress'->'completed' \
+        ELSE COALESCE(job->'progress'->'completed', '[]'::jsonb) || jsonb_build_array($5::text) END, \
+    'in_progress', COALESCE(job->'progress'->'in_progress', '[]'::jsonb) - $5::text, \
+    'pending', COALESCE(job->'progress'->'pending', '[]'::jsonb) - $5::text)";
+
 /// Jobs recovered per transaction by [`JobStore::recover_expired`].
 const RECOVER_BATCH: i64 = 100;
 
@@ -80,11 +99,21 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// # Notifications
 ///
-/// Every event insert and every cancel request of a running job sends a `NOTIFY` on a channel
-/// named after the schema, in the same transaction. [`Self::listen`] hands those to another
+/// Every event is announced on a channel named after the schema once its transaction committed:
+/// a background task of the store (the *notifier*) gathers the events written meanwhile into
+/// one `NOTIFY` (up to about 7 KB of payload; the kinds of small events ride along, the others
+/// are read back from `aiwg_job_events` by the listener). Keeping `NOTIFY` out of the
+/// transactions that write events matters: PostgreSQL serialises the commits of every
+/// transaction that notifies, flush to disk included, so a `NOTIFY` per event would make all
+/// the workers of all the instances commit one at a time. A cancel request of a running job
+/// still notifies in its own transaction. [`Self::listen`] hands those to another
 /// instance's engine through its [`ClusterListener`](crate::store::ClusterListener). Use one
 /// `PgStore` per engine: events are tagged with the store's instance id and a
-/// listener skips the ones its own store wrote (its engine published those already).
+/// listener skips the ones its own store wrote (its engine published those already). A
+/// notification is lost if the database or the store's process dies between the commit and
+/// the announcement, as notifications already were when a listener's connection dropped:
+/// other instances then see the event at their next read of the job, and poll for queued
+/// work.
 ///
 /// # Migrations
 ///
@@ -100,7 +129,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// Every state change is one transaction and, by default, one flush to disk: about five per
 /// one-step job (create, claim, step started, step finished, finish), which bounds throughput
-/// on slow disks. [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the
+/// on slow disks. Claims ([`JobStore::claim_many`]) and inserts ([`JobStore::create_many`])
+/// come in batches, a transaction and a flush for many jobs; a step event is one statement. [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the
 /// progress events skip the flush.
 ///
 /// # Example
@@ -123,6 +153,7 @@ pub struct PgStore {
     instance: String,
     relaxed_events: bool,
     keyring: Option<crate::secrets::SecretKeyring>,
+    notifier: listen::Notifier,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -181,20 +212,14 @@ fn secret_err(e: crate::secrets::SecretError) -> StoreError {
 }
 
 /// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
-/// `seq = u.last_seq` and notifies listeners, selecting `u`'s columns. Parameters `$p` to
-/// `$p+4`: event time, kind JSON text, whether to inline the kind, channel, instance.
+/// `seq = u.last_seq`, selecting `u`'s columns. Parameters `$p` and `$p+1`: event time, kind
+/// JSON text. Listeners hear of the event once it is committed (see [`PgStore::announce`]).
 fn event_tail(p: usize) -> String {
     format!(
         ", e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT id, last_seq, ${p}, ${k}::jsonb FROM u) \
-         SELECT u.*, (pg_notify(${c}, json_build_object('i', ${i}::text, 'j', u.id, \
-             's', u.last_seq, 'a', ${p}, \
-             'k', CASE WHEN ${inl} THEN ${k}::json END)::text) IS NULL) AS notified \
-         FROM u",
+         SELECT u.* FROM u",
         k = p + 1,
-        inl = p + 2,
-        c = p + 3,
-        i = p + 4,
     )
 }
 
@@ -254,10 +279,13 @@ impl PgStore {
         let schema = crate::util::current_schema(&pool)
             .await
             .map_err(StoreError::Backend)?;
+        let channel = channel_for(&schema);
+        let instance = Uuid::now_v7().simple().to_string();
         Ok(Self {
+            notifier: listen::Notifier::start(pool.clone(), channel.clone(), instance.clone()),
             pool,
-            channel: channel_for(&schema),
-            instance: Uuid::now_v7().simple().to_string(),
+            channel,
+            instance,
             relaxed_events: false,
             keyring: None,
         })
@@ -391,11 +419,18 @@ impl PgStore {
     }
 
     fn bind_event<'q>(&'q self, q: PgQuery<'q>, ev: &'q NewEvent) -> PgQuery<'q> {
-        q.bind(ev.at)
-            .bind(&ev.text)
-            .bind(ev.text.len() <= INLINE_KIND_MAX)
-            .bind(&self.channel)
-            .bind(&self.instance)
+        q.bind(ev.at).bind(&ev.text)
+    }
+
+    /// Tells the other instances about a committed event (through the store's notifier: one
+    /// `NOTIFY` for many events, outside the transactions that write them).
+    fn announce(&self, job_id: JobId, seq: i64, ev: &NewEvent) {
+        self.notifier.announce(listen::Announce {
+            job: job_id,
+            seq: to_u64(seq),
+            at: ev.at,
+            kind: (ev.text.len() <= INLINE_KIND_MAX).then(|| ev.text.clone()),
+        });
     }
 
     /// Tells a missing job from a lost lease after a fenced write matched no row.
@@ -548,10 +583,235 @@ impl PgStore {
         };
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
         tx.commit().await.map_err(db)?;
+        self.announce(job.id, seq, &ev);
         Ok(Some(Ok(Created::New(
             job.clone(),
             ev.into_event(job.id, seq),
         ))))
+    }
+
+    /// Inserts queued jobs without idempotency keys in one transaction: one statement for the
+    /// jobs, their `queued` events and their notifications. Answers `(slot, outcome)` per job,
+    /// or the slots and the error when the whole batch failed.
+    #[allow(clippy::type_complexity)]
+    async fn insert_batch(
+        &self,
+        batch: Vec<(usize, NewJob)>,
+    ) -> Result<Vec<(usize, Result<Created, StoreError>)>, (Vec<usize>, StoreError)> {
+        let slots: Vec<usize> = batch.iter().map(|(s, _)| *s).collect();
+        self.try_insert_batch(batch).await.map_err(|e| (slots, e))
+    }
+
+    async fn try_insert_batch(
+        &self,
+        batch: Vec<(usize, NewJob)>,
+    ) -> Result<Vec<(usize, Result<Created, StoreError>)>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut queued: Option<usize> = None;
+        if batch.iter().any(|(_, n)| n.queue_capacity.is_some()) {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(crate::util::advisory_lock_key(
+                    &self.channel,
+                    "queue capacity",
+                ))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM aiwg_jobs WHERE status = 'queued'")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            queued = Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(usize, Job, NewEvent)> = Vec::with_capacity(batch.len());
+        for (slot, new) in batch {
+            if let (Some(capacity), Some(q)) = (new.queue_capacity, queued) {
+                if q.saturating_add(accepted.len()) >= capacity {
+                    out.push((slot, Err(StoreError::QueueFull { capacity })));
+                    continue;
+                }
+            }
+            let ev = NewEvent::new(apply::created(&new.job), micros(new.job.created_at))?;
+            accepted.push((slot, new.job, ev));
+        }
+        if !accepted.is_empty() {
+            let n = accepted.len();
+            let (mut ids, mut priorities, mut projects, mut workflows) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut retry_ats, mut created_ats, mut jobs, mut kinds) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let mut ats = Vec::with_capacity(n);
+            for (_, job, ev) in &accepted {
+                ids.push(*job.id.as_uuid());
+                priorities.push(job.priority);
+                projects.push(job.project_path.clone());
+                workflows.push(job.workflow.clone());
+                retry_ats.push(job.retry_at);
+                created_ats.push(job.created_at);
+                jobs.push(serde_json::to_string(&*self.sealed(job)?).map_err(json_err)?);
+                kinds.push(ev.text.clone());
+                ats.push(ev.at);
+            }
+            sqlx::query(
+                "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], \
+                     $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[], \
+                     $9::timestamptz[]) WITH ORDINALITY \
+                     AS t(id, priority, project_path, workflow, retry_at, created_at, job, kind, \
+                          at, ord)), \
+                 u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+                     queue_seq, retry_at, created_at, last_seq, job) \
+                     SELECT id, 'queued', priority, project_path, workflow, \
+                         nextval('aiwg_queue_seq'), retry_at, created_at, 1, job::jsonb \
+                     FROM t ORDER BY ord RETURNING id), \
+                 e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+                     SELECT u.id, 1, t.at, t.kind::jsonb FROM u JOIN t ON t.id = u.id) \
+                 SELECT count(*) FROM u",
+            )
+            .bind(&ids)
+            .bind(&priorities)
+            .bind(&projects)
+            .bind(&workflows)
+            .bind(&retry_ats)
+            .bind(&created_ats)
+            .bind(&jobs)
+            .bind(&kinds)
+            .bind(&ats)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        for (slot, job, ev) in accepted {
+            let id = job.id;
+            self.announce(id, 1, &ev);
+            out.push((slot, Ok(Created::New(job, ev.into_event(id, 1)))));
+        }
+        Ok(out)
+    }
+
+    /// Claims up to `max` jobs in one transaction: one statement picks and locks them, one
+    /// updates them all, records their `running` events and notifies. No per-project limit
+    /// (see [`JobStore::claim_many`]); concurrency groups are honoured (one job per free
+    /// group, under the group's lock).
+    async fn claim_batch(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let at = micros(request.now);
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT j.job FROM aiwg_jobs j \
+             WHERE j.status = 'queued' \
+               AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
+               AND (j.job->>'concurrency_group' IS NULL \
+                    OR NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
+                      AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
+                      AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
+             ORDER BY j.priority DESC, j.queue_seq \
+             LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
+        )
+        .bind(at)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut groups: Vec<String> = Vec::new();
+        let mut picked: Vec<(Job, NewEvent)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut job = self.job_of(row)?;
+            if let Some(group) = &job.concurrency_group {
+                if groups.contains(group) || !self.group_is_free(&mut tx, group, at).await? {
+                    continue;
+                }
+                groups.push(group.clone());
+            }
+            let kind = apply::claim(&mut job, at)?;
+            apply::progress(&mut job, &kind);
+            let ev = NewEvent::new(kind, at)?;
+            picked.push((job, ev));
+        }
+        if picked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(picked.len());
+        let mut jobs = Vec::with_capacity(picked.len());
+        let mut kinds = Vec::with_capacity(picked.len());
+        for (job, ev) in &picked {
+            ids.push(*job.id.as_uuid());
+            jobs.push(serde_json::to_string(&*self.sealed(job)?).map_err(json_err)?);
+            kinds.push(ev.text.clone());
+        }
+        let rows = sqlx::query(
+            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) \
+                 AS t(id, job, kind)), \
+             u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
+                 retry_at = NULL, lease_owner = $4, \
+                 lease_token = nextval('aiwg_lease_token_seq'), \
+                 lease_expires_at = GREATEST($5::timestamptz, now()) \
+                     + $6 * interval '1 microsecond', \
+                 job = t.job::jsonb, last_seq = a.last_seq + 1, updated_at = now() \
+                 FROM t WHERE a.id = t.id \
+                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind), \
+             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+                 SELECT id, last_seq, $5, kind::jsonb FROM u) \
+             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at FROM u",
+        )
+        .bind(&ids)
+        .bind(&jobs)
+        .bind(&kinds)
+        .bind(&request.owner)
+        .bind(at)
+        .bind(ttl_micros(request.lease_ttl))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let mut leases: std::collections::HashMap<Uuid, (i64, i64, DateTime<Utc>)> = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<Uuid, _>("id").map_err(db)?,
+                    (
+                        r.try_get("last_seq").map_err(db)?,
+                        r.try_get("lease_token").map_err(db)?,
+                        r.try_get("lease_expires_at").map_err(db)?,
+                    ),
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut out = Vec::with_capacity(picked.len());
+        for (job, ev) in picked {
+            let Some((seq, token, expires_at)) = leases.remove(job.id.as_uuid()) else {
+                return Err(StoreError::backend(
+                    "postgres: a job locked for a claim was not updated",
+                ));
+            };
+            let lease = Lease {
+                job_id: job.id,
+                owner: request.owner.clone(),
+                attempt: job.attempt,
+                token: to_u64(token),
+                expires_at,
+            };
+            self.announce(job.id, seq, &ev);
+            let event = ev.into_event(job.id, seq);
+            out.push(Claimed { job, lease, event });
+        }
+        Ok(out)
     }
 
     /// Picks and locks the next claimable job in `tx`, or `None`.
@@ -676,6 +936,63 @@ impl JobStore for PgStore {
         ))
     }
 
+    async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
+        // Jobs with an idempotency key (rare in batches) take the one-at-a-time path, which
+        // knows how to find the job their key created; the rest are inserted together.
+        let mut out: Vec<Option<Result<Created, StoreError>>> = Vec::with_capacity(new.len());
+        let mut batch = Vec::new();
+        for n in new {
+            if n.job.idempotency_key.is_some() || n.job.status != JobStatus::Queued {
+                out.push(Some(self.create(n).await));
+            } else {
+                batch.push((out.len(), n));
+                out.push(None);
+            }
+        }
+        if !batch.is_empty() {
+            match self.insert_batch(batch).await {
+                Ok(done) => {
+                    for (slot, answer) in done {
+                        out[slot] = Some(answer);
+                    }
+                }
+                Err((slots, e)) => {
+                    for slot in slots {
+                        out[slot] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(StoreError::backend(
+                        "postgres: a job of the batch was not answered",
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_many(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if request.per_project_limit.is_some() || max <= 1 {
+            // Project limits are checked one claim at a time, under the project's lock.
+            let mut out = Vec::new();
+            while out.len() < max {
+                match self.claim(request).await? {
+                    Some(c) => out.push(c),
+                    None => break,
+                }
+            }
+            return Ok(out);
+        }
+        self.claim_batch(request, max).await
+    }
+
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1")
             .bind(id.as_uuid())
@@ -773,6 +1090,7 @@ impl JobStore for PgStore {
             let token: i64 = row.try_get("lease_token").map_err(db)?;
             let expires_at: DateTime<Utc> = row.try_get("lease_expires_at").map_err(db)?;
             tx.commit().await.map_err(db)?;
+            self.announce(job.id, seq, &ev);
             let lease = Lease {
                 job_id: job.id,
                 owner: request.owner.clone(),
@@ -846,27 +1164,45 @@ impl JobStore for PgStore {
                 return Err(self.lost(&self.pool, lease.job_id).await);
             };
             let seq: i64 = row.try_get("last_seq").map_err(db)?;
+            self.announce(lease.job_id, seq, &ev);
             return Ok(ev.into_event(lease.job_id, seq));
         }
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let mut job = self.lock_fenced(&mut tx, lease, at).await?;
-        apply::progress(&mut job, &ev.kind);
+        // A step event also moves the job's progress: done in the same statement, on the
+        // stored JSON (what `apply::progress` does to a `Job`), so the step costs one round
+        // trip and no read.
+        let (step, finished) = match &ev.kind {
+            JobEventKind::StepStarted { step, .. } => (step.clone(), false),
+            JobEventKind::StepFinished { step, .. } => (step.clone(), true),
+            _ => unreachable!("only step events move progress"),
+        };
         let sql = format!(
-            "WITH u AS (UPDATE aiwg_jobs SET job = $2, last_seq = last_seq + 1, \
-                 updated_at = now() WHERE id = $1 AND {} RETURNING id, last_seq){}",
+            "WITH u AS (UPDATE aiwg_jobs SET job = jsonb_set(job, '{{progress}}', {}), \
+                 last_seq = last_seq + 1, updated_at = now() \
+             WHERE id = $1 AND status = 'running' AND lease_token = $2 \
+               AND lease_expires_at > GREATEST($3::timestamptz, now()) AND {} \
+             RETURNING id, last_seq){}",
+            if finished {
+                PROGRESS_FINISHED
+            } else {
+                PROGRESS_STARTED
+            },
             self.event_commit(),
             event_tail(3)
         );
         let q = sqlx::query(&sql)
-            .bind(job.id.as_uuid())
-            .bind(Json(self.sealed(&job)?));
+            .bind(lease.job_id.as_uuid())
+            .bind(to_i64(lease.token));
         let row = self
             .bind_event(q, &ev)
-            .fetch_one(&mut *tx)
+            .bind(&step)
+            .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
+        let Some(row) = row else {
+            return Err(self.lost(&self.pool, lease.job_id).await);
+        };
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        self.announce(lease.job_id, seq, &ev);
         Ok(ev.into_event(lease.job_id, seq))
     }
 
@@ -881,6 +1217,7 @@ impl JobStore for PgStore {
         let seq = self.write_changed(&mut tx, &job, &ev).await?;
         tx.commit().await.map_err(db)?;
         let id = job.id;
+        self.announce(id, seq, &ev);
         Ok((job, ev.into_event(id, seq)))
     }
 
@@ -903,6 +1240,7 @@ impl JobStore for PgStore {
                 let ev = NewEvent::new(kind, at)?;
                 let seq = self.write_changed(&mut tx, &job, &ev).await?;
                 tx.commit().await.map_err(db)?;
+                self.announce(id, seq, &ev);
                 Ok(CancelOutcome::Cancelled(job, ev.into_event(id, seq)))
             }
             JobStatus::Running => {
@@ -954,6 +1292,7 @@ impl JobStore for PgStore {
         let ev = NewEvent::new(kind, at)?;
         let seq = self.write_changed(&mut tx, &job, &ev).await?;
         tx.commit().await.map_err(db)?;
+        self.announce(id, seq, &ev);
         Ok(ApprovalOutcome::Decided(job, ev.into_event(id, seq)))
     }
 
@@ -977,6 +1316,7 @@ impl JobStore for PgStore {
             .map_err(db)?;
             let n = rows.len();
             let mut batch = Vec::with_capacity(n);
+            let mut pending = Vec::with_capacity(n);
             for row in rows {
                 let mut job = self.job_of(&row)?;
                 let decision = ApprovalDecision::new(false, "aiwg", "timeout");
@@ -986,9 +1326,13 @@ impl JobStore for PgStore {
                 let ev = NewEvent::new(kind, at)?;
                 let seq = self.write_changed(&mut tx, &job, &ev).await?;
                 let id = job.id;
+                pending.push((id, seq, NewEvent::new(ev.kind.clone(), ev.at)?));
                 batch.push((job, ev.into_event(id, seq)));
             }
             tx.commit().await.map_err(db)?;
+            for (id, seq, ev) in &pending {
+                self.announce(*id, *seq, ev);
+            }
             out.extend(batch);
             if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
                 return Ok(out);
@@ -1058,11 +1402,14 @@ impl JobStore for PgStore {
                 apply::progress(&mut job, &kind);
                 let ev = NewEvent::new(kind, at)?;
                 let seq = self.write_changed(&mut tx, &job, &ev).await?;
-                let id = job.id;
-                batch.push((job, ev.into_event(id, seq)));
+                batch.push((job, seq, ev));
             }
             tx.commit().await.map_err(db)?;
-            out.extend(batch);
+            for (job, seq, ev) in batch {
+                let id = job.id;
+                self.announce(id, seq, &ev);
+                out.push((job, ev.into_event(id, seq)));
+            }
             if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
                 return Ok(out);
             }
