@@ -663,8 +663,10 @@ mod tests {
             vec![Scope::Read, Scope::Admin]
         );
         assert_eq!(
-            scopes(Some(&serde_json::json!(["trigger", "approve", 3]))),
-            vec![Scope::Trigger]
+            scopes(Some(&serde_json::json!([
+                "trigger", "approve", "deploy", 3
+            ]))),
+            vec![Scope::Trigger, Scope::Approve]
         );
         assert!(scopes(None).is_empty());
     }

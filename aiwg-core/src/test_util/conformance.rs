@@ -2420,6 +2420,7 @@ async fn all_events_resets(server: &dyn Serve) {
         .await;
     let c = s.client();
     let before = engine.feed_cursor();
+    let mut watch = engine.feed(None);
     let r = c
         .send(
             "POST",
@@ -2429,6 +2430,18 @@ async fn all_events_resets(server: &dyn Serve) {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    // The answer may come before the feed has the last event: wait for all five.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut n = 0;
+        while watch.next().await.is_some() {
+            n += 1;
+            if n == 5 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the job's five events reach the feed");
     let now = engine.feed_cursor();
     assert!(now.seq >= before.seq + 5, "a job makes five events");
     // Events after `before` are gone from a ring of four.
