@@ -229,7 +229,22 @@ async fn websocket(
     };
     let (response, socket, stream) = match actix_ws::handle(req, payload) {
         Ok(parts) => parts,
-        Err(e) => return actix_web::ResponseError::error_response(e.as_response_error()),
+        // A malformed handshake (no `Sec-WebSocket-Key`, a wrong version…): the API's problem
+        // document, with actix's reason.
+        Err(e) => {
+            // actix-ws's handshake errors set their status in `error_response` (400 for a
+            // missing key or a wrong version), not in `status_code`.
+            let status = http::StatusCode::from_u16(e.error_response().status().as_u16())
+                .unwrap_or(http::StatusCode::BAD_REQUEST);
+            return into_response(
+                aiwg_core::http::Problem::new(
+                    status,
+                    "invalid-upgrade",
+                    format!("not a valid WebSocket upgrade: {e}"),
+                )
+                .into_response(),
+            );
+        }
     };
     let stream = stream
         .max_frame_size(MAX_MESSAGE)

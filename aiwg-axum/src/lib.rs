@@ -44,7 +44,6 @@ use aiwg_core::http::{
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
-use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::any;
 use axum::Router;
@@ -96,7 +95,18 @@ async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> R
     if route.is_websocket() && aiwg_core::http::is_websocket_upgrade(&parts.headers) {
         let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
             Ok(u) => u,
-            Err(rejection) => return rejection.into_response(),
+            // A malformed handshake (no `Sec-WebSocket-Key`, a wrong version…): the API's
+            // problem document, with axum's reason.
+            Err(rejection) => {
+                return into_response(
+                    aiwg_core::http::Problem::new(
+                        rejection.status(),
+                        "invalid-upgrade",
+                        format!("not a valid WebSocket upgrade: {}", rejection.body_text()),
+                    )
+                    .into_response(),
+                )
+            }
         };
         let request = ApiRequest::new(route, parts.method)
             .with_params(params)

@@ -120,6 +120,23 @@ async fn jwt_and_websocket(bin: &str) {
     assert_eq!(u16::from(close.code), 1000);
     assert_eq!(jwks.hits(), 1);
 
+    // A malformed handshake (no Sec-WebSocket-Key): a problem document, not the stack's text.
+    let res = http
+        .get(format!("{}/ws", server.base))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 400);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "urn:aiwg:problem:invalid-upgrade",
+        "{problem}"
+    );
+
     // An expired token: 401 saying so.
     let mut claims = issuer.claims("alice", "read");
     claims["exp"] = json!(now() - 600);
