@@ -44,8 +44,9 @@ struct GitHubBodies {
     secret: String,
 }
 
-/// The comment id in [`aiwg_benches::github::issue_comment`].
-const COMMENT_ID: &[u8] = b"492700400";
+/// The comment's id in [`aiwg_benches::github::issue_comment`] (its URLs also carry the number;
+/// the `id` field is what GitHub de-duplication keys on).
+const COMMENT_ID: &[u8] = b"\"id\":492700400";
 
 struct Options {
     name: String,
@@ -136,7 +137,7 @@ fn parse() -> Result<Options, String> {
                 .position(|w| w == COMMENT_ID)
                 .ok_or("the GitHub fixture has no comment id")?;
             Some(Arc::new(GitHubBodies {
-                before: body[..at].to_vec(),
+                before: body[..at + b"\"id\":".len()].to_vec(),
                 after: body[at + COMMENT_ID.len()..].to_vec(),
                 secret,
             }))
