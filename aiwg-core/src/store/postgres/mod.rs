@@ -473,6 +473,48 @@ impl PgStore {
         }
     }
 
+    /// Changes every job `select` finds (its `$1` is now, `$2` the batch size), a batch per
+    /// transaction, with `change` (`None`: leave that job alone); each change is written with
+    /// its event and announced after the commit.
+    async fn sweep(
+        &self,
+        select: &'static str,
+        now: DateTime<Utc>,
+        change: impl Fn(&mut Job, DateTime<Utc>) -> Result<Option<JobEventKind>, StoreError>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        let at = micros(now);
+        let mut out = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let rows = sqlx::query(select)
+                .bind(at)
+                .bind(RECOVER_BATCH)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            let n = rows.len();
+            let mut batch = Vec::with_capacity(n);
+            for row in rows {
+                let mut job = self.job_of(&row)?;
+                let Some(kind) = change(&mut job, at)? else {
+                    continue;
+                };
+                let ev = NewEvent::new(kind, at)?;
+                let seq = self.write_changed(&mut tx, &job, &ev).await?;
+                batch.push((job, seq, ev));
+            }
+            tx.commit().await.map_err(db)?;
+            for (job, seq, ev) in batch {
+                let id = job.id;
+                self.announce(id, seq, &ev);
+                out.push((job, ev.into_event(id, seq)));
+            }
+            if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Writes a locked job after a state change together with its event, in `tx`. `queued`
     /// jobs get a new enqueue number; the lease is dropped unless the job is `running`.
     async fn write_changed(
@@ -1300,44 +1342,20 @@ impl JobStore for PgStore {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
-        let at = micros(now);
-        let mut out = Vec::new();
-        loop {
-            let mut tx = self.pool.begin().await.map_err(db)?;
-            let rows = sqlx::query(
-                "SELECT job FROM aiwg_jobs WHERE status = 'awaiting_approval' \
-                   AND approval_expires_at <= GREATEST($1::timestamptz, now()) \
-                 ORDER BY approval_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(at)
-            .bind(RECOVER_BATCH)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let n = rows.len();
-            let mut batch = Vec::with_capacity(n);
-            let mut pending = Vec::with_capacity(n);
-            for row in rows {
-                let mut job = self.job_of(&row)?;
-                let decision = ApprovalDecision::new(false, "aiwg", "timeout");
-                let Some(kind) = apply::decide(&mut job, decision, at) else {
-                    continue;
-                };
-                let ev = NewEvent::new(kind, at)?;
-                let seq = self.write_changed(&mut tx, &job, &ev).await?;
-                let id = job.id;
-                pending.push((id, seq, NewEvent::new(ev.kind.clone(), ev.at)?));
-                batch.push((job, ev.into_event(id, seq)));
-            }
-            tx.commit().await.map_err(db)?;
-            for (id, seq, ev) in &pending {
-                self.announce(*id, *seq, ev);
-            }
-            out.extend(batch);
-            if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
-                return Ok(out);
-            }
-        }
+        self.sweep(
+            "SELECT job FROM aiwg_jobs WHERE status = 'awaiting_approval' \
+               AND approval_expires_at <= GREATEST($1::timestamptz, now()) \
+             ORDER BY approval_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            now,
+            |job, at| {
+                Ok(apply::decide(
+                    job,
+                    ApprovalDecision::new(false, "aiwg", "timeout"),
+                    at,
+                ))
+            },
+        )
+        .await
     }
 
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
@@ -1380,40 +1398,18 @@ impl JobStore for PgStore {
         &self,
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
-        let at = micros(now);
-        let mut out = Vec::new();
-        loop {
-            let mut tx = self.pool.begin().await.map_err(db)?;
-            let rows = sqlx::query(
-                "SELECT job FROM aiwg_jobs WHERE status = 'running' \
-                   AND lease_expires_at <= GREATEST($1::timestamptz, now()) \
-                 ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(at)
-            .bind(RECOVER_BATCH)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let n = rows.len();
-            let mut batch = Vec::with_capacity(n);
-            for row in rows {
-                let mut job = self.job_of(&row)?;
-                let kind = apply::expire(&mut job, at)?;
-                apply::progress(&mut job, &kind);
-                let ev = NewEvent::new(kind, at)?;
-                let seq = self.write_changed(&mut tx, &job, &ev).await?;
-                batch.push((job, seq, ev));
-            }
-            tx.commit().await.map_err(db)?;
-            for (job, seq, ev) in batch {
-                let id = job.id;
-                self.announce(id, seq, &ev);
-                out.push((job, ev.into_event(id, seq)));
-            }
-            if i64::try_from(n).unwrap_or(i64::MAX) < RECOVER_BATCH {
-                return Ok(out);
-            }
-        }
+        self.sweep(
+            "SELECT job FROM aiwg_jobs WHERE status = 'running' \
+               AND lease_expires_at <= GREATEST($1::timestamptz, now()) \
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            now,
+            |job, at| {
+                let kind = apply::expire(job, at)?;
+                apply::progress(job, &kind);
+                Ok(Some(kind))
+            },
+        )
+        .await
     }
 
     async fn counts(&self) -> Result<QueueCounts, StoreError> {
