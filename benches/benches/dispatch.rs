@@ -3,7 +3,9 @@
 //! bookkeeping) with the same concurrency (10). The ratio of the two throughputs is the
 //! dispatcher's overhead.
 //!
-//! `cargo bench -p aiwg-benches --bench dispatch`
+//! `cargo bench -p aiwg-benches --bench dispatch` (the criterion groups and the side-by-side
+//! figure); `cargo bench -p aiwg-benches --bench dispatch -- summary_only` skips the criterion
+//! groups. The last line is `ratio dispatch_vs_bare_reqwest <v>`.
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
@@ -211,6 +213,11 @@ fn dispatch(c: &mut Criterion) {
         per_sec(signed) / per_sec(bare)
     );
     rt.block_on(dispatcher.shutdown());
+    // The machine-readable figure, last (throughput: ours / baseline, higher is better).
+    println!(
+        "ratio dispatch_vs_bare_reqwest {:.3}",
+        per_sec(signed) / per_sec(bare)
+    );
 }
 
 criterion_group!(benches, dispatch);

@@ -396,6 +396,33 @@ impl Dispatcher {
                 event.event_type
             )));
         }
+        let subscribers = self.subscribers(&event.event_type).await?;
+        self.publish_to(&subscribers, &event).await
+    }
+
+    /// The enabled subscriptions that want `event_type`: asked before an event is built, so
+    /// events nobody subscribed to cost no serialisation.
+    pub(crate) async fn subscribers(&self, event_type: &str) -> Result<Vec<SubscriptionId>> {
+        Ok(self
+            .inner
+            .store
+            .subscriptions()
+            .await?
+            .iter()
+            .filter(|s| s.enabled && s.matches(event_type))
+            .map(|s| s.id)
+            .collect())
+    }
+
+    /// [`publish`](Self::publish) to `subscribers` (from [`subscribers`](Self::subscribers)).
+    pub(crate) async fn publish_to(
+        &self,
+        subscribers: &[SubscriptionId],
+        event: &OutboundEvent,
+    ) -> Result<usize> {
+        if subscribers.is_empty() {
+            return Ok(0);
+        }
         let body = event.body();
         if body.len() > self.inner.max_payload {
             return Err(DispatchError::PayloadTooLarge {
@@ -404,19 +431,12 @@ impl Dispatcher {
             });
         }
         let now = Utc::now();
-        let batch: Vec<NewDelivery> = self
-            .inner
-            .store
-            .subscriptions()
-            .await?
+        let batch: Vec<NewDelivery> = subscribers
             .iter()
-            .filter(|s| s.enabled && s.matches(&event.event_type))
-            .map(|s| NewDelivery::new(s.id, event.event_type.clone(), body.clone(), now))
+            .map(|id| NewDelivery::new(*id, event.event_type.clone(), body.clone(), now))
             .collect();
-        if !batch.is_empty() {
-            self.inner.store.enqueue(&batch).await?;
-            self.inner.wake.notify_waiters();
-        }
+        self.inner.store.enqueue(&batch).await?;
+        self.inner.wake.notify_waiters();
         Ok(batch.len())
     }
 

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::event::{event_type_for_status, OutboundEvent};
+use super::event::{event_type_for_status, OutboundEvent, JOB_STEP_COMPLETED};
 use super::{DispatchError, Dispatcher};
 use crate::engine::JobObserver;
 use crate::event::{JobEvent, JobEventKind};
@@ -28,7 +28,7 @@ pub fn outbound_event(job: &Job, event: &JobEvent) -> Option<OutboundEvent> {
             ))
         }
         JobEventKind::StepFinished { step, ok: true, .. } => {
-            let mut ev = OutboundEvent::for_job("job.step.completed", job, None);
+            let mut ev = OutboundEvent::for_job(JOB_STEP_COMPLETED, job, None);
             if let Some(data) = ev.data.as_object_mut() {
                 data.insert("step".into(), serde_json::Value::String(step.clone()));
             }
@@ -38,17 +38,39 @@ pub fn outbound_event(job: &Job, event: &JobEvent) -> Option<OutboundEvent> {
     }
 }
 
+/// The type of the outbound event [`outbound_event`] makes of `event`, without making it.
+fn outbound_type(event: &JobEvent) -> Option<&'static str> {
+    match &event.kind {
+        JobEventKind::Status { to, .. } => Some(event_type_for_status(*to)),
+        JobEventKind::StepFinished { ok: true, .. } => Some(JOB_STEP_COMPLETED),
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl JobObserver for Dispatcher {
     async fn on_event(&self, job: &Job, event: &JobEvent) {
+        let Some(event_type) = outbound_type(event) else {
+            return;
+        };
+        // Who wants it first: with no subscriber the event is never built (serialising the
+        // job for every event was most of a no-op job's cost).
+        let subscribers = match self.subscribers(event_type).await {
+            Ok(s) if s.is_empty() => return,
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, job = %job.id, "could not queue outbound webhooks");
+                return;
+            }
+        };
         let Some(out) = outbound_event(job, event) else {
             return;
         };
-        let result = match self.publish(out.clone()).await {
+        let result = match self.publish_to(&subscribers, &out).await {
             // Too large for the outbox (a huge summary or step output): delivered cut, with a
             // marker, never dropped silently.
             Err(DispatchError::PayloadTooLarge { limit, .. }) => {
-                self.publish(out.truncated(limit)).await
+                self.publish_to(&subscribers, &out.truncated(limit)).await
             }
             other => other,
         };

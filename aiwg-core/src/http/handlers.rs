@@ -1,7 +1,7 @@
 //! The endpoints: from an [`ApiRequest`] to an [`ApiResponse`].
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, StatusCode};
@@ -557,13 +557,17 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let after = job_position(req, &query)?;
     let stream = api
         .engine()
-        .subscribe(id, after)
+        .subscribe_shared(id, after)
         .await
         .map_err(engine_problem)?;
     Ok(ApiResponse {
         status: StatusCode::OK,
         headers: event_stream_headers(),
-        body: super::ApiBody::Stream(sse::stream(stream, api.inner.keep_alive)),
+        body: super::ApiBody::Stream(sse::stream(
+            stream,
+            Arc::clone(&api.inner.frames),
+            api.inner.keep_alive,
+        )),
     })
 }
 

@@ -262,6 +262,8 @@ struct Inner {
     hooks: Option<Arc<dyn HookHandler>>,
     body_limit: usize,
     keep_alive: Duration,
+    /// The SSE frames of job events, shared by the subscribers of a job.
+    frames: Arc<sse::FrameCache>,
     ws_auth_timeout: Duration,
     metrics_public: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -456,6 +458,7 @@ impl ApiBuilder {
                 hooks: self.hooks,
                 body_limit: self.body_limit,
                 keep_alive: self.keep_alive,
+                frames: Arc::new(sse::FrameCache::new()),
                 ws_auth_timeout: self.ws_auth_timeout,
                 metrics_public: self.metrics_public,
                 metrics,

@@ -7,7 +7,9 @@
 //! position the stream starts from, which a client sends back as `Last-Event-ID` if it has to
 //! reconnect before any event arrived (an EventSource records it without dispatching anything).
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,63 @@ use futures_util::{Stream, StreamExt};
 
 use crate::engine::{FeedCursor, FeedItem};
 use crate::event::JobEvent;
+use crate::job::JobId;
+
+/// Shards of the [`FrameCache`] (a power of two).
+const CACHE_SHARDS: usize = 16;
+/// Jobs a shard of the [`FrameCache`] remembers before it starts over: the cache holds the
+/// last frame of at most `CACHE_SHARDS × CACHE_JOBS` jobs.
+const CACHE_JOBS: usize = 64;
+
+type CacheShard = Mutex<HashMap<JobId, (Arc<JobEvent>, Bytes)>>;
+
+/// The SSE frame of each job's latest event, made once and shared by all the subscribers of
+/// that job: [`Engine::subscribe_shared`](crate::Engine::subscribe_shared) hands every
+/// subscriber the same `Arc<JobEvent>`, so the first one to reach an event frames it and the
+/// others find it here (the entry holds the event, so a pointer match is that very event).
+/// A subscriber that lags behind finds a newer event in the cache and frames its own. Bounded:
+/// a shard that fills up is emptied.
+pub(crate) struct FrameCache {
+    shards: Box<[CacheShard]>,
+}
+
+impl FrameCache {
+    pub(crate) fn new() -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(
+        &self,
+        id: JobId,
+    ) -> std::sync::MutexGuard<'_, HashMap<JobId, (Arc<JobEvent>, Bytes)>> {
+        // The low bits of a UUID v7 are random.
+        let n = (id.as_uuid().as_u128() as usize) & (CACHE_SHARDS - 1);
+        self.shards[n].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The frame of `event`, made at most once while it is the job's latest.
+    pub(crate) fn frame(&self, event: &Arc<JobEvent>) -> Bytes {
+        if let Some((cached, bytes)) = self.shard(event.job_id).get(&event.job_id) {
+            if Arc::ptr_eq(cached, event) {
+                return bytes.clone();
+            }
+        }
+        let bytes = frame(event);
+        let mut shard = self.shard(event.job_id);
+        let newer = shard
+            .get(&event.job_id)
+            .is_some_and(|(cached, _)| cached.seq > event.seq);
+        if !newer {
+            if shard.len() >= CACHE_JOBS && !shard.contains_key(&event.job_id) {
+                shard.clear();
+            }
+            shard.insert(event.job_id, (Arc::clone(event), bytes.clone()));
+        }
+        bytes
+    }
+}
 
 /// Frames one event.
 pub(crate) fn frame(event: &JobEvent) -> Bytes {
@@ -32,13 +91,15 @@ fn frame_with_id(id: &dyn std::fmt::Display, event: &JobEvent) -> Bytes {
 /// An opening comment and the client's reconnection delay.
 const OPENING: &[u8] = b": aiwg event stream\nretry: 2000\n\n";
 
-/// Turns a job's event stream into SSE bytes with a keep-alive comment every `keep_alive`.
+/// Turns a job's event stream into SSE bytes with a keep-alive comment every `keep_alive`;
+/// each event is framed once for all the subscribers sharing `cache`.
 pub(crate) fn stream(
-    events: Pin<Box<dyn Stream<Item = JobEvent> + Send>>,
+    events: Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>>,
+    cache: Arc<FrameCache>,
     keep_alive: Duration,
 ) -> Pin<Box<dyn Stream<Item = Bytes> + Send>> {
     framed(
-        events.map(|ev| frame(&ev)),
+        events.map(move |ev| cache.frame(&ev)),
         Bytes::from_static(OPENING),
         keep_alive,
     )

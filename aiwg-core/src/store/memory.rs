@@ -61,8 +61,12 @@ struct State {
     running: usize,
     /// Finished jobs, oldest first, for retention.
     finished: VecDeque<(DateTime<Utc>, JobId)>,
-    /// Jobs `awaiting_approval` (so expiry does not scan every job).
-    waiting: BTreeSet<JobId>,
+    /// Jobs `awaiting_approval`, with when their approval expires.
+    waiting: HashMap<JobId, DateTime<Utc>>,
+    /// The same by expiry, so the sweep reads only the approvals that expired.
+    waiting_by_expiry: BTreeSet<(DateTime<Utc>, JobId)>,
+    /// Jobs holding a lease, so the lease sweep reads only those (not every job kept).
+    leased: BTreeSet<JobId>,
 }
 
 impl State {
@@ -86,7 +90,27 @@ impl State {
         }
     }
 
+    /// Notes that `job` waits for an approval.
+    fn wait_for_approval(&mut self, job: &Job) {
+        // Without a pending approval (not expected), every sweep looks at it.
+        let expires = job
+            .pending_approval()
+            .map_or(DateTime::<Utc>::MIN_UTC, |a| a.expires_at);
+        if let Some(old) = self.waiting.insert(job.id, expires) {
+            self.waiting_by_expiry.remove(&(old, job.id));
+        }
+        self.waiting_by_expiry.insert((expires, job.id));
+    }
+
+    /// Notes that `id` no longer waits for an approval.
+    fn stop_waiting(&mut self, id: JobId) {
+        if let Some(expires) = self.waiting.remove(&id) {
+            self.waiting_by_expiry.remove(&(expires, id));
+        }
+    }
+
     fn release(&mut self, id: JobId) {
+        self.leased.remove(&id);
         if let Some(e) = self.jobs.get_mut(&id) {
             if e.lease.take().is_some() {
                 self.running -= 1;
@@ -225,6 +249,7 @@ impl State {
         });
         let event = State::record(entry, kind, now);
         let job = entry.job.clone();
+        s.leased.insert(id);
         let project = job.project_path.clone();
         if let Some(g) = &job.concurrency_group {
             s.busy_groups.insert(g.clone(), id);
@@ -434,7 +459,7 @@ impl JobStore for MemoryStore {
         if job.status == JobStatus::Queued {
             s.enqueue(job.id);
         } else if job.status == JobStatus::AwaitingApproval {
-            s.waiting.insert(job.id);
+            s.wait_for_approval(&job);
         } else if job.is_terminal() {
             s.finished(job.id, now, &self.retention);
         }
@@ -451,7 +476,7 @@ impl JobStore for MemoryStore {
                 let ev = State::record(entry, kind, now);
                 let job = entry.job.clone();
                 s.dequeue(id);
-                s.waiting.remove(&id);
+                s.stop_waiting(id);
                 s.finished(id, now, &self.retention);
                 Ok(CancelOutcome::Cancelled(job, ev))
             }
@@ -476,7 +501,7 @@ impl JobStore for MemoryStore {
         };
         let ev = State::record(entry, kind, now);
         let job = entry.job.clone();
-        s.waiting.remove(&id);
+        s.stop_waiting(id);
         if job.status == JobStatus::Queued {
             s.enqueue(id);
         } else {
@@ -491,18 +516,19 @@ impl JobStore for MemoryStore {
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
         let mut s = self.lock();
         let expired: Vec<JobId> = s
-            .waiting
+            .waiting_by_expiry
             .iter()
+            .take_while(|(expires, _)| *expires <= now)
+            .map(|(_, id)| *id)
             .filter(|id| {
                 s.jobs
                     .get(id)
                     .is_some_and(|e| apply::approval_expired(&e.job, now))
             })
-            .copied()
             .collect();
         let mut out = Vec::with_capacity(expired.len());
         for id in expired {
-            s.waiting.remove(&id);
+            s.stop_waiting(id);
             let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
             let decision = ApprovalDecision::new(false, "aiwg", "timeout");
             if let Some(kind) = apply::decide(&mut entry.job, decision, now) {
@@ -544,10 +570,15 @@ impl JobStore for MemoryStore {
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
         let mut s = self.lock();
         let expired: Vec<JobId> = s
-            .jobs
-            .values()
-            .filter(|e| e.lease.as_ref().is_some_and(|l| l.expires_at <= now))
-            .map(|e| e.job.id)
+            .leased
+            .iter()
+            .filter(|id| {
+                s.jobs
+                    .get(id)
+                    .and_then(|e| e.lease.as_ref())
+                    .is_some_and(|l| l.expires_at <= now)
+            })
+            .copied()
             .collect();
         let mut out = Vec::new();
         for id in expired {

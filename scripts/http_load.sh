@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Out-of-process HTTP load (issue 15, part 6): the release example servers (axum and actix-web)
+# and bare servers answering the same bytes, each in its own process, driven by the load
+# generator (`benches/src/bin/load.rs`) in a third. Prints `ratio <name> <value>` lines:
+#   http_github_vs_bare          signed GitHub issue_comment (8.8 KB) → 202, axum
+#   http_trigger_axum_vs_bare    POST /workflows/trigger → 202, axum
+#   http_trigger_actix_vs_bare   the same on actix-web
+# Usage: scripts/http_load.sh [REQUESTS (default 20000)] [CONNECTIONS (default 32)]
+# Not part of `cargo test`: it measures wall-clock throughput.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUESTS=${1:-20000}
+CONNECTIONS=${2:-32}
+ROUNDS=${AIWG_LOAD_ROUNDS:-3}
+export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
+cargo build --release -q -p aiwg-examples --bin server --bin actix_server
+cargo build --release -q -p aiwg-benches --bin load --bin bare_server
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+export AIWG_API_KEY=load-test-api-key-0123456789
+export GITHUB_WEBHOOK_SECRET=load-test-github-secret
+export AIWG_PROJECT_ROOT=$WORK
+export RUST_LOG=${RUST_LOG:-warn}
+
+# Waits until something answers on 127.0.0.1:$1.
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+start() { # port, command...
+  local port=$1; shift
+  "$@" >"$WORK/$port.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+
+AIWG_API_PORT=3200 start 3200 "$BIN/server" --config benches/http/aiwg.yaml
+AIWG_API_PORT=3210 start 3210 "$BIN/actix_server" --config benches/http/aiwg.yaml
+start 3201 "$BIN/bare_server" axum 127.0.0.1:3201
+start 3211 "$BIN/bare_server" actix 127.0.0.1:3211
+
+common=(--requests "$REQUESTS" --connections "$CONNECTIONS" --rounds "$ROUNDS" --expect 202)
+"$BIN/load" --name http_github_vs_bare "${common[@]}" \
+  --ours http://127.0.0.1:3200/hooks/github --bare http://127.0.0.1:3201/hooks/github \
+  --header 'x-github-event: issue_comment' --header 'content-type: application/json' \
+  --unique-header x-github-delivery --github-secret "$GITHUB_WEBHOOK_SECRET" | tee "$WORK/github.out"
+trigger=(--header "authorization: Bearer $AIWG_API_KEY" --header 'content-type: application/json'
+  --body '{"workflow":"noop"}')
+"$BIN/load" --name http_trigger_axum_vs_bare "${common[@]}" "${trigger[@]}" \
+  --ours http://127.0.0.1:3200/workflows/trigger --bare http://127.0.0.1:3201/workflows/trigger | tee "$WORK/axum.out"
+"$BIN/load" --name http_trigger_actix_vs_bare "${common[@]}" "${trigger[@]}" \
+  --ours http://127.0.0.1:3210/workflows/trigger --bare http://127.0.0.1:3211/workflows/trigger | tee "$WORK/actix.out"
+echo
+grep -h '^ratio ' "$WORK/github.out" "$WORK/axum.out" "$WORK/actix.out"
