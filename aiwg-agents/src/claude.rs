@@ -60,6 +60,9 @@ use crate::process::MAX_ARGV_PROMPT;
 pub struct ClaudeCode {
     binary: PathBuf,
     args: Vec<String>,
+    /// The agent's own `max_budget_usd`: a run gets the smaller of it and what is left of the
+    /// job's cap.
+    max_budget_usd: Option<f64>,
     sup: Supervision,
 }
 
@@ -86,8 +89,8 @@ impl ClaudeCode {
         ClaudeCodeBuilder::default()
     }
 
-    /// The arguments before the prompt (for a request without resume).
-    #[must_use]
+    /// The arguments before the prompt (for a request without resume; the budget and output
+    /// schema flags are added per request).
     pub fn base_args(&self) -> &[String] {
         &self.args
     }
@@ -109,21 +112,14 @@ impl ClaudeCode {
             argv.push("--resume".into());
             argv.push(session.clone());
         }
-        if let Some(left) = request.max_budget_usd {
-            // What is left of the job's cap; a smaller cap of the agent's own config stays.
-            let configured = self
-                .args
-                .iter()
-                .position(|a| a == "--max-budget-usd")
-                .and_then(|i| self.args.get(i + 1))
-                .and_then(|v| v.parse::<f64>().ok());
-            if configured.is_none_or(|c| left < c) {
-                if let Some(i) = argv.iter().position(|a| a == "--max-budget-usd") {
-                    argv.drain(i..=i + 1);
-                }
-                // A cap already spent still has to stop the CLI at its first turn.
-                argv.push(format!("--max-budget-usd={}", left.max(0.000_001)));
-            }
+        let cap = match (self.max_budget_usd, request.max_budget_usd) {
+            // What is left of the job's cap; a smaller cap of the agent's own config stays. A
+            // cap already spent still has to stop the CLI at its first turn.
+            (own, Some(left)) => Some(own.map_or(left, |c| c.min(left)).max(0.000_001)),
+            (own, None) => own,
+        };
+        if let Some(cap) = cap {
+            argv.push(format!("--max-budget-usd={cap}"));
         }
         if let Some(schema) = &request.output_schema {
             argv.push(format!("--json-schema={schema}"));
@@ -274,7 +270,6 @@ impl ClaudeCodeBuilder {
                     "must be a positive number",
                 ));
             }
-            args.extend(["--max-budget-usd".into(), b.to_string()]);
         }
         if let Some(p) = self.append_system_prompt {
             // `--flag=value` keeps a value starting with '-' a value.
@@ -285,7 +280,12 @@ impl ClaudeCodeBuilder {
             args.push(format!("--mcp-config={c}"));
         }
         let sup = self.process.check()?;
-        Ok(ClaudeCode { binary, args, sup })
+        Ok(ClaudeCode {
+            binary,
+            args,
+            max_budget_usd: self.max_budget_usd,
+            sup,
+        })
     }
 }
 
