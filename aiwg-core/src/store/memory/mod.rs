@@ -7,6 +7,8 @@
 //! once running, its lease's token and expiry. About 1 KiB per queued job (the `engine_memory`
 //! bench).
 
+mod ready;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -22,8 +24,7 @@ use super::{
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 
-/// Ready-queue order: priority descending, then enqueue order.
-type ReadyKey = (Reverse<i32>, u64, JobId);
+use self::ready::{ReadyKey, ReadyQueue};
 
 /// What the store keeps of a lease to fence writes with.
 #[derive(Clone, Copy)]
@@ -51,7 +52,7 @@ impl Entry {
 #[derive(Default)]
 struct State {
     jobs: BTreeMap<JobId, Box<Entry>>,
-    ready: BTreeSet<ReadyKey>,
+    ready: ReadyQueue,
     idempotency: HashMap<String, (String, JobId)>,
     running_per_project: HashMap<String, usize>,
     /// Concurrency groups with a running job.
@@ -76,7 +77,7 @@ impl State {
         if let Some(e) = self.jobs.get_mut(&id) {
             e.ready_seq = Some(seq);
             if let Some(key) = e.ready_key() {
-                self.ready.insert(key);
+                self.ready.push(key, &e.job);
             }
         }
     }
@@ -85,7 +86,7 @@ impl State {
         if let Some(e) = self.jobs.get_mut(&id) {
             if let Some(key) = e.ready_key() {
                 e.ready_seq = None;
-                self.ready.remove(&key);
+                self.ready.remove(key, &e.job);
             }
         }
     }
@@ -214,24 +215,26 @@ impl State {
     fn claim(&mut self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
         let s = self;
         let now = request.now;
-        let found = s.ready.iter().copied().find(|key| {
-            let job = &s.jobs[&key.2].job;
-            apply::is_due(job, now)
-                && job
-                    .concurrency_group
-                    .as_ref()
-                    .is_none_or(|g| !s.busy_groups.contains_key(g))
-                && request.per_project_limit.is_none_or(|limit| {
-                    s.running_per_project
-                        .get(&job.project_path)
-                        .copied()
-                        .unwrap_or(0)
-                        < limit
-                })
-        });
-        let Some(key) = found else { return Ok(None) };
-        let id = key.2;
-        s.dequeue(id);
+        let jobs = &s.jobs;
+        let busy_groups = &s.busy_groups;
+        let running_per_project = &s.running_per_project;
+        let found = s.ready.pop(
+            now,
+            |id| {
+                jobs.get(&id)
+                    .map(|e| (e.job.project_path.clone(), e.job.concurrency_group.clone()))
+            },
+            |project, group| {
+                group.is_none_or(|g| !busy_groups.contains_key(g))
+                    && request.per_project_limit.is_none_or(|limit| {
+                        running_per_project.get(project).copied().unwrap_or(0) < limit
+                    })
+            },
+        );
+        let Some(id) = found else { return Ok(None) };
+        if let Some(e) = s.jobs.get_mut(&id) {
+            e.ready_seq = None;
+        }
         s.lease_seq += 1;
         let token = s.lease_seq;
         let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
@@ -341,7 +344,7 @@ impl std::fmt::Debug for MemoryStore {
         let s = self.lock();
         f.debug_struct("MemoryStore")
             .field("jobs", &s.jobs.len())
-            .field("ready", &s.ready.len())
+            .field("queued", &s.ready.len())
             .field("running", &s.running)
             .finish()
     }
