@@ -573,8 +573,9 @@ pub struct Job {
     pub retry_at: Option<DateTime<Utc>>,
     /// Step progress.
     pub progress: Progress,
-    /// The result, once completed (partial results are kept on failure).
-    pub result: Option<JobResult>,
+    /// The result, once completed (partial results are kept on failure). Boxed: most jobs kept
+    /// (queued ones) have none, and a queued job should stay small.
+    pub result: Option<Box<JobResult>>,
     /// The error, once failed, cancelled or timed out.
     pub error: Option<JobError>,
     /// True when the job failed with no attempts left.

@@ -212,7 +212,7 @@ mod tests {
             actor: Some("octocat".into()),
             ..job.trigger
         };
-        job.result = Some(JobResult {
+        job.result = Some(Box::new(JobResult {
             summary: "x".into(),
             steps: vec![StepResult {
                 name: "s".into(),
@@ -221,7 +221,7 @@ mod tests {
                 ..StepResult::default()
             }],
             ..JobResult::default()
-        });
+        }));
         job.error = Some(JobError::new("agent_failed", "exit 3"));
         job
     }

@@ -1104,16 +1104,16 @@ impl Engine {
 
     /// Waits until the job reaches a terminal status (or `timeout` passes).
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<Job, EngineError> {
-        use futures_util::StreamExt;
-        let mut events = self.subscribe(id, 0).await?;
-        let waited = tokio::time::timeout(timeout, async {
-            while let Some(ev) = events.next().await {
-                if ev.is_terminal() {
-                    break;
-                }
-            }
-        })
-        .await;
+        // Registered (and enabled) before the job is read, so an end between the two wakes it.
+        let waiter = self.inner.channels.waiter(id);
+        let ended = waiter.ended();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        let job = self.get(id).await?;
+        if job.is_terminal() {
+            return Ok(job);
+        }
+        let waited = tokio::time::timeout(timeout, ended).await;
         let job = self.get(id).await?;
         if waited.is_err() && !job.is_terminal() {
             return Err(EngineError::WaitTimeout(id));

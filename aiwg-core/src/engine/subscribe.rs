@@ -4,6 +4,9 @@
 //! channel exists only while the job has subscribers, an event of a job nobody follows costs a
 //! hash lookup, and a subscriber only ever wakes for its own job's events. Subscribers of one job
 //! share each event (`Arc<JobEvent>`); nothing is copied per subscriber.
+//!
+//! [`Engine::wait`] needs only the end of a job, so it does not subscribe: it registers a
+//! [`Waiter`], which the job's terminal event wakes.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -11,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::Notify;
 
 use super::{Engine, EngineError};
 use crate::event::JobEvent;
@@ -20,18 +24,56 @@ use crate::job::JobId;
 const PAGE: usize = 256;
 
 /// Live events a job's channel holds for its slowest subscriber; one further behind catches up
-/// from the store.
-const JOB_CHANNEL: usize = 1024;
+/// from the store. (A channel allocates all its slots when it is made.)
+const JOB_CHANNEL: usize = 256;
 
 /// Shards of the channel map (a power of two), so publishers of different jobs rarely meet on
 /// one lock.
 const SHARDS: usize = 64;
 
-type Shard = Mutex<HashMap<JobId, broadcast::Sender<Arc<JobEvent>>>>;
+/// What one shard holds: the live channels of jobs with subscribers, and the wake-ups of jobs
+/// someone waits for (with how many wait).
+#[derive(Default)]
+struct ShardState {
+    channels: HashMap<JobId, broadcast::Sender<Arc<JobEvent>>>,
+    waiters: HashMap<JobId, (Arc<Notify>, usize)>,
+}
+
+type Shard = Mutex<ShardState>;
 
 /// The live channels of the jobs that have subscribers, sharded by job id.
 pub(super) struct JobChannels {
     shards: Box<[Shard]>,
+}
+
+/// Someone waiting for a job to end; [`JobChannels::publish`] wakes it with the job's terminal
+/// event. Dropping it unregisters it.
+pub(super) struct Waiter<'a> {
+    channels: &'a JobChannels,
+    id: JobId,
+    ended: Arc<Notify>,
+}
+
+impl Waiter<'_> {
+    /// Wakes when the job's terminal event is published. Enable it (or poll it) before
+    /// checking whether the job already ended, so that no end falls between the two.
+    pub(super) fn ended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ended.notified()
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut shard = self.channels.shard(self.id);
+        if let Some((ended, n)) = shard.waiters.get_mut(&self.id) {
+            if Arc::ptr_eq(ended, &self.ended) {
+                *n -= 1;
+                if *n == 0 {
+                    shard.waiters.remove(&self.id);
+                }
+            }
+        }
+    }
 }
 
 impl JobChannels {
@@ -41,29 +83,47 @@ impl JobChannels {
         }
     }
 
-    fn shard(
-        &self,
-        id: JobId,
-    ) -> std::sync::MutexGuard<'_, HashMap<JobId, broadcast::Sender<Arc<JobEvent>>>> {
+    fn shard(&self, id: JobId) -> std::sync::MutexGuard<'_, ShardState> {
         // The low bits of a UUID v7 are random.
         let n = (id.as_uuid().as_u128() as usize) & (SHARDS - 1);
         self.shards[n].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands `event` to its job's subscribers, if it has any. The channel of a job that ended
-    /// is dropped: its subscribers read what is left and end.
+    /// is dropped: its subscribers read what is left and end; its waiters wake.
     pub(super) fn publish(&self, event: &Arc<JobEvent>) {
         let mut shard = self.shard(event.job_id);
-        if let Some(tx) = shard.get(&event.job_id) {
+        if let Some(tx) = shard.channels.get(&event.job_id) {
             let _ = tx.send(Arc::clone(event));
             if event.is_terminal() {
-                shard.remove(&event.job_id);
+                shard.channels.remove(&event.job_id);
             }
+        }
+        if event.is_terminal() {
+            if let Some((ended, _)) = shard.waiters.remove(&event.job_id) {
+                ended.notify_waiters();
+            }
+        }
+    }
+
+    /// Registers a wait for job `id` to end.
+    pub(super) fn waiter(&self, id: JobId) -> Waiter<'_> {
+        let mut shard = self.shard(id);
+        let (ended, n) = shard
+            .waiters
+            .entry(id)
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        *n += 1;
+        Waiter {
+            channels: self,
+            id,
+            ended: Arc::clone(ended),
         }
     }
 
     fn subscribe(&self, id: JobId) -> broadcast::Receiver<Arc<JobEvent>> {
         self.shard(id)
+            .channels
             .entry(id)
             .or_insert_with(|| broadcast::channel(JOB_CHANNEL).0)
             .subscribe()
@@ -73,8 +133,12 @@ impl JobChannels {
     fn unsubscribe(&self, id: JobId, rx: broadcast::Receiver<Arc<JobEvent>>) {
         let mut shard = self.shard(id);
         drop(rx);
-        if shard.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
-            shard.remove(&id);
+        if shard
+            .channels
+            .get(&id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            shard.channels.remove(&id);
         }
     }
 
@@ -83,7 +147,16 @@ impl JobChannels {
     pub(super) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).channels.len())
+            .sum()
+    }
+
+    /// How many jobs someone waits for (for tests).
+    #[cfg(test)]
+    pub(super) fn waited(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).waiters.len())
             .sum()
     }
 }
@@ -278,6 +351,44 @@ mod tests {
         let replay = engine.subscribe(job.id, 0).await.unwrap();
         assert_eq!(engine.inner.channels.len(), 0);
         assert_eq!(replay.count().await, seqs.len());
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn wait_needs_no_channel_and_leaves_no_waiter_behind() {
+        let exec = ScriptedExecutor::hanging();
+        let engine = Engine::builder()
+            .executor("hang", Arc::new(exec.clone()))
+            .workflow(Workflow::new("w").step(Step::prompt("s", "hang", "x")))
+            .build()
+            .unwrap();
+        let job = engine.submit(JobRequest::new("w")).await.unwrap();
+        // A wait that times out unregisters itself.
+        let err = engine.wait(job.id, Duration::from_millis(20)).await;
+        assert!(matches!(err, Err(crate::EngineError::WaitTimeout(_))));
+        assert_eq!(engine.inner.channels.waited(), 0);
+        // Two waiters share one wake-up, made by the terminal event.
+        let (a, b) = (engine.clone(), engine.clone());
+        let first = tokio::spawn(async move { a.wait(job.id, Duration::from_secs(10)).await });
+        let second = tokio::spawn(async move { b.wait(job.id, Duration::from_secs(10)).await });
+        assert!(exec.wait_started(1, Duration::from_secs(5)).await);
+        while engine.inner.channels.waited() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            engine.inner.channels.len(),
+            0,
+            "waiting subscribes to nothing"
+        );
+        engine.cancel(job.id).await.unwrap();
+        for w in [first, second] {
+            let done = w.await.unwrap().expect("the job ended");
+            assert_eq!(done.status, crate::JobStatus::Cancelled);
+        }
+        assert_eq!(engine.inner.channels.waited(), 0);
+        // Waiting for a job that already ended answers at once.
+        let ended = engine.wait(job.id, Duration::from_secs(10)).await.unwrap();
+        assert!(ended.is_terminal());
         engine.shutdown(Duration::from_secs(1)).await;
     }
 }

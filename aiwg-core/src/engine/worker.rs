@@ -439,7 +439,7 @@ async fn run_steps(
     // A job resuming after an approval continues with the results of the steps it ran.
     if job.resume_after_approval {
         if let Some(done) = &job.result {
-            result = done.clone();
+            result = JobResult::clone(done);
             result.steps.retain(|s| !s.partial);
             for s in &result.steps {
                 outputs.insert(s.name.clone(), s.output.clone());

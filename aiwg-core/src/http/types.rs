@@ -186,7 +186,7 @@ impl From<&Job> for StatusDocument {
             started_at: j.started_at,
             finished_at: j.finished_at,
             progress: j.progress.clone(),
-            result: j.result.clone(),
+            result: j.result.as_deref().cloned(),
             error: j.error.clone(),
             dead_letter: j.dead_letter,
             trigger: j.trigger.clone(),

@@ -609,7 +609,7 @@ pub mod apply {
             Finish::AwaitingApproval { result, approval } => {
                 let reason = format!("waiting for approval of step `{}`", approval.step);
                 job.approvals.push(approval);
-                job.result = Some(result);
+                job.result = Some(Box::new(result));
                 job.retry_at = None;
                 job.resume_after_approval = false;
                 return set_status(job, to, now, Some(reason), None);
@@ -617,7 +617,7 @@ pub mod apply {
         };
         job.resume_after_approval = false;
         if result.is_some() || to != JobStatus::Queued {
-            job.result = result;
+            job.result = result.map(Box::new);
         }
         job.retry_at = retry_at;
         job.dead_letter = to == JobStatus::Failed;

@@ -2,10 +2,10 @@
 //! store; nothing survives a restart.
 //!
 //! Layout: each job lives in its own allocation (`Box<Entry>`), so the ordered map's nodes stay
-//! small however large a job is, and a queued job holds only what it needs: the job, its one
-//! event (in a vector allocated for exactly one), its place in the ready queue (a number) and,
-//! once running, its lease's token and expiry. About 1 KiB per queued job (the `engine_memory`
-//! bench).
+//! small however large a job is, and a queued job holds only what it needs: the job, its place
+//! in the ready queue (a number; the queue itself is in [`ready`]) and, once running, its
+//! lease's token and expiry. Its first event is not stored but made again when read. Under
+//! 1 KiB per queued job (the `engine_memory` bench).
 
 mod ready;
 
@@ -35,17 +35,46 @@ struct Held {
 
 struct Entry {
     job: Job,
-    events: Vec<JobEvent>,
+    /// The job's events after the first. The first (`queued`, at creation) is not kept: it is
+    /// made again from the job's id, creation time and [`created_attempt`](Self::created_attempt)
+    /// when read, so a queued job holds no event at all.
+    later_events: Vec<JobEvent>,
     lease: Option<Held>,
-    /// The enqueue number of a queued job (its [`ReadyKey`] is made of it, the job's priority
-    /// and id).
-    ready_seq: Option<u64>,
+    /// The enqueue number of a queued job, 0 when it is not queued (its [`ReadyKey`] is made
+    /// of it, the job's priority and id).
+    ready_seq: u64,
+    /// The attempt the job was created with (its first event's).
+    created_attempt: u32,
 }
 
 impl Entry {
     fn ready_key(&self) -> Option<ReadyKey> {
-        self.ready_seq
-            .map(|seq| (Reverse(self.job.priority), seq, self.job.id))
+        (self.ready_seq != 0).then_some((Reverse(self.job.priority), self.ready_seq, self.job.id))
+    }
+
+    /// The first event, as it was recorded at creation.
+    fn first_event(&self) -> JobEvent {
+        JobEvent {
+            job_id: self.job.id,
+            seq: 1,
+            at: self.job.created_at,
+            kind: JobEventKind::status(None, JobStatus::Queued, self.created_attempt),
+        }
+    }
+
+    /// The events with `seq > after`, at most `limit` of them.
+    fn events(&self, after: u64, limit: usize) -> Vec<JobEvent> {
+        let first = (after == 0 && limit > 0).then(|| self.first_event());
+        let start = usize::try_from(after.saturating_sub(1))
+            .unwrap_or(usize::MAX)
+            .min(self.later_events.len());
+        let end = start
+            .saturating_add(limit - usize::from(first.is_some()))
+            .min(self.later_events.len());
+        first
+            .into_iter()
+            .chain(self.later_events[start..end].iter().cloned())
+            .collect()
     }
 }
 
@@ -75,7 +104,7 @@ impl State {
         self.enqueue_seq += 1;
         let seq = self.enqueue_seq;
         if let Some(e) = self.jobs.get_mut(&id) {
-            e.ready_seq = Some(seq);
+            e.ready_seq = seq;
             if let Some(key) = e.ready_key() {
                 self.ready.push(key, &e.job);
             }
@@ -85,7 +114,7 @@ impl State {
     fn dequeue(&mut self, id: JobId) {
         if let Some(e) = self.jobs.get_mut(&id) {
             if let Some(key) = e.ready_key() {
-                e.ready_seq = None;
+                e.ready_seq = 0;
                 self.ready.remove(key, &e.job);
             }
         }
@@ -134,11 +163,11 @@ impl State {
         apply::progress(&mut entry.job, &kind);
         let ev = JobEvent {
             job_id: entry.job.id,
-            seq: entry.events.len() as u64 + 1,
+            seq: entry.later_events.len() as u64 + 2,
             at: now,
             kind,
         };
-        entry.events.push(ev.clone());
+        entry.later_events.push(ev.clone());
         ev
     }
 
@@ -195,17 +224,15 @@ impl State {
             s.idempotency
                 .insert(key.clone(), (new.fingerprint.unwrap_or_default(), id));
         }
-        let now = job.created_at;
-        let mut entry = Box::new(Entry {
-            // Room for exactly the one event a queued job has (a first push would make room
-            // for four).
-            events: Vec::with_capacity(1),
+        let entry = Box::new(Entry {
+            later_events: Vec::new(),
             lease: None,
-            ready_seq: None,
+            ready_seq: 0,
+            created_attempt: job.attempt,
             job,
         });
-        let kind = apply::created(&entry.job);
-        let ev = State::record(&mut entry, kind, now);
+        let ev = entry.first_event();
+        debug_assert_eq!(ev.kind, apply::created(&entry.job));
         let job = entry.job.clone();
         s.jobs.insert(id, entry);
         s.enqueue(id);
@@ -233,7 +260,7 @@ impl State {
         );
         let Some(id) = found else { return Ok(None) };
         if let Some(e) = s.jobs.get_mut(&id) {
-            e.ready_seq = None;
+            e.ready_seq = 0;
         }
         s.lease_seq += 1;
         let token = s.lease_seq;
@@ -546,10 +573,7 @@ impl JobStore for MemoryStore {
     async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
         let s = self.lock();
         let entry = s.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(entry.events.len());
-        Ok(entry.events[start..].to_vec())
+        Ok(entry.events(after, usize::MAX))
     }
 
     async fn events_page(
@@ -560,11 +584,7 @@ impl JobStore for MemoryStore {
     ) -> Result<Vec<JobEvent>, StoreError> {
         let s = self.lock();
         let entry = s.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(entry.events.len());
-        let end = start.saturating_add(limit).min(entry.events.len());
-        Ok(entry.events[start..end].to_vec())
+        Ok(entry.events(after, limit))
     }
 
     async fn recover_expired(
