@@ -13,7 +13,7 @@
 //! [`release`]: DeliveryStore::release
 //! [`wait`]: DeliveryStore::wait
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,8 +102,46 @@ pub struct MemoryDeliveryStore {
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<String, State>,
-    claims_since_purge: usize,
+    map: HashMap<Arc<str>, State>,
+    /// Every key with the expiry it was given, in the order given. Each claim forgets the
+    /// entries at the front that expired, so the store never holds much more than its TTL
+    /// window and no claim walks the whole map. (Expiries are not strictly in order, as
+    /// leases are shorter than TTLs; an entry waits at most for those ahead of it.)
+    expiries: VecDeque<(Instant, Arc<str>)>,
+}
+
+impl Inner {
+    /// Sets `key`'s state, noting its expiry; returns the state it replaces.
+    fn set(&mut self, key: &str, state: State) -> Option<State> {
+        let until = match &state {
+            State::Pending { until, .. } | State::Done { until, .. } => *until,
+        };
+        let key: Arc<str> = match self.map.get_key_value(key) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(key),
+        };
+        self.expiries.push_back((until, Arc::clone(&key)));
+        self.map.insert(key, state)
+    }
+
+    /// Forgets what expired at the front of the expiry queue.
+    fn purge(&mut self, now: Instant) {
+        while let Some((until, _)) = self.expiries.front() {
+            if *until > now {
+                break;
+            }
+            let Some((_, key)) = self.expiries.pop_front() else {
+                break;
+            };
+            // The key may have been set again since, with a later expiry: keep it then.
+            let expired = self.map.get(&key).is_some_and(|s| match s {
+                State::Pending { until, .. } | State::Done { until, .. } => *until <= now,
+            });
+            if expired {
+                self.map.remove(&key);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryDeliveryStore {
@@ -121,7 +159,7 @@ impl MemoryDeliveryStore {
         Self::default()
     }
 
-    /// How many keys are held (expired ones included until the next purge).
+    /// How many keys are held (expired ones included until the next claim).
     #[must_use]
     pub fn len(&self) -> usize {
         self.lock().map.len()
@@ -151,13 +189,7 @@ impl DeliveryStore for MemoryDeliveryStore {
     ) -> Result<Claim, DeliveryStoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        inner.claims_since_purge += 1;
-        if inner.claims_since_purge >= 256 {
-            inner.claims_since_purge = 0;
-            inner.map.retain(|_, s| match s {
-                State::Pending { until, .. } | State::Done { until, .. } => *until > now,
-            });
-        }
+        inner.purge(now);
         let claim = match inner.map.get(key) {
             Some(State::Done { job, until }) if *until > now => Claim::Done(*job),
             Some(State::Pending { until, .. }) if *until > now => Claim::Pending,
@@ -165,8 +197,8 @@ impl DeliveryStore for MemoryDeliveryStore {
         };
         if claim == Claim::Fresh {
             let notify = Arc::new(Notify::new());
-            if let Some(State::Pending { notify: old, .. }) = inner.map.insert(
-                key.to_owned(),
+            if let Some(State::Pending { notify: old, .. }) = inner.set(
+                key,
                 State::Pending {
                     notify,
                     until: now + lease,
@@ -185,10 +217,7 @@ impl DeliveryStore for MemoryDeliveryStore {
         ttl: Duration,
     ) -> Result<(), DeliveryStoreError> {
         let until = Instant::now() + ttl;
-        let old = self
-            .lock()
-            .map
-            .insert(key.to_owned(), State::Done { job, until });
+        let old = self.lock().set(key, State::Done { job, until });
         if let Some(State::Pending { notify, .. }) = old {
             notify.notify_waiters();
         }
@@ -417,11 +446,25 @@ mod tests {
                 .expect("complete");
         }
         tokio::time::advance(Duration::from_secs(2)).await;
-        for i in 0..256 {
-            s.claim(&format!("new{i}"), LEASE, TTL)
-                .await
-                .expect("claim");
-        }
-        assert_eq!(s.len(), 256);
+        // The next claim forgets every expired entry.
+        s.claim("new", LEASE, TTL).await.expect("claim");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.lock().expiries.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_set_again_outlives_its_first_expiry() {
+        let s = MemoryDeliveryStore::new();
+        // Pending for a lease, then done for the TTL: its first expiry passes, it stays.
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
+        let job = JobId::new();
+        s.complete("k", job, TTL).await.unwrap();
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        assert_eq!(s.claim("other", LEASE, TTL).await.unwrap(), Claim::Fresh);
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Done(job));
+        tokio::time::advance(TTL).await;
+        assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
+        // Only the fresh claim of "k" is left: "other" and the old entries are gone.
+        assert_eq!(s.len(), 1);
     }
 }
