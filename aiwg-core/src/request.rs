@@ -118,15 +118,31 @@ impl JobRequest {
     #[must_use]
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let canonical = serde_json::json!({
-            "workflow": self.workflow,
-            "project_path": self.project_path,
-            "project": self.project,
-            "guidance": self.guidance,
-            "params": self.params,
-            "priority": self.priority,
-        });
-        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+        /// The fingerprinted fields, in the order of their names (the JSON object a
+        /// fingerprint has always hashed), written straight into the hash.
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            guidance: &'a Option<String>,
+            params: &'a BTreeMap<String, String>,
+            priority: &'a Option<i32>,
+            project: &'a Option<String>,
+            project_path: &'a Option<String>,
+            workflow: &'a str,
+        }
+        let mut hash = Sha256::new();
+        // Writing into a hash cannot fail, nor can serialising strings and numbers.
+        let _ = serde_json::to_writer(
+            &mut hash,
+            &Canonical {
+                guidance: &self.guidance,
+                params: &self.params,
+                priority: &self.priority,
+                project: &self.project,
+                project_path: &self.project_path,
+                workflow: &self.workflow,
+            },
+        );
+        hex::encode(hash.finalize())
     }
 }
 
@@ -141,5 +157,27 @@ mod tests {
         b.trigger.actor = Some("someone".into());
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), a.clone().param("x", "2").fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_is_the_hash_of_the_sorted_json_object() {
+        // What earlier versions hashed (and stores keep): keep it, or keys stored before an
+        // upgrade would conflict with their own replays.
+        use sha2::{Digest, Sha256};
+        let mut r = JobRequest::new("w").param("b", "2").param("a", "1");
+        r.guidance = Some("look at \"this\"\n".into());
+        r.project = Some("org/repo".into());
+        r.priority = Some(-3);
+        let object = serde_json::json!({
+            "workflow": r.workflow, "project_path": r.project_path, "project": r.project,
+            "guidance": r.guidance, "params": r.params, "priority": r.priority,
+        });
+        let expected = hex::encode(Sha256::digest(object.to_string().as_bytes()));
+        assert_eq!(r.fingerprint(), expected);
+        assert_eq!(JobRequest::new("w").fingerprint(), {
+            let o = serde_json::json!({"guidance": null, "params": {}, "priority": null,
+                "project": null, "project_path": null, "workflow": "w"});
+            hex::encode(Sha256::digest(o.to_string().as_bytes()))
+        });
     }
 }
