@@ -13,7 +13,7 @@ use super::{Engine, RunningJob, StopReason};
 use crate::event::JobEventKind;
 use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
 use crate::job::{Approval, Job, JobError, JobResult, StepResult};
-use crate::store::{ClaimRequest, Claimed, Finish, Lease, StoreError};
+use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
 
 /// The most jobs one worker claims at once for itself and the other idle workers.
@@ -186,121 +186,74 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         token.cancel();
     }
 
-    // Heartbeats keep the lease; losing it stops the job without further writes.
-    let lease_cell = Arc::new(Mutex::new(lease.clone()));
-    let hb = {
-        let store = Arc::clone(&inner.store);
-        let ttl = inner.settings.lease_ttl;
-        let token = token.clone();
-        let reason = Arc::clone(&reason);
-        let lease_cell = Arc::clone(&lease_cell);
-        let stop = CancellationToken::new();
-        let stop2 = stop.clone();
-        let handle = tokio::spawn(async move {
-            // The first beat is a third of a lease away (an immediate first tick would cost a
-            // timer turn on every job).
-            let period = ttl / 3;
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            // Self-fencing: the lease is only known to be ours until `ttl` after the last beat
-            // that succeeded was sent. A third of a lease before that, without a successful beat
-            // (store down, slow, unreachable), the job is stopped here, so its agent is gone
-            // before another instance may claim the job.
-            let margin = ttl / 3;
-            let mut fence_at = tokio::time::Instant::now() + ttl.saturating_sub(margin);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = tokio::time::sleep_until(fence_at) => {
-                        fence(&reason, &token);
-                        break;
-                    }
-                    () = stop2.cancelled() => break,
-                }
-                let current = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let sent = tokio::time::Instant::now();
-                let beat = tokio::time::timeout_at(fence_at, store.heartbeat(&current, ttl)).await;
-                match beat {
-                    Err(_elapsed) => {
-                        tracing::warn!(job = %current.job_id, "no heartbeat succeeded within the lease; stopping the job");
-                        fence(&reason, &token);
-                        break;
-                    }
-                    Ok(Ok(hb)) => {
-                        fence_at = sent + ttl.saturating_sub(margin);
-                        *lease_cell.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
-                        if hb.cancel_requested {
-                            reason
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get_or_insert(StopReason::User("cancelled by request"));
-                            token.cancel();
-                        }
-                    }
-                    Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) => {
-                        fence(&reason, &token);
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, job = %current.job_id, "heartbeat failed");
-                    }
-                }
+    // Heartbeats keep the lease; losing it stops the job without further writes. They run
+    // beside the job's work in this same task (no task of their own to spawn and join).
+    let lease_cell = Mutex::new(lease.clone());
+    let work = async {
+        // A job about a pull request runs in a worktree at its head (when workspaces are on).
+        let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
+            != Some(crate::workflow::WorkspaceMode::None);
+        let workspace = match inner.workspaces.as_ref().filter(|_| wants_worktree) {
+            Some(ws) => tokio::select! {
+                r = ws.prepare(&job) => Some(r),
+                () = token.cancelled() => None,
+            },
+            None => Some(Ok(None)),
+        };
+        let (outcome, worktree) = match workspace {
+            None => (
+                (
+                    Err(stop_for(&reason).unwrap_or_else(|| {
+                        Stop::Cancelled(JobError::new(
+                            "cancelled",
+                            "cancelled before the workspace was ready",
+                        ))
+                    })),
+                    JobResult::default(),
+                ),
+                None,
+            ),
+            Some(Err(e)) => (
+                (
+                    Err(Stop::Failed(
+                        JobError::new("workspace_failed", e.to_string()),
+                        false,
+                    )),
+                    JobResult::default(),
+                ),
+                None,
+            ),
+            Some(Ok(None)) => (
+                run_steps(engine, &job, &lease_cell, &token, &reason).await,
+                None,
+            ),
+            Some(Ok(Some(wt))) => {
+                let mut at_head = job.clone();
+                at_head.project_path = wt.path.display().to_string();
+                (
+                    run_steps(engine, &at_head, &lease_cell, &token, &reason).await,
+                    Some(wt),
+                )
             }
-        });
-        (stop, handle)
-    };
-
-    // A job about a pull request runs in a worktree at its head (when workspaces are on).
-    let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
-        != Some(crate::workflow::WorkspaceMode::None);
-    let workspace = match inner.workspaces.as_ref().filter(|_| wants_worktree) {
-        Some(ws) => tokio::select! {
-            r = ws.prepare(&job) => Some(r),
-            () = token.cancelled() => None,
-        },
-        None => Some(Ok(None)),
-    };
-    let (outcome, worktree) = match workspace {
-        None => (
-            (
-                Err(stop_for(&reason).unwrap_or_else(|| {
-                    Stop::Cancelled(JobError::new(
-                        "cancelled",
-                        "cancelled before the workspace was ready",
-                    ))
-                })),
-                JobResult::default(),
-            ),
-            None,
-        ),
-        Some(Err(e)) => (
-            (
-                Err(Stop::Failed(
-                    JobError::new("workspace_failed", e.to_string()),
-                    false,
-                )),
-                JobResult::default(),
-            ),
-            None,
-        ),
-        Some(Ok(None)) => (
-            run_steps(engine, &job, &lease_cell, &token, &reason).await,
-            None,
-        ),
-        Some(Ok(Some(wt))) => {
-            let mut at_head = job.clone();
-            at_head.project_path = wt.path.display().to_string();
-            (
-                run_steps(engine, &at_head, &lease_cell, &token, &reason).await,
-                Some(wt),
-            )
+        };
+        if let (Some(ws), Some(wt)) = (&inner.workspaces, worktree) {
+            let ok = matches!(outcome.0, Ok(()) | Err(Stop::AwaitingApproval(_)));
+            ws.release(wt, ok).await;
         }
+        outcome
     };
-    if let (Some(ws), Some(wt)) = (&inner.workspaces, worktree) {
-        let ok = matches!(outcome.0, Ok(()) | Err(Stop::AwaitingApproval(_)));
-        ws.release(wt, ok).await;
-    }
-    hb.0.cancel();
-    let _ = hb.1.await;
+    let beat = heartbeat(
+        inner.store.as_ref(),
+        inner.settings.lease_ttl,
+        &lease_cell,
+        &reason,
+        &token,
+    );
+    let outcome = tokio::select! {
+        biased;
+        outcome = work => outcome,
+        never = beat => match never {},
+    };
     let lease = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
 
     let finish = match outcome {
@@ -359,6 +312,69 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     done.cancel();
+}
+
+/// What never happens: [`heartbeat`] does not return.
+enum Never {}
+
+/// Keeps a running job's lease (in `lease`) until the job's work ends (the caller stops
+/// polling this then), and stops the job through `token` when the lease is, or may be, lost.
+/// It never returns: once it has stopped the job it waits for the work to end.
+async fn heartbeat(
+    store: &dyn JobStore,
+    ttl: Duration,
+    lease: &Mutex<Lease>,
+    reason: &Mutex<Option<StopReason>>,
+    token: &CancellationToken,
+) -> Never {
+    // The first beat is a third of a lease away (an immediate first tick would cost a timer
+    // turn on every job).
+    let period = ttl / 3;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // Self-fencing: the lease is only known to be ours until `ttl` after the last beat that
+    // succeeded was sent. A third of a lease before that, without a successful beat (store
+    // down, slow, unreachable), the job is stopped here, so its agent is gone before another
+    // instance may claim the job.
+    let margin = ttl / 3;
+    let mut fence_at = tokio::time::Instant::now() + ttl.saturating_sub(margin);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(fence_at) => {
+                fence(reason, token);
+                break;
+            }
+        }
+        let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sent = tokio::time::Instant::now();
+        let beat = tokio::time::timeout_at(fence_at, store.heartbeat(&current, ttl)).await;
+        match beat {
+            Err(_elapsed) => {
+                tracing::warn!(job = %current.job_id, "no heartbeat succeeded within the lease; stopping the job");
+                fence(reason, token);
+                break;
+            }
+            Ok(Ok(hb)) => {
+                fence_at = sent + ttl.saturating_sub(margin);
+                *lease.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
+                if hb.cancel_requested {
+                    reason
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(StopReason::User("cancelled by request"));
+                    token.cancel();
+                }
+            }
+            Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) => {
+                fence(reason, token);
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, job = %current.job_id, "heartbeat failed");
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// Stops a job whose lease is (or may be) no longer ours: no further write is attempted.

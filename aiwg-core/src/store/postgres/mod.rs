@@ -1088,7 +1088,9 @@ impl JobStore for PgStore {
             };
             if let Some(group) = &job.concurrency_group {
                 if !self.group_is_free(&mut tx, group, at).await? {
-                    drop(tx);
+                    // Released at once (a dropped transaction rolls back only when its
+                    // connection is next used, and the row would stay locked until then).
+                    tx.rollback().await.map_err(db)?;
                     busy_groups.push(group.clone());
                     continue;
                 }
@@ -1099,7 +1101,7 @@ impl JobStore for PgStore {
                     .await?
                 {
                     // Roll back (releasing the row and the project lock) and look elsewhere.
-                    drop(tx);
+                    tx.rollback().await.map_err(db)?;
                     full.push(job.project_path);
                     continue;
                 }
@@ -1308,7 +1310,10 @@ impl JobStore for PgStore {
                 tx.commit().await.map_err(db)?;
                 Ok(CancelOutcome::Requested(job))
             }
-            _ => Ok(CancelOutcome::AlreadyFinished(job)),
+            _ => {
+                tx.rollback().await.map_err(db)?;
+                Ok(CancelOutcome::AlreadyFinished(job))
+            }
         }
     }
 
@@ -1329,6 +1334,9 @@ impl JobStore for PgStore {
             None => return Err(StoreError::NotFound(id)),
         };
         let Some(kind) = apply::decide(&mut job, decision, at) else {
+            // Rolled back now, not when the connection is next used: until then the row stays
+            // locked, and claims (which skip locked rows) would not see the job.
+            tx.rollback().await.map_err(db)?;
             return Ok(ApprovalOutcome::NotWaiting(job));
         };
         let ev = NewEvent::new(kind, at)?;
