@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::store::{
     Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
     DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
-    DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
+    DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
@@ -116,6 +116,45 @@ impl State {
             Some(held) if held.token == lease.token => Ok(()),
             _ => Err(DispatchStoreError::LeaseLost),
         }
+    }
+
+    /// Records `attempt` under `lease` and moves the delivery to `outcome`.
+    fn finish(
+        &mut self,
+        lease: &DeliveryLease,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+        retention: usize,
+    ) -> DispatchStoreResult<()> {
+        self.check_lease(lease)?;
+        self.leased.remove(&lease.delivery_id);
+        let Some(row) = self.rows.get_mut(&lease.delivery_id) else {
+            return Err(DispatchStoreError::LeaseLost);
+        };
+        let d = &mut row.delivery;
+        d.attempts.push(attempt.clone());
+        if attempt.trigger == AttemptTrigger::Scheduled {
+            d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
+        }
+        row.manual = false;
+        let sub = d.subscription_id;
+        match outcome {
+            AttemptOutcome::Succeeded | AttemptOutcome::Failed => {
+                d.state = if outcome == AttemptOutcome::Succeeded {
+                    DeliveryState::Succeeded
+                } else {
+                    DeliveryState::Failed
+                };
+                d.next_attempt_at = None;
+                self.finished(sub, lease.delivery_id, retention);
+            }
+            AttemptOutcome::Retry { at } => {
+                d.state = DeliveryState::Retrying;
+                d.next_attempt_at = Some(at);
+                self.due.insert((at, lease.delivery_id));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -330,37 +369,18 @@ impl DispatchStore for MemoryDispatchStore {
         attempt: &Attempt,
         outcome: AttemptOutcome,
     ) -> DispatchStoreResult<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.check_lease(lease)?;
-        st.leased.remove(&lease.delivery_id);
-        let Some(row) = st.rows.get_mut(&lease.delivery_id) else {
-            return Err(DispatchStoreError::LeaseLost);
-        };
-        let d = &mut row.delivery;
-        d.attempts.push(attempt.clone());
-        if attempt.trigger == AttemptTrigger::Scheduled {
-            d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
-        }
-        row.manual = false;
-        let sub = d.subscription_id;
-        match outcome {
-            AttemptOutcome::Succeeded | AttemptOutcome::Failed => {
-                d.state = if outcome == AttemptOutcome::Succeeded {
-                    DeliveryState::Succeeded
-                } else {
-                    DeliveryState::Failed
-                };
-                d.next_attempt_at = None;
-                st.finished(sub, lease.delivery_id, self.retention);
-            }
-            AttemptOutcome::Retry { at } => {
-                d.state = DeliveryState::Retrying;
-                d.next_attempt_at = Some(at);
-                st.due.insert((at, lease.delivery_id));
-            }
-        }
-        Ok(())
+        self.lock().finish(lease, attempt, outcome, self.retention)
+    }
+
+    async fn finish_attempts(&self, batch: &[FinishedAttempt]) -> DispatchStoreResult<Vec<bool>> {
+        let mut st = self.lock();
+        Ok(batch
+            .iter()
+            .map(|f| {
+                st.finish(&f.lease, &f.attempt, f.outcome, self.retention)
+                    .is_ok()
+            })
+            .collect())
     }
 
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {

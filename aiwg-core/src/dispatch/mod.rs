@@ -114,6 +114,7 @@ mod memory;
 mod observer;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod recorder;
 mod retry;
 mod sender;
 mod sign;
@@ -138,7 +139,8 @@ pub use ssrf::{is_public, IpNet, TargetPolicy};
 pub use store::{
     Attempt, AttemptOutcome, AttemptTrigger, BadDeliveryId, ClaimedDelivery, Delivery,
     DeliveryClaimRequest, DeliveryId, DeliveryLease, DeliveryState, DispatchStore,
-    DispatchStoreError, DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
+    DispatchStoreError, DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery,
+    RequeueOutcome,
 };
 pub use subscription::{
     filter_matches, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,

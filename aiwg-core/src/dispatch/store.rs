@@ -282,6 +282,31 @@ pub enum AttemptOutcome {
     Failed,
 }
 
+/// One finished attempt to record: the lease it ran under, what happened and the state it
+/// leaves the delivery in. [`DispatchStore::finish_attempts`] records many in one go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FinishedAttempt {
+    /// The lease of the claim the attempt ran under.
+    pub lease: DeliveryLease,
+    /// What happened.
+    pub attempt: Attempt,
+    /// The state the delivery moves to.
+    pub outcome: AttemptOutcome,
+}
+
+impl FinishedAttempt {
+    /// A finished attempt of the delivery leased by `lease`.
+    #[must_use]
+    pub fn new(lease: DeliveryLease, attempt: Attempt, outcome: AttemptOutcome) -> Self {
+        Self {
+            lease,
+            attempt,
+            outcome,
+        }
+    }
+}
+
 /// What a manual retry found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -391,6 +416,24 @@ pub trait DispatchStore: Send + Sync + 'static {
         attempt: &Attempt,
         outcome: AttemptOutcome,
     ) -> DispatchStoreResult<()>;
+    /// [`finish_attempt`](Self::finish_attempt) for each of `batch`, in one round trip where
+    /// the backend allows it: the dispatcher records the attempts its workers finished together
+    /// this way. The answer has one entry per attempt, in order: `true` when it was recorded,
+    /// `false` when its lease was lost (nothing written for it). On `Err` the caller treats the
+    /// batch as unrecorded: the default implementation (one `finish_attempt` after another) may
+    /// have recorded a prefix, whose deliveries are then finished as recorded; the others are
+    /// attempted again once their leases expire (at least once).
+    async fn finish_attempts(&self, batch: &[FinishedAttempt]) -> DispatchStoreResult<Vec<bool>> {
+        let mut recorded = Vec::with_capacity(batch.len());
+        for f in batch {
+            match self.finish_attempt(&f.lease, &f.attempt, f.outcome).await {
+                Ok(()) => recorded.push(true),
+                Err(DispatchStoreError::LeaseLost) => recorded.push(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(recorded)
+    }
     /// Gives the delivery back unattempted (shutdown); same fencing as `finish_attempt`.
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()>;
     /// One delivery of a subscription, with its attempts.
