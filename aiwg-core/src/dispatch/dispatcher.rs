@@ -427,7 +427,7 @@ impl Dispatcher {
         if subscribers.is_empty() {
             return Ok(0);
         }
-        let body = event.body();
+        let body: Arc<str> = event.body().into();
         if body.len() > self.inner.max_payload {
             return Err(DispatchError::PayloadTooLarge {
                 size: body.len(),

@@ -2,7 +2,7 @@
 //! so a claim does not scan the whole outbox.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -37,7 +37,8 @@ impl Default for MemoryDispatchStore {
 
 #[derive(Debug, Default)]
 struct State {
-    subs: BTreeMap<SubscriptionId, Subscription>,
+    /// Shared with the claims that carry them; a change copies on write.
+    subs: BTreeMap<SubscriptionId, Arc<Subscription>>,
     rows: HashMap<DeliveryId, Row>,
     by_sub: HashMap<SubscriptionId, BTreeSet<DeliveryId>>,
     /// Open, unleased deliveries by due time.
@@ -52,9 +53,22 @@ struct State {
 
 #[derive(Debug)]
 struct Row {
+    /// The delivery, its `payload` left empty: the body is `payload`, shared with the other
+    /// deliveries of the event and with claims (see [`Row::view`]).
     delivery: Delivery,
+    payload: Arc<str>,
     manual: bool,
     finished_seq: Option<u64>,
+}
+
+impl Row {
+    /// The delivery as the log shows it, body included.
+    fn view(&self) -> Delivery {
+        Delivery {
+            payload: self.payload.to_string(),
+            ..self.delivery.clone()
+        }
+    }
 }
 
 impl MemoryDispatchStore {
@@ -165,17 +179,17 @@ impl DispatchStore for MemoryDispatchStore {
         if st.subs.contains_key(&sub.id) {
             return Err(DispatchStoreError::Duplicate);
         }
-        st.subs.insert(sub.id, sub.clone());
+        st.subs.insert(sub.id, Arc::new(sub.clone()));
         Ok(())
     }
 
     async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>> {
-        Ok(self.lock().subs.get(&id).cloned())
+        Ok(self.lock().subs.get(&id).map(|s| Subscription::clone(s)))
     }
 
     async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
         let st = self.lock();
-        let mut all: Vec<_> = st.subs.values().cloned().collect();
+        let mut all: Vec<_> = st.subs.values().map(|s| Subscription::clone(s)).collect();
         all.sort_by_key(|s| (s.created_at, s.id));
         Ok(all)
     }
@@ -187,6 +201,7 @@ impl DispatchStore for MemoryDispatchStore {
     ) -> DispatchStoreResult<Option<Subscription>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
+            let sub = Arc::make_mut(sub);
             change.apply(sub);
             sub.clone()
         }))
@@ -216,6 +231,7 @@ impl DispatchStore for MemoryDispatchStore {
     ) -> DispatchStoreResult<Option<EndpointFailure>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
+            let sub = Arc::make_mut(sub);
             let since = *sub.failing_since.get_or_insert(at);
             sub.consecutive_failures = sub.consecutive_failures.saturating_add(1);
             EndpointFailure {
@@ -227,6 +243,7 @@ impl DispatchStore for MemoryDispatchStore {
 
     async fn endpoint_succeeded(&self, id: SubscriptionId) -> DispatchStoreResult<()> {
         if let Some(sub) = self.lock().subs.get_mut(&id) {
+            let sub = Arc::make_mut(sub);
             sub.failing_since = None;
             sub.consecutive_failures = 0;
         }
@@ -242,6 +259,7 @@ impl DispatchStore for MemoryDispatchStore {
         let mut st = self.lock();
         match st.subs.get_mut(&id) {
             Some(sub) if sub.enabled => {
+                let sub = Arc::make_mut(sub);
                 sub.enabled = false;
                 sub.disabled_reason = Some(reason.to_owned());
                 sub.updated_at = at;
@@ -263,7 +281,7 @@ impl DispatchStore for MemoryDispatchStore {
                 id: d.id,
                 subscription_id: d.subscription_id,
                 event_type: d.event_type.clone(),
-                payload: d.payload.clone(),
+                payload: String::new(),
                 state: DeliveryState::Pending,
                 created_at: d.created_at,
                 next_attempt_at: Some(d.created_at),
@@ -276,6 +294,7 @@ impl DispatchStore for MemoryDispatchStore {
                 d.id,
                 Row {
                     delivery,
+                    payload: d.payload.clone(),
                     manual: false,
                     finished_seq: None,
                 },
@@ -350,7 +369,7 @@ impl DispatchStore for MemoryDispatchStore {
                 lease,
                 id,
                 event_type: row.delivery.event_type.clone(),
-                payload: row.delivery.payload.clone(),
+                payload: row.payload.clone(),
                 scheduled_attempts: row.delivery.scheduled_attempts,
                 trigger: if row.manual {
                     AttemptTrigger::Manual
@@ -407,7 +426,7 @@ impl DispatchStore for MemoryDispatchStore {
             .rows
             .get(&id)
             .filter(|r| r.delivery.subscription_id == subscription)
-            .map(|r| r.delivery.clone()))
+            .map(Row::view))
     }
 
     async fn deliveries(
@@ -426,7 +445,7 @@ impl DispatchStore for MemoryDispatchStore {
         };
         Ok(iter
             .take(limit)
-            .filter_map(|id| st.rows.get(id).map(|r| r.delivery.clone()))
+            .filter_map(|id| st.rows.get(id).map(Row::view))
             .collect())
     }
 

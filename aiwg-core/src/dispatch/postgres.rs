@@ -513,7 +513,7 @@ impl DispatchStore for PgDispatchStore {
             .map(|d| *d.subscription_id.as_uuid())
             .collect();
         let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
-        let payloads: Vec<&str> = deliveries.iter().map(|d| d.payload.as_str()).collect();
+        let payloads: Vec<&str> = deliveries.iter().map(|d| &*d.payload).collect();
         let created: Vec<i64> = deliveries.iter().map(|d| ns(d.created_at)).collect();
         // One statement: all rows or none.
         sqlx::query(
@@ -646,7 +646,7 @@ impl DispatchStore for PgDispatchStore {
         let mut subs = BTreeMap::new();
         for r in &sub_rows {
             let s = self.subscription_of(r)?;
-            subs.insert(*s.id.as_uuid(), s);
+            subs.insert(*s.id.as_uuid(), std::sync::Arc::new(s));
         }
         let mut by_id = BTreeMap::new();
         for r in &rows {
@@ -668,7 +668,7 @@ impl DispatchStore for PgDispatchStore {
                 },
                 id: id.into(),
                 event_type: r.try_get("event_type").map_err(db)?,
-                payload: r.try_get("payload").map_err(db)?,
+                payload: r.try_get::<&str, _>("payload").map_err(db)?.into(),
                 scheduled_attempts: ucount(r.try_get("scheduled_attempts").map_err(db)?),
                 trigger: if manual {
                     AttemptTrigger::Manual

@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -136,8 +137,9 @@ pub struct NewDelivery {
     pub subscription_id: SubscriptionId,
     /// The event's type.
     pub event_type: String,
-    /// The exact body to send (signatures cover these bytes).
-    pub payload: String,
+    /// The exact body to send (signatures cover these bytes); the deliveries of one event
+    /// share it.
+    pub payload: Arc<str>,
     /// Creation time; the first attempt is due then.
     pub created_at: DateTime<Utc>,
 }
@@ -148,7 +150,7 @@ impl NewDelivery {
     pub fn new(
         subscription_id: SubscriptionId,
         event_type: impl Into<String>,
-        payload: impl Into<String>,
+        payload: impl Into<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Self {
         Self {
@@ -221,14 +223,15 @@ pub struct ClaimedDelivery {
     pub id: DeliveryId,
     /// The event's type.
     pub event_type: String,
-    /// The exact body.
-    pub payload: String,
+    /// The exact body (shared, not copied, between the store and the request).
+    pub payload: Arc<str>,
     /// Scheduled attempts made before this one.
     pub scheduled_attempts: u32,
     /// Whether this attempt is a manual retry.
     pub trigger: AttemptTrigger,
-    /// The subscription as it is now (enabled), keys included.
-    pub subscription: Subscription,
+    /// The subscription as it is now (enabled), keys included; shared by the deliveries of
+    /// one claim to the same subscription.
+    pub subscription: Arc<Subscription>,
 }
 
 /// What to claim.
