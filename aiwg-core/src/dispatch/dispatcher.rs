@@ -407,15 +407,7 @@ impl Dispatcher {
     /// The enabled subscriptions that want `event_type`: asked before an event is built, so
     /// events nobody subscribed to cost no serialisation.
     pub(crate) async fn subscribers(&self, event_type: &str) -> Result<Vec<SubscriptionId>> {
-        Ok(self
-            .inner
-            .store
-            .subscriptions()
-            .await?
-            .iter()
-            .filter(|s| s.enabled && s.matches(event_type))
-            .map(|s| s.id)
-            .collect())
+        Ok(self.inner.store.subscribers(event_type).await?)
     }
 
     /// [`publish`](Self::publish) to `subscribers` (from [`subscribers`](Self::subscribers)).

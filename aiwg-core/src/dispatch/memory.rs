@@ -194,6 +194,18 @@ impl DispatchStore for MemoryDispatchStore {
         Ok(all)
     }
 
+    async fn subscribers(&self, event_type: &str) -> DispatchStoreResult<Vec<SubscriptionId>> {
+        let st = self.lock();
+        let mut matching: Vec<_> = st
+            .subs
+            .values()
+            .filter(|s| s.enabled && s.matches(event_type))
+            .map(|s| (s.created_at, s.id))
+            .collect();
+        matching.sort_unstable();
+        Ok(matching.into_iter().map(|(_, id)| id).collect())
+    }
+
     async fn update_subscription(
         &self,
         id: SubscriptionId,

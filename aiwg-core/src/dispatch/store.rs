@@ -376,6 +376,18 @@ pub trait DispatchStore: Send + Sync + 'static {
     async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>>;
     /// Every subscription, oldest first.
     async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>>;
+    /// The enabled subscriptions whose filters match `event_type`, oldest first: whom an event
+    /// goes to. The default filters [`subscriptions`](Self::subscriptions); a store that can
+    /// answer without copying every subscription should.
+    async fn subscribers(&self, event_type: &str) -> DispatchStoreResult<Vec<SubscriptionId>> {
+        Ok(self
+            .subscriptions()
+            .await?
+            .iter()
+            .filter(|s| s.enabled && s.matches(event_type))
+            .map(|s| s.id)
+            .collect())
+    }
     /// Applies `change` atomically ([`SubscriptionChange::apply`]); `None` when missing.
     async fn update_subscription(
         &self,

@@ -102,6 +102,15 @@ mod suite {
         assert_eq!(updated.updated_at, now + secs(5));
         assert_eq!(updated.keys, a.keys);
         assert_eq!(store.subscription(a.id).await.unwrap(), Some(updated));
+        // Whom an event goes to: enabled subscriptions whose filters match, oldest first.
+        assert_eq!(
+            store.subscribers("job.completed").await.unwrap(),
+            [a.id, b.id]
+        );
+        assert_eq!(store.subscribers("job.queued").await.unwrap(), [b.id]);
+        assert!(store.disable_subscription(b.id, "test", now).await.unwrap());
+        assert_eq!(store.subscribers("job.completed").await.unwrap(), [a.id]);
+        assert!(store.subscribers("job.queued").await.unwrap().is_empty());
         assert_eq!(
             store
                 .update_subscription(SubscriptionId::new(), &change)
