@@ -123,7 +123,7 @@ impl DispatcherBuilder {
         self
     }
 
-    /// Worker tasks (default 10).
+    /// The worker pool's size: attempts in flight at once (default 10).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -183,7 +183,7 @@ impl DispatcherBuilder {
         self
     }
 
-    /// How often idle workers look at the store for work another instance queued
+    /// How often an idle pool looks at the store for work another instance queued
     /// (default 1 s; local publishes and retries wake them at once).
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;

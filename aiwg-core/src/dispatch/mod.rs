@@ -28,8 +28,10 @@
 //!
 //! [`Dispatcher::publish`] takes an [`OutboundEvent`] (build one from a job with
 //! [`OutboundEvent::for_job`]) and writes one delivery per enabled, matching subscription. The
-//! workers claim due deliveries with a lease ([`DispatchStore::claim_due`]), so two instances
-//! sharing a durable store never send the same attempt.
+//! worker pool claims due deliveries with a lease ([`DispatchStore::claim_due`]), so two
+//! instances sharing a durable store never send the same attempt; it claims as many at once as
+//! it has free workers and records finished attempts in batches
+//! ([`DispatchStore::finish_attempts`]).
 //!
 //! ```
 //! use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent, RetryPolicy};
