@@ -6,20 +6,21 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::{broadcast, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::config::DispatchConfig;
 use super::event::{OutboundEvent, EVENT_TYPES};
 use super::memory::MemoryDispatchStore;
+use super::recorder::{Recorded, Recorder};
 use super::retry::RetryPolicy;
-use super::sender::Sender;
+use super::sender::{SendResult, Sender};
 use super::sign::SigningSecret;
 use super::ssrf::{literal_host, IpNet, TargetPolicy};
 use super::store::{
     Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
-    DeliveryId, DispatchStore, DispatchStoreError, NewDelivery, RequeueOutcome,
+    DeliveryId, DispatchStore, FinishedAttempt, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{
     validate_filters, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,
@@ -122,7 +123,7 @@ impl DispatcherBuilder {
         self
     }
 
-    /// Worker tasks (default 10).
+    /// The worker pool's size: attempts in flight at once (default 10).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -182,7 +183,7 @@ impl DispatcherBuilder {
         self
     }
 
-    /// How often idle workers look at the store for work another instance queued
+    /// How often an idle pool looks at the store for work another instance queued
     /// (default 1 s; local publishes and retries wake them at once).
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
@@ -356,15 +357,18 @@ impl Dispatcher {
             return Ok(());
         }
         let cancel = CancellationToken::new();
-        let tasks = (0..self.inner.workers)
-            .map(|_| handle.spawn(worker(self.inner.clone(), cancel.clone())))
-            .collect();
-        *running = Some((cancel, tasks));
+        let _entered = handle.enter();
+        let (recorder, recording) = Recorder::spawn(self.inner.store.clone());
+        let pump = handle.spawn(pump(self.inner.clone(), recorder, cancel.clone()));
+        // The pump first: it waits for its attempts, whose results the recorder then writes
+        // before it ends.
+        *running = Some((cancel, vec![pump, recording]));
         Ok(())
     }
 
     /// Stops the worker pool: an attempt in flight is abandoned and its delivery released for
-    /// a later attempt (at least once). Waits for the workers to end.
+    /// a later attempt (at least once); attempts already answered are recorded. Waits for the
+    /// workers to end.
     pub async fn shutdown(&self) {
         let running = self
             .inner
@@ -403,15 +407,7 @@ impl Dispatcher {
     /// The enabled subscriptions that want `event_type`: asked before an event is built, so
     /// events nobody subscribed to cost no serialisation.
     pub(crate) async fn subscribers(&self, event_type: &str) -> Result<Vec<SubscriptionId>> {
-        Ok(self
-            .inner
-            .store
-            .subscriptions()
-            .await?
-            .iter()
-            .filter(|s| s.enabled && s.matches(event_type))
-            .map(|s| s.id)
-            .collect())
+        Ok(self.inner.store.subscribers(event_type).await?)
     }
 
     /// [`publish`](Self::publish) to `subscribers` (from [`subscribers`](Self::subscribers)).
@@ -423,7 +419,7 @@ impl Dispatcher {
         if subscribers.is_empty() {
             return Ok(0);
         }
-        let body = event.body();
+        let body: Arc<str> = event.body().into();
         if body.len() > self.inner.max_payload {
             return Err(DispatchError::PayloadTooLarge {
                 size: body.len(),
@@ -436,7 +432,7 @@ impl Dispatcher {
             .map(|id| NewDelivery::new(*id, event.event_type.clone(), body.clone(), now))
             .collect();
         self.inner.store.enqueue(&batch).await?;
-        self.inner.wake.notify_waiters();
+        self.inner.wake.notify_one();
         Ok(batch.len())
     }
 
@@ -540,7 +536,7 @@ impl Dispatcher {
             .await?
             .ok_or(DispatchError::NotFound)?;
         if req.enabled == Some(true) {
-            self.inner.wake.notify_waiters();
+            self.inner.wake.notify_one();
         }
         Ok(sub.view())
     }
@@ -649,7 +645,7 @@ impl Dispatcher {
             .await?
         {
             RequeueOutcome::Requeued => {
-                self.inner.wake.notify_waiters();
+                self.inner.wake.notify_one();
                 Ok(())
             }
             RequeueOutcome::InFlight => Err(DispatchError::Conflict(
@@ -660,21 +656,38 @@ impl Dispatcher {
     }
 }
 
-async fn worker(inner: Arc<Inner>, cancel: CancellationToken) {
+/// The worker pool: claims as many due deliveries as there are free worker slots, in one store
+/// call, and runs one attempt task per delivery; finished attempts are recorded in batches by
+/// the [`Recorder`].
+async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(inner.workers));
+    let mut attempts = JoinSet::new();
     loop {
+        while attempts.try_join_next().is_some() {}
         let wake = inner.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
+        let free = slots.available_permits();
+        if free == 0 {
+            // A finishing attempt frees its slot, then wakes us.
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                () = &mut wake => {}
+                () = tokio::time::sleep(inner.poll_interval) => {}
+            }
+            continue;
+        }
         let req = DeliveryClaimRequest::new(
             Utc::now(),
-            1,
+            free,
             inner.owner.clone(),
             inner.lease_for,
             inner.per_subscription_cap,
         );
         let claimed = tokio::select! {
             biased;
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             r = inner.store.claim_due(&req) => r,
         };
         let claimed = match claimed {
@@ -682,7 +695,7 @@ async fn worker(inner: Arc<Inner>, cancel: CancellationToken) {
             Err(e) => {
                 tracing::warn!(error = %e, "webhook dispatcher: claiming deliveries failed");
                 tokio::select! {
-                    () = cancel.cancelled() => return,
+                    () = cancel.cancelled() => break,
                     () = tokio::time::sleep(inner.poll_interval) => continue,
                 }
             }
@@ -697,31 +710,69 @@ async fn worker(inner: Arc<Inner>, cancel: CancellationToken) {
                 _ => inner.poll_interval,
             };
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => break,
                 () = &mut wake => {}
                 () = tokio::time::sleep(wait) => {}
             }
             continue;
         }
         for task in claimed {
-            let lease = task.lease.clone();
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => {
-                    if let Err(e) = inner.store.release(&lease).await {
-                        tracing::debug!(error = %e, "webhook dispatcher: release on shutdown");
-                    }
-                    return;
-                }
-                () = attempt(&inner, task) => {}
-            }
+            // Only this loop takes slots, and it claimed no more than were free.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                release(&inner, &task).await;
+                continue;
+            };
+            attempts.spawn(attempt(
+                inner.clone(),
+                recorder.clone(),
+                task,
+                slot,
+                cancel.clone(),
+            ));
         }
+    }
+    // Cancelled: each attempt releases its delivery or, answered already, records it.
+    while attempts.join_next().await.is_some() {}
+}
+
+async fn release(inner: &Inner, task: &ClaimedDelivery) {
+    if let Err(e) = inner.store.release(&task.lease).await {
+        tracing::debug!(error = %e, "webhook dispatcher: release on shutdown");
     }
 }
 
-async fn attempt(inner: &Inner, task: ClaimedDelivery) {
-    let r = inner.sender.send(&task).await;
-    let sub = &task.subscription;
+async fn attempt(
+    inner: Arc<Inner>,
+    recorder: Recorder,
+    task: ClaimedDelivery,
+    slot: OwnedSemaphorePermit,
+    cancel: CancellationToken,
+) {
+    let r = tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            release(&inner, &task).await;
+            return;
+        }
+        r = inner.sender.send(&task) => r,
+    };
+    finish(&inner, &recorder, task, r).await;
+    // Free the slot, then wake the pump: a retry changed the next due time, or the slot (or a
+    // per-subscription one) is free for another delivery.
+    drop(slot);
+    inner.wake.notify_one();
+}
+
+/// Records the attempt's outcome and the endpoint's health.
+async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: SendResult) {
+    let ClaimedDelivery {
+        lease,
+        id,
+        scheduled_attempts,
+        trigger,
+        subscription: sub,
+        ..
+    } = task;
     let code = r.status_code;
     let now = Utc::now();
     let record = Attempt {
@@ -730,7 +781,7 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
         response_body: r.body,
         error: r.error,
         at: r.at,
-        trigger: task.trigger,
+        trigger,
     };
     let success = (200..300).contains(&code);
     let (outcome, label) = if success {
@@ -738,9 +789,9 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
     } else if code == 410 {
         (AttemptOutcome::Failed, "gone")
     } else {
-        let made = match task.trigger {
-            AttemptTrigger::Scheduled => task.scheduled_attempts.saturating_add(1),
-            _ => task.scheduled_attempts.max(1),
+        let made = match trigger {
+            AttemptTrigger::Scheduled => scheduled_attempts.saturating_add(1),
+            _ => scheduled_attempts.max(1),
         };
         let honour = code == 429 || code >= 500;
         let delay = inner.retry.delay_after(made).map(|d| match r.retry_after {
@@ -759,27 +810,21 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
     };
     metrics::counter!("aiwg_deliveries_total", "outcome" => label).increment(1);
     tracing::debug!(
-        delivery = %task.id, subscription = %sub.id, status = code, outcome = label,
+        delivery = %id, subscription = %sub.id, status = code, outcome = label,
         "webhook attempt"
     );
-    match inner
-        .store
-        .finish_attempt(&task.lease, &record, outcome)
+    match recorder
+        .record(FinishedAttempt::new(lease, record, outcome))
         .await
     {
-        Ok(()) => {}
-        Err(DispatchStoreError::LeaseLost) => {
-            tracing::warn!(delivery = %task.id, "webhook attempt finished after its lease was lost; not recorded");
+        Recorded::Yes => {}
+        Recorded::LeaseLost => {
+            tracing::warn!(delivery = %id, "webhook attempt finished after its lease was lost; not recorded");
             return;
         }
-        Err(e) => {
-            tracing::warn!(delivery = %task.id, error = %e, "webhook dispatcher: recording an attempt failed");
-            return;
-        }
+        // The recorder logged why.
+        Recorded::Failed => return,
     }
-    // Wake an idle worker: a retry changed the next due time, or a per-subscription slot
-    // freed. One is enough: it claims, and a worker that finds work wakes no one else.
-    inner.wake.notify_one();
     let health = if success {
         // Skip the write when the claim's snapshot shows a healthy endpoint (the common case);
         // a failure recorded since then is reset by the next success.
@@ -803,7 +848,7 @@ async fn attempt(inner: &Inner, task: ClaimedDelivery) {
         })
     };
     match health {
-        Ok(Some(reason)) => disable(inner, sub, &reason, now).await,
+        Ok(Some(reason)) => disable(inner, &sub, &reason, now).await,
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(subscription = %sub.id, error = %e, "webhook dispatcher: recording endpoint health failed");

@@ -2,7 +2,7 @@
 //! so a claim does not scan the whole outbox.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::store::{
     Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
     DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
-    DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
+    DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
@@ -37,7 +37,8 @@ impl Default for MemoryDispatchStore {
 
 #[derive(Debug, Default)]
 struct State {
-    subs: BTreeMap<SubscriptionId, Subscription>,
+    /// Shared with the claims that carry them; a change copies on write.
+    subs: BTreeMap<SubscriptionId, Arc<Subscription>>,
     rows: HashMap<DeliveryId, Row>,
     by_sub: HashMap<SubscriptionId, BTreeSet<DeliveryId>>,
     /// Open, unleased deliveries by due time.
@@ -52,9 +53,22 @@ struct State {
 
 #[derive(Debug)]
 struct Row {
+    /// The delivery, its `payload` left empty: the body is `payload`, shared with the other
+    /// deliveries of the event and with claims (see [`Row::view`]).
     delivery: Delivery,
+    payload: Arc<str>,
     manual: bool,
     finished_seq: Option<u64>,
+}
+
+impl Row {
+    /// The delivery as the log shows it, body included.
+    fn view(&self) -> Delivery {
+        Delivery {
+            payload: self.payload.to_string(),
+            ..self.delivery.clone()
+        }
+    }
 }
 
 impl MemoryDispatchStore {
@@ -117,6 +131,45 @@ impl State {
             _ => Err(DispatchStoreError::LeaseLost),
         }
     }
+
+    /// Records `attempt` under `lease` and moves the delivery to `outcome`.
+    fn finish(
+        &mut self,
+        lease: &DeliveryLease,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+        retention: usize,
+    ) -> DispatchStoreResult<()> {
+        self.check_lease(lease)?;
+        self.leased.remove(&lease.delivery_id);
+        let Some(row) = self.rows.get_mut(&lease.delivery_id) else {
+            return Err(DispatchStoreError::LeaseLost);
+        };
+        let d = &mut row.delivery;
+        d.attempts.push(attempt.clone());
+        if attempt.trigger == AttemptTrigger::Scheduled {
+            d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
+        }
+        row.manual = false;
+        let sub = d.subscription_id;
+        match outcome {
+            AttemptOutcome::Succeeded | AttemptOutcome::Failed => {
+                d.state = if outcome == AttemptOutcome::Succeeded {
+                    DeliveryState::Succeeded
+                } else {
+                    DeliveryState::Failed
+                };
+                d.next_attempt_at = None;
+                self.finished(sub, lease.delivery_id, retention);
+            }
+            AttemptOutcome::Retry { at } => {
+                d.state = DeliveryState::Retrying;
+                d.next_attempt_at = Some(at);
+                self.due.insert((at, lease.delivery_id));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -126,19 +179,31 @@ impl DispatchStore for MemoryDispatchStore {
         if st.subs.contains_key(&sub.id) {
             return Err(DispatchStoreError::Duplicate);
         }
-        st.subs.insert(sub.id, sub.clone());
+        st.subs.insert(sub.id, Arc::new(sub.clone()));
         Ok(())
     }
 
     async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>> {
-        Ok(self.lock().subs.get(&id).cloned())
+        Ok(self.lock().subs.get(&id).map(|s| Subscription::clone(s)))
     }
 
     async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
         let st = self.lock();
-        let mut all: Vec<_> = st.subs.values().cloned().collect();
+        let mut all: Vec<_> = st.subs.values().map(|s| Subscription::clone(s)).collect();
         all.sort_by_key(|s| (s.created_at, s.id));
         Ok(all)
+    }
+
+    async fn subscribers(&self, event_type: &str) -> DispatchStoreResult<Vec<SubscriptionId>> {
+        let st = self.lock();
+        let mut matching: Vec<_> = st
+            .subs
+            .values()
+            .filter(|s| s.enabled && s.matches(event_type))
+            .map(|s| (s.created_at, s.id))
+            .collect();
+        matching.sort_unstable();
+        Ok(matching.into_iter().map(|(_, id)| id).collect())
     }
 
     async fn update_subscription(
@@ -148,6 +213,7 @@ impl DispatchStore for MemoryDispatchStore {
     ) -> DispatchStoreResult<Option<Subscription>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
+            let sub = Arc::make_mut(sub);
             change.apply(sub);
             sub.clone()
         }))
@@ -177,6 +243,7 @@ impl DispatchStore for MemoryDispatchStore {
     ) -> DispatchStoreResult<Option<EndpointFailure>> {
         let mut st = self.lock();
         Ok(st.subs.get_mut(&id).map(|sub| {
+            let sub = Arc::make_mut(sub);
             let since = *sub.failing_since.get_or_insert(at);
             sub.consecutive_failures = sub.consecutive_failures.saturating_add(1);
             EndpointFailure {
@@ -188,6 +255,7 @@ impl DispatchStore for MemoryDispatchStore {
 
     async fn endpoint_succeeded(&self, id: SubscriptionId) -> DispatchStoreResult<()> {
         if let Some(sub) = self.lock().subs.get_mut(&id) {
+            let sub = Arc::make_mut(sub);
             sub.failing_since = None;
             sub.consecutive_failures = 0;
         }
@@ -203,6 +271,7 @@ impl DispatchStore for MemoryDispatchStore {
         let mut st = self.lock();
         match st.subs.get_mut(&id) {
             Some(sub) if sub.enabled => {
+                let sub = Arc::make_mut(sub);
                 sub.enabled = false;
                 sub.disabled_reason = Some(reason.to_owned());
                 sub.updated_at = at;
@@ -224,7 +293,7 @@ impl DispatchStore for MemoryDispatchStore {
                 id: d.id,
                 subscription_id: d.subscription_id,
                 event_type: d.event_type.clone(),
-                payload: d.payload.clone(),
+                payload: String::new(),
                 state: DeliveryState::Pending,
                 created_at: d.created_at,
                 next_attempt_at: Some(d.created_at),
@@ -237,6 +306,7 @@ impl DispatchStore for MemoryDispatchStore {
                 d.id,
                 Row {
                     delivery,
+                    payload: d.payload.clone(),
                     manual: false,
                     finished_seq: None,
                 },
@@ -311,7 +381,7 @@ impl DispatchStore for MemoryDispatchStore {
                 lease,
                 id,
                 event_type: row.delivery.event_type.clone(),
-                payload: row.delivery.payload.clone(),
+                payload: row.payload.clone(),
                 scheduled_attempts: row.delivery.scheduled_attempts,
                 trigger: if row.manual {
                     AttemptTrigger::Manual
@@ -330,37 +400,18 @@ impl DispatchStore for MemoryDispatchStore {
         attempt: &Attempt,
         outcome: AttemptOutcome,
     ) -> DispatchStoreResult<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.check_lease(lease)?;
-        st.leased.remove(&lease.delivery_id);
-        let Some(row) = st.rows.get_mut(&lease.delivery_id) else {
-            return Err(DispatchStoreError::LeaseLost);
-        };
-        let d = &mut row.delivery;
-        d.attempts.push(attempt.clone());
-        if attempt.trigger == AttemptTrigger::Scheduled {
-            d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
-        }
-        row.manual = false;
-        let sub = d.subscription_id;
-        match outcome {
-            AttemptOutcome::Succeeded | AttemptOutcome::Failed => {
-                d.state = if outcome == AttemptOutcome::Succeeded {
-                    DeliveryState::Succeeded
-                } else {
-                    DeliveryState::Failed
-                };
-                d.next_attempt_at = None;
-                st.finished(sub, lease.delivery_id, self.retention);
-            }
-            AttemptOutcome::Retry { at } => {
-                d.state = DeliveryState::Retrying;
-                d.next_attempt_at = Some(at);
-                st.due.insert((at, lease.delivery_id));
-            }
-        }
-        Ok(())
+        self.lock().finish(lease, attempt, outcome, self.retention)
+    }
+
+    async fn finish_attempts(&self, batch: &[FinishedAttempt]) -> DispatchStoreResult<Vec<bool>> {
+        let mut st = self.lock();
+        Ok(batch
+            .iter()
+            .map(|f| {
+                st.finish(&f.lease, &f.attempt, f.outcome, self.retention)
+                    .is_ok()
+            })
+            .collect())
     }
 
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
@@ -387,7 +438,7 @@ impl DispatchStore for MemoryDispatchStore {
             .rows
             .get(&id)
             .filter(|r| r.delivery.subscription_id == subscription)
-            .map(|r| r.delivery.clone()))
+            .map(Row::view))
     }
 
     async fn deliveries(
@@ -406,7 +457,7 @@ impl DispatchStore for MemoryDispatchStore {
         };
         Ok(iter
             .take(limit)
-            .filter_map(|id| st.rows.get(id).map(|r| r.delivery.clone()))
+            .filter_map(|id| st.rows.get(id).map(Row::view))
             .collect())
     }
 

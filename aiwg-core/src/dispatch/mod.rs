@@ -28,8 +28,10 @@
 //!
 //! [`Dispatcher::publish`] takes an [`OutboundEvent`] (build one from a job with
 //! [`OutboundEvent::for_job`]) and writes one delivery per enabled, matching subscription. The
-//! workers claim due deliveries with a lease ([`DispatchStore::claim_due`]), so two instances
-//! sharing a durable store never send the same attempt.
+//! worker pool claims due deliveries with a lease ([`DispatchStore::claim_due`]), so two
+//! instances sharing a durable store never send the same attempt; it claims as many at once as
+//! it has free workers and records finished attempts in batches
+//! ([`DispatchStore::finish_attempts`]).
 //!
 //! ```
 //! use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent, RetryPolicy};
@@ -114,6 +116,7 @@ mod memory;
 mod observer;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod recorder;
 mod retry;
 mod sender;
 mod sign;
@@ -138,7 +141,8 @@ pub use ssrf::{is_public, IpNet, TargetPolicy};
 pub use store::{
     Attempt, AttemptOutcome, AttemptTrigger, BadDeliveryId, ClaimedDelivery, Delivery,
     DeliveryClaimRequest, DeliveryId, DeliveryLease, DeliveryState, DispatchStore,
-    DispatchStoreError, DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome,
+    DispatchStoreError, DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery,
+    RequeueOutcome,
 };
 pub use subscription::{
     filter_matches, CreateSubscription, CreatedSubscription, RotatedSecret, SigningKey,

@@ -27,8 +27,8 @@ use crate::secrets::{self, SecretError, SecretKeyring};
 use crate::dispatch::{
     Attempt, AttemptOutcome, AttemptTrigger, ClaimedDelivery, Delivery, DeliveryClaimRequest,
     DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreError,
-    DispatchStoreResult, EndpointFailure, NewDelivery, RequeueOutcome, SigningKey, SigningSecret,
-    Subscription, SubscriptionChange, SubscriptionId,
+    DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery, RequeueOutcome, SigningKey,
+    SigningSecret, Subscription, SubscriptionChange, SubscriptionId,
 };
 
 /// The outbox's migrations (versions unique across aiwg, so they compose with the jobs' and
@@ -513,7 +513,7 @@ impl DispatchStore for PgDispatchStore {
             .map(|d| *d.subscription_id.as_uuid())
             .collect();
         let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
-        let payloads: Vec<&str> = deliveries.iter().map(|d| d.payload.as_str()).collect();
+        let payloads: Vec<&str> = deliveries.iter().map(|d| &*d.payload).collect();
         let created: Vec<i64> = deliveries.iter().map(|d| ns(d.created_at)).collect();
         // One statement: all rows or none.
         sqlx::query(
@@ -646,7 +646,7 @@ impl DispatchStore for PgDispatchStore {
         let mut subs = BTreeMap::new();
         for r in &sub_rows {
             let s = self.subscription_of(r)?;
-            subs.insert(*s.id.as_uuid(), s);
+            subs.insert(*s.id.as_uuid(), std::sync::Arc::new(s));
         }
         let mut by_id = BTreeMap::new();
         for r in &rows {
@@ -668,7 +668,7 @@ impl DispatchStore for PgDispatchStore {
                 },
                 id: id.into(),
                 event_type: r.try_get("event_type").map_err(db)?,
-                payload: r.try_get("payload").map_err(db)?,
+                payload: r.try_get::<&str, _>("payload").map_err(db)?.into(),
                 scheduled_attempts: ucount(r.try_get("scheduled_attempts").map_err(db)?),
                 trigger: if manual {
                     AttemptTrigger::Manual
@@ -715,6 +715,58 @@ impl DispatchStore for PgDispatchStore {
             return Err(DispatchStoreError::LeaseLost);
         }
         Ok(())
+    }
+
+    async fn finish_attempts(&self, batch: &[FinishedAttempt]) -> DispatchStoreResult<Vec<bool>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut tokens = Vec::with_capacity(batch.len());
+        let mut attempts = Vec::with_capacity(batch.len());
+        let mut scheduled = Vec::with_capacity(batch.len());
+        let mut states = Vec::with_capacity(batch.len());
+        let mut next = Vec::with_capacity(batch.len());
+        for f in batch {
+            let (state, when) = match f.outcome {
+                AttemptOutcome::Succeeded => (DeliveryState::Succeeded, None),
+                AttemptOutcome::Failed => (DeliveryState::Failed, None),
+                AttemptOutcome::Retry { at } => (DeliveryState::Retrying, Some(ns(at))),
+            };
+            ids.push(*f.lease.delivery_id.as_uuid());
+            tokens.push(f.lease.token);
+            attempts.push(Json(&f.attempt));
+            scheduled.push(i32::from(f.attempt.trigger == AttemptTrigger::Scheduled));
+            states.push(state.as_str());
+            next.push(when);
+        }
+        // One statement for the whole batch, fenced row by row by the lease token.
+        let rows = sqlx::query(
+            "UPDATE aiwg_webhook_deliveries d \
+             SET attempts = d.attempts || jsonb_build_array(u.attempt), \
+                 scheduled_attempts = d.scheduled_attempts + u.sched, manual = FALSE, \
+                 state = u.state, next_attempt_at_ns = u.next, lease_token = NULL, \
+                 lease_owner = NULL, lease_expires_at_ns = NULL \
+             FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::int4[], $5::text[], \
+                 $6::int8[]) AS u(id, tok, attempt, sched, state, next) \
+             WHERE d.id = u.id AND d.lease_token = u.tok \
+             RETURNING d.id",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&attempts)
+        .bind(&scheduled)
+        .bind(&states)
+        .bind(&next)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut done = BTreeSet::new();
+        for r in &rows {
+            let id: Uuid = r.try_get("id").map_err(db)?;
+            done.insert(id);
+        }
+        Ok(ids.iter().map(|id| done.contains(id)).collect())
     }
 
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {

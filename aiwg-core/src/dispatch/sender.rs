@@ -1,15 +1,18 @@
 //! One HTTP attempt: sign, POST, read at most 20 000 bytes of the answer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 
 use super::retry::parse_retry_after;
 use super::sign::signature_header;
 use super::ssrf::{GuardedResolver, TargetPolicy};
 use super::store::ClaimedDelivery;
+use super::subscription::SubscriptionId;
 use super::DispatchError;
 
 /// How much of a response body the delivery log keeps.
@@ -17,6 +20,19 @@ pub const RESPONSE_BODY_LIMIT: usize = 20_000;
 
 /// The `user-agent` of every delivery.
 pub const USER_AGENT_VALUE: &str = concat!("aiwg/", env!("CARGO_PKG_VERSION"));
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// A delivery's body as the request's, without a copy.
+struct Body(Arc<str>);
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
 
 /// What came back from one attempt.
 #[derive(Debug)]
@@ -33,7 +49,20 @@ pub(crate) struct SendResult {
 pub(crate) struct Sender {
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
+    endpoints: Arc<Mutex<HashMap<SubscriptionId, Arc<Endpoint>>>>,
 }
+
+/// A subscription's URL, parsed and checked once: the check of an IP-literal host depends only
+/// on the URL and the policy, which never changes for a sender. (Names are checked when a
+/// connection is made, by the resolver.)
+#[derive(Debug)]
+struct Endpoint {
+    text: String,
+    url: Result<reqwest::Url, String>,
+}
+
+/// Endpoints remembered at most; past it the memory starts afresh (deleted subscriptions).
+const ENDPOINTS_KEPT: usize = 10_000;
 
 impl Sender {
     pub(crate) fn new(
@@ -54,7 +83,35 @@ impl Sender {
             .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
             .build()
             .map_err(|e| DispatchError::Invalid(format!("HTTP client: {e}")))?;
-        Ok(Self { client, policy })
+        Ok(Self {
+            client,
+            policy,
+            endpoints: Arc::default(),
+        })
+    }
+
+    /// The parsed and checked URL of `task`'s subscription.
+    fn endpoint(&self, task: &ClaimedDelivery) -> Arc<Endpoint> {
+        let sub = &task.subscription;
+        let mut endpoints = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = endpoints.get(&sub.id).filter(|e| e.text == sub.url) {
+            return e.clone();
+        }
+        let url = reqwest::Url::parse(&sub.url)
+            .map_err(|e| format!("invalid URL: {e}"))
+            .and_then(|url| self.policy.check_url_host(&url).map(|()| url));
+        let endpoint = Arc::new(Endpoint {
+            text: sub.url.clone(),
+            url,
+        });
+        if endpoints.len() >= ENDPOINTS_KEPT {
+            endpoints.clear();
+        }
+        endpoints.insert(sub.id, endpoint.clone());
+        endpoint
     }
 
     pub(crate) async fn send(&self, task: &ClaimedDelivery) -> SendResult {
@@ -68,13 +125,10 @@ impl Sender {
             error: Some(error),
             retry_after: None,
         };
-        let url = match reqwest::Url::parse(&task.subscription.url) {
-            Ok(u) => u,
-            Err(e) => return fail(format!("invalid URL: {e}"), start),
+        let url = match &self.endpoint(task).url {
+            Ok(u) => u.clone(),
+            Err(e) => return fail(e.clone(), start),
         };
-        if let Err(e) = self.policy.check_url_host(&url) {
-            return fail(e, start);
-        }
         let msg_id = task.id.to_string();
         let ts = at.timestamp();
         let signature = signature_header(
@@ -83,13 +137,23 @@ impl Sender {
             ts,
             task.payload.as_bytes(),
         );
+        // Ids, numbers and base64 are always valid header values.
+        let (Ok(id_value), Ok(signature)) = (
+            HeaderValue::try_from(msg_id),
+            HeaderValue::try_from(signature),
+        ) else {
+            return fail(
+                "the webhook headers are not valid header values".into(),
+                start,
+            );
+        };
         let request = self
             .client
             .post(url)
-            .header("webhook-id", &msg_id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(task.payload.clone());
+            .header(WEBHOOK_ID, id_value)
+            .header(WEBHOOK_TIMESTAMP, HeaderValue::from(ts))
+            .header(WEBHOOK_SIGNATURE, signature)
+            .body(Bytes::from_owner(Body(task.payload.clone())));
         let mut resp = match request.send().await {
             Ok(r) => r,
             Err(e) => return fail(error_chain(&e), start),

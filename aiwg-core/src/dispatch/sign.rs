@@ -20,6 +20,14 @@ const PREFIX: &str = "whsec_";
 pub struct SigningSecret {
     text: String,
     key: Vec<u8>,
+    /// HMAC keyed once: each signature starts from a copy of it.
+    keyed: Hmac<Sha256>,
+}
+
+fn keyed(key: &[u8]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length.
+    <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
 }
 
 impl SigningSecret {
@@ -30,6 +38,7 @@ impl SigningSecret {
         rand::rng().fill_bytes(&mut key);
         Self {
             text: format!("{PREFIX}{}", STANDARD.encode(&key)),
+            keyed: keyed(&key),
             key,
         }
     }
@@ -50,6 +59,7 @@ impl SigningSecret {
         }
         Ok(Self {
             text: text.to_owned(),
+            keyed: keyed(&key),
             key,
         })
     }
@@ -69,16 +79,23 @@ impl SigningSecret {
     /// `v1,<base64>` for one message.
     #[must_use]
     pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        format!("v1,{}", STANDARD.encode(self.mac(msg_id, timestamp, body)))
+        let mut out = String::with_capacity(SIGNATURE_LEN);
+        self.sign_into(msg_id, timestamp, body, &mut out);
+        out
+    }
+
+    /// Appends `v1,<base64>` to `out`.
+    fn sign_into(&self, msg_id: &str, timestamp: i64, body: &[u8], out: &mut String) {
+        out.push_str("v1,");
+        STANDARD.encode_string(self.mac(msg_id, timestamp, body), out);
     }
 
     fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
-        // HMAC accepts keys of any length.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        let mut mac = self.keyed.clone();
         mac.update(msg_id.as_bytes());
         mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        mac.update(decimal(timestamp, &mut digits));
         mac.update(b".");
         mac.update(body);
         mac.finalize().into_bytes().into()
@@ -118,14 +135,37 @@ pub fn signature_header<'a>(
     timestamp: i64,
     body: &[u8],
 ) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(SIGNATURE_LEN);
     for key in keys {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(&key.sign(msg_id, timestamp, body));
+        key.sign_into(msg_id, timestamp, body, &mut out);
     }
     out
+}
+
+/// `v1,` and the base64 of 32 bytes.
+const SIGNATURE_LEN: usize = 3 + 44;
+
+/// `n` in decimal, written at the end of `buf` (20 bytes hold every `i64`).
+fn decimal(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        // `rest % 10` is a single digit.
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    &buf[at..]
 }
 
 #[cfg(test)]
@@ -172,6 +212,14 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(SigningSecret::parse(a.expose()).unwrap(), a);
         assert_eq!(format!("{a:?}"), "SigningSecret(<redacted>)");
+    }
+
+    #[test]
+    fn timestamps_are_written_in_decimal() {
+        for n in [0, 7, 10, 1_614_265_330, -1, -45, i64::MAX, i64::MIN] {
+            let mut buf = [0u8; 20];
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 
     #[test]

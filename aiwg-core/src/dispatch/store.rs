@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -136,8 +137,9 @@ pub struct NewDelivery {
     pub subscription_id: SubscriptionId,
     /// The event's type.
     pub event_type: String,
-    /// The exact body to send (signatures cover these bytes).
-    pub payload: String,
+    /// The exact body to send (signatures cover these bytes); the deliveries of one event
+    /// share it.
+    pub payload: Arc<str>,
     /// Creation time; the first attempt is due then.
     pub created_at: DateTime<Utc>,
 }
@@ -148,7 +150,7 @@ impl NewDelivery {
     pub fn new(
         subscription_id: SubscriptionId,
         event_type: impl Into<String>,
-        payload: impl Into<String>,
+        payload: impl Into<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Self {
         Self {
@@ -221,14 +223,15 @@ pub struct ClaimedDelivery {
     pub id: DeliveryId,
     /// The event's type.
     pub event_type: String,
-    /// The exact body.
-    pub payload: String,
+    /// The exact body (shared, not copied, between the store and the request).
+    pub payload: Arc<str>,
     /// Scheduled attempts made before this one.
     pub scheduled_attempts: u32,
     /// Whether this attempt is a manual retry.
     pub trigger: AttemptTrigger,
-    /// The subscription as it is now (enabled), keys included.
-    pub subscription: Subscription,
+    /// The subscription as it is now (enabled), keys included; shared by the deliveries of
+    /// one claim to the same subscription.
+    pub subscription: Arc<Subscription>,
 }
 
 /// What to claim.
@@ -280,6 +283,31 @@ pub enum AttemptOutcome {
     },
     /// Give up.
     Failed,
+}
+
+/// One finished attempt to record: the lease it ran under, what happened and the state it
+/// leaves the delivery in. [`DispatchStore::finish_attempts`] records many in one go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FinishedAttempt {
+    /// The lease of the claim the attempt ran under.
+    pub lease: DeliveryLease,
+    /// What happened.
+    pub attempt: Attempt,
+    /// The state the delivery moves to.
+    pub outcome: AttemptOutcome,
+}
+
+impl FinishedAttempt {
+    /// A finished attempt of the delivery leased by `lease`.
+    #[must_use]
+    pub fn new(lease: DeliveryLease, attempt: Attempt, outcome: AttemptOutcome) -> Self {
+        Self {
+            lease,
+            attempt,
+            outcome,
+        }
+    }
 }
 
 /// What a manual retry found.
@@ -348,6 +376,18 @@ pub trait DispatchStore: Send + Sync + 'static {
     async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>>;
     /// Every subscription, oldest first.
     async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>>;
+    /// The enabled subscriptions whose filters match `event_type`, oldest first: whom an event
+    /// goes to. The default filters [`subscriptions`](Self::subscriptions); a store that can
+    /// answer without copying every subscription should.
+    async fn subscribers(&self, event_type: &str) -> DispatchStoreResult<Vec<SubscriptionId>> {
+        Ok(self
+            .subscriptions()
+            .await?
+            .iter()
+            .filter(|s| s.enabled && s.matches(event_type))
+            .map(|s| s.id)
+            .collect())
+    }
     /// Applies `change` atomically ([`SubscriptionChange::apply`]); `None` when missing.
     async fn update_subscription(
         &self,
@@ -391,6 +431,24 @@ pub trait DispatchStore: Send + Sync + 'static {
         attempt: &Attempt,
         outcome: AttemptOutcome,
     ) -> DispatchStoreResult<()>;
+    /// [`finish_attempt`](Self::finish_attempt) for each of `batch`, in one round trip where
+    /// the backend allows it: the dispatcher records the attempts its workers finished together
+    /// this way. The answer has one entry per attempt, in order: `true` when it was recorded,
+    /// `false` when its lease was lost (nothing written for it). On `Err` the caller treats the
+    /// batch as unrecorded: the default implementation (one `finish_attempt` after another) may
+    /// have recorded a prefix, whose deliveries are then finished as recorded; the others are
+    /// attempted again once their leases expire (at least once).
+    async fn finish_attempts(&self, batch: &[FinishedAttempt]) -> DispatchStoreResult<Vec<bool>> {
+        let mut recorded = Vec::with_capacity(batch.len());
+        for f in batch {
+            match self.finish_attempt(&f.lease, &f.attempt, f.outcome).await {
+                Ok(()) => recorded.push(true),
+                Err(DispatchStoreError::LeaseLost) => recorded.push(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(recorded)
+    }
     /// Gives the delivery back unattempted (shutdown); same fencing as `finish_attempt`.
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()>;
     /// One delivery of a subscription, with its attempts.

@@ -29,6 +29,7 @@ where
     suite::per_subscription_cap(make().await).await;
     suite::disabled_subscriptions_are_skipped(make().await).await;
     suite::retry_and_fail_states(make().await).await;
+    suite::batched_finish_is_fenced_per_attempt(make().await).await;
     suite::requeue_is_manual_and_keeps_the_id(make().await).await;
     suite::listing_newest_first_with_cursor(make().await).await;
     suite::delete_removes_deliveries(make().await).await;
@@ -101,6 +102,15 @@ mod suite {
         assert_eq!(updated.updated_at, now + secs(5));
         assert_eq!(updated.keys, a.keys);
         assert_eq!(store.subscription(a.id).await.unwrap(), Some(updated));
+        // Whom an event goes to: enabled subscriptions whose filters match, oldest first.
+        assert_eq!(
+            store.subscribers("job.completed").await.unwrap(),
+            [a.id, b.id]
+        );
+        assert_eq!(store.subscribers("job.queued").await.unwrap(), [b.id]);
+        assert!(store.disable_subscription(b.id, "test", now).await.unwrap());
+        assert_eq!(store.subscribers("job.completed").await.unwrap(), [a.id]);
+        assert!(store.subscribers("job.queued").await.unwrap().is_empty());
         assert_eq!(
             store
                 .update_subscription(SubscriptionId::new(), &change)
@@ -421,6 +431,70 @@ mod suite {
         assert_eq!(got.attempts.len(), 2);
         assert_eq!(got.attempts[0].status_code, 503);
         assert_eq!(store.pending_count().await.unwrap(), 0);
+    }
+
+    pub(super) async fn batched_finish_is_fenced_per_attempt(store: Arc<dyn DispatchStore>) {
+        let now = Utc::now();
+        let a = sub(now);
+        store.insert_subscription(&a).await.unwrap();
+        let batch: Vec<_> = (0..3)
+            .map(|_| NewDelivery::new(a.id, "job.queued", "{}", now))
+            .collect();
+        store.enqueue(&batch).await.unwrap();
+        assert!(store.finish_attempts(&[]).await.unwrap().is_empty());
+        let claimed = store.claim_due(&req(now, 10, "a")).await.unwrap();
+        assert_eq!(claimed.len(), 3);
+        // The second lease is lost: its delivery is released and claimed again elsewhere.
+        store.release(&claimed[1].lease).await.unwrap();
+        let again = store.claim_due(&req(now, 10, "b")).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, claimed[1].id);
+        let finished: Vec<_> = [
+            (AttemptOutcome::Succeeded, 200),
+            (AttemptOutcome::Succeeded, 200),
+            (AttemptOutcome::Retry { at: now + secs(60) }, 503),
+        ]
+        .into_iter()
+        .zip(&claimed)
+        .map(|((outcome, code), c)| {
+            FinishedAttempt::new(
+                c.lease.clone(),
+                attempt(now, code, AttemptTrigger::Scheduled),
+                outcome,
+            )
+        })
+        .collect();
+        assert_eq!(
+            store.finish_attempts(&finished).await.unwrap(),
+            [true, false, true]
+        );
+        let first = store.delivery(a.id, claimed[0].id).await.unwrap().unwrap();
+        assert_eq!(first.state, DeliveryState::Succeeded);
+        assert_eq!(first.scheduled_attempts, 1);
+        assert_eq!(
+            first.attempts,
+            [attempt(now, 200, AttemptTrigger::Scheduled)]
+        );
+        let second = store.delivery(a.id, claimed[1].id).await.unwrap().unwrap();
+        assert_eq!(second.state, DeliveryState::Pending, "nothing written");
+        assert!(second.attempts.is_empty());
+        let third = store.delivery(a.id, claimed[2].id).await.unwrap().unwrap();
+        assert_eq!(third.state, DeliveryState::Retrying);
+        assert_eq!(third.next_attempt_at, Some(now + secs(60)));
+        assert_eq!(third.attempts[0].status_code, 503);
+        // The holder of the live lease still records.
+        assert_eq!(
+            store
+                .finish_attempts(&[FinishedAttempt::new(
+                    again[0].lease.clone(),
+                    attempt(now, 200, AttemptTrigger::Scheduled),
+                    AttemptOutcome::Succeeded,
+                )])
+                .await
+                .unwrap(),
+            [true]
+        );
+        assert_eq!(store.pending_count().await.unwrap(), 1);
     }
 
     pub(super) async fn requeue_is_manual_and_keeps_the_id(store: Arc<dyn DispatchStore>) {
