@@ -2,11 +2,11 @@
 //! coalesced across jobs into few statements and few commits.
 //!
 //! [`JobStore::append`](crate::store::JobStore::append) and
-//! [`JobStore::finish`](crate::store::JobStore::finish) hand their write to this task and wait
-//! for its answer. The task takes every write waiting when it is ready (nothing waits for a
-//! timer: a write that arrives on an idle completer goes out at once; the ones that arrive
-//! while [`IN_FLIGHT`] batches are on their way form the next batch, with at most one write
-//! per job) and writes the batch as
+//! [`JobStore::finish`](crate::store::JobStore::finish) write at once, in their caller's task,
+//! while fewer than [`IN_FLIGHT`] writes are on their way; past that they hand their write to
+//! the completer's task and wait for its answer. The task takes every write waiting when a
+//! slot frees up (nothing waits for a timer: the writes that arrive while the database is
+//! busy form the next batch, with at most one write per job) and writes the batch as
 //!
 //! - one statement for all the events (`UPDATE … FROM unnest(…)` fencing each row, numbering
 //!   the event and moving the job's progress, with the `INSERT` of the events in the same
@@ -15,6 +15,10 @@
 //!   unnest(…)` that fences each row again, checks that it did not change since it was read,
 //!   and inserts the outcomes' events: one commit. The outcome itself is computed in Rust
 //!   ([`apply::finish`]), the one place that knows the transitions.
+//!
+//! Each statement also names its rows by primary key (`a.id = ANY($1)`), so that it reads
+//! only them and PostgreSQL can keep one generic plan for it instead of planning it anew on
+//! every call.
 //!
 //! Every row is fenced on its own (lease token, `running`, expiry, in the statement that
 //! writes it), and a write whose row does not pass answers [`StoreError::LeaseLost`] (or
@@ -46,9 +50,10 @@ const MAX_BATCH: usize = 512;
 /// How often an outcome is read and written again after its row changed between the two.
 const OUTCOME_ROUNDS: usize = 8;
 
-/// Batches on their way at once: the next batch forms and goes out while the previous one
-/// waits for the disk, and PostgreSQL flushes both commits together.
-const IN_FLIGHT: usize = 2;
+/// Writes or batches on their way at once (each on its own connection). Below this many
+/// writers at a time every write goes out at once, from its caller; past it, writes queue and
+/// go out together as soon as a slot frees up, and PostgreSQL flushes their commits together.
+const IN_FLIGHT: usize = 4;
 
 /// The progress of a job after `StepStarted` of step `t.step`, computed from the stored JSON as
 /// [`Progress::start`](crate::job::Progress::start) does: out of `pending`, the only one in
@@ -136,6 +141,9 @@ impl Write {
 /// when the handle is dropped.
 pub(super) struct Completer {
     tx: mpsc::UnboundedSender<Write>,
+    ctx: Arc<Ctx>,
+    /// One permit per write or batch on its way to the database ([`IN_FLIGHT`]).
+    slots: Arc<Semaphore>,
 }
 
 /// A recorded outcome: the job after it, its event's number, its event.
@@ -149,8 +157,23 @@ impl Completer {
     /// Starts the task (on the current Tokio runtime).
     pub(super) fn start(ctx: Ctx) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(Arc::new(ctx), rx));
-        Self { tx }
+        let ctx = Arc::new(ctx);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(run(Arc::clone(&ctx), Arc::clone(&slots), rx));
+        Self { tx, ctx, slots }
+    }
+
+    /// Hands `write` to the task, or, when fewer than [`IN_FLIGHT`] writes are on their way
+    /// (and none waits), writes it at once in the caller's task: a store that is not busy
+    /// costs its callers no hand-over.
+    async fn submit(&self, write: Write) -> Result<(), StoreError> {
+        match self.slots.try_acquire() {
+            Ok(_slot) => {
+                flush(&self.ctx, vec![write]).await;
+                Ok(())
+            }
+            Err(_) => self.tx.send(write).map_err(|_| stopped()),
+        }
     }
 
     /// Writes an event of a running job, fenced by `lease`.
@@ -161,14 +184,13 @@ impl Completer {
         progress: Progress,
     ) -> Result<JobEvent, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Write::Append(Append {
-                lease,
-                ev,
-                progress,
-                reply,
-            }))
-            .map_err(|_| stopped())?;
+        self.submit(Write::Append(Append {
+            lease,
+            ev,
+            progress,
+            reply,
+        }))
+        .await?;
         answer.await.map_err(|_| stopped())?
     }
 
@@ -180,34 +202,32 @@ impl Completer {
         at: DateTime<Utc>,
     ) -> Result<(Job, JobEvent), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Write::Finish(Outcome {
-                lease,
-                finish,
-                at,
-                reply,
-            }))
-            .map_err(|_| stopped())?;
+        self.submit(Write::Finish(Outcome {
+            lease,
+            finish,
+            at,
+            reply,
+        }))
+        .await?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Write>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<Write>) {
     // Writes of a job that already has one in the batch being formed wait for the next batch,
     // so that a statement never updates a row twice.
     let mut carried: VecDeque<Write> = VecDeque::new();
     loop {
-        // Wait for a slot first: what arrives meanwhile joins the batch.
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         let first = match carried.pop_front() {
             Some(w) => w,
             None => match rx.recv().await {
                 Some(w) => w,
                 None => break,
             },
+        };
+        // Wait for a slot: what arrives meanwhile joins the batch.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
         };
         let mut ids = HashSet::from([first.job()]);
         let mut batch = vec![first];
@@ -396,8 +416,8 @@ async fn write_events(
              job = CASE t.mode WHEN 0 THEN a.job ELSE jsonb_set(a.job, '{{progress}}', \
                  CASE t.mode WHEN 1 THEN {PROGRESS_STARTED} ELSE {PROGRESS_FINISHED} END) END, \
              updated_at = CASE t.mode WHEN 0 THEN a.updated_at ELSE now() END \
-             FROM t WHERE a.id = t.id AND a.status = 'running' AND a.lease_token = t.token \
-               AND a.lease_expires_at > GREATEST(t.at, now()) \
+             FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) AND a.status = 'running' \
+               AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now()) \
              RETURNING a.id, a.last_seq, t.at, t.kind, t.ord), \
          e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT id, last_seq, at, kind::jsonb FROM u) \
@@ -452,7 +472,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             "SELECT a.job, a.xmin::text AS version FROM aiwg_jobs a \
              JOIN unnest($1::uuid[], $2::int8[], $3::timestamptz[]) AS t(id, token, at) \
                ON a.id = t.id \
-             WHERE a.status = 'running' AND a.lease_token = t.token \
+             WHERE a.id = ANY($1::uuid[]) AND a.status = 'running' AND a.lease_token = t.token \
                AND a.lease_expires_at > GREATEST(t.at, now())",
         )
         .bind(&ids)
@@ -531,7 +551,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
                  last_seq = a.last_seq + 1, lease_owner = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, approval_expires_at = t.approval_expires_at, \
                  updated_at = now() \
-                 FROM t WHERE a.id = t.id AND a.xmin::text = t.version \
+                 FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) \
+                   AND a.xmin::text = t.version \
                    AND a.status = 'running' AND a.lease_token = t.token \
                    AND a.lease_expires_at > GREATEST(t.at, now()) \
                  RETURNING a.id, a.last_seq, t.ev_at, t.kind), \

@@ -122,8 +122,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   unnest(…)`, one commit), the outcomes in one read and one write (one commit), each
 ///   caller answered on its own (a fenced-out row answers [`StoreError::LeaseLost`] to its
 ///   caller only). Nothing
-///   waits for a timer: on an idle store a write goes out at once, and the writes that arrive
-///   while two batches are on their way form the next one. A step event is one statement with
+///   waits for a timer: while fewer than four writes are on their way a write goes out at once
+///   from its caller, and the writes that arrive while four are form the next batch. A step event is one statement with
 ///   no read (the job's progress is moved in SQL);
 /// - notifications are batched too (see *Notifications*; at most one `NOTIFY` per store every
 ///   2 ms under load, the first one after a quiet spell at once).
