@@ -393,3 +393,90 @@ async fn a_concurrency_group_runs_one_job_across_stores() {
     assert_eq!(next.job.concurrency_group.as_deref(), Some("octo/app#7"));
     db.cleanup().await;
 }
+
+/// More writers at once than the completer sends out from their callers: the rest are written
+/// in batches (events of many jobs in one statement, outcomes together), and each caller
+/// still gets its own answer: gapless numbers per job, `LeaseLost` for a stale lease only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_writers_at_once_are_batched_and_each_fenced() {
+    let Some(db) = test_db().await else { return };
+    let store = Arc::new(db.fresh_store().await);
+    const JOBS: usize = 24;
+    const EVENTS: u64 = 10;
+    let mut claimed = Vec::new();
+    for _ in 0..JOBS {
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..JOBS {
+        claimed.push(
+            store
+                .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let mut tasks = Vec::new();
+    for (n, c) in claimed.iter().enumerate() {
+        let store = store.clone();
+        let lease = c.lease.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stale = lease.clone();
+            stale.token += 1_000_000;
+            for i in 0..EVENTS {
+                let kind = JobEventKind::Log {
+                    level: "info".into(),
+                    message: format!("{n}/{i}"),
+                };
+                if n % 6 == 0 {
+                    let refused = store.append(&stale, kind.clone()).await;
+                    assert!(
+                        matches!(refused, Err(StoreError::LeaseLost(_))),
+                        "{refused:?}"
+                    );
+                }
+                let ev = store.append(&lease, kind).await.unwrap();
+                assert_eq!(ev.seq, 3 + i, "job {n}");
+            }
+            if n % 6 == 0 {
+                let refused = store
+                    .finish(&stale, Finish::Completed(JobResult::default()))
+                    .await;
+                assert!(
+                    matches!(refused, Err(StoreError::LeaseLost(_))),
+                    "{refused:?}"
+                );
+            }
+            let (job, ev) = store
+                .finish(&lease, Finish::Completed(JobResult::default()))
+                .await
+                .unwrap();
+            assert_eq!(job.status, JobStatus::Completed);
+            assert_eq!(ev.seq, 3 + EVENTS);
+            // A second outcome with the same lease is refused: the job holds no lease now.
+            let again = store
+                .finish(&lease, Finish::Completed(JobResult::default()))
+                .await;
+            assert!(matches!(again, Err(StoreError::LeaseLost(_))), "{again:?}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for c in &claimed {
+        let seqs: Vec<u64> = store
+            .events(c.job.id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (1..=3 + EVENTS).collect::<Vec<_>>());
+        let job = store.get(c.job.id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Completed);
+    }
+    db.cleanup().await;
+}

@@ -264,7 +264,7 @@ pub(crate) struct Inner {
     wake: Notify,
     /// Jobs a worker claimed for other idle workers (see `worker::run`); each is counted in
     /// `busy` from its claim.
-    handoff: Mutex<std::collections::VecDeque<crate::store::Claimed>>,
+    handoff: Mutex<std::collections::VecDeque<worker::Handed>>,
     /// Held by the one worker claiming at a time.
     claiming: tokio::sync::Mutex<()>,
     running: Mutex<HashMap<JobId, RunningJob>>,

@@ -19,6 +19,13 @@ use crate::workflow::{render, TemplateContext};
 /// The most jobs one worker claims at once for itself and the other idle workers.
 const MAX_CLAIM_BATCH: usize = 64;
 
+/// A job claimed by one worker for another, with when its claim was sent: its lease is only
+/// known to be ours until a lease after that, however long it waits to be started.
+pub(super) struct Handed {
+    claimed: Claimed,
+    at: tokio::time::Instant,
+}
+
 pub(super) async fn run(engine: Engine, n: usize) {
     let inner = &engine.inner;
     let owner = format!("{}/{n}", inner.settings.instance);
@@ -31,9 +38,9 @@ pub(super) async fn run(engine: Engine, n: usize) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
-        if let Some(claimed) = handed {
+        if let Some(Handed { claimed, at }) = handed {
             // `busy` was counted for it when it was claimed.
-            run_job(&engine, claimed).await;
+            run_job(&engine, claimed, at).await;
             inner.busy.fetch_sub(1, Ordering::Relaxed);
             inner.wake.notify_one();
             continue;
@@ -79,6 +86,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
             .workers
             .saturating_sub(inner.busy.load(Ordering::Relaxed));
         let want = idle.clamp(1, MAX_CLAIM_BATCH);
+        let claimed_at = tokio::time::Instant::now();
         let claimed = inner.store.claim_many(&req, want).await;
         match claimed {
             Ok(batch) if !batch.is_empty() => {
@@ -92,14 +100,23 @@ pub(super) async fn run(engine: Engine, n: usize) {
                         .handoff
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .extend(batch);
+                        .extend(batch.map(|claimed| Handed {
+                            claimed,
+                            at: claimed_at,
+                        }));
                 }
                 drop(claiming);
-                // Wake the workers the jobs are for, and one more: there may be more work.
-                inner.wake.notify_waiters();
-                inner.wake.notify_one();
+                // Wake one worker per job handed over, and one more when the claim got all it
+                // asked for: there may be more work. (Waking every idle worker would make all
+                // but these claim for nothing.)
+                for _ in 0..others {
+                    inner.wake.notify_one();
+                }
+                if others + 1 >= want {
+                    inner.wake.notify_one();
+                }
                 if let Some(claimed) = mine {
-                    run_job(&engine, claimed).await;
+                    run_job(&engine, claimed, claimed_at).await;
                     inner.busy.fetch_sub(1, Ordering::Relaxed);
                 }
                 // A project slot may have freed up.
@@ -153,9 +170,14 @@ enum Stop {
     AwaitingApproval(String),
 }
 
-async fn run_job(engine: &Engine, claimed: Claimed) {
+/// Runs a job claimed at `claimed_at` (when its claim was sent).
+async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) {
     let inner = &engine.inner;
-    let Claimed { job, lease, event } = claimed;
+    let Claimed {
+        job,
+        mut lease,
+        event,
+    } = claimed;
     engine.publish(&job, event).await;
     let id = job.id;
     let token = CancellationToken::new();
@@ -184,6 +206,37 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(StopReason::User("cancelled by request"));
         token.cancel();
+    }
+
+    // The lease is only known to be ours until `ttl` after the claim was sent. A job that
+    // waited for a worker (handed over in a batch, slow observers) for a third of that is
+    // renewed before anything runs; one whose lease may be gone does not run at all.
+    let ttl = inner.settings.lease_ttl;
+    let mut beat_base = claimed_at;
+    if claimed_at.elapsed() >= ttl / 3 && !token.is_cancelled() {
+        let sent = tokio::time::Instant::now();
+        let beat =
+            tokio::time::timeout_at(claimed_at + ttl, inner.store.heartbeat(&lease, ttl)).await;
+        match beat {
+            Ok(Ok(hb)) => {
+                beat_base = sent;
+                lease = hb.lease;
+                if hb.cancel_requested {
+                    reason
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(StopReason::User("cancelled by request"));
+                    token.cancel();
+                }
+            }
+            Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) | Err(_) => {
+                tracing::warn!(job = %id, "the job's lease lapsed before it started");
+                fence(&reason, &token);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, job = %id, "heartbeat failed");
+            }
+        }
     }
 
     // Heartbeats keep the lease; losing it stops the job without further writes. They run
@@ -244,7 +297,8 @@ async fn run_job(engine: &Engine, claimed: Claimed) {
     };
     let beat = heartbeat(
         inner.store.as_ref(),
-        inner.settings.lease_ttl,
+        ttl,
+        beat_base,
         &lease_cell,
         &reason,
         &token,
@@ -319,24 +373,27 @@ enum Never {}
 
 /// Keeps a running job's lease (in `lease`) until the job's work ends (the caller stops
 /// polling this then), and stops the job through `token` when the lease is, or may be, lost.
-/// It never returns: once it has stopped the job it waits for the work to end.
+/// `base` is when the last renewal that succeeded (first, the claim) was sent. It never
+/// returns: once it has stopped the job it waits for the work to end.
 async fn heartbeat(
     store: &dyn JobStore,
     ttl: Duration,
+    base: tokio::time::Instant,
     lease: &Mutex<Lease>,
     reason: &Mutex<Option<StopReason>>,
     token: &CancellationToken,
 ) -> Never {
-    // The first beat is a third of a lease away (an immediate first tick would cost a timer
-    // turn on every job).
+    // The first beat is a third of a lease after `base` (an immediate first tick would cost a
+    // timer turn on every job).
     let period = ttl / 3;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tick = tokio::time::interval_at(base + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Self-fencing: the lease is only known to be ours until `ttl` after the last beat that
-    // succeeded was sent. A third of a lease before that, without a successful beat (store
-    // down, slow, unreachable), the job is stopped here, so its agent is gone before another
-    // instance may claim the job.
+    // succeeded (first, the claim) was sent. A third of a lease before that, without a
+    // successful beat (store down, slow, unreachable), the job is stopped here, so its agent
+    // is gone before another instance may claim the job.
     let margin = ttl / 3;
-    let mut fence_at = tokio::time::Instant::now() + ttl.saturating_sub(margin);
+    let mut fence_at = base + ttl.saturating_sub(margin);
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -19,6 +19,12 @@ use crate::store::{ClusterListener, StoreError};
 /// The longest notification payload the notifier sends (PostgreSQL's limit is 8000 bytes).
 const MAX_PAYLOAD: usize = 7600;
 
+/// The shortest time between two notifications of one store. The first event after a quiet
+/// spell goes out at once; under load the events of this window share one `NOTIFY` (one
+/// transaction, one turn of PostgreSQL's notification lock, one wake-up of every listener)
+/// instead of one each.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
+
 /// An event committed by this store, for the other instances.
 pub(super) struct Announce {
     pub(super) job: JobId,
@@ -43,7 +49,9 @@ impl Announce {
 }
 
 /// The store's notifier: a task that sends the events this store committed as few `NOTIFY`s
-/// as it can (every event written while the previous one was on its way goes into the next).
+/// as it can (every event written while the previous one was on its way, or within
+/// [`NOTIFY_INTERVAL`] of it, goes into the next).
+#[derive(Clone)]
 pub(super) struct Notifier {
     tx: mpsc::UnboundedSender<Announce>,
 }
@@ -60,6 +68,16 @@ impl Notifier {
     pub(super) fn announce(&self, a: Announce) {
         let _ = self.tx.send(a);
     }
+
+    /// Announces an event committed with sequence number `seq`.
+    pub(super) fn announce_event(&self, job: JobId, seq: i64, ev: &super::NewEvent) {
+        self.announce(Announce {
+            job,
+            seq: super::to_u64(seq),
+            at: ev.at,
+            kind: (ev.text.len() <= super::INLINE_KIND_MAX).then(|| ev.text.clone()),
+        });
+    }
 }
 
 async fn notify_loop(
@@ -73,6 +91,7 @@ async fn notify_loop(
         serde_json::to_string(&instance).unwrap_or_else(|_| "\"\"".into())
     );
     let mut carried: Option<Announce> = None;
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         let first = match carried.take() {
             Some(a) => a,
@@ -81,6 +100,10 @@ async fn notify_loop(
                 None => return,
             },
         };
+        if let Some(last) = last_sent {
+            // Let the events of the rest of the window join this one.
+            tokio::time::sleep_until(last + NOTIFY_INTERVAL).await;
+        }
         let mut payload = head.clone();
         let entry = first
             .entry(head.len() + 200 + first.kind.as_ref().map_or(0, String::len) < MAX_PAYLOAD);
@@ -105,6 +128,7 @@ async fn notify_loop(
                 .bind(&payload)
                 .execute(&pool)
                 .await;
+        last_sent = Some(tokio::time::Instant::now());
         match sent {
             Ok(_) => {}
             Err(sqlx::Error::PoolClosed) => return,

@@ -18,6 +18,7 @@ use super::{
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, IllegalTransition, Job, JobId, JobStatus};
 
+mod completer;
 mod listen;
 
 /// The jobs' migrations. Each concept of aiwg that keeps data in PostgreSQL (jobs here, the
@@ -33,25 +34,6 @@ static MIGRATOR: Migrator = Migrator {
 /// event row instead): `NOTIFY` payloads are limited to 8000 bytes, and the JSONB text form can
 /// be up to half again as long as the compact form.
 const INLINE_KIND_MAX: usize = 5000;
-
-/// The progress of a job after `StepStarted` of step `$5`, computed from the stored JSON as
-/// [`Progress::start`](crate::job::Progress::start) does: out of `pending`, the only one in
-/// `in_progress`.
-const PROGRESS_STARTED: &str = "jsonb_build_object(\
-    'completed', COALESCE(job->'progress'->'completed', '[]'::jsonb), \
-    'in_progress', (COALESCE(job->'progress'->'in_progress', '[]'::jsonb) - $5::text) \
-        || jsonb_build_array($5::text), \
-    'pending', COALESCE(job->'progress'->'pending', '[]'::jsonb) - $5::text)";
-
-/// The progress after a successful `StepFinished` of step `$5`, as
-/// [`Progress::finish`](crate::job::Progress::finish): out of `in_progress` and `pending`,
-/// into `completed` once.
-const PROGRESS_FINISHED: &str = "jsonb_build_object(\
-    'completed', CASE WHEN COALESCE(job->'progress'->'completed', '[]'::jsonb) ? $5::text \
-        THEN job->'progress'->'completed' \
-        ELSE COALESCE(job->'progress'->'completed', '[]'::jsonb) || jsonb_build_array($5::text) END, \
-    'in_progress', COALESCE(job->'progress'->'in_progress', '[]'::jsonb) - $5::text, \
-    'pending', COALESCE(job->'progress'->'pending', '[]'::jsonb) - $5::text)";
 
 /// Jobs recovered per transaction by [`JobStore::recover_expired`].
 const RECOVER_BATCH: i64 = 100;
@@ -100,9 +82,10 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// # Notifications
 ///
 /// Every event is announced on a channel named after the schema once its transaction committed:
-/// a background task of the store (the *notifier*) gathers the events written meanwhile into
-/// one `NOTIFY` (up to about 7 KB of payload; the kinds of small events ride along, the others
-/// are read back from `aiwg_job_events` by the listener). Keeping `NOTIFY` out of the
+/// a background task of the store (the *notifier*) gathers the events written meanwhile, and
+/// under load those of a 2 ms window, into one `NOTIFY` (up to about 7 KB of payload; the
+/// kinds of small events ride along, the others are read back from `aiwg_job_events` by the
+/// listener). Keeping `NOTIFY` out of the
 /// transactions that write events matters: PostgreSQL serialises the commits of every
 /// transaction that notifies, flush to disk included, so a `NOTIFY` per event would make all
 /// the workers of all the instances commit one at a time. A cancel request of a running job
@@ -127,11 +110,26 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// # Durability and speed
 ///
-/// Every state change is one transaction and, by default, one flush to disk: about five per
-/// one-step job (create, claim, step started, step finished, finish), which bounds throughput
-/// on slow disks. Claims ([`JobStore::claim_many`]) and inserts ([`JobStore::create_many`])
-/// come in batches, a transaction and a flush for many jobs; a step event is one statement. [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the
-/// progress events skip the flush.
+/// Every state change is committed before the call that made it returns and, by default,
+/// flushed to disk. A one-step job needs five such changes (create, claim, step started, step
+/// finished, outcome); what keeps them from costing five transactions and five flushes each:
+///
+/// - inserts ([`JobStore::create_many`]) and claims ([`JobStore::claim_many`]) come in
+///   batches, one transaction for many jobs;
+/// - the fenced writes of running jobs (every [`JobStore::append`] and [`JobStore::finish`])
+///   go through the store's *completer*, a background task that writes whatever is waiting
+///   when it is ready: the events of all the jobs in one statement (`UPDATE … FROM
+///   unnest(…)`, one commit), the outcomes in one read and one write (one commit), each
+///   caller answered on its own (a fenced-out row answers [`StoreError::LeaseLost`] to its
+///   caller only). Nothing
+///   waits for a timer: while fewer than four writes are on their way a write goes out at once
+///   from its caller, and the writes that arrive while four are form the next batch. A step event is one statement with
+///   no read (the job's progress is moved in SQL);
+/// - notifications are batched too (see *Notifications*; at most one `NOTIFY` per store every
+///   2 ms under load, the first one after a quiet spell at once).
+///
+/// [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the progress events
+/// skip the flush (the outcome still waits for it, and flushes the events before it).
 ///
 /// # Example
 ///
@@ -154,6 +152,8 @@ pub struct PgStore {
     relaxed_events: bool,
     keyring: Option<crate::secrets::SecretKeyring>,
     notifier: listen::Notifier,
+    /// Started at the first fenced write, with the store's final settings.
+    completer: std::sync::OnceLock<completer::Completer>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -209,6 +209,41 @@ fn to_u64(n: i64) -> u64 {
 
 fn secret_err(e: crate::secrets::SecretError) -> StoreError {
     StoreError::backend_from("postgres: job credentials", e)
+}
+
+/// The job as it is written: its credentials sealed with `keyring`.
+fn seal_job<'a>(
+    keyring: Option<&crate::secrets::SecretKeyring>,
+    job: &'a Job,
+) -> Result<std::borrow::Cow<'a, Job>, StoreError> {
+    let creds = &job.reply_credentials;
+    if creds.is_empty() || creds.is_sealed() {
+        return Ok(std::borrow::Cow::Borrowed(job));
+    }
+    let keyring = keyring.ok_or_else(|| secret_err(crate::secrets::SecretError::NoKey))?;
+    let mut sealed = job.clone();
+    sealed.reply_credentials = creds.sealed(keyring, job.id.as_uuid().as_bytes());
+    Ok(std::borrow::Cow::Owned(sealed))
+}
+
+/// A job read with its row, its credentials opened. Credentials that do not open (no key,
+/// a key dropped from the keyring too early, a damaged value) are left out with a warning:
+/// the job stays readable and runnable, only its chat reply is lost.
+fn open_job(
+    keyring: Option<&crate::secrets::SecretKeyring>,
+    row: &PgRow,
+) -> Result<Job, StoreError> {
+    let Json(mut job): Json<Job> = row.try_get("job").map_err(db)?;
+    if job.reply_credentials.is_sealed() {
+        job.reply_credentials = job
+            .reply_credentials
+            .opened(keyring, job.id.as_uuid().as_bytes())
+            .unwrap_or_else(|e| {
+                tracing::warn!(job = %job.id, error = %e, "the job's reply credentials do not open; it will not reply");
+                crate::ReplyCredentials::default()
+            });
+    }
+    Ok(job)
 }
 
 /// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
@@ -288,6 +323,7 @@ impl PgStore {
             instance,
             relaxed_events: false,
             keyring: None,
+            completer: std::sync::OnceLock::new(),
         })
     }
 
@@ -299,39 +335,30 @@ impl PgStore {
     #[must_use]
     pub fn with_keyring(mut self, keyring: crate::secrets::SecretKeyring) -> Self {
         self.keyring = Some(keyring);
+        self.completer = std::sync::OnceLock::new();
         self
     }
 
     /// The job as it is written: its credentials sealed.
     fn sealed<'a>(&self, job: &'a Job) -> Result<std::borrow::Cow<'a, Job>, StoreError> {
-        let creds = &job.reply_credentials;
-        if creds.is_empty() || creds.is_sealed() {
-            return Ok(std::borrow::Cow::Borrowed(job));
-        }
-        let keyring = self
-            .keyring
-            .as_ref()
-            .ok_or_else(|| secret_err(crate::secrets::SecretError::NoKey))?;
-        let mut sealed = job.clone();
-        sealed.reply_credentials = creds.sealed(keyring, job.id.as_uuid().as_bytes());
-        Ok(std::borrow::Cow::Owned(sealed))
+        seal_job(self.keyring.as_ref(), job)
     }
 
-    /// A job read with its row, its credentials opened. Credentials that do not open (no key,
-    /// a key dropped from the keyring too early, a damaged value) are left out with a warning:
-    /// the job stays readable and runnable, only its chat reply is lost.
+    /// A job read with its row, its credentials opened (see [`open_job`]).
     fn job_of(&self, row: &PgRow) -> Result<Job, StoreError> {
-        let Json(mut job): Json<Job> = row.try_get("job").map_err(db)?;
-        if job.reply_credentials.is_sealed() {
-            job.reply_credentials = job
-                .reply_credentials
-                .opened(self.keyring.as_ref(), job.id.as_uuid().as_bytes())
-                .unwrap_or_else(|e| {
-                    tracing::warn!(job = %job.id, error = %e, "the job's reply credentials do not open; it will not reply");
-                    crate::ReplyCredentials::default()
-                });
-        }
-        Ok(job)
+        open_job(self.keyring.as_ref(), row)
+    }
+
+    /// The store's completer (see [`completer`]), started at the first call.
+    fn completer(&self) -> &completer::Completer {
+        self.completer.get_or_init(|| {
+            completer::Completer::start(completer::Ctx {
+                pool: self.pool.clone(),
+                keyring: self.keyring.clone(),
+                relaxed: self.relaxed_events,
+                notifier: self.notifier.clone(),
+            })
+        })
     }
 
     /// Runs the embedded migrations (idempotent; safe when several instances start at once).
@@ -397,25 +424,22 @@ impl PgStore {
     /// events) without waiting for the disk (`synchronous_commit = off` for those transactions
     /// only). Claims, finishes, cancels, recoveries and new jobs stay durable.
     ///
-    /// A database crash may then lose the last few hundred milliseconds of progress events of
-    /// jobs that were running at the time (never those of a job whose end was recorded: that
-    /// commit flushes them first); those jobs are recovered through their leases as usual, and
-    /// a subscriber that already saw a lost event may see its sequence number reused. In
-    /// exchange each step costs two disk flushes fewer. Off by default.
+    /// What it risks: a database crash (not a clean restart) may lose the last few hundred
+    /// milliseconds of progress events of jobs that were running at the time (never those of a
+    /// job whose end was recorded: that commit flushes them first); those jobs are recovered
+    /// through their leases as usual, and a subscriber that already saw a lost event may see its
+    /// sequence number reused. Fencing is unchanged: every event is still checked against its
+    /// lease when it is written, and a write refused for a lost lease answers
+    /// [`StoreError::LeaseLost`] to its caller. In exchange each step costs two disk flushes
+    /// fewer. Off by default.
+    ///
+    /// A batch of the completer that holds only events is committed this way; a batch that
+    /// also records an outcome is durable.
     #[must_use]
     pub fn with_relaxed_event_commits(mut self, relaxed: bool) -> Self {
         self.relaxed_events = relaxed;
+        self.completer = std::sync::OnceLock::new();
         self
-    }
-
-    /// A condition that is always true and, for relaxed event commits, turns off the wait for
-    /// the disk in the statement's transaction.
-    fn event_commit(&self) -> &'static str {
-        if self.relaxed_events {
-            "set_config('synchronous_commit', 'off', true) IS NOT NULL"
-        } else {
-            "TRUE"
-        }
     }
 
     fn bind_event<'q>(&'q self, q: PgQuery<'q>, ev: &'q NewEvent) -> PgQuery<'q> {
@@ -425,12 +449,7 @@ impl PgStore {
     /// Tells the other instances about a committed event (through the store's notifier: one
     /// `NOTIFY` for many events, outside the transactions that write them).
     fn announce(&self, job_id: JobId, seq: i64, ev: &NewEvent) {
-        self.notifier.announce(listen::Announce {
-            job: job_id,
-            seq: to_u64(seq),
-            at: ev.at,
-            kind: (ev.text.len() <= INLINE_KIND_MAX).then(|| ev.text.clone()),
-        });
+        self.notifier.announce_event(job_id, seq, ev);
     }
 
     /// Tells a missing job from a lost lease after a fenced write matched no row.
@@ -446,30 +465,6 @@ impl PgStore {
             Ok(Some(_)) => StoreError::LeaseLost(id),
             Ok(None) => StoreError::NotFound(id),
             Err(e) => db(e),
-        }
-    }
-
-    /// Reads and locks a running job if `lease` still holds it.
-    async fn lock_fenced(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        lease: &Lease,
-        at: DateTime<Utc>,
-    ) -> Result<Job, StoreError> {
-        let row = sqlx::query(
-            "SELECT job FROM aiwg_jobs WHERE id = $1 AND status = 'running' \
-             AND lease_token = $2 AND lease_expires_at > GREATEST($3::timestamptz, now()) \
-             FOR UPDATE",
-        )
-        .bind(lease.job_id.as_uuid())
-        .bind(to_i64(lease.token))
-        .bind(at)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
-        match row {
-            Some(row) => self.job_of(&row),
-            None => Err(self.lost(&mut **tx, lease.job_id).await),
         }
     }
 
@@ -1180,89 +1175,21 @@ impl JobStore for PgStore {
                 "status events are written by the store itself",
             ));
         }
-        let at = now();
-        let moves_progress = matches!(
-            kind,
-            JobEventKind::StepStarted { .. } | JobEventKind::StepFinished { ok: true, .. }
-        );
-        let ev = NewEvent::new(kind, at)?;
-        if !moves_progress {
-            // One statement: fence, number, insert, notify.
-            let sql = format!(
-                "WITH u AS (UPDATE aiwg_jobs SET last_seq = last_seq + 1 \
-                 WHERE id = $1 AND status = 'running' AND lease_token = $2 \
-                   AND lease_expires_at > GREATEST($3::timestamptz, now()) AND {} \
-                 RETURNING id, last_seq){}",
-                self.event_commit(),
-                event_tail(3)
-            );
-            let q = sqlx::query(&sql)
-                .bind(lease.job_id.as_uuid())
-                .bind(to_i64(lease.token));
-            let row = self
-                .bind_event(q, &ev)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
-            let Some(row) = row else {
-                return Err(self.lost(&self.pool, lease.job_id).await);
-            };
-            let seq: i64 = row.try_get("last_seq").map_err(db)?;
-            self.announce(lease.job_id, seq, &ev);
-            return Ok(ev.into_event(lease.job_id, seq));
-        }
-        // A step event also moves the job's progress: done in the same statement, on the
-        // stored JSON (what `apply::progress` does to a `Job`), so the step costs one round
-        // trip and no read.
-        let (step, finished) = match &ev.kind {
-            JobEventKind::StepStarted { step, .. } => (step.clone(), false),
-            JobEventKind::StepFinished { step, .. } => (step.clone(), true),
-            _ => unreachable!("only step events move progress"),
+        // A step event also moves the job's progress: done by the completer's statement, on
+        // the stored JSON (what `apply::progress` does to a `Job`), so a step costs no read.
+        let progress = match &kind {
+            JobEventKind::StepStarted { step, .. } => completer::Progress::Started(step.clone()),
+            JobEventKind::StepFinished { step, ok: true, .. } => {
+                completer::Progress::Finished(step.clone())
+            }
+            _ => completer::Progress::Unchanged,
         };
-        let sql = format!(
-            "WITH u AS (UPDATE aiwg_jobs SET job = jsonb_set(job, '{{progress}}', {}), \
-                 last_seq = last_seq + 1, updated_at = now() \
-             WHERE id = $1 AND status = 'running' AND lease_token = $2 \
-               AND lease_expires_at > GREATEST($3::timestamptz, now()) AND {} \
-             RETURNING id, last_seq){}",
-            if finished {
-                PROGRESS_FINISHED
-            } else {
-                PROGRESS_STARTED
-            },
-            self.event_commit(),
-            event_tail(3)
-        );
-        let q = sqlx::query(&sql)
-            .bind(lease.job_id.as_uuid())
-            .bind(to_i64(lease.token));
-        let row = self
-            .bind_event(q, &ev)
-            .bind(&step)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        let Some(row) = row else {
-            return Err(self.lost(&self.pool, lease.job_id).await);
-        };
-        let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        self.announce(lease.job_id, seq, &ev);
-        Ok(ev.into_event(lease.job_id, seq))
+        let ev = NewEvent::new(kind, now())?;
+        self.completer().append(lease.clone(), ev, progress).await
     }
 
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
-        let at = now();
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let mut job = self.lock_fenced(&mut tx, lease, at).await?;
-        let kind = apply::finish(&mut job, finish, at)?;
-        apply::progress(&mut job, &kind);
-        job.cancel_requested = false;
-        let ev = NewEvent::new(kind, at)?;
-        let seq = self.write_changed(&mut tx, &job, &ev).await?;
-        tx.commit().await.map_err(db)?;
-        let id = job.id;
-        self.announce(id, seq, &ev);
-        Ok((job, ev.into_event(id, seq)))
+        self.completer().finish(lease.clone(), finish, now()).await
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {

@@ -1,0 +1,614 @@
+//! The completer: the fenced writes of running jobs (their events and their outcomes),
+//! coalesced across jobs into few statements and few commits.
+//!
+//! [`JobStore::append`](crate::store::JobStore::append) and
+//! [`JobStore::finish`](crate::store::JobStore::finish) write at once, in their caller's task,
+//! while fewer than [`IN_FLIGHT`] writes are on their way; past that they hand their write to
+//! the completer's task and wait for its answer. The task takes every write waiting when a
+//! slot frees up (nothing waits for a timer: the writes that arrive while the database is
+//! busy form the next batch, with at most one write per job) and writes the batch as
+//!
+//! - one statement for all the events (`UPDATE … FROM unnest(…)` fencing each row, numbering
+//!   the event and moving the job's progress, with the `INSERT` of the events in the same
+//!   statement): one commit;
+//! - for the outcomes, one read of the rows their leases hold and one `UPDATE … FROM
+//!   unnest(…)` that fences each row again, checks that it did not change since it was read,
+//!   and inserts the outcomes' events: one commit. The outcome itself is computed in Rust
+//!   ([`apply::finish`]), the one place that knows the transitions.
+//!
+//! Each statement also names its rows by primary key (`a.id = ANY($1)`), so that it reads
+//! only them and PostgreSQL can keep one generic plan for it instead of planning it anew on
+//! every call.
+//!
+//! Every row is fenced on its own (lease token, `running`, expiry, in the statement that
+//! writes it), and a write whose row does not pass answers [`StoreError::LeaseLost`] (or
+//! [`StoreError::NotFound`]) to its caller alone; the others of the batch are written. A part
+//! of a batch that fails as a whole (a lost connection) is written again one write at a time,
+//! so each caller gets its own answer.
+//!
+//! With relaxed event commits the events' statement does not wait for the disk; outcomes
+//! always do (and so flush the events written before them).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Row};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
+
+use super::{db, json_err, listen::Notifier, open_job, seal_job, to_i64, NewEvent};
+use crate::event::JobEvent;
+use crate::job::{Job, JobId};
+use crate::secrets::SecretKeyring;
+use crate::store::{apply, Finish, Lease, StoreError};
+
+/// The most writes in one batch.
+const MAX_BATCH: usize = 512;
+
+/// How often an outcome is read and written again after its row changed between the two.
+const OUTCOME_ROUNDS: usize = 8;
+
+/// Writes or batches on their way at once (each on its own connection). Below this many
+/// writers at a time every write goes out at once, from its caller; past it, writes queue and
+/// go out together as soon as a slot frees up, and PostgreSQL flushes their commits together.
+const IN_FLIGHT: usize = 4;
+
+/// The progress of a job after `StepStarted` of step `t.step`, computed from the stored JSON as
+/// [`Progress::start`](crate::job::Progress::start) does: out of `pending`, the only one in
+/// `in_progress`.
+const PROGRESS_STARTED: &str = "jsonb_build_object(\
+    'completed', COALESCE(a.job->'progress'->'completed', '[]'::jsonb), \
+    'in_progress', (COALESCE(a.job->'progress'->'in_progress', '[]'::jsonb) - t.step) \
+        || jsonb_build_array(t.step), \
+    'pending', COALESCE(a.job->'progress'->'pending', '[]'::jsonb) - t.step)";
+
+/// The progress after a successful `StepFinished` of step `t.step`, as
+/// [`Progress::finish`](crate::job::Progress::finish): out of `in_progress` and `pending`,
+/// into `completed` once.
+const PROGRESS_FINISHED: &str = "jsonb_build_object(\
+    'completed', CASE WHEN COALESCE(a.job->'progress'->'completed', '[]'::jsonb) ? t.step \
+        THEN a.job->'progress'->'completed' \
+        ELSE COALESCE(a.job->'progress'->'completed', '[]'::jsonb) || jsonb_build_array(t.step) END, \
+    'in_progress', COALESCE(a.job->'progress'->'in_progress', '[]'::jsonb) - t.step, \
+    'pending', COALESCE(a.job->'progress'->'pending', '[]'::jsonb) - t.step)";
+
+/// What the completer needs of its store.
+pub(super) struct Ctx {
+    pub(super) pool: PgPool,
+    pub(super) keyring: Option<SecretKeyring>,
+    pub(super) relaxed: bool,
+    pub(super) notifier: Notifier,
+}
+
+/// How an event moves its job's progress.
+pub(super) enum Progress {
+    /// It does not.
+    Unchanged,
+    /// `StepStarted` of this step.
+    Started(String),
+    /// A successful `StepFinished` of this step.
+    Finished(String),
+}
+
+impl Progress {
+    fn code(&self) -> i16 {
+        match self {
+            Self::Unchanged => 0,
+            Self::Started(_) => 1,
+            Self::Finished(_) => 2,
+        }
+    }
+
+    fn step(&self) -> &str {
+        match self {
+            Self::Unchanged => "",
+            Self::Started(s) | Self::Finished(s) => s,
+        }
+    }
+}
+
+struct Append {
+    lease: Lease,
+    ev: NewEvent,
+    progress: Progress,
+    reply: oneshot::Sender<Result<JobEvent, StoreError>>,
+}
+
+struct Outcome {
+    lease: Lease,
+    finish: Finish,
+    at: DateTime<Utc>,
+    reply: oneshot::Sender<Result<(Job, JobEvent), StoreError>>,
+}
+
+enum Write {
+    Append(Append),
+    Finish(Outcome),
+}
+
+impl Write {
+    fn job(&self) -> JobId {
+        match self {
+            Self::Append(a) => a.lease.job_id,
+            Self::Finish(f) => f.lease.job_id,
+        }
+    }
+}
+
+/// The handle of a store's completer task. The task ends, after writing what it was given,
+/// when the handle is dropped.
+pub(super) struct Completer {
+    tx: mpsc::UnboundedSender<Write>,
+    ctx: Arc<Ctx>,
+    /// One permit per write or batch on its way to the database ([`IN_FLIGHT`]).
+    slots: Arc<Semaphore>,
+}
+
+/// A recorded outcome: the job after it, its event's number, its event.
+type Recorded = Result<(Job, i64, NewEvent), StoreError>;
+
+fn stopped() -> StoreError {
+    StoreError::backend("postgres: the store's completer stopped")
+}
+
+impl Completer {
+    /// Starts the task (on the current Tokio runtime).
+    pub(super) fn start(ctx: Ctx) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(ctx);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(run(Arc::clone(&ctx), Arc::clone(&slots), rx));
+        Self { tx, ctx, slots }
+    }
+
+    /// Hands `write` to the task, or, when fewer than [`IN_FLIGHT`] writes are on their way
+    /// (and none waits), writes it at once in the caller's task: a store that is not busy
+    /// costs its callers no hand-over.
+    async fn submit(&self, write: Write) -> Result<(), StoreError> {
+        match self.slots.try_acquire() {
+            Ok(_slot) => {
+                flush(&self.ctx, vec![write]).await;
+                Ok(())
+            }
+            Err(_) => self.tx.send(write).map_err(|_| stopped()),
+        }
+    }
+
+    /// Writes an event of a running job, fenced by `lease`.
+    pub(super) async fn append(
+        &self,
+        lease: Lease,
+        ev: NewEvent,
+        progress: Progress,
+    ) -> Result<JobEvent, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Write::Append(Append {
+            lease,
+            ev,
+            progress,
+            reply,
+        }))
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Records the outcome of a running job's attempt, fenced by `lease`.
+    pub(super) async fn finish(
+        &self,
+        lease: Lease,
+        finish: Finish,
+        at: DateTime<Utc>,
+    ) -> Result<(Job, JobEvent), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Write::Finish(Outcome {
+            lease,
+            finish,
+            at,
+            reply,
+        }))
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<Write>) {
+    // Writes of a job that already has one in the batch being formed wait for the next batch,
+    // so that a statement never updates a row twice.
+    let mut carried: VecDeque<Write> = VecDeque::new();
+    loop {
+        let first = match carried.pop_front() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => break,
+            },
+        };
+        // Wait for a slot: what arrives meanwhile joins the batch.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut ids = HashSet::from([first.job()]);
+        let mut batch = vec![first];
+        let mut later = VecDeque::new();
+        while let Some(w) = carried.pop_front() {
+            if batch.len() < MAX_BATCH && ids.insert(w.job()) {
+                batch.push(w);
+            } else {
+                later.push_back(w);
+            }
+        }
+        carried = later;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) if ids.insert(w.job()) => batch.push(w),
+                Ok(w) => carried.push_back(w),
+                Err(_) => break,
+            }
+        }
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            flush(&ctx, batch).await;
+            drop(slot);
+        });
+    }
+    // The store is gone: let the batches on their way end.
+    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+}
+
+/// Writes a batch and answers its callers. A part (the events, the outcomes) that fails as a
+/// whole is written again one write at a time, so that each caller gets its own answer.
+async fn flush(ctx: &Ctx, batch: Vec<Write>) {
+    let mut appends = Vec::new();
+    let mut outcomes = Vec::new();
+    for w in batch {
+        match w {
+            Write::Append(a) => appends.push(a),
+            Write::Finish(f) => outcomes.push(f),
+        }
+    }
+    // Different jobs (a batch holds one write per job): the two parts go out side by side.
+    let (events, ends) = tokio::join!(write_events(ctx, &appends), write_outcomes(ctx, &outcomes));
+    match events {
+        Ok(seqs) => {
+            for (a, seq) in appends.into_iter().zip(seqs) {
+                answer_append(ctx, a, seq);
+            }
+        }
+        Err(e) if appends.len() == 1 => {
+            for a in appends {
+                let _ = a.reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "a batch of job events failed; writing them one by one");
+            for a in appends {
+                let answer = match write_events(ctx, std::slice::from_ref(&a)).await {
+                    Ok(mut seqs) => seqs.pop().unwrap_or_else(|| Err(stopped())),
+                    Err(e) => Err(e),
+                };
+                answer_append(ctx, a, answer);
+            }
+        }
+    }
+    match ends {
+        Ok(done) => {
+            for (f, done) in outcomes.into_iter().zip(done) {
+                answer_finish(ctx, f, done);
+            }
+        }
+        Err(e) if outcomes.len() == 1 => {
+            for f in outcomes {
+                let _ = f.reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "a batch of job outcomes failed; writing them one by one");
+            for f in outcomes {
+                let answer = match write_outcomes(ctx, std::slice::from_ref(&f)).await {
+                    Ok(mut done) => done.pop().unwrap_or_else(|| Err(stopped())),
+                    Err(e) => Err(e),
+                };
+                answer_finish(ctx, f, answer);
+            }
+        }
+    }
+}
+
+fn answer_append(ctx: &Ctx, a: Append, seq: Result<i64, StoreError>) {
+    let answer = seq.map(|seq| {
+        let id = a.lease.job_id;
+        ctx.notifier.announce_event(id, seq, &a.ev);
+        a.ev.into_event(id, seq)
+    });
+    let _ = a.reply.send(answer);
+}
+
+fn answer_finish(ctx: &Ctx, f: Outcome, done: Recorded) {
+    let answer = done.map(|(job, seq, ev)| {
+        let id = job.id;
+        ctx.notifier.announce_event(id, seq, &ev);
+        (job, ev.into_event(id, seq))
+    });
+    let _ = f.reply.send(answer);
+}
+
+/// Turns the writes that matched no row (`None`) into [`StoreError::LeaseLost`] or, for a job
+/// that does not exist, [`StoreError::NotFound`].
+async fn fenced<'e, E, T>(
+    exec: E,
+    ids: impl Iterator<Item = JobId>,
+    written: Vec<Option<T>>,
+) -> Result<Vec<Result<T, StoreError>>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let ids: Vec<JobId> = ids.collect();
+    let missing: Vec<Uuid> = ids
+        .iter()
+        .zip(&written)
+        .filter(|(_, w)| w.is_none())
+        .map(|(id, _)| *id.as_uuid())
+        .collect();
+    let existing: HashSet<Uuid> = if missing.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar("SELECT id FROM aiwg_jobs WHERE id = ANY($1)")
+            .bind(&missing)
+            .fetch_all(exec)
+            .await
+            .map_err(db)?
+            .into_iter()
+            .collect()
+    };
+    Ok(ids
+        .into_iter()
+        .zip(written)
+        .map(|(id, w)| match w {
+            Some(v) => Ok(v),
+            None if existing.contains(id.as_uuid()) => Err(StoreError::LeaseLost(id)),
+            None => Err(StoreError::NotFound(id)),
+        })
+        .collect())
+}
+
+/// One statement: fences each event's row, numbers the event, moves the job's progress for
+/// step events and inserts the events (relaxed: without waiting for the disk). Answers per
+/// event; `Err` when the statement failed (nothing of it was written).
+async fn write_events(
+    ctx: &Ctx,
+    appends: &[Append],
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+    if appends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = appends.len();
+    let (mut ids, mut tokens, mut ats) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut kinds, mut modes, mut steps) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for a in appends {
+        ids.push(*a.lease.job_id.as_uuid());
+        tokens.push(to_i64(a.lease.token));
+        ats.push(a.ev.at);
+        kinds.push(a.ev.text.as_str());
+        modes.push(a.progress.code());
+        steps.push(a.progress.step());
+    }
+    // Relaxed: this statement's transaction does not wait for the disk.
+    let sync = if ctx.relaxed {
+        ", set_config('synchronous_commit', 'off', true) AS sc"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "WITH t AS (SELECT *{sync} FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[], \
+             $4::text[], $5::int2[], $6::text[]) WITH ORDINALITY \
+             AS t(id, token, at, kind, mode, step, ord)), \
+         u AS (UPDATE aiwg_jobs a SET last_seq = a.last_seq + 1, \
+             job = CASE t.mode WHEN 0 THEN a.job ELSE jsonb_set(a.job, '{{progress}}', \
+                 CASE t.mode WHEN 1 THEN {PROGRESS_STARTED} ELSE {PROGRESS_FINISHED} END) END, \
+             updated_at = CASE t.mode WHEN 0 THEN a.updated_at ELSE now() END \
+             FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) AND a.status = 'running' \
+               AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now()) \
+             RETURNING a.id, a.last_seq, t.at, t.kind, t.ord), \
+         e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+             SELECT id, last_seq, at, kind::jsonb FROM u) \
+         SELECT ord, last_seq FROM u"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&ats)
+        .bind(&kinds)
+        .bind(&modes)
+        .bind(&steps)
+        .fetch_all(&ctx.pool)
+        .await
+        .map_err(db)?;
+    let mut seqs = vec![None; n];
+    for row in rows {
+        let ord: i64 = row.try_get("ord").map_err(db)?;
+        let seq: i64 = row.try_get("last_seq").map_err(db)?;
+        if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| seqs.get_mut(i)) {
+            *slot = Some(seq);
+        }
+    }
+    fenced(&ctx.pool, appends.iter().map(|a| a.lease.job_id), seqs).await
+}
+
+/// Records the outcomes: reads the rows their leases still hold (with their row versions),
+/// applies each outcome to its job, and writes them all with their events in one statement
+/// that fences every row again and checks that it did not change since it was read (a
+/// heartbeat, a cancel request); a row that did is read and written again. Two round trips and
+/// one commit for the batch, no lock held between them.
+async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>, StoreError> {
+    let n = outcomes.len();
+    let mut answers: Vec<Option<Recorded>> = (0..n).map(|_| None).collect();
+    // Outcomes whose row the fence refused (answered LeaseLost or NotFound at the end).
+    let mut refused: Vec<usize> = Vec::new();
+    let mut pending: Vec<usize> = (0..n).collect();
+    for _ in 0..OUTCOME_ROUNDS {
+        if pending.is_empty() {
+            break;
+        }
+        let ids: Vec<Uuid> = pending
+            .iter()
+            .map(|&i| *outcomes[i].lease.job_id.as_uuid())
+            .collect();
+        let tokens: Vec<i64> = pending
+            .iter()
+            .map(|&i| to_i64(outcomes[i].lease.token))
+            .collect();
+        let ats: Vec<DateTime<Utc>> = pending.iter().map(|&i| outcomes[i].at).collect();
+        let rows = sqlx::query(
+            "SELECT a.job, a.xmin::text AS version FROM aiwg_jobs a \
+             JOIN unnest($1::uuid[], $2::int8[], $3::timestamptz[]) AS t(id, token, at) \
+               ON a.id = t.id \
+             WHERE a.id = ANY($1::uuid[]) AND a.status = 'running' AND a.lease_token = t.token \
+               AND a.lease_expires_at > GREATEST(t.at, now())",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&ats)
+        .fetch_all(&ctx.pool)
+        .await
+        .map_err(db)?;
+        let mut read: HashMap<JobId, (Job, String)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let job = open_job(ctx.keyring.as_ref(), row)?;
+            let version: String = row.try_get("version").map_err(db)?;
+            read.insert(job.id, (job, version));
+        }
+        // Apply each outcome to its job.
+        let mut writes: Vec<(usize, Job, NewEvent, String)> = Vec::with_capacity(pending.len());
+        for &i in &pending {
+            let f = &outcomes[i];
+            let Some((mut job, version)) = read.remove(&f.lease.job_id) else {
+                refused.push(i);
+                continue;
+            };
+            let applied = apply::finish(&mut job, f.finish.clone(), f.at).and_then(|kind| {
+                apply::progress(&mut job, &kind);
+                job.cancel_requested = false;
+                NewEvent::new(kind, f.at)
+            });
+            match applied {
+                Ok(ev) => writes.push((i, job, ev, version)),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        pending.clear();
+        if writes.is_empty() {
+            break;
+        }
+        let m = writes.len();
+        let (mut w_ids, mut tokens, mut ats, mut versions) = (
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+        );
+        let (mut statuses, mut retry_ats, mut jobs, mut approvals, mut ev_ats, mut kinds) = (
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+            Vec::with_capacity(m),
+        );
+        for (i, job, ev, version) in &writes {
+            let f = &outcomes[*i];
+            w_ids.push(*job.id.as_uuid());
+            tokens.push(to_i64(f.lease.token));
+            ats.push(f.at);
+            versions.push(version.as_str());
+            statuses.push(job.status.as_str());
+            retry_ats.push(job.retry_at);
+            jobs.push(
+                serde_json::to_string(&*seal_job(ctx.keyring.as_ref(), job)?).map_err(json_err)?,
+            );
+            approvals.push(job.pending_approval().map(|a| a.expires_at));
+            ev_ats.push(ev.at);
+            kinds.push(ev.text.as_str());
+        }
+        let rows = sqlx::query(
+            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[], \
+                 $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[], \
+                 $9::timestamptz[], $10::text[]) \
+                 AS t(id, token, at, version, status, retry_at, job, approval_expires_at, \
+                      ev_at, kind)), \
+             u AS (UPDATE aiwg_jobs a SET status = t.status, \
+                 queue_seq = CASE WHEN t.status = 'queued' THEN nextval('aiwg_queue_seq') END, \
+                 retry_at = t.retry_at, cancel_requested = FALSE, job = t.job::jsonb, \
+                 last_seq = a.last_seq + 1, lease_owner = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, approval_expires_at = t.approval_expires_at, \
+                 updated_at = now() \
+                 FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) \
+                   AND a.xmin::text = t.version \
+                   AND a.status = 'running' AND a.lease_token = t.token \
+                   AND a.lease_expires_at > GREATEST(t.at, now()) \
+                 RETURNING a.id, a.last_seq, t.ev_at, t.kind), \
+             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+                 SELECT id, last_seq, ev_at, kind::jsonb FROM u) \
+             SELECT id, last_seq FROM u",
+        )
+        .bind(&w_ids)
+        .bind(&tokens)
+        .bind(&ats)
+        .bind(&versions)
+        .bind(&statuses)
+        .bind(&retry_ats)
+        .bind(&jobs)
+        .bind(&approvals)
+        .bind(&ev_ats)
+        .bind(&kinds)
+        .fetch_all(&ctx.pool)
+        .await
+        .map_err(db)?;
+        let mut seqs: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            seqs.insert(
+                row.try_get("id").map_err(db)?,
+                row.try_get("last_seq").map_err(db)?,
+            );
+        }
+        for (i, job, ev, _) in writes {
+            match seqs.get(job.id.as_uuid()) {
+                Some(&seq) => answers[i] = Some(Ok((job, seq, ev))),
+                // Changed since it was read, or its lease ended meanwhile: read it again.
+                None => pending.push(i),
+            }
+        }
+    }
+    for i in pending {
+        answers[i] = Some(Err(StoreError::backend(
+            "postgres: the job kept changing while its outcome was written",
+        )));
+    }
+    if !refused.is_empty() {
+        let lost = fenced(
+            &ctx.pool,
+            refused.iter().map(|&i| outcomes[i].lease.job_id),
+            refused.iter().map(|_| None::<()>).collect(),
+        )
+        .await?;
+        for (i, e) in refused.into_iter().zip(lost) {
+            let e = e
+                .err()
+                .unwrap_or(StoreError::LeaseLost(outcomes[i].lease.job_id));
+            answers[i] = Some(Err(e));
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(stopped())))
+        .collect())
+}
