@@ -57,7 +57,24 @@ fn start(config: &str, dir: &std::path::Path) -> Server {
 }
 
 /// Live (non-zombie) processes whose command line contains `needle`.
+/// Live processes whose command line contains `needle` (the wrappers, `setpriv` and `bwrap`,
+/// included).
 fn pids_with(needle: &str) -> Vec<i32> {
+    pids_where(|cmd| cmd.contains(needle))
+}
+
+/// Live `sleep` processes whose command line contains `needle`: the agent itself, once its
+/// sandbox is up. (Killing the server while `bwrap` is still setting the sandbox up would test
+/// bubblewrap's own start-up: its inner process sets `--die-with-parent` only after it was
+/// cloned, and misses a parent that died in between.)
+fn sleeps_with(needle: &str) -> Vec<i32> {
+    pids_where(|cmd| {
+        let program = cmd.split(' ').next().unwrap_or_default();
+        (program == "sleep" || program.ends_with("/sleep")) && cmd.contains(needle)
+    })
+}
+
+fn pids_where(wanted: impl Fn(&str) -> bool) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -71,7 +88,7 @@ fn pids_with(needle: &str) -> Vec<i32> {
             .ok()
             .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
             .unwrap_or(true);
-        if cmd.contains(needle) && !zombie {
+        if wanted(&cmd) && !zombie {
             out.push(pid);
         }
     }
@@ -167,8 +184,8 @@ workflows:
         .expect("the job runs");
     }
     // …and so are their sleeps.
-    wait_until("the plain sleep", || !pids_with(&plain).is_empty()).await;
-    wait_until("the sandboxed sleep", || !pids_with(&boxed).is_empty()).await;
+    wait_until("the plain sleep", || !sleeps_with(&plain).is_empty()).await;
+    wait_until("the sandboxed sleep", || !sleeps_with(&boxed).is_empty()).await;
     let before: Vec<i32> = pids_with(&plain)
         .into_iter()
         .chain(pids_with(&boxed))
@@ -180,8 +197,25 @@ workflows:
     assert!(!status.success());
 
     // Bounded wait (not a threshold): the kernel kills them as soon as the server is gone.
-    wait_until("every process of both jobs to be gone", || {
-        pids_with(&plain).is_empty() && pids_with(&boxed).is_empty()
+    let gone = tokio::time::timeout(LIMIT, async {
+        while !(pids_with(&plain).is_empty() && pids_with(&boxed).is_empty()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
+    if gone.is_err() {
+        let left: Vec<String> = pids_with(&plain)
+            .into_iter()
+            .chain(pids_with(&boxed))
+            .map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                format!(
+                    "{pid}: {} [{stat}]",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                )
+            })
+            .collect();
+        panic!("processes of the jobs outlived the server: {left:#?}");
+    }
 }
