@@ -251,10 +251,17 @@ async fn a_subscriber_on_one_engine_sees_events_produced_on_the_other() {
     )));
     // Every event written on B after A listened arrived on A's bus, once, in order.
     let stored = a.store.events(job.id, 0).await.unwrap();
-    let mut live = Vec::new();
-    while let Ok(ev) = all.try_recv() {
-        live.push(ev);
-    }
+    let last_seq = stored.last().unwrap().seq;
+    // The job's stream may end before the listener has handed the last event on to the bus
+    // (and, before it, the feed): wait for it there rather than read what is there now.
+    let mut live: Vec<aiwg_core::JobEvent> = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while live.last().map(|e| e.seq) != Some(last_seq) {
+            live.push(all.recv().await.expect("A's bus stays open"));
+        }
+    })
+    .await
+    .expect("A's bus carried the last event");
     let after_gate: Vec<u64> = live.iter().map(|e| e.seq).collect();
     assert!(!after_gate.is_empty());
     assert_eq!(
