@@ -201,11 +201,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
             .remove(&id)
     };
     if job.cancel_requested || cancelled_meanwhile {
-        reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(StopReason::User("cancelled by request"));
-        token.cancel();
+        stop(&reason, &token, StopReason::User("cancelled by request"));
     }
 
     // The lease is only known to be ours until `ttl` after the claim was sent. A job that
@@ -222,11 +218,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 beat_base = sent;
                 lease = hb.lease;
                 if hb.cancel_requested {
-                    reason
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(StopReason::User("cancelled by request"));
-                    token.cancel();
+                    stop(&reason, &token, StopReason::User("cancelled by request"));
                 }
             }
             Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) | Err(_) => {
@@ -415,11 +407,7 @@ async fn heartbeat(
                 fence_at = sent + ttl.saturating_sub(margin);
                 *lease.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
                 if hb.cancel_requested {
-                    reason
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(StopReason::User("cancelled by request"));
-                    token.cancel();
+                    stop(reason, token, StopReason::User("cancelled by request"));
                 }
             }
             Ok(Err(StoreError::LeaseLost(_)) | Err(StoreError::NotFound(_))) => {
@@ -436,10 +424,15 @@ async fn heartbeat(
 
 /// Stops a job whose lease is (or may be) no longer ours: no further write is attempted.
 fn fence(reason: &Mutex<Option<StopReason>>, token: &CancellationToken) {
+    stop(reason, token, StopReason::LeaseLost);
+}
+
+/// Stops the job through `token`, recording `why` unless an earlier reason is recorded.
+fn stop(reason: &Mutex<Option<StopReason>>, token: &CancellationToken, why: StopReason) {
     reason
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert(StopReason::LeaseLost);
+        .get_or_insert(why);
     token.cancel();
 }
 
