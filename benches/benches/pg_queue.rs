@@ -21,6 +21,34 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 const BATCH: usize = 300;
 /// Workers per engine (and claimers in the baseline).
 const WORKERS: usize = 4;
+/// Jobs of the wide burn-down (`AIWG_PG_QUEUE_WIDE_JOBS`, default 5 000).
+fn wide_jobs() -> usize {
+    env_usize("AIWG_PG_QUEUE_WIDE_JOBS", 5_000)
+}
+/// Workers per engine in the wide burn-down (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32).
+fn wide_workers() -> usize {
+    env_usize("AIWG_PG_QUEUE_WIDE_WORKERS", 32)
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// The shape of a burn-down: how many jobs, how many workers per engine.
+#[derive(Clone, Copy)]
+struct Shape {
+    jobs: usize,
+    workers: usize,
+}
+
+const NARROW: Shape = Shape {
+    jobs: BATCH,
+    workers: WORKERS,
+};
 /// Latency samples per configuration.
 const LATENCY_SAMPLES: usize = 200;
 
@@ -76,7 +104,7 @@ impl Db {
     }
 
     async fn store(&self, relaxed: bool) -> Arc<PgStore> {
-        let store = PgStore::from_pool(self.pool(WORKERS as u32 + 4).await)
+        let store = PgStore::from_pool(self.pool(16).await)
             .await
             .expect("store")
             .with_relaxed_event_commits(relaxed);
@@ -90,13 +118,13 @@ struct Node {
     listener: tokio::task::JoinHandle<()>,
 }
 
-async fn node(store: &Arc<PgStore>, exec: &ScriptedExecutor) -> Node {
+async fn node(store: &Arc<PgStore>, exec: &ScriptedExecutor, shape: Shape) -> Node {
     let engine = Engine::builder()
         .store(store.clone())
         .executor("noop", Arc::new(exec.clone()))
         .workflow(Workflow::new("noop").step(Step::prompt("run", "noop", "x")))
-        .workers(WORKERS)
-        .queue_capacity(BATCH * 10)
+        .workers(shape.workers)
+        .queue_capacity(shape.jobs * 10)
         .poll_interval(Duration::from_millis(200))
         .build()
         .expect("engine");
@@ -114,15 +142,15 @@ async fn stop(nodes: Vec<Node>) {
     }
 }
 
-/// Fills the queue with `BATCH` jobs (one statement, before the clock starts).
-async fn fill(store: &PgStore) {
+/// Fills the queue with `jobs` jobs (one statement, before the clock starts).
+async fn fill(store: &PgStore, jobs: usize) {
     let project = std::env::current_dir()
         .expect("cwd")
         .canonicalize()
         .expect("cwd")
         .display()
         .to_string();
-    let jobs = (0..BATCH)
+    let jobs = (0..jobs)
         .map(|_| {
             let mut job = sample_job("noop", &project, 0);
             job.progress = Progress::pending(["run".to_owned()]);
@@ -137,9 +165,9 @@ async fn fill(store: &PgStore) {
 /// Waits until every job of the burn-down ended: on the executor's count (no polling, no
 /// sleep) until the last job started, then on the store's counts, polled every millisecond,
 /// for the last outcomes.
-async fn drained(store: &PgStore, exec: &ScriptedExecutor) {
+async fn drained(store: &PgStore, exec: &ScriptedExecutor, jobs: usize) {
     assert!(
-        exec.wait_started(BATCH, Duration::from_secs(120)).await,
+        exec.wait_started(jobs, Duration::from_secs(120)).await,
         "every job started"
     );
     loop {
@@ -151,18 +179,18 @@ async fn drained(store: &PgStore, exec: &ScriptedExecutor) {
     }
 }
 
-/// Fills the queue with `BATCH` jobs, then times engines on `stores` draining it.
-async fn burn_down(stores: &[Arc<PgStore>]) -> Duration {
-    fill(&stores[0]).await;
+/// Fills the queue, then times engines on `stores` draining it.
+async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Duration {
+    fill(&stores[0], shape.jobs).await;
     let exec = ScriptedExecutor::succeeding("");
     let start = Instant::now();
     let mut nodes = Vec::new();
     for s in stores {
-        nodes.push(node(s, &exec).await);
+        nodes.push(node(s, &exec, shape).await);
     }
-    drained(&stores[0], &exec).await;
+    drained(&stores[0], &exec, shape.jobs).await;
     let took = start.elapsed();
-    assert_eq!(exec.calls(), BATCH, "every job ran once");
+    assert_eq!(exec.calls(), shape.jobs, "every job ran once");
     stop(nodes).await;
     took
 }
@@ -187,7 +215,7 @@ async fn commits_per_job(db: &Db, engines: usize, relaxed: bool) -> f64 {
     for _ in 0..engines {
         stores.push(db.store(relaxed).await);
     }
-    fill(&stores[0]).await;
+    fill(&stores[0], BATCH).await;
     // Let every backend report what it did so far.
     for s in &stores {
         s.pool().close().await;
@@ -201,7 +229,7 @@ async fn commits_per_job(db: &Db, engines: usize, relaxed: bool) -> f64 {
     let exec = ScriptedExecutor::succeeding("");
     let mut nodes = Vec::new();
     for s in &stores {
-        nodes.push(node(s, &exec).await);
+        nodes.push(node(s, &exec, NARROW).await);
     }
     assert!(
         exec.wait_started(BATCH, Duration::from_secs(120)).await,
@@ -242,6 +270,43 @@ async fn baseline(pool: &PgPool) -> Duration {
     start.elapsed()
 }
 
+/// The baseline of the wide burn-down: `jobs` rows inserted in one statement before the clock
+/// starts (as the engines' queue is filled), then `claimers` tasks each taking a row with
+/// `UPDATE … FOR UPDATE SKIP LOCKED` and marking it done with a second `UPDATE`, until none is
+/// left: the bare two commits a job's start and end cost.
+async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Duration {
+    sqlx::query("DELETE FROM bench_queue")
+        .execute(pool)
+        .await
+        .expect("empty");
+    sqlx::query(
+        "INSERT INTO bench_queue (priority, payload) \
+         SELECT 0, 'job ' || i FROM generate_series(1, $1) AS i",
+    )
+    .bind(i64::try_from(jobs).expect("jobs"))
+    .execute(pool)
+    .await
+    .expect("fill");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..claimers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(id) = claim_one(&pool).await {
+                sqlx::query("UPDATE bench_queue SET done = true WHERE id = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .expect("complete");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("claimer");
+    }
+    start.elapsed()
+}
+
 async fn claim_one(pool: &PgPool) -> Option<i64> {
     sqlx::query_scalar(
         "UPDATE bench_queue SET taken = true WHERE id = (SELECT id FROM bench_queue \
@@ -270,7 +335,7 @@ async fn engine_latency(stores: &[Arc<PgStore>]) -> Vec<Duration> {
     let exec = ScriptedExecutor::succeeding("");
     let mut nodes = Vec::new();
     for s in stores {
-        nodes.push(node(s, &exec).await);
+        nodes.push(node(s, &exec, NARROW).await);
     }
     let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
     for i in 0..LATENCY_SAMPLES {
@@ -310,6 +375,46 @@ async fn baseline_latency(pool: &PgPool) -> Vec<Duration> {
     samples
 }
 
+/// The wide burn-down, 2 engines on `two` against [`baseline_wide`]; prints its figures.
+async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
+    // The wide burn-down: many workers per engine, a queue long enough to keep them busy.
+    let wide = Shape {
+        jobs: wide_jobs(),
+        workers: wide_workers(),
+    };
+    let claimers = (2 * wide.workers).min(30);
+    let mut wide_runs: [Vec<Duration>; 2] = Default::default();
+    for _ in 0..rounds.min(3) {
+        wide_runs[0].push(baseline_wide(raw, wide.jobs, claimers).await);
+        wide_runs[1].push(burn_down(two, wide).await);
+    }
+    let [wb, w2] = wide_runs.map(|mut r| {
+        r.sort_unstable();
+        r[r.len() / 2]
+    });
+    let wide_rate = |d: Duration| wide.jobs as f64 / d.as_secs_f64();
+    println!();
+    println!(
+        "wide burn-down of {} jobs, 2 engines x {} workers (median of {} rounds):",
+        wide.jobs,
+        wide.workers,
+        rounds.min(3)
+    );
+    println!(
+        "  baseline: {claimers} claimers, claim + complete  {:>9.0} items/s",
+        wide_rate(wb)
+    );
+    println!(
+        "  2 engines                                    {:>9.0} jobs/s  ({:.2} x baseline)",
+        wide_rate(w2),
+        wide_rate(w2) / wide_rate(wb)
+    );
+    println!(
+        "ratio pg_wide_burn_down_2_engines {:.3}",
+        wide_rate(w2) / wide_rate(wb)
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -322,10 +427,11 @@ fn main() {
         let a = db.store(false).await;
         let b = db.store(false).await;
         let r = db.store(true).await;
-        let raw = db.pool(WORKERS as u32 + 1).await;
+        let raw = db.pool(32).await;
         sqlx::query(
             "CREATE TABLE bench_queue (id bigserial PRIMARY KEY, priority int NOT NULL, \
-             payload text NOT NULL, taken boolean NOT NULL DEFAULT false)",
+             payload text NOT NULL, taken boolean NOT NULL DEFAULT false, \
+             done boolean NOT NULL DEFAULT false)",
         )
         .execute(&raw)
         .await
@@ -337,6 +443,15 @@ fn main() {
         (vec![a.clone()], vec![a, b], vec![r], raw)
     });
 
+    let rounds: usize = std::env::var("AIWG_PG_QUEUE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(5);
+    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("wide") {
+        rt.block_on(wide_burn_down(&raw, &two, rounds));
+        return;
+    }
     let mut c = Criterion::default()
         .configure_from_args()
         .sample_size(10)
@@ -368,7 +483,7 @@ fn main() {
                 bch.to_async(&rt).iter_custom(|iters| async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        total += burn_down(stores).await;
+                        total += burn_down(stores, NARROW).await;
                     }
                     total
                 })
@@ -382,18 +497,13 @@ fn main() {
     // rounds (default 5), each running the baseline and every configuration once, one after
     // the other; each figure is the median of its rounds, so a burst of load on a shared
     // machine moves one round, not the result.
-    let rounds: usize = std::env::var("AIWG_PG_QUEUE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(5);
     rt.block_on(async {
         let mut runs: [Vec<Duration>; 4] = Default::default();
         for _ in 0..rounds {
             runs[0].push(baseline(&raw).await);
-            runs[1].push(burn_down(&one).await);
-            runs[2].push(burn_down(&two).await);
-            runs[3].push(burn_down(&relaxed).await);
+            runs[1].push(burn_down(&one, NARROW).await);
+            runs[2].push(burn_down(&two, NARROW).await);
+            runs[3].push(burn_down(&relaxed, NARROW).await);
         }
         let [base, t1, t2, tr] = runs.map(|mut r| {
             r.sort_unstable();
@@ -452,6 +562,7 @@ fn main() {
         println!("ratio pg_latency_p99_1_engine {:.3}", ratio(b99, l99));
         println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
         println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
+        wide_burn_down(&raw, &two, rounds).await;
         let c1 = commits_per_job(&db, 1, false).await;
         let c2 = commits_per_job(&db, 2, false).await;
         let cr = commits_per_job(&db, 1, true).await;

@@ -293,7 +293,8 @@ impl Inner {
 
 impl ClusterListener for Inner {
     fn wake(&self) {
-        self.wake.notify_waiters();
+        // One worker: it claims for every idle worker and wakes one per job it hands over
+        // (waking them all would make all but one claim nothing).
         self.wake.notify_one();
     }
 

@@ -23,7 +23,7 @@ const MAX_PAYLOAD: usize = 7600;
 /// spell goes out at once; under load the events of this window share one `NOTIFY` (one
 /// transaction, one turn of PostgreSQL's notification lock, one wake-up of every listener)
 /// instead of one each.
-const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// An event committed by this store, for the other instances.
 pub(super) struct Announce {
@@ -245,20 +245,22 @@ async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, pay
         engine.remote_cancel(id);
         return;
     }
+    let mut wake = false;
     if let Some(batch) = note.b {
         for e in batch {
-            event(engine, pool, e.j, e.s, Some(e.a), e.k).await;
+            wake |= event(engine, pool, e.j, e.s, Some(e.a), e.k).await;
         }
-        return;
+    } else if let (Some(job_id), Some(seq)) = (note.j, note.s) {
+        wake = event(engine, pool, job_id, seq, note.a, note.k).await;
     }
-    let (Some(job_id), Some(seq)) = (note.j, note.s) else {
-        return;
-    };
-    event(engine, pool, job_id, seq, note.a, note.k).await;
+    // Once per notification: the worker woken claims for every idle one.
+    if wake {
+        engine.wake();
+    }
 }
 
 /// Hands one remote event to the engine (reading it from the table when its kind was left
-/// out), and wakes idle workers when it may have made work claimable.
+/// out); whether it may have made work claimable (a job queued, a project slot freed).
 async fn event(
     engine: &dyn ClusterListener,
     pool: &PgPool,
@@ -266,7 +268,7 @@ async fn event(
     seq: u64,
     at: Option<DateTime<Utc>>,
     kind: Option<JobEventKind>,
-) {
+) -> bool {
     let event = match (at, kind) {
         (Some(at), Some(kind)) => JobEvent {
             job_id,
@@ -276,10 +278,10 @@ async fn event(
         },
         _ => match fetch(pool, job_id, seq).await {
             Ok(Some(ev)) => ev,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 tracing::warn!(error = %e, job = %job_id, seq, "could not read a remote event");
-                return;
+                return false;
             }
         },
     };
@@ -289,9 +291,7 @@ async fn event(
             if *to == JobStatus::Queued || *from == Some(JobStatus::Running)
     );
     engine.remote_event(event);
-    if wake {
-        engine.wake();
-    }
+    wake
 }
 
 async fn fetch(pool: &PgPool, job_id: JobId, seq: u64) -> Result<Option<JobEvent>, StoreError> {
