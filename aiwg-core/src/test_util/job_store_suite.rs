@@ -75,6 +75,7 @@ where
     create_get_and_events(&*make().await).await;
     idempotency(&*make().await).await;
     queue_capacity(&*make().await).await;
+    queue_capacity_under_concurrent_submits(make().await).await;
     claim_order(&*make().await).await;
     retry_and_dead_letter(&*make().await).await;
     per_project_limit(&*make().await).await;
@@ -169,6 +170,34 @@ async fn queue_capacity(store: &dyn JobStore) {
         .create(NewJob::new(sample_job("w", "/p", 0)).capacity(2))
         .await
         .unwrap();
+}
+
+/// Twenty submits at once into a queue with room for five more: exactly five get in, the
+/// others are told the queue is full.
+async fn queue_capacity_under_concurrent_submits(store: Arc<dyn JobStore>) {
+    let submits: Vec<_> = (0..20)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .create(NewJob::new(sample_job("w", "/p", 0)).capacity(5))
+                    .await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for submit in submits {
+        match submit.await.expect("submit task") {
+            Ok(Created::New(..)) => accepted += 1,
+            Err(StoreError::QueueFull { capacity: 5 }) => {}
+            other => panic!("unexpected answer to a submit: {other:?}"),
+        }
+    }
+    assert_eq!(
+        accepted, 5,
+        "a queue of 5 took exactly 5 of 20 submits at once"
+    );
+    assert_eq!(store.counts().await.unwrap().queued, 5);
 }
 
 async fn claim_order(store: &dyn JobStore) {

@@ -560,25 +560,6 @@ impl PgStore {
         &self,
         new: &NewJob,
     ) -> Result<Option<Result<Created, StoreError>>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        if let Some(capacity) = new.queue_capacity {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(crate::util::advisory_lock_key(
-                    &self.channel,
-                    "queue capacity",
-                ))
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            let queued: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM aiwg_jobs WHERE status = 'queued'")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            if usize::try_from(queued).unwrap_or(usize::MAX) >= capacity {
-                return Ok(Some(Err(StoreError::QueueFull { capacity })));
-            }
-        }
         let job = &new.job;
         if job.status != JobStatus::Queued {
             return Ok(Some(Err(StoreError::IllegalTransition(
@@ -589,14 +570,22 @@ impl PgStore {
             ))));
         }
         let ev = NewEvent::new(apply::created(job), micros(job.created_at))?;
-        let sql = format!(
-            "WITH u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+        // One statement, one round trip: the room in a bounded queue is checked under the
+        // queue's lock (`aiwg_queue_has_room`, migration 0007), held until the insert commits.
+        let sql = "WITH room AS (SELECT CASE WHEN $11::bigint IS NULL THEN true \
+                 ELSE aiwg_queue_has_room($12, $11) END AS ok), \
+             u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
                  queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
-             VALUES ($1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, $9) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq){}",
-            event_tail(10)
-        );
-        let q = sqlx::query(&sql)
+             SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, $9 \
+             FROM room WHERE room.ok \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq), \
+             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+                 SELECT id, last_seq, $10, $13::jsonb FROM u) \
+             SELECT room.ok, u.last_seq FROM room LEFT JOIN u ON true";
+        let capacity = new
+            .queue_capacity
+            .map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+        let row = sqlx::query(sql)
             .bind(job.id.as_uuid())
             .bind(job.priority)
             .bind(&job.project_path)
@@ -609,17 +598,26 @@ impl PgStore {
                     .as_ref()
                     .map(|_| new.fingerprint.clone().unwrap_or_default()),
             )
-            .bind(Json(self.sealed(job)?));
-        let row = self
-            .bind_event(q, &ev)
-            .fetch_optional(&mut *tx)
+            .bind(Json(self.sealed(job)?))
+            .bind(ev.at)
+            .bind(capacity)
+            .bind(crate::util::advisory_lock_key(
+                &self.channel,
+                "queue capacity",
+            ))
+            .bind(&ev.text)
+            .fetch_one(&self.pool)
             .await
             .map_err(db)?;
-        let Some(row) = row else {
+        if !row.try_get::<bool, _>("ok").map_err(db)? {
+            return Ok(Some(Err(StoreError::QueueFull {
+                capacity: new.queue_capacity.unwrap_or_default(),
+            })));
+        }
+        let Some(seq) = row.try_get::<Option<i64>, _>("last_seq").map_err(db)? else {
+            // The idempotency key was taken meanwhile.
             return Ok(None);
         };
-        let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        tx.commit().await.map_err(db)?;
         self.announce(job.id, seq, &ev);
         Ok(Some(Ok(Created::New(
             job.clone(),
