@@ -22,7 +22,9 @@ const MAX_PAYLOAD: usize = 7600;
 /// The shortest time between two notifications of one store. The first event after a quiet
 /// spell goes out at once; under load the events of this window share one `NOTIFY` (one
 /// transaction, one turn of PostgreSQL's notification lock, one wake-up of every listener)
-/// instead of one each.
+/// instead of one each. Under load an event reaches the other instances at most this much later
+/// than it would alone (their own queued work they claim at once; a job queued here wakes them
+/// within the window).
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// An event committed by this store, for the other instances.

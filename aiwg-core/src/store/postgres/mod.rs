@@ -83,7 +83,7 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// Every event is announced on a channel named after the schema once its transaction committed:
 /// a background task of the store (the *notifier*) gathers the events written meanwhile, and
-/// under load those of a 2 ms window, into one `NOTIFY` (up to about 7 KB of payload; the
+/// under load those of a 5 ms window, into one `NOTIFY` (up to about 7 KB of payload; the
 /// kinds of small events ride along, the others are read back from `aiwg_job_events` by the
 /// listener). Keeping `NOTIFY` out of the
 /// transactions that write events matters: PostgreSQL serialises the commits of every
@@ -114,19 +114,22 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// flushed to disk. A one-step job needs five such changes (create, claim, step started, step
 /// finished, outcome); what keeps them from costing five transactions and five flushes each:
 ///
-/// - inserts ([`JobStore::create_many`]) and claims ([`JobStore::claim_many`]) come in
-///   batches, one transaction for many jobs;
+/// - a submit ([`JobStore::create`]) is one statement: the room in a bounded queue is
+///   checked by `aiwg_queue_has_room` (migration 0007), which takes the queue's advisory lock
+///   and then counts, so the bound holds across instances; inserts
+///   ([`JobStore::create_many`]) and claims ([`JobStore::claim_many`]) come in batches, one
+///   transaction for many jobs;
 /// - the fenced writes of running jobs (every [`JobStore::append`] and [`JobStore::finish`])
 ///   go through the store's *completer*, a background task that writes whatever is waiting
 ///   when it is ready: the events of all the jobs in one statement (`UPDATE … FROM
 ///   unnest(…)`, one commit), the outcomes in one read and one write (one commit), each
 ///   caller answered on its own (a fenced-out row answers [`StoreError::LeaseLost`] to its
 ///   caller only). Nothing
-///   waits for a timer: while fewer than four writes are on their way a write goes out at once
-///   from its caller, and the writes that arrive while four are form the next batch. A step event is one statement with
-///   no read (the job's progress is moved in SQL);
+///   waits for a timer: while no write is on its way a write goes out at once from its
+///   caller, and the writes that arrive while one is form the next batch. A step event is
+///   one statement with no read (the job's progress is moved in SQL);
 /// - notifications are batched too (see *Notifications*; at most one `NOTIFY` per store every
-///   2 ms under load, the first one after a quiet spell at once).
+///   5 ms under load, the first one after a quiet spell at once).
 ///
 /// [`with_relaxed_event_commits`](Self::with_relaxed_event_commits) lets the progress events
 /// skip the flush (the outcome still waits for it, and flushes the events before it).
