@@ -88,19 +88,25 @@ async fn jobs_spread_over_two_engines_and_a_cancel_on_one_stops_a_job_on_the_oth
     let ea = ScriptedExecutor::hanging();
     let eb = ScriptedExecutor::hanging();
     // Heartbeats every 40 s: within the waits below, only NOTIFY can carry the cancel.
-    let cfg = |b: aiwg_core::EngineBuilder| b.workers(2).lease_ttl(Duration::from_secs(120));
+    let cfg = |name: &'static str| {
+        move |b: aiwg_core::EngineBuilder| {
+            b.workers(2)
+                .lease_ttl(Duration::from_secs(120))
+                .instance_name(name)
+        }
+    };
     let a = node(
         &env,
         db.store_in(&schema, 5).await,
         Arc::new(ea.clone()),
-        cfg,
+        cfg("A"),
     )
     .await;
     let b = node(
         &env,
         db.store_in(&schema, 5).await,
         Arc::new(eb.clone()),
-        cfg,
+        cfg("B"),
     )
     .await;
     let mut ids = Vec::new();
@@ -118,7 +124,34 @@ async fn jobs_spread_over_two_engines_and_a_cancel_on_one_stops_a_job_on_the_oth
     }
     // Each engine has two workers and every job hangs: all four run only if both take two.
     assert!(ea.wait_started(2, WAIT).await, "engine A took its share");
-    assert!(eb.wait_started(2, WAIT).await, "engine B took its share");
+    if !eb.wait_started(2, WAIT).await {
+        // Say where the jobs are: queued (B never claimed them) or running (claimed, not
+        // started).
+        let jobs = a.store.list(&Default::default()).await.unwrap().jobs;
+        let owners: Vec<(uuid::Uuid, Option<String>)> =
+            sqlx::query_as("SELECT id, lease_owner FROM aiwg_jobs")
+                .fetch_all(a.store.pool())
+                .await
+                .unwrap_or_default();
+        let states: Vec<String> = jobs
+            .iter()
+            .map(|j| {
+                let owner = owners
+                    .iter()
+                    .find(|(id, _)| id == j.id.as_uuid())
+                    .and_then(|(_, o)| o.clone());
+                format!(
+                    "{} {:?} attempt {} held by {owner:?}",
+                    j.id, j.status, j.attempt
+                )
+            })
+            .collect();
+        panic!(
+            "engine B did not take its share: A started {}, B started {}; jobs: {states:?}",
+            ea.calls(),
+            eb.calls()
+        );
+    }
     let on_b = eb.requests()[0].job_id;
     assert!(ids.contains(&on_b));
     let cancelled = tokio::time::timeout(WAIT, a.engine.cancel(on_b))

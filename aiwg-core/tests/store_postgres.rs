@@ -480,3 +480,48 @@ async fn many_writers_at_once_are_batched_and_each_fenced() {
     }
     db.cleanup().await;
 }
+
+/// An empty claim leaves no transaction open. `FOR UPDATE` keeps the lock it took on a row
+/// that another instance's claim changed while the statement ran, even though the row is not
+/// returned; a transaction that is only dropped stays open ("idle in transaction", with that
+/// lock) until the pool rolls it back from a task of its own, and the other instance's writes
+/// to that job wait meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_claim_leaves_no_transaction_open() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let app = format!("aiwg-empty-claim-{}", uuid::Uuid::now_v7().simple());
+    let store = PgStore::from_pool(db.pool_named(&schema, 4, &app).await)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(&app)
+        .fetch_one(db.admin())
+        .await
+        .unwrap()
+    };
+    let req = ClaimRequest::new("w", Duration::from_secs(60));
+    // Batched (no per-project limit), one at a time, and one at a time under a limit.
+    assert!(store.claim_many(&req, 8).await.unwrap().is_empty());
+    assert_eq!(
+        open().await,
+        0,
+        "an empty batched claim left its transaction open"
+    );
+    assert!(store.claim(&req).await.unwrap().is_none());
+    assert_eq!(open().await, 0, "an empty claim left its transaction open");
+    let mut limited = req.clone();
+    limited.per_project_limit = Some(1);
+    assert!(store.claim_many(&limited, 8).await.unwrap().is_empty());
+    assert_eq!(
+        open().await,
+        0,
+        "an empty limited claim left its transaction open"
+    );
+    db.cleanup().await;
+}

@@ -608,6 +608,11 @@ impl DispatchStore for PgDispatchStore {
         }
         candidates.truncate(req.limit);
         if candidates.is_empty() {
+            // Rolled back here, not left to the pool (which rolls a dropped transaction back
+            // from a task of its own, some time later): the rows locked above (including any
+            // another instance changed while the statement ran, which are then not returned)
+            // would hold up their deliveries' records until then.
+            tx.rollback().await.map_err(db)?;
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = candidates.iter().map(|c| c.0).collect();
@@ -845,6 +850,8 @@ impl DispatchStore for PgDispatchStore {
         let token: Option<Uuid> = row.try_get("lease_token").map_err(db)?;
         let expires: Option<i64> = row.try_get("lease_expires_at_ns").map_err(db)?;
         if token.is_some() && expires.is_some_and(|e| e > ns(now)) {
+            // Release the row at once: its attempt in flight records its outcome on it.
+            tx.rollback().await.map_err(db)?;
             return Ok(RequeueOutcome::InFlight);
         }
         sqlx::query(

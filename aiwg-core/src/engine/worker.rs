@@ -62,23 +62,22 @@ pub(super) async fn run(engine: Engine, n: usize) {
             engine.expire_approvals().await;
         }
         // One worker at a time claims, for itself and for every other idle worker, in one
-        // store call. Another one waits for that call to end, then looks at what it was
-        // handed before claiming itself.
+        // store call. Whoever gets the turn first looks at what was handed over: the claim it
+        // waited for, or one that ended between the look above and the lock, may have handed
+        // it a job. (Claiming instead would take a job no worker is free to run: the handed
+        // one already counts as busy.)
         let claiming = match inner.claiming.try_lock() {
             Ok(guard) => guard,
-            Err(_) => {
-                let guard = inner.claiming.lock().await;
-                let handed = !inner
-                    .handoff
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty();
-                if handed || inner.stop_claiming.is_cancelled() {
-                    continue;
-                }
-                guard
-            }
+            Err(_) => inner.claiming.lock().await,
         };
+        let handed = !inner
+            .handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if handed || inner.stop_claiming.is_cancelled() {
+            continue;
+        }
         let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
         req.per_project_limit = inner.settings.per_project_concurrency;
         let idle = inner

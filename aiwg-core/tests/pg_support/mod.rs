@@ -122,8 +122,16 @@ impl TestDb {
     /// A pool whose `search_path` is `schema` (commits not waiting for the disk: these tests
     /// check visibility and locking, not durability, and run several times faster).
     pub async fn pool(&self, schema: &str, max: u32) -> PgPool {
+        self.pool_named(schema, max, "aiwg-tests").await
+    }
+
+    /// [`pool`](Self::pool) whose connections carry `application_name`, so that a test can
+    /// find them in `pg_stat_activity`.
+    #[allow(dead_code)]
+    pub async fn pool_named(&self, schema: &str, max: u32, application_name: &str) -> PgPool {
         let options = PgConnectOptions::from_str(&self.url)
             .unwrap()
+            .application_name(application_name)
             .options([("search_path", schema), ("synchronous_commit", "off")]);
         PgPoolOptions::new()
             .max_connections(max)

@@ -765,6 +765,11 @@ impl PgStore {
         .await
         .map_err(db)?;
         if rows.is_empty() {
+            // Rolled back here, not left to the pool (which rolls a dropped transaction back
+            // from a task of its own, some time later): `FOR UPDATE` keeps the lock it took on
+            // a row that another claim changed while this statement ran (the row is then not
+            // returned), and that job's fenced writes wait for it.
+            tx.rollback().await.map_err(db)?;
             return Ok(Vec::new());
         }
         let mut groups: Vec<String> = Vec::new();
@@ -783,6 +788,7 @@ impl PgStore {
             picked.push((job, ev));
         }
         if picked.is_empty() {
+            tx.rollback().await.map_err(db)?;
             return Ok(Vec::new());
         }
         let mut ids = Vec::with_capacity(picked.len());
@@ -1080,6 +1086,8 @@ impl JobStore for PgStore {
         for _ in 0..CLAIM_ROUNDS {
             let mut tx = self.pool.begin().await.map_err(db)?;
             let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
+                // At once, not when the connection is next used: see `claim_batch`.
+                tx.rollback().await.map_err(db)?;
                 return Ok(None);
             };
             if let Some(group) = &job.concurrency_group {
