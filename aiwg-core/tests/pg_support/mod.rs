@@ -127,7 +127,6 @@ impl TestDb {
 
     /// [`pool`](Self::pool) whose connections carry `application_name`, so that a test can
     /// find them in `pg_stat_activity`.
-    #[allow(dead_code)]
     pub async fn pool_named(&self, schema: &str, max: u32, application_name: &str) -> PgPool {
         let options = PgConnectOptions::from_str(&self.url)
             .unwrap()

@@ -1,0 +1,90 @@
+//! A memory store with hooks for tests that need the store to misbehave at one precise point:
+//! heartbeats that fail as in a database outage, or a lease sweep that waits until the test
+//! lets it go (a slow round trip at a chosen moment). Everything else is the memory store's.
+
+#![allow(unreachable_pub)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aiwg_core::store::{
+    CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery, Lease,
+    NewJob, QueueCounts, StoreError,
+};
+use aiwg_core::{Job, JobEvent, JobEventKind, JobId, JobStore, MemoryStore};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+
+/// See the module docs.
+#[derive(Default)]
+pub struct HookedStore {
+    /// The store underneath, for reading and writing around the hooks.
+    pub inner: MemoryStore,
+    /// While set, heartbeats fail with a backend error.
+    pub down: AtomicBool,
+    /// When set, the next lease sweep notifies `sweep_entered` and waits for `sweep_release`.
+    pub hold_next_sweep: AtomicBool,
+    /// Notified when a held sweep starts.
+    pub sweep_entered: Notify,
+    /// Lets a held sweep go on.
+    pub sweep_release: Notify,
+}
+
+#[async_trait]
+impl JobStore for HookedStore {
+    async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        self.inner.create(new).await
+    }
+    async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
+        self.inner.create_many(new).await
+    }
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        self.inner.claim(request).await
+    }
+    async fn claim_many(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.inner.claim_many(request, max).await
+    }
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::backend("the database is unreachable"));
+        }
+        self.inner.heartbeat(lease, ttl).await
+    }
+    async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
+        self.inner.append(lease, kind).await
+    }
+    async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
+        self.inner.finish(lease, finish).await
+    }
+    async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
+        self.inner.request_cancel(id, reason).await
+    }
+    async fn events(&self, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+        self.inner.events(id, after).await
+    }
+    async fn recover_expired(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
+        if self.hold_next_sweep.swap(false, Ordering::SeqCst) {
+            let released = self.sweep_release.notified();
+            self.sweep_entered.notify_one();
+            released.await;
+        }
+        self.inner.recover_expired(now).await
+    }
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        self.inner.counts().await
+    }
+}
