@@ -6,6 +6,11 @@
 //! `cargo bench -p aiwg-benches --bench pg_queue`. The database comes from
 //! `AIWG_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); without one the
 //! bench prints why and does nothing. Everything runs in a fresh schema dropped at the end.
+//!
+//! The *wide* burn-down drains a longer queue (`AIWG_PG_QUEUE_WIDE_JOBS`, default 5 000) with 2
+//! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
+//! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
+//! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -375,16 +380,17 @@ async fn baseline_latency(pool: &PgPool) -> Vec<Duration> {
     samples
 }
 
-/// The wide burn-down, 2 engines on `two` against [`baseline_wide`]; prints its figures.
+/// The wide burn-down, 2 engines on `two` against [`baseline_wide`], each the median of at
+/// most three of `rounds`; prints its figures.
 async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
-    // The wide burn-down: many workers per engine, a queue long enough to keep them busy.
+    let rounds = rounds.min(3);
     let wide = Shape {
         jobs: wide_jobs(),
         workers: wide_workers(),
     };
     let claimers = (2 * wide.workers).min(30);
     let mut wide_runs: [Vec<Duration>; 2] = Default::default();
-    for _ in 0..rounds.min(3) {
+    for _ in 0..rounds {
         wide_runs[0].push(baseline_wide(raw, wide.jobs, claimers).await);
         wide_runs[1].push(burn_down(two, wide).await);
     }
@@ -396,9 +402,7 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     println!();
     println!(
         "wide burn-down of {} jobs, 2 engines x {} workers (median of {} rounds):",
-        wide.jobs,
-        wide.workers,
-        rounds.min(3)
+        wide.jobs, wide.workers, rounds
     );
     println!(
         "  baseline: {claimers} claimers, claim + complete  {:>9.0} items/s",
@@ -443,11 +447,7 @@ fn main() {
         (vec![a.clone()], vec![a, b], vec![r], raw)
     });
 
-    let rounds: usize = std::env::var("AIWG_PG_QUEUE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(5);
+    let rounds = env_usize("AIWG_PG_QUEUE_ROUNDS", 5);
     if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("wide") {
         rt.block_on(wide_burn_down(&raw, &two, rounds));
         return;

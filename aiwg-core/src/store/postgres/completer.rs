@@ -5,8 +5,9 @@
 //! [`JobStore::finish`](crate::store::JobStore::finish) write at once, in their caller's task,
 //! while no write is on its way ([`IN_FLIGHT`]); otherwise they hand their write to the
 //! completer's task and wait for its answer. The task takes every write waiting when the
-//! write on its way has been answered (nothing waits for a timer: the writes that arrive while the database is
-//! busy form the next batch, with at most one write per job) and writes the batch as
+//! write on its way has been answered (nothing waits for a timer: the writes that arrive
+//! while the database is busy form the next batch, with at most one write per job) and
+//! writes the batch as
 //!
 //! - one statement for all the events (`UPDATE … FROM unnest(…)` fencing each row, numbering
 //!   the event and moving the job's progress, with the `INSERT` of the events in the same

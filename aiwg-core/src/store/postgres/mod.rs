@@ -455,6 +455,12 @@ impl PgStore {
         self.notifier.announce_event(job_id, seq, ev);
     }
 
+    /// The advisory lock that serialises submits into a bounded queue (shared by every
+    /// instance on this schema), so the queued count they check holds.
+    fn capacity_lock_key(&self) -> i64 {
+        crate::util::advisory_lock_key(&self.channel, "queue capacity")
+    }
+
     /// Tells a missing job from a lost lease after a fenced write matched no row.
     async fn lost<'e, E>(&self, exec: E, id: JobId) -> StoreError
     where
@@ -604,10 +610,7 @@ impl PgStore {
             .bind(Json(self.sealed(job)?))
             .bind(ev.at)
             .bind(capacity)
-            .bind(crate::util::advisory_lock_key(
-                &self.channel,
-                "queue capacity",
-            ))
+            .bind(self.capacity_lock_key())
             .bind(&ev.text)
             .fetch_one(&self.pool)
             .await
@@ -648,10 +651,7 @@ impl PgStore {
         let mut queued: Option<usize> = None;
         if batch.iter().any(|(_, n)| n.queue_capacity.is_some()) {
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(crate::util::advisory_lock_key(
-                    &self.channel,
-                    "queue capacity",
-                ))
+                .bind(self.capacity_lock_key())
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
