@@ -8,8 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aiwg_core::job::JobResult;
-use aiwg_core::store::{ClaimRequest, Created, Finish, JobStore, NewJob, PgStore, StoreError};
+use aiwg_core::job::{JobResult, Progress, StatusChange};
+use aiwg_core::store::{
+    apply, ClaimRequest, Created, Finish, JobStore, NewJob, PgStore, StoreError,
+};
 use aiwg_core::test_util::{job_store_suite, sample_job};
 use aiwg_core::{JobEventKind, JobStatus};
 
@@ -523,5 +525,68 @@ async fn an_empty_claim_leaves_no_transaction_open() {
         0,
         "an empty limited claim left its transaction open"
     );
+    db.cleanup().await;
+}
+
+/// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
+/// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
+/// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,
+/// progress kept) and an attempt counter at its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_in_sql_matches_apply_claim() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let past = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let progress = || Progress {
+        completed: vec!["a".to_owned()],
+        in_progress: vec!["b".to_owned()],
+        pending: vec!["c".to_owned()],
+    };
+    let first = sample_job("w", "/p", 3);
+    let mut retry = sample_job("w", "/p", 2);
+    retry.attempt = 1;
+    retry.retry_at = Some(past);
+    retry.progress = progress();
+    retry.history.push(StatusChange {
+        status: JobStatus::Queued,
+        at: past,
+        attempt: 1,
+        reason: Some("retry after boom: it broke".to_owned()),
+    });
+    let mut resuming = sample_job("w", "/p", 1);
+    resuming.attempt = 2;
+    resuming.resume_after_approval = true;
+    resuming.started_at = Some(past);
+    resuming.progress = progress();
+    let mut ceiling = sample_job("w", "/p", 0);
+    ceiling.attempt = u32::MAX;
+    let mut before = std::collections::HashMap::new();
+    for job in [first, retry, resuming, ceiling] {
+        let id = job.id;
+        store.create(NewJob::new(job)).await.unwrap();
+        before.insert(id, store.get(id).await.unwrap().unwrap());
+    }
+    let req = ClaimRequest::new("w", Duration::from_secs(60));
+    let at = chrono::SubsecRound::trunc_subsecs(req.now, 6);
+    let claimed = store.claim_many(&req, 8).await.unwrap();
+    let priorities: Vec<i32> = claimed.iter().map(|c| c.job.priority).collect();
+    assert_eq!(priorities, [3, 2, 1, 0], "claimed in priority order");
+    for c in claimed {
+        let mut expected = before.remove(&c.job.id).unwrap();
+        let kind = apply::claim(&mut expected, at).unwrap();
+        let expected_json = serde_json::to_value(&expected).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c.job).unwrap(),
+            expected_json,
+            "the claimed job, priority {}",
+            c.job.priority
+        );
+        let stored = store.get(c.job.id).await.unwrap().unwrap();
+        assert_eq!(serde_json::to_value(&stored).unwrap(), expected_json);
+        assert_eq!(c.event.kind, kind, "the claim's event");
+        assert_eq!(c.lease.attempt, expected.attempt);
+        let events = store.events(c.job.id, 0).await.unwrap();
+        assert_eq!(events.last(), Some(&c.event), "the recorded event");
+    }
     db.cleanup().await;
 }

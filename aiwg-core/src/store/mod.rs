@@ -579,6 +579,21 @@ pub mod apply {
         ev
     }
 
+    /// The event of the claim of `job`, read from the job the claim made (what
+    /// [`claim`] returns for it): a store that claims in SQL builds its event this way.
+    #[must_use]
+    pub fn claimed_event(job: &Job) -> JobEventKind {
+        JobEventKind::Status {
+            from: Some(JobStatus::Queued),
+            to: JobStatus::Running,
+            attempt: job.attempt,
+            reason: job
+                .resume_after_approval
+                .then(|| "resumed after approval".to_owned()),
+            error: None,
+        }
+    }
+
     /// Moves progress for step events.
     pub fn progress(job: &mut Job, kind: &JobEventKind) {
         match kind {

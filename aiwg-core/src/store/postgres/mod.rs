@@ -737,11 +737,90 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Claims up to `max` jobs in one transaction: one statement picks and locks them, one
-    /// updates them all, records their `running` events and notifies. No per-project limit
-    /// (see [`JobStore::claim_many`]); concurrency groups are honoured (one job per free
-    /// group, under the group's lock).
+    /// Claims up to `max` jobs. No per-project limit (see [`JobStore::claim_many`]).
+    ///
+    /// One statement, one round trip, picks the jobs, moves them to `running` (in SQL:
+    /// `aiwg_claimed_job`, migration 0008, the twin of [`apply::claim`]) and records their
+    /// events. A job of a concurrency group needs its group checked under the group's lock:
+    /// when the statement comes upon one, it claims nothing and the batch is claimed by
+    /// [`Self::claim_batch_grouped`] instead, in the same order.
     async fn claim_batch(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let at = micros(request.now);
+        let rows = sqlx::query(
+            "WITH p AS (SELECT j.id, j.priority, j.queue_seq, \
+                     j.job->>'concurrency_group' IS NOT NULL AS grouped \
+                 FROM aiwg_jobs j \
+                 WHERE j.status = 'queued' \
+                   AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
+                   AND (j.job->>'concurrency_group' IS NULL \
+                        OR NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
+                          AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
+                          AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
+                 ORDER BY j.priority DESC, j.queue_seq \
+                 LIMIT $2 FOR UPDATE OF j SKIP LOCKED), \
+             u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
+                 retry_at = NULL, lease_owner = $3, \
+                 lease_token = nextval('aiwg_lease_token_seq'), \
+                 lease_expires_at = GREATEST($1::timestamptz, now()) \
+                     + $4 * interval '1 microsecond', \
+                 job = aiwg_claimed_job(a.job, $1), last_seq = a.last_seq + 1, \
+                 updated_at = now() \
+                 FROM p WHERE a.id = p.id AND NOT EXISTS (SELECT 1 FROM p WHERE p.grouped) \
+                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, \
+                     p.priority, p.queue_seq), \
+             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+                 SELECT id, last_seq, $1, jsonb_build_object('kind', 'status', \
+                     'from', 'queued', 'to', 'running', 'attempt', job->'attempt') \
+                     || CASE WHEN COALESCE((job->>'resume_after_approval')::boolean, false) \
+                        THEN jsonb_build_object('reason', 'resumed after approval') \
+                        ELSE '{}'::jsonb END \
+                 FROM u) \
+             SELECT c.grouped, u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.job \
+             FROM (SELECT count(*) FILTER (WHERE p.grouped) AS grouped FROM p) c \
+             LEFT JOIN u ON true ORDER BY u.priority DESC, u.queue_seq",
+        )
+        .bind(at)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .bind(&request.owner)
+        .bind(ttl_micros(request.lease_ttl))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut grouped = false;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            grouped |= row.try_get::<i64, _>("grouped").map_err(db)? > 0;
+            let Some(seq) = row.try_get::<Option<i64>, _>("last_seq").map_err(db)? else {
+                continue; // no job claimed: the one row carries the count alone
+            };
+            let job = self.job_of(row)?;
+            let lease = Lease {
+                job_id: job.id,
+                owner: request.owner.clone(),
+                attempt: job.attempt,
+                token: to_u64(row.try_get("lease_token").map_err(db)?),
+                expires_at: row.try_get("lease_expires_at").map_err(db)?,
+            };
+            let ev = NewEvent::new(apply::claimed_event(&job), at)?;
+            self.announce(job.id, seq, &ev);
+            let event = ev.into_event(job.id, seq);
+            out.push(Claimed { job, lease, event });
+        }
+        if grouped {
+            return self.claim_batch_grouped(request, max).await;
+        }
+        Ok(out)
+    }
+
+    /// Claims up to `max` jobs in one transaction, jobs of concurrency groups among them: one
+    /// statement picks and locks them, one updates them all, records their `running` events
+    /// and notifies. Concurrency groups are honoured (one job per free group, under the
+    /// group's lock).
+    async fn claim_batch_grouped(
         &self,
         request: &ClaimRequest,
         max: usize,
@@ -1023,7 +1102,7 @@ impl JobStore for PgStore {
         request: &ClaimRequest,
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
-        if request.per_project_limit.is_some() || max <= 1 {
+        if request.per_project_limit.is_some() || max == 0 {
             // Project limits are checked one claim at a time, under the project's lock.
             let mut out = Vec::new();
             while out.len() < max {
@@ -1080,13 +1159,16 @@ impl JobStore for PgStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        if request.per_project_limit.is_none() {
+            return Ok(self.claim_batch(request, 1).await?.pop());
+        }
         let at = micros(request.now);
         let mut full: Vec<String> = Vec::new();
         let mut busy_groups: Vec<String> = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
             let mut tx = self.pool.begin().await.map_err(db)?;
             let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
-                // At once, not when the connection is next used: see `claim_batch`.
+                // At once, not when the connection is next used: see `claim_batch_grouped`.
                 tx.rollback().await.map_err(db)?;
                 return Ok(None);
             };
