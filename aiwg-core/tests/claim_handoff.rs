@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use aiwg_core::store::JobQuery;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{Engine, JobRequest, JobStatus, JobStore, Step, Workflow};
+use aiwg_core::{JobRequest, JobStatus, JobStore};
 
 mod hooked_store;
-use hooked_store::HookedStore;
+use hooked_store::{engine_on, HookedStore};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,16 +26,7 @@ async fn a_worker_back_from_a_sweep_takes_the_job_handed_to_it_instead_of_claimi
     let store = Arc::new(HookedStore::default());
     store.hold_next_sweep.store(true, Ordering::SeqCst);
     let agent = ScriptedExecutor::hanging();
-    let engine = Engine::builder()
-        .store(store.clone())
-        .executor("a", Arc::new(agent.clone()))
-        .workflow(Workflow::new("w").step(Step::prompt("s", "a", "go")))
-        .policy(
-            aiwg_core::ProjectPolicy::builder()
-                .root(dir.path())
-                .build()
-                .unwrap(),
-        )
+    let engine = engine_on(&store, &agent, dir.path())
         .workers(2)
         .poll_interval(Duration::from_millis(20))
         .build()

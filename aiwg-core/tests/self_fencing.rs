@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use aiwg_core::store::ClaimRequest;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{Engine, JobRequest, JobStatus, JobStore, Step, Workflow};
+use aiwg_core::{JobRequest, JobStatus, JobStore};
 use chrono::Utc;
 
 mod hooked_store;
-use hooked_store::HookedStore;
+use hooked_store::{engine_on, HookedStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_heartbeats_stops_its_agent_before_the_lease_ends() {
@@ -20,16 +20,7 @@ async fn a_worker_without_heartbeats_stops_its_agent_before_the_lease_ends() {
     let store = Arc::new(HookedStore::default());
     let agent = ScriptedExecutor::hanging();
     let ttl = Duration::from_secs(3);
-    let engine = Engine::builder()
-        .store(store.clone())
-        .executor("a", Arc::new(agent.clone()))
-        .workflow(Workflow::new("w").step(Step::prompt("s", "a", "go")))
-        .policy(
-            aiwg_core::ProjectPolicy::builder()
-                .root(dir.path())
-                .build()
-                .unwrap(),
-        )
+    let engine = engine_on(&store, &agent, dir.path())
         .lease_ttl(ttl)
         // Lease recovery by this instance is what "another instance" would do: keep it out.
         .poll_interval(Duration::from_secs(3600))

@@ -613,7 +613,11 @@ async fn run_steps(
             );
             return (Err(Stop::TimedOut(e)), result);
         }
-        if let Err(stop) = append(
+        // The step's start is recorded while the executor starts, not before: the agent does
+        // not wait a commit to begin. Its events are recorded only after the start (the
+        // `rx` branch waits for it), and a start that finds the lease lost stops the step as
+        // a lost lease does.
+        let start_write = append(
             engine,
             lease,
             job,
@@ -622,11 +626,9 @@ async fn run_steps(
                 agent: agent_name.clone(),
                 attempt: job.attempt,
             },
-        )
-        .await
-        {
-            return (Err(stop), result);
-        }
+        );
+        tokio::pin!(start_write);
+        let mut start_written = false;
 
         let started = Instant::now();
         let step_token = token.child_token();
@@ -642,8 +644,17 @@ async fn run_steps(
         let mut partial = Partial::default();
         let outcome = loop {
             tokio::select! {
+                biased;
+                r = &mut start_write, if !start_written => {
+                    start_written = true;
+                    if r.is_err() {
+                        lost = true;
+                        reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(StopReason::LeaseLost);
+                        step_token.cancel();
+                    }
+                }
                 r = &mut exec => break r,
-                Some(ev) = rx.recv() => {
+                Some(ev) = rx.recv(), if start_written => {
                     partial.note(&ev);
                     let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
                     if append(engine, lease, job, kind).await.is_err() && !lost {
@@ -658,6 +669,12 @@ async fn run_steps(
                 }
             }
         };
+        if !start_written && start_write.await.is_err() {
+            reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(StopReason::LeaseLost);
+        }
         while let Ok(ev) = rx.try_recv() {
             partial.note(&ev);
             let kind = JobEventKind::Agent {

@@ -1,20 +1,37 @@
 //! A memory store with hooks for tests that need the store to misbehave at one precise point:
-//! heartbeats that fail as in a database outage, or a lease sweep that waits until the test
-//! lets it go (a slow round trip at a chosen moment). Everything else is the memory store's.
+//! heartbeats that fail as in a database outage, a lease sweep or a step's start that waits
+//! until the test lets it go (a slow round trip at a chosen moment), or a step's start that
+//! finds the lease lost. Everything else is the memory store's.
 
 #![allow(unreachable_pub)]
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::store::{
     CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat, JobPage, JobQuery, Lease,
     NewJob, QueueCounts, StoreError,
 };
-use aiwg_core::{Job, JobEvent, JobEventKind, JobId, JobStore, MemoryStore};
+use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::{
+    EngineBuilder, Job, JobEvent, JobEventKind, JobId, JobStore, MemoryStore, ProjectPolicy, Step,
+    Workflow,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
+
+/// An engine on `store` running workflow `w`, one step `s` on executor `a` (`agent`), in
+/// projects under `root`; the caller adds what its test needs.
+pub fn engine_on(store: &Arc<HookedStore>, agent: &ScriptedExecutor, root: &Path) -> EngineBuilder {
+    aiwg_core::Engine::builder()
+        .store(store.clone())
+        .executor("a", Arc::new(agent.clone()))
+        .workflow(Workflow::new("w").step(Step::prompt("s", "a", "go")))
+        .policy(ProjectPolicy::builder().root(root).build().unwrap())
+}
 
 /// See the module docs.
 #[derive(Default)]
@@ -29,6 +46,15 @@ pub struct HookedStore {
     pub sweep_entered: Notify,
     /// Lets a held sweep go on.
     pub sweep_release: Notify,
+    /// When set, the next `StepStarted` append notifies `start_entered` and waits for
+    /// `start_release`.
+    pub hold_next_start: AtomicBool,
+    /// Notified when a held start is being written.
+    pub start_entered: Notify,
+    /// Lets a held start go on.
+    pub start_release: Notify,
+    /// While set, `StepStarted` appends answer [`StoreError::LeaseLost`].
+    pub lose_starts: AtomicBool,
 }
 
 #[async_trait]
@@ -62,6 +88,16 @@ impl JobStore for HookedStore {
         self.inner.heartbeat(lease, ttl).await
     }
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
+        if matches!(kind, JobEventKind::StepStarted { .. }) {
+            if self.hold_next_start.swap(false, Ordering::SeqCst) {
+                let released = self.start_release.notified();
+                self.start_entered.notify_one();
+                released.await;
+            }
+            if self.lose_starts.load(Ordering::SeqCst) {
+                return Err(StoreError::LeaseLost(lease.job_id));
+            }
+        }
         self.inner.append(lease, kind).await
     }
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
