@@ -535,7 +535,8 @@ async fn an_empty_claim_leaves_no_transaction_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_in_sql_matches_apply_claim() {
     let Some(db) = test_db().await else { return };
-    let store = db.fresh_store().await;
+    let schema = db.schema().await;
+    let store = db.store_in(&schema, 4).await;
     let past = chrono::Utc::now() - chrono::Duration::seconds(5);
     let progress = || Progress {
         completed: vec!["a".to_owned()],
@@ -588,5 +589,16 @@ async fn a_claim_in_sql_matches_apply_claim() {
         let events = store.events(c.job.id, 0).await.unwrap();
         assert_eq!(events.last(), Some(&c.event), "the recorded event");
     }
+    // The claim never compiles itself (a long queue made its estimated cost pass
+    // `jit_above_cost`, and each claim spent tens of milliseconds in LLVM).
+    let settings: Vec<Option<Vec<String>>> = sqlx::query_scalar(
+        "SELECT p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE p.proname = 'aiwg_claim' AND n.nspname = $1",
+    )
+    .bind(&schema)
+    .fetch_all(db.admin())
+    .await
+    .unwrap();
+    assert_eq!(settings, [Some(vec!["jit=off".to_owned()])]);
     db.cleanup().await;
 }

@@ -35,6 +35,13 @@ static MIGRATOR: Migrator = Migrator {
 /// be up to half again as long as the compact form.
 const INLINE_KIND_MAX: usize = 5000;
 
+/// How a claim's transaction begins: without JIT compilation, in the same round trip. The
+/// planner's estimate of how many queued rows pass a claim's filter is poor on a table that
+/// churns as a queue does; with a long queue the estimated cost of the pick passed
+/// `jit_above_cost`, and every claim spent tens of milliseconds compiling itself (see
+/// `aiwg_claim` in migration 0008, which turns it off for the one-statement claim).
+const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off";
+
 /// Jobs recovered per transaction by [`JobStore::recover_expired`].
 const RECOVER_BATCH: i64 = 100;
 
@@ -739,9 +746,9 @@ impl PgStore {
 
     /// Claims up to `max` jobs. No per-project limit (see [`JobStore::claim_many`]).
     ///
-    /// One statement, one round trip, picks the jobs, moves them to `running` (in SQL:
-    /// `aiwg_claimed_job`, migration 0008, the twin of [`apply::claim`]) and records their
-    /// events. A job of a concurrency group needs its group checked under the group's lock:
+    /// One statement, one round trip (`aiwg_claim`, migration 0008), picks the jobs, moves
+    /// them to `running` (in SQL: `aiwg_claimed_job`, the twin of [`apply::claim`]) and
+    /// records their events. A job of a concurrency group needs its group checked under the group's lock:
     /// when the statement comes upon one, it claims nothing and the batch is claimed by
     /// [`Self::claim_batch_grouped`] instead, in the same order.
     async fn claim_batch(
@@ -751,37 +758,8 @@ impl PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
         let rows = sqlx::query(
-            "WITH p AS (SELECT j.id, j.priority, j.queue_seq, \
-                     j.job->>'concurrency_group' IS NOT NULL AS grouped \
-                 FROM aiwg_jobs j \
-                 WHERE j.status = 'queued' \
-                   AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
-                   AND (j.job->>'concurrency_group' IS NULL \
-                        OR NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
-                          AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
-                          AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
-                 ORDER BY j.priority DESC, j.queue_seq \
-                 LIMIT $2 FOR UPDATE OF j SKIP LOCKED), \
-             u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
-                 retry_at = NULL, lease_owner = $3, \
-                 lease_token = nextval('aiwg_lease_token_seq'), \
-                 lease_expires_at = GREATEST($1::timestamptz, now()) \
-                     + $4 * interval '1 microsecond', \
-                 job = aiwg_claimed_job(a.job, $1), last_seq = a.last_seq + 1, \
-                 updated_at = now() \
-                 FROM p WHERE a.id = p.id AND NOT EXISTS (SELECT 1 FROM p WHERE p.grouped) \
-                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, \
-                     p.priority, p.queue_seq), \
-             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-                 SELECT id, last_seq, $1, jsonb_build_object('kind', 'status', \
-                     'from', 'queued', 'to', 'running', 'attempt', job->'attempt') \
-                     || CASE WHEN COALESCE((job->>'resume_after_approval')::boolean, false) \
-                        THEN jsonb_build_object('reason', 'resumed after approval') \
-                        ELSE '{}'::jsonb END \
-                 FROM u) \
-             SELECT c.grouped, u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.job \
-             FROM (SELECT count(*) FILTER (WHERE p.grouped) AS grouped FROM p) c \
-             LEFT JOIN u ON true ORDER BY u.priority DESC, u.queue_seq",
+            "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job \
+             FROM aiwg_claim($1, $2, $3, $4)",
         )
         .bind(at)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
@@ -826,7 +804,7 @@ impl PgStore {
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool.begin_with(BEGIN_CLAIM).await.map_err(db)?;
         let rows = sqlx::query(
             "SELECT j.job FROM aiwg_jobs j \
              WHERE j.status = 'queued' \
@@ -1166,7 +1144,7 @@ impl JobStore for PgStore {
         let mut full: Vec<String> = Vec::new();
         let mut busy_groups: Vec<String> = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
-            let mut tx = self.pool.begin().await.map_err(db)?;
+            let mut tx = self.pool.begin_with(BEGIN_CLAIM).await.map_err(db)?;
             let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
                 // At once, not when the connection is next used: see `claim_batch_grouped`.
                 tx.rollback().await.map_err(db)?;
