@@ -233,6 +233,8 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
     // Heartbeats keep the lease; losing it stops the job without further writes. They run
     // beside the job's work in this same task (no task of their own to spawn and join).
     let lease_cell = Mutex::new(lease.clone());
+    // The last step's `StepFinished`, written with the outcome (see `run_steps`).
+    let mut last: Option<JobEventKind> = None;
     let work = async {
         // A job about a pull request runs in a worktree at its head (when workspaces are on).
         let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
@@ -268,14 +270,14 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 None,
             ),
             Some(Ok(None)) => (
-                run_steps(engine, &job, &lease_cell, &token, &reason).await,
+                run_steps(engine, &job, &lease_cell, &token, &reason, &mut last).await,
                 None,
             ),
             Some(Ok(Some(wt))) => {
                 let mut at_head = job.clone();
                 at_head.project_path = wt.path.display().to_string();
                 (
-                    run_steps(engine, &at_head, &lease_cell, &token, &reason).await,
+                    run_steps(engine, &at_head, &lease_cell, &token, &reason, &mut last).await,
                     Some(wt),
                 )
             }
@@ -344,8 +346,27 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         }
     };
     if let Some(finish) = finish {
-        match inner.store.finish(&lease, finish).await {
-            Ok((job, ev)) => engine.publish(&job, ev).await,
+        let written = match last {
+            Some(last) if matches!(finish, Finish::Completed(_)) => inner
+                .store
+                .finish_after(&lease, last, finish)
+                .await
+                .map(|done| (Some(done.last), done.ended)),
+            last => {
+                // Not an end this worker wrote the last event for (none is left otherwise).
+                if let Some(last) = last {
+                    let _ = append(engine, &lease_cell, &job, last).await;
+                }
+                inner.store.finish(&lease, finish).await.map(|e| (None, e))
+            }
+        };
+        match written {
+            Ok((last, (job, ev))) => {
+                if let Some((between, ev)) = last {
+                    announce(engine, &between, Arc::new(ev)).await;
+                }
+                engine.publish(&job, ev).await;
+            }
             Err(e) => tracing::warn!(error = %e, job = %id, "could not record the job's outcome"),
         }
     } else {
@@ -445,15 +466,13 @@ async fn append(
     match engine.inner.store.append(&current, kind).await {
         Ok(ev) => {
             let ev = Arc::new(ev);
-            engine.inner.broadcast(&ev);
             if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
                 && !engine.inner.observers.is_empty()
             {
                 let snapshot = engine.inner.store.get(job.id).await.ok().flatten();
-                let j = snapshot.as_ref().unwrap_or(job);
-                for o in &engine.inner.observers {
-                    o.on_event(j, &ev).await;
-                }
+                announce(engine, snapshot.as_ref().unwrap_or(job), ev).await;
+            } else {
+                announce(engine, job, ev).await;
             }
             Ok(())
         }
@@ -461,6 +480,17 @@ async fn append(
         Err(e) => {
             tracing::warn!(error = %e, job = %job.id, "could not record an event");
             Ok(())
+        }
+    }
+}
+
+/// Sends a written event of a running job to its subscribers and, for a step that finished
+/// well, to the observers (with `job` as the event left it).
+async fn announce(engine: &Engine, job: &Job, ev: Arc<crate::event::JobEvent>) {
+    engine.inner.broadcast(&ev);
+    if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. }) {
+        for o in &engine.inner.observers {
+            o.on_event(job, &ev).await;
         }
     }
 }
@@ -477,12 +507,16 @@ fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
     }
 }
 
+/// Runs the job's steps. The last step's successful `StepFinished` is not written here but
+/// left in `last`, to be written with the job's outcome
+/// ([`JobStore::finish_after`](crate::store::JobStore::finish_after)): one write instead of two.
 async fn run_steps(
     engine: &Engine,
     job: &Job,
     lease: &Mutex<Lease>,
     token: &CancellationToken,
     reason: &Mutex<Option<StopReason>>,
+    last: &mut Option<JobEventKind>,
 ) -> (Result<(), Stop>, JobResult) {
     let inner = &engine.inner;
     let mut result = JobResult::default();
@@ -517,7 +551,8 @@ async fn run_steps(
         }
     }
 
-    for step in &wf.steps {
+    let final_step = wf.steps.len().saturating_sub(1);
+    for (index, step) in wf.steps.iter().enumerate() {
         if let Some(stop) = stop_for(reason) {
             return (Err(stop), result);
         }
@@ -774,19 +809,15 @@ async fn run_steps(
                 return (Err(stop), result);
             }
         };
-        if let Err(stop) = append(
-            engine,
-            lease,
-            job,
-            JobEventKind::StepFinished {
-                step: step.name.clone(),
-                ok: true,
-                duration_ms,
-                error: None,
-            },
-        )
-        .await
-        {
+        let finished = JobEventKind::StepFinished {
+            step: step.name.clone(),
+            ok: true,
+            duration_ms,
+            error: None,
+        };
+        if index == final_step {
+            *last = Some(finished);
+        } else if let Err(stop) = append(engine, lease, job, finished).await {
             return (Err(stop), result);
         }
         if out.session_id.is_some() {

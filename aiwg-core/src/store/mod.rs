@@ -269,6 +269,16 @@ impl ClaimRequest {
     }
 }
 
+/// What [`JobStore::finish_after`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct FinishedAfter {
+    /// The job as the last event left it (still `running`), and that event.
+    pub last: (Job, JobEvent),
+    /// The job as the attempt's end left it, and the event of that change.
+    pub ended: (Job, JobEvent),
+}
+
 /// A claimed job: now `running` under `lease`, with the event that says so.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
@@ -446,6 +456,29 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Ends an attempt (fenced by the lease) and releases the lease.
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError>;
+
+    /// Appends `last` (the attempt's last event, the last step's `StepFinished`) and ends the
+    /// attempt, as [`append`](Self::append) then [`finish`](Self::finish) would, fenced by the
+    /// lease: a store may write both at once (PostgreSQL writes them in one statement, one row
+    /// version instead of two). Answers the job as `last` left it with `last`'s event, and the
+    /// ended job with its event.
+    async fn finish_after(
+        &self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<FinishedAfter, StoreError> {
+        let last = self.append(lease, last).await?;
+        let between = self
+            .get(lease.job_id)
+            .await?
+            .ok_or(StoreError::NotFound(lease.job_id))?;
+        let (job, event) = self.finish(lease, finish).await?;
+        Ok(FinishedAfter {
+            last: (between, last),
+            ended: (job, event),
+        })
+    }
 
     /// Cancels a queued (or `awaiting_approval`) job at once, or marks a running one for its
     /// worker to stop.

@@ -85,6 +85,7 @@ where
     approvals(&*make().await).await;
     listing(&*make().await).await;
     progress_and_counts(&*make().await).await;
+    finish_after(&*make().await).await;
     batches(&*make().await).await;
 }
 
@@ -727,6 +728,95 @@ async fn progress_and_counts(store: &dyn JobStore) {
         .unwrap();
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.queued, counts.running), (1, 0));
+}
+
+/// `finish_after` writes the last event and the outcome as `append` then `finish` would, or
+/// neither: under a lease no longer held, or with a status event as the last event.
+async fn finish_after(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    store
+        .append(
+            &c.lease,
+            JobEventKind::StepStarted {
+                step: "a".into(),
+                agent: "x".into(),
+                attempt: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let finished = JobEventKind::StepFinished {
+        step: "a".into(),
+        ok: true,
+        duration_ms: 1,
+        error: None,
+    };
+    let result = JobResult {
+        summary: "done".into(),
+        ..JobResult::default()
+    };
+    // A status event is the store's to write: refused, nothing written.
+    assert!(store
+        .finish_after(
+            &c.lease,
+            JobEventKind::status(Some(JobStatus::Running), JobStatus::Completed, 1),
+            Finish::Completed(result.clone()),
+        )
+        .await
+        .is_err());
+    assert_eq!(store.events(job.id, 0).await.unwrap().len(), 3);
+    let mut stale = c.lease.clone();
+    stale.token += 1;
+    assert!(matches!(
+        store
+            .finish_after(&stale, finished.clone(), Finish::Completed(result.clone()))
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert_eq!(
+        store.events(job.id, 0).await.unwrap().len(),
+        3,
+        "nothing written under a lease not held"
+    );
+
+    let done = store
+        .finish_after(&c.lease, finished.clone(), Finish::Completed(result))
+        .await
+        .unwrap();
+    let (between, last) = &done.last;
+    assert_eq!((last.seq, &last.kind), (4, &finished));
+    assert_eq!(between.status, JobStatus::Running);
+    assert_eq!(between.progress.completed, ["a"]);
+    let (ended, ev) = &done.ended;
+    assert_eq!(ev.seq, 5);
+    assert!(matches!(
+        ev.kind,
+        JobEventKind::Status {
+            from: Some(JobStatus::Running),
+            to: JobStatus::Completed,
+            ..
+        }
+    ));
+    assert_eq!(ended.status, JobStatus::Completed);
+    assert_eq!(ended.progress.completed, ["a"]);
+    assert_eq!(
+        ended.result.as_ref().map(|r| r.summary.as_str()),
+        Some("done")
+    );
+    let stored = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, JobStatus::Completed);
+    assert_eq!(stored.progress.completed, ["a"]);
+    let evs = store.events(job.id, 0).await.unwrap();
+    assert_eq!(
+        evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(&evs[3], last);
+    assert_eq!(&evs[4], ev);
+    // The lease is released: the job is no longer running.
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 0));
 }
 
 /// `create_many` answers each job as `create` would (capacity, idempotency, order), and

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat,
-    JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
+    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, FinishedAfter,
+    Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
@@ -188,6 +188,18 @@ impl State {
                     }
                 }
             }
+        }
+    }
+
+    /// Files a job whose attempt just ended: back in the queue, waiting for an approval, or
+    /// finished.
+    fn after_finish(&mut self, job: &Job, now: DateTime<Utc>, retention: &Retention) {
+        if job.status == JobStatus::Queued {
+            self.enqueue(job.id);
+        } else if job.status == JobStatus::AwaitingApproval {
+            self.wait_for_approval(job);
+        } else if job.is_terminal() {
+            self.finished(job.id, now, retention);
         }
     }
 
@@ -486,14 +498,38 @@ impl JobStore for MemoryStore {
         entry.job.cancel_requested = false;
         let job = entry.job.clone();
         s.release(lease.job_id);
-        if job.status == JobStatus::Queued {
-            s.enqueue(job.id);
-        } else if job.status == JobStatus::AwaitingApproval {
-            s.wait_for_approval(&job);
-        } else if job.is_terminal() {
-            s.finished(job.id, now, &self.retention);
-        }
+        s.after_finish(&job, now, &self.retention);
         Ok((job, ev))
+    }
+
+    async fn finish_after(
+        &self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<FinishedAfter, StoreError> {
+        if matches!(last, JobEventKind::Status { .. }) {
+            return Err(StoreError::backend(
+                "status events are written by the store itself",
+            ));
+        }
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        // Checked before anything is written: both are written, or neither.
+        entry.job.status.check_transition(finish.status())?;
+        let last_event = State::record(entry, last, now);
+        let between = entry.job.clone();
+        let kind = apply::finish(&mut entry.job, finish, now)?;
+        let ev = State::record(entry, kind, now);
+        entry.job.cancel_requested = false;
+        let job = entry.job.clone();
+        s.release(lease.job_id);
+        s.after_finish(&job, now, &self.retention);
+        Ok(FinishedAfter {
+            last: (between, last_event),
+            ended: (job, ev),
+        })
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {

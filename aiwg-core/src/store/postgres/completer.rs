@@ -123,9 +123,20 @@ struct Append {
 
 struct Outcome {
     lease: Lease,
+    /// An event written just before the outcome, in the same statement (the last step's
+    /// `StepFinished`, see [`JobStore::finish_after`](crate::store::JobStore::finish_after)).
+    last: Option<Box<NewEvent>>,
     finish: Finish,
     at: DateTime<Utc>,
-    reply: oneshot::Sender<Result<(Job, JobEvent), StoreError>>,
+    reply: oneshot::Sender<Result<Ended, StoreError>>,
+}
+
+/// What an outcome wrote: the job as its last event left it with that event (when it had
+/// one), and the ended job with its event.
+pub(super) struct Ended {
+    pub(super) last: Option<(Job, JobEvent)>,
+    pub(super) job: Job,
+    pub(super) event: JobEvent,
 }
 
 enum Write {
@@ -152,7 +163,9 @@ pub(super) struct Completer {
 }
 
 /// A recorded outcome: the job after it, its event's number, its event.
-type Recorded = Result<(Job, i64, NewEvent), StoreError>;
+/// An outcome written: the job as its last event left it with that event and its number (when
+/// it had one), the ended job, its event's number and its event.
+type Recorded = Result<(Option<(Job, i64, NewEvent)>, Job, i64, NewEvent), StoreError>;
 
 fn stopped() -> StoreError {
     StoreError::backend("postgres: the store's completer stopped")
@@ -199,16 +212,19 @@ impl Completer {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Records the outcome of a running job's attempt, fenced by `lease`.
+    /// Records the outcome of a running job's attempt, fenced by `lease`, after `last` when
+    /// there is one.
     pub(super) async fn finish(
         &self,
         lease: Lease,
+        last: Option<Box<NewEvent>>,
         finish: Finish,
         at: DateTime<Utc>,
-    ) -> Result<(Job, JobEvent), StoreError> {
+    ) -> Result<Ended, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Write::Finish(Outcome {
             lease,
+            last,
             finish,
             at,
             reply,
@@ -331,10 +347,18 @@ fn answer_append(ctx: &Ctx, a: Append, seq: Result<i64, StoreError>) {
 }
 
 fn answer_finish(ctx: &Ctx, f: Outcome, done: Recorded) {
-    let answer = done.map(|(job, seq, ev)| {
+    let answer = done.map(|(last, job, seq, ev)| {
         let id = job.id;
+        let last = last.map(|(between, seq, ev)| {
+            ctx.notifier.announce_event(id, seq, &ev);
+            (between, ev.into_event(id, seq))
+        });
         ctx.notifier.announce_event(id, seq, &ev);
-        (job, ev.into_event(id, seq))
+        Ended {
+            last,
+            job,
+            event: ev.into_event(id, seq),
+        }
     });
     let _ = f.reply.send(answer);
 }
@@ -492,21 +516,26 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             let version: String = row.try_get("version").map_err(db)?;
             read.insert(job.id, (job, version));
         }
-        // Apply each outcome to its job.
-        let mut writes: Vec<(usize, Job, NewEvent, String)> = Vec::with_capacity(pending.len());
+        // Apply each outcome (after its last event) to its job.
+        let mut writes: Vec<(usize, Option<Job>, Job, NewEvent, String)> =
+            Vec::with_capacity(pending.len());
         for &i in &pending {
             let f = &outcomes[i];
             let Some((mut job, version)) = read.remove(&f.lease.job_id) else {
                 refused.push(i);
                 continue;
             };
+            let between = f.last.as_ref().map(|last| {
+                apply::progress(&mut job, &last.kind);
+                job.clone()
+            });
             let applied = apply::finish(&mut job, f.finish.clone(), f.at).and_then(|kind| {
                 apply::progress(&mut job, &kind);
                 job.cancel_requested = false;
                 NewEvent::new(kind, f.at)
             });
             match applied {
-                Ok(ev) => writes.push((i, job, ev, version)),
+                Ok(ev) => writes.push((i, between, job, ev, version)),
                 Err(e) => answers[i] = Some(Err(e)),
             }
         }
@@ -529,7 +558,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             Vec::with_capacity(m),
             Vec::with_capacity(m),
         );
-        for (i, job, ev, version) in &writes {
+        let (mut last_ats, mut last_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        for (i, _, job, ev, version) in &writes {
             let f = &outcomes[*i];
             w_ids.push(*job.id.as_uuid());
             tokens.push(to_i64(f.lease.token));
@@ -543,26 +573,31 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             approvals.push(job.pending_approval().map(|a| a.expires_at));
             ev_ats.push(ev.at);
             kinds.push(ev.text.as_str());
+            last_ats.push(f.last.as_ref().map(|l| l.at));
+            last_kinds.push(f.last.as_ref().map(|l| l.text.as_str()));
         }
         let rows = sqlx::query(
             "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[], \
                  $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[], \
-                 $9::timestamptz[], $10::text[]) \
+                 $9::timestamptz[], $10::text[], $11::timestamptz[], $12::text[]) \
                  AS t(id, token, at, version, status, retry_at, job, approval_expires_at, \
-                      ev_at, kind)), \
+                      ev_at, kind, last_at, last_kind)), \
              u AS (UPDATE aiwg_jobs a SET status = t.status, \
                  queue_seq = CASE WHEN t.status = 'queued' THEN nextval('aiwg_queue_seq') END, \
                  retry_at = t.retry_at, cancel_requested = FALSE, job = t.job::jsonb, \
-                 last_seq = a.last_seq + 1, lease_owner = NULL, lease_token = NULL, \
+                 last_seq = a.last_seq + CASE WHEN t.last_kind IS NULL THEN 1 ELSE 2 END, \
+                 lease_owner = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, approval_expires_at = t.approval_expires_at, \
                  updated_at = now() \
                  FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) \
                    AND a.xmin::text = t.version \
                    AND a.status = 'running' AND a.lease_token = t.token \
                    AND a.lease_expires_at > GREATEST(t.at, now()) \
-                 RETURNING a.id, a.last_seq, t.ev_at, t.kind), \
+                 RETURNING a.id, a.last_seq, t.ev_at, t.kind, t.last_at, t.last_kind), \
              e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-                 SELECT id, last_seq, ev_at, kind::jsonb FROM u) \
+                 SELECT id, last_seq - 1, last_at, last_kind::jsonb FROM u \
+                     WHERE last_kind IS NOT NULL \
+                 UNION ALL SELECT id, last_seq, ev_at, kind::jsonb FROM u) \
              SELECT id, last_seq FROM u",
         )
         .bind(&w_ids)
@@ -575,6 +610,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .bind(&approvals)
         .bind(&ev_ats)
         .bind(&kinds)
+        .bind(&last_ats)
+        .bind(&last_kinds)
         .fetch_all(&ctx.pool)
         .await
         .map_err(db)?;
@@ -585,9 +622,14 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
                 row.try_get("last_seq").map_err(db)?,
             );
         }
-        for (i, job, ev, _) in writes {
+        for (i, between, job, ev, _) in writes {
             match seqs.get(job.id.as_uuid()) {
-                Some(&seq) => answers[i] = Some(Ok((job, seq, ev))),
+                Some(&seq) => {
+                    let last = between
+                        .zip(outcomes[i].last.as_deref().cloned())
+                        .map(|(b, l)| (b, seq - 1, l));
+                    answers[i] = Some(Ok((last, job, seq, ev)));
+                }
                 // Changed since it was read, or its lease ended meanwhile: read it again.
                 None => pending.push(i),
             }

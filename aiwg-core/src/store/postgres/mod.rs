@@ -12,8 +12,8 @@ use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, Heartbeat,
-    JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
+    apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, FinishedAfter,
+    Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, IllegalTransition, Job, JobId, JobStatus};
@@ -269,6 +269,7 @@ fn event_tail(p: usize) -> String {
 }
 
 /// An event about to be written.
+#[derive(Clone)]
 struct NewEvent {
     at: DateTime<Utc>,
     kind: JobEventKind,
@@ -1258,7 +1259,37 @@ impl JobStore for PgStore {
     }
 
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
-        self.completer().finish(lease.clone(), finish, now()).await
+        let ended = self
+            .completer()
+            .finish(lease.clone(), None, finish, now())
+            .await?;
+        Ok((ended.job, ended.event))
+    }
+
+    async fn finish_after(
+        &self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<FinishedAfter, StoreError> {
+        if matches!(last, JobEventKind::Status { .. }) {
+            return Err(StoreError::backend(
+                "status events are written by the store itself",
+            ));
+        }
+        let at = now();
+        let last = NewEvent::new(last, at)?;
+        let ended = self
+            .completer()
+            .finish(lease.clone(), Some(Box::new(last)), finish, at)
+            .await?;
+        let last = ended
+            .last
+            .ok_or_else(|| StoreError::backend("postgres: the last event was not written"))?;
+        Ok(FinishedAfter {
+            last,
+            ended: (ended.job, ended.event),
+        })
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
