@@ -612,6 +612,17 @@ pub mod apply {
         ev
     }
 
+    /// Refuses a status event from a caller of [`JobStore::append`]: status changes are the
+    /// store's to write.
+    pub fn appendable(kind: &JobEventKind) -> Result<(), StoreError> {
+        if matches!(kind, JobEventKind::Status { .. }) {
+            return Err(StoreError::backend(
+                "status events are written by the store itself",
+            ));
+        }
+        Ok(())
+    }
+
     /// The event of the claim of `job`, read from the job the claim made (what
     /// [`claim`] returns for it): a store that claims in SQL builds its event this way.
     #[must_use]

@@ -301,6 +301,32 @@ impl State {
         Ok(Some(Claimed { job, lease, event }))
     }
 
+    /// Ends the attempt held by `lease` (after `last`, when given: both are written, or
+    /// neither), releases the lease and files the job. Answers the job as `last` left it with
+    /// `last`'s event, and the ended job with its event.
+    fn end(
+        &mut self,
+        lease: &Lease,
+        last: Option<JobEventKind>,
+        finish: Finish,
+        now: DateTime<Utc>,
+        retention: &Retention,
+    ) -> Result<(Option<(Job, JobEvent)>, Job, JobEvent), StoreError> {
+        let entry = self.fenced(lease, now)?;
+        entry.job.status.check_transition(finish.status())?;
+        let last = last.map(|kind| {
+            let ev = Self::record(entry, kind, now);
+            (entry.job.clone(), ev)
+        });
+        let kind = apply::finish(&mut entry.job, finish, now)?;
+        let ev = Self::record(entry, kind, now);
+        entry.job.cancel_requested = false;
+        let job = entry.job.clone();
+        self.release(lease.job_id);
+        self.after_finish(&job, now, retention);
+        Ok((last, job, ev))
+    }
+
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
         let entry = self
             .jobs
@@ -478,27 +504,17 @@ impl JobStore for MemoryStore {
     }
 
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
+        apply::appendable(&kind)?;
         let mut s = self.lock();
         let now = Utc::now();
         let entry = s.fenced(lease, now)?;
-        if matches!(kind, JobEventKind::Status { .. }) {
-            return Err(StoreError::backend(
-                "status events are written by the store itself",
-            ));
-        }
         Ok(State::record(entry, kind, now))
     }
 
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
-        let mut s = self.lock();
-        let now = Utc::now();
-        let entry = s.fenced(lease, now)?;
-        let kind = apply::finish(&mut entry.job, finish, now)?;
-        let ev = State::record(entry, kind, now);
-        entry.job.cancel_requested = false;
-        let job = entry.job.clone();
-        s.release(lease.job_id);
-        s.after_finish(&job, now, &self.retention);
+        let (_, job, ev) = self
+            .lock()
+            .end(lease, None, finish, Utc::now(), &self.retention)?;
         Ok((job, ev))
     }
 
@@ -508,26 +524,12 @@ impl JobStore for MemoryStore {
         last: JobEventKind,
         finish: Finish,
     ) -> Result<FinishedAfter, StoreError> {
-        if matches!(last, JobEventKind::Status { .. }) {
-            return Err(StoreError::backend(
-                "status events are written by the store itself",
-            ));
-        }
-        let mut s = self.lock();
-        let now = Utc::now();
-        let entry = s.fenced(lease, now)?;
-        // Checked before anything is written: both are written, or neither.
-        entry.job.status.check_transition(finish.status())?;
-        let last_event = State::record(entry, last, now);
-        let between = entry.job.clone();
-        let kind = apply::finish(&mut entry.job, finish, now)?;
-        let ev = State::record(entry, kind, now);
-        entry.job.cancel_requested = false;
-        let job = entry.job.clone();
-        s.release(lease.job_id);
-        s.after_finish(&job, now, &self.retention);
+        apply::appendable(&last)?;
+        let (last, job, ev) =
+            self.lock()
+                .end(lease, Some(last), finish, Utc::now(), &self.retention)?;
         Ok(FinishedAfter {
-            last: (between, last_event),
+            last: last.ok_or_else(|| StoreError::backend("the last event was not written"))?,
             ended: (job, ev),
         })
     }

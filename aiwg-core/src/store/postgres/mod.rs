@@ -124,8 +124,15 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// - a submit ([`JobStore::create`]) is one statement: the room in a bounded queue is
 ///   checked by `aiwg_queue_has_room` (migration 0007), which takes the queue's advisory lock
 ///   and then counts, so the bound holds across instances; inserts
-///   ([`JobStore::create_many`]) and claims ([`JobStore::claim_many`]) come in batches, one
-///   transaction for many jobs;
+///   ([`JobStore::create_many`]) come in batches, one statement for many jobs;
+/// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
+///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
+///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
+///   it) and records their events. Jobs of concurrency groups and claims under a per-project
+///   limit take a transaction that checks the group or the project under its lock. No claim
+///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`);
+/// - the last step's `step_finished` is written with the outcome, in the outcome's statement
+///   ([`JobStore::finish_after`]);
 /// - the fenced writes of running jobs (every [`JobStore::append`] and [`JobStore::finish`])
 ///   go through the store's *completer*, a background task that writes whatever is waiting
 ///   when it is ready: the events of all the jobs in one statement (`UPDATE … FROM
@@ -1240,11 +1247,7 @@ impl JobStore for PgStore {
     }
 
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
-        if matches!(kind, JobEventKind::Status { .. }) {
-            return Err(StoreError::backend(
-                "status events are written by the store itself",
-            ));
-        }
+        apply::appendable(&kind)?;
         // A step event also moves the job's progress: done by the completer's statement, on
         // the stored JSON (what `apply::progress` does to a `Job`), so a step costs no read.
         let progress = match &kind {
@@ -1272,11 +1275,7 @@ impl JobStore for PgStore {
         last: JobEventKind,
         finish: Finish,
     ) -> Result<FinishedAfter, StoreError> {
-        if matches!(last, JobEventKind::Status { .. }) {
-            return Err(StoreError::backend(
-                "status events are written by the store itself",
-            ));
-        }
+        apply::appendable(&last)?;
         let at = now();
         let last = NewEvent::new(last, at)?;
         let ended = self
