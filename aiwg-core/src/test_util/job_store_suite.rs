@@ -62,6 +62,21 @@ async fn create(store: &dyn JobStore, job: Job) -> Job {
     }
 }
 
+/// Appends `StepStarted` of `step` (attempt 1) under `lease`.
+async fn start_step(store: &dyn JobStore, lease: &crate::store::Lease, step: &str) {
+    store
+        .append(
+            lease,
+            JobEventKind::StepStarted {
+                step: step.into(),
+                agent: "x".into(),
+                attempt: 1,
+            },
+        )
+        .await
+        .unwrap();
+}
+
 fn claim_req(owner: &str) -> ClaimRequest {
     ClaimRequest::new(owner, Duration::from_secs(60))
 }
@@ -690,17 +705,7 @@ async fn progress_and_counts(store: &dyn JobStore) {
     assert_eq!(c.job.id, job.id);
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.queued, counts.running), (1, 1));
-    store
-        .append(
-            &c.lease,
-            JobEventKind::StepStarted {
-                step: "a".into(),
-                agent: "x".into(),
-                attempt: 1,
-            },
-        )
-        .await
-        .unwrap();
+    start_step(store, &c.lease, "a").await;
     let j = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(j.progress.in_progress, ["a"]);
     assert_eq!(j.progress.pending, ["b"]);
@@ -735,17 +740,7 @@ async fn progress_and_counts(store: &dyn JobStore) {
 async fn finish_after(store: &dyn JobStore) {
     let job = create(store, sample_job("w", "/p", 0)).await;
     let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
-    store
-        .append(
-            &c.lease,
-            JobEventKind::StepStarted {
-                step: "a".into(),
-                agent: "x".into(),
-                attempt: 1,
-            },
-        )
-        .await
-        .unwrap();
+    start_step(store, &c.lease, "a").await;
     let finished = JobEventKind::StepFinished {
         step: "a".into(),
         ok: true,

@@ -311,7 +311,7 @@ impl State {
         finish: Finish,
         now: DateTime<Utc>,
         retention: &Retention,
-    ) -> Result<(Option<(Job, JobEvent)>, Job, JobEvent), StoreError> {
+    ) -> Result<Ended, StoreError> {
         let entry = self.fenced(lease, now)?;
         entry.job.status.check_transition(finish.status())?;
         let last = last.map(|kind| {
@@ -338,6 +338,10 @@ impl State {
         }
     }
 }
+
+/// What [`State::end`] wrote: the job as its last event left it with that event (when there
+/// was one), and the ended job with its event.
+type Ended = (Option<(Job, JobEvent)>, Job, JobEvent);
 
 /// How long and how many finished jobs the [`MemoryStore`] keeps (`storage.retention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
