@@ -841,3 +841,77 @@ async fn the_feed_resumes_resets_a_slow_reader_and_ends_at_shutdown() {
         "the two other events of job 4 and the five of job 5"
     );
 }
+
+/// Records what observers are shown: each event's name with the job's status and completed
+/// steps at that moment.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<Vec<(&'static str, JobStatus, Vec<String>)>>);
+
+#[async_trait::async_trait]
+impl aiwg_core::JobObserver for Seen {
+    async fn on_event(&self, job: &aiwg_core::Job, event: &aiwg_core::JobEvent) {
+        self.0.lock().unwrap().push((
+            event.kind.name(),
+            job.status,
+            job.progress.completed.clone(),
+        ));
+    }
+}
+
+/// The last step's `step_finished` is written with the outcome, but observers still see it
+/// first, with the job as the step left it (`running`, the step completed), then the end.
+#[tokio::test]
+async fn observers_see_the_last_step_finish_before_the_end_with_the_job_still_running() {
+    let env = env();
+    let seen = Arc::new(Seen::default());
+    let engine = builder(&env)
+        .executor("agent", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(
+            Workflow::new("two")
+                .step(Step::prompt("first", "agent", "one"))
+                .step(Step::prompt("second", "agent", "two")),
+        )
+        .observer(seen.clone())
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("two")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    let seen = seen.0.lock().unwrap().clone();
+    let after_start: Vec<_> = seen
+        .iter()
+        .skip_while(|(_, status, _)| *status != JobStatus::Running)
+        .skip(1)
+        .cloned()
+        .collect();
+    let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        after_start,
+        [
+            ("step.finished", JobStatus::Running, s(&["first"])),
+            ("step.finished", JobStatus::Running, s(&["first", "second"])),
+            ("status", JobStatus::Completed, s(&["first", "second"])),
+        ],
+        "everything observers saw: {seen:?}"
+    );
+    let kinds: Vec<_> = engine
+        .store()
+        .events(job.id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind.name())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "status",
+            "status",
+            "step.started",
+            "step.finished",
+            "step.started",
+            "step.finished",
+            "status"
+        ]
+    );
+}
