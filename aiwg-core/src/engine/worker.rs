@@ -347,18 +347,12 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
     };
     if let Some(finish) = finish {
         let written = match last {
-            Some(last) if matches!(finish, Finish::Completed(_)) => inner
+            Some(last) => inner
                 .store
                 .finish_after(&lease, last, finish)
                 .await
                 .map(|done| (Some(done.last), done.ended)),
-            last => {
-                // Not an end this worker wrote the last event for (none is left otherwise).
-                if let Some(last) = last {
-                    let _ = append(engine, &lease_cell, &job, last).await;
-                }
-                inner.store.finish(&lease, finish).await.map(|e| (None, e))
-            }
+            None => inner.store.finish(&lease, finish).await.map(|e| (None, e)),
         };
         match written {
             Ok((last, (job, ev))) => {

@@ -301,30 +301,22 @@ impl State {
         Ok(Some(Claimed { job, lease, event }))
     }
 
-    /// Ends the attempt held by `lease` (after `last`, when given: both are written, or
-    /// neither), releases the lease and files the job. Answers the job as `last` left it with
-    /// `last`'s event, and the ended job with its event.
+    /// Ends the attempt held by `lease`, releases the lease and files the job.
     fn end(
         &mut self,
         lease: &Lease,
-        last: Option<JobEventKind>,
         finish: Finish,
         now: DateTime<Utc>,
         retention: &Retention,
-    ) -> Result<Ended, StoreError> {
+    ) -> Result<(Job, JobEvent), StoreError> {
         let entry = self.fenced(lease, now)?;
-        entry.job.status.check_transition(finish.status())?;
-        let last = last.map(|kind| {
-            let ev = Self::record(entry, kind, now);
-            (entry.job.clone(), ev)
-        });
         let kind = apply::finish(&mut entry.job, finish, now)?;
         let ev = Self::record(entry, kind, now);
         entry.job.cancel_requested = false;
         let job = entry.job.clone();
         self.release(lease.job_id);
         self.after_finish(&job, now, retention);
-        Ok((last, job, ev))
+        Ok((job, ev))
     }
 
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
@@ -338,10 +330,6 @@ impl State {
         }
     }
 }
-
-/// What [`State::end`] wrote: the job as its last event left it with that event (when there
-/// was one), and the ended job with its event.
-type Ended = (Option<(Job, JobEvent)>, Job, JobEvent);
 
 /// How long and how many finished jobs the [`MemoryStore`] keeps (`storage.retention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -516,10 +504,7 @@ impl JobStore for MemoryStore {
     }
 
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
-        let (_, job, ev) = self
-            .lock()
-            .end(lease, None, finish, Utc::now(), &self.retention)?;
-        Ok((job, ev))
+        self.lock().end(lease, finish, Utc::now(), &self.retention)
     }
 
     async fn finish_after(
@@ -529,12 +514,17 @@ impl JobStore for MemoryStore {
         finish: Finish,
     ) -> Result<FinishedAfter, StoreError> {
         apply::appendable(&last)?;
-        let (last, job, ev) =
-            self.lock()
-                .end(lease, Some(last), finish, Utc::now(), &self.retention)?;
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        // Checked before the last event is written: both are written, or neither.
+        entry.job.status.check_transition(finish.status())?;
+        let last = State::record(entry, last, now);
+        let between = entry.job.clone();
+        let ended = s.end(lease, finish, now, &self.retention)?;
         Ok(FinishedAfter {
-            last: last.ok_or_else(|| StoreError::backend("the last event was not written"))?,
-            ended: (job, ev),
+            last: (between, last),
+            ended,
         })
     }
 

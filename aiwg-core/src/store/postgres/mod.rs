@@ -756,9 +756,9 @@ impl PgStore {
     ///
     /// One statement, one round trip (`aiwg_claim`, migration 0008), picks the jobs, moves
     /// them to `running` (in SQL: `aiwg_claimed_job`, the twin of [`apply::claim`]) and
-    /// records their events. A job of a concurrency group needs its group checked under the group's lock:
-    /// when the statement comes upon one, it claims nothing and the batch is claimed by
-    /// [`Self::claim_batch_grouped`] instead, in the same order.
+    /// records their events. A job of a concurrency group needs its group checked under the
+    /// group's lock: when the statement comes upon one, it claims nothing and the batch is
+    /// claimed by [`Self::claim_batch_grouped`] instead, in the same order.
     async fn claim_batch(
         &self,
         request: &ClaimRequest,
@@ -1088,7 +1088,10 @@ impl JobStore for PgStore {
         request: &ClaimRequest,
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
-        if request.per_project_limit.is_some() || max == 0 {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        if request.per_project_limit.is_some() {
             // Project limits are checked one claim at a time, under the project's lock.
             let mut out = Vec::new();
             while out.len() < max {
