@@ -11,6 +11,12 @@
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
 //! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down.
+//! On Linux the wide burn-down also prints the machine's CPU time per job for both
+//! (`ratio pg_wide_cpu_per_job`, baseline / ours): on a machine whose disk and neighbours vary
+//! it moves less than the rates do.
+//!
+//! Every pool here, the baseline's included, is built from `PgStore::pool_options`, the pool
+//! the store's own `connect` makes.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -101,7 +107,8 @@ impl Db {
         let options = PgConnectOptions::from_str(&self.url)
             .expect("url")
             .options([("search_path", self.schema.as_str())]);
-        PgPoolOptions::new()
+        // The baseline's pool and the stores' are the pool the store's `connect` builds.
+        PgStore::pool_options()
             .max_connections(max)
             .connect_with(options)
             .await
@@ -186,8 +193,21 @@ async fn drained(store: &PgStore, exec: &ScriptedExecutor, jobs: usize) {
 
 /// Fills the queue, then times engines on `stores` draining it.
 async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Duration {
+    burn_down_costed(stores, shape).await.took
+}
+
+/// How long a timed run took, and the machine's CPU time over it ([`machine_cpu`]).
+struct Cost {
+    took: Duration,
+    cpu: Option<Duration>,
+}
+
+/// [`burn_down`], with the machine's CPU time from the start of the engines to the queue
+/// drained.
+async fn burn_down_costed(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
     fill(&stores[0], shape.jobs).await;
     let exec = ScriptedExecutor::succeeding("");
+    let cpu = machine_cpu();
     let start = Instant::now();
     let mut nodes = Vec::new();
     for s in stores {
@@ -195,9 +215,10 @@ async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Duration {
     }
     drained(&stores[0], &exec, shape.jobs).await;
     let took = start.elapsed();
+    let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
     assert_eq!(exec.calls(), shape.jobs, "every job ran once");
     stop(nodes).await;
-    took
+    Cost { took, cpu }
 }
 
 /// Transactions committed in the bench's database so far (`pg_stat_database`; a backend
@@ -279,7 +300,7 @@ async fn baseline(pool: &PgPool) -> Duration {
 /// starts (as the engines' queue is filled), then `claimers` tasks each taking a row with
 /// `UPDATE … FOR UPDATE SKIP LOCKED` and marking it done with a second `UPDATE`, until none is
 /// left: the bare two commits a job's start and end cost.
-async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Duration {
+async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Cost {
     sqlx::query("DELETE FROM bench_queue")
         .execute(pool)
         .await
@@ -292,6 +313,7 @@ async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Duration 
     .execute(pool)
     .await
     .expect("fill");
+    let cpu = machine_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..claimers {
@@ -309,7 +331,9 @@ async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Duration 
     for t in tasks {
         t.await.expect("claimer");
     }
-    start.elapsed()
+    let took = start.elapsed();
+    let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
+    Cost { took, cpu }
 }
 
 async fn claim_one(pool: &PgPool) -> Option<i64> {
@@ -390,9 +414,19 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     };
     let claimers = (2 * wide.workers).min(30);
     let mut wide_runs: [Vec<Duration>; 2] = Default::default();
+    // The machine's CPU time over each timed run (database, engines and bench alike).
+    let mut cpu: [Option<Duration>; 2] = [Some(Duration::ZERO); 2];
     for _ in 0..rounds {
-        wide_runs[0].push(baseline_wide(raw, wide.jobs, claimers).await);
-        wide_runs[1].push(burn_down(two, wide).await);
+        for (i, cost) in [
+            baseline_wide(raw, wide.jobs, claimers).await,
+            burn_down_costed(two, wide).await,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            wide_runs[i].push(cost.took);
+            cpu[i] = cpu[i].zip(cost.cpu).map(|(a, b)| a + b);
+        }
     }
     let [wb, w2] = wide_runs.map(|mut r| {
         r.sort_unstable();
@@ -413,10 +447,43 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
         wide_rate(w2),
         wide_rate(w2) / wide_rate(wb)
     );
+    let per_job = |d: Duration| d.as_secs_f64() * 1e6 / (wide.jobs * rounds) as f64;
+    let cpu = match cpu {
+        [Some(b), Some(o)] if !b.is_zero() && !o.is_zero() => Some((per_job(b), per_job(o))),
+        _ => None,
+    };
+    if let Some((b, o)) = cpu {
+        println!(
+            "  machine CPU per job (database, engines, bench): baseline {b:.0} us, 2 engines {o:.0} us"
+        );
+    }
     println!(
         "ratio pg_wide_burn_down_2_engines {:.3}",
         wide_rate(w2) / wide_rate(wb)
     );
+    if let Some((b, o)) = cpu {
+        println!("ratio pg_wide_cpu_per_job {:.3}", b / o);
+    }
+}
+
+/// The CPU time the whole machine has spent working (every process, the kernel included; not
+/// idle, not waiting for the disk), from `/proc/stat`; `None` where there is none (not Linux).
+/// Less noisy than a rate on a machine whose disk and neighbours vary: it counts what a run
+/// cost, not how long it waited.
+fn machine_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal …
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0))
+        .sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(busy * 10))
 }
 
 fn main() {

@@ -132,7 +132,8 @@ impl TestDb {
             .unwrap()
             .application_name(application_name)
             .options([("search_path", schema), ("synchronous_commit", "off")]);
-        PgPoolOptions::new()
+        // The pool the store's own `connect` builds.
+        PgStore::pool_options()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)

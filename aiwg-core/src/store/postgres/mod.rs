@@ -302,6 +302,10 @@ impl NewEvent {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 impl PgStore {
+    /// How long a pooled connection may sit idle before the pool of
+    /// [`pool_options`](Self::pool_options) checks it with a round trip before handing it out.
+    pub const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
+
     /// Connects (a pool of up to 10 connections) and runs the embedded migrations.
     ///
     /// The URL may carry `options=-c search_path=<schema>` to keep aiwg's tables in their own
@@ -317,12 +321,36 @@ impl PgStore {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|_| StoreError::backend("postgres: invalid database URL"))?;
-        let pool = PgPoolOptions::new()
+        let pool = Self::pool_options()
             .max_connections(10)
             .connect_with(options)
             .await
             .map_err(db)?;
         Self::from_pool(pool).await
+    }
+
+    /// The pool options [`connect`](Self::connect) uses, for hosts that build the pool
+    /// themselves ([`from_pool`](Self::from_pool)): sqlx's defaults, except that a connection is
+    /// checked (a round trip to the server) before it is handed out only when it has been idle
+    /// for [`PING_IDLE_AFTER`](Self::PING_IDLE_AFTER).
+    ///
+    /// sqlx checks every connection it hands out by default, which doubles the round trips of
+    /// every statement on a busy store (issue 15: one in two round trips of a burn-down was
+    /// that check). A connection used a moment ago is as likely to be alive as one just
+    /// checked; one that broke since (the server restarted) fails its statement, the pool drops
+    /// it, and the store's callers see the error as they would a failure in the middle of a
+    /// statement: the claim loop and the completer try again, a submit answers an error.
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= Self::PING_IDLE_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
     }
 
     /// Uses an existing pool. Runs no migrations: call [`migrate`](Self::migrate) or run
