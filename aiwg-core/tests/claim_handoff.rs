@@ -61,3 +61,43 @@ async fn a_worker_back_from_a_sweep_takes_the_job_handed_to_it_instead_of_claimi
     );
     engine.shutdown(Duration::from_millis(500)).await;
 }
+
+/// A worker whose job ends while the queue is empty (its claim got fewer jobs than it asked
+/// for) waits for a wake-up before it claims again, instead of claiming at once and waking
+/// another worker to claim too: each of those found nothing, and on PostgreSQL a claim on its
+/// way holds the claiming turn, so a job submitted just then waited for it. Here jobs run one
+/// after another on 4 workers with no polling (at most two are busy at a time, so every claim
+/// asks for at least two jobs and gets one): every claim after the workers' first is one a
+/// submit asked for, where workers used to make two more for every job that ended. Every job
+/// still runs, each woken by its submit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_job_ended_on_an_empty_queue_claims_only_when_woken() {
+    const WORKERS: usize = 4;
+    const JOBS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HookedStore::default());
+    let agent = ScriptedExecutor::succeeding("done");
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(WORKERS)
+        // No claim comes from the poll interval during the test.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    for i in 0..JOBS {
+        let job = engine
+            .submit(JobRequest::new("w").guidance(format!("{i}")))
+            .await
+            .unwrap();
+        let ended = engine.wait(job.id, WAIT).await.unwrap();
+        assert_eq!(ended.status, JobStatus::Completed, "job {i}");
+    }
+    engine.shutdown(WAIT).await;
+    let claims = store.claims.load(Ordering::SeqCst);
+    // One claim per worker at its start and one per submit; a worker's first claim that comes
+    // after a submit takes that job, and the submit's wake-up then finds nothing (at most
+    // twice: the workers start before the second job is submitted).
+    assert!(
+        claims <= WORKERS + JOBS + 2,
+        "{claims} claims for {JOBS} jobs run one after another on {WORKERS} workers"
+    );
+}

@@ -10,7 +10,8 @@
 //! The *wide* burn-down drains a longer queue (`AIWG_PG_QUEUE_WIDE_JOBS`, default 5 000) with 2
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
-//! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down.
+//! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down,
+//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 engine and its baseline.
 //! On Linux the wide burn-down also prints the machine's CPU time per job for both
 //! (`ratio pg_wide_cpu_per_job`, baseline / ours): on a machine whose disk and neighbours vary
 //! it moves less than the rates do.
@@ -517,6 +518,13 @@ fn main() {
     let rounds = env_usize("AIWG_PG_QUEUE_ROUNDS", 5);
     if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("wide") {
         rt.block_on(wide_burn_down(&raw, &two, rounds));
+        return;
+    }
+    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("latency") {
+        rt.block_on(async {
+            report_latency("  baseline", baseline_latency(&raw).await);
+            report_latency("  1 engine", engine_latency(&one).await);
+        });
         return;
     }
     let mut c = Criterion::default()

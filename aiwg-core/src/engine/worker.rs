@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Engine, RunningJob, StopReason};
 use crate::event::JobEventKind;
 use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
-use crate::job::{Approval, Job, JobError, JobResult, StepResult};
+use crate::job::{Approval, Job, JobError, JobResult, JobStatus, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
 
@@ -24,6 +24,8 @@ const MAX_CLAIM_BATCH: usize = 64;
 pub(super) struct Handed {
     claimed: Claimed,
     at: tokio::time::Instant,
+    /// The claim got every job it asked for: there may be more.
+    more: bool,
 }
 
 pub(super) async fn run(engine: Engine, n: usize) {
@@ -38,11 +40,11 @@ pub(super) async fn run(engine: Engine, n: usize) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
-        if let Some(Handed { claimed, at }) = handed {
+        if let Some(Handed { claimed, at, more }) = handed {
             // `busy` was counted for it when it was claimed.
-            run_job(&engine, claimed, at).await;
+            let freed = run_job(&engine, claimed, at).await;
             inner.busy.fetch_sub(1, Ordering::Relaxed);
-            inner.wake.notify_one();
+            after_job(inner, more, freed).await;
             continue;
         }
         if inner.stop_claiming.is_cancelled() {
@@ -91,6 +93,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
             Ok(batch) if !batch.is_empty() => {
                 // Counted busy at once, so that the next claim does not count them as idle.
                 inner.busy.fetch_add(batch.len(), Ordering::Relaxed);
+                let more = batch.len() >= want;
                 let mut batch = batch.into_iter();
                 let mine = batch.next();
                 let others = batch.len();
@@ -102,6 +105,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
                         .extend(batch.map(|claimed| Handed {
                             claimed,
                             at: claimed_at,
+                            more,
                         }));
                 }
                 drop(claiming);
@@ -111,15 +115,14 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 for _ in 0..others {
                     inner.wake.notify_one();
                 }
-                if others + 1 >= want {
+                if more {
                     inner.wake.notify_one();
                 }
                 if let Some(claimed) = mine {
-                    run_job(&engine, claimed, claimed_at).await;
+                    let freed = run_job(&engine, claimed, claimed_at).await;
                     inner.busy.fetch_sub(1, Ordering::Relaxed);
+                    after_job(inner, more, freed).await;
                 }
-                // A project slot may have freed up.
-                inner.wake.notify_one();
             }
             Ok(_) => {
                 drop(claiming);
@@ -134,6 +137,24 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 }
             }
         }
+    }
+}
+
+/// What a worker does when a job it ran has ended, before it claims again.
+///
+/// A job whose end may let another be claimed (`freed`: a slot of a per-project limit or of a
+/// concurrency group, a retry queued, an outcome not known to be written) wakes a worker, and
+/// this one claims at once. Otherwise, when the claim that brought the job got fewer jobs than
+/// it asked for, the queue was empty then, and whatever was queued since woke a worker (a
+/// submit, a decided approval, another instance's notice): this one waits for such a wake-up
+/// (or the poll interval) instead of claiming at once. A claim that finds nothing costs a
+/// store round trip, and one on its way holds the claiming turn, so a job submitted meanwhile
+/// waited for it (issue 15: two empty claims after every job on PostgreSQL).
+async fn after_job(inner: &super::Inner, more: bool, freed: bool) {
+    if freed {
+        inner.wake.notify_one();
+    } else if !more {
+        wait(inner).await;
     }
 }
 
@@ -169,8 +190,9 @@ enum Stop {
     AwaitingApproval(String),
 }
 
-/// Runs a job claimed at `claimed_at` (when its claim was sent).
-async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) {
+/// Runs a job claimed at `claimed_at` (when its claim was sent). Answers whether its end may
+/// let another job be claimed (see [`after_job`]).
+async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) -> bool {
     let inner = &engine.inner;
     let Claimed {
         job,
@@ -345,6 +367,9 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
             })
         }
     };
+    // Its end frees a slot a claim may have been refused for.
+    let mut freed =
+        inner.settings.per_project_concurrency.is_some() || job.concurrency_group.is_some();
     if let Some(finish) = finish {
         let written = match last {
             Some(last) => inner
@@ -359,11 +384,17 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 if let Some((between, ev)) = last {
                     announce(engine, &between, Arc::new(ev)).await;
                 }
+                // A retry is queued again.
+                freed |= job.status == JobStatus::Queued;
                 engine.publish(&job, ev).await;
             }
-            Err(e) => tracing::warn!(error = %e, job = %id, "could not record the job's outcome"),
+            Err(e) => {
+                freed = true;
+                tracing::warn!(error = %e, job = %id, "could not record the job's outcome");
+            }
         }
     } else {
+        freed = true;
         tracing::warn!(job = %id, "lease lost; another worker may take the job over");
     }
     inner
@@ -372,6 +403,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     done.cancel();
+    freed
 }
 
 /// What never happens: [`heartbeat`] does not return.

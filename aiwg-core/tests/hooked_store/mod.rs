@@ -1,12 +1,12 @@
 //! A memory store with hooks for tests that need the store to misbehave at one precise point:
 //! heartbeats that fail as in a database outage, a lease sweep or a step's start that waits
 //! until the test lets it go (a slow round trip at a chosen moment), or a step's start that
-//! finds the lease lost. Everything else is the memory store's.
+//! finds the lease lost. It counts the claims made. Everything else is the memory store's.
 
 #![allow(unreachable_pub)]
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct HookedStore {
     pub start_release: Notify,
     /// While set, `StepStarted` appends answer [`StoreError::LeaseLost`].
     pub lose_starts: AtomicBool,
+    /// Claims made (`claim` and `claim_many` calls).
+    pub claims: AtomicUsize,
 }
 
 #[async_trait]
@@ -72,6 +74,7 @@ impl JobStore for HookedStore {
         self.inner.list(query).await
     }
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         self.inner.claim(request).await
     }
     async fn claim_many(
@@ -79,6 +82,7 @@ impl JobStore for HookedStore {
         request: &ClaimRequest,
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         self.inner.claim_many(request, max).await
     }
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {
