@@ -130,7 +130,9 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
 ///   it) and records their events. Jobs of concurrency groups and claims under a per-project
 ///   limit take a transaction that checks the group or the project under its lock. No claim
-///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`);
+///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`),
+///   and the claim keeps one plan (migration 0010: planned anew on every call, it spent more
+///   time planning than running);
 /// - the last step's `step_finished` is written with the outcome, in the outcome's statement
 ///   ([`JobStore::finish_after`]);
 /// - the fenced writes of running jobs (every [`JobStore::append`] and [`JobStore::finish`])
