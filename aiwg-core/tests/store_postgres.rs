@@ -491,12 +491,7 @@ async fn many_writers_at_once_are_batched_and_each_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_claim_leaves_no_transaction_open() {
     let Some(db) = test_db().await else { return };
-    let schema = db.schema().await;
-    let app = format!("aiwg-empty-claim-{}", uuid::Uuid::now_v7().simple());
-    let store = PgStore::from_pool(db.pool_named(&schema, 4, &app).await)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (store, app) = db.named_store("aiwg-empty-claim", 4).await;
     let open = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity \
@@ -620,13 +615,8 @@ async fn a_claim_in_sql_matches_apply_claim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_goes_on_after_the_server_closed_its_connections() {
     let Some(db) = test_db().await else { return };
-    let schema = db.schema().await;
-    let app = format!("aiwg-closed-{}", uuid::Uuid::now_v7().simple());
     const MAX: u32 = 3;
-    let store = PgStore::from_pool(db.pool_named(&schema, MAX, &app).await)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
+    let (store, app) = db.named_store("aiwg-closed", MAX).await;
     // Open every connection of the pool, then have the server close them all.
     let mut created = Vec::new();
     let warm = futures_util::future::join_all(

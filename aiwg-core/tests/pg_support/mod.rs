@@ -141,6 +141,19 @@ impl TestDb {
             .expect("connect")
     }
 
+    /// A migrated store in a fresh schema whose connections carry a name of their own
+    /// (`<prefix>-<unique>`, returned beside it), for tests that find them in
+    /// `pg_stat_activity`.
+    pub async fn named_store(&self, prefix: &str, max: u32) -> (PgStore, String) {
+        let schema = self.schema().await;
+        let app = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
+        let store = PgStore::from_pool(self.pool_named(&schema, max, &app).await)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        (store, app)
+    }
+
     /// A migrated store in `schema` (pool of `max` connections).
     pub async fn store_in(&self, schema: &str, max: u32) -> PgStore {
         let store = PgStore::from_pool(self.pool(schema, max).await)
