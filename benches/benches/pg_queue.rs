@@ -192,20 +192,15 @@ async fn drained(store: &PgStore, exec: &ScriptedExecutor, jobs: usize) {
     }
 }
 
-/// Fills the queue, then times engines on `stores` draining it.
-async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Duration {
-    burn_down_costed(stores, shape).await.took
-}
-
 /// How long a timed run took, and the machine's CPU time over it ([`machine_cpu`]).
 struct Cost {
     took: Duration,
     cpu: Option<Duration>,
 }
 
-/// [`burn_down`], with the machine's CPU time from the start of the engines to the queue
-/// drained.
-async fn burn_down_costed(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
+/// Fills the queue, then times engines on `stores` draining it (and the machine's CPU time
+/// from the start of the engines to the queue drained).
+async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
     fill(&stores[0], shape.jobs).await;
     let exec = ScriptedExecutor::succeeding("");
     let cpu = machine_cpu();
@@ -216,7 +211,7 @@ async fn burn_down_costed(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
     }
     drained(&stores[0], &exec, shape.jobs).await;
     let took = start.elapsed();
-    let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
+    let cpu = cpu_since(cpu);
     assert_eq!(exec.calls(), shape.jobs, "every job ran once");
     stop(nodes).await;
     Cost { took, cpu }
@@ -333,7 +328,7 @@ async fn baseline_wide(pool: &PgPool, jobs: usize, claimers: usize) -> Cost {
         t.await.expect("claimer");
     }
     let took = start.elapsed();
-    let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
+    let cpu = cpu_since(cpu);
     Cost { took, cpu }
 }
 
@@ -420,7 +415,7 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     for _ in 0..rounds {
         for (i, cost) in [
             baseline_wide(raw, wide.jobs, claimers).await,
-            burn_down_costed(two, wide).await,
+            burn_down(two, wide).await,
         ]
         .into_iter()
         .enumerate()
@@ -465,6 +460,11 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     if let Some((b, o)) = cpu {
         println!("ratio pg_wide_cpu_per_job {:.3}", b / o);
     }
+}
+
+/// The machine's CPU time since a reading of [`machine_cpu`].
+fn cpu_since(start: Option<Duration>) -> Option<Duration> {
+    start.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b))
 }
 
 /// The CPU time the whole machine has spent working (every process, the kernel included; not
@@ -558,7 +558,7 @@ fn main() {
                 bch.to_async(&rt).iter_custom(|iters| async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        total += burn_down(stores, NARROW).await;
+                        total += burn_down(stores, NARROW).await.took;
                     }
                     total
                 })
@@ -576,9 +576,9 @@ fn main() {
         let mut runs: [Vec<Duration>; 4] = Default::default();
         for _ in 0..rounds {
             runs[0].push(baseline(&raw).await);
-            runs[1].push(burn_down(&one, NARROW).await);
-            runs[2].push(burn_down(&two, NARROW).await);
-            runs[3].push(burn_down(&relaxed, NARROW).await);
+            runs[1].push(burn_down(&one, NARROW).await.took);
+            runs[2].push(burn_down(&two, NARROW).await.took);
+            runs[3].push(burn_down(&relaxed, NARROW).await.took);
         }
         let [base, t1, t2, tr] = runs.map(|mut r| {
             r.sort_unstable();
