@@ -523,6 +523,60 @@ async fn an_empty_claim_leaves_no_transaction_open() {
     db.cleanup().await;
 }
 
+/// Submits that arrive together into a bounded queue go in together (`admit`, migration
+/// 0011): one lock, one count, one commit for many, instead of one commit after another under
+/// the queue's lock. From two stores at once, the bound still holds exactly, each refused
+/// submit is told so, and every job admitted is there with its first event. The rows of one
+/// statement share a transaction id (`xmin`): far fewer of those than jobs shows the batching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submits_at_once_enter_a_bounded_queue_together_and_the_bound_holds() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    const SUBMITS: usize = 200;
+    const CAPACITY: usize = 150;
+    let tasks: Vec<_> = (0..SUBMITS)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let job = sample_job("w", "/p", 0);
+                let id = job.id;
+                let answer = store.create(NewJob::new(job).capacity(CAPACITY)).await;
+                (id, answer)
+            })
+        })
+        .collect();
+    let mut admitted = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (id, Ok(Created::New(job, ev))) => {
+                assert_eq!((job.id, ev.seq), (id, 1));
+                admitted.insert(id);
+            }
+            (_, Err(StoreError::QueueFull { capacity: CAPACITY })) => {}
+            (_, other) => panic!("unexpected answer to a submit: {other:?}"),
+        }
+    }
+    assert_eq!(admitted.len(), CAPACITY, "exactly the queue's room got in");
+    assert_eq!(a.counts().await.unwrap().queued, CAPACITY);
+    for id in &admitted {
+        let events = b.events(*id, 0).await.unwrap();
+        assert_eq!(events.len(), 1, "job {id}: its `queued` event");
+    }
+    let transactions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs"
+    ))
+    .fetch_one(db.admin())
+    .await
+    .unwrap();
+    assert!(
+        transactions <= (CAPACITY / 4) as i64,
+        "{transactions} transactions for {CAPACITY} jobs: submits at once were not batched"
+    );
+    db.cleanup().await;
+}
+
 /// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
 /// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
 /// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,

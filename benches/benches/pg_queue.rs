@@ -11,7 +11,13 @@
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
 //! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down,
-//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 engine and its baseline.
+//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 engine and its baseline,
+//! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst.
+//!
+//! The *submit burst*: many submits at once (`SUBMITTERS` tasks over 2 stores, each job
+//! submitted on its own with `JobStore::create` into a bounded queue, as `Engine::submit`
+//! does), beside the same tasks each inserting a row into a bare table
+//! (`ratio pg_submit_burst_bounded`, submits/s against inserts/s).
 //! On Linux the wide burn-down also prints the machine's CPU time per job for both
 //! (`ratio pg_wide_cpu_per_job`, baseline / ours): on a machine whose disk and neighbours vary
 //! it moves less than the rates do.
@@ -462,6 +468,89 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     }
 }
 
+/// Tasks submitting at once in the submit burst.
+const SUBMITTERS: usize = 32;
+/// Submits per round of the submit burst.
+const BURST: usize = 4_000;
+
+/// `SUBMITTERS` tasks, alternating between the stores, submitting `BURST` jobs one by one into
+/// a bounded queue (room for all of them). Answers how long it took.
+async fn submit_burst(stores: &[Arc<PgStore>]) -> Duration {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..SUBMITTERS)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < BURST {
+                    store
+                        .create(NewJob::new(sample_job("noop", "/p", 0)).capacity(BURST * 100))
+                        .await
+                        .expect("submit");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("submitter");
+    }
+    start.elapsed()
+}
+
+/// The submit burst's baseline: the same tasks each inserting rows into a bare table, one
+/// statement (and commit) per row.
+async fn baseline_burst(pool: &PgPool) -> Duration {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..SUBMITTERS)
+        .map(|_| {
+            let pool = pool.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < BURST {
+                    sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, 'job')")
+                        .execute(&pool)
+                        .await
+                        .expect("insert");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("inserter");
+    }
+    start.elapsed()
+}
+
+/// The submit burst beside its baseline, `rounds` rounds each (at most 3), medians. The queue
+/// is emptied between rounds.
+async fn submit_bursts(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
+    let rounds = rounds.min(3);
+    let mut runs: [Vec<Duration>; 2] = Default::default();
+    for _ in 0..rounds {
+        runs[0].push(baseline_burst(raw).await);
+        runs[1].push(submit_burst(two).await);
+        for sql in ["DELETE FROM bench_queue", "DELETE FROM aiwg_jobs"] {
+            sqlx::query(sql).execute(raw).await.expect("empty");
+        }
+    }
+    let [b, o] = runs.map(|mut r| {
+        r.sort_unstable();
+        r[r.len() / 2]
+    });
+    let rate = |d: Duration| BURST as f64 / d.as_secs_f64();
+    println!();
+    println!("submit burst: {BURST} jobs, {SUBMITTERS} tasks at once (median of {rounds} rounds):");
+    println!("  baseline: one INSERT per row    {:>9.0} rows/s", rate(b));
+    println!(
+        "  2 stores, bounded queue         {:>9.0} submits/s  ({:.2} x baseline)",
+        rate(o),
+        rate(o) / rate(b)
+    );
+    println!("ratio pg_submit_burst_bounded {:.3}", rate(o) / rate(b));
+}
+
 /// The machine's CPU time since a reading of [`machine_cpu`].
 fn cpu_since(start: Option<Duration>) -> Option<Duration> {
     start.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b))
@@ -518,6 +607,10 @@ fn main() {
     let rounds = env_usize("AIWG_PG_QUEUE_ROUNDS", 5);
     if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("wide") {
         rt.block_on(wide_burn_down(&raw, &two, rounds));
+        return;
+    }
+    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("submit") {
+        rt.block_on(submit_bursts(&raw, &two, rounds));
         return;
     }
     if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("latency") {
@@ -638,6 +731,7 @@ fn main() {
         println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
         println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
         wide_burn_down(&raw, &two, rounds).await;
+        submit_bursts(&raw, &two, rounds).await;
         let c1 = commits_per_job(&db, 1, false).await;
         let c2 = commits_per_job(&db, 2, false).await;
         let cr = commits_per_job(&db, 1, true).await;

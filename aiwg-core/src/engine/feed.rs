@@ -251,7 +251,12 @@ impl Feed {
             }
             seq
         };
-        self.tick.send_replace(seq);
+        // Nobody to wake: skip the tick (it wakes eight wait lists, each under its own lock,
+        // for every event). A subscriber that arrives later takes its receiver before it reads
+        // the ring, so it finds this event there.
+        if self.tick.receiver_count() > 0 {
+            self.tick.send_replace(seq);
+        }
     }
 
     /// The position after the newest event.

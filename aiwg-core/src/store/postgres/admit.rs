@@ -1,0 +1,329 @@
+//! The admitter: new jobs (without an idempotency key) go into the queue in one statement
+//! each batch, and submits that arrive together share one.
+//!
+//! A bounded queue holds because every insert into it takes the queue's advisory lock, counts
+//! the queued jobs after the lock is held, and keeps the lock until it commits (migrations
+//! 0007 and 0011). One submit at a time, that is one commit, and one wait for the disk, after
+//! another, however many arrive at once. So [`JobStore::create`](crate::store::JobStore::create)
+//! goes out at once, from its caller, only while nothing else is on its way ([`IN_FLIGHT`]);
+//! the creates that arrive meanwhile wait in the admitter's task and go out together as soon
+//! as it has been answered: one lock, one count, one statement and one commit for all of
+//! them. Nothing waits for a timer. [`JobStore::create_many`](crate::store::JobStore::create_many)
+//! sends its batch as one such statement directly.
+//!
+//! Each job still gets its own answer: the jobs of a batch are admitted in order while the
+//! queue has room, and the rest are refused with [`StoreError::QueueFull`], exactly as one
+//! submit after another would have been.
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgPool;
+use sqlx::types::Json;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
+use crate::job::{IllegalTransition, JobStatus};
+use crate::secrets::SecretKeyring;
+use crate::store::{apply, Created, NewJob, StoreError};
+
+/// The most jobs in one statement of the admitter.
+const MAX_BATCH: usize = 512;
+
+/// Statements on their way at once: one, as for the completer (one statement of many jobs
+/// costs the database less than several of fewer, and a bounded queue's lock lets only one
+/// through at a time anyway).
+const IN_FLIGHT: usize = 1;
+
+/// What the admitter needs of its store.
+pub(super) struct Ctx {
+    pub(super) pool: PgPool,
+    pub(super) keyring: Option<SecretKeyring>,
+    pub(super) notifier: Notifier,
+    /// The queue's advisory lock.
+    pub(super) lock_key: i64,
+}
+
+struct Admit {
+    new: NewJob,
+    reply: oneshot::Sender<Result<Created, StoreError>>,
+}
+
+/// The handle of a store's admitter task. The task ends, after sending what it was given,
+/// when the handle is dropped.
+pub(super) struct Admitter {
+    tx: mpsc::UnboundedSender<Admit>,
+    ctx: Arc<Ctx>,
+    /// One permit per statement on its way ([`IN_FLIGHT`]).
+    slots: Arc<Semaphore>,
+}
+
+fn stopped() -> StoreError {
+    StoreError::backend("postgres: the store's admitter stopped")
+}
+
+impl Admitter {
+    /// Starts the task (on the current Tokio runtime).
+    pub(super) fn start(ctx: Ctx) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(ctx);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(run(Arc::clone(&ctx), Arc::clone(&slots), rx));
+        Self { tx, ctx, slots }
+    }
+
+    /// What the admitter writes with (for [`insert`] of a whole batch).
+    pub(super) fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    /// Queues `new` (a job in status `queued` without an idempotency key): at once, from the
+    /// caller, when nothing is on its way; otherwise with the next batch.
+    pub(super) async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        if let Ok(_slot) = self.slots.try_acquire() {
+            // Alone: the one-job statement (no idempotency key, so never `None`).
+            return insert_one(&self.ctx, &new)
+                .await?
+                .unwrap_or_else(|| Err(StoreError::backend("postgres: the job was not inserted")));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Admit { new, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<Admit>) {
+    while let Some(first) = rx.recv().await {
+        // Wait for a slot: what arrives meanwhile joins the batch.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let (news, replies): (Vec<NewJob>, Vec<_>) =
+                batch.into_iter().map(|a| (a.new, a.reply)).unzip();
+            match insert(&ctx, news).await {
+                Ok(answers) => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+    // The store is gone: let the statements on their way end.
+    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+}
+
+/// Inserts one job, with or without an idempotency key, in one statement: the room in a bounded
+/// queue is checked under the queue's lock (`aiwg_queue_has_room`, migration 0007), held until
+/// the insert commits. `Ok(None)` when the idempotency key was taken meanwhile.
+///
+/// A submit that finds nothing on its way goes out with this statement, the one every submit
+/// used before batches: it takes one value per parameter where the batch's takes arrays.
+/// (Enqueue → start in `pg_queue`, twelve runs alternating the two: within each other's
+/// noise, 2.2-2.6 ms p50 either way.)
+pub(super) async fn insert_one(
+    ctx: &Ctx,
+    new: &NewJob,
+) -> Result<Option<Result<Created, StoreError>>, StoreError> {
+    let job = &new.job;
+    if job.status != JobStatus::Queued {
+        return Ok(Some(Err(StoreError::IllegalTransition(
+            IllegalTransition {
+                from: job.status,
+                to: JobStatus::Queued,
+            },
+        ))));
+    }
+    let ev = NewEvent::new(apply::created(job), micros(job.created_at))?;
+    let sql = "WITH room AS (SELECT CASE WHEN $11::bigint IS NULL THEN true \
+             ELSE aiwg_queue_has_room($12, $11) END AS ok), \
+         u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
+         SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, $9 \
+         FROM room WHERE room.ok \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq), \
+         e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+             SELECT id, last_seq, $10, $13::jsonb FROM u) \
+         SELECT room.ok, u.last_seq FROM room LEFT JOIN u ON true";
+    let capacity = new
+        .queue_capacity
+        .map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+    let row = sqlx::query(sql)
+        .bind(job.id.as_uuid())
+        .bind(job.priority)
+        .bind(&job.project_path)
+        .bind(&job.workflow)
+        .bind(job.retry_at)
+        .bind(job.created_at)
+        .bind(job.idempotency_key.as_deref())
+        .bind(
+            job.idempotency_key
+                .as_ref()
+                .map(|_| new.fingerprint.clone().unwrap_or_default()),
+        )
+        .bind(Json(seal_job(ctx.keyring.as_ref(), job)?))
+        .bind(ev.at)
+        .bind(capacity)
+        .bind(ctx.lock_key)
+        .bind(&ev.text)
+        .fetch_one(&ctx.pool)
+        .await
+        .map_err(db)?;
+    if !row.try_get::<bool, _>("ok").map_err(db)? {
+        return Ok(Some(Err(StoreError::QueueFull {
+            capacity: new.queue_capacity.unwrap_or_default(),
+        })));
+    }
+    let Some(seq) = row.try_get::<Option<i64>, _>("last_seq").map_err(db)? else {
+        // The idempotency key was taken meanwhile.
+        return Ok(None);
+    };
+    ctx.notifier.announce_event(job.id, seq, &ev);
+    Ok(Some(Ok(Created::New(
+        job.clone(),
+        ev.into_event(job.id, seq),
+    ))))
+}
+
+/// Inserts queued jobs without idempotency keys in one statement: the room in a bounded queue
+/// counted under the queue's lock, the jobs that fit (in order), their `queued` events. Answers
+/// per job, in order; `Err` when the statement failed (nothing of it was written).
+///
+/// A job is admitted when the jobs queued before the statement, plus the bounded jobs of the
+/// batch up to and including it, are within its capacity. When every job of the batch has the
+/// same capacity (one engine's submits do), that is exactly one submit after another; with
+/// different capacities it may refuse a job one at a time would have admitted, never the
+/// reverse.
+pub(super) async fn insert(
+    ctx: &Ctx,
+    news: Vec<NewJob>,
+) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
+    let n = news.len();
+    let mut answers: Vec<Option<Result<Created, StoreError>>> = (0..n).map(|_| None).collect();
+    // The jobs that go to the database, with their slot in `answers` and their event.
+    let mut sent = Vec::with_capacity(n);
+    for (slot, new) in news.into_iter().enumerate() {
+        if new.job.status != JobStatus::Queued {
+            answers[slot] = Some(Err(StoreError::IllegalTransition(IllegalTransition {
+                from: new.job.status,
+                to: JobStatus::Queued,
+            })));
+            continue;
+        }
+        let ev = NewEvent::new(apply::created(&new.job), micros(new.job.created_at))?;
+        sent.push((slot, new, ev));
+    }
+    if !sent.is_empty() {
+        write(ctx, sent, &mut answers).await?;
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(stopped())))
+        .collect())
+}
+
+/// The statement of [`insert`], for the jobs it sends (each with its slot in `answers` and its
+/// `queued` event); fills their answers.
+async fn write(
+    ctx: &Ctx,
+    sent: Vec<(usize, NewJob, NewEvent)>,
+    answers: &mut [Option<Result<Created, StoreError>>],
+) -> Result<(), StoreError> {
+    let m = sent.len();
+    let (mut ids, mut priorities, mut projects, mut workflows) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    let (mut retry_ats, mut created_ats, mut jobs, mut kinds, mut ats, mut capacities) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    for (_, new, ev) in &sent {
+        let job = &new.job;
+        ids.push(*job.id.as_uuid());
+        priorities.push(job.priority);
+        projects.push(job.project_path.as_str());
+        workflows.push(job.workflow.as_str());
+        retry_ats.push(job.retry_at);
+        created_ats.push(job.created_at);
+        jobs.push(serde_json::to_string(&*seal_job(ctx.keyring.as_ref(), job)?).map_err(json_err)?);
+        kinds.push(ev.text.as_str());
+        ats.push(ev.at);
+        capacities.push(
+            new.queue_capacity
+                .map(|c| i64::try_from(c).unwrap_or(i64::MAX)),
+        );
+    }
+    let bounded = capacities.iter().any(Option::is_some);
+    // `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
+    // lock is held until the statement commits). `admitted`: the jobs that fit.
+    let rows = sqlx::query(
+        "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) ELSE 0 END AS queued), \
+         t AS (SELECT *, count(cap) OVER (ORDER BY ord) AS place \
+             FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
+                 $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[]) \
+             WITH ORDINALITY AS t(id, priority, project_path, workflow, retry_at, created_at, \
+                 job, kind, at, cap, ord)), \
+         admitted AS (SELECT t.* FROM t, q WHERE t.cap IS NULL OR q.queued + t.place <= t.cap), \
+         u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+             queue_seq, retry_at, created_at, last_seq, job) \
+             SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \
+                 retry_at, created_at, 1, job::jsonb \
+             FROM admitted ORDER BY ord RETURNING id), \
+         e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+             SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
+         SELECT u.id FROM u",
+    )
+    .bind(&ids)
+    .bind(&priorities)
+    .bind(&projects)
+    .bind(&workflows)
+    .bind(&retry_ats)
+    .bind(&created_ats)
+    .bind(&jobs)
+    .bind(&kinds)
+    .bind(&ats)
+    .bind(&capacities)
+    .bind(bounded)
+    .bind(ctx.lock_key)
+    .fetch_all(&ctx.pool)
+    .await
+    .map_err(db)?;
+    let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+    for row in rows {
+        inserted.insert(row.try_get::<uuid::Uuid, _>("id").map_err(db)?);
+    }
+    for (slot, new, ev) in sent {
+        let id = new.job.id;
+        answers[slot] = Some(if inserted.contains(id.as_uuid()) {
+            ctx.notifier.announce_event(id, 1, &ev);
+            Ok(Created::New(new.job, ev.into_event(id, 1)))
+        } else {
+            Err(StoreError::QueueFull {
+                capacity: new.queue_capacity.unwrap_or_default(),
+            })
+        });
+    }
+    Ok(())
+}
