@@ -577,6 +577,72 @@ async fn submits_at_once_enter_a_bounded_queue_together_and_the_bound_holds() {
     db.cleanup().await;
 }
 
+/// Submits at once that carry idempotency keys go in together too (far fewer transactions
+/// than jobs): of the submits sharing a key, one creates the job and the others are answered
+/// with it (or refused, when their request differs), whichever batch each lands in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submits_at_once_with_idempotency_keys_create_one_job_per_key() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 5).await);
+    let b = Arc::new(db.store_in(&schema, 5).await);
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 6;
+    let tasks: Vec<_> = (0..KEYS * PER_KEY)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let key = i % KEYS;
+            // One submit in six per key asks for something else under the same key.
+            let fingerprint = if i / KEYS == PER_KEY - 1 {
+                "other"
+            } else {
+                "same"
+            };
+            tokio::spawn(async move {
+                let mut job = sample_job("w", "/p", 0);
+                job.idempotency_key = Some(format!("key-{key}"));
+                let new = NewJob::new(job).fingerprint(fingerprint).capacity(10_000);
+                (key, fingerprint, store.create(new).await)
+            })
+        })
+        .collect();
+    // Per key: the job made, and the fingerprint of the submit that made it.
+    let mut created: Vec<Option<(aiwg_core::job::JobId, &str)>> = vec![None; KEYS];
+    let mut answers = Vec::new();
+    for t in tasks {
+        let (key, fingerprint, answer) = t.await.unwrap();
+        if let Ok(Created::New(job, _)) = &answer {
+            let first = created[key].replace((job.id, fingerprint));
+            assert!(first.is_none(), "key {key} made two jobs");
+        }
+        answers.push((key, fingerprint, answer));
+    }
+    for (key, fingerprint, answer) in answers {
+        let (id, maker) = created[key].unwrap_or_else(|| panic!("key {key} made no job"));
+        match answer {
+            Ok(Created::New(job, _)) => assert_eq!(job.id, id),
+            // The same request is answered with the key's job, another is refused.
+            Ok(Created::Existing(job)) if fingerprint == maker => assert_eq!(job.id, id),
+            Err(StoreError::IdempotencyConflict { existing }) if fingerprint != maker => {
+                assert_eq!(existing, id, "key {key}");
+            }
+            other => panic!("key {key}, fingerprint {fingerprint} (made by {maker}): {other:?}"),
+        }
+    }
+    assert_eq!(a.counts().await.unwrap().queued, KEYS);
+    let transactions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs"
+    ))
+    .fetch_one(db.admin())
+    .await
+    .unwrap();
+    assert!(
+        transactions <= (KEYS / 2) as i64,
+        "{transactions} transactions for {KEYS} jobs: keyed submits at once were not batched"
+    );
+    db.cleanup().await;
+}
+
 /// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
 /// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
 /// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,

@@ -1,5 +1,5 @@
-//! The admitter: new jobs (without an idempotency key) go into the queue in one statement
-//! each batch, and submits that arrive together share one.
+//! The admitter: new jobs go into the queue in one statement each batch, and submits that
+//! arrive together share one.
 //!
 //! A bounded queue holds because every insert into it takes the queue's advisory lock, counts
 //! the queued jobs after the lock is held, and keeps the lock until it commits (migrations
@@ -12,8 +12,14 @@
 //! sends its batch as one such statement directly.
 //!
 //! Each job still gets its own answer: the jobs of a batch are admitted in order while the
-//! queue has room, and the rest are refused with [`StoreError::QueueFull`], exactly as one
-//! submit after another would have been.
+//! queue has room, and the rest are refused with [`StoreError::QueueFull`], as one submit
+//! after another would have been. A job whose idempotency key is taken (by a job inserted
+//! before, or earlier in the same batch) is not inserted; its caller is told so and looks the
+//! key's job up.
+
+/// What a submit's statement answered for one job: `None` when its idempotency key was taken
+/// meanwhile (the caller finds the key's job), otherwise the job created or why not.
+pub(super) type Answer = Option<Result<Created, StoreError>>;
 
 use std::sync::Arc;
 
@@ -46,7 +52,7 @@ pub(super) struct Ctx {
 
 struct Admit {
     new: NewJob,
-    reply: oneshot::Sender<Result<Created, StoreError>>,
+    reply: oneshot::Sender<Result<Answer, StoreError>>,
 }
 
 /// The handle of a store's admitter task. The task ends, after sending what it was given,
@@ -77,14 +83,11 @@ impl Admitter {
         &self.ctx
     }
 
-    /// Queues `new` (a job in status `queued` without an idempotency key): at once, from the
-    /// caller, when nothing is on its way; otherwise with the next batch.
-    pub(super) async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+    /// Queues `new`: at once, from the caller, when nothing is on its way; otherwise with the
+    /// next batch.
+    pub(super) async fn create(&self, new: NewJob) -> Result<Answer, StoreError> {
         if let Ok(_slot) = self.slots.try_acquire() {
-            // Alone: the one-job statement (no idempotency key, so never `None`).
-            return insert_one(&self.ctx, &new)
-                .await?
-                .unwrap_or_else(|| Err(StoreError::backend("postgres: the job was not inserted")));
+            return insert_one(&self.ctx, &new).await;
         }
         let (reply, answer) = oneshot::channel();
         self.tx.send(Admit { new, reply }).map_err(|_| stopped())?;
@@ -112,7 +115,7 @@ async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiv
             match insert(&ctx, news).await {
                 Ok(answers) => {
                     for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(answer);
+                        let _ = reply.send(Ok(answer));
                     }
                 }
                 Err(e) => {
@@ -128,18 +131,14 @@ async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiv
     let _ = slots.acquire_many(IN_FLIGHT as u32).await;
 }
 
-/// Inserts one job, with or without an idempotency key, in one statement: the room in a bounded
-/// queue is checked under the queue's lock (`aiwg_queue_has_room`, migration 0007), held until
-/// the insert commits. `Ok(None)` when the idempotency key was taken meanwhile.
+/// Inserts one job in one statement: the room in a bounded queue is checked under the queue's
+/// lock (`aiwg_queue_has_room`, migration 0007), held until the insert commits.
 ///
 /// A submit that finds nothing on its way goes out with this statement, the one every submit
 /// used before batches: it takes one value per parameter where the batch's takes arrays.
 /// (Enqueue → start in `pg_queue`, twelve runs alternating the two: within each other's
 /// noise, 2.2-2.6 ms p50 either way.)
-pub(super) async fn insert_one(
-    ctx: &Ctx,
-    new: &NewJob,
-) -> Result<Option<Result<Created, StoreError>>, StoreError> {
+pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreError> {
     let job = &new.job;
     if job.status != JobStatus::Queued {
         return Ok(Some(Err(StoreError::IllegalTransition(
@@ -200,29 +199,29 @@ pub(super) async fn insert_one(
     ))))
 }
 
-/// Inserts queued jobs without idempotency keys in one statement: the room in a bounded queue
-/// counted under the queue's lock, the jobs that fit (in order), their `queued` events. Answers
-/// per job, in order; `Err` when the statement failed (nothing of it was written).
+/// Inserts jobs in one statement: the room in a bounded queue counted under the queue's lock,
+/// the jobs that fit (in order) and whose idempotency key is free, their `queued` events.
+/// Answers per job, in order; `Err` when the statement failed (nothing of it was written).
 ///
 /// A job is admitted when the jobs queued before the statement, plus the bounded jobs of the
 /// batch up to and including it, are within its capacity. When every job of the batch has the
 /// same capacity (one engine's submits do), that is exactly one submit after another; with
 /// different capacities it may refuse a job one at a time would have admitted, never the
-/// reverse.
-pub(super) async fn insert(
-    ctx: &Ctx,
-    news: Vec<NewJob>,
-) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
+/// reverse. A job whose key was taken counts as admitted here (it takes room it does not use):
+/// also never more than the capacity.
+pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, StoreError> {
     let n = news.len();
-    let mut answers: Vec<Option<Result<Created, StoreError>>> = (0..n).map(|_| None).collect();
+    let mut answers: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
     // The jobs that go to the database, with their slot in `answers` and their event.
     let mut sent = Vec::with_capacity(n);
     for (slot, new) in news.into_iter().enumerate() {
         if new.job.status != JobStatus::Queued {
-            answers[slot] = Some(Err(StoreError::IllegalTransition(IllegalTransition {
-                from: new.job.status,
-                to: JobStatus::Queued,
-            })));
+            answers[slot] = Some(Some(Err(StoreError::IllegalTransition(
+                IllegalTransition {
+                    from: new.job.status,
+                    to: JobStatus::Queued,
+                },
+            ))));
             continue;
         }
         let ev = NewEvent::new(apply::created(&new.job), micros(new.job.created_at))?;
@@ -233,7 +232,7 @@ pub(super) async fn insert(
     }
     Ok(answers
         .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(stopped())))
+        .map(|a| a.unwrap_or_else(|| Some(Err(stopped()))))
         .collect())
 }
 
@@ -242,7 +241,7 @@ pub(super) async fn insert(
 async fn write(
     ctx: &Ctx,
     sent: Vec<(usize, NewJob, NewEvent)>,
-    answers: &mut [Option<Result<Created, StoreError>>],
+    answers: &mut [Option<Answer>],
 ) -> Result<(), StoreError> {
     let m = sent.len();
     let (mut ids, mut priorities, mut projects, mut workflows) = (
@@ -251,6 +250,7 @@ async fn write(
         Vec::with_capacity(m),
         Vec::with_capacity(m),
     );
+    let (mut keys, mut fingerprints) = (Vec::with_capacity(m), Vec::with_capacity(m));
     let (mut retry_ats, mut created_ats, mut jobs, mut kinds, mut ats, mut capacities) = (
         Vec::with_capacity(m),
         Vec::with_capacity(m),
@@ -265,6 +265,12 @@ async fn write(
         priorities.push(job.priority);
         projects.push(job.project_path.as_str());
         workflows.push(job.workflow.as_str());
+        keys.push(job.idempotency_key.as_deref());
+        fingerprints.push(
+            job.idempotency_key
+                .as_ref()
+                .map(|_| new.fingerprint.as_deref().unwrap_or_default()),
+        );
         retry_ats.push(job.retry_at);
         created_ats.push(job.created_at);
         jobs.push(serde_json::to_string(&*seal_job(ctx.keyring.as_ref(), job)?).map_err(json_err)?);
@@ -277,23 +283,26 @@ async fn write(
     }
     let bounded = capacities.iter().any(Option::is_some);
     // `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
-    // lock is held until the statement commits). `admitted`: the jobs that fit.
+    // lock is held until the statement commits). `admitted`: the jobs that fit; of those, `u`
+    // inserted the ones whose key was free.
     let rows = sqlx::query(
         "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) ELSE 0 END AS queued), \
          t AS (SELECT *, count(cap) OVER (ORDER BY ord) AS place \
              FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
-                 $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[]) \
+                 $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[], \
+                 $13::text[], $14::text[]) \
              WITH ORDINALITY AS t(id, priority, project_path, workflow, retry_at, created_at, \
-                 job, kind, at, cap, ord)), \
+                 job, kind, at, cap, idempotency_key, fingerprint, ord)), \
          admitted AS (SELECT t.* FROM t, q WHERE t.cap IS NULL OR q.queued + t.place <= t.cap), \
          u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
-             queue_seq, retry_at, created_at, last_seq, job) \
+             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
              SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \
-                 retry_at, created_at, 1, job::jsonb \
-             FROM admitted ORDER BY ord RETURNING id), \
+                 retry_at, created_at, idempotency_key, fingerprint, 1, job::jsonb \
+             FROM admitted ORDER BY ord \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), \
          e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
-         SELECT u.id FROM u",
+         SELECT a.id, u.id IS NOT NULL AS inserted FROM admitted a LEFT JOIN u ON u.id = a.id",
     )
     .bind(&ids)
     .bind(&priorities)
@@ -307,22 +316,30 @@ async fn write(
     .bind(&capacities)
     .bind(bounded)
     .bind(ctx.lock_key)
+    .bind(&keys)
+    .bind(&fingerprints)
     .fetch_all(&ctx.pool)
     .await
     .map_err(db)?;
-    let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+    // Admitted jobs: whether each was inserted (its key was free).
+    let mut admitted = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
-        inserted.insert(row.try_get::<uuid::Uuid, _>("id").map_err(db)?);
+        admitted.insert(
+            row.try_get::<uuid::Uuid, _>("id").map_err(db)?,
+            row.try_get::<bool, _>("inserted").map_err(db)?,
+        );
     }
     for (slot, new, ev) in sent {
         let id = new.job.id;
-        answers[slot] = Some(if inserted.contains(id.as_uuid()) {
-            ctx.notifier.announce_event(id, 1, &ev);
-            Ok(Created::New(new.job, ev.into_event(id, 1)))
-        } else {
-            Err(StoreError::QueueFull {
+        answers[slot] = Some(match admitted.get(id.as_uuid()) {
+            Some(true) => {
+                ctx.notifier.announce_event(id, 1, &ev);
+                Some(Ok(Created::New(new.job, ev.into_event(id, 1))))
+            }
+            Some(false) => None,
+            None => Some(Err(StoreError::QueueFull {
                 capacity: new.queue_capacity.unwrap_or_default(),
-            })
+            })),
         });
     }
     Ok(())

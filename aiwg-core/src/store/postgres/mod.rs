@@ -126,10 +126,11 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   checked by `aiwg_queue_has_room` (migration 0007), which takes the queue's advisory lock
 ///   and then counts, so the bound holds across instances. The lock is held until the insert
 ///   commits, so submits into a bounded queue would each wait for the one before and its
-///   flush; the store's *admitter* sends the submits (without an idempotency key) that arrive
-///   while one is on its way as one statement: one lock, one count, one commit for all of them
-///   (migration 0011; with 32 submitters at once 3 100-4 300 submits/s instead of 380-470).
-///   [`JobStore::create_many`] sends its batch as one such statement;
+///   flush; the store's *admitter* sends the submits that arrive while one is on its way as
+///   one statement: one lock, one count, one commit for all of them (migration 0011; with 32
+///   submitters at once 3 100-4 300 submits/s instead of 380-470). A submit whose idempotency
+///   key another took meanwhile finds that job. [`JobStore::create_many`] sends its batch of
+///   jobs without keys as one such statement;
 /// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
 ///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
@@ -905,26 +906,28 @@ impl PgStore {
 #[async_trait]
 impl JobStore for PgStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
-        if new.job.idempotency_key.is_none() {
-            // With the submits that arrive meanwhile, in one statement (see `admit`).
-            return self.admitter().create(new).await;
-        }
+        // With the submits that arrive meanwhile, in one statement (see `admit`).
+        let Some(key) = new.job.idempotency_key.clone() else {
+            return self.admitter().create(new).await?.unwrap_or_else(|| {
+                Err(StoreError::backend(
+                    "postgres: a job without a key was not inserted",
+                ))
+            });
+        };
         // Twice at most: a concurrent insert with the same key makes the first try find nothing
         // to insert, and the second finds that job.
         for _ in 0..3 {
-            if let Some(key) = &new.job.idempotency_key {
-                if let Some((fp, existing)) = self.find_by_key(key).await? {
-                    let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
-                    return if same {
-                        Ok(Created::Existing(existing))
-                    } else {
-                        Err(StoreError::IdempotencyConflict {
-                            existing: existing.id,
-                        })
-                    };
-                }
+            if let Some((fp, existing)) = self.find_by_key(&key).await? {
+                let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
+                return if same {
+                    Ok(Created::Existing(existing))
+                } else {
+                    Err(StoreError::IdempotencyConflict {
+                        existing: existing.id,
+                    })
+                };
             }
-            if let Some(done) = admit::insert_one(self.admitter().ctx(), &new).await? {
+            if let Some(done) = self.admitter().create(new.clone()).await? {
                 return done;
             }
         }
@@ -952,7 +955,11 @@ impl JobStore for PgStore {
             match answers {
                 Ok(answers) => {
                     for (slot, answer) in slots.into_iter().zip(answers) {
-                        out[slot] = Some(answer);
+                        out[slot] = Some(answer.unwrap_or_else(|| {
+                            Err(StoreError::backend(
+                                "postgres: a job without a key was not inserted",
+                            ))
+                        }));
                     }
                 }
                 Err(e) => {
