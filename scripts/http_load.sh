@@ -6,6 +6,9 @@
 #   http_trigger_axum_vs_bare    POST /workflows/trigger → 202, axum
 #   http_trigger_actix_vs_bare   the same on actix-web
 # Usage: scripts/http_load.sh [REQUESTS (default 20000)] [CONNECTIONS (default 32)]
+# AIWG_LOAD_STORAGE=postgres runs the servers on PostgreSQL (benches/http/aiwg-postgres.yaml,
+# built with `--features postgres`): each in a fresh schema of AIWG_TEST_DATABASE_URL's
+# database (default postgres://postgres@127.0.0.1:5432/test), dropped at the end (needs psql).
 # Not part of `cargo test`: it measures wall-clock throughput.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +16,24 @@ REQUESTS=${1:-20000}
 CONNECTIONS=${2:-32}
 ROUNDS=${AIWG_LOAD_ROUNDS:-3}
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
-cargo build --release -q -p aiwg-examples --bin server --bin actix_server
+STORAGE=${AIWG_LOAD_STORAGE:-memory}
+CONFIG=benches/http/aiwg.yaml
+FEATURES=()
+if [ "$STORAGE" = postgres ]; then
+  CONFIG=benches/http/aiwg-postgres.yaml
+  FEATURES=(--features postgres)
+fi
+cargo build --release -q -p aiwg-examples "${FEATURES[@]}" --bin server --bin actix_server
 cargo build --release -q -p aiwg-benches --bin load --bin bare_server
 BIN=target/release
 WORK=$(mktemp -d)
 PIDS=()
+SCHEMAS=()
+DB_URL=${AIWG_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for s in "${SCHEMAS[@]}"; do psql -q "$DB_URL" -c "DROP SCHEMA IF EXISTS $s CASCADE" || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -45,8 +58,23 @@ start() { # port, command...
   wait_port "$port"
 }
 
-AIWG_API_PORT=3200 start 3200 "$BIN/server" --config benches/http/aiwg.yaml
-AIWG_API_PORT=3210 start 3210 "$BIN/actix_server" --config benches/http/aiwg.yaml
+# On PostgreSQL: a fresh schema per server (named in the URL's search_path).
+database_for() { # server name
+  local schema="aiwg_load_$$_$1"
+  psql -q "$DB_URL" -c "CREATE SCHEMA $schema" >/dev/null
+  SCHEMAS+=("$schema")
+  local sep='?'
+  case "$DB_URL" in *\?*) sep='&' ;; esac
+  echo "${DB_URL}${sep}options=-c%20search_path%3D${schema}"
+}
+if [ "$STORAGE" = postgres ]; then
+  AIWG_SECRET_KEY=$("$BIN/server" gen-secret-key load)
+  export AIWG_SECRET_KEY
+  AXUM_DB=$(database_for axum)
+  ACTIX_DB=$(database_for actix)
+fi
+AIWG_DATABASE_URL=${AXUM_DB:-} AIWG_API_PORT=3200 start 3200 "$BIN/server" --config "$CONFIG"
+AIWG_DATABASE_URL=${ACTIX_DB:-} AIWG_API_PORT=3210 start 3210 "$BIN/actix_server" --config "$CONFIG"
 start 3201 "$BIN/bare_server" axum 127.0.0.1:3201
 start 3211 "$BIN/bare_server" actix 127.0.0.1:3211
 

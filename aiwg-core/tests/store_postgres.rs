@@ -337,6 +337,53 @@ async fn pg_audit_store_passes_the_audit_store_suite() {
     db.cleanup().await;
 }
 
+/// A burst of trigger attempts records its audit entries together (one statement and commit
+/// for many, instead of one commit each that waited for the disk): each record still gets the
+/// id of its own entry, and every entry is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_at_once_are_written_together_each_with_its_id() {
+    use aiwg_core::audit::{AuditQuery, AuditRecord, AuditStore, Decision, PgAuditStore};
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = Arc::new(PgAuditStore::new(db.pool(&schema, 4).await));
+    store.migrate().await.unwrap();
+    const RECORDS: usize = 120;
+    let tasks: Vec<_> = (0..RECORDS)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut r = AuditRecord::new("api", Decision::Accepted);
+                r.delivery_id = Some(format!("d{i}"));
+                (i, store.record(r).await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashMap::new();
+    for t in tasks {
+        let (i, id) = t.await.unwrap();
+        assert!(ids.insert(id, i).is_none(), "id {id} answered twice");
+    }
+    let mut query = AuditQuery::default();
+    query.limit = Some(500);
+    let page = store.list(&query).await.unwrap();
+    assert_eq!(page.entries.len(), RECORDS);
+    for e in &page.entries {
+        let i = ids[&e.id];
+        assert_eq!(e.delivery_id.as_deref(), Some(format!("d{i}").as_str()));
+    }
+    let transactions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_audit"
+    ))
+    .fetch_one(db.admin())
+    .await
+    .unwrap();
+    assert!(
+        transactions <= (RECORDS / 4) as i64,
+        "{transactions} transactions for {RECORDS} entries: records at once were not batched"
+    );
+    db.cleanup().await;
+}
+
 /// Eight claimers on two stores: one job of a concurrency group runs at a time, whatever the
 /// interleaving; jobs outside the group are not held up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

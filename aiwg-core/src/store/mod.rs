@@ -24,7 +24,7 @@ use crate::job::{
 mod memory;
 pub use memory::{MemoryStore, Retention};
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 

@@ -5,10 +5,10 @@
 //! the queued jobs after the lock is held, and keeps the lock until it commits (migrations
 //! 0007 and 0011). One submit at a time, that is one commit, and one wait for the disk, after
 //! another, however many arrive at once. So [`JobStore::create`](crate::store::JobStore::create)
-//! goes out at once, from its caller, only while nothing else is on its way ([`IN_FLIGHT`]);
-//! the creates that arrive meanwhile wait in the admitter's task and go out together as soon
-//! as it has been answered: one lock, one count, one statement and one commit for all of
-//! them. Nothing waits for a timer. [`JobStore::create_many`](crate::store::JobStore::create_many)
+//! goes out at once, from its caller, only while nothing else is on its way; the creates that
+//! arrive meanwhile wait in the admitter's task and go out together as soon as it has been
+//! answered ([`super::coalesce`]): one lock, one count, one statement and one commit for all
+//! of them. [`JobStore::create_many`](crate::store::JobStore::create_many)
 //! sends its batch as one such statement directly.
 //!
 //! Each job still gets its own answer: the jobs of a batch are admitted in order while the
@@ -17,29 +17,22 @@
 //! before, or earlier in the same batch) is not inserted; its caller is told so and looks the
 //! key's job up.
 
-/// What a submit's statement answered for one job: `None` when its idempotency key was taken
-/// meanwhile (the caller finds the key's job), otherwise the job created or why not.
-pub(super) type Answer = Option<Result<Created, StoreError>>;
-
-use std::sync::Arc;
-
 use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::coalesce::{Coalescer, Flush};
 use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
 use crate::job::{IllegalTransition, JobStatus};
 use crate::secrets::SecretKeyring;
 use crate::store::{apply, Created, NewJob, StoreError};
 
+/// What a submit's statement answered for one job: `None` when its idempotency key was taken
+/// meanwhile (the caller finds the key's job), otherwise the job created or why not.
+pub(super) type Answer = Option<Result<Created, StoreError>>;
+
 /// The most jobs in one statement of the admitter.
 const MAX_BATCH: usize = 512;
-
-/// Statements on their way at once: one, as for the completer (one statement of many jobs
-/// costs the database less than several of fewer, and a bounded queue's lock lets only one
-/// through at a time anyway).
-const IN_FLIGHT: usize = 1;
 
 /// What the admitter needs of its store.
 pub(super) struct Ctx {
@@ -50,85 +43,47 @@ pub(super) struct Ctx {
     pub(super) lock_key: i64,
 }
 
-struct Admit {
-    new: NewJob,
-    reply: oneshot::Sender<Result<Answer, StoreError>>,
+impl Flush for Ctx {
+    type Item = NewJob;
+    type Answer = Result<Answer, StoreError>;
+
+    async fn flush(&self, mut news: Vec<NewJob>) -> Vec<Result<Answer, StoreError>> {
+        if news.len() == 1 {
+            if let Some(new) = news.pop() {
+                return vec![insert_one(self, &new).await];
+            }
+        }
+        let n = news.len();
+        match insert(self, news).await {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); n],
+        }
+    }
 }
 
-/// The handle of a store's admitter task. The task ends, after sending what it was given,
-/// when the handle is dropped.
-pub(super) struct Admitter {
-    tx: mpsc::UnboundedSender<Admit>,
-    ctx: Arc<Ctx>,
-    /// One permit per statement on its way ([`IN_FLIGHT`]).
-    slots: Arc<Semaphore>,
-}
-
-fn stopped() -> StoreError {
-    StoreError::backend("postgres: the store's admitter stopped")
-}
+/// The handle of a store's admitter (see the module docs).
+pub(super) struct Admitter(Coalescer<Ctx>);
 
 impl Admitter {
     /// Starts the task (on the current Tokio runtime).
     pub(super) fn start(ctx: Ctx) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let ctx = Arc::new(ctx);
-        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        tokio::spawn(run(Arc::clone(&ctx), Arc::clone(&slots), rx));
-        Self { tx, ctx, slots }
+        Self(Coalescer::start(ctx, MAX_BATCH))
     }
 
     /// What the admitter writes with (for [`insert`] of a whole batch).
     pub(super) fn ctx(&self) -> &Ctx {
-        &self.ctx
+        self.0.flusher()
     }
 
     /// Queues `new`: at once, from the caller, when nothing is on its way; otherwise with the
     /// next batch.
     pub(super) async fn create(&self, new: NewJob) -> Result<Answer, StoreError> {
-        if let Ok(_slot) = self.slots.try_acquire() {
-            return insert_one(&self.ctx, &new).await;
-        }
-        let (reply, answer) = oneshot::channel();
-        self.tx.send(Admit { new, reply }).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.0.call(new).await.unwrap_or_else(|| {
+            Err(StoreError::backend(
+                "postgres: the store's admitter stopped",
+            ))
+        })
     }
-}
-
-async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiver<Admit>) {
-    while let Some(first) = rx.recv().await {
-        // Wait for a slot: what arrives meanwhile joins the batch.
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(a) => batch.push(a),
-                Err(_) => break,
-            }
-        }
-        let ctx = Arc::clone(&ctx);
-        tokio::spawn(async move {
-            let (news, replies): (Vec<NewJob>, Vec<_>) =
-                batch.into_iter().map(|a| (a.new, a.reply)).unzip();
-            match insert(&ctx, news).await {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
-            drop(slot);
-        });
-    }
-    // The store is gone: let the statements on their way end.
-    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
 }
 
 /// Inserts one job in one statement: the room in a bounded queue is checked under the queue's
@@ -232,7 +187,13 @@ pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, 
     }
     Ok(answers
         .into_iter()
-        .map(|a| a.unwrap_or_else(|| Some(Err(stopped()))))
+        .map(|a| {
+            a.unwrap_or_else(|| {
+                Some(Err(StoreError::backend(
+                    "postgres: a job of the batch was not answered",
+                )))
+            })
+        })
         .collect())
 }
 
