@@ -821,14 +821,18 @@ impl PgStore {
         let limit = request
             .per_project_limit
             .map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        // The projects at their limit are found once per statement (a hashed list), not once
+        // per queued row: counted per row, a long queue of one busy project cost a count of
+        // its running jobs for every queued job on every claim.
         let row = sqlx::query(
             "SELECT j.job FROM aiwg_jobs j \
              WHERE j.status = 'queued' \
                AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
                AND NOT (j.project_path = ANY($2)) \
-               AND ($3::bigint IS NULL OR (SELECT count(*) FROM aiwg_jobs r \
-                    WHERE r.status = 'running' AND r.project_path = j.project_path \
-                      AND r.lease_expires_at > GREATEST($1::timestamptz, now())) < $3) \
+               AND ($3::bigint IS NULL OR j.project_path NOT IN (SELECT r.project_path \
+                    FROM aiwg_jobs r WHERE r.status = 'running' \
+                      AND r.lease_expires_at > GREATEST($1::timestamptz, now()) \
+                    GROUP BY r.project_path HAVING count(*) >= $3)) \
                AND (j.job->>'concurrency_group' IS NULL \
                     OR NOT (j.job->>'concurrency_group' = ANY($4)) \
                     AND NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
