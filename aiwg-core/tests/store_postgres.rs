@@ -337,6 +337,17 @@ async fn pg_audit_store_passes_the_audit_store_suite() {
     db.cleanup().await;
 }
 
+/// How many transactions wrote the rows of `table` in `schema`: the rows one statement
+/// inserted share its transaction id (`xmin`).
+async fn transactions(db: &pg_support::TestDb, schema: &str, table: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.{table}"
+    ))
+    .fetch_one(db.admin())
+    .await
+    .unwrap()
+}
+
 /// A burst of trigger attempts records its audit entries together (one statement and commit
 /// for many, instead of one commit each that waited for the disk): each record still gets the
 /// id of its own entry, and every entry is there once.
@@ -371,12 +382,7 @@ async fn audit_records_at_once_are_written_together_each_with_its_id() {
         let i = ids[&e.id];
         assert_eq!(e.delivery_id.as_deref(), Some(format!("d{i}").as_str()));
     }
-    let transactions: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_audit"
-    ))
-    .fetch_one(db.admin())
-    .await
-    .unwrap();
+    let transactions = transactions(&db, &schema, "aiwg_audit").await;
     assert!(
         transactions <= (RECORDS / 4) as i64,
         "{transactions} transactions for {RECORDS} entries: records at once were not batched"
@@ -611,12 +617,7 @@ async fn submits_at_once_enter_a_bounded_queue_together_and_the_bound_holds() {
         let events = b.events(*id, 0).await.unwrap();
         assert_eq!(events.len(), 1, "job {id}: its `queued` event");
     }
-    let transactions: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs"
-    ))
-    .fetch_one(db.admin())
-    .await
-    .unwrap();
+    let transactions = transactions(&db, &schema, "aiwg_jobs").await;
     assert!(
         transactions <= (CAPACITY / 4) as i64,
         "{transactions} transactions for {CAPACITY} jobs: submits at once were not batched"
@@ -677,12 +678,7 @@ async fn submits_at_once_with_idempotency_keys_create_one_job_per_key() {
         }
     }
     assert_eq!(a.counts().await.unwrap().queued, KEYS);
-    let transactions: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs"
-    ))
-    .fetch_one(db.admin())
-    .await
-    .unwrap();
+    let transactions = transactions(&db, &schema, "aiwg_jobs").await;
     assert!(
         transactions <= (KEYS / 2) as i64,
         "{transactions} transactions for {KEYS} jobs: keyed submits at once were not batched"
