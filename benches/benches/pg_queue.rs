@@ -473,54 +473,46 @@ const SUBMITTERS: usize = 32;
 /// Submits per round of the submit burst.
 const BURST: usize = 4_000;
 
-/// `SUBMITTERS` tasks, alternating between the stores, submitting `BURST` jobs one by one into
-/// a bounded queue (room for all of them). Answers how long it took.
-async fn submit_burst(stores: &[Arc<PgStore>]) -> Duration {
+/// `SUBMITTERS` tasks, taking `targets` in turn, each calling `op` with its target until
+/// `BURST` calls were made in all. Answers how long it took.
+async fn burst<T, F>(targets: &[T], op: fn(T) -> F) -> Duration
+where
+    T: Clone + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..SUBMITTERS)
         .map(|i| {
-            let store = stores[i % stores.len()].clone();
+            let target = targets[i % targets.len()].clone();
             let next = next.clone();
             tokio::spawn(async move {
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < BURST {
-                    store
-                        .create(NewJob::new(sample_job("noop", "/p", 0)).capacity(BURST * 100))
-                        .await
-                        .expect("submit");
+                    op(target.clone()).await;
                 }
             })
         })
         .collect();
     for t in tasks {
-        t.await.expect("submitter");
+        t.await.expect("burst task");
     }
     start.elapsed()
 }
 
-/// The submit burst's baseline: the same tasks each inserting rows into a bare table, one
-/// statement (and commit) per row.
-async fn baseline_burst(pool: &PgPool) -> Duration {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..SUBMITTERS)
-        .map(|_| {
-            let pool = pool.clone();
-            let next = next.clone();
-            tokio::spawn(async move {
-                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < BURST {
-                    sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, 'job')")
-                        .execute(&pool)
-                        .await
-                        .expect("insert");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("inserter");
-    }
-    start.elapsed()
+/// One submit of the burst: a job on its own into a bounded queue (room for all of them).
+async fn submit_one(store: Arc<PgStore>) {
+    store
+        .create(NewJob::new(sample_job("noop", "/p", 0)).capacity(BURST * 100))
+        .await
+        .expect("submit");
+}
+
+/// One insert of the burst's baseline: a row into a bare table, one statement and commit.
+async fn insert_one(pool: PgPool) {
+    sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, 'job')")
+        .execute(&pool)
+        .await
+        .expect("insert");
 }
 
 /// The submit burst beside its baseline, `rounds` rounds each (at most 3), medians. The queue
@@ -529,8 +521,8 @@ async fn submit_bursts(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     let rounds = rounds.min(3);
     let mut runs: [Vec<Duration>; 2] = Default::default();
     for _ in 0..rounds {
-        runs[0].push(baseline_burst(raw).await);
-        runs[1].push(submit_burst(two).await);
+        runs[0].push(burst(std::slice::from_ref(raw), insert_one).await);
+        runs[1].push(burst(two, submit_one).await);
         for sql in ["DELETE FROM bench_queue", "DELETE FROM aiwg_jobs"] {
             sqlx::query(sql).execute(raw).await.expect("empty");
         }

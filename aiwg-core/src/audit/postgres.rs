@@ -84,34 +84,17 @@ impl Flush for Writer {
 /// the statement's first step, with the row, so the answer does not depend on the order the
 /// rows are inserted in.
 async fn insert(pool: &PgPool, records: Vec<AuditRecord>) -> Result<Vec<i64>, StoreError> {
-    let n = records.len();
-    let mut cols: (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut more: (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for r in records {
-        let r = r.bounded();
-        cols.0.push(r.at);
-        cols.1.push(r.source);
-        cols.2.push(r.key_name);
-        cols.3.push(r.actor);
-        cols.4.push(r.delivery_id);
-        more.0.push(r.repo);
-        more.1.push(r.workflow);
-        more.2.push(r.decision.as_str());
-        more.3.push(r.reason);
-        more.4.push(r.job_id.map(|j| *j.as_uuid()));
-    }
+    let records: Vec<AuditRecord> = records.into_iter().map(AuditRecord::bounded).collect();
+    let text = |f: fn(&AuditRecord) -> Option<&str>| -> Vec<Option<&str>> {
+        records.iter().map(f).collect()
+    };
+    let ats: Vec<DateTime<Utc>> = records.iter().map(|r| r.at).collect();
+    let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+    let decisions: Vec<&str> = records.iter().map(|r| r.decision.as_str()).collect();
+    let jobs: Vec<Option<Uuid>> = records
+        .iter()
+        .map(|r| r.job_id.map(|j| *j.as_uuid()))
+        .collect();
     let rows: Vec<(i64, i64)> = sqlx::query_as(
         "WITH t AS (SELECT t.*, nextval('aiwg_audit_id_seq') AS id \
              FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
@@ -124,16 +107,16 @@ async fn insert(pool: &PgPool, records: Vec<AuditRecord>) -> Result<Vec<i64>, St
                  reason, job_id FROM t) \
          SELECT ord, id FROM t ORDER BY ord",
     )
-    .bind(&cols.0)
-    .bind(&cols.1)
-    .bind(&cols.2)
-    .bind(&cols.3)
-    .bind(&cols.4)
-    .bind(&more.0)
-    .bind(&more.1)
-    .bind(&more.2)
-    .bind(&more.3)
-    .bind(&more.4)
+    .bind(&ats)
+    .bind(&sources)
+    .bind(text(|r| r.key_name.as_deref()))
+    .bind(text(|r| r.actor.as_deref()))
+    .bind(text(|r| r.delivery_id.as_deref()))
+    .bind(text(|r| r.repo.as_deref()))
+    .bind(text(|r| r.workflow.as_deref()))
+    .bind(&decisions)
+    .bind(text(|r| r.reason.as_deref()))
+    .bind(&jobs)
     .fetch_all(pool)
     .await
     .map_err(db)?;

@@ -943,7 +943,8 @@ impl JobStore for PgStore {
 
     async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
         // Jobs with an idempotency key (rare in batches) take the one-at-a-time path, which
-        // knows how to find the job their key created; the rest go in one statement.
+        // knows how to find the job their key created, and whose known key takes no room in
+        // a bounded queue (in the batch's statement it would); the rest go in one statement.
         let mut out: Vec<Option<Result<Created, StoreError>>> = Vec::with_capacity(new.len());
         let (mut slots, mut batch) = (Vec::new(), Vec::new());
         for n in new {
