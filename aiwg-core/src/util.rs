@@ -111,6 +111,24 @@ pub(crate) async fn current_schema(pool: &sqlx::PgPool) -> Result<String, crate:
 mod tests {
     use super::*;
 
+    /// The keys SQL computes too (`aiwg_lock_key`, migration 0012; the PostgreSQL store's
+    /// tests check the same values there), so both lock the same project or group.
+    #[test]
+    fn advisory_lock_keys_are_the_first_eight_bytes_of_sha256() {
+        assert_eq!(
+            advisory_lock_key("aiwg_test", "/srv/repo"),
+            -3_471_333_599_544_597_417
+        );
+        assert_eq!(
+            advisory_lock_key("aiwg_test", "/srv/café ☕"),
+            -7_271_841_739_584_437_555
+        );
+        assert_eq!(
+            advisory_lock_key("aiwg_test", "concurrency:octo/app#7"),
+            -4_914_039_854_066_763_211
+        );
+    }
+
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));

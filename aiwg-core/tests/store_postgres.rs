@@ -176,6 +176,71 @@ async fn the_per_project_limit_holds_under_concurrent_claims() {
     db.cleanup().await;
 }
 
+/// Batch claims under a per-project limit, from two stores at once, with concurrency groups
+/// spread over projects: no project ever runs more than its limit, no group more than one job,
+/// and every job that may start does (no claim gives up on a project or a group another
+/// claim was only looking at, and none fails on a deadlock between their locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_claims_under_limits_and_groups_hold_across_stores() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 6).await);
+    let b = Arc::new(db.store_in(&schema, 6).await);
+    let mut jobs = Vec::new();
+    for i in 0..40 {
+        jobs.push(NewJob::new(sample_job("w", &format!("/p{}", i % 4), i % 3)));
+    }
+    for i in 0..6 {
+        let mut j = sample_job("w", &format!("/g{i}"), 1);
+        j.concurrency_group = Some("shared".into());
+        jobs.push(NewJob::new(j));
+    }
+    for created in a.create_many(jobs).await {
+        created.unwrap();
+    }
+    let tasks: Vec<_> = (0..8)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let req =
+                    ClaimRequest::new(format!("w{n}"), Duration::from_secs(60)).per_project(2);
+                let mut mine = Vec::new();
+                loop {
+                    let got = store.claim_many(&req, 1 + n % 3).await.unwrap();
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(got);
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let mut per_project: std::collections::HashMap<String, usize> = Default::default();
+    for c in &claimed {
+        *per_project.entry(c.job.project_path.clone()).or_default() += 1;
+    }
+    for p in 0..4 {
+        assert_eq!(
+            per_project.get(&format!("/p{p}")),
+            Some(&2),
+            "{per_project:?}"
+        );
+    }
+    let grouped = claimed
+        .iter()
+        .filter(|c| c.job.concurrency_group.is_some())
+        .count();
+    assert_eq!(grouped, 1, "one job of the group");
+    assert_eq!(claimed.len(), 9);
+    let counts = a.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (37, 9));
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_get_gapless_unique_sequence_numbers() {
     let Some(db) = test_db().await else { return };
@@ -683,6 +748,88 @@ async fn submits_at_once_with_idempotency_keys_create_one_job_per_key() {
         transactions <= (KEYS / 2) as i64,
         "{transactions} transactions for {KEYS} jobs: keyed submits at once were not batched"
     );
+    db.cleanup().await;
+}
+
+/// SQL computes the advisory lock keys as the store's Rust code does (`advisory_lock_key`,
+/// whose unit test checks the same values), so a claim in either locks the same project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_keys_in_sql_match_the_rust_ones() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    for (name, key) in [
+        ("/srv/repo", -3_471_333_599_544_597_417_i64),
+        ("/srv/café ☕", -7_271_841_739_584_437_555),
+        ("concurrency:octo/app#7", -4_914_039_854_066_763_211),
+    ] {
+        let got: i64 = sqlx::query_scalar("SELECT aiwg_lock_key('aiwg_test', $1)")
+            .bind(name)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(got, key, "{name}");
+    }
+    db.cleanup().await;
+}
+
+/// A claim under a per-project limit reads the heads of the projects with room, not the
+/// queue: with 2 000 jobs queued in a project at its limit, a claim that finds the one job of
+/// another project fetches a handful of rows (the old pick read every queued job ahead of it,
+/// and every claim of an idle worker did so to find nothing). Counted by PostgreSQL for the
+/// claim's own transaction (`pg_stat_xact_user_tables`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_reads_project_heads_not_the_queue() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let busy: Vec<NewJob> = (0..2_000)
+        .map(|_| NewJob::new(sample_job("w", "/busy", 5)))
+        .collect();
+    for created in store.create_many(busy).await {
+        created.unwrap();
+    }
+    let req = ClaimRequest::new("w", Duration::from_secs(60)).per_project(1);
+    let first = store.claim(&req).await.unwrap().expect("a /busy job");
+    assert_eq!(first.job.project_path, "/busy");
+    let other = sample_job("w", "/other", 0);
+    let other_id = other.id;
+    store.create(NewJob::new(other)).await.unwrap();
+    sqlx::query("ANALYZE aiwg_jobs")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let claim = |max: i64| {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)",
+        )
+        .bind(max)
+        .bind(store.channel().to_owned())
+    };
+    async fn fetched(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COALESCE(idx_tup_fetch, 0) + COALESCE(seq_tup_read, 0) \
+             FROM pg_stat_xact_user_tables WHERE relid = 'aiwg_jobs'::regclass",
+        )
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap()
+    }
+    let ids = claim(8).fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(
+        ids,
+        [*other_id.as_uuid()],
+        "the other project's job, and only it"
+    );
+    let read = fetched(&mut tx).await;
+    assert!(
+        read < 100,
+        "{read} rows read to claim past 2 000 jobs of a full project"
+    );
+    // Nothing left to claim: as cheap.
+    assert!(claim(8).fetch_all(&mut *tx).await.unwrap().is_empty());
+    let again = fetched(&mut tx).await - read;
+    assert!(again < 100, "{again} rows read to find nothing");
+    tx.rollback().await.unwrap();
     db.cleanup().await;
 }
 

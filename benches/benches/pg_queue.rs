@@ -12,7 +12,10 @@
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
 //! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down,
 //! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 engine and its baseline,
-//! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst.
+//! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst, `AIWG_PG_QUEUE_ONLY=per_project` only
+//! the wide burn-down with the jobs spread over 64 projects and one job per project at a time
+//! (`per_project_concurrency: 1`, the configuration's default; `ratio
+//! pg_wide_burn_down_2_engines_per_project`).
 //!
 //! The *submit burst*: many submits at once (`SUBMITTERS` tasks over 2 stores, each job
 //! submitted on its own with `JobStore::create` into a bounded queue, as `Engine::submit`
@@ -61,12 +64,19 @@ fn env_usize(name: &str, default: usize) -> usize {
 struct Shape {
     jobs: usize,
     workers: usize,
+    /// 0: every job in one project, no per-project limit. Otherwise the jobs are spread over
+    /// this many projects and each engine runs at most one job per project at a time
+    /// (`per_project_concurrency: 1`, the configuration's default).
+    projects: usize,
 }
 
 const NARROW: Shape = Shape {
     jobs: BATCH,
     workers: WORKERS,
+    projects: 0,
 };
+/// Projects of the per-project wide burn-down.
+const PROJECTS: usize = 64;
 /// Latency samples per configuration.
 const LATENCY_SAMPLES: usize = 200;
 
@@ -138,7 +148,11 @@ struct Node {
 }
 
 async fn node(store: &Arc<PgStore>, exec: &ScriptedExecutor, shape: Shape) -> Node {
-    let engine = Engine::builder()
+    let mut builder = Engine::builder();
+    if shape.projects > 0 {
+        builder = builder.per_project_concurrency(1);
+    }
+    let engine = builder
         .store(store.clone())
         .executor("noop", Arc::new(exec.clone()))
         .workflow(Workflow::new("noop").step(Step::prompt("run", "noop", "x")))
@@ -161,8 +175,9 @@ async fn stop(nodes: Vec<Node>) {
     }
 }
 
-/// Fills the queue with `jobs` jobs (one statement, before the clock starts).
-async fn fill(store: &PgStore, jobs: usize) {
+/// Fills the queue with `jobs` jobs (one statement, before the clock starts), spread round
+/// robin over `projects` projects (one when 0).
+async fn fill(store: &PgStore, jobs: usize, projects: usize) {
     let project = std::env::current_dir()
         .expect("cwd")
         .canonicalize()
@@ -170,7 +185,11 @@ async fn fill(store: &PgStore, jobs: usize) {
         .display()
         .to_string();
     let jobs = (0..jobs)
-        .map(|_| {
+        .map(|i| {
+            let project = match projects {
+                0 => project.clone(),
+                n => format!("{project}/project-{}", i % n),
+            };
             let mut job = sample_job("noop", &project, 0);
             job.progress = Progress::pending(["run".to_owned()]);
             NewJob::new(job)
@@ -207,7 +226,7 @@ struct Cost {
 /// Fills the queue, then times engines on `stores` draining it (and the machine's CPU time
 /// from the start of the engines to the queue drained).
 async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
-    fill(&stores[0], shape.jobs).await;
+    fill(&stores[0], shape.jobs, shape.projects).await;
     let exec = ScriptedExecutor::succeeding("");
     let cpu = machine_cpu();
     let start = Instant::now();
@@ -243,7 +262,7 @@ async fn commits_per_job(db: &Db, engines: usize, relaxed: bool) -> f64 {
     for _ in 0..engines {
         stores.push(db.store(relaxed).await);
     }
-    fill(&stores[0], BATCH).await;
+    fill(&stores[0], BATCH, 0).await;
     // Let every backend report what it did so far.
     for s in &stores {
         s.pool().close().await;
@@ -407,13 +426,17 @@ async fn baseline_latency(pool: &PgPool) -> Vec<Duration> {
 }
 
 /// The wide burn-down, 2 engines on `two` against [`baseline_wide`], each the median of at
-/// most three of `rounds`; prints its figures.
-async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
+/// most three of `rounds`; prints its figures. With `projects` > 0 the jobs are spread over
+/// that many projects and the engines run one job per project at a time (the figures are
+/// then named `…_per_project`).
+async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize, projects: usize) {
     let rounds = rounds.min(3);
     let wide = Shape {
         jobs: wide_jobs(),
         workers: wide_workers(),
+        projects,
     };
+    let suffix = if projects > 0 { "_per_project" } else { "" };
     let claimers = (2 * wide.workers).min(30);
     let mut wide_runs: [Vec<Duration>; 2] = Default::default();
     // The machine's CPU time over each timed run (database, engines and bench alike).
@@ -437,8 +460,15 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
     let wide_rate = |d: Duration| wide.jobs as f64 / d.as_secs_f64();
     println!();
     println!(
-        "wide burn-down of {} jobs, 2 engines x {} workers (median of {} rounds):",
-        wide.jobs, wide.workers, rounds
+        "wide burn-down of {} jobs, 2 engines x {} workers (median of {} rounds){}:",
+        wide.jobs,
+        wide.workers,
+        rounds,
+        if projects > 0 {
+            format!(", {projects} projects, one job per project at a time")
+        } else {
+            String::new()
+        }
     );
     println!(
         "  baseline: {claimers} claimers, claim + complete  {:>9.0} items/s",
@@ -460,11 +490,11 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize) {
         );
     }
     println!(
-        "ratio pg_wide_burn_down_2_engines {:.3}",
+        "ratio pg_wide_burn_down_2_engines{suffix} {:.3}",
         wide_rate(w2) / wide_rate(wb)
     );
     if let Some((b, o)) = cpu {
-        println!("ratio pg_wide_cpu_per_job {:.3}", b / o);
+        println!("ratio pg_wide_cpu_per_job{suffix} {:.3}", b / o);
     }
 }
 
@@ -597,18 +627,24 @@ fn main() {
     });
 
     let rounds = env_usize("AIWG_PG_QUEUE_ROUNDS", 5);
-    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("wide") {
-        rt.block_on(wide_burn_down(&raw, &two, rounds));
-        return;
-    }
-    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("submit") {
-        rt.block_on(submit_bursts(&raw, &two, rounds));
-        return;
-    }
-    if std::env::var("AIWG_PG_QUEUE_ONLY").as_deref() == Ok("latency") {
+    let only = std::env::var("AIWG_PG_QUEUE_ONLY").unwrap_or_default();
+    if !only.is_empty() {
         rt.block_on(async {
-            report_latency("  baseline", baseline_latency(&raw).await);
-            report_latency("  1 engine", engine_latency(&one).await);
+            match only.as_str() {
+                "wide" => wide_burn_down(&raw, &two, rounds, 0).await,
+                "per_project" => wide_burn_down(&raw, &two, rounds, PROJECTS).await,
+                "submit" => submit_bursts(&raw, &two, rounds).await,
+                "latency" => {
+                    report_latency("  baseline", baseline_latency(&raw).await);
+                    report_latency("  1 engine", engine_latency(&one).await);
+                }
+                other => println!("pg_queue: AIWG_PG_QUEUE_ONLY={other} names no part"),
+            }
+            drop(raw);
+            sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))
+                .execute(&db.admin)
+                .await
+                .expect("drop schema");
         });
         return;
     }
@@ -722,7 +758,8 @@ fn main() {
         println!("ratio pg_latency_p99_1_engine {:.3}", ratio(b99, l99));
         println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
         println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
-        wide_burn_down(&raw, &two, rounds).await;
+        wide_burn_down(&raw, &two, rounds, 0).await;
+        wide_burn_down(&raw, &two, rounds, PROJECTS).await;
         submit_bursts(&raw, &two, rounds).await;
         let c1 = commits_per_job(&db, 1, false).await;
         let c2 = commits_per_job(&db, 2, false).await;

@@ -94,6 +94,8 @@ where
     claim_order(&*make().await).await;
     retry_and_dead_letter(&*make().await).await;
     per_project_limit(&*make().await).await;
+    per_project_limit_in_batches(&*make().await).await;
+    per_project_limit_with_groups(&*make().await).await;
     concurrency_groups(&*make().await).await;
     fencing_and_recovery(&*make().await).await;
     cancel(&*make().await).await;
@@ -368,6 +370,81 @@ async fn per_project_limit(store: &dyn JobStore) {
         .unwrap();
     let c3 = store.claim(&req).await.unwrap().unwrap();
     assert_eq!(c3.job.project_path, "/same");
+}
+
+/// A batch claim under a per-project limit takes jobs in claim order across projects, no more
+/// of a project than its room, and passes over a project at its limit, however many of its
+/// jobs wait ahead (or above) the others.
+async fn per_project_limit_in_batches(store: &dyn JobStore) {
+    let mut jobs = Vec::new();
+    for _ in 0..5 {
+        jobs.push(create(store, sample_job("w", "/busy", 9)).await);
+    }
+    let other = create(store, sample_job("w", "/other", 0)).await;
+    let low = create(store, sample_job("w", "/low", -1)).await;
+    let second = create(store, sample_job("w", "/other", 0)).await;
+    let req = claim_req("w1").per_project(2);
+    let first = store.claim_many(&req, 3).await.unwrap();
+    let ids: Vec<_> = first.iter().map(|c| c.job.id).collect();
+    assert_eq!(
+        ids,
+        [jobs[0].id, jobs[1].id, other.id],
+        "claim order, two /busy at most"
+    );
+    let rest = store.claim_many(&req, 10).await.unwrap();
+    let ids: Vec<_> = rest.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [second.id, low.id], "the full project is passed over");
+    assert!(store.claim_many(&req, 10).await.unwrap().is_empty());
+    for c in first.iter().chain(&rest) {
+        assert_eq!(c.job.status, JobStatus::Running);
+        assert_eq!(c.lease.job_id, c.job.id);
+    }
+    // A slot freed in /busy lets exactly one more of its jobs start.
+    store
+        .finish(&first[0].lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    let next = store.claim_many(&req, 10).await.unwrap();
+    let ids: Vec<_> = next.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [jobs[2].id]);
+    // A job not yet due does not count, and takes no room.
+    let mut later = sample_job("w", "/later", 0);
+    later.retry_at = Some(Utc::now() + chrono::Duration::hours(1));
+    let later = create(store, later).await;
+    let soon = create(store, sample_job("w", "/later", 0)).await;
+    let got = store.claim_many(&req, 10).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [soon.id], "{} is not due", later.id);
+}
+
+/// Per-project limits and concurrency groups together: a job whose group is busy is passed
+/// over and the next job of its project starts instead; one job per group in a batch.
+async fn per_project_limit_with_groups(store: &dyn JobStore) {
+    let grouped = |project: &str| {
+        let mut j = sample_job("w", project, 0);
+        j.concurrency_group = Some("octo/app#9".into());
+        j
+    };
+    let g1 = create(store, grouped("/a")).await;
+    let g2 = create(store, grouped("/b")).await;
+    let plain_b = create(store, sample_job("w", "/b", 0)).await;
+    let g3 = create(store, grouped("/c")).await;
+    let req = claim_req("w1").per_project(1);
+    let got = store.claim_many(&req, 10).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|c| c.job.id).collect();
+    assert_eq!(
+        ids,
+        [g1.id, plain_b.id],
+        "one job of the group, and /b's next job instead of its grouped one"
+    );
+    assert!(store.claim_many(&req, 10).await.unwrap().is_empty());
+    store
+        .finish(&got[0].lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    // The group is free, /b is full: /c's grouped job starts, /b's waits.
+    let c = store.claim(&req).await.unwrap().expect("the group is free");
+    assert_eq!(c.job.id, g3.id, "{} waits for /b", g2.id);
 }
 
 async fn fencing_and_recovery(store: &dyn JobStore) {

@@ -47,9 +47,6 @@ const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off";
 /// Jobs recovered per transaction by [`JobStore::recover_expired`].
 const RECOVER_BATCH: i64 = 100;
 
-/// How often a claim retries with another project after finding one at its limit.
-const CLAIM_ROUNDS: usize = 16;
-
 /// The longest lease accepted (longer TTLs are clamped): about 100 years.
 const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 
@@ -666,26 +663,71 @@ impl PgStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             grouped |= row.try_get::<i64, _>("grouped").map_err(db)? > 0;
-            let Some(seq) = row.try_get::<Option<i64>, _>("last_seq").map_err(db)? else {
+            if row
+                .try_get::<Option<i64>, _>("last_seq")
+                .map_err(db)?
+                .is_none()
+            {
                 continue; // no job claimed: the one row carries the count alone
-            };
-            let job = self.job_of(row)?;
-            let lease = Lease {
-                job_id: job.id,
-                owner: request.owner.clone(),
-                attempt: job.attempt,
-                token: to_u64(row.try_get("lease_token").map_err(db)?),
-                expires_at: row.try_get("lease_expires_at").map_err(db)?,
-            };
-            let ev = NewEvent::new(apply::claimed_event(&job), at)?;
-            self.announce(job.id, seq, &ev);
-            let event = ev.into_event(job.id, seq);
-            out.push(Claimed { job, lease, event });
+            }
+            out.push(self.claimed(request, at, row)?);
         }
         if grouped {
             return self.claim_batch_grouped(request, max).await;
         }
         Ok(out)
+    }
+
+    /// Claims up to `max` jobs with at most `limit` running per project, in one statement
+    /// (`aiwg_claim_limited`, migration 0012): it reads the heads of the projects with room,
+    /// counts each project's running jobs under the project's advisory lock (and each
+    /// concurrency group's under the group's), and moves the jobs it may start to `running`.
+    async fn claim_limited(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let at = micros(request.now);
+        let rows = sqlx::query(
+            "SELECT id, last_seq, lease_token, lease_expires_at, job \
+             FROM aiwg_claim_limited($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(at)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .bind(&request.owner)
+        .bind(ttl_micros(request.lease_ttl))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(&self.channel)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| self.claimed(request, at, row))
+            .collect()
+    }
+
+    /// A job a claim statement moved to `running` (its row: `id`, `last_seq`, `lease_token`,
+    /// `lease_expires_at`, `job`), with its lease and its event, announced.
+    fn claimed(
+        &self,
+        request: &ClaimRequest,
+        at: DateTime<Utc>,
+        row: &PgRow,
+    ) -> Result<Claimed, StoreError> {
+        let seq: i64 = row.try_get("last_seq").map_err(db)?;
+        let job = self.job_of(row)?;
+        let lease = Lease {
+            job_id: job.id,
+            owner: request.owner.clone(),
+            attempt: job.attempt,
+            token: to_u64(row.try_get("lease_token").map_err(db)?),
+            expires_at: row.try_get("lease_expires_at").map_err(db)?,
+        };
+        let ev = NewEvent::new(apply::claimed_event(&job), at)?;
+        self.announce(job.id, seq, &ev);
+        let event = ev.into_event(job.id, seq);
+        Ok(Claimed { job, lease, event })
     }
 
     /// Claims up to `max` jobs in one transaction, jobs of concurrency groups among them: one
@@ -809,49 +851,6 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Picks and locks the next claimable job in `tx`, or `None`.
-    async fn pick(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        request: &ClaimRequest,
-        at: DateTime<Utc>,
-        full: &[String],
-        busy_groups: &[String],
-    ) -> Result<Option<Job>, StoreError> {
-        let limit = request
-            .per_project_limit
-            .map(|l| i64::try_from(l).unwrap_or(i64::MAX));
-        // The projects at their limit are found once per statement (a hashed list), not once
-        // per queued row: counted per row, a long queue of one busy project cost a count of
-        // its running jobs for every queued job on every claim.
-        let row = sqlx::query(
-            "SELECT j.job FROM aiwg_jobs j \
-             WHERE j.status = 'queued' \
-               AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
-               AND NOT (j.project_path = ANY($2)) \
-               AND ($3::bigint IS NULL OR j.project_path NOT IN (SELECT r.project_path \
-                    FROM aiwg_jobs r WHERE r.status = 'running' \
-                      AND r.lease_expires_at > GREATEST($1::timestamptz, now()) \
-                    GROUP BY r.project_path HAVING count(*) >= $3)) \
-               AND (j.job->>'concurrency_group' IS NULL \
-                    OR NOT (j.job->>'concurrency_group' = ANY($4)) \
-                    AND NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running' \
-                      AND g.job->>'concurrency_group' = j.job->>'concurrency_group' \
-                      AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
-             ORDER BY j.priority DESC, j.queue_seq \
-             LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
-        )
-        .bind(at)
-        .bind(full)
-        .bind(limit)
-        .bind(busy_groups)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
-        row.as_ref().map(|r| self.job_of(r)).transpose()
-    }
-
-    /// Whether the project has a free slot; serialises claimers of the project until `tx` ends.
     /// Whether no job of `group` runs, under a transaction-scoped lock on the group, so two
     /// instances never start two jobs of one group.
     async fn group_is_free(
@@ -879,32 +878,6 @@ impl PgStore {
         .await
         .map_err(db)?;
         Ok(running == 0)
-    }
-
-    async fn project_has_room(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        project: &str,
-        limit: usize,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(crate::util::advisory_lock_key(&self.channel, project))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-        // A new statement takes a new snapshot: it sees every claim committed by whoever held
-        // the lock before.
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM aiwg_jobs WHERE status = 'running' AND project_path = $1 \
-             AND lease_expires_at > GREATEST($2::timestamptz, now())",
-        )
-        .bind(project)
-        .bind(at)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db)?;
-        Ok(usize::try_from(running).unwrap_or(usize::MAX) < limit)
     }
 }
 
@@ -994,18 +967,10 @@ impl JobStore for PgStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        if request.per_project_limit.is_some() {
-            // Project limits are checked one claim at a time, under the project's lock.
-            let mut out = Vec::new();
-            while out.len() < max {
-                match self.claim(request).await? {
-                    Some(c) => out.push(c),
-                    None => break,
-                }
-            }
-            return Ok(out);
+        match request.per_project_limit {
+            Some(limit) => self.claim_limited(request, max, limit).await,
+            None => self.claim_batch(request, max).await,
         }
-        self.claim_batch(request, max).await
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -1051,79 +1016,7 @@ impl JobStore for PgStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
-        if request.per_project_limit.is_none() {
-            return Ok(self.claim_batch(request, 1).await?.pop());
-        }
-        let at = micros(request.now);
-        let mut full: Vec<String> = Vec::new();
-        let mut busy_groups: Vec<String> = Vec::new();
-        for _ in 0..CLAIM_ROUNDS {
-            let mut tx = self.pool.begin_with(BEGIN_CLAIM).await.map_err(db)?;
-            let Some(mut job) = self.pick(&mut tx, request, at, &full, &busy_groups).await? else {
-                // At once, not when the connection is next used: see `claim_batch_grouped`.
-                tx.rollback().await.map_err(db)?;
-                return Ok(None);
-            };
-            if let Some(group) = &job.concurrency_group {
-                if !self.group_is_free(&mut tx, group, at).await? {
-                    // Released at once (a dropped transaction rolls back only when its
-                    // connection is next used, and the row would stay locked until then).
-                    tx.rollback().await.map_err(db)?;
-                    busy_groups.push(group.clone());
-                    continue;
-                }
-            }
-            if let Some(limit) = request.per_project_limit {
-                if !self
-                    .project_has_room(&mut tx, &job.project_path, limit, at)
-                    .await?
-                {
-                    // Roll back (releasing the row and the project lock) and look elsewhere.
-                    tx.rollback().await.map_err(db)?;
-                    full.push(job.project_path);
-                    continue;
-                }
-            }
-            let kind = apply::claim(&mut job, at)?;
-            apply::progress(&mut job, &kind);
-            let ev = NewEvent::new(kind, at)?;
-            let sql = format!(
-                "WITH u AS (UPDATE aiwg_jobs SET status = 'running', queue_seq = NULL, \
-                     retry_at = NULL, lease_owner = $2, \
-                     lease_token = nextval('aiwg_lease_token_seq'), \
-                     lease_expires_at = GREATEST($3::timestamptz, now()) \
-                         + $4 * interval '1 microsecond', \
-                     job = $5, last_seq = last_seq + 1, updated_at = now() \
-                 WHERE id = $1 RETURNING id, last_seq, lease_token, lease_expires_at){}",
-                event_tail(6)
-            );
-            let q = sqlx::query(&sql)
-                .bind(job.id.as_uuid())
-                .bind(&request.owner)
-                .bind(at)
-                .bind(ttl_micros(request.lease_ttl))
-                .bind(Json(self.sealed(&job)?));
-            let row = self
-                .bind_event(q, &ev)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-            let seq: i64 = row.try_get("last_seq").map_err(db)?;
-            let token: i64 = row.try_get("lease_token").map_err(db)?;
-            let expires_at: DateTime<Utc> = row.try_get("lease_expires_at").map_err(db)?;
-            tx.commit().await.map_err(db)?;
-            self.announce(job.id, seq, &ev);
-            let lease = Lease {
-                job_id: job.id,
-                owner: request.owner.clone(),
-                attempt: job.attempt,
-                token: to_u64(token),
-                expires_at,
-            };
-            let event = ev.into_event(job.id, seq);
-            return Ok(Some(Claimed { job, lease, event }));
-        }
-        Ok(None)
+        Ok(self.claim_many(request, 1).await?.pop())
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {

@@ -1,0 +1,168 @@
+-- aiwg: a claim under a per-project limit in one statement (issue 15). The configuration's
+-- default is one job per project at a time (`engine.per_project_concurrency: 1`), and such a
+-- claim was a transaction of six round trips per job (`BEGIN`, the pick, the project's lock,
+-- the count of its running jobs, the update, `COMMIT`), one job after another. Its pick also
+-- walked the whole queue whenever the jobs at its head belonged to projects at their limit:
+-- with one busy project and 20 000 jobs queued behind it, every claim (and every submit wakes
+-- one) read all 20 000 rows to find nothing. This function claims up to `claim_max` jobs in
+-- one statement: it reads only the heads of the projects that have room, takes each project's
+-- lock, counts the project's running jobs after the lock is held, and claims.
+
+-- The advisory lock key of `name` in `scope`: the first 8 bytes of SHA-256(scope, 0, name),
+-- big-endian, as `advisory_lock_key` (aiwg-core/src/util.rs) computes it, so a claim made here
+-- and one made by the store's Rust code lock the same project.
+CREATE OR REPLACE FUNCTION aiwg_lock_key(scope text, name text)
+RETURNS bigint LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT ('x' || encode(substring(sha256(convert_to(scope, 'UTF8') || '\x00'::bytea
+        || convert_to(name, 'UTF8')) FROM 1 FOR 8), 'hex'))::bit(64)::bigint
+$$;
+
+-- The queued jobs of each project in claim order: a claim reads the projects that have
+-- queued jobs (one index probe per project) and the first jobs of each, not the whole queue.
+CREATE INDEX aiwg_jobs_queued_project_idx ON aiwg_jobs (project_path, priority DESC, queue_seq)
+    WHERE status = 'queued';
+
+-- Claims up to `claim_max` due jobs with at most `project_limit` running per project (and at
+-- most one per concurrency group), highest priority first, then enqueue order; moves them to
+-- `running` under a fresh lease and records their events, as `aiwg_claim` does.
+--
+-- The limit holds across instances because every claim of a job counts its project's running
+-- jobs under the project's advisory lock (and a group's under the group's), held until the
+-- claim commits; a VOLATILE function's statements each take a new snapshot, so the count sees
+-- every claim committed by the lock's previous holders. A claim waits only for the first lock
+-- it needs; any later one it only tries (a project or group held by another claim is left to
+-- that claim), so a claim never waits while holding a lock and two claims cannot deadlock.
+-- A job's row is locked (`SKIP LOCKED`) only once its project and group have room.
+CREATE OR REPLACE FUNCTION aiwg_claim_limited(claim_at timestamptz, claim_max bigint,
+                                              claim_owner text, claim_ttl_micros bigint,
+                                              project_limit bigint, lock_scope text)
+RETURNS TABLE (id uuid, last_seq bigint, lease_token bigint,
+               lease_expires_at timestamptz, job jsonb)
+LANGUAGE plpgsql VOLATILE SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    due timestamptz := GREATEST(claim_at, now());
+    c record;
+    claimed record;
+    got bigint := 0;
+    holding boolean := false; -- whether this claim holds an advisory lock yet
+    projects text[] := '{}';  -- the projects whose lock this claim holds...
+    rooms bigint[] := '{}';   -- ...and how many more of their jobs may start
+    shut text[] := '{}';      -- projects without room, or locked by another claim
+    groups text[] := '{}';    -- groups checked (busy, locked elsewhere, or taken here)
+    tried uuid[] := '{}';     -- jobs passed over (group busy, row taken meanwhile)
+    again boolean := true;    -- whether passing over a job may have hidden another
+    passes int := 0;
+    k int;
+    running bigint;
+BEGIN
+    IF claim_max <= 0 OR project_limit <= 0 THEN
+        RETURN;
+    END IF;
+    -- Each pass reads at most as many jobs per project as may start; a job passed over may
+    -- hide the next job of its project, so then another pass reads on, without it (and
+    -- without the groups already checked). A few passes at most: what is left to the next
+    -- claim is only what other claims were taking at the same moment.
+    WHILE again AND got < claim_max AND passes < 4 LOOP
+    again := false;
+    passes := passes + 1;
+    FOR c IN
+        WITH RECURSIVE p AS (
+            (SELECT q.project_path FROM aiwg_jobs q WHERE q.status = 'queued'
+             ORDER BY q.project_path LIMIT 1)
+            UNION ALL
+            SELECT (SELECT q.project_path FROM aiwg_jobs q
+                    WHERE q.status = 'queued' AND q.project_path > p.project_path
+                    ORDER BY q.project_path LIMIT 1)
+            FROM p WHERE p.project_path IS NOT NULL)
+        SELECT h.id, h.project_path, h.grp
+        FROM p CROSS JOIN LATERAL (
+            SELECT j.id, j.project_path, j.priority, j.queue_seq,
+                   j.job->>'concurrency_group' AS grp
+            FROM aiwg_jobs j
+            WHERE j.status = 'queued' AND j.project_path = p.project_path
+              AND (j.retry_at IS NULL OR j.retry_at <= due)
+              AND j.id <> ALL(tried)
+              AND (j.job->>'concurrency_group' IS NULL
+                   OR NOT (j.job->>'concurrency_group' = ANY(groups))
+                   AND NOT EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running'
+                       AND g.job->>'concurrency_group' = j.job->>'concurrency_group'
+                       AND g.lease_expires_at > due))
+            ORDER BY j.priority DESC, j.queue_seq
+            LIMIT LEAST(claim_max, project_limit)) h
+        WHERE p.project_path IS NOT NULL
+          AND (SELECT count(*) FROM aiwg_jobs r WHERE r.status = 'running'
+               AND r.project_path = p.project_path AND r.lease_expires_at > due) < project_limit
+        ORDER BY h.priority DESC, h.queue_seq
+    LOOP
+        EXIT WHEN got >= claim_max;
+        CONTINUE WHEN c.project_path = ANY(shut);
+        k := array_position(projects, c.project_path);
+        IF k IS NULL THEN
+            IF NOT holding THEN
+                PERFORM pg_advisory_xact_lock(aiwg_lock_key(lock_scope, c.project_path));
+                holding := true;
+            ELSIF NOT pg_try_advisory_xact_lock(aiwg_lock_key(lock_scope, c.project_path)) THEN
+                shut := array_append(shut, c.project_path);
+                CONTINUE;
+            END IF;
+            SELECT count(*) INTO running FROM aiwg_jobs r
+            WHERE r.status = 'running' AND r.project_path = c.project_path
+              AND r.lease_expires_at > due;
+            projects := array_append(projects, c.project_path);
+            rooms := array_append(rooms, project_limit - running);
+            k := cardinality(projects);
+        END IF;
+        IF rooms[k] <= 0 THEN
+            shut := array_append(shut, c.project_path);
+            CONTINUE;
+        END IF;
+        IF c.grp IS NOT NULL THEN
+            IF c.grp = ANY(groups)
+               OR NOT pg_try_advisory_xact_lock(
+                   aiwg_lock_key(lock_scope, 'concurrency:' || c.grp))
+               OR EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running'
+                   AND g.job->>'concurrency_group' = c.grp AND g.lease_expires_at > due)
+            THEN
+                groups := array_append(groups, c.grp);
+                tried := array_append(tried, c.id);
+                again := true;
+                CONTINUE;
+            END IF;
+            groups := array_append(groups, c.grp);
+        END IF;
+        UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, retry_at = NULL,
+            lease_owner = claim_owner,
+            lease_token = nextval('aiwg_lease_token_seq'),
+            lease_expires_at = due + claim_ttl_micros * interval '1 microsecond',
+            job = aiwg_claimed_job(a.job, claim_at),
+            last_seq = a.last_seq + 1,
+            updated_at = now()
+        WHERE a.id = (SELECT q.id FROM aiwg_jobs q
+                      WHERE q.id = c.id AND q.status = 'queued'
+                      FOR UPDATE SKIP LOCKED)
+        RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job INTO claimed;
+        IF NOT FOUND THEN -- claimed (or cancelled) meanwhile by someone else
+            tried := array_append(tried, c.id);
+            again := true;
+            CONTINUE;
+        END IF;
+        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
+        VALUES (claimed.id, claimed.last_seq, claim_at,
+            jsonb_build_object('kind', 'status', 'from', 'queued', 'to', 'running',
+                'attempt', claimed.job->'attempt')
+            || CASE WHEN COALESCE((claimed.job->>'resume_after_approval')::boolean, false)
+               THEN jsonb_build_object('reason', 'resumed after approval')
+               ELSE '{}'::jsonb END);
+        rooms[k] := rooms[k] - 1;
+        got := got + 1;
+        id := claimed.id;
+        last_seq := claimed.last_seq;
+        lease_token := claimed.lease_token;
+        lease_expires_at := claimed.lease_expires_at;
+        job := claimed.job;
+        RETURN NEXT;
+    END LOOP;
+    END LOOP;
+END
+$$;
