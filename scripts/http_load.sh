@@ -23,9 +23,13 @@ if [ "$STORAGE" = postgres ]; then
   CONFIG=benches/http/aiwg-postgres.yaml
   FEATURES=(--features postgres)
 fi
-cargo build --release -q -p aiwg-examples "${FEATURES[@]}" --bin server --bin actix_server
-cargo build --release -q -p aiwg-benches --bin load --bin bare_server
-BIN=target/release
+# AIWG_LOAD_BIN=<dir> runs the four binaries found there instead (say, another commit's
+# build, for an A/B comparison) and builds nothing.
+BIN=${AIWG_LOAD_BIN:-target/release}
+if [ -z "${AIWG_LOAD_BIN:-}" ]; then
+  cargo build --release -q -p aiwg-examples "${FEATURES[@]}" --bin server --bin actix_server
+  cargo build --release -q -p aiwg-benches --bin load --bin bare_server
+fi
 WORK=$(mktemp -d)
 PIDS=()
 SCHEMAS=()
@@ -58,11 +62,13 @@ start() { # port, command...
   wait_port "$port"
 }
 
-# On PostgreSQL: a fresh schema per server (named in the URL's search_path).
+# On PostgreSQL: a fresh schema per server (named in the URL's search_path). Runs in a
+# command substitution (a subshell), so the schema is recorded for cleanup by its caller.
+schema_for() { echo "aiwg_load_$$_$1"; }
 database_for() { # server name
-  local schema="aiwg_load_$$_$1"
+  local schema
+  schema=$(schema_for "$1")
   psql -q "$DB_URL" -c "CREATE SCHEMA $schema" >/dev/null
-  SCHEMAS+=("$schema")
   local sep='?'
   case "$DB_URL" in *\?*) sep='&' ;; esac
   echo "${DB_URL}${sep}options=-c%20search_path%3D${schema}"
@@ -70,6 +76,7 @@ database_for() { # server name
 if [ "$STORAGE" = postgres ]; then
   AIWG_SECRET_KEY=$("$BIN/server" gen-secret-key load)
   export AIWG_SECRET_KEY
+  SCHEMAS+=("$(schema_for axum)" "$(schema_for actix)")
   AXUM_DB=$(database_for axum)
   ACTIX_DB=$(database_for actix)
 fi

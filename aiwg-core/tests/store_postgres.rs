@@ -18,10 +18,105 @@ use aiwg_core::{JobEventKind, JobStatus};
 mod pg_support;
 use pg_support::test_db;
 
+/// The store suite; then, in every store it used, the tally of queued jobs (migration 0013)
+/// still equals a count of the rows: every way the suite moved a job in or out of `queued`
+/// was tallied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_store_passes_the_store_suite() {
     let Some(db) = test_db().await else { return };
-    job_store_suite(|| async { Arc::new(db.fresh_store().await) as Arc<dyn JobStore> }).await;
+    let stores = std::sync::Mutex::new(Vec::new());
+    job_store_suite(|| async {
+        let store = Arc::new(db.fresh_store().await);
+        stores.lock().unwrap().push(store.clone());
+        store as Arc<dyn JobStore>
+    })
+    .await;
+    let stores = stores.into_inner().unwrap();
+    assert!(stores.len() > 10);
+    for store in stores {
+        let (tally, rows) = tally_and_rows(&store).await;
+        assert_eq!(
+            tally, rows,
+            "the tally of queued jobs drifted from the rows"
+        );
+    }
+    db.cleanup().await;
+}
+
+/// The tally of queued jobs the bounded queue's check reads, and a count of the rows.
+async fn tally_and_rows(store: &PgStore) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT COALESCE(sum(queued), 0)::int8 FROM aiwg_queue_tally), \
+                (SELECT count(*) FROM aiwg_jobs WHERE status = 'queued')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// Rows of `aiwg_jobs` read so far by this backend, as PostgreSQL counts them
+/// (`pg_stat_xact_user_tables`, which may hold earlier transactions' reads not yet reported:
+/// take the difference of two readings).
+async fn rows_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(idx_tup_fetch, 0) + COALESCE(seq_tup_read, 0) \
+         FROM pg_stat_xact_user_tables WHERE relid = 'aiwg_jobs'::regclass",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap()
+}
+
+/// A submit into a bounded queue no longer counts the queued rows (migration 0013): it reads
+/// the tallies, a row per database backend. The tallies of backends that are gone are folded
+/// into one row, and the total is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_submit_reads_the_tally_and_folds_the_tallies_of_gone_backends() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let queued: Vec<NewJob> = (0..3_000)
+        .map(|_| NewJob::new(sample_job("w", "/p", 0)))
+        .collect();
+    for created in store.create_many(queued).await {
+        created.unwrap();
+    }
+    // Gone backends' tallies (process ids no backend has), moved out of row 0 so the total
+    // stays right.
+    sqlx::query(
+        "WITH f AS (INSERT INTO aiwg_queue_tally (pid, queued) \
+             SELECT 2000000000 + i, i FROM generate_series(1, 200) i RETURNING queued) \
+         UPDATE aiwg_queue_tally SET queued = queued - (SELECT sum(queued) FROM f) WHERE pid = 0",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(tally_and_rows(&store).await, (3_000, 3_000));
+    let mut tx = store.pool().begin().await.unwrap();
+    let before = rows_read(&mut tx).await;
+    let room: bool = sqlx::query_scalar("SELECT aiwg_queue_has_room(1, 3001)")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert!(room, "3 000 queued, room for 3 001");
+    let read = rows_read(&mut tx).await - before;
+    assert_eq!(read, 0, "the queued jobs were read to count them");
+    tx.commit().await.unwrap();
+    let tallies: i64 = sqlx::query_scalar("SELECT count(*) FROM aiwg_queue_tally")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(
+        tallies < 20,
+        "{tallies} tallies: the gone backends' were not folded"
+    );
+    assert_eq!(tally_and_rows(&store).await, (3_000, 3_000));
+    let full = store
+        .create(NewJob::new(sample_job("w", "/p", 0)).capacity(3_000))
+        .await;
+    assert!(matches!(
+        full,
+        Err(StoreError::QueueFull { capacity: 3_000 })
+    ));
     db.cleanup().await;
 }
 
@@ -798,6 +893,7 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
         .await
         .unwrap();
     let mut tx = store.pool().begin().await.unwrap();
+    let before = rows_read(&mut tx).await;
     let claim = |max: i64| {
         sqlx::query_scalar::<_, uuid::Uuid>(
             "SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)",
@@ -805,29 +901,20 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
         .bind(max)
         .bind(store.channel().to_owned())
     };
-    async fn fetched(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
-        sqlx::query_scalar(
-            "SELECT COALESCE(idx_tup_fetch, 0) + COALESCE(seq_tup_read, 0) \
-             FROM pg_stat_xact_user_tables WHERE relid = 'aiwg_jobs'::regclass",
-        )
-        .fetch_one(&mut **tx)
-        .await
-        .unwrap()
-    }
     let ids = claim(8).fetch_all(&mut *tx).await.unwrap();
     assert_eq!(
         ids,
         [*other_id.as_uuid()],
         "the other project's job, and only it"
     );
-    let read = fetched(&mut tx).await;
+    let read = rows_read(&mut tx).await - before;
     assert!(
         read < 100,
         "{read} rows read to claim past 2 000 jobs of a full project"
     );
     // Nothing left to claim: as cheap.
     assert!(claim(8).fetch_all(&mut *tx).await.unwrap().is_empty());
-    let again = fetched(&mut tx).await - read;
+    let again = rows_read(&mut tx).await - before - read;
     assert!(again < 100, "{again} rows read to find nothing");
     tx.rollback().await.unwrap();
     db.cleanup().await;
