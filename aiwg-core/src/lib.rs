@@ -75,6 +75,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod audit;
+pub mod coalesce;
 pub mod config;
 pub mod dispatch;
 pub mod engine;

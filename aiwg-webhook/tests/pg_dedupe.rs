@@ -132,6 +132,63 @@ async fn two_stores_on_one_database_claim_once() {
     drop_schema(&admin, &schema).await;
 }
 
+/// Claims that arrive together go out together (one statement, one commit for many), and so
+/// do the completions after them: each key is still claimed exactly once, each asked-twice key
+/// answers pending to its second claim, and every completion is kept. The rows one statement
+/// wrote share a transaction id (`xmin`): far fewer of those than keys shows the batching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_completions_at_once_are_written_together() {
+    let Some((admin, pool, schema)) = fresh_pool().await else {
+        return;
+    };
+    let a = Arc::new(PgDeliveryStore::new(pool.clone()));
+    a.migrate().await.expect("migrate");
+    let b = Arc::new(PgDeliveryStore::new(pool.clone()));
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_secs(3600);
+    const KEYS: usize = 200;
+    // Every key asked for twice, once by each store, all at once.
+    let tasks: Vec<_> = (0..2 * KEYS)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let key = format!("gh:{}", i / 2);
+            tokio::spawn(async move {
+                let claim = store.claim(&key, lease, ttl).await.unwrap();
+                if claim == Claim::Fresh {
+                    let job = JobId::new();
+                    store.complete(&key, job, ttl).await.unwrap();
+                    (key, claim, Some(job))
+                } else {
+                    (key, claim, None)
+                }
+            })
+        })
+        .collect();
+    let mut fresh: std::collections::HashMap<String, JobId> = Default::default();
+    for t in tasks {
+        let (key, claim, job) = t.await.unwrap();
+        match claim {
+            Claim::Fresh => assert!(fresh.insert(key, job.unwrap()).is_none(), "claimed twice"),
+            Claim::Pending | Claim::Done(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(fresh.len(), KEYS, "every key claimed exactly once");
+    for (key, job) in &fresh {
+        assert_eq!(a.get(key).await.unwrap(), Some(*job), "{key}");
+    }
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM aiwg_inbound_deliveries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        transactions <= (KEYS / 2) as i64,
+        "{transactions} transactions for {KEYS} completions: they were not batched"
+    );
+    drop_schema(&admin, &schema).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_tracking_store_passes_the_tracking_store_suite() {
     use aiwg_webhook::tracking::{tracking_store_suite, PgTrackingStore, TrackingStore};

@@ -17,8 +17,8 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{AuditEntry, AuditPage, AuditQuery, AuditRecord, AuditStore, Decision};
+use crate::coalesce::{Coalescer, Flush};
 use crate::job::JobId;
-use crate::store::postgres::coalesce::{Coalescer, Flush};
 use crate::store::StoreError;
 
 /// The most entries in one statement.

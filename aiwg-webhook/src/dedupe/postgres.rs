@@ -3,10 +3,12 @@
 //! database start one job per platform delivery between them. All times are the database's, so
 //! instances with skewed clocks agree on leases and expiry.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use aiwg_core::coalesce::{Coalescer, Flush};
 use aiwg_core::{BackendError, JobId};
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
@@ -18,6 +20,9 @@ use crate::error::DeliveryStoreError;
 
 /// Expired keys are purged once every this many claims (per store).
 const PURGE_EVERY: u64 = 256;
+
+/// Claims (and completions) written together at most.
+const MAX_BATCH: usize = 256;
 
 /// The de-duplication table's migrations (versions unique across aiwg, so they compose with
 /// aiwg-core's jobs and outbox migrations on one database and one pool).
@@ -48,10 +53,150 @@ fn micros(d: Duration) -> i64 {
 ///     .build()?;
 /// # let _ = hooks; Ok(()) }
 /// ```
+///
+/// Claims that arrive together (and the completions that follow them) go out together, one
+/// statement and one commit for many: every signed delivery costs a claim and a completion,
+/// and written one by one they queued for the disk (see [`aiwg_core::coalesce`]).
 #[derive(Clone)]
 pub struct PgDeliveryStore {
     pool: PgPool,
     claims: Arc<AtomicU64>,
+    /// Started on first use (a coalescer runs a task on the caller's runtime).
+    batches: Arc<OnceLock<Batches>>,
+}
+
+struct Batches {
+    claims: Coalescer<Claims>,
+    completions: Coalescer<Completions>,
+}
+
+/// Claims of keys, in one `INSERT … ON CONFLICT`.
+struct Claims {
+    pool: PgPool,
+}
+
+/// A claim to make: the key and its lease in microseconds.
+type ClaimItem = (String, i64);
+
+impl Flush for Claims {
+    type Item = ClaimItem;
+    /// `None`: the key's row changed hands while the statement ran (released, expired, or
+    /// claimed by a statement that committed meanwhile): claim it again on its own.
+    type Answer = Result<Option<Claim>, DeliveryStoreError>;
+
+    async fn flush(&self, items: Vec<ClaimItem>) -> Vec<Self::Answer> {
+        let n = items.len();
+        match claim_together(&self.pool, &items).await {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); n],
+        }
+    }
+}
+
+/// Claims `items` in one statement. Of a key asked for twice in the batch, the first is
+/// answered as a lone claim would be and the second as a claim arriving just after it.
+async fn claim_together(
+    pool: &PgPool,
+    items: &[ClaimItem],
+) -> Result<Vec<Option<Claim>>, DeliveryStoreError> {
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    let (mut keys, mut leases) = (Vec::with_capacity(items.len()), Vec::new());
+    for (i, (key, lease)) in items.iter().enumerate() {
+        if let std::collections::hash_map::Entry::Vacant(v) = first.entry(key.as_str()) {
+            v.insert(i);
+            keys.push(key.as_str());
+            leases.push(*lease);
+        }
+    }
+    // `d` is read in the statement's snapshot, without the rows `ins` wrote: it answers the
+    // keys that were not taken (known, done or pending). A key taken by a transaction that
+    // committed after the snapshot is neither: it is answered `None`.
+    let rows = sqlx::query(
+        "WITH t AS (SELECT * FROM unnest($1::text[], $2::int8[]) AS t(key, lease)), \
+         ins AS (INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
+             SELECT key, NULL, now() + lease * interval '1 microsecond' FROM t \
+             ON CONFLICT (key) DO UPDATE SET job_id = NULL, until = EXCLUDED.until \
+             WHERE d.until <= now() \
+             RETURNING d.key) \
+         SELECT t.key, ins.key IS NOT NULL AS fresh, d.key IS NOT NULL AS known, d.job_id \
+         FROM t LEFT JOIN ins ON ins.key = t.key \
+         LEFT JOIN aiwg_inbound_deliveries d ON d.key = t.key AND d.until > now()",
+    )
+    .bind(&keys)
+    .bind(&leases)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    let mut answers: HashMap<String, Option<Claim>> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let key: String = row.try_get("key").map_err(db)?;
+        let answer = if row.try_get::<bool, _>("fresh").map_err(db)? {
+            Some(Claim::Fresh)
+        } else if row.try_get::<bool, _>("known").map_err(db)? {
+            let job: Option<Uuid> = row.try_get("job_id").map_err(db)?;
+            Some(job.map_or(Claim::Pending, |j| Claim::Done(JobId::from(j))))
+        } else {
+            None
+        };
+        answers.insert(key, answer);
+    }
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let answer = answers.get(key).cloned().flatten();
+            if first.get(key.as_str()) == Some(&i) {
+                answer
+            } else {
+                // The same key again: the first one's claim is now the key's state.
+                answer.map(|a| match a {
+                    Claim::Fresh => Claim::Pending,
+                    other => other,
+                })
+            }
+        })
+        .collect())
+}
+
+/// Completions of claimed keys, in one `INSERT … ON CONFLICT`.
+struct Completions {
+    pool: PgPool,
+}
+
+/// A completion: the key, its job, and how long it is remembered in microseconds.
+type CompletionItem = (String, Uuid, i64);
+
+impl Flush for Completions {
+    type Item = CompletionItem;
+    type Answer = Result<(), DeliveryStoreError>;
+
+    async fn flush(&self, items: Vec<CompletionItem>) -> Vec<Self::Answer> {
+        let n = items.len();
+        // A key completed twice in one batch: the later completion wins, as it would one by
+        // one (one statement may not write a row twice).
+        let mut last: HashMap<&str, &CompletionItem> = HashMap::with_capacity(n);
+        for item in &items {
+            last.insert(item.0.as_str(), item);
+        }
+        let keys: Vec<&str> = last.keys().copied().collect();
+        let jobs: Vec<Uuid> = keys.iter().map(|k| last[k].1).collect();
+        let ttls: Vec<i64> = keys.iter().map(|k| last[k].2).collect();
+        let done = sqlx::query(
+            "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
+             SELECT key, job, now() + ttl * interval '1 microsecond' \
+             FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS t(key, job, ttl) \
+             ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, until = EXCLUDED.until",
+        )
+        .bind(&keys)
+        .bind(&jobs)
+        .bind(&ttls)
+        .execute(&self.pool)
+        .await;
+        match done {
+            Ok(_) => vec![Ok(()); n],
+            Err(e) => vec![Err(db(e)); n],
+        }
+    }
 }
 
 impl std::fmt::Debug for PgDeliveryStore {
@@ -71,7 +216,25 @@ impl PgDeliveryStore {
         Self {
             pool,
             claims: Arc::new(AtomicU64::new(0)),
+            batches: Arc::new(OnceLock::new()),
         }
+    }
+
+    fn batches(&self) -> &Batches {
+        self.batches.get_or_init(|| Batches {
+            claims: Coalescer::start(
+                Claims {
+                    pool: self.pool.clone(),
+                },
+                MAX_BATCH,
+            ),
+            completions: Coalescer::start(
+                Completions {
+                    pool: self.pool.clone(),
+                },
+                MAX_BATCH,
+            ),
+        })
     }
 
     /// Runs the embedded migration (idempotent; safe when several instances start at once).
@@ -119,6 +282,17 @@ impl DeliveryStore for PgDeliveryStore {
         if self.claims.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
             self.purge().await?;
         }
+        // With the claims that arrive meanwhile; alone when its key changed hands meanwhile.
+        match self
+            .batches()
+            .claims
+            .call((key.to_owned(), micros(lease)))
+            .await
+        {
+            Some(Ok(Some(claim))) => return Ok(claim),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(None)) | None => {}
+        }
         for _ in 0..3 {
             let took = sqlx::query(
                 "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
@@ -158,18 +332,16 @@ impl DeliveryStore for PgDeliveryStore {
         job: JobId,
         ttl: Duration,
     ) -> Result<(), DeliveryStoreError> {
-        sqlx::query(
-            "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
-             VALUES ($1, $2, now() + $3 * interval '1 microsecond') \
-             ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, until = EXCLUDED.until",
-        )
-        .bind(key)
-        .bind(job.as_uuid())
-        .bind(micros(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+        // With the completions that arrive meanwhile.
+        self.batches()
+            .completions
+            .call((key.to_owned(), *job.as_uuid(), micros(ttl)))
+            .await
+            .unwrap_or_else(|| {
+                Err(DeliveryStoreError::Unavailable(BackendError::new(
+                    "postgres: the de-duplication writer stopped (its runtime shut down)",
+                )))
+            })
     }
 
     /// Forgets a pending claim (its submission failed), so a redelivery may try again. A done

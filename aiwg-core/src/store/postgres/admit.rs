@@ -21,8 +21,8 @@ use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::Row;
 
-use super::coalesce::{Coalescer, Flush};
 use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
+use crate::coalesce::{Coalescer, Flush};
 use crate::job::{IllegalTransition, JobStatus};
 use crate::secrets::SecretKeyring;
 use crate::store::{apply, Created, NewJob, StoreError};

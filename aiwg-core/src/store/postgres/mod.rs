@@ -19,7 +19,6 @@ use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 
 mod admit;
-pub(crate) mod coalesce;
 mod completer;
 mod listen;
 
