@@ -59,7 +59,8 @@ BEGIN
     IF claim_max <= 0 OR project_limit <= 0 THEN
         RETURN;
     END IF;
-    -- Each pass reads at most as many jobs per project as may start; a job passed over may
+    -- Each pass reads at most as many jobs per project as may start (the project's running
+    -- jobs counted in the pass's snapshot, counted again under its lock); a job passed over may
     -- hide the next job of its project, so then another pass reads on, without it (and
     -- without the groups already checked). A few passes at most: what is left to the next
     -- claim is only what other claims were taking at the same moment.
@@ -76,7 +77,12 @@ BEGIN
                     ORDER BY q.project_path LIMIT 1)
             FROM p WHERE p.project_path IS NOT NULL)
         SELECT h.id, h.project_path, h.grp
-        FROM p CROSS JOIN LATERAL (
+        FROM p
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS running FROM aiwg_jobs r
+            WHERE r.status = 'running' AND r.project_path = p.project_path
+              AND r.lease_expires_at > due) r
+        CROSS JOIN LATERAL (
             SELECT j.id, j.project_path, j.priority, j.queue_seq,
                    j.job->>'concurrency_group' AS grp
             FROM aiwg_jobs j
@@ -89,10 +95,8 @@ BEGIN
                        AND g.job->>'concurrency_group' = j.job->>'concurrency_group'
                        AND g.lease_expires_at > due))
             ORDER BY j.priority DESC, j.queue_seq
-            LIMIT LEAST(claim_max, project_limit)) h
-        WHERE p.project_path IS NOT NULL
-          AND (SELECT count(*) FROM aiwg_jobs r WHERE r.status = 'running'
-               AND r.project_path = p.project_path AND r.lease_expires_at > due) < project_limit
+            LIMIT LEAST(claim_max, project_limit - r.running)) h
+        WHERE p.project_path IS NOT NULL AND r.running < project_limit
         ORDER BY h.priority DESC, h.queue_seq
     LOOP
         EXIT WHEN got >= claim_max;
@@ -166,3 +170,11 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- One plan for the claim, made once per connection, as for `aiwg_claim` (0010): with the
+-- default (`auto`) the pass's query was planned anew at every call, and planning cost more
+-- than running it. Measured on one connection, 9 000 jobs queued in a project at its limit:
+-- 1 000 claims finding nothing took 0.29 ms each with `auto`, 0.037 ms with the generic plan;
+-- claiming 200 x 4 jobs over 64 projects took the same time either way.
+ALTER FUNCTION aiwg_claim_limited(timestamptz, bigint, text, bigint, bigint, text)
+    SET plan_cache_mode = force_generic_plan;
