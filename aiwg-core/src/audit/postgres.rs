@@ -3,7 +3,7 @@
 //!
 //! Every trigger attempt records one entry before it is answered. The records that arrive
 //! while one is on its way are written together, in one statement and one commit
-//! ([`coalesce`](crate::store::postgres::coalesce)): under a burst of triggers each entry
+//! ([`coalesce`](crate::coalesce)): under a burst of triggers each entry
 //! waited for a commit, and the disk, of its own (with 32 connections at once, the example
 //! server's requests spent most of their time in the audit's inserts, waiting on the WAL).
 

@@ -7,7 +7,7 @@
 //! another, however many arrive at once. So [`JobStore::create`](crate::store::JobStore::create)
 //! goes out at once, from its caller, only while nothing else is on its way; the creates that
 //! arrive meanwhile wait in the admitter's task and go out together as soon as it has been
-//! answered ([`super::coalesce`]): one lock, one count, one statement and one commit for all
+//! answered ([`crate::coalesce`]): one lock, one count, one statement and one commit for all
 //! of them. [`JobStore::create_many`](crate::store::JobStore::create_many)
 //! sends its batch as one such statement directly.
 //!

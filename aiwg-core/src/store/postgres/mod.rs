@@ -121,7 +121,9 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// - a submit ([`JobStore::create`]) is one statement: the room in a bounded queue is
 ///   checked by `aiwg_queue_has_room` (migration 0007), which takes the queue's advisory lock
-///   and then counts, so the bound holds across instances. The lock is held until the insert
+///   and then counts, so the bound holds across instances (the count is a sum of tallies that
+///   triggers keep as jobs enter and leave the queue, migration 0013, not a count of the
+///   rows: a backlog made every submit slower). The lock is held until the insert
 ///   commits, so submits into a bounded queue would each wait for the one before and its
 ///   flush; the store's *admitter* sends the submits that arrive while one is on its way as
 ///   one statement: one lock, one count, one commit for all of them (migration 0011; with 32
@@ -131,8 +133,10 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
 ///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
-///   it) and records their events. Jobs of concurrency groups and claims under a per-project
-///   limit take a transaction that checks the group or the project under its lock. No claim
+///   it) and records their events. Jobs of concurrency groups take a transaction that checks
+///   the group under its lock. Under a per-project limit the claim is one statement too,
+///   `aiwg_claim_limited` (migration 0012): it reads the first jobs of the projects with room
+///   (not the queue), and counts each project's running jobs under the project's lock. No claim
 ///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`),
 ///   and the claim keeps one plan (migration 0010: planned anew on every call, it spent more
 ///   time planning than running);
