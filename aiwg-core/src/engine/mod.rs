@@ -25,6 +25,7 @@ use crate::store::{
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
+mod announce;
 mod feed;
 mod scheduler;
 mod subscribe;
@@ -271,6 +272,8 @@ pub(crate) struct Inner {
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
     pending_cancels: Mutex<std::collections::HashSet<JobId>>,
+    /// Jobs submitted here whose `queued` event is not published yet (see `announce`).
+    unannounced: announce::Unannounced,
     observers: Vec<Arc<dyn JobObserver>>,
     stop_claiming: CancellationToken,
     tracker: TaskTracker,
@@ -636,6 +639,7 @@ impl EngineBuilder {
                 claiming: tokio::sync::Mutex::new(()),
                 running: Mutex::new(HashMap::new()),
                 pending_cancels: Mutex::default(),
+                unannounced: announce::Unannounced::default(),
                 observers: self.observers,
                 audit: self.audit.unwrap_or_default(),
                 workspaces: self
@@ -721,6 +725,7 @@ impl Engine {
     /// idempotency key (what the audit trail records as `accepted` or `duplicate`).
     pub async fn submission(&self, request: JobRequest) -> Result<Submission, SubmitError> {
         let new = self.prepare(request)?;
+        let _pending = self.inner.unannounced.mark(new.job.id);
         let created = self.inner.store.create(new).await;
         self.created(created).await
     }
@@ -767,9 +772,14 @@ impl Engine {
             }
         }
         if !news.is_empty() {
+            let mut pending: std::collections::VecDeque<_> = news
+                .iter()
+                .map(|n| self.inner.unannounced.mark(n.job.id))
+                .collect();
             let created = self.inner.store.create_many(news).await;
             for (slot, outcome) in slots.iter().zip(created) {
                 answers[*slot] = Some(self.created(outcome).await.map(|s| s.job));
+                drop(pending.pop_front());
             }
         }
         answers

@@ -199,6 +199,8 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         mut lease,
         event,
     } = claimed;
+    // Not before the submit that created it published its `queued` event (see `announce`).
+    inner.unannounced.wait(job.id).await;
     engine.publish(&job, event).await;
     let id = job.id;
     let token = CancellationToken::new();

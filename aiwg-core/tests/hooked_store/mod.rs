@@ -57,11 +57,25 @@ pub struct HookedStore {
     pub lose_starts: AtomicBool,
     /// Claims made (`claim` and `claim_many` calls).
     pub claims: AtomicUsize,
+    /// When set, the next `create` returns only after a claim took a job (as a submitter
+    /// descheduled between its insert and what follows would).
+    pub hold_next_create_until_claimed: AtomicBool,
+    /// Notified when a claim took a job.
+    pub claimed: Notify,
 }
 
 #[async_trait]
 impl JobStore for HookedStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
+        if self
+            .hold_next_create_until_claimed
+            .swap(false, Ordering::SeqCst)
+        {
+            let claimed = self.claimed.notified();
+            let created = self.inner.create(new).await;
+            claimed.await;
+            return created;
+        }
         self.inner.create(new).await
     }
     async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
@@ -75,7 +89,11 @@ impl JobStore for HookedStore {
     }
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(request).await
+        let claimed = self.inner.claim(request).await;
+        if matches!(claimed, Ok(Some(_))) {
+            self.claimed.notify_waiters();
+        }
+        claimed
     }
     async fn claim_many(
         &self,
@@ -83,7 +101,11 @@ impl JobStore for HookedStore {
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim_many(request, max).await
+        let claimed = self.inner.claim_many(request, max).await;
+        if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
+            self.claimed.notify_waiters();
+        }
+        claimed
     }
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {
         if self.down.load(Ordering::SeqCst) {
