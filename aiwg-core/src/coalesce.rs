@@ -52,6 +52,15 @@ pub trait Flush: Send + Sync + 'static {
     fn flush(&self, items: Vec<Self::Item>) -> impl Future<Output = Vec<Self::Answer>> + Send;
 }
 
+/// The answers of a batch written by one statement: each item's own answer, or, when the
+/// statement failed, its error for every one of the batch's `n` items.
+pub fn answer_each<T, E: Clone>(n: usize, written: Result<Vec<T>, E>) -> Vec<Result<T, E>> {
+    match written {
+        Ok(answers) => answers.into_iter().map(Ok).collect(),
+        Err(e) => std::iter::repeat_n(e, n).map(Err).collect(),
+    }
+}
+
 type Call<F> = (<F as Flush>::Item, oneshot::Sender<<F as Flush>::Answer>);
 
 /// The handle of a coalescer's task. The task ends, after writing what it was given, when the

@@ -17,7 +17,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{AuditEntry, AuditPage, AuditQuery, AuditRecord, AuditStore, Decision};
-use crate::coalesce::{Coalescer, Flush};
+use crate::coalesce::{answer_each, Coalescer, Flush};
 use crate::job::JobId;
 use crate::store::StoreError;
 
@@ -73,10 +73,7 @@ impl Flush for Writer {
 
     async fn flush(&self, records: Vec<AuditRecord>) -> Vec<Result<i64, StoreError>> {
         let n = records.len();
-        match insert(&self.pool, records).await {
-            Ok(ids) => ids.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e); n],
-        }
+        answer_each(n, insert(&self.pool, records).await)
     }
 }
 

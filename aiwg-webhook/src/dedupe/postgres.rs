@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use aiwg_core::coalesce::{Coalescer, Flush};
+use aiwg_core::coalesce::{answer_each, Coalescer, Flush};
 use aiwg_core::{BackendError, JobId};
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
@@ -85,11 +85,7 @@ impl Flush for Claims {
     type Answer = Result<Option<Claim>, DeliveryStoreError>;
 
     async fn flush(&self, items: Vec<ClaimItem>) -> Vec<Self::Answer> {
-        let n = items.len();
-        match claim_together(&self.pool, &items).await {
-            Ok(answers) => answers.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e); n],
-        }
+        answer_each(items.len(), claim_together(&self.pool, &items).await)
     }
 }
 
@@ -99,60 +95,67 @@ async fn claim_together(
     pool: &PgPool,
     items: &[ClaimItem],
 ) -> Result<Vec<Option<Claim>>, DeliveryStoreError> {
-    let mut first: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    // The batch's distinct keys, and for each item the position of its key among them.
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(items.len());
     let (mut keys, mut leases) = (Vec::with_capacity(items.len()), Vec::new());
-    for (i, (key, lease)) in items.iter().enumerate() {
-        if let std::collections::hash_map::Entry::Vacant(v) = first.entry(key.as_str()) {
-            v.insert(i);
-            keys.push(key.as_str());
-            leases.push(*lease);
-        }
-    }
+    let slots: Vec<usize> = items
+        .iter()
+        .map(|(key, lease)| {
+            *position.entry(key.as_str()).or_insert_with(|| {
+                keys.push(key.as_str());
+                leases.push(*lease);
+                keys.len() - 1
+            })
+        })
+        .collect();
     // `d` is read in the statement's snapshot, without the rows `ins` wrote: it answers the
     // keys that were not taken (known, done or pending). A key taken by a transaction that
-    // committed after the snapshot is neither: it is answered `None`.
+    // committed after the snapshot is neither: it is answered `None`. One row per key, in
+    // the order of `keys`.
     let rows = sqlx::query(
-        "WITH t AS (SELECT * FROM unnest($1::text[], $2::int8[]) AS t(key, lease)), \
+        "WITH t AS (SELECT * FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY \
+             AS t(key, lease, ord)), \
          ins AS (INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
              SELECT key, NULL, now() + lease * interval '1 microsecond' FROM t \
              ON CONFLICT (key) DO UPDATE SET job_id = NULL, until = EXCLUDED.until \
              WHERE d.until <= now() \
              RETURNING d.key) \
-         SELECT t.key, ins.key IS NOT NULL AS fresh, d.key IS NOT NULL AS known, d.job_id \
+         SELECT ins.key IS NOT NULL AS fresh, d.key IS NOT NULL AS known, d.job_id \
          FROM t LEFT JOIN ins ON ins.key = t.key \
-         LEFT JOIN aiwg_inbound_deliveries d ON d.key = t.key AND d.until > now()",
+         LEFT JOIN aiwg_inbound_deliveries d ON d.key = t.key AND d.until > now() \
+         ORDER BY t.ord",
     )
     .bind(&keys)
     .bind(&leases)
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    let mut answers: HashMap<String, Option<Claim>> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let key: String = row.try_get("key").map_err(db)?;
-        let answer = if row.try_get::<bool, _>("fresh").map_err(db)? {
-            Some(Claim::Fresh)
-        } else if row.try_get::<bool, _>("known").map_err(db)? {
-            let job: Option<Uuid> = row.try_get("job_id").map_err(db)?;
-            Some(job.map_or(Claim::Pending, |j| Claim::Done(JobId::from(j))))
-        } else {
-            None
-        };
-        answers.insert(key, answer);
-    }
-    Ok(items
+    let answers = rows
         .iter()
-        .enumerate()
-        .map(|(i, (key, _))| {
-            let answer = answers.get(key).cloned().flatten();
-            if first.get(key.as_str()) == Some(&i) {
-                answer
+        .map(|row| {
+            Ok(if row.try_get::<bool, _>("fresh").map_err(db)? {
+                Some(Claim::Fresh)
+            } else if row.try_get::<bool, _>("known").map_err(db)? {
+                let job: Option<Uuid> = row.try_get("job_id").map_err(db)?;
+                Some(job.map_or(Claim::Pending, |j| Claim::Done(JobId::from(j))))
             } else {
+                None
+            })
+        })
+        .collect::<Result<Vec<_>, DeliveryStoreError>>()?;
+    let mut answered = vec![false; keys.len()];
+    Ok(slots
+        .into_iter()
+        .map(|slot| {
+            let answer = answers.get(slot).copied().flatten();
+            if std::mem::replace(&mut answered[slot], true) {
                 // The same key again: the first one's claim is now the key's state.
                 answer.map(|a| match a {
                     Claim::Fresh => Claim::Pending,
                     other => other,
                 })
+            } else {
+                answer
             }
         })
         .collect())
@@ -192,10 +195,7 @@ impl Flush for Completions {
         .bind(&ttls)
         .execute(&self.pool)
         .await;
-        match done {
-            Ok(_) => vec![Ok(()); n],
-            Err(e) => vec![Err(db(e)); n],
-        }
+        answer_each(n, done.map(|_| vec![(); n]).map_err(db))
     }
 }
 

@@ -22,7 +22,7 @@ use sqlx::types::Json;
 use sqlx::Row;
 
 use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
-use crate::coalesce::{Coalescer, Flush};
+use crate::coalesce::{answer_each, Coalescer, Flush};
 use crate::job::{IllegalTransition, JobStatus};
 use crate::secrets::SecretKeyring;
 use crate::store::{apply, Created, NewJob, StoreError};
@@ -54,10 +54,7 @@ impl Flush for Ctx {
             }
         }
         let n = news.len();
-        match insert(self, news).await {
-            Ok(answers) => answers.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e); n],
-        }
+        answer_each(n, insert(self, news).await)
     }
 }
 
