@@ -920,6 +920,41 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
     db.cleanup().await;
 }
 
+/// The claim keeps one generic plan (migration 0010), which takes a claim for a tenth of the
+/// queued jobs whatever it asks for. With a few thousand jobs in the table, its update then
+/// joined the picked rows to the table by hashing all of it: every claim read every job.
+/// It names the picked rows by key now (migration 0014).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_the_jobs_it_picks_not_the_table() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let queued: Vec<NewJob> = (0..6_000)
+        .map(|_| NewJob::new(sample_job("w", "/p", 0)))
+        .collect();
+    for created in store.create_many(queued).await {
+        created.unwrap();
+    }
+    sqlx::query("ANALYZE aiwg_jobs")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let before = rows_read(&mut tx).await;
+    let claimed: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM aiwg_claim(now(), 1, 'w', 60000000)")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1, "one job claimed");
+    let read = rows_read(&mut tx).await - before;
+    assert!(
+        read < 100,
+        "{read} rows read to claim one job of 6 000 queued"
+    );
+    tx.rollback().await.unwrap();
+    db.cleanup().await;
+}
+
 /// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
 /// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
 /// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,

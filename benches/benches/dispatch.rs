@@ -211,6 +211,30 @@ fn dispatch(c: &mut Criterion) {
             start.elapsed()
         })
     };
+    // `AIWG_DISPATCH_ONLY=signed|bare` runs one side alone (for a profile of it); the figures
+    // are then not printed.
+    let only = std::env::var("AIWG_DISPATCH_ONLY").ok();
+    if let Some(only) = only {
+        let rounds: u32 = std::env::var("AIWG_DISPATCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(150);
+        let mut total = Duration::ZERO;
+        for _ in 0..rounds {
+            total += if only == "bare" {
+                bare_round()
+            } else {
+                signed_round()
+            };
+        }
+        println!(
+            "{only} alone: {:.0}/s over {} deliveries",
+            f64::from(rounds) * N as f64 / total.as_secs_f64(),
+            u64::from(rounds) * N
+        );
+        rt.block_on(dispatcher.shutdown());
+        return;
+    }
     let (mut signed, mut bare) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
         signed += signed_round();

@@ -11,7 +11,7 @@
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
 //! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down,
-//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 engine and its baseline,
+//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 and 2 engines and its baseline,
 //! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst, `AIWG_PG_QUEUE_ONLY=per_project` only
 //! the wide burn-down with the jobs spread over 64 projects and one job per project at a time
 //! (`per_project_concurrency: 1`, the configuration's default; `ratio
@@ -637,6 +637,7 @@ fn main() {
                 "latency" => {
                     report_latency("  baseline", baseline_latency(&raw).await);
                     report_latency("  1 engine", engine_latency(&one).await);
+                    report_latency("  2 engines", engine_latency(&two).await);
                 }
                 other => println!("pg_queue: AIWG_PG_QUEUE_ONLY={other} names no part"),
             }
