@@ -67,6 +67,24 @@ async fn rows_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
     .unwrap()
 }
 
+/// Fresh statistics of the jobs table, as autovacuum would take them.
+async fn analyze(store: &PgStore) {
+    sqlx::query("ANALYZE aiwg_jobs")
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+/// Queues `n` jobs of workflow `w` in `project`, each created as `create_many` creates them.
+async fn queue(store: &PgStore, n: usize, project: &str, priority: i32) {
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|_| NewJob::new(sample_job("w", project, priority)))
+        .collect();
+    for created in store.create_many(jobs).await {
+        created.unwrap();
+    }
+}
+
 /// A submit into a bounded queue no longer counts the queued rows (migration 0013): it reads
 /// the tallies, a row per database backend. The tallies of backends that are gone are folded
 /// into one row, and the total is kept.
@@ -74,12 +92,7 @@ async fn rows_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
 async fn a_bounded_submit_reads_the_tally_and_folds_the_tallies_of_gone_backends() {
     let Some(db) = test_db().await else { return };
     let store = db.fresh_store().await;
-    let queued: Vec<NewJob> = (0..3_000)
-        .map(|_| NewJob::new(sample_job("w", "/p", 0)))
-        .collect();
-    for created in store.create_many(queued).await {
-        created.unwrap();
-    }
+    queue(&store, 3_000, "/p", 0).await;
     // Gone backends' tallies (process ids no backend has), moved out of row 0 so the total
     // stays right.
     sqlx::query(
@@ -876,22 +889,14 @@ async fn lock_keys_in_sql_match_the_rust_ones() {
 async fn a_limited_claim_reads_project_heads_not_the_queue() {
     let Some(db) = test_db().await else { return };
     let store = db.fresh_store().await;
-    let busy: Vec<NewJob> = (0..2_000)
-        .map(|_| NewJob::new(sample_job("w", "/busy", 5)))
-        .collect();
-    for created in store.create_many(busy).await {
-        created.unwrap();
-    }
+    queue(&store, 2_000, "/busy", 5).await;
     let req = ClaimRequest::new("w", Duration::from_secs(60)).per_project(1);
     let first = store.claim(&req).await.unwrap().expect("a /busy job");
     assert_eq!(first.job.project_path, "/busy");
     let other = sample_job("w", "/other", 0);
     let other_id = other.id;
     store.create(NewJob::new(other)).await.unwrap();
-    sqlx::query("ANALYZE aiwg_jobs")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    analyze(&store).await;
     let mut tx = store.pool().begin().await.unwrap();
     let before = rows_read(&mut tx).await;
     let claim = |max: i64| {
@@ -928,16 +933,8 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
 async fn a_claim_reads_the_jobs_it_picks_not_the_table() {
     let Some(db) = test_db().await else { return };
     let store = db.fresh_store().await;
-    let queued: Vec<NewJob> = (0..6_000)
-        .map(|_| NewJob::new(sample_job("w", "/p", 0)))
-        .collect();
-    for created in store.create_many(queued).await {
-        created.unwrap();
-    }
-    sqlx::query("ANALYZE aiwg_jobs")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    queue(&store, 6_000, "/p", 0).await;
+    analyze(&store).await;
     let mut tx = store.pool().begin().await.unwrap();
     let before = rows_read(&mut tx).await;
     let claimed: Vec<uuid::Uuid> =
