@@ -5,7 +5,9 @@
 //!
 //! `cargo bench -p aiwg-benches --bench dispatch` (the criterion groups and the side-by-side
 //! figure); `cargo bench -p aiwg-benches --bench dispatch -- summary_only` skips the criterion
-//! groups. The last line is `ratio dispatch_vs_bare_reqwest <v>`.
+//! groups. The last line is `ratio dispatch_vs_bare_reqwest <v>`. `AIWG_DISPATCH_ONLY=signed`
+//! (or `bare`) runs only that side, `AIWG_DISPATCH_ROUNDS` rounds of it (default 150), for a
+//! profile or a count of its CPU time; it prints its rate and no `ratio` line.
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
