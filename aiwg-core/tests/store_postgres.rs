@@ -925,6 +925,54 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
     db.cleanup().await;
 }
 
+/// The claim under a per-project limit counts each candidate project's running jobs. Its one
+/// generic plan, made while the statistics showed no running job, walked the index of every
+/// job by status: every running job of every project, once per project (migration 0015 keeps
+/// the count on the index of running jobs by project). 64 projects at their limit: a claim
+/// that finds nothing reads about a row per project, not 64 × 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_counts_each_projects_running_jobs_alone() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let jobs: Vec<NewJob> = (0..6_000)
+        .map(|i| NewJob::new(sample_job("w", &format!("/p{}", i % 64), 0)))
+        .collect();
+    for created in store.create_many(jobs).await {
+        created.unwrap();
+    }
+    // Two thirds finished long ago: the statistics see finished and queued jobs, none running.
+    sqlx::query(
+        "UPDATE aiwg_jobs SET status = 'completed', queue_seq = NULL \
+         WHERE id IN (SELECT id FROM aiwg_jobs ORDER BY id LIMIT 4000)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    analyze(&store).await;
+    let mut tx = store.pool().begin().await.unwrap();
+    let claim = |max: i64| {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)",
+        )
+        .bind(max)
+        .bind(store.channel().to_owned())
+    };
+    let first = claim(64).fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(first.len(), 64, "one job per project");
+    let before = rows_read(&mut tx).await;
+    assert!(
+        claim(8).fetch_all(&mut *tx).await.unwrap().is_empty(),
+        "every project is at its limit"
+    );
+    let read = rows_read(&mut tx).await - before;
+    assert!(
+        read < 400,
+        "{read} rows read to find 64 projects at their limit, 64 jobs running"
+    );
+    tx.rollback().await.unwrap();
+    db.cleanup().await;
+}
+
 /// The claim keeps one generic plan (migration 0010), which takes a claim for a tenth of the
 /// queued jobs whatever it asks for. With a few thousand jobs in the table, its update then
 /// joined the picked rows to the table by hashing all of it: every claim read every job.
