@@ -67,6 +67,17 @@ async fn rows_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
     .unwrap()
 }
 
+/// The claim under a per-project limit of one, of up to `max` jobs, as the store sends it
+/// (its lock scope is the store's channel).
+fn limited_claim(
+    store: &PgStore,
+    max: i64,
+) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, uuid::Uuid, sqlx::postgres::PgArguments> {
+    sqlx::query_scalar("SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)")
+        .bind(max)
+        .bind(store.channel().to_owned())
+}
+
 /// Fresh statistics of the jobs table, as autovacuum would take them.
 async fn analyze(store: &PgStore) {
     sqlx::query("ANALYZE aiwg_jobs")
@@ -899,13 +910,7 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
     analyze(&store).await;
     let mut tx = store.pool().begin().await.unwrap();
     let before = rows_read(&mut tx).await;
-    let claim = |max: i64| {
-        sqlx::query_scalar::<_, uuid::Uuid>(
-            "SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)",
-        )
-        .bind(max)
-        .bind(store.channel().to_owned())
-    };
+    let claim = |max: i64| limited_claim(&store, max);
     let ids = claim(8).fetch_all(&mut *tx).await.unwrap();
     assert_eq!(
         ids,
@@ -950,13 +955,7 @@ async fn a_limited_claim_counts_each_projects_running_jobs_alone() {
     .unwrap();
     analyze(&store).await;
     let mut tx = store.pool().begin().await.unwrap();
-    let claim = |max: i64| {
-        sqlx::query_scalar::<_, uuid::Uuid>(
-            "SELECT id FROM aiwg_claim_limited(now(), $1, 'w', 60000000, 1, $2)",
-        )
-        .bind(max)
-        .bind(store.channel().to_owned())
-    };
+    let claim = |max: i64| limited_claim(&store, max);
     let first = claim(64).fetch_all(&mut *tx).await.unwrap();
     assert_eq!(first.len(), 64, "one job per project");
     let before = rows_read(&mut tx).await;

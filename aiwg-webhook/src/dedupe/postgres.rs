@@ -181,9 +181,12 @@ impl Flush for Completions {
         for item in &items {
             last.insert(item.0.as_str(), item);
         }
-        let keys: Vec<&str> = last.keys().copied().collect();
-        let jobs: Vec<Uuid> = keys.iter().map(|k| last[k].1).collect();
-        let ttls: Vec<i64> = keys.iter().map(|k| last[k].2).collect();
+        let (mut keys, mut jobs, mut ttls) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, job, ttl) in last.into_values() {
+            keys.push(key.as_str());
+            jobs.push(*job);
+            ttls.push(*ttl);
+        }
         let done = sqlx::query(
             "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
              SELECT key, job, now() + ttl * interval '1 microsecond' \
