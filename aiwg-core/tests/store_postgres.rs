@@ -972,6 +972,85 @@ async fn a_limited_claim_counts_each_projects_running_jobs_alone() {
     db.cleanup().await;
 }
 
+/// A claim under a per-project limit passes over a project whose lock another claim holds
+/// while other projects have room (migration 0016): before, it waited for the other claim's
+/// commit on the first project in claim order, and two engines' claims always start on the
+/// same one. A claim that finds nothing else still waits for that project, and then takes its
+/// job: it returns empty only when there is nothing it could have claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_passes_over_a_project_another_claim_is_taking() {
+    let Some(db) = test_db().await else { return };
+    let store = Arc::new(db.fresh_store().await);
+    queue(&store, 1, "/first", 5).await;
+    queue(&store, 1, "/second", 0).await;
+    // Another claim holds the first project's lock, as while it starts that project's job.
+    let mut other = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(aiwg_lock_key($1, '/first'))")
+        .bind(store.channel())
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let claim_one = || async {
+        let mut tx = store.pool().begin().await.unwrap();
+        let ids = limited_claim(&store, 2).fetch_all(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut projects = Vec::new();
+        for id in ids {
+            let job = store
+                .get(aiwg_core::JobId::from(id))
+                .await
+                .unwrap()
+                .unwrap();
+            projects.push(job.project_path);
+        }
+        projects
+    };
+    let projects = tokio::time::timeout(Duration::from_secs(10), claim_one())
+        .await
+        .expect("the claim waited for the project another claim holds");
+    assert_eq!(projects, ["/second"], "the project nobody else is taking");
+    // Only the held project has room now: the claim waits for it, then takes its job.
+    let waiting = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let mut tx = store.pool().begin().await.unwrap();
+            let ids = limited_claim(&store, 2).fetch_all(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+            ids.len()
+        }
+    });
+    let blocked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        blocked.is_ok(),
+        "the claim did not wait for the held project"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the claim ended while the project was held"
+    );
+    other.rollback().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim went on once the project was free")
+        .unwrap();
+    assert_eq!(got, 1, "the held project's job, once it was free");
+    db.cleanup().await;
+}
+
 /// The claim keeps one generic plan (migration 0010), which takes a claim for a tenth of the
 /// queued jobs whatever it asks for. With a few thousand jobs in the table, its update then
 /// joined the picked rows to the table by hashing all of it: every claim read every job.

@@ -136,7 +136,9 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   it) and records their events. Jobs of concurrency groups take a transaction that checks
 ///   the group under its lock. Under a per-project limit the claim is one statement too,
 ///   `aiwg_claim_limited` (migration 0012): it reads the first jobs of the projects with room
-///   (not the queue), and counts each project's running jobs under the project's lock. No claim
+///   (not the queue), and counts each project's running jobs under the project's lock; a
+///   project whose lock another claim holds is passed over while others have room
+///   (migration 0016: two instances' claims no longer wait for each other's commits). No claim
 ///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`),
 ///   and the claim keeps one plan (migration 0010: planned anew on every call, it spent more
 ///   time planning than running);
