@@ -15,7 +15,8 @@
 //! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst, `AIWG_PG_QUEUE_ONLY=per_project` only
 //! the wide burn-down with the jobs spread over 64 projects and one job per project at a time
 //! (`per_project_concurrency: 1`, the configuration's default; `ratio
-//! pg_wide_burn_down_2_engines_per_project`).
+//! pg_wide_burn_down_2_engines_per_project`). Parts named together (`wide,per_project`) run
+//! one after the other in one schema, as the full run does.
 //!
 //! The *submit burst*: many submits at once (`SUBMITTERS` tasks over 2 stores, each job
 //! submitted on its own with `JobStore::create` into a bounded queue, as `Engine::submit`
@@ -630,16 +631,20 @@ fn main() {
     let only = std::env::var("AIWG_PG_QUEUE_ONLY").unwrap_or_default();
     if !only.is_empty() {
         rt.block_on(async {
-            match only.as_str() {
-                "wide" => wide_burn_down(&raw, &two, rounds, 0).await,
-                "per_project" => wide_burn_down(&raw, &two, rounds, PROJECTS).await,
-                "submit" => submit_bursts(&raw, &two, rounds).await,
-                "latency" => {
-                    report_latency("  baseline", baseline_latency(&raw).await);
-                    report_latency("  1 engine", engine_latency(&one).await);
-                    report_latency("  2 engines", engine_latency(&two).await);
+            // Parts named together run one after the other in one schema, as in the full
+            // run (which leaves each part what the earlier ones left behind).
+            for part in only.split(',') {
+                match part.trim() {
+                    "wide" => wide_burn_down(&raw, &two, rounds, 0).await,
+                    "per_project" => wide_burn_down(&raw, &two, rounds, PROJECTS).await,
+                    "submit" => submit_bursts(&raw, &two, rounds).await,
+                    "latency" => {
+                        report_latency("  baseline", baseline_latency(&raw).await);
+                        report_latency("  1 engine", engine_latency(&one).await);
+                        report_latency("  2 engines", engine_latency(&two).await);
+                    }
+                    other => println!("pg_queue: AIWG_PG_QUEUE_ONLY={other} names no part"),
                 }
-                other => println!("pg_queue: AIWG_PG_QUEUE_ONLY={other} names no part"),
             }
             drop(raw);
             sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))

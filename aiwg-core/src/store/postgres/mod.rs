@@ -141,7 +141,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   (migration 0016: two instances' claims no longer wait for each other's commits). No claim
 ///   is JIT-compiled (a long queue made the planner's cost estimate pass `jit_above_cost`),
 ///   and the claim keeps one plan (migration 0010: planned anew on every call, it spent more
-///   time planning than running);
+///   time planning than running), one that walks the queue in claim order whatever the
+///   statistics of its moment said (migration 0017: no sort of the queue);
 /// - the last step's `step_finished` is written with the outcome, in the outcome's statement
 ///   ([`JobStore::finish_after`]);
 /// - the fenced writes of running jobs (every [`JobStore::append`] and [`JobStore::finish`])
