@@ -11,7 +11,8 @@
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
 //! taking and completing rows of a queue filled the same way. `AIWG_PG_QUEUE_ROUNDS` (default
 //! 5) sets the rounds of the summary; `AIWG_PG_QUEUE_ONLY=wide` runs only the wide burn-down,
-//! `AIWG_PG_QUEUE_ONLY=latency` only enqueue → start with 1 and 2 engines and its baseline,
+//! `AIWG_PG_QUEUE_ONLY=narrow` only the burn-downs of 300 jobs, `AIWG_PG_QUEUE_ONLY=latency`
+//! only enqueue → start (1 and 2 engines, relaxed event commits) and its baseline,
 //! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst, `AIWG_PG_QUEUE_ONLY=per_project` only
 //! the wide burn-down with the jobs spread over 64 projects and one job per project at a time
 //! (`per_project_concurrency: 1`, the configuration's default; `ratio
@@ -599,6 +600,91 @@ fn machine_cpu() -> Option<Duration> {
     Some(Duration::from_millis(busy * 10))
 }
 
+/// The narrow burn-downs: `rounds` rounds (the summary's `AIWG_PG_QUEUE_ROUNDS`), each running
+/// the baseline and every configuration once, one after the other; each figure is the median
+/// of its rounds, so a burst of load on a shared machine moves one round, not the result.
+async fn narrow_burn_downs(
+    raw: &PgPool,
+    one: &[Arc<PgStore>],
+    two: &[Arc<PgStore>],
+    relaxed: &[Arc<PgStore>],
+    rounds: usize,
+) {
+    let mut runs: [Vec<Duration>; 4] = Default::default();
+    for _ in 0..rounds {
+        runs[0].push(baseline(raw).await);
+        runs[1].push(burn_down(one, NARROW).await.took);
+        runs[2].push(burn_down(two, NARROW).await.took);
+        runs[3].push(burn_down(relaxed, NARROW).await.took);
+    }
+    let [base, t1, t2, tr] = runs.map(|mut r| {
+        r.sort_unstable();
+        r[r.len() / 2]
+    });
+    let rate = |d: Duration| BATCH as f64 / d.as_secs_f64();
+    println!();
+    println!(
+        "burn-down of {BATCH} jobs, {WORKERS} workers per engine (median of {rounds} rounds):"
+    );
+    println!(
+        "  baseline INSERT + SKIP LOCKED  {:>9.0} items/s",
+        rate(base)
+    );
+    println!(
+        "  1 engine                      {:>9.0} jobs/s  ({:.2} x baseline)",
+        rate(t1),
+        rate(t1) / rate(base)
+    );
+    println!(
+        "  2 engines                     {:>9.0} jobs/s  ({:.2} x baseline)",
+        rate(t2),
+        rate(t2) / rate(base)
+    );
+    println!(
+        "  1 engine, relaxed event commits {:>6.0} jobs/s  ({:.2} x baseline)",
+        rate(tr),
+        rate(tr) / rate(base)
+    );
+    // Higher is better: throughput ours / baseline.
+    println!("ratio pg_burn_down_1_engine {:.3}", rate(t1) / rate(base));
+    println!("ratio pg_burn_down_2_engines {:.3}", rate(t2) / rate(base));
+    println!("ratio pg_burn_down_relaxed {:.3}", rate(tr) / rate(base));
+}
+
+/// Enqueue → start with 1 and 2 engines and relaxed event commits, beside the baseline.
+async fn latencies(
+    raw: &PgPool,
+    one: &[Arc<PgStore>],
+    two: &[Arc<PgStore>],
+    relaxed: &[Arc<PgStore>],
+) {
+    println!();
+    println!("enqueue -> start latency ({LATENCY_SAMPLES} samples each):");
+    let (b50, b99) = report_latency(
+        "  baseline INSERT + SKIP LOCKED",
+        baseline_latency(raw).await,
+    );
+    let (l50, l99) = report_latency("  1 engine", engine_latency(one).await);
+    let (m50, m99) = report_latency("  2 engines", engine_latency(two).await);
+    report_latency(
+        "  1 engine, relaxed event commits",
+        engine_latency(relaxed).await,
+    );
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    println!(
+        "  ratio to baseline: 1 engine p50 {:.1}x p99 {:.1}x; 2 engines p50 {:.1}x p99 {:.1}x",
+        ratio(l50, b50),
+        ratio(l99, b99),
+        ratio(m50, b50),
+        ratio(m99, b99)
+    );
+    // Higher is better: latency baseline / ours.
+    println!("ratio pg_latency_p50_1_engine {:.3}", ratio(b50, l50));
+    println!("ratio pg_latency_p99_1_engine {:.3}", ratio(b99, l99));
+    println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
+    println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -638,11 +724,8 @@ fn main() {
                     "wide" => wide_burn_down(&raw, &two, rounds, 0).await,
                     "per_project" => wide_burn_down(&raw, &two, rounds, PROJECTS).await,
                     "submit" => submit_bursts(&raw, &two, rounds).await,
-                    "latency" => {
-                        report_latency("  baseline", baseline_latency(&raw).await);
-                        report_latency("  1 engine", engine_latency(&one).await);
-                        report_latency("  2 engines", engine_latency(&two).await);
-                    }
+                    "narrow" => narrow_burn_downs(&raw, &one, &two, &relaxed, rounds).await,
+                    "latency" => latencies(&raw, &one, &two, &relaxed).await,
                     other => println!("pg_queue: AIWG_PG_QUEUE_ONLY={other} names no part"),
                 }
             }
@@ -695,75 +778,10 @@ fn main() {
     group.finish();
     c.final_summary();
 
-    // Timed runs for the summary (criterion's own report is above): `AIWG_PG_QUEUE_ROUNDS`
-    // rounds (default 5), each running the baseline and every configuration once, one after
-    // the other; each figure is the median of its rounds, so a burst of load on a shared
-    // machine moves one round, not the result.
+    // Timed runs for the summary (criterion's own report is above), one part after the other.
     rt.block_on(async {
-        let mut runs: [Vec<Duration>; 4] = Default::default();
-        for _ in 0..rounds {
-            runs[0].push(baseline(&raw).await);
-            runs[1].push(burn_down(&one, NARROW).await.took);
-            runs[2].push(burn_down(&two, NARROW).await.took);
-            runs[3].push(burn_down(&relaxed, NARROW).await.took);
-        }
-        let [base, t1, t2, tr] = runs.map(|mut r| {
-            r.sort_unstable();
-            r[r.len() / 2]
-        });
-        let rate = |d: Duration| BATCH as f64 / d.as_secs_f64();
-        println!();
-        println!(
-            "burn-down of {BATCH} jobs, {WORKERS} workers per engine (median of {rounds} rounds):"
-        );
-        println!(
-            "  baseline INSERT + SKIP LOCKED  {:>9.0} items/s",
-            rate(base)
-        );
-        println!(
-            "  1 engine                      {:>9.0} jobs/s  ({:.2} x baseline)",
-            rate(t1),
-            rate(t1) / rate(base)
-        );
-        println!(
-            "  2 engines                     {:>9.0} jobs/s  ({:.2} x baseline)",
-            rate(t2),
-            rate(t2) / rate(base)
-        );
-        println!(
-            "  1 engine, relaxed event commits {:>6.0} jobs/s  ({:.2} x baseline)",
-            rate(tr),
-            rate(tr) / rate(base)
-        );
-        println!();
-        println!("enqueue -> start latency ({LATENCY_SAMPLES} samples each):");
-        let (b50, b99) = report_latency(
-            "  baseline INSERT + SKIP LOCKED",
-            baseline_latency(&raw).await,
-        );
-        let (l50, l99) = report_latency("  1 engine", engine_latency(&one).await);
-        let (m50, m99) = report_latency("  2 engines", engine_latency(&two).await);
-        report_latency(
-            "  1 engine, relaxed event commits",
-            engine_latency(&relaxed).await,
-        );
-        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
-        println!(
-            "  ratio to baseline: 1 engine p50 {:.1}x p99 {:.1}x; 2 engines p50 {:.1}x p99 {:.1}x",
-            ratio(l50, b50),
-            ratio(l99, b99),
-            ratio(m50, b50),
-            ratio(m99, b99)
-        );
-        // Higher is better: throughput ours / baseline, latency baseline / ours.
-        println!();
-        println!("ratio pg_burn_down_1_engine {:.3}", rate(t1) / rate(base));
-        println!("ratio pg_burn_down_2_engines {:.3}", rate(t2) / rate(base));
-        println!("ratio pg_burn_down_relaxed {:.3}", rate(tr) / rate(base));
-        println!("ratio pg_latency_p50_1_engine {:.3}", ratio(b50, l50));
-        println!("ratio pg_latency_p99_1_engine {:.3}", ratio(b99, l99));
-        println!("ratio pg_latency_p50_2_engines {:.3}", ratio(b50, m50));
-        println!("ratio pg_latency_p99_2_engines {:.3}", ratio(b99, m99));
+        narrow_burn_downs(&raw, &one, &two, &relaxed, rounds).await;
+        latencies(&raw, &one, &two, &relaxed).await;
         wide_burn_down(&raw, &two, rounds, 0).await;
         wide_burn_down(&raw, &two, rounds, PROJECTS).await;
         submit_bursts(&raw, &two, rounds).await;
