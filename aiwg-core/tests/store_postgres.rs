@@ -1136,6 +1136,124 @@ async fn claims_walk_the_queue_whatever_the_planner_would_prefer() {
     db.cleanup().await;
 }
 
+/// The completer's statements (a step's event, an outcome's read and write) name their rows
+/// by key and fence them by lease token. They used to say `status = 'running'` too, and a
+/// generic plan made while the statistics showed few running jobs then read every running
+/// job through an index of running jobs, as a bitmap that never marks finished jobs' entries
+/// dead, on every batch (`pg_queue` after its narrow burn-downs: 2 200 pages for 22 rows).
+/// The table's `CHECK` makes a row with a lease token a running one, so the token fences it
+/// alone, and the statements' plans can only read the rows they name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_completers_statements_read_only_the_rows_they_name() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    // One connection (so the test reads the completer's own prepared statements), whose
+    // statements use their generic plan from the first call, as a busy store's do.
+    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(db.url())
+        .unwrap()
+        .options([
+            ("search_path", schema.as_str()),
+            ("synchronous_commit", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ]);
+    let pool = PgStore::pool_options()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PgStore::from_pool(pool).await.unwrap();
+    store.migrate().await.unwrap();
+    // The statistics are taken while few jobs run among many finished ones...
+    queue(&store, 3_000, "/p", 0).await;
+    sqlx::query("UPDATE aiwg_jobs SET status = 'completed', queue_seq = NULL")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    queue(&store, 6, "/p", 0).await;
+    let req = ClaimRequest::new("w", Duration::from_secs(600));
+    assert_eq!(store.claim_many(&req, 6).await.unwrap().len(), 6);
+    analyze(&store).await;
+    // ...then many run.
+    queue(&store, 1_000, "/p", 0).await;
+    let running = store.claim_many(&req, 64).await.unwrap();
+    assert_eq!(running.len(), 64);
+    let mut more = 0;
+    while more < 900 {
+        let got = store.claim_many(&req, 64).await.unwrap().len();
+        assert!(got > 0, "the queue ran dry after {more}");
+        more += got;
+    }
+    let lease = &running[0].lease;
+    let started = JobEventKind::StepStarted {
+        step: "s".into(),
+        agent: "a".into(),
+        attempt: 1,
+    };
+    store.append(lease, started).await.unwrap();
+    store
+        .finish(lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    // The plans the completer's statements keep on that connection.
+    let mut conn = store.pool().acquire().await.unwrap();
+    let statements: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, cardinality(parameter_types)::int8 FROM pg_prepared_statements \
+         WHERE statement LIKE '%lease_token = t.token%' \
+           AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        statements.len() >= 3,
+        "the event's write, the outcome's read and write: {statements:?}"
+    );
+    for (name, params) in statements {
+        let nulls = vec!["NULL"; params as usize].join(", ");
+        let plan: serde_json::Value =
+            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})"))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        let mut reads = Vec::new();
+        jobs_read(&plan, &mut reads);
+        assert!(!reads.is_empty(), "{name} reads aiwg_jobs: {plan}");
+        for how in reads {
+            assert_eq!(
+                how, "aiwg_jobs_pkey",
+                "{name} reads aiwg_jobs by {how}: {plan}"
+            );
+        }
+    }
+    drop(conn);
+    db.cleanup().await;
+}
+
+/// How each node of a JSON plan that reads `aiwg_jobs` reads it: the index it names (a
+/// bitmap heap scan's is its child's), or its node type (a sequential scan).
+fn jobs_read(node: &serde_json::Value, out: &mut Vec<String>) {
+    match node {
+        serde_json::Value::Object(map) => {
+            let field = |k: &str| map.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            let kind = field("Node Type");
+            if kind == "Bitmap Index Scan" && field("Index Name").starts_with("aiwg_jobs_") {
+                out.push(field("Index Name").to_owned());
+            } else if kind.contains("Scan")
+                && kind != "Bitmap Heap Scan"
+                && field("Relation Name") == "aiwg_jobs"
+            {
+                let index = field("Index Name");
+                out.push(if index.is_empty() { kind } else { index }.to_owned());
+            }
+            for v in map.values() {
+                jobs_read(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| jobs_read(v, out)),
+        _ => {}
+    }
+}
+
 /// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
 /// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
 /// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,
