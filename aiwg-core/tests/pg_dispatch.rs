@@ -202,3 +202,65 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
     new.shutdown().await;
     db.cleanup().await;
 }
+
+/// The per-subscription cap holds when claims of two outboxes on one database run at once:
+/// each claim locks the subscriptions of its candidates (in one statement, in the order of
+/// their ids) and counts their leases in flight after it holds the locks (one statement for
+/// all of them), so no two claims fill the same room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes() {
+    use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let outboxes = [
+        Arc::new(db.outbox_in(&schema, 4).await),
+        Arc::new(db.outbox_in(&schema, 4).await),
+    ];
+    let now = Utc::now();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let s = Subscription::new(
+            "https://example.com/hook",
+            vec!["*".into()],
+            None,
+            SigningSecret::generate(),
+            now,
+        );
+        outboxes[0].insert_subscription(&s).await.unwrap();
+        let batch: Vec<_> = (0..20)
+            .map(|_| NewDelivery::new(s.id, "job.queued", "{}", now))
+            .collect();
+        outboxes[0].enqueue(&batch).await.unwrap();
+        subs.push(s.id);
+    }
+    const CAP: usize = 2;
+    let mut claimers = Vec::new();
+    for i in 0..8 {
+        let outbox = Arc::clone(&outboxes[i % 2]);
+        claimers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..5 {
+                let req = DeliveryClaimRequest::new(
+                    now,
+                    1 + i % 3,
+                    format!("c{i}"),
+                    Duration::from_secs(60),
+                    CAP,
+                );
+                got.extend(outbox.claim_due(&req).await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    let ids: HashSet<_> = claimed.iter().map(|c| c.id).collect();
+    assert_eq!(ids.len(), claimed.len(), "a delivery claimed twice");
+    for sub in subs {
+        let n = claimed.iter().filter(|c| c.subscription.id == sub).count();
+        assert_eq!(n, CAP, "deliveries in flight for one subscription");
+    }
+    db.cleanup().await;
+}

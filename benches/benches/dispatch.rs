@@ -8,6 +8,9 @@
 //! groups. The last line is `ratio dispatch_vs_bare_reqwest <v>`. `AIWG_DISPATCH_ONLY=signed`
 //! (or `bare`) runs only that side, `AIWG_DISPATCH_ROUNDS` rounds of it (default 150), for a
 //! profile or a count of its CPU time; it prints its rate and no `ratio` line.
+//! `AIWG_DISPATCH_STORE=postgres` keeps the outbox in PostgreSQL (`PgDispatchStore`, a fresh
+//! schema of `AIWG_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`,
+//! dropped at the end); the last line is then `ratio dispatch_pg_vs_bare_reqwest <v>`.
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
@@ -15,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent};
+use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent, PgDispatchStore};
+use aiwg_core::secrets::SecretKeyring;
+use aiwg_core::store::PgStore;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
@@ -84,15 +89,55 @@ fn event() -> OutboundEvent {
     )
 }
 
+/// A PostgreSQL outbox in a fresh schema (`AIWG_DISPATCH_STORE=postgres`): the store, and
+/// the admin pool and schema to drop at the end.
+async fn pg_outbox() -> (Arc<PgDispatchStore>, sqlx::PgPool, String) {
+    use std::str::FromStr;
+    let url = std::env::var("AIWG_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("AIWG_DISPATCH_STORE=postgres needs a reachable AIWG_TEST_DATABASE_URL");
+    let schema = format!("aiwg_bench_dispatch_{}", std::process::id());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+        .expect("url")
+        .options([("search_path", schema.as_str())]);
+    let pool = PgStore::pool_options()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let keyring = SecretKeyring::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+        .expect("keyring");
+    let store = PgDispatchStore::from_pool(pool)
+        .await
+        .expect("outbox")
+        .with_keyring(keyring);
+    store.migrate().await.expect("migrate");
+    (Arc::new(store), admin, schema)
+}
+
 fn dispatch(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let (base, sink) = rt.block_on(receiver());
+    let pg = std::env::var("AIWG_DISPATCH_STORE").is_ok_and(|s| s == "postgres");
+    let outbox = pg.then(|| rt.block_on(pg_outbox()));
     let dispatcher = rt.block_on(async {
-        let d = Dispatcher::builder()
+        let mut builder = Dispatcher::builder()
             .allow_private_targets(true)
-            .workers(CONCURRENCY)
-            .build()
-            .unwrap();
+            .workers(CONCURRENCY);
+        if let Some((store, _, _)) = &outbox {
+            builder = builder.store(store.clone());
+        }
+        let d = builder.build().unwrap();
         d.start().unwrap();
         for i in 0..10 {
             d.create(CreateSubscription {
@@ -235,6 +280,7 @@ fn dispatch(c: &mut Criterion) {
             u64::from(rounds) * N
         );
         rt.block_on(dispatcher.shutdown());
+        drop_outbox(&rt, outbox);
         return;
     }
     let (mut signed, mut bare) = (Duration::ZERO, Duration::ZERO);
@@ -251,11 +297,27 @@ fn dispatch(c: &mut Criterion) {
         per_sec(signed) / per_sec(bare)
     );
     rt.block_on(dispatcher.shutdown());
+    let name = if outbox.is_some() {
+        "dispatch_pg_vs_bare_reqwest"
+    } else {
+        "dispatch_vs_bare_reqwest"
+    };
+    drop_outbox(&rt, outbox);
     // The machine-readable figure, last (throughput: ours / baseline, higher is better).
-    println!(
-        "ratio dispatch_vs_bare_reqwest {:.3}",
-        per_sec(signed) / per_sec(bare)
-    );
+    println!("ratio {name} {:.3}", per_sec(signed) / per_sec(bare));
+}
+
+/// Drops the PostgreSQL outbox's schema, if there is one.
+fn drop_outbox(rt: &Runtime, outbox: Option<(Arc<PgDispatchStore>, sqlx::PgPool, String)>) {
+    if let Some((store, admin, schema)) = outbox {
+        drop(store);
+        rt.block_on(async {
+            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&admin)
+                .await
+                .expect("drop schema");
+        });
+    }
 }
 
 criterion_group!(benches, dispatch);

@@ -575,27 +575,47 @@ impl DispatchStore for PgDispatchStore {
             candidates.push((id, sub));
         }
         if capped {
-            // Room per subscription, read under its lock (ids in order: no deadlocks).
-            let subs: BTreeSet<Uuid> = candidates.iter().map(|c| c.1).collect();
-            let mut room: BTreeMap<Uuid, i64> = BTreeMap::new();
-            for sub in subs {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(crate::util::advisory_lock_key(
+            // Room per subscription, read under its lock: every candidate subscription's lock,
+            // then their leases in flight, in two statements for all of them (a lock and a
+            // count per subscription cost two round trips each, most of a claim's). The locks
+            // are taken one after another in the array's order, the subscriptions' ids in
+            // order, which every claim follows: no deadlocks. The count is a statement after
+            // the locks, so it sees what the claims that held them committed.
+            let subs: Vec<Uuid> = candidates
+                .iter()
+                .map(|c| c.1)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let keys: Vec<i64> = subs
+                .iter()
+                .map(|sub| {
+                    crate::util::advisory_lock_key(
                         &self.scope,
                         &format!("webhook subscription {sub}"),
-                    ))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                let in_flight: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM aiwg_webhook_deliveries WHERE subscription_id = $1 \
-                     AND lease_token IS NOT NULL AND lease_expires_at_ns > $2",
-                )
-                .bind(sub)
-                .bind(now)
-                .fetch_one(&mut *tx)
+                    )
+                })
+                .collect();
+            sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS t(k)")
+                .bind(&keys)
+                .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+            let counted = sqlx::query(
+                "SELECT subscription_id, count(*) AS in_flight FROM aiwg_webhook_deliveries \
+                 WHERE subscription_id = ANY($1) AND lease_token IS NOT NULL \
+                   AND lease_expires_at_ns > $2 \
+                 GROUP BY subscription_id",
+            )
+            .bind(&subs)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            let mut room: BTreeMap<Uuid, i64> = subs.iter().map(|&sub| (sub, cap)).collect();
+            for r in &counted {
+                let sub: Uuid = r.try_get("subscription_id").map_err(db)?;
+                let in_flight: i64 = r.try_get("in_flight").map_err(db)?;
                 room.insert(sub, cap.saturating_sub(in_flight));
             }
             candidates.retain(|(_, sub)| match room.get_mut(sub) {
