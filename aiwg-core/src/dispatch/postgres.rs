@@ -581,12 +581,7 @@ impl DispatchStore for PgDispatchStore {
             // are taken one after another in the array's order, the subscriptions' ids in
             // order, which every claim follows: no deadlocks. The count is a statement after
             // the locks, so it sees what the claims that held them committed.
-            let subs: Vec<Uuid> = candidates
-                .iter()
-                .map(|c| c.1)
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let subs = subscriptions_of(&candidates);
             let keys: Vec<i64> = subs
                 .iter()
                 .map(|sub| {
@@ -654,12 +649,7 @@ impl DispatchStore for PgDispatchStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let sub_ids: Vec<Uuid> = candidates
-            .iter()
-            .map(|c| c.1)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let sub_ids = subscriptions_of(&candidates);
         let sub_rows = sqlx::query(&format!(
             "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = ANY($1)"
         ))
@@ -913,4 +903,14 @@ impl DispatchStore for PgDispatchStore {
         .map_err(db)?;
         Ok(n.map(at))
     }
+}
+
+/// The subscriptions of claimed `(delivery, subscription)` pairs, each once, in id order.
+fn subscriptions_of(candidates: &[(Uuid, Uuid)]) -> Vec<Uuid> {
+    candidates
+        .iter()
+        .map(|c| c.1)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
