@@ -26,11 +26,11 @@
 //! bitmap, finished jobs' dead entries included, on every batch: 2 200 pages for 22 rows in
 //! `pg_queue` after its narrow burn-downs.)
 //!
-//! Every row is fenced on its own (lease token, which only a running job has, and expiry, in the statement that
-//! writes it), and a write whose row does not pass answers [`StoreError::LeaseLost`] (or
-//! [`StoreError::NotFound`]) to its caller alone; the others of the batch are written. A part
-//! of a batch that fails as a whole (a lost connection) is written again one write at a time,
-//! so each caller gets its own answer.
+//! Every row is fenced on its own (its lease token, which only a running job has, and the
+//! lease's expiry, in the statement that writes it), and a write whose row does not pass
+//! answers [`StoreError::LeaseLost`] (or [`StoreError::NotFound`]) to its caller alone; the
+//! others of the batch are written. A part of a batch that fails as a whole (a lost
+//! connection) is written again one write at a time, so each caller gets its own answer.
 //!
 //! With relaxed event commits the events' statement does not wait for the disk; outcomes
 //! always do (and so flush the events written before them).
