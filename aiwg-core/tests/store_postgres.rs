@@ -78,6 +78,13 @@ fn limited_claim(
         .bind(store.channel().to_owned())
 }
 
+/// The claim without a per-project limit, of up to `max` jobs, as the store sends it.
+fn plain_claim(
+    max: i64,
+) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, uuid::Uuid, sqlx::postgres::PgArguments> {
+    sqlx::query_scalar("SELECT id FROM aiwg_claim(now(), $1, 'w', 60000000)").bind(max)
+}
+
 /// Fresh statistics of the jobs table, as autovacuum would take them.
 async fn analyze(store: &PgStore) {
     sqlx::query("ANALYZE aiwg_jobs")
@@ -1063,11 +1070,7 @@ async fn a_claim_reads_the_jobs_it_picks_not_the_table() {
     analyze(&store).await;
     let mut tx = store.pool().begin().await.unwrap();
     let before = rows_read(&mut tx).await;
-    let claimed: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM aiwg_claim(now(), 1, 'w', 60000000)")
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
+    let claimed = plain_claim(1).fetch_all(&mut *tx).await.unwrap();
     assert_eq!(claimed.len(), 1, "one job claimed");
     let read = rows_read(&mut tx).await - before;
     assert!(
@@ -1091,10 +1094,7 @@ async fn claims_walk_the_queue_whatever_the_planner_would_prefer() {
     let store = db.fresh_store().await;
     queue(&store, 3_000, "/p", 0).await;
     analyze(&store).await;
-    let claims = [
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM aiwg_claim(now(), 1, 'w', 60000000)"),
-        limited_claim(&store, 1),
-    ];
+    let claims = [plain_claim(1), limited_claim(&store, 1)];
     for (name, claim) in ["aiwg_claim", "aiwg_claim_limited"].into_iter().zip(claims) {
         let mut tx = store.pool().begin().await.unwrap();
         sqlx::query("SET LOCAL enable_indexscan = off")

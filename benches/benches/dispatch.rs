@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aiwg_benches::pg::BenchSchema;
 use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent, PgDispatchStore};
 use aiwg_core::secrets::SecretKeyring;
-use aiwg_core::store::PgStore;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
@@ -89,40 +89,20 @@ fn event() -> OutboundEvent {
     )
 }
 
-/// A PostgreSQL outbox in a fresh schema (`AIWG_DISPATCH_STORE=postgres`): the store, and
-/// the admin pool and schema to drop at the end.
-async fn pg_outbox() -> (Arc<PgDispatchStore>, sqlx::PgPool, String) {
-    use std::str::FromStr;
-    let url = std::env::var("AIWG_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
+/// A PostgreSQL outbox in a schema of its own (`AIWG_DISPATCH_STORE=postgres`), and the
+/// schema, to drop at the end.
+async fn pg_outbox() -> (Arc<PgDispatchStore>, BenchSchema) {
+    let db = BenchSchema::create("dispatch")
         .await
-        .expect("AIWG_DISPATCH_STORE=postgres needs a reachable AIWG_TEST_DATABASE_URL");
-    let schema = format!("aiwg_bench_dispatch_{}", std::process::id());
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .expect("create schema");
-    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
-        .expect("url")
-        .options([("search_path", schema.as_str())]);
-    let pool = PgStore::pool_options()
-        .max_connections(16)
-        .connect_with(options)
-        .await
-        .expect("connect");
+        .unwrap_or_else(|why| panic!("AIWG_DISPATCH_STORE=postgres: {why}"));
     let keyring = SecretKeyring::parse("bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
         .expect("keyring");
-    let store = PgDispatchStore::from_pool(pool)
+    let store = PgDispatchStore::from_pool(db.pool(16).await)
         .await
         .expect("outbox")
         .with_keyring(keyring);
     store.migrate().await.expect("migrate");
-    (Arc::new(store), admin, schema)
+    (Arc::new(store), db)
 }
 
 fn dispatch(c: &mut Criterion) {
@@ -134,7 +114,7 @@ fn dispatch(c: &mut Criterion) {
         let mut builder = Dispatcher::builder()
             .allow_private_targets(true)
             .workers(CONCURRENCY);
-        if let Some((store, _, _)) = &outbox {
+        if let Some((store, _)) = &outbox {
             builder = builder.store(store.clone());
         }
         let d = builder.build().unwrap();
@@ -308,15 +288,10 @@ fn dispatch(c: &mut Criterion) {
 }
 
 /// Drops the PostgreSQL outbox's schema, if there is one.
-fn drop_outbox(rt: &Runtime, outbox: Option<(Arc<PgDispatchStore>, sqlx::PgPool, String)>) {
-    if let Some((store, admin, schema)) = outbox {
+fn drop_outbox(rt: &Runtime, outbox: Option<(Arc<PgDispatchStore>, BenchSchema)>) {
+    if let Some((store, db)) = outbox {
         drop(store);
-        rt.block_on(async {
-            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                .execute(&admin)
-                .await
-                .expect("drop schema");
-        });
+        rt.block_on(db.drop_schema());
     }
 }
 

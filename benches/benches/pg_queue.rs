@@ -30,15 +30,15 @@
 //! Every pool here, the baseline's included, is built from `PgStore::pool_options`, the pool
 //! the store's own `connect` makes.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aiwg_benches::pg::BenchSchema;
 use aiwg_core::store::{JobStore, NewJob, PgStore};
 use aiwg_core::test_util::{sample_job, ScriptedExecutor};
 use aiwg_core::{Engine, JobRequest, Progress, Step, Workflow};
 use criterion::{BenchmarkId, Criterion, Throughput};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 
 /// Jobs per burn-down batch.
 const BATCH: usize = 300;
@@ -82,66 +82,15 @@ const PROJECTS: usize = 64;
 /// Latency samples per configuration.
 const LATENCY_SAMPLES: usize = 200;
 
-struct Db {
-    admin: PgPool,
-    url: String,
-    schema: String,
-}
-
-async fn database() -> Option<Db> {
-    let url = std::env::var("AIWG_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let Ok(options) = PgConnectOptions::from_str(&url) else {
-        println!("pg_queue: skipped (AIWG_TEST_DATABASE_URL is not a valid URL)");
-        return None;
-    };
-    let admin = match PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
+/// A migrated store in the bench's schema (the baseline's pool and the stores' are the pool
+/// the store's `connect` builds).
+async fn store(db: &BenchSchema, relaxed: bool) -> Arc<PgStore> {
+    let store = PgStore::from_pool(db.pool(16).await)
         .await
-    {
-        Ok(p) => p,
-        Err(e) => {
-            println!("pg_queue: skipped (no PostgreSQL: {e})");
-            return None;
-        }
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let schema = format!("aiwg_bench_{}_{nanos}", std::process::id());
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .expect("create schema");
-    Some(Db { admin, url, schema })
-}
-
-impl Db {
-    async fn pool(&self, max: u32) -> PgPool {
-        let options = PgConnectOptions::from_str(&self.url)
-            .expect("url")
-            .options([("search_path", self.schema.as_str())]);
-        // The baseline's pool and the stores' are the pool the store's `connect` builds.
-        PgStore::pool_options()
-            .max_connections(max)
-            .connect_with(options)
-            .await
-            .expect("connect")
-    }
-
-    async fn store(&self, relaxed: bool) -> Arc<PgStore> {
-        let store = PgStore::from_pool(self.pool(16).await)
-            .await
-            .expect("store")
-            .with_relaxed_event_commits(relaxed);
-        store.migrate().await.expect("migrate");
-        Arc::new(store)
-    }
+        .expect("store")
+        .with_relaxed_event_commits(relaxed);
+    store.migrate().await.expect("migrate");
+    Arc::new(store)
 }
 
 struct Node {
@@ -259,10 +208,10 @@ async fn commits(admin: &PgPool) -> i64 {
 /// committed from the start of the engines to their shutdown (claims, events, outcomes,
 /// notifications, sweeps, empty claims), over `BATCH`. Exact only when nothing else uses the
 /// database meanwhile.
-async fn commits_per_job(db: &Db, engines: usize, relaxed: bool) -> f64 {
+async fn commits_per_job(db: &BenchSchema, engines: usize, relaxed: bool) -> f64 {
     let mut stores = Vec::new();
     for _ in 0..engines {
-        stores.push(db.store(relaxed).await);
+        stores.push(store(db, relaxed).await);
     }
     fill(&stores[0], BATCH, 0).await;
     // Let every backend report what it did so far.
@@ -271,7 +220,7 @@ async fn commits_per_job(db: &Db, engines: usize, relaxed: bool) -> f64 {
     }
     let mut stores = Vec::new();
     for _ in 0..engines {
-        stores.push(db.store(relaxed).await);
+        stores.push(store(db, relaxed).await);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = commits(&db.admin).await;
@@ -690,13 +639,17 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let Some(db) = rt.block_on(database()) else {
-        return;
+    let db = match rt.block_on(BenchSchema::create("pg_queue")) {
+        Ok(db) => db,
+        Err(why) => {
+            println!("pg_queue: skipped ({why})");
+            return;
+        }
     };
     let (one, two, relaxed, raw) = rt.block_on(async {
-        let a = db.store(false).await;
-        let b = db.store(false).await;
-        let r = db.store(true).await;
+        let a = store(&db, false).await;
+        let b = store(&db, false).await;
+        let r = store(&db, true).await;
         let raw = db.pool(32).await;
         sqlx::query(
             "CREATE TABLE bench_queue (id bigserial PRIMARY KEY, priority int NOT NULL, \
@@ -730,10 +683,7 @@ fn main() {
                 }
             }
             drop(raw);
-            sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))
-                .execute(&db.admin)
-                .await
-                .expect("drop schema");
+            db.drop_schema().await;
         });
         return;
     }
@@ -792,9 +742,6 @@ fn main() {
         println!("commits per job (pg_stat_database.xact_commit over {BATCH} jobs):");
         println!("  1 engine {c1:.2}; 2 engines {c2:.2}; 1 engine, relaxed event commits {cr:.2}");
         drop(raw);
-        sqlx::query(&format!("DROP SCHEMA {} CASCADE", db.schema))
-            .execute(&db.admin)
-            .await
-            .expect("drop schema");
+        db.drop_schema().await;
     });
 }

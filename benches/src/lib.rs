@@ -71,3 +71,80 @@ pub mod github {
         build(&filler[..pad]).into_bytes()
     }
 }
+
+/// A schema of its own in the benches' PostgreSQL database, for a bench's stores.
+pub mod pg {
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use aiwg_core::store::PgStore;
+    use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+    /// A fresh schema of `AIWG_TEST_DATABASE_URL`'s database (default
+    /// `postgres://postgres@127.0.0.1:5432/test`), and the admin pool that made it.
+    pub struct BenchSchema {
+        /// A pool outside the schema (it made the schema and drops it).
+        pub admin: PgPool,
+        url: String,
+        /// The schema's name.
+        pub name: String,
+    }
+
+    impl BenchSchema {
+        /// Connects and creates the schema (named after `bench`, the process and the time).
+        ///
+        /// # Errors
+        /// Why there is no database to run on: the URL is not valid, or nothing answers.
+        pub async fn create(bench: &str) -> Result<Self, String> {
+            let url = std::env::var("AIWG_TEST_DATABASE_URL")
+                .ok()
+                .filter(|u| !u.trim().is_empty())
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            let options = PgConnectOptions::from_str(&url)
+                .map_err(|_| "AIWG_TEST_DATABASE_URL is not a valid URL".to_owned())?;
+            let admin = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .map_err(|e| format!("no PostgreSQL: {e}"))?;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let name = format!("aiwg_bench_{bench}_{}_{nanos}", std::process::id());
+            sqlx::query(&format!("CREATE SCHEMA {name}"))
+                .execute(&admin)
+                .await
+                .map_err(|e| format!("creating the schema: {e}"))?;
+            Ok(Self { admin, url, name })
+        }
+
+        /// A pool of `max` connections in the schema: the pool the store's own `connect`
+        /// builds (`PgStore::pool_options`).
+        ///
+        /// # Panics
+        /// If the database refuses the connections.
+        pub async fn pool(&self, max: u32) -> PgPool {
+            let options = PgConnectOptions::from_str(&self.url)
+                .expect("url")
+                .options([("search_path", self.name.as_str())]);
+            PgStore::pool_options()
+                .max_connections(max)
+                .connect_with(options)
+                .await
+                .expect("connect")
+        }
+
+        /// Drops the schema and everything in it.
+        ///
+        /// # Panics
+        /// If the database refuses.
+        pub async fn drop_schema(&self) {
+            sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
+                .execute(&self.admin)
+                .await
+                .expect("drop schema");
+        }
+    }
+}
