@@ -128,13 +128,24 @@ impl TestDb {
     /// [`pool`](Self::pool) whose connections carry `application_name`, so that a test can
     /// find them in `pg_stat_activity`.
     pub async fn pool_named(&self, schema: &str, max: u32, application_name: &str) -> PgPool {
+        // The pool the store's own `connect` builds.
+        self.pool_named_with(schema, max, application_name, PgStore::pool_options())
+            .await
+    }
+
+    /// [`pool_named`](Self::pool_named) built from `pool` options of the test's own.
+    pub async fn pool_named_with(
+        &self,
+        schema: &str,
+        max: u32,
+        application_name: &str,
+        pool: PgPoolOptions,
+    ) -> PgPool {
         let options = PgConnectOptions::from_str(&self.url)
             .unwrap()
             .application_name(application_name)
             .options([("search_path", schema), ("synchronous_commit", "off")]);
-        // The pool the store's own `connect` builds.
-        PgStore::pool_options()
-            .max_connections(max)
+        pool.max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
@@ -145,9 +156,20 @@ impl TestDb {
     /// (`<prefix>-<unique>`, returned beside it), for tests that find them in
     /// `pg_stat_activity`.
     pub async fn named_store(&self, prefix: &str, max: u32) -> (PgStore, String) {
+        self.named_store_with(prefix, max, PgStore::pool_options())
+            .await
+    }
+
+    /// [`named_store`](Self::named_store) on a pool built from `pool` options of the test's own.
+    pub async fn named_store_with(
+        &self,
+        prefix: &str,
+        max: u32,
+        pool: PgPoolOptions,
+    ) -> (PgStore, String) {
         let schema = self.schema().await;
         let app = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
-        let store = PgStore::from_pool(self.pool_named(&schema, max, &app).await)
+        let store = PgStore::from_pool(self.pool_named_with(&schema, max, &app, pool).await)
             .await
             .expect("store");
         store.migrate().await.expect("migrate");

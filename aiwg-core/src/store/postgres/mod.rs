@@ -361,11 +361,18 @@ impl PgStore {
     /// it, and the store's callers see the error as they would a failure in the middle of a
     /// statement: the claim loop and the completer try again, a submit answers an error.
     pub fn pool_options() -> PgPoolOptions {
+        Self::pool_options_checking_after(Self::PING_IDLE_AFTER)
+    }
+
+    /// [`pool_options`](Self::pool_options) with another idle time before a connection is
+    /// checked: `Duration::ZERO` checks every connection handed out (sqlx's default), a long one
+    /// checks almost none.
+    pub fn pool_options_checking_after(idle: Duration) -> PgPoolOptions {
         PgPoolOptions::new()
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            .before_acquire(move |conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for >= Self::PING_IDLE_AFTER {
+                    if meta.idle_for >= idle {
                         sqlx::Connection::ping(conn).await?;
                     }
                     Ok(true)
