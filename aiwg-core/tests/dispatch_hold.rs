@@ -1,5 +1,5 @@
-//! Receivers that hold requests: timeouts, the per-subscription in-flight cap, and shutdown
-//! releasing an attempt in flight.
+//! Receivers that hold requests: timeouts, the per-subscription in-flight cap, shutdown
+//! releasing an attempt in flight, and workers sending while their records are written.
 
 #[path = "dispatch_support.rs"]
 mod support;
@@ -9,8 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::dispatch::{
-    CreateSubscription, DeliveryState, Dispatcher, OutboundEvent, RetryPolicy, SubscriptionId,
+    Attempt, AttemptOutcome, ClaimedDelivery, CreateSubscription, Delivery, DeliveryClaimRequest,
+    DeliveryId, DeliveryLease, DeliveryState, DispatchStore, DispatchStoreResult, Dispatcher,
+    EndpointFailure, MemoryDispatchStore, NewDelivery, OutboundEvent, RequeueOutcome, RetryPolicy,
+    Subscription, SubscriptionChange, SubscriptionId, CLAIMED_PER_WORKER,
 };
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use support::{wait_delivery, wait_until};
 use tokio::sync::Semaphore;
@@ -161,5 +165,177 @@ async fn shutdown_releases_the_attempt_in_flight() {
     h.release.add_permits(100);
     d.start().unwrap();
     wait_delivery(&d, sub, DeliveryState::Succeeded).await;
+    d.shutdown().await;
+}
+
+/// An in-memory outbox whose attempts' records wait until the test opens a gate, and which
+/// checks on every claim that the dispatcher never asks for more deliveries than it may hold.
+struct GatedRecords {
+    inner: MemoryDispatchStore,
+    open: tokio::sync::watch::Receiver<bool>,
+    /// Claimed and neither recorded nor released.
+    held: AtomicUsize,
+    /// The most the dispatcher may hold at once.
+    most: usize,
+    /// Claims that asked for more than the dispatcher may hold.
+    overreach: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl DispatchStore for GatedRecords {
+    async fn insert_subscription(&self, sub: &Subscription) -> DispatchStoreResult<()> {
+        self.inner.insert_subscription(sub).await
+    }
+    async fn subscription(&self, id: SubscriptionId) -> DispatchStoreResult<Option<Subscription>> {
+        self.inner.subscription(id).await
+    }
+    async fn subscriptions(&self) -> DispatchStoreResult<Vec<Subscription>> {
+        self.inner.subscriptions().await
+    }
+    async fn update_subscription(
+        &self,
+        id: SubscriptionId,
+        change: &SubscriptionChange,
+    ) -> DispatchStoreResult<Option<Subscription>> {
+        self.inner.update_subscription(id, change).await
+    }
+    async fn delete_subscription(&self, id: SubscriptionId) -> DispatchStoreResult<bool> {
+        self.inner.delete_subscription(id).await
+    }
+    async fn endpoint_failed(
+        &self,
+        id: SubscriptionId,
+        at: DateTime<Utc>,
+    ) -> DispatchStoreResult<Option<EndpointFailure>> {
+        self.inner.endpoint_failed(id, at).await
+    }
+    async fn endpoint_succeeded(&self, id: SubscriptionId) -> DispatchStoreResult<()> {
+        self.inner.endpoint_succeeded(id).await
+    }
+    async fn disable_subscription(
+        &self,
+        id: SubscriptionId,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> DispatchStoreResult<bool> {
+        self.inner.disable_subscription(id, reason, at).await
+    }
+    async fn enqueue(&self, deliveries: &[NewDelivery]) -> DispatchStoreResult<()> {
+        self.inner.enqueue(deliveries).await
+    }
+    async fn claim_due(
+        &self,
+        req: &DeliveryClaimRequest,
+    ) -> DispatchStoreResult<Vec<ClaimedDelivery>> {
+        let held = self.held.load(Ordering::SeqCst);
+        if held + req.limit > self.most {
+            self.overreach.lock().unwrap().push(format!(
+                "asked for {} while holding {held} (at most {})",
+                req.limit, self.most
+            ));
+        }
+        let claimed = self.inner.claim_due(req).await?;
+        self.held.fetch_add(claimed.len(), Ordering::SeqCst);
+        Ok(claimed)
+    }
+    async fn finish_attempt(
+        &self,
+        lease: &DeliveryLease,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> DispatchStoreResult<()> {
+        let mut open = self.open.clone();
+        open.wait_for(|o| *o).await.unwrap();
+        self.inner.finish_attempt(lease, attempt, outcome).await?;
+        self.held.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
+        self.inner.release(lease).await?;
+        self.held.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn delivery(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+    ) -> DispatchStoreResult<Option<Delivery>> {
+        self.inner.delivery(subscription, id).await
+    }
+    async fn deliveries(
+        &self,
+        subscription: SubscriptionId,
+        limit: usize,
+        before: Option<DeliveryId>,
+    ) -> DispatchStoreResult<Vec<Delivery>> {
+        self.inner.deliveries(subscription, limit, before).await
+    }
+    async fn requeue(
+        &self,
+        subscription: SubscriptionId,
+        id: DeliveryId,
+        now: DateTime<Utc>,
+    ) -> DispatchStoreResult<RequeueOutcome> {
+        self.inner.requeue(subscription, id, now).await
+    }
+    async fn pending_count(&self) -> DispatchStoreResult<usize> {
+        self.inner.pending_count().await
+    }
+    async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
+        self.inner.next_due_at().await
+    }
+}
+
+/// A worker is free again once its request is answered: the attempt's record (a database
+/// round trip on PostgreSQL) is written behind it. The dispatcher claims ahead of its workers,
+/// but holds at most `CLAIMED_PER_WORKER` deliveries per worker (claimed, being sent, or
+/// waiting for their record), and the workers still bound the requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_send_while_records_are_written_and_claims_stay_bounded() {
+    const WORKERS: usize = 2;
+    let most = WORKERS * CLAIMED_PER_WORKER;
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let store = Arc::new(GatedRecords {
+        inner: MemoryDispatchStore::new(),
+        open,
+        held: AtomicUsize::new(0),
+        most,
+        overreach: std::sync::Mutex::default(),
+    });
+    let h = hold().await;
+    h.release.add_permits(1_000);
+    let d = Dispatcher::builder()
+        .store(store.clone())
+        .allow_private_targets(true)
+        .workers(WORKERS)
+        .max_in_flight_per_subscription(1_000)
+        .build()
+        .unwrap();
+    d.start().unwrap();
+    subscribe(&d, &h.url).await;
+    for _ in 0..20 {
+        d.publish(OutboundEvent::new("job.queued", json!({})))
+            .await
+            .unwrap();
+    }
+    // No record is written yet, and the workers went on sending: as many requests answered
+    // as the dispatcher may hold, not one per worker.
+    wait_until("the dispatcher to hold all it may", || async {
+        (h.done.load(Ordering::SeqCst) == most).then_some(())
+    })
+    .await;
+    assert_eq!(store.held.load(Ordering::SeqCst), most);
+    gate.send(true).unwrap();
+    wait_until("all delivered", || async {
+        (d.pending_deliveries().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(h.done.load(Ordering::SeqCst), 20, "each delivery sent once");
+    assert!(
+        h.max_seen.load(Ordering::SeqCst) <= WORKERS,
+        "{} requests in flight for {WORKERS} workers",
+        h.max_seen.load(Ordering::SeqCst)
+    );
+    assert_eq!(*store.overreach.lock().unwrap(), Vec::<String>::new());
     d.shutdown().await;
 }

@@ -204,9 +204,9 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
 }
 
 /// The per-subscription cap holds when claims of two outboxes on one database run at once:
-/// each claim locks the subscriptions of its candidates (in one statement, in the order of
-/// their ids) and counts their leases in flight after it holds the locks (one statement for
-/// all of them), so no two claims fill the same room.
+/// each claim (`aiwg_claim_deliveries`, migration 0018) locks the subscriptions of its
+/// candidates (in the order of their ids) and counts their leases in flight in a statement
+/// after it holds the locks, so no two claims fill the same room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes() {
     use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
@@ -262,5 +262,95 @@ async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes(
         let n = claimed.iter().filter(|c| c.subscription.id == sub).count();
         assert_eq!(n, CAP, "deliveries in flight for one subscription");
     }
+    db.cleanup().await;
+}
+
+/// Rows of `aiwg_webhook_deliveries` read so far by this backend, as PostgreSQL counts them
+/// (take the difference of two readings).
+async fn deliveries_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(idx_tup_fetch, 0) + COALESCE(seq_tup_read, 0) \
+         FROM pg_stat_xact_user_tables WHERE relid = 'aiwg_webhook_deliveries'::regclass",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap()
+}
+
+/// The outbox's claim and its attempts' record (migration 0018) read the deliveries only
+/// through indexes, whatever plan the statistics of the moment would suggest. Written inline,
+/// each kept the generic plan made while the outbox was small, and then read the whole table
+/// at every call however far it had grown (the dispatch bench on PostgreSQL: a sequential scan
+/// of every delivery to lease one). A session that turns index scans off leads PostgreSQL to
+/// those plans, so that stands in for the statistics here: the claim of one delivery of 3 000
+/// due, and its record, must still read a handful of rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_and_the_record_read_only_the_rows_they_need() {
+    use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let outbox = db.outbox_in(&schema, 2).await;
+    let now = Utc::now();
+    for _ in 0..3 {
+        let s = Subscription::new(
+            "https://example.com/hook",
+            vec!["*".into()],
+            None,
+            SigningSecret::generate(),
+            now,
+        );
+        outbox.insert_subscription(&s).await.unwrap();
+        let batch: Vec<_> = (0..1_000)
+            .map(|_| NewDelivery::new(s.id, "job.queued", "{}", now))
+            .collect();
+        outbox.enqueue(&batch).await.unwrap();
+    }
+    sqlx::query("ANALYZE aiwg_webhook_deliveries")
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    let due = now.timestamp_nanos_opt().unwrap() + 1;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for cap in [None, Some(2_i64)] {
+        let before = deliveries_read(&mut tx).await;
+        let claimed: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+            "SELECT delivery_id, lease_token \
+             FROM aiwg_claim_deliveries($1, $2, 1, 2, 'bench', $3, 'scope')",
+        )
+        .bind(due)
+        .bind(cap)
+        .bind(due + 60_000_000_000)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(claimed.len(), 1, "cap {cap:?}: one delivery claimed");
+        let read = deliveries_read(&mut tx).await - before;
+        assert!(
+            read < 50,
+            "cap {cap:?}: {read} rows read to claim one delivery of 3 000 due"
+        );
+        let before = deliveries_read(&mut tx).await;
+        let (id, token) = claimed[0];
+        let recorded: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT f FROM aiwg_finish_deliveries($1, $2, ARRAY['{}'::jsonb], ARRAY[1], \
+             ARRAY['succeeded'], ARRAY[NULL::bigint]) AS f",
+        )
+        .bind(vec![id])
+        .bind(vec![token])
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(recorded, vec![id], "cap {cap:?}: the attempt recorded");
+        let read = deliveries_read(&mut tx).await - before;
+        assert!(
+            read < 10,
+            "cap {cap:?}: {read} rows read to record one attempt"
+        );
+    }
+    tx.rollback().await.unwrap();
     db.cleanup().await;
 }

@@ -123,7 +123,9 @@ impl DispatcherBuilder {
         self
     }
 
-    /// The worker pool's size: attempts in flight at once (default 10).
+    /// The worker pool's size: requests in flight at once (default 10). The dispatcher holds at
+    /// most [`CLAIMED_PER_WORKER`] times this many deliveries at once (claimed ahead of a free
+    /// worker, being sent, or being recorded after their answer).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -272,6 +274,7 @@ impl DispatcherBuilder {
                 retry: self.retry,
                 workers: self.workers,
                 per_subscription_cap: self.per_subscription_cap,
+                timeout: self.timeout,
                 lease_for: self.timeout + Duration::from_secs(30),
                 max_payload: self.max_payload,
                 disable_after: self.disable_after,
@@ -302,6 +305,8 @@ struct Inner {
     retry: RetryPolicy,
     workers: usize,
     per_subscription_cap: usize,
+    /// A request's timeout (the sender's); the lease covers it and 30 s more.
+    timeout: Duration,
     lease_for: Duration,
     max_payload: usize,
     disable_after: Duration,
@@ -661,15 +666,18 @@ impl Dispatcher {
 /// the [`Recorder`].
 async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(inner.workers));
+    let places = Arc::new(Semaphore::new(
+        inner.workers.saturating_mul(CLAIMED_PER_WORKER),
+    ));
     let mut attempts = JoinSet::new();
     loop {
         while attempts.try_join_next().is_some() {}
         let wake = inner.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let free = slots.available_permits();
+        let free = places.available_permits();
         if free == 0 {
-            // A finishing attempt frees its slot, then wakes us.
+            // A recorded attempt frees its place, then wakes us.
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -717,8 +725,8 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
             continue;
         }
         for task in claimed {
-            // Only this loop takes slots, and it claimed no more than were free.
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Only this loop takes places, and it claimed no more than were free.
+            let Ok(place) = places.clone().try_acquire_owned() else {
                 release(&inner, &task).await;
                 continue;
             };
@@ -726,7 +734,10 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
                 inner.clone(),
                 recorder.clone(),
                 task,
-                slot,
+                Permits {
+                    slots: slots.clone(),
+                    place,
+                },
                 cancel.clone(),
             ));
         }
@@ -741,13 +752,47 @@ async fn release(inner: &Inner, task: &ClaimedDelivery) {
     }
 }
 
+/// How many deliveries per worker the dispatcher holds at once: claimed and waiting for a
+/// worker, being sent, or answered and waiting for their record (a database round trip,
+/// batched by the [`Recorder`]). Claiming ahead of the workers makes each claim take several
+/// deliveries (one round trip for all of them on a database) and lets a worker send again as
+/// soon as its request is answered.
+pub const CLAIMED_PER_WORKER: usize = 4;
+
+/// A delivery waiting for a worker is sent only while its lease has at least the request's
+/// timeout and this much left; otherwise it is released for a later claim, so that no other
+/// instance can claim it while it is being sent.
+const LEASE_LEFT_TO_SEND: Duration = Duration::from_secs(10);
+
+/// What an attempt holds or waits for: a worker slot while its request is in flight, and its
+/// place among the deliveries the dispatcher holds until its record is written.
+struct Permits {
+    slots: Arc<Semaphore>,
+    place: OwnedSemaphorePermit,
+}
+
 async fn attempt(
     inner: Arc<Inner>,
     recorder: Recorder,
     task: ClaimedDelivery,
-    slot: OwnedSemaphorePermit,
+    permits: Permits,
     cancel: CancellationToken,
 ) {
+    let Permits { slots, place } = permits;
+    let slot = tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        slot = slots.acquire_owned() => slot.ok(),
+    };
+    let lease_left = (task.lease.expires_at - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let Some(slot) = slot.filter(|_| lease_left >= inner.timeout + LEASE_LEFT_TO_SEND) else {
+        release(&inner, &task).await;
+        drop(place);
+        inner.wake.notify_one();
+        return;
+    };
     let r = tokio::select! {
         biased;
         () = cancel.cancelled() => {
@@ -756,10 +801,13 @@ async fn attempt(
         }
         r = inner.sender.send(&task) => r,
     };
-    finish(&inner, &recorder, task, r).await;
-    // Free the slot, then wake the pump: a retry changed the next due time, or the slot (or a
-    // per-subscription one) is free for another delivery.
+    // The request is answered: its worker may send another while this one is recorded (the
+    // delivery's lease stays until then, so no other claim takes it, and a per-subscription
+    // cap still counts it).
     drop(slot);
+    finish(&inner, &recorder, task, r).await;
+    // Wake the pump again: a retry changed the next due time, or a place is free.
+    drop(place);
     inner.wake.notify_one();
 }
 

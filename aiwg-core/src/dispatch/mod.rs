@@ -125,7 +125,9 @@ mod store;
 mod subscription;
 
 pub use config::DispatchConfig;
-pub use dispatcher::{DeliveryPage, DispatchNotice, Dispatcher, DispatcherBuilder};
+pub use dispatcher::{
+    DeliveryPage, DispatchNotice, Dispatcher, DispatcherBuilder, CLAIMED_PER_WORKER,
+};
 pub use event::{
     event_type_for_status, OutboundEvent, EVENT_TYPES, JOB_AWAITING_APPROVAL, JOB_CANCELLED,
     JOB_COMPLETED, JOB_FAILED, JOB_QUEUED, JOB_STARTED, JOB_STEP_COMPLETED, JOB_TIMED_OUT,

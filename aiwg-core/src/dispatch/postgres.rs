@@ -1,6 +1,11 @@
-//! [`PgDispatchStore`]: the outbox on PostgreSQL (feature `postgres`; migration
-//! `migrations/outbox/0002_webhook_deliveries.sql`): subscriptions and the delivery outbox,
-//! shared by every instance.
+//! [`PgDispatchStore`]: the outbox on PostgreSQL (feature `postgres`; migrations
+//! `migrations/outbox/0002_webhook_deliveries.sql`, the tables, and `0018_claim_deliveries.sql`,
+//! the claim and the attempts' record): subscriptions and the delivery outbox, shared by every
+//! instance.
+//!
+//! A claim is one call of `aiwg_claim_deliveries`, a batch of finished attempts one call of
+//! `aiwg_finish_deliveries`; both read the outbox only through its indexes, whatever plan the
+//! statistics of the moment would suggest.
 //!
 //! Claims are `FOR UPDATE SKIP LOCKED` over open, due deliveries of enabled subscriptions, so
 //! two instances never take the same delivery. When a per-subscription cap is set, the in-flight
@@ -550,128 +555,36 @@ impl DispatchStore for PgDispatchStore {
         } else {
             req.limit.min(1000)
         };
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let rows = sqlx::query(
-            "SELECT d.id, d.subscription_id FROM aiwg_webhook_deliveries d \
-             JOIN aiwg_webhook_subscriptions s ON s.id = d.subscription_id \
-             WHERE d.state IN ('pending', 'retrying') AND d.next_attempt_at_ns <= $1 \
-               AND (d.lease_token IS NULL OR d.lease_expires_at_ns <= $1) AND s.enabled \
-               AND ($2::bigint IS NULL OR (SELECT count(*) FROM aiwg_webhook_deliveries l \
-                    WHERE l.subscription_id = d.subscription_id AND l.lease_token IS NOT NULL \
-                      AND l.lease_expires_at_ns > $1) < $2) \
-             ORDER BY d.next_attempt_at_ns, d.id \
-             LIMIT $3 FOR UPDATE OF d SKIP LOCKED",
-        )
-        .bind(now)
-        .bind(capped.then_some(cap))
-        .bind(i64::try_from(fetch).unwrap_or(1000))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        let mut candidates = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let id: Uuid = r.try_get("id").map_err(db)?;
-            let sub: Uuid = r.try_get("subscription_id").map_err(db)?;
-            candidates.push((id, sub));
-        }
-        if capped {
-            // Room per subscription, read under its lock: every candidate subscription's lock,
-            // then their leases in flight, in two statements for all of them (a lock and a
-            // count per subscription cost two round trips each, most of a claim's). The locks
-            // are taken one after another in the array's order, the subscriptions' ids in
-            // order, which every claim follows: no deadlocks. The count is a statement after
-            // the locks, so it sees what the claims that held them committed.
-            let subs = subscriptions_of(&candidates);
-            let keys: Vec<i64> = subs
-                .iter()
-                .map(|sub| {
-                    crate::util::advisory_lock_key(
-                        &self.scope,
-                        &format!("webhook subscription {sub}"),
-                    )
-                })
-                .collect();
-            sqlx::query("SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) AS t(k)")
-                .bind(&keys)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            let counted = sqlx::query(
-                "SELECT subscription_id, count(*) AS in_flight FROM aiwg_webhook_deliveries \
-                 WHERE subscription_id = ANY($1) AND lease_token IS NOT NULL \
-                   AND lease_expires_at_ns > $2 \
-                 GROUP BY subscription_id",
-            )
-            .bind(&subs)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let mut room: BTreeMap<Uuid, i64> = subs.iter().map(|&sub| (sub, cap)).collect();
-            for r in &counted {
-                let sub: Uuid = r.try_get("subscription_id").map_err(db)?;
-                let in_flight: i64 = r.try_get("in_flight").map_err(db)?;
-                room.insert(sub, cap.saturating_sub(in_flight));
-            }
-            candidates.retain(|(_, sub)| match room.get_mut(sub) {
-                Some(n) if *n > 0 => {
-                    *n -= 1;
-                    true
-                }
-                _ => false,
-            });
-        }
-        candidates.truncate(req.limit);
-        if candidates.is_empty() {
-            // Rolled back here, not left to the pool (which rolls a dropped transaction back
-            // from a task of its own, some time later): the rows locked above (including any
-            // another instance changed while the statement ran, which are then not returned)
-            // would hold up their deliveries' records until then.
-            tx.rollback().await.map_err(db)?;
-            return Ok(Vec::new());
-        }
-        let ids: Vec<Uuid> = candidates.iter().map(|c| c.0).collect();
-        let tokens: Vec<Uuid> = ids.iter().map(|_| Uuid::now_v7()).collect();
         let lease_for =
             chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
         let expires_at = req.now + lease_for;
-        let rows = sqlx::query(
-            "UPDATE aiwg_webhook_deliveries d SET lease_token = u.tok, lease_owner = $3, \
-                 lease_expires_at_ns = $4 \
-             FROM unnest($1::uuid[], $2::uuid[]) AS u(id, tok) WHERE d.id = u.id \
-             RETURNING d.id, d.subscription_id, d.event_type, d.payload, \
-                 d.scheduled_attempts, d.manual, d.lease_token",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&req.owner)
-        .bind(ns(expires_at))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        let sub_ids = subscriptions_of(&candidates);
-        let sub_rows = sqlx::query(&format!(
-            "SELECT {SUB_COLUMNS} FROM aiwg_webhook_subscriptions WHERE id = ANY($1)"
-        ))
-        .bind(&sub_ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        let mut subs = BTreeMap::new();
-        for r in &sub_rows {
-            let s = self.subscription_of(r)?;
-            subs.insert(*s.id.as_uuid(), std::sync::Arc::new(s));
-        }
-        let mut by_id = BTreeMap::new();
+        // One call (migration 0018): the candidates, their subscriptions' locks and leases in
+        // flight under a cap, the new leases, and each claimed delivery's subscription.
+        let rows = sqlx::query("SELECT * FROM aiwg_claim_deliveries($1, $2, $3, $4, $5, $6, $7)")
+            .bind(now)
+            .bind(capped.then_some(cap))
+            .bind(i32::try_from(req.limit.min(1000)).unwrap_or(1000))
+            .bind(i32::try_from(fetch).unwrap_or(1000))
+            .bind(&req.owner)
+            .bind(ns(expires_at))
+            .bind(&self.scope)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        // A subscription's row comes with each of its deliveries; it is read (and its keys
+        // opened) once.
+        let mut subs: BTreeMap<Uuid, std::sync::Arc<Subscription>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            let id: Uuid = r.try_get("id").map_err(db)?;
-            by_id.insert(id, r);
-        }
-        let mut out = Vec::with_capacity(candidates.len());
-        for (id, sub) in candidates {
-            let (Some(r), Some(subscription)) = (by_id.get(&id), subs.get(&sub)) else {
-                continue;
+            let id: Uuid = r.try_get("delivery_id").map_err(db)?;
+            let sub: Uuid = r.try_get("subscription_id").map_err(db)?;
+            let subscription = match subs.get(&sub) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = std::sync::Arc::new(self.subscription_of(r)?);
+                    subs.insert(sub, s.clone());
+                    s
+                }
             };
             let manual: bool = r.try_get("manual").map_err(db)?;
             out.push(ClaimedDelivery {
@@ -690,7 +603,7 @@ impl DispatchStore for PgDispatchStore {
                 } else {
                     AttemptTrigger::Scheduled
                 },
-                subscription: subscription.clone(),
+                subscription,
             });
         }
         Ok(out)
@@ -755,27 +668,19 @@ impl DispatchStore for PgDispatchStore {
             states.push(state.as_str());
             next.push(when);
         }
-        // One statement for the whole batch, fenced row by row by the lease token.
-        let rows = sqlx::query(
-            "UPDATE aiwg_webhook_deliveries d \
-             SET attempts = d.attempts || jsonb_build_array(u.attempt), \
-                 scheduled_attempts = d.scheduled_attempts + u.sched, manual = FALSE, \
-                 state = u.state, next_attempt_at_ns = u.next, lease_token = NULL, \
-                 lease_owner = NULL, lease_expires_at_ns = NULL \
-             FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::int4[], $5::text[], \
-                 $6::int8[]) AS u(id, tok, attempt, sched, state, next) \
-             WHERE d.id = u.id AND d.lease_token = u.tok \
-             RETURNING d.id",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&attempts)
-        .bind(&scheduled)
-        .bind(&states)
-        .bind(&next)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        // One statement for the whole batch, fenced row by row by the lease token (migration
+        // 0018: it reads each delivery by key whatever the statistics say).
+        let rows =
+            sqlx::query("SELECT f AS id FROM aiwg_finish_deliveries($1, $2, $3, $4, $5, $6) AS f")
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(&attempts)
+                .bind(&scheduled)
+                .bind(&states)
+                .bind(&next)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
         let mut done = BTreeSet::new();
         for r in &rows {
             let id: Uuid = r.try_get("id").map_err(db)?;
@@ -903,14 +808,4 @@ impl DispatchStore for PgDispatchStore {
         .map_err(db)?;
         Ok(n.map(at))
     }
-}
-
-/// The subscriptions of claimed `(delivery, subscription)` pairs, each once, in id order.
-fn subscriptions_of(candidates: &[(Uuid, Uuid)]) -> Vec<Uuid> {
-    candidates
-        .iter()
-        .map(|c| c.1)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
 }
