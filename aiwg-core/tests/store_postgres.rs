@@ -1058,6 +1058,57 @@ async fn a_limited_claim_passes_over_a_project_another_claim_is_taking() {
     db.cleanup().await;
 }
 
+/// A claim under a per-project limit starts the jobs of each pass together (migration 0019):
+/// its loop picks them, one update starts them. A job another transaction holds when that
+/// update runs (another claim starting it, a cancel) is skipped, its project's room is given
+/// back, and the next pass takes the project's next job; the jobs come back in claim order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_claim_gives_back_the_room_of_a_job_taken_meanwhile() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    queue(&store, 2, "/a", 9).await;
+    queue(&store, 1, "/b", 5).await;
+    queue(&store, 1, "/c", 0).await;
+    let first_of_a: uuid::Uuid = sqlx::query_scalar(
+        "SELECT id FROM aiwg_jobs WHERE project_path = '/a' ORDER BY queue_seq LIMIT 1",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    // Another transaction holds the first job of `/a`, as a claim starting it would.
+    let mut other = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM aiwg_jobs WHERE id = $1 FOR UPDATE")
+        .bind(first_of_a)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let ids = limited_claim(&store, 3).fetch_all(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    other.rollback().await.unwrap();
+    let mut got = Vec::new();
+    for id in &ids {
+        let job = store
+            .get(aiwg_core::JobId::from(*id))
+            .await
+            .unwrap()
+            .unwrap();
+        got.push((job.project_path, job.status));
+    }
+    assert!(!ids.contains(&first_of_a), "the held job was claimed");
+    let running = aiwg_core::JobStatus::Running;
+    assert_eq!(
+        got,
+        [
+            ("/b".to_owned(), running),
+            ("/c".to_owned(), running),
+            ("/a".to_owned(), running)
+        ],
+        "one job of each project: the next of `/a` in the pass after"
+    );
+    db.cleanup().await;
+}
+
 /// The claim keeps one generic plan (migration 0010), which takes a claim for a tenth of the
 /// queued jobs whatever it asks for. With a few thousand jobs in the table, its update then
 /// joined the picked rows to the table by hashing all of it: every claim read every job.
