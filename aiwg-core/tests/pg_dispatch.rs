@@ -209,7 +209,6 @@ async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
 /// after it holds the locks, so no two claims fill the same room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes() {
-    use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
     let outboxes = [
@@ -217,22 +216,7 @@ async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes(
         Arc::new(db.outbox_in(&schema, 4).await),
     ];
     let now = Utc::now();
-    let mut subs = Vec::new();
-    for _ in 0..3 {
-        let s = Subscription::new(
-            "https://example.com/hook",
-            vec!["*".into()],
-            None,
-            SigningSecret::generate(),
-            now,
-        );
-        outboxes[0].insert_subscription(&s).await.unwrap();
-        let batch: Vec<_> = (0..20)
-            .map(|_| NewDelivery::new(s.id, "job.queued", "{}", now))
-            .collect();
-        outboxes[0].enqueue(&batch).await.unwrap();
-        subs.push(s.id);
-    }
+    let subs = subscriptions_with_deliveries(&outboxes[0], 3, 20, now).await;
     const CAP: usize = 2;
     let mut claimers = Vec::new();
     for i in 0..8 {
@@ -265,6 +249,33 @@ async fn the_per_subscription_cap_holds_under_concurrent_claims_of_two_outboxes(
     db.cleanup().await;
 }
 
+/// `subs` enabled subscriptions, each with `per_sub` deliveries due at `now`.
+async fn subscriptions_with_deliveries(
+    outbox: &PgDispatchStore,
+    subs: usize,
+    per_sub: usize,
+    now: chrono::DateTime<Utc>,
+) -> Vec<SubscriptionId> {
+    use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
+    let mut ids = Vec::new();
+    for _ in 0..subs {
+        let s = Subscription::new(
+            "https://example.com/hook",
+            vec!["*".into()],
+            None,
+            SigningSecret::generate(),
+            now,
+        );
+        outbox.insert_subscription(&s).await.unwrap();
+        let batch: Vec<_> = (0..per_sub)
+            .map(|_| NewDelivery::new(s.id, "job.queued", "{}", now))
+            .collect();
+        outbox.enqueue(&batch).await.unwrap();
+        ids.push(s.id);
+    }
+    ids
+}
+
 /// Rows of `aiwg_webhook_deliveries` read so far by this backend, as PostgreSQL counts them
 /// (take the difference of two readings).
 async fn deliveries_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
@@ -286,25 +297,11 @@ async fn deliveries_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) ->
 /// due, and its record, must still read a handful of rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_and_the_record_read_only_the_rows_they_need() {
-    use aiwg_core::dispatch::{NewDelivery, SigningSecret, Subscription};
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
     let outbox = db.outbox_in(&schema, 2).await;
     let now = Utc::now();
-    for _ in 0..3 {
-        let s = Subscription::new(
-            "https://example.com/hook",
-            vec!["*".into()],
-            None,
-            SigningSecret::generate(),
-            now,
-        );
-        outbox.insert_subscription(&s).await.unwrap();
-        let batch: Vec<_> = (0..1_000)
-            .map(|_| NewDelivery::new(s.id, "job.queued", "{}", now))
-            .collect();
-        outbox.enqueue(&batch).await.unwrap();
-    }
+    subscriptions_with_deliveries(&outbox, 3, 1_000, now).await;
     sqlx::query("ANALYZE aiwg_webhook_deliveries")
         .execute(outbox.pool())
         .await
