@@ -5,8 +5,10 @@
 -- Now the loop only decides which jobs a pass takes (holding their projects' and groups'
 -- locks, counting rooms), and one update and one insert start them all, in claim order. A
 -- job another claim took meanwhile gives its project's room back and is passed over by the
--- next pass, as before. The body is 0016's otherwise; its settings are restated because
--- `CREATE OR REPLACE` resets them.
+-- next pass, as before. The update names its rows by key (`id = ANY(picked)`), so that its
+-- generic plan reads only them however the table grew since the plan was made (joined to
+-- the array instead, a plan made while the table was small read every queued job). The body
+-- is 0016's otherwise; its settings are restated because `CREATE OR REPLACE` resets them.
 
 CREATE OR REPLACE FUNCTION aiwg_claim_limited(claim_at timestamptz, claim_max bigint,
                                               claim_owner text, claim_ttl_micros bigint,
@@ -121,27 +123,28 @@ BEGIN
         got := got + 1;
     END LOOP;
     -- The pass's jobs start together: one update and one insert of events for all of them.
+    -- Planned on each call (`EXECUTE`), for the jobs it names and the table as it is: a plan
+    -- kept from a call made while the table was small reads a whole index to find them.
     IF cardinality(picked) > 0 THEN
-        FOR claimed IN
+        FOR claimed IN EXECUTE $claim$
             WITH p AS (
-                SELECT q.id, t.ord FROM unnest(picked) WITH ORDINALITY AS t(id, ord)
-                JOIN aiwg_jobs q ON q.id = t.id
-                WHERE q.status = 'queued'
+                SELECT q.id, array_position($1, q.id) AS ord FROM aiwg_jobs q
+                WHERE q.id = ANY($1) AND q.status = 'queued'
                 FOR UPDATE OF q SKIP LOCKED),
             u AS (
                 UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, retry_at = NULL,
-                    lease_owner = claim_owner,
+                    lease_owner = $2,
                     lease_token = nextval('aiwg_lease_token_seq'),
-                    lease_expires_at = due + claim_ttl_micros * interval '1 microsecond',
-                    job = aiwg_claimed_job(a.job, claim_at),
+                    lease_expires_at = $3 + $4 * interval '1 microsecond',
+                    job = aiwg_claimed_job(a.job, $5),
                     last_seq = a.last_seq + 1,
                     updated_at = now()
                 FROM p
-                WHERE a.id = p.id AND a.id = ANY(ARRAY(SELECT p.id FROM p))
+                WHERE a.id = p.id AND a.id = ANY($1)
                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, p.ord),
             e AS (
                 INSERT INTO aiwg_job_events (job_id, seq, at, kind)
-                SELECT u.id, u.last_seq, claim_at,
+                SELECT u.id, u.last_seq, $5,
                     jsonb_build_object('kind', 'status', 'from', 'queued', 'to', 'running',
                         'attempt', u.job->'attempt')
                     || CASE WHEN COALESCE((u.job->>'resume_after_approval')::boolean, false)
@@ -150,8 +153,9 @@ BEGIN
                 FROM u)
             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.job, u.ord
             FROM u ORDER BY u.ord
+            $claim$ USING picked, claim_owner, due, claim_ttl_micros, claim_at
         LOOP
-            picked[claimed.ord::int] := NULL;
+            picked[claimed.ord] := NULL;
             id := claimed.id;
             last_seq := claimed.last_seq;
             lease_token := claimed.lease_token;
@@ -192,3 +196,13 @@ ALTER FUNCTION aiwg_claim_limited(timestamptz, bigint, text, bigint, bigint, tex
     SET enable_bitmapscan = off;
 ALTER FUNCTION aiwg_claim_limited(timestamptz, bigint, text, bigint, bigint, text)
     SET enable_indexscan = on;
+
+-- Neither claim scans the table: every row either reads is found through an index. A plan
+-- made while the table was small (a fresh database, the first claims of a connection) scans
+-- it whole, and keeps doing so on every call until the table is next analyzed however far the
+-- queue grew meanwhile (the HTTP load on PostgreSQL: every claim read every queued job, the
+-- foreign-key checks of its events included).
+ALTER FUNCTION aiwg_claim_limited(timestamptz, bigint, text, bigint, bigint, text)
+    SET enable_seqscan = off;
+ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint)
+    SET enable_seqscan = off;
