@@ -754,9 +754,9 @@ async fn release(inner: &Inner, task: &ClaimedDelivery) {
 
 /// How many deliveries per worker the dispatcher holds at once: claimed and waiting for a
 /// worker, being sent, or answered and waiting for their record (a database round trip,
-/// batched by the [`Recorder`]). Claiming ahead of the workers makes each claim take several
-/// deliveries (one round trip for all of them on a database) and lets a worker send again as
-/// soon as its request is answered.
+/// batched through [`DispatchStore::finish_attempts`](super::DispatchStore::finish_attempts)).
+/// Claiming ahead of the workers makes each claim take several deliveries (one round trip for
+/// all of them on a database) and lets a worker send again as soon as its request is answered.
 pub const CLAIMED_PER_WORKER: usize = 4;
 
 /// A delivery waiting for a worker is sent only while its lease has at least the request's
