@@ -1245,9 +1245,49 @@ async fn claims_walk_the_queue_whatever_the_planner_would_prefer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_completers_statements_read_only_the_rows_they_name() {
     let Some(db) = test_db().await else { return };
+    let store = one_connection_store(&db).await;
+    // The statistics are taken while few jobs run among many finished ones...
+    queue(&store, 3_000, "/p", 0).await;
+    sqlx::query("UPDATE aiwg_jobs SET status = 'completed', queue_seq = NULL")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    queue(&store, 6, "/p", 0).await;
+    let req = ClaimRequest::new("w", Duration::from_secs(600));
+    assert_eq!(store.claim_many(&req, 6).await.unwrap().len(), 6);
+    analyze(&store).await;
+    // ...then many run.
+    queue(&store, 1_000, "/p", 0).await;
+    let running = claim_at_least(&store, 964).await;
+    step_and_finish(&store, &running[0].lease).await;
+    assert_the_completer_reads_by_key(&store).await;
+    db.cleanup().await;
+}
+
+/// The same when the completer's plans are made while the table holds a handful of jobs (a
+/// fresh database, the first jobs of a connection) and the queue grows before the table is
+/// analyzed again: a plan made from those statistics must not read the table whole, or
+/// through an index other than the one of its key, however many jobs came since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_completers_statements_read_only_the_rows_they_name_however_the_table_grew() {
+    let Some(db) = test_db().await else { return };
+    let store = one_connection_store(&db).await;
+    queue(&store, 4, "/p", 0).await;
+    analyze(&store).await;
+    let first = claim_at_least(&store, 4).await;
+    step_and_finish(&store, &first[0].lease).await;
+    queue(&store, 3_000, "/p", 0).await;
+    let running = claim_at_least(&store, 2_000).await;
+    step_and_finish(&store, &running[0].lease).await;
+    assert_the_completer_reads_by_key(&store).await;
+    db.cleanup().await;
+}
+
+/// A store in a fresh schema on one connection (so a test reads the completer's own prepared
+/// statements), whose statements use their generic plan from the first call, as a busy
+/// store's do.
+async fn one_connection_store(db: &pg_support::TestDb) -> PgStore {
     let schema = db.schema().await;
-    // One connection (so the test reads the completer's own prepared statements), whose
-    // statements use their generic plan from the first call, as a busy store's do.
     let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(db.url())
         .unwrap()
         .options([
@@ -1262,27 +1302,23 @@ async fn the_completers_statements_read_only_the_rows_they_name() {
         .unwrap();
     let store = PgStore::from_pool(pool).await.unwrap();
     store.migrate().await.unwrap();
-    // The statistics are taken while few jobs run among many finished ones...
-    queue(&store, 3_000, "/p", 0).await;
-    sqlx::query("UPDATE aiwg_jobs SET status = 'completed', queue_seq = NULL")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    queue(&store, 6, "/p", 0).await;
+    store
+}
+
+/// Claims (64 at a time) until at least `n` jobs run.
+async fn claim_at_least(store: &PgStore, n: usize) -> Vec<aiwg_core::store::Claimed> {
     let req = ClaimRequest::new("w", Duration::from_secs(600));
-    assert_eq!(store.claim_many(&req, 6).await.unwrap().len(), 6);
-    analyze(&store).await;
-    // ...then many run.
-    queue(&store, 1_000, "/p", 0).await;
-    let running = store.claim_many(&req, 64).await.unwrap();
-    assert_eq!(running.len(), 64);
-    let mut more = 0;
-    while more < 900 {
-        let got = store.claim_many(&req, 64).await.unwrap().len();
-        assert!(got > 0, "the queue ran dry after {more}");
-        more += got;
+    let mut running = Vec::new();
+    while running.len() < n {
+        let got = store.claim_many(&req, 64).await.unwrap();
+        assert!(!got.is_empty(), "the queue ran dry after {}", running.len());
+        running.extend(got);
     }
-    let lease = &running[0].lease;
+    running
+}
+
+/// A step's start and the job's outcome, through the completer.
+async fn step_and_finish(store: &PgStore, lease: &aiwg_core::store::Lease) {
     let started = JobEventKind::StepStarted {
         step: "s".into(),
         agent: "a".into(),
@@ -1293,7 +1329,11 @@ async fn the_completers_statements_read_only_the_rows_they_name() {
         .finish(lease, Finish::Completed(JobResult::default()))
         .await
         .unwrap();
-    // The plans the completer's statements keep on that connection.
+}
+
+/// Every plan the completer's statements keep on the store's connection (the event's write,
+/// the outcome's read and write) reads `aiwg_jobs` by its primary key only.
+async fn assert_the_completer_reads_by_key(store: &PgStore) {
     let mut conn = store.pool().acquire().await.unwrap();
     let statements: Vec<(String, i64)> = sqlx::query_as(
         "SELECT name, cardinality(parameter_types)::int8 FROM pg_prepared_statements \
@@ -1324,8 +1364,6 @@ async fn the_completers_statements_read_only_the_rows_they_name() {
             );
         }
     }
-    drop(conn);
-    db.cleanup().await;
 }
 
 /// How each node of a JSON plan that reads `aiwg_jobs` reads it: the index it names (a
