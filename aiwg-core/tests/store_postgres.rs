@@ -1118,7 +1118,7 @@ async fn a_limited_claim_gives_back_the_room_of_a_job_taken_meanwhile() {
 /// started after the queue grew from 4 jobs to 3 004, each still reads a handful of rows.
 /// (Without 0019, the per-project claim read 12 015; with only the scans priced out, 3 006.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_limited_claim_reads_only_the_jobs_it_starts_however_the_table_grew() {
+async fn claims_read_only_the_jobs_they_start_however_the_table_grew() {
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
     let store = db.store_in(&schema, 4).await;
