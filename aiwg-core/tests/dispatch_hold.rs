@@ -179,6 +179,25 @@ struct GatedRecords {
     most: usize,
     /// Claims that asked for more than the dispatcher may hold.
     overreach: std::sync::Mutex<Vec<String>>,
+    /// Whether the next claim answers leases that end in a second (as if its deliveries had
+    /// waited for a worker until their leases nearly ran out).
+    short_leases: std::sync::atomic::AtomicBool,
+    /// Leases released.
+    released: AtomicUsize,
+}
+
+impl GatedRecords {
+    fn new(open: tokio::sync::watch::Receiver<bool>, most: usize) -> Self {
+        Self {
+            inner: MemoryDispatchStore::new(),
+            open,
+            held: AtomicUsize::new(0),
+            most,
+            overreach: std::sync::Mutex::default(),
+            short_leases: std::sync::atomic::AtomicBool::new(false),
+            released: AtomicUsize::new(0),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -234,8 +253,13 @@ impl DispatchStore for GatedRecords {
                 req.limit, self.most
             ));
         }
-        let claimed = self.inner.claim_due(req).await?;
+        let mut claimed = self.inner.claim_due(req).await?;
         self.held.fetch_add(claimed.len(), Ordering::SeqCst);
+        if !claimed.is_empty() && self.short_leases.swap(false, Ordering::SeqCst) {
+            for c in &mut claimed {
+                c.lease.expires_at = Utc::now() + chrono::Duration::seconds(1);
+            }
+        }
         Ok(claimed)
     }
     async fn finish_attempt(
@@ -253,6 +277,7 @@ impl DispatchStore for GatedRecords {
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
         self.inner.release(lease).await?;
         self.held.fetch_sub(1, Ordering::SeqCst);
+        self.released.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     async fn delivery(
@@ -295,13 +320,7 @@ async fn workers_send_while_records_are_written_and_claims_stay_bounded() {
     const WORKERS: usize = 2;
     let most = WORKERS * CLAIMED_PER_WORKER;
     let (gate, open) = tokio::sync::watch::channel(false);
-    let store = Arc::new(GatedRecords {
-        inner: MemoryDispatchStore::new(),
-        open,
-        held: AtomicUsize::new(0),
-        most,
-        overreach: std::sync::Mutex::default(),
-    });
+    let store = Arc::new(GatedRecords::new(open, most));
     let h = hold().await;
     h.release.add_permits(1_000);
     let d = Dispatcher::builder()
@@ -337,5 +356,43 @@ async fn workers_send_while_records_are_written_and_claims_stay_bounded() {
         h.max_seen.load(Ordering::SeqCst)
     );
     assert_eq!(*store.overreach.lock().unwrap(), Vec::<String>::new());
+    d.shutdown().await;
+}
+
+/// A delivery whose lease would run out during its request (it waited that long for a worker)
+/// is released, not sent: another instance may claim it once the lease ends, and the two must
+/// not both send it. The next claim takes it again under a fresh lease, and it is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_lease_is_nearly_over_is_released_not_sent() {
+    let (_gate, open) = tokio::sync::watch::channel(true);
+    let store = Arc::new(GatedRecords::new(open, usize::MAX));
+    store.short_leases.store(true, Ordering::SeqCst);
+    let h = hold().await;
+    h.release.add_permits(1_000);
+    let d = Dispatcher::builder()
+        .store(store.clone())
+        .allow_private_targets(true)
+        .workers(1)
+        .build()
+        .unwrap();
+    d.start().unwrap();
+    subscribe(&d, &h.url).await;
+    d.publish(OutboundEvent::new("job.queued", json!({})))
+        .await
+        .unwrap();
+    wait_until("the delivery sent", || async {
+        (d.pending_deliveries().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.released.load(Ordering::SeqCst),
+        1,
+        "the delivery claimed with a lease nearly over was released"
+    );
+    assert_eq!(
+        h.done.load(Ordering::SeqCst),
+        1,
+        "sent once, under the fresh lease"
+    );
     d.shutdown().await;
 }
