@@ -661,9 +661,10 @@ impl Dispatcher {
     }
 }
 
-/// The worker pool: claims as many due deliveries as there are free worker slots, in one store
-/// call, and runs one attempt task per delivery; finished attempts are recorded in batches by
-/// the [`Recorder`].
+/// The worker pool: claims as many due deliveries as it has free places for
+/// ([`CLAIMED_PER_WORKER`] per worker), in one store call, and runs one attempt task per
+/// delivery, which waits for one of the worker slots to send it; finished attempts are
+/// recorded in batches by the [`Recorder`].
 async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(inner.workers));
     let places = Arc::new(Semaphore::new(
