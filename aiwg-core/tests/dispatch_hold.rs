@@ -4,7 +4,7 @@
 #[path = "dispatch_support.rs"]
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,7 +181,7 @@ struct GatedRecords {
     overreach: std::sync::Mutex<Vec<String>>,
     /// Whether the next claim answers leases that end in a second (as if its deliveries had
     /// waited for a worker until their leases nearly ran out).
-    short_leases: std::sync::atomic::AtomicBool,
+    short_leases: AtomicBool,
     /// Leases released.
     released: AtomicUsize,
 }
@@ -194,7 +194,7 @@ impl GatedRecords {
             held: AtomicUsize::new(0),
             most,
             overreach: std::sync::Mutex::default(),
-            short_leases: std::sync::atomic::AtomicBool::new(false),
+            short_leases: AtomicBool::new(false),
             released: AtomicUsize::new(0),
         }
     }

@@ -275,7 +275,6 @@ impl DispatcherBuilder {
                 workers: self.workers,
                 per_subscription_cap: self.per_subscription_cap,
                 timeout: self.timeout,
-                lease_for: self.timeout + Duration::from_secs(30),
                 max_payload: self.max_payload,
                 disable_after: self.disable_after,
                 rotation_grace: self.rotation_grace,
@@ -305,9 +304,9 @@ struct Inner {
     retry: RetryPolicy,
     workers: usize,
     per_subscription_cap: usize,
-    /// A request's timeout (the sender's); the lease covers it and 30 s more.
+    /// A request's timeout (the sender's); a claim's lease covers it and
+    /// [`LEASE_BEYOND_TIMEOUT`] more.
     timeout: Duration,
-    lease_for: Duration,
     max_payload: usize,
     disable_after: Duration,
     rotation_grace: Duration,
@@ -691,7 +690,7 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
             Utc::now(),
             free,
             inner.owner.clone(),
-            inner.lease_for,
+            inner.timeout + LEASE_BEYOND_TIMEOUT,
             inner.per_subscription_cap,
         );
         let claimed = tokio::select! {
@@ -759,6 +758,9 @@ async fn release(inner: &Inner, task: &ClaimedDelivery) {
 /// Claiming ahead of the workers makes each claim take several deliveries (one round trip for
 /// all of them on a database) and lets a worker send again as soon as its request is answered.
 pub const CLAIMED_PER_WORKER: usize = 4;
+
+/// How much longer than a request's timeout a claim's lease lasts.
+const LEASE_BEYOND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A delivery waiting for a worker is sent only while its lease has at least the request's
 /// timeout and this much left; otherwise it is released for a later claim, so that no other
