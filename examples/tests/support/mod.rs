@@ -131,11 +131,14 @@ impl Db {
 }
 
 fn uuid_like() -> String {
+    // Tests of one process may ask in the same clock tick: the counter tells them apart.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("{:x}_{}", nanos, std::process::id())
+    format!("{:x}_{}_{n}", nanos, std::process::id())
 }
 
 /// Follows a job's events on the server at `base` until `pred` holds for an event (or the stream ends).
