@@ -9,22 +9,26 @@
 //! while the database is busy form the next batch, with at most one write per job) and
 //! writes the batch as
 //!
-//! - one statement for all the events (`UPDATE … FROM unnest(…)` fencing each row, numbering
-//!   the event and moving the job's progress, with the `INSERT` of the events in the same
-//!   statement): one commit;
-//! - for the outcomes, one read of the rows their leases hold and one `UPDATE … FROM
-//!   unnest(…)` that fences each row again, checks that it did not change since it was read,
-//!   and inserts the outcomes' events: one commit. The outcome itself is computed in Rust
-//!   ([`apply::finish`]), the one place that knows the transitions.
+//! - one statement for all the events (`aiwg_append_events`: an `UPDATE … FROM unnest(…)`
+//!   fencing each row, numbering the event and moving the job's progress, with the `INSERT` of
+//!   the events in the same statement): one commit;
+//! - for the outcomes, one read of the rows their leases hold (`aiwg_leased_jobs`) and one
+//!   `UPDATE … FROM unnest(…)` (`aiwg_record_outcomes`) that fences each row again, checks
+//!   that it did not change since it was read, and inserts the outcomes' events: one commit.
+//!   The outcome itself is computed in Rust ([`apply::finish`]), the one place that knows the
+//!   transitions.
 //!
-//! Each statement also names its rows by primary key (`a.id = ANY($1)`), so that it reads
-//! only them and PostgreSQL can keep one generic plan for it instead of planning it anew on
-//! every call. None of them says `status = 'running'`: the table's `CHECK` makes a row with a
-//! lease token a running one, so the token alone fences the row, and without that condition
-//! no index of running jobs can serve the statement. (With it, a generic plan made while the
-//! statistics showed few running jobs read every running job through such an index as a
-//! bitmap, finished jobs' dead entries included, on every batch: 2 200 pages for 22 rows in
-//! `pg_queue` after its narrow burn-downs.)
+//! The three are SQL functions (migration 0020) so that their plans read only the rows they
+//! name, by primary key, whatever the table held when they were planned: each connection
+//! keeps one generic plan of each, and one made while the table held a handful of jobs (a
+//! fresh database) hashed the whole table and went on doing so as it grew, until the next
+//! `ANALYZE`. The functions price sequential and bitmap scans out. None of them says
+//! `status = 'running'`: the table's `CHECK` makes a row with a lease token a running one,
+//! so the token alone fences the row, and without that condition no index of running jobs
+//! can serve the statement. (With it, a generic plan made while the statistics showed few
+//! running jobs read every running job through such an index as a bitmap, finished jobs'
+//! dead entries included, on every batch: 2 200 pages for 22 rows in `pg_queue` after its
+//! narrow burn-downs.)
 //!
 //! Every row is fenced on its own (its lease token, which only a running job has, and the
 //! lease's expiry, in the statement that writes it), and a write whose row does not pass
@@ -64,25 +68,6 @@ const OUTCOME_ROUNDS: usize = 8;
 /// eight 739–776 (bigger batches, fewer statements: the database's CPU is the limit), while
 /// with 4 workers per engine the figures of one and four were within each other's noise.
 const IN_FLIGHT: usize = 1;
-
-/// The progress of a job after `StepStarted` of step `t.step`, computed from the stored JSON as
-/// [`Progress::start`](crate::job::Progress::start) does: out of `pending`, the only one in
-/// `in_progress`.
-const PROGRESS_STARTED: &str = "jsonb_build_object(\
-    'completed', COALESCE(a.job->'progress'->'completed', '[]'::jsonb), \
-    'in_progress', (COALESCE(a.job->'progress'->'in_progress', '[]'::jsonb) - t.step) \
-        || jsonb_build_array(t.step), \
-    'pending', COALESCE(a.job->'progress'->'pending', '[]'::jsonb) - t.step)";
-
-/// The progress after a successful `StepFinished` of step `t.step`, as
-/// [`Progress::finish`](crate::job::Progress::finish): out of `in_progress` and `pending`,
-/// into `completed` once.
-const PROGRESS_FINISHED: &str = "jsonb_build_object(\
-    'completed', CASE WHEN COALESCE(a.job->'progress'->'completed', '[]'::jsonb) ? t.step \
-        THEN a.job->'progress'->'completed' \
-        ELSE COALESCE(a.job->'progress'->'completed', '[]'::jsonb) || jsonb_build_array(t.step) END, \
-    'in_progress', COALESCE(a.job->'progress'->'in_progress', '[]'::jsonb) - t.step, \
-    'pending', COALESCE(a.job->'progress'->'pending', '[]'::jsonb) - t.step)";
 
 /// What the completer needs of its store.
 pub(super) struct Ctx {
@@ -407,8 +392,9 @@ where
         .collect())
 }
 
-/// One statement: fences each event's row, numbers the event, moves the job's progress for
-/// step events and inserts the events (relaxed: without waiting for the disk). Answers per
+/// One statement (`aiwg_append_events`): fences each event's row, numbers the event, moves the
+/// job's progress for step events and inserts the events (relaxed: without waiting for the
+/// disk). Answers per
 /// event; `Err` when the statement failed (nothing of it was written).
 async fn write_events(
     ctx: &Ctx,
@@ -436,37 +422,18 @@ async fn write_events(
         modes.push(a.progress.code());
         steps.push(a.progress.step());
     }
-    // Relaxed: this statement's transaction does not wait for the disk.
-    let sync = if ctx.relaxed {
-        ", set_config('synchronous_commit', 'off', true) AS sc"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "WITH t AS (SELECT *{sync} FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[], \
-             $4::text[], $5::int2[], $6::text[]) WITH ORDINALITY \
-             AS t(id, token, at, kind, mode, step, ord)), \
-         u AS (UPDATE aiwg_jobs a SET last_seq = a.last_seq + 1, \
-             job = CASE t.mode WHEN 0 THEN a.job ELSE jsonb_set(a.job, '{{progress}}', \
-                 CASE t.mode WHEN 1 THEN {PROGRESS_STARTED} ELSE {PROGRESS_FINISHED} END) END, \
-             updated_at = CASE t.mode WHEN 0 THEN a.updated_at ELSE now() END \
-             FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) \
-               AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now()) \
-             RETURNING a.id, a.last_seq, t.at, t.kind, t.ord), \
-         e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-             SELECT id, last_seq, at, kind::jsonb FROM u) \
-         SELECT ord, last_seq FROM u"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&ats)
-        .bind(&kinds)
-        .bind(&modes)
-        .bind(&steps)
-        .fetch_all(&ctx.pool)
-        .await
-        .map_err(db)?;
+    let rows =
+        sqlx::query("SELECT ord, last_seq FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&ats)
+            .bind(&kinds)
+            .bind(&modes)
+            .bind(&steps)
+            .bind(ctx.relaxed)
+            .fetch_all(&ctx.pool)
+            .await
+            .map_err(db)?;
     let mut seqs = vec![None; n];
     for row in rows {
         let ord: i64 = row.try_get("ord").map_err(db)?;
@@ -502,19 +469,13 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             .map(|&i| to_i64(outcomes[i].lease.token))
             .collect();
         let ats: Vec<DateTime<Utc>> = pending.iter().map(|&i| outcomes[i].at).collect();
-        let rows = sqlx::query(
-            "SELECT a.job, a.xmin::text AS version FROM aiwg_jobs a \
-             JOIN unnest($1::uuid[], $2::int8[], $3::timestamptz[]) AS t(id, token, at) \
-               ON a.id = t.id \
-             WHERE a.id = ANY($1::uuid[]) AND a.lease_token = t.token \
-               AND a.lease_expires_at > GREATEST(t.at, now())",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&ats)
-        .fetch_all(&ctx.pool)
-        .await
-        .map_err(db)?;
+        let rows = sqlx::query("SELECT job, version FROM aiwg_leased_jobs($1, $2, $3)")
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&ats)
+            .fetch_all(&ctx.pool)
+            .await
+            .map_err(db)?;
         let mut read: HashMap<JobId, (Job, String)> = HashMap::with_capacity(rows.len());
         for row in &rows {
             let job = open_job(ctx.keyring.as_ref(), row)?;
@@ -582,28 +543,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             last_kinds.push(f.last.as_ref().map(|l| l.text.as_str()));
         }
         let rows = sqlx::query(
-            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[], \
-                 $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::timestamptz[], \
-                 $9::timestamptz[], $10::text[], $11::timestamptz[], $12::text[]) \
-                 AS t(id, token, at, version, status, retry_at, job, approval_expires_at, \
-                      ev_at, kind, last_at, last_kind)), \
-             u AS (UPDATE aiwg_jobs a SET status = t.status, \
-                 queue_seq = CASE WHEN t.status = 'queued' THEN nextval('aiwg_queue_seq') END, \
-                 retry_at = t.retry_at, cancel_requested = FALSE, job = t.job::jsonb, \
-                 last_seq = a.last_seq + CASE WHEN t.last_kind IS NULL THEN 1 ELSE 2 END, \
-                 lease_owner = NULL, lease_token = NULL, \
-                 lease_expires_at = NULL, approval_expires_at = t.approval_expires_at, \
-                 updated_at = now() \
-                 FROM t WHERE a.id = t.id AND a.id = ANY($1::uuid[]) \
-                   AND a.xmin::text = t.version \
-                   AND a.lease_token = t.token \
-                   AND a.lease_expires_at > GREATEST(t.at, now()) \
-                 RETURNING a.id, a.last_seq, t.ev_at, t.kind, t.last_at, t.last_kind), \
-             e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-                 SELECT id, last_seq - 1, last_at, last_kind::jsonb FROM u \
-                     WHERE last_kind IS NOT NULL \
-                 UNION ALL SELECT id, last_seq, ev_at, kind::jsonb FROM u) \
-             SELECT id, last_seq FROM u",
+            "SELECT id, last_seq FROM aiwg_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                 $10, $11, $12)",
         )
         .bind(&w_ids)
         .bind(&tokens)
