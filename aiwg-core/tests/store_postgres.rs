@@ -1283,6 +1283,85 @@ async fn the_completers_statements_read_only_the_rows_they_name_however_the_tabl
     db.cleanup().await;
 }
 
+/// A job's outcome after its step event needs no read: the completer holds the job as that
+/// event's statement left it, with the row's version, and applies the outcome to it. Shown by
+/// removing the read (`aiwg_leased_jobs`) before the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_after_a_step_event_reads_no_row() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    queue(&store, 1, "/p", 0).await;
+    let claimed = claim_at_least(&store, 1).await.remove(0);
+    let started = JobEventKind::StepStarted {
+        step: "s".into(),
+        agent: "a".into(),
+        attempt: 1,
+    };
+    store.append(&claimed.lease, started).await.unwrap();
+    sqlx::query("DROP FUNCTION aiwg_leased_jobs(uuid[], bigint[], timestamptz[])")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let last = JobEventKind::StepFinished {
+        step: "s".into(),
+        ok: true,
+        duration_ms: 1,
+        error: None,
+    };
+    let done = store
+        .finish_after(
+            &claimed.lease,
+            last,
+            Finish::Completed(JobResult::default()),
+        )
+        .await
+        .unwrap();
+    let (job, _) = &done.ended;
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(job.progress.completed, ["s"], "{:?}", job.progress);
+    let stored = store.get(claimed.job.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, JobStatus::Completed);
+    assert_eq!(stored.progress, job.progress);
+    db.cleanup().await;
+}
+
+/// When the row changed after the step event (here its job, by another writer), the
+/// outcome's statement finds another version than the one the completer holds, and the
+/// outcome reads the row and is applied to what it holds now: nothing written meanwhile is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_after_its_row_changed_is_applied_to_the_row_read_again() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    queue(&store, 1, "/p", 0).await;
+    let claimed = claim_at_least(&store, 1).await.remove(0);
+    let started = JobEventKind::StepStarted {
+        step: "s".into(),
+        agent: "a".into(),
+        attempt: 1,
+    };
+    store.append(&claimed.lease, started).await.unwrap();
+    sqlx::query(
+        "UPDATE aiwg_jobs SET job = jsonb_set(job, '{guidance}', '\"changed meanwhile\"') \
+         WHERE id = $1",
+    )
+    .bind(claimed.job.id.as_uuid())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let (job, _) = store
+        .finish(&claimed.lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(job.guidance.as_deref(), Some("changed meanwhile"));
+    assert_eq!(job.progress.in_progress, ["s"], "{:?}", job.progress);
+    let stored = store.get(claimed.job.id).await.unwrap().unwrap();
+    assert_eq!(stored.guidance.as_deref(), Some("changed meanwhile"));
+    assert_eq!(stored.status, JobStatus::Completed);
+    db.cleanup().await;
+}
+
 /// A store in a fresh schema on one connection (so a test reads the completer's own prepared
 /// statements), whose statements use their generic plan from the first call, as a busy
 /// store's do.

@@ -14,11 +14,13 @@
 -- time), numbers the event, moves the job's progress for step events (`modes`: 0 unchanged,
 -- 1 `StepStarted`, 2 a successful `StepFinished` of `steps`) as `Progress::start` and
 -- `Progress::finish` do, and inserts the events. `relaxed`: the transaction does not wait for
--- the disk. One row per event written: its position in the arrays (from 1) and its `seq`.
+-- the disk. One row per event written: its position in the arrays (from 1), its `seq` and,
+-- for a step event, the job as the event left it with the row's version (the completer keeps
+-- them, so that the job's outcome, when it comes next, needs no read).
 CREATE OR REPLACE FUNCTION aiwg_append_events(ids uuid[], tokens bigint[], ats timestamptz[],
                                               kinds text[], modes smallint[], steps text[],
                                               relaxed boolean)
-RETURNS TABLE (ord bigint, last_seq bigint)
+RETURNS TABLE (ord bigint, last_seq bigint, version text, job jsonb)
 LANGUAGE plpgsql VOLATILE
 SET jit = off SET enable_seqscan = off SET enable_bitmapscan = off
 SET plan_cache_mode = force_generic_plan AS $$
@@ -55,16 +57,19 @@ BEGIN
         FROM t
         WHERE a.id = t.id AND a.id = ANY(ids)
           AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now())
-        RETURNING a.id, a.last_seq, t.at, t.kind, t.ord),
+        RETURNING a.id, a.last_seq, t.at, t.kind, t.ord,
+            CASE WHEN t.mode <> 0 THEN a.xmin::text END AS version,
+            CASE WHEN t.mode <> 0 THEN a.job END AS job),
     e AS (
         INSERT INTO aiwg_job_events (job_id, seq, at, kind)
         SELECT u.id, u.last_seq, u.at, u.kind::jsonb FROM u)
-    SELECT u.ord, u.last_seq FROM u;
+    SELECT u.ord, u.last_seq, u.version, u.job FROM u;
 END
 $$;
 
 -- The jobs whose leases (`tokens`) still hold at `ats`, with their row versions, for the
--- outcomes about to be written.
+-- outcomes about to be written whose jobs the completer does not hold as their last step
+-- event left them.
 CREATE OR REPLACE FUNCTION aiwg_leased_jobs(ids uuid[], tokens bigint[], ats timestamptz[])
 RETURNS TABLE (job jsonb, version text)
 LANGUAGE plpgsql STABLE

@@ -40,7 +40,7 @@
 //! always do (and so flush the events written before them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
@@ -69,12 +69,74 @@ const OUTCOME_ROUNDS: usize = 8;
 /// with 4 workers per engine the figures of one and four were within each other's noise.
 const IN_FLIGHT: usize = 1;
 
+/// The most jobs the completer holds as their last step event left them ([`Known`]). A job
+/// whose outcome never comes through this store (its worker gave it up silently) stays until
+/// then; past this many, further jobs are not held, and their outcomes read their rows.
+const KNOWN_MAX: usize = 1024;
+
 /// What the completer needs of its store.
 pub(super) struct Ctx {
     pub(super) pool: PgPool,
     pub(super) keyring: Option<SecretKeyring>,
     pub(super) relaxed: bool,
     pub(super) notifier: Notifier,
+    /// The running jobs as their last step event left them, by id ([`Known`]).
+    pub(super) known: Mutex<HashMap<JobId, Known>>,
+}
+
+/// A running job as the statement of its last step event left it: the job, the row's version
+/// (`xmin`) after that statement, and the lease it was written under. Its outcome is applied
+/// to this job instead of one read anew; the outcome's statement checks the version, so a row
+/// that changed since (a heartbeat, a cancel request, an event without a step) is read again.
+pub(super) struct Known {
+    token: u64,
+    version: String,
+    job: Job,
+}
+
+impl Ctx {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Known>> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the jobs held for these leases (those written under another lease are dropped).
+    fn take_known<'a>(
+        &self,
+        leases: impl Iterator<Item = &'a Lease>,
+    ) -> HashMap<JobId, (Job, String)> {
+        let mut known = self.known();
+        leases
+            .filter_map(|lease| {
+                let held = known.remove(&lease.job_id)?;
+                (held.token == lease.token).then_some((lease.job_id, (held.job, held.version)))
+            })
+            .collect()
+    }
+
+    /// Holds each job as its step event (`Some`) left it, and forgets the others: their rows'
+    /// versions changed.
+    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, Job)>)>) {
+        let mut known = self.known();
+        for (lease, left) in written {
+            let id = lease.job_id;
+            match left {
+                Some((version, job)) if known.len() < KNOWN_MAX || known.contains_key(&id) => {
+                    let token = lease.token;
+                    known.insert(
+                        id,
+                        Known {
+                            token,
+                            version,
+                            job,
+                        },
+                    );
+                }
+                _ => {
+                    known.remove(&id);
+                }
+            }
+        }
+    }
 }
 
 /// How an event moves its job's progress.
@@ -200,6 +262,12 @@ impl Completer {
         }))
         .await?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Forgets what the completer holds of job `id` (its row is about to change elsewhere: a
+    /// heartbeat).
+    pub(super) fn forget(&self, id: JobId) {
+        self.ctx.known().remove(&id);
     }
 
     /// Records the outcome of a running job's attempt, fenced by `lease`, after `last` when
@@ -422,33 +490,42 @@ async fn write_events(
         modes.push(a.progress.code());
         steps.push(a.progress.step());
     }
-    let rows =
-        sqlx::query("SELECT ord, last_seq FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)")
-            .bind(&ids)
-            .bind(&tokens)
-            .bind(&ats)
-            .bind(&kinds)
-            .bind(&modes)
-            .bind(&steps)
-            .bind(ctx.relaxed)
-            .fetch_all(&ctx.pool)
-            .await
-            .map_err(db)?;
+    let rows = sqlx::query(
+        "SELECT ord, last_seq, version, job FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&ats)
+    .bind(&kinds)
+    .bind(&modes)
+    .bind(&steps)
+    .bind(ctx.relaxed)
+    .fetch_all(&ctx.pool)
+    .await
+    .map_err(db)?;
     let mut seqs = vec![None; n];
+    let mut left: Vec<Option<(String, Job)>> = (0..n).map(|_| None).collect();
     for row in rows {
         let ord: i64 = row.try_get("ord").map_err(db)?;
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| seqs.get_mut(i)) {
-            *slot = Some(seq);
+        let version: Option<String> = row.try_get("version").map_err(db)?;
+        let Some(i) = usize::try_from(ord - 1).ok().filter(|&i| i < n) else {
+            continue;
+        };
+        seqs[i] = Some(seq);
+        if let Some(version) = version {
+            left[i] = Some((version, open_job(ctx.keyring.as_ref(), &row)?));
         }
     }
+    ctx.hold_known(appends.iter().map(|a| &a.lease).zip(left));
     fenced(&ctx.pool, appends.iter().map(|a| a.lease.job_id), seqs).await
 }
 
 /// Records the outcomes: reads the rows their leases still hold (with their row versions),
-/// applies each outcome to its job, and writes them all with their events in one statement
-/// that fences every row again and checks that it did not change since it was read (a
-/// heartbeat, a cancel request); a row that did is read and written again. Two round trips and
+/// unless the completer holds them as their last step event left them ([`Known`]), applies
+/// each outcome to its job, and writes them all with their events in one statement that
+/// fences every row again and checks that it did not change since it was read (a heartbeat,
+/// a cancel request); a row that did is read and written again. One or two round trips and
 /// one commit for the batch, no lock held between them.
 async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>, StoreError> {
     let n = outcomes.len();
@@ -456,31 +533,33 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
     // Outcomes whose row the fence refused (answered LeaseLost or NotFound at the end).
     let mut refused: Vec<usize> = Vec::new();
     let mut pending: Vec<usize> = (0..n).collect();
+    // The jobs held as their last step event left them need no read, the first time round.
+    let mut read = ctx.take_known(outcomes.iter().map(|f| &f.lease));
     for _ in 0..OUTCOME_ROUNDS {
         if pending.is_empty() {
             break;
         }
-        let ids: Vec<Uuid> = pending
+        let reading: Vec<&Outcome> = pending
             .iter()
-            .map(|&i| *outcomes[i].lease.job_id.as_uuid())
+            .map(|&i| &outcomes[i])
+            .filter(|f| !read.contains_key(&f.lease.job_id))
             .collect();
-        let tokens: Vec<i64> = pending
-            .iter()
-            .map(|&i| to_i64(outcomes[i].lease.token))
-            .collect();
-        let ats: Vec<DateTime<Utc>> = pending.iter().map(|&i| outcomes[i].at).collect();
-        let rows = sqlx::query("SELECT job, version FROM aiwg_leased_jobs($1, $2, $3)")
-            .bind(&ids)
-            .bind(&tokens)
-            .bind(&ats)
-            .fetch_all(&ctx.pool)
-            .await
-            .map_err(db)?;
-        let mut read: HashMap<JobId, (Job, String)> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let job = open_job(ctx.keyring.as_ref(), row)?;
-            let version: String = row.try_get("version").map_err(db)?;
-            read.insert(job.id, (job, version));
+        if !reading.is_empty() {
+            let ids: Vec<Uuid> = reading.iter().map(|f| *f.lease.job_id.as_uuid()).collect();
+            let tokens: Vec<i64> = reading.iter().map(|f| to_i64(f.lease.token)).collect();
+            let ats: Vec<DateTime<Utc>> = reading.iter().map(|f| f.at).collect();
+            let rows = sqlx::query("SELECT job, version FROM aiwg_leased_jobs($1, $2, $3)")
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(&ats)
+                .fetch_all(&ctx.pool)
+                .await
+                .map_err(db)?;
+            for row in &rows {
+                let job = open_job(ctx.keyring.as_ref(), row)?;
+                let version: String = row.try_get("version").map_err(db)?;
+                read.insert(job.id, (job, version));
+            }
         }
         // Apply each outcome (after its last event) to its job.
         let mut writes: Vec<(usize, Option<Job>, Job, NewEvent, String)> =

@@ -432,6 +432,7 @@ impl PgStore {
                 keyring: self.keyring.clone(),
                 relaxed: self.relaxed_events,
                 notifier: self.notifier.clone(),
+                known: Default::default(),
             })
         })
     }
@@ -1033,6 +1034,10 @@ impl JobStore for PgStore {
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> Result<Heartbeat, StoreError> {
+        // The row's version changes: an outcome must read it again.
+        if let Some(completer) = self.completer.get() {
+            completer.forget(lease.job_id);
+        }
         let row = sqlx::query(
             "UPDATE aiwg_jobs SET lease_expires_at = GREATEST($3::timestamptz, now()) \
                  + $4 * interval '1 microsecond', updated_at = now() \
