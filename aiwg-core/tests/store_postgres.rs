@@ -1616,6 +1616,10 @@ async fn write_through_closed_connections(
     let db = test_db().await?;
     const MAX: u32 = 3;
     let (store, app) = db.named_store_with("aiwg-closed", MAX, options).await;
+    let mut announcements = sqlx::postgres::PgListener::connect_with(db.admin())
+        .await
+        .unwrap();
+    announcements.listen(store.channel()).await.unwrap();
     let mut created = Vec::new();
     let warm = futures_util::future::join_all(
         (0..MAX).map(|_| store.create(NewJob::new(sample_job("w", "/p", 0)))),
@@ -1623,6 +1627,20 @@ async fn write_through_closed_connections(
     .await;
     for c in warm {
         created.push(new_id(c.unwrap()));
+    }
+    // The store announces its jobs from its own connections: once it has, nothing but this
+    // test's statements uses them, so the first one after they are closed meets a closed one.
+    let mut announced = HashSet::new();
+    while announced.len() < created.len() {
+        let note = tokio::time::timeout(Duration::from_secs(30), announcements.recv())
+            .await
+            .expect("the store announces its jobs")
+            .unwrap();
+        for id in &created {
+            if note.payload().contains(&id.to_string()) {
+                announced.insert(*id);
+            }
+        }
     }
     let closed: i64 = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
