@@ -18,7 +18,7 @@ use aiwg_core::dispatch::PgDispatchStore;
 use aiwg_core::dispatch::{
     Attempt, AttemptOutcome, AttemptTrigger, CreateSubscription, DeliveryClaimRequest,
     DeliveryState, DispatchStore, DispatchStoreError, Dispatcher, OutboundEvent, RetryPolicy,
-    SubscriptionId,
+    SigningSecret, Subscription, SubscriptionId,
 };
 use chrono::Utc;
 use pg_support::test_db;
@@ -349,5 +349,104 @@ async fn the_claim_and_the_record_read_only_the_rows_they_need() {
         );
     }
     tx.rollback().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A subscription to `job.*` made now.
+fn job_subscription(url: &str) -> Subscription {
+    Subscription::new(
+        url,
+        vec!["job.*".into()],
+        None,
+        SigningSecret::generate(),
+        Utc::now(),
+    )
+}
+
+/// Whom a `job.completed` event goes to, according to `store`.
+async fn completed_to(store: &PgDispatchStore) -> Vec<SubscriptionId> {
+    store.subscribers("job.completed").await.unwrap()
+}
+
+/// Each store holds the list of enabled subscriptions (a job event then costs no query) and
+/// drops it when a subscription changes: at once after its own change, and on the table's
+/// announcement (migration 0021) after another instance's or a host's own SQL. Changes to a
+/// subscription's health keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_list_follows_changes_made_here_and_elsewhere() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let here = db.outbox_in(&schema, 2).await;
+    let there = db.outbox_in(&schema, 2).await;
+    assert!(completed_to(&there).await.is_empty());
+    // Added here: seen here at once, there once announced.
+    let a = job_subscription("http://127.0.0.1:9/a");
+    here.insert_subscription(&a).await.unwrap();
+    assert_eq!(completed_to(&here).await, [a.id]);
+    wait_until("the other instance sees the subscription", || async {
+        (completed_to(&there).await == [a.id]).then_some(())
+    })
+    .await;
+    // The list is held: with the table out of the way, the question is still answered.
+    let pool = here.pool().clone();
+    let rename = |from: &'static str, to: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    wait_until("the list is held", || async {
+        let _ = completed_to(&there).await;
+        rename(
+            "aiwg_webhook_subscriptions",
+            "aiwg_webhook_subscriptions_away",
+        )
+        .await;
+        let held = there.subscribers("job.completed").await;
+        rename(
+            "aiwg_webhook_subscriptions_away",
+            "aiwg_webhook_subscriptions",
+        )
+        .await;
+        held.ok().filter(|s| s == &[a.id]).map(|_| ())
+    })
+    .await;
+    // A failing endpoint's health changes nothing there.
+    here.endpoint_failed(a.id, Utc::now()).await.unwrap();
+    // Disabled there: gone there at once, here once announced.
+    assert!(there
+        .disable_subscription(a.id, "test", Utc::now())
+        .await
+        .unwrap());
+    assert!(completed_to(&there).await.is_empty());
+    wait_until("this instance sees the subscription disabled", || async {
+        completed_to(&here).await.is_empty().then_some(())
+    })
+    .await;
+    // Enabled again, and a second one added, by a host's own SQL: both instances see both,
+    // oldest first.
+    let b = job_subscription("http://127.0.0.1:9/b");
+    here.insert_subscription(&b).await.unwrap();
+    sqlx::query("UPDATE aiwg_webhook_subscriptions SET enabled = TRUE WHERE id = $1")
+        .bind(a.id.to_string().parse::<uuid::Uuid>().unwrap())
+        .execute(here.pool())
+        .await
+        .unwrap();
+    for store in [&here, &there] {
+        wait_until("both subscriptions, oldest first", || async {
+            (completed_to(store).await == [a.id, b.id]).then_some(())
+        })
+        .await;
+    }
+    // Deleted here: gone everywhere.
+    assert!(here.delete_subscription(a.id).await.unwrap());
+    assert_eq!(completed_to(&here).await, [b.id]);
+    wait_until("the other instance sees the deletion", || async {
+        (completed_to(&there).await == [b.id]).then_some(())
+    })
+    .await;
     db.cleanup().await;
 }

@@ -14,6 +14,8 @@
 //! across instances. Completion and release are fenced by the lease token. Times are stored as
 //! Unix nanoseconds so they round-trip exactly.
 
+mod subscribers;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
@@ -71,6 +73,8 @@ pub struct PgDispatchStore {
     scope: String,
     /// Seals subscription secrets; without one, storing a secret fails.
     keyring: Option<SecretKeyring>,
+    /// The enabled subscriptions and their filters, held until one changes.
+    subscribers: subscribers::Subscribers,
 }
 
 impl std::fmt::Debug for PgDispatchStore {
@@ -92,6 +96,7 @@ impl PgDispatchStore {
             .await
             .map_err(DispatchStoreError::Backend)?;
         Ok(Self {
+            subscribers: subscribers::Subscribers::start(&pool, scope.clone()),
             pool,
             scope,
             keyring: None,
@@ -387,6 +392,7 @@ impl DispatchStore for PgDispatchStore {
         .execute(&self.pool)
         .await
         .map_err(db)?;
+        self.subscribers.changed();
         Ok(())
     }
 
@@ -411,6 +417,10 @@ impl DispatchStore for PgDispatchStore {
         rows.iter().map(|r| self.subscription_of(r)).collect()
     }
 
+    async fn subscribers(&self, event_type: &str) -> DispatchStoreResult<Vec<SubscriptionId>> {
+        self.subscribers.matching(&self.pool, event_type).await
+    }
+
     async fn update_subscription(
         &self,
         id: SubscriptionId,
@@ -431,6 +441,7 @@ impl DispatchStore for PgDispatchStore {
         change.apply(&mut sub);
         self.write_subscription(&mut tx, &sub).await?;
         tx.commit().await.map_err(db)?;
+        self.subscribers.changed();
         Ok(Some(sub))
     }
 
@@ -448,6 +459,7 @@ impl DispatchStore for PgDispatchStore {
             .await
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
+        self.subscribers.changed();
         Ok(gone > 0)
     }
 
@@ -505,6 +517,7 @@ impl DispatchStore for PgDispatchStore {
         .await
         .map_err(db)?
         .rows_affected();
+        self.subscribers.changed();
         Ok(n > 0)
     }
 

@@ -16,7 +16,10 @@
 //!   `UPDATE … FROM unnest(…)` (`aiwg_record_outcomes`) that fences each row again, checks
 //!   that it did not change since it was read, and inserts the outcomes' events: one commit.
 //!   The outcome itself is computed in Rust ([`apply::finish`]), the one place that knows the
-//!   transitions.
+//!   transitions. A job whose last write was a step event needs no read: that event's
+//!   statement returned the job as it left it, with the row's version, and the completer
+//!   holds them until the outcome ([`Known`]); when the row changed since (a heartbeat, a
+//!   cancel request), the version check refuses the write and the outcome reads the row.
 //!
 //! The three are SQL functions (migration 0020) so that their plans read only the rows they
 //! name, by primary key, whatever the table held when they were planned: each connection
