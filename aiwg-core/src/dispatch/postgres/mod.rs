@@ -52,6 +52,15 @@ static MIGRATOR: Migrator = Migrator {
 /// per-subscription in-flight cap is re-read under a transaction-scoped advisory lock, so it
 /// holds across instances; completion and release are fenced by the lease token.
 ///
+/// Each store (with its clones) holds the enabled subscriptions and their filters, so that
+/// [`subscribers`](DispatchStore::subscribers), asked for every status change of every job,
+/// costs no query; it drops them when a subscription changes, here at once, elsewhere when the
+/// table's triggers announce it (migration 0021). For that it keeps **one connection of its
+/// own**, outside the pool, made with the pool's options (`LISTEN` on channel
+/// `aiwg_webhook_subscriptions`), from [`from_pool`](Self::from_pool) until the last clone is
+/// dropped; count it when sizing the server's `max_connections`. Until its `LISTEN` is in place,
+/// and while its connection is lost, every question reads the table.
+///
 /// ```no_run
 /// # async fn run(pool: sqlx::PgPool) -> Result<(), aiwg_core::dispatch::DispatchStoreError> {
 /// use std::sync::Arc;
