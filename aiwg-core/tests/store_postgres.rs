@@ -512,6 +512,98 @@ async fn purge_finished_deletes_only_finished_jobs_and_their_events() {
     db.cleanup().await;
 }
 
+/// Events are written without a foreign-key check on their job (migration 0022); deleting
+/// or truncating jobs, by anyone and from any search path, still takes their events along and
+/// keeps the tally of queued jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_or_truncating_jobs_takes_their_events_along() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = db.store_in(&schema, 4).await;
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        let job = sample_job("w", "/p", 0);
+        jobs.push(job.id);
+        store.create(NewJob::new(job)).await.unwrap();
+    }
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|id| *id.as_uuid()).collect();
+    let claimed = store
+        .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*claimed.job.id.as_uuid(), ids[0], "first in, first claimed");
+    let foreign_keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint \
+         WHERE conrelid = 'aiwg_job_events'::regclass AND contype = 'f'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(foreign_keys, 0, "no event is checked against its job");
+    let events = |id: uuid::Uuid| {
+        let admin = db.admin().clone();
+        let sql = format!("SELECT count(*) FROM {schema}.aiwg_job_events WHERE job_id = $1");
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .bind(id)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(events(ids[0]).await, 2, "queued, running");
+    assert_eq!(events(ids[1]).await, 1, "queued");
+
+    // Someone else's SQL, from a session whose search path is not the store's schema, deletes
+    // a running job and a queued one: their events go, the third job's stay.
+    sqlx::query(&format!(
+        "DELETE FROM {schema}.aiwg_jobs WHERE id = ANY($1)"
+    ))
+    .bind(&ids[..2])
+    .execute(db.admin())
+    .await
+    .unwrap();
+    assert_eq!(
+        events(ids[0]).await,
+        0,
+        "the running job's events went with it"
+    );
+    assert_eq!(
+        events(ids[1]).await,
+        0,
+        "the queued job's events went with it"
+    );
+    assert_eq!(events(ids[2]).await, 1, "the other job's events stay");
+    assert_eq!(store.events(jobs[2], 0).await.unwrap().len(), 1);
+    assert_eq!(
+        tally_and_rows(&store).await,
+        (1, 1),
+        "the deleted queued job left the tally"
+    );
+
+    sqlx::query(&format!("TRUNCATE {schema}.aiwg_jobs"))
+        .execute(db.admin())
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.aiwg_job_events"))
+        .fetch_one(db.admin())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a truncate of the jobs empties their events");
+    assert_eq!(
+        tally_and_rows(&store).await,
+        (0, 0),
+        "and the tally of queued jobs"
+    );
+    store
+        .create(NewJob::new(sample_job("w", "/p", 0)))
+        .await
+        .unwrap();
+    assert_eq!(tally_and_rows(&store).await, (1, 1), "counted from there");
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_audit_store_passes_the_audit_store_suite() {
     use aiwg_core::audit::{AuditStore, PgAuditStore};
