@@ -98,7 +98,8 @@ struct State {
     /// Jobs holding a lease, so the lease sweep reads only those (not every job kept).
     leased: BTreeSet<JobId>,
     /// Finished jobs forgotten by the retention while the lock was held, freed once it is
-    /// released ([`Locked`]).
+    /// released ([`Locked`]). Boxed as the map holds them: taken out whole, no entry copied.
+    #[allow(clippy::vec_box)]
     forgotten: Vec<Box<Entry>>,
 }
 
@@ -411,6 +412,7 @@ impl MemoryStore {
 struct Locked<'a> {
     // Fields drop in this order: the lock is released before the forgotten jobs are freed.
     state: std::sync::MutexGuard<'a, State>,
+    #[allow(clippy::vec_box)]
     to_free: Vec<Box<Entry>>,
 }
 
