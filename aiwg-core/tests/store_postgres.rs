@@ -601,6 +601,18 @@ async fn deleting_or_truncating_jobs_takes_their_events_along() {
         .await
         .unwrap();
     assert_eq!(tally_and_rows(&store).await, (1, 1), "counted from there");
+    // Both tables in one statement, as a host's reset might do.
+    sqlx::query(&format!(
+        "TRUNCATE {schema}.aiwg_jobs, {schema}.aiwg_job_events"
+    ))
+    .execute(db.admin())
+    .await
+    .unwrap();
+    assert_eq!(
+        tally_and_rows(&store).await,
+        (0, 0),
+        "both truncated together"
+    );
     db.cleanup().await;
 }
 

@@ -44,8 +44,16 @@ $$;
 
 CREATE OR REPLACE FUNCTION aiwg_truncate_events_of_truncated_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    any_event boolean;
 BEGIN
-    EXECUTE format('TRUNCATE %I.aiwg_job_events', TG_TABLE_SCHEMA);
+    -- Not when the same statement truncated the events too (`TRUNCATE aiwg_jobs,
+    -- aiwg_job_events`): a table that statement still uses cannot be truncated again.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.aiwg_job_events)', TG_TABLE_SCHEMA)
+        INTO any_event;
+    IF any_event THEN
+        EXECUTE format('TRUNCATE %I.aiwg_job_events', TG_TABLE_SCHEMA);
+    END IF;
     EXECUTE format('DELETE FROM %I.aiwg_queue_tally', TG_TABLE_SCHEMA);
     EXECUTE format('INSERT INTO %I.aiwg_queue_tally (pid, queued) VALUES (0, 0)',
         TG_TABLE_SCHEMA);
