@@ -372,6 +372,52 @@ async fn completed_to(store: &PgDispatchStore) -> Vec<SubscriptionId> {
 /// drops it when a subscription changes: at once after its own change, and on the table's
 /// announcement (migration 0021) after another instance's or a host's own SQL. Changes to a
 /// subscription's health keep it.
+/// What `store` answers for `job.completed` while its subscriptions table is renamed away:
+/// `Some` only when it holds its list (it asks once before, so that a list it may hold is
+/// read first).
+async fn held_list(store: &PgDispatchStore) -> Option<Vec<SubscriptionId>> {
+    let rename = |from: &str, to: &str| {
+        let sql = format!("ALTER TABLE {from} RENAME TO {to}");
+        async move {
+            sqlx::query(&sql).execute(store.pool()).await.unwrap();
+        }
+    };
+    let _ = completed_to(store).await;
+    rename(
+        "aiwg_webhook_subscriptions",
+        "aiwg_webhook_subscriptions_away",
+    )
+    .await;
+    let held = store.subscribers("job.completed").await;
+    rename(
+        "aiwg_webhook_subscriptions_away",
+        "aiwg_webhook_subscriptions",
+    )
+    .await;
+    held.ok()
+}
+
+/// A store made before its migrations (`from_pool`, then `migrate`, as the example server
+/// does) holds its subscriber list as soon as they ran: its listener, which found no triggers
+/// to announce changes, looks again then instead of half a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_made_before_its_migrations_holds_its_list_once_they_ran() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let outbox = db.outbox_in(&schema, 2).await;
+    let a = job_subscription("http://127.0.0.1:9/a");
+    outbox.insert_subscription(&a).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_until("the list is held", || async {
+            (held_list(&outbox).await == Some(vec![a.id])).then_some(())
+        }),
+    )
+    .await
+    .expect("held well before the listener's own 30 s wait");
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriber_list_follows_changes_made_here_and_elsewhere() {
     let Some(db) = test_db().await else { return };
@@ -388,30 +434,8 @@ async fn the_subscriber_list_follows_changes_made_here_and_elsewhere() {
     })
     .await;
     // The list is held: with the table out of the way, the question is still answered.
-    let pool = here.pool().clone();
-    let rename = |from: &'static str, to: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-    };
     wait_until("the list is held", || async {
-        let _ = completed_to(&there).await;
-        rename(
-            "aiwg_webhook_subscriptions",
-            "aiwg_webhook_subscriptions_away",
-        )
-        .await;
-        let held = there.subscribers("job.completed").await;
-        rename(
-            "aiwg_webhook_subscriptions_away",
-            "aiwg_webhook_subscriptions",
-        )
-        .await;
-        held.ok().filter(|s| s == &[a.id]).map(|_| ())
+        (held_list(&there).await == Some(vec![a.id])).then_some(())
     })
     .await;
     // A failing endpoint's health changes nothing there.

@@ -128,7 +128,9 @@ impl PgDispatchStore {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| DispatchStoreError::backend_from("postgres: migration failed", e))
+            .map_err(|e| DispatchStoreError::backend_from("postgres: migration failed", e))?;
+        self.subscribers.migrated();
+        Ok(())
     }
 
     /// The outbox's embedded migrations (from `aiwg-core/migrations/outbox`), for hosts that

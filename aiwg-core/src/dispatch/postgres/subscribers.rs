@@ -21,6 +21,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::Row;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
@@ -35,13 +36,16 @@ const CHANNEL: &str = "aiwg_webhook_subscriptions";
 const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 
 /// How long the task waits before looking again for the table's triggers when they are missing
-/// (the store's migrations have not run yet).
+/// (the store's migrations have not run yet), unless the store's own migrations end sooner
+/// ([`Subscribers::migrated`]).
 const LOOK_AGAIN_AFTER: Duration = Duration::from_secs(30);
 
 /// The list and the task that keeps it true (shared by the store's clones).
 #[derive(Clone)]
 pub(super) struct Subscribers {
     state: Arc<Mutex<State>>,
+    /// Cuts the task's wait short (the store's migrations just ran).
+    look_again: Arc<Notify>,
     /// Stops the task when the last clone of the store is dropped.
     _listening: Arc<DropGuard>,
 }
@@ -73,15 +77,30 @@ impl Subscribers {
     /// current Tokio runtime.
     pub(super) fn start(pool: &PgPool, scope: String) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
+        let look_again = Arc::new(Notify::new());
         let stop = CancellationToken::new();
         let own = PgPoolOptions::new()
             .max_connections(1)
             .connect_lazy_with((*pool.connect_options()).clone());
-        tokio::spawn(listen(Arc::clone(&state), own, scope, stop.clone()));
+        tokio::spawn(listen(
+            Arc::clone(&state),
+            own,
+            scope,
+            Arc::clone(&look_again),
+            stop.clone(),
+        ));
         Self {
             state,
+            look_again,
             _listening: Arc::new(stop.drop_guard()),
         }
+    }
+
+    /// The store's migrations ran: the task, if it is waiting to look for the table's triggers
+    /// again (a store made before its migrations, as `from_pool` then `migrate` does), looks
+    /// now instead of after [`LOOK_AGAIN_AFTER`].
+    pub(super) fn migrated(&self) {
+        self.look_again.notify_one();
     }
 
     /// Forgets the list: a subscription changed here.
@@ -143,8 +162,15 @@ async fn read(pool: &PgPool) -> DispatchStoreResult<Arc<[Held]>> {
         .collect()
 }
 
-/// Listens until `stop`, again after each lost connection.
-async fn listen(state: Arc<Mutex<State>>, own: PgPool, scope: String, stop: CancellationToken) {
+/// Listens until `stop`, again after each lost connection, and after the store's migrations
+/// when the triggers were missing.
+async fn listen(
+    state: Arc<Mutex<State>>,
+    own: PgPool,
+    scope: String,
+    look_again: Arc<Notify>,
+    stop: CancellationToken,
+) {
     loop {
         let wait = tokio::select! {
             () = stop.cancelled() => break,
@@ -154,6 +180,7 @@ async fn listen(state: Arc<Mutex<State>>, own: PgPool, scope: String, stop: Canc
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
+            () = look_again.notified() => {}
         }
     }
     own.close().await;
