@@ -368,10 +368,6 @@ async fn completed_to(store: &PgDispatchStore) -> Vec<SubscriptionId> {
     store.subscribers("job.completed").await.unwrap()
 }
 
-/// Each store holds the list of enabled subscriptions (a job event then costs no query) and
-/// drops it when a subscription changes: at once after its own change, and on the table's
-/// announcement (migration 0021) after another instance's or a host's own SQL. Changes to a
-/// subscription's health keep it.
 /// What `store` answers for `job.completed` while its subscriptions table is renamed away:
 /// `Some` only when it holds its list (it asks once before, so that a list it may hold is
 /// read first).
@@ -418,6 +414,10 @@ async fn a_store_made_before_its_migrations_holds_its_list_once_they_ran() {
     db.cleanup().await;
 }
 
+/// Each store holds the list of enabled subscriptions (a job event then costs no query) and
+/// drops it when a subscription changes: at once after its own change, and on the table's
+/// announcement (migration 0021) after another instance's or a host's own SQL. Changes to a
+/// subscription's health keep it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriber_list_follows_changes_made_here_and_elsewhere() {
     let Some(db) = test_db().await else { return };

@@ -20,18 +20,8 @@
 -- aiwg_queue_tally does not exist"). They are made again here naming it in the schema these
 -- migrations run in: a row trigger on every claim, it stays plain SQL, planned once.
 
-DO $$
-DECLARE
-    fk name;
-BEGIN
-    FOR fk IN
-        SELECT conname FROM pg_constraint
-        WHERE conrelid = 'aiwg_job_events'::regclass AND contype = 'f'
-    LOOP
-        EXECUTE format('ALTER TABLE aiwg_job_events DROP CONSTRAINT %I', fk);
-    END LOOP;
-END
-$$;
+-- The name PostgreSQL gave 0001's inline `REFERENCES`.
+ALTER TABLE aiwg_job_events DROP CONSTRAINT IF EXISTS aiwg_job_events_job_id_fkey;
 
 CREATE OR REPLACE FUNCTION aiwg_delete_events_of_deleted_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
