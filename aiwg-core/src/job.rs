@@ -237,21 +237,32 @@ impl Progress {
         }
     }
 
-    /// Moves `step` from pending to in progress.
+    /// Moves `step` from pending to in progress (the name itself moves: no copy is made when
+    /// it was pending).
     pub fn start(&mut self, step: &str) {
-        self.pending.retain(|s| s != step);
-        self.in_progress.retain(|s| s != step);
-        self.in_progress.push(step.to_owned());
+        let name = take(&mut self.pending, step);
+        let again = take(&mut self.in_progress, step);
+        self.in_progress
+            .push(name.or(again).unwrap_or_else(|| step.to_owned()));
     }
 
-    /// Moves `step` from in progress to completed.
+    /// Moves `step` from in progress to completed (the name moves, as in [`start`](Self::start)).
     pub fn finish(&mut self, step: &str) {
-        self.in_progress.retain(|s| s != step);
-        self.pending.retain(|s| s != step);
+        let name = take(&mut self.in_progress, step);
+        let pending = take(&mut self.pending, step);
         if !self.completed.iter().any(|s| s == step) {
-            self.completed.push(step.to_owned());
+            self.completed
+                .push(name.or(pending).unwrap_or_else(|| step.to_owned()));
         }
     }
+}
+
+/// Removes every `step` from `names`, keeping their order, and hands back the first removed.
+fn take(names: &mut Vec<String>, step: &str) -> Option<String> {
+    let first = names.iter().position(|s| s == step)?;
+    let name = names.remove(first);
+    names.retain(|s| s != step);
+    Some(name)
 }
 
 /// What started a job.
@@ -717,5 +728,25 @@ mod tests {
         assert_eq!(p.completed, ["a"]);
         assert_eq!(p.pending, Vec::<String>::new());
         assert_eq!(p.in_progress, ["b"]);
+    }
+
+    #[test]
+    fn progress_keeps_each_step_once_whatever_order_it_is_told() {
+        // Started twice, finished twice, finished without a start, started when unknown, and
+        // a name listed twice: each ends up in one list, once, the others' order kept.
+        let mut p = Progress::pending(["a", "b", "c", "b"].map(str::to_owned));
+        p.start("b");
+        p.start("b");
+        assert_eq!(
+            (p.pending.clone(), p.in_progress.clone()),
+            (vec!["a".to_owned(), "c".to_owned()], vec!["b".to_owned()])
+        );
+        p.finish("b");
+        p.finish("b");
+        p.finish("c");
+        p.start("z");
+        assert_eq!(p.completed, ["b", "c"]);
+        assert_eq!(p.pending, ["a"]);
+        assert_eq!(p.in_progress, ["z"]);
     }
 }

@@ -1294,9 +1294,16 @@ impl Engine {
                     .durations
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let e = d.entry(job.workflow.clone()).or_insert((0, 0.0));
-                e.0 += 1;
-                e.1 += secs;
+                // The workflow's name is copied only for its first completed job.
+                match d.get_mut(&job.workflow) {
+                    Some(e) => {
+                        e.0 += 1;
+                        e.1 += secs;
+                    }
+                    None => {
+                        d.insert(job.workflow.clone(), (1, secs));
+                    }
+                }
             }
         }
         let event = Arc::new(event);

@@ -256,7 +256,8 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
 
     // Heartbeats keep the lease; losing it stops the job without further writes. They run
     // beside the job's work in this same task (no task of their own to spawn and join).
-    let lease_cell = Mutex::new(lease.clone());
+    // Shared, so that each write reads it without copying its owner's name.
+    let lease_cell = Mutex::new(Arc::new(lease));
     // The last step's `StepFinished`, written with the outcome (see `run_steps`).
     let mut last: Option<JobEventKind> = None;
     let work = async {
@@ -325,7 +326,8 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         outcome = work => outcome,
         never = beat => match never {},
     };
-    let lease = lease_cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let lease = lease_cell.into_inner().unwrap_or_else(|e| e.into_inner());
+    let lease = Arc::try_unwrap(lease).unwrap_or_else(|shared| Lease::clone(&shared));
 
     let finish = match outcome {
         (Ok(()), result) => Some(Finish::Completed(result)),
@@ -419,7 +421,7 @@ async fn heartbeat(
     store: &dyn JobStore,
     ttl: Duration,
     base: tokio::time::Instant,
-    lease: &Mutex<Lease>,
+    lease: &Mutex<Arc<Lease>>,
     reason: &Mutex<Option<StopReason>>,
     token: &CancellationToken,
 ) -> Never {
@@ -453,7 +455,7 @@ async fn heartbeat(
             }
             Ok(Ok(hb)) => {
                 fence_at = sent + ttl.saturating_sub(margin);
-                *lease.lock().unwrap_or_else(|e| e.into_inner()) = hb.lease;
+                *lease.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(hb.lease);
                 if hb.cancel_requested {
                     stop(reason, token, StopReason::User("cancelled by request"));
                 }
@@ -486,7 +488,7 @@ fn stop(reason: &Mutex<Option<StopReason>>, token: &CancellationToken, why: Stop
 
 async fn append(
     engine: &Engine,
-    lease: &Mutex<Lease>,
+    lease: &Mutex<Arc<Lease>>,
     job: &Job,
     kind: JobEventKind,
 ) -> Result<(), Stop> {
@@ -541,7 +543,7 @@ fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
 async fn run_steps(
     engine: &Engine,
     job: &Job,
-    lease: &Mutex<Lease>,
+    lease: &Mutex<Arc<Lease>>,
     token: &CancellationToken,
     reason: &Mutex<Option<StopReason>>,
     last: &mut Option<JobEventKind>,
@@ -857,7 +859,10 @@ async fn run_steps(
         if let Some(u) = out.usage {
             usage = Some(usage.unwrap_or_default().add(u));
         }
-        outputs.insert(step.name.clone(), out.output.clone());
+        // Later steps' templates read the outputs; after the last step nothing does.
+        if index < final_step {
+            outputs.insert(step.name.clone(), out.output.clone());
+        }
         result.summary.clone_from(&out.output);
         result.session_id.clone_from(&last_session);
         result.usage = usage;
@@ -872,7 +877,7 @@ async fn run_steps(
             structured: out.structured.clone(),
             partial: false,
         });
-        if let Some(v) = out.structured {
+        if let Some(v) = out.structured.filter(|_| index < final_step) {
             structured.insert(step.name.clone(), v);
         }
     }

@@ -208,7 +208,9 @@ impl State {
         }
     }
 
-    fn create(&mut self, new: NewJob) -> Result<Created, StoreError> {
+    /// Creates the job of `new`; `copy` is the copy of it to answer with, made by the caller
+    /// before the lock.
+    fn create(&mut self, new: NewJob, copy: Job) -> Result<Created, StoreError> {
         let s = self;
         if let Some(key) = &new.job.idempotency_key {
             if let Some((fp, existing)) = s.idempotency.get(key) {
@@ -250,10 +252,9 @@ impl State {
         });
         let ev = entry.first_event();
         debug_assert_eq!(ev.kind, apply::created(&entry.job));
-        let job = entry.job.clone();
         s.jobs.insert(id, entry);
         s.enqueue(id);
-        Ok(Created::New(job, ev))
+        Ok(Created::New(copy, ev))
     }
 
     fn claim(&mut self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
@@ -297,11 +298,16 @@ impl State {
         let event = State::record(entry, kind, now);
         let job = entry.job.clone();
         s.leased.insert(id);
-        let project = job.project_path.clone();
         if let Some(g) = &job.concurrency_group {
             s.busy_groups.insert(g.clone(), id);
         }
-        *s.running_per_project.entry(project).or_default() += 1;
+        // The project's key is copied only for its first running job.
+        match s.running_per_project.get_mut(&job.project_path) {
+            Some(n) => *n += 1,
+            None => {
+                s.running_per_project.insert(job.project_path.clone(), 1);
+            }
+        }
         s.running += 1;
         Ok(Some(Claimed { job, lease, event }))
     }
@@ -454,12 +460,18 @@ fn ttl(d: Duration) -> chrono::Duration {
 #[async_trait]
 impl JobStore for MemoryStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
-        self.lock().create(new)
+        // The answer's copy is made before the lock: the lock is held only to file the job.
+        let copy = new.job.clone();
+        self.lock().create(new, copy)
     }
 
     async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
+        let copies: Vec<Job> = new.iter().map(|n| n.job.clone()).collect();
         let mut s = self.lock();
-        new.into_iter().map(|n| s.create(n)).collect()
+        new.into_iter()
+            .zip(copies)
+            .map(|(n, copy)| s.create(n, copy))
+            .collect()
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
