@@ -331,14 +331,17 @@ fn report_latency(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration
     (p50, p99)
 }
 
-/// Enqueue → the executor starts, on idle engines (`nodes` engines on `stores`).
-async fn engine_latency(stores: &[Arc<PgStore>]) -> Vec<Duration> {
+/// Enqueue → the executor starts, on idle engines (`nodes` engines on `stores`); also prints
+/// the median of the two parts: until the submit answered (the job committed), and from then
+/// until the executor started (wake-up, claim, the worker's start).
+async fn engine_latency(name: &str, stores: &[Arc<PgStore>]) -> (Duration, Duration) {
     let exec = ScriptedExecutor::succeeding("");
     let mut nodes = Vec::new();
     for s in stores {
         nodes.push(node(s, &exec, NARROW).await);
     }
     let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut submits = Vec::with_capacity(LATENCY_SAMPLES);
     for i in 0..LATENCY_SAMPLES {
         let engine = &nodes[i % nodes.len()].engine;
         let start = Instant::now();
@@ -346,6 +349,7 @@ async fn engine_latency(stores: &[Arc<PgStore>]) -> Vec<Duration> {
             .submit(JobRequest::new("noop"))
             .await
             .expect("submit");
+        submits.push(start.elapsed());
         assert!(
             exec.wait_started(i + 1, Duration::from_secs(30)).await,
             "job started"
@@ -357,7 +361,17 @@ async fn engine_latency(stores: &[Arc<PgStore>]) -> Vec<Duration> {
             .expect("done");
     }
     stop(nodes).await;
-    samples
+    let mut rest: Vec<Duration> = samples.iter().zip(&submits).map(|(t, s)| *t - *s).collect();
+    submits.sort_unstable();
+    rest.sort_unstable();
+    let figures = report_latency(name, samples);
+    println!(
+        "{:<40} submit p50 {:>10.2?}, then start p50 {:>10.2?}",
+        "    of which",
+        percentile(&submits, 0.5),
+        percentile(&rest, 0.5)
+    );
+    figures
 }
 
 /// The baseline: one `INSERT`, then one `UPDATE … SKIP LOCKED` claim of it.
@@ -613,12 +627,9 @@ async fn latencies(
         "  baseline INSERT + SKIP LOCKED",
         baseline_latency(raw).await,
     );
-    let (l50, l99) = report_latency("  1 engine", engine_latency(one).await);
-    let (m50, m99) = report_latency("  2 engines", engine_latency(two).await);
-    report_latency(
-        "  1 engine, relaxed event commits",
-        engine_latency(relaxed).await,
-    );
+    let (l50, l99) = engine_latency("  1 engine", one).await;
+    let (m50, m99) = engine_latency("  2 engines", two).await;
+    engine_latency("  1 engine, relaxed event commits", relaxed).await;
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!(
         "  ratio to baseline: 1 engine p50 {:.1}x p99 {:.1}x; 2 engines p50 {:.1}x p99 {:.1}x",
