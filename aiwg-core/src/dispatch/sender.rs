@@ -129,7 +129,7 @@ impl Sender {
             Ok(u) => u.clone(),
             Err(e) => return fail(e.clone(), start),
         };
-        let msg_id = task.id.to_string();
+        let msg_id = task.id.text();
         let ts = at.timestamp();
         let signature = signature_header(
             task.subscription.live_keys(at),

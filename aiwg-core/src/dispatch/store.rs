@@ -34,6 +34,18 @@ impl fmt::Display for DeliveryId {
     }
 }
 
+impl DeliveryId {
+    /// The id as [`Display`](fmt::Display) writes it, in one allocation of its exact size (a
+    /// formatter grows its string four times on the way).
+    pub(crate) fn text(&self) -> String {
+        let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+        let mut text = String::with_capacity(4 + hex.len());
+        text.push_str("msg_");
+        text.push_str(self.0.simple().encode_lower(&mut hex));
+        text
+    }
+}
+
 impl fmt::Debug for DeliveryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DeliveryId({self})")
@@ -491,6 +503,9 @@ mod tests {
             "{s}"
         );
         assert_eq!(s.parse::<DeliveryId>().unwrap(), id);
+        // The header's text is what `Display` writes, at its exact size.
+        let text = id.text();
+        assert_eq!((text.as_str(), text.capacity()), (s.as_str(), 36));
         assert_eq!(serde_json::to_value(id).unwrap(), s);
         assert!("msg_nope".parse::<DeliveryId>().is_err());
     }
