@@ -663,3 +663,222 @@ async fn a_database_outage_stops_the_agent_before_the_lease_ends() {
     a.stop().await;
     db.cleanup().await;
 }
+
+/// A `PgStore` that counts the claims made through it and wakes [`ClaimCounter::claimed`]
+/// after each; everything else is the store's.
+struct ClaimCounter {
+    inner: Arc<PgStore>,
+    claims: std::sync::atomic::AtomicUsize,
+    claimed: Notify,
+}
+
+impl ClaimCounter {
+    fn claims(&self) -> usize {
+        self.claims.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` claims were answered.
+    async fn wait_claims(&self, n: usize) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let claimed = self.claimed.notified();
+                tokio::pin!(claimed);
+                claimed.as_mut().enable();
+                if self.claims() >= n {
+                    return;
+                }
+                claimed.await;
+            }
+        })
+        .await
+        .expect("the claims were made");
+    }
+
+    fn counted(&self) {
+        self.claims
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.claimed.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl JobStore for ClaimCounter {
+    async fn create(&self, new: NewJob) -> Result<aiwg_core::store::Created, StoreError> {
+        self.inner.create(new).await
+    }
+    async fn get(&self, id: aiwg_core::JobId) -> Result<Option<aiwg_core::Job>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        query: &aiwg_core::store::JobQuery,
+    ) -> Result<aiwg_core::store::JobPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn claim(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<Option<aiwg_core::store::Claimed>, StoreError> {
+        let r = self.inner.claim(request).await;
+        self.counted();
+        r
+    }
+    async fn claim_many(
+        &self,
+        request: &ClaimRequest,
+        max: usize,
+    ) -> Result<Vec<aiwg_core::store::Claimed>, StoreError> {
+        let r = self.inner.claim_many(request, max).await;
+        self.counted();
+        r
+    }
+    async fn heartbeat(
+        &self,
+        lease: &aiwg_core::store::Lease,
+        ttl: Duration,
+    ) -> Result<aiwg_core::store::Heartbeat, StoreError> {
+        self.inner.heartbeat(lease, ttl).await
+    }
+    async fn append(
+        &self,
+        lease: &aiwg_core::store::Lease,
+        kind: JobEventKind,
+    ) -> Result<aiwg_core::JobEvent, StoreError> {
+        self.inner.append(lease, kind).await
+    }
+    async fn finish(
+        &self,
+        lease: &aiwg_core::store::Lease,
+        finish: Finish,
+    ) -> Result<(aiwg_core::Job, aiwg_core::JobEvent), StoreError> {
+        self.inner.finish(lease, finish).await
+    }
+    async fn finish_after(
+        &self,
+        lease: &aiwg_core::store::Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<aiwg_core::store::FinishedAfter, StoreError> {
+        self.inner.finish_after(lease, last, finish).await
+    }
+    async fn request_cancel(
+        &self,
+        id: aiwg_core::JobId,
+        reason: &str,
+    ) -> Result<aiwg_core::store::CancelOutcome, StoreError> {
+        self.inner.request_cancel(id, reason).await
+    }
+    async fn decide_approval(
+        &self,
+        id: aiwg_core::JobId,
+        decision: aiwg_core::ApprovalDecision,
+    ) -> Result<aiwg_core::store::ApprovalOutcome, StoreError> {
+        self.inner.decide_approval(id, decision).await
+    }
+    async fn expire_approvals(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(aiwg_core::Job, aiwg_core::JobEvent)>, StoreError> {
+        self.inner.expire_approvals(now).await
+    }
+    async fn events(
+        &self,
+        id: aiwg_core::JobId,
+        after: u64,
+    ) -> Result<Vec<aiwg_core::JobEvent>, StoreError> {
+        self.inner.events(id, after).await
+    }
+    async fn events_page(
+        &self,
+        id: aiwg_core::JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<aiwg_core::JobEvent>, StoreError> {
+        self.inner.events_page(id, after, limit).await
+    }
+    async fn recover_expired(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(aiwg_core::Job, aiwg_core::JobEvent)>, StoreError> {
+        self.inner.recover_expired(now).await
+    }
+    async fn counts(&self) -> Result<aiwg_core::store::QueueCounts, StoreError> {
+        self.inner.counts().await
+    }
+}
+
+/// A job queued on an instance with an idle worker is left to that instance: the other
+/// instances are not woken for it (each would send a claim that finds it taken). A job queued
+/// on a busy instance still wakes the others, and one of them runs it. Instance B here never
+/// polls (its poll interval is an hour): it claims only when woken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_where_a_worker_is_idle_wakes_no_other_instance() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let ea = ScriptedExecutor::hanging();
+    let eb = ScriptedExecutor::hanging();
+    let a = node(
+        &env,
+        db.store_in(&schema, 5).await,
+        Arc::new(ea.clone()),
+        |b| b.workers(2).instance_name("A"),
+    )
+    .await;
+    // B: its store counted, listening like any node.
+    let counted = Arc::new(ClaimCounter {
+        inner: Arc::new(db.store_in(&schema, 5).await),
+        claims: std::sync::atomic::AtomicUsize::new(0),
+        claimed: Notify::new(),
+    });
+    let b_engine = Engine::builder()
+        .store(counted.clone())
+        .policy(env.policy.clone())
+        .executor("agent", Arc::new(eb.clone()))
+        .workflow(Workflow::new("w").step(Step::prompt("run", "agent", "do {{guidance}}")))
+        .workers(1)
+        .poll_interval(Duration::from_secs(3600))
+        .instance_name("B")
+        .build()
+        .unwrap();
+    let b_listener = counted
+        .inner
+        .listen(b_engine.cluster_listener())
+        .await
+        .expect("listen");
+    // B's one worker claims once when it starts, finds nothing, and waits to be woken.
+    counted.wait_claims(1).await;
+
+    // Two jobs on A, which has two idle workers: each is promised, B is not woken.
+    for i in 1..=2 {
+        a.engine
+            .submit(
+                JobRequest::new("w")
+                    .project_path("a")
+                    .guidance(format!("{i}")),
+            )
+            .await
+            .unwrap();
+        assert!(ea.wait_started(i, WAIT).await, "job {i} runs on A");
+    }
+    // A third, with both of A's workers busy: B is woken and runs it. Its notification comes
+    // after the first two's, so had either woken B, B's claim for it would be counted first.
+    let third = a
+        .engine
+        .submit(JobRequest::new("w").project_path("a").guidance("3"))
+        .await
+        .unwrap();
+    assert!(eb.wait_started(1, WAIT).await, "the third job runs on B");
+    assert_eq!(
+        counted.claims(),
+        2,
+        "B claimed once at start and once for the third job, never for the first two"
+    );
+    assert_eq!((ea.calls(), eb.calls()), (2, 1));
+    let on_b = counted.get(third.id).await.unwrap().unwrap();
+    assert_eq!(on_b.status, JobStatus::Running);
+
+    b_engine.shutdown(Duration::from_secs(5)).await;
+    b_listener.abort();
+    a.stop().await;
+}

@@ -278,6 +278,10 @@ pub(crate) struct Inner {
     stop_claiming: CancellationToken,
     tracker: TaskTracker,
     busy: AtomicUsize,
+    /// Jobs queued here that this instance told the others it would claim itself (an idle
+    /// worker was free for each; see [`ClusterListener::promise_claim`]); a claim that returns
+    /// takes its jobs off, one that finds nothing clears it.
+    promised: AtomicUsize,
     started: Instant,
     durations: Mutex<HashMap<String, (u64, f64)>>,
 }
@@ -303,6 +307,23 @@ impl ClusterListener for Inner {
 
     fn remote_event(&self, event: JobEvent) {
         self.broadcast(&Arc::new(event));
+    }
+
+    fn promise_claim(&self) -> bool {
+        if self.stop_claiming.is_cancelled() {
+            return false;
+        }
+        let workers = self.settings.workers;
+        let busy = self.busy.load(Ordering::Relaxed);
+        self.promised
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |promised| {
+                (busy + promised < workers).then_some(promised + 1)
+            })
+            .is_ok()
+    }
+
+    fn limits_claims_per_project(&self) -> bool {
+        self.settings.per_project_concurrency.is_some()
     }
 
     fn remote_cancel(&self, id: JobId) {
@@ -648,6 +669,7 @@ impl EngineBuilder {
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
+                promised: AtomicUsize::new(0),
                 started: Instant::now(),
                 durations: Mutex::new(HashMap::new()),
             }),

@@ -89,6 +89,20 @@ pub(super) async fn run(engine: Engine, n: usize) {
         let want = idle.clamp(1, MAX_CLAIM_BATCH);
         let claimed_at = tokio::time::Instant::now();
         let claimed = inner.store.claim_many(&req, want).await;
+        // The jobs promised to the other instances are taken (or gone: claimed elsewhere,
+        // cancelled) once a claim sent after the promise returns.
+        if let Ok(batch) = &claimed {
+            let taken = if batch.is_empty() {
+                usize::MAX
+            } else {
+                batch.len()
+            };
+            let _ = inner
+                .promised
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    Some(p.saturating_sub(taken))
+                });
+        }
         match claimed {
             Ok(batch) if !batch.is_empty() => {
                 // Counted busy at once, so that the next claim does not count them as idle.

@@ -397,6 +397,19 @@ pub trait ClusterListener: Send + Sync + 'static {
     fn remote_event(&self, event: JobEvent);
     /// Another instance received a cancel for `job`; stop it if it runs here.
     fn remote_cancel(&self, job: JobId);
+    /// A job was just queued here: answers whether this instance has an idle worker that will
+    /// claim it, and if so counts it as promised. The store then tells the other instances
+    /// not to wake for it (their claims would find it taken, and on a small machine compete
+    /// with the one that takes it). The default promises nothing: every other instance wakes.
+    fn promise_claim(&self) -> bool {
+        false
+    }
+    /// Whether this instance's claims are limited per project, so that a job without a
+    /// concurrency group ending elsewhere may let one of them through (it wakes the engine
+    /// only then). The default says yes: every end elsewhere wakes the engine.
+    fn limits_claims_per_project(&self) -> bool {
+        true
+    }
 }
 
 /// Where jobs and their events live. Implementations: [`MemoryStore`] and, with the `postgres`

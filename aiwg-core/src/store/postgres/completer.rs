@@ -414,7 +414,7 @@ fn answer_finish(ctx: &Ctx, f: Outcome, done: Recorded) {
             ctx.notifier.announce_event(id, seq, &ev);
             (between, ev.into_event(id, seq))
         });
-        ctx.notifier.announce_event(id, seq, &ev);
+        ctx.notifier.announce_ended(&job, seq, &ev);
         Ended {
             last,
             job,

@@ -1,6 +1,6 @@
 //! Cross-instance notification: `LISTEN` on the store's channel and tell the local engine.
 
-use std::sync::Weak;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -34,18 +34,29 @@ pub(super) struct Announce {
     pub(super) at: DateTime<Utc>,
     /// The kind's JSON, when short enough to send along.
     pub(super) kind: Option<String>,
+    /// A job queued here that an idle worker here was woken for (its `queued` event): the
+    /// other instances need not wake for it (`"w": true`).
+    pub(super) woken_here: bool,
+    /// A running job's end that frees no concurrency group (it had none): only instances
+    /// whose claims are limited per project need wake for it (`"x": true`).
+    pub(super) frees_no_group: bool,
 }
 
 impl Announce {
-    /// The event's entry in a batch payload: `{"j", "s", "a", "k"?}`.
+    /// The event's entry in a batch payload: `{"j", "s", "a", "k"?, "w"?}`.
     fn entry(&self, with_kind: bool) -> String {
         let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "null".into());
+        let w = match (self.woken_here, self.frees_no_group) {
+            (true, _) => r#","w":true"#,
+            (false, true) => r#","x":true"#,
+            (false, false) => "",
+        };
         match self.kind.as_deref().filter(|_| with_kind) {
             Some(k) => format!(
-                r#"{{"j":"{}","s":{},"a":{at},"k":{k}}}"#,
+                r#"{{"j":"{}","s":{},"a":{at},"k":{k}{w}}}"#,
                 self.job, self.seq
             ),
-            None => format!(r#"{{"j":"{}","s":{},"a":{at}}}"#, self.job, self.seq),
+            None => format!(r#"{{"j":"{}","s":{},"a":{at}{w}}}"#, self.job, self.seq),
         }
     }
 }
@@ -56,6 +67,9 @@ impl Announce {
 #[derive(Clone)]
 pub(super) struct Notifier {
     tx: mpsc::UnboundedSender<Announce>,
+    /// The local engine, once the store listens for it ([`PgStore::listen`]): asked whether it
+    /// claims a job queued here itself.
+    local: Arc<Mutex<Option<Weak<dyn ClusterListener>>>>,
 }
 
 impl Notifier {
@@ -64,7 +78,15 @@ impl Notifier {
     pub(super) fn start(pool: PgPool, channel: String, instance: String) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(notify_loop(pool, channel, instance, rx));
-        Self { tx }
+        Self {
+            tx,
+            local: Arc::default(),
+        }
+    }
+
+    /// The engine that listens through this store (see [`Notifier::announce_queued`]).
+    fn set_local(&self, engine: Weak<dyn ClusterListener>) {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
     }
 
     pub(super) fn announce(&self, a: Announce) {
@@ -73,11 +95,45 @@ impl Notifier {
 
     /// Announces an event committed with sequence number `seq`.
     pub(super) fn announce_event(&self, job: JobId, seq: i64, ev: &super::NewEvent) {
+        self.send_event(job, seq, ev, false, false);
+    }
+
+    /// Announces the event that ended `job`'s attempt, telling the other instances when the
+    /// end frees no concurrency group (see [`ClusterListener::limits_claims_per_project`]).
+    pub(super) fn announce_ended(&self, job: &crate::job::Job, seq: i64, ev: &super::NewEvent) {
+        self.send_event(job.id, seq, ev, false, job.concurrency_group.is_none());
+    }
+
+    /// Announces the `queued` event of a job just created here. When the local engine has an
+    /// idle worker for it ([`ClusterListener::promise_claim`]; the engine wakes one once the
+    /// create has answered), the other instances are told not to wake for it: their claims
+    /// would find it taken and, on a small machine, slow the one that takes it.
+    pub(super) fn announce_queued(&self, job: JobId, seq: i64, ev: &super::NewEvent) {
+        let engine = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade);
+        let woken_here = engine.is_some_and(|e| e.promise_claim());
+        self.send_event(job, seq, ev, woken_here, false);
+    }
+
+    fn send_event(
+        &self,
+        job: JobId,
+        seq: i64,
+        ev: &super::NewEvent,
+        woken_here: bool,
+        frees_no_group: bool,
+    ) {
         self.announce(Announce {
             job,
             seq: super::to_u64(seq),
             at: ev.at,
             kind: (ev.text.len() <= super::INLINE_KIND_MAX).then(|| ev.text.clone()),
+            woken_here,
+            frees_no_group,
         });
     }
 }
@@ -149,6 +205,12 @@ struct Entry {
     a: DateTime<Utc>,
     #[serde(default)]
     k: Option<JobEventKind>,
+    /// A job queued by an instance that woke an idle worker of its own for it.
+    #[serde(default)]
+    w: bool,
+    /// A running job ended that had no concurrency group.
+    #[serde(default)]
+    x: bool,
 }
 
 /// A notification payload. Batches of events: `i` (instance) and `b` (the events: `j` job,
@@ -195,6 +257,7 @@ impl PgStore {
     ) -> Result<JoinHandle<()>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
         listener.listen(&self.channel).await.map_err(db)?;
+        self.notifier.set_local(engine.clone());
         let weak = engine;
         let pool = self.pool.clone();
         let instance = self.instance.clone();
@@ -250,10 +313,19 @@ async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, pay
     let mut wake = false;
     if let Some(batch) = note.b {
         for e in batch {
-            wake |= event(engine, pool, e.j, e.s, Some(e.a), e.k).await;
+            let (w, x) = (e.w, e.x);
+            wake |= match event(engine, pool, e.j, e.s, Some(e.a), e.k).await {
+                // A job whose own instance woke a worker for it is left to that instance.
+                Some(Claimable::Queued) => !w,
+                // An end that frees no group matters only to claims limited per project.
+                Some(Claimable::Freed) => !x || engine.limits_claims_per_project(),
+                None => false,
+            };
         }
     } else if let (Some(job_id), Some(seq)) = (note.j, note.s) {
-        wake = event(engine, pool, job_id, seq, note.a, note.k).await;
+        wake = event(engine, pool, job_id, seq, note.a, note.k)
+            .await
+            .is_some();
     }
     // Once per notification: the worker woken claims for every idle one.
     if wake {
@@ -261,8 +333,16 @@ async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, pay
     }
 }
 
+/// How a remote event may have made work claimable here.
+enum Claimable {
+    /// A job was queued (or queued again).
+    Queued,
+    /// A running job stopped running: a project slot, and maybe a concurrency group, is free.
+    Freed,
+}
+
 /// Hands one remote event to the engine (reading it from the table when its kind was left
-/// out); whether it may have made work claimable (a job queued, a project slot freed).
+/// out); whether it may have made work claimable, and how.
 async fn event(
     engine: &dyn ClusterListener,
     pool: &PgPool,
@@ -270,7 +350,7 @@ async fn event(
     seq: u64,
     at: Option<DateTime<Utc>>,
     kind: Option<JobEventKind>,
-) -> bool {
+) -> Option<Claimable> {
     let event = match (at, kind) {
         (Some(at), Some(kind)) => JobEvent {
             job_id,
@@ -280,20 +360,22 @@ async fn event(
         },
         _ => match fetch(pool, job_id, seq).await {
             Ok(Some(ev)) => ev,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::warn!(error = %e, job = %job_id, seq, "could not read a remote event");
-                return false;
+                return None;
             }
         },
     };
-    let wake = matches!(
-        &event.kind,
-        JobEventKind::Status { from, to, .. }
-            if *to == JobStatus::Queued || *from == Some(JobStatus::Running)
-    );
+    let claimable = match &event.kind {
+        JobEventKind::Status { to, .. } if *to == JobStatus::Queued => Some(Claimable::Queued),
+        JobEventKind::Status { from, .. } if *from == Some(JobStatus::Running) => {
+            Some(Claimable::Freed)
+        }
+        _ => None,
+    };
     engine.remote_event(event);
-    wake
+    claimable
 }
 
 async fn fetch(pool: &PgPool, job_id: JobId, seq: u64) -> Result<Option<JobEvent>, StoreError> {
@@ -313,4 +395,100 @@ async fn fetch(pool: &PgPool, job_id: JobId, seq: u64) -> Result<Option<JobEvent
         })
     })
     .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts wake-ups and remote events; limits its claims per project when told to.
+    struct Listener {
+        wakes: AtomicUsize,
+        events: AtomicUsize,
+        per_project: bool,
+    }
+
+    impl ClusterListener for Listener {
+        fn wake(&self) {
+            self.wakes.fetch_add(1, Ordering::SeqCst);
+        }
+        fn remote_event(&self, _: JobEvent) {
+            self.events.fetch_add(1, Ordering::SeqCst);
+        }
+        fn remote_cancel(&self, _: JobId) {}
+        fn limits_claims_per_project(&self) -> bool {
+            self.per_project
+        }
+    }
+
+    /// A batch from instance `other` of one status change of a new job, with `flags`.
+    fn note(from: Option<JobStatus>, to: JobStatus, woken_here: bool, no_group: bool) -> String {
+        let kind = serde_json::to_string(&JobEventKind::status(from, to, 1)).unwrap();
+        let a = Announce {
+            job: JobId::new(),
+            seq: 2,
+            at: Utc::now(),
+            kind: Some(kind),
+            woken_here,
+            frees_no_group: no_group,
+        };
+        format!(r#"{{"i":"other","b":[{}]}}"#, a.entry(true))
+    }
+
+    /// Wake-ups one notification gives a listener, and that its event was handed over.
+    async fn wakes(payload: &str, per_project: bool) -> usize {
+        let l = Listener {
+            wakes: AtomicUsize::new(0),
+            events: AtomicUsize::new(0),
+            per_project,
+        };
+        // Never connected: every kind is in the payload, so nothing is read.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        handle(&l, &pool, "here", payload).await;
+        assert_eq!(l.events.load(Ordering::SeqCst), 1, "{payload}");
+        l.wakes.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn remote_notes_wake_only_an_engine_that_may_claim_something_because_of_them() {
+        use JobStatus::{Cancelled, Completed, Queued, Running};
+        // A job queued elsewhere wakes, unless the instance that queued it woke its own
+        // idle worker for it.
+        assert_eq!(wakes(&note(None, Queued, false, false), false).await, 1);
+        assert_eq!(wakes(&note(None, Queued, true, false), false).await, 0);
+        // A job that stopped running elsewhere frees a project slot and maybe a group: it
+        // wakes, unless it had no group and this engine's claims are not limited per project.
+        for to in [Completed, Cancelled] {
+            assert_eq!(
+                wakes(&note(Some(Running), to, false, false), false).await,
+                1
+            );
+            assert_eq!(wakes(&note(Some(Running), to, false, true), false).await, 0);
+            assert_eq!(wakes(&note(Some(Running), to, false, true), true).await, 1);
+        }
+        // A retry is a job queued again: it wakes whatever its group.
+        assert_eq!(
+            wakes(&note(Some(Running), Queued, false, true), false).await,
+            1
+        );
+        // Other events do not wake.
+        assert_eq!(
+            wakes(&note(Some(Queued), Running, false, false), true).await,
+            0
+        );
+        // What an earlier version sent (no flags): every queued job and every end wakes.
+        let old = |from: Option<JobStatus>, to| {
+            let kind = serde_json::to_string(&JobEventKind::status(from, to, 1)).unwrap();
+            format!(
+                r#"{{"i":"other","b":[{{"j":"{}","s":2,"a":"2026-12-04T00:00:00Z","k":{kind}}}]}}"#,
+                JobId::new()
+            )
+        };
+        assert_eq!(wakes(&old(None, Queued), false).await, 1);
+        assert_eq!(wakes(&old(Some(Running), Completed), false).await, 1);
+    }
 }
