@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aiwg_benches::engine::{spawn_round_trips, submit_then_wait};
 use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::{Engine, JobRequest, Step, Workflow};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -29,22 +30,7 @@ fn engine(workers: usize) -> Engine {
 
 async fn run_batch(engine: &Engine) -> Duration {
     let start = Instant::now();
-    let mut ids = Vec::with_capacity(BATCH);
-    for _ in 0..BATCH {
-        ids.push(
-            engine
-                .submit(JobRequest::new("noop"))
-                .await
-                .expect("submit")
-                .id,
-        );
-    }
-    for id in ids {
-        engine
-            .wait(id, Duration::from_secs(60))
-            .await
-            .expect("terminal");
-    }
+    submit_then_wait(engine, BATCH).await;
     start.elapsed()
 }
 
@@ -68,17 +54,7 @@ async fn run_batch_many(engine: &Engine) -> Duration {
 
 async fn baseline_batch() -> Duration {
     let start = Instant::now();
-    let mut rxs = Vec::with_capacity(BATCH);
-    for i in 0..BATCH {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let _ = tx.send(i);
-        });
-        rxs.push(rx);
-    }
-    for rx in rxs {
-        rx.await.expect("round trip");
-    }
+    spawn_round_trips(BATCH).await;
     start.elapsed()
 }
 

@@ -12,8 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aiwg_benches::engine::{spawn_round_trips, submit_then_wait};
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{Engine, JobRequest, Step, Workflow};
+use aiwg_core::{Engine, Step, Workflow};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -21,41 +22,6 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 /// Blocks allocated so far.
 fn blocks() -> u64 {
     dhat::HeapStats::get().total_blocks
-}
-
-/// One batch of `n` jobs through the engine, submitted one by one and then waited for, as the
-/// `engine` bench does.
-async fn ours(engine: &Engine, n: usize) {
-    let mut ids = Vec::with_capacity(n);
-    for _ in 0..n {
-        ids.push(
-            engine
-                .submit(JobRequest::new("noop"))
-                .await
-                .expect("submit")
-                .id,
-        );
-    }
-    for id in ids {
-        engine
-            .wait(id, Duration::from_secs(60))
-            .await
-            .expect("terminal");
-    }
-}
-
-async fn baseline(n: usize) {
-    let mut rxs = Vec::with_capacity(n);
-    for i in 0..n {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let _ = tx.send(i);
-        });
-        rxs.push(rx);
-    }
-    for rx in rxs {
-        rx.await.expect("round trip");
-    }
 }
 
 fn main() {
@@ -86,12 +52,12 @@ fn main() {
     });
     let (ours, bare) = rt.block_on(async {
         // A warm-up batch: the first jobs grow maps and rings that later ones reuse.
-        ours(&engine, jobs).await;
+        submit_then_wait(&engine, jobs).await;
         let before = blocks();
-        ours(&engine, jobs).await;
+        submit_then_wait(&engine, jobs).await;
         let engine_blocks = blocks() - before;
         let before = blocks();
-        baseline(jobs).await;
+        spawn_round_trips(jobs).await;
         (engine_blocks, blocks() - before)
     });
     rt.block_on(engine.shutdown(Duration::from_secs(5)));

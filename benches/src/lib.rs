@@ -72,6 +72,58 @@ pub mod github {
     }
 }
 
+/// The `engine` benches' two loops: jobs through an engine, and the bare round trips they are
+/// compared with.
+pub mod engine {
+    use std::time::Duration;
+
+    use aiwg_core::{Engine, JobRequest};
+
+    /// Submits `n` jobs of workflow `noop` one by one, then waits for each to end.
+    ///
+    /// # Panics
+    ///
+    /// When a submit is refused or a job does not end within a minute.
+    pub async fn submit_then_wait(engine: &Engine, n: usize) {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(
+                engine
+                    .submit(JobRequest::new("noop"))
+                    .await
+                    .expect("submit")
+                    .id,
+            );
+        }
+        for id in ids {
+            engine
+                .wait(id, Duration::from_secs(60))
+                .await
+                .expect("terminal");
+        }
+    }
+
+    /// `n` bare round trips: a spawned task answers through a oneshot channel, all spawned
+    /// first, then all awaited.
+    ///
+    /// # Panics
+    ///
+    /// When a task does not answer.
+    pub async fn spawn_round_trips(n: usize) {
+        let mut rxs = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = tx.send(i);
+            });
+            rxs.push(rx);
+        }
+        for rx in rxs {
+            rx.await.expect("round trip");
+        }
+    }
+}
+
 /// A schema of its own in the benches' PostgreSQL database, for a bench's stores.
 pub mod pg {
     use std::str::FromStr;
