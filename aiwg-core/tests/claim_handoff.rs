@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aiwg_core::store::JobQuery;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{JobRequest, JobStatus, JobStore};
+use aiwg_core::{JobRequest, JobStatus};
 
 mod hooked_store;
 use hooked_store::{engine_on, HookedStore};

@@ -21,7 +21,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod hooked_store;
 mod pg_support;
+use hooked_store::HookedStore;
 use pg_support::test_db;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -664,149 +666,6 @@ async fn a_database_outage_stops_the_agent_before_the_lease_ends() {
     db.cleanup().await;
 }
 
-/// A `PgStore` that counts the claims made through it and wakes [`ClaimCounter::claimed`]
-/// after each; everything else is the store's.
-struct ClaimCounter {
-    inner: Arc<PgStore>,
-    claims: std::sync::atomic::AtomicUsize,
-    claimed: Notify,
-}
-
-impl ClaimCounter {
-    fn claims(&self) -> usize {
-        self.claims.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Waits until at least `n` claims were answered.
-    async fn wait_claims(&self, n: usize) {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                let claimed = self.claimed.notified();
-                tokio::pin!(claimed);
-                claimed.as_mut().enable();
-                if self.claims() >= n {
-                    return;
-                }
-                claimed.await;
-            }
-        })
-        .await
-        .expect("the claims were made");
-    }
-
-    fn counted(&self) {
-        self.claims
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.claimed.notify_waiters();
-    }
-}
-
-#[async_trait]
-impl JobStore for ClaimCounter {
-    async fn create(&self, new: NewJob) -> Result<aiwg_core::store::Created, StoreError> {
-        self.inner.create(new).await
-    }
-    async fn get(&self, id: aiwg_core::JobId) -> Result<Option<aiwg_core::Job>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn list(
-        &self,
-        query: &aiwg_core::store::JobQuery,
-    ) -> Result<aiwg_core::store::JobPage, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn claim(
-        &self,
-        request: &ClaimRequest,
-    ) -> Result<Option<aiwg_core::store::Claimed>, StoreError> {
-        let r = self.inner.claim(request).await;
-        self.counted();
-        r
-    }
-    async fn claim_many(
-        &self,
-        request: &ClaimRequest,
-        max: usize,
-    ) -> Result<Vec<aiwg_core::store::Claimed>, StoreError> {
-        let r = self.inner.claim_many(request, max).await;
-        self.counted();
-        r
-    }
-    async fn heartbeat(
-        &self,
-        lease: &aiwg_core::store::Lease,
-        ttl: Duration,
-    ) -> Result<aiwg_core::store::Heartbeat, StoreError> {
-        self.inner.heartbeat(lease, ttl).await
-    }
-    async fn append(
-        &self,
-        lease: &aiwg_core::store::Lease,
-        kind: JobEventKind,
-    ) -> Result<aiwg_core::JobEvent, StoreError> {
-        self.inner.append(lease, kind).await
-    }
-    async fn finish(
-        &self,
-        lease: &aiwg_core::store::Lease,
-        finish: Finish,
-    ) -> Result<(aiwg_core::Job, aiwg_core::JobEvent), StoreError> {
-        self.inner.finish(lease, finish).await
-    }
-    async fn finish_after(
-        &self,
-        lease: &aiwg_core::store::Lease,
-        last: JobEventKind,
-        finish: Finish,
-    ) -> Result<aiwg_core::store::FinishedAfter, StoreError> {
-        self.inner.finish_after(lease, last, finish).await
-    }
-    async fn request_cancel(
-        &self,
-        id: aiwg_core::JobId,
-        reason: &str,
-    ) -> Result<aiwg_core::store::CancelOutcome, StoreError> {
-        self.inner.request_cancel(id, reason).await
-    }
-    async fn decide_approval(
-        &self,
-        id: aiwg_core::JobId,
-        decision: aiwg_core::ApprovalDecision,
-    ) -> Result<aiwg_core::store::ApprovalOutcome, StoreError> {
-        self.inner.decide_approval(id, decision).await
-    }
-    async fn expire_approvals(
-        &self,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<(aiwg_core::Job, aiwg_core::JobEvent)>, StoreError> {
-        self.inner.expire_approvals(now).await
-    }
-    async fn events(
-        &self,
-        id: aiwg_core::JobId,
-        after: u64,
-    ) -> Result<Vec<aiwg_core::JobEvent>, StoreError> {
-        self.inner.events(id, after).await
-    }
-    async fn events_page(
-        &self,
-        id: aiwg_core::JobId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<aiwg_core::JobEvent>, StoreError> {
-        self.inner.events_page(id, after, limit).await
-    }
-    async fn recover_expired(
-        &self,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<(aiwg_core::Job, aiwg_core::JobEvent)>, StoreError> {
-        self.inner.recover_expired(now).await
-    }
-    async fn counts(&self) -> Result<aiwg_core::store::QueueCounts, StoreError> {
-        self.inner.counts().await
-    }
-}
-
 /// A job queued on an instance with an idle worker is left to that instance: the other
 /// instances are not woken for it (each would send a claim that finds it taken). A job queued
 /// on a busy instance still wakes the others, and one of them runs it. Instance B here never
@@ -825,12 +684,9 @@ async fn a_job_queued_where_a_worker_is_idle_wakes_no_other_instance() {
         |b| b.workers(2).instance_name("A"),
     )
     .await;
-    // B: its store counted, listening like any node.
-    let counted = Arc::new(ClaimCounter {
-        inner: Arc::new(db.store_in(&schema, 5).await),
-        claims: std::sync::atomic::AtomicUsize::new(0),
-        claimed: Notify::new(),
-    });
+    // B: its claims counted, listening like any node.
+    let b_store = Arc::new(db.store_in(&schema, 5).await);
+    let counted = Arc::new(HookedStore::over(b_store.clone()));
     let b_engine = Engine::builder()
         .store(counted.clone())
         .policy(env.policy.clone())
@@ -841,8 +697,7 @@ async fn a_job_queued_where_a_worker_is_idle_wakes_no_other_instance() {
         .instance_name("B")
         .build()
         .unwrap();
-    let b_listener = counted
-        .inner
+    let b_listener = b_store
         .listen(b_engine.cluster_listener())
         .await
         .expect("listen");
@@ -870,7 +725,7 @@ async fn a_job_queued_where_a_worker_is_idle_wakes_no_other_instance() {
         .unwrap();
     assert!(eb.wait_started(1, WAIT).await, "the third job runs on B");
     assert_eq!(
-        counted.claims(),
+        counted.claims.load(std::sync::atomic::Ordering::SeqCst),
         2,
         "B claimed once at start and once for the third job, never for the first two"
     );

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aiwg_core::store::ClaimRequest;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{JobRequest, JobStatus, JobStore};
+use aiwg_core::{JobRequest, JobStatus};
 use chrono::Utc;
 
 mod hooked_store;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aiwg_core::executor::AgentEvent;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{JobEventKind, JobRequest, JobStatus, JobStore};
+use aiwg_core::{JobEventKind, JobRequest, JobStatus};
 
 mod hooked_store;
 use hooked_store::{engine_on, HookedStore};

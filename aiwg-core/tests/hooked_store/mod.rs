@@ -1,9 +1,12 @@
-//! A memory store with hooks for tests that need the store to misbehave at one precise point:
+//! A store with hooks (over the memory store, or any other) for tests that need the store to
+//! misbehave at one precise point:
 //! heartbeats that fail as in a database outage, a lease sweep or a step's start that waits
 //! until the test lets it go (a slow round trip at a chosen moment), or a step's start that
-//! finds the lease lost. It counts the claims made. Everything else is the memory store's.
+//! finds the lease lost. It counts the claims made. Everything else is the store's underneath.
 
 #![allow(unreachable_pub)]
+// Each test binary holding this module uses part of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,10 +37,9 @@ pub fn engine_on(store: &Arc<HookedStore>, agent: &ScriptedExecutor, root: &Path
 }
 
 /// See the module docs.
-#[derive(Default)]
 pub struct HookedStore {
     /// The store underneath, for reading and writing around the hooks.
-    pub inner: MemoryStore,
+    pub inner: Arc<dyn JobStore>,
     /// While set, heartbeats fail with a backend error.
     pub down: AtomicBool,
     /// When set, the next lease sweep notifies `sweep_entered` and waits for `sweep_release`.
@@ -57,11 +59,66 @@ pub struct HookedStore {
     pub lose_starts: AtomicBool,
     /// Claims made (`claim` and `claim_many` calls).
     pub claims: AtomicUsize,
+    /// Claims answered, whatever they took.
+    pub claims_answered: AtomicUsize,
+    /// Notified when a claim was answered.
+    pub claim_answered: Notify,
     /// When set, the next `create` returns only after a claim took a job (as a submitter
     /// descheduled between its insert and what follows would).
     pub hold_next_create_until_claimed: AtomicBool,
     /// Notified when a claim took a job.
     pub claimed: Notify,
+}
+
+impl Default for HookedStore {
+    /// Hooks over a [`MemoryStore`].
+    fn default() -> Self {
+        Self::over(Arc::new(MemoryStore::new()))
+    }
+}
+
+impl HookedStore {
+    /// Hooks over `inner`.
+    pub fn over(inner: Arc<dyn JobStore>) -> Self {
+        Self {
+            inner,
+            down: AtomicBool::default(),
+            hold_next_sweep: AtomicBool::default(),
+            sweep_entered: Notify::new(),
+            sweep_release: Notify::new(),
+            hold_next_start: AtomicBool::default(),
+            start_entered: Notify::new(),
+            start_release: Notify::new(),
+            lose_starts: AtomicBool::default(),
+            claims: AtomicUsize::default(),
+            claims_answered: AtomicUsize::default(),
+            claim_answered: Notify::new(),
+            hold_next_create_until_claimed: AtomicBool::default(),
+            claimed: Notify::new(),
+        }
+    }
+
+    /// Waits (up to a minute) until at least `n` claims were answered.
+    pub async fn wait_claims(&self, n: usize) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let answered = self.claim_answered.notified();
+                tokio::pin!(answered);
+                answered.as_mut().enable();
+                if self.claims_answered.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                answered.await;
+            }
+        })
+        .await
+        .expect("the claims were answered");
+    }
+
+    fn answered(&self) {
+        self.claims_answered.fetch_add(1, Ordering::SeqCst);
+        self.claim_answered.notify_waiters();
+    }
 }
 
 #[async_trait]
@@ -90,6 +147,7 @@ impl JobStore for HookedStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         let claimed = self.inner.claim(request).await;
+        self.answered();
         if matches!(claimed, Ok(Some(_))) {
             self.claimed.notify_waiters();
         }
@@ -102,6 +160,7 @@ impl JobStore for HookedStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         let claimed = self.inner.claim_many(request, max).await;
+        self.answered();
         if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
             self.claimed.notify_waiters();
         }

@@ -34,22 +34,31 @@ pub(super) struct Announce {
     pub(super) at: DateTime<Utc>,
     /// The kind's JSON, when short enough to send along.
     pub(super) kind: Option<String>,
+    /// What the other instances may skip a wake-up for.
+    pub(super) hint: Hint,
+}
+
+/// What an announced event tells the other instances about waking for it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Hint {
+    /// Nothing: wake as the event says.
+    None,
     /// A job queued here that an idle worker here was woken for (its `queued` event): the
     /// other instances need not wake for it (`"w": true`).
-    pub(super) woken_here: bool,
+    WokenHere,
     /// A running job's end that frees no concurrency group (it had none): only instances
     /// whose claims are limited per project need wake for it (`"x": true`).
-    pub(super) frees_no_group: bool,
+    FreesNoGroup,
 }
 
 impl Announce {
-    /// The event's entry in a batch payload: `{"j", "s", "a", "k"?, "w"?}`.
+    /// The event's entry in a batch payload: `{"j", "s", "a", "k"?, "w"? | "x"?}`.
     fn entry(&self, with_kind: bool) -> String {
         let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "null".into());
-        let w = match (self.woken_here, self.frees_no_group) {
-            (true, _) => r#","w":true"#,
-            (false, true) => r#","x":true"#,
-            (false, false) => "",
+        let w = match self.hint {
+            Hint::None => "",
+            Hint::WokenHere => r#","w":true"#,
+            Hint::FreesNoGroup => r#","x":true"#,
         };
         match self.kind.as_deref().filter(|_| with_kind) {
             Some(k) => format!(
@@ -95,13 +104,18 @@ impl Notifier {
 
     /// Announces an event committed with sequence number `seq`.
     pub(super) fn announce_event(&self, job: JobId, seq: i64, ev: &super::NewEvent) {
-        self.send_event(job, seq, ev, false, false);
+        self.send_event(job, seq, ev, Hint::None);
     }
 
     /// Announces the event that ended `job`'s attempt, telling the other instances when the
     /// end frees no concurrency group (see [`ClusterListener::limits_claims_per_project`]).
     pub(super) fn announce_ended(&self, job: &crate::job::Job, seq: i64, ev: &super::NewEvent) {
-        self.send_event(job.id, seq, ev, false, job.concurrency_group.is_none());
+        let hint = if job.concurrency_group.is_none() {
+            Hint::FreesNoGroup
+        } else {
+            Hint::None
+        };
+        self.send_event(job.id, seq, ev, hint);
     }
 
     /// Announces the `queued` event of a job just created here. When the local engine has an
@@ -115,25 +129,21 @@ impl Notifier {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(Weak::upgrade);
-        let woken_here = engine.is_some_and(|e| e.promise_claim());
-        self.send_event(job, seq, ev, woken_here, false);
+        let hint = if engine.is_some_and(|e| e.promise_claim()) {
+            Hint::WokenHere
+        } else {
+            Hint::None
+        };
+        self.send_event(job, seq, ev, hint);
     }
 
-    fn send_event(
-        &self,
-        job: JobId,
-        seq: i64,
-        ev: &super::NewEvent,
-        woken_here: bool,
-        frees_no_group: bool,
-    ) {
+    fn send_event(&self, job: JobId, seq: i64, ev: &super::NewEvent, hint: Hint) {
         self.announce(Announce {
             job,
             seq: super::to_u64(seq),
             at: ev.at,
             kind: (ev.text.len() <= super::INLINE_KIND_MAX).then(|| ev.text.clone()),
-            woken_here,
-            frees_no_group,
+            hint,
         });
     }
 }
@@ -423,16 +433,15 @@ mod tests {
         }
     }
 
-    /// A batch from instance `other` of one status change of a new job, with `flags`.
-    fn note(from: Option<JobStatus>, to: JobStatus, woken_here: bool, no_group: bool) -> String {
+    /// A batch from instance `other` of one status change of a new job, with `hint`.
+    fn note(from: Option<JobStatus>, to: JobStatus, hint: Hint) -> String {
         let kind = serde_json::to_string(&JobEventKind::status(from, to, 1)).unwrap();
         let a = Announce {
             job: JobId::new(),
             seq: 2,
             at: Utc::now(),
             kind: Some(kind),
-            woken_here,
-            frees_no_group: no_group,
+            hint,
         };
         format!(r#"{{"i":"other","b":[{}]}}"#, a.entry(true))
     }
@@ -458,26 +467,29 @@ mod tests {
         use JobStatus::{Cancelled, Completed, Queued, Running};
         // A job queued elsewhere wakes, unless the instance that queued it woke its own
         // idle worker for it.
-        assert_eq!(wakes(&note(None, Queued, false, false), false).await, 1);
-        assert_eq!(wakes(&note(None, Queued, true, false), false).await, 0);
+        assert_eq!(wakes(&note(None, Queued, Hint::None), false).await, 1);
+        assert_eq!(wakes(&note(None, Queued, Hint::WokenHere), false).await, 0);
         // A job that stopped running elsewhere frees a project slot and maybe a group: it
         // wakes, unless it had no group and this engine's claims are not limited per project.
         for to in [Completed, Cancelled] {
+            assert_eq!(wakes(&note(Some(Running), to, Hint::None), false).await, 1);
             assert_eq!(
-                wakes(&note(Some(Running), to, false, false), false).await,
+                wakes(&note(Some(Running), to, Hint::FreesNoGroup), false).await,
+                0
+            );
+            assert_eq!(
+                wakes(&note(Some(Running), to, Hint::FreesNoGroup), true).await,
                 1
             );
-            assert_eq!(wakes(&note(Some(Running), to, false, true), false).await, 0);
-            assert_eq!(wakes(&note(Some(Running), to, false, true), true).await, 1);
         }
         // A retry is a job queued again: it wakes whatever its group.
         assert_eq!(
-            wakes(&note(Some(Running), Queued, false, true), false).await,
+            wakes(&note(Some(Running), Queued, Hint::FreesNoGroup), false).await,
             1
         );
         // Other events do not wake.
         assert_eq!(
-            wakes(&note(Some(Queued), Running, false, false), true).await,
+            wakes(&note(Some(Queued), Running, Hint::None), true).await,
             0
         );
         // What an earlier version sent (no flags): every queued job and every end wakes.
