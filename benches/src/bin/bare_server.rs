@@ -1,6 +1,6 @@
 //! The baseline of the out-of-process HTTP load runs (`scripts/http_load.sh`): a server that
 //! does nothing but read the request body and answer the bytes the aiwg example server answers
-//! on the same paths, on the same framework and runtime shape.
+//! on the same paths, on the same framework, runtime shape and allocator.
 //!
 //! ```text
 //! bare_server axum  127.0.0.1:3201
@@ -11,6 +11,11 @@
 //! `202` and a trigger answer (same shape and length as aiwg's). Stops on SIGINT/SIGTERM.
 
 use std::process::ExitCode;
+
+/// The allocator the example servers use (their default `jemalloc` feature), so the two sides
+/// differ only in what they do with a request.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// What `POST /workflows/trigger` answers (the shape and size of aiwg's answer).
 const TRIGGER_ANSWER: &str = r#"{"job_id":"01a2011d-0a50-72f9-9aee-afd3b7f83d39","status":"queued","estimated_duration":null,"status_url":"/workflows/01a2011d-0a50-72f9-9aee-afd3b7f83d39/status","events_url":"/workflows/01a2011d-0a50-72f9-9aee-afd3b7f83d39/events"}"#;

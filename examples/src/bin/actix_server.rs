@@ -12,6 +12,12 @@ use std::process::ExitCode;
 use actix_web::{App, HttpServer};
 use aiwg_examples::cli;
 
+/// jemalloc rather than the system allocator (the default `jemalloc` feature; see
+/// `examples/Cargo.toml`). A host's own binary makes this choice for itself.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 // actix-web's `HttpServer` runs its workers on threads of their own; the engine, the
 // dispatcher and the signal handling run on this tokio runtime.
 #[tokio::main]

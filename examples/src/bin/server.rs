@@ -13,6 +13,12 @@ use std::time::Duration;
 use aiwg_examples::cli;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than the system allocator (the default `jemalloc` feature; see
+/// `examples/Cargo.toml`). A host's own binary makes this choice for itself.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     cli::make_non_dumpable();
