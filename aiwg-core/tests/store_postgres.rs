@@ -1002,6 +1002,32 @@ async fn lock_keys_in_sql_match_the_rust_ones() {
     db.cleanup().await;
 }
 
+/// The key function is inlined where it is called (migration 0023): a statement that calls it
+/// computes its expression, with no SQL function to run (and plan) per statement. An
+/// IMMUTABLE declaration over the STABLE `convert_to` is never inlined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_key_function_is_inlined_where_it_is_called() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN (VERBOSE, COSTS OFF) SELECT aiwg_lock_key('aiwg_test', n) FROM unnest($1::text[]) AS n",
+    )
+    .bind(vec!["/srv/a".to_owned(), "/srv/b".to_owned()])
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("sha256"),
+        "the expression is computed in place:\n{plan}"
+    );
+    assert!(
+        !plan.contains("aiwg_lock_key"),
+        "no call of the function:\n{plan}"
+    );
+    db.cleanup().await;
+}
+
 /// A claim under a per-project limit reads the heads of the projects with room, not the
 /// queue: with 2 000 jobs queued in a project at its limit, a claim that finds the one job of
 /// another project fetches a handful of rows (the old pick read every queued job ahead of it,
