@@ -101,3 +101,107 @@ async fn a_worker_whose_job_ended_on_an_empty_queue_claims_only_when_woken() {
         "{claims} claims for {JOBS} jobs run one after another on {WORKERS} workers"
     );
 }
+
+/// Under a per-project limit, a job submitted to a project that the jobs running here already
+/// fill wakes no worker: its claim could only find the project full (under the configuration's
+/// default of one job per project, every submit to a busy project cost a claim that found
+/// nothing). The end of the job running there wakes a worker, which takes it; a job of another
+/// project is claimed at once. Time is paused: the runtime's clock moves on only when every
+/// task waits, so "no claim within a second" means "none once the engine went idle".
+#[tokio::test(start_paused = true)]
+async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_without_a_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    for project in ["p", "q"] {
+        std::fs::create_dir(dir.path().join(project)).unwrap();
+    }
+    let store = Arc::new(HookedStore::default());
+    let agent = ScriptedExecutor::hanging();
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(2)
+        .per_project_concurrency(1)
+        // No claim comes from the poll interval during the test.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // Each worker's first claim, at its start.
+    store.wait_claims(2).await;
+    let in_p = |i: usize| {
+        JobRequest::new("w")
+            .project_path("p")
+            .guidance(format!("{i}"))
+    };
+    let first = engine.submit(in_p(1)).await.unwrap();
+    assert!(agent.wait_started(1, WAIT).await, "p's first job started");
+    store.wait_claims(3).await;
+
+    for i in 2..=3 {
+        engine.submit(in_p(i)).await.unwrap();
+    }
+    let claimed_for_them = tokio::time::timeout(Duration::from_secs(1), store.wait_claims(4)).await;
+    assert!(
+        claimed_for_them.is_err(),
+        "a worker claimed for jobs of a project full of jobs running here"
+    );
+
+    engine
+        .submit(JobRequest::new("w").project_path("q"))
+        .await
+        .unwrap();
+    assert!(agent.wait_started(2, WAIT).await, "q's job started at once");
+    assert_eq!(store.claims_answered.load(Ordering::SeqCst), 4);
+
+    engine.cancel(first.id).await.unwrap();
+    assert!(
+        agent.wait_started(3, WAIT).await,
+        "p's next job started once the first ended"
+    );
+    let running_in_p = store
+        .inner
+        .list(&JobQuery::default().status(JobStatus::Running))
+        .await
+        .unwrap()
+        .jobs
+        .iter()
+        .filter(|j| j.project_path.ends_with("/p"))
+        .count();
+    assert_eq!(running_in_p, 1, "one job at a time in p");
+    engine.shutdown(Duration::from_millis(500)).await;
+}
+
+/// What the engine tells a store that announces jobs to other instances (PostgreSQL): a job
+/// for a project full of jobs running here is seen to here (the end of one of them wakes a
+/// claim here; no claim anywhere could take it before), without using up a promise of an idle
+/// worker, so jobs of other projects still get one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_a_project_full_of_jobs_running_here_is_seen_to_here_without_a_promise() {
+    let dir = tempfile::tempdir().unwrap();
+    for project in ["p", "q"] {
+        std::fs::create_dir(dir.path().join(project)).unwrap();
+    }
+    let store = Arc::new(HookedStore::default());
+    let agent = ScriptedExecutor::hanging();
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(2)
+        .per_project_concurrency(1)
+        .build()
+        .unwrap();
+    let first = engine
+        .submit(JobRequest::new("w").project_path("p"))
+        .await
+        .unwrap();
+    assert!(agent.wait_started(1, WAIT).await, "p's first job started");
+    let listener = engine.cluster_listener().upgrade().unwrap();
+    let p = first.project_path.clone();
+    let q = dir.path().join("q").canonicalize().unwrap();
+    let q = q.to_str().unwrap();
+    for _ in 0..3 {
+        assert!(listener.promise_claim(&p), "p is full of jobs running here");
+    }
+    assert!(
+        listener.promise_claim(q),
+        "the idle worker is promised to q"
+    );
+    assert!(!listener.promise_claim(q), "no idle worker is left for q");
+    assert!(listener.promise_claim(&p), "p still needs no promise");
+    engine.shutdown(Duration::from_millis(500)).await;
+}

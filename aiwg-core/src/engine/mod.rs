@@ -27,6 +27,7 @@ use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
 mod announce;
 mod feed;
+mod projects;
 mod scheduler;
 mod subscribe;
 mod worker;
@@ -269,6 +270,8 @@ pub(crate) struct Inner {
     /// Held by the one worker claiming at a time.
     claiming: tokio::sync::Mutex<()>,
     running: Mutex<HashMap<JobId, RunningJob>>,
+    /// How many of the jobs running here are in each project (under a per-project limit).
+    local_projects: projects::LocalProjects,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
     pending_cancels: Mutex<std::collections::HashSet<JobId>>,
@@ -309,9 +312,14 @@ impl ClusterListener for Inner {
         self.broadcast(&Arc::new(event));
     }
 
-    fn promise_claim(&self) -> bool {
+    fn promise_claim(&self, project: &str) -> bool {
         if self.stop_claiming.is_cancelled() {
             return false;
+        }
+        // No claim can take it before a job running here in its project ends, and that end
+        // wakes a worker here (see `projects`). Nothing is promised: no worker is woken now.
+        if self.local_projects.full(project) {
+            return true;
         }
         let workers = self.settings.workers;
         let busy = self.busy.load(Ordering::Relaxed);
@@ -645,6 +653,7 @@ impl EngineBuilder {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         let (bus, _) = broadcast::channel(4096);
         let feed = feed::Feed::new(self.settings.feed_events, self.settings.feed_bytes);
+        let local_projects = projects::LocalProjects::new(self.settings.per_project_concurrency);
         let engine = Engine {
             inner: Arc::new(Inner {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
@@ -659,6 +668,7 @@ impl EngineBuilder {
                 handoff: Mutex::default(),
                 claiming: tokio::sync::Mutex::new(()),
                 running: Mutex::new(HashMap::new()),
+                local_projects,
                 pending_cancels: Mutex::default(),
                 unannounced: announce::Unannounced::default(),
                 observers: self.observers,
@@ -833,7 +843,11 @@ impl Engine {
                 if let (Some(group), Some(on_conflict)) = (&job.concurrency_group, conflict) {
                     self.resolve_conflict(&job, group, on_conflict).await;
                 }
-                self.inner.wake.notify_one();
+                // A project that jobs running here fill: the end of one of them wakes a
+                // worker, and a claim now would find nothing (see `projects`).
+                if !self.inner.local_projects.full(&job.project_path) {
+                    self.inner.wake.notify_one();
+                }
                 Ok(Submission { job, created: true })
             }
             Ok(Created::Existing(job)) => Ok(Submission {

@@ -213,6 +213,9 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         mut lease,
         event,
     } = claimed;
+    // Counted in its project until it returns, after its outcome is written and before the
+    // caller wakes a claim for the slot it frees (see `projects`).
+    let _in_project = inner.local_projects.start(&job.project_path);
     // Not before the submit that created it published its `queued` event (see `announce`).
     inner.unannounced.wait(job.id).await;
     engine.publish(&job, event).await;

@@ -397,11 +397,15 @@ pub trait ClusterListener: Send + Sync + 'static {
     fn remote_event(&self, event: JobEvent);
     /// Another instance received a cancel for `job`; stop it if it runs here.
     fn remote_cancel(&self, job: JobId);
-    /// A job was just queued here: answers whether this instance has an idle worker that will
-    /// claim it, and if so counts it as promised. The store then tells the other instances
-    /// not to wake for it (their claims would find it taken, and on a small machine compete
-    /// with the one that takes it). The default promises nothing: every other instance wakes.
-    fn promise_claim(&self) -> bool {
+    /// A job was just queued here in `project`: answers whether this instance will see to it,
+    /// because it has an idle worker that will claim it (counted as promised), or because jobs
+    /// it runs fill the project's per-project limit (the end of one of them wakes a claim
+    /// here; no claim could take it before). The store then tells the other instances not to
+    /// wake for it (their claims would find it taken, or the project full, and on a small
+    /// machine compete with the one that takes it). The default promises nothing: every other
+    /// instance wakes.
+    fn promise_claim(&self, project: &str) -> bool {
+        let _ = project;
         false
     }
     /// Whether this instance's claims are limited per project, so that a job without a

@@ -118,18 +118,25 @@ impl Notifier {
         self.send_event(job.id, seq, ev, hint);
     }
 
-    /// Announces the `queued` event of a job just created here. When the local engine has an
-    /// idle worker for it ([`ClusterListener::promise_claim`]; the engine wakes one once the
-    /// create has answered), the other instances are told not to wake for it: their claims
-    /// would find it taken and, on a small machine, slow the one that takes it.
-    pub(super) fn announce_queued(&self, job: JobId, seq: i64, ev: &super::NewEvent) {
+    /// Announces the `queued` event of a job just created here in `project`. When the local
+    /// engine sees to it ([`ClusterListener::promise_claim`]: an idle worker it wakes once the
+    /// create has answered, or the project full of jobs it runs), the other instances are told
+    /// not to wake for it: their claims would find it taken (or the project full) and, on a
+    /// small machine, slow the one that takes it.
+    pub(super) fn announce_queued(
+        &self,
+        job: JobId,
+        project: &str,
+        seq: i64,
+        ev: &super::NewEvent,
+    ) {
         let engine = self
             .local
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(Weak::upgrade);
-        let hint = if engine.is_some_and(|e| e.promise_claim()) {
+        let hint = if engine.is_some_and(|e| e.promise_claim(project)) {
             Hint::WokenHere
         } else {
             Hint::None
