@@ -105,9 +105,10 @@ async fn a_worker_whose_job_ended_on_an_empty_queue_claims_only_when_woken() {
 /// Under a per-project limit, a job submitted to a project that the jobs running here already
 /// fill wakes no worker: its claim could only find the project full (under the configuration's
 /// default of one job per project, every submit to a busy project cost a claim that found
-/// nothing). The end of the job running there wakes a worker, which takes it; a job of another
-/// project is claimed at once. Time is paused: the runtime's clock moves on only when every
-/// task waits, so "no claim within a second" means "none once the engine went idle".
+/// nothing). When the job running there ends, its worker claims once, and takes it (it used
+/// to wake an idle worker too, whose claim found nothing); a job of another project is
+/// claimed at once. Time is paused: the runtime's clock moves on only when every task waits,
+/// so "no claim within a second" means "none once the engine went idle".
 #[tokio::test(start_paused = true)]
 async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_without_a_claim() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,15 +117,16 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
     }
     let store = Arc::new(HookedStore::default());
     let agent = ScriptedExecutor::hanging();
+    // One worker for p, one for q, one idle throughout.
     let engine = engine_on(&store, &agent, dir.path())
-        .workers(2)
+        .workers(3)
         .per_project_concurrency(1)
         // No claim comes from the poll interval during the test.
         .poll_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
     // Each worker's first claim, at its start.
-    store.wait_claims(2).await;
+    store.wait_claims(3).await;
     let in_p = |i: usize| {
         JobRequest::new("w")
             .project_path("p")
@@ -132,12 +134,12 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
     };
     let first = engine.submit(in_p(1)).await.unwrap();
     assert!(agent.wait_started(1, WAIT).await, "p's first job started");
-    store.wait_claims(3).await;
+    store.wait_claims(4).await;
 
     for i in 2..=3 {
         engine.submit(in_p(i)).await.unwrap();
     }
-    let claimed_for_them = tokio::time::timeout(Duration::from_secs(1), store.wait_claims(4)).await;
+    let claimed_for_them = tokio::time::timeout(Duration::from_secs(1), store.wait_claims(5)).await;
     assert!(
         claimed_for_them.is_err(),
         "a worker claimed for jobs of a project full of jobs running here"
@@ -148,13 +150,20 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
         .await
         .unwrap();
     assert!(agent.wait_started(2, WAIT).await, "q's job started at once");
-    assert_eq!(store.claims_answered.load(Ordering::SeqCst), 4);
+    assert_eq!(store.claims_answered.load(Ordering::SeqCst), 5);
 
     engine.cancel(first.id).await.unwrap();
     assert!(
         agent.wait_started(3, WAIT).await,
         "p's next job started once the first ended"
     );
+    let another_claim = tokio::time::timeout(Duration::from_secs(1), store.wait_claims(7)).await;
+    assert!(
+        another_claim.is_err(),
+        "{} claims: the end of p's first job cost more than the one that took the next",
+        store.claims_answered.load(Ordering::SeqCst)
+    );
+    assert_eq!(store.claims_answered.load(Ordering::SeqCst), 6);
     let running_in_p = store
         .inner
         .list(&JobQuery::default().status(JobStatus::Running))

@@ -32,6 +32,10 @@ pub(super) async fn run(engine: Engine, n: usize) {
     let inner = &engine.inner;
     let owner = format!("{}/{n}", inner.settings.instance);
     let mut last_recovery = Instant::now();
+    // Set when a job that ended here may have let another be claimed (see `after_job`): this
+    // worker's next claim is owed to it, or, when it takes a handed job instead, another
+    // worker's.
+    let mut owed = false;
     loop {
         // A job another worker claimed for this one comes first (even during a shutdown: it
         // is claimed, so it runs, or is cancelled by the shutdown like any running job).
@@ -41,10 +45,13 @@ pub(super) async fn run(engine: Engine, n: usize) {
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
         if let Some(Handed { claimed, at, more }) = handed {
+            if std::mem::take(&mut owed) {
+                inner.wake.notify_one();
+            }
             // `busy` was counted for it when it was claimed.
             let freed = run_job(&engine, claimed, at).await;
             inner.busy.fetch_sub(1, Ordering::Relaxed);
-            after_job(inner, more, freed).await;
+            owed = after_job(inner, more, freed).await;
             continue;
         }
         if inner.stop_claiming.is_cancelled() {
@@ -87,6 +94,8 @@ pub(super) async fn run(engine: Engine, n: usize) {
             .workers
             .saturating_sub(inner.busy.load(Ordering::Relaxed));
         let want = idle.clamp(1, MAX_CLAIM_BATCH);
+        // This claim is the one a job's end here owed.
+        owed = false;
         let claimed_at = tokio::time::Instant::now();
         let claimed = inner.store.claim_many(&req, want).await;
         // The jobs promised to the other instances are taken (or gone: claimed elsewhere,
@@ -135,7 +144,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 if let Some(claimed) = mine {
                     let freed = run_job(&engine, claimed, claimed_at).await;
                     inner.busy.fetch_sub(1, Ordering::Relaxed);
-                    after_job(inner, more, freed).await;
+                    owed = after_job(inner, more, freed).await;
                 }
             }
             Ok(_) => {
@@ -154,22 +163,25 @@ pub(super) async fn run(engine: Engine, n: usize) {
     }
 }
 
-/// What a worker does when a job it ran has ended, before it claims again.
+/// What a worker does when a job it ran has ended, before it claims again. Answers whether
+/// its next claim is owed to that end.
 ///
 /// A job whose end may let another be claimed (`freed`: a slot of a per-project limit or of a
-/// concurrency group, a retry queued, an outcome not known to be written) wakes a worker, and
-/// this one claims at once. Otherwise, when the claim that brought the job got fewer jobs than
-/// it asked for, the queue was empty then, and whatever was queued since woke a worker (a
-/// submit, a decided approval, another instance's notice): this one waits for such a wake-up
-/// (or the poll interval) instead of claiming at once. A claim that finds nothing costs a
-/// store round trip, and one on its way holds the claiming turn, so a job submitted meanwhile
-/// waited for it (issue 15: two empty claims after every job on PostgreSQL).
-async fn after_job(inner: &super::Inner, more: bool, freed: bool) {
-    if freed {
-        inner.wake.notify_one();
-    } else if !more {
+/// concurrency group, a retry queued, an outcome not known to be written) makes this worker
+/// claim at once, for itself and every idle worker; only if it takes a job handed to it
+/// instead does it wake another to claim (it used to wake one every time, whose claim, made
+/// after this one, found nothing: under a per-project limit, an empty claim after every job).
+/// Otherwise, when the claim that brought the job got fewer jobs than it asked for, the queue
+/// was empty then, and whatever was queued since woke a worker (a submit, a decided approval,
+/// another instance's notice): this one waits for such a wake-up (or the poll interval)
+/// instead of claiming at once. A claim that finds nothing costs a store round trip, and one
+/// on its way holds the claiming turn, so a job submitted meanwhile waited for it (issue 15:
+/// two empty claims after every job on PostgreSQL).
+async fn after_job(inner: &super::Inner, more: bool, freed: bool) -> bool {
+    if !freed && !more {
         wait(inner).await;
     }
+    freed
 }
 
 /// An idle worker waits for a wake-up (new work, a job handed over), the poll interval, or
