@@ -111,13 +111,8 @@ async fn a_worker_whose_job_ended_on_an_empty_queue_claims_only_when_woken() {
 /// so "no claim within a second" means "none once the engine went idle".
 #[tokio::test(start_paused = true)]
 async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_without_a_claim() {
-    let dir = tempfile::tempdir().unwrap();
-    for project in ["p", "q"] {
-        std::fs::create_dir(dir.path().join(project)).unwrap();
-    }
-    let store = Arc::new(HookedStore::default());
-    let agent = ScriptedExecutor::hanging();
     // One worker for p, one for q, one idle throughout.
+    let (dir, store, agent) = two_projects();
     let engine = engine_on(&store, &agent, dir.path())
         .workers(3)
         .per_project_concurrency(1)
@@ -183,12 +178,7 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
 /// worker, so jobs of other projects still get one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_for_a_project_full_of_jobs_running_here_is_seen_to_here_without_a_promise() {
-    let dir = tempfile::tempdir().unwrap();
-    for project in ["p", "q"] {
-        std::fs::create_dir(dir.path().join(project)).unwrap();
-    }
-    let store = Arc::new(HookedStore::default());
-    let agent = ScriptedExecutor::hanging();
+    let (dir, store, agent) = two_projects();
     let engine = engine_on(&store, &agent, dir.path())
         .workers(2)
         .per_project_concurrency(1)
@@ -213,4 +203,18 @@ async fn a_job_for_a_project_full_of_jobs_running_here_is_seen_to_here_without_a
     assert!(!listener.promise_claim(q), "no idle worker is left for q");
     assert!(listener.promise_claim(&p), "p still needs no promise");
     engine.shutdown(Duration::from_millis(500)).await;
+}
+
+/// A root with projects `p` and `q`, a store that counts claims, and an agent whose jobs run
+/// until they are cancelled.
+fn two_projects() -> (tempfile::TempDir, Arc<HookedStore>, ScriptedExecutor) {
+    let dir = tempfile::tempdir().unwrap();
+    for project in ["p", "q"] {
+        std::fs::create_dir(dir.path().join(project)).unwrap();
+    }
+    (
+        dir,
+        Arc::new(HookedStore::default()),
+        ScriptedExecutor::hanging(),
+    )
 }
