@@ -89,6 +89,7 @@ pub mod request;
 pub mod schedule;
 pub mod secrets;
 pub mod store;
+mod tally;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod util;

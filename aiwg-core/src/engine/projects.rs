@@ -10,34 +10,31 @@
 //! used to cost a claim that found nothing: three claims in four under the HTTP load on
 //! PostgreSQL (BENCHMARKS.md, session 17).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
+
+use crate::tally::ProjectTally;
 
 /// Jobs running here per project; empty and never locked without a per-project limit.
 pub(super) struct LocalProjects {
     limit: Option<usize>,
-    running: Mutex<HashMap<String, usize>>,
+    running: Mutex<ProjectTally>,
 }
 
 impl LocalProjects {
     pub(super) fn new(limit: Option<usize>) -> Self {
         Self {
             limit,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::default(),
         }
     }
 
     /// Counts a job running here in `project` until the returned guard drops.
     pub(super) fn start<'a>(&'a self, project: &'a str) -> Running<'a> {
         if self.limit.is_some() {
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            // The project's key is copied only for its first running job.
-            match running.get_mut(project) {
-                Some(n) => *n += 1,
-                None => {
-                    running.insert(project.to_owned(), 1);
-                }
-            }
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(project);
         }
         Running {
             projects: self,
@@ -50,8 +47,11 @@ impl LocalProjects {
         let Some(limit) = self.limit else {
             return false;
         };
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.get(project).is_some_and(|n| *n >= limit)
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(project)
+            >= limit
     }
 }
 
@@ -66,17 +66,11 @@ impl Drop for Running<'_> {
         if self.projects.limit.is_none() {
             return;
         }
-        let mut running = self
-            .projects
+        self.projects
             .running
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = running.get_mut(self.project) {
-            *n -= 1;
-            if *n == 0 {
-                running.remove(self.project);
-            }
-        }
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.project);
     }
 }
 

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
+use crate::tally::ProjectTally;
 
 use self::ready::{ReadyKey, ReadyQueue};
 
@@ -83,7 +84,7 @@ struct State {
     jobs: BTreeMap<JobId, Box<Entry>>,
     ready: ReadyQueue,
     idempotency: HashMap<String, (String, JobId)>,
-    running_per_project: HashMap<String, usize>,
+    running_per_project: ProjectTally,
     /// Concurrency groups with a running job.
     busy_groups: HashMap<String, JobId>,
     enqueue_seq: u64,
@@ -148,12 +149,7 @@ impl State {
         if let Some(e) = self.jobs.get_mut(&id) {
             if e.lease.take().is_some() {
                 self.running -= 1;
-                if let Some(n) = self.running_per_project.get_mut(&e.job.project_path) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.running_per_project.remove(&e.job.project_path);
-                    }
-                }
+                self.running_per_project.remove(&e.job.project_path);
                 if let Some(g) = &e.job.concurrency_group {
                     if self.busy_groups.get(g) == Some(&id) {
                         self.busy_groups.remove(g);
@@ -271,9 +267,9 @@ impl State {
             },
             |project, group| {
                 group.is_none_or(|g| !busy_groups.contains_key(g))
-                    && request.per_project_limit.is_none_or(|limit| {
-                        running_per_project.get(project).copied().unwrap_or(0) < limit
-                    })
+                    && request
+                        .per_project_limit
+                        .is_none_or(|limit| running_per_project.get(project) < limit)
             },
         );
         let Some(id) = found else { return Ok(None) };
@@ -301,13 +297,7 @@ impl State {
         if let Some(g) = &job.concurrency_group {
             s.busy_groups.insert(g.clone(), id);
         }
-        // The project's key is copied only for its first running job.
-        match s.running_per_project.get_mut(&job.project_path) {
-            Some(n) => *n += 1,
-            None => {
-                s.running_per_project.insert(job.project_path.clone(), 1);
-            }
-        }
+        s.running_per_project.add(&job.project_path);
         s.running += 1;
         Ok(Some(Claimed { job, lease, event }))
     }

@@ -144,8 +144,7 @@ pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreE
         // The idempotency key was taken meanwhile.
         return Ok(None);
     };
-    ctx.notifier
-        .announce_queued(job.id, &job.project_path, seq, &ev);
+    ctx.notifier.announce_queued(job, seq, &ev);
     Ok(Some(Ok(Created::New(
         job.clone(),
         ev.into_event(job.id, seq),
@@ -292,8 +291,7 @@ async fn write(
         let id = new.job.id;
         answers[slot] = Some(match admitted.get(id.as_uuid()) {
             Some(true) => {
-                ctx.notifier
-                    .announce_queued(id, &new.job.project_path, 1, &ev);
+                ctx.notifier.announce_queued(&new.job, 1, &ev);
                 Some(Ok(Created::New(new.job, ev.into_event(id, 1))))
             }
             Some(false) => None,

@@ -43,9 +43,10 @@ pub(super) struct Announce {
 pub(super) enum Hint {
     /// Nothing: wake as the event says.
     None,
-    /// A job queued here that an idle worker here was woken for (its `queued` event): the
-    /// other instances need not wake for it (`"w": true`).
-    WokenHere,
+    /// A job queued here that this instance sees to (its `queued` event): an idle worker here
+    /// was woken for it, or jobs running here fill its project's limit. The other instances
+    /// need not wake for it (`"w": true`).
+    SeenToHere,
     /// A running job's end that frees no concurrency group (it had none): only instances
     /// whose claims are limited per project need wake for it (`"x": true`).
     FreesNoGroup,
@@ -57,7 +58,7 @@ impl Announce {
         let at = serde_json::to_string(&self.at).unwrap_or_else(|_| "null".into());
         let w = match self.hint {
             Hint::None => "",
-            Hint::WokenHere => r#","w":true"#,
+            Hint::SeenToHere => r#","w":true"#,
             Hint::FreesNoGroup => r#","x":true"#,
         };
         match self.kind.as_deref().filter(|_| with_kind) {
@@ -118,30 +119,24 @@ impl Notifier {
         self.send_event(job.id, seq, ev, hint);
     }
 
-    /// Announces the `queued` event of a job just created here in `project`. When the local
-    /// engine sees to it ([`ClusterListener::promise_claim`]: an idle worker it wakes once the
-    /// create has answered, or the project full of jobs it runs), the other instances are told
-    /// not to wake for it: their claims would find it taken (or the project full) and, on a
-    /// small machine, slow the one that takes it.
-    pub(super) fn announce_queued(
-        &self,
-        job: JobId,
-        project: &str,
-        seq: i64,
-        ev: &super::NewEvent,
-    ) {
+    /// Announces the `queued` event of a job just created here. When the local engine sees to
+    /// it ([`ClusterListener::promise_claim`]: an idle worker it wakes once the create has
+    /// answered, or the job's project full of jobs it runs), the other instances are told not
+    /// to wake for it: their claims would find it taken (or the project full) and, on a small
+    /// machine, slow the one that takes it.
+    pub(super) fn announce_queued(&self, job: &crate::job::Job, seq: i64, ev: &super::NewEvent) {
         let engine = self
             .local
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(Weak::upgrade);
-        let hint = if engine.is_some_and(|e| e.promise_claim(project)) {
-            Hint::WokenHere
+        let hint = if engine.is_some_and(|e| e.promise_claim(&job.project_path)) {
+            Hint::SeenToHere
         } else {
             Hint::None
         };
-        self.send_event(job, seq, ev, hint);
+        self.send_event(job.id, seq, ev, hint);
     }
 
     fn send_event(&self, job: JobId, seq: i64, ev: &super::NewEvent, hint: Hint) {
@@ -222,7 +217,7 @@ struct Entry {
     a: DateTime<Utc>,
     #[serde(default)]
     k: Option<JobEventKind>,
-    /// A job queued by an instance that woke an idle worker of its own for it.
+    /// A job queued by an instance that sees to it itself (see [`Hint::SeenToHere`]).
     #[serde(default)]
     w: bool,
     /// A running job ended that had no concurrency group.
@@ -332,7 +327,7 @@ async fn handle(engine: &dyn ClusterListener, pool: &PgPool, instance: &str, pay
         for e in batch {
             let (w, x) = (e.w, e.x);
             wake |= match event(engine, pool, e.j, e.s, Some(e.a), e.k).await {
-                // A job whose own instance woke a worker for it is left to that instance.
+                // A job whose own instance sees to it is left to that instance.
                 Some(Claimable::Queued) => !w,
                 // An end that frees no group matters only to claims limited per project.
                 Some(Claimable::Freed) => !x || engine.limits_claims_per_project(),
@@ -475,7 +470,7 @@ mod tests {
         // A job queued elsewhere wakes, unless the instance that queued it woke its own
         // idle worker for it.
         assert_eq!(wakes(&note(None, Queued, Hint::None), false).await, 1);
-        assert_eq!(wakes(&note(None, Queued, Hint::WokenHere), false).await, 0);
+        assert_eq!(wakes(&note(None, Queued, Hint::SeenToHere), false).await, 0);
         // A job that stopped running elsewhere frees a project slot and maybe a group: it
         // wakes, unless it had no group and this engine's claims are not limited per project.
         for to in [Completed, Cancelled] {
