@@ -532,7 +532,7 @@ pub struct JobResult {
 pub struct JobError {
     /// A stable machine-readable kind: `agent_failed`, `timed_out`, `cancelled`, `unknown_agent`,
     /// `lease_lost`, `shutdown`, `invalid_request`, `panic`, `budget_exceeded`, `invalid_output`,
-    /// `approval_timeout`, `rejected`.
+    /// `approval_timeout`, `rejected`, `workspace_failed`, `project_rejected`.
     pub kind: String,
     /// Human-readable detail (never a secret).
     pub message: String,

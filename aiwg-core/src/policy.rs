@@ -4,6 +4,11 @@
 //! (a repository name or keyword) that the mapping rules turn into a path. The result must
 //! exist and, after canonicalisation with symlinks followed, lie inside one of the configured
 //! roots and outside every forbidden path. Each refusal is its own [`PolicyError`] variant.
+//!
+//! The engine checks a job's project twice: when the job is submitted (a refusal is the
+//! submit's answer), and again before an agent first gets the directory in each attempt
+//! ([`ProjectPolicy::recheck`]): a directory replaced meanwhile by a symlink, moved or removed
+//! fails the job instead of handing the agent whatever the path now leads to.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -37,6 +42,10 @@ pub enum PolicyError {
     /// The path is, is inside, or contains a forbidden path.
     #[error("project path `{0}` is forbidden")]
     Forbidden(String),
+    /// The canonical project directory a job was admitted with now leads elsewhere (a
+    /// component was replaced by a symlink, or moved): found by [`ProjectPolicy::recheck`].
+    #[error("project path `{0}` changed since the job was submitted")]
+    Changed(String),
     /// A project key that no mapping rule matches.
     #[error("no project mapping matches `{0}`")]
     NoMapping(String),
@@ -201,6 +210,18 @@ impl ProjectPolicy {
             });
         }
         self.check_canonical(&canonical, input)
+    }
+
+    /// Checks again a project directory that [`resolve`](Self::resolve) admitted (its
+    /// canonical form), before an agent gets it: it must still lie inside a root, outside
+    /// every forbidden path, be a directory, and be its own canonical form (no component of it
+    /// was replaced by a symlink since).
+    pub fn recheck(&self, canonical: &str) -> Result<(), PolicyError> {
+        let now = self.check(canonical)?;
+        if now.as_os_str() != canonical {
+            return Err(PolicyError::Changed(canonical.to_owned()));
+        }
+        Ok(())
     }
 
     fn check_canonical(&self, canonical: &Path, input: &str) -> Result<PathBuf, PolicyError> {
@@ -391,5 +412,40 @@ mod tests {
         ));
         assert!(matches!(p.check(".ssh"), Err(PolicyError::Forbidden(_))));
         assert_eq!(p.check("code/app").unwrap(), home.join("code/app"));
+    }
+
+    /// What `resolve` admitted is checked again before an agent gets it: unchanged, it
+    /// passes; replaced by a symlink (leading out of the root, or to another project inside
+    /// it), or removed, it is refused, each with its reason.
+    #[test]
+    fn a_recheck_refuses_an_admitted_directory_that_changed_since() {
+        let f = fixture();
+        let p = policy(&f);
+        let admitted = p.check("repo/sub").unwrap();
+        let admitted = admitted.to_str().unwrap();
+        p.recheck(admitted).unwrap();
+
+        // Swapped for a symlink out of the root.
+        fs::rename(f.root.join("repo/sub"), f.root.join("repo/moved")).unwrap();
+        symlink(&f.outside, f.root.join("repo/sub")).unwrap();
+        assert!(matches!(
+            p.recheck(admitted),
+            Err(PolicyError::SymlinkEscape(_))
+        ));
+        // For a symlink to another directory inside the root: not the project admitted.
+        fs::remove_file(f.root.join("repo/sub")).unwrap();
+        symlink(f.root.join("repo/moved"), f.root.join("repo/sub")).unwrap();
+        assert_eq!(
+            p.recheck(admitted),
+            Err(PolicyError::Changed(admitted.to_owned()))
+        );
+        // Gone.
+        fs::remove_file(f.root.join("repo/sub")).unwrap();
+        assert!(matches!(p.recheck(admitted), Err(PolicyError::NotFound(_))));
+        // A forbidden path never passes, however it was stored.
+        assert!(matches!(
+            p.recheck(f.root.join("secret").to_str().unwrap()),
+            Err(PolicyError::Forbidden(_))
+        ));
     }
 }

@@ -915,3 +915,60 @@ async fn observers_see_the_last_step_finish_before_the_end_with_the_job_still_ru
         ]
     );
 }
+
+/// The project policy is checked again when a job starts, before its agent gets the
+/// directory: one admitted at submit and swapped since for a symlink (out of the root, or to
+/// another project inside it) fails the job with `project_rejected`, and no agent runs. The
+/// jobs wait for an approval before their only step, while their projects are swapped.
+#[tokio::test]
+async fn a_project_swapped_for_a_symlink_after_the_submit_fails_its_job_before_any_agent_runs() {
+    let env = env();
+    let root = env.policy.roots()[0].clone();
+    let outside = tempfile::tempdir().unwrap();
+    let exec = ScriptedExecutor::succeeding("ran");
+    let engine = builder(&env)
+        .executor("x", Arc::new(exec.clone()))
+        .workflow(Workflow::new("gated").step(Step::prompt("run", "x", "go").requiring_approval()))
+        .build()
+        .unwrap();
+    let mut jobs = Vec::new();
+    for project in ["a", "b"] {
+        let job = engine
+            .submit(JobRequest::new("gated").project_path(project))
+            .await
+            .unwrap();
+        reaches(&engine, job.id, JobStatus::AwaitingApproval).await;
+        jobs.push(job);
+    }
+    std::fs::rename(root.join("a"), root.join("a-was")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("a")).unwrap();
+    std::fs::rename(root.join("b"), root.join("b-was")).unwrap();
+    std::os::unix::fs::symlink(root.join("c"), root.join("b")).unwrap();
+    for job in &jobs {
+        engine.approve(job.id, "alice", "api").await.unwrap();
+        let done = engine.wait(job.id, WAIT).await.unwrap();
+        assert_eq!(done.status, JobStatus::Failed, "{}", done.project_path);
+        let error = done.error.unwrap();
+        assert_eq!(error.kind, "project_rejected", "{}", error.message);
+        assert_eq!(done.attempt, 1, "not retried");
+    }
+    // A new submit for the swapped project is refused at once, or (answered from the last
+    // second's admissions) fails the same way when it starts.
+    match engine
+        .submit(JobRequest::new("gated").project_path("a"))
+        .await
+    {
+        Err(SubmitError::Project(e)) => {
+            assert!(matches!(e, PolicyError::SymlinkEscape(_)), "{e}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(job) => {
+            reaches(&engine, job.id, JobStatus::AwaitingApproval).await;
+            engine.approve(job.id, "alice", "api").await.unwrap();
+            let done = engine.wait(job.id, WAIT).await.unwrap();
+            assert_eq!(done.error.unwrap().kind, "project_rejected");
+        }
+    }
+    assert_eq!(exec.calls(), 0, "no agent got a swapped project");
+    engine.shutdown(Duration::from_secs(1)).await;
+}

@@ -25,6 +25,7 @@ use crate::store::{
 };
 use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 
+mod admitted;
 mod announce;
 mod feed;
 mod projects;
@@ -272,6 +273,8 @@ pub(crate) struct Inner {
     running: Mutex<HashMap<JobId, RunningJob>>,
     /// How many of the jobs running here are in each project (under a per-project limit).
     local_projects: projects::LocalProjects,
+    /// The projects the policy admitted lately (see `admitted`).
+    admitted: admitted::AdmittedProjects,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
     pending_cancels: Mutex<std::collections::HashSet<JobId>>,
@@ -669,6 +672,7 @@ impl EngineBuilder {
                 claiming: tokio::sync::Mutex::new(()),
                 running: Mutex::new(HashMap::new()),
                 local_projects,
+                admitted: admitted::AdmittedProjects::default(),
                 pending_cancels: Mutex::default(),
                 unannounced: announce::Unannounced::default(),
                 observers: self.observers,
@@ -891,10 +895,11 @@ impl Engine {
                 )));
             }
         }
-        let project = self
-            .inner
-            .policy
-            .resolve(request.project_path.as_deref(), request.project.as_deref())?;
+        let project = self.inner.admitted.resolve(
+            &self.inner.policy,
+            request.project_path.as_deref(),
+            request.project.as_deref(),
+        )?;
         // Only a request with an idempotency key is ever compared with another.
         let fingerprint = request
             .idempotency_key
@@ -908,7 +913,7 @@ impl Engine {
         let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
             let ctx = crate::workflow::TemplateContext {
                 guidance: request.guidance.as_deref(),
-                project_path: &project.display().to_string(),
+                project_path: &project,
                 params: &params,
                 trigger: &trigger,
                 step_outputs: &BTreeMap::new(),
@@ -923,7 +928,7 @@ impl Engine {
         let job = Job {
             id: JobId::new(),
             workflow: wf.name.clone(),
-            project_path: project.display().to_string(),
+            project_path: project,
             params,
             guidance: request.guidance,
             priority: request.priority.or(wf.priority).unwrap_or(0),

@@ -293,7 +293,15 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         // A job about a pull request runs in a worktree at its head (when workspaces are on).
         let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
             != Some(crate::workflow::WorkspaceMode::None);
-        let workspace = match inner.workspaces.as_ref().filter(|_| wants_worktree) {
+        let workspaces = inner.workspaces.as_ref().filter(|_| wants_worktree);
+        // A worktree is made from the project: the project is checked again first (without
+        // one, before the first agent gets it; see `run_steps`).
+        if workspaces.is_some() {
+            if let Err(stop) = recheck_project(engine, &job) {
+                return (Err(stop), JobResult::default());
+            }
+        }
+        let workspace = match workspaces {
             Some(ws) => tokio::select! {
                 r = ws.prepare(&job) => Some(r),
                 () = token.cancelled() => None,
@@ -323,15 +331,26 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 ),
                 None,
             ),
-            Some(Ok(None)) => (
-                run_steps(engine, &job, &lease_cell, &token, &reason, &mut last).await,
-                None,
-            ),
+            Some(Ok(None)) => {
+                let steps = Steps {
+                    lease: &lease_cell,
+                    token: &token,
+                    reason: &reason,
+                    recheck: workspaces.is_none(),
+                };
+                (run_steps(engine, &job, steps, &mut last).await, None)
+            }
             Some(Ok(Some(wt))) => {
                 let mut at_head = job.clone();
                 at_head.project_path = wt.path.display().to_string();
+                let steps = Steps {
+                    lease: &lease_cell,
+                    token: &token,
+                    reason: &reason,
+                    recheck: false,
+                };
                 (
-                    run_steps(engine, &at_head, &lease_cell, &token, &reason, &mut last).await,
+                    run_steps(engine, &at_head, steps, &mut last).await,
                     Some(wt),
                 )
             }
@@ -566,17 +585,44 @@ fn stop_for(reason: &Mutex<Option<StopReason>>) -> Option<Stop> {
     }
 }
 
+/// What [`run_steps`] runs a job's steps with.
+struct Steps<'a> {
+    lease: &'a Mutex<Arc<Lease>>,
+    token: &'a CancellationToken,
+    reason: &'a Mutex<Option<StopReason>>,
+    /// Check the job's project against the policy again before the first agent gets it (not
+    /// when it runs in a worktree, made after the same check).
+    recheck: bool,
+}
+
+/// Checks a job's project against the policy again (see [`ProjectPolicy::recheck`]): the
+/// directory the job was admitted with may have been removed, or swapped for a symlink, since
+/// its submit (which may also have been answered from `admitted`). A refusal fails the job,
+/// without retry.
+///
+/// [`ProjectPolicy::recheck`]: crate::policy::ProjectPolicy::recheck
+fn recheck_project(engine: &Engine, job: &Job) -> Result<(), Stop> {
+    engine.inner.policy.recheck(&job.project_path).map_err(|e| {
+        tracing::warn!(job = %job.id, error = %e, "the job's project is refused");
+        Stop::Failed(JobError::new("project_rejected", e.to_string()), false)
+    })
+}
+
 /// Runs the job's steps. The last step's successful `StepFinished` is not written here but
 /// left in `last`, to be written with the job's outcome
 /// ([`JobStore::finish_after`](crate::store::JobStore::finish_after)): one write instead of two.
 async fn run_steps(
     engine: &Engine,
     job: &Job,
-    lease: &Mutex<Arc<Lease>>,
-    token: &CancellationToken,
-    reason: &Mutex<Option<StopReason>>,
+    steps: Steps<'_>,
     last: &mut Option<JobEventKind>,
 ) -> (Result<(), Stop>, JobResult) {
+    let Steps {
+        lease,
+        token,
+        reason,
+        mut recheck,
+    } = steps;
     let inner = &engine.inner;
     let mut result = JobResult::default();
     let Some(wf) = inner.catalog.get(&job.workflow) else {
@@ -646,6 +692,11 @@ async fn run_steps(
             );
             return (Err(Stop::Failed(e, false)), result);
         };
+        if std::mem::take(&mut recheck) {
+            if let Err(stop) = recheck_project(engine, job) {
+                return (Err(stop), result);
+            }
+        }
         let ctx = TemplateContext {
             guidance: job.guidance.as_deref(),
             project_path: &job.project_path,
