@@ -172,6 +172,63 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
     engine.shutdown(Duration::from_millis(500)).await;
 }
 
+/// A job submitted while a claim is on its way, to a project that claim is filling, wakes no
+/// worker: the claim's answer, which counts the job it took, decides for it (a worker woken by
+/// the submit used to wait for the claiming turn and find the project full). A job of another
+/// project submitted meanwhile is claimed once the answer comes, and the first project's next
+/// job once its running one ends.
+#[tokio::test(start_paused = true)]
+async fn a_job_submitted_while_a_claim_fills_its_project_waits_for_it_to_answer() {
+    let (dir, store, agent) = two_projects();
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(3)
+        .per_project_concurrency(1)
+        // No claim comes from the poll interval during the test.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // Each worker's first claim, at its start.
+    store.wait_claims(3).await;
+    store.hold_next_claim.store(true, Ordering::SeqCst);
+    let entered = store.claim_entered.notified();
+    let first = engine
+        .submit(JobRequest::new("w").project_path("p"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, entered)
+        .await
+        .expect("a claim took p's first job");
+    // While that claim is on its way back: one more job in p, one in q.
+    engine
+        .submit(JobRequest::new("w").project_path("p"))
+        .await
+        .unwrap();
+    engine
+        .submit(JobRequest::new("w").project_path("q"))
+        .await
+        .unwrap();
+    store.claim_release.notify_one();
+    assert!(
+        agent.wait_started(2, WAIT).await,
+        "p's first job and q's started"
+    );
+    let another_claim = tokio::time::timeout(Duration::from_secs(1), store.wait_claims(6)).await;
+    assert!(
+        another_claim.is_err(),
+        "{} claims: a worker claimed for p's second job while p was full",
+        store.claims_answered.load(Ordering::SeqCst)
+    );
+    // The first three, the held one, and the one its answer woke for q.
+    assert_eq!(store.claims_answered.load(Ordering::SeqCst), 5);
+
+    engine.cancel(first.id).await.unwrap();
+    assert!(
+        agent.wait_started(3, WAIT).await,
+        "p's second job started once the first ended"
+    );
+    engine.shutdown(Duration::from_millis(500)).await;
+}
+
 /// What the engine tells a store that announces jobs to other instances (PostgreSQL): a job
 /// for a project full of jobs running here is seen to here (the end of one of them wakes a
 /// claim here; no claim anywhere could take it before), without using up a promise of an idle

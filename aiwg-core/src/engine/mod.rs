@@ -848,8 +848,9 @@ impl Engine {
                     self.resolve_conflict(&job, group, on_conflict).await;
                 }
                 // A project that jobs running here fill: the end of one of them wakes a
-                // worker, and a claim now would find nothing (see `projects`).
-                if !self.inner.local_projects.full(&job.project_path) {
+                // worker, and a claim now would find nothing; during a claim, its answer
+                // decides (see `projects`).
+                if self.inner.local_projects.submitted(&job.project_path) {
                     self.inner.wake.notify_one();
                 }
                 Ok(Submission { job, created: true })

@@ -97,7 +97,16 @@ pub(super) async fn run(engine: Engine, n: usize) {
         // This claim is the one a job's end here owed.
         owed = false;
         let claimed_at = tokio::time::Instant::now();
+        inner.local_projects.claim_sent();
         let claimed = inner.store.claim_many(&req, want).await;
+        // Counted in their projects before the claiming turn passes on; a submit made while
+        // the claim was on its way may want a worker now (see `projects`).
+        let wake_for_submits = inner.local_projects.claim_answered(
+            claimed
+                .iter()
+                .flatten()
+                .map(|c| c.job.project_path.as_str()),
+        );
         // The jobs promised to the other instances are taken (or gone: claimed elsewhere,
         // cancelled) once a claim sent after the promise returns.
         if let Ok(batch) = &claimed {
@@ -111,6 +120,9 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
                     Some(p.saturating_sub(taken))
                 });
+        }
+        if wake_for_submits {
+            inner.wake.notify_one();
         }
         match claimed {
             Ok(batch) if !batch.is_empty() => {
@@ -225,9 +237,9 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         mut lease,
         event,
     } = claimed;
-    // Counted in its project until it returns, after its outcome is written and before the
-    // caller wakes a claim for the slot it frees (see `projects`).
-    let _in_project = inner.local_projects.start(&job.project_path);
+    // Counted in its project (since its claim answered) until it returns, after its outcome
+    // is written and before the caller wakes a claim for the slot it frees (see `projects`).
+    let _in_project = inner.local_projects.started(&job.project_path);
     // Not before the submit that created it published its `queued` event (see `announce`).
     inner.unannounced.wait(job.id).await;
     engine.publish(&job, event).await;

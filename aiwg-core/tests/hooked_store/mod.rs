@@ -68,6 +68,14 @@ pub struct HookedStore {
     pub hold_next_create_until_claimed: AtomicBool,
     /// Notified when a claim took a job.
     pub claimed: Notify,
+    /// When set, the next claim (`claim_many`), once the store took its jobs, notifies
+    /// `claim_entered` and answers only when `claim_release` is notified (a claim on its way
+    /// back from the database).
+    pub hold_next_claim: AtomicBool,
+    /// Notified when a held claim took its jobs.
+    pub claim_entered: Notify,
+    /// Lets a held claim answer.
+    pub claim_release: Notify,
 }
 
 impl Default for HookedStore {
@@ -95,6 +103,9 @@ impl HookedStore {
             claim_answered: Notify::new(),
             hold_next_create_until_claimed: AtomicBool::default(),
             claimed: Notify::new(),
+            hold_next_claim: AtomicBool::default(),
+            claim_entered: Notify::new(),
+            claim_release: Notify::new(),
         }
     }
 
@@ -160,6 +171,11 @@ impl JobStore for HookedStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         let claimed = self.inner.claim_many(request, max).await;
+        if self.hold_next_claim.swap(false, Ordering::SeqCst) {
+            let released = self.claim_release.notified();
+            self.claim_entered.notify_one();
+            released.await;
+        }
         self.answered();
         if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
             self.claimed.notify_waiters();
