@@ -113,15 +113,7 @@ async fn a_worker_whose_job_ended_on_an_empty_queue_claims_only_when_woken() {
 async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_without_a_claim() {
     // One worker for p, one for q, one idle throughout.
     let (dir, store, agent) = two_projects();
-    let engine = engine_on(&store, &agent, dir.path())
-        .workers(3)
-        .per_project_concurrency(1)
-        // No claim comes from the poll interval during the test.
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    // Each worker's first claim, at its start.
-    store.wait_claims(3).await;
+    let engine = three_workers_one_job_per_project(&dir, &store, &agent).await;
     let in_p = |i: usize| {
         JobRequest::new("w")
             .project_path("p")
@@ -180,15 +172,7 @@ async fn a_job_for_a_project_full_of_jobs_running_here_waits_for_one_to_end_with
 #[tokio::test(start_paused = true)]
 async fn a_job_submitted_while_a_claim_fills_its_project_waits_for_it_to_answer() {
     let (dir, store, agent) = two_projects();
-    let engine = engine_on(&store, &agent, dir.path())
-        .workers(3)
-        .per_project_concurrency(1)
-        // No claim comes from the poll interval during the test.
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    // Each worker's first claim, at its start.
-    store.wait_claims(3).await;
+    let engine = three_workers_one_job_per_project(&dir, &store, &agent).await;
     store.hold_next_claim.store(true, Ordering::SeqCst);
     let entered = store.claim_entered.notified();
     let first = engine
@@ -260,6 +244,25 @@ async fn a_job_for_a_project_full_of_jobs_running_here_is_seen_to_here_without_a
     assert!(!listener.promise_claim(q), "no idle worker is left for q");
     assert!(listener.promise_claim(&p), "p still needs no promise");
     engine.shutdown(Duration::from_millis(500)).await;
+}
+
+/// An engine of three workers on `store`, one job at a time per project, that never polls;
+/// answered once each worker made its first claim.
+async fn three_workers_one_job_per_project(
+    dir: &tempfile::TempDir,
+    store: &Arc<HookedStore>,
+    agent: &ScriptedExecutor,
+) -> aiwg_core::Engine {
+    let engine = engine_on(store, agent, dir.path())
+        .workers(3)
+        .per_project_concurrency(1)
+        // No claim comes from the poll interval during the test.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // Each worker's first claim, at its start.
+    store.wait_claims(3).await;
+    engine
 }
 
 /// A root with projects `p` and `q`, a store that counts claims, and an agent whose jobs run
