@@ -189,6 +189,46 @@ async fn claims_and_completions_at_once_are_written_together() {
     drop_schema(&admin, &schema).await;
 }
 
+/// Two instances (two stores, each batching its own claims) asked for the same keys at once,
+/// one in ascending order and the other in descending order, round after round: every claim
+/// is answered, each key claimed exactly once. Batches written in the order their claims
+/// arrived took the same rows' locks in opposite orders and deadlocked (`40P01`, a claim
+/// answered with an error, its delivery refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_claiming_the_same_keys_in_opposite_orders_never_deadlock() {
+    let Some((admin, pool, schema)) = fresh_pool().await else {
+        return;
+    };
+    let a = Arc::new(PgDeliveryStore::new(pool.clone()));
+    a.migrate().await.expect("migrate");
+    let b = Arc::new(PgDeliveryStore::new(pool.clone()));
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(3600));
+    const KEYS: usize = 40;
+    for round in 0..20 {
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("gh:{round}:{i}")).collect();
+        let ascending = keys.iter().map(|k| (a.clone(), k.clone()));
+        let descending = keys.iter().rev().map(|k| (b.clone(), k.clone()));
+        let tasks: Vec<_> = ascending
+            .zip(descending)
+            .flat_map(|(x, y)| [x, y])
+            .map(|(store, key)| {
+                tokio::spawn(async move { (store.claim(&key, lease, ttl).await, key) })
+            })
+            .collect();
+        let mut fresh = std::collections::HashSet::new();
+        for t in tasks {
+            let (claim, key) = t.await.unwrap();
+            match claim {
+                Ok(Claim::Fresh) => assert!(fresh.insert(key), "claimed twice"),
+                Ok(_) => {}
+                Err(e) => panic!("round {round}, {key}: {e:?}"),
+            }
+        }
+        assert_eq!(fresh.len(), KEYS, "round {round}: every key claimed once");
+    }
+    drop_schema(&admin, &schema).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_tracking_store_passes_the_tracking_store_suite() {
     use aiwg_webhook::tracking::{tracking_store_suite, PgTrackingStore, TrackingStore};

@@ -95,19 +95,22 @@ async fn claim_together(
     pool: &PgPool,
     items: &[ClaimItem],
 ) -> Result<Vec<Option<Claim>>, DeliveryStoreError> {
-    // The batch's distinct keys, and for each item the position of its key among them.
-    let mut position: HashMap<&str, usize> = HashMap::with_capacity(items.len());
-    let (mut keys, mut leases) = (Vec::with_capacity(items.len()), Vec::new());
+    // The batch's distinct keys in key order (of a key asked for twice, the first lease), and
+    // for each item the position of its key among them. Every batch writes its rows in key
+    // order: two statements that write the same keys (another instance's batch, or this
+    // one's completions) then wait for each other in one order, never each for the other (in
+    // arrival order, two instances' batches of claims deadlocked).
+    let mut keys: Vec<(&str, i64)> = items.iter().map(|(k, l)| (k.as_str(), *l)).collect();
+    keys.sort_by(|a, b| a.0.cmp(b.0));
+    keys.dedup_by(|later, first| later.0 == first.0);
     let slots: Vec<usize> = items
         .iter()
-        .map(|(key, lease)| {
-            *position.entry(key.as_str()).or_insert_with(|| {
-                keys.push(key.as_str());
-                leases.push(*lease);
-                keys.len() - 1
-            })
+        .map(|(key, _)| {
+            keys.binary_search_by(|(k, _)| (*k).cmp(key.as_str()))
+                .unwrap_or_default()
         })
         .collect();
+    let (keys, leases): (Vec<&str>, Vec<i64>) = keys.into_iter().unzip();
     // `d` is read in the statement's snapshot, without the rows `ins` wrote: it answers the
     // keys that were not taken (known, done or pending). A key taken by a transaction that
     // committed after the snapshot is neither: it is answered `None`. One row per key, in
@@ -181,8 +184,11 @@ impl Flush for Completions {
         for item in &items {
             last.insert(item.0.as_str(), item);
         }
+        // In key order, as the claims (see `claim_together`).
+        let mut last: Vec<&CompletionItem> = last.into_values().collect();
+        last.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let (mut keys, mut jobs, mut ttls) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, job, ttl) in last.into_values() {
+        for (key, job, ttl) in last {
             keys.push(key.as_str());
             jobs.push(*job);
             ttls.push(*ttl);
