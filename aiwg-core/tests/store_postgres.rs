@@ -1830,3 +1830,44 @@ async fn the_jobs_table_keeps_room_for_heap_only_updates() {
     );
     db.cleanup().await;
 }
+
+/// Two instances submitting batches of the same idempotency keys at once, one in ascending
+/// order and the other in descending order (two instances firing the same schedules' ticks,
+/// or a client retrying a batch against another instance), round after round: every submit is
+/// answered, and each key makes exactly one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_the_same_idempotency_keys_in_opposite_orders_never_deadlock() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 4).await);
+    let b = Arc::new(db.store_in(&schema, 4).await);
+    const KEYS: usize = 30;
+    for round in 0..20 {
+        let batch = |reverse: bool| {
+            let mut keys: Vec<usize> = (0..KEYS).collect();
+            if reverse {
+                keys.reverse();
+            }
+            keys.into_iter()
+                .map(|i| {
+                    let mut job = sample_job("w", "/p", 0);
+                    job.idempotency_key = Some(format!("k:{round}:{i}"));
+                    NewJob::new(job)
+                })
+                .collect::<Vec<_>>()
+        };
+        let (up, down) = tokio::join!(a.create_many(batch(false)), b.create_many(batch(true)));
+        let mut made = HashSet::new();
+        for created in up.into_iter().chain(down) {
+            match created {
+                Ok(Created::New(job, _)) => {
+                    assert!(made.insert(job.idempotency_key.unwrap()), "made twice");
+                }
+                Ok(Created::Existing(_)) => {}
+                Err(e) => panic!("round {round}: {e:?}"),
+            }
+        }
+        assert_eq!(made.len(), KEYS, "round {round}: one job per key");
+    }
+    db.cleanup().await;
+}
