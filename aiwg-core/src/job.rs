@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -591,8 +592,9 @@ pub struct Job {
     pub error: Option<JobError>,
     /// True when the job failed with no attempts left.
     pub dead_letter: bool,
-    /// What started it.
-    pub trigger: TriggerInfo,
+    /// What started it. Shared: it never changes after the submit, and a forge's trigger
+    /// (its `extra` map) made most of the cost of every copy of the job the store hands out.
+    pub trigger: Arc<TriggerInfo>,
     /// Every status it had, in order.
     pub history: Vec<StatusChange>,
     /// Set when a cancel was asked for while it was running.

@@ -194,7 +194,8 @@ impl OutboundEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobError, JobId, JobResult, StepResult, TriggerInfo};
+    use crate::job::{JobError, JobId, JobResult, StepResult};
+    use std::sync::Arc;
 
     fn job() -> Job {
         let mut job: Job = serde_json::from_value(json!({
@@ -208,10 +209,7 @@ mod tests {
             "cancel_requested": false, "idempotency_key": null
         }))
         .unwrap();
-        job.trigger = TriggerInfo {
-            actor: Some("octocat".into()),
-            ..job.trigger
-        };
+        Arc::make_mut(&mut job.trigger).actor = Some("octocat".into());
         job.result = Some(Box::new(JobResult {
             summary: "x".into(),
             steps: vec![StepResult {

@@ -947,7 +947,7 @@ impl Engine {
             result: None,
             error: None,
             dead_letter: false,
-            trigger,
+            trigger: Arc::new(trigger),
             history: vec![crate::job::StatusChange {
                 status: JobStatus::Queued,
                 at: now,

@@ -189,7 +189,7 @@ impl From<&Job> for StatusDocument {
             result: j.result.as_deref().cloned(),
             error: j.error.clone(),
             dead_letter: j.dead_letter,
-            trigger: j.trigger.clone(),
+            trigger: TriggerInfo::clone(&j.trigger),
             cost_usd: j.result.as_ref().and_then(|r| r.cost_usd),
             max_budget_usd: j.max_budget_usd,
             approval: PendingApproval::of(j),

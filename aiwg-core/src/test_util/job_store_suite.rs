@@ -35,7 +35,7 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
         result: None,
         error: None,
         dead_letter: false,
-        trigger: TriggerInfo::new("test"),
+        trigger: TriggerInfo::new("test").into(),
         history: vec![StatusChange {
             status: JobStatus::Queued,
             at: now,

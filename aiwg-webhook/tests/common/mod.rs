@@ -155,7 +155,7 @@ impl JobObserver for JobCapture {
             workflow: job.workflow.clone(),
             params: job.params.clone(),
             guidance: job.guidance.clone(),
-            trigger: job.trigger.clone(),
+            trigger: aiwg_core::TriggerInfo::clone(&job.trigger),
             project,
             idempotency_key: job.idempotency_key.clone(),
             reply_credentials: job.reply_credentials.clone(),
