@@ -560,8 +560,9 @@ pub struct Job {
     pub workflow: String,
     /// The resolved, canonical project directory.
     pub project_path: String,
-    /// Parameters after defaults were applied.
-    pub params: BTreeMap<String, String>,
+    /// Parameters after defaults were applied. Shared, as the trigger is: they never change
+    /// after the submit.
+    pub params: Arc<BTreeMap<String, String>>,
     /// Free text for the agent.
     pub guidance: Option<String>,
     /// Higher runs first.
@@ -593,7 +594,8 @@ pub struct Job {
     /// True when the job failed with no attempts left.
     pub dead_letter: bool,
     /// What started it. Shared: it never changes after the submit, and a forge's trigger
-    /// (its `extra` map) made most of the cost of every copy of the job the store hands out.
+    /// (its `extra` map) made most of the cost of every copy of the job the store hands out
+    /// (4 a job in the memory store: the create's answer, the claim, the end's two).
     pub trigger: Arc<TriggerInfo>,
     /// Every status it had, in order.
     pub history: Vec<StatusChange>,

@@ -738,7 +738,7 @@ async fn run_steps(
             Ok(r) => r
                 .with_step(job.id, step.name.clone())
                 .with_timeout(step_timeout.max(Duration::from_millis(1)))
-                .with_params(job.params.clone()),
+                .with_params(BTreeMap::clone(&job.params)),
             Err(e) => {
                 return (
                     Err(Stop::Failed(

@@ -177,7 +177,7 @@ impl From<&Job> for StatusDocument {
             workflow: j.workflow.clone(),
             status: j.status,
             project_path: j.project_path.clone(),
-            params: j.params.clone(),
+            params: BTreeMap::clone(&j.params),
             guidance: j.guidance.clone(),
             priority: j.priority,
             attempt: j.attempt,

@@ -153,7 +153,7 @@ impl JobObserver for JobCapture {
         self.count.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().expect("lock").push(Req {
             workflow: job.workflow.clone(),
-            params: job.params.clone(),
+            params: std::collections::BTreeMap::clone(&job.params),
             guidance: job.guidance.clone(),
             trigger: aiwg_core::TriggerInfo::clone(&job.trigger),
             project,
