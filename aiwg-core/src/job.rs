@@ -624,6 +624,18 @@ pub struct Job {
     pub resume_after_approval: bool,
 }
 
+/// `params` shared: an empty map is one allocation for every job that has none (most), not
+/// one each (a queued job is kept small: BENCHMARKS.md, Memory).
+pub(crate) fn shared_params(params: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+    static EMPTY: std::sync::LazyLock<Arc<BTreeMap<String, String>>> =
+        std::sync::LazyLock::new(Arc::default);
+    if params.is_empty() {
+        Arc::clone(&EMPTY)
+    } else {
+        Arc::new(params)
+    }
+}
+
 impl Job {
     /// True once the job reached a status it never leaves.
     #[must_use]

@@ -930,7 +930,7 @@ impl Engine {
             id: JobId::new(),
             workflow: wf.name.clone(),
             project_path: project,
-            params: Arc::new(params),
+            params: crate::job::shared_params(params),
             guidance: request.guidance,
             priority: request.priority.or(wf.priority).unwrap_or(0),
             status: JobStatus::Queued,
