@@ -82,6 +82,7 @@ pub mod engine;
 mod error;
 pub mod event;
 pub mod executor;
+mod fast_hash;
 pub mod http;
 pub mod job;
 pub mod policy;

@@ -1,12 +1,12 @@
 //! Running jobs counted per project: the memory store's count for its per-project limit, and
 //! the engine's count of the jobs running on its own instance (`engine/projects.rs`).
 
-use std::collections::HashMap;
+use crate::fast_hash::FastMap;
 
 /// How many jobs run in each project. A project's key is copied only for its first job and
 /// dropped with its last, so the map holds only projects with running jobs.
 #[derive(Debug, Default)]
-pub(crate) struct ProjectTally(HashMap<String, usize>);
+pub(crate) struct ProjectTally(FastMap<String, usize>);
 
 impl ProjectTally {
     /// One more job running in `project`.

@@ -8,22 +8,22 @@
 //! event is published (or the submit ends otherwise), and a worker that claimed such a job
 //! waits for that before it publishes anything of the job.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+use crate::fast_hash::FastSet;
 use crate::job::JobId;
 
 /// The jobs submitted here whose `queued` event is not published yet.
 #[derive(Default)]
 pub(super) struct Unannounced {
-    jobs: Mutex<HashSet<JobId>>,
+    jobs: Mutex<FastSet<JobId>>,
     announced: Notify,
 }
 
 impl Unannounced {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastSet<JobId>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 

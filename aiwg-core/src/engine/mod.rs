@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::event::JobEvent;
 use crate::executor::ExecutorRegistry;
+use crate::fast_hash::{FastMap, FastSet};
 use crate::job::{Job, JobId, JobStatus, Progress, TriggerInfo};
 use crate::policy::{PolicyError, ProjectPolicy};
 use crate::request::JobRequest;
@@ -270,14 +271,14 @@ pub(crate) struct Inner {
     handoff: Mutex<std::collections::VecDeque<worker::Handed>>,
     /// Held by the one worker claiming at a time.
     claiming: tokio::sync::Mutex<()>,
-    running: Mutex<HashMap<JobId, RunningJob>>,
+    running: Mutex<FastMap<JobId, RunningJob>>,
     /// How many of the jobs running here are in each project (under a per-project limit).
     local_projects: projects::LocalProjects,
     /// The projects the policy admitted lately (see `admitted`).
     admitted: admitted::AdmittedProjects,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
-    pending_cancels: Mutex<std::collections::HashSet<JobId>>,
+    pending_cancels: Mutex<FastSet<JobId>>,
     /// Jobs submitted here whose `queued` event is not published yet (see `announce`).
     unannounced: announce::Unannounced,
     observers: Vec<Arc<dyn JobObserver>>,
@@ -670,7 +671,7 @@ impl EngineBuilder {
                 wake: Notify::new(),
                 handoff: Mutex::default(),
                 claiming: tokio::sync::Mutex::new(()),
-                running: Mutex::new(HashMap::new()),
+                running: Mutex::default(),
                 local_projects,
                 admitted: admitted::AdmittedProjects::default(),
                 pending_cancels: Mutex::default(),

@@ -8,7 +8,7 @@
 //! [`Engine::wait`] needs only the end of a job, so it does not subscribe: it registers a
 //! [`Waiter`], which the job's terminal event wakes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use super::{Engine, EngineError};
 use crate::event::JobEvent;
+use crate::fast_hash::FastMap;
 use crate::job::JobId;
 
 /// How many stored events a stream reads at a time while it catches up.
@@ -35,8 +36,8 @@ const SHARDS: usize = 64;
 /// someone waits for (with how many wait).
 #[derive(Default)]
 struct ShardState {
-    channels: HashMap<JobId, broadcast::Sender<Arc<JobEvent>>>,
-    waiters: HashMap<JobId, (Arc<Notify>, usize)>,
+    channels: FastMap<JobId, broadcast::Sender<Arc<JobEvent>>>,
+    waiters: FastMap<JobId, (Arc<Notify>, usize)>,
 }
 
 type Shard = Mutex<ShardState>;

@@ -10,7 +10,7 @@
 mod ready;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use super::{
     Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
+use crate::fast_hash::FastMap;
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 use crate::tally::ProjectTally;
 
@@ -83,17 +84,17 @@ impl Entry {
 struct State {
     jobs: BTreeMap<JobId, Box<Entry>>,
     ready: ReadyQueue,
-    idempotency: HashMap<String, (String, JobId)>,
+    idempotency: FastMap<String, (String, JobId)>,
     running_per_project: ProjectTally,
     /// Concurrency groups with a running job.
-    busy_groups: HashMap<String, JobId>,
+    busy_groups: FastMap<String, JobId>,
     enqueue_seq: u64,
     lease_seq: u64,
     running: usize,
     /// Finished jobs, oldest first, for retention.
     finished: VecDeque<(DateTime<Utc>, JobId)>,
     /// Jobs `awaiting_approval`, with when their approval expires.
-    waiting: HashMap<JobId, DateTime<Utc>>,
+    waiting: FastMap<JobId, DateTime<Utc>>,
     /// The same by expiry, so the sweep reads only the approvals that expired.
     waiting_by_expiry: BTreeSet<(DateTime<Utc>, JobId)>,
     /// Jobs holding a lease, so the lease sweep reads only those (not every job kept).

@@ -14,10 +14,11 @@
 //! has passed.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 
+use crate::fast_hash::FastMap;
 use crate::job::{Job, JobId};
 
 /// Queue order: priority descending, then enqueue order; the job id makes it unique.
@@ -36,8 +37,8 @@ struct Lane {
 #[derive(Default)]
 pub(super) struct ReadyQueue {
     /// Lane ids by project, then concurrency group.
-    ids: HashMap<String, HashMap<Option<String>, LaneId>>,
-    lanes: HashMap<LaneId, Lane>,
+    ids: FastMap<String, FastMap<Option<String>, LaneId>>,
+    lanes: FastMap<LaneId, Lane>,
     /// The first job of every lane that has one, in queue order.
     heads: BTreeSet<(ReadyKey, LaneId)>,
     /// Jobs whose retry time has not passed yet (as of the last claim), by that time.
