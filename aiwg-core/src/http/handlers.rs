@@ -425,15 +425,27 @@ async fn submit_trigger(
             &StatusDocument::from(&done),
         ));
     }
-    let base = &req.base_path;
+    // The id written once, and the links joined from it (each `format!` of a job id went
+    // through the formatting machinery again).
+    let job_id = job.id.to_string();
+    let link = |tail: &str| {
+        let mut url = String::with_capacity(
+            req.base_path.len() + "/workflows/".len() + job_id.len() + tail.len(),
+        );
+        url.push_str(&req.base_path);
+        url.push_str("/workflows/");
+        url.push_str(&job_id);
+        url.push_str(tail);
+        url
+    };
     let accepted = TriggerAccepted {
-        job_id: job.id.to_string(),
+        status_url: link("/status"),
+        events_url: link("/events"),
+        job_id,
         status: job.status,
         estimated_duration: engine
             .estimated_duration(&job.workflow)
             .map(|d| d.as_secs().max(1)),
-        status_url: format!("{base}/workflows/{}/status", job.id),
-        events_url: format!("{base}/workflows/{}/events", job.id),
     };
     let location = HeaderValue::from_str(&accepted.status_url).ok();
     let mut res = ApiResponse::json(StatusCode::ACCEPTED, &accepted);
