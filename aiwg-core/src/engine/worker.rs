@@ -313,6 +313,12 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 return (Err(stop), JobResult::default());
             }
         }
+        let steps = |recheck| Steps {
+            lease: &lease_cell,
+            token: &token,
+            reason: &reason,
+            recheck,
+        };
         let workspace = match workspaces {
             Some(ws) => tokio::select! {
                 r = ws.prepare(&job) => Some(r),
@@ -343,26 +349,15 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 ),
                 None,
             ),
-            Some(Ok(None)) => {
-                let steps = Steps {
-                    lease: &lease_cell,
-                    token: &token,
-                    reason: &reason,
-                    recheck: workspaces.is_none(),
-                };
-                (run_steps(engine, &job, steps, &mut last).await, None)
-            }
+            Some(Ok(None)) => (
+                run_steps(engine, &job, steps(workspaces.is_none()), &mut last).await,
+                None,
+            ),
             Some(Ok(Some(wt))) => {
                 let mut at_head = job.clone();
                 at_head.project_path = wt.path.display().to_string();
-                let steps = Steps {
-                    lease: &lease_cell,
-                    token: &token,
-                    reason: &reason,
-                    recheck: false,
-                };
                 (
-                    run_steps(engine, &at_head, steps, &mut last).await,
+                    run_steps(engine, &at_head, steps(false), &mut last).await,
                     Some(wt),
                 )
             }

@@ -425,19 +425,10 @@ async fn submit_trigger(
             &StatusDocument::from(&done),
         ));
     }
-    // The id written once, and the links joined from it (each `format!` of a job id went
-    // through the formatting machinery again).
+    // The id is formatted once; the links are joined from it without `fmt` (about 2 % of a
+    // trigger's instructions with `format!`).
     let job_id = job.id.to_string();
-    let link = |tail: &str| {
-        let mut url = String::with_capacity(
-            req.base_path.len() + "/workflows/".len() + job_id.len() + tail.len(),
-        );
-        url.push_str(&req.base_path);
-        url.push_str("/workflows/");
-        url.push_str(&job_id);
-        url.push_str(tail);
-        url
-    };
+    let link = |tail: &str| [req.base_path.as_str(), "/workflows/", &job_id, tail].concat();
     let accepted = TriggerAccepted {
         status_url: link("/status"),
         events_url: link("/events"),

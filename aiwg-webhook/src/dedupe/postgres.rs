@@ -3,7 +3,7 @@
 //! database start one job per platform delivery between them. All times are the database's, so
 //! instances with skewed clocks agree on leases and expiry.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -179,16 +179,14 @@ impl Flush for Completions {
     async fn flush(&self, items: Vec<CompletionItem>) -> Vec<Self::Answer> {
         let n = items.len();
         // A key completed twice in one batch: the later completion wins, as it would one by
-        // one (one statement may not write a row twice).
-        let mut last: HashMap<&str, &CompletionItem> = HashMap::with_capacity(n);
+        // one (one statement may not write a row twice). In key order, as the claims (see
+        // `claim_together`).
+        let mut last: BTreeMap<&str, &CompletionItem> = BTreeMap::new();
         for item in &items {
             last.insert(item.0.as_str(), item);
         }
-        // In key order, as the claims (see `claim_together`).
-        let mut last: Vec<&CompletionItem> = last.into_values().collect();
-        last.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let (mut keys, mut jobs, mut ttls) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, job, ttl) in last {
+        for (key, job, ttl) in last.into_values() {
             keys.push(key.as_str());
             jobs.push(*job);
             ttls.push(*ttl);
