@@ -431,17 +431,26 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         inner.settings.per_project_concurrency.is_some() || job.concurrency_group.is_some();
     if let Some(finish) = finish {
         let written = match last {
-            Some(last) => inner
+            // The job as the last step left it is for the observers of a step's end only.
+            Some(last) if !inner.observers.is_empty() => inner
                 .store
                 .finish_after(&lease, last, finish)
                 .await
-                .map(|done| (Some(done.last), done.ended)),
+                .map(|done| (Some((Some(done.last.0), done.last.1)), done.ended)),
+            Some(last) => inner
+                .store
+                .finish_after_event(&lease, last, finish)
+                .await
+                .map(|(last, ended)| (Some((None, last)), ended)),
             None => inner.store.finish(&lease, finish).await.map(|e| (None, e)),
         };
         match written {
             Ok((last, (job, ev))) => {
                 if let Some((between, ev)) = last {
-                    announce(engine, &between, Arc::new(ev)).await;
+                    match between {
+                        Some(between) => announce(engine, &between, Arc::new(ev)).await,
+                        None => engine.inner.broadcast(&Arc::new(ev)),
+                    }
                 }
                 // A retry is queued again.
                 freed |= job.status == JobStatus::Queued;

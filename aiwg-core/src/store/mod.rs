@@ -497,6 +497,20 @@ pub trait JobStore: Send + Sync + 'static {
         })
     }
 
+    /// [`finish_after`](Self::finish_after) for a caller with no use for the job as `last`
+    /// left it (the engine, when nothing observes a step's end): answers `last`'s event and the
+    /// ended job with its event. The same writes, or none; a store that keeps its jobs in
+    /// memory saves a copy of the job.
+    async fn finish_after_event(
+        &self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<(JobEvent, (Job, JobEvent)), StoreError> {
+        let done = self.finish_after(lease, last, finish).await?;
+        Ok((done.last.1, done.ended))
+    }
+
     /// Cancels a queued (or `awaiting_approval`) job at once, or marks a running one for its
     /// worker to stop.
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;

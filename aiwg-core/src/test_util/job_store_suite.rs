@@ -103,6 +103,7 @@ where
     listing(&*make().await).await;
     progress_and_counts(&*make().await).await;
     finish_after(&*make().await).await;
+    finish_after_event(&*make().await).await;
     batches(&*make().await).await;
 }
 
@@ -887,6 +888,60 @@ async fn finish_after(store: &dyn JobStore) {
     assert_eq!(&evs[3], last);
     assert_eq!(&evs[4], ev);
     // The lease is released: the job is no longer running.
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 0));
+}
+
+/// `finish_after_event` writes what `finish_after` writes, or nothing, and answers the same
+/// events and ended job (without the job between them).
+async fn finish_after_event(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    start_step(store, &c.lease, "a").await;
+    let finished = JobEventKind::StepFinished {
+        step: "a".into(),
+        ok: false,
+        duration_ms: 1,
+        error: Some(JobError::new("agent_failed", "boom")),
+    };
+    let failed = || Finish::Failed {
+        error: JobError::new("agent_failed", "boom"),
+        result: None,
+        retry_at: None,
+    };
+    // A status event is the store's to write; a lease not held writes nothing.
+    assert!(store
+        .finish_after_event(
+            &c.lease,
+            JobEventKind::status(Some(JobStatus::Running), JobStatus::Completed, 1),
+            failed(),
+        )
+        .await
+        .is_err());
+    let mut stale = c.lease.clone();
+    stale.token += 1;
+    assert!(matches!(
+        store
+            .finish_after_event(&stale, finished.clone(), failed())
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert_eq!(store.events(job.id, 0).await.unwrap().len(), 3);
+
+    let (last, (ended, ev)) = store
+        .finish_after_event(&c.lease, finished.clone(), failed())
+        .await
+        .unwrap();
+    assert_eq!((last.seq, &last.kind), (4, &finished));
+    assert_eq!(ev.seq, 5);
+    assert_eq!(ended.status, JobStatus::Failed);
+    assert_eq!(
+        ended.error.as_ref().map(|e| e.kind.as_str()),
+        Some("agent_failed")
+    );
+    let evs = store.events(job.id, 0).await.unwrap();
+    assert_eq!((&evs[3], &evs[4]), (&last, &ev));
+    assert_eq!(store.get(job.id).await.unwrap().unwrap(), ended);
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.queued, counts.running), (0, 0));
 }

@@ -28,6 +28,10 @@ use crate::tally::ProjectTally;
 
 use self::ready::{ReadyKey, ReadyQueue};
 
+/// What [`State::end_after`] answers: the job as the last event left it (when asked for), that
+/// event, and the ended job with its event.
+type EndedAfter = (Option<Job>, JobEvent, (Job, JobEvent));
+
 /// What the store keeps of a lease to fence writes with.
 #[derive(Clone, Copy)]
 struct Held {
@@ -321,6 +325,27 @@ impl State {
         Ok((job, ev))
     }
 
+    /// Records `last` and ends the attempt (both, or neither), answering what `between` makes
+    /// of the job as `last` left it, `last`'s event and the ended job with its event.
+    fn end_after(
+        &mut self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+        between: impl FnOnce(&Job) -> Option<Job>,
+        retention: &Retention,
+    ) -> Result<EndedAfter, StoreError> {
+        apply::appendable(&last)?;
+        let now = Utc::now();
+        let entry = self.fenced(lease, now)?;
+        // Checked before the last event is written: both are written, or neither.
+        entry.job.status.check_transition(finish.status())?;
+        let last = Self::record(entry, last, now);
+        let between = between(&entry.job);
+        let ended = self.end(lease, finish, now, retention)?;
+        Ok((between, last, ended))
+    }
+
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
         let entry = self
             .jobs
@@ -556,19 +581,29 @@ impl JobStore for MemoryStore {
         last: JobEventKind,
         finish: Finish,
     ) -> Result<FinishedAfter, StoreError> {
-        apply::appendable(&last)?;
-        let mut s = self.lock();
-        let now = Utc::now();
-        let entry = s.fenced(lease, now)?;
-        // Checked before the last event is written: both are written, or neither.
-        entry.job.status.check_transition(finish.status())?;
-        let last = State::record(entry, last, now);
-        let between = entry.job.clone();
-        let ended = s.end(lease, finish, now, &self.retention)?;
+        let (between, last, ended) = self.lock().end_after(
+            lease,
+            last,
+            finish,
+            |job| Some(job.clone()),
+            &self.retention,
+        )?;
         Ok(FinishedAfter {
-            last: (between, last),
+            last: (between.ok_or(StoreError::NotFound(lease.job_id))?, last),
             ended,
         })
+    }
+
+    async fn finish_after_event(
+        &self,
+        lease: &Lease,
+        last: JobEventKind,
+        finish: Finish,
+    ) -> Result<(JobEvent, (Job, JobEvent)), StoreError> {
+        let (_, last, ended) =
+            self.lock()
+                .end_after(lease, last, finish, |_| None, &self.retention)?;
+        Ok((last, ended))
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
