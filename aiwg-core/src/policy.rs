@@ -217,14 +217,49 @@ impl ProjectPolicy {
     /// every forbidden path, be a directory, and be its own canonical form (no component of it
     /// was replaced by a symlink since).
     pub fn recheck(&self, canonical: &str) -> Result<(), PolicyError> {
-        let now = self.check(canonical)?;
+        let path = Path::new(canonical);
+        let changed = || PolicyError::Changed(canonical.to_owned());
+        // What `resolve` answers is absolute and has no `..`; anything else is checked as any
+        // input would be (and is then not its own canonical form).
+        if canonical.contains('\0')
+            || !path.is_absolute()
+            || path.components().any(|c| c == Component::ParentDir)
+        {
+            let now = self.check(canonical)?;
+            return if now.as_os_str() == canonical {
+                Ok(())
+            } else {
+                Err(changed())
+            };
+        }
+        // The same checks as `check` in the same order, without the lexical work an absolute
+        // path without `..` does not need (the engine makes this call before every job).
+        if self.roots.is_empty() {
+            return Err(PolicyError::NoRoot);
+        }
+        let now =
+            std::fs::canonicalize(path).map_err(|_| PolicyError::NotFound(canonical.to_owned()))?;
+        if !self.roots.iter().any(|r| now.starts_with(r)) {
+            return Err(if self.roots.iter().any(|r| path.starts_with(r)) {
+                PolicyError::SymlinkEscape(canonical.to_owned())
+            } else {
+                PolicyError::OutsideRoot(canonical.to_owned())
+            });
+        }
+        self.refuse_forbidden(&now, canonical)?;
         if now.as_os_str() != canonical {
-            return Err(PolicyError::Changed(canonical.to_owned()));
+            return Err(changed());
         }
         Ok(())
     }
 
     fn check_canonical(&self, canonical: &Path, input: &str) -> Result<PathBuf, PolicyError> {
+        self.refuse_forbidden(canonical, input)?;
+        Ok(canonical.to_path_buf())
+    }
+
+    /// Refuses a canonical path that is forbidden or not a directory.
+    fn refuse_forbidden(&self, canonical: &Path, input: &str) -> Result<(), PolicyError> {
         // Forbidden: the path is, or is inside, a forbidden path, or contains one (a project of
         // `$HOME` would hand `~/.ssh` to the agent).
         if self
@@ -237,7 +272,7 @@ impl ProjectPolicy {
         if !canonical.is_dir() {
             return Err(PolicyError::NotADirectory(input.to_owned()));
         }
-        Ok(canonical.to_path_buf())
+        Ok(())
     }
 }
 
@@ -446,6 +481,29 @@ mod tests {
         assert!(matches!(
             p.recheck(f.root.join("secret").to_str().unwrap()),
             Err(PolicyError::Forbidden(_))
+        ));
+        // Nor does one outside every root, or a form `resolve` never answers (relative, with
+        // `..`), even when it leads to an admitted directory.
+        assert!(matches!(
+            p.recheck(f.outside.to_str().unwrap()),
+            Err(PolicyError::OutsideRoot(_))
+        ));
+        let moved = f.root.join("repo/moved");
+        assert!(p.recheck(moved.to_str().unwrap()).is_ok());
+        assert_eq!(
+            p.recheck("repo/moved"),
+            Err(PolicyError::Changed("repo/moved".to_owned()))
+        );
+        let dotted = format!("{}/../repo/moved", f.root.join("repo").display());
+        assert_eq!(
+            p.recheck(&dotted),
+            Err(PolicyError::Changed(dotted.clone()))
+        );
+        let file = f.root.join("repo/moved/file");
+        fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            p.recheck(file.to_str().unwrap()),
+            Err(PolicyError::NotADirectory(_))
         ));
     }
 }
