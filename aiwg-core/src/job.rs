@@ -556,10 +556,11 @@ impl JobError {
 pub struct Job {
     /// The id.
     pub id: JobId,
-    /// The workflow's name.
-    pub workflow: String,
-    /// The resolved, canonical project directory.
-    pub project_path: String,
+    /// The workflow's name. Shared: the jobs of a workflow hold one copy of it.
+    pub workflow: Arc<str>,
+    /// The resolved, canonical project directory. Shared, as the workflow's name is: the jobs
+    /// of a project submitted together hold one copy of it.
+    pub project_path: Arc<str>,
     /// Parameters after defaults were applied. Shared, as the trigger is: they never change
     /// after the submit.
     pub params: Arc<BTreeMap<String, String>>,

@@ -825,7 +825,10 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, Templ
 /// The workflows a server offers. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct WorkflowCatalog {
-    inner: Arc<BTreeMap<String, Arc<Workflow>>>,
+    /// By name; a job holds its workflow's name as the key here (see [`Job::workflow`]).
+    ///
+    /// [`Job::workflow`]: crate::Job::workflow
+    inner: Arc<BTreeMap<Arc<str>, Arc<Workflow>>>,
 }
 
 impl WorkflowCatalog {
@@ -834,10 +837,10 @@ impl WorkflowCatalog {
         let mut map = BTreeMap::new();
         for wf in workflows {
             wf.validate()?;
-            if map.contains_key(&wf.name) {
+            if map.contains_key(wf.name.as_str()) {
                 return Err(WorkflowError::Duplicate(wf.name));
             }
-            map.insert(wf.name.clone(), Arc::new(wf));
+            map.insert(Arc::from(wf.name.as_str()), Arc::new(wf));
         }
         Ok(Self {
             inner: Arc::new(map),
@@ -848,6 +851,14 @@ impl WorkflowCatalog {
     #[must_use]
     pub fn get(&self, name: &str) -> Option<Arc<Workflow>> {
         self.inner.get(name).cloned()
+    }
+
+    /// The workflow called `name` with its name as the catalog holds it, shared by the jobs
+    /// of the workflow.
+    pub(crate) fn get_named(&self, name: &str) -> Option<(Arc<str>, Arc<Workflow>)> {
+        self.inner
+            .get_key_value(name)
+            .map(|(n, wf)| (Arc::clone(n), Arc::clone(wf)))
     }
 
     /// All workflows, by name.

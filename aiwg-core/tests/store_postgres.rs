@@ -282,7 +282,7 @@ async fn the_per_project_limit_holds_under_concurrent_claims() {
     }
     let same = claimed
         .iter()
-        .filter(|c| c.job.project_path == "/same")
+        .filter(|c| &*c.job.project_path == "/same")
         .count();
     assert_eq!(same, 2, "two /same jobs at most, across both stores");
     assert!(claimed.iter().any(|c| c.job.id == other_id));
@@ -298,7 +298,7 @@ async fn the_per_project_limit_holds_under_concurrent_claims() {
         .await
         .unwrap()
         .expect("a slot freed by expiry");
-    assert_eq!(c.job.project_path, "/same");
+    assert_eq!(&*c.job.project_path, "/same");
     db.cleanup().await;
 }
 
@@ -347,7 +347,9 @@ async fn batch_claims_under_limits_and_groups_hold_across_stores() {
     }
     let mut per_project: std::collections::HashMap<String, usize> = Default::default();
     for c in &claimed {
-        *per_project.entry(c.job.project_path.clone()).or_default() += 1;
+        *per_project
+            .entry(c.job.project_path.to_string())
+            .or_default() += 1;
     }
     for p in 0..4 {
         assert_eq!(
@@ -1040,7 +1042,7 @@ async fn a_limited_claim_reads_project_heads_not_the_queue() {
     queue(&store, 2_000, "/busy", 5).await;
     let req = ClaimRequest::new("w", Duration::from_secs(60)).per_project(1);
     let first = store.claim(&req).await.unwrap().expect("a /busy job");
-    assert_eq!(first.job.project_path, "/busy");
+    assert_eq!(&*first.job.project_path, "/busy");
     let other = sample_job("w", "/other", 0);
     let other_id = other.id;
     store.create(NewJob::new(other)).await.unwrap();
@@ -1138,7 +1140,7 @@ async fn a_limited_claim_passes_over_a_project_another_claim_is_taking() {
                 .await
                 .unwrap()
                 .unwrap();
-            projects.push(job.project_path);
+            projects.push(job.project_path.to_string());
         }
         projects
     };
@@ -1223,7 +1225,7 @@ async fn a_limited_claim_gives_back_the_room_of_a_job_taken_meanwhile() {
             .await
             .unwrap()
             .unwrap();
-        got.push((job.project_path, job.status));
+        got.push((job.project_path.to_string(), job.status));
     }
     assert!(!ids.contains(&first_of_a), "the held job was claimed");
     let running = aiwg_core::JobStatus::Running;

@@ -11,7 +11,7 @@
 //! created a moment later is accepted at once).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::policy::{PolicyError, ProjectPolicy};
@@ -26,7 +26,7 @@ const MOST: usize = 256;
 /// One remembered admission: the canonical directory and until when it stands.
 #[derive(Clone)]
 struct Admitted {
-    path: String,
+    path: Arc<str>,
     until: Instant,
 }
 
@@ -62,7 +62,7 @@ impl AdmittedProjects {
         policy: &ProjectPolicy,
         path: Option<&str>,
         key: Option<&str>,
-    ) -> Result<String, PolicyError> {
+    ) -> Result<Arc<str>, PolicyError> {
         let now = Instant::now();
         if let Some(a) = self
             .inner
@@ -71,11 +71,11 @@ impl AdmittedProjects {
             .get(path, key)
             .filter(|a| a.until > now)
         {
-            return Ok(a.path.clone());
+            return Ok(Arc::clone(&a.path));
         }
-        let resolved = policy.resolve(path, key)?.display().to_string();
+        let resolved: Arc<str> = policy.resolve(path, key)?.display().to_string().into();
         let admitted = Admitted {
-            path: resolved.clone(),
+            path: Arc::clone(&resolved),
             until: now + KEPT_FOR,
         };
         let mut kinds = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -113,18 +113,18 @@ mod tests {
             .unwrap();
         let admitted = AdmittedProjects::default();
         let app = root.join("app").display().to_string();
-        assert_eq!(admitted.resolve(&policy, Some("app"), None).unwrap(), app);
-        assert_eq!(admitted.resolve(&policy, None, Some("app")).unwrap(), app);
+        assert_eq!(&*admitted.resolve(&policy, Some("app"), None).unwrap(), app);
+        assert_eq!(&*admitted.resolve(&policy, None, Some("app")).unwrap(), app);
         assert_eq!(
-            admitted.resolve(&policy, None, None).unwrap(),
+            &*admitted.resolve(&policy, None, None).unwrap(),
             root.display().to_string()
         );
 
         // Removed: each remembered admission still answers (the worker's recheck refuses the
         // job); a path never admitted is refused at once.
         std::fs::remove_dir(root.join("app")).unwrap();
-        assert_eq!(admitted.resolve(&policy, Some("app"), None).unwrap(), app);
-        assert_eq!(admitted.resolve(&policy, None, Some("app")).unwrap(), app);
+        assert_eq!(&*admitted.resolve(&policy, Some("app"), None).unwrap(), app);
+        assert_eq!(&*admitted.resolve(&policy, None, Some("app")).unwrap(), app);
         assert!(matches!(
             admitted.resolve(&policy, Some("other"), None),
             Err(PolicyError::NotFound(_))
@@ -132,7 +132,7 @@ mod tests {
         // A refusal is not remembered: the directory, once there, is admitted.
         std::fs::create_dir(root.join("other")).unwrap();
         assert_eq!(
-            admitted.resolve(&policy, Some("other"), None).unwrap(),
+            &*admitted.resolve(&policy, Some("other"), None).unwrap(),
             root.join("other").display().to_string()
         );
     }

@@ -873,10 +873,10 @@ impl Engine {
         if self.inner.stop_claiming.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
-        let wf = self
+        let (workflow, wf) = self
             .inner
             .catalog
-            .get(&request.workflow)
+            .get_named(&request.workflow)
             .ok_or_else(|| SubmitError::UnknownWorkflow(request.workflow.clone()))?;
         let params = wf.resolve_params(&request.params)?;
         if let Some(g) = &request.guidance {
@@ -929,7 +929,7 @@ impl Engine {
         let now = chrono::Utc::now();
         let job = Job {
             id: JobId::new(),
-            workflow: wf.name.clone(),
+            workflow,
             project_path: project,
             params: crate::job::shared_params(params),
             guidance: request.guidance,
@@ -1338,13 +1338,13 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 // The workflow's name is copied only for its first completed job.
-                match d.get_mut(&job.workflow) {
+                match d.get_mut(&*job.workflow) {
                     Some(e) => {
                         e.0 += 1;
                         e.1 += secs;
                     }
                     None => {
-                        d.insert(job.workflow.clone(), (1, secs));
+                        d.insert(job.workflow.to_string(), (1, secs));
                     }
                 }
             }

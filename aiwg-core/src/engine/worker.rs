@@ -101,12 +101,9 @@ pub(super) async fn run(engine: Engine, n: usize) {
         let claimed = inner.store.claim_many(&req, want).await;
         // Counted in their projects before the claiming turn passes on; a submit made while
         // the claim was on its way may want a worker now (see `projects`).
-        let wake_for_submits = inner.local_projects.claim_answered(
-            claimed
-                .iter()
-                .flatten()
-                .map(|c| c.job.project_path.as_str()),
-        );
+        let wake_for_submits = inner
+            .local_projects
+            .claim_answered(claimed.iter().flatten().map(|c| &*c.job.project_path));
         // The jobs promised to the other instances are taken (or gone: claimed elsewhere,
         // cancelled) once a claim sent after the promise returns.
         if let Ok(batch) = &claimed {
@@ -355,7 +352,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
             ),
             Some(Ok(Some(wt))) => {
                 let mut at_head = job.clone();
-                at_head.project_path = wt.path.display().to_string();
+                at_head.project_path = wt.path.display().to_string().into();
                 (
                     run_steps(engine, &at_head, steps(false), &mut last).await,
                     Some(wt),
@@ -726,13 +723,13 @@ async fn run_steps(
                 .iter()
                 .map(|a| render(a, &ctx))
                 .collect::<Result<Vec<_>, _>>()
-                .map(|v| AgentRequest::command(v, PathBuf::from(&job.project_path))),
+                .map(|v| AgentRequest::command(v, PathBuf::from(&*job.project_path))),
             (Some(p), None) => {
-                render(p, &ctx).map(|p| AgentRequest::new(p, PathBuf::from(&job.project_path)))
+                render(p, &ctx).map(|p| AgentRequest::new(p, PathBuf::from(&*job.project_path)))
             }
             (None, None) => Ok(AgentRequest::new(
                 String::new(),
-                PathBuf::from(&job.project_path),
+                PathBuf::from(&*job.project_path),
             )),
         };
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());

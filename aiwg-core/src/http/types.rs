@@ -174,9 +174,9 @@ impl From<&Job> for StatusDocument {
     fn from(j: &Job) -> Self {
         Self {
             job_id: j.id.to_string(),
-            workflow: j.workflow.clone(),
+            workflow: j.workflow.to_string(),
             status: j.status,
-            project_path: j.project_path.clone(),
+            project_path: j.project_path.to_string(),
             params: BTreeMap::clone(&j.params),
             guidance: j.guidance.clone(),
             priority: j.priority,

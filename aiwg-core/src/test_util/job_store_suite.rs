@@ -18,8 +18,8 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
     let now = Utc::now();
     Job {
         id: JobId::new(),
-        workflow: workflow.to_owned(),
-        project_path: project.to_owned(),
+        workflow: workflow.into(),
+        project_path: project.into(),
         params: Default::default(),
         guidance: None,
         priority,
@@ -370,7 +370,7 @@ async fn per_project_limit(store: &dyn JobStore) {
         .await
         .unwrap();
     let c3 = store.claim(&req).await.unwrap().unwrap();
-    assert_eq!(c3.job.project_path, "/same");
+    assert_eq!(&*c3.job.project_path, "/same");
 }
 
 /// A batch claim under a per-project limit takes jobs in claim order across projects, no more
@@ -762,7 +762,7 @@ async fn listing(store: &dyn JobStore) {
         .await
         .unwrap();
     assert_eq!(odd.jobs.len(), 3);
-    assert!(odd.jobs.iter().all(|j| j.workflow == "odd"));
+    assert!(odd.jobs.iter().all(|j| &*j.workflow == "odd"));
     store.claim(&claim_req("w1")).await.unwrap().unwrap();
     let running = store
         .list(&JobQuery::default().status(JobStatus::Running))

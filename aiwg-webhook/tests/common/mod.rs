@@ -146,13 +146,13 @@ impl JobObserver for JobCapture {
         if event.seq != 1 {
             return;
         }
-        let project = std::path::Path::new(&job.project_path)
+        let project = std::path::Path::new(&*job.project_path)
             .strip_prefix(&self.root)
             .ok()
             .map(|p| p.display().to_string());
         self.count.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().expect("lock").push(Req {
-            workflow: job.workflow.clone(),
+            workflow: job.workflow.to_string(),
             params: std::collections::BTreeMap::clone(&job.params),
             guidance: job.guidance.clone(),
             trigger: aiwg_core::TriggerInfo::clone(&job.trigger),

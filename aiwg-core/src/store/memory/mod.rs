@@ -507,7 +507,7 @@ impl JobStore for MemoryStore {
                 query
                     .workflow
                     .as_deref()
-                    .is_none_or(|w| e.job.workflow == w)
+                    .is_none_or(|w| &*e.job.workflow == w)
             })
             .filter(|(_, e)| {
                 query

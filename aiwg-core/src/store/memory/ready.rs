@@ -74,7 +74,7 @@ impl ReadyQueue {
         }
         let Some(&lane_id) = self
             .ids
-            .get(job.project_path.as_str())
+            .get(&*job.project_path)
             .and_then(|groups| groups.get(&job.concurrency_group))
         else {
             return;
@@ -99,7 +99,7 @@ impl ReadyQueue {
     pub(super) fn pop(
         &mut self,
         now: DateTime<Utc>,
-        jobs: impl Fn(JobId) -> Option<(String, Option<String>)>,
+        jobs: impl Fn(JobId) -> Option<(std::sync::Arc<str>, Option<String>)>,
         mut may_run: impl FnMut(&str, Option<&str>) -> bool,
     ) -> Option<JobId> {
         while let Some(&(at, key)) = self.delayed.first() {

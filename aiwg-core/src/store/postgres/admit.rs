@@ -117,8 +117,8 @@ pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreE
     let row = sqlx::query(sql)
         .bind(job.id.as_uuid())
         .bind(job.priority)
-        .bind(&job.project_path)
-        .bind(&job.workflow)
+        .bind(&*job.project_path)
+        .bind(&*job.workflow)
         .bind(job.retry_at)
         .bind(job.created_at)
         .bind(job.idempotency_key.as_deref())
@@ -221,8 +221,8 @@ async fn write(
         let job = &new.job;
         ids.push(*job.id.as_uuid());
         priorities.push(job.priority);
-        projects.push(job.project_path.as_str());
-        workflows.push(job.workflow.as_str());
+        projects.push(&*job.project_path);
+        workflows.push(&*job.workflow);
         keys.push(job.idempotency_key.as_deref());
         fingerprints.push(
             job.idempotency_key
