@@ -28,9 +28,9 @@ use crate::tally::ProjectTally;
 
 use self::ready::{ReadyKey, ReadyQueue};
 
-/// What [`State::end_after`] answers: the job as the last event left it (when asked for), that
+/// What [`State::end_after`] answers: what it made of the job as the last event left it, that
 /// event, and the ended job with its event.
-type EndedAfter = (Option<Job>, JobEvent, (Job, JobEvent));
+type EndedAfter<T> = (T, JobEvent, (Job, JobEvent));
 
 /// What the store keeps of a lease to fence writes with.
 #[derive(Clone, Copy)]
@@ -326,15 +326,16 @@ impl State {
     }
 
     /// Records `last` and ends the attempt (both, or neither), answering what `between` makes
-    /// of the job as `last` left it, `last`'s event and the ended job with its event.
-    fn end_after(
+    /// of the job as `last` left it (a copy, or nothing), `last`'s event and the ended job with
+    /// its event.
+    fn end_after<T>(
         &mut self,
         lease: &Lease,
         last: JobEventKind,
         finish: Finish,
-        between: impl FnOnce(&Job) -> Option<Job>,
+        between: impl FnOnce(&Job) -> T,
         retention: &Retention,
-    ) -> Result<EndedAfter, StoreError> {
+    ) -> Result<EndedAfter<T>, StoreError> {
         apply::appendable(&last)?;
         let now = Utc::now();
         let entry = self.fenced(lease, now)?;
@@ -581,15 +582,11 @@ impl JobStore for MemoryStore {
         last: JobEventKind,
         finish: Finish,
     ) -> Result<FinishedAfter, StoreError> {
-        let (between, last, ended) = self.lock().end_after(
-            lease,
-            last,
-            finish,
-            |job| Some(job.clone()),
-            &self.retention,
-        )?;
+        let (between, last, ended) =
+            self.lock()
+                .end_after(lease, last, finish, Job::clone, &self.retention)?;
         Ok(FinishedAfter {
-            last: (between.ok_or(StoreError::NotFound(lease.job_id))?, last),
+            last: (between, last),
             ended,
         })
     }
@@ -602,7 +599,7 @@ impl JobStore for MemoryStore {
     ) -> Result<(JobEvent, (Job, JobEvent)), StoreError> {
         let (_, last, ended) =
             self.lock()
-                .end_after(lease, last, finish, |_| None, &self.retention)?;
+                .end_after(lease, last, finish, |_| (), &self.retention)?;
         Ok((last, ended))
     }
 
