@@ -625,6 +625,14 @@ pub struct Job {
     pub resume_after_approval: bool,
 }
 
+/// The trigger of a job whose request said nothing of it (`source` `api`, nothing else),
+/// shared by all such jobs (a queued job is kept small: BENCHMARKS.md, Memory).
+pub(crate) fn api_trigger() -> Arc<TriggerInfo> {
+    static API: std::sync::LazyLock<Arc<TriggerInfo>> =
+        std::sync::LazyLock::new(|| Arc::new(TriggerInfo::new("api")));
+    Arc::clone(&API)
+}
+
 /// `params` shared: an empty map is one allocation for every job that has none (most), not
 /// one each (a queued job is kept small: BENCHMARKS.md, Memory).
 pub(crate) fn shared_params(params: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {

@@ -160,6 +160,41 @@ async fn a_live_subscriber_sees_history_then_live_events_and_the_end() {
     engine.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A request that says nothing of its trigger is the API's, and such jobs share one trigger;
+/// the same workflow's jobs share its name, and one project's jobs its path.
+#[tokio::test]
+async fn jobs_share_what_they_have_in_common_and_keep_what_they_do_not() {
+    let env = env();
+    let engine = builder(&env)
+        .workers(1)
+        .executor("hang", Arc::new(ScriptedExecutor::hanging()))
+        .workflow(one_step("w", "hang"))
+        .build()
+        .unwrap();
+    let a = engine.submit(JobRequest::new("w")).await.unwrap();
+    let b = engine.submit(JobRequest::new("w")).await.unwrap();
+    let forge = aiwg_core::TriggerInfo::new("github");
+    let c = engine
+        .submit(
+            JobRequest::new("w")
+                .trigger(forge.clone())
+                .project_path("b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.trigger.source, "api");
+    assert!(Arc::ptr_eq(&a.trigger, &b.trigger));
+    assert_eq!(*c.trigger, forge);
+    assert!(Arc::ptr_eq(&a.workflow, &c.workflow));
+    assert!(Arc::ptr_eq(&a.project_path, &b.project_path));
+    assert!(c.project_path.ends_with("/b"));
+    // What the store answers later is the same.
+    let read = engine.get(a.id).await.unwrap();
+    assert_eq!(read.trigger.source, "api");
+    assert_eq!(&*read.workflow, "w");
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn higher_priority_runs_first_and_fifo_within_a_priority() {
     let env = env();

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::event::JobEvent;
 use crate::executor::ExecutorRegistry;
 use crate::fast_hash::{FastMap, FastSet};
-use crate::job::{Job, JobId, JobStatus, Progress, TriggerInfo};
+use crate::job::{Job, JobId, JobStatus, Progress};
 use crate::policy::{PolicyError, ProjectPolicy};
 use crate::request::JobRequest;
 use crate::store::{
@@ -907,10 +907,13 @@ impl Engine {
             .idempotency_key
             .is_some()
             .then(|| request.fingerprint());
-        let trigger = if request.trigger.source.is_empty() {
-            TriggerInfo::new("api")
+        // A request that says nothing of its trigger, or only that it came through the API,
+        // is the API's: such jobs share one.
+        let api = crate::job::api_trigger();
+        let trigger = if request.trigger.source.is_empty() || request.trigger == *api {
+            api
         } else {
-            request.trigger
+            Arc::new(request.trigger)
         };
         let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
             let ctx = crate::workflow::TemplateContext {
@@ -948,7 +951,7 @@ impl Engine {
             result: None,
             error: None,
             dead_letter: false,
-            trigger: Arc::new(trigger),
+            trigger,
             history: vec![crate::job::StatusChange {
                 status: JobStatus::Queued,
                 at: now,
