@@ -160,8 +160,9 @@ async fn a_live_subscriber_sees_history_then_live_events_and_the_end() {
     engine.shutdown(Duration::from_secs(1)).await;
 }
 
-/// A request that says nothing of its trigger is the API's, and such jobs share one trigger;
-/// the same workflow's jobs share its name, and one project's jobs its path.
+/// A request that says nothing of its trigger is the API's, and such jobs share one trigger, as
+/// the jobs of one API key do; the same workflow's jobs share its name, and one project's jobs
+/// its path.
 #[tokio::test]
 async fn jobs_share_what_they_have_in_common_and_keep_what_they_do_not() {
     let env = env();
@@ -188,6 +189,22 @@ async fn jobs_share_what_they_have_in_common_and_keep_what_they_do_not() {
     assert!(Arc::ptr_eq(&a.workflow, &c.workflow));
     assert!(Arc::ptr_eq(&a.project_path, &b.project_path));
     assert!(c.project_path.ends_with("/b"));
+    // The HTTP API's triggers name the key: one trigger per key.
+    let keyed = |actor: &str| {
+        let mut t = aiwg_core::TriggerInfo::new("api");
+        t.actor = Some(actor.to_owned());
+        JobRequest::new("w").trigger(t)
+    };
+    let ci = engine.submit(keyed("ci")).await.unwrap();
+    let ci_again = engine.submit(keyed("ci")).await.unwrap();
+    let bot = engine.submit(keyed("bot")).await.unwrap();
+    assert!(Arc::ptr_eq(&ci.trigger, &ci_again.trigger));
+    assert!(!Arc::ptr_eq(&ci.trigger, &bot.trigger));
+    assert!(!Arc::ptr_eq(&ci.trigger, &a.trigger));
+    assert_eq!(
+        (ci.trigger.actor.as_deref(), bot.trigger.actor.as_deref()),
+        (Some("ci"), Some("bot"))
+    );
     // What the store answers later is the same.
     let read = engine.get(a.id).await.unwrap();
     assert_eq!(read.trigger.source, "api");

@@ -32,6 +32,7 @@ mod feed;
 mod projects;
 mod scheduler;
 mod subscribe;
+mod triggers;
 mod worker;
 
 pub use feed::{
@@ -276,6 +277,8 @@ pub(crate) struct Inner {
     local_projects: projects::LocalProjects,
     /// The projects the policy admitted lately (see `admitted`).
     admitted: admitted::AdmittedProjects,
+    /// The triggers that jobs have in common (see `triggers`).
+    triggers: triggers::SharedTriggers,
     /// Cancels asked for jobs that were claimed but not yet registered in `running` (locked
     /// after `running`): the worker honours them as it registers the job.
     pending_cancels: Mutex<FastSet<JobId>>,
@@ -674,6 +677,7 @@ impl EngineBuilder {
                 running: Mutex::default(),
                 local_projects,
                 admitted: admitted::AdmittedProjects::default(),
+                triggers: triggers::SharedTriggers::default(),
                 pending_cancels: Mutex::default(),
                 unannounced: announce::Unannounced::default(),
                 observers: self.observers,
@@ -907,13 +911,12 @@ impl Engine {
             .idempotency_key
             .is_some()
             .then(|| request.fingerprint());
-        // A request that says nothing of its trigger, or only that it came through the API,
-        // is the API's: such jobs share one.
-        let api = crate::job::api_trigger();
-        let trigger = if request.trigger.source.is_empty() || request.trigger == *api {
-            api
+        // A request that says nothing of its trigger is the API's. Jobs with the same trigger
+        // that names only a source and an actor share it (see `triggers`).
+        let trigger = if request.trigger.source.is_empty() {
+            crate::job::api_trigger()
         } else {
-            Arc::new(request.trigger)
+            self.inner.triggers.share(request.trigger)
         };
         let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
             let ctx = crate::workflow::TemplateContext {
