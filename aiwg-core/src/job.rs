@@ -596,7 +596,8 @@ pub struct Job {
     pub dead_letter: bool,
     /// What started it. Shared: it never changes after the submit, and a forge's trigger
     /// (its `extra` map) made most of the cost of every copy of the job the store hands out
-    /// (4 a job in the memory store: the create's answer, the claim, the end's two).
+    /// (about four a job in the memory store). Jobs whose trigger names only the same source
+    /// and actor share one (every request of one API key).
     pub trigger: Arc<TriggerInfo>,
     /// Every status it had, in order.
     pub history: Vec<StatusChange>,
@@ -623,14 +624,6 @@ pub struct Job {
     /// approved step with the results of the steps before it, in the same attempt.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_after_approval: bool,
-}
-
-/// The trigger of a job whose request said nothing of it (`source` `api`, nothing else),
-/// shared by all such jobs (a queued job is kept small: BENCHMARKS.md, Memory).
-pub(crate) fn api_trigger() -> Arc<TriggerInfo> {
-    static API: std::sync::LazyLock<Arc<TriggerInfo>> =
-        std::sync::LazyLock::new(|| Arc::new(TriggerInfo::new("api")));
-    Arc::clone(&API)
 }
 
 /// `params` shared: an empty map is one allocation for every job that has none (most), not

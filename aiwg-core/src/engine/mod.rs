@@ -911,13 +911,9 @@ impl Engine {
             .idempotency_key
             .is_some()
             .then(|| request.fingerprint());
-        // A request that says nothing of its trigger is the API's. Jobs with the same trigger
-        // that names only a source and an actor share it (see `triggers`).
-        let trigger = if request.trigger.source.is_empty() {
-            crate::job::api_trigger()
-        } else {
-            self.inner.triggers.share(request.trigger)
-        };
+        // Jobs with the same trigger that names only a source and an actor share it; one that
+        // says nothing is the API's (see `triggers`).
+        let trigger = self.inner.triggers.share(request.trigger);
         let concurrency_group = wf.concurrency.as_ref().and_then(|c| {
             let ctx = crate::workflow::TemplateContext {
                 guidance: request.guidance.as_deref(),

@@ -21,15 +21,28 @@ const MOST: usize = 256;
 type ByActor = FastMap<Option<String>, Arc<TriggerInfo>>;
 
 /// Shared triggers by source, then actor.
-#[derive(Default)]
 pub(super) struct SharedTriggers {
+    /// The API's trigger that names nothing else (`JobRequest::new`'s), found without a lock.
+    api: Arc<TriggerInfo>,
     by_source: RwLock<FastMap<String, ByActor>>,
+}
+
+impl Default for SharedTriggers {
+    fn default() -> Self {
+        Self {
+            api: Arc::new(TriggerInfo::new("api")),
+            by_source: RwLock::default(),
+        }
+    }
 }
 
 impl SharedTriggers {
     /// `trigger`, shared with the jobs that had the same one when it names only a source and
-    /// an actor.
+    /// an actor. A trigger without a source is the API's.
     pub(super) fn share(&self, trigger: TriggerInfo) -> Arc<TriggerInfo> {
+        if trigger.source.is_empty() || trigger == *self.api {
+            return Arc::clone(&self.api);
+        }
         let simple = trigger.delivery_id.is_none()
             && trigger.repo.is_none()
             && trigger.pr.is_none()
@@ -87,6 +100,10 @@ mod tests {
         let none = shared.share(api(None));
         assert!(Arc::ptr_eq(&none, &shared.share(api(None))));
         assert!(!Arc::ptr_eq(&none, &a));
+        // A trigger without a source is the API's.
+        let unnamed = shared.share(TriggerInfo::default());
+        assert!(Arc::ptr_eq(&unnamed, &none));
+        assert_eq!(unnamed.source, "api");
         // The same actor from another source is another trigger.
         let hook = shared.share(TriggerInfo {
             actor: Some("ci".into()),

@@ -427,28 +427,31 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
     let mut freed =
         inner.settings.per_project_concurrency.is_some() || job.concurrency_group.is_some();
     if let Some(finish) = finish {
+        // The last step's event, written with the outcome, is announced before it; the job
+        // as that step left it is asked for only when observers want it.
         let written = match last {
-            // The job as the last step left it is for the observers of a step's end only.
-            Some(last) if !inner.observers.is_empty() => inner
-                .store
-                .finish_after(&lease, last, finish)
-                .await
-                .map(|done| (Some((Some(done.last.0), done.last.1)), done.ended)),
+            Some(last) if !inner.observers.is_empty() => {
+                match inner.store.finish_after(&lease, last, finish).await {
+                    Ok(done) => {
+                        let (between, ev) = done.last;
+                        announce(engine, &between, Arc::new(ev)).await;
+                        Ok(done.ended)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Some(last) => inner
                 .store
                 .finish_after_event(&lease, last, finish)
                 .await
-                .map(|(last, ended)| (Some((None, last)), ended)),
-            None => inner.store.finish(&lease, finish).await.map(|e| (None, e)),
+                .map(|(ev, ended)| {
+                    engine.inner.broadcast(&Arc::new(ev));
+                    ended
+                }),
+            None => inner.store.finish(&lease, finish).await,
         };
         match written {
-            Ok((last, (job, ev))) => {
-                if let Some((between, ev)) = last {
-                    match between {
-                        Some(between) => announce(engine, &between, Arc::new(ev)).await,
-                        None => engine.inner.broadcast(&Arc::new(ev)),
-                    }
-                }
+            Ok((job, ev)) => {
                 // A retry is queued again.
                 freed |= job.status == JobStatus::Queued;
                 engine.publish(&job, ev).await;
