@@ -200,15 +200,7 @@ impl ProjectPolicy {
             }
             Err(_) => return Err(PolicyError::NotFound(input.to_owned())),
         };
-        if !self.roots.iter().any(|r| canonical.starts_with(r)) {
-            return Err(if lexically_inside {
-                PolicyError::SymlinkEscape(input.to_owned())
-            } else if has_dotdot {
-                PolicyError::DotDotEscape(input.to_owned())
-            } else {
-                PolicyError::OutsideRoot(input.to_owned())
-            });
-        }
+        self.refuse_outside_roots(&canonical, lexically_inside, has_dotdot, input)?;
         self.check_canonical(&canonical, input)
     }
 
@@ -239,18 +231,34 @@ impl ProjectPolicy {
         }
         let now =
             std::fs::canonicalize(path).map_err(|_| PolicyError::NotFound(canonical.to_owned()))?;
-        if !self.roots.iter().any(|r| now.starts_with(r)) {
-            return Err(if self.roots.iter().any(|r| path.starts_with(r)) {
-                PolicyError::SymlinkEscape(canonical.to_owned())
-            } else {
-                PolicyError::OutsideRoot(canonical.to_owned())
-            });
-        }
+        let lexically_inside = self.roots.iter().any(|r| path.starts_with(r));
+        self.refuse_outside_roots(&now, lexically_inside, false, canonical)?;
         self.refuse_forbidden(&now, canonical)?;
         if now.as_os_str() != canonical {
             return Err(changed());
         }
         Ok(())
+    }
+
+    /// Refuses a canonical path outside every root, saying how `input` got there: through a
+    /// symlink (it lay inside lexically), through `..`, or by being elsewhere.
+    fn refuse_outside_roots(
+        &self,
+        canonical: &Path,
+        lexically_inside: bool,
+        has_dotdot: bool,
+        input: &str,
+    ) -> Result<(), PolicyError> {
+        if self.roots.iter().any(|r| canonical.starts_with(r)) {
+            return Ok(());
+        }
+        Err(if lexically_inside {
+            PolicyError::SymlinkEscape(input.to_owned())
+        } else if has_dotdot {
+            PolicyError::DotDotEscape(input.to_owned())
+        } else {
+            PolicyError::OutsideRoot(input.to_owned())
+        })
     }
 
     fn check_canonical(&self, canonical: &Path, input: &str) -> Result<PathBuf, PolicyError> {
