@@ -1,7 +1,10 @@
 //! The [`Dispatcher`] handle, its builder, the management API and the worker pool.
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future as _;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -362,11 +365,10 @@ impl Dispatcher {
         }
         let cancel = CancellationToken::new();
         let _entered = handle.enter();
-        let (recorder, recording) = Recorder::spawn(self.inner.store.clone());
+        let recorder = Recorder::start(self.inner.store.clone());
+        // The pump waits for its workers and for the records of the attempts they made.
         let pump = handle.spawn(pump(self.inner.clone(), recorder, cancel.clone()));
-        // The pump first: it waits for its attempts, whose results the recorder then writes
-        // before it ends.
-        *running = Some((cancel, vec![pump, recording]));
+        *running = Some((cancel, vec![pump]));
         Ok(())
     }
 
@@ -660,22 +662,27 @@ impl Dispatcher {
     }
 }
 
-/// The worker pool: claims as many due deliveries as it has free places for
-/// ([`CLAIMED_PER_WORKER`] per worker), in one store call, and runs one attempt task per
-/// delivery, which waits for one of the worker slots to send it; finished attempts are
-/// recorded in batches by the [`Recorder`].
+/// The worker pool: the pump claims as many due deliveries as there are free places
+/// ([`CLAIMED_PER_WORKER`] per worker), in one store call, and hands them to the workers
+/// through a queue; each worker sends one delivery at a time and takes the next from the queue
+/// as soon as its request is answered, while the attempt's record is written (by the
+/// [`Recorder`], in batches when the store is slow).
 async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(inner.workers));
-    let places = Arc::new(Semaphore::new(
-        inner.workers.saturating_mul(CLAIMED_PER_WORKER),
-    ));
-    let mut attempts = JoinSet::new();
+    let hand = Arc::new(Hand::new(inner.workers));
+    let mut workers = JoinSet::new();
+    for _ in 0..inner.workers {
+        workers.spawn(work(
+            inner.clone(),
+            recorder.clone(),
+            hand.clone(),
+            cancel.clone(),
+        ));
+    }
     loop {
-        while attempts.try_join_next().is_some() {}
         let wake = inner.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let free = places.available_permits();
+        let free = hand.places.available_permits();
         if free == 0 {
             // A recorded attempt frees its place, then wakes us.
             tokio::select! {
@@ -724,26 +731,19 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
             }
             continue;
         }
-        for task in claimed {
-            // Only this loop takes places, and it claimed no more than were free.
-            let Ok(place) = places.clone().try_acquire_owned() else {
-                release(&inner, &task).await;
-                continue;
-            };
-            attempts.spawn(attempt(
-                inner.clone(),
-                recorder.clone(),
-                task,
-                Permits {
-                    slots: slots.clone(),
-                    place,
-                },
-                cancel.clone(),
-            ));
+        for task in hand.give(claimed) {
+            release(&inner, &task).await;
         }
     }
-    // Cancelled: each attempt releases its delivery or, answered already, records it.
-    while attempts.join_next().await.is_some() {}
+    // Cancelled: each worker releases the delivery it was sending, then the pump those still
+    // waiting for a worker; attempts already answered are recorded (their places come back).
+    while workers.join_next().await.is_some() {}
+    for held in hand.take_all() {
+        release(&inner, &held.task).await;
+    }
+    if let Ok(all) = u32::try_from(hand.total) {
+        let _ = hand.places.acquire_many(all).await;
+    }
 }
 
 async fn release(inner: &Inner, task: &ClaimedDelivery) {
@@ -767,55 +767,147 @@ const LEASE_BEYOND_TIMEOUT: Duration = Duration::from_secs(30);
 /// instance can claim it while it is being sent.
 const LEASE_LEFT_TO_SEND: Duration = Duration::from_secs(10);
 
-/// What an attempt holds or waits for: a worker slot while its request is in flight, and its
-/// place among the deliveries the dispatcher holds until its record is written.
-struct Permits {
-    slots: Arc<Semaphore>,
+/// A claimed delivery and its place among those the dispatcher holds, kept until its attempt
+/// is recorded or the delivery released.
+struct Held {
+    task: ClaimedDelivery,
     place: OwnedSemaphorePermit,
 }
 
-async fn attempt(
-    inner: Arc<Inner>,
-    recorder: Recorder,
-    task: ClaimedDelivery,
-    permits: Permits,
-    cancel: CancellationToken,
-) {
-    let Permits { slots, place } = permits;
-    let slot = tokio::select! {
-        biased;
-        () = cancel.cancelled() => None,
-        slot = slots.acquire_owned() => slot.ok(),
-    };
-    let lease_left = (task.lease.expires_at - Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    let Some(slot) = slot.filter(|_| lease_left >= inner.timeout + LEASE_LEFT_TO_SEND) else {
-        release(&inner, &task).await;
-        drop(place);
-        inner.wake.notify_one();
-        return;
-    };
-    let r = tokio::select! {
-        biased;
-        () = cancel.cancelled() => {
-            release(&inner, &task).await;
-            return;
-        }
-        r = inner.sender.send(&task) => r,
-    };
-    // The request is answered: its worker may send another while this one is recorded (the
-    // delivery's lease stays until then, so no other claim takes it, and a per-subscription
-    // cap still counts it).
-    drop(slot);
-    finish(&inner, &recorder, task, r).await;
-    // Wake the pump again: a retry changed the next due time, or a place is free.
-    drop(place);
-    inner.wake.notify_one();
+/// What the pump hands the workers: the deliveries claimed and not yet taken by a worker, and
+/// the places (a semaphore of [`CLAIMED_PER_WORKER`] per worker) that bound what is held.
+struct Hand {
+    waiting: Mutex<VecDeque<Held>>,
+    /// Wakes an idle worker, once per delivery handed.
+    ready: Notify,
+    places: Arc<Semaphore>,
+    total: usize,
+    /// The pump is woken to claim once this many places are free (or a worker is idle): a
+    /// claim per batch of deliveries, not one per delivery.
+    batch: usize,
 }
 
-/// Records the attempt's outcome and the endpoint's health.
-async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: SendResult) {
+impl Hand {
+    fn new(workers: usize) -> Self {
+        let total = workers.saturating_mul(CLAIMED_PER_WORKER);
+        Self {
+            waiting: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            places: Arc::new(Semaphore::new(total)),
+            total,
+            batch: workers,
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `claimed` for the workers; answers what found no free place (to release).
+    fn give(&self, claimed: Vec<ClaimedDelivery>) -> Vec<ClaimedDelivery> {
+        let mut left = Vec::new();
+        let mut given = 0;
+        {
+            let mut waiting = self.waiting();
+            for task in claimed {
+                // Only the pump takes places, and it claimed no more than were free.
+                match self.places.clone().try_acquire_owned() {
+                    Ok(place) => {
+                        waiting.push_back(Held { task, place });
+                        given += 1;
+                    }
+                    Err(_) => left.push(task),
+                }
+            }
+        }
+        for _ in 0..given.min(self.batch) {
+            self.ready.notify_one();
+        }
+        left
+    }
+
+    fn take_all(&self) -> Vec<Held> {
+        self.waiting().drain(..).collect()
+    }
+
+    /// The next delivery to send; `None` once cancelled. An idle worker wakes the pump: it may
+    /// claim whatever places are free.
+    async fn next(&self, inner: &Inner, cancel: &CancellationToken) -> Option<Held> {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(held) = self.waiting().pop_front() {
+                return Some(held);
+            }
+            inner.wake.notify_one();
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return None,
+                () = ready => {}
+            }
+        }
+    }
+
+    /// A delivery's place is free again: wakes the pump when a retry changed the next due
+    /// time, when a batch of places is free, or when the workers have nothing waiting.
+    fn settled(&self, inner: &Inner, retrying: bool) {
+        if retrying || self.places.available_permits() >= self.batch || self.waiting().is_empty() {
+            inner.wake.notify_one();
+        }
+    }
+}
+
+/// One worker: sends one delivery at a time.
+async fn work(inner: Arc<Inner>, recorder: Recorder, hand: Arc<Hand>, cancel: CancellationToken) {
+    while let Some(Held { task, place }) = hand.next(&inner, &cancel).await {
+        let lease_left = (task.lease.expires_at - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        if lease_left < inner.timeout + LEASE_LEFT_TO_SEND {
+            release(&inner, &task).await;
+            drop(place);
+            inner.wake.notify_one();
+            continue;
+        }
+        let r = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                release(&inner, &task).await;
+                return;
+            }
+            r = inner.sender.send(&task) => r,
+        };
+        // The request is answered: this worker sends the next while this one is recorded (the
+        // delivery's lease stays until then, so no other claim takes it, and a
+        // per-subscription cap still counts it). An in-memory store records it in this first
+        // poll; a database's round trip goes on in a task of its own.
+        let mut settle = Box::pin(settle(
+            inner.clone(),
+            recorder.clone(),
+            hand.clone(),
+            Held { task, place },
+            r,
+        ));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(settle.as_mut().poll(cx))).await;
+        if polled.is_pending() {
+            tokio::spawn(settle);
+        }
+    }
+}
+
+/// Records an answered attempt, then frees its place.
+async fn settle(inner: Arc<Inner>, recorder: Recorder, hand: Arc<Hand>, held: Held, r: SendResult) {
+    let Held { task, place } = held;
+    let retrying = finish(&inner, &recorder, task, r).await;
+    drop(place);
+    hand.settled(&inner, retrying);
+}
+
+/// Records the attempt's outcome and the endpoint's health; true when a retry is scheduled.
+async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: SendResult) -> bool {
     let ClaimedDelivery {
         lease,
         id,
@@ -864,6 +956,7 @@ async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: Se
         delivery = %id, subscription = %sub.id, status = code, outcome = label,
         "webhook attempt"
     );
+    let retrying = matches!(outcome, AttemptOutcome::Retry { .. });
     match recorder
         .record(FinishedAttempt::new(lease, record, outcome))
         .await
@@ -871,10 +964,10 @@ async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: Se
         Recorded::Yes => {}
         Recorded::LeaseLost => {
             tracing::warn!(delivery = %id, "webhook attempt finished after its lease was lost; not recorded");
-            return;
+            return false;
         }
         // The recorder logged why.
-        Recorded::Failed => return,
+        Recorded::Failed => return false,
     }
     let health = if success {
         // Skip the write when the claim's snapshot shows a healthy endpoint (the common case);
@@ -905,6 +998,7 @@ async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: Se
             tracing::warn!(subscription = %sub.id, error = %e, "webhook dispatcher: recording endpoint health failed");
         }
     }
+    retrying
 }
 
 async fn disable(inner: &Inner, sub: &Subscription, reason: &str, now: DateTime<Utc>) {

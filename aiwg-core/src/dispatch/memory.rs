@@ -1,7 +1,10 @@
-//! The in-memory [`DispatchStore`]: everything behind one mutex, with an index of due deliveries
-//! so a claim does not scan the whole outbox.
+//! The in-memory [`DispatchStore`]: everything behind one mutex, with indexes that let a claim
+//! read only what it takes: each subscription's due deliveries in order, the first of each in
+//! one ordered set, the leases by expiry and counted per subscription. A subscription at its
+//! in-flight cap (or disabled) costs a claim one step however many of its deliveries wait.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -14,6 +17,7 @@ use super::store::{
     DispatchStoreResult, EndpointFailure, FinishedAttempt, NewDelivery, RequeueOutcome,
 };
 use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
+use crate::fast_hash::FastMap;
 
 /// Subscriptions and deliveries in memory. Lost on restart; for tests and single-process hosts.
 ///
@@ -39,12 +43,19 @@ impl Default for MemoryDispatchStore {
 struct State {
     /// Shared with the claims that carry them; a change copies on write.
     subs: BTreeMap<SubscriptionId, Arc<Subscription>>,
-    rows: HashMap<DeliveryId, Row>,
+    rows: FastMap<DeliveryId, Row>,
     by_sub: HashMap<SubscriptionId, BTreeSet<DeliveryId>>,
-    /// Open, unleased deliveries by due time.
-    due: BTreeSet<(DateTime<Utc>, DeliveryId)>,
+    /// Open, unleased deliveries of each subscription by due time (no empty sets).
+    due: FastMap<SubscriptionId, BTreeSet<(DateTime<Utc>, DeliveryId)>>,
+    /// The first of each subscription's `due` set: a claim merges the subscriptions' queues
+    /// in due order through it.
+    heads: BTreeSet<(DateTime<Utc>, DeliveryId, SubscriptionId)>,
     /// Deliveries under a lease (expired or not).
-    leased: HashMap<DeliveryId, DeliveryLease>,
+    leased: FastMap<DeliveryId, DeliveryLease>,
+    /// The leases by expiry.
+    expiries: BTreeSet<(DateTime<Utc>, DeliveryId)>,
+    /// Leased deliveries per subscription (no zero counts).
+    in_flight: FastMap<SubscriptionId, usize>,
     /// Finished deliveries per subscription in the order they finished, with the sequence
     /// number of that finish (a redelivered one finishes again under a new number).
     finished: HashMap<SubscriptionId, VecDeque<(u64, DeliveryId)>>,
@@ -95,6 +106,78 @@ impl MemoryDispatchStore {
 }
 
 impl State {
+    /// Makes `id` of `sub` due at `at`.
+    fn due_insert(&mut self, sub: SubscriptionId, at: DateTime<Utc>, id: DeliveryId) {
+        let queue = self.due.entry(sub).or_default();
+        let head = queue.first().copied();
+        queue.insert((at, id));
+        if queue.first().copied() != head {
+            if let Some((h_at, h_id)) = head {
+                self.heads.remove(&(h_at, h_id, sub));
+            }
+            self.heads.insert((at, id, sub));
+        }
+    }
+
+    /// Takes `id` of `sub` out of the due index.
+    fn due_remove(&mut self, sub: SubscriptionId, at: DateTime<Utc>, id: DeliveryId) {
+        let Some(queue) = self.due.get_mut(&sub) else {
+            return;
+        };
+        if !queue.remove(&(at, id)) {
+            return;
+        }
+        if self.heads.remove(&(at, id, sub)) {
+            if let Some(&(n_at, n_id)) = queue.first() {
+                self.heads.insert((n_at, n_id, sub));
+            }
+        }
+        if queue.is_empty() {
+            self.due.remove(&sub);
+        }
+    }
+
+    /// Puts `lease` on its delivery, of `sub`.
+    fn lease_insert(&mut self, sub: SubscriptionId, lease: DeliveryLease) {
+        self.expiries.insert((lease.expires_at, lease.delivery_id));
+        *self.in_flight.entry(sub).or_default() += 1;
+        if let Some(old) = self.leased.insert(lease.delivery_id, lease) {
+            // Not reached: a delivery is leased only from the due index.
+            self.expiries.remove(&(old.expires_at, old.delivery_id));
+            self.lease_uncount(sub);
+        }
+    }
+
+    /// Takes the lease off `id`, answering it.
+    fn lease_remove(&mut self, id: DeliveryId) -> Option<DeliveryLease> {
+        let lease = self.leased.remove(&id)?;
+        self.expiries.remove(&(lease.expires_at, id));
+        if let Some(sub) = self.rows.get(&id).map(|r| r.delivery.subscription_id) {
+            self.lease_uncount(sub);
+        }
+        Some(lease)
+    }
+
+    fn lease_uncount(&mut self, sub: SubscriptionId) {
+        if let Some(n) = self.in_flight.get_mut(&sub) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&sub);
+            }
+        }
+    }
+
+    /// Puts a delivery whose lease was taken off back in the due index, if it is open.
+    fn due_again(&mut self, id: DeliveryId) {
+        if let Some((sub, at)) = self.rows.get(&id).and_then(|r| {
+            r.delivery
+                .next_attempt_at
+                .map(|at| (r.delivery.subscription_id, at))
+        }) {
+            self.due_insert(sub, at, id);
+        }
+    }
+
     /// Records that `id` finished and drops the oldest finished deliveries past `retention`.
     fn finished(&mut self, sub: SubscriptionId, id: DeliveryId, retention: usize) {
         self.finish_seq += 1;
@@ -141,7 +224,7 @@ impl State {
         retention: usize,
     ) -> DispatchStoreResult<()> {
         self.check_lease(lease)?;
-        self.leased.remove(&lease.delivery_id);
+        self.lease_remove(lease.delivery_id);
         let Some(row) = self.rows.get_mut(&lease.delivery_id) else {
             return Err(DispatchStoreError::LeaseLost);
         };
@@ -165,7 +248,7 @@ impl State {
             AttemptOutcome::Retry { at } => {
                 d.state = DeliveryState::Retrying;
                 d.next_attempt_at = Some(at);
-                self.due.insert((at, lease.delivery_id));
+                self.due_insert(sub, at, lease.delivery_id);
             }
         }
         Ok(())
@@ -225,13 +308,12 @@ impl DispatchStore for MemoryDispatchStore {
             return Ok(false);
         }
         st.finished.remove(&id);
+        if let Some(&(at, did)) = st.due.remove(&id).as_ref().and_then(BTreeSet::first) {
+            st.heads.remove(&(at, did, id));
+        }
         for did in st.by_sub.remove(&id).unwrap_or_default() {
-            if let Some(row) = st.rows.remove(&did) {
-                if let Some(at) = row.delivery.next_attempt_at {
-                    st.due.remove(&(at, did));
-                }
-            }
-            st.leased.remove(&did);
+            st.lease_remove(did);
+            st.rows.remove(&did);
         }
         Ok(true)
     }
@@ -300,7 +382,7 @@ impl DispatchStore for MemoryDispatchStore {
                 scheduled_attempts: 0,
                 attempts: Vec::new(),
             };
-            st.due.insert((d.created_at, d.id));
+            st.due_insert(d.subscription_id, d.created_at, d.id);
             st.by_sub.entry(d.subscription_id).or_default().insert(d.id);
             st.rows.insert(
                 d.id,
@@ -322,61 +404,50 @@ impl DispatchStore for MemoryDispatchStore {
         let mut guard = self.lock();
         let st = &mut *guard;
         // Expired leases go back to the due index.
-        let expired: Vec<DeliveryId> = st
-            .leased
-            .iter()
-            .filter(|(_, l)| l.expires_at <= req.now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            st.leased.remove(&id);
-            if let Some(at) = st.rows.get(&id).and_then(|r| r.delivery.next_attempt_at) {
-                st.due.insert((at, id));
-            }
-        }
-        let mut in_flight: HashMap<SubscriptionId, usize> = HashMap::new();
-        for id in st.leased.keys() {
-            if let Some(row) = st.rows.get(id) {
-                *in_flight.entry(row.delivery.subscription_id).or_default() += 1;
-            }
-        }
-        let mut picked = Vec::new();
-        for &(at, id) in &st.due {
-            if picked.len() >= req.limit || at > req.now {
+        while let Some(&(at, id)) = st.expiries.first() {
+            if at > req.now {
                 break;
             }
-            let Some(row) = st.rows.get(&id) else {
-                continue;
-            };
-            let sid = row.delivery.subscription_id;
-            let Some(sub) = st.subs.get(&sid) else {
-                continue;
-            };
-            if !sub.enabled {
-                continue;
-            }
-            let n = in_flight.entry(sid).or_default();
-            if *n >= req.per_subscription_cap {
-                continue;
-            }
-            *n += 1;
-            picked.push((at, id));
+            st.lease_remove(id);
+            st.due_again(id);
         }
         let lease_for =
             chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
-        let mut out = Vec::with_capacity(picked.len());
-        for key in picked {
-            st.due.remove(&key);
-            let id = key.1;
+        let mut out = Vec::new();
+        // The subscriptions' queues merged in due order: `passed` is the last head passed over
+        // (its subscription disabled or at its cap); heads before it are not looked at again.
+        let mut passed: Option<(DateTime<Utc>, DeliveryId, SubscriptionId)> = None;
+        while out.len() < req.limit {
+            let head = match passed {
+                None => st.heads.first(),
+                Some(p) => st
+                    .heads
+                    .range((Bound::Excluded(p), Bound::Unbounded))
+                    .next(),
+            };
+            let Some(&head @ (at, id, sid)) = head else {
+                break;
+            };
+            if at > req.now {
+                break;
+            }
+            let open = st.subs.get(&sid).is_some_and(|s| s.enabled)
+                && st.in_flight.get(&sid).copied().unwrap_or(0) < req.per_subscription_cap;
+            if !open {
+                passed = Some(head);
+                continue;
+            }
+            // The subscription's next delivery becomes its head, after this one.
+            st.due_remove(sid, at, id);
             let lease = DeliveryLease {
                 delivery_id: id,
                 token: Uuid::now_v7(),
                 owner: req.owner.clone(),
                 expires_at: req.now + lease_for,
             };
-            st.leased.insert(id, lease.clone());
+            st.lease_insert(sid, lease.clone());
             let row = &st.rows[&id];
-            let sub = &st.subs[&row.delivery.subscription_id];
+            let sub = &st.subs[&sid];
             out.push(ClaimedDelivery {
                 lease,
                 id,
@@ -393,7 +464,6 @@ impl DispatchStore for MemoryDispatchStore {
         }
         Ok(out)
     }
-
     async fn finish_attempt(
         &self,
         lease: &DeliveryLease,
@@ -417,14 +487,8 @@ impl DispatchStore for MemoryDispatchStore {
     async fn release(&self, lease: &DeliveryLease) -> DispatchStoreResult<()> {
         let mut st = self.lock();
         st.check_lease(lease)?;
-        st.leased.remove(&lease.delivery_id);
-        if let Some(at) = st
-            .rows
-            .get(&lease.delivery_id)
-            .and_then(|r| r.delivery.next_attempt_at)
-        {
-            st.due.insert((at, lease.delivery_id));
-        }
+        st.lease_remove(lease.delivery_id);
+        st.due_again(lease.delivery_id);
         Ok(())
     }
 
@@ -477,19 +541,20 @@ impl DispatchStore for MemoryDispatchStore {
             if l.expires_at > now {
                 return Ok(RequeueOutcome::InFlight);
             }
-            st.leased.remove(&id);
+            st.lease_remove(id);
         }
         let Some(row) = st.rows.get_mut(&id) else {
             return Ok(RequeueOutcome::NotFound);
         };
-        if let Some(at) = row.delivery.next_attempt_at {
-            st.due.remove(&(at, id));
-        }
+        let previous = row.delivery.next_attempt_at;
         row.manual = true;
         row.finished_seq = None;
         row.delivery.state = DeliveryState::Pending;
         row.delivery.next_attempt_at = Some(now);
-        st.due.insert((now, id));
+        if let Some(at) = previous {
+            st.due_remove(subscription, at, id);
+        }
+        st.due_insert(subscription, now, id);
         Ok(RequeueOutcome::Requeued)
     }
 
@@ -505,16 +570,11 @@ impl DispatchStore for MemoryDispatchStore {
     async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
         let st = self.lock();
         let due = st
-            .due
+            .heads
             .iter()
-            .find(|(_, id)| {
-                st.rows
-                    .get(id)
-                    .and_then(|r| st.subs.get(&r.delivery.subscription_id))
-                    .is_some_and(|s| s.enabled)
-            })
-            .map(|(at, _)| *at);
-        let lease = st.leased.values().map(|l| l.expires_at).min();
+            .find(|(_, _, sub)| st.subs.get(sub).is_some_and(|s| s.enabled))
+            .map(|(at, _, _)| *at);
+        let lease = st.expiries.first().map(|(at, _)| *at);
         Ok(match (due, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -591,6 +651,75 @@ mod tests {
             .unwrap()
             .is_some());
         assert_eq!(store.pending_count().await.unwrap(), 1);
+    }
+
+    /// Within one claim, a subscription that reaches its cap is passed over and the claim goes
+    /// on with the next due deliveries of the others, in due order across subscriptions.
+    #[tokio::test]
+    async fn a_claim_merges_the_subscriptions_queues_in_due_order_past_full_ones() {
+        let store = MemoryDispatchStore::new();
+        let now = Utc::now();
+        let sub = || {
+            Subscription::new(
+                "http://x/",
+                vec!["*".into()],
+                None,
+                SigningSecret::generate(),
+                now,
+            )
+        };
+        let (a, b, c) = (sub(), sub(), sub());
+        for s in [&a, &b, &c] {
+            store.insert_subscription(s).await.unwrap();
+        }
+        let at = |s: &Subscription, secs: i64| {
+            NewDelivery::new(
+                s.id,
+                "job.queued",
+                "{}",
+                now + chrono::Duration::seconds(secs),
+            )
+        };
+        // a: 0..100 s; b: 50, 150, 250 s; c: 200 s.
+        let a_ids: Vec<_> = (0..100).map(|i| at(&a, i)).collect();
+        let b_ids = vec![at(&b, 50), at(&b, 150), at(&b, 250)];
+        let c_ids = vec![at(&c, 200)];
+        for batch in [&c_ids, &b_ids, &a_ids] {
+            store.enqueue(batch).await.unwrap();
+        }
+        let req = DeliveryClaimRequest::new(
+            now + chrono::Duration::seconds(300),
+            8,
+            "t",
+            Duration::from_secs(30),
+            2,
+        );
+        let got: Vec<_> = store
+            .claim_due(&req)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                a_ids[0].id,
+                a_ids[1].id,
+                b_ids[0].id,
+                b_ids[1].id,
+                c_ids[0].id
+            ],
+            "a's two earliest, b's two, c's one, in due order; nothing more under the cap"
+        );
+        // Nothing more while those are in flight.
+        let held = store.claim_due(&req).await.unwrap();
+        assert!(held.is_empty());
+        assert_eq!(
+            store.next_due_at().await.unwrap(),
+            Some(now + chrono::Duration::seconds(2)),
+            "a's next, waiting for room"
+        );
     }
 
     #[tokio::test]

@@ -1,11 +1,12 @@
-//! Batched recording of finished attempts: the workers hand their results to one task, which
-//! writes everything waiting in one [`DispatchStore::finish_attempts`] call (one round trip for
-//! a durable store, however many attempts finished meanwhile).
+//! Batched recording of finished attempts, through a [`Coalescer`]: an attempt is written at
+//! once, by the worker that made it, while no other record is on its way (an in-memory store
+//! answers there and then, with no hand-over to another task); the attempts that finish
+//! meanwhile go together in one [`DispatchStore::finish_attempts`] call (one round trip for a
+//! durable store, however many attempts finished meanwhile).
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use crate::coalesce::{Coalescer, Flush};
 
 use super::store::{DispatchStore, FinishedAttempt};
 
@@ -23,46 +24,15 @@ pub(crate) enum Recorded {
     Failed,
 }
 
-struct Job {
-    finished: FinishedAttempt,
-    done: oneshot::Sender<Recorded>,
-}
+/// Writes a batch of finished attempts.
+struct Attempts(Arc<dyn DispatchStore>);
 
-/// The handle the workers record through. The recording task ends once every handle is dropped
-/// and what they sent is written.
-#[derive(Clone, Debug)]
-pub(crate) struct Recorder {
-    // Unbounded, but each sender waits for its answer: at most one job per attempt in flight.
-    tx: mpsc::UnboundedSender<Job>,
-}
+impl Flush for Attempts {
+    type Item = FinishedAttempt;
+    type Answer = Recorded;
 
-impl Recorder {
-    /// Spawns the recording task on the current runtime.
-    pub(crate) fn spawn(store: Arc<dyn DispatchStore>) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, tokio::spawn(run(store, rx)))
-    }
-
-    /// Records `finished` (together with whatever other workers record meanwhile).
-    pub(crate) async fn record(&self, finished: FinishedAttempt) -> Recorded {
-        let (done, answer) = oneshot::channel();
-        if self.tx.send(Job { finished, done }).is_err() {
-            return Recorded::Failed;
-        }
-        answer.await.unwrap_or(Recorded::Failed)
-    }
-}
-
-async fn run(store: Arc<dyn DispatchStore>, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut jobs = Vec::new();
-    let mut batch = Vec::new();
-    let mut answers = Vec::new();
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        for job in jobs.drain(..) {
-            batch.push(job.finished);
-            answers.push(job.done);
-        }
-        let outcomes = match store.finish_attempts(&batch).await {
+    async fn flush(&self, batch: Vec<FinishedAttempt>) -> Vec<Recorded> {
+        match self.0.finish_attempts(&batch).await {
             Ok(recorded) if recorded.len() == batch.len() => recorded
                 .into_iter()
                 .map(|ok| {
@@ -83,10 +53,23 @@ async fn run(store: Arc<dyn DispatchStore>, mut rx: mpsc::UnboundedReceiver<Job>
                 tracing::warn!(error = %e, attempts = batch.len(), "webhook dispatcher: recording attempts failed");
                 vec![Recorded::Failed; batch.len()]
             }
-        };
-        batch.clear();
-        for (done, outcome) in answers.drain(..).zip(outcomes) {
-            let _ = done.send(outcome);
         }
+    }
+}
+
+/// The handle the workers record through. Its task ends once every handle is dropped and what
+/// they sent is written.
+#[derive(Clone, Debug)]
+pub(crate) struct Recorder(Arc<Coalescer<Attempts>>);
+
+impl Recorder {
+    /// Starts the recording task on the current runtime.
+    pub(crate) fn start(store: Arc<dyn DispatchStore>) -> Self {
+        Self(Arc::new(Coalescer::start(Attempts(store), MAX_BATCH)))
+    }
+
+    /// Records `finished` (together with whatever other workers record meanwhile).
+    pub(crate) async fn record(&self, finished: FinishedAttempt) -> Recorded {
+        self.0.call(finished).await.unwrap_or(Recorded::Failed)
     }
 }

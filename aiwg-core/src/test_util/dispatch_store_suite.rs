@@ -27,6 +27,7 @@ where
     suite::claims_are_exclusive_and_fenced(make().await).await;
     suite::expired_leases_are_reclaimed(make().await).await;
     suite::per_subscription_cap(make().await).await;
+    suite::claims_take_the_earliest_due_past_full_subscriptions(make().await).await;
     suite::disabled_subscriptions_are_skipped(make().await).await;
     suite::retry_and_fail_states(make().await).await;
     suite::batched_finish_is_fenced_per_attempt(make().await).await;
@@ -357,6 +358,74 @@ mod suite {
             .await
             .unwrap();
         assert_eq!(store.claim_due(&capped).await.unwrap().len(), 1);
+    }
+
+    /// A claim takes the earliest due deliveries of the subscriptions that may have more in
+    /// flight, however many deliveries of a full (or disabled) subscription are due before
+    /// them, and each subscription's in its due order.
+    pub(super) async fn claims_take_the_earliest_due_past_full_subscriptions(
+        store: Arc<dyn DispatchStore>,
+    ) {
+        let now = Utc::now();
+        let (a, b, off) = (sub(now), sub(now), sub(now));
+        for s in [&a, &b, &off] {
+            store.insert_subscription(s).await.unwrap();
+        }
+        store
+            .disable_subscription(off.id, "test", now)
+            .await
+            .unwrap();
+        // Due times: `a` and `off` at 0..50 s, `b` at 100..103 s (after all of them).
+        let early =
+            |s: &Subscription, i: i64| NewDelivery::new(s.id, "job.queued", "{}", now + secs(i));
+        let a_ids: Vec<_> = (0..50).map(|i| early(&a, i)).collect();
+        let off_ids: Vec<_> = (0..50).map(|i| early(&off, i)).collect();
+        let b_ids: Vec<_> = (100..104).map(|i| early(&b, i)).collect();
+        // Enqueued out of order: the order of due times counts, not of arrival.
+        for batch in [&b_ids, &off_ids, &a_ids] {
+            store.enqueue(batch).await.unwrap();
+        }
+        let cap = |limit| {
+            DeliveryClaimRequest::new(now + secs(200), limit, "a", Duration::from_secs(30), 3)
+        };
+        let got = store.claim_due(&cap(3)).await.unwrap();
+        let ids = |got: &[ClaimedDelivery], s: &Subscription| -> HashSet<DeliveryId> {
+            got.iter()
+                .filter(|c| c.subscription.id == s.id)
+                .map(|c| c.id)
+                .collect()
+        };
+        let first = |v: &[NewDelivery], n: usize| -> HashSet<DeliveryId> {
+            v[..n].iter().map(|d| d.id).collect()
+        };
+        assert_eq!(ids(&got, &a), first(&a_ids, 3), "a's three earliest");
+        // `a` is full: its 47 others and the disabled subscription's 50, all due earlier, do
+        // not keep b's from a claim.
+        let more = store.claim_due(&cap(10)).await.unwrap();
+        assert_eq!(ids(&more, &b), first(&b_ids, 3), "b's three earliest");
+        assert_eq!(more.len(), 3, "a and b are full");
+        // One of a's ends: its next in due order is claimed, nothing of b's (full).
+        store
+            .finish_attempt(
+                &got.iter()
+                    .find(|c| c.subscription.id == a.id)
+                    .unwrap()
+                    .lease,
+                &attempt(now, 200, AttemptTrigger::Scheduled),
+                AttemptOutcome::Succeeded,
+            )
+            .await
+            .unwrap();
+        let next = store.claim_due(&cap(10)).await.unwrap();
+        assert_eq!(
+            next.iter().map(|c| c.id).collect::<Vec<_>>(),
+            vec![a_ids[3].id]
+        );
+        assert_eq!(
+            store.next_due_at().await.unwrap(),
+            Some(now + secs(4)),
+            "a's next; the disabled subscription's are not due"
+        );
     }
 
     pub(super) async fn disabled_subscriptions_are_skipped(store: Arc<dyn DispatchStore>) {
