@@ -3,7 +3,7 @@
 //! one ordered set, the leases by expiry and counted per subscription. A subscription at its
 //! in-flight cap (or disabled) costs a claim one step however many of its deliveries wait.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,22 +44,30 @@ struct State {
     /// Shared with the claims that carry them; a change copies on write.
     subs: BTreeMap<SubscriptionId, Arc<Subscription>>,
     rows: FastMap<DeliveryId, Row>,
-    by_sub: HashMap<SubscriptionId, BTreeSet<DeliveryId>>,
+    by_sub: FastMap<SubscriptionId, BTreeSet<DeliveryId>>,
     /// Open, unleased deliveries of each subscription by due time (no empty sets).
     due: FastMap<SubscriptionId, BTreeSet<(DateTime<Utc>, DeliveryId)>>,
     /// The first of each subscription's `due` set: a claim merges the subscriptions' queues
     /// in due order through it.
     heads: BTreeSet<(DateTime<Utc>, DeliveryId, SubscriptionId)>,
     /// Deliveries under a lease (expired or not).
-    leased: FastMap<DeliveryId, DeliveryLease>,
+    leased: FastMap<DeliveryId, Lease>,
     /// The leases by expiry.
     expiries: BTreeSet<(DateTime<Utc>, DeliveryId)>,
     /// Leased deliveries per subscription (no zero counts).
     in_flight: FastMap<SubscriptionId, usize>,
     /// Finished deliveries per subscription in the order they finished, with the sequence
     /// number of that finish (a redelivered one finishes again under a new number).
-    finished: HashMap<SubscriptionId, VecDeque<(u64, DeliveryId)>>,
+    finished: FastMap<SubscriptionId, VecDeque<(u64, DeliveryId)>>,
     finish_seq: u64,
+}
+
+/// What the store keeps of a lease: what fences it and when it ends (the owner is the
+/// claimer's to know).
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    token: Uuid,
+    expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug)]
@@ -138,24 +146,30 @@ impl State {
     }
 
     /// Puts `lease` on its delivery, of `sub`.
-    fn lease_insert(&mut self, sub: SubscriptionId, lease: DeliveryLease) {
-        self.expiries.insert((lease.expires_at, lease.delivery_id));
+    fn lease_insert(&mut self, sub: SubscriptionId, lease: &DeliveryLease) {
+        let id = lease.delivery_id;
+        self.expiries.insert((lease.expires_at, id));
         *self.in_flight.entry(sub).or_default() += 1;
-        if let Some(old) = self.leased.insert(lease.delivery_id, lease) {
+        let kept = Lease {
+            token: lease.token,
+            expires_at: lease.expires_at,
+        };
+        if let Some(old) = self.leased.insert(id, kept) {
             // Not reached: a delivery is leased only from the due index.
-            self.expiries.remove(&(old.expires_at, old.delivery_id));
+            self.expiries.remove(&(old.expires_at, id));
             self.lease_uncount(sub);
         }
     }
 
-    /// Takes the lease off `id`, answering it.
-    fn lease_remove(&mut self, id: DeliveryId) -> Option<DeliveryLease> {
-        let lease = self.leased.remove(&id)?;
+    /// Takes the lease off `id`.
+    fn lease_remove(&mut self, id: DeliveryId) {
+        let Some(lease) = self.leased.remove(&id) else {
+            return;
+        };
         self.expiries.remove(&(lease.expires_at, id));
         if let Some(sub) = self.rows.get(&id).map(|r| r.delivery.subscription_id) {
             self.lease_uncount(sub);
         }
-        Some(lease)
     }
 
     fn lease_uncount(&mut self, sub: SubscriptionId) {
@@ -445,7 +459,7 @@ impl DispatchStore for MemoryDispatchStore {
                 owner: req.owner.clone(),
                 expires_at: req.now + lease_for,
             };
-            st.lease_insert(sid, lease.clone());
+            st.lease_insert(sid, &lease);
             let row = &st.rows[&id];
             let sub = &st.subs[&sid];
             out.push(ClaimedDelivery {

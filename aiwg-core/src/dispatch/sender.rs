@@ -1,6 +1,5 @@
 //! One HTTP attempt: sign, POST, read at most 20 000 bytes of the answer.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use super::ssrf::{GuardedResolver, TargetPolicy};
 use super::store::ClaimedDelivery;
 use super::subscription::SubscriptionId;
 use super::DispatchError;
+use crate::fast_hash::FastMap;
 
 /// How much of a response body the delivery log keeps.
 pub const RESPONSE_BODY_LIMIT: usize = 20_000;
@@ -49,7 +49,7 @@ pub(crate) struct SendResult {
 pub(crate) struct Sender {
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
-    endpoints: Arc<Mutex<HashMap<SubscriptionId, Arc<Endpoint>>>>,
+    endpoints: Arc<Mutex<FastMap<SubscriptionId, Arc<Endpoint>>>>,
 }
 
 /// A subscription's URL, parsed and checked once: the check of an IP-literal host depends only
