@@ -782,8 +782,8 @@ struct Hand {
     ready: Notify,
     places: Arc<Semaphore>,
     total: usize,
-    /// The pump is woken to claim once this many places are free (or a worker is idle): a
-    /// claim per batch of deliveries, not one per delivery.
+    /// The pump is woken to claim once this many places are free, or fewer deliveries than
+    /// this wait (one per worker): a claim per batch of deliveries, not one per delivery.
     batch: usize,
 }
 
@@ -852,9 +852,14 @@ impl Hand {
     }
 
     /// A delivery's place is free again: wakes the pump when a retry changed the next due
-    /// time, when a batch of places is free, or when the workers have nothing waiting.
+    /// time, when a batch of places is free, or when fewer deliveries wait than there are
+    /// workers (a slow store's records hold places: the next claim then starts before the
+    /// workers run dry).
     fn settled(&self, inner: &Inner, retrying: bool) {
-        if retrying || self.places.available_permits() >= self.batch || self.waiting().is_empty() {
+        if retrying
+            || self.places.available_permits() >= self.batch
+            || self.waiting().len() < self.batch
+        {
             inner.wake.notify_one();
         }
     }
