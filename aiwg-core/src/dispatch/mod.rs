@@ -29,9 +29,11 @@
 //! [`Dispatcher::publish`] takes an [`OutboundEvent`] (build one from a job with
 //! [`OutboundEvent::for_job`]) and writes one delivery per enabled, matching subscription. The
 //! worker pool claims due deliveries with a lease ([`DispatchStore::claim_due`]), so two
-//! instances sharing a durable store never send the same attempt; it claims as many at once as
-//! it has free workers and records finished attempts in batches
-//! ([`DispatchStore::finish_attempts`]).
+//! instances sharing a durable store never send the same attempt. It claims ahead of its
+//! workers, several deliveries in one store call (up to [`CLAIMED_PER_WORKER`] held per
+//! worker), and hands them to long-lived worker tasks; a worker sends the next as soon as its
+//! request is answered, while the attempt is recorded, in batches with those that finish
+//! meanwhile ([`DispatchStore::finish_attempts`]).
 //!
 //! ```
 //! use aiwg_core::dispatch::{CreateSubscription, Dispatcher, OutboundEvent, RetryPolicy};
