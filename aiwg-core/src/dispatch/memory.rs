@@ -478,6 +478,7 @@ impl DispatchStore for MemoryDispatchStore {
         }
         Ok(out)
     }
+
     async fn finish_attempt(
         &self,
         lease: &DeliveryLease,
