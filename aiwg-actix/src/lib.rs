@@ -150,7 +150,7 @@ async fn serve(
         .headers()
         .get(REQUEST_ID)
         .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
-        .unwrap_or_else(new_request_id);
+        .unwrap_or_else(aiwg_core::http::new_request_id);
     let mut res = if spec.route.is_websocket()
         && aiwg_core::http::is_websocket_upgrade(&headers_in(req.headers()))
     {
@@ -165,11 +165,6 @@ async fn serve(
         }
     }
     res
-}
-
-fn new_request_id() -> http::HeaderValue {
-    http::HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-        .unwrap_or_else(|_| http::HeaderValue::from_static("-"))
 }
 
 async fn translate(

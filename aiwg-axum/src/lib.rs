@@ -32,14 +32,20 @@
 //! see the client address. The WebSocket routes (`GET /workflows/{job_id}/ws`, `GET /ws`) are
 //! upgraded with axum's own [`WebSocketUpgrade`]; the
 //! protocol itself is [`aiwg_core::http::ws`], this crate only carries its frames. Request bodies are limited to [`Api::body_limit`] before they are
-//! buffered; responses carry an `x-request-id`; CORS follows [`Api::cors_origins`] (decided by
-//! the API itself, identically for both routers).
+//! buffered; responses carry an `x-request-id` (the client's, or a new UUIDv7, which the API
+//! sees too); CORS follows [`Api::cors_origins`] (decided by the API itself, identically for
+//! both routers).
+//!
+//! The router adds no middleware of its own: wrap your app in the layers you want (a
+//! `tower_http::trace::TraceLayer` for a span per request, compression, timeouts), and they
+//! apply to aiwg's routes as to yours.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use aiwg_core::http::{
-    Api, ApiBody, ApiRequest, ApiResponse, Route, WsClose, WsMessage, WsSession,
+    answer_with_request_id, request_id, Api, ApiBody, ApiRequest, ApiResponse, Route, WsClose,
+    WsMessage, WsSession,
 };
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -49,9 +55,6 @@ use axum::routing::any;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use http::header::CONTENT_LENGTH;
-use http::HeaderName;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 /// The aiwg API as a router: `nest` it under a prefix or `merge` it at the root. Every path
 /// the API serves ([`Api::routes`]: the route table, with the dashboard's `ui/` paths when
@@ -69,15 +72,26 @@ where
             any(move |req: Request| serve(api.clone(), route, pattern, req)),
         );
     }
-    let request_id = HeaderName::from_static("x-request-id");
     router
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http())
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
+/// One request: its id kept or made (the API sees it; the response carries it), then the API's
+/// answer.
 async fn serve(api: Api, route: Route, pattern: &'static str, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
+    let request_id = request_id(&mut parts.headers);
+    let mut res = answer(api, route, pattern, parts, body).await;
+    answer_with_request_id(res.headers_mut(), request_id);
+    res
+}
+
+async fn answer(
+    api: Api,
+    route: Route,
+    pattern: &'static str,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Response {
     let params = RawPathParams::from_request_parts(&mut parts, &())
         .await
         .map(|p| p.iter().map(|(_, v)| v.to_owned()).collect())

@@ -987,6 +987,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     webhook_subscriptions(server).await;
     robustness(server).await;
     cors(server).await;
+    request_ids(server).await;
     whoami(server).await;
     all_events(server).await;
     all_events_resets(server).await;
@@ -2141,6 +2142,42 @@ async fn robustness(server: &dyn Serve) {
 
 /// CORS is decided by the API: preflights for allowed origins, `Access-Control-Allow-Origin` on
 /// answers to them, nothing for other origins (they still get their answer), `*` for any.
+/// Every answer names its request: the client's `x-request-id` is kept, otherwise each request
+/// gets a new one (problem documents and refusals included).
+async fn request_ids(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let s = server
+        .serve(api_builder(fx.engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    let kept = c
+        .request(TransportRequest::new(Method::GET, "/health").header("x-request-id", "req-42"))
+        .await;
+    assert_eq!(kept.status, 200);
+    assert_eq!(kept.header("x-request-id"), Some("req-42"));
+    let mut made = Vec::new();
+    for (path, key, status) in [
+        ("/health", None, 200),
+        ("/jobs", None, 401),
+        (
+            "/workflows/00000000-0000-7000-8000-000000000000/status",
+            Some(ADMIN_KEY),
+            404,
+        ),
+    ] {
+        let r = c.send("GET", path, key, None).await;
+        assert_eq!(r.status, status, "GET {path}");
+        let id = r
+            .header("x-request-id")
+            .unwrap_or_else(|| panic!("GET {path} answered without an x-request-id"));
+        assert!(!id.is_empty() && id != "req-42", "GET {path}: {id}");
+        made.push(id.to_owned());
+    }
+    made.sort();
+    made.dedup();
+    assert_eq!(made.len(), 3, "each request gets its own id: {made:?}");
+}
+
 async fn cors(server: &dyn Serve) {
     let fx = fixture(FixtureOptions::default());
     let api = api_builder(fx.engine.clone())
