@@ -30,7 +30,7 @@
 //! Every pool here, the baseline's included, is built from `PgStore::pool_options`, the pool
 //! the store's own `connect` makes.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aiwg_benches::pg::BenchSchema;
@@ -126,8 +126,44 @@ async fn stop(nodes: Vec<Node>) {
     }
 }
 
+/// The per-project burn-down's project directories (see [`project_dirs`]).
+static PROJECT_DIRS: OnceLock<(tempfile::TempDir, Vec<String>)> = OnceLock::new();
+
+/// The directories of the per-project burn-down's projects (`project-0` …), made once in a
+/// temporary directory of the current one, removed at the end of `main` ([`remove_project_dirs`]): the engine
+/// checks a job's project again before its first step, and fails a job whose directory does
+/// not exist.
+fn project_dirs(n: usize) -> &'static [String] {
+    let (_, dirs) = PROJECT_DIRS.get_or_init(|| {
+        // Under the current directory: the engine's default project root.
+        let root = tempfile::Builder::new()
+            .prefix(".aiwg-bench-projects")
+            .tempdir_in(".")
+            .expect("projects' directory");
+        let dirs = (0..PROJECTS)
+            .map(|i| {
+                let dir = root.path().join(format!("project-{i}"));
+                std::fs::create_dir(&dir).expect("project directory");
+                dir.canonicalize()
+                    .expect("project directory")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        (root, dirs)
+    });
+    &dirs[..n.min(dirs.len())]
+}
+
+/// Removes the directories [`project_dirs`] made (a static is never dropped).
+fn remove_project_dirs() {
+    if let Some((root, _)) = PROJECT_DIRS.get() {
+        let _ = std::fs::remove_dir_all(root.path());
+    }
+}
+
 /// Fills the queue with `jobs` jobs (one statement, before the clock starts), spread round
-/// robin over `projects` projects (one when 0).
+/// robin over `projects` projects (the current directory when 0).
 async fn fill(store: &PgStore, jobs: usize, projects: usize) {
     let project = std::env::current_dir()
         .expect("cwd")
@@ -135,11 +171,12 @@ async fn fill(store: &PgStore, jobs: usize, projects: usize) {
         .expect("cwd")
         .display()
         .to_string();
+    let dirs = project_dirs(projects);
     let jobs = (0..jobs)
         .map(|i| {
             let project = match projects {
                 0 => project.clone(),
-                n => format!("{project}/project-{}", i % n),
+                n => dirs[i % n].clone(),
             };
             let mut job = sample_job("noop", &project, 0);
             job.progress = Progress::pending(["run".to_owned()]);
@@ -696,6 +733,7 @@ fn main() {
             drop(raw);
             db.drop_schema().await;
         });
+        remove_project_dirs();
         return;
     }
     let mut c = Criterion::default()
@@ -755,4 +793,5 @@ fn main() {
         drop(raw);
         db.drop_schema().await;
     });
+    remove_project_dirs();
 }
