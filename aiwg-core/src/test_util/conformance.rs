@@ -2140,8 +2140,6 @@ async fn robustness(server: &dyn Serve) {
     assert_eq!(fx.echo.calls(), 0, "no malformed request ran a job");
 }
 
-/// CORS is decided by the API: preflights for allowed origins, `Access-Control-Allow-Origin` on
-/// answers to them, nothing for other origins (they still get their answer), `*` for any.
 /// Every answer names its request: the client's `x-request-id` is kept, otherwise each request
 /// gets a new one (problem documents and refusals included).
 async fn request_ids(server: &dyn Serve) {
@@ -2178,6 +2176,8 @@ async fn request_ids(server: &dyn Serve) {
     assert_eq!(made.len(), 3, "each request gets its own id: {made:?}");
 }
 
+/// CORS is decided by the API: preflights for allowed origins, `Access-Control-Allow-Origin` on
+/// answers to them, nothing for other origins (they still get their answer), `*` for any.
 async fn cors(server: &dyn Serve) {
     let fx = fixture(FixtureOptions::default());
     let api = api_builder(fx.engine.clone())
