@@ -368,8 +368,9 @@ impl Transport for HttpTransport {
 
 /// The [`Api`] itself, mounted under a prefix: requests are routed with
 /// [`match_route`](crate::http::match_route), bodies over [`Api::body_limit`] answered with
-/// [`Api::payload_too_large`], and the [`ApiResponse`](crate::http::ApiResponse) read back as it
-/// is, streams included. Paths are relative to the mount point, as they are to a
+/// [`Api::payload_too_large`], the `x-request-id` kept or made
+/// ([`request_id`](crate::http::request_id)), and the [`ApiResponse`](crate::http::ApiResponse)
+/// read back as it is, streams included. Paths are relative to the mount point, as they are to a
 /// [`Served::base_url`]; the prefix only shows in the URLs of answers.
 #[derive(Clone, Debug)]
 pub struct ApiTransport {
@@ -387,11 +388,15 @@ impl ApiTransport {
         }
     }
 
-    async fn answer(&self, request: TransportRequest) -> crate::http::ApiResponse {
-        match self.api_request(request) {
+    /// The API's answer, with the request's id kept or made as the routers do.
+    async fn answer(&self, mut request: TransportRequest) -> crate::http::ApiResponse {
+        let id = crate::http::request_id(&mut request.headers);
+        let mut res = match self.api_request(request) {
             Ok(request) => self.api.handle(request).await,
             Err(res) => *res,
-        }
+        };
+        crate::http::answer_with_request_id(&mut res.headers, id);
+        res
     }
 
     fn api_request(
