@@ -201,10 +201,14 @@ async fn follow(state: &Mutex<State>, own: &PgPool, scope: &str) -> Duration {
         return RELISTEN_AFTER;
     }
     // Without the triggers (migration 0021 not run yet) no change is announced: hold nothing.
+    // The trigger is looked for in the schema, not through the table's name: a name resolved
+    // at the moment the table was renamed (as the tests' probe does, for a few milliseconds)
+    // would find nothing and wait half a minute.
     let announced = sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger \
-             WHERE tgname = 'aiwg_subscriptions_changed' \
-               AND tgrelid = to_regclass(format('%I.aiwg_webhook_subscriptions', $1::text)))",
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE t.tgname = 'aiwg_subscriptions_changed' AND n.nspname = $1)",
     )
     .bind(scope)
     .fetch_one(&mut listener)
