@@ -91,6 +91,7 @@ where
     idempotency(&*make().await).await;
     queue_capacity(&*make().await).await;
     queue_capacity_under_concurrent_submits(make().await).await;
+    known_keys_take_no_room(make().await).await;
     claim_order(&*make().await).await;
     retry_and_dead_letter(&*make().await).await;
     per_project_limit(&*make().await).await;
@@ -217,6 +218,60 @@ async fn queue_capacity_under_concurrent_submits(store: Arc<dyn JobStore>) {
         "a queue of 5 took exactly 5 of 20 submits at once"
     );
     assert_eq!(store.counts().await.unwrap().queued, 5);
+}
+
+/// A submit whose idempotency key a job already has is answered with that job (or refused as a
+/// conflict), full queue or not, and takes no room from the other submits that arrive with it:
+/// a queue with room for one more, and twenty submits at once of which one is new, takes the
+/// new one.
+async fn known_keys_take_no_room(store: Arc<dyn JobStore>) {
+    let keyed = |key: &str, fingerprint: &str| {
+        let mut job = sample_job("w", "/p", 0);
+        job.idempotency_key = Some(key.to_owned());
+        NewJob::new(job).fingerprint(fingerprint).capacity(3)
+    };
+    let mut made = Vec::new();
+    for key in ["key-a", "key-b"] {
+        match store.create(keyed(key, "fp")).await {
+            Ok(Created::New(job, _)) => made.push(job.id),
+            other => panic!("first use of {key}: {other:?}"),
+        }
+    }
+    let fresh = 7;
+    let submits: Vec<_> = (0..20)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let new = if i == fresh {
+                NewJob::new(sample_job("w", "/p", 0)).capacity(3)
+            } else {
+                keyed(if i % 2 == 0 { "key-a" } else { "key-b" }, "fp")
+            };
+            tokio::spawn(async move { (i, store.create(new).await) })
+        })
+        .collect();
+    for submit in submits {
+        match submit.await.expect("submit task") {
+            (i, Ok(Created::New(..))) if i == fresh => {}
+            (i, Ok(Created::Existing(job))) if i != fresh => {
+                assert_eq!(job.id, made[i % 2], "submit {i} answered another key's job");
+            }
+            (i, other) => panic!("submit {i} (the new one is {fresh}): {other:?}"),
+        }
+    }
+    assert_eq!(store.counts().await.unwrap().queued, 3);
+    // Full now: a known key still gets its job, or its conflict; a new key does not get in.
+    match store.create(keyed("key-a", "fp")).await {
+        Ok(Created::Existing(job)) => assert_eq!(job.id, made[0]),
+        other => panic!("known key, full queue: {other:?}"),
+    }
+    assert!(matches!(
+        store.create(keyed("key-a", "other")).await,
+        Err(StoreError::IdempotencyConflict { existing }) if existing == made[0]
+    ));
+    assert!(matches!(
+        store.create(keyed("key-c", "fp")).await,
+        Err(StoreError::QueueFull { capacity: 3 })
+    ));
 }
 
 async fn claim_order(store: &dyn JobStore) {

@@ -159,8 +159,10 @@ pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreE
 /// batch up to and including it, are within its capacity. When every job of the batch has the
 /// same capacity (one engine's submits do), that is exactly one submit after another; with
 /// different capacities it may refuse a job one at a time would have admitted, never the
-/// reverse. A job whose key was taken counts as admitted here (it takes room it does not use):
-/// also never more than the capacity.
+/// reverse. A job whose key a job already has, or an earlier job of the batch, takes no place
+/// and is not admitted to a bounded queue (answered [`StoreError::QueueFull`]; its caller then
+/// finds the key's job); one whose key is taken by a submit that commits meanwhile counts as
+/// admitted (it takes room it does not use): never more than the capacity.
 pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, StoreError> {
     let n = news.len();
     let mut answers: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
@@ -241,17 +243,25 @@ async fn write(
     }
     let bounded = capacities.iter().any(Option::is_some);
     // `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
-    // lock is held until the statement commits). `admitted`: the jobs that fit; of those, `u`
-    // inserted the ones whose key was free.
+    // lock is held until the statement commits). `known`: a job whose key a job already has
+    // (or an earlier one of the batch): it takes no place in a bounded queue, and is not
+    // admitted to one (its caller looks the key up). `admitted`: the jobs that fit; of those,
+    // `u` inserted the ones whose key was free.
     let rows = sqlx::query(
         "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) ELSE 0 END AS queued), \
-         t AS (SELECT *, count(cap) OVER (ORDER BY ord) AS place \
+         k AS (SELECT x.*, x.idempotency_key IS NOT NULL AND ( \
+                 row_number() OVER (PARTITION BY x.idempotency_key ORDER BY x.ord) > 1 \
+                 OR EXISTS (SELECT 1 FROM aiwg_jobs j \
+                     WHERE j.idempotency_key = x.idempotency_key)) AS known \
              FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
                  $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[], \
                  $13::text[], $14::text[]) \
-             WITH ORDINALITY AS t(id, priority, project_path, workflow, retry_at, created_at, \
+             WITH ORDINALITY AS x(id, priority, project_path, workflow, retry_at, created_at, \
                  job, kind, at, cap, idempotency_key, fingerprint, ord)), \
-         admitted AS (SELECT t.* FROM t, q WHERE t.cap IS NULL OR q.queued + t.place <= t.cap), \
+         t AS (SELECT *, count(cap) FILTER (WHERE NOT known) OVER (ORDER BY ord) AS place \
+             FROM k), \
+         admitted AS (SELECT t.* FROM t, q \
+             WHERE t.cap IS NULL OR (NOT t.known AND q.queued + t.place <= t.cap)), \
          u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
              queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
              SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \

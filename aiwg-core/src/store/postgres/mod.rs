@@ -906,9 +906,18 @@ impl JobStore for PgStore {
                 ))
             });
         };
-        // Twice at most: a concurrent insert with the same key makes the first try find nothing
-        // to insert, and the second finds that job.
+        // Inserted first: a key is new far more often than not (a forge's redeliveries are
+        // de-duplicated before they get here), and looking it up first cost every keyed submit
+        // a round trip. Taken (the insert did nothing) or refused by a full queue (a known key
+        // takes no room, see `admit::insert`), the key's job is looked up. Three tries at most:
+        // a key whose job was deleted between the insert and the look-up is tried again.
         for _ in 0..3 {
+            let refused = match self.admitter().create(new.clone()).await? {
+                Some(Ok(created)) => return Ok(created),
+                Some(Err(e @ StoreError::QueueFull { .. })) => Some(e),
+                Some(Err(e)) => return Err(e),
+                None => None,
+            };
             if let Some((fp, existing)) = self.find_by_key(&key).await? {
                 let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
                 return if same {
@@ -919,8 +928,8 @@ impl JobStore for PgStore {
                     })
                 };
             }
-            if let Some(done) = self.admitter().create(new.clone()).await? {
-                return done;
+            if let Some(full) = refused {
+                return Err(full);
             }
         }
         Err(StoreError::backend(
