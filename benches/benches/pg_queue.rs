@@ -130,11 +130,11 @@ async fn stop(nodes: Vec<Node>) {
 /// The per-project burn-down's project directories (see [`project_dirs`]).
 static PROJECT_DIRS: OnceLock<(tempfile::TempDir, Vec<String>)> = OnceLock::new();
 
-/// The directories of the per-project burn-down's projects (`project-0` …), made once in a
-/// temporary directory of the current one, removed at the end of `main` ([`remove_project_dirs`]): the engine
-/// checks a job's project again before its first step, and fails a job whose directory does
-/// not exist.
-fn project_dirs(n: usize) -> &'static [String] {
+/// The directories of the per-project burn-down's projects (`project-0` …), made once, when
+/// first asked for, in a temporary directory of the current one, removed at the end of `main`
+/// ([`remove_project_dirs`]): the engine checks a job's project again before its first step,
+/// and fails a job whose directory does not exist.
+fn project_dirs() -> &'static [String] {
     let (_, dirs) = PROJECT_DIRS.get_or_init(|| {
         // Under the current directory: the engine's default project root.
         let root = tempfile::Builder::new()
@@ -153,7 +153,7 @@ fn project_dirs(n: usize) -> &'static [String] {
             .collect();
         (root, dirs)
     });
-    &dirs[..n.min(dirs.len())]
+    dirs
 }
 
 /// Removes the directories [`project_dirs`] made (a static is never dropped).
@@ -172,12 +172,11 @@ async fn fill(store: &PgStore, jobs: usize, projects: usize) {
         .expect("cwd")
         .display()
         .to_string();
-    let dirs = project_dirs(projects);
     let jobs = (0..jobs)
         .map(|i| {
             let project = match projects {
                 0 => project.clone(),
-                n => dirs[i % n].clone(),
+                n => project_dirs()[..n][i % n].clone(),
             };
             let mut job = sample_job("noop", &project, 0);
             job.progress = Progress::pending(["run".to_owned()]);
