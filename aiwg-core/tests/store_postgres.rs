@@ -67,6 +67,19 @@ async fn rows_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
     .unwrap()
 }
 
+/// Pages of the jobs table and of its indexes read (from shared buffers or not) so far in this
+/// transaction: a whole index read to find a job by key shows here, not in [`rows_read`].
+async fn pages_read(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT sum(pg_stat_get_xact_blocks_fetched(c))::bigint FROM \
+         (SELECT 'aiwg_jobs'::regclass::oid AS c \
+          UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'aiwg_jobs'::regclass) r",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap()
+}
+
 /// The claim under a per-project limit of one, of up to `max` jobs, as the store sends it
 /// (its lock scope is the store's channel).
 fn limited_claim(
@@ -1245,45 +1258,63 @@ async fn a_limited_claim_gives_back_the_room_of_a_job_taken_meanwhile() {
 /// the statistics of the first call. The HTTP load on PostgreSQL (a queue grown from empty in
 /// seconds, never analyzed meanwhile) showed what a plan made while the table held a few jobs
 /// does: sequential scans, and whole indexes read to find a job by key (2 757 pages to start
-/// one job). Neither claim may scan the table (migration 0019), and the per-project claim's
-/// update of the jobs it picked is planned on each call, for them and the table as it is:
-/// started after the queue grew from 4 jobs to 3 004, each still reads a handful of rows.
-/// (Without 0019, the per-project claim read 12 015; with only the scans priced out, 3 006.)
+/// one job). Neither claim may scan the table (migration 0019); the per-project claim starts
+/// several jobs with a statement planned on each call, for them and the table as it is, and one
+/// job with a statement planned once that names it by key alone (migration 0025): started
+/// after the queue grew from 8 jobs to 6 008, in two projects, each claim still reads a
+/// handful of rows, whether its plans were made on a table just analyzed or never analyzed.
+/// (Without 0019, the per-project claim read 12 015 of 3 004; with only the scans priced out,
+/// 3 006.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_read_only_the_jobs_they_start_however_the_table_grew() {
     let Some(db) = test_db().await else { return };
-    let schema = db.schema().await;
-    let store = db.store_in(&schema, 4).await;
-    // One connection, so that both claims run in the same session and share its plans.
-    let claimer = db.pool(&schema, 1).await;
-    queue(&store, 4, "/p", 0).await;
-    analyze(&store).await;
-    let claims = || [plain_claim(1), limited_claim(&store, 1)];
-    for claim in claims() {
-        let mut tx = claimer.begin().await.unwrap();
-        let first = claim.fetch_all(&mut *tx).await.unwrap();
-        assert_eq!(
-            first.len(),
-            1,
-            "a first claim, made while the table is small"
-        );
-        tx.rollback().await.unwrap();
-    }
-    queue(&store, 3_000, "/p", 0).await;
-    for (name, claim) in ["aiwg_claim", "aiwg_claim_limited"]
-        .into_iter()
-        .zip(claims())
-    {
-        let mut tx = claimer.begin().await.unwrap();
-        let before = rows_read(&mut tx).await;
-        let claimed = claim.fetch_all(&mut *tx).await.unwrap();
-        assert_eq!(claimed.len(), 1, "{name}: one job claimed");
-        let read = rows_read(&mut tx).await - before;
-        assert!(
-            read < 100,
-            "{name}: {read} rows read to start one job of 3 004 queued"
-        );
-        tx.rollback().await.unwrap();
+    for analyzed in [true, false] {
+        let schema = db.schema().await;
+        let store = db.store_in(&schema, 4).await;
+        // One connection, so that the claims run in the same session and share its plans.
+        let claimer = db.pool(&schema, 1).await;
+        queue(&store, 4, "/p", 0).await;
+        queue(&store, 4, "/q", 0).await;
+        if analyzed {
+            analyze(&store).await;
+        }
+        // The plain claim; the per-project claim of one job (its static statement) and of two,
+        // one of each project (its dynamic one).
+        let claims = || {
+            [
+                ("aiwg_claim", plain_claim(1), 1),
+                ("aiwg_claim_limited, one job", limited_claim(&store, 1), 1),
+                ("aiwg_claim_limited, two jobs", limited_claim(&store, 2), 2),
+            ]
+        };
+        for (name, claim, n) in claims() {
+            let mut tx = claimer.begin().await.unwrap();
+            let first = claim.fetch_all(&mut *tx).await.unwrap();
+            assert_eq!(
+                first.len(),
+                n,
+                "{name}: a first claim, made while the table is small"
+            );
+            tx.rollback().await.unwrap();
+        }
+        queue(&store, 3_000, "/p", 0).await;
+        queue(&store, 3_000, "/q", 0).await;
+        for (name, claim, n) in claims() {
+            let mut tx = claimer.begin().await.unwrap();
+            let before = rows_read(&mut tx).await;
+            let pages_before = pages_read(&mut tx).await;
+            let claimed = claim.fetch_all(&mut *tx).await.unwrap();
+            assert_eq!(claimed.len(), n, "{name}: {n} jobs claimed");
+            let read = rows_read(&mut tx).await - before;
+            let pages = pages_read(&mut tx).await - pages_before;
+            let table = if analyzed { "" } else { "never " };
+            assert!(
+                read < 100 && pages < 200,
+                "{name} (first plans made on a table {table}analyzed): {read} rows and {pages} \
+                 pages read to start {n} of 6 008 queued"
+            );
+            tx.rollback().await.unwrap();
+        }
     }
     db.cleanup().await;
 }
