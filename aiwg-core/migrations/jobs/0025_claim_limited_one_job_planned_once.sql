@@ -7,12 +7,16 @@
 -- configuration's default) and the queued jobs are in one project (an HTTP or forge host's
 -- usual case), and then the parsing and planning were most of the claim: 716 µs a call, of
 -- which the statement's execution 184 µs and the pass's reading 82 µs (`pg_stat_statements`,
--- one project, one job a call, 20 000 queued). A pass that picks one job now starts it with a
--- static statement, which plpgsql plans once per connection: it names the row by its key
--- alone (a scalar, which only the primary key serves) and compares the status in the "C"
--- collation, so that no index of queued jobs can serve it, whatever the statistics were when
--- it was planned. A pass that picks several jobs keeps the dynamic statement. The body is
--- 0019's otherwise; its settings are restated because `CREATE OR REPLACE` resets them.
+-- one project, one job a call, 20 000 queued; now 412 µs, of which the statement 172 µs).
+-- A pass that picks one job now starts it with a static statement, which plpgsql plans once
+-- per connection: it names the row by its key alone (a scalar, which only the primary key
+-- serves) and compares the status in the "C" collation, so that no index of queued jobs can
+-- serve it, whatever the statistics were when it was planned (with `id = ANY(picked)`
+-- instead, a plan made on a table never analyzed read every queued job). A pass that picks
+-- several jobs keeps the dynamic statement. The body is 0019's otherwise; its settings are
+-- restated because `CREATE OR REPLACE` resets them.
+
+CREATE OR REPLACE` resets them.
 
 CREATE OR REPLACE FUNCTION aiwg_claim_limited(claim_at timestamptz, claim_max bigint,
                                               claim_owner text, claim_ttl_micros bigint,
