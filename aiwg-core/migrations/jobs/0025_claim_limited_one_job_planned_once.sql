@@ -16,8 +16,6 @@
 -- several jobs keeps the dynamic statement. The body is 0019's otherwise; its settings are
 -- restated because `CREATE OR REPLACE` resets them.
 
-CREATE OR REPLACE` resets them.
-
 CREATE OR REPLACE FUNCTION aiwg_claim_limited(claim_at timestamptz, claim_max bigint,
                                               claim_owner text, claim_ttl_micros bigint,
                                               project_limit bigint, lock_scope text)
