@@ -1,5 +1,6 @@
 -- aiwg: a claim under a per-project limit that starts one job does so with a statement
--- planned once per connection (issue 15).
+-- planned once per connection, and it checks a concurrency group after taking the group's
+-- lock (issue 15).
 --
 -- Since 0019 the per-project claim starts the jobs a pass picked with one dynamic statement
 -- (`EXECUTE`), parsed and planned at every call so that its plan reads only the rows it names
@@ -13,8 +14,17 @@
 -- serves) and compares the status in the "C" collation, so that no index of queued jobs can
 -- serve it, whatever the statistics were when it was planned (with `id = ANY(picked)`
 -- instead, a plan made on a table never analyzed read every queued job). A pass that picks
--- several jobs keeps the dynamic statement. The body is 0019's otherwise; its settings are
--- restated because `CREATE OR REPLACE` resets them.
+-- several jobs keeps the dynamic statement.
+--
+-- A job of a concurrency group was checked for a running job of its group in the same
+-- expression that took the group's lock, so with a snapshot taken before the lock: when the
+-- claim that held the lock committed a job of the group and let the lock go between the two,
+-- this claim saw no running job and started a second one (in `store_postgres`'s
+-- `batch_claims_under_limits_and_groups_hold_across_stores`, two instances claiming at once:
+-- 2 runs in 200). The check is now a statement of its own after the lock (no failure in 700).
+--
+-- The body is 0019's otherwise; its settings are restated because `CREATE OR REPLACE` resets
+-- them.
 
 CREATE OR REPLACE FUNCTION aiwg_claim_limited(claim_at timestamptz, claim_max bigint,
                                               claim_owner text, claim_ttl_micros bigint,
@@ -110,11 +120,15 @@ BEGIN
             CONTINUE;
         END IF;
         IF c.grp IS NOT NULL THEN
+            -- The group's running job is looked for in a statement of its own, after its
+            -- lock is taken: its snapshot then sees the job a claim that held the lock
+            -- before started (a claim releases its locks after its commit is visible).
+            -- Checked in the lock's own expression, with the expression's snapshot taken
+            -- before the lock, a claim that had just committed went unseen and two jobs of
+            -- one group ran at once.
             IF c.grp = ANY(groups)
                OR NOT pg_try_advisory_xact_lock(
                    aiwg_lock_key(lock_scope, 'concurrency:' || c.grp))
-               OR EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running'
-                   AND g.job->>'concurrency_group' = c.grp AND g.lease_expires_at > due)
             THEN
                 groups := array_append(groups, c.grp);
                 tried := array_append(tried, c.id);
@@ -122,6 +136,13 @@ BEGIN
                 CONTINUE;
             END IF;
             groups := array_append(groups, c.grp);
+            IF EXISTS (SELECT 1 FROM aiwg_jobs g WHERE g.status = 'running'
+                   AND g.job->>'concurrency_group' = c.grp AND g.lease_expires_at > due)
+            THEN
+                tried := array_append(tried, c.id);
+                again := true;
+                CONTINUE;
+            END IF;
         END IF;
         picked := array_append(picked, c.id);
         picked_k := array_append(picked_k, k);
