@@ -10,6 +10,11 @@
 //! instead of queueing for one each. (The PostgreSQL job store's completer is the same idea
 //! with one more rule: at most one write per job in a batch.)
 //!
+//! A flusher hears [`Flush::idle`] when a batch has been written and no call waits. The
+//! PostgreSQL flushers keep their connection between batches while calls keep coming and
+//! hand it back to the pool there (`KeptConnection`, with the `postgres` feature): sqlx
+//! tests every connection handed back with a round trip, one more per statement.
+//!
 //! ```
 //! use aiwg_core::coalesce::{Coalescer, Flush};
 //!
@@ -31,6 +36,7 @@
 //! ```
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -50,6 +56,11 @@ pub trait Flush: Send + Sync + 'static {
     /// Writes `items`, answering each, in order: one answer per item (a missing answer is
     /// the item's caller seeing `None` from [`Coalescer::call`]).
     fn flush(&self, items: Vec<Self::Item>) -> impl Future<Output = Vec<Self::Answer>> + Send;
+
+    /// Called when a batch (or a lone call) has been written and no call waits: a flusher
+    /// that keeps something between batches while calls keep coming (a database connection,
+    /// see `KeptConnection`) lets it go here. Does nothing by default.
+    fn idle(&self) {}
 }
 
 /// The answers of a batch written by one statement: each item's own answer, or, when the
@@ -70,6 +81,8 @@ pub struct Coalescer<F: Flush> {
     flusher: Arc<F>,
     /// One permit per batch on its way ([`IN_FLIGHT`]).
     slots: Arc<Semaphore>,
+    /// Calls handed to the task and not yet taken into a batch.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl<F: Flush> std::fmt::Debug for Coalescer<F> {
@@ -90,13 +103,20 @@ impl<F: Flush> Coalescer<F> {
         let (tx, rx) = mpsc::unbounded_channel();
         let flusher = Arc::new(flusher);
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        let waiting = Arc::new(AtomicUsize::new(0));
         tokio::spawn(run(
             Arc::clone(&flusher),
             Arc::clone(&slots),
+            Arc::clone(&waiting),
             rx,
             max_batch.max(1),
         ));
-        Self { tx, flusher, slots }
+        Self {
+            tx,
+            flusher,
+            slots,
+            waiting,
+        }
     }
 
     /// What writes the batches.
@@ -108,10 +128,18 @@ impl<F: Flush> Coalescer<F> {
     /// `None` when the task is gone (the runtime that ran it shut down).
     pub async fn call(&self, item: F::Item) -> Option<F::Answer> {
         if let Ok(_slot) = self.slots.try_acquire() {
-            return self.flusher.flush(vec![item]).await.pop();
+            let answer = self.flusher.flush(vec![item]).await.pop();
+            if self.waiting.load(Ordering::SeqCst) == 0 {
+                self.flusher.idle();
+            }
+            return answer;
         }
         let (reply, answer) = oneshot::channel();
-        self.tx.send((item, reply)).ok()?;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send((item, reply)).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
         answer.await.ok()
     }
 }
@@ -119,6 +147,7 @@ impl<F: Flush> Coalescer<F> {
 async fn run<F: Flush>(
     flusher: Arc<F>,
     slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
     mut rx: mpsc::UnboundedReceiver<Call<F>>,
     max_batch: usize,
 ) {
@@ -134,16 +163,190 @@ async fn run<F: Flush>(
                 Err(_) => break,
             }
         }
+        waiting.fetch_sub(batch.len(), Ordering::SeqCst);
         let flusher = Arc::clone(&flusher);
+        let waiting = Arc::clone(&waiting);
         tokio::spawn(async move {
             let (items, replies): (Vec<F::Item>, Vec<_>) = batch.into_iter().unzip();
             let answers = flusher.flush(items).await;
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
+            if waiting.load(Ordering::SeqCst) == 0 {
+                flusher.idle();
+            }
             drop(slot);
         });
     }
     // The handle is gone: let the batches on their way end.
     let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+}
+
+/// A PostgreSQL connection a flusher keeps between its batches while calls keep coming.
+///
+/// sqlx tests every connection handed back to its pool with a round trip to the server (a
+/// `Sync` and its `ReadyForQuery`), so a statement run on the pool costs two round trips.
+/// A flusher under load writes batch after batch: it takes its connection with
+/// [`take`](Self::take), runs its statement, gives it back with [`keep`](Self::keep) when
+/// the statement succeeded, and [`release`](Self::release)s it to the pool from
+/// [`Flush::idle`]. A connection is out of the slot while in use, so a write dropped half-way
+/// drops its connection with it (sqlx then reads what was left before the pool takes it
+/// back), and a failed statement's connection goes back to the pool, which tests it.
+#[cfg(feature = "postgres")]
+pub struct KeptConnection {
+    pool: sqlx::PgPool,
+    kept: std::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>>,
+}
+
+#[cfg(feature = "postgres")]
+impl KeptConnection {
+    /// Keeps connections of `pool`.
+    #[must_use]
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Self {
+            pool,
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The pool the connections come from.
+    #[must_use]
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    fn slot(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<sqlx::pool::PoolConnection<sqlx::Postgres>>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The kept connection, or one from the pool when none is kept (or another call has it).
+    ///
+    /// # Errors
+    ///
+    /// The pool's, when it has to hand out a connection and cannot.
+    pub async fn take(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        let kept = self.slot().take();
+        match kept {
+            Some(conn) => Ok(conn),
+            None => self.pool.acquire().await,
+        }
+    }
+
+    /// Keeps `conn` for the next statement: call it after a statement that succeeded. When a
+    /// connection is kept already, `conn` goes back to the pool.
+    pub fn keep(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            *slot = Some(conn);
+        }
+    }
+
+    /// Hands the kept connection, if any, back to the pool.
+    pub fn release(&self) {
+        let kept = self.slot().take();
+        drop(kept);
+    }
+
+    /// Whether a connection is kept.
+    #[must_use]
+    pub fn is_kept(&self) -> bool {
+        self.slot().is_some()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl std::fmt::Debug for KeptConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptConnection")
+            .field("kept", &self.is_kept())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Logs its batches and its idle calls; its first batch waits for the gate.
+    struct Logger {
+        log: Mutex<Vec<String>>,
+        gate: Semaphore,
+        first: std::sync::atomic::AtomicBool,
+    }
+
+    impl Flush for Logger {
+        type Item = u32;
+        type Answer = u32;
+        async fn flush(&self, items: Vec<u32>) -> Vec<u32> {
+            if self.first.swap(false, Ordering::SeqCst) {
+                let _ = self.gate.acquire().await.map(|p| p.forget());
+            }
+            self.log.lock().unwrap().push(format!("flush {items:?}"));
+            items
+        }
+        fn idle(&self) {
+            self.log.lock().unwrap().push("idle".into());
+        }
+    }
+
+    /// A flusher hears `idle` once the calls stop, not between batches while calls wait.
+    #[tokio::test]
+    async fn the_flusher_is_told_when_no_call_waits() {
+        let c = Arc::new(Coalescer::start(
+            Logger {
+                log: Mutex::default(),
+                gate: Semaphore::new(0),
+                first: true.into(),
+            },
+            10,
+        ));
+        let call = |n| {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.call(n).await })
+        };
+        let first = call(1);
+        // The first call is on its way (it holds the one slot); two more wait for it.
+        while c.slots.available_permits() != 0 {
+            tokio::task::yield_now().await;
+        }
+        let (second, third) = (call(2), call(3));
+        while c.waiting.load(Ordering::SeqCst) != 2 {
+            tokio::task::yield_now().await;
+        }
+        c.flusher().gate.add_permits(1);
+        let answers = tokio::time::timeout(Duration::from_secs(10), async {
+            (first.await, second.await, third.await)
+        })
+        .await
+        .expect("answered");
+        assert_eq!(
+            (answers.0.unwrap(), answers.1.unwrap(), answers.2.unwrap()),
+            (Some(1), Some(2), Some(3))
+        );
+        // The batch's task tells the flusher after answering its callers.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while c.flusher().log.lock().unwrap().len() < 3 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("idle");
+        assert_eq!(
+            *c.flusher().log.lock().unwrap(),
+            ["flush [1]", "flush [2, 3]", "idle"]
+        );
+        // A lone call: written at once, then idle.
+        assert_eq!(c.call(4).await, Some(4));
+        assert_eq!(
+            c.flusher().log.lock().unwrap()[3..],
+            ["flush [4]".to_owned(), "idle".to_owned()]
+        );
+    }
 }

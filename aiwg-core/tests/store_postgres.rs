@@ -1940,3 +1940,62 @@ async fn batches_of_the_same_idempotency_keys_in_opposite_orders_never_deadlock(
     }
     db.cleanup().await;
 }
+
+/// The store's admitter, completer and notifier keep a connection between their batches while
+/// writes keep coming (sqlx tests every connection handed back to the pool with a round trip;
+/// `aiwg_core::coalesce::KeptConnection`), and hand it back once none waits: after a burst of
+/// submits, events and outcomes from many tasks at once, the pool closes, which it does only
+/// once every connection is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_through_a_burst_go_back_to_the_pool() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = Arc::new(db.store_in(&schema, 6).await);
+    let submits: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(NewJob::new(sample_job("w", &format!("/p{}", i % 5), 0)))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for s in submits {
+        s.await.unwrap();
+    }
+    let workers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let req = ClaimRequest::new(format!("w{n}"), Duration::from_secs(60));
+                let mut done = 0;
+                while let Some(c) = store.claim(&req).await.unwrap() {
+                    let kind = JobEventKind::Log {
+                        level: "info".into(),
+                        message: format!("{n}"),
+                    };
+                    store.append(&c.lease, kind).await.unwrap();
+                    store
+                        .finish(&c.lease, Finish::Completed(JobResult::default()))
+                        .await
+                        .unwrap();
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for w in workers {
+        done += w.await.unwrap();
+    }
+    assert_eq!(done, 200, "every job ran once");
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.queued, counts.running), (0, 0));
+    tokio::time::timeout(Duration::from_secs(10), store.pool().close())
+        .await
+        .expect("every connection back in the pool: the pool closed");
+    db.cleanup().await;
+}

@@ -17,7 +17,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{AuditEntry, AuditPage, AuditQuery, AuditRecord, AuditStore, Decision};
-use crate::coalesce::{answer_each, Coalescer, Flush};
+use crate::coalesce::{answer_each, Coalescer, Flush, KeptConnection};
 use crate::job::JobId;
 use crate::store::StoreError;
 
@@ -64,7 +64,8 @@ impl std::fmt::Debug for PgAuditStore {
 
 /// Writes batches of entries.
 struct Writer {
-    pool: PgPool,
+    /// The connection batches are written on while entries keep coming.
+    kept: KeptConnection,
 }
 
 impl Flush for Writer {
@@ -73,14 +74,31 @@ impl Flush for Writer {
 
     async fn flush(&self, records: Vec<AuditRecord>) -> Vec<Result<i64, StoreError>> {
         let n = records.len();
-        answer_each(n, insert(&self.pool, records).await)
+        let written = match self.kept.take().await {
+            Ok(mut conn) => {
+                let written = insert(&mut conn, records).await;
+                if written.is_ok() {
+                    self.kept.keep(conn);
+                }
+                written
+            }
+            Err(e) => Err(db(e)),
+        };
+        answer_each(n, written)
+    }
+
+    fn idle(&self) {
+        self.kept.release();
     }
 }
 
 /// Inserts `records` in one statement; answers their ids, in order. Each row's id is drawn in
 /// the statement's first step, with the row, so the answer does not depend on the order the
 /// rows are inserted in.
-async fn insert(pool: &PgPool, records: Vec<AuditRecord>) -> Result<Vec<i64>, StoreError> {
+async fn insert(
+    conn: &mut sqlx::PgConnection,
+    records: Vec<AuditRecord>,
+) -> Result<Vec<i64>, StoreError> {
     let records: Vec<AuditRecord> = records.into_iter().map(AuditRecord::bounded).collect();
     let text = |f: fn(&AuditRecord) -> Option<&str>| -> Vec<Option<&str>> {
         records.iter().map(f).collect()
@@ -114,7 +132,7 @@ async fn insert(pool: &PgPool, records: Vec<AuditRecord>) -> Result<Vec<i64>, St
     .bind(&decisions)
     .bind(text(|r| r.reason.as_deref()))
     .bind(&jobs)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(db)?;
     Ok(rows.into_iter().map(|(_, id)| id).collect())
@@ -181,7 +199,7 @@ impl AuditStore for PgAuditStore {
         let writer = self.writer.get_or_init(|| {
             Coalescer::start(
                 Writer {
-                    pool: self.pool.clone(),
+                    kept: KeptConnection::new(self.pool.clone()),
                 },
                 MAX_BATCH,
             )

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use aiwg_core::coalesce::{answer_each, Coalescer, Flush};
+use aiwg_core::coalesce::{answer_each, Coalescer, Flush, KeptConnection};
 use aiwg_core::{BackendError, JobId};
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::{Claim, DeliveryStore};
@@ -72,7 +72,8 @@ struct Batches {
 
 /// Claims of keys, in one `INSERT … ON CONFLICT`.
 struct Claims {
-    pool: PgPool,
+    /// The connection batches are written on while claims keep coming.
+    kept: KeptConnection,
 }
 
 /// A claim to make: the key and its lease in microseconds.
@@ -85,14 +86,28 @@ impl Flush for Claims {
     type Answer = Result<Option<Claim>, DeliveryStoreError>;
 
     async fn flush(&self, items: Vec<ClaimItem>) -> Vec<Self::Answer> {
-        answer_each(items.len(), claim_together(&self.pool, &items).await)
+        let claimed = match self.kept.take().await {
+            Ok(mut conn) => {
+                let claimed = claim_together(&mut conn, &items).await;
+                if claimed.is_ok() {
+                    self.kept.keep(conn);
+                }
+                claimed
+            }
+            Err(e) => Err(db(e)),
+        };
+        answer_each(items.len(), claimed)
+    }
+
+    fn idle(&self) {
+        self.kept.release();
     }
 }
 
 /// Claims `items` in one statement. Of a key asked for twice in the batch, the first is
 /// answered as a lone claim would be and the second as a claim arriving just after it.
 async fn claim_together(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     items: &[ClaimItem],
 ) -> Result<Vec<Option<Claim>>, DeliveryStoreError> {
     // The batch's distinct keys in key order (of a key asked for twice, the first lease), and
@@ -130,7 +145,7 @@ async fn claim_together(
     )
     .bind(&keys)
     .bind(&leases)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(db)?;
     let answers = rows
@@ -166,7 +181,8 @@ async fn claim_together(
 
 /// Completions of claimed keys, in one `INSERT … ON CONFLICT`.
 struct Completions {
-    pool: PgPool,
+    /// The connection batches are written on while completions keep coming.
+    kept: KeptConnection,
 }
 
 /// A completion: the key, its job, and how long it is remembered in microseconds.
@@ -191,6 +207,10 @@ impl Flush for Completions {
             jobs.push(*job);
             ttls.push(*ttl);
         }
+        let mut conn = match self.kept.take().await {
+            Ok(conn) => conn,
+            Err(e) => return answer_each(n, Err(db(e))),
+        };
         let done = sqlx::query(
             "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
              SELECT key, job, now() + ttl * interval '1 microsecond' \
@@ -200,9 +220,16 @@ impl Flush for Completions {
         .bind(&keys)
         .bind(&jobs)
         .bind(&ttls)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await;
+        if done.is_ok() {
+            self.kept.keep(conn);
+        }
         answer_each(n, done.map(|_| vec![(); n]).map_err(db))
+    }
+
+    fn idle(&self) {
+        self.kept.release();
     }
 }
 
@@ -231,13 +258,13 @@ impl PgDeliveryStore {
         self.batches.get_or_init(|| Batches {
             claims: Coalescer::start(
                 Claims {
-                    pool: self.pool.clone(),
+                    kept: KeptConnection::new(self.pool.clone()),
                 },
                 MAX_BATCH,
             ),
             completions: Coalescer::start(
                 Completions {
-                    pool: self.pool.clone(),
+                    kept: KeptConnection::new(self.pool.clone()),
                 },
                 MAX_BATCH,
             ),

@@ -17,12 +17,12 @@
 //! before, or earlier in the same batch) is not inserted; its caller is told so and looks the
 //! key's job up.
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnection;
 use sqlx::types::Json;
 use sqlx::Row;
 
 use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
-use crate::coalesce::{answer_each, Coalescer, Flush};
+use crate::coalesce::{answer_each, Coalescer, Flush, KeptConnection};
 use crate::job::{IllegalTransition, JobStatus};
 use crate::secrets::SecretKeyring;
 use crate::store::{apply, Created, NewJob, StoreError};
@@ -36,7 +36,8 @@ const MAX_BATCH: usize = 512;
 
 /// What the admitter needs of its store.
 pub(super) struct Ctx {
-    pub(super) pool: PgPool,
+    /// The connection the admitter's batches are written on while submits keep coming.
+    pub(super) kept: KeptConnection,
     pub(super) keyring: Option<SecretKeyring>,
     pub(super) notifier: Notifier,
     /// The queue's advisory lock.
@@ -48,13 +49,29 @@ impl Flush for Ctx {
     type Answer = Result<Answer, StoreError>;
 
     async fn flush(&self, mut news: Vec<NewJob>) -> Vec<Result<Answer, StoreError>> {
+        let mut conn = match self.kept.take().await {
+            Ok(conn) => conn,
+            Err(e) => return answer_each(news.len(), Err(db(e))),
+        };
         if news.len() == 1 {
             if let Some(new) = news.pop() {
-                return vec![insert_one(self, &new).await];
+                let answer = insert_one(self, &mut conn, &new).await;
+                if answer.is_ok() {
+                    self.kept.keep(conn);
+                }
+                return vec![answer];
             }
         }
         let n = news.len();
-        answer_each(n, insert(self, news).await)
+        let written = insert(self, &mut conn, news).await;
+        if written.is_ok() {
+            self.kept.keep(conn);
+        }
+        answer_each(n, written)
+    }
+
+    fn idle(&self) {
+        self.kept.release();
     }
 }
 
@@ -90,7 +107,11 @@ impl Admitter {
 /// used before batches: it takes one value per parameter where the batch's takes arrays.
 /// (Enqueue → start in `pg_queue`, twelve runs alternating the two: within each other's
 /// noise, 2.2-2.6 ms p50 either way.)
-pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreError> {
+pub(super) async fn insert_one(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    new: &NewJob,
+) -> Result<Answer, StoreError> {
     let job = &new.job;
     if job.status != JobStatus::Queued {
         return Ok(Some(Err(StoreError::IllegalTransition(
@@ -132,7 +153,7 @@ pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreE
         .bind(capacity)
         .bind(ctx.lock_key)
         .bind(&ev.text)
-        .fetch_one(&ctx.pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
     if !row.try_get::<bool, _>("ok").map_err(db)? {
@@ -163,7 +184,11 @@ pub(super) async fn insert_one(ctx: &Ctx, new: &NewJob) -> Result<Answer, StoreE
 /// and is not admitted to a bounded queue (answered [`StoreError::QueueFull`]; its caller then
 /// finds the key's job); one whose key is taken by a submit that commits meanwhile counts as
 /// admitted (it takes room it does not use): never more than the capacity.
-pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, StoreError> {
+pub(super) async fn insert(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    news: Vec<NewJob>,
+) -> Result<Vec<Answer>, StoreError> {
     let n = news.len();
     let mut answers: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
     // The jobs that go to the database, with their slot in `answers` and their event.
@@ -182,7 +207,7 @@ pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, 
         sent.push((slot, new, ev));
     }
     if !sent.is_empty() {
-        write(ctx, sent, &mut answers).await?;
+        write(ctx, conn, sent, &mut answers).await?;
     }
     Ok(answers
         .into_iter()
@@ -200,6 +225,7 @@ pub(super) async fn insert(ctx: &Ctx, news: Vec<NewJob>) -> Result<Vec<Answer>, 
 /// `queued` event); fills their answers.
 async fn write(
     ctx: &Ctx,
+    conn: &mut PgConnection,
     sent: Vec<(usize, NewJob, NewEvent)>,
     answers: &mut [Option<Answer>],
 ) -> Result<(), StoreError> {
@@ -286,7 +312,7 @@ async fn write(
     .bind(ctx.lock_key)
     .bind(&keys)
     .bind(&fingerprints)
-    .fetch_all(&ctx.pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(db)?;
     // Admitted jobs: whether each was inserted (its key was free).

@@ -41,8 +41,13 @@
 //!
 //! With relaxed event commits the events' statement does not wait for the disk; outcomes
 //! always do (and so flush the events written before them).
+//!
+//! The events and the outcomes are written on a connection of their own each, kept from one
+//! batch to the next while writes wait and handed back to the pool when none does
+//! ([`KeptConnection`]): sqlx tests every connection handed back with a round trip.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -52,6 +57,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
 use super::{db, json_err, listen::Notifier, open_job, seal_job, to_i64, NewEvent};
+use crate::coalesce::KeptConnection;
 use crate::event::JobEvent;
 use crate::job::{Job, JobId};
 use crate::secrets::SecretKeyring;
@@ -85,6 +91,12 @@ pub(super) struct Ctx {
     pub(super) notifier: Notifier,
     /// The running jobs as their last step event left them, by id ([`Known`]).
     pub(super) known: Mutex<HashMap<JobId, Known>>,
+    /// The connections the events' and the outcomes' statements are written on while writes
+    /// keep coming (released when none waits: [`Ctx::idle`]).
+    pub(super) events: KeptConnection,
+    pub(super) outcomes: KeptConnection,
+    /// Writes handed to the task and not yet in a batch.
+    pub(super) waiting: AtomicUsize,
 }
 
 /// A running job as the statement of its last step event left it: the job, the row's version
@@ -98,6 +110,14 @@ pub(super) struct Known {
 }
 
 impl Ctx {
+    /// After a batch: when no write waits, the kept connections go back to the pool.
+    fn idle(&self) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            self.events.release();
+            self.outcomes.release();
+        }
+    }
+
     fn known(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Known>> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -243,9 +263,16 @@ impl Completer {
         match self.slots.try_acquire() {
             Ok(_slot) => {
                 flush(&self.ctx, vec![write]).await;
+                self.ctx.idle();
                 Ok(())
             }
-            Err(_) => self.tx.send(write).map_err(|_| stopped()),
+            Err(_) => {
+                self.ctx.waiting.fetch_add(1, Ordering::SeqCst);
+                self.tx.send(write).map_err(|_| {
+                    self.ctx.waiting.fetch_sub(1, Ordering::SeqCst);
+                    stopped()
+                })
+            }
         }
     }
 
@@ -329,9 +356,11 @@ async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiv
                 Err(_) => break,
             }
         }
+        ctx.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
             flush(&ctx, batch).await;
+            ctx.idle();
             drop(slot);
         });
     }
@@ -493,6 +522,7 @@ async fn write_events(
         modes.push(a.progress.code());
         steps.push(a.progress.step());
     }
+    let mut conn = ctx.events.take().await.map_err(db)?;
     let rows = sqlx::query(
         "SELECT ord, last_seq, version, job FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
     )
@@ -503,9 +533,10 @@ async fn write_events(
     .bind(&modes)
     .bind(&steps)
     .bind(ctx.relaxed)
-    .fetch_all(&ctx.pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(db)?;
+    ctx.events.keep(conn);
     let mut seqs = vec![None; n];
     let mut left: Vec<Option<(String, Job)>> = (0..n).map(|_| None).collect();
     for row in rows {
@@ -531,6 +562,9 @@ async fn write_events(
 /// a cancel request); a row that did is read and written again. One or two round trips and
 /// one commit for the batch, no lock held between them.
 async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>, StoreError> {
+    if outcomes.is_empty() {
+        return Ok(Vec::new());
+    }
     let n = outcomes.len();
     let mut answers: Vec<Option<Recorded>> = (0..n).map(|_| None).collect();
     // Outcomes whose row the fence refused (answered LeaseLost or NotFound at the end).
@@ -538,6 +572,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
     let mut pending: Vec<usize> = (0..n).collect();
     // The jobs held as their last step event left them need no read, the first time round.
     let mut read = ctx.take_known(outcomes.iter().map(|f| &f.lease));
+    let mut conn = ctx.outcomes.take().await.map_err(db)?;
     for _ in 0..OUTCOME_ROUNDS {
         if pending.is_empty() {
             break;
@@ -555,7 +590,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
                 .bind(&ids)
                 .bind(&tokens)
                 .bind(&ats)
-                .fetch_all(&ctx.pool)
+                .fetch_all(&mut *conn)
                 .await
                 .map_err(db)?;
             for row in &rows {
@@ -640,7 +675,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .bind(&kinds)
         .bind(&last_ats)
         .bind(&last_kinds)
-        .fetch_all(&ctx.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db)?;
         let mut seqs: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
@@ -663,6 +698,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             }
         }
     }
+    ctx.outcomes.keep(conn);
     for i in pending {
         answers[i] = Some(Err(StoreError::backend(
             "postgres: the job kept changing while its outcome was written",

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{db, to_i64, PgStore};
+use crate::coalesce::KeptConnection;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{JobId, JobStatus};
 use crate::store::{ClusterListener, StoreError};
@@ -156,12 +157,11 @@ async fn notify_loop(
     instance: String,
     mut rx: mpsc::UnboundedReceiver<Announce>,
 ) {
-    let head = format!(
-        r#"{{"i":{},"b":["#,
-        serde_json::to_string(&instance).unwrap_or_else(|_| "\"\"".into())
-    );
+    let head = format!(r#"{}"b":["#, own_prefix(&instance));
     let mut carried: Option<Announce> = None;
     let mut last_sent: Option<tokio::time::Instant> = None;
+    // Kept while announcements keep coming (see `KeptConnection`).
+    let kept = KeptConnection::new(pool);
     loop {
         let first = match carried.take() {
             Some(a) => a,
@@ -192,12 +192,25 @@ async fn notify_loop(
         }
         payload.push_str("]}");
         // A notification alone needs no flush to disk: a crash loses it either way.
-        let sent =
-            sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+        let sent = match kept.take().await {
+            Ok(mut conn) => {
+                let sent = sqlx::query(
+                    "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
+                )
                 .bind(&channel)
                 .bind(&payload)
-                .execute(&pool)
+                .execute(&mut *conn)
                 .await;
+                if sent.is_ok() && (carried.is_some() || !rx.is_empty()) {
+                    kept.keep(conn);
+                }
+                sent
+            }
+            Err(e) => Err(e),
+        };
+        if carried.is_none() && rx.is_empty() {
+            kept.release();
+        }
         last_sent = Some(tokio::time::Instant::now());
         match sent {
             Ok(_) => {}
@@ -207,6 +220,17 @@ async fn notify_loop(
             }
         }
     }
+}
+
+/// How every batch notification of `instance` begins: `{"i":<instance>,`. The listener
+/// recognises its own store's notifications by it without reading the rest (a batch of
+/// events with their kinds and times, which its engine published already); the name is
+/// closed by its quote, so no other instance's name matches.
+fn own_prefix(instance: &str) -> String {
+    format!(
+        r#"{{"i":{},"#,
+        serde_json::to_string(instance).unwrap_or_else(|_| "\"\"".into())
+    )
 }
 
 /// One event of a batch notification.
@@ -283,6 +307,7 @@ async fn run(
     pool: PgPool,
     instance: String,
 ) {
+    let own = own_prefix(&instance);
     loop {
         // `try_recv` is not cancelled half-way (no `select!`), so no message is lost to a
         // partial read.
@@ -291,6 +316,9 @@ async fn run(
             return;
         };
         match received {
+            // This store's own batches: its engine published their events already. (Every
+            // instance hears its own notifications; one alone hears nothing else.)
+            Ok(Some(n)) if n.payload().starts_with(&own) => {}
             Ok(Some(n)) => handle(&*engine, &pool, &instance, n.payload()).await,
             Ok(None) => {
                 tracing::warn!("postgres listener lost its connection; reconnecting");
@@ -504,5 +532,30 @@ mod tests {
         };
         assert_eq!(wakes(&old(None, Queued), false).await, 1);
         assert_eq!(wakes(&old(Some(Running), Completed), false).await, 1);
+    }
+
+    /// The listener knows its own store's batches by their first bytes, and no other
+    /// instance's: not one whose name begins with its own, nor one whose name needs escaping.
+    #[test]
+    fn a_store_knows_its_own_batches_by_their_prefix_alone() {
+        let ours = |instance: &str, payload: &str| payload.starts_with(&own_prefix(instance));
+        let batch = |instance: &str| {
+            format!(
+                r#"{}"b":[{{"j":"{}","s":2,"a":"2026-12-04T00:00:00Z"}}]}}"#,
+                own_prefix(instance),
+                JobId::new()
+            )
+        };
+        assert!(ours("host-1", &batch("host-1")));
+        assert!(!ours("host-1", &batch("host-12")));
+        assert!(!ours("host-12", &batch("host-1")));
+        assert!(!ours("host-1", &note(None, JobStatus::Queued, Hint::None)));
+        let quoted = r#"a "quoted" \ name"#;
+        assert!(ours(quoted, &batch(quoted)));
+        assert!(!ours("a ", &batch(quoted)));
+        // What the notifier sends parses as a batch of that instance.
+        let note: Note = serde_json::from_str(&batch(quoted)).unwrap();
+        assert_eq!(note.i, quoted);
+        assert_eq!(note.b.map(|b| b.len()), Some(1));
     }
 }

@@ -15,6 +15,7 @@ use super::{
     apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, FinishedAfter,
     Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
+use crate::coalesce::KeptConnection;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 
@@ -433,6 +434,9 @@ impl PgStore {
                 relaxed: self.relaxed_events,
                 notifier: self.notifier.clone(),
                 known: Default::default(),
+                events: KeptConnection::new(self.pool.clone()),
+                outcomes: KeptConnection::new(self.pool.clone()),
+                waiting: Default::default(),
             })
         })
     }
@@ -441,7 +445,7 @@ impl PgStore {
     fn admitter(&self) -> &admit::Admitter {
         self.admitter.get_or_init(|| {
             admit::Admitter::start(admit::Ctx {
-                pool: self.pool.clone(),
+                kept: KeptConnection::new(self.pool.clone()),
                 keyring: self.keyring.clone(),
                 notifier: self.notifier.clone(),
                 lock_key: self.capacity_lock_key(),
@@ -953,7 +957,10 @@ impl JobStore for PgStore {
             }
         }
         if !batch.is_empty() {
-            let answers = admit::insert(self.admitter().ctx(), batch).await;
+            let answers = match self.pool.acquire().await {
+                Ok(mut conn) => admit::insert(self.admitter().ctx(), &mut conn, batch).await,
+                Err(e) => Err(db(e)),
+            };
             match answers {
                 Ok(answers) => {
                     for (slot, answer) in slots.into_iter().zip(answers) {
