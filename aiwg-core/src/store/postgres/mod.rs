@@ -361,6 +361,11 @@ impl PgStore {
     /// checked; one that broke since (the server restarted) fails its statement, the pool drops
     /// it, and the store's callers see the error as they would a failure in the middle of a
     /// statement: the claim loop and the completer try again, a submit answers an error.
+    ///
+    /// sqlx also checks every connection handed back to the pool, with no option to turn that
+    /// off; the store's writers that batch (the admitter, the completer, the notifier) keep
+    /// their connection from one batch to the next while writes wait, and hand it back once
+    /// none does ([`KeptConnection`]).
     pub fn pool_options() -> PgPoolOptions {
         Self::pool_options_checking_after(Self::PING_IDLE_AFTER)
     }
