@@ -1941,8 +1941,8 @@ async fn batches_of_the_same_idempotency_keys_in_opposite_orders_never_deadlock(
     db.cleanup().await;
 }
 
-/// The store's admitter, completer and notifier keep a connection between their batches while
-/// writes keep coming (sqlx tests every connection handed back to the pool with a round trip;
+/// The store's admitter and completer keep a connection between their batches while writes
+/// keep coming (sqlx tests every connection handed back to the pool with a round trip;
 /// `aiwg_core::coalesce::KeptConnection`), and hand it back once none waits: after a burst of
 /// submits, events and outcomes from many tasks at once, the pool closes, which it does only
 /// once every connection is back.

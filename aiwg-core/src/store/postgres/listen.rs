@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{db, to_i64, PgStore};
-use crate::coalesce::KeptConnection;
 use crate::event::{JobEvent, JobEventKind};
 use crate::job::{JobId, JobStatus};
 use crate::store::{ClusterListener, StoreError};
@@ -160,8 +159,6 @@ async fn notify_loop(
     let head = format!(r#"{}"b":["#, own_prefix(&instance));
     let mut carried: Option<Announce> = None;
     let mut last_sent: Option<tokio::time::Instant> = None;
-    // Kept while announcements keep coming (see `KeptConnection`).
-    let kept = KeptConnection::new(pool);
     loop {
         let first = match carried.take() {
             Some(a) => a,
@@ -192,25 +189,15 @@ async fn notify_loop(
         }
         payload.push_str("]}");
         // A notification alone needs no flush to disk: a crash loses it either way.
-        let sent = match kept.take().await {
-            Ok(mut conn) => {
-                let sent = sqlx::query(
-                    "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
-                )
+        // On the pool, not kept between sends as the store's batching writers keep theirs
+        // (`KeptConnection`): a send waits up to `NOTIFY_INTERVAL` for the next, and a
+        // connection held through that wait would be one less for everyone else.
+        let sent =
+            sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
                 .bind(&channel)
                 .bind(&payload)
-                .execute(&mut *conn)
+                .execute(&pool)
                 .await;
-                if sent.is_ok() && (carried.is_some() || !rx.is_empty()) {
-                    kept.keep(conn);
-                }
-                sent
-            }
-            Err(e) => Err(e),
-        };
-        if carried.is_none() && rx.is_empty() {
-            kept.release();
-        }
         last_sent = Some(tokio::time::Instant::now());
         match sent {
             Ok(_) => {}

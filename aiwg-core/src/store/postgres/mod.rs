@@ -363,9 +363,9 @@ impl PgStore {
     /// statement: the claim loop and the completer try again, a submit answers an error.
     ///
     /// sqlx also checks every connection handed back to the pool, with no option to turn that
-    /// off; the store's writers that batch (the admitter, the completer, the notifier) keep
-    /// their connection from one batch to the next while writes wait, and hand it back once
-    /// none does ([`KeptConnection`]).
+    /// off; the store's writers that batch (the admitter, the completer) keep their connection
+    /// from one batch to the next while writes wait, and hand it back once none does
+    /// ([`KeptConnection`]).
     pub fn pool_options() -> PgPoolOptions {
         Self::pool_options_checking_after(Self::PING_IDLE_AFTER)
     }
