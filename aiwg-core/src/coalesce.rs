@@ -209,12 +209,6 @@ impl KeptConnection {
         }
     }
 
-    /// The pool the connections come from.
-    #[must_use]
-    pub fn pool(&self) -> &sqlx::PgPool {
-        &self.pool
-    }
-
     fn slot(
         &self,
     ) -> std::sync::MutexGuard<'_, Option<sqlx::pool::PoolConnection<sqlx::Postgres>>> {
@@ -252,8 +246,7 @@ impl KeptConnection {
     }
 
     /// Whether a connection is kept.
-    #[must_use]
-    pub fn is_kept(&self) -> bool {
+    fn is_kept(&self) -> bool {
         self.slot().is_some()
     }
 }

@@ -48,22 +48,17 @@ impl Flush for Ctx {
     type Item = NewJob;
     type Answer = Result<Answer, StoreError>;
 
-    async fn flush(&self, mut news: Vec<NewJob>) -> Vec<Result<Answer, StoreError>> {
+    async fn flush(&self, news: Vec<NewJob>) -> Vec<Result<Answer, StoreError>> {
+        let n = news.len();
         let mut conn = match self.kept.take().await {
             Ok(conn) => conn,
-            Err(e) => return answer_each(news.len(), Err(db(e))),
+            Err(e) => return answer_each(n, Err(db(e))),
         };
-        if news.len() == 1 {
-            if let Some(new) = news.pop() {
-                let answer = insert_one(self, &mut conn, &new).await;
-                if answer.is_ok() {
-                    self.kept.keep(conn);
-                }
-                return vec![answer];
-            }
-        }
-        let n = news.len();
-        let written = insert(self, &mut conn, news).await;
+        let written = if let [new] = news.as_slice() {
+            insert_one(self, &mut conn, new).await.map(|a| vec![a])
+        } else {
+            insert(self, &mut conn, news).await
+        };
         if written.is_ok() {
             self.kept.keep(conn);
         }
