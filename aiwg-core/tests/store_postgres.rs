@@ -1524,6 +1524,65 @@ async fn an_outcome_after_a_step_event_reads_no_row() {
     db.cleanup().await;
 }
 
+/// A job's outcome straight after its claim (a pause for an approval before the first step, a
+/// job that fails before it) needs no read either: the claims hand the completer the jobs as
+/// they left their rows, with the rows' version. Every way a job is claimed: the claim without
+/// a per-project limit, the per-project claim starting one job and starting several, and the
+/// claim of a concurrency group's job. Shown by removing the read (`aiwg_leased_jobs`) before
+/// the outcomes; a wrong version would make an outcome read its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_after_a_claim_reads_no_row() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let ttl = Duration::from_secs(600);
+    let mut claimed = Vec::new();
+    queue(&store, 1, "/a", 0).await;
+    claimed.extend(
+        store
+            .claim_many(&ClaimRequest::new("w", ttl), 8)
+            .await
+            .unwrap(),
+    );
+    queue(&store, 1, "/b", 0).await;
+    let one = ClaimRequest::new("w", ttl).per_project(1);
+    claimed.extend(store.claim_many(&one, 8).await.unwrap());
+    queue(&store, 2, "/c", 0).await;
+    let two = ClaimRequest::new("w", ttl).per_project(2);
+    claimed.extend(store.claim_many(&two, 8).await.unwrap());
+    let mut grouped = sample_job("w", "/d", 0);
+    grouped.concurrency_group = Some("g".into());
+    store.create(NewJob::new(grouped)).await.unwrap();
+    claimed.extend(
+        store
+            .claim_many(&ClaimRequest::new("w", ttl), 8)
+            .await
+            .unwrap(),
+    );
+    let projects: Vec<&str> = claimed.iter().map(|c| &*c.job.project_path).collect();
+    assert_eq!(projects, ["/a", "/b", "/c", "/c", "/d"]);
+    sqlx::query("DROP FUNCTION aiwg_leased_jobs(uuid[], bigint[], timestamptz[])")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    for (i, c) in claimed.iter().enumerate() {
+        let finish = if i % 2 == 0 {
+            Finish::AwaitingApproval {
+                result: JobResult::default(),
+                approval: aiwg_core::job::Approval::new("s", now, now + chrono::Duration::hours(1)),
+            }
+        } else {
+            Finish::Completed(JobResult::default())
+        };
+        let want = finish.status();
+        let (job, _) = store.finish(&c.lease, finish).await.unwrap();
+        assert_eq!(job.status, want);
+        let stored = store.get(c.job.id).await.unwrap().unwrap();
+        assert_eq!(stored, job, "the job written is the one answered");
+    }
+    db.cleanup().await;
+}
+
 /// When the row changed after the step event (here its job, by another writer), the
 /// outcome's statement finds another version than the one the completer holds, and the
 /// outcome reads the row and is applied to what it holds now: nothing written meanwhile is

@@ -18,8 +18,10 @@
 //!   The outcome itself is computed in Rust ([`apply::finish`]), the one place that knows the
 //!   transitions. A job whose last write was a step event needs no read: that event's
 //!   statement returned the job as it left it, with the row's version, and the completer
-//!   holds them until the outcome ([`Known`]); when the row changed since (a heartbeat, a
-//!   cancel request), the version check refuses the write and the outcome reads the row.
+//!   holds them until the outcome ([`Known`]); so do the claims, for a job whose outcome comes
+//!   before any step event (a pause for an approval). When the row changed since (a
+//!   heartbeat, a cancel request), the version check refuses the write and the outcome reads
+//!   the row.
 //!
 //! The three are SQL functions (migration 0020) so that their plans read only the rows they
 //! name, by primary key, whatever the table held when they were planned: each connection
@@ -99,8 +101,8 @@ pub(super) struct Ctx {
     pub(super) waiting: AtomicUsize,
 }
 
-/// A running job as the statement of its last step event left it: the job, the row's version
-/// (`xmin`) after that statement, and the lease it was written under. Its outcome is applied
+/// A running job as its claim or the statement of its last step event left it: the job, the
+/// row's version (`xmin`) after that statement, and the lease it was written under. Its outcome is applied
 /// to this job instead of one read anew; the outcome's statement checks the version, so a row
 /// that changed since (a heartbeat, a cancel request, an event without a step) is read again.
 pub(super) struct Known {
@@ -292,6 +294,18 @@ impl Completer {
         }))
         .await?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Holds each claimed job as its claim left its row (with the row's version, when the claim
+    /// returned it): an outcome that comes before any step event (a pause for an approval, a
+    /// job that failed before its first step) then reads no row.
+    pub(super) fn hold_claimed<'a>(
+        &self,
+        claimed: impl Iterator<Item = (&'a Lease, Option<String>, &'a Job)>,
+    ) {
+        self.ctx.hold_known(
+            claimed.map(|(lease, version, job)| (lease, version.map(|v| (v, job.clone())))),
+        );
     }
 
     /// Forgets what the completer holds of job `id` (its row is about to change elsewhere: a

@@ -672,7 +672,9 @@ impl PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
         let rows = sqlx::query(
-            "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job \
+            "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job, \
+                 CASE WHEN last_seq IS NOT NULL THEN pg_current_xact_id()::xid::text END \
+                     AS version \
              FROM aiwg_claim($1, $2, $3, $4)",
         )
         .bind(at)
@@ -698,6 +700,7 @@ impl PgStore {
         if grouped {
             return self.claim_batch_grouped(request, max).await;
         }
+        self.hold_claimed(out.iter().zip(Self::claimed_versions(&rows)));
         Ok(out)
     }
 
@@ -713,7 +716,8 @@ impl PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
         let rows = sqlx::query(
-            "SELECT id, last_seq, lease_token, lease_expires_at, job \
+            "SELECT id, last_seq, lease_token, lease_expires_at, job, \
+                 pg_current_xact_id()::xid::text AS version \
              FROM aiwg_claim_limited($1, $2, $3, $4, $5, $6)",
         )
         .bind(at)
@@ -725,9 +729,32 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter()
+        let out = rows
+            .iter()
             .map(|row| self.claimed(request, at, row))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.hold_claimed(out.iter().zip(Self::claimed_versions(&rows)));
+        Ok(out)
+    }
+
+    /// Hands the completer the jobs a claim statement started, as their rows now hold them,
+    /// with each row's version (`xmin`) after the claim: an outcome that comes before any step
+    /// event (a pause for an approval) is then written without reading the row again. Were a
+    /// version wrong, the outcome's statement would refuse it and read the row, as after a
+    /// heartbeat.
+    fn hold_claimed<'a>(&self, held: impl Iterator<Item = (&'a Claimed, Option<String>)>) {
+        self.completer()
+            .hold_claimed(held.map(|(c, version)| (&c.lease, version, &c.job)));
+    }
+
+    /// The versions of the rows a claim function started, in the order of its rows that hold a
+    /// job (`aiwg_claim` adds one without, carrying a count). The functions return none: the
+    /// query asks for the transaction's id, which every row they wrote carries as its `xmin`
+    /// (they write in the statement's own transaction, with no subtransaction).
+    fn claimed_versions(rows: &[PgRow]) -> impl Iterator<Item = Option<String>> + '_ {
+        rows.iter()
+            .filter(|row| matches!(row.try_get::<Option<i64>, _>("last_seq"), Ok(Some(_))))
+            .map(|row| row.try_get::<Option<String>, _>("version").ok().flatten())
     }
 
     /// A job a claim statement moved to `running` (its row: `id`, `last_seq`, `lease_token`,
@@ -825,10 +852,11 @@ impl PgStore {
                      + $6 * interval '1 microsecond', \
                  job = t.job::jsonb, last_seq = a.last_seq + 1, updated_at = now() \
                  FROM t WHERE a.id = t.id \
-                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind), \
+                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind, \
+                     a.xmin::text AS version), \
              e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
                  SELECT id, last_seq, $5, kind::jsonb FROM u) \
-             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at FROM u",
+             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.version FROM u",
         )
         .bind(&ids)
         .bind(&jobs)
@@ -840,7 +868,8 @@ impl PgStore {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        let mut leases: std::collections::HashMap<Uuid, (i64, i64, DateTime<Utc>)> = rows
+        type Row = (i64, i64, DateTime<Utc>, Option<String>);
+        let mut leases: std::collections::HashMap<Uuid, Row> = rows
             .iter()
             .map(|r| {
                 Ok((
@@ -849,13 +878,15 @@ impl PgStore {
                         r.try_get("last_seq").map_err(db)?,
                         r.try_get("lease_token").map_err(db)?,
                         r.try_get("lease_expires_at").map_err(db)?,
+                        r.try_get("version").map_err(db)?,
                     ),
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
         let mut out = Vec::with_capacity(picked.len());
+        let mut versions = Vec::with_capacity(picked.len());
         for (job, ev) in picked {
-            let Some((seq, token, expires_at)) = leases.remove(job.id.as_uuid()) else {
+            let Some((seq, token, expires_at, version)) = leases.remove(job.id.as_uuid()) else {
                 return Err(StoreError::backend(
                     "postgres: a job locked for a claim was not updated",
                 ));
@@ -870,7 +901,9 @@ impl PgStore {
             self.announce(job.id, seq, &ev);
             let event = ev.into_event(job.id, seq);
             out.push(Claimed { job, lease, event });
+            versions.push(version);
         }
+        self.hold_claimed(out.iter().zip(versions));
         Ok(out)
     }
 
