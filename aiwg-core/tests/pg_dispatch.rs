@@ -91,6 +91,47 @@ async fn two_dispatchers_on_one_database_send_each_delivery_once() {
     db.cleanup().await;
 }
 
+/// The outbox keeps a connection for its claims and one for its records while its dispatcher
+/// is busy (sqlx tests every connection handed back to the pool with a round trip), and hands
+/// both back once the dispatcher is idle: with every delivery sent and recorded, every
+/// connection of the pool is idle again, the dispatcher still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_while_busy_go_back_to_the_pool_when_idle() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let r = Receiver::ok().await;
+    let store = db.outbox_in(&schema, 4).await;
+    let d = dispatcher(store.clone(), "a");
+    d.start().unwrap();
+    for i in 0..4 {
+        subscribe(&d, r.url(&format!("/hook{i}"))).await;
+    }
+    const EVENTS: usize = 50;
+    for i in 0..EVENTS {
+        let n = d
+            .publish(OutboundEvent::new("job.completed", json!({ "i": i })))
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+    }
+    r.wait_for(4 * EVENTS).await;
+    wait_until("every delivery recorded", || async {
+        (d.pending_deliveries().await.unwrap() == 0).then_some(())
+    })
+    .await;
+    let pool = store.pool().clone();
+    wait_until("every connection back in the pool", || async {
+        (pool.num_idle() == pool.size() as usize).then_some(())
+    })
+    .await;
+    assert_eq!(r.count(), 4 * EVENTS);
+    d.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(10), pool.close())
+        .await
+        .expect("the pool closed: no connection kept after the shutdown");
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_instance_takes_over_retries_and_abandoned_attempts() {
     let Some(db) = test_db().await else { return };

@@ -724,6 +724,7 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
                     .map_or(inner.poll_interval, |d| d.min(inner.poll_interval)),
                 _ => inner.poll_interval,
             };
+            inner.store.idle();
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = &mut wake => {}
@@ -744,6 +745,7 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
     if let Ok(all) = u32::try_from(hand.total) {
         let _ = hand.places.acquire_many(all).await;
     }
+    inner.store.idle();
 }
 
 async fn release(inner: &Inner, task: &ClaimedDelivery) {

@@ -55,6 +55,10 @@ impl Flush for Attempts {
             }
         }
     }
+
+    fn idle(&self) {
+        self.0.idle();
+    }
 }
 
 /// The handle the workers record through. Its task ends once every handle is dropped and what

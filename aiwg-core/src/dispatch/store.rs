@@ -488,6 +488,11 @@ pub trait DispatchStore: Send + Sync + 'static {
     /// The earliest `next_attempt_at` of an open, unleased delivery of an enabled
     /// subscription, or the earliest lease expiry if sooner.
     async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>>;
+    /// The dispatcher expects no call soon: its pump found nothing due, or its recorder has no
+    /// attempt waiting. A store that keeps resources between calls while the dispatcher is
+    /// busy (a database connection: [`PgDispatchStore`](super::PgDispatchStore) keeps one for
+    /// its claims and one for its records) lets them go here. By default, nothing.
+    fn idle(&self) {}
 }
 
 #[cfg(test)]

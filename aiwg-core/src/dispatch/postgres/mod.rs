@@ -13,10 +13,14 @@
 //! subscription (taken in id order, so claimers never deadlock), which makes the cap hold
 //! across instances. Completion and release are fenced by the lease token. Times are stored as
 //! Unix nanoseconds so they round-trip exactly.
+//!
+//! The claims and the records each run on a connection the store keeps while its dispatcher is
+//! busy, handed back to the pool when the dispatcher is idle ([`DispatchStore::idle`]).
 
 mod subscribers;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -29,6 +33,7 @@ use uuid::Uuid;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
+use crate::coalesce::KeptConnection;
 use crate::secrets::{self, SecretError, SecretKeyring};
 
 use crate::dispatch::{
@@ -84,6 +89,18 @@ pub struct PgDispatchStore {
     keyring: Option<SecretKeyring>,
     /// The enabled subscriptions and their filters, held until one changes.
     subscribers: subscribers::Subscribers,
+    /// The connections the claims and the records run on while the dispatcher is busy.
+    kept: Arc<Kept>,
+}
+
+/// The connections a store (with its clones) keeps between calls while its dispatcher is busy
+/// and hands back to the pool when the dispatcher says it is idle
+/// ([`DispatchStore::idle`]): sqlx tests every connection handed back with a round trip.
+struct Kept {
+    /// The pump's claims and its look at the next due time.
+    claims: KeptConnection,
+    /// The recorder's batches of attempts.
+    records: KeptConnection,
 }
 
 impl std::fmt::Debug for PgDispatchStore {
@@ -106,6 +123,10 @@ impl PgDispatchStore {
             .map_err(DispatchStoreError::Backend)?;
         Ok(Self {
             subscribers: subscribers::Subscribers::start(&pool, scope.clone()),
+            kept: Arc::new(Kept {
+                claims: KeptConnection::new(pool.clone()),
+                records: KeptConnection::new(pool.clone()),
+            }),
             pool,
             scope,
             keyring: None,
@@ -584,6 +605,7 @@ impl DispatchStore for PgDispatchStore {
         let expires_at = req.now + lease_for;
         // One call (migration 0018): the candidates, their subscriptions' locks and leases in
         // flight under a cap, the new leases, and each claimed delivery's subscription.
+        let mut conn = self.kept.claims.take().await.map_err(db)?;
         let rows = sqlx::query("SELECT * FROM aiwg_claim_deliveries($1, $2, $3, $4, $5, $6, $7)")
             .bind(now)
             .bind(capped.then_some(cap))
@@ -592,9 +614,10 @@ impl DispatchStore for PgDispatchStore {
             .bind(&req.owner)
             .bind(ns(expires_at))
             .bind(&self.scope)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
+        self.kept.claims.keep(conn);
         // A subscription's row comes with each of its deliveries; it is read (and its keys
         // opened) once.
         let mut subs: BTreeMap<Uuid, std::sync::Arc<Subscription>> = BTreeMap::new();
@@ -694,6 +717,7 @@ impl DispatchStore for PgDispatchStore {
         }
         // One statement for the whole batch, fenced row by row by the lease token (migration
         // 0018: it reads each delivery by key whatever the statistics say).
+        let mut conn = self.kept.records.take().await.map_err(db)?;
         let rows =
             sqlx::query("SELECT f AS id FROM aiwg_finish_deliveries($1, $2, $3, $4, $5, $6) AS f")
                 .bind(&ids)
@@ -702,9 +726,10 @@ impl DispatchStore for PgDispatchStore {
                 .bind(&scheduled)
                 .bind(&states)
                 .bind(&next)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await
                 .map_err(db)?;
+        self.kept.records.keep(conn);
         let mut done = BTreeSet::new();
         for r in &rows {
             let id: Uuid = r.try_get("id").map_err(db)?;
@@ -818,6 +843,7 @@ impl DispatchStore for PgDispatchStore {
     }
 
     async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
+        let mut conn = self.kept.claims.take().await.map_err(db)?;
         let n: Option<i64> = sqlx::query_scalar(
             "SELECT LEAST( \
                  (SELECT min(d.next_attempt_at_ns) FROM aiwg_webhook_deliveries d \
@@ -827,9 +853,15 @@ impl DispatchStore for PgDispatchStore {
                  (SELECT min(lease_expires_at_ns) FROM aiwg_webhook_deliveries \
                   WHERE lease_token IS NOT NULL))",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
+        self.kept.claims.keep(conn);
         Ok(n.map(at))
+    }
+
+    fn idle(&self) {
+        self.kept.claims.release();
+        self.kept.records.release();
     }
 }
