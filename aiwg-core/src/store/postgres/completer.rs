@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
@@ -101,14 +101,16 @@ pub(super) struct Ctx {
     pub(super) waiting: AtomicUsize,
 }
 
-/// A running job as its claim or the statement of its last step event left it: the job, the
-/// row's version (`xmin`) after that statement, and the lease it was written under. Its outcome is applied
-/// to this job instead of one read anew; the outcome's statement checks the version, so a row
-/// that changed since (a heartbeat, a cancel request, an event without a step) is read again.
+/// A running job as its claim or the statement of its last step event left it: the row that
+/// statement returned (its `job` column), the row's version (`xmin`) after that statement, and
+/// the lease it was written under. Its outcome is applied to this job instead of one read
+/// anew; the outcome's statement checks the version, so a row that changed since (a
+/// heartbeat, a cancel request, an event without a step) is read again. The row is parsed
+/// only when the outcome comes: most jobs' next step event replaces it unread.
 pub(super) struct Known {
     token: u64,
     version: String,
-    job: Job,
+    row: PgRow,
 }
 
 impl Ctx {
@@ -124,35 +126,44 @@ impl Ctx {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes the jobs held for these leases (those written under another lease are dropped).
+    /// Takes the jobs held for these leases (those written under another lease are dropped,
+    /// and so is a row that does not parse: its outcome reads the row again).
     fn take_known<'a>(
         &self,
         leases: impl Iterator<Item = &'a Lease>,
     ) -> HashMap<JobId, (Job, String)> {
-        let mut known = self.known();
-        leases
-            .filter_map(|lease| {
-                let held = known.remove(&lease.job_id)?;
-                (held.token == lease.token).then_some((lease.job_id, (held.job, held.version)))
+        let held: Vec<(JobId, Known)> = {
+            let mut known = self.known();
+            leases
+                .filter_map(|lease| {
+                    let held = known.remove(&lease.job_id)?;
+                    (held.token == lease.token).then_some((lease.job_id, held))
+                })
+                .collect()
+        };
+        held.into_iter()
+            .filter_map(|(id, held)| {
+                let job = open_job(self.keyring.as_ref(), &held.row).ok()?;
+                Some((id, (job, held.version)))
             })
             .collect()
     }
 
-    /// Holds each job as its step event (`Some`) left it, and forgets the others: their rows'
-    /// versions changed.
-    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, Job)>)>) {
+    /// Holds each job as its statement (`Some`: the row's version and the row) left it, and
+    /// forgets the others: their rows' versions changed.
+    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, PgRow)>)>) {
         let mut known = self.known();
         for (lease, left) in written {
             let id = lease.job_id;
             match left {
-                Some((version, job)) if known.len() < KNOWN_MAX || known.contains_key(&id) => {
+                Some((version, row)) if known.len() < KNOWN_MAX || known.contains_key(&id) => {
                     let token = lease.token;
                     known.insert(
                         id,
                         Known {
                             token,
                             version,
-                            job,
+                            row,
                         },
                     );
                 }
@@ -296,16 +307,14 @@ impl Completer {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Holds each claimed job as its claim left its row (with the row's version, when the claim
-    /// returned it): an outcome that comes before any step event (a pause for an approval, a
-    /// job that failed before its first step) then reads no row.
+    /// Holds each claimed job as its claim left its row (`Some`: the row's version and the row,
+    /// with its `job` column): an outcome that comes before any step event (a pause for an
+    /// approval, a job that failed before its first step) then reads no row.
     pub(super) fn hold_claimed<'a>(
         &self,
-        claimed: impl Iterator<Item = (&'a Lease, Option<String>, &'a Job)>,
+        claimed: impl Iterator<Item = (&'a Lease, Option<(String, PgRow)>)>,
     ) {
-        self.ctx.hold_known(
-            claimed.map(|(lease, version, job)| (lease, version.map(|v| (v, job.clone())))),
-        );
+        self.ctx.hold_known(claimed);
     }
 
     /// Forgets what the completer holds of job `id` (its row is about to change elsewhere: a
@@ -552,7 +561,7 @@ async fn write_events(
     .map_err(db)?;
     ctx.events.keep(conn);
     let mut seqs = vec![None; n];
-    let mut left: Vec<Option<(String, Job)>> = (0..n).map(|_| None).collect();
+    let mut left: Vec<Option<(String, PgRow)>> = (0..n).map(|_| None).collect();
     for row in rows {
         let ord: i64 = row.try_get("ord").map_err(db)?;
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
@@ -562,7 +571,7 @@ async fn write_events(
         };
         seqs[i] = Some(seq);
         if let Some(version) = version {
-            left[i] = Some((version, open_job(ctx.keyring.as_ref(), &row)?));
+            left[i] = Some((version, row));
         }
     }
     ctx.hold_known(appends.iter().map(|a| &a.lease).zip(left));

@@ -671,6 +671,9 @@ impl PgStore {
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
+        // The function returns no row version (`xmin`): the transaction's id is the version of
+        // every row it wrote, in the statement's own transaction with no subtransaction (so
+        // in `claim_limited`).
         let rows = sqlx::query(
             "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job, \
                  CASE WHEN last_seq IS NOT NULL THEN pg_current_xact_id()::xid::text END \
@@ -700,7 +703,11 @@ impl PgStore {
         if grouped {
             return self.claim_batch_grouped(request, max).await;
         }
-        self.hold_claimed(out.iter().zip(Self::claimed_versions(&rows)));
+        // The rows of jobs (the statement adds one without, carrying the count).
+        let jobs = rows
+            .into_iter()
+            .filter(|row| matches!(row.try_get::<Option<i64>, _>("last_seq"), Ok(Some(_))));
+        self.hold_claimed(&out, jobs);
         Ok(out)
     }
 
@@ -733,28 +740,21 @@ impl PgStore {
             .iter()
             .map(|row| self.claimed(request, at, row))
             .collect::<Result<Vec<_>, _>>()?;
-        self.hold_claimed(out.iter().zip(Self::claimed_versions(&rows)));
+        self.hold_claimed(&out, rows.into_iter());
         Ok(out)
     }
 
-    /// Hands the completer the jobs a claim statement started, as their rows now hold them,
-    /// with each row's version (`xmin`) after the claim: an outcome that comes before any step
-    /// event (a pause for an approval) is then written without reading the row again. Were a
-    /// version wrong, the outcome's statement would refuse it and read the row, as after a
-    /// heartbeat.
-    fn hold_claimed<'a>(&self, held: impl Iterator<Item = (&'a Claimed, Option<String>)>) {
+    /// Hands the completer the jobs a claim started, as their rows now hold them (`rows`, one
+    /// per job of `claimed`, in order, with its `job` column and its version after the claim,
+    /// `version`): an outcome that comes before any step event (a pause for an approval) is
+    /// then written without reading the row again. Were a version wrong, the outcome's
+    /// statement would refuse it and read the row, as after a heartbeat.
+    fn hold_claimed(&self, claimed: &[Claimed], rows: impl Iterator<Item = PgRow>) {
         self.completer()
-            .hold_claimed(held.map(|(c, version)| (&c.lease, version, &c.job)));
-    }
-
-    /// The versions of the rows a claim function started, in the order of its rows that hold a
-    /// job (`aiwg_claim` adds one without, carrying a count). The functions return none: the
-    /// query asks for the transaction's id, which every row they wrote carries as its `xmin`
-    /// (they write in the statement's own transaction, with no subtransaction).
-    fn claimed_versions(rows: &[PgRow]) -> impl Iterator<Item = Option<String>> + '_ {
-        rows.iter()
-            .filter(|row| matches!(row.try_get::<Option<i64>, _>("last_seq"), Ok(Some(_))))
-            .map(|row| row.try_get::<Option<String>, _>("version").ok().flatten())
+            .hold_claimed(claimed.iter().zip(rows).map(|(c, row)| {
+                let version = row.try_get::<Option<String>, _>("version").ok().flatten();
+                (&c.lease, version.map(|v| (v, row)))
+            }));
     }
 
     /// A job a claim statement moved to `running` (its row: `id`, `last_seq`, `lease_token`,
@@ -852,11 +852,12 @@ impl PgStore {
                      + $6 * interval '1 microsecond', \
                  job = t.job::jsonb, last_seq = a.last_seq + 1, updated_at = now() \
                  FROM t WHERE a.id = t.id \
-                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind, \
-                     a.xmin::text AS version), \
+                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, \
+                     t.kind, a.xmin::text AS version), \
              e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
                  SELECT id, last_seq, $5, kind::jsonb FROM u) \
-             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.version FROM u",
+             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.job, u.version \
+             FROM u",
         )
         .bind(&ids)
         .bind(&jobs)
@@ -868,42 +869,32 @@ impl PgStore {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        type Row = (i64, i64, DateTime<Utc>, Option<String>);
-        let mut leases: std::collections::HashMap<Uuid, Row> = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<Uuid, _>("id").map_err(db)?,
-                    (
-                        r.try_get("last_seq").map_err(db)?,
-                        r.try_get("lease_token").map_err(db)?,
-                        r.try_get("lease_expires_at").map_err(db)?,
-                        r.try_get("version").map_err(db)?,
-                    ),
-                ))
-            })
+        let mut by_id: std::collections::HashMap<Uuid, PgRow> = rows
+            .into_iter()
+            .map(|r| Ok((r.try_get::<Uuid, _>("id").map_err(db)?, r)))
             .collect::<Result<_, StoreError>>()?;
         let mut out = Vec::with_capacity(picked.len());
-        let mut versions = Vec::with_capacity(picked.len());
+        let mut held = Vec::with_capacity(picked.len());
         for (job, ev) in picked {
-            let Some((seq, token, expires_at, version)) = leases.remove(job.id.as_uuid()) else {
+            let Some(row) = by_id.remove(job.id.as_uuid()) else {
                 return Err(StoreError::backend(
                     "postgres: a job locked for a claim was not updated",
                 ));
             };
+            let seq: i64 = row.try_get("last_seq").map_err(db)?;
             let lease = Lease {
                 job_id: job.id,
                 owner: request.owner.clone(),
                 attempt: job.attempt,
-                token: to_u64(token),
-                expires_at,
+                token: to_u64(row.try_get("lease_token").map_err(db)?),
+                expires_at: row.try_get("lease_expires_at").map_err(db)?,
             };
             self.announce(job.id, seq, &ev);
             let event = ev.into_event(job.id, seq);
             out.push(Claimed { job, lease, event });
-            versions.push(version);
+            held.push(row);
         }
-        self.hold_claimed(out.iter().zip(versions));
+        self.hold_claimed(&out, held.into_iter());
         Ok(out)
     }
 
