@@ -15,8 +15,8 @@
 //! only enqueue → start (1 and 2 engines, relaxed event commits) and its baseline,
 //! `AIWG_PG_QUEUE_ONLY=submit` only the submit burst, `AIWG_PG_QUEUE_ONLY=commits` only the
 //! commits per job, `AIWG_PG_QUEUE_ONLY=per_project` only
-//! the wide burn-down with the jobs spread over 64 projects and one job per project at a time
-//! (`per_project_concurrency: 1`, the configuration's default; `ratio
+//! the wide burn-down with the jobs spread over 64 projects (`AIWG_PG_QUEUE_PROJECTS`) and one
+//! job per project at a time (`per_project_concurrency: 1`, the configuration's default; `ratio
 //! pg_wide_burn_down_2_engines_per_project`). Parts named together (`wide,per_project`) run
 //! one after the other in one schema, as the full run does.
 //!
@@ -78,8 +78,10 @@ const NARROW: Shape = Shape {
     workers: WORKERS,
     projects: 0,
 };
-/// Projects of the per-project wide burn-down.
-const PROJECTS: usize = 64;
+/// Projects of the per-project wide burn-down (`AIWG_PG_QUEUE_PROJECTS`, default 64).
+fn projects() -> usize {
+    env_usize("AIWG_PG_QUEUE_PROJECTS", 64)
+}
 /// Latency samples per configuration.
 const LATENCY_SAMPLES: usize = 200;
 
@@ -141,7 +143,7 @@ fn project_dirs() -> &'static [String] {
             .prefix(".aiwg-bench-projects")
             .tempdir_in(".")
             .expect("projects' directory");
-        let dirs = (0..PROJECTS)
+        let dirs = (0..projects())
             .map(|i| {
                 let dir = root.path().join(format!("project-{i}"));
                 std::fs::create_dir(&dir).expect("project directory");
@@ -746,7 +748,7 @@ fn main() {
             for part in only.split(',') {
                 match part.trim() {
                     "wide" => wide_burn_down(&raw, &two, rounds, 0).await,
-                    "per_project" => wide_burn_down(&raw, &two, rounds, PROJECTS).await,
+                    "per_project" => wide_burn_down(&raw, &two, rounds, projects()).await,
                     "submit" => submit_bursts(&raw, &two, rounds).await,
                     "narrow" => narrow_burn_downs(&raw, &one, &two, &relaxed, rounds).await,
                     "latency" => latencies(&raw, &one, &two, &relaxed).await,
@@ -811,7 +813,7 @@ fn main() {
         narrow_burn_downs(&raw, &one, &two, &relaxed, rounds).await;
         latencies(&raw, &one, &two, &relaxed).await;
         wide_burn_down(&raw, &two, rounds, 0).await;
-        wide_burn_down(&raw, &two, rounds, PROJECTS).await;
+        wide_burn_down(&raw, &two, rounds, projects()).await;
         submit_bursts(&raw, &two, rounds).await;
         close_pools(&raw, &two, &relaxed).await;
         commits_per_job_all(&db).await;
