@@ -184,3 +184,64 @@ async fn job_reply_credentials_are_sealed_and_refused_without_a_key() {
     assert_eq!(seen.id, id);
     db.cleanup().await;
 }
+
+/// The completer writes an outcome from the job its claim or its step event returned, without
+/// reading the row again: the credentials come out of that job opened and go back in sealed,
+/// for an outcome straight after the claim (a pause for an approval) and after a step event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_reply_credentials_stay_sealed_through_outcomes_written_without_a_read() {
+    use aiwg_core::job::{Approval, JobResult};
+    use aiwg_core::store::{ClaimRequest, Finish};
+    use aiwg_core::JobEventKind;
+
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let pool = db.pool(&schema, 2).await;
+    let store = db.store_in(&schema, 2).await;
+    for step_first in [false, true] {
+        let mut job = sample_job("w", "/p", 0);
+        job.reply_credentials
+            .insert("slack_response_url", SLACK_URL);
+        let id = job.id;
+        store.create(NewJob::new(job)).await.unwrap();
+        let req = ClaimRequest::new("w", std::time::Duration::from_secs(600));
+        let claimed = store.claim_many(&req, 8).await.unwrap().remove(0);
+        assert_eq!(claimed.job.id, id);
+        let finish = if step_first {
+            let started = JobEventKind::StepStarted {
+                step: "s".into(),
+                agent: "a".into(),
+                attempt: 1,
+            };
+            store.append(&claimed.lease, started).await.unwrap();
+            Finish::Completed(JobResult::default())
+        } else {
+            let now = Utc::now();
+            Finish::AwaitingApproval {
+                result: JobResult::default(),
+                approval: Approval::new("s", now, now + chrono::Duration::hours(1)),
+            }
+        };
+        let (answered, _) = store.finish(&claimed.lease, finish).await.unwrap();
+        assert_eq!(
+            answered.reply_credentials.get("slack_response_url"),
+            Some(SLACK_URL)
+        );
+        let stored = raw(
+            &pool,
+            &format!(
+                "SELECT job::text FROM aiwg_jobs WHERE id = '{}'",
+                id.as_uuid()
+            ),
+        )
+        .await;
+        assert!(!stored.contains("hooks.slack.com"), "{stored}");
+        assert!(stored.contains("aiwg:v1:test1:"), "{stored}");
+        let back = store.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            back.reply_credentials.get("slack_response_url"),
+            Some(SLACK_URL)
+        );
+    }
+    db.cleanup().await;
+}

@@ -53,12 +53,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use sqlx::postgres::{PgPool, PgRow};
+use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
-use super::{db, json_err, listen::Notifier, open_job, seal_job, to_i64, NewEvent};
+use super::{db, json_err, listen::Notifier, open_job, opened, seal_job, to_i64, NewEvent};
 use crate::coalesce::KeptConnection;
 use crate::event::JobEvent;
 use crate::job::{Job, JobId};
@@ -101,16 +103,28 @@ pub(super) struct Ctx {
     pub(super) waiting: AtomicUsize,
 }
 
-/// A running job as its claim or the statement of its last step event left it: the row that
-/// statement returned (its `job` column), the row's version (`xmin`) after that statement, and
-/// the lease it was written under. Its outcome is applied to this job instead of one read
-/// anew; the outcome's statement checks the version, so a row that changed since (a
-/// heartbeat, a cancel request, an event without a step) is read again. The row is parsed
-/// only when the outcome comes: most jobs' next step event replaces it unread.
+/// A running job as its claim or the statement of its last step event left it: the job that
+/// statement returned, the row's version (`xmin`) after that statement, and the lease it was
+/// written under. Its outcome is applied to this job instead of one read anew; the outcome's
+/// statement checks the version, so a row that changed since (a heartbeat, a cancel request,
+/// an event without a step) is read again.
 pub(super) struct Known {
     token: u64,
     version: String,
-    row: PgRow,
+    job: Held,
+}
+
+/// A job's document as a statement returned it, parsed only when its outcome comes (most
+/// jobs' next step event replaces it unread). Its own copy of the text: a row read from the
+/// database shares the connection's read buffer, which a held row would keep alive.
+pub(super) struct Held(Box<RawValue>);
+
+impl Held {
+    /// The `job` column of `row`.
+    pub(super) fn of(row: &PgRow) -> Option<Self> {
+        let Json(raw) = row.try_get::<Json<Box<RawValue>>, _>("job").ok()?;
+        Some(Self(raw))
+    }
 }
 
 impl Ctx {
@@ -143,27 +157,27 @@ impl Ctx {
         };
         held.into_iter()
             .filter_map(|(id, held)| {
-                let job = open_job(self.keyring.as_ref(), &held.row).ok()?;
-                Some((id, (job, held.version)))
+                let job: Job = serde_json::from_str(held.job.0.get()).ok()?;
+                Some((id, (opened(self.keyring.as_ref(), job), held.version)))
             })
             .collect()
     }
 
-    /// Holds each job as its statement (`Some`: the row's version and the row) left it, and
+    /// Holds each job as its statement (`Some`: the row's version and the job) left it, and
     /// forgets the others: their rows' versions changed.
-    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, PgRow)>)>) {
+    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, Held)>)>) {
         let mut known = self.known();
         for (lease, left) in written {
             let id = lease.job_id;
             match left {
-                Some((version, row)) if known.len() < KNOWN_MAX || known.contains_key(&id) => {
+                Some((version, job)) if known.len() < KNOWN_MAX || known.contains_key(&id) => {
                     let token = lease.token;
                     known.insert(
                         id,
                         Known {
                             token,
                             version,
-                            row,
+                            job,
                         },
                     );
                 }
@@ -307,12 +321,12 @@ impl Completer {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Holds each claimed job as its claim left its row (`Some`: the row's version and the row,
-    /// with its `job` column): an outcome that comes before any step event (a pause for an
-    /// approval, a job that failed before its first step) then reads no row.
+    /// Holds each claimed job as its claim left its row (`Some`: the row's version and the
+    /// job): an outcome that comes before any step event (a pause for an approval, a job that
+    /// failed before its first step) then reads no row.
     pub(super) fn hold_claimed<'a>(
         &self,
-        claimed: impl Iterator<Item = (&'a Lease, Option<(String, PgRow)>)>,
+        claimed: impl Iterator<Item = (&'a Lease, Option<(String, Held)>)>,
     ) {
         self.ctx.hold_known(claimed);
     }
@@ -561,7 +575,7 @@ async fn write_events(
     .map_err(db)?;
     ctx.events.keep(conn);
     let mut seqs = vec![None; n];
-    let mut left: Vec<Option<(String, PgRow)>> = (0..n).map(|_| None).collect();
+    let mut left: Vec<Option<(String, Held)>> = (0..n).map(|_| None).collect();
     for row in rows {
         let ord: i64 = row.try_get("ord").map_err(db)?;
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
@@ -571,7 +585,7 @@ async fn write_events(
         };
         seqs[i] = Some(seq);
         if let Some(version) = version {
-            left[i] = Some((version, row));
+            left[i] = Held::of(&row).map(|job| (version, job));
         }
     }
     ctx.hold_known(appends.iter().map(|a| &a.lease).zip(left));

@@ -271,7 +271,12 @@ fn open_job(
     keyring: Option<&crate::secrets::SecretKeyring>,
     row: &PgRow,
 ) -> Result<Job, StoreError> {
-    let Json(mut job): Json<Job> = row.try_get("job").map_err(db)?;
+    let Json(job): Json<Job> = row.try_get("job").map_err(db)?;
+    Ok(opened(keyring, job))
+}
+
+/// `job` with its credentials opened (see [`open_job`]).
+fn opened(keyring: Option<&crate::secrets::SecretKeyring>, mut job: Job) -> Job {
     if job.reply_credentials.is_sealed() {
         job.reply_credentials = job
             .reply_credentials
@@ -281,7 +286,7 @@ fn open_job(
                 crate::ReplyCredentials::default()
             });
     }
-    Ok(job)
+    job
 }
 
 /// The SQL that follows a `WITH u AS (… RETURNING id, last_seq …)` CTE: inserts the event with
@@ -705,7 +710,7 @@ impl PgStore {
         }
         // The rows of jobs (the statement adds one without, carrying the count).
         let jobs = rows
-            .into_iter()
+            .iter()
             .filter(|row| matches!(row.try_get::<Option<i64>, _>("last_seq"), Ok(Some(_))));
         self.hold_claimed(&out, jobs);
         Ok(out)
@@ -740,7 +745,7 @@ impl PgStore {
             .iter()
             .map(|row| self.claimed(request, at, row))
             .collect::<Result<Vec<_>, _>>()?;
-        self.hold_claimed(&out, rows.into_iter());
+        self.hold_claimed(&out, rows.iter());
         Ok(out)
     }
 
@@ -749,11 +754,14 @@ impl PgStore {
     /// `version`): an outcome that comes before any step event (a pause for an approval) is
     /// then written without reading the row again. Were a version wrong, the outcome's
     /// statement would refuse it and read the row, as after a heartbeat.
-    fn hold_claimed(&self, claimed: &[Claimed], rows: impl Iterator<Item = PgRow>) {
+    fn hold_claimed<'a>(&self, claimed: &[Claimed], rows: impl Iterator<Item = &'a PgRow>) {
         self.completer()
             .hold_claimed(claimed.iter().zip(rows).map(|(c, row)| {
                 let version = row.try_get::<Option<String>, _>("version").ok().flatten();
-                (&c.lease, version.map(|v| (v, row)))
+                (
+                    &c.lease,
+                    version.and_then(|v| Some((v, completer::Held::of(row)?))),
+                )
             }));
     }
 
@@ -894,7 +902,7 @@ impl PgStore {
             out.push(Claimed { job, lease, event });
             held.push(row);
         }
-        self.hold_claimed(&out, held.into_iter());
+        self.hold_claimed(&out, held.iter());
         Ok(out)
     }
 
