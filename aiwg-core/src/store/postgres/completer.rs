@@ -141,7 +141,7 @@ impl Ctx {
     }
 
     /// Takes the jobs held for these leases (those written under another lease are dropped,
-    /// and so is a row that does not parse: its outcome reads the row again).
+    /// and so is a job that does not parse: its outcome reads the row again).
     fn take_known<'a>(
         &self,
         leases: impl Iterator<Item = &'a Lease>,

@@ -676,9 +676,9 @@ impl PgStore {
         max: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
-        // The function returns no row version (`xmin`): the transaction's id is the version of
-        // every row it wrote, in the statement's own transaction with no subtransaction (so
-        // in `claim_limited`).
+        // The claim functions (this one and `aiwg_claim_limited`) return no row version
+        // (`xmin`): the transaction's id is the version of every row they wrote, as they write
+        // in the statement's own transaction, with no subtransaction.
         let rows = sqlx::query(
             "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job, \
                  CASE WHEN last_seq IS NOT NULL THEN pg_current_xact_id()::xid::text END \
