@@ -189,9 +189,10 @@ async fn run<F: Flush>(
 /// A flusher under load writes batch after batch: it takes its connection with
 /// [`take`](Self::take), runs its statement, gives it back with [`keep`](Self::keep) when
 /// the statement succeeded, and [`release`](Self::release)s it to the pool from
-/// [`Flush::idle`]. A connection is out of the slot while in use, so a write dropped half-way
-/// drops its connection with it (sqlx then reads what was left before the pool takes it
-/// back), and a failed statement's connection goes back to the pool, which tests it.
+/// [`Flush::idle`], or at once when the pool has no other connection to spare. A connection
+/// is out of the slot while in use, so a write dropped half-way drops its connection with it
+/// (sqlx then reads what was left before the pool takes it back), and a failed statement's
+/// connection goes back to the pool, which tests it.
 #[cfg(feature = "postgres")]
 pub struct KeptConnection {
     pool: sqlx::PgPool,
@@ -231,8 +232,15 @@ impl KeptConnection {
     }
 
     /// Keeps `conn` for the next statement: call it after a statement that succeeded. When a
-    /// connection is kept already, `conn` goes back to the pool.
+    /// connection is kept already, or the pool has none to spare (none idle and no room for
+    /// another), `conn` goes back to the pool: a kept connection is one nobody else can have,
+    /// and the writers that keep theirs must not leave the pool's other users waiting.
     pub fn keep(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        let spare = self.pool.num_idle() > 0
+            || self.pool.size() < self.pool.options().get_max_connections();
+        if !spare {
+            return;
+        }
         let mut slot = self.slot();
         if slot.is_none() {
             *slot = Some(conn);

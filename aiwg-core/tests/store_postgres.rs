@@ -2078,6 +2078,41 @@ async fn batches_of_the_same_idempotency_keys_in_opposite_orders_never_deadlock(
     db.cleanup().await;
 }
 
+/// A kept connection is one nobody else can have: a writer keeps its connection only while
+/// the pool has another to spare (one idle, or room to open one), and gives it back at once
+/// when it has none, so that the writers that keep theirs (up to eight on the example
+/// server's one pool) never leave the pool's other users waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_kept_only_while_the_pool_has_another_to_spare() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let pool = db.pool(&schema, 2).await;
+    let kept = aiwg_core::coalesce::KeptConnection::new(pool.clone());
+    let conn = kept.take().await.unwrap();
+    kept.keep(conn);
+    assert!(
+        format!("{kept:?}").contains("kept: true"),
+        "room for another: kept"
+    );
+    let other = pool.acquire().await.unwrap();
+    let conn = kept.take().await.unwrap();
+    assert_eq!((pool.size(), pool.num_idle()), (2, 0));
+    kept.keep(conn);
+    assert!(
+        format!("{kept:?}").contains("kept: false"),
+        "none to spare: given back"
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.num_idle() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the connection given back is idle in the pool");
+    drop(other);
+    db.cleanup().await;
+}
+
 /// The store's admitter and completer keep a connection between their batches while writes
 /// keep coming (sqlx tests every connection handed back to the pool with a round trip;
 /// `aiwg_core::coalesce::KeptConnection`), and hand it back once none waits: after a burst of
