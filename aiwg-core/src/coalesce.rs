@@ -186,9 +186,10 @@ async fn run<F: Flush>(
 ///
 /// sqlx tests every connection handed back to its pool with a round trip to the server (a
 /// `Sync` and its `ReadyForQuery`), so a statement run on the pool costs two round trips.
-/// A flusher under load writes batch after batch: it takes its connection with
-/// [`take`](Self::take), runs its statement, gives it back with [`keep`](Self::keep) when
-/// the statement succeeded, and [`release`](Self::release)s it to the pool from
+/// A flusher under load writes batch after batch: it runs its statement with
+/// [`run`](Self::run) (or takes its connection with [`take`](Self::take) and gives it back
+/// with [`keep`](Self::keep) when its statements succeeded), and [`release`](Self::release)s
+/// it to the pool from
 /// [`Flush::idle`], or at once when the pool has no other connection to spare. A connection
 /// is out of the slot while in use, so a write dropped half-way drops its connection with it
 /// (sqlx then reads what was left before the pool takes it back), and a failed statement's
@@ -245,6 +246,26 @@ impl KeptConnection {
         if slot.is_none() {
             *slot = Some(conn);
         }
+    }
+
+    /// Runs `statement` on the kept connection (or one from the pool; `acquire` makes the
+    /// pool's error the caller's) and keeps the connection for the next statement when it
+    /// succeeded: [`take`](Self::take), then [`keep`](Self::keep).
+    ///
+    /// # Errors
+    ///
+    /// The pool's, through `acquire`, or the statement's.
+    pub async fn run<T, E>(
+        &self,
+        acquire: impl FnOnce(sqlx::Error) -> E,
+        statement: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.take().await.map_err(acquire)?;
+        let done = statement(&mut conn).await;
+        if done.is_ok() {
+            self.keep(conn);
+        }
+        done
     }
 
     /// Hands the kept connection, if any, back to the pool.

@@ -74,17 +74,8 @@ impl Flush for Writer {
 
     async fn flush(&self, records: Vec<AuditRecord>) -> Vec<Result<i64, StoreError>> {
         let n = records.len();
-        let written = match self.kept.take().await {
-            Ok(mut conn) => {
-                let written = insert(&mut conn, records).await;
-                if written.is_ok() {
-                    self.kept.keep(conn);
-                }
-                written
-            }
-            Err(e) => Err(db(e)),
-        };
-        answer_each(n, written)
+        let written = self.kept.run(db, async |conn| insert(conn, records).await);
+        answer_each(n, written.await)
     }
 
     fn idle(&self) {

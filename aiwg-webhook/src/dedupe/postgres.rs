@@ -86,17 +86,10 @@ impl Flush for Claims {
     type Answer = Result<Option<Claim>, DeliveryStoreError>;
 
     async fn flush(&self, items: Vec<ClaimItem>) -> Vec<Self::Answer> {
-        let claimed = match self.kept.take().await {
-            Ok(mut conn) => {
-                let claimed = claim_together(&mut conn, &items).await;
-                if claimed.is_ok() {
-                    self.kept.keep(conn);
-                }
-                claimed
-            }
-            Err(e) => Err(db(e)),
-        };
-        answer_each(items.len(), claimed)
+        let claimed = self
+            .kept
+            .run(db, async |conn| claim_together(conn, &items).await);
+        answer_each(items.len(), claimed.await)
     }
 
     fn idle(&self) {
@@ -207,25 +200,21 @@ impl Flush for Completions {
             jobs.push(*job);
             ttls.push(*ttl);
         }
-        let mut conn = match self.kept.take().await {
-            Ok(conn) => conn,
-            Err(e) => return answer_each(n, Err(db(e))),
-        };
-        let done = sqlx::query(
-            "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
-             SELECT key, job, now() + ttl * interval '1 microsecond' \
-             FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS t(key, job, ttl) \
-             ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, until = EXCLUDED.until",
-        )
-        .bind(&keys)
-        .bind(&jobs)
-        .bind(&ttls)
-        .execute(&mut *conn)
-        .await;
-        if done.is_ok() {
-            self.kept.keep(conn);
-        }
-        answer_each(n, done.map(|_| vec![(); n]).map_err(db))
+        let done = self.kept.run(db, async |conn| {
+            sqlx::query(
+                "INSERT INTO aiwg_inbound_deliveries AS d (key, job_id, until) \
+                 SELECT key, job, now() + ttl * interval '1 microsecond' \
+                 FROM unnest($1::text[], $2::uuid[], $3::int8[]) AS t(key, job, ttl) \
+                 ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, until = EXCLUDED.until",
+            )
+            .bind(&keys)
+            .bind(&jobs)
+            .bind(&ttls)
+            .execute(conn)
+            .await
+            .map_err(db)
+        });
+        answer_each(n, done.await.map(|_| vec![(); n]))
     }
 
     fn idle(&self) {

@@ -605,19 +605,19 @@ impl DispatchStore for PgDispatchStore {
         let expires_at = req.now + lease_for;
         // One call (migration 0018): the candidates, their subscriptions' locks and leases in
         // flight under a cap, the new leases, and each claimed delivery's subscription.
-        let mut conn = self.kept.claims.take().await.map_err(db)?;
-        let rows = sqlx::query("SELECT * FROM aiwg_claim_deliveries($1, $2, $3, $4, $5, $6, $7)")
+        let claim = sqlx::query("SELECT * FROM aiwg_claim_deliveries($1, $2, $3, $4, $5, $6, $7)")
             .bind(now)
             .bind(capped.then_some(cap))
             .bind(i32::try_from(req.limit.min(1000)).unwrap_or(1000))
             .bind(i32::try_from(fetch).unwrap_or(1000))
             .bind(&req.owner)
             .bind(ns(expires_at))
-            .bind(&self.scope)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db)?;
-        self.kept.claims.keep(conn);
+            .bind(&self.scope);
+        let rows = self
+            .kept
+            .claims
+            .run(db, async |conn| claim.fetch_all(conn).await.map_err(db))
+            .await?;
         // A subscription's row comes with each of its deliveries; it is read (and its keys
         // opened) once.
         let mut subs: BTreeMap<Uuid, std::sync::Arc<Subscription>> = BTreeMap::new();
@@ -717,19 +717,19 @@ impl DispatchStore for PgDispatchStore {
         }
         // One statement for the whole batch, fenced row by row by the lease token (migration
         // 0018: it reads each delivery by key whatever the statistics say).
-        let mut conn = self.kept.records.take().await.map_err(db)?;
-        let rows =
+        let record =
             sqlx::query("SELECT f AS id FROM aiwg_finish_deliveries($1, $2, $3, $4, $5, $6) AS f")
                 .bind(&ids)
                 .bind(&tokens)
                 .bind(&attempts)
                 .bind(&scheduled)
                 .bind(&states)
-                .bind(&next)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?;
-        self.kept.records.keep(conn);
+                .bind(&next);
+        let rows = self
+            .kept
+            .records
+            .run(db, async |conn| record.fetch_all(conn).await.map_err(db))
+            .await?;
         let mut done = BTreeSet::new();
         for r in &rows {
             let id: Uuid = r.try_get("id").map_err(db)?;
@@ -843,8 +843,7 @@ impl DispatchStore for PgDispatchStore {
     }
 
     async fn next_due_at(&self) -> DispatchStoreResult<Option<DateTime<Utc>>> {
-        let mut conn = self.kept.claims.take().await.map_err(db)?;
-        let n: Option<i64> = sqlx::query_scalar(
+        let next = sqlx::query_scalar(
             "SELECT LEAST( \
                  (SELECT min(d.next_attempt_at_ns) FROM aiwg_webhook_deliveries d \
                   JOIN aiwg_webhook_subscriptions s ON s.id = d.subscription_id \
@@ -852,11 +851,12 @@ impl DispatchStore for PgDispatchStore {
                     AND s.enabled), \
                  (SELECT min(lease_expires_at_ns) FROM aiwg_webhook_deliveries \
                   WHERE lease_token IS NOT NULL))",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-        self.kept.claims.keep(conn);
+        );
+        let n: Option<i64> = self
+            .kept
+            .claims
+            .run(db, async |conn| next.fetch_one(conn).await.map_err(db))
+            .await?;
         Ok(n.map(at))
     }
 

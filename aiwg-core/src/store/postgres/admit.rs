@@ -50,19 +50,14 @@ impl Flush for Ctx {
 
     async fn flush(&self, news: Vec<NewJob>) -> Vec<Result<Answer, StoreError>> {
         let n = news.len();
-        let mut conn = match self.kept.take().await {
-            Ok(conn) => conn,
-            Err(e) => return answer_each(n, Err(db(e))),
-        };
-        let written = if let [new] = news.as_slice() {
-            insert_one(self, &mut conn, new).await.map(|a| vec![a])
-        } else {
-            insert(self, &mut conn, news).await
-        };
-        if written.is_ok() {
-            self.kept.keep(conn);
-        }
-        answer_each(n, written)
+        let written = self.kept.run(db, async |conn| {
+            if let [new] = news.as_slice() {
+                insert_one(self, conn, new).await.map(|a| vec![a])
+            } else {
+                insert(self, conn, news).await
+            }
+        });
+        answer_each(n, written.await)
     }
 
     fn idle(&self) {

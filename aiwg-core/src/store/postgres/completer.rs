@@ -559,8 +559,7 @@ async fn write_events(
         modes.push(a.progress.code());
         steps.push(a.progress.step());
     }
-    let mut conn = ctx.events.take().await.map_err(db)?;
-    let rows = sqlx::query(
+    let append = sqlx::query(
         "SELECT ord, last_seq, version, job FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&ids)
@@ -569,11 +568,11 @@ async fn write_events(
     .bind(&kinds)
     .bind(&modes)
     .bind(&steps)
-    .bind(ctx.relaxed)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
-    ctx.events.keep(conn);
+    .bind(ctx.relaxed);
+    let rows = ctx
+        .events
+        .run(db, async |conn| append.fetch_all(conn).await.map_err(db))
+        .await?;
     let mut seqs = vec![None; n];
     let mut left: Vec<Option<(String, Held)>> = (0..n).map(|_| None).collect();
     for row in rows {
