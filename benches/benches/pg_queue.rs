@@ -18,7 +18,9 @@
 //! the wide burn-down with the jobs spread over 64 projects (`AIWG_PG_QUEUE_PROJECTS`) and one
 //! job per project at a time (`per_project_concurrency: 1`, the configuration's default; `ratio
 //! pg_wide_burn_down_2_engines_per_project`). Parts named together (`wide,per_project`) run
-//! one after the other in one schema, as the full run does.
+//! one after the other in one schema, as the full run does. `AIWG_PG_QUEUE_SIDE=ours` (or
+//! `baseline`) runs only that side of the wide burn-downs, for a profile of it, and prints its
+//! rate and no `ratio` line.
 //!
 //! The *submit burst*: many submits at once (`SUBMITTERS` tasks over 2 stores, each job
 //! submitted on its own with `JobStore::create` into a bounded queue, as `Engine::submit`
@@ -468,6 +470,35 @@ async fn wide_burn_down(raw: &PgPool, two: &[Arc<PgStore>], rounds: usize, proje
     let mut wide_runs: [Vec<Duration>; 2] = Default::default();
     // The machine's CPU time over each timed run (database, engines and bench alike).
     let mut cpu: [Option<Duration>; 2] = [Some(Duration::ZERO); 2];
+    // `AIWG_PG_QUEUE_SIDE=ours|baseline` runs one side alone (for a profile of it); the
+    // figures are then not printed.
+    let side = std::env::var("AIWG_PG_QUEUE_SIDE").ok();
+    if let Some(side) = side {
+        let (mut took, mut cpu) = (Duration::ZERO, Some(Duration::ZERO));
+        for _ in 0..rounds {
+            let cost = if side == "baseline" {
+                baseline_wide(raw, wide.jobs, claimers).await
+            } else {
+                burn_down(two, wide).await
+            };
+            took += cost.took;
+            cpu = cpu.zip(cost.cpu).map(|(a, b)| a + b);
+        }
+        let jobs = (wide.jobs * rounds) as f64;
+        println!(
+            "wide burn-down, {side} alone{suffix}: {:.0} jobs/s, machine CPU {} a job, {} busy",
+            jobs / took.as_secs_f64(),
+            cpu.map_or("?".into(), |c| format!(
+                "{:.0} us",
+                c.as_secs_f64() * 1e6 / jobs
+            )),
+            cpu.map_or("?".into(), |c| format!(
+                "{:.0} %",
+                100.0 * c.as_secs_f64() / took.as_secs_f64() / cores()
+            )),
+        );
+        return;
+    }
     for _ in 0..rounds {
         for (i, cost) in [
             baseline_wide(raw, wide.jobs, claimers).await,
@@ -623,6 +654,11 @@ fn machine_cpu() -> Option<Duration> {
         .sum();
     // USER_HZ is 100 on every Linux this runs on.
     Some(Duration::from_millis(busy * 10))
+}
+
+/// The machine's cores (for how busy a run kept them).
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 /// The narrow burn-downs: `rounds` rounds (the summary's `AIWG_PG_QUEUE_ROUNDS`), each running

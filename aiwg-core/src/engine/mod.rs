@@ -288,6 +288,9 @@ pub(crate) struct Inner {
     stop_claiming: CancellationToken,
     tracker: TaskTracker,
     busy: AtomicUsize,
+    /// Places for outcomes on their way while their workers run the next jobs (as many as
+    /// workers; see `worker::Settle`).
+    settling: Arc<tokio::sync::Semaphore>,
     /// Jobs queued here that this instance told the others it would claim itself (an idle
     /// worker was free for each; see [`ClusterListener::promise_claim`]); a claim that returns
     /// takes its jobs off, one that finds nothing clears it.
@@ -661,6 +664,7 @@ impl EngineBuilder {
         let (bus, _) = broadcast::channel(4096);
         let feed = feed::Feed::new(self.settings.feed_events, self.settings.feed_bytes);
         let local_projects = projects::LocalProjects::new(self.settings.per_project_concurrency);
+        let workers = self.settings.workers;
         let engine = Engine {
             inner: Arc::new(Inner {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
@@ -688,6 +692,7 @@ impl EngineBuilder {
                 stop_claiming: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 busy: AtomicUsize::new(0),
+                settling: Arc::new(tokio::sync::Semaphore::new(workers)),
                 promised: AtomicUsize::new(0),
                 started: Instant::now(),
                 durations: Mutex::new(HashMap::new()),

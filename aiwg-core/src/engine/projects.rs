@@ -130,6 +130,14 @@ pub(super) struct Running<'a> {
     project: &'a str,
 }
 
+impl Running<'_> {
+    /// Lets go of this guard without ending the count: a guard made again for the job with
+    /// [`LocalProjects::started`] (where its outcome is written) ends it.
+    pub(super) fn hand_over(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if self.projects.limit.is_none() {

@@ -4,15 +4,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{Engine, RunningJob, StopReason};
 use crate::event::JobEventKind;
 use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
-use crate::job::{Approval, Job, JobError, JobResult, JobStatus, StepResult};
+use crate::job::{Approval, Job, JobError, JobId, JobResult, JobStatus, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
 
@@ -36,6 +38,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
     // worker's next claim is owed to it, or, when it takes a handed job instead, another
     // worker's.
     let mut owed = false;
+    let mut settling = Box::pin(None);
     loop {
         // A job another worker claimed for this one comes first (even during a shutdown: it
         // is claimed, so it runs, or is cancelled by the shutdown like any running job).
@@ -49,7 +52,10 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 inner.wake.notify_one();
             }
             // `busy` was counted for it when it was claimed.
-            let freed = run_job(&engine, claimed, at).await;
+            let freed = run_job(&engine, claimed, at, &mut settling, |s| {
+                s.record(engine.clone())
+            })
+            .await;
             inner.busy.fetch_sub(1, Ordering::Relaxed);
             owed = after_job(inner, more, freed).await;
             continue;
@@ -151,7 +157,10 @@ pub(super) async fn run(engine: Engine, n: usize) {
                     inner.wake.notify_one();
                 }
                 if let Some(claimed) = mine {
-                    let freed = run_job(&engine, claimed, claimed_at).await;
+                    let freed = run_job(&engine, claimed, claimed_at, &mut settling, |s| {
+                        s.record(engine.clone())
+                    })
+                    .await;
                     inner.busy.fetch_sub(1, Ordering::Relaxed);
                     owed = after_job(inner, more, freed).await;
                 }
@@ -225,18 +234,144 @@ enum Stop {
     AwaitingApproval(String),
 }
 
-/// Runs a job claimed at `claimed_at` (when its claim was sent). Answers whether its end may
-/// let another job be claimed (see [`after_job`]).
-async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) -> bool {
+/// Runs a job claimed at `claimed_at` (when its claim was sent) and writes its outcome: here,
+/// when the store writes it at once (in memory), or in a task of its own while this worker
+/// takes the next job (a database's round trip; see [`Settle`]). Answers whether its end may
+/// let another job be claimed now (see [`after_job`]); an outcome written in its own task
+/// wakes a worker for that itself.
+async fn run_job<F>(
+    engine: &Engine,
+    claimed: Claimed,
+    claimed_at: tokio::time::Instant,
+    settling: &mut SettleSlot<F>,
+    settle: impl FnOnce(Settle) -> F,
+) -> bool
+where
+    F: std::future::Future<Output = bool> + Send + 'static,
+{
+    let ended = work_job(engine, claimed, claimed_at).await;
+    settling.set(Some(settle(ended)));
+    let polled =
+        std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().as_pin_mut().map(|f| f.poll(cx))))
+            .await;
+    match polled {
+        Some(Poll::Ready(freed)) => {
+            settling.set(None);
+            freed
+        }
+        _ => {
+            let mut pending = std::mem::replace(settling, Box::pin(None));
+            let waker = engine.clone();
+            engine.inner.tracker.spawn(async move {
+                if let Some(f) = pending.as_mut().as_pin_mut() {
+                    if f.await {
+                        waker.inner.wake.notify_one();
+                    }
+                }
+            });
+            false
+        }
+    }
+}
+
+/// Where a worker polls a job's outcome: kept for the next job when the outcome was written
+/// in its first poll, handed to a task of its own with the outcome otherwise.
+type SettleSlot<F> = std::pin::Pin<Box<Option<F>>>;
+
+/// A job whose work has ended, with what is left to do: write its outcome (fenced by its
+/// lease), announce it, and let go of the job. Its worker takes the next job meanwhile; the
+/// job keeps its place in its project's count (here and, as a running row, in the store) and
+/// one of the engine's places for outcomes on their way (as many as workers: a store that
+/// falls behind holds the workers back, not an ever longer line of outcomes).
+struct Settle {
+    id: JobId,
+    project: Arc<str>,
+    lease: Lease,
+    last: Option<JobEventKind>,
+    finish: Option<Finish>,
+    freed: bool,
+    done: CancellationToken,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl Settle {
+    /// Writes the outcome and lets go of the job. Answers whether its end may let another job
+    /// be claimed (see [`after_job`]).
+    async fn record(self, engine: Engine) -> bool {
+        let Self {
+            id,
+            project,
+            lease,
+            last,
+            finish,
+            mut freed,
+            done,
+            _place,
+        } = self;
+        let inner = &engine.inner;
+        // Counted in its project (since its claim answered) until its outcome is written, and
+        // before a claim is woken for the slot it frees (see `projects`).
+        let _in_project = inner.local_projects.started(&project);
+        if let Some(finish) = finish {
+            // The last step's event, written with the outcome, is announced before it; the
+            // job as that step left it is asked for only when observers want it.
+            let written = match last {
+                Some(last) if !inner.observers.is_empty() => {
+                    match inner.store.finish_after(&lease, last, finish).await {
+                        Ok(done) => {
+                            let (between, ev) = done.last;
+                            announce(&engine, &between, Arc::new(ev)).await;
+                            Ok(done.ended)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(last) => inner
+                    .store
+                    .finish_after_event(&lease, last, finish)
+                    .await
+                    .map(|(ev, ended)| {
+                        engine.inner.broadcast(&Arc::new(ev));
+                        ended
+                    }),
+                None => inner.store.finish(&lease, finish).await,
+            };
+            match written {
+                Ok((job, ev)) => {
+                    // A retry is queued again.
+                    freed |= job.status == JobStatus::Queued;
+                    engine.publish(&job, ev).await;
+                }
+                Err(e) => {
+                    freed = true;
+                    tracing::warn!(error = %e, job = %id, "could not record the job's outcome");
+                }
+            }
+        } else {
+            freed = true;
+            tracing::warn!(job = %id, "lease lost; another worker may take the job over");
+        }
+        inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        done.cancel();
+        freed
+    }
+}
+
+/// Runs a job claimed at `claimed_at` (when its claim was sent) until its work ends.
+async fn work_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) -> Settle {
     let inner = &engine.inner;
     let Claimed {
         job,
         mut lease,
         event,
     } = claimed;
-    // Counted in its project (since its claim answered) until it returns, after its outcome
-    // is written and before the caller wakes a claim for the slot it frees (see `projects`).
-    let _in_project = inner.local_projects.started(&job.project_path);
+    // Counted in its project (since its claim answered) until its outcome is written: the
+    // count goes on in `Settle::record`.
+    let in_project = inner.local_projects.started(&job.project_path);
     // Not before the submit that created it published its `queued` event (see `announce`).
     inner.unannounced.wait(job.id).await;
     engine.publish(&job, event).await;
@@ -424,54 +559,22 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
         }
     };
     // Its end frees a slot a claim may have been refused for.
-    let mut freed =
-        inner.settings.per_project_concurrency.is_some() || job.concurrency_group.is_some();
-    if let Some(finish) = finish {
-        // The last step's event, written with the outcome, is announced before it; the job
-        // as that step left it is asked for only when observers want it.
-        let written = match last {
-            Some(last) if !inner.observers.is_empty() => {
-                match inner.store.finish_after(&lease, last, finish).await {
-                    Ok(done) => {
-                        let (between, ev) = done.last;
-                        announce(engine, &between, Arc::new(ev)).await;
-                        Ok(done.ended)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Some(last) => inner
-                .store
-                .finish_after_event(&lease, last, finish)
-                .await
-                .map(|(ev, ended)| {
-                    engine.inner.broadcast(&Arc::new(ev));
-                    ended
-                }),
-            None => inner.store.finish(&lease, finish).await,
-        };
-        match written {
-            Ok((job, ev)) => {
-                // A retry is queued again.
-                freed |= job.status == JobStatus::Queued;
-                engine.publish(&job, ev).await;
-            }
-            Err(e) => {
-                freed = true;
-                tracing::warn!(error = %e, job = %id, "could not record the job's outcome");
-            }
-        }
-    } else {
-        freed = true;
-        tracing::warn!(job = %id, "lease lost; another worker may take the job over");
+    let freed = inner.settings.per_project_concurrency.is_some() || job.concurrency_group.is_some();
+    in_project.hand_over();
+    let place = match Arc::clone(&inner.settling).try_acquire_owned() {
+        Ok(place) => Some(place),
+        Err(_) => Arc::clone(&inner.settling).acquire_owned().await.ok(),
+    };
+    Settle {
+        id,
+        project: job.project_path.clone(),
+        lease,
+        last,
+        finish,
+        freed,
+        done,
+        _place: place,
     }
-    inner
-        .running
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
-    done.cancel();
-    freed
 }
 
 /// What never happens: [`heartbeat`] does not return.

@@ -1,8 +1,9 @@
 //! A store with hooks (over the memory store, or any other) for tests that need the store to
 //! misbehave at one precise point:
 //! heartbeats that fail as in a database outage, a lease sweep or a step's start that waits
-//! until the test lets it go (a slow round trip at a chosen moment), or a step's start that
-//! finds the lease lost. It counts the claims made. Everything else is the store's underneath.
+//! until the test lets it go (a slow round trip at a chosen moment), outcomes held until the
+//! test opens a gate, or a step's start that finds the lease lost. It counts the claims made.
+//! Everything else is the store's underneath.
 
 #![allow(unreachable_pub)]
 // Each test binary holding this module uses part of it.
@@ -76,6 +77,12 @@ pub struct HookedStore {
     pub claim_entered: Notify,
     /// Lets a held claim answer.
     pub claim_release: Notify,
+    /// While `false` (closed), every outcome (`finish`) waits for it to be `true` (open).
+    pub outcome_gate: tokio::sync::watch::Sender<bool>,
+    /// Outcomes waiting at the closed gate now.
+    pub outcomes_held: AtomicUsize,
+    /// Notified when an outcome reaches the closed gate.
+    pub outcome_held: Notify,
 }
 
 impl Default for HookedStore {
@@ -106,7 +113,27 @@ impl HookedStore {
             hold_next_claim: AtomicBool::default(),
             claim_entered: Notify::new(),
             claim_release: Notify::new(),
+            outcome_gate: tokio::sync::watch::Sender::new(true),
+            outcomes_held: AtomicUsize::default(),
+            outcome_held: Notify::new(),
         }
+    }
+
+    /// Waits (up to a minute) until `n` outcomes wait at the closed gate.
+    pub async fn wait_outcomes_held(&self, n: usize) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let held = self.outcome_held.notified();
+                tokio::pin!(held);
+                held.as_mut().enable();
+                if self.outcomes_held.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                held.await;
+            }
+        })
+        .await
+        .expect("the outcomes reached the gate");
     }
 
     /// Waits (up to a minute) until at least `n` claims were answered.
@@ -202,6 +229,13 @@ impl JobStore for HookedStore {
         self.inner.append(lease, kind).await
     }
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
+        let mut gate = self.outcome_gate.subscribe();
+        if !*gate.borrow_and_update() {
+            self.outcomes_held.fetch_add(1, Ordering::SeqCst);
+            self.outcome_held.notify_waiters();
+            let _ = gate.wait_for(|open| *open).await;
+            self.outcomes_held.fetch_sub(1, Ordering::SeqCst);
+        }
         self.inner.finish(lease, finish).await
     }
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
