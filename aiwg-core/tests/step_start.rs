@@ -89,3 +89,89 @@ async fn a_start_that_finds_the_lease_lost_stops_the_agent() {
     );
     engine.shutdown(Duration::from_millis(500)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_steps_start_goes_with_the_outcome_while_its_worker_takes_the_next_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HookedStore::default());
+    store.hold_next_start.store(true, Ordering::SeqCst);
+    // An agent done at once, with nothing to record: its start is still on its way.
+    let agent = ScriptedExecutor::succeeding("done");
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(1)
+        .build()
+        .unwrap();
+    let first = engine.submit(JobRequest::new("w")).await.unwrap();
+    tokio::time::timeout(WAIT, store.start_entered.notified())
+        .await
+        .expect("the first job's start is being written");
+    let second = engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(
+        agent.wait_started(2, WAIT).await,
+        "the one worker took the second job while the first one's start was written"
+    );
+    assert_eq!(
+        kinds(&store.inner.events(first.id, 0).await.unwrap()),
+        ["status", "status"],
+        "nothing of the first job's end is written before its start"
+    );
+
+    store.start_release.notify_one();
+    for job in [first.id, second.id] {
+        let done = engine.wait(job, WAIT).await.unwrap();
+        assert_eq!(done.status, JobStatus::Completed);
+        assert_eq!(
+            kinds(&store.inner.events(job, 0).await.unwrap()),
+            [
+                "status",
+                "status",
+                "step.started",
+                "step.finished",
+                "status"
+            ]
+        );
+    }
+    engine.shutdown(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_start_that_finds_the_lease_lost_after_its_agent_ended_writes_no_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HookedStore::default());
+    store.hold_next_start.store(true, Ordering::SeqCst);
+    store.lose_held_start.store(true, Ordering::SeqCst);
+    let agent = ScriptedExecutor::succeeding("done");
+    let engine = engine_on(&store, &agent, dir.path())
+        .workers(1)
+        // No lease recovery during the test: the job stays as the lost start left it.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let first = engine.submit(JobRequest::new("w")).await.unwrap();
+    tokio::time::timeout(WAIT, store.start_entered.notified())
+        .await
+        .expect("the first job's start is being written");
+    let second = engine.submit(JobRequest::new("w")).await.unwrap();
+    assert!(
+        agent.wait_started(2, WAIT).await,
+        "the worker went on to the second job, the first one's start still on its way"
+    );
+
+    store.start_release.notify_one();
+    // The second job's outcome waited for the one place for outcomes, which the first job
+    // held until its start came back: that start was answered.
+    let done = engine.wait(second.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    engine.shutdown(Duration::from_millis(500)).await;
+    let lost = store.inner.get(first.id).await.unwrap().unwrap();
+    assert_eq!(
+        lost.status,
+        JobStatus::Running,
+        "no outcome under a lost lease: the job waits to be taken over"
+    );
+    assert_eq!(
+        kinds(&store.inner.events(first.id, 0).await.unwrap()),
+        ["status", "status"],
+        "nothing is written under a lost lease"
+    );
+}

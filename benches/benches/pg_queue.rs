@@ -209,6 +209,29 @@ async fn drained(store: &PgStore, exec: &ScriptedExecutor, jobs: usize) {
     }
 }
 
+/// Prints how many jobs ran more than once and the events of two of them (what their runs
+/// left in the store says why).
+async fn report_jobs_run_twice(store: &PgStore, exec: &ScriptedExecutor) {
+    let mut runs = std::collections::HashMap::new();
+    for r in exec.requests() {
+        *runs.entry(r.job_id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = runs
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    eprintln!(
+        "{} jobs ran more than once; the events of two of them:",
+        twice.len()
+    );
+    for id in twice.iter().take(2) {
+        for e in store.events(*id, 0).await.unwrap_or_default() {
+            eprintln!("  {id} {} {:?}", e.seq, e.kind);
+        }
+    }
+}
+
 /// How long a timed run took, and the machine's CPU time over it ([`machine_cpu`]).
 struct Cost {
     took: Duration,
@@ -229,6 +252,9 @@ async fn burn_down(stores: &[Arc<PgStore>], shape: Shape) -> Cost {
     drained(&stores[0], &exec, shape.jobs).await;
     let took = start.elapsed();
     let cpu = cpu_since(cpu);
+    if exec.calls() != shape.jobs {
+        report_jobs_run_twice(&stores[0], &exec).await;
+    }
     assert_eq!(exec.calls(), shape.jobs, "every job ran once");
     stop(nodes).await;
     Cost { took, cpu }

@@ -1,7 +1,9 @@
 //! One worker: claim a job, run its steps, record the outcome.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -278,6 +280,41 @@ where
 /// in its first poll, handed to a task of its own with the outcome otherwise.
 type SettleSlot<F> = std::pin::Pin<Box<Option<F>>>;
 
+/// What the last step leaves for the outcome's write: its `StepFinished` (written with the
+/// outcome) and, when its agent was done before its start was written (a quick command), that
+/// start's write, going on in a task of its own, which the outcome waits for instead of the
+/// worker. (Its own task, not a future kept for later: a write on its way may hold the store's
+/// turn to write, as the PostgreSQL store's completer does, and must not wait unpolled while
+/// its worker waits for something else.)
+#[derive(Default)]
+struct LastStep {
+    finished: Option<JobEventKind>,
+    start: Option<tokio::task::JoinHandle<Result<(), Stop>>>,
+}
+
+/// A step's start on its way to the store (see [`write_start`]).
+type StartWrite = Pin<Box<dyn Future<Output = Result<(), Stop>> + Send>>;
+
+/// Writes a step's start, fenced by the lease the job holds now, and announces it. Owned, so
+/// that the last step's can go on after its worker has taken the next job.
+fn write_start(engine: &Engine, lease: &Mutex<Arc<Lease>>, kind: JobEventKind) -> StartWrite {
+    let engine = engine.clone();
+    let lease = Arc::clone(&lease.lock().unwrap_or_else(|e| e.into_inner()));
+    Box::pin(async move {
+        match engine.inner.store.append(&lease, kind).await {
+            Ok(ev) => {
+                engine.inner.broadcast(&Arc::new(ev));
+                Ok(())
+            }
+            Err(StoreError::LeaseLost(_)) => Err(Stop::LeaseLost),
+            Err(e) => {
+                tracing::warn!(error = %e, job = %lease.job_id, "could not record an event");
+                Ok(())
+            }
+        }
+    })
+}
+
 /// A job whose work has ended, with what is left to do: write its outcome (fenced by its
 /// lease), announce it, and let go of the job. Its worker takes the next job meanwhile; the
 /// job keeps its place in its project's count (here and, as a running row, in the store) and
@@ -287,7 +324,7 @@ struct Settle {
     id: JobId,
     project: Arc<str>,
     lease: Lease,
-    last: Option<JobEventKind>,
+    last: LastStep,
     finish: Option<Finish>,
     freed: bool,
     done: CancellationToken,
@@ -303,7 +340,7 @@ impl Settle {
             project,
             lease,
             last,
-            finish,
+            mut finish,
             mut freed,
             done,
             _place,
@@ -312,6 +349,14 @@ impl Settle {
         // Counted in its project (since its claim answered) until its outcome is written, and
         // before a claim is woken for the slot it frees (see `projects`).
         let _in_project = inner.local_projects.started(&project);
+        // The last step's start first; one that finds the lease lost ends the attempt as it
+        // would have before the step's end.
+        if let Some(start) = last.start {
+            if !matches!(start.await, Ok(Ok(()))) {
+                finish = None;
+            }
+        }
+        let last = last.finished;
         if let Some(finish) = finish {
             // The last step's event, written with the outcome, is announced before it; the
             // job as that step left it is asked for only when observers want it.
@@ -431,8 +476,9 @@ async fn work_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::In
     // beside the job's work in this same task (no task of their own to spawn and join).
     // Shared, so that each write reads it without copying its owner's name.
     let lease_cell = Mutex::new(Arc::new(lease));
-    // The last step's `StepFinished`, written with the outcome (see `run_steps`).
-    let mut last: Option<JobEventKind> = None;
+    // The last step's `StepFinished`, written with the outcome, and its start when that was
+    // still on its way (see `run_steps`).
+    let mut last = LastStep::default();
     let work = async {
         // A job about a pull request runs in a worktree at its head (when workspaces are on).
         let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
@@ -734,7 +780,7 @@ async fn run_steps(
     engine: &Engine,
     job: &Job,
     steps: Steps<'_>,
-    last: &mut Option<JobEventKind>,
+    last: &mut LastStep,
 ) -> (Result<(), Stop>, JobResult) {
     let Steps {
         lease,
@@ -881,17 +927,15 @@ async fn run_steps(
         // not wait a commit to begin. Its events are recorded only after the start (the
         // `rx` branch waits for it), and a start that finds the lease lost stops the step as
         // a lost lease does.
-        let start_write = append(
+        let mut start_write = write_start(
             engine,
             lease,
-            job,
             JobEventKind::StepStarted {
                 step: step.name.clone(),
                 agent: agent_name.clone(),
                 attempt: job.attempt,
             },
         );
-        tokio::pin!(start_write);
         let mut start_written = false;
 
         let started = Instant::now();
@@ -933,11 +977,19 @@ async fn run_steps(
                 }
             }
         };
-        if !start_written && start_write.await.is_err() {
-            reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(StopReason::LeaseLost);
+        // The agent was done before its start was written. The last step's start, when the
+        // agent left nothing more to record, goes with the outcome: the worker does not wait
+        // for it (see `Settle::record`). Otherwise it is written before anything that follows.
+        let mut start_on_its_way = None;
+        if !start_written {
+            if index == final_step && rx.is_empty() && !probe.truncated() {
+                start_on_its_way = Some(inner.tracker.spawn(start_write));
+            } else if start_write.await.is_err() {
+                reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(StopReason::LeaseLost);
+            }
         }
         while let Ok(ev) = rx.try_recv() {
             partial.note(&ev);
@@ -1005,6 +1057,11 @@ async fn run_steps(
         let out = match checked {
             Ok(out) => out,
             Err(stop) => {
+                if let Some(start) = start_on_its_way.take() {
+                    if !matches!(start.await, Ok(Ok(()))) {
+                        return (Err(Stop::LeaseLost), result);
+                    }
+                }
                 let error = match &stop {
                     Stop::Failed(e, _) | Stop::Cancelled(e) | Stop::TimedOut(e) => Some(e.clone()),
                     Stop::LeaseLost | Stop::AwaitingApproval(_) => return (Err(stop), result),
@@ -1045,7 +1102,8 @@ async fn run_steps(
             error: None,
         };
         if index == final_step {
-            *last = Some(finished);
+            last.finished = Some(finished);
+            last.start = start_on_its_way.take();
         } else if let Err(stop) = append(engine, lease, job, finished).await {
             return (Err(stop), result);
         }

@@ -58,6 +58,9 @@ pub struct HookedStore {
     pub start_release: Notify,
     /// While set, `StepStarted` appends answer [`StoreError::LeaseLost`].
     pub lose_starts: AtomicBool,
+    /// When set, the held start (see `hold_next_start`) answers [`StoreError::LeaseLost`] once
+    /// it is let go.
+    pub lose_held_start: AtomicBool,
     /// Claims made (`claim` and `claim_many` calls).
     pub claims: AtomicUsize,
     /// Claims answered, whatever they took.
@@ -105,6 +108,7 @@ impl HookedStore {
             start_entered: Notify::new(),
             start_release: Notify::new(),
             lose_starts: AtomicBool::default(),
+            lose_held_start: AtomicBool::default(),
             claims: AtomicUsize::default(),
             claims_answered: AtomicUsize::default(),
             claim_answered: Notify::new(),
@@ -221,6 +225,9 @@ impl JobStore for HookedStore {
                 let released = self.start_release.notified();
                 self.start_entered.notify_one();
                 released.await;
+                if self.lose_held_start.swap(false, Ordering::SeqCst) {
+                    return Err(StoreError::LeaseLost(lease.job_id));
+                }
             }
             if self.lose_starts.load(Ordering::SeqCst) {
                 return Err(StoreError::LeaseLost(lease.job_id));
