@@ -523,6 +523,42 @@ async fn two_thousand_jobs_over_two_engines_end_exactly_once() {
     db.cleanup().await;
 }
 
+/// Quick jobs in a burst: each worker's outcomes and last steps' starts go on while it takes
+/// the next job, bounded by the engine's places for outcomes. A write on its way must never
+/// wait unpolled while its worker waits for a place (the store's completer would hold every
+/// other write behind it, and the jobs whose outcomes wait would run again once their leases
+/// lapsed): every job ends once, in its first attempt, well within its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_quick_jobs_ends_each_once_within_its_lease() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    let schema = db.schema().await;
+    let exec = ScriptedExecutor::succeeding("done");
+    let a = node(
+        &env,
+        db.store_in(&schema, 10).await,
+        Arc::new(exec.clone()),
+        |b| b.workers(32).lease_ttl(Duration::from_secs(3)),
+    )
+    .await;
+    const N: usize = 3000;
+    let ids: Vec<_> = a
+        .engine
+        .submit_many((0..N).map(|_| JobRequest::new("w")))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().id)
+        .collect();
+    for id in &ids {
+        let job = a.engine.wait(*id, WAIT).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed, "{:?}", job.error);
+        assert_eq!(job.attempt, 1, "no job waited past its lease");
+    }
+    assert_eq!(exec.calls(), N, "every job ran exactly once");
+    a.stop().await;
+    db.cleanup().await;
+}
+
 /// Backends listening on `channel`.
 async fn listeners(pool: &sqlx::PgPool, channel: &str) -> Vec<i32> {
     // `LISTEN "…"` at first, `LISTEN "…";` after a reconnection.
