@@ -494,7 +494,11 @@ impl EngineBuilder {
         self
     }
 
-    /// Number of workers (default 4).
+    /// Number of workers (default 4): how many jobs' steps run at once on this instance. A
+    /// worker is free once its job's work has ended; where the store's write of the outcome
+    /// takes a round trip (PostgreSQL), the outcome goes on without it, at most this many
+    /// outcomes on their way at once, and the job counts as running (in its project, for a
+    /// claim) until its outcome is written.
     pub fn workers(mut self, n: usize) -> Self {
         self.settings.workers = n;
         self
