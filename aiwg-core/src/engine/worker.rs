@@ -240,7 +240,8 @@ enum Stop {
 /// when the store writes it at once (in memory), or in a task of its own while this worker
 /// takes the next job (a database's round trip; see [`Settle`]). Answers whether its end may
 /// let another job be claimed now (see [`after_job`]); an outcome written in its own task
-/// wakes a worker for that itself.
+/// wakes a worker for that itself. (`settle` makes the outcome's future, `Settle::record`, at
+/// the caller, where its type is known for the worker's `settling` slot.)
 async fn run_job<F>(
     engine: &Engine,
     claimed: Claimed,
@@ -249,7 +250,7 @@ async fn run_job<F>(
     settle: impl FnOnce(Settle) -> F,
 ) -> bool
 where
-    F: std::future::Future<Output = bool> + Send + 'static,
+    F: Future<Output = bool> + Send + 'static,
 {
     let ended = work_job(engine, claimed, claimed_at).await;
     settling.set(Some(settle(ended)));
@@ -278,7 +279,7 @@ where
 
 /// Where a worker polls a job's outcome: kept for the next job when the outcome was written
 /// in its first poll, handed to a task of its own with the outcome otherwise.
-type SettleSlot<F> = std::pin::Pin<Box<Option<F>>>;
+type SettleSlot<F> = Pin<Box<Option<F>>>;
 
 /// What the last step leaves for the outcome's write: its `StepFinished` (written with the
 /// outcome) and, when its agent was done before its start was written (a quick command), that
