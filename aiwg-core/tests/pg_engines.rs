@@ -555,6 +555,28 @@ async fn a_burst_of_quick_jobs_ends_each_once_within_its_lease() {
         assert_eq!(job.attempt, 1, "no job waited past its lease");
     }
     assert_eq!(exec.calls(), N, "every job ran exactly once");
+    // Each job's start was written before its end, whichever wrote it (the worker, or the
+    // outcome's task after the worker went on).
+    for id in ids.iter().step_by(15) {
+        let kinds: Vec<_> = a
+            .store
+            .events(*id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "status",
+                "status",
+                "step.started",
+                "step.finished",
+                "status"
+            ]
+        );
+    }
     a.stop().await;
     db.cleanup().await;
 }
