@@ -37,6 +37,15 @@ pub fn engine_on(store: &Arc<HookedStore>, agent: &ScriptedExecutor, root: &Path
         .policy(ProjectPolicy::builder().root(root).build().unwrap())
 }
 
+/// The kinds of the events of a job whose one step ran and completed.
+pub const ONE_STEP_RAN: [&str; 5] = [
+    "status",
+    "status",
+    "step.started",
+    "step.finished",
+    "status",
+];
+
 /// See the module docs.
 pub struct HookedStore {
     /// The store underneath, for reading and writing around the hooks.
@@ -121,6 +130,12 @@ impl HookedStore {
             outcomes_held: AtomicUsize::default(),
             outcome_held: Notify::new(),
         }
+    }
+
+    /// The kinds of job `id`'s events so far, in order.
+    pub async fn kinds(&self, id: JobId) -> Vec<&'static str> {
+        let events = self.inner.events(id, 0).await.unwrap();
+        events.iter().map(|e| e.kind.name()).collect()
     }
 
     /// Waits (up to a minute) until `n` outcomes wait at the closed gate.
