@@ -140,36 +140,24 @@ impl HookedStore {
 
     /// Waits (up to a minute) until `n` outcomes wait at the closed gate.
     pub async fn wait_outcomes_held(&self, n: usize) {
-        tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let held = self.outcome_held.notified();
-                tokio::pin!(held);
-                held.as_mut().enable();
-                if self.outcomes_held.load(Ordering::SeqCst) >= n {
-                    return;
-                }
-                held.await;
-            }
-        })
-        .await
-        .expect("the outcomes reached the gate");
+        reaches(
+            &self.outcomes_held,
+            &self.outcome_held,
+            n,
+            "the outcomes reached the gate",
+        )
+        .await;
     }
 
     /// Waits (up to a minute) until at least `n` claims were answered.
     pub async fn wait_claims(&self, n: usize) {
-        tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let answered = self.claim_answered.notified();
-                tokio::pin!(answered);
-                answered.as_mut().enable();
-                if self.claims_answered.load(Ordering::SeqCst) >= n {
-                    return;
-                }
-                answered.await;
-            }
-        })
-        .await
-        .expect("the claims were answered");
+        reaches(
+            &self.claims_answered,
+            &self.claim_answered,
+            n,
+            "the claims were answered",
+        )
+        .await;
     }
 
     fn answered(&self) {
@@ -280,4 +268,22 @@ impl JobStore for HookedStore {
     async fn counts(&self) -> Result<QueueCounts, StoreError> {
         self.inner.counts().await
     }
+}
+
+/// Waits (up to a minute) until `count`, which `changed` is notified of (`notify_waiters`),
+/// reaches `n`; panics with `what` otherwise.
+async fn reaches(count: &AtomicUsize, changed: &Notify, n: usize, what: &str) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if count.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await
+    .expect(what);
 }
