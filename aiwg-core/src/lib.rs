@@ -83,6 +83,7 @@ mod error;
 pub mod event;
 pub mod executor;
 mod fast_hash;
+mod future_slot;
 pub mod http;
 pub mod job;
 pub mod policy;

@@ -2,9 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future as _;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +29,7 @@ use super::subscription::{
     WebhookSubscription,
 };
 use super::DispatchError;
+use crate::future_slot::FutureSlot;
 
 type Result<T, E = DispatchError> = std::result::Result<T, E>;
 
@@ -871,7 +870,7 @@ impl Hand {
 async fn work(inner: Arc<Inner>, recorder: Recorder, hand: Arc<Hand>, cancel: CancellationToken) {
     // Where an attempt's record is polled: kept for the next one when the record was written in
     // its first poll, handed to a task of its own with the record otherwise.
-    let mut record = Box::pin(None);
+    let mut record = FutureSlot::new();
     while let Some(Held { task, place }) = hand.next(&inner, &cancel).await {
         let lease_left = (task.lease.expires_at - Utc::now())
             .to_std()
@@ -894,26 +893,17 @@ async fn work(inner: Arc<Inner>, recorder: Recorder, hand: Arc<Hand>, cancel: Ca
         // delivery's lease stays until then, so no other claim takes it, and a
         // per-subscription cap still counts it). An in-memory store records it in this first
         // poll; a database's round trip goes on in a task of its own.
-        record.set(Some(settle(
-            inner.clone(),
-            recorder.clone(),
-            hand.clone(),
-            Held { task, place },
-            r,
-        )));
-        let polled = std::future::poll_fn(|cx| {
-            Poll::Ready(record.as_mut().as_pin_mut().map(|f| f.poll(cx)))
-        })
-        .await;
-        if polled.is_some_and(|p| p.is_pending()) {
-            let mut pending = std::mem::replace(&mut record, Box::pin(None));
-            tokio::spawn(async move {
-                if let Some(f) = pending.as_mut().as_pin_mut() {
-                    f.await;
-                }
-            });
-        } else {
-            record.set(None);
+        let recorded = record
+            .poll_once(settle(
+                inner.clone(),
+                recorder.clone(),
+                hand.clone(),
+                Held { task, place },
+                r,
+            ))
+            .await;
+        if let Err(unfinished) = recorded {
+            tokio::spawn(unfinished);
         }
     }
 }

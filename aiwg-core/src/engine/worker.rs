@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -14,8 +13,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{Engine, RunningJob, StopReason};
-use crate::event::JobEventKind;
+use crate::event::{JobEvent, JobEventKind};
 use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
+use crate::future_slot::FutureSlot;
 use crate::job::{Approval, Job, JobError, JobId, JobResult, JobStatus, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
 use crate::workflow::{render, TemplateContext};
@@ -40,7 +40,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
     // worker's next claim is owed to it, or, when it takes a handed job instead, another
     // worker's.
     let mut owed = false;
-    let mut settling = Box::pin(None);
+    let mut settling = FutureSlot::new();
     loop {
         // A job another worker claimed for this one comes first (even during a shutdown: it
         // is claimed, so it runs, or is cancelled by the shutdown like any running job).
@@ -54,10 +54,8 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 inner.wake.notify_one();
             }
             // `busy` was counted for it when it was claimed.
-            let freed = run_job(&engine, claimed, at, &mut settling, |s| {
-                s.record(engine.clone())
-            })
-            .await;
+            let ended = run_job(&engine, claimed, at).await;
+            let freed = settle(&engine, &mut settling, ended.record(engine.clone())).await;
             inner.busy.fetch_sub(1, Ordering::Relaxed);
             owed = after_job(inner, more, freed).await;
             continue;
@@ -159,10 +157,8 @@ pub(super) async fn run(engine: Engine, n: usize) {
                     inner.wake.notify_one();
                 }
                 if let Some(claimed) = mine {
-                    let freed = run_job(&engine, claimed, claimed_at, &mut settling, |s| {
-                        s.record(engine.clone())
-                    })
-                    .await;
+                    let ended = run_job(&engine, claimed, claimed_at).await;
+                    let freed = settle(&engine, &mut settling, ended.record(engine.clone())).await;
                     inner.busy.fetch_sub(1, Ordering::Relaxed);
                     owed = after_job(inner, more, freed).await;
                 }
@@ -236,50 +232,27 @@ enum Stop {
     AwaitingApproval(String),
 }
 
-/// Runs a job claimed at `claimed_at` (when its claim was sent) and writes its outcome: here,
-/// when the store writes it at once (in memory), or in a task of its own while this worker
-/// takes the next job (a database's round trip; see [`Settle`]). Answers whether its end may
-/// let another job be claimed now (see [`after_job`]); an outcome written in its own task
-/// wakes a worker for that itself. (`settle` makes the outcome's future, `Settle::record`, at
-/// the caller, where its type is known for the worker's `settling` slot.)
-async fn run_job<F>(
-    engine: &Engine,
-    claimed: Claimed,
-    claimed_at: tokio::time::Instant,
-    settling: &mut SettleSlot<F>,
-    settle: impl FnOnce(Settle) -> F,
-) -> bool
+/// Writes an ended job's outcome (`record`, its [`Settle::record`]): here, when the store
+/// writes it at once (in memory), or in a task of its own while this worker takes the next job
+/// (a database's round trip). Answers whether the job's end may let another job be claimed now
+/// (see [`after_job`]); an outcome written in its own task wakes a worker for that itself.
+async fn settle<F>(engine: &Engine, slot: &mut FutureSlot<F>, record: F) -> bool
 where
     F: Future<Output = bool> + Send + 'static,
 {
-    let ended = work_job(engine, claimed, claimed_at).await;
-    settling.set(Some(settle(ended)));
-    let polled =
-        std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().as_pin_mut().map(|f| f.poll(cx))))
-            .await;
-    match polled {
-        Some(Poll::Ready(freed)) => {
-            settling.set(None);
-            freed
-        }
-        _ => {
-            let mut pending = std::mem::replace(settling, Box::pin(None));
+    match slot.poll_once(record).await {
+        Ok(freed) => freed,
+        Err(unfinished) => {
             let waker = engine.clone();
             engine.inner.tracker.spawn(async move {
-                if let Some(f) = pending.as_mut().as_pin_mut() {
-                    if f.await {
-                        waker.inner.wake.notify_one();
-                    }
+                if unfinished.await {
+                    waker.inner.wake.notify_one();
                 }
             });
             false
         }
     }
 }
-
-/// Where a worker polls a job's outcome: kept for the next job when the outcome was written
-/// in its first poll, handed to a task of its own with the outcome otherwise.
-type SettleSlot<F> = Pin<Box<Option<F>>>;
 
 /// What the last step leaves for the outcome's write: its `StepFinished` (written with the
 /// outcome) and, when its agent was done before its start was written (a quick command), that
@@ -290,7 +263,15 @@ type SettleSlot<F> = Pin<Box<Option<F>>>;
 #[derive(Default)]
 struct LastStep {
     finished: Option<JobEventKind>,
-    start: Option<tokio::task::JoinHandle<Result<(), Stop>>>,
+    start: Option<StartOnItsWay>,
+}
+
+/// The last step's start, written in a task of its own.
+type StartOnItsWay = tokio::task::JoinHandle<Result<(), Stop>>;
+
+/// Waits for a start written in a task of its own: whether the lease still held then.
+async fn lease_kept(start: StartOnItsWay) -> bool {
+    matches!(start.await, Ok(Ok(())))
 }
 
 /// A step's start on its way to the store (see [`write_start`]).
@@ -302,17 +283,11 @@ fn write_start(engine: &Engine, lease: &Mutex<Arc<Lease>>, kind: JobEventKind) -
     let engine = engine.clone();
     let lease = Arc::clone(&lease.lock().unwrap_or_else(|e| e.into_inner()));
     Box::pin(async move {
-        match engine.inner.store.append(&lease, kind).await {
-            Ok(ev) => {
-                engine.inner.broadcast(&Arc::new(ev));
-                Ok(())
-            }
-            Err(StoreError::LeaseLost(_)) => Err(Stop::LeaseLost),
-            Err(e) => {
-                tracing::warn!(error = %e, job = %lease.job_id, "could not record an event");
-                Ok(())
-            }
+        let written = engine.inner.store.append(&lease, kind).await;
+        if let Some(ev) = event_written(lease.job_id, written)? {
+            engine.inner.broadcast(&Arc::new(ev));
         }
+        Ok(())
     })
 }
 
@@ -353,7 +328,7 @@ impl Settle {
         // The last step's start first; one that finds the lease lost ends the attempt as it
         // would have before the step's end.
         if let Some(start) = last.start {
-            if !matches!(start.await, Ok(Ok(()))) {
+            if !lease_kept(start).await {
                 finish = None;
             }
         }
@@ -407,8 +382,9 @@ impl Settle {
     }
 }
 
-/// Runs a job claimed at `claimed_at` (when its claim was sent) until its work ends.
-async fn work_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) -> Settle {
+/// Runs a job claimed at `claimed_at` (when its claim was sent) until its work ends; what is
+/// left (its outcome) is [`Settle::record`]'s, see [`settle`].
+async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Instant) -> Settle {
     let inner = &engine.inner;
     let Claimed {
         job,
@@ -707,30 +683,42 @@ async fn append(
     kind: JobEventKind,
 ) -> Result<(), Stop> {
     let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    match engine.inner.store.append(&current, kind).await {
-        Ok(ev) => {
-            let ev = Arc::new(ev);
-            if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
-                && !engine.inner.observers.is_empty()
-            {
-                let snapshot = engine.inner.store.get(job.id).await.ok().flatten();
-                announce(engine, snapshot.as_ref().unwrap_or(job), ev).await;
-            } else {
-                announce(engine, job, ev).await;
-            }
-            Ok(())
-        }
+    let written = engine.inner.store.append(&current, kind).await;
+    let Some(ev) = event_written(job.id, written)? else {
+        return Ok(());
+    };
+    let ev = Arc::new(ev);
+    if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. })
+        && !engine.inner.observers.is_empty()
+    {
+        let snapshot = engine.inner.store.get(job.id).await.ok().flatten();
+        announce(engine, snapshot.as_ref().unwrap_or(job), ev).await;
+    } else {
+        announce(engine, job, ev).await;
+    }
+    Ok(())
+}
+
+/// What an event's write means for the job's work: the event when it was written; the lease
+/// lost, which stops the job; or, when the store failed otherwise, nothing (the job goes on:
+/// a warning says what was not recorded).
+fn event_written(
+    job: JobId,
+    written: Result<JobEvent, StoreError>,
+) -> Result<Option<JobEvent>, Stop> {
+    match written {
+        Ok(ev) => Ok(Some(ev)),
         Err(StoreError::LeaseLost(_)) => Err(Stop::LeaseLost),
         Err(e) => {
-            tracing::warn!(error = %e, job = %job.id, "could not record an event");
-            Ok(())
+            tracing::warn!(error = %e, job = %job, "could not record an event");
+            Ok(None)
         }
     }
 }
 
 /// Sends a written event of a running job to its subscribers and, for a step that finished
 /// well, to the observers (with `job` as the event left it).
-async fn announce(engine: &Engine, job: &Job, ev: Arc<crate::event::JobEvent>) {
+async fn announce(engine: &Engine, job: &Job, ev: Arc<JobEvent>) {
     engine.inner.broadcast(&ev);
     if matches!(ev.kind, JobEventKind::StepFinished { ok: true, .. }) {
         for o in &engine.inner.observers {
@@ -1059,7 +1047,7 @@ async fn run_steps(
             Ok(out) => out,
             Err(stop) => {
                 if let Some(start) = start_on_its_way.take() {
-                    if !matches!(start.await, Ok(Ok(()))) {
+                    if !lease_kept(start).await {
                         return (Err(Stop::LeaseLost), result);
                     }
                 }
