@@ -1330,6 +1330,61 @@ async fn a_per_project_claim_reads_a_handful_of_rows_however_many_projects_wait(
     db.cleanup().await;
 }
 
+/// With every project but one at its limit (the default limit of one job a project, as many
+/// projects as workers, each running its job), a claim walks the queue's first jobs, all but
+/// one of full projects, and reads the projects' heads only when the walk was not enough
+/// (migration 0027; 0026 read them whenever its loop went past the queue's tenth job, and found
+/// the walk's end again to read past it); there a full project costs one probe, not a count of
+/// its running jobs too. The one job that may start does, whatever the claim asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_project_claim_reads_the_heads_only_past_its_walk_and_not_of_full_projects() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    let full = |n: usize| -> Vec<NewJob> {
+        (0..n)
+            .map(|i| NewJob::new(sample_job("w", &format!("/p{:02}", i % 64), 0)))
+            .collect()
+    };
+    for created in store.create_many(full(64)).await {
+        created.unwrap();
+    }
+    let running = limited_claim(&store, 64)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 64, "one job of each project");
+    // The one job that may start is the queue's twentieth.
+    for created in store.create_many(full(19)).await {
+        created.unwrap();
+    }
+    queue(&store, 1, "/q", 0).await;
+    for created in store.create_many(full(173)).await {
+        created.unwrap();
+    }
+    analyze(&store).await;
+    // (asked for, most rows it may read): 0026 read 276 and 336, this 106 and 202.
+    for (n, most) in [(1, 120), (32, 250)] {
+        let mut tx = store.pool().begin().await.unwrap();
+        let before = rows_read(&mut tx).await;
+        let claimed = limited_claim(&store, n).fetch_all(&mut *tx).await.unwrap();
+        let read = rows_read(&mut tx).await - before;
+        assert_eq!(claimed.len(), 1, "only the one project with room");
+        let project: String =
+            sqlx::query_scalar("SELECT project_path FROM aiwg_jobs WHERE id = $1")
+                .bind(claimed[0])
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert_eq!(project, "/q");
+        assert!(
+            read <= most,
+            "{read} rows read to start the one job of 193 queued, {n} asked for"
+        );
+        tx.rollback().await.unwrap();
+    }
+    db.cleanup().await;
+}
+
 /// When the first jobs in claim order all belong to projects at their limit, the claim reads
 /// on through the heads of the projects with room: a job queued behind a long queue of a busy
 /// project starts.
