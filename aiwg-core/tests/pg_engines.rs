@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 mod hooked_store;
 mod pg_support;
-use hooked_store::HookedStore;
+use hooked_store::{HookedStore, Watching};
 use pg_support::test_db;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -578,6 +578,65 @@ async fn a_burst_of_quick_jobs_ends_each_once_within_its_lease() {
         );
     }
     a.stop().await;
+    db.cleanup().await;
+}
+
+/// A last step whose agent is done at once, with nothing to record, is written whole with the
+/// job's outcome: its start, its end and the outcome in one statement (they share the writing
+/// transaction), not the start on its own first. With an observer (which wants each event
+/// with the job as it left it) the start is written on its own, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_last_step_is_written_with_its_outcome_unless_observed() {
+    let Some(db) = test_db().await else { return };
+    let env = env();
+    for observed in [false, true] {
+        let schema = db.schema().await;
+        let a = node(
+            &env,
+            db.store_in(&schema, 4).await,
+            Arc::new(ScriptedExecutor::succeeding("done")),
+            |b| {
+                let b = b.workers(1);
+                if observed {
+                    b.observer(Arc::new(Watching))
+                } else {
+                    b
+                }
+            },
+        )
+        .await;
+        let id = a.engine.submit(JobRequest::new("w")).await.unwrap().id;
+        let job = a.engine.wait(id, WAIT).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed, "{:?}", job.error);
+        let written: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT seq, kind->>'kind', xmin::text FROM aiwg_job_events \
+             WHERE job_id = $1 ORDER BY seq",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(a.store.pool())
+        .await
+        .unwrap();
+        let kinds: Vec<_> = written.iter().map(|(_, k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "status",
+                "status",
+                "step_started",
+                "step_finished",
+                "status"
+            ],
+            "observed: {observed}"
+        );
+        let (start, end) = (&written[2].2, &written[4].2);
+        if observed {
+            assert_ne!(start, end, "an observed job's start is written on its own");
+        } else {
+            assert_eq!(start, end, "the start is written with the outcome");
+            assert_eq!(&written[3].2, end);
+        }
+        a.stop().await;
+    }
     db.cleanup().await;
 }
 

@@ -1808,10 +1808,10 @@ async fn step_and_finish(store: &PgStore, lease: &aiwg_core::store::Lease) {
 }
 
 /// Each of the completer's statements (`aiwg_append_events`, `aiwg_leased_jobs`,
-/// `aiwg_record_outcomes`, migration 0020), run with the plans the store's connection keeps
-/// for them, reads only the row it names, whatever the table holds now: each is called for
-/// one running job in a transaction that is rolled back, and the rows of `aiwg_jobs` it read
-/// are counted.
+/// `aiwg_record_outcomes`, migrations 0020 and 0028), run with the plans the store's
+/// connection keeps for them, reads only the row it names, whatever the table holds now: each
+/// is called for one running job in a transaction that is rolled back, and the rows of
+/// `aiwg_jobs` it read are counted.
 async fn assert_the_completer_reads_by_key(store: &PgStore) {
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM aiwg_jobs")
         .fetch_one(store.pool())
@@ -1855,7 +1855,7 @@ async fn assert_the_completer_reads_by_key(store: &PgStore) {
         "SELECT id FROM aiwg_record_outcomes(ARRAY[$1::uuid], ARRAY[$2::int8], ARRAY[now()], \
              ARRAY[$3], ARRAY['completed'], ARRAY[NULL::timestamptz], ARRAY[$4], \
              ARRAY[NULL::timestamptz], ARRAY[now()], ARRAY['{}'], ARRAY[NULL::timestamptz], \
-             ARRAY[NULL::text])",
+             ARRAY[NULL::text], ARRAY[NULL::timestamptz], ARRAY[NULL::text])",
     )
     .bind(id)
     .bind(token)

@@ -511,6 +511,28 @@ pub trait JobStore: Send + Sync + 'static {
         Ok((done.last.1, done.ended))
     }
 
+    /// Appends the last step's `started` and `finished` events and ends the attempt, as
+    /// [`append`](Self::append) then [`finish_after_event`](Self::finish_after_event) would,
+    /// fenced by the lease: the engine writes a last step whole with its outcome when its agent
+    /// was done before the step's start was written (a quick command) and left nothing else to
+    /// record. A store may write all three at once (PostgreSQL writes them in one statement,
+    /// one commit instead of two). A status event as either step event is refused and nothing
+    /// is written; if `started` is not written (a lease no longer held), neither is the rest.
+    /// Answers the two events, in that order, and the ended job with its event.
+    async fn finish_after_step(
+        &self,
+        lease: &Lease,
+        started: JobEventKind,
+        finished: JobEventKind,
+        finish: Finish,
+    ) -> Result<([JobEvent; 2], (Job, JobEvent)), StoreError> {
+        apply::appendable(&started)?;
+        apply::appendable(&finished)?;
+        let started = self.append(lease, started).await?;
+        let (finished, ended) = self.finish_after_event(lease, finished, finish).await?;
+        Ok(([started, finished], ended))
+    }
+
     /// Cancels a queued (or `awaiting_approval`) job at once, or marks a running one for its
     /// worker to stop.
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError>;

@@ -37,6 +37,15 @@ pub fn engine_on(store: &Arc<HookedStore>, agent: &ScriptedExecutor, root: &Path
         .policy(ProjectPolicy::builder().root(root).build().unwrap())
 }
 
+/// An observer of every event that does nothing with it: an engine with one writes each of a
+/// step's events on its own, with the job as it left it for the observer.
+pub struct Watching;
+
+#[async_trait]
+impl aiwg_core::JobObserver for Watching {
+    async fn on_event(&self, _: &aiwg_core::Job, _: &aiwg_core::JobEvent) {}
+}
+
 /// The kinds of the events of a job whose one step ran and completed.
 pub const ONE_STEP_RAN: [&str; 5] = [
     "status",

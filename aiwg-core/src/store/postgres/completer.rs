@@ -225,17 +225,22 @@ struct Append {
 
 struct Outcome {
     lease: Lease,
-    /// An event written just before the outcome, in the same statement (the last step's
-    /// `StepFinished`, see [`JobStore::finish_after`](crate::store::JobStore::finish_after)).
+    /// The events written just before the outcome, in the same statement: the last step's
+    /// `StepStarted` when its agent was done before it was written (`first`, only with a
+    /// `last`, see [`JobStore::finish_after_step`](crate::store::JobStore::finish_after_step)),
+    /// and its `StepFinished` (see
+    /// [`JobStore::finish_after`](crate::store::JobStore::finish_after)).
+    first: Option<Box<NewEvent>>,
     last: Option<Box<NewEvent>>,
     finish: Finish,
     at: DateTime<Utc>,
     reply: oneshot::Sender<Result<Ended, StoreError>>,
 }
 
-/// What an outcome wrote: the job as its last event left it with that event (when it had
-/// one), and the ended job with its event.
+/// What an outcome wrote: its first event (when it had one), the job as its last event left it
+/// with that event (when it had one), and the ended job with its event.
 pub(super) struct Ended {
+    pub(super) first: Option<JobEvent>,
     pub(super) last: Option<(Job, JobEvent)>,
     pub(super) job: Job,
     pub(super) event: JobEvent,
@@ -264,10 +269,19 @@ pub(super) struct Completer {
     slots: Arc<Semaphore>,
 }
 
-/// A recorded outcome: the job after it, its event's number, its event.
-/// An outcome written: the job as its last event left it with that event and its number (when
-/// it had one), the ended job, its event's number and its event.
-type Recorded = Result<(Option<(Job, i64, NewEvent)>, Job, i64, NewEvent), StoreError>;
+/// An outcome written: its first event with its number (when it had one), the job as its last
+/// event left it with that event and its number (when it had one), the ended job, its event's
+/// number and its event.
+type Recorded = Result<Written, StoreError>;
+
+/// See [`Recorded`].
+type Written = (
+    Option<(i64, NewEvent)>,
+    Option<(Job, i64, NewEvent)>,
+    Job,
+    i64,
+    NewEvent,
+);
 
 fn stopped() -> StoreError {
     StoreError::backend("postgres: the store's completer stopped")
@@ -337,18 +351,24 @@ impl Completer {
         self.ctx.known().remove(&id);
     }
 
-    /// Records the outcome of a running job's attempt, fenced by `lease`, after `last` when
-    /// there is one.
+    /// Records the outcome of a running job's attempt, fenced by `lease`, after `first` and
+    /// `last` when there are (a `first` only with a `last`).
     pub(super) async fn finish(
         &self,
         lease: Lease,
+        first: Option<Box<NewEvent>>,
         last: Option<Box<NewEvent>>,
         finish: Finish,
         at: DateTime<Utc>,
     ) -> Result<Ended, StoreError> {
+        debug_assert!(
+            first.is_none() || last.is_some(),
+            "a first event needs a last"
+        );
         let (reply, answer) = oneshot::channel();
         self.submit(Write::Finish(Outcome {
             lease,
+            first,
             last,
             finish,
             at,
@@ -474,14 +494,19 @@ fn answer_append(ctx: &Ctx, a: Append, seq: Result<i64, StoreError>) {
 }
 
 fn answer_finish(ctx: &Ctx, f: Outcome, done: Recorded) {
-    let answer = done.map(|(last, job, seq, ev)| {
+    let answer = done.map(|(first, last, job, seq, ev)| {
         let id = job.id;
+        let first = first.map(|(seq, ev)| {
+            ctx.notifier.announce_event(id, seq, &ev);
+            ev.into_event(id, seq)
+        });
         let last = last.map(|(between, seq, ev)| {
             ctx.notifier.announce_event(id, seq, &ev);
             (between, ev.into_event(id, seq))
         });
         ctx.notifier.announce_ended(&job, seq, &ev);
         Ended {
+            first,
             last,
             job,
             event: ev.into_event(id, seq),
@@ -644,6 +669,9 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
                 refused.push(i);
                 continue;
             };
+            if let Some(first) = &f.first {
+                apply::progress(&mut job, &first.kind);
+            }
             let between = f.last.as_ref().map(|last| {
                 apply::progress(&mut job, &last.kind);
                 job.clone()
@@ -678,6 +706,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             Vec::with_capacity(m),
         );
         let (mut last_ats, mut last_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        let (mut first_ats, mut first_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
         for (i, _, job, ev, version) in &writes {
             let f = &outcomes[*i];
             w_ids.push(*job.id.as_uuid());
@@ -694,10 +723,12 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             kinds.push(ev.text.as_str());
             last_ats.push(f.last.as_ref().map(|l| l.at));
             last_kinds.push(f.last.as_ref().map(|l| l.text.as_str()));
+            first_ats.push(f.first.as_ref().map(|l| l.at));
+            first_kinds.push(f.first.as_ref().map(|l| l.text.as_str()));
         }
         let rows = sqlx::query(
             "SELECT id, last_seq FROM aiwg_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                 $10, $11, $12)",
+                 $10, $11, $12, $13, $14)",
         )
         .bind(&w_ids)
         .bind(&tokens)
@@ -711,6 +742,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .bind(&kinds)
         .bind(&last_ats)
         .bind(&last_kinds)
+        .bind(&first_ats)
+        .bind(&first_kinds)
         .fetch_all(&mut *conn)
         .await
         .map_err(db)?;
@@ -727,7 +760,8 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
                     let last = between
                         .zip(outcomes[i].last.as_deref().cloned())
                         .map(|(b, l)| (b, seq - 1, l));
-                    answers[i] = Some(Ok((last, job, seq, ev)));
+                    let first = outcomes[i].first.as_deref().cloned().map(|e| (seq - 2, e));
+                    answers[i] = Some(Ok((first, last, job, seq, ev)));
                 }
                 // Changed since it was read, or its lease ended meanwhile: read it again.
                 None => pending.push(i),

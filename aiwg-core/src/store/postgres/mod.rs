@@ -1134,7 +1134,7 @@ impl JobStore for PgStore {
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
         let ended = self
             .completer()
-            .finish(lease.clone(), None, finish, now())
+            .finish(lease.clone(), None, None, finish, now())
             .await?;
         Ok((ended.job, ended.event))
     }
@@ -1150,7 +1150,7 @@ impl JobStore for PgStore {
         let last = NewEvent::new(last, at)?;
         let ended = self
             .completer()
-            .finish(lease.clone(), Some(Box::new(last)), finish, at)
+            .finish(lease.clone(), None, Some(Box::new(last)), finish, at)
             .await?;
         let last = ended
             .last
@@ -1159,6 +1159,34 @@ impl JobStore for PgStore {
             last,
             ended: (ended.job, ended.event),
         })
+    }
+
+    async fn finish_after_step(
+        &self,
+        lease: &Lease,
+        started: JobEventKind,
+        finished: JobEventKind,
+        finish: Finish,
+    ) -> Result<([JobEvent; 2], (Job, JobEvent)), StoreError> {
+        apply::appendable(&started)?;
+        apply::appendable(&finished)?;
+        let at = now();
+        let started = NewEvent::new(started, at)?;
+        let finished = NewEvent::new(finished, at)?;
+        let ended = self
+            .completer()
+            .finish(
+                lease.clone(),
+                Some(Box::new(started)),
+                Some(Box::new(finished)),
+                finish,
+                at,
+            )
+            .await?;
+        let missing = || StoreError::backend("postgres: the step's events were not written");
+        let started = ended.first.ok_or_else(missing)?;
+        let (_, finished) = ended.last.ok_or_else(missing)?;
+        Ok(([started, finished], (ended.job, ended.event)))
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
