@@ -581,29 +581,32 @@ async fn a_burst_of_quick_jobs_ends_each_once_within_its_lease() {
     db.cleanup().await;
 }
 
-/// A last step whose agent is done at once, with nothing to record, is written whole with the
-/// job's outcome: its start, its end and the outcome in one statement (they share the writing
-/// transaction), not the start on its own first. With an observer (which wants each event
-/// with the job as it left it) the start is written on its own, as before.
+/// A last step whose agent is done at its first poll, with nothing to record, is written whole
+/// with the job's outcome: its start, its end and the outcome in one statement (they share the
+/// writing transaction), not the start on its own first. An observer (the outbound webhooks'
+/// dispatcher) is still given the step's end with the job as that end left it, then the end.
+/// An agent that takes a moment has its start written on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quick_last_step_is_written_with_its_outcome_unless_observed() {
+async fn a_quick_last_step_is_written_with_its_outcome() {
     let Some(db) = test_db().await else { return };
     let env = env();
-    for observed in [false, true] {
+    for (observed, at_once) in [(false, true), (true, true), (false, false)] {
         let schema = db.schema().await;
-        let a = node(
-            &env,
-            db.store_in(&schema, 4).await,
-            Arc::new(ScriptedExecutor::succeeding("done")),
-            |b| {
-                let b = b.workers(1);
-                if observed {
-                    b.observer(Arc::new(Watching))
-                } else {
-                    b
-                }
-            },
-        )
+        let watching = Arc::new(Watching::default());
+        let agent = ScriptedExecutor::succeeding("done");
+        let agent = if at_once {
+            agent
+        } else {
+            agent.delay(Duration::from_millis(20))
+        };
+        let a = node(&env, db.store_in(&schema, 4).await, Arc::new(agent), |b| {
+            let b = b.workers(1);
+            if observed {
+                b.observer(watching.clone())
+            } else {
+                b
+            }
+        })
         .await;
         let id = a.engine.submit(JobRequest::new("w")).await.unwrap().id;
         let job = a.engine.wait(id, WAIT).await.unwrap();
@@ -628,14 +631,29 @@ async fn a_quick_last_step_is_written_with_its_outcome_unless_observed() {
             ],
             "observed: {observed}"
         );
-        let (start, end) = (&written[2].2, &written[4].2);
-        if observed {
-            assert_ne!(start, end, "an observed job's start is written on its own");
+        let versions: Vec<_> = written[2..].iter().map(|(_, _, v)| v.as_str()).collect();
+        if at_once {
+            assert!(
+                versions.iter().all(|v| *v == versions[0]),
+                "the start, the end and the outcome written together (observed: {observed}): \
+                 {versions:?}"
+            );
         } else {
-            assert_eq!(start, end, "the start is written with the outcome");
-            assert_eq!(&written[3].2, end);
+            assert_ne!(
+                versions[0], versions[2],
+                "a slower agent's start on its own"
+            );
         }
         a.stop().await;
+        if observed {
+            let (running, completed) = (JobStatus::Running, JobStatus::Completed);
+            let seen = watching.seen();
+            assert_eq!(
+                seen[seen.len() - 2..],
+                [("step.finished", running), ("status", completed)],
+                "the step's end with the job as it left it, then the end: {seen:?}"
+            );
+        }
     }
     db.cleanup().await;
 }

@@ -11,7 +11,7 @@ use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::{JobEventKind, JobRequest, JobStatus};
 
 mod hooked_store;
-use hooked_store::{engine_on, HookedStore, Watching, ONE_STEP_RAN};
+use hooked_store::{engine_on, HookedStore, ONE_STEP_RAN};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -90,23 +90,24 @@ async fn a_start_that_finds_the_lease_lost_stops_the_agent() {
     engine.shutdown(Duration::from_millis(500)).await;
 }
 
-/// Unobserved, the start goes whole with the outcome (`JobStore::finish_after_step`, written in
-/// the outcome's task); observed, in a task of its own that the outcome waits for. Either way
-/// the worker does not wait for it.
+/// An agent done at its first poll: its start goes whole with the outcome
+/// (`JobStore::finish_after_step`, written in the outcome's task); done a moment later, while
+/// its start is on its way: in a task of its own that the outcome waits for. Either way the
+/// worker does not wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_steps_start_goes_with_the_outcome_while_its_worker_takes_the_next_job() {
-    for observed in [false, true] {
-        last_start_goes_with_the_outcome(observed).await;
+    for at_once in [true, false] {
+        last_start_goes_with_the_outcome(at_once).await;
     }
 }
 
-async fn last_start_goes_with_the_outcome(observed: bool) {
+async fn last_start_goes_with_the_outcome(at_once: bool) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(HookedStore::default());
     store.hold_next_start.store(true, Ordering::SeqCst);
     // An agent done at once, with nothing to record: its start is still on its way.
-    let agent = ScriptedExecutor::succeeding("done");
-    let engine = watched(engine_on(&store, &agent, dir.path()), observed)
+    let agent = quick(at_once);
+    let engine = engine_on(&store, &agent, dir.path())
         .workers(1)
         .build()
         .unwrap();
@@ -136,18 +137,18 @@ async fn last_start_goes_with_the_outcome(observed: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_last_start_that_finds_the_lease_lost_after_its_agent_ended_writes_no_outcome() {
-    for observed in [false, true] {
-        a_lost_last_start_writes_no_outcome(observed).await;
+    for at_once in [true, false] {
+        a_lost_last_start_writes_no_outcome(at_once).await;
     }
 }
 
-async fn a_lost_last_start_writes_no_outcome(observed: bool) {
+async fn a_lost_last_start_writes_no_outcome(at_once: bool) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(HookedStore::default());
     store.hold_next_start.store(true, Ordering::SeqCst);
     store.lose_held_start.store(true, Ordering::SeqCst);
-    let agent = ScriptedExecutor::succeeding("done");
-    let engine = watched(engine_on(&store, &agent, dir.path()), observed)
+    let agent = quick(at_once);
+    let engine = engine_on(&store, &agent, dir.path())
         .workers(1)
         // No lease recovery during the test: the job stays as the lost start left it.
         .poll_interval(Duration::from_secs(3600))
@@ -182,11 +183,12 @@ async fn a_lost_last_start_writes_no_outcome(observed: bool) {
     );
 }
 
-/// `builder`, with an observer of every event when `observed`.
-fn watched(builder: aiwg_core::EngineBuilder, observed: bool) -> aiwg_core::EngineBuilder {
-    if observed {
-        builder.observer(Arc::new(Watching))
+/// An agent that succeeds with nothing to record: at its first poll, or a moment later.
+fn quick(at_once: bool) -> ScriptedExecutor {
+    let agent = ScriptedExecutor::succeeding("done");
+    if at_once {
+        agent
     } else {
-        builder
+        agent.delay(Duration::from_millis(1))
     }
 }

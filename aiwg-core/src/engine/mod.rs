@@ -157,8 +157,11 @@ pub enum BuildError {
     NoRuntime,
 }
 
-/// Something that wants to hear about every job event after it is stored (the outbound webhook
-/// dispatcher is one). Called in order per job; a slow observer slows that job's worker.
+/// Something that wants to hear about a job's changes after they are stored (the outbound
+/// webhook dispatcher is one): every change of its status, and every step that finished well,
+/// with the job as that step's end left it. (Steps' starts and agents' output are not passed to
+/// observers; subscribers get every event, see [`Engine::subscribe`].) Called in order per job;
+/// a slow observer slows that job's worker.
 #[async_trait]
 pub trait JobObserver: Send + Sync + 'static {
     /// Called with the job as it was right after the event.

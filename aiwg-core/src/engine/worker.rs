@@ -269,7 +269,8 @@ struct LastStep {
 
 /// The last step's start, when its agent was done before it was written.
 enum LastStart {
-    /// Written in a task of its own (observers want each event with the job as it left it).
+    /// Written in a task of its own: the agent was done before the start was written, but
+    /// not at its first poll.
     OnItsWay(StartOnItsWay),
     /// Not written yet: the agent was done at its first poll and left nothing else to
     /// record, so the step goes whole with the outcome (`JobStore::finish_after_step`).
@@ -352,15 +353,27 @@ impl Settle {
             // The last step's event, written with the outcome, is announced before it; the
             // job as that step left it is asked for only when observers want it.
             let written = match (started, last) {
-                (Some(started), Some(last)) => inner
-                    .store
-                    .finish_after_step(&lease, started, last, finish)
-                    .await
-                    .map(|([started, last], ended)| {
-                        engine.inner.broadcast(&Arc::new(started));
-                        engine.inner.broadcast(&Arc::new(last));
-                        ended
-                    }),
+                // The whole last step with the outcome; the observers are given its end with
+                // the job as that end left it, as below (a step's start is not theirs).
+                (Some(started), Some(last)) => {
+                    let observed = !inner.observers.is_empty();
+                    match inner
+                        .store
+                        .finish_after_step(&lease, started, last, finish, observed)
+                        .await
+                    {
+                        Ok(step) => {
+                            engine.inner.broadcast(&Arc::new(step.started));
+                            let last = Arc::new(step.finished);
+                            match &step.between {
+                                Some(between) => announce(&engine, between, last).await,
+                                None => engine.inner.broadcast(&last),
+                            }
+                            Ok(step.ended)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 (Some(started), None) => match inner.store.append(&lease, started).await {
                     Ok(ev) => {
                         engine.inner.broadcast(&Arc::new(ev));
@@ -965,11 +978,11 @@ async fn run_steps(
         let mut timed_out = false;
         let mut lost = false;
         let mut partial = Partial::default();
-        // The last step's agent, when nothing observes the job's events one by one, is given
-        // one poll before its start is written: one that is done then (a quick command) and
-        // left nothing else to record goes whole with the outcome, the step's start included
-        // (`JobStore::finish_after_step`: one write instead of two on a database).
-        let at_once = if index == final_step && inner.observers.is_empty() {
+        // The last step's agent is given one poll before its start is written: one that is
+        // done then (a quick command) and left nothing else to record goes whole with the
+        // outcome, the step's start included (`JobStore::finish_after_step`: one write instead
+        // of two on a database).
+        let at_once = if index == final_step {
             std::future::poll_fn(|cx| Poll::Ready(exec.as_mut().poll(cx))).await
         } else {
             Poll::Pending

@@ -279,6 +279,20 @@ pub struct FinishedAfter {
     pub ended: (Job, JobEvent),
 }
 
+/// What [`JobStore::finish_after_step`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct FinishedStep {
+    /// The step's start.
+    pub started: JobEvent,
+    /// The step's end.
+    pub finished: JobEvent,
+    /// The job as the step's end left it (still `running`), when asked for.
+    pub between: Option<Job>,
+    /// The job as the attempt's end left it, and the event of that change.
+    pub ended: (Job, JobEvent),
+}
+
 /// A claimed job: now `running` under `lease`, with the event that says so.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
@@ -512,25 +526,45 @@ pub trait JobStore: Send + Sync + 'static {
     }
 
     /// Appends the last step's `started` and `finished` events and ends the attempt, as
-    /// [`append`](Self::append) then [`finish_after_event`](Self::finish_after_event) would,
-    /// fenced by the lease: the engine writes a last step whole with its outcome when its agent
-    /// was done before the step's start was written (a quick command) and left nothing else to
-    /// record. A store may write all three at once (PostgreSQL writes them in one statement,
-    /// one commit instead of two). A status event as either step event is refused and nothing
-    /// is written; if `started` is not written (a lease no longer held), neither is the rest.
-    /// Answers the two events, in that order, and the ended job with its event.
+    /// [`append`](Self::append) then [`finish_after`](Self::finish_after) would, fenced by the
+    /// lease: the engine writes a last step whole with its outcome when its agent was done
+    /// before the step's start was written (a quick command) and left nothing else to record.
+    /// A store may write all three at once (PostgreSQL writes them in one statement, one commit
+    /// instead of two). A status event as either step event is refused and nothing is written;
+    /// if `started` is not written (a lease no longer held), neither is the rest. Answers the
+    /// two events, the job as `finished` left it when `with_job` (for the observers of a step's
+    /// end, as `finish_after` answers it; without, as
+    /// [`finish_after_event`](Self::finish_after_event) saves it), and the ended job with its
+    /// event.
     async fn finish_after_step(
         &self,
         lease: &Lease,
         started: JobEventKind,
         finished: JobEventKind,
         finish: Finish,
-    ) -> Result<([JobEvent; 2], (Job, JobEvent)), StoreError> {
+        with_job: bool,
+    ) -> Result<FinishedStep, StoreError> {
         apply::appendable(&started)?;
         apply::appendable(&finished)?;
         let started = self.append(lease, started).await?;
-        let (finished, ended) = self.finish_after_event(lease, finished, finish).await?;
-        Ok(([started, finished], ended))
+        if with_job {
+            let done = self.finish_after(lease, finished, finish).await?;
+            let (between, finished) = done.last;
+            Ok(FinishedStep {
+                started,
+                finished,
+                between: Some(between),
+                ended: done.ended,
+            })
+        } else {
+            let (finished, ended) = self.finish_after_event(lease, finished, finish).await?;
+            Ok(FinishedStep {
+                started,
+                finished,
+                between: None,
+                ended,
+            })
+        }
     }
 
     /// Cancels a queued (or `awaiting_approval`) job at once, or marks a running one for its

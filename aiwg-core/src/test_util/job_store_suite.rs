@@ -1003,77 +1003,104 @@ async fn finish_after_event(store: &dyn JobStore) {
 }
 
 /// `finish_after_step` writes a last step's start, its end and the outcome as `append` then
-/// `finish_after_event` would, or none of them: under a lease no longer held, or with a status
-/// event as either step event.
+/// `finish_after` would, or none of them: under a lease no longer held, or with a status event
+/// as either step event; it answers the job between the step's end and the outcome when asked.
 async fn finish_after_step(store: &dyn JobStore) {
-    let job = create(store, sample_job("w", "/p", 0)).await;
-    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
-    let started = JobEventKind::StepStarted {
-        step: "a".into(),
-        agent: "x".into(),
-        attempt: 1,
-    };
-    let finished = JobEventKind::StepFinished {
-        step: "a".into(),
-        ok: true,
-        duration_ms: 1,
-        error: None,
-    };
-    let completed = || {
-        Finish::Completed(JobResult {
-            summary: "done".into(),
-            ..JobResult::default()
-        })
-    };
-    let status = || JobEventKind::status(Some(JobStatus::Running), JobStatus::Completed, 1);
-    // A status event is the store's to write; a lease not held writes nothing.
-    for (first, last) in [(status(), finished.clone()), (started.clone(), status())] {
-        assert!(store
-            .finish_after_step(&c.lease, first, last, completed())
-            .await
-            .is_err());
-    }
-    let mut stale = c.lease.clone();
-    stale.token += 1;
-    assert!(matches!(
-        store
-            .finish_after_step(&stale, started.clone(), finished.clone(), completed())
-            .await,
-        Err(StoreError::LeaseLost(_))
-    ));
-    assert_eq!(
-        store.events(job.id, 0).await.unwrap().len(),
-        2,
-        "nothing written under a lease not held, nor with a status event"
-    );
-
-    let ([first, last], (ended, ev)) = store
-        .finish_after_step(&c.lease, started.clone(), finished.clone(), completed())
-        .await
-        .unwrap();
-    assert_eq!((first.seq, &first.kind), (3, &started));
-    assert_eq!((last.seq, &last.kind), (4, &finished));
-    assert_eq!(ev.seq, 5);
-    assert!(matches!(
-        ev.kind,
-        JobEventKind::Status {
-            from: Some(JobStatus::Running),
-            to: JobStatus::Completed,
-            ..
+    for with_job in [false, true] {
+        let job = create(store, sample_job("w", "/p", 0)).await;
+        let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+        assert_eq!(c.job.id, job.id);
+        let started = JobEventKind::StepStarted {
+            step: "a".into(),
+            agent: "x".into(),
+            attempt: 1,
+        };
+        let finished = JobEventKind::StepFinished {
+            step: "a".into(),
+            ok: true,
+            duration_ms: 1,
+            error: None,
+        };
+        let completed = || {
+            Finish::Completed(JobResult {
+                summary: "done".into(),
+                ..JobResult::default()
+            })
+        };
+        let status = || JobEventKind::status(Some(JobStatus::Running), JobStatus::Completed, 1);
+        // A status event is the store's to write; a lease not held writes nothing.
+        for (first, last) in [(status(), finished.clone()), (started.clone(), status())] {
+            assert!(store
+                .finish_after_step(&c.lease, first, last, completed(), with_job)
+                .await
+                .is_err());
         }
-    ));
-    assert_eq!(ended.status, JobStatus::Completed);
-    assert_eq!(ended.progress.completed, ["a"]);
-    assert!(ended.progress.in_progress.is_empty());
-    let evs = store.events(job.id, 0).await.unwrap();
-    assert_eq!(
-        evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        [1, 2, 3, 4, 5]
-    );
-    assert_eq!((&evs[2], &evs[3], &evs[4]), (&first, &last, &ev));
-    assert_eq!(store.get(job.id).await.unwrap().unwrap(), ended);
-    let counts = store.counts().await.unwrap();
-    assert_eq!((counts.queued, counts.running), (0, 0));
+        let mut stale = c.lease.clone();
+        stale.token += 1;
+        assert!(matches!(
+            store
+                .finish_after_step(
+                    &stale,
+                    started.clone(),
+                    finished.clone(),
+                    completed(),
+                    with_job
+                )
+                .await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert_eq!(
+            store.events(job.id, 0).await.unwrap().len(),
+            2,
+            "nothing written under a lease not held, nor with a status event"
+        );
+
+        let step = store
+            .finish_after_step(
+                &c.lease,
+                started.clone(),
+                finished.clone(),
+                completed(),
+                with_job,
+            )
+            .await
+            .unwrap();
+        assert_eq!((step.started.seq, &step.started.kind), (3, &started));
+        assert_eq!((step.finished.seq, &step.finished.kind), (4, &finished));
+        match &step.between {
+            Some(between) => {
+                assert!(with_job, "the job between, only when asked for");
+                assert_eq!(between.status, JobStatus::Running);
+                assert_eq!(between.progress.completed, ["a"]);
+            }
+            None => assert!(!with_job, "the job between, asked for"),
+        }
+        let (ended, ev) = &step.ended;
+        assert_eq!(ev.seq, 5);
+        assert!(matches!(
+            ev.kind,
+            JobEventKind::Status {
+                from: Some(JobStatus::Running),
+                to: JobStatus::Completed,
+                ..
+            }
+        ));
+        assert_eq!(ended.status, JobStatus::Completed);
+        assert_eq!(ended.progress.completed, ["a"]);
+        assert!(ended.progress.in_progress.is_empty());
+        let evs = store.events(job.id, 0).await.unwrap();
+        assert_eq!(
+            evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            (&evs[2], &evs[3], &evs[4]),
+            (&step.started, &step.finished, ev)
+        );
+        assert_eq!(&store.get(job.id).await.unwrap().unwrap(), ended);
+        let counts = store.counts().await.unwrap();
+        assert_eq!((counts.queued, counts.running), (0, 0));
+    }
 }
 
 /// `create_many` answers each job as `create` would (capacity, idempotency, order), and

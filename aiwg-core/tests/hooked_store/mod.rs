@@ -37,13 +37,27 @@ pub fn engine_on(store: &Arc<HookedStore>, agent: &ScriptedExecutor, root: &Path
         .policy(ProjectPolicy::builder().root(root).build().unwrap())
 }
 
-/// An observer of every event that does nothing with it: an engine with one writes each of a
-/// step's events on its own, with the job as it left it for the observer.
-pub struct Watching;
+/// An observer that notes each event it is called with: its kind, and the job's status then.
+#[derive(Default)]
+pub struct Watching {
+    seen: std::sync::Mutex<Vec<(&'static str, aiwg_core::JobStatus)>>,
+}
+
+impl Watching {
+    /// What it was called with so far.
+    pub fn seen(&self) -> Vec<(&'static str, aiwg_core::JobStatus)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
 
 #[async_trait]
 impl aiwg_core::JobObserver for Watching {
-    async fn on_event(&self, _: &aiwg_core::Job, _: &aiwg_core::JobEvent) {}
+    async fn on_event(&self, job: &aiwg_core::Job, event: &aiwg_core::JobEvent) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((event.kind.name(), job.status));
+    }
 }
 
 /// The kinds of the events of a job whose one step ran and completed.

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, FinishedAfter,
-    Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
+    FinishedStep, Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::coalesce::KeptConnection;
 use crate::event::{JobEvent, JobEventKind};
@@ -1167,7 +1167,8 @@ impl JobStore for PgStore {
         started: JobEventKind,
         finished: JobEventKind,
         finish: Finish,
-    ) -> Result<([JobEvent; 2], (Job, JobEvent)), StoreError> {
+        with_job: bool,
+    ) -> Result<FinishedStep, StoreError> {
         apply::appendable(&started)?;
         apply::appendable(&finished)?;
         let at = now();
@@ -1185,8 +1186,13 @@ impl JobStore for PgStore {
             .await?;
         let missing = || StoreError::backend("postgres: the step's events were not written");
         let started = ended.first.ok_or_else(missing)?;
-        let (_, finished) = ended.last.ok_or_else(missing)?;
-        Ok(([started, finished], (ended.job, ended.event)))
+        let (between, finished) = ended.last.ok_or_else(missing)?;
+        Ok(FinishedStep {
+            started,
+            finished,
+            between: with_job.then_some(between),
+            ended: (ended.job, ended.event),
+        })
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
