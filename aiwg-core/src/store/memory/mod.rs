@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     apply, ApprovalOutcome, CancelOutcome, ClaimRequest, Claimed, Created, Finish, FinishedAfter,
-    Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
+    FinishedStep, Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
 use crate::fast_hash::FastMap;
@@ -347,6 +347,27 @@ impl State {
         Ok((between, last, ended))
     }
 
+    /// [`end_after`](Self::end_after) with the step's start written first: all three, or
+    /// none.
+    fn end_after_step<T>(
+        &mut self,
+        lease: &Lease,
+        started: JobEventKind,
+        last: JobEventKind,
+        finish: Finish,
+        between: impl FnOnce(&Job) -> T,
+        retention: &Retention,
+    ) -> Result<(JobEvent, EndedAfter<T>), StoreError> {
+        apply::appendable(&started)?;
+        apply::appendable(&last)?;
+        let now = Utc::now();
+        let entry = self.fenced(lease, now)?;
+        entry.job.status.check_transition(finish.status())?;
+        let started = Self::record(entry, started, now);
+        let ended = self.end_after(lease, last, finish, between, retention)?;
+        Ok((started, ended))
+    }
+
     fn fenced(&mut self, lease: &Lease, now: DateTime<Utc>) -> Result<&mut Entry, StoreError> {
         let entry = self
             .jobs
@@ -601,6 +622,30 @@ impl JobStore for MemoryStore {
             self.lock()
                 .end_after(lease, last, finish, |_| (), &self.retention)?;
         Ok((last, ended))
+    }
+
+    async fn finish_after_step(
+        &self,
+        lease: &Lease,
+        started: JobEventKind,
+        finished: JobEventKind,
+        finish: Finish,
+        with_job: bool,
+    ) -> Result<FinishedStep, StoreError> {
+        let (started, (between, finished, ended)) = self.lock().end_after_step(
+            lease,
+            started,
+            finished,
+            finish,
+            |job| with_job.then(|| job.clone()),
+            &self.retention,
+        )?;
+        Ok(FinishedStep {
+            started,
+            finished,
+            between,
+            ended,
+        })
     }
 
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
