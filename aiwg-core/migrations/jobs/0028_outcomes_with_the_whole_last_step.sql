@@ -1,9 +1,10 @@
 -- aiwg: an outcome written with the whole last step, its start included (issue 15).
 --
--- When a job's last step's agent is done at its first poll (a quick command) and left nothing
--- else to record, the engine writes the step's `step_started` and `step_finished` with the
--- job's outcome (`JobStore::finish_after_step`) instead of the start on its own and then the
--- rest: the completer wrote each in a batch of its own, one after the other, each waiting for
+-- When a job's last step's agent is done at its first poll (an executor that answers at once,
+-- as a host's own backend may; an agent process never is) and left nothing else to record,
+-- the engine writes the step's `step_started` and `step_finished` with the job's outcome
+-- (`JobStore::finish_after_step`) instead of the start on its own and then the rest: the
+-- completer wrote each in a batch of its own, one after the other, each waiting for
 -- the batch on its way, so that such a job held its project's place (under a per-project
 -- limit) for two batches. `pg_queue`'s per-project burn-down (64 projects, 64 workers) kept
 -- about 40 of its 64 projects' jobs running, each about 17 ms from its claim's commit to its

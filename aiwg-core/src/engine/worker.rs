@@ -979,9 +979,9 @@ async fn run_steps(
         let mut lost = false;
         let mut partial = Partial::default();
         // The last step's agent is given one poll before its start is written: one that is
-        // done then (a quick command) and left nothing else to record goes whole with the
-        // outcome, the step's start included (`JobStore::finish_after_step`: one write instead
-        // of two on a database).
+        // done then (an executor that answers at once) and left nothing else to record goes
+        // whole with the outcome, the step's start included (`JobStore::finish_after_step`:
+        // one write instead of two on a database).
         let at_once = if index == final_step {
             std::future::poll_fn(|cx| Poll::Ready(exec.as_mut().poll(cx))).await
         } else {

@@ -528,7 +528,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Appends the last step's `started` and `finished` events and ends the attempt, as
     /// [`append`](Self::append) then [`finish_after`](Self::finish_after) would, fenced by the
     /// lease: the engine writes a last step whole with its outcome when its agent was done
-    /// before the step's start was written (a quick command) and left nothing else to record.
+    /// at its first poll, before the step's start was written (an executor that answers at
+    /// once, as a host's own backend may), and left nothing else to record.
     /// A store may write all three at once (PostgreSQL writes them in one statement, one commit
     /// instead of two). A status event as either step event is refused and nothing is written;
     /// if `started` is not written (a lease no longer held), neither is the rest. Answers the
