@@ -102,32 +102,16 @@ async fn the_last_steps_start_goes_with_the_outcome_while_its_worker_takes_the_n
 }
 
 async fn last_start_goes_with_the_outcome(at_once: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HookedStore::default());
-    store.hold_next_start.store(true, Ordering::SeqCst);
-    // An agent done at once, with nothing to record: its start is still on its way.
-    let agent = quick(at_once);
-    let engine = engine_on(&store, &agent, dir.path())
-        .workers(1)
-        .build()
-        .unwrap();
-    let first = engine.submit(JobRequest::new("w")).await.unwrap();
-    tokio::time::timeout(WAIT, store.start_entered.notified())
-        .await
-        .expect("the first job's start is being written");
-    let second = engine.submit(JobRequest::new("w")).await.unwrap();
-    assert!(
-        agent.wait_started(2, WAIT).await,
-        "the one worker took the second job while the first one's start was written"
-    );
+    let held = HeldStart::new(at_once, false).await;
+    let (store, engine, first, second) = (&held.store, &held.engine, held.first, held.second);
     assert_eq!(
-        store.kinds(first.id).await,
+        store.kinds(first).await,
         ["status", "status"],
         "nothing of the first job's end is written before its start"
     );
 
     store.start_release.notify_one();
-    for job in [first.id, second.id] {
+    for job in [first, second] {
         let done = engine.wait(job, WAIT).await.unwrap();
         assert_eq!(done.status, JobStatus::Completed);
         assert_eq!(store.kinds(job).await, ONE_STEP_RAN);
@@ -143,44 +127,69 @@ async fn a_last_start_that_finds_the_lease_lost_after_its_agent_ended_writes_no_
 }
 
 async fn a_lost_last_start_writes_no_outcome(at_once: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HookedStore::default());
-    store.hold_next_start.store(true, Ordering::SeqCst);
-    store.lose_held_start.store(true, Ordering::SeqCst);
-    let agent = quick(at_once);
-    let engine = engine_on(&store, &agent, dir.path())
-        .workers(1)
-        // No lease recovery during the test: the job stays as the lost start left it.
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    let first = engine.submit(JobRequest::new("w")).await.unwrap();
-    tokio::time::timeout(WAIT, store.start_entered.notified())
-        .await
-        .expect("the first job's start is being written");
-    let second = engine.submit(JobRequest::new("w")).await.unwrap();
-    assert!(
-        agent.wait_started(2, WAIT).await,
-        "the worker went on to the second job, the first one's start still on its way"
-    );
+    let held = HeldStart::new(at_once, true).await;
+    let (store, engine, first, second) = (&held.store, &held.engine, held.first, held.second);
 
     store.start_release.notify_one();
     // The second job's outcome waited for the one place for outcomes, which the first job
     // held until its start came back: that start was answered.
-    let done = engine.wait(second.id, WAIT).await.unwrap();
+    let done = engine.wait(second, WAIT).await.unwrap();
     assert_eq!(done.status, JobStatus::Completed);
     engine.shutdown(Duration::from_millis(500)).await;
-    let lost = store.inner.get(first.id).await.unwrap().unwrap();
+    let lost = store.inner.get(first).await.unwrap().unwrap();
     assert_eq!(
         lost.status,
         JobStatus::Running,
         "no outcome under a lost lease: the job waits to be taken over"
     );
     assert_eq!(
-        store.kinds(first.id).await,
+        store.kinds(first).await,
         ["status", "status"],
         "nothing is written under a lost lease"
     );
+}
+
+/// Two jobs on one worker, the first one's step start held by the store (and lost when
+/// `lose`): the worker has taken the second job while the first one's start is on its way.
+struct HeldStart {
+    _dir: tempfile::TempDir,
+    store: Arc<HookedStore>,
+    engine: aiwg_core::Engine,
+    first: aiwg_core::JobId,
+    second: aiwg_core::JobId,
+}
+
+impl HeldStart {
+    async fn new(at_once: bool, lose: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(HookedStore::default());
+        store.hold_next_start.store(true, Ordering::SeqCst);
+        store.lose_held_start.store(lose, Ordering::SeqCst);
+        // An agent done at once, with nothing to record: its start is still on its way.
+        let agent = quick(at_once);
+        let mut builder = engine_on(&store, &agent, dir.path()).workers(1);
+        if lose {
+            // No lease recovery during the test: the job stays as the lost start left it.
+            builder = builder.poll_interval(Duration::from_secs(3600));
+        }
+        let engine = builder.build().unwrap();
+        let first = engine.submit(JobRequest::new("w")).await.unwrap().id;
+        tokio::time::timeout(WAIT, store.start_entered.notified())
+            .await
+            .expect("the first job's start is being written");
+        let second = engine.submit(JobRequest::new("w")).await.unwrap().id;
+        assert!(
+            agent.wait_started(2, WAIT).await,
+            "the one worker took the second job while the first one's start was on its way"
+        );
+        Self {
+            _dir: dir,
+            store,
+            engine,
+            first,
+            second,
+        }
+    }
 }
 
 /// An agent that succeeds with nothing to record: at its first poll, or a moment later.

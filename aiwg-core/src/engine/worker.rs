@@ -255,15 +255,14 @@ where
     }
 }
 
-/// What the last step leaves for the outcome's write: its `StepFinished` (written with the
-/// outcome) and, when its agent was done before its start was written (a quick command), that
-/// start's write, going on in a task of its own, which the outcome waits for instead of the
-/// worker. (Its own task, not a future kept for later: a write on its way may hold the store's
-/// turn to write, as the PostgreSQL store's completer does, and must not wait unpolled while
-/// its worker waits for something else.)
-#[derive(Default)]
+/// What a last step that ended well leaves for the outcome's write: its `StepFinished`
+/// (written with the outcome) and, when its agent was done before its start was written, that
+/// start (see [`LastStart`]), which the outcome waits for or writes instead of the worker.
+/// (A start on its way goes on in a task of its own, not a future kept for later: a write on
+/// its way may hold the store's turn to write, as the PostgreSQL store's completer does, and
+/// must not wait unpolled while its worker waits for something else.)
 struct LastStep {
-    finished: Option<JobEventKind>,
+    finished: JobEventKind,
     start: Option<LastStart>,
 }
 
@@ -311,7 +310,7 @@ struct Settle {
     id: JobId,
     project: Arc<str>,
     lease: Lease,
-    last: LastStep,
+    last: Option<LastStep>,
     finish: Option<Finish>,
     freed: bool,
     done: CancellationToken,
@@ -338,24 +337,29 @@ impl Settle {
         let _in_project = inner.local_projects.started(&project);
         // The last step's start first; one that finds the lease lost ends the attempt as it
         // would have before the step's end.
-        let started = match last.start {
-            Some(LastStart::OnItsWay(start)) => {
-                if !lease_kept(start).await {
-                    finish = None;
-                }
-                None
+        let last = match last {
+            Some(LastStep { finished, start }) => {
+                let started = match start {
+                    Some(LastStart::OnItsWay(start)) => {
+                        if !lease_kept(start).await {
+                            finish = None;
+                        }
+                        None
+                    }
+                    Some(LastStart::WithOutcome(started)) => Some(started),
+                    None => None,
+                };
+                Some((finished, started))
             }
-            Some(LastStart::WithOutcome(kind)) => Some(kind),
             None => None,
         };
-        let last = last.finished;
         if let Some(finish) = finish {
             // The last step's event, written with the outcome, is announced before it; the
             // job as that step left it is asked for only when observers want it.
-            let written = match (started, last) {
+            let written = match last {
                 // The whole last step with the outcome; the observers are given its end with
                 // the job as that end left it, as below (a step's start is not theirs).
-                (Some(started), Some(last)) => {
+                Some((last, Some(started))) => {
                     let observed = !inner.observers.is_empty();
                     match inner
                         .store
@@ -374,14 +378,7 @@ impl Settle {
                         Err(e) => Err(e),
                     }
                 }
-                (Some(started), None) => match inner.store.append(&lease, started).await {
-                    Ok(ev) => {
-                        engine.inner.broadcast(&Arc::new(ev));
-                        inner.store.finish(&lease, finish).await
-                    }
-                    Err(e) => Err(e),
-                },
-                (None, Some(last)) if !inner.observers.is_empty() => {
+                Some((last, None)) if !inner.observers.is_empty() => {
                     match inner.store.finish_after(&lease, last, finish).await {
                         Ok(done) => {
                             let (between, ev) = done.last;
@@ -391,7 +388,7 @@ impl Settle {
                         Err(e) => Err(e),
                     }
                 }
-                (None, Some(last)) => inner
+                Some((last, None)) => inner
                     .store
                     .finish_after_event(&lease, last, finish)
                     .await
@@ -399,7 +396,7 @@ impl Settle {
                         engine.inner.broadcast(&Arc::new(ev));
                         ended
                     }),
-                (None, None) => inner.store.finish(&lease, finish).await,
+                None => inner.store.finish(&lease, finish).await,
             };
             match written {
                 Ok((job, ev)) => {
@@ -499,7 +496,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
     let lease_cell = Mutex::new(Arc::new(lease));
     // The last step's `StepFinished`, written with the outcome, and its start when that was
     // still on its way (see `run_steps`).
-    let mut last = LastStep::default();
+    let mut last = None;
     let work = async {
         // A job about a pull request runs in a worktree at its head (when workspaces are on).
         let wants_worktree = inner.catalog.get(&job.workflow).and_then(|wf| wf.workspace)
@@ -713,11 +710,17 @@ fn fence(reason: &Mutex<Option<StopReason>>, token: &CancellationToken) {
 
 /// Stops the job through `token`, recording `why` unless an earlier reason is recorded.
 fn stop(reason: &Mutex<Option<StopReason>>, token: &CancellationToken, why: StopReason) {
+    record_stop(reason, why);
+    token.cancel();
+}
+
+/// Records `why` the job stops unless an earlier reason is recorded (its agent already ended:
+/// nothing to cancel).
+fn record_stop(reason: &Mutex<Option<StopReason>>, why: StopReason) {
     reason
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_or_insert(why);
-    token.cancel();
 }
 
 async fn append(
@@ -813,7 +816,7 @@ async fn run_steps(
     engine: &Engine,
     job: &Job,
     steps: Steps<'_>,
-    last: &mut LastStep,
+    last: &mut Option<LastStep>,
 ) -> (Result<(), Stop>, JobResult) {
     let Steps {
         lease,
@@ -993,38 +996,40 @@ async fn run_steps(
                 last_start = Some(LastStart::WithOutcome(start_kind));
                 r
             }
-            at_once => {
+            // Done at its first poll with events to record: its start is written before them.
+            Poll::Ready(r) => {
+                if write_start(engine, lease, start_kind).await.is_err() {
+                    record_stop(reason, StopReason::LeaseLost);
+                }
+                r
+            }
+            Poll::Pending => {
                 let mut start_write = write_start(engine, lease, start_kind);
                 let mut start_written = false;
-                let outcome = match at_once {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => loop {
-                        tokio::select! {
-                            biased;
-                            r = &mut start_write, if !start_written => {
-                                start_written = true;
-                                if r.is_err() {
-                                    lost = true;
-                                    reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(StopReason::LeaseLost);
-                                    step_token.cancel();
-                                }
-                            }
-                            r = &mut exec => break r,
-                            Some(ev) = rx.recv(), if start_written => {
-                                partial.note(&ev);
-                                let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
-                                if append(engine, lease, job, kind).await.is_err() && !lost {
-                                    lost = true;
-                                    reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(StopReason::LeaseLost);
-                                    step_token.cancel();
-                                }
-                            }
-                            () = &mut timer, if !timed_out => {
-                                timed_out = true;
-                                step_token.cancel();
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut start_write, if !start_written => {
+                            start_written = true;
+                            if r.is_err() {
+                                lost = true;
+                                fence(reason, &step_token);
                             }
                         }
-                    },
+                        r = &mut exec => break r,
+                        Some(ev) = rx.recv(), if start_written => {
+                            partial.note(&ev);
+                            let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
+                            if append(engine, lease, job, kind).await.is_err() && !lost {
+                                lost = true;
+                                fence(reason, &step_token);
+                            }
+                        }
+                        () = &mut timer, if !timed_out => {
+                            timed_out = true;
+                            step_token.cancel();
+                        }
+                    }
                 };
                 // The agent was done before its start was written. The last step's start, when
                 // the agent left nothing more to record, goes with the outcome: the worker does
@@ -1034,10 +1039,7 @@ async fn run_steps(
                     if index == final_step && rx.is_empty() && !probe.truncated() {
                         last_start = Some(LastStart::OnItsWay(inner.tracker.spawn(start_write)));
                     } else if start_write.await.is_err() {
-                        reason
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(StopReason::LeaseLost);
+                        record_stop(reason, StopReason::LeaseLost);
                     }
                 }
                 outcome
@@ -1160,8 +1162,10 @@ async fn run_steps(
             error: None,
         };
         if index == final_step {
-            last.finished = Some(finished);
-            last.start = last_start.take();
+            *last = Some(LastStep {
+                finished,
+                start: last_start.take(),
+            });
         } else if let Err(stop) = append(engine, lease, job, finished).await {
             return (Err(stop), result);
         }
