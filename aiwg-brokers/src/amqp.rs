@@ -1,6 +1,7 @@
 //! RabbitMQ (AMQP 0.9.1) with lapin: a durable queue for triggers; events and dead letters
 //! published persistent, with publisher confirms.
 
+use std::future::Future;
 use std::time::Duration;
 
 use aiwg_core::Engine;
@@ -21,6 +22,34 @@ use crate::{
 };
 
 const BROKER: &str = "amqp";
+
+/// How long one exchange with the server may take (connecting and declaring, a publish and its
+/// confirm, an acknowledgement, a close) before the connection is given up and made again. A
+/// server that stops answering would otherwise hold the consumer, or the events, forever: the
+/// heartbeat only watches a connection once it is open.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// What ended an exchange with the server: its error, or no answer within [`ANSWER_WITHIN`].
+#[derive(Debug, thiserror::Error)]
+enum Trouble {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("no answer from the server within {0:?}")]
+    NoAnswer(Duration),
+}
+
+/// `exchange`, given up after [`ANSWER_WITHIN`].
+async fn answered<T>(exchange: impl Future<Output = lapin::Result<T>>) -> Result<T, Trouble> {
+    match tokio::time::timeout(ANSWER_WITHIN, exchange).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(Trouble::NoAnswer(ANSWER_WITHIN)),
+    }
+}
+
+/// Closes `conn`, waiting at most [`ANSWER_WITHIN`] for the server to agree.
+async fn close(conn: &Connection, why: &str) {
+    let _ = answered(conn.close(200, why.into())).await;
+}
 
 fn dead_key(cfg: &AmqpConfig) -> String {
     cfg.dead_letter_routing_key
@@ -73,11 +102,11 @@ pub(crate) async fn start(
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, BrokerError> {
     // Fail fast when the server is not reachable at start.
-    let (conn, _) = tokio::time::timeout(Duration::from_secs(10), open(&cfg))
-        .await
-        .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))?
-        .map_err(|e| BrokerError::setup(BROKER, "cannot connect or declare", e))?;
-    let _ = conn.close(200, "set up".into()).await;
+    let (conn, _) = answered(open(&cfg)).await.map_err(|e| match e {
+        Trouble::NoAnswer(_) => BrokerError::setup(BROKER, "no answer from the server", e),
+        Trouble::Amqp(_) => BrokerError::setup(BROKER, "cannot connect or declare", e),
+    })?;
+    close(&conn, "set up").await;
     let mut tasks = vec![tokio::spawn(consume(cfg.clone(), engine, cancel.clone()))];
     if let Some(exchange) = cfg.events_exchange.clone() {
         tasks.push(tokio::spawn(publish_events(cfg, exchange, events, cancel)));
@@ -105,7 +134,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                 .await?;
             Ok::<_, lapin::Error>((conn, ch, consumer))
         };
-        let (conn, ch, mut consumer) = match opened.await {
+        let (conn, ch, mut consumer) = match answered(opened).await {
             Ok(c) => c,
             Err(e) => {
                 failures += 1;
@@ -119,7 +148,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
         loop {
             let next = tokio::select! {
                 () = cancel.cancelled() => {
-                    let _ = conn.close(200, "shutting down".into()).await;
+                    close(&conn, "shutting down").await;
                     return;
                 }
                 n = consumer.next() => n,
@@ -148,14 +177,13 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                         }
                     };
                     let acked = match done {
-                        Ok(true) => delivery.ack(BasicAckOptions::default()).await,
+                        Ok(true) => answered(delivery.ack(BasicAckOptions::default())).await,
                         Ok(false) | Err(_) => {
-                            delivery
-                                .nack(BasicNackOptions {
-                                    requeue: true,
-                                    ..Default::default()
-                                })
-                                .await
+                            answered(delivery.nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            }))
+                            .await
                         }
                     };
                     if let Err(e) = acked {
@@ -170,6 +198,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                 None => break,
             }
         }
+        close(&conn, "reconnecting").await;
         failures += 1;
         if !pause(reconnect_delay(failures), &cancel).await {
             return;
@@ -178,11 +207,11 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
 }
 
 /// Publishes the problem document of a refused message; `Ok(true)` once confirmed.
-async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> lapin::Result<bool> {
+async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> Result<bool, Trouble> {
     let mut headers = FieldTable::default();
     headers.insert("aiwg-message-id".into(), AMQPValue::LongString(id.into()));
-    let confirm = ch
-        .basic_publish(
+    let confirm = answered(async {
+        ch.basic_publish(
             cfg.dead_letter_exchange.as_str().into(),
             dead_key(cfg).as_str().into(),
             BasicPublishOptions::default(),
@@ -194,7 +223,9 @@ async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> lap
                 .with_headers(headers),
         )
         .await?
-        .await?;
+        .await
+    })
+    .await?;
     Ok(confirm.is_ack())
 }
 
@@ -207,13 +238,19 @@ async fn publish_events(
     let mut open_conn: Option<(Connection, Channel)> = None;
     loop {
         let ev = tokio::select! {
-            () = cancel.cancelled() => return,
-            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+            () = cancel.cancelled() => None,
+            ev = events.recv() => ev,
+        };
+        let Some(ev) = ev else {
+            if let Some((conn, _)) = open_conn.take() {
+                close(&conn, "shutting down").await;
+            }
+            return;
         };
         let mut failures = 0u32;
         loop {
             if open_conn.is_none() {
-                match open(&cfg).await {
+                match answered(open(&cfg)).await {
                     Ok(c) => open_conn = Some(c),
                     Err(e) => {
                         failures += 1;
@@ -231,7 +268,7 @@ async fn publish_events(
                 "aiwg-job-id".into(),
                 AMQPValue::LongString(ev.job_id.as_str().into()),
             );
-            let sent = async {
+            let sent = answered(async {
                 ch.basic_publish(
                     exchange.as_str().into(),
                     ev.event_type.as_str().into(),
@@ -245,7 +282,7 @@ async fn publish_events(
                 )
                 .await?
                 .await
-            }
+            })
             .await;
             match sent {
                 Ok(c) if c.is_ack() => break,
@@ -253,7 +290,9 @@ async fn publish_events(
                     if let Err(e) = other {
                         tracing::warn!(error = %e, event = %ev.event_type, "amqp: event not published yet; retrying");
                     }
-                    open_conn = None;
+                    if let Some((conn, _)) = open_conn.take() {
+                        close(&conn, "reconnecting").await;
+                    }
                     failures += 1;
                     if !pause(reconnect_delay(failures), &cancel).await {
                         return;

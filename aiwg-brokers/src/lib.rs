@@ -27,7 +27,9 @@
 //!    across reconnects, so a broker restart loses nothing while the server runs.
 //!
 //! Each consumer reconnects by itself after a broker restart; unacknowledged messages are
-//! redelivered by the broker and de-duplicated by their key.
+//! redelivered by the broker and de-duplicated by their key. A RabbitMQ connection that stops
+//! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
+//! given up and made again, as after a restart.
 //!
 //! # Configuration
 //!

@@ -6,6 +6,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use aiwg_core::audit::Decision;
 use common::*;
@@ -90,6 +92,20 @@ async fn publish(ch: &Channel, name: &str, body: &str, id: Option<&str>) {
         .await
         .unwrap();
     assert!(c.is_ack());
+}
+
+/// Deletes what a test named `name` declared (queues and the events exchange): the broker is
+/// shared by every run. (`basic_get` is not a consumer, so the auto-delete events queue would
+/// stay.)
+async fn clean_up(ch: &Channel, name: &str) {
+    for q in ["trigger", "dead", "test-events"] {
+        let _ = ch
+            .queue_delete(format!("{name}.{q}").as_str().into(), Default::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(format!("{name}.events").as_str().into(), Default::default())
+        .await;
 }
 
 /// Takes every message waiting in `queue`.
@@ -194,9 +210,7 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
     assert_eq!(second["status"], 404, "{second}");
     assert_eq!(jobs(&engine).await.len(), 1);
     running.shutdown().await;
-    for q in [format!("{name}.trigger"), dead] {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
+    clean_up(&ch, &name).await;
 }
 
 #[tokio::test]
@@ -243,18 +257,7 @@ async fn messages_published_while_aiwg_is_disconnected_are_consumed_once_after()
     .await;
     assert_eq!(decisions(&engine, "amqp", Decision::Accepted).await, 10);
     running.shutdown().await;
-    let _ = ch
-        .queue_delete(
-            format!("{name}.trigger").as_str().into(),
-            Default::default(),
-        )
-        .await;
-    let _ = ch
-        .queue_delete(
-            format!("{name}.trigger.dead").as_str().into(),
-            Default::default(),
-        )
-        .await;
+    clean_up(&ch, &name).await;
 }
 
 #[tokio::test]
@@ -276,18 +279,64 @@ async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
     }
     full_queue_redelivers(&engine, "amqp").await;
     running.shutdown().await;
-    let _ = ch
-        .queue_delete(
-            format!("{name}.trigger").as_str().into(),
-            Default::default(),
-        )
-        .await;
-    let _ = ch
-        .queue_delete(
-            format!("{name}.trigger.dead").as_str().into(),
-            Default::default(),
-        )
-        .await;
+    clean_up(&ch, &name).await;
+}
+
+/// A loopback proxy to RabbitMQ whose `stall`th connection (counting from 0) is accepted and then
+/// never answered; the others are passed through. Answers its address and how many connections
+/// it took.
+async fn stalling_proxy(stall: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            if count.fetch_add(1, Ordering::SeqCst) == stall {
+                held.push(client);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect("127.0.0.1:5672")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (format!("amqp://guest:guest@{addr}/%2f"), taken)
+}
+
+#[tokio::test]
+async fn a_server_that_stops_answering_is_given_up_and_connected_to_again() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    // The start's check goes through (connection 0); the consumer's first connection is
+    // accepted and never answered (connection 1): it is given up and made again.
+    let (url, taken) = stalling_proxy(1).await;
+    let mut cfg = config(&name);
+    cfg["amqp"]["url"] = json!(url);
+    cfg["amqp"]
+        .as_object_mut()
+        .unwrap()
+        .remove("events_exchange");
+    let (engine, running) = start(cfg).await;
+    publish(&ch, &name, r#"{"workflow": "check"}"#, Some("s-1")).await;
+    wait_until(
+        "the job of the message, once the consumer connected again",
+        || async { jobs(&engine).await.len() == 1 },
+    )
+    .await;
+    assert!(
+        taken.load(Ordering::SeqCst) >= 3,
+        "the consumer did not connect again after the stalled connection"
+    );
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
 }
 
 #[cfg(feature = "nats")]
