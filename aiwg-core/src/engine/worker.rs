@@ -237,20 +237,30 @@ enum Stop {
 /// writes it at once (in memory), or in a task of its own while this worker takes the next job
 /// (a database's round trip). Answers whether the job's end may let another job be claimed now
 /// (see [`after_job`]); an outcome written in its own task wakes a worker for that itself.
-async fn settle<F>(engine: &Engine, slot: &mut FutureSlot<F>, record: F) -> bool
+///
+/// Not an `async fn`, as [`FutureSlot::poll_once`] is not: `record` (several kilobytes) goes
+/// into the slot's box when this is called, and is not copied into this function's state first.
+fn settle<'a, F>(
+    engine: &'a Engine,
+    slot: &'a mut FutureSlot<F>,
+    record: F,
+) -> impl Future<Output = bool> + 'a
 where
     F: Future<Output = bool> + Send + 'static,
 {
-    match slot.poll_once(record).await {
-        Ok(freed) => freed,
-        Err(unfinished) => {
-            let waker = engine.clone();
-            engine.inner.tracker.spawn(async move {
-                if unfinished.await {
-                    waker.inner.wake.notify_one();
-                }
-            });
-            false
+    let polled = slot.poll_once(record);
+    async move {
+        match polled.await {
+            Ok(freed) => freed,
+            Err(unfinished) => {
+                let waker = engine.clone();
+                engine.inner.tracker.spawn(async move {
+                    if unfinished.await {
+                        waker.inner.wake.notify_one();
+                    }
+                });
+                false
+            }
         }
     }
 }
