@@ -22,28 +22,24 @@ impl<F: Future> FutureSlot<F> {
     /// Not an `async fn`: `fut` goes into the box here, when it is called, instead of being
     /// kept in an `async fn`'s state first and moved into the box when that state is polled.
     /// A job's outcome is a future of several kilobytes; each move is a copy of all of it.
-    pub(crate) fn poll_once(&mut self, fut: F) -> PollOnce<'_, F> {
+    pub(crate) fn poll_once(
+        &mut self,
+        fut: F,
+    ) -> impl Future<Output = Result<F::Output, Unfinished<F>>> + '_ {
         self.0.set(Some(fut));
-        PollOnce(Some(self))
-    }
-}
-
-/// [`FutureSlot::poll_once`]'s answer: polls the slot's future once.
-pub(crate) struct PollOnce<'a, F>(Option<&'a mut FutureSlot<F>>);
-
-impl<F: Future> Future for PollOnce<'_, F> {
-    type Output = Result<F::Output, Unfinished<F>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let slot = self.0.take().expect("polled once");
-        let polled = slot.0.as_mut().as_pin_mut().map(|f| f.poll(cx));
-        Poll::Ready(match polled {
-            Some(Poll::Ready(out)) => {
-                slot.0.set(None);
-                Ok(out)
+        async move {
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(self.0.as_mut().as_pin_mut().map(|f| f.poll(cx)))
+            })
+            .await;
+            match polled {
+                Some(Poll::Ready(out)) => {
+                    self.0.set(None);
+                    Ok(out)
+                }
+                _ => Err(Unfinished(std::mem::replace(&mut self.0, Box::pin(None)))),
             }
-            _ => Err(Unfinished(std::mem::replace(&mut slot.0, Box::pin(None)))),
-        })
+        }
     }
 }
 
