@@ -981,6 +981,107 @@ async fn submits_at_once_enter_a_bounded_queue_together_and_the_bound_holds() {
     db.cleanup().await;
 }
 
+/// A bounded submit is written before the queue's lock is taken, and counted under it
+/// (`aiwg_admit`, migration 0029). Two batches that both found room in the queue as last
+/// committed wait for the lock with their jobs inserted: the first to get it keeps its jobs;
+/// the second counts them and deletes its own, which no longer fit. The bound holds exactly,
+/// and nothing of the refused jobs is left (rows, events, tally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_submits_written_before_the_lock_are_counted_under_it() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let a = Arc::new(db.store_in(&schema, 3).await);
+    let b = Arc::new(db.store_in(&schema, 3).await);
+    const CAPACITY: usize = 5;
+    let bounded = || NewJob::new(sample_job("w", "/p", 0)).capacity(CAPACITY);
+    for created in a.create_many((0..3).map(|_| bounded()).collect()).await {
+        created.unwrap();
+    }
+    // The queue's lock, held by the test while both batches are written.
+    let key: i64 = sqlx::query_scalar("SELECT aiwg_lock_key($1, 'queue capacity')")
+        .bind(a.channel())
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    let mut holder = a.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let batch = |store: Arc<PgStore>| {
+        tokio::spawn(async move { store.create_many(vec![bounded(), bounded()]).await })
+    };
+    let (first, second) = (batch(a.clone()), batch(b.clone()));
+    // Both wait for the lock, their jobs inserted: both found room for two.
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND ((classid::int8 << 32) | objid::int8) = $1",
+        )
+        .bind(key)
+        .fetch_one(b.pool())
+        .await
+        .unwrap()
+    };
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while waiting().await < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("both batches wait for the queue's lock");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut answers = first.await.unwrap();
+    answers.extend(second.await.unwrap());
+    let admitted = answers.iter().filter(|a| a.is_ok()).count();
+    let refused = answers
+        .iter()
+        .filter(|a| matches!(a, Err(StoreError::QueueFull { capacity: CAPACITY })))
+        .count();
+    assert_eq!((admitted, refused), (2, 2), "{answers:?}");
+    assert_eq!(
+        tally_and_rows(&a).await,
+        (CAPACITY as i64, CAPACITY as i64),
+        "the queue holds exactly its room"
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM aiwg_job_events")
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        events, CAPACITY as i64,
+        "the refused jobs' events went with them"
+    );
+
+    // A full queue refuses without writing: nothing is inserted (the queue's sequence does
+    // not move).
+    let seq = || async {
+        sqlx::query_scalar::<_, i64>("SELECT last_value FROM aiwg_queue_seq")
+            .fetch_one(a.pool())
+            .await
+            .unwrap()
+    };
+    let before = seq().await;
+    for refused in b.create_many((0..20).map(|_| bounded()).collect()).await {
+        assert!(matches!(
+            refused,
+            Err(StoreError::QueueFull { capacity: CAPACITY })
+        ));
+    }
+    assert!(matches!(
+        a.create(bounded()).await,
+        Err(StoreError::QueueFull { capacity: CAPACITY })
+    ));
+    assert_eq!(seq().await, before, "a refused submit was inserted");
+    drop(holder);
+    db.cleanup().await;
+}
+
 /// Submits at once that carry idempotency keys go in together too (far fewer transactions
 /// than jobs): of the submits sharing a key, one creates the job and the others are answered
 /// with it (or refused, when their request differs), whichever batch each lands in.

@@ -11,6 +11,13 @@
 //! of them. [`JobStore::create_many`](crate::store::JobStore::create_many)
 //! sends its batch as one such statement directly.
 //!
+//! A bounded batch without idempotency keys is written before the lock is taken (migration
+//! 0029, [`WRITTEN_BEFORE_THE_LOCK`]): under the lock there is then only the count and the
+//! commit, and the jobs that the count leaves no room for are deleted again. The batches of
+//! several instances are written at the same time instead of one after another (the submit
+//! burst of `pg_queue`, two stores: about a quarter more submits a second; BENCHMARKS.md,
+//! session 27). A lone submit still takes the lock first: it is quicker so.
+//!
 //! Each job still gets its own answer: the jobs of a batch are admitted in order while the
 //! queue has room, and the rest are refused with [`StoreError::QueueFull`], as one submit
 //! after another would have been. A job whose idempotency key is taken (by a job inserted
@@ -258,53 +265,31 @@ async fn write(
         );
     }
     let bounded = capacities.iter().any(Option::is_some);
-    // `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
-    // lock is held until the statement commits). `known`: a job whose key a job already has
-    // (or an earlier one of the batch): it takes no place in a bounded queue, and is not
-    // admitted to one (its caller looks the key up). `admitted`: the jobs that fit; of those,
-    // `u` inserted the ones whose key was free.
-    let rows = sqlx::query(
-        "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) ELSE 0 END AS queued), \
-         k AS (SELECT x.*, x.idempotency_key IS NOT NULL AND ( \
-                 row_number() OVER (PARTITION BY x.idempotency_key ORDER BY x.ord) > 1 \
-                 OR EXISTS (SELECT 1 FROM aiwg_jobs j \
-                     WHERE j.idempotency_key = x.idempotency_key)) AS known \
-             FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
-                 $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[], \
-                 $13::text[], $14::text[]) \
-             WITH ORDINALITY AS x(id, priority, project_path, workflow, retry_at, created_at, \
-                 job, kind, at, cap, idempotency_key, fingerprint, ord)), \
-         t AS (SELECT *, count(cap) FILTER (WHERE NOT known) OVER (ORDER BY ord) AS place \
-             FROM k), \
-         admitted AS (SELECT t.* FROM t, q \
-             WHERE t.cap IS NULL OR (NOT t.known AND q.queued + t.place <= t.cap)), \
-         u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
-             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
-             SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \
-                 retry_at, created_at, idempotency_key, fingerprint, 1, job::jsonb \
-             FROM admitted ORDER BY ord \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), \
-         e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-             SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
-         SELECT a.id, u.id IS NOT NULL AS inserted FROM admitted a LEFT JOIN u ON u.id = a.id",
-    )
-    .bind(&ids)
-    .bind(&priorities)
-    .bind(&projects)
-    .bind(&workflows)
-    .bind(&retry_ats)
-    .bind(&created_ats)
-    .bind(&jobs)
-    .bind(&kinds)
-    .bind(&ats)
-    .bind(&capacities)
-    .bind(bounded)
-    .bind(ctx.lock_key)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
+    // A bounded batch without idempotency keys is written before the queue's lock is taken
+    // (see `WRITTEN_BEFORE_THE_LOCK`); an unbounded one takes no lock.
+    let sql = if bounded && keys.iter().all(Option::is_none) {
+        WRITTEN_BEFORE_THE_LOCK
+    } else {
+        COUNTED_FIRST
+    };
+    let rows = sqlx::query(sql)
+        .bind(&ids)
+        .bind(&priorities)
+        .bind(&projects)
+        .bind(&workflows)
+        .bind(&retry_ats)
+        .bind(&created_ats)
+        .bind(&jobs)
+        .bind(&kinds)
+        .bind(&ats)
+        .bind(&capacities)
+        .bind(bounded)
+        .bind(ctx.lock_key)
+        .bind(&keys)
+        .bind(&fingerprints)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
     // Admitted jobs: whether each was inserted (its key was free).
     let mut admitted = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
@@ -328,3 +313,53 @@ async fn write(
     }
     Ok(())
 }
+
+/// The statement of [`insert`] for a batch of jobs of which one at least has an idempotency
+/// key, or of which none is bounded (migration 0011): the queue's lock is taken first (when a
+/// job is bounded), then the count, then the inserts.
+///
+/// `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
+/// lock is held until the statement commits). `known`: a job whose key a job already has
+/// (or an earlier one of the batch): it takes no place in a bounded queue, and is not
+/// admitted to one (its caller looks the key up). `admitted`: the jobs that fit; of those,
+/// `u` inserted the ones whose key was free.
+///
+/// A batch without keys is written first instead ([`WRITTEN_BEFORE_THE_LOCK`]). One with keys
+/// is not: its insert may wait for another transaction's insert of the same key, and a
+/// transaction that inserts keys before it takes the lock could then wait for the lock held
+/// by one waiting for its key (a deadlock). Inserting only keyless jobs before the lock, no
+/// transaction holding the lock waits for one that does.
+const COUNTED_FIRST: &str = "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) \
+         ELSE 0 END AS queued), \
+     k AS (SELECT x.*, x.idempotency_key IS NOT NULL AND ( \
+             row_number() OVER (PARTITION BY x.idempotency_key ORDER BY x.ord) > 1 \
+             OR EXISTS (SELECT 1 FROM aiwg_jobs j \
+                 WHERE j.idempotency_key = x.idempotency_key)) AS known \
+         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
+             $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[], \
+             $13::text[], $14::text[]) \
+         WITH ORDINALITY AS x(id, priority, project_path, workflow, retry_at, created_at, \
+             job, kind, at, cap, idempotency_key, fingerprint, ord)), \
+     t AS (SELECT *, count(cap) FILTER (WHERE NOT known) OVER (ORDER BY ord) AS place \
+         FROM k), \
+     admitted AS (SELECT t.* FROM t, q \
+         WHERE t.cap IS NULL OR (NOT t.known AND q.queued + t.place <= t.cap)), \
+     u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
+         queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
+         SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \
+             retry_at, created_at, idempotency_key, fingerprint, 1, job::jsonb \
+         FROM admitted ORDER BY ord \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), \
+     e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
+         SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
+     SELECT a.id, u.id IS NOT NULL AS inserted FROM admitted a LEFT JOIN u ON u.id = a.id";
+
+/// The statement of [`insert`] for a bounded batch of jobs without idempotency keys: `aiwg_admit`
+/// (migration 0029) inserts them and their events, then, when one is bounded, takes the
+/// queue's lock (held until the statement commits), counts, and deletes the bounded jobs that
+/// do not fit: under the lock there is only a count and the commit, so the batches of several
+/// instances (or of `create_many` beside the admitter) are written at the same time. Jobs
+/// that the queue as last committed has no room for are not inserted. It answers the admitted
+/// jobs, each with whether it was inserted.
+const WRITTEN_BEFORE_THE_LOCK: &str = "SELECT id, inserted FROM aiwg_admit($12, $11, $1, $2, $3, \
+    $4, $5, $6, $7, $8, $9, $10, $13, $14)";
