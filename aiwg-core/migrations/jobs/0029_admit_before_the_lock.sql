@@ -8,13 +8,15 @@
 -- and 32 submitters, most of each batch's time was spent waiting for the lock, and the
 -- machine was half idle.
 --
--- `aiwg_admit` inserts the batch's jobs (those that the queue, as last committed, still has
--- room for) and their events first, then takes the lock and counts: the sum of the tallies
--- (0013) now includes this transaction's own jobs, which its insert counted, and every job
--- that the lock's previous holders committed. A job of the batch whose place does not fit
--- under that count is deleted again (its events with it, by 0022's trigger) and answered as
--- refused. What a batch admits is what 0011's statement admitted from the same count; the
--- jobs are simply written before it is known. Under the lock there is a sum and a commit.
+-- `aiwg_admit` takes the lock at once when nobody holds it, and then counts and inserts as
+-- 0011's statement did. Otherwise it does not wait for it: it inserts the batch's jobs (those
+-- that the queue, as last committed, still has room for) and their events first, then takes
+-- the lock and counts: the sum of the tallies (0013) now includes this transaction's own
+-- jobs, which its insert counted, and every job that the lock's previous holders committed.
+-- A job of the batch whose place does not fit under that count is deleted again (its events
+-- with it, by 0022's trigger) and answered as refused. What a batch admits is what 0011's
+-- statement admitted from the same count; the jobs are simply written before it is known.
+-- Under the lock there is a sum and a commit.
 --
 -- A job that could not fit even in the queue as last committed (the count read before the
 -- insert, without the lock) is not inserted at all: a queue that is full refuses a flood of
@@ -35,6 +37,7 @@ CREATE OR REPLACE FUNCTION aiwg_admit(
 RETURNS TABLE (id uuid, inserted boolean) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     queued_before bigint := 0;
+    locked boolean := false;
     counted bigint;
     cand_ids uuid[];
     cand_places bigint[];
@@ -43,7 +46,13 @@ DECLARE
     refused uuid[];
 BEGIN
     IF bounded THEN
-        SELECT COALESCE(sum(t.queued), 0) INTO queued_before FROM aiwg_queue_tally t;
+        -- Nobody else holds the lock: counted under it at once, as 0011's statement does.
+        locked := pg_try_advisory_xact_lock(lock_key);
+        IF locked THEN
+            queued_before := aiwg_queued_under_lock(lock_key);
+        ELSE
+            SELECT COALESCE(sum(t.queued), 0) INTO queued_before FROM aiwg_queue_tally t;
+        END IF;
     END IF;
     -- `known`: a job whose key a job already has (or an earlier one of the batch): it takes
     -- no place in a bounded queue and is not admitted to one (its caller looks the key up).
@@ -77,7 +86,7 @@ BEGIN
     INTO cand_ids, cand_places, cand_caps, new_ids
     FROM c LEFT JOIN u ON u.id = c.id;
 
-    IF bounded AND cand_ids IS NOT NULL THEN
+    IF bounded AND NOT locked AND cand_ids IS NOT NULL THEN
         -- The jobs queued by others, committed before the lock was held: the tallies' sum
         -- less this transaction's own jobs (each inserted job is queued).
         counted := aiwg_queued_under_lock(lock_key) - COALESCE(cardinality(new_ids), 0);
