@@ -11,12 +11,12 @@
 //! of them. [`JobStore::create_many`](crate::store::JobStore::create_many)
 //! sends its batch as one such statement directly.
 //!
-//! A bounded batch without idempotency keys is written before the lock is taken (migration
-//! 0029, [`WRITTEN_BEFORE_THE_LOCK`]): under the lock there is then only the count and the
-//! commit, and the jobs that the count leaves no room for are deleted again. The batches of
-//! several instances are written at the same time instead of one after another (the submit
-//! burst of `pg_queue`, two stores: about a quarter more submits a second; BENCHMARKS.md,
-//! session 27). A lone submit still takes the lock first: it is quicker so.
+//! A bounded batch without idempotency keys that finds the lock held by another does not wait
+//! for it: it is written first, then counted under the lock, and the jobs that the count
+//! leaves no room for are deleted again (migration 0029, [`WRITTEN_BEFORE_THE_LOCK`]). The
+//! batches of several instances are written at the same time instead of one after another
+//! (the submit burst of `pg_queue`, two stores: about 30 % more submits a second;
+//! BENCHMARKS.md, session 27). A lone submit still takes the lock first: it is quicker so.
 //!
 //! Each job still gets its own answer: the jobs of a batch are admitted in order while the
 //! queue has room, and the rest are refused with [`StoreError::QueueFull`], as one submit
@@ -354,12 +354,13 @@ const COUNTED_FIRST: &str = "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_un
          SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
      SELECT a.id, u.id IS NOT NULL AS inserted FROM admitted a LEFT JOIN u ON u.id = a.id";
 
-/// The statement of [`insert`] for a bounded batch of jobs without idempotency keys: `aiwg_admit`
-/// (migration 0029) inserts them and their events, then, when one is bounded, takes the
-/// queue's lock (held until the statement commits), counts, and deletes the bounded jobs that
-/// do not fit: under the lock there is only a count and the commit, so the batches of several
-/// instances (or of `create_many` beside the admitter) are written at the same time. Jobs
-/// that the queue as last committed has no room for are not inserted. It answers the admitted
+/// The statement of [`insert`] for a bounded batch of jobs without idempotency keys:
+/// `aiwg_admit` (migration 0029). When nobody holds the queue's lock it takes it, counts and
+/// inserts, as [`COUNTED_FIRST`] does. Otherwise it inserts the jobs and their events first
+/// (not those that the queue as last committed has no room for), then takes the lock (held
+/// until the statement commits), counts, and deletes the jobs that do not fit: under the lock
+/// there is only a count and the commit, so the batches of several instances (or of
+/// `create_many` beside the admitter) are written at the same time. It answers the admitted
 /// jobs, each with whether it was inserted.
 const WRITTEN_BEFORE_THE_LOCK: &str = "SELECT id, inserted FROM aiwg_admit($12, $11, $1, $2, $3, \
     $4, $5, $6, $7, $8, $9, $10, $13, $14)";
