@@ -871,4 +871,5 @@ async fn a_job_queued_where_a_worker_is_idle_wakes_no_other_instance() {
     b_engine.shutdown(Duration::from_secs(5)).await;
     b_listener.abort();
     a.stop().await;
+    db.cleanup().await;
 }
