@@ -8,15 +8,17 @@
 -- and 32 submitters, most of each batch's time was spent waiting for the lock, and the
 -- machine was half idle.
 --
--- `aiwg_admit` takes the lock at once when nobody holds it, and then counts and inserts as
--- 0011's statement did. Otherwise it does not wait for it: it inserts the batch's jobs (those
--- that the queue, as last committed, still has room for) and their events first, then takes
--- the lock and counts: the sum of the tallies (0013) now includes this transaction's own
--- jobs, which its insert counted, and every job that the lock's previous holders committed.
--- A job of the batch whose place does not fit under that count is deleted again (its events
--- with it, by 0022's trigger) and answered as refused. What a batch admits is what 0011's
--- statement admitted from the same count; the jobs are simply written before it is known.
--- Under the lock there is a sum and a commit.
+-- `aiwg_admit` is now the admitter's statement for every batch. An unbounded batch takes no
+-- lock. A bounded one takes the lock at once when nobody holds it, and then counts and
+-- inserts as 0011's statement did; so does one with an idempotency key, which waits for the
+-- lock if it must (see below). Otherwise a bounded batch does not wait for it: it inserts its
+-- jobs (those that the queue, as last committed, still has room for) and their events first,
+-- then takes the lock and counts: the sum of the tallies (0013) now includes this
+-- transaction's own jobs, which its insert counted, and every job that the lock's previous
+-- holders committed. A job of the batch whose place does not fit under that count is deleted
+-- again (its events with it, by 0022's trigger) and answered as refused. What a batch admits
+-- is what 0011's statement admitted from the same count; the jobs are simply written before
+-- it is known. Under the lock there is a sum and a commit.
 --
 -- A job that could not fit even in the queue as last committed (the count read before the
 -- insert, without the lock) is not inserted at all: a queue that is full refuses a flood of
@@ -24,12 +26,12 @@
 -- under the lock by jobs that left the queue since (claims); such a job is refused as it
 -- would have been a moment before.
 --
--- aiwg sends only batches without idempotency keys through it; a lone submit, and a batch with
--- a key, still take the lock first (0007's and 0011's statements: a lone submit has nothing to
--- be written beside, and is quicker so). An insert waits for another transaction only when
--- both insert the same key; a transaction that waits for the lock here holds no key, so no
--- transaction holding the lock ever waits for one waiting for it (a deadlock), whichever of
--- the ways, or an earlier version's, each submit takes.
+-- Only a batch without idempotency keys inserts before the lock; a lone submit still takes
+-- the lock first too (0007's statement: it has nothing to be written beside, and is quicker
+-- so). An insert waits for another transaction only when both insert the same key; a
+-- transaction that waits for the lock after its insert holds no key, so no transaction
+-- holding the lock ever waits for one waiting for it (a deadlock), whichever of the ways, or
+-- an earlier version's, each submit takes.
 CREATE OR REPLACE FUNCTION aiwg_admit(
     lock_key bigint, bounded boolean, ids uuid[], priorities int4[], projects text[],
     workflows text[], retry_ats timestamptz[], created_ats timestamptz[], jobs text[],
@@ -46,8 +48,12 @@ DECLARE
     refused uuid[];
 BEGIN
     IF bounded THEN
-        -- Nobody else holds the lock: counted under it at once, as 0011's statement does.
-        locked := pg_try_advisory_xact_lock(lock_key);
+        -- With a key, or when nobody else holds the lock: counted under it first.
+        IF EXISTS (SELECT 1 FROM unnest(keys) AS x(key) WHERE x.key IS NOT NULL) THEN
+            locked := true;
+        ELSE
+            locked := pg_try_advisory_xact_lock(lock_key);
+        END IF;
         IF locked THEN
             queued_before := aiwg_queued_under_lock(lock_key);
         ELSE

@@ -13,7 +13,7 @@
 //!
 //! A bounded batch without idempotency keys that finds the lock held by another does not wait
 //! for it: it is written first, then counted under the lock, and the jobs that the count
-//! leaves no room for are deleted again (migration 0029, [`WRITTEN_BEFORE_THE_LOCK`]). The
+//! leaves no room for are deleted again (migration 0029, [`ADMIT`]). The
 //! batches of several instances are written at the same time instead of one after another
 //! (the submit burst of `pg_queue`, two stores: about 30 % more submits a second;
 //! BENCHMARKS.md, session 27). A lone submit still takes the lock first: it is quicker so.
@@ -265,14 +265,7 @@ async fn write(
         );
     }
     let bounded = capacities.iter().any(Option::is_some);
-    // A bounded batch without idempotency keys is written before the queue's lock is taken
-    // (see `WRITTEN_BEFORE_THE_LOCK`); an unbounded one takes no lock.
-    let sql = if bounded && keys.iter().all(Option::is_none) {
-        WRITTEN_BEFORE_THE_LOCK
-    } else {
-        COUNTED_FIRST
-    };
-    let rows = sqlx::query(sql)
+    let rows = sqlx::query(ADMIT)
         .bind(&ids)
         .bind(&priorities)
         .bind(&projects)
@@ -314,53 +307,19 @@ async fn write(
     Ok(())
 }
 
-/// The statement of [`insert`] for a batch of jobs of which one at least has an idempotency
-/// key, or of which none is bounded (migration 0011): the queue's lock is taken first (when a
-/// job is bounded), then the count, then the inserts.
+/// The statement of [`insert`]: `aiwg_admit` (migration 0029). An unbounded batch takes no
+/// lock. A bounded one with an idempotency key, or one that finds the queue's lock free, takes
+/// it (held until the statement commits), counts, then inserts the jobs that fit. Otherwise it
+/// inserts the jobs and their events first (not those that the queue as last committed has no
+/// room for), then takes the lock, counts, and deletes the jobs that do not fit: under the
+/// lock there is only a count and the commit, so the batches of several instances (or of
+/// `create_many` beside the admitter) are written at the same time. A job whose key a job
+/// already has (or an earlier one of the batch) takes no place in a bounded queue and is not
+/// admitted to one (its caller looks the key up). It answers the admitted jobs, each with
+/// whether it was inserted (its key was free).
 ///
-/// `queued`: taken under the queue's lock, only when a job of the batch is bounded (the
-/// lock is held until the statement commits). `known`: a job whose key a job already has
-/// (or an earlier one of the batch): it takes no place in a bounded queue, and is not
-/// admitted to one (its caller looks the key up). `admitted`: the jobs that fit; of those,
-/// `u` inserted the ones whose key was free.
-///
-/// A batch without keys is written first instead ([`WRITTEN_BEFORE_THE_LOCK`]). One with keys
-/// is not: its insert may wait for another transaction's insert of the same key, and a
-/// transaction that inserts keys before it takes the lock could then wait for the lock held
-/// by one waiting for its key (a deadlock). Inserting only keyless jobs before the lock, no
-/// transaction holding the lock waits for one that does.
-const COUNTED_FIRST: &str = "WITH q AS (SELECT CASE WHEN $11 THEN aiwg_queued_under_lock($12) \
-         ELSE 0 END AS queued), \
-     k AS (SELECT x.*, x.idempotency_key IS NOT NULL AND ( \
-             row_number() OVER (PARTITION BY x.idempotency_key ORDER BY x.ord) > 1 \
-             OR EXISTS (SELECT 1 FROM aiwg_jobs j \
-                 WHERE j.idempotency_key = x.idempotency_key)) AS known \
-         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], \
-             $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::int8[], \
-             $13::text[], $14::text[]) \
-         WITH ORDINALITY AS x(id, priority, project_path, workflow, retry_at, created_at, \
-             job, kind, at, cap, idempotency_key, fingerprint, ord)), \
-     t AS (SELECT *, count(cap) FILTER (WHERE NOT known) OVER (ORDER BY ord) AS place \
-         FROM k), \
-     admitted AS (SELECT t.* FROM t, q \
-         WHERE t.cap IS NULL OR (NOT t.known AND q.queued + t.place <= t.cap)), \
-     u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
-         queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
-         SELECT id, 'queued', priority, project_path, workflow, nextval('aiwg_queue_seq'), \
-             retry_at, created_at, idempotency_key, fingerprint, 1, job::jsonb \
-         FROM admitted ORDER BY ord \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), \
-     e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
-         SELECT u.id, 1, a.at, a.kind::jsonb FROM u JOIN admitted a ON a.id = u.id) \
-     SELECT a.id, u.id IS NOT NULL AS inserted FROM admitted a LEFT JOIN u ON u.id = a.id";
-
-/// The statement of [`insert`] for a bounded batch of jobs without idempotency keys:
-/// `aiwg_admit` (migration 0029). When nobody holds the queue's lock it takes it, counts and
-/// inserts, as [`COUNTED_FIRST`] does. Otherwise it inserts the jobs and their events first
-/// (not those that the queue as last committed has no room for), then takes the lock (held
-/// until the statement commits), counts, and deletes the jobs that do not fit: under the lock
-/// there is only a count and the commit, so the batches of several instances (or of
-/// `create_many` beside the admitter) are written at the same time. It answers the admitted
-/// jobs, each with whether it was inserted.
-const WRITTEN_BEFORE_THE_LOCK: &str = "SELECT id, inserted FROM aiwg_admit($12, $11, $1, $2, $3, \
+/// Only keyless batches insert before the lock: an insert may wait for another transaction's
+/// insert of the same key, and a transaction that inserted keys before it took the lock could
+/// wait for the lock held by one waiting for its key (a deadlock).
+const ADMIT: &str = "SELECT id, inserted FROM aiwg_admit($12, $11, $1, $2, $3, \
     $4, $5, $6, $7, $8, $9, $10, $13, $14)";
