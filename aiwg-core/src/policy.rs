@@ -229,6 +229,15 @@ impl ProjectPolicy {
         if self.roots.is_empty() {
             return Err(PolicyError::NoRoot);
         }
+        // A directory reached without a symlink, written as `normalize` writes it, is its own
+        // canonical form: what follows `canonicalize` below answers as it would (inside a root
+        // as written, not forbidden). Anything else, or a kernel that cannot tell, takes the
+        // full way, which also says precisely what changed.
+        if normalize(path).as_os_str() == path.as_os_str() && directory_without_symlinks(path) {
+            let inside = self.roots.iter().any(|r| path.starts_with(r));
+            self.refuse_outside_roots(path, inside, false, canonical)?;
+            return self.refuse_forbidden_path(path, canonical);
+        }
         let now =
             std::fs::canonicalize(path).map_err(|_| PolicyError::NotFound(canonical.to_owned()))?;
         let lexically_inside = self.roots.iter().any(|r| path.starts_with(r));
@@ -268,8 +277,16 @@ impl ProjectPolicy {
 
     /// Refuses a canonical path that is forbidden or not a directory.
     fn refuse_forbidden(&self, canonical: &Path, input: &str) -> Result<(), PolicyError> {
-        // Forbidden: the path is, or is inside, a forbidden path, or contains one (a project of
-        // `$HOME` would hand `~/.ssh` to the agent).
+        self.refuse_forbidden_path(canonical, input)?;
+        if !canonical.is_dir() {
+            return Err(PolicyError::NotADirectory(input.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Refuses a canonical path that is, is inside, or contains a forbidden path (a project
+    /// of `$HOME` would hand `~/.ssh` to the agent).
+    fn refuse_forbidden_path(&self, canonical: &Path, input: &str) -> Result<(), PolicyError> {
         if self
             .forbidden
             .iter()
@@ -277,11 +294,35 @@ impl ProjectPolicy {
         {
             return Err(PolicyError::Forbidden(input.to_owned()));
         }
-        if !canonical.is_dir() {
-            return Err(PolicyError::NotADirectory(input.to_owned()));
-        }
         Ok(())
     }
+}
+
+/// Whether `path` opens as a directory without following a symlink on the way (`openat2`
+/// with `RESOLVE_NO_SYMLINKS`, Linux 5.6): one walk of the path, where `realpath` reads every
+/// component's link, each a walk from the root, and `is_dir` makes another. `false` whenever
+/// the answer is not a plain yes: a symlink, a missing or non-directory component, no
+/// permission, or a kernel (or seccomp filter) without `openat2`.
+#[cfg(target_os = "linux")]
+fn directory_without_symlinks(path: &Path) -> bool {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match openat2(nix::libc::AT_FDCWD, path, how) {
+        Ok(fd) => {
+            // An `O_PATH` descriptor: closing it cannot lose data.
+            let _ = nix::unistd::close(fd);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn directory_without_symlinks(_path: &Path) -> bool {
+    false
 }
 
 /// Removes `.` and folds `..` without touching the file system.
@@ -513,5 +554,39 @@ mod tests {
             p.recheck(file.to_str().unwrap()),
             Err(PolicyError::NotADirectory(_))
         ));
+        // A form with `.`, a doubled or a trailing `/` opens as the same directory, but it is
+        // not what `resolve` answers.
+        let root = f.root.display();
+        for odd in [
+            format!("{root}/./repo/moved"),
+            format!("{root}/repo//moved"),
+            format!("{root}/repo/moved/"),
+        ] {
+            assert_eq!(p.recheck(&odd), Err(PolicyError::Changed(odd.clone())));
+        }
+    }
+
+    /// The recheck's one-walk test: yes for a directory reached without a symlink, no for one
+    /// reached through a symlink, for a file and for nothing. (Linux from 5.6; elsewhere it
+    /// always says no and the recheck takes `canonicalize`'s way.)
+    #[test]
+    fn the_one_walk_test_sees_a_symlink_on_the_way() {
+        let f = fixture();
+        let dir = f.root.join("repo/sub");
+        fs::write(dir.join("file"), "x").unwrap();
+        if !directory_without_symlinks(&dir) {
+            assert!(
+                !cfg!(target_os = "linux") || std::env::var_os("CI").is_none(),
+                "openat2 refused a plain directory"
+            );
+            eprintln!("skipping: no openat2 here (the recheck takes canonicalize's way)");
+            return;
+        }
+        // `alias` is a symlink to `repo`.
+        assert!(!directory_without_symlinks(&f.root.join("alias/sub")));
+        assert!(!directory_without_symlinks(&f.root.join("alias")));
+        assert!(!directory_without_symlinks(&f.root.join("escape")));
+        assert!(!directory_without_symlinks(&dir.join("file")));
+        assert!(!directory_without_symlinks(&dir.join("missing")));
     }
 }
