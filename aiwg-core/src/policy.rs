@@ -213,10 +213,7 @@ impl ProjectPolicy {
         let changed = || PolicyError::Changed(canonical.to_owned());
         // What `resolve` answers is absolute and has no `..`; anything else is checked as any
         // input would be (and is then not its own canonical form).
-        if canonical.contains('\0')
-            || !path.is_absolute()
-            || path.components().any(|c| c == Component::ParentDir)
-        {
+        if canonical.contains('\0') || !path.is_absolute() || has_dotdot(canonical) {
             let now = self.check(canonical)?;
             return if now.as_os_str() == canonical {
                 Ok(())
@@ -229,13 +226,14 @@ impl ProjectPolicy {
         if self.roots.is_empty() {
             return Err(PolicyError::NoRoot);
         }
-        // A directory reached without a symlink, written as `normalize` writes it, is its own
+        // A directory reached without a symlink, written as `resolve` writes it, is its own
         // canonical form: what follows `canonicalize` below answers as it would (inside a root
         // as written, not forbidden). Anything else, or a kernel that cannot tell, takes the
         // full way, which also says precisely what changed.
-        if normalize(path).as_os_str() == path.as_os_str() && directory_without_symlinks(path) {
-            let inside = self.roots.iter().any(|r| path.starts_with(r));
-            self.refuse_outside_roots(path, inside, false, canonical)?;
+        if written_canonically(canonical) && directory_without_symlinks(path) {
+            if !self.roots.iter().any(|r| lies_under(canonical, r)) {
+                return Err(PolicyError::OutsideRoot(canonical.to_owned()));
+            }
             return self.refuse_forbidden_path(path, canonical);
         }
         let now =
@@ -296,6 +294,31 @@ impl ProjectPolicy {
         }
         Ok(())
     }
+}
+
+/// Whether `path` (absolute) has a `..` component, read from its bytes.
+fn has_dotdot(path: &str) -> bool {
+    path.split('/').any(|c| c == "..")
+}
+
+/// Whether `path` (absolute, without `..`) is written as `canonicalize` writes paths: no `.`
+/// component, no doubled `/`, no `/` at the end (but `/` itself). Read from its bytes, without
+/// the allocation and the component walk of comparing it with its `normalize`d form.
+fn written_canonically(path: &str) -> bool {
+    path == "/"
+        || path
+            .strip_prefix('/')
+            .is_some_and(|rest| rest.split('/').all(|c| !c.is_empty() && c != "."))
+}
+
+/// Whether `path` is `root` or lies under it, both written canonically (see
+/// [`written_canonically`]; a root is canonicalised when the policy is built): what
+/// `Path::starts_with` answers for them, read from their bytes.
+fn lies_under(path: &str, root: &Path) -> bool {
+    let root = root.as_os_str().as_encoded_bytes();
+    let path = path.as_bytes();
+    path.starts_with(root)
+        && (path.len() == root.len() || root.ends_with(b"/") || path[root.len()] == b'/')
 }
 
 /// Whether `path` opens as a directory without following a symlink on the way (`openat2`
@@ -537,6 +560,13 @@ mod tests {
             p.recheck(f.outside.to_str().unwrap()),
             Err(PolicyError::OutsideRoot(_))
         ));
+        // A directory whose name only begins with the root's is not inside it.
+        let beside = format!("{}-beside", f.root.display());
+        fs::create_dir(&beside).unwrap();
+        assert_eq!(
+            p.recheck(&beside),
+            Err(PolicyError::OutsideRoot(beside.clone()))
+        );
         let moved = f.root.join("repo/moved");
         assert!(p.recheck(moved.to_str().unwrap()).is_ok());
         assert_eq!(
@@ -563,6 +593,51 @@ mod tests {
             format!("{root}/repo/moved/"),
         ] {
             assert_eq!(p.recheck(&odd), Err(PolicyError::Changed(odd.clone())));
+        }
+    }
+
+    /// The recheck's lexical shortcuts answer what `Path`'s component walk answers.
+    #[test]
+    fn the_lexical_shortcuts_read_paths_as_components_do() {
+        for (path, canonical) in [
+            ("/", true),
+            ("/srv", true),
+            ("/srv/a b/c", true),
+            ("/srv/...", true),
+            ("/srv/", false),
+            ("/srv//a", false),
+            ("/srv/./a", false),
+            ("/srv/.", false),
+            ("//srv", false),
+        ] {
+            assert_eq!(written_canonically(path), canonical, "{path}");
+            if canonical {
+                assert_eq!(normalize(Path::new(path)).as_os_str(), path, "{path}");
+            }
+        }
+        for path in ["/srv/..", "/srv/../a", "/../srv"] {
+            assert!(has_dotdot(path), "{path}");
+        }
+        for path in ["/srv/...", "/srv/..a", "/srv/a.."] {
+            assert!(!has_dotdot(path), "{path}");
+        }
+        for (path, root, under) in [
+            ("/srv/a", "/srv/a", true),
+            ("/srv/a/b", "/srv/a", true),
+            ("/srv/ab", "/srv/a", false),
+            ("/srv", "/srv/a", false),
+            ("/srv/a", "/", true),
+        ] {
+            assert_eq!(
+                lies_under(path, Path::new(root)),
+                under,
+                "{path} under {root}"
+            );
+            assert_eq!(
+                Path::new(path).starts_with(root),
+                under,
+                "{path} under {root}"
+            );
         }
     }
 
