@@ -13,11 +13,18 @@
 //!
 //! Subscribers hold only their cursor and a small batch of shared events: a slow subscriber
 //! never makes the server hold more than the ring, it gets a reset instead.
+//!
+//! The ring keeps events from the first time the feed hands out a position (a subscription, or
+//! [`Engine::feed_cursor`](super::Engine::feed_cursor)): before that no client can hold a
+//! cursor of this feed, so no event could ever be asked for, and an engine nobody follows
+//! (workers without a dashboard, say) neither keeps nor frees ten thousand events. The
+//! numbering runs from the start all the same.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
@@ -126,6 +133,8 @@ struct Ring {
     /// The sequence number of the newest event (0: none yet).
     last: u64,
     closed: bool,
+    /// A position was handed out: events are kept from then on (see the module docs).
+    observed: bool,
 }
 
 /// The engine's feed (see the module docs).
@@ -134,6 +143,8 @@ pub(crate) struct Feed {
     max_events: usize,
     max_bytes: usize,
     ring: Mutex<Ring>,
+    /// [`Ring::observed`], read without the lock to skip weighing events nobody keeps.
+    observed: AtomicBool,
     /// The newest sequence number, to wake subscribers.
     tick: watch::Sender<u64>,
 }
@@ -221,7 +232,9 @@ impl Feed {
                 bytes: 0,
                 last: 0,
                 closed: false,
+                observed: false,
             }),
+            observed: AtomicBool::new(false),
             tick: watch::channel(0).0,
         }
     }
@@ -232,7 +245,15 @@ impl Feed {
 
     /// Appends an event (called wherever the engine broadcasts one).
     pub(crate) fn push(&self, event: Arc<JobEvent>) {
-        let bytes = approx_bytes(&event);
+        // Weighed outside the lock; under it, `observed` decides (a first cursor may be handed
+        // out in between: the event is then weighed under the lock).
+        let weighed = self
+            .observed
+            .load(Ordering::Relaxed)
+            .then(|| approx_bytes(&event));
+        // The events the ring lets go, freed after the lock: their memory is cold by then, and
+        // freeing it under the lock made every other publisher wait.
+        let mut evicted = (None, Vec::new());
         let seq = {
             let mut ring = self.lock();
             if ring.closed {
@@ -240,6 +261,10 @@ impl Feed {
             }
             ring.last += 1;
             let seq = ring.last;
+            if !ring.observed {
+                return;
+            }
+            let bytes = weighed.unwrap_or_else(|| approx_bytes(&event));
             ring.entries.push_back(Entry { seq, event, bytes });
             ring.bytes += bytes;
             while ring.entries.len() > self.max_events
@@ -247,10 +272,15 @@ impl Feed {
             {
                 if let Some(old) = ring.entries.pop_front() {
                     ring.bytes -= old.bytes;
+                    match evicted.0 {
+                        None => evicted.0 = Some(old),
+                        Some(_) => evicted.1.push(old),
+                    }
                 }
             }
             seq
         };
+        drop(evicted);
         // Nobody to wake: skip the tick (it wakes eight wait lists, each under its own lock,
         // for every event). A subscriber that arrives later takes its receiver before it reads
         // the ring, so it finds this event there.
@@ -260,10 +290,14 @@ impl Feed {
     }
 
     /// The position after the newest event.
+    /// From now on the ring keeps events (see the module docs).
     pub(crate) fn cursor(&self) -> FeedCursor {
+        let mut ring = self.lock();
+        ring.observed = true;
+        self.observed.store(true, Ordering::Relaxed);
         FeedCursor {
             epoch: self.epoch,
-            seq: self.lock().last,
+            seq: ring.last,
         }
     }
 
@@ -432,6 +466,7 @@ mod tests {
     #[test]
     fn the_ring_is_bounded_by_count_and_bytes_and_says_when_a_cursor_expired() {
         let feed = Feed::new(3, usize::MAX);
+        assert_eq!(feed.cursor().seq, 0);
         for n in 1..=5 {
             feed.push(Arc::new(event(n)));
         }
@@ -460,6 +495,7 @@ mod tests {
         assert!(matches!(feed.read(5), Read::Closed));
 
         let small = Feed::new(1000, 500);
+        small.cursor();
         for n in 1..=20 {
             small.push(Arc::new(event(n)));
         }
@@ -469,5 +505,38 @@ mod tests {
             "{kept} events of ~200 bytes in 500"
         );
         assert!(small.lock().bytes <= 500);
+    }
+
+    /// Before a position was handed out, events are numbered but not kept: nobody can ask for
+    /// them. From the first cursor on, every event is kept, and a cursor from before it reads
+    /// as expired.
+    #[test]
+    fn events_are_kept_from_the_first_cursor_handed_out() {
+        let feed = Feed::new(100, usize::MAX);
+        for n in 1..=4 {
+            feed.push(Arc::new(event(n)));
+        }
+        assert_eq!(feed.lock().entries.len(), 0);
+        assert_eq!(feed.lock().bytes, 0);
+        let first = feed.cursor();
+        assert_eq!(first.seq, 4);
+        for n in 5..=7 {
+            feed.push(Arc::new(event(n)));
+        }
+        let Read::Events(items) = feed.read(first.seq) else {
+            panic!("the events after the first cursor are kept")
+        };
+        let seqs: Vec<u64> = items
+            .iter()
+            .map(|i| match i {
+                FeedItem::Event { cursor, .. } => cursor.seq,
+                FeedItem::Reset { .. } => 0,
+            })
+            .collect();
+        assert_eq!(seqs, [5, 6, 7]);
+        assert!(matches!(
+            feed.read(2),
+            Read::Reset(c, ResetReason::Expired) if c.seq == 7
+        ));
     }
 }
