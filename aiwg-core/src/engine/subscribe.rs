@@ -93,17 +93,23 @@ impl JobChannels {
     /// Hands `event` to its job's subscribers, if it has any. The channel of a job that ended
     /// is dropped: its subscribers read what is left and end; its waiters wake.
     pub(super) fn publish(&self, event: &Arc<JobEvent>) {
-        let mut shard = self.shard(event.job_id);
-        if let Some(tx) = shard.channels.get(&event.job_id) {
-            let _ = tx.send(Arc::clone(event));
+        let ended = {
+            let mut shard = self.shard(event.job_id);
+            if let Some(tx) = shard.channels.get(&event.job_id) {
+                let _ = tx.send(Arc::clone(event));
+                if event.is_terminal() {
+                    shard.channels.remove(&event.job_id);
+                }
+            }
             if event.is_terminal() {
-                shard.channels.remove(&event.job_id);
+                shard.waiters.remove(&event.job_id)
+            } else {
+                None
             }
-        }
-        if event.is_terminal() {
-            if let Some((ended, _)) = shard.waiters.remove(&event.job_id) {
-                ended.notify_waiters();
-            }
+        };
+        // Woken after the shard's lock: a waiter's thread may have to be unparked.
+        if let Some((ended, _)) = ended {
+            ended.notify_waiters();
         }
     }
 
