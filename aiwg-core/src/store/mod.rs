@@ -690,13 +690,16 @@ pub mod apply {
             return ev;
         }
         job.started_at = Some(now);
-        let p = std::mem::take(&mut job.progress);
-        job.progress = Progress::pending(
-            p.completed
-                .into_iter()
-                .chain(p.in_progress)
-                .chain(p.pending),
-        );
+        // A first attempt's steps are all pending already: nothing to move (or allocate).
+        if !(job.progress.completed.is_empty() && job.progress.in_progress.is_empty()) {
+            let p = std::mem::take(&mut job.progress);
+            job.progress = Progress::pending(
+                p.completed
+                    .into_iter()
+                    .chain(p.in_progress)
+                    .chain(p.pending),
+            );
+        }
         ev
     }
 

@@ -304,6 +304,22 @@ async fn claim_order(store: &dyn JobStore) {
 async fn retry_and_dead_letter(store: &dyn JobStore) {
     let job = create(store, sample_job("w", "/p", 0)).await;
     let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    assert_eq!(c.job.progress, Progress::pending(["a".into(), "b".into()]));
+    // The first attempt got through step `a` and into `b`.
+    start_step(store, &c.lease, "a").await;
+    store
+        .append(
+            &c.lease,
+            JobEventKind::StepFinished {
+                step: "a".into(),
+                ok: true,
+                duration_ms: 1,
+                error: None,
+            },
+        )
+        .await
+        .unwrap();
+    start_step(store, &c.lease, "b").await;
     let later = Utc::now() + chrono::Duration::seconds(3600);
     let (j, ev) = store
         .finish(
@@ -333,6 +349,8 @@ async fn retry_and_dead_letter(store: &dyn JobStore) {
     let c2 = store.claim(&due).await.unwrap().expect("due retry");
     assert_eq!(c2.job.id, job.id);
     assert_eq!(c2.job.attempt, 2);
+    // The retry starts over: every step pending again, in the workflow's order.
+    assert_eq!(c2.job.progress, Progress::pending(["a".into(), "b".into()]));
     let (j, _) = store
         .finish(
             &c2.lease,
