@@ -451,6 +451,17 @@ mod tests {
         }
     }
 
+    /// The items' places (0 for a reset).
+    fn seqs(items: &[FeedItem]) -> Vec<u64> {
+        items
+            .iter()
+            .map(|i| match i {
+                FeedItem::Event { cursor, .. } => cursor.seq,
+                FeedItem::Reset { .. } => 0,
+            })
+            .collect()
+    }
+
     fn event(n: u64) -> JobEvent {
         JobEvent {
             job_id: crate::job::JobId::new(),
@@ -478,14 +489,7 @@ mod tests {
         let Read::Events(items) = feed.read(2) else {
             panic!("events 3 to 5 are kept")
         };
-        let seqs: Vec<u64> = items
-            .iter()
-            .map(|i| match i {
-                FeedItem::Event { cursor, .. } => cursor.seq,
-                FeedItem::Reset { .. } => 0,
-            })
-            .collect();
-        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(seqs(&items), [3, 4, 5]);
         assert!(matches!(feed.read(5), Read::Nothing));
         assert!(matches!(
             feed.read(6),
@@ -526,14 +530,7 @@ mod tests {
         let Read::Events(items) = feed.read(first.seq) else {
             panic!("the events after the first cursor are kept")
         };
-        let seqs: Vec<u64> = items
-            .iter()
-            .map(|i| match i {
-                FeedItem::Event { cursor, .. } => cursor.seq,
-                FeedItem::Reset { .. } => 0,
-            })
-            .collect();
-        assert_eq!(seqs, [5, 6, 7]);
+        assert_eq!(seqs(&items), [5, 6, 7]);
         assert!(matches!(
             feed.read(2),
             Read::Reset(c, ResetReason::Expired) if c.seq == 7

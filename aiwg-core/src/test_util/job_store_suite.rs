@@ -77,6 +77,21 @@ async fn start_step(store: &dyn JobStore, lease: &crate::store::Lease, step: &st
         .unwrap();
 }
 
+async fn finish_step(store: &dyn JobStore, lease: &crate::store::Lease, step: &str) {
+    store
+        .append(
+            lease,
+            JobEventKind::StepFinished {
+                step: step.into(),
+                ok: true,
+                duration_ms: 1,
+                error: None,
+            },
+        )
+        .await
+        .unwrap();
+}
+
 fn claim_req(owner: &str) -> ClaimRequest {
     ClaimRequest::new(owner, Duration::from_secs(60))
 }
@@ -307,18 +322,7 @@ async fn retry_and_dead_letter(store: &dyn JobStore) {
     assert_eq!(c.job.progress, Progress::pending(["a".into(), "b".into()]));
     // The first attempt got through step `a` and into `b`.
     start_step(store, &c.lease, "a").await;
-    store
-        .append(
-            &c.lease,
-            JobEventKind::StepFinished {
-                step: "a".into(),
-                ok: true,
-                duration_ms: 1,
-                error: None,
-            },
-        )
-        .await
-        .unwrap();
+    finish_step(store, &c.lease, "a").await;
     start_step(store, &c.lease, "b").await;
     let later = Utc::now() + chrono::Duration::seconds(3600);
     let (j, ev) = store
@@ -861,18 +865,7 @@ async fn progress_and_counts(store: &dyn JobStore) {
     let j = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(j.progress.in_progress, ["a"]);
     assert_eq!(j.progress.pending, ["b"]);
-    store
-        .append(
-            &c.lease,
-            JobEventKind::StepFinished {
-                step: "a".into(),
-                ok: true,
-                duration_ms: 1,
-                error: None,
-            },
-        )
-        .await
-        .unwrap();
+    finish_step(store, &c.lease, "a").await;
     let j = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(j.progress.completed, ["a"]);
     assert!(j.progress.in_progress.is_empty());
