@@ -17,6 +17,9 @@
 //! batches of several instances are written at the same time instead of one after another
 //! (the submit burst of `pg_queue`, two stores: about 30 % more submits a second;
 //! BENCHMARKS.md, session 27). A lone submit still takes the lock first: it is quicker so.
+//! So does a batch with an idempotency key: an insert may wait for another transaction's
+//! insert of the same key, and one that inserted keys before the lock could wait for the lock
+//! held by a transaction waiting for its key (a deadlock).
 //!
 //! Each job still gets its own answer: the jobs of a batch are admitted in order while the
 //! queue has room, and the rest are refused with [`StoreError::QueueFull`], as one submit
@@ -266,6 +269,8 @@ async fn write(
     }
     let bounded = capacities.iter().any(Option::is_some);
     let rows = sqlx::query(ADMIT)
+        .bind(ctx.lock_key)
+        .bind(bounded)
         .bind(&ids)
         .bind(&priorities)
         .bind(&projects)
@@ -276,8 +281,6 @@ async fn write(
         .bind(&kinds)
         .bind(&ats)
         .bind(&capacities)
-        .bind(bounded)
-        .bind(ctx.lock_key)
         .bind(&keys)
         .bind(&fingerprints)
         .fetch_all(&mut *conn)
@@ -307,19 +310,8 @@ async fn write(
     Ok(())
 }
 
-/// The statement of [`insert`]: `aiwg_admit` (migration 0029). An unbounded batch takes no
-/// lock. A bounded one with an idempotency key, or one that finds the queue's lock free, takes
-/// it (held until the statement commits), counts, then inserts the jobs that fit. Otherwise it
-/// inserts the jobs and their events first (not those that the queue as last committed has no
-/// room for), then takes the lock, counts, and deletes the jobs that do not fit: under the
-/// lock there is only a count and the commit, so the batches of several instances (or of
-/// `create_many` beside the admitter) are written at the same time. A job whose key a job
-/// already has (or an earlier one of the batch) takes no place in a bounded queue and is not
-/// admitted to one (its caller looks the key up). It answers the admitted jobs, each with
-/// whether it was inserted (its key was free).
-///
-/// Only keyless batches insert before the lock: an insert may wait for another transaction's
-/// insert of the same key, and a transaction that inserted keys before it took the lock could
-/// wait for the lock held by one waiting for its key (a deadlock).
-const ADMIT: &str = "SELECT id, inserted FROM aiwg_admit($12, $11, $1, $2, $3, \
-    $4, $5, $6, $7, $8, $9, $10, $13, $14)";
+/// The statement of [`insert`]: `aiwg_admit` (migration 0029; the module docs say how it
+/// admits a batch), its parameters in the function's order. It answers the admitted jobs, each
+/// with whether it was inserted (its key was free).
+const ADMIT: &str =
+    "SELECT id, inserted FROM aiwg_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";

@@ -131,8 +131,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   submitters at once 3 100-4 300 submits/s instead of 380-470); a batch without
 ///   idempotency keys is inserted before it takes the lock, and what the count then leaves no
 ///   room for is deleted again (migration 0029), so only the count and the commit wait for
-///   the lock. A submit whose idempotency key another took meanwhile finds that job. [`JobStore::create_many`] sends its batch of
-///   jobs without keys as one such statement;
+///   the lock. A submit whose idempotency key another took meanwhile finds that job.
+///   [`JobStore::create_many`] sends its batch of jobs without keys as one such statement;
 /// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
 ///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
