@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aiwg_core::store::JobQuery;
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{JobRequest, JobStatus};
+use aiwg_core::{JobRequest, JobStatus, Step, Workflow};
 
 mod hooked_store;
 use hooked_store::{engine_on, HookedStore};
@@ -277,4 +277,48 @@ fn two_projects() -> (tempfile::TempDir, Arc<HookedStore>, ScriptedExecutor) {
         Arc::new(HookedStore::default()),
         ScriptedExecutor::hanging(),
     )
+}
+
+/// On a store whose claim is a round trip (here 20 ms), a worker whose quick job just ended
+/// waits for the jobs running beside it before it claims, so that one claim brings a job for
+/// every worker: 24 jobs, half of them quick and half taking a millisecond, on four workers
+/// take six claims of four. (Claiming at once, the worker of a quick job claimed for the two
+/// workers idle then, and the other two waited for that claim: twelve claims of two, each a
+/// round trip.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_job_ended_gathers_the_others_before_it_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HookedStore::default());
+    *store.claim_round_trip.lock().unwrap() = Some(Duration::from_millis(20));
+    let quick = ScriptedExecutor::succeeding("done");
+    let slow = ScriptedExecutor::succeeding("done").delay(Duration::from_millis(1));
+    let engine = engine_on(&store, &quick, dir.path())
+        .executor("slow", Arc::new(slow.clone()))
+        .workflow(Workflow::new("slow").step(Step::prompt("s", "slow", "go")))
+        .workers(4)
+        // No claim comes from the poll interval during the test.
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // Each worker's first claim, at its start, finds nothing.
+    store.wait_claims(4).await;
+    store.claim_sizes.lock().unwrap().clear();
+    let submitted = engine
+        .submit_many((0..24).map(|i| JobRequest::new(if i % 2 == 0 { "w" } else { "slow" })))
+        .await;
+    assert!(submitted.iter().all(Result::is_ok));
+    assert!(quick.wait_started(12, WAIT).await, "every quick job ran");
+    assert!(slow.wait_started(12, WAIT).await, "every slow job ran");
+    let sizes: Vec<usize> = store
+        .claim_sizes
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|n| *n > 0)
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 24);
+    // Six claims of four; one more for a job held up longer than the wait (a busy machine).
+    assert!(sizes.len() <= 7, "claims brought {sizes:?}");
+    engine.shutdown(Duration::from_millis(500)).await;
 }

@@ -29,6 +29,7 @@ use crate::workflow::{ParamError, WorkflowCatalog, WorkflowError};
 mod admitted;
 mod announce;
 mod feed;
+mod gather;
 mod projects;
 mod scheduler;
 mod subscribe;
@@ -275,6 +276,8 @@ pub(crate) struct Inner {
     handoff: Mutex<std::collections::VecDeque<worker::Handed>>,
     /// Held by the one worker claiming at a time.
     claiming: tokio::sync::Mutex<()>,
+    /// What a worker whose job just ended waits for before it claims (see `gather`).
+    gather: gather::Gather,
     running: Mutex<FastMap<JobId, RunningJob>>,
     /// How many of the jobs running here are in each project (under a per-project limit).
     local_projects: projects::LocalProjects,
@@ -685,6 +688,7 @@ impl EngineBuilder {
                 wake: Notify::new(),
                 handoff: Mutex::default(),
                 claiming: tokio::sync::Mutex::new(()),
+                gather: gather::Gather::default(),
                 running: Mutex::default(),
                 local_projects,
                 admitted: admitted::AdmittedProjects::default(),

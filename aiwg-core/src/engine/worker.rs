@@ -57,7 +57,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
             // `busy` was counted for it when it was claimed.
             let ended = run_job(&engine, claimed, at).await;
             let freed = settle(&engine, &mut settling, ended.record(engine.clone())).await;
-            inner.busy.fetch_sub(1, Ordering::Relaxed);
+            job_ended(inner);
             owed = after_job(inner, more, freed).await;
             continue;
         }
@@ -94,6 +94,10 @@ pub(super) async fn run(engine: Engine, n: usize) {
         if handed || inner.stop_claiming.is_cancelled() {
             continue;
         }
+        // While the jobs of the last claim still run beside it, the claiming worker waits a
+        // moment for them, so that one claim brings work for all (see `gather`). Nothing is
+        // handed over meanwhile: only the claiming turn hands jobs over.
+        inner.gather.wait(&inner.busy, &inner.stop_claiming).await;
         let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
         req.per_project_limit = inner.settings.per_project_concurrency;
         let idle = inner
@@ -106,6 +110,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
         let claimed_at = tokio::time::Instant::now();
         inner.local_projects.claim_sent();
         let claimed = inner.store.claim_many(&req, want).await;
+        inner.gather.claimed(claimed_at);
         // Counted in their projects before the claiming turn passes on; a submit made while
         // the claim was on its way may want a worker now (see `projects`).
         let wake_for_submits = inner
@@ -160,7 +165,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
                 if let Some(claimed) = mine {
                     let ended = run_job(&engine, claimed, claimed_at).await;
                     let freed = settle(&engine, &mut settling, ended.record(engine.clone())).await;
-                    inner.busy.fetch_sub(1, Ordering::Relaxed);
+                    job_ended(inner);
                     owed = after_job(inner, more, freed).await;
                 }
             }
@@ -178,6 +183,13 @@ pub(super) async fn run(engine: Engine, n: usize) {
             }
         }
     }
+}
+
+/// Counts a job's work as ended (its worker is free), for the next claim and for the workers
+/// gathering one (see `gather`).
+fn job_ended(inner: &super::Inner) {
+    inner.busy.fetch_sub(1, Ordering::SeqCst);
+    inner.gather.job_ended();
 }
 
 /// What a worker does when a job it ran has ended, before it claims again. Answers whether

@@ -2,7 +2,8 @@
 //! misbehave at one precise point:
 //! heartbeats that fail as in a database outage, a lease sweep or a step's start that waits
 //! until the test lets it go (a slow round trip at a chosen moment), outcomes held until the
-//! test opens a gate, or a step's start that finds the lease lost. It counts the claims made.
+//! test opens a gate, or a step's start that finds the lease lost. It counts the claims made
+//! (and what each brought), and can make every claim a slow round trip.
 //! Everything else is the store's underneath.
 
 #![allow(unreachable_pub)]
@@ -112,6 +113,10 @@ pub struct HookedStore {
     pub claim_entered: Notify,
     /// Lets a held claim answer.
     pub claim_release: Notify,
+    /// When set, every claim answers only after this long (a database's round trip).
+    pub claim_round_trip: std::sync::Mutex<Option<Duration>>,
+    /// How many jobs each answered claim brought, in order.
+    pub claim_sizes: std::sync::Mutex<Vec<usize>>,
     /// While `false` (closed), every outcome (`finish`) waits for it to be `true` (open).
     pub outcome_gate: tokio::sync::watch::Sender<bool>,
     /// Outcomes waiting at the closed gate now.
@@ -149,6 +154,8 @@ impl HookedStore {
             hold_next_claim: AtomicBool::default(),
             claim_entered: Notify::new(),
             claim_release: Notify::new(),
+            claim_round_trip: std::sync::Mutex::default(),
+            claim_sizes: std::sync::Mutex::default(),
             outcome_gate: tokio::sync::watch::Sender::new(true),
             outcomes_held: AtomicUsize::default(),
             outcome_held: Notify::new(),
@@ -228,6 +235,14 @@ impl JobStore for HookedStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         let claimed = self.inner.claim_many(request, max).await;
+        let round_trip = *self.claim_round_trip.lock().unwrap();
+        if let Some(round_trip) = round_trip {
+            tokio::time::sleep(round_trip).await;
+        }
+        self.claim_sizes
+            .lock()
+            .unwrap()
+            .push(claimed.as_ref().map_or(0, Vec::len));
         if self.hold_next_claim.swap(false, Ordering::SeqCst) {
             let released = self.claim_release.notified();
             self.claim_entered.notify_one();
