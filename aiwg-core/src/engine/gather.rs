@@ -1,5 +1,5 @@
-//! Gathering a claim: while the jobs of the last claim still run, a worker about to claim waits
-//! a moment for them, so that one claim brings work for all of them.
+//! Gathering a claim: while the jobs of the last claim still run, the worker about to claim
+//! waits a moment for them, so that one claim brings work for all of them.
 //!
 //! Workers claim one at a time, for themselves and every idle worker (see `worker::run`). On a
 //! store whose claim is a round trip (PostgreSQL: about a millisecond), the worker whose job
@@ -8,11 +8,11 @@
 //! quick jobs the claims so alternated between one and three jobs on four workers, and every
 //! job waited for a round trip or two. Now the worker about to claim (it holds the claiming
 //! turn, and nothing waits to be handed over) waits while other workers' jobs run, until they
-//! have all ended, at most until
-//! half an average claim's round trip after the last claim was answered, then claims for every
-//! worker idle by then. Jobs that run longer than that are not waited for (they were claimed
-//! earlier), so a long job costs nobody anything, and a store that answers at once (the memory
-//! store, a few microseconds) is never waited for.
+//! have all ended or half an average claim's round trip (at most 5 ms) has passed since the
+//! last claim was answered, then claims for every worker idle by then. Jobs that run longer
+//! than that are not waited for again, so a long job costs its neighbours that moment once,
+//! and a store that answers at once (the memory store, a few microseconds) is never waited
+//! for.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;

@@ -276,7 +276,8 @@ pub(crate) struct Inner {
     handoff: Mutex<std::collections::VecDeque<worker::Handed>>,
     /// Held by the one worker claiming at a time.
     claiming: tokio::sync::Mutex<()>,
-    /// What a worker whose job just ended waits for before it claims (see `gather`).
+    /// What the claiming worker waits for before it claims: the jobs of the last claim still
+    /// running (see `gather`).
     gather: gather::Gather,
     running: Mutex<FastMap<JobId, RunningJob>>,
     /// How many of the jobs running here are in each project (under a per-project limit).
