@@ -252,7 +252,8 @@ impl Feed {
             .load(Ordering::Relaxed)
             .then(|| approx_bytes(&event));
         // The events the ring lets go, freed after the lock: their memory is cold by then, and
-        // freeing it under the lock made every other publisher wait.
+        // freeing it under the lock made every other publisher wait. The first is held apart:
+        // a push usually lets go of one, and a `Vec` would allocate for it.
         let mut evicted = (None, Vec::new());
         let seq = {
             let mut ring = self.lock();
@@ -289,8 +290,8 @@ impl Feed {
         }
     }
 
-    /// The position after the newest event.
-    /// From now on the ring keeps events (see the module docs).
+    /// The position after the newest event. From now on the ring keeps events (see the module
+    /// docs).
     pub(crate) fn cursor(&self) -> FeedCursor {
         let mut ring = self.lock();
         ring.observed = true;

@@ -14,7 +14,7 @@
 //! and a store that answers at once (the memory store, a few microseconds) is never waited
 //! for.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -27,64 +27,46 @@ const SHORTEST: Duration = Duration::from_micros(200);
 /// The longest a worker waits after a claim was answered, whatever the claims take.
 const LONGEST: Duration = Duration::from_millis(5);
 
-/// What workers need to gather their claims: the claims' round trip, when the last was
-/// answered, and who waits.
+/// What the claiming worker knows of the claims so far: kept with the claiming turn (the
+/// engine's `claiming` lock), which only one worker holds at a time.
+#[derive(Default)]
+pub(super) struct ClaimTimes {
+    /// The claims' average round trip, weighted toward the latest ones.
+    average: Duration,
+    /// When the last claim was answered (none yet: `None`).
+    answered: Option<Instant>,
+}
+
+impl ClaimTimes {
+    /// Notes that a claim sent at `sent` was answered now.
+    pub(super) fn claimed(&mut self, sent: Instant) {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(sent);
+        self.average = match self.answered {
+            None => took,
+            Some(_) => (self.average * 3 + took) / 4,
+        };
+        self.answered = Some(now);
+    }
+
+    /// Until when the claiming worker may wait for the jobs of the last claim: none when
+    /// claims answer at once.
+    fn deadline(&self) -> Option<Instant> {
+        let answered = self.answered?;
+        (self.average >= SHORTEST).then(|| answered + (self.average / 2).min(LONGEST))
+    }
+}
+
+/// How the claiming worker hears of the jobs that end while it waits.
+#[derive(Default)]
 pub(super) struct Gather {
-    /// What [`answered`](Self::answered) counts from.
-    origin: Instant,
-    /// The claims' average round trip, in microseconds (weighted toward the latest ones).
-    claim_micros: AtomicU64,
-    /// When the last claim was answered, in microseconds after `origin`.
-    answered: AtomicU64,
     /// Workers waiting in [`Gather::wait`]: a job's end wakes them only then.
     waiting: AtomicUsize,
     /// Woken when a job's work ends while a worker waits.
     ended: Notify,
 }
 
-impl Default for Gather {
-    fn default() -> Self {
-        Self {
-            origin: Instant::now(),
-            claim_micros: AtomicU64::new(0),
-            answered: AtomicU64::new(0),
-            waiting: AtomicUsize::new(0),
-            ended: Notify::new(),
-        }
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 impl Gather {
-    /// Notes that a claim sent at `sent` was answered now.
-    pub(super) fn claimed(&self, sent: Instant) {
-        let now = Instant::now();
-        let took = micros(now.saturating_duration_since(sent));
-        // Only the claiming worker writes these (under the claiming turn): load then store.
-        let average = self.claim_micros.load(Ordering::Relaxed);
-        let next = if average == 0 {
-            took
-        } else {
-            average.saturating_mul(3).saturating_add(took) / 4
-        };
-        self.claim_micros.store(next, Ordering::Relaxed);
-        self.answered.store(
-            micros(now.saturating_duration_since(self.origin)),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Until when a worker may wait for the jobs of the last claim: none when claims answer
-    /// at once.
-    fn deadline(&self) -> Option<Instant> {
-        let average = Duration::from_micros(self.claim_micros.load(Ordering::Relaxed));
-        let answered = Duration::from_micros(self.answered.load(Ordering::Relaxed));
-        (average >= SHORTEST).then(|| self.origin + answered + (average / 2).min(LONGEST))
-    }
-
     /// Notes that a job's work ended (after `busy` was counted down for it).
     pub(super) fn job_ended(&self) {
         // Sequentially consistent with `wait`'s count and its read of `busy`: either this sees
@@ -94,11 +76,16 @@ impl Gather {
         }
     }
 
-    /// Waits, with the claiming turn, until no job runs beside this worker (`busy` is 0), the
-    /// engine stops claiming, or the deadline after the last claim passes. Answers whether it
-    /// waited at all.
-    pub(super) async fn wait(&self, busy: &AtomicUsize, stop: &CancellationToken) -> bool {
-        let Some(deadline) = self.deadline() else {
+    /// Waits, with the claiming turn (and its `times`), until no job runs beside this worker
+    /// (`busy` is 0), the engine stops claiming, or the deadline after the last claim passes.
+    /// Answers whether it waited at all.
+    pub(super) async fn wait(
+        &self,
+        times: &ClaimTimes,
+        busy: &AtomicUsize,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(deadline) = times.deadline() else {
             return false;
         };
         if Instant::now() >= deadline || busy.load(Ordering::SeqCst) == 0 {
@@ -128,37 +115,42 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// A gather whose last claim took `took` and was answered now.
-    fn after_a_claim_of(took: Duration) -> Gather {
-        let g = Gather::default();
-        g.claimed(Instant::now() - took);
-        g
+    /// Claim times whose last claim took `took` and was answered now.
+    fn after_a_claim_of(took: Duration) -> ClaimTimes {
+        let mut t = ClaimTimes::default();
+        t.claimed(Instant::now() - took);
+        t
     }
 
     #[tokio::test(start_paused = true)]
     async fn quick_claims_are_not_waited_for_and_slow_ones_for_half_their_round_trip() {
-        assert_eq!(Gather::default().deadline(), None, "no claim answered yet");
+        assert_eq!(
+            ClaimTimes::default().deadline(),
+            None,
+            "no claim answered yet"
+        );
         assert_eq!(after_a_claim_of(Duration::from_micros(20)).deadline(), None);
         let now = Instant::now();
-        let g = after_a_claim_of(Duration::from_millis(1));
-        assert_eq!(g.deadline(), Some(now + Duration::from_micros(500)));
+        let mut t = after_a_claim_of(Duration::from_millis(1));
+        assert_eq!(t.deadline(), Some(now + Duration::from_micros(500)));
         // Weighted toward the latest: 1 ms then 3 ms → 1.5 ms.
-        g.claimed(Instant::now() - Duration::from_millis(3));
-        assert_eq!(g.deadline(), Some(now + Duration::from_micros(750)));
-        let g = after_a_claim_of(Duration::from_secs(1));
-        assert_eq!(g.deadline(), Some(now + LONGEST));
+        t.claimed(Instant::now() - Duration::from_millis(3));
+        assert_eq!(t.deadline(), Some(now + Duration::from_micros(750)));
+        let t = after_a_claim_of(Duration::from_secs(1));
+        assert_eq!(t.deadline(), Some(now + LONGEST));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_worker_goes_on_when_the_last_job_beside_it_ends() {
-        let g = Arc::new(after_a_claim_of(Duration::from_secs(1)));
+        let g = Arc::new(Gather::default());
+        let times = after_a_claim_of(Duration::from_secs(1));
         let busy = Arc::new(AtomicUsize::new(2));
         let stop = CancellationToken::new();
         let waiter = {
             let (g, busy, stop) = (g.clone(), busy.clone(), stop.clone());
             tokio::spawn(async move {
                 let start = Instant::now();
-                assert!(g.wait(&busy, &stop).await);
+                assert!(g.wait(&times, &busy, &stop).await);
                 start.elapsed()
             })
         };
@@ -179,11 +171,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_worker_waits_no_longer_than_the_deadline_nor_while_the_engine_stops() {
-        let g = after_a_claim_of(Duration::from_millis(1));
+        let g = Gather::default();
+        let times = after_a_claim_of(Duration::from_millis(1));
         let busy = AtomicUsize::new(1);
         let stop = CancellationToken::new();
         let start = Instant::now();
-        assert!(g.wait(&busy, &stop).await);
+        assert!(g.wait(&times, &busy, &stop).await);
         // The deadline, rounded up to the timer's millisecond.
         let waited = start.elapsed();
         assert!(
@@ -192,16 +185,19 @@ mod tests {
         );
         // Past the deadline the job beside it is not a quick one: no wait.
         let start = Instant::now();
-        assert!(!g.wait(&busy, &stop).await);
-        let g = after_a_claim_of(Duration::from_millis(1));
+        assert!(!g.wait(&times, &busy, &stop).await);
+        let times = after_a_claim_of(Duration::from_millis(1));
         stop.cancel();
-        assert!(g.wait(&busy, &stop).await);
+        assert!(g.wait(&times, &busy, &stop).await);
         assert_eq!(
             start.elapsed(),
             Duration::ZERO,
             "a stopping engine claims nothing more"
         );
         busy.store(0, Ordering::SeqCst);
-        assert!(!g.wait(&busy, &stop).await, "nothing runs beside it");
+        assert!(
+            !g.wait(&times, &busy, &stop).await,
+            "nothing runs beside it"
+        );
     }
 }

@@ -274,10 +274,11 @@ pub(crate) struct Inner {
     /// Jobs a worker claimed for other idle workers (see `worker::run`); each is counted in
     /// `busy` from its claim.
     handoff: Mutex<std::collections::VecDeque<worker::Handed>>,
-    /// Held by the one worker claiming at a time.
-    claiming: tokio::sync::Mutex<()>,
-    /// What the claiming worker waits for before it claims: the jobs of the last claim still
-    /// running (see `gather`).
+    /// Held by the one worker claiming at a time, with how long the claims take (see
+    /// `gather`).
+    claiming: tokio::sync::Mutex<gather::ClaimTimes>,
+    /// How the claiming worker hears of the jobs of the last claim ending while it waits for
+    /// them before it claims (see `gather`).
     gather: gather::Gather,
     running: Mutex<FastMap<JobId, RunningJob>>,
     /// How many of the jobs running here are in each project (under a per-project limit).
@@ -688,7 +689,7 @@ impl EngineBuilder {
                 feed,
                 wake: Notify::new(),
                 handoff: Mutex::default(),
-                claiming: tokio::sync::Mutex::new(()),
+                claiming: tokio::sync::Mutex::default(),
                 gather: gather::Gather::default(),
                 running: Mutex::default(),
                 local_projects,

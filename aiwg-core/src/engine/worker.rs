@@ -82,7 +82,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
         // waited for, or one that ended between the look above and the lock, may have handed
         // it a job. (Claiming instead would take a job no worker is free to run: the handed
         // one already counts as busy.)
-        let claiming = match inner.claiming.try_lock() {
+        let mut claiming = match inner.claiming.try_lock() {
             Ok(guard) => guard,
             Err(_) => inner.claiming.lock().await,
         };
@@ -97,7 +97,10 @@ pub(super) async fn run(engine: Engine, n: usize) {
         // While the jobs of the last claim still run beside it, the claiming worker waits a
         // moment for them, so that one claim brings work for all (see `gather`). Nothing is
         // handed over meanwhile: only the claiming turn hands jobs over.
-        inner.gather.wait(&inner.busy, &inner.stop_claiming).await;
+        inner
+            .gather
+            .wait(&claiming, &inner.busy, &inner.stop_claiming)
+            .await;
         let mut req = ClaimRequest::new(owner.clone(), inner.settings.lease_ttl);
         req.per_project_limit = inner.settings.per_project_concurrency;
         let idle = inner
@@ -110,7 +113,7 @@ pub(super) async fn run(engine: Engine, n: usize) {
         let claimed_at = tokio::time::Instant::now();
         inner.local_projects.claim_sent();
         let claimed = inner.store.claim_many(&req, want).await;
-        inner.gather.claimed(claimed_at);
+        claiming.claimed(claimed_at);
         // Counted in their projects before the claiming turn passes on; a submit made while
         // the claim was on its way may want a worker now (see `projects`).
         let wake_for_submits = inner
