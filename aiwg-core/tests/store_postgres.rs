@@ -2327,3 +2327,120 @@ async fn connections_kept_through_a_burst_go_back_to_the_pool() {
         .expect("every connection back in the pool: the pool closed");
     db.cleanup().await;
 }
+
+/// How many transactions last wrote the rows of these jobs (`xmin`).
+async fn writers_of(db: &pg_support::TestDb, schema: &str, ids: &[uuid::Uuid]) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_one(db.admin())
+    .await
+    .unwrap()
+}
+
+/// Four jobs claimed together, `finish`ed at once: the stores' completer writes their outcomes.
+async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
+    for _ in 0..4 {
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)))
+            .await
+            .unwrap();
+    }
+    let claimed = store
+        .claim_many(&ClaimRequest::new("w", Duration::from_secs(60)), 4)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let done = |i: usize| store.finish(&claimed[i].lease, Finish::Completed(JobResult::default()));
+    let (a, b, c, d) = tokio::join!(done(0), done(1), done(2), done(3));
+    for ended in [a, b, c, d] {
+        assert_eq!(ended.unwrap().0.status, JobStatus::Completed);
+    }
+    claimed.iter().map(|c| *c.job.id.as_uuid()).collect()
+}
+
+/// The outcomes of jobs one claim started, coming while their mates' are still to come, are
+/// written together: one statement and one commit (`xmin`) for the four, where the first used
+/// to go out alone (session 30 of issue 15). With the gathering off, it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_of_jobs_claimed_together_are_written_together() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    // A wait far longer than the test needs: a loaded machine must not make it flaky.
+    let store = db
+        .store_in(&schema, 4)
+        .await
+        .with_outcome_gathering(Duration::from_secs(60));
+    let ids = claim_four_and_finish_them(&store).await;
+    assert_eq!(
+        writers_of(&db, &schema, &ids).await,
+        1,
+        "one commit for the four"
+    );
+
+    let store = db
+        .store_in(&schema, 4)
+        .await
+        .with_outcome_gathering(Duration::ZERO);
+    let ids = claim_four_and_finish_them(&store).await;
+    assert!(
+        writers_of(&db, &schema, &ids).await > 1,
+        "without the gathering the first outcome goes out alone"
+    );
+    db.cleanup().await;
+}
+
+/// An outcome waits for its claim's mates only while they may still come: a mate that runs on
+/// does not hold it past the wait, and the ones written are every bit as fenced and whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_does_not_wait_for_a_mate_that_runs_on() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = db
+        .store_in(&schema, 4)
+        .await
+        .with_outcome_gathering(Duration::from_millis(20));
+    for _ in 0..2 {
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)))
+            .await
+            .unwrap();
+    }
+    let claimed = store
+        .claim_many(&ClaimRequest::new("w", Duration::from_secs(60)), 2)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    // Bounded by the test's own timeout, not by a duration it asserts.
+    let (job, ev) = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.finish(&claimed[0].lease, Finish::Completed(JobResult::default())),
+    )
+    .await
+    .expect("the outcome is written without its mate's")
+    .unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(
+        store.events(job.id, 0).await.unwrap().last().unwrap().seq,
+        ev.seq
+    );
+    let mate = store.get(claimed[1].job.id).await.unwrap().unwrap();
+    assert_eq!(mate.status, JobStatus::Running, "its mate runs on");
+    // The mate's own outcome later goes out on its own, fenced as ever.
+    let mut stale = claimed[1].lease.clone();
+    stale.token += 1_000_000;
+    let refused = store
+        .finish(&stale, Finish::Completed(JobResult::default()))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::LeaseLost(_))),
+        "{refused:?}"
+    );
+    let (job, _) = store
+        .finish(&claimed[1].lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    db.cleanup().await;
+}

@@ -188,6 +188,8 @@ pub struct PgStore {
     channel: String,
     instance: String,
     relaxed_events: bool,
+    /// See [`PgStore::with_outcome_gathering`].
+    outcome_gathering: std::time::Duration,
     keyring: Option<crate::secrets::SecretKeyring>,
     notifier: listen::Notifier,
     /// Started at the first fenced write, with the store's final settings.
@@ -408,6 +410,7 @@ impl PgStore {
             channel,
             instance,
             relaxed_events: false,
+            outcome_gathering: completer::MATES_WAIT,
             keyring: None,
             completer: std::sync::OnceLock::new(),
             admitter: std::sync::OnceLock::new(),
@@ -449,6 +452,8 @@ impl PgStore {
                 events: KeptConnection::new(self.pool.clone()),
                 outcomes: KeptConnection::new(self.pool.clone()),
                 waiting: Default::default(),
+                mates: Default::default(),
+                mates_wait: self.outcome_gathering,
             })
         })
     }
@@ -542,6 +547,21 @@ impl PgStore {
     #[must_use]
     pub fn with_relaxed_event_commits(mut self, relaxed: bool) -> Self {
         self.relaxed_events = relaxed;
+        self.completer = std::sync::OnceLock::new();
+        self
+    }
+
+    /// How long after a claim the outcomes of the jobs it started together wait for one
+    /// another, so that they are written in one statement and one commit (default 1 ms;
+    /// `Duration::ZERO`: each outcome is written as it comes, or with whatever outcomes came
+    /// while the one before it was being written). Only jobs that end within it are waited
+    /// for: an outcome waits at most until then, and not at all once it has passed, so a job
+    /// that runs longer costs its mates at most this (and a tick of Tokio's timer, a
+    /// millisecond). Quick jobs claimed four at a time then cost one outcome statement per
+    /// claim instead of two or three.
+    #[must_use]
+    pub fn with_outcome_gathering(mut self, wait: std::time::Duration) -> Self {
+        self.outcome_gathering = wait;
         self.completer = std::sync::OnceLock::new();
         self
     }
