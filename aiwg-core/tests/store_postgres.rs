@@ -853,13 +853,7 @@ async fn many_writers_at_once_are_batched_and_each_fenced() {
                 assert_eq!(ev.seq, 3 + i, "job {n}");
             }
             if n % 6 == 0 {
-                let refused = store
-                    .finish(&stale, Finish::Completed(JobResult::default()))
-                    .await;
-                assert!(
-                    matches!(refused, Err(StoreError::LeaseLost(_))),
-                    "{refused:?}"
-                );
+                assert_stale_outcome_refused(&store, &stale).await;
             }
             let (job, ev) = store
                 .finish(&lease, Finish::Completed(JobResult::default()))
@@ -2339,19 +2333,41 @@ async fn writers_of(db: &pg_support::TestDb, schema: &str, ids: &[uuid::Uuid]) -
     .unwrap()
 }
 
-/// Four jobs claimed together, `finish`ed at once: the stores' completer writes their outcomes.
-async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
-    for _ in 0..4 {
+/// An outcome under `stale` (a lease the job does not hold) is refused as `LeaseLost`.
+async fn assert_stale_outcome_refused(store: &PgStore, stale: &aiwg_core::store::Lease) {
+    let refused = store
+        .finish(stale, Finish::Completed(JobResult::default()))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::LeaseLost(_))),
+        "{refused:?}"
+    );
+}
+
+/// A store of `schema` whose outcomes of jobs claimed together wait `wait` for each other.
+async fn gathering_store(db: &pg_support::TestDb, schema: &str, wait: Duration) -> PgStore {
+    db.store_in(schema, 4).await.with_outcome_gathering(wait)
+}
+
+/// `n` new jobs, claimed together in one claim.
+async fn claim_together(store: &PgStore, n: usize) -> Vec<aiwg_core::store::Claimed> {
+    for _ in 0..n {
         store
             .create(NewJob::new(sample_job("w", "/p", 0)))
             .await
             .unwrap();
     }
     let claimed = store
-        .claim_many(&ClaimRequest::new("w", Duration::from_secs(60)), 4)
+        .claim_many(&ClaimRequest::new("w", Duration::from_secs(60)), n)
         .await
         .unwrap();
-    assert_eq!(claimed.len(), 4);
+    assert_eq!(claimed.len(), n);
+    claimed
+}
+
+/// Four jobs claimed together, `finish`ed at once: the stores' completer writes their outcomes.
+async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
+    let claimed = claim_together(store, 4).await;
     let done = |i: usize| store.finish(&claimed[i].lease, Finish::Completed(JobResult::default()));
     let (a, b, c, d) = tokio::join!(done(0), done(1), done(2), done(3));
     for ended in [a, b, c, d] {
@@ -2362,16 +2378,13 @@ async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
 
 /// The outcomes of jobs one claim started, coming while their mates' are still to come, are
 /// written together: one statement and one commit (`xmin`) for the four, where the first used
-/// to go out alone (session 30 of issue 15). With the gathering off, it does.
+/// to go out alone. With the gathering off, it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_of_jobs_claimed_together_are_written_together() {
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
     // A wait far longer than the test needs: a loaded machine must not make it flaky.
-    let store = db
-        .store_in(&schema, 4)
-        .await
-        .with_outcome_gathering(Duration::from_secs(60));
+    let store = gathering_store(&db, &schema, Duration::from_secs(60)).await;
     let ids = claim_four_and_finish_them(&store).await;
     assert_eq!(
         writers_of(&db, &schema, &ids).await,
@@ -2379,10 +2392,7 @@ async fn outcomes_of_jobs_claimed_together_are_written_together() {
         "one commit for the four"
     );
 
-    let store = db
-        .store_in(&schema, 4)
-        .await
-        .with_outcome_gathering(Duration::ZERO);
+    let store = gathering_store(&db, &schema, Duration::ZERO).await;
     let ids = claim_four_and_finish_them(&store).await;
     assert!(
         writers_of(&db, &schema, &ids).await > 1,
@@ -2397,21 +2407,8 @@ async fn outcomes_of_jobs_claimed_together_are_written_together() {
 async fn an_outcome_does_not_wait_for_a_mate_that_runs_on() {
     let Some(db) = test_db().await else { return };
     let schema = db.schema().await;
-    let store = db
-        .store_in(&schema, 4)
-        .await
-        .with_outcome_gathering(Duration::from_millis(20));
-    for _ in 0..2 {
-        store
-            .create(NewJob::new(sample_job("w", "/p", 0)))
-            .await
-            .unwrap();
-    }
-    let claimed = store
-        .claim_many(&ClaimRequest::new("w", Duration::from_secs(60)), 2)
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 2);
+    let store = gathering_store(&db, &schema, Duration::from_millis(20)).await;
+    let claimed = claim_together(&store, 2).await;
     // Bounded by the test's own timeout, not by a duration it asserts.
     let (job, ev) = tokio::time::timeout(
         Duration::from_secs(30),
@@ -2430,13 +2427,7 @@ async fn an_outcome_does_not_wait_for_a_mate_that_runs_on() {
     // The mate's own outcome later goes out on its own, fenced as ever.
     let mut stale = claimed[1].lease.clone();
     stale.token += 1_000_000;
-    let refused = store
-        .finish(&stale, Finish::Completed(JobResult::default()))
-        .await;
-    assert!(
-        matches!(refused, Err(StoreError::LeaseLost(_))),
-        "{refused:?}"
-    );
+    assert_stale_outcome_refused(&store, &stale).await;
     let (job, _) = store
         .finish(&claimed[1].lease, Finish::Completed(JobResult::default()))
         .await
