@@ -509,15 +509,9 @@ async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiv
                 Err(_) => break,
             }
         }
-        // Outcomes that wait for their mates' (see `Mates`): the batch goes out once theirs
-        // came, or when their claim's time is up.
+        // Outcomes that wait for their mates' (see `hold_until`).
         while batch.len() < MAX_BATCH {
-            let now = Instant::now();
-            let Some(until) = batch
-                .iter()
-                .filter_map(|w| w.mates()?.waits_until(now))
-                .max()
-            else {
+            let Some(until) = hold_until(&batch, Instant::now()) else {
                 break;
             };
             tokio::select! {
@@ -538,6 +532,20 @@ async fn run(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut rx: mpsc::UnboundedReceiv
     }
     // The store is gone: let the batches on their way end.
     let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+}
+
+/// Until when `batch` waits before it goes out: while an outcome of it waits for its mates'
+/// ([`Mates`]), until their claim's time is up; not at all once it holds an event (that job's
+/// worker waits for the event's answer, so a mate writing one could not send its outcome
+/// before the batch goes).
+fn hold_until(batch: &[Write], now: Instant) -> Option<Instant> {
+    if batch.iter().any(|w| matches!(w, Write::Append(_))) {
+        return None;
+    }
+    batch
+        .iter()
+        .filter_map(|w| w.mates()?.waits_until(now))
+        .max()
 }
 
 /// Counts a write taken from the channel among its mates' outcomes (see [`Mates`]).
@@ -926,4 +934,80 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(stopped())))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobResult;
+
+    fn lease() -> Lease {
+        Lease {
+            job_id: JobId::new(),
+            owner: "w".into(),
+            attempt: 1,
+            token: 1,
+            expires_at: Utc::now(),
+        }
+    }
+
+    fn mates(size: usize, arrived: usize, until: Instant) -> Arc<Mates> {
+        Arc::new(Mates {
+            size,
+            arrived: AtomicUsize::new(arrived),
+            held: AtomicBool::new(true),
+            until,
+        })
+    }
+
+    fn outcome(mates: Option<Arc<Mates>>) -> Write {
+        Write::Finish(Outcome {
+            lease: lease(),
+            first: None,
+            last: None,
+            finish: Finish::Completed(JobResult::default()),
+            at: Utc::now(),
+            mates,
+            reply: oneshot::channel().0,
+        })
+    }
+
+    fn event() -> Write {
+        let kind = crate::JobEventKind::Log {
+            level: "info".into(),
+            message: "m".into(),
+        };
+        Write::Append(Append {
+            lease: lease(),
+            ev: NewEvent::new(kind, Utc::now()).unwrap(),
+            progress: Progress::Unchanged,
+            reply: oneshot::channel().0,
+        })
+    }
+
+    #[test]
+    fn a_batch_waits_for_mates_still_to_come_until_their_time_is_up() {
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(1);
+        let later = now + Duration::from_millis(2);
+        // Two of three came: wait until the later of the two claims' times.
+        let batch = vec![
+            outcome(Some(mates(3, 2, soon))),
+            outcome(Some(mates(2, 1, later))),
+        ];
+        assert_eq!(hold_until(&batch, now), Some(later));
+        // All came, or no mates: no wait.
+        assert_eq!(hold_until(&[outcome(Some(mates(2, 2, later)))], now), None);
+        assert_eq!(hold_until(&[outcome(None)], now), None);
+        // The time is up: no wait.
+        assert_eq!(hold_until(&batch, later), None);
+    }
+
+    #[test]
+    fn a_batch_with_an_event_does_not_wait() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(2);
+        let batch = vec![outcome(Some(mates(2, 1, later))), event()];
+        assert_eq!(hold_until(&batch, now), None);
+    }
 }
