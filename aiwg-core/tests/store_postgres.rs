@@ -2322,17 +2322,6 @@ async fn connections_kept_through_a_burst_go_back_to_the_pool() {
     db.cleanup().await;
 }
 
-/// How many transactions last wrote the rows of these jobs (`xmin`).
-async fn writers_of(db: &pg_support::TestDb, schema: &str, ids: &[uuid::Uuid]) -> i64 {
-    sqlx::query_scalar(&format!(
-        "SELECT count(DISTINCT xmin::text) FROM {schema}.aiwg_jobs WHERE id = ANY($1)"
-    ))
-    .bind(ids)
-    .fetch_one(db.admin())
-    .await
-    .unwrap()
-}
-
 /// An outcome under `stale` (a lease the job does not hold) is refused as `LeaseLost`.
 async fn assert_stale_outcome_refused(store: &PgStore, stale: &aiwg_core::store::Lease) {
     let refused = store
@@ -2365,15 +2354,14 @@ async fn claim_together(store: &PgStore, n: usize) -> Vec<aiwg_core::store::Clai
     claimed
 }
 
-/// Four jobs claimed together, `finish`ed at once: the stores' completer writes their outcomes.
-async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
+/// Four jobs claimed together, `finish`ed at once: the store's completer writes their outcomes.
+async fn claim_four_and_finish_them(store: &PgStore) {
     let claimed = claim_together(store, 4).await;
     let done = |i: usize| store.finish(&claimed[i].lease, Finish::Completed(JobResult::default()));
     let (a, b, c, d) = tokio::join!(done(0), done(1), done(2), done(3));
     for ended in [a, b, c, d] {
         assert_eq!(ended.unwrap().0.status, JobStatus::Completed);
     }
-    claimed.iter().map(|c| *c.job.id.as_uuid()).collect()
 }
 
 /// The outcomes of jobs one claim started, coming while their mates' are still to come, are
@@ -2382,20 +2370,22 @@ async fn claim_four_and_finish_them(store: &PgStore) -> Vec<uuid::Uuid> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_of_jobs_claimed_together_are_written_together() {
     let Some(db) = test_db().await else { return };
+    // A schema each: the four jobs are all its rows (`transactions`).
     let schema = db.schema().await;
     // A wait far longer than the test needs: a loaded machine must not make it flaky.
     let store = gathering_store(&db, &schema, Duration::from_secs(60)).await;
-    let ids = claim_four_and_finish_them(&store).await;
+    claim_four_and_finish_them(&store).await;
     assert_eq!(
-        writers_of(&db, &schema, &ids).await,
+        transactions(&db, &schema, "aiwg_jobs").await,
         1,
         "one commit for the four"
     );
 
+    let schema = db.schema().await;
     let store = gathering_store(&db, &schema, Duration::ZERO).await;
-    let ids = claim_four_and_finish_them(&store).await;
+    claim_four_and_finish_them(&store).await;
     assert!(
-        writers_of(&db, &schema, &ids).await > 1,
+        transactions(&db, &schema, "aiwg_jobs").await > 1,
         "without the gathering the first outcome goes out alone"
     );
     db.cleanup().await;
