@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::job::JobId;
 pub use crate::job::Usage;
 
+mod queue;
+pub(crate) use queue::StepEvents;
+
 /// The longest timeout a request may carry (30 days): beyond it deadlines overflow on some
 /// platforms and the value is almost certainly a unit mistake.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -111,8 +114,17 @@ pub enum AgentEvent {
 /// ```
 #[derive(Clone)]
 pub struct EventSink {
-    tx: Option<mpsc::UnboundedSender<AgentEvent>>,
+    tx: Option<Tx>,
     limits: Option<Arc<SinkLimits>>,
+}
+
+/// Where a sink's events go.
+#[derive(Clone)]
+enum Tx {
+    /// A channel whose receiver the sink's maker holds ([`EventSink::channel`], `bounded`).
+    Channel(mpsc::UnboundedSender<AgentEvent>),
+    /// The engine's step queue ([`EventSink::queued`]).
+    Queue(Arc<queue::Shared>),
 }
 
 /// The bounds of a [`EventSink::bounded`] sink, shared by its clones.
@@ -134,7 +146,7 @@ impl EventSink {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Self {
-                tx: Some(tx),
+                tx: Some(Tx::Channel(tx)),
                 limits: None,
             },
             rx,
@@ -146,18 +158,26 @@ impl EventSink {
     #[must_use]
     pub fn bounded(budget: usize, max_line: usize) -> (Self, mpsc::UnboundedReceiver<AgentEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Self {
-                tx: Some(tx),
-                limits: Some(Arc::new(SinkLimits {
-                    budget,
-                    max_line: max_line.max(64),
-                    used: AtomicUsize::new(0),
-                    truncated: AtomicBool::new(false),
-                })),
-            },
-            rx,
-        )
+        (Self::limited(Tx::Channel(tx), budget, max_line), rx)
+    }
+
+    /// [`bounded`](Self::bounded), received through the engine's step queue, which allocates
+    /// nothing for a step that emits nothing (see [`StepEvents`]).
+    pub(crate) fn queued(budget: usize, max_line: usize) -> (Self, StepEvents) {
+        let (shared, rx) = StepEvents::new();
+        (Self::limited(Tx::Queue(shared), budget, max_line), rx)
+    }
+
+    fn limited(tx: Tx, budget: usize, max_line: usize) -> Self {
+        Self {
+            tx: Some(tx),
+            limits: Some(Arc::new(SinkLimits {
+                budget,
+                max_line: max_line.max(64),
+                used: AtomicUsize::new(0),
+                truncated: AtomicBool::new(false),
+            })),
+        }
     }
 
     /// A sink that drops everything (for tests and one-off calls).
@@ -182,7 +202,12 @@ impl EventSink {
                 }
             }
         }
-        let _ = tx.send(event);
+        match tx {
+            Tx::Channel(tx) => {
+                let _ = tx.send(event);
+            }
+            Tx::Queue(queue) => queue.push(event),
+        }
     }
 
     /// Whether output was dropped because the budget was spent.
@@ -249,7 +274,10 @@ impl fmt::Debug for EventSink {
         f.debug_struct("EventSink")
             .field(
                 "connected",
-                &self.tx.as_ref().is_some_and(|t| !t.is_closed()),
+                &self.tx.as_ref().is_some_and(|t| match t {
+                    Tx::Channel(tx) => !tx.is_closed(),
+                    Tx::Queue(queue) => !queue.is_closed(),
+                }),
             )
             .finish()
     }

@@ -997,7 +997,7 @@ async fn run_steps(
         let started = Instant::now();
         let step_token = token.child_token();
         let budget = inner.settings.max_output_bytes.saturating_sub(output_used);
-        let (sink, mut rx) = EventSink::bounded(budget, inner.settings.max_line_bytes);
+        let (sink, mut rx) = EventSink::queued(budget, inner.settings.max_line_bytes);
         let probe = sink.clone();
         let exec = executor.execute(request, sink, step_token.clone());
         tokio::pin!(exec);
@@ -1042,7 +1042,7 @@ async fn run_steps(
                             }
                         }
                         r = &mut exec => break r,
-                        Some(ev) = rx.recv(), if start_written => {
+                        ev = rx.recv(), if start_written => {
                             partial.note(&ev);
                             let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
                             if append(engine, lease, job, kind).await.is_err() && !lost {
@@ -1070,7 +1070,7 @@ async fn run_steps(
                 outcome
             }
         };
-        while let Ok(ev) = rx.try_recv() {
+        while let Some(ev) = rx.try_recv() {
             partial.note(&ev);
             let kind = JobEventKind::Agent {
                 step: step.name.clone(),

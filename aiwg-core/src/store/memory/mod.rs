@@ -53,6 +53,39 @@ struct Entry {
     created_attempt: u32,
 }
 
+/// A job to file, made ready before the store's lock is taken: its entry boxed and the copy
+/// the answer carries.
+struct Filing {
+    entry: Box<Entry>,
+    fingerprint: Option<String>,
+    queue_capacity: Option<usize>,
+    copy: Job,
+}
+
+impl Filing {
+    fn new(new: NewJob) -> Self {
+        let NewJob {
+            job,
+            fingerprint,
+            queue_capacity,
+        } = new;
+        let copy = job.clone();
+        let entry = Box::new(Entry {
+            later_events: Vec::new(),
+            lease: None,
+            ready_seq: 0,
+            created_attempt: job.attempt,
+            job,
+        });
+        Self {
+            entry,
+            fingerprint,
+            queue_capacity,
+            copy,
+        }
+    }
+}
+
 impl Entry {
     fn ready_key(&self) -> Option<ReadyKey> {
         (self.ready_seq != 0).then_some((Reverse(self.job.priority), self.ready_seq, self.job.id))
@@ -211,11 +244,19 @@ impl State {
 
     /// Creates the job of `new`; `copy` is the copy of it to answer with, made by the caller
     /// before the lock.
-    fn create(&mut self, new: NewJob, copy: Job) -> Result<Created, StoreError> {
+    /// Files a job boxed by [`Filing::new`] (outside the lock: the box and the move of the job
+    /// into it are not made while every other store call waits).
+    fn create(&mut self, filing: Filing) -> Result<Created, StoreError> {
         let s = self;
-        if let Some(key) = &new.job.idempotency_key {
+        let Filing {
+            entry,
+            fingerprint,
+            queue_capacity,
+            copy,
+        } = filing;
+        if let Some(key) = &entry.job.idempotency_key {
             if let Some((fp, existing)) = s.idempotency.get(key) {
-                let same = new.fingerprint.as_deref().is_none_or(|f| f == fp);
+                let same = fingerprint.as_deref().is_none_or(|f| f == fp);
                 return if same {
                     Ok(Created::Existing(s.jobs[existing].job.clone()))
                 } else {
@@ -225,32 +266,24 @@ impl State {
                 };
             }
         }
-        if let Some(capacity) = new.queue_capacity {
+        if let Some(capacity) = queue_capacity {
             if s.ready.len() >= capacity {
                 return Err(StoreError::QueueFull { capacity });
             }
         }
-        let job = new.job;
-        if job.status != JobStatus::Queued {
+        if entry.job.status != JobStatus::Queued {
             return Err(StoreError::IllegalTransition(
                 crate::job::IllegalTransition {
-                    from: job.status,
+                    from: entry.job.status,
                     to: JobStatus::Queued,
                 },
             ));
         }
-        let id = job.id;
-        if let Some(key) = &job.idempotency_key {
+        let id = entry.job.id;
+        if let Some(key) = &entry.job.idempotency_key {
             s.idempotency
-                .insert(key.clone(), (new.fingerprint.unwrap_or_default(), id));
+                .insert(key.clone(), (fingerprint.unwrap_or_default(), id));
         }
-        let entry = Box::new(Entry {
-            later_events: Vec::new(),
-            lease: None,
-            ready_seq: 0,
-            created_attempt: job.attempt,
-            job,
-        });
         let ev = entry.first_event();
         debug_assert_eq!(ev.kind, apply::created(&entry.job));
         s.jobs.insert(id, entry);
@@ -498,18 +531,16 @@ fn ttl(d: Duration) -> chrono::Duration {
 #[async_trait]
 impl JobStore for MemoryStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
-        // The answer's copy is made before the lock: the lock is held only to file the job.
-        let copy = new.job.clone();
-        self.lock().create(new, copy)
+        // The job is boxed, and the answer's copy made, before the lock: the lock is held
+        // only to file the job.
+        let filing = Filing::new(new);
+        self.lock().create(filing)
     }
 
     async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
-        let copies: Vec<Job> = new.iter().map(|n| n.job.clone()).collect();
+        let filings: Vec<Filing> = new.into_iter().map(Filing::new).collect();
         let mut s = self.lock();
-        new.into_iter()
-            .zip(copies)
-            .map(|(n, copy)| s.create(n, copy))
-            .collect()
+        filings.into_iter().map(|f| s.create(f)).collect()
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
