@@ -242,8 +242,6 @@ impl State {
         }
     }
 
-    /// Creates the job of `new`; `copy` is the copy of it to answer with, made by the caller
-    /// before the lock.
     /// Files a job boxed by [`Filing::new`] (outside the lock: the box and the move of the job
     /// into it are not made while every other store call waits).
     fn create(&mut self, filing: Filing) -> Result<Created, StoreError> {
