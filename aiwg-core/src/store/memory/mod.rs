@@ -309,12 +309,10 @@ impl State {
             },
         );
         let Some(id) = found else { return Ok(None) };
-        if let Some(e) = s.jobs.get_mut(&id) {
-            e.ready_seq = 0;
-        }
         s.lease_seq += 1;
         let token = s.lease_seq;
         let entry = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        entry.ready_seq = 0;
         let kind = apply::claim(&mut entry.job, now)?;
         let lease = Lease {
             job_id: id,
