@@ -162,7 +162,7 @@ impl EventSink {
     }
 
     /// [`bounded`](Self::bounded), received through the engine's step queue, which allocates
-    /// nothing for a step that emits nothing (see [`StepEvents`]).
+    /// no room for events before one is emitted (see [`StepEvents`]).
     pub(crate) fn queued(budget: usize, max_line: usize) -> (Self, StepEvents) {
         let (shared, rx) = StepEvents::new();
         (Self::limited(Tx::Queue(shared), budget, max_line), rx)
