@@ -4,7 +4,9 @@
 //! `INSERT` plus an `UPDATE … FOR UPDATE SKIP LOCKED` claim, as the baseline. The burn-downs'
 //! `ratio` lines compare the medians of their rounds; a line per engine setup before them gives
 //! the lowest and highest ratio of a round against the baseline of the same round, which shows
-//! how far the machine moved while the figures were taken.
+//! how far the machine moved while the figures were taken, and on Linux one more line gives the
+//! machine's CPU time per job and how busy the cores were (medians of the rounds): whether a
+//! setup waited or ran out of CPU.
 //!
 //! `cargo bench -p aiwg-benches --bench pg_queue`. The database comes from
 //! `AIWG_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); without one the
@@ -701,12 +703,34 @@ async fn narrow_burn_downs(
     rounds: usize,
 ) {
     let mut runs: [Vec<Duration>; 4] = Default::default();
+    // The machine's CPU time of each run, where it can be read (see `machine_cpu`).
+    let mut cpus: [Vec<Option<Duration>>; 4] = Default::default();
     for _ in 0..rounds {
+        let cpu = machine_cpu();
         runs[0].push(baseline(raw).await);
-        runs[1].push(burn_down(one, NARROW).await.took);
-        runs[2].push(burn_down(two, NARROW).await.took);
-        runs[3].push(burn_down(relaxed, NARROW).await.took);
+        cpus[0].push(cpu_since(cpu));
+        for (i, stores) in [one, two, relaxed].into_iter().enumerate() {
+            let cost = burn_down(stores, NARROW).await;
+            runs[i + 1].push(cost.took);
+            cpus[i + 1].push(cost.cpu);
+        }
     }
+    // The median CPU time a job (µs) and share of the cores kept busy, per setup: a run bound
+    // by the machine's CPU (every core busy) gains nothing from more claims in flight.
+    let cpu_use = |took: &[Duration], cpu: &[Option<Duration>]| {
+        let cpu: Option<Vec<Duration>> = cpu.iter().copied().collect();
+        let mut cpu = cpu?;
+        let mut busy: Vec<f64> = cpu
+            .iter()
+            .zip(took)
+            .map(|(c, t)| c.as_secs_f64() / t.as_secs_f64() / cores())
+            .collect();
+        cpu.sort_unstable();
+        busy.sort_by(f64::total_cmp);
+        let per_job = cpu[cpu.len() / 2].as_secs_f64() * 1e6 / BATCH as f64;
+        Some((per_job, busy[busy.len() / 2] * 100.0))
+    };
+    let uses: Vec<_> = runs.iter().zip(&cpus).map(|(r, c)| cpu_use(r, c)).collect();
     // Each round's ratio against the baseline of the same round: how far the machine moved
     // while the figures were taken (the `ratio` lines stay medians of the rates).
     let spread = |ours: &[Duration]| {
@@ -747,6 +771,13 @@ async fn narrow_burn_downs(
     );
     for (name, (lo, hi)) in ["1 engine", "2 engines", "relaxed"].iter().zip(spreads) {
         println!("  {name}: each round against its own baseline {lo:.2}–{hi:.2} x");
+    }
+    if let [Some(b), Some(o), Some(t), Some(r)] = uses[..] {
+        println!(
+            "  machine CPU per job (cores busy): baseline {:.0} us ({:.0} %), 1 engine {:.0} us \
+             ({:.0} %), 2 engines {:.0} us ({:.0} %), relaxed {:.0} us ({:.0} %)",
+            b.0, b.1, o.0, o.1, t.0, t.1, r.0, r.1
+        );
     }
     // Higher is better: throughput ours / baseline.
     println!("ratio pg_burn_down_1_engine {:.3}", rate(t1) / rate(base));
