@@ -11,6 +11,12 @@
 //! `cargo bench -p aiwg-benches --bench pg_queue`. The database comes from
 //! `AIWG_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); without one the
 //! bench prints why and does nothing. Everything runs in a fresh schema dropped at the end.
+//! A URL without `sslmode` lets sqlx negotiate TLS where the server offers it (Debian's
+//! PostgreSQL does, `ssl = on`), for every connection, the baseline's too; the baseline's many
+//! small round trips pay more for it than the stores' batched ones, so the ratios come out
+//! higher than without it. Add `?sslmode=disable` to the URL to measure the queue without TLS
+//! (BENCHMARKS.md, session 33: one engine's narrow ratio 0.51–0.61 without against 0.63–0.74
+//! with, the wide one 0.82–0.86 against 0.99–1.09).
 //!
 //! The *wide* burn-down drains a longer queue (`AIWG_PG_QUEUE_WIDE_JOBS`, default 5 000) with 2
 //! engines of many workers (`AIWG_PG_QUEUE_WIDE_WORKERS`, default 32), beside bare claimers
