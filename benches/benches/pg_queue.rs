@@ -351,7 +351,8 @@ async fn commits_per_job_all(db: &BenchSchema) {
 
 /// The baseline: `BATCH` inserts, then `WORKERS` claimers taking rows with
 /// `UPDATE … FOR UPDATE SKIP LOCKED` until none is left.
-async fn baseline(pool: &PgPool) -> Duration {
+async fn baseline(pool: &PgPool) -> Cost {
+    let cpu = machine_cpu();
     let start = Instant::now();
     for i in 0..BATCH {
         sqlx::query("INSERT INTO bench_queue (priority, payload) VALUES (0, $1)")
@@ -370,7 +371,11 @@ async fn baseline(pool: &PgPool) -> Duration {
     for t in tasks {
         t.await.expect("claimer");
     }
-    start.elapsed()
+    let took = start.elapsed();
+    Cost {
+        took,
+        cpu: cpu_since(cpu),
+    }
 }
 
 /// The baseline of the wide burn-down: `jobs` rows inserted in one statement before the clock
@@ -721,13 +726,17 @@ async fn narrow_burn_downs(
     // The machine's CPU time of each run, where it can be read (see `machine_cpu`).
     let mut cpus: [Vec<Option<Duration>>; 4] = Default::default();
     for _ in 0..rounds {
-        let cpu = machine_cpu();
-        runs[0].push(baseline(raw).await);
-        cpus[0].push(cpu_since(cpu));
-        for (i, stores) in [one, two, relaxed].into_iter().enumerate() {
-            let cost = burn_down(stores, NARROW).await;
-            runs[i + 1].push(cost.took);
-            cpus[i + 1].push(cost.cpu);
+        for (i, cost) in [
+            baseline(raw).await,
+            burn_down(one, NARROW).await,
+            burn_down(two, NARROW).await,
+            burn_down(relaxed, NARROW).await,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            runs[i].push(cost.took);
+            cpus[i].push(cost.cpu);
         }
     }
     // The median CPU time a job (µs) and share of the cores kept busy, per setup: a run bound
@@ -906,7 +915,7 @@ fn main() {
             async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    total += baseline(&raw).await;
+                    total += baseline(&raw).await.took;
                 }
                 total
             }
