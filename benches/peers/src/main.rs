@@ -25,8 +25,9 @@
 //! starting 1 (then 2) clients of `AIWG_PEERS_WORKERS` workers each (default 32) until every job
 //! ran and the database holds every job as completed (aiwg: no job queued or running; River: no
 //! row not `completed`; Graphile: no row left, as it deletes what completed), polled every
-//! millisecond once the workers ran the last job. Jobs/s, and the machine's CPU time per job
-//! from `/proc/stat` (PostgreSQL's included).
+//! millisecond once the workers ran the last job. Jobs/s, the machine's CPU time per job from
+//! `/proc/stat` (PostgreSQL's included) and the write-ahead log PostgreSQL wrote per job
+//! (`pg_current_wal_lsn()` before and after: the cluster's, so nothing else should run).
 //!
 //! **Latency**: one client, idle; a job is queued and the clock stops when its worker starts it;
 //! the next job is queued once that one completed. 200 samples after 10 not counted; p50 / p99.
@@ -38,7 +39,10 @@
 //! URL that names no `sslmode` gets `sslmode=disable`, so that no system pays for TLS and all pay
 //! alike), `AIWG_PEERS_JOBS`, `AIWG_PEERS_WORKERS`, `AIWG_PEERS_ROUNDS` (default 3; each figure
 //! is the median of its rounds, the systems alternating within a round), `AIWG_PEERS_ONLY`
-//! (`burn_down` or `latency`).
+//! (`burn_down` or `latency`), `AIWG_PEERS_SYSTEMS` (some of `aiwg,river,graphile`, for a
+//! profile of one; the `ratio` lines need `aiwg`).
+//!
+//! A run that panics leaves its schema behind (named `aiwg_peers_<system>_<pid>_<time>`).
 //!
 //! A standalone crate, its own workspace (as `fuzz/` is): the peers and the second SQLx (0.9)
 //! they bring are built only by whoever runs this, never by the workspace's tests or CI.
@@ -155,22 +159,36 @@ fn machine_cpu() -> Option<Duration> {
     Some(Duration::from_millis(busy * 10))
 }
 
-/// What a timed burn-down took, and the machine's CPU time over it.
+/// What a timed burn-down took, the machine's CPU time over it, and the write-ahead log
+/// PostgreSQL wrote meanwhile (the whole cluster's: nothing else should run).
 #[derive(Clone, Copy)]
 struct Cost {
     took: Duration,
     cpu: Option<Duration>,
+    wal: u64,
 }
 
-/// Runs `work` between two readings of the clock and of the machine's CPU time.
-async fn timed<Fut: std::future::Future<Output = ()>>(work: Fut) -> Cost {
+/// Where the cluster's write-ahead log stands, in bytes.
+async fn wal_position(probe: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+        .fetch_one(probe)
+        .await
+        .expect("the write-ahead log's position")
+}
+
+/// Runs `work` between two readings of the clock, of the machine's CPU time and of the
+/// write-ahead log's position (read through `probe`).
+async fn timed<Fut: std::future::Future<Output = ()>>(probe: &sqlx::PgPool, work: Fut) -> Cost {
+    let wal = wal_position(probe).await;
     let cpu = machine_cpu();
     let start = Instant::now();
     work.await;
     let took = start.elapsed();
+    let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
     Cost {
         took,
-        cpu: cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b)),
+        cpu,
+        wal: u64::try_from(wal_position(probe).await - wal).unwrap_or(0),
     }
 }
 
@@ -266,7 +284,13 @@ mod aiwg {
     }
 
     /// Queues `jobs` jobs, then times `clients` engines draining them.
-    pub(crate) async fn burn_down(url: &str, jobs: usize, clients: usize, workers: usize) -> Cost {
+    pub(crate) async fn burn_down(
+        probe: &sqlx::PgPool,
+        url: &str,
+        jobs: usize,
+        clients: usize,
+        workers: usize,
+    ) -> Cost {
         let db = Db::create(url).await;
         let mut stores = Vec::new();
         for _ in 0..clients {
@@ -290,7 +314,7 @@ mod aiwg {
         }
         let exec = ScriptedExecutor::succeeding("");
         let mut nodes = Vec::new();
-        let cost = super::timed(async {
+        let cost = super::timed(probe, async {
             for s in &stores {
                 nodes.push(node(s, &exec, workers).await);
             }
@@ -452,7 +476,13 @@ mod river {
             .expect("river: client")
     }
 
-    pub(crate) async fn burn_down(url: &str, jobs: usize, clients: usize, workers: usize) -> Cost {
+    pub(crate) async fn burn_down(
+        probe: &sqlx::PgPool,
+        url: &str,
+        jobs: usize,
+        clients: usize,
+        workers: usize,
+    ) -> Cost {
         let db = Db::create(url).await;
         {
             let inserter = Client::builder(db.database().await)
@@ -475,7 +505,7 @@ mod river {
             idle.push(client(&db, workers, &started).await);
         }
         let mut runs = Vec::new();
-        let cost = super::timed(async {
+        let cost = super::timed(probe, async {
             for c in idle {
                 runs.push((c.start().expect("river: start"), c));
             }
@@ -632,7 +662,13 @@ mod graphile {
         tokio::spawn(async move { worker.run().await.expect("graphile: run") })
     }
 
-    pub(crate) async fn burn_down(url: &str, jobs: usize, clients: usize, workers: usize) -> Cost {
+    pub(crate) async fn burn_down(
+        probe: &sqlx::PgPool,
+        url: &str,
+        jobs: usize,
+        clients: usize,
+        workers: usize,
+    ) -> Cost {
         let db = Db::create(url).await;
         let started = Arc::new(Started::default());
         let mut idle = Vec::new();
@@ -651,7 +687,7 @@ mod graphile {
             utils.add_raw_jobs(chunk).await.expect("graphile: add");
         }
         let mut runs = Vec::new();
-        let cost = super::timed(async {
+        let cost = super::timed(probe, async {
             for w in &idle {
                 runs.push((w.clone(), start(w)));
             }
@@ -713,11 +749,47 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 const SYSTEMS: [&str; 3] = ["aiwg", "river", "graphile"];
 
-async fn burn_down(system: &str, url: &str, jobs: usize, clients: usize, workers: usize) -> Cost {
+/// The systems to run (`AIWG_PEERS_SYSTEMS`, a comma-separated list; default all), in the order
+/// of [`SYSTEMS`]. The `ratio` lines need aiwg among them.
+fn systems() -> Vec<&'static str> {
+    let wanted = std::env::var("AIWG_PEERS_SYSTEMS").unwrap_or_default();
+    let wanted: Vec<&str> = wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
+    for w in &wanted {
+        if !SYSTEMS.contains(w) {
+            eprintln!("AIWG_PEERS_SYSTEMS: unknown system {w:?} (known: {SYSTEMS:?})");
+            std::process::exit(2);
+        }
+    }
+    SYSTEMS
+        .into_iter()
+        .filter(|s| wanted.is_empty() || wanted.contains(s))
+        .collect()
+}
+
+/// The peers to print a `ratio` line for: every system after aiwg, when aiwg ran.
+fn peers(systems: &[&'static str]) -> Vec<(usize, &'static str)> {
+    if systems.first() != Some(&"aiwg") {
+        return Vec::new();
+    }
+    systems.iter().copied().enumerate().skip(1).collect()
+}
+
+async fn burn_down(
+    probe: &sqlx::PgPool,
+    system: &str,
+    url: &str,
+    jobs: usize,
+    clients: usize,
+    workers: usize,
+) -> Cost {
     match system {
-        "aiwg" => aiwg::burn_down(url, jobs, clients, workers).await,
-        "river" => river::burn_down(url, jobs, clients, workers).await,
-        _ => graphile::burn_down(url, jobs, clients, workers).await,
+        "aiwg" => aiwg::burn_down(probe, url, jobs, clients, workers).await,
+        "river" => river::burn_down(probe, url, jobs, clients, workers).await,
+        _ => graphile::burn_down(probe, url, jobs, clients, workers).await,
     }
 }
 
@@ -732,33 +804,37 @@ async fn latency(system: &str, url: &str, workers: usize) -> Vec<Duration> {
 
 /// The burn-downs: per number of clients, `rounds` rounds of every system in turn; prints each
 /// system's median rate and CPU per job, then the ratios.
-async fn burn_downs(url: &str, jobs: usize, workers: usize, rounds: usize) {
+async fn burn_downs(probe: &sqlx::PgPool, url: &str, jobs: usize, workers: usize, rounds: usize) {
+    let systems = systems();
     for clients in [1usize, 2] {
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SYSTEMS.len()];
-        let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); SYSTEMS.len()];
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+        let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+        let mut wals: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         for _ in 0..rounds {
-            for (i, system) in SYSTEMS.iter().enumerate() {
-                let cost = burn_down(system, url, jobs, clients, workers).await;
+            for (i, system) in systems.iter().enumerate() {
+                let cost = burn_down(probe, system, url, jobs, clients, workers).await;
                 rates[i].push(jobs as f64 / cost.took.as_secs_f64());
                 if let Some(cpu) = cost.cpu {
                     cpus[i].push(cpu.as_secs_f64() * 1e6 / jobs as f64);
                 }
+                wals[i].push(cost.wal as f64 / jobs as f64);
             }
         }
         let rates: Vec<f64> = rates.into_iter().map(median).collect();
-        for (i, system) in SYSTEMS.iter().enumerate() {
+        for (i, system) in systems.iter().enumerate() {
             let cpu = if cpus[i].is_empty() {
                 String::new()
             } else {
                 format!(", machine CPU {:.0} µs a job", median(cpus[i].clone()))
             };
             println!(
-                "burn-down, {jobs} jobs, {clients} client(s) × {workers} workers: {system:<8} {:>8.0} jobs/s{cpu}",
-                rates[i]
+                "burn-down, {jobs} jobs, {clients} client(s) × {workers} workers: {system:<8} {:>8.0} jobs/s{cpu}, WAL {:.0} B a job",
+                rates[i],
+                median(wals[i].clone())
             );
         }
         let plural = if clients == 1 { "client" } else { "clients" };
-        for (i, peer) in SYSTEMS.iter().enumerate().skip(1) {
+        for (i, peer) in peers(&systems) {
             println!(
                 "ratio aiwg_vs_{peer}_burn_down_{clients}_{plural} {:.3}",
                 rates[0] / rates[i]
@@ -770,9 +846,10 @@ async fn burn_downs(url: &str, jobs: usize, workers: usize, rounds: usize) {
 /// Enqueue → start: `rounds` rounds of every system in turn, each system's samples of all rounds
 /// together.
 async fn latencies(url: &str, workers: usize, rounds: usize) {
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); SYSTEMS.len()];
+    let systems = systems();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); systems.len()];
     for _ in 0..rounds {
-        for (i, system) in SYSTEMS.iter().enumerate() {
+        for (i, system) in systems.iter().enumerate() {
             samples[i].extend(latency(system, url, workers).await);
         }
     }
@@ -783,13 +860,13 @@ async fn latencies(url: &str, workers: usize, rounds: usize) {
             (percentile(&s, 0.5), percentile(&s, 0.99))
         })
         .collect();
-    for (i, system) in SYSTEMS.iter().enumerate() {
+    for (i, system) in systems.iter().enumerate() {
         println!(
             "enqueue → start, 1 client × {workers} workers: {system:<8} p50 {:>9.2?} p99 {:>9.2?}",
             figures[i].0, figures[i].1
         );
     }
-    for (i, peer) in SYSTEMS.iter().enumerate().skip(1) {
+    for (i, peer) in peers(&systems) {
         println!(
             "ratio aiwg_vs_{peer}_latency_p50 {:.3}",
             figures[i].0.as_secs_f64() / figures[0].0.as_secs_f64()
@@ -812,8 +889,16 @@ async fn main() {
     let workers = env_usize("AIWG_PEERS_WORKERS", 32);
     let rounds = env_usize("AIWG_PEERS_ROUNDS", 3);
     let only = std::env::var("AIWG_PEERS_ONLY").unwrap_or_default();
+    let probe = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("no PostgreSQL at AIWG_TEST_DATABASE_URL: {e}");
+            std::process::exit(2)
+        });
     if only.is_empty() || only == "burn_down" {
-        burn_downs(&url, jobs, workers, rounds).await;
+        burn_downs(&probe, &url, jobs, workers, rounds).await;
     }
     if only.is_empty() || only == "latency" {
         latencies(&url, workers, rounds).await;
