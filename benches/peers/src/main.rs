@@ -26,7 +26,7 @@
 //! ran and the database holds every job as completed (aiwg: no job queued or running; River: no
 //! row not `completed`; Graphile: no row left, as it deletes what completed), polled every
 //! millisecond once the workers ran the last job. Jobs/s, the machine's CPU time per job from
-//! `/proc/stat` (PostgreSQL's included) and the write-ahead log PostgreSQL wrote per job
+//! `/proc/stat` (PostgreSQL's included; in parentheses this process's, the clients' share) and the write-ahead log PostgreSQL wrote per job
 //! (`pg_current_wal_lsn()` before and after: the cluster's, so nothing else should run).
 //!
 //! **Latency**: one client, idle; a job is queued and the clock stops when its worker starts it;
@@ -159,12 +159,25 @@ fn machine_cpu() -> Option<Duration> {
     Some(Duration::from_millis(busy * 10))
 }
 
+/// This process's CPU time (user and system, every thread): the clients' share of the
+/// machine's, as every system's clients run here and PostgreSQL does not; `None` off Linux.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// What a timed burn-down took, the machine's CPU time over it, and the write-ahead log
 /// PostgreSQL wrote meanwhile (the whole cluster's: nothing else should run).
 #[derive(Clone, Copy)]
 struct Cost {
     took: Duration,
     cpu: Option<Duration>,
+    /// This process's share of `cpu` (the clients').
+    clients_cpu: Option<Duration>,
     wal: u64,
 }
 
@@ -181,13 +194,18 @@ async fn wal_position(probe: &sqlx::PgPool) -> i64 {
 async fn timed<Fut: std::future::Future<Output = ()>>(probe: &sqlx::PgPool, work: Fut) -> Cost {
     let wal = wal_position(probe).await;
     let cpu = machine_cpu();
+    let clients_cpu = process_cpu();
     let start = Instant::now();
     work.await;
     let took = start.elapsed();
     let cpu = cpu.zip(machine_cpu()).map(|(b, a)| a.saturating_sub(b));
+    let clients_cpu = clients_cpu
+        .zip(process_cpu())
+        .map(|(b, a)| a.saturating_sub(b));
     Cost {
         took,
         cpu,
+        clients_cpu,
         wal: u64::try_from(wal_position(probe).await - wal).unwrap_or(0),
     }
 }
@@ -803,13 +821,15 @@ async fn latency(system: &str, url: &str, workers: usize) -> Vec<Duration> {
 }
 
 /// The burn-downs: per number of clients, `rounds` rounds of every system in turn; prints each
-/// system's median rate and CPU per job, then the ratios.
+/// system's median rate, CPU (the machine's, the clients') and write-ahead log per job, then the
+/// ratios.
 async fn burn_downs(probe: &sqlx::PgPool, url: &str, jobs: usize, workers: usize, rounds: usize) {
     let systems = systems();
     for clients in [1usize, 2] {
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         let mut wals: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+        let mut clients_cpus: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         for _ in 0..rounds {
             for (i, system) in systems.iter().enumerate() {
                 let cost = burn_down(probe, system, url, jobs, clients, workers).await;
@@ -817,15 +837,22 @@ async fn burn_downs(probe: &sqlx::PgPool, url: &str, jobs: usize, workers: usize
                 if let Some(cpu) = cost.cpu {
                     cpus[i].push(cpu.as_secs_f64() * 1e6 / jobs as f64);
                 }
+                if let Some(cpu) = cost.clients_cpu {
+                    clients_cpus[i].push(cpu.as_secs_f64() * 1e6 / jobs as f64);
+                }
                 wals[i].push(cost.wal as f64 / jobs as f64);
             }
         }
         let rates: Vec<f64> = rates.into_iter().map(median).collect();
         for (i, system) in systems.iter().enumerate() {
-            let cpu = if cpus[i].is_empty() {
+            let cpu = if cpus[i].is_empty() || clients_cpus[i].is_empty() {
                 String::new()
             } else {
-                format!(", machine CPU {:.0} µs a job", median(cpus[i].clone()))
+                format!(
+                    ", machine CPU {:.0} µs a job (clients {:.0})",
+                    median(cpus[i].clone()),
+                    median(clients_cpus[i].clone())
+                )
             };
             println!(
                 "burn-down, {jobs} jobs, {clients} client(s) × {workers} workers: {system:<8} {:>8.0} jobs/s{cpu}, WAL {:.0} B a job",
