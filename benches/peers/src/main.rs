@@ -134,6 +134,29 @@ where
     }
 }
 
+/// Enqueue → start, one job at a time: `queue` queues one, `started(n)` waits until the `n`th
+/// started, `ended` until it completed (before the next is queued); the first `warm_up` are not
+/// counted (the pool's first connections).
+async fn sample_latency(
+    samples: usize,
+    warm_up: usize,
+    mut queue: impl AsyncFnMut(),
+    mut started: impl AsyncFnMut(usize),
+    mut ended: impl AsyncFnMut(),
+) -> Vec<Duration> {
+    let mut taken = Vec::with_capacity(samples);
+    for i in 0..warm_up + samples {
+        let start = Instant::now();
+        queue().await;
+        started(i + 1).await;
+        if i >= warm_up {
+            taken.push(start.elapsed());
+        }
+        ended().await;
+    }
+    taken
+}
+
 /// A fresh schema's name for `system`.
 fn schema_name(system: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -367,24 +390,86 @@ mod aiwg {
         let store = db.store().await;
         let exec = ScriptedExecutor::succeeding("");
         let n = node(&store, &exec, workers).await;
-        let mut taken = Vec::with_capacity(samples);
-        for i in 0..warm_up + samples {
-            let start = std::time::Instant::now();
-            let job = n
-                .engine
-                .submit(JobRequest::new("noop"))
-                .await
-                .expect("aiwg: submit");
-            assert!(exec.wait_started(i + 1, PATIENCE).await, "aiwg: started");
-            if i >= warm_up {
-                taken.push(start.elapsed());
-            }
-            n.engine.wait(job.id, PATIENCE).await.expect("aiwg: done");
-        }
+        let taken = super::sample_latency(
+            samples,
+            warm_up,
+            async || {
+                n.engine
+                    .submit(JobRequest::new("noop"))
+                    .await
+                    .expect("aiwg: submit");
+            },
+            async |count| assert!(exec.wait_started(count, PATIENCE).await, "aiwg: started"),
+            async || {
+                until("aiwg: the job ended", || async {
+                    let c = store.counts().await.expect("aiwg: counts");
+                    c.queued == 0 && c.running == 0
+                })
+                .await;
+            },
+        )
+        .await;
         stop(vec![n]).await;
         store.pool().close().await;
         db.drop_schema().await;
         taken
+    }
+}
+
+/// A peer's schema, named but not yet made, and the one connection (the peers' SQLx, 0.9) that
+/// makes it, counts its rows and drops it.
+struct PeerDb {
+    admin: riverqueue::sqlx::PgPool,
+    url: String,
+    schema: String,
+}
+
+impl PeerDb {
+    async fn connect(url: &str, system: &str) -> Self {
+        let admin = riverqueue::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("{system}: connect: {e}"));
+        Self {
+            admin,
+            url: url.to_owned(),
+            schema: schema_name(system),
+        }
+    }
+
+    /// A pool of [`POOL`] connections for one client (the peers name their schema themselves).
+    async fn client_pool(&self) -> riverqueue::sqlx::PgPool {
+        riverqueue::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(POOL)
+            .connect(&self.url)
+            .await
+            .expect("a client's pool")
+    }
+
+    async fn execute(&self, sql: String) {
+        riverqueue::sqlx::query(riverqueue::sqlx::AssertSqlSafe(sql))
+            .execute(&self.admin)
+            .await
+            .expect("a statement of the peer's schema");
+    }
+
+    /// `SELECT count(*)` of `from` (`{schema}` in it stands for the schema).
+    async fn count(&self, from: &str) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM {}",
+            from.replace("{schema}", &self.schema)
+        );
+        riverqueue::sqlx::query_scalar(riverqueue::sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.admin)
+            .await
+            .expect("a count of the peer's rows")
+    }
+
+    async fn drop_schema(self) {
+        self.execute(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+            .await;
+        self.admin.close().await;
     }
 }
 
@@ -395,86 +480,46 @@ mod river {
 
     use riverqueue::database::{PostgresDatabase, SchemaName};
     use riverqueue::migrate::PostgresMigrator;
-    use riverqueue::sqlx::postgres::{PgPool, PgPoolOptions};
     use riverqueue::{
         BoxError, Client, Job, JobArgs, QueueConfig, WorkContext, WorkOutcome, Workers,
         FETCH_COOLDOWN_MIN,
     };
     use serde::{Deserialize, Serialize};
 
-    use super::{until, Cost, Started, POOL};
+    use super::{until, Cost, PeerDb, Started};
 
     #[derive(Clone, Debug, Deserialize, JobArgs, Serialize)]
     #[river(kind = "noop")]
     struct Noop {}
 
-    struct Db {
-        admin: PgPool,
-        url: String,
-        schema: String,
+    /// The schema, made and migrated by River's migrator.
+    async fn create(url: &str) -> PeerDb {
+        let db = PeerDb::connect(url, "river").await;
+        db.execute(format!("CREATE SCHEMA {}", db.schema)).await;
+        PostgresMigrator::new(db.admin.clone())
+            .with_schema(schema(&db))
+            .migrate_up()
+            .await
+            .expect("river: migrate");
+        db
     }
 
-    impl Db {
-        async fn create(url: &str) -> Self {
-            let admin = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(url)
-                .await
-                .expect("river: connect");
-            let schema = super::schema_name("river");
-            riverqueue::sqlx::query(riverqueue::sqlx::AssertSqlSafe(format!(
-                "CREATE SCHEMA {schema}"
-            )))
-            .execute(&admin)
-            .await
-            .expect("river: schema");
-            PostgresMigrator::new(admin.clone())
-                .with_schema(SchemaName::new(schema.clone()).expect("river: schema name"))
-                .migrate_up()
-                .await
-                .expect("river: migrate");
-            Self {
-                admin,
-                url: url.to_owned(),
-                schema,
-            }
-        }
+    fn schema(db: &PeerDb) -> SchemaName {
+        SchemaName::new(db.schema.clone()).expect("river: schema name")
+    }
 
-        async fn database(&self) -> PostgresDatabase {
-            let pool = PgPoolOptions::new()
-                .max_connections(POOL)
-                .connect(&self.url)
-                .await
-                .expect("river: pool");
-            PostgresDatabase::new(pool)
-                .with_schema(SchemaName::new(self.schema.clone()).expect("river: schema name"))
-        }
+    async fn database(db: &PeerDb) -> PostgresDatabase {
+        PostgresDatabase::new(db.client_pool().await).with_schema(schema(db))
+    }
 
-        /// Rows not yet `completed`.
-        async fn unfinished(&self) -> i64 {
-            riverqueue::sqlx::query_scalar(riverqueue::sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM {}.river_job WHERE state <> 'completed'",
-                self.schema
-            )))
-            .fetch_one(&self.admin)
+    /// Rows not yet `completed`.
+    async fn unfinished(db: &PeerDb) -> i64 {
+        db.count("{schema}.river_job WHERE state <> 'completed'")
             .await
-            .expect("river: count")
-        }
-
-        async fn drop_schema(self) {
-            riverqueue::sqlx::query(riverqueue::sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA {} CASCADE",
-                self.schema
-            )))
-            .execute(&self.admin)
-            .await
-            .expect("river: drop schema");
-            self.admin.close().await;
-        }
     }
 
     /// A client working the default queue with `workers` workers, each job counted in `started`.
-    async fn client(db: &Db, workers: usize, started: &Arc<Started>) -> Client {
+    async fn client(db: &PeerDb, workers: usize, started: &Arc<Started>) -> Client {
         let mut registry = Workers::new();
         let started = started.clone();
         registry
@@ -486,7 +531,7 @@ mod river {
                 }
             })
             .expect("river: worker");
-        Client::builder(db.database().await)
+        Client::builder(database(db).await)
             .workers(registry)
             .fetch_cooldown(FETCH_COOLDOWN_MIN)
             .queue("default", QueueConfig::new(workers))
@@ -501,9 +546,9 @@ mod river {
         clients: usize,
         workers: usize,
     ) -> Cost {
-        let db = Db::create(url).await;
+        let db = create(url).await;
         {
-            let inserter = Client::builder(db.database().await)
+            let inserter = Client::builder(database(&db).await)
                 .build()
                 .expect("river: inserter");
             let chunk = 2_000;
@@ -529,7 +574,7 @@ mod river {
             }
             started.wait_for(jobs).await;
             until("river: every job completed", || async {
-                db.unfinished().await == 0
+                unfinished(&db).await == 0
             })
             .await;
         })
@@ -548,24 +593,26 @@ mod river {
         samples: usize,
         warm_up: usize,
     ) -> Vec<Duration> {
-        let db = Db::create(url).await;
+        let db = create(url).await;
         let started = Arc::new(Started::default());
         let c = client(&db, workers, &started).await;
         let mut run = c.start().expect("river: start");
         run.wait_ready().await.expect("river: ready");
-        let mut taken = Vec::with_capacity(samples);
-        for i in 0..warm_up + samples {
-            let start = std::time::Instant::now();
-            c.insert(Noop {}).await.expect("river: insert");
-            started.wait_for(i + 1).await;
-            if i >= warm_up {
-                taken.push(start.elapsed());
-            }
-            until("river: the job completed", || async {
-                db.unfinished().await == 0
-            })
-            .await;
-        }
+        let taken = super::sample_latency(
+            samples,
+            warm_up,
+            async || {
+                c.insert(Noop {}).await.expect("river: insert");
+            },
+            async |count| started.wait_for(count).await,
+            async || {
+                until("river: the job completed", async || {
+                    unfinished(&db).await == 0
+                })
+                .await
+            },
+        )
+        .await;
         run.stop().await.expect("river: stop");
         db.drop_schema().await;
         taken
@@ -581,10 +628,9 @@ mod graphile {
         IntoTaskHandlerResult, JobSpec, LocalQueueConfig, RawJobSpec, TaskHandler, Worker,
         WorkerContext, WorkerOptions, WorkerUtils,
     };
-    use riverqueue::sqlx::postgres::{PgPool, PgPoolOptions};
     use serde::{Deserialize, Serialize};
 
-    use super::{until, Cost, Started, POOL};
+    use super::{until, Cost, PeerDb, Started};
 
     #[derive(Clone, Debug, Deserialize, Serialize)]
     struct Noop {}
@@ -604,68 +650,25 @@ mod graphile {
         }
     }
 
-    struct Db {
-        admin: PgPool,
-        url: String,
-        schema: String,
+    /// A worker (migrating the schema on its first `init`) of its own pool.
+    async fn worker(db: &PeerDb, workers: usize, started: &Arc<Started>) -> Arc<Worker> {
+        let worker = WorkerOptions::default()
+            .pg_pool(db.client_pool().await)
+            .schema(db.schema.as_str())
+            .concurrency(workers)
+            .poll_interval(Duration::from_millis(10))
+            .local_queue(LocalQueueConfig::default().with_size(100))
+            .add_extension(Count(started.clone()))
+            .define_job::<Noop>()
+            .init()
+            .await
+            .expect("graphile: worker");
+        Arc::new(worker)
     }
 
-    impl Db {
-        async fn create(url: &str) -> Self {
-            let admin = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(url)
-                .await
-                .expect("graphile: connect");
-            Self {
-                admin,
-                url: url.to_owned(),
-                schema: super::schema_name("graphile"),
-            }
-        }
-
-        /// A worker (migrating the schema on its first `init`) of its own pool.
-        async fn worker(&self, workers: usize, started: &Arc<Started>) -> Arc<Worker> {
-            let pool = PgPoolOptions::new()
-                .max_connections(POOL)
-                .connect(&self.url)
-                .await
-                .expect("graphile: pool");
-            let worker = WorkerOptions::default()
-                .pg_pool(pool)
-                .schema(self.schema.as_str())
-                .concurrency(workers)
-                .poll_interval(Duration::from_millis(10))
-                .local_queue(LocalQueueConfig::default().with_size(100))
-                .add_extension(Count(started.clone()))
-                .define_job::<Noop>()
-                .init()
-                .await
-                .expect("graphile: worker");
-            Arc::new(worker)
-        }
-
-        /// Rows left (Graphile deletes a job when it completes).
-        async fn left(&self) -> i64 {
-            riverqueue::sqlx::query_scalar(riverqueue::sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM {}._private_jobs",
-                self.schema
-            )))
-            .fetch_one(&self.admin)
-            .await
-            .expect("graphile: count")
-        }
-
-        async fn drop_schema(self) {
-            riverqueue::sqlx::query(riverqueue::sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                self.schema
-            )))
-            .execute(&self.admin)
-            .await
-            .expect("graphile: drop schema");
-            self.admin.close().await;
-        }
+    /// Rows left (Graphile deletes a job when it completes).
+    async fn left(db: &PeerDb) -> i64 {
+        db.count("{schema}._private_jobs").await
     }
 
     async fn shut_down(runs: Vec<(Arc<Worker>, tokio::task::JoinHandle<()>)>) {
@@ -687,11 +690,11 @@ mod graphile {
         clients: usize,
         workers: usize,
     ) -> Cost {
-        let db = Db::create(url).await;
+        let db = PeerDb::connect(url, "graphile").await;
         let started = Arc::new(Started::default());
         let mut idle = Vec::new();
         for _ in 0..clients {
-            idle.push(db.worker(workers, &started).await);
+            idle.push(worker(&db, workers, &started).await);
         }
         let utils = WorkerUtils::new(db.admin.clone(), db.schema.as_str());
         let specs: Vec<RawJobSpec> = (0..jobs)
@@ -711,7 +714,7 @@ mod graphile {
             }
             started.wait_for(jobs).await;
             until("graphile: every job completed", || async {
-                db.left().await == 0
+                left(&db).await == 0
             })
             .await;
         })
@@ -728,27 +731,24 @@ mod graphile {
         samples: usize,
         warm_up: usize,
     ) -> Vec<Duration> {
-        let db = Db::create(url).await;
+        let db = PeerDb::connect(url, "graphile").await;
         let started = Arc::new(Started::default());
-        let worker = db.worker(workers, &started).await;
+        let worker = worker(&db, workers, &started).await;
         let run = start(&worker);
         let utils = worker.create_utils();
-        let mut taken = Vec::with_capacity(samples);
-        for i in 0..warm_up + samples {
-            let begin = std::time::Instant::now();
-            utils
-                .add_job(Noop {}, JobSpec::default())
-                .await
-                .expect("graphile: add");
-            started.wait_for(i + 1).await;
-            if i >= warm_up {
-                taken.push(begin.elapsed());
-            }
-            until("graphile: the job completed", || async {
-                db.left().await == 0
-            })
-            .await;
-        }
+        let taken = super::sample_latency(
+            samples,
+            warm_up,
+            async || {
+                utils
+                    .add_job(Noop {}, JobSpec::default())
+                    .await
+                    .expect("graphile: add");
+            },
+            async |count| started.wait_for(count).await,
+            async || until("graphile: the job completed", async || left(&db).await == 0).await,
+        )
+        .await;
         shut_down(vec![(worker, run)]).await;
         db.drop_schema().await;
         taken
