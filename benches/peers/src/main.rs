@@ -59,6 +59,8 @@ const POOL: u32 = 16;
 /// connections).
 const LATENCY_SAMPLES: usize = 200;
 const LATENCY_WARM_UP: usize = 10;
+/// Jobs a peer's bulk insert queues at a time (before the clock: the fill is not measured).
+const INSERT_CHUNK: usize = 2_000;
 /// How long any one wait may take before the run is declared stuck.
 const PATIENCE: Duration = Duration::from_secs(300);
 
@@ -486,7 +488,7 @@ mod river {
     };
     use serde::{Deserialize, Serialize};
 
-    use super::{until, Cost, PeerDb, Started};
+    use super::{until, Cost, PeerDb, Started, INSERT_CHUNK};
 
     #[derive(Clone, Debug, Deserialize, JobArgs, Serialize)]
     #[river(kind = "noop")]
@@ -551,15 +553,12 @@ mod river {
             let inserter = Client::builder(database(&db).await)
                 .build()
                 .expect("river: inserter");
-            let chunk = 2_000;
-            let mut left = jobs;
-            while left > 0 {
-                let n = left.min(chunk);
+            for first in (0..jobs).step_by(INSERT_CHUNK) {
+                let n = INSERT_CHUNK.min(jobs - first);
                 inserter
                     .insert_many((0..n).map(|_| Noop {}))
                     .await
                     .expect("river: insert");
-                left -= n;
             }
         }
         let started = Arc::new(Started::default());
@@ -630,7 +629,7 @@ mod graphile {
     };
     use serde::{Deserialize, Serialize};
 
-    use super::{until, Cost, PeerDb, Started};
+    use super::{until, Cost, PeerDb, Started, INSERT_CHUNK};
 
     #[derive(Clone, Debug, Deserialize, Serialize)]
     struct Noop {}
@@ -704,7 +703,7 @@ mod graphile {
                 spec: JobSpec::default(),
             })
             .collect();
-        for chunk in specs.chunks(2_000) {
+        for chunk in specs.chunks(INSERT_CHUNK) {
             utils.add_raw_jobs(chunk).await.expect("graphile: add");
         }
         let mut runs = Vec::new();
