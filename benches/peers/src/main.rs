@@ -42,6 +42,9 @@
 //! (`burn_down` or `latency`), `AIWG_PEERS_SYSTEMS` (some of `aiwg,river,graphile`, for a
 //! profile of one; the `ratio` lines need `aiwg`).
 //!
+//! The process allocates with the system allocator, as `pg_queue` does; `--features jemalloc`
+//! puts every system on jemalloc, as the example servers run.
+//!
 //! A run that panics leaves its schema behind (named `aiwg_peers_<system>_<pid>_<time>`).
 //!
 //! A standalone crate, its own workspace (as `fuzz/` is): the peers and the second SQLx (0.9)
@@ -52,6 +55,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+/// With `--features jemalloc`, the process (every system's client alike) allocates with jemalloc,
+/// as the example servers do by default; without it, with the system allocator, as `pg_queue` does.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Connections per client (per engine).
 const POOL: u32 = 16;
