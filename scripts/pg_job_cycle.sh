@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, session 35).
+#
+#     bash scripts/pg_job_cycle.sh [rounds]
+#
+# One connection, no engine: each cycle is one PL/pgSQL call that claims 32 jobs with the
+# jobs' claim function and records their outcomes (a one-step job's `step_started`,
+# `step_finished` and `completed` events, a completed document) with the outcomes' function, as
+# the engine's no-op job does; 600 cycles by `pgbench` (`synchronous_commit = off`) over 20 000
+# queued jobs of 780 B. Every variant runs in a fresh schema made by the migrations of
+# `aiwg-core/migrations/jobs` (dropped at the end), the variants alternating within each round:
+#
+#   as_is        the functions as the migrations leave them
+#   no_events    the claim's `running` event and the outcome's three not written
+#   no_document  the claim does not move the document to `running`, the outcome does not write
+#                the one it is given
+#   both         neither events nor document
+#   split        the unchanging fields in a `spec` column added last, the rest in `job` (the
+#                functions unchanged, the outcome given only the rest)
+#   columns      the table rebuilt with its unchanging columns and document first, every
+#                changing column after them, `attempt`, `started_at`, `finished_at`,
+#                `dead_letter`, `progress`, `result`, `error` as columns: a claim that sets
+#                columns, an outcome that writes status, times, `progress` and `result`
+#
+# Only `as_is` is a store; the others are measurements (a job's row would be wrong). Prints, per
+# run, the machine's CPU per job (from /proc/stat: PostgreSQL must run on this machine, nothing
+# else should), the write-ahead log per job and the time per cycle.
+#
+# Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
+# superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: all six, in the order above).
+# Needs psql, pgbench and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rounds=${1:-3}
+url=${AIWG_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+variants=${AIWG_CYCLE_VARIANTS:-as_is no_events no_document both split columns}
+schema="aiwg_cycle_$$"
+work=$(mktemp -d)
+trap 'psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+
+sql() { PGOPTIONS="-c search_path=$schema -c client_min_messages=warning" psql "$url" -q -v ON_ERROR_STOP=1 "$@"; }
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+
+# The variants' functions, made from the migrations' own text (so they follow the migrations).
+python3 - "$work" <<'PY'
+import sys
+work = sys.argv[1]
+m = 'aiwg-core/migrations/jobs/'
+claim = open(m + '0014_claim_by_key.sql').read()
+claim = claim[claim.index('CREATE OR REPLACE FUNCTION aiwg_claim('):]
+outc = open(m + '0028_outcomes_with_the_whole_last_step.sql').read()
+outc = outc[outc.index('CREATE OR REPLACE FUNCTION aiwg_record_outcomes('):]
+# `CREATE OR REPLACE` resets the settings later migrations gave the claim.
+settings = ''.join(
+    f"ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint) SET {s};\n"
+    for s in ('enable_sort = off', 'enable_bitmapscan = off', 'enable_indexscan = on',
+              'enable_seqscan = off'))
+
+def cut(text, start, end):
+    a, b = text.index(start), text.index(end)
+    return text[:a].rstrip().rstrip(',') + '\n' + text[b:]
+
+def no_events(c, o):
+    ev = '    e AS (\n        INSERT INTO aiwg_job_events'
+    return cut(c, ev, '    SELECT c.grouped'), cut(o, ev, '    SELECT u.id, u.last_seq FROM u;')
+
+def no_document(c, o):
+    c2 = c.replace('job = aiwg_claimed_job(a.job, claim_at),', 'job = a.job,')
+    o2 = o.replace('job = t.job::jsonb,', 'job = a.job,')
+    assert c2 != c and o2 != o
+    return c2, o2
+
+for name, (c, o) in {
+    'no_events': no_events(claim, outc),
+    'no_document': no_document(claim, outc),
+    'both': no_document(*no_events(claim, outc)),
+}.items():
+    open(f'{work}/{name}.sql', 'w').write(c + settings + o)
+PY
+
+# The completed document the outcome writes (the split variant's without the unchanging part).
+doc='{"id":"0190b0c0-0000-7000-8000-000000000000","workflow":"noop","project_path":"/tmp/aiwg-bench/p0","params":{},"guidance":null,"priority":0,"status":"completed","attempt":1,"max_attempts":1,"timeout":3600000,"created_at":"2026-12-06T11:20:00.123456Z","started_at":"2026-12-06T11:20:00.223456Z","finished_at":"2026-12-06T11:20:00.323456Z","retry_at":null,"progress":{"completed":["run"],"in_progress":[],"pending":[]},"result":{"summary":"done","output":null,"artifacts":[],"cost_usd":null,"usage":null},"error":null,"dead_letter":false,"trigger":{"source":"api","actor":"bench","extra":{}},"history":[{"status":"queued","at":"2026-12-06T11:20:00.123456Z"},{"status":"running","at":"2026-12-06T11:20:00.223456Z","attempt":1},{"status":"completed","at":"2026-12-06T11:20:00.323456Z","attempt":1}],"cancel_requested":false,"idempotency_key":null,"max_budget_usd":null,"resume_after_approval":false,"approval":null}'
+rest='{"status":"completed","attempt":1,"started_at":"2026-12-06T11:20:00.223456Z","finished_at":"2026-12-06T11:20:00.323456Z","retry_at":null,"progress":{"completed":["run"],"in_progress":[],"pending":[]},"result":{"summary":"done","output":null,"artifacts":[],"cost_usd":null,"usage":null},"error":null,"dead_letter":false,"history":[{"status":"queued","at":"2026-12-06T11:20:00.123456Z"},{"status":"running","at":"2026-12-06T11:20:00.223456Z","attempt":1},{"status":"completed","at":"2026-12-06T11:20:00.323456Z","attempt":1}],"cancel_requested":false,"resume_after_approval":false,"approval":null}'
+
+# The unchanging fields of a queued job, and the rest.
+unchanging="'id', g.id, 'workflow', 'noop', 'project_path', '/tmp/aiwg-bench/p0',
+    'params', '{}'::jsonb, 'guidance', null, 'priority', 0, 'max_attempts', 1,
+    'timeout', 3600000, 'created_at', '2026-12-06T11:20:00.123456Z',
+    'trigger', '{\"source\":\"api\",\"actor\":\"bench\",\"extra\":{}}'::jsonb,
+    'idempotency_key', null, 'max_budget_usd', null"
+changing="'status', 'queued', 'attempt', 0, 'started_at', null, 'finished_at', null,
+    'retry_at', null, 'progress', '{\"completed\":[],\"in_progress\":[],\"pending\":[\"run\"]}'::jsonb,
+    'result', null, 'error', null, 'dead_letter', false,
+    'history', '[{\"status\":\"queued\",\"at\":\"2026-12-06T11:20:00.123456Z\"}]'::jsonb,
+    'cancel_requested', false, 'resume_after_approval', false, 'approval', null"
+
+# The cycle: claim 32 (`$1`: the claim's call), then their outcomes (`$2`: the outcomes' call
+# after the ids, tokens and times).
+cycle() {
+  cat <<SQL
+CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
+DECLARE ids uuid[]; toks bigint[]; n int;
+BEGIN
+  SELECT array_agg(c.id), array_agg(c.lease_token) INTO ids, toks
+  FROM $1 c WHERE c.id IS NOT NULL;
+  n := cardinality(ids);
+  PERFORM $2(ids, toks, array_fill(now(), ARRAY[n]),
+     array_fill(pg_current_xact_id()::xid::text, ARRAY[n]), array_fill('completed'::text, ARRAY[n]),
+     $3
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"status","from":"running","to":"completed","attempt":1}'::text, ARRAY[n]),
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_finished","step":"run","ok":true}'::text, ARRAY[n]),
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_started","step":"run"}'::text, ARRAY[n]));
+  RETURN n;
+END \$\$;
+SQL
+}
+outcome_args() {
+  echo "array_fill(NULL::timestamptz, ARRAY[n]), array_fill('$1'::text, ARRAY[n]), array_fill(NULL::timestamptz, ARRAY[n]),"
+}
+
+columns_schema() {
+  cat <<'SQL'
+DROP TABLE aiwg_jobs CASCADE;
+CREATE TABLE aiwg_jobs (
+    id uuid PRIMARY KEY, priority integer NOT NULL, project_path text NOT NULL,
+    workflow text NOT NULL, created_at timestamptz NOT NULL, idempotency_key text UNIQUE,
+    fingerprint text, job jsonb NOT NULL,
+    status text NOT NULL CHECK (status IN ('queued', 'running', 'awaiting_approval', 'completed',
+        'failed', 'cancelled', 'timed_out')),
+    queue_seq bigint, retry_at timestamptz, updated_at timestamptz NOT NULL DEFAULT now(),
+    lease_owner text, lease_token bigint, lease_expires_at timestamptz,
+    cancel_requested boolean NOT NULL DEFAULT false, last_seq bigint NOT NULL DEFAULT 0,
+    approval_expires_at timestamptz, attempt integer NOT NULL DEFAULT 0,
+    started_at timestamptz, finished_at timestamptz, dead_letter boolean NOT NULL DEFAULT false,
+    progress jsonb, result jsonb, error jsonb,
+    CHECK ((status = 'running') = (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)),
+    CHECK ((status = 'queued') = (queue_seq IS NOT NULL)),
+    CHECK ((status = 'awaiting_approval') = (approval_expires_at IS NOT NULL))
+) WITH (fillfactor = 70);
+CREATE INDEX ON aiwg_jobs (priority DESC, queue_seq) WHERE status = 'queued';
+CREATE INDEX ON aiwg_jobs (lease_expires_at) WHERE status = 'running';
+CREATE INDEX ON aiwg_jobs (status, id DESC);
+CREATE INDEX ON aiwg_jobs (workflow, id DESC);
+CREATE INDEX ON aiwg_jobs (approval_expires_at) WHERE status = 'awaiting_approval';
+CREATE INDEX ON aiwg_jobs (project_path, priority DESC, queue_seq) WHERE status = 'queued';
+CREATE INDEX ON aiwg_jobs (project_path COLLATE "C") WHERE status = ('running' COLLATE "C");
+CREATE TRIGGER aiwg_jobs_tally_inserted AFTER INSERT ON aiwg_jobs
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION aiwg_tally_inserted();
+CREATE TRIGGER aiwg_jobs_tally_updated AFTER UPDATE OF status ON aiwg_jobs FOR EACH ROW
+    WHEN ((OLD.status = 'queued') IS DISTINCT FROM (NEW.status = 'queued'))
+    EXECUTE FUNCTION aiwg_tally_moved();
+
+CREATE FUNCTION aiwg_claim_columns(claim_at timestamptz, claim_max bigint, claim_owner text,
+                                   claim_ttl_micros bigint)
+RETURNS TABLE (id uuid, lease_token bigint, job jsonb, attempt integer, progress jsonb)
+LANGUAGE plpgsql VOLATILE SET jit = off SET plan_cache_mode = force_generic_plan
+SET enable_sort = off SET enable_bitmapscan = off SET enable_indexscan = on
+SET enable_seqscan = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH p AS (
+        SELECT j.id, j.priority, j.queue_seq FROM aiwg_jobs j
+        WHERE j.status = 'queued'
+          AND (j.retry_at IS NULL OR j.retry_at <= GREATEST(claim_at, now()))
+          AND j.job->>'concurrency_group' IS NULL
+        ORDER BY j.priority DESC, j.queue_seq
+        LIMIT claim_max FOR UPDATE OF j SKIP LOCKED),
+    u AS (
+        UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, retry_at = NULL,
+            lease_owner = claim_owner, lease_token = nextval('aiwg_lease_token_seq'),
+            lease_expires_at = GREATEST(claim_at, now())
+                + claim_ttl_micros * interval '1 microsecond',
+            attempt = a.attempt + 1, started_at = claim_at,
+            progress = jsonb_build_object('completed', '[]'::jsonb, 'in_progress', '[]'::jsonb,
+                'pending', COALESCE(a.progress->'completed', '[]'::jsonb)
+                    || COALESCE(a.progress->'in_progress', '[]'::jsonb)
+                    || COALESCE(a.progress->'pending', '[]'::jsonb)),
+            last_seq = a.last_seq + 1, updated_at = now()
+        FROM p WHERE a.id = p.id AND a.id = ANY(ARRAY(SELECT p.id FROM p))
+        RETURNING a.id, a.last_seq, a.lease_token, a.job, a.attempt, a.progress, p.priority,
+            p.queue_seq),
+    e AS (
+        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
+        SELECT u.id, u.last_seq, claim_at, jsonb_build_object('kind', 'status', 'from', 'queued',
+            'to', 'running', 'attempt', u.attempt)
+        FROM u)
+    SELECT u.id, u.lease_token, u.job, u.attempt, u.progress FROM u
+    ORDER BY u.priority DESC, u.queue_seq;
+END
+$$;
+
+CREATE FUNCTION aiwg_record_outcomes_columns(ids uuid[], tokens bigint[], ats timestamptz[],
+    versions text[], statuses text[], results text[], progresses text[], unused timestamptz[],
+    ev_ats timestamptz[], kinds text[], last_ats timestamptz[], last_kinds text[],
+    first_ats timestamptz[], first_kinds text[])
+RETURNS TABLE (id uuid, last_seq bigint)
+LANGUAGE plpgsql VOLATILE SET jit = off SET enable_seqscan = off SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH t AS (
+        SELECT * FROM unnest(ids, tokens, ats, versions, statuses, results, progresses, ev_ats,
+                             kinds, last_ats, last_kinds, first_ats, first_kinds)
+            AS t(id, token, at, version, status, result, progress, ev_at, kind, last_at,
+                 last_kind, first_at, first_kind)),
+    u AS (
+        UPDATE aiwg_jobs a SET status = t.status,
+            queue_seq = CASE WHEN t.status = 'queued' THEN nextval('aiwg_queue_seq') END,
+            cancel_requested = FALSE, finished_at = t.at, result = t.result::jsonb,
+            progress = t.progress::jsonb,
+            last_seq = a.last_seq + 1
+                + CASE WHEN t.last_kind IS NULL THEN 0 ELSE 1 END
+                + CASE WHEN t.first_kind IS NULL THEN 0 ELSE 1 END,
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+        FROM t
+        WHERE a.id = t.id AND a.id = ANY(ids) AND a.xmin::text = t.version
+          AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now())
+        RETURNING a.id, a.last_seq, t.ev_at, t.kind, t.last_at, t.last_kind, t.first_at,
+            t.first_kind),
+    e AS (
+        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
+        SELECT u.id, u.last_seq - 2, u.first_at, u.first_kind::jsonb FROM u
+            WHERE u.first_kind IS NOT NULL
+        UNION ALL SELECT u.id, u.last_seq - 1, u.last_at, u.last_kind::jsonb FROM u
+            WHERE u.last_kind IS NOT NULL
+        UNION ALL SELECT u.id, u.last_seq, u.ev_at, u.kind::jsonb FROM u)
+    SELECT u.id, u.last_seq FROM u;
+END
+$$;
+SQL
+}
+
+# Makes the schema for `$1` and fills it.
+prepare() {
+  psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
+  for f in $(ls aiwg-core/migrations/jobs/*.sql | sort); do sql -1 -f "$f" >/dev/null; done
+  local insert="INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, queue_seq,
+      created_at, last_seq, job"
+  local from="FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) g;"
+  case $1 in
+    as_is | no_events | no_document | both)
+      [ "$1" = as_is ] || sql -f "$work/$1.sql"
+      cycle "aiwg_claim(now(), 32, 'w', 30000000)" aiwg_record_outcomes "$(outcome_args "$doc")" | sql
+      sql -c "$insert) SELECT g.id, 'queued', 0, '/tmp/aiwg-bench/p0', 'noop',
+          nextval('aiwg_queue_seq'), now(), 1, jsonb_build_object($unchanging, $changing) $from" ;;
+    split)
+      sql -c "ALTER TABLE aiwg_jobs ADD COLUMN spec jsonb"
+      cycle "aiwg_claim(now(), 32, 'w', 30000000)" aiwg_record_outcomes "$(outcome_args "$rest")" | sql
+      sql -c "$insert, spec) SELECT g.id, 'queued', 0, '/tmp/aiwg-bench/p0', 'noop',
+          nextval('aiwg_queue_seq'), now(), 1, jsonb_build_object($changing),
+          jsonb_build_object($unchanging) $from" ;;
+    columns)
+      columns_schema | sql
+      cycle "aiwg_claim_columns(now(), 32, 'w', 30000000)" aiwg_record_outcomes_columns \
+        "array_fill('{\"summary\":\"done\",\"output\":null,\"artifacts\":[],\"cost_usd\":null,\"usage\":null}'::text, ARRAY[n]), array_fill('{\"completed\":[\"run\"],\"in_progress\":[],\"pending\":[]}'::text, ARRAY[n]), array_fill(NULL::timestamptz, ARRAY[n])," | sql
+      sql -c "$insert, progress) SELECT g.id, 'queued', 0, '/tmp/aiwg-bench/p0', 'noop',
+          nextval('aiwg_queue_seq'), now(), 1, jsonb_build_object($unchanging),
+          '{\"completed\":[],\"in_progress\":[],\"pending\":[\"run\"]}'::jsonb $from" ;;
+    *) echo "unknown variant: $1" >&2; exit 2 ;;
+  esac
+  sql -c "INSERT INTO aiwg_job_events (job_id, seq, at, kind)
+      SELECT id, 1, now(), '{\"kind\":\"status\",\"to\":\"queued\"}' FROM aiwg_jobs"
+  sql -c "SELECT aiwg_recount_queued()" -c "VACUUM ANALYZE aiwg_jobs" \
+    -c "VACUUM ANALYZE aiwg_job_events" -c "CHECKPOINT" >/dev/null
+}
+
+echo "SELECT aiwg_bench_cycle();" > "$work/cycle.sql"
+for round in $(seq 1 "$rounds"); do
+  for v in $variants; do
+    prepare "$v"
+    w0=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
+    b0=$(busy)
+    ms=$(PGOPTIONS="-c synchronous_commit=off -c search_path=$schema" \
+      pgbench -n -f "$work/cycle.sql" -t 600 -c 1 "$url" 2>&1 | awk '/latency average/ {print $4}')
+    b1=$(busy)
+    w1=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
+    n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
+    [ "$n" -gt 0 ] || { echo "$v: no job completed" >&2; exit 1; }
+    wal=$(psql "$url" -Atq -c "SELECT (pg_wal_lsn_diff('$w1', '$w0') / $n)::int")
+    hz=$(getconf CLK_TCK)
+    printf 'round %s %-12s CPU %4d µs a job, WAL %5d B a job, %s ms a cycle of 32\n' \
+      "$round" "$v" $(( (b1 - b0) * 1000000 / hz / n )) "$wal" "$ms"
+  done
+done
