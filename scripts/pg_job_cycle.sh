@@ -21,6 +21,7 @@
 #                changing column after them, `attempt`, `started_at`, `finished_at`,
 #                `dead_letter`, `progress`, `result`, `error` as columns: a claim that sets
 #                columns, an outcome that writes status, times, `progress` and `result`
+#                (the functions made from the migrations' with those writes swapped in)
 #
 # Only `as_is` is a store; the others are measurements (a job's row would be wrong). Prints, per
 # run, the machine's CPU per job (from /proc/stat: PostgreSQL must run on this machine, nothing
@@ -71,10 +72,37 @@ def no_document(c, o):
     assert c2 != c and o2 != o
     return c2, o2
 
+def columns(c, o):
+    # The claim sets the changing columns instead of moving the document; the outcome writes
+    # the status and times (as before), `result` (given where the document was) and `progress`
+    # (every step done) instead of the document, and no history (the status events hold it).
+    def swap(text, old, new):
+        assert old in text, old
+        return text.replace(old, new)
+    c = swap(c, 'job = aiwg_claimed_job(a.job, claim_at),',
+             "attempt = a.attempt + 1, started_at = claim_at,\n"
+             "            progress = jsonb_build_object('completed', '[]'::jsonb,\n"
+             "                'in_progress', '[]'::jsonb,\n"
+             "                'pending', COALESCE(a.progress->'completed', '[]'::jsonb)\n"
+             "                    || COALESCE(a.progress->'in_progress', '[]'::jsonb)\n"
+             "                    || COALESCE(a.progress->'pending', '[]'::jsonb)),")
+    c = swap(c, 'RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job,',
+             'RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, a.attempt,')
+    c = swap(c, "'attempt', u.job->'attempt')", "'attempt', u.attempt)")
+    o = swap(o, 'job = t.job::jsonb,',
+             "finished_at = t.at, result = t.job::jsonb,\n"
+             "            progress = jsonb_build_object('completed',\n"
+             "                COALESCE(a.progress->'completed', '[]'::jsonb)\n"
+             "                    || COALESCE(a.progress->'in_progress', '[]'::jsonb)\n"
+             "                    || COALESCE(a.progress->'pending', '[]'::jsonb),\n"
+             "                'in_progress', '[]'::jsonb, 'pending', '[]'::jsonb),")
+    return c, o
+
 for name, (c, o) in {
     'no_events': no_events(claim, outc),
     'no_document': no_document(claim, outc),
     'both': no_document(*no_events(claim, outc)),
+    'columns': columns(claim, outc),
 }.items():
     open(f'{work}/{name}.sql', 'w').write(c + settings + o)
 PY
@@ -151,85 +179,6 @@ CREATE TRIGGER aiwg_jobs_tally_updated AFTER UPDATE OF status ON aiwg_jobs FOR E
     WHEN ((OLD.status = 'queued') IS DISTINCT FROM (NEW.status = 'queued'))
     EXECUTE FUNCTION aiwg_tally_moved();
 
-CREATE FUNCTION aiwg_claim_columns(claim_at timestamptz, claim_max bigint, claim_owner text,
-                                   claim_ttl_micros bigint)
-RETURNS TABLE (id uuid, lease_token bigint, job jsonb, attempt integer, progress jsonb)
-LANGUAGE plpgsql VOLATILE SET jit = off SET plan_cache_mode = force_generic_plan
-SET enable_sort = off SET enable_bitmapscan = off SET enable_indexscan = on
-SET enable_seqscan = off AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-    WITH p AS (
-        SELECT j.id, j.priority, j.queue_seq FROM aiwg_jobs j
-        WHERE j.status = 'queued'
-          AND (j.retry_at IS NULL OR j.retry_at <= GREATEST(claim_at, now()))
-          AND j.job->>'concurrency_group' IS NULL
-        ORDER BY j.priority DESC, j.queue_seq
-        LIMIT claim_max FOR UPDATE OF j SKIP LOCKED),
-    u AS (
-        UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, retry_at = NULL,
-            lease_owner = claim_owner, lease_token = nextval('aiwg_lease_token_seq'),
-            lease_expires_at = GREATEST(claim_at, now())
-                + claim_ttl_micros * interval '1 microsecond',
-            attempt = a.attempt + 1, started_at = claim_at,
-            progress = jsonb_build_object('completed', '[]'::jsonb, 'in_progress', '[]'::jsonb,
-                'pending', COALESCE(a.progress->'completed', '[]'::jsonb)
-                    || COALESCE(a.progress->'in_progress', '[]'::jsonb)
-                    || COALESCE(a.progress->'pending', '[]'::jsonb)),
-            last_seq = a.last_seq + 1, updated_at = now()
-        FROM p WHERE a.id = p.id AND a.id = ANY(ARRAY(SELECT p.id FROM p))
-        RETURNING a.id, a.last_seq, a.lease_token, a.job, a.attempt, a.progress, p.priority,
-            p.queue_seq),
-    e AS (
-        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
-        SELECT u.id, u.last_seq, claim_at, jsonb_build_object('kind', 'status', 'from', 'queued',
-            'to', 'running', 'attempt', u.attempt)
-        FROM u)
-    SELECT u.id, u.lease_token, u.job, u.attempt, u.progress FROM u
-    ORDER BY u.priority DESC, u.queue_seq;
-END
-$$;
-
-CREATE FUNCTION aiwg_record_outcomes_columns(ids uuid[], tokens bigint[], ats timestamptz[],
-    versions text[], statuses text[], results text[], progresses text[], unused timestamptz[],
-    ev_ats timestamptz[], kinds text[], last_ats timestamptz[], last_kinds text[],
-    first_ats timestamptz[], first_kinds text[])
-RETURNS TABLE (id uuid, last_seq bigint)
-LANGUAGE plpgsql VOLATILE SET jit = off SET enable_seqscan = off SET enable_bitmapscan = off
-SET plan_cache_mode = force_generic_plan AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-    WITH t AS (
-        SELECT * FROM unnest(ids, tokens, ats, versions, statuses, results, progresses, ev_ats,
-                             kinds, last_ats, last_kinds, first_ats, first_kinds)
-            AS t(id, token, at, version, status, result, progress, ev_at, kind, last_at,
-                 last_kind, first_at, first_kind)),
-    u AS (
-        UPDATE aiwg_jobs a SET status = t.status,
-            queue_seq = CASE WHEN t.status = 'queued' THEN nextval('aiwg_queue_seq') END,
-            cancel_requested = FALSE, finished_at = t.at, result = t.result::jsonb,
-            progress = t.progress::jsonb,
-            last_seq = a.last_seq + 1
-                + CASE WHEN t.last_kind IS NULL THEN 0 ELSE 1 END
-                + CASE WHEN t.first_kind IS NULL THEN 0 ELSE 1 END,
-            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-        FROM t
-        WHERE a.id = t.id AND a.id = ANY(ids) AND a.xmin::text = t.version
-          AND a.lease_token = t.token AND a.lease_expires_at > GREATEST(t.at, now())
-        RETURNING a.id, a.last_seq, t.ev_at, t.kind, t.last_at, t.last_kind, t.first_at,
-            t.first_kind),
-    e AS (
-        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
-        SELECT u.id, u.last_seq - 2, u.first_at, u.first_kind::jsonb FROM u
-            WHERE u.first_kind IS NOT NULL
-        UNION ALL SELECT u.id, u.last_seq - 1, u.last_at, u.last_kind::jsonb FROM u
-            WHERE u.last_kind IS NOT NULL
-        UNION ALL SELECT u.id, u.last_seq, u.ev_at, u.kind::jsonb FROM u)
-    SELECT u.id, u.last_seq FROM u;
-END
-$$;
 SQL
 }
 
@@ -254,8 +203,9 @@ prepare() {
           jsonb_build_object($unchanging) $from" ;;
     columns)
       columns_schema | sql
-      cycle "aiwg_claim_columns(now(), 32, 'w', 30000000)" aiwg_record_outcomes_columns \
-        "array_fill('{\"summary\":\"done\",\"output\":null,\"artifacts\":[],\"cost_usd\":null,\"usage\":null}'::text, ARRAY[n]), array_fill('{\"completed\":[\"run\"],\"in_progress\":[],\"pending\":[]}'::text, ARRAY[n]), array_fill(NULL::timestamptz, ARRAY[n])," | sql
+      sql -f "$work/columns.sql"
+      cycle "aiwg_claim(now(), 32, 'w', 30000000)" aiwg_record_outcomes \
+        "$(outcome_args '{"summary":"done","output":null,"artifacts":[],"cost_usd":null,"usage":null}')" | sql
       sql -c "$insert, progress) SELECT g.id, 'queued', 0, '/tmp/aiwg-bench/p0', 'noop',
           nextval('aiwg_queue_seq'), now(), 1, jsonb_build_object($unchanging),
           '{\"completed\":[],\"in_progress\":[],\"pending\":[\"run\"]}'::jsonb $from" ;;
