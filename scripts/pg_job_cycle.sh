@@ -43,20 +43,23 @@ trap 'psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 
 sql() { PGOPTIONS="-c search_path=$schema -c client_min_messages=warning" psql "$url" -q -v ON_ERROR_STOP=1 "$@"; }
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 
-# The variants' functions, made from the migrations' own text (so they follow the migrations).
+# The variants' functions, made from the text of the functions the migrations leave (so they
+# follow every later migration): dumped from a schema migrated once here.
+outcomes_sig='aiwg_record_outcomes(uuid[], bigint[], timestamptz[], text[], text[], timestamptz[],
+    text[], timestamptz[], timestamptz[], text[], timestamptz[], text[], timestamptz[], text[])'
+migrate() {
+  psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
+  for f in $(ls aiwg-core/migrations/jobs/*.sql | sort); do sql -1 -f "$f" >/dev/null; done
+}
+migrate
+sql -At -c "SELECT pg_get_functiondef('aiwg_claim(timestamptz, bigint, text, bigint)'::regprocedure)" \
+  > "$work/claim.sql"
+sql -At -c "SELECT pg_get_functiondef('$outcomes_sig'::regprocedure)" > "$work/outcomes.sql"
 python3 - "$work" <<'PY'
 import sys
 work = sys.argv[1]
-m = 'aiwg-core/migrations/jobs/'
-claim = open(m + '0014_claim_by_key.sql').read()
-claim = claim[claim.index('CREATE OR REPLACE FUNCTION aiwg_claim('):]
-outc = open(m + '0028_outcomes_with_the_whole_last_step.sql').read()
-outc = outc[outc.index('CREATE OR REPLACE FUNCTION aiwg_record_outcomes('):]
-# `CREATE OR REPLACE` resets the settings later migrations gave the claim.
-settings = ''.join(
-    f"ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint) SET {s};\n"
-    for s in ('enable_sort = off', 'enable_bitmapscan = off', 'enable_indexscan = on',
-              'enable_seqscan = off'))
+claim = open(f'{work}/claim.sql').read() + ';\n'
+outc = open(f'{work}/outcomes.sql').read() + ';\n'
 
 def cut(text, start, end):
     a, b = text.index(start), text.index(end)
@@ -104,7 +107,7 @@ for name, (c, o) in {
     'both': no_document(*no_events(claim, outc)),
     'columns': columns(claim, outc),
 }.items():
-    open(f'{work}/{name}.sql', 'w').write(c + settings + o)
+    open(f'{work}/{name}.sql', 'w').write(c + o)
 PY
 
 # The completed document the outcome writes (the split variant's without the unchanging part).
@@ -184,8 +187,7 @@ SQL
 
 # Makes the schema for `$1` and fills it.
 prepare() {
-  psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
-  for f in $(ls aiwg-core/migrations/jobs/*.sql | sort); do sql -1 -f "$f" >/dev/null; done
+  migrate
   local insert="INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, queue_seq,
       created_at, last_seq, job"
   local from="FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) g;"
