@@ -220,6 +220,7 @@ prepare() {
 }
 
 echo "SELECT aiwg_bench_cycle();" > "$work/cycle.sql"
+hz=$(getconf CLK_TCK)
 for round in $(seq 1 "$rounds"); do
   for v in $variants; do
     prepare "$v"
@@ -232,7 +233,6 @@ for round in $(seq 1 "$rounds"); do
     n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
     [ "$n" -gt 0 ] || { echo "$v: no job completed" >&2; exit 1; }
     wal=$(psql "$url" -Atq -c "SELECT (pg_wal_lsn_diff('$w1', '$w0') / $n)::int")
-    hz=$(getconf CLK_TCK)
     printf 'round %s %-12s CPU %4d µs a job, WAL %5d B a job, %s ms a cycle of 32\n' \
       "$round" "$v" $(( (b1 - b0) * 1000000 / hz / n )) "$wal" "$ms"
   done

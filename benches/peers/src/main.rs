@@ -145,25 +145,25 @@ where
     }
 }
 
-/// Enqueue → start, one job at a time: `queue` queues one, `started(n)` waits until the `n`th
-/// started, `ended` until it completed (before the next is queued); the first `warm_up` are not
-/// counted (the pool's first connections).
-async fn sample_latency(
+/// Enqueue → start, one job at a time: `queue` queues one (answering what `ended` needs of it),
+/// `started(n)` waits until the `n`th started, `ended` until it completed (before the next is
+/// queued); the first `warm_up` are not counted (the pool's first connections).
+async fn sample_latency<J>(
     samples: usize,
     warm_up: usize,
-    mut queue: impl AsyncFnMut(),
+    mut queue: impl AsyncFnMut() -> J,
     mut started: impl AsyncFnMut(usize),
-    mut ended: impl AsyncFnMut(),
+    mut ended: impl AsyncFnMut(J),
 ) -> Vec<Duration> {
     let mut taken = Vec::with_capacity(samples);
     for i in 0..warm_up + samples {
         let start = Instant::now();
-        queue().await;
+        let job = queue().await;
         started(i + 1).await;
         if i >= warm_up {
             taken.push(start.elapsed());
         }
-        ended().await;
+        ended(job).await;
     }
     taken
 }
@@ -408,15 +408,12 @@ mod aiwg {
                 n.engine
                     .submit(JobRequest::new("noop"))
                     .await
-                    .expect("aiwg: submit");
+                    .expect("aiwg: submit")
+                    .id
             },
             async |count| assert!(exec.wait_started(count, PATIENCE).await, "aiwg: started"),
-            async || {
-                until("aiwg: the job ended", || async {
-                    let c = store.counts().await.expect("aiwg: counts");
-                    c.queued == 0 && c.running == 0
-                })
-                .await;
+            async |id| {
+                n.engine.wait(id, PATIENCE).await.expect("aiwg: done");
             },
         )
         .await;
@@ -613,7 +610,7 @@ mod river {
                 c.insert(Noop {}).await.expect("river: insert");
             },
             async |count| started.wait_for(count).await,
-            async || {
+            async |()| {
                 until("river: the job completed", async || {
                     unfinished(&db).await == 0
                 })
@@ -754,7 +751,7 @@ mod graphile {
                     .expect("graphile: add");
             },
             async |count| started.wait_for(count).await,
-            async || until("graphile: the job completed", async || left(&db).await == 0).await,
+            async |()| until("graphile: the job completed", async || left(&db).await == 0).await,
         )
         .await;
         shut_down(vec![(worker, run)]).await;
