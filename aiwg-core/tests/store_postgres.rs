@@ -1934,7 +1934,7 @@ async fn assert_the_completer_reads_by_key(store: &PgStore) {
     read.push(("aiwg_append_events", rows_read(&mut tx).await - before));
     let before = rows_read(&mut tx).await;
     let leased: Vec<(String, String)> = sqlx::query_as(
-        "SELECT job::text, version FROM aiwg_leased_jobs(ARRAY[$1::uuid], ARRAY[$2::int8], \
+        "SELECT state::text, version FROM aiwg_leased_jobs(ARRAY[$1::uuid], ARRAY[$2::int8], \
              ARRAY[now()])",
     )
     .bind(id)
@@ -2423,5 +2423,156 @@ async fn an_outcome_does_not_wait_for_a_mate_that_runs_on() {
         .await
         .unwrap();
     assert_eq!(job.status, JobStatus::Completed);
+    db.cleanup().await;
+}
+
+/// Migration 0030 moves each job's changing part out of its document into columns of their
+/// own: the jobs already in the table when it runs (queued, running, awaiting an approval,
+/// finished) read back whole, as they were written before it, and their documents keep only
+/// what never changes. Each then goes on as a job written after it: the running one's outcome
+/// is recorded, the queued one is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
+    use aiwg_core::job::{Approval, ApprovalDecision, JobError};
+    use chrono::SubsecRound;
+
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let pool = db.pool(&schema, 2).await;
+    // The migrations before 0030, from a directory of their own.
+    let dir = tempfile::tempdir().unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/jobs");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0030" {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(dir.path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+
+    let at = chrono::Utc::now().trunc_subsecs(6);
+    let change = |status, attempt| StatusChange {
+        status,
+        at,
+        attempt,
+        reason: None,
+    };
+    let queued = sample_job("w", "/p", 0);
+    let mut running = sample_job("w", "/p", 1);
+    running.status = JobStatus::Running;
+    running.attempt = 2;
+    running.started_at = Some(at);
+    running.progress.start("a");
+    running.history.push(change(JobStatus::Running, 2));
+    running.error = Some(JobError::new("agent_failed", "the first attempt broke"));
+    let mut waiting = sample_job("w", "/p", 2);
+    waiting.status = JobStatus::AwaitingApproval;
+    waiting.attempt = 1;
+    waiting.started_at = Some(at);
+    waiting.progress.start("a");
+    waiting.progress.finish("a");
+    waiting.resume_after_approval = true;
+    let mut first = Approval::new("a", at, at);
+    first.decision = Some(ApprovalDecision::new(true, "octo", "github"));
+    waiting.approvals = vec![
+        first,
+        Approval::new("b", at, at + chrono::Duration::hours(1)),
+    ];
+    let mut failed = sample_job("w", "/p", 3);
+    failed.status = JobStatus::Failed;
+    failed.attempt = 2;
+    failed.started_at = Some(at);
+    failed.finished_at = Some(at);
+    failed.dead_letter = true;
+    failed.cancel_requested = false;
+    failed.error = Some(JobError::new("agent_failed", "boom"));
+    failed.result = Some(Box::new(JobResult {
+        summary: "half".to_owned(),
+        ..JobResult::default()
+    }));
+    failed.history.push(change(JobStatus::Failed, 2));
+    let jobs = [&queued, &running, &waiting, &failed];
+    for (n, job) in jobs.iter().enumerate() {
+        let is = |s| job.status == s;
+        sqlx::query(
+            "INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, queue_seq, \
+                 retry_at, created_at, lease_owner, lease_token, lease_expires_at, last_seq, \
+                 approval_expires_at, job) \
+             VALUES ($1, $2, $3, '/p', 'w', $4, NULL, $5, $6, $7, $8, 1, $9, $10)",
+        )
+        .bind(job.id.as_uuid())
+        .bind(job.status.as_str())
+        .bind(job.priority)
+        .bind(is(JobStatus::Queued).then_some(i64::try_from(n).unwrap()))
+        .bind(job.created_at)
+        .bind(is(JobStatus::Running).then_some("w"))
+        .bind(is(JobStatus::Running).then_some(7_i64))
+        .bind(is(JobStatus::Running).then_some(at + chrono::Duration::hours(1)))
+        .bind(job.pending_approval().map(|a| a.expires_at))
+        .bind(sqlx::types::Json(job))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    PgStore::migrator().run(&pool).await.unwrap();
+    let store = db.store_in(&schema, 4).await;
+    for job in jobs {
+        let read = store.get(job.id).await.unwrap().unwrap();
+        assert_eq!(&read, job, "the {} job read back", job.status);
+    }
+    let whole: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM aiwg_jobs WHERE job ?| '{status, attempt, progress, history}'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(whole, 0, "the documents keep only what never changes");
+
+    // They go on: the running job's outcome (its lease as it was) and a claim of the queued.
+    let lease = aiwg_core::store::Lease {
+        job_id: running.id,
+        owner: "w".to_owned(),
+        attempt: 2,
+        token: 7,
+        expires_at: at + chrono::Duration::hours(1),
+    };
+    let (done, _) = store
+        .finish(&lease, Finish::Completed(JobResult::default()))
+        .await
+        .unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    assert!(
+        done.history.starts_with(&running.history),
+        "the history from before the migration goes on"
+    );
+    assert_eq!(
+        done.started_at,
+        Some(at),
+        "its start, from before the migration"
+    );
+    assert_eq!(
+        done.progress.in_progress,
+        ["a"],
+        "its step, from before the migration"
+    );
+    assert_eq!(store.get(running.id).await.unwrap().unwrap(), done);
+    let claimed = store
+        .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.job.id, queued.id);
+    assert_eq!(
+        (claimed.job.status, claimed.job.attempt),
+        (JobStatus::Running, 1)
+    );
+    assert_eq!(store.get(queued.id).await.unwrap().unwrap(), claimed.job);
     db.cleanup().await;
 }

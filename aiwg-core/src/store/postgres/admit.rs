@@ -125,9 +125,12 @@ pub(super) async fn insert_one(
     let sql = "WITH room AS (SELECT CASE WHEN $11::bigint IS NULL THEN true \
              ELSE aiwg_queue_has_room($12, $11) END AS ok), \
          u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
-             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job) \
-         SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, $9 \
-         FROM room WHERE room.ok \
+             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job, \
+             attempt, started_at, finished_at, dead_letter, resume_after_approval, progress, \
+             history, approvals, result, error) \
+         SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, \
+             aiwg_job_document($9), s.* \
+         FROM room CROSS JOIN LATERAL aiwg_job_columns($9) s WHERE room.ok \
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq), \
          e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT id, last_seq, $10, $13::jsonb FROM u) \

@@ -16,12 +16,11 @@
 //!   `UPDATE … FROM unnest(…)` (`aiwg_record_outcomes`) that fences each row again, checks
 //!   that it did not change since it was read, and inserts the outcomes' events: one commit.
 //!   The outcome itself is computed in Rust ([`apply::finish`]), the one place that knows the
-//!   transitions. A job whose last write was a step event needs no read: that event's
-//!   statement returned the job as it left it, with the row's version, and the completer
-//!   holds them until the outcome ([`Known`]); so do the claims, for a job whose outcome comes
-//!   before any step event (a pause for an approval). When the row changed since (a
-//!   heartbeat, a cancel request), the version check refuses the write and the outcome reads
-//!   the row.
+//!   transitions. A job claimed through this store needs no read: the completer holds the job
+//!   its claim returned, with the row's version ([`Known`]), and each event's statement
+//!   answers with the row's new version (the completer moves the job's progress as the
+//!   statement did). When the row changed elsewhere since (a heartbeat, a cancel request), the
+//!   version check refuses the write and the outcome reads the row.
 //!
 //! The three are SQL functions (migration 0020) so that their plans read only the rows they
 //! name, by primary key, whatever the table held when they were planned: each connection
@@ -61,15 +60,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::types::Json;
+use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{Duration, Instant};
 use uuid::Uuid;
 
-use super::{db, json_err, listen::Notifier, open_job, opened, seal_job, to_i64, NewEvent};
+use super::{db, json_err, listen::Notifier, open_job, row, to_i64, NewEvent};
 use crate::coalesce::KeptConnection;
 use crate::event::JobEvent;
 use crate::job::{Job, JobId};
@@ -91,7 +88,7 @@ const OUTCOME_ROUNDS: usize = 8;
 /// with 4 workers per engine the figures of one and four were within each other's noise.
 const IN_FLIGHT: usize = 1;
 
-/// The most jobs the completer holds as their last step event left them ([`Known`]). A job
+/// The most jobs the completer holds as their last write left them ([`Known`]). A job
 /// whose outcome never comes through this store (its worker gave it up silently) stays until
 /// then; past this many, further jobs are not held, and their outcomes read their rows.
 const KNOWN_MAX: usize = 1024;
@@ -130,7 +127,7 @@ pub(super) struct Ctx {
     pub(super) keyring: Option<SecretKeyring>,
     pub(super) relaxed: bool,
     pub(super) notifier: Notifier,
-    /// The running jobs as their last step event left them, by id ([`Known`]).
+    /// The running jobs as their last write left them, by id ([`Known`]).
     pub(super) known: Mutex<HashMap<JobId, Known>>,
     /// The connections the events' and the outcomes' statements are written on while writes
     /// keep coming (released when none waits: [`Ctx::idle`]).
@@ -145,28 +142,16 @@ pub(super) struct Ctx {
     pub(super) mates_wait: Duration,
 }
 
-/// A running job as its claim or the statement of its last step event left it: the job that
-/// statement returned, the row's version (`xmin`) after that statement, and the lease it was
-/// written under. Its outcome is applied to this job instead of one read anew; the outcome's
-/// statement checks the version, so a row that changed since (a heartbeat, a cancel request,
-/// an event without a step) is read again.
+/// A running job as its claim and its events since left it: the job the claim returned, its
+/// progress moved by each step event as the event's statement moved it in the row, the row's
+/// version (`xmin`) after the last of those statements, and the lease it was written under.
+/// Its outcome is applied to this job instead of one read anew; the outcome's statement checks
+/// the version, so a row that changed elsewhere since (a heartbeat, a cancel request) is read
+/// again.
 pub(super) struct Known {
     token: u64,
     version: String,
-    job: Held,
-}
-
-/// A job's document as a statement returned it, parsed only when its outcome comes (most
-/// jobs' next step event replaces it unread). Its own copy of the text: a row read from the
-/// database shares the connection's read buffer, which a held row would keep alive.
-pub(super) struct Held(Box<RawValue>);
-
-impl Held {
-    /// The `job` column of `row`.
-    pub(super) fn of(row: &PgRow) -> Option<Self> {
-        let Json(raw) = row.try_get::<Json<Box<RawValue>>, _>("job").ok()?;
-        Some(Self(raw))
-    }
+    job: Job,
 }
 
 impl Ctx {
@@ -220,32 +205,24 @@ impl Ctx {
         Some(mates)
     }
 
-    /// Takes the jobs held for these leases (those written under another lease are dropped,
-    /// and so is a job that does not parse: its outcome reads the row again).
+    /// Takes the jobs held for these leases (those written under another lease are dropped:
+    /// their outcomes read the rows).
     fn take_known<'a>(
         &self,
         leases: impl Iterator<Item = &'a Lease>,
     ) -> HashMap<JobId, (Job, String)> {
-        let held: Vec<(JobId, Known)> = {
-            let mut known = self.known();
-            leases
-                .filter_map(|lease| {
-                    let held = known.remove(&lease.job_id)?;
-                    (held.token == lease.token).then_some((lease.job_id, held))
-                })
-                .collect()
-        };
-        held.into_iter()
-            .filter_map(|(id, held)| {
-                let job: Job = serde_json::from_str(held.job.0.get()).ok()?;
-                Some((id, (opened(self.keyring.as_ref(), job), held.version)))
+        let mut known = self.known();
+        leases
+            .filter_map(|lease| {
+                let held = known.remove(&lease.job_id)?;
+                (held.token == lease.token).then_some((lease.job_id, (held.job, held.version)))
             })
             .collect()
     }
 
-    /// Holds each job as its statement (`Some`: the row's version and the job) left it, and
-    /// forgets the others: their rows' versions changed.
-    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, Held)>)>) {
+    /// Holds each job as its claim (`Some`: the row's version and the job) left it, and
+    /// forgets the others.
+    fn hold_known<'a>(&self, written: impl Iterator<Item = (&'a Lease, Option<(String, Job)>)>) {
         let mut known = self.known();
         for (lease, left) in written {
             let id = lease.job_id;
@@ -264,6 +241,25 @@ impl Ctx {
                 _ => {
                     known.remove(&id);
                 }
+            }
+        }
+    }
+
+    /// Moves each held job as its event's statement moved its row (`Some`: the row's version
+    /// after it), and forgets the jobs whose events were not written.
+    fn move_known<'a>(&self, written: impl Iterator<Item = (&'a Append, Option<String>)>) {
+        let mut known = self.known();
+        for (a, version) in written {
+            let id = a.lease.job_id;
+            match (version, known.get_mut(&id)) {
+                (Some(version), Some(held)) if held.token == a.lease.token => {
+                    apply::progress(&mut held.job, &a.ev.kind);
+                    held.version = version;
+                }
+                (_, Some(_)) => {
+                    known.remove(&id);
+                }
+                (_, None) => {}
             }
         }
     }
@@ -432,7 +428,7 @@ impl Completer {
     /// come soon enough, are written together.
     pub(super) fn hold_claimed<'a>(
         &self,
-        claimed: impl Iterator<Item = (&'a Lease, Option<(String, Held)>)>,
+        claimed: impl Iterator<Item = (&'a Lease, Option<(String, Job)>)>,
     ) {
         let mut ids = Vec::new();
         self.ctx
@@ -727,7 +723,7 @@ async fn write_events(
         steps.push(a.progress.step());
     }
     let append = sqlx::query(
-        "SELECT ord, last_seq, version, job FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
+        "SELECT ord, last_seq, version FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&ids)
     .bind(&tokens)
@@ -741,20 +737,18 @@ async fn write_events(
         .run(db, async |conn| append.fetch_all(conn).await.map_err(db))
         .await?;
     let mut seqs = vec![None; n];
-    let mut left: Vec<Option<(String, Held)>> = (0..n).map(|_| None).collect();
+    let mut versions: Vec<Option<String>> = vec![None; n];
     for row in rows {
         let ord: i64 = row.try_get("ord").map_err(db)?;
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        let version: Option<String> = row.try_get("version").map_err(db)?;
+        let version: String = row.try_get("version").map_err(db)?;
         let Some(i) = usize::try_from(ord - 1).ok().filter(|&i| i < n) else {
             continue;
         };
         seqs[i] = Some(seq);
-        if let Some(version) = version {
-            left[i] = Held::of(&row).map(|job| (version, job));
-        }
+        versions[i] = Some(version);
     }
-    ctx.hold_known(appends.iter().map(|a| &a.lease).zip(left));
+    ctx.move_known(appends.iter().zip(versions));
     fenced(&ctx.pool, appends.iter().map(|a| a.lease.job_id), seqs).await
 }
 
@@ -789,7 +783,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             let ids: Vec<Uuid> = reading.iter().map(|f| *f.lease.job_id.as_uuid()).collect();
             let tokens: Vec<i64> = reading.iter().map(|f| to_i64(f.lease.token)).collect();
             let ats: Vec<DateTime<Utc>> = reading.iter().map(|f| f.at).collect();
-            let rows = sqlx::query("SELECT job, version FROM aiwg_leased_jobs($1, $2, $3)")
+            let rows = sqlx::query("SELECT job, state, version FROM aiwg_leased_jobs($1, $2, $3)")
                 .bind(&ids)
                 .bind(&tokens)
                 .bind(&ats)
@@ -839,7 +833,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             Vec::with_capacity(m),
             Vec::with_capacity(m),
         );
-        let (mut statuses, mut retry_ats, mut jobs, mut approvals, mut ev_ats, mut kinds) = (
+        let (mut statuses, mut retry_ats, mut states, mut approvals, mut ev_ats, mut kinds) = (
             Vec::with_capacity(m),
             Vec::with_capacity(m),
             Vec::with_capacity(m),
@@ -857,9 +851,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
             versions.push(version.as_str());
             statuses.push(job.status.as_str());
             retry_ats.push(job.retry_at);
-            jobs.push(
-                serde_json::to_string(&*seal_job(ctx.keyring.as_ref(), job)?).map_err(json_err)?,
-            );
+            states.push(row::state_json(job).map_err(json_err)?);
             approvals.push(job.pending_approval().map(|a| a.expires_at));
             ev_ats.push(ev.at);
             kinds.push(ev.text.as_str());
@@ -878,7 +870,7 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .bind(&versions)
         .bind(&statuses)
         .bind(&retry_ats)
-        .bind(&jobs)
+        .bind(&states)
         .bind(&approvals)
         .bind(&ev_ats)
         .bind(&kinds)

@@ -22,6 +22,9 @@ use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 mod admit;
 mod completer;
 mod listen;
+mod row;
+
+use row::job_columns;
 
 /// The jobs' migrations. Each concept of aiwg that keeps data in PostgreSQL (jobs here, the
 /// webhook outbox in [`dispatch`](crate::dispatch), inbound de-duplication in `aiwg-webhook`)
@@ -275,8 +278,9 @@ fn open_job(
     keyring: Option<&crate::secrets::SecretKeyring>,
     row: &PgRow,
 ) -> Result<Job, StoreError> {
-    let Json(job): Json<Job> = row.try_get("job").map_err(db)?;
-    Ok(opened(keyring, job))
+    let Json(doc): Json<row::Document> = row.try_get("job").map_err(db)?;
+    let Json(state): Json<row::State<'static>> = row.try_get("state").map_err(db)?;
+    Ok(opened(keyring, row::job(doc, state)))
 }
 
 /// `job` with its credentials opened (see [`open_job`]).
@@ -428,11 +432,6 @@ impl PgStore {
         self.completer = std::sync::OnceLock::new();
         self.admitter = std::sync::OnceLock::new();
         self
-    }
-
-    /// The job as it is written: its credentials sealed.
-    fn sealed<'a>(&self, job: &'a Job) -> Result<std::borrow::Cow<'a, Job>, StoreError> {
-        seal_job(self.keyring.as_ref(), job)
     }
 
     /// A job read with its row, its credentials opened (see [`open_job`]).
@@ -651,7 +650,11 @@ impl PgStore {
         let sql = format!(
             "WITH u AS (UPDATE aiwg_jobs SET status = $2, \
                  queue_seq = CASE WHEN $2 = 'queued' THEN nextval('aiwg_queue_seq') END, \
-                 retry_at = $3, cancel_requested = $4, job = $5, last_seq = last_seq + 1, \
+                 retry_at = $3, cancel_requested = $4, \
+                 (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
+                  progress, history, approvals, result, error) = \
+                     (SELECT * FROM aiwg_job_columns($5::jsonb)), \
+                 last_seq = last_seq + 1, \
                  lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
                  approval_expires_at = $6, updated_at = now() \
              WHERE id = $1 RETURNING id, last_seq){}",
@@ -662,7 +665,7 @@ impl PgStore {
             .bind(job.status.as_str())
             .bind(job.retry_at)
             .bind(job.cancel_requested)
-            .bind(Json(self.sealed(job)?))
+            .bind(row::state_json(job).map_err(json_err)?)
             .bind(job.pending_approval().map(|a| a.expires_at));
         let row = self
             .bind_event(q, ev)
@@ -673,10 +676,11 @@ impl PgStore {
     }
 
     async fn find_by_key(&self, key: &str) -> Result<Option<(String, Job)>, StoreError> {
-        let row = sqlx::query(
-            "SELECT COALESCE(fingerprint, '') AS fingerprint, job FROM aiwg_jobs \
-             WHERE idempotency_key = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT COALESCE(fingerprint, '') AS fingerprint, ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE idempotency_key = $1"
+        ))
         .bind(key)
         .fetch_optional(&self.pool)
         .await
@@ -702,7 +706,7 @@ impl PgStore {
         // (`xmin`): the transaction's id is the version of every row they wrote, as they write
         // in the statement's own transaction, with no subtransaction.
         let rows = sqlx::query(
-            "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job, \
+            "SELECT grouped, id, last_seq, lease_token, lease_expires_at, job, state, \
                  CASE WHEN last_seq IS NOT NULL THEN pg_current_xact_id()::xid::text END \
                      AS version \
              FROM aiwg_claim($1, $2, $3, $4)",
@@ -750,7 +754,7 @@ impl PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
         let rows = sqlx::query(
-            "SELECT id, last_seq, lease_token, lease_expires_at, job, \
+            "SELECT id, last_seq, lease_token, lease_expires_at, job, state, \
                  pg_current_xact_id()::xid::text AS version \
              FROM aiwg_claim_limited($1, $2, $3, $4, $5, $6)",
         )
@@ -772,23 +776,19 @@ impl PgStore {
     }
 
     /// Hands the completer the jobs a claim started, as their rows now hold them (`rows`, one
-    /// per job of `claimed`, in order, with its `job` column and its version after the claim,
-    /// `version`): an outcome that comes before any step event (a pause for an approval) is
-    /// then written without reading the row again. Were a version wrong, the outcome's
-    /// statement would refuse it and read the row, as after a heartbeat.
+    /// per job of `claimed`, in order, with its version after the claim, `version`): their
+    /// outcomes are then written without reading the rows again. Were a version wrong, the
+    /// outcome's statement would refuse it and read the row, as after a heartbeat.
     fn hold_claimed<'a>(&self, claimed: &[Claimed], rows: impl Iterator<Item = &'a PgRow>) {
         self.completer()
             .hold_claimed(claimed.iter().zip(rows).map(|(c, row)| {
                 let version = row.try_get::<Option<String>, _>("version").ok().flatten();
-                (
-                    &c.lease,
-                    version.and_then(|v| Some((v, completer::Held::of(row)?))),
-                )
+                (&c.lease, version.map(|v| (v, c.job.clone())))
             }));
     }
 
     /// A job a claim statement moved to `running` (its row: `id`, `last_seq`, `lease_token`,
-    /// `lease_expires_at`, `job`), with its lease and its event, announced.
+    /// `lease_expires_at`, `job`, `state`), with its lease and its event, announced.
     fn claimed(
         &self,
         request: &ClaimRequest,
@@ -821,8 +821,10 @@ impl PgStore {
     ) -> Result<Vec<Claimed>, StoreError> {
         let at = micros(request.now);
         let mut tx = self.pool.begin_with(BEGIN_CLAIM).await.map_err(db)?;
-        let rows = sqlx::query(
-            "SELECT j.job FROM aiwg_jobs j \
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j \
              WHERE j.status = 'queued' \
                AND (j.retry_at IS NULL OR j.retry_at <= GREATEST($1::timestamptz, now())) \
                AND (j.job->>'concurrency_group' IS NULL \
@@ -831,7 +833,7 @@ impl PgStore {
                       AND g.lease_expires_at > GREATEST($1::timestamptz, now()))) \
              ORDER BY j.priority DESC, j.queue_seq \
              LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
-        )
+        ))
         .bind(at)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
@@ -865,32 +867,35 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let mut ids = Vec::with_capacity(picked.len());
-        let mut jobs = Vec::with_capacity(picked.len());
+        let mut states = Vec::with_capacity(picked.len());
         let mut kinds = Vec::with_capacity(picked.len());
         for (job, ev) in &picked {
             ids.push(*job.id.as_uuid());
-            jobs.push(serde_json::to_string(&*self.sealed(job)?).map_err(json_err)?);
+            states.push(row::state_json(job).map_err(json_err)?);
             kinds.push(ev.text.clone());
         }
         let rows = sqlx::query(
             "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) \
-                 AS t(id, job, kind)), \
+                 AS t(id, state, kind)), \
              u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
                  retry_at = NULL, lease_owner = $4, \
                  lease_token = nextval('aiwg_lease_token_seq'), \
                  lease_expires_at = GREATEST($5::timestamptz, now()) \
                      + $6 * interval '1 microsecond', \
-                 job = t.job::jsonb, last_seq = a.last_seq + 1, updated_at = now() \
+                 (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
+                  progress, history, approvals, result, error) = \
+                     (SELECT * FROM aiwg_job_columns(t.state::jsonb)), \
+                 last_seq = a.last_seq + 1, updated_at = now() \
                  FROM t WHERE a.id = t.id \
-                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, a.job, \
-                     t.kind, a.xmin::text AS version), \
+                 RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind, \
+                     a.xmin::text AS version), \
              e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
                  SELECT id, last_seq, $5, kind::jsonb FROM u) \
-             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.job, u.version \
+             SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.version \
              FROM u",
         )
         .bind(&ids)
-        .bind(&jobs)
+        .bind(&states)
         .bind(&kinds)
         .bind(&request.owner)
         .bind(at)
@@ -1063,18 +1068,25 @@ impl JobStore for PgStore {
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1")
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
         row.as_ref().map(|r| self.job_of(r)).transpose()
     }
 
     async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
         let size = query.page_size();
-        let mut qb: QueryBuilder<'_, Postgres> =
-            QueryBuilder::new("SELECT job FROM aiwg_jobs WHERE TRUE");
+        let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE TRUE"
+        ));
         if let Some(status) = query.status {
             qb.push(" AND status = ").push_bind(status.as_str());
         }
@@ -1220,11 +1232,15 @@ impl JobStore for PgStore {
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
         let at = now();
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
         let mut job = match row {
             Some(row) => self.job_of(&row)?,
             None => return Err(StoreError::NotFound(id)),
@@ -1242,11 +1258,10 @@ impl JobStore for PgStore {
             JobStatus::Running => {
                 job.cancel_requested = true;
                 sqlx::query(
-                    "UPDATE aiwg_jobs SET cancel_requested = TRUE, job = $2, updated_at = now() \
+                    "UPDATE aiwg_jobs SET cancel_requested = TRUE, updated_at = now() \
                      WHERE id = $1",
                 )
                 .bind(id.as_uuid())
-                .bind(Json(self.sealed(&job)?))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -1276,11 +1291,15 @@ impl JobStore for PgStore {
     ) -> Result<ApprovalOutcome, StoreError> {
         let at = now();
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query("SELECT job FROM aiwg_jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
         let mut job = match row {
             Some(row) => self.job_of(&row)?,
             None => return Err(StoreError::NotFound(id)),
@@ -1303,9 +1322,13 @@ impl JobStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
         self.sweep(
-            "SELECT job FROM aiwg_jobs WHERE status = 'awaiting_approval' \
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM aiwg_jobs j WHERE status = 'awaiting_approval' \
                AND approval_expires_at <= GREATEST($1::timestamptz, now()) \
-             ORDER BY approval_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+             ORDER BY approval_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ),
             now,
             |job, at| {
                 Ok(apply::decide(
@@ -1359,9 +1382,13 @@ impl JobStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
         self.sweep(
-            "SELECT job FROM aiwg_jobs WHERE status = 'running' \
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM aiwg_jobs j WHERE status = 'running' \
                AND lease_expires_at <= GREATEST($1::timestamptz, now()) \
-             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ),
             now,
             |job, at| {
                 let kind = apply::expire(job, at)?;
