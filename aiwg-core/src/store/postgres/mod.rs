@@ -653,7 +653,7 @@ impl PgStore {
                  retry_at = $3, cancel_requested = $4, \
                  (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
                   progress, history, approvals, result, error) = \
-                     (SELECT * FROM aiwg_job_columns($5::jsonb)), \
+                     (SELECT * FROM aiwg_job_columns($5)), \
                  last_seq = last_seq + 1, \
                  lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
                  approval_expires_at = $6, updated_at = now() \
@@ -665,7 +665,7 @@ impl PgStore {
             .bind(job.status.as_str())
             .bind(job.retry_at)
             .bind(job.cancel_requested)
-            .bind(row::state_json(job).map_err(json_err)?)
+            .bind(Json(row::State::of(job)))
             .bind(job.pending_approval().map(|a| a.expires_at));
         let row = self
             .bind_event(q, ev)
@@ -875,7 +875,7 @@ impl PgStore {
             kinds.push(ev.text.clone());
         }
         let rows = sqlx::query(
-            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) \
+            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]::jsonb[], $3::text[]) \
                  AS t(id, state, kind)), \
              u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
                  retry_at = NULL, lease_owner = $4, \
@@ -884,7 +884,7 @@ impl PgStore {
                      + $6 * interval '1 microsecond', \
                  (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
                   progress, history, approvals, result, error) = \
-                     (SELECT * FROM aiwg_job_columns(t.state::jsonb)), \
+                     (SELECT * FROM aiwg_job_columns(t.state)), \
                  last_seq = a.last_seq + 1, updated_at = now() \
                  FROM t WHERE a.id = t.id \
                  RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind, \
