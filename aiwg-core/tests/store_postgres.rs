@@ -1970,7 +1970,7 @@ async fn assert_the_completer_reads_by_key(store: &PgStore) {
     }
 }
 
-/// A claim is one statement that moves the job in SQL (`aiwg_claimed_job`, migration 0008):
+/// A claim is one statement that moves the job in SQL (`aiwg_claimed_state`, migration 0030):
 /// it must make the job and the event that `apply::claim` makes, for a first claim, a retry
 /// (progress reset, `retry_at` cleared), a job resuming after an approval (same attempt,
 /// progress kept) and an attempt counter at its ceiling.

@@ -58,12 +58,14 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///
 /// # Layout
 ///
-/// Jobs (migration `0001_jobs.sql`): `aiwg_jobs` keeps every job as JSONB plus copies of
-/// the fields queries filter and sort on (status, priority, project, workflow, enqueue order,
-/// `retry_at`) and the lease (owner, token, expiry); `aiwg_job_events` keeps the event history,
-/// keyed by `(job_id, seq)`. The copies are written from the same [`Job`] value in the same
-/// statement, so they never disagree with the JSON. All tables live in the pool's current
-/// schema. The outbound webhook outbox
+/// Jobs (migration `0001_jobs.sql`): `aiwg_jobs` keeps each job's *document*, what never
+/// changes after the submit, as JSONB (`job`, written once), and its *state*, what does, in
+/// columns of their own (`status`, `attempt`, `progress`, `history`, `result`, `error` and the
+/// rest, migration 0030: a claim or an outcome writes those, never the document), with copies of
+/// the fields queries filter and sort on (priority, project, workflow, enqueue order) and the
+/// lease (owner, token, expiry); `aiwg_job_events` keeps the event history, keyed by
+/// `(job_id, seq)`. A job is read as its document and its state put back together. All tables
+/// live in the pool's current schema. The outbound webhook outbox
 /// ([`PgDispatchStore`](crate::dispatch::PgDispatchStore)) and inbound de-duplication
 /// (`aiwg_webhook::PgDeliveryStore`) are separate stores with their own tables and
 /// migrations; all three can share one pool ([`Self::pool`]).
@@ -117,6 +119,10 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// table), but a host that uses sqlx migrations of its own should still give aiwg its own
 /// schema (`search_path`) so version numbers cannot collide.
 ///
+/// Instances of different versions may share a database across most migrations, but not across
+/// 0030 (a job's state moved from its document to columns): once it has run, every instance
+/// must be of a version that has it. It moves the jobs already stored in the same transaction.
+///
 /// # Durability and speed
 ///
 /// Every state change is committed before the call that made it returns and, by default,
@@ -138,8 +144,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   [`JobStore::create_many`] sends its batch of jobs without keys as one such statement;
 /// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
-///   to `running` in SQL (`aiwg_claimed_job`, the twin of [`apply::claim`], tested against
-///   it) and records their events. Jobs of concurrency groups take a transaction that checks
+///   to `running` in SQL (`aiwg_claimed_state`, migration 0030, the twin of
+///   [`apply::claim`], tested against it) and records their events. Jobs of concurrency groups take a transaction that checks
 ///   the group under its lock. Under a per-project limit the claim is one statement too,
 ///   `aiwg_claim_limited` (migration 0012): it reads the first jobs of the projects with room
 ///   (not the queue), and counts each project's running jobs under the project's lock; a
@@ -692,7 +698,7 @@ impl PgStore {
     /// Claims up to `max` jobs. No per-project limit (see [`JobStore::claim_many`]).
     ///
     /// One statement, one round trip (`aiwg_claim`, migration 0008), picks the jobs, moves
-    /// them to `running` (in SQL: `aiwg_claimed_job`, the twin of [`apply::claim`]) and
+    /// them to `running` (in SQL: `aiwg_claimed_state`, the twin of [`apply::claim`]) and
     /// records their events. A job of a concurrency group needs its group checked under the
     /// group's lock: when the statement comes upon one, it claims nothing and the batch is
     /// claimed by [`Self::claim_batch_grouped`] instead, in the same order.
@@ -1153,7 +1159,8 @@ impl JobStore for PgStore {
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
         apply::appendable(&kind)?;
         // A step event also moves the job's progress: done by the completer's statement, on
-        // the stored JSON (what `apply::progress` does to a `Job`), so a step costs no read.
+        // the `progress` column (what `apply::progress` does to a `Job`), so a step costs no
+        // read.
         let progress = match &kind {
             JobEventKind::StepStarted { step, .. } => completer::Progress::Started(step.clone()),
             JobEventKind::StepFinished { step, ok: true, .. } => {
