@@ -2594,7 +2594,6 @@ async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
             "aiwg_jobs_approval_check",
             "aiwg_jobs_check",
             "aiwg_jobs_check1",
-            "aiwg_jobs_idempotency_key_key",
             "aiwg_jobs_pkey",
             "aiwg_jobs_status_check"
         ]

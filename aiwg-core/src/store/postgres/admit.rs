@@ -131,7 +131,8 @@ pub(super) async fn insert_one(
          SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, \
              aiwg_job_document($9), s.* \
          FROM room CROSS JOIN LATERAL aiwg_job_columns($9) s WHERE room.ok \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, last_seq), \
+         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+         RETURNING id, last_seq), \
          e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT id, last_seq, $10, $13::jsonb FROM u) \
          SELECT room.ok, u.last_seq FROM room LEFT JOIN u ON true";
