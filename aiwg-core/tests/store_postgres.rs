@@ -2536,20 +2536,13 @@ async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
     assert_eq!(whole, 0, "the documents keep only what never changes");
     // The table made anew: what never changes first, the document last of it; the
     // constraints, indexes and triggers of before; the queued tally still the rows'.
-    let text = |sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(sql)
-                .fetch_all(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    let columns = text(
+    let columns: Vec<String> = sqlx::query_scalar(
         "SELECT attname::text FROM pg_attribute WHERE attrelid = 'aiwg_jobs'::regclass \
          AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
     )
-    .await;
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(
         columns[..9],
         [
@@ -2564,55 +2557,49 @@ async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
             "status"
         ]
     );
-    let indexes = text(
-        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'aiwg_jobs' \
-         AND schemaname = current_schema() ORDER BY 1",
-    )
-    .await;
-    assert_eq!(
-        indexes,
-        [
-            "aiwg_jobs_approval_idx",
-            "aiwg_jobs_claim_idx",
-            "aiwg_jobs_idempotency_key_key",
-            "aiwg_jobs_lease_idx",
-            "aiwg_jobs_pkey",
-            "aiwg_jobs_queued_project_idx",
-            "aiwg_jobs_running_project_idx",
-            "aiwg_jobs_status_id_idx",
-            "aiwg_jobs_workflow_id_idx"
-        ]
-    );
-    let checks = text(
-        "SELECT conname::text FROM pg_constraint WHERE conrelid = 'aiwg_jobs'::regclass \
-         ORDER BY 1",
-    )
-    .await;
-    assert_eq!(
-        checks,
-        [
-            "aiwg_jobs_approval_check",
-            "aiwg_jobs_check",
-            "aiwg_jobs_check1",
-            "aiwg_jobs_pkey",
-            "aiwg_jobs_status_check"
-        ]
-    );
-    let triggers = text(
-        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'aiwg_jobs'::regclass \
-         AND NOT tgisinternal ORDER BY 1",
-    )
-    .await;
-    assert_eq!(
-        triggers,
-        [
-            "aiwg_jobs_events_deleted",
-            "aiwg_jobs_events_truncated",
-            "aiwg_jobs_tally_deleted",
-            "aiwg_jobs_tally_inserted",
-            "aiwg_jobs_tally_updated"
-        ]
-    );
+    let catalog: [(&str, &[&str]); 3] = [
+        (
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'aiwg_jobs' \
+             AND schemaname = current_schema() ORDER BY 1",
+            &[
+                "aiwg_jobs_approval_idx",
+                "aiwg_jobs_claim_idx",
+                "aiwg_jobs_idempotency_key_key",
+                "aiwg_jobs_lease_idx",
+                "aiwg_jobs_pkey",
+                "aiwg_jobs_queued_project_idx",
+                "aiwg_jobs_running_project_idx",
+                "aiwg_jobs_status_id_idx",
+                "aiwg_jobs_workflow_id_idx",
+            ],
+        ),
+        (
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = 'aiwg_jobs'::regclass \
+             ORDER BY 1",
+            &[
+                "aiwg_jobs_approval_check",
+                "aiwg_jobs_check",
+                "aiwg_jobs_check1",
+                "aiwg_jobs_pkey",
+                "aiwg_jobs_status_check",
+            ],
+        ),
+        (
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'aiwg_jobs'::regclass \
+             AND NOT tgisinternal ORDER BY 1",
+            &[
+                "aiwg_jobs_events_deleted",
+                "aiwg_jobs_events_truncated",
+                "aiwg_jobs_tally_deleted",
+                "aiwg_jobs_tally_inserted",
+                "aiwg_jobs_tally_updated",
+            ],
+        ),
+    ];
+    for (sql, expected) in catalog {
+        let found: Vec<String> = sqlx::query_scalar(sql).fetch_all(&pool).await.unwrap();
+        assert_eq!(found, expected, "{sql}");
+    }
     assert_eq!(
         tally_and_rows(&store).await,
         (1, 1),

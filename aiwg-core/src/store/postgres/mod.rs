@@ -681,6 +681,27 @@ impl PgStore {
         row.try_get("last_seq").map_err(db)
     }
 
+    /// Job `id`, its row locked for `tx` (`FOR UPDATE`).
+    async fn locked_job(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        id: JobId,
+    ) -> Result<Job, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        match row {
+            Some(row) => self.job_of(&row),
+            None => Err(StoreError::NotFound(id)),
+        }
+    }
+
     async fn find_by_key(&self, key: &str) -> Result<Option<(String, Job)>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT COALESCE(fingerprint, '') AS fingerprint, ",
@@ -1239,19 +1260,7 @@ impl JobStore for PgStore {
     async fn request_cancel(&self, id: JobId, reason: &str) -> Result<CancelOutcome, StoreError> {
         let at = now();
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM aiwg_jobs j WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let mut job = match row {
-            Some(row) => self.job_of(&row)?,
-            None => return Err(StoreError::NotFound(id)),
-        };
+        let mut job = self.locked_job(&mut tx, id).await?;
         match job.status {
             JobStatus::Queued | JobStatus::AwaitingApproval => {
                 let kind = apply::cancel_queued(&mut job, reason, at)?;
@@ -1298,19 +1307,7 @@ impl JobStore for PgStore {
     ) -> Result<ApprovalOutcome, StoreError> {
         let at = now();
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM aiwg_jobs j WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let mut job = match row {
-            Some(row) => self.job_of(&row)?,
-            None => return Err(StoreError::NotFound(id)),
-        };
+        let mut job = self.locked_job(&mut tx, id).await?;
         let Some(kind) = apply::decide(&mut job, decision, at) else {
             // Rolled back now, not when the connection is next used: until then the row stays
             // locked, and claims (which skip locked rows) would not see the job.
