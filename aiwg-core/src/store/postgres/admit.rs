@@ -31,7 +31,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::types::Json;
 use sqlx::Row;
 
-use super::{db, json_err, listen::Notifier, micros, seal_job, NewEvent};
+use super::{db, json_err, listen::Notifier, micros, row::state_columns, seal_job, NewEvent};
 use crate::coalesce::{answer_each, Coalescer, Flush, KeptConnection};
 use crate::job::{IllegalTransition, JobStatus};
 use crate::secrets::SecretKeyring;
@@ -122,20 +122,21 @@ pub(super) async fn insert_one(
         ))));
     }
     let ev = NewEvent::new(apply::created(job), micros(job.created_at))?;
-    let sql = "WITH room AS (SELECT CASE WHEN $11::bigint IS NULL THEN true \
+    let sql = concat!(
+        "WITH room AS (SELECT CASE WHEN $11::bigint IS NULL THEN true \
              ELSE aiwg_queue_has_room($12, $11) END AS ok), \
          u AS (INSERT INTO aiwg_jobs (id, status, priority, project_path, workflow, \
-             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job, \
-             attempt, started_at, finished_at, dead_letter, resume_after_approval, progress, \
-             history, approvals, result, error) \
-         SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, \
+             queue_seq, retry_at, created_at, idempotency_key, fingerprint, last_seq, job, ",
+        state_columns!(),
+        ") SELECT $1, 'queued', $2, $3, $4, nextval('aiwg_queue_seq'), $5, $6, $7, $8, 1, \
              aiwg_job_document($9), s.* \
          FROM room CROSS JOIN LATERAL aiwg_job_columns($9) s WHERE room.ok \
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
          RETURNING id, last_seq), \
          e AS (INSERT INTO aiwg_job_events (job_id, seq, at, kind) \
              SELECT id, last_seq, $10, $13::jsonb FROM u) \
-         SELECT room.ok, u.last_seq FROM room LEFT JOIN u ON true";
+         SELECT room.ok, u.last_seq FROM room LEFT JOIN u ON true"
+    );
     let capacity = new
         .queue_capacity
         .map(|c| i64::try_from(c).unwrap_or(i64::MAX));

@@ -24,7 +24,7 @@ mod completer;
 mod listen;
 mod row;
 
-use row::job_columns;
+use row::{job_columns, state_columns};
 
 /// The jobs' migrations. Each concept of aiwg that keeps data in PostgreSQL (jobs here, the
 /// webhook outbox in [`dispatch`](crate::dispatch), inbound de-duplication in `aiwg-webhook`)
@@ -145,8 +145,8 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// - a claim ([`JobStore::claim_many`], and [`JobStore::claim`] without a per-project limit)
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
 ///   to `running` in SQL (`aiwg_claimed_state`, migration 0030, the twin of
-///   [`apply::claim`], tested against it) and records their events. Jobs of concurrency groups take a transaction that checks
-///   the group under its lock. Under a per-project limit the claim is one statement too,
+///   [`apply::claim`], tested against it) and records their events. Jobs of concurrency
+///   groups take a transaction that checks the group under its lock. Under a per-project limit the claim is one statement too,
 ///   `aiwg_claim_limited` (migration 0012): it reads the first jobs of the projects with room
 ///   (not the queue), and counts each project's running jobs under the project's lock; a
 ///   project whose lock another claim holds is passed over while others have room
@@ -654,16 +654,16 @@ impl PgStore {
         ev: &NewEvent,
     ) -> Result<i64, StoreError> {
         let sql = format!(
-            "WITH u AS (UPDATE aiwg_jobs SET status = $2, \
+            concat!(
+                "WITH u AS (UPDATE aiwg_jobs SET status = $2, \
                  queue_seq = CASE WHEN $2 = 'queued' THEN nextval('aiwg_queue_seq') END, \
-                 retry_at = $3, cancel_requested = $4, \
-                 (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
-                  progress, history, approvals, result, error) = \
-                     (SELECT * FROM aiwg_job_columns($5)), \
-                 last_seq = last_seq + 1, \
+                 retry_at = $3, cancel_requested = $4, (",
+                state_columns!(),
+                ") = (SELECT * FROM aiwg_job_columns($5)), last_seq = last_seq + 1, \
                  lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
                  approval_expires_at = $6, updated_at = now() \
-             WHERE id = $1 RETURNING id, last_seq){}",
+             WHERE id = $1 RETURNING id, last_seq){}"
+            ),
             event_tail(7)
         );
         let q = sqlx::query(&sql)
@@ -901,17 +901,16 @@ impl PgStore {
             states.push(row::state_json(job).map_err(json_err)?);
             kinds.push(ev.text.clone());
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]::jsonb[], $3::text[]) \
                  AS t(id, state, kind)), \
              u AS (UPDATE aiwg_jobs a SET status = 'running', queue_seq = NULL, \
                  retry_at = NULL, lease_owner = $4, \
                  lease_token = nextval('aiwg_lease_token_seq'), \
                  lease_expires_at = GREATEST($5::timestamptz, now()) \
-                     + $6 * interval '1 microsecond', \
-                 (attempt, started_at, finished_at, dead_letter, resume_after_approval, \
-                  progress, history, approvals, result, error) = \
-                     (SELECT * FROM aiwg_job_columns(t.state)), \
+                     + $6 * interval '1 microsecond', (",
+            state_columns!(),
+            ") = (SELECT * FROM aiwg_job_columns(t.state)), \
                  last_seq = a.last_seq + 1, updated_at = now() \
                  FROM t WHERE a.id = t.id \
                  RETURNING a.id, a.last_seq, a.lease_token, a.lease_expires_at, t.kind, \
@@ -920,7 +919,7 @@ impl PgStore {
                  SELECT id, last_seq, $5, kind::jsonb FROM u) \
              SELECT u.id, u.last_seq, u.lease_token, u.lease_expires_at, u.version \
              FROM u",
-        )
+        ))
         .bind(&ids)
         .bind(&states)
         .bind(&kinds)

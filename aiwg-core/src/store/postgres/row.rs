@@ -30,6 +30,16 @@ macro_rules! job_columns {
 }
 pub(super) use job_columns;
 
+/// The state's columns, in the order `aiwg_job_columns` returns them: what a statement that
+/// writes a state sets from it (`(state_columns!()) = (SELECT * FROM aiwg_job_columns(…))`).
+macro_rules! state_columns {
+    () => {
+        "attempt, started_at, finished_at, dead_letter, resume_after_approval, progress, \
+         history, approvals, result, error"
+    };
+}
+pub(super) use state_columns;
+
 /// What never changes after the submit: the `job` column. (The whole job serialised is
 /// accepted too: the fields of the state are ignored.)
 #[derive(Deserialize)]
