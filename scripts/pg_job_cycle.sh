@@ -24,7 +24,9 @@
 # the time per cycle.
 #
 # Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
-# superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: all three, in the order above).
+# superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: all three, in the order above),
+# AIWG_CYCLE_PERF (a path prefix: each variant's cycles also recorded by `perf record -a -g`
+# into `<prefix>.<variant>.<round>`, for `perf report`; the figures then include perf's cost).
 # Needs psql, pgbench and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +72,32 @@ ev = '    e AS (\n        INSERT INTO aiwg_job_events'
 open(f'{work}/no_events.sql', 'w').write(
     cut(claim, ev, '    SELECT c.grouped') + cut(outc, ev, '    SELECT u.id, u.last_seq FROM u;'))
 PY
+cat > "$work/tally_once.sql" <<'SQL'
+CREATE OR REPLACE FUNCTION aiwg_tally_updated() RETURNS trigger LANGUAGE plpgsql AS $body$
+DECLARE
+    n bigint;
+BEGIN
+    SELECT (SELECT count(*) FROM now WHERE status = 'queued')
+         - (SELECT count(*) FROM was WHERE status = 'queued') INTO n;
+    IF n <> 0 THEN
+        INSERT INTO aiwg_queue_tally AS t (pid, queued)
+        VALUES (pg_backend_pid(), n)
+        ON CONFLICT (pid) DO UPDATE SET queued = t.queued + EXCLUDED.queued;
+    END IF;
+    RETURN NULL;
+END
+$body$;
+DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;
+CREATE TRIGGER aiwg_jobs_tally_updated AFTER UPDATE ON aiwg_jobs
+    REFERENCING OLD TABLE AS was NEW TABLE AS now
+    FOR EACH STATEMENT EXECUTE FUNCTION aiwg_tally_updated();
+SQL
+
+cat > "$work/lists_skip_running.sql" <<'SQL'
+DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx;
+CREATE INDEX aiwg_jobs_status_id_idx ON aiwg_jobs (status, id DESC) WHERE status <> 'running';
+CREATE INDEX aiwg_jobs_workflow_id_idx ON aiwg_jobs (workflow, id DESC) WHERE status <> 'running';
+SQL
 
 # A completed job, whole (what the outcome wrote before 0030), and its state alone (what it
 # writes since).
@@ -113,9 +141,12 @@ SQL
 prepare() {
   local cols="id, status, priority, project_path, workflow, queue_seq, created_at, last_seq"
   local vals="g.id, 'queued', 0, '/tmp/aiwg-bench/p0', 'noop', nextval('aiwg_queue_seq'), now(), 1"
-  local from="FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) g"
+  # Ids ordered by time as the store's are (UUID v7: 48 bits of milliseconds first).
+  local from="FROM (SELECT (lpad(to_hex(1765000000000 + n), 12, '0') || '7' ||
+      substr(md5(n::text), 1, 3) || '8' || substr(md5(n::text), 4, 15))::uuid AS id
+      FROM generate_series(1, 20000) n) g"
   case $1 in
-    as_is | no_events)
+    as_is | no_events | tally_once | lists_skip_running)
       migrate
       [ "$1" = as_is ] || sql -f "$work/$1.sql"
       cycle "$state" | sql
@@ -144,6 +175,7 @@ for round in $(seq 1 "$rounds"); do
     w0=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
     b0=$(busy)
     ms=$(PGOPTIONS="-c synchronous_commit=off -c search_path=$schema" \
+      ${AIWG_CYCLE_PERF:+perf record -q -a -g -o "$AIWG_CYCLE_PERF.$v.$round" --} \
       pgbench -n -f "$work/cycle.sql" -t 600 -c 1 "$url" 2>&1 | awk '/latency average/ {print $4}')
     b1=$(busy)
     w1=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")

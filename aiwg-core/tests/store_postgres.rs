@@ -54,6 +54,110 @@ async fn tally_and_rows(store: &PgStore) -> (i64, i64) {
     .unwrap()
 }
 
+/// The tally moves once per statement (migration 0031): a claim of four jobs, an `UPDATE` that
+/// puts three of them back in the queue and one that cancels two queued jobs each call the
+/// tally's trigger once (the row trigger of 0013 was called once a job), and a statement that
+/// moves no job in or out of `queued` (a lease renewal) calls it and writes no tally. The tally stays the
+/// rows' count throughout, in the transaction and after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tally_is_kept_once_a_statement_whatever_its_rows() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = db.store_in(&schema, 2).await;
+    for _ in 0..6 {
+        store
+            .create(NewJob::new(sample_job("w", "/p", 0)))
+            .await
+            .unwrap();
+    }
+    let mut tx = db.admin().begin().await.unwrap();
+    for set in [
+        format!("SET LOCAL search_path = {schema}"),
+        "SET LOCAL track_functions = 'pl'".to_owned(),
+    ] {
+        sqlx::query(&set).execute(&mut *tx).await.unwrap();
+    }
+    let claimed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM aiwg_claim(now(), 4, 'w', 60000000) WHERE id IS NOT NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(claimed, 4);
+    assert_eq!(
+        tally_calls(&mut tx).await,
+        (1, 0, 2, 2),
+        "after the claim of 4"
+    );
+    let tally_writes = "SELECT n_tup_ins + n_tup_upd FROM pg_stat_xact_user_tables \
+                        WHERE relid = 'aiwg_queue_tally'::regclass";
+    let writes: i64 = sqlx::query_scalar(tally_writes)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(writes, 1, "the claim wrote the tally once");
+    sqlx::query(
+        "UPDATE aiwg_jobs SET lease_expires_at = lease_expires_at + interval '1 minute' \
+         WHERE status = 'running'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let after_renewal: i64 = sqlx::query_scalar(tally_writes)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(after_renewal, writes, "the renewal wrote no tally");
+    assert_eq!(
+        tally_calls(&mut tx).await,
+        (2, 0, 2, 2),
+        "a lease renewal calls it"
+    );
+    sqlx::query(
+        "UPDATE aiwg_jobs SET status = 'queued', queue_seq = nextval('aiwg_queue_seq'), \
+           lease_token = NULL, lease_expires_at = NULL \
+         WHERE id IN (SELECT id FROM aiwg_jobs WHERE status = 'running' ORDER BY id LIMIT 3)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        tally_calls(&mut tx).await,
+        (3, 0, 5, 5),
+        "three back in the queue"
+    );
+    sqlx::query(
+        "UPDATE aiwg_jobs SET status = 'cancelled', queue_seq = NULL \
+         WHERE id IN (SELECT id FROM aiwg_jobs WHERE status = 'queued' ORDER BY id LIMIT 2)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(tally_calls(&mut tx).await, (4, 0, 3, 3), "two cancelled");
+    tx.commit().await.unwrap();
+    assert_eq!(tally_and_rows(&store).await, (3, 3), "committed");
+    db.cleanup().await;
+}
+
+/// In the transaction's schema: how often the tally's triggers were called in it (0031's
+/// statement trigger, 0013's row trigger), the tally, and the queued rows.
+async fn tally_calls(tx: &mut sqlx::PgConnection) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT \
+           COALESCE((SELECT calls FROM pg_stat_xact_user_functions \
+                     WHERE schemaname = current_schema() \
+                       AND funcname = 'aiwg_tally_updated'), 0), \
+           COALESCE((SELECT calls FROM pg_stat_xact_user_functions \
+                     WHERE schemaname = current_schema() \
+                       AND funcname = 'aiwg_tally_moved'), 0), \
+           (SELECT COALESCE(sum(queued), 0)::int8 FROM aiwg_queue_tally), \
+           (SELECT count(*) FROM aiwg_jobs WHERE status = 'queued')",
+    )
+    .fetch_one(tx)
+    .await
+    .unwrap()
+}
+
 /// Rows of `aiwg_jobs` read so far by this backend, as PostgreSQL counts them
 /// (`pg_stat_xact_user_tables`, which may hold earlier transactions' reads not yet reported:
 /// take the difference of two readings).
