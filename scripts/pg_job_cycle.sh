@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, sessions 35
-# and 36).
+# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, sessions 35,
+# 36 and 37).
 #
 #     bash scripts/pg_job_cycle.sh [rounds]
 #
@@ -8,7 +8,8 @@
 # jobs' claim function and records their outcomes (a one-step job's `step_started`,
 # `step_finished` and `completed` events, a completed job's state) with the outcomes'
 # function, as the engine's no-op job does; 600 cycles by `pgbench` (`synchronous_commit =
-# off`) over 20 000 queued jobs of 780 B. Every variant runs in a fresh schema made by the
+# off`) over 20 000 queued jobs of 780 B, their ids ordered by time as the store's are (UUID
+# v7). Every variant runs in a fresh schema made by the
 # migrations of `aiwg-core/migrations/jobs` (dropped at the end), the variants alternating
 # within each round:
 #
@@ -16,15 +17,20 @@
 #   no_events    the claim's `running` event and the outcome's three not written
 #   before_0030  the migrations before 0030: each job's whole document moved by the claim
 #                (`aiwg_claimed_job`) and written whole by the outcome, its state in it
+#   before_0031  the migrations before 0031: the queue's tally kept by a row trigger, an
+#                upsert of the tally for every job a claim starts
+#   lists_skip_running  the list indexes (`aiwg_jobs_status_id_idx`,
+#                `aiwg_jobs_workflow_id_idx`) partial, without running jobs: a claim adds
+#                no entry to them (a measurement: listing running jobs would need its own way)
 #
 # (Session 35's prototypes of 0030, `no_document`, `both`, `split` and `columns`, are in this
-# script as of commit 7f6d978.) Only `as_is` is a store; `no_events` is a measurement (a job's
-# events would be missing). Prints, per run, the machine's CPU per job (from /proc/stat:
+# script as of commit 7f6d978.) `no_events` is a measurement (a job's events would be
+# missing). Prints, per run, the machine's CPU per job (from /proc/stat:
 # PostgreSQL must run on this machine, nothing else should), the write-ahead log per job and
 # the time per cycle.
 #
 # Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
-# superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: all three, in the order above),
+# superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: as_is, no_events, before_0030),
 # AIWG_CYCLE_PERF (a path prefix: each variant's cycles also recorded by `perf record -a -g`
 # into `<prefix>.<variant>.<round>`, for `perf report`; the figures then include perf's cost).
 # Needs psql, pgbench and python3.
@@ -72,26 +78,6 @@ ev = '    e AS (\n        INSERT INTO aiwg_job_events'
 open(f'{work}/no_events.sql', 'w').write(
     cut(claim, ev, '    SELECT c.grouped') + cut(outc, ev, '    SELECT u.id, u.last_seq FROM u;'))
 PY
-cat > "$work/tally_once.sql" <<'SQL'
-CREATE OR REPLACE FUNCTION aiwg_tally_updated() RETURNS trigger LANGUAGE plpgsql AS $body$
-DECLARE
-    n bigint;
-BEGIN
-    SELECT (SELECT count(*) FROM now WHERE status = 'queued')
-         - (SELECT count(*) FROM was WHERE status = 'queued') INTO n;
-    IF n <> 0 THEN
-        INSERT INTO aiwg_queue_tally AS t (pid, queued)
-        VALUES (pg_backend_pid(), n)
-        ON CONFLICT (pid) DO UPDATE SET queued = t.queued + EXCLUDED.queued;
-    END IF;
-    RETURN NULL;
-END
-$body$;
-DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;
-CREATE TRIGGER aiwg_jobs_tally_updated AFTER UPDATE ON aiwg_jobs
-    REFERENCING OLD TABLE AS was NEW TABLE AS now
-    FOR EACH STATEMENT EXECUTE FUNCTION aiwg_tally_updated();
-SQL
 
 cat > "$work/lists_skip_running.sql" <<'SQL'
 DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx;
@@ -146,9 +132,9 @@ prepare() {
       substr(md5(n::text), 1, 3) || '8' || substr(md5(n::text), 4, 15))::uuid AS id
       FROM generate_series(1, 20000) n) g"
   case $1 in
-    as_is | no_events | tally_once | lists_skip_running)
-      migrate
-      [ "$1" = as_is ] || sql -f "$work/$1.sql"
+    as_is | no_events | lists_skip_running | before_0031)
+      if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
+      [ "$1" = as_is ] || [ "$1" = before_0031 ] || sql -f "$work/$1.sql"
       cycle "$state" | sql
       sql -c "INSERT INTO aiwg_jobs ($cols, job, attempt, started_at, finished_at, dead_letter,
           resume_after_approval, progress, history, approvals, result, error)
