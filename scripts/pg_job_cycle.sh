@@ -9,9 +9,8 @@
 # `step_finished` and `completed` events, a completed job's state) with the outcomes'
 # function, as the engine's no-op job does; 600 cycles by `pgbench` (`synchronous_commit =
 # off`) over 20 000 queued jobs of 780 B, their ids ordered by time as the store's are (UUID
-# v7). Every variant runs in a fresh schema made by the
-# migrations of `aiwg-core/migrations/jobs` (dropped at the end), the variants alternating
-# within each round:
+# v7). Every variant runs in a fresh schema made by the migrations of
+# `aiwg-core/migrations/jobs` (dropped at the end), the variants alternating within each round:
 #
 #   as_is        the functions as the migrations leave them
 #   no_events    the claim's `running` event and the outcome's three not written
@@ -19,15 +18,19 @@
 #                (`aiwg_claimed_job`) and written whole by the outcome, its state in it
 #   before_0031  the migrations before 0031: the queue's tally kept by a row trigger, an
 #                upsert of the tally for every job a claim starts
+#   outcome_events_packed  the outcome's three events in one row (a JSON array of them,
+#                each with its time): what a layout of one row per statement and job would
+#                write (a measurement: nothing reads such rows)
+#   events_json  the events' `kind` a `json` column (checked text) instead of `jsonb`
 #   lists_skip_running  the list indexes (`aiwg_jobs_status_id_idx`,
 #                `aiwg_jobs_workflow_id_idx`) partial, without running jobs: a claim adds
 #                no entry to them (a measurement: listing running jobs would need its own way)
 #
 # (Session 35's prototypes of 0030, `no_document`, `both`, `split` and `columns`, are in this
-# script as of commit 7f6d978.) `no_events` is a measurement (a job's events would be
-# missing). Prints, per run, the machine's CPU per job (from /proc/stat:
-# PostgreSQL must run on this machine, nothing else should), the write-ahead log per job and
-# the time per cycle.
+# script as of commit 7f6d978.) `as_is` and the `before_*` variants are stores; the others are
+# measurements (a job's events missing, or kept where nothing reads them). Prints, per run, the
+# machine's CPU per job (from /proc/stat: PostgreSQL must run on this machine, nothing else
+# should), the write-ahead log per job and the time per cycle.
 #
 # Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
 # superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: as_is, no_events, before_0030),
@@ -77,6 +80,21 @@ def cut(text, start, end):
 ev = '    e AS (\n        INSERT INTO aiwg_job_events'
 open(f'{work}/no_events.sql', 'w').write(
     cut(claim, ev, '    SELECT c.grouped') + cut(outc, ev, '    SELECT u.id, u.last_seq FROM u;'))
+packed = """    e AS (
+        INSERT INTO aiwg_job_events (job_id, seq, at, kind)
+        SELECT u.id, u.last_seq - 2, u.first_at, jsonb_build_array(
+            jsonb_build_object('at', u.first_at, 'kind', u.first_kind::jsonb),
+            jsonb_build_object('at', u.last_at, 'kind', u.last_kind::jsonb),
+            jsonb_build_object('at', u.ev_at, 'kind', u.kind::jsonb)) FROM u)
+"""
+a = outc.index(ev); b = outc.index('    SELECT u.id, u.last_seq FROM u;')
+open(f'{work}/outcome_events_packed.sql', 'w').write(outc[:a] + packed + outc[b:])
+# json: the event kinds kept as checked text (json), not parsed into jsonb.
+open(f'{work}/events_json.sql', 'w').write(
+    'ALTER TABLE aiwg_job_events ALTER kind TYPE json;\n'
+    + claim.replace("ELSE '{}'::jsonb END", "ELSE '{}'::jsonb END)::json")
+           .replace("jsonb_build_object('kind', 'status', 'from', 'queued'", "(jsonb_build_object('kind', 'status', 'from', 'queued'")
+    + outc.replace('_kind::jsonb FROM u', '_kind::json FROM u').replace('u.kind::jsonb FROM u', 'u.kind::json FROM u'))
 PY
 
 cat > "$work/lists_skip_running.sql" <<'SQL'
@@ -132,7 +150,7 @@ prepare() {
       substr(md5(n::text), 1, 3) || '8' || substr(md5(n::text), 4, 15))::uuid AS id
       FROM generate_series(1, 20000) n) g"
   case $1 in
-    as_is | no_events | lists_skip_running | before_0031)
+    as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || sql -f "$work/$1.sql"
       cycle "$state" | sql
