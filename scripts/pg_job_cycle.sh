@@ -25,6 +25,11 @@
 #   lists_skip_running  the list indexes (`aiwg_jobs_status_id_idx`,
 #                `aiwg_jobs_workflow_id_idx`) partial, without running jobs: a claim adds
 #                no entry to them (a measurement: listing running jobs would need its own way)
+#   no_checks    the `CHECK` constraints of both tables dropped (a measurement: what
+#                reading and preparing them costs every statement)
+#   no_function_settings  the claim's and the outcomes' functions without their `SET`
+#                clauses (a measurement: what applying them on every call costs against
+#                the plans they choose)
 #
 # (Session 35's prototypes of 0030, `no_document`, `both`, `split` and `columns`, are in this
 # script as of commit 7f6d978.) `as_is` and the `before_*` variants are stores; the others are
@@ -34,6 +39,9 @@
 #
 # Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
 # superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: as_is, no_events, before_0030),
+# AIWG_CYCLE_BATCH (the jobs a cycle claims, default 32; the cycles are 19 200 jobs' worth),
+# AIWG_CYCLE_OUTCOMES (the most outcomes one call of the outcomes' function records, default
+# the batch: a cycle's outcomes in several statements, in its one transaction),
 # AIWG_CYCLE_PERF (a path prefix: each variant's cycles also recorded by `perf record -a -g`
 # into `<prefix>.<variant>.<round>`, for `perf report`; the figures then include perf's cost).
 # Needs psql, pgbench and python3.
@@ -43,6 +51,9 @@ cd "$(dirname "$0")/.."
 rounds=${1:-3}
 url=${AIWG_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 variants=${AIWG_CYCLE_VARIANTS:-as_is no_events before_0030}
+batch=${AIWG_CYCLE_BATCH:-32}
+outcomes=${AIWG_CYCLE_OUTCOMES:-$batch}
+cycles=$(( 19200 / batch ))
 schema="aiwg_cycle_$$"
 work=$(mktemp -d)
 trap 'psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
@@ -97,6 +108,15 @@ open(f'{work}/events_json.sql', 'w').write(
     + outc.replace('_kind::jsonb FROM u', '_kind::json FROM u').replace('u.kind::jsonb FROM u', 'u.kind::json FROM u'))
 PY
 
+cat > "$work/no_checks.sql" <<'SQL'
+ALTER TABLE aiwg_jobs DROP CONSTRAINT aiwg_jobs_status_check, DROP CONSTRAINT aiwg_jobs_check,
+    DROP CONSTRAINT aiwg_jobs_check1, DROP CONSTRAINT aiwg_jobs_approval_check;
+ALTER TABLE aiwg_job_events DROP CONSTRAINT aiwg_job_events_seq_check;
+SQL
+cat > "$work/no_function_settings.sql" <<'SQL'
+ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint) RESET ALL;
+SQL
+echo "ALTER FUNCTION $outcomes_sig RESET ALL;" >> "$work/no_function_settings.sql"
 cat > "$work/lists_skip_running.sql" <<'SQL'
 DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx;
 CREATE INDEX aiwg_jobs_status_id_idx ON aiwg_jobs (status, id DESC) WHERE status <> 'running';
@@ -120,15 +140,18 @@ queued="jsonb_build_object('id', g.id, 'workflow', 'noop', 'project_path', '/tmp
     'history', '[{\"status\":\"queued\",\"at\":\"2026-12-06T11:20:00.123456Z\"}]'::jsonb,
     'cancel_requested', false, 'resume_after_approval', false, 'approval', null)"
 
-# The cycle: claim 32, then their outcomes (`$1`: the job or state the outcome writes).
+# The cycle: claim $batch (default 32), then their outcomes (`$1`: the job or state the outcome writes).
 cycle() {
   cat <<SQL
 CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
-DECLARE ids uuid[]; toks bigint[]; n int;
+DECLARE all_ids uuid[]; all_toks bigint[]; ids uuid[]; toks bigint[]; n int; total int; k int := 1;
 BEGIN
-  SELECT array_agg(c.id), array_agg(c.lease_token) INTO ids, toks
-  FROM aiwg_claim(now(), 32, 'w', 30000000) c WHERE c.id IS NOT NULL;
-  n := cardinality(ids);
+  SELECT array_agg(c.id), array_agg(c.lease_token) INTO all_ids, all_toks
+  FROM aiwg_claim(now(), $batch, 'w', 30000000) c WHERE c.id IS NOT NULL;
+  total := cardinality(all_ids);
+  WHILE k <= total LOOP
+  ids := all_ids[k:k + $outcomes - 1]; toks := all_toks[k:k + $outcomes - 1];
+  n := cardinality(ids); k := k + n;
   PERFORM aiwg_record_outcomes(ids, toks, array_fill(now(), ARRAY[n]),
      array_fill(pg_current_xact_id()::xid::text, ARRAY[n]), array_fill('completed'::text, ARRAY[n]),
      array_fill(NULL::timestamptz, ARRAY[n]), array_fill('$1'::text, ARRAY[n]),
@@ -136,7 +159,8 @@ BEGIN
      array_fill(now(), ARRAY[n]), array_fill('{"kind":"status","from":"running","to":"completed","attempt":1}'::text, ARRAY[n]),
      array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_finished","step":"run","ok":true}'::text, ARRAY[n]),
      array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_started","step":"run"}'::text, ARRAY[n]));
-  RETURN n;
+  END LOOP;
+  RETURN total;
 END \$\$;
 SQL
 }
@@ -150,7 +174,8 @@ prepare() {
       substr(md5(n::text), 1, 3) || '8' || substr(md5(n::text), 4, 15))::uuid AS id
       FROM generate_series(1, 20000) n) g"
   case $1 in
-    as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json)
+    as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json \
+      | no_checks | no_function_settings)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || sql -f "$work/$1.sql"
       cycle "$state" | sql
@@ -180,13 +205,13 @@ for round in $(seq 1 "$rounds"); do
     b0=$(busy)
     ms=$(PGOPTIONS="-c synchronous_commit=off -c search_path=$schema" \
       ${AIWG_CYCLE_PERF:+perf record -q -a -g -o "$AIWG_CYCLE_PERF.$v.$round" --} \
-      pgbench -n -f "$work/cycle.sql" -t 600 -c 1 "$url" 2>&1 | awk '/latency average/ {print $4}')
+      pgbench -n -f "$work/cycle.sql" -t "$cycles" -c 1 "$url" 2>&1 | awk '/latency average/ {print $4}')
     b1=$(busy)
     w1=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
     n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
     [ "$n" -gt 0 ] || { echo "$v: no job completed" >&2; exit 1; }
     wal=$(psql "$url" -Atq -c "SELECT (pg_wal_lsn_diff('$w1', '$w0') / $n)::int")
-    printf 'round %s %-12s CPU %4d µs a job, WAL %5d B a job, %s ms a cycle of 32\n' \
-      "$round" "$v" $(( (b1 - b0) * 1000000 / hz / n )) "$wal" "$ms"
+    printf 'round %s %-12s CPU %4d µs a job, WAL %5d B a job, %s ms a cycle of %s (outcomes by %s)\n' \
+      "$round" "$v" $(( (b1 - b0) * 1000000 / hz / n )) "$wal" "$ms" "$batch" "$outcomes"
   done
 done

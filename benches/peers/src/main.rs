@@ -40,7 +40,10 @@
 //! alike), `AIWG_PEERS_JOBS`, `AIWG_PEERS_WORKERS`, `AIWG_PEERS_ROUNDS` (default 3; each figure
 //! is the median of its rounds, the systems alternating within a round), `AIWG_PEERS_ONLY`
 //! (`burn_down` or `latency`), `AIWG_PEERS_SYSTEMS` (some of `aiwg,river,graphile`, for a
-//! profile of one; the `ratio` lines need `aiwg`).
+//! profile of one; the `ratio` lines need `aiwg`), `AIWG_PEERS_CLIENTS` (`1` or `2`: only the
+//! burn-downs of that many clients, for a profile of one), `AIWG_PEERS_CALLS` (set: aiwg's
+//! connections track their PL/pgSQL calls, and each aiwg burn-down prints the calls a job of
+//! each function and the time a job spent in it).
 //!
 //! The process allocates with the system allocator, as `pg_queue` does; `--features jemalloc`
 //! puts every system on jemalloc, as the example servers run.
@@ -284,9 +287,12 @@ mod aiwg {
 
         /// A migrated store of its own pool in the schema.
         pub(crate) async fn store(&self) -> Arc<PgStore> {
-            let options = PgConnectOptions::from_str(&self.url)
+            let mut options = PgConnectOptions::from_str(&self.url)
                 .expect("url")
                 .options([("search_path", self.schema.as_str())]);
+            if std::env::var_os("AIWG_PEERS_CALLS").is_some() {
+                options = options.options([("track_functions", "pl")]);
+            }
             let pool = PgStore::pool_options()
                 .max_connections(POOL)
                 .connect_with(options)
@@ -295,6 +301,30 @@ mod aiwg {
             let store = PgStore::from_pool(pool).await.expect("aiwg: store");
             store.migrate().await.expect("aiwg: migrate");
             Arc::new(store)
+        }
+
+        /// With `AIWG_PEERS_CALLS` set, prints the calls a job of each of the schema's
+        /// functions that were called (their connections closed first, so that every backend
+        /// has reported them).
+        pub(crate) async fn print_calls(&self, jobs: usize) {
+            if std::env::var_os("AIWG_PEERS_CALLS").is_none() {
+                return;
+            }
+            let calls: Vec<(String, i64, f64)> = sqlx::query_as(
+                "SELECT funcname::text, calls, self_time FROM pg_stat_user_functions \
+                 WHERE schemaname = $1 ORDER BY calls DESC",
+            )
+            .bind(&self.schema)
+            .fetch_all(&self.admin)
+            .await
+            .expect("aiwg: function statistics");
+            for (name, calls, self_ms) in calls {
+                eprintln!(
+                    "aiwg calls: {name} {:.4} a job, {:.1} µs a job in it",
+                    calls as f64 / jobs as f64,
+                    self_ms * 1e3 / jobs as f64
+                );
+            }
         }
 
         pub(crate) async fn drop_schema(self) {
@@ -386,6 +416,7 @@ mod aiwg {
         for s in stores {
             s.pool().close().await;
         }
+        db.print_calls(jobs).await;
         db.drop_schema().await;
         cost
     }
@@ -830,7 +861,14 @@ async fn latency(system: &str, url: &str, workers: usize) -> Vec<Duration> {
 /// ratios.
 async fn burn_downs(probe: &sqlx::PgPool, url: &str, jobs: usize, workers: usize, rounds: usize) {
     let systems = systems();
+    let only_clients = std::env::var("AIWG_PEERS_CLIENTS").ok();
     for clients in [1usize, 2] {
+        if only_clients
+            .as_deref()
+            .is_some_and(|c| c != clients.to_string())
+        {
+            continue;
+        }
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         let mut wals: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
