@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, sessions 35,
-# 36 and 37).
+# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, sessions 35
+# to 38).
 #
 #     bash scripts/pg_job_cycle.sh [rounds]
 #
-# One connection, no engine: each cycle is one PL/pgSQL call that claims 32 jobs with the
-# jobs' claim function and records their outcomes (a one-step job's `step_started`,
-# `step_finished` and `completed` events, a completed job's state) with the outcomes'
-# function, as the engine's no-op job does; 600 cycles by `pgbench` (`synchronous_commit =
-# off`) over 20 000 queued jobs of 780 B, their ids ordered by time as the store's are (UUID
-# v7). Every variant runs in a fresh schema made by the migrations of
-# `aiwg-core/migrations/jobs` (dropped at the end), the variants alternating within each round:
+# One connection, no engine: each cycle is one PL/pgSQL call that claims a batch of jobs (32
+# unless AIWG_CYCLE_BATCH says otherwise) with the jobs' claim function and records their
+# outcomes (a one-step job's `step_started`, `step_finished` and `completed` events, a
+# completed job's state) with the outcomes' function, as the engine's no-op job does; 19 200
+# jobs' worth of cycles (600 of 32) by `pgbench` (`synchronous_commit = off`) over 20 000
+# queued jobs of 780 B, their ids ordered by time as the store's are (UUID v7). Every variant
+# runs in a fresh schema made by the migrations of `aiwg-core/migrations/jobs` (dropped at the
+# end), the variants alternating within each round:
 #
 #   as_is        the functions as the migrations leave them
 #   no_events    the claim's `running` event and the outcome's three not written
@@ -140,7 +141,8 @@ queued="jsonb_build_object('id', g.id, 'workflow', 'noop', 'project_path', '/tmp
     'history', '[{\"status\":\"queued\",\"at\":\"2026-12-06T11:20:00.123456Z\"}]'::jsonb,
     'cancel_requested', false, 'resume_after_approval', false, 'approval', null)"
 
-# The cycle: claim $batch (default 32), then their outcomes (`$1`: the job or state the outcome writes).
+# The cycle: claim $batch, then their outcomes, $outcomes a call (`$1`: the job or state the
+# outcome writes).
 cycle() {
   cat <<SQL
 CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$

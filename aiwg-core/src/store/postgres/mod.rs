@@ -146,8 +146,9 @@ const MAX_TTL_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 ///   is one statement for many jobs, `aiwg_claim` (migration 0008): it picks, moves the jobs
 ///   to `running` in SQL (`aiwg_claimed_state`, migration 0030, the twin of
 ///   [`apply::claim`], tested against it) and records their events. Jobs of concurrency
-///   groups take a transaction that checks the group under its lock. Under a per-project limit the claim is one statement too,
-///   `aiwg_claim_limited` (migration 0012): it reads the first jobs of the projects with room
+///   groups take a transaction that checks the group under its lock. Under a per-project
+///   limit the claim is one statement too, `aiwg_claim_limited` (migration 0012): it reads
+///   the first jobs of the projects with room
 ///   (not the queue), and counts each project's running jobs under the project's lock; a
 ///   project whose lock another claim holds is passed over while others have room
 ///   (migration 0016: two instances' claims no longer wait for each other's commits). No claim
