@@ -31,6 +31,8 @@
 #   no_function_settings  the claim's and the outcomes' functions without their `SET`
 #                clauses (a measurement: what applying them on every call costs against
 #                the plans they choose)
+#   no_tally     the queue's tally not kept on updates (0031's statement trigger dropped; a
+#                measurement: what the trigger costs a claim and an outcome)
 #
 # (Session 35's prototypes of 0030, `no_document`, `both`, `split` and `columns`, are in this
 # script as of commit 7f6d978.) `as_is` and the `before_*` variants are stores; the others are
@@ -118,6 +120,7 @@ cat > "$work/no_function_settings.sql" <<'SQL'
 ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint) RESET ALL;
 SQL
 echo "ALTER FUNCTION $outcomes_sig RESET ALL;" >> "$work/no_function_settings.sql"
+echo "DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;" > "$work/no_tally.sql"
 cat > "$work/lists_skip_running.sql" <<'SQL'
 DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx;
 CREATE INDEX aiwg_jobs_status_id_idx ON aiwg_jobs (status, id DESC) WHERE status <> 'running';
@@ -177,7 +180,7 @@ prepare() {
       FROM generate_series(1, 20000) n) g"
   case $1 in
     as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json \
-      | no_checks | no_function_settings)
+      | no_checks | no_function_settings | no_tally)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || sql -f "$work/$1.sql"
       cycle "$state" | sql
@@ -207,7 +210,9 @@ for round in $(seq 1 "$rounds"); do
     b0=$(busy)
     ms=$(PGOPTIONS="-c synchronous_commit=off -c search_path=$schema" \
       ${AIWG_CYCLE_PERF:+perf record -q -a -g -o "$AIWG_CYCLE_PERF.$v.$round" --} \
-      pgbench -n -f "$work/cycle.sql" -t "$cycles" -c 1 "$url" 2>&1 | awk '/latency average/ {print $4}')
+      pgbench -n -f "$work/cycle.sql" -t "$cycles" -c 1 "$url" 2>&1 | tee "$work/pgbench.log" \
+      | awk '/latency average/ {print $4}') \
+      || { echo "$v: pgbench failed:" >&2; grep -m 3 -i error "$work/pgbench.log" >&2; exit 1; }
     b1=$(busy)
     w1=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
     n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
