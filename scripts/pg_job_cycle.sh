@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What a job's claim and outcome cost PostgreSQL, part by part (BENCHMARKS.md, sessions 35
-# to 38).
+# What a job's claim and outcome cost PostgreSQL, part by part, and River's fetch and
+# completion on the same terms (BENCHMARKS.md, sessions 35 to 39).
 #
 #     bash scripts/pg_job_cycle.sh [rounds]
 #
@@ -33,12 +33,27 @@
 #                the plans they choose)
 #   no_tally     the queue's tally not kept on updates (0031's statement trigger dropped; a
 #                measurement: what the trigger costs a claim and an outcome)
+#   tiny_document  every job's document a few bytes (what the row's width costs)
+#   typed_outcome  the outcome given the state's scalar fields as typed arrays, its JSON
+#                fields as text each, and only the history's new entries (appended when the
+#                row holds as many as the outcome says): a prototype, not a store
+#   without_lease, without_running_project, without_status_id, without_workflow_id
+#                one index of the jobs' table dropped (what keeping it costs)
+#   bare         no events, no state returned by the claim, no tally kept on updates; then
+#   bare_columns the claim setting only the attempt and the start, the outcome only the
+#                status, the finish time and the result; then
+#   bare_columns_two_indexes  the lease, running-project and list indexes dropped: the
+#                three together say how far each part of a job's work is from River's
+#   river        River's own cycle (`riverqueue` 0.5's fetch and completion statements, the
+#                rows its client reads back) on River's own schema (its migrations, from
+#                `riverqueue-migrate` 0.5.0 in cargo's registry: `cargo fetch --manifest-path
+#                benches/peers/Cargo.toml` brings it), 20 000 available jobs of no arguments
 #
 # (Session 35's prototypes of 0030, `no_document`, `both`, `split` and `columns`, are in this
 # script as of commit 7f6d978.) `as_is` and the `before_*` variants are stores; the others are
-# measurements (a job's events missing, or kept where nothing reads them). Prints, per run, the
-# machine's CPU per job (from /proc/stat: PostgreSQL must run on this machine, nothing else
-# should), the write-ahead log per job and the time per cycle.
+# measurements (a job's events missing, or kept where nothing reads them); `river` is the
+# baseline. Prints, per run, the machine's CPU per job (from /proc/stat: PostgreSQL must run on
+# this machine, nothing else should), the write-ahead log per job and the time per cycle.
 #
 # Environment: AIWG_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a
 # superuser, for CHECKPOINT), AIWG_CYCLE_VARIANTS (default: as_is, no_events, before_0030),
@@ -103,6 +118,71 @@ packed = """    e AS (
 """
 a = outc.index(ev); b = outc.index('    SELECT u.id, u.last_seq FROM u;')
 open(f'{work}/outcome_events_packed.sql', 'w').write(outc[:a] + packed + outc[b:])
+assert claim.count('aiwg_job_state(a) AS state') == 1
+nostate = claim.replace('aiwg_job_state(a) AS state', 'NULL::jsonb AS state')
+# bare: no events, no state returned by the claim, no tally kept on updates (a measurement:
+# how near River's cycle the rest of a job's work is).
+open(f'{work}/bare.sql', 'w').write(
+    'DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;\n'
+    + cut(nostate, ev, '    SELECT c.grouped') + cut(outc, ev, '    SELECT u.id, u.last_seq FROM u;'))
+# bare_columns: bare, and the claim sets only the attempt and the start (no history entry, no
+# progress reset) while the outcome writes only the status, the finish time and the result
+# (no state parsed into the other columns): how near River a job's row alone comes.
+claimed = '''(attempt, started_at, progress, history) = (
+                SELECT * FROM aiwg_claimed_state(a.attempt, a.resume_after_approval,
+                    a.started_at, a.progress, a.history, claim_at)),'''
+assert nostate.count(claimed) == 1, 'claim state'
+outcols = '''attempt = t.s_attempt, started_at = t.s_started_at,
+            finished_at = t.s_finished_at, dead_letter = t.s_dead_letter,
+            resume_after_approval = t.s_resume, progress = t.s_progress,
+            history = t.s_history, approvals = t.s_approvals, result = t.s_result,
+            error = t.s_error,'''
+assert outc.count(outcols) == 1, 'outcome columns'
+lean_claim = nostate.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,')
+lean_outc = (outc.replace(outcols, "finished_at = t.at, result = '{\"summary\":\"done\"}'::jsonb,")
+             .replace('CROSS JOIN LATERAL aiwg_job_columns(t.state) s', 'CROSS JOIN LATERAL aiwg_job_columns(NULL::jsonb) s'))
+open(f'{work}/bare_columns.sql', 'w').write(
+    'DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;\n'
+    + cut(lean_claim, ev, '    SELECT c.grouped') + cut(lean_outc, ev, '    SELECT u.id, u.last_seq FROM u;'))
+# typed_outcome: the outcome given the state's scalar fields as typed arrays, its JSON
+# fields as text each (progress, approvals, result, error), and of the history only the new
+# entries, appended to the row's when the row holds as many as the completer knows of.
+typed = outc
+a = typed.index('CREATE OR REPLACE FUNCTION'); b = typed.index('RETURNS TABLE')
+typed = typed[:a] + '''CREATE OR REPLACE FUNCTION aiwg_record_outcomes_typed(ids uuid[], tokens bigint[],
+    ats timestamptz[], versions text[], statuses text[], retry_ats timestamptz[],
+    attempts bigint[], started_ats timestamptz[], finished_ats timestamptz[],
+    dead_letters boolean[], resumes boolean[], progresses text[], history_lens int[],
+    history_tails text[], approvalss text[], results text[], errors text[],
+    approval_ats timestamptz[], ev_ats timestamptz[], kinds text[], last_ats timestamptz[],
+    last_kinds text[], first_ats timestamptz[], first_kinds text[])
+ ''' + typed[b:]
+a = typed.index('    WITH t AS ('); b = typed.index('    u AS (')
+typed = typed[:a] + '''    WITH t AS (
+        SELECT * FROM unnest(ids, tokens, ats, versions, statuses, retry_ats, attempts,
+                    started_ats, finished_ats, dead_letters, resumes, progresses, history_lens,
+                    history_tails, approvalss, results, errors, approval_ats, ev_ats, kinds,
+                    last_ats, last_kinds, first_ats, first_kinds)
+            AS t(id, token, at, version, status, retry_at, s_attempt, s_started_at,
+                 s_finished_at, s_dead_letter, s_resume, s_progress, history_len, history_tail,
+                 s_approvals, s_result, s_error, approval_expires_at, ev_at, kind, last_at,
+                 last_kind, first_at, first_kind)),
+''' + typed[b:]
+typed = typed.replace('progress = t.s_progress,', 'progress = t.s_progress::jsonb,')
+typed = typed.replace('history = t.s_history, approvals = t.s_approvals, result = t.s_result,',
+    'history = a.history || t.history_tail::jsonb, approvals = t.s_approvals::jsonb,\n            result = t.s_result::jsonb,')
+typed = typed.replace('error = t.s_error,', 'error = t.s_error::jsonb,')
+typed = typed.replace('AND a.xmin::text = t.version', 'AND a.xmin::text = t.version\n          AND jsonb_array_length(a.history) = t.history_len')
+assert typed.count('::jsonb') >= 5 and 'jsonb_array_length' in typed
+open(f'{work}/typed_outcome.sql', 'w').write(typed)
+# bare_columns_two_indexes: and without the list indexes, the running projects' and the
+# lease's (what River's table has: its key and the fetch index, and two GIN indexes).
+open(f'{work}/bare_columns_two_indexes.sql', 'w').write(open(f'{work}/bare_columns.sql').read()
+    + 'DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx, aiwg_jobs_running_project_idx, aiwg_jobs_lease_idx;\n')
+# without_<index>: the schema as it is less one index of the jobs' table (a measurement: what
+# keeping that index costs a claim and an outcome).
+for index in ('lease', 'running_project', 'status_id', 'workflow_id'):
+    open(f'{work}/without_{index}.sql', 'w').write(f'DROP INDEX aiwg_jobs_{index}_idx;\n')
 # json: the event kinds kept as checked text (json), not parsed into jsonb.
 open(f'{work}/events_json.sql', 'w').write(
     'ALTER TABLE aiwg_job_events ALTER kind TYPE json;\n'
@@ -170,6 +250,112 @@ END \$\$;
 SQL
 }
 
+# River's own cycle, for the `river` variant: its fetch (`riverqueue` 0.5's claim statement,
+# `standard_claim_sql`) of $batch jobs, then their completion (its completer's statement),
+# $outcomes a call, each with the rows River's client reads back; on River's own schema (its
+# migrations, as `riverqueue-migrate` 0.5 ships them, from cargo's registry: `cargo fetch
+# --manifest-path benches/peers/Cargo.toml` brings them).
+river_cycle() {
+  local projection="j.id, j.attempt, j.attempted_at, j.attempted_by, j.created_at,
+      j.args AS encoded_args, coalesce(j.errors, '{}'::jsonb[]) AS errors, j.finalized_at,
+      j.kind, j.max_attempts, j.metadata, j.priority, j.queue, j.scheduled_at,
+      j.state::text AS state, j.tags::text[] AS tags, j.unique_key,
+      j.unique_states::text AS unique_states"
+  cat <<SQL
+CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
+DECLARE all_ids bigint[]; ids bigint[]; n int; m int; total int; k int := 1;
+BEGIN
+  WITH locked AS (
+      SELECT id FROM river_job WHERE state = 'available' AND queue = 'default'
+          AND scheduled_at <= now() AND (NULL::text[] IS NULL OR kind = any(NULL::text[]))
+          AND NOT EXISTS (SELECT 1 FROM river_queue WHERE name = 'default'
+                          AND paused_at IS NOT NULL)
+      ORDER BY priority, scheduled_at, id LIMIT $batch FOR UPDATE SKIP LOCKED),
+  j AS (
+      UPDATE river_job AS j SET state = 'running', attempt = j.attempt + 1,
+          attempted_at = now(),
+          attempted_by = array_append(CASE WHEN array_length(j.attempted_by, 1) >= 100
+              THEN j.attempted_by[array_length(j.attempted_by, 1) + 2 - 100:]
+              ELSE j.attempted_by END, 'bench')
+      FROM locked WHERE j.id = locked.id
+      RETURNING $projection)
+  SELECT array_agg(j.id) INTO all_ids FROM j;
+  total := coalesce(cardinality(all_ids), 0);
+  WHILE k <= total LOOP
+  ids := all_ids[k:k + $outcomes - 1];
+  n := cardinality(ids); k := k + n;
+    WITH job_input AS (
+        SELECT * FROM unnest(ids, array_fill(false, ARRAY[n]), array_fill(0::smallint, ARRAY[n]),
+            array_fill(NULL::jsonb, ARRAY[n]), array_fill(now(), ARRAY[n]),
+            array_fill(false, ARRAY[n]), array_fill('{}'::jsonb, ARRAY[n]),
+            array_fill(NULL::timestamptz, ARRAY[n]), array_fill('completed'::text, ARRAY[n]))
+        AS job_input(id, attempt_do_update, attempt, errors, finalized_at,
+                     metadata_do_merge, metadata_updates, scheduled_at, state)),
+    updated AS (
+        UPDATE river_job AS job SET
+            attempt = CASE WHEN job.state = 'running' AND NOT (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
+                AND job_input.attempt_do_update THEN job_input.attempt ELSE job.attempt END,
+            errors = CASE WHEN job.state = 'running' AND job_input.errors IS NOT NULL
+                THEN array_append(coalesce(job.errors, '{}'), job_input.errors) ELSE job.errors END,
+            finalized_at = CASE WHEN job.state = 'running' AND (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at') THEN now()
+                WHEN job.state = 'running' AND job_input.finalized_at IS NOT NULL
+                THEN job_input.finalized_at ELSE job.finalized_at END,
+            metadata = CASE WHEN job_input.metadata_do_merge
+                THEN job.metadata || job_input.metadata_updates ELSE job.metadata END,
+            scheduled_at = CASE WHEN job.state = 'running' AND NOT (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
+                AND job_input.scheduled_at IS NOT NULL
+                THEN job_input.scheduled_at ELSE job.scheduled_at END,
+            state = CASE WHEN job.state = 'running' AND (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
+                THEN 'cancelled'::river_job_state
+                WHEN job.state = 'running' THEN job_input.state::river_job_state
+                ELSE job.state END
+        FROM job_input
+        WHERE job.id = job_input.id AND (job.state = 'running' OR job_input.metadata_do_merge)
+        RETURNING job.*)
+    SELECT count(*) INTO m FROM (
+        SELECT ${projection//j./job.} FROM river_job AS job JOIN job_input ON job.id = job_input.id
+        WHERE NOT EXISTS (SELECT 1 FROM updated WHERE updated.id = job.id)
+        UNION ALL SELECT ${projection//j./job.} FROM updated AS job) c;
+  END LOOP;
+  RETURN total;
+END \$\$;
+SQL
+}
+
+# The cycle of typed_outcome: the outcomes through `aiwg_record_outcomes_typed`.
+typed_cycle() {
+  cat <<SQL
+CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
+DECLARE all_ids uuid[]; all_toks bigint[]; ids uuid[]; toks bigint[]; n int; total int; k int := 1;
+BEGIN
+  SELECT array_agg(c.id), array_agg(c.lease_token) INTO all_ids, all_toks
+  FROM aiwg_claim(now(), $batch, 'w', 30000000) c WHERE c.id IS NOT NULL;
+  total := cardinality(all_ids);
+  WHILE k <= total LOOP
+  ids := all_ids[k:k + $outcomes - 1]; toks := all_toks[k:k + $outcomes - 1];
+  n := cardinality(ids); k := k + n;
+  PERFORM aiwg_record_outcomes_typed(ids, toks, array_fill(now(), ARRAY[n]),
+     array_fill(pg_current_xact_id()::xid::text, ARRAY[n]), array_fill('completed'::text, ARRAY[n]),
+     array_fill(NULL::timestamptz, ARRAY[n]), array_fill(1::bigint, ARRAY[n]),
+     array_fill('2026-12-06T11:20:00.223456Z'::timestamptz, ARRAY[n]),
+     array_fill('2026-12-06T11:20:00.323456Z'::timestamptz, ARRAY[n]),
+     array_fill(false, ARRAY[n]), array_fill(false, ARRAY[n]),
+     array_fill('{"completed":["run"],"in_progress":[],"pending":[]}'::text, ARRAY[n]),
+     array_fill(2, ARRAY[n]),
+     array_fill('[{"status":"completed","at":"2026-12-06T11:20:00.323456Z","attempt":1}]'::text, ARRAY[n]),
+     array_fill('[]'::text, ARRAY[n]),
+     array_fill('{"summary":"done","output":null,"artifacts":[],"cost_usd":null,"usage":null}'::text, ARRAY[n]),
+     array_fill(NULL::text, ARRAY[n]),
+     array_fill(NULL::timestamptz, ARRAY[n]),
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"status","from":"running","to":"completed","attempt":1}'::text, ARRAY[n]),
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_finished","step":"run","ok":true}'::text, ARRAY[n]),
+     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_started","step":"run"}'::text, ARRAY[n]));
+  END LOOP;
+  RETURN total;
+END \$\$;
+SQL
+}
+
 # Makes the schema for `$1` and fills it.
 prepare() {
   local cols="id, status, priority, project_path, workflow, queue_seq, created_at, last_seq"
@@ -180,19 +366,49 @@ prepare() {
       FROM generate_series(1, 20000) n) g"
   case $1 in
     as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json \
-      | no_checks | no_function_settings | no_tally)
+      | no_checks | no_function_settings | no_tally | tiny_document | typed_outcome | bare \
+      | bare_columns | bare_columns_two_indexes | without_lease | without_running_project \
+      | without_status_id | without_workflow_id)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
-      [ "$1" = as_is ] || [ "$1" = before_0031 ] || sql -f "$work/$1.sql"
-      cycle "$state" | sql
+      [ "$1" = as_is ] || [ "$1" = before_0031 ] || [ "$1" = tiny_document ] \
+        || sql -f "$work/$1.sql"
+      case $1 in
+        typed_outcome) typed_cycle | sql ;;
+        *) cycle "$state" | sql ;;
+      esac
+      # tiny_document: every job's document a few bytes (a measurement: what the row's width
+      # costs the updates that write a new version of it).
+      local document="aiwg_job_document(d.job)"
+      [ "$1" = tiny_document ] && document="jsonb_build_object('id', g.id)"
       sql -c "INSERT INTO aiwg_jobs ($cols, job, attempt, started_at, finished_at, dead_letter,
           resume_after_approval, progress, history, approvals, result, error)
-          SELECT $vals, aiwg_job_document(d.job), s.*
+          SELECT $vals, $document, s.*
           $from CROSS JOIN LATERAL (SELECT $queued AS job) d
           CROSS JOIN LATERAL aiwg_job_columns(d.job) s" ;;
     before_0030)
       migrate 0030
       cycle "$doc" | sql
       sql -c "INSERT INTO aiwg_jobs ($cols, job) SELECT $vals, $queued $from" ;;
+    river)
+      local migrations
+      migrations=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/riverqueue-migrate-0.5.0/migrations/main \
+        2>/dev/null | head -1)
+      [ -n "$migrations" ] || {
+        echo "river: riverqueue-migrate 0.5.0 is not in cargo's registry;" \
+          "run cargo fetch --manifest-path benches/peers/Cargo.toml" >&2
+        exit 2
+      }
+      psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
+      for f in $(ls "$migrations"/*.up.sql | sort); do
+        sed 's#/\* TEMPLATE: schema \*/##g' "$f" | sql -1 >/dev/null
+      done
+      river_cycle | sql
+      # As River's `insert_many` queues a job of no arguments.
+      sql -c "INSERT INTO river_job (args, kind, max_attempts, priority, queue, scheduled_at)
+          SELECT '{}', 'noop', 25, 1, 'default', now() - interval '1 second'
+          FROM generate_series(1, 20000)"
+      sql -c "VACUUM ANALYZE river_job" -c "CHECKPOINT" >/dev/null
+      return ;;
     *) echo "unknown variant: $1" >&2; exit 2 ;;
   esac
   sql -c "INSERT INTO aiwg_job_events (job_id, seq, at, kind)
@@ -215,7 +431,11 @@ for round in $(seq 1 "$rounds"); do
       || { echo "$v: pgbench failed:" >&2; grep -m 3 -i error "$work/pgbench.log" >&2; exit 1; }
     b1=$(busy)
     w1=$(psql "$url" -Atq -c "SELECT pg_current_wal_lsn()")
-    n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
+    if [ "$v" = river ]; then
+      n=$(sql -Atq -c "SELECT count(*) FROM river_job WHERE state = 'completed'")
+    else
+      n=$(sql -Atq -c "SELECT count(*) FROM aiwg_jobs WHERE status = 'completed'")
+    fi
     [ "$n" -gt 0 ] || { echo "$v: no job completed" >&2; exit 1; }
     wal=$(psql "$url" -Atq -c "SELECT (pg_wal_lsn_diff('$w1', '$w0') / $n)::int")
     printf 'round %s %-12s CPU %4d µs a job, WAL %5d B a job, %s ms a cycle of %s (outcomes by %s)\n' \
