@@ -39,6 +39,8 @@
 #                row holds as many as the outcome says): a prototype, not a store
 #   without_lease, without_running_project, without_status_id, without_workflow_id
 #                one index of the jobs' table dropped (what keeping it costs)
+#   running_one_index  the lease index dropped and the list indexes without running jobs: a
+#                claim adds an entry to the running projects' index alone, besides the key's
 #   bare         no events, no state returned by the claim, no tally kept on updates; then
 #   bare_columns the claim setting only the attempt and the start, the outcome only the
 #                status, the finish time and the result; then
@@ -201,6 +203,11 @@ ALTER FUNCTION aiwg_claim(timestamptz, bigint, text, bigint) RESET ALL;
 SQL
 echo "ALTER FUNCTION $outcomes_sig RESET ALL;" >> "$work/no_function_settings.sql"
 echo "DROP TRIGGER aiwg_jobs_tally_updated ON aiwg_jobs;" > "$work/no_tally.sql"
+cat > "$work/running_one_index.sql" <<'SQL'
+DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx, aiwg_jobs_lease_idx;
+CREATE INDEX aiwg_jobs_status_id_idx ON aiwg_jobs (status, id DESC) WHERE status <> 'running';
+CREATE INDEX aiwg_jobs_workflow_id_idx ON aiwg_jobs (workflow, id DESC) WHERE status <> 'running';
+SQL
 cat > "$work/lists_skip_running.sql" <<'SQL'
 DROP INDEX aiwg_jobs_status_id_idx, aiwg_jobs_workflow_id_idx;
 CREATE INDEX aiwg_jobs_status_id_idx ON aiwg_jobs (status, id DESC) WHERE status <> 'running';
@@ -368,7 +375,7 @@ prepare() {
     as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json \
       | no_checks | no_function_settings | no_tally | tiny_document | typed_outcome | bare \
       | bare_columns | bare_columns_two_indexes | without_lease | without_running_project \
-      | without_status_id | without_workflow_id)
+      | without_status_id | without_workflow_id | running_one_index)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || [ "$1" = tiny_document ] \
         || sql -f "$work/$1.sql"
