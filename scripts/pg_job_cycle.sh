@@ -39,6 +39,9 @@
 #                row holds as many as the outcome says): a prototype, not a store
 #   without_lease, without_running_project, without_status_id, without_workflow_id
 #                one index of the jobs' table dropped (what keeping it costs)
+#   no_history   the history column left as it is by the claim and the outcome (what keeping
+#                the status changes twice, as history entries and as events, costs);
+#                `no_history_claim` and `no_history_outcome` leave it on one side only
 #   running_one_index  the lease index dropped and the list indexes without running jobs: a
 #                claim adds an entry to the running projects' index alone, besides the key's
 #   bare         no events, no state returned by the claim, no tally kept on updates; then
@@ -177,6 +180,15 @@ typed = typed.replace('error = t.s_error,', 'error = t.s_error::jsonb,')
 typed = typed.replace('AND a.xmin::text = t.version', 'AND a.xmin::text = t.version\n          AND jsonb_array_length(a.history) = t.history_len')
 assert typed.count('::jsonb') >= 5 and 'jsonb_array_length' in typed
 open(f'{work}/typed_outcome.sql', 'w').write(typed)
+# no_history: the history column left as it is by the claim and the outcome (the status
+# events hold the same changes): the claim sets the attempt and the start alone (a first
+# attempt's progress needs no reset), the outcome writes every other column of the state.
+open(f'{work}/no_history.sql', 'w').write(
+    claim.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,')
+    + outc.replace('history = t.s_history,', 'history = a.history,'))
+open(f'{work}/no_history_claim.sql', 'w').write(
+    claim.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,'))
+open(f'{work}/no_history_outcome.sql', 'w').write(outc.replace('history = t.s_history,', 'history = a.history,'))
 # bare_columns_two_indexes: and without the list indexes, the running projects' and the
 # lease's (what River's table has: its key and the fetch index, and two GIN indexes).
 open(f'{work}/bare_columns_two_indexes.sql', 'w').write(open(f'{work}/bare_columns.sql').read()
@@ -375,7 +387,8 @@ prepare() {
     as_is | no_events | lists_skip_running | before_0031 | outcome_events_packed | events_json \
       | no_checks | no_function_settings | no_tally | tiny_document | typed_outcome | bare \
       | bare_columns | bare_columns_two_indexes | without_lease | without_running_project \
-      | without_status_id | without_workflow_id | running_one_index)
+      | without_status_id | without_workflow_id | running_one_index | no_history \
+      | no_history_claim | no_history_outcome)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || [ "$1" = tiny_document ] \
         || sql -f "$work/$1.sql"
