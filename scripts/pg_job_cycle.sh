@@ -243,9 +243,12 @@ queued="jsonb_build_object('id', g.id, 'workflow', 'noop', 'project_path', '/tmp
     'history', '[{\"status\":\"queued\",\"at\":\"2026-12-06T11:20:00.123456Z\"}]'::jsonb,
     'cancel_requested', false, 'resume_after_approval', false, 'approval', null)"
 
-# The cycle: claim $batch, then their outcomes, $outcomes a call (`$1`: the job or state the
-# outcome writes).
+# The cycle: claim $batch, then their outcomes, $outcomes a call (`$1`: the outcomes'
+# function, `aiwg_record_outcomes` unless given; `$2`: its arguments that carry the job or the
+# state it writes, `$state` unless given).
 cycle() {
+  local function=${1:-aiwg_record_outcomes}
+  local written=${2:-"array_fill('$state'::text, ARRAY[n])"}
   cat <<SQL
 CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
 DECLARE all_ids uuid[]; all_toks bigint[]; ids uuid[]; toks bigint[]; n int; total int; k int := 1;
@@ -256,9 +259,9 @@ BEGIN
   WHILE k <= total LOOP
   ids := all_ids[k:k + $outcomes - 1]; toks := all_toks[k:k + $outcomes - 1];
   n := cardinality(ids); k := k + n;
-  PERFORM aiwg_record_outcomes(ids, toks, array_fill(now(), ARRAY[n]),
+  PERFORM $function(ids, toks, array_fill(now(), ARRAY[n]),
      array_fill(pg_current_xact_id()::xid::text, ARRAY[n]), array_fill('completed'::text, ARRAY[n]),
-     array_fill(NULL::timestamptz, ARRAY[n]), array_fill('$1'::text, ARRAY[n]),
+     array_fill(NULL::timestamptz, ARRAY[n]), $written,
      array_fill(NULL::timestamptz, ARRAY[n]),
      array_fill(now(), ARRAY[n]), array_fill('{"kind":"status","from":"running","to":"completed","attempt":1}'::text, ARRAY[n]),
      array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_finished","step":"run","ok":true}'::text, ARRAY[n]),
@@ -341,39 +344,18 @@ END \$\$;
 SQL
 }
 
-# The cycle of typed_outcome: the outcomes through `aiwg_record_outcomes_typed`.
-typed_cycle() {
-  cat <<SQL
-CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
-DECLARE all_ids uuid[]; all_toks bigint[]; ids uuid[]; toks bigint[]; n int; total int; k int := 1;
-BEGIN
-  SELECT array_agg(c.id), array_agg(c.lease_token) INTO all_ids, all_toks
-  FROM aiwg_claim(now(), $batch, 'w', 30000000) c WHERE c.id IS NOT NULL;
-  total := cardinality(all_ids);
-  WHILE k <= total LOOP
-  ids := all_ids[k:k + $outcomes - 1]; toks := all_toks[k:k + $outcomes - 1];
-  n := cardinality(ids); k := k + n;
-  PERFORM aiwg_record_outcomes_typed(ids, toks, array_fill(now(), ARRAY[n]),
-     array_fill(pg_current_xact_id()::xid::text, ARRAY[n]), array_fill('completed'::text, ARRAY[n]),
-     array_fill(NULL::timestamptz, ARRAY[n]), array_fill(1::bigint, ARRAY[n]),
+
+# What typed_outcome's function is given for a completed one-step job's state.
+typed_state="array_fill(1::bigint, ARRAY[n]),
      array_fill('2026-12-06T11:20:00.223456Z'::timestamptz, ARRAY[n]),
      array_fill('2026-12-06T11:20:00.323456Z'::timestamptz, ARRAY[n]),
      array_fill(false, ARRAY[n]), array_fill(false, ARRAY[n]),
-     array_fill('{"completed":["run"],"in_progress":[],"pending":[]}'::text, ARRAY[n]),
+     array_fill('{\"completed\":[\"run\"],\"in_progress\":[],\"pending\":[]}'::text, ARRAY[n]),
      array_fill(2, ARRAY[n]),
-     array_fill('[{"status":"completed","at":"2026-12-06T11:20:00.323456Z","attempt":1}]'::text, ARRAY[n]),
+     array_fill('[{\"status\":\"completed\",\"at\":\"2026-12-06T11:20:00.323456Z\",\"attempt\":1}]'::text, ARRAY[n]),
      array_fill('[]'::text, ARRAY[n]),
-     array_fill('{"summary":"done","output":null,"artifacts":[],"cost_usd":null,"usage":null}'::text, ARRAY[n]),
-     array_fill(NULL::text, ARRAY[n]),
-     array_fill(NULL::timestamptz, ARRAY[n]),
-     array_fill(now(), ARRAY[n]), array_fill('{"kind":"status","from":"running","to":"completed","attempt":1}'::text, ARRAY[n]),
-     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_finished","step":"run","ok":true}'::text, ARRAY[n]),
-     array_fill(now(), ARRAY[n]), array_fill('{"kind":"step_started","step":"run"}'::text, ARRAY[n]));
-  END LOOP;
-  RETURN total;
-END \$\$;
-SQL
-}
+     array_fill('{\"summary\":\"done\",\"output\":null,\"artifacts\":[],\"cost_usd\":null,\"usage\":null}'::text, ARRAY[n]),
+     array_fill(NULL::text, ARRAY[n])"
 
 # Makes the schema for `$1` and fills it.
 prepare() {
@@ -393,8 +375,8 @@ prepare() {
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || [ "$1" = tiny_document ] \
         || sql -f "$work/$1.sql"
       case $1 in
-        typed_outcome) typed_cycle | sql ;;
-        *) cycle "$state" | sql ;;
+        typed_outcome) cycle aiwg_record_outcomes_typed "$typed_state" | sql ;;
+        *) cycle | sql ;;
       esac
       # tiny_document: every job's document a few bytes (a measurement: what the row's width
       # costs the updates that write a new version of it).
@@ -407,7 +389,7 @@ prepare() {
           CROSS JOIN LATERAL aiwg_job_columns(d.job) s" ;;
     before_0030)
       migrate 0030
-      cycle "$doc" | sql
+      cycle aiwg_record_outcomes "array_fill('$doc'::text, ARRAY[n])" | sql
       sql -c "INSERT INTO aiwg_jobs ($cols, job) SELECT $vals, $queued $from" ;;
     river)
       local migrations
