@@ -85,8 +85,11 @@ sql() { PGOPTIONS="-c search_path=$schema -c client_min_messages=warning" psql "
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 
 # A fresh schema migrated by the migrations before `$1` (default: all of them).
-migrate() {
+fresh_schema() {
   psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
+}
+migrate() {
+  fresh_schema
   for f in $(ls aiwg-core/migrations/jobs/*.sql | sort); do
     [[ -z ${1:-} || $(basename "$f") < "$1" ]] || continue
     sql -1 -f "$f" >/dev/null
@@ -143,7 +146,8 @@ outcols = '''attempt = t.s_attempt, started_at = t.s_started_at,
             history = t.s_history, approvals = t.s_approvals, result = t.s_result,
             error = t.s_error,'''
 assert outc.count(outcols) == 1, 'outcome columns'
-lean_claim = nostate.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,')
+lean_state = 'attempt = a.attempt + 1, started_at = claim_at,'
+lean_claim = nostate.replace(claimed, lean_state)
 lean_outc = (outc.replace(outcols, "finished_at = t.at, result = '{\"summary\":\"done\"}'::jsonb,")
              .replace('CROSS JOIN LATERAL aiwg_job_columns(t.state) s', 'CROSS JOIN LATERAL aiwg_job_columns(NULL::jsonb) s'))
 open(f'{work}/bare_columns.sql', 'w').write(
@@ -183,12 +187,11 @@ open(f'{work}/typed_outcome.sql', 'w').write(typed)
 # no_history: the history column left as it is by the claim and the outcome (the status
 # events hold the same changes): the claim sets the attempt and the start alone (a first
 # attempt's progress needs no reset), the outcome writes every other column of the state.
-open(f'{work}/no_history.sql', 'w').write(
-    claim.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,')
-    + outc.replace('history = t.s_history,', 'history = a.history,'))
-open(f'{work}/no_history_claim.sql', 'w').write(
-    claim.replace(claimed, 'attempt = a.attempt + 1, started_at = claim_at,'))
-open(f'{work}/no_history_outcome.sql', 'w').write(outc.replace('history = t.s_history,', 'history = a.history,'))
+history_claim = claim.replace(claimed, lean_state)
+history_outc = outc.replace('history = t.s_history,', 'history = a.history,')
+open(f'{work}/no_history.sql', 'w').write(history_claim + history_outc)
+open(f'{work}/no_history_claim.sql', 'w').write(history_claim)
+open(f'{work}/no_history_outcome.sql', 'w').write(history_outc)
 # bare_columns_two_indexes: and without the list indexes, the running projects' and the
 # lease's (what River's table has: its key and the fetch index, and two GIN indexes).
 open(f'{work}/bare_columns_two_indexes.sql', 'w').write(open(f'{work}/bare_columns.sql').read()
@@ -283,6 +286,9 @@ river_cycle() {
       j.kind, j.max_attempts, j.metadata, j.priority, j.queue, j.scheduled_at,
       j.state::text AS state, j.tags::text[] AS tags, j.unique_key,
       j.unique_states::text AS unique_states"
+  # River's completer's `should_cancel`.
+  local cancel="(job_input.state IN ('available', 'retryable', 'scheduled')
+      AND job.metadata ? 'cancel_attempted_at')"
   cat <<SQL
 CREATE OR REPLACE FUNCTION aiwg_bench_cycle() RETURNS int LANGUAGE plpgsql AS \$\$
 DECLARE all_ids bigint[]; ids bigint[]; n int; m int; total int; k int := 1;
@@ -306,44 +312,43 @@ BEGIN
   WHILE k <= total LOOP
   ids := all_ids[k:k + $outcomes - 1];
   n := cardinality(ids); k := k + n;
-    WITH job_input AS (
-        SELECT * FROM unnest(ids, array_fill(false, ARRAY[n]), array_fill(0::smallint, ARRAY[n]),
-            array_fill(NULL::jsonb, ARRAY[n]), array_fill(now(), ARRAY[n]),
-            array_fill(false, ARRAY[n]), array_fill('{}'::jsonb, ARRAY[n]),
-            array_fill(NULL::timestamptz, ARRAY[n]), array_fill('completed'::text, ARRAY[n]))
-        AS job_input(id, attempt_do_update, attempt, errors, finalized_at,
-                     metadata_do_merge, metadata_updates, scheduled_at, state)),
-    updated AS (
-        UPDATE river_job AS job SET
-            attempt = CASE WHEN job.state = 'running' AND NOT (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
-                AND job_input.attempt_do_update THEN job_input.attempt ELSE job.attempt END,
-            errors = CASE WHEN job.state = 'running' AND job_input.errors IS NOT NULL
-                THEN array_append(coalesce(job.errors, '{}'), job_input.errors) ELSE job.errors END,
-            finalized_at = CASE WHEN job.state = 'running' AND (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at') THEN now()
-                WHEN job.state = 'running' AND job_input.finalized_at IS NOT NULL
-                THEN job_input.finalized_at ELSE job.finalized_at END,
-            metadata = CASE WHEN job_input.metadata_do_merge
-                THEN job.metadata || job_input.metadata_updates ELSE job.metadata END,
-            scheduled_at = CASE WHEN job.state = 'running' AND NOT (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
-                AND job_input.scheduled_at IS NOT NULL
-                THEN job_input.scheduled_at ELSE job.scheduled_at END,
-            state = CASE WHEN job.state = 'running' AND (job_input.state IN ('available', 'retryable', 'scheduled') AND job.metadata ? 'cancel_attempted_at')
-                THEN 'cancelled'::river_job_state
-                WHEN job.state = 'running' THEN job_input.state::river_job_state
-                ELSE job.state END
-        FROM job_input
-        WHERE job.id = job_input.id AND (job.state = 'running' OR job_input.metadata_do_merge)
-        RETURNING job.*)
-    SELECT count(*) INTO m FROM (
-        SELECT ${projection//j./job.} FROM river_job AS job JOIN job_input ON job.id = job_input.id
-        WHERE NOT EXISTS (SELECT 1 FROM updated WHERE updated.id = job.id)
-        UNION ALL SELECT ${projection//j./job.} FROM updated AS job) c;
+  WITH job_input AS (
+      SELECT * FROM unnest(ids, array_fill(false, ARRAY[n]), array_fill(0::smallint, ARRAY[n]),
+          array_fill(NULL::jsonb, ARRAY[n]), array_fill(now(), ARRAY[n]),
+          array_fill(false, ARRAY[n]), array_fill('{}'::jsonb, ARRAY[n]),
+          array_fill(NULL::timestamptz, ARRAY[n]), array_fill('completed'::text, ARRAY[n]))
+      AS job_input(id, attempt_do_update, attempt, errors, finalized_at,
+                   metadata_do_merge, metadata_updates, scheduled_at, state)),
+  updated AS (
+      UPDATE river_job AS job SET
+          attempt = CASE WHEN job.state = 'running' AND NOT $cancel
+              AND job_input.attempt_do_update THEN job_input.attempt ELSE job.attempt END,
+          errors = CASE WHEN job.state = 'running' AND job_input.errors IS NOT NULL
+              THEN array_append(coalesce(job.errors, '{}'), job_input.errors) ELSE job.errors END,
+          finalized_at = CASE WHEN job.state = 'running' AND $cancel THEN now()
+              WHEN job.state = 'running' AND job_input.finalized_at IS NOT NULL
+              THEN job_input.finalized_at ELSE job.finalized_at END,
+          metadata = CASE WHEN job_input.metadata_do_merge
+              THEN job.metadata || job_input.metadata_updates ELSE job.metadata END,
+          scheduled_at = CASE WHEN job.state = 'running' AND NOT $cancel
+              AND job_input.scheduled_at IS NOT NULL
+              THEN job_input.scheduled_at ELSE job.scheduled_at END,
+          state = CASE WHEN job.state = 'running' AND $cancel
+              THEN 'cancelled'::river_job_state
+              WHEN job.state = 'running' THEN job_input.state::river_job_state
+              ELSE job.state END
+      FROM job_input
+      WHERE job.id = job_input.id AND (job.state = 'running' OR job_input.metadata_do_merge)
+      RETURNING job.*)
+  SELECT count(*) INTO m FROM (
+      SELECT ${projection//j./job.} FROM river_job AS job JOIN job_input ON job.id = job_input.id
+      WHERE NOT EXISTS (SELECT 1 FROM updated WHERE updated.id = job.id)
+      UNION ALL SELECT ${projection//j./job.} FROM updated AS job) c;
   END LOOP;
   RETURN total;
 END \$\$;
 SQL
 }
-
 
 # What typed_outcome's function is given for a completed one-step job's state.
 typed_state="array_fill(1::bigint, ARRAY[n]),
@@ -400,7 +405,7 @@ prepare() {
           "run cargo fetch --manifest-path benches/peers/Cargo.toml" >&2
         exit 2
       }
-      psql "$url" -q -c "DROP SCHEMA IF EXISTS $schema CASCADE" -c "CREATE SCHEMA $schema" 2>/dev/null
+      fresh_schema
       for f in $(ls "$migrations"/*.up.sql | sort); do
         sed 's#/\* TEMPLATE: schema \*/##g' "$f" | sql -1 >/dev/null
       done
