@@ -41,7 +41,17 @@
 #                one index of the jobs' table dropped (what keeping it costs)
 #   no_history   the history column left as it is by the claim and the outcome (what keeping
 #                the status changes twice, as history entries and as events, costs);
-#                `no_history_claim` and `no_history_outcome` leave it on one side only
+#                `no_history_claim` and `no_history_outcome` leave it on one side only;
+#                `no_history_wide` as `no_history`, every queued job's history holding from
+#                the start as many entries as a completed job's (the row as wide as as_is's
+#                at the end: what of no_history's difference is the row's width)
+#   claim_no_entry, claim_no_progress, claim_entry_inline  the claim's state change taken
+#                apart: without the history's new entry; without the progress's reset; the
+#                attempt and the start set alone and the entry appended by an expression of the
+#                row (no subquery, no progress reset; first attempts only: a measurement)
+#   claim_expressions  every branch of the claim's state change as expressions of the row
+#                (no subquery); `claim_expr_no_progress` the same without the progress's
+#                reset, `claim_expr_progress_same` with the progress set to itself
 #   running_one_index  the lease index dropped and the list indexes without running jobs: a
 #                claim adds an entry to the running projects' index alone, besides the key's
 #   bare         no events, no state returned by the claim, no tally kept on updates; then
@@ -68,6 +78,12 @@
 # AIWG_CYCLE_PERF (a path prefix: each variant's cycles also recorded by `perf record -a -g`
 # into `<prefix>.<variant>.<round>`, for `perf report`; the figures then include perf's cost).
 # Needs psql, pgbench and python3.
+#
+# A difference of a few µs a job may be the backend's heap, not the SQL: the cycle's one call
+# frees all it allocated at its end, and past glibc's trim threshold the heap goes back to the
+# kernel and is faulted in again by the next call (BENCHMARKS.md, session 40). Count the
+# backend's minor faults, or run against a PostgreSQL started with MALLOC_TRIM_THRESHOLD_
+# raised, before reading such a difference as the SQL's cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -192,6 +208,43 @@ history_outc = outc.replace('history = t.s_history,', 'history = a.history,')
 open(f'{work}/no_history.sql', 'w').write(history_claim + history_outc)
 open(f'{work}/no_history_claim.sql', 'w').write(history_claim)
 open(f'{work}/no_history_outcome.sql', 'w').write(history_outc)
+open(f'{work}/no_history_wide.sql', 'w').write(history_claim + history_outc)
+# claim_*: the claim's state change taken apart (the history's entry, the progress's reset,
+# the subquery); each a measurement.
+def claimed_only(columns):
+    return claimed.replace('(attempt, started_at, progress, history)', f'({columns})') \
+        .replace('SELECT *', 'SELECT ' + ', '.join('s.' + c for c in columns.split(', '))) \
+        .replace('claim_at)),', 'claim_at) s),')
+open(f'{work}/claim_no_entry.sql', 'w').write(
+    claim.replace(claimed, claimed_only('attempt, started_at, progress')))
+open(f'{work}/claim_no_progress.sql', 'w').write(
+    claim.replace(claimed, claimed_only('attempt, started_at, history')))
+at = """to_char(claim_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+open(f'{work}/claim_entry_inline.sql', 'w').write(claim.replace(claimed, lean_state + f"""
+            history = a.history || jsonb_build_array(jsonb_build_object('status', 'running',
+                'at', {at}, 'attempt', a.attempt + 1)),"""))
+next_attempt = """CASE WHEN a.resume_after_approval OR a.attempt >= 4294967295 THEN a.attempt
+                ELSE a.attempt + 1 END"""
+reset = """progress = CASE WHEN a.resume_after_approval
+                OR (COALESCE(a.progress->'completed', '[]'::jsonb) = '[]'::jsonb
+                    AND COALESCE(a.progress->'in_progress', '[]'::jsonb) = '[]'::jsonb)
+                THEN a.progress
+                ELSE jsonb_build_object('completed', '[]'::jsonb, 'in_progress', '[]'::jsonb,
+                    'pending', COALESCE(a.progress->'completed', '[]'::jsonb)
+                        || COALESCE(a.progress->'in_progress', '[]'::jsonb)
+                        || COALESCE(a.progress->'pending', '[]'::jsonb)) END,"""
+def expressions(progress):
+    return f"""attempt = {next_attempt},
+            started_at = CASE WHEN a.resume_after_approval THEN a.started_at ELSE claim_at END,
+            {progress}
+            history = a.history || jsonb_build_array(CASE WHEN a.resume_after_approval
+                THEN jsonb_build_object('status', 'running', 'at', {at},
+                    'attempt', {next_attempt}, 'reason', 'resumed after approval')
+                ELSE jsonb_build_object('status', 'running', 'at', {at},
+                    'attempt', {next_attempt}) END),"""
+for name, progress in (('claim_expressions', reset), ('claim_expr_no_progress', ''),
+                       ('claim_expr_progress_same', 'progress = a.progress,')):
+    open(f'{work}/{name}.sql', 'w').write(claim.replace(claimed, expressions(progress)))
 # bare_columns_two_indexes: and without the list indexes, the running projects' and the
 # lease's (what River's table has: its key and the fetch index, and two GIN indexes).
 open(f'{work}/bare_columns_two_indexes.sql', 'w').write(open(f'{work}/bare_columns.sql').read()
@@ -245,6 +298,9 @@ queued="jsonb_build_object('id', g.id, 'workflow', 'noop', 'project_path', '/tmp
     'result', null, 'error', null, 'dead_letter', false,
     'history', '[{\"status\":\"queued\",\"at\":\"2026-12-06T11:20:00.123456Z\"}]'::jsonb,
     'cancel_requested', false, 'resume_after_approval', false, 'approval', null)"
+
+# A completed one-step job's history (for `no_history_wide`'s queued jobs).
+wide_history='[{"status":"queued","at":"2026-12-06T11:20:00.123456Z"},{"status":"running","at":"2026-12-06T11:20:00.223456Z","attempt":1},{"status":"completed","at":"2026-12-06T11:20:00.323456Z","attempt":1}]'
 
 # The cycle: claim $batch, then their outcomes, $outcomes a call (`$1`: the outcomes'
 # function, `aiwg_record_outcomes` unless given; `$2`: its arguments that carry the job or the
@@ -375,7 +431,9 @@ prepare() {
       | no_checks | no_function_settings | no_tally | tiny_document | typed_outcome | bare \
       | bare_columns | bare_columns_two_indexes | without_lease | without_running_project \
       | without_status_id | without_workflow_id | running_one_index | no_history \
-      | no_history_claim | no_history_outcome)
+      | no_history_claim | no_history_outcome | no_history_wide | claim_no_entry \
+      | claim_no_progress | claim_entry_inline | claim_expressions | claim_expr_no_progress \
+      | claim_expr_progress_same)
       if [ "$1" = before_0031 ]; then migrate 0031; else migrate; fi
       [ "$1" = as_is ] || [ "$1" = before_0031 ] || [ "$1" = tiny_document ] \
         || sql -f "$work/$1.sql"
@@ -387,10 +445,12 @@ prepare() {
       # costs the updates that write a new version of it).
       local document="aiwg_job_document(d.job)"
       [ "$1" = tiny_document ] && document="jsonb_build_object('id', g.id)"
+      local job=$queued
+      [ "$1" = no_history_wide ] && job="jsonb_set($queued, '{history}', '$wide_history')"
       sql -c "INSERT INTO aiwg_jobs ($cols, job, attempt, started_at, finished_at, dead_letter,
           resume_after_approval, progress, history, approvals, result, error)
           SELECT $vals, $document, s.*
-          $from CROSS JOIN LATERAL (SELECT $queued AS job) d
+          $from CROSS JOIN LATERAL (SELECT $job AS job) d
           CROSS JOIN LATERAL aiwg_job_columns(d.job) s" ;;
     before_0030)
       migrate 0030
