@@ -7,7 +7,12 @@
 //! (`serde_json::to_string`, then `id:`/`event:`/`data:` lines).
 //!
 //! `cargo bench -p aiwg-benches --bench sse_fanout`. `AIWG_FANOUT_SUBSCRIBERS` (default 1000)
-//! and `AIWG_FANOUT_EVENTS` (default 2000) change the sizes. The last lines are
+//! and `AIWG_FANOUT_EVENTS` (default 2000) change the sizes; `AIWG_FANOUT_ROUNDS` (default 5)
+//! the rounds, in each of which the baseline and the two ways of subscribing run one after the
+//! other, each figure being the median of its rounds. (Single runs varied from 0.26 to 1.84
+//! here: a burst of 2 000 events outruns a job's live channel of 256 events, so some
+//! subscribers catch up from the store, how many depending on the moment; with a channel of
+//! 4 096 the lowest single-run figures did not occur in five runs.) The last lines are
 //! `ratio <name> <value>` (baseline / ours: higher is better). The resident-set growth per
 //! subscriber printed here is too coarse to compare; the `sse_memory` bench counts the heap
 //! bytes per subscriber with the allocator.
@@ -313,9 +318,16 @@ async fn baseline_run(subscribers: usize, events: usize) -> Figures {
     }
 }
 
+/// The median of `figures` by CPU per event (the upper one of an even count).
+fn median(mut figures: Vec<Figures>) -> Figures {
+    figures.sort_by_key(|f| f.cpu_per_event);
+    figures.swap_remove(figures.len() / 2)
+}
+
 fn main() {
     let subscribers = env("AIWG_FANOUT_SUBSCRIBERS", 1000).max(1);
     let events = env("AIWG_FANOUT_EVENTS", 2000).max(1);
+    let rounds = env("AIWG_FANOUT_ROUNDS", 5).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -326,10 +338,24 @@ fn main() {
         baseline_run(subscribers, 100).await;
         engine_run(subscribers, 100, Mode::Owned).await;
 
-        let base = baseline_run(subscribers, events).await;
-        let owned = engine_run(subscribers, events, Mode::Owned).await;
-        let shared = engine_run(subscribers, events, Mode::Shared).await;
-        println!("{subscribers} subscribers of one job, {events} events:");
+        // The three alternate within each round, so that a slow moment of the machine falls
+        // on all of them alike; each figure is the median of its rounds.
+        let (mut bases, mut owneds, mut shareds) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let base = baseline_run(subscribers, events).await;
+            let owned = engine_run(subscribers, events, Mode::Owned).await;
+            let shared = engine_run(subscribers, events, Mode::Shared).await;
+            println!(
+                "round {round}: CPU per event: bare {:.1?}, Engine::subscribe {:.1?}, \
+                 Engine::subscribe_shared {:.1?}",
+                base.cpu_per_event, owned.cpu_per_event, shared.cpu_per_event
+            );
+            bases.push(base);
+            owneds.push(owned);
+            shareds.push(shared);
+        }
+        let (base, owned, shared) = (median(bases), median(owneds), median(shareds));
+        println!("{subscribers} subscribers of one job, {events} events, medians of {rounds} rounds:");
         for (name, f) in [
             ("bare broadcast (baseline)", &base),
             ("Engine::subscribe", &owned),
