@@ -5,16 +5,22 @@
 //! hash lookup, and a subscriber only ever wakes for its own job's events. Subscribers of one job
 //! share each event (`Arc<JobEvent>`); nothing is copied per subscriber.
 //!
+//! Stored history is read a page at a time: at the start, and whenever a subscriber falls more
+//! than a channel's worth behind (a burst of output) or the job has ended. The streams of one
+//! job read its full pages together ([`Pages`]): a page is read from the store once, by the
+//! first stream that needs it, and the others take the same events from it, so a thousand
+//! subscribers catching up after a burst cost one store read a page, not a thousand.
+//!
 //! [`Engine::wait`] needs only the end of a job, so it does not subscribe: it registers a
 //! [`Waiter`], which the job's terminal event wakes.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use futures_util::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OnceCell};
 
 use super::{Engine, EngineError};
 use crate::event::JobEvent;
@@ -38,6 +44,63 @@ const SHARDS: usize = 64;
 struct ShardState {
     channels: FastMap<JobId, broadcast::Sender<Arc<JobEvent>>>,
     waiters: FastMap<JobId, (Arc<Notify>, usize)>,
+    /// The pages of the jobs that have streams (alive while one of them is).
+    pages: FastMap<JobId, Weak<Pages>>,
+}
+
+/// The events of one page.
+type PageEvents = Arc<[Arc<JobEvent>]>;
+
+/// One page of a job's stored events, read once for the streams that meet on it.
+type Page = Arc<OnceCell<PageEvents>>;
+
+/// The pages of one job's stored history that its streams are reading, shared between them.
+/// Page `k` holds the [`PAGE`] events after sequence number `k * PAGE`: whatever a stream has
+/// already received, it reads the page its next event is in, so streams at different places
+/// meet on the same pages. A page lives while a stream is in it (each holds the one it reads),
+/// so what is kept is what the streams need, as when each read its own; and only a full page is
+/// shared (a job's stored events do not change: the last, partial page may still grow, and each
+/// stream reads it itself).
+#[derive(Default)]
+pub(super) struct Pages {
+    pages: Mutex<BTreeMap<u64, Weak<OnceCell<PageEvents>>>>,
+}
+
+impl Pages {
+    /// Page `k`: the one a stream is in, or a new one to read.
+    fn page(&self, k: u64) -> Page {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(page) = pages.get(&k).and_then(Weak::upgrade) {
+            return page;
+        }
+        pages.retain(|_, p| p.strong_count() > 0);
+        let page = Page::default();
+        pages.insert(k, Arc::downgrade(&page));
+        page
+    }
+
+    /// The pages some stream is in (for tests).
+    #[cfg(test)]
+    fn live(&self) -> Vec<u64> {
+        let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        pages
+            .iter()
+            .filter(|(_, p)| p.strong_count() > 0)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Forgets page `k` if it is still `page` (read before the page was full: the next stream
+    /// that needs it reads it again).
+    fn forget(&self, k: u64, page: &Page) {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        if pages
+            .get(&k)
+            .is_some_and(|p| p.as_ptr() == Arc::as_ptr(page))
+        {
+            pages.remove(&k);
+        }
+    }
 }
 
 type Shard = Mutex<ShardState>;
@@ -149,6 +212,36 @@ impl JobChannels {
         }
     }
 
+    /// The shared pages of job `id`'s history, made for its first stream.
+    fn pages(&self, id: JobId) -> Arc<Pages> {
+        let mut shard = self.shard(id);
+        if let Some(pages) = shard.pages.get(&id).and_then(Weak::upgrade) {
+            return pages;
+        }
+        let pages = Arc::new(Pages::default());
+        shard.pages.insert(id, Arc::downgrade(&pages));
+        pages
+    }
+
+    /// Drops a stream's hold on its job's pages, and the pages with it when it was the last.
+    fn release_pages(&self, id: JobId, pages: Arc<Pages>) {
+        let mut shard = self.shard(id);
+        // Under the shard's lock: no other stream can take the pages up meanwhile.
+        drop(pages);
+        if shard.pages.get(&id).is_some_and(|w| w.strong_count() == 0) {
+            shard.pages.remove(&id);
+        }
+    }
+
+    /// How many jobs have shared pages (for tests).
+    #[cfg(test)]
+    pub(super) fn paged(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).pages.len())
+            .sum()
+    }
+
     /// How many jobs have a live channel (for tests).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
@@ -173,6 +266,10 @@ struct State {
     id: JobId,
     /// The job's live channel (`None` once dropped).
     rx: Option<broadcast::Receiver<Arc<JobEvent>>>,
+    /// The job's history pages, shared with its other streams (`None` once dropped).
+    pages: Option<Arc<Pages>>,
+    /// The shared page this stream is reading (kept for the streams behind it).
+    reading: Option<Page>,
     buf: VecDeque<Arc<JobEvent>>,
     last: u64,
     /// Still reading stored history (at the start, after a lag or a gap).
@@ -187,12 +284,48 @@ impl Drop for State {
         if let Some(rx) = self.rx.take() {
             self.engine.inner.channels.unsubscribe(self.id, rx);
         }
+        self.reading = None;
+        if let Some(pages) = self.pages.take() {
+            self.engine.inner.channels.release_pages(self.id, pages);
+        }
     }
 }
 
 impl State {
-    /// Reads the next page of stored events after `last`; `false` when the store failed.
+    /// Reads the next page of stored events after `last`; `false` when the store failed. The
+    /// page `last` is in comes from the job's shared pages when it is full (read from the store
+    /// by the first stream that needs it); otherwise this stream reads on from `last` itself.
     async fn page(&mut self) -> bool {
+        let k = self.last / PAGE as u64;
+        if let Some(pages) = &self.pages {
+            let page = pages.page(k);
+            let store = &self.engine.inner.store;
+            let read = page
+                .get_or_try_init(|| async {
+                    let evs = store.events_page(self.id, k * PAGE as u64, PAGE).await?;
+                    Ok::<_, crate::store::StoreError>(
+                        evs.into_iter().map(Arc::new).collect::<PageEvents>(),
+                    )
+                })
+                .await;
+            match read {
+                // A full page: the events after `last` in it, and the next page after them.
+                Ok(evs) if evs.len() == PAGE => {
+                    self.buf
+                        .extend(evs.iter().filter(|ev| ev.seq > self.last).cloned());
+                    self.backlog = true;
+                    self.reading = Some(page);
+                    return true;
+                }
+                // The last page, still partial: read by this stream alone, below (from `last`,
+                // after its subscription to the live events).
+                Ok(_) => {
+                    pages.forget(k, &page);
+                    self.reading = None;
+                }
+                Err(_) => return false,
+            }
+        }
         match self
             .engine
             .inner
@@ -263,10 +396,13 @@ impl State {
 async fn start(engine: Engine, id: JobId, after: u64) -> Result<State, EngineError> {
     // Subscribe before reading history so nothing falls between the two.
     let rx = engine.inner.channels.subscribe(id);
+    let engine_pages = engine.inner.channels.pages(id);
     let mut state = State {
         engine,
         id,
         rx: Some(rx),
+        pages: Some(engine_pages),
+        reading: None,
         buf: VecDeque::new(),
         last: after,
         backlog: true,
@@ -396,6 +532,92 @@ mod tests {
         // Waiting for a job that already ended answers at once.
         let ended = engine.wait(job.id, Duration::from_secs(10)).await.unwrap();
         assert!(ended.is_terminal());
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn the_streams_of_a_job_read_its_full_pages_of_history_once_together() {
+        let mut exec = ScriptedExecutor::succeeding("done");
+        for i in 0..600 {
+            exec = exec.emit(crate::executor::AgentEvent::Text {
+                text: format!("line {i}"),
+            });
+        }
+        let engine = Engine::builder()
+            .executor("talk", Arc::new(exec))
+            .workflow(Workflow::new("w").step(Step::prompt("s", "talk", "x")))
+            .build()
+            .unwrap();
+        let job = engine.submit(JobRequest::new("w")).await.unwrap();
+        let done = engine.wait(job.id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(done.status, crate::JobStatus::Completed);
+        let stored = engine.store().events(job.id, 0).await.unwrap().len() as u64;
+        assert!(
+            stored > 2 * super::PAGE as u64,
+            "more than two full pages: {stored}"
+        );
+
+        // Two streams of the job from the start, and a third from the middle of its first
+        // page, read side by side (as subscribers catching up after a burst are).
+        let mut streams = [
+            engine.subscribe_shared(job.id, 0).await.unwrap(),
+            engine.subscribe_shared(job.id, 0).await.unwrap(),
+            engine.subscribe_shared(job.id, 100).await.unwrap(),
+        ];
+        assert_eq!(
+            engine.inner.channels.paged(),
+            1,
+            "one set of pages for the job"
+        );
+        let mut read: [Vec<Arc<crate::JobEvent>>; 3] = Default::default();
+        let mut open = [true; 3];
+        while open.iter().any(|o| *o) {
+            for (i, stream) in streams.iter_mut().enumerate() {
+                if open[i] {
+                    match stream.next().await {
+                        Some(ev) => read[i].push(ev),
+                        None => open[i] = false,
+                    }
+                }
+            }
+            if read[0].len() == super::PAGE + 50 {
+                // Every stream is in the second page: the first is no longer kept.
+                let pages = engine.inner.channels.pages(job.id);
+                assert_eq!(pages.live(), vec![1]);
+            }
+        }
+        let [xs, ys, zs] = read;
+        let seqs = |evs: &[Arc<crate::JobEvent>]| evs.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(&xs),
+            (1..=stored).collect::<Vec<_>>(),
+            "every event once, in order"
+        );
+        assert_eq!(seqs(&ys), seqs(&xs));
+        assert_eq!(seqs(&zs), (101..=stored).collect::<Vec<_>>());
+        // The full pages' events are the same events for every stream (read once); the last,
+        // partial page is read by each stream itself.
+        let full = 2 * super::PAGE;
+        assert!(xs[..full]
+            .iter()
+            .zip(&ys[..full])
+            .all(|(x, y)| Arc::ptr_eq(x, y)));
+        assert!(xs[100..full]
+            .iter()
+            .zip(&zs)
+            .all(|(x, z)| Arc::ptr_eq(x, z)));
+        assert!(!Arc::ptr_eq(&xs[full], &ys[full]));
+        drop(streams);
+        assert_eq!(
+            engine.inner.channels.paged(),
+            0,
+            "gone with the last stream"
+        );
+        // A stream dropped before its end lets them go too.
+        let d = engine.subscribe_shared(job.id, 0).await.unwrap();
+        assert_eq!(engine.inner.channels.paged(), 1);
+        drop(d);
+        assert_eq!(engine.inner.channels.paged(), 0);
         engine.shutdown(Duration::from_secs(1)).await;
     }
 }
