@@ -108,6 +108,9 @@ type Shard = Mutex<ShardState>;
 /// The live channels of the jobs that have subscribers, sharded by job id.
 pub(super) struct JobChannels {
     shards: Box<[Shard]>,
+    /// Reads of stored history by the streams (for tests).
+    #[cfg(test)]
+    history_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// Someone waiting for a job to end; [`JobChannels::publish`] wakes it with the job's terminal
@@ -144,6 +147,8 @@ impl JobChannels {
     pub(super) fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            #[cfg(test)]
+            history_reads: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -233,6 +238,20 @@ impl JobChannels {
         }
     }
 
+    /// Counts a read of stored history (for tests).
+    fn read_history(&self) {
+        #[cfg(test)]
+        self.history_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many reads of stored history the streams made (for tests).
+    #[cfg(test)]
+    pub(super) fn history_reads(&self) -> usize {
+        self.history_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many jobs have shared pages (for tests).
     #[cfg(test)]
     pub(super) fn paged(&self) -> usize {
@@ -300,8 +319,12 @@ impl State {
         if let Some(pages) = &self.pages {
             let page = pages.page(k);
             let store = &self.engine.inner.store;
+            // Whether this stream read the page (after its own subscription to the live events).
+            let read_here = std::sync::atomic::AtomicBool::new(false);
             let read = page
                 .get_or_try_init(|| async {
+                    read_here.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.engine.inner.channels.read_history();
                     let evs = store.events_page(self.id, k * PAGE as u64, PAGE).await?;
                     Ok::<_, crate::store::StoreError>(
                         evs.into_iter().map(Arc::new).collect::<PageEvents>(),
@@ -317,15 +340,23 @@ impl State {
                     self.reading = Some(page);
                     return true;
                 }
-                // The last page, still partial: read by this stream alone, below (from `last`,
-                // after its subscription to the live events).
-                Ok(_) => {
+                // The last page, still partial: not shared. Read here, it is all this stream
+                // needs of the history; read by another stream (perhaps before this one
+                // subscribed), this stream reads on from `last` itself, below.
+                Ok(evs) => {
                     pages.forget(k, &page);
                     self.reading = None;
+                    if read_here.load(std::sync::atomic::Ordering::Relaxed) {
+                        self.buf
+                            .extend(evs.iter().filter(|ev| ev.seq > self.last).cloned());
+                        self.backlog = false;
+                        return true;
+                    }
                 }
                 Err(_) => return false,
             }
         }
+        self.engine.inner.channels.read_history();
         match self
             .engine
             .inner
@@ -536,6 +567,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_short_history_is_read_once() {
+        let engine = Engine::builder()
+            .executor("ok", Arc::new(ScriptedExecutor::succeeding("done")))
+            .workflow(Workflow::new("w").step(Step::prompt("s", "ok", "x")))
+            .build()
+            .unwrap();
+        let job = engine.submit(JobRequest::new("w")).await.unwrap();
+        engine.wait(job.id, Duration::from_secs(10)).await.unwrap();
+        let stored = engine.store().events(job.id, 0).await.unwrap().len();
+        let stream = engine.subscribe(job.id, 0).await.unwrap();
+        assert_eq!(stream.count().await, stored);
+        assert_eq!(engine.inner.channels.history_reads(), 1);
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
     async fn the_streams_of_a_job_read_its_full_pages_of_history_once_together() {
         let mut exec = ScriptedExecutor::succeeding("done");
         for i in 0..600 {
@@ -587,6 +634,9 @@ mod tests {
             }
         }
         let [xs, ys, zs] = read;
+        // Two full pages read once, and the last page read by each stream: five reads, where
+        // streams reading on their own made eight.
+        assert_eq!(engine.inner.channels.history_reads(), 5);
         let seqs = |evs: &[Arc<crate::JobEvent>]| evs.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(
             seqs(&xs),
