@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use futures_util::Stream;
@@ -241,15 +242,13 @@ impl JobChannels {
     /// Counts a read of stored history (for tests).
     fn read_history(&self) {
         #[cfg(test)]
-        self.history_reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.history_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many reads of stored history the streams made (for tests).
     #[cfg(test)]
     pub(super) fn history_reads(&self) -> usize {
-        self.history_reads
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.history_reads.load(Ordering::Relaxed)
     }
 
     /// How many jobs have shared pages (for tests).
@@ -303,7 +302,6 @@ impl Drop for State {
         if let Some(rx) = self.rx.take() {
             self.engine.inner.channels.unsubscribe(self.id, rx);
         }
-        self.reading = None;
         if let Some(pages) = self.pages.take() {
             self.engine.inner.channels.release_pages(self.id, pages);
         }
@@ -320,10 +318,10 @@ impl State {
             let page = pages.page(k);
             let store = &self.engine.inner.store;
             // Whether this stream read the page (after its own subscription to the live events).
-            let read_here = std::sync::atomic::AtomicBool::new(false);
+            let read_here = AtomicBool::new(false);
             let read = page
                 .get_or_try_init(|| async {
-                    read_here.store(true, std::sync::atomic::Ordering::Relaxed);
+                    read_here.store(true, Ordering::Relaxed);
                     self.engine.inner.channels.read_history();
                     let evs = store.events_page(self.id, k * PAGE as u64, PAGE).await?;
                     Ok::<_, crate::store::StoreError>(
@@ -331,30 +329,23 @@ impl State {
                     )
                 })
                 .await;
-            match read {
-                // A full page: the events after `last` in it, and the next page after them.
-                Ok(evs) if evs.len() == PAGE => {
-                    self.buf
-                        .extend(evs.iter().filter(|ev| ev.seq > self.last).cloned());
-                    self.backlog = true;
-                    self.reading = Some(page);
-                    return true;
-                }
-                // The last page, still partial: not shared. Read here, it is all this stream
-                // needs of the history; read by another stream (perhaps before this one
-                // subscribed), this stream reads on from `last` itself, below.
-                Ok(evs) => {
-                    pages.forget(k, &page);
-                    self.reading = None;
-                    if read_here.load(std::sync::atomic::Ordering::Relaxed) {
-                        self.buf
-                            .extend(evs.iter().filter(|ev| ev.seq > self.last).cloned());
-                        self.backlog = false;
-                        return true;
-                    }
-                }
-                Err(_) => return false,
+            let Ok(evs) = read else { return false };
+            // A full page: the events after `last` in it, and the next page after them. The
+            // last page, still partial, is not shared: read here, it is all this stream needs of
+            // the history; read by another stream (perhaps before this one subscribed), this
+            // stream reads on from `last` itself, below.
+            let full = evs.len() == PAGE;
+            if !full {
+                pages.forget(k, &page);
             }
+            if full || read_here.load(Ordering::Relaxed) {
+                self.buf
+                    .extend(evs.iter().filter(|ev| ev.seq > self.last).cloned());
+                self.backlog = full;
+                self.reading = full.then_some(page);
+                return true;
+            }
+            self.reading = None;
         }
         self.engine.inner.channels.read_history();
         match self
@@ -427,12 +418,12 @@ impl State {
 async fn start(engine: Engine, id: JobId, after: u64) -> Result<State, EngineError> {
     // Subscribe before reading history so nothing falls between the two.
     let rx = engine.inner.channels.subscribe(id);
-    let engine_pages = engine.inner.channels.pages(id);
+    let pages = engine.inner.channels.pages(id);
     let mut state = State {
         engine,
         id,
         rx: Some(rx),
-        pages: Some(engine_pages),
+        pages: Some(pages),
         reading: None,
         buf: VecDeque::new(),
         last: after,
