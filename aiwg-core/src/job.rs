@@ -587,9 +587,11 @@ pub struct Job {
     pub retry_at: Option<DateTime<Utc>>,
     /// Step progress.
     pub progress: Progress,
-    /// The result, once completed (partial results are kept on failure). Boxed: most jobs kept
-    /// (queued ones) have none, and a queued job should stay small.
-    pub result: Option<Box<JobResult>>,
+    /// The result, once completed (partial results are kept on failure). Shared: a result (every
+    /// step's output) is set whole and never changed in place, so copies of a job (a claim's,
+    /// an outcome's, a reader's) share it instead of copying every output; and a queued job,
+    /// which has none, stays small.
+    pub result: Option<Arc<JobResult>>,
     /// The error, once failed, cancelled or timed out.
     pub error: Option<JobError>,
     /// True when the job failed with no attempts left.

@@ -269,7 +269,7 @@ async fn structured_output_is_validated_and_reaches_later_templates() {
     let job = engine.submit(JobRequest::new("good")).await.unwrap();
     let done = engine.wait(job.id, WAIT).await.unwrap();
     assert_eq!(done.status, JobStatus::Completed);
-    let steps = done.result.unwrap().steps;
+    let steps = &done.result.as_ref().unwrap().steps;
     assert_eq!(
         steps[0].structured,
         Some(json!({"verdict": "approve", "files": ["a.rs"]}))

@@ -2596,7 +2596,7 @@ async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
     failed.dead_letter = true;
     failed.cancel_requested = false;
     failed.error = Some(JobError::new("agent_failed", "boom"));
-    failed.result = Some(Box::new(JobResult {
+    failed.result = Some(Arc::new(JobResult {
         summary: "half".to_owned(),
         ..JobResult::default()
     }));

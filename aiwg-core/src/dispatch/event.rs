@@ -210,7 +210,7 @@ mod tests {
         }))
         .unwrap();
         Arc::make_mut(&mut job.trigger).actor = Some("octocat".into());
-        job.result = Some(Box::new(JobResult {
+        job.result = Some(Arc::new(JobResult {
             summary: "x".into(),
             steps: vec![StepResult {
                 name: "s".into(),
@@ -251,7 +251,7 @@ mod tests {
     fn a_too_large_event_is_cut_with_a_marker() {
         let mut job = job();
         if let Some(r) = job.result.as_mut() {
-            r.summary = "é".repeat(300_000);
+            Arc::make_mut(r).summary = "é".repeat(300_000);
         }
         let ev = OutboundEvent::for_job(JOB_FAILED, &job, Some("sh"));
         assert!(ev.body().len() > 256 * 1024);

@@ -1,6 +1,7 @@
 //! The JSON documents of the HTTP API (request and response bodies).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -108,7 +109,9 @@ pub struct StatusDocument {
     /// Step progress.
     pub progress: Progress,
     /// Result (on completion; partial on failure).
-    pub result: Option<JobResult>,
+    // The job's own, shared: a status document does not copy every step's output.
+    #[schema(value_type = Option<JobResult>)]
+    pub result: Option<Arc<JobResult>>,
     /// Error (failed, cancelled, timed out).
     pub error: Option<JobError>,
     /// Failed with no attempts left.
@@ -186,7 +189,7 @@ impl From<&Job> for StatusDocument {
             started_at: j.started_at,
             finished_at: j.finished_at,
             progress: j.progress.clone(),
-            result: j.result.as_deref().cloned(),
+            result: j.result.clone(),
             error: j.error.clone(),
             dead_letter: j.dead_letter,
             trigger: TriggerInfo::clone(&j.trigger),

@@ -627,6 +627,8 @@ pub trait JobStore: Send + Sync + 'static {
 /// Pure state changes shared by every store, so they agree on what a claim, an event or a
 /// finish does to a job. Each returns the event to record (without its sequence number).
 pub mod apply {
+    use std::sync::Arc;
+
     use super::*;
     use crate::job::{Progress, StatusChange};
 
@@ -759,7 +761,7 @@ pub mod apply {
             Finish::AwaitingApproval { result, approval } => {
                 let reason = format!("waiting for approval of step `{}`", approval.step);
                 job.approvals.push(approval);
-                job.result = Some(Box::new(result));
+                job.result = Some(Arc::new(result));
                 job.retry_at = None;
                 job.resume_after_approval = false;
                 return set_status(job, to, now, Some(reason), None);
@@ -767,7 +769,7 @@ pub mod apply {
         };
         job.resume_after_approval = false;
         if result.is_some() || to != JobStatus::Queued {
-            job.result = result.map(Box::new);
+            job.result = result.map(Arc::new);
         }
         job.retry_at = retry_at;
         job.dead_letter = to == JobStatus::Failed;

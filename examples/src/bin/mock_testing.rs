@@ -43,7 +43,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let fix = engine.wait(fix.id, Duration::from_secs(5)).await?;
     assert_eq!(fix.status, JobStatus::Completed);
-    println!("fix: {} -> {:?}", fix.status, fix.result.map(|r| r.summary));
+    println!(
+        "fix: {} -> {:?}",
+        fix.status,
+        fix.result.as_ref().map(|r| &r.summary)
+    );
 
     let retry = engine.submit(JobRequest::new("retry")).await?;
     let retry = engine.wait(retry.id, Duration::from_secs(5)).await?;

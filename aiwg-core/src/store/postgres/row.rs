@@ -159,7 +159,7 @@ pub(super) fn job(doc: Document, state: State<'_>) -> Job {
         finished_at,
         retry_at,
         progress: progress.into_owned(),
-        result: result.map(|r| Box::new(r.into_owned())),
+        result: result.map(|r| Arc::new(r.into_owned())),
         error: error.map(Cow::into_owned),
         dead_letter,
         trigger,
