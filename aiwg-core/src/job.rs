@@ -217,24 +217,35 @@ pub struct StatusChange {
 }
 
 /// The workflow's steps split by where the job is.
+// The names are shared (`Arc<str>`) with the workflow catalog's: a copy of a job (a claim's,
+// an outcome's, a reader's) copies three short lists of pointers, not every step's name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Steps that finished successfully in the current attempt.
-    pub completed: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub completed: Vec<Arc<str>>,
     /// The step running now (at most one).
-    pub in_progress: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub in_progress: Vec<Arc<str>>,
     /// Steps not started yet.
-    pub pending: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub pending: Vec<Arc<str>>,
 }
 
 impl Progress {
     /// Everything pending.
+    ///
+    /// ```
+    /// let p = aiwg_core::Progress::pending(["draft", "review"]);
+    /// assert_eq!(p.pending.len(), 2);
+    /// assert_eq!(&*p.pending[0], "draft");
+    /// ```
     #[must_use]
-    pub fn pending(steps: impl IntoIterator<Item = String>) -> Self {
+    pub fn pending<S: Into<Arc<str>>>(steps: impl IntoIterator<Item = S>) -> Self {
         Self {
             completed: Vec::new(),
             in_progress: Vec::new(),
-            pending: steps.into_iter().collect(),
+            pending: steps.into_iter().map(Into::into).collect(),
         }
     }
 
@@ -244,25 +255,25 @@ impl Progress {
         let name = take(&mut self.pending, step);
         let again = take(&mut self.in_progress, step);
         self.in_progress
-            .push(name.or(again).unwrap_or_else(|| step.to_owned()));
+            .push(name.or(again).unwrap_or_else(|| Arc::from(step)));
     }
 
     /// Moves `step` from in progress to completed (the name moves, as in [`start`](Self::start)).
     pub fn finish(&mut self, step: &str) {
         let name = take(&mut self.in_progress, step);
         let pending = take(&mut self.pending, step);
-        if !self.completed.iter().any(|s| s == step) {
+        if !self.completed.iter().any(|s| &**s == step) {
             self.completed
-                .push(name.or(pending).unwrap_or_else(|| step.to_owned()));
+                .push(name.or(pending).unwrap_or_else(|| Arc::from(step)));
         }
     }
 }
 
 /// Removes every `step` from `names`, keeping their order, and hands back the first removed.
-fn take(names: &mut Vec<String>, step: &str) -> Option<String> {
-    let first = names.iter().position(|s| s == step)?;
+fn take(names: &mut Vec<Arc<str>>, step: &str) -> Option<Arc<str>> {
+    let first = names.iter().position(|s| &**s == step)?;
     let name = names.remove(first);
-    names.retain(|s| s != step);
+    names.retain(|s| &**s != step);
     Some(name)
 }
 
@@ -738,16 +749,21 @@ mod tests {
         assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
     }
 
+    /// The names of a progress list, as text.
+    fn names(list: &[Arc<str>]) -> Vec<&str> {
+        list.iter().map(|s| &**s).collect()
+    }
+
     #[test]
     fn progress_moves_steps() {
-        let mut p = Progress::pending(["a".to_owned(), "b".to_owned()]);
+        let mut p = Progress::pending(["a", "b"]);
         p.start("a");
-        assert_eq!(p.in_progress, ["a"]);
+        assert_eq!(names(&p.in_progress), ["a"]);
         p.finish("a");
         p.start("b");
-        assert_eq!(p.completed, ["a"]);
-        assert_eq!(p.pending, Vec::<String>::new());
-        assert_eq!(p.in_progress, ["b"]);
+        assert_eq!(names(&p.completed), ["a"]);
+        assert!(p.pending.is_empty());
+        assert_eq!(names(&p.in_progress), ["b"]);
     }
 
     #[test]
@@ -758,15 +774,15 @@ mod tests {
         p.start("b");
         p.start("b");
         assert_eq!(
-            (p.pending.clone(), p.in_progress.clone()),
-            (vec!["a".to_owned(), "c".to_owned()], vec!["b".to_owned()])
+            (names(&p.pending), names(&p.in_progress)),
+            (vec!["a", "c"], vec!["b"])
         );
         p.finish("b");
         p.finish("b");
         p.finish("c");
         p.start("z");
-        assert_eq!(p.completed, ["b", "c"]);
-        assert_eq!(p.pending, ["a"]);
-        assert_eq!(p.in_progress, ["z"]);
+        assert_eq!(names(&p.completed), ["b", "c"]);
+        assert_eq!(names(&p.pending), ["a"]);
+        assert_eq!(names(&p.in_progress), ["z"]);
     }
 }

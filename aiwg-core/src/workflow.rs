@@ -828,7 +828,22 @@ pub struct WorkflowCatalog {
     /// By name; a job holds its workflow's name as the key here (see [`Job::workflow`]).
     ///
     /// [`Job::workflow`]: crate::Job::workflow
-    inner: Arc<BTreeMap<Arc<str>, Arc<Workflow>>>,
+    inner: Arc<BTreeMap<Arc<str>, Cataloged>>,
+}
+
+/// A workflow as the catalog keeps it: with its step names, shared by the jobs of the
+/// workflow (their [`Progress`](crate::Progress)).
+#[derive(Debug)]
+struct Cataloged {
+    workflow: Arc<Workflow>,
+    steps: Box<[Arc<str>]>,
+}
+
+/// A workflow of the catalog with what its jobs share: its name and its step names.
+pub(crate) struct Named<'a> {
+    pub(crate) name: Arc<str>,
+    pub(crate) workflow: Arc<Workflow>,
+    pub(crate) steps: &'a [Arc<str>],
 }
 
 impl WorkflowCatalog {
@@ -840,7 +855,18 @@ impl WorkflowCatalog {
             if map.contains_key(wf.name.as_str()) {
                 return Err(WorkflowError::Duplicate(wf.name));
             }
-            map.insert(Arc::from(wf.name.as_str()), Arc::new(wf));
+            let steps = wf
+                .steps
+                .iter()
+                .map(|s| Arc::from(s.name.as_str()))
+                .collect();
+            map.insert(
+                Arc::from(wf.name.as_str()),
+                Cataloged {
+                    workflow: Arc::new(wf),
+                    steps,
+                },
+            );
         }
         Ok(Self {
             inner: Arc::new(map),
@@ -850,20 +876,22 @@ impl WorkflowCatalog {
     /// The workflow called `name`.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<Arc<Workflow>> {
-        self.inner.get(name).cloned()
+        self.inner.get(name).map(|c| Arc::clone(&c.workflow))
     }
 
-    /// The workflow called `name` with its name as the catalog holds it, shared by the jobs
-    /// of the workflow.
-    pub(crate) fn get_named(&self, name: &str) -> Option<(Arc<str>, Arc<Workflow>)> {
-        self.inner
-            .get_key_value(name)
-            .map(|(n, wf)| (Arc::clone(n), Arc::clone(wf)))
+    /// The workflow called `name` with its name and its step names as the catalog holds them,
+    /// shared by the jobs of the workflow.
+    pub(crate) fn get_named(&self, name: &str) -> Option<Named<'_>> {
+        self.inner.get_key_value(name).map(|(n, c)| Named {
+            name: Arc::clone(n),
+            workflow: Arc::clone(&c.workflow),
+            steps: &c.steps,
+        })
     }
 
     /// All workflows, by name.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Workflow>> {
-        self.inner.values()
+        self.inner.values().map(|c| &c.workflow)
     }
 
     /// How many there are.

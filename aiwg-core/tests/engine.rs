@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::engine::EngineError;
-use aiwg_core::test_util::{MockExecutor, ScriptedExecutor};
+use aiwg_core::test_util::{step_names, MockExecutor, ScriptedExecutor};
 use aiwg_core::{
     AgentEvent, AgentResult, Capabilities, Engine, EngineBuilder, Health, JobEventKind, JobRequest,
     JobStatus, Parameter, PolicyError, ProjectPolicy, Step, SubmitError, Usage, Workflow,
@@ -78,7 +78,7 @@ async fn a_two_step_job_completes_with_rendered_prompts_events_and_result() {
     assert_eq!(result.cost_usd, Some(1.0));
     assert_eq!(result.usage.unwrap().output_tokens, 40);
     assert_eq!(result.session_id.as_deref(), Some("ses-1"));
-    assert_eq!(done.progress.completed, ["draft", "check"]);
+    assert_eq!(step_names(&done.progress.completed), ["draft", "check"]);
     assert!(done.started_at.is_some() && done.finished_at.is_some());
 
     let reqs = exec.requests();
@@ -905,7 +905,10 @@ impl aiwg_core::JobObserver for Seen {
         self.0.lock().unwrap().push((
             event.kind.name(),
             job.status,
-            job.progress.completed.clone(),
+            step_names(&job.progress.completed)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         ));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use aiwg_core::engine::EngineError;
 use aiwg_core::schedule::Schedule;
 use aiwg_core::store::JobQuery;
-use aiwg_core::test_util::ScriptedExecutor;
+use aiwg_core::test_util::{step_names, ScriptedExecutor};
 use aiwg_core::{
     AgentEvent, AgentLimit, AgentResult, Engine, EngineBuilder, ExecutorError, JobEventKind,
     JobRequest, JobStatus, ProjectPolicy, Step, Usage, Workflow,
@@ -57,7 +57,7 @@ async fn an_approved_job_continues_at_the_gated_step_in_the_same_attempt() {
     let waiting = wait_for(&engine, job.id, JobStatus::AwaitingApproval).await;
     assert_eq!(exec.calls(), 1, "only the step before the gate ran");
     assert_eq!(waiting.pending_approval().unwrap().step, "apply");
-    assert_eq!(waiting.progress.completed, ["plan"]);
+    assert_eq!(step_names(&waiting.progress.completed), ["plan"]);
     // No worker is held while it waits.
     assert_eq!(engine.queue_stats().await.unwrap().busy, 0);
     let approved = engine.approve(job.id, "alice", "api").await.unwrap();

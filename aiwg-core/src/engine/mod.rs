@@ -895,7 +895,11 @@ impl Engine {
         if self.inner.stop_claiming.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
-        let (workflow, wf) = self
+        let crate::workflow::Named {
+            name: workflow,
+            workflow: wf,
+            steps,
+        } = self
             .inner
             .catalog
             .get_named(&request.workflow)
@@ -964,7 +968,7 @@ impl Engine {
             started_at: None,
             finished_at: None,
             retry_at: None,
-            progress: Progress::pending(wf.step_names()),
+            progress: Progress::pending(steps.iter().cloned()),
             result: None,
             error: None,
             dead_letter: false,

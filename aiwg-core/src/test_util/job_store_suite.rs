@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use super::step_names;
 use crate::event::JobEventKind;
 use crate::job::{Job, JobError, JobId, JobResult, JobStatus, Progress, StatusChange, TriggerInfo};
 use crate::store::{
@@ -31,7 +32,7 @@ pub fn sample_job(workflow: &str, project: &str, priority: i32) -> Job {
         started_at: None,
         finished_at: None,
         retry_at: None,
-        progress: Progress::pending(["a".to_owned(), "b".to_owned()]),
+        progress: Progress::pending(["a", "b"]),
         result: None,
         error: None,
         dead_letter: false,
@@ -319,7 +320,7 @@ async fn claim_order(store: &dyn JobStore) {
 async fn retry_and_dead_letter(store: &dyn JobStore) {
     let job = create(store, sample_job("w", "/p", 0)).await;
     let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
-    assert_eq!(c.job.progress, Progress::pending(["a".into(), "b".into()]));
+    assert_eq!(c.job.progress, Progress::pending(["a", "b"]));
     // The first attempt got through step `a` and into `b`.
     start_step(store, &c.lease, "a").await;
     finish_step(store, &c.lease, "a").await;
@@ -354,7 +355,7 @@ async fn retry_and_dead_letter(store: &dyn JobStore) {
     assert_eq!(c2.job.id, job.id);
     assert_eq!(c2.job.attempt, 2);
     // The retry starts over: every step pending again, in the workflow's order.
-    assert_eq!(c2.job.progress, Progress::pending(["a".into(), "b".into()]));
+    assert_eq!(c2.job.progress, Progress::pending(["a", "b"]));
     let (j, _) = store
         .finish(
             &c2.lease,
@@ -863,11 +864,11 @@ async fn progress_and_counts(store: &dyn JobStore) {
     assert_eq!((counts.queued, counts.running), (1, 1));
     start_step(store, &c.lease, "a").await;
     let j = store.get(job.id).await.unwrap().unwrap();
-    assert_eq!(j.progress.in_progress, ["a"]);
-    assert_eq!(j.progress.pending, ["b"]);
+    assert_eq!(step_names(&j.progress.in_progress), ["a"]);
+    assert_eq!(step_names(&j.progress.pending), ["b"]);
     finish_step(store, &c.lease, "a").await;
     let j = store.get(job.id).await.unwrap().unwrap();
-    assert_eq!(j.progress.completed, ["a"]);
+    assert_eq!(step_names(&j.progress.completed), ["a"]);
     assert!(j.progress.in_progress.is_empty());
     let evs = store.events(job.id, 0).await.unwrap();
     let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
@@ -927,7 +928,7 @@ async fn finish_after(store: &dyn JobStore) {
     let (between, last) = &done.last;
     assert_eq!((last.seq, &last.kind), (4, &finished));
     assert_eq!(between.status, JobStatus::Running);
-    assert_eq!(between.progress.completed, ["a"]);
+    assert_eq!(step_names(&between.progress.completed), ["a"]);
     let (ended, ev) = &done.ended;
     assert_eq!(ev.seq, 5);
     assert!(matches!(
@@ -939,14 +940,14 @@ async fn finish_after(store: &dyn JobStore) {
         }
     ));
     assert_eq!(ended.status, JobStatus::Completed);
-    assert_eq!(ended.progress.completed, ["a"]);
+    assert_eq!(step_names(&ended.progress.completed), ["a"]);
     assert_eq!(
         ended.result.as_ref().map(|r| r.summary.as_str()),
         Some("done")
     );
     let stored = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(stored.status, JobStatus::Completed);
-    assert_eq!(stored.progress.completed, ["a"]);
+    assert_eq!(step_names(&stored.progress.completed), ["a"]);
     let evs = store.events(job.id, 0).await.unwrap();
     assert_eq!(
         evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
@@ -1082,7 +1083,7 @@ async fn finish_after_step(store: &dyn JobStore) {
             Some(between) => {
                 assert!(with_job, "the job between, only when asked for");
                 assert_eq!(between.status, JobStatus::Running);
-                assert_eq!(between.progress.completed, ["a"]);
+                assert_eq!(step_names(&between.progress.completed), ["a"]);
             }
             None => assert!(!with_job, "the job between, asked for"),
         }
@@ -1097,7 +1098,7 @@ async fn finish_after_step(store: &dyn JobStore) {
             }
         ));
         assert_eq!(ended.status, JobStatus::Completed);
-        assert_eq!(ended.progress.completed, ["a"]);
+        assert_eq!(step_names(&ended.progress.completed), ["a"]);
         assert!(ended.progress.in_progress.is_empty());
         let evs = store.events(job.id, 0).await.unwrap();
         assert_eq!(

@@ -51,6 +51,13 @@ pub use audit_store_suite::audit_store_suite;
 pub use dispatch_store_suite::dispatch_store_suite;
 pub use job_store_suite::{job_store_suite, sample_job};
 
+/// The names of one of a job's [`Progress`](crate::Progress) lists, as text, for assertions:
+/// `assert_eq!(step_names(&job.progress.completed), ["draft"])`.
+#[must_use]
+pub fn step_names(list: &[Arc<str>]) -> Vec<&str> {
+    list.iter().map(|s| &**s).collect()
+}
+
 #[derive(Default)]
 struct Shared {
     calls: AtomicUsize,
