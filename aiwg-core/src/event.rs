@@ -1,5 +1,7 @@
 //! Job events: every change to a job, numbered per job, stored, and streamed live.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +30,8 @@ impl JobEvent {
     }
 }
 
-/// What a [`JobEvent`] records.
+/// What a [`JobEvent`] records. Step and agent names are shared (`Arc<str>`) with the workflow
+/// catalog and the executor registry: an event, and each copy of it, copies none.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -51,16 +54,16 @@ pub enum JobEventKind {
     /// A step began.
     StepStarted {
         /// The step.
-        step: String,
+        step: Arc<str>,
         /// The agent running it.
-        agent: String,
+        agent: Arc<str>,
         /// The attempt.
         attempt: u32,
     },
     /// A step ended.
     StepFinished {
         /// The step.
-        step: String,
+        step: Arc<str>,
         /// Whether it succeeded.
         ok: bool,
         /// Wall time.
@@ -72,7 +75,7 @@ pub enum JobEventKind {
     /// Something the agent did.
     Agent {
         /// The step.
-        step: String,
+        step: Arc<str>,
         /// The agent's event.
         event: AgentEvent,
     },
@@ -80,7 +83,7 @@ pub enum JobEventKind {
     /// this job was dropped. Recorded once per attempt.
     OutputTruncated {
         /// The step that hit the limit.
-        step: String,
+        step: Arc<str>,
         /// The budget, in bytes.
         limit_bytes: u64,
     },

@@ -721,8 +721,8 @@ pub trait Executor: Send + Sync + 'static {
     async fn health(&self) -> Health;
 }
 
-/// Registered executors, in order.
-type Entries = Vec<(String, Arc<dyn Executor>)>;
+/// Registered executors, in order, each with its name as the jobs' events share it.
+type Entries = Vec<(Arc<str>, Arc<dyn Executor>)>;
 
 /// Executors by name. Thread-safe and cheap to clone; the first registered is the default.
 #[derive(Clone, Default)]
@@ -739,36 +739,43 @@ impl ExecutorRegistry {
 
     /// Adds (or replaces) `name`.
     pub fn register(&self, name: impl Into<String>, executor: Arc<dyn Executor>) {
-        let name = name.into();
+        let name: String = name.into();
         let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = all.iter_mut().find(|(n, _)| *n == name) {
+        if let Some(slot) = all.iter_mut().find(|(n, _)| **n == *name) {
             slot.1 = executor;
         } else {
-            all.push((name, executor));
+            all.push((Arc::from(name), executor));
         }
     }
 
     /// The executor called `name`.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<Arc<dyn Executor>> {
+        self.named(Some(name)).map(|(_, e)| e)
+    }
+
+    /// The executor called `name` (the default, the first registered, for `None`) with its
+    /// name as the registry holds it, shared by the events of the steps it runs.
+    pub(crate) fn named(&self, name: Option<&str>) -> Option<(Arc<str>, Arc<dyn Executor>)> {
         let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        all.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| Arc::clone(e))
+        let found = match name {
+            Some(name) => all.iter().find(|(n, _)| **n == *name),
+            None => all.first(),
+        };
+        found.map(|(n, e)| (Arc::clone(n), Arc::clone(e)))
     }
 
     /// The first registered executor and its name.
     #[must_use]
     pub fn default_executor(&self) -> Option<(String, Arc<dyn Executor>)> {
-        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        all.first().map(|(n, e)| (n.clone(), Arc::clone(e)))
+        self.named(None).map(|(n, e)| (n.to_string(), e))
     }
 
     /// The names, in registration order.
     #[must_use]
     pub fn names(&self) -> Vec<String> {
         let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        all.iter().map(|(n, _)| n.clone()).collect()
+        all.iter().map(|(n, _)| n.to_string()).collect()
     }
 
     /// Every (name, executor) pair, in registration order.
@@ -776,7 +783,7 @@ impl ExecutorRegistry {
     pub fn entries(&self) -> Vec<(String, Arc<dyn Executor>)> {
         let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
         all.iter()
-            .map(|(n, e)| (n.clone(), Arc::clone(e)))
+            .map(|(n, e)| (n.to_string(), Arc::clone(e)))
             .collect()
     }
 }

@@ -556,7 +556,7 @@ async fn concurrent_appends_get_gapless_unique_sequence_numbers() {
                 // Mix plain events with step events (which also move progress).
                 let kind = if i % 5 == 0 {
                     JobEventKind::StepStarted {
-                        step: format!("s{n}-{i}"),
+                        step: format!("s{n}-{i}").into(),
                         agent: "x".into(),
                         attempt: 1,
                     }

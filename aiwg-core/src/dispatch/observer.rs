@@ -30,7 +30,7 @@ pub fn outbound_event(job: &Job, event: &JobEvent) -> Option<OutboundEvent> {
         JobEventKind::StepFinished { step, ok: true, .. } => {
             let mut ev = OutboundEvent::for_job(JOB_STEP_COMPLETED, job, None);
             if let Some(data) = ev.data.as_object_mut() {
-                data.insert("step".into(), serde_json::Value::String(step.clone()));
+                data.insert("step".into(), serde_json::Value::String(step.to_string()));
             }
             Some(ev)
         }

@@ -851,7 +851,12 @@ async fn run_steps(
     } = steps;
     let inner = &engine.inner;
     let mut result = JobResult::default();
-    let Some(wf) = inner.catalog.get(&job.workflow) else {
+    let Some(crate::workflow::Named {
+        workflow: wf,
+        steps: names,
+        ..
+    }) = inner.catalog.get_named(&job.workflow)
+    else {
         let e = JobError::new(
             "unknown_workflow",
             format!("workflow `{}` is no longer configured", job.workflow),
@@ -883,7 +888,7 @@ async fn run_steps(
     }
 
     let final_step = wf.steps.len().saturating_sub(1);
-    for (index, step) in wf.steps.iter().enumerate() {
+    for (index, (step, name)) in wf.steps.iter().zip(names).enumerate() {
         if let Some(stop) = stop_for(reason) {
             return (Err(stop), result);
         }
@@ -906,15 +911,13 @@ async fn run_steps(
         {
             return (Err(Stop::AwaitingApproval(step.name.clone())), result);
         }
-        let agent_name = step
-            .agent
-            .clone()
-            .or_else(|| inner.registry.default_executor().map(|(n, _)| n))
-            .unwrap_or_default();
-        let Some(executor) = inner.registry.get(&agent_name) else {
+        let Some((agent_name, executor)) = inner.registry.named(step.agent.as_deref()) else {
             let e = JobError::new(
                 "unknown_agent",
-                format!("agent `{agent_name}` is not registered"),
+                format!(
+                    "agent `{}` is not registered",
+                    step.agent.as_deref().unwrap_or_default()
+                ),
             );
             return (Err(Stop::Failed(e, false)), result);
         };
@@ -989,8 +992,8 @@ async fn run_steps(
         // `rx` branch waits for it), and a start that finds the lease lost stops the step as
         // a lost lease does.
         let start_kind = JobEventKind::StepStarted {
-            step: step.name.clone(),
-            agent: agent_name.clone(),
+            step: Arc::clone(name),
+            agent: Arc::clone(&agent_name),
             attempt: job.attempt,
         };
 
@@ -1044,7 +1047,7 @@ async fn run_steps(
                         r = &mut exec => break r,
                         ev = rx.recv(), if start_written => {
                             partial.note(&ev);
-                            let kind = JobEventKind::Agent { step: step.name.clone(), event: ev };
+                            let kind = JobEventKind::Agent { step: Arc::clone(name), event: ev };
                             if append(engine, lease, job, kind).await.is_err() && !lost {
                                 lost = true;
                                 fence(reason, &step_token);
@@ -1073,7 +1076,7 @@ async fn run_steps(
         while let Some(ev) = rx.try_recv() {
             partial.note(&ev);
             let kind = JobEventKind::Agent {
-                step: step.name.clone(),
+                step: Arc::clone(name),
                 event: ev,
             };
             let _ = append(engine, lease, job, kind).await;
@@ -1082,7 +1085,7 @@ async fn run_steps(
         if probe.truncated() && !truncation_recorded {
             truncation_recorded = true;
             let kind = JobEventKind::OutputTruncated {
-                step: step.name.clone(),
+                step: Arc::clone(name),
                 limit_bytes: u64::try_from(inner.settings.max_output_bytes).unwrap_or(u64::MAX),
             };
             let _ = append(engine, lease, job, kind).await;
@@ -1161,7 +1164,7 @@ async fn run_steps(
                 }
                 result.steps.push(StepResult {
                     name: step.name.clone(),
-                    agent: agent_name.clone(),
+                    agent: agent_name.to_string(),
                     output: partial.text,
                     session_id: partial.session_id,
                     cost_usd: partial.cost_usd,
@@ -1171,7 +1174,7 @@ async fn run_steps(
                     partial: true,
                 });
                 let kind = JobEventKind::StepFinished {
-                    step: step.name.clone(),
+                    step: Arc::clone(name),
                     ok: false,
                     duration_ms,
                     error,
@@ -1181,7 +1184,7 @@ async fn run_steps(
             }
         };
         let finished = JobEventKind::StepFinished {
-            step: step.name.clone(),
+            step: Arc::clone(name),
             ok: true,
             duration_ms,
             error: None,
@@ -1212,7 +1215,7 @@ async fn run_steps(
         result.usage = usage;
         result.steps.push(StepResult {
             name: step.name.clone(),
-            agent: agent_name,
+            agent: agent_name.to_string(),
             output: out.output,
             session_id: out.session_id,
             cost_usd: out.cost_usd,

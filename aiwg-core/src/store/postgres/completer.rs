@@ -270,9 +270,9 @@ pub(super) enum Progress {
     /// It does not.
     Unchanged,
     /// `StepStarted` of this step.
-    Started(String),
+    Started(Arc<str>),
     /// A successful `StepFinished` of this step.
-    Finished(String),
+    Finished(Arc<str>),
 }
 
 impl Progress {
