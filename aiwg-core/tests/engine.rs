@@ -1027,3 +1027,68 @@ async fn a_project_swapped_for_a_symlink_after_the_submit_fails_its_job_before_a
     assert_eq!(exec.calls(), 0, "no agent got a swapped project");
     engine.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A copy of a job shares its result and its step names instead of copying them, and its
+/// events' step and agent names are the workflow catalog's and the executor registry's: two
+/// jobs of one workflow, each read twice, hold the same allocations (what keeps a job's copies
+/// cheap, `engine_allocs` in BENCHMARKS.md).
+#[tokio::test]
+async fn copies_of_jobs_share_their_result_and_names() {
+    let env = env();
+    let engine = builder(&env)
+        .executor(
+            "agent",
+            Arc::new(ScriptedExecutor::succeeding("a long output")),
+        )
+        .workflow(one_step("w", "agent"))
+        .build()
+        .unwrap();
+    let queued = engine
+        .submit(JobRequest::new("w").project_path("a"))
+        .await
+        .unwrap();
+    let first = engine.wait(queued.id, WAIT).await.unwrap();
+    let second = engine
+        .submit(JobRequest::new("w").project_path("a"))
+        .await
+        .unwrap();
+    let second = engine.wait(second.id, WAIT).await.unwrap();
+    assert_eq!(first.status, JobStatus::Completed, "{:?}", first.error);
+    assert_eq!(second.status, JobStatus::Completed, "{:?}", second.error);
+
+    let again = engine.get(first.id).await.unwrap();
+    assert!(
+        Arc::ptr_eq(
+            first.result.as_ref().unwrap(),
+            again.result.as_ref().unwrap()
+        ),
+        "two reads of a job share its result"
+    );
+    assert_eq!(step_names(&first.progress.completed), ["run"]);
+    assert!(
+        Arc::ptr_eq(&first.progress.completed[0], &second.progress.completed[0]),
+        "the jobs of a workflow share its step names"
+    );
+
+    let names = |events: Vec<aiwg_core::JobEvent>| {
+        events
+            .into_iter()
+            .find_map(|e| match e.kind {
+                JobEventKind::StepStarted { step, agent, .. } => Some((step, agent)),
+                _ => None,
+            })
+            .expect("a step_started event")
+    };
+    let (step_a, agent_a) = names(engine.subscribe(first.id, 0).await.unwrap().collect().await);
+    let (step_b, agent_b) = names(
+        engine
+            .subscribe(second.id, 0)
+            .await
+            .unwrap()
+            .collect()
+            .await,
+    );
+    assert_eq!((&*step_a, &*agent_a), ("run", "agent"));
+    assert!(Arc::ptr_eq(&step_a, &step_b) && Arc::ptr_eq(&step_a, &first.progress.completed[0]));
+    assert!(Arc::ptr_eq(&agent_a, &agent_b), "the registry's agent name");
+}
