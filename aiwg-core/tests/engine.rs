@@ -1043,16 +1043,11 @@ async fn copies_of_jobs_share_their_result_and_names() {
         .workflow(one_step("w", "agent"))
         .build()
         .unwrap();
-    let queued = engine
-        .submit(JobRequest::new("w").project_path("a"))
-        .await
-        .unwrap();
-    let first = engine.wait(queued.id, WAIT).await.unwrap();
-    let second = engine
-        .submit(JobRequest::new("w").project_path("a"))
-        .await
-        .unwrap();
-    let second = engine.wait(second.id, WAIT).await.unwrap();
+    let run = async || {
+        let job = engine.submit(JobRequest::new("w")).await.unwrap();
+        engine.wait(job.id, WAIT).await.unwrap()
+    };
+    let (first, second) = (run().await, run().await);
     assert_eq!(first.status, JobStatus::Completed, "{:?}", first.error);
     assert_eq!(second.status, JobStatus::Completed, "{:?}", second.error);
 
