@@ -223,13 +223,55 @@ pub struct StatusChange {
 pub struct Progress {
     /// Steps that finished successfully in the current attempt.
     #[schema(value_type = Vec<String>)]
+    #[serde(deserialize_with = "names")]
     pub completed: Vec<Arc<str>>,
     /// The step running now (at most one).
     #[schema(value_type = Vec<String>)]
+    #[serde(deserialize_with = "names")]
     pub in_progress: Vec<Arc<str>>,
     /// Steps not started yet.
     #[schema(value_type = Vec<String>)]
+    #[serde(deserialize_with = "names")]
     pub pending: Vec<Arc<str>>,
+}
+
+/// A list of names read straight into `Arc<str>`s, one allocation each (a stored job's progress,
+/// on every claim and read from PostgreSQL): serde's own `Arc<str>` reads each into a `String`
+/// first and copies it.
+fn names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Arc<str>>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    struct Name(Arc<str>);
+    struct NameVisitor;
+    impl Visitor<'_> for NameVisitor {
+        type Value = Name;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a step name")
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Name, E> {
+            Ok(Name(Arc::from(v)))
+        }
+    }
+    impl<'de> Deserialize<'de> for Name {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_str(NameVisitor)
+        }
+    }
+    struct Names;
+    impl<'de> Visitor<'de> for Names {
+        type Value = Vec<Arc<str>>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of step names")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(Name(n)) = seq.next_element()? {
+                out.push(n);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Names)
 }
 
 impl Progress {
@@ -764,6 +806,23 @@ mod tests {
         assert_eq!(names(&p.completed), ["a"]);
         assert!(p.pending.is_empty());
         assert_eq!(names(&p.in_progress), ["b"]);
+    }
+
+    #[test]
+    fn progress_reads_its_names_from_json_borrowed_escaped_or_owned() {
+        let text = r#"{"completed":["a\"b","\u00e9t\u00e9"],"in_progress":[],"pending":["c"]}"#;
+        let p: Progress = serde_json::from_str(text).unwrap();
+        assert_eq!(names(&p.completed), ["a\"b", "été"]);
+        assert!(p.in_progress.is_empty());
+        assert_eq!(names(&p.pending), ["c"]);
+        // From a `Value` every string comes owned (`visit_string`).
+        let owned: Progress = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(owned, p);
+        let err =
+            serde_json::from_str::<Progress>(r#"{"completed":[1],"in_progress":[],"pending":[]}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("a step name"), "{err}");
+        assert!(serde_json::from_str::<Progress>(r#"{"completed":[],"pending":[]}"#).is_err());
     }
 
     #[test]
