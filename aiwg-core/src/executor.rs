@@ -724,6 +724,14 @@ pub trait Executor: Send + Sync + 'static {
 /// Registered executors, in order, each with its name as the jobs' events share it.
 type Entries = Vec<(Arc<str>, Arc<dyn Executor>)>;
 
+/// The entry called `name`, or the default (the first registered) for `None`.
+fn find<'a>(all: &'a Entries, name: Option<&str>) -> Option<&'a (Arc<str>, Arc<dyn Executor>)> {
+    match name {
+        Some(name) => all.iter().find(|(n, _)| **n == *name),
+        None => all.first(),
+    }
+}
+
 /// Executors by name. Thread-safe and cheap to clone; the first registered is the default.
 #[derive(Clone, Default)]
 pub struct ExecutorRegistry {
@@ -751,18 +759,15 @@ impl ExecutorRegistry {
     /// The executor called `name`.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<Arc<dyn Executor>> {
-        self.named(Some(name)).map(|(_, e)| e)
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        find(&all, Some(name)).map(|(_, e)| Arc::clone(e))
     }
 
     /// The executor called `name` (the default, the first registered, for `None`) with its
     /// name as the registry holds it, shared by the events of the steps it runs.
     pub(crate) fn named(&self, name: Option<&str>) -> Option<(Arc<str>, Arc<dyn Executor>)> {
         let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let found = match name {
-            Some(name) => all.iter().find(|(n, _)| **n == *name),
-            None => all.first(),
-        };
-        found.map(|(n, e)| (Arc::clone(n), Arc::clone(e)))
+        find(&all, name).map(|(n, e)| (Arc::clone(n), Arc::clone(e)))
     }
 
     /// The first registered executor and its name.

@@ -223,22 +223,22 @@ pub struct StatusChange {
 pub struct Progress {
     /// Steps that finished successfully in the current attempt.
     #[schema(value_type = Vec<String>)]
-    #[serde(deserialize_with = "names")]
+    #[serde(deserialize_with = "shared_names")]
     pub completed: Vec<Arc<str>>,
     /// The step running now (at most one).
     #[schema(value_type = Vec<String>)]
-    #[serde(deserialize_with = "names")]
+    #[serde(deserialize_with = "shared_names")]
     pub in_progress: Vec<Arc<str>>,
     /// Steps not started yet.
     #[schema(value_type = Vec<String>)]
-    #[serde(deserialize_with = "names")]
+    #[serde(deserialize_with = "shared_names")]
     pub pending: Vec<Arc<str>>,
 }
 
 /// A list of names read straight into `Arc<str>`s, one allocation each (a stored job's progress,
 /// on every claim and read from PostgreSQL): serde's own `Arc<str>` reads each into a `String`
 /// first and copies it.
-fn names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Arc<str>>, D::Error> {
+fn shared_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Arc<str>>, D::Error> {
     use serde::de::{Error, SeqAccess, Visitor};
 
     struct Name(Arc<str>);
@@ -734,6 +734,7 @@ pub(crate) mod duration_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::step_names;
 
     #[test]
     fn transition_table_is_exactly_the_documented_one() {
@@ -791,30 +792,25 @@ mod tests {
         assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
     }
 
-    /// The names of a progress list, as text.
-    fn names(list: &[Arc<str>]) -> Vec<&str> {
-        list.iter().map(|s| &**s).collect()
-    }
-
     #[test]
     fn progress_moves_steps() {
         let mut p = Progress::pending(["a", "b"]);
         p.start("a");
-        assert_eq!(names(&p.in_progress), ["a"]);
+        assert_eq!(step_names(&p.in_progress), ["a"]);
         p.finish("a");
         p.start("b");
-        assert_eq!(names(&p.completed), ["a"]);
+        assert_eq!(step_names(&p.completed), ["a"]);
         assert!(p.pending.is_empty());
-        assert_eq!(names(&p.in_progress), ["b"]);
+        assert_eq!(step_names(&p.in_progress), ["b"]);
     }
 
     #[test]
     fn progress_reads_its_names_from_json_borrowed_escaped_or_owned() {
         let text = r#"{"completed":["a\"b","\u00e9t\u00e9"],"in_progress":[],"pending":["c"]}"#;
         let p: Progress = serde_json::from_str(text).unwrap();
-        assert_eq!(names(&p.completed), ["a\"b", "été"]);
+        assert_eq!(step_names(&p.completed), ["a\"b", "été"]);
         assert!(p.in_progress.is_empty());
-        assert_eq!(names(&p.pending), ["c"]);
+        assert_eq!(step_names(&p.pending), ["c"]);
         // From a `Value` every string comes owned (`visit_string`).
         let owned: Progress = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
         assert_eq!(owned, p);
@@ -833,15 +829,15 @@ mod tests {
         p.start("b");
         p.start("b");
         assert_eq!(
-            (names(&p.pending), names(&p.in_progress)),
+            (step_names(&p.pending), step_names(&p.in_progress)),
             (vec!["a", "c"], vec!["b"])
         );
         p.finish("b");
         p.finish("b");
         p.finish("c");
         p.start("z");
-        assert_eq!(names(&p.completed), ["b", "c"]);
-        assert_eq!(names(&p.pending), ["a"]);
-        assert_eq!(names(&p.in_progress), ["z"]);
+        assert_eq!(step_names(&p.completed), ["b", "c"]);
+        assert_eq!(step_names(&p.pending), ["a"]);
+        assert_eq!(step_names(&p.in_progress), ["z"]);
     }
 }
