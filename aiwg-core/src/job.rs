@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// A job's identifier: a UUID v7, so ids sort by creation time.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobId(Uuid);
 
@@ -735,6 +735,53 @@ pub(crate) mod duration_ms {
 mod tests {
     use super::*;
     use crate::test_util::step_names;
+
+    /// Ids sort as their UUIDs do (byte by byte), whichever bytes differ, high bits included;
+    /// equal ids hash alike. (`Ord` and `Hash` read the UUID as one integer, `util::uuid_v7_id`.)
+    #[test]
+    fn ids_sort_as_their_uuids_and_hash_by_their_value() {
+        use std::hash::BuildHasher;
+        let mut uuids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+        // Arbitrary bytes too (a xorshift), so every byte's high bit varies.
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        uuids.extend((0..200).map(|_| {
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            Uuid::from_u64_pair(next(), next())
+        }));
+        for i in 0..16 {
+            for byte in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+                let mut b = [0x55; 16];
+                b[i] = byte;
+                uuids.push(Uuid::from_bytes(b));
+            }
+        }
+        for a in &uuids {
+            for b in uuids.iter().step_by(7) {
+                assert_eq!(
+                    JobId::from(*a).cmp(&JobId::from(*b)),
+                    a.cmp(b),
+                    "{a} against {b}"
+                );
+                assert_eq!(
+                    JobId::from(*a).partial_cmp(&JobId::from(*b)),
+                    Some(a.cmp(b))
+                );
+            }
+        }
+        let mut ids: Vec<JobId> = uuids.iter().map(|u| JobId::from(*u)).collect();
+        ids.sort();
+        uuids.sort();
+        assert!(ids.iter().zip(&uuids).all(|(id, u)| id.as_uuid() == u));
+        let state = std::hash::RandomState::new();
+        let a = JobId::from(uuids[3]);
+        assert_eq!(state.hash_one(a), state.hash_one(JobId::from(uuids[3])));
+        assert_ne!(state.hash_one(a), state.hash_one(JobId::from(uuids[4])));
+    }
 
     #[test]
     fn transition_table_is_exactly_the_documented_one() {

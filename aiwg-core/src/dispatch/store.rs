@@ -23,7 +23,7 @@ use super::subscription::{Subscription, SubscriptionChange, SubscriptionId};
 
 /// A delivery's identifier, sent as `webhook-id`: `msg_` and the simple form of a UUID v7
 /// (time ordered, no `.`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct DeliveryId(Uuid);
 
 crate::util::uuid_v7_id!(DeliveryId);

@@ -12,7 +12,7 @@ use super::sign::SigningSecret;
 use super::DispatchError;
 
 /// A subscription's identifier (a UUID v7, rendered as a plain UUID string).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SubscriptionId(Uuid);
 

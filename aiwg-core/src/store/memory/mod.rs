@@ -1,16 +1,18 @@
-//! The in-memory [`JobStore`]: one mutex over ordered maps. Same lease semantics as a durable
+//! The in-memory [`JobStore`]: one mutex over its maps. Same lease semantics as a durable
 //! store; nothing survives a restart.
 //!
-//! Layout: each job lives in its own allocation (`Box<Entry>`), so the ordered map's nodes stay
-//! small however large a job is, and a queued job holds only what it needs: the job, its place
-//! in the ready queue (a number; the queue itself is in [`ready`]) and, once running, its
-//! lease's token and expiry. Its first event is not stored but made again when read. Under
+//! Layout: each job lives in its own allocation (`Box<Entry>`), found by its id in a hash map
+//! (every write and read of a job finds it so) and its id kept in an ordered set too, for
+//! listing. The map's slots stay small however large a job is, and a queued job holds only
+//! what it needs: the job, its place in the ready queue (a number; the queue itself is in
+//! [`ready`]) and, once running, its lease's token and expiry. Its first event is not stored but made again when read. Under
 //! 1 KiB per queued job (the `engine_memory` bench).
 
+mod ids;
 mod ready;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,10 +24,11 @@ use super::{
     FinishedStep, Heartbeat, JobPage, JobQuery, JobStore, Lease, NewJob, QueueCounts, StoreError,
 };
 use crate::event::{JobEvent, JobEventKind};
-use crate::fast_hash::FastMap;
+use crate::fast_hash::{FastMap, FastSet};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 use crate::tally::ProjectTally;
 
+use self::ids::OrderedIds;
 use self::ready::{ReadyKey, ReadyQueue};
 
 /// What [`State::end_after`] answers: what it made of the job as the last event left it, that
@@ -119,7 +122,11 @@ impl Entry {
 
 #[derive(Default)]
 struct State {
-    jobs: BTreeMap<JobId, Box<Entry>>,
+    /// Every job kept, by id: hashed, as every write and read of a job finds it by its id.
+    jobs: FastMap<JobId, Box<Entry>>,
+    /// The same ids in order (creation order, as ids are UUID v7s), for [`JobStore::list`]
+    /// alone; it may still hold ids of forgotten jobs ([`ids`]).
+    ids: OrderedIds,
     ready: ReadyQueue,
     idempotency: FastMap<String, (String, JobId)>,
     running_per_project: ProjectTally,
@@ -135,7 +142,7 @@ struct State {
     /// The same by expiry, so the sweep reads only the approvals that expired.
     waiting_by_expiry: BTreeSet<(DateTime<Utc>, JobId)>,
     /// Jobs holding a lease, so the lease sweep reads only those (not every job kept).
-    leased: BTreeSet<JobId>,
+    leased: FastSet<JobId>,
     /// Finished jobs forgotten by the retention while the lock was held, freed once it is
     /// released ([`Locked`]). Boxed as the map holds them: taken out whole, no entry copied.
     #[allow(clippy::vec_box)]
@@ -220,6 +227,8 @@ impl State {
             }
             self.finished.pop_front();
             if let Some(e) = self.jobs.remove(&old) {
+                let jobs = &self.jobs;
+                self.ids.forget(|id| jobs.contains_key(id));
                 if let Some(key) = &e.job.idempotency_key {
                     if self.idempotency.get(key).is_some_and(|(_, j)| *j == old) {
                         self.idempotency.remove(key);
@@ -285,6 +294,7 @@ impl State {
         let ev = entry.first_event();
         debug_assert_eq!(ev.kind, apply::created(&entry.job));
         s.jobs.insert(id, entry);
+        s.ids.insert(id);
         s.enqueue(id);
         Ok(Created::New(copy, ev))
     }
@@ -546,11 +556,11 @@ impl JobStore for MemoryStore {
     async fn list(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
         let s = self.lock();
         let size = query.page_size();
-        let iter: Box<dyn Iterator<Item = (&JobId, &Box<Entry>)>> = match query.cursor {
-            Some(c) => Box::new(s.jobs.range(..c).rev()),
-            None => Box::new(s.jobs.iter().rev()),
-        };
-        let mut jobs: Vec<Job> = iter
+        let mut jobs: Vec<Job> = s
+            .ids
+            .before(query.cursor)
+            .rev()
+            .filter_map(|id| s.jobs.get_key_value(id))
             .filter(|(_, e)| query.status.is_none_or(|st| e.job.status == st))
             .filter(|(_, e)| {
                 query
@@ -771,7 +781,7 @@ impl JobStore for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, JobEvent)>, StoreError> {
         let mut s = self.lock();
-        let expired: Vec<JobId> = s
+        let mut expired: Vec<JobId> = s
             .leased
             .iter()
             .filter(|id| {
@@ -782,6 +792,8 @@ impl JobStore for MemoryStore {
             })
             .copied()
             .collect();
+        // In id order, whatever order the set holds them in.
+        expired.sort_unstable();
         let mut out = Vec::new();
         for id in expired {
             s.release(id);
