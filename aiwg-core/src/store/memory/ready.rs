@@ -12,6 +12,12 @@
 //!
 //! Jobs waiting for a retry time sit apart, ordered by that time, and join their lane once it
 //! has passed.
+//!
+//! A lane left empty is kept for its next job (a server whose queue is short empties and fills
+//! its project's lane with every job; making the lane again cost two copies of the project's
+//! path, a map and the queue's first node each time), up to [`KEPT_EMPTY`] of them or as many
+//! as there are lanes with jobs; past that, every empty lane is dropped, so lanes of projects
+//! that no longer get jobs do not accumulate.
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
@@ -25,6 +31,9 @@ use crate::job::{Job, JobId};
 pub(super) type ReadyKey = (Reverse<i32>, u64, JobId);
 
 type LaneId = u64;
+
+/// How many empty lanes are kept at least before they are dropped (see the module docs).
+const KEPT_EMPTY: usize = 64;
 
 /// The queued jobs of one project and concurrency group.
 struct Lane {
@@ -45,6 +54,8 @@ pub(super) struct ReadyQueue {
     delayed: BTreeSet<(DateTime<Utc>, ReadyKey)>,
     next_lane: LaneId,
     len: usize,
+    /// How many lanes are empty (kept for their next job).
+    empty: usize,
 }
 
 impl ReadyQueue {
@@ -134,7 +145,17 @@ impl ReadyQueue {
     /// Adds `key` to the lane of `project` and `group`, making the lane if it has none.
     fn insert(&mut self, key: ReadyKey, project: &str, group: &Option<String>) {
         let id = match self.ids.get(project).and_then(|groups| groups.get(group)) {
-            Some(&id) => id,
+            Some(&id) => {
+                // A kept empty lane gets a job again.
+                if self
+                    .lanes
+                    .get(&id)
+                    .is_some_and(|lane| lane.queue.is_empty())
+                {
+                    self.empty -= 1;
+                }
+                id
+            }
             None => {
                 self.next_lane += 1;
                 let id = self.next_lane;
@@ -166,8 +187,8 @@ impl ReadyQueue {
         }
     }
 
-    /// After a lane lost its head: makes its next job the head, or drops the lane if it is
-    /// empty (so lanes of finished projects do not accumulate).
+    /// After a lane lost its head: makes its next job the head, or, if it is empty, keeps it
+    /// for its next job unless the empty lanes are now too many (see the module docs).
     fn advance(&mut self, id: LaneId) {
         let Some(lane) = self.lanes.get(&id) else {
             return;
@@ -177,15 +198,31 @@ impl ReadyQueue {
                 self.heads.insert((head, id));
             }
             None => {
-                let lane = self.lanes.remove(&id).expect("checked above");
-                if let Some(groups) = self.ids.get_mut(lane.project.as_str()) {
-                    groups.remove(&lane.group);
-                    if groups.is_empty() {
-                        self.ids.remove(lane.project.as_str());
-                    }
+                self.empty += 1;
+                let with_jobs = self.lanes.len() - self.empty;
+                if self.empty > KEPT_EMPTY.max(with_jobs) {
+                    self.drop_empty_lanes();
                 }
             }
         }
+    }
+
+    /// Drops every empty lane.
+    fn drop_empty_lanes(&mut self) {
+        let ids = &mut self.ids;
+        self.lanes.retain(|_, lane| {
+            if !lane.queue.is_empty() {
+                return true;
+            }
+            if let Some(groups) = ids.get_mut(lane.project.as_str()) {
+                groups.remove(&lane.group);
+                if groups.is_empty() {
+                    ids.remove(lane.project.as_str());
+                }
+            }
+            false
+        });
+        self.empty = 0;
     }
 }
 
@@ -217,12 +254,53 @@ mod tests {
         let got = q.pop(Utc::now(), lookup, |p, _| p != "a");
         assert_eq!(got, Some(jobs[3].id));
         assert_eq!(q.pop(Utc::now(), lookup, |p, _| p != "a"), None);
-        // Then a's jobs come out in order; the empty lanes are dropped.
+        // Then a's jobs come out in order; the empty lanes are kept for their next jobs.
         for j in &jobs[..3] {
             assert_eq!(q.pop(Utc::now(), lookup, |_, _| true), Some(j.id));
         }
         assert_eq!(q.len(), 0);
-        assert!(q.lanes.is_empty() && q.ids.is_empty() && q.heads.is_empty());
+        assert!(q.heads.is_empty());
+        assert_eq!((q.lanes.len(), q.empty), (2, 2));
+        assert_eq!(q.pop(Utc::now(), lookup, |_, _| true), None);
+        // A's next job goes into its lane as it was; then b's lane is the only empty one.
+        let lanes_made = q.next_lane;
+        let again = job("a");
+        q.push(key(&again, 9), &again);
+        assert_eq!((q.next_lane, q.lanes.len(), q.empty), (lanes_made, 2, 1));
+        assert_eq!(q.pop(Utc::now(), lookup, |_, _| true), Some(again.id));
+    }
+
+    /// A project per job, each job taken before the next comes: the empty lanes kept stay
+    /// bounded, and those dropped are forgotten whole (a later job of theirs gets a new lane
+    /// and is taken).
+    #[test]
+    fn empty_lanes_are_kept_up_to_a_bound() {
+        let mut q = ReadyQueue::default();
+        let lookup = |_| None;
+        let busy = job("busy");
+        q.push(key(&busy, 0), &busy);
+        for i in 1..=300u64 {
+            let j = job(&format!("p{i}"));
+            q.push(key(&j, i), &j);
+            assert_eq!(q.pop(Utc::now(), lookup, |p, _| p != "busy"), Some(j.id));
+            let empty = q.lanes.values().filter(|l| l.queue.is_empty()).count();
+            assert_eq!(empty, q.empty, "the count of empty lanes is right");
+            assert!(q.empty <= KEPT_EMPTY, "{} empty lanes kept", q.empty);
+            assert_eq!(
+                q.ids.values().map(|groups| groups.len()).sum::<usize>(),
+                q.lanes.len(),
+                "every lane kept is found by its project, and no other"
+            );
+        }
+        assert!(q.lanes.len() < 300, "empty lanes were dropped");
+        let first = job("p1");
+        q.push(key(&first, 301), &first);
+        assert_eq!(
+            q.pop(Utc::now(), lookup, |p, _| p != "busy"),
+            Some(first.id)
+        );
+        assert_eq!(q.pop(Utc::now(), lookup, |_, _| true), Some(busy.id));
+        assert_eq!(q.len(), 0);
     }
 
     #[test]
