@@ -334,12 +334,30 @@ impl AgentRequest {
     /// A prompt run in `project_path` with a 5 minute timeout.
     #[must_use]
     pub fn new(prompt: impl Into<String>, project_path: impl Into<PathBuf>) -> Self {
+        Self::of_step(
+            JobId::new(),
+            "main".to_owned(),
+            prompt.into(),
+            None,
+            project_path.into(),
+        )
+    }
+
+    /// A run of `step` of job `job_id` (the engine's: it knows both, so it makes no id and no
+    /// step name only to replace them).
+    pub(crate) fn of_step(
+        job_id: JobId,
+        step: String,
+        prompt: String,
+        command: Option<Vec<String>>,
+        project_path: PathBuf,
+    ) -> Self {
         Self {
-            job_id: JobId::new(),
-            step: "main".to_owned(),
-            prompt: prompt.into(),
-            command: None,
-            project_path: project_path.into(),
+            job_id,
+            step,
+            prompt,
+            command,
+            project_path,
             timeout: Duration::from_secs(300),
             resume_session: None,
             params: BTreeMap::new(),

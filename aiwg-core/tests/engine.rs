@@ -38,6 +38,44 @@ fn one_step(name: &str, agent: &str) -> Workflow {
     Workflow::new(name).step(Step::prompt("run", agent, "do {{guidance}}"))
 }
 
+/// A command step reaches its executor as an argument vector, each argument rendered on its
+/// own (a parameter with a space stays one argument), with no prompt, its job's id and its
+/// step's name, and the job's parameters.
+#[tokio::test]
+async fn a_command_step_reaches_its_executor_as_rendered_arguments() {
+    let env = env();
+    let exec = ScriptedExecutor::succeeding("logged");
+    let engine = builder(&env)
+        .executor("sh", Arc::new(exec.clone()))
+        .workflow(
+            Workflow::new("log")
+                .param(Parameter::new("rev").required())
+                .step(Step::command("show", "sh", ["git", "log", "-1", "{{rev}}"])),
+        )
+        .build()
+        .unwrap();
+    let job = engine
+        .submit(
+            JobRequest::new("log")
+                .project_path("a")
+                .param("rev", "main two"),
+        )
+        .await
+        .unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    let reqs = exec.requests();
+    assert_eq!(reqs.len(), 1);
+    let req = &reqs[0];
+    assert_eq!(
+        req.command.as_deref(),
+        Some(&["git", "log", "-1", "main two"].map(String::from)[..])
+    );
+    assert_eq!(req.prompt, "");
+    assert_eq!((req.job_id, req.step.as_str()), (job.id, "show"));
+    assert_eq!(req.params.get("rev").map(String::as_str), Some("main two"));
+}
+
 #[tokio::test]
 async fn a_two_step_job_completes_with_rendered_prompts_events_and_result() {
     let env = env();
@@ -94,6 +132,10 @@ async fn a_two_step_job_completes_with_rendered_prompts_events_and_result() {
     assert_eq!(reqs[1].prompt, "Check: step output");
     assert_eq!(reqs[1].resume_session.as_deref(), Some("ses-1"));
     assert_eq!(reqs[0].project_path, project);
+    // Each run names its job and step (the executor's logs and sessions key on them).
+    assert_eq!((reqs[0].job_id, reqs[0].step.as_str()), (job.id, "draft"));
+    assert_eq!((reqs[1].job_id, reqs[1].step.as_str()), (job.id, "check"));
+    assert_eq!(reqs[0].command, None);
 
     let events: Vec<_> = engine.subscribe(job.id, 0).await.unwrap().collect().await;
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();

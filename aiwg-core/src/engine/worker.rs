@@ -934,28 +934,29 @@ async fn run_steps(
             step_outputs: &outputs,
             step_structured: &structured,
         };
+        // The prompt, or the argument vector of a command step.
         let rendered = match (&step.prompt, &step.command) {
             (_, Some(argv)) => argv
                 .iter()
                 .map(|a| render(a, &ctx))
                 .collect::<Result<Vec<_>, _>>()
-                .map(|v| AgentRequest::command(v, PathBuf::from(&*job.project_path))),
-            (Some(p), None) => {
-                render(p, &ctx).map(|p| AgentRequest::new(p, PathBuf::from(&*job.project_path)))
-            }
-            (None, None) => Ok(AgentRequest::new(
-                String::new(),
-                PathBuf::from(&*job.project_path),
-            )),
+                .map(|v| (String::new(), Some(v))),
+            (Some(p), None) => render(p, &ctx).map(|p| (p, None)),
+            (None, None) => Ok((String::new(), None)),
         };
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let step_timeout = step.timeout.map_or(remaining, |t| t.min(remaining));
         let job_bound = step.timeout.is_none_or(|t| t >= remaining);
         let mut request = match rendered {
-            Ok(r) => r
-                .with_step(job.id, step.name.clone())
-                .with_timeout(step_timeout.max(Duration::from_millis(1)))
-                .with_params(BTreeMap::clone(&job.params)),
+            Ok((prompt, command)) => AgentRequest::of_step(
+                job.id,
+                step.name.clone(),
+                prompt,
+                command,
+                PathBuf::from(&*job.project_path),
+            )
+            .with_timeout(step_timeout.max(Duration::from_millis(1)))
+            .with_params(BTreeMap::clone(&job.params)),
             Err(e) => {
                 return (
                     Err(Stop::Failed(
