@@ -2,11 +2,11 @@
 //! store; nothing survives a restart.
 //!
 //! Layout: each job lives in its own allocation (`Box<Entry>`), found by its id in a hash map
-//! (every write and read of a job finds it so) and its id kept in an ordered set too, for
-//! listing. The map's slots stay small however large a job is, and a queued job holds only
+//! (every write and read of a job finds it so), its id also kept in order for listing
+//! ([`ids`]). The map's slots stay small however large a job is, and a queued job holds only
 //! what it needs: the job, its place in the ready queue (a number; the queue itself is in
-//! [`ready`]) and, once running, its lease's token and expiry. Its first event is not stored but made again when read. Under
-//! 1 KiB per queued job (the `engine_memory` bench).
+//! [`ready`]) and, once running, its lease's token and expiry. Its first event is not stored
+//! but made again when read. Under 1 KiB per queued job (the `engine_memory` bench).
 
 mod ids;
 mod ready;
