@@ -560,22 +560,22 @@ impl JobStore for MemoryStore {
             .ids
             .before(query.cursor)
             .rev()
-            .filter_map(|id| s.jobs.get_key_value(id))
-            .filter(|(_, e)| query.status.is_none_or(|st| e.job.status == st))
-            .filter(|(_, e)| {
+            .filter_map(|id| s.jobs.get(id).map(|e| &e.job))
+            .filter(|job| query.status.is_none_or(|st| job.status == st))
+            .filter(|job| {
                 query
                     .workflow
                     .as_deref()
-                    .is_none_or(|w| &*e.job.workflow == w)
+                    .is_none_or(|w| &*job.workflow == w)
             })
-            .filter(|(_, e)| {
+            .filter(|job| {
                 query
                     .concurrency_group
                     .as_ref()
-                    .is_none_or(|g| e.job.concurrency_group.as_ref() == Some(g))
+                    .is_none_or(|g| job.concurrency_group.as_ref() == Some(g))
             })
             .take(size + 1)
-            .map(|(_, e)| e.job.clone())
+            .cloned()
             .collect();
         let next_cursor = if jobs.len() > size {
             jobs.truncate(size);

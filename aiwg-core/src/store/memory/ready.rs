@@ -145,18 +145,10 @@ impl ReadyQueue {
     /// Adds `key` to the lane of `project` and `group`, making the lane if it has none.
     fn insert(&mut self, key: ReadyKey, project: &str, group: &Option<String>) {
         let id = match self.ids.get(project).and_then(|groups| groups.get(group)) {
-            Some(&id) => {
-                // A kept empty lane gets a job again.
-                if self
-                    .lanes
-                    .get(&id)
-                    .is_some_and(|lane| lane.queue.is_empty())
-                {
-                    self.empty -= 1;
-                }
-                id
-            }
+            Some(&id) => id,
             None => {
+                // Empty until `key` goes in below, as a kept lane would be.
+                self.empty += 1;
                 self.next_lane += 1;
                 let id = self.next_lane;
                 self.ids
@@ -178,6 +170,9 @@ impl ReadyQueue {
             return;
         };
         let old_head = lane.queue.first().copied();
+        if old_head.is_none() {
+            self.empty -= 1;
+        }
         lane.queue.insert(key);
         if old_head.is_none_or(|head| key < head) {
             if let Some(head) = old_head {
