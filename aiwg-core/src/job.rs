@@ -296,8 +296,8 @@ impl Progress {
     pub fn start(&mut self, step: &str) {
         let name = take(&mut self.pending, step);
         let again = take(&mut self.in_progress, step);
-        self.in_progress
-            .push(name.or(again).unwrap_or_else(|| Arc::from(step)));
+        let name = name.or(again).unwrap_or_else(|| Arc::from(step));
+        push_into(&mut self.in_progress, &mut self.pending, name);
     }
 
     /// Moves `step` from in progress to completed (the name moves, as in [`start`](Self::start)).
@@ -305,10 +305,21 @@ impl Progress {
         let name = take(&mut self.in_progress, step);
         let pending = take(&mut self.pending, step);
         if !self.completed.iter().any(|s| &**s == step) {
-            self.completed
-                .push(name.or(pending).unwrap_or_else(|| Arc::from(step)));
+            let name = name.or(pending).unwrap_or_else(|| Arc::from(step));
+            push_into(&mut self.completed, &mut self.in_progress, name);
         }
     }
+}
+
+/// Pushes `name` onto `to`. When `to` has never held anything and `from`, the list the name
+/// just left, is empty now, `to` takes `from`'s memory instead of allocating its own: a job's
+/// last step moves its name from pending to in progress to completed in one allocation, the
+/// one its pending list was made with.
+fn push_into(to: &mut Vec<Arc<str>>, from: &mut Vec<Arc<str>>, name: Arc<str>) {
+    if to.capacity() == 0 && from.is_empty() {
+        std::mem::swap(to, from);
+    }
+    to.push(name);
 }
 
 /// Removes every `step` from `names`, keeping their order, and hands back the first removed.
@@ -849,6 +860,38 @@ mod tests {
         assert_eq!(step_names(&p.completed), ["a"]);
         assert!(p.pending.is_empty());
         assert_eq!(step_names(&p.in_progress), ["b"]);
+    }
+
+    #[test]
+    fn a_last_step_moves_its_name_in_the_memory_its_pending_list_was_made_with() {
+        let mut p = Progress::pending(["only"]);
+        let memory = p.pending.as_ptr();
+        p.start("only");
+        assert_eq!(step_names(&p.in_progress), ["only"]);
+        assert!(p.pending.is_empty());
+        assert_eq!(
+            p.in_progress.as_ptr(),
+            memory,
+            "in progress allocated its own list"
+        );
+        p.finish("only");
+        assert_eq!(step_names(&p.completed), ["only"]);
+        assert!(p.in_progress.is_empty() && p.pending.is_empty());
+        assert_eq!(
+            p.completed.as_ptr(),
+            memory,
+            "completed allocated its own list"
+        );
+        // A list that already holds a name keeps it and its memory.
+        let mut p = Progress::pending(["a", "b"]);
+        p.start("a");
+        p.finish("a");
+        let completed = p.completed.as_ptr();
+        p.start("b");
+        p.finish("b");
+        assert_eq!(step_names(&p.completed), ["a", "b"]);
+        assert_eq!(p.completed.as_ptr(), completed);
+        assert!(p.in_progress.is_empty() && p.pending.is_empty());
     }
 
     #[test]

@@ -726,9 +726,9 @@ fn placeholders(template: &str) -> Result<impl Iterator<Item = &str>, TemplateEr
     let mut found = Vec::new();
     let mut rest = template;
     let mut offset = 0;
-    while let Some(start) = rest.find("{{") {
+    while let Some(start) = find_doubled(rest, '{') {
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or(TemplateError(offset + start))?;
+        let end = find_doubled(after, '}').ok_or(TemplateError(offset + start))?;
         found.push(after[..end].trim());
         let consumed = start + 2 + end + 2;
         offset += consumed;
@@ -789,10 +789,10 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, Templ
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     let mut offset = 0;
-    while let Some(start) = rest.find("{{") {
+    while let Some(start) = find_doubled(rest, '{') {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or(TemplateError(offset + start))?;
+        let end = find_doubled(after, '}').ok_or(TemplateError(offset + start))?;
         let name = after[..end].trim();
         let value: Option<String> = match name {
             "guidance" => ctx.guidance.map(str::to_owned),
@@ -820,6 +820,22 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, Templ
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Where `c` first occurs twice in a row in `text` (`c` is ASCII): what `text.find("{{")` finds,
+/// by a search for one byte (`memchr`) instead of a substring searcher set up at every call.
+fn find_doubled(text: &str, c: char) -> Option<usize> {
+    debug_assert!(c.is_ascii());
+    let mut from = 0;
+    while let Some(i) = text[from..].find(c) {
+        let at = from + i;
+        // `c` is one byte, so `at + 1` is a character boundary.
+        if text[at + 1..].starts_with(c) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 /// The workflows a server offers. Cheap to clone.
@@ -1105,5 +1121,15 @@ mod tests {
             "Do fix $(rm -rf /) on {{guidance}} #2 in /srv/p for org/repo"
         );
         assert_eq!(render("a {{x", &ctx), Err(TemplateError(2)));
+        // Single braces are text; the first `{{` opens and the first `}}` after it closes.
+        assert_eq!(
+            render("a{b} {{{iteration}}} {{ iteration }}}", &ctx),
+            Ok("a{b} } 2}".to_owned())
+        );
+        assert_eq!(render("{ {{iteration}", &ctx), Err(TemplateError(2)));
+        assert_eq!(
+            placeholders("{{{a}} {b} {{ c }}").map(Iterator::collect::<Vec<_>>),
+            Ok(vec!["{a", "c"])
+        );
     }
 }
