@@ -364,7 +364,8 @@ impl State {
         Ok((job, ev))
     }
 
-    /// Records `last` and ends the attempt (both, or neither), answering what `between` makes
+    /// Records `last` and ends the attempt at `now` (both, or neither; one clock reading for
+    /// both, and for a step's start written with them), answering what `between` makes
     /// of the job as `last` left it (a copy, or nothing), `last`'s event and the ended job with
     /// its event.
     fn end_after<T>(
@@ -373,10 +374,10 @@ impl State {
         last: JobEventKind,
         finish: Finish,
         between: impl FnOnce(&Job) -> T,
+        now: DateTime<Utc>,
         retention: &Retention,
     ) -> Result<EndedAfter<T>, StoreError> {
         apply::appendable(&last)?;
-        let now = Utc::now();
         let entry = self.fenced(lease, now)?;
         // Checked before the last event is written: both are written, or neither.
         entry.job.status.check_transition(finish.status())?;
@@ -403,7 +404,7 @@ impl State {
         let entry = self.fenced(lease, now)?;
         entry.job.status.check_transition(finish.status())?;
         let started = Self::record(entry, started, now);
-        let ended = self.end_after(lease, last, finish, between, retention)?;
+        let ended = self.end_after(lease, last, finish, between, now, retention)?;
         Ok((started, ended))
     }
 
@@ -642,7 +643,7 @@ impl JobStore for MemoryStore {
     ) -> Result<FinishedAfter, StoreError> {
         let (between, last, ended) =
             self.lock()
-                .end_after(lease, last, finish, Job::clone, &self.retention)?;
+                .end_after(lease, last, finish, Job::clone, Utc::now(), &self.retention)?;
         Ok(FinishedAfter {
             last: (between, last),
             ended,
@@ -657,7 +658,7 @@ impl JobStore for MemoryStore {
     ) -> Result<(JobEvent, (Job, JobEvent)), StoreError> {
         let (_, last, ended) =
             self.lock()
-                .end_after(lease, last, finish, |_| (), &self.retention)?;
+                .end_after(lease, last, finish, |_| (), Utc::now(), &self.retention)?;
         Ok((last, ended))
     }
 
