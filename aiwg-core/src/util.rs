@@ -137,6 +137,7 @@ mod tests {
 
     /// The keys SQL computes too (`aiwg_lock_key`, migration 0012; the PostgreSQL store's
     /// tests check the same values there), so both lock the same project or group.
+    #[cfg(feature = "postgres")]
     #[test]
     fn advisory_lock_keys_are_the_first_eight_bytes_of_sha256() {
         assert_eq!(

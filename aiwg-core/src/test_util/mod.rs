@@ -43,6 +43,8 @@ use crate::executor::{
 };
 
 mod audit_store_suite;
+// Its WebSocket client comes with the `test-util` feature, not with this crate's own tests.
+#[cfg(feature = "test-util")]
 pub mod conformance;
 mod dispatch_store_suite;
 mod job_store_suite;
