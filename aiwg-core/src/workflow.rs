@@ -723,18 +723,54 @@ pub struct TemplateError(pub usize);
 
 /// The placeholder names of a template, in order.
 fn placeholders(template: &str) -> Result<impl Iterator<Item = &str>, TemplateError> {
-    let mut found = Vec::new();
-    let mut rest = template;
-    let mut offset = 0;
-    while let Some(start) = find_doubled(rest, '{') {
-        let after = &rest[start + 2..];
-        let end = find_doubled(after, '}').ok_or(TemplateError(offset + start))?;
-        found.push(after[..end].trim());
-        let consumed = start + 2 + end + 2;
-        offset += consumed;
-        rest = &rest[consumed..];
+    let names = Pieces::of(template)
+        .filter_map(|piece| piece.map(|(_, name)| name).transpose())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(names.into_iter())
+}
+
+/// A template split at its placeholders: the text before each with the placeholder's name
+/// (trimmed), then the text after the last with no name. An unclosed `{{` ends it with an
+/// error. What [`render`] fills and [`placeholders`] lists, read the same way.
+struct Pieces<'a> {
+    rest: &'a str,
+    /// Where `rest` starts in the template.
+    offset: usize,
+    done: bool,
+}
+
+impl<'a> Pieces<'a> {
+    fn of(template: &'a str) -> Self {
+        Self {
+            rest: template,
+            offset: 0,
+            done: false,
+        }
     }
-    Ok(found.into_iter())
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = Result<(&'a str, Option<&'a str>), TemplateError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let Some(start) = find_doubled(self.rest, '{') else {
+            self.done = true;
+            return Some(Ok((self.rest, None)));
+        };
+        let after = &self.rest[start + 2..];
+        let Some(end) = find_doubled(after, '}') else {
+            self.done = true;
+            return Some(Err(TemplateError(self.offset + start)));
+        };
+        let piece = (&self.rest[..start], Some(after[..end].trim()));
+        let consumed = start + 2 + end + 2;
+        self.offset += consumed;
+        self.rest = &self.rest[consumed..];
+        Some(Ok(piece))
+    }
 }
 
 /// The values a template can see.
@@ -787,13 +823,10 @@ fn structured_field(value: &serde_json::Value, path: &str) -> Option<String> {
 /// [`Workflow::validate`] refuses unknown placeholders before any job runs.
 pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    let mut offset = 0;
-    while let Some(start) = find_doubled(rest, '{') {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = find_doubled(after, '}').ok_or(TemplateError(offset + start))?;
-        let name = after[..end].trim();
+    for piece in Pieces::of(template) {
+        let (text, name) = piece?;
+        out.push_str(text);
+        let Some(name) = name else { continue };
         let value: Option<String> = match name {
             "guidance" => ctx.guidance.map(str::to_owned),
             "project_path" => Some(ctx.project_path.to_owned()),
@@ -814,11 +847,7 @@ pub fn render(template: &str, ctx: &TemplateContext<'_>) -> Result<String, Templ
             }
         };
         out.push_str(value.as_deref().unwrap_or(""));
-        let consumed = start + 2 + end + 2;
-        offset += consumed;
-        rest = &rest[consumed..];
     }
-    out.push_str(rest);
     Ok(out)
 }
 
