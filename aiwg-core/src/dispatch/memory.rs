@@ -199,23 +199,25 @@ impl State {
         if let Some(row) = self.rows.get_mut(&id) {
             row.finished_seq = Some(seq);
         }
-        let queue = self.finished.entry(sub).or_default();
+        let Self {
+            rows,
+            by_sub,
+            finished,
+            ..
+        } = self;
+        let queue = finished.entry(sub).or_default();
         queue.push_back((seq, id));
-        let mut dropped = Vec::new();
         while queue.len() > retention {
-            if let Some(old) = queue.pop_front() {
-                dropped.push(old);
-            }
-        }
-        for (seq, old) in dropped {
+            let Some((seq, old)) = queue.pop_front() else {
+                break;
+            };
             // Only if it is still that finish (not redelivered and open or finished again).
-            let current = self
-                .rows
+            let current = rows
                 .get(&old)
                 .is_some_and(|r| r.finished_seq == Some(seq) && !r.delivery.state.is_open());
             if current {
-                self.rows.remove(&old);
-                if let Some(ids) = self.by_sub.get_mut(&sub) {
+                rows.remove(&old);
+                if let Some(ids) = by_sub.get_mut(&sub) {
                     ids.remove(&old);
                 }
             }
@@ -243,6 +245,11 @@ impl State {
             return Err(DispatchStoreError::LeaseLost);
         };
         let d = &mut row.delivery;
+        // Most deliveries are attempted once and then kept, up to the retention, with their
+        // log: room for one attempt, not the four a first push would make room for.
+        if d.attempts.capacity() == 0 {
+            d.attempts.reserve_exact(1);
+        }
         d.attempts.push(attempt.clone());
         if attempt.trigger == AttemptTrigger::Scheduled {
             d.scheduled_attempts = d.scheduled_attempts.saturating_add(1);
@@ -646,6 +653,16 @@ mod tests {
             .map(|d| d.id)
             .collect();
         assert_eq!(ids.len(), 4, "3 finished kept + 1 open");
+        let kept = {
+            let st = store.lock();
+            let attempts = &st.rows[&claimed[4].id].delivery.attempts;
+            (attempts.len(), attempts.capacity())
+        };
+        assert_eq!(
+            kept,
+            (1, 1),
+            "a delivery attempted once keeps room for one attempt"
+        );
         assert!(
             ids.contains(&claimed[5].id),
             "open deliveries are never dropped"
