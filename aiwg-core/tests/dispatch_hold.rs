@@ -1,5 +1,6 @@
 //! Receivers that hold requests: timeouts, the per-subscription in-flight cap, shutdown
-//! releasing an attempt in flight, and workers sending while their records are written.
+//! releasing an attempt in flight or what a claim on its way took, and workers sending while
+//! their records are written.
 
 #[path = "dispatch_support.rs"]
 mod support;
@@ -184,6 +185,9 @@ struct GatedRecords {
     short_leases: AtomicBool,
     /// Leases released.
     released: AtomicUsize,
+    /// When set, a claim that took deliveries answers only once this says `true` (as a
+    /// database's answer may come after the claimer was cancelled).
+    claims_wait_for: std::sync::Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
 }
 
 impl GatedRecords {
@@ -196,6 +200,7 @@ impl GatedRecords {
             overreach: std::sync::Mutex::default(),
             short_leases: AtomicBool::new(false),
             released: AtomicUsize::new(0),
+            claims_wait_for: std::sync::Mutex::default(),
         }
     }
 }
@@ -259,6 +264,10 @@ impl DispatchStore for GatedRecords {
             for c in &mut claimed {
                 c.lease.expires_at = Utc::now() + chrono::Duration::seconds(1);
             }
+        }
+        let gate = self.claims_wait_for.lock().unwrap().clone();
+        if let (Some(mut gate), false) = (gate, claimed.is_empty()) {
+            gate.wait_for(|open| *open).await.unwrap();
         }
         Ok(claimed)
     }
@@ -362,6 +371,57 @@ async fn workers_send_while_records_are_written_and_claims_stay_bounded() {
 /// A delivery whose lease would run out during its request (it waited that long for a worker)
 /// is released, not sent: another instance may claim it once the lease ends, and the two must
 /// not both send it. The next claim takes it again under a fresh lease, and it is sent once.
+/// A shutdown while a claim is on its way (a database round trip) waits for the claim's answer
+/// and releases what it took: dropping the claim would leave the deliveries the database
+/// already leased to their leases (45 s by default), late for every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_claim_releases_what_the_claim_took() {
+    let (_records, open) = tokio::sync::watch::channel(true);
+    let store = Arc::new(GatedRecords::new(open, usize::MAX));
+    let (answer, claims_wait_for) = tokio::sync::watch::channel(false);
+    *store.claims_wait_for.lock().unwrap() = Some(claims_wait_for);
+    let h = hold().await;
+    h.release.add_permits(1_000);
+    let d = Dispatcher::builder()
+        .store(store.clone())
+        .allow_private_targets(true)
+        .build()
+        .unwrap();
+    d.start().unwrap();
+    let sub = subscribe(&d, &h.url).await;
+    d.publish(OutboundEvent::new("job.queued", json!({})))
+        .await
+        .unwrap();
+    wait_until("the claim to have taken the delivery", || async {
+        (store.held.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    // The shutdown's first poll cancels the dispatcher's tasks; the claim answers after that.
+    let shutdown = d.shutdown();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        biased;
+        () = &mut shutdown => panic!("the shutdown ended while a claim was on its way"),
+        () = std::future::ready(()) => {}
+    }
+    answer.send(true).unwrap();
+    shutdown.await;
+    assert_eq!(
+        store.released.load(Ordering::SeqCst),
+        1,
+        "what the claim took was released"
+    );
+    assert_eq!(store.held.load(Ordering::SeqCst), 0);
+    let due = store.next_due_at().await.unwrap().unwrap();
+    assert!(due <= Utc::now(), "due again at once, not leased");
+    assert_eq!(h.done.load(Ordering::SeqCst), 0, "nothing was sent");
+    // Started again, the dispatcher sends it.
+    *store.claims_wait_for.lock().unwrap() = None;
+    d.start().unwrap();
+    wait_delivery(&d, sub, DeliveryState::Succeeded).await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_lease_is_nearly_over_is_released_not_sent() {
     let (_gate, open) = tokio::sync::watch::channel(true);

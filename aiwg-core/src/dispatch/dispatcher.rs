@@ -699,10 +699,22 @@ async fn pump(inner: Arc<Inner>, recorder: Recorder, cancel: CancellationToken) 
             inner.timeout + LEASE_BEYOND_TIMEOUT,
             inner.per_subscription_cap,
         );
+        let claim = inner.store.claim_due(&req);
+        tokio::pin!(claim);
         let claimed = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
-            r = inner.store.claim_due(&req) => r,
+            () = cancel.cancelled() => {
+                // A database may have leased deliveries already (its statement goes on even if
+                // its answer is not read): wait for them and release them, rather than leave
+                // them to their leases.
+                if let Ok(claimed) = claim.await {
+                    for task in claimed {
+                        release(&inner, &task).await;
+                    }
+                }
+                break;
+            }
+            r = &mut claim => r,
         };
         let claimed = match claimed {
             Ok(c) => c,
