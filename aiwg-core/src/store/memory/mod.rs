@@ -220,7 +220,7 @@ impl State {
     /// keeps (with their events and idempotency keys).
     fn finished(&mut self, id: JobId, now: DateTime<Utc>, retention: &Retention) {
         self.finished.push_back((now, id));
-        let horizon = now - ttl(retention.finished_for);
+        let horizon = before(now, retention.finished_for);
         while let Some(&(at, old)) = self.finished.front() {
             if self.finished.len() <= retention.max_finished && at >= horizon {
                 break;
@@ -329,7 +329,7 @@ impl State {
             owner: request.owner.clone(),
             attempt: entry.job.attempt,
             token,
-            expires_at: now + ttl(request.lease_ttl),
+            expires_at: after(now, request.lease_ttl),
         };
         entry.lease = Some(Held {
             token,
@@ -531,8 +531,21 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-fn ttl(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// `d` after `at`, or the last time there is: a duration configured as "forever" (say
+/// `u64::MAX` seconds) does not overflow the clock's range.
+fn after(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| at.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `d` before `at`, or the first time there is.
+fn before(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| at.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 #[async_trait]
@@ -612,7 +625,7 @@ impl JobStore for MemoryStore {
         let now = Utc::now();
         let entry = s.fenced(lease, now)?;
         let mut renewed = lease.clone();
-        renewed.expires_at = now + ttl(ttl_);
+        renewed.expires_at = after(now, ttl_);
         entry.lease = Some(Held {
             token: renewed.token,
             expires_at: renewed.expires_at,
@@ -829,6 +842,41 @@ mod tests {
     use crate::job::JobResult;
     use crate::store::{ClaimRequest, Finish, JobStore, NewJob};
     use crate::test_util::sample_job;
+
+    /// Durations meant as "forever" (as large as a `Duration` goes) keep finished jobs and
+    /// leases without overflowing the clock's range: before, finishing a job panicked (under
+    /// the store's lock, for every job after it).
+    #[tokio::test]
+    async fn durations_past_the_clocks_range_mean_forever() {
+        // Beyond what a time delta holds, and within it but beyond the calendar's range.
+        let million_years = Duration::from_secs(1_000_000 * 365 * 86_400);
+        for forever in [Duration::MAX, million_years] {
+            let store = MemoryStore::with_retention(Retention {
+                finished_for: forever,
+                max_finished: 10,
+            });
+            let req = ClaimRequest::new("w", forever);
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let job = sample_job("w", "/p", 0);
+                ids.push(job.id);
+                store.create(NewJob::new(job)).await.unwrap();
+                let claimed = store.claim(&req).await.unwrap().unwrap();
+                assert_eq!(
+                    claimed.lease.expires_at,
+                    chrono::DateTime::<chrono::Utc>::MAX_UTC
+                );
+                store.heartbeat(&claimed.lease, forever).await.unwrap();
+                store
+                    .finish(&claimed.lease, Finish::Completed(JobResult::default()))
+                    .await
+                    .unwrap();
+            }
+            for id in ids {
+                assert!(store.get(id).await.unwrap().is_some(), "kept");
+            }
+        }
+    }
 
     /// The jobs the retention forgets are freed once the lock is released, and nothing of
     /// them stays behind: the store holds the jobs it keeps and no others.
