@@ -1,6 +1,27 @@
-//! Small shared helpers: duration parsing for configuration.
+//! Small shared helpers: duration parsing for configuration, and times a duration after or
+//! before another.
 
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// `d` after `at`, or the last time there is: a duration meant as "forever" (a timeout or a
+/// retention of `u64::MAX` seconds, which configuration accepts) does not overflow the
+/// calendar's range (`DateTime + TimeDelta` panics past it).
+pub(crate) fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| at.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `d` before `at`, or the first time there is.
+pub(crate) fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| at.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
 
 /// Parses `"5m"`, `"1h 30m"`, `"250ms"` (humantime) or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -260,6 +260,43 @@ async fn retry_after_is_bounded() {
     d.shutdown().await;
 }
 
+/// A receiver's `Retry-After` past the calendar's end, with no bound configured, schedules the
+/// retry at the last time there is: the worker that read it does not panic, and the dispatcher
+/// goes on delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_past_the_calendar_is_kept_as_the_last_time() {
+    let r = Receiver::start(|req, _| {
+        if req.path == "/late" {
+            Reply::status(503).header("retry-after", "18446744073709551615")
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let d = local()
+        .workers(1)
+        .retry_after_max(Duration::MAX)
+        .build()
+        .unwrap();
+    d.start().unwrap();
+    let (late, _) = subscribe(&d, r.url("/late"), &["*"]).await;
+    d.publish(OutboundEvent::new("job.queued", json!({})))
+        .await
+        .unwrap();
+    let retrying = wait_delivery(&d, late, DeliveryState::Retrying).await;
+    assert_eq!(
+        retrying.next_attempt_at,
+        Some(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+    );
+    // The one worker is still there.
+    let (on_time, _) = subscribe(&d, r.url("/"), &["*"]).await;
+    d.publish(OutboundEvent::new("job.started", json!({})))
+        .await
+        .unwrap();
+    wait_delivery(&d, on_time, DeliveryState::Succeeded).await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_then_up_loses_nothing() {
     // Reserve a port, then close it: connections are refused until the receiver starts.

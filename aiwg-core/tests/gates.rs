@@ -143,6 +143,37 @@ async fn a_rejected_or_expired_approval_cancels_the_job_and_keeps_what_ran() {
     ));
 }
 
+/// An approval timeout meant as "never" (configuration accepts any number of seconds) pauses
+/// the job like any other: the worker does not panic computing when the wait ends.
+#[tokio::test]
+async fn an_approval_timeout_past_the_calendar_waits_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir)
+        .executor("agent", Arc::new(ScriptedExecutor::succeeding("out")))
+        .workflow(
+            Workflow::new("gated-forever")
+                .step(Step::prompt("apply", "agent", "apply").requiring_approval())
+                .with_approval_timeout(Duration::from_secs(u64::MAX)),
+        )
+        .build()
+        .unwrap();
+    let job = engine
+        .submit(JobRequest::new("gated-forever"))
+        .await
+        .unwrap();
+    let waiting = wait_for(&engine, job.id, JobStatus::AwaitingApproval).await;
+    assert_eq!(
+        waiting.approvals.last().unwrap().expires_at,
+        chrono::DateTime::<chrono::Utc>::MAX_UTC
+    );
+    let approved = engine.approve(job.id, "bob", "api").await.unwrap();
+    assert_ne!(approved.status, JobStatus::AwaitingApproval);
+    assert_eq!(
+        engine.wait(job.id, WAIT).await.unwrap().status,
+        JobStatus::Completed
+    );
+}
+
 fn gated_with_timeout() -> Workflow {
     Workflow::new("gated-briefly")
         .step(Step::prompt("plan", "agent", "plan"))

@@ -87,7 +87,7 @@ impl MemoryAuditStore {
 }
 
 fn horizon(now: DateTime<Utc>, keep_for: Duration) -> DateTime<Utc> {
-    now - chrono::Duration::from_std(keep_for).unwrap_or(chrono::Duration::MAX)
+    crate::util::earlier(now, keep_for)
 }
 
 #[async_trait]

@@ -30,6 +30,7 @@ use super::subscription::{
 };
 use super::DispatchError;
 use crate::future_slot::FutureSlot;
+use crate::util::later;
 
 type Result<T, E = DispatchError> = std::result::Result<T, E>;
 
@@ -564,7 +565,7 @@ impl Dispatcher {
             .subscription(id)
             .await?
             .ok_or(DispatchError::NotFound)?;
-        let until = now + to_chrono(self.inner.rotation_grace);
+        let until = later(now, self.inner.rotation_grace);
         let secret = SigningSecret::generate();
         let mut keys = vec![SigningKey {
             secret: secret.clone(),
@@ -964,12 +965,7 @@ async fn finish(inner: &Inner, recorder: &Recorder, task: ClaimedDelivery, r: Se
             _ => d,
         });
         match delay {
-            Some(d) => (
-                AttemptOutcome::Retry {
-                    at: now + to_chrono(d),
-                },
-                "retrying",
-            ),
+            Some(d) => (AttemptOutcome::Retry { at: later(now, d) }, "retrying"),
             None => (AttemptOutcome::Failed, "failed"),
         }
     };

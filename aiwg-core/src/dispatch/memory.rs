@@ -432,8 +432,7 @@ impl DispatchStore for MemoryDispatchStore {
             st.lease_remove(id);
             st.due_again(id);
         }
-        let lease_for =
-            chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
+        let expires_at = crate::util::later(req.now, req.lease_for);
         let mut out = Vec::new();
         // The subscriptions' queues merged in due order: `passed` is the last head passed over
         // (its subscription disabled or at its cap); heads before it are not looked at again.
@@ -464,7 +463,7 @@ impl DispatchStore for MemoryDispatchStore {
                 delivery_id: id,
                 token: Uuid::now_v7(),
                 owner: req.owner.clone(),
-                expires_at: req.now + lease_for,
+                expires_at,
             };
             st.lease_insert(sid, &lease);
             let row = &st.rows[&id];

@@ -623,8 +623,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 .and_then(|wf| wf.approval_timeout)
                 .unwrap_or(inner.settings.approval_timeout);
             let now = Utc::now();
-            let expires_at =
-                now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+            let expires_at = crate::util::later(now, timeout);
             metrics::counter!("aiwg_approval_requests_total", "workflow" => job.workflow.clone())
                 .increment(1);
             Some(Finish::AwaitingApproval {
@@ -638,7 +637,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 && !inner.stop_claiming.is_cancelled())
             .then(|| {
                 let delay = inner.settings.backoff.delay(job.attempt);
-                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
+                crate::util::later(Utc::now(), delay)
             });
             Some(Finish::Failed {
                 error,

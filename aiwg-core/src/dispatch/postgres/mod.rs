@@ -600,9 +600,7 @@ impl DispatchStore for PgDispatchStore {
         } else {
             req.limit.min(1000)
         };
-        let lease_for =
-            chrono::Duration::from_std(req.lease_for).unwrap_or_else(|_| chrono::Duration::days(1));
-        let expires_at = req.now + lease_for;
+        let expires_at = crate::util::later(req.now, req.lease_for);
         // One call (migration 0018): the candidates, their subscriptions' locks and leases in
         // flight under a cap, the new leases, and each claimed delivery's subscription.
         let claim = sqlx::query("SELECT * FROM aiwg_claim_deliveries($1, $2, $3, $4, $5, $6, $7)")

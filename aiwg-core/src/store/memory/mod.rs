@@ -27,6 +27,7 @@ use crate::event::{JobEvent, JobEventKind};
 use crate::fast_hash::{FastMap, FastSet};
 use crate::job::{ApprovalDecision, Job, JobId, JobStatus};
 use crate::tally::ProjectTally;
+use crate::util::{earlier, later};
 
 use self::ids::OrderedIds;
 use self::ready::{ReadyKey, ReadyQueue};
@@ -220,7 +221,7 @@ impl State {
     /// keeps (with their events and idempotency keys).
     fn finished(&mut self, id: JobId, now: DateTime<Utc>, retention: &Retention) {
         self.finished.push_back((now, id));
-        let horizon = before(now, retention.finished_for);
+        let horizon = earlier(now, retention.finished_for);
         while let Some(&(at, old)) = self.finished.front() {
             if self.finished.len() <= retention.max_finished && at >= horizon {
                 break;
@@ -329,7 +330,7 @@ impl State {
             owner: request.owner.clone(),
             attempt: entry.job.attempt,
             token,
-            expires_at: after(now, request.lease_ttl),
+            expires_at: later(now, request.lease_ttl),
         };
         entry.lease = Some(Held {
             token,
@@ -531,23 +532,6 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-/// `d` after `at`, or the last time there is: a duration configured as "forever" (say
-/// `u64::MAX` seconds) does not overflow the clock's range.
-fn after(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| at.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// `d` before `at`, or the first time there is.
-fn before(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| at.checked_sub_signed(d))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
 #[async_trait]
 impl JobStore for MemoryStore {
     async fn create(&self, new: NewJob) -> Result<Created, StoreError> {
@@ -625,7 +609,7 @@ impl JobStore for MemoryStore {
         let now = Utc::now();
         let entry = s.fenced(lease, now)?;
         let mut renewed = lease.clone();
-        renewed.expires_at = after(now, ttl_);
+        renewed.expires_at = later(now, ttl_);
         entry.lease = Some(Held {
             token: renewed.token,
             expires_at: renewed.expires_at,
