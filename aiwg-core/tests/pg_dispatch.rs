@@ -23,7 +23,7 @@ use aiwg_core::dispatch::{
 use chrono::Utc;
 use pg_support::test_db;
 use serde_json::json;
-use support::{wait_until, Receiver, Reply};
+use support::{wait_delivery, wait_until, Receiver, Reply};
 
 fn dispatcher(store: PgDispatchStore, instance: &str) -> Dispatcher {
     Dispatcher::builder()
@@ -513,5 +513,53 @@ async fn the_subscriber_list_follows_changes_made_here_and_elsewhere() {
         (completed_to(&there).await == [b.id]).then_some(())
     })
     .await;
+    db.cleanup().await;
+}
+
+/// A subscription whose keys this instance cannot open (sealed with a key it lacks) holds
+/// back only its own deliveries: the others claimed with them are sent, and its own are not
+/// sent unsigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_keys_cannot_be_opened_holds_back_only_its_own_deliveries() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let r = Receiver::ok().await;
+    drop(db.outbox_in(&schema, 2).await);
+    let elsewhere = PgDispatchStore::from_pool(db.pool(&schema, 2).await)
+        .await
+        .unwrap()
+        .with_keyring(
+            aiwg_core::secrets::SecretKeyring::parse(
+                "elsewhere:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=",
+            )
+            .unwrap(),
+        );
+    let unreadable = Subscription::new(
+        r.url("/unreadable"),
+        vec!["job.*".into()],
+        None,
+        SigningSecret::generate(),
+        Utc::now(),
+    );
+    elsewhere.insert_subscription(&unreadable).await.unwrap();
+    let d = dispatcher(db.outbox_in(&schema, 4).await, "a");
+    d.start().unwrap();
+    let readable = subscribe(&d, r.url("/readable")).await;
+    let n = d
+        .publish(OutboundEvent::new("job.completed", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "both subscriptions get a delivery");
+    wait_delivery(&d, readable, DeliveryState::Succeeded).await;
+    assert!(
+        r.requests().iter().all(|q| q.path == "/readable"),
+        "nothing was sent for the subscription whose keys cannot be opened"
+    );
+    // (Its log, read where its keys can be opened.)
+    let log = elsewhere.deliveries(unreadable.id, 10, None).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].state, DeliveryState::Pending);
+    assert!(log[0].attempts.is_empty());
+    d.shutdown().await;
     db.cleanup().await;
 }

@@ -617,8 +617,12 @@ impl DispatchStore for PgDispatchStore {
             .run(db, async |conn| claim.fetch_all(conn).await.map_err(db))
             .await?;
         // A subscription's row comes with each of its deliveries; it is read (and its keys
-        // opened) once.
-        let mut subs: BTreeMap<Uuid, std::sync::Arc<Subscription>> = BTreeMap::new();
+        // opened) once. One whose keys cannot be opened (sealed with a key this instance lacks,
+        // or corrupt) costs only its own deliveries: they keep the leases just taken, unsent,
+        // and come back when those end, while the rest of the claim goes out. (An error for the
+        // whole claim would leave every delivery of it leased and unsent, and the same
+        // deliveries, claimed again together, would fail again.)
+        let mut subs: BTreeMap<Uuid, Option<std::sync::Arc<Subscription>>> = BTreeMap::new();
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: Uuid = r.try_get("delivery_id").map_err(db)?;
@@ -626,10 +630,22 @@ impl DispatchStore for PgDispatchStore {
             let subscription = match subs.get(&sub) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = std::sync::Arc::new(self.subscription_of(r)?);
+                    let s = match self.subscription_of(r) {
+                        Ok(s) => Some(std::sync::Arc::new(s)),
+                        Err(e) => {
+                            tracing::warn!(
+                                subscription = %sub, error = %e,
+                                "webhook outbox: a subscription's keys cannot be read; its deliveries wait for their leases to end"
+                            );
+                            None
+                        }
+                    };
                     subs.insert(sub, s.clone());
                     s
                 }
+            };
+            let Some(subscription) = subscription else {
+                continue;
             };
             let manual: bool = r.try_get("manual").map_err(db)?;
             out.push(ClaimedDelivery {
