@@ -168,9 +168,18 @@ fn same(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
 }
 
+/// Whether `list` names the actor by login or display name: for lists that keep people out
+/// (`ignore_users`), where matching more is the safe side.
 fn names(actor: &Actor, list: &[String]) -> bool {
     list.iter()
         .any(|u| same(u, &actor.login) || actor.name.as_deref().is_some_and(|n| same(u, n)))
+}
+
+/// Whether `list` names the actor by login: for lists that let people in (`allowed_users`).
+/// Never by display name, which anyone sets to anything (GitLab's `name`, Bitbucket's
+/// `display_name`, Slack's `user_name`): a sender renamed `alice` is not `alice`.
+fn admits(actor: &Actor, list: &[String]) -> bool {
+    list.iter().any(|u| same(u, &actor.login))
 }
 
 /// What [`authorize_actor`] leaves to do.
@@ -212,7 +221,7 @@ pub(crate) fn authorize_actor(
         return Err(IgnoreReason::IgnoredUser(actor.login.clone()));
     }
     let mut check = ActorCheck::Allowed;
-    if (gated || !policy.allowed_users.is_empty()) && !names(actor, &policy.allowed_users) {
+    if (gated || !policy.allowed_users.is_empty()) && !admits(actor, &policy.allowed_users) {
         if gated && lookup {
             check = ActorCheck::AskForge;
         } else {

@@ -161,6 +161,24 @@ async fn gitlab_note_hook_submits() {
         r.json().expect("json")
     );
 
+    // a user who named themselves after an allowed one: the display name admits nobody
+    let renamed: Vec<u8> = String::from_utf8(gl_note_on_mr("@aiwg review", "mallory", 15))
+        .expect("utf-8")
+        .replace("\"Alice A.\"", "\"alice\"")
+        .into_bytes();
+    let r = hooks
+        .handle(
+            "gitlab",
+            &gl_headers("Note Hook", "gl-secret-token", "u1"),
+            &renamed,
+            &never(),
+        )
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::UserNotAllowed("mallory".into()))
+    );
+
     // a user not in allowed_users, a fork MR, a bot
     let other = gl_note_on_mr("@aiwg review", "eve", 15);
     let r = hooks
@@ -865,6 +883,22 @@ async fn bitbucket_comment() {
     );
     let r = outsider
         .handle("bitbucket", &h, body.as_bytes(), &never())
+        .await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Ignored(IgnoreReason::UserNotAllowed("alice".into()))
+    );
+    // Nor does a display name set to an allowed login.
+    let renamed = body.replace("\"display_name\":\"Alice\"", "\"display_name\":\"bob\"");
+    assert_ne!(renamed, body);
+    let renamed_sig = format!("sha256={}", hmac_hex(b"bb-secret", &[renamed.as_bytes()]));
+    let renamed_h = headers(&[
+        ("x-hub-signature", &renamed_sig),
+        ("x-event-key", "pullrequest:comment_created"),
+        ("x-request-uuid", "bb-renamed"),
+    ]);
+    let r = outsider
+        .handle("bitbucket", &renamed_h, renamed.as_bytes(), &never())
         .await;
     assert_eq!(
         r.outcome,
