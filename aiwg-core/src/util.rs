@@ -15,6 +15,13 @@ pub(crate) fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// `d` from `now` on the monotonic clock, or thirty years from it (as tokio's timers take a
+/// deadline past the clock's range) when a duration meant as "forever" overflows it.
+pub(crate) fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// `d` before `at`, or the first time there is.
 pub(crate) fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)

@@ -502,8 +502,13 @@ impl Workflow {
         if self.max_attempts == Some(0) {
             return Err(err("max_attempts must be at least 1".into()));
         }
-        if self.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(err("timeout must be greater than zero".into()));
+        if self
+            .timeout
+            .is_some_and(|t| t.is_zero() || t > crate::executor::MAX_TIMEOUT)
+        {
+            // An agent's request may not last longer (`MAX_TIMEOUT`): a longer job's first
+            // step would fail.
+            return Err(err("timeout must be between 1 ms and 30 days".into()));
         }
         if self
             .max_budget_usd

@@ -338,6 +338,42 @@ async fn per_project_concurrency_is_enforced_while_other_projects_run() {
     engine.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A workflow's timeout past what an agent's request may last (30 days) is refused when the
+/// engine is built, with the reason; a step's timeout meant as "never" (configuration accepts
+/// any number of seconds) is bounded by the job's, and the job runs.
+#[tokio::test]
+async fn timeouts_past_the_clocks_range_are_refused_or_bounded() {
+    let env = env();
+    let forever = Duration::from_secs(u64::MAX);
+    let refused = builder(&env)
+        .executor("a", Arc::new(ScriptedExecutor::succeeding("out")))
+        .workflow(
+            Workflow::new("patient")
+                .with_timeout(forever)
+                .step(Step::prompt("s", "a", "x")),
+        )
+        .build()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("patient") && refused.contains("timeout must be between 1 ms and 30 days"),
+        "{refused}"
+    );
+    let engine = builder(&env)
+        .executor("a", Arc::new(ScriptedExecutor::succeeding("out")))
+        .workflow(
+            Workflow::new("patient")
+                .with_timeout(aiwg_core::executor::MAX_TIMEOUT)
+                .step(Step::prompt("s", "a", "x").with_timeout(forever)),
+        )
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("patient")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+}
+
 #[tokio::test]
 async fn step_timeout_and_job_timeout_end_timed_out_with_the_executor_cancelled() {
     let env = env();

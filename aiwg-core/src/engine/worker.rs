@@ -862,7 +862,7 @@ async fn run_steps(
         );
         return (Err(Stop::Failed(e, false)), result);
     };
-    let deadline = tokio::time::Instant::now() + job.timeout;
+    let deadline = crate::util::deadline(tokio::time::Instant::now(), job.timeout);
     let mut outputs: BTreeMap<String, String> = BTreeMap::new();
     let mut structured: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut last_session: Option<String> = None;

@@ -418,7 +418,7 @@ async fn submit_trigger(
         Decision::Duplicate
     };
     if is_async == Some(false) {
-        let bound = job.timeout + Duration::from_secs(5);
+        let bound = job.timeout.saturating_add(Duration::from_secs(5));
         let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;
         return Ok(ApiResponse::json(
             StatusCode::OK,

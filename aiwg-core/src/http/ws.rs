@@ -268,8 +268,11 @@ impl WsSession {
         I: Stream<Item = WsMessage>,
     {
         let keep_alive = self.api.inner.keep_alive;
-        let deadline = Instant::now() + self.api.inner.ws_auth_timeout;
-        let mut ping = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
+        let deadline = crate::util::deadline(Instant::now(), self.api.inner.ws_auth_timeout);
+        let mut ping = tokio::time::interval_at(
+            crate::util::deadline(Instant::now(), keep_alive),
+            keep_alive,
+        );
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let run = Run {
             api: self.api,

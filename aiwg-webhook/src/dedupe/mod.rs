@@ -75,7 +75,7 @@ pub trait DeliveryStore: Send + Sync {
         key: &str,
         timeout: Duration,
     ) -> Result<Option<JobId>, DeliveryStoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = later(Instant::now(), timeout);
         loop {
             if let Some(job) = self.get(key).await? {
                 return Ok(Some(job));
@@ -201,7 +201,7 @@ impl DeliveryStore for MemoryDeliveryStore {
                 key,
                 State::Pending {
                     notify,
-                    until: now + lease,
+                    until: later(now, lease),
                 },
             ) {
                 old.notify_waiters();
@@ -216,7 +216,7 @@ impl DeliveryStore for MemoryDeliveryStore {
         job: JobId,
         ttl: Duration,
     ) -> Result<(), DeliveryStoreError> {
-        let until = Instant::now() + ttl;
+        let until = later(Instant::now(), ttl);
         let old = self.lock().set(key, State::Done { job, until });
         if let Some(State::Pending { notify, .. }) = old {
             notify.notify_waiters();
@@ -246,7 +246,7 @@ impl DeliveryStore for MemoryDeliveryStore {
         key: &str,
         timeout: Duration,
     ) -> Result<Option<JobId>, DeliveryStoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = later(Instant::now(), timeout);
         loop {
             let notify = {
                 let inner = self.lock();
@@ -379,6 +379,13 @@ async fn futures_join_all(
     out
 }
 
+/// `d` after `now`, or thirty years after it when a duration meant as "forever" (a TTL of
+/// `u64::MAX` seconds, which configuration accepts) overflows the clock.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +405,28 @@ mod tests {
         tokio::time::advance(TTL + Duration::from_secs(1)).await;
         assert_eq!(s.get("k").await.unwrap(), None);
         assert_eq!(s.claim("k", LEASE, TTL).await.unwrap(), Claim::Fresh);
+    }
+
+    /// A lease, a TTL and a wait meant as "forever" (configuration accepts `u64::MAX`
+    /// seconds) keep the key that long: nothing overflows the clock.
+    #[tokio::test(start_paused = true)]
+    async fn durations_past_the_clocks_range_mean_forever() {
+        let s = MemoryDeliveryStore::new();
+        let forever = Duration::MAX;
+        assert_eq!(s.claim("k", forever, forever).await.unwrap(), Claim::Fresh);
+        let job = JobId::new();
+        s.complete("k", job, forever).await.expect("complete");
+        tokio::time::advance(Duration::from_secs(10 * 365 * 86_400)).await;
+        assert_eq!(s.wait("k", forever).await.unwrap(), Some(job));
+        assert_eq!(
+            s.claim("k", forever, forever).await.unwrap(),
+            Claim::Done(job)
+        );
+        assert_eq!(s.claim("l", forever, forever).await.unwrap(), Claim::Fresh);
+        assert_eq!(
+            s.claim("l", forever, forever).await.unwrap(),
+            Claim::Pending
+        );
     }
 
     #[tokio::test(start_paused = true)]
