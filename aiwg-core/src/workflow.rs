@@ -484,6 +484,16 @@ impl Workflow {
         self.steps.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// Whether a command step starts an argument with `{{guidance}}` (a guidance starting with
+    /// `-` would then reach the program as an option).
+    pub(crate) fn guidance_leads_an_argument(&self) -> bool {
+        self.steps
+            .iter()
+            .filter_map(|s| s.command.as_ref())
+            .flatten()
+            .any(|a| leading_placeholder(a) == Some("guidance"))
+    }
+
     /// Checks the workflow on its own: names, steps, templates.
     pub fn validate(&self) -> Result<(), WorkflowError> {
         let wf = &self.name;
@@ -725,6 +735,33 @@ pub enum ParamError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("template has an unclosed `{{{{` at byte {0}")]
 pub struct TemplateError(pub usize);
+
+/// The placeholder an argument template starts with (`{{guidance}} and more` → `guidance`),
+/// if it starts with one.
+pub(crate) fn leading_placeholder(template: &str) -> Option<&str> {
+    match Pieces::of(template).next() {
+        Some(Ok(("", name))) => name,
+        _ => None,
+    }
+}
+
+/// Whether a command argument rendered from `template` starts with `-` because of a value put
+/// into it, not because its author wrote a flag: the argument would reach the program as an
+/// option made of user text (a guidance, a forge's field, an agent's output). A parameter's
+/// value is exempt: it was checked when the job was submitted, where a value starting with
+/// `-` needs a `pattern` that admits it.
+pub(crate) fn looks_like_an_injected_option(
+    template: &str,
+    rendered: &str,
+    params: &BTreeMap<String, String>,
+) -> bool {
+    if !rendered.starts_with('-') || template.starts_with('-') {
+        return false;
+    }
+    !leading_placeholder(template)
+        .and_then(|name| params.get(name))
+        .is_some_and(|value| value.starts_with('-'))
+}
 
 /// The placeholder names of a template, in order.
 fn placeholders(template: &str) -> Result<impl Iterator<Item = &str>, TemplateError> {

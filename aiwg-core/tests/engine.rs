@@ -76,6 +76,90 @@ async fn a_command_step_reaches_its_executor_as_rendered_arguments() {
     assert_eq!(req.params.get("rev").map(String::as_str), Some("main two"));
 }
 
+/// User text never becomes an option of a command: a guidance starting with `-` is refused
+/// at submit when a command step starts an argument with it, and a value put into an argument
+/// at run time (here an earlier step's output) that makes it start with `-` fails the job
+/// before the program runs. Flags the workflow's author wrote, and parameters whose pattern
+/// admits a leading `-`, go through.
+#[tokio::test]
+async fn user_text_never_becomes_an_option_of_a_command() {
+    let env = env();
+    let exec = ScriptedExecutor::succeeding("--output=/tmp/x");
+    let engine = builder(&env)
+        .executor("sh", Arc::new(exec.clone()))
+        .workflow(Workflow::new("log").step(Step::command(
+            "show",
+            "sh",
+            ["git", "log", "--grep={{guidance}}", "{{ guidance }}"],
+        )))
+        .workflow(
+            Workflow::new("chain")
+                .step(Step::command("first", "sh", ["true"]))
+                .step(Step::command(
+                    "second",
+                    "sh",
+                    ["echo", "{{steps.first.output}}"],
+                )),
+        )
+        .workflow(
+            Workflow::new("signed")
+                .param(Parameter::new("n").with_pattern("-?[0-9]+"))
+                .step(Step::command("add", "sh", ["expr", "{{n}}", "+", "1"])),
+        )
+        .build()
+        .unwrap();
+    let refused = engine
+        .submit(JobRequest::new("log").guidance("--output=/tmp/x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, SubmitError::Invalid(why) if why.contains("may not look like an option")),
+        "{refused:?}"
+    );
+    let job = engine
+        .submit(JobRequest::new("log").guidance("fix it"))
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.wait(job.id, WAIT).await.unwrap().status,
+        JobStatus::Completed
+    );
+    assert_eq!(
+        exec.requests()[0].command.as_deref(),
+        Some(&["git", "log", "--grep=fix it", "fix it"].map(String::from)[..])
+    );
+
+    let job = engine.submit(JobRequest::new("chain")).await.unwrap();
+    let failed = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    let error = failed.error.unwrap();
+    assert_eq!(error.kind, "invalid_request");
+    assert!(
+        error.message.contains("step `second`")
+            && error.message.contains("may not look like an option"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        exec.requests().len(),
+        2,
+        "the second step's program never ran"
+    );
+
+    let job = engine
+        .submit(JobRequest::new("signed").param("n", "-3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.wait(job.id, WAIT).await.unwrap().status,
+        JobStatus::Completed
+    );
+    assert_eq!(
+        exec.requests()[2].command.as_deref(),
+        Some(&["expr", "-3", "+", "1"].map(String::from)[..])
+    );
+}
+
 #[tokio::test]
 async fn a_two_step_job_completes_with_rendered_prompts_events_and_result() {
     let env = env();

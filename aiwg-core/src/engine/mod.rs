@@ -915,6 +915,13 @@ impl Engine {
             if g.contains('\0') {
                 return Err(SubmitError::Invalid("guidance contains a NUL byte".into()));
             }
+            if g.starts_with('-') && wf.guidance_leads_an_argument() {
+                return Err(SubmitError::Invalid(format!(
+                    "guidance starts with `-`, and workflow `{}` passes it to a command at the \
+                     start of an argument: it may not look like an option",
+                    request.workflow
+                )));
+            }
         }
         if let Some(k) = &request.idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {

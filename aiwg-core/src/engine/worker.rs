@@ -19,7 +19,7 @@ use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, Executor
 use crate::future_slot::FutureSlot;
 use crate::job::{Approval, Job, JobError, JobId, JobResult, JobStatus, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
-use crate::workflow::{render, TemplateContext};
+use crate::workflow::{looks_like_an_injected_option, render, TemplateContext};
 
 /// The most jobs one worker claims at once for itself and the other idle workers.
 const MAX_CLAIM_BATCH: usize = 64;
@@ -935,11 +935,31 @@ async fn run_steps(
         };
         // The prompt, or the argument vector of a command step.
         let rendered = match (&step.prompt, &step.command) {
-            (_, Some(argv)) => argv
-                .iter()
-                .map(|a| render(a, &ctx))
-                .collect::<Result<Vec<_>, _>>()
-                .map(|v| (String::new(), Some(v))),
+            (_, Some(argv)) => {
+                let args = argv
+                    .iter()
+                    .map(|a| render(a, &ctx))
+                    .collect::<Result<Vec<_>, _>>();
+                // A value put into an argument may not make it an option (an agent's output or
+                // a forge's field starting with `-`).
+                if let Ok(args) = &args {
+                    if let Some(i) = argv.iter().zip(args).position(|(template, arg)| {
+                        looks_like_an_injected_option(template, arg, &job.params)
+                    }) {
+                        let e = JobError::new(
+                            "invalid_request",
+                            format!(
+                                "step `{}`: argument {} (`{}`) would start with `-` from the value put into it; a value may not look like an option",
+                                step.name,
+                                i + 1,
+                                argv[i]
+                            ),
+                        );
+                        return (Err(Stop::Failed(e, false)), result);
+                    }
+                }
+                args.map(|v| (String::new(), Some(v)))
+            }
             (Some(p), None) => render(p, &ctx).map(|p| (p, None)),
             (None, None) => Ok((String::new(), None)),
         };
