@@ -1020,6 +1020,24 @@ async fn generic_standard_webhooks_and_bearer() {
         seen.lock().expect("lock")[0].guidance.as_deref(),
         Some("quickly")
     );
+    // The scheme in any case, as on the API's endpoints.
+    let (sub, _) = capturing(1);
+    let text2 = br#"{"text":"review --depth 1 again"}"#;
+    let h = headers(&[("authorization", "BEARER t0ken")]);
+    assert_eq!(
+        bearer
+            .handle("generic", &h, text2, &sub)
+            .await
+            .status
+            .as_u16(),
+        202
+    );
+    let h = headers(&[("authorization", "Basic t0ken")]);
+    let r = bearer.handle("generic", &h, text, &never()).await;
+    assert_eq!(
+        r.outcome,
+        HookOutcome::Unauthorized(VerifyError::MalformedHeader("authorization"))
+    );
     let h = headers(&[("authorization", "Bearer t0ke")]);
     let r = bearer.handle("generic", &h, text, &never()).await;
     assert_eq!(

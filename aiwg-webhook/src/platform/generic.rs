@@ -34,9 +34,12 @@ pub fn verify(
         return Err(VerifyError::NotConfigured);
     }
     let auth = required(headers, "authorization")?;
+    // The scheme is case-insensitive (RFC 9110, 11.1), as on the API's endpoints.
     let given = auth
-        .strip_prefix("Bearer ")
-        .or_else(|| auth.strip_prefix("bearer "))
+        .trim()
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .ok_or(VerifyError::MalformedHeader("authorization"))?;
     if token.matches(given.trim().as_bytes()) {
         Ok(())
