@@ -909,6 +909,43 @@ async fn a_concurrency_group_runs_one_job_across_stores() {
     db.cleanup().await;
 }
 
+/// A claim passes over a concurrency group whose lock another claim holds, and takes the next
+/// group's job at once: it does not wait for the lock (two claims locking their groups in
+/// opposite orders waited for each other until PostgreSQL broke the deadlock by failing one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_passes_over_a_group_another_claim_is_deciding() {
+    let Some(db) = test_db().await else { return };
+    let store = db.fresh_store().await;
+    for (group, project) in [("g1", "/a"), ("g2", "/b")] {
+        let mut job = sample_job("w", project, 0);
+        job.concurrency_group = Some(group.into());
+        store.create(NewJob::new(job)).await.unwrap();
+    }
+    // Another claim holds the first group's lock, as while it decides for that group.
+    let mut other = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(aiwg_lock_key($1, 'concurrency:g1'))")
+        .bind(store.channel())
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let req = ClaimRequest::new("w", Duration::from_secs(60));
+    let claimed = tokio::time::timeout(Duration::from_secs(10), store.claim_many(&req, 2))
+        .await
+        .expect("the claim did not wait for the group another claim holds")
+        .unwrap();
+    let groups: Vec<_> = claimed
+        .iter()
+        .map(|c| c.job.concurrency_group.clone().unwrap())
+        .collect();
+    assert_eq!(groups, ["g2"]);
+    other.rollback().await.unwrap();
+    // Once the lock is gone, the first group's job is claimed.
+    let next = store.claim_many(&req, 2).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].job.concurrency_group.as_deref(), Some("g1"));
+    db.cleanup().await;
+}
+
 /// More writers at once than the completer sends out from their callers: the rest are written
 /// in batches (events of many jobs in one statement, outcomes together), and each caller
 /// still gets its own answer: gapless numbers per job, `LeaseLost` for a stale lease only.

@@ -961,21 +961,27 @@ impl PgStore {
     }
 
     /// Whether no job of `group` runs, under a transaction-scoped lock on the group, so two
-    /// instances never start two jobs of one group.
+    /// instances never start two jobs of one group. A group whose lock another claim holds
+    /// counts as taken (that claim decides for it): waiting for the lock instead let two claims
+    /// that locked their groups in opposite orders wait for each other until PostgreSQL broke
+    /// the deadlock, failing one of them.
     async fn group_is_free(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         group: &str,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(crate::util::advisory_lock_key(
                 &self.channel,
                 &format!("concurrency:{group}"),
             ))
-            .execute(&mut **tx)
+            .fetch_one(&mut **tx)
             .await
             .map_err(db)?;
+        if !locked {
+            return Ok(false);
+        }
         let running: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM aiwg_jobs WHERE status = 'running' \
              AND job->>'concurrency_group' = $1 \
