@@ -695,7 +695,8 @@ where
 /// One statement (`aiwg_append_events`): fences each event's row, numbers the event, moves the
 /// job's progress for step events and inserts the events (relaxed: without waiting for the
 /// disk). Answers per
-/// event; `Err` when the statement failed (nothing of it was written).
+/// event; `Err` when the statement failed (nothing of it was written) or when none of the
+/// events was written.
 async fn write_events(
     ctx: &Ctx,
     appends: &[Append],
@@ -749,7 +750,12 @@ async fn write_events(
         versions[i] = Some(version);
     }
     ctx.move_known(appends.iter().zip(versions));
-    fenced(&ctx.pool, appends.iter().map(|a| a.lease.job_id), seqs).await
+    // The events are written: a failure from here on is not theirs (see `answered_or`).
+    let written: Vec<Option<Result<i64, StoreError>>> = seqs.iter().map(|s| s.map(Ok)).collect();
+    match fenced(&ctx.pool, appends.iter().map(|a| a.lease.job_id), seqs).await {
+        Ok(answers) => Ok(answers),
+        Err(e) => answered_or(written, e),
+    }
 }
 
 /// Records the outcomes: reads the rows their leases still hold (with their row versions),
@@ -770,137 +776,148 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
     // The jobs held as their last step event left them need no read, the first time round.
     let mut read = ctx.take_known(outcomes.iter().map(|f| &f.lease));
     let mut conn = ctx.outcomes.take().await.map_err(db)?;
-    for _ in 0..OUTCOME_ROUNDS {
-        if pending.is_empty() {
-            break;
-        }
-        let reading: Vec<&Outcome> = pending
-            .iter()
-            .map(|&i| &outcomes[i])
-            .filter(|f| !read.contains_key(&f.lease.job_id))
-            .collect();
-        if !reading.is_empty() {
-            let ids: Vec<Uuid> = reading.iter().map(|f| *f.lease.job_id.as_uuid()).collect();
-            let tokens: Vec<i64> = reading.iter().map(|f| to_i64(f.lease.token)).collect();
-            let ats: Vec<DateTime<Utc>> = reading.iter().map(|f| f.at).collect();
-            let rows = sqlx::query("SELECT job, state, version FROM aiwg_leased_jobs($1, $2, $3)")
-                .bind(&ids)
-                .bind(&tokens)
-                .bind(&ats)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?;
-            for row in &rows {
-                let job = open_job(ctx.keyring.as_ref(), row)?;
-                let version: String = row.try_get("version").map_err(db)?;
-                read.insert(job.id, (job, version));
+    // Once a round has committed, an error is not the whole batch's: its committed outcomes
+    // are answered as written and only the rest get the error (written again one by one,
+    // a committed outcome would find its lease gone and be answered `LeaseLost`).
+    let rounds: Result<(), StoreError> = async {
+        for _ in 0..OUTCOME_ROUNDS {
+            if pending.is_empty() {
+                break;
             }
-        }
-        // Apply each outcome (after its last event) to its job.
-        let mut writes: Vec<(usize, Option<Job>, Job, NewEvent, String)> =
-            Vec::with_capacity(pending.len());
-        for &i in &pending {
-            let f = &outcomes[i];
-            let Some((mut job, version)) = read.remove(&f.lease.job_id) else {
-                refused.push(i);
-                continue;
-            };
-            if let Some(first) = &f.first {
-                apply::progress(&mut job, &first.kind);
-            }
-            let between = f.last.as_ref().map(|last| {
-                apply::progress(&mut job, &last.kind);
-                job.clone()
-            });
-            let applied = apply::finish(&mut job, f.finish.clone(), f.at).and_then(|kind| {
-                apply::progress(&mut job, &kind);
-                job.cancel_requested = false;
-                NewEvent::new(kind, f.at)
-            });
-            match applied {
-                Ok(ev) => writes.push((i, between, job, ev, version)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-        pending.clear();
-        if writes.is_empty() {
-            break;
-        }
-        let m = writes.len();
-        let (mut w_ids, mut tokens, mut ats, mut versions) = (
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-        );
-        let (mut statuses, mut retry_ats, mut states, mut approvals, mut ev_ats, mut kinds) = (
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-            Vec::with_capacity(m),
-        );
-        let (mut last_ats, mut last_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
-        let (mut first_ats, mut first_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
-        for (i, _, job, ev, version) in &writes {
-            let f = &outcomes[*i];
-            w_ids.push(*job.id.as_uuid());
-            tokens.push(to_i64(f.lease.token));
-            ats.push(f.at);
-            versions.push(version.as_str());
-            statuses.push(job.status.as_str());
-            retry_ats.push(job.retry_at);
-            states.push(row::state_json(job).map_err(json_err)?);
-            approvals.push(job.pending_approval().map(|a| a.expires_at));
-            ev_ats.push(ev.at);
-            kinds.push(ev.text.as_str());
-            last_ats.push(f.last.as_ref().map(|l| l.at));
-            last_kinds.push(f.last.as_ref().map(|l| l.text.as_str()));
-            first_ats.push(f.first.as_ref().map(|l| l.at));
-            first_kinds.push(f.first.as_ref().map(|l| l.text.as_str()));
-        }
-        let rows = sqlx::query(
-            "SELECT id, last_seq FROM aiwg_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                 $10, $11, $12, $13, $14)",
-        )
-        .bind(&w_ids)
-        .bind(&tokens)
-        .bind(&ats)
-        .bind(&versions)
-        .bind(&statuses)
-        .bind(&retry_ats)
-        .bind(&states)
-        .bind(&approvals)
-        .bind(&ev_ats)
-        .bind(&kinds)
-        .bind(&last_ats)
-        .bind(&last_kinds)
-        .bind(&first_ats)
-        .bind(&first_kinds)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
-        let mut seqs: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            seqs.insert(
-                row.try_get("id").map_err(db)?,
-                row.try_get("last_seq").map_err(db)?,
-            );
-        }
-        for (i, between, job, ev, _) in writes {
-            match seqs.get(job.id.as_uuid()) {
-                Some(&seq) => {
-                    let last = between
-                        .zip(outcomes[i].last.as_deref().cloned())
-                        .map(|(b, l)| (b, seq - 1, l));
-                    let first = outcomes[i].first.as_deref().cloned().map(|e| (seq - 2, e));
-                    answers[i] = Some(Ok((first, last, job, seq, ev)));
+            let reading: Vec<&Outcome> = pending
+                .iter()
+                .map(|&i| &outcomes[i])
+                .filter(|f| !read.contains_key(&f.lease.job_id))
+                .collect();
+            if !reading.is_empty() {
+                let ids: Vec<Uuid> = reading.iter().map(|f| *f.lease.job_id.as_uuid()).collect();
+                let tokens: Vec<i64> = reading.iter().map(|f| to_i64(f.lease.token)).collect();
+                let ats: Vec<DateTime<Utc>> = reading.iter().map(|f| f.at).collect();
+                let rows =
+                    sqlx::query("SELECT job, state, version FROM aiwg_leased_jobs($1, $2, $3)")
+                        .bind(&ids)
+                        .bind(&tokens)
+                        .bind(&ats)
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                for row in &rows {
+                    let job = open_job(ctx.keyring.as_ref(), row)?;
+                    let version: String = row.try_get("version").map_err(db)?;
+                    read.insert(job.id, (job, version));
                 }
-                // Changed since it was read, or its lease ended meanwhile: read it again.
-                None => pending.push(i),
+            }
+            // Apply each outcome (after its last event) to its job.
+            let mut writes: Vec<(usize, Option<Job>, Job, NewEvent, String)> =
+                Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let f = &outcomes[i];
+                let Some((mut job, version)) = read.remove(&f.lease.job_id) else {
+                    refused.push(i);
+                    continue;
+                };
+                if let Some(first) = &f.first {
+                    apply::progress(&mut job, &first.kind);
+                }
+                let between = f.last.as_ref().map(|last| {
+                    apply::progress(&mut job, &last.kind);
+                    job.clone()
+                });
+                let applied = apply::finish(&mut job, f.finish.clone(), f.at).and_then(|kind| {
+                    apply::progress(&mut job, &kind);
+                    job.cancel_requested = false;
+                    NewEvent::new(kind, f.at)
+                });
+                match applied {
+                    Ok(ev) => writes.push((i, between, job, ev, version)),
+                    Err(e) => answers[i] = Some(Err(e)),
+                }
+            }
+            pending.clear();
+            if writes.is_empty() {
+                break;
+            }
+            let m = writes.len();
+            let (mut w_ids, mut tokens, mut ats, mut versions) = (
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+            );
+            let (mut statuses, mut retry_ats, mut states, mut approvals, mut ev_ats, mut kinds) = (
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+                Vec::with_capacity(m),
+            );
+            let (mut last_ats, mut last_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
+            let (mut first_ats, mut first_kinds) = (Vec::with_capacity(m), Vec::with_capacity(m));
+            for (i, _, job, ev, version) in &writes {
+                let f = &outcomes[*i];
+                w_ids.push(*job.id.as_uuid());
+                tokens.push(to_i64(f.lease.token));
+                ats.push(f.at);
+                versions.push(version.as_str());
+                statuses.push(job.status.as_str());
+                retry_ats.push(job.retry_at);
+                states.push(row::state_json(job).map_err(json_err)?);
+                approvals.push(job.pending_approval().map(|a| a.expires_at));
+                ev_ats.push(ev.at);
+                kinds.push(ev.text.as_str());
+                last_ats.push(f.last.as_ref().map(|l| l.at));
+                last_kinds.push(f.last.as_ref().map(|l| l.text.as_str()));
+                first_ats.push(f.first.as_ref().map(|l| l.at));
+                first_kinds.push(f.first.as_ref().map(|l| l.text.as_str()));
+            }
+            let rows = sqlx::query(
+                "SELECT id, last_seq FROM aiwg_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+                     $10, $11, $12, $13, $14)",
+            )
+            .bind(&w_ids)
+            .bind(&tokens)
+            .bind(&ats)
+            .bind(&versions)
+            .bind(&statuses)
+            .bind(&retry_ats)
+            .bind(&states)
+            .bind(&approvals)
+            .bind(&ev_ats)
+            .bind(&kinds)
+            .bind(&last_ats)
+            .bind(&last_kinds)
+            .bind(&first_ats)
+            .bind(&first_kinds)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+            let mut seqs: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+            for row in rows {
+                seqs.insert(
+                    row.try_get("id").map_err(db)?,
+                    row.try_get("last_seq").map_err(db)?,
+                );
+            }
+            for (i, between, job, ev, _) in writes {
+                match seqs.get(job.id.as_uuid()) {
+                    Some(&seq) => {
+                        let last = between
+                            .zip(outcomes[i].last.as_deref().cloned())
+                            .map(|(b, l)| (b, seq - 1, l));
+                        let first = outcomes[i].first.as_deref().cloned().map(|e| (seq - 2, e));
+                        answers[i] = Some(Ok((first, last, job, seq, ev)));
+                    }
+                    // Changed since it was read, or its lease ended meanwhile: read it again.
+                    None => pending.push(i),
+                }
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = rounds {
+        return answered_or(answers, e);
     }
     ctx.outcomes.keep(conn);
     for i in pending {
@@ -909,17 +926,22 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         )));
     }
     if !refused.is_empty() {
-        let lost = fenced(
+        match fenced(
             &ctx.pool,
             refused.iter().map(|&i| outcomes[i].lease.job_id),
             refused.iter().map(|_| None::<()>).collect(),
         )
-        .await?;
-        for (i, e) in refused.into_iter().zip(lost) {
-            let e = e
-                .err()
-                .unwrap_or(StoreError::LeaseLost(outcomes[i].lease.job_id));
-            answers[i] = Some(Err(e));
+        .await
+        {
+            Ok(lost) => {
+                for (i, e) in refused.into_iter().zip(lost) {
+                    let e = e
+                        .err()
+                        .unwrap_or(StoreError::LeaseLost(outcomes[i].lease.job_id));
+                    answers[i] = Some(Err(e));
+                }
+            }
+            Err(e) => return answered_or(answers, e),
         }
     }
     Ok(answers
@@ -928,10 +950,48 @@ async fn write_outcomes(ctx: &Ctx, outcomes: &[Outcome]) -> Result<Vec<Recorded>
         .collect())
 }
 
+/// The answers of a batch whose writing failed with `e` part way: `Err(e)` for the batch when
+/// none of it was written (its writes are then made again one by one), else the written
+/// answers as they are and `e` for the others.
+fn answered_or<T>(
+    answers: Vec<Option<Result<T, StoreError>>>,
+    e: StoreError,
+) -> Result<Vec<Result<T, StoreError>>, StoreError> {
+    if !answers.iter().any(|a| matches!(a, Some(Ok(_)))) {
+        return Err(e);
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(e.clone())))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::JobResult;
+
+    /// A batch that failed after some of it was written answers those as written: written
+    /// again one by one, they would be written twice (events) or refused (outcomes).
+    #[test]
+    fn a_batch_that_failed_part_way_keeps_what_was_written() {
+        let e = || StoreError::backend("the connection was lost");
+        let id = JobId::new();
+        let partly = answered_or(
+            vec![Some(Ok(7)), None, Some(Err(StoreError::LeaseLost(id)))],
+            e(),
+        )
+        .expect("answers");
+        assert!(matches!(partly[0], Ok(7)));
+        assert!(
+            matches!(&partly[1], Err(StoreError::Backend(_))),
+            "{:?}",
+            partly[1]
+        );
+        assert!(matches!(partly[2], Err(StoreError::LeaseLost(j)) if j == id));
+        // Nothing written: the batch's error, so that its writes are made again.
+        assert!(answered_or::<i64>(vec![None, Some(Err(StoreError::LeaseLost(id)))], e()).is_err());
+    }
 
     fn lease() -> Lease {
         Lease {
