@@ -123,6 +123,7 @@ where
     finish_after_event(&*make().await).await;
     finish_after_step(&*make().await).await;
     batches(&*make().await).await;
+    batch_order_with_keys(&*make().await).await;
 }
 
 async fn create_get_and_events(store: &dyn JobStore) {
@@ -1113,6 +1114,33 @@ async fn finish_after_step(store: &dyn JobStore) {
         let counts = store.counts().await.unwrap();
         assert_eq!((counts.queued, counts.running), (0, 0));
     }
+}
+
+/// A batch enters the queue in the order given, jobs with a new idempotency key among the
+/// others (a store may write those one at a time): jobs of one priority are claimed in that
+/// order.
+async fn batch_order_with_keys(store: &dyn JobStore) {
+    let jobs: Vec<Job> = (0..5)
+        .map(|i| {
+            let mut job = sample_job("w", &format!("/o{i}"), 0);
+            if i % 2 == 1 {
+                job.idempotency_key = Some(format!("order-key-{i}"));
+            }
+            job
+        })
+        .collect();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    for created in store
+        .create_many(jobs.into_iter().map(NewJob::new).collect())
+        .await
+    {
+        assert!(matches!(created, Ok(Created::New(..))), "{created:?}");
+    }
+    let mut claimed = Vec::new();
+    while let Some(c) = store.claim(&claim_req("w")).await.unwrap() {
+        claimed.push(c.job.id);
+    }
+    assert_eq!(claimed, ids, "claimed in the order submitted");
 }
 
 /// `create_many` answers each job as `create` would (capacity, idempotency, order), and

@@ -960,6 +960,43 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Inserts `batch` (jobs without a key) in one statement and puts each answer at its slot
+    /// of `out`; empties both.
+    async fn insert_run(
+        &self,
+        out: &mut [Option<Result<Created, StoreError>>],
+        slots: &mut Vec<usize>,
+        batch: &mut Vec<NewJob>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let answers = match self.pool.acquire().await {
+            Ok(mut conn) => {
+                admit::insert(self.admitter().ctx(), &mut conn, std::mem::take(batch)).await
+            }
+            Err(e) => Err(db(e)),
+        };
+        batch.clear();
+        match answers {
+            Ok(answers) => {
+                for (slot, answer) in slots.drain(..).zip(answers) {
+                    out[slot] = Some(answer.unwrap_or_else(|| {
+                        Err(StoreError::backend(
+                            "postgres: a job without a key was not inserted",
+                        ))
+                    }));
+                }
+            }
+            Err(e) => {
+                for slot in slots.drain(..) {
+                    out[slot] = Some(Err(e.clone()));
+                }
+            }
+        }
+        slots.clear();
+    }
+
     /// Whether no job of `group` runs, under a transaction-scoped lock on the group, so two
     /// instances never start two jobs of one group. A group whose lock another claim holds
     /// counts as taken (that claim decides for it): waiting for the lock instead let two claims
@@ -1041,11 +1078,14 @@ impl JobStore for PgStore {
     async fn create_many(&self, new: Vec<NewJob>) -> Vec<Result<Created, StoreError>> {
         // Jobs with an idempotency key (rare in batches) take the one-at-a-time path, which
         // knows how to find the job their key created, and whose known key takes no room in
-        // a bounded queue (in the batch's statement it would); the rest go in one statement.
+        // a bounded queue (in the batch's statement it would); the jobs between them go in
+        // one statement each run, written before the keyed job after them, so that the jobs
+        // enter the queue (and take its room) in the order given.
         let mut out: Vec<Option<Result<Created, StoreError>>> = Vec::with_capacity(new.len());
         let (mut slots, mut batch) = (Vec::new(), Vec::new());
         for n in new {
             if n.job.idempotency_key.is_some() {
+                self.insert_run(&mut out, &mut slots, &mut batch).await;
                 out.push(Some(self.create(n).await));
             } else {
                 slots.push(out.len());
@@ -1053,28 +1093,7 @@ impl JobStore for PgStore {
                 out.push(None);
             }
         }
-        if !batch.is_empty() {
-            let answers = match self.pool.acquire().await {
-                Ok(mut conn) => admit::insert(self.admitter().ctx(), &mut conn, batch).await,
-                Err(e) => Err(db(e)),
-            };
-            match answers {
-                Ok(answers) => {
-                    for (slot, answer) in slots.into_iter().zip(answers) {
-                        out[slot] = Some(answer.unwrap_or_else(|| {
-                            Err(StoreError::backend(
-                                "postgres: a job without a key was not inserted",
-                            ))
-                        }));
-                    }
-                }
-                Err(e) => {
-                    for slot in slots {
-                        out[slot] = Some(Err(e.clone()));
-                    }
-                }
-            }
-        }
+        self.insert_run(&mut out, &mut slots, &mut batch).await;
         out.into_iter()
             .map(|a| {
                 a.unwrap_or_else(|| {
