@@ -548,8 +548,9 @@ impl PgStore {
     /// [`StoreError::LeaseLost`] to its caller. In exchange each step costs two disk flushes
     /// fewer. Off by default.
     ///
-    /// A batch of the completer that holds only events is committed this way; a batch that
-    /// also records an outcome is durable.
+    /// The completer's events are committed this way, in a statement of their own, and its
+    /// outcomes durably, beside them: a job's events are written before its outcome is sent,
+    /// and the outcome's durable commit flushes the log up to itself, events included.
     #[must_use]
     pub fn with_relaxed_event_commits(mut self, relaxed: bool) -> Self {
         self.relaxed_events = relaxed;
