@@ -593,6 +593,14 @@ fn command_line(
         if !sup.opts.network {
             argv.push("--unshare-net".into());
         }
+        let extra = sup.opts.writable.iter().filter(|p| p.is_dir());
+        for path in [dir, cwd].into_iter().chain(extra.map(PathBuf::as_path)) {
+            argv.push("--bind".into());
+            argv.push(path.into());
+            argv.push(path.into());
+        }
+        // After the binds: bwrap applies its mounts in order, each bind from the host's tree,
+        // so a path hidden inside the project or a writable directory would come back with it.
         for hidden in &sup.opts.hide {
             match std::fs::metadata(hidden) {
                 Ok(m) if m.is_dir() => {
@@ -605,12 +613,6 @@ fn command_line(
                 }
                 Err(_) => {}
             }
-        }
-        let extra = sup.opts.writable.iter().filter(|p| p.is_dir());
-        for path in [dir, cwd].into_iter().chain(extra.map(PathBuf::as_path)) {
-            argv.push("--bind".into());
-            argv.push(path.into());
-            argv.push(path.into());
         }
         argv.push("--chdir".into());
         argv.push(cwd.into());

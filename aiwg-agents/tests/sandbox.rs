@@ -115,20 +115,30 @@ async fn hidden_paths_are_empty_in_the_sandbox() {
     std::fs::create_dir(&data).unwrap();
     std::fs::write(data.join("jobs.db"), "sk-hidden-2").unwrap();
     let project = tempfile::tempdir().unwrap();
+    // Paths inside the project (bound into the sandbox writable) stay hidden too.
+    let env_file = project.path().join(".env");
+    std::fs::write(&env_file, "sk-hidden-3").unwrap();
+    let keys = project.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(keys.join("id"), "sk-hidden-4").unwrap();
     let exec = CommandExecutor::builder()
         .allow_failure(true)
         .process(
             ProcessOptions::new()
                 .sandbox(Sandbox::Bwrap)
                 .hide(&config)
-                .hide(&data),
+                .hide(&data)
+                .hide(&env_file)
+                .hide(&keys),
         )
         .build()
         .unwrap();
     let script = format!(
-        "cat {c}; ls -A {d}; cat {d}/jobs.db; echo done",
+        "cat {c}; ls -A {d}; cat {d}/jobs.db; cat {e}; ls -A {k}; cat {k}/id; echo done",
         c = config.display(),
-        d = data.display()
+        d = data.display(),
+        e = env_file.display(),
+        k = keys.display()
     );
     let res = exec
         .execute(
