@@ -262,6 +262,7 @@ impl JwtConfig {
                 JwtConfigError::NoKeys => "auth.jwt".into(),
                 JwtConfigError::Url(_) => "auth.jwt.jwks_url".into(),
                 JwtConfigError::Pem(i) => format!("auth.jwt.public_keys[{i}]"),
+                JwtConfigError::Leeway(_) => "auth.jwt.leeway".into(),
             };
             ConfigError::new(key, e.to_string())
         };
@@ -973,6 +974,7 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             ("auth: { jwt: { issuer: i, audience: a, public_keys: [nope] } }", "auth.jwt.public_keys[0]"),
             ("auth: { jwt: { issuer: \"\", audience: a, jwks_url: \"http://127.0.0.1/k\" } }", "auth.jwt.issuer"),
             ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"http://127.0.0.1/k\", leeway: soon } }", "auth.jwt.leeway"),
+            ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"http://127.0.0.1/k\", leeway: 400d } }", "auth.jwt.leeway"),
             ("auth: { jwt: { issuer: i, audience: a, jwks_uri: \"http://127.0.0.1/k\" } }", "auth.jwt.jwks_uri"),
             (": : :", "(file)"),
         ];

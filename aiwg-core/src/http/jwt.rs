@@ -133,7 +133,13 @@ pub enum JwtConfigError {
     /// A public key is not an RSA, P-256 or Ed25519 public key in PEM.
     #[error("public key {0} is not an RSA, EC P-256 or Ed25519 public key in PEM")]
     Pem(usize),
+    /// A leeway past [`MAX_LEEWAY`]: a grace period for expired tokens, not clock skew.
+    #[error("`leeway` is {0:?}; at most 5 minutes (it allows for clocks that differ, not for expired tokens)")]
+    Leeway(Duration),
 }
+
+/// The most clock skew [`JwtVerifierBuilder::leeway`] accepts.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 /// A verification key: what it checks and under which key id.
 struct VerifyKey {
@@ -257,7 +263,8 @@ impl JwtVerifierBuilder {
         self
     }
 
-    /// Clock skew allowed on `exp` and `nbf` (default 60 s).
+    /// Clock skew allowed on `exp` and `nbf` (default 60 s, at most [`MAX_LEEWAY`]: `build`
+    /// refuses more).
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway;
         self
@@ -289,6 +296,9 @@ impl JwtVerifierBuilder {
         }
         if self.jwks_url.is_none() && self.keys.is_empty() {
             return Err(JwtConfigError::NoKeys);
+        }
+        if self.leeway > MAX_LEEWAY {
+            return Err(JwtConfigError::Leeway(self.leeway));
         }
         let jwks = self.jwks_url.map(|url| Jwks {
             url,

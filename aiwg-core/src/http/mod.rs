@@ -70,7 +70,7 @@ mod ui;
 pub mod ws;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
-pub use jwt::{JwtConfigError, JwtError, JwtIdentity, JwtVerifier, JwtVerifierBuilder};
+pub use jwt::{JwtConfigError, JwtError, JwtIdentity, JwtVerifier, JwtVerifierBuilder, MAX_LEEWAY};
 pub use problem::Problem;
 pub use request_id::{answer_with_request_id, new_request_id, request_id, REQUEST_ID};
 pub use routes::{match_route, Access, Route, RouteSpec, ROUTES};
