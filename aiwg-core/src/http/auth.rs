@@ -287,17 +287,20 @@ impl Limiter {
         }
     }
 
-    /// Counts one failed platform verification from `addr`; past the limit the address is
-    /// blocked for the wait the limiter names.
-    pub(crate) fn failed_verification(&self, addr: IpAddr) {
-        if let Err(wait) = self.check_addr(addr) {
-            let now = std::time::Instant::now();
-            let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-            if blocked.len() >= 65_536 {
-                blocked.retain(|_, until| *until > now);
-            }
-            blocked.insert(addr, now + wait.max(Duration::from_millis(1)));
+    /// Counts one failed verification (a platform's signature, an API key or token) from
+    /// `addr`; past the limit the address is blocked for the wait the limiter names, which is
+    /// answered as `Err`.
+    pub(crate) fn failed_verification(&self, addr: IpAddr) -> Result<(), Duration> {
+        let Err(wait) = self.check_addr(addr) else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        if blocked.len() >= 65_536 {
+            blocked.retain(|_, until| *until > now);
         }
+        blocked.insert(addr, now + wait.max(Duration::from_millis(1)));
+        Err(wait)
     }
 
     /// Forgets addresses and keys whose budget is full again (they would start fresh anyway).

@@ -164,13 +164,17 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
         }
         let actor: Option<Caller> = match required_scope(api, spec) {
             Some(scope) => {
-                // Failed authentication counts against the client's address, so guessing keys
-                // is rate limited too.
+                // Failed authentication counts against the client's address, and an address
+                // that failed too often is refused before its credentials are looked at, so
+                // guessing keys is slowed down, not only answered differently.
+                if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
+                    l.check_blocked(ip).map_err(too_many)?;
+                }
                 let key = match authenticate(api, bearer(&req.headers), scope).await {
                     Ok(k) => k,
                     Err(p) => {
                         if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
-                            l.check_addr(ip).map_err(too_many)?;
+                            l.failed_verification(ip).map_err(too_many)?;
                         }
                         if req.route == Route::Trigger {
                             let record = AuditRecord::new("api", Decision::Refused)
@@ -205,7 +209,9 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                 Err(p) => p.status() == 401,
             };
             if let (true, Some(l), Some(ip)) = (failed, &api.inner.limiter, req.peer) {
-                l.failed_verification(ip);
+                // The 401 stands; the address's next deliveries are refused while it is
+                // blocked.
+                let _ = l.failed_verification(ip);
             }
         }
         res

@@ -397,11 +397,16 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
 
     async fn authenticate(&mut self, token: &str) {
         let api = self.api.clone();
+        if let (Some(l), Some(ip)) = (&api.inner.limiter, self.peer) {
+            if l.check_blocked(ip).is_err() {
+                return self.close(close::RATE_LIMITED, "too many failed attempts");
+            }
+        }
         let caller = match handlers::authenticate(&api, Some(token), Some(Scope::Read)).await {
             Ok(c) => c,
             Err(p) => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, self.peer) {
-                    if l.check_addr(ip).is_err() {
+                    if l.failed_verification(ip).is_err() {
                         return self.close(close::RATE_LIMITED, "too many failed attempts");
                     }
                 }

@@ -986,6 +986,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     bad_requests_are_problems(server).await;
     body_limit(server).await;
     rate_limit(server).await;
+    failed_keys_lock_the_address_out(server).await;
     queue_full(server).await;
     listing_and_status(server).await;
     keep_alive_and_replay(server).await;
@@ -1740,6 +1741,34 @@ async fn rate_limit(server: &dyn Serve) {
     for _ in 0..6 {
         assert_eq!(c.send("GET", "/ui/app.js", None, None).await.status, 200);
     }
+}
+
+/// An address that presented wrong credentials too often is refused (429) before any
+/// credentials it sends are looked at, the right ones included, until its wait is over:
+/// guessing is slowed down, not only answered differently.
+async fn failed_keys_lock_the_address_out(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .rate_limit(RateLimit {
+            per_minute: 1,
+            burst: 2,
+        })
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = s.client();
+    let wrong = "sk-wrong-wrong-wrong-wrong-wrong";
+    for _ in 0..2 {
+        c.send("GET", "/jobs", Some(wrong), None)
+            .await
+            .assert_problem(401);
+    }
+    c.send("GET", "/jobs", Some(wrong), None)
+        .await
+        .assert_problem(429);
+    let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
+    r.assert_problem(429);
+    assert!(r.header("retry-after").is_some(), "Retry-After");
 }
 
 async fn queue_full(server: &dyn Serve) {
