@@ -606,6 +606,14 @@ async fn actix_answers_what_axum_answers_under_a_prefix() {
     same_answers("/aiwg").await;
 }
 
+/// Under a prefix with a parameter of the host's (`/{tenant}`), each route still gets its own
+/// parameters: axum lists the enclosing ones first, and taking them by position made a job's
+/// status answer 400 (the tenant taken for the job id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actix_answers_what_axum_answers_under_a_prefix_with_a_parameter() {
+    same_answers("/{tenant}").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_answers_agree() {
     async fn run_full(server: &dyn Serve) -> Vec<Answer> {

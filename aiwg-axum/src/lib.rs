@@ -92,10 +92,26 @@ async fn answer(
     mut parts: http::request::Parts,
     body: Body,
 ) -> Response {
-    let params = RawPathParams::from_request_parts(&mut parts, &())
-        .await
-        .map(|p| p.iter().map(|(_, v)| v.to_owned()).collect())
-        .unwrap_or_default();
+    // Picked by name (the last of a name: the route's own), as the actix adapter does: under a
+    // router nested at a pattern with parameters (`/{tenant}`), axum lists the enclosing
+    // parameters first, and taking them by position shifted every parameter of the route.
+    let params = match RawPathParams::from_request_parts(&mut parts, &()).await {
+        Ok(raw) => {
+            let raw: Vec<(&str, &str)> = raw.iter().collect();
+            route
+                .spec()
+                .param_names()
+                .map(|name| {
+                    raw.iter()
+                        .rev()
+                        .find(|(k, _)| *k == name)
+                        .map(|(_, v)| (*v).to_owned())
+                        .unwrap_or_default()
+                })
+                .collect()
+        }
+        Err(_) => Vec::new(),
+    };
     let base_path = parts
         .extensions
         .get::<MatchedPath>()
