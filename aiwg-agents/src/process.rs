@@ -715,8 +715,10 @@ fn exit_code(status: &std::process::ExitStatus) -> Option<i32> {
 
 /// The longest line read from a child's output: a longer one (or output without newlines) is
 /// handed on in pieces of this size, so a child can never make the server buffer an unbounded
-/// line.
-pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
+/// line. Large enough for an agent's whole answer on one JSON line (Claude Code's `result`,
+/// Codex's last `agent_message`): cut into pieces, such a line is no longer JSON and the answer
+/// was lost (64 KiB, before: a run whose answer was longer failed "without a result line").
+pub(crate) const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads lines (lossy UTF-8) from a pipe, at most [`MAX_LINE_BYTES`] at a time; cancel-safe
 /// because the partial line stays in `buf` and nothing is consumed across an await.
@@ -1034,6 +1036,20 @@ pub(crate) fn resolve_program(program: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's answer of a few hundred kilobytes on one JSON line is read as one line.
+    #[tokio::test]
+    async fn a_long_json_line_is_read_whole() {
+        let answer = "x".repeat(300 * 1024);
+        let line = serde_json::json!({"type": "result", "result": answer}).to_string();
+        let input = format!("{{\"type\":\"system\"}}\n{line}\n");
+        let mut r = LineReader::new(Some(input.as_bytes()));
+        assert_eq!(r.next().await.as_deref(), Some(r#"{"type":"system"}"#));
+        let read = r.next().await.expect("the result line");
+        let v: serde_json::Value = serde_json::from_str(&read).expect("one JSON line");
+        assert_eq!(v["result"].as_str().map(str::len), Some(300 * 1024));
+        assert_eq!(r.next().await, None);
+    }
 
     #[tokio::test]
     async fn lines_are_read_in_bounded_pieces() {

@@ -88,6 +88,22 @@ async fn completes_a_job_with_result_session_cost_and_usage() {
     assert!(turn.body.to_string().contains("say hello; $(id) --help"));
 }
 
+/// An answer longer than a pipe read (here 100 000 characters) arrives whole: Claude Code
+/// writes it on one `result` line, which the reader used to cut at 64 KiB, failing the run
+/// "without a result line".
+#[tokio::test]
+async fn a_long_answer_arrives_whole() {
+    let answer = "All good. ".repeat(10_000);
+    let Some(s) = setup(vec![Reply::text(answer.clone())]).await else {
+        return;
+    };
+    let exec = s.builder().build().unwrap();
+    let (res, _) = run(&exec, AgentRequest::new("write a long answer", s.dir())).await;
+    let res = res.unwrap();
+    assert_eq!(res.output.len(), answer.len());
+    assert_eq!(res.output, answer);
+}
+
 #[tokio::test]
 async fn a_tool_use_makes_claude_write_a_file_in_the_project() {
     let Some(s) = setup(vec![]).await else {
