@@ -499,13 +499,21 @@ impl Executor for OpenCode {
     ) -> Result<AgentResult, ExecutorError> {
         request.validate()?;
         let dir = request.project_path.as_path();
+        let deadline = Instant::now()
+            .checked_add(request.timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(30 * 86_400));
+        // The calls before the run are raced against the cancel and the timeout too: a server
+        // that accepts connections and never answers would otherwise hold the job forever.
+        let limit = (&cancel, deadline, request.timeout);
         // Subscribe first so that nothing the session does is missed.
-        let stream = self
-            .send(
+        let stream = bounded(
+            limit,
+            self.send(
                 self.req(reqwest::Method::GET, "/event", dir)
                     .header("accept", "text/event-stream"),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         let mut sse = Sse::new(stream.bytes_stream());
         let session = match &request.resume_session {
             Some(s) => {
@@ -517,12 +525,14 @@ impl Executor for OpenCode {
                 s.clone()
             }
             None => {
-                let created = self
-                    .json(
+                let created = bounded(
+                    limit,
+                    self.json(
                         self.req(reqwest::Method::POST, "/session", dir)
                             .json(&json!({})),
-                    )
-                    .await?;
+                    ),
+                )
+                .await?;
                 created["id"]
                     .as_str()
                     .ok_or_else(|| {
@@ -540,62 +550,78 @@ impl Executor for OpenCode {
         if let Some(agent) = &self.agent {
             body["agent"] = json!(agent);
         }
-        self.send(
-            self.req(
-                reqwest::Method::POST,
-                &format!("/session/{session}/prompt_async"),
-                dir,
-            )
-            .json(&body),
+        let prompted = bounded(
+            limit,
+            self.send(
+                self.req(
+                    reqwest::Method::POST,
+                    &format!("/session/{session}/prompt_async"),
+                    dir,
+                )
+                .json(&body),
+            ),
         )
-        .await?;
+        .await;
+        // Cancelled or out of time while the prompt was on its way: the run may have started,
+        // so it is stopped below like any other.
+        let stopped = match prompted {
+            Ok(_) => None,
+            Err(e @ (ExecutorError::Cancelled | ExecutorError::TimedOut(_))) => Some(e),
+            Err(e) => return Err(e),
+        };
 
         let mut st = RunState::default();
-        let deadline = Instant::now() + request.timeout;
         let mut idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
-        let stop = loop {
-            let idle_sleep = async {
-                match idle_deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break ExecutorError::Cancelled,
-                () = tokio::time::sleep_until(deadline) => break ExecutorError::TimedOut(request.timeout),
-                () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
-                data = sse.next() => {
-                    let Some(data) = data else {
-                        break ExecutorError::Protocol(aiwg_core::BackendError::from("opencode's event stream ended during the run"));
-                    };
-                    let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
-                    let (ours, step) = st.handle(&ev, &session, &events);
-                    if ours {
-                        idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+        let stop = if let Some(e) = stopped {
+            e
+        } else {
+            loop {
+                let idle_sleep = async {
+                    match idle_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
                     }
-                    match step {
-                        Step::Continue => {}
-                        Step::Idle => {
-                            let mut out = AgentResult::text(st.output()).with_session(session.clone());
-                            if st.saw_cost {
-                                out = out.with_cost(st.cost, st.usage);
-                            } else if st.usage != Usage::default() {
-                                out.usage = Some(st.usage);
-                            }
-                            return Ok(out);
+                };
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break ExecutorError::Cancelled,
+                    () = tokio::time::sleep_until(deadline) => break ExecutorError::TimedOut(request.timeout),
+                    () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
+                    data = sse.next() => {
+                        let Some(data) = data else {
+                            break ExecutorError::Protocol(aiwg_core::BackendError::from("opencode's event stream ended during the run"));
+                        };
+                        let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
+                        let (ours, step) = st.handle(&ev, &session, &events);
+                        if ours {
+                            idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
                         }
-                        Step::Error(message) => {
-                            return Err(ExecutorError::Failed { message, exit_code: None });
+                        match step {
+                            Step::Continue => {}
+                            Step::Idle => {
+                                let mut out = AgentResult::text(st.output()).with_session(session.clone());
+                                if st.saw_cost {
+                                    out = out.with_cost(st.cost, st.usage);
+                                } else if st.usage != Usage::default() {
+                                    out.usage = Some(st.usage);
+                                }
+                                return Ok(out);
+                            }
+                            Step::Error(message) => {
+                                return Err(ExecutorError::Failed { message, exit_code: None });
+                            }
                         }
                     }
                 }
             }
         };
-        // Stop the remote run and wait until the server says the session is idle.
-        self.abort(&session, dir).await;
+        // Stop the remote run and wait until the server says the session is idle (each call
+        // bounded by the same wait: a server that never answers does not hold the job).
         let until = Instant::now() + self.abort_wait;
-        let mut idle = !self.is_busy(&session, dir).await;
+        let _ = tokio::time::timeout_at(until, self.abort(&session, dir)).await;
+        let mut idle = !tokio::time::timeout_at(until, self.is_busy(&session, dir))
+            .await
+            .unwrap_or(false);
         while !idle {
             tokio::select! {
                 () = tokio::time::sleep_until(until) => break,
@@ -610,7 +636,9 @@ impl Executor for OpenCode {
             }
         }
         if !idle {
-            idle = !self.is_busy(&session, dir).await;
+            idle = !tokio::time::timeout(Duration::from_secs(1), self.is_busy(&session, dir))
+                .await
+                .unwrap_or(true);
         }
         if !idle {
             tracing::warn!(session = %session, "an aborted opencode session did not become idle");
@@ -636,6 +664,19 @@ impl Executor for OpenCode {
             Ok(Err(e)) => Health::unhealthy(e.to_string()),
             Err(_) => Health::unhealthy("opencode did not answer within 5 s"),
         }
+    }
+}
+
+/// `call`, unless `cancel` fires or `deadline` passes first (the request's `timeout`).
+async fn bounded<T>(
+    (cancel, deadline, timeout): (&CancellationToken, Instant, Duration),
+    call: impl std::future::Future<Output = Result<T, ExecutorError>>,
+) -> Result<T, ExecutorError> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(ExecutorError::Cancelled),
+        () = tokio::time::sleep_until(deadline) => Err(ExecutorError::TimedOut(timeout)),
+        r = call => r,
     }
 }
 

@@ -300,6 +300,48 @@ async fn an_unreachable_server_is_a_spawn_error_and_unhealthy() {
     assert!(matches!(err, ExecutorError::Spawn(_)), "{err:?}");
 }
 
+/// A server that accepts connections and never answers does not hold a job: the run ends at
+/// its timeout, or at once when it is cancelled.
+#[tokio::test]
+async fn a_server_that_never_answers_ends_at_the_timeout_or_the_cancel() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts every connection and keeps it open, silent.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let exec = OpenCode::builder(format!("http://127.0.0.1:{port}"))
+        .abort_wait(std::time::Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let bound = std::time::Duration::from_secs(60);
+    let req = AgentRequest::new("hi", "/tmp").with_timeout(std::time::Duration::from_millis(300));
+    let err = tokio::time::timeout(
+        bound,
+        exec.execute(req, EventSink::discard(), CancellationToken::new()),
+    )
+    .await
+    .expect("the run ended at its timeout")
+    .unwrap_err();
+    assert!(matches!(err, ExecutorError::TimedOut(_)), "{err:?}");
+    let cancel = CancellationToken::new();
+    let run = exec.execute(
+        AgentRequest::new("hi", "/tmp"),
+        EventSink::discard(),
+        cancel.clone(),
+    );
+    cancel.cancel();
+    let err = tokio::time::timeout(bound, run)
+        .await
+        .expect("the run ended at its cancel")
+        .unwrap_err();
+    assert!(matches!(err, ExecutorError::Cancelled), "{err:?}");
+    silent.abort();
+}
+
 #[tokio::test]
 async fn a_serve_section_in_the_config_starts_a_supervised_server_that_dies_with_the_agent() {
     let Some(bin) = common::peer("AIWG_TEST_OPENCODE") else {
