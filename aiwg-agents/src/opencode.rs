@@ -703,6 +703,15 @@ pub struct OpenCodeServer {
     _run_dir: Option<tempfile::TempDir>,
 }
 
+impl Drop for OpenCodeServer {
+    fn drop(&mut self) {
+        // Before the fields go (the child is killed when dropped): the server's tools run in
+        // process groups of their own, and once the server is dead they belong to init, out of
+        // reach of the tree's scan. (After `shutdown` the tree is finished: nothing to do.)
+        self.tree.kill_now();
+    }
+}
+
 impl std::fmt::Debug for OpenCodeServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenCodeServer")

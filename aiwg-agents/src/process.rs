@@ -975,6 +975,19 @@ impl Tree {
         self.blocking(TreeState::scan).await;
     }
 
+    /// Kills every descendant known or found now, and the root, here and now (not on tokio's
+    /// blocking pool): for a `Drop` that must act while the root is alive, before the root's
+    /// own kill re-parents the descendants that left its process group to init, where no
+    /// later scan finds them.
+    pub(crate) fn kill_now(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.scan();
+        st.signal(Signal::SIGKILL);
+    }
+
     /// The root was reaped (its pid may be reused from now on).
     pub(crate) fn reaped(&self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());

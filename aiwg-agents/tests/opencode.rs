@@ -398,3 +398,47 @@ async fn a_serve_section_in_the_config_starts_a_supervised_server_that_dies_with
         "the server outlived its agent"
     );
 }
+
+/// A server dropped while a tool runs (OpenCode runs its tools in process groups of their own)
+/// takes the tool with it: the tree is read while the server is alive, before its own kill
+/// leaves the tool to init.
+#[tokio::test]
+async fn a_dropped_server_takes_its_running_tools_with_it() {
+    let Some(s) = setup(vec![], None).await else {
+        return;
+    };
+    let marker = format!("aiwg-tool-{}", std::process::id());
+    s.fake.push([
+        Reply::tool_use(
+            "bash",
+            json!({"command": format!("exec -a {marker} sleep 1000"), "description": "wait", "timeout": 600_000}),
+        ),
+        Reply::text("never"),
+    ]);
+    let exec = s.server.client().build().unwrap();
+    let project = s.project.path().to_owned();
+    let run = tokio::spawn(async move {
+        exec.execute(
+            AgentRequest::new("run the tool", &project),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+    });
+    let tool_running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with(&marker))
+        })
+    };
+    assert!(
+        common::wait_for(LIMIT, tool_running).await,
+        "the tool started"
+    );
+    run.abort();
+    drop(s);
+    assert!(
+        common::wait_for(LIMIT, || !tool_running()).await,
+        "the tool outlived the server"
+    );
+}
