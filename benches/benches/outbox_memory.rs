@@ -42,8 +42,8 @@ fn attempt() -> Attempt {
     }
 }
 
-/// Heap bytes the outbox holds for `n` finished deliveries of one subscription.
-async fn ours(n: usize) -> usize {
+/// A memory outbox with one subscription.
+async fn outbox() -> (MemoryDispatchStore, Subscription) {
     let store = MemoryDispatchStore::new();
     let sub = Subscription::new(
         "http://127.0.0.1:9/hook",
@@ -53,6 +53,12 @@ async fn ours(n: usize) -> usize {
         Utc::now(),
     );
     store.insert_subscription(&sub).await.unwrap();
+    (store, sub)
+}
+
+/// Heap bytes the outbox holds for `n` finished deliveries of one subscription.
+async fn ours(n: usize) -> usize {
+    let (store, sub) = outbox().await;
     let body: Arc<str> = BODY.into();
     let before = heap();
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
@@ -90,15 +96,7 @@ async fn ours(n: usize) -> usize {
 
 /// Heap bytes of the same deliveries as the log shows them, in a `Vec`.
 async fn bare(n: usize) -> usize {
-    let store = MemoryDispatchStore::new();
-    let sub = Subscription::new(
-        "http://127.0.0.1:9/hook",
-        vec!["job.*".into()],
-        None,
-        SigningSecret::generate(),
-        Utc::now(),
-    );
-    store.insert_subscription(&sub).await.unwrap();
+    let (store, sub) = outbox().await;
     store
         .enqueue(&[NewDelivery::new(sub.id, "job.completed", BODY, Utc::now())])
         .await

@@ -1697,7 +1697,8 @@ async fn body_limit(server: &dyn Serve) {
     assert_eq!(small.status, 202);
 }
 
-async fn rate_limit(server: &dyn Serve) {
+/// An API limited to a burst of two requests a minute (per key, per address), served.
+async fn rate_limited(server: &dyn Serve) -> (Fixture, Served) {
     let fx = fixture(FixtureOptions::default());
     let api = api_builder(fx.engine.clone())
         .rate_limit(RateLimit {
@@ -1707,6 +1708,11 @@ async fn rate_limit(server: &dyn Serve) {
         .build()
         .unwrap();
     let s = server.serve(api, "").await;
+    (fx, s)
+}
+
+async fn rate_limit(server: &dyn Serve) {
+    let (_fx, s) = rate_limited(server).await;
     let c = s.client();
     assert_eq!(
         c.send("GET", "/jobs", Some(READ_KEY), None).await.status,
@@ -1747,15 +1753,7 @@ async fn rate_limit(server: &dyn Serve) {
 /// credentials it sends are looked at, the right ones included, until its wait is over:
 /// guessing is slowed down, not only answered differently.
 async fn failed_keys_lock_the_address_out(server: &dyn Serve) {
-    let fx = fixture(FixtureOptions::default());
-    let api = api_builder(fx.engine.clone())
-        .rate_limit(RateLimit {
-            per_minute: 1,
-            burst: 2,
-        })
-        .build()
-        .unwrap();
-    let s = server.serve(api, "").await;
+    let (_fx, s) = rate_limited(server).await;
     let c = s.client();
     let wrong = "sk-wrong-wrong-wrong-wrong-wrong";
     for _ in 0..2 {
