@@ -97,8 +97,9 @@
 //! ([`ProcessOptions::die_with_server`]). The kernel sends that signal when the *thread* that
 //! started the child ends; executors start children from the task that runs them, on a tokio
 //! worker thread, which lives as long as the runtime (so do not call `execute` from
-//! `spawn_blocking`). The signal reaches the agent process; what an *unsandboxed* agent started
-//! and detached from it is not covered (a sandbox is: its PID namespace dies as a whole). A
+//! `spawn_blocking`). The signal reaches the agent process only: what an *unsandboxed* agent
+//! started, detached or not, outlives a `kill -9` of the server (a sandbox's children do not: its
+//! PID namespace dies as a whole; a normal stop or shutdown kills them everywhere). A
 //! server should also make itself non-dumpable at start
 //! (`nix::sys::prctl::set_dumpable(false)`, as the example server does) so that an unsandboxed
 //! child cannot read `/proc/<server>/environ` or attach a debugger to it (unless it is root).

@@ -24,8 +24,8 @@
 //! that ends before the run does (e.g. inside `spawn_blocking`, whose threads retire when idle).
 //! `PDEATHSIG` reaches the agent process itself; processes the agent starts in turn are covered
 //! by the sandbox (its PID namespace is torn down with it) or, unsandboxed, by the normal stop
-//! path — a process an unsandboxed agent started survives a `kill -9` of the server only if it
-//! detached from the agent first.
+//! path only: after a `kill -9` of the server nothing signals them, and what an unsandboxed
+//! agent started (a tool's `sleep`, detached or not) lives on under init.
 
 // With only the `opencode` feature, the run loop is unused (only spawning is).
 #![cfg_attr(
