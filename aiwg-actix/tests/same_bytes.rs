@@ -190,6 +190,15 @@ fn script() -> Vec<Step> {
         step("outside roots", "POST", "/workflows/trigger", Some(TRIGGER_KEY))
             .json(json!({"workflow": "echo", "project_path": "/etc"})),
         step("bad job id", "GET", "/workflows/xyz/status", Some(READ_KEY)),
+        // The API decides before the handshake is looked at, on both stacks.
+        step("WebSocket upgrade by POST", "POST", "/ws", Some(READ_KEY))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        step("WebSocket upgrade of a bad job id, no key", "GET", "/workflows/xyz/ws", Some(READ_KEY))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket"),
         step("bad percent-encoded id", "GET", "/workflows/a%2Fb%20c/status", Some(READ_KEY)),
         step("bad query", "GET", "/jobs?limit=abc", Some(READ_KEY)),
         step("unknown query", "GET", "/jobs?bogus=1", Some(READ_KEY)),

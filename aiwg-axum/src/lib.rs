@@ -123,33 +123,34 @@ async fn answer(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
     if route.is_websocket() && aiwg_core::http::is_websocket_upgrade(&parts.headers) {
-        let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(u) => u,
-            // A malformed handshake (no `Sec-WebSocket-Key`, a wrong version…): the API's
-            // problem document, with axum's reason.
-            Err(rejection) => {
-                return into_response(
-                    aiwg_core::http::Problem::new(
-                        rejection.status(),
-                        "invalid-upgrade",
-                        format!("not a valid WebSocket upgrade: {}", rejection.body_text()),
-                    )
-                    .into_response(),
-                )
-            }
-        };
-        let request = ApiRequest::new(route, parts.method)
+        // The API decides first (method, job id, credentials), then the handshake is checked,
+        // as on actix: a `POST` with upgrade headers is a 405 with `Allow`, an unknown job a
+        // 400 `invalid-job-id`, whatever the handshake's headers.
+        let request = ApiRequest::new(route, parts.method.clone())
             .with_params(params)
             .with_query(parts.uri.query().map(str::to_owned))
-            .with_headers(parts.headers)
+            .with_headers(parts.headers.clone())
             .with_peer(peer)
             .with_base_path(base_path);
-        return match api.websocket(request).await {
-            Ok(session) => upgrade
+        let session = match api.websocket(request).await {
+            Ok(session) => session,
+            Err(res) => return into_response(res),
+        };
+        return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(upgrade) => upgrade
                 .max_message_size(MAX_MESSAGE)
                 .max_frame_size(MAX_MESSAGE)
                 .on_upgrade(move |socket| run_socket(session, socket)),
-            Err(res) => into_response(res),
+            // A malformed handshake (no `Sec-WebSocket-Key`, a wrong version…): the API's
+            // problem document, with axum's reason.
+            Err(rejection) => into_response(
+                aiwg_core::http::Problem::new(
+                    rejection.status(),
+                    "invalid-upgrade",
+                    format!("not a valid WebSocket upgrade: {}", rejection.body_text()),
+                )
+                .into_response(),
+            ),
         };
     }
     let limit = api.body_limit();
