@@ -289,10 +289,16 @@ impl OpenCodeBuilder {
     }
 }
 
+/// The largest event (or line of one) read from the server: past it the stream is treated as
+/// ended, so a server cannot make the client hold an unbounded line.
+const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
 /// Server-sent events: `data:` lines joined, dispatched on a blank line.
 struct Sse<S> {
     stream: S,
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline (each chunk is searched once).
+    scanned: usize,
     data: String,
 }
 
@@ -304,14 +310,18 @@ where
         Self {
             stream,
             buf: Vec::new(),
+            scanned: 0,
             data: String::new(),
         }
     }
 
-    /// The next event's data, or `None` when the stream ends.
+    /// The next event's data, or `None` when the stream ends (or sends a line or an event past
+    /// [`MAX_EVENT_BYTES`]).
     async fn next(&mut self) -> Option<String> {
         loop {
-            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            while let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let pos = self.scanned + at;
+                self.scanned = 0;
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
@@ -328,6 +338,10 @@ where
                     }
                     self.data.push_str(d.strip_prefix(' ').unwrap_or(d));
                 }
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_EVENT_BYTES || self.data.len() > MAX_EVENT_BYTES {
+                return None;
             }
             match self.stream.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
@@ -902,5 +916,41 @@ impl OpenCodeServerBuilder {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: Vec<Vec<u8>>,
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ()>> + Unpin {
+        futures_util::stream::iter(parts.into_iter().map(|p| Ok(bytes::Bytes::from(p))))
+    }
+
+    /// Events split across chunks are joined; a line that never ends is not held past the
+    /// bound: the stream ends instead.
+    #[tokio::test]
+    async fn events_are_read_across_chunks_and_an_endless_line_ends_the_stream() {
+        let mut sse = Sse::new(chunks(vec![
+            b"data: {\"a\":".to_vec(),
+            b"1}\r\n\ndata: x\ndata: y\n\n".to_vec(),
+        ]));
+        assert_eq!(sse.next().await.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(sse.next().await.as_deref(), Some("x\ny"));
+        assert_eq!(sse.next().await, None);
+
+        let piece = vec![b'x'; 64 * 1024];
+        let endless = std::iter::once(b"data: ".to_vec())
+            .chain(std::iter::repeat_n(
+                piece,
+                MAX_EVENT_BYTES / (64 * 1024) + 2,
+            ))
+            .chain(std::iter::once(b"\n\n".to_vec()))
+            .collect();
+        let mut sse = Sse::new(chunks(endless));
+        assert_eq!(sse.next().await, None);
+        assert!(sse.buf.len() <= MAX_EVENT_BYTES + 64 * 1024);
     }
 }
