@@ -12,7 +12,6 @@ use aiwg_core::{
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -857,12 +856,14 @@ impl OpenCodeServerBuilder {
         };
         let until = Instant::now() + self.startup_timeout;
         let (url_tx, mut url_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        // Keep reading both pipes for the server's whole life so that it never blocks on them.
+        // Keep reading both pipes for the server's whole life so that it never blocks on them:
+        // in bounded pieces, and past bytes that are not UTF-8 (a `lines()` reader held a line
+        // without end whole, and stopped reading at the first invalid byte).
         if let Some(out) = stdout {
             let tx = url_tx.clone();
             tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
+                let mut lines = process::LineReader::new(Some(out));
+                while let Some(l) = lines.next().await {
                     if let Some(pos) = l.find("http://") {
                         let _ = tx.send(l[pos..].trim().to_owned());
                     }
@@ -872,8 +873,8 @@ impl OpenCodeServerBuilder {
         }
         if let Some(err) = stderr {
             tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
+                let mut lines = process::LineReader::new(Some(err));
+                while let Some(l) = lines.next().await {
                     tracing::debug!(target: "aiwg_agents::opencode", "{l}");
                 }
             });

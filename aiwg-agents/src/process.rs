@@ -722,14 +722,14 @@ pub(crate) const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads lines (lossy UTF-8) from a pipe, at most [`MAX_LINE_BYTES`] at a time; cancel-safe
 /// because the partial line stays in `buf` and nothing is consumed across an await.
-struct LineReader<R> {
+pub(crate) struct LineReader<R> {
     inner: Option<BufReader<R>>,
     buf: Vec<u8>,
     done: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
-    fn new(r: Option<R>) -> Self {
+    pub(crate) fn new(r: Option<R>) -> Self {
         let done = r.is_none();
         Self {
             inner: r.map(|r| BufReader::with_capacity(64 * 1024, r)),
@@ -738,7 +738,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
-    async fn next(&mut self) -> Option<String> {
+    pub(crate) async fn next(&mut self) -> Option<String> {
         let inner = self.inner.as_mut()?;
         loop {
             let chunk = match inner.fill_buf().await {

@@ -342,6 +342,57 @@ async fn a_server_that_never_answers_ends_at_the_timeout_or_the_cancel() {
     silent.abort();
 }
 
+/// The server's output is read past bytes that are not UTF-8 and in bounded pieces: a `lines()`
+/// reader stopped at the first invalid byte, so a server that printed one before its address
+/// was never found listening (and could block on a full pipe later).
+#[tokio::test]
+async fn a_server_printing_bytes_that_are_not_utf8_still_starts() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: python3 is missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("opencode");
+    std::fs::write(
+        &fake,
+        r#"#!/usr/bin/env python3
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-type", "application/json"); self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+sys.stdout.buffer.write(b"\xff\xfe not utf-8 " + b"x" * 200000 + b"\n")
+sys.stdout.buffer.write(("opencode server listening on http://127.0.0.1:%d\n" % s.server_port).encode())
+sys.stdout.flush()
+s.serve_forever()
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let server = tokio::time::timeout(
+        LIMIT,
+        OpenCodeServer::builder(dir.path())
+            .binary(&fake)
+            .startup_timeout(std::time::Duration::from_secs(30))
+            .start(),
+    )
+    .await
+    .expect("started in time")
+    .expect("the server was found listening");
+    assert!(
+        server.url().starts_with("http://127.0.0.1:"),
+        "{}",
+        server.url()
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_serve_section_in_the_config_starts_a_supervised_server_that_dies_with_the_agent() {
     let Some(bin) = common::peer("AIWG_TEST_OPENCODE") else {
