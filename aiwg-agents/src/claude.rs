@@ -301,7 +301,7 @@ impl Executor for ClaudeCode {
         let (argv, input) = self.argv(&request)?;
         let mut final_result: Option<ClaudeResult> = None;
         let mut last_session: Option<String> = None;
-        let mut texts: Vec<String> = Vec::new();
+        let mut texts = TextTail::default();
         let finished = process::run(
             &self.binary,
             &argv,
@@ -318,7 +318,7 @@ impl Executor for ClaudeCode {
                     }
                     for ev in parsed.events {
                         if let AgentEvent::Text { text } = &ev {
-                            texts.push(text.clone());
+                            texts.push(text);
                         }
                         events.emit(ev);
                     }
@@ -357,7 +357,7 @@ impl Executor for ClaudeCode {
         if let Some(limit) = limit {
             // The work done up to the limit is kept, with the session to resume it.
             let mut partial =
-                AgentResult::text(res.result.clone().unwrap_or_else(|| texts.join("\n")));
+                AgentResult::text(res.result.clone().unwrap_or_else(|| texts.joined()));
             partial.session_id = res.session_id.clone().or(last_session);
             partial.cost_usd = res.total_cost_usd;
             partial.usage = res.usage;
@@ -385,7 +385,7 @@ impl Executor for ClaudeCode {
                 exit_code: finished.exit_code,
             });
         }
-        let mut out = AgentResult::text(res.result.unwrap_or_else(|| texts.join("\n")));
+        let mut out = AgentResult::text(res.result.unwrap_or_else(|| texts.joined()));
         out.session_id = res.session_id.or(last_session);
         out.cost_usd = res.total_cost_usd;
         out.usage = res.usage;
@@ -413,9 +413,65 @@ impl Executor for ClaudeCode {
     }
 }
 
+/// The most text of a run kept for an answer that its result line does not carry.
+const TEXT_KEPT_BYTES: usize = 4 * 1024 * 1024;
+
+/// The latest texts of a run, at most [`TEXT_KEPT_BYTES`] of them (the oldest go first): the
+/// answer when the result line has none, without keeping everything a long run wrote.
+#[derive(Default)]
+struct TextTail {
+    texts: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl TextTail {
+    fn push(&mut self, text: &str) {
+        self.bytes += text.len();
+        self.texts.push_back(text.to_owned());
+        while self.bytes > TEXT_KEPT_BYTES && self.texts.len() > 1 {
+            if let Some(old) = self.texts.pop_front() {
+                self.bytes -= old.len();
+            }
+        }
+    }
+
+    fn joined(&self) -> String {
+        let mut out = String::with_capacity(self.bytes + self.texts.len());
+        for (i, t) in self.texts.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            out.push_str(t);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Texts are kept joined as they came, the oldest dropped past the bound, the latest always
+    /// kept.
+    #[test]
+    fn the_texts_kept_are_the_latest_within_the_bound() {
+        let mut tail = TextTail::default();
+        tail.push("one");
+        tail.push("two");
+        assert_eq!(tail.joined(), "one\ntwo");
+        let big = "x".repeat(TEXT_KEPT_BYTES / 2 + 1);
+        tail.push(&big);
+        tail.push(&big);
+        assert_eq!(tail.joined(), big, "only the last fits");
+        assert!(tail.bytes <= TEXT_KEPT_BYTES);
+        let huge = "y".repeat(TEXT_KEPT_BYTES + 1);
+        tail.push(&huge);
+        assert_eq!(
+            tail.joined(),
+            huge,
+            "the latest is kept even past the bound"
+        );
+    }
 
     #[test]
     fn options_become_arguments_and_the_prompt_follows_double_dash() {
