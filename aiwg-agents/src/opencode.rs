@@ -184,6 +184,45 @@ impl OpenCode {
         }
     }
 
+    /// Stops the remote run of `session` and waits until the server says it is idle (each call
+    /// bounded by the same wait: a server that never answers does not hold the job).
+    async fn stop_session<S, E>(
+        &self,
+        session: &str,
+        dir: &Path,
+        sse: &mut Sse<S>,
+        st: &mut RunState,
+    ) where
+        S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    {
+        let until = Instant::now() + self.abort_wait;
+        let _ = tokio::time::timeout_at(until, self.abort(session, dir)).await;
+        let mut idle = !tokio::time::timeout_at(until, self.is_busy(session, dir))
+            .await
+            .unwrap_or(false);
+        while !idle {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                data = sse.next() => {
+                    let Some(data) = data else { break };
+                    if let Ok(ev) = serde_json::from_str::<Value>(&data) {
+                        if let (true, Step::Idle) = st.handle(&ev, session, &EventSink::discard()) {
+                            idle = true;
+                        }
+                    }
+                }
+            }
+        }
+        if !idle {
+            idle = !tokio::time::timeout(Duration::from_secs(1), self.is_busy(session, dir))
+                .await
+                .unwrap_or(true);
+        }
+        if !idle {
+            tracing::warn!(session = %session, "an aborted opencode session did not become idle");
+        }
+    }
+
     /// Whether the server reports `session` busy (`GET /session/status`).
     async fn is_busy(&self, session: &str, dir: &Path) -> bool {
         let r = self.req(reqwest::Method::GET, "/session/status", dir);
@@ -512,9 +551,8 @@ impl Executor for OpenCode {
     ) -> Result<AgentResult, ExecutorError> {
         request.validate()?;
         let dir = request.project_path.as_path();
-        let deadline = Instant::now()
-            .checked_add(request.timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(30 * 86_400));
+        // At most `MAX_TIMEOUT` from now: `validate` refuses longer.
+        let deadline = Instant::now() + request.timeout;
         // The calls before the run are raced against the cancel and the timeout too: a server
         // that accepts connections and never answers would otherwise hold the job forever.
         let limit = (&cancel, deadline, request.timeout);
@@ -575,87 +613,58 @@ impl Executor for OpenCode {
             ),
         )
         .await;
-        // Cancelled or out of time while the prompt was on its way: the run may have started,
-        // so it is stopped below like any other.
-        let stopped = match prompted {
-            Ok(_) => None,
-            Err(e @ (ExecutorError::Cancelled | ExecutorError::TimedOut(_))) => Some(e),
-            Err(e) => return Err(e),
-        };
-
         let mut st = RunState::default();
+        match prompted {
+            Ok(_) => {}
+            // Cancelled or out of time while the prompt was on its way: the run may have
+            // started, so it is stopped like any other.
+            Err(e @ (ExecutorError::Cancelled | ExecutorError::TimedOut(_))) => {
+                self.stop_session(&session, dir, &mut sse, &mut st).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
         let mut idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
-        let stop = if let Some(e) = stopped {
-            e
-        } else {
-            loop {
-                let idle_sleep = async {
-                    match idle_deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
+        let stop = loop {
+            let idle_sleep = async {
+                match idle_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break ExecutorError::Cancelled,
+                () = tokio::time::sleep_until(deadline) => break ExecutorError::TimedOut(request.timeout),
+                () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
+                data = sse.next() => {
+                    let Some(data) = data else {
+                        break ExecutorError::Protocol(aiwg_core::BackendError::from("opencode's event stream ended during the run"));
+                    };
+                    let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
+                    let (ours, step) = st.handle(&ev, &session, &events);
+                    if ours {
+                        idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
                     }
-                };
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break ExecutorError::Cancelled,
-                    () = tokio::time::sleep_until(deadline) => break ExecutorError::TimedOut(request.timeout),
-                    () = idle_sleep => break ExecutorError::Idle(self.idle_timeout.unwrap_or_default()),
-                    data = sse.next() => {
-                        let Some(data) = data else {
-                            break ExecutorError::Protocol(aiwg_core::BackendError::from("opencode's event stream ended during the run"));
-                        };
-                        let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
-                        let (ours, step) = st.handle(&ev, &session, &events);
-                        if ours {
-                            idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+                    match step {
+                        Step::Continue => {}
+                        Step::Idle => {
+                            let mut out = AgentResult::text(st.output()).with_session(session.clone());
+                            if st.saw_cost {
+                                out = out.with_cost(st.cost, st.usage);
+                            } else if st.usage != Usage::default() {
+                                out.usage = Some(st.usage);
+                            }
+                            return Ok(out);
                         }
-                        match step {
-                            Step::Continue => {}
-                            Step::Idle => {
-                                let mut out = AgentResult::text(st.output()).with_session(session.clone());
-                                if st.saw_cost {
-                                    out = out.with_cost(st.cost, st.usage);
-                                } else if st.usage != Usage::default() {
-                                    out.usage = Some(st.usage);
-                                }
-                                return Ok(out);
-                            }
-                            Step::Error(message) => {
-                                return Err(ExecutorError::Failed { message, exit_code: None });
-                            }
+                        Step::Error(message) => {
+                            return Err(ExecutorError::Failed { message, exit_code: None });
                         }
                     }
                 }
             }
         };
-        // Stop the remote run and wait until the server says the session is idle (each call
-        // bounded by the same wait: a server that never answers does not hold the job).
-        let until = Instant::now() + self.abort_wait;
-        let _ = tokio::time::timeout_at(until, self.abort(&session, dir)).await;
-        let mut idle = !tokio::time::timeout_at(until, self.is_busy(&session, dir))
-            .await
-            .unwrap_or(false);
-        while !idle {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => break,
-                data = sse.next() => {
-                    let Some(data) = data else { break };
-                    if let Ok(ev) = serde_json::from_str::<Value>(&data) {
-                        if let (true, Step::Idle) = st.handle(&ev, &session, &EventSink::discard()) {
-                            idle = true;
-                        }
-                    }
-                }
-            }
-        }
-        if !idle {
-            idle = !tokio::time::timeout(Duration::from_secs(1), self.is_busy(&session, dir))
-                .await
-                .unwrap_or(true);
-        }
-        if !idle {
-            tracing::warn!(session = %session, "an aborted opencode session did not become idle");
-        }
+        self.stop_session(&session, dir, &mut sse, &mut st).await;
         Err(stop)
     }
 

@@ -1,5 +1,6 @@
 //! Small shared helpers: duration parsing for configuration, and times a duration after or
-//! before another.
+//! before another that never overflow (the durations configuration accepts reach `u64::MAX`
+//! seconds).
 
 use std::time::Duration;
 
@@ -15,19 +16,22 @@ pub(crate) fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// `d` from `now` on the monotonic clock, or thirty years from it (as tokio's timers take a
-/// deadline past the clock's range) when a duration meant as "forever" overflows it.
-pub(crate) fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
-}
-
 /// `d` before `at`, or the first time there is.
 pub(crate) fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| at.checked_sub_signed(d))
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `d` from `now` on the monotonic clock, or thirty years from it (as tokio's timers take a
+/// deadline past the clock's range) when a duration meant as "forever" (a TTL or a timeout of
+/// `u64::MAX` seconds, which configuration accepts) overflows it: `Instant + Duration` panics
+/// there.
+#[must_use]
+pub fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// Parses `"5m"`, `"1h 30m"`, `"250ms"` (humantime) or a bare number of seconds.

@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aiwg_core::util::deadline;
 use aiwg_core::JobId;
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -75,7 +76,7 @@ pub trait DeliveryStore: Send + Sync {
         key: &str,
         timeout: Duration,
     ) -> Result<Option<JobId>, DeliveryStoreError> {
-        let deadline = later(Instant::now(), timeout);
+        let deadline = deadline(Instant::now(), timeout);
         loop {
             if let Some(job) = self.get(key).await? {
                 return Ok(Some(job));
@@ -201,7 +202,7 @@ impl DeliveryStore for MemoryDeliveryStore {
                 key,
                 State::Pending {
                     notify,
-                    until: later(now, lease),
+                    until: deadline(now, lease),
                 },
             ) {
                 old.notify_waiters();
@@ -216,7 +217,7 @@ impl DeliveryStore for MemoryDeliveryStore {
         job: JobId,
         ttl: Duration,
     ) -> Result<(), DeliveryStoreError> {
-        let until = later(Instant::now(), ttl);
+        let until = deadline(Instant::now(), ttl);
         let old = self.lock().set(key, State::Done { job, until });
         if let Some(State::Pending { notify, .. }) = old {
             notify.notify_waiters();
@@ -246,7 +247,7 @@ impl DeliveryStore for MemoryDeliveryStore {
         key: &str,
         timeout: Duration,
     ) -> Result<Option<JobId>, DeliveryStoreError> {
-        let deadline = later(Instant::now(), timeout);
+        let deadline = deadline(Instant::now(), timeout);
         loop {
             let notify = {
                 let inner = self.lock();
@@ -377,13 +378,6 @@ async fn futures_join_all(
         out.push(h.await.expect("joins"));
     }
     out
-}
-
-/// `d` after `now`, or thirty years after it when a duration meant as "forever" (a TTL of
-/// `u64::MAX` seconds, which configuration accepts) overflows the clock.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 #[cfg(test)]
