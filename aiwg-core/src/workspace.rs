@@ -11,20 +11,25 @@
 //!    `refs/merge-requests/N/head` (GitLab), the source branch of the source repository
 //!    (Bitbucket), and the base branch when it is known;
 //! 3. `git worktree add --detach` at the head commit (the one the event named when the
-//!    mirror has it, else the fetched head) under `cache/worktrees/<job id>`.
+//!    mirror has it, else the fetched head) under `cache/worktrees/<job id>-<attempt>` (a
+//!    retry gets a worktree of its own; the failed attempt's may still be kept).
 //!
 //! The job's steps run there (`{{project_path}}` is the worktree; `{{trigger.sha}}`,
 //! `{{trigger.branch}}`, `{{trigger.base}}` name the commit and branches). Afterwards the
 //! worktree is removed — or, when the job did not complete, kept for `keep_failed_for` for
 //! inspection. A workspace that cannot be made (the request is gone, the fetch is refused, the
-//! disk is full) fails the job at once with kind `workspace_failed`.
+//! disk is full) fails the job at once with kind `workspace_failed`; making it counts against
+//! the job's `timeout` (a remote that stops answering ends the job `timed_out`). Kept worktrees
+//! are removed by a timer, or, after a restart, by the next job of any repository once they are
+//! older than `keep_failed_for` (at least a minute) counted from their job's end; a worktree in
+//! use is never removed.
 //!
 //! Credentials never reach an argument vector or a log: a token configured for a host is
 //! handed to git as an `http.<url>.extraHeader` through `GIT_CONFIG_*` environment variables
 //! of the git process only, and git's error text is scrubbed of it. Only the URL schemes in
 //! `protocols` (default `https`) are fetched.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,8 +93,33 @@ impl WorkspaceSettings {
 /// Why a workspace could not be made (the job fails with kind `workspace_failed`). Never
 /// carries a credential.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct WorkspaceError(String);
+#[error("{message}")]
+pub struct WorkspaceError {
+    message: String,
+    timed_out: bool,
+}
+
+impl WorkspaceError {
+    fn new(message: String) -> Self {
+        Self {
+            message,
+            timed_out: false,
+        }
+    }
+
+    /// The workspace took the whole of the job's `timeout`.
+    pub(crate) fn timed_out(timeout: Duration) -> Self {
+        Self {
+            message: format!("the workspace was not ready within the job's timeout of {timeout:?}"),
+            timed_out: true,
+        }
+    }
+
+    /// Whether this is [`timed_out`](Self::timed_out)'s error (the job ends `timed_out`).
+    pub(crate) fn is_timeout(&self) -> bool {
+        self.timed_out
+    }
+}
 
 /// A job's worktree.
 #[derive(Debug)]
@@ -102,6 +132,9 @@ pub(crate) struct Worktree {
 pub(crate) struct Workspaces {
     settings: WorkspaceSettings,
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Worktrees of jobs still running: never pruned, whatever their directory's age (an agent
+    /// editing files deeper down does not change it).
+    in_use: Mutex<HashSet<PathBuf>>,
 }
 
 fn valid_ref_part(s: &str) -> bool {
@@ -117,6 +150,7 @@ impl Workspaces {
         Self {
             settings,
             locks: Mutex::default(),
+            in_use: Mutex::default(),
         }
     }
 
@@ -160,7 +194,7 @@ impl Workspaces {
             .args(args)
             .output()
             .await
-            .map_err(|e| WorkspaceError(format!("git could not be started: {e}")))?;
+            .map_err(|e| WorkspaceError::new(format!("git could not be started: {e}")))?;
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
         }
@@ -171,7 +205,7 @@ impl Workspaces {
             }
         }
         err.truncate(err.char_indices().nth(500).map_or(err.len(), |(i, _)| i));
-        Err(WorkspaceError(format!("git {}: {err}", args[0])))
+        Err(WorkspaceError::new(format!("git {}: {err}", args[0])))
     }
 
     /// The worktree for `job`, when it is about a pull request with a clone URL.
@@ -182,7 +216,7 @@ impl Workspaces {
         };
         let scheme = url.split_once("://").map_or("", |(s, _)| s);
         if !self.settings.protocols.iter().any(|p| p == scheme) || url.starts_with('-') {
-            return Err(WorkspaceError(format!(
+            return Err(WorkspaceError::new(format!(
                 "the repository URL's scheme `{scheme}` is not allowed (projects.workspace.protocols)"
             )));
         }
@@ -193,7 +227,7 @@ impl Workspaces {
                     (u.clone(), format!("refs/heads/{b}"))
                 }
                 _ => {
-                    return Err(WorkspaceError(
+                    return Err(WorkspaceError::new(
                         "the pull request names no source branch".into(),
                     ))
                 }
@@ -210,13 +244,51 @@ impl Workspaces {
             .settings
             .cache
             .join("worktrees")
-            .join(job.id.to_string());
-        let io = |what: &str, e: std::io::Error| WorkspaceError(format!("{what}: {e}"));
+            .join(format!("{}-{}", job.id, job.attempt));
+        let io = |what: &str, e: std::io::Error| WorkspaceError::new(format!("{what}: {e}"));
         std::fs::create_dir_all(self.settings.cache.join("worktrees"))
             .map_err(|e| io("cannot create the workspace cache", e))?;
         let lock = self.lock_for(&mirror);
         let _held = lock.lock().await;
-        self.prune_expired(&mirror).await;
+        // Claimed before anything is made there: another job's prune passes over it, and it is
+        // given back by `release`, or below when it cannot be made.
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(worktree.clone());
+        let made = self
+            .make(&mirror, &worktree, pr, &fetch_url, &head_ref, job)
+            .await;
+        if made.is_err() {
+            self.unclaim(&worktree);
+        }
+        made?;
+        Ok(Some(Worktree {
+            path: worktree,
+            mirror,
+        }))
+    }
+
+    fn unclaim(&self, worktree: &Path) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(worktree);
+    }
+
+    /// Fetches the head into the mirror and adds the worktree (under the mirror's lock).
+    async fn make(
+        &self,
+        mirror: &Path,
+        worktree: &Path,
+        pr: u64,
+        fetch_url: &str,
+        head_ref: &str,
+        job: &Job,
+    ) -> Result<(), WorkspaceError> {
+        let t = &job.trigger;
+        let io = |what: &str, e: std::io::Error| WorkspaceError::new(format!("{what}: {e}"));
+        self.prune_expired(mirror).await;
         let m = mirror.to_string_lossy().into_owned();
         if !mirror.join("HEAD").exists() {
             std::fs::create_dir_all(&mirror).map_err(|e| io("cannot create the mirror", e))?;
@@ -227,6 +299,11 @@ impl Workspaces {
         if let Some(base) = t.extra.get("base_ref").filter(|b| valid_ref_part(b)) {
             refspecs.push(format!("+refs/heads/{base}:refs/aiwg/base/{base}"));
         }
+        // A git killed part way (a job cancelled or timed out while it fetched) leaves its ref
+        // locks behind, and every later fetch of the pull request would fail on them; under
+        // the mirror's lock no other git of this process works here.
+        remove_lock_files(&mirror.join("refs").join("aiwg"));
+        let _ = std::fs::remove_file(mirror.join("packed-refs.lock"));
         let mut args: Vec<&str> = vec![
             "-C",
             &m,
@@ -235,10 +312,10 @@ impl Workspaces {
             "--force",
             "-q",
             "--",
-            &fetch_url,
+            fetch_url,
         ];
         args.extend(refspecs.iter().map(String::as_str));
-        if let Err(e) = self.run(Some(&fetch_url), &args).await {
+        if let Err(e) = self.run(Some(fetch_url), &args).await {
             // The base branch may be gone; the head is what matters.
             let head_only = [
                 "-C",
@@ -248,11 +325,11 @@ impl Workspaces {
                 "--force",
                 "-q",
                 "--",
-                &fetch_url,
+                fetch_url,
                 &refspecs[0],
             ];
-            self.run(Some(&fetch_url), &head_only).await.map_err(|_| {
-                WorkspaceError(format!(
+            self.run(Some(fetch_url), &head_only).await.map_err(|_| {
+                WorkspaceError::new(format!(
                     "the pull request's head could not be fetched ({e})"
                 ))
             })?;
@@ -297,18 +374,23 @@ impl Workspaces {
             ],
         )
         .await?;
-        Ok(Some(Worktree {
-            path: worktree,
-            mirror,
-        }))
+        Ok(())
     }
 
     /// Removes the worktree now, or after `keep_failed_for` when the job did not complete.
     pub(crate) async fn release(self: &Arc<Self>, wt: Worktree, completed: bool) {
         if completed || self.settings.keep_failed_for.is_zero() {
             self.remove(&wt).await;
+            self.unclaim(&wt.path);
             return;
         }
+        // Kept: its age, for a prune after a restart, counts from now.
+        if let Err(e) = std::fs::File::open(&wt.path)
+            .and_then(|dir| dir.set_modified(std::time::SystemTime::now()))
+        {
+            tracing::debug!(worktree = %wt.path.display(), error = %e, "could not mark a kept worktree's end");
+        }
+        self.unclaim(&wt.path);
         let me = Arc::clone(self);
         let keep = self.settings.keep_failed_for;
         tokio::spawn(async move {
@@ -341,7 +423,15 @@ impl Workspaces {
             return;
         };
         let keep = self.settings.keep_failed_for.max(Duration::from_secs(60));
+        let in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for e in entries.flatten() {
+            if in_use.contains(&e.path()) {
+                continue;
+            }
             let old = e
                 .metadata()
                 .and_then(|m| m.modified())
@@ -355,6 +445,21 @@ impl Workspaces {
         if mirror.join("HEAD").exists() {
             let m = mirror.to_string_lossy().into_owned();
             let _ = self.run(None, &["-C", &m, "worktree", "prune"]).await;
+        }
+    }
+}
+
+/// Removes the `*.lock` files under `dir` (ref locks a killed git left).
+fn remove_lock_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            remove_lock_files(&e.path());
+        } else if kind.is_file() && e.file_name().to_string_lossy().ends_with(".lock") {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

@@ -577,9 +577,14 @@ triggers:
         steps[1]["output"].as_str().unwrap().trim(),
         "the pull request"
     );
+    let left: Vec<_> = std::fs::read_dir(cache.join("worktrees"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(
-        !cache.join("worktrees").join(&id).exists(),
-        "the worktree is removed"
+        left.iter().all(|name| !name.starts_with(&id)),
+        "the worktree is removed: {left:?}"
     );
     // The project directory itself was never touched.
     assert!(!dir.path().join("README").exists());

@@ -540,10 +540,17 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
             reason: &reason,
             recheck,
         };
+        // Making the workspace counts against the job's timeout: a remote that stops sending
+        // mid-fetch ends the job `timed_out` (and frees the repository's lock) instead of holding
+        // a worker for ever.
+        let preparing = tokio::time::Instant::now();
         let workspace = match workspaces {
             Some(ws) => tokio::select! {
                 r = ws.prepare(&job) => Some(r),
                 () = token.cancelled() => None,
+                () = tokio::time::sleep_until(crate::util::deadline(preparing, job.timeout)) => {
+                    Some(Err(crate::workspace::WorkspaceError::timed_out(job.timeout)))
+                }
             },
             None => Some(Ok(None)),
         };
@@ -556,6 +563,13 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                             "cancelled before the workspace was ready",
                         ))
                     })),
+                    JobResult::default(),
+                ),
+                None,
+            ),
+            Some(Err(e)) if e.is_timeout() => (
+                (
+                    Err(Stop::TimedOut(JobError::new("timed_out", e.to_string()))),
                     JobResult::default(),
                 ),
                 None,
@@ -577,6 +591,8 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
             Some(Ok(Some(wt))) => {
                 let mut at_head = job.clone();
                 at_head.project_path = wt.path.display().to_string().into();
+                // The steps have what the workspace left of the job's timeout.
+                at_head.timeout = job.timeout.saturating_sub(preparing.elapsed());
                 (
                     run_steps(engine, &at_head, steps(false), &mut last).await,
                     Some(wt),
