@@ -412,8 +412,19 @@ impl ProjectsConfig {
         for m in &self.mapping {
             b = b.map(&m.pattern, &m.path);
         }
-        b.build()
-            .map_err(|e| ConfigError::new("projects", e.to_string()))
+        b.build().map_err(|e| {
+            let at = match &e {
+                crate::policy::PolicyError::ForbiddenNotAbsolute(f) => self
+                    .forbidden_paths
+                    .iter()
+                    .position(|p| p == f)
+                    .map_or("projects.forbidden_paths".into(), |i| {
+                        format!("projects.forbidden_paths[{i}]")
+                    }),
+                _ => "projects".into(),
+            };
+            ConfigError::new(at, e.to_string())
+        })
     }
 }
 
@@ -669,6 +680,11 @@ impl Config {
         let mut raw: Value = if yaml.trim().is_empty() {
             Value::Object(Default::default())
         } else {
+            // Read once as YAML's own value, whose maps refuse a key given twice (`duplicate
+            // entry with key "projects" at line 9`): read into JSON's, the last one would
+            // silently win, dropping the first's settings (its forbidden paths, say).
+            serde_norway::from_str::<serde_norway::Value>(yaml)
+                .map_err(|e| ConfigError::new("(file)", e.to_string()))?;
             serde_norway::from_str(yaml).map_err(|e| ConfigError::new("(file)", e.to_string()))?
         };
         if raw.is_null() {
@@ -786,12 +802,44 @@ impl Config {
                 ),
             ));
         }
-        self.auth.keys()?;
+        let keys = self.auth.keys()?;
         if let Some(jwt) = &self.auth.jwt {
             jwt.verifier()?;
         }
+        // Beyond loopback a key whose variable is unset is a mistake to refuse, not a key to
+        // skip: the server would otherwise run without it (or, the example server, with a
+        // generated admin key printed to its log).
+        if !self.server.loopback_only() {
+            if let Some(i) =
+                self.auth.api_keys.iter().position(|k| {
+                    k.key.as_deref().is_none_or(str::is_empty) && k.key_sha256.is_none()
+                })
+            {
+                return Err(ConfigError::new(
+                    format!("auth.api_keys[{i}].key"),
+                    "empty (is its variable set?); a server that listens beyond loopback does \
+                     not start without a key it was given",
+                ));
+            }
+            if keys.is_empty() && self.auth.jwt.is_none() {
+                return Err(ConfigError::new(
+                    "auth.api_keys",
+                    format!(
+                        "a server that listens beyond loopback (server.bind is `{}`) needs an API \
+                         key or auth.jwt",
+                        self.server.bind
+                    ),
+                ));
+            }
+        }
         if self.engine.workers == 0 {
             return Err(ConfigError::new("engine.workers", "must be at least 1"));
+        }
+        if self.storage.retention.purge_every().is_zero() {
+            return Err(ConfigError::new(
+                "storage.retention.purge_every",
+                "must be longer than 0 (a purge every instant is no period)",
+            ));
         }
         if self.engine.queue_capacity == 0 {
             return Err(ConfigError::new(
@@ -969,6 +1017,10 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             ("workflows: { w: { steps: [] } }", "workflows.w"),
             ("projects: { root: \"${X\" }", "projects.root"),
             ("engine: { default_timeout: soon }", "engine.default_timeout"),
+            ("auth: { rate_limit: { per_minute: 100, burst: 20, per_addr: 5 } }", "auth.rate_limit.per_addr"),
+            ("projects: { forbidden_paths: [/etc] }\nprojects: {}", "(file)"),
+            ("storage: { retention: { purge_every: 0s } }", "storage.retention.purge_every"),
+            ("workflows: { w: { steps: [ { name: s, prompt: p } ], steps: [] } }", "(file)"),
             ("auth: { jwt: { issuer: i, audience: a } }", "auth.jwt"),
             ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"ftp://x\" } }", "auth.jwt.jwks_url"),
             ("auth: { jwt: { issuer: i, audience: a, public_keys: [nope] } }", "auth.jwt.public_keys[0]"),
@@ -982,6 +1034,28 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             let e = Config::from_yaml_with_env(yaml, |_| None).unwrap_err();
             assert_eq!(e.key, key, "{yaml}: {e}");
         }
+        let e = Config::from_yaml_with_env(
+            "projects: { forbidden_paths: [/etc] }\nprojects: {}",
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("duplicate entry with key \"projects\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_forbidden_path_that_protects_nothing_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "projects: {{ root: \"{}\", forbidden_paths: [/etc, secrets] }}",
+            root.path().display()
+        );
+        let c = Config::from_yaml_with_env(&yaml, |_| None).unwrap();
+        let e = c.projects.policy().unwrap_err();
+        assert_eq!(e.key, "projects.forbidden_paths[1]", "{e}");
     }
 
     #[test]
@@ -1003,7 +1077,7 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             );
         }
         assert!(Config::from_yaml_with_env(
-            "server: { bind: \"0.0.0.0:3100\" }\nprojects: { root: /srv }",
+            "server: { bind: \"0.0.0.0:3100\" }\nprojects: { root: /srv }\nauth: { api_keys: [ { name: a, key: 0123456789abcdef, scopes: [read] } ] }",
             |_| None
         )
         .is_ok());
@@ -1011,16 +1085,30 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
 
     #[test]
     fn unset_variables_expand_to_nothing_or_their_default() {
+        let keyed = "\nauth: { api_keys: [ { name: a, key: \"${NOPE}\", scopes: [admin] } ] }";
         let c = Config::from_yaml_with_env(
-            "server: { bind: \"${HOST:-0.0.0.0}:${PORT:-9}\" }\nprojects: { root: /srv }\nauth: { api_keys: [ { name: a, key: \"${NOPE}\", scopes: [admin] } ] }",
+            &format!("server: {{ bind: \"${{HOST:-127.0.0.1}}:${{PORT:-9}}\" }}{keyed}"),
             |_| None,
         )
         .unwrap();
-        assert_eq!(c.server.bind, "0.0.0.0:9");
+        assert_eq!(c.server.bind, "127.0.0.1:9");
         assert!(
             c.auth.keys().unwrap().is_empty(),
             "an empty key is not a key"
         );
+        // Beyond loopback it is refused, and so is a server left without any key.
+        let e = Config::from_yaml_with_env(
+            &format!("server: {{ bind: \"0.0.0.0:9\" }}\nprojects: {{ root: /srv }}{keyed}"),
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "auth.api_keys[0].key", "{e}");
+        let e = Config::from_yaml_with_env(
+            "server: { bind: \"0.0.0.0:9\" }\nprojects: { root: /srv }",
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "auth.api_keys", "{e}");
         assert_eq!(parse_size("64KB").unwrap(), 64_000);
         assert_eq!(parse_size("2MiB").unwrap(), 2 * 1024 * 1024);
         assert!(parse_size("0").is_err());

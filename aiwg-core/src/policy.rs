@@ -49,6 +49,11 @@ pub enum PolicyError {
     /// A project key that no mapping rule matches.
     #[error("no project mapping matches `{0}`")]
     NoMapping(String),
+    /// A forbidden path that is not absolute once `~` is expanded (`~` with `HOME` unset,
+    /// `~user/…`, a relative path): it would never match the canonical paths it is compared
+    /// with, so it is refused rather than silently protecting nothing.
+    #[error("forbidden path `{0}` is not absolute (`~` needs HOME set; `~user` is not expanded)")]
+    ForbiddenNotAbsolute(String),
     /// A mapping rule's pattern is not a valid regular expression.
     #[error("invalid mapping pattern `{pattern}`: {reason}")]
     BadPattern {
@@ -114,10 +119,13 @@ impl ProjectPolicyBuilder {
                     (Ok(rest), Some(h)) => h.join(rest),
                     _ => f.clone(),
                 };
+                if !expanded.is_absolute() {
+                    return Err(PolicyError::ForbiddenNotAbsolute(f.display().to_string()));
+                }
                 // Forbidden paths that exist are compared canonically; others lexically.
-                std::fs::canonicalize(&expanded).unwrap_or(expanded)
+                Ok(std::fs::canonicalize(&expanded).unwrap_or(expanded))
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let mapping = self
             .mapping
             .into_iter()
@@ -519,6 +527,26 @@ mod tests {
         ));
         assert!(matches!(p.check(".ssh"), Err(PolicyError::Forbidden(_))));
         assert_eq!(p.check("code/app").unwrap(), home.join("code/app"));
+    }
+
+    #[test]
+    fn a_forbidden_path_that_is_not_absolute_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Relative, or `~user` (never expanded): compared with canonical paths, neither would
+        // ever match, so the rule would protect nothing.
+        for f in ["secrets", "~alice/.ssh", "./.ssh"] {
+            let e = ProjectPolicy::builder()
+                .root(tmp.path())
+                .forbid(f)
+                .build()
+                .unwrap_err();
+            assert_eq!(e, PolicyError::ForbiddenNotAbsolute(f.into()), "{f}");
+        }
+        assert!(ProjectPolicy::builder()
+            .root(tmp.path())
+            .forbid("/etc")
+            .build()
+            .is_ok());
     }
 
     /// What `resolve` admitted is checked again before an agent gets it: unchanged, it

@@ -16,8 +16,9 @@ pub(crate) fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// `d` before `at`, or the first time there is.
-pub(crate) fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+/// `d` before `at`, or the first time there is (a retention of "forever" keeps everything).
+#[must_use]
+pub fn earlier(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| at.checked_sub_signed(d))

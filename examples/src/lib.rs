@@ -397,14 +397,13 @@ impl Storage {
                     let mut tick = tokio::time::interval(every);
                     loop {
                         tick.tick().await;
-                        let before = chrono::Utc::now()
-                            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                        // A retention of "forever" (any number of seconds is accepted)
+                        // purges nothing; `now - MAX` would panic and end this task for good.
+                        let before = aiwg_core::util::earlier(chrono::Utc::now(), keep);
                         let jobs_gone = jobs.purge_finished(before).await;
                         let deliveries_gone = outbox.purge_finished(before).await;
                         let keys_gone = dedup.purge().await;
-                        let audit_before = chrono::Utc::now()
-                            - chrono::Duration::from_std(keep_audit)
-                                .unwrap_or(chrono::Duration::MAX);
+                        let audit_before = aiwg_core::util::earlier(chrono::Utc::now(), keep_audit);
                         let audit_gone =
                             aiwg_core::audit::AuditStore::purge(&*audit, audit_before).await;
                         if let Err(e) = tracking.purge(before).await {

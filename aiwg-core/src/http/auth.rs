@@ -216,6 +216,7 @@ pub(crate) fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a Ap
 
 /// Requests per minute with a burst, per key and per client address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained requests per minute.
     pub per_minute: u32,
