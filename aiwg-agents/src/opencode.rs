@@ -195,7 +195,7 @@ impl OpenCode {
     ) where
         S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     {
-        let until = Instant::now() + self.abort_wait;
+        let until = aiwg_core::util::deadline(Instant::now(), self.abort_wait);
         let _ = tokio::time::timeout_at(until, self.abort(session, dir)).await;
         let mut idle = !tokio::time::timeout_at(until, self.is_busy(session, dir))
             .await
@@ -552,7 +552,7 @@ impl Executor for OpenCode {
         request.validate()?;
         let dir = request.project_path.as_path();
         // At most `MAX_TIMEOUT` from now: `validate` refuses longer.
-        let deadline = Instant::now() + request.timeout;
+        let deadline = aiwg_core::util::deadline(Instant::now(), request.timeout);
         // The calls before the run are raced against the cancel and the timeout too: a server
         // that accepts connections and never answers would otherwise hold the job forever.
         let limit = (&cancel, deadline, request.timeout);
@@ -624,7 +624,9 @@ impl Executor for OpenCode {
             }
             Err(e) => return Err(e),
         }
-        let mut idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+        let mut idle_deadline = self
+            .idle_timeout
+            .map(|d| aiwg_core::util::deadline(Instant::now(), d));
         let stop = loop {
             let idle_sleep = async {
                 match idle_deadline {
@@ -644,7 +646,7 @@ impl Executor for OpenCode {
                     let Ok(ev) = serde_json::from_str::<Value>(&data) else { continue };
                     let (ours, step) = st.handle(&ev, &session, &events);
                     if ours {
-                        idle_deadline = self.idle_timeout.map(|d| Instant::now() + d);
+                        idle_deadline = self.idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
                     }
                     match step {
                         Step::Continue => {}
@@ -863,7 +865,7 @@ impl OpenCodeServerBuilder {
             tree: spawned.tree,
             _run_dir: spawned.run_dir,
         };
-        let until = Instant::now() + self.startup_timeout;
+        let until = aiwg_core::util::deadline(Instant::now(), self.startup_timeout);
         let (url_tx, mut url_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         // Keep reading both pipes for the server's whole life so that it never blocks on them:
         // in bounded pieces, and past bytes that are not UTF-8 (a `lines()` reader held a line

@@ -466,9 +466,9 @@ pub(crate) async fn run(
     let mut stdout = LineReader::new(spawned.child.stdout.take());
     let mut stderr = LineReader::new(spawned.child.stderr.take());
     let mut tail: VecDeque<String> = VecDeque::with_capacity(STDERR_TAIL_LINES);
-    let deadline = Instant::now() + timeout;
+    let deadline = aiwg_core::util::deadline(Instant::now(), timeout);
     let idle_timeout = sup.idle_timeout();
-    let mut idle_deadline = idle_timeout.map(|d| Instant::now() + d);
+    let mut idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
     let mut scan = tokio::time::interval(SCAN_EVERY);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = None;
@@ -498,13 +498,13 @@ pub(crate) async fn run(
             () = idle_sleep => break Some(ExecutorError::Idle(idle_timeout.unwrap_or_default())),
             line = stdout.next(), if !stdout.done => {
                 if let Some(l) = line {
-                    idle_deadline = idle_timeout.map(|d| Instant::now() + d);
+                    idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
                     on_line(OutputLine::Stdout(l));
                 }
             }
             line = stderr.next(), if !stderr.done => {
                 if let Some(l) = line {
-                    idle_deadline = idle_timeout.map(|d| Instant::now() + d);
+                    idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
                     }
@@ -1009,7 +1009,7 @@ fn try_reap(child: &mut Child, tree: &Tree) {
 pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duration) {
     if !tree.blocking(TreeState::nothing_left).await {
         tree.blocking(|st| st.signal(Signal::SIGTERM)).await;
-        let until = Instant::now() + grace;
+        let until = aiwg_core::util::deadline(Instant::now(), grace);
         while Instant::now() < until {
             if tree.blocking(TreeState::nothing_left).await {
                 break;

@@ -365,3 +365,55 @@ async fn non_utf8_and_unterminated_output_is_kept() {
         .unwrap();
     assert_eq!(res.output, "ok\n\u{fffd}\nlast\n");
 }
+
+/// Durations meant as "forever" (configuration accepts any number of seconds) are deadlines at
+/// the clock's end, not a panic: an idle timeout and a kill grace of `Duration::MAX` (each
+/// added to `Instant::now()` panicked with "overflow when adding duration to instant").
+#[tokio::test]
+async fn durations_past_the_clocks_range_mean_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .process(
+            ProcessOptions::new()
+                .idle_timeout(Duration::MAX)
+                .grace(Duration::MAX),
+        )
+        .build()
+        .unwrap();
+    let (sink, _rx) = EventSink::channel();
+    let res = exec
+        .execute(
+            AgentRequest::command(argv(&["echo", "hi"]), dir.path()),
+            sink,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.output, "hi\n");
+    // Stopped: SIGTERM ends it long before the grace would.
+    let (sink, mut rx) = EventSink::channel();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        let req = AgentRequest::command(
+            argv(&["sh", "-c", "echo started; exec sleep 300"]),
+            dir.path(),
+        );
+        async move { exec.execute(req, sink, cancel).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(ev) = rx.recv().await {
+            if matches!(&ev, AgentEvent::Log { line, .. } if line == "started") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the command starts");
+    cancel.cancel();
+    let res = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the run stops")
+        .unwrap();
+    assert_eq!(res.unwrap_err().kind(), "cancelled");
+}
