@@ -41,6 +41,37 @@ fn cut(s: &str, max: usize) -> (&str, bool) {
     (&s[..end], true)
 }
 
+/// The most of an error's message a comment shows (it can carry an agent's standard error).
+const ERROR_BYTES: usize = 2_000;
+
+/// `text` as a fenced code block: shown as it is, never read as markdown or HTML (its fence is
+/// longer than any run of backticks inside).
+fn fenced(text: &str) -> String {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat((longest + 1).max(3));
+    format!("{fence}text\n{text}\n{fence}\n")
+}
+
+/// An agent's answer, kept as markdown, with what it could do beyond showing text taken away:
+/// a mention (`@user`, `@org/team`) does not notify anyone (a word joiner after the `@`), and a
+/// `</details>` cannot close the section it is shown in.
+fn defused(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '@' && chars.peek().is_some_and(|n| n.is_ascii_alphanumeric()) {
+            out.push('\u{2060}');
+        }
+    }
+    out.replace("</details", "&lt;/details")
+}
+
 /// The comment for `job` on `platform`; `status_url` links to its status document when the
 /// server's public URL is known.
 #[must_use]
@@ -94,11 +125,15 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
             out.push('\n');
         }
         if let Some(e) = &job.error {
-            out.push_str(&format!(
-                "\n**Error** (`{}`): {}\n",
-                e.kind,
-                e.message.trim()
-            ));
+            // The message may carry an agent's standard error: shown as text, and only its
+            // start (a forge refuses a comment past its limit, and the comment would stay
+            // "running").
+            let (message, cut_off) = cut(e.message.trim(), ERROR_BYTES);
+            out.push_str(&format!("\n**Error** (`{}`):\n\n", e.kind));
+            out.push_str(&fenced(message));
+            if cut_off {
+                out.push_str("… (the whole message is in the job's status)\n");
+            }
         }
         let summary = job
             .result
@@ -109,7 +144,7 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
             let room = limit(platform).saturating_sub(out.len() + 200);
             let (text, cut_off) = cut(summary, room);
             out.push_str("\n<details open><summary>Summary</summary>\n\n");
-            out.push_str(text);
+            out.push_str(&defused(text));
             if cut_off {
                 out.push_str(
                     "\n\n… (cut to fit the comment; the whole result is in the job's status)",
@@ -128,8 +163,9 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
         let room = limit(platform).saturating_sub(out.len() + 400).min(4000);
         let (text, _) = cut(step.output.trim(), room);
         out.push_str(&format!(
-            "\n<details><summary>What step `{}` did before it stopped</summary>\n\n{text}\n",
-            step.name
+            "\n<details><summary>What step `{}` did before it stopped</summary>\n\n{}",
+            step.name,
+            fenced(text)
         ));
         if let Some(session) = &step.session_id {
             out.push_str(&format!("\nSession `{session}` can be resumed.\n"));
@@ -138,4 +174,80 @@ pub fn render(job: &Job, platform: Platform, status_url: Option<&str>) -> String
     }
     out.push_str(&format!("\n{MARKER}{} -->", job.id));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use aiwg_core::test_util::ScriptedExecutor;
+    use aiwg_core::{Engine, ExecutorError, JobRequest, Step, Workflow};
+
+    use super::*;
+
+    async fn finished(agent: ScriptedExecutor) -> aiwg_core::Job {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder()
+            .policy(
+                aiwg_core::ProjectPolicy::builder()
+                    .root(dir.path())
+                    .build()
+                    .unwrap(),
+            )
+            .executor("agent", Arc::new(agent))
+            .workflow(Workflow::new("review").step(Step::prompt("s", "agent", "go")))
+            .build()
+            .unwrap();
+        let job = engine.submit(JobRequest::new("review")).await.unwrap();
+        engine.wait(job.id, Duration::from_secs(20)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_error_is_shown_as_text_and_only_its_start() {
+        // An agent's standard error of 70 000 characters, with markup and a fence of its own.
+        let stderr = format!("```\n@octo/team <img src=x> {}", "e".repeat(70_000));
+        let job = finished(
+            ScriptedExecutor::succeeding("unused")
+                .fail_times(1)
+                .fail_with(ExecutorError::failed(stderr)),
+        )
+        .await;
+        let text = render(&job, Platform::GitHub, None);
+        assert!(text.chars().count() < 65_536, "{}", text.len());
+        assert!(text.len() < ERROR_BYTES + 1_000, "{}", text.len());
+        assert!(
+            text.contains("the whole message is in the job's status"),
+            "{text}"
+        );
+        // Inside a fence longer than the message's own: text, not markup.
+        assert!(text.contains("````text\n"), "{text}");
+        assert!(text.ends_with(&format!("{MARKER}{} -->", job.id)));
+    }
+
+    #[tokio::test]
+    async fn an_answer_cannot_mention_anyone_or_close_its_section() {
+        let job = finished(ScriptedExecutor::succeeding(
+            "Done, @octo/team and @alice.\n</details>\n**APPROVED** by admin",
+        ))
+        .await;
+        let text = render(&job, Platform::GitHub, None);
+        assert!(
+            !text.contains("@octo") && !text.contains("@alice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("@\u{2060}octo/team and @\u{2060}alice"),
+            "{text}"
+        );
+        assert_eq!(text.matches("</details>").count(), 1, "{text}");
+        // The rest is markdown as the agent wrote it.
+        assert!(text.contains("**APPROVED** by admin"), "{text}");
+    }
+
+    #[test]
+    fn a_fence_is_longer_than_any_run_of_backticks_inside() {
+        assert_eq!(fenced("a"), "```text\na\n```\n");
+        assert_eq!(fenced("x ````` y"), "``````text\nx ````` y\n``````\n");
+    }
 }
