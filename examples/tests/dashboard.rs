@@ -90,6 +90,11 @@ workflows:
     description: Runs until cancelled
     steps:
       - {{ name: wait, agent: sh, command: ["sh", "-c", "echo started; exec sleep 300"] }}
+  gated:
+    description: Waits for a person's approval before shipping
+    approval_timeout: 1h
+    steps:
+      - {{ name: ship, agent: sh, command: ["echo", "shipped"], approval: required }}
   ticker:
     description: "Prints twelve ticks, half a second apart"
     steps:

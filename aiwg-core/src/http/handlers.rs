@@ -564,6 +564,12 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
     let after = job_position(req, &query)?;
+    if after > 0 && nothing_will_follow(api, id, after).await? {
+        // The SSE standard's "stop reconnecting": a client that resumes a finished job's stream
+        // after its last event (as every EventSource does once the stream closes) would
+        // otherwise be answered an empty stream and come back every `retry` forever.
+        return Ok(ApiResponse::empty(StatusCode::NO_CONTENT));
+    }
     let stream = api
         .engine()
         .subscribe_shared(id, after)
@@ -578,6 +584,21 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
             api.inner.keep_alive,
         )),
     })
+}
+
+/// Whether a job's stream resumed after `after` would carry nothing: the job has ended and none
+/// of its events comes after `after` (its terminal event is its last).
+async fn nothing_will_follow(api: &Api, id: JobId, after: u64) -> Result<bool, Problem> {
+    let engine = api.engine();
+    if !engine.get(id).await.map_err(engine_problem)?.is_terminal() {
+        return Ok(false);
+    }
+    let next = engine
+        .store()
+        .events_page(id, after, 1)
+        .await
+        .map_err(|e| engine_problem(EngineError::Store(e)))?;
+    Ok(next.is_empty())
 }
 
 /// The feed's resume point (`Last-Event-ID` / `?last_event_id=`) and `?kinds=` filter; any

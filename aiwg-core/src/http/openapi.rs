@@ -445,6 +445,7 @@ fn details(route: Route, method: &http::Method) -> Value {
                             "retry": {"type": "integer", "minimum": 0},
                         },
                     }}}},
+                "204": {"description": "The job has ended and no event of it follows `Last-Event-ID`: nothing to resume (an SSE client stops reconnecting)"},
                 "400": problem("Not a job id, or a malformed Last-Event-ID"),
                 "404": problem("No such job"),
             },

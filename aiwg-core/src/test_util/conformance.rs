@@ -1961,6 +1961,32 @@ async fn keep_alive_and_replay(server: &dyn Serve) {
         .collect();
     let expected: Vec<String> = all.iter().skip(2).filter_map(|f| f.id.clone()).collect();
     assert_eq!(tail_ids, expected, "Last-Event-ID resumes after that event");
+    // Resumed after its last event, a finished job's stream has nothing to carry: 204, the SSE
+    // standard's "stop reconnecting" (an EventSource that reconnects after the stream closed
+    // would otherwise be answered an empty stream every `retry`, forever); and past it too.
+    let last: u64 = all
+        .last()
+        .and_then(|f| f.id.as_deref())
+        .unwrap()
+        .parse()
+        .unwrap();
+    for after in [last, last + 5] {
+        let (r, frames) = c
+            .sse(&format!("/workflows/{id}/events"), READ_KEY, Some(after))
+            .await;
+        assert_eq!(r.status, 204, "after {after}: {}", r.text);
+        assert!(frames.is_empty() && r.text.is_empty(), "{}", r.text);
+    }
+    let (r, one) = c
+        .sse(&format!("/workflows/{id}/events"), READ_KEY, Some(last - 1))
+        .await;
+    assert_eq!(r.status, 200);
+    let one: Vec<_> = one.into_iter().filter_map(|f| f.id).collect();
+    assert_eq!(
+        one,
+        [last.to_string()],
+        "the last event is still there to resume to"
+    );
     let (r, _) = c
         .sse(&format!("/workflows/{id}/events"), READ_KEY, None)
         .await;

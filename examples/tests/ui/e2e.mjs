@@ -358,6 +358,45 @@ async function main() {
     await page.locator('[data-testid="cancel-job"]').waitFor({ state: 'detached' });
     check((await api('GET', `workflows/${slow}/status`)).status === 'cancelled', 'a running job was cancelled from its page');
 
+    // A gated step: the job waits, its page says for which step and until when; approved there.
+    const gated = await trigger('gated');
+    await page.goto(`${origin}/ui/#/jobs/${gated}`);
+    await waitStatus(page, 'awaiting approval');
+    const waiting = await text(page, '[data-testid="approval-step"]');
+    const expires = (await api('GET', `workflows/${gated}/status`)).approval.expires_at;
+    const shown = await page.locator('[data-testid="approval-step"] time').getAttribute('datetime');
+    check(waiting.includes('step “ship”') && !waiting.includes('[object') && new Date(shown).getTime() === new Date(expires).getTime(),
+      `the approval names its step and its deadline as a time (${waiting})`);
+    // The first read of the job after the approval fails (a server restarting): the page and
+    // its log stay, and the next status event reads the job again.
+    let failures = 0;
+    await page.route('**/workflows/*/status', (route) => {
+      if (failures++ > 0) return route.continue();
+      return route.fulfill({
+        status: 503, contentType: 'application/problem+json',
+        body: JSON.stringify({ type: 'about:blank', title: 'Service Unavailable', status: 503, detail: 'restarting' }),
+      });
+    });
+    await expecting([/Failed to load resource/], async () => {
+      await page.click('[data-testid="approve-job"]');
+      await waitStatus(page, 'completed');
+      await waitText(page, '[data-testid="job-log"]', 'shipped');
+    });
+    await page.waitForFunction(() => !document.querySelector('.action-message .notice'), null, { timeout: WAIT });
+    await page.unroute('**/workflows/*/status');
+    // A stream with nothing left to resume (204, the server's answer to a finished job's
+    // Last-Event-ID) ends the log; it is not asked again.
+    let asked = 0;
+    await page.route('**/workflows/*/events', (route) => { asked += 1; return route.fulfill({ status: 204 }); });
+    await page.goto(`${origin}/ui/#/jobs`);
+    await page.goto(`${origin}/ui/#/jobs/${gated}`);
+    await waitText(page, '#h-log + .muted', 'ended');
+    await page.unroute('**/workflows/*/events');
+    check(asked === 1, `a 204 ends the job's stream without another request (${asked})`);
+    check(failures > 1,
+      `a failed read of the job kept its page and its log, and the next read cleared the notice (${failures} reads)`);
+    check((await api('GET', `workflows/${gated}/status`)).approvals[0].via === 'api', 'a waiting job was approved from its page');
+
     // Markup in output, guidance and descriptions is text, and runs nothing.
     const marked = await trigger('markup', { guidance: '<img src=x onerror="window.__pwned=2"><b>bold</b>' });
     await page.goto(`${origin}/ui/#/jobs/${marked}`);

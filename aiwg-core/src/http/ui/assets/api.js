@@ -142,15 +142,23 @@ export function follow(path, { onEvent, onState = () => {}, lastEventId = null, 
       }
       throw err;
     }
+    // 204: nothing follows `Last-Event-ID` and nothing will (the job has ended).
+    if (res.status === 204) return true;
     onState('live');
-    failures = 0;
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buf = '';
     let ev = { id: null, event: 'message', data: [] };
     let done = false;
     for (;;) {
-      const chunk = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (err) {
+        // Cut off after the last event arrived: there is nothing to resume.
+        if (done) return true;
+        throw err;
+      }
       if (chunk.done) break;
       buf += decoder.decode(chunk.value, { stream: true });
       let nl;
@@ -162,6 +170,9 @@ export function follow(path, { onEvent, onState = () => {}, lastEventId = null, 
         if (line === '') {
           if (ev.id !== null) lastId = ev.id;
           if (ev.data.length) {
+            // An event arrived: the next pause starts short again (a stream that opens and
+            // closes without one keeps backing off).
+            failures = 0;
             const text = ev.data.join('\n');
             let data = text;
             try { data = JSON.parse(text); } catch { /* keep the text */ }

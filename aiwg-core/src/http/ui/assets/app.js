@@ -2,7 +2,7 @@
 // (#/jobs, #/jobs/<id>, #/workflows, #/workflows/<name>, #/webhooks, #/webhooks/<id>, #/status).
 
 import { getKey, clearKey, whoami, onUnauthorized } from './api.js';
-import { fill, notice } from './dom.js';
+import { fill, h, notice } from './dom.js';
 import { renderLogin } from './login.js';
 import { renderJobs } from './jobs.js';
 import { renderJob } from './job.js';
@@ -53,7 +53,12 @@ function defaultRoute() {
 function parseHash() {
   const raw = location.hash.replace(/^#\/?/, '');
   const [path, query] = raw.split('?');
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  let parts;
+  try {
+    parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  } catch {
+    parts = null; // a malformed escape (`%E0%A4%A`)
+  }
   return { parts, query: new URLSearchParams(query || '') };
 }
 
@@ -70,6 +75,12 @@ function route() {
   cleanup = null;
   setLive('idle');
   const { parts, query } = parseHash();
+  if (!parts) {
+    nav.hidden = false;
+    sessionBox.hidden = false;
+    fill(main, notice('error', 'This address is malformed (a broken %-escape). Pick a section above.'));
+    return;
+  }
   const section = parts[0] || '';
   const view = views[section];
   if (!view) {
@@ -107,6 +118,12 @@ onUnauthorized(() => {
 });
 
 document.getElementById('logout').addEventListener('click', () => signOut());
+// The skip link moves the focus to the content; followed as a link it would change the
+// fragment, which is the router's, and leave the page.
+document.querySelector('a.skip').addEventListener('click', (e) => {
+  e.preventDefault();
+  main.focus();
+});
 window.addEventListener('hashchange', route);
 
 async function start() {
@@ -118,9 +135,17 @@ async function start() {
   try {
     session = await whoami(key);
   } catch (e) {
-    signOut(e.status === 401
-      ? 'Your key is no longer accepted: it is wrong or has been revoked. Enter a key again.'
-      : `The server could not check the key: ${e.message}`);
+    if (e.status === 401) {
+      signOut('Your key is no longer accepted: it is wrong or has been revoked. Enter a key again.');
+      return;
+    }
+    // The server is restarting, busy or cannot check keys just now: the key may be right, so
+    // it is kept for another try.
+    const again = h('button', { type: 'button', 'data-testid': 'retry-whoami' }, 'Try again');
+    again.addEventListener('click', () => start());
+    const other = h('button', { type: 'button', class: 'quiet' }, 'Use another key');
+    other.addEventListener('click', () => signOut());
+    fill(main, notice('error', `The server could not check the key: ${e.message}`), h('p', {}, again, ' ', other));
     return;
   }
   if (!location.hash || location.hash === '#/' || location.hash === '#') {

@@ -185,8 +185,10 @@ export function renderJob(ctx, id) {
       actions.append(b);
     }
     if (session.can('approve') && job.status === 'awaiting_approval' && job.approval) {
+      // The time is an element: a child of its own, never inside a template string.
       actions.append(h('span', { class: 'muted', 'data-testid': 'approval-step' },
-        `Waiting for approval of step “${job.approval.step}” until ${time(job.approval.expires_at)}`));
+        `Waiting for approval of step “${job.approval.step}” `,
+        job.approval.expires_at ? ['until ', time(job.approval.expires_at)] : 'without a deadline'));
       for (const [verb, label, cls] of [['approve', 'Approve', ''], ['reject', 'Reject', 'danger']]) {
         const b = h('button', { type: 'button', class: cls, 'data-testid': `${verb}-job` }, label);
         b.addEventListener('click', async () => {
@@ -281,6 +283,7 @@ export function renderJob(ctx, id) {
       job.guidance ? [h('h3', {}, 'Guidance'), h('pre', { class: 'output' }, job.guidance)] : null);
   }
 
+  let readFailed = false; // the last read failed and said so in actionMessage
   let refreshing = null;
   let again = false;
   async function refresh() {
@@ -293,14 +296,26 @@ export function renderJob(ctx, id) {
         again = false;
         try {
           job = await call('GET', `workflows/${encodeURIComponent(id)}/status`);
+          if (readFailed) {
+            readFailed = false;
+            actionMessage.replaceChildren();
+          }
           if (!stopped) renderJobDoc();
         } catch (e) {
-          if (!stopped) {
+          if (stopped) return;
+          if (e.status === 404) {
             fill(main, h('p', { class: 'crumbs' }, h('a', { href: '#/jobs' }, '← Jobs')),
-              notice('error', e.status === 404 ? 'No such job (it may have been purged).' : `The job could not be loaded: ${e.message}`));
+              notice('error', 'No such job (it may have been purged).'));
             stopped = true;
             if (stream) stream.stop();
+            return;
           }
+          // Busy (429), restarting, a lost connection: the log goes on, and the next status
+          // event (or the button) reads the job again.
+          const retry = h('button', { type: 'button', class: 'quiet', 'data-testid': 'reload-job' }, 'Try again');
+          retry.addEventListener('click', () => { actionMessage.replaceChildren(); refresh(); });
+          fill(actionMessage, notice('error', `The job could not be read just now: ${e.message}`), retry);
+          readFailed = true;
           return;
         }
       } while (again && !stopped);
