@@ -96,8 +96,30 @@ pub fn section<T: serde::de::DeserializeOwned>(at: &str, value: Value) -> Result
                 return ConfigError::new(key, format!("unknown key ({expected})"));
             }
         }
-        ConfigError::new(if key.is_empty() { "(file)".into() } else { key }, reason)
+        ConfigError::new(
+            if key.is_empty() { "(file)".into() } else { key },
+            without_value(&reason),
+        )
     })
+}
+
+/// serde's "invalid type: integer `12345…`, expected a string" without the value: the value may
+/// be a secret written without quotes (a numeric token), and errors never carry one.
+fn without_value(reason: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = reason.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some(open) = rest.find(['`', '"']) else {
+            continue;
+        };
+        let quote = rest[open..].chars().next().unwrap_or('`');
+        let Some(close) = rest.rfind(quote).filter(|c| *c > open) else {
+            continue;
+        };
+        return format!("{prefix}{}{}", rest[..open].trim_end(), &rest[close + 1..]);
+    }
+    reason.to_owned()
 }
 
 /// `server:`.
@@ -200,8 +222,24 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{s}` is out of range"))
 }
 
-/// One API key in `auth.api_keys`.
-#[derive(Debug, Clone, Deserialize)]
+/// Shown for a secret in `Debug` output.
+struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A section's names only (its values may hold secrets: tokens, passwords, signing keys).
+fn names(v: &Value) -> Vec<&str> {
+    v.as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// One API key in `auth.api_keys`. Its `Debug` output hides the key.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// The key's name.
@@ -334,8 +372,9 @@ pub struct ProjectsConfig {
 }
 
 /// `projects.workspace`: `{ kind: worktree, cache: <dir>, keep_failed_for: 1h,
-/// credentials: { github.com: "${GITHUB_TOKEN}" }, protocols: [https] }`.
-#[derive(Debug, Clone, Deserialize)]
+/// credentials: { github.com: "${GITHUB_TOKEN}" }, protocols: [https] }`. Its `Debug` output
+/// hides the credentials.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceConfig {
     /// `worktree` (or `none`: jobs run in the project directory).
@@ -534,8 +573,8 @@ impl EngineConfig {
     }
 }
 
-/// `storage:`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `storage:`. Its `Debug` output hides the URL (it may carry a password).
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// `memory` (default) or `postgres`.
@@ -628,8 +667,9 @@ pub enum StorageKind {
     Postgres,
 }
 
-/// One agent in `agents:`: its kind and the kind's own options.
-#[derive(Debug, Clone, Deserialize)]
+/// One agent in `agents:`: its kind and the kind's own options. Its `Debug` output names the
+/// options without their values (a password, an API key, an environment).
+#[derive(Clone, Deserialize)]
 pub struct AgentConfig {
     /// `claude-code`, `opencode`, `command`, `pool`, or a kind the host registers.
     pub kind: String,
@@ -638,8 +678,10 @@ pub struct AgentConfig {
     pub options: BTreeMap<String, Value>,
 }
 
-/// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The whole configuration. Its `Debug` output carries no secret: keys, credentials, the
+/// database URL and agents' options are hidden, and of `triggers` and `brokers` only the
+/// section names are shown.
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `server:`.
@@ -663,6 +705,71 @@ pub struct Config {
     pub webhooks: DispatchConfig,
     /// `brokers:` (`nats`, `amqp`, `redis`; read by `aiwg-brokers`).
     pub brokers: Value,
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("name", &self.name)
+            .field("key", &self.key.as_ref().map(|_| Redacted))
+            .field("key_sha256", &self.key_sha256)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for WorkspaceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: BTreeMap<&str, Redacted> = self
+            .credentials
+            .keys()
+            .map(|h| (h.as_str(), Redacted))
+            .collect();
+        f.debug_struct("WorkspaceConfig")
+            .field("kind", &self.kind)
+            .field("cache", &self.cache)
+            .field("keep_failed_for", &self.keep_failed_for)
+            .field("credentials", &hosts)
+            .field("protocols", &self.protocols)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_ref().map(|_| Redacted))
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<&str> = self.options.keys().map(String::as_str).collect();
+        f.debug_struct("AgentConfig")
+            .field("kind", &self.kind)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("server", &self.server)
+            .field("auth", &self.auth)
+            .field("projects", &self.projects)
+            .field("engine", &self.engine)
+            .field("storage", &self.storage)
+            .field("agents", &self.agents)
+            .field("workflows", &self.workflows)
+            .field("triggers", &names(&self.triggers))
+            .field("webhooks", &self.webhooks)
+            .field("brokers", &names(&self.brokers))
+            .finish()
+    }
 }
 
 impl Config {
@@ -1043,6 +1150,74 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             e.to_string()
                 .contains("duplicate entry with key \"projects\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_misplaced_value_is_not_repeated_in_the_error() {
+        // An unquoted numeric key is an integer where a string belongs.
+        let e = Config::from_yaml_with_env(
+            "auth: { api_keys: [ { name: a, key: 9876543210987654321, scopes: [read] } ] }",
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "auth.api_keys[0].key");
+        assert!(!e.to_string().contains("9876543210987654321"), "{e}");
+        assert!(
+            e.to_string().contains("invalid type: integer, expected"),
+            "{e}"
+        );
+        let e =
+            Config::from_yaml_with_env("engine: { workers: \"s3cr3t\" }", |_| None).unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_carries_no_secret() {
+        let yaml = r#"
+auth: { api_keys: [ { name: ci, key: "sk-api-key-0123456789", scopes: [admin] } ] }
+projects: { workspace: { kind: worktree, cache: /tmp/c, credentials: { github.com: "ghp_token_s3cr3t" } } }
+storage: { kind: postgres, url: "postgres://u:db-pa55word@h/db" }
+agents: { oc: { kind: opencode, url: "http://127.0.0.1:4096", password: "oc-pa55word" } }
+triggers: { github: { secret: "hook-s3cr3t" } }
+brokers: { amqp: { url: "amqp://guest:amqp-pa55@h/%2f", queue: q } }
+"#;
+        let c = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+        let shown = format!("{c:?}");
+        for secret in [
+            "sk-api-key-0123456789",
+            "ghp_token_s3cr3t",
+            "db-pa55word",
+            "oc-pa55word",
+            "hook-s3cr3t",
+            "amqp-pa55",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // What is not secret is still there to debug with.
+        for name in [
+            "ci",
+            "github.com",
+            "/tmp/c",
+            "opencode",
+            "password",
+            "github",
+            "amqp",
+        ] {
+            assert!(shown.contains(name), "{name} missing from {shown}");
+        }
+        let settings = c
+            .projects
+            .workspace
+            .as_ref()
+            .unwrap()
+            .settings()
+            .unwrap()
+            .unwrap();
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("ghp_token_s3cr3t") && shown.contains("github.com"),
+            "{shown}"
         );
     }
 

@@ -39,8 +39,9 @@ use sha2::{Digest, Sha256};
 
 use crate::job::Job;
 
-/// Where and how workspaces are made.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where and how workspaces are made. Its `Debug` output names the credentials' hosts, never
+/// their tokens.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkspaceSettings {
     /// The directory holding the mirrors and the worktrees.
@@ -53,6 +54,19 @@ pub struct WorkspaceSettings {
     pub protocols: Vec<String>,
     /// The git program (default `git`).
     pub git: PathBuf,
+}
+
+impl std::fmt::Debug for WorkspaceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        f.debug_struct("WorkspaceSettings")
+            .field("cache", &self.cache)
+            .field("keep_failed_for", &self.keep_failed_for)
+            .field("credentials_for", &hosts)
+            .field("protocols", &self.protocols)
+            .field("git", &self.git)
+            .finish()
+    }
 }
 
 impl WorkspaceSettings {

@@ -38,8 +38,8 @@ pub enum AppError {
     Start(String),
 }
 
-/// A running aiwg: the pieces a server binary serves and shuts down.
-#[derive(Debug)]
+/// A running aiwg: the pieces a server binary serves and shuts down. Its `Debug` output hides
+/// the generated key.
 pub struct App {
     /// The HTTP API (mount it with `aiwg_axum::router` or `aiwg_actix::configure`).
     pub api: Api,
@@ -57,6 +57,20 @@ pub struct App {
     pub skipped: Vec<String>,
     /// The message-broker consumers and publishers (`brokers:`), when configured.
     pub brokers: tokio::sync::Mutex<Option<aiwg_brokers::RunningBrokers>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("bind", &self.bind)
+            .field(
+                "generated_key",
+                &self.generated_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("skipped", &self.skipped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl App {
