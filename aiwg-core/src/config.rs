@@ -1127,6 +1127,9 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             ("auth: { rate_limit: { per_minute: 100, burst: 20, per_addr: 5 } }", "auth.rate_limit.per_addr"),
             ("projects: { forbidden_paths: [/etc] }\nprojects: {}", "(file)"),
             ("storage: { retention: { purge_every: 0s } }", "storage.retention.purge_every"),
+            ("agents: { sh: { kind: command } }\nworkflows: { w: { parameters: [ { name: scope, required: true } ], schedules: [ { cron: \"0 3 * * *\" } ], steps: [ { name: s, agent: sh, command: [echo, \"{{scope}}\"] } ] } }", "workflows.w"),
+            ("agents: { sh: { kind: command } }\nworkflows: { w: { schedules: [ { cron: \"0 0 30 2 *\" } ], steps: [ { name: s, agent: sh, command: [echo] } ] } }", "workflows.w"),
+            ("agents: { sh: { kind: command } }\nworkflows: { w: { schedules: [ { cron: \"0 3 * * *\", guidance: \"--force\" } ], steps: [ { name: s, agent: sh, command: [echo, \"{{guidance}}\"] } ] } }", "workflows.w"),
             ("workflows: { w: { steps: [ { name: s, prompt: p } ], steps: [] } }", "(file)"),
             ("auth: { jwt: { issuer: i, audience: a } }", "auth.jwt"),
             ("auth: { jwt: { issuer: i, audience: a, jwks_url: \"ftp://x\" } }", "auth.jwt.jwks_url"),
@@ -1140,6 +1143,9 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
         for (yaml, key) in cases {
             let e = Config::from_yaml_with_env(yaml, |_| None).unwrap_err();
             assert_eq!(e.key, key, "{yaml}: {e}");
+            if yaml.contains("schedules") {
+                assert!(e.to_string().contains("schedule 1:"), "{e}");
+            }
         }
         let e = Config::from_yaml_with_env(
             "projects: { forbidden_paths: [/etc] }\nprojects: {}",

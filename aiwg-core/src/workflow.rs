@@ -626,6 +626,43 @@ impl Workflow {
                 structured.insert(step.name.as_str());
             }
         }
+        // A schedule's job is submitted as any other: what submit would refuse at every tick
+        // (a missing parameter, a guidance that looks like an option) is refused here, once,
+        // as is an expression that never fires (30 February).
+        for (i, schedule) in self.schedules.iter().enumerate() {
+            let at = |why: String| err(format!("schedule {}: {why}", i + 1));
+            self.resolve_params(&schedule.params)
+                .map_err(|e| at(e.to_string()))?;
+            if let Some(g) = &schedule.guidance {
+                self.check_guidance(g).map_err(at)?;
+            }
+            if schedule.next_after(chrono::Utc::now()).is_none() {
+                return Err(at(format!("cron `{}` never fires", schedule.cron)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `guidance` cannot be a job's of this workflow: too long, a NUL byte, or a leading
+    /// `-` where a command step starts an argument with it.
+    pub(crate) fn check_guidance(&self, g: &str) -> Result<(), String> {
+        if g.len() > crate::engine::MAX_GUIDANCE_BYTES {
+            return Err(format!(
+                "guidance is {} bytes; the limit is {}",
+                g.len(),
+                crate::engine::MAX_GUIDANCE_BYTES
+            ));
+        }
+        if g.contains('\0') {
+            return Err("guidance contains a NUL byte".into());
+        }
+        if g.starts_with('-') && self.guidance_leads_an_argument() {
+            return Err(format!(
+                "guidance starts with `-`, and workflow `{}` passes it to a command at the \
+                 start of an argument: it may not look like an option",
+                self.name
+            ));
+        }
         Ok(())
     }
 

@@ -906,22 +906,7 @@ impl Engine {
             .ok_or_else(|| SubmitError::UnknownWorkflow(request.workflow.clone()))?;
         let params = wf.resolve_params(&request.params)?;
         if let Some(g) = &request.guidance {
-            if g.len() > MAX_GUIDANCE_BYTES {
-                return Err(SubmitError::Invalid(format!(
-                    "guidance is {} bytes; the limit is {MAX_GUIDANCE_BYTES}",
-                    g.len()
-                )));
-            }
-            if g.contains('\0') {
-                return Err(SubmitError::Invalid("guidance contains a NUL byte".into()));
-            }
-            if g.starts_with('-') && wf.guidance_leads_an_argument() {
-                return Err(SubmitError::Invalid(format!(
-                    "guidance starts with `-`, and workflow `{}` passes it to a command at the \
-                     start of an argument: it may not look like an option",
-                    request.workflow
-                )));
-            }
+            wf.check_guidance(g).map_err(SubmitError::Invalid)?;
         }
         if let Some(k) = &request.idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {

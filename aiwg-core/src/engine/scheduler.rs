@@ -3,11 +3,16 @@
 //! Exactly once across instances comes from the store, not from coordination between the
 //! runners: every instance computes the same ticks and submits each under the same idempotency
 //! key ([`Schedule::tick_key`]), so the first creates the job and the others find it. Ticks
-//! are computed from the time the runner starts, so ticks missed while no instance ran are
-//! never replayed; a runner that falls behind (a suspended process) skips to the next tick
-//! after now.
+//! are computed from the time the runner starts, so ticks of a time no instance ran are never
+//! replayed. A runner waits for its next tick in naps of at most a minute, reading the wall
+//! clock after each: a tick the wall clock passed while the runner waited for it fires, however
+//! far the clock moved meanwhile (an NTP step, a suspended machine); when several ticks passed
+//! in one nap, only the last of them fires.
 
-use chrono::Utc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use crate::job::{JobStatus, TriggerInfo};
@@ -16,8 +21,8 @@ use crate::schedule::{Overlap, Schedule};
 use crate::store::JobQuery;
 use crate::workflow::WorkflowCatalog;
 
-/// How late a tick may fire and still count (past that, it was missed and is skipped).
-const LATE_TOLERANCE: chrono::Duration = chrono::Duration::seconds(5);
+/// The longest a runner sleeps without reading the wall clock again.
+const NAP: Duration = Duration::from_secs(60);
 
 /// Every (workflow, schedule index) of the catalog.
 pub(super) fn schedules(catalog: &WorkflowCatalog) -> Vec<(String, usize)> {
@@ -47,25 +52,48 @@ pub(super) async fn run(engine: Engine, workflow: String, index: usize) {
             );
             return;
         };
-        let wait = (tick - Utc::now()).to_std().unwrap_or_default();
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return,
+        let Some(now) = reach(tick, Utc::now, &stop).await else {
+            return;
+        };
+        let last = last_passed(&schedule, tick, now);
+        if last != tick {
+            tracing::warn!(workflow, schedule = index, %tick, fired = %last, "ticks passed while the clock jumped or the machine slept; only the last fires");
         }
-        // The timer may wake a little early (clock adjustments): never before the tick.
-        let now = Utc::now();
-        if now < tick {
-            after = tick - chrono::Duration::milliseconds(1);
-            continue;
-        }
-        after = tick;
-        if now - tick > LATE_TOLERANCE {
-            tracing::warn!(workflow, schedule = index, %tick, "a tick was missed (the process was not running or was suspended); skipping it");
-            after = now;
-            continue;
-        }
-        fire(&engine, &workflow, index, &schedule, tick).await;
+        fire(&engine, &workflow, index, &schedule, last).await;
+        after = last;
     }
+}
+
+/// Waits until the wall clock (`clock`) reaches `tick`, in naps of at most [`NAP`]: the time the
+/// clock then reads, or `None` when `stop` fires first.
+async fn reach(
+    tick: DateTime<Utc>,
+    clock: impl Fn() -> DateTime<Utc>,
+    stop: &CancellationToken,
+) -> Option<DateTime<Utc>> {
+    loop {
+        let now = clock();
+        if now >= tick {
+            return Some(now);
+        }
+        let nap = (tick - now).to_std().unwrap_or_default().min(NAP);
+        tokio::select! {
+            () = tokio::time::sleep(nap) => {}
+            () = stop.cancelled() => return None,
+        }
+    }
+}
+
+/// The last tick from `tick` on that is not after `now` (at most 10 000 steps on).
+fn last_passed(schedule: &Schedule, tick: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    let mut last = tick;
+    for _ in 0..10_000 {
+        match schedule.next_after(last) {
+            Some(next) if next <= now => last = next,
+            _ => break,
+        }
+    }
+    last
 }
 
 async fn fire(
@@ -143,4 +171,60 @@ async fn still_running(engine: &Engine, workflow: &str, tick: chrono::DateTime<U
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    /// A daily 03:00 tick, waited for from midnight; ten minutes in, the wall clock steps three
+    /// hours and a minute forward (an NTP correction). The runner slept its whole wait in one
+    /// go, woke at 06:01 by the wall clock and skipped 03:00 as missed; in naps it sees the
+    /// clock pass the tick and fires it.
+    #[tokio::test(start_paused = true)]
+    async fn a_tick_the_clock_jumped_over_while_waiting_fires() {
+        let midnight = Utc.with_ymd_and_hms(2026, 12, 7, 0, 0, 0).unwrap();
+        let start = tokio::time::Instant::now();
+        let clock = move || {
+            let slept = start.elapsed();
+            let jump = if slept >= Duration::from_secs(600) {
+                chrono::Duration::minutes(181)
+            } else {
+                chrono::Duration::zero()
+            };
+            midnight + chrono::Duration::from_std(slept).unwrap() + jump
+        };
+        let daily = Schedule::new("0 3 * * *");
+        let tick = daily.next_after(midnight).unwrap();
+        assert_eq!(tick, Utc.with_ymd_and_hms(2026, 12, 7, 3, 0, 0).unwrap());
+        let now = reach(tick, clock, &CancellationToken::new()).await.unwrap();
+        assert!(now >= tick, "{now}");
+        assert!(
+            start.elapsed() <= Duration::from_secs(660),
+            "woken within a nap of the jump, not at 03:00 by the monotonic clock: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(last_passed(&daily, tick, now), tick, "the 03:00 tick fires");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn of_several_ticks_passed_in_one_nap_only_the_last_fires_and_a_stop_ends_the_wait() {
+        let t0 = Utc.with_ymd_and_hms(2026, 12, 7, 0, 0, 0).unwrap();
+        let every_minute = Schedule::new("* * * * *");
+        let tick = every_minute.next_after(t0).unwrap();
+        let now = t0 + chrono::Duration::minutes(90) + chrono::Duration::seconds(30);
+        assert_eq!(
+            last_passed(&every_minute, tick, now),
+            t0 + chrono::Duration::minutes(90)
+        );
+        let stop = CancellationToken::new();
+        let waiting = tokio::spawn({
+            let stop = stop.clone();
+            async move { reach(tick, move || t0, &stop).await }
+        });
+        stop.cancel();
+        assert_eq!(waiting.await.unwrap(), None);
+    }
 }
