@@ -10,8 +10,9 @@
 //! 2. the request's head fetched into it: `refs/pull/N/head` (GitHub, Gitea/Forgejo),
 //!    `refs/merge-requests/N/head` (GitLab), the source branch of the source repository
 //!    (Bitbucket), and the base branch when it is known;
-//! 3. `git worktree add --detach` at the head commit (the one the event named when the
-//!    mirror has it, else the fetched head) under `cache/worktrees/<job id>-<attempt>` (a
+//! 3. `git worktree add --detach` at the head commit (the one the event named, fetched by
+//!    itself when the pull request moved on, and the job fails when it is gone; the fetched
+//!    head when the event names none) under `cache/worktrees/<job id>-<attempt>` (a
 //!    retry gets a worktree of its own; the failed attempt's may still be kept).
 //!
 //! The job's steps run there (`{{project_path}}` is the worktree; `{{trigger.sha}}`,
@@ -361,24 +362,36 @@ impl Workspaces {
                 ],
             )
             .await?;
-        // The commit the event named, when the mirror has it; else the fetched head.
-        let sha = match t
+        // The commit the event named, never another: a pull request pushed again after the
+        // event (after a maintainer's label or approval of what it showed) must not have its
+        // new code run in the event's name. Fetched by itself when the head moved on (forges
+        // serve reachable commits by id); gone, the job fails. An event that names no commit
+        // (a GitHub comment) runs the head fetched now.
+        let named = t
             .extra
             .get("head_sha")
-            .filter(|s| s.len() >= 7 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            Some(s)
-                if self
-                    .run(
-                        None,
-                        &["-C", &m, "cat-file", "-e", &format!("{s}^{{commit}}")],
-                    )
-                    .await
-                    .is_ok() =>
-            {
+            .filter(|s| s.len() >= 7 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+        let sha = match named {
+            None => fetched,
+            Some(s) => {
+                let commit = format!("{s}^{{commit}}");
+                let have = ["-C", m.as_str(), "cat-file", "-e", commit.as_str()];
+                if self.run(None, &have).await.is_err() {
+                    let _ = self
+                        .run(
+                            Some(fetch_url),
+                            &["-C", &m, "fetch", "--no-tags", "-q", "--", fetch_url, s],
+                        )
+                        .await;
+                }
+                if self.run(None, &have).await.is_err() {
+                    return Err(WorkspaceError::new(format!(
+                        "the commit the event named ({s}) is no longer in the pull request \
+                         (it was pushed again since); its head is now {fetched}"
+                    )));
+                }
                 s.clone()
             }
-            _ => fetched,
         };
         let w = worktree.to_string_lossy().into_owned();
         self.run(

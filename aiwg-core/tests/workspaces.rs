@@ -244,3 +244,47 @@ async fn a_workspace_that_never_arrives_ends_the_job_at_its_timeout() {
     let next = engine.wait(next.id, WAIT).await.unwrap();
     assert_eq!(next.status, JobStatus::TimedOut, "{:?}", next.error);
 }
+
+#[tokio::test]
+async fn a_job_runs_the_commit_its_event_named_or_not_at_all() {
+    let repo = Repo::new();
+    let work = repo.dir.path().join("work");
+    let first = git(&work, &["rev-parse", "HEAD~1"]);
+    let agent = ScriptedExecutor::hanging();
+    let engine = repo
+        .builder(repo.settings())
+        .executor("agent", Arc::new(agent.clone()))
+        .workflow(Workflow::new("w").step(Step::prompt("s", "agent", "go")))
+        .build()
+        .unwrap();
+    // Pull request 8 was pushed again since the event, which named its earlier commit (that of
+    // pull request 7, its parent): the job runs that commit, not the head.
+    let mut named = repo.request("w", 8);
+    named.trigger.extra.insert("head_sha".into(), first.clone());
+    let job = engine.submit(named).await.unwrap();
+    started(&engine, job.id).await;
+    let at = agent.requests()[0].project_path.clone();
+    assert_eq!(
+        std::fs::read_to_string(at.join("README")).unwrap(),
+        "pull request 7\n"
+    );
+    engine.cancel(job.id).await.unwrap();
+    // The commit the event named is gone (pushed over): the job fails; it ran the new head
+    // in the event's name before.
+    let mut gone = repo.request("w", 8);
+    gone.trigger.extra.insert(
+        "head_sha".into(),
+        "0123456789abcdef0123456789abcdef01234567".into(),
+    );
+    let job = engine.submit(gone).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Failed);
+    let error = done.error.unwrap();
+    assert_eq!(error.kind, "workspace_failed");
+    assert!(
+        error.message.contains("no longer in the pull request"),
+        "{}",
+        error.message
+    );
+    assert_eq!(agent.calls(), 1, "the second job ran nothing");
+}
