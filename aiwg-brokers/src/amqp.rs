@@ -10,15 +10,15 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    pause, problem_document, reconnect_delay, submit_message, AmqpConfig, BrokerError,
-    EventMessage, Verdict,
+    count_dropped, pause, problem_document, reconnect_delay, submit_message, AmqpConfig,
+    BrokerError, EventQueue, Verdict,
 };
 
 const BROKER: &str = "amqp";
@@ -98,7 +98,7 @@ async fn open(cfg: &AmqpConfig) -> lapin::Result<(Connection, Channel)> {
 pub(crate) async fn start(
     cfg: AmqpConfig,
     engine: Engine,
-    events: mpsc::Receiver<EventMessage>,
+    events: Option<EventQueue>,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, BrokerError> {
     // Fail fast when the server is not reachable at start.
@@ -108,7 +108,7 @@ pub(crate) async fn start(
     })?;
     close(&conn, "set up").await;
     let mut tasks = vec![tokio::spawn(consume(cfg.clone(), engine, cancel.clone()))];
-    if let Some(exchange) = cfg.events_exchange.clone() {
+    if let (Some(exchange), Some(events)) = (cfg.events_exchange.clone(), events) {
         tasks.push(tokio::spawn(publish_events(cfg, exchange, events, cancel)));
     }
     Ok(tasks)
@@ -229,10 +229,27 @@ async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> Res
     Ok(confirm.is_ack())
 }
 
+/// Whether the server refused a publish in a way publishing again cannot cure: the message is
+/// larger than its `max_message_size` (`PRECONDITION_FAILED`), or this user may not publish
+/// to the exchange (`ACCESS_REFUSED`).
+fn refused_for_good(e: &Trouble) -> bool {
+    let Trouble::Amqp(e) = e else {
+        return false;
+    };
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(
+        p.kind(),
+        AMQPErrorKind::Soft(
+            AMQPSoftError::PRECONDITIONFAILED
+                | AMQPSoftError::CONTENTTOOLARGE
+                | AMQPSoftError::ACCESSREFUSED
+        )
+    ))
+}
+
 async fn publish_events(
     cfg: AmqpConfig,
     exchange: String,
-    mut events: mpsc::Receiver<EventMessage>,
+    mut events: EventQueue,
     cancel: CancellationToken,
 ) {
     let mut open_conn: Option<(Connection, Channel)> = None;
@@ -286,6 +303,18 @@ async fn publish_events(
             .await;
             match sent {
                 Ok(c) if c.is_ack() => break,
+                Err(e) if refused_for_good(&e) => {
+                    tracing::error!(
+                        error = %e, event = %ev.event_type, job = %ev.job_id, size = ev.body.len(),
+                        "amqp: event refused by the server for good; dropped"
+                    );
+                    count_dropped(BROKER, "refused");
+                    // The server closed the channel.
+                    if let Some((conn, _)) = open_conn.take() {
+                        close(&conn, "reconnecting").await;
+                    }
+                    break;
+                }
                 other => {
                     if let Err(e) = other {
                         tracing::warn!(error = %e, event = %ev.event_type, "amqp: event not published yet; retrying");
@@ -300,5 +329,28 @@ async fn publish_events(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    fn refusal(kind: AMQPSoftError) -> Trouble {
+        let e = AMQPError::new(AMQPErrorKind::Soft(kind), "refused".into());
+        Trouble::Amqp(lapin::ErrorKind::ProtocolError(e).into())
+    }
+
+    #[test]
+    fn only_refusals_that_publishing_again_cannot_cure_drop_an_event() {
+        // Too large for the server's max_message_size, or not allowed: for good.
+        assert!(refused_for_good(&refusal(AMQPSoftError::PRECONDITIONFAILED)));
+        assert!(refused_for_good(&refusal(AMQPSoftError::ACCESSREFUSED)));
+        // The exchange gone (declared again on reconnect), a lost connection, no answer: retried.
+        assert!(!refused_for_good(&refusal(AMQPSoftError::NOTFOUND)));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!refused_for_good(&Trouble::Amqp(io.into())));
+        assert!(!refused_for_good(&Trouble::NoAnswer(ANSWER_WITHIN)));
     }
 }

@@ -26,6 +26,17 @@
 //!    subject / exchange / stream, waiting for the broker's confirmation and retrying (in order)
 //!    across reconnects, so a broker restart loses nothing while the server runs.
 //!
+//!    The observer never waits for a broker: each broker has a buffer of at most 10 000 events
+//!    and 64 MiB, and an event that does not fit (the broker has been away long enough to fill
+//!    it) is dropped, logged at `warn` and counted in the metric
+//!    `aiwg_broker_events_dropped_total{broker, reason="buffer_full"}`. A body larger than the
+//!    broker takes (NATS: the server's `max_payload` less 1 KiB for the headers; RabbitMQ and
+//!    Redis: 16 MiB) is cut as the webhook dispatcher cuts it (long texts of `result` and
+//!    `error` shortened, `data.truncated: true`). An event the broker refuses in a way retrying
+//!    cannot cure (NATS: larger than `max_payload`; RabbitMQ: `PRECONDITION_FAILED`,
+//!    `ACCESS_REFUSED`; Redis: an error reply such as `WRONGTYPE` or `NOPERM`) is dropped with an
+//!    `error` log (`reason="refused"`) instead of holding back every later one.
+//!
 //! Each consumer reconnects by itself after a broker restart; unacknowledged messages are
 //! redelivered by the broker and de-duplicated by their key. A RabbitMQ connection that stops
 //! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
@@ -61,6 +72,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +84,7 @@ use aiwg_core::{Engine, Job, JobEvent, JobId, JobObserver, SubmitError};
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer};
 use sha2::Digest;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -83,8 +95,18 @@ mod nats;
 #[cfg(feature = "redis")]
 mod redis;
 
-/// How many job events wait for one broker before job workers are slowed down.
+/// How many job events may wait for one broker; more are dropped (job workers never wait).
 const EVENT_BUFFER: usize = 10_000;
+/// How many bytes of job events may wait for one broker; more are dropped.
+const EVENT_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+/// The largest event body published to RabbitMQ or Redis (RabbitMQ 4's default
+/// `max_message_size`); larger ones are cut.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Room for the headers of a NATS event below the server's `max_payload` (which counts them).
+#[allow(dead_code)]
+pub(crate) const NATS_HEADER_ROOM: usize = 1024;
+/// NATS's default `max_payload`, until the server tells its own.
+const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = Option::<String>::deserialize(d)?;
@@ -403,24 +425,159 @@ pub struct EventMessage {
     pub body: String,
 }
 
+impl EventMessage {
+    /// What it costs the buffer.
+    fn weight(&self) -> usize {
+        self.body.len() + self.event_type.len() + self.job_id.len()
+    }
+}
+
+/// Counts a job event that will never reach `broker` (`aiwg_broker_events_dropped_total`):
+/// `reason` is `buffer_full` (the observer found no room), `refused` (the broker refused it in a
+/// way retrying cannot cure) or `stopped` (the publisher was shut down).
+pub(crate) fn count_dropped(broker: &'static str, reason: &'static str) {
+    metrics::counter!("aiwg_broker_events_dropped_total", "broker" => broker, "reason" => reason)
+        .increment(1);
+}
+
+/// What the two ends of one broker's event buffer share.
+#[derive(Debug)]
+struct Gauge {
+    /// Bytes of the events waiting ([`EventMessage::weight`]).
+    waiting: AtomicUsize,
+    /// The most bytes that may wait.
+    capacity: usize,
+    /// The largest body the broker takes; larger ones are cut.
+    max_body: AtomicUsize,
+}
+
+/// The observer's end of one broker's event buffer: adds without ever waiting.
+#[derive(Debug)]
+struct Outbox {
+    broker: &'static str,
+    tx: mpsc::Sender<EventMessage>,
+    gauge: Arc<Gauge>,
+}
+
+/// The publisher's end of one broker's event buffer.
+#[derive(Debug)]
+pub(crate) struct EventQueue {
+    rx: mpsc::Receiver<EventMessage>,
+    gauge: Arc<Gauge>,
+}
+
+/// One broker's event buffer: at most `count` events and `bytes` bytes, bodies cut to
+/// `max_body`.
+fn event_buffer(
+    broker: &'static str,
+    count: usize,
+    bytes: usize,
+    max_body: usize,
+) -> (Outbox, EventQueue) {
+    let (tx, rx) = mpsc::channel(count);
+    let gauge = Arc::new(Gauge {
+        waiting: AtomicUsize::new(0),
+        capacity: bytes,
+        max_body: AtomicUsize::new(max_body),
+    });
+    (
+        Outbox {
+            broker,
+            tx,
+            gauge: gauge.clone(),
+        },
+        EventQueue { rx, gauge },
+    )
+}
+
+impl Outbox {
+    /// Queues `msg` when there is room; else drops it (logged and counted). Never waits.
+    fn offer(&self, msg: EventMessage) -> bool {
+        let weight = msg.weight();
+        let gauge = &self.gauge;
+        let room = gauge
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                w.checked_add(weight).filter(|n| *n <= gauge.capacity)
+            })
+            .is_ok();
+        let refused = if room {
+            match self.tx.try_send(msg) {
+                Ok(()) => return true,
+                Err(e) => {
+                    gauge.waiting.fetch_sub(weight, Ordering::AcqRel);
+                    match e {
+                        TrySendError::Full(m) => ("buffer_full", m),
+                        TrySendError::Closed(m) => ("stopped", m),
+                    }
+                }
+            }
+        } else {
+            ("buffer_full", msg)
+        };
+        match refused {
+            ("stopped", m) => tracing::debug!(
+                broker = self.broker, job = %m.job_id, event = %m.event_type,
+                "event not published: the broker's publisher has stopped"
+            ),
+            (_, m) => tracing::warn!(
+                broker = self.broker, job = %m.job_id, event = %m.event_type,
+                "event dropped: the broker's buffer is full (10 000 events or 64 MiB waiting)"
+            ),
+        }
+        count_dropped(self.broker, refused.0);
+        false
+    }
+}
+
+impl EventQueue {
+    /// The next event, waiting for one; `None` once the observer is gone.
+    #[allow(dead_code)]
+    pub(crate) async fn recv(&mut self) -> Option<EventMessage> {
+        let ev = self.rx.recv().await?;
+        self.gauge.waiting.fetch_sub(ev.weight(), Ordering::AcqRel);
+        Some(ev)
+    }
+
+    /// Bodies larger than `n` bytes are cut from now on (the broker told its limit).
+    #[allow(dead_code)]
+    pub(crate) fn set_max_body(&self, n: usize) {
+        self.gauge.max_body.store(n, Ordering::Relaxed);
+    }
+}
+
 struct Fanout {
-    senders: Vec<mpsc::Sender<EventMessage>>,
+    outboxes: Vec<Outbox>,
 }
 
 #[async_trait]
 impl JobObserver for Fanout {
     async fn on_event(&self, job: &Job, event: &JobEvent) {
+        if self.outboxes.is_empty() {
+            return;
+        }
         let Some(out) = outbound_event(job, event) else {
             return;
         };
-        let msg = EventMessage {
-            event_type: out.event_type.clone(),
-            job_id: job.id.to_string(),
-            body: out.body(),
-        };
-        for tx in &self.senders {
-            // A full buffer slows this job's worker rather than dropping the event.
-            let _ = tx.send(msg.clone()).await;
+        let body = out.body();
+        for outbox in &self.outboxes {
+            let max = outbox.gauge.max_body.load(Ordering::Relaxed);
+            let body = if body.len() <= max {
+                body.clone()
+            } else {
+                // Cut as the webhook dispatcher cuts it, with a marker: a body the broker would
+                // refuse must not hold back the events after it.
+                tracing::warn!(
+                    broker = outbox.broker, job = %job.id, event = %out.event_type,
+                    size = body.len(), limit = max, "event body too large for the broker: cut"
+                );
+                out.clone().truncated(max).body()
+            };
+            outbox.offer(EventMessage {
+                event_type: out.event_type.clone(),
+                job_id: job.id.to_string(),
+                body,
+            });
         }
     }
 }
@@ -428,8 +585,8 @@ impl JobObserver for Fanout {
 /// The configured brokers, before they start.
 pub struct Brokers {
     config: BrokersConfig,
-    senders: Vec<mpsc::Sender<EventMessage>>,
-    receivers: Vec<(&'static str, mpsc::Receiver<EventMessage>)>,
+    outboxes: Vec<Outbox>,
+    queues: Vec<(&'static str, EventQueue)>,
 }
 
 impl std::fmt::Debug for Brokers {
@@ -463,17 +620,38 @@ impl Brokers {
             }
             names.push("redis");
         }
-        let mut senders = Vec::new();
-        let mut receivers = Vec::new();
+        let mut outboxes = Vec::new();
+        let mut queues = Vec::new();
         for name in names {
-            let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-            senders.push(tx);
-            receivers.push((name, rx));
+            // A broker with nowhere to publish events gets none.
+            let max_body = match name {
+                "nats" => NATS_DEFAULT_MAX_PAYLOAD - NATS_HEADER_ROOM,
+                "amqp"
+                    if config
+                        .amqp
+                        .as_ref()
+                        .is_some_and(|c| c.events_exchange.is_none()) =>
+                {
+                    continue
+                }
+                "redis"
+                    if config
+                        .redis
+                        .as_ref()
+                        .is_some_and(|c| c.events_stream.is_none()) =>
+                {
+                    continue
+                }
+                _ => MAX_BODY,
+            };
+            let (outbox, queue) = event_buffer(name, EVENT_BUFFER, EVENT_BUFFER_BYTES, max_body);
+            outboxes.push(outbox);
+            queues.push((name, queue));
         }
         Ok(Self {
             config,
-            senders,
-            receivers,
+            outboxes,
+            queues,
         })
     }
 
@@ -482,7 +660,15 @@ impl Brokers {
     #[must_use]
     pub fn observer(&self) -> Arc<dyn JobObserver> {
         Arc::new(Fanout {
-            senders: self.senders.clone(),
+            outboxes: self
+                .outboxes
+                .iter()
+                .map(|o| Outbox {
+                    broker: o.broker,
+                    tx: o.tx.clone(),
+                    gauge: o.gauge.clone(),
+                })
+                .collect(),
         })
     }
 
@@ -497,8 +683,8 @@ impl Brokers {
         };
         #[allow(unused_variables, unused_mut)]
         let mut take = |name: &str| {
-            let i = self.receivers.iter().position(|(n, _)| *n == name)?;
-            Some(self.receivers.remove(i).1)
+            let i = self.queues.iter().position(|(n, _)| *n == name)?;
+            Some(self.queues.remove(i).1)
         };
         // A broker that cannot start stops the ones already started.
         #[allow(unused_macros)]
@@ -514,16 +700,26 @@ impl Brokers {
             };
         }
         #[cfg(feature = "nats")]
-        if let (Some(cfg), Some(rx)) = (self.config.nats.clone(), take("nats")) {
-            launch!(nats::start(cfg, engine.clone(), rx, cancel.clone()));
+        if let (Some(cfg), Some(events)) = (self.config.nats.clone(), take("nats")) {
+            launch!(nats::start(cfg, engine.clone(), events, cancel.clone()));
         }
         #[cfg(feature = "amqp")]
-        if let (Some(cfg), Some(rx)) = (self.config.amqp.clone(), take("amqp")) {
-            launch!(amqp::start(cfg, engine.clone(), rx, cancel.clone()));
+        if let Some(cfg) = self.config.amqp.clone() {
+            launch!(amqp::start(
+                cfg,
+                engine.clone(),
+                take("amqp"),
+                cancel.clone()
+            ));
         }
         #[cfg(feature = "redis")]
-        if let (Some(cfg), Some(rx)) = (self.config.redis.clone(), take("redis")) {
-            launch!(redis::start(cfg, engine.clone(), rx, cancel.clone()));
+        if let Some(cfg) = self.config.redis.clone() {
+            launch!(redis::start(
+                cfg,
+                engine.clone(),
+                take("redis"),
+                cancel.clone()
+            ));
         }
         let _ = (&engine, &cancel);
         Ok(running)
@@ -573,6 +769,200 @@ pub(crate) fn reconnect_delay(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    use aiwg_core::test_util::ScriptedExecutor;
+    use aiwg_core::{JobRequest, JobStatus, Step, Workflow};
+
+    /// A metrics recorder keeping counters as `name{label=value,…}`.
+    #[derive(Default)]
+    struct Counters(Mutex<HashMap<String, Arc<AtomicU64>>>);
+
+    impl Counters {
+        fn get(&self, key: &str) -> u64 {
+            self.0
+                .lock()
+                .unwrap()
+                .get(key)
+                .map_or(0, |c| c.load(Ordering::SeqCst))
+        }
+    }
+
+    impl metrics::Recorder for Counters {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            metrics::Counter::from_arc(self.0.lock().unwrap().entry(name).or_default().clone())
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    fn message(body_len: usize) -> EventMessage {
+        EventMessage {
+            event_type: "job.completed".into(),
+            job_id: "j".into(),
+            body: "x".repeat(body_len),
+        }
+    }
+
+    /// Everything waiting in `queue` now.
+    fn waiting(queue: &mut EventQueue) -> Vec<EventMessage> {
+        let mut out = Vec::new();
+        while let Ok(ev) = queue.rx.try_recv() {
+            queue.gauge.waiting.fetch_sub(ev.weight(), Ordering::AcqRel);
+            out.push(ev);
+        }
+        out
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_instead_of_waiting() {
+        let counters = Counters::default();
+        let full = "aiwg_broker_events_dropped_total{broker=redis,reason=buffer_full}";
+        // Bounded in events: two fit, the third is dropped.
+        let (outbox, mut queue) = event_buffer("redis", 2, 1 << 20, 1 << 20);
+        let offered: Vec<bool> = metrics::with_local_recorder(&counters, || {
+            (0..3).map(|_| outbox.offer(message(10))).collect()
+        });
+        assert_eq!(offered, [true, true, false]);
+        assert_eq!(counters.get(full), 1);
+        assert_eq!(waiting(&mut queue).len(), 2);
+        // Taken: room again.
+        assert!(metrics::with_local_recorder(&counters, || outbox.offer(message(10))));
+
+        // Bounded in bytes: 100 bytes of room take one 60-byte event, not two.
+        let (outbox, mut queue) = event_buffer("redis", 100, 100, 1 << 20);
+        let offered: Vec<bool> = metrics::with_local_recorder(&counters, || {
+            (0..2).map(|_| outbox.offer(message(60))).collect()
+        });
+        assert_eq!(offered, [true, false]);
+        assert_eq!(counters.get(full), 2);
+        let taken = waiting(&mut queue);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(queue.gauge.waiting.load(Ordering::SeqCst), 0);
+        assert!(metrics::with_local_recorder(&counters, || outbox.offer(message(60))));
+
+        // The publisher gone: dropped, counted as such.
+        drop(queue);
+        assert!(!metrics::with_local_recorder(&counters, || outbox.offer(message(1))));
+        assert_eq!(
+            counters.get("aiwg_broker_events_dropped_total{broker=redis,reason=stopped}"),
+            1
+        );
+    }
+
+    fn engine(output: &str, outbox: Outbox) -> Engine {
+        Engine::builder()
+            .executor("x", Arc::new(ScriptedExecutor::succeeding(output)))
+            .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+            .observer(Arc::new(Fanout {
+                outboxes: vec![outbox],
+            }))
+            .workers(1)
+            .build()
+            .unwrap()
+    }
+
+    async fn finished(engine: &Engine, id: JobId) -> Job {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let job = engine.get(id).await.unwrap();
+                if job.status.is_terminal() {
+                    return job;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the job did not finish: its worker waits for the brokers' buffer")
+    }
+
+    #[tokio::test]
+    async fn jobs_run_and_triggers_answer_while_nobody_takes_the_events() {
+        // Room for three events, nobody publishing them (a broker away for long).
+        let (outbox, mut queue) = event_buffer("nats", 3, 1 << 20, 1 << 20);
+        let engine = engine("ok", outbox);
+        for _ in 0..3 {
+            let submitted = tokio::time::timeout(
+                Duration::from_secs(10),
+                engine.submission(JobRequest::new("check")),
+            )
+            .await
+            .expect("a trigger waited for the brokers' buffer")
+            .unwrap();
+            let job = finished(&engine, submitted.job.id).await;
+            assert_eq!(job.status, JobStatus::Completed);
+        }
+        // The first three events (of the first job) waited; the others were dropped.
+        let kept = waiting(&mut queue);
+        assert_eq!(kept.len(), 3);
+        assert_eq!(kept[0].event_type, "job.queued");
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_broker_takes_is_cut() {
+        let (outbox, mut queue) = event_buffer("nats", 100, 1 << 20, 4096);
+        let engine = engine(&"y".repeat(50_000), outbox);
+        let submitted = engine.submission(JobRequest::new("check")).await.unwrap();
+        finished(&engine, submitted.job.id).await;
+        let events = waiting(&mut queue);
+        let completed = events
+            .iter()
+            .find(|e| e.event_type == "job.completed")
+            .expect("job.completed");
+        assert!(completed.body.len() <= 4096, "{}", completed.body.len());
+        let body: serde_json::Value = serde_json::from_str(&completed.body).unwrap();
+        assert_eq!(body["data"]["truncated"], true, "{body}");
+        assert_eq!(body["data"]["job_id"], submitted.job.id.to_string());
+        // Small events go as they are.
+        let queued = events
+            .iter()
+            .find(|e| e.event_type == "job.queued")
+            .unwrap();
+        assert!(!queued.body.contains("truncated"), "{}", queued.body);
+        engine.shutdown(Duration::from_secs(1)).await;
+    }
 
     #[test]
     fn keys_are_namespaced_and_hashed_when_unfit() {

@@ -4,17 +4,17 @@
 use std::time::Duration;
 
 use aiwg_core::Engine;
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, consumer::pull, AckKind, ErrorCode};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use sha2::Digest;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    pause, problem_document, reconnect_delay, submit_message, BrokerError, EventMessage,
-    NatsConfig, Verdict,
+    count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
+    EventQueue, NatsConfig, Verdict, NATS_HEADER_ROOM,
 };
 
 const BROKER: &str = "nats";
@@ -22,7 +22,7 @@ const BROKER: &str = "nats";
 pub(crate) async fn start(
     cfg: NatsConfig,
     engine: Engine,
-    events: mpsc::Receiver<EventMessage>,
+    events: EventQueue,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, BrokerError> {
     let client = async_nats::ConnectOptions::new()
@@ -37,6 +37,8 @@ pub(crate) async fn start(
     tokio::time::timeout(Duration::from_secs(10), setup_consumer(&js, &cfg))
         .await
         .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))??;
+    // Connected: events are cut to what this server takes from now on.
+    events.set_max_body(body_limit(&js.client()));
     let consume = tokio::spawn(consume(js.clone(), cfg.clone(), engine, cancel.clone()));
     let publish = tokio::spawn(publish_events(js, cfg, events, cancel));
     Ok(vec![consume, publish])
@@ -189,12 +191,30 @@ async fn handle(
     }
 }
 
+/// The largest event body the server takes: its `max_payload` less room for the headers.
+fn body_limit(client: &async_nats::Client) -> usize {
+    client.max_payload().saturating_sub(NATS_HEADER_ROOM)
+}
+
+/// Whether publishing again cannot help: the message is larger than the server (or the stream)
+/// takes.
+fn refused_for_good(e: &PublishError) -> bool {
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|j| j.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM),
+        _ => false,
+    }
+}
+
 async fn publish_events(
     js: jetstream::Context,
     cfg: NatsConfig,
-    mut events: mpsc::Receiver<EventMessage>,
+    mut events: EventQueue,
     cancel: CancellationToken,
 ) {
+    let client = js.client();
     loop {
         let ev = tokio::select! {
             () = cancel.cancelled() => return,
@@ -204,6 +224,8 @@ async fn publish_events(
         let msg_id = hex::encode(&sha2::Sha256::digest(ev.body.as_bytes())[..16]);
         let mut failures = 0u32;
         loop {
+            // The server may have changed (a reconnect): later events are cut to its limit.
+            events.set_max_body(body_limit(&client));
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", msg_id.as_str());
             headers.insert("Aiwg-Event-Type", ev.event_type.as_str());
@@ -213,11 +235,19 @@ async fn publish_events(
                 .publish_with_headers(cfg.events_subject.clone(), headers, ev.body.clone().into())
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
             };
             match sent {
                 Ok(()) => break,
+                Err(e) if refused_for_good(&e) => {
+                    tracing::error!(
+                        error = %e, event = %ev.event_type, job = %ev.job_id, size = ev.body.len(),
+                        "nats: event refused by the server for good; dropped"
+                    );
+                    count_dropped(BROKER, "refused");
+                    break;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, event = %ev.event_type, "nats: event not published yet; retrying");

@@ -7,14 +7,13 @@ use aiwg_core::Engine;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::AsyncCommands;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    pause, problem_document, reconnect_delay, submit_message, BrokerError, EventMessage,
-    RedisConfig, Verdict,
+    count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
+    EventQueue, RedisConfig, Verdict,
 };
 
 const BROKER: &str = "redis";
@@ -22,7 +21,7 @@ const BROKER: &str = "redis";
 pub(crate) async fn start(
     cfg: RedisConfig,
     engine: Engine,
-    events: mpsc::Receiver<EventMessage>,
+    events: Option<EventQueue>,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, BrokerError> {
     let client = redis::Client::open(cfg.url.as_str())
@@ -43,7 +42,7 @@ pub(crate) async fn start(
         engine,
         cancel.clone(),
     ))];
-    if let Some(stream) = cfg.events_stream.clone() {
+    if let (Some(stream), Some(events)) = (cfg.events_stream.clone(), events) {
         tasks.push(tokio::spawn(publish_events(client, stream, events, cancel)));
     }
     Ok(tasks)
@@ -218,10 +217,33 @@ async fn handle(
     Ok(true)
 }
 
+/// Whether the server refused a command in a way sending it again cannot cure: an error reply
+/// (`WRONGTYPE`: the key is not a stream, `NOPERM`, `ERR` …) other than the ones that pass
+/// (loading, busy, out of memory, a failover). Connection errors are cured by reconnecting.
+fn refused_for_good(e: &redis::RedisError) -> bool {
+    match e.kind() {
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => !matches!(
+            e.code(),
+            Some(
+                "LOADING"
+                    | "BUSY"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "OOM"
+                    | "MISCONF"
+                    | "NOREPLICAS"
+            )
+        ),
+        _ => false,
+    }
+}
+
 async fn publish_events(
     client: redis::Client,
     stream: String,
-    mut events: mpsc::Receiver<EventMessage>,
+    mut events: EventQueue,
     cancel: CancellationToken,
 ) {
     let mut con: Option<MultiplexedConnection> = None;
@@ -253,6 +275,14 @@ async fn publish_events(
             .await;
             match sent {
                 Ok(()) => break,
+                Err(e) if refused_for_good(&e) => {
+                    tracing::error!(
+                        error = %e, event = %ev.event_type, job = %ev.job_id, stream = %stream,
+                        "redis: event refused by the server for good; dropped"
+                    );
+                    count_dropped(BROKER, "refused");
+                    break;
+                }
                 Err(e) => {
                     con = None;
                     failures += 1;

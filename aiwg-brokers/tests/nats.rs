@@ -153,8 +153,8 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }
 
-#[tokio::test]
-async fn a_nats_restart_mid_stream_loses_nothing() {
+/// The `nats-server` program; `None` (with a note, or a panic under CI) when not installed.
+fn nats_server() -> Option<&'static str> {
     let bin = [
         "/usr/sbin/nats-server",
         "/usr/bin/nats-server",
@@ -162,11 +162,18 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
     ]
     .into_iter()
     .find(|p| std::path::Path::new(p).is_file());
-    let Some(bin) = bin else {
+    if bin.is_none() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("nats-server is not installed");
         }
         eprintln!("skipping: nats-server is not installed");
+    }
+    bin
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_loses_nothing() {
+    let Some(bin) = nats_server() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -265,4 +272,102 @@ async fn a_full_queue_naks_the_message_until_its_job_is_stored() {
     full_queue_redelivers(&engine, "nats").await;
     running.shutdown().await;
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+/// The `data` of the events of `job_id` on the events subject, by event type.
+async fn events_of(js: &jetstream::Context, name: &str, job_id: &str) -> Vec<(String, Value)> {
+    stored(js, name, &format!("{name}.events"))
+        .await
+        .into_iter()
+        .filter_map(|m| {
+            let body: Value = serde_json::from_slice(&m.payload).unwrap();
+            (body["data"]["job_id"] == job_id).then(|| {
+                (
+                    body["type"].as_str().unwrap().to_owned(),
+                    body["data"].clone(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_larger_than_the_server_takes_are_cut_or_dropped_and_never_hold_back_the_next() {
+    let Some(bin) = nats_server() else {
+        return;
+    };
+    // A private server taking at most 16 KiB per message.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: \"127.0.0.1:{port}\"\nmax_payload: 16384\njetstream {{ store_dir: {:?} }}\n",
+            dir.path().join("js")
+        ),
+    )
+    .unwrap();
+    let _server = Child(
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the private nats-server", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = unique();
+    // `big` answers 60 KB: its job.completed (the answer twice) is far above 16 KiB.
+    let (engine, running) = start_with_big(config(&url, &name), 60_000).await;
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let trigger = |body: &'static str, id: String| {
+        let js = js.clone();
+        let subject = format!("{name}.trigger");
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            js.publish_with_headers(subject, headers, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    // 1. A job whose job.completed is too large: cut to fit.
+    trigger(r#"{"workflow": "big"}"#, "big-1".into()).await;
+    // 2. A job whose every event is too large even cut: its message id (16 150 bytes: the
+    //    trigger fits in 16 KiB, not an event with its other fields) is in every event's
+    //    `trigger`, which is never cut. Refused by the client's check; dropped.
+    trigger(r#"{"workflow": "check"}"#, "i".repeat(16_150)).await;
+    // 3. A plain job after both: its events arrive.
+    trigger(r#"{"workflow": "check"}"#, "plain-3".into()).await;
+    wait_until("three jobs", || async { jobs(&engine).await.len() == 3 }).await;
+    let mut all = jobs(&engine).await;
+    all.sort_by_key(|j| j.created_at);
+    let ids: Vec<String> = all.iter().map(|j| j.id.to_string()).collect();
+    wait_until("the last job's job.completed", || async {
+        events_of(&js, &name, &ids[2])
+            .await
+            .iter()
+            .any(|(t, _)| t == "job.completed")
+    })
+    .await;
+    let big = events_of(&js, &name, &ids[0]).await;
+    let (_, data) = big
+        .iter()
+        .find(|(t, _)| t == "job.completed")
+        .expect("the big job's job.completed, cut");
+    assert_eq!(data["truncated"], true, "{data}");
+    assert_eq!(data["status"], "completed");
+    assert!(
+        events_of(&js, &name, &ids[1]).await.is_empty(),
+        "events larger than max_payload were published"
+    );
+    running.shutdown().await;
 }

@@ -263,3 +263,105 @@ async fn a_full_queue_leaves_the_entry_pending_until_its_job_is_stored() {
     full_queue_redelivers(&engine, "redis").await;
     running.shutdown().await;
 }
+
+/// A private `redis-server` on a free port (nothing else talks to it: its statistics are
+/// ours), in `dir`; `None` (with a note, or a panic under CI) when not installed.
+fn private_redis(dir: &std::path::Path) -> Option<(Child, String)> {
+    let Ok(bin) = which("redis-server") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("redis-server is not installed");
+        }
+        eprintln!("skipping: redis-server is not installed");
+        return None;
+    };
+    let port = free_port();
+    let child = Child(
+        std::process::Command::new(&bin)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    Some((child, format!("redis://127.0.0.1:{port}")))
+}
+
+/// A number in the server's `INFO` (`errorstat_WRONGTYPE:count=3` → `count`).
+async fn info_number(url: &str, section: &str, field: &str) -> u64 {
+    let mut c = con(url).await;
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim_start_matches([':', '=']).trim())
+        .map(|v| {
+            v.trim_start_matches("count=")
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_event_the_server_refuses_for_good_is_dropped_not_retried_before_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = private_redis(dir.path()) else {
+        return;
+    };
+    wait_until("the private redis", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    let name = unique();
+    let events = format!("{name}:events");
+    let mut c = con(&url).await;
+    // The events key is not a stream: every XADD answers WRONGTYPE.
+    let _: () = c.set(&events, "not a stream").await.unwrap();
+    let (engine, running) = start(config(&url, &name)).await;
+    let trigger = format!("{name}:trigger");
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    wait_until("the first job's four events refused", || async {
+        info_number(&url, "errorstats", "errorstat_WRONGTYPE").await >= 4
+    })
+    .await;
+    let first = jobs(&engine).await[0].id.to_string();
+    // The key made right: the next job's events arrive, and nothing of the first one's.
+    let _: () = c.del(&events).await.unwrap();
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    wait_until("a job.completed", || async {
+        !completed(&url, &name).await.is_empty()
+    })
+    .await;
+    let all = entries(&url, &events).await;
+    assert!(
+        all.iter().all(|e| !e["body"].contains(&first)),
+        "a refused event was retried until the key changed: {:?}",
+        all.iter().map(|e| &e["type"]).collect::<Vec<_>>()
+    );
+    assert_eq!(all.first().map(|e| e["type"].as_str()), Some("job.queued"));
+    running.shutdown().await;
+}

@@ -59,6 +59,25 @@ pub async fn start(config: serde_json::Value) -> (Engine, RunningBrokers) {
     (engine, running)
 }
 
+/// Like [`start`], with a second workflow `big` whose one step answers `big` bytes.
+pub async fn start_with_big(config: serde_json::Value, big: usize) -> (Engine, RunningBrokers) {
+    let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
+    let engine = Engine::builder()
+        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .executor(
+            "big",
+            Arc::new(ScriptedExecutor::succeeding("y".repeat(big))),
+        )
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+        .workflow(Workflow::new("big").step(Step::prompt("run", "big", "big")))
+        .observer(brokers.observer())
+        .workers(1)
+        .build()
+        .unwrap();
+    let running = brokers.start(engine.clone()).await.unwrap();
+    (engine, running)
+}
+
 pub async fn jobs(engine: &Engine) -> Vec<Job> {
     let mut q = JobQuery::default();
     q.limit = Some(500);
