@@ -265,6 +265,48 @@ async fn two_instances_make_exactly_one_comment() {
     fake.assert_conforms();
 }
 
+/// With several instances a job's later events may all be published on another one: the
+/// instance that heard only of its start ends its comment writer once it has nothing to send,
+/// instead of waiting for an end it never hears of (a task and an entry per job, for ever).
+#[tokio::test]
+async fn a_writer_that_hears_no_more_of_its_job_ends() {
+    use aiwg_core::JobObserver;
+    use futures_util::StreamExt;
+
+    let fake = fake_github::start("aiwg-bot").await;
+    let store = Arc::new(MemoryTrackingStore::new());
+    let a = Tracker::builder()
+        .forge(client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))))
+        .store(store.clone())
+        .min_edit_interval(Duration::from_millis(50))
+        .idle_writer(Duration::from_millis(300))
+        .build();
+    let b = tracker(
+        client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))),
+        Some(store),
+    );
+    let rig = rig(&fake.base, vec![b], "done");
+    let id = run_job(&rig, 9, None).await;
+    // Instance A hears of the job's start only.
+    let mut running = rig.engine.get(id).await.unwrap();
+    running.status = JobStatus::Running;
+    let first = rig
+        .engine
+        .subscribe(id, 0)
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap();
+    a.on_event(&running, &first).await;
+    assert!(
+        a.idle(Duration::from_secs(10)).await,
+        "the writer ended with nothing more to send"
+    );
+    // It found B's comment through the claims and made none of its own.
+    assert_eq!(fake.of("POST", "/issues/42/comments").len(), 1);
+}
+
 #[tokio::test]
 async fn a_forge_that_is_down_never_fails_the_job() {
     let port = {

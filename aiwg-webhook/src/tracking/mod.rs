@@ -46,6 +46,10 @@ pub use store::{MemoryTrackingStore, TrackClaim, TrackingStore};
 /// How long another instance's claim on a comment is waited for before it is taken over.
 const STALE_CLAIM: Duration = Duration::from_secs(60);
 
+/// How long a writer with nothing to send waits for the job's next event before it ends, by
+/// default (see [`TrackerBuilder::idle_writer`]).
+const IDLE_WRITER: Duration = Duration::from_secs(120);
+
 /// Builds a [`Tracker`].
 #[must_use]
 pub struct TrackerBuilder {
@@ -53,6 +57,7 @@ pub struct TrackerBuilder {
     store: Option<Arc<dyn TrackingStore>>,
     status_base: Option<String>,
     min_edit_interval: Duration,
+    idle_writer: Duration,
     chat: Option<PlatformReplies>,
     owner: String,
 }
@@ -92,6 +97,15 @@ impl TrackerBuilder {
         self
     }
 
+    /// How long a job's comment writer with nothing to send waits for the job's next event
+    /// before it ends (default 2 min; the next event starts another). With several instances a
+    /// job's later events may all be published on another: a writer waiting for the job's end
+    /// would wait for ever, a task and an entry per job.
+    pub fn idle_writer(mut self, after: Duration) -> Self {
+        self.idle_writer = after;
+        self
+    }
+
     /// Answers Slack and Discord jobs too.
     pub fn chat(mut self, replies: PlatformReplies) -> Self {
         self.chat = Some(replies);
@@ -114,6 +128,7 @@ impl TrackerBuilder {
                     .unwrap_or_else(|| Arc::new(MemoryTrackingStore::new())),
                 status_base: self.status_base,
                 min_edit_interval: self.min_edit_interval,
+                idle_writer: self.idle_writer,
                 chat: self.chat,
                 owner: self.owner,
                 jobs: Mutex::default(),
@@ -128,6 +143,7 @@ struct Inner {
     store: Arc<dyn TrackingStore>,
     status_base: Option<String>,
     min_edit_interval: Duration,
+    idle_writer: Duration,
     chat: Option<PlatformReplies>,
     owner: String,
     /// Jobs with a comment writer running on this instance.
@@ -178,6 +194,7 @@ impl Tracker {
             store: None,
             status_base: None,
             min_edit_interval: Duration::from_secs(1),
+            idle_writer: IDLE_WRITER,
             chat: None,
             owner: format!("aiwg-{}", JobId::new()),
         }
@@ -241,19 +258,22 @@ impl JobObserver for Tracker {
                 .jobs
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match jobs.get(&job.id) {
+            let (latest, fresh) = match jobs.get(&job.id) {
                 Some(l) => (Arc::clone(l), false),
                 None => {
                     let l = Arc::new(Latest::default());
                     jobs.insert(job.id, Arc::clone(&l));
                     (l, true)
                 }
-            }
+            };
+            // Under the map's lock: a writer that ends for want of work checks for text under
+            // it too, so none is left with nobody to write it.
+            *latest
+                .text
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, terminal));
+            (latest, fresh)
         };
-        *latest
-            .text
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, terminal));
         latest.wake.notify_one();
         if fresh {
             let writer = Writer {
@@ -288,7 +308,13 @@ impl Writer {
         let mut comment: Option<String> = None;
         let mut written: Option<String> = None;
         loop {
-            self.latest.wake.notified().await;
+            if tokio::time::timeout(inner.idle_writer, self.latest.wake.notified())
+                .await
+                .is_err()
+                && self.end_if_idle()
+            {
+                return;
+            }
             let Some((text, terminal)) = self
                 .latest
                 .text
@@ -332,6 +358,30 @@ impl Writer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.job);
         inner.idle.notify_waiters();
+    }
+
+    /// Ends this writer when no text waits for it (checked under the map's lock, where
+    /// `on_event` leaves text): `false` when some arrived meanwhile.
+    fn end_if_idle(&self) -> bool {
+        let inner = &self.tracker.inner;
+        {
+            let mut jobs = inner
+                .jobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let waiting = self
+                .latest
+                .text
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some();
+            if waiting {
+                return false;
+            }
+            jobs.remove(&self.job);
+        }
+        inner.idle.notify_waiters();
+        true
     }
 
     /// The job's comment: made now (`true`) when this instance wins the claim, else the one
