@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    count_dropped, pause, problem_document, reconnect_delay, submit_message, AmqpConfig,
-    BrokerError, EventQueue, Verdict,
+    count_dropped, pause, problem_document, reconnect_delay, submit_message,
+    submit_message_without_id, AmqpConfig, BrokerError, EventQueue, Verdict,
 };
 
 const BROKER: &str = "amqp";
@@ -156,19 +156,27 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
             match next {
                 Some(Ok(delivery)) => {
                     failures = 0;
+                    // Never the delivery tag: it counts from 1 again on every channel, so after a
+                    // reconnect it would be another message's key.
                     let id = delivery
                         .properties
                         .message_id()
                         .as_ref()
                         .map(|m| m.as_str().to_owned())
-                        .filter(|m| !m.is_empty())
-                        .unwrap_or_else(|| format!("tag:{}", delivery.delivery_tag));
-                    let verdict =
-                        submit_message(&engine, BROKER, &cfg.queue, &id, &delivery.data).await;
+                        .filter(|m| !m.is_empty());
+                    let verdict = match &id {
+                        Some(id) => {
+                            submit_message(&engine, BROKER, &cfg.queue, id, &delivery.data).await
+                        }
+                        None => {
+                            submit_message_without_id(&engine, BROKER, &cfg.queue, &delivery.data)
+                                .await
+                        }
+                    };
                     let done = match verdict {
                         Verdict::Stored { .. } => Ok(true),
                         Verdict::Refused(problem) => {
-                            dead_letter(&ch, &cfg, &id, &problem_document(&problem)).await
+                            dead_letter(&ch, &cfg, id.as_deref(), &problem_document(&problem)).await
                         }
                         Verdict::Retry(e) => {
                             tracing::info!(error = %e, "amqp: trigger refused for now; requeueing");
@@ -206,21 +214,31 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
     }
 }
 
-/// Publishes the problem document of a refused message; `Ok(true)` once confirmed.
-async fn dead_letter(ch: &Channel, cfg: &AmqpConfig, id: &str, doc: &str) -> Result<bool, Trouble> {
-    let mut headers = FieldTable::default();
-    headers.insert("aiwg-message-id".into(), AMQPValue::LongString(id.into()));
+/// Publishes the problem document of a refused message (`id`: its `message_id`, when it has
+/// one); `Ok(true)` once confirmed.
+async fn dead_letter(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    id: Option<&str>,
+    doc: &str,
+) -> Result<bool, Trouble> {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/problem+json".into())
+        .with_delivery_mode(2);
+    if let Some(id) = id {
+        let mut headers = FieldTable::default();
+        headers.insert("aiwg-message-id".into(), AMQPValue::LongString(id.into()));
+        properties = properties
+            .with_correlation_id(id.into())
+            .with_headers(headers);
+    }
     let confirm = answered(async {
         ch.basic_publish(
             cfg.dead_letter_exchange.as_str().into(),
             dead_key(cfg).as_str().into(),
             BasicPublishOptions::default(),
             doc.as_bytes(),
-            BasicProperties::default()
-                .with_content_type("application/problem+json".into())
-                .with_delivery_mode(2)
-                .with_correlation_id(id.into())
-                .with_headers(headers),
+            properties,
         )
         .await?
         .await
@@ -345,7 +363,9 @@ mod tests {
     #[test]
     fn only_refusals_that_publishing_again_cannot_cure_drop_an_event() {
         // Too large for the server's max_message_size, or not allowed: for good.
-        assert!(refused_for_good(&refusal(AMQPSoftError::PRECONDITIONFAILED)));
+        assert!(refused_for_good(&refusal(
+            AMQPSoftError::PRECONDITIONFAILED
+        )));
         assert!(refused_for_good(&refusal(AMQPSoftError::ACCESSREFUSED)));
         // The exchange gone (declared again on reconnect), a lost connection, no answer: retried.
         assert!(!refused_for_good(&refusal(AMQPSoftError::NOTFOUND)));

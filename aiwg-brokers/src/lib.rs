@@ -10,10 +10,16 @@
 //! 2. **Submit.** [`submit_message`] parses it exactly as the HTTP API does
 //!    ([`aiwg_core::http::trigger_body`]) and submits the job with an idempotency key made of
 //!    the broker, the stream/queue and the message id (`nats:<stream>:<id>`): the JetStream
-//!    `Nats-Msg-Id` header or stream sequence, the AMQP `message_id` (or the delivery tag when
-//!    the publisher set none), the Redis entry id. A body's own `idempotency_key` wins over the
-//!    message id. A redelivered message therefore finds its job and starts nothing new. Every
-//!    attempt is recorded in the engine's audit trail with the broker as its source.
+//!    `Nats-Msg-Id` header or stream sequence, the AMQP `message_id`, the Redis entry id. A
+//!    body's own `idempotency_key` wins over the message id. A redelivered message therefore
+//!    finds its job and starts nothing new. Every attempt is recorded in the engine's audit
+//!    trail with the broker as its source.
+//!
+//!    RabbitMQ has no id of its own for a message (a delivery tag counts from 1 again on every
+//!    channel, so it would give another message's key after a reconnect): a message without
+//!    `message_id` (and without `idempotency_key` in its body) is submitted without a key, at
+//!    least once — redelivered after an acknowledgement that was lost, it runs again.
+//!    **Publishers should set `message_id`** (unique per message) for exactly once.
 //! 3. **Acknowledge.** Only once the job is stored. A refusal that retrying cannot cure (bad
 //!    JSON, unknown workflow, invalid parameters, a project outside the roots) is acknowledged
 //!    and its [`Problem`] document — the body the HTTP API would have
@@ -354,7 +360,32 @@ pub async fn submit_message(
     message_id: &str,
     body: &[u8],
 ) -> Verdict {
-    let mut record = AuditRecord::new(broker, Decision::Refused).delivery_id(message_id);
+    submit(engine, broker, namespace, Some(message_id), body).await
+}
+
+/// Like [`submit_message`] for a message without an id (an AMQP message whose publisher set
+/// no `message_id`): the job's idempotency key is the body's own `idempotency_key` when it has
+/// one, else there is none, and a redelivery of the message runs it again (at least once).
+pub async fn submit_message_without_id(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    body: &[u8],
+) -> Verdict {
+    submit(engine, broker, namespace, None, body).await
+}
+
+async fn submit(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    message_id: Option<&str>,
+    body: &[u8],
+) -> Verdict {
+    let mut record = AuditRecord::new(broker, Decision::Refused);
+    if let Some(id) = message_id {
+        record = record.delivery_id(id);
+    }
     let verdict = decide(engine, broker, namespace, message_id, body, &mut record).await;
     match &verdict {
         Verdict::Stored { job_id, created } => {
@@ -377,7 +408,7 @@ async fn decide(
     engine: &Engine,
     broker: &'static str,
     namespace: &str,
-    message_id: &str,
+    message_id: Option<&str>,
     body: &[u8],
     record: &mut AuditRecord,
 ) -> Verdict {
@@ -391,12 +422,13 @@ async fn decide(
         Ok(r) => r,
         Err(p) => return Verdict::Refused(p),
     };
-    request.idempotency_key = Some(match own_key {
-        Some(k) => message_key(broker, namespace, &format!("key:{k}")),
-        None => message_key(broker, namespace, message_id),
-    });
+    request.idempotency_key = match (own_key, message_id) {
+        (Some(k), _) => Some(message_key(broker, namespace, &format!("key:{k}"))),
+        (None, Some(id)) => Some(message_key(broker, namespace, id)),
+        (None, None) => None,
+    };
     request.trigger = aiwg_core::TriggerInfo::new(broker);
-    request.trigger.delivery_id = Some(message_id.to_owned());
+    request.trigger.delivery_id = message_id.map(str::to_owned);
     match engine.submission(request).await {
         Ok(s) => Verdict::Stored {
             job_id: s.job.id,

@@ -261,6 +261,64 @@ async fn messages_published_while_aiwg_is_disconnected_are_consumed_once_after()
 }
 
 #[tokio::test]
+async fn messages_without_message_id_each_run_across_a_consumer_restart() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let (engine, running) = start(config(&name)).await;
+    publish(
+        &ch,
+        &name,
+        r#"{"workflow": "check", "guidance": "a"}"#,
+        None,
+    )
+    .await;
+    wait_until("the first job", || async { jobs(&engine).await.len() == 1 }).await;
+    // The consumer's channel goes away and comes back: its delivery tags count from 1 again.
+    running.shutdown().await;
+    let again = || {
+        aiwg_brokers::Brokers::new(aiwg_brokers::BrokersConfig::from_value(config(&name)).unwrap())
+            .unwrap()
+            .start(engine.clone())
+    };
+    let running = again().await.unwrap();
+    // Another message (it had the first one's key, `tag:1`: refused as a conflict).
+    publish(
+        &ch,
+        &name,
+        r#"{"workflow": "check", "guidance": "b"}"#,
+        None,
+    )
+    .await;
+    wait_until("the second job", || async {
+        jobs(&engine).await.len() == 2
+    })
+    .await;
+    running.shutdown().await;
+    let running = again().await.unwrap();
+    // The same body again, a new message (it was taken for the first one, silently).
+    publish(
+        &ch,
+        &name,
+        r#"{"workflow": "check", "guidance": "a"}"#,
+        None,
+    )
+    .await;
+    wait_until("the third job", || async { jobs(&engine).await.len() == 3 }).await;
+    assert_eq!(decisions(&engine, "amqp", Decision::Accepted).await, 3);
+    assert_eq!(decisions(&engine, "amqp", Decision::Refused).await, 0);
+    assert_eq!(decisions(&engine, "amqp", Decision::Duplicate).await, 0);
+    for j in jobs(&engine).await {
+        assert_eq!(j.trigger.delivery_id, None, "{:?}", j.trigger);
+        assert_eq!(j.idempotency_key, None);
+    }
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
+}
+
+#[tokio::test]
 async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
     if !reachable("rabbitmq", 5672) {
         return;
