@@ -6,7 +6,7 @@ use std::time::Duration;
 use aiwg_core::Engine;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, AsyncConnectionConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,14 @@ use crate::{
 };
 
 const BROKER: &str = "redis";
+
+/// How long one `XREADGROUP` waits at the server for new entries.
+const BLOCK: Duration = Duration::from_secs(1);
+
+/// How long the reading connection waits for an answer: the block and then some for a slow
+/// server. (The client's default, 500 ms, is shorter than the block: every idle read timed out
+/// and the consumer connected again twice a second.)
+const READ_ANSWER_WITHIN: Duration = Duration::from_secs(6);
 
 pub(crate) async fn start(
     cfg: RedisConfig,
@@ -89,7 +97,11 @@ async fn consume(
         }
         // One connection blocks in XREADGROUP, the other acknowledges and publishes.
         let cons = async {
-            let mut read = client.get_multiplexed_async_connection().await?;
+            let config =
+                AsyncConnectionConfig::new().set_response_timeout(Some(READ_ANSWER_WITHIN));
+            let mut read = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
             let write = client.get_multiplexed_async_connection().await?;
             ensure_group(&mut read, &cfg).await?;
             Ok::<_, redis::RedisError>((read, write))
@@ -136,7 +148,7 @@ async fn consume(
                 .arg("COUNT")
                 .arg(16)
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&cfg.stream)
                 .arg(start)

@@ -294,24 +294,19 @@ fn private_redis(dir: &std::path::Path) -> Option<(Child, String)> {
     Some((child, format!("redis://127.0.0.1:{port}")))
 }
 
-/// A number in the server's `INFO` (`errorstat_WRONGTYPE:count=3` → `count`).
-async fn info_number(url: &str, section: &str, field: &str) -> u64 {
-    let mut c = con(url).await;
+/// A number in the server's `INFO` on `c`: `field:N`, or the first `k=N` of `field:k=N,…`
+/// (`errorstat_WRONGTYPE:count=3`, `cmdstat_xreadgroup:calls=5,…`); 0 when absent.
+async fn info_number(c: &mut redis::aio::MultiplexedConnection, section: &str, field: &str) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg(section)
-        .query_async(&mut c)
+        .query_async(c)
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.trim_start_matches([':', '=']).trim())
-        .map(|v| {
-            v.trim_start_matches("count=")
-                .split(',')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| {
+            let v = v.split(',').next()?;
+            v.split_once('=').map_or(v, |(_, n)| n).trim().parse().ok()
         })
         .unwrap_or(0)
 }
@@ -341,8 +336,9 @@ async fn an_event_the_server_refuses_for_good_is_dropped_not_retried_before_the_
         .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
         .await
         .unwrap();
-    wait_until("the first job's four events refused", || async {
-        info_number(&url, "errorstats", "errorstat_WRONGTYPE").await >= 4
+    wait_until("the first job's four events refused", || {
+        let mut c = c.clone();
+        async move { info_number(&mut c, "errorstats", "errorstat_WRONGTYPE").await >= 4 }
     })
     .await;
     let first = jobs(&engine).await[0].id.to_string();
@@ -363,5 +359,46 @@ async fn an_event_the_server_refuses_for_good_is_dropped_not_retried_before_the_
         all.iter().map(|e| &e["type"]).collect::<Vec<_>>()
     );
     assert_eq!(all.first().map(|e| e["type"].as_str()), Some("job.queued"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_consumer_keeps_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = private_redis(dir.path()) else {
+        return;
+    };
+    wait_until("the private redis", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    // One connection of the test's own for every question.
+    let c = con(&url).await;
+    let number = |section: &'static str, field: &'static str| {
+        let mut c = c.clone();
+        async move { info_number(&mut c, section, field).await }
+    };
+    let name = unique();
+    let (_engine, running) = start(config(&url, &name)).await;
+    wait_until("the consumer reading", || async {
+        number("commandstats", "cmdstat_xreadgroup").await >= 1
+    })
+    .await;
+    let connections = number("stats", "total_connections_received").await;
+    let reads = number("commandstats", "cmdstat_xreadgroup").await;
+    // Idle: three more reads, each blocking for its full second at the server.
+    wait_until("three idle reads", || async {
+        number("commandstats", "cmdstat_xreadgroup").await >= reads + 3
+    })
+    .await;
+    assert_eq!(
+        number("stats", "total_connections_received").await,
+        connections,
+        "the idle consumer connected again"
+    );
     running.shutdown().await;
 }
