@@ -361,7 +361,7 @@ async function main() {
     // A gated step: the job waits, its page says for which step and until when; approved there.
     const gated = await trigger('gated');
     await page.goto(`${origin}/ui/#/jobs/${gated}`);
-    await waitStatus(page, 'awaiting approval');
+    await waitStatus(page, 'awaiting_approval');
     const waiting = await text(page, '[data-testid="approval-step"]');
     const expires = (await api('GET', `workflows/${gated}/status`)).approval.expires_at;
     const shown = await page.locator('[data-testid="approval-step"] time').getAttribute('datetime');
@@ -395,7 +395,7 @@ async function main() {
     check(asked === 1, `a 204 ends the job's stream without another request (${asked})`);
     check(failures > 1,
       `a failed read of the job kept its page and its log, and the next read cleared the notice (${failures} reads)`);
-    check((await api('GET', `workflows/${gated}/status`)).approvals[0].via === 'api', 'a waiting job was approved from its page');
+    check((await api('GET', `workflows/${gated}/status`)).approvals[0].decision.via === 'api', 'a waiting job was approved from its page');
 
     // Markup in output, guidance and descriptions is text, and runs nothing.
     const marked = await trigger('markup', { guidance: '<img src=x onerror="window.__pwned=2"><b>bold</b>' });
