@@ -170,8 +170,8 @@ async fn consume(
                     continue 'connect;
                 }
             };
-            failures = 0;
             if pending && entries.is_empty() {
+                failures = 0;
                 pending = false;
                 continue;
             }
@@ -181,11 +181,23 @@ async fn consume(
                     Ok(true) => {}
                     Ok(false) => retry = true,
                     Err(e) => {
-                        tracing::warn!(error = %e, "redis: acknowledgement failed; reconnecting");
+                        // The entry stays pending and comes again after the pause (a dead-letter
+                        // stream that refuses it would otherwise be a hot loop resubmitting it).
+                        failures += 1;
+                        tracing::warn!(
+                            error = %e, entry = %entry.id,
+                            "redis: dead letter or acknowledgement failed; reconnecting"
+                        );
+                        if !pause(reconnect_delay(failures), &cancel).await {
+                            return;
+                        }
                         continue 'connect;
                     }
                 }
             }
+            // Only a batch handled to its end clears the failures: a read that succeeds
+            // between failing acknowledgements must not reset the pause.
+            failures = 0;
             if retry {
                 // Left pending; read again from our pending list after the delay.
                 pending = true;

@@ -402,3 +402,45 @@ async fn an_idle_consumer_keeps_its_connections() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_the_server_refuses_is_tried_again_after_a_growing_pause() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let mut c = con(url).await;
+    // The dead-letter stream is a plain string: every XADD to it answers WRONGTYPE.
+    let dead = format!("{name}:dead");
+    let _: () = c.set(&dead, "not a stream").await.unwrap();
+    let (engine, running) = start(config(url, &name)).await;
+    let _: String = c
+        .xadd(format!("{name}:trigger"), "*", &[("body", "not json")])
+        .await
+        .unwrap();
+    wait_until("the first refusal", || async {
+        decisions(&engine, "redis", Decision::Refused).await >= 1
+    })
+    .await;
+    let first = std::time::Instant::now();
+    // The entry stays pending and comes again, after 200 ms, 400 ms, 800 ms …, not at once.
+    wait_until("the fourth refusal", || async {
+        decisions(&engine, "redis", Decision::Refused).await >= 4
+    })
+    .await;
+    let took = first.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(1),
+        "four refusals of one entry in {took:?}"
+    );
+    // Once the stream can be written, the entry is dead-lettered and acknowledged.
+    let _: () = c.del(&dead).await.unwrap();
+    wait_until("the dead letter", || async {
+        entries(url, &dead).await.len() == 1
+    })
+    .await;
+    assert!(jobs(&engine).await.is_empty());
+    running.shutdown().await;
+    let _: () = c.del(&[&dead, &format!("{name}:trigger")]).await.unwrap();
+}
