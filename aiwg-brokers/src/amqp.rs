@@ -36,12 +36,20 @@ enum Trouble {
     Amqp(#[from] lapin::Error),
     #[error("no answer from the server within {0:?}")]
     NoAnswer(Duration),
+    /// The configured dead-letter exchange is not there (or may not be used).
+    #[error(
+        "brokers.amqp.dead_letter_exchange: exchange `{name}` cannot be used ({source}); \
+         declare it on the server, or use \"\" (the default exchange)"
+    )]
+    DeadLetterExchange { name: String, source: lapin::Error },
 }
 
 /// `exchange`, given up after [`ANSWER_WITHIN`].
-async fn answered<T>(exchange: impl Future<Output = lapin::Result<T>>) -> Result<T, Trouble> {
+async fn answered<T, E: Into<Trouble>>(
+    exchange: impl Future<Output = Result<T, E>>,
+) -> Result<T, Trouble> {
     match tokio::time::timeout(ANSWER_WITHIN, exchange).await {
-        Ok(answer) => Ok(answer?),
+        Ok(answer) => answer.map_err(Into::into),
         Err(_) => Err(Trouble::NoAnswer(ANSWER_WITHIN)),
     }
 }
@@ -95,6 +103,40 @@ async fn open(cfg: &AmqpConfig) -> lapin::Result<(Connection, Channel)> {
     Ok((conn, ch))
 }
 
+/// Checks that the named dead-letter exchange exists (a passive declaration): publishing to
+/// one that does not closes the channel, and the refused message would come back first,
+/// forever. The channel is closed by the server when it does not.
+async fn check_dead_letter_exchange(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Trouble> {
+    if cfg.dead_letter_exchange.is_empty() {
+        return Ok(());
+    }
+    ch.exchange_declare(
+        cfg.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|source| Trouble::DeadLetterExchange {
+        name: cfg.dead_letter_exchange.clone(),
+        source,
+    })
+}
+
+/// Connects, declares and checks what the consumer needs; the connection is closed when a
+/// check fails.
+async fn open_checked(cfg: &AmqpConfig) -> Result<(Connection, Channel), Trouble> {
+    let (conn, ch) = open(cfg).await?;
+    if let Err(e) = check_dead_letter_exchange(&ch, cfg).await {
+        close(&conn, "dead-letter exchange missing").await;
+        return Err(e);
+    }
+    Ok((conn, ch))
+}
+
 pub(crate) async fn start(
     cfg: AmqpConfig,
     engine: Engine,
@@ -102,9 +144,17 @@ pub(crate) async fn start(
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, BrokerError> {
     // Fail fast when the server is not reachable at start.
-    let (conn, _) = answered(open(&cfg)).await.map_err(|e| match e {
+    let (conn, _) = answered(open_checked(&cfg)).await.map_err(|e| match e {
         Trouble::NoAnswer(_) => BrokerError::setup(BROKER, "no answer from the server", e),
         Trouble::Amqp(_) => BrokerError::setup(BROKER, "cannot connect or declare", e),
+        Trouble::DeadLetterExchange { name, source } => BrokerError::setup(
+            BROKER,
+            format!(
+                "brokers.amqp.dead_letter_exchange: no usable exchange `{name}` on the server \
+                 (declare it, or use \"\" for the default exchange)"
+            ),
+            source,
+        ),
     })?;
     close(&conn, "set up").await;
     let mut tasks = vec![tokio::spawn(consume(cfg.clone(), engine, cancel.clone()))];
@@ -121,7 +171,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
             return;
         }
         let opened = async {
-            let (conn, ch) = open(&cfg).await?;
+            let (conn, ch) = open_checked(&cfg).await?;
             ch.basic_qos(cfg.prefetch.unwrap_or(16), BasicQosOptions::default())
                 .await?;
             let consumer = ch
@@ -132,7 +182,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                     FieldTable::default(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>((conn, ch, consumer))
+            Ok::<_, Trouble>((conn, ch, consumer))
         };
         let (conn, ch, mut consumer) = match answered(opened).await {
             Ok(c) => c,
@@ -155,7 +205,6 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    failures = 0;
                     // Never the delivery tag: it counts from 1 again on every channel, so after a
                     // reconnect it would be another message's key.
                     let id = delivery
@@ -185,18 +234,25 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                         }
                     };
                     let acked = match done {
-                        Ok(true) => answered(delivery.ack(BasicAckOptions::default())).await,
-                        Ok(false) | Err(_) => {
-                            answered(delivery.nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            }))
+                        Ok(true) => answered(delivery.ack(BasicAckOptions::default()))
                             .await
-                        }
+                            .map(|_| true),
+                        Ok(false) | Err(_) => answered(delivery.nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        }))
+                        .await
+                        .map(|_| false),
                     };
-                    if let Err(e) = acked {
-                        tracing::warn!(error = %e, "amqp: acknowledgement failed; reconnecting");
-                        break;
+                    match acked {
+                        // Only a message done with clears the failures: one requeued again
+                        // and again (its dead letter refused) keeps the reconnect pause growing.
+                        Ok(true) => failures = 0,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "amqp: acknowledgement failed; reconnecting");
+                            break;
+                        }
                     }
                 }
                 Some(Err(e)) => {

@@ -168,7 +168,9 @@ pub struct AmqpConfig {
     /// the event type as routing key. Default: no event publishing.
     #[serde(default)]
     pub events_exchange: Option<String>,
-    /// The exchange refused messages are published to (default `""`, the default exchange).
+    /// The exchange refused messages are published to (default `""`, the default exchange). A
+    /// named one must exist: it is checked (declared passively) at start and on every
+    /// reconnect, and the start fails naming this key when it is missing.
     #[serde(default)]
     pub dead_letter_exchange: String,
     /// Their routing key (default `<queue>.dead`; with the default exchange, a queue of that

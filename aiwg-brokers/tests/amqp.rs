@@ -319,6 +319,88 @@ async fn messages_without_message_id_each_run_across_a_consumer_restart() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_exchange_must_exist_and_refused_messages_go_to_it() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let exchange = format!("{name}.dlx");
+    let mut cfg = config(&name);
+    cfg["amqp"]["dead_letter_exchange"] = json!(exchange);
+    // Missing: the start fails naming the key (the first refusal would have closed the
+    // channel, and the message come back first, forever).
+    let brokers =
+        aiwg_brokers::Brokers::new(aiwg_brokers::BrokersConfig::from_value(cfg.clone()).unwrap())
+            .unwrap();
+    let engine = aiwg_core::Engine::builder()
+        .executor(
+            "x",
+            Arc::new(aiwg_core::test_util::ScriptedExecutor::succeeding("ok")),
+        )
+        .workflow(
+            aiwg_core::Workflow::new("check").step(aiwg_core::Step::prompt("run", "x", "check")),
+        )
+        .build()
+        .unwrap();
+    let err = brokers.start(engine).await.unwrap_err();
+    assert!(
+        matches!(err, aiwg_brokers::BrokerError::Setup { broker: "amqp", .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("brokers.amqp.dead_letter_exchange"),
+        "{err}"
+    );
+    // Declared (and a queue bound to it): refused messages are published there.
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let dead = format!("{name}.dead");
+    ch.queue_declare(
+        dead.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        dead.as_str().into(),
+        exchange.as_str().into(),
+        dead.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (engine, running) = start(cfg).await;
+    publish(&ch, &name, "not json", Some("bad-x")).await;
+    let letters = Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until("the dead letter on the exchange's queue", || {
+        let (ch, dead, letters) = (ch.clone(), dead.clone(), letters.clone());
+        async move {
+            let got = drain(&ch, &dead).await;
+            let mut letters = letters.lock().unwrap();
+            letters.extend(got);
+            letters.len() == 1
+        }
+    })
+    .await;
+    assert_eq!(decisions(&engine, "amqp", Decision::Refused).await, 1);
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test]
 async fn a_full_queue_requeues_the_message_until_its_job_is_stored() {
     if !reachable("rabbitmq", 5672) {
         return;
