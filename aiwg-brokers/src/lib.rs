@@ -633,8 +633,11 @@ impl std::fmt::Debug for Brokers {
 
 impl Brokers {
     /// Checks the configuration: a configured broker this build has no feature for is an
-    /// error naming its key (`brokers.amqp`).
+    /// error naming its key (`brokers.amqp`), and so is a dead-letter or events destination
+    /// that the trigger source reads (`brokers.redis.dead_letter_stream` equal to `stream`):
+    /// every refused message, or every event, would come back as a trigger, forever.
     pub fn new(config: BrokersConfig) -> Result<Self, BrokerError> {
+        refuse_loops(&config)?;
         let mut names = Vec::new();
         if config.nats.is_some() {
             if !cfg!(feature = "nats") {
@@ -758,6 +761,70 @@ impl Brokers {
         let _ = (&engine, &cancel);
         Ok(running)
     }
+}
+
+/// Whether the NATS subject filter `filter` (`*` one token, `>` the rest) takes `subject`.
+fn nats_matches(filter: &str, subject: &str) -> bool {
+    let (mut f, mut s) = (filter.split('.'), subject.split('.'));
+    loop {
+        match (f.next(), s.next()) {
+            (None, None) | (Some(">"), Some(_)) => return true,
+            (Some(a), Some(b)) if a == "*" || a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Refuses a destination the trigger source reads back: refused messages (or events) would
+/// come again as triggers, be refused again, forever.
+fn refuse_loops(config: &BrokersConfig) -> Result<(), ConfigError> {
+    let looped = |key: &str, what: &str, source: &str| {
+        Err(ConfigError::new(
+            key,
+            format!(
+                "{what} is read as triggers ({source}): each would come back as a trigger, \
+                 forever; use another"
+            ),
+        ))
+    };
+    if let Some(c) = &config.nats {
+        let source = format!("trigger_subject `{}`", c.trigger_subject);
+        if nats_matches(&c.trigger_subject, &c.dead_letter_subject) {
+            return looped(
+                "brokers.nats.dead_letter_subject",
+                "the dead-letter subject",
+                &source,
+            );
+        }
+        if nats_matches(&c.trigger_subject, &c.events_subject) {
+            return looped("brokers.nats.events_subject", "the events subject", &source);
+        }
+    }
+    if let Some(c) = &config.amqp {
+        if c.dead_letter_exchange.is_empty()
+            && c.dead_letter_routing_key.as_deref() == Some(c.queue.as_str())
+        {
+            return looped(
+                "brokers.amqp.dead_letter_routing_key",
+                "the dead-letter routing key on the default exchange",
+                &format!("queue `{}`", c.queue),
+            );
+        }
+    }
+    if let Some(c) = &config.redis {
+        let source = format!("stream `{}`", c.stream);
+        if c.dead_letter_stream.as_deref() == Some(c.stream.as_str()) {
+            return looped(
+                "brokers.redis.dead_letter_stream",
+                "the dead-letter stream",
+                &source,
+            );
+        }
+        if c.events_stream.as_deref() == Some(c.stream.as_str()) {
+            return looped("brokers.redis.events_stream", "the events stream", &source);
+        }
+    }
+    Ok(())
 }
 
 fn missing(name: &str) -> BrokerError {
@@ -1009,6 +1076,92 @@ mod tests {
         );
         assert_ne!(k, message_key("redis", "s", &"y".repeat(300)));
         assert!(idempotency_key_ok(&message_key("amqp", "q", "é\n")));
+    }
+
+    /// The key of the configuration error `Brokers::new` answers for `config`.
+    fn refused_key(config: serde_json::Value) -> Option<String> {
+        match Brokers::new(BrokersConfig::from_value(config).unwrap()) {
+            Err(BrokerError::Config(e)) => Some(e.key),
+            Err(e) => panic!("{e}"),
+            Ok(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_destination_the_trigger_source_reads_is_refused_naming_its_key() {
+        let nats = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"url": "nats://x", "stream": "S"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            refused_key(serde_json::json!({ "nats": c }))
+        };
+        assert_eq!(
+            nats(serde_json::json!({"dead_letter_subject": "aiwg.trigger"})).as_deref(),
+            Some("brokers.nats.dead_letter_subject")
+        );
+        assert_eq!(
+            nats(serde_json::json!({"trigger_subject": "t", "events_subject": "t"})).as_deref(),
+            Some("brokers.nats.events_subject")
+        );
+        // A wildcard trigger subject reads what it matches.
+        assert_eq!(
+            nats(serde_json::json!({"trigger_subject": "aiwg.>"})).as_deref(),
+            Some("brokers.nats.dead_letter_subject")
+        );
+        assert_eq!(
+            nats(
+                serde_json::json!({"trigger_subject": "x.*", "events_subject": "x.ev",
+                "dead_letter_subject": "y.dead"})
+            )
+            .as_deref(),
+            Some("brokers.nats.events_subject")
+        );
+        assert_eq!(
+            nats(serde_json::json!({"trigger_subject": "aiwg.*.t"})),
+            None
+        );
+        assert_eq!(nats(serde_json::json!({})), None);
+
+        let amqp = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"url": "amqp://h", "queue": "q"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            refused_key(serde_json::json!({ "amqp": c }))
+        };
+        assert_eq!(
+            amqp(serde_json::json!({"dead_letter_routing_key": "q"})).as_deref(),
+            Some("brokers.amqp.dead_letter_routing_key")
+        );
+        // Through a named exchange the routing key is that exchange's business.
+        assert_eq!(
+            amqp(
+                serde_json::json!({"dead_letter_routing_key": "q", "dead_letter_exchange": "dlx"})
+            ),
+            None
+        );
+        assert_eq!(amqp(serde_json::json!({})), None);
+
+        let redis = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"url": "redis://h", "stream": "s"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            refused_key(serde_json::json!({ "redis": c }))
+        };
+        assert_eq!(
+            redis(serde_json::json!({"dead_letter_stream": "s"})).as_deref(),
+            Some("brokers.redis.dead_letter_stream")
+        );
+        assert_eq!(
+            redis(serde_json::json!({"events_stream": "s"})).as_deref(),
+            Some("brokers.redis.events_stream")
+        );
+        assert_eq!(
+            redis(serde_json::json!({"events_stream": "e", "dead_letter_stream": "d"})),
+            None
+        );
     }
 
     #[test]
