@@ -125,11 +125,12 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 }
 
 /// `brokers.nats`: NATS JetStream.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NatsConfig {
-    /// The server (`nats://127.0.0.1:4222`).
+    /// The server (`nats://127.0.0.1:4222`; may carry a user and password or a token). Never
+    /// printed.
     pub url: String,
     /// The JetStream stream holding the trigger, event and dead-letter subjects; created with
     /// those subjects when missing.
@@ -153,6 +154,19 @@ pub struct NatsConfig {
     /// The delay before a transiently refused message comes again (default 5s).
     #[serde(default, deserialize_with = "duration")]
     pub retry_delay: Option<Duration>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &"<redacted>")
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .field("trigger_subject", &self.trigger_subject)
+            .field("events_subject", &self.events_subject)
+            .field("dead_letter_subject", &self.dead_letter_subject)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `brokers.amqp`: RabbitMQ (AMQP 0.9.1).
@@ -1078,13 +1092,11 @@ mod tests {
         assert!(idempotency_key_ok(&message_key("amqp", "q", "é\n")));
     }
 
-    /// The key of the configuration error `Brokers::new` answers for `config`.
+    /// The key of the loop [`refuse_loops`] finds in `config`.
     fn refused_key(config: serde_json::Value) -> Option<String> {
-        match Brokers::new(BrokersConfig::from_value(config).unwrap()) {
-            Err(BrokerError::Config(e)) => Some(e.key),
-            Err(e) => panic!("{e}"),
-            Ok(_) => None,
-        }
+        refuse_loops(&BrokersConfig::from_value(config).unwrap())
+            .err()
+            .map(|e| e.key)
     }
 
     #[test]
@@ -1100,6 +1112,17 @@ mod tests {
             nats(serde_json::json!({"dead_letter_subject": "aiwg.trigger"})).as_deref(),
             Some("brokers.nats.dead_letter_subject")
         );
+        // Brokers::new refuses it (before it looks at the build's features).
+        let looped = BrokersConfig::from_value(serde_json::json!({"redis":
+            {"url": "redis://h", "stream": "s", "dead_letter_stream": "s"}}))
+        .unwrap();
+        match Brokers::new(looped) {
+            Err(BrokerError::Config(e)) => {
+                assert_eq!(e.key, "brokers.redis.dead_letter_stream");
+                assert!(e.reason.contains("forever"), "{}", e.reason);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             nats(serde_json::json!({"trigger_subject": "t", "events_subject": "t"})).as_deref(),
             Some("brokers.nats.events_subject")
@@ -1174,9 +1197,15 @@ mod tests {
         let err = BrokersConfig::from_value(serde_json::json!({"kafka": {}})).unwrap_err();
         assert!(err.key.contains("kafka"), "{}", err.key);
         let c = BrokersConfig::from_value(serde_json::json!({
-            "amqp": {"url": "amqp://guest:hunter2@h/%2f", "queue": "q"}
+            "amqp": {"url": "amqp://guest:hunter2@h/%2f", "queue": "q"},
+            "nats": {"url": "nats://aiwg:sw0rdfish@h:4222", "stream": "S"},
+            "redis": {"url": "redis://:0penSesame@h:6379", "stream": "s"}
         }))
         .unwrap();
-        assert!(!format!("{c:?}").contains("hunter2"));
+        let printed = format!("{c:?}");
+        for secret in ["hunter2", "sw0rdfish", "0penSesame"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("NatsConfig"), "{printed}");
     }
 }

@@ -119,18 +119,19 @@ async fn consume(
         };
         // Our own pending entries first (delivered before a restart, never acknowledged).
         let mut pending = true;
-        let mut next_claim = Instant::now();
+        // `None`: a claim_idle beyond the clock's end never claims.
+        let mut next_claim = Some(Instant::now());
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            if Instant::now() >= next_claim {
-                next_claim = Instant::now() + claim_idle / 2;
+            if next_claim.is_some_and(|t| Instant::now() >= t) {
+                next_claim = claim_after(Instant::now(), claim_idle);
                 let claimed: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
                     .arg(&cfg.stream)
                     .arg(&cfg.group)
                     .arg(&me)
-                    .arg(claim_idle.as_millis() as u64)
+                    .arg(millis(claim_idle))
                     .arg("0-0")
                     .arg("COUNT")
                     .arg(100)
@@ -207,6 +208,17 @@ async fn consume(
             }
         }
     }
+}
+
+/// When to look for entries to claim next, `claim_idle` being how long an entry must have been
+/// idle: every half of it; `None` (never) when that is beyond the clock's end.
+fn claim_after(now: Instant, claim_idle: Duration) -> Option<Instant> {
+    now.checked_add(claim_idle / 2)
+}
+
+/// `d` in milliseconds for a Redis argument (a signed 64-bit number), saturated.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Handles one entry; `Ok(false)` when it stays pending for a retry.
@@ -317,5 +329,22 @@ async fn publish_events(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_claim_idle_never_claims_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            claim_after(now, Duration::from_secs(60)),
+            Some(now + Duration::from_secs(30))
+        );
+        assert_eq!(claim_after(now, Duration::MAX), None);
+        assert_eq!(millis(Duration::from_secs(60)), 60_000);
+        assert_eq!(millis(Duration::MAX), i64::MAX);
     }
 }
