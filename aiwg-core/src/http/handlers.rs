@@ -218,6 +218,13 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     }
     .await;
     let mut res = answer.unwrap_or_else(Problem::into_response);
+    // What a key may read is no cache's to keep (job output, deliveries, subscription URLs);
+    // a stream names its own policy.
+    if required_scope(api, spec).is_some() {
+        res.headers
+            .entry(http::header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+    }
     if res.status == StatusCode::METHOD_NOT_ALLOWED {
         res.headers.insert(http::header::ALLOW, spec.allow_header());
     }

@@ -1115,8 +1115,25 @@ async fn auth_on_every_protected_route(server: &dyn Serve) {
     // The right scope passes authentication (whatever the route then answers).
     let r = c.send("GET", "/jobs", Some(READ_KEY), None).await;
     assert_eq!(r.status, 200);
+    // What a key reads is not for caches to keep; what anyone may read is left alone.
+    assert_eq!(
+        r.headers.get("cache-control").map(String::as_str),
+        Some("no-store"),
+        "{:?}",
+        r.headers
+    );
+    let r = c.send("GET", "/health", None, None).await;
+    assert_ne!(
+        r.headers.get("cache-control").map(String::as_str),
+        Some("no-store")
+    );
     let r = c.send("GET", "/jobs", None, None).await;
     assert!(!r.text.contains(ADMIN_KEY));
+    assert_eq!(
+        r.headers.get("cache-control").map(String::as_str),
+        Some("no-store"),
+        "a refusal too"
+    );
 }
 
 async fn trigger_status_events_completion(server: &dyn Serve, prefix: &str) {
