@@ -390,6 +390,30 @@ async fn a_github_app_signs_its_jwt_and_caches_installation_tokens() {
             .len(),
         uses + 1
     );
+    // A cached token revoked before it expires (401) is dropped: the next request buys another
+    // one, and the job still gets its comment (the cached token was used for an hour).
+    let last = fake
+        .of("POST", "/issues/42/comments")
+        .last()
+        .unwrap()
+        .authorization
+        .clone();
+    let revoked = last.strip_prefix("Bearer ").unwrap().to_owned();
+    fake.behaviour.revoked.lock().unwrap().push(revoked.clone());
+    let comments = fake.of("POST", "/issues/42/comments").len();
+    run_job(&rig, 15, Some(555)).await;
+    let made = fake.of("POST", "/issues/42/comments");
+    assert_eq!(made.len(), comments + 1, "the job got its comment");
+    assert_ne!(
+        made.last().unwrap().authorization,
+        format!("Bearer {revoked}")
+    );
+    assert_eq!(
+        fake.of("POST", "/app/installations/555/access_tokens")
+            .len(),
+        uses + 2,
+        "one new token after the 401"
+    );
     // Comments are made with installation tokens, never with the JWT.
     for c in fake.of("POST", "/issues/42/comments") {
         assert!(

@@ -211,6 +211,16 @@ impl ForgeClient {
         self.platform
     }
 
+    /// A request made with `token` failed with `e`: a 401 to a GitHub App's installation token
+    /// drops it from the cache (it was revoked, or the installation's key rotated), so the
+    /// next request buys another instead of failing until the token's hour is up.
+    fn refused(&self, token: &str, e: ForgeError) -> ForgeError {
+        if let (ForgeError::Status { status: 401, .. }, ForgeAuth::App(app)) = (&e, &self.auth) {
+            app.forget(token);
+        }
+        e
+    }
+
     fn authed(&self, rb: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
         match self.platform {
             Platform::GitHub => rb
@@ -412,7 +422,8 @@ impl ForgeClient {
                 &token,
                 Some(&self.comment_body(text)),
             )
-            .await?;
+            .await
+            .map_err(|e| self.refused(&token, e))?;
         match &v["id"] {
             Value::Number(n) => Ok(n.to_string()),
             Value::String(s) => Ok(s.clone()),
@@ -447,6 +458,7 @@ impl ForgeClient {
         )
         .await
         .map(drop)
+        .map_err(|e| self.refused(&token, e))
     }
 
     /// Reacts 👀 to the comment `comment_id` that triggered a job (GitHub and Gitea
@@ -490,6 +502,7 @@ impl ForgeClient {
         self.json(what, reqwest::Method::POST, url, &token, Some(&body))
             .await
             .map(drop)
+            .map_err(|e| self.refused(&token, e))
     }
 
     /// The bot's own login, asked of the forge once (a GitHub App: `<slug>[bot]`; a token: its

@@ -77,6 +77,15 @@ impl GitHubApp {
             .map(|(t, _)| t.clone())
     }
 
+    /// Drops a cached installation token the forge refused (revoked before it expired): the
+    /// next request buys another.
+    pub(crate) fn forget(&self, token: &str) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, (t, _)| t != token);
+    }
+
     /// Keeps an installation token until it expires.
     pub(crate) fn remember(&self, installation: u64, token: String, expires_at: DateTime<Utc>) {
         let mut tokens = self

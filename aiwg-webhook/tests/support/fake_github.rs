@@ -32,6 +32,8 @@ pub struct Behaviour {
     pub fail_edits: AtomicUsize,
     /// Seconds until installation tokens expire.
     pub token_ttl_secs: AtomicU64,
+    /// Bearer tokens answered 401 Bad credentials (revoked before they expired).
+    pub revoked: Mutex<Vec<String>>,
 }
 
 pub struct FakeGitHub {
@@ -246,6 +248,17 @@ async fn handle(
     });
     let seg: Vec<&str> = path.split('/').collect();
     let b = &s.behaviour;
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if b.revoked.lock().unwrap().iter().any(|t| t == bearer) {
+        return json_answer(
+            StatusCode::UNAUTHORIZED,
+            json!({"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"}),
+        );
+    }
     match (method.as_str(), seg.as_slice()) {
         ("GET", ["", "user"]) => json_answer(
             StatusCode::OK,
