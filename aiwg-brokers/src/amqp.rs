@@ -13,12 +13,11 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     count_dropped, pause, problem_document, reconnect_delay, submit_message,
-    submit_message_without_id, AmqpConfig, BrokerError, EventQueue, Verdict,
+    submit_message_without_id, AmqpConfig, BrokerError, EventQueue, Started, Verdict,
 };
 
 const BROKER: &str = "amqp";
@@ -142,7 +141,7 @@ pub(crate) async fn start(
     engine: Engine,
     events: Option<EventQueue>,
     cancel: CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+) -> Result<Started, BrokerError> {
     // Fail fast when the server is not reachable at start.
     let (conn, _) = answered(open_checked(&cfg)).await.map_err(|e| match e {
         Trouble::NoAnswer(_) => BrokerError::setup(BROKER, "no answer from the server", e),
@@ -157,11 +156,15 @@ pub(crate) async fn start(
         ),
     })?;
     close(&conn, "set up").await;
-    let mut tasks = vec![tokio::spawn(consume(cfg.clone(), engine, cancel.clone()))];
-    if let (Some(exchange), Some(events)) = (cfg.events_exchange.clone(), events) {
-        tasks.push(tokio::spawn(publish_events(cfg, exchange, events, cancel)));
-    }
-    Ok(tasks)
+    let consumer = tokio::spawn(consume(cfg.clone(), engine, cancel));
+    let publisher = match (cfg.events_exchange.clone(), events) {
+        (Some(exchange), Some(events)) => Some(tokio::spawn(publish_events(cfg, exchange, events))),
+        _ => None,
+    };
+    Ok(Started {
+        consumer,
+        publisher,
+    })
 }
 
 async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
@@ -320,19 +323,11 @@ fn refused_for_good(e: &Trouble) -> bool {
     ))
 }
 
-async fn publish_events(
-    cfg: AmqpConfig,
-    exchange: String,
-    mut events: EventQueue,
-    cancel: CancellationToken,
-) {
+async fn publish_events(cfg: AmqpConfig, exchange: String, mut events: EventQueue) {
     let mut open_conn: Option<(Connection, Channel)> = None;
+    let stop = events.stop_token();
     loop {
-        let ev = tokio::select! {
-            () = cancel.cancelled() => None,
-            ev = events.recv() => ev,
-        };
-        let Some(ev) = ev else {
+        let Some(ev) = events.next().await else {
             if let Some((conn, _)) = open_conn.take() {
                 close(&conn, "shutting down").await;
             }
@@ -346,7 +341,8 @@ async fn publish_events(
                     Err(e) => {
                         failures += 1;
                         tracing::warn!(error = %e, "amqp: cannot publish events; retrying");
-                        if !pause(reconnect_delay(failures), &cancel).await {
+                        if !pause(reconnect_delay(failures), &stop).await {
+                            count_dropped(BROKER, "stopped");
                             return;
                         }
                         continue;
@@ -397,7 +393,8 @@ async fn publish_events(
                         close(&conn, "reconnecting").await;
                     }
                     failures += 1;
-                    if !pause(reconnect_delay(failures), &cancel).await {
+                    if !pause(reconnect_delay(failures), &stop).await {
+                        count_dropped(BROKER, "stopped");
                         return;
                     }
                 }

@@ -43,6 +43,10 @@
 //!    `ACCESS_REFUSED`; Redis: an error reply such as `WRONGTYPE` or `NOPERM`) is dropped with an
 //!    `error` log (`reason="refused"`) instead of holding back every later one.
 //!
+//! [`RunningBrokers::shutdown_within`] publishes what is still buffered before it stops (events
+//! of jobs that finished during the engine's shutdown); [`RunningBrokers::shutdown`] stops at
+//! once, dropping them.
+//!
 //! Each consumer reconnects by itself after a broker restart; unacknowledged messages are
 //! redelivered by the broker and de-duplicated by their key. A RabbitMQ connection that stops
 //! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
@@ -72,9 +76,13 @@
 //! let brokers = Brokers::new(config)?;
 //! // Observe before the engine is built, consume once it is.
 //! let engine = builder.observer(brokers.observer()).build()?;
-//! let running = brokers.start(engine).await?;
+//! let mut running = brokers.start(engine.clone()).await?;
 //! // … serve …
-//! running.shutdown().await;
+//! // Stop taking triggers, let running jobs finish, then publish their last events (at most
+//! // 10 s more: a broker that is away does not hold the shutdown).
+//! running.stop_consuming().await;
+//! engine.shutdown(std::time::Duration::from_secs(30)).await;
+//! running.shutdown_within(std::time::Duration::from_secs(10)).await;
 //! # Ok(()) }
 //! ```
 
@@ -510,8 +518,13 @@ struct Outbox {
 /// The publisher's end of one broker's event buffer.
 #[derive(Debug)]
 pub(crate) struct EventQueue {
+    broker: &'static str,
     rx: mpsc::Receiver<EventMessage>,
     gauge: Arc<Gauge>,
+    /// Publish what is buffered, then end.
+    drain: CancellationToken,
+    /// End now.
+    stop: CancellationToken,
 }
 
 /// One broker's event buffer: at most `count` events and `bytes` bytes, bodies cut to
@@ -534,7 +547,13 @@ fn event_buffer(
             tx,
             gauge: gauge.clone(),
         },
-        EventQueue { rx, gauge },
+        EventQueue {
+            broker,
+            rx,
+            gauge,
+            drain: CancellationToken::new(),
+            stop: CancellationToken::new(),
+        },
     )
 }
 
@@ -578,19 +597,59 @@ impl Outbox {
     }
 }
 
+#[allow(dead_code)] // without any broker feature nothing publishes
 impl EventQueue {
-    /// The next event, waiting for one; `None` once the observer is gone.
-    #[allow(dead_code)]
-    pub(crate) async fn recv(&mut self) -> Option<EventMessage> {
-        let ev = self.rx.recv().await?;
+    /// The next event to publish, waiting for one; `None` when the publisher is to end: it was
+    /// stopped, or asked to drain and nothing is left.
+    pub(crate) async fn next(&mut self) -> Option<EventMessage> {
+        let ev = loop {
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            if self.drain.is_cancelled() {
+                break self.rx.try_recv().ok()?;
+            }
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return None,
+                () = self.drain.cancelled() => {}
+                ev = self.rx.recv() => break ev?,
+            }
+        };
         self.gauge.waiting.fetch_sub(ev.weight(), Ordering::AcqRel);
         Some(ev)
+    }
+
+    /// Fires when the publisher is to end now (pauses between attempts end with it).
+    pub(crate) fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Bodies larger than `n` bytes are cut from now on (the broker told its limit).
     #[allow(dead_code)]
     pub(crate) fn set_max_body(&self, n: usize) {
         self.gauge.max_body.store(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for EventQueue {
+    /// What is left is never published: counted and told.
+    fn drop(&mut self) {
+        let mut left = 0u64;
+        while self.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            tracing::warn!(
+                broker = self.broker,
+                events = left,
+                "job events not published: the broker's publisher stopped"
+            );
+            metrics::counter!(
+                "aiwg_broker_events_dropped_total", "broker" => self.broker, "reason" => "stopped"
+            )
+            .increment(left);
+        }
     }
 }
 
@@ -729,20 +788,32 @@ impl Brokers {
         let cancel = CancellationToken::new();
         #[allow(unused_mut)] // without any broker feature nothing is started
         let mut running = RunningBrokers {
-            cancel: cancel.clone(),
-            tasks: Vec::new(),
+            consuming: cancel.clone(),
+            draining: CancellationToken::new(),
+            publishing: CancellationToken::new(),
+            consumers: Vec::new(),
+            publishers: Vec::new(),
         };
         #[allow(unused_variables, unused_mut)]
         let mut take = |name: &str| {
             let i = self.queues.iter().position(|(n, _)| *n == name)?;
-            Some(self.queues.remove(i).1)
+            let mut queue = self.queues.remove(i).1;
+            queue.drain = running.draining.clone();
+            queue.stop = running.publishing.clone();
+            Some(queue)
         };
         // A broker that cannot start stops the ones already started.
         #[allow(unused_macros)]
         macro_rules! launch {
             ($started:expr) => {
                 match $started.await {
-                    Ok(tasks) => running.tasks.extend(tasks),
+                    Ok(Started {
+                        consumer,
+                        publisher,
+                    }) => {
+                        running.consumers.push(consumer);
+                        running.publishers.extend(publisher);
+                    }
                     Err(e) => {
                         running.shutdown().await;
                         return Err(e);
@@ -848,19 +919,66 @@ fn missing(name: &str) -> BrokerError {
     ))
 }
 
+/// What one broker started: its consumer and, when it publishes events, its publisher.
+#[allow(dead_code)]
+pub(crate) struct Started {
+    pub(crate) consumer: JoinHandle<()>,
+    pub(crate) publisher: Option<JoinHandle<()>>,
+}
+
 /// The running consumers and publishers.
+///
+/// To stop without losing the events of jobs that finish while the engine shuts down, stop
+/// consuming first, shut the engine down, then let the publishers drain:
+///
+/// ```no_run
+/// # async fn demo(mut running: aiwg_brokers::RunningBrokers, engine: aiwg_core::Engine) {
+/// use std::time::Duration;
+/// running.stop_consuming().await; // no new trigger
+/// engine.shutdown(Duration::from_secs(30)).await; // running jobs finish: their events buffered
+/// running.shutdown_within(Duration::from_secs(10)).await; // … and published
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct RunningBrokers {
-    cancel: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    consuming: CancellationToken,
+    draining: CancellationToken,
+    publishing: CancellationToken,
+    consumers: Vec<JoinHandle<()>>,
+    publishers: Vec<JoinHandle<()>>,
 }
 
 impl RunningBrokers {
-    /// Stops consuming and publishing (a message being handled is finished first; events not
-    /// yet published are dropped).
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        for t in self.tasks {
+    /// Stops taking trigger messages (a message being handled is finished first); job events
+    /// are still published. Returns once every consumer has ended.
+    pub async fn stop_consuming(&mut self) {
+        self.consuming.cancel();
+        for t in self.consumers.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops consuming, then publishes the job events already buffered for at most `grace`
+    /// (retrying across reconnects as usual) and stops; events still buffered then are dropped
+    /// (logged, counted with `reason="stopped"`). Events of jobs that finish after this returns
+    /// are not published.
+    pub async fn shutdown_within(mut self, grace: Duration) {
+        self.stop_consuming().await;
+        self.draining.cancel();
+        let mut all = futures_util::future::join_all(std::mem::take(&mut self.publishers));
+        if tokio::time::timeout(grace, &mut all).await.is_err() {
+            self.publishing.cancel();
+            all.await;
+        }
+    }
+
+    /// Stops consuming and publishing at once (a message being handled is finished first;
+    /// events not yet published are dropped, logged and counted). See
+    /// [`shutdown_within`](Self::shutdown_within) to publish them first.
+    pub async fn shutdown(mut self) {
+        self.publishing.cancel();
+        self.stop_consuming().await;
+        for t in self.publishers.drain(..) {
             let _ = t.await;
         }
     }

@@ -9,12 +9,11 @@ use async_nats::jetstream::{self, consumer::pull, AckKind, ErrorCode};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use sha2::Digest;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
-    EventQueue, NatsConfig, Verdict, NATS_HEADER_ROOM,
+    EventQueue, NatsConfig, Started, Verdict, NATS_HEADER_ROOM,
 };
 
 const BROKER: &str = "nats";
@@ -24,7 +23,7 @@ pub(crate) async fn start(
     engine: Engine,
     events: EventQueue,
     cancel: CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+) -> Result<Started, BrokerError> {
     let client = async_nats::ConnectOptions::new()
         .name("aiwg")
         .retry_on_initial_connect()
@@ -39,9 +38,12 @@ pub(crate) async fn start(
         .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))??;
     // Connected: events are cut to what this server takes from now on.
     events.set_max_body(body_limit(&js.client()));
-    let consume = tokio::spawn(consume(js.clone(), cfg.clone(), engine, cancel.clone()));
-    let publish = tokio::spawn(publish_events(js, cfg, events, cancel));
-    Ok(vec![consume, publish])
+    let consumer = tokio::spawn(consume(js.clone(), cfg.clone(), engine, cancel));
+    let publisher = tokio::spawn(publish_events(js, cfg, events));
+    Ok(Started {
+        consumer,
+        publisher: Some(publisher),
+    })
 }
 
 async fn setup_consumer(
@@ -208,18 +210,10 @@ fn refused_for_good(e: &PublishError) -> bool {
     }
 }
 
-async fn publish_events(
-    js: jetstream::Context,
-    cfg: NatsConfig,
-    mut events: EventQueue,
-    cancel: CancellationToken,
-) {
+async fn publish_events(js: jetstream::Context, cfg: NatsConfig, mut events: EventQueue) {
     let client = js.client();
-    loop {
-        let ev = tokio::select! {
-            () = cancel.cancelled() => return,
-            ev = events.recv() => match ev { Some(ev) => ev, None => return },
-        };
+    let stop = events.stop_token();
+    while let Some(ev) = events.next().await {
         // The same id on every attempt: JetStream drops a copy whose first ack was lost.
         let msg_id = hex::encode(&sha2::Sha256::digest(ev.body.as_bytes())[..16]);
         let mut failures = 0u32;
@@ -251,7 +245,8 @@ async fn publish_events(
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, event = %ev.event_type, "nats: event not published yet; retrying");
-                    if !pause(reconnect_delay(failures), &cancel).await {
+                    if !pause(reconnect_delay(failures), &stop).await {
+                        count_dropped(BROKER, "stopped");
                         return;
                     }
                 }

@@ -7,13 +7,12 @@ use aiwg_core::Engine;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
-    EventQueue, RedisConfig, Verdict,
+    EventQueue, RedisConfig, Started, Verdict,
 };
 
 const BROKER: &str = "redis";
@@ -31,7 +30,7 @@ pub(crate) async fn start(
     engine: Engine,
     events: Option<EventQueue>,
     cancel: CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, BrokerError> {
+) -> Result<Started, BrokerError> {
     let client = redis::Client::open(cfg.url.as_str())
         .map_err(|e| BrokerError::setup(BROKER, "invalid url", e))?;
     let mut con = tokio::time::timeout(
@@ -44,16 +43,15 @@ pub(crate) async fn start(
     ensure_group(&mut con, &cfg)
         .await
         .map_err(|e| BrokerError::setup(BROKER, format!("group `{}`", cfg.group), e))?;
-    let mut tasks = vec![tokio::spawn(consume(
-        client.clone(),
-        cfg.clone(),
-        engine,
-        cancel.clone(),
-    ))];
-    if let (Some(stream), Some(events)) = (cfg.events_stream.clone(), events) {
-        tasks.push(tokio::spawn(publish_events(client, stream, events, cancel)));
-    }
-    Ok(tasks)
+    let consumer = tokio::spawn(consume(client.clone(), cfg.clone(), engine, cancel));
+    let publisher = match (cfg.events_stream.clone(), events) {
+        (Some(stream), Some(events)) => Some(tokio::spawn(publish_events(client, stream, events))),
+        _ => None,
+    };
+    Ok(Started {
+        consumer,
+        publisher,
+    })
 }
 
 async fn ensure_group(
@@ -276,18 +274,10 @@ fn refused_for_good(e: &redis::RedisError) -> bool {
     }
 }
 
-async fn publish_events(
-    client: redis::Client,
-    stream: String,
-    mut events: EventQueue,
-    cancel: CancellationToken,
-) {
+async fn publish_events(client: redis::Client, stream: String, mut events: EventQueue) {
     let mut con: Option<MultiplexedConnection> = None;
-    loop {
-        let ev = tokio::select! {
-            () = cancel.cancelled() => return,
-            ev = events.recv() => match ev { Some(ev) => ev, None => return },
-        };
+    let stop = events.stop_token();
+    while let Some(ev) = events.next().await {
         let mut failures = 0u32;
         loop {
             let sent = async {
@@ -323,7 +313,8 @@ async fn publish_events(
                     con = None;
                     failures += 1;
                     tracing::warn!(error = %e, event = %ev.event_type, "redis: event not published yet; retrying");
-                    if !pause(reconnect_delay(failures), &cancel).await {
+                    if !pause(reconnect_delay(failures), &stop).await {
+                        count_dropped(BROKER, "stopped");
                         return;
                     }
                 }

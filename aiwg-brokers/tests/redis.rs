@@ -444,3 +444,100 @@ async fn a_dead_letter_the_server_refuses_is_tried_again_after_a_growing_pause()
     running.shutdown().await;
     let _: () = c.del(&[&dead, &format!("{name}:trigger")]).await.unwrap();
 }
+
+#[tokio::test]
+async fn events_of_jobs_finishing_after_consuming_stopped_are_published_at_shutdown() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let brokers = aiwg_brokers::Brokers::new(
+        aiwg_brokers::BrokersConfig::from_value(config(url, &name)).unwrap(),
+    )
+    .unwrap();
+    // A job that takes a moment: it is still running when the server begins to stop.
+    let agent = aiwg_core::test_util::ScriptedExecutor::succeeding("ok")
+        .delay(std::time::Duration::from_millis(500));
+    let engine = aiwg_core::Engine::builder()
+        .executor("x", std::sync::Arc::new(agent))
+        .workflow(
+            aiwg_core::Workflow::new("check").step(aiwg_core::Step::prompt("run", "x", "check")),
+        )
+        .observer(brokers.observer())
+        .build()
+        .unwrap();
+    let mut running = brokers.start(engine.clone()).await.unwrap();
+    let mut c = con(url).await;
+    let trigger = format!("{name}:trigger");
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    wait_until("the job running", || async {
+        jobs(&engine).await.first().map(|j| j.status) == Some(aiwg_core::JobStatus::Running)
+    })
+    .await;
+    // The server stops: no trigger taken any more …
+    running.stop_consuming().await;
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    // … the running job finishes within the engine's grace …
+    engine.shutdown(std::time::Duration::from_secs(30)).await;
+    let job = jobs(&engine).await.remove(0);
+    assert_eq!(job.status, aiwg_core::JobStatus::Completed);
+    // … and its last events are published before the brokers end.
+    running
+        .shutdown_within(std::time::Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        completed(url, &name).await,
+        BTreeSet::from([job.id.to_string()]),
+        "job.completed of a job that finished during the shutdown was lost"
+    );
+    assert_eq!(
+        jobs(&engine).await.len(),
+        1,
+        "a trigger was taken after stop_consuming"
+    );
+    let _: () = c.del(&[&trigger, &format!("{name}:events")]).await.unwrap();
+}
+
+#[tokio::test]
+async fn publishing_what_is_left_at_shutdown_gives_up_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((server, url)) = private_redis(dir.path()) else {
+        return;
+    };
+    wait_until("the private redis", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    let name = unique();
+    let (engine, running) = start(config(&url, &name)).await;
+    // The broker goes away; a job's events wait for it.
+    drop(server);
+    let job = engine
+        .submission(aiwg_core::JobRequest::new("check"))
+        .await
+        .unwrap()
+        .job;
+    wait_until("the job done", || async {
+        engine.get(job.id).await.unwrap().status == aiwg_core::JobStatus::Completed
+    })
+    .await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        running.shutdown_within(std::time::Duration::from_millis(500)),
+    )
+    .await
+    .expect("the shutdown waited for a broker that is gone");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+}

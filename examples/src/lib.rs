@@ -74,13 +74,18 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Stops taking work, lets running jobs finish within the grace period, then stops the
-    /// dispatcher.
+    /// Stops taking work (brokers' triggers included), lets running jobs finish within the grace
+    /// period, publishes their last events to the brokers (for at most 10 s more), then stops
+    /// the dispatcher.
     pub async fn shutdown(&self) {
-        if let Some(brokers) = self.brokers.lock().await.take() {
-            brokers.shutdown().await;
+        let mut brokers = self.brokers.lock().await.take();
+        if let Some(b) = brokers.as_mut() {
+            b.stop_consuming().await;
         }
         self.engine.shutdown(self.shutdown_grace).await;
+        if let Some(b) = brokers {
+            b.shutdown_within(Duration::from_secs(10)).await;
+        }
         self.dispatcher.shutdown().await;
     }
 }
