@@ -104,19 +104,69 @@ impl PlatformReplies {
                 .is_some_and(|h| self.slack_hosts.iter().any(|a| a == h))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, job: &Job, platform: &str) {
-        match req.send().await {
-            Ok(res) if res.status().is_success() => {}
-            Ok(res) => {
-                tracing::warn!(job = %job.id, platform, status = res.status().as_u16(), "the platform refused the job's reply")
-            }
-            Err(e) => {
-                // The URL is a capability (Slack response_url, Discord token): never logged.
-                let e = e.without_url();
-                tracing::warn!(job = %job.id, platform, error = %e, "could not send the job's reply")
+    /// Sends the reply, trying again (up to [`ATTEMPTS`] times) when the platform asks to
+    /// wait (429, its `Retry-After` up to a minute) or, for a request that may be repeated
+    /// (`idempotent`: Discord's edit of its deferred message), after a 5xx or a lost
+    /// connection; a Slack message is posted again only when it surely never arrived (the
+    /// connection was refused). The reply's handle expires (Discord: 15 minutes, Slack: 30),
+    /// so the tries are few and short.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        job: &Job,
+        platform: &str,
+        idempotent: bool,
+    ) {
+        for n in 0..ATTEMPTS {
+            let Some(attempt) = req.try_clone() else {
+                return;
+            };
+            let wait = match attempt.send().await {
+                Ok(res) if res.status().is_success() => return,
+                Ok(res) => {
+                    let status = res.status().as_u16();
+                    let asked = res
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(Duration::from_secs_f64);
+                    match (status, asked) {
+                        (429, Some(w)) if w <= MAX_WAIT => Some(w),
+                        (429, None) => Some(backoff(n)),
+                        (500..=599, _) if idempotent => Some(backoff(n)),
+                        _ => {
+                            tracing::warn!(job = %job.id, platform, status, "the platform refused the job's reply");
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The URL is a capability (Slack response_url, Discord token): never logged.
+                    let retry = idempotent || e.is_connect();
+                    let e = e.without_url();
+                    tracing::warn!(job = %job.id, platform, error = %e, "could not send the job's reply");
+                    retry.then(|| backoff(n))
+                }
+            };
+            match wait {
+                Some(w) if n + 1 < ATTEMPTS => tokio::time::sleep(w).await,
+                _ => break,
             }
         }
+        tracing::warn!(job = %job.id, platform, "the job's reply was given up");
     }
+}
+
+/// How many times a reply is tried.
+const ATTEMPTS: u32 = 4;
+/// The longest `Retry-After` waited for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The pause before try `n + 2` after a failure: 1 s, 2 s, 4 s.
+fn backoff(n: u32) -> Duration {
+    Duration::from_secs(1 << n.min(5))
 }
 
 /// The text a person reads about a finished job.
@@ -166,7 +216,7 @@ impl JobObserver for PlatformReplies {
                     .http
                     .patch(url)
                     .json(&json!({ "content": outcome_text(job) }));
-                self.send(req, job, "discord").await;
+                self.send(req, job, "discord", true).await;
             }
             "slack" => {
                 let Some(url) = credentials
@@ -180,7 +230,7 @@ impl JobObserver for PlatformReplies {
                     return;
                 }
                 let body = json!({ "response_type": "ephemeral", "text": outcome_text(job) });
-                self.send(self.http.post(url).json(&body), job, "slack")
+                self.send(self.http.post(url).json(&body), job, "slack", false)
                     .await;
             }
             _ => {}

@@ -162,3 +162,54 @@ async fn a_slack_response_url_outside_the_allowed_hosts_is_not_called() {
     );
     engine.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Discord answers the first edit 429 with `Retry-After: 1` (its rate limit): the edit is made
+/// again after the wait, and arrives.
+#[tokio::test]
+async fn a_reply_the_platform_asks_to_wait_for_is_sent_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Method, String, Value)>();
+    let tries = Arc::new(AtomicUsize::new(0));
+    let counted = tries.clone();
+    let app = axum::Router::new().fallback(any(move |method: Method, uri: Uri, body: String| {
+        let (tx, tries) = (tx.clone(), counted.clone());
+        async move {
+            if tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                return (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "1")],
+                    "{\"message\": \"You are being rate limited.\", \"retry_after\": 1.0}",
+                );
+            }
+            let _ = tx.send((
+                method,
+                uri.path().to_owned(),
+                serde_json::from_str(&body).unwrap_or(Value::Null),
+            ));
+            (axum::http::StatusCode::OK, [("retry-after", "0")], "{}")
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let replies = PlatformReplies::builder()
+        .discord_api(format!("http://{addr}/api"))
+        .build()
+        .unwrap();
+    let engine = engine(replies, false);
+    let t = request(
+        "discord",
+        &[
+            ("discord_application_id", "2200".into()),
+            ("discord_token", "tok-2".into()),
+        ],
+    );
+    engine.submit(t).await.unwrap();
+    let (method, path, body) = next(&mut rx).await;
+    assert_eq!(method, Method::PATCH);
+    assert_eq!(path, "/api/webhooks/2200/tok-2/messages/@original");
+    assert!(body["content"].as_str().unwrap().contains("completed"));
+    assert_eq!(tries.load(Ordering::SeqCst), 2, "refused once, then sent");
+    engine.shutdown(Duration::from_secs(1)).await;
+}
