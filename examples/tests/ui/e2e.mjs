@@ -331,6 +331,21 @@ async function main() {
       await page.waitForFunction(() => location.hash.includes('status=failed'));
       await waitText(page, '.list-message', 'No jobs match');
       check(await page.locator('[data-testid="job-row"]').count() === 0, 'the status filter applies');
+
+      // The list is read again only for events that can change it: of the jobs it does not
+      // show, only one that now has the status filtered for.
+      await page.goto(`${origin}/ui/#/jobs?status=failed`);
+      await page.waitForFunction(() => document.getElementById('live').dataset.state === 'live');
+      await waitText(page, '.list-message', 'No jobs match');
+      const listReads = () => requests.filter((r) => r.method === 'GET' && r.path.startsWith('/jobs?')).length;
+      const readsBefore = listReads();
+      // Six seconds of another job (its start and its end more than the list's one read a
+      // second apart), then a job that fails.
+      await api('POST', 'workflows/trigger', { workflow: 'ticker', async: false });
+      const failing = (await api('POST', 'workflows/trigger', { workflow: 'broken', async: false })).job_id;
+      await page.locator(`[data-testid="job-row"][data-job-id="${failing}"]`).waitFor();
+      check(listReads() - readsBefore === 1,
+        `the filtered list was read once, for the job that failed, not for the other's events (${listReads() - readsBefore})`);
       await page.goto(`${origin}/ui/#/jobs`);
       await page.locator('[data-testid="job-row"]').first().waitFor();
 

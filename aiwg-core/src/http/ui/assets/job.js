@@ -316,7 +316,7 @@ export function renderJob(ctx, id) {
           retry.addEventListener('click', () => { actionMessage.replaceChildren(); refresh(); });
           fill(actionMessage, notice('error', `The job could not be read just now: ${e.message}`), retry);
           readFailed = true;
-          return;
+          // An event that came meanwhile (`again`) reads it once more.
         }
       } while (again && !stopped);
     })();

@@ -178,7 +178,11 @@ export function renderJobs(ctx) {
       const b = r.el.querySelector('[data-testid="job-status"]');
       if (b) b.replaceWith(badge(ev.data.to, { 'data-testid': 'job-status' }));
     }
-    reloadSoon();
+    // Read the page again only when the event can change it: a job shown on it, or one that
+    // may join the newest page (a new job, or one that now has the status filtered for). A
+    // busy server's every other event would cost a read a second, and the key's rate limit.
+    const mayJoin = !cursor && (status ? ev.data.to === status : !ev.data.from);
+    if (r || mayJoin) reloadSoon();
   }
 
   // The stream first, the list once it is open: whatever changes in between comes through

@@ -15,7 +15,11 @@ export function renderStatus(ctx) {
   const stamp = h('p', { class: 'muted' });
   fill(main, h('div', { class: 'page-head' }, h('h1', {}, 'Status')), box, stamp);
   let alive = true;
+  let reading = false;
   async function load() {
+    // A slow answer (each agent's health check) is not asked for again while it is awaited.
+    if (reading) return;
+    reading = true;
     try {
       const s = await call('GET', 'status');
       if (!alive) return;
@@ -46,6 +50,8 @@ export function renderStatus(ctx) {
       stamp.textContent = `Read at ${new Date().toLocaleTimeString()}; read again every 5 s.`;
     } catch (e) {
       if (alive) fill(box, notice('error', `The status could not be read: ${e.message}`));
+    } finally {
+      reading = false;
     }
   }
   load();
