@@ -306,7 +306,7 @@ impl Workspaces {
         self.prune_expired(mirror).await;
         let m = mirror.to_string_lossy().into_owned();
         if !mirror.join("HEAD").exists() {
-            std::fs::create_dir_all(&mirror).map_err(|e| io("cannot create the mirror", e))?;
+            std::fs::create_dir_all(mirror).map_err(|e| io("cannot create the mirror", e))?;
             self.run(None, &["init", "--bare", "-q", &m]).await?;
         }
         let local = format!("refs/aiwg/pr/{pr}");
