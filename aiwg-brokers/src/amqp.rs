@@ -15,9 +15,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{count_dropped, EventQueue};
 use crate::{
-    count_dropped, pause, problem_document, reconnect_delay, submit_message,
-    submit_message_without_id, AmqpConfig, BrokerError, EventQueue, Started, Verdict,
+    pause, problem_document, reconnect_delay, submit_message, submit_message_without_id,
+    AmqpConfig, BrokerError, Started, Verdict,
 };
 
 const BROKER: &str = "amqp";

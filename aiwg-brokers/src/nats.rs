@@ -11,9 +11,10 @@ use futures_util::StreamExt;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{count_dropped, EventQueue, NATS_HEADER_ROOM};
 use crate::{
-    count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
-    EventQueue, NatsConfig, Started, Verdict, NATS_HEADER_ROOM,
+    pause, problem_document, reconnect_delay, submit_message, BrokerError, NatsConfig, Started,
+    Verdict,
 };
 
 const BROKER: &str = "nats";

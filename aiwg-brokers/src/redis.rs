@@ -10,9 +10,10 @@ use redis::{AsyncCommands, AsyncConnectionConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{count_dropped, EventQueue};
 use crate::{
-    count_dropped, pause, problem_document, reconnect_delay, submit_message, BrokerError,
-    EventQueue, RedisConfig, Started, Verdict,
+    pause, problem_document, reconnect_delay, submit_message, BrokerError, RedisConfig, Started,
+    Verdict,
 };
 
 const BROKER: &str = "redis";

@@ -1,0 +1,158 @@
+//! Turning a trigger message into a job: [`submit_message`] (and
+//! [`submit_message_without_id`]) parse the body as the HTTP API does, submit the job under the
+//! message's idempotency key ([`message_key`]), record the decision in the engine's audit trail
+//! and answer with a [`Verdict`]: stored, refused for good (its [`problem_document`] goes to the
+//! dead-letter destination), or to be retried.
+
+use aiwg_core::audit::{AuditRecord, Decision};
+use aiwg_core::http::{openapi::idempotency_key_ok, trigger_body, Problem};
+use aiwg_core::{Engine, JobId, SubmitError};
+use sha2::Digest;
+
+/// What became of one trigger message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// The job is stored: acknowledge the message.
+    Stored {
+        /// The job.
+        job_id: JobId,
+        /// `false` when the message's key found an existing job (a redelivery).
+        created: bool,
+    },
+    /// Refused for good: acknowledge it and publish the problem document to the dead-letter
+    /// destination.
+    Refused(Problem),
+    /// Refused for now (queue full, shutting down, store failure): leave it to be redelivered.
+    Retry(SubmitError),
+}
+
+/// The idempotency key of a message: `<broker>:<namespace>:<id>`, hashed when it would not be
+/// a valid key (longer than 255 bytes or not printable ASCII).
+#[must_use]
+pub fn message_key(broker: &str, namespace: &str, id: &str) -> String {
+    let key = format!("{broker}:{namespace}:{id}");
+    if idempotency_key_ok(&key) {
+        return key;
+    }
+    let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    let ns: String = namespace
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(100)
+        .collect();
+    format!("{broker}:{ns}:sha256:{digest}")
+}
+
+/// Submits the trigger message `body` from `broker` (`nats`, `amqp`, `redis` or a host's own
+/// name) with the id `message_id` in `namespace` (the stream or queue), and records the
+/// decision in the engine's audit trail.
+pub async fn submit_message(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    message_id: &str,
+    body: &[u8],
+) -> Verdict {
+    submit(engine, broker, namespace, Some(message_id), body).await
+}
+
+/// Like [`submit_message`] for a message without an id (an AMQP message whose publisher set
+/// no `message_id`): the job's idempotency key is the body's own `idempotency_key` when it has
+/// one, else there is none, and a redelivery of the message runs it again (at least once).
+pub async fn submit_message_without_id(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    body: &[u8],
+) -> Verdict {
+    submit(engine, broker, namespace, None, body).await
+}
+
+async fn submit(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    message_id: Option<&str>,
+    body: &[u8],
+) -> Verdict {
+    let mut record = AuditRecord::new(broker, Decision::Refused);
+    if let Some(id) = message_id {
+        record = record.delivery_id(id);
+    }
+    let verdict = decide(engine, broker, namespace, message_id, body, &mut record).await;
+    match &verdict {
+        Verdict::Stored { job_id, created } => {
+            record.job_id = Some(*job_id);
+            record.decision = if *created {
+                Decision::Accepted
+            } else {
+                record.reason = Some("message seen before: the same job".into());
+                Decision::Duplicate
+            };
+        }
+        Verdict::Refused(p) => record.reason = Some(p.detail().to_owned()),
+        Verdict::Retry(e) => record.reason = Some(format!("{e} (the message will come again)")),
+    }
+    engine.audit().record(record).await;
+    verdict
+}
+
+async fn decide(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    message_id: Option<&str>,
+    body: &[u8],
+    record: &mut AuditRecord,
+) -> Verdict {
+    let parsed = match trigger_body(body) {
+        Ok(b) => b,
+        Err(p) => return Verdict::Refused(p),
+    };
+    record.workflow = Some(parsed.workflow.clone());
+    let own_key = parsed.idempotency_key.clone();
+    let mut request = match parsed.into_job_request() {
+        Ok(r) => r,
+        Err(p) => return Verdict::Refused(p),
+    };
+    request.idempotency_key = match (own_key, message_id) {
+        (Some(k), _) => Some(message_key(broker, namespace, &format!("key:{k}"))),
+        (None, Some(id)) => Some(message_key(broker, namespace, id)),
+        (None, None) => None,
+    };
+    request.trigger = aiwg_core::TriggerInfo::new(broker);
+    request.trigger.delivery_id = message_id.map(str::to_owned);
+    match engine.submission(request).await {
+        Ok(s) => Verdict::Stored {
+            job_id: s.job.id,
+            created: s.created,
+        },
+        Err(e) if e.is_transient() => Verdict::Retry(e),
+        Err(e) => Verdict::Refused(Problem::from(&e)),
+    }
+}
+
+/// The JSON document of a refusal (what the HTTP API answers).
+#[must_use]
+pub fn problem_document(problem: &Problem) -> String {
+    serde_json::to_string(problem).unwrap_or_else(|_| "{}".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_namespaced_and_hashed_when_unfit() {
+        assert_eq!(message_key("nats", "S", "42"), "nats:S:42");
+        let long = "x".repeat(300);
+        let k = message_key("redis", "s", &long);
+        assert!(
+            k.starts_with("redis:s:sha256:") && idempotency_key_ok(&k),
+            "{k}"
+        );
+        assert_ne!(k, message_key("redis", "s", &"y".repeat(300)));
+        assert!(idempotency_key_ok(&message_key("amqp", "q", "é\n")));
+    }
+}
