@@ -265,8 +265,8 @@ async fn a_full_queue_leaves_the_entry_pending_until_its_job_is_stored() {
 }
 
 /// A private `redis-server` on a free port (nothing else talks to it: its statistics are
-/// ours), in `dir`; `None` (with a note, or a panic under CI) when not installed.
-fn private_redis(dir: &std::path::Path) -> Option<(Child, String)> {
+/// ours), in `dir`, once it answers; `None` (with a note, or a panic under CI) when not installed.
+async fn private_redis(dir: &std::path::Path) -> Option<(Child, String)> {
     let Ok(bin) = which("redis-server") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("redis-server is not installed");
@@ -291,7 +291,16 @@ fn private_redis(dir: &std::path::Path) -> Option<(Child, String)> {
             .spawn()
             .unwrap(),
     );
-    Some((child, format!("redis://127.0.0.1:{port}")))
+    let url = format!("redis://127.0.0.1:{port}");
+    wait_until("the private redis", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    Some((child, url))
 }
 
 /// A number in the server's `INFO` on `c`: `field:N`, or the first `k=N` of `field:k=N,…`
@@ -314,17 +323,9 @@ async fn info_number(c: &mut redis::aio::MultiplexedConnection, section: &str, f
 #[tokio::test]
 async fn an_event_the_server_refuses_for_good_is_dropped_not_retried_before_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_server, url)) = private_redis(dir.path()) else {
+    let Some((_server, url)) = private_redis(dir.path()).await else {
         return;
     };
-    wait_until("the private redis", || async {
-        redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .is_ok()
-    })
-    .await;
     let name = unique();
     let events = format!("{name}:events");
     let mut c = con(&url).await;
@@ -365,17 +366,9 @@ async fn an_event_the_server_refuses_for_good_is_dropped_not_retried_before_the_
 #[tokio::test]
 async fn an_idle_consumer_keeps_its_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((_server, url)) = private_redis(dir.path()) else {
+    let Some((_server, url)) = private_redis(dir.path()).await else {
         return;
     };
-    wait_until("the private redis", || async {
-        redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .is_ok()
-    })
-    .await;
     // One connection of the test's own for every question.
     let c = con(&url).await;
     let number = |section: &'static str, field: &'static str| {
@@ -508,17 +501,9 @@ async fn events_of_jobs_finishing_after_consuming_stopped_are_published_at_shutd
 #[tokio::test]
 async fn publishing_what_is_left_at_shutdown_gives_up_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((server, url)) = private_redis(dir.path()) else {
+    let Some((server, url)) = private_redis(dir.path()).await else {
         return;
     };
-    wait_until("the private redis", || async {
-        redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .is_ok()
-    })
-    .await;
     let name = unique();
     let (engine, running) = start(config(&url, &name)).await;
     // The broker goes away; a job's events wait for it.
