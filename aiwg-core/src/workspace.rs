@@ -265,19 +265,14 @@ impl Workspaces {
             .map_err(|e| io("cannot create the workspace cache", e))?;
         let lock = self.lock_for(&mirror);
         let _held = lock.lock().await;
-        // Claimed before anything is made there: another job's prune passes over it, and it is
-        // given back by `release`, or below when it cannot be made.
-        self.in_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(worktree.clone());
-        let made = self
-            .make(&mirror, &worktree, pr, &fetch_url, &head_ref, job)
-            .await;
-        if made.is_err() {
-            self.unclaim(&worktree);
-        }
-        made?;
+        // Claimed before anything is made there: another job's prune passes over it. Given back
+        // by `release`, or when it cannot be made, or when making it is given up (the job
+        // cancelled or out of time drops this future): what was made is then an old directory
+        // like any other, for a later prune.
+        let claim = Claim::new(self, &worktree);
+        self.make(&mirror, &worktree, pr, &fetch_url, &head_ref, job)
+            .await?;
+        claim.keep();
         Ok(Some(Worktree {
             path: worktree,
             mirror,
@@ -476,6 +471,39 @@ impl Workspaces {
     }
 }
 
+/// A worktree claimed while it is made: given back when dropped unless [`kept`](Self::keep).
+struct Claim<'a> {
+    workspaces: &'a Workspaces,
+    path: Option<PathBuf>,
+}
+
+impl<'a> Claim<'a> {
+    fn new(workspaces: &'a Workspaces, path: &Path) -> Self {
+        workspaces
+            .in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf());
+        Self {
+            workspaces,
+            path: Some(path.to_path_buf()),
+        }
+    }
+
+    /// The worktree is made: it stays claimed until its job releases it.
+    fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            self.workspaces.unclaim(&path);
+        }
+    }
+}
+
 /// Removes the `*.lock` files under `dir` (ref locks a killed git left).
 fn remove_lock_files(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -488,5 +516,53 @@ fn remove_lock_files(dir: &Path) {
         } else if kind.is_file() && e.file_name().to_string_lossy().ends_with(".lock") {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A workspace whose making is given up (the job cancelled or out of time drops the future
+    /// mid-fetch) gives its claim back: claimed for ever, its directory would never be pruned.
+    #[tokio::test]
+    async fn a_workspace_given_up_while_it_is_made_is_not_claimed_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let stuck = dir.path().join("git");
+        std::fs::write(&stuck, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        let mut perms = std::fs::metadata(&stuck).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&stuck, perms).unwrap();
+        let mut settings = WorkspaceSettings::new(dir.path().join("cache"));
+        settings.git = stuck;
+        let ws = Workspaces::new(settings.protocols(vec!["file".into()]));
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "id": crate::job::JobId::new(), "workflow": "w", "project_path": "/srv/p", "params": {},
+            "guidance": null, "priority": 0, "status": "running", "attempt": 1, "max_attempts": 1,
+            "timeout": 1000, "created_at": "2026-01-01T00:00:00Z", "started_at": null,
+            "finished_at": null, "retry_at": null,
+            "progress": {"completed": [], "in_progress": [], "pending": []},
+            "result": null, "error": null, "dead_letter": false,
+            "trigger": {"source": "github", "repo": "o/r", "pr": 7}, "history": [],
+            "cancel_requested": false, "idempotency_key": null
+        }))
+        .unwrap();
+        Arc::make_mut(&mut job.trigger)
+            .extra
+            .insert("clone_url".into(), "file:///nowhere.git".into());
+        let mut making = Box::pin(ws.prepare(&job));
+        // Under way (git started, the worktree claimed), then given up.
+        let given_up = tokio::time::timeout(Duration::from_millis(300), &mut making).await;
+        assert!(given_up.is_err(), "the stuck git never answers");
+        assert_eq!(
+            ws.in_use.lock().unwrap().len(),
+            1,
+            "claimed while it is made"
+        );
+        drop(making);
+        assert!(
+            ws.in_use.lock().unwrap().is_empty(),
+            "given back when given up"
+        );
     }
 }
