@@ -17,9 +17,10 @@
 //! ```
 //!
 //! The engine fires each tick once: every instance sharing a store computes the same ticks and
-//! submits the tick's job under one idempotency key (`schedule:<workflow>:<n>:<unix seconds>`),
-//! so whichever instance is first creates it and the others find it. Ticks missed while no
-//! instance ran are skipped, not replayed. The runner is [`crate::engine`]'s (see
+//! submits the tick's job under one idempotency key
+//! (`schedule:<workflow>:<n>:<unix seconds>.<milliseconds>`), so whichever instance is first
+//! creates it and the others find it. Ticks missed while no instance ran are skipped, not
+//! replayed; a tick the wall clock jumped over while the runner waited for it fires, late. The runner is [`crate::engine`]'s (see
 //! `engine/scheduler.rs`).
 //!
 //! ```

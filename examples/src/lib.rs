@@ -190,9 +190,21 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         builder = builder.observer(b.observer());
         Some(b)
     };
-    let engine = builder
-        .build()
-        .map_err(|e| ConfigError::new("workflows", e.to_string()))?;
+    let engine = builder.build().map_err(|e| {
+        // Named by the key the setting comes from, as the file's own errors are.
+        let key = match &e {
+            aiwg_core::engine::BuildError::Setting {
+                key: "workspace", ..
+            } => "projects.workspace".to_owned(),
+            aiwg_core::engine::BuildError::Setting { key, .. } => format!("engine.{key}"),
+            aiwg_core::engine::BuildError::Workflow(aiwg_core::WorkflowError::Invalid {
+                workflow,
+                ..
+            }) => format!("workflows.{workflow}"),
+            _ => "workflows".to_owned(),
+        };
+        ConfigError::new(key, e.to_string())
+    })?;
     storage.listen(&engine).await?;
     storage.purge_on_schedule(&config.storage.retention);
     let brokers = match brokers {
@@ -455,3 +467,24 @@ impl Storage {
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine setting the file's parser accepts but the engine refuses is named by its key.
+    #[tokio::test]
+    async fn an_engine_setting_the_engine_refuses_is_named_by_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "projects: {{ root: \"{}\" }}\nengine: {{ lease_ttl: 10ms }}",
+            dir.path().display()
+        );
+        let config = Config::from_yaml_with_env(&yaml, |_| None).unwrap();
+        match build(&config).await {
+            Err(AppError::Config(e)) => assert_eq!(e.key, "engine.lease_ttl", "{e}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a lease of 10 ms was accepted"),
+        }
+    }
+}
