@@ -250,9 +250,14 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
             .map_err(|e| ConfigError::new("triggers", e.to_string()))?;
         api = api.hooks(Arc::new(hooks));
     }
-    let api = api
-        .build()
-        .map_err(|e| ConfigError::new("server", e.to_string()))?;
+    let api = api.build().map_err(|e| {
+        // The API names its settings by their configuration keys where they have one.
+        let key = match &e {
+            aiwg_core::http::ApiError::Setting { key, .. } if key.contains('.') => *key,
+            _ => "server",
+        };
+        ConfigError::new(key, e.to_string())
+    })?;
     Ok(App {
         api,
         engine,
@@ -485,6 +490,16 @@ mod tests {
             Err(AppError::Config(e)) => assert_eq!(e.key, "engine.lease_ttl", "{e}"),
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("a lease of 10 ms was accepted"),
+        }
+        let yaml = format!(
+            "projects: {{ root: \"{}\" }}\nauth: {{ rate_limit: {{ per_minute: 0, burst: 1 }} }}",
+            dir.path().display()
+        );
+        let config = Config::from_yaml_with_env(&yaml, |_| None).unwrap();
+        match build(&config).await {
+            Err(AppError::Config(e)) => assert_eq!(e.key, "auth.rate_limit", "{e}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a rate limit of 0 a minute was accepted"),
         }
     }
 }
