@@ -1,6 +1,7 @@
 //! Jobs started from Slack and Discord report their outcome back: a real HTTP receiver on
 //! loopback stands in for Discord's API and Slack's response_url.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,30 +9,76 @@ use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::{Engine, JobRequest, Step, TriggerInfo, Workflow};
 use aiwg_webhook::PlatformReplies;
 use axum::extract::State;
-use axum::http::Method;
 use axum::http::Uri;
+use axum::http::{Method, StatusCode};
 use axum::routing::any;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 type Seen = mpsc::UnboundedSender<(Method, String, Value)>;
 
-async fn record(State(tx): State<Seen>, method: Method, uri: Uri, body: String) -> &'static str {
-    let _ = tx.send((
+/// What the receiver records, and how many requests it still refuses with a rate limit.
+#[derive(Clone)]
+struct Receiver {
+    seen: Seen,
+    refuse: Arc<AtomicUsize>,
+    /// Requests received, refused or not.
+    tries: Arc<AtomicUsize>,
+}
+
+/// Records each request; the first `refuse` are answered 429 with `Retry-After: 1` (Discord's
+/// rate limit) and not recorded.
+async fn record(
+    State(r): State<Receiver>,
+    method: Method,
+    uri: Uri,
+    body: String,
+) -> (StatusCode, [(&'static str, &'static str); 1], &'static str) {
+    r.tries.fetch_add(1, Ordering::SeqCst);
+    let refused = r
+        .refuse
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if refused {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "{\"message\": \"You are being rate limited.\", \"retry_after\": 1.0}",
+        );
+    }
+    let _ = r.seen.send((
         method,
         uri.path().to_owned(),
         serde_json::from_str(&body).unwrap_or(Value::Null),
     ));
-    "ok"
+    (StatusCode::OK, [("retry-after", "0")], "ok")
 }
 
 async fn receiver() -> (String, mpsc::UnboundedReceiver<(Method, String, Value)>) {
+    let (base, rx, _) = refusing_receiver(0).await;
+    (base, rx)
+}
+
+/// A receiver that refuses its first `refuse` requests; also the count of requests it got.
+async fn refusing_receiver(
+    refuse: usize,
+) -> (
+    String,
+    mpsc::UnboundedReceiver<(Method, String, Value)>,
+    Arc<AtomicUsize>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new().fallback(any(record)).with_state(tx);
+    let tries = Arc::new(AtomicUsize::new(0));
+    let state = Receiver {
+        seen: tx,
+        refuse: Arc::new(AtomicUsize::new(refuse)),
+        tries: tries.clone(),
+    };
+    let app = axum::Router::new().fallback(any(record)).with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), rx)
+    (format!("http://{addr}"), rx, tries)
 }
 
 fn engine(replies: PlatformReplies, fail: bool) -> Engine {
@@ -167,34 +214,9 @@ async fn a_slack_response_url_outside_the_allowed_hosts_is_not_called() {
 /// again after the wait, and arrives.
 #[tokio::test]
 async fn a_reply_the_platform_asks_to_wait_for_is_sent_again() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Method, String, Value)>();
-    let tries = Arc::new(AtomicUsize::new(0));
-    let counted = tries.clone();
-    let app = axum::Router::new().fallback(any(move |method: Method, uri: Uri, body: String| {
-        let (tx, tries) = (tx.clone(), counted.clone());
-        async move {
-            if tries.fetch_add(1, Ordering::SeqCst) == 0 {
-                return (
-                    axum::http::StatusCode::TOO_MANY_REQUESTS,
-                    [("retry-after", "1")],
-                    "{\"message\": \"You are being rate limited.\", \"retry_after\": 1.0}",
-                );
-            }
-            let _ = tx.send((
-                method,
-                uri.path().to_owned(),
-                serde_json::from_str(&body).unwrap_or(Value::Null),
-            ));
-            (axum::http::StatusCode::OK, [("retry-after", "0")], "{}")
-        }
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (base, mut rx, tries) = refusing_receiver(1).await;
     let replies = PlatformReplies::builder()
-        .discord_api(format!("http://{addr}/api"))
+        .discord_api(format!("{base}/api"))
         .build()
         .unwrap();
     let engine = engine(replies, false);
