@@ -249,74 +249,10 @@ impl JobObserver for Fanout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Mutex;
     use std::time::Duration;
 
-    use aiwg_core::test_util::ScriptedExecutor;
+    use aiwg_core::test_util::{MetricsCapture, ScriptedExecutor};
     use aiwg_core::{Engine, JobId, JobRequest, JobStatus, Step, Workflow};
-
-    /// A metrics recorder keeping counters as `name{label=value,…}`.
-    #[derive(Default)]
-    struct Counters(Mutex<HashMap<String, Arc<AtomicU64>>>);
-
-    impl Counters {
-        fn get(&self, key: &str) -> u64 {
-            self.0
-                .lock()
-                .unwrap()
-                .get(key)
-                .map_or(0, |c| c.load(Ordering::SeqCst))
-        }
-    }
-
-    impl metrics::Recorder for Counters {
-        fn describe_counter(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_gauge(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_histogram(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn register_counter(
-            &self,
-            key: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Counter {
-            let mut labels: Vec<String> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
-            labels.sort();
-            let name = format!("{}{{{}}}", key.name(), labels.join(","));
-            metrics::Counter::from_arc(self.0.lock().unwrap().entry(name).or_default().clone())
-        }
-        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            metrics::Gauge::noop()
-        }
-        fn register_histogram(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Histogram {
-            metrics::Histogram::noop()
-        }
-    }
 
     fn message(body_len: usize) -> EventMessage {
         EventMessage {
@@ -338,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_drops_and_counts_instead_of_waiting() {
-        let counters = Counters::default();
+        let counters = MetricsCapture::default();
         let full = "aiwg_broker_events_dropped_total{broker=redis,reason=buffer_full}";
         // Bounded in events: two fit, the third is dropped.
         let (outbox, mut queue) = event_buffer("redis", 2, 1 << 20, 1 << 20);

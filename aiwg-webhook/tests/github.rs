@@ -5,6 +5,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use aiwg_core::test_util::MetricsCapture;
 use aiwg_webhook::platform::github;
 use aiwg_webhook::{HookOutcome, IgnoreReason, Secret, VerifyError};
 use common::*;
@@ -633,7 +634,7 @@ async fn form_encoded_deliveries_are_accepted() {
 
 #[test]
 fn metrics_are_counted() {
-    let capture = Capture::default();
+    let capture = MetricsCapture::default();
     let hooks = hooks(CONFIG);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

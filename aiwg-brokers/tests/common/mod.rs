@@ -47,31 +47,34 @@ pub fn free_port() -> u16 {
 /// An engine with a workflow `check` (one step that succeeds), observed by the brokers, and the
 /// brokers started on it.
 pub async fn start(config: serde_json::Value) -> (Engine, RunningBrokers) {
-    let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
-    let engine = Engine::builder()
-        .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
-        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
-        .observer(brokers.observer())
-        .workers(2)
-        .build()
-        .unwrap();
-    let running = brokers.start(engine.clone()).await.unwrap();
-    (engine, running)
+    start_on(config, 2, None).await
 }
 
 /// Like [`start`], with a second workflow `big` whose one step answers `big` bytes.
 pub async fn start_with_big(config: serde_json::Value, big: usize) -> (Engine, RunningBrokers) {
+    start_on(config, 1, Some(big)).await
+}
+
+async fn start_on(
+    config: serde_json::Value,
+    workers: usize,
+    big: Option<usize>,
+) -> (Engine, RunningBrokers) {
     let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
-    let engine = Engine::builder()
+    let mut builder = Engine::builder()
         .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
-        .executor(
-            "big",
-            Arc::new(ScriptedExecutor::succeeding("y".repeat(big))),
-        )
-        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
-        .workflow(Workflow::new("big").step(Step::prompt("run", "big", "big")))
+        .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")));
+    if let Some(big) = big {
+        builder = builder
+            .executor(
+                "big",
+                Arc::new(ScriptedExecutor::succeeding("y".repeat(big))),
+            )
+            .workflow(Workflow::new("big").step(Step::prompt("run", "big", "big")));
+    }
+    let engine = builder
         .observer(brokers.observer())
-        .workers(1)
+        .workers(workers)
         .build()
         .unwrap();
     let running = brokers.start(engine.clone()).await.unwrap();

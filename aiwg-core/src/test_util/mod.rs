@@ -49,9 +49,11 @@ pub mod conformance;
 mod dispatch_store_suite;
 mod job_store_suite;
 pub mod jwt;
+mod metrics_capture;
 pub use audit_store_suite::audit_store_suite;
 pub use dispatch_store_suite::dispatch_store_suite;
 pub use job_store_suite::{job_store_suite, sample_job};
+pub use metrics_capture::MetricsCapture;
 
 /// The names of one of a job's [`Progress`](crate::Progress) lists, as text, for assertions:
 /// `assert_eq!(step_names(&job.progress.completed), ["draft"])`.
