@@ -1211,6 +1211,17 @@ impl Engine {
         subscribe::shared_job_stream(self.clone(), id, after).await
     }
 
+    /// [`subscribe_shared`](Self::subscribe_shared) for a client resuming after `after`:
+    /// `None` when the job has ended and none of its events comes after `after` (nothing will
+    /// ever follow; an SSE server answers 204 so the client stops reconnecting).
+    pub async fn resume_shared(
+        &self,
+        id: JobId,
+        after: u64,
+    ) -> Result<Option<Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>>>, EngineError> {
+        subscribe::resumed_shared_job_stream(self.clone(), id, after).await
+    }
+
     /// Every job's events, live (no history). A receiver that falls more than 4096 events behind
     /// sees `Lagged` and should re-read from the store.
     #[must_use]

@@ -464,10 +464,36 @@ pub(super) async fn shared_job_stream(
     after: u64,
 ) -> Result<Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>>, EngineError> {
     let state = start(engine, id, after).await?;
-    Ok(Box::pin(futures_util::stream::unfold(
-        state,
-        |mut st| async move { st.next().await.map(|ev| (ev, st)) },
-    )))
+    Ok(shared(state))
+}
+
+/// [`shared_job_stream`], or `None` when the job has ended and no event of it comes after
+/// `after` (a client resuming after the terminal event: nothing will ever follow).
+pub(super) async fn resumed_shared_job_stream(
+    engine: Engine,
+    id: JobId,
+    after: u64,
+) -> Result<Option<Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>>>, EngineError> {
+    let state = start(engine, id, after).await?;
+    if state.ended && after > 0 {
+        let next = state
+            .engine
+            .inner
+            .store
+            .events_page(id, after, 1)
+            .await
+            .map_err(EngineError::Store)?;
+        if next.is_empty() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(shared(state)))
+}
+
+fn shared(state: State) -> Pin<Box<dyn Stream<Item = Arc<JobEvent>> + Send>> {
+    Box::pin(futures_util::stream::unfold(state, |mut st| async move {
+        st.next().await.map(|ev| (ev, st))
+    }))
 }
 
 #[cfg(test)]

@@ -158,11 +158,12 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     if super::cors::is_preflight(api, &req.method, &req.headers) {
         return super::cors::preflight(allow_origin, spec);
     }
+    let needs_key = required_scope(api, spec);
     let answer = async {
         if !spec.allows(&req.method) {
             return Err(method_not_allowed(spec, &req));
         }
-        let actor: Option<Caller> = match required_scope(api, spec) {
+        let actor: Option<Caller> = match needs_key {
             Some(scope) => {
                 // Failed authentication counts against the client's address, and an address
                 // that failed too often is refused before its credentials are looked at, so
@@ -220,7 +221,7 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     let mut res = answer.unwrap_or_else(Problem::into_response);
     // What a key may read is no cache's to keep (job output, deliveries, subscription URLs);
     // a stream names its own policy.
-    if required_scope(api, spec).is_some() {
+    if needs_key.is_some() {
         res.headers
             .entry(http::header::CACHE_CONTROL)
             .or_insert(HeaderValue::from_static("no-store"));
@@ -571,17 +572,17 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let query = parse_query(req.query.as_deref());
     let after = job_position(req, &query)?;
-    if after > 0 && nothing_will_follow(api, id, after).await? {
+    let Some(stream) = api
+        .engine()
+        .resume_shared(id, after)
+        .await
+        .map_err(engine_problem)?
+    else {
         // The SSE standard's "stop reconnecting": a client that resumes a finished job's stream
         // after its last event (as every EventSource does once the stream closes) would
         // otherwise be answered an empty stream and come back every `retry` forever.
         return Ok(ApiResponse::empty(StatusCode::NO_CONTENT));
-    }
-    let stream = api
-        .engine()
-        .subscribe_shared(id, after)
-        .await
-        .map_err(engine_problem)?;
+    };
     Ok(ApiResponse {
         status: StatusCode::OK,
         headers: event_stream_headers(),
@@ -591,21 +592,6 @@ async fn events(api: &Api, req: &ApiRequest) -> Answer {
             api.inner.keep_alive,
         )),
     })
-}
-
-/// Whether a job's stream resumed after `after` would carry nothing: the job has ended and none
-/// of its events comes after `after` (its terminal event is its last).
-async fn nothing_will_follow(api: &Api, id: JobId, after: u64) -> Result<bool, Problem> {
-    let engine = api.engine();
-    if !engine.get(id).await.map_err(engine_problem)?.is_terminal() {
-        return Ok(false);
-    }
-    let next = engine
-        .store()
-        .events_page(id, after, 1)
-        .await
-        .map_err(|e| engine_problem(EngineError::Store(e)))?;
-    Ok(next.is_empty())
 }
 
 /// The feed's resume point (`Last-Event-ID` / `?last_event_id=`) and `?kinds=` filter; any
