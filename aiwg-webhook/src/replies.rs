@@ -164,9 +164,9 @@ const ATTEMPTS: u32 = 4;
 /// The longest `Retry-After` waited for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-/// The pause before try `n + 2` after a failure: 1 s, 2 s, 4 s.
+/// The pause before try `n + 2` after a failure: 1 s, 2 s, 4 s (as the forges' requests).
 fn backoff(n: u32) -> Duration {
-    Duration::from_secs(1 << n.min(5))
+    crate::forge::send::backoff(n, Duration::from_secs(1))
 }
 
 /// The text a person reads about a finished job.

@@ -17,7 +17,7 @@
 mod client;
 mod github_app;
 mod permission;
-mod send;
+pub(crate) mod send;
 
 pub use client::{CommentTarget, ForgeAuth, ForgeClient, ForgeError};
 pub use github_app::GitHubApp;

@@ -12,7 +12,7 @@ pub(crate) const ATTEMPTS: u32 = 5;
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(120);
 
 /// Backoff before attempt `n + 1` after a transient failure (1 s, 2 s, 4 s, 8 s).
-fn backoff(n: u32, base: Duration) -> Duration {
+pub(crate) fn backoff(n: u32, base: Duration) -> Duration {
     base.saturating_mul(1 << n.min(6))
 }
 
