@@ -1,6 +1,6 @@
 //! [`CommandExecutor`]: runs an argument vector, streams its output lines, reports its exit code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use aiwg_core::{
@@ -21,7 +21,13 @@ const MAX_OUTPUT: usize = 1 << 20;
 /// The argument vector is the request's `command` (rendered by the engine), or else the
 /// executor's own template whose `{{name}}` placeholders are filled from the request's
 /// parameters; either way each element stays exactly one argument, so `; rm -rf ~` or `$(id)` in
-/// a parameter reach the program literally. Each line of standard output and standard error is
+/// a parameter reach the program literally. A parameter value may not turn an argument of the
+/// executor's own template into an option either: a run whose value would start an argument
+/// with `-` (`{{file}}` given `--exec=…`), or whose value holds a NUL byte, is refused before
+/// anything starts, with an error naming the parameter (never its value), unless the parameter
+/// was named with [`CommandExecutorBuilder::allow_option_param`]. A value inside an argument
+/// (`--name={{name}}`) may start with `-`. (The engine checks the arguments it renders itself,
+/// a step's `command`, the same way.) Each line of standard output and standard error is
 /// an [`AgentEvent::Log`]; the result's `output` is standard output and `exit_code` the exit code
 /// (128 + signal number for a child killed by a signal). A non-zero exit is an
 /// [`ExecutorError::Failed`] unless [`CommandExecutorBuilder::allow_failure`] was set.
@@ -43,6 +49,7 @@ pub struct CommandExecutor {
     template: Option<Vec<String>>,
     sup: Supervision,
     allow_failure: bool,
+    option_params: BTreeSet<String>,
 }
 
 /// Builds a [`CommandExecutor`].
@@ -52,6 +59,7 @@ pub struct CommandExecutorBuilder {
     template: Option<Vec<String>>,
     process: ProcessOptions,
     allow_failure: bool,
+    option_params: BTreeSet<String>,
 }
 
 impl CommandExecutor {
@@ -85,6 +93,14 @@ impl CommandExecutorBuilder {
         self
     }
 
+    /// Lets the parameter `name` start an argument of the template with `-` (e.g. a workflow
+    /// parameter whose `pattern` admits `--verbose`, checked by the engine). Any other
+    /// parameter whose value would start an argument with `-` refuses the run.
+    pub fn allow_option_param(mut self, name: impl Into<String>) -> Self {
+        self.option_params.insert(name.into());
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<CommandExecutor, ConfigError> {
         if let Some(t) = &self.template {
@@ -99,12 +115,49 @@ impl CommandExecutorBuilder {
             template: self.template,
             sup: self.process.check()?,
             allow_failure: self.allow_failure,
+            option_params: self.option_params,
         })
     }
 }
 
-/// Fills `{{name}}` placeholders of one argument from `params`.
-pub(crate) fn render_arg(arg: &str, params: &BTreeMap<String, String>) -> Result<String, String> {
+/// Why an argument of the template could not be rendered: the parameter's name, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RenderError {
+    /// The request has no such parameter.
+    Missing(String),
+    /// The value would start the argument with `-`.
+    LeadingDash(String),
+    /// The value holds a NUL byte.
+    Nul(String),
+}
+
+impl RenderError {
+    fn into_executor_error(self, template: &str) -> ExecutorError {
+        // The value is never repeated: it is user text, and may be anything.
+        let message = match self {
+            RenderError::Missing(name) => format!(
+                "the command template names the parameter `{name}`, which the job does not have"
+            ),
+            RenderError::LeadingDash(name) => format!(
+                "the parameter `{name}` starts with `-`, and the command template's argument \
+                 `{template}` starts with it: a value may not look like an option"
+            ),
+            RenderError::Nul(name) => {
+                format!("the parameter `{name}` contains a NUL byte")
+            }
+        };
+        ExecutorError::Spawn(aiwg_core::BackendError::from(message))
+    }
+}
+
+/// Fills `{{name}}` placeholders of one argument from `params`. A value that would start the
+/// argument with `-` is refused unless its parameter is in `option_params`; a value with a NUL
+/// byte is refused.
+pub(crate) fn render_arg(
+    arg: &str,
+    params: &BTreeMap<String, String>,
+    option_params: &BTreeSet<String>,
+) -> Result<String, RenderError> {
     let mut out = String::with_capacity(arg.len());
     let mut rest = arg;
     while let Some(start) = rest.find("{{") {
@@ -113,10 +166,17 @@ pub(crate) fn render_arg(arg: &str, params: &BTreeMap<String, String>) -> Result
         };
         out.push_str(&rest[..start]);
         let name = rest[start + 2..start + 2 + len].trim();
-        match params.get(name) {
-            Some(v) => out.push_str(v),
-            None => return Err(name.to_owned()),
+        let Some(v) = params.get(name) else {
+            return Err(RenderError::Missing(name.to_owned()));
+        };
+        if v.contains('\0') {
+            return Err(RenderError::Nul(name.to_owned()));
         }
+        // Nothing before it (literal text or an earlier value): this value starts the argument.
+        if out.is_empty() && v.starts_with('-') && !option_params.contains(name) {
+            return Err(RenderError::LeadingDash(name.to_owned()));
+        }
+        out.push_str(v);
         rest = &rest[start + 2 + len + 2..];
     }
     out.push_str(rest);
@@ -135,13 +195,11 @@ impl Executor for CommandExecutor {
             (Some(argv), _) => argv.clone(),
             (None, Some(t)) => t
                 .iter()
-                .map(|a| render_arg(a, &request.params))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|name| {
-                    ExecutorError::Spawn(aiwg_core::BackendError::from(format!(
-                        "the command template names the parameter `{name}`, which the job does not have"
-                    )))
-                })?,
+                .map(|a| {
+                    render_arg(a, &request.params, &self.option_params)
+                        .map_err(|e| e.into_executor_error(a))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
             (None, None) => {
                 return Err(ExecutorError::InvalidRequest(
                     aiwg_core::RequestError::EmptyCommand,
@@ -215,12 +273,42 @@ mod tests {
     fn templates_fill_each_argument_alone() {
         let mut p = BTreeMap::new();
         p.insert("file".to_owned(), "a b; rm -rf ~".to_owned());
+        let none = BTreeSet::new();
         assert_eq!(
-            render_arg("--f={{ file }}", &p).unwrap(),
+            render_arg("--f={{ file }}", &p, &none).unwrap(),
             "--f=a b; rm -rf ~"
         );
-        assert_eq!(render_arg("{{missing}}", &p), Err("missing".to_owned()));
-        assert_eq!(render_arg("{{open", &p).unwrap(), "{{open");
+        assert_eq!(
+            render_arg("{{missing}}", &p, &none),
+            Err(RenderError::Missing("missing".to_owned()))
+        );
+        assert_eq!(render_arg("{{open", &p, &none).unwrap(), "{{open");
+    }
+
+    /// A value that starts an argument may not start with `-` (an empty value before it does
+    /// not make it a middle); inside an argument it may; a NUL byte is refused anywhere.
+    #[test]
+    fn a_value_starting_an_argument_may_not_be_an_option() {
+        let mut p = BTreeMap::new();
+        p.insert("x".to_owned(), "--exec=id".to_owned());
+        p.insert("empty".to_owned(), String::new());
+        p.insert("nul".to_owned(), "a\0b".to_owned());
+        let none = BTreeSet::new();
+        let dash = |n: &str| Err(RenderError::LeadingDash(n.to_owned()));
+        assert_eq!(render_arg("{{x}}", &p, &none), dash("x"));
+        assert_eq!(render_arg("{{ x }} tail", &p, &none), dash("x"));
+        assert_eq!(render_arg("{{empty}}{{x}}", &p, &none), dash("x"));
+        assert_eq!(
+            render_arg("--name={{x}}", &p, &none).unwrap(),
+            "--name=--exec=id"
+        );
+        assert_eq!(render_arg("a{{x}}", &p, &none).unwrap(), "a--exec=id");
+        assert_eq!(
+            render_arg("--n={{nul}}", &p, &none),
+            Err(RenderError::Nul("nul".to_owned()))
+        );
+        let allowed = BTreeSet::from(["x".to_owned()]);
+        assert_eq!(render_arg("{{x}}", &p, &allowed).unwrap(), "--exec=id");
     }
 
     #[test]

@@ -221,6 +221,10 @@ pub struct CommandConfig {
     /// A non-zero exit is a result, not an error.
     #[serde(default)]
     pub allow_failure: bool,
+    /// Parameters whose value may start an argument of `command` with `-` (e.g. one whose
+    /// `pattern` admits `--verbose`); any other such value refuses the run.
+    #[serde(default)]
+    pub allow_option_params: Vec<String>,
     /// `false` cuts a sandboxed command off the network (`bwrap --unshare-net`).
     pub network: Option<bool>,
 }
@@ -804,6 +808,9 @@ impl AgentsConfig {
                     if let Some(t) = &c.command {
                         b = b.template(t.iter().cloned());
                     }
+                    for name in &c.allow_option_params {
+                        b = b.allow_option_param(name.clone());
+                    }
                     Arc::new(b.build().map_err(|e| e.within(&at))?)
                 }
                 AgentConfig::ClaudeCode(c, p) => {
@@ -1081,6 +1088,7 @@ mod tests {
     fn field_names_are_read_from_the_derived_impls() {
         assert!(field_names::<ProcessConfig>().contains(&"sandbox"));
         assert!(field_names::<CommandConfig>().contains(&"allow_failure"));
+        assert!(field_names::<CommandConfig>().contains(&"allow_option_params"));
         assert!(field_names::<PoolConfig>().contains(&"members"));
     }
 

@@ -139,6 +139,63 @@ async fn template_arguments_come_from_params_one_element_each() {
     assert!(err.to_string().contains("`name`"), "{err}");
 }
 
+/// A host running the executor's template itself (no engine in between): a parameter whose
+/// value would start an argument with `-` refuses the run before anything starts, naming the
+/// parameter and not its value; inside an argument such a value is fine, a parameter named with
+/// `allow_option_param` may lead, and a NUL byte is refused anywhere.
+#[tokio::test]
+async fn template_values_may_not_become_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = [
+        "sh",
+        "-c",
+        "touch ran; printf '<%s>' \"$@\"",
+        "sh",
+        "--name={{name}}",
+        "{{file}}",
+    ];
+    let run = |exec: CommandExecutor, name: &str, file: &str| {
+        let mut params = BTreeMap::new();
+        params.insert("name".to_owned(), name.to_owned());
+        params.insert("file".to_owned(), file.to_owned());
+        let mut req = AgentRequest::new("unused", dir.path()).with_params(params);
+        req.command = None;
+        async move {
+            exec.execute(req, EventSink::discard(), CancellationToken::new())
+                .await
+        }
+    };
+    let exec = CommandExecutor::builder()
+        .template(template)
+        .build()
+        .unwrap();
+    let err = run(exec.clone(), "x", "--output=/etc/secret-value")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("`file`") && text.contains("`-`"), "{text}");
+    assert!(!text.contains("secret-value"), "{text}");
+    assert!(!dir.path().join("ran").exists(), "the command ran");
+
+    let err = run(exec.clone(), "a\0b", "f").await.unwrap_err();
+    assert!(
+        err.to_string().contains("`name`") && err.to_string().contains("NUL"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ran").exists(), "the command ran");
+
+    let res = run(exec, "-x", "file").await.unwrap();
+    assert_eq!(res.output, "<--name=-x><file>\n");
+
+    let lenient = CommandExecutor::builder()
+        .template(template)
+        .allow_option_param("file")
+        .build()
+        .unwrap();
+    let res = run(lenient, "x", "--verbose").await.unwrap();
+    assert_eq!(res.output, "<--name=x><--verbose>\n");
+}
+
 #[tokio::test]
 async fn missing_program_is_a_spawn_error() {
     let dir = tempfile::tempdir().unwrap();
