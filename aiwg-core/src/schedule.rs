@@ -18,7 +18,8 @@
 //!
 //! The engine fires each tick once: every instance sharing a store computes the same ticks and
 //! submits the tick's job under one idempotency key
-//! (`schedule:<workflow>:<n>:<unix seconds>.<milliseconds>`), so whichever instance is first
+//! (`schedule:<workflow>:<identity>:<unix seconds>.<milliseconds>`, where the identity names
+//! what the schedule submits, not its place in the list: [`Schedule::tick_key`]), so whichever instance is first
 //! creates it and the others find it. Ticks missed while no instance ran are skipped, not
 //! replayed; a tick the wall clock jumped over while the runner waited for it fires, late. The runner is [`crate::engine`]'s (see
 //! `engine/scheduler.rs`).
@@ -118,6 +119,20 @@ impl Schedule {
         self
     }
 
+    /// Sets the project key of the jobs it starts (resolved through the mapping rules).
+    #[must_use]
+    pub fn project(mut self, key: impl Into<String>) -> Self {
+        self.project = Some(key.into());
+        self
+    }
+
+    /// Sets the project directory of the jobs it starts.
+    #[must_use]
+    pub fn project_path(mut self, path: impl Into<String>) -> Self {
+        self.project_path = Some(path.into());
+        self
+    }
+
     /// Sets what a tick does while an earlier job still runs.
     #[must_use]
     pub fn overlap(mut self, overlap: Overlap) -> Self {
@@ -166,15 +181,45 @@ impl Schedule {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    /// The idempotency key of the job of tick `at` of schedule number `index` of `workflow`:
-    /// the same on every instance, so a tick starts one job.
+    /// The idempotency key of the job of tick `at` of this schedule of `workflow`: the same on
+    /// every instance, so a tick starts one job.
+    ///
+    /// A schedule is named by what it submits (its expression, time zone, parameters, guidance
+    /// and project: [`identity`](Self::identity)), not by its place in the list, so instances
+    /// of a rolling deploy that list the same schedules in another order, or with one added
+    /// before them, still agree on each tick's job. (Keyed by position, a reordered list made
+    /// one schedule's tick fire twice and another's not at all.) Editing what a schedule submits
+    /// makes it another schedule: during a deploy that edits one, the old and the new may each
+    /// start a job for the same tick. `overlap` is not part of the name.
     #[must_use]
-    pub fn tick_key(workflow: &str, index: usize, at: DateTime<Utc>) -> String {
+    pub fn tick_key(&self, workflow: &str, at: DateTime<Utc>) -> String {
         format!(
-            "schedule:{workflow}:{index}:{}.{:03}",
+            "schedule:{workflow}:{}:{}.{:03}",
+            self.identity(),
             at.timestamp(),
             at.timestamp_subsec_millis()
         )
+    }
+
+    /// 16 hexadecimal digits naming what this schedule submits: a SHA-256 of its expression
+    /// (fields separated by single spaces), time zone, parameters, guidance, project key and
+    /// project path. Two schedules that submit the same request at the same times have the same
+    /// identity (and so start one job a tick between them).
+    #[must_use]
+    pub fn identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let cron = self.cron.split_whitespace().collect::<Vec<_>>().join(" ");
+        // A JSON array: every field delimited and escaped, the parameters in key order.
+        let named = serde_json::json!([
+            cron,
+            self.timezone.as_deref().unwrap_or("UTC"),
+            self.params,
+            self.guidance,
+            self.project,
+            self.project_path,
+        ]);
+        let digest = Sha256::digest(named.to_string().as_bytes());
+        hex::encode(&digest[..8])
     }
 }
 
@@ -220,15 +265,47 @@ mod tests {
     }
 
     #[test]
-    fn tick_keys_differ_per_tick_and_schedule() {
+    fn tick_keys_name_the_schedule_by_what_it_submits_not_by_its_place() {
         let t = Utc.with_ymd_and_hms(2026, 12, 2, 10, 0, 2).unwrap();
+        let nightly = Schedule::new("0 3 * * *").param("scope", "deps");
+        let key = nightly.tick_key("wf", t);
         assert_eq!(
-            Schedule::tick_key("wf", 0, t),
-            format!("schedule:wf:0:{}.000", t.timestamp())
+            key,
+            format!("schedule:wf:{}:{}.000", nightly.identity(), t.timestamp())
         );
+        assert_eq!(nightly.identity().len(), 16);
+        // The same schedule written with other spacing, or with another overlap, is the same.
+        let respaced = Schedule::new(" 0  3 * *\t* ")
+            .param("scope", "deps")
+            .overlap(Overlap::Allow);
+        assert_eq!(respaced.tick_key("wf", t), key);
+        assert_eq!(
+            Schedule::new("0 3 * * *").timezone("UTC").identity(),
+            Schedule::new("0 3 * * *").identity()
+        );
+        // What a tick submits, or when, changes the name; so do the workflow and the tick.
+        for other in [
+            Schedule::new("0 4 * * *").param("scope", "deps"),
+            Schedule::new("0 3 * * *").param("scope", "all"),
+            Schedule::new("0 3 * * *")
+                .param("scope", "deps")
+                .timezone("Europe/Paris"),
+            Schedule::new("0 3 * * *")
+                .param("scope", "deps")
+                .guidance("only report"),
+            Schedule::new("0 3 * * *")
+                .param("scope", "deps")
+                .project("a"),
+            Schedule::new("0 3 * * *")
+                .param("scope", "deps")
+                .project_path("a"),
+        ] {
+            assert_ne!(other.tick_key("wf", t), key, "{other:?}");
+        }
+        assert_ne!(nightly.tick_key("wf2", t), key);
         assert_ne!(
-            Schedule::tick_key("wf", 0, t),
-            Schedule::tick_key("wf", 1, t)
+            nightly.tick_key("wf", t + chrono::Duration::milliseconds(1)),
+            key
         );
     }
 }

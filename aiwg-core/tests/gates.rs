@@ -395,3 +395,119 @@ async fn a_six_field_schedule_starts_one_job_per_tick_and_skips_while_one_runs()
     assert_eq!(overlapping.jobs.len(), 1, "overlap: skip");
     assert_eq!(slow.calls(), 1);
 }
+
+/// Two instances on one store during a rolling deploy that adds a schedule before an existing
+/// one: each tick still starts each schedule's job once. Keyed by the schedule's place in its
+/// list, the old instance's first schedule and the new instance's first (another one) shared a
+/// key, so the new schedule's tick started nothing and the old one's started twice (once under
+/// each of its places).
+#[tokio::test]
+async fn instances_listing_schedules_in_another_order_start_each_tick_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn aiwg_core::store::JobStore> = Arc::new(aiwg_core::store::MemoryStore::new());
+    let a = Schedule::new("* * * * * *")
+        .guidance("a")
+        .overlap(aiwg_core::schedule::Overlap::Allow);
+    let added = Schedule::new("* * * * * *")
+        .guidance("added")
+        .overlap(aiwg_core::schedule::Overlap::Allow);
+    let instance = |schedules: &[&Schedule]| {
+        let mut wf = Workflow::new("twice").step(Step::prompt("s", "quick", "{{guidance}}"));
+        for s in schedules {
+            wf = wf.with_schedule((*s).clone());
+        }
+        builder(&dir)
+            .store(store.clone())
+            .executor("quick", Arc::new(ScriptedExecutor::succeeding("tick")))
+            .workflow(wf)
+            .build()
+            .unwrap()
+    };
+    // The old instance's runners start first, so at each tick its job is submitted first.
+    let one = instance(&[&a]);
+    let two = instance(&[&added, &a]);
+    // Wait for eight jobs to complete, on either instance.
+    let mut feeds = futures_util::stream::select(one.feed(None), two.feed(None));
+    let mut completed = 0;
+    tokio::time::timeout(WAIT, async {
+        while let Some(aiwg_core::engine::FeedItem::Event { event, .. }) = feeds.next().await {
+            if matches!(
+                event.kind,
+                JobEventKind::Status {
+                    to: JobStatus::Completed,
+                    ..
+                }
+            ) {
+                completed += 1;
+                if completed == 8 {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("eight scheduled jobs");
+    let page = one
+        .list(&JobQuery::default().workflow("twice").limit(100))
+        .await
+        .unwrap();
+    let mut by_tick: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for j in &page.jobs {
+        by_tick
+            .entry(j.trigger.extra["tick"].clone())
+            .or_default()
+            .push(j.guidance.clone().unwrap());
+    }
+    // The last tick may still be being submitted; every earlier one is whole.
+    by_tick.pop_last();
+    assert!(by_tick.len() >= 2, "{by_tick:?}");
+    for (tick, mut guidance) in by_tick {
+        guidance.sort();
+        assert_eq!(guidance, ["a", "added"], "tick {tick}");
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_whose_project_no_submit_would_admit_is_refused_when_the_engine_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |schedule: Schedule| {
+        builder(&dir)
+            .executor("quick", Arc::new(ScriptedExecutor::succeeding("x")))
+            .workflow(
+                Workflow::new("nightly")
+                    .step(Step::prompt("s", "quick", "x"))
+                    .with_schedule(Schedule::new("0 3 * * *"))
+                    .with_schedule(schedule),
+            )
+    };
+    let outside = tempfile::tempdir().unwrap();
+    for (schedule, why) in [
+        (
+            Schedule::new("0 3 * * *").project_path(outside.path().display().to_string()),
+            "outside the project root",
+        ),
+        (
+            Schedule::new("0 3 * * *").project_path("no-such-dir"),
+            "does not exist",
+        ),
+        (
+            Schedule::new("0 3 * * *").project("unmapped"),
+            "no project mapping matches",
+        ),
+    ] {
+        let e = with(schedule.clone()).build().unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("workflow `nightly`")
+                && text.contains("schedule 2:")
+                && text.contains(why),
+            "{text}"
+        );
+        // An instance that does not run schedules does not need their projects.
+        with(schedule).run_schedules(false).build().unwrap();
+    }
+    std::fs::create_dir(dir.path().join("repo")).unwrap();
+    with(Schedule::new("0 3 * * *").project_path("repo"))
+        .build()
+        .unwrap();
+}

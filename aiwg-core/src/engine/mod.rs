@@ -672,6 +672,23 @@ impl EngineBuilder {
                 .build()
                 .map_err(|e| setting("projects.root", &e.to_string()))?,
         };
+        if self.settings.run_schedules {
+            // A schedule's project is resolved as a submit's would be; one outside the roots,
+            // forbidden, missing or unmapped would fail at every tick, long after the start.
+            for wf in catalog.iter() {
+                for (i, schedule) in wf.schedules.iter().enumerate() {
+                    policy
+                        .resolve(
+                            schedule.project_path.as_deref(),
+                            schedule.project.as_deref(),
+                        )
+                        .map_err(|e| WorkflowError::Invalid {
+                            workflow: wf.name.clone(),
+                            reason: format!("schedule {}: {e}", i + 1),
+                        })?;
+                }
+            }
+        }
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         let (bus, _) = broadcast::channel(4096);
         let feed = feed::Feed::new(self.settings.feed_events, self.settings.feed_bytes);

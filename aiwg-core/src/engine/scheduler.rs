@@ -128,7 +128,7 @@ async fn fire(
     );
     let mut request = JobRequest::new(workflow)
         .trigger(trigger)
-        .idempotency_key(Schedule::tick_key(workflow, index, tick));
+        .idempotency_key(schedule.tick_key(workflow, tick));
     request.params.clone_from(&schedule.params);
     request.guidance.clone_from(&schedule.guidance);
     request.project.clone_from(&schedule.project);
