@@ -316,10 +316,8 @@ fn request_for(
     } else {
         Vec::new()
     };
-    let base_path = req
-        .match_pattern()
-        .and_then(|full| full.strip_suffix(pattern).map(str::to_owned))
-        .unwrap_or_default();
+    // The request's own prefix (`/acme` under `/{tenant}`), from the path as sent.
+    let base_path = aiwg_core::http::mount_prefix(req.uri().path(), pattern);
     let mut headers = headers_in(req.headers());
     if !headers.contains_key(REQUEST_ID) {
         headers.insert(REQUEST_ID, request_id.clone());

@@ -674,3 +674,56 @@ async fn queue_full_answers_agree() {
     );
     compare(&steps, &axum, &actix);
 }
+
+/// Under a prefix with a parameter of the host's (`/{tenant}`), the links an accepted trigger
+/// answers with name the request's own prefix (`/acme`), on both routers, and lead to the job.
+/// They used to carry the pattern itself (`/{tenant}/workflows/…`), which no client can follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_under_a_prefix_with_a_parameter_name_the_requests_own_prefix() {
+    let servers: [&dyn Serve; 2] = [&support::Axum, &support::Actix];
+    for server in servers {
+        let fx = fixture(FixtureOptions::default());
+        let served = server
+            .serve(api_builder(fx.engine.clone()).build().unwrap(), "/{tenant}")
+            .await;
+        let origin = served
+            .base_url
+            .split("/{tenant}")
+            .next()
+            .unwrap()
+            .to_owned();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        for tenant in ["acme", "b%20c"] {
+            let res = http
+                .post(format!("{origin}/{tenant}/workflows/trigger"))
+                .bearer_auth(TRIGGER_KEY)
+                .json(&json!({"workflow": "echo", "project_path": "proj"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 202);
+            let location = res.headers()["location"].to_str().unwrap().to_owned();
+            let body: Value = res.json().await.unwrap();
+            let id = body["job_id"].as_str().unwrap();
+            let status_url = format!("/{tenant}/workflows/{id}/status");
+            assert_eq!(location, status_url);
+            assert_eq!(body["status_url"], status_url);
+            assert_eq!(
+                body["events_url"],
+                format!("/{tenant}/workflows/{id}/events")
+            );
+            let status = http
+                .get(format!("{origin}{location}"))
+                .bearer_auth(READ_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(status.status(), 200, "{location}");
+        }
+        drop(served);
+        fx.engine.shutdown(Duration::ZERO).await;
+    }
+}

@@ -49,7 +49,7 @@ use aiwg_core::http::{
 };
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request};
+use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, RawPathParams, Request};
 use axum::response::Response;
 use axum::routing::any;
 use axum::Router;
@@ -112,12 +112,15 @@ async fn answer(
         }
         Err(_) => Vec::new(),
     };
-    let base_path = parts
-        .extensions
-        .get::<MatchedPath>()
-        .and_then(|m| m.as_str().strip_suffix(pattern))
-        .unwrap_or("")
-        .to_owned();
+    // The request's own prefix (`/acme` under `/{tenant}`), from the path as sent: a nested
+    // router sees its own part of it in `uri`, the whole in `OriginalUri`.
+    let base_path = aiwg_core::http::mount_prefix(
+        parts
+            .extensions
+            .get::<OriginalUri>()
+            .map_or(parts.uri.path(), |OriginalUri(uri)| uri.path()),
+        pattern,
+    );
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()

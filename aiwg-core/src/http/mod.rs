@@ -158,6 +158,48 @@ impl ApiRequest {
     }
 }
 
+/// Where the API is mounted, read off a request: the part of its path (`path`, as sent, still
+/// percent-encoded) before the segments of the route's own pattern (`route_pattern`, one of
+/// [`Api::routes`]' paths). Under a prefix with a parameter of the host's (`/{tenant}`) this is
+/// the request's own (`/acme`), which is what the links in answers need; the matched pattern
+/// would give the literal `/{tenant}`.
+///
+/// Empty at the root, and when the prefix would not be a path of this server (an empty
+/// segment, as in `//host/…`, which a client would read as another host): a link without the
+/// prefix is wrong, one to another host is worse.
+///
+/// ```
+/// use aiwg_core::http::mount_prefix;
+///
+/// assert_eq!(mount_prefix("/acme/workflows/trigger", "/workflows/trigger"), "/acme");
+/// assert_eq!(mount_prefix("/a/b%20c/workflows/j1/status", "/workflows/{job_id}/status"), "/a/b%20c");
+/// assert_eq!(mount_prefix("/workflows/trigger", "/workflows/trigger"), "");
+/// assert_eq!(mount_prefix("//evil.example/workflows/trigger", "/workflows/trigger"), "");
+/// ```
+#[must_use]
+pub fn mount_prefix(path: &str, route_pattern: &str) -> String {
+    let route_segments = route_pattern.trim_end_matches('/').matches('/').count();
+    let Some(prefix_segments) = path
+        .trim_end_matches('/')
+        .matches('/')
+        .count()
+        .checked_sub(route_segments)
+        .filter(|n| *n > 0)
+    else {
+        return String::new();
+    };
+    // The byte where the route's part begins: the `prefix_segments + 1`th slash.
+    let end = path
+        .match_indices('/')
+        .nth(prefix_segments)
+        .map_or(path.len(), |(i, _)| i);
+    let prefix = &path[..end];
+    if !prefix.starts_with('/') || prefix.split('/').skip(1).any(str::is_empty) {
+        return String::new();
+    }
+    prefix.to_owned()
+}
+
 /// A response body: bytes, or a stream of chunks (SSE).
 pub enum ApiBody {
     /// The whole body.
