@@ -15,11 +15,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::max_message_bytes;
 use crate::events::{count_dropped, EventQueue};
-use crate::{
-    pause, problem_document, reconnect_delay, submit_message, submit_message_without_id,
-    AmqpConfig, BrokerError, Started, Verdict,
-};
+use crate::submit::submit_bounded;
+use crate::{pause, problem_document, reconnect_delay, AmqpConfig, BrokerError, Started, Verdict};
 
 const BROKER: &str = "amqp";
 
@@ -217,15 +216,16 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                         .as_ref()
                         .map(|m| m.as_str().to_owned())
                         .filter(|m| !m.is_empty());
-                    let verdict = match &id {
-                        Some(id) => {
-                            submit_message(&engine, BROKER, &cfg.queue, id, &delivery.data).await
-                        }
-                        None => {
-                            submit_message_without_id(&engine, BROKER, &cfg.queue, &delivery.data)
-                                .await
-                        }
-                    };
+                    // Checked before anything reads the body (it is not copied).
+                    let verdict = submit_bounded(
+                        &engine,
+                        BROKER,
+                        &cfg.queue,
+                        id.as_deref(),
+                        &delivery.data,
+                        max_message_bytes(cfg.max_message_bytes),
+                    )
+                    .await;
                     let done = match verdict {
                         Verdict::Stored { .. } => Ok(true),
                         Verdict::Refused(problem) => {

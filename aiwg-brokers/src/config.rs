@@ -18,6 +18,25 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
     .transpose()
 }
 
+/// The default of `max_message_bytes`: 1 MiB.
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+fn byte_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(0) => Err(serde::de::Error::custom(ZERO_LIMIT)),
+        Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        None => Ok(None),
+    }
+}
+
+const ZERO_LIMIT: &str =
+    "must be at least 1 (bytes; default 1048576, 1 MiB): a limit of 0 would refuse every message";
+
+/// The largest trigger body parsed (`max_message_bytes`, or its default).
+pub(crate) fn max_message_bytes(configured: Option<usize>) -> usize {
+    configured.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
+}
+
 /// `brokers.nats`: NATS JetStream.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +67,11 @@ pub struct NatsConfig {
     /// The delay before a transiently refused message comes again (default 5s).
     #[serde(default, deserialize_with = "duration")]
     pub retry_delay: Option<Duration>,
+    /// The largest trigger body parsed, in bytes (default 1048576, 1 MiB; 0 is refused). A
+    /// larger message is not parsed: it is refused (`payload-too-large`, its size and the limit
+    /// in the problem's detail) and dead-lettered with the first 64 KiB of its body.
+    #[serde(default, deserialize_with = "byte_limit")]
+    pub max_message_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for NatsConfig {
@@ -59,6 +83,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("trigger_subject", &self.trigger_subject)
             .field("events_subject", &self.events_subject)
             .field("dead_letter_subject", &self.dead_letter_subject)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +116,11 @@ pub struct AmqpConfig {
     /// The delay before a transiently refused message comes again (default 5s).
     #[serde(default, deserialize_with = "duration")]
     pub retry_delay: Option<Duration>,
+    /// The largest trigger body parsed, in bytes (default 1048576, 1 MiB; 0 is refused). A
+    /// larger message is not parsed: it is refused (`payload-too-large`, its size and the limit
+    /// in the problem's detail) and dead-lettered with the first 64 KiB of its body.
+    #[serde(default, deserialize_with = "byte_limit")]
+    pub max_message_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -101,6 +131,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("events_exchange", &self.events_exchange)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_routing_key", &self.dead_letter_routing_key)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +164,11 @@ pub struct RedisConfig {
     /// The delay before a transiently refused entry is tried again (default 5s).
     #[serde(default, deserialize_with = "duration")]
     pub retry_delay: Option<Duration>,
+    /// The largest trigger body parsed, in bytes (default 1048576, 1 MiB; 0 is refused). A
+    /// larger entry is not parsed: it is refused (`payload-too-large`, its size and the limit
+    /// in the problem's detail) and dead-lettered with the first 64 KiB of its body.
+    #[serde(default, deserialize_with = "byte_limit")]
+    pub max_message_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -143,6 +179,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("group", &self.group)
             .field("events_stream", &self.events_stream)
             .field("dead_letter_stream", &self.dead_letter_stream)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -200,6 +237,27 @@ fn nats_matches(filter: &str, subject: &str) -> bool {
             _ => return false,
         }
     }
+}
+
+/// Checks what deserializing cannot: a destination the trigger source reads back
+/// ([`refuse_loops`]), and a `max_message_bytes` of 0 (refused when read too, but the field
+/// may have been set since).
+pub(crate) fn check(config: &BrokersConfig) -> Result<(), ConfigError> {
+    refuse_loops(config)?;
+    let limits = [
+        ("nats", config.nats.as_ref().map(|c| c.max_message_bytes)),
+        ("amqp", config.amqp.as_ref().map(|c| c.max_message_bytes)),
+        ("redis", config.redis.as_ref().map(|c| c.max_message_bytes)),
+    ];
+    for (name, limit) in limits {
+        if limit == Some(Some(0)) {
+            return Err(ConfigError::new(
+                format!("brokers.{name}.max_message_bytes"),
+                ZERO_LIMIT,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a destination the trigger source reads back: refused messages (or events) would
@@ -278,5 +336,37 @@ mod tests {
             assert!(!printed.contains(secret), "{printed}");
         }
         assert!(printed.contains("NatsConfig"), "{printed}");
+    }
+
+    #[test]
+    fn a_message_size_limit_of_zero_is_refused_naming_its_key() {
+        for name in ["nats", "amqp", "redis"] {
+            let section = match name {
+                "nats" => serde_json::json!({"url": "nats://h", "stream": "S"}),
+                "amqp" => serde_json::json!({"url": "amqp://h", "queue": "q"}),
+                _ => serde_json::json!({"url": "redis://h", "stream": "s"}),
+            };
+            let mut zero = section.clone();
+            zero["max_message_bytes"] = serde_json::json!(0);
+            let err = BrokersConfig::from_value(serde_json::json!({ name: zero })).unwrap_err();
+            assert_eq!(err.key, format!("brokers.{name}.max_message_bytes"));
+            assert!(err.reason.contains("at least 1"), "{}", err.reason);
+            // Set to 0 after reading: refused by the check that `Brokers::new` makes.
+            let mut c = BrokersConfig::from_value(serde_json::json!({ name: section })).unwrap();
+            match name {
+                "nats" => c.nats.as_mut().unwrap().max_message_bytes = Some(0),
+                "amqp" => c.amqp.as_mut().unwrap().max_message_bytes = Some(0),
+                _ => c.redis.as_mut().unwrap().max_message_bytes = Some(0),
+            }
+            let err = check(&c).unwrap_err();
+            assert_eq!(err.key, format!("brokers.{name}.max_message_bytes"));
+        }
+        let c = BrokersConfig::from_value(serde_json::json!({"redis":
+            {"url": "redis://h", "stream": "s", "max_message_bytes": 10}}))
+        .unwrap();
+        let redis = c.redis.as_ref().unwrap();
+        assert_eq!(max_message_bytes(redis.max_message_bytes), 10);
+        assert_eq!(max_message_bytes(None), 1024 * 1024);
+        assert!(check(&c).is_ok());
     }
 }

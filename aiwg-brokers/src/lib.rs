@@ -7,6 +7,13 @@
 //!    (`{"workflow", "project"?, "guidance"?, "params"?, "priority"?, "idempotency_key"?}`). It
 //!    is read from a JetStream durable pull consumer, a durable RabbitMQ queue, or a Redis
 //!    Streams consumer group.
+//!
+//!    A body larger than the broker's `max_message_bytes` (default 1 MiB) is not parsed: it is
+//!    refused as `payload-too-large` (413, its size and the limit in the detail) and
+//!    dead-lettered like any refusal (audited, counted in
+//!    `aiwg_trigger_decisions_total{source, decision="refused"}`). The limit bounds what is
+//!    parsed; what the client library receives is bounded by the broker's own limit (NATS
+//!    `max_payload`, RabbitMQ `max_message_size`, Redis `proto-max-bulk-len`).
 //! 2. **Submit.** [`submit_message`] parses it exactly as the HTTP API does
 //!    ([`aiwg_core::http::trigger_body`]) and submits the job with an idempotency key made of
 //!    the broker, the stream/queue and the message id (`nats:<stream>:<id>`): the JetStream
@@ -112,6 +119,8 @@ pub use submit::{
     message_key, problem_document, submit_message, submit_message_without_id, Verdict,
 };
 
+use config::check;
+#[cfg(test)]
 use config::refuse_loops;
 use events::{
     event_buffer, EventQueue, Fanout, Outbox, EVENT_BUFFER, EVENT_BUFFER_BYTES, MAX_BODY,
@@ -172,9 +181,10 @@ impl Brokers {
     /// Checks the configuration: a configured broker this build has no feature for is an
     /// error naming its key (`brokers.amqp`), and so is a dead-letter or events destination
     /// that the trigger source reads (`brokers.redis.dead_letter_stream` equal to `stream`):
-    /// every refused message, or every event, would come back as a trigger, forever.
+    /// every refused message, or every event, would come back as a trigger, forever; and a
+    /// `max_message_bytes` of 0.
     pub fn new(config: BrokersConfig) -> Result<Self, BrokerError> {
-        refuse_loops(&config)?;
+        check(&config)?;
         let mut names = Vec::new();
         if config.nats.is_some() {
             if !cfg!(feature = "nats") {

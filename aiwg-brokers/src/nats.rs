@@ -11,11 +11,10 @@ use futures_util::StreamExt;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::max_message_bytes;
 use crate::events::{count_dropped, EventQueue, NATS_HEADER_ROOM};
-use crate::{
-    pause, problem_document, reconnect_delay, submit_message, BrokerError, NatsConfig, Started,
-    Verdict,
-};
+use crate::submit::submit_bounded;
+use crate::{pause, problem_document, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
 
 const BROKER: &str = "nats";
 
@@ -149,7 +148,9 @@ async fn handle(
                 .map(|i| format!("seq:{}", i.stream_sequence))
         })
         .unwrap_or_default();
-    match submit_message(engine, BROKER, &cfg.stream, &id, &msg.payload).await {
+    // Checked before anything reads the payload (it is not copied).
+    let limit = max_message_bytes(cfg.max_message_bytes);
+    match submit_bounded(engine, BROKER, &cfg.stream, Some(&id), &msg.payload, limit).await {
         Verdict::Stored { .. } => {
             if let Err(e) = msg.double_ack().await {
                 // Redelivered later and found by its key.

@@ -10,11 +10,10 @@ use redis::{AsyncCommands, AsyncConnectionConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::max_message_bytes;
 use crate::events::{count_dropped, EventQueue};
-use crate::{
-    pause, problem_document, reconnect_delay, submit_message, BrokerError, RedisConfig, Started,
-    Verdict,
-};
+use crate::submit::{dead_letter_body, submit_bounded};
+use crate::{pause, problem_document, reconnect_delay, BrokerError, RedisConfig, Started, Verdict};
 
 const BROKER: &str = "redis";
 
@@ -227,21 +226,23 @@ async fn handle(
     engine: &Engine,
     entry: &StreamId,
 ) -> redis::RedisResult<bool> {
-    let body: Vec<u8> = entry.get("body").unwrap_or_default();
-    match submit_message(engine, BROKER, &cfg.stream, &entry.id, &body).await {
+    let body = field(entry, "body");
+    // Checked before anything reads the body (it is not copied).
+    let limit = max_message_bytes(cfg.max_message_bytes);
+    match submit_bounded(engine, BROKER, &cfg.stream, Some(&entry.id), &body, limit).await {
         Verdict::Stored { .. } => {}
         Verdict::Refused(problem) => {
-            let _: String = write
-                .xadd(
-                    dead_stream(cfg),
-                    "*",
-                    &[
-                        ("problem", problem_document(&problem).into_bytes()),
-                        ("message_id", entry.id.clone().into_bytes()),
-                        ("body", body),
-                    ],
-                )
-                .await?;
+            let (kept, cut) = dead_letter_body(&body, limit);
+            let doc = problem_document(&problem);
+            let mut fields: Vec<(&str, &[u8])> = vec![
+                ("problem", doc.as_bytes()),
+                ("message_id", entry.id.as_bytes()),
+                ("body", kept),
+            ];
+            if cut {
+                fields.push(("body_truncated", b"true"));
+            }
+            let _: String = write.xadd(dead_stream(cfg), "*", &fields).await?;
         }
         Verdict::Retry(e) => {
             tracing::info!(error = %e, "redis: trigger refused for now; will retry");
@@ -250,6 +251,17 @@ async fn handle(
     }
     let _: i64 = write.xack(&cfg.stream, &cfg.group, &[&entry.id]).await?;
     Ok(true)
+}
+
+/// The field `name` of `entry`, borrowed when it is a byte string (the reply's own bytes, never
+/// copied); empty when missing.
+fn field<'a>(entry: &'a StreamId, name: &str) -> std::borrow::Cow<'a, [u8]> {
+    match entry.map.get(name) {
+        Some(redis::Value::BulkString(b)) => std::borrow::Cow::Borrowed(b.as_slice()),
+        Some(redis::Value::SimpleString(s)) => std::borrow::Cow::Borrowed(s.as_bytes()),
+        Some(_) => std::borrow::Cow::Owned(entry.get(name).unwrap_or_default()),
+        None => std::borrow::Cow::Borrowed(&[]),
+    }
 }
 
 /// Whether the server refused a command in a way sending it again cannot cure: an error reply

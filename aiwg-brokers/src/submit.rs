@@ -54,7 +54,15 @@ pub async fn submit_message(
     message_id: &str,
     body: &[u8],
 ) -> Verdict {
-    submit(engine, broker, namespace, Some(message_id), body).await
+    submit(
+        engine,
+        broker,
+        namespace,
+        Some(message_id),
+        body,
+        usize::MAX,
+    )
+    .await
 }
 
 /// Like [`submit_message`] for a message without an id (an AMQP message whose publisher set
@@ -66,7 +74,63 @@ pub async fn submit_message_without_id(
     namespace: &str,
     body: &[u8],
 ) -> Verdict {
-    submit(engine, broker, namespace, None, body).await
+    submit(engine, broker, namespace, None, body, usize::MAX).await
+}
+
+/// The most of a refused message's body a dead letter keeps when the body is larger than
+/// `max_message_bytes`.
+pub(crate) const DEAD_LETTER_PREFIX: usize = 64 * 1024;
+
+/// The body a dead letter keeps of `body`, and whether it is cut: all of it when it is at most
+/// `limit` bytes, else its first [`DEAD_LETTER_PREFIX`] bytes (or `limit`, when smaller).
+#[allow(dead_code)] // without any broker feature nothing dead-letters
+pub(crate) fn dead_letter_body(body: &[u8], limit: usize) -> (&[u8], bool) {
+    if body.len() <= limit {
+        (body, false)
+    } else {
+        (&body[..DEAD_LETTER_PREFIX.min(limit)], true)
+    }
+}
+
+/// The refusal of a body of `size` bytes, more than `limit`: 413 `payload-too-large`.
+fn too_large(size: usize, limit: usize) -> Problem {
+    /// `Problem::new` with the status `code`. Its status type is `http`'s `StatusCode`, a
+    /// dependency of `aiwg-core`, not of this crate: reached through the function's type.
+    fn with_status<S: TryFrom<u16>>(
+        new: fn(S, &'static str, String) -> Problem,
+        code: u16,
+        slug: &'static str,
+        detail: String,
+    ) -> Problem {
+        match S::try_from(code) {
+            Ok(status) => new(status, slug, detail),
+            Err(_) => unreachable!("{code} is a valid status code"),
+        }
+    }
+    with_status(
+        Problem::new,
+        413,
+        "payload-too-large",
+        format!(
+            "the message body is {size} bytes, more than the limit of {limit} \
+             (max_message_bytes); it was not parsed"
+        ),
+    )
+}
+
+/// Like [`submit_message`] (`message_id` `None`: [`submit_message_without_id`]), refusing
+/// without parsing it a body larger than `max_bytes` (`payload-too-large`, audited and counted
+/// as any refusal).
+#[allow(dead_code)] // without any broker feature nothing submits
+pub(crate) async fn submit_bounded(
+    engine: &Engine,
+    broker: &'static str,
+    namespace: &str,
+    message_id: Option<&str>,
+    body: &[u8],
+    max_bytes: usize,
+) -> Verdict {
+    submit(engine, broker, namespace, message_id, body, max_bytes).await
 }
 
 async fn submit(
@@ -75,12 +139,17 @@ async fn submit(
     namespace: &str,
     message_id: Option<&str>,
     body: &[u8],
+    max_bytes: usize,
 ) -> Verdict {
     let mut record = AuditRecord::new(broker, Decision::Refused);
     if let Some(id) = message_id {
         record = record.delivery_id(id);
     }
-    let verdict = decide(engine, broker, namespace, message_id, body, &mut record).await;
+    let verdict = if body.len() > max_bytes {
+        Verdict::Refused(too_large(body.len(), max_bytes))
+    } else {
+        decide(engine, broker, namespace, message_id, body, &mut record).await
+    };
     match &verdict {
         Verdict::Stored { job_id, created } => {
             record.job_id = Some(*job_id);
@@ -154,5 +223,88 @@ mod tests {
         );
         assert_ne!(k, message_key("redis", "s", &"y".repeat(300)));
         assert!(idempotency_key_ok(&message_key("amqp", "q", "é\n")));
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_unparsed_and_counted() {
+        use aiwg_core::audit::AuditQuery;
+        use aiwg_core::test_util::{MetricsCapture, ScriptedExecutor};
+        use aiwg_core::{Step, Workflow};
+        use std::sync::Arc;
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let counters = MetricsCapture::default();
+        let engine = rt.block_on(async {
+            Engine::builder()
+                .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
+                .workflow(Workflow::new("check").step(Step::prompt("run", "x", "check")))
+                .build()
+                .unwrap()
+        });
+        // A valid trigger, one byte too many.
+        let body = br#"{"workflow": "check"}"#;
+        let verdict = metrics::with_local_recorder(&counters, || {
+            rt.block_on(submit_bounded(
+                &engine,
+                "nats",
+                "S",
+                Some("1"),
+                body,
+                body.len() - 1,
+            ))
+        });
+        let Verdict::Refused(problem) = verdict else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(problem.status(), 413);
+        assert_eq!(problem.slug(), "payload-too-large");
+        let (size, limit) = (body.len().to_string(), (body.len() - 1).to_string());
+        assert!(
+            problem.detail().contains(&size) && problem.detail().contains(&limit),
+            "{}",
+            problem.detail()
+        );
+        assert_eq!(
+            counters.get("aiwg_trigger_decisions_total{decision=refused,source=nats}"),
+            1
+        );
+        let entries = rt.block_on(async {
+            let mut q = AuditQuery::default();
+            q.source = Some("nats".into());
+            engine.audit().store().list(&q).await.unwrap().entries
+        });
+        // Not parsed: the audit entry names no workflow.
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].workflow, None);
+        // At the limit: parsed and stored.
+        let verdict = rt.block_on(submit_bounded(
+            &engine,
+            "nats",
+            "S",
+            Some("2"),
+            body,
+            body.len(),
+        ));
+        assert!(
+            matches!(verdict, Verdict::Stored { created: true, .. }),
+            "{verdict:?}"
+        );
+        rt.block_on(engine.shutdown(std::time::Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_a_bounded_prefix_of_an_oversized_body() {
+        let small = b"not json";
+        assert_eq!(dead_letter_body(small, 100), (&small[..], false));
+        let big = vec![b'x'; 200_000];
+        let (kept, cut) = dead_letter_body(&big, 100_000);
+        assert!(cut);
+        assert_eq!(kept.len(), DEAD_LETTER_PREFIX);
+        let (kept, cut) = dead_letter_body(&big, 10);
+        assert!(cut);
+        assert_eq!(kept.len(), 10);
     }
 }

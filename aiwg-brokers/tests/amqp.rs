@@ -528,3 +528,51 @@ async fn an_unreachable_broker_fails_the_start_and_stops_the_others() {
     let _ = stream.info().await;
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }
+
+#[tokio::test]
+async fn a_message_larger_than_max_message_bytes_is_dead_lettered_unparsed() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = format!("aiwg-test.{}", unique());
+    let (_conn, ch) = channel().await;
+    let mut cfg = config(&name);
+    cfg["amqp"]["max_message_bytes"] = json!(100_000);
+    let (engine, running) = start(cfg).await;
+    let big = json!({"workflow": "check", "guidance": "g".repeat(200_000 - 34)}).to_string();
+    assert_eq!(big.len(), 200_000);
+    publish(&ch, &name, &big, Some("big-1")).await;
+    publish(&ch, &name, r#"{"workflow": "check"}"#, Some("small-1")).await;
+    let dead = format!("{name}.dead");
+    let letters = Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until("the dead letter", || {
+        let (ch, dead, letters) = (ch.clone(), dead.clone(), letters.clone());
+        async move {
+            let got = drain(&ch, &dead).await;
+            let mut letters = letters.lock().unwrap();
+            letters.extend(got);
+            letters.len() == 1
+        }
+    })
+    .await;
+    wait_until("the small trigger's job", || async {
+        jobs(&engine).await.len() == 1
+    })
+    .await;
+    let letter = letters.lock().unwrap().remove(0);
+    let problem = dead_letter_problem(&letter);
+    assert_eq!(problem["status"], 413, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("200000") && detail.contains("100000"),
+        "{detail}"
+    );
+    assert_eq!(decisions(&engine, "amqp", Decision::Refused).await, 1);
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
+}
+
+/// The problem document of a dead letter.
+fn dead_letter_problem(m: &lapin::message::BasicGetMessage) -> Value {
+    serde_json::from_slice(&m.delivery.data).unwrap()
+}

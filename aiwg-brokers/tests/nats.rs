@@ -371,3 +371,50 @@ async fn events_larger_than_the_server_takes_are_cut_or_dropped_and_never_hold_b
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_message_larger_than_max_message_bytes_is_dead_lettered_unparsed() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let mut cfg = config(url, &name);
+    cfg["nats"]["max_message_bytes"] = json!(100_000);
+    let (engine, running) = start(cfg).await;
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    let big = json!({"workflow": "check", "guidance": "g".repeat(200_000 - 34)}).to_string();
+    assert_eq!(big.len(), 200_000);
+    for body in [big.clone(), r#"{"workflow": "check"}"#.to_owned()] {
+        js.publish(format!("{name}.trigger"), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = format!("{name}.dead");
+    wait_until("the dead letter", || async {
+        stored(&js, &name, &dead).await.len() == 1
+    })
+    .await;
+    wait_until("the small trigger's job", || async {
+        jobs(&engine).await.len() == 1
+    })
+    .await;
+    let letter = stored(&js, &name, &dead).await.remove(0);
+    let problem = dead_letter_problem(&letter);
+    assert_eq!(problem["status"], 413, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("200000") && detail.contains("100000"),
+        "{detail}"
+    );
+    assert_eq!(decisions(&engine, "nats", Decision::Refused).await, 1);
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+/// The problem document of a dead letter.
+fn dead_letter_problem(m: &async_nats::Message) -> Value {
+    serde_json::from_slice(&m.payload).unwrap()
+}

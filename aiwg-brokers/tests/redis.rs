@@ -526,3 +526,60 @@ async fn publishing_what_is_left_at_shutdown_gives_up_at_the_deadline() {
     .expect("the shutdown waited for a broker that is gone");
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
 }
+
+#[tokio::test]
+async fn an_entry_larger_than_max_message_bytes_is_dead_lettered_unparsed_with_a_prefix() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let mut cfg = config(url, &name);
+    cfg["redis"]["max_message_bytes"] = json!(100_000);
+    let (engine, running) = start(cfg).await;
+    let mut c = con(url).await;
+    let trigger = format!("{name}:trigger");
+    // A valid trigger, 200 000 bytes long.
+    let big = json!({"workflow": "check", "guidance": "g".repeat(200_000 - 34)}).to_string();
+    assert_eq!(big.len(), 200_000);
+    let _: String = c.xadd(&trigger, "*", &[("body", &big)]).await.unwrap();
+    // One within the limit after it still runs.
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    let dead = format!("{name}:dead");
+    wait_until("the dead letter", || async {
+        entries(url, &dead).await.len() == 1
+    })
+    .await;
+    wait_until("the small trigger's job", || async {
+        jobs(&engine).await.len() == 1
+    })
+    .await;
+    let letter = entries(url, &dead).await.remove(0);
+    let problem: Value = serde_json::from_str(&letter["problem"]).unwrap();
+    assert_eq!(problem["status"], 413, "{problem}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("payload-too-large"),
+        "{problem}"
+    );
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("200000") && detail.contains("100000"),
+        "{detail}"
+    );
+    // A bounded prefix of the body, marked as cut.
+    assert_eq!(letter["body"].len(), 64 * 1024);
+    assert!(big.starts_with(&letter["body"]));
+    assert_eq!(letter["body_truncated"], "true");
+    assert_eq!(decisions(&engine, "redis", Decision::Refused).await, 1);
+    running.shutdown().await;
+    let _: () = c
+        .del(&[&dead, &trigger, &format!("{name}:events")])
+        .await
+        .unwrap();
+}
