@@ -361,7 +361,8 @@ impl Workspaces {
         // event (after a maintainer's label or approval of what it showed) must not have its
         // new code run in the event's name. Fetched by itself when the head moved on (forges
         // serve reachable commits by id); gone, the job fails. An event that names no commit
-        // (a GitHub comment) runs the head fetched now.
+        // (a GitHub comment when the hooks have no API access to read its pull request) runs
+        // the head fetched now.
         let named = t
             .extra
             .get("head_sha")

@@ -10,7 +10,8 @@
 //! 4. Discord: `allowed_roles`, when not empty, shares a role with the member;
 //! 5. the workflow is in `allowed_workflows` (when set);
 //! 6. a pull request from a fork passes the `fork_policy` (GitHub's `issue_comment` does not
-//!    say where the head lives: there the commenter's association is the gate);
+//!    say where the head lives: with API access (`token` or a GitHub App) the hooks read the
+//!    pull request first, and without it the commenter's association is the gate);
 //! 7. forges take the project from the repository: `--project` is refused there.
 
 use std::fmt;
@@ -68,6 +69,10 @@ pub enum IgnoreReason {
     WorkflowNotAllowed(String),
     /// A pull request from a fork, refused by the fork policy.
     ForkRefused,
+    /// A GitHub comment on a pull request whose head could not be read from the API (the
+    /// forge is down, refused the token, …): neither its origin (`fork_policy`) nor the
+    /// commit to run is known, so the trigger is refused (fail closed).
+    PullRequestUnknown(String),
     /// `--project` on a forge, where the repository is the project.
     ProjectNotAccepted,
     /// The command could not be parsed.
@@ -121,6 +126,9 @@ impl fmt::Display for IgnoreReason {
             }
             Self::WorkflowNotAllowed(w) => write!(f, "workflow `{w}` may not be started from here"),
             Self::ForkRefused => f.write_str("pull requests from forks are refused"),
+            Self::PullRequestUnknown(why) => {
+                write!(f, "the pull request's head could not be read ({why})")
+            }
             Self::ProjectNotAccepted => {
                 f.write_str("`--project` is not accepted here: the repository is the project")
             }
@@ -156,6 +164,7 @@ impl IgnoreReason {
             | Self::NoActor => "not_allowed",
             Self::WorkflowNotAllowed(_) => "workflow_not_allowed",
             Self::ForkRefused => "fork",
+            Self::PullRequestUnknown(_) => "pull_request_unknown",
             Self::ProjectNotAccepted => "project_option",
             Self::InvalidCommand(_) => "invalid_command",
             Self::Rejected(p) => p.slug(),

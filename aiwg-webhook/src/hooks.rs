@@ -330,6 +330,62 @@ impl Setup {
     }
 }
 
+/// The longest a webhook waits for the forge to describe a pull request (GitHub gives a
+/// delivery ten seconds in all).
+const PULL_REQUEST_WAIT: Duration = Duration::from_secs(5);
+
+impl Setup {
+    /// A GitHub comment on a pull request names neither its head commit nor where the head
+    /// lives. With API access the pull request is read, so that `fork_policy` judges its real
+    /// origin and the job runs the commit that was there when it was asked for (not whatever
+    /// the head is when a worker gets to it). `Ok(None)`: nothing to read (not such a comment,
+    /// or no API access: the commenter's association is then the gate, and the head is
+    /// fetched when the job starts).
+    async fn read_pull_request(
+        &self,
+        event: &InboundEvent,
+    ) -> Result<Option<InboundEvent>, IgnoreReason> {
+        let (Some(client), Some(pr), Some(repo)) =
+            (&self.client, &event.pull_request, &event.repository)
+        else {
+            return Ok(None);
+        };
+        if event.platform != Platform::GitHub || pr.head_sha.is_some() {
+            return Ok(None);
+        }
+        let installation = event
+            .reply
+            .get("installation_id")
+            .and_then(|i| i.parse().ok());
+        let target = crate::forge::CommentTarget::new(repo.full_name.clone(), pr.number, true)
+            .installation(installation);
+        let read = tokio::time::timeout(PULL_REQUEST_WAIT, client.pull_request(&target))
+            .await
+            .map_err(|_| "the forge did not answer in time".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match read {
+            Ok(found) if found.number == pr.number => {
+                let mut complete = event.clone();
+                complete.pull_request = Some(found);
+                Ok(Some(complete))
+            }
+            Ok(_) => Err(IgnoreReason::PullRequestUnknown(
+                "the forge answered with another pull request".into(),
+            )),
+            // Where forks may trigger, the origin decides nothing: the job runs the head
+            // fetched when it starts, as without API access.
+            Err(why) if self.policy.fork_policy == crate::config::ForkPolicy::Allow => {
+                tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %why, "could not read a pull request; its job will run the head fetched when it starts");
+                Ok(None)
+            }
+            Err(why) => {
+                tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %why, "could not read a pull request; its comment starts nothing (fork_policy: refuse)");
+                Err(IgnoreReason::PullRequestUnknown(why))
+            }
+        }
+    }
+}
+
 /// What a rule or a command asks for, before authorization.
 enum Origin {
     Command,
@@ -652,6 +708,15 @@ impl Hooks {
         if let Err(outcome) = setup.authorize_actor(event, skip_association).await {
             return outcome;
         }
+        let read;
+        let event = match setup.read_pull_request(event).await {
+            Ok(None) => event,
+            Ok(Some(complete)) => {
+                read = complete;
+                &read
+            }
+            Err(r) => return HookOutcome::Ignored(r),
+        };
         if let Err(r) = authorize_command(&setup.policy, event, &command) {
             return HookOutcome::Ignored(r);
         }

@@ -316,8 +316,85 @@ async fn a_forge_that_is_down_never_fails_the_job() {
     let base = format!("http://127.0.0.1:{port}/api");
     let t = tracker(client(&base, ForgeAuth::Token(Secret::new(TOKEN))), None);
     let rig = rig(&base, vec![t], "fine");
-    // run_job asserts the job completed and the tracker gave up (idle) by itself.
-    run_job(&rig, 5, None).await;
+    // A comment on an issue (on a pull request, the hooks would need the forge to read it
+    // first, and refuse the trigger without it: see below).
+    let mut body: Value = serde_json::from_slice(&comment("@aiwg review", "bob", 5, None)).unwrap();
+    body["issue"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pull_request");
+    let body = body.to_string().into_bytes();
+    let reply = rig
+        .hooks
+        .handle("github", &signed(&body, "d-5"), &body)
+        .await;
+    let HookOutcome::Submitted { job_id, .. } = reply.outcome else {
+        panic!("{:?}", reply.outcome);
+    };
+    let job = rig
+        .engine
+        .wait(job_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Completed);
+    assert!(
+        rig.trackers[0].idle(Duration::from_secs(20)).await,
+        "the tracker gave up by itself"
+    );
+    // On a pull request, with the forge down, the default fork policy refuses: the origin of
+    // the head cannot be known.
+    let body = comment("@aiwg review", "bob", 6, None);
+    let reply = rig
+        .hooks
+        .handle("github", &signed(&body, "d-6"), &body)
+        .await;
+    assert!(
+        matches!(
+            reply.outcome,
+            HookOutcome::Ignored(IgnoreReason::PullRequestUnknown(_))
+        ),
+        "{:?}",
+        reply.outcome
+    );
+}
+
+/// With `fork_policy: allow` the origin decides nothing: a comment on a pull request whose
+/// forge cannot be read still starts its job, which then runs the head fetched when it starts.
+#[tokio::test]
+async fn under_fork_policy_allow_an_unreadable_pull_request_still_starts_its_job() {
+    let fake = fake_github::start("aiwg-bot").await;
+    fake.behaviour.fail_pulls.store(10, Ordering::SeqCst);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("app")).unwrap();
+    let engine = Engine::builder()
+        .executor("echo", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .workflow(Workflow::new("review").step(Step::prompt("draft", "echo", "draft")))
+        .policy(
+            ProjectPolicy::builder()
+                .root(root.path())
+                .map(".*", "app")
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let triggers: TriggersConfig = serde_json::from_value(json!({
+        "github": {"secret": SECRET, "token": TOKEN, "api_url": fake.base, "fork_policy": "allow"}
+    }))
+    .unwrap();
+    let hooks = Hooks::builder(triggers, engine.clone()).build().unwrap();
+    let body = comment("@aiwg review", "bob", 7, None);
+    let reply = hooks.handle("github", &signed(&body, "d-7"), &body).await;
+    let HookOutcome::Submitted { job_id, .. } = reply.outcome else {
+        panic!("{:?}", reply.outcome);
+    };
+    let job = engine.get(job_id).await.unwrap();
+    assert!(!job.trigger.extra.contains_key("head_sha"));
+    assert_eq!(
+        fake.of("GET", "/repos/octo/app/pulls/42").len(),
+        2,
+        "two tries"
+    );
 }
 
 fn openssl(args: &[&str]) -> std::process::Output {
@@ -656,4 +733,65 @@ async fn the_memory_tracking_store_passes_the_suite() {
         Arc::new(MemoryTrackingStore::new()) as Arc<dyn aiwg_webhook::tracking::TrackingStore>
     })
     .await;
+}
+
+/// GitHub's `issue_comment` names neither the pull request's head commit nor where the head
+/// lives. With API access the hooks read the pull request first: the job names the commit that
+/// was the head when it was asked for, and a pull request from a fork is refused by the default
+/// `fork_policy`. Without the read, a comment on a fork's pull request started a job, and the
+/// job ran whatever the head was when a worker got to it.
+#[tokio::test]
+async fn a_comment_on_a_pull_request_runs_its_head_and_a_forks_is_refused() {
+    let fake = fake_github::start("aiwg-bot").await;
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    *fake.behaviour.pull_sha.lock().unwrap() = Some(sha.to_owned());
+    let rig = rig(&fake.base, vec![], "ok");
+    let job = run_job(&rig, 9101, None).await;
+    let reads = fake.of("GET", "/repos/octo/app/pulls/42");
+    assert_eq!(reads.len(), 1, "the pull request was read once");
+    assert_eq!(reads[0].authorization, format!("Bearer {TOKEN}"));
+    let job = rig.engine.get(job).await.unwrap();
+    let extra = &job.trigger.extra;
+    assert_eq!(extra.get("head_sha").map(String::as_str), Some(sha));
+    assert!(extra.contains_key("head_ref"), "{extra:?}");
+
+    // A fork's pull request: refused, nothing submitted.
+    fake.behaviour.pull_from_fork.store(true, Ordering::SeqCst);
+    let body = comment("@aiwg review", "bob", 9102, None);
+    let reply = rig
+        .hooks
+        .handle("github", &signed(&body, "d-9102"), &body)
+        .await;
+    assert!(
+        matches!(
+            reply.outcome,
+            HookOutcome::Ignored(IgnoreReason::ForkRefused)
+        ),
+        "{:?}",
+        reply.outcome
+    );
+
+    // A forge that cannot say: refused (fail closed), within the webhook's time.
+    fake.behaviour.pull_from_fork.store(false, Ordering::SeqCst);
+    fake.behaviour.fail_pulls.store(10, Ordering::SeqCst);
+    let body = comment("@aiwg review", "bob", 9103, None);
+    let reply = rig
+        .hooks
+        .handle("github", &signed(&body, "d-9103"), &body)
+        .await;
+    match &reply.outcome {
+        HookOutcome::Ignored(r @ IgnoreReason::PullRequestUnknown(why)) => {
+            assert!(why.contains("502"), "{why}");
+            assert!(!why.contains(TOKEN) && !why.contains(&fake.base), "{why}");
+            assert_eq!(r.label(), "pull_request_unknown");
+        }
+        other => panic!("{other:?}"),
+    }
+    let page = rig
+        .engine
+        .list(&aiwg_core::store::JobQuery::default().limit(10))
+        .await
+        .unwrap();
+    assert_eq!(page.jobs.len(), 1, "only the first comment started a job");
+    fake.assert_conforms();
 }

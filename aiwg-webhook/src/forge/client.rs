@@ -137,6 +137,38 @@ impl fmt::Debug for ForgeClient {
     }
 }
 
+/// A GitHub pull request document's head and base (`GET /repos/{owner}/{repo}/pulls/{n}`);
+/// `None` when it is not one, or its head commit is not a commit id.
+fn pull_request_of(v: &Value) -> Option<crate::event::PullRequest> {
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let (head, base) = (&v["head"], &v["base"]);
+    let sha = text(&head["sha"])
+        .filter(|s| (40..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let (head_repo, base_repo) = (&head["repo"], &base["repo"]);
+    // A head whose repository is gone (`null`) was a fork that was deleted; otherwise the two
+    // repositories are compared by id, which a rename or a transfer does not change.
+    let from_fork = if head_repo.is_null() {
+        true
+    } else {
+        match (head_repo["id"].as_u64(), base_repo["id"].as_u64()) {
+            (Some(h), Some(b)) => h != b,
+            _ => !head_repo["full_name"]
+                .as_str()
+                .zip(base_repo["full_name"].as_str())
+                .is_some_and(|(h, b)| h.eq_ignore_ascii_case(b)),
+        }
+    };
+    Some(crate::event::PullRequest {
+        number: v["number"].as_u64()?,
+        head_ref: text(&head["ref"]),
+        head_sha: Some(sha),
+        head_repo: text(&head_repo["full_name"]),
+        head_clone_url: text(&head_repo["clone_url"]),
+        base_ref: text(&base["ref"]),
+        from_fork: Some(from_fork),
+    })
+}
+
 /// Percent-encodes one path segment.
 pub(crate) fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -503,6 +535,42 @@ impl ForgeClient {
             .await
             .map(drop)
             .map_err(|e| self.refused(&token, e))
+    }
+
+    /// A GitHub pull request as it is now: its head (commit, branch, repository) and base, and
+    /// whether the head lives in another repository. GitHub's `issue_comment` names none of
+    /// these, so a comment's job learns them here before it is authorized (`fork_policy`) and
+    /// run (the worktree is made at this commit). Two quick tries: a webhook is not held up
+    /// long by a forge that is down.
+    ///
+    /// # Errors
+    /// [`ForgeError`] when the forge does not answer with a pull request, or its head commit
+    /// is not a commit id.
+    pub async fn pull_request(
+        &self,
+        t: &CommentTarget,
+    ) -> Result<crate::event::PullRequest, ForgeError> {
+        let what = "read the pull request";
+        if self.platform != Platform::GitHub {
+            return Err(ForgeError::Target("only GitHub's pull requests are read"));
+        }
+        let (o, r) = t.owner_repo()?;
+        let url = format!(
+            "{}/repos/{}/{}/pulls/{}",
+            self.base,
+            seg(o),
+            seg(r),
+            t.number
+        );
+        let token = self.token(Some(t)).await?;
+        let v = self
+            .json_tries(what, reqwest::Method::GET, url, &token, None, 2)
+            .await
+            .map_err(|e| self.refused(&token, e))?;
+        pull_request_of(&v).ok_or(ForgeError::Unexpected {
+            platform: self.platform,
+            what,
+        })
     }
 
     /// The bot's own login, asked of the forge once (a GitHub App: `<slug>[bot]`; a token: its

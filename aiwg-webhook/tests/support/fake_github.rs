@@ -4,7 +4,7 @@
 //! it got.
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Bytes;
@@ -34,6 +34,42 @@ pub struct Behaviour {
     pub token_ttl_secs: AtomicU64,
     /// Bearer tokens answered 401 Bad credentials (revoked before they expired).
     pub revoked: Mutex<Vec<String>>,
+    /// Answer the next N reads of a pull request with 502.
+    pub fail_pulls: AtomicUsize,
+    /// The head commit of every pull request read (default: the description's example's).
+    pub pull_sha: Mutex<Option<String>>,
+    /// Pull requests' heads live in another repository (a fork).
+    pub pull_from_fork: AtomicBool,
+}
+
+/// GitHub's own example of `GET /repos/{owner}/{repo}/pulls/{pull_number}`'s answer (from the
+/// OpenAPI description, when it is installed; else the fields the client reads), made pull
+/// request `number` with `sha` as its head, from a fork when `fork`.
+pub fn pull_document(number: u64, sha: Option<&str>, fork: bool) -> Value {
+    let mut v = openapi()
+        .and_then(|d| {
+            d.pointer("/paths/~1repos~1{owner}~1{repo}~1pulls~1{pull_number}/get/responses/200/content/application~1json/examples/default/value")
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            json!({
+                "number": 1347,
+                "head": {"ref": "new-topic", "sha": "6dcb09b5b57875f334f61aebed695e2e4193db5e",
+                         "repo": {"id": 1296269, "full_name": "octocat/Hello-World", "clone_url": "https://github.com/octocat/Hello-World.git"}},
+                "base": {"ref": "master", "sha": "6dcb09b5b57875f334f61aebed695e2e4193db5e",
+                         "repo": {"id": 1296269, "full_name": "octocat/Hello-World", "clone_url": "https://github.com/octocat/Hello-World.git"}}
+            })
+        });
+    v["number"] = json!(number);
+    if let Some(sha) = sha {
+        v["head"]["sha"] = json!(sha);
+    }
+    if fork {
+        v["head"]["repo"]["id"] = json!(4242);
+        v["head"]["repo"]["full_name"] = json!("mallory/Hello-World");
+        v["head"]["repo"]["clone_url"] = json!("https://github.com/mallory/Hello-World.git");
+    }
+    v
 }
 
 pub struct FakeGitHub {
@@ -278,6 +314,24 @@ async fn handle(
                 StatusCode::CREATED,
                 json!({"token": format!("ghs_installation_{id}_{}", s.next_id.fetch_add(1, Ordering::SeqCst)),
                        "expires_at": exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}),
+            )
+        }
+        ("GET", ["", "repos", _, _, "pulls", n]) => {
+            if b.fail_pulls.load(Ordering::SeqCst) > 0 {
+                b.fail_pulls.fetch_sub(1, Ordering::SeqCst);
+                return json_answer(StatusCode::BAD_GATEWAY, json!({"message": "Server Error"}));
+            }
+            let Ok(number) = n.parse::<u64>() else {
+                return json_answer(StatusCode::NOT_FOUND, json!({"message": "Not Found"}));
+            };
+            let sha = b.pull_sha.lock().unwrap().clone();
+            json_answer(
+                StatusCode::OK,
+                pull_document(
+                    number,
+                    sha.as_deref(),
+                    b.pull_from_fork.load(Ordering::SeqCst),
+                ),
             )
         }
         ("POST", ["", "repos", _, _, "issues", _, "comments"]) => {
