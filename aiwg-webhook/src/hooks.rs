@@ -144,7 +144,7 @@ impl HooksBuilder {
     /// is configured but not compiled in.
     pub fn build(self) -> Result<Hooks, BuildError> {
         let c = self.config;
-        let mut setups = Vec::new();
+        let mut setups: Vec<Setup> = Vec::new();
         // One line per platform: its module builds its endpoint from its section.
         #[cfg(feature = "github")]
         if let Some(g) = &c.github {
