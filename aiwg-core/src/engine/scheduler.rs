@@ -147,31 +147,38 @@ async fn fire(
     }
 }
 
-/// Whether a job an earlier tick of `workflow` started has not finished.
+/// Whether a job an earlier tick of `workflow` started has not finished. Every unfinished job
+/// of the workflow is read, page by page: a first page alone missed a scheduled job behind 500
+/// others (jobs the API started, say).
 async fn still_running(engine: &Engine, workflow: &str, tick: chrono::DateTime<Utc>) -> bool {
     let this_tick = tick.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    for status in [
-        JobStatus::Running,
-        JobStatus::Queued,
-        JobStatus::AwaitingApproval,
-    ] {
-        let query = JobQuery::default()
+    for status in JobStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+        let mut query = JobQuery::default()
             .status(status)
             .workflow(workflow)
-            .limit(500);
-        let Ok(page) = engine.inner.store.list(&query).await else {
-            // Unknown: starting nothing is the safe side of `overlap: skip`.
-            return true;
-        };
-        if page.jobs.iter().any(|j| {
-            j.trigger.source == "schedule"
-                && j.trigger.extra.get("tick").map(String::as_str) != Some(this_tick.as_str())
-        }) {
-            return true;
+            .limit(PAGE);
+        loop {
+            let Ok(page) = engine.inner.store.list(&query).await else {
+                // Unknown: starting nothing is the safe side of `overlap: skip`.
+                return true;
+            };
+            if page.jobs.iter().any(|j| {
+                j.trigger.source == "schedule"
+                    && j.trigger.extra.get("tick").map(String::as_str) != Some(this_tick.as_str())
+            }) {
+                return true;
+            }
+            match page.next_cursor {
+                Some(next) => query.cursor = Some(next),
+                None => break,
+            }
         }
     }
     false
 }
+
+/// Jobs read a page when looking for an unfinished scheduled one.
+const PAGE: usize = 500;
 
 #[cfg(test)]
 mod tests {
@@ -226,5 +233,50 @@ mod tests {
         });
         stop.cancel();
         assert_eq!(waiting.await.unwrap(), None);
+    }
+
+    /// An unfinished scheduled job behind more than a page of other jobs of its workflow (the
+    /// API's, queued after it) still stops the next tick under `overlap: skip`. Only the first
+    /// 500 of each status were read, and this one was missed.
+    #[tokio::test]
+    async fn a_scheduled_job_behind_a_page_of_others_still_counts_as_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder()
+            .policy(
+                crate::ProjectPolicy::builder()
+                    .root(dir.path())
+                    .build()
+                    .unwrap(),
+            )
+            .workers(1)
+            .executor(
+                "hang",
+                std::sync::Arc::new(crate::test_util::ScriptedExecutor::hanging()),
+            )
+            .workflow(crate::Workflow::new("busy").step(crate::Step::prompt("s", "hang", "x")))
+            .build()
+            .unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 12, 7, 3, 0, 0).unwrap();
+        // One job holds the only worker; the scheduled one waits behind it, and 600 of the
+        // API's after that.
+        engine.submit(JobRequest::new("busy")).await.unwrap();
+        let mut trigger = TriggerInfo::new("schedule");
+        trigger.extra.insert(
+            "tick".into(),
+            t0.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+        engine
+            .submit(JobRequest::new("busy").trigger(trigger))
+            .await
+            .unwrap();
+        assert!(!still_running(&engine, "other", t0).await);
+        for _ in 0..600 {
+            engine.submit(JobRequest::new("busy")).await.unwrap();
+        }
+        let next = t0 + chrono::Duration::days(1);
+        assert!(still_running(&engine, "busy", next).await);
+        // The tick's own job does not stop it.
+        assert!(!still_running(&engine, "busy", t0).await);
+        engine.shutdown(Duration::ZERO).await;
     }
 }
