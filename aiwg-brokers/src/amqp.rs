@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use aiwg_core::http::Problem;
 use aiwg_core::Engine;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -17,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::max_message_bytes;
 use crate::events::{count_dropped, EventQueue};
-use crate::submit::submit_bounded;
-use crate::{pause, problem_document, reconnect_delay, AmqpConfig, BrokerError, Started, Verdict};
+use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
+use crate::{pause, reconnect_delay, AmqpConfig, BrokerError, Started, Verdict};
 
 const BROKER: &str = "amqp";
 
@@ -229,7 +230,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
                     let done = match verdict {
                         Verdict::Stored { .. } => Ok(true),
                         Verdict::Refused(problem) => {
-                            dead_letter(&ch, &cfg, id.as_deref(), &problem_document(&problem)).await
+                            dead_letter(&ch, &cfg, &delivery, id.as_deref(), &problem).await
                         }
                         Verdict::Retry(e) => {
                             tracing::info!(error = %e, "amqp: trigger refused for now; requeueing");
@@ -274,30 +275,54 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
     }
 }
 
-/// Publishes the problem document of a refused message (`id`: its `message_id`, when it has
-/// one); `Ok(true)` once confirmed.
+/// The most bytes a dead letter's `aiwg-problem` header takes (its detail is cut to fit).
+const PROBLEM_HEADER_MAX: usize = 2048;
+
+/// Publishes the dead letter of `delivery` (`id`: its `message_id`, when it has one), refused
+/// with `problem`: its own body (the first 64 KiB when larger than `max_message_bytes`), content
+/// type and headers, with the problem document added in the header `aiwg-problem`; `Ok(true)`
+/// once confirmed.
 async fn dead_letter(
     ch: &Channel,
     cfg: &AmqpConfig,
+    delivery: &lapin::message::Delivery,
     id: Option<&str>,
-    doc: &str,
+    problem: &Problem,
 ) -> Result<bool, Trouble> {
-    let mut properties = BasicProperties::default()
-        .with_content_type("application/problem+json".into())
-        .with_delivery_mode(2);
+    let (body, cut) = dead_letter_body(&delivery.data, max_message_bytes(cfg.max_message_bytes));
+    let original = &delivery.properties;
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(
+        "aiwg-problem".into(),
+        AMQPValue::LongString(problem_document_within(problem, PROBLEM_HEADER_MAX).into()),
+    );
+    headers.insert(
+        "aiwg-queue".into(),
+        AMQPValue::LongString(cfg.queue.as_str().into()),
+    );
+    if cut {
+        headers.insert("aiwg-body-truncated".into(), AMQPValue::Boolean(true));
+    }
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(t) = original.content_type() {
+        properties = properties.with_content_type(t.clone());
+    }
+    if let Some(e) = original.content_encoding() {
+        properties = properties.with_content_encoding(e.clone());
+    }
     if let Some(id) = id {
-        let mut headers = FieldTable::default();
         headers.insert("aiwg-message-id".into(), AMQPValue::LongString(id.into()));
         properties = properties
-            .with_correlation_id(id.into())
-            .with_headers(headers);
+            .with_message_id(id.into())
+            .with_correlation_id(id.into());
     }
+    let properties = properties.with_headers(headers);
     let confirm = answered(async {
         ch.basic_publish(
             cfg.dead_letter_exchange.as_str().into(),
             dead_key(cfg).as_str().into(),
             BasicPublishOptions::default(),
-            doc.as_bytes(),
+            body,
             properties,
         )
         .await?

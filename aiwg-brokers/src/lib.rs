@@ -28,10 +28,10 @@
 //!    least once — redelivered after an acknowledgement that was lost, it runs again.
 //!    **Publishers should set `message_id`** (unique per message) for exactly once.
 //! 3. **Acknowledge.** Only once the job is stored. A refusal that retrying cannot cure (bad
-//!    JSON, unknown workflow, invalid parameters, a project outside the roots) is acknowledged
-//!    and its [`Problem`] document — the body the HTTP API would have
-//!    answered — is published to the dead-letter subject / routing key / stream, so a message
-//!    is never retried forever. A transient refusal (queue full, shutting down, a store
+//!    JSON, unknown workflow, invalid parameters, a project outside the roots, a body over
+//!    `max_message_bytes`) is acknowledged once its dead letter (below) — the message with the
+//!    [`Problem`] document the HTTP API would have answered — is published to the dead-letter
+//!    subject / routing key / stream, so a message is never retried forever. A transient refusal (queue full, shutting down, a store
 //!    failure) is negatively acknowledged and redelivered after [`retry_delay`](NatsConfig::retry_delay).
 //! 4. **Publish events.** [`Brokers::observer`] is a [`JobObserver`]: every job event that
 //!    becomes an outbound webhook (`job.queued`, `job.started`, `job.step.completed`,
@@ -49,6 +49,22 @@
 //!    cannot cure (NATS: larger than `max_payload`; RabbitMQ: `PRECONDITION_FAILED`,
 //!    `ACCESS_REFUSED`; Redis: an error reply such as `WRONGTYPE` or `NOPERM`) is dropped with an
 //!    `error` log (`reason="refused"`) instead of holding back every later one.
+//!
+//! # Dead letters
+//!
+//! A dead letter keeps the refused message's own body — all of it, or its first 64 KiB when it
+//! is larger than `max_message_bytes` (then marked as cut) — so it can be inspected, and
+//! published again as a trigger once what refused it is fixed. The problem document (JSON:
+//! `type`, `title`, `status`, `detail`; in a header at most 2 KiB, its `detail` cut to fit)
+//! goes beside it:
+//!
+//! | broker | body | problem | also |
+//! |---|---|---|---|
+//! | NATS | the payload | header `Aiwg-Problem` | `Aiwg-Message-Id` (the id of the key), `Aiwg-Subject` (where it came from), `Nats-Msg-Id: dead:<id>`, the message's `Content-Type`, `Aiwg-Body-Truncated: true` when cut (also when the body and headers would not fit in the server's `max_payload`) |
+//! | RabbitMQ | the body | header `aiwg-problem` | the message's headers, content type and encoding; `aiwg-queue`; its `message_id` as `message_id`, `correlation_id` and header `aiwg-message-id`; `aiwg-body-truncated: true` (a boolean) when cut |
+//! | Redis | field `body` | field `problem` | `message_id` (the entry id); `body_truncated: "true"` when cut |
+//!
+//! (Before this format the NATS and RabbitMQ payload was the problem document itself.)
 //!
 //! [`RunningBrokers::shutdown_within`] publishes what is still buffered before it stops (events
 //! of jobs that finished during the engine's shutdown); [`RunningBrokers::shutdown`] stops at

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::max_message_bytes;
 use crate::events::{count_dropped, EventQueue, NATS_HEADER_ROOM};
-use crate::submit::submit_bounded;
-use crate::{pause, problem_document, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
+use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
+use crate::{pause, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
 
 const BROKER: &str = "nats";
 
@@ -158,13 +158,10 @@ async fn handle(
             }
         }
         Verdict::Refused(problem) => {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("dead:{id}").as_str());
-            headers.insert("Aiwg-Message-Id", id.as_str());
-            headers.insert("Content-Type", "application/problem+json");
-            let doc = problem_document(&problem);
+            let max_payload = js.client().max_payload();
+            let (headers, body) = dead_letter(&msg, &id, &problem, limit, max_payload);
             let sent = match js
-                .publish_with_headers(cfg.dead_letter_subject.clone(), headers, doc.into())
+                .publish_with_headers(cfg.dead_letter_subject.clone(), headers, body)
                 .await
             {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -193,6 +190,54 @@ async fn handle(
                 .await;
         }
     }
+}
+
+/// The most bytes a dead letter's `Aiwg-Problem` header takes (its detail is cut to fit).
+const PROBLEM_HEADER_MAX: usize = 2048;
+
+/// The dead letter of `msg` (its id `id`), refused with `problem`: its own body (the first
+/// 64 KiB when larger than `limit`, and at most what fits in `max_payload` beside the
+/// headers) with the problem document and where the message came from in headers.
+fn dead_letter(
+    msg: &jetstream::Message,
+    id: &str,
+    problem: &aiwg_core::http::Problem,
+    limit: usize,
+    max_payload: usize,
+) -> (HeaderMap, bytes::Bytes) {
+    let mut headers = HeaderMap::new();
+    // Values that came in as headers or are ours; a broken one is left out, not a panic.
+    let add = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(v) = value.parse::<async_nats::HeaderValue>() {
+            headers.insert(name, v);
+        }
+    };
+    let problem = problem_document_within(problem, PROBLEM_HEADER_MAX);
+    add(&mut headers, "Nats-Msg-Id", &format!("dead:{id}"));
+    add(&mut headers, "Aiwg-Message-Id", id);
+    add(&mut headers, "Aiwg-Subject", msg.subject.as_str());
+    add(&mut headers, "Aiwg-Problem", &problem);
+    let content_type = msg.headers.as_ref().and_then(|h| h.get("Content-Type"));
+    if let Some(t) = content_type {
+        add(&mut headers, "Content-Type", t.as_str());
+    }
+    let (kept, mut cut) = dead_letter_body(&msg.payload, limit);
+    // The server counts the headers in `max_payload`: room for them, the marker and framing.
+    let header_bytes = 2 * id.len()
+        + msg.subject.len()
+        + problem.len()
+        + content_type.map_or(0, |t| t.as_str().len())
+        + 256;
+    let room = max_payload.saturating_sub(header_bytes);
+    let mut len = kept.len();
+    if len > room {
+        len = room;
+        cut = true;
+    }
+    if cut {
+        add(&mut headers, "Aiwg-Body-Truncated", "true");
+    }
+    (headers, msg.payload.slice(..len))
 }
 
 /// The largest event body the server takes: its `max_payload` less room for the headers.

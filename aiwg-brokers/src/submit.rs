@@ -94,8 +94,19 @@ pub(crate) fn dead_letter_body(body: &[u8], limit: usize) -> (&[u8], bool) {
 
 /// The refusal of a body of `size` bytes, more than `limit`: 413 `payload-too-large`.
 fn too_large(size: usize, limit: usize) -> Problem {
-    /// `Problem::new` with the status `code`. Its status type is `http`'s `StatusCode`, a
-    /// dependency of `aiwg-core`, not of this crate: reached through the function's type.
+    problem(
+        413,
+        "payload-too-large",
+        format!(
+            "the message body is {size} bytes, more than the limit of {limit} \
+             (max_message_bytes); it was not parsed"
+        ),
+    )
+}
+
+/// A problem with the status `code`. `Problem::new` takes `http`'s `StatusCode`, a dependency
+/// of `aiwg-core`, not of this crate: the type is reached through the function's own.
+fn problem(code: u16, slug: &'static str, detail: String) -> Problem {
     fn with_status<S: TryFrom<u16>>(
         new: fn(S, &'static str, String) -> Problem,
         code: u16,
@@ -107,15 +118,7 @@ fn too_large(size: usize, limit: usize) -> Problem {
             Err(_) => unreachable!("{code} is a valid status code"),
         }
     }
-    with_status(
-        Problem::new,
-        413,
-        "payload-too-large",
-        format!(
-            "the message body is {size} bytes, more than the limit of {limit} \
-             (max_message_bytes); it was not parsed"
-        ),
-    )
+    with_status(Problem::new, code, slug, detail)
 }
 
 /// Like [`submit_message`] (`message_id` `None`: [`submit_message_without_id`]), refusing
@@ -208,6 +211,43 @@ pub fn problem_document(problem: &Problem) -> String {
     serde_json::to_string(problem).unwrap_or_else(|_| "{}".into())
 }
 
+/// The JSON document of a refusal, at most `max` bytes long (for a header): when the whole
+/// document is longer, its `detail` is cut (at a character boundary, ending with `…`).
+#[allow(dead_code)] // without any broker feature nothing dead-letters
+pub(crate) fn problem_document_within(problem: &Problem, max: usize) -> String {
+    let doc = problem_document(problem);
+    if doc.len() <= max {
+        return doc;
+    }
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::to_value(problem) else {
+        return doc;
+    };
+    let detail = problem.detail();
+    let mut with_detail = |keep: usize| {
+        let mut cut = detail[..keep].to_owned();
+        cut.push('…');
+        fields.insert("detail".into(), serde_json::Value::String(cut));
+        serde_json::Value::Object(fields.clone()).to_string()
+    };
+    // The longest cut that fits: `fits` fits (0 bytes kept, when nothing does), `over` does not.
+    let (mut fits, mut over) = (0, detail.len());
+    while over - fits > 1 {
+        let mut mid = fits + (over - fits) / 2;
+        while !detail.is_char_boundary(mid) {
+            mid -= 1;
+        }
+        if mid == fits {
+            break;
+        }
+        if with_detail(mid).len() <= max {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    with_detail(fits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +333,26 @@ mod tests {
             "{verdict:?}"
         );
         rt.block_on(engine.shutdown(std::time::Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_problem_document_for_a_header_is_bounded_and_still_json() {
+        let short = problem(404, "unknown-workflow", "unknown workflow `x`".into());
+        assert_eq!(
+            problem_document_within(&short, 1024),
+            problem_document(&short)
+        );
+        let long = problem(
+            404,
+            "unknown-workflow",
+            format!("unknown workflow `{}`", "é\"".repeat(2000)),
+        );
+        let doc = problem_document_within(&long, 1024);
+        assert!(doc.len() <= 1024, "{}", doc.len());
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(v["status"], 404);
+        assert!(v["detail"].as_str().unwrap().ends_with('…'), "{v}");
+        assert!(v["detail"].as_str().unwrap().len() > 500, "{v}");
     }
 
     #[test]

@@ -191,8 +191,10 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
     })
     .await;
     let letters = std::mem::take(&mut *letters.lock().unwrap());
-    let first: Value = serde_json::from_slice(&letters[0].delivery.data).unwrap();
+    // Each keeps the message's own body, the problem document in a header.
+    let first = dead_letter_problem(&letters[0]);
     assert_eq!(first["status"], 400);
+    assert_eq!(letters[0].delivery.data, b"not json");
     assert!(
         first["type"].as_str().unwrap().ends_with("invalid-body"),
         "{first}"
@@ -206,8 +208,14 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
             .map(|c| c.as_str()),
         Some("bad-1")
     );
-    let second: Value = serde_json::from_slice(&letters[1].delivery.data).unwrap();
+    let second = dead_letter_problem(&letters[1]);
     assert_eq!(second["status"], 404, "{second}");
+    assert_eq!(letters[1].delivery.data, br#"{"workflow": "nope"}"#);
+    assert_eq!(
+        header(&letters[1], "aiwg-message-id").as_deref(),
+        Some("bad-2")
+    );
+    assert_eq!(header(&letters[1], "aiwg-body-truncated"), None);
     assert_eq!(jobs(&engine).await.len(), 1);
     running.shutdown().await;
     clean_up(&ch, &name).await;
@@ -567,12 +575,30 @@ async fn a_message_larger_than_max_message_bytes_is_dead_lettered_unparsed() {
         detail.contains("200000") && detail.contains("100000"),
         "{detail}"
     );
+    // The first 64 KiB of the body, marked as cut.
+    assert_eq!(letter.delivery.data, &big.as_bytes()[..64 * 1024]);
+    assert_eq!(
+        header(&letter, "aiwg-body-truncated").as_deref(),
+        Some("true")
+    );
     assert_eq!(decisions(&engine, "amqp", Decision::Refused).await, 1);
     running.shutdown().await;
     clean_up(&ch, &name).await;
 }
 
-/// The problem document of a dead letter.
+/// The header `name` of a dead letter, as text.
+fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let headers = m.delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        lapin::types::AMQPValue::Boolean(b) => Some(b.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// The problem document of a dead letter (its header `aiwg-problem`).
 fn dead_letter_problem(m: &lapin::message::BasicGetMessage) -> Value {
-    serde_json::from_slice(&m.delivery.data).unwrap()
+    let doc = header(m, "aiwg-problem")
+        .unwrap_or_else(|| panic!("a dead letter without aiwg-problem: {m:?}"));
+    serde_json::from_str(&doc).unwrap()
 }

@@ -125,14 +125,29 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
     })
     .await;
     let letters = stored(&js, &name, &dead).await;
-    let first: Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    // Each keeps the message's own body, the problem document in a header.
+    let first = dead_letter_problem(&letters[0]);
     assert_eq!(first["status"], 400);
     assert!(
         first["type"].as_str().unwrap().ends_with("invalid-body"),
         "{first}"
     );
-    let second: Value = serde_json::from_slice(&letters[1].payload).unwrap();
+    assert_eq!(&letters[0].payload[..], b"not json");
+    let second = dead_letter_problem(&letters[1]);
     assert_eq!(second["status"], 404, "{second}");
+    assert_eq!(&letters[1].payload[..], br#"{"workflow": "nope"}"#);
+    let header = |m: &async_nats::Message, h: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|hs| hs.get(h))
+            .map(|v| v.as_str().to_owned())
+    };
+    assert_eq!(
+        header(&letters[1], "Aiwg-Subject").as_deref(),
+        Some(format!("{name}.trigger").as_str())
+    );
+    assert!(header(&letters[1], "Aiwg-Message-Id").is_some());
+    assert_eq!(header(&letters[1], "Aiwg-Body-Truncated"), None);
     let consumer: jetstream::consumer::PullConsumer = js
         .get_stream(format!("AIWG_{name}"))
         .await
@@ -409,12 +424,27 @@ async fn a_message_larger_than_max_message_bytes_is_dead_lettered_unparsed() {
         detail.contains("200000") && detail.contains("100000"),
         "{detail}"
     );
+    // The first 64 KiB of the body, marked as cut.
+    assert_eq!(&letter.payload[..], &big.as_bytes()[..64 * 1024]);
+    assert_eq!(
+        letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Aiwg-Body-Truncated"))
+            .map(|v| v.as_str()),
+        Some("true")
+    );
     assert_eq!(decisions(&engine, "nats", Decision::Refused).await, 1);
     running.shutdown().await;
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }
 
-/// The problem document of a dead letter.
+/// The problem document of a dead letter (its header `Aiwg-Problem`).
 fn dead_letter_problem(m: &async_nats::Message) -> Value {
-    serde_json::from_slice(&m.payload).unwrap()
+    let doc = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Aiwg-Problem"))
+        .unwrap_or_else(|| panic!("a dead letter without Aiwg-Problem: {m:?}"));
+    serde_json::from_str(doc.as_str()).unwrap()
 }
