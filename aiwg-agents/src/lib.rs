@@ -172,7 +172,10 @@
 //!
 //! [`OpenCode`] drives an `opencode serve` server: it creates (or resumes) a session in the
 //! project directory, sends the prompt asynchronously and follows the server's event stream
-//! until the session is idle. [`OpenCodeServer`] can start and supervise a local server.
+//! until the session is idle. [`OpenCodeServer`] can start and supervise a local server; a
+//! client that owns it ([`OpenCodeServer::into_client`], or a `serve:` section in the
+//! configuration) starts a new one when the old one died, and no client of a supervised server
+//! sends anything (its password least of all) to the port of a server process that is gone.
 //!
 //! # 5. Balance over several backends
 //!

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, Input, ProcessOptions, Tree};
+use crate::process::{self, Identity, Input, ProcessOptions, Tree};
 use crate::{AgentError, ConfigError};
 
 /// The environment variable naming the `opencode` binary for [`OpenCodeServer`].
@@ -57,8 +57,11 @@ pub struct OpenCode {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     client: reqwest::Client,
-    /// A supervised server this client owns: it runs as long as a clone of the client does.
-    server: Option<Arc<OpenCodeServer>>,
+    /// A supervised server this client owns: it runs as long as a clone of the client does,
+    /// and is replaced when it died.
+    server: Option<Arc<Supervisor>>,
+    /// The process that listens at `base`: nothing is sent once it is gone.
+    listener: Option<Identity>,
 }
 
 impl std::fmt::Debug for OpenCode {
@@ -87,7 +90,8 @@ pub struct OpenCodeBuilder {
     idle_timeout: Option<Duration>,
     abort_wait: Duration,
     connect_timeout: Duration,
-    server: Option<Arc<OpenCodeServer>>,
+    server: Option<Arc<Supervisor>>,
+    listener: Option<Identity>,
 }
 
 impl std::fmt::Debug for OpenCodeBuilder {
@@ -115,13 +119,43 @@ impl OpenCode {
             abort_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             server: None,
+            listener: None,
         }
     }
 
-    /// The server's base URL.
+    /// The server's base URL (for a client that owns its server,
+    /// [`OpenCodeServer::into_client`], the address the server had when the client was built;
+    /// a server started again after it died listens elsewhere).
     #[must_use]
     pub fn url(&self) -> &str {
         &self.base
+    }
+
+    /// The process id of the server this client owns ([`OpenCodeServer::into_client`]): the
+    /// one running now, or the last one started. `None` for a client of a server it does not
+    /// own.
+    #[must_use]
+    pub fn server_pid(&self) -> Option<u32> {
+        let sup = self.server.as_ref()?;
+        sup.now.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// This client, aimed at the supervised server it owns, which is started again first if it
+    /// died (a client of a server it does not own: itself).
+    async fn current(&self) -> Result<std::borrow::Cow<'_, OpenCode>, ExecutorError> {
+        let Some(sup) = &self.server else {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        };
+        // In a task of its own: a caller that gives up (a cancel, a health check's timeout)
+        // does not stop a new server half-way through its start, and the next caller finds it.
+        let (url, listener) = match tokio::spawn(Arc::clone(sup).ensure()).await {
+            Ok(r) => r?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        let mut oc = self.clone();
+        oc.base = url;
+        oc.listener = listener;
+        Ok(std::borrow::Cow::Owned(oc))
     }
 
     fn req(&self, method: reqwest::Method, path: &str, dir: &Path) -> reqwest::RequestBuilder {
@@ -136,6 +170,13 @@ impl OpenCode {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, ExecutorError> {
+        // The server we started is gone: whatever listens at its port now is not ours, and
+        // must not get the password.
+        if self.listener.is_some_and(|l| !l.alive()) {
+            return Err(ExecutorError::Spawn(aiwg_core::BackendError::from(
+                "the supervised opencode server is no longer running",
+            )));
+        }
         let resp = r.send().await.map_err(|source| AgentError::Connect {
             url: self.base.clone(),
             source,
@@ -323,6 +364,7 @@ impl OpenCodeBuilder {
             abort_wait: self.abort_wait,
             client,
             server: self.server,
+            listener: self.listener,
         })
     }
 }
@@ -541,15 +583,14 @@ impl RunState {
     }
 }
 
-#[async_trait]
-impl Executor for OpenCode {
-    async fn execute(
+impl OpenCode {
+    /// One run on the server at `self.base`.
+    async fn run(
         &self,
         request: AgentRequest,
         events: EventSink,
         cancel: CancellationToken,
     ) -> Result<AgentResult, ExecutorError> {
-        request.validate()?;
         let dir = request.project_path.as_path();
         // At most `MAX_TIMEOUT` from now: `validate` refuses longer.
         let deadline = aiwg_core::util::deadline(Instant::now(), request.timeout);
@@ -669,6 +710,24 @@ impl Executor for OpenCode {
         self.stop_session(&session, dir, &mut sse, &mut st).await;
         Err(stop)
     }
+}
+
+#[async_trait]
+impl Executor for OpenCode {
+    /// Runs the prompt; a supervised server that died since the last run
+    /// ([`OpenCodeServer::into_client`]) is started again first.
+    async fn execute(
+        &self,
+        request: AgentRequest,
+        events: EventSink,
+        cancel: CancellationToken,
+    ) -> Result<AgentResult, ExecutorError> {
+        request.validate()?;
+        let deadline = aiwg_core::util::deadline(Instant::now(), request.timeout);
+        let limit = (&cancel, deadline, request.timeout);
+        let oc = bounded(limit, self.current()).await?;
+        oc.run(request, events, cancel).await
+    }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(true, true, true)
@@ -678,12 +737,18 @@ impl Executor for OpenCode {
         "opencode"
     }
 
+    /// Asks the server (`GET /path`); a supervised server that died is started again first, so
+    /// that a pool's health checks bring it back.
     async fn health(&self) -> Health {
-        let mut r = self.client.get(format!("{}/path", self.base));
-        if let Some(p) = &self.password {
-            r = r.basic_auth(&self.username, Some(p));
+        let oc = match self.current().await {
+            Ok(oc) => oc,
+            Err(e) => return Health::unhealthy(e.to_string()),
+        };
+        let mut r = oc.client.get(format!("{}/path", oc.base));
+        if let Some(p) = &oc.password {
+            r = r.basic_auth(&oc.username, Some(p));
         }
-        match tokio::time::timeout(Duration::from_secs(5), self.send(r)).await {
+        match tokio::time::timeout(Duration::from_secs(5), oc.send(r)).await {
             Ok(Ok(_)) => Health::healthy(),
             Ok(Err(e)) => Health::unhealthy(e.to_string()),
             Err(_) => Health::unhealthy("opencode did not answer within 5 s"),
@@ -723,8 +788,70 @@ pub struct OpenCodeServer {
     url: String,
     password: Option<String>,
     child: tokio::process::Child,
+    /// The child when it started: requests carrying the password are only sent while it runs.
+    identity: Option<Identity>,
     tree: Tree,
     _run_dir: Option<tempfile::TempDir>,
+    /// How it was started, to start it again.
+    spec: OpenCodeServerBuilder,
+}
+
+/// The supervised server a client owns ([`OpenCodeServer::into_client`]): kept running, and
+/// started again (as the first one was) when its process is found gone.
+struct Supervisor {
+    spec: OpenCodeServerBuilder,
+    slot: tokio::sync::Mutex<Option<OpenCodeServer>>,
+    /// The URL and pid of the last server started (for [`OpenCode::server_pid`]).
+    now: std::sync::Mutex<(String, Option<u32>)>,
+}
+
+impl Supervisor {
+    fn new(server: OpenCodeServer) -> Self {
+        Self {
+            spec: server.spec.clone(),
+            now: std::sync::Mutex::new((server.url.clone(), server.pid())),
+            slot: tokio::sync::Mutex::new(Some(server)),
+        }
+    }
+
+    /// The URL and process of a running server: the current one while its process runs, else
+    /// a new one, started the way the first was (its port chosen the same way). The dead one's
+    /// leftovers are killed first.
+    async fn ensure(self: Arc<Self>) -> Result<(String, Option<Identity>), ExecutorError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(server) = slot.as_mut() {
+            // (A multi-threaded process killed shows as a zombie before it can be waited for:
+            // gone all the same.)
+            let exited = match server.child.try_wait() {
+                Ok(None) => server.identity.is_some_and(|i| !i.alive()),
+                Ok(Some(_)) => {
+                    server.tree.reaped();
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(target: "aiwg_agents::opencode", error = %e, "waiting for the supervised opencode server failed");
+                    true
+                }
+            };
+            if !exited {
+                return Ok((server.url.clone(), server.identity));
+            }
+            tracing::warn!(
+                target: "aiwg_agents::opencode",
+                url = %server.url,
+                "the supervised opencode server exited; starting a new one"
+            );
+            if let Some(dead) = slot.take() {
+                dead.shutdown().await;
+            }
+        }
+        // (An empty slot: the last start failed; this one tries again.)
+        let server = self.spec.clone().start().await?;
+        let out = (server.url.clone(), server.identity);
+        *self.now.lock().unwrap_or_else(|e| e.into_inner()) = (server.url.clone(), server.pid());
+        *slot = Some(server);
+        Ok(out)
+    }
 }
 
 impl Drop for OpenCodeServer {
@@ -746,7 +873,7 @@ impl std::fmt::Debug for OpenCodeServer {
 }
 
 /// Builds and starts an [`OpenCodeServer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct OpenCodeServerBuilder {
     binary: Option<PathBuf>,
@@ -755,6 +882,19 @@ pub struct OpenCodeServerBuilder {
     password: Option<String>,
     startup_timeout: Duration,
     process: ProcessOptions,
+}
+
+impl std::fmt::Debug for OpenCodeServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeServerBuilder")
+            .field("binary", &self.binary)
+            .field("dir", &self.dir)
+            .field("port", &self.port)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("startup_timeout", &self.startup_timeout)
+            .field("process", &self.process)
+            .finish()
+    }
 }
 
 impl OpenCodeServer {
@@ -782,9 +922,12 @@ impl OpenCodeServer {
         self.child.id()
     }
 
-    /// A client builder for this server (URL and password filled in).
+    /// A client builder for this server (URL and password filled in). The client sends
+    /// nothing once this server's process is gone (its port may then be anyone's): its runs and
+    /// health checks fail instead.
     pub fn client(&self) -> OpenCodeBuilder {
-        let b = OpenCode::builder(self.url.clone());
+        let mut b = OpenCode::builder(self.url.clone());
+        b.listener = self.identity;
         match &self.password {
             Some(p) => b.password(p.clone()),
             None => b,
@@ -792,10 +935,13 @@ impl OpenCodeServer {
     }
 
     /// A client builder for this server that owns it: the server keeps running as long as the
-    /// client built from it (or a clone) lives, and is killed with the last one.
+    /// client built from it (or a clone) lives, and is killed with the last one. When its
+    /// process is found gone (a crash, a kill) before a run or a health check, a new server is
+    /// started the way this one was (its port chosen the same way) and used from then on;
+    /// nothing, the password least of all, is sent to a port whose server process is gone.
     pub fn into_client(self) -> OpenCodeBuilder {
         let mut b = self.client();
-        b.server = Some(Arc::new(self));
+        b.server = Some(Arc::new(Supervisor::new(self)));
         b
     }
 
@@ -837,8 +983,10 @@ impl OpenCodeServerBuilder {
         self
     }
 
-    /// Starts the server and waits until it answers.
+    /// Starts the server and waits until it answers (asked only while the process started
+    /// runs: once it is gone its port may be anyone's).
     pub async fn start(self) -> Result<OpenCodeServer, AgentError> {
+        let spec = self.clone();
         let binary = self
             .binary
             .or_else(|| std::env::var_os(OPENCODE_PATH_ENV).map(PathBuf::from))
@@ -858,12 +1006,15 @@ impl OpenCodeServerBuilder {
         let mut child = spawned.child;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        let identity = child.id().and_then(Identity::of);
         let mut server = OpenCodeServer {
             url: String::new(),
             password: self.password,
             child,
+            identity,
             tree: spawned.tree,
             _run_dir: spawned.run_dir,
+            spec,
         };
         let until = aiwg_core::util::deadline(Instant::now(), self.startup_timeout);
         let (url_tx, mut url_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -908,7 +1059,7 @@ impl OpenCodeServerBuilder {
             }
         };
         server.url = url;
-        // Ready when an API call answers.
+        // Ready when an API call answers, asked while our process runs (each call checks it).
         let client = match server.client().build() {
             Ok(c) => c,
             Err(e) => {
@@ -917,6 +1068,13 @@ impl OpenCodeServerBuilder {
             }
         };
         loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                server.tree.reaped();
+                server.shutdown().await;
+                return Err(AgentError::Server(format!(
+                    "opencode serve exited before it was ready ({status})"
+                )));
+            }
             if client.health().await.healthy {
                 return Ok(server);
             }

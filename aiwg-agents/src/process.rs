@@ -823,6 +823,32 @@ fn verified(p: Proc) -> Option<Stat> {
     read_stat(p.pid).filter(|s| s.live() && s.start == p.start)
 }
 
+/// One process, known by pid and start time, that can be asked whether it still runs: e.g.
+/// before a password is sent to the port a supervised server listened on (once the server is
+/// gone, any local process may bind that port).
+#[cfg_attr(not(feature = "opencode"), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Identity(Proc);
+
+#[cfg_attr(not(feature = "opencode"), allow(dead_code))]
+impl Identity {
+    /// The live process `pid` is now.
+    pub(crate) fn of(pid: u32) -> Option<Self> {
+        let pid = i32::try_from(pid).ok()?;
+        read_stat(pid).filter(Stat::live).map(|s| {
+            Identity(Proc {
+                pid,
+                start: s.start,
+            })
+        })
+    }
+
+    /// It still runs (not exited, not a zombie, its pid not reused). Reads `/proc/<pid>/stat`.
+    pub(crate) fn alive(&self) -> bool {
+        verified(self.0).is_some()
+    }
+}
+
 /// What is known of a run's processes. Only touched on the blocking pool (or in `Drop`).
 #[derive(Debug)]
 struct TreeState {
@@ -979,6 +1005,7 @@ impl Tree {
     /// blocking pool): for a `Drop` that must act while the root is alive, before the root's
     /// own kill re-parents the descendants that left its process group to init, where no
     /// later scan finds them.
+    #[cfg_attr(not(feature = "opencode"), allow(dead_code))]
     pub(crate) fn kill_now(&mut self) {
         if self.finished {
             return;

@@ -493,3 +493,130 @@ async fn a_dropped_server_takes_its_running_tools_with_it() {
         "the tool outlived the server"
     );
 }
+
+/// A supervised server (owned by its client) killed between two jobs is replaced: the second
+/// job runs on a new server process at a new port, and whatever binds the dead server's port
+/// gets nothing (above all, not the password). A health check brings a dead server back too.
+#[tokio::test]
+async fn a_dead_supervised_server_is_replaced_before_the_next_job() {
+    let Some(s) = setup(
+        vec![Reply::text("first"), Reply::text("second")],
+        Some("pw-replaced"),
+    )
+    .await
+    else {
+        return;
+    };
+    let Setup {
+        fake,
+        server,
+        project,
+        _home,
+    } = s;
+    let old_url = server.url().to_owned();
+    let exec = server.into_client().build().unwrap();
+    let run = |prompt: &'static str| {
+        let exec = exec.clone();
+        let dir = project.path().to_owned();
+        async move {
+            tokio::time::timeout(
+                LIMIT,
+                exec.execute(
+                    AgentRequest::new(prompt, dir),
+                    EventSink::discard(),
+                    CancellationToken::new(),
+                ),
+            )
+            .await
+            .expect("the run ended in time")
+        }
+    };
+    assert_eq!(run("one").await.unwrap().output, "first");
+    let first_pid = exec.server_pid().expect("a supervised server");
+    let kill = |pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {pid}");
+    };
+    kill(first_pid);
+    assert!(
+        common::wait_for(LIMIT, || !aiwg_agents::process_alive(first_pid as i32)).await,
+        "the server did not die"
+    );
+
+    // Another local process takes the dead server's port.
+    let port = old_url.rsplit(':').next().unwrap().trim_end_matches('/');
+    // (The kernel may take a moment to release the dead server's listening socket.)
+    let mut impostor = None;
+    for _ in 0..200 {
+        match tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await {
+            Ok(l) => {
+                impostor = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let impostor = impostor.unwrap_or_else(|| {
+        let ss = std::process::Command::new("ss")
+            .arg("-ltnp")
+            .output()
+            .unwrap();
+        panic!(
+            "{old_url} {first_pid} {}",
+            String::from_utf8_lossy(&ss.stdout)
+        )
+    });
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let spy = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut conn, _)) = impostor.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+
+    let second = run("two").await;
+    spy.abort();
+    let mut seen = Vec::new();
+    while let Ok(r) = seen_rx.try_recv() {
+        seen.push(r);
+    }
+    assert!(
+        seen.is_empty(),
+        "the dead server's port got requests: {seen:?}"
+    );
+    assert_eq!(second.unwrap().output, "second");
+    let second_pid = exec.server_pid().expect("a supervised server");
+    assert_ne!(second_pid, first_pid);
+    assert!(aiwg_agents::process_alive(second_pid as i32));
+    assert!(fake
+        .turns()
+        .iter()
+        .any(|t| t.body.to_string().contains("two")));
+
+    // A health check finds the server dead and starts another one.
+    kill(second_pid);
+    assert!(
+        common::wait_for(LIMIT, || !aiwg_agents::process_alive(second_pid as i32)).await,
+        "the server did not die"
+    );
+    let health = tokio::time::timeout(LIMIT, exec.health()).await.unwrap();
+    assert!(health.healthy, "{health:?}");
+    let third_pid = exec.server_pid().unwrap();
+    assert!(third_pid != second_pid && aiwg_agents::process_alive(third_pid as i32));
+
+    drop(exec);
+    assert!(
+        common::wait_for(LIMIT, || !aiwg_agents::process_alive(third_pid as i32)).await,
+        "the server outlived its client"
+    );
+}
