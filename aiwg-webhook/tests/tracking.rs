@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aiwg_core::test_util::ScriptedExecutor;
-use aiwg_core::{Engine, JobId, JobStatus, ProjectPolicy, Step, Workflow};
+use aiwg_core::{Engine, JobId, JobObserver, JobStatus, ProjectPolicy, Step, Workflow};
 use aiwg_webhook::forge::{ForgeAuth, ForgeClient, GitHubApp};
 use aiwg_webhook::tracking::MemoryTrackingStore;
 use aiwg_webhook::{HookOutcome, Hooks, IgnoreReason, Platform, Secret, Tracker, TriggersConfig};
@@ -270,7 +270,6 @@ async fn two_instances_make_exactly_one_comment() {
 /// instead of waiting for an end it never hears of (a task and an entry per job, for ever).
 #[tokio::test]
 async fn a_writer_that_hears_no_more_of_its_job_ends() {
-    use aiwg_core::JobObserver;
     use futures_util::StreamExt;
 
     let fake = fake_github::start("aiwg-bot").await;
@@ -592,7 +591,7 @@ async fn recording_forge() -> (
 /// authentication, at the documented paths.
 #[tokio::test]
 async fn gitlab_gitea_and_bitbucket_get_the_same_tracking_at_their_paths() {
-    use aiwg_core::{Job, JobEvent, JobEventKind, JobObserver, TriggerInfo};
+    use aiwg_core::{Job, JobEvent, JobEventKind, TriggerInfo};
 
     let (base, log) = recording_forge().await;
     let cases = [
@@ -793,5 +792,71 @@ async fn a_comment_on_a_pull_request_runs_its_head_and_a_forks_is_refused() {
         .await
         .unwrap();
     assert_eq!(page.jobs.len(), 1, "only the first comment started a job");
+    fake.assert_conforms();
+}
+
+/// Two instances edit one job's comment, each from its own view of the job. The first
+/// instance's edit of an older state is slow and lands after the second instance's final
+/// one: the first then writes the newest text again, so the comment ends showing the job's
+/// end. Nothing ordered the instances' edits before, and the comment stayed at "running".
+#[tokio::test]
+async fn a_slow_instances_older_edit_does_not_leave_the_comment_behind() {
+    let fake = fake_github::start("aiwg-bot").await;
+    let rig = rig(&fake.base, vec![], "done well");
+    let job_id = run_job(&rig, 9201, None).await;
+    let done = rig.engine.get(job_id).await.unwrap();
+    let events: Vec<aiwg_core::JobEvent> = {
+        use futures_util::StreamExt;
+        rig.engine
+            .subscribe(job_id, 0)
+            .await
+            .unwrap()
+            .collect()
+            .await
+    };
+    let (first, middle, last) = (
+        &events[1],
+        &events[events.len() / 2],
+        events.last().unwrap(),
+    );
+    assert!(first.seq < middle.seq && middle.seq < last.seq);
+    let mut running = done.clone();
+    running.status = JobStatus::Running;
+    running.finished_at = None;
+    let mut later = running.clone();
+    later.progress.completed.clear();
+
+    let store = Arc::new(MemoryTrackingStore::new());
+    let instance = |name: &str| {
+        Tracker::builder()
+            .forge(client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))))
+            .store(store.clone())
+            .instance(name)
+            .min_edit_interval(Duration::from_millis(10))
+            .idle_writer(Duration::from_millis(300))
+            .status_base(STATUS_BASE)
+            .build()
+    };
+    let (slow, quick) = (instance("slow"), instance("quick"));
+    // The slow instance makes the comment, then sends an edit that takes a while.
+    slow.on_event(&running, first).await;
+    assert!(slow.idle(Duration::from_secs(20)).await);
+    *fake.behaviour.delay_next_edit.lock().unwrap() = Some(Duration::from_millis(1500));
+    slow.on_event(&later, middle).await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        fake.behaviour.delayed_edit_arrived.notified(),
+    )
+    .await
+    .expect("the slow edit arrived");
+    // Meanwhile the other instance writes the end, which takes effect first.
+    quick.on_event(&done, last).await;
+    assert!(quick.idle(Duration::from_secs(20)).await);
+    assert!(slow.idle(Duration::from_secs(20)).await);
+    let comments = fake.behaviour.comments.lock().unwrap().clone();
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    let text = comments.values().next().unwrap();
+    assert!(text.contains("✅ completed"), "{text}");
+    assert!(text.contains("done well"), "{text}");
     fake.assert_conforms();
 }

@@ -13,7 +13,10 @@
 //!    duration, the cost, and the error's kind when it failed, timed out or was cancelled.
 //!
 //! Exactly one comment per job, across retries and instances: the instance that first claims
-//! the job in the [`TrackingStore`] makes the comment; every other edits it. Nothing here ever
+//! the job in the [`TrackingStore`] makes the comment; every other edits it. Edits are ordered
+//! by the job event they show ([`TrackingStore::latest`]): a writer records its text before
+//! editing and, after, writes again the newest text any instance recorded when it is newer
+//! than its own, so a slow instance's edit of an older state never has the last word. Nothing here ever
 //! blocks or fails the job: forge calls run in the background, retried through rate limits and
 //! 5xx answers, and given up with a logged reason.
 //!
@@ -155,8 +158,17 @@ struct Inner {
 /// The newest text for one job's comment, and a wake-up for its writer.
 #[derive(Default)]
 struct Latest {
-    text: Mutex<Option<(String, bool)>>,
+    text: Mutex<Option<Text>>,
     wake: Notify,
+}
+
+/// A job's comment as one of its events left it.
+struct Text {
+    text: String,
+    /// The job had ended.
+    terminal: bool,
+    /// The event's sequence number: texts of one job are ordered by it across instances.
+    seq: u64,
 }
 
 /// Answers jobs on the platform that started them; see the [module docs](self).
@@ -232,7 +244,6 @@ impl Tracker {
 #[async_trait]
 impl JobObserver for Tracker {
     async fn on_event(&self, job: &Job, event: &JobEvent) {
-        let _ = event;
         let source = job.trigger.source.as_str();
         if matches!(source, "slack" | "discord") {
             if let (Some(chat), true) = (&self.inner.chat, job.is_terminal()) {
@@ -252,6 +263,7 @@ impl JobObserver for Tracker {
         };
         let text = render(job, platform, self.status_url(job).as_deref());
         let terminal = job.is_terminal();
+        let seq = event.seq;
         let (latest, fresh) = {
             let mut jobs = self
                 .inner
@@ -271,7 +283,11 @@ impl JobObserver for Tracker {
             *latest
                 .text
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, terminal));
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Text {
+                text,
+                terminal,
+                seq,
+            });
             (latest, fresh)
         };
         latest.wake.notify_one();
@@ -315,7 +331,11 @@ impl Writer {
             {
                 return;
             }
-            let Some((text, terminal)) = self
+            let Some(Text {
+                text,
+                terminal,
+                seq,
+            }) = self
                 .latest
                 .text
                 .lock()
@@ -338,14 +358,7 @@ impl Writer {
                 }
             }
             if let Some(id) = &comment {
-                if written.as_deref() != Some(text.as_str()) {
-                    match self.client.edit_comment(&self.target, id, &text).await {
-                        Ok(()) => written = Some(text),
-                        Err(e) => {
-                            tracing::warn!(job = %self.job, error = %e, "could not edit the tracking comment")
-                        }
-                    }
-                }
+                self.edit(id, seq, text, &mut written).await;
             }
             if terminal {
                 break;
@@ -358,6 +371,42 @@ impl Writer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.job);
         inner.idle.notify_waiters();
+    }
+
+    /// Brings the comment to the newest text any instance recorded (this one's, `text` of
+    /// event `seq`, unless another recorded a later one). After each edit the newest is asked
+    /// again: another instance's later text, recorded while this edit was on its way, may
+    /// have been written before this one landed, and is then written again, so the last edit
+    /// to land shows the latest state.
+    async fn edit(&self, id: &str, mut seq: u64, mut text: String, written: &mut Option<String>) {
+        let store = &self.tracker.inner.store;
+        for _ in 0..4 {
+            let (newest_seq, newest) = match store.latest(self.job, seq, &text).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(job = %self.job, error = %e, "could not compare the tracking comment with other instances'");
+                    (seq, text)
+                }
+            };
+            if written.as_deref() != Some(newest.as_str()) {
+                match self.client.edit_comment(&self.target, id, &newest).await {
+                    Ok(()) => *written = Some(newest.clone()),
+                    Err(e) => {
+                        tracing::warn!(job = %self.job, error = %e, "could not edit the tracking comment");
+                        return;
+                    }
+                }
+            }
+            // Asked again with what was just written: a later text recorded meanwhile comes
+            // back newer.
+            match store.latest(self.job, newest_seq, &newest).await {
+                Ok((after, later)) if after > newest_seq => {
+                    seq = after;
+                    text = later;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Ends this writer when no text waits for it (checked under the map's lock, where

@@ -3,7 +3,7 @@
 //! its attempts).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aiwg_core::JobId;
@@ -42,12 +42,31 @@ pub trait TrackingStore: Send + Sync + 'static {
 
     /// Gives a claim up (the comment could not be made), so another attempt may claim it.
     async fn release(&self, job: JobId, owner: &str) -> Result<(), DeliveryStoreError>;
+
+    /// Records `text`, the comment as job event `seq` left the job, unless a later event's
+    /// text is recorded already, and returns the latest recorded `(seq, text)`: what the
+    /// comment should show. Writers on every instance ask before and after each edit, so an
+    /// edit of an older state that lands late is followed by the newest text.
+    ///
+    /// The default records nothing and returns what it was given: edits from several
+    /// instances are then not ordered.
+    async fn latest(
+        &self,
+        job: JobId,
+        seq: u64,
+        text: &str,
+    ) -> Result<(u64, String), DeliveryStoreError> {
+        let _ = job;
+        Ok((seq, text.to_owned()))
+    }
 }
 
 struct Entry {
     owner: String,
     claimed: Instant,
     comment: Option<String>,
+    /// The newest text recorded, and the event it shows.
+    latest: Option<(u64, Arc<str>)>,
 }
 
 /// A [`TrackingStore`] in memory (one instance). Holds at most 100 000 jobs, forgetting the
@@ -114,6 +133,7 @@ impl TrackingStore for MemoryTrackingStore {
                         owner: owner.to_owned(),
                         claimed: Instant::now(),
                         comment: None,
+                        latest: None,
                     },
                 );
                 Ok(TrackClaim::Mine)
@@ -137,6 +157,25 @@ impl TrackingStore for MemoryTrackingStore {
             jobs.remove(&job);
         }
         Ok(())
+    }
+
+    async fn latest(
+        &self,
+        job: JobId,
+        seq: u64,
+        text: &str,
+    ) -> Result<(u64, String), DeliveryStoreError> {
+        let mut jobs = self.lock();
+        let Some(e) = jobs.get_mut(&job) else {
+            return Ok((seq, text.to_owned()));
+        };
+        match &e.latest {
+            Some((newer, t)) if *newer >= seq => Ok((*newer, t.to_string())),
+            _ => {
+                e.latest = Some((seq, Arc::from(text)));
+                Ok((seq, text.to_owned()))
+            }
+        }
     }
 }
 
@@ -287,6 +326,39 @@ mod postgres {
             .map_err(db)?;
             Ok(())
         }
+
+        async fn latest(
+            &self,
+            job: JobId,
+            seq: u64,
+            text: &str,
+        ) -> Result<(u64, String), DeliveryStoreError> {
+            let seq_db = i64::try_from(seq).unwrap_or(i64::MAX);
+            // Kept when newer; either way the row's newest is returned (the outer SELECT
+            // reads the row as it was before the UPDATE, which is what stays when it changes
+            // nothing).
+            let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+                "WITH kept AS ( \
+                     UPDATE aiwg_tracking_comments SET latest_seq = $2, latest_text = $3, \
+                         updated_at = now() \
+                     WHERE job_id = $1 AND (latest_seq IS NULL OR latest_seq < $2) \
+                     RETURNING latest_seq, latest_text) \
+                 SELECT latest_seq, latest_text FROM kept \
+                 UNION ALL \
+                 SELECT latest_seq, latest_text FROM aiwg_tracking_comments \
+                 WHERE job_id = $1 AND NOT EXISTS (SELECT 1 FROM kept)",
+            )
+            .bind(job.as_uuid())
+            .bind(seq_db)
+            .bind(text)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(match row {
+                Some((Some(s), Some(t))) => (u64::try_from(s).unwrap_or(0), t),
+                _ => (seq, text.to_owned()),
+            })
+        }
     }
 }
 
@@ -342,5 +414,30 @@ where
     assert_eq!(
         s.claim(released, "b", long).await.unwrap(),
         TrackClaim::Mine
+    );
+    // The newest text recorded wins, whichever instance recorded it and in whatever order.
+    let edited = JobId::new();
+    assert_eq!(s.claim(edited, "a", long).await.unwrap(), TrackClaim::Mine);
+    s.set(edited, "c-2").await.unwrap();
+    assert_eq!(
+        s.latest(edited, 5, "five").await.unwrap(),
+        (5, "five".into())
+    );
+    assert_eq!(
+        s.latest(edited, 9, "nine").await.unwrap(),
+        (9, "nine".into())
+    );
+    assert_eq!(
+        s.latest(edited, 7, "seven, late").await.unwrap(),
+        (9, "nine".into()),
+        "an older state is not recorded over a newer one"
+    );
+    assert_eq!(
+        s.latest(edited, 9, "nine").await.unwrap(),
+        (9, "nine".into())
+    );
+    assert_eq!(
+        s.latest(edited, 12, "end").await.unwrap(),
+        (12, "end".into())
     );
 }

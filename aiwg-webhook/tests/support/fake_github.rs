@@ -40,6 +40,12 @@ pub struct Behaviour {
     pub pull_sha: Mutex<Option<String>>,
     /// Pull requests' heads live in another repository (a fork).
     pub pull_from_fork: AtomicBool,
+    /// Hold the next edit this long before it takes effect (a slow request), and say when it
+    /// has arrived.
+    pub delay_next_edit: Mutex<Option<std::time::Duration>>,
+    pub delayed_edit_arrived: tokio::sync::Notify,
+    /// Every comment's text, as the edits that took effect left it.
+    pub comments: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// GitHub's own example of `GET /repos/{owner}/{repo}/pulls/{pull_number}`'s answer (from the
@@ -350,6 +356,10 @@ async fn handle(
                     .into_response();
             }
             let id = s.next_id.fetch_add(1, Ordering::SeqCst);
+            b.comments.lock().unwrap().insert(
+                id.to_string(),
+                body["body"].as_str().unwrap_or_default().to_owned(),
+            );
             json_answer(StatusCode::CREATED, json!({"id": id, "body": body["body"]}))
         }
         ("PATCH", ["", "repos", _, _, "issues", "comments", id]) => {
@@ -357,6 +367,15 @@ async fn handle(
                 b.fail_edits.fetch_sub(1, Ordering::SeqCst);
                 return json_answer(StatusCode::BAD_GATEWAY, json!({"message": "Server Error"}));
             }
+            let delay = b.delay_next_edit.lock().unwrap().take();
+            if let Some(d) = delay {
+                b.delayed_edit_arrived.notify_one();
+                tokio::time::sleep(d).await;
+            }
+            b.comments.lock().unwrap().insert(
+                (*id).to_owned(),
+                body["body"].as_str().unwrap_or_default().to_owned(),
+            );
             json_answer(
                 StatusCode::OK,
                 json!({"id": id.parse::<u64>().unwrap_or(0), "body": body["body"]}),
