@@ -75,6 +75,13 @@
 //! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
 //! given up and made again, as after a restart.
 //!
+//! Redis entries pending with a consumer that went away are claimed (`XAUTOCLAIM`) every half
+//! `claim_idle`. A claim that fails is logged at `warn` and counted in
+//! `aiwg_broker_errors_total{broker="redis", operation="xautoclaim"}`: a lost connection (or
+//! group) is connected to again after a growing pause, as a failed read is; a refusal (no
+//! permission for `XAUTOCLAIM`, a server before Redis 6.2) lets reading go on, and the claim is
+//! tried again after a growing pause.
+//!
 //! # Configuration
 //!
 //! ```yaml

@@ -89,6 +89,8 @@ async fn consume(
     let claim_idle = cfg.claim_idle.unwrap_or(Duration::from_secs(60));
     let retry_delay = cfg.retry_delay.unwrap_or(Duration::from_secs(5));
     let mut failures = 0u32;
+    // XAUTOCLAIMs refused in a row.
+    let mut claim_failures = 0u32;
     'connect: loop {
         if cancel.is_cancelled() {
             return;
@@ -124,7 +126,8 @@ async fn consume(
                 return;
             }
             if next_claim.is_some_and(|t| Instant::now() >= t) {
-                next_claim = claim_after(Instant::now(), claim_idle);
+                let now = Instant::now();
+                next_claim = claim_after(now, claim_idle);
                 let claimed: redis::RedisResult<redis::Value> = redis::cmd("XAUTOCLAIM")
                     .arg(&cfg.stream)
                     .arg(&cfg.group)
@@ -135,8 +138,37 @@ async fn consume(
                     .arg(100)
                     .query_async(&mut write)
                     .await;
-                if claimed.is_ok() {
-                    pending = true;
+                match claimed {
+                    Ok(_) => {
+                        claim_failures = 0;
+                        pending = true;
+                    }
+                    Err(e) => {
+                        count_error("xautoclaim");
+                        if e.code() == Some("NOGROUP") || !refused_for_good(&e) {
+                            // The connection (or the group) is gone: as after a failed read,
+                            // connect again (making the group again) after a growing pause.
+                            failures += 1;
+                            tracing::warn!(
+                                error = %e, stream = %cfg.stream, group = %cfg.group,
+                                "redis: XAUTOCLAIM failed; reconnecting"
+                            );
+                            if !pause(reconnect_delay(failures), &cancel).await {
+                                return;
+                            }
+                            continue 'connect;
+                        }
+                        // Refused (no permission, a server without XAUTOCLAIM): reading goes on,
+                        // entries of departed consumers wait; tried again after a growing pause.
+                        claim_failures += 1;
+                        let delay = reconnect_delay(claim_failures);
+                        next_claim = next_claim.map(|t| t.max(now + delay));
+                        tracing::warn!(
+                            error = %e, stream = %cfg.stream, group = %cfg.group,
+                            "redis: XAUTOCLAIM refused: entries pending with consumers that went \
+                             away are not claimed; trying again later"
+                        );
+                    }
                 }
             }
             let start = if pending { "0" } else { ">" };
@@ -206,6 +238,12 @@ async fn consume(
             }
         }
     }
+}
+
+/// Counts a command that failed (`aiwg_broker_errors_total{broker="redis", operation}`).
+fn count_error(operation: &'static str) {
+    metrics::counter!("aiwg_broker_errors_total", "broker" => BROKER, "operation" => operation)
+        .increment(1);
 }
 
 /// When to look for entries to claim next, `claim_idle` being how long an entry must have been

@@ -583,3 +583,69 @@ async fn an_entry_larger_than_max_message_bytes_is_dead_lettered_unparsed_with_a
         .await
         .unwrap();
 }
+
+/// The counters of this test binary (a global recorder, installed once).
+fn global_metrics() -> &'static aiwg_core::test_util::MetricsCapture {
+    static CAPTURE: std::sync::OnceLock<&'static aiwg_core::test_util::MetricsCapture> =
+        std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture: &'static _ = Box::leak(Box::default());
+        metrics::set_global_recorder(capture).expect("no other recorder in this binary");
+        capture
+    })
+}
+
+#[tokio::test]
+async fn a_refused_xautoclaim_is_counted_and_backed_off_while_reading_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, admin_url)) = private_redis(dir.path()).await else {
+        return;
+    };
+    let counters = global_metrics();
+    let mut admin = con(&admin_url).await;
+    // A user that may do everything but XAUTOCLAIM.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("aiwg")
+        .arg("on")
+        .arg(">s3cret-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-xautoclaim")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = admin_url.replace("redis://", "redis://aiwg:s3cret-pw@");
+    let name = unique();
+    let mut cfg = config(&url, &name);
+    // Claims every 50 ms when they succeed.
+    cfg["redis"]["claim_idle"] = json!("100ms");
+    let (engine, running) = start(cfg).await;
+    let _: String = admin
+        .xadd(
+            format!("{name}:trigger"),
+            "*",
+            &[("body", r#"{"workflow": "check"}"#)],
+        )
+        .await
+        .unwrap();
+    // Reading goes on without claims.
+    wait_until("the job", || async { jobs(&engine).await.len() == 1 }).await;
+    let key = "aiwg_broker_errors_total{broker=redis,operation=xautoclaim}";
+    wait_until("the refused XAUTOCLAIM counted", || async {
+        counters.get(key) >= 1
+    })
+    .await;
+    let refused = info_number(&mut admin, "errorstats", "errorstat_NOPERM").await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let more = info_number(&mut admin, "errorstats", "errorstat_NOPERM").await - refused;
+    // Backed off (200 ms, 400 ms, 800 ms, 1.6 s …), not every 50 ms (60 in 3 s).
+    assert!(more <= 6, "{more} refused XAUTOCLAIMs in 3 s");
+    assert!(
+        counters.get(key) >= refused,
+        "{} < {refused}",
+        counters.get(key)
+    );
+    running.shutdown().await;
+}
