@@ -145,7 +145,9 @@ pub struct RedisConfig {
     pub url: String,
     /// The stream trigger entries are read from; the body is the entry's `body` field.
     pub stream: String,
-    /// The consumer group (created at the stream's end when missing; default `aiwg`).
+    /// The consumer group (default `aiwg`). Created at the stream's end when missing at start;
+    /// one lost while consuming is made again at the stream's start, so that no entry is
+    /// skipped (those handled already come again and find their jobs).
     #[serde(default = "default_group")]
     pub group: String,
     /// This consumer's name in the group (default `aiwg-<pid>`).

@@ -75,6 +75,17 @@
 //! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
 //! given up and made again, as after a restart.
 //!
+//! A Redis consumer group that disappears while aiwg consumes (`XGROUP DESTROY`, the stream's
+//! key deleted, a server that lost its data) is made again at the stream's start (`0`), not its
+//! end: made at the end it would silently skip every entry added while it was gone, and the
+//! entries it had delivered but not seen acknowledged. Delivery stays at least once: every
+//! entry still in the stream comes again, and one whose job the engine's store holds finds it
+//! by its key (`redis:<stream>:<entry id>`, or the body's `idempotency_key`) and starts nothing
+//! (audited as a duplicate). An entry refused before is refused and dead-lettered again, and one
+//! whose job the store no longer has (deleted, or a memory store since restarted) runs again.
+//! (A group missing when aiwg starts is made at the stream's end: what was there before is not
+//! aiwg's.)
+//!
 //! Redis entries pending with a consumer that went away are claimed (`XAUTOCLAIM`) every half
 //! `claim_idle`. A claim that fails is logged at `warn` and counted in
 //! `aiwg_broker_errors_total{broker="redis", operation="xautoclaim"}`: a lost connection (or

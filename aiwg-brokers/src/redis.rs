@@ -40,7 +40,7 @@ pub(crate) async fn start(
     .await
     .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))?
     .map_err(|e| BrokerError::setup(BROKER, "cannot connect", e))?;
-    ensure_group(&mut con, &cfg)
+    ensure_group(&mut con, &cfg, NEW_GROUP_AT)
         .await
         .map_err(|e| BrokerError::setup(BROKER, format!("group `{}`", cfg.group), e))?;
     let consumer = tokio::spawn(consume(client.clone(), cfg.clone(), engine, cancel));
@@ -54,16 +54,31 @@ pub(crate) async fn start(
     })
 }
 
+/// Where a consumer group made at start begins: the stream's end (what was added before aiwg
+/// first read the stream is not a trigger for it).
+const NEW_GROUP_AT: &str = "$";
+
+/// Where a consumer group made again while consuming begins: the stream's start. The group
+/// existed (the start made it), so it was lost (`XGROUP DESTROY`, the key deleted, a server
+/// that lost its data): made at the end, it would skip every entry added while it was gone, and
+/// the entries it had delivered but not yet seen acknowledged. Every entry still in the stream
+/// comes again instead; one whose job exists finds it by its key (a duplicate, nothing runs).
+const LOST_GROUP_AT: &str = "0";
+
+/// Makes the consumer group (and the stream) when missing, beginning at `at`; `Ok(true)` when
+/// it was made.
 async fn ensure_group(
     con: &mut MultiplexedConnection,
     cfg: &RedisConfig,
-) -> redis::RedisResult<()> {
+    at: &str,
+) -> redis::RedisResult<bool> {
     let created: redis::RedisResult<()> = con
-        .xgroup_create_mkstream(&cfg.stream, &cfg.group, "$")
+        .xgroup_create_mkstream(&cfg.stream, &cfg.group, at)
         .await;
     match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -103,7 +118,13 @@ async fn consume(
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             let write = client.get_multiplexed_async_connection().await?;
-            ensure_group(&mut read, &cfg).await?;
+            if ensure_group(&mut read, &cfg, LOST_GROUP_AT).await? {
+                tracing::warn!(
+                    stream = %cfg.stream, group = %cfg.group,
+                    "redis: the consumer group was gone; made again at the stream's start \
+                     (entries already handled come again and find their jobs)"
+                );
+            }
             Ok::<_, redis::RedisError>((read, write))
         };
         let (mut read, mut write) = match cons.await {

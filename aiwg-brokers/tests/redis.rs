@@ -649,3 +649,57 @@ async fn a_refused_xautoclaim_is_counted_and_backed_off_while_reading_goes_on() 
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_consumer_group_lost_while_consuming_is_made_again_without_skipping_entries() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = format!("aiwg-test:{}", unique());
+    let (engine, running) = start(config(url, &name)).await;
+    let mut c = con(url).await;
+    let trigger = format!("{name}:trigger");
+    let _: String = c
+        .xadd(&trigger, "*", &[("body", r#"{"workflow": "check"}"#)])
+        .await
+        .unwrap();
+    wait_until("the first job", || async { jobs(&engine).await.len() == 1 }).await;
+    // The group is destroyed and an entry added while it is gone (at once: no chance for the
+    // consumer to make it again in between).
+    let (_, added): (i64, String) = redis::pipe()
+        .atomic()
+        .cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&trigger)
+        .arg("aiwg")
+        .cmd("XADD")
+        .arg(&trigger)
+        .arg("*")
+        .arg("body")
+        .arg(r#"{"workflow": "check", "guidance": "while the group was gone"}"#)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    wait_until(
+        "the job of the entry added while the group was gone",
+        || async { jobs(&engine).await.len() == 2 },
+    )
+    .await;
+    let all = jobs(&engine).await;
+    assert!(
+        all.iter()
+            .any(|j| j.trigger.delivery_id.as_deref() == Some(added.as_str())),
+        "{all:?}"
+    );
+    // The first entry came again and found its job.
+    wait_until("the first entry seen again", || async {
+        decisions(&engine, "redis", Decision::Duplicate).await == 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(jobs(&engine).await.len(), 2, "an entry ran twice");
+    assert_eq!(decisions(&engine, "redis", Decision::Accepted).await, 2);
+    running.shutdown().await;
+    let _: () = c.del(&[&trigger, &format!("{name}:events")]).await.unwrap();
+}
