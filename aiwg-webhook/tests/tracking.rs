@@ -860,3 +860,172 @@ async fn a_slow_instances_older_edit_does_not_leave_the_comment_behind() {
     assert!(text.contains("done well"), "{text}");
     fake.assert_conforms();
 }
+
+/// GitHub answered 502 to the comment's creation but had stored it: the writer looks for the
+/// job's comment before posting again, adopts it, and edits it to the end. Posting again
+/// blindly made a second comment.
+#[tokio::test]
+async fn a_comment_stored_despite_a_5xx_is_adopted_not_posted_twice() {
+    let fake = fake_github::start("aiwg-bot").await;
+    fake.behaviour
+        .store_then_fail_creates
+        .store(1, Ordering::SeqCst);
+    let t = tracker(
+        client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))),
+        None,
+    );
+    let rig = rig(&fake.base, vec![t], "adopted");
+    let job = run_job(&rig, 9301, None).await;
+    assert_eq!(
+        fake.of("POST", "/repos/octo/app/issues/42/comments").len(),
+        1
+    );
+    let lists = fake.of("GET", "/repos/octo/app/issues/42/comments");
+    assert_eq!(lists.len(), 1, "looked once before posting again");
+    let comments = fake.behaviour.comments.lock().unwrap().clone();
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    let text = comments.values().next().unwrap();
+    assert!(
+        text.contains("✅ completed") && text.contains(&format!("aiwg:job:{job}")),
+        "{text}"
+    );
+    fake.assert_conforms();
+}
+
+/// An instance that takes a claim over (its own from before a restart, or a stale one) finds
+/// the comment its predecessor made but never recorded, and edits it instead of making another.
+#[tokio::test]
+async fn a_claim_taken_over_finds_the_comment_its_holder_made() {
+    let fake = fake_github::start("aiwg-bot").await;
+    let store = Arc::new(MemoryTrackingStore::new());
+    let t = Tracker::builder()
+        .forge(client(&fake.base, ForgeAuth::Token(Secret::new(TOKEN))))
+        .store(store.clone())
+        .instance("host-1")
+        .min_edit_interval(Duration::from_millis(20))
+        .status_base(STATUS_BASE)
+        .build();
+    let rig = rig(&fake.base, vec![], "found");
+    let job_id = run_job(&rig, 9401, None).await;
+    let done = rig.engine.get(job_id).await.unwrap();
+    // The instance's predecessor under the same name claimed the job and made its comment,
+    // then stopped before recording the comment's id.
+    use aiwg_webhook::tracking::{TrackClaim, TrackingStore};
+    assert_eq!(
+        store
+            .claim(job_id, "host-1", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        TrackClaim::Mine
+    );
+    let earlier = aiwg_webhook::tracking::render(&done, Platform::GitHub, None);
+    fake.behaviour
+        .comments
+        .lock()
+        .unwrap()
+        .insert("77".into(), earlier.replace("completed", "running"));
+    let events: Vec<aiwg_core::JobEvent> = {
+        use futures_util::StreamExt;
+        rig.engine
+            .subscribe(job_id, 0)
+            .await
+            .unwrap()
+            .collect()
+            .await
+    };
+    t.on_event(&done, events.last().unwrap()).await;
+    assert!(t.idle(Duration::from_secs(20)).await);
+    assert!(
+        fake.of("POST", "/issues/42/comments").is_empty(),
+        "no second comment"
+    );
+    assert_eq!(fake.of("PATCH", "/issues/comments/77").len(), 1);
+    let text = fake.behaviour.comments.lock().unwrap()["77"].clone();
+    assert!(text.contains("✅ completed"), "{text}");
+    fake.assert_conforms();
+}
+
+/// `find_comment` on GitLab, Gitea and Bitbucket: the documented list of each (notes newest
+/// first; comments since a time; a page of `values`), the bot's own marked comment found and
+/// another user's comment quoting the marker passed over.
+#[tokio::test]
+async fn each_forge_finds_the_bots_marked_comment_and_not_a_quote() {
+    use axum::http::Uri;
+    type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+    async fn handle(
+        axum::extract::State(seen): axum::extract::State<Seen>,
+        uri: Uri,
+    ) -> axum::Json<Value> {
+        let path = uri.path().to_owned();
+        seen.lock()
+            .unwrap()
+            .push(format!("{path}?{}", uri.query().unwrap_or("")));
+        let marked = "done\n<!-- aiwg:job:J -->";
+        let quote = "> <!-- aiwg:job:J -->";
+        axum::Json(if path.ends_with("/user") {
+            json!({"login": "bot", "username": "bot", "nickname": "bot"})
+        } else if path.contains("/notes") {
+            json!([
+                {"id": 3, "body": quote, "author": {"username": "mallory"}},
+                {"id": 2, "body": marked, "author": {"username": "bot"}},
+                {"id": 1, "body": "hi", "author": {"username": "bot"}}
+            ])
+        } else if path.contains("/repositories/") {
+            json!({"values": [
+                {"id": 13, "content": {"raw": quote}, "user": {"nickname": "mallory"}},
+                {"id": 12, "content": {"raw": marked}, "user": {"nickname": "bot"}}
+            ], "pagelen": 100})
+        } else {
+            json!([
+                {"id": 21, "body": marked, "user": {"login": "bot"}},
+                {"id": 22, "body": quote, "user": {"login": "mallory"}}
+            ])
+        })
+    }
+    let seen: Seen = Arc::default();
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let since = chrono::DateTime::parse_from_rfc3339("2026-12-07T10:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    for (platform, repo, want, path) in [
+        (
+            Platform::GitLab,
+            "grp/app",
+            "2",
+            "/projects/grp%2Fapp/merge_requests/42/notes?sort=desc&order_by=created_at&per_page=100&page=1",
+        ),
+        (
+            Platform::Gitea,
+            "octo/app",
+            "21",
+            "/repos/octo/app/issues/42/comments?since=2026-12-07T10:00:00Z&page=1&limit=50",
+        ),
+        (
+            Platform::Bitbucket,
+            "ws/app",
+            "12",
+            "/repositories/ws/app/pullrequests/42/comments?sort=-created_on&pagelen=100&page=1",
+        ),
+    ] {
+        let c = ForgeClient::new(
+            "triggers.x",
+            platform,
+            Some(&base),
+            ForgeAuth::Token(Secret::new("bot:token")),
+        )
+        .unwrap();
+        let target = aiwg_webhook::forge::CommentTarget::new(repo, 42, true);
+        let found = c
+            .find_comment(&target, "<!-- aiwg:job:J -->", since)
+            .await
+            .unwrap();
+        assert_eq!(found.as_deref(), Some(want), "{platform}");
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.iter().any(|s| s == path), "{platform}: {seen:?}");
+    }
+}

@@ -466,6 +466,157 @@ impl ForgeClient {
         }
     }
 
+    /// Posts a comment holding `marker` on the target, unless one is there already; returns
+    /// its id. A POST is not repeated blindly: after a 5xx answer or a lost connection the
+    /// forge may have stored the comment anyway, so the thread is searched for `marker`
+    /// ([`find_comment`](Self::find_comment)) before each new try. (A rate limit's refusal
+    /// stored nothing: the POST is sent again once it lifts.)
+    ///
+    /// # Errors
+    /// [`ForgeError`] when the forge does not take it.
+    pub async fn create_comment_marked(
+        &self,
+        t: &CommentTarget,
+        text: &str,
+        marker: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String, ForgeError> {
+        let what = "create a comment";
+        let mut last = ForgeError::Unreachable {
+            platform: self.platform,
+            what,
+        };
+        let mut maybe_stored = false;
+        for n in 0..ATTEMPTS {
+            if maybe_stored {
+                tokio::time::sleep(super::send::backoff(n - 1, self.retry_base)).await;
+                if let Some(id) = self.find_comment(t, marker, since).await? {
+                    return Ok(id);
+                }
+            }
+            let token = self.token(Some(t)).await?;
+            let sent = self
+                .json_tries(
+                    what,
+                    reqwest::Method::POST,
+                    self.comments_url(t)?,
+                    &token,
+                    Some(&self.comment_body(text)),
+                    1,
+                )
+                .await
+                .map_err(|e| self.refused(&token, e));
+            match sent {
+                Ok(v) => return self.comment_id_of(&v, what),
+                Err(e @ ForgeError::RateLimited { .. }) => last = e,
+                Err(
+                    e @ (ForgeError::Unreachable { .. }
+                    | ForgeError::Status {
+                        status: 500..=599, ..
+                    }),
+                ) => {
+                    maybe_stored = true;
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// The id of the bot's comment on the target that holds `marker` (the newest, if several),
+    /// looking at comments made since `since` (GitHub and Gitea; GitLab and Bitbucket: the
+    /// newest hundred). Only the bot's own comments count when its identity is known, so a
+    /// comment quoting the marker is never taken for ours.
+    ///
+    /// # Errors
+    /// [`ForgeError`] when the forge cannot list the comments.
+    pub async fn find_comment(
+        &self,
+        t: &CommentTarget,
+        marker: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<String>, ForgeError> {
+        let what = "list the comments";
+        let me = self.identity().await;
+        let url = self.comments_url(t)?;
+        let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let token = self.token(Some(t)).await?;
+        let (author, body) = match self.platform {
+            Platform::GitLab => ("/author/username", "/body"),
+            Platform::Bitbucket => ("/user/nickname", "/content/raw"),
+            _ => ("/user/login", "/body"),
+        };
+        let mut found = None;
+        for page in 1..=5u32 {
+            let query = match self.platform {
+                Platform::GitLab => {
+                    format!("?sort=desc&order_by=created_at&per_page=100&page={page}")
+                }
+                Platform::Bitbucket => format!("?sort=-created_on&pagelen=100&page={page}"),
+                Platform::Gitea => format!("?since={since}&page={page}&limit=50"),
+                _ => format!("?since={since}&per_page=100&page={page}"),
+            };
+            let v = self
+                .json_tries(
+                    what,
+                    reqwest::Method::GET,
+                    format!("{url}{query}"),
+                    &token,
+                    None,
+                    2,
+                )
+                .await
+                .map_err(|e| self.refused(&token, e))?;
+            let list = match self.platform {
+                Platform::Bitbucket => v["values"].as_array().cloned().unwrap_or_default(),
+                _ => v.as_array().cloned().unwrap_or_default(),
+            };
+            for c in &list {
+                let ours = me.as_deref().is_none_or(|me| {
+                    c.pointer(author)
+                        .and_then(Value::as_str)
+                        .is_some_and(|a| a.eq_ignore_ascii_case(me))
+                });
+                let marked = c
+                    .pointer(body)
+                    .and_then(Value::as_str)
+                    .is_some_and(|b| b.contains(marker));
+                if ours && marked {
+                    found = match &c["id"] {
+                        Value::Number(n) => Some(n.to_string()),
+                        Value::String(s) => Some(s.clone()),
+                        _ => found,
+                    };
+                    // Newest first there: the first match is the newest.
+                    if matches!(self.platform, Platform::GitLab | Platform::Bitbucket) {
+                        return Ok(found);
+                    }
+                }
+            }
+            let more = match self.platform {
+                Platform::Bitbucket => v["next"].is_string(),
+                Platform::Gitea => list.len() == 50,
+                _ => list.len() == 100,
+            };
+            if !more {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    fn comment_id_of(&self, v: &Value, what: &'static str) -> Result<String, ForgeError> {
+        match &v["id"] {
+            Value::Number(n) => Ok(n.to_string()),
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(ForgeError::Unexpected {
+                platform: self.platform,
+                what,
+            }),
+        }
+    }
+
     /// Replaces the text of comment `id`.
     ///
     /// # Errors

@@ -297,6 +297,7 @@ impl JobObserver for Tracker {
                 client,
                 target,
                 job: job.id,
+                created: job.created_at,
                 trigger_comment: job.trigger.extra.get("comment_id").cloned(),
                 review_comment: job.trigger.extra.get("platform_event").map(String::as_str)
                     == Some("pull_request_review_comment"),
@@ -313,6 +314,8 @@ struct Writer {
     client: Arc<ForgeClient>,
     target: CommentTarget,
     job: JobId,
+    /// When the job was made: its comment cannot be older.
+    created: chrono::DateTime<chrono::Utc>,
     trigger_comment: Option<String>,
     review_comment: bool,
     latest: Arc<Latest>,
@@ -446,33 +449,76 @@ impl Writer {
             match claim {
                 TrackClaim::Existing(id) => return Ok((id, false)),
                 TrackClaim::Pending => tokio::time::sleep(Duration::from_millis(500)).await,
-                TrackClaim::Mine => {
-                    if let Some(c) = &self.trigger_comment {
-                        if let Err(e) = self
-                            .client
-                            .react(&self.target, c, self.review_comment)
-                            .await
-                        {
-                            tracing::info!(job = %self.job, error = %e, "could not react to the triggering comment");
-                        }
-                    }
-                    return match self.client.create_comment(&self.target, text).await {
-                        Ok(id) => {
+                TrackClaim::TakenOver => {
+                    // Whoever held the claim may have made the comment and not recorded it.
+                    let found = self
+                        .client
+                        .find_comment(&self.target, &self.marker(), self.since())
+                        .await;
+                    match found {
+                        Ok(Some(id)) => {
                             inner
                                 .store
                                 .set(self.job, &id)
                                 .await
                                 .map_err(|e| e.to_string())?;
-                            Ok((id, true))
+                            return Ok((id, false));
                         }
+                        Ok(None) => return self.create(text).await,
                         Err(e) => {
+                            // Creating blind could make a second comment: give the claim
+                            // back, so a later event (or instance) looks again.
                             let _ = inner.store.release(self.job, &inner.owner).await;
-                            Err(e.to_string())
+                            return Err(e.to_string());
                         }
-                    };
+                    }
                 }
+                TrackClaim::Mine => return self.create(text).await,
             }
         }
         Err("another instance never finished making the comment".into())
+    }
+
+    /// Reacts to the triggering comment and makes the job's comment (this instance holds the
+    /// claim), then records its id.
+    async fn create(&self, text: &str) -> Result<(String, bool), String> {
+        let inner = &self.tracker.inner;
+        if let Some(c) = &self.trigger_comment {
+            if let Err(e) = self
+                .client
+                .react(&self.target, c, self.review_comment)
+                .await
+            {
+                tracing::info!(job = %self.job, error = %e, "could not react to the triggering comment");
+            }
+        }
+        let made = self
+            .client
+            .create_comment_marked(&self.target, text, &self.marker(), self.since())
+            .await;
+        match made {
+            Ok(id) => {
+                inner
+                    .store
+                    .set(self.job, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((id, true))
+            }
+            Err(e) => {
+                let _ = inner.store.release(self.job, &inner.owner).await;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The line that names this job in its comment.
+    fn marker(&self) -> String {
+        format!("{MARKER}{} -->", self.job)
+    }
+
+    /// Comments older than this cannot be the job's (a minute of clock skew allowed).
+    fn since(&self) -> chrono::DateTime<chrono::Utc> {
+        self.created - chrono::Duration::minutes(1)
     }
 }

@@ -15,9 +15,13 @@ use crate::error::DeliveryStoreError;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TrackClaim {
-    /// Nobody has (or a stale claimant had) the job: create the comment, then
-    /// [`set`](TrackingStore::set) its id.
+    /// Nobody had the job: create the comment, then [`set`](TrackingStore::set) its id.
     Mine,
+    /// A claim without a comment id (stale, another instance's, or this owner's own from an
+    /// earlier try) was taken over: the comment may have been made without its id being
+    /// recorded, so look for it on the forge before creating one, then
+    /// [`set`](TrackingStore::set) its id.
+    TakenOver,
     /// The comment exists.
     Existing(String),
     /// Another instance is creating it: ask again shortly.
@@ -123,7 +127,7 @@ impl TrackingStore for MemoryTrackingStore {
             Some(e) if e.owner == owner || e.claimed.elapsed() >= stale_after => {
                 e.owner = owner.to_owned();
                 e.claimed = Instant::now();
-                Ok(TrackClaim::Mine)
+                Ok(TrackClaim::TakenOver)
             }
             Some(_) => Ok(TrackClaim::Pending),
             None => {
@@ -269,7 +273,9 @@ mod postgres {
             let stale_ms = i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX);
             // Insert, or take over a stale claim that never got a comment; the row returned
             // says who holds it now.
-            let row: (String, Option<String>) = sqlx::query_as(
+            // `xmax` is not zero on a row the statement updated rather than inserted: a
+            // claim taken over.
+            let row: (String, Option<String>, bool) = sqlx::query_as(
                 "INSERT INTO aiwg_tracking_comments (job_id, owner) VALUES ($1, $2) \
                  ON CONFLICT (job_id) DO UPDATE SET owner = EXCLUDED.owner, claimed_at = now(), \
                      updated_at = now() \
@@ -277,7 +283,7 @@ mod postgres {
                    AND (aiwg_tracking_comments.owner = EXCLUDED.owner \
                         OR aiwg_tracking_comments.claimed_at \
                            < now() - $3 * interval '1 millisecond') \
-                 RETURNING owner, comment_id",
+                 RETURNING owner, comment_id, xmax <> 0",
             )
             .bind(job.as_uuid())
             .bind(owner)
@@ -287,7 +293,11 @@ mod postgres {
             .map_err(db)?
             .unwrap_or_default();
             if row.0 == owner && row.1.is_none() {
-                return Ok(TrackClaim::Mine);
+                return Ok(if row.2 {
+                    TrackClaim::TakenOver
+                } else {
+                    TrackClaim::Mine
+                });
             }
             let current: Option<(Option<String>,)> =
                 sqlx::query_as("SELECT comment_id FROM aiwg_tracking_comments WHERE job_id = $1")
@@ -379,8 +389,12 @@ where
     let job = JobId::new();
     assert_eq!(s.claim(job, "a", long).await.unwrap(), TrackClaim::Mine);
     assert_eq!(s.claim(job, "b", long).await.unwrap(), TrackClaim::Pending);
-    // The claimant asking again (a retry) still holds it.
-    assert_eq!(s.claim(job, "a", long).await.unwrap(), TrackClaim::Mine);
+    // The claimant asking again (a retry) still holds it, and is told its earlier try may
+    // have made the comment.
+    assert_eq!(
+        s.claim(job, "a", long).await.unwrap(),
+        TrackClaim::TakenOver
+    );
     s.set(job, "c-1").await.unwrap();
     for owner in ["a", "b"] {
         assert_eq!(
@@ -397,7 +411,7 @@ where
     );
     assert_eq!(
         s.claim(stale, "b", Duration::ZERO).await.unwrap(),
-        TrackClaim::Mine
+        TrackClaim::TakenOver
     );
     // A released claim is free; only its holder releases it.
     let released = JobId::new();

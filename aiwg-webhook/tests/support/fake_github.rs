@@ -46,6 +46,9 @@ pub struct Behaviour {
     pub delayed_edit_arrived: tokio::sync::Notify,
     /// Every comment's text, as the edits that took effect left it.
     pub comments: Mutex<std::collections::HashMap<String, String>>,
+    /// Store the next N comment creations, then answer them 502 (as when GitHub fails after
+    /// the write).
+    pub store_then_fail_creates: AtomicUsize,
 }
 
 /// GitHub's own example of `GET /repos/{owner}/{repo}/pulls/{pull_number}`'s answer (from the
@@ -222,7 +225,7 @@ fn validate(schema: &Value, v: &Value, at: &str, out: &mut Vec<String>) {
 }
 
 /// What GitHub's description says of this request; an empty list when it fits.
-fn conformance(method: &Method, path: &str, body: &Value) -> Vec<String> {
+fn conformance(method: &Method, path: &str, query: Option<&str>, body: &Value) -> Vec<String> {
     let Some(doc) = openapi() else {
         return Vec::new();
     };
@@ -235,6 +238,20 @@ fn conformance(method: &Method, path: &str, body: &Value) -> Vec<String> {
         return vec![format!("{method} {template}: no such operation")];
     };
     let mut out = Vec::new();
+    // Every query parameter is one the operation declares.
+    let declared: Vec<&str> = op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["in"] == "query")
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or("");
+        if !declared.contains(&name) {
+            out.push(format!("{method} {template}: no query parameter `{name}`"));
+        }
+    }
     match op.pointer("/requestBody/content/application~1json/schema") {
         Some(schema) => {
             let required = op.pointer("/requestBody/required") == Some(&Value::Bool(true));
@@ -275,7 +292,7 @@ async fn handle(
     s.problems
         .lock()
         .unwrap()
-        .extend(conformance(&method, &path, &body));
+        .extend(conformance(&method, &path, uri.query(), &body));
     if headers.get("x-github-api-version").is_none() {
         s.problems
             .lock()
@@ -340,6 +357,17 @@ async fn handle(
                 ),
             )
         }
+        ("GET", ["", "repos", _, _, "issues", _, "comments"]) => {
+            // Every comment the bot made (this fake keeps one thread), oldest first.
+            let comments = b.comments.lock().unwrap();
+            let mut ids: Vec<u64> = comments.keys().filter_map(|k| k.parse().ok()).collect();
+            ids.sort_unstable();
+            let list: Vec<Value> = ids
+                .iter()
+                .map(|id| json!({"id": id, "body": comments[&id.to_string()], "user": {"login": s.bot, "type": "Bot"}}))
+                .collect();
+            json_answer(StatusCode::OK, Value::Array(list))
+        }
         ("POST", ["", "repos", _, _, "issues", _, "comments"]) => {
             if b.rate_limit_creates.load(Ordering::SeqCst) > 0 {
                 b.rate_limit_creates.fetch_sub(1, Ordering::SeqCst);
@@ -360,6 +388,10 @@ async fn handle(
                 id.to_string(),
                 body["body"].as_str().unwrap_or_default().to_owned(),
             );
+            if b.store_then_fail_creates.load(Ordering::SeqCst) > 0 {
+                b.store_then_fail_creates.fetch_sub(1, Ordering::SeqCst);
+                return json_answer(StatusCode::BAD_GATEWAY, json!({"message": "Server Error"}));
+            }
             json_answer(StatusCode::CREATED, json!({"id": id, "body": body["body"]}))
         }
         ("PATCH", ["", "repos", _, _, "issues", "comments", id]) => {
