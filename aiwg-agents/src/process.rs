@@ -13,9 +13,14 @@
 //! sends `SIGTERM` to every known group, waits a grace period, then sends `SIGKILL`, and returns
 //! only when every known process is gone.
 //!
-//! Limits of the tracking: a descendant that is started, detaches (double fork) and leaves the
-//! child's process group between two scans (every 100 ms) cannot be found afterwards; inside a
-//! sandbox it cannot escape the sandbox's PID namespace, which dies as a whole.
+//! A descendant that detaches (a double fork, `setsid`) and leaves the child's process group
+//! between two scans (every 100 ms) is no longer a descendant of anything known. So every child
+//! also gets a mark in its environment, [`RUN_MARK_ENV`] with a value unique to the run, which
+//! its descendants inherit; stopping the run (and dropping it) also stops every live process
+//! that carries the mark, wherever it was re-parented to. Limits: a process that dropped or
+//! rewrote the variable (`env -i`), or whose environment the server may not read (another
+//! user's, a non-dumpable one), is not found this way; inside a sandbox nothing escapes the
+//! sandbox's PID namespace, which dies as a whole.
 //!
 //! About `PDEATHSIG`: the kernel delivers it when the *thread* that started the child exits, not
 //! the process. Children are started from the task that runs the executor, i.e. from a tokio
@@ -25,7 +30,9 @@
 //! `PDEATHSIG` reaches the agent process itself; processes the agent starts in turn are covered
 //! by the sandbox (its PID namespace is torn down with it) or, unsandboxed, by the normal stop
 //! path only: after a `kill -9` of the server nothing signals them, and what an unsandboxed
-//! agent started (a tool's `sleep`, detached or not) lives on under init.
+//! agent started (a tool's `sleep`, detached or not) lives on under init. (A child subreaper,
+//! `PR_SET_CHILD_SUBREAPER`, does not change that: it adopts orphans only while it lives, and
+//! would have to be set in the server itself, with the adopted processes to reap.)
 
 // With only the `opencode` feature, the run loop is unused (only spawning is).
 #![cfg_attr(
@@ -53,6 +60,20 @@ use crate::{AgentError, ConfigError};
 /// Prompts longer than this many bytes go to an agent CLI (`claude`, `codex`) on its standard
 /// input instead of its argument vector (Linux refuses a single argument longer than 128 KiB).
 pub const MAX_ARGV_PROMPT: usize = 100 * 1024;
+
+/// The variable that marks every process of a run (a value unique to the run): stopping the
+/// run also stops the processes that carry it, wherever they detached to.
+pub const RUN_MARK_ENV: &str = "AIWG_RUN_ID";
+
+/// A value no other run of this server (or another server) has.
+fn run_mark() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{n}-{nanos:x}", std::process::id())
+}
 
 /// Variables a child inherits from the server when they are set (everything else is dropped).
 pub const DEFAULT_ENV_ALLOW_LIST: &[&str] = &[
@@ -654,6 +675,11 @@ pub(crate) fn spawn(
         None
     };
     let mut env = sup.child_env();
+    // Every process of the run inherits the mark, however it detaches (a new session, a double
+    // fork, re-parented to init): stopping the run finds it by the mark as well.
+    let mark = run_mark();
+    env.retain(|(k, _)| k != RUN_MARK_ENV);
+    env.push((RUN_MARK_ENV.into(), mark.clone().into()));
     // Found here, with the child's PATH, so that a missing program is a spawn error and not the
     // exit status of a helper (`setpriv`, `bwrap`, `prlimit`) that could not run it.
     let path = env
@@ -700,7 +726,10 @@ pub(crate) fn spawn(
             let _ = stdin.shutdown().await;
         });
     }
-    let tree = Tree::new(pid as i32);
+    let tree = Tree::new(
+        pid as i32,
+        Some(format!("{RUN_MARK_ENV}={mark}").into_bytes()),
+    );
     Ok(Spawned {
         child,
         tree,
@@ -861,6 +890,8 @@ struct TreeState {
     adopt_group_once: bool,
     known: BTreeMap<i32, Proc>,
     own_pgrp: i32,
+    /// `AIWG_RUN_ID=<this run's mark>`, an entry of the environment of each of its processes.
+    mark: Option<Vec<u8>>,
 }
 
 impl TreeState {
@@ -908,6 +939,43 @@ impl TreeState {
         self.known.retain(|_, p| verified(*p).is_some());
     }
 
+    /// Adds every live process whose environment carries the run's mark (readable for the
+    /// server's own user's processes): what detached from the tree between two scans (a double
+    /// fork, a new session) and now belongs to init. Read when the run is stopped, not on
+    /// every scan.
+    fn scan_marked(&mut self) {
+        let Some(mark) = &self.mark else { return };
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let me = std::process::id() as i32;
+        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+            if pid == me || self.known.contains_key(&pid) {
+                continue;
+            }
+            let Some(before) = read_stat(pid).filter(Stat::live) else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            if !environ
+                .split(|b| *b == 0)
+                .any(|entry| entry == mark.as_slice())
+            {
+                continue;
+            }
+            // The environment read was this process's (not a reused pid's).
+            let p = Proc {
+                pid,
+                start: before.start,
+            };
+            if verified(p).is_some() {
+                self.known.insert(pid, p);
+            }
+        }
+    }
+
     /// Signals every verified live process and its process group (never ours, never init's).
     fn signal(&self, sig: Signal) {
         if !self.root_reaped {
@@ -927,9 +995,10 @@ impl TreeState {
         }
     }
 
-    /// Nothing of the run is alive (after a fresh scan).
+    /// Nothing of the run is alive (after a fresh scan, the run's mark included).
     fn nothing_left(&mut self) -> bool {
         self.scan();
+        self.scan_marked();
         self.known.is_empty()
     }
 }
@@ -950,6 +1019,7 @@ impl Drop for Tree {
         let kill_all = move || {
             let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
             st.scan();
+            st.scan_marked();
             st.signal(Signal::SIGKILL);
         };
         match tokio::runtime::Handle::try_current() {
@@ -960,7 +1030,7 @@ impl Drop for Tree {
 }
 
 impl Tree {
-    fn new(root: i32) -> Self {
+    fn new(root: i32, mark: Option<Vec<u8>>) -> Self {
         let mut known = BTreeMap::new();
         if let Some(s) = read_stat(root) {
             known.insert(
@@ -978,6 +1048,7 @@ impl Tree {
                 adopt_group_once: false,
                 known,
                 own_pgrp: nix::unistd::getpgrp().as_raw(),
+                mark,
             })),
             finished: false,
         }
@@ -1012,6 +1083,7 @@ impl Tree {
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.scan();
+        st.scan_marked();
         st.signal(Signal::SIGKILL);
     }
 

@@ -474,3 +474,33 @@ async fn durations_past_the_clocks_range_mean_forever() {
         .unwrap();
     assert_eq!(res.unwrap_err().kind(), "cancelled");
 }
+
+/// A command that starts a detached process (new session, output closed) and exits at once,
+/// long before a scan of its tree could see the child: the process is gone when the job ends.
+#[tokio::test]
+async fn a_detached_process_does_not_outlive_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = CommandExecutor::builder()
+        .process(ProcessOptions::new().grace(Duration::from_millis(500)))
+        .build()
+        .unwrap();
+    let secs = 100_000 + std::process::id() % 100_000;
+    let needle = format!("sleep {secs}");
+    let script = format!("setsid {needle} </dev/null >/dev/null 2>&1 & echo started");
+    let res = exec
+        .execute(
+            AgentRequest::command(argv(&["sh", "-c", &script]), dir.path()),
+            EventSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.output, "started\n");
+    let left = common::pids_with_cmdline(&needle);
+    for pid in &left {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(left.is_empty(), "{needle} outlived its job: {left:?}");
+}
