@@ -72,7 +72,20 @@ pub struct NatsConfig {
     /// in the problem's detail) and dead-lettered with the first 64 KiB of its body.
     #[serde(default, deserialize_with = "byte_limit")]
     pub max_message_bytes: Option<usize>,
+    /// How long the stream keeps a message (triggers, events and dead letters alike; default
+    /// 7d; 0 is refused). Set on the stream at start, an existing one's updated to match.
+    #[serde(default, deserialize_with = "duration")]
+    pub max_age: Option<Duration>,
+    /// The most bytes the stream keeps; the oldest messages go first (default 1073741824,
+    /// 1 GiB; 0 is refused). Set on the stream at start, an existing one's updated to match.
+    #[serde(default, deserialize_with = "byte_limit")]
+    pub max_bytes: Option<usize>,
 }
+
+/// The default of `brokers.nats.max_age`: 7 days.
+pub(crate) const DEFAULT_NATS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The default of `brokers.nats.max_bytes`: 1 GiB.
+pub(crate) const DEFAULT_NATS_MAX_BYTES: usize = 1024 * 1024 * 1024;
 
 impl std::fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,6 +97,8 @@ impl std::fmt::Debug for NatsConfig {
             .field("events_subject", &self.events_subject)
             .field("dead_letter_subject", &self.dead_letter_subject)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -242,8 +257,8 @@ fn nats_matches(filter: &str, subject: &str) -> bool {
 }
 
 /// Checks what deserializing cannot: a destination the trigger source reads back
-/// ([`refuse_loops`]), and a `max_message_bytes` of 0 (refused when read too, but the field
-/// may have been set since).
+/// ([`refuse_loops`]), a `max_message_bytes` or `max_bytes` of 0 (refused when read too, but
+/// the field may have been set since), a NATS `max_age` of 0.
 pub(crate) fn check(config: &BrokersConfig) -> Result<(), ConfigError> {
     refuse_loops(config)?;
     let limits = [
@@ -251,6 +266,17 @@ pub(crate) fn check(config: &BrokersConfig) -> Result<(), ConfigError> {
         ("amqp", config.amqp.as_ref().map(|c| c.max_message_bytes)),
         ("redis", config.redis.as_ref().map(|c| c.max_message_bytes)),
     ];
+    if let Some(c) = &config.nats {
+        if c.max_bytes == Some(0) {
+            return Err(ConfigError::new("brokers.nats.max_bytes", ZERO_LIMIT));
+        }
+        if c.max_age == Some(Duration::ZERO) {
+            return Err(ConfigError::new(
+                "brokers.nats.max_age",
+                "must be longer than 0 (default 7d): messages would be kept for no time",
+            ));
+        }
+    }
     for (name, limit) in limits {
         if limit == Some(Some(0)) {
             return Err(ConfigError::new(
@@ -370,5 +396,31 @@ mod tests {
         assert_eq!(max_message_bytes(redis.max_message_bytes), 10);
         assert_eq!(max_message_bytes(None), 1024 * 1024);
         assert!(check(&c).is_ok());
+    }
+
+    #[test]
+    fn a_nats_stream_limit_of_zero_is_refused_naming_its_key() {
+        let read = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"url": "nats://h", "stream": "S"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            BrokersConfig::from_value(serde_json::json!({ "nats": c }))
+                .and_then(|c| check(&c))
+                .err()
+                .map(|e| e.key)
+        };
+        assert_eq!(
+            read(serde_json::json!({"max_bytes": 0})).as_deref(),
+            Some("brokers.nats.max_bytes")
+        );
+        assert_eq!(
+            read(serde_json::json!({"max_age": "0s"})).as_deref(),
+            Some("brokers.nats.max_age")
+        );
+        assert_eq!(
+            read(serde_json::json!({"max_age": "1h", "max_bytes": 1})),
+            None
+        );
     }
 }

@@ -70,6 +70,22 @@
 //! of jobs that finished during the engine's shutdown); [`RunningBrokers::shutdown`] stops at
 //! once, dropping them.
 //!
+//! # The NATS stream and consumer
+//!
+//! The stream holds the trigger, events and dead-letter subjects, kept for at most `max_age`
+//! (default 7 days) and `max_bytes` (default 1 GiB; the oldest messages go first). At start a
+//! missing stream is made so; an existing one is updated to match (the configured subjects
+//! added, others left; `max_age` and `max_bytes` set), logged at `info` with what changed.
+//! The durable consumer is updated when its subject or `ack_wait` differ, and refused at start
+//! (naming `brokers.nats.consumer`) when it acknowledges otherwise than explicitly, which cannot
+//! be updated. A durable consumer that aiwg makes at start delivers only messages published
+//! from then on (`DeliverPolicy::New`): a new or renamed `consumer` does not replay the
+//! stream's history (triggers published before it existed, and not taken by another consumer,
+//! are not run). One lost while aiwg consumes is made again delivering every message the stream
+//! holds (`DeliverPolicy::All`): nothing published while it was gone is skipped, and messages
+//! handled already find their jobs by their keys — as a Redis group lost while consuming is
+//! made again at `0`.
+//!
 //! Each consumer reconnects by itself after a broker restart; unacknowledged messages are
 //! redelivered by the broker and de-duplicated by their key. A RabbitMQ connection that stops
 //! answering (connecting, declaring, a publish's confirm, an acknowledgement: 10 s each) is
@@ -99,7 +115,7 @@
 //! brokers:
 //!   nats:  { url: "nats://127.0.0.1:4222", stream: AIWG, consumer: aiwg,
 //!            trigger_subject: aiwg.trigger, events_subject: aiwg.events,
-//!            dead_letter_subject: aiwg.dead }
+//!            dead_letter_subject: aiwg.dead, max_age: 7d, max_bytes: 1073741824 }
 //!   amqp:  { url: "amqp://guest:guest@127.0.0.1:5672/%2f", queue: aiwg.trigger,
 //!            events_exchange: aiwg.events, dead_letter_exchange: "", dead_letter_routing_key: aiwg.dead }
 //!   redis: { url: "redis://127.0.0.1:6379", stream: aiwg:trigger, group: aiwg,

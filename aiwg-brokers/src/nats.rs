@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use aiwg_core::Engine;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::{self, consumer::pull, AckKind, ErrorCode};
+use async_nats::jetstream::{self, AckKind, ErrorCode};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::max_message_bytes;
+use crate::config::{max_message_bytes, DEFAULT_NATS_MAX_AGE, DEFAULT_NATS_MAX_BYTES};
 use crate::events::{count_dropped, EventQueue, NATS_HEADER_ROOM};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
 use crate::{pause, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
@@ -33,9 +34,12 @@ pub(crate) async fn start(
         .map_err(|e| BrokerError::setup(BROKER, "cannot connect", e))?;
     let js = jetstream::new(client);
     // Fail fast when the server is not reachable at start.
-    tokio::time::timeout(Duration::from_secs(10), setup_consumer(&js, &cfg))
-        .await
-        .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))??;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        setup_consumer(&js, &cfg, FirstDelivery::New),
+    )
+    .await
+    .map_err(|e| BrokerError::setup(BROKER, "no answer from the server", e))??;
     // Connected: events are cut to what this server takes from now on.
     events.set_max_body(body_limit(&js.client()));
     let consumer = tokio::spawn(consume(js.clone(), cfg.clone(), engine, cancel));
@@ -46,37 +50,159 @@ pub(crate) async fn start(
     })
 }
 
-async fn setup_consumer(
-    js: &jetstream::Context,
-    cfg: &NatsConfig,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, BrokerError> {
+/// Which messages a durable consumer that aiwg makes delivers first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FirstDelivery {
+    /// Those published from now on (at start: a new or renamed consumer does not replay the
+    /// stream's history).
+    New,
+    /// Every message the stream holds (a consumer lost while consuming: nothing published
+    /// while it was gone is skipped; what was handled already finds its job by its key).
+    All,
+}
+
+/// The stream as the configuration wants it.
+fn stream_config(cfg: &NatsConfig) -> jetstream::stream::Config {
     let mut subjects = vec![cfg.trigger_subject.clone()];
     for s in [&cfg.events_subject, &cfg.dead_letter_subject] {
         if !subjects.contains(s) {
             subjects.push(s.clone());
         }
     }
+    jetstream::stream::Config {
+        name: cfg.stream.clone(),
+        subjects,
+        max_age: cfg.max_age.unwrap_or(DEFAULT_NATS_MAX_AGE),
+        max_bytes: i64::try_from(cfg.max_bytes.unwrap_or(DEFAULT_NATS_MAX_BYTES))
+            .unwrap_or(i64::MAX),
+        ..Default::default()
+    }
+}
+
+/// `current` changed to what `wanted` asks (subjects added, never removed: others may publish
+/// to the stream; `max_age` and `max_bytes` set), and what changed; `None` when it matches.
+fn reconcile_stream(
+    mut current: jetstream::stream::Config,
+    wanted: &jetstream::stream::Config,
+) -> Option<(jetstream::stream::Config, Vec<String>)> {
+    let mut changes = Vec::new();
+    for s in &wanted.subjects {
+        if !current.subjects.contains(s) {
+            changes.push(format!("subject `{s}` added"));
+            current.subjects.push(s.clone());
+        }
+    }
+    if current.max_age != wanted.max_age {
+        changes.push(format!(
+            "max_age {} → {}",
+            humantime::format_duration(current.max_age),
+            humantime::format_duration(wanted.max_age)
+        ));
+        current.max_age = wanted.max_age;
+    }
+    if current.max_bytes != wanted.max_bytes {
+        changes.push(format!(
+            "max_bytes {} → {}",
+            current.max_bytes, wanted.max_bytes
+        ));
+        current.max_bytes = wanted.max_bytes;
+    }
+    (!changes.is_empty()).then_some((current, changes))
+}
+
+/// The stream, made when missing, updated when it differs from the configuration.
+async fn setup_stream(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> Result<jetstream::stream::Stream, BrokerError> {
+    let what = || format!("stream `{}`", cfg.stream);
+    let wanted = stream_config(cfg);
     let stream = js
-        .get_or_create_stream(jetstream::stream::Config {
-            name: cfg.stream.clone(),
-            subjects,
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, what(), e))?;
+    let Some((updated, changes)) = reconcile_stream(stream.cached_info().config.clone(), &wanted)
+    else {
+        return Ok(stream);
+    };
+    tracing::info!(
+        stream = %cfg.stream, changes = %changes.join(", "),
+        "nats: the stream differs from the configuration; updating it"
+    );
+    js.update_stream(updated).await.map_err(|e| {
+        BrokerError::setup(
+            BROKER,
+            format!("{} (updating it: {})", what(), changes.join(", ")),
+            e,
+        )
+    })?;
+    js.get_stream(&cfg.stream)
+        .await
+        .map_err(|e| BrokerError::setup(BROKER, what(), e))
+}
+
+/// The durable consumer the configuration wants: made when missing (delivering `first`),
+/// updated when its subject or `ack_wait` differ; one that acknowledges otherwise than
+/// explicitly is refused (that cannot be updated).
+async fn setup_consumer(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+    first: FirstDelivery,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BrokerError> {
+    let stream = setup_stream(js, cfg).await?;
+    let what = || format!("consumer `{}`", cfg.consumer);
+    let ack_wait = cfg.ack_wait.unwrap_or(Duration::from_secs(30));
+    if let Ok(existing) = stream.get_consumer::<pull::Config>(&cfg.consumer).await {
+        let current = existing.cached_info().config.clone();
+        if current.ack_policy != AckPolicy::Explicit {
+            return Err(BrokerError::setup(
+                BROKER,
+                format!(
+                    "brokers.nats.consumer: the durable consumer `{}` exists with ack_policy \
+                     {:?}; aiwg needs explicit acknowledgement (delete it, or name another)",
+                    cfg.consumer, current.ack_policy
+                ),
+                std::io::Error::other("ack_policy cannot be updated"),
+            ));
+        }
+        if current.filter_subject == cfg.trigger_subject && current.ack_wait == ack_wait {
+            return Ok(existing);
+        }
+        tracing::info!(
+            consumer = %cfg.consumer, filter_subject = %cfg.trigger_subject,
+            ack_wait = ?ack_wait,
+            "nats: the consumer differs from the configuration; updating it"
+        );
+        let mut updated =
+            <pull::Config as jetstream::consumer::FromConsumer>::try_from_consumer_config(current)
+                .map_err(|e| BrokerError::Setup {
+                    broker: BROKER,
+                    what: what(),
+                    source: e,
+                })?;
+        updated.filter_subject = cfg.trigger_subject.clone();
+        updated.ack_wait = ack_wait;
+        // Creating an existing durable consumer with a changed config updates it (the client's
+        // `update_consumer` needs its `server_2_10` feature).
+        return stream
+            .create_consumer(updated)
+            .await
+            .map_err(|e| BrokerError::setup(BROKER, format!("{} (updating it)", what()), e));
+    }
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(cfg.consumer.clone()),
+            filter_subject: cfg.trigger_subject.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            deliver_policy: match first {
+                FirstDelivery::New => DeliverPolicy::New,
+                FirstDelivery::All => DeliverPolicy::All,
+            },
             ..Default::default()
         })
         .await
-        .map_err(|e| BrokerError::setup(BROKER, format!("stream `{}`", cfg.stream), e))?;
-    stream
-        .get_or_create_consumer(
-            &cfg.consumer,
-            pull::Config {
-                durable_name: Some(cfg.consumer.clone()),
-                filter_subject: cfg.trigger_subject.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: cfg.ack_wait.unwrap_or(Duration::from_secs(30)),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| BrokerError::setup(BROKER, format!("consumer `{}`", cfg.consumer), e))
+        .map_err(|e| BrokerError::setup(BROKER, what(), e))
 }
 
 async fn consume(
@@ -90,8 +216,9 @@ async fn consume(
         if cancel.is_cancelled() {
             return;
         }
-        // (Re)created each time: it may have been deleted or the server restarted.
-        let messages = match setup_consumer(&js, &cfg).await {
+        // (Re)created each time: it may have been deleted or the server restarted. It existed
+        // (the start made it): made again, it delivers every message the stream holds.
+        let messages = match setup_consumer(&js, &cfg, FirstDelivery::All).await {
             Ok(c) => c.messages().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -299,5 +426,42 @@ async fn publish_events(js: jetstream::Context, cfg: NatsConfig, mut events: Eve
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_updated_to_the_configured_limits_keeping_other_subjects() {
+        let cfg: NatsConfig = serde_json::from_value(serde_json::json!({
+            "url": "nats://h", "stream": "S", "max_age": "1h", "max_bytes": 1000
+        }))
+        .unwrap();
+        let wanted = stream_config(&cfg);
+        assert_eq!(wanted.max_age, Duration::from_secs(3600));
+        assert_eq!(wanted.max_bytes, 1000);
+        assert_eq!(reconcile_stream(wanted.clone(), &wanted), None);
+        let current = jetstream::stream::Config {
+            name: "S".into(),
+            subjects: vec!["aiwg.trigger".into(), "other.>".into()],
+            max_bytes: -1,
+            ..Default::default()
+        };
+        let (updated, changes) = reconcile_stream(current, &wanted).unwrap();
+        assert_eq!(
+            updated.subjects,
+            ["aiwg.trigger", "other.>", "aiwg.events", "aiwg.dead"]
+        );
+        assert_eq!(updated.max_age, Duration::from_secs(3600));
+        assert_eq!(updated.max_bytes, 1000);
+        assert_eq!(changes.len(), 4, "{changes:?}");
+        // The defaults: a week, 1 GiB.
+        let cfg: NatsConfig =
+            serde_json::from_value(serde_json::json!({"url": "nats://h", "stream": "S"})).unwrap();
+        let wanted = stream_config(&cfg);
+        assert_eq!(wanted.max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(wanted.max_bytes, 1 << 30);
     }
 }

@@ -448,3 +448,87 @@ fn dead_letter_problem(m: &async_nats::Message) -> Value {
         .unwrap_or_else(|| panic!("a dead letter without Aiwg-Problem: {m:?}"));
     serde_json::from_str(doc.as_str()).unwrap()
 }
+
+#[tokio::test]
+async fn an_existing_stream_and_consumer_are_brought_to_the_configuration_without_replaying() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    // A stream made by someone else: the trigger subject only, no limits, one old trigger.
+    js.create_stream(jetstream::stream::Config {
+        name: format!("AIWG_{name}"),
+        subjects: vec![format!("{name}.trigger")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trigger = |guidance: &'static str| {
+        let js = js.clone();
+        let subject = format!("{name}.trigger");
+        async move {
+            let body = json!({"workflow": "check", "guidance": guidance}).to_string();
+            js.publish(subject, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    trigger("old").await;
+    let (engine, running) = start(config(url, &name)).await;
+    // Bounded and given every subject.
+    let info = js
+        .get_stream(format!("AIWG_{name}"))
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(info.max_age, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(info.max_bytes, 1 << 30);
+    assert!(
+        info.subjects.contains(&format!("{name}.events"))
+            && info.subjects.contains(&format!("{name}.dead")),
+        "{:?}",
+        info.subjects
+    );
+    // The new durable consumer starts at new messages: the old trigger is not replayed.
+    trigger("new").await;
+    wait_until("the new trigger's job", || async {
+        jobs(&engine).await.len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = jobs(&engine).await;
+    assert_eq!(all.len(), 1, "the stream's history was replayed");
+    assert_eq!(all[0].guidance.as_deref(), Some("new"));
+    running.shutdown().await;
+
+    // Configured otherwise: the stream and the consumer follow.
+    let mut cfg = config(url, &name);
+    cfg["nats"]["max_age"] = json!("1h");
+    cfg["nats"]["max_bytes"] = json!(10_000_000);
+    cfg["nats"]["ack_wait"] = json!("45s");
+    let (engine, running) = start(cfg).await;
+    let stream = js.get_stream(format!("AIWG_{name}")).await.unwrap();
+    assert_eq!(
+        stream.cached_info().config.max_age,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(stream.cached_info().config.max_bytes, 10_000_000);
+    let consumer: jetstream::consumer::PullConsumer = stream.get_consumer("aiwg").await.unwrap();
+    assert_eq!(
+        consumer.cached_info().config.ack_wait,
+        Duration::from_secs(45)
+    );
+    trigger("again").await;
+    wait_until("a job after the update", || async {
+        jobs(&engine).await.len() == 1
+    })
+    .await;
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
