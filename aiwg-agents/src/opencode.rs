@@ -150,7 +150,9 @@ impl OpenCode {
         // does not stop a new server half-way through its start, and the next caller finds it.
         let (url, listener) = match tokio::spawn(Arc::clone(sup).ensure()).await {
             Ok(r) => r?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => return Err(ExecutorError::Cancelled),
         };
         let mut oc = self.clone();
         oc.base = url;
