@@ -10,10 +10,16 @@
 //! 2. the request's head fetched into it: `refs/pull/N/head` (GitHub, Gitea/Forgejo),
 //!    `refs/merge-requests/N/head` (GitLab), the source branch of the source repository
 //!    (Bitbucket), and the base branch when it is known;
-//! 3. `git worktree add --detach` at the head commit (the one the event named, fetched by
-//!    itself when the pull request moved on, and the job fails when it is gone; the fetched
-//!    head when the event names none) under `cache/worktrees/<job id>-<attempt>` (a
-//!    retry gets a worktree of its own; the failed attempt's may still be kept).
+//! 3. a checkout of the head commit (the one the event named, fetched by itself when the pull
+//!    request moved on, and the job fails when it is gone; the fetched head when the event
+//!    names none) under `cache/worktrees/<job id>-<attempt>` (a retry gets one of its own; the
+//!    failed attempt's may still be kept). It is a git repository of its own, with a detached
+//!    `HEAD`, whose objects are borrowed read-only from the mirror (`objects/info/alternates`):
+//!    an agent can `git diff`, `git commit` and so on there, under a sandbox too (which binds
+//!    only the checkout writable), and nothing it does reaches the mirror other jobs share.
+//!    (A `git worktree` kept its metadata in the mirror, where a sandboxed agent could not
+//!    write it.) The mirror's fetches never prune objects (`gc.pruneExpire=never`), so a
+//!    checkout's commit stays readable after its pull request is pushed over.
 //!
 //! The job's steps run there (`{{project_path}}` is the worktree; `{{trigger.sha}}`,
 //! `{{trigger.branch}}`, `{{trigger.base}}` name the commit and branches). Afterwards the
@@ -140,7 +146,6 @@ impl WorkspaceError {
 #[derive(Debug)]
 pub(crate) struct Worktree {
     pub(crate) path: PathBuf,
-    mirror: PathBuf,
 }
 
 /// Makes and removes worktrees; one per engine.
@@ -151,6 +156,11 @@ pub(crate) struct Workspaces {
     /// editing files deeper down does not change it).
     in_use: Mutex<HashSet<PathBuf>>,
 }
+
+/// Given to every fetch into a mirror (and so to the `gc --auto` a fetch may start): checkouts
+/// borrow the mirror's objects, and one that a pushed-over pull request left unreachable must
+/// stay for them.
+const KEEP_OBJECTS: &str = "gc.pruneExpire=never";
 
 fn valid_ref_part(s: &str) -> bool {
     !s.is_empty()
@@ -220,7 +230,18 @@ impl Workspaces {
             }
         }
         err.truncate(err.char_indices().nth(500).map_or(err.len(), |(i, _)| i));
-        Err(WorkspaceError::new(format!("git {}: {err}", args[0])))
+        // Named by its subcommand, past the options that take a value.
+        let mut words = args.iter();
+        let sub = loop {
+            match words.next() {
+                Some(&("-c" | "-C")) => {
+                    words.next();
+                }
+                Some(w) => break *w,
+                None => break "",
+            }
+        };
+        Err(WorkspaceError::new(format!("git {sub}: {err}")))
     }
 
     /// The worktree for `job`, when it is about a pull request with a clone URL.
@@ -275,7 +296,6 @@ impl Workspaces {
         claim.keep();
         Ok(Some(Worktree {
             path: worktree,
-            mirror,
         }))
     }
 
@@ -315,6 +335,8 @@ impl Workspaces {
         remove_lock_files(&mirror.join("refs").join("aiwg"));
         let _ = std::fs::remove_file(mirror.join("packed-refs.lock"));
         let mut args: Vec<&str> = vec![
+            "-c",
+            KEEP_OBJECTS,
             "-C",
             &m,
             "fetch",
@@ -328,6 +350,8 @@ impl Workspaces {
         if let Err(e) = self.run(Some(fetch_url), &args).await {
             // The base branch may be gone; the head is what matters.
             let head_only = [
+                "-c",
+                KEEP_OBJECTS,
                 "-C",
                 &m,
                 "fetch",
@@ -376,7 +400,18 @@ impl Workspaces {
                     let _ = self
                         .run(
                             Some(fetch_url),
-                            &["-C", &m, "fetch", "--no-tags", "-q", "--", fetch_url, s],
+                            &[
+                                "-c",
+                                KEEP_OBJECTS,
+                                "-C",
+                                &m,
+                                "fetch",
+                                "--no-tags",
+                                "-q",
+                                "--",
+                                fetch_url,
+                                s,
+                            ],
                         )
                         .await;
                 }
@@ -389,11 +424,52 @@ impl Workspaces {
                 s.clone()
             }
         };
+        self.check_out(mirror, worktree, &sha).await
+    }
+
+    /// Makes `worktree` a repository of its own at `sha`, its objects the mirror's (read through
+    /// `objects/info/alternates`, never written: new ones go to its own store).
+    async fn check_out(
+        &self,
+        mirror: &Path,
+        worktree: &Path,
+        sha: &str,
+    ) -> Result<(), WorkspaceError> {
+        let io = |what: &str, e: std::io::Error| WorkspaceError::new(format!("{what}: {e}"));
+        // A directory left by an attempt given up part way is made again from nothing.
+        if worktree.exists() {
+            std::fs::remove_dir_all(worktree).map_err(|e| io("cannot clear the checkout", e))?;
+        }
         let w = worktree.to_string_lossy().into_owned();
+        self.run(None, &["init", "-q", "--", &w]).await?;
+        let git_dir = worktree.join(".git");
+        let info = git_dir.join("objects").join("info");
+        std::fs::create_dir_all(&info).map_err(|e| io("cannot make the checkout", e))?;
+        let mut alternates = mirror.join("objects").into_os_string();
+        alternates.push("\n");
+        std::fs::write(info.join("alternates"), alternates.as_encoded_bytes())
+            .map_err(|e| io("cannot make the checkout", e))?;
+        // An identity for an agent's commits there (its own configuration wins).
+        let mut config = std::fs::OpenOptions::new()
+            .append(true)
+            .open(git_dir.join("config"))
+            .map_err(|e| io("cannot make the checkout", e))?;
+        std::io::Write::write_all(
+            &mut config,
+            b"[user]\n\tname = aiwg\n\temail = aiwg@localhost\n",
+        )
+        .map_err(|e| io("cannot make the checkout", e))?;
         self.run(
             None,
             &[
-                "-C", &m, "worktree", "add", "--detach", "-f", "-q", &w, &sha,
+                "-C",
+                &w,
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "-q",
+                "--detach",
+                sha,
             ],
         )
         .await?;
@@ -422,20 +498,13 @@ impl Workspaces {
         });
     }
 
+    /// Removes a checkout: its directory (no git runs there once an agent has: its
+    /// configuration is the agent's to change).
     async fn remove(&self, wt: &Worktree) {
-        let lock = self.lock_for(&wt.mirror);
-        let _held = lock.lock().await;
-        let (m, w) = (
-            wt.mirror.to_string_lossy().into_owned(),
-            wt.path.to_string_lossy().into_owned(),
-        );
-        if let Err(e) = self
-            .run(None, &["-C", &m, "worktree", "remove", "--force", &w])
-            .await
-        {
-            tracing::warn!(worktree = %w, error = %e, "could not remove a worktree");
-            let _ = std::fs::remove_dir_all(&wt.path);
-            let _ = self.run(None, &["-C", &m, "worktree", "prune"]).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&wt.path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(worktree = %wt.path.display(), error = %e, "could not remove a checkout");
+            }
         }
     }
 

@@ -498,11 +498,15 @@ projects: {{ root: "{root}", mapping: [ {{ pattern: ".*", path: "." }} ],
 engine: {{ workers: 2, shutdown_grace: "200ms" }}
 agents:
   sh: {{ kind: command }}
+  boxed: {{ kind: command, sandbox: bwrap }}
 workflows:
   head:
     steps:
       - {{ name: head, agent: sh, command: ["git", "rev-parse", "HEAD"] }}
       - {{ name: file, agent: sh, command: ["cat", "README"] }}
+  commit:
+    steps:
+      - {{ name: commit, agent: boxed, command: ["sh", "-c", "echo agent > NEW && git add NEW && git commit -q -m agent && git rev-parse HEAD HEAD^"] }}
   here:
     workspace: none
     steps:
@@ -588,6 +592,43 @@ triggers:
     );
     // The project directory itself was never touched.
     assert!(!dir.path().join("README").exists());
+
+    // A sandboxed agent commits in its checkout (a repository of its own, the mirror's objects
+    // borrowed read-only); nothing it writes reaches the mirror.
+    let res = post(7, 30, "commit").await.unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let id = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = wait(id).await;
+    assert_eq!(doc["status"], "completed", "{doc}");
+    let out = doc["result"]["steps"][0]["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        lines[1], pr_sha,
+        "the commit's parent is the pull request's head"
+    );
+    for mirror in std::fs::read_dir(cache.join("mirrors")).unwrap().flatten() {
+        let has = std::process::Command::new("git")
+            .args([
+                "-C",
+                mirror.path().to_str().unwrap(),
+                "cat-file",
+                "-e",
+                lines[0],
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !has.status.success(),
+            "the agent's commit is not in the mirror"
+        );
+    }
 
     let res = post(8, 2, "head").await.unwrap();
     let id = res.json::<Value>().await.unwrap()["job_id"]
