@@ -135,6 +135,9 @@ pub struct ServerConfig {
     /// Proxies (CIDRs, `10.0.0.0/8`, or addresses) whose `X-Forwarded-For` / `Forwarded` is
     /// believed for the client's address; nobody's by default.
     pub trusted_proxies: Vec<String>,
+    /// The header those proxies write the client's address in: `x-forwarded-for` (default)
+    /// or `forwarded`. Only it is read.
+    pub forwarded_header: crate::http::ForwardedHeader,
     /// Where clients reach the API from outside (`https://ci.example.com/aiwg`): tracking
     /// comments on forges link to `{public_url}/workflows/{id}/status`.
     pub public_url: Option<String>,
@@ -149,6 +152,7 @@ impl Default for ServerConfig {
             bind: "127.0.0.1:3100".into(),
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            forwarded_header: crate::http::ForwardedHeader::default(),
             body_limit: Value::String("1MiB".into()),
             public_url: None,
             dashboard: true,
@@ -1117,6 +1121,7 @@ webhooks: { retry: long, workers: 10, allow_private_targets: false }
             ("engine: { workers: many }", "engine.workers"),
             ("engine: { workers: 0 }", "engine.workers"),
             ("server: { body_limit: \"1 parsec\" }", "server.body_limit"),
+            ("server: { forwarded_header: x-real-ip }", "server.forwarded_header"),
             ("servr: {}", "servr"),
             ("storage: { kind: postgres }", "storage.url"),
             ("auth: { api_keys: [ { name: x, key: short, scopes: [read] } ] }", "auth.api_keys[0].key"),

@@ -60,15 +60,58 @@ async fn forged_floods_are_cut_off_and_verified_deliveries_are_not() {
                 .as_u16(),
         );
     }
-    // The burst of failures is answered 401, then the address is refused before any check.
+    // The burst of failures is answered 401, then the address is told to wait.
     assert!(statuses[..5].iter().all(|s| *s == 401), "{statuses:?}");
     assert_eq!(statuses[19], 429, "{statuses:?}");
     // Far more verified deliveries than the burst, from the platform's address: all accepted.
     for _ in 0..50 {
         assert_eq!(api.handle(delivery(platform, "good")).await.status, 202);
     }
-    // The attacker stays blocked even with a valid signature until its wait is over.
-    assert_eq!(api.handle(delivery(attacker, "good")).await.status, 429);
+    // A verified delivery from the blocked address still goes through: a platform shares its
+    // address with whatever else sends from there (another project's stale webhook on the
+    // same forge), and a delivery refused with 429 is lost. Its forgeries are still refused.
+    assert_eq!(api.handle(delivery(attacker, "good")).await.status, 202);
+    assert_eq!(api.handle(delivery(attacker, "forged")).await.status, 429);
+}
+
+/// An IPv6 client is counted by its /64: a fresh address of the block for every failed key
+/// does not reset its budget. IPv4 addresses, and IPv4-mapped IPv6 ones, count one by one.
+#[tokio::test]
+async fn an_ipv6_client_is_counted_by_its_64() {
+    let engine = Engine::builder()
+        .executor("a", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .build()
+        .unwrap();
+    let api = Api::builder(engine)
+        .rate_limit(RateLimit {
+            per_minute: 60,
+            burst: 2,
+        })
+        .hooks(Arc::new(Signed))
+        .build()
+        .unwrap();
+    let v6 = |n: u16| {
+        let mut h = HeaderMap::new();
+        h.insert("x-signature", "forged".parse().unwrap());
+        ApiRequest::new(Route::Hook, Method::POST)
+            .with_params(vec!["github".into()])
+            .with_headers(h)
+            .with_peer(Some(IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, 7, n, n, n, n,
+            ))))
+    };
+    let mut statuses = Vec::new();
+    for n in 1..=6 {
+        statuses.push(api.handle(v6(n)).await.status.as_u16());
+    }
+    assert_eq!(statuses[..2], [401, 401], "{statuses:?}");
+    assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Another /64 has its own budget.
+    let mut other = v6(1);
+    other.peer = Some(IpAddr::V6(std::net::Ipv6Addr::new(
+        0x2001, 0xdb8, 0, 8, 1, 1, 1, 1,
+    )));
+    assert_eq!(api.handle(other).await.status, 401);
 }
 
 /// `X-Forwarded-For` / `Forwarded` are believed only from trusted proxies, and then the last
@@ -102,19 +145,59 @@ async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
         api.client_address(Some(ip("192.0.2.1")), &xff),
         Some(ip("192.0.2.1"))
     );
-    // `Forwarded`, with quoting, ports and IPv6.
-    let fwd = headers(&[(
-        "forwarded",
-        "for=\"[2001:db8::1]:4711\";proto=https, for=10.2.2.2",
+    // Hops with ports (Azure Application Gateway, IIS ARR append them).
+    let ported = headers(&[(
+        "x-forwarded-for",
+        "1.1.1.1, 203.0.113.5:4711, [10.1.1.1]:80",
     )]);
     assert_eq!(
-        api.client_address(Some(ip("10.0.0.2")), &fwd),
-        Some(ip("2001:db8::1"))
+        api.client_address(Some(ip("10.0.0.2")), &ported),
+        Some(ip("203.0.113.5"))
+    );
+    // A hop that is not an address ends the walk: what lies beyond it may be the client's
+    // own; the nearest trusted proxy is taken instead.
+    let hidden = headers(&[("x-forwarded-for", "198.51.100.99, _hidden, 10.1.1.1")]);
+    assert_eq!(
+        api.client_address(Some(ip("10.0.0.2")), &hidden),
+        Some(ip("10.1.1.1"))
     );
     // Nothing usable: the proxy itself.
     let junk = headers(&[("x-forwarded-for", "unknown, nonsense")]);
     assert_eq!(
         api.client_address(Some(ip("10.0.0.2")), &junk),
         Some(ip("10.0.0.2"))
+    );
+    // Only the proxies' header is read: a proxy that writes `Forwarded` passes the client's
+    // own `X-Forwarded-For` through, and the other way round.
+    let fwd = headers(&[
+        (
+            "forwarded",
+            "for=\"[2001:db8::1]:4711\";proto=https, for=10.2.2.2",
+        ),
+        ("x-forwarded-for", "198.51.100.99"),
+    ]);
+    assert_eq!(
+        api.client_address(Some(ip("10.0.0.2")), &fwd),
+        Some(ip("198.51.100.99")),
+        "by default, X-Forwarded-For"
+    );
+    let engine = Engine::builder()
+        .executor("a", Arc::new(ScriptedExecutor::succeeding("ok")))
+        .build()
+        .unwrap();
+    let behind_forwarded = Api::builder(engine)
+        .trusted_proxies(vec!["10.0.0.0/8".parse().unwrap()])
+        .forwarded_header(aiwg_core::http::ForwardedHeader::Forwarded)
+        .build()
+        .unwrap();
+    assert_eq!(
+        behind_forwarded.client_address(Some(ip("10.0.0.2")), &fwd),
+        Some(ip("2001:db8::1")),
+        "`Forwarded`, with quoting, ports and IPv6"
+    );
+    assert_eq!(
+        behind_forwarded.client_address(Some(ip("10.0.0.2")), &xff),
+        Some(ip("10.0.0.2")),
+        "X-Forwarded-For is not read"
     );
 }

@@ -234,6 +234,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         .body_limit(config.server.body_limit_bytes()?)
         .cors_origins(config.server.cors_origins.clone())
         .trusted_proxies(config.server.trusted_proxies()?)
+        .forwarded_header(config.server.forwarded_header)
         .public_metrics(config.auth.public_metrics)
         .dashboard(config.server.dashboard)
         .dispatcher(dispatcher.clone());

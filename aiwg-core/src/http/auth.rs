@@ -232,6 +232,22 @@ pub(crate) struct Limiter {
     blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
 }
 
+/// The address a client is counted under: an IPv4 address itself (an IPv4-mapped IPv6
+/// address too), an IPv6 address by its /64, the smallest block a host is usually given. Counted
+/// one by one, a host could take a fresh address of its /64 for every request and never meet
+/// its limit.
+pub(crate) fn bucket_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
 /// Every this many address checks, addresses whose budget is full again are forgotten, so
 /// rotating client addresses cannot grow the limiter's memory without bound.
 const PRUNE_EVERY: u64 = 4096;
@@ -259,6 +275,7 @@ impl Limiter {
 
     /// `Err(wait)` when the address is over its limit.
     pub(crate) fn check_addr(&self, addr: IpAddr) -> Result<(), Duration> {
+        let addr = bucket_of(addr);
         let n = self
             .checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -276,6 +293,7 @@ impl Limiter {
     /// deliveries are never starved by others' floods. `Err(wait)` while the address is
     /// blocked for failing too often (answered before any signature is computed).
     pub(crate) fn check_blocked(&self, addr: IpAddr) -> Result<(), Duration> {
+        let addr = bucket_of(addr);
         let now = std::time::Instant::now();
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         match blocked.get(&addr) {
@@ -295,6 +313,7 @@ impl Limiter {
         let Err(wait) = self.check_addr(addr) else {
             return Ok(());
         };
+        let addr = bucket_of(addr);
         let now = std::time::Instant::now();
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         if blocked.len() >= 65_536 {

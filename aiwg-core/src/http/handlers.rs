@@ -193,10 +193,13 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
             None => {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
                     match spec.access {
-                        Access::Unlimited => {}
                         // Only failed verifications count (below): a flood of forged
                         // deliveries from other addresses never starves the platform's own.
-                        Access::Signature => l.check_blocked(ip).map_err(too_many)?,
+                        // Nor is an address refused before its delivery is verified: a
+                        // platform's deliveries share their address with whatever else runs
+                        // there (another project's stale webhook on the same GitLab, the
+                        // same egress of GitHub), and a 429 loses a delivery for good.
+                        Access::Unlimited | Access::Signature => {}
                         _ => l.check_addr(ip).map_err(too_many)?,
                     }
                 }
@@ -210,9 +213,11 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                 Err(p) => p.status() == 401,
             };
             if let (true, Some(l), Some(ip)) = (failed, &api.inner.limiter, req.peer) {
-                // The 401 stands; the address's next deliveries are refused while it is
-                // blocked.
-                let _ = l.failed_verification(ip);
+                // Past its limit, a failing address is told to wait; its verified deliveries
+                // still go through.
+                if let Err(wait) = l.check_blocked(ip).and_then(|()| l.failed_verification(ip)) {
+                    return Err(too_many(wait));
+                }
             }
         }
         res

@@ -51,6 +51,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde::{Deserialize, Serialize};
 
 use crate::dispatch::Dispatcher;
 use crate::engine::Engine;
@@ -318,6 +319,7 @@ struct Inner {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
     trusted_proxies: Vec<crate::dispatch::IpNet>,
+    forwarded_header: ForwardedHeader,
     dashboard: bool,
 }
 
@@ -354,6 +356,7 @@ pub struct ApiBuilder {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     cors_origins: Vec<String>,
     trusted_proxies: Vec<crate::dispatch::IpNet>,
+    forwarded_header: ForwardedHeader,
     dashboard: bool,
 }
 
@@ -459,6 +462,14 @@ impl ApiBuilder {
         self
     }
 
+    /// The header trusted proxies write the client's address in (`server.forwarded_header`;
+    /// default `X-Forwarded-For`). Only it is read: a proxy that writes one passes the other
+    /// through as the client sent it.
+    pub fn forwarded_header(mut self, header: ForwardedHeader) -> Self {
+        self.forwarded_header = header;
+        self
+    }
+
     /// Serve the dashboard at `ui/` (default: off). Off, the routes [`Route::Dashboard`],
     /// [`Route::DashboardAsset`] and [`Route::DashboardRedirect`] are not among
     /// [`Api::routes`], so the adapters leave `ui/` to the host app (and [`Api::handle`]
@@ -513,6 +524,7 @@ impl ApiBuilder {
                 metrics,
                 cors_origins: self.cors_origins,
                 trusted_proxies: self.trusted_proxies,
+                forwarded_header: self.forwarded_header,
                 dashboard: self.dashboard,
             }),
         })
@@ -537,6 +549,7 @@ impl Api {
             metrics: None,
             cors_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
             dashboard: false,
         }
     }
@@ -613,7 +626,12 @@ impl Api {
     }
 
     /// The client's address: the peer, or, when the peer is a trusted proxy, the last address
-    /// of `X-Forwarded-For` (else `Forwarded: for=`) that is not a trusted proxy.
+    /// of the proxies' header ([`ApiBuilder::forwarded_header`]: `X-Forwarded-For` by default,
+    /// else `Forwarded: for=`) that is not a trusted proxy. Only that header is read: a proxy
+    /// passes the other through as the client wrote it. A hop that is not an address (`unknown`,
+    /// an obfuscated name) ends the walk, and the trusted proxy nearest to it is taken for the
+    /// client: what lies beyond it may be the client's own invention. Hops may carry a port
+    /// (`203.0.113.5:4711`, `[2001:db8::1]:4711`).
     #[must_use]
     pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
         let trusted = |ip: IpAddr| self.inner.trusted_proxies.iter().any(|n| n.contains(ip));
@@ -621,38 +639,82 @@ impl Api {
         if !trusted(peer) {
             return Some(peer);
         }
-        let mut hops: Vec<IpAddr> = Vec::new();
-        for v in headers.get_all("x-forwarded-for") {
-            if let Ok(v) = v.to_str() {
-                hops.extend(v.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()));
+        let mut hops: Vec<Option<IpAddr>> = Vec::new();
+        match self.inner.forwarded_header {
+            ForwardedHeader::XForwardedFor => {
+                for v in headers.get_all("x-forwarded-for") {
+                    let Ok(v) = v.to_str() else {
+                        hops.push(None);
+                        continue;
+                    };
+                    hops.extend(v.split(',').map(hop_address));
+                }
             }
-        }
-        if hops.is_empty() {
-            for v in headers.get_all("forwarded") {
-                if let Ok(v) = v.to_str() {
-                    hops.extend(v.split([',', ';']).filter_map(|part| {
-                        let (k, val) = part.trim().split_once('=')?;
-                        if !k.trim().eq_ignore_ascii_case("for") {
-                            return None;
-                        }
-                        let val = val.trim().trim_matches('"');
-                        let val = val
-                            .strip_prefix('[')
-                            .map_or(val, |v| v.split_once(']').map_or(v, |(ip, _)| ip));
-                        val.parse::<IpAddr>()
-                            .ok()
-                            .or_else(|| val.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()))
+            ForwardedHeader::Forwarded => {
+                for v in headers.get_all("forwarded") {
+                    let Ok(v) = v.to_str() else {
+                        hops.push(None);
+                        continue;
+                    };
+                    // One element per hop; its `for=` names the address.
+                    hops.extend(v.split(',').map(|element| {
+                        element.split(';').find_map(|part| {
+                            let (k, val) = part.trim().split_once('=')?;
+                            k.trim()
+                                .eq_ignore_ascii_case("for")
+                                .then(|| hop_address(val.trim().trim_matches('"')))
+                        })?
                     }));
                 }
             }
         }
-        Some(
-            hops.into_iter()
-                .rev()
-                .find(|ip| !trusted(*ip))
-                .unwrap_or(peer),
-        )
+        let mut nearest = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                Some(ip) if trusted(ip) => nearest = ip,
+                Some(ip) => return Some(ip),
+                None => break,
+            }
+        }
+        Some(nearest)
     }
+}
+
+/// One hop of a forwarding header as an address: `203.0.113.5`, `203.0.113.5:4711`,
+/// `2001:db8::1`, `[2001:db8::1]:4711`; `None` for anything else.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        let (ip, port) = rest.split_once(']')?;
+        if !(port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok()))
+        {
+            return None;
+        }
+        return ip.parse().ok();
+    }
+    let (ip, port) = hop.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Which header trusted proxies write the client's address in (`server.forwarded_header`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (the default: nginx, HAProxy's `option forwardfor`, most load
+    /// balancers).
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239: HAProxy's `option forwarded`, some configured proxies).
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// Parses a query string into a map (last value wins).
