@@ -21,6 +21,9 @@ use crate::store::JobQuery;
 
 type Answer = Result<ApiResponse, Problem>;
 
+/// How often the Prometheus recorder's histograms are drained when nothing scrapes them.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder, installed on first use unless another recorder is.
 pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
@@ -36,6 +39,16 @@ pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::Prometheus
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            // A histogram keeps every sample until it is drained: by a scrape, or by this
+            // upkeep. Without it a server nobody scrapes grows by each job's duration.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("aiwg-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP);
+                    upkeep.run_upkeep();
+                })
+                .ok()?;
             Some(handle)
         })
         .clone()
@@ -963,4 +976,25 @@ async fn metrics_text(api: &Api) -> Answer {
         "text/plain; version=0.0.4",
         handle.render(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The recorder is drained without scrapes: a thread of its own runs its upkeep.
+    /// (Without it, every histogram sample of a server nobody scrapes was kept.)
+    #[test]
+    fn the_prometheus_recorder_has_an_upkeep_thread() {
+        let Some(handle) = super::global_metrics() else {
+            panic!("the recorder was not installed");
+        };
+        metrics::histogram!("aiwg_job_duration_seconds", "workflow" => "w").record(1.0);
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect();
+        assert!(names.iter().any(|n| n == "aiwg-metrics"), "{names:?}");
+        assert!(handle.render().contains("aiwg_job_duration_seconds"));
+    }
 }
