@@ -583,7 +583,8 @@ pub struct JobResult {
     pub summary: String,
     /// The last session id reported.
     pub session_id: Option<String>,
-    /// Total cost over all steps that reported one.
+    /// Total cost over all steps that reported one, in every attempt of the job (what
+    /// `max_budget_usd` caps).
     pub cost_usd: Option<f64>,
     /// Token usage summed over the steps.
     #[schema(value_type = Object)]

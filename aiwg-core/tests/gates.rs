@@ -181,6 +181,42 @@ fn gated_with_timeout() -> Workflow {
         .with_approval_timeout(Duration::from_millis(50))
 }
 
+/// The budget caps the whole job: a retry is offered what the earlier attempts left, and the
+/// job's cost is every attempt's. (Each attempt started from nothing: with `max_attempts: 2`
+/// a job could spend twice its cap, and its cost showed the last attempt's only.)
+#[tokio::test]
+async fn a_retry_spends_what_the_earlier_attempts_left_of_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let paid = ScriptedExecutor::succeeding("draft").cost(0.6, Usage::new(1, 1));
+    let flaky = ScriptedExecutor::succeeding("applied").fail_times(1);
+    let engine = builder(&dir)
+        .executor("paid", Arc::new(paid.clone()))
+        .executor("flaky", Arc::new(flaky.clone()))
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .workflow(
+            Workflow::new("capped")
+                .step(Step::prompt("draft", "paid", "1"))
+                .step(Step::prompt("apply", "flaky", "2"))
+                .with_max_attempts(3)
+                .with_max_budget_usd(1.0),
+        )
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("capped")).await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    // Attempt 1: the draft ($0.60), then `apply` fails. Attempt 2: the draft again, offered
+    // $0.40, spends $0.60 more; $1.20 is past the cap before `apply`.
+    let offered: Vec<_> = paid.requests().iter().map(|r| r.max_budget_usd).collect();
+    assert_eq!(offered.len(), 2, "{offered:?}");
+    assert_eq!(offered[0], Some(1.0));
+    assert!((offered[1].unwrap() - 0.4).abs() < 1e-9, "{offered:?}");
+    assert_eq!(done.status, JobStatus::Failed);
+    assert_eq!(done.error.unwrap().kind, "budget_exceeded");
+    assert_eq!(done.attempt, 2);
+    assert!((done.result.unwrap().cost_usd.unwrap() - 1.2).abs() < 1e-9);
+    assert_eq!(flaky.calls(), 1, "the second `apply` was never run");
+}
+
 #[tokio::test]
 async fn a_budget_stops_the_job_before_the_next_step_and_keeps_the_results() {
     let dir = tempfile::tempdir().unwrap();

@@ -886,6 +886,12 @@ async fn run_steps(
     let mut output_used = 0usize;
     let mut truncation_recorded = false;
 
+    // A retry starts its steps afresh, but what the earlier attempts spent stays spent: the
+    // budget caps the whole job, and its cost is every attempt's (the last attempt's result
+    // carries the sum so far).
+    if !job.resume_after_approval {
+        result.cost_usd = job.result.as_ref().and_then(|r| r.cost_usd);
+    }
     // A job resuming after an approval continues with the results of the steps it ran.
     if job.resume_after_approval {
         if let Some(done) = &job.result {
