@@ -134,7 +134,12 @@ pub(crate) enum RenderError {
 impl RenderError {
     fn into_executor_error(self, template: &str) -> ExecutorError {
         // The value is never repeated: it is user text, and may be anything.
-        let message = match self {
+        let name = match &self {
+            RenderError::Missing(n) | RenderError::LeadingDash(n) | RenderError::Nul(n) => {
+                n.clone()
+            }
+        };
+        let reason = match self {
             RenderError::Missing(name) => format!(
                 "the command template names the parameter `{name}`, which the job does not have"
             ),
@@ -146,7 +151,8 @@ impl RenderError {
                 format!("the parameter `{name}` contains a NUL byte")
             }
         };
-        ExecutorError::Spawn(aiwg_core::BackendError::from(message))
+        // Not retried: the same request would be refused again.
+        ExecutorError::InvalidRequest(aiwg_core::RequestError::Param { name, reason })
     }
 }
 

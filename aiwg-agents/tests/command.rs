@@ -176,6 +176,16 @@ async fn template_values_may_not_become_options() {
     assert!(text.contains("`file`") && text.contains("`-`"), "{text}");
     assert!(!text.contains("secret-value"), "{text}");
     assert!(!dir.path().join("ran").exists(), "the command ran");
+    // The same request would be refused again: not worth a retry.
+    assert!(
+        matches!(
+            &err,
+            aiwg_core::ExecutorError::InvalidRequest(aiwg_core::RequestError::Param { name, .. })
+                if name == "file"
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
 
     let err = run(exec.clone(), "a\0b", "f").await.unwrap_err();
     assert!(

@@ -299,6 +299,16 @@ pub enum RequestError {
     /// A timeout past [`MAX_TIMEOUT`].
     #[error("the request's timeout of {0:?} exceeds the maximum of 30 days")]
     TimeoutTooLarge(Duration),
+    /// A parameter an executor cannot use as it is (missing, or a value that would start an
+    /// argument with `-`): the same request would be refused again, so it is not retried.
+    /// `reason` names the parameter, never its value.
+    #[error("{reason}")]
+    Param {
+        /// The parameter's name.
+        name: String,
+        /// Why it is refused.
+        reason: String,
+    },
 }
 
 /// One agent run: a step of a job.
