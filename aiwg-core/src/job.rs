@@ -524,6 +524,10 @@ pub struct Approval {
     /// The decision, once there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<ApprovalDecision>,
+    /// The attempt it was asked in: it holds for that attempt only (0: not known, an
+    /// approval stored before attempts were recorded, which holds for none).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 impl Approval {
@@ -539,7 +543,15 @@ impl Approval {
             requested_at,
             expires_at,
             decision: None,
+            attempt: 0,
         }
+    }
+
+    /// Asked in `attempt` of the job.
+    #[must_use]
+    pub fn in_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
     }
 
     /// Whether it was granted.
@@ -720,12 +732,14 @@ impl Job {
             .filter(|a| a.decision.is_none() && self.status == JobStatus::AwaitingApproval)
     }
 
-    /// Whether `step` was approved (an approval holds for every later attempt of the job).
+    /// Whether `step` was approved in the current attempt. A retry runs the steps before the
+    /// gate again, and what the gated step acts on is then new: it is asked for again (an
+    /// approval that held for every later attempt let a retry's unseen draft through).
     #[must_use]
     pub fn step_approved(&self, step: &str) -> bool {
         self.approvals
             .iter()
-            .any(|a| a.step == step && a.is_approved())
+            .any(|a| a.step == step && a.attempt == self.attempt && a.is_approved())
     }
 }
 

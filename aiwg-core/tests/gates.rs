@@ -44,6 +44,69 @@ fn gated() -> Workflow {
         .step(Step::prompt("apply", "agent", "apply {{steps.plan.output}}").requiring_approval())
 }
 
+/// A retry runs the steps before the gate again, so what the gated step would act on is new:
+/// the approval of the first attempt does not let it through; the job waits for one again.
+/// (An approval held for every later attempt, and a retry's unseen draft went through.)
+#[tokio::test]
+async fn a_retry_asks_for_the_approval_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let draft = ScriptedExecutor::succeeding("draft");
+    let apply = ScriptedExecutor::succeeding("applied").fail_times(1);
+    let engine = builder(&dir)
+        .executor("draft", Arc::new(draft.clone()))
+        .executor("apply", Arc::new(apply.clone()))
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .workflow(
+            Workflow::new("gated-retry")
+                .step(Step::prompt("plan", "draft", "plan"))
+                .step(Step::prompt("apply", "apply", "apply").requiring_approval())
+                .with_max_attempts(2),
+        )
+        .build()
+        .unwrap();
+    let job = engine.submit(JobRequest::new("gated-retry")).await.unwrap();
+    let mut events = engine.subscribe(job.id, 0).await.unwrap();
+    let mut waits = 0;
+    async fn waited(events: &mut (impl futures_util::Stream<Item = aiwg_core::JobEvent> + Unpin)) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(ev) = events.next().await {
+                if matches!(
+                    ev.kind,
+                    JobEventKind::Status {
+                        to: JobStatus::AwaitingApproval,
+                        ..
+                    }
+                ) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the job waits for an approval");
+    }
+    waited(&mut events).await;
+    waits += 1;
+    engine.approve(job.id, "alice", "api").await.unwrap();
+    // `apply` fails once; the retry drafts again and waits again.
+    waited(&mut events).await;
+    waits += 1;
+    let waiting = engine.get(job.id).await.unwrap();
+    assert_eq!(waiting.attempt, 2);
+    assert_eq!(waiting.approvals.len(), 2);
+    assert_eq!(waiting.pending_approval().unwrap().attempt, 2);
+    assert_eq!(draft.calls(), 2);
+    assert_eq!(
+        apply.calls(),
+        1,
+        "the retry's apply waited for its approval"
+    );
+    engine.approve(job.id, "bob", "api").await.unwrap();
+    let done = engine.wait(job.id, WAIT).await.unwrap();
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(apply.calls(), 2);
+    assert_eq!(waits, 2);
+}
+
 #[tokio::test]
 async fn an_approved_job_continues_at_the_gated_step_in_the_same_attempt() {
     let dir = tempfile::tempdir().unwrap();

@@ -644,7 +644,7 @@ async fn run_job(engine: &Engine, claimed: Claimed, claimed_at: tokio::time::Ins
                 .increment(1);
             Some(Finish::AwaitingApproval {
                 result,
-                approval: Approval::new(step, now, expires_at),
+                approval: Approval::new(step, now, expires_at).in_attempt(job.attempt),
             })
         }
         (Err(Stop::Failed(error, retryable)), result) => {
