@@ -655,7 +655,7 @@ async fn pause(store: &dyn JobStore, owner: &str, wait: chrono::Duration) -> (Jo
             &c.lease,
             Finish::AwaitingApproval {
                 result,
-                approval: crate::job::Approval::new("b", now, now + wait),
+                approval: crate::job::Approval::new("b", now, now + wait).in_attempt(attempt),
             },
         )
         .await
