@@ -87,13 +87,17 @@
 //! shared conformance suite of `aiwg_core::test_util::conformance` and the platform-hooks
 //! suite of `aiwg_webhook::testing` that way, and compare its answers with the axum router's.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::rc::Rc;
+use std::task::Context;
 
 use actix_web::body::{BodyStream, BoxBody};
 use actix_web::http::header as ax_header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use aiwg_core::http::ws::send_within;
 use aiwg_core::http::{
     Api, ApiBody, ApiRequest, ApiResponse, RouteSpec, WsClose, WsMessage, WsSession,
 };
@@ -249,39 +253,55 @@ async fn websocket(
     response
 }
 
-/// Carries a session's frames over the socket until either side is done.
+/// Carries a session's frames over the socket until either side is done. Every write (into
+/// actix-ws's bounded channel, which fills when the client stops reading) is bounded by the
+/// session's [`send_timeout`](WsSession::send_timeout): past it the session ends, its task and
+/// its stream are gone, and actix-web is told that the client's input is no longer wanted (it
+/// then reads and discards it). The connection itself belongs to actix-web's HTTP/1
+/// dispatcher, which has no timeout on a blocked write: it closes it once the client reads
+/// what is already buffered for it, or the TCP connection fails.
 async fn run_socket(
     session: WsSession,
     mut socket: actix_ws::Session,
     stream: actix_ws::AggregatedMessageStream,
 ) {
-    let incoming = stream
+    let limit = session.send_timeout();
+    // Shared with the session so that it can be let go of after a write that timed out.
+    let stream = Rc::new(RefCell::new(stream));
+    let input = Rc::clone(&stream);
+    let incoming = futures_util::stream::poll_fn(move |cx| input.borrow_mut().poll_next_unpin(cx))
         .take_while(|m| std::future::ready(m.is_ok()))
         .filter_map(|m| std::future::ready(m.ok().and_then(message_in)));
-    let out = session.run(incoming);
-    futures_util::pin_mut!(out);
+    let mut out = Box::pin(session.run(incoming));
     while let Some(m) = out.next().await {
         let sent = match m {
-            WsMessage::Text(t) => socket.text(t).await,
-            WsMessage::Binary(b) => socket.binary(b).await,
-            WsMessage::Ping(p) => socket.ping(&p).await,
-            WsMessage::Pong(p) => socket.pong(&p).await,
+            WsMessage::Text(t) => send_within(limit, socket.text(t)).await,
+            WsMessage::Binary(b) => send_within(limit, socket.binary(b)).await,
+            WsMessage::Ping(p) => send_within(limit, socket.ping(&p)).await,
+            WsMessage::Pong(p) => send_within(limit, socket.pong(&p)).await,
             WsMessage::Close(c) => {
                 let reason = c.map(|c| actix_ws::CloseReason {
                     code: actix_ws::CloseCode::from(c.code),
                     description: Some(c.reason),
                 });
-                let _ = socket.close(reason).await;
+                let _ = send_within(limit, socket.close(reason)).await;
                 return;
             }
             // A message kind added to the core later: nothing to send for it here.
-            _ => Ok(()),
+            _ => true,
         };
-        if sent.is_err() {
+        if !sent {
+            // The session ends here. actix's dispatcher, stuck on the write, sleeps until the
+            // client reads; dropping the request payload does not wake it. Polling the payload
+            // once does (whatever it yields is discarded), and finding it dropped the
+            // dispatcher discards the client's input from then on.
+            drop(out);
+            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            let _ = stream.borrow_mut().poll_next_unpin(&mut cx);
             return;
         }
     }
-    let _ = socket.close(None).await;
+    let _ = send_within(limit, socket.close(None)).await;
 }
 
 fn message_in(m: actix_ws::AggregatedMessage) -> Option<WsMessage> {

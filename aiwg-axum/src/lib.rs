@@ -43,6 +43,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
+use aiwg_core::http::ws::send_within;
 use aiwg_core::http::{
     answer_with_request_id, request_id, Api, ApiBody, ApiRequest, ApiResponse, Route, WsClose,
     WsMessage, WsSession,
@@ -181,8 +182,12 @@ async fn answer(
 /// The largest WebSocket message a client may send (its auth message).
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Carries a session's frames over the socket until either side is done.
+/// Carries a session's frames over the socket until either side is done. Every write is
+/// bounded by the session's [`send_timeout`](WsSession::send_timeout): a client that stops
+/// reading is dropped (the socket closed, the session's stream with it) instead of holding
+/// both for ever.
 async fn run_socket(session: WsSession, socket: WebSocket) {
+    let limit = session.send_timeout();
     let (mut sink, source) = socket.split();
     let incoming = source
         .take_while(|m| std::future::ready(m.is_ok()))
@@ -191,11 +196,15 @@ async fn run_socket(session: WsSession, socket: WebSocket) {
     futures_util::pin_mut!(out);
     while let Some(m) = out.next().await {
         let last = matches!(m, WsMessage::Close(_));
-        if sink.send(message_out(m)).await.is_err() || last {
+        if !send_within(limit, sink.send(message_out(m))).await {
+            // Failed or stuck: nothing more is written, the connection is dropped.
+            return;
+        }
+        if last {
             break;
         }
     }
-    let _ = sink.close().await;
+    let _ = send_within(limit, sink.close()).await;
 }
 
 fn message_in(m: Message) -> Option<WsMessage> {

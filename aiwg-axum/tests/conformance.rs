@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use aiwg_core::http::Api;
-use aiwg_core::test_util::conformance::{conformance_suite, Serve, Served};
+use aiwg_core::test_util::conformance::{
+    conformance_suite, websocket_client_that_stops_reading, Serve, Served,
+};
 use tokio_util::sync::CancellationToken;
 
 struct Axum;
@@ -47,4 +49,9 @@ async fn axum_router_passes_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axum_router_passes_the_hooks_suite() {
     aiwg_webhook::testing::hooks_suite(&Axum).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_router_drops_a_websocket_client_that_stops_reading() {
+    websocket_client_that_stops_reading(&Axum).await;
 }

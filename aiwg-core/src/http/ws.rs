@@ -6,7 +6,10 @@
 //! is an ordinary HTTP response: a malformed job id or `last_event_id` is a 400 problem),
 //! performs the handshake with its framework, and hands the socket's incoming messages to
 //! [`WsSession::run`], writing out every [`WsMessage`] the returned stream yields until it
-//! ends (after a close frame, or when the client is gone).
+//! ends (after a close frame, or when the client is gone). Every write is bounded by
+//! [`WsSession::send_timeout`] (through [`send_within`]): a write that does not finish in time
+//! ends the session, and the adapter lets go of the connection, so a client that stops reading
+//! holds neither a session nor a task for ever.
 //!
 //! ## The protocol
 //!
@@ -15,7 +18,12 @@
 //!    so without one the first message must be the text frame
 //!    `{"type": "auth", "token": "<key or JWT>"}`, sent within the auth deadline (10 s by
 //!    default, [`ApiBuilder::ws_auth_timeout`](super::ApiBuilder::ws_auth_timeout)). The key
-//!    needs the `read` scope.
+//!    needs the `read` scope. With a rate limit
+//!    ([`ApiBuilder::rate_limit`](super::ApiBuilder::rate_limit)), upgrades are limited per
+//!    client address as requests with credentials are: a socket that never authenticates (no
+//!    credentials by the deadline, another message first, refused credentials, or gone before
+//!    sending any) counts as one failed verification, and an address over the limit is
+//!    refused `429` (with `Retry-After`) before the upgrade, or closed 4429 after it.
 //! 2. **Ready.** The server answers `{"event": "ready", "data": {"name", "scopes"}}`; on `/ws`
 //!    without `last_event_id` it also carries `"id": "<cursor>"`, the position the stream
 //!    starts from (what the SSE stream's opening `id:` line names).
@@ -27,7 +35,9 @@
 //!    `?kinds=` like `GET /events`.
 //! 4. **Keep-alive.** The server pings every keep-alive interval (15 s by default, the SSE
 //!    keep-alive); a client that answers none of three pings in a row is disconnected. The
-//!    server answers the client's pings.
+//!    server answers the client's pings. A client that stops reading is disconnected too,
+//!    without a close frame (none can reach it): a message it has not taken within three
+//!    keep-alive intervals ends the session.
 //! 5. **Close codes** say why the stream ended:
 //!
 //! | code | when |
@@ -47,6 +57,7 @@
 //! `426 Upgrade Required`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -185,6 +196,12 @@ impl Api {
             return Err(self.handle(request).await);
         }
         request.peer = self.client_address(request.peer, &request.headers);
+        // As for any request that needs credentials: an address that failed too often is
+        // refused before anything else (sockets that never authenticate count as failures).
+        if let (Some(l), Some(ip)) = (&self.inner.limiter, request.peer) {
+            l.check_blocked(ip)
+                .map_err(|wait| too_many(wait).into_response())?;
+        }
         let target = target(&request).map_err(Problem::into_response)?;
         Ok(WsSession {
             api: self.clone(),
@@ -193,6 +210,17 @@ impl Api {
             peer: request.peer,
         })
     }
+}
+
+/// The `429` of an address over its limit (as the HTTP routes answer it).
+fn too_many(wait: Duration) -> Problem {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "too many requests; slow down",
+    )
+    .retry_after(secs)
 }
 
 fn target(req: &ApiRequest) -> Result<Target, Problem> {
@@ -256,6 +284,35 @@ struct Run<I> {
     out: VecDeque<WsMessage>,
     ping: tokio::time::Interval,
     missed: u32,
+    /// Credentials were presented (by header or message): their check counts a failure.
+    presented: bool,
+    /// A failed verification was counted against the client's address.
+    counted: bool,
+}
+
+impl<I> Run<I> {
+    /// Counts one failed verification against the client's address, once per session: `true`
+    /// when the address is now over its limit (and blocked).
+    fn count_failure(&mut self) -> bool {
+        if std::mem::replace(&mut self.counted, true) {
+            return false;
+        }
+        match (&self.api.inner.limiter, self.peer) {
+            (Some(l), Some(ip)) => l.failed_verification(ip).is_err(),
+            _ => false,
+        }
+    }
+}
+
+impl<I> Drop for Run<I> {
+    /// A socket that ends without ever presenting credentials (the client left, closed, or
+    /// sent a binary message first) is a failed verification too, or unauthenticated upgrades
+    /// would cost an address nothing.
+    fn drop(&mut self) {
+        if !self.presented {
+            self.count_failure();
+        }
+    }
 }
 
 impl WsSession {
@@ -267,6 +324,7 @@ impl WsSession {
     where
         I: Stream<Item = WsMessage>,
     {
+        let presented = self.token.is_some();
         let keep_alive = self.api.inner.keep_alive;
         let deadline = crate::util::deadline(Instant::now(), self.api.inner.ws_auth_timeout);
         let mut ping = tokio::time::interval_at(
@@ -286,6 +344,8 @@ impl WsSession {
             out: VecDeque::new(),
             ping,
             missed: 0,
+            presented,
+            counted: false,
         };
         futures_util::stream::unfold(run, |mut run| async move {
             let msg = run.next().await?;
@@ -294,7 +354,47 @@ impl WsSession {
     }
 }
 
+impl WsSession {
+    /// How long an adapter waits for one message to be written before it gives the client up:
+    /// the keep-alive interval times the pings a client may leave unanswered (45 s by
+    /// default). A client that stops reading cannot even be pinged, so without this bound it
+    /// would hold its socket and the session's task for ever. Take it before
+    /// [`run`](Self::run), and write each message with [`send_within`].
+    #[must_use]
+    pub fn send_timeout(&self) -> Duration {
+        self.api.inner.keep_alive.saturating_mul(MISSED_PINGS)
+    }
+}
+
+/// Writes one message of a session: `write` is the adapter's send (or close) of the socket,
+/// `limit` its [`WsSession::send_timeout`]. `true` once written; `false` when the write failed
+/// or did not finish within `limit` (the client stopped reading, or is gone): the adapter then
+/// stops, and drops the socket and the session's stream without another write.
+pub async fn send_within<E>(limit: Duration, write: impl Future<Output = Result<(), E>>) -> bool {
+    match tokio::time::timeout(limit, write).await {
+        Ok(written) => written.is_ok(),
+        Err(_) => {
+            tracing::debug!(
+                timeout = ?limit,
+                "a WebSocket client took no message for too long; its session ends"
+            );
+            false
+        }
+    }
+}
+
 impl<I: Stream<Item = WsMessage>> Run<I> {
+    /// Closes a session that has not authenticated: the failure is counted against the
+    /// client's address (as a request with missing or bad credentials is), and the close is
+    /// 4429 instead of `code` when that puts the address over its limit.
+    fn refuse(&mut self, code: u16, reason: impl Into<String>) {
+        if self.count_failure() {
+            self.close(close::RATE_LIMITED, "too many failed attempts");
+        } else {
+            self.close(code, reason);
+        }
+    }
+
     fn close(&mut self, code: u16, reason: impl Into<String>) {
         self.out
             .push_back(WsMessage::Close(Some(WsClose::new(code, reason))));
@@ -318,15 +418,18 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
                         m = self.incoming.next() => match m {
                             None => return None,
                             Some(WsMessage::Text(text)) => match auth_message(&text) {
-                                Some(token) => self.authenticate(&token).await,
-                                None => self.close(
+                                Some(token) => {
+                                    self.presented = true;
+                                    self.authenticate(&token).await;
+                                }
+                                None => self.refuse(
                                     close::POLICY,
                                     "the first message must be {\"type\":\"auth\",\"token\":\"...\"}",
                                 ),
                             },
                             Some(m) => self.control(m),
                         },
-                        () = tokio::time::sleep_until(self.deadline) => self.close(
+                        () = tokio::time::sleep_until(self.deadline) => self.refuse(
                             close::UNAUTHORIZED,
                             "no credentials: send {\"type\":\"auth\",\"token\":\"...\"} first",
                         ),
@@ -405,17 +508,12 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
         let caller = match handlers::authenticate(&api, Some(token), Some(Scope::Read)).await {
             Ok(c) => c,
             Err(p) => {
-                if let (Some(l), Some(ip)) = (&api.inner.limiter, self.peer) {
-                    if l.failed_verification(ip).is_err() {
-                        return self.close(close::RATE_LIMITED, "too many failed attempts");
-                    }
-                }
                 let code = match p.status() {
                     401 => close::UNAUTHORIZED,
                     403 => close::FORBIDDEN,
                     _ => close::TRY_AGAIN,
                 };
-                return self.close(code, p.detail().to_owned());
+                return self.refuse(code, p.detail().to_owned());
             }
         };
         if let Some(l) = &api.inner.limiter {

@@ -1001,6 +1001,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     jwt_bearer_tokens(server).await;
     websockets(server).await;
     websocket_refusals(server).await;
+    websocket_rate_limit(server).await;
 }
 
 /// A concrete path for a route pattern: every parameter replaced by `id`.
@@ -1507,6 +1508,8 @@ async fn audit_trail(server: &dyn Serve) {
     assert!(reasons[2].contains("scope"), "{reasons:?}");
     assert_eq!(reasons[3], "invalid API key");
     assert!(entries[3]["key_name"].is_null());
+    // A known key lacking the scope is named.
+    assert_eq!(entries[2]["key_name"], "viewer");
     assert!(entries[0]["at"].as_str().unwrap().contains('T'));
 
     // Filters and pages.
@@ -3166,6 +3169,172 @@ async fn websocket_refusals(server: &dyn Serve) {
     assert_eq!(r.header("upgrade"), Some("websocket"));
     let r = c.send("GET", ZERO, None, None).await;
     r.assert_problem(401);
+}
+
+/// Upgrades are limited per client address like any request that needs credentials: a socket
+/// that never authenticates (no credentials by the deadline, something else than the auth
+/// message first) counts as a failed verification, as a request with a missing or wrong key
+/// does; past the limit the session closes 4429, and the address's next upgrades are refused
+/// 429 with `Retry-After` before any handshake, whatever credentials they carry.
+async fn websocket_rate_limit(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .rate_limit(RateLimit {
+            per_minute: 1,
+            burst: 2,
+        })
+        .ws_auth_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = s.client();
+    // No credentials by the deadline: one failure.
+    let mut ws = ws_open(&c, "/ws", None).await;
+    let (msgs, close) = ws.until_close().await;
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert_eq!(close.code, 4401, "{close:?}");
+    // Something else than the auth message first: a second.
+    let mut ws = ws_open(&c, "/ws", None).await;
+    ws.send(WsMessage::Text("hello".into()));
+    let (_, close) = ws.until_close().await;
+    assert_eq!(close.code, 1008, "{close:?}");
+    // A third runs over the limit.
+    let mut ws = ws_open(&c, "/ws", None).await;
+    let (_, close) = ws.until_close().await;
+    assert_eq!(
+        close.code, 4429,
+        "a third socket without credentials: {close:?}"
+    );
+    // The address is now refused before the upgrade, with the right key too, and so are its
+    // requests.
+    for key in [None, Some(READ_KEY)] {
+        let r =
+            c.websocket("/ws", key).await.err().unwrap_or_else(|| {
+                panic!("an upgrade from a blocked address ({key:?}) went through")
+            });
+        r.assert_problem(429);
+        assert!(r.header("retry-after").is_some(), "Retry-After");
+    }
+    c.send("GET", "/jobs", Some(READ_KEY), None)
+        .await
+        .assert_problem(429);
+}
+
+/// A WebSocket client that stops reading is dropped: every write to it is bounded (by the
+/// keep-alive interval times the pings a client may leave unanswered), so a stalled client
+/// holds neither a socket nor a task for ever. Over real HTTP only (an in-process API has no
+/// socket to stall): an adapter's tests call it beside [`conformance_suite`].
+///
+/// The client authenticates by header, then reads nothing (a small receive buffer), while its
+/// finished job's stream has some 15 MiB of events to send, more than the buffers between them
+/// hold. While a write is stuck the server reads nothing either, so the client's own writes
+/// (8 MiB of pongs) stall too, until the server gives the session up: then they go through
+/// (the input discarded) or fail (the connection dropped). Either way the stream then ends
+/// without a close frame: the session was cut, it did not run to its end.
+pub async fn websocket_client_that_stops_reading(server: &dyn Serve) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("proj")).expect("mkdir");
+    let chunk = "x".repeat(60 * 1024);
+    let flood = (0..256).fold(ScriptedExecutor::succeeding("done"), |e, _| {
+        e.emit(AgentEvent::Text {
+            text: chunk.clone(),
+        })
+    });
+    let engine = Engine::builder()
+        .policy(
+            ProjectPolicy::builder()
+                .root(root.path())
+                .build()
+                .expect("policy"),
+        )
+        .executor("flood", Arc::new(flood))
+        .workflow(Workflow::new("flood").step(Step::prompt("flood", "flood", "go")))
+        .max_output_bytes(64 << 20)
+        .max_line_bytes(128 << 10)
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .expect("engine");
+    let s = server
+        .serve(api_builder(engine.clone()).build().unwrap(), "")
+        .await;
+    let c = s.client();
+    let r = c
+        .send(
+            "POST",
+            "/workflows/trigger",
+            Some(TRIGGER_KEY),
+            trigger("flood"),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    // Finished first, so that the whole flood is there to send the moment the socket opens.
+    let job = engine
+        .wait(id.parse().expect("a job id"), WAIT)
+        .await
+        .expect("the job ends");
+    assert!(job.is_terminal(), "{job:?}");
+
+    let addr = s
+        .base_url
+        .strip_prefix("http://")
+        .expect("a server over HTTP")
+        .to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.set_send_buffer_size(4096).expect("SO_SNDBUF");
+    let tcp = socket
+        .connect(addr.parse().expect("an address"))
+        .await
+        .expect("connect");
+    let mut req = format!("ws://{addr}/workflows/{id}/ws")
+        .into_client_request()
+        .expect("a WebSocket request");
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {READ_KEY}")).unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("the upgrade");
+
+    // From here on the client reads nothing until the server has let the session go. What it
+    // writes are pongs, which the session takes at any time without closing.
+    let pong = Bytes::from_static(&[0u8; 125]);
+    let wrote = tokio::time::timeout(WAIT, async {
+        for _ in 0..(8 << 20) / 131 {
+            if ws.feed(Message::Pong(pong.clone())).await.is_err() {
+                return;
+            }
+        }
+        let _ = ws.flush().await;
+    })
+    .await;
+    assert!(
+        wrote.is_ok(),
+        "the server still holds the session of a client that stopped reading"
+    );
+    let close = tokio::time::timeout(WAIT, async {
+        let mut close = None;
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(c)) => close = Some(c),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        close
+    })
+    .await
+    .expect("the connection ends");
+    assert!(
+        close.is_none(),
+        "the stream ran to its end ({close:?}): the client never stalled the server"
+    );
 }
 
 #[cfg(test)]
