@@ -497,6 +497,13 @@ impl JwtVerifier {
     }
 
     fn identity(&self, claims: &serde_json::Map<String, Value>) -> Result<JwtIdentity, JwtError> {
+        // jsonwebtoken 9 takes an `nbf` that is not a number for no `nbf` at all
+        // (GHSA-h395-gr6q-cpjc): a time claim of another type is refused here.
+        for name in ["exp", "nbf"] {
+            if claims.get(name).is_some_and(|v| !v.is_number()) {
+                return Err(JwtError::Claim(name.into()));
+            }
+        }
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)
@@ -713,5 +720,38 @@ mod tests {
             .build()
             .unwrap();
         assert!(algs(&v).is_empty());
+    }
+
+    /// A time claim that is not a number is refused, not taken for absent: `nbf` as a string
+    /// passed jsonwebtoken 9's check (GHSA-h395-gr6q-cpjc), so a token meant for later was
+    /// good now.
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn a_time_claim_that_is_not_a_number_is_refused() {
+        use crate::test_util::jwt::{now, KeyKind, TestIssuer, AUDIENCE, ISSUER};
+        let issuer = TestIssuer::generate();
+        let v = JwtVerifier::builder(ISSUER, AUDIENCE)
+            .public_key_pem(issuer.public_pem(KeyKind::Ed))
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut claims = issuer.claims("alice", "read");
+        assert!(v
+            .verify(&issuer.sign(KeyKind::Ed, None, &claims))
+            .await
+            .is_ok());
+        claims["nbf"] = Value::String((now() + 86_400).to_string());
+        let e = v
+            .verify(&issuer.sign(KeyKind::Ed, None, &claims))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, JwtError::Claim(c) if c == "nbf"), "{e:?}");
+        // As a number, the same time is "not yet".
+        claims["nbf"] = serde_json::json!(now() + 86_400);
+        let e = v
+            .verify(&issuer.sign(KeyKind::Ed, None, &claims))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, JwtError::NotYetValid), "{e:?}");
     }
 }
