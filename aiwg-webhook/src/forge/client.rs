@@ -456,14 +456,7 @@ impl ForgeClient {
             )
             .await
             .map_err(|e| self.refused(&token, e))?;
-        match &v["id"] {
-            Value::Number(n) => Ok(n.to_string()),
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(ForgeError::Unexpected {
-                platform: self.platform,
-                what,
-            }),
-        }
+        self.comment_id_of(&v, what)
     }
 
     /// Posts a comment holding `marker` on the target, unless one is there already; returns
