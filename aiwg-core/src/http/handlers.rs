@@ -107,6 +107,15 @@ pub(super) async fn authenticate(
     token: Option<&str>,
     scope: Option<Scope>,
 ) -> Result<Caller, Problem> {
+    let caller = identify(api, token).await?;
+    match lacking(&caller, scope) {
+        Some(p) => Err(p),
+        None => Ok(caller),
+    }
+}
+
+/// Who `token` is (an API key, or a JWT's subject), whatever it may do.
+async fn identify(api: &Api, token: Option<&str>) -> Result<Caller, Problem> {
     let unauthorized =
         |detail: &str| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
     let Some(token) = token.filter(|t| !t.is_empty()) else {
@@ -138,21 +147,21 @@ pub(super) async fn authenticate(
             }
         }
     };
-    let Some(scope) = scope else {
-        return Ok(caller);
-    };
-    if !caller.allows(scope) {
-        return Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "{} lacks the `{}` scope",
-                caller.describe(),
-                scope_name(scope)
-            ),
-        ));
-    }
     Ok(caller)
+}
+
+/// The 403 when `caller` lacks `scope`.
+fn lacking(caller: &Caller, scope: Option<Scope>) -> Option<Problem> {
+    let scope = scope.filter(|s| !caller.allows(*s))?;
+    Some(Problem::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "{} lacks the `{}` scope",
+            caller.describe(),
+            scope_name(scope)
+        ),
+    ))
 }
 
 fn scope_name(s: Scope) -> &'static str {
@@ -184,15 +193,26 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                 if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
                     l.check_blocked(ip).map_err(too_many)?;
                 }
-                let key = match authenticate(api, bearer(&req.headers), scope).await {
+                // A caller lacking the scope is named in the audit; one not known is not.
+                let checked = match identify(api, bearer(&req.headers)).await {
+                    Ok(caller) => match lacking(&caller, scope) {
+                        None => Ok(caller),
+                        Some(p) => Err((p, Some(caller.bucket()))),
+                    },
+                    Err(p) => Err((p, None)),
+                };
+                let key = match checked {
                     Ok(k) => k,
-                    Err(p) => {
+                    Err((p, name)) => {
                         if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
                             l.failed_verification(ip).map_err(too_many)?;
                         }
                         if req.route == Route::Trigger {
-                            let record = AuditRecord::new("api", Decision::Refused)
+                            let mut record = AuditRecord::new("api", Decision::Refused)
                                 .reason(p.detail().to_owned());
+                            if let Some(name) = name {
+                                record = record.key_name(name);
+                            }
                             api.engine().audit().record(record).await;
                         }
                         return Err(p);
