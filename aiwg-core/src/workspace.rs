@@ -294,9 +294,7 @@ impl Workspaces {
         self.make(&mirror, &worktree, pr, &fetch_url, &head_ref, job)
             .await?;
         claim.keep();
-        Ok(Some(Worktree {
-            path: worktree,
-        }))
+        Ok(Some(Worktree { path: worktree }))
     }
 
     fn unclaim(&self, worktree: &Path) {
