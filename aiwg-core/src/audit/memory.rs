@@ -205,8 +205,10 @@ mod tests {
             .record(AuditRecord::new("api", Decision::Duplicate))
             .await
             .unwrap();
-        let mut query = AuditQuery::default();
-        query.limit = Some(100);
+        let query = AuditQuery {
+            limit: Some(100),
+            ..AuditQuery::default()
+        };
         let all = store.list(&query).await.unwrap();
         assert_eq!(all.entries.len(), 10);
         let ids: Vec<i64> = all.entries.iter().map(|e| e.id).collect();

@@ -79,7 +79,7 @@ fn required_scope(api: &Api, spec: &RouteSpec) -> Option<Option<Scope>> {
     }
 }
 
-fn too_many(wait: Duration) -> Problem {
+pub(super) fn too_many(wait: Duration) -> Problem {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     Problem::new(
         StatusCode::TOO_MANY_REQUESTS,

@@ -200,7 +200,7 @@ impl Api {
         // refused before anything else (sockets that never authenticate count as failures).
         if let (Some(l), Some(ip)) = (&self.inner.limiter, request.peer) {
             l.check_blocked(ip)
-                .map_err(|wait| too_many(wait).into_response())?;
+                .map_err(|wait| handlers::too_many(wait).into_response())?;
         }
         let target = target(&request).map_err(Problem::into_response)?;
         Ok(WsSession {
@@ -210,17 +210,6 @@ impl Api {
             peer: request.peer,
         })
     }
-}
-
-/// The `429` of an address over its limit (as the HTTP routes answer it).
-fn too_many(wait: Duration) -> Problem {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    Problem::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate-limited",
-        "too many requests; slow down",
-    )
-    .retry_after(secs)
 }
 
 fn target(req: &ApiRequest) -> Result<Target, Problem> {
