@@ -26,6 +26,9 @@ workflows:
   hello:
     steps:
       - {{ name: say, agent: sh, command: ["printf", "hello"] }}
+  gated:
+    steps:
+      - {{ name: go, agent: sh, command: ["printf", "go"], approval: required }}
 "#,
         dir.display()
     )
@@ -119,6 +122,54 @@ async fn jwt_and_websocket(bin: &str) {
     assert_eq!(texts[1..], sse[..]);
     assert_eq!(u16::from(close.code), 1000);
     assert_eq!(jwks.hits(), 1);
+
+    // A token's approval is recorded under the name the audit gives a token's caller,
+    // `jwt:<sub>`, never to be taken for the API key of the same name.
+    let lead = issuer.sign(
+        KeyKind::Rsa,
+        Some("k1"),
+        &issuer.claims("lead", "trigger read approve"),
+    );
+    let res = http
+        .post(format!("{}/workflows/trigger", server.base))
+        .bearer_auth(&lead)
+        .json(&json!({"workflow": "gated"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let gated = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut events = http
+        .get(format!("{}/workflows/{gated}/events", server.base))
+        .bearer_auth(&lead)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let mut seen = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(Ok(chunk)) = events.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("\"awaiting_approval\"") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the job waits for its approval");
+    drop(events);
+    let res = http
+        .post(format!("{}/workflows/{gated}/approve", server.base))
+        .bearer_auth(&lead)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let doc: Value = res.json().await.unwrap();
+    assert_eq!(doc["approvals"][0]["decision"]["by"], "jwt:lead", "{doc}");
 
     // A malformed handshake (no Sec-WebSocket-Key): a problem document, not the stack's text.
     let res = http

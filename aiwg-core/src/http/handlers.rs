@@ -277,8 +277,10 @@ async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&Caller>) -> Answer {
         Route::Available => Ok(available(api)),
         Route::Status => status(api, req).await,
         Route::Cancel => cancel(api, req).await,
-        Route::Approve => decide(api, req, true, key.map(|k| k.name().to_owned())).await,
-        Route::Reject => decide(api, req, false, key.map(|k| k.name().to_owned())).await,
+        // Named as the audit names callers: a token's subject `jwt:<sub>`, never to be taken
+        // for the API key of the same name.
+        Route::Approve => decide(api, req, true, key.map(Caller::bucket)).await,
+        Route::Reject => decide(api, req, false, key.map(Caller::bucket)).await,
         Route::Events => events(api, req).await,
         Route::Jobs => jobs(api, req).await,
         Route::Webhooks
