@@ -567,7 +567,8 @@ impl Approval {
 pub struct ApprovalDecision {
     /// `true` to continue, `false` to stop the job.
     pub approved: bool,
-    /// Who decided: an API key's (or token's) name, a forge login, or `aiwg` for a timeout.
+    /// Who decided: an API key's name, a token's `jwt:<sub>`, a forge login, or `aiwg` for a
+    /// timeout.
     pub by: String,
     /// Through what: `api`, a platform name (`github`, …) or `timeout`.
     pub via: String,
