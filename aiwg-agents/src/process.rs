@@ -892,6 +892,9 @@ struct TreeState {
     own_pgrp: i32,
     /// `AIWG_RUN_ID=<this run's mark>`, an entry of the environment of each of its processes.
     mark: Option<Vec<u8>>,
+    /// When the root started (clock ticks since boot, as `/proc/<pid>/stat` says): a process
+    /// that started before it cannot be the run's, and its environment is not read.
+    since: u64,
 }
 
 impl TreeState {
@@ -953,7 +956,7 @@ impl TreeState {
             if pid == me || self.known.contains_key(&pid) {
                 continue;
             }
-            let Some(before) = read_stat(pid).filter(Stat::live) else {
+            let Some(before) = read_stat(pid).filter(|s| s.live() && s.start >= self.since) else {
                 continue;
             };
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
@@ -1032,7 +1035,9 @@ impl Drop for Tree {
 impl Tree {
     fn new(root: i32, mark: Option<Vec<u8>>) -> Self {
         let mut known = BTreeMap::new();
+        let mut since = 0;
         if let Some(s) = read_stat(root) {
+            since = s.start;
             known.insert(
                 root,
                 Proc {
@@ -1049,6 +1054,7 @@ impl Tree {
                 known,
                 own_pgrp: nix::unistd::getpgrp().as_raw(),
                 mark,
+                since,
             })),
             finished: false,
         }
