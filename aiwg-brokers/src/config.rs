@@ -19,6 +19,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 }
 
 /// The default of `max_message_bytes`: 1 MiB.
+#[cfg_attr(
+    not(any(feature = "nats", feature = "amqp", feature = "redis")),
+    allow(dead_code)
+)]
 pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 fn byte_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -33,6 +37,10 @@ const ZERO_LIMIT: &str =
     "must be at least 1 (bytes; default 1048576, 1 MiB): a limit of 0 would refuse every message";
 
 /// The largest trigger body parsed (`max_message_bytes`, or its default).
+#[cfg_attr(
+    not(any(feature = "nats", feature = "amqp", feature = "redis")),
+    allow(dead_code)
+)]
 pub(crate) fn max_message_bytes(configured: Option<usize>) -> usize {
     configured.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
 }
@@ -83,8 +91,10 @@ pub struct NatsConfig {
 }
 
 /// The default of `brokers.nats.max_age`: 7 days.
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 pub(crate) const DEFAULT_NATS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The default of `brokers.nats.max_bytes`: 1 GiB.
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 pub(crate) const DEFAULT_NATS_MAX_BYTES: usize = 1024 * 1024 * 1024;
 
 impl std::fmt::Debug for NatsConfig {
