@@ -44,9 +44,13 @@ pub(super) fn global_metrics() -> Option<metrics_exporter_prometheus::Prometheus
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("aiwg-metrics".into())
-                .spawn(move || loop {
-                    std::thread::sleep(METRICS_UPKEEP);
-                    upkeep.run_upkeep();
+                .spawn(move || {
+                    #[cfg(test)]
+                    tests::upkeep_started();
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP);
+                        upkeep.run_upkeep();
+                    }
                 })
                 .ok()?;
             Some(handle)
@@ -1004,11 +1008,31 @@ async fn metrics_text(api: &Api) -> Answer {
 mod tests {
     /// The recorder is drained without scrapes: a thread of its own runs its upkeep.
     /// (Without it, every histogram sample of a server nobody scrapes was kept.)
+    static STARTED: (std::sync::Mutex<bool>, std::sync::Condvar) =
+        (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+    /// Called by the upkeep thread once it runs (and so bears its name).
+    pub(super) fn upkeep_started() {
+        *STARTED.0.lock().unwrap() = true;
+        STARTED.1.notify_all();
+    }
+
     #[test]
     fn the_prometheus_recorder_has_an_upkeep_thread() {
         let Some(handle) = super::global_metrics() else {
             panic!("the recorder was not installed");
         };
+        // A new thread bears its parent's name until it runs: wait for it to start.
+        let (started, _) = STARTED
+            .1
+            .wait_timeout_while(
+                STARTED.0.lock().unwrap(),
+                std::time::Duration::from_secs(20),
+                |started| !*started,
+            )
+            .unwrap();
+        assert!(*started, "the upkeep thread started");
+        drop(started);
         metrics::histogram!("aiwg_job_duration_seconds", "workflow" => "w").record(1.0);
         let names: Vec<String> = std::fs::read_dir("/proc/self/task")
             .unwrap()
