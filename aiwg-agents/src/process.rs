@@ -490,7 +490,8 @@ pub(crate) async fn run(
     let deadline = aiwg_core::util::deadline(Instant::now(), timeout);
     let idle_timeout = sup.idle_timeout();
     let mut idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
-    let mut scan = tokio::time::interval(SCAN_EVERY);
+    // The first look at the child's descendants is a tick from now: at its start it has none.
+    let mut scan = tokio::time::interval_at(Instant::now() + SCAN_EVERY, SCAN_EVERY);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = None;
     let mut exited_at: Option<Instant> = None;
@@ -536,8 +537,12 @@ pub(crate) async fn run(
             st = spawned.child.wait(), if status.is_none() => {
                 // Reaped: the root's group id is no longer signalled blindly (recorded before
                 // any await, so a drop cannot do it either); one last scan adopts its members.
+                // With its output already closed, the run ends now and the end's own scan,
+                // made before any other await, is that scan.
                 spawned.tree.reaped();
-                spawned.tree.scan().await;
+                if !(stdout.done && stderr.done) {
+                    spawned.tree.scan().await;
+                }
                 status = Some(st.map_err(|e| ExecutorError::from(AgentError::Wait(e)))?);
                 exited_at = Some(Instant::now());
             }
@@ -828,16 +833,107 @@ impl Stat {
 }
 
 fn read_stat(pid: i32) -> Option<Stat> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    // After the command: state(0) ppid(1) pgrp(2) … starttime(19).
+    // One `read` into the stack (a stat line is a few hundred bytes): no size query, no heap.
+    let mut buf = [0u8; 1024];
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let n = std::io::Read::read(&mut file, &mut buf).ok()?;
+    if n < buf.len() {
+        parse_stat(std::str::from_utf8(&buf[..n]).ok()?)
+    } else {
+        parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+}
+
+/// The fields of a `/proc/<pid>/stat` line that tell what a process is and where it belongs.
+fn parse_stat(s: &str) -> Option<Stat> {
+    // After the command (which may hold anything, `)` included): state(0) ppid(1) pgrp(2) …
+    // starttime(19).
+    let mut f = s.get(s.rfind(')')? + 2..)?.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let start = f.nth(16)?.parse().ok()?;
     Some(Stat {
-        state: f.first()?.chars().next()?,
-        ppid: f.get(1)?.parse().ok()?,
-        pgrp: f.get(2)?.parse().ok()?,
-        start: f.get(19)?.parse().ok()?,
+        state,
+        ppid,
+        pgrp,
+        start,
     })
+}
+
+/// Where every pid handed out since a run's root lies: after the root's, going round, up to the
+/// last one handed out. A scan reads `/proc/<pid>/stat` only of those (and of the processes it
+/// knows), not of every process on the host: on a host running a thousand processes, a run's
+/// end read a thousand files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PidWindow {
+    root: i32,
+    last: i32,
+}
+
+impl PidWindow {
+    /// The window now, or `None` when it cannot be told: the pid counter may have gone round
+    /// past the root's pid since `forks_then` (or `/proc` does not say, or is another pid
+    /// namespace's than this process's).
+    fn since(root: i32, forks_then: Option<u64>) -> Option<Self> {
+        let forks = forks_since_boot()?.checked_sub(forks_then?)?;
+        let (threads, last) = read_loadavg()?;
+        let max = (*PID_MAX.get_or_init(|| read_pid_max().filter(|_| proc_is_ours())))?;
+        // To hand out a pid at or before the root's again, the counter goes once round (the
+        // pids below `pid_max`, less up to 300 reserved ones), skipping only the pids in use
+        // (every thread's, `threads`): far more pids handed out, and so forks, than half of
+        // it. (Both counts are the whole system's, more than this namespace's; the half leaves
+        // room for the forks between the root's and the count read after it.)
+        (forks + threads < max / 2).then_some(Self { root, last })
+    }
+
+    fn holds(self, pid: i32) -> bool {
+        if self.last >= self.root {
+            pid > self.root && pid <= self.last
+        } else {
+            pid > self.root || pid <= self.last
+        }
+    }
+}
+
+/// `pid_max`, once `/proc` was found to be this process's pid namespace's (`None` otherwise).
+static PID_MAX: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+fn read_pid_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `/proc` names this process by the pid it knows itself by: the listing and the last pid
+/// handed out (`/proc/loadavg`, this namespace's) count the same pids.
+fn proc_is_ours() -> bool {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        == Some(std::process::id())
+}
+
+/// The system's forks (and threads started) since boot: `processes` in `/proc/stat`.
+fn forks_since_boot() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("processes "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The threads on the system and the last pid handed out in this pid namespace
+/// (`/proc/loadavg`: `1.40 2.10 1.94 1/168 22591`).
+fn read_loadavg() -> Option<(u64, i32)> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut f = s.split_ascii_whitespace().skip(3);
+    let threads = f.next()?.split_once('/')?.1.parse().ok()?;
+    let last = f.next()?.parse().ok()?;
+    Some((threads, last))
 }
 
 /// Whether `pid` is a live (non-zombie) process. This reads `/proc/<pid>/stat`, a blocking call
@@ -895,17 +991,36 @@ struct TreeState {
     /// When the root started (clock ticks since boot, as `/proc/<pid>/stat` says): a process
     /// that started before it cannot be the run's, and its environment is not read.
     since: u64,
+    /// The system's forks since boot when the root had started ([`PidWindow`]).
+    forks_then: Option<u64>,
 }
 
 impl TreeState {
     /// Adds every process whose (verified) parent is known, and while the root's process group
     /// provably exists, every member of it.
     fn scan(&mut self) {
+        self.scan_proc(false);
+    }
+
+    /// One pass over `/proc`: adds the descendants and group members [`Self::scan`] adds and,
+    /// with `marked`, every other live process whose environment carries the run's mark
+    /// (readable for the server's own user's processes): what detached from the tree between
+    /// two scans (a double fork, a new session) and now belongs to init. The mark is read when
+    /// the run is stopped, not on every scan, and only of processes that started after the
+    /// root (an older one cannot be the run's).
+    fn scan_proc(&mut self, marked: bool) {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return;
         };
-        let mut all: Vec<(i32, Stat)> = dir
+        let pids: Vec<i32> = dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .collect();
+        // Read after the listing, so it holds every pid listed that was handed out since the
+        // root's. Only those, and the ones known, can be the run's.
+        let window = PidWindow::since(self.root, self.forks_then);
+        let mut all: Vec<(i32, Stat)> = pids
+            .into_iter()
+            .filter(|pid| window.is_none_or(|w| w.holds(*pid)) || self.known.contains_key(pid))
             .filter_map(|pid| read_stat(pid).map(|s| (pid, s)))
             .filter(|(_, s)| s.live())
             .collect();
@@ -940,25 +1055,21 @@ impl TreeState {
             }
         }
         self.known.retain(|_, p| verified(*p).is_some());
+        if marked {
+            self.adopt_marked(&all);
+        }
     }
 
-    /// Adds every live process whose environment carries the run's mark (readable for the
-    /// server's own user's processes): what detached from the tree between two scans (a double
-    /// fork, a new session) and now belongs to init. Read when the run is stopped, not on
-    /// every scan.
-    fn scan_marked(&mut self) {
+    /// Adds, of `candidates` (live processes not adopted by the tree walk), those started after
+    /// the root whose environment carries the run's mark.
+    fn adopt_marked(&mut self, candidates: &[(i32, Stat)]) {
         let Some(mark) = &self.mark else { return };
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
         let me = std::process::id() as i32;
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-            if pid == me || self.known.contains_key(&pid) {
+        for (pid, stat) in candidates {
+            let pid = *pid;
+            if pid == me || stat.start < self.since || self.known.contains_key(&pid) {
                 continue;
             }
-            let Some(before) = read_stat(pid).filter(|s| s.live() && s.start >= self.since) else {
-                continue;
-            };
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
                 continue;
             };
@@ -971,7 +1082,7 @@ impl TreeState {
             // The environment read was this process's (not a reused pid's).
             let p = Proc {
                 pid,
-                start: before.start,
+                start: stat.start,
             };
             if verified(p).is_some() {
                 self.known.insert(pid, p);
@@ -1000,8 +1111,7 @@ impl TreeState {
 
     /// Nothing of the run is alive (after a fresh scan, the run's mark included).
     fn nothing_left(&mut self) -> bool {
-        self.scan();
-        self.scan_marked();
+        self.scan_proc(true);
         self.known.is_empty()
     }
 }
@@ -1021,8 +1131,7 @@ impl Drop for Tree {
         let state = Arc::clone(&self.state);
         let kill_all = move || {
             let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-            st.scan();
-            st.scan_marked();
+            st.scan_proc(true);
             st.signal(Signal::SIGKILL);
         };
         match tokio::runtime::Handle::try_current() {
@@ -1055,6 +1164,7 @@ impl Tree {
                 own_pgrp: nix::unistd::getpgrp().as_raw(),
                 mark,
                 since,
+                forks_then: forks_since_boot(),
             })),
             finished: false,
         }
@@ -1088,8 +1198,7 @@ impl Tree {
             return;
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.scan();
-        st.scan_marked();
+        st.scan_proc(true);
         st.signal(Signal::SIGKILL);
     }
 
@@ -1112,22 +1221,21 @@ fn try_reap(child: &mut Child, tree: &Tree) {
 
 /// SIGTERM to every known group and process, SIGKILL after `grace`, then wait until all are gone.
 pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duration) {
-    if !tree.blocking(TreeState::nothing_left).await {
+    let mut clear = tree.blocking(TreeState::nothing_left).await;
+    if !clear {
         tree.blocking(|st| st.signal(Signal::SIGTERM)).await;
         let until = aiwg_core::util::deadline(Instant::now(), grace);
         while Instant::now() < until {
-            if tree.blocking(TreeState::nothing_left).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            clear = tree.blocking(TreeState::nothing_left).await;
+            if clear {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     // Everything still there is killed; repeat until nothing is left (bounded).
     let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        if tree.blocking(TreeState::nothing_left).await {
-            break;
-        }
+    while !clear {
         tree.blocking(|st| st.signal(Signal::SIGKILL)).await;
         try_reap(child, tree);
         if Instant::now() >= until {
@@ -1136,6 +1244,7 @@ pub(crate) async fn terminate(child: &mut Child, tree: &mut Tree, grace: Duratio
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+        clear = tree.blocking(TreeState::nothing_left).await;
     }
     let _ = child.wait().await;
     tree.reaped();
@@ -1223,5 +1332,67 @@ mod tests {
         ] {
             assert!(joined.contains(flag), "{flag} missing in {joined}");
         }
+    }
+
+    /// A stat line's fields are found after the last `)`, whatever the command's name holds.
+    #[test]
+    fn a_stat_line_is_read_past_a_command_with_parentheses_and_spaces() {
+        let line = "4242 (a) b (c) S 17 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 \
+                    987654 2000 100 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0\n";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.state, s.ppid, s.pgrp, s.start), ('S', 17, 4242, 987_654));
+        assert!(parse_stat("4242 (cut short) S 17").is_none());
+        // This process's own line reads, and it is alive.
+        let me = read_stat(std::process::id() as i32).unwrap();
+        assert!(me.live() && me.start > 0);
+    }
+
+    /// The window holds the pids after the root's up to the last one handed out, going round
+    /// past `pid_max` when the counter did.
+    #[test]
+    fn a_pid_window_holds_what_was_handed_out_after_its_root() {
+        let plain = PidWindow {
+            root: 100,
+            last: 200,
+        };
+        assert!(plain.holds(101) && plain.holds(200));
+        assert!(!plain.holds(100) && !plain.holds(201) && !plain.holds(99) && !plain.holds(1));
+        let round = PidWindow {
+            root: 32_000,
+            last: 400,
+        };
+        assert!(round.holds(32_001) && round.holds(32_767) && round.holds(301) && round.holds(400));
+        assert!(!round.holds(32_000) && !round.holds(401) && !round.holds(20_000));
+        let none = PidWindow {
+            root: 100,
+            last: 100,
+        };
+        assert!(!none.holds(100) && !none.holds(101) && !none.holds(99));
+    }
+
+    /// On this machine the window can be told, and a process started after the root lies in
+    /// it, while this (older) process does not; a count of forks from long ago tells nothing.
+    #[test]
+    fn a_child_started_after_the_root_is_in_its_window() {
+        let root = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let forks = forks_since_boot();
+        assert!(forks.is_some(), "/proc/stat has a `processes` line");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let w = PidWindow::since(root.id() as i32, forks).expect("the window can be told");
+        assert!(w.holds(child.id() as i32), "{w:?} {}", child.id());
+        assert!(!w.holds(root.id() as i32));
+        assert!(PidWindow::since(root.id() as i32, Some(0)).is_none());
+        assert!(PidWindow::since(root.id() as i32, None).is_none());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut root = root;
+        root.kill().unwrap();
+        root.wait().unwrap();
     }
 }
