@@ -11,7 +11,10 @@
 //! its pid *and* its start time, and a signal is only sent to a pid or a process group after the
 //! start time read from `/proc/<pid>/stat` matched, so a recycled pid is never signalled. Stopping
 //! sends `SIGTERM` to every known group, waits a grace period, then sends `SIGKILL`, and returns
-//! only when every known process is gone.
+//! only when every known process is gone. A scan reads the processes it knows and those whose
+//! pid was handed out after the run's root's (going round `pid_max`), not every process on the
+//! host, while the host's fork count shows the pid counter cannot have come round past the
+//! root's pid since; otherwise it reads them all.
 //!
 //! A descendant that detaches (a double fork, `setsid`) and leaves the child's process group
 //! between two scans (every 100 ms) is no longer a descendant of anything known. So every child
