@@ -230,6 +230,10 @@ pub(crate) struct Limiter {
     checks: std::sync::atomic::AtomicU64,
     /// Addresses whose failed platform verifications ran over the limit, until when.
     blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, std::time::Instant>>,
+    /// WebSockets waiting for their credentials (upgraded without an `Authorization` header),
+    /// per address: at most `burst` at once.
+    waiting: std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>,
+    burst: u32,
 }
 
 /// The address a client is counted under: an IPv4 address itself (an IPv4-mapped IPv6
@@ -263,6 +267,8 @@ impl Limiter {
             addrs: DefaultKeyedRateLimiter::keyed(quota),
             checks: std::sync::atomic::AtomicU64::new(0),
             blocked: std::sync::Mutex::default(),
+            waiting: std::sync::Mutex::default(),
+            burst: burst.get(),
         })
     }
 
@@ -321,6 +327,32 @@ impl Limiter {
         }
         blocked.insert(addr, now + wait.max(Duration::from_millis(1)));
         Err(wait)
+    }
+
+    /// Takes one of the address's places for a WebSocket waiting for its credentials: `false`
+    /// when its `burst` places are all taken. Every socket that waits would count as a failed
+    /// verification if it never authenticated, but only at its deadline; without this an
+    /// address could hold any number of sockets (and their tasks) open until then.
+    pub(crate) fn wait_for_credentials(&self, addr: IpAddr) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let n = waiting.entry(bucket_of(addr)).or_insert(0);
+        if *n >= self.burst {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back a place [`wait_for_credentials`](Self::wait_for_credentials) took.
+    pub(crate) fn done_waiting(&self, addr: IpAddr) {
+        let addr = bucket_of(addr);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = waiting.get_mut(&addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                waiting.remove(&addr);
+            }
+        }
     }
 
     /// Forgets addresses and keys whose budget is full again (they would start fresh anyway).

@@ -23,7 +23,11 @@
 //!    client address as requests with credentials are: a socket that never authenticates (no
 //!    credentials by the deadline, another message first, refused credentials, or gone before
 //!    sending any) counts as one failed verification, and an address over the limit is
-//!    refused `429` (with `Retry-After`) before the upgrade, or closed 4429 after it.
+//!    refused `429` (with `Retry-After`) before the upgrade, or closed 4429 after it. An
+//!    address may also hold at most the limit's `burst` sockets waiting for their credentials
+//!    at once (upgraded without the header, no auth message yet); another such upgrade is
+//!    refused `429` (with the auth deadline as `Retry-After`) until one of them has presented
+//!    its credentials or ended.
 //! 2. **Ready.** The server answers `{"event": "ready", "data": {"name", "scopes"}}`; on `/ws`
 //!    without `last_event_id` it also carries `"id": "<cursor>"`, the position the stream
 //!    starts from (what the SSE stream's opening `id:` line names).
@@ -174,6 +178,23 @@ pub struct WsSession {
     target: Target,
     token: Option<String>,
     peer: Option<std::net::IpAddr>,
+    waiting: Option<Waiting>,
+}
+
+/// A socket's place among those of its address that wait for their credentials
+/// ([`Limiter::wait_for_credentials`](super::auth::Limiter::wait_for_credentials)), given back
+/// when dropped: once credentials are presented, or the session ends.
+struct Waiting {
+    api: Api,
+    addr: std::net::IpAddr,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(l) = &self.api.inner.limiter {
+            l.done_waiting(self.addr);
+        }
+    }
 }
 
 impl std::fmt::Debug for WsSession {
@@ -203,11 +224,28 @@ impl Api {
                 .map_err(|wait| handlers::too_many(wait).into_response())?;
         }
         let target = target(&request).map_err(Problem::into_response)?;
+        let token = handlers::bearer(&request.headers).map(str::to_owned);
+        // A socket without credentials in its upgrade waits for them: an address may have
+        // `burst` such sockets at once, and is refused until one presents its credentials or
+        // ends (at the latest by the auth deadline).
+        let waiting = match (&self.inner.limiter, request.peer, &token) {
+            (Some(l), Some(addr), None) => {
+                if !l.wait_for_credentials(addr) {
+                    return Err(handlers::too_many(self.inner.ws_auth_timeout).into_response());
+                }
+                Some(Waiting {
+                    api: self.clone(),
+                    addr,
+                })
+            }
+            _ => None,
+        };
         Ok(WsSession {
             api: self.clone(),
             target,
-            token: handlers::bearer(&request.headers).map(str::to_owned),
+            token,
             peer: request.peer,
+            waiting,
         })
     }
 }
@@ -277,6 +315,8 @@ struct Run<I> {
     presented: bool,
     /// A failed verification was counted against the client's address.
     counted: bool,
+    /// The socket's place among those of its address waiting for credentials, until they come.
+    waiting: Option<Waiting>,
 }
 
 impl<I> Run<I> {
@@ -335,6 +375,7 @@ impl WsSession {
             missed: 0,
             presented,
             counted: false,
+            waiting: self.waiting,
         };
         futures_util::stream::unfold(run, |mut run| async move {
             let msg = run.next().await?;
@@ -389,6 +430,7 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
             .push_back(WsMessage::Close(Some(WsClose::new(code, reason))));
         self.phase = Phase::Done;
         self.frames = None;
+        self.waiting = None;
     }
 
     async fn next(&mut self) -> Option<WsMessage> {
@@ -409,6 +451,7 @@ impl<I: Stream<Item = WsMessage>> Run<I> {
                             Some(WsMessage::Text(text)) => match auth_message(&text) {
                                 Some(token) => {
                                     self.presented = true;
+                                    self.waiting = None;
                                     self.authenticate(&token).await;
                                 }
                                 None => self.refuse(

@@ -1002,6 +1002,7 @@ pub async fn conformance_suite(server: &dyn Serve) {
     websockets(server).await;
     websocket_refusals(server).await;
     websocket_rate_limit(server).await;
+    websocket_sockets_waiting_for_credentials(server).await;
 }
 
 /// A concrete path for a route pattern: every parameter replaced by `id`.
@@ -3218,6 +3219,49 @@ async fn websocket_rate_limit(server: &dyn Serve) {
     c.send("GET", "/jobs", Some(READ_KEY), None)
         .await
         .assert_problem(429);
+}
+
+/// An address may hold `burst` sockets waiting for their credentials at once (upgraded without
+/// an `Authorization` header, no auth message yet): another such upgrade is refused 429 before
+/// the handshake, with `Retry-After` (the auth deadline), until one of them presents its
+/// credentials. Upgrades that carry credentials never wait, and are not refused for it.
+async fn websocket_sockets_waiting_for_credentials(server: &dyn Serve) {
+    let fx = fixture(FixtureOptions::default());
+    let api = api_builder(fx.engine.clone())
+        .rate_limit(RateLimit {
+            per_minute: 6000,
+            burst: 2,
+        })
+        .ws_auth_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let s = server.serve(api, "").await;
+    let c = s.client();
+    let first = ws_open(&c, "/ws", None).await;
+    let mut second = ws_open(&c, "/ws", None).await;
+    let r = c
+        .websocket("/ws", None)
+        .await
+        .err()
+        .expect("a third socket waiting for credentials was upgraded");
+    r.assert_problem(429);
+    assert_eq!(r.header("retry-after"), Some("30"), "Retry-After");
+    // With credentials in the upgrade nothing waits. (Each key authenticates once here: a
+    // key's own budget has the same burst.)
+    let mut by_header = ws_open(&c, "/ws", Some(ADMIN_KEY)).await;
+    let ready = by_header.next_json().await.expect("ready");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    // Once one of the two has presented its credentials, its place is free again.
+    second.auth(READ_KEY);
+    let ready = second.next_json().await.expect("ready");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    let third = ws_open(&c, "/ws", None).await;
+    c.websocket("/ws", None)
+        .await
+        .err()
+        .expect("a third socket waiting beside two")
+        .assert_problem(429);
+    drop((first, third));
 }
 
 /// A WebSocket client that stops reading is dropped: every write to it is bounded (by the
