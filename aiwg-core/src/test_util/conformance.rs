@@ -3243,7 +3243,7 @@ async fn websocket_sockets_waiting_for_credentials(server: &dyn Serve) {
         .websocket("/ws", None)
         .await
         .err()
-        .expect("a third socket waiting for credentials was upgraded");
+        .unwrap_or_else(|| panic!("a third socket waiting for credentials was upgraded"));
     r.assert_problem(429);
     assert_eq!(r.header("retry-after"), Some("30"), "Retry-After");
     // With credentials in the upgrade nothing waits. (Each key authenticates once here: a
@@ -3259,7 +3259,7 @@ async fn websocket_sockets_waiting_for_credentials(server: &dyn Serve) {
     c.websocket("/ws", None)
         .await
         .err()
-        .expect("a third socket waiting beside two")
+        .unwrap_or_else(|| panic!("a third socket waiting beside two was upgraded"))
         .assert_problem(429);
     drop((first, third));
 }
