@@ -447,7 +447,9 @@ impl Hooks {
         if let Some((decision, reason)) = audit_decision(&outcome) {
             attempt.decision = decision;
             attempt.reason = reason;
-            if let HookOutcome::Submitted { job_id, .. } = &outcome {
+            if let HookOutcome::Submitted { job_id, .. } | HookOutcome::Decided { job_id, .. } =
+                &outcome
+            {
                 attempt.job_id = Some(*job_id);
             }
             self.inner.engine.audit().record(attempt).await;
@@ -789,7 +791,8 @@ impl Hooks {
     }
 }
 
-/// What the audit trail records for `outcome`: `None` for deliveries that were no trigger
+/// What the audit trail records for `outcome` (an approval or rejection as such, with its job):
+/// `None` for deliveries that were no trigger
 /// attempt (a comment not addressed to us, an event no rule matches, another bot's command, a
 /// ping, a URL check, `help`, an unknown platform).
 fn audit_decision(outcome: &HookOutcome) -> Option<(Decision, Option<String>)> {
@@ -798,13 +801,10 @@ fn audit_decision(outcome: &HookOutcome) -> Option<(Decision, Option<String>)> {
         HookOutcome::Submitted {
             replayed: false, ..
         } => Some((Decision::Accepted, None)),
-        HookOutcome::Decided { job_id, approved } => Some((
-            Decision::Accepted,
-            Some(format!(
-                "{} job {job_id}",
-                if *approved { "approved" } else { "rejected" }
-            )),
-        )),
+        HookOutcome::Decided { approved: true, .. } => Some((Decision::Approved, None)),
+        HookOutcome::Decided {
+            approved: false, ..
+        } => Some((Decision::Rejected, None)),
         HookOutcome::Submitted { replayed: true, .. } => Some((
             Decision::Duplicate,
             Some("delivered before: the same job, nothing new started".into()),

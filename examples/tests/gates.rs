@@ -224,6 +224,37 @@ async fn approvals_over_http_survive_a_restart_of_the_instance() {
     )
     .await;
     assert_eq!(status, 404);
+    // Every decision, and every refused attempt to decide, is in the audit trail (shared by
+    // both instances): who, which job, and for a refusal why.
+    let audit = get(&c, &second, "audit?source=api").await;
+    let entries: Vec<(String, String, String)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["decision"] != "accepted")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+            (s("decision"), s("key_name"), s("reason"))
+        })
+        .collect();
+    let decisions: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        decisions,
+        ["refused", "rejected", "refused", "approved", "refused"],
+        "newest first: {audit}"
+    );
+    assert!(entries[0].2.starts_with("approved: "), "{audit}");
+    assert!(entries[2].2.contains("completed"), "{audit}");
+    assert!(
+        entries[4].2.starts_with("approved: ") && entries[4].2.contains("approve"),
+        "{audit}"
+    );
+    assert_eq!(entries[4].1, "reader", "{audit}");
+    assert_eq!(entries[3].1, "approver", "{audit}");
+    let approved = get(&c, &second, "audit?decision=approved").await;
+    assert_eq!(approved["entries"][0]["actor"], "approver", "{approved}");
+    assert_eq!(approved["entries"][0]["workflow"], "gated", "{approved}");
+    assert!(approved["entries"][0]["job_id"].is_string(), "{approved}");
     drop(second);
     db.drop().await;
 }
@@ -474,7 +505,7 @@ triggers:
     let doc = get(&c, &server, &format!("workflows/{id}/status")).await;
     assert_eq!(doc["approvals"][0]["decision"]["by"], "alice");
     assert_eq!(doc["approvals"][0]["decision"]["via"], "github");
-    // The audit trail has the refusal and the approval.
+    // The audit trail has the refusal and the approval (who, and which job).
     let audit = get(&c, &server, "audit?source=github").await;
     let reasons: Vec<String> = audit["entries"]
         .as_array()
@@ -482,10 +513,10 @@ triggers:
         .iter()
         .map(|e| format!("{} {}", e["decision"], e["reason"]))
         .collect();
-    assert!(
-        reasons.iter().any(|r| r.contains("approved job")),
-        "{reasons:?}"
-    );
+    let approvals = get(&c, &server, "audit?source=github&decision=approved").await;
+    let approval = &approvals["entries"][0];
+    assert_eq!(approval["actor"], "alice", "{approvals}");
+    assert_eq!(approval["job_id"], id.as_str(), "{approvals}");
     assert!(
         reasons
             .iter()

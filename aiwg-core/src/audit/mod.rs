@@ -1,4 +1,5 @@
-//! The audit trail: every trigger attempt, accepted or refused, from every source.
+//! The audit trail: every trigger attempt, accepted or refused, from every source, and every
+//! decision on a job waiting for approval.
 //!
 //! Whoever decides whether a trigger starts a job records the decision once, through the
 //! engine's [`AuditLog`] ([`Engine::audit`](crate::Engine::audit)): the HTTP API for
@@ -15,7 +16,11 @@
 //!
 //! What counts as an attempt: a request to the trigger endpoint (also one with a wrong key or
 //! a missing scope), and a platform delivery that failed verification or addressed us (a
-//! command, a matching rule). A comment that does not mention us, a ping and a Slack URL check
+//! command, a matching rule). An approval or a rejection of a waiting job is recorded as
+//! [`Decision::Approved`] or [`Decision::Rejected`] (who, and the job), whether it came through
+//! `POST /workflows/{job_id}/approve` and `/reject` or a platform's comment; an attempt to
+//! decide that was refused (a wrong key, a missing scope, a job not waiting, a commenter not
+//! allowed) as [`Decision::Refused`] with the reason. A comment that does not mention us, a ping and a Slack URL check
 //! are not attempts. Rate-limited requests are not recorded either: the limiter exists so that
 //! a flood costs us nothing, the audit store included.
 //!
@@ -77,16 +82,23 @@ pub enum Decision {
     Duplicate,
     /// Refused: authentication, authorization, validation, or the engine could not take it.
     Refused,
+    /// A job waiting at an approval gate was approved (through the API or a platform's
+    /// comment): `job_id` names it, `actor` (and `key_name`) who.
+    Approved,
+    /// A job waiting at an approval gate was rejected.
+    Rejected,
 }
 
 impl Decision {
-    /// The wire name (`accepted`, `duplicate`, `refused`).
+    /// The wire name (`accepted`, `duplicate`, `refused`, `approved`, `rejected`).
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
             Self::Duplicate => "duplicate",
             Self::Refused => "refused",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
         }
     }
 }
@@ -99,7 +111,7 @@ impl fmt::Display for Decision {
 
 /// A string that is not a [`Decision`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a decision (accepted, duplicate, refused)")]
+#[error("`{0}` is not a decision (accepted, duplicate, refused, approved, rejected)")]
 pub struct UnknownDecision(pub String);
 
 impl FromStr for Decision {
@@ -109,6 +121,8 @@ impl FromStr for Decision {
             "accepted" => Ok(Self::Accepted),
             "duplicate" => Ok(Self::Duplicate),
             "refused" => Ok(Self::Refused),
+            "approved" => Ok(Self::Approved),
+            "rejected" => Ok(Self::Rejected),
             other => Err(UnknownDecision(other.to_owned())),
         }
     }
@@ -451,12 +465,20 @@ mod tests {
 
     #[test]
     fn decisions_round_trip() {
-        for d in [Decision::Accepted, Decision::Duplicate, Decision::Refused] {
+        for d in [
+            Decision::Accepted,
+            Decision::Duplicate,
+            Decision::Refused,
+            Decision::Approved,
+            Decision::Rejected,
+        ] {
             assert_eq!(d.as_str().parse::<Decision>().unwrap(), d);
+            let json = serde_json::to_string(&d).unwrap();
+            assert_eq!(json, format!("\"{}\"", d.as_str()));
         }
         assert_eq!(
             "maybe".parse::<Decision>().unwrap_err().to_string(),
-            "`maybe` is not a decision (accepted, duplicate, refused)"
+            "`maybe` is not a decision (accepted, duplicate, refused, approved, rejected)"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! [`PgAuditStore`]: the audit trail in PostgreSQL (feature `postgres`; migration
-//! `migrations/audit/0004_audit.sql`), shared by every instance.
+//! `migrations/audit/0004_audit.sql`, and `0033_audit_approvals.sql` for the decisions on
+//! waiting jobs), shared by every instance.
 //!
 //! Every trigger attempt records one entry before it is answered. The records that arrive
 //! while one is on its way are written together, in one statement and one commit

@@ -211,9 +211,9 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
                         if let (Some(l), Some(ip)) = (&api.inner.limiter, req.peer) {
                             l.failed_verification(ip).map_err(too_many)?;
                         }
-                        if req.route == Route::Trigger {
+                        if let Some(what) = audited_as(req.route) {
                             let mut record = AuditRecord::new("api", Decision::Refused)
-                                .reason(p.detail().to_owned());
+                                .reason(format!("{what}{}", p.detail()));
                             if let Some(name) = name {
                                 record = record.key_name(name);
                             }
@@ -275,16 +275,25 @@ pub(super) async fn handle(api: &Api, req: ApiRequest) -> ApiResponse {
     res
 }
 
+/// The routes whose refusals the audit trail records, and how a refusal's reason starts:
+/// triggers, and decisions on jobs waiting for approval.
+fn audited_as(route: Route) -> Option<&'static str> {
+    match route {
+        Route::Trigger => Some(""),
+        Route::Approve => Some("approved: "),
+        Route::Reject => Some("rejected: "),
+        _ => None,
+    }
+}
+
 async fn dispatch(api: &Api, req: &ApiRequest, key: Option<&Caller>) -> Answer {
     match req.route {
         Route::Trigger => trigger(api, req, key).await,
         Route::Available => Ok(available(api)),
         Route::Status => status(api, req).await,
         Route::Cancel => cancel(api, req).await,
-        // Named as the audit names callers: a token's subject `jwt:<sub>`, never to be taken
-        // for the API key of the same name.
-        Route::Approve => decide(api, req, true, key.map(Caller::bucket)).await,
-        Route::Reject => decide(api, req, false, key.map(Caller::bucket)).await,
+        Route::Approve => decide(api, req, true, key).await,
+        Route::Reject => decide(api, req, false, key).await,
         Route::Events => events(api, req).await,
         Route::Jobs => jobs(api, req).await,
         Route::Webhooks
@@ -543,21 +552,43 @@ async fn cancel(api: &Api, req: &ApiRequest) -> Answer {
 }
 
 /// `POST /workflows/{job_id}/approve` and `/reject`: the decision is recorded with the key's
-/// name.
-async fn decide(api: &Api, req: &ApiRequest, approve: bool, actor: Option<String>) -> Answer {
-    let id = job_id(req)?;
-    let by = actor.unwrap_or_else(|| "anonymous".to_owned());
-    let engine = api.engine();
-    let job = if approve {
-        engine.approve(id, &by, "api").await
+/// name, in the job and in the audit trail (as is a refused one: no such job, not waiting).
+async fn decide(api: &Api, req: &ApiRequest, approve: bool, caller: Option<&Caller>) -> Answer {
+    let decision = if approve {
+        Decision::Approved
     } else {
-        engine.reject(id, &by, "api").await
+        Decision::Rejected
+    };
+    let mut record = AuditRecord::new("api", Decision::Refused);
+    if let Some(c) = caller {
+        record = record.key_name(c.bucket()).actor(c.name().to_owned());
     }
-    .map_err(engine_problem)?;
-    Ok(ApiResponse::json(
-        StatusCode::OK,
-        &StatusDocument::from(&job),
-    ))
+    let answer = async {
+        let id = job_id(req)?;
+        record.job_id = Some(id);
+        // Named as the audit names callers: a token's subject `jwt:<sub>`, never to be taken
+        // for the API key of the same name.
+        let by = caller.map_or_else(|| "anonymous".to_owned(), Caller::bucket);
+        let engine = api.engine();
+        let job = if approve {
+            engine.approve(id, &by, "api").await
+        } else {
+            engine.reject(id, &by, "api").await
+        }
+        .map_err(engine_problem)?;
+        record.workflow = Some(job.workflow.to_string());
+        record.decision = decision;
+        Ok::<_, Problem>(ApiResponse::json(
+            StatusCode::OK,
+            &StatusDocument::from(&job),
+        ))
+    }
+    .await;
+    if let Err(p) = &answer {
+        record = record.reason(format!("{}: {}", decision.as_str(), p.detail()));
+    }
+    api.engine().audit().record(record).await;
+    answer
 }
 
 fn event_stream_headers() -> http::HeaderMap {

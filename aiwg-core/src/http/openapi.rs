@@ -479,7 +479,7 @@ fn details(route: Route, method: &http::Method) -> Value {
                 query("source", "Only entries of this source (`api`, `github`, `slack`, …)",
                     json!({"type": "string"})),
                 query("decision", "Only entries with this decision",
-                    json!({"type": "string", "enum": ["accepted", "duplicate", "refused"]})),
+                    json!({"type": "string", "enum": ["accepted", "duplicate", "refused", "approved", "rejected"]})),
                 limit(),
                 query("cursor", "`next_cursor` of the previous page",
                     json!({"type": "string", "pattern": "^[1-9][0-9]{0,17}$"})),

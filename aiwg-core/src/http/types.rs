@@ -313,7 +313,7 @@ pub struct AuditEntryDoc {
     pub repo: Option<String>,
     /// The workflow asked for.
     pub workflow: Option<String>,
-    /// `accepted`, `duplicate` or `refused`.
+    /// `accepted`, `duplicate`, `refused`, `approved` or `rejected`.
     pub decision: Decision,
     /// Why (refusals and duplicates).
     pub reason: Option<String>,
