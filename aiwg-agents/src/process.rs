@@ -865,7 +865,7 @@ fn parse_stat(s: &str) -> Option<Stat> {
 }
 
 /// Where every pid handed out since a run's root lies: after the root's, going round, up to the
-/// last one handed out. A scan reads `/proc/<pid>/stat` only of those (and of the processes it
+/// last one handed out (`ns_last_pid`). A scan reads `/proc/<pid>/stat` only of those (and of the processes it
 /// knows), not of every process on the host: on a host running a thousand processes, a run's
 /// end read a thousand files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -880,7 +880,8 @@ impl PidWindow {
     /// namespace's than this process's).
     fn since(root: i32, forks_then: Option<u64>) -> Option<Self> {
         let forks = forks_since_boot()?.checked_sub(forks_then?)?;
-        let (threads, last) = read_loadavg()?;
+        let last = read_last_pid()?;
+        let threads = read_threads()?;
         let max = (*PID_MAX.get_or_init(|| read_pid_max().filter(|_| proc_is_ours())))?;
         // To hand out a pid at or before the root's again, the counter goes once round (the
         // pids below `pid_max`, less up to 300 reserved ones), skipping only the pids in use
@@ -929,14 +930,27 @@ fn forks_since_boot() -> Option<u64> {
         .ok()
 }
 
-/// The threads on the system and the last pid handed out in this pid namespace
+/// The last pid handed out in this pid namespace (`/proc/sys/kernel/ns_last_pid`; kernels built
+/// without checkpoint/restore lack it, and then every scan reads every process).
+/// (`/proc/loadavg` names it too, but container tools such as LXCFS rewrite that file.)
+fn read_last_pid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The threads (pids in use) on the system, or in the container when LXCFS counts its own
 /// (`/proc/loadavg`: `1.40 2.10 1.94 1/168 22591`).
-fn read_loadavg() -> Option<(u64, i32)> {
+fn read_threads() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let mut f = s.split_ascii_whitespace().skip(3);
-    let threads = f.next()?.split_once('/')?.1.parse().ok()?;
-    let last = f.next()?.parse().ok()?;
-    Some((threads, last))
+    s.split_ascii_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` is a live (non-zombie) process. This reads `/proc/<pid>/stat`, a blocking call
