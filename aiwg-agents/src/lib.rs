@@ -98,10 +98,13 @@
 //! started the child ends; executors start children from the task that runs them, on a tokio
 //! worker thread, which lives as long as the runtime (so do not call `execute` from
 //! `spawn_blocking`). The signal reaches the agent process only: what an *unsandboxed* agent
-//! started, detached or not, outlives a `kill -9` of the server (a sandbox's children do not: its
-//! PID namespace dies as a whole; a normal stop or shutdown kills them everywhere, detached or
-//! not: every process of a run carries a mark in its environment, [`RUN_MARK_ENV`], by which
-//! the processes that left the tree are found too). A
+//! started, detached or not, outlives a `kill -9` of the server until a server starts again on
+//! the same host (a sandbox's children do not: its PID namespace dies as a whole; a normal stop
+//! or shutdown kills them everywhere, detached or not: every process of a run carries a mark in
+//! its environment, [`RUN_MARK_ENV`], by which the processes that left the tree are found too).
+//! The mark names the run's server (pid, start time, pid namespace): the first process-based
+//! executor a server builds stops every process whose mark names a server that is gone
+//! ([`stop_leftovers_of_dead_servers`]). A
 //! server should also make itself non-dumpable at start
 //! (`nix::sys::prctl::set_dumpable(false)`, as the example server does) so that an unsandboxed
 //! child cannot read `/proc/<server>/environ` or attach a debugger to it (unless it is root).
@@ -233,8 +236,8 @@ pub mod config;
 mod process;
 #[cfg(feature = "process")]
 pub use process::{
-    process_alive, ProcessOptions, ResourceLimits, Sandbox, DEFAULT_ENV_ALLOW_LIST,
-    MAX_ARGV_PROMPT, RUN_MARK_ENV,
+    process_alive, stop_leftovers_of_dead_servers, ProcessOptions, ResourceLimits, Sandbox,
+    DEFAULT_ENV_ALLOW_LIST, MAX_ARGV_PROMPT, RUN_MARK_ENV,
 };
 
 #[cfg(feature = "claude-code")]

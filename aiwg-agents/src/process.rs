@@ -32,8 +32,10 @@
 //! that ends before the run does (e.g. inside `spawn_blocking`, whose threads retire when idle).
 //! `PDEATHSIG` reaches the agent process itself; processes the agent starts in turn are covered
 //! by the sandbox (its PID namespace is torn down with it) or, unsandboxed, by the normal stop
-//! path only: after a `kill -9` of the server nothing signals them, and what an unsandboxed
-//! agent started (a tool's `sleep`, detached or not) lives on under init. (A child subreaper,
+//! path: after a `kill -9` of the server nothing signals them at once, and what an unsandboxed
+//! agent started (a tool's `sleep`, detached or not) lives on under init until a server starts
+//! again on the host: its first process-based executor stops every process whose run mark
+//! names a server that is gone ([`stop_leftovers_of_dead_servers`]). (A child subreaper,
 //! `PR_SET_CHILD_SUBREAPER`, does not change that: it adopts orphans only while it lives, and
 //! would have to be set in the server itself, with the adopted processes to reap.)
 
@@ -68,14 +70,123 @@ pub const MAX_ARGV_PROMPT: usize = 100 * 1024;
 /// run also stops the processes that carry it, wherever they detached to.
 pub const RUN_MARK_ENV: &str = "AIWG_RUN_ID";
 
-/// A value no other run of this server (or another server) has.
+/// A value no other run of this server (or another server) has:
+/// `<server pid>-<server start>-<pid namespace>-<n>-<nanos>`. The first three name the server
+/// whose run it is ([`ServerId`]), so that a later server can tell what a dead one left
+/// behind ([`stop_leftovers_of_dead_servers`]).
 fn run_mark() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!("{}-{n}-{nanos:x}", std::process::id())
+    let server = ServerId::own().map_or_else(
+        || format!("{}-0-0", std::process::id()),
+        |s| format!("{}-{}-{}", s.pid, s.start, s.pid_ns),
+    );
+    format!("{server}-{n}-{nanos:x}")
+}
+
+/// The server a run belongs to: its pid and start time (clock ticks since boot), and its pid
+/// namespace (the inode of `/proc/self/ns/pid`), in which that pid means that process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ServerId {
+    pid: i32,
+    start: u64,
+    pid_ns: u64,
+}
+
+impl ServerId {
+    /// This process, or `None` when `/proc` does not say.
+    fn own() -> Option<Self> {
+        static OWN: std::sync::OnceLock<Option<ServerId>> = std::sync::OnceLock::new();
+        *OWN.get_or_init(|| {
+            let pid = i32::try_from(std::process::id()).ok()?;
+            let start = read_stat(pid)?.start;
+            let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+            let pid_ns = ns
+                .to_str()?
+                .strip_prefix("pid:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some(Self { pid, start, pid_ns })
+        })
+    }
+
+    /// The server named by a run's mark (the value of [`RUN_MARK_ENV`]); `None` for a mark
+    /// that does not name one (an older form, or not ours).
+    fn of_mark(mark: &[u8]) -> Option<Self> {
+        let mut f = std::str::from_utf8(mark).ok()?.split('-');
+        let id = Self {
+            pid: f.next()?.parse().ok()?,
+            start: f.next()?.parse().ok()?,
+            pid_ns: f.next()?.parse().ok()?,
+        };
+        (f.count() == 2 && id.start != 0).then_some(id)
+    }
+}
+
+/// Stops (`SIGKILL`) every process that carries the mark of a run of a server that is gone:
+/// what an unsandboxed agent started and left behind when its server was killed with
+/// `SIGKILL` (the agent itself dies with the server by `PDEATHSIG`; what it started, re-parented
+/// to init, does not). Only marks of servers in this process's pid namespace are judged (a pid
+/// means nothing in another one), a server counts as gone when no live process has its pid and
+/// start time, and a process is signalled only after its start time was read again. Returns how
+/// many were stopped.
+///
+/// Process-based executors call it once per process when the first of them is built (unless
+/// `die_with_server` is off), so a server that starts again on the same host clears what its
+/// predecessor left. Environments of other users' processes are not readable (unless the server
+/// runs as root), and a process that dropped the variable is not found.
+pub fn stop_leftovers_of_dead_servers() -> usize {
+    let Some(me) = ServerId::own() else {
+        return 0;
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let key = format!("{RUN_MARK_ENV}=");
+    let mut stopped = 0;
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        if pid == me.pid {
+            continue;
+        }
+        let Some(stat) = read_stat(pid).filter(Stat::live) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(server) = environ
+            .split(|b| *b == 0)
+            .find_map(|e| e.strip_prefix(key.as_bytes()))
+            .and_then(ServerId::of_mark)
+        else {
+            continue;
+        };
+        if server.pid_ns != me.pid_ns || server == me {
+            continue;
+        }
+        let alive = verified(Proc {
+            pid: server.pid,
+            start: server.start,
+        })
+        .is_some();
+        let p = Proc {
+            pid,
+            start: stat.start,
+        };
+        if !alive && verified(p).is_some() && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            tracing::warn!(
+                pid,
+                server = server.pid,
+                "stopped a process a run of a server that is gone left behind"
+            );
+            stopped += 1;
+        }
+    }
+    stopped
 }
 
 /// Variables a child inherits from the server when they are set (everything else is dropped).
@@ -348,6 +459,13 @@ impl ProcessOptions {
                 )
             })?),
         };
+        if self.die_with_server {
+            // Once per process: what the runs of a server that was killed left behind.
+            static SWEPT: std::sync::Once = std::sync::Once::new();
+            SWEPT.call_once(|| {
+                stop_leftovers_of_dead_servers();
+            });
+        }
         let setpriv = if self.die_with_server {
             Some(find_program("setpriv").ok_or_else(|| {
                 ConfigError::new(
@@ -1411,5 +1529,25 @@ mod tests {
         let mut root = root;
         root.kill().unwrap();
         root.wait().unwrap();
+    }
+
+    /// A run's mark names its server; marks of the older form, or cut short, name none.
+    #[test]
+    fn a_run_mark_names_its_server() {
+        let own = ServerId::own().expect("/proc names this process");
+        assert_eq!(own.pid, std::process::id() as i32);
+        assert_eq!(ServerId::of_mark(run_mark().as_bytes()), Some(own));
+        assert_ne!(run_mark(), run_mark());
+        assert_eq!(ServerId::of_mark(b"4242-7-1a2b3c"), None, "the older form");
+        assert_eq!(ServerId::of_mark(b"4242-99-4026531836-7"), None);
+        assert_eq!(ServerId::of_mark(b"4242-0-4026531836-7-1a"), None);
+        assert_eq!(
+            ServerId::of_mark(b"4242-99-4026531836-7-1a"),
+            Some(ServerId {
+                pid: 4242,
+                start: 99,
+                pid_ns: 4_026_531_836
+            })
+        );
     }
 }

@@ -219,3 +219,77 @@ workflows:
         panic!("processes of the jobs outlived the server: {left:#?}");
     }
 }
+
+/// The agent's shell (`sh`, as its path was found, then `-c`), not `setpriv` before its exec.
+fn is_shell(cmd: &str) -> bool {
+    let program = cmd.split(' ').next().unwrap_or_default();
+    (program == "sh" || program.ends_with("/sh")) && cmd.contains(" -c sleep ")
+}
+
+/// What an unsandboxed agent started in turn is not its server's child: `PDEATHSIG` does not
+/// reach it, and after a `kill -9` of the server it lives on under init. The next server that
+/// starts on the host stops it: its run mark names a server that is gone.
+#[tokio::test]
+async fn what_an_agent_left_behind_is_stopped_when_a_server_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let left = format!("86400.{}3", std::process::id());
+    let config = format!(
+        r#"
+server: {{ bind: "127.0.0.1:0" }}
+projects: {{ root: "{root}" }}
+agents:
+  plain: {{ kind: command }}
+workflows:
+  leave:
+    steps:
+      - {{ name: leave, agent: plain, command: ["sh", "-c", "sleep {left} & wait"] }}
+"#,
+        root = dir.path().display()
+    );
+    let mut server = start(&config, dir.path());
+    let http = reqwest::Client::new();
+    let res: Value = http
+        .post(format!("{}/workflows/trigger", server.base))
+        .bearer_auth(KEY)
+        .json(&json!({"workflow": "leave"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(res["job_id"].is_string(), "{res}");
+    wait_until("the agent's own sleep", || !sleeps_with(&left).is_empty()).await;
+    let shell = pids_where(|cmd| is_shell(cmd) && cmd.contains(&left));
+    assert_eq!(shell.len(), 1, "{shell:?}");
+
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGKILL).unwrap();
+    server.child.wait().unwrap();
+    // The agent (the shell) dies with the server; the sleep it started does not.
+    wait_until("the shell to die with the server", || {
+        pids_where(|cmd| is_shell(cmd) && cmd.contains(&left)).is_empty()
+    })
+    .await;
+    let orphans = sleeps_with(&left);
+    assert_eq!(
+        orphans.len(),
+        1,
+        "the sleep outlived its server: {orphans:?}"
+    );
+
+    // A server starts again on the host: the sleep is stopped.
+    let again = start(&config, dir.path());
+    let gone = tokio::time::timeout(LIMIT, async {
+        while !sleeps_with(&left).is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(again);
+    if gone.is_err() {
+        for pid in sleeps_with(&left) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        panic!("the sleep a dead server's agent left behind survived the next server's start");
+    }
+}
