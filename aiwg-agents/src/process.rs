@@ -1022,11 +1022,12 @@ impl PidWindow {
 static PID_MAX: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
 
 fn read_pid_max() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    read_number("/proc/sys/kernel/pid_max")
+}
+
+/// A file of `/proc` that holds one number.
+fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// `/proc` names this process by the pid it knows itself by: the listing and the last pid
@@ -1052,11 +1053,7 @@ fn forks_since_boot() -> Option<u64> {
 /// without checkpoint/restore lack it, and then every scan reads every process).
 /// (`/proc/loadavg` names it too, but container tools such as LXCFS rewrite that file.)
 fn read_last_pid() -> Option<i32> {
-    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    read_number("/proc/sys/kernel/ns_last_pid")
 }
 
 /// The threads (pids in use) on the system, or in the container when LXCFS counts its own

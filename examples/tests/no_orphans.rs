@@ -95,6 +95,21 @@ fn pids_where(wanted: impl Fn(&str) -> bool) -> Vec<i32> {
     out
 }
 
+/// Triggers `workflow`: the job's id.
+async fn trigger(http: &reqwest::Client, server: &Server, workflow: &str) -> String {
+    let res: Value = http
+        .post(format!("{}/workflows/trigger", server.base))
+        .bearer_auth(KEY)
+        .json(&json!({"workflow": workflow}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    res["job_id"].as_str().expect("a job id").to_owned()
+}
+
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     tokio::time::timeout(LIMIT, async {
         while !cond() {
@@ -148,17 +163,7 @@ workflows:
     let http = reqwest::Client::new();
     let mut jobs = Vec::new();
     for wf in ["sleep-plain", "sleep-boxed"] {
-        let res: Value = http
-            .post(format!("{}/workflows/trigger", server.base))
-            .bearer_auth(KEY)
-            .json(&json!({"workflow": wf}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        jobs.push(res["job_id"].as_str().expect("a job id").to_owned());
+        jobs.push(trigger(&http, &server, wf).await);
     }
     // Both jobs are running…
     for id in &jobs {
@@ -247,18 +252,7 @@ workflows:
         root = dir.path().display()
     );
     let mut server = start(&config, dir.path());
-    let http = reqwest::Client::new();
-    let res: Value = http
-        .post(format!("{}/workflows/trigger", server.base))
-        .bearer_auth(KEY)
-        .json(&json!({"workflow": "leave"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(res["job_id"].is_string(), "{res}");
+    trigger(&reqwest::Client::new(), &server, "leave").await;
     wait_until("the agent's own sleep", || !sleeps_with(&left).is_empty()).await;
     let shell = pids_where(|cmd| is_shell(cmd) && cmd.contains(&left));
     assert_eq!(shell.len(), 1, "{shell:?}");
