@@ -1001,12 +1001,18 @@ impl PidWindow {
         let last = read_last_pid()?;
         let threads = read_threads()?;
         let max = (*PID_MAX.get_or_init(|| read_pid_max().filter(|_| proc_is_ours())))?;
+        Self::from_counts(root, last, forks, threads, max)
+    }
+
+    /// The window after `forks` forks since the root, with `threads` pids in use, the last pid
+    /// handed out `last`, and `pid_max` `max`.
+    fn from_counts(root: i32, last: i32, forks: u64, threads: u64, max: u64) -> Option<Self> {
         // To hand out a pid at or before the root's again, the counter goes once round (the
         // pids below `pid_max`, less up to 300 reserved ones), skipping only the pids in use
         // (every thread's, `threads`): far more pids handed out, and so forks, than half of
         // it. (Both counts are the whole system's, more than this namespace's; the half leaves
         // room for the forks between the root's and the count read after it.)
-        (forks + threads < max / 2).then_some(Self { root, last })
+        (forks.saturating_add(threads) < max / 2).then_some(Self { root, last })
     }
 
     fn holds(self, pid: i32) -> bool {
@@ -1500,10 +1506,18 @@ mod tests {
             last: 100,
         };
         assert!(!none.holds(100) && !none.holds(101) && !none.holds(99));
+        // Told only while the counter cannot have come round past the root's pid.
+        let told = |forks, threads, max| PidWindow::from_counts(100, 200, forks, threads, max);
+        assert_eq!(told(100, 200, 32_768), Some(plain));
+        assert_eq!(told(16_183, 200, 32_768), Some(plain));
+        assert_eq!(told(16_184, 200, 32_768), None);
+        assert_eq!(told(16_184, 200, 4_194_304), Some(plain));
+        assert_eq!(told(u64::MAX, 1, 4_194_304), None);
     }
 
     /// On this machine the window can be told, and a process started after the root lies in
-    /// it, while this (older) process does not; a count of forks from long ago tells nothing.
+    /// it, while the root does not; without a count of forks at the root's start it tells
+    /// nothing.
     #[test]
     fn a_child_started_after_the_root_is_in_its_window() {
         let root = std::process::Command::new("sleep")
@@ -1519,7 +1533,6 @@ mod tests {
         let w = PidWindow::since(root.id() as i32, forks).expect("the window can be told");
         assert!(w.holds(child.id() as i32), "{w:?} {}", child.id());
         assert!(!w.holds(root.id() as i32));
-        assert!(PidWindow::since(root.id() as i32, Some(0)).is_none());
         assert!(PidWindow::since(root.id() as i32, None).is_none());
         child.kill().unwrap();
         child.wait().unwrap();
