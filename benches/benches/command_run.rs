@@ -10,7 +10,10 @@
 //! (`AIWG_COMMAND_ROUNDS`, default 5).
 //!
 //! Prints `command runs/s` of each side per round and, last,
-//! `ratio command_vs_bare_spawn <ours / bare>` (medians of the rounds).
+//! `ratio command_vs_bare_spawn <ours / bare>` (medians of the rounds). When bubblewrap is
+//! installed, a third side runs the same through an executor with `sandbox: bwrap` (its own
+//! PID, IPC and UTS namespaces, the system read-only, a temporary directory per run), and
+//! `ratio command_bwrap_vs_bare_spawn` comes before the last line: what the sandbox costs a run.
 //!
 //! Run: `cargo bench -p aiwg-benches --bench command_run`.
 
@@ -18,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use aiwg_agents::CommandExecutor;
+use aiwg_agents::{CommandExecutor, ProcessOptions, Sandbox};
 use aiwg_core::{AgentRequest, EventSink, Executor};
 use tokio_util::sync::CancellationToken;
 
@@ -94,11 +97,21 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let exec = Arc::new(CommandExecutor::builder().build().expect("executor"));
-    let (mut o, mut b) = (Vec::new(), Vec::new());
+    let boxed = CommandExecutor::builder()
+        .process(ProcessOptions::new().sandbox(Sandbox::Bwrap))
+        .build()
+        .map(Arc::new)
+        .inspect_err(|e| eprintln!("no sandboxed side: {e}"))
+        .ok();
+    let (mut o, mut b, mut s) = (Vec::new(), Vec::new(), Vec::new());
     rt.block_on(async {
-        // Warm both: the first spawns page in the program and the runtime's blocking threads.
+        // Warm every side: the first spawns page in the programs and the runtime's blocking
+        // threads.
         ours(&exec, dir.path(), tasks * 4, tasks).await;
         bare(dir.path(), tasks * 4, tasks).await;
+        if let Some(boxed) = &boxed {
+            ours(boxed, dir.path(), tasks * 4, tasks).await;
+        }
         for round in 0..rounds {
             let (x, y) = if round % 2 == 0 {
                 let x = ours(&exec, dir.path(), runs, tasks).await;
@@ -107,12 +120,23 @@ fn main() {
                 let y = bare(dir.path(), runs, tasks).await;
                 (ours(&exec, dir.path(), runs, tasks).await, y)
             };
-            println!("round {round}: command runs/s ours {x:.0} bare {y:.0}");
+            print!("round {round}: command runs/s ours {x:.0} bare {y:.0}");
+            if let Some(boxed) = &boxed {
+                let z = ours(boxed, dir.path(), runs, tasks).await;
+                print!(" sandboxed {z:.0}");
+                s.push(z);
+            }
+            println!();
             o.push(x);
             b.push(y);
         }
     });
     let (o, b) = (median(o), median(b));
     println!("command runs/s (median of {rounds} rounds of {runs}, {tasks} tasks): ours {o:.0} bare {b:.0}");
+    if !s.is_empty() {
+        let s = median(s);
+        println!("sandboxed (bwrap) runs/s: {s:.0}");
+        println!("ratio command_bwrap_vs_bare_spawn {:.3}", s / b);
+    }
     println!("ratio command_vs_bare_spawn {:.3}", o / b);
 }
