@@ -143,26 +143,15 @@ pub fn stop_leftovers_of_dead_servers() -> usize {
     let Some(me) = ServerId::own() else {
         return 0;
     };
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let key = format!("{RUN_MARK_ENV}=");
     let mut stopped = 0;
-    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+    for pid in proc_pids() {
         if pid == me.pid {
             continue;
         }
         let Some(stat) = read_stat(pid).filter(Stat::live) else {
             continue;
         };
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let Some(server) = environ
-            .split(|b| *b == 0)
-            .find_map(|e| e.strip_prefix(key.as_bytes()))
-            .and_then(ServerId::of_mark)
-        else {
+        let Some(server) = read_run_mark(pid).and_then(|m| ServerId::of_mark(&m)) else {
             continue;
         };
         if server.pid_ns != me.pid_ns || server == me {
@@ -852,10 +841,7 @@ pub(crate) fn spawn(
             let _ = stdin.shutdown().await;
         });
     }
-    let tree = Tree::new(
-        pid as i32,
-        Some(format!("{RUN_MARK_ENV}={mark}").into_bytes()),
-    );
+    let tree = Tree::new(pid as i32, Some(mark.into_bytes()));
     Ok(Spawned {
         child,
         tree,
@@ -983,9 +969,9 @@ fn parse_stat(s: &str) -> Option<Stat> {
 }
 
 /// Where every pid handed out since a run's root lies: after the root's, going round, up to the
-/// last one handed out (`ns_last_pid`). A scan reads `/proc/<pid>/stat` only of those (and of the processes it
-/// knows), not of every process on the host: on a host running a thousand processes, a run's
-/// end read a thousand files.
+/// last one handed out (`ns_last_pid`). A scan reads `/proc/<pid>/stat` only of those (and of
+/// the processes it knows), not of every process on the host: on a host running a thousand
+/// processes, a run's end read a thousand files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PidWindow {
     root: i32,
@@ -1037,7 +1023,7 @@ fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
 }
 
 /// `/proc` names this process by the pid it knows itself by: the listing and the last pid
-/// handed out (`/proc/loadavg`, this namespace's) count the same pids.
+/// handed out (`ns_last_pid`, this namespace's) count the same pids.
 fn proc_is_ours() -> bool {
     std::fs::read_link("/proc/self")
         .ok()
@@ -1072,6 +1058,27 @@ fn read_threads() -> Option<u64> {
         .1
         .parse()
         .ok()
+}
+
+/// The pids `/proc` lists now (none when it cannot be read).
+fn proc_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc").map_or_else(
+        |_| Vec::new(),
+        |dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        },
+    )
+}
+
+/// The value of [`RUN_MARK_ENV`] in `pid`'s environment (readable for the server's own user's
+/// processes), when it carries one.
+fn read_run_mark(pid: i32) -> Option<Vec<u8>> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|b| *b == 0)
+        .find_map(|e| e.strip_prefix(RUN_MARK_ENV.as_bytes())?.strip_prefix(b"="))
+        .map(<[u8]>::to_vec)
 }
 
 /// Whether `pid` is a live (non-zombie) process. This reads `/proc/<pid>/stat`, a blocking call
@@ -1124,7 +1131,8 @@ struct TreeState {
     adopt_group_once: bool,
     known: BTreeMap<i32, Proc>,
     own_pgrp: i32,
-    /// `AIWG_RUN_ID=<this run's mark>`, an entry of the environment of each of its processes.
+    /// This run's mark: the value of [`RUN_MARK_ENV`] in the environment of each of its
+    /// processes.
     mark: Option<Vec<u8>>,
     /// When the root started (clock ticks since boot, as `/proc/<pid>/stat` says): a process
     /// that started before it cannot be the run's, and its environment is not read.
@@ -1147,12 +1155,7 @@ impl TreeState {
     /// the run is stopped, not on every scan, and only of processes that started after the
     /// root (an older one cannot be the run's).
     fn scan_proc(&mut self, marked: bool) {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let pids: Vec<i32> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .collect();
+        let pids = proc_pids();
         // Read after the listing, so it holds every pid listed that was handed out since the
         // root's. Only those, and the ones known, can be the run's.
         let window = PidWindow::since(self.root, self.forks_then);
@@ -1208,13 +1211,7 @@ impl TreeState {
             if pid == me || stat.start < self.since || self.known.contains_key(&pid) {
                 continue;
             }
-            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-                continue;
-            };
-            if !environ
-                .split(|b| *b == 0)
-                .any(|entry| entry == mark.as_slice())
-            {
+            if read_run_mark(pid).as_ref() != Some(mark) {
                 continue;
             }
             // The environment read was this process's (not a reused pid's).

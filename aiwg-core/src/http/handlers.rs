@@ -585,7 +585,8 @@ async fn decide(api: &Api, req: &ApiRequest, approve: bool, caller: Option<&Call
     }
     .await;
     if let Err(p) = &answer {
-        record = record.reason(format!("{}: {}", decision.as_str(), p.detail()));
+        let what = audited_as(req.route).unwrap_or_default();
+        record = record.reason(format!("{what}{}", p.detail()));
     }
     api.engine().audit().record(record).await;
     answer
