@@ -597,51 +597,71 @@ pub(crate) async fn run(
     let mut stdout = LineReader::new(spawned.child.stdout.take());
     let mut stderr = LineReader::new(spawned.child.stderr.take());
     let mut tail: VecDeque<String> = VecDeque::with_capacity(STDERR_TAIL_LINES);
-    let deadline = aiwg_core::util::deadline(Instant::now(), timeout);
+    let started = Instant::now();
+    // The timers are made once: output moves only `last_output`, and the idle timer, when it
+    // fires before the idle time has passed since then, is set again (a timer set again for
+    // every line cost more than reading the line).
+    let deadline = tokio::time::sleep_until(aiwg_core::util::deadline(started, timeout));
+    tokio::pin!(deadline);
     let idle_timeout = sup.idle_timeout();
-    let mut idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
+    let mut last_output = started;
+    let idle = tokio::time::sleep_until(aiwg_core::util::deadline(
+        started,
+        idle_timeout.unwrap_or(Duration::MAX),
+    ));
+    tokio::pin!(idle);
+    // Once the child exited, leftovers holding the pipes open get a short while to finish.
+    let drain = tokio::time::sleep_until(aiwg_core::util::deadline(started, Duration::MAX));
+    tokio::pin!(drain);
     // The first look at the child's descendants is a tick from now: at its start it has none.
-    let mut scan = tokio::time::interval_at(Instant::now() + SCAN_EVERY, SCAN_EVERY);
+    let mut scan = tokio::time::interval_at(started + SCAN_EVERY, SCAN_EVERY);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = None;
-    let mut exited_at: Option<Instant> = None;
+    let mut draining = false;
+    // A line of standard error, kept among the last ones.
+    let stderr_line = |l: String, tail: &mut VecDeque<String>| {
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(l.clone());
+        OutputLine::Stderr(l)
+    };
 
     let stop: Option<ExecutorError> = loop {
         if status.is_some() && stdout.done && stderr.done {
             break None;
         }
-        let idle_sleep = async {
-            match idle_deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        // Once the child exited, leftovers holding the pipes open get a short while to finish.
-        let drain_sleep = async {
-            match exited_at {
-                Some(t) => tokio::time::sleep_until(t + Duration::from_millis(500)).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             () = cancel.cancelled() => break Some(ExecutorError::Cancelled),
-            () = tokio::time::sleep_until(deadline) => break Some(ExecutorError::TimedOut(timeout)),
-            () = idle_sleep => break Some(ExecutorError::Idle(idle_timeout.unwrap_or_default())),
+            () = &mut deadline => break Some(ExecutorError::TimedOut(timeout)),
+            () = &mut idle, if idle_timeout.is_some() => {
+                let idle_timeout = idle_timeout.unwrap_or_default();
+                let due = aiwg_core::util::deadline(last_output, idle_timeout);
+                if due <= Instant::now() {
+                    break Some(ExecutorError::Idle(idle_timeout));
+                }
+                idle.as_mut().reset(due);
+            }
             line = stdout.next(), if !stdout.done => {
                 if let Some(l) = line {
-                    idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
+                    last_output = Instant::now();
                     on_line(OutputLine::Stdout(l));
+                    // The lines already read are handed on without another turn of the loop.
+                    for _ in 0..BUFFERED_LINES_AT_ONCE {
+                        let Some(l) = stdout.next_buffered() else { break };
+                        on_line(OutputLine::Stdout(l));
+                    }
                 }
             }
             line = stderr.next(), if !stderr.done => {
                 if let Some(l) = line {
-                    idle_deadline = idle_timeout.map(|d| aiwg_core::util::deadline(Instant::now(), d));
-                    if tail.len() == STDERR_TAIL_LINES {
-                        tail.pop_front();
+                    last_output = Instant::now();
+                    on_line(stderr_line(l, &mut tail));
+                    for _ in 0..BUFFERED_LINES_AT_ONCE {
+                        let Some(l) = stderr.next_buffered() else { break };
+                        on_line(stderr_line(l, &mut tail));
                     }
-                    tail.push_back(l.clone());
-                    on_line(OutputLine::Stderr(l));
                 }
             }
             st = spawned.child.wait(), if status.is_none() => {
@@ -654,12 +674,13 @@ pub(crate) async fn run(
                     spawned.tree.scan().await;
                 }
                 status = Some(st.map_err(|e| ExecutorError::from(AgentError::Wait(e)))?);
-                exited_at = Some(Instant::now());
+                draining = true;
+                drain.as_mut().reset(Instant::now() + Duration::from_millis(500));
             }
-            () = drain_sleep => {
+            () = &mut drain, if draining => {
                 // Something the child left behind keeps its output open: stop it.
                 terminate(&mut spawned.child, &mut spawned.tree, sup.grace()).await;
-                exited_at = None;
+                draining = false;
                 stdout.done = true;
                 stderr.done = true;
             }
@@ -861,6 +882,11 @@ fn exit_code(status: &std::process::ExitStatus) -> Option<i32> {
 /// was lost (64 KiB, before: a run whose answer was longer failed "without a result line").
 pub(crate) const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most lines handed on in one turn of a run's loop after the one it read: lines already
+/// whole in the reader's buffer (at most 64 KiB of them), so a flood of output is handed on a
+/// buffer at a time, with the run's cancellation and deadlines checked between buffers.
+const BUFFERED_LINES_AT_ONCE: usize = 1024;
+
 /// Reads lines (lossy UTF-8) from a pipe, at most [`MAX_LINE_BYTES`] at a time; cancel-safe
 /// because the partial line stays in `buf` and nothing is consumed across an await.
 pub(crate) struct LineReader<R> {
@@ -891,10 +917,10 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             };
             let room = MAX_LINE_BYTES - self.buf.len();
             let window = &chunk[..chunk.len().min(room)];
-            if let Some(i) = window.iter().position(|b| *b == b'\n') {
-                self.buf.extend_from_slice(&window[..=i]);
+            if let Some(i) = memchr::memchr(b'\n', window) {
+                let line = line_ending_at(&mut self.buf, window, i);
                 inner.consume(i + 1);
-                return Some(take_line(&mut self.buf));
+                return Some(line);
             }
             let n = window.len();
             self.buf.extend_from_slice(window);
@@ -904,6 +930,33 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             }
         }
     }
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    /// The next line when it is whole in what was read already, without reading the pipe.
+    pub(crate) fn next_buffered(&mut self) -> Option<String> {
+        let inner = self.inner.as_mut()?;
+        let chunk = inner.buffer();
+        let window = &chunk[..chunk.len().min(MAX_LINE_BYTES - self.buf.len())];
+        let i = memchr::memchr(b'\n', window)?;
+        let line = line_ending_at(&mut self.buf, window, i);
+        inner.consume(i + 1);
+        Some(line)
+    }
+}
+
+/// The line that ends at `window[i]` (a newline), after what `buf` holds of it: made from the
+/// window itself when `buf` holds nothing (one copy, not two).
+fn line_ending_at(buf: &mut Vec<u8>, window: &[u8], i: usize) -> String {
+    if buf.is_empty() {
+        let mut text = &window[..i];
+        if let [rest @ .., b'\r'] = text {
+            text = rest;
+        }
+        return String::from_utf8_lossy(text).into_owned();
+    }
+    buf.extend_from_slice(&window[..=i]);
+    take_line(buf)
 }
 
 fn take_line(buf: &mut Vec<u8>) -> String {
@@ -1411,6 +1464,24 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&read).expect("one JSON line");
         assert_eq!(v["result"].as_str().map(str::len), Some(300 * 1024));
         assert_eq!(r.next().await, None);
+    }
+
+    /// Lines whole in what was read already are taken without reading the pipe, and one
+    /// that is not whole is left for `next`, which reads its end; a `\r\n` ending and bytes
+    /// that are not UTF-8 come out as from `next`.
+    #[tokio::test]
+    async fn lines_already_read_are_taken_without_reading() {
+        let input: &[u8] = b"one\r\ntwo\n\xff three\nfour";
+        let mut r = LineReader::new(Some(input));
+        assert_eq!(r.next_buffered(), None, "nothing read yet");
+        assert_eq!(r.next().await.as_deref(), Some("one"));
+        assert_eq!(r.next_buffered().as_deref(), Some("two"));
+        assert_eq!(r.next_buffered().as_deref(), Some("\u{fffd} three"));
+        assert_eq!(r.next_buffered(), None, "`four` has no end yet");
+        assert!(!r.done);
+        assert_eq!(r.next().await.as_deref(), Some("four"));
+        assert_eq!(r.next().await, None);
+        assert!(r.done);
     }
 
     #[tokio::test]

@@ -2054,7 +2054,7 @@ async fn step_and_finish(store: &PgStore, lease: &aiwg_core::store::Lease) {
 }
 
 /// Each of the completer's statements (`aiwg_append_events`, `aiwg_leased_jobs`,
-/// `aiwg_record_outcomes`, migrations 0020 and 0028), run with the plans the store's
+/// `aiwg_record_outcomes`, migrations 0020, 0028 and 0034), run with the plans the store's
 /// connection keeps for them, reads only the row it names, whatever the table holds now: each
 /// is called for one running job in a transaction that is rolled back, and the rows of
 /// `aiwg_jobs` it read are counted.
@@ -2074,14 +2074,15 @@ async fn assert_the_completer_reads_by_key(store: &PgStore) {
     let before = rows_read(&mut tx).await;
     let appended: Vec<i64> = sqlx::query_scalar(
         "SELECT last_seq FROM aiwg_append_events(ARRAY[$1::uuid], ARRAY[$2::int8], \
-             ARRAY[now()], ARRAY['{}'], ARRAY[0::int2], ARRAY[''], false)",
+             ARRAY[now()], ARRAY[2], ARRAY[0::int2], ARRAY[''], ARRAY[1, 1], ARRAY[1, 2], \
+             ARRAY[now(), now()], ARRAY['{}', '{}'], false)",
     )
     .bind(id)
     .bind(token)
     .fetch_all(&mut *tx)
     .await
     .unwrap();
-    assert_eq!(appended.len(), 1, "the event is written");
+    assert_eq!(appended.len(), 1, "the write of two events is answered");
     read.push(("aiwg_append_events", rows_read(&mut tx).await - before));
     let before = rows_read(&mut tx).await;
     let leased: Vec<(String, String)> = sqlx::query_as(

@@ -70,10 +70,7 @@ async fn executor(exec: &CommandExecutor, file: &Path, dir: &Path, lines: usize)
         }
         n
     });
-    let req = AgentRequest::command(
-        vec!["cat".to_owned(), file.display().to_string()],
-        dir,
-    );
+    let req = AgentRequest::command(vec!["cat".to_owned(), file.display().to_string()], dir);
     let res = exec
         .execute(req, sink, CancellationToken::new())
         .await
@@ -85,7 +82,10 @@ async fn executor(exec: &CommandExecutor, file: &Path, dir: &Path, lines: usize)
 
 async fn engine(engine: &Engine, lines: usize) -> f64 {
     let started = Instant::now();
-    let job = engine.submit(JobRequest::new("flood")).await.expect("submit");
+    let job = engine
+        .submit(JobRequest::new("flood"))
+        .await
+        .expect("submit");
     let done = engine
         .wait(job.id, Duration::from_secs(120))
         .await

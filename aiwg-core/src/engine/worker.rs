@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Engine, RunningJob, StopReason};
 use crate::event::{JobEvent, JobEventKind};
-use crate::executor::{AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, Usage};
+use crate::executor::{
+    AgentEvent, AgentRequest, AgentResult, EventSink, ExecutorError, StepEvents, Usage,
+};
 use crate::future_slot::FutureSlot;
 use crate::job::{Approval, Job, JobError, JobId, JobResult, JobStatus, StepResult};
 use crate::store::{ClaimRequest, Claimed, Finish, JobStore, Lease, StoreError};
@@ -786,6 +788,52 @@ async fn append(
     Ok(())
 }
 
+/// The most agent events of a step written together.
+const EVENTS_PER_WRITE: usize = 1024;
+
+/// Writes a step's agent events, `first` and those waiting after it (at most
+/// [`EVENTS_PER_WRITE`] in all), in one write ([`JobStore::append_many`]), and sends them to
+/// the job's subscribers. While a write is on its way the agent's next events wait, so they
+/// are written together: its output is recorded at its own pace, not at one write (on
+/// PostgreSQL, one commit) an event.
+///
+/// [`JobStore::append_many`]: crate::store::JobStore::append_many
+async fn append_agent_events(
+    engine: &Engine,
+    lease: &Mutex<Arc<Lease>>,
+    job: &Job,
+    step: &Arc<str>,
+    first: AgentEvent,
+    rx: &mut StepEvents,
+    partial: &mut Partial,
+) -> Result<(), Stop> {
+    let mut events = vec![first];
+    rx.try_recv_many(EVENTS_PER_WRITE - 1, &mut events);
+    let kinds: Vec<JobEventKind> = events
+        .into_iter()
+        .map(|event| {
+            partial.note(&event);
+            JobEventKind::Agent {
+                step: Arc::clone(step),
+                event,
+            }
+        })
+        .collect();
+    let current = lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let written = match engine.inner.store.append_many(&current, kinds).await {
+        Ok(written) => written,
+        Err(StoreError::LeaseLost(_)) => return Err(Stop::LeaseLost),
+        Err(e) => {
+            tracing::warn!(error = %e, job = %job.id, "could not record a step's events");
+            return Ok(());
+        }
+    };
+    for ev in written {
+        engine.inner.broadcast(&Arc::new(ev));
+    }
+    Ok(())
+}
+
 /// What an event's write means for the job's work: the event when it was written; the lease
 /// lost, which stops the job; or, when the store failed otherwise, nothing (the job goes on:
 /// a warning says what was not recorded).
@@ -1088,9 +1136,10 @@ async fn run_steps(
                         }
                         r = &mut exec => break r,
                         ev = rx.recv(), if start_written => {
-                            partial.note(&ev);
-                            let kind = JobEventKind::Agent { step: Arc::clone(name), event: ev };
-                            if append(engine, lease, job, kind).await.is_err() && !lost {
+                            let written =
+                                append_agent_events(engine, lease, job, name, ev, &mut rx, &mut partial)
+                                    .await;
+                            if written.is_err() && !lost {
                                 lost = true;
                                 fence(reason, &step_token);
                             }
@@ -1116,12 +1165,7 @@ async fn run_steps(
             }
         };
         while let Some(ev) = rx.try_recv() {
-            partial.note(&ev);
-            let kind = JobEventKind::Agent {
-                step: Arc::clone(name),
-                event: ev,
-            };
-            let _ = append(engine, lease, job, kind).await;
+            let _ = append_agent_events(engine, lease, job, name, ev, &mut rx, &mut partial).await;
         }
         output_used = output_used.saturating_add(probe.output_bytes());
         if probe.truncated() && !truncation_recorded {

@@ -73,6 +73,13 @@ impl StepEvents {
         self.shared.lock().events.pop_front()
     }
 
+    /// Moves the events waiting, at most `max`, to `out` (one lock for all of them).
+    pub(crate) fn try_recv_many(&mut self, max: usize, out: &mut Vec<AgentEvent>) {
+        let mut s = self.shared.lock();
+        let n = s.events.len().min(max);
+        out.extend(s.events.drain(..n));
+    }
+
     /// The next event, once one is emitted. Cancel-safe: an event is taken only by the poll
     /// that returns it.
     pub(crate) async fn recv(&mut self) -> AgentEvent {

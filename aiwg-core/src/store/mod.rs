@@ -485,6 +485,26 @@ pub trait JobStore: Send + Sync + 'static {
     /// progress.
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError>;
 
+    /// Appends events to a running job, in their order, as [`append`](Self::append) would one
+    /// after the other (fenced by the lease), and answers them. A store may write them at once:
+    /// the engine gives it a step's agent events that came while the write before them was on
+    /// its way, so an agent's output is recorded at the agent's pace, not at one commit a
+    /// line. The memory store writes them under one lock, PostgreSQL in one statement and one
+    /// commit (a step's start or end, which moves the job's progress, in a write of its own):
+    /// all of them or none, when none moves the job's progress. The default writes them one
+    /// at a time and stops at the first error, the ones before it written.
+    async fn append_many(
+        &self,
+        lease: &Lease,
+        kinds: Vec<JobEventKind>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        let mut written = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            written.push(self.append(lease, kind).await?);
+        }
+        Ok(written)
+    }
+
     /// Ends an attempt (fenced by the lease) and releases the lease.
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError>;
 

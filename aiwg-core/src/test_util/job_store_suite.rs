@@ -119,6 +119,7 @@ where
     approvals(&*make().await).await;
     listing(&*make().await).await;
     progress_and_counts(&*make().await).await;
+    events_written_together(&*make().await).await;
     finish_after(&*make().await).await;
     finish_after_event(&*make().await).await;
     finish_after_step(&*make().await).await;
@@ -880,6 +881,78 @@ async fn progress_and_counts(store: &dyn JobStore) {
         .unwrap();
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.queued, counts.running), (1, 0));
+}
+
+/// `append_many` writes a running job's events as `append` would one after the other: numbered
+/// in their order after the job's last event, a step's start among them moving the progress;
+/// nothing under a lease no longer held.
+async fn events_written_together(store: &dyn JobStore) {
+    let job = create(store, sample_job("w", "/p", 0)).await;
+    let c = store.claim(&claim_req("w1")).await.unwrap().unwrap();
+    let line = |text: &str| JobEventKind::Agent {
+        step: "a".into(),
+        event: crate::executor::AgentEvent::Log {
+            stream: crate::executor::LogStream::Stdout,
+            line: text.into(),
+        },
+    };
+    let text_of = |kind: &JobEventKind| match kind {
+        JobEventKind::Agent {
+            event: crate::executor::AgentEvent::Log { line, .. },
+            ..
+        } => line.clone(),
+        JobEventKind::StepStarted { step, .. } => format!("started {step}"),
+        other => panic!("unexpected event {other:?}"),
+    };
+    assert!(store
+        .append_many(&c.lease, Vec::new())
+        .await
+        .unwrap()
+        .is_empty());
+    let kinds = vec![
+        line("one"),
+        JobEventKind::StepStarted {
+            step: "a".into(),
+            agent: "x".into(),
+            attempt: 1,
+        },
+        line("two"),
+        line("three"),
+    ];
+    let written = store.append_many(&c.lease, kinds).await.unwrap();
+    let answered: Vec<(u64, String)> = written.iter().map(|e| (e.seq, text_of(&e.kind))).collect();
+    let expected: Vec<(u64, String)> = [(3, "one"), (4, "started a"), (5, "two"), (6, "three")]
+        .map(|(seq, text)| (seq, text.to_owned()))
+        .into();
+    assert_eq!(answered, expected);
+    assert!(written.iter().all(|e| e.job_id == job.id));
+    let stored: Vec<(u64, String)> = store.events(job.id, 2).await.unwrap()[..]
+        .iter()
+        .map(|e| (e.seq, text_of(&e.kind)))
+        .collect();
+    assert_eq!(stored, expected);
+    let j = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(step_names(&j.progress.in_progress), ["a"]);
+    // Many lines at once, then one more alone: numbered on, without a gap.
+    let many: Vec<JobEventKind> = (0..300).map(|i| line(&format!("line {i}"))).collect();
+    let written = store.append_many(&c.lease, many).await.unwrap();
+    assert_eq!(written.first().map(|e| e.seq), Some(7));
+    assert_eq!(written.last().map(|e| e.seq), Some(306));
+    assert_eq!(text_of(&written[299].kind), "line 299");
+    assert_eq!(
+        store.append(&c.lease, line("after")).await.unwrap().seq,
+        307
+    );
+    // A lease no longer held writes nothing.
+    let mut forged = c.lease.clone();
+    forged.token = forged.token.wrapping_add(1000);
+    assert!(matches!(
+        store.append_many(&forged, vec![line("x"), line("y")]).await,
+        Err(StoreError::LeaseLost(id)) if id == job.id
+    ));
+    let all = store.events(job.id, 0).await.unwrap();
+    assert_eq!(all.len(), 307);
+    assert!(all.iter().zip(1..).all(|(e, seq)| e.seq == seq));
 }
 
 /// `finish_after` writes the last event and the outcome as `append` then `finish` would, or

@@ -123,6 +123,8 @@ pub struct HookedStore {
     pub outcomes_held: AtomicUsize,
     /// Notified when an outcome reaches the closed gate.
     pub outcome_held: Notify,
+    /// Writes of agent events (`append` of one, `append_many` of any number) so far.
+    pub agent_writes: AtomicUsize,
 }
 
 impl Default for HookedStore {
@@ -159,6 +161,7 @@ impl HookedStore {
             outcome_gate: tokio::sync::watch::Sender::new(true),
             outcomes_held: AtomicUsize::default(),
             outcome_held: Notify::new(),
+            agent_writes: AtomicUsize::default(),
         }
     }
 
@@ -274,7 +277,18 @@ impl JobStore for HookedStore {
                 return Err(StoreError::LeaseLost(lease.job_id));
             }
         }
+        if matches!(kind, JobEventKind::Agent { .. }) {
+            self.agent_writes.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.append(lease, kind).await
+    }
+    async fn append_many(
+        &self,
+        lease: &Lease,
+        kinds: Vec<JobEventKind>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        self.agent_writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.append_many(lease, kinds).await
     }
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
         let mut gate = self.outcome_gate.subscribe();

@@ -628,6 +628,24 @@ impl JobStore for MemoryStore {
         Ok(State::record(entry, kind, now))
     }
 
+    async fn append_many(
+        &self,
+        lease: &Lease,
+        kinds: Vec<JobEventKind>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        for kind in &kinds {
+            apply::appendable(kind)?;
+        }
+        let mut s = self.lock();
+        let now = Utc::now();
+        let entry = s.fenced(lease, now)?;
+        entry.later_events.reserve(kinds.len());
+        Ok(kinds
+            .into_iter()
+            .map(|kind| State::record(entry, kind, now))
+            .collect())
+    }
+
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
         self.lock().end(lease, finish, Utc::now(), &self.retention)
     }

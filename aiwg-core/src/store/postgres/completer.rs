@@ -10,8 +10,10 @@
 //! writes the batch as
 //!
 //! - one statement for all the events (`aiwg_append_events`: an `UPDATE … FROM unnest(…)`
-//!   fencing each row, numbering the event and moving the job's progress, with the `INSERT` of
-//!   the events in the same statement): one commit;
+//!   fencing each row, numbering its events and moving the job's progress, with the `INSERT`
+//!   of the events in the same statement): one commit. One write may carry many events of its
+//!   job ([`JobStore::append_many`](crate::store::JobStore::append_many): an agent's output
+//!   lines that waited while the write before them was on its way);
 //! - for the outcomes, one read of the rows their leases hold (`aiwg_leased_jobs`) and one
 //!   `UPDATE … FROM unnest(…)` (`aiwg_record_outcomes`) that fences each row again, checks
 //!   that it did not change since it was read, and inserts the outcomes' events: one commit.
@@ -253,7 +255,9 @@ impl Ctx {
             let id = a.lease.job_id;
             match (version, known.get_mut(&id)) {
                 (Some(version), Some(held)) if held.token == a.lease.token => {
-                    apply::progress(&mut held.job, &a.ev.kind);
+                    for ev in &a.evs {
+                        apply::progress(&mut held.job, &ev.kind);
+                    }
                     held.version = version;
                 }
                 (_, Some(_)) => {
@@ -292,11 +296,13 @@ impl Progress {
     }
 }
 
+/// A write of one job's events, numbered in their order.
 struct Append {
     lease: Lease,
-    ev: NewEvent,
+    /// The events (a write that moves the job's progress carries one).
+    evs: Vec<NewEvent>,
     progress: Progress,
-    reply: oneshot::Sender<Result<JobEvent, StoreError>>,
+    reply: oneshot::Sender<Result<Vec<JobEvent>, StoreError>>,
 }
 
 struct Outcome {
@@ -324,6 +330,9 @@ pub(super) struct Ended {
     pub(super) event: JobEvent,
 }
 
+// An outcome is the larger; boxing it would cost an allocation a job, to save moving a few
+// hundred bytes through the completer's channel.
+#[allow(clippy::large_enum_variant)]
 enum Write {
     Append(Append),
     Finish(Outcome),
@@ -409,10 +418,28 @@ impl Completer {
         ev: NewEvent,
         progress: Progress,
     ) -> Result<JobEvent, StoreError> {
+        self.append_many(lease, vec![ev], progress)
+            .await?
+            .pop()
+            .ok_or_else(stopped)
+    }
+
+    /// Writes events of a running job in one write, numbered in their order, fenced by
+    /// `lease`: all of them or none. `progress` is that of the last event; the events before
+    /// it may not move the job's progress.
+    pub(super) async fn append_many(
+        &self,
+        lease: Lease,
+        evs: Vec<NewEvent>,
+        progress: Progress,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        if evs.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, answer) = oneshot::channel();
         self.submit(Write::Append(Append {
             lease,
-            ev,
+            evs,
             progress,
             reply,
         }))
@@ -622,11 +649,18 @@ async fn flush(ctx: &Ctx, batch: Vec<Write>) {
     }
 }
 
-fn answer_append(ctx: &Ctx, a: Append, seq: Result<i64, StoreError>) {
-    let answer = seq.map(|seq| {
+/// Answers a write of events with their numbers (`last`: the last one's), and announces them.
+fn answer_append(ctx: &Ctx, a: Append, last: Result<i64, StoreError>) {
+    let answer = last.map(|last| {
         let id = a.lease.job_id;
-        ctx.notifier.announce_event(id, seq, &a.ev);
-        a.ev.into_event(id, seq)
+        let first = last - i64::try_from(a.evs.len()).unwrap_or(i64::MAX) + 1;
+        (first..)
+            .zip(a.evs)
+            .map(|(seq, ev)| {
+                ctx.notifier.announce_event(id, seq, &ev);
+                ev.into_event(id, seq)
+            })
+            .collect()
     });
     let _ = a.reply.send(answer);
 }
@@ -692,11 +726,10 @@ where
         .collect())
 }
 
-/// One statement (`aiwg_append_events`): fences each event's row, numbers the event, moves the
+/// One statement (`aiwg_append_events`): fences each write's row, numbers its events, moves the
 /// job's progress for step events and inserts the events (relaxed: without waiting for the
-/// disk). Answers per
-/// event; `Err` when the statement failed (nothing of it was written) or when none of the
-/// events was written.
+/// disk). Answers per write, with its last event's number; `Err` when the statement failed
+/// (nothing of it was written) or when none of the writes was.
 async fn write_events(
     ctx: &Ctx,
     appends: &[Append],
@@ -710,28 +743,47 @@ async fn write_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let (mut kinds, mut modes, mut steps) = (
+    let (mut counts, mut modes, mut steps) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for a in appends {
+    let events: usize = appends.iter().map(|a| a.evs.len()).sum();
+    let (mut owners, mut places, mut ev_ats, mut kinds) = (
+        Vec::with_capacity(events),
+        Vec::with_capacity(events),
+        Vec::with_capacity(events),
+        Vec::with_capacity(events),
+    );
+    for (owner, a) in (1i32..).zip(appends) {
         ids.push(*a.lease.job_id.as_uuid());
         tokens.push(to_i64(a.lease.token));
-        ats.push(a.ev.at);
-        kinds.push(a.ev.text.as_str());
+        // Fenced at its last event's time (the events come in the order they were made).
+        ats.push(a.evs.last().map_or_else(Utc::now, |ev| ev.at));
+        counts.push(i32::try_from(a.evs.len()).unwrap_or(i32::MAX));
         modes.push(a.progress.code());
         steps.push(a.progress.step());
+        for (place, ev) in (1i32..).zip(&a.evs) {
+            owners.push(owner);
+            places.push(place);
+            ev_ats.push(ev.at);
+            kinds.push(ev.text.as_str());
+        }
     }
     let append = sqlx::query(
-        "SELECT ord, last_seq, version FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7)",
+        "SELECT ord, last_seq, version \
+         FROM aiwg_append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&ids)
     .bind(&tokens)
     .bind(&ats)
-    .bind(&kinds)
+    .bind(&counts)
     .bind(&modes)
     .bind(&steps)
+    .bind(&owners)
+    .bind(&places)
+    .bind(&ev_ats)
+    .bind(&kinds)
     .bind(ctx.relaxed);
     let rows = ctx
         .events
@@ -1031,7 +1083,7 @@ mod tests {
         };
         Write::Append(Append {
             lease: lease(),
-            ev: NewEvent::new(kind, Utc::now()).unwrap(),
+            evs: vec![NewEvent::new(kind, Utc::now()).unwrap()],
             progress: Progress::Unchanged,
             reply: oneshot::channel().0,
         })

@@ -1219,6 +1219,44 @@ impl JobStore for PgStore {
         self.completer().append(lease.clone(), ev, progress).await
     }
 
+    async fn append_many(
+        &self,
+        lease: &Lease,
+        kinds: Vec<JobEventKind>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        // Events that do not move the job's progress go in one write; one that does (a step's
+        // start or end) goes in a write of its own, as `append` writes it.
+        let mut written = Vec::with_capacity(kinds.len());
+        let mut run = Vec::new();
+        for kind in kinds {
+            apply::appendable(&kind)?;
+            if matches!(
+                kind,
+                JobEventKind::StepStarted { .. } | JobEventKind::StepFinished { ok: true, .. }
+            ) {
+                if !run.is_empty() {
+                    let evs = std::mem::take(&mut run);
+                    written.extend(
+                        self.completer()
+                            .append_many(lease.clone(), evs, completer::Progress::Unchanged)
+                            .await?,
+                    );
+                }
+                written.push(self.append(lease, kind).await?);
+            } else {
+                run.push(NewEvent::new(kind, now())?);
+            }
+        }
+        if !run.is_empty() {
+            written.extend(
+                self.completer()
+                    .append_many(lease.clone(), run, completer::Progress::Unchanged)
+                    .await?,
+            );
+        }
+        Ok(written)
+    }
+
     async fn finish(&self, lease: &Lease, finish: Finish) -> Result<(Job, JobEvent), StoreError> {
         let ended = self
             .completer()
