@@ -2,13 +2,16 @@
 //! printing `AIWG_OUTPUT_LINES` (default 50 000) lines of 80 bytes (`cat` of a file), beside a
 //! bare reader of the same program's output.
 //!
-//! Three sides, alternated per round (`AIWG_OUTPUT_ROUNDS`, default 5):
+//! Each side runs `AIWG_OUTPUT_RUNS` (default 4) runs back to back a round, its rate the lines
+//! of all of them over their time; the rounds (`AIWG_OUTPUT_ROUNDS`, default 5) alternate the
+//! sides' order. The sides:
 //! - **bare**: `tokio::process::Command` of `cat <file>` with its output piped, read line by
 //!   line into `String`s (`AsyncBufReadExt::lines`), counted, then its exit awaited;
 //! - **executor**: the same run through `aiwg_agents::CommandExecutor` with a bounded sink
 //!   (the engine's default budget and line cap), its events counted by a task;
-//! - **engine**: a job of one `command` step through an `Engine` on the memory store, from
-//!   submit to its terminal state (every line an event of the job's history);
+//! - **engine**: a job of one `command` step through an `Engine` on the memory store (keeping
+//!   the last two finished jobs), from submit to its terminal state (every line an event of
+//!   the job's history);
 //! - **postgres**: the same on a `PgStore` (`AIWG_TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432/test`, in a schema of its own dropped at the end),
 //!   when PostgreSQL answers; otherwise the bench says why and leaves the side out.
@@ -94,6 +97,15 @@ async fn engine(engine: &Engine, lines: usize) -> f64 {
     lines as f64 / started.elapsed().as_secs_f64()
 }
 
+/// `runs` runs of `side` back to back: lines per second over all of them.
+async fn repeated<F: std::future::Future<Output = f64>>(runs: usize, side: impl Fn() -> F) -> f64 {
+    let mut seconds = 0.0;
+    for _ in 0..runs {
+        seconds += 1.0 / side().await;
+    }
+    runs as f64 / seconds
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -112,6 +124,7 @@ fn command_engine(exec: &Arc<CommandExecutor>, file: &Path) -> aiwg_core::Engine
 fn main() {
     let lines = env_usize("AIWG_OUTPUT_LINES", 50_000).max(1);
     let rounds = env_usize("AIWG_OUTPUT_ROUNDS", 5).max(1);
+    let runs = env_usize("AIWG_OUTPUT_RUNS", 4).max(1);
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("output.txt");
     {
@@ -126,7 +139,16 @@ fn main() {
         .build()
         .expect("runtime");
     let exec = Arc::new(CommandExecutor::builder().build().expect("executor"));
-    let eng = rt.block_on(async { command_engine(&exec, &file).build().expect("engine") });
+    let eng = rt.block_on(async {
+        let keep_two = aiwg_core::store::Retention {
+            max_finished: 2,
+            ..aiwg_core::store::Retention::default()
+        };
+        command_engine(&exec, &file)
+            .store(Arc::new(aiwg_core::MemoryStore::with_retention(keep_two)))
+            .build()
+            .expect("engine")
+    });
     let pg = rt.block_on(async {
         let db = match aiwg_benches::pg::BenchSchema::create("command_output").await {
             Ok(db) => db,
@@ -154,18 +176,21 @@ fn main() {
             engine(pg, lines).await;
         }
         for round in 0..rounds {
+            let b_side = || repeated(runs, || bare(&file, lines));
+            let x_side = || repeated(runs, || executor(&exec, &file, dir.path(), lines));
+            let e_side = || repeated(runs, || engine(&eng, lines));
             let (bb, xx, ee) = if round % 2 == 0 {
-                let bb = bare(&file, lines).await;
-                let xx = executor(&exec, &file, dir.path(), lines).await;
-                (bb, xx, engine(&eng, lines).await)
+                let bb = b_side().await;
+                let xx = x_side().await;
+                (bb, xx, e_side().await)
             } else {
-                let ee = engine(&eng, lines).await;
-                let xx = executor(&exec, &file, dir.path(), lines).await;
-                (bare(&file, lines).await, xx, ee)
+                let ee = e_side().await;
+                let xx = x_side().await;
+                (b_side().await, xx, ee)
             };
             print!("round {round}: lines/s bare {bb:.0} executor {xx:.0} engine {ee:.0}");
             if let Some((_, pg)) = &pg {
-                let pp = engine(pg, lines).await;
+                let pp = repeated(runs, || engine(pg, lines)).await;
                 print!(" postgres {pp:.0}");
                 p.push(pp);
             }
@@ -182,7 +207,7 @@ fn main() {
     });
     let (b, x, e) = (median(b), median(x), median(e));
     println!(
-        "lines/s (median of {rounds} rounds of {lines} lines): bare {b:.0} executor {x:.0} engine {e:.0}"
+        "lines/s (median of {rounds} rounds of {runs} runs of {lines} lines): bare {b:.0} executor {x:.0} engine {e:.0}"
     );
     if !p.is_empty() {
         let p = median(p);
