@@ -42,6 +42,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::auth::Scope;
+use super::verified_tokens::{self, Times, VerifiedBy, VerifiedTokens};
 
 /// The algorithms a token may be signed with.
 const ACCEPTED: &str = "RS256, ES256 and EdDSA";
@@ -183,6 +184,8 @@ struct Inner {
     leeway: Duration,
     keys: Vec<VerifyKey>,
     jwks: Option<Jwks>,
+    /// Tokens verified already (see [`verified_tokens`]).
+    verified: VerifiedTokens<Vec<VerifyKey>>,
 }
 
 /// Verifies bearer JWTs. Cheap to clone; build it with [`JwtVerifier::builder`].
@@ -322,6 +325,7 @@ impl JwtVerifierBuilder {
                 leeway: self.leeway,
                 keys: self.keys,
                 jwks,
+                verified: VerifiedTokens::default(),
             }),
         })
     }
@@ -336,6 +340,10 @@ pub struct JwtIdentity {
     /// aiwg's scopes among the token's (unknown names dropped).
     pub scopes: Vec<Scope>,
 }
+
+/// What a token's whole verification proved: who it names, its time claims when they can be
+/// checked again (whole numbers), and which keys verified it.
+type Proved = (JwtIdentity, Option<Times>, VerifiedBy<Vec<VerifyKey>>);
 
 /// A token's header, read before anything is trusted.
 struct Header {
@@ -377,6 +385,18 @@ pub(crate) fn looks_like_jwt(token: &str) -> bool {
     };
     // The signature may be empty: an unsigned token is still a JWT, refused as one.
     segs.len() == 3 && !segs[0].is_empty() && !segs[1].is_empty() && segs.iter().all(|s| b64url(s))
+}
+
+/// A verified token's time claims, when they are whole numbers of seconds (what
+/// [`VerifiedTokens`] can check again as the full verification does); otherwise the token is
+/// not kept and is verified at every use.
+fn times(claims: &serde_json::Map<String, Value>) -> Option<Times> {
+    let exp = claims.get("exp")?.as_u64()?;
+    let nbf = match claims.get("nbf") {
+        None => None,
+        Some(v) => Some(v.as_u64()?),
+    };
+    Some(Times { exp, nbf })
 }
 
 fn algorithm(name: &str) -> Result<Algorithm, JwtError> {
@@ -434,9 +454,52 @@ impl JwtVerifier {
     }
 
     /// Verifies `token`: its algorithm, key, signature, `iss`, `aud`, `exp`, `nbf` and `sub`.
+    ///
+    /// A token verified before is not verified again while its time claims hold and the keys
+    /// that verified it are still the ones in use (see the module [`verified_tokens`]): a
+    /// client sending one token on every request pays its signature check once.
     pub async fn verify(&self, token: &str) -> Result<JwtIdentity, JwtError> {
+        let digest = verified_tokens::digest(token);
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = self.inner.leeway.as_secs();
+        // A token verified before: no header to read, no signature to check.
+        let held = match &self.inner.jwks {
+            Some(jwks) => jwks.held().await,
+            None => None,
+        };
+        if let Some(identity) = self
+            .inner
+            .verified
+            .get(&digest, held.as_ref(), now, leeway)?
+        {
+            return Ok(identity);
+        }
         let header = read_header(token)?;
         let alg = algorithm(&header.alg)?;
+        let kid = header.kid.as_deref();
+        let published = match &self.inner.jwks {
+            Some(jwks) => Some(jwks.keys_for(kid, alg).await?),
+            None => None,
+        };
+        let (identity, times, by) = self.verify_signed(token, &header, alg, published)?;
+        if let Some(times) = times {
+            self.inner
+                .verified
+                .insert(digest, identity.clone(), times, by, now, leeway);
+        }
+        Ok(identity)
+    }
+
+    /// The whole verification of `token` against the verifier's own keys and `published`:
+    /// the identity, the time claims when they can be kept (whole numbers), and which keys
+    /// verified it.
+    fn verify_signed(
+        &self,
+        token: &str,
+        header: &Header,
+        alg: Algorithm,
+        published: Option<Arc<Vec<VerifyKey>>>,
+    ) -> Result<Proved, JwtError> {
         let kid = header.kid.as_deref();
         let mut validation = Validation::new(alg);
         validation.leeway = self.inner.leeway.as_secs();
@@ -445,25 +508,36 @@ impl JwtVerifier {
         validation.set_audience(&[&self.inner.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
 
-        let published = match &self.inner.jwks {
-            Some(jwks) => jwks.keys_for(kid, alg).await?,
-            None => Arc::new(Vec::new()),
-        };
+        let none = Vec::new();
         let candidates = self
             .inner
             .keys
             .iter()
-            .chain(published.iter())
-            .filter(|k| k.fits(kid, alg));
+            .map(|k| (true, k))
+            .chain(
+                published
+                    .as_deref()
+                    .unwrap_or(&none)
+                    .iter()
+                    .map(|k| (false, k)),
+            )
+            .filter(|(_, k)| k.fits(kid, alg));
         let mut tried = false;
-        for key in candidates {
+        for (own, key) in candidates {
             tried = true;
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(
                 token,
                 &key.key,
                 &validation,
             ) {
-                Ok(data) => return self.identity(&data.claims),
+                Ok(data) => {
+                    let identity = self.identity(&data.claims)?;
+                    let by = match (&published, own) {
+                        (Some(set), false) => VerifiedBy::Published(Arc::downgrade(set)),
+                        _ => VerifiedBy::Own,
+                    };
+                    return Ok((identity, times(&data.claims), by));
+                }
                 Err(e) => match e.kind() {
                     jsonwebtoken::errors::ErrorKind::InvalidSignature
                     | jsonwebtoken::errors::ErrorKind::InvalidEcdsaKey
@@ -478,7 +552,7 @@ impl JwtVerifier {
         } else {
             Err(JwtError::UnknownKey {
                 kid: kid.map_or_else(|| "none".into(), |k| k.chars().take(64).collect()),
-                alg: header.alg,
+                alg: header.alg.clone(),
             })
         }
     }
@@ -517,6 +591,14 @@ impl JwtVerifier {
 }
 
 impl Jwks {
+    /// The published keys held, while younger than `max_age` (no fetch).
+    async fn held(&self) -> Option<Arc<Vec<VerifyKey>>> {
+        let st = self.state.read().await;
+        st.fetched_at
+            .is_some_and(|t| t.elapsed() < self.max_age)
+            .then(|| st.keys.clone())
+    }
+
     /// The published keys, fetched when none are held or they are older than `max_age`, and
     /// fetched again when `kid` is unknown (at most once per cooldown).
     async fn keys_for(
@@ -720,6 +802,43 @@ mod tests {
             .build()
             .unwrap();
         assert!(algs(&v).is_empty());
+    }
+
+    /// A token verified once is kept and answered again; a token one byte off is not; and when
+    /// the provider withdraws the key that verified it, the token is refused once the server
+    /// holds the new key set, though it was verified before.
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn a_verified_token_is_kept_until_its_key_is_withdrawn() {
+        use crate::test_util::jwt::{JwksServer, KeyKind, TestIssuer, AUDIENCE, ISSUER};
+        let issuer = TestIssuer::generate();
+        let jwks =
+            JwksServer::start(serde_json::json!({"keys": [issuer.jwk(KeyKind::Rsa, "k1")]})).await;
+        let v = JwtVerifier::builder(ISSUER, AUDIENCE)
+            .jwks_url(jwks.url())
+            .unwrap()
+            .refresh_cooldown(Duration::ZERO)
+            .build()
+            .unwrap();
+        let old = issuer.sign(KeyKind::Rsa, Some("k1"), &issuer.claims("alice", "read"));
+        let alice = v.verify(&old).await.unwrap();
+        assert_eq!(alice.subject, "alice");
+        assert_eq!(v.inner.verified.len(), 1, "kept");
+        assert_eq!(v.verify(&old).await.unwrap(), alice);
+        assert_eq!(v.inner.verified.len(), 1);
+        // The same token with its signature's last character changed is another token.
+        let mut forged = old.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(v.verify(&forged).await.is_err());
+        // The provider rotates: k1 withdrawn, k2 published. A token of k2 makes the server
+        // fetch the new set; from then on the token of k1 is refused.
+        jwks.set(serde_json::json!({"keys": [issuer.jwk(KeyKind::Ec, "k2")]}));
+        let new = issuer.sign(KeyKind::Ec, Some("k2"), &issuer.claims("bob", "read"));
+        assert_eq!(v.verify(&new).await.unwrap().subject, "bob");
+        assert_eq!(jwks.hits(), 2);
+        let e = v.verify(&old).await.unwrap_err();
+        assert!(matches!(e, JwtError::UnknownKey { .. }), "{e:?}");
     }
 
     /// A time claim that is not a number is refused, not taken for absent: `nbf` as a string

@@ -68,6 +68,7 @@ mod sse;
 mod trigger;
 pub mod types;
 mod ui;
+mod verified_tokens;
 pub mod ws;
 
 pub use auth::{ApiKey, KeyError, RateLimit, Scope};
