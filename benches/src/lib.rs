@@ -124,6 +124,39 @@ pub mod engine {
     }
 }
 
+/// Times `ours` and `baseline` side by side: `rounds` rounds (alternating which goes first)
+/// of `calls` calls of each, and answers the baseline's median time a call over ours (higher
+/// is better; 1.0: as fast as the baseline), for a bench's `ratio` line.
+pub fn ratio_of_medians(
+    rounds: usize,
+    calls: usize,
+    mut ours: impl FnMut(),
+    mut baseline: impl FnMut(),
+) -> f64 {
+    let mut time = |f: &mut dyn FnMut()| {
+        let start = std::time::Instant::now();
+        for _ in 0..calls {
+            f();
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let (mut o, mut b) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for round in 0..rounds.max(1) {
+        if round % 2 == 0 {
+            o.push(time(&mut ours));
+            b.push(time(&mut baseline));
+        } else {
+            b.push(time(&mut baseline));
+            o.push(time(&mut ours));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    median(b) / median(o)
+}
+
 /// A schema of its own in the benches' PostgreSQL database, for a bench's stores.
 pub mod pg {
     use std::str::FromStr;
