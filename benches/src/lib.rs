@@ -133,7 +133,7 @@ pub fn ratio_of_medians(
     mut ours: impl FnMut(),
     mut baseline: impl FnMut(),
 ) -> f64 {
-    let mut time = |f: &mut dyn FnMut()| {
+    let time = |f: &mut dyn FnMut()| {
         let start = std::time::Instant::now();
         for _ in 0..calls {
             f();
