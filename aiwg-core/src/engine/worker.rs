@@ -828,8 +828,8 @@ async fn append_agent_events(
             return Ok(());
         }
     };
-    for ev in written {
-        engine.inner.broadcast(&Arc::new(ev));
+    for ev in &written {
+        engine.inner.broadcast(ev);
     }
     Ok(())
 }

@@ -493,14 +493,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// commit (a step's start or end, which moves the job's progress, in a write of its own):
     /// all of them or none, when none moves the job's progress. The default writes them one
     /// at a time and stops at the first error, the ones before it written.
+    ///
+    /// The events are answered shared: a store that keeps them in memory hands out the copy it
+    /// keeps, which the engine sends to the job's subscribers as it is.
     async fn append_many(
         &self,
         lease: &Lease,
         kinds: Vec<JobEventKind>,
-    ) -> Result<Vec<JobEvent>, StoreError> {
+    ) -> Result<Vec<std::sync::Arc<JobEvent>>, StoreError> {
         let mut written = Vec::with_capacity(kinds.len());
         for kind in kinds {
-            written.push(self.append(lease, kind).await?);
+            written.push(std::sync::Arc::new(self.append(lease, kind).await?));
         }
         Ok(written)
     }

@@ -286,7 +286,7 @@ impl JobStore for HookedStore {
         &self,
         lease: &Lease,
         kinds: Vec<JobEventKind>,
-    ) -> Result<Vec<JobEvent>, StoreError> {
+    ) -> Result<Vec<Arc<JobEvent>>, StoreError> {
         self.agent_writes.fetch_add(1, Ordering::SeqCst);
         self.inner.append_many(lease, kinds).await
     }

@@ -13,7 +13,7 @@ mod ready;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,7 +48,7 @@ struct Entry {
     /// The job's events after the first. The first (`queued`, at creation) is not kept: it is
     /// made again from the job's id, creation time and [`created_attempt`](Self::created_attempt)
     /// when read, so a queued job holds no event at all.
-    later_events: Vec<JobEvent>,
+    later_events: Vec<Arc<JobEvent>>,
     lease: Option<Held>,
     /// The enqueue number of a queued job, 0 when it is not queued (its [`ReadyKey`] is made
     /// of it, the job's priority and id).
@@ -116,7 +116,11 @@ impl Entry {
             .min(self.later_events.len());
         first
             .into_iter()
-            .chain(self.later_events[start..end].iter().cloned())
+            .chain(
+                self.later_events[start..end]
+                    .iter()
+                    .map(|e| JobEvent::clone(e)),
+            )
             .collect()
     }
 }
@@ -206,14 +210,19 @@ impl State {
     }
 
     fn record(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> JobEvent {
+        JobEvent::clone(&Self::record_shared(entry, kind, now))
+    }
+
+    /// [`record`](Self::record), answering the event kept.
+    fn record_shared(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> Arc<JobEvent> {
         apply::progress(&mut entry.job, &kind);
-        let ev = JobEvent {
+        let ev = Arc::new(JobEvent {
             job_id: entry.job.id,
             seq: entry.later_events.len() as u64 + 2,
             at: now,
             kind,
-        };
-        entry.later_events.push(ev.clone());
+        });
+        entry.later_events.push(Arc::clone(&ev));
         ev
     }
 
@@ -632,7 +641,7 @@ impl JobStore for MemoryStore {
         &self,
         lease: &Lease,
         kinds: Vec<JobEventKind>,
-    ) -> Result<Vec<JobEvent>, StoreError> {
+    ) -> Result<Vec<Arc<JobEvent>>, StoreError> {
         for kind in &kinds {
             apply::appendable(kind)?;
         }
@@ -642,7 +651,7 @@ impl JobStore for MemoryStore {
         entry.later_events.reserve(kinds.len());
         Ok(kinds
             .into_iter()
-            .map(|kind| State::record(entry, kind, now))
+            .map(|kind| State::record_shared(entry, kind, now))
             .collect())
     }
 

@@ -1223,7 +1223,7 @@ impl JobStore for PgStore {
         &self,
         lease: &Lease,
         kinds: Vec<JobEventKind>,
-    ) -> Result<Vec<JobEvent>, StoreError> {
+    ) -> Result<Vec<std::sync::Arc<JobEvent>>, StoreError> {
         // Events that do not move the job's progress go in one write; one that does (a step's
         // start or end) goes in a write of its own, as `append` writes it.
         let mut written = Vec::with_capacity(kinds.len());
@@ -1239,10 +1239,12 @@ impl JobStore for PgStore {
                     written.extend(
                         self.completer()
                             .append_many(lease.clone(), evs, completer::Progress::Unchanged)
-                            .await?,
+                            .await?
+                            .into_iter()
+                            .map(std::sync::Arc::new),
                     );
                 }
-                written.push(self.append(lease, kind).await?);
+                written.push(std::sync::Arc::new(self.append(lease, kind).await?));
             } else {
                 run.push(NewEvent::new(kind, now())?);
             }
@@ -1251,7 +1253,9 @@ impl JobStore for PgStore {
             written.extend(
                 self.completer()
                     .append_many(lease.clone(), run, completer::Progress::Unchanged)
-                    .await?,
+                    .await?
+                    .into_iter()
+                    .map(std::sync::Arc::new),
             );
         }
         Ok(written)
