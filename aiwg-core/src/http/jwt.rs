@@ -455,9 +455,12 @@ impl JwtVerifier {
 
     /// Verifies `token`: its algorithm, key, signature, `iss`, `aud`, `exp`, `nbf` and `sub`.
     ///
-    /// A token verified before is not verified again while its time claims hold and the keys
-    /// that verified it are still the ones in use (see the module [`verified_tokens`]): a
-    /// client sending one token on every request pays its signature check once.
+    /// A token verified before is not verified again while its `exp` and `nbf` hold (checked
+    /// at every use, with the leeway) and the keys that verified it are still the ones in use:
+    /// a key of the builder's own, or the JWKS key set held when it was verified (once the
+    /// JWKS is fetched again, every token is verified against the new set). A client sending
+    /// one token on every request pays its signature check once. At most 4 096 verified tokens
+    /// are kept, found by the SHA-256 of their text; refused tokens never are.
     pub async fn verify(&self, token: &str) -> Result<JwtIdentity, JwtError> {
         let digest = verified_tokens::digest(token);
         let now = jsonwebtoken::get_current_timestamp();

@@ -43,12 +43,29 @@ struct Held {
     expires_at: DateTime<Utc>,
 }
 
+/// An event the store keeps after the job's first. Most are its own copy; a step's agent
+/// events written together ([`JobStore::append_many`]) are shared with the engine, which sends
+/// that very copy to the job's subscribers: an agent's output is not copied line by line.
+enum Kept {
+    Own(JobEvent),
+    Shared(Arc<JobEvent>),
+}
+
+impl Kept {
+    fn event(&self) -> &JobEvent {
+        match self {
+            Self::Own(e) => e,
+            Self::Shared(e) => e,
+        }
+    }
+}
+
 struct Entry {
     job: Job,
     /// The job's events after the first. The first (`queued`, at creation) is not kept: it is
     /// made again from the job's id, creation time and [`created_attempt`](Self::created_attempt)
     /// when read, so a queued job holds no event at all.
-    later_events: Vec<Arc<JobEvent>>,
+    later_events: Vec<Kept>,
     lease: Option<Held>,
     /// The enqueue number of a queued job, 0 when it is not queued (its [`ReadyKey`] is made
     /// of it, the job's priority and id).
@@ -119,7 +136,7 @@ impl Entry {
             .chain(
                 self.later_events[start..end]
                     .iter()
-                    .map(|e| JobEvent::clone(e)),
+                    .map(|e| e.event().clone()),
             )
             .collect()
     }
@@ -210,20 +227,27 @@ impl State {
     }
 
     fn record(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> JobEvent {
-        JobEvent::clone(&Self::record_shared(entry, kind, now))
+        let ev = Self::next_event(entry, kind, now);
+        entry.later_events.push(Kept::Own(ev.clone()));
+        ev
     }
 
-    /// [`record`](Self::record), answering the event kept.
+    /// [`record`](Self::record), keeping the event shared and answering the copy kept.
     fn record_shared(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> Arc<JobEvent> {
+        let ev = Arc::new(Self::next_event(entry, kind, now));
+        entry.later_events.push(Kept::Shared(Arc::clone(&ev)));
+        ev
+    }
+
+    /// The job's next event, its progress moved by it.
+    fn next_event(entry: &mut Entry, kind: JobEventKind, now: DateTime<Utc>) -> JobEvent {
         apply::progress(&mut entry.job, &kind);
-        let ev = Arc::new(JobEvent {
+        JobEvent {
             job_id: entry.job.id,
             seq: entry.later_events.len() as u64 + 2,
             at: now,
             kind,
-        });
-        entry.later_events.push(Arc::clone(&ev));
-        ev
+        }
     }
 
     /// Notes that `id` just finished and forgets the finished jobs that retention no longer
