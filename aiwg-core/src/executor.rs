@@ -249,7 +249,7 @@ fn cut(event: &mut AgentEvent, max: usize) -> usize {
                 8
             }
             other => {
-                let len = json_len(other);
+                let len = crate::util::json_len(other);
                 if len > max {
                     *other = serde_json::Value::String(format!("[{len} bytes of JSON cut]"));
                     32
@@ -267,24 +267,6 @@ fn cut(event: &mut AgentEvent, max: usize) -> usize {
         AgentEvent::Raw { value: v } => value(v, max),
         AgentEvent::Init { .. } | AgentEvent::Usage { .. } => 0,
     }
-}
-
-/// The length of `v`'s compact JSON text, counted as it is written (nothing is kept).
-fn json_len(v: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail, and a `Value` always serialises.
-    let _ = serde_json::to_writer(&mut count, v);
-    count.0
 }
 
 impl fmt::Debug for EventSink {
@@ -861,7 +843,7 @@ mod tests {
             serde_json::json!({}),
         ];
         for v in values {
-            assert_eq!(json_len(&v), v.to_string().len(), "{v}");
+            assert_eq!(crate::util::json_len(&v), v.to_string().len(), "{v}");
         }
     }
 

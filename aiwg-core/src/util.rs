@@ -6,6 +6,25 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// The length of a value's compact JSON text, counted as it is written (nothing is kept).
+pub(crate) fn json_len(v: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that cannot be serialised counts what was
+    // written before it failed.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
 /// `d` after `at`, or the last time there is: a duration meant as "forever" (a timeout or a
 /// retention of `u64::MAX` seconds, which configuration accepts) does not overflow the
 /// calendar's range (`DateTime + TimeDelta` panics past it).

@@ -149,29 +149,12 @@ pub(crate) struct Feed {
     tick: watch::Sender<u64>,
 }
 
-/// Counts the bytes of a serialization without keeping them.
-struct Count(usize);
-
-impl std::io::Write for Count {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// About what an event weighs in memory and as JSON: its fixed part and its text (JSON values
 /// of tools are measured exactly; they are rare next to the text and status events).
 fn approx_bytes(event: &JobEvent) -> usize {
     use crate::event::JobEventKind as K;
     use crate::executor::AgentEvent as A;
-    fn json(v: &serde_json::Value) -> usize {
-        let mut count = Count(0);
-        let _ = serde_json::to_writer(&mut count, v);
-        count.0
-    }
+    let json = |v: &serde_json::Value| crate::util::json_len(v);
     let error =
         |e: &Option<crate::job::JobError>| e.as_ref().map_or(0, |e| e.kind.len() + e.message.len());
     let text = match &event.kind {

@@ -343,6 +343,26 @@ impl NewEvent {
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 impl PgStore {
+    /// Writes `run` (events that move no job's progress, taken) in one write of the completer
+    /// and adds them to `written`.
+    async fn append_run(
+        &self,
+        lease: &Lease,
+        run: &mut Vec<NewEvent>,
+        written: &mut Vec<std::sync::Arc<JobEvent>>,
+    ) -> Result<(), StoreError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let evs = std::mem::take(run);
+        let events = self
+            .completer()
+            .append_many(lease.clone(), evs, completer::Progress::Unchanged)
+            .await?;
+        written.extend(events.into_iter().map(std::sync::Arc::new));
+        Ok(())
+    }
+
     /// How long a pooled connection may sit idle before the pool of
     /// [`pool_options`](Self::pool_options) checks it with a round trip before handing it out.
     pub const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
@@ -1234,30 +1254,13 @@ impl JobStore for PgStore {
                 kind,
                 JobEventKind::StepStarted { .. } | JobEventKind::StepFinished { ok: true, .. }
             ) {
-                if !run.is_empty() {
-                    let evs = std::mem::take(&mut run);
-                    written.extend(
-                        self.completer()
-                            .append_many(lease.clone(), evs, completer::Progress::Unchanged)
-                            .await?
-                            .into_iter()
-                            .map(std::sync::Arc::new),
-                    );
-                }
+                self.append_run(lease, &mut run, &mut written).await?;
                 written.push(std::sync::Arc::new(self.append(lease, kind).await?));
             } else {
                 run.push(NewEvent::new(kind, now())?);
             }
         }
-        if !run.is_empty() {
-            written.extend(
-                self.completer()
-                    .append_many(lease.clone(), run, completer::Progress::Unchanged)
-                    .await?
-                    .into_iter()
-                    .map(std::sync::Arc::new),
-            );
-        }
+        self.append_run(lease, &mut run, &mut written).await?;
         Ok(written)
     }
 
