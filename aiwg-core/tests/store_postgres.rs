@@ -2799,3 +2799,56 @@ async fn jobs_written_before_their_state_had_columns_read_back_whole_after() {
     assert_eq!(store.get(queued.id).await.unwrap().unwrap(), claimed.job);
     db.cleanup().await;
 }
+
+/// Migration 0034 keeps 0030's event function beside its own: an instance of the release
+/// before, still running during a rolling upgrade, writes a running job's event through it,
+/// numbered after the job's events as this release numbers them; and this release's next write
+/// numbers on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_of_the_release_before_still_writes_events_after_the_upgrade() {
+    let Some(db) = test_db().await else { return };
+    let schema = db.schema().await;
+    let store = db.store_in(&schema, 2).await;
+    let job = sample_job("w", "/p", 0);
+    let id = job.id;
+    store.create(NewJob::new(job)).await.unwrap();
+    let c = store
+        .claim(&ClaimRequest::new("w", Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let log = |m: &str| JobEventKind::Log {
+        level: "info".into(),
+        message: m.into(),
+    };
+    let kinds = vec![log("one"), log("two")];
+    let written = store.append_many(&c.lease, kinds).await.unwrap();
+    assert_eq!(written.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    let kind = serde_json::to_string(&log("from the release before")).unwrap();
+    let old: Vec<i64> = sqlx::query_scalar(
+        "SELECT last_seq FROM aiwg_append_events(ARRAY[$1::uuid], ARRAY[$2::int8], \
+             ARRAY[now()], ARRAY[$3], ARRAY[0::int2], ARRAY[''], false)",
+    )
+    .bind(id.as_uuid())
+    .bind(i64::try_from(c.lease.token).unwrap())
+    .bind(&kind)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(old, [5]);
+    assert_eq!(store.append(&c.lease, log("three")).await.unwrap().seq, 6);
+    let messages: Vec<String> = store
+        .events(id, 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| match e.kind {
+            JobEventKind::Log { message, .. } => message,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        messages,
+        ["one", "two", "from the release before", "three"].map(String::from)
+    );
+}

@@ -9,8 +9,11 @@
 -- the job's progress (a write that moves the progress carries one event). `counts` is how
 -- many events each write carries. The events are `owners` (the write's place in the arrays
 -- above, from 1), `places` (the event's place in its write, from 1), `ev_ats` and `kinds`.
-DROP FUNCTION aiwg_append_events(uuid[], bigint[], timestamptz[], text[], smallint[], text[],
-                                 boolean);
+--
+-- The function of 0030 (one event a write) stays beside this one, a function of other
+-- arguments: instances still running the release before this one go on writing through it
+-- while the others are upgraded, and nothing of this release calls it. A later migration may
+-- drop it once no such instance can be left.
 
 CREATE FUNCTION aiwg_append_events(ids uuid[], tokens bigint[], ats timestamptz[],
                                    counts integer[], modes smallint[], steps text[],
