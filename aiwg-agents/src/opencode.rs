@@ -379,6 +379,10 @@ const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 struct Sse<S> {
     stream: S,
     buf: Vec<u8>,
+    /// Where the line being read starts in `buf`: what is before it was read. It is removed
+    /// once a chunk's lines are read, not line by line (which moved the rest of the chunk for
+    /// every line: a burst of events in one chunk cost its size times its lines).
+    start: usize,
     /// How much of `buf` is known to hold no newline (each chunk is searched once).
     scanned: usize,
     data: String,
@@ -392,6 +396,7 @@ where
         Self {
             stream,
             buf: Vec::new(),
+            start: 0,
             scanned: 0,
             data: String::new(),
         }
@@ -401,15 +406,15 @@ where
     /// [`MAX_EVENT_BYTES`]).
     async fn next(&mut self) -> Option<String> {
         loop {
-            while let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let pos = self.scanned + at;
-                self.scanned = 0;
-                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+            while let Some(at) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+                let end = self.scanned + at;
+                let mut line = &self.buf[self.start..end];
+                self.start = end + 1;
+                self.scanned = self.start;
+                if let [rest @ .., b'\r'] = line {
+                    line = rest;
                 }
-                let line = String::from_utf8_lossy(&line);
+                let line = String::from_utf8_lossy(line);
                 if line.is_empty() {
                     if !self.data.is_empty() {
                         return Some(std::mem::take(&mut self.data));
@@ -421,6 +426,8 @@ where
                     self.data.push_str(d.strip_prefix(' ').unwrap_or(d));
                 }
             }
+            self.buf.drain(..self.start);
+            self.start = 0;
             self.scanned = self.buf.len();
             if self.buf.len() > MAX_EVENT_BYTES || self.data.len() > MAX_EVENT_BYTES {
                 return None;
@@ -1111,6 +1118,19 @@ mod tests {
         ]));
         assert_eq!(sse.next().await.as_deref(), Some("{\"a\":1}"));
         assert_eq!(sse.next().await.as_deref(), Some("x\ny"));
+        assert_eq!(sse.next().await, None);
+
+        // Many events in one chunk, each read once, in order; an event's lines can end a chunk
+        // and its blank line start the next.
+        let burst: Vec<u8> = (0..500)
+            .flat_map(|i| format!("data: {i}\n\n").into_bytes())
+            .chain(b"data: last\n".iter().copied())
+            .collect();
+        let mut sse = Sse::new(chunks(vec![burst, b"\n".to_vec()]));
+        for i in 0..500 {
+            assert_eq!(sse.next().await, Some(i.to_string()));
+        }
+        assert_eq!(sse.next().await.as_deref(), Some("last"));
         assert_eq!(sse.next().await, None);
 
         let piece = vec![b'x'; 64 * 1024];
