@@ -22,6 +22,7 @@
 //!
 //! Run: `cargo bench -p aiwg-benches --bench command_output`.
 
+use aiwg_benches::{env_usize, median};
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,13 +34,6 @@ use aiwg_core::{
 };
 use tokio::io::AsyncBufReadExt as _;
 use tokio_util::sync::CancellationToken;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn bare(file: &Path, lines: usize) -> f64 {
     let started = Instant::now();
@@ -104,11 +98,6 @@ async fn repeated<F: std::future::Future<Output = f64>>(runs: usize, side: impl 
         seconds += 1.0 / side().await;
     }
     runs as f64 / seconds
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn command_engine(exec: &Arc<CommandExecutor>, file: &Path) -> aiwg_core::EngineBuilder {

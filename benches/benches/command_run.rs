@@ -17,6 +17,7 @@
 //!
 //! Run: `cargo bench -p aiwg-benches --bench command_run`.
 
+use aiwg_benches::{env_usize, median};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,13 +25,6 @@ use std::time::Instant;
 use aiwg_agents::{CommandExecutor, ProcessOptions, Sandbox};
 use aiwg_core::{AgentRequest, EventSink, Executor};
 use tokio_util::sync::CancellationToken;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `runs` runs of `true` through the executor, `tasks` at a time: runs per second.
 async fn ours(exec: &Arc<CommandExecutor>, dir: &Path, runs: usize, tasks: usize) -> f64 {
@@ -80,11 +74,6 @@ async fn bare(dir: &Path, runs: usize, tasks: usize) -> f64 {
         r.expect("task");
     }
     runs as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -12,6 +12,7 @@
 //! `AIWG_LOAD_CONCURRENCY` (default 16) change the load; every loop is bounded in count and only
 //! talks to 127.0.0.1.
 
+use aiwg_benches::env_usize;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -101,13 +102,6 @@ fn report(name: &str, aiwg: &Stats, bare: &Stats) {
         "{name:<24} aiwg {:>8.0} req/s  p50 {:>7.2?}  p99 {:>7.2?} | bare {:>8.0} req/s  p50 {:>7.2?}  p99 {:>7.2?} | ratio {:.2}",
         aiwg.rps, aiwg.p50, aiwg.p99, bare.rps, bare.p50, bare.p99, aiwg.rps / bare.rps
     );
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

@@ -124,6 +124,25 @@ pub mod engine {
     }
 }
 
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+#[must_use]
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (its upper middle for an even count).
+///
+/// # Panics
+/// When `v` is empty.
+#[must_use]
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Times `ours` and `baseline` side by side: `rounds` rounds (alternating which goes first)
 /// of `calls` calls of each, and answers the baseline's median time a call over ours (higher
 /// is better; 1.0: as fast as the baseline), for a bench's `ratio` line.
@@ -150,10 +169,6 @@ pub fn ratio_of_medians(
             o.push(time(&mut ours));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     median(b) / median(o)
 }
 

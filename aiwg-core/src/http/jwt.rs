@@ -511,7 +511,6 @@ impl JwtVerifier {
         validation.set_audience(&[&self.inner.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
 
-        let none = Vec::new();
         let candidates = self
             .inner
             .keys
@@ -519,9 +518,8 @@ impl JwtVerifier {
             .map(|k| (true, k))
             .chain(
                 published
-                    .as_deref()
-                    .unwrap_or(&none)
                     .iter()
+                    .flat_map(|set| set.iter())
                     .map(|k| (false, k)),
             )
             .filter(|(_, k)| k.fits(kid, alg));

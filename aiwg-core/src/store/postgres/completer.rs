@@ -280,6 +280,16 @@ pub(super) enum Progress {
 }
 
 impl Progress {
+    /// How `kind` moves its job's progress (what `apply::progress` does to a `Job`).
+    pub(super) fn of(kind: &crate::event::JobEventKind) -> Self {
+        use crate::event::JobEventKind as K;
+        match kind {
+            K::StepStarted { step, .. } => Self::Started(step.clone()),
+            K::StepFinished { step, ok: true, .. } => Self::Finished(step.clone()),
+            _ => Self::Unchanged,
+        }
+    }
+
     fn code(&self) -> i16 {
         match self {
             Self::Unchanged => 0,

@@ -1226,15 +1226,8 @@ impl JobStore for PgStore {
     async fn append(&self, lease: &Lease, kind: JobEventKind) -> Result<JobEvent, StoreError> {
         apply::appendable(&kind)?;
         // A step event also moves the job's progress: done by the completer's statement, on
-        // the `progress` column (what `apply::progress` does to a `Job`), so a step costs no
-        // read.
-        let progress = match &kind {
-            JobEventKind::StepStarted { step, .. } => completer::Progress::Started(step.clone()),
-            JobEventKind::StepFinished { step, ok: true, .. } => {
-                completer::Progress::Finished(step.clone())
-            }
-            _ => completer::Progress::Unchanged,
-        };
+        // the `progress` column, so a step costs no read.
+        let progress = completer::Progress::of(&kind);
         let ev = NewEvent::new(kind, now())?;
         self.completer().append(lease.clone(), ev, progress).await
     }
@@ -1250,14 +1243,14 @@ impl JobStore for PgStore {
         let mut run = Vec::new();
         for kind in kinds {
             apply::appendable(&kind)?;
-            if matches!(
-                kind,
-                JobEventKind::StepStarted { .. } | JobEventKind::StepFinished { ok: true, .. }
-            ) {
-                self.append_run(lease, &mut run, &mut written).await?;
-                written.push(std::sync::Arc::new(self.append(lease, kind).await?));
+            let progress = completer::Progress::of(&kind);
+            let ev = NewEvent::new(kind, now())?;
+            if matches!(progress, completer::Progress::Unchanged) {
+                run.push(ev);
             } else {
-                run.push(NewEvent::new(kind, now())?);
+                self.append_run(lease, &mut run, &mut written).await?;
+                let one = self.completer().append(lease.clone(), ev, progress).await?;
+                written.push(std::sync::Arc::new(one));
             }
         }
         self.append_run(lease, &mut run, &mut written).await?;
