@@ -17,7 +17,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio_util::sync::CancellationToken;
 
 use crate::config::max_message_bytes;
-use crate::events::{count_dropped, EventQueue};
+use crate::events::{EventMessage, EventQueue};
+use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
 use crate::{pause, reconnect_delay, AmqpConfig, BrokerError, Started, Verdict};
 
@@ -36,6 +37,9 @@ enum Trouble {
     Amqp(#[from] lapin::Error),
     #[error("no answer from the server within {0:?}")]
     NoAnswer(Duration),
+    /// The server confirmed a publish negatively (`basic.nack`: it could not take it now).
+    #[error("the server did not take the message (negative publisher confirm)")]
+    Nacked,
     /// The configured dead-letter exchange is not there (or may not be used).
     #[error(
         "brokers.amqp.dead_letter_exchange: exchange `{name}` cannot be used ({source}); \
@@ -146,7 +150,9 @@ pub(crate) async fn start(
     // Fail fast when the server is not reachable at start.
     let (conn, _) = answered(open_checked(&cfg)).await.map_err(|e| match e {
         Trouble::NoAnswer(_) => BrokerError::setup(BROKER, "no answer from the server", e),
-        Trouble::Amqp(_) => BrokerError::setup(BROKER, "cannot connect or declare", e),
+        Trouble::Amqp(_) | Trouble::Nacked => {
+            BrokerError::setup(BROKER, "cannot connect or declare", e)
+        }
         Trouble::DeadLetterExchange { name, source } => BrokerError::setup(
             BROKER,
             format!(
@@ -349,84 +355,90 @@ fn refused_for_good(e: &Trouble) -> bool {
     ))
 }
 
-async fn publish_events(cfg: AmqpConfig, exchange: String, mut events: EventQueue) {
-    let mut open_conn: Option<(Connection, Channel)> = None;
-    let stop = events.stop_token();
-    loop {
-        let Some(ev) = events.next().await else {
-            if let Some((conn, _)) = open_conn.take() {
-                close(&conn, "shutting down").await;
-            }
-            return;
-        };
-        let mut failures = 0u32;
-        loop {
-            if open_conn.is_none() {
-                match answered(open(&cfg)).await {
-                    Ok(c) => open_conn = Some(c),
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(error = %e, "amqp: cannot publish events; retrying");
-                        if !pause(reconnect_delay(failures), &stop).await {
-                            count_dropped(BROKER, "stopped");
-                            return;
-                        }
-                        continue;
-                    }
-                }
-            }
-            let (_, ch) = open_conn.as_ref().expect("just opened");
+/// Job events to the events exchange (routing key: the event type), persistent: the batch is
+/// sent on one channel, then its publisher confirms awaited, all within [`ANSWER_WITHIN`].
+struct Events {
+    cfg: AmqpConfig,
+    exchange: String,
+    open: Option<(Connection, Channel)>,
+}
+
+impl Publisher for Events {
+    type Error = Trouble;
+    const BROKER: &'static str = BROKER;
+
+    async fn publish(&mut self, batch: &[EventMessage]) -> Result<Vec<Sent<Trouble>>, Trouble> {
+        if self.open.is_none() {
+            self.open = Some(answered(open(&self.cfg)).await?);
+        }
+        let (_, ch) = self.open.as_ref().expect("just opened");
+        let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
+        let mut confirms = Vec::with_capacity(batch.len());
+        for ev in batch {
             let mut headers = FieldTable::default();
             headers.insert(
                 "aiwg-job-id".into(),
                 AMQPValue::LongString(ev.job_id.as_str().into()),
             );
-            let sent = answered(async {
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    ev.event_type.as_str().into(),
-                    BasicPublishOptions::default(),
-                    ev.body.as_bytes(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2)
-                        .with_type(ev.event_type.as_str().into())
-                        .with_headers(headers),
-                )
-                .await?
-                .await
-            })
-            .await;
-            match sent {
-                Ok(c) if c.is_ack() => break,
-                Err(e) if refused_for_good(&e) => {
-                    tracing::error!(
-                        error = %e, event = %ev.event_type, job = %ev.job_id, size = ev.body.len(),
-                        "amqp: event refused by the server for good; dropped"
-                    );
-                    count_dropped(BROKER, "refused");
-                    // The server closed the channel.
-                    if let Some((conn, _)) = open_conn.take() {
-                        close(&conn, "reconnecting").await;
-                    }
-                    break;
-                }
-                other => {
-                    if let Err(e) = other {
-                        tracing::warn!(error = %e, event = %ev.event_type, "amqp: event not published yet; retrying");
-                    }
-                    if let Some((conn, _)) = open_conn.take() {
-                        close(&conn, "reconnecting").await;
-                    }
-                    failures += 1;
-                    if !pause(reconnect_delay(failures), &stop).await {
-                        count_dropped(BROKER, "stopped");
-                        return;
-                    }
-                }
-            }
+            let published = ch.basic_publish(
+                self.exchange.as_str().into(),
+                ev.event_type.as_str().into(),
+                BasicPublishOptions::default(),
+                ev.body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_type(ev.event_type.as_str().into())
+                    .with_headers(headers),
+            );
+            confirms.push(match tokio::time::timeout_at(deadline, published).await {
+                Ok(sent) => sent.map_err(Trouble::from),
+                Err(_) => Err(Trouble::NoAnswer(ANSWER_WITHIN)),
+            });
+        }
+        let mut answers = Vec::with_capacity(confirms.len());
+        for confirm in confirms {
+            let confirmed = match confirm {
+                Ok(c) => match tokio::time::timeout_at(deadline, c).await {
+                    Ok(c) => c.map_err(Trouble::from),
+                    Err(_) => Err(Trouble::NoAnswer(ANSWER_WITHIN)),
+                },
+                Err(e) => Err(e),
+            };
+            answers.push(match confirmed {
+                Ok(c) if c.is_ack() => Sent::Confirmed,
+                Ok(_) => Sent::Retry(Trouble::Nacked),
+                Err(e) if refused_for_good(&e) => Sent::Refused(e),
+                Err(e) => Sent::Retry(e),
+            });
+        }
+        // A refusal closes the channel: the next batch opens a new one.
+        if answers.iter().any(|a| matches!(a, Sent::Refused(_))) {
+            self.failed().await;
+        }
+        Ok(answers)
+    }
+
+    async fn failed(&mut self) {
+        if let Some((conn, _)) = self.open.take() {
+            close(&conn, "reconnecting").await;
         }
     }
+
+    async fn close(&mut self) {
+        if let Some((conn, _)) = self.open.take() {
+            close(&conn, "shutting down").await;
+        }
+    }
+}
+
+async fn publish_events(cfg: AmqpConfig, exchange: String, events: EventQueue) {
+    let publisher = Events {
+        cfg,
+        exchange,
+        open: None,
+    };
+    publish::publish_events(publisher, events).await;
 }
 
 #[cfg(test)]

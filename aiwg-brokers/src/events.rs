@@ -48,9 +48,9 @@ impl EventMessage {
 /// Counts a job event that will never reach `broker` (`aiwg_broker_events_dropped_total`):
 /// `reason` is `buffer_full` (the observer found no room), `refused` (the broker refused it in a
 /// way retrying cannot cure) or `stopped` (the publisher was shut down).
-pub(crate) fn count_dropped(broker: &'static str, reason: &'static str) {
+pub(crate) fn count_dropped(broker: &'static str, reason: &'static str, events: u64) {
     metrics::counter!("aiwg_broker_events_dropped_total", "broker" => broker, "reason" => reason)
-        .increment(1);
+        .increment(events);
 }
 
 /// What the two ends of one broker's event buffer share.
@@ -116,7 +116,7 @@ pub(crate) fn event_buffer(
 
 impl Outbox {
     /// Queues `msg` when there is room; else drops it (logged and counted). Never waits.
-    fn offer(&self, msg: EventMessage) -> bool {
+    pub(crate) fn offer(&self, msg: EventMessage) -> bool {
         let weight = msg.weight();
         let gauge = &self.gauge;
         let room = gauge
@@ -149,7 +149,7 @@ impl Outbox {
                 "event dropped: the broker's buffer is full (10 000 events or 64 MiB waiting)"
             ),
         }
-        count_dropped(self.broker, refused.0);
+        count_dropped(self.broker, refused.0, 1);
         false
     }
 }
@@ -175,6 +175,32 @@ impl EventQueue {
         };
         self.gauge.waiting.fetch_sub(ev.weight(), Ordering::AcqRel);
         Some(ev)
+    }
+
+    /// Waits for the next event as [`next`](Self::next) does, and adds it to `batch` with those
+    /// waiting behind it, up to `max` in all. False when the publisher is to end.
+    pub(crate) async fn next_batch(&mut self, batch: &mut Vec<EventMessage>, max: usize) -> bool {
+        let Some(first) = self.next().await else {
+            return false;
+        };
+        batch.push(first);
+        self.take_waiting(batch, max);
+        true
+    }
+
+    /// Adds to `batch` the events waiting now, without waiting, up to `max` in all (none once
+    /// the publisher is stopped).
+    pub(crate) fn take_waiting(&mut self, batch: &mut Vec<EventMessage>, max: usize) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let mut weight = 0;
+        while batch.len() < max {
+            let Ok(ev) = self.rx.try_recv() else { break };
+            weight += ev.weight();
+            batch.push(ev);
+        }
+        self.gauge.waiting.fetch_sub(weight, Ordering::AcqRel);
     }
 
     /// Fires when the publisher is to end now (pauses between attempts end with it).

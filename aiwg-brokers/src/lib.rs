@@ -39,6 +39,15 @@
 //!    subject / exchange / stream, waiting for the broker's confirmation and retrying (in order)
 //!    across reconnects, so a broker restart loses nothing while the server runs.
 //!
+//!    The events waiting for a broker go in batches of up to 256: a batch is sent whole (a
+//!    JetStream publish, an AMQP `basic.publish` on one channel, one pipeline of `XADD`s), then
+//!    its confirmations are awaited (JetStream acks, publisher confirms, the `XADD` replies),
+//!    so a burst of events costs a round trip a batch, not an event; a lone event goes at once.
+//!    An event not confirmed is published again ahead of every later one. After a lost
+//!    connection the order is kept; a broker that refuses one event for the moment but takes
+//!    the next (a RabbitMQ negative confirm, a Redis `OOM` for one entry) gets the refused one
+//!    after the others of its batch.
+//!
 //!    The observer never waits for a broker: each broker has a buffer of at most 10 000 events
 //!    and 64 MiB, and an event that does not fit (the broker has been away long enough to fill
 //!    it) is dropped, logged at `warn` and counted in the metric
@@ -159,6 +168,11 @@ mod config;
 mod events;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg_attr(
+    not(any(feature = "nats", feature = "amqp", feature = "redis")),
+    allow(dead_code)
+)]
+mod publish;
 #[cfg(feature = "redis")]
 mod redis;
 mod submit;

@@ -13,7 +13,8 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{max_message_bytes, DEFAULT_NATS_MAX_AGE, DEFAULT_NATS_MAX_BYTES};
-use crate::events::{count_dropped, EventQueue, NATS_HEADER_ROOM};
+use crate::events::{EventMessage, EventQueue, NATS_HEADER_ROOM};
+use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
 use crate::{pause, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
 
@@ -384,49 +385,63 @@ fn refused_for_good(e: &PublishError) -> bool {
     }
 }
 
-async fn publish_events(js: jetstream::Context, cfg: NatsConfig, mut events: EventQueue) {
-    let client = js.client();
-    let stop = events.stop_token();
-    while let Some(ev) = events.next().await {
-        // The same id on every attempt: JetStream drops a copy whose first ack was lost.
-        let msg_id = hex::encode(&sha2::Sha256::digest(ev.body.as_bytes())[..16]);
-        let mut failures = 0u32;
-        loop {
-            // The server may have changed (a reconnect): later events are cut to its limit.
-            events.set_max_body(body_limit(&client));
+/// Job events to the events subject: each sent with its headers, the batch's JetStream acks
+/// awaited once all are sent.
+struct Events {
+    js: jetstream::Context,
+    subject: async_nats::Subject,
+}
+
+impl Publisher for Events {
+    type Error = PublishError;
+    const BROKER: &'static str = BROKER;
+
+    async fn publish(
+        &mut self,
+        batch: &[EventMessage],
+    ) -> Result<Vec<Sent<PublishError>>, PublishError> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for ev in batch {
+            // The same id on every attempt: JetStream drops a copy whose first ack was lost.
+            let msg_id = hex::encode(&sha2::Sha256::digest(ev.body.as_bytes())[..16]);
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", msg_id.as_str());
             headers.insert("Aiwg-Event-Type", ev.event_type.as_str());
             headers.insert("Aiwg-Job-Id", ev.job_id.as_str());
             headers.insert("Content-Type", "application/json");
-            let sent = match js
-                .publish_with_headers(cfg.events_subject.clone(), headers, ev.body.clone().into())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()),
+            acks.push(
+                self.js
+                    .publish_with_headers(self.subject.clone(), headers, ev.body.clone().into())
+                    .await,
+            );
+        }
+        let mut answers = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let acked = match ack {
+                Ok(ack) => ack.await.map(drop),
                 Err(e) => Err(e),
             };
-            match sent {
-                Ok(()) => break,
-                Err(e) if refused_for_good(&e) => {
-                    tracing::error!(
-                        error = %e, event = %ev.event_type, job = %ev.job_id, size = ev.body.len(),
-                        "nats: event refused by the server for good; dropped"
-                    );
-                    count_dropped(BROKER, "refused");
-                    break;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, event = %ev.event_type, "nats: event not published yet; retrying");
-                    if !pause(reconnect_delay(failures), &stop).await {
-                        count_dropped(BROKER, "stopped");
-                        return;
-                    }
-                }
-            }
+            answers.push(match acked {
+                Ok(()) => Sent::Confirmed,
+                Err(e) if refused_for_good(&e) => Sent::Refused(e),
+                Err(e) => Sent::Retry(e),
+            });
         }
+        Ok(answers)
     }
+
+    /// The server may have changed (a reconnect): later events are cut to its limit.
+    fn max_body(&self) -> Option<usize> {
+        Some(body_limit(&self.js.client()))
+    }
+}
+
+async fn publish_events(js: jetstream::Context, cfg: NatsConfig, events: EventQueue) {
+    let publisher = Events {
+        js,
+        subject: cfg.events_subject.into(),
+    };
+    publish::publish_events(publisher, events).await;
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::max_message_bytes;
-use crate::events::{count_dropped, EventQueue};
+use crate::events::{EventMessage, EventQueue};
+use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, submit_bounded};
 use crate::{pause, problem_document, reconnect_delay, BrokerError, RedisConfig, Started, Verdict};
 
@@ -346,53 +347,62 @@ fn refused_for_good(e: &redis::RedisError) -> bool {
     }
 }
 
-async fn publish_events(client: redis::Client, stream: String, mut events: EventQueue) {
-    let mut con: Option<MultiplexedConnection> = None;
-    let stop = events.stop_token();
-    while let Some(ev) = events.next().await {
-        let mut failures = 0u32;
-        loop {
-            let sent = async {
-                if con.is_none() {
-                    con = Some(client.get_multiplexed_async_connection().await?);
-                }
-                let c = con.as_mut().expect("just connected");
-                let _: String = c
-                    .xadd(
-                        &stream,
-                        "*",
-                        &[
-                            ("type", ev.event_type.as_str()),
-                            ("job_id", ev.job_id.as_str()),
-                            ("body", ev.body.as_str()),
-                        ],
-                    )
-                    .await?;
-                Ok::<_, redis::RedisError>(())
-            }
-            .await;
-            match sent {
-                Ok(()) => break,
-                Err(e) if refused_for_good(&e) => {
-                    tracing::error!(
-                        error = %e, event = %ev.event_type, job = %ev.job_id, stream = %stream,
-                        "redis: event refused by the server for good; dropped"
-                    );
-                    count_dropped(BROKER, "refused");
-                    break;
-                }
-                Err(e) => {
-                    con = None;
-                    failures += 1;
-                    tracing::warn!(error = %e, event = %ev.event_type, "redis: event not published yet; retrying");
-                    if !pause(reconnect_delay(failures), &stop).await {
-                        count_dropped(BROKER, "stopped");
-                        return;
-                    }
-                }
-            }
+/// Job events to the events stream: the batch's `XADD`s in one pipeline, one reply each.
+struct Events {
+    client: redis::Client,
+    stream: String,
+    con: Option<MultiplexedConnection>,
+}
+
+impl Publisher for Events {
+    type Error = redis::RedisError;
+    const BROKER: &'static str = BROKER;
+
+    async fn publish(
+        &mut self,
+        batch: &[EventMessage],
+    ) -> Result<Vec<Sent<redis::RedisError>>, redis::RedisError> {
+        if self.con.is_none() {
+            self.con = Some(self.client.get_multiplexed_async_connection().await?);
         }
+        let con = self.con.as_mut().expect("just connected");
+        let mut pipe = redis::pipe();
+        // An error reply answers its own entry; the others are still read.
+        pipe.ignore_errors();
+        for ev in batch {
+            pipe.xadd(
+                &self.stream,
+                "*",
+                &[
+                    ("type", ev.event_type.as_str()),
+                    ("job_id", ev.job_id.as_str()),
+                    ("body", ev.body.as_str()),
+                ],
+            );
+        }
+        let replies: Vec<redis::RedisResult<String>> = pipe.query_async(con).await?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Ok(_) => Sent::Confirmed,
+                Err(e) if refused_for_good(&e) => Sent::Refused(e),
+                Err(e) => Sent::Retry(e),
+            })
+            .collect())
     }
+
+    async fn failed(&mut self) {
+        self.con = None;
+    }
+}
+
+async fn publish_events(client: redis::Client, stream: String, events: EventQueue) {
+    let publisher = Events {
+        client,
+        stream,
+        con: None,
+    };
+    publish::publish_events(publisher, events).await;
 }
 
 #[cfg(test)]

@@ -222,6 +222,44 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
 }
 
 #[tokio::test]
+async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = unique();
+    let (_conn, ch) = channel().await;
+    let queue = events_queue(&ch, &name).await;
+    let (engine, running) = start(config(&name)).await;
+    let ids = burst(&engine).await;
+    // (job id, event type) as the queue delivered them.
+    let events = std::sync::Mutex::new(Vec::new());
+    let take = || async {
+        let taken: Vec<(String, String)> = drain(&ch, &queue)
+            .await
+            .into_iter()
+            .map(|m| {
+                let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                let kind = m.delivery.routing_key.as_str().to_owned();
+                assert_eq!(body["type"], kind.as_str());
+                (body["data"]["job_id"].as_str().unwrap().to_owned(), kind)
+            })
+            .collect();
+        let mut all = events.lock().unwrap();
+        all.extend(taken);
+        all.iter().filter(|(_, k)| k == "job.completed").count()
+    };
+    wait_until("every job.completed in the events queue", || async {
+        take().await == BURST
+    })
+    .await;
+    // Anything after the last job.completed would be an event of no job or a copy.
+    take().await;
+    assert_every_event_once_in_order(&events.lock().unwrap(), &ids);
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
+}
+
+#[tokio::test]
 async fn messages_published_while_aiwg_is_disconnected_are_consumed_once_after() {
     if !reachable("rabbitmq", 5672) {
         return;

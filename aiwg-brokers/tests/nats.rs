@@ -307,6 +307,44 @@ async fn events_of(js: &jetstream::Context, name: &str, job_id: &str) -> Vec<(St
 }
 
 #[tokio::test]
+async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let (engine, running) = start(config(url, &name)).await;
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    let ids = burst(&engine).await;
+    let subject = format!("{name}.events");
+    let events = || async {
+        stored(&js, &name, &subject)
+            .await
+            .into_iter()
+            .map(|m| {
+                let body: Value = serde_json::from_slice(&m.payload).unwrap();
+                let kind = m.headers.as_ref().unwrap().get("Aiwg-Event-Type").unwrap();
+                assert_eq!(body["type"], kind.as_str());
+                let job = body["data"]["job_id"].as_str().unwrap().to_owned();
+                (job, kind.as_str().to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until("every job.completed on the events subject", || async {
+        events()
+            .await
+            .iter()
+            .filter(|(_, k)| k == "job.completed")
+            .count()
+            == ids.len()
+    })
+    .await;
+    assert_every_event_once_in_order(&events().await, &ids);
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+#[tokio::test]
 async fn events_larger_than_the_server_takes_are_cut_or_dropped_and_never_hold_back_the_next() {
     let Some(bin) = nats_server() else {
         return;

@@ -150,6 +150,46 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_entries_are_dead
 }
 
 #[tokio::test]
+async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = unique();
+    let (engine, running) = start(config(url, &name)).await;
+    let ids = burst(&engine).await;
+    let stream = format!("{name}:events");
+    let events = || async {
+        entries(url, &stream)
+            .await
+            .into_iter()
+            .map(|e| {
+                let body: Value = serde_json::from_str(&e["body"]).unwrap();
+                assert_eq!(body["type"], e["type"].as_str());
+                assert_eq!(body["data"]["job_id"], e["job_id"].as_str());
+                (e["job_id"].clone(), e["type"].clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until("every job.completed in the events stream", || async {
+        events()
+            .await
+            .iter()
+            .filter(|(_, k)| k == "job.completed")
+            .count()
+            == ids.len()
+    })
+    .await;
+    assert_every_event_once_in_order(&events().await, &ids);
+    running.shutdown().await;
+    let mut c = con(url).await;
+    let _: () = c
+        .del(&[stream, format!("{name}:trigger"), format!("{name}:dead")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_redis_restart_mid_stream_loses_nothing() {
     let Ok(bin) = which("redis-server") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {

@@ -159,3 +159,41 @@ pub async fn full_queue_redelivers(engine: &Engine, source: &str) {
     assert_eq!(decisions(engine, source, Decision::Accepted).await, 3);
     assert_eq!(jobs(engine).await.len(), 3);
 }
+
+/// How many jobs [`burst`] runs at once: enough that their events wait for the broker together.
+pub const BURST: usize = 300;
+
+/// Submits [`BURST`] jobs of `check` at once and waits for every one to finish; their ids.
+pub async fn burst(engine: &Engine) -> Vec<String> {
+    let submitted = futures_util::future::join_all(
+        (0..BURST).map(|_| engine.submission(aiwg_core::JobRequest::new("check"))),
+    )
+    .await;
+    let ids: Vec<_> = submitted.into_iter().map(|s| s.unwrap().job.id).collect();
+    for id in &ids {
+        let job = engine.wait(*id, LIMIT).await.unwrap();
+        assert!(job.is_terminal(), "job {id} did not finish");
+    }
+    ids.iter().map(ToString::to_string).collect()
+}
+
+/// Asserts that the broker holds every event of the jobs `ids` once, each job's in its order
+/// (the same as the first job's: `job.queued` … `job.completed`). `events`: (job id, event
+/// type) in the order the broker stored them.
+pub fn assert_every_event_once_in_order(events: &[(String, String)], ids: &[String]) {
+    let mut by_job: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for (job, kind) in events {
+        by_job.entry(job).or_default().push(kind);
+    }
+    let first = by_job.get(ids[0].as_str()).expect("the first job's events");
+    assert_eq!(first.first(), Some(&"job.queued"), "{first:?}");
+    assert_eq!(first.last(), Some(&"job.completed"), "{first:?}");
+    for id in ids {
+        assert_eq!(
+            by_job.get(id.as_str()),
+            Some(first),
+            "the events of job {id}"
+        );
+    }
+    assert_eq!(events.len(), ids.len() * first.len(), "no other event");
+}
