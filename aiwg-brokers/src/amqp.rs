@@ -20,7 +20,9 @@ use crate::config::max_message_bytes;
 use crate::events::{EventMessage, EventQueue};
 use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
-use crate::{pause, reconnect_delay, AmqpConfig, BrokerError, Started, Verdict};
+use crate::{
+    pause, reconnect_delay, take_ready, AmqpConfig, BrokerError, Ready, Started, Verdict,
+};
 
 const BROKER: &str = "amqp";
 
@@ -175,6 +177,7 @@ pub(crate) async fn start(
 }
 
 async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
+    let prefetch = cfg.prefetch.unwrap_or(16);
     let mut failures = 0u32;
     loop {
         if cancel.is_cancelled() {
@@ -182,8 +185,7 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
         }
         let opened = async {
             let (conn, ch) = open_checked(&cfg).await?;
-            ch.basic_qos(cfg.prefetch.unwrap_or(16), BasicQosOptions::default())
-                .await?;
+            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
             let consumer = ch
                 .basic_consume(
                     cfg.queue.as_str().into(),
@@ -215,53 +217,36 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    // Never the delivery tag: it counts from 1 again on every channel, so after a
-                    // reconnect it would be another message's key.
-                    let id = delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|m| m.as_str().to_owned())
-                        .filter(|m| !m.is_empty());
-                    // Checked before anything reads the body (it is not copied).
-                    let verdict = submit_bounded(
-                        &engine,
-                        BROKER,
-                        &cfg.queue,
-                        id.as_deref(),
-                        &delivery.data,
-                        max_message_bytes(cfg.max_message_bytes),
+                    // The deliveries that came together (at most `prefetch`): submitted
+                    // together, acknowledged together.
+                    let mut batch = vec![delivery];
+                    let ready = take_ready(&mut consumer, &mut batch, usize::from(prefetch));
+                    let handled = futures_util::future::join_all(
+                        batch
+                            .into_iter()
+                            .map(|d| handle(&ch, &cfg, &engine, &cancel, d)),
                     )
                     .await;
-                    let done = match verdict {
-                        Verdict::Stored { .. } => Ok(true),
-                        Verdict::Refused(problem) => {
-                            dead_letter(&ch, &cfg, &delivery, id.as_deref(), &problem).await
+                    let mut broken = None;
+                    for h in handled {
+                        match h {
+                            // Only a message done with clears the failures: one requeued again
+                            // and again (its dead letter refused) keeps the reconnect pause
+                            // growing.
+                            Ok(true) => failures = 0,
+                            Ok(false) => {}
+                            Err(e) => broken = broken.or(Some(e)),
                         }
-                        Verdict::Retry(e) => {
-                            tracing::info!(error = %e, "amqp: trigger refused for now; requeueing");
-                            pause(cfg.retry_delay.unwrap_or(Duration::from_secs(5)), &cancel).await;
-                            Ok(false)
-                        }
-                    };
-                    let acked = match done {
-                        Ok(true) => answered(delivery.ack(BasicAckOptions::default()))
-                            .await
-                            .map(|_| true),
-                        Ok(false) | Err(_) => answered(delivery.nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        }))
-                        .await
-                        .map(|_| false),
-                    };
-                    match acked {
-                        // Only a message done with clears the failures: one requeued again
-                        // and again (its dead letter refused) keeps the reconnect pause growing.
-                        Ok(true) => failures = 0,
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "amqp: acknowledgement failed; reconnecting");
+                    }
+                    if let Some(e) = broken {
+                        tracing::warn!(error = %e, "amqp: acknowledgement failed; reconnecting");
+                        break;
+                    }
+                    match ready {
+                        Ready::Open => {}
+                        Ready::Ended => break,
+                        Ready::Failed(e) => {
+                            tracing::warn!(error = %e, "amqp: consumer error; reconnecting");
                             break;
                         }
                     }
@@ -278,6 +263,56 @@ async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
         if !pause(reconnect_delay(failures), &cancel).await {
             return;
         }
+    }
+}
+
+/// Handles one delivery to its acknowledgement: `Ok(true)` once done with (its job stored, or
+/// its dead letter confirmed) and acknowledged, `Ok(false)` when requeued, `Err` when the
+/// acknowledgement failed (the connection is to be made again).
+async fn handle(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    engine: &Engine,
+    cancel: &CancellationToken,
+    delivery: lapin::message::Delivery,
+) -> Result<bool, Trouble> {
+    // Never the delivery tag: it counts from 1 again on every channel, so after a reconnect it
+    // would be another message's key.
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .filter(|m| !m.is_empty());
+    // Checked before anything reads the body (it is not copied).
+    let verdict = submit_bounded(
+        engine,
+        BROKER,
+        &cfg.queue,
+        id.as_deref(),
+        &delivery.data,
+        max_message_bytes(cfg.max_message_bytes),
+    )
+    .await;
+    let done = match verdict {
+        Verdict::Stored { .. } => Ok(true),
+        Verdict::Refused(problem) => dead_letter(ch, cfg, &delivery, id.as_deref(), &problem).await,
+        Verdict::Retry(e) => {
+            tracing::info!(error = %e, "amqp: trigger refused for now; requeueing");
+            pause(cfg.retry_delay.unwrap_or(Duration::from_secs(5)), cancel).await;
+            Ok(false)
+        }
+    };
+    match done {
+        Ok(true) => answered(delivery.ack(BasicAckOptions::default()))
+            .await
+            .map(|_| true),
+        Ok(false) | Err(_) => answered(delivery.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        }))
+        .await
+        .map(|_| false),
     }
 }
 

@@ -459,6 +459,38 @@ pub(crate) async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
+/// How a stream of messages stands after [`take_ready`].
+#[allow(dead_code)] // without any broker feature nothing consumes
+#[derive(Debug)]
+pub(crate) enum Ready<E> {
+    /// It may yield more.
+    Open,
+    /// It ended.
+    Ended,
+    /// It failed (after the messages taken).
+    Failed(E),
+}
+
+/// Adds to `batch` the messages `stream` has ready now, without waiting, up to `max` in all:
+/// the messages that arrived together are handled together (their jobs submitted at once, their
+/// acknowledgements sent together).
+#[allow(dead_code)] // without any broker feature nothing consumes
+pub(crate) fn take_ready<T, E, S>(stream: &mut S, batch: &mut Vec<T>, max: usize) -> Ready<E>
+where
+    S: futures_util::Stream<Item = Result<T, E>> + Unpin,
+{
+    use futures_util::{FutureExt, StreamExt};
+    while batch.len() < max {
+        match stream.next().now_or_never() {
+            None => break,
+            Some(None) => return Ready::Ended,
+            Some(Some(Ok(m))) => batch.push(m),
+            Some(Some(Err(e))) => return Ready::Failed(e),
+        }
+    }
+    Ready::Open
+}
+
 /// Growing delays for reconnecting: 100 ms doubling to 5 s.
 #[allow(dead_code)]
 pub(crate) fn reconnect_delay(failures: u32) -> Duration {

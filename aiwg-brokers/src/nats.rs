@@ -16,9 +16,14 @@ use crate::config::{max_message_bytes, DEFAULT_NATS_MAX_AGE, DEFAULT_NATS_MAX_BY
 use crate::events::{EventMessage, EventQueue, NATS_HEADER_ROOM};
 use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
-use crate::{pause, reconnect_delay, BrokerError, NatsConfig, Started, Verdict};
+use crate::{
+    pause, reconnect_delay, take_ready, BrokerError, NatsConfig, Ready, Started, Verdict,
+};
 
 const BROKER: &str = "nats";
+
+/// The most trigger messages handled at once (those the pull consumer has ready together).
+const TRIGGER_BATCH: usize = 64;
 
 pub(crate) async fn start(
     cfg: NatsConfig,
@@ -247,7 +252,22 @@ async fn consume(
                 }
                 Some(Ok(msg)) => {
                     failures = 0;
-                    handle(&js, &cfg, &engine, msg).await;
+                    // The messages that came together: submitted together, acknowledged
+                    // together (each message's own answer, in flight at once).
+                    let mut batch = vec![msg];
+                    let ready = take_ready(&mut messages, &mut batch, TRIGGER_BATCH);
+                    futures_util::future::join_all(
+                        batch.into_iter().map(|m| handle(&js, &cfg, &engine, m)),
+                    )
+                    .await;
+                    match ready {
+                        Ready::Open => {}
+                        Ready::Ended => break,
+                        Ready::Failed(e) => {
+                            tracing::warn!(error = %e, "nats: consumer stream error");
+                            break;
+                        }
+                    }
                 }
             }
         }

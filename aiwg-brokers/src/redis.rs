@@ -228,25 +228,45 @@ async fn consume(
                 pending = false;
                 continue;
             }
-            let mut retry = false;
-            for entry in entries {
-                match handle(&mut write, &cfg, &engine, &entry).await {
-                    Ok(true) => {}
-                    Ok(false) => retry = true,
-                    Err(e) => {
-                        // The entry stays pending and comes again after the pause (a dead-letter
-                        // stream that refuses it would otherwise be a hot loop resubmitting it).
-                        failures += 1;
-                        tracing::warn!(
-                            error = %e, entry = %entry.id,
-                            "redis: dead letter or acknowledgement failed; reconnecting"
-                        );
-                        if !pause(reconnect_delay(failures), &cancel).await {
-                            return;
-                        }
-                        continue 'connect;
-                    }
+            // The entries read together: submitted together, then acknowledged with one XACK.
+            let outcomes = futures_util::future::join_all(
+                entries
+                    .iter()
+                    .map(|entry| handle(write.clone(), &cfg, &engine, entry)),
+            )
+            .await;
+            let done: Vec<&str> = entries
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Ok(true)))
+                .map(|(e, _)| e.id.as_str())
+                .collect();
+            let acked: redis::RedisResult<()> = if done.is_empty() {
+                Ok(())
+            } else {
+                write
+                    .xack::<_, _, _, i64>(&cfg.stream, &cfg.group, &done)
+                    .await
+                    .map(drop)
+            };
+            let retry = outcomes.iter().any(|o| matches!(o, Ok(false)));
+            let failed = entries
+                .iter()
+                .zip(outcomes)
+                .find_map(|(entry, o)| o.err().map(|e| (e, entry.id.as_str())))
+                .or_else(|| acked.err().map(|e| (e, "acknowledgement")));
+            if let Some((e, entry)) = failed {
+                // The entry stays pending and comes again after the pause (a dead-letter
+                // stream that refuses it would otherwise be a hot loop resubmitting it).
+                failures += 1;
+                tracing::warn!(
+                    error = %e, entry = %entry,
+                    "redis: dead letter or acknowledgement failed; reconnecting"
+                );
+                if !pause(reconnect_delay(failures), &cancel).await {
+                    return;
                 }
+                continue 'connect;
             }
             // Only a batch handled to its end clears the failures: a read that succeeds
             // between failing acknowledgements must not reset the pause.
@@ -279,9 +299,11 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Handles one entry; `Ok(false)` when it stays pending for a retry.
+/// Handles one entry up to its acknowledgement: `Ok(true)` when it is done with (its job
+/// stored, or its dead letter added) and may be acknowledged, `Ok(false)` when it stays pending
+/// for a retry, `Err` when its dead letter could not be added.
 async fn handle(
-    write: &mut MultiplexedConnection,
+    mut write: MultiplexedConnection,
     cfg: &RedisConfig,
     engine: &Engine,
     entry: &StreamId,
@@ -290,7 +312,7 @@ async fn handle(
     // Checked before anything reads the body (it is not copied).
     let limit = max_message_bytes(cfg.max_message_bytes);
     match submit_bounded(engine, BROKER, &cfg.stream, Some(&entry.id), &body, limit).await {
-        Verdict::Stored { .. } => {}
+        Verdict::Stored { .. } => Ok(true),
         Verdict::Refused(problem) => {
             let (kept, cut) = dead_letter_body(&body, limit);
             let doc = problem_document(&problem);
@@ -303,14 +325,13 @@ async fn handle(
                 fields.push(("body_truncated", b"true"));
             }
             let _: String = write.xadd(dead_stream(cfg), "*", &fields).await?;
+            Ok(true)
         }
         Verdict::Retry(e) => {
             tracing::info!(error = %e, "redis: trigger refused for now; will retry");
-            return Ok(false);
+            Ok(false)
         }
     }
-    let _: i64 = write.xack(&cfg.stream, &cfg.group, &[&entry.id]).await?;
-    Ok(true)
 }
 
 /// The field `name` of `entry`, borrowed when it is a byte string (the reply's own bytes, never

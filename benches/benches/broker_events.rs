@@ -17,68 +17,19 @@
 //!
 //! `cargo bench -p aiwg-benches --bench broker_events`
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aiwg_benches::brokers::{reachable, unique, Arrivals};
 use aiwg_benches::{env_usize, median};
 use aiwg_brokers::{Brokers, BrokersConfig, RunningBrokers};
 use aiwg_core::dispatch::outbound_event;
 use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::{Engine, Job, JobEvent, JobId, JobObserver, JobRequest, Step, Workflow};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::Notify;
 
 /// Unconfirmed messages the bare publishers keep in flight.
 const WINDOW: usize = 256;
-/// The longest a round may take before the bench gives up on it.
-const ROUND_LIMIT: Duration = Duration::from_secs(120);
-
-/// Messages a reader on the broker's side has received, and a wake-up when a target is reached.
-#[derive(Default)]
-struct Received {
-    count: AtomicUsize,
-    target: AtomicUsize,
-    reached: Notify,
-}
-
-impl Received {
-    fn add(&self, n: usize) {
-        let now = self.count.fetch_add(n, Ordering::AcqRel) + n;
-        if now >= self.target.load(Ordering::Acquire) {
-            self.reached.notify_one();
-        }
-    }
-
-    /// Waits until `n` more than `from` have been received.
-    async fn wait_for(&self, from: usize, n: usize) {
-        self.target.store(from + n, Ordering::Release);
-        tokio::time::timeout(ROUND_LIMIT, async {
-            while self.count.load(Ordering::Acquire) < from + n {
-                self.reached.notified().await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "only {} of {n} messages arrived within {ROUND_LIMIT:?}",
-                self.count.load(Ordering::Acquire) - from
-            )
-        });
-    }
-}
-
-fn reachable(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
-
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("bench{}x{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 /// A finished job of a one-step workflow and its `job.completed` event, for copies with new ids.
 async fn finished_job() -> (Job, JobEvent) {
@@ -122,7 +73,7 @@ fn copies(job: &Job, event: &JobEvent, n: usize) -> Vec<(Job, JobEvent)> {
 /// One broker's two sides.
 struct Sides {
     name: &'static str,
-    received: Arc<Received>,
+    received: Arc<Arrivals>,
     observer: Arc<dyn JobObserver>,
     running: RunningBrokers,
     engine: Engine,
@@ -198,7 +149,7 @@ mod nats_side {
             "dead_letter_subject": format!("{name}.dead")}}))
         .await;
         let client = async_nats::connect(url).await.unwrap();
-        let received = Arc::new(Received::default());
+        let received = Arc::new(Arrivals::default());
         let mut sub = client.subscribe(events_subject.clone()).await.unwrap();
         let counter = received.clone();
         tokio::spawn(async move {
@@ -352,7 +303,7 @@ mod amqp_side {
             )
             .await
             .unwrap();
-        let received = Arc::new(Received::default());
+        let received = Arc::new(Arrivals::default());
         let counter = received.clone();
         tokio::spawn(async move {
             while let Some(Ok(_)) = consumer.next().await {
@@ -440,9 +391,14 @@ mod redis_side {
         .await;
         let client = redis::Client::open(URL).unwrap();
         let con = client.get_multiplexed_async_connection().await.unwrap();
-        // A connection of its own for the blocking reads.
-        let mut reader = client.get_multiplexed_async_connection().await.unwrap();
-        let received = Arc::new(Received::default());
+        // Its own connection, answering later than a blocking read's second.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(6)));
+        let mut reader = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap();
+        let received = Arc::new(Arrivals::default());
         let counter = received.clone();
         let key = stream.clone();
         tokio::spawn(async move {
@@ -498,7 +454,7 @@ async fn measure(sides: Sides, events: usize, rounds: usize, job: &Job, event: &
     } = sides;
     let ours = || async {
         let batch = copies(job, event, events);
-        let from = received.count.load(Ordering::Acquire);
+        let from = received.count();
         let start = Instant::now();
         for (j, e) in &batch {
             observer.on_event(j, e).await;
@@ -508,7 +464,7 @@ async fn measure(sides: Sides, events: usize, rounds: usize, job: &Job, event: &
     };
     let theirs = || async {
         let batch = copies(job, event, events);
-        let from = received.count.load(Ordering::Acquire);
+        let from = received.count();
         let start = Instant::now();
         bare.publish(&batch).await;
         received.wait_for(from, events).await;

@@ -248,3 +248,72 @@ pub mod pg {
         }
     }
 }
+
+/// What the broker benches share: a count of what arrived, broker names of their own.
+pub mod brokers {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::sync::Notify;
+
+    /// The longest a round may take before a bench gives up on it.
+    pub const ROUND_LIMIT: Duration = Duration::from_secs(120);
+
+    /// Messages (or jobs) counted as they arrive, and a wake-up when a target is reached.
+    #[derive(Debug, Default)]
+    pub struct Arrivals {
+        count: AtomicUsize,
+        target: AtomicUsize,
+        reached: Notify,
+    }
+
+    impl Arrivals {
+        /// Counts `n` more.
+        pub fn add(&self, n: usize) {
+            let now = self.count.fetch_add(n, Ordering::AcqRel) + n;
+            if now >= self.target.load(Ordering::Acquire) {
+                self.reached.notify_one();
+            }
+        }
+
+        /// How many so far.
+        pub fn count(&self) -> usize {
+            self.count.load(Ordering::Acquire)
+        }
+
+        /// Waits until `n` more than `from` have arrived.
+        ///
+        /// # Panics
+        /// When they have not within [`ROUND_LIMIT`].
+        pub async fn wait_for(&self, from: usize, n: usize) {
+            self.target.store(from + n, Ordering::Release);
+            tokio::time::timeout(ROUND_LIMIT, async {
+                while self.count() < from + n {
+                    self.reached.notified().await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {n} arrived within {ROUND_LIMIT:?}",
+                    self.count() - from
+                )
+            });
+        }
+    }
+
+    /// Whether something listens on 127.0.0.1:`port`.
+    #[must_use]
+    pub fn reachable(port: u16) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }
+
+    /// A name no other run uses (`bench<pid>x<time>`): for streams, queues and subjects.
+    #[must_use]
+    pub fn unique() -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("bench{}x{}", std::process::id(), nanos % 1_000_000_000)
+    }
+}
