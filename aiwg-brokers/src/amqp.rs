@@ -20,9 +20,7 @@ use crate::config::max_message_bytes;
 use crate::events::{EventMessage, EventQueue};
 use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
-use crate::{
-    pause, reconnect_delay, take_ready, AmqpConfig, BrokerError, Ready, Started, Verdict,
-};
+use crate::{pause, reconnect_delay, take_ready, AmqpConfig, BrokerError, Ready, Started, Verdict};
 
 const BROKER: &str = "amqp";
 

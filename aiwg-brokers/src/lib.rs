@@ -27,6 +27,12 @@
 //!    `message_id` (and without `idempotency_key` in its body) is submitted without a key, at
 //!    least once — redelivered after an acknowledgement that was lost, it runs again.
 //!    **Publishers should set `message_id`** (unique per message) for exactly once.
+//!
+//!    Messages that arrive together are handled together: what the consumer has ready at
+//!    once (NATS: up to 64; RabbitMQ: up to `prefetch`, default 16; Redis: a read of up to 16
+//!    entries) is submitted at once, so a store that writes concurrent submissions together
+//!    (PostgreSQL) does, and the acknowledgements go out together (Redis: one `XACK` a read).
+//!    The jobs of one such batch may therefore be stored in another order than their messages.
 //! 3. **Acknowledge.** Only once the job is stored. A refusal that retrying cannot cure (bad
 //!    JSON, unknown workflow, invalid parameters, a project outside the roots, a body over
 //!    `max_message_bytes`) is acknowledged once its dead letter (below) — the message with the

@@ -16,9 +16,7 @@ use crate::config::{max_message_bytes, DEFAULT_NATS_MAX_AGE, DEFAULT_NATS_MAX_BY
 use crate::events::{EventMessage, EventQueue, NATS_HEADER_ROOM};
 use crate::publish::{self, Publisher, Sent};
 use crate::submit::{dead_letter_body, problem_document_within, submit_bounded};
-use crate::{
-    pause, reconnect_delay, take_ready, BrokerError, NatsConfig, Ready, Started, Verdict,
-};
+use crate::{pause, reconnect_delay, take_ready, BrokerError, NatsConfig, Ready, Started, Verdict};
 
 const BROKER: &str = "nats";
 

@@ -222,6 +222,66 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
 }
 
 #[tokio::test]
+async fn a_burst_of_triggers_starts_a_job_each_and_dead_letters_the_bad_ones() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = unique();
+    let (_conn, ch) = channel().await;
+    let (engine, running) = start(config(&name)).await;
+    // Published without waiting for each confirm: they reach the consumer together.
+    let burst = trigger_burst();
+    let mut confirms = Vec::new();
+    for (id, body, _) in &burst {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.as_str().into());
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                format!("{name}.trigger").as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    let ids: Vec<String> = burst.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_each_trigger_once(&engine, "amqp", Some(&ids)).await;
+    let bad = burst.iter().filter(|m| !m.2).count();
+    let dead = format!("{name}.dead");
+    let letters = std::sync::Mutex::new(0);
+    wait_until("a dead letter a malformed message", || async {
+        let got = drain(&ch, &dead).await.len();
+        let mut n = letters.lock().unwrap();
+        *n += got;
+        *n == bad
+    })
+    .await;
+    // Nothing left in the trigger queue, nothing unacknowledged (a passive declare counts both
+    // ready messages; unacknowledged ones would come back once the consumer is gone).
+    running.shutdown().await;
+    let left = ch
+        .queue_declare(
+            format!("{name}.trigger").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.message_count(), 0, "every message acknowledged");
+    clean_up(&ch, &name).await;
+}
+
+#[tokio::test]
 async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
     if !reachable("rabbitmq", 5672) {
         return;

@@ -307,6 +307,53 @@ async fn events_of(js: &jetstream::Context, name: &str, job_id: &str) -> Vec<(St
 }
 
 #[tokio::test]
+async fn a_burst_of_triggers_starts_a_job_each_and_dead_letters_the_bad_ones() {
+    if !reachable("nats", 4222) {
+        return;
+    }
+    let url = "nats://127.0.0.1:4222";
+    let name = unique();
+    let (engine, running) = start(config(url, &name)).await;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // Sent without waiting for each ack: they reach the consumer together.
+    let burst = trigger_burst();
+    for (id, body, _) in &burst {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        client
+            .publish_with_headers(format!("{name}.trigger"), headers, body.clone().into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let ids: Vec<String> = burst.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_each_trigger_once(&engine, "nats", Some(&ids)).await;
+    let dead = format!("{name}.dead");
+    wait_until("a dead letter a malformed message", || async {
+        stored(&js, &name, &dead).await.len() == burst.iter().filter(|m| !m.2).count()
+    })
+    .await;
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(format!("AIWG_{name}"))
+        .await
+        .unwrap()
+        .get_consumer("aiwg")
+        .await
+        .unwrap();
+    wait_until("every message acknowledged", || {
+        let mut c = consumer.clone();
+        async move {
+            let info = c.info().await.unwrap();
+            info.num_ack_pending == 0 && info.num_pending == 0
+        }
+    })
+    .await;
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+#[tokio::test]
 async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
     if !reachable("nats", 4222) {
         return;

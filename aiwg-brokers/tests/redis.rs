@@ -150,6 +150,44 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_entries_are_dead
 }
 
 #[tokio::test]
+async fn a_burst_of_triggers_starts_a_job_each_and_dead_letters_the_bad_ones() {
+    if !reachable("redis", 6379) {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379";
+    let name = unique();
+    let (engine, running) = start(config(url, &name)).await;
+    let trigger = format!("{name}:trigger");
+    let mut c = con(url).await;
+    // One pipeline: the consumer reads them 16 at a time.
+    let burst = trigger_burst();
+    let mut pipe = redis::pipe();
+    for (_, body, _) in &burst {
+        pipe.xadd(&trigger, "*", &[("body", body.as_str())])
+            .ignore();
+    }
+    let () = pipe.query_async(&mut c).await.unwrap();
+    assert_each_trigger_once(&engine, "redis", None).await;
+    let bad = burst.iter().filter(|m| !m.2).count();
+    wait_until("a dead letter a malformed message", || async {
+        entries(url, &format!("{name}:dead")).await.len() == bad
+    })
+    .await;
+    let (pending, ..): (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&trigger)
+        .arg("aiwg")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "every entry acknowledged");
+    running.shutdown().await;
+    let _: () = c
+        .del(&[trigger, format!("{name}:events"), format!("{name}:dead")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
     if !reachable("redis", 6379) {
         return;

@@ -197,3 +197,52 @@ pub fn assert_every_event_once_in_order(events: &[(String, String)], ids: &[Stri
     }
     assert_eq!(events.len(), ids.len() * first.len(), "no other event");
 }
+
+/// How many trigger messages [`trigger_burst`] makes.
+pub const TRIGGERS: usize = 160;
+
+/// A burst of trigger messages, published together so that the consumer takes them together:
+/// (message id, body, whether it is a valid trigger); one in eight is malformed.
+pub fn trigger_burst() -> Vec<(String, String, bool)> {
+    (0..TRIGGERS)
+        .map(|i| {
+            let good = i % 8 != 5;
+            let body = if good {
+                r#"{"workflow": "check"}"#.to_owned()
+            } else {
+                format!("not json {i}")
+            };
+            (format!("m{i}"), body, good)
+        })
+        .collect()
+}
+
+/// After a [`trigger_burst`] from `source`: waits until every message was decided, then asserts
+/// that each valid one started one job of its own (its delivery id among `ids`, when the broker
+/// carries the message's id) and each malformed one was refused.
+pub async fn assert_each_trigger_once(engine: &Engine, source: &str, ids: Option<&[String]>) {
+    let good = trigger_burst().iter().filter(|(_, _, g)| *g).count();
+    let bad = TRIGGERS - good;
+    wait_until("every message of the burst decided", || async {
+        decisions(engine, source, Decision::Accepted).await == good
+            && decisions(engine, source, Decision::Refused).await == bad
+    })
+    .await;
+    let all = jobs(engine).await;
+    assert_eq!(all.len(), good, "one job a valid message");
+    let delivered: std::collections::BTreeSet<String> = all
+        .iter()
+        .map(|j| j.trigger.delivery_id.clone().expect("a delivery id"))
+        .collect();
+    assert_eq!(delivered.len(), good, "each job a message of its own");
+    if let Some(ids) = ids {
+        let valid: std::collections::BTreeSet<String> = trigger_burst()
+            .into_iter()
+            .filter(|(_, _, g)| *g)
+            .map(|(id, _, _)| id)
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(delivered, valid);
+    }
+    assert_eq!(decisions(engine, source, Decision::Duplicate).await, 0);
+}
