@@ -18,6 +18,9 @@ use crate::{pause, problem_document, reconnect_delay, BrokerError, RedisConfig, 
 
 const BROKER: &str = "redis";
 
+/// The most entries one read takes: handled together (submitted at once, one `XACK`).
+const READ_COUNT: usize = 64;
+
 /// How long one `XREADGROUP` waits at the server for new entries.
 const BLOCK: Duration = Duration::from_secs(1);
 
@@ -199,7 +202,7 @@ async fn consume(
                 .arg(&cfg.group)
                 .arg(&me)
                 .arg("COUNT")
-                .arg(16)
+                .arg(READ_COUNT)
                 .arg("BLOCK")
                 .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")

@@ -12,8 +12,12 @@
 //!   nothing), audited and acknowledged; the end is the last job's creation, seen by an
 //!   observer;
 //! - bare: a consumer of the same library on a stream, queue or group of its own, with the same
-//!   prefetch (RabbitMQ 16, Redis `COUNT 16`; JetStream the library's pull default), taking each
+//!   prefetch (RabbitMQ 16, Redis `COUNT 64`; JetStream the library's pull default), taking each
 //!   message and acknowledging it (JetStream `ack`, AMQP `basic.ack`, one `XACK` a read).
+//!
+//! With `AIWG_BROKER_STORE=postgres` our jobs and audit trail are in PostgreSQL
+//! (`AIWG_TEST_DATABASE_URL`, a schema of its own, 8 connections) and the ratios are named
+//! `broker_triggers_<broker>_postgres_vs_bare`.
 //!
 //! Sides alternate, `AIWG_BROKER_ROUNDS` rounds each (default 6). Prints, per broker,
 //! `ratio broker_triggers_<broker>_vs_bare <v>`: our messages a second over the bare consumer's
@@ -27,10 +31,13 @@ use std::time::{Duration, Instant};
 use aiwg_benches::brokers::{reachable, unique, Arrivals};
 use aiwg_benches::{env_usize, median};
 use aiwg_brokers::{Brokers, BrokersConfig, RunningBrokers};
+use aiwg_core::audit::{AuditLog, PgAuditStore};
+use aiwg_core::store::PgStore;
 use aiwg_core::test_util::ScriptedExecutor;
 use aiwg_core::workflow::ApprovalGate;
 use aiwg_core::{Engine, Job, JobEvent, JobEventKind, JobObserver, Step, Workflow};
 use futures_util::StreamExt;
+use sqlx::PgPool;
 
 /// The trigger every message carries.
 const BODY: &[u8] = br#"{"workflow":"check","guidance":"look at the failing test"}"#;
@@ -47,20 +54,32 @@ impl JobObserver for Created {
     }
 }
 
-/// An engine whose jobs wait for an approval, counting the jobs created, consuming `config`.
-async fn start_ours(config: serde_json::Value) -> (Arc<Arrivals>, RunningBrokers, Engine) {
+/// An engine whose jobs wait for an approval, counting the jobs created, consuming `config`;
+/// its jobs and audit trail in PostgreSQL when `pg` is given.
+async fn start_ours(
+    config: serde_json::Value,
+    pg: Option<&PgPool>,
+) -> (Arc<Arrivals>, RunningBrokers, Engine) {
     let brokers = Brokers::new(BrokersConfig::from_value(config).unwrap()).unwrap();
     let created = Arc::new(Arrivals::default());
     let mut step = Step::prompt("run", "x", "check");
     step.approval = ApprovalGate::Required;
-    let engine = Engine::builder()
+    let mut builder = Engine::builder()
         .executor("x", Arc::new(ScriptedExecutor::succeeding("ok")))
         .workflow(Workflow::new("check").step(step))
         .observer(Arc::new(Created(created.clone())))
         .queue_capacity(1_000_000)
-        .workers(2)
-        .build()
-        .unwrap();
+        .workers(2);
+    if let Some(pool) = pg {
+        let store = PgStore::from_pool(pool.clone()).await.unwrap();
+        store.migrate().await.unwrap();
+        let audit = PgAuditStore::new(pool.clone());
+        audit.migrate().await.unwrap();
+        builder = builder
+            .store(Arc::new(store))
+            .audit(AuditLog::new(Arc::new(audit)));
+    }
+    let engine = builder.build().unwrap();
     let running = brokers.start(engine.clone()).await.unwrap();
     (created, running, engine)
 }
@@ -111,13 +130,13 @@ mod nats_side {
         }
     }
 
-    pub(super) async fn sides() -> Sides {
+    pub(super) async fn sides(pg: Option<&PgPool>) -> Sides {
         let url = "nats://127.0.0.1:4222";
         let name = unique();
         let (ours, running, engine) = start_ours(serde_json::json!({"nats": {
             "url": url, "stream": format!("AIWG_{name}"), "consumer": "aiwg",
             "trigger_subject": format!("{name}.trigger"), "events_subject": format!("{name}.events"),
-            "dead_letter_subject": format!("{name}.dead")}}))
+            "dead_letter_subject": format!("{name}.dead")}}), pg)
         .await;
         let client = async_nats::connect(url).await.unwrap();
         let js = jetstream::new(client.clone());
@@ -206,11 +225,14 @@ mod amqp_side {
         }
     }
 
-    pub(super) async fn sides() -> Sides {
+    pub(super) async fn sides(pg: Option<&PgPool>) -> Sides {
         let name = unique();
-        let (ours, running, engine) = start_ours(serde_json::json!({"amqp": {
+        let (ours, running, engine) = start_ours(
+            serde_json::json!({"amqp": {
             "url": URL, "queue": format!("{name}.trigger"),
-            "dead_letter_exchange": "", "dead_letter_routing_key": format!("{name}.dead")}}))
+            "dead_letter_exchange": "", "dead_letter_routing_key": format!("{name}.dead")}}),
+            pg,
+        )
         .await;
         let conn = Connection::connect(URL, ConnectionProperties::default())
             .await
@@ -306,11 +328,14 @@ mod redis_side {
         }
     }
 
-    pub(super) async fn sides() -> Sides {
+    pub(super) async fn sides(pg: Option<&PgPool>) -> Sides {
         let name = unique();
-        let (ours, running, engine) = start_ours(serde_json::json!({"redis": {
+        let (ours, running, engine) = start_ours(
+            serde_json::json!({"redis": {
             "url": URL, "stream": format!("{name}:trigger"), "group": "aiwg",
-            "dead_letter_stream": format!("{name}:dead")}}))
+            "dead_letter_stream": format!("{name}:dead")}}),
+            pg,
+        )
         .await;
         let client = redis::Client::open(URL).unwrap();
         let con = client.get_multiplexed_async_connection().await.unwrap();
@@ -331,7 +356,7 @@ mod redis_side {
         tokio::spawn(async move {
             let opts = StreamReadOptions::default()
                 .group("bare", "bench")
-                .count(16)
+                .count(64)
                 .block(1000);
             loop {
                 let read: redis::RedisResult<Option<StreamReadReply>> =
@@ -423,6 +448,18 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // `AIWG_BROKER_STORE=postgres`: jobs and audit trail in a schema of their own.
+        let db = if std::env::var("AIWG_BROKER_STORE").is_ok_and(|s| s == "postgres") {
+            let db = aiwg_benches::pg::BenchSchema::create("broker_triggers")
+                .await
+                .expect("AIWG_BROKER_STORE=postgres: no database (AIWG_TEST_DATABASE_URL)");
+            let pool = db.pool(8).await;
+            Some((db, pool))
+        } else {
+            None
+        };
+        let pg = db.as_ref().map(|(_, pool)| pool);
+        let store = if pg.is_some() { "_postgres" } else { "" };
         for (port, broker) in [(4222, "nats"), (5672, "amqp"), (6379, "redis")] {
             if !reachable(port) {
                 println!(
@@ -431,11 +468,19 @@ fn main() {
                 continue;
             }
             let (side, ours, bare, running, engine, name) = match broker {
-                "nats" => nats_side::sides().await,
-                "amqp" => amqp_side::sides().await,
-                _ => redis_side::sides().await,
+                "nats" => nats_side::sides(pg).await,
+                "amqp" => amqp_side::sides(pg).await,
+                _ => redis_side::sides(pg).await,
             };
-            measure(broker, side.as_ref(), &ours, &bare, n, rounds).await;
+            measure(
+                &format!("{broker}{store}"),
+                side.as_ref(),
+                &ours,
+                &bare,
+                n,
+                rounds,
+            )
+            .await;
             running.shutdown().await;
             engine.shutdown(Duration::from_secs(1)).await;
             match broker {
@@ -443,6 +488,10 @@ fn main() {
                 "amqp" => amqp_side::clean_up(&name).await,
                 _ => redis_side::clean_up(&name).await,
             }
+        }
+        if let Some((db, pool)) = db {
+            pool.close().await;
+            db.drop_schema().await;
         }
     });
 }
