@@ -175,7 +175,7 @@ pub(crate) async fn start(
 }
 
 async fn consume(cfg: AmqpConfig, engine: Engine, cancel: CancellationToken) {
-    let prefetch = cfg.prefetch.unwrap_or(16);
+    let prefetch = cfg.prefetch.unwrap_or(64);
     let mut failures = 0u32;
     loop {
         if cancel.is_cancelled() {

@@ -135,7 +135,8 @@ pub struct AmqpConfig {
     /// name is declared).
     #[serde(default)]
     pub dead_letter_routing_key: Option<String>,
-    /// Messages in flight at once (default 16).
+    /// Messages delivered and not yet acknowledged, at most (default 64): those that arrive
+    /// together are handled together.
     #[serde(default)]
     pub prefetch: Option<u16>,
     /// The delay before a transiently refused message comes again (default 5s).

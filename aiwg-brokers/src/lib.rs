@@ -29,7 +29,7 @@
 //!    **Publishers should set `message_id`** (unique per message) for exactly once.
 //!
 //!    Messages that arrive together are handled together: what the consumer has ready at
-//!    once (NATS: up to 64; RabbitMQ: up to `prefetch`, default 16; Redis: a read of up to 64
+//!    once (NATS: up to 64; RabbitMQ: up to `prefetch`, default 64; Redis: a read of up to 64
 //!    entries) is submitted at once, so a store that writes concurrent submissions together
 //!    (PostgreSQL) does, and the acknowledgements go out together (Redis: one `XACK` a read).
 //!    The jobs of one such batch may therefore be stored in another order than their messages.

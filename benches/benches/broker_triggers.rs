@@ -12,7 +12,7 @@
 //!   nothing), audited and acknowledged; the end is the last job's creation, seen by an
 //!   observer;
 //! - bare: a consumer of the same library on a stream, queue or group of its own, with the same
-//!   prefetch (RabbitMQ 16, Redis `COUNT 64`; JetStream the library's pull default), taking each
+//!   prefetch (RabbitMQ 64, or `AIWG_BROKER_PREFETCH`; Redis `COUNT 64`; JetStream the library's pull default), taking each
 //!   message and acknowledging it (JetStream `ack`, AMQP `basic.ack`, one `XACK` a read).
 //!
 //! With `AIWG_BROKER_STORE=postgres` our jobs and audit trail are in PostgreSQL
@@ -227,9 +227,11 @@ mod amqp_side {
 
     pub(super) async fn sides(pg: Option<&PgPool>) -> Sides {
         let name = unique();
+        // `AIWG_BROKER_PREFETCH`: both sides' prefetch (default: ours, 64).
+        let prefetch = u16::try_from(env_usize("AIWG_BROKER_PREFETCH", 64)).unwrap_or(64);
         let (ours, running, engine) = start_ours(
             serde_json::json!({"amqp": {
-            "url": URL, "queue": format!("{name}.trigger"),
+            "url": URL, "queue": format!("{name}.trigger"), "prefetch": prefetch,
             "dead_letter_exchange": "", "dead_letter_routing_key": format!("{name}.dead")}}),
             pg,
         )
@@ -248,7 +250,7 @@ mod amqp_side {
             .await
             .unwrap();
         reader
-            .basic_qos(16, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .unwrap();
         let mut consumer = reader
