@@ -148,6 +148,14 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
     );
     assert!(header(&letters[1], "Aiwg-Message-Id").is_some());
     assert_eq!(header(&letters[1], "Aiwg-Body-Truncated"), None);
+    all_acknowledged(&js, &name).await;
+    assert_eq!(jobs(&engine).await.len(), 1);
+    running.shutdown().await;
+    let _ = js.delete_stream(format!("AIWG_{name}")).await;
+}
+
+/// Waits until aiwg's consumer of the test's stream has every message acknowledged.
+async fn all_acknowledged(js: &jetstream::Context, name: &str) {
     let consumer: jetstream::consumer::PullConsumer = js
         .get_stream(format!("AIWG_{name}"))
         .await
@@ -163,9 +171,6 @@ async fn a_trigger_runs_a_job_redelivery_starts_nothing_and_bad_messages_are_dea
         }
     })
     .await;
-    assert_eq!(jobs(&engine).await.len(), 1);
-    running.shutdown().await;
-    let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }
 
 /// The `nats-server` program; `None` (with a note, or a panic under CI) when not installed.
@@ -334,21 +339,7 @@ async fn a_burst_of_triggers_starts_a_job_each_and_dead_letters_the_bad_ones() {
         stored(&js, &name, &dead).await.len() == burst.iter().filter(|m| !m.2).count()
     })
     .await;
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(format!("AIWG_{name}"))
-        .await
-        .unwrap()
-        .get_consumer("aiwg")
-        .await
-        .unwrap();
-    wait_until("every message acknowledged", || {
-        let mut c = consumer.clone();
-        async move {
-            let info = c.info().await.unwrap();
-            info.num_ack_pending == 0 && info.num_pending == 0
-        }
-    })
-    .await;
+    all_acknowledged(&js, &name).await;
     running.shutdown().await;
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }
@@ -377,16 +368,7 @@ async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
             })
             .collect::<Vec<_>>()
     };
-    wait_until("every job.completed on the events subject", || async {
-        events()
-            .await
-            .iter()
-            .filter(|(_, k)| k == "job.completed")
-            .count()
-            == ids.len()
-    })
-    .await;
-    assert_every_event_once_in_order(&events().await, &ids);
+    every_event_once_in_order(events, &ids).await;
     running.shutdown().await;
     let _ = js.delete_stream(format!("AIWG_{name}")).await;
 }

@@ -209,16 +209,7 @@ async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
             })
             .collect::<Vec<_>>()
     };
-    wait_until("every job.completed in the events stream", || async {
-        events()
-            .await
-            .iter()
-            .filter(|(_, k)| k == "job.completed")
-            .count()
-            == ids.len()
-    })
-    .await;
-    assert_every_event_once_in_order(&events().await, &ids);
+    every_event_once_in_order(events, &ids).await;
     running.shutdown().await;
     let mut c = con(url).await;
     let _: () = c

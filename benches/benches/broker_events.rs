@@ -330,7 +330,7 @@ mod amqp_side {
         (sides, exchange)
     }
 
-    /// The exchange and trigger queue the bench made.
+    /// The exchange and the queues the bench made.
     pub(super) async fn clean_up(exchange: &str) {
         let conn = Connection::connect(URL, ConnectionProperties::default())
             .await
@@ -339,10 +339,12 @@ mod amqp_side {
         let _ = ch
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await;
-        let queue = exchange.replace(".events", ".trigger");
-        let _ = ch
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
+        for kind in [".trigger", ".dead"] {
+            let queue = exchange.replace(".events", kind);
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
     }
 }
 

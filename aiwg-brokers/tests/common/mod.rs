@@ -177,6 +177,25 @@ pub async fn burst(engine: &Engine) -> Vec<String> {
     ids.iter().map(ToString::to_string).collect()
 }
 
+/// Waits until `events` (what the broker holds, as for [`assert_every_event_once_in_order`])
+/// has a `job.completed` of each job of `ids`, then asserts it holds every event once, in order.
+pub async fn every_event_once_in_order<F, Fut>(events: F, ids: &[String])
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<(String, String)>>,
+{
+    wait_until("a job.completed of every job on the broker", || async {
+        let completed = events().await;
+        completed
+            .iter()
+            .filter(|(_, k)| k == "job.completed")
+            .count()
+            == ids.len()
+    })
+    .await;
+    assert_every_event_once_in_order(&events().await, ids);
+}
+
 /// Asserts that the broker holds every event of the jobs `ids` once, each job's in its order
 /// (the same as the first job's: `job.queued` … `job.completed`). `events`: (job id, event
 /// type) in the order the broker stored them.
