@@ -53,6 +53,15 @@ pub(crate) fn count_dropped(broker: &'static str, reason: &'static str, events: 
         .increment(events);
 }
 
+/// How large a batch of events may grow.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batch {
+    /// Events, at most.
+    pub(crate) events: usize,
+    /// Bytes ([`EventMessage::weight`]): events are added while the batch holds fewer.
+    pub(crate) bytes: usize,
+}
+
 /// What the two ends of one broker's event buffer share.
 #[derive(Debug)]
 struct Gauge {
@@ -178,8 +187,9 @@ impl EventQueue {
     }
 
     /// Waits for the next event as [`next`](Self::next) does, and adds it to `batch` with those
-    /// waiting behind it, up to `max` in all. False when the publisher is to end.
-    pub(crate) async fn next_batch(&mut self, batch: &mut Vec<EventMessage>, max: usize) -> bool {
+    /// waiting behind it ([`take_waiting`](Self::take_waiting)). False when the publisher is to
+    /// end.
+    pub(crate) async fn next_batch(&mut self, batch: &mut Vec<EventMessage>, max: Batch) -> bool {
         let Some(first) = self.next().await else {
             return false;
         };
@@ -188,19 +198,22 @@ impl EventQueue {
         true
     }
 
-    /// Adds to `batch` the events waiting now, without waiting, up to `max` in all (none once
-    /// the publisher is stopped).
-    pub(crate) fn take_waiting(&mut self, batch: &mut Vec<EventMessage>, max: usize) {
+    /// Adds to `batch` the events waiting now, without waiting, while it holds fewer than
+    /// `max.events` events and `max.bytes` bytes (so the last one added may pass the bytes);
+    /// none once the publisher is stopped.
+    pub(crate) fn take_waiting(&mut self, batch: &mut Vec<EventMessage>, max: Batch) {
         if self.stop.is_cancelled() {
             return;
         }
-        let mut weight = 0;
-        while batch.len() < max {
+        let mut bytes: usize = batch.iter().map(EventMessage::weight).sum();
+        let mut taken = 0;
+        while batch.len() < max.events && bytes < max.bytes {
             let Ok(ev) = self.rx.try_recv() else { break };
-            weight += ev.weight();
+            bytes += ev.weight();
+            taken += ev.weight();
             batch.push(ev);
         }
-        self.gauge.waiting.fetch_sub(weight, Ordering::AcqRel);
+        self.gauge.waiting.fetch_sub(taken, Ordering::AcqRel);
     }
 
     /// Fires when the publisher is to end now (pauses between attempts end with it).
@@ -331,6 +344,43 @@ mod tests {
         assert_eq!(
             counters.get("aiwg_broker_events_dropped_total{broker=redis,reason=stopped}"),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_waits_up_to_its_events_and_bytes() {
+        let (outbox, mut queue) = event_buffer("nats", 100, 1 << 30, 1 << 30);
+        for _ in 0..10 {
+            assert!(outbox.offer(message(400_000)));
+        }
+        let mut batch = Vec::new();
+        let max = Batch {
+            events: 256,
+            bytes: 1 << 20,
+        };
+        assert!(queue.next_batch(&mut batch, max).await);
+        // 0, 0.4 and 0.8 MB held are under 1 MiB: three taken, the third passing it.
+        assert_eq!(batch.len(), 3);
+        batch.clear();
+        let max = Batch {
+            events: 2,
+            bytes: 1 << 30,
+        };
+        assert!(queue.next_batch(&mut batch, max).await);
+        assert_eq!(batch.len(), 2, "bounded in events");
+        // A batch retried holds its events already: only what fits beside them is added.
+        queue.take_waiting(
+            &mut batch,
+            Batch {
+                events: 256,
+                bytes: 1 << 20,
+            },
+        );
+        assert_eq!(batch.len(), 3);
+        // What was taken no longer counts against the buffer.
+        assert_eq!(
+            queue.gauge.waiting.load(Ordering::SeqCst),
+            4 * message(400_000).weight()
         );
     }
 

@@ -45,7 +45,7 @@
 //!    subject / exchange / stream, waiting for the broker's confirmation and retrying (in order)
 //!    across reconnects, so a broker restart loses nothing while the server runs.
 //!
-//!    The events waiting for a broker go in batches of up to 256: a batch is sent whole (a
+//!    The events waiting for a broker go in batches of up to 256 (and about 1 MiB): a batch is sent whole (a
 //!    JetStream publish, an AMQP `basic.publish` on one channel, one pipeline of `XADD`s), then
 //!    its confirmations are awaited (JetStream acks, publisher confirms, the `XADD` replies),
 //!    so a burst of events costs a round trip a batch, not an event; a lone event goes at once.

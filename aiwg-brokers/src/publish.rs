@@ -6,7 +6,7 @@
 //!
 //! One round trip is thus shared by every event that waited while the one before was on its
 //! way: a lone event goes out at once, a burst (a thousand jobs finishing together) in batches
-//! of up to [`PUBLISH_BATCH`], instead of one round trip an event.
+//! of up to [`PUBLISH_BATCH`] (256 events, about 1 MiB), instead of one round trip an event.
 //!
 //! **Order.** A batch is sent in the buffer's order on one connection, and the brokers store
 //! it in that order. An event not confirmed is published again ahead of every later one, so
@@ -18,11 +18,16 @@
 use std::fmt::Display;
 use std::future::Future;
 
-use crate::events::{count_dropped, EventMessage, EventQueue};
+use crate::events::{count_dropped, Batch, EventMessage, EventQueue};
 use crate::{pause, reconnect_delay};
 
-/// The most events one batch holds: sent together, then confirmed together.
-pub(crate) const PUBLISH_BATCH: usize = 256;
+/// How large one batch grows: up to 256 events, and events are added while it holds less than
+/// 1 MiB (a batch of large bodies is a few events, so it is sent within the brokers' answer
+/// limits; one event larger than that goes alone).
+pub(crate) const PUBLISH_BATCH: Batch = Batch {
+    events: 256,
+    bytes: 1 << 20,
+};
 
 /// What the broker did with one event of a batch.
 #[derive(Debug)]
@@ -73,7 +78,7 @@ pub(crate) async fn publish_events<P: Publisher>(mut publisher: P, mut events: E
     let stop = events.stop_token();
     let broker = P::BROKER;
     // The batch being published: events not confirmed yet, oldest first.
-    let mut batch: Vec<EventMessage> = Vec::with_capacity(PUBLISH_BATCH);
+    let mut batch: Vec<EventMessage> = Vec::with_capacity(PUBLISH_BATCH.events);
     let mut failures = 0u32;
     loop {
         if batch.is_empty() {

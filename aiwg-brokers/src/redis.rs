@@ -18,6 +18,10 @@ use crate::{pause, problem_document, reconnect_delay, BrokerError, RedisConfig, 
 
 const BROKER: &str = "redis";
 
+/// How long a batch of events (up to about 1 MiB of `XADD`s) may take to be answered before
+/// the connection is given up and the batch sent again (the client's default is 500 ms).
+const PUBLISH_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
 /// The most entries one read takes: handled together (submitted at once, one `XACK`).
 const READ_COUNT: usize = 64;
 
@@ -387,7 +391,13 @@ impl Publisher for Events {
         batch: &[EventMessage],
     ) -> Result<Vec<Sent<redis::RedisError>>, redis::RedisError> {
         if self.con.is_none() {
-            self.con = Some(self.client.get_multiplexed_async_connection().await?);
+            let config =
+                AsyncConnectionConfig::new().set_response_timeout(Some(PUBLISH_ANSWER_WITHIN));
+            self.con = Some(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            );
         }
         let con = self.con.as_mut().expect("just connected");
         let mut pipe = redis::pipe();
