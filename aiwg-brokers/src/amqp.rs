@@ -430,6 +430,10 @@ impl Publisher for Events {
             });
         }
         let mut answers = Vec::with_capacity(confirms.len());
+        // A refusal closes the channel: what was sent on it after the refused event fails for
+        // that alone (the server handles a channel's publishes in order, and confirmed the ones
+        // before it), and goes again at once on a new channel.
+        let mut closed = false;
         for confirm in confirms {
             let confirmed = match confirm {
                 Ok(c) => match tokio::time::timeout_at(deadline, c).await {
@@ -441,12 +445,18 @@ impl Publisher for Events {
             answers.push(match confirmed {
                 Ok(c) if c.is_ack() => Sent::Confirmed,
                 Ok(_) => Sent::Retry(Trouble::Nacked),
-                Err(e) if refused_for_good(&e) => Sent::Refused(e),
+                // The channel's closing fails every confirm after the refused one, often
+                // with the refusal itself: only the first is the event the server refused.
+                Err(_) if closed => Sent::Again,
+                Err(e) if refused_for_good(&e) => {
+                    closed = true;
+                    Sent::Refused(e)
+                }
                 Err(e) => Sent::Retry(e),
             });
         }
-        // A refusal closes the channel: the next batch opens a new one.
-        if answers.iter().any(|a| matches!(a, Sent::Refused(_))) {
+        // The next batch opens a new channel.
+        if closed {
             self.failed().await;
         }
         Ok(answers)

@@ -36,8 +36,12 @@ pub(crate) enum Sent<E> {
     Confirmed,
     /// Refused in a way publishing again cannot cure (too large, not allowed): dropped.
     Refused(E),
-    /// Not confirmed: a lost connection, no answer, a refusal for the moment. Published again.
+    /// Not confirmed: a lost connection, no answer, a refusal for the moment. Published again
+    /// after a pause.
     Retry(E),
+    /// Not taken because a refusal of an earlier event of the batch closed what it was sent on
+    /// (a RabbitMQ channel): published again at once, without a pause.
+    Again,
 }
 
 /// One broker's way of publishing a batch of events.
@@ -139,6 +143,7 @@ fn settle<E: Display>(
             first_retry.get_or_insert(e);
             true
         }
+        Some(Sent::Again) => true,
         // No answer for it (a publisher answering too few): sent again, never lost.
         None => true,
     });
@@ -287,6 +292,16 @@ mod tests {
             counters.get("aiwg_broker_events_dropped_total{broker=nats,reason=refused}"),
             1
         );
+        // Sent again at once: kept, in order, but no retry (no pause).
+        let mut batch: Vec<EventMessage> = (0..3).map(message).collect();
+        let answers: Vec<Sent<String>> = vec![
+            Sent::Refused("not allowed".to_owned()),
+            Sent::Again,
+            Sent::Again,
+        ];
+        assert!(settle("amqp", &mut batch, answers).is_none());
+        let kept: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
+        assert_eq!(kept, ["e1", "e2"]);
         // Every one confirmed: nothing kept, nothing to retry.
         let mut batch: Vec<EventMessage> = (0..2).map(message).collect();
         let answers: Vec<Sent<String>> = vec![Sent::Confirmed, Sent::Confirmed];

@@ -281,6 +281,99 @@ async fn a_burst_of_triggers_starts_a_job_each_and_dead_letters_the_bad_ones() {
     clean_up(&ch, &name).await;
 }
 
+/// Runs `rabbitmqctl` with `args` (the server's own tool, for users and permissions); false,
+/// with a note, when it cannot be run (a panic under CI).
+fn rabbitmqctl(args: &[&str]) -> bool {
+    let ran = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let ok = ran.as_ref().is_ok_and(std::process::ExitStatus::success);
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("rabbitmqctl {args:?} failed: {ran:?}");
+        }
+        eprintln!("skipping: rabbitmqctl {args:?} could not be run ({ran:?})");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn events_the_server_refuses_for_good_are_dropped_without_holding_back_the_next() {
+    if !reachable("rabbitmq", 5672) {
+        return;
+    }
+    let name = unique();
+    // A user that may publish only job.queued and job.completed to the events exchange: the
+    // server refuses every other event (ACCESS_REFUSED, which closes the channel it came on).
+    let user = format!("aiwg-{name}");
+    if !rabbitmqctl(&["add_user", &user, "pw"]) {
+        return;
+    }
+    let exchange = format!("{name}.events");
+    assert!(rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        &user,
+        ".*",
+        ".*",
+        ".*"
+    ]));
+    assert!(rabbitmqctl(&[
+        "set_topic_permissions",
+        "-p",
+        "/",
+        &user,
+        &exchange,
+        "^job\\.(queued|completed)$",
+        ".*",
+    ]));
+    let (_conn, ch) = channel().await;
+    let queue = events_queue(&ch, &name).await;
+    let mut cfg = config(&name);
+    cfg["amqp"]["url"] = json!(format!("amqp://{user}:pw@127.0.0.1:5672/%2f"));
+    let (engine, running) = start(cfg).await;
+    // Submitted together: their events wait together, so batches hold refused events between
+    // allowed ones.
+    let submitted = futures_util::future::join_all(
+        (0..20).map(|_| engine.submission(aiwg_core::JobRequest::new("check"))),
+    )
+    .await;
+    let ids: Vec<String> = submitted
+        .into_iter()
+        .map(|s| s.unwrap().job.id.to_string())
+        .collect();
+    let events = std::sync::Mutex::new(Vec::new());
+    wait_until("every job.completed in the events queue", || async {
+        let got = drain(&ch, &queue).await;
+        let mut all = events.lock().unwrap();
+        for m in got {
+            let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            let job = body["data"]["job_id"].as_str().unwrap().to_owned();
+            all.push((job, m.delivery.routing_key.as_str().to_owned()));
+        }
+        all.iter().filter(|(_, k)| k == "job.completed").count() == ids.len()
+    })
+    .await;
+    // Each job's queued and completed, in order, once: the refused events between them were
+    // dropped, and held back nothing.
+    let all = events.lock().unwrap().clone();
+    for id in &ids {
+        let kinds: Vec<&str> = all
+            .iter()
+            .filter(|(j, _)| j == id)
+            .map(|(_, k)| k.as_str())
+            .collect();
+        assert_eq!(kinds, ["job.queued", "job.completed"], "job {id}");
+    }
+    assert_eq!(all.len(), 2 * ids.len());
+    running.shutdown().await;
+    clean_up(&ch, &name).await;
+    rabbitmqctl(&["delete_user", &user]);
+}
+
 #[tokio::test]
 async fn a_burst_of_events_arrives_whole_each_jobs_in_order() {
     if !reachable("rabbitmq", 5672) {
