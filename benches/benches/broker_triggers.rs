@@ -15,7 +15,7 @@
 //!   prefetch (RabbitMQ 64, or `AIWG_BROKER_PREFETCH`; Redis `COUNT 64`; JetStream the library's pull default), taking each
 //!   message and acknowledging it (JetStream `ack`, AMQP `basic.ack`, one `XACK` a read).
 //!
-//! With `AIWG_BROKER_STORE=postgres` our jobs and audit trail are in PostgreSQL
+//! `AIWG_BROKERS=nats,redis` measures only those brokers. With `AIWG_BROKER_STORE=postgres` our jobs and audit trail are in PostgreSQL
 //! (`AIWG_TEST_DATABASE_URL`, a schema of its own, 8 connections) and the ratios are named
 //! `broker_triggers_<broker>_postgres_vs_bare`.
 //!
@@ -462,7 +462,15 @@ fn main() {
         };
         let pg = db.as_ref().map(|(_, pool)| pool);
         let store = if pg.is_some() { "_postgres" } else { "" };
+        // `AIWG_BROKERS=nats,redis`: only those.
+        let only = std::env::var("AIWG_BROKERS").ok();
         for (port, broker) in [(4222, "nats"), (5672, "amqp"), (6379, "redis")] {
+            if only
+                .as_ref()
+                .is_some_and(|o| !o.split(',').any(|b| b == broker))
+            {
+                continue;
+            }
             if !reachable(port) {
                 println!(
                     "skipping {broker}: nothing on 127.0.0.1:{port} (scripts/ensure-brokers.sh)"
