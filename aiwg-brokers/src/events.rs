@@ -205,15 +205,14 @@ impl EventQueue {
         if self.stop.is_cancelled() {
             return;
         }
-        let mut bytes: usize = batch.iter().map(EventMessage::weight).sum();
-        let mut taken = 0;
+        let held: usize = batch.iter().map(EventMessage::weight).sum();
+        let mut bytes = held;
         while batch.len() < max.events && bytes < max.bytes {
             let Ok(ev) = self.rx.try_recv() else { break };
             bytes += ev.weight();
-            taken += ev.weight();
             batch.push(ev);
         }
-        self.gauge.waiting.fetch_sub(taken, Ordering::AcqRel);
+        self.gauge.waiting.fetch_sub(bytes - held, Ordering::AcqRel);
     }
 
     /// Fires when the publisher is to end now (pauses between attempts end with it).

@@ -320,9 +320,9 @@ mod redis_side {
             let side = if ours { "trigger" } else { "bare" };
             let stream = format!("{}:{side}", self.name);
             let mut con = self.con.clone();
-            for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
+            for start in (0..n).step_by(256) {
                 let mut pipe = redis::pipe();
-                for _ in chunk {
+                for _ in start..n.min(start + 256) {
                     pipe.xadd(&stream, "*", &[("body", BODY)]).ignore();
                 }
                 let () = pipe.query_async(&mut con).await.unwrap();
