@@ -16,6 +16,7 @@ pub struct JobEvent {
     /// Per-job sequence number (the SSE `id`).
     pub seq: u64,
     /// When it was recorded.
+    #[serde(with = "crate::timestamp")]
     pub at: DateTime<Utc>,
     /// What happened.
     #[serde(flatten)]

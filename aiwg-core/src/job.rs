@@ -208,6 +208,7 @@ pub struct StatusChange {
     /// The new status.
     pub status: JobStatus,
     /// When it changed.
+    #[serde(with = "crate::timestamp")]
     pub at: DateTime<Utc>,
     /// The attempt the change belongs to.
     pub attempt: u32,
@@ -518,8 +519,10 @@ pub struct Approval {
     /// The step that waits for it.
     pub step: String,
     /// When the job paused.
+    #[serde(with = "crate::timestamp")]
     pub requested_at: DateTime<Utc>,
     /// When it ends `cancelled` (reason `approval_timeout`) unless decided before.
+    #[serde(with = "crate::timestamp")]
     pub expires_at: DateTime<Utc>,
     /// The decision, once there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -573,6 +576,7 @@ pub struct ApprovalDecision {
     /// Through what: `api`, a platform name (`github`, …) or `timeout`.
     pub via: String,
     /// When.
+    #[serde(with = "crate::timestamp")]
     pub at: DateTime<Utc>,
 }
 
@@ -656,12 +660,16 @@ pub struct Job {
     #[serde(with = "duration_ms")]
     pub timeout: Duration,
     /// Creation time.
+    #[serde(with = "crate::timestamp")]
     pub created_at: DateTime<Utc>,
     /// When the current (or last) attempt started.
+    #[serde(default, with = "crate::timestamp::option")]
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a terminal status.
+    #[serde(default, with = "crate::timestamp::option")]
     pub finished_at: Option<DateTime<Utc>>,
     /// When a queued retry becomes eligible.
+    #[serde(default, with = "crate::timestamp::option")]
     pub retry_at: Option<DateTime<Utc>>,
     /// Step progress.
     pub progress: Progress,

@@ -94,6 +94,7 @@ pub mod store;
 mod tally;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+mod timestamp;
 pub mod util;
 pub mod workflow;
 pub mod workspace;

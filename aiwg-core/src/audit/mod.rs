@@ -265,6 +265,7 @@ pub struct AuditEntry {
     /// The entry's id: larger is newer.
     pub id: i64,
     /// When it was decided.
+    #[serde(with = "crate::timestamp")]
     pub at: DateTime<Utc>,
     /// `api` or the platform.
     pub source: String,

@@ -48,6 +48,7 @@ pub enum DispatchNotice {
         /// Why (`410 Gone` or the failing window).
         reason: String,
         /// When.
+        #[serde(with = "crate::timestamp")]
         at: DateTime<Utc>,
     },
 }

@@ -134,6 +134,7 @@ pub struct Attempt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// When the attempt started.
+    #[serde(with = "crate::timestamp")]
     pub at: DateTime<Utc>,
     /// Scheduled or manual.
     pub trigger: AttemptTrigger,
@@ -194,9 +195,11 @@ pub struct Delivery {
     /// Where it is.
     pub state: DeliveryState,
     /// Creation time.
+    #[serde(with = "crate::timestamp")]
     pub created_at: DateTime<Utc>,
     /// When the next attempt is due (open deliveries only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, with = "crate::timestamp::option")]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Scheduled attempts made so far (manual ones are not counted).
     pub scheduled_attempts: u32,

@@ -207,11 +207,14 @@ pub struct WebhookSubscription {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
     /// Creation time.
+    #[serde(with = "crate::timestamp")]
     pub created_at: DateTime<Utc>,
     /// Last change.
+    #[serde(with = "crate::timestamp")]
     pub updated_at: DateTime<Utc>,
     /// Start of the current run of failures.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, with = "crate::timestamp::option")]
     pub failing_since: Option<DateTime<Utc>>,
     /// Failed attempts since the last success.
     pub consecutive_failures: u32,
@@ -245,6 +248,7 @@ pub struct RotatedSecret {
     /// The new signing secret (`whsec_…`).
     pub secret: String,
     /// Until when the previous secret keeps signing alongside the new one.
+    #[serde(with = "crate::timestamp")]
     pub previous_expires_at: DateTime<Utc>,
 }
 

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::auth::{find_key, Caller, Scope};
 use super::types::{
-    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobList, ServerStatus,
-    StatusDocument, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
+    AgentStatus, AuditEntryDoc, AuditList, CancelAnswer, HealthAnswer, JobListView, ServerStatus,
+    StatusView, TriggerAccepted, TriggerBody, WorkflowInfo, WorkflowList,
 };
 use super::{parse_query, sse, Access, Api, ApiRequest, ApiResponse, Problem, Route, RouteSpec};
 use crate::audit::{AuditQuery, AuditRecord, Decision};
@@ -487,10 +487,7 @@ async fn submit_trigger(
     if is_async == Some(false) {
         let bound = job.timeout.saturating_add(Duration::from_secs(5));
         let done = engine.wait(job.id, bound).await.map_err(engine_problem)?;
-        return Ok(ApiResponse::json(
-            StatusCode::OK,
-            &StatusDocument::from(&done),
-        ));
+        return Ok(ApiResponse::json(StatusCode::OK, &StatusView::of(&done)));
     }
     // The id is formatted once; the links are joined from it without `fmt` (about 2 % of a
     // trigger's instructions with `format!`).
@@ -526,9 +523,10 @@ fn available(api: &Api) -> ApiResponse {
 async fn status(api: &Api, req: &ApiRequest) -> Answer {
     let id = job_id(req)?;
     let job = api.engine().get(id).await.map_err(engine_problem)?;
-    Ok(ApiResponse::json(
+    Ok(ApiResponse::json_sized(
         StatusCode::OK,
-        &StatusDocument::from(&job),
+        &StatusView::of(&job),
+        1536,
     ))
 }
 
@@ -578,10 +576,7 @@ async fn decide(api: &Api, req: &ApiRequest, approve: bool, caller: Option<&Call
         .map_err(engine_problem)?;
         record.workflow = Some(job.workflow.to_string());
         record.decision = decision;
-        Ok::<_, Problem>(ApiResponse::json(
-            StatusCode::OK,
-            &StatusDocument::from(&job),
-        ))
+        Ok::<_, Problem>(ApiResponse::json(StatusCode::OK, &StatusView::of(&job)))
     }
     .await;
     if let Err(p) = &answer {
@@ -788,12 +783,14 @@ async fn jobs(api: &Api, req: &ApiRequest) -> Answer {
         }
     }
     let page = api.engine().list(&query).await.map_err(engine_problem)?;
-    Ok(ApiResponse::json(
+    // About a kilobyte a job: the body is written once, not grown and copied to 64 KiB.
+    Ok(ApiResponse::json_sized(
         StatusCode::OK,
-        &JobList {
-            jobs: page.jobs.iter().map(StatusDocument::from).collect(),
-            next_cursor: page.next_cursor.map(|c| c.to_string()),
+        &JobListView {
+            jobs: page.jobs.iter().map(StatusView::of).collect(),
+            next_cursor: page.next_cursor,
         },
+        512 + 1024 * page.jobs.len(),
     ))
 }
 

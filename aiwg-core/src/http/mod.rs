@@ -237,7 +237,16 @@ impl ApiResponse {
     pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Self {
         // Sized for a typical answer (a trigger's is about 230 bytes): `to_vec` starts at 128
         // and grows, copying, once or twice.
-        let mut body = Vec::with_capacity(512);
+        Self::json_sized(status, value, 512)
+    }
+
+    /// [`json`](Self::json), the body written into room for `capacity` bytes.
+    pub(crate) fn json_sized(
+        status: StatusCode,
+        value: &impl serde::Serialize,
+        capacity: usize,
+    ) -> Self {
+        let mut body = Vec::with_capacity(capacity);
         if serde_json::to_writer(&mut body, value).is_err() {
             body = b"{}".to_vec();
         }

@@ -40,6 +40,7 @@ pub struct Lease {
     /// A number that changes with every claim; writes carrying an older token are refused.
     pub token: u64,
     /// When it lapses unless extended by a heartbeat.
+    #[serde(with = "crate::timestamp")]
     pub expires_at: DateTime<Utc>,
 }
 

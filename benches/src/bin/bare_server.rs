@@ -9,6 +9,14 @@
 //!
 //! Paths: `POST /hooks/github` → `202` and a GitHub-shaped answer, `POST /workflows/trigger` →
 //! `202` and a trigger answer (same shape and length as aiwg's). Stops on SIGINT/SIGTERM.
+//!
+//! The reads, on axum only: `GET /workflows/{job_id}/status` and `GET /jobs` answer `200` with
+//! the bytes of the files named by `AIWG_BARE_STATUS` and `AIWG_BARE_JOBS` (`scripts/http_load.sh`
+//! saves aiwg's own answers there; without them, built-in answers of aiwg's shape), with the
+//! headers aiwg sends beside them (`cache-control: no-store`, an `x-request-id`). With
+//! `AIWG_BARE_DATABASE_URL`, each read first runs the query aiwg's PostgreSQL store runs for it
+//! (the job's row by id; the newest 51 rows) and reads its columns as text: the ceiling for a
+//! read of a job kept in PostgreSQL.
 
 use std::process::ExitCode;
 
@@ -42,11 +50,126 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `GET /workflows/{job_id}/status` answers without `AIWG_BARE_STATUS` (the shape and size
+/// of aiwg's answer for a job waiting for an approval).
+const STATUS_ANSWER: &str = r#"{"job_id":"01a25369-2b2d-76a0-8741-b679d343fdc4","workflow":"noop","status":"awaiting_approval","project_path":"/tmp/tmp.sw4gyQ2eqy","params":{},"guidance":null,"priority":0,"attempt":1,"max_attempts":1,"created_at":"2026-12-08T02:08:50.989798590Z","started_at":"2026-12-08T02:08:50.989929892Z","finished_at":null,"progress":{"completed":[],"in_progress":[],"pending":["run"]},"result":{"summary":"","session_id":null,"cost_usd":null,"usage":null,"steps":[]},"error":null,"dead_letter":false,"trigger":{"source":"api","actor":"load"},"cost_usd":null,"approval":{"step":"run","requested_at":"2026-12-08T02:08:50.989968846Z","expires_at":"2026-12-09T02:08:50.989968846Z","who_may_approve":"an API key with the `approve` (or `admin`) scope","approve_url":"workflows/01a25369-2b2d-76a0-8741-b679d343fdc4/approve","reject_url":"workflows/01a25369-2b2d-76a0-8741-b679d343fdc4/reject"},"approvals":[{"step":"run","requested_at":"2026-12-08T02:08:50.989968846Z","expires_at":"2026-12-09T02:08:50.989968846Z","attempt":1}]}"#;
+
+/// The bytes a read answers: the file named by `var`, or `default`.
+fn answer(var: &str, default: &str) -> Result<axum::body::Bytes, String> {
+    match std::env::var_os(var) {
+        None => Ok(axum::body::Bytes::copy_from_slice(default.as_bytes())),
+        Some(path) => std::fs::read(&path)
+            .map(axum::body::Bytes::from)
+            .map_err(|e| format!("{var}: cannot read {}: {e}", path.to_string_lossy())),
+    }
+}
+
+/// The headers aiwg answers a keyed read with (`x-request-id` a fixed id of the same length).
+const READ_HEADERS: [(&str, &str); 3] = [
+    ("content-type", "application/json"),
+    ("cache-control", "no-store"),
+    ("x-request-id", "01a25369-2b9f-752b-a5b7-b4961b80f1f6"),
+];
+
+/// The reads of a job kept in PostgreSQL, as aiwg's store makes them.
+#[derive(Clone)]
+struct Rows(sqlx::PgPool);
+
+impl Rows {
+    async fn connect() -> Result<Option<Self>, String> {
+        let url = std::env::var("AIWG_BARE_DATABASE_URL").unwrap_or_default();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        // The pool aiwg's store makes: ten connections, checked only after an idle second.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(10)
+            .test_before_acquire(false)
+            .connect(&url)
+            .await
+            .map_err(|e| format!("AIWG_BARE_DATABASE_URL: {e}"))?;
+        Ok(Some(Self(pool)))
+    }
+
+    /// The job's row, its two JSON columns as text; `false` when there is none.
+    async fn one(&self, id: &str) -> bool {
+        let Ok(id) = id.parse::<sqlx::types::Uuid>() else {
+            return false;
+        };
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT j.job::text, aiwg_job_state(j)::text FROM aiwg_jobs j WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.0)
+        .await
+        .unwrap_or(None);
+        row.is_some()
+    }
+
+    /// The newest 51 rows (a page of 50 and the one that says there is more).
+    async fn page(&self) -> usize {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT j.job::text, aiwg_job_state(j)::text FROM aiwg_jobs j WHERE TRUE \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(51_i64)
+        .fetch_all(&self.0)
+        .await
+        .unwrap_or_default();
+        rows.len()
+    }
+}
+
 fn axum_server(addr: &str) -> Result<(), String> {
+    use axum::extract::Path;
     use axum::http::StatusCode;
-    use axum::routing::post;
+    use axum::routing::{get, post};
     let json = [("content-type", "application/json")];
+    let status = answer("AIWG_BARE_STATUS", STATUS_ANSWER)?;
+    let jobs = answer(
+        "AIWG_BARE_JOBS",
+        &format!(
+            r#"{{"jobs":[{}],"next_cursor":null}}"#,
+            [STATUS_ANSWER; 50].join(",")
+        ),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let rows = rt.block_on(Rows::connect())?;
+    let rows_for_status = rows.clone();
     let app = axum::Router::new()
+        .route(
+            "/workflows/{job_id}/status",
+            get(move |Path(id): Path<String>| {
+                let (status, rows) = (status.clone(), rows_for_status.clone());
+                async move {
+                    if let Some(rows) = rows {
+                        if !rows.one(&id).await {
+                            return (
+                                StatusCode::NOT_FOUND,
+                                READ_HEADERS,
+                                axum::body::Bytes::new(),
+                            );
+                        }
+                    }
+                    (StatusCode::OK, READ_HEADERS, status)
+                }
+            }),
+        )
+        .route(
+            "/jobs",
+            get(move || {
+                let (jobs, rows) = (jobs.clone(), rows.clone());
+                async move {
+                    if let Some(rows) = rows {
+                        rows.page().await;
+                    }
+                    (StatusCode::OK, READ_HEADERS, jobs)
+                }
+            }),
+        )
         .route(
             "/hooks/github",
             post(move |_body: axum::body::Bytes| async move {
@@ -59,10 +182,6 @@ fn axum_server(addr: &str) -> Result<(), String> {
                 (StatusCode::ACCEPTED, json, TRIGGER_ANSWER)
             }),
         );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

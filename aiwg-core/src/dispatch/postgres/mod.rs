@@ -215,6 +215,7 @@ fn ucount(n: i32) -> u32 {
 #[derive(Serialize, Deserialize)]
 struct StoredKey {
     secret: String,
+    #[serde(default, with = "crate::timestamp::option")]
     expires_at: Option<DateTime<Utc>>,
 }
 

@@ -225,6 +225,7 @@ fn own_prefix(instance: &str) -> String {
 struct Entry {
     j: JobId,
     s: u64,
+    #[serde(with = "crate::timestamp")]
     a: DateTime<Utc>,
     #[serde(default)]
     k: Option<JobEventKind>,
@@ -251,6 +252,7 @@ struct Note {
     #[serde(default)]
     s: Option<u64>,
     #[serde(default)]
+    #[serde(with = "crate::timestamp::option")]
     a: Option<DateTime<Utc>>,
     #[serde(default)]
     k: Option<JobEventKind>,

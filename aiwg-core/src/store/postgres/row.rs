@@ -53,6 +53,7 @@ pub(super) struct Document {
     max_attempts: u32,
     #[serde(with = "crate::job::duration_ms")]
     timeout: Duration,
+    #[serde(with = "crate::timestamp")]
     created_at: DateTime<Utc>,
     trigger: Arc<TriggerInfo>,
     idempotency_key: Option<String>,
@@ -70,10 +71,13 @@ pub(super) struct Document {
 #[derive(Serialize, Deserialize)]
 pub(super) struct State<'a> {
     status: JobStatus,
+    #[serde(default, with = "crate::timestamp::option")]
     retry_at: Option<DateTime<Utc>>,
     cancel_requested: bool,
     attempt: u32,
+    #[serde(default, with = "crate::timestamp::option")]
     started_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::timestamp::option")]
     finished_at: Option<DateTime<Utc>>,
     dead_letter: bool,
     resume_after_approval: bool,
