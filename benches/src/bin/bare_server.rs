@@ -14,9 +14,9 @@
 //! the bytes of the files named by `AIWG_BARE_STATUS` and `AIWG_BARE_JOBS` (`scripts/http_load.sh`
 //! saves aiwg's own answers there; without them, built-in answers of aiwg's shape), with the
 //! headers aiwg sends beside them (`cache-control: no-store`, an `x-request-id`). With
-//! `AIWG_BARE_DATABASE_URL`, each read first runs the query aiwg's PostgreSQL store runs for it
-//! (the job's row by id; the newest 51 rows) and reads its columns as text: the ceiling for a
-//! read of a job kept in PostgreSQL.
+//! `AIWG_BARE_DATABASE_URL`, each read first reads the rows aiwg's PostgreSQL store reads for it
+//! (the job's row by id; the newest 51 rows), every column that holds the job as text: the
+//! ceiling for a read of a job kept in PostgreSQL.
 
 use std::process::ExitCode;
 
@@ -71,7 +71,35 @@ const READ_HEADERS: [(&str, &str); 3] = [
     ("x-request-id", "01a25369-2b9f-752b-a5b7-b4961b80f1f6"),
 ];
 
-/// The reads of a job kept in PostgreSQL, as aiwg's store makes them.
+/// The columns of `aiwg_jobs` (migration 0030) that hold a job: its document and its state.
+macro_rules! job_columns {
+    () => {
+        "j.job::text, j.status, j.retry_at::text, j.cancel_requested::text, j.attempt::text, \
+         j.started_at::text, j.finished_at::text, j.dead_letter::text, \
+         j.resume_after_approval::text, j.progress::text, j.history::text, j.approvals::text, \
+         j.result::text, j.error::text"
+    };
+}
+
+/// A row of `job_columns!()`.
+type JobRow = (
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// The reads of a job kept in PostgreSQL: the rows aiwg's store reads, as they are kept.
 #[derive(Clone)]
 struct Rows(sqlx::PgPool);
 
@@ -91,14 +119,16 @@ impl Rows {
         Ok(Some(Self(pool)))
     }
 
-    /// The job's row, its two JSON columns as text; `false` when there is none.
+    /// The job's row; `false` when there is none.
     async fn one(&self, id: &str) -> bool {
         let Ok(id) = id.parse::<sqlx::types::Uuid>() else {
             return false;
         };
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT j.job::text, aiwg_job_state(j)::text FROM aiwg_jobs j WHERE id = $1",
-        )
+        let row: Option<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.0)
         .await
@@ -108,10 +138,11 @@ impl Rows {
 
     /// The newest 51 rows (a page of 50 and the one that says there is more).
     async fn page(&self) -> usize {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT j.job::text, aiwg_job_state(j)::text FROM aiwg_jobs j WHERE TRUE \
-             ORDER BY id DESC LIMIT $1",
-        )
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM aiwg_jobs j WHERE TRUE ORDER BY id DESC LIMIT $1"
+        ))
         .bind(51_i64)
         .fetch_all(&self.0)
         .await

@@ -278,15 +278,26 @@ fn seal_job<'a>(
     Ok(std::borrow::Cow::Owned(sealed))
 }
 
-/// A job read with its row, its credentials opened. Credentials that do not open (no key,
-/// a key dropped from the keyring too early, a damaged value) are left out with a warning:
-/// the job stays readable and runnable, only its chat reply is lost.
+/// A job read with its row (its document and its state as one JSON object, `state`, as the
+/// claim and outcome functions return it), its credentials opened. Credentials that do not
+/// open (no key, a key dropped from the keyring too early, a damaged value) are left out with a
+/// warning: the job stays readable and runnable, only its chat reply is lost.
 fn open_job(
     keyring: Option<&crate::secrets::SecretKeyring>,
     row: &PgRow,
 ) -> Result<Job, StoreError> {
     let Json(doc): Json<row::Document> = row.try_get("job").map_err(db)?;
     let Json(state): Json<row::State<'static>> = row.try_get("state").map_err(db)?;
+    Ok(opened(keyring, row::job(doc, state)))
+}
+
+/// [`open_job`] for a row read with [`job_columns`]: the document and the state's columns.
+fn open_job_columns(
+    keyring: Option<&crate::secrets::SecretKeyring>,
+    row: &PgRow,
+) -> Result<Job, StoreError> {
+    let Json(doc): Json<row::Document> = row.try_get("job").map_err(db)?;
+    let state = row::State::read(row).map_err(db)?;
     Ok(opened(keyring, row::job(doc, state)))
 }
 
@@ -461,9 +472,9 @@ impl PgStore {
         self
     }
 
-    /// A job read with its row, its credentials opened (see [`open_job`]).
+    /// A job read with [`job_columns`], its credentials opened (see [`open_job_columns`]).
     fn job_of(&self, row: &PgRow) -> Result<Job, StoreError> {
-        open_job(self.keyring.as_ref(), row)
+        open_job_columns(self.keyring.as_ref(), row)
     }
 
     /// The store's completer (see [`completer`]), started at the first call.
@@ -845,7 +856,7 @@ impl PgStore {
         row: &PgRow,
     ) -> Result<Claimed, StoreError> {
         let seq: i64 = row.try_get("last_seq").map_err(db)?;
-        let job = self.job_of(row)?;
+        let job = open_job(self.keyring.as_ref(), row)?;
         let lease = Lease {
             job_id: job.id,
             owner: request.owner.clone(),
