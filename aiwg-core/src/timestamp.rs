@@ -37,8 +37,11 @@ const LONGEST: usize = 30;
 /// Writes `at` into `buf` as chrono's `to_rfc3339_opts(SecondsFormat::AutoSi, true)` does, for
 /// the years it writes with four digits; `None` for the others.
 fn write<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; LONGEST]) -> Option<&'b str> {
-    let year = u32::try_from(at.year()).ok().filter(|y| *y <= 9999)?;
-    let (mut second, mut nano) = (at.second(), at.nanosecond());
+    // The date and time as kept (`DateTime`'s own accessors each add the offset again).
+    let naive = at.naive_utc();
+    let (date, time) = (naive.date(), naive.time());
+    let year = u32::try_from(date.year()).ok().filter(|y| *y <= 9999)?;
+    let (mut second, mut nano) = (time.second(), time.nanosecond());
     // A leap second: chrono keeps it as nanoseconds past a billion and writes `:60`.
     if nano >= 1_000_000_000 {
         second += 1;
@@ -53,10 +56,10 @@ fn write<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; LONGEST]) -> Option<&'b str> 
         }
     };
     digits(0, year, 4);
-    digits(5, at.month(), 2);
-    digits(8, at.day(), 2);
-    digits(11, at.hour(), 2);
-    digits(14, at.minute(), 2);
+    digits(5, date.month(), 2);
+    digits(8, date.day(), 2);
+    digits(11, time.hour(), 2);
+    digits(14, time.minute(), 2);
     digits(17, second, 2);
     // The fewest of 0, 3, 6 or 9 fractional digits that hold the nanoseconds.
     let fraction = match nano {
