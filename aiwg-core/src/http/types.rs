@@ -154,20 +154,6 @@ pub struct PendingApproval {
     pub reject_url: String,
 }
 
-impl PendingApproval {
-    fn of(job: &Job) -> Option<Self> {
-        let a = job.pending_approval()?;
-        Some(Self {
-            step: a.step.clone(),
-            requested_at: a.requested_at,
-            expires_at: a.expires_at,
-            who_may_approve: who_may_approve(job).to_owned(),
-            approve_url: JobUrl::approve(job.id).to_string(),
-            reject_url: JobUrl::reject(job.id).to_string(),
-        })
-    }
-}
-
 /// Who may decide a job's approval, in words: an API key, and for a job a forge's comment
 /// started, a user of that forge.
 fn who_may_approve(job: &Job) -> &'static str {
@@ -332,29 +318,60 @@ pub(crate) struct JobListView<'a> {
 }
 
 impl From<&Job> for StatusDocument {
+    /// The job as [`StatusView`] shows it, owned (its result shared with the job).
     fn from(j: &Job) -> Self {
+        let StatusView {
+            job_id,
+            workflow,
+            status,
+            project_path,
+            params,
+            guidance,
+            priority,
+            attempt,
+            max_attempts,
+            created_at,
+            started_at,
+            finished_at,
+            progress,
+            result: _,
+            error,
+            dead_letter,
+            trigger,
+            cost_usd,
+            max_budget_usd,
+            approval,
+            approvals,
+        } = StatusView::of(j);
         Self {
-            job_id: j.id.to_string(),
-            workflow: j.workflow.to_string(),
-            status: j.status,
-            project_path: j.project_path.to_string(),
-            params: BTreeMap::clone(&j.params),
-            guidance: j.guidance.clone(),
-            priority: j.priority,
-            attempt: j.attempt,
-            max_attempts: j.max_attempts,
-            created_at: j.created_at,
-            started_at: j.started_at,
-            finished_at: j.finished_at,
-            progress: j.progress.clone(),
+            job_id: job_id.to_string(),
+            workflow: workflow.to_owned(),
+            status,
+            project_path: project_path.to_owned(),
+            params: params.clone(),
+            guidance: guidance.map(str::to_owned),
+            priority,
+            attempt,
+            max_attempts,
+            created_at,
+            started_at,
+            finished_at,
+            progress: progress.clone(),
             result: j.result.clone(),
-            error: j.error.clone(),
-            dead_letter: j.dead_letter,
-            trigger: TriggerInfo::clone(&j.trigger),
-            cost_usd: j.result.as_ref().and_then(|r| r.cost_usd),
-            max_budget_usd: j.max_budget_usd,
-            approval: PendingApproval::of(j),
-            approvals: j.approvals.clone(),
+            error: error.cloned(),
+            dead_letter,
+            trigger: trigger.clone(),
+            cost_usd,
+            max_budget_usd,
+            approval: approval.map(|a| PendingApproval {
+                step: a.step.to_owned(),
+                requested_at: a.requested_at,
+                expires_at: a.expires_at,
+                who_may_approve: a.who_may_approve.to_owned(),
+                approve_url: a.approve_url.to_string(),
+                reject_url: a.reject_url.to_string(),
+            }),
+            approvals: approvals.to_vec(),
         }
     }
 }
@@ -646,6 +663,18 @@ mod tests {
             }
         }
         assert_eq!(waiting, 7);
+        let github = StatusDocument::from(&job("github", true)).approval.unwrap();
+        assert_eq!(
+            github.who_may_approve,
+            "an API key with the `approve` (or `admin`) scope, or a github user the trigger \
+             policy admits, commenting `@<bot> approve` or `@<bot> reject` on the thread that \
+             started it"
+        );
+        let api = StatusDocument::from(&job("api", true)).approval.unwrap();
+        assert_eq!(
+            api.who_may_approve,
+            "an API key with the `approve` (or `admin`) scope"
+        );
         let next = JobId::new();
         for next_cursor in [None, Some(next)] {
             let view = serde_json::to_string(&JobListView {
