@@ -318,7 +318,7 @@ pub(crate) struct JobListView<'a> {
 }
 
 impl From<&Job> for StatusDocument {
-    /// The job as [`StatusView`] shows it, owned (its result shared with the job).
+    /// The job as the answers show it (`StatusView`), owned; its result shared with the job.
     fn from(j: &Job) -> Self {
         // A field the view writes and the document lacks fails the test that compares them.
         let v = StatusView::of(j);
