@@ -11,7 +11,7 @@
 # AIWG_LOAD_STORAGE=postgres runs the servers on PostgreSQL (benches/http/aiwg-postgres.yaml,
 # built with `--features postgres`): each in a fresh schema of AIWG_TEST_DATABASE_URL's
 # database (default postgres://postgres@127.0.0.1:5432/test), dropped at the end (needs psql);
-# the bare server of the reads then runs aiwg's query for each read in the axum server's schema.
+# the bare server of the reads then reads the rows aiwg's store reads, in the axum server's schema.
 # AIWG_LOAD_ONLY=writes runs only the first three, AIWG_LOAD_ONLY=reads only the reads (after
 # a thousand triggers, so that there are jobs to read).
 # Not part of `cargo test`: it measures wall-clock throughput.
@@ -114,15 +114,15 @@ fi
 if [ "$ONLY" != writes ]; then
   # The reads a client and the dashboard make, on axum: one job's status, and the newest page
   # of jobs. The bare server answers the bytes aiwg answered (saved here); on PostgreSQL it
-  # first runs the query aiwg's store runs for the read, on the same database.
-  key=(--header "authorization: Bearer $AIWG_API_KEY")
-  curl -sf "${key[@]/--header/-H}" -o "$WORK/jobs.json" 'http://127.0.0.1:3200/jobs?limit=50'
+  # first reads the rows aiwg's store reads for the read, on the same database.
+  auth="authorization: Bearer $AIWG_API_KEY"
+  curl -sf -H "$auth" -o "$WORK/jobs.json" 'http://127.0.0.1:3200/jobs?limit=50'
   JOB=$(sed -n 's/^{"jobs":\[{"job_id":"\([0-9a-f-]*\)".*/\1/p' "$WORK/jobs.json")
   [ -n "$JOB" ] || { echo "no job to read in GET /jobs's answer" >&2; exit 1; }
-  curl -sf "${key[@]/--header/-H}" -o "$WORK/status.json" "http://127.0.0.1:3200/workflows/$JOB/status"
+  curl -sf -H "$auth" -o "$WORK/status.json" "http://127.0.0.1:3200/workflows/$JOB/status"
   AIWG_BARE_STATUS=$WORK/status.json AIWG_BARE_JOBS=$WORK/jobs.json \
     AIWG_BARE_DATABASE_URL=${AXUM_DB:-} start 3202 "$BIN/bare_server" axum 127.0.0.1:3202
-  reads=(--connections "$CONNECTIONS" --rounds "$ROUNDS" --expect 200 --method GET "${key[@]}")
+  reads=(--connections "$CONNECTIONS" --rounds "$ROUNDS" --expect 200 --method GET --header "$auth")
   "$BIN/load" --name http_status_vs_bare --requests "$REQUESTS" "${reads[@]}" \
     --ours "http://127.0.0.1:3200/workflows/$JOB/status" \
     --bare "http://127.0.0.1:3202/workflows/$JOB/status" | tee "$WORK/status.out"

@@ -176,7 +176,7 @@ fn who_may_approve(job: &Job) -> &'static str {
     }
 }
 
-/// `workflows/{job_id}/approve` or `…/reject`, written without a heap string when serialised.
+/// `workflows/{job_id}/approve` or `…/reject`, joined without `fmt` when written.
 #[derive(Clone, Copy)]
 struct JobUrl {
     id: crate::job::JobId,
@@ -184,8 +184,6 @@ struct JobUrl {
 }
 
 impl JobUrl {
-    const PREFIX: &'static str = "workflows/";
-
     fn approve(id: crate::job::JobId) -> Self {
         Self {
             id,
@@ -199,28 +197,17 @@ impl JobUrl {
             action: "/reject",
         }
     }
-}
 
-impl std::fmt::Display for JobUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}{}{}", Self::PREFIX, self.id, self.action)
+    fn text(self) -> String {
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = self.id.as_uuid().hyphenated().encode_lower(&mut id);
+        ["workflows/", id, self.action].concat()
     }
 }
 
 impl Serialize for JobUrl {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        const LONGEST: usize = JobUrl::PREFIX.len() + uuid::fmt::Hyphenated::LENGTH + 8;
-        let mut buf = [0; LONGEST];
-        let (prefix, rest) = buf.split_at_mut(Self::PREFIX.len());
-        prefix.copy_from_slice(Self::PREFIX.as_bytes());
-        let (id, rest) = rest.split_at_mut(uuid::fmt::Hyphenated::LENGTH);
-        self.id.as_uuid().hyphenated().encode_lower(id);
-        rest[..self.action.len()].copy_from_slice(self.action.as_bytes());
-        let end = LONGEST - rest.len() + self.action.len();
-        match std::str::from_utf8(&buf[..end]) {
-            Ok(url) => s.serialize_str(url),
-            Err(_) => s.collect_str(self),
-        }
+        s.serialize_str(&self.text())
     }
 }
 
@@ -347,8 +334,8 @@ impl From<&Job> for StatusDocument {
                 requested_at: a.requested_at,
                 expires_at: a.expires_at,
                 who_may_approve: a.who_may_approve.to_owned(),
-                approve_url: a.approve_url.to_string(),
-                reject_url: a.reject_url.to_string(),
+                approve_url: a.approve_url.text(),
+                reject_url: a.reject_url.text(),
             }),
             approvals: v.approvals.to_vec(),
         }

@@ -12,7 +12,7 @@
 //!
 //! The reads, on axum only: `GET /workflows/{job_id}/status` and `GET /jobs` answer `200` with
 //! the bytes of the files named by `AIWG_BARE_STATUS` and `AIWG_BARE_JOBS` (`scripts/http_load.sh`
-//! saves aiwg's own answers there; without them, built-in answers of aiwg's shape), with the
+//! saves aiwg's own answers there; a route whose file is not named is not served), with the
 //! headers aiwg sends beside them (`cache-control: no-store`, an `x-request-id`). With
 //! `AIWG_BARE_DATABASE_URL`, each read first reads the rows aiwg's PostgreSQL store reads for it
 //! (the job's row by id; the newest 51 rows), every column that holds the job as text: the
@@ -50,18 +50,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// What `GET /workflows/{job_id}/status` answers without `AIWG_BARE_STATUS` (the shape and size
-/// of aiwg's answer for a job waiting for an approval).
-const STATUS_ANSWER: &str = r#"{"job_id":"01a25369-2b2d-76a0-8741-b679d343fdc4","workflow":"noop","status":"awaiting_approval","project_path":"/tmp/tmp.sw4gyQ2eqy","params":{},"guidance":null,"priority":0,"attempt":1,"max_attempts":1,"created_at":"2026-12-08T02:08:50.989798590Z","started_at":"2026-12-08T02:08:50.989929892Z","finished_at":null,"progress":{"completed":[],"in_progress":[],"pending":["run"]},"result":{"summary":"","session_id":null,"cost_usd":null,"usage":null,"steps":[]},"error":null,"dead_letter":false,"trigger":{"source":"api","actor":"load"},"cost_usd":null,"approval":{"step":"run","requested_at":"2026-12-08T02:08:50.989968846Z","expires_at":"2026-12-09T02:08:50.989968846Z","who_may_approve":"an API key with the `approve` (or `admin`) scope","approve_url":"workflows/01a25369-2b2d-76a0-8741-b679d343fdc4/approve","reject_url":"workflows/01a25369-2b2d-76a0-8741-b679d343fdc4/reject"},"approvals":[{"step":"run","requested_at":"2026-12-08T02:08:50.989968846Z","expires_at":"2026-12-09T02:08:50.989968846Z","attempt":1}]}"#;
-
-/// The bytes a read answers: the file named by `var`, or `default`.
-fn answer(var: &str, default: &str) -> Result<axum::body::Bytes, String> {
-    match std::env::var_os(var) {
-        None => Ok(axum::body::Bytes::copy_from_slice(default.as_bytes())),
-        Some(path) => std::fs::read(&path)
-            .map(axum::body::Bytes::from)
-            .map_err(|e| format!("{var}: cannot read {}: {e}", path.to_string_lossy())),
-    }
+/// The bytes a read answers: the file named by `var`, if it is set.
+fn answer(var: &str) -> Result<Option<axum::body::Bytes>, String> {
+    std::env::var_os(var)
+        .map(|path| {
+            std::fs::read(&path)
+                .map(axum::body::Bytes::from)
+                .map_err(|e| format!("{var}: cannot read {}: {e}", path.to_string_lossy()))
+        })
+        .transpose()
 }
 
 /// The headers aiwg answers a keyed read with (`x-request-id` a fixed id of the same length).
@@ -137,8 +134,8 @@ impl Rows {
     }
 
     /// The newest 51 rows (a page of 50 and the one that says there is more).
-    async fn page(&self) -> usize {
-        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+    async fn page(&self) {
+        let _rows: Vec<JobRow> = sqlx::query_as(concat!(
             "SELECT ",
             job_columns!(),
             " FROM aiwg_jobs j WHERE TRUE ORDER BY id DESC LIMIT $1"
@@ -147,7 +144,6 @@ impl Rows {
         .fetch_all(&self.0)
         .await
         .unwrap_or_default();
-        rows.len()
     }
 }
 
@@ -156,25 +152,18 @@ fn axum_server(addr: &str) -> Result<(), String> {
     use axum::http::StatusCode;
     use axum::routing::{get, post};
     let json = [("content-type", "application/json")];
-    let status = answer("AIWG_BARE_STATUS", STATUS_ANSWER)?;
-    let jobs = answer(
-        "AIWG_BARE_JOBS",
-        &format!(
-            r#"{{"jobs":[{}],"next_cursor":null}}"#,
-            [STATUS_ANSWER; 50].join(",")
-        ),
-    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let rows = rt.block_on(Rows::connect())?;
-    let rows_for_status = rows.clone();
-    let app = axum::Router::new()
-        .route(
+    let mut app = axum::Router::new();
+    if let Some(status) = answer("AIWG_BARE_STATUS")? {
+        let rows = rows.clone();
+        app = app.route(
             "/workflows/{job_id}/status",
             get(move |Path(id): Path<String>| {
-                let (status, rows) = (status.clone(), rows_for_status.clone());
+                let (status, rows) = (status.clone(), rows.clone());
                 async move {
                     if let Some(rows) = rows {
                         if !rows.one(&id).await {
@@ -188,8 +177,10 @@ fn axum_server(addr: &str) -> Result<(), String> {
                     (StatusCode::OK, READ_HEADERS, status)
                 }
             }),
-        )
-        .route(
+        );
+    }
+    if let Some(jobs) = answer("AIWG_BARE_JOBS")? {
+        app = app.route(
             "/jobs",
             get(move || {
                 let (jobs, rows) = (jobs.clone(), rows.clone());
@@ -200,7 +191,9 @@ fn axum_server(addr: &str) -> Result<(), String> {
                     (StatusCode::OK, READ_HEADERS, jobs)
                 }
             }),
-        )
+        );
+    }
+    let app = app
         .route(
             "/hooks/github",
             post(move |_body: axum::body::Bytes| async move {
